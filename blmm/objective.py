@@ -1,0 +1,403 @@
+"""The profiled (RE)ML objective of every voxel, evaluated from sufficient statistics.
+
+For a given relative covariance D (per voxel), β̂ and σ̂² are profiled out in closed
+form and the log-likelihood, its gradient in D and a Fisher information for D are
+returned for all voxels at once.  Two structures implement it:
+
+* `LevelObjective` — one random factor.  Z'Z is block diagonal with blocks G_j, and
+  levels with identical G_j form a class that shares every voxel-dependent weight.
+  Sums over levels become one dense matrix product over classes; large classes use
+  pre-aggregated data sums, so a random intercept costs O(v p^3) per evaluation
+  whatever the number of subjects.
+* `DenseObjective` — any number of crossed or nested factors, with a dense q x q
+  system per voxel (q = total Z columns).
+
+Notation (docs/model.md): V = I + Z D Z', M = D(I + Z'Z D)^-1, R_j = (I + G_j D)^-1,
+X_j = Z_j'X, y_j = Z_j'Y, S_j = Z_j'V^-1 X = R_j X_j, u_j = Z_j'V^-1 r, T_j = R_j G_j,
+C = (X'V^-1 X)^-1.  The deviance is -2ℓ; its derivative in D_k is tr(G_k dD_k) with
+G_k = Σ T_j - [REML] Σ S_j C S_j' - Σ u_j u_j' / σ².
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from blmm import linalg as la
+
+LOG2PI = float(np.log(2.0 * np.pi))
+
+
+@dataclass
+class Evaluation:
+    """Objective and derived quantities for a set of voxels at one D."""
+
+    llh: np.ndarray  # (v,) log-likelihood (profiled in σ² unless σ² was given)
+    beta: np.ndarray  # (v, p)
+    sigma2: np.ndarray  # (v,)
+    C: np.ndarray  # (v, p, p) (X'V^-1X)^-1
+    Q: np.ndarray  # (v,) r'V^-1 r at the GLS β
+    ok: np.ndarray  # (v,) bool, X'V^-1X positive definite and finite llh
+    grad: list = field(default_factory=list)  # per factor (v, q_k, q_k) deviance gradient G_k
+    info: np.ndarray | None = None  # (v, s, s) expected information, s = Σ q_k², vec order
+    T_sum: list = field(default_factory=list)  # per factor Σ_j T_j (v, q_k, q_k)
+    uu_sum: list = field(default_factory=list)  # per factor Σ_j u_j u_j' (v, q_k, q_k)
+
+
+def _gls(XtVX: np.ndarray, XtVY: np.ndarray):
+    """β̂, C = (X'V^-1X)^-1, log|X'V^-1X| and a PD flag, by one Cholesky per voxel."""
+    v, p, _ = XtVX.shape
+    ok = np.all(np.isfinite(XtVX.reshape(v, -1)), axis=1)
+    L = np.full_like(XtVX, np.nan)
+    try:
+        L[ok] = np.linalg.cholesky(XtVX[ok])
+    except np.linalg.LinAlgError:
+        for i in np.flatnonzero(ok):  # rare: find the voxels that are not PD
+            try:
+                L[i] = np.linalg.cholesky(XtVX[i])
+            except np.linalg.LinAlgError:
+                ok[i] = False
+    eye = np.broadcast_to(np.eye(p), XtVX.shape)
+    Linv = np.full_like(XtVX, np.nan)
+    Linv[ok] = np.linalg.solve(L[ok], eye[ok])  # triangular: cheap and exact enough
+    C = np.swapaxes(Linv, 1, 2) @ Linv
+    beta = np.einsum("vij,vj->vi", C, XtVY)
+    logdet = 2.0 * np.sum(np.log(np.abs(np.diagonal(L, axis1=1, axis2=2))), axis=1)
+    return beta, C, logdet, ok
+
+
+def _likelihood(Q, logdetV, logdetXVX, n, p, reml, sigma2=None):
+    """Profiled (or at given σ²) log-likelihood with lme4's constants."""
+    N = n - p if reml else n
+    if sigma2 is None:
+        sigma2 = Q / N
+        llh = -0.5 * (N * (LOG2PI + np.log(sigma2)) + logdetV + N)
+    else:
+        llh = -0.5 * (N * (LOG2PI + np.log(sigma2)) + logdetV + Q / sigma2)
+    if reml:
+        llh = llh - 0.5 * logdetXVX
+    return llh, sigma2
+
+
+class LevelObjective:
+    """One random factor with q effects per level.
+
+    Levels with identical Z_j'Z_j form a class sharing every voxel-dependent weight.
+    Classes with many members ("big") use aggregated data sums; the others are kept
+    level by level ("units" = big classes + remaining levels).  Per-unit q x q
+    quantities are stored entry by entry as contiguous (v, units) arrays, because
+    numpy is slow on stacks of tiny matrices.
+    """
+
+    def __init__(self, XtX, ZtX, ZtZ, n, q, reml, big_class_min=None):
+        p = XtX.shape[0]
+        L_all = ZtX.shape[0] // q
+        G_all = _diag_blocks(sp.csr_matrix(ZtZ), L_all, q)
+        Xl_all = ZtX.reshape(L_all, q, p)
+        present = np.any(G_all.reshape(L_all, -1) != 0, axis=1)  # levels with no rows drop out
+        self.level_index = np.flatnonzero(present)
+        G, Xl = G_all[present], Xl_all[present]
+        Lp = G.shape[0]
+        keys = np.ascontiguousarray(G.reshape(Lp, q * q))
+        _, cls, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+        cls = cls.reshape(-1)
+        threshold = q * p if big_class_min is None else big_class_min
+        big_classes = np.flatnonzero(counts >= threshold)
+        in_big = np.isin(cls, big_classes)
+        self.small_levels = np.flatnonzero(~in_big)
+        self.big_members = [np.flatnonzero(cls == c) for c in big_classes]
+        self.Cb, self.Ls = big_classes.size, self.small_levels.size
+        self.C = self.Cb + self.Ls
+        self.n, self.p, self.q, self.reml = int(n), p, q, bool(reml)
+        self.XtX = XtX
+        self.XtX_up = la.pack_sym(XtX)
+        # per unit: G, member count, and K^{ab} = Σ_members X_j[a]' X_j[b] as symmetric pairs
+        Gu = np.concatenate([np.stack([G[mem[0]] for mem in self.big_members]).reshape(-1, q, q),
+                             G[self.small_levels]]) if self.Cb else G[self.small_levels]
+        self.mu = np.concatenate([counts[big_classes], np.ones(self.Ls)]).astype(np.float64)
+        self.g = [[np.ascontiguousarray(Gu[:, a, b]) for b in range(q)] for a in range(q)]
+        self.pairs = list(zip(*np.triu_indices(q)))
+        r, s = la.upper_pairs(p)
+        self.Kpair_big = []
+        Kf = []
+        for a, b in self.pairs:
+            Kl = np.einsum("jr,js->jrs", Xl[:, a], Xl[:, b])
+            if a != b:
+                Kl = Kl + np.swapaxes(Kl, 1, 2)
+            Kbig = np.stack([Kl[mem].sum(axis=0) for mem in self.big_members]) if self.Cb else np.zeros((0, p, p))
+            self.Kpair_big.append(Kbig)
+            Ku = np.concatenate([Kbig, Kl[self.small_levels]])
+            Kf.append(np.ascontiguousarray(Ku[:, r, s]))  # (C, p(p+1)/2)
+        self.Kf = Kf
+        self.Xs = [np.ascontiguousarray(Xl[self.small_levels, a]) for a in range(q)]  # (Ls, p)
+        self.Xl = Xl
+
+    def data(self, XtY, ZtY, YtY) -> "LevelData":
+        """Per-voxel data sums arranged for this objective (ZtY is (v, L*q))."""
+        v = XtY.shape[0]
+        q, p = self.q, self.p
+        yl = ZtY.reshape(v, -1, q)[:, self.level_index]  # (v, Lp, q)
+        ys = [np.ascontiguousarray(yl[:, self.small_levels, a]) for a in range(q)]
+        npair = len(self.pairs)
+        KXY = np.zeros((v, self.Cb, npair, p))
+        KYY = np.zeros((v, self.Cb, npair))
+        for i, mem in enumerate(self.big_members):  # few big classes: one GEMM each
+            Xm, ym = self.Xl[mem], yl[:, mem]
+            for k, (a, b) in enumerate(self.pairs):
+                KXY[:, i, k] = ym[:, :, b] @ Xm[:, a, :]
+                KYY[:, i, k] = np.einsum("vm,vm->v", ym[:, :, a], ym[:, :, b])
+                if a != b:
+                    KXY[:, i, k] += ym[:, :, a] @ Xm[:, b, :]
+        return LevelData(XtY=np.ascontiguousarray(XtY), YtY=np.asarray(YtY, dtype=np.float64), ys=ys, KXY=KXY, KYY=KYY)
+
+    def evaluate(self, D_list, data: "LevelData", sigma2=None, grad=False) -> Evaluation:
+        D = D_list[0]
+        v = D.shape[0]
+        p, q, Cb = self.p, self.q, self.Cb
+        d = [[D[:, a, b][:, None] for b in range(q)] for a in range(q)]
+        A = [[sum(self.g[a][e] * d[e][b] for e in range(q)) + (1.0 if a == b else 0.0)
+              for b in range(q)] for a in range(q)]  # I + G_c D
+        R = _inv_entries(A)
+        W = {}
+        for a, b in self.pairs:  # D R is symmetric; average both products for accuracy
+            w = sum(d[a][e] * R[e][b] for e in range(q))
+            if a != b:
+                w = 0.5 * (w + sum(d[b][e] * R[e][a] for e in range(q)))
+            W[a, b] = w
+        logdetV = _logdet_entries(A) @ self.mu
+        XtVX_up = np.broadcast_to(self.XtX_up, (v, self.XtX_up.size)).copy()
+        for k, ab in enumerate(self.pairs):
+            XtVX_up -= W[ab] @ self.Kf[k]
+        XtVX = la.unpack_sym(XtVX_up, p)
+        XtVY = data.XtY.copy()
+        YtVY = data.YtY.copy()
+        if Cb:
+            Wb = np.stack([W[ab][:, :Cb] for ab in self.pairs], axis=-1)  # (v, Cb, npair)
+            XtVY -= np.einsum("vck,vckp->vp", Wb, data.KXY)
+            YtVY -= np.einsum("vck,vck->v", Wb, data.KYY)
+        if self.Ls:
+            def Ws(a, b):
+                return W[min(a, b), max(a, b)][:, Cb:]
+            for a in range(q):
+                wy = sum(Ws(a, b) * data.ys[b] for b in range(q))
+                XtVY -= wy @ self.Xs[a]
+                YtVY -= np.einsum("vj,vj->v", wy, data.ys[a])
+        beta, C, logdetXVX, ok = _gls(XtVX, XtVY)
+        Q = YtVY - np.einsum("vp,vp->v", beta, XtVY)
+        llh, s2 = _likelihood(Q, logdetV, logdetXVX, self.n, self.p, self.reml, sigma2)
+        ok &= np.isfinite(llh) & (Q > 0)
+        ev = Evaluation(llh=llh, beta=beta, sigma2=np.broadcast_to(s2, (v,)).copy(), C=C, Q=Q, ok=ok)
+        if not grad:
+            return ev
+        T = {}
+        for a, b in self.pairs:  # T_c = R_c G_c (symmetric)
+            t = sum(R[a][e] * self.g[e][b] for e in range(q))
+            if a != b:
+                t = 0.5 * (t + sum(R[b][e] * self.g[e][a] for e in range(q)))
+            T[a, b] = t
+
+        def Tf(a, b):
+            return T[min(a, b), max(a, b)]
+
+        T_sum = _entries_to_matrix({ab: T[ab] @ self.mu for ab in self.pairs}, q, v)
+        uu = np.zeros((v, q, q))
+        if Cb:
+            Rb = np.stack([np.stack([R[a][b][:, :Cb] for b in range(q)], -1) for a in range(q)], -2)
+            bKb = np.stack([np.einsum("vr,crs,vs->vc", beta, K, beta) for K in self.Kpair_big], -1)
+            bKy = np.einsum("vp,vckp->vck", beta, data.KXY)
+            diag = np.array([a == b for a, b in self.pairs])
+            Spair = data.KYY - np.where(diag, 2.0, 1.0) * bKy + np.where(diag, 1.0, 0.5) * bKb
+            S = _pairs_to_matrix(Spair, self.pairs, q)
+            uu += np.einsum("vcab,vcbd,vced->vae", Rb, S, Rb, optimize=True)
+        if self.Ls:
+            r = [data.ys[b] - beta @ self.Xs[b].T for b in range(q)]
+            u = [sum(R[a][b][:, Cb:] * r[b] for b in range(q)) for a in range(q)]
+            for a, b in self.pairs:
+                uu[:, a, b] += np.einsum("vj,vj->v", u[a], u[b])
+                if a != b:
+                    uu[:, b, a] = uu[:, a, b]
+        s2v = ev.sigma2
+        Gk = T_sum - uu / s2v[:, None, None]
+        if self.reml:
+            cvec = la.pack_sym(C, double_offdiag=True)
+            H = {}
+            for k, (a, b) in enumerate(self.pairs):  # H_c[a,b] = <K_c^{ab}, C>
+                H[a, b] = (cvec @ self.Kf[k].T) * (1.0 if a == b else 0.5)
+
+            def Hf(a, b):
+                return H[min(a, b), max(a, b)]
+            RH = [[sum(R[a][e] * Hf(e, f) for e in range(q)) for f in range(q)] for a in range(q)]
+            for a, b in self.pairs:  # Σ_c R_c H_c R_c'
+                val = sum(np.einsum("vc,vc->v", RH[a][f], R[b][f]) for f in range(q))
+                Gk[:, a, b] -= val
+                if a != b:
+                    Gk[:, b, a] -= val
+        ev.grad = [la.sym(Gk)]
+        info = np.empty((v, q, q, q, q))
+        for a in range(q):  # F[(a,b),(c,d)] = Σ_c m_c T[b,c] T[a,d]
+            for b in range(q):
+                for c in range(q):
+                    for e in range(q):
+                        info[:, a, b, c, e] = (Tf(b, c) * Tf(a, e)) @ self.mu
+        ev.info = info.reshape(v, q * q, q * q)
+        ev.T_sum = [T_sum]
+        ev.uu_sum = [uu]
+        return ev
+
+
+def _inv_entries(A):
+    """Inverse of q x q matrices given entry-wise (lists of arrays)."""
+    q = len(A)
+    if q == 1:
+        return [[1.0 / A[0][0]]]
+    if q == 2:
+        det = A[0][0] * A[1][1] - A[0][1] * A[1][0]
+        return [[A[1][1] / det, -A[0][1] / det], [-A[1][0] / det, A[0][0] / det]]
+    M = np.stack([np.stack(row, -1) for row in A], -2)
+    Mi = np.linalg.inv(M)
+    return [[Mi[..., a, b] for b in range(q)] for a in range(q)]
+
+
+def _logdet_entries(A):
+    q = len(A)
+    if q == 1:
+        return np.log(A[0][0])
+    if q == 2:
+        return np.log(A[0][0] * A[1][1] - A[0][1] * A[1][0])
+    M = np.stack([np.stack(row, -1) for row in A], -2)
+    sign, logdet = np.linalg.slogdet(M)
+    return np.where(sign > 0, logdet, np.nan)
+
+
+def _entries_to_matrix(entries, q, v):
+    out = np.empty((v, q, q))
+    for (a, b), val in entries.items():
+        out[:, a, b] = val
+        out[:, b, a] = val
+    return out
+
+
+def _pairs_to_matrix(Spair, pairs, q):
+    out = np.zeros(Spair.shape[:-1] + (q, q))
+    for k, (a, b) in enumerate(pairs):
+        out[..., a, b] = Spair[..., k]
+        out[..., b, a] = Spair[..., k]
+    return out
+
+
+@dataclass
+class LevelData:
+    XtY: np.ndarray
+    YtY: np.ndarray
+    ys: list  # per effect a: (v, small levels)
+    KXY: np.ndarray
+    KYY: np.ndarray
+
+    def take(self, idx) -> "LevelData":
+        return LevelData(self.XtY[idx], self.YtY[idx], [y[idx] for y in self.ys], self.KXY[idx], self.KYY[idx])
+
+
+def _diag_blocks(ZtZ: sp.csr_matrix, L: int, q: int) -> np.ndarray:
+    """The L diagonal q x q blocks of a block-diagonal sparse matrix."""
+    coo = ZtZ.tocoo()
+    keep = (coo.row // q) == (coo.col // q)
+    G = np.zeros((L, q, q))
+    np.add.at(G, (coo.row[keep] // q, coo.row[keep] % q, coo.col[keep] % q), coo.data[keep])
+    return G
+
+
+@dataclass
+class DenseData:
+    XtY: np.ndarray
+    ZtY: np.ndarray
+    YtY: np.ndarray
+
+    def take(self, idx) -> "DenseData":
+        return DenseData(self.XtY[idx], self.ZtY[idx], self.YtY[idx])
+
+
+class DenseObjective:
+    """Any number of factors: a dense q x q system per voxel (q = all Z columns)."""
+
+    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml):
+        self.XtX = XtX
+        self.ZtX = ZtX
+        self.ZtZ = np.asarray(sp.csr_matrix(ZtZ).todense())
+        self.n, self.p, self.reml = int(n), XtX.shape[0], bool(reml)
+        self.offsets = layout.offsets
+        self.n_levels = layout.n_levels
+        self.qk = layout.q
+        self.qtot = layout.n_columns
+
+    def data(self, XtY, ZtY, YtY) -> DenseData:
+        return DenseData(np.ascontiguousarray(XtY), np.ascontiguousarray(ZtY), np.asarray(YtY))
+
+    def _blockdiag(self, blocks):
+        """Block-diagonal (v, q, q) from per-factor (v, q_k, q_k), repeated over levels."""
+        v = blocks[0].shape[0]
+        out = np.zeros((v, self.qtot, self.qtot))
+        for k, B in enumerate(blocks):
+            o, l, qk = self.offsets[k], self.n_levels[k], self.qk[k]
+            view = out[:, o:o + l * qk, o:o + l * qk].reshape(v, l, qk, l, qk)
+            idx = np.arange(l)
+            view[:, idx, :, idx, :] = B[None]  # advanced indexing puts levels first
+        return out
+
+    def _factor_sum(self, A, k):
+        """Σ over levels of factor k of the diagonal q_k x q_k blocks of (v, q, q)."""
+        o, l, qk = self.offsets[k], self.n_levels[k], self.qk[k]
+        v = A.shape[0]
+        blk = A[:, o:o + l * qk, o:o + l * qk].reshape(v, l, qk, l, qk)
+        return np.einsum("vjajb->vab", blk)
+
+    def evaluate(self, D_list, data: DenseData, sigma2=None, grad=False) -> Evaluation:
+        v = D_list[0].shape[0]
+        p = self.p
+        Lam = self._blockdiag([la.psd_root(D) for D in D_list])  # Λ Λ' = D
+        LtZtZ = np.swapaxes(Lam, 1, 2) @ self.ZtZ  # Λ'Z'Z
+        Mt = np.eye(self.qtot) + LtZtZ @ Lam
+        try:
+            Lm = np.linalg.cholesky(Mt)
+        except np.linalg.LinAlgError:
+            Lm = np.linalg.cholesky(Mt + 1e-12 * np.eye(self.qtot))
+        logdetV = 2.0 * np.sum(np.log(np.diagonal(Lm, axis1=1, axis2=2)), axis=1)
+        Bx = np.linalg.solve(Lm, np.swapaxes(Lam, 1, 2) @ self.ZtX)  # L^-1 Λ'Z'X
+        by = np.linalg.solve(Lm, np.einsum("vba,vb->va", Lam, data.ZtY)[..., None])[..., 0]
+        XtVX = self.XtX[None] - np.swapaxes(Bx, 1, 2) @ Bx
+        XtVY = data.XtY - np.einsum("vqp,vq->vp", Bx, by)
+        YtVY = data.YtY - np.einsum("vq,vq->v", by, by)
+        beta, C, logdetXVX, ok = _gls(la.sym(XtVX), XtVY)
+        Q = YtVY - np.einsum("vp,vp->v", beta, XtVY)
+        llh, s2 = _likelihood(Q, logdetV, logdetXVX, self.n, self.p, self.reml, sigma2)
+        ok &= np.isfinite(llh) & (Q > 0)
+        ev = Evaluation(llh=llh, beta=beta, sigma2=np.broadcast_to(s2, (v,)).copy(), C=C, Q=Q, ok=ok)
+        if not grad:
+            return ev
+        Bz = np.linalg.solve(Lm, LtZtZ)  # L^-1 Λ'Z'Z
+        T = la.sym(self.ZtZ[None] - np.swapaxes(Bz, 1, 2) @ Bz)  # Z'V^-1Z
+        S = self.ZtX[None] - np.swapaxes(Bz, 1, 2) @ Bx  # Z'V^-1X
+        r_z = data.ZtY - np.einsum("qp,vp->vq", self.ZtX, beta)
+        r_b = by - np.einsum("vqp,vp->vq", Bx, beta)
+        u = r_z - np.einsum("vaq,va->vq", Bz, r_b)  # Z'V^-1 r
+        s2v = ev.sigma2
+        Gfull = T - u[:, :, None] * u[:, None, :] / s2v[:, None, None]
+        if self.reml:
+            Gfull = Gfull - S @ C @ np.swapaxes(S, 1, 2)
+        ev.grad = [la.sym(self._factor_sum(Gfull, k)) for k in range(len(D_list))]
+        ev.T_sum = [self._factor_sum(T, k) for k in range(len(D_list))]
+        uu = u[:, :, None] * u[:, None, :]
+        ev.uu_sum = [self._factor_sum(uu, k) for k in range(len(D_list))]
+        # F[(k,a,b),(k',c,d)] = Σ_{i in k, j in k'} T[(i,b),(j,c)] T[(i,a),(j,d)]
+        s = sum(qk * qk for qk in self.qk)
+        info = np.zeros((v, s, s))
+        starts = np.concatenate([[0], np.cumsum([qk * qk for qk in self.qk])])
+        for k in range(len(self.qk)):
+            ok_, lk, qk = self.offsets[k], self.n_levels[k], self.qk[k]
+            for k2 in range(len(self.qk)):
+                o2, l2, q2 = self.offsets[k2], self.n_levels[k2], self.qk[k2]
+                T4 = T[:, ok_:ok_ + lk * qk, o2:o2 + l2 * q2].reshape(v, lk, qk, l2, q2)
+                blk = np.einsum("vibjc,viajd->vabcd", T4, T4).reshape(v, qk * qk, q2 * q2)
+                info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = blk
+        ev.info = info
+        return ev

@@ -1,0 +1,159 @@
+"""Engine properties that need no R: additivity of statistics, structures, methods, edge cases."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from blmm.design import Contrast, RandomFactor
+from blmm.fit import DROPPED_FEW, DROPPED_RANK, fit_lmm, fit_stats
+from blmm.inference import f_mlog10p, infer, pool_f_df, t_mlog10p
+from blmm.stats import FactorLayout, sufficient_stats
+
+
+def simulate(n_sub=40, q=1, v=6, seed=0, missing=0.0):
+    rng = np.random.default_rng(seed)
+    visits = rng.integers(1, 5, n_sub)
+    sub = np.repeat(np.arange(n_sub), visits)
+    n = sub.size
+    t = rng.uniform(0, 3, n)
+    X = np.column_stack([np.ones(n), t, rng.normal(size=n)])
+    Zd = np.column_stack([np.ones(n), t])[:, :q]
+    Y = np.empty((n, v))
+    for j in range(v):
+        b = rng.multivariate_normal(np.zeros(q), np.diag([1.0 + j, 0.3][:q]), n_sub)
+        Y[:, j] = X @ [1, 0.5, -0.2] + np.sum(Zd * b[sub], 1) + rng.normal(size=n) * 1.3
+    if missing:
+        Y[rng.random(Y.shape) < missing] = np.nan
+    return X, RandomFactor("subject", sub, Zd), Y
+
+
+def brute_force_llh(y, X, factor, D, reml):
+    """Log-likelihood from the dense n x n covariance, for a given D (β, σ² profiled)."""
+    levels, codes = factor.codes()
+    q = factor.q
+    n, p = X.shape
+    Z = np.zeros((n, levels.size * q))
+    for a in range(q):
+        Z[np.arange(n), codes * q + a] = factor.design[:, a]
+    V = np.eye(n) + Z @ np.kron(np.eye(levels.size), D) @ Z.T
+    Vi = np.linalg.inv(V)
+    XVX = X.T @ Vi @ X
+    b = np.linalg.solve(XVX, X.T @ Vi @ y)
+    r = y - X @ b
+    N = n - p if reml else n
+    s2 = r @ Vi @ r / N
+    llh = -0.5 * (N * np.log(2 * np.pi * s2) + np.linalg.slogdet(V)[1] + N)
+    return llh - (0.5 * np.linalg.slogdet(XVX)[1] if reml else 0.0)
+
+
+def test_statistics_add_up_over_row_batches():
+    X, f, Y = simulate(missing=0.1)
+    whole = sufficient_stats(Y, X, [f])
+    layout = FactorLayout.from_factors([f])
+    cut = [0, 31, 77, X.shape[0]]
+    parts = [sufficient_stats(Y[a:b], X[a:b], [f.subset(slice(a, b))], layout=layout) for a, b in zip(cut, cut[1:])]
+    total = parts[0] + parts[1] + parts[2]
+    for name in ("XtY", "ZtY", "YtY"):
+        assert np.allclose(getattr(total, name), getattr(whole, name), rtol=1e-13, atol=1e-12)
+    # per voxel design sums agree too, whatever the pattern numbering
+    for vox in range(Y.shape[1]):
+        a, b = total.pattern_of_voxel[vox], whole.pattern_of_voxel[vox]
+        assert np.allclose(total.XtX[a], whole.XtX[b])
+        assert np.allclose(total.ZtX[a], whole.ZtX[b])
+        assert abs(total.ZtZ[a] - whole.ZtZ[b]).max() < 1e-12
+    assert np.allclose(fit_stats(total).llh, fit_stats(whole).llh, atol=1e-10)
+
+
+@pytest.mark.parametrize("q", [1, 2])
+@pytest.mark.parametrize("reml", [True, False])
+def test_llh_is_the_exact_likelihood(q, reml):
+    X, f, Y = simulate(q=q, v=3, seed=q)
+    fit = fit_lmm(Y, X, [f], reml=reml)
+    for j in range(Y.shape[1]):
+        assert abs(fit.llh[j] - brute_force_llh(Y[:, j], X, f, fit.D[0][j], reml)) < 1e-8
+
+
+@pytest.mark.parametrize("q", [1, 2])
+def test_grouped_levels_agree_with_dense_structure(q):
+    X, f, Y = simulate(q=q, v=4, seed=3, missing=0.05)
+    a = fit_lmm(Y, X, [f], structure="levels")
+    b = fit_lmm(Y, X, [f], structure="dense")
+    assert np.max(np.abs(a.llh - b.llh)) < 1e-8
+    assert np.allclose(a.beta, b.beta, rtol=1e-6, atol=1e-9)
+    assert np.allclose(a.hessian, b.hessian, rtol=1e-4, atol=1e-6)
+
+
+def test_voxel_blocks_do_not_change_results():
+    X, f, Y = simulate(q=2, v=7, seed=4)
+    a = fit_lmm(Y, X, [f])
+    b = fit_lmm(Y, X, [f], max_block_bytes=1)  # one voxel per block
+    assert np.max(np.abs(a.llh - b.llh)) < 1e-10
+    assert np.allclose(a.cov_beta, b.cov_beta, rtol=1e-8, atol=1e-12)  # BLAS rounding differs with block shape
+
+
+def test_iteration_limit_is_reported_not_accepted():
+    X, f, Y = simulate(q=2, v=3, seed=5)
+    fit = fit_lmm(Y, X, [f], tol=1e-14, max_iter=2)
+    assert not fit.converged.any()
+    assert np.all(fit.n_iter == 2)
+
+
+def test_dropped_voxels_have_reasons():
+    X, f, Y = simulate(v=3, seed=6)
+    Y[:, 1] = np.nan
+    Y[:3, 1] = 1.0  # 3 observations <= p
+    keep = X[:, 2] > 0
+    Y[~keep, 2] = np.nan
+    X2 = X.copy()
+    X2[:, 2] = np.where(keep, X[:, 1], X[:, 2])  # columns 1 and 2 equal on the observed rows
+    fit = fit_lmm(Y, X2, [f])
+    assert fit.status[1] == DROPPED_FEW
+    assert fit.status[2] == DROPPED_RANK
+    assert np.isnan(fit.beta[1:]).all() and np.isfinite(fit.beta[0]).all()
+
+
+def test_D_stays_positive_semidefinite_and_boundary_df():
+    rng = np.random.default_rng(7)
+    X, f, _ = simulate(q=2, v=1)
+    Y = (X @ [1.0, 0.2, 0.1])[:, None] + rng.normal(size=(X.shape[0], 5))  # no random effect at all
+    fit = fit_lmm(Y, X, [f])
+    assert np.all(np.linalg.eigvalsh(fit.D[0]) >= -1e-12)
+    inf = infer(fit, [Contrast("x", [[0, 1, 0]], True)])
+    assert np.all(inf.t[0].df > 0)
+
+
+def test_p_values_stay_finite_far_in_the_tail():
+    t = np.array([5.0, 40.0, 1e3, 1e8, 50.0, -3.0])
+    df = np.array([10, 10, 10, 10, 1e6, 10.0])
+    lp = t_mlog10p(t, df)
+    assert np.all(np.isfinite(lp))
+    ref = -sps.t.logsf(t[:4], df[:4]) / np.log(10)
+    assert np.allclose(lp[:4], ref, rtol=1e-12)
+    # t(ν=1e6) is nearly normal: the heavier tail costs t⁴/(4ν) nats
+    normal = -sps.norm.logsf(50.0) / np.log(10)
+    assert abs(lp[4] - (normal - 50.0**4 / (4e6 * np.log(10)))) < 0.02
+    assert lp[5] < 0.01  # one-sided: a large negative T has p near 1
+    assert np.isclose(t_mlog10p(np.array([-3.0]), np.array([10.0]), two_sided=True)[0],
+                      -np.log10(2 * sps.t.sf(3.0, 10)))
+    F = f_mlog10p(np.array([3.0, 1e8, 1e200]), 2, np.array([10.0, 10.0, 10.0]))
+    assert np.all(np.isfinite(F))
+    assert np.isclose(F[0], -np.log10(sps.f.sf(3.0, 2, 10)))
+    assert np.isclose(F[1], -sps.f.logsf(1e8, 2, 10) / np.log(10), rtol=1e-10)
+
+
+def test_f_df_pooling_rules():
+    nu = np.array([[10.0, 10.0], [1.5, 30.0], [10.0, 20.0]])
+    out = pool_f_df(nu)
+    assert out[0] == 10.0
+    assert out[1] == 2.0
+    E = 10 / 8 + 20 / 18
+    assert np.isclose(out[2], 2 * E / (E - 2))
+
+
+def test_one_row_f_equals_t_squared():
+    X, f, Y = simulate(v=4, seed=8)
+    fit = fit_lmm(Y, X, [f])
+    inf = infer(fit, [Contrast("t", [[0, 1, 0]], True), Contrast("f", [[0, 1, 0]], False)])
+    assert np.allclose(inf.f[0].F, inf.t[0].t ** 2, rtol=1e-10)
+    assert np.allclose(inf.f[0].df, inf.t[0].df, rtol=1e-10)

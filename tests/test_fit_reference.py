@@ -1,0 +1,116 @@
+"""The fit and its inference against R's lme4/lmerTest (committed reference results).
+
+Pass criteria, at every voxel of every case, REML and ML:
+* log-likelihood >= lme4's - 1e-6 (higher is reported: we found the better optimum);
+* β, σ², σ²D and Cov(β̂) within 1e-5 relative where R's fit is not singular
+  (matrices relative to their own diagonal scale sqrt(a_ii a_jj));
+* T within 1e-5; Satterthwaite df of T and F within 1e-3 relative (not singular).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from blmm.design import Contrast, RandomFactor
+from blmm.fit import METHODS, fit_lmm
+from blmm.inference import infer
+from tests.reference.load import CASES, load_case
+
+FITS: dict = {}
+
+
+def fitted(case_name: str, reml: bool, method: str = "pSFS"):
+    key = (case_name, reml, method)
+    if key not in FITS:
+        case = load_case(case_name)
+        factors = [RandomFactor(*f) for f in case.factors]
+        contrasts = [Contrast.from_vector(n, v) for n, v in case.contrasts]
+        fit = fit_lmm(case.Y, case.X, factors, reml=reml, method=method)
+        FITS[key] = (case, factors, fit, infer(fit, contrasts))
+    return FITS[key]
+
+
+def scaled_error(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """|a - b| relative to the reference matrix's scale sqrt(b_ii b_jj)."""
+    d = np.sqrt(np.abs(np.diagonal(ref, axis1=-2, axis2=-1)))
+    with np.errstate(divide="ignore", invalid="ignore"):  # singular voxels are masked by the caller
+        return np.abs(ours - ref) / (d[..., :, None] * d[..., None, :])
+
+
+def rel_error(ours, ref):
+    return np.abs(ours - ref) / np.abs(ref)
+
+
+@pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
+@pytest.mark.parametrize("case_name", CASES)
+def test_against_lme4(case_name, reml):
+    case, factors, fit, inf = fitted(case_name, reml)
+    ref = case.reml if reml else case.ml
+    assert fit.converged.all()
+    assert np.all(fit.n_obs == ref["n_obs"])
+    gain = fit.llh - ref["llh"]
+    assert gain.min() >= -1e-6, f"llh below lme4's by {-gain.min():.2e}"
+    if gain.max() > 1e-8:  # we found a better optimum than lme4: say so
+        warnings.warn(f"{case_name}: blmm's llh exceeds lme4's by up to {gain.max():.2e}")
+    ok = ~ref["singular"]
+    assert ok.sum() >= 8
+    assert rel_error(fit.beta, ref["beta"])[ok].max() < 1e-5 or \
+        (np.abs(fit.beta - ref["beta"]) / np.sqrt(np.diagonal(ref["vcov"], axis1=1, axis2=2)))[ok].max() < 1e-5
+    assert rel_error(fit.sigma2, ref["sigma2"])[ok].max() < 1e-5
+    for k, f in enumerate(factors):
+        s2D = fit.D[k] * fit.sigma2[:, None, None]
+        assert scaled_error(s2D, ref["sigma2D"][f.name])[ok].max() < 1e-5
+    assert scaled_error(fit.cov_beta, ref["vcov"])[ok].max() < 1e-5
+    for ours, theirs in zip(inf.t, ref["T"]):
+        assert np.abs(ours.t - theirs["t"])[ok].max() < 1e-5 * max(1.0, np.abs(theirs["t"][ok]).max())
+        assert rel_error(ours.df, theirs["df"])[ok].max() < 1e-3
+    for ours, theirs in zip(inf.f, ref["F"]):
+        assert ours.ndf == int(theirs["NumDF"][0])
+        assert rel_error(ours.F, theirs["F"])[ok].max() < 1e-5
+        assert rel_error(ours.df, theirs["DenDF"])[ok].max() < 1e-3
+
+
+@pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
+@pytest.mark.parametrize("case_name", ["intercept", "slope", "crossed", "boundary"])
+def test_methods_reach_the_same_optimum(case_name, reml):
+    llh = [fitted(case_name, reml, m)[2].llh for m in METHODS]
+    for other in llh[1:]:
+        assert np.max(np.abs(other - llh[0])) < 1e-6
+
+
+def test_lme4_constants_and_satterthwaite_tails():
+    """p-values of T agree with lmerTest's (which are two-sided) once converted."""
+    case, _, fit, inf = fitted("intercept", True)
+    ref = case.reml["T"][0]
+    from blmm.inference import t_mlog10p
+
+    two = t_mlog10p(inf.t[0].t, inf.t[0].df, two_sided=True)
+    assert np.allclose(two, -np.log10(ref["p"]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
+@pytest.mark.parametrize("case_name", ["slope", "nested", "boundary", "missing"])
+def test_singular_fits_match_lmertest_too(case_name, reml):
+    """On the boundary the df depend on the parametrisation; we use lme4's θ as lmerTest does."""
+    case, _, fit, inf = fitted(case_name, reml)
+    ref = case.reml if reml else case.ml
+    sing = ref["singular"]
+    assert sing.any()
+    assert np.all(fit.boundary[sing])
+    assert np.all(fit.llh[sing] >= ref["llh"][sing] - 1e-6)
+    for ours, theirs in zip(inf.t, ref["T"]):
+        assert rel_error(ours.df, theirs["df"])[sing].max() < 1e-3
+    for ours, theirs in zip(inf.f, ref["F"]):
+        assert rel_error(ours.df, theirs["DenDF"])[sing].max() < 1e-3
+
+
+def test_missing_rows_give_each_voxel_its_own_design():
+    case, factors, fit, _ = fitted("missing", True)
+    observed = ~np.isnan(case.Y)
+    assert np.all(fit.n_obs == observed.sum(axis=0))
+    # the complete voxels share one design; fitting them alone gives the same answer
+    full = np.flatnonzero(observed.all(axis=0))
+    alone = fit_lmm(case.Y[:, full], case.X, factors)
+    assert np.allclose(alone.llh, fit.llh[full], atol=1e-9)
