@@ -1,0 +1,334 @@
+"""Write the small simulated datasets that R's lme4/lmerTest reference fits are made on.
+
+Run from the repository root:
+
+    python tests/reference/make_reference_data.py && Rscript tests/reference/fit_lme4.R
+
+Every case is written to ``tests/reference/data/<case>/``:
+
+* ``X.csv``          n x p fixed-effects design (header X1..Xp; X1 is the intercept column)
+* ``factors.csv``    n x r level labels (header f1..fr), integers
+* ``Z_f<k>.csv``     n x q_k random-effects design of factor k (header z1..zq)
+* ``Y.csv``          n x V responses (header v1..vV), ``NA`` for a missing value
+* ``contrasts.json`` ``[{"name": ..., "vector": ...}]``: flat list = T contrast, nested = F contrast
+* ``truth.json``     the parameters the data were simulated from (for information only)
+
+The model is Y = X beta + Z b + e, e ~ N(0, sigma2 I), b ~ N(0, sigma2 D), D block diagonal
+with one q_k x q_k block D_k per factor (D is relative to sigma2).
+
+All values are rounded to a fixed number of decimals before writing, so that the decimal text
+in the CSV files is exactly what both R and Python parse: both read the same doubles.
+Seeds are fixed: rerunning this script reproduces the files byte for byte.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+
+DECIMALS = 6  # every value written is rounded to this many decimals
+
+CONTRASTS = [
+    {"name": "X2", "vector": [0, 1, 0]},
+    {"name": "X3", "vector": [0, 0, 1]},
+    {"name": "X2-X3", "vector": [0, 1, -1]},
+    {"name": "F_X2_X3", "vector": [[0, 1, 0], [0, 0, 1]]},
+]
+
+
+# --------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------
+def _fmt(v: float) -> str:
+    if np.isnan(v):
+        return "NA"
+    r = round(float(v), DECIMALS)
+    if r == 0.0:
+        r = 0.0  # no "-0.0"
+    s = repr(r)
+    if s.endswith(".0"):
+        s = s[:-2]
+    return s
+
+
+def _write_csv(path: Path, header: list[str], arr: np.ndarray) -> None:
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    lines = [",".join(header)]
+    for row in arr:
+        lines.append(",".join(_fmt(v) for v in row))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _write_labels(path: Path, labels: list[np.ndarray]) -> None:
+    header = [f"f{k + 1}" for k in range(len(labels))]
+    lines = [",".join(header)]
+    for i in range(labels[0].shape[0]):
+        lines.append(",".join(str(int(lab[i])) for lab in labels))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _rounded(a: np.ndarray) -> np.ndarray:
+    return np.round(np.asarray(a, dtype=np.float64), DECIMALS)
+
+
+def write_case(name: str, X, labels, designs, Y, truth: dict) -> None:
+    out = DATA / name
+    out.mkdir(parents=True, exist_ok=True)
+    X = _rounded(X)
+    assert np.all(X[:, 0] == 1.0), "X1 must be the intercept column"
+    _write_csv(out / "X.csv", [f"X{j + 1}" for j in range(X.shape[1])], X)
+    _write_labels(out / "factors.csv", labels)
+    for k, Zk in enumerate(designs):
+        Zk = _rounded(Zk)
+        _write_csv(out / f"Z_f{k + 1}.csv", [f"z{j + 1}" for j in range(Zk.shape[1])], Zk)
+    _write_csv(out / "Y.csv", [f"v{j + 1}" for j in range(Y.shape[1])], Y)
+    (out / "contrasts.json").write_text(json.dumps(CONTRASTS, indent=1) + "\n")
+    (out / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------------------
+# simulation helpers
+# --------------------------------------------------------------------------------------
+def _visits(rng, n_subj: int, lo: int, hi: int) -> np.ndarray:
+    """Subject label (1-based) of each image, lo..hi visits per subject."""
+    counts = rng.integers(lo, hi + 1, size=n_subj)
+    return np.repeat(np.arange(1, n_subj + 1), counts)
+
+
+def _betas(rng, V: int, p: int = 3) -> np.ndarray:
+    B = np.empty((V, p))
+    B[:, 0] = rng.normal(10.0, 3.0, V)
+    B[:, 1:] = rng.normal(0.0, 0.6, (V, p - 1))
+    # a few voxels with a null effect so contrasts are not all significant
+    B[rng.choice(V, size=max(1, V // 4), replace=False), 1] = 0.0
+    B[rng.choice(V, size=max(1, V // 4), replace=False), 2] = 0.0
+    return B
+
+
+def _random_effects(rng, labels: np.ndarray, Zk: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """Zb contribution of one factor: b_l ~ N(0, cov) per level, row i gets Z_i . b_{l(i)}."""
+    levels, codes = np.unique(labels, return_inverse=True)
+    q = Zk.shape[1]
+    if np.all(cov == 0):
+        return np.zeros(labels.shape[0])
+    L = np.linalg.cholesky(cov + 1e-300 * np.eye(q)) if q > 1 else np.sqrt(cov)
+    b = rng.standard_normal((levels.size, q)) @ np.atleast_2d(L).T
+    return np.einsum("ij,ij->i", Zk, b[codes])
+
+
+def _simulate(rng, X, labels, designs, betas, sigma2, Ds):
+    """Y (n, V) for per-voxel beta (V,p), sigma2 (V,), Ds list over factors of (V,q,q)."""
+    n, V = X.shape[0], betas.shape[0]
+    Y = np.empty((n, V))
+    for v in range(V):
+        y = X @ betas[v] + np.sqrt(sigma2[v]) * rng.standard_normal(n)
+        for lab, Zk, D in zip(labels, designs, Ds):
+            y += _random_effects(rng, lab, Zk, sigma2[v] * D[v])
+        Y[:, v] = y
+    return _rounded(Y)
+
+
+def _truth(betas, sigma2, Ds) -> dict:
+    return {
+        "beta": betas.tolist(),
+        "sigma2": sigma2.tolist(),
+        "D": {f"f{k + 1}": D.tolist() for k, D in enumerate(Ds)},
+    }
+
+
+def _ratios(rng, V: int, lo: float, hi: float) -> np.ndarray:
+    """V variance ratios log-spaced in [lo, hi], shuffled over voxels."""
+    return rng.permutation(np.logspace(np.log10(lo), np.log10(hi), V))
+
+
+def _slope_D(rng, V: int) -> np.ndarray:
+    """V relative 2x2 covariances of (intercept, slope on time in years)."""
+    d0 = _ratios(rng, V, 0.3, 6.0)
+    d1 = _ratios(rng, V, 0.03, 0.6)
+    r = rng.uniform(-0.6, 0.6, V)
+    D = np.empty((V, 2, 2))
+    D[:, 0, 0] = d0
+    D[:, 1, 1] = d1
+    D[:, 0, 1] = D[:, 1, 0] = r * np.sqrt(d0 * d1)
+    return D
+
+
+# --------------------------------------------------------------------------------------
+# cases
+# --------------------------------------------------------------------------------------
+def case_intercept():
+    rng = np.random.default_rng(1001)
+    V = 12
+    subj = _visits(rng, 80, 1, 5)
+    n = subj.size
+    base_age = rng.uniform(-1.5, 1.5, 80)[subj - 1]
+    visit = np.concatenate([np.arange((subj == s).sum()) for s in np.unique(subj)])
+    age = base_age + 0.25 * visit + rng.normal(0, 0.05, n)  # (age - mean) / 10 years
+    group = rng.integers(0, 2, 80)[subj - 1].astype(float)
+    X = _rounded(np.column_stack([np.ones(n), age, group]))
+    Z = np.ones((n, 1))
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.5, 4.0, V)
+    D = _ratios(rng, V, 0.1, 10.0)[:, None, None]
+    Y = _simulate(rng, X, [subj], [Z], betas, sigma2, [D])
+    write_case("intercept", X, [subj], [Z], Y, _truth(betas, sigma2, [D]))
+
+
+def _irregular_times(rng, subj):
+    times = []
+    for s in np.unique(subj):
+        m = (subj == s).sum()
+        gaps = rng.uniform(0.3, 2.0, m - 1)
+        times.append(np.concatenate([[0.0], np.cumsum(gaps)]) + rng.uniform(0.0, 0.5))
+    return _rounded(np.concatenate(times))
+
+
+def case_slope():
+    rng = np.random.default_rng(1002)
+    V = 12
+    subj = _visits(rng, 60, 2, 6)
+    n = subj.size
+    time = _irregular_times(rng, subj)
+    cov = rng.normal(0, 1, 60)[subj - 1]
+    X = _rounded(np.column_stack([np.ones(n), time, cov]))
+    Z = np.column_stack([np.ones(n), X[:, 1]])
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D = _slope_D(rng, V)
+    Y = _simulate(rng, X, [subj], [Z], betas, sigma2, [D])
+    write_case("slope", X, [subj], [Z], Y, _truth(betas, sigma2, [D]))
+
+
+def case_crossed():
+    rng = np.random.default_rng(1003)
+    V = 12
+    subj = _visits(rng, 50, 2, 6)
+    n = subj.size
+    site = rng.integers(1, 7, n)  # each visit at a random one of 6 sites
+    x = rng.normal(0, 1, n)
+    group = rng.integers(0, 2, 50)[subj - 1].astype(float)
+    X = _rounded(np.column_stack([np.ones(n), x, group]))
+    Z1 = np.ones((n, 1))
+    Z2 = np.ones((n, 1))
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D1 = _ratios(rng, V, 0.15, 8.0)[:, None, None]
+    D2 = _ratios(rng, V, 0.2, 3.0)[:, None, None]
+    Y = _simulate(rng, X, [subj, site], [Z1, Z2], betas, sigma2, [D1, D2])
+    write_case("crossed", X, [subj, site], [Z1, Z2], Y, _truth(betas, sigma2, [D1, D2]))
+
+
+def case_nested():
+    rng = np.random.default_rng(1004)
+    V = 12
+    n_site = 6
+    site_list, subj_list = [], []
+    for s in range(1, n_site + 1):
+        n_sub = rng.integers(8, 14)
+        for j in range(1, n_sub + 1):
+            m = rng.integers(1, 5)
+            site_list += [s] * m
+            subj_list += [s * 100 + j] * m  # unique id of the site:subject pair
+    site = np.array(site_list)
+    subj = np.array(subj_list)
+    n = site.size
+    x = rng.normal(0, 1, n)
+    # a subject-level covariate
+    _, sc = np.unique(subj, return_inverse=True)
+    cov = rng.normal(0, 1, sc.max() + 1)[sc]
+    X = _rounded(np.column_stack([np.ones(n), x, cov]))
+    Z1 = np.ones((n, 1))
+    Z2 = np.ones((n, 1))
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D1 = _ratios(rng, V, 1.0, 8.0)[:, None, None]
+    D2 = _ratios(rng, V, 0.15, 8.0)[:, None, None]
+    Y = _simulate(rng, X, [site, subj], [Z1, Z2], betas, sigma2, [D1, D2])
+    write_case("nested", X, [site, subj], [Z1, Z2], Y, _truth(betas, sigma2, [D1, D2]))
+
+
+def case_singletons():
+    rng = np.random.default_rng(1005)
+    V = 12
+    n_subj = 200
+    counts = np.where(rng.uniform(size=n_subj) < 0.75, 1, rng.integers(2, 4, n_subj))
+    subj = np.repeat(np.arange(1, n_subj + 1), counts)
+    n = subj.size
+    age = rng.uniform(-1.5, 1.5, n_subj)[subj - 1] + rng.normal(0, 0.1, n)
+    group = rng.integers(0, 2, n_subj)[subj - 1].astype(float)
+    X = _rounded(np.column_stack([np.ones(n), age, group]))
+    Z = np.ones((n, 1))
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D = _ratios(rng, V, 0.3, 10.0)[:, None, None]
+    Y = _simulate(rng, X, [subj], [Z], betas, sigma2, [D])
+    write_case("singletons", X, [subj], [Z], Y, _truth(betas, sigma2, [D]))
+
+
+def case_boundary():
+    rng = np.random.default_rng(1006)
+    V = 14
+    subj = _visits(rng, 60, 2, 4)
+    n = subj.size
+    x = rng.normal(0, 1, n)
+    group = rng.integers(0, 2, 60)[subj - 1].astype(float)
+    X = _rounded(np.column_stack([np.ones(n), x, group]))
+    Z = np.ones((n, 1))
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D = np.zeros(V)
+    D[[2, 6, 10]] = [0.08, 0.3, 1.0]  # a few voxels keep a small positive random effect
+    D = D[:, None, None]
+    Y = _simulate(rng, X, [subj], [Z], betas, sigma2, [D])
+    write_case("boundary", X, [subj], [Z], Y, _truth(betas, sigma2, [D]))
+
+
+def case_missing():
+    rng = np.random.default_rng(1007)
+    V = 14
+    subj = _visits(rng, 60, 3, 6)
+    n = subj.size
+    time = _irregular_times(rng, subj)
+    cov = rng.normal(0, 1, 60)[subj - 1]
+    X = _rounded(np.column_stack([np.ones(n), time, cov]))
+    Z = np.column_stack([np.ones(n), X[:, 1]])
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D = _slope_D(rng, V)
+    Y = _simulate(rng, X, [subj], [Z], betas, sigma2, [D])
+    # voxels 1-3 complete; the others lose a different random 1-20% of their rows
+    frac = np.concatenate([[0.0, 0.0, 0.0], np.linspace(0.01, 0.20, V - 3)])
+    for v in range(V):
+        k = int(round(frac[v] * n))
+        if k:
+            Y[rng.choice(n, size=k, replace=False), v] = np.nan
+    truth = _truth(betas, sigma2, [D])
+    truth["missing_fraction"] = frac.tolist()
+    write_case("missing", X, [subj], [Z], Y, truth)
+
+
+CASES = {
+    "intercept": case_intercept,
+    "slope": case_slope,
+    "crossed": case_crossed,
+    "nested": case_nested,
+    "singletons": case_singletons,
+    "boundary": case_boundary,
+    "missing": case_missing,
+}
+
+
+def main() -> None:
+    for name, make in CASES.items():
+        make()
+        print(f"wrote {DATA / name}")
+
+
+if __name__ == "__main__":
+    main()
