@@ -1,0 +1,1108 @@
+"""The inputs YAML: read, check everything up front, return a typed ``Config``.
+
+Upstream BLMM's YAML keys keep their meaning (docs/inputs.md lists every key).  All
+problems are collected and raised together as one ``ConfigError`` before any image
+data is read: images are checked from their headers only.  The user's YAML is never
+written to; ``Config.to_yaml_dict()`` gives the resolved inputs for ``outdir/inputs.yml``.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from blmm.design import Contrast, RandomFactor
+from blmm.errors import ConfigError, ImageError, InputError
+from blmm.io.images import SUPPORTED_SUFFIXES, ImageSpace, image_space, mismatch_reason, read_image
+from blmm.io.tables import read_labels, read_matrix, read_path_list, resolve_path
+
+log = logging.getLogger(__name__)
+
+METHODS = ("pSFS", "SFS", "pFS", "FS")
+CLUSTER_TYPES = ("local", "htcondor", "lsf", "moab", "oar", "pbs", "sge", "slurm")
+DEFAULT_MAXMEM = 2**32  # upstream default, bytes (upstream docs wrongly say bits)
+DEFAULT_MINLOG = -323.3062153431158  # upstream default (log10 of the smallest double)
+
+_REQUIRED_KEYS = ("Y_files", "X", "Z", "contrasts", "outdir")
+_OPTIONAL_KEYS = (
+    "analysis_mask", "data_mask_files", "data_mask_thresh", "Missingness", "MAXMEM",
+    "OutputCovB", "resms", "minlog", "method", "tol", "maxnit", "voxelBatching", "maxnvb",
+    "safeMode", "clusterType", "numNodes",
+    "REML", "two_sided", "zero_is_missing", "cluster", "report_threshold",
+)
+# Accepted so upstream YAMLs still load, but they do nothing here.
+_IGNORED_KEYS = {
+    "sim": "upstream's timing backdoor",
+    "diskMem": "upstream's unmaintained disk-memory backdoor",
+    "q": "written into the YAML by upstream's setup stage; blmm computes q itself",
+}
+KNOWN_KEYS = _REQUIRED_KEYS + _OPTIONAL_KEYS + tuple(_IGNORED_KEYS)
+
+_FACTOR_FIELDS = ("name", "factor", "design")
+_CONTRAST_FIELDS = ("name", "vector", "statType")  # statType: in upstream's template, never read
+_MISSINGNESS_FIELDS = {"minpercent": "MinPercent", "minn": "MinN"}
+_CLUSTER_FIELDS = ("workers", "cores", "memory", "walltime", "queue", "account",
+                   "job_extra_directives", "retries")
+_MAX_LISTED = 5  # files named per problem before summarising the rest
+
+
+# ---------------------------------------------------------------------------
+# Safe scalar parsing (upstream used eval; we accept the same spellings without it)
+# ---------------------------------------------------------------------------
+
+_TOKEN = re.compile(
+    r"\s*(?:(?P<number>(?:\d[\d_]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<op>\*\*|[-+*/^()]))"
+)
+
+
+def _tokenize(text: str) -> list[str]:
+    tokens, position = [], 0
+    text = text.strip()
+    while position < len(text):
+        match = _TOKEN.match(text, position)
+        if match is None or match.end() == position:
+            raise ValueError(f"unexpected {text[position:].strip()[:10]!r}")
+        tokens.append(match.group("number") or match.group("op"))
+        position = match.end()
+    return tokens
+
+
+def _power(base: int | float, exponent: int | float) -> int | float:
+    if isinstance(base, int) and isinstance(exponent, int) and exponent >= 0:
+        if base not in (0, 1, -1) and exponent * math.log2(abs(base)) > 4096:
+            raise ValueError("number too large")
+        return base**exponent
+    try:
+        result = float(base) ** float(exponent)
+    except (OverflowError, ZeroDivisionError):
+        raise ValueError("number out of range") from None
+    if isinstance(result, complex) or not math.isfinite(result):
+        raise ValueError("number out of range")
+    return result
+
+
+def parse_number(text: str) -> int | float:
+    """Evaluate a tiny arithmetic expression: numbers, + - * / ** ^ and parentheses.
+
+    ``"2**32"`` -> 4294967296, ``"2^31"`` -> 2147483648, ``"1e-6"`` -> 1e-06,
+    ``"-1/3"`` -> -0.333...  Integers stay ints.  No names, no calls, no eval.
+    """
+    tokens = _tokenize(text)
+    if not tokens:
+        raise ValueError("empty")
+    position = 0
+
+    def peek() -> str | None:
+        return tokens[position] if position < len(tokens) else None
+
+    def take() -> str:
+        nonlocal position
+        position += 1
+        return tokens[position - 1]
+
+    def expression() -> int | float:
+        value = term()
+        while peek() in ("+", "-"):
+            value = value + term() if take() == "+" else value - term()
+        return value
+
+    def term() -> int | float:
+        value = unary()
+        while peek() in ("*", "/"):
+            if take() == "*":
+                value = value * unary()
+            else:
+                divisor = unary()
+                if divisor == 0:
+                    raise ValueError("division by zero")
+                value = value / divisor
+        return value
+
+    def unary() -> int | float:
+        if peek() in ("+", "-"):
+            return -unary() if take() == "-" else unary()
+        return power()
+
+    def power() -> int | float:
+        base = atom()
+        if peek() in ("**", "^"):
+            take()
+            return _power(base, unary())  # right-associative, like Python
+        return base
+
+    def atom() -> int | float:
+        token = peek()
+        if token is None:
+            raise ValueError("incomplete expression")
+        take()
+        if token == "(":
+            value = expression()
+            if peek() != ")":
+                raise ValueError("missing ')'")
+            take()
+            return value
+        if token[0].isdigit() or token[0] == ".":
+            cleaned = token.replace("_", "")
+            return float(cleaned) if any(c in cleaned for c in ".eE") else int(cleaned)
+        raise ValueError(f"unexpected {token!r}")
+
+    value = expression()
+    if position != len(tokens):
+        raise ValueError(f"unexpected {tokens[position]!r}")
+    return value
+
+
+def _is_number_token(text: str) -> bool:
+    try:
+        parse_number(text)
+    except ValueError:
+        return False
+    return True
+
+
+_ROW_BREAK = object()
+
+
+def _split_scalars(segment: str) -> list[float]:
+    """'1 0 -1' -> three numbers; '1 - 1' or '1 / 3' -> one expression."""
+    pieces = segment.split()
+    if len(pieces) > 1 and all(_is_number_token(piece) for piece in pieces):
+        return [float(parse_number(piece)) for piece in pieces]
+    return [float(parse_number(segment))]
+
+
+def parse_vector_text(text: str) -> list:
+    """Parse a contrast written as text: '[1, 0, 0]', '[1 0 0]', '[[1,0],[0,1]]', '[1 0; 0 1]'."""
+    stack: list[list] = [[]]
+    buffer: list[str] = []
+
+    def flush() -> None:
+        segment = "".join(buffer).strip()
+        buffer.clear()
+        if segment:
+            stack[-1].extend(_split_scalars(segment))
+
+    for char in text:
+        if char == "[":
+            flush()
+            stack.append([])
+        elif char == "]":
+            flush()
+            if len(stack) == 1:
+                raise ValueError("unbalanced ']'")
+            closed = stack.pop()
+            stack[-1].append(closed)
+        elif char == ",":
+            flush()
+        elif char == ";":
+            flush()
+            stack[-1].append(_ROW_BREAK)
+        else:
+            buffer.append(char)
+    flush()
+    if len(stack) != 1:
+        raise ValueError("unbalanced '['")
+    result = stack[0]
+    while len(result) == 1 and isinstance(result[0], list):
+        result = result[0]
+
+    def rows_from_breaks(items: list) -> list:
+        items = [rows_from_breaks(item) if isinstance(item, list) else item for item in items]
+        if not any(item is _ROW_BREAK for item in items):
+            return items
+        rows, current = [], []
+        for item in items:
+            if item is _ROW_BREAK:
+                rows.append(current)
+                current = []
+            else:
+                current.append(item)
+        rows.append(current)
+        return [row for row in rows if row]
+
+    return rows_from_breaks(result)
+
+
+def _vector_from_yaml(value: Any) -> list:
+    """YAML contrast vector (list, nested list, strings inside) as nested lists of floats."""
+    if isinstance(value, str):
+        return parse_vector_text(value)
+    if isinstance(value, bool):
+        raise ValueError(f"found a boolean {value!r}")
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, list):
+        converted: list = []
+        for element in value:
+            if isinstance(element, str) and "[" not in element:
+                converted.extend(parse_vector_text(element))  # YAML reads [1 0 0] as ['1 0 0']
+            elif isinstance(element, (list, str)):
+                converted.append(_vector_from_yaml(element))
+            elif isinstance(element, bool) or not isinstance(element, (int, float)):
+                raise ValueError(f"found {element!r}")
+            else:
+                converted.append(float(element))
+        return converted
+    raise ValueError(f"found a {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------
+# The typed result
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Config:
+    """Validated inputs of one analysis (field meanings: docs/inputs.md)."""
+
+    yaml_path: Path | None
+    outdir: Path
+    y_files: list[Path] = field(repr=False)
+    space: ImageSpace = field(repr=False)
+    X: np.ndarray = field(repr=False)
+    x_names: list[str]
+    factors: list[RandomFactor] = field(repr=False)
+    contrasts: list[Contrast] = field(repr=False)
+    analysis_mask: Path | None = None
+    data_mask_files: list[Path] | None = field(default=None, repr=False)
+    data_mask_thresh: float | None = None
+    min_percent: float | None = None
+    min_n: int | None = None
+    maxmem: int = DEFAULT_MAXMEM
+    output_covb: bool = True
+    resms: bool = False
+    minlog: float = DEFAULT_MINLOG
+    method: str = "pSFS"
+    tol: float = 1e-6
+    maxnit: int = 10000
+    voxel_batching: bool = False
+    maxnvb: int = 60
+    safe_mode: bool = True
+    cluster_type: str = "local"
+    num_nodes: int = 1
+    reml: bool = True
+    two_sided: bool = False
+    zero_is_missing: bool = True
+    cluster: dict[str, Any] = field(default_factory=dict)
+    report_threshold: float = 3.0
+    # Where the tables came from, so to_yaml_dict can point at them.
+    x_path: Path | None = None
+    y_list_path: Path | None = None
+    data_mask_list_path: Path | None = None
+    factor_paths: tuple[tuple[Path, Path], ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def n(self) -> int:
+        """Number of images (rows of X)."""
+        return int(self.X.shape[0])
+
+    @property
+    def p(self) -> int:
+        """Number of fixed effects (columns of X)."""
+        return int(self.X.shape[1])
+
+    @property
+    def q(self) -> int:
+        """Columns of Z: sum over factors of q_k * l_k."""
+        return int(sum(factor.q * factor.n_levels for factor in self.factors))
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The resolved inputs with upstream key names and absolute paths.
+
+        Loading this dict back (as ``outdir/inputs.yml``) gives the same analysis.
+        MAXMEM and tol are strings, as upstream's eval-based reader requires.
+        """
+        def listed(list_path: Path | None, files: list[Path] | None) -> Any:
+            return str(list_path) if list_path is not None else [str(f) for f in files or []]
+
+        factors = []
+        for index, factor in enumerate(self.factors):
+            entry: dict[str, Any] = {"name": factor.name}
+            if index < len(self.factor_paths):
+                factor_file, design_file = self.factor_paths[index]
+                entry.update(factor=str(factor_file), design=str(design_file))
+            factors.append({f"f{index + 1}": entry})
+        contrasts = []
+        for index, contrast in enumerate(self.contrasts):
+            vector = contrast.matrix[0].tolist() if contrast.is_t else contrast.matrix.tolist()
+            contrasts.append({f"c{index + 1}": {"name": contrast.name, "vector": vector}})
+        inputs: dict[str, Any] = {
+            "Y_files": listed(self.y_list_path, self.y_files),
+            "X": str(self.x_path) if self.x_path is not None else None,
+            "Z": factors,
+            "contrasts": contrasts,
+            "outdir": str(self.outdir),
+        }
+        if self.analysis_mask is not None:
+            inputs["analysis_mask"] = str(self.analysis_mask)
+        if self.data_mask_files is not None:
+            inputs["data_mask_files"] = listed(self.data_mask_list_path, self.data_mask_files)
+        if self.data_mask_thresh is not None:
+            inputs["data_mask_thresh"] = float(self.data_mask_thresh)
+        missingness: dict[str, Any] = {}
+        if self.min_percent is not None:
+            missingness["MinPercent"] = float(self.min_percent)
+        if self.min_n is not None:
+            missingness["MinN"] = int(self.min_n)
+        if missingness:
+            inputs["Missingness"] = missingness
+        inputs.update({
+            "MAXMEM": str(int(self.maxmem)),
+            "OutputCovB": bool(self.output_covb),
+            "resms": bool(self.resms),
+            "minlog": float(self.minlog),
+            "method": self.method,
+            "tol": repr(float(self.tol)),
+            "maxnit": int(self.maxnit),
+            "voxelBatching": bool(self.voxel_batching),
+            "maxnvb": int(self.maxnvb),
+            "safeMode": bool(self.safe_mode),
+            "clusterType": self.cluster_type,
+            "numNodes": int(self.num_nodes),
+            "REML": bool(self.reml),
+            "two_sided": bool(self.two_sided),
+            "zero_is_missing": bool(self.zero_is_missing),
+            "report_threshold": float(self.report_threshold),
+        })
+        if self.cluster:
+            inputs["cluster"] = _plain(self.cluster)
+        return inputs
+
+
+def _plain(value: Any) -> Any:
+    """Deep copy made of YAML-safe builtins."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+class _DuplicateKeyLoader(yaml.SafeLoader):
+    """SafeLoader that remembers keys written twice (PyYAML silently keeps the last)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = key_node.value
+                if key in seen:
+                    self.duplicates.append(
+                        f"key {key!r} appears twice (line {key_node.start_mark.line + 1}); "
+                        "only the last value would be used"
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"inputs YAML not found: {path}") from None
+    except OSError as err:
+        raise ConfigError(f"inputs YAML {path} cannot be read ({err.strerror or err})") from None
+    loader = _DuplicateKeyLoader(text)
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        context = getattr(err, "context", None)
+        detail = f"{problem} ({context})" if context else problem
+        raise ConfigError(f"malformed YAML{where}: {detail}", source=str(path)) from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise ConfigError(loader.duplicates, source=str(path))
+    if data is None:
+        raise ConfigError("the inputs YAML is empty", source=str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"the inputs YAML must be a mapping of keys to values, found a {type(data).__name__}",
+            source=str(path),
+        )
+    return data
+
+
+def _suggest(key: Any, choices: tuple[str, ...] | list[str]) -> str:
+    text = str(key)
+    folded = {choice.lower(): choice for choice in choices}
+    match = folded.get(text.lower().replace("-", "_"))
+    if match is None:
+        close = difflib.get_close_matches(text, list(choices), n=1, cutoff=0.6)
+        if not close:
+            close = difflib.get_close_matches(text.lower(), list(folded), n=1, cutoff=0.6)
+            close = [folded[c] for c in close]
+        match = close[0] if close else None
+    return f" (did you mean {match!r}?)" if match else ""
+
+
+def _shorten(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _listing(items: list[str]) -> str:
+    shown = "; ".join(items[:_MAX_LISTED])
+    more = len(items) - _MAX_LISTED
+    return shown + (f"; and {more} more" if more > 0 else "")
+
+
+class _Checker:
+    """Parses one raw YAML dict, collecting every problem and warning."""
+
+    def __init__(self, raw: dict, yaml_dir: Path, override_keys: set[str]) -> None:
+        self.raw = raw
+        self.yaml_dir = yaml_dir
+        self.override_keys = override_keys
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    # -- small typed readers ------------------------------------------------
+
+    def problem(self, text: str) -> None:
+        self.problems.append(text)
+
+    def base_dir(self, key: str) -> Path:
+        # Paths given as overrides (e.g. on the command line) are relative to the cwd.
+        return Path.cwd() if key in self.override_keys else self.yaml_dir
+
+    def present(self, key: str) -> bool:
+        return self.raw.get(key) is not None
+
+    def number(self, label: str, value: Any, *, integer: bool = False,
+               minimum: float | None = None, maximum: float | None = None,
+               strict_minimum: bool = False) -> int | float | None:
+        kind = "an integer" if integer else "a number"
+        if minimum is not None:
+            kind += f" {'>' if strict_minimum else '>='} {minimum:g}"
+        if maximum is not None:
+            kind += f" and <= {maximum:g}" if minimum is not None else f" <= {maximum:g}"
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            self.problem(f"{label}: expected {kind}, found {_shorten(value)}")
+            return None
+        if isinstance(value, str):
+            try:
+                parsed: int | float = parse_number(value)
+            except ValueError as err:
+                self.problem(f"{label}: expected {kind}, found {value!r} ({err})")
+                return None
+        else:
+            parsed = value
+        if isinstance(parsed, float) and not math.isfinite(parsed):
+            self.problem(f"{label}: expected {kind}, found {_shorten(value)}")
+            return None
+        if integer:
+            if isinstance(parsed, float):
+                if not parsed.is_integer():
+                    self.problem(f"{label}: expected {kind}, found {_shorten(value)}")
+                    return None
+                parsed = int(parsed)
+        else:
+            parsed = float(parsed)
+        too_small = minimum is not None and (parsed <= minimum if strict_minimum else parsed < minimum)
+        if too_small or (maximum is not None and parsed > maximum):
+            self.problem(f"{label}: expected {kind}, found {_shorten(value)}")
+            return None
+        return parsed
+
+    def option_number(self, key: str, default: Any, **limits: Any) -> Any:
+        if not self.present(key):
+            return default
+        parsed = self.number(key, self.raw[key], **limits)
+        return default if parsed is None else parsed
+
+    def flag(self, key: str, default: bool) -> bool:
+        if not self.present(key):
+            return default
+        value = self.raw[key]
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str):
+            folded = value.strip().lower()
+            if folded in ("true", "yes", "on", "1"):
+                return True
+            if folded in ("false", "no", "off", "0"):
+                return False
+        self.problem(f"{key}: expected true/false (or 1/0), found {_shorten(value)}")
+        return default
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        if not self.present(key):
+            return default
+        value = self.raw[key]
+        if isinstance(value, str):
+            for candidate in choices:
+                if candidate.lower() == value.strip().lower():
+                    return candidate
+        self.problem(f"{key}: expected one of {', '.join(choices)}; found {_shorten(value)}")
+        return default
+
+    def path(self, key: str, value: Any, label: str | None = None, base: Path | None = None,
+             must_exist: bool = True) -> Path | None:
+        label = label or key
+        if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+            self.problem(f"{label}: expected a file path, found {_shorten(value)}")
+            return None
+        resolved = resolve_path(str(value).strip(), base or self.base_dir(key))
+        if must_exist and not resolved.exists():
+            self.problem(f"{label}: file not found: {resolved}")
+            return None
+        if must_exist and resolved.is_dir():
+            self.problem(f"{label}: {resolved} is a folder, expected a file")
+            return None
+        return resolved
+
+    # -- keys ---------------------------------------------------------------
+
+    def unknown_keys(self) -> None:
+        for key in self.raw:
+            if key not in KNOWN_KEYS:
+                self.problem(f"unknown key {str(key)!r}{_suggest(key, KNOWN_KEYS)}")
+            elif key in _IGNORED_KEYS and self.raw[key] is not None:
+                self.warnings.append(f"{key}: ignored ({_IGNORED_KEYS[key]})")
+        for key in _REQUIRED_KEYS:
+            if self.raw.get(key) is None:
+                self.problem(f"{key}: required key is missing")
+
+    def file_list(self, key: str) -> tuple[list[Path] | None, Path | None]:
+        """A list of files given as a text file (upstream) or a YAML list."""
+        value = self.raw[key]
+        if isinstance(value, list):
+            if not value:
+                self.problem(f"{key}: the list of files is empty")
+                return None, None
+            files = [self.path(key, entry, label=f"{key} entry {i + 1}", must_exist=False)
+                     for i, entry in enumerate(value)]
+            return (None, None) if any(f is None for f in files) else (files, None)
+        list_path = self.path(key, value)
+        if list_path is None:
+            return None, None
+        if list_path.name.lower().endswith(SUPPORTED_SUFFIXES):
+            self.problem(
+                f"{key}: {list_path} is an image; {key} must be a text file listing "
+                "one image path per line"
+            )
+            return None, None
+        try:
+            return read_path_list(list_path), list_path
+        except InputError as err:
+            self.problem(f"{key}: {err}")
+            return None, None
+
+    def missing_files(self, key: str, files: list[Path]) -> bool:
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            self.problem(f"{key}: {len(missing)} of {len(files)} listed files not found: {_listing(missing)}")
+        return bool(missing)
+
+    def y_files(self) -> tuple[list[Path] | None, Path | None, ImageSpace | None]:
+        files, list_path = self.file_list("Y_files")
+        if files is None or self.missing_files("Y_files", files):
+            return files, list_path, None
+        try:
+            space = image_space(files[0])
+        except ImageError as err:
+            self.problem(f"Y_files: {err}")
+            return files, list_path, None
+        mismatched, unreadable, multi_volume = [], [], []
+        if space.n_volumes != 1:
+            multi_volume.append(f"{files[0]} ({space.n_volumes} volumes)")
+        for path in files[1:]:
+            try:
+                found = image_space(path)
+            except ImageError as err:
+                unreadable.append(str(err))
+                continue
+            reason = mismatch_reason(found, space)
+            if reason is not None:
+                mismatched.append(f"{path}: {reason}")
+            elif found.n_volumes != 1:
+                multi_volume.append(f"{path} ({found.n_volumes} volumes)")
+        source = f"the first image {files[0]}"
+        if mismatched:
+            self.problem(
+                f"Y_files: {len(mismatched)} images do not match the shape of {source} "
+                f"({space.describe()}): {_listing(mismatched)}"
+            )
+        if unreadable:
+            self.problem(f"Y_files: {len(unreadable)} images cannot be read: {_listing(unreadable)}")
+        if multi_volume:
+            self.problem(
+                f"Y_files: {len(multi_volume)} files hold more than one image (blmm needs one "
+                f"image per file): {_listing(multi_volume)}"
+            )
+        duplicates = len(files) - len(set(files))
+        if duplicates:
+            self.warnings.append(f"Y_files: {duplicates} image paths are listed more than once")
+        return files, list_path, space
+
+    def design_matrix(self) -> tuple[np.ndarray | None, list[str] | None, Path | None]:
+        x_path = self.path("X", self.raw["X"])
+        if x_path is None:
+            return None, None, None
+        try:
+            X, names = read_matrix(x_path)
+        except InputError as err:
+            self.problem(f"X: {err}")
+            return None, None, x_path
+        if not self._finite_table("X", x_path, X, names):
+            return None, names, x_path
+        n, p = X.shape
+        if n <= p:
+            self.problem(f"X: {x_path} has {n} rows and {p} columns; need more images than columns")
+        singular_values, right_vectors = np.linalg.svd(X, full_matrices=False)[1:]
+        threshold = singular_values.max(initial=0.0) * max(n, p) * np.finfo(np.float64).eps
+        rank = int(np.sum(singular_values > threshold))
+        if rank < p:
+            column_names = names or [f"column {j + 1}" for j in range(p)]
+            null_vector = right_vectors[-1]
+            weights = np.abs(null_vector)
+            involved = [column_names[j] for j in np.flatnonzero(weights > 1e-8 * weights.max())]
+            self.problem(
+                f"X: {x_path} is rank deficient (rank {rank}, {p} columns); fixed effects are not "
+                f"estimable. Linearly dependent columns include: {', '.join(involved)}"
+            )
+        return X, names, x_path
+
+    def _finite_table(self, label: str, path: Path, table: np.ndarray, names: list[str] | None) -> bool:
+        bad_rows, bad_columns = np.nonzero(~np.isfinite(table))
+        if bad_rows.size == 0:
+            return True
+        cells = [
+            f"data row {r + 1}, column {c + 1}" + (f" ({names[c]})" if names else "")
+            for r, c in zip(bad_rows.tolist(), bad_columns.tolist())
+        ]
+        self.problem(
+            f"{label}: {path} has {len(cells)} empty, NaN or infinite cells (expected finite "
+            f"numbers): {_listing(cells)}"
+        )
+        return False
+
+    @staticmethod
+    def _entries(value: Any, prefix: str) -> list[tuple[str, Any]] | None:
+        """Upstream's list of one-key dicts (- f1: {...}), or a mapping {f1: {...}}."""
+        if isinstance(value, dict):
+            def order(item: tuple[Any, Any]) -> tuple[int, str]:
+                match = re.fullmatch(rf"{prefix}(\d+)", str(item[0]))
+                return (int(match.group(1)) if match else 1 << 30, str(item[0]))
+            return [(str(k), v) for k, v in sorted(value.items(), key=order)]
+        if isinstance(value, list):
+            entries = []
+            for index, item in enumerate(value):
+                keyed = isinstance(item, dict) and len(item) == 1 and (
+                    isinstance(next(iter(item.values())), dict)
+                    or re.fullmatch(rf"{prefix}\d+", str(next(iter(item)))) is not None)
+                if keyed:
+                    key, body = next(iter(item.items()))
+                    entries.append((str(key), body))
+                else:
+                    entries.append((f"{prefix}{index + 1}", item))  # a bare {name, ...} entry
+            return entries
+        return None
+
+    def random_factors(self, n: int | None, n_source: str) -> tuple[list[RandomFactor], list[tuple[Path, Path]]]:
+        entries = self._entries(self.raw["Z"], "f")
+        if not entries:
+            self.problem(
+                "Z: expected a list of random factors (- f1: {name: ..., factor: file, "
+                f"design: file}}), found {_shorten(self.raw['Z'])}"
+            )
+            return [], []
+        factors, paths = [], []
+        for key, body in entries:
+            label = f"Z {key}"
+            if not isinstance(body, dict):
+                self.problem(f"{label}: expected a mapping with factor and design, found {_shorten(body)}")
+                continue
+            for field_name in body:
+                if field_name not in _FACTOR_FIELDS:
+                    self.problem(f"{label}: unknown field {str(field_name)!r}{_suggest(field_name, _FACTOR_FIELDS)}")
+            name = str(body.get("name") or key)
+            label = f"Z {key} ({name})" if name != key else label
+            missing = [f for f in ("factor", "design") if body.get(f) is None]
+            for field_name in missing:
+                self.problem(f"{label}: {field_name} file is missing")
+            if missing:
+                continue
+            factor_path = self.path("Z", body["factor"], label=f"{label} factor")
+            design_path = self.path("Z", body["design"], label=f"{label} design")
+            labels = design = None
+            if factor_path is not None:
+                try:
+                    labels = read_labels(factor_path, n_rows=n)
+                except InputError as err:
+                    self.problem(f"{label} factor: {err}")
+            if design_path is not None:
+                try:
+                    design, design_names = read_matrix(design_path)
+                    if not self._finite_table(f"{label} design", design_path, design, design_names):
+                        design = None
+                except InputError as err:
+                    self.problem(f"{label} design: {err}")
+            if labels is not None:
+                if n is not None and labels.shape[0] != n:
+                    self.problem(f"{label} factor: {factor_path} has {labels.shape[0]} rows, expected {n} ({n_source})")
+                    labels = None
+                elif labels.dtype.kind == "U" and np.count_nonzero(labels == labels[0]) == 1:
+                    # An all-text file one row short keeps its header as a level.
+                    self.warnings.append(
+                        f"{label} factor: first label {labels[0]!s} occurs only once; if it is a "
+                        f"header, {factor_path.name} is missing a row"
+                    )
+                if labels is not None and np.unique(labels).size < 2:
+                    self.problem(
+                        f"{label} factor: {factor_path} has a single level ({labels[:1].tolist()[0]!r}); a "
+                        "random factor needs at least two levels"
+                    )
+                    labels = None
+            if design is not None and n is not None and design.shape[0] != n:
+                self.problem(f"{label} design: {design_path} has {design.shape[0]} rows, expected {n} ({n_source})")
+                design = None
+            if labels is not None and design is not None:
+                if labels.shape[0] != design.shape[0]:
+                    self.problem(
+                        f"{label}: factor file has {labels.shape[0]} rows but design file has "
+                        f"{design.shape[0]}"
+                    )
+                    continue
+                factors.append(RandomFactor(name, labels, design))
+                paths.append((factor_path, design_path))
+        return factors, paths
+
+    def contrasts(self, p: int | None) -> list[Contrast]:
+        entries = self._entries(self.raw["contrasts"], "c")
+        if not entries:
+            self.problem(
+                "contrasts: expected a list of contrasts (- c1: {name: ..., vector: [...]}), "
+                f"found {_shorten(self.raw['contrasts'])}"
+            )
+            return []
+        contrasts = []
+        for key, body in entries:
+            label = f"contrasts {key}"
+            if not isinstance(body, dict):
+                self.problem(f"{label}: expected a mapping with name and vector, found {_shorten(body)}")
+                continue
+            for field_name in body:
+                if field_name not in _CONTRAST_FIELDS:
+                    self.problem(f"{label}: unknown field {str(field_name)!r}{_suggest(field_name, _CONTRAST_FIELDS)}")
+            name = str(body.get("name") or key)
+            label = f"{label} ({name})" if name != key else label
+            if body.get("vector") is None:
+                self.problem(f"{label}: vector is missing")
+                continue
+            try:
+                vector = _vector_from_yaml(body["vector"])
+                array = np.array(vector, dtype=np.float64)
+            except (ValueError, TypeError) as err:
+                self.problem(
+                    f"{label}: vector must be a list of numbers (T) or a list of rows (F), "
+                    f"found {_shorten(body['vector'])} ({err})"
+                )
+                continue
+            if array.size == 0 or array.ndim not in (1, 2):
+                self.problem(f"{label}: vector must be a flat list (T) or a list of rows (F), found {_shorten(body['vector'])}")
+                continue
+            contrast = Contrast.from_vector(name, array)
+            L = contrast.matrix
+            kind = "T" if contrast.is_t else "F"
+            if p is not None and L.shape[1] != p:
+                self.problem(f"{label}: {kind} contrast has {L.shape[1]} entries per row, expected {p} (the columns of X)")
+                continue
+            rank = int(np.linalg.matrix_rank(L))
+            if rank == 0:
+                self.problem(f"{label}: {kind} contrast is all zeros")
+                continue
+            if rank < L.shape[0]:
+                self.problem(
+                    f"{label}: F contrast has {L.shape[0]} rows but rank {rank}; its rows must be "
+                    "linearly independent"
+                )
+                continue
+            contrasts.append(contrast)
+        return contrasts
+
+    def outdir(self) -> Path | None:
+        value = self.raw["outdir"]
+        outdir = self.path("outdir", value, must_exist=False)
+        if outdir is None:
+            return None
+        if outdir.exists():
+            if not outdir.is_dir():
+                self.problem(f"outdir: {outdir} exists and is not a folder")
+            elif not _writable(outdir):
+                self.problem(f"outdir: {outdir} is not writable")
+            return outdir
+        parent = outdir.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            self.problem(f"outdir: {outdir} cannot be created because {parent} is a file, not a folder")
+        elif not _writable(parent):
+            self.problem(f"outdir: {outdir} cannot be created because {parent} is not writable")
+        return outdir
+
+    def analysis_mask(self, space: ImageSpace | None) -> Path | None:
+        if not self.present("analysis_mask"):
+            return None
+        mask_path = self.path("analysis_mask", self.raw["analysis_mask"])
+        if mask_path is None or space is None:
+            return mask_path
+        try:
+            values = read_image(mask_path, space)
+        except ImageError as err:
+            self.problem(f"analysis_mask: {err}")
+            return mask_path
+        finite = np.isfinite(values)
+        if not np.any(finite & (values != 0)):
+            self.problem(f"analysis_mask: {mask_path} is empty (no non-zero voxel); nothing would be analysed")
+        elif not np.all((values[finite] == 0) | (values[finite] == 1)):
+            self.warnings.append(
+                f"analysis_mask: {mask_path} is not binary; every non-zero voxel counts as inside"
+            )
+        return mask_path
+
+    def data_masks(self, y_count: int | None, space: ImageSpace | None) -> tuple[list[Path] | None, Path | None]:
+        if not self.present("data_mask_files"):
+            return None, None
+        files, list_path = self.file_list("data_mask_files")
+        if files is None:
+            return None, list_path
+        if y_count is not None and len(files) != y_count:
+            self.problem(
+                f"data_mask_files: lists {len(files)} masks, expected one per image ({y_count} in Y_files)"
+            )
+        if self.missing_files("data_mask_files", files) or space is None:
+            return files, list_path
+        mismatched = []
+        for path in files:
+            try:
+                reason = mismatch_reason(image_space(path), space)
+            except ImageError as err:
+                reason = str(err)
+            if reason is not None:
+                mismatched.append(f"{path}: {reason}")
+        if mismatched:
+            self.problem(f"data_mask_files: {len(mismatched)} masks do not match the images: {_listing(mismatched)}")
+        return files, list_path
+
+    def missingness(self, n: int | None) -> tuple[float | None, int | None]:
+        value = self.raw.get("Missingness")
+        if value is None:
+            return None, None
+        if not isinstance(value, dict):
+            self.problem(f"Missingness: expected a mapping with MinPercent and/or MinN, found {_shorten(value)}")
+            return None, None
+        min_percent = min_n = None
+        for key, entry in value.items():
+            canonical = _MISSINGNESS_FIELDS.get(str(key).lower())
+            if canonical is None:
+                self.problem(f"Missingness: unknown field {str(key)!r}{_suggest(key, tuple(_MISSINGNESS_FIELDS.values()))}")
+            elif entry is None:
+                continue
+            elif canonical == "MinPercent":
+                min_percent = self._min_percent(entry)
+            else:
+                min_n = self.number("Missingness MinN", entry, integer=True, minimum=0)
+                if min_n is not None and n is not None and min_n > n:
+                    self.problem(f"Missingness MinN: {min_n} is more than the {n} images; every voxel would be dropped")
+        return min_percent, min_n
+
+    def _min_percent(self, entry: Any) -> float | None:
+        label = "Missingness MinPercent"
+        if isinstance(entry, str) and entry.strip().endswith("%"):
+            parsed = self.number(label, entry.strip()[:-1], minimum=0, maximum=100)
+            return None if parsed is None else parsed / 100.0
+        if isinstance(entry, (int, float, str)) and not isinstance(entry, bool):
+            try:
+                number = float(parse_number(entry)) if isinstance(entry, str) else float(entry)
+            except ValueError:
+                number = None
+            if number is not None and 1 < number <= 100:
+                self.problem(
+                    f"{label}: expected a fraction in [0, 1] or a percentage string like "
+                    f"'{number:g}%', found {_shorten(entry)}"
+                )
+                return None
+        return self.number(label, entry, minimum=0, maximum=1)
+
+    def cluster(self) -> dict[str, Any]:
+        value = self.raw.get("cluster")
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.problem(f"cluster: expected a mapping of engine resources, found {_shorten(value)}")
+            return {}
+        resources: dict[str, Any] = {}
+        for key, entry in value.items():
+            label = f"cluster {key}"
+            if key not in _CLUSTER_FIELDS:
+                self.problem(f"cluster: unknown field {str(key)!r}{_suggest(key, _CLUSTER_FIELDS)}")
+                continue
+            if entry is None:
+                continue
+            if key in ("workers", "cores"):
+                parsed = self.number(label, entry, integer=True, minimum=1)
+            elif key == "retries":
+                parsed = self.number(label, entry, integer=True, minimum=0)
+            elif key in ("memory", "walltime"):
+                # dask-jobqueue spellings: "16GB", "01:30:00"; a bare number is bytes / minutes.
+                ok = (isinstance(entry, str) and entry.strip()) or (
+                    isinstance(entry, (int, float)) and not isinstance(entry, bool) and entry > 0)
+                parsed = entry if ok else None
+                if not ok:
+                    example = "'16GB'" if key == "memory" else "'02:00:00'"
+                    self.problem(f"{label}: expected a string such as {example} or a positive number, found {_shorten(entry)}")
+            elif key in ("queue", "account"):
+                parsed = entry if isinstance(entry, str) and entry.strip() else None
+                if parsed is None:
+                    self.problem(f"{label}: expected a non-empty string, found {_shorten(entry)}")
+            else:  # job_extra_directives
+                ok = isinstance(entry, list) and all(isinstance(item, str) for item in entry)
+                parsed = list(entry) if ok else None
+                if not ok:
+                    self.problem(f"{label}: expected a list of strings, found {_shorten(entry)}")
+            if parsed is not None:
+                resources[key] = parsed
+        return resources
+
+
+def _writable(folder: Path) -> bool:
+    """True if a file can be created in folder (probes; os.access misleads for root / ACLs)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        return False
+    return True
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate the inputs YAML; raise ConfigError listing every problem found.
+
+    ``overrides`` replaces top-level keys (a value of None removes the key); relative
+    paths in overrides resolve against the current directory, those in the YAML
+    against the YAML's folder.
+    """
+    yaml_path = Path(os.path.abspath(os.path.expanduser(str(path))))
+    raw = dict(_read_yaml(yaml_path))
+    override_keys: set[str] = set()
+    for key, value in (overrides or {}).items():
+        override_keys.add(key)
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+
+    check = _Checker(raw, yaml_path.parent, override_keys)
+    check.unknown_keys()
+
+    maxmem = check.option_number("MAXMEM", DEFAULT_MAXMEM, integer=True, minimum=1)
+    tol = check.option_number("tol", 1e-6, minimum=0, strict_minimum=True)
+    maxnit = check.option_number("maxnit", 10000, integer=True, minimum=1)
+    maxnvb = check.option_number("maxnvb", 60, integer=True, minimum=1)
+    num_nodes = check.option_number("numNodes", 1, integer=True, minimum=1)
+    minlog = check.option_number("minlog", DEFAULT_MINLOG)
+    report_threshold = check.option_number("report_threshold", 3.0, minimum=0)
+    data_mask_thresh = check.option_number("data_mask_thresh", None)
+    method = check.choice("method", METHODS, "pSFS")
+    cluster_type = check.choice("clusterType", CLUSTER_TYPES, "local")
+    flags = {key: check.flag(key, default) for key, default in (
+        ("OutputCovB", True), ("resms", False), ("voxelBatching", False), ("safeMode", True),
+        ("REML", True), ("two_sided", False), ("zero_is_missing", True),
+    )}
+    cluster = check.cluster()
+
+    outdir = check.outdir() if check.present("outdir") else None
+    y_files = y_list_path = space = None
+    if check.present("Y_files"):
+        y_files, y_list_path, space = check.y_files()
+    X = x_names = x_path = None
+    if check.present("X"):
+        X, x_names, x_path = check.design_matrix()
+        if X is not None and y_files is not None and X.shape[0] != len(y_files):
+            check.problem(f"X: {x_path} has {X.shape[0]} rows but Y_files lists {len(y_files)} images (one row per image)")
+    if X is not None:
+        n, n_source = int(X.shape[0]), f"the rows of X, {x_path.name}"
+    elif y_files is not None:
+        n, n_source = len(y_files), "the number of images in Y_files"
+    else:
+        n, n_source = None, ""
+    factors: list[RandomFactor] = []
+    factor_paths: list[tuple[Path, Path]] = []
+    if check.present("Z"):
+        factors, factor_paths = check.random_factors(n, n_source)
+    contrasts = check.contrasts(None if X is None else int(X.shape[1])) if check.present("contrasts") else []
+    analysis_mask = check.analysis_mask(space)
+    data_mask_files, data_mask_list_path = check.data_masks(
+        None if y_files is None else len(y_files), space)
+    min_percent, min_n = check.missingness(n)
+
+    if check.problems:
+        raise ConfigError(check.problems, source=str(yaml_path))
+    for warning in check.warnings:
+        log.warning("%s: %s", yaml_path.name, warning)
+    assert outdir is not None and y_files is not None and space is not None and X is not None
+    return Config(
+        yaml_path=yaml_path,
+        outdir=outdir,
+        y_files=y_files,
+        space=space,
+        X=X,
+        x_names=x_names or [f"x{j + 1}" for j in range(X.shape[1])],
+        factors=factors,
+        contrasts=contrasts,
+        analysis_mask=analysis_mask,
+        data_mask_files=data_mask_files,
+        data_mask_thresh=data_mask_thresh,
+        min_percent=min_percent,
+        min_n=min_n,
+        maxmem=int(maxmem),
+        output_covb=flags["OutputCovB"],
+        resms=flags["resms"],
+        minlog=float(minlog),
+        method=method,
+        tol=float(tol),
+        maxnit=int(maxnit),
+        voxel_batching=flags["voxelBatching"],
+        maxnvb=int(maxnvb),
+        safe_mode=flags["safeMode"],
+        cluster_type=cluster_type,
+        num_nodes=int(num_nodes),
+        reml=flags["REML"],
+        two_sided=flags["two_sided"],
+        zero_is_missing=flags["zero_is_missing"],
+        cluster=cluster,
+        report_threshold=float(report_threshold),
+        x_path=x_path,
+        y_list_path=y_list_path,
+        data_mask_list_path=data_mask_list_path,
+        factor_paths=tuple(factor_paths),
+        warnings=tuple(check.warnings),
+    )

@@ -1,0 +1,38 @@
+"""Exceptions shared by every blmm module.
+
+Everything a user can cause by giving bad inputs is an ``InputError``, so the CLI can
+print it as a message rather than a traceback.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class BlmmError(Exception):
+    """Base class of all blmm errors."""
+
+
+class InputError(BlmmError):
+    """A user-supplied file or value is unusable (missing, malformed, inconsistent)."""
+
+
+class ImageError(InputError):
+    """An image cannot be read, or does not match the analysis space."""
+
+
+class ConfigError(InputError):
+    """The inputs YAML has one or more problems; all of them are listed together."""
+
+    def __init__(self, problems: str | Iterable[str], source: str | None = None) -> None:
+        self.problems: list[str] = [problems] if isinstance(problems, str) else list(problems)
+        self.source = source
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = f" in {self.source}" if self.source else ""
+        count = len(self.problems)
+        head = f"{count} problem{'s' if count != 1 else ''} found{where}:"
+        return "\n".join([head] + [f"  - {problem}" for problem in self.problems])
+
+    def __str__(self) -> str:
+        return self._render()
