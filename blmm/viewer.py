@@ -1,0 +1,1068 @@
+"""Interactive views of blmm output maps: surfaces (plotly Mesh3d) and volumes (slices).
+
+Needs the ``[viewer]`` extra (plotly; nilearn only as the source of the fsaverage5
+meshes and the MNI152 template that ship inside its package). Nothing is downloaded:
+the shipped files are found without importing nilearn and read with nibabel.
+
+Notebook use::
+
+    from blmm import viewer
+    data = viewer.load_map("out", "conT", n_vertices=10242)
+    fig = viewer.plot_surface(data, viewer.fsaverage5_mesh("left"), volume=0, threshold=2)
+    fig.show()
+
+Command line: ``blmm_view OUTDIR MAP -o page.html`` (see ``view_main``).
+Volume indices are 0-based everywhere (API and CLI).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from blmm.errors import InputError
+from blmm.io.images import image_space, read_map
+
+if TYPE_CHECKING:  # plotly is optional: only imported when a figure is built
+    import plotly.graph_objects as go
+
+MAP_PREFIX = "blmm_vox_"
+# Longest first, so "x.dscalar.nii" is not taken for a plain NIfTI.
+MAP_EXTENSIONS = (
+    ".dscalar.nii", ".func.gii", ".shape.gii", ".nii.gz", ".nii", ".gii", ".mgh", ".mgz", ".dat",
+)
+# Raw .dat maps of counts are int32 upstream; all others float32.
+INT32_DAT_MAPS = frozenset({"n", "mask", "edf"})
+
+T_CONTRAST_MAPS = frozenset({"conT", "con", "conSE", "conTlp", "conT_swedf"})
+F_CONTRAST_MAPS = frozenset({"conF", "conFlp", "conF_swedf", "conR2"})
+
+MAP_DESCRIPTIONS = {
+    "beta": "fixed-effects estimate",
+    "sigma2": "residual variance",
+    "D": "random-effects covariance",
+    "con": "T contrast estimate",
+    "conSE": "T contrast standard error",
+    "conT": "T statistic",
+    "conTlp": "T contrast -log10 p",
+    "conT_swedf": "T contrast Satterthwaite df",
+    "conF": "F statistic",
+    "conFlp": "F contrast -log10 p",
+    "conF_swedf": "F contrast Satterthwaite df",
+    "conR2": "partial R\u00b2",
+    "Chi2": "likelihood-ratio \u03c7\u00b2",
+    "Chi2lp": "likelihood-ratio -log10 p",
+    "llh": "log-likelihood",
+    "mask": "analysis mask",
+    "n": "number of observations",
+    "edf": "effective degrees of freedom",
+    "resms": "residual mean square",
+}
+
+HEMISPHERES = ("left", "right")
+FSAVERAGE5_N_VERTICES = 10242
+# Our names for fsaverage5 surfaces -> the part of nilearn's shipped file names.
+FSAVERAGE5_KINDS = {
+    "pial": "pial", "white": "white", "inflated": "infl", "infl": "infl",
+    "sphere": "sphere", "flat": "flat",
+}
+MNI152_TEMPLATE_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+# Sub-threshold vertices and missing values are painted in this grey.
+NEUTRAL_COLOUR = "rgb(200, 200, 200)"
+SIGNED_COLORSCALE = "RdBu_r"
+POSITIVE_COLORSCALE = [
+    [0.0, "rgb(180, 0, 0)"], [0.5, "rgb(255, 120, 0)"], [1.0, "rgb(255, 255, 0)"]]
+NEGATIVE_COLORSCALE = [
+    [0.0, "rgb(0, 255, 255)"], [0.5, "rgb(0, 120, 255)"], [1.0, "rgb(0, 0, 180)"]]
+# A threshold band narrower than this share of the colour range would vanish in the
+# 256-entry colour texture, so it is widened to it.
+MIN_BAND_FRACTION = 0.02
+
+
+class ViewerError(InputError):
+    """A map, mesh or option cannot be shown (mismatch, missing file, bad index)."""
+
+
+# --------------------------------------------------------------------------- maps
+
+
+def _map_stat_and_extension(file_name: str) -> tuple[str, str] | None:
+    """("conT", ".nii.gz") for "blmm_vox_conT.nii.gz"; None for anything else."""
+    if not file_name.startswith(MAP_PREFIX):
+        return None
+    for extension in MAP_EXTENSIONS:
+        if file_name.endswith(extension):
+            stat = file_name[len(MAP_PREFIX):-len(extension)]
+            return (stat, extension) if stat and "." not in stat else None
+    return None
+
+
+def available_maps(outdir: str | os.PathLike) -> dict[str, list[Path]]:
+    """Every ``blmm_vox_*`` map in ``outdir``, by statistic name (sorted)."""
+    folder = Path(outdir)
+    if not folder.is_dir():
+        raise ViewerError(f"{folder}: not a folder (expected a blmm output folder)")
+    maps: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        parsed = _map_stat_and_extension(path.name)
+        if parsed and path.is_file():
+            maps.setdefault(parsed[0], []).append(path)
+    return dict(sorted(maps.items()))
+
+
+def _strip_prefix(name: str) -> str:
+    name = name[len(MAP_PREFIX):] if name.startswith(MAP_PREFIX) else name
+    parsed = _map_stat_and_extension(MAP_PREFIX + name)
+    # Accept a file name too ("blmm_vox_beta.nii"), keeping only the statistic.
+    return parsed[0] if parsed else name
+
+
+def find_map(outdir: str | os.PathLike, name: str) -> Path:
+    """The file of map ``name`` (``beta`` or ``blmm_vox_beta``) in ``outdir``."""
+    stat = _strip_prefix(name)
+    maps = available_maps(outdir)
+    candidates = maps.get(stat)
+    if candidates is None:
+        # Statistic names are case-sensitive, but an unambiguous case slip is forgiven.
+        folded = [key for key in maps if key.lower() == stat.lower()]
+        candidates = maps[folded[0]] if len(folded) == 1 else None
+    listing = ", ".join(maps) if maps else "none"
+    if not candidates:
+        raise ViewerError(
+            f"no map {MAP_PREFIX}{stat}.* in {outdir}; available maps: {listing}")
+    if len(candidates) > 1:
+        names = ", ".join(path.name for path in candidates)
+        raise ViewerError(
+            f"map {MAP_PREFIX}{stat} is ambiguous in {outdir}: {names}; "
+            "pass the file path instead")
+    return candidates[0]
+
+
+def map_stat_name(path: str | os.PathLike) -> str | None:
+    """The statistic a map file holds ("conT"), or None when the name is not blmm's."""
+    parsed = _map_stat_and_extension(Path(path).name)
+    return parsed[0] if parsed else None
+
+
+def load_map(
+    path_or_outdir: str | os.PathLike,
+    name: str | None = None,
+    n_vertices: int | None = None,
+) -> np.ndarray:
+    """Map values as (n_voxels_or_vertices, n_volumes).
+
+    ``path_or_outdir`` is a map file, or an output folder with ``name`` given.
+    Raw ``.dat`` maps have no header, so they need ``n_vertices``.
+    """
+    path = Path(path_or_outdir)
+    if path.is_dir():
+        if name is None:
+            raise ViewerError(f"{path} is a folder: say which map to load (e.g. name='beta')")
+        path = find_map(path, name)
+    elif not path.exists():
+        raise ViewerError(f"{path}: file not found")
+    if path.name.endswith(".dat") and n_vertices is None:
+        raise ViewerError(
+            f"{path}: a .dat map has no header; pass n_vertices "
+            f"({FSAVERAGE5_N_VERTICES} for one fsaverage5 hemisphere)")
+    dtype = np.int32 if path.name.endswith(".dat") and map_stat_name(path) in INT32_DAT_MAPS \
+        else None
+    values = np.asarray(read_map(path, n_voxels=n_vertices, dtype=dtype))
+    if values.ndim == 1:
+        values = values[:, None]
+    if n_vertices is not None and values.shape[0] != n_vertices:
+        raise ViewerError(
+            f"{path}: map has {values.shape[0]} vertices but {n_vertices} were expected")
+    return values
+
+
+# ------------------------------------------------------------------------- meshes
+
+
+@dataclass(frozen=True, eq=False)
+class Mesh:
+    """A triangle surface: vertex coordinates (N, 3) in mm and faces (M, 3) indices."""
+
+    coords: np.ndarray
+    faces: np.ndarray
+    hemi: str | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        coords = np.asarray(self.coords, dtype=np.float32)
+        faces = np.asarray(self.faces)
+        if coords.ndim != 2 or coords.shape[1] != 3:
+            raise ViewerError(f"mesh coords must have shape (N, 3), got {coords.shape}")
+        if faces.ndim != 2 or faces.shape[1] != 3:
+            raise ViewerError(f"mesh faces must have shape (M, 3), got {faces.shape}")
+        if faces.size and (faces.min() < 0 or faces.max() >= len(coords)):
+            raise ViewerError(
+                f"mesh faces refer to vertex {int(faces.max())}, "
+                f"but the mesh has {len(coords)} vertices")
+        object.__setattr__(self, "coords", coords)
+        object.__setattr__(self, "faces", faces.astype(np.int32))
+
+    @property
+    def n_vertices(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def n_faces(self) -> int:
+        return int(self.faces.shape[0])
+
+
+def _nilearn_data_dir() -> Path:
+    """nilearn's shipped data folder, found without importing nilearn."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ViewerError(
+            "the fsaverage5 meshes and MNI152 template come with nilearn: "
+            "install the viewer extra (pip install 'blmm[viewer]')")
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+
+
+def _normalise_hemi(hemi: str) -> str:
+    aliases = {"left": "left", "lh": "left", "l": "left", "right": "right", "rh": "right",
+               "r": "right"}
+    try:
+        return aliases[hemi.lower()]
+    except (KeyError, AttributeError):
+        raise ViewerError(f"hemisphere must be 'left' or 'right', got {hemi!r}") from None
+
+
+def _gifti_from_file(path: Path) -> Any:
+    import nibabel as nib
+
+    if path.name.endswith(".gz"):
+        # nibabel does not open gzipped GIfTI by itself.
+        with gzip.open(path, "rb") as stream:
+            return nib.gifti.GiftiImage.from_bytes(stream.read())
+    return nib.load(path)
+
+
+def _mesh_from_gifti(image: Any, path: Path, hemi: str | None) -> Mesh:
+    import nibabel as nib
+
+    pointset = nib.nifti1.intent_codes.code["NIFTI_INTENT_POINTSET"]
+    triangle = nib.nifti1.intent_codes.code["NIFTI_INTENT_TRIANGLE"]
+    coords = [array.data for array in image.darrays if array.intent == pointset]
+    faces = [array.data for array in image.darrays if array.intent == triangle]
+    if not coords or not faces:
+        raise ViewerError(f"{path}: GIfTI file has no surface (needs a pointset and a "
+                          "triangle array); is it a data file rather than a mesh?")
+    return Mesh(coords[0], faces[0], hemi=hemi, name=path.name)
+
+
+def _guess_hemi(file_name: str) -> str | None:
+    lowered = file_name.lower()
+    if lowered.startswith("lh.") or "left" in lowered or ".l." in lowered or "_lh" in lowered:
+        return "left"
+    if lowered.startswith("rh.") or "right" in lowered or ".r." in lowered or "_rh" in lowered:
+        return "right"
+    return None
+
+
+def load_surface(path: str | os.PathLike, hemi: str | None = None) -> Mesh:
+    """A surface mesh from a FreeSurfer geometry file (lh.pial) or a GIfTI (.gii[.gz])."""
+    surface_path = Path(path)
+    if not surface_path.is_file():
+        raise ViewerError(f"{surface_path}: surface file not found")
+    hemi = _normalise_hemi(hemi) if hemi else _guess_hemi(surface_path.name)
+    if surface_path.name.endswith((".gii", ".gii.gz")):
+        try:
+            image = _gifti_from_file(surface_path)
+        except Exception as err:  # nibabel raises several types for corrupt XML
+            raise ViewerError(f"{surface_path}: cannot read GIfTI surface ({err})") from None
+        return _mesh_from_gifti(image, surface_path, hemi)
+    import nibabel.freesurfer as freesurfer
+
+    try:
+        coords, faces = freesurfer.read_geometry(str(surface_path))
+    except Exception as err:  # a non-surface file fails deep inside nibabel
+        raise ViewerError(
+            f"{surface_path}: not a FreeSurfer surface or GIfTI mesh ({err})") from None
+    return Mesh(coords, faces, hemi=hemi, name=surface_path.name)
+
+
+def fsaverage5_mesh(hemi: str = "left", kind: str = "pial") -> Mesh:
+    """The fsaverage5 surface (10242 vertices) shipped with nilearn; read offline."""
+    side = _normalise_hemi(hemi)
+    part = FSAVERAGE5_KINDS.get(kind)
+    if part is None:
+        raise ViewerError(
+            f"unknown fsaverage5 surface {kind!r}; choose one of {', '.join(FSAVERAGE5_KINDS)}")
+    path = _nilearn_data_dir() / "fsaverage5" / f"{part}_{side}.gii.gz"
+    if not path.is_file():
+        raise ViewerError(f"{path}: fsaverage5 mesh missing from the nilearn package")
+    mesh = _mesh_from_gifti(_gifti_from_file(path), path, side)
+    return Mesh(mesh.coords, mesh.faces, hemi=side, name=f"fsaverage5 {kind} ({side})")
+
+
+def mni152_template() -> Any:
+    """nilearn's shipped MNI152 (2009a sym) T1 template as a nibabel image; read offline."""
+    import nibabel as nib
+
+    path = _nilearn_data_dir() / MNI152_TEMPLATE_FILE
+    if not path.is_file():
+        raise ViewerError(f"{path}: MNI152 template missing from the nilearn package")
+    return nib.load(path)
+
+
+# ---------------------------------------------------------------- contrast names
+
+
+def _parse_vector(vector: Any) -> Any:
+    if isinstance(vector, str):
+        import yaml
+
+        try:
+            return yaml.safe_load(vector)
+        except yaml.YAMLError:
+            return None
+    return vector
+
+
+def contrast_names(outdir: str | os.PathLike) -> dict[str, list[tuple[str, str]]]:
+    """T and F contrasts of ``outdir/inputs.yml`` in order: {"T": [(label, name)], "F": ...}.
+
+    A contrast with a flat vector is a T contrast; a matrix (list of rows) is an F contrast.
+    Missing or unreadable inputs.yml gives empty lists (titles just lack names).
+    """
+    import yaml
+
+    found: dict[str, list[tuple[str, str]]] = {"T": [], "F": []}
+    path = Path(outdir) / "inputs.yml"
+    try:
+        inputs = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return found
+    contrasts = inputs.get("contrasts") if isinstance(inputs, dict) else None
+    if not isinstance(contrasts, list):
+        return found
+    for position, entry in enumerate(contrasts, start=1):
+        if isinstance(entry, dict) and len(entry) == 1:
+            label, body = next(iter(entry.items()))
+        else:
+            label, body = f"c{position}", entry
+        if not isinstance(body, dict):
+            continue
+        vector = _parse_vector(body.get("vector"))
+        if isinstance(vector, (int, float)):
+            vector = [vector]
+        if not isinstance(vector, list) or not vector:
+            continue
+        kind = "F" if any(isinstance(item, list) for item in vector) else "T"
+        found[kind].append((str(label), str(body.get("name", label))))
+    return found
+
+
+def describe_volume(
+    name: str, volume: int, n_volumes: int, outdir: str | os.PathLike | None = None,
+) -> str:
+    """Title text: map, what it is, volume, and the contrast name when known."""
+    stat = _strip_prefix(name)
+    parts = [f"{MAP_PREFIX}{stat}"]
+    if stat in MAP_DESCRIPTIONS:
+        parts[0] += f" ({MAP_DESCRIPTIONS[stat]})"
+    parts.append(f"volume {volume} (of 0\u2013{n_volumes - 1})" if n_volumes > 1
+                 else f"volume {volume}")
+    kind = "T" if stat in T_CONTRAST_MAPS else "F" if stat in F_CONTRAST_MAPS else None
+    if kind and outdir is not None:
+        contrasts = contrast_names(outdir)[kind]
+        if volume < len(contrasts):
+            label, contrast = contrasts[volume]
+            parts.append(f"{kind} contrast {label}: {contrast}")
+    return " \u00b7 ".join(parts)
+
+
+# ------------------------------------------------------------------- colouring
+
+
+def _plotly() -> Any:
+    try:
+        import plotly.graph_objects as go
+    except ImportError:
+        raise ViewerError(
+            "the viewer needs plotly: pip install 'blmm[viewer]'") from None
+    return go
+
+
+def _select_volume(values: np.ndarray, volume: int, what: str = "map") -> np.ndarray:
+    """Column ``volume`` of (V,) or (V, k) values, with a ViewerError naming the range."""
+    array = np.asarray(values)
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2:
+        raise ViewerError(f"{what} must be (n_vertices,) or (n_vertices, k), got {array.shape}")
+    n_volumes = array.shape[1]
+    if not isinstance(volume, (int, np.integer)) or not 0 <= volume < n_volumes:
+        valid = "0" if n_volumes == 1 else f"0 to {n_volumes - 1}"
+        raise ViewerError(
+            f"volume {volume} is out of range: {what} has {n_volumes} "
+            f"volume{'s' if n_volumes != 1 else ''} (valid: {valid})")
+    return array[:, volume].astype(np.float64)
+
+
+@dataclass(frozen=True)
+class ColourRange:
+    """Colour limits, the threshold band [band_low, band_high] shown grey, and the scale."""
+
+    cmin: float
+    cmax: float
+    band_low: float | None
+    band_high: float | None
+    colorscale: list
+
+
+def _base_colorscale(colorscale: Any, signed: bool, negative_only: bool) -> list:
+    import plotly.colors
+
+    if colorscale is None:
+        if signed:
+            colorscale = SIGNED_COLORSCALE
+        else:
+            colorscale = NEGATIVE_COLORSCALE if negative_only else POSITIVE_COLORSCALE
+    if isinstance(colorscale, str):
+        reverse = colorscale.endswith("_r")
+        try:
+            scale = plotly.colors.get_colorscale(colorscale[:-2] if reverse else colorscale)
+        except Exception:
+            raise ViewerError(f"unknown plotly colorscale {colorscale!r}") from None
+        if reverse:
+            scale = [[1.0 - float(t), colour] for t, colour in reversed(scale)]
+        return [[float(t), colour] for t, colour in scale]
+    return [[float(t), colour] for t, colour in colorscale]
+
+
+def _colour_at(scale: list, t: float) -> str:
+    import plotly.colors
+
+    return plotly.colors.sample_colorscale(scale, [min(max(t, 0.0), 1.0)])[0]
+
+
+def _banded_colorscale(scale: list, t_low: float, t_high: float) -> list:
+    """``scale`` with [t_low, t_high] replaced by a flat neutral band (hard edges)."""
+    banded: list = [[t, colour] for t, colour in scale if t < t_low]
+    if t_low > 0.0:
+        banded.append([t_low, _colour_at(scale, t_low)])
+    banded += [[t_low, NEUTRAL_COLOUR], [t_high, NEUTRAL_COLOUR]]
+    if t_high < 1.0:
+        banded.append([t_high, _colour_at(scale, t_high)])
+    banded += [[t, colour] for t, colour in scale if t > t_high]
+    return banded
+
+
+def colour_range(
+    values: np.ndarray,
+    *,
+    colorscale: Any = None,
+    symmetric: bool | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    threshold: float | None = None,
+) -> ColourRange:
+    """Colour limits and scale for ``values``; ``|v| < threshold`` falls in a grey band.
+
+    Defaults: symmetric (±max|v|) when values have both signs, otherwise from 0 to the
+    extreme, as usual for statistic maps.
+    """
+    finite = values[np.isfinite(values)]
+    low = float(finite.min()) if finite.size else 0.0
+    high = float(finite.max()) if finite.size else 1.0
+    if symmetric is None:
+        symmetric = low < 0.0 < high
+    if threshold is not None and (not math.isfinite(threshold) or threshold < 0):
+        raise ViewerError(f"threshold must be a non-negative number, got {threshold}")
+    if symmetric:
+        extreme = max(abs(low), abs(high), threshold or 0.0) or 1.0
+        cmin = -extreme if vmin is None else float(vmin)
+        cmax = extreme if vmax is None else float(vmax)
+    else:
+        cmin = (min(low, 0.0) if vmin is None else float(vmin))
+        cmax = (max(high, 0.0) if vmax is None else float(vmax))
+    if not cmin < cmax:
+        if vmin is not None and vmax is not None:
+            raise ViewerError(f"vmin ({vmin}) must be below vmax ({vmax})")
+        cmin, cmax = (cmin - 1.0, cmax + 1.0) if cmin == cmax else (cmax, cmin)
+    signed = symmetric or cmin < 0.0 < cmax
+    scale = _base_colorscale(colorscale, signed, negative_only=cmax <= 0.0)
+    if not threshold:
+        return ColourRange(cmin, cmax, None, None, scale)
+    band_low, band_high = max(cmin, -threshold), min(cmax, threshold)
+    min_width = MIN_BAND_FRACTION * (cmax - cmin)
+    if band_high - band_low < min_width:
+        # The limits exclude most of the band: widen so sub-threshold values still clamp grey.
+        if cmin >= 0.0 or band_low == cmin:
+            band_low = cmin = min(cmin, band_high - min_width)
+        else:
+            band_high = cmax = max(cmax, band_low + min_width)
+    span = cmax - cmin
+    banded = _banded_colorscale(scale, (band_low - cmin) / span, (band_high - cmin) / span)
+    return ColourRange(cmin, cmax, band_low, band_high, banded)
+
+
+def _display_intensity(values: np.ndarray, colours: ColourRange) -> np.ndarray:
+    """Values as painted: missing values moved into the grey band when there is one."""
+    shown = values.astype(np.float32)
+    if colours.band_low is not None:
+        # NaN would be painted by the GPU's whim; the band centre is reliably grey.
+        shown[~np.isfinite(shown)] = 0.5 * (colours.band_low + colours.band_high)
+    return shown
+
+
+# ------------------------------------------------------------------- surfaces
+
+
+_LATERAL_EYE = {"left": (-1.7, 0.0, 0.1), "right": (1.7, 0.0, 0.1)}
+_SURFACE_LIGHTING = dict(ambient=0.45, diffuse=0.8, specular=0.05, roughness=0.9, fresnel=0.1)
+
+
+def _mesh_side(mesh: Mesh, key: str) -> str:
+    if key in HEMISPHERES:
+        return key
+    if mesh.hemi in HEMISPHERES:
+        return mesh.hemi
+    return "left" if float(mesh.coords[:, 0].mean()) < 0 else "right"
+
+
+def _hemisphere_values(data: Any, mesh: Mesh, volume: int, key: str) -> np.ndarray:
+    if isinstance(data, (str, os.PathLike)):
+        data = load_map(data, n_vertices=mesh.n_vertices)
+    array = np.asarray(data)
+    n_data = array.shape[0] if array.ndim else 0
+    if n_data != mesh.n_vertices:
+        raise ViewerError(
+            f"{key}: map has {n_data} vertices but the mesh {mesh.name or ''} has "
+            f"{mesh.n_vertices}; use the surface the analysis was run on".replace("  ", " "))
+    return _select_volume(array, volume)
+
+
+def plot_surfaces(
+    hemispheres: Mapping[str, tuple[Any, Mesh]],
+    volume: int = 0,
+    *,
+    colorscale: Any = None,
+    symmetric: bool | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    threshold: float | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Several surfaces side by side (e.g. {"left": (data_l, mesh_l), "right": (...)})
+    sharing one colour bar. ``data`` is (V,) or (V, k) values, or a map file path."""
+    go = _plotly()
+    from plotly.subplots import make_subplots
+
+    if not hemispheres:
+        raise ViewerError("nothing to plot: give at least one (data, mesh) pair")
+    panels = []
+    for key, pair in hemispheres.items():
+        try:
+            data, mesh = pair
+        except (TypeError, ValueError):
+            raise ViewerError(f"{key}: expected a (data, mesh) pair") from None
+        if not isinstance(mesh, Mesh):
+            raise ViewerError(f"{key}: mesh must be a blmm.viewer.Mesh, got {type(mesh).__name__}")
+        panels.append((key, mesh, _hemisphere_values(data, mesh, volume, key)))
+    colours = colour_range(
+        np.concatenate([values for _, _, values in panels]), colorscale=colorscale,
+        symmetric=symmetric, vmin=vmin, vmax=vmax, threshold=threshold)
+
+    figure = make_subplots(
+        rows=1, cols=len(panels), specs=[[{"type": "scene"}] * len(panels)],
+        horizontal_spacing=0.0, subplot_titles=[key for key, _, _ in panels]
+        if len(panels) > 1 else None)
+    for column, (key, mesh, values) in enumerate(panels, start=1):
+        figure.add_trace(go.Mesh3d(
+            x=mesh.coords[:, 0], y=mesh.coords[:, 1], z=mesh.coords[:, 2],
+            i=mesh.faces[:, 0], j=mesh.faces[:, 1], k=mesh.faces[:, 2],
+            intensity=_display_intensity(values, colours), intensitymode="vertex",
+            coloraxis="coloraxis", customdata=values.astype(np.float32),
+            hovertemplate="value %{customdata:.4g}<br>(%{x:.0f}, %{y:.0f}, %{z:.0f}) mm"
+                          f"<extra>{key}</extra>",
+            lighting=_SURFACE_LIGHTING, lightposition=dict(x=0, y=0, z=1e5),
+            flatshading=False, name=key, showscale=False,
+        ), row=1, col=column)
+        eye = _LATERAL_EYE[_mesh_side(mesh, key)]
+        scene = "scene" if column == 1 else f"scene{column}"
+        axis = dict(visible=False, showbackground=False)
+        figure.layout[scene].update(
+            xaxis=axis, yaxis=axis, zaxis=axis, aspectmode="data",
+            camera=dict(eye=dict(x=eye[0], y=eye[1], z=eye[2]), up=dict(x=0, y=0, z=1)))
+    figure.update_layout(
+        title=dict(text=title or "", x=0.5, xanchor="center"),
+        coloraxis=dict(colorscale=colours.colorscale, cmin=colours.cmin, cmax=colours.cmax,
+                       colorbar=dict(thickness=18, len=0.75)),
+        paper_bgcolor="white", margin=dict(l=10, r=10, t=80 if title else 40, b=45),
+        height=520, updatemenus=[_camera_menu(panels)],
+    )
+    return figure
+
+
+def _camera_menu(panels: Sequence[tuple[str, Mesh, np.ndarray]]) -> dict:
+    """Buttons that turn every panel to a standard view (lateral, medial, top, ...)."""
+    views = {"lateral": 1, "medial": -1}
+    buttons = []
+    for label, sign in views.items():
+        update = {}
+        for column, (key, mesh, _) in enumerate(panels, start=1):
+            x = _LATERAL_EYE[_mesh_side(mesh, key)][0] * sign
+            scene = "scene" if column == 1 else f"scene{column}"
+            update[f"{scene}.camera"] = dict(eye=dict(x=x, y=0, z=0.1), up=dict(x=0, y=0, z=1))
+        buttons.append(dict(label=label, method="relayout", args=[update]))
+    for label, eye, up in (("top", (0, 0, 2.0), (0, 1, 0)), ("front", (0, 2.0, 0.1), (0, 0, 1)),
+                           ("back", (0, -2.0, 0.1), (0, 0, 1))):
+        update = {
+            f"{'scene' if column == 1 else f'scene{column}'}.camera": dict(
+                eye=dict(zip("xyz", eye)), up=dict(zip("xyz", up)))
+            for column in range(1, len(panels) + 1)}
+        buttons.append(dict(label=label, method="relayout", args=[update]))
+    return dict(type="buttons", direction="right", x=0.0, y=0.0, xanchor="left",
+                yanchor="top", buttons=buttons, showactive=False, pad=dict(t=4))
+
+
+def plot_surface(
+    data: Any,
+    mesh: Mesh,
+    volume: int = 0,
+    *,
+    colorscale: Any = None,
+    symmetric: bool | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    threshold: float | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """One map on one surface: a plotly Mesh3d with one intensity per vertex.
+
+    ``data`` is (V,) or (V, k) values (or a map file path); ``volume`` picks the column.
+    Vertices with ``|value| < threshold`` (and missing values, when thresholded) are grey.
+    """
+    key = getattr(mesh, "hemi", None) or "surface"
+    return plot_surfaces({key: (data, mesh)}, volume, colorscale=colorscale,
+                         symmetric=symmetric, vmin=vmin, vmax=vmax, threshold=threshold,
+                         title=title)
+
+
+# -------------------------------------------------------------------- volumes
+
+
+def _canonical_volume(data: Any, affine: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, Any]:
+    """(data (X, Y, Z, k) RAS-oriented, its affine, header-or-None) from a path or array."""
+    import nibabel as nib
+
+    header = None
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        space = image_space(path)
+        if space.format not in ("nifti", "mgh") or len(space.shape) != 3:
+            raise ViewerError(f"{path}: a volume view needs a NIfTI or MGH volume, "
+                              f"found {space.describe()}")
+        array = np.asarray(read_map(path)).reshape(space.shape + (-1,))
+        affine, header = space.affine, space.header
+    else:
+        array = np.asarray(data)
+        if array.ndim not in (3, 4):
+            raise ViewerError(f"volume data must be 3-D or 4-D, got shape {array.shape}")
+        affine = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
+    image = nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine)
+    image = nib.as_closest_canonical(image)
+    return np.asanyarray(image.dataobj), image.affine, header
+
+
+def _is_mni(affine: np.ndarray, shape: Sequence[int], header: Any, template: Any) -> bool:
+    """MNI when the header says so, or when the map's box mostly overlaps the template's."""
+    try:
+        codes = {int(header["sform_code"]), int(header["qform_code"])}
+    except (KeyError, TypeError, ValueError):
+        codes = set()
+    if 4 in codes:
+        return True
+
+    def box(aff: np.ndarray, dims: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        corners = np.array([[i, j, k, 1] for i in (0, dims[0] - 1) for j in (0, dims[1] - 1)
+                            for k in (0, dims[2] - 1)], dtype=float)
+        world = corners @ aff.T
+        return world[:, :3].min(axis=0), world[:, :3].max(axis=0)
+
+    low_a, high_a = box(affine, shape)
+    low_b, high_b = box(template.affine, template.shape)
+    overlap = np.prod(np.clip(np.minimum(high_a, high_b) - np.maximum(low_a, low_b), 0, None))
+    union = np.prod(high_a - low_a) + np.prod(high_b - low_b) - overlap
+    return bool(union > 0 and overlap / union > 0.5)
+
+
+def _template_on_grid(template: Any, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """The template resampled (trilinear) onto the map's voxel grid, scaled to 0..255."""
+    from scipy import ndimage
+
+    voxel_to_template = np.linalg.inv(template.affine) @ affine
+    grid = np.indices(shape[:3], dtype=np.float32).reshape(3, -1)
+    coords = voxel_to_template[:3, :3] @ grid + voxel_to_template[:3, 3:4]
+    source = np.asanyarray(template.dataobj).astype(np.float32)
+    resampled = ndimage.map_coordinates(source, coords, order=1, mode="constant", cval=0.0)
+    resampled = resampled.reshape(shape[:3])
+    top = float(resampled.max()) or 1.0
+    return np.clip(resampled / top * 255.0, 0, 255).astype(np.uint8)
+
+
+def _typed_array(array: np.ndarray) -> dict:
+    """plotly.js typed-array spec, so slider steps carry compact base64, not JSON lists."""
+    import base64
+
+    array = np.ascontiguousarray(array)
+    codes = {np.dtype(np.float32): "f4", np.dtype(np.uint8): "u1"}
+    return {"dtype": codes[array.dtype], "bdata": base64.b64encode(array.tobytes()).decode(),
+            "shape": ", ".join(str(n) for n in array.shape)}
+
+
+_VIEWS = (  # name, axis cut, (horizontal axis, vertical axis), axis letter
+    ("sagittal", 0, (1, 2), "x"),
+    ("coronal", 1, (0, 2), "y"),
+    ("axial", 2, (0, 1), "z"),
+)
+
+
+def plot_volume(
+    data: Any,
+    volume: int = 0,
+    affine: np.ndarray | None = None,
+    *,
+    colorscale: Any = None,
+    symmetric: bool | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    threshold: float | None = None,
+    title: str | None = None,
+    underlay: str | None = "auto",
+    max_slices: int = 64,
+) -> go.Figure:
+    """A NIfTI map as sagittal, coronal and axial slices, each with its own slider.
+
+    ``data`` is a NIfTI path or a 3-D/4-D array (then ``affine`` maps voxels to mm).
+    ``underlay``: "auto" draws nilearn's MNI152 template below maps in MNI space,
+    "mni152" always, None never. Sub-threshold and missing voxels are transparent.
+    Each slider offers at most ``max_slices`` evenly spaced slices (page size).
+    """
+    go = _plotly()
+    from plotly.subplots import make_subplots
+
+    array, ras_affine, header = _canonical_volume(data, affine)
+    if array.ndim == 3:
+        array = array[..., None]
+    array = array.reshape(array.shape[:3] + (-1,))
+    n_volumes = array.shape[3]
+    if not isinstance(volume, (int, np.integer)) or not 0 <= volume < n_volumes:
+        valid = "0" if n_volumes == 1 else f"0 to {n_volumes - 1}"
+        raise ViewerError(f"volume {volume} is out of range: map has {n_volumes} "
+                          f"volume{'s' if n_volumes != 1 else ''} (valid: {valid})")
+    values = np.asarray(array[..., volume], dtype=np.float32)
+    shape = values.shape
+    colours = colour_range(values.ravel().astype(np.float64), colorscale=colorscale,
+                           symmetric=symmetric, vmin=vmin, vmax=vmax, threshold=threshold)
+    overlay = values.copy()
+    if threshold:
+        overlay[np.abs(overlay) < threshold] = np.nan  # transparent: the underlay shows
+    if underlay not in (None, "auto", "mni152"):
+        raise ViewerError(f"underlay must be 'auto', 'mni152' or None, got {underlay!r}")
+    background = None
+    if underlay is not None:
+        template = mni152_template()
+        if underlay == "mni152" or _is_mni(ras_affine, shape, header, template):
+            background = _template_on_grid(template, ras_affine, shape)
+
+    # Millimetre positions along each axis (RAS after reorientation).
+    mm = [ras_affine[axis, axis] * np.arange(shape[axis]) + ras_affine[axis, 3]
+          for axis in range(3)]
+    finite = np.isfinite(overlay)
+    if finite.any():  # open at the strongest voxel: that is what the user came to see
+        peak = np.unravel_index(np.nanargmax(np.where(finite, np.abs(overlay), -np.inf)), shape)
+    else:
+        peak = tuple(n // 2 for n in shape)
+
+    figure = make_subplots(rows=1, cols=3, subplot_titles=[v[0] for v in _VIEWS],
+                           horizontal_spacing=0.07)
+    sliders = []
+
+    def cut(volume3d: np.ndarray, axis: int, index: int) -> np.ndarray:
+        # Rows follow the vertical axis, columns the horizontal one.
+        return np.take(volume3d, index, axis=axis).T
+
+    for column, (view, axis, (h_axis, v_axis), letter) in enumerate(_VIEWS, start=1):
+        traces = []
+        if background is not None:
+            traces.append(len(figure.data))
+            figure.add_trace(go.Heatmap(
+                z=cut(background, axis, peak[axis]), x=mm[h_axis], y=mm[v_axis],
+                colorscale="gray", zmin=0, zmax=255, showscale=False, hoverinfo="skip",
+                name="MNI152"), row=1, col=column)
+        traces.append(len(figure.data))
+        figure.add_trace(go.Heatmap(
+            z=cut(overlay, axis, peak[axis]), x=mm[h_axis], y=mm[v_axis],
+            coloraxis="coloraxis", name=view,
+            hovertemplate="(%{x:.0f}, %{y:.0f}) mm<br>value %{z:.4g}<extra></extra>"),
+            row=1, col=column)
+        x_ref = "x" if column == 1 else f"x{column}"
+        figure.layout[f"yaxis{'' if column == 1 else column}"].update(
+            scaleanchor=x_ref, scaleratio=1, showgrid=False, zeroline=False, constrain="domain")
+        figure.layout[f"xaxis{'' if column == 1 else column}"].update(
+            showgrid=False, zeroline=False, constrain="domain",
+            title=dict(text=f"{'xyz'[h_axis]} (mm)", font=dict(size=11)))
+        figure.layout[f"yaxis{'' if column == 1 else column}"].update(
+            title=dict(text=f"{'xyz'[v_axis]} (mm)", font=dict(size=11)))
+        stride = max(1, math.ceil(shape[axis] / max_slices))
+        indices = sorted(set(range(0, shape[axis], stride)) | {int(peak[axis])})
+        steps = []
+        for index in indices:
+            new_z = []
+            if background is not None:
+                new_z.append(_typed_array(cut(background, axis, index)))
+            new_z.append(_typed_array(cut(overlay, axis, index).astype(np.float32)))
+            steps.append(dict(method="restyle", label=f"{mm[axis][index]:.0f}",
+                              args=[{"z": new_z}, traces]))
+        sliders.append(dict(
+            active=indices.index(int(peak[axis])), steps=steps,
+            currentvalue=dict(prefix=f"{view} {letter} = ", suffix=" mm"),
+            x=(column - 1) / 3 + 0.01, len=1 / 3 - 0.03, y=0, yanchor="top",
+            pad=dict(t=30), ticklen=0, font=dict(size=9)))
+    figure.update_layout(
+        title=dict(text=title or "", x=0.5, xanchor="center"), sliders=sliders,
+        coloraxis=dict(colorscale=colours.colorscale, cmin=colours.cmin, cmax=colours.cmax,
+                       colorbar=dict(thickness=15, len=0.8)),
+        plot_bgcolor="black" if background is not None else "white", paper_bgcolor="white",
+        height=480, margin=dict(l=20, r=20, t=70, b=110))
+    return figure
+
+
+# ---------------------------------------------------------------------- output
+
+
+def write_html(fig: go.Figure, path: str | os.PathLike) -> Path:
+    """One self-contained HTML page (plotly.js embedded, works offline), written atomically."""
+    target = Path(path)
+    html = fig.to_html(include_plotlyjs=True, full_html=True, include_mathjax=False,
+                       config={"displaylogo": False, "responsive": True})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                         dir=target.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(html)
+        # mkstemp makes the file private; a page should get the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target
+
+
+# ------------------------------------------------------------------------ CLI
+
+
+def _is_volumetric(path: Path) -> bool:
+    """A NIfTI/MGH map on a 3-D grid (not a (V, 1, 1) surface vector)."""
+    if path.name.endswith(".dat"):
+        return False
+    space = image_space(path)
+    return space.format in ("nifti", "mgh") and sum(1 for n in space.shape if n > 1) > 1
+
+
+def _cifti_hemispheres(path: Path) -> dict[str, tuple[np.ndarray, int]]:
+    """Per-hemisphere (values scattered onto all mesh vertices, n vertices) of a dscalar."""
+    values = np.asarray(read_map(path))
+    axis = image_space(path).brain_models
+    found = {}
+    for structure, hemi in (("CIFTI_STRUCTURE_CORTEX_LEFT", "left"),
+                            ("CIFTI_STRUCTURE_CORTEX_RIGHT", "right")):
+        for name, rows, model in axis.iter_structures():
+            if name == structure:
+                n_vertices = int(axis.nvertices[structure])
+                full = np.full((n_vertices, values.shape[1]), np.nan, dtype=np.float32)
+                full[model.vertex] = values[rows]
+                found[hemi] = (full, n_vertices)
+    if not found:
+        raise ViewerError(f"{path}: CIFTI file has no cortical surface (CORTEX_LEFT/RIGHT)")
+    return found
+
+
+def _surface_for(spec: str, hemi: str) -> Mesh:
+    """Mesh named by --surface: fsaverage5[:kind], a kind, or a file (lh.* <-> rh.*)."""
+    if spec.startswith("fsaverage5"):
+        kind = spec.partition(":")[2] or spec.partition("_")[2] or "pial"
+        return fsaverage5_mesh(hemi, kind)
+    path = Path(spec)
+    if not path.exists() and spec in FSAVERAGE5_KINDS:
+        return fsaverage5_mesh(hemi, spec)
+    guessed = _guess_hemi(path.name)
+    if guessed and guessed != hemi:
+        swaps = (("lh.", "rh."), ("left", "right"), ("_lh", "_rh"), (".L.", ".R."))
+        for a, b in swaps:
+            old, new = (a, b) if guessed == "left" else (b, a)
+            if old in path.name:
+                path = path.with_name(path.name.replace(old, new, 1))
+                break
+    return load_surface(path, hemi)
+
+
+def _hemisphere_folders(outdir: Path, stat: str) -> dict[str, Path]:
+    """Maps in per-hemisphere subfolders (lh/rh or left/right) of an output folder."""
+    found = {}
+    for hemi, names in (("left", ("lh", "left")), ("right", ("rh", "right"))):
+        for folder in names:
+            if (outdir / folder).is_dir():
+                try:
+                    found[hemi] = find_map(outdir / folder, stat)
+                except ViewerError:
+                    continue
+                break
+    return found
+
+
+def _surface_figure(args: argparse.Namespace, outdir: Path | None, stat: str,
+                    path: Path | None, title_outdir: Path) -> go.Figure:
+    """Figure for a surface map; ``outdir`` is set when per-hemisphere folders may hold it."""
+    hemis = {"both": list(HEMISPHERES), "left": ["left"], "right": ["right"]}
+    surface_hint = _guess_hemi(Path(args.surface).name) if Path(args.surface).exists() else None
+    per_hemi_files = _hemisphere_folders(outdir, stat) if outdir is not None and path is None \
+        else {}
+    if per_hemi_files:
+        wanted = hemis.get(args.hemi) or list(per_hemi_files)
+        missing = [h for h in wanted if h not in per_hemi_files]
+        if missing:
+            raise ViewerError(f"no {MAP_PREFIX}{stat} map for the {missing[0]} hemisphere "
+                              f"under {outdir}")
+        panels = {}
+        for hemi in wanted:
+            mesh = _surface_for(args.surface, hemi)
+            panels[hemi] = (load_map(per_hemi_files[hemi], n_vertices=mesh.n_vertices), mesh)
+    elif path.name.endswith(".dscalar.nii"):
+        found = _cifti_hemispheres(path)
+        wanted = hemis.get(args.hemi) or list(found)
+        panels = {}
+        for hemi in wanted:
+            if hemi not in found:
+                raise ViewerError(f"{path}: no {hemi} hemisphere in this CIFTI file")
+            panels[hemi] = (found[hemi][0], _surface_for(args.surface, hemi))
+    else:
+        if args.hemi in hemis:
+            wanted = hemis[args.hemi]
+        else:
+            wanted = [surface_hint or "left"]
+        meshes = {hemi: _surface_for(args.surface, hemi) for hemi in wanted}
+        total = sum(mesh.n_vertices for mesh in meshes.values())
+        is_dat = path.name.endswith(".dat")
+        values = load_map(path, n_vertices=total if is_dat else None)
+        if len(wanted) == 1 and not is_dat and values.shape[0] > total:
+            # Maybe one file holding both hemispheres, left first (the fsaverage layout).
+            other = "right" if wanted[0] == "left" else "left"
+            meshes[other] = _surface_for(args.surface, other)
+            n_left = meshes["left"].n_vertices
+            if values.shape[0] == n_left + meshes["right"].n_vertices:
+                if args.hemi == "auto":
+                    wanted = list(HEMISPHERES)
+                else:
+                    values = values[:n_left] if wanted[0] == "left" else values[n_left:]
+                total = sum(meshes[hemi].n_vertices for hemi in wanted)
+        if values.shape[0] != total:
+            counts = " + ".join(f"{meshes[h].n_vertices} ({h})" for h in wanted)
+            raise ViewerError(
+                f"{path.name}: map has {values.shape[0]} vertices but the surface has "
+                f"{counts}; choose the matching --surface/--hemi")
+        panels, start = {}, 0
+        for hemi in wanted:
+            stop = start + meshes[hemi].n_vertices
+            panels[hemi] = (values[start:stop], meshes[hemi])
+            start = stop
+    first_values = np.asarray(next(iter(panels.values()))[0])
+    n_volumes = 1 if first_values.ndim == 1 else first_values.shape[1]
+    title = args.title or describe_volume(stat, args.volume, n_volumes, title_outdir)
+    return plot_surfaces(panels, args.volume, colorscale=args.colorscale,
+                         symmetric=args.symmetric, vmin=args.vmin, vmax=args.vmax,
+                         threshold=args.threshold, title=title)
+
+
+def _view_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blmm_view",
+        description="Write one self-contained HTML page showing a blmm output map "
+                    "(surface maps on fsaverage5 or your own surface; NIfTI volumes as "
+                    "slices over the MNI152 template).")
+    parser.add_argument("outdir", help="blmm output folder, or a map file")
+    parser.add_argument("map", nargs="?", help="map name, e.g. conT, beta or blmm_vox_beta")
+    parser.add_argument("-o", "--output", required=True, help="HTML page to write")
+    parser.add_argument("--volume", type=int, default=0,
+                        help="0-based volume (contrast or parameter) to show (default 0)")
+    parser.add_argument("--surface", default="fsaverage5",
+                        help="fsaverage5 (default), fsaverage5:inflated|white|sphere, or a "
+                             "surface file (lh.pial, *.surf.gii); the other hemisphere's "
+                             "file is found by swapping lh/rh")
+    parser.add_argument("--hemi", choices=("left", "right", "both", "auto"), default="auto",
+                        help="hemisphere(s) to show (default: from the map's vertex count)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="leave |value| below this uncoloured")
+    parser.add_argument("--symmetric", action="store_true", default=None,
+                        help="colour range symmetric about 0 (default: when signs differ)")
+    parser.add_argument("--vmin", type=float, default=None)
+    parser.add_argument("--vmax", type=float, default=None)
+    parser.add_argument("--colorscale", default=None, help="plotly colorscale name")
+    parser.add_argument("--title", default=None, help="page title (default: describes the map)")
+    return parser
+
+
+def view_main(argv: list[str] | None = None) -> int:
+    """``blmm_view OUTDIR MAP -o page.html``: exit 0 on success, 1 on a user error."""
+    parser = _view_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse has printed usage and the problem
+        return int(stop.code or 0)
+    try:
+        given = Path(args.outdir)
+        if given.is_file():
+            path, outdir = given, given.parent
+            stat = map_stat_name(given) or given.name
+            from_folder = None
+        else:
+            if not args.map:
+                maps = ", ".join(available_maps(given)) or "none"
+                raise ViewerError(f"say which map to show; available maps: {maps}")
+            path, outdir, stat = None, given, _strip_prefix(args.map)
+            from_folder = given
+            if not _hemisphere_folders(given, stat):
+                path = find_map(given, stat)
+        if path is not None and _is_volumetric(path):
+            n_volumes = image_space(path).n_volumes
+            title = args.title or describe_volume(stat, args.volume, n_volumes, outdir)
+            figure = plot_volume(path, args.volume, colorscale=args.colorscale,
+                                 symmetric=args.symmetric, vmin=args.vmin, vmax=args.vmax,
+                                 threshold=args.threshold, title=title)
+        else:
+            figure = _surface_figure(args, from_folder, stat, path, outdir)
+        written = write_html(figure, args.output)
+    except InputError as err:
+        print(f"blmm_view: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"blmm_view: error: {err}", file=sys.stderr)
+        return 1
+    print(f"blmm_view: wrote {written}")
+    return 0
+
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(view_main())
