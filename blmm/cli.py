@@ -1,14 +1,88 @@
-"""Command-line entry points."""
+"""Command-line entry points: `blmm` and `blmm_compare`."""
 from __future__ import annotations
 
+import argparse
 import sys
+import traceback
+
+from blmm import __version__
+from blmm.errors import BlmmError
+
+KINDS = ("local", "inline", "slurm", "sge", "pbs", "lsf", "htcondor", "oar", "moab")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="blmm",
+        description="Fit a linear mixed model at every voxel or vertex (upstream BLMM inputs YAML).",
+        epilog="Docs: docs/tutorial.md, docs/inputs.md, docs/outputs.md, docs/cluster.md.",
+    )
+    ap.add_argument("inputs", help="the inputs YAML (upstream BLMM format)")
+    ap.add_argument("--force", action="store_true",
+                    help="overwrite an outdir holding another analysis, or rerun a finished/interrupted one from scratch")
+    ap.add_argument("--debug", action="store_true", help="show a Python traceback on errors")
+    ap.add_argument("--version", action="version", version=f"blmm {__version__}")
+    eng = ap.add_argument_group("engine (overrides the YAML's clusterType/numNodes and cluster: section)")
+    eng.add_argument("--cluster", choices=KINDS, help="where to run: a local dask cluster (default), "
+                     "inline (no dask), or a batch scheduler through dask-jobqueue")
+    eng.add_argument("--workers", type=int, help="number of dask workers (jobs on a scheduler)")
+    eng.add_argument("--cores", type=int, help="cores per job (threads per worker locally)")
+    eng.add_argument("--memory", help="memory per job, e.g. 16GB")
+    eng.add_argument("--walltime", help="walltime per job, e.g. 02:00:00")
+    eng.add_argument("--queue", help="queue / partition")
+    eng.add_argument("--account", help="account / project to charge")
+    eng.add_argument("--job-extra", action="append", dest="job_extra_directives",
+                     help="extra scheduler directive for each job (repeatable)")
+    eng.add_argument("--retries", type=int, help="times a failed task is retried (default 2)")
+    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("blmm: the imaging pipeline is not available yet", file=sys.stderr)
-    return 2
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("blmm: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except BlmmError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"blmm: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # unexpected: one line unless --debug
+        if args.debug:
+            raise
+        print(f"blmm: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
+    from blmm.config import load_config
+    from blmm.engine import BATCH_KINDS, EngineSpec, open_engine
+    from blmm.pipeline import run
+
+    config = load_config(args.inputs)
+    for warning in config.warnings:
+        print(f"blmm: warning: {warning}", file=sys.stderr)
+    overrides = {
+        "kind": args.cluster, "workers": args.workers, "cores": args.cores, "memory": args.memory,
+        "walltime": args.walltime, "queue": args.queue, "account": args.account,
+        "job_extra_directives": args.job_extra_directives, "retries": args.retries,
+    }
+    kind = args.cluster or config.cluster.get("kind") or config.cluster_type
+    num_nodes = config.num_nodes if kind in BATCH_KINDS else None  # locally: sized to the machine
+    spec = EngineSpec.from_config(config.cluster_type, num_nodes, config.cluster,
+                                  {k: v for k, v in overrides.items() if v is not None})
+    with open_engine(spec) as engine:
+        run(config, engine, force=args.force)
+    return 0
 
 
 def compare_main(argv: list[str] | None = None) -> int:
-    print("blmm_compare: not available yet", file=sys.stderr)
-    return 2
+    try:
+        from blmm.compare import compare_main as _compare_main
+    except ImportError:
+        print("blmm_compare: not available in this build", file=sys.stderr)
+        return 2
+    return _compare_main(argv)

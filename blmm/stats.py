@@ -161,6 +161,23 @@ def sufficient_stats(
     Z = random_effects_matrix(factors, layout)
 
     patterns, pattern_of_voxel = presence_patterns(present)
+    return stats_from_sums(
+        X, Z, layout, patterns, pattern_of_voxel,
+        XtY=(X.T @ Yz).T.copy(), ZtY=np.asarray(Z.T @ Yz).T.copy(), YtY=np.einsum("nv,nv->v", Yz, Yz),
+    )
+
+
+def stats_from_sums(
+    X: np.ndarray,
+    Z: sp.csr_matrix,
+    layout: FactorLayout,
+    patterns: np.ndarray,
+    pattern_of_voxel: np.ndarray,
+    XtY: np.ndarray,
+    ZtY: np.ndarray,
+    YtY: np.ndarray,
+) -> SufficientStats:
+    """Complete the per-voxel data sums with the design sums of each presence pattern."""
     u = patterns.shape[0]
     p, q = X.shape[1], layout.n_columns
     XtX = np.empty((u, p, p))
@@ -172,14 +189,6 @@ def sufficient_stats(
         ZtX[i] = np.asarray(Zr.T @ Xr)
         ZtZ.append((Zr.T @ Zr).tocsr())
     return SufficientStats(
-        layout=layout,
-        patterns=patterns,
-        pattern_of_voxel=pattern_of_voxel,
-        XtX=XtX,
-        ZtX=ZtX,
-        ZtZ=ZtZ,
-        n_obs=patterns.sum(axis=1).astype(np.int64),
-        XtY=(X.T @ Yz).T.copy(),
-        ZtY=np.asarray(Z.T @ Yz).T.copy(),
-        YtY=np.einsum("nv,nv->v", Yz, Yz),
+        layout=layout, patterns=patterns, pattern_of_voxel=pattern_of_voxel, XtX=XtX, ZtX=ZtX, ZtZ=ZtZ,
+        n_obs=patterns.sum(axis=1).astype(np.int64), XtY=XtY, ZtY=ZtY, YtY=YtY,
     )

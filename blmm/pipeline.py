@@ -1,0 +1,456 @@
+"""`blmm inputs.yml`: images in, one map per statistic out.
+
+Stages, each a function whose output the next one takes:
+
+1. `plan_run(config)` -> RunPlan: the analysis mask, image batches and voxel blocks sized
+   from MAXMEM, the work folder and the hash of the inputs (for resuming).
+2. `read_batch(plan, b)`: reads the images of batch b once and writes their partial
+   sums X'Y, Z'Y, Y'Y and presence bits for every analysis voxel (atomically).
+3. `fit_block(plan, k)`: sums block k's rows of every partial in a fixed order, groups
+   voxels by presence pattern, fits, infers, and writes the block's results (atomically).
+4. `write_outputs(plan, ...)`: assembles the maps in the input's format.
+
+Batches and blocks run on an engine (`blmm.engine`); a killed run restarts from the
+finished batch and block files, which the manifest ties to the inputs' hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from blmm import __version__
+from blmm.config import Config
+from blmm.errors import InputError
+from blmm.fit import DROPPED_FEW, DROPPED_RANK, FAILED, FITTED, fit_stats
+from blmm.inference import infer
+from blmm.io.images import read_image, read_mask, write_map
+from blmm.linalg import vech
+from blmm.stats import FactorLayout, presence_patterns, random_effects_matrix, stats_from_sums
+
+WORK_DIR = ".blmm_work"
+RUN_FILE = "blmm_run.json"
+LLH64_FILE = "llh_float64.npy"
+
+# why a voxel of the analysis mask has no fit (blmm_run.json "dropped")
+DROP_REASONS = {
+    1: "below MinPercent",
+    2: "below MinN",
+    3: "safeMode: n <= number of random effects",
+    4: "n <= p + 1",
+    5: "rank-deficient X at this voxel",
+    6: "numerical failure",
+}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything the stages need; small enough to ship to every worker."""
+
+    config: Config
+    workdir: Path
+    voxels: np.ndarray  # flat indices of the analysis-mask voxels
+    batches: tuple  # (start, stop) image rows
+    blocks: tuple  # (start, stop) positions in `voxels`
+    input_hash: str
+    timings: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def n_stat_columns(self) -> int:
+        return self.config.p + self.config.q + 1
+
+
+def input_hash(config: Config) -> str:
+    """Hash of the resolved inputs and the size/mtime of every input file."""
+    h = hashlib.sha256()
+    h.update(__version__.encode())
+    h.update(json.dumps(config.to_yaml_dict(), sort_keys=True, default=str).encode())
+    files = list(config.y_files) + list(config.data_mask_files or [])
+    if config.analysis_mask is not None:
+        files.append(config.analysis_mask)
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(config.X.tobytes())
+    for fac in config.factors:
+        h.update(np.asarray(fac.labels).astype(str).tobytes())
+        h.update(fac.design.tobytes())
+    return h.hexdigest()[:16]
+
+
+def plan_run(config: Config, force: bool = False, n_workers: int = 1) -> RunPlan:
+    """Size the batches and blocks, and prepare (or resume) the work folder."""
+    space = config.space
+    if config.analysis_mask is not None:
+        in_mask = read_mask(config.analysis_mask, space)
+    else:
+        in_mask = np.ones(space.n_voxels, bool)
+    voxels = np.flatnonzero(in_mask)
+    if voxels.size == 0:
+        raise InputError(f"analysis_mask {config.analysis_mask}: no voxel is inside the mask")
+    n, V = config.n, voxels.size
+    budget = max(int(config.maxmem), 2**24)
+    # image batches: Y (float64) and its presence mask take ~10 bytes per value
+    per_batch = max(1, min(n, budget // 2 // (10 * V)))
+    n_batches = max(-(-n // per_batch), min(n_workers, max(1, n // 50)))
+    bounds = np.linspace(0, n, n_batches + 1).round().astype(int)
+    batches = tuple((int(a), int(b)) for a, b in zip(bounds, bounds[1:]) if b > a)
+    # voxel blocks: the summed statistics of a block plus the fit's working memory
+    row_bytes = 8 * (config.p + config.q + 1) * 3 + n // 4
+    per_block = max(1, min(V, budget // 2 // row_bytes, 20000))
+    n_blocks = max(-(-V // per_block), min(n_workers, max(1, V // 500)))
+    if config.voxel_batching:
+        n_blocks = max(n_blocks, min(config.maxnvb, V))
+    bounds = np.linspace(0, V, n_blocks + 1).round().astype(int)
+    blocks = tuple((int(a), int(b)) for a, b in zip(bounds, bounds[1:]) if b > a)
+    plan = RunPlan(config, Path(config.outdir) / WORK_DIR, voxels, batches, blocks, input_hash(config))
+    _prepare_outdir(plan, force)
+    return plan
+
+
+class OutdirConflict(InputError):
+    """outdir holds another analysis, or results that --force would overwrite."""
+
+
+def _prepare_outdir(plan: RunPlan, force: bool) -> None:
+    out = Path(plan.config.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / RUN_FILE
+    manifest = plan.workdir / "manifest.json"
+    if force:
+        shutil.rmtree(plan.workdir, ignore_errors=True)
+    else:
+        if run_file.exists():
+            previous = json.loads(run_file.read_text()).get("input_hash")
+            if previous == plan.input_hash:
+                raise OutdirConflict(
+                    f"outdir {out} already holds this finished analysis (inputs hash {previous}); "
+                    "use --force to run it again")
+            raise OutdirConflict(
+                f"outdir {out} holds a different analysis (inputs hash {previous}, now {plan.input_hash}); "
+                "choose another outdir or use --force to overwrite it")
+        if manifest.exists():
+            previous = json.loads(manifest.read_text()).get("input_hash")
+            if previous != plan.input_hash:
+                raise OutdirConflict(
+                    f"outdir {out} holds an unfinished run of different inputs (hash {previous}, now "
+                    f"{plan.input_hash}); its partial results cannot be mixed with these. "
+                    "Use --force to discard them")
+            if json.loads(manifest.read_text()).get("layout") != _layout_key(plan):
+                shutil.rmtree(plan.workdir, ignore_errors=True)  # same inputs, other MAXMEM: start over
+        elif any(out.glob("blmm_vox_*")):
+            raise OutdirConflict(f"outdir {out} already holds blmm maps from another run; use --force to overwrite them")
+    plan.workdir.mkdir(parents=True, exist_ok=True)
+    _atomic_text(manifest, json.dumps({"input_hash": plan.input_hash, "layout": _layout_key(plan),
+                                       "version": __version__}, indent=1))
+
+
+def _layout_key(plan: RunPlan) -> list:
+    return [list(map(list, plan.batches)), list(map(list, plan.blocks))]
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def batch_files(plan: RunPlan, b: int) -> tuple[Path, Path]:
+    return plan.workdir / f"batch{b:05d}.stats.npy", plan.workdir / f"batch{b:05d}.present.npy"
+
+
+def block_file(plan: RunPlan, k: int) -> Path:
+    return plan.workdir / f"block{k:05d}.npz"
+
+
+def read_batch(plan: RunPlan, b: int) -> str:
+    """Read batch b's images once; write its partial sums for every analysis voxel."""
+    stats_path, present_path = batch_files(plan, b)
+    if present_path.exists():  # finished before an interruption
+        return str(present_path)
+    cfg = plan.config
+    start, stop = plan.batches[b]
+    voxels = plan.voxels
+    Y = np.empty((stop - start, voxels.size))
+    present = np.empty(Y.shape, bool)
+    for i, row in enumerate(range(start, stop)):  # one read per image
+        y = read_image(cfg.y_files[row], cfg.space)[voxels]
+        ok = np.isfinite(y)
+        if cfg.data_mask_files is not None:
+            ok &= read_mask(cfg.data_mask_files[row], cfg.space)[voxels]
+        if cfg.data_mask_thresh is not None:
+            ok &= y >= cfg.data_mask_thresh
+        if cfg.zero_is_missing:
+            ok &= y != 0
+        Y[i] = np.where(ok, y, 0.0)
+        present[i] = ok
+    X = cfg.X[start:stop]
+    layout = FactorLayout.from_factors(cfg.factors)
+    Z = random_effects_matrix([f.subset(slice(start, stop)) for f in cfg.factors], layout)
+    p, q = X.shape[1], layout.n_columns
+    tmp_stats = stats_path.with_name(f".{stats_path.name}.tmp{os.getpid()}.npy")
+    out = np.lib.format.open_memmap(tmp_stats, mode="w+", dtype=np.float64, shape=(voxels.size, p + q + 1))
+    chunk = max(1, int(cfg.maxmem // 4 // (8 * (p + q + 1) + 8 * Y.shape[0])))
+    for a in range(0, voxels.size, chunk):  # bounded memory for large q
+        Yc = Y[:, a:a + chunk]
+        out[a:a + chunk, :p] = (X.T @ Yc).T
+        out[a:a + chunk, p:p + q] = np.asarray(Z.T @ Yc).T
+        out[a:a + chunk, p + q] = np.einsum("nv,nv->v", Yc, Yc)
+    out.flush()
+    del out
+    os.replace(tmp_stats, stats_path)
+    _atomic_save(present_path, np.packbits(present, axis=0).T.copy())  # (voxels, bytes); written last
+    return str(present_path)
+
+
+def _block_inputs(plan: RunPlan, k: int):
+    """Block k's summed statistics and presence matrix (n, voxels), summed in batch order."""
+    lo, hi = plan.blocks[k]
+    sums = None
+    present = []
+    for b, (start, stop) in enumerate(plan.batches):
+        stats_path, present_path = batch_files(plan, b)
+        part = np.load(stats_path, mmap_mode="r")[lo:hi]
+        sums = np.array(part) if sums is None else sums + part
+        bits = np.load(present_path, mmap_mode="r")[lo:hi]
+        present.append(np.unpackbits(bits, axis=1, count=stop - start).T.astype(bool))
+    return sums, np.concatenate(present, axis=0)
+
+
+def fit_block(plan: RunPlan, k: int) -> str:
+    """Fit and test every voxel of block k; write the block's results."""
+    path = block_file(plan, k)
+    if path.exists():
+        return str(path)
+    cfg = plan.config
+    sums, present = _block_inputs(plan, k)
+    n, p = cfg.n, cfg.p
+    n_obs = present.sum(axis=0)
+    reason = np.zeros(n_obs.size, np.int64)
+    if cfg.min_percent is not None:
+        reason[(reason == 0) & (n_obs < cfg.min_percent * n)] = 1
+    if cfg.min_n is not None:
+        reason[(reason == 0) & (n_obs < cfg.min_n)] = 2
+    if cfg.safe_mode:
+        reason[(reason == 0) & (n_obs <= cfg.q)] = 3
+    reason[(reason == 0) & (n_obs <= p + 1)] = 4
+    keep = np.flatnonzero(reason == 0)
+    results: dict[str, np.ndarray] = {"n_obs": n_obs, "reason": reason}
+    if keep.size:
+        layout = FactorLayout.from_factors(cfg.factors)
+        Z = random_effects_matrix(cfg.factors, layout)
+        patterns, pattern_of_voxel = presence_patterns(present[:, keep])
+        q = layout.n_columns
+        stats = stats_from_sums(cfg.X, Z, layout, patterns, pattern_of_voxel,
+                                XtY=np.ascontiguousarray(sums[keep, :p]),
+                                ZtY=np.ascontiguousarray(sums[keep, p:p + q]),
+                                YtY=np.ascontiguousarray(sums[keep, p + q]))
+        fit = fit_stats(stats, reml=cfg.reml, method=cfg.method, tol=cfg.tol, max_iter=cfg.maxnit,
+                        max_block_bytes=max(cfg.maxmem // 4, 2**24))
+        inf = infer(fit, cfg.contrasts, two_sided=cfg.two_sided)
+        status = fit.status
+        reason[keep[status == DROPPED_RANK]] = 5
+        reason[keep[(status == FAILED) | (status == DROPPED_FEW)]] = 6
+        results.update(_block_results(fit, inf, keep, n_obs.size, cfg))
+        results["reason"] = reason
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
+    np.savez(tmp, **results)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def _block_results(fit, inf, keep, size, cfg: Config) -> dict:
+    """Per-voxel result arrays of a block (NaN where not fitted)."""
+    def full(values, fill=np.nan, dtype=np.float64):
+        values = np.asarray(values)
+        out = np.full((size,) + values.shape[1:], fill, dtype=dtype)
+        out[keep] = values
+        return out
+
+    p = cfg.p
+    res = {
+        "beta": full(fit.beta), "sigma2": full(fit.sigma2), "D": full(fit.vech_D()), "llh": full(fit.llh),
+        "converged": full(fit.converged.astype(np.int32), 0, np.int32),
+        "nit": full(fit.n_iter.astype(np.int32), 0, np.int32),
+        "boundary": full(fit.boundary.astype(np.int32), 0, np.int32),
+    }
+    if cfg.output_covb:
+        res["cov"] = full(fit.cov_beta.reshape(-1, p * p))
+    if cfg.resms:
+        res["resms"] = full(fit.resms)
+    for i, t in enumerate(inf.t):
+        for name in ("estimate", "se", "t", "df", "mlog10p"):
+            res[f"T{i}_{name}"] = full(getattr(t, name))
+    for i, f in enumerate(inf.f):
+        for name in ("F", "df", "mlog10p", "r2"):
+            res[f"F{i}_{name}"] = full(getattr(f, name))
+    return res
+
+
+# map name -> (block key or keys, dtype); order and content follow upstream's outputs
+def _map_specs(cfg: Config) -> list[tuple[str, list[str], str, list[str] | None]]:
+    n_t = sum(c.is_t for c in cfg.contrasts)
+    n_f = len(cfg.contrasts) - n_t
+    t_names = [c.name for c in cfg.contrasts if c.is_t]
+    f_names = [c.name for c in cfg.contrasts if not c.is_t]
+    d_names = [f"{f.name}[{i},{j}]" for f in cfg.factors for i, j in zip(*_vech_labels(f.q))]
+    specs = [
+        ("blmm_vox_beta", ["beta"], "float32", list(cfg.x_names)),
+        ("blmm_vox_sigma2", ["sigma2"], "float32", None),
+        ("blmm_vox_D", ["D"], "float32", d_names),
+        ("blmm_vox_llh", ["llh"], "float32", None),
+        ("blmm_vox_converged", ["converged"], "int32", None),
+        ("blmm_vox_nit", ["nit"], "int32", None),
+    ]
+    if cfg.output_covb:
+        specs.append(("blmm_vox_cov", ["cov"], "float32",
+                      [f"cov({a},{b})" for a in cfg.x_names for b in cfg.x_names]))
+    if cfg.resms:
+        specs.append(("blmm_vox_resms", ["resms"], "float32", None))
+    if n_t:
+        for out, key in (("con", "estimate"), ("conSE", "se"), ("conT", "t"), ("conTlp", "mlog10p"),
+                         ("conT_swedf", "df")):
+            specs.append((f"blmm_vox_{out}", [f"T{i}_{key}" for i in range(n_t)], "float32", t_names))
+    if n_f:
+        for out, key in (("conF", "F"), ("conFlp", "mlog10p"), ("conF_swedf", "df"), ("conR2", "r2")):
+            specs.append((f"blmm_vox_{out}", [f"F{i}_{key}" for i in range(n_f)], "float32", f_names))
+    return specs
+
+
+def _vech_labels(q: int):
+    cols, rows = np.triu_indices(q)
+    return rows + 1, cols + 1
+
+
+def write_outputs(plan: RunPlan) -> dict:
+    """Assemble the block results into maps; returns the counts for the summary."""
+    cfg = plan.config
+    space = cfg.space
+    out = Path(cfg.outdir)
+    blocks = [np.load(block_file(plan, k)) for k in range(len(plan.blocks))]
+    V = space.n_voxels
+    vox = plan.voxels
+
+    def gather(key, fill, dtype):
+        parts = [np.asarray(b[key]) if key in b.files else None for b in blocks]
+        width = next((pt.shape[1:] for pt in parts if pt is not None), ())
+        arr = np.full((V,) + width, fill, dtype=dtype)
+        for (lo, hi), pt in zip(plan.blocks, parts):
+            if pt is not None:
+                arr[vox[lo:hi]] = pt
+        return arr
+
+    n_obs = gather("n_obs", 0, np.int64)
+    reason = gather("reason", -1, np.int64)
+    fitted = reason == 0
+    write_map(out, "blmm_vox_n", n_obs.astype(np.int32), space, dtype="int32")
+    write_map(out, "blmm_vox_mask", fitted.astype(np.int32), space, dtype="int32")
+    write_map(out, "blmm_vox_edf", np.where(fitted, n_obs - cfg.p, 0).astype(np.int32), space, dtype="int32")
+    for name, keys, dtype, names in _map_specs(cfg):
+        cols = []
+        for key in keys:
+            a = gather(key, 0 if dtype == "int32" else np.nan, np.int64 if dtype == "int32" else np.float64)
+            cols.append(a.reshape(V, -1))
+        data = np.concatenate(cols, axis=1)
+        if dtype == "float32":
+            data[~fitted] = np.nan
+        write_map(out, name, data, space, dtype=dtype, volume_names=names)
+    llh = gather("llh", np.nan, np.float64)
+    llh[~fitted] = np.nan
+    _atomic_save(out / LLH64_FILE, llh)
+    converged = gather("converged", 0, np.int64).astype(bool) & fitted
+    boundary = gather("boundary", 0, np.int64).astype(bool) & fitted
+    in_mask = np.zeros(V, bool)
+    in_mask[vox] = True
+    counts = {
+        "analysis_mask": int(in_mask.sum()),
+        "fitted": int(fitted.sum()),
+        "converged": int(converged.sum()),
+        "not_converged": int((fitted & ~converged).sum()),
+        "boundary": int(boundary.sum()),
+        "dropped": {DROP_REASONS[r]: int((reason == r).sum()) for r in DROP_REASONS if np.any(reason == r)},
+    }
+    return counts
+
+
+@dataclass
+class RunSummary:
+    outdir: Path
+    counts: dict
+    timings: dict
+
+
+def run(config: Config, engine=None, force: bool = False, log=print) -> RunSummary:
+    """Run the whole analysis on an engine (inline if None)."""
+    from blmm.engine import EngineSpec, open_engine
+
+    t0 = time.perf_counter()
+    if engine is None:
+        with open_engine(EngineSpec(kind="inline")) as eng:
+            return run(config, eng, force, log)
+    timings: dict[str, float] = {}
+    plan = plan_run(config, force=force, n_workers=max(1, getattr(engine, "n_workers", 1) or 1))
+    timings["plan"] = time.perf_counter() - t0
+    log(f"blmm: {config.n} images, {plan.voxels.size} voxels in the analysis mask, p = {config.p}, "
+        f"{len(plan.batches)} image batch(es), {len(plan.blocks)} voxel block(s)")
+    t = time.perf_counter()
+    engine.map(_read_batch_task, [(plan, b) for b in range(len(plan.batches))], stage="read images")
+    timings["read"] = time.perf_counter() - t
+    t = time.perf_counter()
+    engine.map(_fit_block_task, [(plan, k) for k in range(len(plan.blocks))], stage="fit and test")
+    timings["fit"] = time.perf_counter() - t
+    t = time.perf_counter()
+    counts = write_outputs(plan)
+    timings["write"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    out = Path(config.outdir)
+    _atomic_text(out / "inputs.yml", yaml.safe_dump(config.to_yaml_dict(), sort_keys=False))
+    record = {
+        "version": __version__,
+        "input_hash": plan.input_hash,
+        "settings": config.to_yaml_dict(),
+        "n": config.n, "p": config.p,
+        "factors": [{"name": f.name, "q": f.q, "levels": f.n_levels} for f in config.factors],
+        "engine": getattr(engine, "kind", "inline"),
+        "batches": len(plan.batches), "blocks": len(plan.blocks),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "counts": counts,
+    }
+    _atomic_text(out / RUN_FILE, json.dumps(record, indent=1, default=str))
+    shutil.rmtree(plan.workdir, ignore_errors=True)  # the maps are complete: partial sums go
+    log(summary_text(counts, timings["total"]))
+    return RunSummary(out, counts, timings)
+
+
+def summary_text(counts: dict, seconds: float) -> str:
+    lines = [f"blmm: done in {seconds:.1f} s: {counts['fitted']} of {counts['analysis_mask']} voxels fitted, "
+             f"{counts['converged']} converged"]
+    if counts["not_converged"]:
+        lines.append(f"  {counts['not_converged']} voxels hit maxnit without converging (blmm_vox_converged = 0)")
+    if counts["boundary"]:
+        lines.append(f"  {counts['boundary']} voxels have a singular random-effects covariance (boundary fit)")
+    for why, k in counts["dropped"].items():
+        lines.append(f"  {k} voxels dropped: {why}")
+    return "\n".join(lines)
+
+
+def _read_batch_task(args) -> str:
+    return read_batch(*args)
+
+
+def _fit_block_task(args) -> str:
+    return fit_block(*args)

@@ -1,0 +1,291 @@
+"""The engine on the inline runner and a local dask cluster (no batch scheduler needed)."""
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from blmm.engine import (
+    Engine,
+    EngineError,
+    EngineSpec,
+    EngineSpecError,
+    _Progress,
+    _exit_on_signal,
+    jobqueue_kwargs,
+    open_engine,
+    pairwise_fold,
+)
+from blmm.errors import BlmmError, InputError
+
+LOCAL = dict(dashboard_address="127.0.0.1:0", progress="off", start_timeout=60)
+
+
+# ---- task functions (module level: they are pickled to the workers) -------------------
+
+def square(x: int) -> int:
+    return x * x
+
+
+def partial_sum(seed: int) -> np.ndarray:
+    """A 'sufficient statistic' whose float sum depends on the addition order."""
+    time.sleep(random.random() * 0.02)  # shuffles the completion order between runs
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(64) * 10.0 ** rng.integers(-8, 9, size=64)
+
+
+def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return a + b
+
+
+def brackets(a: str, b: str) -> str:
+    return f"({a}+{b})"
+
+
+def fail_on_three(x: int) -> int:
+    if x == 3:
+        raise ValueError("item three is bad")
+    return x
+
+
+def fail_first_time(args: tuple[int, str]) -> int:
+    """Raises on the first attempt for each item: a marker file remembers the attempt."""
+    x, marker_dir = args
+    marker = Path(marker_dir) / f"attempted-{x}"
+    if not marker.exists():
+        marker.touch()
+        raise RuntimeError(f"transient failure of {x}")
+    return x * 10
+
+
+def kill_worker_first_time(args: tuple[int, str]) -> int:
+    """Kills its own worker process on the first attempt of item 2."""
+    x, marker_dir = args
+    marker = Path(marker_dir) / f"killed-{x}"
+    if x == 2 and not marker.exists():
+        marker.touch()
+        os._exit(1)
+    return x + 100
+
+
+def kill_worker_always(x: int) -> int:
+    if x == 1:
+        os._exit(1)
+    return x
+
+
+# ---- fixtures ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local2():
+    with open_engine(EngineSpec("local", workers=2, retries=1, **LOCAL)) as engine:
+        yield engine
+
+
+@pytest.fixture()
+def inline() -> Engine:
+    return open_engine(EngineSpec("inline", retries=1, progress="off"))
+
+
+# ---- reduction tree --------------------------------------------------------------------
+
+def test_pairwise_fold_shape_depends_on_count_only():
+    assert pairwise_fold(1, str, brackets) == "0"
+    assert pairwise_fold(4, str, brackets) == "((0+1)+(2+3))"
+    assert pairwise_fold(7, str, brackets) == "(((0+1)+(2+3))+((4+5)+6))"
+    with pytest.raises(ValueError):
+        pairwise_fold(0, str, brackets)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16, 23])
+def test_pairwise_fold_uses_every_leaf_once_in_order(n):
+    tree = pairwise_fold(n, str, brackets)
+    assert [int(t) for t in tree.replace("(", " ").replace(")", " ").replace("+", " ").split()] \
+        == list(range(n))
+
+
+# ---- inline ------------------------------------------------------------------------------
+
+def test_inline_map_keeps_order(inline):
+    assert inline.map(square, range(10), "squares") == [i * i for i in range(10)]
+    assert inline.map(square, [], "nothing") == []
+
+
+def test_inline_error_names_stage_and_item(inline):
+    message = r"stage check: item 3 \(3\) failed after 2 attempt"
+    with pytest.raises(EngineError, match=message) as err:
+        inline.map(fail_on_three, range(6), "check")
+    assert err.value.stage == "check" and err.value.item_index == 3
+    assert isinstance(err.value.__cause__, ValueError)
+
+
+def test_inline_retries_a_transient_failure(inline, tmp_path):
+    items = [(i, str(tmp_path)) for i in range(4)]
+    assert inline.map(fail_first_time, items, "flaky") == [0, 10, 20, 30]
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    with pytest.raises(EngineError, match="stage no-retry: item 0 .* 1 attempt"):
+        inline.map(fail_first_time, [(0, str(fresh))], "no-retry", retries=0)
+
+
+# ---- local cluster ---------------------------------------------------------------------
+
+def test_local_map_keeps_order(local2):
+    assert local2.map(square, range(25), "squares") == [i * i for i in range(25)]
+    assert local2.n_workers == 2
+
+
+def test_tree_reduce_is_bit_identical_across_engines_and_worker_counts(inline, local2):
+    seeds = list(range(37))
+    expected = inline.tree_reduce(partial_sum, seeds, add, "sum")
+    # the test data are order-sensitive: a left-to-right sum differs in the last bits
+    left_to_right = sum((partial_sum(s) for s in seeds[1:]), partial_sum(seeds[0]))
+    assert not np.array_equal(left_to_right, expected)
+
+    for _ in range(2):
+        assert np.array_equal(local2.tree_reduce(partial_sum, seeds, add, "sum"), expected)
+    with open_engine(EngineSpec("local", workers=1, **LOCAL)) as one_worker:
+        assert np.array_equal(one_worker.tree_reduce(partial_sum, seeds, add, "sum"), expected)
+    assert local2.tree_reduce(str, range(7), brackets, "tree") == pairwise_fold(7, str, brackets)
+
+
+def test_local_error_names_stage_and_item(local2):
+    with pytest.raises(EngineError, match=r"stage validate: item 3 \(3\) failed after 2 attempt"
+                       r".*ValueError: item three is bad") as err:
+        local2.map(fail_on_three, range(8), "validate")
+    assert err.value.item_index == 3
+    assert "item three is bad" in err.value.remote_traceback
+    with pytest.raises(EngineError, match="stage reduce-check: item 3"):
+        local2.tree_reduce(fail_on_three, range(8), lambda a, b: a + b, "reduce-check")
+    assert local2.map(square, range(3), "after-failure") == [0, 1, 4]  # engine still usable
+
+
+def test_local_retries_a_transient_failure(local2, tmp_path):
+    items = [(i, str(tmp_path)) for i in range(6)]
+    assert local2.map(fail_first_time, items, "flaky") == [i * 10 for i in range(6)]
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    with pytest.raises(EngineError, match="stage no-retry: item 0 .* 1 attempt"):
+        local2.map(fail_first_time, [(0, str(fresh))], "no-retry", retries=0)
+
+
+def test_local_task_whose_worker_dies_is_rerun(local2, tmp_path):
+    items = [(i, str(tmp_path)) for i in range(6)]
+    assert local2.map(kill_worker_first_time, items, "dying") == [i + 100 for i in range(6)]
+    assert (tmp_path / "killed-2").exists()
+
+
+def test_local_worker_that_keeps_dying_fails_the_stage(local2):
+    with pytest.raises(EngineError, match=r"stage doomed: item 0 \(1\) failed: the worker "
+                                          r"running it died 2 times"):
+        local2.map(kill_worker_always, [1], "doomed")
+
+
+def test_exit_closes_the_cluster_on_exception_and_interrupt():
+    for error in (RuntimeError("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(error)):
+            with open_engine(EngineSpec("local", workers=1, **LOCAL)) as engine:
+                raise error
+        assert engine.cluster.status.name == "closed"
+        assert engine.client.status == "closed"
+
+
+def test_sigterm_closes_the_cluster():
+    before = signal.getsignal(signal.SIGTERM)
+    if before not in (signal.SIG_DFL, _exit_on_signal):  # another engine may hold it
+        pytest.skip("SIGTERM has a foreign handler in this process")
+    with pytest.raises(SystemExit):
+        with open_engine(EngineSpec("local", workers=1, **LOCAL)) as engine:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+    assert engine.cluster.status.name == "closed"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---- progress ---------------------------------------------------------------------------
+
+def test_progress_lines_when_not_a_tty(capsys):
+    with open_engine(EngineSpec("inline", progress="auto")) as engine:
+        engine.map(square, range(3), "squares")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("blmm: stage squares: 3 tasks started")
+    assert lines[1].startswith("blmm: stage squares: done, 3/3 tasks in")
+
+
+class _FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_tty():
+    stream = _FakeTTY()
+    progress = _Progress("batch", 4, "auto", "on 2 worker(s)", stream=stream)
+    progress.start()
+    for _ in range(4):
+        progress.advance()
+    progress.finish(ok=True)
+    text = stream.getvalue()
+    assert "\rbatch |" in text and "0/4" in text and "4/4 100%" in text
+    assert text.rstrip().endswith("tasks in 0.0 s")
+
+
+# ---- spec ---------------------------------------------------------------------------------
+
+def test_from_config_precedence_cli_over_yaml_over_upstream_keys():
+    spec = EngineSpec.from_config(
+        "SLURM", 8,
+        {"memory": "16GB", "walltime": "02:00:00", "job-extra-directives": ["--exclusive"],
+         "queue": "short"},
+        {"queue": "long", "workers": None, "retries": 5},
+    )
+    assert spec.kind == "slurm" and spec.workers == 8
+    assert spec.memory == "16GB" and spec.walltime == "02:00:00"
+    assert spec.job_extra_directives == ["--exclusive"]
+    assert spec.queue == "long" and spec.retries == 5      # CLI wins, None is "not given"
+    assert spec.cores is None and spec.account is None     # left to dask's config
+
+    cli = EngineSpec.from_config("slurm", 8, {"workers": 8}, {"cluster": "sge", "workers": "3"})
+    assert cli.kind == "sge" and cli.workers == 3
+    section = EngineSpec.from_config("slurm", 1, {"workers": 6, "walltime": 90}, {})
+    assert section.workers == 6                  # the cluster: section beats numNodes
+    assert section.walltime == "01:30:00"        # a number is minutes (SGE would read seconds)
+    assert EngineSpec.from_config().kind == "local"
+
+
+def test_from_config_rejects_bad_settings():
+    with pytest.raises(EngineSpecError, match="unknown setting 'cpus' in the YAML 'cluster:'"):
+        EngineSpec.from_config("slurm", 2, {"cpus": 4}, {})
+    assert issubclass(EngineSpecError, InputError) and issubclass(EngineError, BlmmError)
+    with pytest.raises(ValueError, match="unknown cluster kind 'kubernetes'"):
+        EngineSpec.from_config("kubernetes", 1, {}, {})
+    with pytest.raises(ValueError, match="workers must be an integer"):
+        EngineSpec(kind="local", workers="many")
+    with pytest.raises(ValueError, match="retries must be >= 0"):
+        EngineSpec(kind="local", retries=-1)
+
+
+def test_only_set_resources_are_passed_so_dask_config_fills_the_rest():
+    import dask
+    from dask_jobqueue import SLURMCluster
+
+    spec = EngineSpec("sge", cores=2, account="neuro", job_extra_directives="-S /bin/bash")
+    assert jobqueue_kwargs(spec) == {"cores": 2, "project": "neuro",
+                                     "job_extra_directives": ["-S /bin/bash"]}
+    slurm = EngineSpec("slurm", cores=2, memory="2GB", interface="lo", account="neuro")
+    with dask.config.set({"jobqueue.slurm.walltime": "01:23:45", "jobqueue.slurm.queue": "gpu"}):
+        cluster = SLURMCluster(**jobqueue_kwargs(slurm),
+                               scheduler_options={"dashboard_address": "127.0.0.1:0"})
+        try:
+            script = cluster.job_script()
+        finally:
+            cluster.close()
+    assert "#SBATCH -t 01:23:45" in script and "#SBATCH -p gpu" in script  # from dask config
+    assert "--cpus-per-task=2" in script and "#SBATCH -A neuro" in script   # from the spec
+    with pytest.raises(EngineSpecError, match="queue is not supported for htcondor"):
+        jobqueue_kwargs(EngineSpec("htcondor", queue="short"))
