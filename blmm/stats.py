@@ -145,7 +145,7 @@ def sufficient_stats(
     entries as missing.  `layout` must be the same for every batch that will be
     added together (build it once from the full factors).
     """
-    Y = np.asarray(Y, dtype=np.float64)
+    Y = np.asarray(Y)
     if Y.ndim == 1:
         Y = Y[:, None]
     X = np.asarray(X, dtype=np.float64)
@@ -157,14 +157,17 @@ def sufficient_stats(
     present = ~np.isnan(Y)
     if observed is not None:
         present &= np.asarray(observed, dtype=bool)
-    Yz = np.where(present, Y, 0.0)
     Z = random_effects_matrix(factors, layout)
-
     patterns, pattern_of_voxel = presence_patterns(present)
-    return stats_from_sums(
-        X, Z, layout, patterns, pattern_of_voxel,
-        XtY=(X.T @ Yz).T.copy(), ZtY=np.asarray(Z.T @ Yz).T.copy(), YtY=np.einsum("nv,nv->v", Yz, Yz),
-    )
+    p, q = X.shape[1], layout.n_columns
+    XtY, ZtY, YtY = np.empty((v, p)), np.empty((v, q)), np.empty(v)
+    chunk = max(1, 2**27 // (8 * n))  # float64 copies of Y stay ~128 MB whatever its size
+    for a in range(0, v, chunk):
+        Yz = np.where(present[:, a:a + chunk], Y[:, a:a + chunk], 0.0).astype(np.float64, copy=False)
+        XtY[a:a + chunk] = (X.T @ Yz).T
+        ZtY[a:a + chunk] = np.asarray(Z.T @ Yz).T
+        YtY[a:a + chunk] = np.einsum("nv,nv->v", Yz, Yz)
+    return stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
 
 
 def stats_from_sums(
