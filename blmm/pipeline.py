@@ -432,8 +432,21 @@ def run(config: Config, engine=None, force: bool = False, log=print) -> RunSumma
     }
     _atomic_text(out / RUN_FILE, json.dumps(record, indent=1, default=str))
     shutil.rmtree(plan.workdir, ignore_errors=True)  # the maps are complete: partial sums go
+    _write_report(out, log)
     log(summary_text(counts, timings["total"]))
     return RunSummary(out, counts, timings)
+
+
+def _write_report(outdir: Path, log) -> None:
+    """outdir/report.html; a failure here must not fail an analysis whose maps are written."""
+    try:
+        from blmm.report import write_report
+    except ImportError:
+        return
+    try:
+        write_report(outdir)
+    except Exception as exc:  # the report is a convenience; the maps are the results
+        log(f"blmm: warning: could not write report.html: {type(exc).__name__}: {exc}")
 
 
 def summary_text(counts: dict, seconds: float) -> str:
