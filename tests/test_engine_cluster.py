@@ -1,0 +1,255 @@
+"""The engine against REAL batch schedulers: a single-node SLURM and Grid Engine.
+
+    .venv/bin/pytest -m "slurm or sge" tests/test_engine_cluster.py
+
+Session fixtures start the schedulers with scripts/cluster/start_{slurm,sge}.sh (as
+root; the scripts install the Debian packages on first use) and stop them at the end
+unless they were already running.  Without root, or when a scheduler cannot be started,
+the tests are skipped with the reason.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from blmm.engine import EngineError, EngineSpec, open_engine
+
+TESTS = Path(__file__).resolve().parent
+SCRIPTS = TESTS.parent / "scripts" / "cluster"
+# the batch workers unpickle this module's task functions by name ("tests.test_engine_cluster"
+# or "test_engine_cluster", depending on how pytest imported it)
+IMPORT_ROOTS = f"{TESTS.parent}:{TESTS}"
+
+
+# ---- scheduler fixtures -----------------------------------------------------------------
+
+def _start_scheduler(script: str) -> tuple[str, bool]:
+    """Run a start script; return (queue name, whether it was already running)."""
+    if os.geteuid() != 0:
+        pytest.skip(f"{script} must run as root to install and start the scheduler")
+    try:
+        result = subprocess.run(["bash", str(SCRIPTS / script)], capture_output=True,
+                                text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"{script} did not finish within 15 minutes")
+    if result.returncode != 0:
+        pytest.skip(f"{script} failed: {result.stderr.strip()[-800:]}")
+    return result.stdout.strip().splitlines()[-1], "already running" in result.stderr
+
+
+@pytest.fixture(scope="session")
+def slurm_partition():
+    partition, was_running = _start_scheduler("start_slurm.sh")
+    yield partition
+    if not was_running:
+        subprocess.run(["bash", str(SCRIPTS / "stop_slurm.sh")], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def sge_queue():
+    queue, was_running = _start_scheduler("start_sge.sh")
+    yield queue
+    if not was_running:
+        subprocess.run(["bash", str(SCRIPTS / "stop_sge.sh")], capture_output=True, timeout=120)
+
+
+class Scheduler:
+    """What differs between SLURM and SGE for these tests."""
+
+    def __init__(self, kind: str, queue: str) -> None:
+        self.kind, self.queue = kind, queue
+
+    def spec(self, tmp_path: Path, job_name: str, **overrides) -> EngineSpec:
+        settings = dict(kind=self.kind, workers=2, cores=1, processes=1, memory="1GB",
+                        walltime="00:10:00", queue=self.queue, job_name=job_name,
+                        interface="lo", dashboard_address="127.0.0.1:0",
+                        log_directory=str(tmp_path / "job-logs"), start_timeout=60,
+                        progress="lines", retries=2,
+                        job_script_prologue=[f"export PYTHONPATH={IMPORT_ROOTS}"
+                                             "${PYTHONPATH:+:$PYTHONPATH}"])
+        if self.kind == "sge":  # stock SGE queues start jobs with csh
+            settings["job_extra_directives"] = ["-S /bin/bash"]
+        settings.update(overrides)
+        return EngineSpec(**settings)
+
+    def job_ids(self, job_name: str) -> list[str]:
+        """Jobs of this name still in the queue (running, pending or completing)."""
+        if self.kind == "slurm":
+            out = subprocess.run(["squeue", "-h", "-n", job_name, "-o", "%i"],
+                                 capture_output=True, text=True, check=True).stdout
+            return out.split()
+        out = subprocess.run(["qstat", "-u", "*"], capture_output=True, text=True,
+                             check=True).stdout
+        rows = [line.split() for line in out.splitlines()[2:]]
+        return [row[0] for row in rows if len(row) > 2 and row[2] == job_name[:10]]
+
+    def cancel(self, job_id: str) -> None:
+        command = ["scancel", job_id] if self.kind == "slurm" else ["qdel", job_id]
+        subprocess.run(command, capture_output=True, check=True)
+
+    def wait_until_no_jobs(self, job_name: str, seconds: float = 30) -> list[str]:
+        deadline = time.monotonic() + seconds
+        while (left := self.job_ids(job_name)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return left
+
+
+@pytest.fixture(params=[pytest.param("slurm", marks=pytest.mark.slurm),
+                        pytest.param("sge", marks=pytest.mark.sge)])
+def scheduler(request) -> Scheduler:
+    queue = request.getfixturevalue("slurm_partition" if request.param == "slurm" else "sge_queue")
+    return Scheduler(request.param, queue)
+
+
+@pytest.fixture()
+def job_name() -> str:
+    return "blmm" + uuid.uuid4().hex[:6]  # SGE's qstat shows 10 characters of a name
+
+
+# ---- task functions --------------------------------------------------------------------
+
+def current_job() -> str:
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("JOB_ID") or "outside-a-job"
+
+
+def square_in_job(x: int) -> tuple[int, str]:
+    return x * x, current_job()
+
+
+def partial_sum(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(32) * 10.0 ** rng.integers(-8, 9, size=32)
+
+
+def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return a + b
+
+
+def slow_square_logged(args: tuple[int, str, float]) -> tuple[int, str]:
+    """Record each attempt (item, job) in a shared file, then work a while."""
+    x, attempts_file, seconds = args
+    with open(attempts_file, "a") as f:
+        f.write(f"{x} {current_job()}\n")
+    time.sleep(seconds)
+    return x * x, current_job()
+
+
+def slow_partial_sum_logged(args: tuple[int, str, float]) -> np.ndarray:
+    seed, attempts_file, seconds = args
+    slow_square_logged((seed, attempts_file, seconds))
+    return partial_sum(seed)
+
+
+def start_killer(scheduler: Scheduler, attempts: Path) -> tuple[threading.Thread, list[str]]:
+    """In a thread: once three tasks have started, cancel the job that ran the first."""
+    victim: list[str] = []
+
+    def kill_first_busy_job() -> None:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            lines = attempts.read_text().splitlines()
+            if len(lines) >= 3:
+                victim.append(lines[0].split()[1])
+                scheduler.cancel(victim[0])
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_first_busy_job)
+    killer.start()
+    return killer, victim
+
+
+def jobs_that_attempted(attempts: Path, job: str) -> set[str]:
+    return {line.split()[0] for line in attempts.read_text().splitlines() if line.split()[1] == job}
+
+
+# ---- tests -----------------------------------------------------------------------------
+
+def test_map_and_tree_reduce_match_inline(scheduler, tmp_path, job_name):
+    inline = open_engine(EngineSpec("inline", progress="off"))
+    expected_squares = inline.map(square_in_job, range(10), "squares")
+    expected_sum = inline.tree_reduce(partial_sum, range(21), add, "sum")
+
+    with open_engine(scheduler.spec(tmp_path, job_name)) as engine:
+        assert engine.dashboard_link.startswith("http://127.0.0.1:")
+        squares = engine.map(square_in_job, range(10), "squares")
+        total = engine.tree_reduce(partial_sum, range(21), add, "sum")
+
+    assert [v for v, _ in squares] == [v for v, _ in expected_squares]
+    assert all(job != "outside-a-job" for _, job in squares), "tasks must run inside batch jobs"
+    assert np.array_equal(total, expected_sum)  # bit-identical to the serial reduction
+    assert scheduler.wait_until_no_jobs(job_name) == []
+
+
+def test_killed_job_is_retried_and_replaced(scheduler, tmp_path, job_name):
+    import dask
+    import distributed  # noqa: F401  (loads its config defaults before dask.config.set below)
+
+    attempts = tmp_path / "attempts.txt"
+    attempts.touch()
+    items = [(i, str(attempts), 0.5) for i in range(16)]
+    # drop a dead job from the cluster after 1 s instead of 15 s, so it is replaced quickly
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}):
+        with open_engine(scheduler.spec(tmp_path, job_name)) as engine:
+            engine.client.wait_for_workers(2, timeout=60)
+            killer, victim = start_killer(scheduler, attempts)
+            results = engine.map(slow_square_logged, items, "killed")
+            killer.join()
+            later = engine.map(slow_square_logged, [(i, str(attempts), 1.0) for i in range(10)],
+                               "after-kill")
+
+    assert victim, "no job was killed"
+    assert jobs_that_attempted(attempts, victim[0]), "the killed job had run no task"
+    assert [v for v, _ in results] == [i * i for i in range(16)]
+    assert [v for v, _ in later] == [i * i for i in range(10)]
+    # results held by the killed job were lost with it and recomputed elsewhere
+    jobs_used = {job for _, job in results + later}
+    assert victim[0] not in jobs_used
+    assert len(jobs_used) >= 2, f"no replacement job ran tasks after the kill: {jobs_used}"
+    assert scheduler.wait_until_no_jobs(job_name) == []
+
+
+def test_killed_job_during_tree_reduce_gives_the_same_sum(scheduler, tmp_path, job_name):
+    attempts = tmp_path / "attempts.txt"
+    attempts.touch()
+    items = [(i, str(attempts), 0.4) for i in range(20)]
+    expected = open_engine(EngineSpec("inline", progress="off")).tree_reduce(
+        partial_sum, range(20), add, "sum")
+
+    with open_engine(scheduler.spec(tmp_path, job_name)) as engine:
+        engine.client.wait_for_workers(2, timeout=60)
+        killer, victim = start_killer(scheduler, attempts)
+        total = engine.tree_reduce(slow_partial_sum_logged, items, add, "killed-sum")
+        killer.join()
+
+    assert victim and jobs_that_attempted(attempts, victim[0])
+    assert np.array_equal(total, expected)
+    assert scheduler.wait_until_no_jobs(job_name) == []
+
+
+def test_interrupt_leaves_no_job_in_the_queue(scheduler, tmp_path, job_name):
+    with pytest.raises(KeyboardInterrupt):
+        with open_engine(scheduler.spec(tmp_path, job_name)) as engine:
+            assert scheduler.job_ids(job_name)
+            raise KeyboardInterrupt
+    assert engine.client.status == "closed"
+    assert scheduler.wait_until_no_jobs(job_name) == []
+
+
+@pytest.mark.slurm
+def test_slurm_rejected_job_fails_at_once_with_the_sbatch_message(slurm_partition, tmp_path,
+                                                                   job_name):
+    spec = Scheduler("slurm", slurm_partition).spec(tmp_path, job_name, memory="100TB")
+    started = time.monotonic()
+    with pytest.raises(EngineError, match="(?s)submitting the slurm worker jobs failed.*"
+                                          "Memory specification can not be satisfied"):
+        open_engine(spec)
+    assert time.monotonic() - started < 30  # not start_timeout
+    assert Scheduler("slurm", slurm_partition).wait_until_no_jobs(job_name) == []
