@@ -209,7 +209,6 @@ def _fit_block(obj, data, qk, method, tol, max_iter, reml, n, p) -> dict:
     ev = obj.evaluate(D, data, grad=True)
     ok = ev.ok.copy()
     llh = ev.llh.copy()
-    carry_sigma2 = method in ("FS", "pFS")
     sigma2 = ev.sigma2.copy()
     converged = np.zeros(v, bool)
     n_iter = np.zeros(v, np.int64)
@@ -295,6 +294,10 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
         J = np.broadcast_to(P, (v,) + P.shape)
     A = np.swapaxes(J, 1, 2) @ Info @ J
     b = -np.einsum("vi,vij->vj", grad, J)
+    if cholesky:
+        # Newton's curvature of D(θ) along the deviance gradient: without it the information
+        # 4θ²F vanishes as a variance goes to 0 and steps toward the boundary crawl
+        A = A + _psd_part(_theta_curvature(ev.grad, qk, off))
     scale = np.trace(A, axis1=1, axis2=2) / A.shape[-1]
     eye = np.eye(A.shape[-1])
 
@@ -341,6 +344,28 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
         return Ds, s2
 
     return trial
+
+
+def _theta_curvature(G_list, qk, off: int) -> np.ndarray:
+    """Σ_m (∂dev/∂D_m) ∂²D_m/∂θ∂θ' for D_k = Λ_kΛ_k', block diagonal over factors (v, dim, dim)."""
+    v = G_list[0].shape[0]
+    dim = off + sum(q * (q + 1) // 2 for q in qk)
+    out = np.zeros((v, dim, dim))
+    start = off
+    for G, q in zip(G_list, qk):
+        ri, ci = _lower_index(q)
+        for t, (i, j) in enumerate(zip(ri, ci)):
+            for t2, (k, l) in enumerate(zip(ri, ci)):
+                if j == l:  # ∂²(ΛΛ')/∂θ_ij∂θ_kl = e_i e_k' + e_k e_i' when both sit in column j
+                    out[:, start + t, start + t2] = 2.0 * G[:, i, k]
+        start += ri.size
+    return out
+
+
+def _psd_part(A: np.ndarray) -> np.ndarray:
+    """The positive semi-definite part of symmetric matrices (keeps scoring steps ascent steps)."""
+    w, U = np.linalg.eigh(la.sym(A))
+    return (U * np.maximum(w, 0.0)[:, None, :]) @ np.swapaxes(U, 1, 2)
 
 
 def _lower_index(q: int) -> tuple[np.ndarray, np.ndarray]:

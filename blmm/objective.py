@@ -353,7 +353,6 @@ class DenseObjective:
 
     def evaluate(self, D_list, data: DenseData, sigma2=None, grad=False) -> Evaluation:
         v = D_list[0].shape[0]
-        p = self.p
         Lam = self._blockdiag([la.psd_root(D) for D in D_list])  # Λ Λ' = D
         LtZtZ = np.swapaxes(Lam, 1, 2) @ self.ZtZ  # Λ'Z'Z
         Mt = np.eye(self.qtot) + LtZtZ @ Lam

@@ -22,7 +22,6 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import yaml
@@ -30,10 +29,9 @@ import yaml
 from blmm import __version__
 from blmm.config import Config
 from blmm.errors import InputError
-from blmm.fit import DROPPED_FEW, DROPPED_RANK, FAILED, FITTED, fit_stats
+from blmm.fit import DROPPED_FEW, DROPPED_RANK, FAILED, fit_stats
 from blmm.inference import infer
 from blmm.io.images import read_image, read_mask, write_map
-from blmm.linalg import vech
 from blmm.stats import FactorLayout, presence_patterns, random_effects_matrix, stats_from_sums
 
 WORK_DIR = ".blmm_work"
@@ -97,7 +95,7 @@ def plan_run(config: Config, force: bool = False, n_workers: int = 1) -> RunPlan
     if voxels.size == 0:
         raise InputError(f"analysis_mask {config.analysis_mask}: no voxel is inside the mask")
     n, V = config.n, voxels.size
-    budget = max(int(config.maxmem), 2**24)
+    budget = max(int(config.maxmem), 1)
     # image batches: Y (float64) and its presence mask take ~10 bytes per value
     per_batch = max(1, min(n, budget // 2 // (10 * V)))
     n_batches = max(-(-n // per_batch), min(n_workers, max(1, n // 50)))
