@@ -1,0 +1,1 @@
+"""Worked examples; a package so that benchmarks and tests can import their simulators."""
