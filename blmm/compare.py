@@ -1,0 +1,679 @@
+"""`blmm_compare out1 out2 outdir`: a likelihood-ratio test of two nested blmm analyses per voxel.
+
+The two output folders must hold analyses of the same images (same order, same missing-data
+rules) with the same REML setting, and one model must be nested in the other (docs/compare.md):
+
+* fixed effects: the smaller model's X columns lie in the span of the bigger model's X;
+* random effects: every factor of the smaller model has a counterpart in the bigger one with
+  the same grouping of images, whose design spans the smaller factor's design.
+
+The statistic is Chi2 = max(2 (llh_big - llh_small), 0) from each folder's float64
+``llh_float64.npy``; its null distribution is chosen from how the models differ:
+
+* one variance component added on the boundary (a new one-effect factor): ½χ²₀ + ½χ²₁;
+* one random effect added to a factor with q (Stram & Lee 1994): ½χ²_q + ½χ²_{q+1};
+* fixed effects only (ML fits): χ² with df = the difference in p;
+* anything else: χ² with df = the difference in parameter counts, which is conservative.
+
+p-values are −log10 p computed in log space (never 1 − cdf), finite however far in the tail.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import special, stats
+
+from blmm import __version__
+from blmm.config import Config, load_config
+from blmm.design import RandomFactor
+from blmm.errors import InputError
+from blmm.io.images import SUPPORTED_SUFFIXES, ImageSpace, image_space, map_path, mismatch_reason, read_map, write_map
+
+COMPARE_FILE = "blmm_compare.json"
+RUN_FILE = "blmm_run.json"
+LLH64_FILE = "llh_float64.npy"
+INPUTS_FILE = "inputs.yml"
+OUTPUT_MAPS = ("blmm_vox_mask", "blmm_vox_Chi2", "blmm_vox_Chi2lp")
+
+LN10 = math.log(10.0)
+# Below this log p, scipy's chi2.logsf loses accuracy and then returns -inf (near x ≈ 1500 for
+# df = 1); the closed-form series takes over there.
+_SCIPY_LOG_SF_FLOOR = -600.0
+# Relative tolerance of "column lies in the span of these columns" (residual / column norm).
+_SPAN_RTOL = 1e-8
+
+
+class CompareError(InputError):
+    """The two analyses cannot be compared (the message says which condition failed)."""
+
+
+# ---------------------------------------------------------------------------
+# Null distributions
+# ---------------------------------------------------------------------------
+
+
+def _chi2_log_sf_series(x: np.ndarray, df: int) -> np.ndarray:
+    """log P(χ²_df ≥ x) for integer df ≥ 1 and x > 0 from the closed form of the upper gamma tail.
+
+    With z = x/2: even df = 2m, Q = e^{-z} Σ_{j<m} z^j / j!; odd df = 2m+1,
+    Q = erfc(√z) + e^{-z} Σ_{j<m} z^{j+½} / Γ(j+3/2).  Sums of positive terms in log space
+    do not cancel or underflow, so this stays accurate for any x.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    half = 0.5 * x
+    log_half = np.log(half)
+    m = df // 2
+    if df % 2 == 0:
+        j = np.arange(m, dtype=np.float64)
+        terms = j * log_half[..., None] - special.gammaln(j + 1.0)
+        return -half + special.logsumexp(terms, axis=-1)
+    log_erfc = math.log(2.0) + special.log_ndtr(-np.sqrt(x))  # erfc(√z) = 2Φ(-√x)
+    if m == 0:
+        return log_erfc
+    j = np.arange(m, dtype=np.float64)
+    terms = (j + 0.5) * log_half[..., None] - special.gammaln(j + 1.5)
+    return np.logaddexp(log_erfc, -half + special.logsumexp(terms, axis=-1))
+
+
+def chi2_log_sf(x: np.ndarray, df: int) -> np.ndarray:
+    """Natural log of P(χ²_df ≥ x), finite for every finite x; df = 0 is a point mass at 0."""
+    x = np.asarray(x, dtype=np.float64)
+    if df != int(df) or df < 0:
+        raise ValueError(f"chi-square df must be a non-negative integer, got {df}")
+    df = int(df)
+    if df == 0:
+        return np.where(x <= 0, 0.0, -np.inf)
+    out = np.asarray(stats.chi2.logsf(x, df), dtype=np.float64).copy()
+    far = np.isfinite(x) & (x > 0) & ~(out > _SCIPY_LOG_SF_FLOOR)
+    if np.any(far):
+        out[far] = _chi2_log_sf_series(x[far], df)
+    return out
+
+
+@dataclass(frozen=True)
+class NullDistribution:
+    """A weighted mixture of χ² distributions (a single χ² has one component of weight 1)."""
+
+    components: tuple[tuple[float, int], ...]  # (weight, df); df = 0 is a point mass at 0
+    kind: str  # "chi2" or "mixture"
+    reason: str  # why this distribution applies
+    exact: bool = True  # False: an approximation (stated in blmm_compare.json)
+
+    @property
+    def label(self) -> str:
+        """e.g. '0.5 chi2(1) + 0.5 chi2(2)' or 'chi2(2)'."""
+        if len(self.components) == 1:
+            return f"chi2({self.components[0][1]})"
+        return " + ".join(f"{w:g} chi2({df})" for w, df in self.components)
+
+    def log_sf(self, chi2: np.ndarray) -> np.ndarray:
+        """Natural log of the p-value P(T ≥ chi2); the mixture is summed with logsumexp."""
+        chi2 = np.asarray(chi2, dtype=np.float64)
+        logs = np.stack([math.log(w) + chi2_log_sf(chi2, df) for w, df in self.components])
+        return special.logsumexp(logs, axis=0)
+
+    def minus_log10_p(self, chi2: np.ndarray) -> np.ndarray:
+        """−log10 p: ≥ 0, finite for every finite statistic, NaN where chi2 is NaN."""
+        chi2 = np.asarray(chi2, dtype=np.float64)
+        out = np.full(chi2.shape, np.nan)
+        ok = np.isfinite(chi2)
+        out[ok] = np.maximum(-self.log_sf(chi2[ok]) / LN10, 0.0)  # max also turns -0.0 into 0.0
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "kind": self.kind,
+            "components": [{"weight": w, "df": df} for w, df in self.components],
+            "exact": self.exact,
+            "reason": self.reason,
+        }
+
+
+def chi2_null(df: int, reason: str, exact: bool = True) -> NullDistribution:
+    return NullDistribution(((1.0, int(df)),), "chi2", reason, exact)
+
+
+def mixture_null(df_low: int, df_high: int, reason: str) -> NullDistribution:
+    """½χ²_low + ½χ²_high."""
+    return NullDistribution(((0.5, int(df_low)), (0.5, int(df_high))), "mixture", reason, True)
+
+
+# ---------------------------------------------------------------------------
+# One analysis folder
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Analysis:
+    """A finished blmm output folder: its reloaded inputs, run record and map locations."""
+
+    outdir: Path
+    label: str  # how messages name it, e.g. "model 1 (/data/out1)"
+    config: Config
+    run: dict
+    mask_path: Path
+    space: ImageSpace
+
+    @property
+    def reml(self) -> bool:
+        return bool(self.config.reml)
+
+    @property
+    def p(self) -> int:
+        return self.config.p
+
+    @property
+    def factors(self) -> list[RandomFactor]:
+        return list(self.config.factors)
+
+    @property
+    def n_params(self) -> int:
+        """Fixed effects + unique entries of every D_k + σ²."""
+        return self.p + sum(f.q * (f.q + 1) // 2 for f in self.factors) + 1
+
+    def describe(self) -> str:
+        factors = ", ".join(f"{f.name}: q={f.q}" for f in self.factors)
+        return f"p={self.p}, {factors}"
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "outdir": str(self.outdir),
+            "p": self.p,
+            "x_columns": list(self.config.x_names),
+            "factors": [{"name": f.name, "q": f.q, "levels": f.n_levels} for f in self.factors],
+            "n_params": self.n_params,
+        }
+
+    def read_vector(self, name: str, dtype: Any) -> np.ndarray:
+        """The first volume of map ``name`` as an (n_voxels,) array."""
+        path = map_path(self.outdir, name, self.space)
+        if not path.is_file():
+            raise CompareError(f"{self.label} has no {path.name}: the analysis is incomplete or was not made by blmm")
+        return read_map(path, n_voxels=self.space.n_voxels, dtype=dtype)[:, 0]
+
+    def llh(self) -> np.ndarray:
+        path = self.outdir / LLH64_FILE
+        if not path.is_file():
+            raise CompareError(
+                f"{self.label} has no {LLH64_FILE} (the float64 log-likelihood map); rerun the analysis "
+                "with this version of blmm")
+        values = np.load(path, allow_pickle=False)
+        if values.shape != (self.space.n_voxels,):
+            raise CompareError(
+                f"{self.label}: {LLH64_FILE} holds {values.shape} values, expected ({self.space.n_voxels},)")
+        return values.astype(np.float64, copy=False)
+
+
+def _find_mask(outdir: Path, label: str) -> Path:
+    found = [outdir / f"blmm_vox_mask{suffix}" for suffix in SUPPORTED_SUFFIXES
+             if (outdir / f"blmm_vox_mask{suffix}").is_file()]
+    if not found:
+        raise CompareError(f"{label} has no blmm_vox_mask map: not a finished blmm output folder")
+    if len(found) > 1:
+        raise CompareError(f"{label} has several blmm_vox_mask maps ({', '.join(p.name for p in found)}); "
+                           "remove the stale one")
+    return found[0]
+
+
+def load_analysis(outdir: str | os.PathLike, label: str = "model") -> Analysis:
+    """Read a finished blmm output folder (inputs.yml, blmm_run.json, blmm_vox_mask)."""
+    folder = Path(os.path.abspath(os.path.expanduser(str(outdir))))
+    label = f"{label} ({folder})"
+    if not folder.is_dir():
+        raise CompareError(f"{label}: no such folder")
+    for required in (INPUTS_FILE, RUN_FILE):
+        if not (folder / required).is_file():
+            raise CompareError(
+                f"{label} has no {required}: not a finished blmm output folder (a run writes it at the end)")
+    try:
+        run = json.loads((folder / RUN_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise CompareError(f"{label}: {RUN_FILE} cannot be read ({err})") from None
+    try:
+        config = load_config(folder / INPUTS_FILE)
+    except InputError as err:
+        raise CompareError(
+            f"{label}: its {INPUTS_FILE} no longer loads (the inputs must still be in place to check that "
+            f"the models can be compared): {err}") from None
+    recorded = (run.get("settings") or {}).get("REML")
+    if recorded is not None and bool(recorded) != bool(config.reml):
+        raise CompareError(f"{label}: {RUN_FILE} says REML={recorded} but {INPUTS_FILE} says REML={config.reml}")
+    mask_path = _find_mask(folder, label)
+    return Analysis(folder, label, config, run, mask_path, image_space(mask_path))
+
+
+# ---------------------------------------------------------------------------
+# Comparability and nesting
+# ---------------------------------------------------------------------------
+
+
+def _same_path_lists(a: list[Path], b: list[Path]) -> int | None:
+    """Index of the first differing entry, or None if identical (real paths)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if os.path.realpath(x) != os.path.realpath(y):
+            return i
+    return None
+
+
+def check_comparable(a: Analysis, b: Analysis) -> None:
+    """Same images in the same order, same missing-data rules, same REML, same space."""
+    ya, yb = a.config.y_files, b.config.y_files
+    if len(ya) != len(yb):
+        raise CompareError(f"the models were fitted to different images: {a.label} has {len(ya)} images, "
+                           f"{b.label} has {len(yb)}; a likelihood-ratio test needs the same data")
+    first = _same_path_lists(ya, yb)
+    if first is not None:
+        in_order = sorted(map(os.path.realpath, ya)) == sorted(map(os.path.realpath, yb))
+        what = "the same images in a different order" if in_order else "different images"
+        raise CompareError(
+            f"the models were fitted to {what}: image {first + 1} is {ya[first]} in {a.label} but "
+            f"{yb[first]} in {b.label}; a likelihood-ratio test needs the same images in the same order")
+    if a.reml != b.reml:
+        fits = {True: "REML", False: "ML"}
+        raise CompareError(
+            f"{a.label} was fitted with {fits[a.reml]} and {b.label} with {fits[b.reml]}; both must use the "
+            "same estimation (set REML to the same value in both inputs YAMLs and refit)")
+    masks_a, masks_b = a.config.data_mask_files, b.config.data_mask_files
+    if (masks_a is None) != (masks_b is None) or (
+            masks_a is not None and (len(masks_a) != len(masks_b) or _same_path_lists(masks_a, masks_b) is not None)):
+        raise CompareError(f"{a.label} and {b.label} use different data_mask_files, so a voxel's data can "
+                           "differ between the models; use the same masks in both")
+    for key, attr in (("data_mask_thresh", "data_mask_thresh"), ("zero_is_missing", "zero_is_missing")):
+        va, vb = getattr(a.config, attr), getattr(b.config, attr)
+        if va != vb:
+            raise CompareError(f"{a.label} has {key}={va} but {b.label} has {key}={vb}, so a voxel's data can "
+                               "differ between the models; use the same setting in both")
+    reason = mismatch_reason(b.space, a.space)
+    if reason is not None:
+        raise CompareError(f"the maps of {b.label} do not match those of {a.label}: {reason}")
+
+
+def _outside_span(columns: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """Indices of ``columns`` not in the column span of ``basis`` (relative residual > tolerance)."""
+    u, singular_values, _ = np.linalg.svd(basis, full_matrices=False)
+    # an orthonormal basis of the span, robust to dependent columns (a design may have them)
+    q = u[:, singular_values > singular_values.max(initial=0.0) * max(basis.shape) * np.finfo(float).eps]
+    residual = columns - q @ (q.T @ columns)
+    norms = np.linalg.norm(columns, axis=0)
+    return np.flatnonzero(np.linalg.norm(residual, axis=0) > _SPAN_RTOL * np.maximum(norms, 1e-300))
+
+
+def same_grouping(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label vectors group the images identically (labels may be renamed)."""
+    _, ca = np.unique(a, return_inverse=True)
+    _, cb = np.unique(b, return_inverse=True)
+    pairs = np.unique(ca.astype(np.int64) * (int(cb.max()) + 1) + cb)
+    return pairs.size == np.unique(ca).size == np.unique(cb).size
+
+
+def _factor_contains(big: RandomFactor, small: RandomFactor) -> bool:
+    return same_grouping(big.labels, small.labels) and _outside_span(small.design, big.design).size == 0
+
+
+def _match_factors(small: list[RandomFactor], big: list[RandomFactor]) -> list[int] | None:
+    """A distinct big factor containing each small factor (augmenting paths), or None."""
+    allowed = [[j for j, fb in enumerate(big) if _factor_contains(fb, fs)] for fs in small]
+    owner: dict[int, int] = {}
+
+    def assign(i: int, seen: set[int]) -> bool:
+        for j in allowed[i]:
+            if j in seen:
+                continue
+            seen.add(j)
+            if j not in owner or assign(owner[j], seen):
+                owner[j] = i
+                return True
+        return False
+
+    for i in range(len(small)):  # a handful of factors: recursion depth is tiny
+        if not assign(i, set()):
+            return None
+    match = [0] * len(small)
+    for j, i in owner.items():
+        match[i] = j
+    return match
+
+
+@dataclass
+class Nesting:
+    """How the big model extends the small one."""
+
+    fixed_added: int  # p_big - p_small (0: the same fixed-effects space)
+    factor_match: list[int]  # big factor index of each small factor
+    added_factors: list[int]  # big factors with no small counterpart
+    grown: list[tuple[int, int]]  # (small index, big index) of matched factors with more effects
+
+    @property
+    def same_random(self) -> bool:
+        return not self.added_factors and not self.grown
+
+
+def nesting_of(small: Analysis, big: Analysis) -> tuple[Nesting | None, str]:
+    """The nesting of ``small`` in ``big``, or None and the first reason it is not nested."""
+    outside = _outside_span(small.config.X, big.config.X)
+    if outside.size:
+        names = ", ".join(repr(small.config.x_names[j]) for j in outside[:3])
+        return None, (f"X column {names} of {small.label} is not in the span of the X of {big.label}")
+    match = _match_factors(small.factors, big.factors)
+    if match is None:
+        unmatched = [f.name for f in small.factors
+                     if not any(_factor_contains(fb, f) for fb in big.factors)]
+        which = repr(unmatched[0]) if unmatched else "factors"
+        return None, (f"random factor {which} of {small.label} has no counterpart in {big.label} (a factor "
+                      "grouping the images the same way, whose design spans it)")
+    added = [j for j in range(len(big.factors)) if j not in match]
+    grown = [(i, j) for i, j in enumerate(match) if big.factors[j].q > small.factors[i].q]
+    return Nesting(big.p - small.p, match, added, grown), ""
+
+
+def choose_null(small: Analysis, big: Analysis, nest: Nesting) -> NullDistribution:
+    """The null distribution of Chi2 for this nesting (refuses fixed-effects tests under REML)."""
+    df_total = big.n_params - small.n_params
+    if nest.fixed_added and big.reml:
+        raise CompareError(
+            f"the fixed effects differ ({small.label}: X with {small.p} columns; {big.label}: X with {big.p}), "
+            "but both models were fitted with REML, and REML log-likelihoods of models with different fixed "
+            "effects cannot be compared. Refit both with 'REML: false' in their inputs YAMLs (ML) and "
+            "compare those fits")
+    if nest.fixed_added and nest.same_random:
+        return chi2_null(nest.fixed_added, f"{nest.fixed_added} fixed effect(s) added (ML fits)")
+    if not nest.fixed_added:
+        if len(nest.added_factors) == 1 and not nest.grown and big.factors[nest.added_factors[0]].q == 1:
+            name = big.factors[nest.added_factors[0]].name
+            return mixture_null(0, 1, f"one variance component added on the boundary (new factor {name!r} "
+                                      "with one random effect)")
+        if not nest.added_factors and len(nest.grown) == 1:
+            i, j = nest.grown[0]
+            q_small, q_big = small.factors[i].q, big.factors[j].q
+            if q_big == q_small + 1:
+                return mixture_null(q_small, q_small + 1,
+                                    f"one correlated random effect added to factor {big.factors[j].name!r} "
+                                    f"with {q_small} (Stram & Lee 1994)")
+    return chi2_null(df_total, (
+        f"several parameters change at once ({df_total} in all); chi2 with the difference in parameter "
+        "counts is a conservative approximation (the exact null is a chi-bar-square mixture)"), exact=False)
+
+
+# ---------------------------------------------------------------------------
+# The comparison
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class ComparisonResult:
+    """Maps and bookkeeping of one comparison (what blmm_compare.json records)."""
+
+    outdir: Path
+    small: Analysis
+    big: Analysis
+    swapped: bool
+    null: NullDistribution
+    chi2: np.ndarray  # (n_voxels,) float64; NaN outside the mask or where untested
+    minus_log10_p: np.ndarray  # (n_voxels,) float64
+    mask: np.ndarray  # (n_voxels,) bool: intersection of both masks
+    counts: dict[str, int]
+    record: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+
+
+def _order_models(a: Analysis, b: Analysis) -> tuple[Analysis, Analysis, Nesting, bool]:
+    """(small, big, nesting, swapped); refuses identical or non-nested models."""
+    a_in_b, why_not_a_in_b = nesting_of(a, b)
+    b_in_a, why_not_b_in_a = nesting_of(b, a)
+    if a_in_b is not None and b_in_a is not None:
+        raise CompareError(f"{a.label} and {b.label} are the same model (same fixed-effects space and random "
+                           "structure): there is nothing to test")
+    if a_in_b is not None:
+        return a, b, a_in_b, False
+    if b_in_a is not None:
+        return b, a, b_in_a, True
+    raise CompareError(f"the models are not nested, so a likelihood-ratio test does not apply: "
+                       f"{why_not_a_in_b}; and {why_not_b_in_a}")
+
+
+def _identity(models: tuple[Analysis, Analysis]) -> list[str]:
+    """What makes two comparisons the same: the pair of folders, in either order, links resolved."""
+    return sorted(os.path.realpath(m.outdir) for m in models)
+
+
+def _check_outdir(outdir: Path, models: tuple[Analysis, Analysis], force: bool) -> None:
+    for model in models:
+        if outdir == model.outdir or (outdir.exists() and os.path.samefile(outdir, model.outdir)):
+            raise CompareError(f"outdir {outdir} is the output folder of {model.label}; choose another folder")
+    if not outdir.exists():
+        return
+    if not outdir.is_dir():
+        raise CompareError(f"outdir {outdir} exists and is not a folder")
+    if (outdir / RUN_FILE).exists() or (outdir / INPUTS_FILE).exists():
+        raise CompareError(f"outdir {outdir} holds a blmm analysis whose maps the comparison would overwrite; "
+                           "choose another folder")
+    record_path = outdir / COMPARE_FILE
+    wanted = _identity(models)
+    if record_path.exists():
+        try:
+            previous = sorted(json.loads(record_path.read_text())["models"])
+        except (OSError, ValueError, KeyError, TypeError):
+            previous = None
+        if previous != wanted and not force:
+            held = " and ".join(previous) if previous else "other models"
+            raise CompareError(f"outdir {outdir} already holds a comparison of {held}; use --force to "
+                               "overwrite it or choose another folder")
+    elif not force and any(outdir.glob("blmm_vox_Chi2*")):
+        raise CompareError(f"outdir {outdir} already holds comparison maps (blmm_vox_Chi2*) of unknown origin; "
+                           "use --force to overwrite them or choose another folder")
+
+
+def _publish(staging: Path, outdir: Path, names: list[str]) -> None:
+    """Move the finished files from ``staging`` into ``outdir`` (a rename when outdir is new)."""
+    try:
+        os.rename(staging, outdir)  # fails if outdir exists (even empty on some systems)
+        return
+    except OSError:
+        if not outdir.is_dir():
+            raise
+    record = outdir / COMPARE_FILE
+    record.unlink(missing_ok=True)  # no record claims the folder while maps are replaced
+    for name in OUTPUT_MAPS:  # maps of an earlier comparison in another format
+        for suffix in SUPPORTED_SUFFIXES:
+            stale = outdir / f"{name}{suffix}"
+            if stale.name not in names:
+                stale.unlink(missing_ok=True)
+    for name in names:
+        if name != COMPARE_FILE:
+            os.replace(staging / name, outdir / name)
+    os.replace(staging / COMPARE_FILE, record)  # last: the record marks a complete comparison
+    staging.rmdir()
+
+
+def _counts(mask: np.ndarray, mask_a: np.ndarray, mask_b: np.ndarray, fitted: np.ndarray,
+            converged_small: np.ndarray, converged_big: np.ndarray, same_n: np.ndarray,
+            tested: np.ndarray, negative: np.ndarray) -> dict[str, int]:
+    count = lambda m: int(np.count_nonzero(m))  # noqa: E731
+    return {
+        "mask_model_1": count(mask_a),
+        "mask_model_2": count(mask_b),
+        "mask": count(mask),
+        "tested": count(tested),
+        "not_fitted": count(mask & ~fitted),
+        "not_converged": count(mask & fitted & ~(converged_small & converged_big)),
+        "not_converged_small": count(mask & fitted & ~converged_small),
+        "not_converged_big": count(mask & fitted & ~converged_big),
+        "n_differs": count(mask & fitted & converged_small & converged_big & ~same_n),
+        "nan": count(mask & ~tested),
+        "llh_big_below_small": count(negative),
+    }
+
+
+def compare(outdir1: str | os.PathLike, outdir2: str | os.PathLike, outdir: str | os.PathLike,
+            force: bool = False) -> ComparisonResult:
+    """Compare two finished blmm analyses voxel by voxel; write the maps and blmm_compare.json.
+
+    Raises CompareError (an InputError) naming the failed condition when the analyses cannot
+    be compared.  The maps are written in the format of ``outdir1``'s maps.
+    """
+    first = load_analysis(outdir1, "model 1")
+    second = load_analysis(outdir2, "model 2")
+    target = Path(os.path.abspath(os.path.expanduser(str(outdir))))
+    _check_outdir(target, (first, second), force)
+    check_comparable(first, second)
+    small, big, nest, swapped = _order_models(first, second)
+    null = choose_null(small, big, nest)
+    notes = []
+    if swapped:
+        notes.append(f"model 1 is the bigger model, so the two were swapped: small = {small.outdir}, "
+                     f"big = {big.outdir}")
+    if not null.exact:
+        notes.append(f"null distribution {null.label} is an approximation: {null.reason}")
+
+    # REML log-likelihoods (lme4's convention) move by -log|det T| when X is reparametrised as X T;
+    # adding ½ log|X'X| makes them invariant, so same-span designs compare exactly.
+    x_correction = 0.0
+    if big.reml and nest.fixed_added == 0:
+        x_correction = float(np.linalg.slogdet(big.config.X.T @ big.config.X)[1]
+                             - np.linalg.slogdet(small.config.X.T @ small.config.X)[1])
+        if abs(x_correction) < 1e-10:
+            x_correction = 0.0
+    mask_a = first.read_vector("blmm_vox_mask", np.int32) != 0
+    mask_b = second.read_vector("blmm_vox_mask", np.int32) != 0
+    mask = mask_a & mask_b
+    llh_small, llh_big = small.llh(), big.llh()
+    converged_small = small.read_vector("blmm_vox_converged", np.int32) != 0
+    converged_big = big.read_vector("blmm_vox_converged", np.int32) != 0
+    same_n = small.read_vector("blmm_vox_n", np.int32) == big.read_vector("blmm_vox_n", np.int32)
+    fitted = np.isfinite(llh_small) & np.isfinite(llh_big)
+    tested = mask & fitted & converged_small & converged_big & same_n
+    difference = np.full(mask.shape, np.nan)
+    difference[tested] = 2.0 * (llh_big[tested] - llh_small[tested]) + x_correction
+    # beyond round-off, a bigger model fitting worse means a fit stopped short of its optimum
+    scale = 1e-6 * np.maximum(1.0, np.abs(np.where(tested, llh_big, 0.0)))
+    negative = tested & (difference < -scale)
+    chi2 = np.where(tested, np.maximum(difference, 0.0), np.nan)
+    minus_log10_p = null.minus_log10_p(chi2)
+    counts = _counts(mask, mask_a, mask_b, fitted, converged_small, converged_big, same_n, tested, negative)
+    if counts["llh_big_below_small"]:
+        notes.append(f"{counts['llh_big_below_small']} voxels have a lower log-likelihood in the bigger model "
+                     "(Chi2 set to 0 there); check blmm_vox_converged and consider a smaller tol")
+
+    record = {
+        "version": __version__,
+        "models": _identity((first, second)),
+        "small": small.summary(),
+        "big": big.summary(),
+        "swapped": swapped,
+        "REML": big.reml,
+        "test": ("fixed effects" if nest.same_random else
+                 "random effects" if not nest.fixed_added else "fixed and random effects"),
+        "statistic": "Chi2 = max(2 (llh_big - llh_small) + reml_x_correction, 0), from llh_float64.npy",
+        "reml_x_correction": x_correction,
+        "df_parameters": big.n_params - small.n_params,
+        "null_distribution": null.to_json(),
+        "p_values": "blmm_vox_Chi2lp = -log10 P(T >= Chi2) under the null distribution (log space, finite)",
+        "counts": counts,
+        "max_Chi2lp": float(np.nanmax(minus_log10_p)) if counts["tested"] else None,
+        "notes": notes,
+    }
+
+    space = first.space
+    maps = {
+        "blmm_vox_mask": (mask.astype(np.int32), "int32"),
+        "blmm_vox_Chi2": (np.where(mask, chi2, np.nan), "float32"),
+        "blmm_vox_Chi2lp": (np.where(mask, minus_log10_p, np.nan), "float32"),
+    }
+    record["maps"] = {name: map_path(target, name, space).name for name in maps}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        names = [write_map(staging, name, data, space, dtype=dtype, volume_names=[name.removeprefix("blmm_vox_")]).name
+                 for name, (data, dtype) in maps.items()]
+        (staging / COMPARE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        names.append(COMPARE_FILE)
+        _publish(staging, target, names)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ComparisonResult(target, small, big, swapped, null, chi2, minus_log10_p, mask, counts, record, notes,
+                            [target / name for name in names])
+
+
+def summary_text(result: ComparisonResult) -> str:
+    """The lines blmm_compare prints at the end."""
+    c = result.counts
+    lines = [
+        f"blmm_compare: small model {result.small.outdir} ({result.small.describe()})",
+        f"              big model   {result.big.outdir} ({result.big.describe()})",
+        f"  test: {result.record['test']} ({'REML' if result.big.reml else 'ML'}), null distribution "
+        f"{result.null.label}{'' if result.null.exact else ' (conservative approximation)'}",
+        f"  voxels: {c['mask']} in both masks, {c['tested']} tested, {c['nan']} NaN"
+        + (f" ({c['not_converged']} not converged in a model)" if c["not_converged"] else "")
+        + (f" ({c['not_fitted']} not fitted)" if c["not_fitted"] else "")
+        + (f" ({c['n_differs']} with a different number of images)" if c["n_differs"] else ""),
+    ]
+    if c["tested"]:
+        threshold = result.big.config.report_threshold
+        above = int(np.count_nonzero(result.minus_log10_p > threshold))
+        lines.append(f"  max -log10 p = {result.record['max_Chi2lp']:.3g}; {above} voxels above {threshold:g}")
+    lines.append(f"  wrote {', '.join(p.name for p in result.written)} to {result.outdir}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blmm_compare",
+        description="Likelihood-ratio test, per voxel, of two nested blmm analyses of the same images.")
+    parser.add_argument("out1", help="output folder of one analysis")
+    parser.add_argument("out2", help="output folder of the other analysis (the order does not matter)")
+    parser.add_argument("outdir", help="folder for blmm_vox_Chi2, blmm_vox_Chi2lp, blmm_vox_mask and "
+                                       "blmm_compare.json")
+    parser.add_argument("--force", action="store_true", help="overwrite an outdir holding another comparison")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    """``blmm_compare out1 out2 outdir``: exit 0 on success, 1 on a user error, 2 on bad usage, 3 on a bug."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:  # argparse has printed the usage and the problem
+        return int(stop.code or 0)
+    try:
+        result = compare(args.out1, args.out2, args.outdir, force=args.force)
+    except InputError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"blmm_compare: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"blmm_compare: error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # a bug: one line unless --debug
+        if args.debug:
+            raise
+        print(f"blmm_compare: internal error: {type(err).__name__}: {err} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 3
+    for note in result.notes:
+        print(f"blmm_compare: note: {note}")
+    print(summary_text(result))
+    return 0
+
+
+__all__ = [
+    "Analysis", "CompareError", "ComparisonResult", "Nesting", "NullDistribution", "check_comparable",
+    "chi2_log_sf", "chi2_null", "choose_null", "compare", "compare_main", "load_analysis", "mixture_null",
+    "nesting_of", "same_grouping", "summary_text",
+]
