@@ -84,7 +84,7 @@ def input_hash(config: Config) -> str:
     return h.hexdigest()[:16]
 
 
-def plan_run(config: Config, force: bool = False, n_workers: int = 1) -> RunPlan:
+def plan_run(config: Config, force: bool = False) -> RunPlan:
     """Size the batches and blocks, and prepare (or resume) the work folder."""
     space = config.space
     if config.analysis_mask is not None:
@@ -96,15 +96,18 @@ def plan_run(config: Config, force: bool = False, n_workers: int = 1) -> RunPlan
         raise InputError(f"analysis_mask {config.analysis_mask}: no voxel is inside the mask")
     n, V = config.n, voxels.size
     budget = max(int(config.maxmem), 1)
-    # image batches: Y (float64) and its presence mask take ~10 bytes per value
-    per_batch = max(1, min(n, budget // 2 // (10 * V)))
-    n_batches = max(-(-n // per_batch), min(n_workers, max(1, n // 50)))
+    # image batches run in parallel and each accumulates one partial file of V x (p+q+1)
+    # sums, so their number follows the workers (and disk), not memory: a batch reads its
+    # images in memory-sized chunks (image_chunk)
+    # (the layout depends only on the inputs and MAXMEM, so a run resumes on any engine)
+    partial_bytes = 8 * V * (config.p + config.q + 1)
+    n_batches = int(max(1, min(4, n // 32, 2 * budget // max(partial_bytes, 1))))
     bounds = np.linspace(0, n, n_batches + 1).round().astype(int)
     batches = tuple((int(a), int(b)) for a, b in zip(bounds, bounds[1:]) if b > a)
     # voxel blocks: the summed statistics of a block plus the fit's working memory
     row_bytes = 8 * (config.p + config.q + 1) * 3 + n // 4
     per_block = max(1, min(V, budget // 2 // row_bytes, 20000))
-    n_blocks = max(-(-V // per_block), min(n_workers, max(1, V // 500)))
+    n_blocks = max(-(-V // per_block), min(config.maxnvb, max(1, V // 2000)))  # blocks run in parallel
     if config.voxel_batching:
         n_blocks = max(n_blocks, min(config.maxnvb, V))
     bounds = np.linspace(0, V, n_blocks + 1).round().astype(int)
@@ -183,35 +186,44 @@ def read_batch(plan: RunPlan, b: int) -> str:
     cfg = plan.config
     start, stop = plan.batches[b]
     voxels = plan.voxels
-    Y = np.empty((stop - start, voxels.size))
-    present = np.empty(Y.shape, bool)
-    for i, row in enumerate(range(start, stop)):  # one read per image
-        y = read_image(cfg.y_files[row], cfg.space)[voxels]
-        ok = np.isfinite(y)
-        if cfg.data_mask_files is not None:
-            ok &= read_mask(cfg.data_mask_files[row], cfg.space)[voxels]
-        if cfg.data_mask_thresh is not None:
-            ok &= y >= cfg.data_mask_thresh
-        if cfg.zero_is_missing:
-            ok &= y != 0
-        Y[i] = np.where(ok, y, 0.0)
-        present[i] = ok
-    X = cfg.X[start:stop]
     layout = FactorLayout.from_factors(cfg.factors)
-    Z = random_effects_matrix([f.subset(slice(start, stop)) for f in cfg.factors], layout)
-    p, q = X.shape[1], layout.n_columns
+    p, q = cfg.p, layout.n_columns
     tmp_stats = stats_path.with_name(f".{stats_path.name}.tmp{os.getpid()}.npy")
     out = np.lib.format.open_memmap(tmp_stats, mode="w+", dtype=np.float64, shape=(voxels.size, p + q + 1))
-    chunk = max(1, int(cfg.maxmem // 4 // (8 * (p + q + 1) + 8 * Y.shape[0])))
-    for a in range(0, voxels.size, chunk):  # bounded memory for large q
-        Yc = Y[:, a:a + chunk]
-        out[a:a + chunk, :p] = (X.T @ Yc).T
-        out[a:a + chunk, p:p + q] = np.asarray(Z.T @ Yc).T
-        out[a:a + chunk, p + q] = np.einsum("nv,nv->v", Yc, Yc)
+    packed = []
+    # images per chunk: Y in float64 plus its presence mask (~10 bytes a value) in a quarter
+    # of MAXMEM, a multiple of 8 so the presence bits pack chunk by chunk
+    chunk = max(8, int(cfg.maxmem // 4 // (10 * voxels.size)) // 8 * 8)
+    vox_chunk = max(1, int(cfg.maxmem // 4 // (8 * (p + q + 1) + 8 * chunk)))
+    for c0 in range(start, stop, chunk):
+        c1 = min(c0 + chunk, stop)
+        Y = np.empty((c1 - c0, voxels.size))
+        present = np.empty(Y.shape, bool)
+        for i, row in enumerate(range(c0, c1)):  # each image is read once
+            y = read_image(cfg.y_files[row], cfg.space)[voxels]
+            ok = np.isfinite(y)
+            if cfg.data_mask_files is not None:
+                ok &= read_mask(cfg.data_mask_files[row], cfg.space)[voxels]
+            if cfg.data_mask_thresh is not None:
+                ok &= y >= cfg.data_mask_thresh
+            if cfg.zero_is_missing:
+                ok &= y != 0
+            Y[i] = np.where(ok, y, 0.0)
+            present[i] = ok
+        X = cfg.X[c0:c1]
+        Z = random_effects_matrix([f.subset(slice(c0, c1)) for f in cfg.factors], layout)
+        for a in range(0, voxels.size, vox_chunk):  # bounded memory for large q
+            Yc = Y[:, a:a + vox_chunk]
+            out[a:a + vox_chunk, :p] += (X.T @ Yc).T
+            out[a:a + vox_chunk, p:p + q] += np.asarray(Z.T @ Yc).T
+            out[a:a + vox_chunk, p + q] += np.einsum("nv,nv->v", Yc, Yc)
+        packed.append(np.packbits(present, axis=0))
+        del Y, present
     out.flush()
     del out
     os.replace(tmp_stats, stats_path)
-    _atomic_save(present_path, np.packbits(present, axis=0).T.copy())  # (voxels, bytes); written last
+    bits = np.concatenate(packed, axis=0).T.copy()  # (voxels, bytes)
+    _atomic_save(present_path, bits)  # written last: marks the batch finished
     return str(present_path)
 
 
@@ -401,7 +413,7 @@ def run(config: Config, engine=None, force: bool = False, log=print) -> RunSumma
         with open_engine(EngineSpec(kind="inline")) as eng:
             return run(config, eng, force, log)
     timings: dict[str, float] = {}
-    plan = plan_run(config, force=force, n_workers=max(1, getattr(engine, "n_workers", 1) or 1))
+    plan = plan_run(config, force=force)
     timings["plan"] = time.perf_counter() - t0
     log(f"blmm: {config.n} images, {plan.voxels.size} voxels in the analysis mask, p = {config.p}, "
         f"{len(plan.batches)} image batch(es), {len(plan.blocks)} voxel block(s)")
