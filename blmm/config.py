@@ -50,8 +50,9 @@ KNOWN_KEYS = _REQUIRED_KEYS + _OPTIONAL_KEYS + tuple(_IGNORED_KEYS)
 _FACTOR_FIELDS = ("name", "factor", "design")
 _CONTRAST_FIELDS = ("name", "vector", "statType")  # statType: in upstream's template, never read
 _MISSINGNESS_FIELDS = {"minpercent": "MinPercent", "minn": "MinN"}
-_CLUSTER_FIELDS = ("workers", "cores", "memory", "walltime", "queue", "account",
-                   "job_extra_directives", "retries")
+_CLUSTER_FIELDS = ("kind", "workers", "cores", "processes", "memory", "walltime", "queue", "account",
+                   "job_extra_directives", "job_script_prologue", "job_name", "log_directory",
+                   "local_directory", "python", "interface", "retries", "start_timeout")
 _MAX_LISTED = 5  # files named per problem before summarising the rest
 
 
@@ -965,8 +966,15 @@ class _Checker:
                 continue
             if entry is None:
                 continue
-            if key in ("workers", "cores"):
+            if key in ("workers", "cores", "processes"):
                 parsed = self.number(label, entry, integer=True, minimum=1)
+            elif key == "start_timeout":
+                parsed = self.number(label, entry, minimum=0)
+            elif key == "kind":
+                kinds = ("local", "inline", "slurm", "sge", "pbs", "lsf", "htcondor", "oar", "moab")
+                parsed = str(entry).lower() if str(entry).lower() in kinds else None
+                if parsed is None:
+                    self.problem(f"{label}: expected one of {', '.join(kinds)}, found {_shorten(entry)}")
             elif key == "retries":
                 parsed = self.number(label, entry, integer=True, minimum=0)
             elif key in ("memory", "walltime"):
@@ -977,11 +985,11 @@ class _Checker:
                 if not ok:
                     example = "'16GB'" if key == "memory" else "'02:00:00'"
                     self.problem(f"{label}: expected a string such as {example} or a positive number, found {_shorten(entry)}")
-            elif key in ("queue", "account"):
+            elif key in ("queue", "account", "job_name", "log_directory", "local_directory", "python", "interface"):
                 parsed = entry if isinstance(entry, str) and entry.strip() else None
                 if parsed is None:
                     self.problem(f"{label}: expected a non-empty string, found {_shorten(entry)}")
-            else:  # job_extra_directives
+            else:  # job_extra_directives, job_script_prologue
                 ok = isinstance(entry, list) and all(isinstance(item, str) for item in entry)
                 parsed = list(entry) if ok else None
                 if not ok:
