@@ -18,7 +18,7 @@ import numpy as np
 
 from blmm import linalg as la
 from blmm.design import RandomFactor
-from blmm.objective import DenseObjective, Evaluation, LevelObjective
+from blmm.objective import DenseObjective, Evaluation, LevelObjective, SchurObjective
 from blmm.stats import SufficientStats, sufficient_stats
 
 METHODS = ("pSFS", "SFS", "pFS", "FS")
@@ -102,7 +102,10 @@ def fit_stats(
 ) -> FitResult:
     """Fit every voxel from its sufficient statistics.
 
-    structure: "levels" (one factor, grouped levels), "dense" (any factors) or "auto".
+    structure: "levels" (one factor, grouped levels), "schur" (several factors: the one with
+    most levels eliminated level by level, the rest dense), "dense" (any factors: a dense
+    q x q system per voxel) or "auto" (levels for one factor, else schur unless the other
+    factors have more than 2,000 columns).
     max_block_bytes bounds the working memory of one voxel block.
     """
     method = _check_method(method)
@@ -113,9 +116,14 @@ def fit_stats(
     layout = stats.layout
     n_factors = len(layout.q)
     if structure == "auto":
-        structure = "levels" if n_factors == 1 else "dense"
+        small_columns = layout.n_columns - max(l * q for l, q in zip(layout.n_levels, layout.q))
+        structure = "levels" if n_factors == 1 else ("schur" if small_columns <= 2000 else "dense")
+    if structure not in ("levels", "schur", "dense"):
+        raise ValueError(f"unknown structure {structure!r}; expected auto, levels, schur or dense")
     if structure == "levels" and n_factors != 1:
         raise ValueError("the 'levels' structure needs exactly one random factor")
+    if structure == "schur" and n_factors < 2:
+        raise ValueError("the 'schur' structure needs two or more random factors")
     v, p = stats.n_voxels, stats.p
     qk = list(layout.q)
     k = 1 + sum(q * (q + 1) // 2 for q in qk)
@@ -136,6 +144,11 @@ def fit_stats(
         if structure == "levels":
             obj = LevelObjective(XtX, stats.ZtX[u], stats.ZtZ[u], n, qk[0], reml)
             per_voxel = 8 * (12 * obj.C * qk[0] ** 2 + obj.Cb * len(obj.pairs) * (p + 1) + (k + 6) * p * p)
+        elif structure == "schur":
+            obj = SchurObjective(XtX, stats.ZtX[u], stats.ZtZ[u], n, layout, reml)
+            lv, pu = obj.level, p + obj.qR
+            per_voxel = 8 * (12 * lv.C * lv.q ** 2 + lv.Cb * len(lv.pairs) * (pu + 1) + 12 * pu * pu
+                             + 8 * obj.qR ** 2 + (k + 6) * p * p)
         else:
             obj = DenseObjective(XtX, stats.ZtX[u], stats.ZtZ[u], n, layout, reml)
             per_voxel = 8 * (10 * obj.qtot ** 2 + (k + 6) * p * p)

@@ -151,8 +151,8 @@ class LevelObjective:
                     KXY[:, i, k] += ym[:, :, a] @ Xm[:, b, :]
         return LevelData(XtY=np.ascontiguousarray(XtY), YtY=np.asarray(YtY, dtype=np.float64), ys=ys, KXY=KXY, KYY=KYY)
 
-    def evaluate(self, D_list, data: "LevelData", sigma2=None, grad=False) -> Evaluation:
-        D = D_list[0]
+    def products(self, D: np.ndarray, data: "LevelData"):
+        """X'V⁻¹X, X'V⁻¹Y, Y'V⁻¹Y and log|V| at D (v, q, q), plus the per-unit weights."""
         v = D.shape[0]
         p, q, Cb = self.p, self.q, self.Cb
         d = [[D[:, a, b][:, None] for b in range(q)] for a in range(q)]
@@ -183,13 +183,16 @@ class LevelObjective:
                 wy = sum(Ws(a, b) * data.ys[b] for b in range(q))
                 XtVY -= wy @ self.Xs[a]
                 YtVY -= np.einsum("vj,vj->v", wy, data.ys[a])
-        beta, C, logdetXVX, ok = _gls(XtVX, XtVY)
-        Q = YtVY - np.einsum("vp,vp->v", beta, XtVY)
-        llh, s2 = _likelihood(Q, logdetV, logdetXVX, self.n, self.p, self.reml, sigma2)
-        ok &= np.isfinite(llh) & (Q > 0)
-        ev = Evaluation(llh=llh, beta=beta, sigma2=np.broadcast_to(s2, (v,)).copy(), C=C, Q=Q, ok=ok)
-        if not grad:
-            return ev
+        return XtVX, XtVY, YtVY, logdetV, R
+
+    def gradient_parts(self, R, data: "LevelData", gamma: np.ndarray, Omega: np.ndarray | None):
+        """Σ_j T_j, Σ_j u_j u_j' with u_j = R_j(y_j - X_j γ), Σ_j R_j X_j Ω X_j' R_j', and the information.
+
+        With γ = β̂ and Ω = C (REML) these give the deviance gradient; a caller that augments
+        X with other factors' columns passes its own γ and Ω (SchurObjective).
+        """
+        v = gamma.shape[0]
+        q, Cb = self.q, self.Cb
         T = {}
         for a, b in self.pairs:  # T_c = R_c G_c (symmetric)
             t = sum(R[a][e] * self.g[e][b] for e in range(q))
@@ -204,25 +207,24 @@ class LevelObjective:
         uu = np.zeros((v, q, q))
         if Cb:
             Rb = np.stack([np.stack([R[a][b][:, :Cb] for b in range(q)], -1) for a in range(q)], -2)
-            bKb = np.stack([np.einsum("vr,crs,vs->vc", beta, K, beta) for K in self.Kpair_big], -1)
-            bKy = np.einsum("vp,vckp->vck", beta, data.KXY)
+            bKb = np.stack([np.einsum("vr,crs,vs->vc", gamma, K, gamma) for K in self.Kpair_big], -1)
+            bKy = np.einsum("vp,vckp->vck", gamma, data.KXY)
             diag = np.array([a == b for a, b in self.pairs])
             Spair = data.KYY - np.where(diag, 2.0, 1.0) * bKy + np.where(diag, 1.0, 0.5) * bKb
             S = _pairs_to_matrix(Spair, self.pairs, q)
             uu += np.einsum("vcab,vcbd,vced->vae", Rb, S, Rb, optimize=True)
         if self.Ls:
-            r = [data.ys[b] - beta @ self.Xs[b].T for b in range(q)]
+            r = [data.ys[b] - gamma @ self.Xs[b].T for b in range(q)]
             u = [sum(R[a][b][:, Cb:] * r[b] for b in range(q)) for a in range(q)]
             for a, b in self.pairs:
                 uu[:, a, b] += np.einsum("vj,vj->v", u[a], u[b])
                 if a != b:
                     uu[:, b, a] = uu[:, a, b]
-        s2v = ev.sigma2
-        Gk = T_sum - uu / s2v[:, None, None]
-        if self.reml:
-            cvec = la.pack_sym(C, double_offdiag=True)
+        corr = np.zeros((v, q, q))
+        if Omega is not None:
+            cvec = la.pack_sym(Omega, double_offdiag=True)
             H = {}
-            for k, (a, b) in enumerate(self.pairs):  # H_c[a,b] = <K_c^{ab}, C>
+            for k, (a, b) in enumerate(self.pairs):  # H_c[a,b] = <K_c^{ab}, Ω>
                 H[a, b] = (cvec @ self.Kf[k].T) * (1.0 if a == b else 0.5)
 
             def Hf(a, b):
@@ -230,17 +232,29 @@ class LevelObjective:
             RH = [[sum(R[a][e] * Hf(e, f) for e in range(q)) for f in range(q)] for a in range(q)]
             for a, b in self.pairs:  # Σ_c R_c H_c R_c'
                 val = sum(np.einsum("vc,vc->v", RH[a][f], R[b][f]) for f in range(q))
-                Gk[:, a, b] -= val
-                if a != b:
-                    Gk[:, b, a] -= val
-        ev.grad = [la.sym(Gk)]
+                corr[:, a, b] = val
+                corr[:, b, a] = val
         info = np.empty((v, q, q, q, q))
         for a in range(q):  # F[(a,b),(c,d)] = Σ_c m_c T[b,c] T[a,d]
             for b in range(q):
                 for c in range(q):
                     for e in range(q):
                         info[:, a, b, c, e] = (Tf(b, c) * Tf(a, e)) @ self.mu
-        ev.info = info.reshape(v, q * q, q * q)
+        return T_sum, uu, corr, info.reshape(v, q * q, q * q)
+
+    def evaluate(self, D_list, data: "LevelData", sigma2=None, grad=False) -> Evaluation:
+        v = D_list[0].shape[0]
+        XtVX, XtVY, YtVY, logdetV, R = self.products(D_list[0], data)
+        beta, C, logdetXVX, ok = _gls(XtVX, XtVY)
+        Q = YtVY - np.einsum("vp,vp->v", beta, XtVY)
+        llh, s2 = _likelihood(Q, logdetV, logdetXVX, self.n, self.p, self.reml, sigma2)
+        ok &= np.isfinite(llh) & (Q > 0)
+        ev = Evaluation(llh=llh, beta=beta, sigma2=np.broadcast_to(s2, (v,)).copy(), C=C, Q=Q, ok=ok)
+        if not grad:
+            return ev
+        T_sum, uu, corr, info = self.gradient_parts(R, data, beta, C if self.reml else None)
+        ev.grad = [la.sym(T_sum - corr - uu / ev.sigma2[:, None, None])]
+        ev.info = info
         ev.T_sum = [T_sum]
         ev.uu_sum = [uu]
         return ev
@@ -397,6 +411,142 @@ class DenseObjective:
                 o2, l2, q2 = self.offsets[k2], self.n_levels[k2], self.qk[k2]
                 T4 = T[:, ok_:ok_ + lk * qk, o2:o2 + l2 * q2].reshape(v, lk, qk, l2, q2)
                 blk = np.einsum("vibjc,viajd->vabcd", T4, T4).reshape(v, qk * qk, q2 * q2)
+                info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = blk
+        ev.info = info
+        return ev
+
+
+@dataclass
+class SchurData:
+    level: LevelData  # the big factor's data, with X augmented by the small factors' Z columns
+    ZRtY: np.ndarray  # (v, q_R)
+    XtY: np.ndarray  # (v, p), for resms and the voxel count
+
+    def take(self, idx) -> "SchurData":
+        return SchurData(self.level.take(idx), self.ZRtY[idx], self.XtY[idx])
+
+
+class SchurObjective:
+    """Several factors, one of them with many levels (e.g. subjects) and the rest small (e.g. sites).
+
+    The big factor k1 is eliminated level by level: with V₁ = I + Z₁D₁Z₁', every product
+    U'V₁⁻¹U of the augmented design U = [X, Z_R] comes from the level/class machinery of
+    `LevelObjective` (the small factors' columns Z_R ride along with X).  A second Woodbury
+    step over the q_R small-factor columns gives V⁻¹, so the dense part is q_R x q_R per
+    voxel instead of q x q.  The big factor's gradient is LevelObjective's with β replaced
+    by γ = [β; b̃] and C by Ω = E_R S E_R' + B C B' (docs/model.md).
+    """
+
+    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, big: int | None = None):
+        ZtZ = sp.csr_matrix(ZtZ)
+        self.n, self.p, self.reml = int(n), XtX.shape[0], bool(reml)
+        self.qk = layout.q
+        nlev = layout.n_levels
+        self.big = int(np.argmax(nlev)) if big is None else big
+        off = layout.offsets
+        big_cols = np.arange(off[self.big], off[self.big + 1])
+        small_cols = np.concatenate([np.arange(off[k], off[k + 1]) for k in range(len(self.qk)) if k != self.big])
+        self.small = [k for k in range(len(self.qk)) if k != self.big]
+        self.big_cols, self.small_cols = big_cols, small_cols
+        self.qR = small_cols.size
+        p, qR = self.p, self.qR
+        ZRtX = ZtX[small_cols]
+        ZRtZR = np.asarray(ZtZ[small_cols][:, small_cols].todense())
+        UtU = np.block([[XtX, ZRtX.T], [ZRtX, ZRtZR]])
+        Z1tU = np.hstack([ZtX[big_cols], np.asarray(ZtZ[big_cols][:, small_cols].todense())])
+        self.level = LevelObjective(UtU, Z1tU, ZtZ[big_cols][:, big_cols], n, self.qk[self.big], reml)
+        # offsets of the small factors inside the q_R block (level-major per factor, as Z)
+        self.small_offsets = np.concatenate([[0], np.cumsum([nlev[k] * self.qk[k] for k in self.small])])
+        self.small_levels = [nlev[k] for k in self.small]
+        self.small_q = [self.qk[k] for k in self.small]
+        self.eye_p = np.eye(p)
+        del qR
+
+    def data(self, XtY, ZtY, YtY) -> SchurData:
+        UtY = np.hstack([XtY, ZtY[:, self.small_cols]])
+        return SchurData(self.level.data(UtY, ZtY[:, self.big_cols], YtY),
+                         np.ascontiguousarray(ZtY[:, self.small_cols]), np.ascontiguousarray(XtY))
+
+    def _small_blockdiag(self, D_list):
+        v = D_list[0].shape[0]
+        out = np.zeros((v, self.qR, self.qR))
+        for i, k in enumerate(self.small):
+            o, lk, qk = self.small_offsets[i], self.small_levels[i], self.small_q[i]
+            root = la.psd_root(D_list[k])
+            for j in range(lk):  # few levels (small factors): a handful of block copies
+                out[:, o + j * qk:o + (j + 1) * qk, o + j * qk:o + (j + 1) * qk] = root
+        return out
+
+    def _small_factor_sum(self, A, i):
+        o, lk, qk = self.small_offsets[i], self.small_levels[i], self.small_q[i]
+        v = A.shape[0]
+        blk = A[:, o:o + lk * qk, o:o + lk * qk].reshape(v, lk, qk, lk, qk)
+        return np.einsum("vjajb->vab", blk)
+
+    def evaluate(self, D_list, data: SchurData, sigma2=None, grad=False) -> Evaluation:
+        v = D_list[0].shape[0]
+        p, qR = self.p, self.qR
+        UVU, UVY, YVY1, logdetV1, R = self.level.products(D_list[self.big], data.level)
+        A_XX, A_XR, A_RR = UVU[:, :p, :p], UVU[:, :p, p:], la.sym(UVU[:, p:, p:])
+        a_XY, a_RY = UVY[:, :p], UVY[:, p:]
+        Lam = self._small_blockdiag(D_list)  # Λ Λ' = D_R
+        Mt = np.eye(qR) + np.swapaxes(Lam, 1, 2) @ A_RR @ Lam
+        Lm = np.linalg.cholesky(la.sym(Mt))
+        logdetV = logdetV1 + 2.0 * np.sum(np.log(np.diagonal(Lm, axis1=1, axis2=2)), axis=1)
+        LiLt = np.linalg.solve(Lm, np.swapaxes(Lam, 1, 2))  # L⁻¹Λ'
+        Bx = LiLt @ np.swapaxes(A_XR, 1, 2)
+        by = np.einsum("vab,vb->va", LiLt, a_RY)
+        XtVX = la.sym(A_XX - np.swapaxes(Bx, 1, 2) @ Bx)
+        XtVY = a_XY - np.einsum("vqp,vq->vp", Bx, by)
+        YtVY = YVY1 - np.einsum("vq,vq->v", by, by)
+        beta, C, logdetXVX, ok = _gls(XtVX, XtVY)
+        Q = YtVY - np.einsum("vp,vp->v", beta, XtVY)
+        llh, s2 = _likelihood(Q, logdetV, logdetXVX, self.n, self.p, self.reml, sigma2)
+        ok &= np.isfinite(llh) & (Q > 0)
+        ev = Evaluation(llh=llh, beta=beta, sigma2=np.broadcast_to(s2, (v,)).copy(), C=C, Q=Q, ok=ok)
+        if not grad:
+            return ev
+        S = np.swapaxes(LiLt, 1, 2) @ LiLt  # Λ M⁻¹ Λ'
+        rR = a_RY - np.einsum("vpq,vp->vq", A_XR, beta)  # Z_R'V₁⁻¹ r
+        b_tilde = np.einsum("vab,vb->va", S, rR)
+        gamma = np.concatenate([beta, b_tilde], axis=1)
+        SA = S @ np.swapaxes(A_XR, 1, 2)  # S Z_R'V₁⁻¹X
+        Omega = np.zeros((v, p + qR, p + qR))
+        Omega[:, p:, p:] = S
+        if self.reml:
+            B = np.concatenate([np.broadcast_to(self.eye_p, (v, p, p)), -SA], axis=1)
+            Omega += B @ C @ np.swapaxes(B, 1, 2)
+        T1, uu1, corr1, info1 = self.level.gradient_parts(R, data.level, gamma, la.sym(Omega))
+        s2v = ev.sigma2
+        G1 = la.sym(T1 - corr1 - uu1 / s2v[:, None, None])
+        IAS = np.eye(qR) - A_RR @ S  # Z_R'V⁻¹ = (I - A S) Z_R'V₁⁻¹
+        TR = la.sym(IAS @ A_RR)  # Z_R'V⁻¹Z_R
+        uR = np.einsum("vab,vb->va", IAS, rR)
+        PR = TR.copy()
+        if self.reml:
+            ZVX = IAS @ np.swapaxes(A_XR, 1, 2)
+            PR = PR - ZVX @ C @ np.swapaxes(ZVX, 1, 2)
+        GR = PR - uR[:, :, None] * uR[:, None, :] / s2v[:, None, None]
+        grads, T_sums, uus = [None] * len(self.qk), [None] * len(self.qk), [None] * len(self.qk)
+        grads[self.big], T_sums[self.big], uus[self.big] = G1, T1, uu1
+        uuR = uR[:, :, None] * uR[:, None, :]
+        for i, k in enumerate(self.small):
+            grads[k] = la.sym(self._small_factor_sum(GR, i))
+            T_sums[k] = self._small_factor_sum(TR, i)
+            uus[k] = self._small_factor_sum(uuR, i)
+        ev.grad, ev.T_sum, ev.uu_sum = grads, T_sums, uus
+        # expected information: the big factor's from V₁, the small factors' from V (no cross terms)
+        sizes = [q * q for q in self.qk]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        info = np.zeros((v, starts[-1], starts[-1]))
+        b0 = starts[self.big]
+        info[:, b0:b0 + sizes[self.big], b0:b0 + sizes[self.big]] = info1
+        for i, k in enumerate(self.small):
+            oi, li, qi = self.small_offsets[i], self.small_levels[i], self.small_q[i]
+            for i2, k2 in enumerate(self.small):
+                o2, l2, q2 = self.small_offsets[i2], self.small_levels[i2], self.small_q[i2]
+                T4 = TR[:, oi:oi + li * qi, o2:o2 + l2 * q2].reshape(v, li, qi, l2, q2)
+                blk = np.einsum("vibjc,viajd->vabcd", T4, T4).reshape(v, qi * qi, q2 * q2)
                 info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = blk
         ev.info = info
         return ev
