@@ -12,6 +12,8 @@ deviance in φ (central differences of the analytic gradient), as lmerTest does.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,6 +101,7 @@ def fit_stats(
     max_iter: int = 10000,
     structure: str = "auto",
     max_block_bytes: int = 512 * 2**20,
+    threads: int | None = None,
 ) -> FitResult:
     """Fit every voxel from its sufficient statistics.
 
@@ -106,7 +109,8 @@ def fit_stats(
     most levels eliminated level by level, the rest dense), "dense" (any factors: a dense
     q x q system per voxel) or "auto" (levels for one factor, else schur unless the other
     factors have more than 2,000 columns).
-    max_block_bytes bounds the working memory of one voxel block.
+    max_block_bytes bounds the working memory of all voxel blocks in flight; `threads`
+    (default: the CPU count) fit blocks concurrently.
     """
     method = _check_method(method)
     if not (tol > 0):
@@ -129,6 +133,8 @@ def fit_stats(
     k = 1 + sum(q * (q + 1) // 2 for q in qk)
     res = _empty_result(v, p, qk, k, list(layout.names), reml, method)
     res.n_obs[:] = stats.voxel_n_obs()
+    threads = (os.cpu_count() or 1) if threads is None else max(1, int(threads))
+    jobs = []
     for u in range(stats.patterns.shape[0]):  # loop over missingness patterns, not voxels
         vox = np.flatnonzero(stats.pattern_of_voxel == u)
         if vox.size == 0:
@@ -152,15 +158,27 @@ def fit_stats(
         else:
             obj = DenseObjective(XtX, stats.ZtX[u], stats.ZtZ[u], n, layout, reml)
             per_voxel = 8 * (10 * obj.qtot ** 2 + (k + 6) * p * p)
-        block = max(1, int(max_block_bytes // max(per_voxel, 1)))
-        for start in range(0, vox.size, block):  # voxel blocks bound the memory
-            idx = vox[start:start + block]
-            data = obj.data(stats.XtY[idx], stats.ZtY[idx], stats.YtY[idx])
-            out = _fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)
-            _store(res, idx, out)
-            eTe = (stats.YtY[idx] - 2 * np.einsum("vp,vp->v", out["beta"], stats.XtY[idx])
-                   + np.einsum("vp,pq,vq->v", out["beta"], XtX, out["beta"]))
-            res.resms[idx] = eTe / (n - p)
+        # voxel blocks bound the memory; threads share the blocks (numpy releases the GIL)
+        block = max(1, int(max_block_bytes // max(per_voxel, 1) // max(threads, 1)))
+        if threads > 1:
+            block = min(block, max(64, -(-vox.size // (2 * threads))))  # enough blocks to share
+        jobs.extend((obj, n, XtX, vox[start:start + block]) for start in range(0, vox.size, block))
+
+    def run(job) -> None:
+        obj, n, XtX, idx = job
+        data = obj.data(stats.XtY[idx], stats.ZtY[idx], stats.YtY[idx])
+        out = _fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)
+        _store(res, idx, out)  # blocks write disjoint rows
+        eTe = (stats.YtY[idx] - 2 * np.einsum("vp,vp->v", out["beta"], stats.XtY[idx])
+               + np.einsum("vp,pq,vq->v", out["beta"], XtX, out["beta"]))
+        res.resms[idx] = eTe / (n - p)
+
+    if threads > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(run, jobs))
+    else:
+        for job in jobs:
+            run(job)
     _blank_unfitted(res)
     return res
 

@@ -270,7 +270,7 @@ def fit_block(plan: RunPlan, k: int) -> str:
                                 ZtY=np.ascontiguousarray(sums[keep, p:p + q]),
                                 YtY=np.ascontiguousarray(sums[keep, p + q]))
         fit = fit_stats(stats, reml=cfg.reml, method=cfg.method, tol=cfg.tol, max_iter=cfg.maxnit,
-                        max_block_bytes=max(cfg.maxmem // 4, 2**24))
+                        max_block_bytes=max(cfg.maxmem // 4, 2**24), threads=1)  # the engine parallelises
         inf = infer(fit, cfg.contrasts, two_sided=cfg.two_sided)
         status = fit.status
         reason[keep[status == DROPPED_RANK]] = 5
