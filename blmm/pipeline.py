@@ -170,6 +170,34 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+class _RowFile:
+    """A float64 .npy matrix on disk, read and written by row ranges with plain file I/O.
+
+    Not a memmap: mapped pages count in the worker's memory, and a partial can be larger
+    than MAXMEM (voxels x (p + q + 1) values).
+    """
+
+    def __init__(self, path: Path, n_rows: int, n_cols: int) -> None:
+        header = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=(n_rows, n_cols))
+        self.offset = header.offset
+        del header
+        self.n_cols = n_cols
+        self.fh = open(path, "r+b")
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        self.fh.seek(self.offset + 8 * a * self.n_cols)
+        return np.fromfile(self.fh, np.float64, (b - a) * self.n_cols).reshape(b - a, self.n_cols)
+
+    def write(self, a: int, rows: np.ndarray) -> None:
+        self.fh.seek(self.offset + 8 * a * self.n_cols)
+        np.ascontiguousarray(rows, dtype=np.float64).tofile(self.fh)
+
+    def close(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+
+
 def batch_files(plan: RunPlan, b: int) -> tuple[Path, Path]:
     return plan.workdir / f"batch{b:05d}.stats.npy", plan.workdir / f"batch{b:05d}.present.npy"
 
@@ -189,7 +217,7 @@ def read_batch(plan: RunPlan, b: int) -> str:
     layout = FactorLayout.from_factors(cfg.factors)
     p, q = cfg.p, layout.n_columns
     tmp_stats = stats_path.with_name(f".{stats_path.name}.tmp{os.getpid()}.npy")
-    out = np.lib.format.open_memmap(tmp_stats, mode="w+", dtype=np.float64, shape=(voxels.size, p + q + 1))
+    out = _RowFile(tmp_stats, voxels.size, p + q + 1)
     packed = []
     # images per chunk: Y in float64 plus its presence mask (~10 bytes a value) in a quarter
     # of MAXMEM, a multiple of 8 so the presence bits pack chunk by chunk
@@ -214,13 +242,14 @@ def read_batch(plan: RunPlan, b: int) -> str:
         Z = random_effects_matrix([f.subset(slice(c0, c1)) for f in cfg.factors], layout)
         for a in range(0, voxels.size, vox_chunk):  # bounded memory for large q
             Yc = Y[:, a:a + vox_chunk]
-            out[a:a + vox_chunk, :p] += (X.T @ Yc).T
-            out[a:a + vox_chunk, p:p + q] += np.asarray(Z.T @ Yc).T
-            out[a:a + vox_chunk, p + q] += np.einsum("nv,nv->v", Yc, Yc)
+            rows = out.read(a, a + Yc.shape[1]) if c0 > start else np.zeros((Yc.shape[1], p + q + 1))
+            rows[:, :p] += (X.T @ Yc).T
+            rows[:, p:p + q] += np.asarray(Z.T @ Yc).T
+            rows[:, p + q] += np.einsum("nv,nv->v", Yc, Yc)
+            out.write(a, rows)
         packed.append(np.packbits(present, axis=0))
         del Y, present
-    out.flush()
-    del out
+    out.close()
     os.replace(tmp_stats, stats_path)
     bits = np.concatenate(packed, axis=0).T.copy()  # (voxels, bytes)
     _atomic_save(present_path, bits)  # written last: marks the batch finished
@@ -234,11 +263,21 @@ def _block_inputs(plan: RunPlan, k: int):
     present = []
     for b, (start, stop) in enumerate(plan.batches):
         stats_path, present_path = batch_files(plan, b)
-        part = np.load(stats_path, mmap_mode="r")[lo:hi]
-        sums = np.array(part) if sums is None else sums + part
+        part = _read_rows(stats_path, lo, hi)
+        sums = part if sums is None else sums + part
         bits = np.load(present_path, mmap_mode="r")[lo:hi]
         present.append(np.unpackbits(bits, axis=1, count=stop - start).T.astype(bool))
     return sums, np.concatenate(present, axis=0)
+
+
+def _read_rows(path: Path, a: int, b: int) -> np.ndarray:
+    """Rows [a, b) of a 2-D .npy file, read without mapping the whole file."""
+    with open(path, "rb") as fh:
+        major, _ = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(fh)
+        fh.seek(fh.tell() + a * shape[1] * dtype.itemsize)
+        return np.fromfile(fh, dtype, (b - a) * shape[1]).reshape(b - a, shape[1])
 
 
 def fit_block(plan: RunPlan, k: int) -> str:
