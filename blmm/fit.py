@@ -263,7 +263,11 @@ def _fit_block(obj, data, qk, method, tol, max_iter, reml, n, p) -> dict:
         for attempt in range(40):  # shorter (or damped) steps until the log-likelihood does not decrease
             trial, s2_trial = make_trial(pending, attempt)
             ev_t = obj.evaluate(trial, _take(adata, pending, active.size), sigma2=s2_trial, grad=True)
-            good = ev_t.ok & (ev_t.llh >= old[pending])
+            moved = np.zeros(pending.size, bool)
+            for Dt, Dk in zip(trial, D_act):
+                moved |= np.any(np.abs(Dt - Dk[pending]) > 0, axis=(1, 2))
+            # a step that lands back on the same point (e.g. projected to D = 0) is no step
+            good = ev_t.ok & ((ev_t.llh > old[pending]) | ((ev_t.llh == old[pending]) & moved))
             gi = pending[good]
             new_llh[gi] = ev_t.llh[good]
             for f in range(len(qk)):
@@ -274,13 +278,37 @@ def _fit_block(obj, data, qk, method, tol, max_iter, reml, n, p) -> dict:
             pending = pending[~good]
             if pending.size == 0:
                 break
+        # before giving up or converging, check the KKT condition on singular D_k: leave the
+        # boundary along a direction that improves, if there is one
+        change = np.abs(new_llh - old)
+        check = np.union1d(pending, np.flatnonzero(change < tol))
+        if check.size:
+            base = [Dk[check] for Dk in new_D]
+            ev_c = _subset_eval(new_ev, check)
+            rows, cand = _escape_step(ev_c, base, qk)
+            for _ in range(30):
+                if rows.size == 0:
+                    break
+                sub = check[rows]
+                ev_t = obj.evaluate(cand, _take(adata, sub, active.size),
+                                    sigma2=new_s2[sub] if method in ("FS", "pFS") else None, grad=True)
+                good = ev_t.ok & (ev_t.llh > new_llh[sub] + 1e-12 * np.abs(new_llh[sub]))
+                gi = sub[good]
+                new_llh[gi] = ev_t.llh[good]
+                for f in range(len(qk)):
+                    new_D[f][gi] = cand[f][good]
+                new_s2[gi] = ev_t.sigma2[good]
+                new_ev = _merge_eval(new_ev, ev_t, gi, good)
+                rows = rows[~good]
+                start_pts = [b[rows] for b in base]
+                cand = [b + 0.5 * (c[~good] - b) for b, c in zip(start_pts, cand)]  # halve the move
         for f in range(len(qk)):
             D[f][active] = new_D[f]
         sigma2[active] = new_s2
         change = np.abs(new_llh - old)
         llh[active] = new_llh
         n_iter[active] = it
-        done = change < tol
+        done = (change < tol) & (it > 1)  # the moment step from D = 0 alone never settles a voxel
         converged[active[done]] = True
         keep = ~done
         active = active[keep]
@@ -397,6 +425,37 @@ def _psd_part(A: np.ndarray) -> np.ndarray:
     """The positive semi-definite part of symmetric matrices (keeps scoring steps ascent steps)."""
     w, U = np.linalg.eigh(la.sym(A))
     return (U * np.maximum(w, 0.0)[:, None, :]) @ np.swapaxes(U, 1, 2)
+
+
+def _escape_step(ev: Evaluation, D, qk):
+    """Trial points leaving a singular D_k along u, where u'G_k u < 0 on the null space of D_k.
+
+    D_k singular is optimal only if G_k (the deviance gradient) is PSD on D_k's null space;
+    otherwise D_k + t uu' with t = -u'G u / (vec(uu')' F vec(uu')) from the scoring model
+    improves.  Returns (rows that have such a direction, their trial D list).
+    """
+    v = ev.llh.shape[0]
+    cand = [Dk.copy() for Dk in D]
+    moved = np.zeros(v, bool)
+    start = 0
+    for f, (Dk, q) in enumerate(zip(D, qk)):
+        w, U = np.linalg.eigh(la.sym(Dk))
+        null = w <= 1e-6 * np.maximum(w[:, -1:], 1.0)  # numerically singular: variance < 1e-6 σ²
+        G = ev.grad[f]
+        Gn = np.where(null[:, :, None] & null[:, None, :], np.swapaxes(U, 1, 2) @ G @ U, 0.0)
+        Gn = Gn + np.where(null, 0.0, 1e300)[:, :, None] * np.eye(q)  # only null-space directions
+        gw, gv = np.linalg.eigh(Gn)
+        u = np.einsum("vab,vb->va", U, gv[:, :, 0])
+        uu = u[:, :, None] * u[:, None, :]
+        Fk = ev.info[:, start:start + q * q, start:start + q * q]
+        curv = np.einsum("vi,vij,vj->v", uu.reshape(v, -1), Fk, uu.reshape(v, -1))
+        ok = (gw[:, 0] < 0) & (curv > 0)
+        t = np.where(ok, -gw[:, 0] / np.where(curv > 0, curv, 1.0), 0.0)
+        cand[f] = Dk + t[:, None, None] * uu
+        moved |= ok
+        start += q * q
+    rows = np.flatnonzero(moved)
+    return rows, [c[rows] for c in cand]
 
 
 def _lower_index(q: int) -> tuple[np.ndarray, np.ndarray]:
