@@ -394,9 +394,11 @@ def write_outputs(plan: RunPlan) -> dict:
     V = space.n_voxels
     vox = plan.voxels
 
+    widths = {"beta": (cfg.p,), "D": (sum(f.q * (f.q + 1) // 2 for f in cfg.factors),), "cov": (cfg.p ** 2,)}
+
     def gather(key, fill, dtype):
         parts = [np.asarray(b[key]) if key in b.files else None for b in blocks]
-        width = next((pt.shape[1:] for pt in parts if pt is not None), ())
+        width = next((pt.shape[1:] for pt in parts if pt is not None), widths.get(key, ()))
         arr = np.full((V,) + width, fill, dtype=dtype)
         for (lo, hi), pt in zip(plan.blocks, parts):
             if pt is not None:
@@ -483,7 +485,14 @@ def run(config: Config, engine=None, force: bool = False, log=print) -> RunSumma
     shutil.rmtree(plan.workdir, ignore_errors=True)  # the maps are complete: partial sums go
     _write_report(out, log)
     log(summary_text(counts, timings["total"]))
+    if counts["fitted"] == 0:
+        raise NothingFitted(f"no voxel could be fitted: {summary_text(counts, timings['total'])}; "
+                            "the maps in outdir show n (blmm_vox_n) per voxel")
     return RunSummary(out, counts, timings)
+
+
+class NothingFitted(InputError):
+    """Every voxel was dropped (thresholds, safeMode, rank): a failed analysis, exit non-zero."""
 
 
 def _write_report(outdir: Path, log) -> None:

@@ -216,3 +216,11 @@ def test_cli_runs_and_prints_a_summary(tmp_path, capsys):
     assert (tmp_path / "out" / "inputs.yml").exists()
     again = load_config(tmp_path / "out" / "inputs.yml")  # the copy reloads to the same analysis
     assert again.n == 277 and again.p == 3
+
+
+def test_every_voxel_dropped_is_an_error_with_the_reasons(tmp_path):
+    yml = make_analysis(tmp_path, fmt="dat", extra="data_mask_thresh: 1e9\n")  # every value missing
+    assert main([str(yml), "--cluster", "inline"]) == 2
+    n = np.fromfile(tmp_path / "out" / "blmm_vox_n.dat", np.int32)
+    assert n.size == 14 and n.max() == 0  # the maps that explain why are still written
+    assert not np.fromfile(tmp_path / "out" / "blmm_vox_mask.dat", np.int32).any()
