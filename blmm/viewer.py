@@ -41,8 +41,9 @@ MAP_PREFIX = "blmm_vox_"
 MAP_EXTENSIONS = (
     ".dscalar.nii", ".func.gii", ".shape.gii", ".nii.gz", ".nii", ".gii", ".mgh", ".mgz", ".dat",
 )
-# Raw .dat maps of counts are int32 upstream; all others float32.
-INT32_DAT_MAPS = frozenset({"n", "mask", "edf"})
+# Raw .dat maps of counts are int32 (upstream's n, mask, edf; blmm's converged, nit);
+# all others float32.
+INT32_DAT_MAPS = frozenset({"n", "mask", "edf", "converged", "nit"})
 
 T_CONTRAST_MAPS = frozenset({"conT", "con", "conSE", "conTlp", "conT_swedf"})
 F_CONTRAST_MAPS = frozenset({"conF", "conFlp", "conF_swedf", "conR2"})
@@ -850,15 +851,20 @@ def plot_volume(
 
 def write_html(fig: go.Figure, path: str | os.PathLike) -> Path:
     """One self-contained HTML page (plotly.js embedded, works offline), written atomically."""
-    target = Path(path)
     html = fig.to_html(include_plotlyjs=True, full_html=True, include_mathjax=False,
                        config={"displaylogo": False, "responsive": True})
+    return write_text_atomically(path, html)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
+    target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
                                          dir=target.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(html)
+            stream.write(text)
         # mkstemp makes the file private; a page should get the usual permissions.
         umask = os.umask(0)
         os.umask(umask)

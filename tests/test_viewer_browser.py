@@ -86,10 +86,13 @@ def chromium(*arguments: str, user_data: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=180)
 
 
-def probe_page(page: Path, tmp_path: Path) -> dict:
-    """Open a probed copy of ``page``; the report JSON the probe wrote into the DOM."""
+def probe_page(page: Path, tmp_path: Path, probe: str = PROBE) -> dict:
+    """Open a copy of ``page`` with ``probe`` injected; the JSON it wrote into the DOM.
+
+    A probe writes its JSON into ``<pre id="viewer-probe">`` (see ``PROBE``).
+    """
     probed = tmp_path / f"probed-{page.name}"
-    probed.write_text(page.read_text().replace("<head>", "<head>" + PROBE, 1))
+    probed.write_text(page.read_text().replace("<head>", "<head>" + probe, 1))
     result = chromium("--dump-dom", probed.as_uri(), user_data=tmp_path / "profile-dom")
     found = re.search(r'<pre id="viewer-probe">(.*?)</pre>', result.stdout, re.S)
     assert found, f"probe report missing; chromium said:\n{result.stderr[-3000:]}"

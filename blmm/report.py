@@ -1,0 +1,1083 @@
+"""``report.html``: one self-contained page that shows what a blmm run (or comparison) found.
+
+``write_report(outdir)`` is called by the pipeline at the end of every run; it reads only
+what the run left in ``outdir`` (``blmm_run.json``, ``inputs.yml``, the ``blmm_vox_*``
+maps) and writes ``outdir/report.html`` atomically:
+
+* the model: a formula-like summary, X's columns, the random factors, n, p, q, REML/ML,
+  method, tol and the contrasts;
+* convergence: the counts of ``blmm_run.json`` and the ``blmm_vox_nit`` map;
+* per contrast: the T or F map where −log10 p > ``report_threshold`` (an inputs key,
+  default 3) on fsaverage5 (10242 or 20484 = left + right vertices, or a CIFTI's cortex on
+  fsaverage5) or as slices of a NIfTI volume, plus histograms of the statistic and of
+  its Satterthwaite df. Other surfaces get the histograms and a note.
+
+``write_compare_report(outdir)`` does the same for a ``blmm_compare`` folder (the Chi2lp
+map, histograms of Chi2 and Chi2lp, and the null distribution used).
+
+Figures need the ``[viewer]`` extra (plotly; nilearn for the meshes). Without plotly the
+page holds the tables and numbers only, and says how to install the extra. With it,
+plotly.js is embedded once for the whole page (it works offline), the mesh geometry once
+per surface, and figures are drawn when scrolled into view (WebGL contexts are limited,
+so surfaces far out of view are released).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import functools
+import html
+import importlib
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from blmm import __version__
+from blmm.errors import InputError
+from blmm.io.images import image_space
+from blmm.viewer import (
+    FSAVERAGE5_N_VERTICES,
+    MAP_PREFIX,
+    Mesh,
+    ViewerError,
+    find_map,
+    fsaverage5_mesh,
+    load_map,
+    write_text_atomically,
+)
+
+REPORT_FILE = "report.html"
+RUN_FILE = "blmm_run.json"
+INPUTS_FILE = "inputs.yml"
+COMPARE_FILE = "blmm_compare.json"
+DEFAULT_REPORT_THRESHOLD = 3.0
+HISTOGRAM_BINS = 60
+# Volumes are shown as three maximum-intensity projections ("glass brain"): ~0.2 MB per
+# 2 mm map, where slices with sliders would cost ~3 MB (16 slices) to ~16 MB (64).
+PROJECTION_VIEWS = (  # name, axis projected over, (horizontal axis, vertical axis)
+    ("sagittal", 0, (1, 2)),
+    ("coronal", 1, (0, 2)),
+    ("axial", 2, (0, 1)),
+)
+OUTLINE_COLOURS = [[0.0, "rgb(255, 255, 255)"], [1.0, "rgb(222, 222, 226)"]]
+# WebGL surfaces kept drawn at once: browsers drop the oldest context beyond ~16, and a
+# two-hemisphere figure holds two.
+MAX_LIVE_WEBGL_FIGURES = 6
+VIEWER_EXTRA_HINT = "pip install 'blmm[viewer]'"
+HEMISPHERE_WORDS = {"lh": "left", "left": "left", "rh": "right", "right": "right"}
+CIFTI_CORTICES = (("CIFTI_STRUCTURE_CORTEX_LEFT", "left"), ("CIFTI_STRUCTURE_CORTEX_RIGHT", "right"))
+
+
+# ------------------------------------------------------------------ what the run says
+
+
+@dataclass(frozen=True)
+class FactorSummary:
+    """One random factor: name, effects per level, number of levels, design column names."""
+
+    name: str
+    q: int
+    levels: int
+    design_names: list[str]
+
+
+@dataclass(frozen=True)
+class ContrastSummary:
+    """One contrast of inputs.yml; ``index`` is its volume in the conT or conF maps."""
+
+    label: str
+    name: str
+    kind: str  # "T" or "F"
+    index: int
+    vector: list
+
+
+@dataclass
+class RunSummary:
+    """Everything the report says about a run, gathered from its output folder."""
+
+    outdir: Path
+    n: int | None
+    p: int | None
+    x_names: list[str]
+    factors: list[FactorSummary]
+    contrasts: list[ContrastSummary]
+    settings: dict
+    record: dict
+    threshold: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def q(self) -> int:
+        """Columns of Z: Σ_k q_k × levels_k."""
+        return sum(f.q * f.levels for f in self.factors)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _read_inputs(outdir: Path) -> dict:
+    try:
+        loaded = yaml.safe_load((outdir / INPUTS_FILE).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _table_header(path: Any) -> list[str] | None:
+    """Column names of a CSV/TSV table (its header row), or None when unreadable/absent."""
+    from blmm.io.tables import read_matrix
+
+    if not isinstance(path, str):
+        return None
+    try:
+        return read_matrix(Path(path))[1]
+    except (InputError, OSError, ValueError, IndexError):
+        return None
+
+
+def _entries(value: Any) -> list[tuple[str, dict]]:
+    """[(key, body)] from upstream's list of one-key dicts (- c1: {...})."""
+    found = []
+    for position, entry in enumerate(value if isinstance(value, list) else [], start=1):
+        if isinstance(entry, dict) and len(entry) == 1 and isinstance(next(iter(entry.values())), dict):
+            key, body = next(iter(entry.items()))
+            found.append((str(key), body))
+        elif isinstance(entry, dict):
+            found.append((f"#{position}", entry))
+    return found
+
+
+def _parse_vector(vector: Any) -> list | None:
+    if isinstance(vector, str):
+        try:
+            vector = yaml.safe_load(vector)
+        except yaml.YAMLError:
+            return None
+    if isinstance(vector, (int, float)):
+        return [vector]
+    return vector if isinstance(vector, list) and vector else None
+
+
+def summarise_run(outdir: str | Path) -> RunSummary:
+    """The model, settings and counts of a finished run, from its files only.
+
+    Settings come from ``blmm_run.json`` (the resolved inputs, as ``inputs.yml``); the names
+    of X's and Z's columns from the header rows of the tables they point to. Nothing here
+    reads the images, so a report can be rewritten after the inputs have moved.
+    """
+    folder = Path(outdir)
+    record = _read_json(folder / RUN_FILE)
+    settings = record.get("settings") or _read_inputs(folder)
+    notes = []
+    if not record:
+        notes.append(f"{RUN_FILE} is missing or unreadable: counts and timings are not shown.")
+    p = record.get("p")
+    x_names = _table_header(settings.get("X"))
+    if x_names is None or (p is not None and len(x_names) != p):
+        x_names = [f"x{j + 1}" for j in range(int(p or 0))]
+        if p:
+            notes.append("X has no header row (or could not be read): columns are called x1, x2, ….")
+    recorded_factors = record.get("factors") or []
+    factors = []
+    for position, (key, body) in enumerate(_entries(settings.get("Z"))):
+        recorded = recorded_factors[position] if position < len(recorded_factors) else {}
+        q = int(recorded.get("q", 0))
+        design_names = _table_header(body.get("design"))
+        if design_names is None or (q and len(design_names) != q):
+            design_names = [f"z{j + 1}" for j in range(q)]
+        factors.append(FactorSummary(str(body.get("name") or recorded.get("name") or key), q,
+                                     int(recorded.get("levels", 0)), design_names))
+    contrasts = []
+    counters = {"T": 0, "F": 0}
+    for key, body in _entries(settings.get("contrasts")):
+        vector = _parse_vector(body.get("vector"))
+        if vector is None:
+            continue
+        kind = "F" if any(isinstance(row, list) for row in vector) else "T"
+        contrasts.append(ContrastSummary(key, str(body.get("name", key)), kind, counters[kind], vector))
+        counters[kind] += 1
+    threshold = settings.get("report_threshold", DEFAULT_REPORT_THRESHOLD)
+    try:
+        threshold = float(threshold)
+    except (TypeError, ValueError):
+        threshold = DEFAULT_REPORT_THRESHOLD
+    return RunSummary(folder, record.get("n"), p, x_names, factors, contrasts, settings, record,
+                      threshold, notes)
+
+
+def _number(value: float) -> str:
+    """A coefficient as written in a formula: 1, -1, 0.5, 1/3 as 0.3333."""
+    return f"{value:g}" if float(value) != int(value) else str(int(value))
+
+
+def contrast_text(vector: list, x_names: list[str]) -> str:
+    """``time − age_baseline`` for [0, 0, -1, 1, ...]; F contrasts as rows joined by "; "."""
+    if any(isinstance(row, list) for row in vector):
+        return "; ".join(contrast_text(row, x_names) for row in vector)
+    terms = []
+    for weight, name in zip(vector, x_names + [f"x{j + 1}" for j in range(len(x_names), len(vector))]):
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            return str(vector)
+        if weight == 0:
+            continue
+        magnitude = "" if abs(weight) == 1 else f"{_number(abs(weight))}·"
+        sign = "−" if weight < 0 else "+"
+        terms.append((sign, f"{magnitude}{name}"))
+    if not terms:
+        return "0"
+    text = ("−" if terms[0][0] == "−" else "") + terms[0][1]
+    return text + "".join(f" {sign} {term}" for sign, term in terms[1:])
+
+
+def model_formula(summary: RunSummary) -> str:
+    """lme4-like: ``Y ~ intercept + age + … + (intercept + time | subject)``."""
+    fixed = " + ".join(summary.x_names) or "?"
+    random = "".join(f" + ({' + '.join(f.design_names) or '1'} | {f.name})" for f in summary.factors)
+    return f"Y ~ {fixed}{random}"
+
+
+# ------------------------------------------------------------------ where maps are drawn
+
+
+@dataclass(frozen=True, eq=False)
+class SurfacePanel:
+    """One mesh of a surface figure: the map rows shown on it and their mesh vertices."""
+
+    hemi: str
+    mesh: Mesh
+    rows: np.ndarray
+    vertices: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class MapGeometry:
+    """How the maps of a folder are drawn: on surfaces, as volume slices, or not at all."""
+
+    n_voxels: int
+    format: str
+    description: str
+    panels: tuple[SurfacePanel, ...] = ()
+    volume_shape: tuple[int, ...] | None = None
+    affine: np.ndarray | None = None
+    note: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "surface" if self.panels else "volume" if self.volume_shape else "none"
+
+
+def _guess_hemisphere(*names: str) -> str | None:
+    """'left' / 'right' from folder or file names such as ``design1_rh`` or ``lh/Y.txt``."""
+    for name in names:
+        for part in Path(str(name)).parts[::-1]:
+            lowered = part.lower()
+            for token in lowered.replace(".", "_").replace("-", "_").split("_"):
+                if token in HEMISPHERE_WORDS:
+                    return HEMISPHERE_WORDS[token]
+    return None
+
+
+def _fsaverage5_panels(hemis: list[str]) -> tuple[SurfacePanel, ...]:
+    """Consecutive blocks of map rows on the fsaverage5 hemispheres, in order."""
+    panels, start = [], 0
+    for hemi in hemis:
+        mesh = _fsaverage5(hemi)
+        rows = np.arange(start, start + mesh.n_vertices)
+        panels.append(SurfacePanel(hemi, mesh, rows, np.arange(mesh.n_vertices)))
+        start += mesh.n_vertices
+    return tuple(panels)
+
+
+@functools.lru_cache(maxsize=2)
+def _fsaverage5(hemi: str) -> Mesh:
+    return fsaverage5_mesh(hemi, "pial")
+
+
+def map_geometry(mask_path: Path, hemi_hints: tuple[str, ...] = ()) -> MapGeometry:
+    """Decide how to draw the maps that share ``mask_path``'s grid (see the module docstring)."""
+    no_mesh = ("view them on your own surface with blmm_view OUTDIR MAP --surface "
+               "lh.pial (docs/viewer.md)")
+    if mask_path.name.endswith(".dat"):
+        # A .dat mask is int32 with one value per vertex and no header.
+        n_voxels, fmt, space = mask_path.stat().st_size // 4, "dat", None
+    else:
+        space = image_space(mask_path)
+        n_voxels, fmt = space.n_voxels, space.format
+    try:
+        if fmt == "cifti":
+            return _cifti_geometry(mask_path, space, no_mesh)
+        if fmt in ("nifti", "mgh") and sum(1 for n in space.shape if n > 1) > 1:
+            shape = "×".join(str(n) for n in space.shape)
+            return MapGeometry(n_voxels, fmt, f"volume {shape} voxels", volume_shape=tuple(space.shape),
+                               affine=np.asarray(space.affine, dtype=float))
+        if n_voxels == 2 * FSAVERAGE5_N_VERTICES:
+            return MapGeometry(n_voxels, fmt, "fsaverage5, left and right hemispheres "
+                               f"({n_voxels} vertices, left first)", _fsaverage5_panels(["left", "right"]))
+        if n_voxels == FSAVERAGE5_N_VERTICES:
+            hemi = _guess_hemisphere(*hemi_hints)
+            note = None if hemi else ("the folder and file names do not say which hemisphere this is: "
+                                      "drawn on the left fsaverage5 hemisphere")
+            return MapGeometry(n_voxels, fmt, f"fsaverage5, {hemi or 'left'} hemisphere ({n_voxels} vertices)",
+                               _fsaverage5_panels([hemi or "left"]), note=note)
+    except ViewerError as err:  # nilearn (the meshes) missing
+        return MapGeometry(n_voxels, fmt, f"{n_voxels} vertices",
+                           note=f"no surface figures: {err}. The histograms below still describe the maps")
+    return MapGeometry(n_voxels, fmt, f"{n_voxels} vertices",
+                       note=f"no known mesh has {n_voxels} vertices (fsaverage5 has {FSAVERAGE5_N_VERTICES} "
+                            f"per hemisphere): the maps are summarised as histograms only; {no_mesh}")
+
+
+def _cifti_geometry(path: Path, space: Any, no_mesh: str) -> MapGeometry:
+    axis = space.brain_models
+    panels, sizes = [], []
+    for structure, hemi in CIFTI_CORTICES:
+        for name, rows, model in axis.iter_structures():
+            if name != structure:
+                continue
+            n_mesh = int(axis.nvertices[structure])
+            sizes.append(f"{hemi} {n_mesh}")
+            if n_mesh == FSAVERAGE5_N_VERTICES:
+                indices = np.arange(space.n_voxels)[rows]
+                panels.append(SurfacePanel(hemi, _fsaverage5(hemi), indices, np.asarray(model.vertex)))
+    described = f"CIFTI, {space.n_voxels} grayordinates"
+    if panels and len(panels) == len(sizes):
+        hemis = " and ".join(panel.hemi for panel in panels)
+        return MapGeometry(space.n_voxels, "cifti", f"{described}: cortex on fsaverage5 ({hemis})", tuple(panels))
+    why = (f"its cortex meshes have {', '.join(sizes)} vertices, not fsaverage5's {FSAVERAGE5_N_VERTICES}"
+           if sizes else "it has no cortical surface (CORTEX_LEFT/RIGHT)")
+    return MapGeometry(space.n_voxels, "cifti", described,
+                       note=f"no surface figures for this CIFTI file: {why}; the maps are summarised as "
+                            f"histograms only; {no_mesh}")
+
+
+def read_report_map(outdir: Path, stat: str, geometry: MapGeometry) -> np.ndarray | None:
+    """Map ``stat`` of ``outdir`` as float64 (n_voxels, k), or None if it is not there."""
+    try:
+        values = load_map(outdir, stat, n_vertices=geometry.n_voxels if geometry.format == "dat" else None)
+    except (ViewerError, OSError, ValueError):
+        return None
+    if values.shape[0] != geometry.n_voxels:
+        return None
+    return values.astype(np.float64)
+
+
+# ------------------------------------------------------------------ numbers
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64).ravel()
+    return values[np.isfinite(values)]
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    value = float(value)
+    if not math.isfinite(value):
+        return "–"
+    return f"{value:.{digits}g}"
+
+
+def _round(values: np.ndarray, digits: int = 4) -> list[float]:
+    """Values as short JSON numbers (``digits`` significant digits)."""
+    return [float(f"{v:.{digits}g}") for v in np.asarray(values, dtype=np.float64)]
+
+
+def histogram(values: np.ndarray, bins: int = HISTOGRAM_BINS,
+              selected: np.ndarray | None = None) -> dict | None:
+    """Bin centres, widths and counts of the finite values (and of ``selected`` ones)."""
+    finite = np.isfinite(values)
+    data = values[finite]
+    if data.size == 0:
+        return None
+    low, high = float(data.min()), float(data.max())
+    if np.all(data == np.round(data)) and high - low <= 4 * bins:
+        # Counts such as iterations: one bar per integer, centred on it.
+        edges = np.arange(low - 0.5, high + 1.0)
+    else:
+        if low == high:
+            low, high = low - 0.5, high + 0.5
+        edges = np.linspace(low, high, bins + 1)
+    counts = np.histogram(data, edges)[0]
+    out = {"centres": (edges[:-1] + edges[1:]) / 2, "width": float(edges[1] - edges[0]), "counts": counts}
+    if selected is not None:
+        out["selected"] = np.histogram(values[finite & selected], edges)[0]
+    return out
+
+
+def contrast_numbers(stat: np.ndarray, mlog10p: np.ndarray | None, df: np.ndarray | None,
+                     threshold: float) -> dict:
+    """Voxels tested and above threshold, the statistic's range, max −log10 p, df quartiles."""
+    finite = _finite(stat)
+    numbers: dict[str, Any] = {"tested": int(finite.size)}
+    if finite.size:
+        numbers.update(stat_min=float(finite.min()), stat_max=float(finite.max()))
+    if mlog10p is not None:
+        lp = _finite(mlog10p)
+        numbers["above"] = int(np.count_nonzero(lp > threshold))
+        numbers["lp_max"] = float(lp.max()) if lp.size else None
+    if df is not None:
+        dfs = _finite(df)
+        if dfs.size:
+            numbers["df_quartiles"] = [float(v) for v in np.percentile(dfs, [0, 25, 50, 75, 100])]
+    return numbers
+
+
+# ------------------------------------------------------------------ the page
+
+
+def plotly_available() -> bool:
+    """Whether figures can be drawn (the ``[viewer]`` extra is installed)."""
+    try:
+        for module in ("plotly.graph_objects", "plotly.offline"):
+            importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _typed(array: np.ndarray, dtype: str) -> dict:
+    """A base64 typed-array spec {dtype, bdata}, decoded by the page's script."""
+    kinds = {"f4": np.float32, "i4": np.int32}
+    data = np.ascontiguousarray(array, dtype=kinds[dtype])
+    return {"dtype": dtype, "bdata": base64.b64encode(data.tobytes()).decode("ascii")}
+
+
+class ReportPage:
+    """Sections of HTML and plotly figures, written as one self-contained page."""
+
+    def __init__(self, title: str, with_figures: bool) -> None:
+        self.title = title
+        self.with_figures = with_figures
+        self.blocks: list[str] = []
+        self.figures: list[dict] = []
+        self.geometry: dict[str, dict] = {}
+        self.templates: list[str] = []
+        self.contents: list[tuple[str, str]] = []
+
+    def heading(self, text: str, anchor: str, level: int = 2) -> None:
+        if level == 2:
+            self.contents.append((anchor, text))
+        self.blocks.append(f'<h{level} id="{anchor}">{html.escape(text)}</h{level}>')
+
+    def text(self, markup: str) -> None:
+        """Trusted markup (callers escape what came from files)."""
+        self.blocks.append(f'<div class="blmm-text">{markup}</div>')
+
+    def note(self, text: str) -> None:
+        self.blocks.append(f'<p class="blmm-text note">{html.escape(text)}</p>')
+
+    def table(self, rows: list[tuple[str, str]], header: tuple[str, ...] | None = None,
+              escape: bool = True) -> None:
+        """A table of rows (tuples of cells); cells are escaped unless ``escape`` is False."""
+        cell = html.escape if escape else (lambda s: s)
+        head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
+        body = "".join("<tr>" + "".join(f"<td>{cell(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+        self.blocks.append(f'<table class="blmm-text">{head}{body}</table>')
+
+    def figure(self, fig: Any, meshes: list[str | None] | None = None) -> None:
+        """Add a plotly figure; traces with a key in ``meshes`` take that shared geometry."""
+        import plotly.io as pio
+
+        spec = json.loads(pio.to_json(fig, validate=False))
+        layout = spec.setdefault("layout", {})
+        template = layout.pop("template", None)
+        template_index = None
+        if template is not None:  # the same few KB in every figure otherwise
+            text = json.dumps(template, separators=(",", ":"))
+            if text not in self.templates:
+                self.templates.append(text)
+            template_index = self.templates.index(text)
+        keys = list(meshes or [])
+        for trace, key in zip(spec["data"], keys):
+            if key is not None:
+                for axis in ("x", "y", "z", "i", "j", "k"):
+                    trace.pop(axis, None)
+        keys += [None] * (len(spec["data"]) - len(keys))
+        webgl = any(trace.get("type") in ("mesh3d", "scatter3d", "surface") for trace in spec["data"])
+        figure_id = f"blmm-figure-{len(self.figures)}"
+        height = int(layout.get("height") or 450)
+        self.figures.append({"id": figure_id, "figure": spec, "meshes": keys, "webgl": webgl,
+                             "template": template_index})
+        self.blocks.append(f'<div class="blmm-figure" id="{figure_id}" style="height:{height}px"></div>')
+
+    def add_mesh(self, key: str, mesh: Mesh) -> str:
+        """Store a mesh's geometry once for every figure that draws on it."""
+        if key not in self.geometry:
+            coords, faces = mesh.coords, mesh.faces
+            self.geometry[key] = {
+                "x": _typed(coords[:, 0], "f4"), "y": _typed(coords[:, 1], "f4"), "z": _typed(coords[:, 2], "f4"),
+                "i": _typed(faces[:, 0], "i4"), "j": _typed(faces[:, 1], "i4"), "k": _typed(faces[:, 2], "i4")}
+        return key
+
+    def render(self) -> str:
+        contents = "".join(f'<li><a href="#{anchor}">{html.escape(text)}</a></li>'
+                           for anchor, text in self.contents)
+        parts = [
+            "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+            f"<title>{html.escape(self.title)}</title>",
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<style>{PAGE_STYLE}</style>", "</head>", "<body>", "<main>",
+            f'<h1 class="blmm-text">{html.escape(self.title)}</h1>',
+            f'<nav class="blmm-text"><ol>{contents}</ol></nav>' if contents else "",
+            *self.blocks,
+            f'<footer class="blmm-text">Written by blmm {html.escape(__version__)} on '
+            f'{datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}.</footer>',
+            "</main>",
+        ]
+        if self.with_figures and self.figures:
+            from plotly.offline import get_plotlyjs
+
+            data = {"figures": self.figures, "geometry": self.geometry,
+                    "templates": [json.loads(t) for t in self.templates],
+                    "max_live_webgl": MAX_LIVE_WEBGL_FIGURES}
+            # "<" escaped: a contrast named "</script>" must not end the script element.
+            payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+            parts += [
+                f'<script type="text/javascript">{get_plotlyjs()}</script>',
+                f'<script type="application/json" id="blmm-report-data">{payload}</script>',
+                f"<script>{PAGE_SCRIPT}</script>",
+            ]
+        parts += ["</body>", "</html>", ""]
+        return "\n".join(parts)
+
+
+PAGE_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0;
+       color: #1d1d1f; background: #fff; }
+main { max-width: 1150px; margin: 0 auto; padding: 1em 1.5em 3em; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
+h3 { margin-top: 1.6em; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f4f4f6; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+code, .formula { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.92em; }
+.formula { background: #f6f8fa; padding: 0.6em 0.8em; border-radius: 4px; overflow-wrap: anywhere; }
+.note { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.5em 0.8em; }
+.blmm-figure { width: 100%; margin: 0.5em 0 1em; }
+nav ol { columns: 2; font-size: 0.95em; }
+footer { margin-top: 3em; color: #777; font-size: 0.85em; }
+"""
+
+# Figures are built from the JSON payload when they scroll into view; WebGL figures far from
+# view are purged so the page never holds more contexts than browsers allow.
+PAGE_SCRIPT = """
+(function () {
+  "use strict";
+  var DATA = JSON.parse(document.getElementById("blmm-report-data").textContent);
+  var CONFIG = {displaylogo: false, responsive: true};
+  var TYPES = {f4: Float32Array, f8: Float64Array, i4: Int32Array, u4: Uint32Array,
+               i2: Int16Array, u2: Uint16Array, i1: Int8Array, u1: Uint8Array};
+  var meshes = {}, rendered = {}, visible = {}, live = [];
+  function decode(spec) {
+    var text = atob(spec.bdata), bytes = new Uint8Array(text.length);
+    for (var n = 0; n < text.length; n++) { bytes[n] = text.charCodeAt(n); }
+    return new TYPES[spec.dtype](bytes.buffer);
+  }
+  function mesh(key) {
+    if (!meshes[key]) {
+      var stored = DATA.geometry[key], arrays = {};
+      Object.keys(stored).forEach(function (axis) { arrays[axis] = decode(stored[axis]); });
+      meshes[key] = arrays;
+    }
+    return meshes[key];
+  }
+  function purge(index) {
+    if (!rendered[index]) { return; }
+    Plotly.purge(document.getElementById(DATA.figures[index].id));
+    delete rendered[index];
+    live = live.filter(function (i) { return i !== index; });
+  }
+  function release() {
+    while (live.length > DATA.max_live_webgl) {
+      var hidden = live.filter(function (i) { return !visible[i]; });
+      if (!hidden.length) { return; }
+      purge(hidden[0]);
+    }
+  }
+  function render(index) {
+    if (rendered[index]) { return rendered[index]; }
+    var spec = DATA.figures[index];
+    // plotly keeps (and may change) what it is given: draw from a copy of the spec.
+    var figure = JSON.parse(JSON.stringify(spec.figure));
+    figure.data.forEach(function (trace, t) {
+      var key = spec.meshes[t];
+      if (key) {
+        var g = mesh(key);
+        ["x", "y", "z", "i", "j", "k"].forEach(function (axis) { trace[axis] = g[axis]; });
+      }
+    });
+    if (spec.template !== null) { figure.layout.template = DATA.templates[spec.template]; }
+    rendered[index] = Plotly.newPlot(document.getElementById(spec.id), figure.data,
+                                     figure.layout, CONFIG);
+    if (spec.webgl) { live.push(index); release(); }
+    return rendered[index];
+  }
+  window.blmmReport = {count: DATA.figures.length, figures: DATA.figures, render: render,
+                       purge: purge};
+  if (!("IntersectionObserver" in window)) {
+    DATA.figures.forEach(function (spec, i) { render(i); });
+    return;
+  }
+  var observer = new IntersectionObserver(function (entries) {
+    entries.forEach(function (entry) {
+      var index = Number(entry.target.getAttribute("data-figure"));
+      visible[index] = entry.isIntersecting;
+      if (entry.isIntersecting) { render(index); }
+    });
+    release();
+  }, {rootMargin: "300px 0px"});
+  DATA.figures.forEach(function (spec, i) {
+    var div = document.getElementById(spec.id);
+    div.setAttribute("data-figure", String(i));
+    observer.observe(div);
+  });
+})();
+"""
+
+
+# ------------------------------------------------------------------ figures
+
+
+def _panel_values(column: np.ndarray, panel: SurfacePanel) -> np.ndarray:
+    full = np.full(panel.mesh.n_vertices, np.nan)
+    full[panel.vertices] = column[panel.rows]
+    return full
+
+
+def _mesh_key(panel: SurfacePanel) -> str:
+    return panel.mesh.name or f"mesh {panel.hemi}"
+
+
+def add_map_figure(page: ReportPage, geometry: MapGeometry, column: np.ndarray, title: str, *,
+                   shown: np.ndarray | None = None, colorscale: Any = None,
+                   threshold: float | None = None) -> bool:
+    """Draw one map (n_voxels,) on the folder's surfaces or volume; False when it cannot be.
+
+    ``shown``: where the map is coloured; elsewhere the surface stays grey (volume: blank).
+    ``threshold``: additionally grey out |value| < threshold (the viewer's meaning).
+    """
+    from blmm import viewer
+
+    values = np.asarray(column, dtype=np.float64).copy()
+    if shown is not None:
+        values[~shown] = np.nan
+    if geometry.kind == "surface":
+        panels = {panel.hemi: (_panel_values(values, panel), panel.mesh) for panel in geometry.panels}
+        if threshold is None:
+            # The viewer paints missing values grey only inside a threshold band; a band
+            # just below the smallest shown |value| greys exactly the hidden vertices.
+            finite = np.abs(_finite(values))
+            threshold = float(finite.min()) * (1 - 1e-6) if finite.size else 1.0
+        fig = viewer.plot_surfaces(panels, 0, colorscale=colorscale, threshold=threshold or None,
+                                   title=title)
+        page.figure(fig, [page.add_mesh(_mesh_key(panel), panel.mesh) for panel in geometry.panels])
+        return True
+    if geometry.kind == "volume":
+        outline = np.isfinite(np.asarray(column, dtype=np.float64))
+        if threshold:
+            values[np.abs(values) < threshold] = np.nan
+        fig = plot_projections(values.reshape(geometry.volume_shape), geometry.affine,
+                               outline.reshape(geometry.volume_shape), title=title, colorscale=colorscale)
+        page.figure(fig)
+        return True
+    return False
+
+
+def signed_projection(values: np.ndarray, axis: int) -> np.ndarray:
+    """Along ``axis``, the value of largest magnitude (sign kept); NaN where all are NaN."""
+    magnitude = np.where(np.isfinite(values), np.abs(values), -1.0)
+    index = np.expand_dims(np.argmax(magnitude, axis=axis), axis)
+    picked = np.take_along_axis(values, index, axis).squeeze(axis)
+    return np.where(magnitude.max(axis=axis) >= 0, picked, np.nan)
+
+
+def plot_projections(values: np.ndarray, affine: np.ndarray, outline: np.ndarray, *,
+                     title: str = "", colorscale: Any = None) -> Any:
+    """A 3-D map as sagittal, coronal and axial maximum-intensity projections.
+
+    NaN voxels are transparent; ``outline`` (the fitted voxels) is drawn as a light
+    silhouette beneath. Axes are in mm, oriented RAS whatever the file's orientation.
+    """
+    import nibabel as nib
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from blmm import viewer
+
+    stacked = np.stack([values, outline], axis=-1).astype(np.float32)
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(stacked, np.asarray(affine, dtype=float)))
+    data = np.asarray(canonical.dataobj, dtype=np.float32)
+    values, outline, ras = data[..., 0], data[..., 1] > 0, canonical.affine
+    mm = [ras[axis, axis] * np.arange(values.shape[axis]) + ras[axis, 3] for axis in range(3)]
+    colours = viewer.colour_range(_finite(values), colorscale=colorscale)
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.07,
+                        subplot_titles=[f"{name} (max over {'xyz'[axis]})" for name, axis, _ in PROJECTION_VIEWS])
+    for column, (name, axis, (h_axis, v_axis)) in enumerate(PROJECTION_VIEWS, start=1):
+        x, y = np.round(mm[h_axis], 2), np.round(mm[v_axis], 2)
+        fig.add_trace(go.Heatmap(z=outline.any(axis=axis).T.astype(np.uint8), x=x, y=y, zmin=0, zmax=1,
+                                 colorscale=OUTLINE_COLOURS, showscale=False, hoverinfo="skip",
+                                 name="fitted voxels"), row=1, col=column)
+        fig.add_trace(go.Heatmap(z=signed_projection(values, axis).T.astype(np.float32), x=x, y=y,
+                                 coloraxis="coloraxis", name=name,
+                                 hovertemplate="(%{x:.0f}, %{y:.0f}) mm<br>value %{z:.4g}<extra></extra>"),
+                      row=1, col=column)
+        suffix = "" if column == 1 else str(column)
+        fig.layout[f"xaxis{suffix}"].update(showgrid=False, zeroline=False, constrain="domain",
+                                            title=dict(text=f"{'xyz'[h_axis]} (mm)", font=dict(size=11)))
+        fig.layout[f"yaxis{suffix}"].update(scaleanchor=f"x{suffix}", scaleratio=1, showgrid=False,
+                                            zeroline=False, constrain="domain",
+                                            title=dict(text=f"{'xyz'[v_axis]} (mm)", font=dict(size=11)))
+    fig.update_layout(title=dict(text=title, x=0.5, xanchor="center"), height=420,
+                      coloraxis=dict(colorscale=colours.colorscale, cmin=colours.cmin, cmax=colours.cmax,
+                                     colorbar=dict(thickness=15, len=0.8)),
+                      plot_bgcolor="white", paper_bgcolor="white", margin=dict(l=20, r=20, t=80, b=40))
+    return fig
+
+
+def add_histograms(page: ReportPage, panels: list[tuple[str, np.ndarray, np.ndarray | None, str | None]],
+                   title: str | None = None) -> bool:
+    """Side-by-side histograms: (x-axis title, values, selected-or-None, selected label)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    drawn = [(axis, counts, label) for axis, values, selected, label in panels
+             if (counts := histogram(values, selected=selected)) is not None]
+    if not drawn:
+        return False
+    fig = make_subplots(rows=1, cols=len(drawn), horizontal_spacing=0.1)
+    shown_selected = False  # one legend entry for the highlighted voxels, not one per panel
+    for column, (axis, counts, label) in enumerate(drawn, start=1):
+        centres = _round(counts["centres"], 5)
+        fig.add_trace(go.Bar(x=centres, y=counts["counts"].tolist(), width=counts["width"],
+                             marker_color="rgb(140, 150, 170)", name="all", showlegend=column == 1,
+                             legendgroup="all", hovertemplate="%{x:.4g}: %{y}<extra></extra>"),
+                      row=1, col=column)
+        if "selected" in counts and counts["selected"].any():
+            fig.add_trace(go.Bar(x=centres, y=counts["selected"].tolist(), width=counts["width"],
+                                 marker_color="rgb(215, 60, 20)", name=label, legendgroup="selected",
+                                 showlegend=not shown_selected, hovertemplate="%{x:.4g}: %{y}<extra></extra>"),
+                          row=1, col=column)
+            shown_selected = True
+        fig.update_xaxes(title_text=axis, row=1, col=column)
+        fig.update_yaxes(title_text="voxels" if column == 1 else None, row=1, col=column)
+    fig.update_layout(barmode="overlay", bargap=0, height=300, margin=dict(l=60, r=20, t=80 if title else 45, b=50),
+                      title=dict(text=title or "", x=0.5, xanchor="center"), paper_bgcolor="white",
+                      plot_bgcolor="white", legend=dict(orientation="h", x=0, xanchor="left", y=1.02, yanchor="bottom"))
+    page.figure(fig)
+    return True
+
+
+# ------------------------------------------------------------------ the run report
+
+
+def _counts_rows(counts: dict) -> list[tuple[str, str]]:
+    labels = (("analysis_mask", "voxels in the analysis mask"), ("fitted", "fitted"),
+              ("converged", "converged (log-likelihood change < tol)"),
+              ("not_converged", "not converged (hit maxnit; kept in the maps)"),
+              ("boundary", "boundary fits (singular random-effects covariance)"))
+    rows = [(label, _fmt(counts[key])) for key, label in labels if key in counts]
+    for reason, count in (counts.get("dropped") or {}).items():
+        rows.append((f"dropped: {reason}", _fmt(count)))
+    if not counts.get("dropped") and counts:
+        rows.append(("dropped", "0"))
+    return rows
+
+
+def _model_section(page: ReportPage, summary: RunSummary) -> None:
+    settings, record = summary.settings, summary.record
+    page.heading("Model", "model")
+    page.text(f'<p class="formula">{html.escape(model_formula(summary))}</p>'
+              "<p>One linear mixed model per voxel: Y = Xβ + Zb + ε, ε ~ N(0, σ²I), b ~ N(0, σ²D) "
+              "(docs/model.md).</p>")
+    reml = settings.get("REML", True)
+    rows = [
+        ("images (n)", _fmt(summary.n)),
+        ("fixed effects (p, columns of X)", _fmt(summary.p)),
+        ("random effects (q = Σ q_k × levels_k, columns of Z)", _fmt(summary.q) if summary.factors else "–"),
+        ("estimation", "REML" if reml else "ML"),
+        ("method", str(settings.get("method", "pSFS"))),
+        ("tol (log-likelihood change)", str(settings.get("tol", "–"))),
+        ("maxnit", str(settings.get("maxnit", "–"))),
+        ("T p-values", "two-sided" if settings.get("two_sided") else "one-sided (H1: Lβ > 0)"),
+        ("report threshold", f"−log10 p > {summary.threshold:g}"),
+    ]
+    if record.get("engine"):
+        rows.append(("engine", f"{record['engine']} ({record.get('batches', '?')} image batches, "
+                               f"{record.get('blocks', '?')} voxel blocks)"))
+    timings = record.get("timings_s") or {}
+    if timings:
+        rows.append(("time (s)", ", ".join(f"{stage} {seconds:g}" for stage, seconds in timings.items())))
+    if settings.get("outdir"):
+        rows.append(("outdir", str(settings["outdir"])))
+    page.table(rows)
+    page.heading("Fixed effects (columns of X)", "fixed", level=3)
+    page.table([(str(j), name) for j, name in enumerate(summary.x_names)],
+               header=("blmm_vox_beta volume", "column"))
+    if summary.factors:
+        page.heading("Random factors", "random", level=3)
+        page.table([(f.name, str(f.q), _fmt(f.levels), ", ".join(f.design_names)) for f in summary.factors],
+                   header=("factor", "q_k (effects per level)", "levels", "design columns"))
+    if summary.contrasts:
+        page.heading("Contrasts", "contrasts-table", level=3)
+        page.table([(c.label, c.name, c.kind,
+                     f"{'conT' if c.kind == 'T' else 'conF'} volume {c.index}",
+                     contrast_text(c.vector, summary.x_names)) for c in summary.contrasts],
+                   header=("key", "name", "type", "map volume", "tests"))
+
+
+def _convergence_section(page: ReportPage, summary: RunSummary, geometry: MapGeometry | None) -> None:
+    counts = summary.record.get("counts") or {}
+    page.heading("Convergence", "convergence")
+    if counts:
+        page.table(_counts_rows(counts), header=("voxels", "count"))
+    if not (page.with_figures and geometry is not None):
+        return
+    nit = read_report_map(summary.outdir, "nit", geometry)
+    mask = read_report_map(summary.outdir, "mask", geometry)
+    if nit is None or mask is None:
+        page.note("blmm_vox_nit or blmm_vox_mask is missing: no convergence figures.")
+        return
+    fitted = mask[:, 0] != 0
+    iterations = np.where(fitted, nit[:, 0], np.nan)
+    add_map_figure(page, geometry, iterations, "iterations per voxel (blmm_vox_nit)", shown=fitted,
+                   colorscale="Viridis", threshold=0.5)
+    converged = read_report_map(summary.outdir, "converged", geometry)
+    selected = None if converged is None else fitted & (converged[:, 0] == 0)
+    if selected is not None and selected.any():
+        add_map_figure(page, geometry, selected.astype(np.float64),
+                       "voxels that did not converge (blmm_vox_converged = 0)", shown=selected,
+                       colorscale=[[0, "rgb(215, 60, 20)"], [1, "rgb(215, 60, 20)"]], threshold=0.5)
+    add_histograms(page, [("iterations (blmm_vox_nit)", iterations, selected, "not converged")])
+
+
+def _contrast_section(page: ReportPage, summary: RunSummary, geometry: MapGeometry | None,
+                      contrast: ContrastSummary, maps: dict[str, np.ndarray | None], anchor: str) -> None:
+    stat_name = "conT" if contrast.kind == "T" else "conF"
+    page.heading(f"{contrast.kind} contrast {contrast.label}: {contrast.name}", anchor, level=3)
+    stat = maps.get(stat_name)
+    lp = maps.get(f"{stat_name}lp")
+    df = maps.get(f"{stat_name}_swedf")
+    if stat is None or stat.shape[1] <= contrast.index:
+        page.note(f"{MAP_PREFIX}{stat_name} volume {contrast.index} is missing.")
+        return
+    column = stat[:, contrast.index]
+    lp_column = None if lp is None or lp.shape[1] <= contrast.index else lp[:, contrast.index]
+    df_column = None if df is None or df.shape[1] <= contrast.index else df[:, contrast.index]
+    numbers = contrast_numbers(column, lp_column, df_column, summary.threshold)
+    side = "" if contrast.kind == "F" else (" (two-sided)" if summary.settings.get("two_sided")
+                                           else " (one-sided, H1: Lβ > 0)")
+    rows = [("tests", contrast_text(contrast.vector, summary.x_names)),
+            ("maps", f"{MAP_PREFIX}{stat_name}, {stat_name}lp, {stat_name}_swedf volume {contrast.index}"),
+            ("voxels tested", _fmt(numbers["tested"])),
+            (f"voxels with −log10 p > {summary.threshold:g}{side}", _fmt(numbers.get("above"))),
+            (f"{contrast.kind} range", f"{_fmt(numbers.get('stat_min'))} to {_fmt(numbers.get('stat_max'))}"),
+            ("max −log10 p", _fmt(numbers.get("lp_max")))]
+    if "df_quartiles" in numbers:
+        q = numbers["df_quartiles"]
+        rows.append(("Satterthwaite df (min, quartiles, max)", ", ".join(_fmt(v) for v in q)))
+    page.table(rows)
+    if not page.with_figures:
+        return
+    above = None if lp_column is None else np.nan_to_num(lp_column, nan=-np.inf) > summary.threshold
+    if geometry is not None and geometry.kind != "none":
+        where = f"−log10 p > {summary.threshold:g}"
+        if above is not None and not above.any():
+            where = f"no voxel has −log10 p > {summary.threshold:g}"
+        title = f"{contrast.kind} · {html.escape(contrast.name)} ({where})"
+        add_map_figure(page, geometry, column, title, shown=above, threshold=None)
+    label = f"−log10 p > {summary.threshold:g}"
+    add_histograms(page, [(f"{contrast.kind} ({MAP_PREFIX}{stat_name})", column, above, label),
+                          (f"Satterthwaite df ({stat_name}_swedf)",
+                           df_column if df_column is not None else np.array([]), above, label)])
+
+
+def _geometry_for(folder: Path, hints: tuple[str, ...], page: ReportPage) -> MapGeometry | None:
+    try:
+        mask_path = find_map(folder, "mask")
+    except ViewerError as err:
+        page.note(f"no maps can be shown: {err}")
+        return None
+    try:
+        return map_geometry(mask_path, hints)
+    except (InputError, OSError, ValueError) as err:
+        page.note(f"the maps cannot be read: {err}")
+        return None
+
+
+def build_report(outdir: str | Path, with_figures: bool | None = None) -> str:
+    """The report page of a run as HTML text (``with_figures``: default when plotly is installed)."""
+    summary = summarise_run(outdir)
+    folder = summary.outdir
+    figures = plotly_available() if with_figures is None else with_figures
+    page = ReportPage(f"blmm report: {folder.name}", figures)
+    page.text(f"<p>Results in <code>{html.escape(str(folder.resolve()))}</code>"
+              + (f", inputs hash <code>{html.escape(str(summary.record['input_hash']))}</code>"
+                 if summary.record.get("input_hash") else "") + ".</p>")
+    if not figures:
+        page.note(f"Figures need the viewer extra (plotly and nilearn): {VIEWER_EXTRA_HINT}; "
+                  "then rewrite this page with: python -m blmm.report " + str(folder))
+    for note in summary.notes:
+        page.note(note)
+    hints = (folder.name, str(summary.settings.get("Y_files", "")))
+    geometry = _geometry_for(folder, hints, page)
+    if geometry is not None:
+        page.text(f"<p>Maps: {html.escape(geometry.format)} files, {html.escape(geometry.description)}.</p>")
+        if figures and geometry.note:
+            page.note(geometry.note)
+    _model_section(page, summary)
+    _convergence_section(page, summary, geometry)
+    if summary.contrasts:
+        page.heading("Contrasts", "results")
+        maps: dict[str, np.ndarray | None] = {}
+        if geometry is not None:
+            for kind in {c.kind for c in summary.contrasts}:
+                stat = "conT" if kind == "T" else "conF"
+                for name in (stat, f"{stat}lp", f"{stat}_swedf"):
+                    maps[name] = read_report_map(folder, name, geometry)
+        for position, contrast in enumerate(summary.contrasts):
+            _contrast_section(page, summary, geometry, contrast, maps, f"contrast-{position}")
+    page.heading("More", "more")
+    page.text("<p>Every map: docs/outputs.md. Any map, interactively: "
+              f"<code>blmm_view {html.escape(str(folder))} conTlp --volume 0 --threshold "
+              f"{summary.threshold:g} -o page.html</code> (docs/viewer.md).</p>")
+    return page.render()
+
+
+def write_report(outdir: Path) -> Path:
+    """Write ``outdir/report.html`` for a finished run (atomically); returns its path."""
+    folder = Path(outdir)
+    return write_text_atomically(folder / REPORT_FILE, build_report(folder))
+
+
+# ------------------------------------------------------------------ the comparison report
+
+
+def _model_rows(model: dict) -> list[tuple[str, str]]:
+    factors = ", ".join(f"{f.get('name')} (q={f.get('q')}, {f.get('levels')} levels)"
+                        for f in model.get("factors") or []) or "none"
+    return [("outdir", str(model.get("outdir", "–"))), ("p", _fmt(model.get("p"))),
+            ("X columns", ", ".join(model.get("x_columns") or [])), ("random factors", factors),
+            ("parameters", _fmt(model.get("n_params")))]
+
+
+def build_compare_report(outdir: str | Path, with_figures: bool | None = None) -> str:
+    """The report page of a ``blmm_compare`` folder as HTML text."""
+    folder = Path(outdir)
+    record = _read_json(folder / COMPARE_FILE)
+    figures = plotly_available() if with_figures is None else with_figures
+    page = ReportPage(f"blmm_compare report: {folder.name}", figures)
+    if not record:
+        page.note(f"{COMPARE_FILE} is missing or unreadable: not a finished blmm_compare folder.")
+    if not figures:
+        page.note(f"Figures need the viewer extra (plotly and nilearn): {VIEWER_EXTRA_HINT}.")
+    big, small = record.get("big") or {}, record.get("small") or {}
+    big_run = _read_json(Path(str(big.get("outdir", ""))) / RUN_FILE) if big.get("outdir") else {}
+    threshold = (big_run.get("settings") or {}).get("report_threshold", DEFAULT_REPORT_THRESHOLD)
+    try:
+        threshold = float(threshold)
+    except (TypeError, ValueError):
+        threshold = DEFAULT_REPORT_THRESHOLD
+    null = record.get("null_distribution") or {}
+    page.heading("Test", "test")
+    page.table([
+        ("test", str(record.get("test", "–"))),
+        ("estimation", "REML" if record.get("REML") else "ML" if "REML" in record else "–"),
+        ("statistic", str(record.get("statistic", "Chi2 = 2 (llh_big − llh_small)"))),
+        ("null distribution", str(null.get("label", "–"))
+         + ("" if null.get("exact", True) else " (approximation)")),
+        ("why this null", str(null.get("reason", "–"))),
+        ("mixture", ", ".join(f"{c.get('weight'):g} × χ²({c.get('df')})" for c in null.get("components") or [])
+         or "–"),
+        ("difference in parameters", _fmt(record.get("df_parameters"))),
+        ("REML X correction", _fmt(record.get("reml_x_correction"))),
+        ("max −log10 p", _fmt(record.get("max_Chi2lp"))),
+        ("report threshold", f"−log10 p > {threshold:g}"),
+    ])
+    if record.get("swapped"):
+        page.note("The first folder given held the bigger model, so the two were swapped.")
+    for note in record.get("notes") or []:
+        page.note(str(note))
+    page.heading("Models", "models")
+    page.table([(label, small_value, big_value) for (label, small_value), (_, big_value)
+                in zip(_model_rows(small), _model_rows(big))], header=("", "small model", "big model"))
+    counts = record.get("counts") or {}
+    page.heading("Voxels", "voxels")
+    count_labels = {
+        "mask": "in both masks", "tested": "tested", "nan": "not tested (NaN)",
+        "not_fitted": "not fitted in a model", "not_converged": "not converged in a model",
+        "not_converged_small": "not converged, small model", "not_converged_big": "not converged, big model",
+        "n_differs": "different number of images", "llh_big_below_small": "big model's llh below small's",
+        "mask_model_1": "mask of model 1", "mask_model_2": "mask of model 2"}
+    page.table([(count_labels.get(key, key), _fmt(value)) for key, value in counts.items()],
+               header=("voxels", "count"))
+    page.heading("Map", "map")
+    hints = (folder.name, str(big.get("outdir", "")), str(small.get("outdir", "")))
+    geometry = _geometry_for(folder, hints, page)
+    if geometry is not None:
+        page.text(f"<p>Maps: {html.escape(geometry.format)} files, {html.escape(geometry.description)}.</p>")
+        chi2 = read_report_map(folder, "Chi2", geometry)
+        lp = read_report_map(folder, "Chi2lp", geometry)
+        if lp is not None:
+            above = int(np.count_nonzero(_finite(lp[:, 0]) > threshold))
+            page.table([(f"voxels with −log10 p > {threshold:g}", _fmt(above))])
+        if figures and geometry.note:
+            page.note(geometry.note)
+        if figures and lp is not None:
+            column = lp[:, 0]
+            if geometry.kind != "none":
+                add_map_figure(page, geometry, column,
+                               f"likelihood-ratio test −log10 p (blmm_vox_Chi2lp), shown > {threshold:g}",
+                               threshold=threshold)
+            selected = np.nan_to_num(column, nan=-np.inf) > threshold
+            label = f"−log10 p > {threshold:g}"
+            add_histograms(page, [("χ² (blmm_vox_Chi2)", chi2[:, 0] if chi2 is not None else np.array([]),
+                                   selected, label),
+                                  ("−log10 p (blmm_vox_Chi2lp)", column, selected, label)])
+    return page.render()
+
+
+def write_compare_report(outdir: Path) -> Path:
+    """Write ``outdir/report.html`` for a ``blmm_compare`` folder (atomically); returns its path."""
+    folder = Path(outdir)
+    return write_text_atomically(folder / REPORT_FILE, build_compare_report(folder))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m blmm.report OUTDIR``: (re)write the report of a run or comparison folder."""
+    parser = argparse.ArgumentParser(prog="python -m blmm.report",
+                                     description="Write OUTDIR/report.html for a blmm or blmm_compare folder.")
+    parser.add_argument("outdir")
+    args = parser.parse_args(argv)
+    folder = Path(args.outdir)
+    if not folder.is_dir():
+        print(f"blmm.report: error: {folder}: not a folder", file=sys.stderr)
+        return 1
+    written = write_compare_report(folder) if (folder / COMPARE_FILE).is_file() else write_report(folder)
+    print(f"blmm.report: wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
