@@ -268,13 +268,8 @@ def _fit_block(obj, data, qk, method, tol, max_iter, reml, n, p) -> dict:
                 moved |= np.any(np.abs(Dt - Dk[pending]) > 0, axis=(1, 2))
             # a step that lands back on the same point (e.g. projected to D = 0) is no step
             good = ev_t.ok & ((ev_t.llh > old[pending]) | ((ev_t.llh == old[pending]) & moved))
-            gi = pending[good]
-            new_llh[gi] = ev_t.llh[good]
-            for f in range(len(qk)):
-                new_D[f][gi] = trial[f][good]
-            new_s2[gi] = ev_t.sigma2[good]
-            new_ev = _merge_eval(new_ev, ev_t, gi, good)
-            accepted[gi] = True
+            new_ev = _accept(pending, good, ev_t, trial, new_llh, new_D, new_s2, new_ev)
+            accepted[pending[good]] = True
             pending = pending[~good]
             if pending.size == 0:
                 break
@@ -293,12 +288,7 @@ def _fit_block(obj, data, qk, method, tol, max_iter, reml, n, p) -> dict:
                 ev_t = obj.evaluate(cand, _take(adata, sub, active.size),
                                     sigma2=new_s2[sub] if method in ("FS", "pFS") else None, grad=True)
                 good = ev_t.ok & (ev_t.llh > new_llh[sub] + 1e-12 * np.abs(new_llh[sub]))
-                gi = sub[good]
-                new_llh[gi] = ev_t.llh[good]
-                for f in range(len(qk)):
-                    new_D[f][gi] = cand[f][good]
-                new_s2[gi] = ev_t.sigma2[good]
-                new_ev = _merge_eval(new_ev, ev_t, gi, good)
+                new_ev = _accept(sub, good, ev_t, cand, new_llh, new_D, new_s2, new_ev)
                 rows = rows[~good]
                 start_pts = [b[rows] for b in base]
                 cand = [b + 0.5 * (c[~good] - b) for b, c in zip(start_pts, cand)]  # halve the move
@@ -315,6 +305,16 @@ def _fit_block(obj, data, qk, method, tol, max_iter, reml, n, p) -> dict:
         ev_act = _subset_eval(new_ev, np.flatnonzero(keep))
     # final evaluation at the optimum: profiled σ², GLS β̂, lme4's log-likelihood
     return _package(obj, data, D, converged, n_iter, ok, qk, reml, n, p)
+
+
+def _accept(rows, good, ev_t: Evaluation, trial, new_llh, new_D, new_s2, new_ev: Evaluation) -> Evaluation:
+    """Take the trial points that were good: update the running state in place, return the merged evaluation."""
+    gi = rows[good]
+    new_llh[gi] = ev_t.llh[good]
+    for f in range(len(new_D)):
+        new_D[f][gi] = trial[f][good]
+    new_s2[gi] = ev_t.sigma2[good]
+    return _merge_eval(new_ev, ev_t, gi, good)
 
 
 def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):

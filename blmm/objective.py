@@ -312,6 +312,30 @@ class LevelData:
         return LevelData(self.XtY[idx], self.YtY[idx], [y[idx] for y in self.ys], self.KXY[idx], self.KYY[idx])
 
 
+def _level_block_sum(A: np.ndarray, offset: int, n_levels: int, q: int) -> np.ndarray:
+    """Σ over a factor's levels of the diagonal q x q blocks of (v, Q, Q) matrices."""
+    v = A.shape[0]
+    blk = A[:, offset:offset + n_levels * q, offset:offset + n_levels * q].reshape(v, n_levels, q, n_levels, q)
+    return np.einsum("vjajb->vab", blk)
+
+
+def _factor_pair_information(T: np.ndarray, offsets, n_levels, qs) -> np.ndarray:
+    """Expected information blocks between factors from T = Z'V⁻¹Z (v, Q, Q), vec order.
+
+    F[(k,a,b),(k',c,d)] = Σ_{i in k, j in k'} T[(i,b),(j,c)] T[(i,a),(j,d)].
+    """
+    v = T.shape[0]
+    sizes = [q * q for q in qs]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    info = np.zeros((v, starts[-1], starts[-1]))
+    for k, (o1, l1, q1) in enumerate(zip(offsets, n_levels, qs)):
+        for k2, (o2, l2, q2) in enumerate(zip(offsets, n_levels, qs)):
+            T4 = T[:, o1:o1 + l1 * q1, o2:o2 + l2 * q2].reshape(v, l1, q1, l2, q2)
+            blk = np.einsum("vibjc,viajd->vabcd", T4, T4).reshape(v, q1 * q1, q2 * q2)
+            info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = blk
+    return info
+
+
 def _diag_blocks(ZtZ: sp.csr_matrix, L: int, q: int) -> np.ndarray:
     """The L diagonal q x q blocks of a block-diagonal sparse matrix."""
     coo = ZtZ.tocoo()
@@ -359,11 +383,7 @@ class DenseObjective:
         return out
 
     def _factor_sum(self, A, k):
-        """Σ over levels of factor k of the diagonal q_k x q_k blocks of (v, q, q)."""
-        o, l, qk = self.offsets[k], self.n_levels[k], self.qk[k]
-        v = A.shape[0]
-        blk = A[:, o:o + l * qk, o:o + l * qk].reshape(v, l, qk, l, qk)
-        return np.einsum("vjajb->vab", blk)
+        return _level_block_sum(A, self.offsets[k], self.n_levels[k], self.qk[k])
 
     def evaluate(self, D_list, data: DenseData, sigma2=None, grad=False) -> Evaluation:
         v = D_list[0].shape[0]
@@ -401,18 +421,7 @@ class DenseObjective:
         ev.T_sum = [self._factor_sum(T, k) for k in range(len(D_list))]
         uu = u[:, :, None] * u[:, None, :]
         ev.uu_sum = [self._factor_sum(uu, k) for k in range(len(D_list))]
-        # F[(k,a,b),(k',c,d)] = Σ_{i in k, j in k'} T[(i,b),(j,c)] T[(i,a),(j,d)]
-        s = sum(qk * qk for qk in self.qk)
-        info = np.zeros((v, s, s))
-        starts = np.concatenate([[0], np.cumsum([qk * qk for qk in self.qk])])
-        for k in range(len(self.qk)):
-            ok_, lk, qk = self.offsets[k], self.n_levels[k], self.qk[k]
-            for k2 in range(len(self.qk)):
-                o2, l2, q2 = self.offsets[k2], self.n_levels[k2], self.qk[k2]
-                T4 = T[:, ok_:ok_ + lk * qk, o2:o2 + l2 * q2].reshape(v, lk, qk, l2, q2)
-                blk = np.einsum("vibjc,viajd->vabcd", T4, T4).reshape(v, qk * qk, q2 * q2)
-                info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = blk
-        ev.info = info
+        ev.info = _factor_pair_information(T, self.offsets[:-1], self.n_levels, self.qk)
         return ev
 
 
@@ -478,10 +487,7 @@ class SchurObjective:
         return out
 
     def _small_factor_sum(self, A, i):
-        o, lk, qk = self.small_offsets[i], self.small_levels[i], self.small_q[i]
-        v = A.shape[0]
-        blk = A[:, o:o + lk * qk, o:o + lk * qk].reshape(v, lk, qk, lk, qk)
-        return np.einsum("vjajb->vab", blk)
+        return _level_block_sum(A, self.small_offsets[i], self.small_levels[i], self.small_q[i])
 
     def evaluate(self, D_list, data: SchurData, sigma2=None, grad=False) -> Evaluation:
         v = D_list[0].shape[0]
@@ -541,12 +547,11 @@ class SchurObjective:
         info = np.zeros((v, starts[-1], starts[-1]))
         b0 = starts[self.big]
         info[:, b0:b0 + sizes[self.big], b0:b0 + sizes[self.big]] = info1
+        small_info = _factor_pair_information(TR, self.small_offsets[:-1], self.small_levels, self.small_q)
+        small_starts = np.concatenate([[0], np.cumsum([q * q for q in self.small_q])]).astype(int)
         for i, k in enumerate(self.small):
-            oi, li, qi = self.small_offsets[i], self.small_levels[i], self.small_q[i]
             for i2, k2 in enumerate(self.small):
-                o2, l2, q2 = self.small_offsets[i2], self.small_levels[i2], self.small_q[i2]
-                T4 = TR[:, oi:oi + li * qi, o2:o2 + l2 * q2].reshape(v, li, qi, l2, q2)
-                blk = np.einsum("vibjc,viajd->vabcd", T4, T4).reshape(v, qi * qi, q2 * q2)
-                info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = blk
+                info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = \
+                    small_info[:, small_starts[i]:small_starts[i + 1], small_starts[i2]:small_starts[i2 + 1]]
         ev.info = info
         return ev
