@@ -100,7 +100,7 @@ if ! qconf -shgrpl 2>/dev/null | grep -qx '@allhosts'; then
     printf 'group_name @allhosts\nhostlist %s\n' "$HOST" > "$T/hgrp"
     qconf -Ahgrp "$T/hgrp" >/dev/null
 fi
-SLOTS=$(nproc)
+SLOTS=$(nproc --all)  # --all: OMP_NUM_THREADS (set by dask for its workers) must not shrink the queue
 cat > "$T/q" <<EOF
 qname                 $QUEUE
 hostlist              @allhosts

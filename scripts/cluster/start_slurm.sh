@@ -63,7 +63,7 @@ fi
 # ---- 2. config ----------------------------------------------------------------------
 HOST=$(hostname -s)
 mkdir -p "$LAB"/{state,spool,log,run} /etc/slurm
-CPUS=$(nproc)
+CPUS=$(nproc --all)  # --all: OMP_NUM_THREADS (set by dask for its workers) must not shrink the node
 if [ -n "${SLURM_LAB_MEM:-}" ]; then
     MEM=$SLURM_LAB_MEM
 else
