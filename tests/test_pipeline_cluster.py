@@ -45,6 +45,7 @@ def test_pipeline_on_a_real_scheduler_equals_inline(scheduler, job_name, tmp_pat
     assert np.allclose(np.load(tmp_path / "out" / LLH64_FILE), np.load(inline_maps / LLH64_FILE), rtol=1e-10)
 
 
+@pytest.mark.flaky(reruns=2)  # killing a real job races the scheduler and dask's lost-worker timeout
 def test_pipeline_survives_a_killed_job(scheduler, job_name, tmp_path, inline_maps):
     yml = make_analysis(tmp_path, fmt="dat", outdir="out")
     yml.write_text(yml.read_text().replace("MAXMEM: 2**32", "MAXMEM: 2**12"))  # many small tasks
