@@ -604,6 +604,11 @@ def compare(outdir1: str | os.PathLike, outdir2: str | os.PathLike, outdir: str 
         _publish(staging, target, names)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    try:  # the report is a convenience: the maps are the results
+        from blmm.report import write_compare_report
+        write_compare_report(target)
+    except Exception as exc:
+        notes.append(f"could not write report.html: {type(exc).__name__}: {exc}")
     return ComparisonResult(target, small, big, swapped, null, chi2, minus_log10_p, mask, counts, record, notes,
                             [target / name for name in names])
 

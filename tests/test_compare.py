@@ -187,7 +187,7 @@ def test_chi2_matches_lme4_anova(analyses, name, tmp_path):
     assert np.all(read_map(small / "blmm_vox_n.nii")[:, 0] == case.n_obs)
     # the maps hold what the result says, in the input's format
     written = {p.name for p in (tmp_path / "cmp").iterdir()}
-    assert written == {"blmm_vox_mask.nii", "blmm_vox_Chi2.nii", "blmm_vox_Chi2lp.nii", COMPARE_FILE}
+    assert written == {"blmm_vox_mask.nii", "blmm_vox_Chi2.nii", "blmm_vox_Chi2lp.nii", COMPARE_FILE, "report.html"}
     chi2_map = read_map(tmp_path / "cmp" / "blmm_vox_Chi2.nii")[:, 0]
     assert chi2_map.dtype == np.float32
     assert np.array_equal(chi2_map, result.chi2.astype(np.float32))
@@ -315,7 +315,7 @@ def test_dat_inputs_give_dat_outputs(analyses, tmp_path):
     small, big = analyses.get("crossed", "small", fmt="dat"), analyses.get("crossed", "big", fmt="dat")
     result = compare(small, big, tmp_path / "cmp")
     names = {p.name for p in (tmp_path / "cmp").iterdir()}
-    assert names == {"blmm_vox_mask.dat", "blmm_vox_Chi2.dat", "blmm_vox_Chi2lp.dat", COMPARE_FILE}
+    assert names == {"blmm_vox_mask.dat", "blmm_vox_Chi2.dat", "blmm_vox_Chi2lp.dat", COMPARE_FILE, "report.html"}
     assert np.array_equal(read_map(tmp_path / "cmp" / "blmm_vox_mask.dat", dtype=np.int32)[:, 0], np.ones(8))
     assert np.array_equal(read_map(tmp_path / "cmp" / "blmm_vox_Chi2.dat")[:, 0], result.chi2.astype(np.float32))
     # float32 data: not R's numbers, but the statistic is still the llh difference
