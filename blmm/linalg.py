@@ -5,6 +5,8 @@ dominate neuroimaging designs closed forms are an order of magnitude faster.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 
@@ -60,9 +62,12 @@ def psd_root(D: np.ndarray) -> np.ndarray:
     return U * np.sqrt(np.maximum(w, 0.0))[..., None, :]
 
 
+@lru_cache(maxsize=None)
 def vech_index(q: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) of vech order: the lower triangle, column by column."""
+    """(rows, cols) of vech order: the lower triangle, column by column (cached, read-only)."""
     cols, rows = np.triu_indices(q)  # (col, row) pairs of the lower triangle in column order
+    rows.setflags(write=False)
+    cols.setflags(write=False)
     return rows, cols
 
 
@@ -88,9 +93,13 @@ def vech_basis(q: int) -> np.ndarray:
     return E
 
 
+@lru_cache(maxsize=None)
 def upper_pairs(p: int) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (r <= s) of a p x p symmetric matrix, row-major."""
-    return np.triu_indices(p)
+    """Index pairs (r <= s) of a p x p symmetric matrix, row-major (cached, read-only)."""
+    r, s = np.triu_indices(p)
+    r.setflags(write=False)
+    s.setflags(write=False)
+    return r, s
 
 
 def pack_sym(A: np.ndarray, double_offdiag: bool = False) -> np.ndarray:

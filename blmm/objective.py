@@ -121,14 +121,18 @@ class LevelObjective:
         r, s = la.upper_pairs(p)
         self.Kpair_big = []
         Kf = []
+        Xsm = Xl[self.small_levels]
         for a, b in self.pairs:
-            Kl = np.einsum("jr,js->jrs", Xl[:, a], Xl[:, b])
+            # a big class's sum is one small GEMM; only the remaining levels need their own terms
+            Kbig = np.zeros((self.Cb, p, p))
+            for i, mem in enumerate(self.big_members):
+                Kbig[i] = Xl[mem, a].T @ Xl[mem, b]
+            Kl = np.einsum("jr,js->jrs", Xsm[:, a], Xsm[:, b])
             if a != b:
+                Kbig = Kbig + np.swapaxes(Kbig, 1, 2)
                 Kl = Kl + np.swapaxes(Kl, 1, 2)
-            Kbig = np.stack([Kl[mem].sum(axis=0) for mem in self.big_members]) if self.Cb else np.zeros((0, p, p))
             self.Kpair_big.append(Kbig)
-            Ku = np.concatenate([Kbig, Kl[self.small_levels]])
-            Kf.append(np.ascontiguousarray(Ku[:, r, s]))  # (C, p(p+1)/2)
+            Kf.append(np.ascontiguousarray(np.concatenate([Kbig[:, r, s], Kl[:, r, s]])))  # (C, p(p+1)/2)
         self.Kf = Kf
         self.Xs = [np.ascontiguousarray(Xl[self.small_levels, a]) for a in range(q)]  # (Ls, p)
         self.Xl = Xl
