@@ -169,3 +169,20 @@ def test_slurm_rejected_job_fails_at_once_with_the_sbatch_message(slurm_partitio
         open_engine(spec)
     assert time.monotonic() - started < 30  # not start_timeout
     assert Scheduler("slurm", slurm_partition).wait_until_no_jobs(job_name) == []
+
+
+@pytest.mark.slurm
+def test_pbs_cluster_through_the_pbs_shim(slurm_partition, tmp_path, job_name, monkeypatch):
+    """kind "pbs": dask-jobqueue's PBSCluster writes #PBS directives and calls qsub/qdel.
+
+    Debian has no PBS server; scripts/cluster/pbs-shim maps qsub/qdel onto the test SLURM,
+    whose sbatch reads #PBS lines, so the PBS job scripts run for real.
+    """
+    monkeypatch.setenv("PATH", f"{SCRIPTS / 'pbs-shim'}:{os.environ['PATH']}")
+    slurm = Scheduler("slurm", slurm_partition)
+    spec = slurm.spec(tmp_path, job_name, kind="pbs", log_directory=None)  # PBS -o dir/ breaks slurmd
+    with open_engine(spec) as engine:
+        squares = engine.map(square_in_job, range(6), "squares")
+    assert [v for v, _ in squares] == [x * x for x in range(6)]
+    assert all(job != "outside-a-job" for _, job in squares), "tasks must run inside batch jobs"
+    assert slurm.wait_until_no_jobs(job_name) == []
