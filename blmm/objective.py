@@ -80,6 +80,16 @@ def _likelihood(Q, logdetV, logdetXVX, n, p, reml, sigma2=None):
     return llh, sigma2
 
 
+def _profiled(XtVX, XtVY, YtVY, logdetV, n, p, reml, sigma2) -> Evaluation:
+    """β̂ (GLS), C, Q and the (RE)ML log-likelihood from the V⁻¹ products."""
+    v = XtVX.shape[0]
+    beta, C, logdetXVX, ok = _gls(XtVX, XtVY)
+    Q = YtVY - np.einsum("vp,vp->v", beta, XtVY)
+    llh, s2 = _likelihood(Q, logdetV, logdetXVX, n, p, reml, sigma2)
+    ok &= np.isfinite(llh) & (Q > 0)
+    return Evaluation(llh=llh, beta=beta, sigma2=np.broadcast_to(s2, (v,)).copy(), C=C, Q=Q, ok=ok)
+
+
 class LevelObjective:
     """One random factor with q effects per level.
 
@@ -247,13 +257,9 @@ class LevelObjective:
         return T_sum, uu, corr, info.reshape(v, q * q, q * q)
 
     def evaluate(self, D_list, data: "LevelData", sigma2=None, grad=False) -> Evaluation:
-        v = D_list[0].shape[0]
         XtVX, XtVY, YtVY, logdetV, R = self.products(D_list[0], data)
-        beta, C, logdetXVX, ok = _gls(XtVX, XtVY)
-        Q = YtVY - np.einsum("vp,vp->v", beta, XtVY)
-        llh, s2 = _likelihood(Q, logdetV, logdetXVX, self.n, self.p, self.reml, sigma2)
-        ok &= np.isfinite(llh) & (Q > 0)
-        ev = Evaluation(llh=llh, beta=beta, sigma2=np.broadcast_to(s2, (v,)).copy(), C=C, Q=Q, ok=ok)
+        ev = _profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+        beta, C = ev.beta, ev.C
         if not grad:
             return ev
         T_sum, uu, corr, info = self.gradient_parts(R, data, beta, C if self.reml else None)
@@ -390,7 +396,6 @@ class DenseObjective:
         return _level_block_sum(A, self.offsets[k], self.n_levels[k], self.qk[k])
 
     def evaluate(self, D_list, data: DenseData, sigma2=None, grad=False) -> Evaluation:
-        v = D_list[0].shape[0]
         Lam = self._blockdiag([la.psd_root(D) for D in D_list])  # Λ Λ' = D
         LtZtZ = np.swapaxes(Lam, 1, 2) @ self.ZtZ  # Λ'Z'Z
         Mt = np.eye(self.qtot) + LtZtZ @ Lam
@@ -404,11 +409,8 @@ class DenseObjective:
         XtVX = self.XtX[None] - np.swapaxes(Bx, 1, 2) @ Bx
         XtVY = data.XtY - np.einsum("vqp,vq->vp", Bx, by)
         YtVY = data.YtY - np.einsum("vq,vq->v", by, by)
-        beta, C, logdetXVX, ok = _gls(la.sym(XtVX), XtVY)
-        Q = YtVY - np.einsum("vp,vp->v", beta, XtVY)
-        llh, s2 = _likelihood(Q, logdetV, logdetXVX, self.n, self.p, self.reml, sigma2)
-        ok &= np.isfinite(llh) & (Q > 0)
-        ev = Evaluation(llh=llh, beta=beta, sigma2=np.broadcast_to(s2, (v,)).copy(), C=C, Q=Q, ok=ok)
+        ev = _profiled(la.sym(XtVX), XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+        beta, C = ev.beta, ev.C
         if not grad:
             return ev
         Bz = np.linalg.solve(Lm, LtZtZ)  # L^-1 Λ'Z'Z
@@ -509,11 +511,8 @@ class SchurObjective:
         XtVX = la.sym(A_XX - np.swapaxes(Bx, 1, 2) @ Bx)
         XtVY = a_XY - np.einsum("vqp,vq->vp", Bx, by)
         YtVY = YVY1 - np.einsum("vq,vq->v", by, by)
-        beta, C, logdetXVX, ok = _gls(XtVX, XtVY)
-        Q = YtVY - np.einsum("vp,vp->v", beta, XtVY)
-        llh, s2 = _likelihood(Q, logdetV, logdetXVX, self.n, self.p, self.reml, sigma2)
-        ok &= np.isfinite(llh) & (Q > 0)
-        ev = Evaluation(llh=llh, beta=beta, sigma2=np.broadcast_to(s2, (v,)).copy(), C=C, Q=Q, ok=ok)
+        ev = _profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+        beta, C = ev.beta, ev.C
         if not grad:
             return ev
         S = np.swapaxes(LiLt, 1, 2) @ LiLt  # Λ M⁻¹ Λ'
