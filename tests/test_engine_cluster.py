@@ -179,6 +179,7 @@ def test_pbs_cluster_through_the_pbs_shim(slurm_partition, tmp_path, job_name, m
     whose sbatch reads #PBS lines, so the PBS job scripts run for real.
     """
     monkeypatch.setenv("PATH", f"{SCRIPTS / 'pbs-shim'}:{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)  # without -o, sbatch writes slurm-<job>.out into the working directory
     slurm = Scheduler("slurm", slurm_partition)
     spec = slurm.spec(tmp_path, job_name, kind="pbs", log_directory=None)  # PBS -o dir/ breaks slurmd
     with open_engine(spec) as engine:
