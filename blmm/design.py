@@ -81,18 +81,3 @@ class Contrast:
     @property
     def n_rows(self) -> int:
         return int(self.matrix.shape[0])
-
-
-def n_variance_params(factors: list[RandomFactor]) -> int:
-    """q_u = sum_k q_k(q_k+1)/2, the number of unique entries of D."""
-    return int(sum(f.q * (f.q + 1) // 2 for f in factors))
-
-
-def vech_indices(q: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row/column indices of vech order: lower triangle, column by column."""
-    rows, cols = [], []
-    for j in range(q):
-        for i in range(j, q):
-            rows.append(i)
-            cols.append(j)
-    return np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64)

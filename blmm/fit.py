@@ -366,7 +366,7 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
             m = q * (q + 1) // 2 if (cholesky or method in ("FS", "SFS")) else q * q
             xk = x[:, start:start + m]
             if cholesky:
-                r, c = _lower_index(q)
+                r, c = la.vech_index(q)
                 dL = np.zeros((x.shape[0], q, q))
                 dL[:, r, c] = xk
                 parts.append(dL)
@@ -412,7 +412,7 @@ def _theta_curvature(G_list, qk, off: int) -> np.ndarray:
     out = np.zeros((v, dim, dim))
     start = off
     for G, q in zip(G_list, qk):
-        ri, ci = _lower_index(q)
+        ri, ci = la.vech_index(q)
         for t, (i, j) in enumerate(zip(ri, ci)):
             for t2, (k, l) in enumerate(zip(ri, ci)):
                 if j == l:  # ∂²(ΛΛ')/∂θ_ij∂θ_kl = e_i e_k' + e_k e_i' when both sit in column j
@@ -458,10 +458,6 @@ def _escape_step(ev: Evaluation, D, qk):
     return rows, [c[rows] for c in cand]
 
 
-def _lower_index(q: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lower-triangle (row, col) pairs, column by column (same order as vech)."""
-    return la.vech_index(q)
-
 
 def _cholesky_jacobian(Lam, qk, carry: bool) -> np.ndarray:
     """d vec(D_k) / d θ_k for D_k = Λ_k Λ_k', θ_k the lower triangle of Λ_k; block diagonal."""
@@ -474,7 +470,7 @@ def _cholesky_jacobian(Lam, qk, carry: bool) -> np.ndarray:
         J[:, 0, 0] = 1.0
         r0 = c0 = 1
     for L, q in zip(Lam, qk):
-        ri, ci = _lower_index(q)
+        ri, ci = la.vech_index(q)
         for t, (i, j) in enumerate(zip(ri, ci)):
             dD = np.zeros((v, q, q))
             dD[:, i, :] += L[:, :, j]  # E_ij Λ'
@@ -491,13 +487,6 @@ def _prepend_identity(P: np.ndarray) -> np.ndarray:
     out[1:, 1:] = P
     return out
 
-
-def _split_vec(x, qk):
-    out, start = [], 0
-    for q in qk:
-        out.append(la.sym(x[:, start:start + q * q].reshape(-1, q, q)))
-        start += q * q
-    return out
 
 
 def _duplication(q: int) -> np.ndarray:
@@ -601,7 +590,7 @@ def _package(obj, data, D, converged, n_iter, ok, qk, reml, n, p) -> dict:
         H[:, col, 1:] = (vech_grad(ep) - vech_grad(em)) / (2.0 * h[:, None])
         dC[:, col] = s2[:, None, None] * (ep.C - em.C) / (2.0 * h[:, None, None])
     H[:, 1:, 1:] = la.sym(H[:, 1:, 1:])
-    H_phi, dC_phi, _ = _boundary_coordinates(H, dC, ev.grad, D, qk)
+    H_phi, dC_phi, _ = _boundary_coordinates(H, dC, ev.grad, D, qk, free)
     D, ev = _newton_polish(obj, data, D, ev, H, free, vech_grad, vech_pos, qk)
     return dict(
         beta=ev.beta, sigma2=ev.sigma2, D=D, llh=ev.llh, converged=converged, n_iter=n_iter, ok=ok & ev.ok,
@@ -677,7 +666,7 @@ def _theta_coordinates(D: np.ndarray, G: np.ndarray):
     return J, curv, live
 
 
-def _boundary_coordinates(H, dC, G_list, D, qk):
+def _boundary_coordinates(H, dC, G_list, D, qk, free):
     """Re-express H and dCov in lme4's θ for singular factors (interior ones keep vech D).
 
     At an interior optimum the Satterthwaite df does not depend on the parametrisation;
@@ -691,8 +680,7 @@ def _boundary_coordinates(H, dC, G_list, D, qk):
     singular_any = np.zeros(v, bool)
     for f, q in enumerate(qk):
         qu = q * (q + 1) // 2
-        w = np.linalg.eigvalsh(la.sym(D[f]))
-        singular = w[:, 0] <= RANK_TOL * np.maximum(w[:, -1], 1e-300)
+        singular = ~free[:, col]  # _package's rank test of D_k
         if np.any(singular):
             J, cf, lv = _theta_coordinates(D[f][singular], G_list[f][singular])
             sl = slice(col, col + qu)

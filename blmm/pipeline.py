@@ -32,6 +32,7 @@ from blmm.errors import InputError
 from blmm.fit import DROPPED_FEW, DROPPED_RANK, FAILED, fit_stats
 from blmm.inference import infer
 from blmm.io.images import read_image, read_mask, write_map
+from blmm.linalg import vech_index
 from blmm.stats import FactorLayout, presence_patterns, random_effects_matrix, stats_from_sums
 
 WORK_DIR = ".blmm_work"
@@ -356,7 +357,7 @@ def _map_specs(cfg: Config) -> list[tuple[str, list[str], str, list[str] | None]
     n_f = len(cfg.contrasts) - n_t
     t_names = [c.name for c in cfg.contrasts if c.is_t]
     f_names = [c.name for c in cfg.contrasts if not c.is_t]
-    d_names = [f"{f.name}[{i},{j}]" for f in cfg.factors for i, j in zip(*_vech_labels(f.q))]
+    d_names = [f"{f.name}[{i + 1},{j + 1}]" for f in cfg.factors for i, j in zip(*vech_index(f.q))]
     specs = [
         ("blmm_vox_beta", ["beta"], "float32", list(cfg.x_names)),
         ("blmm_vox_sigma2", ["sigma2"], "float32", None),
@@ -378,11 +379,6 @@ def _map_specs(cfg: Config) -> list[tuple[str, list[str], str, list[str] | None]
         for out, key in (("conF", "F"), ("conFlp", "mlog10p"), ("conF_swedf", "df"), ("conR2", "r2")):
             specs.append((f"blmm_vox_{out}", [f"F{i}_{key}" for i in range(n_f)], "float32", f_names))
     return specs
-
-
-def _vech_labels(q: int):
-    cols, rows = np.triu_indices(q)
-    return rows + 1, cols + 1
 
 
 def write_outputs(plan: RunPlan) -> dict:
