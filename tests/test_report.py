@@ -303,18 +303,11 @@ def test_compare_report(surface_run: Path, tmp_path: Path) -> None:
 # ------------------------------------------------------------------ in a browser
 
 
+from tests.test_viewer_browser import CAPTURE_ERRORS  # noqa: E402  (one error probe for both pages)
+
 REPORT_PROBE = """<script>
 window.__probe = {errors: [], figures: []};
-window.addEventListener('error', function (e) { window.__probe.errors.push('error: ' + e.message); });
-window.addEventListener('unhandledrejection', function (e) {
-  window.__probe.errors.push('rejection: ' + e.reason); });
-(function () {
-  var original = console.error;
-  console.error = function () {
-    window.__probe.errors.push('console: ' + Array.prototype.join.call(arguments, ' '));
-    return original.apply(console, arguments); };
-})();
-window.addEventListener('load', function () { setTimeout(function () {
+""" + CAPTURE_ERRORS + """window.addEventListener('load', function () { setTimeout(function () {
   var report = window.__probe, api = window.blmmReport;
   report.webgl = !!document.createElement('canvas').getContext('webgl');
   report.count = api ? api.count : -1;

@@ -31,9 +31,8 @@ CHROMIUM = next((found for name in ("chromium", "chromium-browser")
 WINDOW = (1000, 700)
 N_FS5 = viewer.FSAVERAGE5_N_VERTICES
 
-PROBE = """<script>
-window.__probe = {errors: []};
-window.addEventListener('error', function (e) { window.__probe.errors.push('error: ' + e.message); });
+# records JavaScript errors, rejections and console errors into window.__probe.errors
+CAPTURE_ERRORS = """window.addEventListener('error', function (e) { window.__probe.errors.push('error: ' + e.message); });
 window.addEventListener('unhandledrejection', function (e) {
   window.__probe.errors.push('rejection: ' + e.reason); });
 (function () {
@@ -42,7 +41,11 @@ window.addEventListener('unhandledrejection', function (e) {
     window.__probe.errors.push('console: ' + Array.prototype.join.call(arguments, ' '));
     return original.apply(console, arguments); };
 })();
-window.addEventListener('load', function () { setTimeout(function () {
+"""
+
+PROBE = """<script>
+window.__probe = {errors: []};
+""" + CAPTURE_ERRORS + """window.addEventListener('load', function () { setTimeout(function () {
   var report = window.__probe;
   try {
     var gd = document.querySelector('.plotly-graph-div');
