@@ -485,6 +485,15 @@ class _Checker:
     def problem(self, text: str) -> None:
         self.problems.append(text)
 
+    def entry_fields(self, label: str, body: Any, fields: tuple[str, ...], expected: str) -> bool:
+        """A Z or contrasts entry must be a mapping of known fields; report what is not."""
+        if not isinstance(body, dict):
+            self.problem(f"{label}: expected a mapping with {expected}, found {_shorten(body)}")
+            return False
+        for field_name in body:
+            if field_name not in fields:
+                self.problem(f"{label}: unknown field {str(field_name)!r}{_suggest(field_name, fields)}")
+        return True
     def base_dir(self, key: str) -> Path:
         # Paths given as overrides (e.g. on the command line) are relative to the cwd.
         return Path.cwd() if key in self.override_keys else self.yaml_dir
@@ -736,12 +745,8 @@ class _Checker:
         factors, paths = [], []
         for key, body in entries:
             label = f"Z {key}"
-            if not isinstance(body, dict):
-                self.problem(f"{label}: expected a mapping with factor and design, found {_shorten(body)}")
+            if not self.entry_fields(label, body, _FACTOR_FIELDS, "factor and design"):
                 continue
-            for field_name in body:
-                if field_name not in _FACTOR_FIELDS:
-                    self.problem(f"{label}: unknown field {str(field_name)!r}{_suggest(field_name, _FACTOR_FIELDS)}")
             name = str(body.get("name") or key)
             label = f"Z {key} ({name})" if name != key else label
             missing = [f for f in ("factor", "design") if body.get(f) is None]
@@ -805,12 +810,8 @@ class _Checker:
         contrasts = []
         for key, body in entries:
             label = f"contrasts {key}"
-            if not isinstance(body, dict):
-                self.problem(f"{label}: expected a mapping with name and vector, found {_shorten(body)}")
+            if not self.entry_fields(label, body, _CONTRAST_FIELDS, "name and vector"):
                 continue
-            for field_name in body:
-                if field_name not in _CONTRAST_FIELDS:
-                    self.problem(f"{label}: unknown field {str(field_name)!r}{_suggest(field_name, _CONTRAST_FIELDS)}")
             name = str(body.get("name") or key)
             label = f"{label} ({name})" if name != key else label
             if body.get("vector") is None:
