@@ -128,6 +128,7 @@ class LevelObjective:
         self.mu = np.concatenate([counts[big_classes], np.ones(self.Ls)]).astype(np.float64)
         self.g = [[np.ascontiguousarray(Gu[:, a, b]) for b in range(q)] for a in range(q)]
         self.pairs = list(zip(*np.triu_indices(q)))
+        self.pair_mult = np.array([1.0 if a == b else 2.0 for a, b in self.pairs])
         r, s = la.upper_pairs(p)
         self.Kpair_big = []
         Kf = []
@@ -189,7 +190,8 @@ class LevelObjective:
         if Cb:
             Wb = np.stack([W[ab][:, :Cb] for ab in self.pairs], axis=-1)  # (v, Cb, npair)
             XtVY -= np.einsum("vck,vckp->vp", Wb, data.KXY)
-            YtVY -= np.einsum("vck,vck->v", Wb, data.KYY)
+            # KYY holds Σ y_a y_b once per pair; y'Wy needs both (a, b) and (b, a) off the diagonal
+            YtVY -= np.einsum("vck,vck,k->v", Wb, data.KYY, self.pair_mult)
         if self.Ls:
             def Ws(a, b):
                 return W[min(a, b), max(a, b)][:, Cb:]

@@ -157,3 +157,23 @@ def test_one_row_f_equals_t_squared():
     inf = infer(fit, [Contrast("t", [[0, 1, 0]], True), Contrast("f", [[0, 1, 0]], False)])
     assert np.allclose(inf.f[0].F, inf.t[0].t ** 2, rtol=1e-10)
     assert np.allclose(inf.f[0].df, inf.t[0].df, rtol=1e-10)
+
+
+@pytest.mark.parametrize("q", [2, 3])
+def test_balanced_design_matches_dense_likelihood(q):
+    """Every subject seen at the same times: all levels share Z_j'Z_j (one big class)."""
+    rng = np.random.default_rng(q)
+    n_sub, n_t = 18, 10
+    t = np.tile(np.arange(n_t, dtype=float), n_sub)
+    sub = np.repeat(np.arange(n_sub), n_t)
+    X = np.column_stack([np.ones(t.size), t])
+    Zd = np.column_stack([np.ones(t.size), t, t**2 / 10])[:, :q]
+    b = rng.normal(size=(n_sub, q)) * [25, 5, 1][:q]
+    Y = (X @ [250, 10] + np.sum(Zd * b[sub], 1) + rng.normal(size=t.size) * 25)[:, None]
+    f = RandomFactor("subject", sub, Zd)
+    grouped = fit_stats(sufficient_stats(Y, X, [f]), structure="levels", tol=1e-10)
+    dense = fit_stats(sufficient_stats(Y, X, [f]), structure="dense", tol=1e-10)
+    assert grouped.converged.all()
+    assert np.allclose(grouped.llh, dense.llh, rtol=0, atol=1e-8)
+    assert np.allclose(grouped.sigma2, dense.sigma2, rtol=1e-6)
+    assert np.isclose(grouped.llh[0], brute_force_llh(Y[:, 0], X, f, grouped.D[0][0], True), rtol=0, atol=1e-8)
