@@ -29,9 +29,19 @@ METHODS = ("pSFS", "SFS", "pFS", "FS")
 FITTED = 0
 DROPPED_RANK = 1  # X restricted to the observed rows is rank deficient
 DROPPED_FEW = 2  # not more observations than fixed effects
-FAILED = 3  # numerical failure (e.g. a constant response)
+FAILED = 3  # numerical failure: non-finite log-likelihood or σ², or a singular system
 STATUS_NAMES = {FITTED: "fitted", DROPPED_RANK: "rank-deficient X", DROPPED_FEW: "too few observations",
                 FAILED: "numerical failure"}
+
+# why the scoring of a voxel stopped (FitResult.stop)
+CONVERGED = 0  # Δllh < tol and the predicted gain of one more step < tol (KKT on the boundary)
+ITERATION_LIMIT = 1
+STEP_FAILED = 2  # no step improved the log-likelihood although the model predicts a gain
+NOT_FINITE = 3  # the log-likelihood or σ² became non-finite (status FAILED)
+NOT_FITTED = 4  # dropped before fitting
+STOP_NAMES = {CONVERGED: "converged", ITERATION_LIMIT: "iteration limit reached",
+              STEP_FAILED: "step search failed", NOT_FINITE: "non-finite log-likelihood or σ²",
+              NOT_FITTED: "not fitted"}
 
 
 @dataclass
@@ -46,6 +56,7 @@ class FitResult:
     n_iter: np.ndarray  # (v,) int
     n_obs: np.ndarray  # (v,) int, images present
     status: np.ndarray  # (v,) int, FITTED or a reason for dropping
+    stop: np.ndarray  # (v,) int, why scoring stopped (STOP_NAMES)
     cov_beta: np.ndarray  # (v, p, p)
     cov_beta_grad: np.ndarray  # (v, k, p, p), derivative in φ (docs/model.md)
     hessian: np.ndarray  # (v, k, k), deviance Hessian in φ (identity rows for dropped θ)
@@ -169,8 +180,8 @@ def fit_stats(
         data = obj.data(stats.XtY[idx], stats.ZtY[idx], stats.YtY[idx])
         out = _fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)
         _store(res, idx, out)  # blocks write disjoint rows
-        eTe = (stats.YtY[idx] - 2 * np.einsum("vp,vp->v", out["beta"], stats.XtY[idx])
-               + np.einsum("vp,pq,vq->v", out["beta"], XtX, out["beta"]))
+        eTe = (stats.YtY[idx] - 2 * np.einsum("vp,vp->v", out.beta, stats.XtY[idx])
+               + np.einsum("vp,pq,vq->v", out.beta, XtX, out.beta))
         res.resms[idx] = eTe / (n - p)
 
     if threads > 1 and len(jobs) > 1:
@@ -200,26 +211,27 @@ def _empty_result(v, p, qk, k, names, reml, method) -> FitResult:
         beta=np.full((v, p), np.nan), sigma2=np.full(v, np.nan),
         D=[np.full((v, q, q), np.nan) for q in qk], llh=np.full(v, np.nan),
         converged=np.zeros(v, bool), n_iter=np.zeros(v, np.int64), n_obs=np.zeros(v, np.int64),
-        status=np.full(v, FITTED, np.int64), cov_beta=np.full((v, p, p), np.nan),
+        status=np.full(v, FITTED, np.int64), stop=np.full(v, NOT_FITTED, np.int64), cov_beta=np.full((v, p, p), np.nan),
         cov_beta_grad=np.full((v, k, p, p), np.nan), hessian=np.full((v, k, k), np.nan),
         free=np.zeros((v, k), bool), resms=np.full(v, np.nan), factor_names=names, q=qk,
         reml=reml, method=method,
     )
 
 
-def _store(res: FitResult, idx, out) -> None:
-    res.beta[idx] = out["beta"]
-    res.sigma2[idx] = out["sigma2"]
-    for f, D in enumerate(out["D"]):
+def _store(res: FitResult, idx, out: "BlockFit") -> None:
+    res.beta[idx] = out.beta
+    res.sigma2[idx] = out.sigma2
+    for f, D in enumerate(out.D):
         res.D[f][idx] = D
-    res.llh[idx] = out["llh"]
-    res.converged[idx] = out["converged"]
-    res.n_iter[idx] = out["n_iter"]
-    res.cov_beta[idx] = out["cov_beta"]
-    res.cov_beta_grad[idx] = out["cov_beta_grad"]
-    res.hessian[idx] = out["hessian"]
-    res.free[idx] = out["free"]
-    res.status[idx] = np.where(out["ok"], FITTED, FAILED)
+    res.llh[idx] = out.llh
+    res.converged[idx] = out.converged
+    res.n_iter[idx] = out.n_iter
+    res.stop[idx] = out.stop
+    res.cov_beta[idx] = out.cov_beta
+    res.cov_beta_grad[idx] = out.cov_beta_grad
+    res.hessian[idx] = out.hessian
+    res.free[idx] = out.free
+    res.status[idx] = np.where(out.ok, FITTED, FAILED)
 
 
 def _blank_unfitted(res: FitResult) -> None:
@@ -227,14 +239,52 @@ def _blank_unfitted(res: FitResult) -> None:
     for arr in (res.beta, res.sigma2, res.llh, res.cov_beta, res.cov_beta_grad, res.hessian, res.resms, *res.D):
         arr[bad] = np.nan
     res.converged[bad] = False
+    res.stop[res.status == FAILED] = NOT_FINITE
+    res.stop[(res.status == DROPPED_RANK) | (res.status == DROPPED_FEW)] = NOT_FITTED
 
 
 def _take(data, idx, full_size):
     return data if idx.size == full_size else data.take(idx)
 
 
-def _fit_block(obj, data, qk, method, tol, max_iter, reml, n, p) -> dict:
-    """Scoring iterations for one voxel block, then the packaging for inference."""
+@dataclass
+class ScoringResult:
+    """Where the scoring iterations of one voxel block stopped."""
+
+    D: list  # per factor (v, q_k, q_k)
+    converged: np.ndarray  # (v,) bool
+    n_iter: np.ndarray  # (v,) int
+    stop: np.ndarray  # (v,) int, STOP_NAMES
+    ok: np.ndarray  # (v,) bool, finite throughout
+
+
+@dataclass
+class BlockFit:
+    """One voxel block's reported optimum and what inference needs at exactly that point."""
+
+    beta: np.ndarray
+    sigma2: np.ndarray
+    D: list
+    llh: np.ndarray
+    converged: np.ndarray
+    n_iter: np.ndarray
+    stop: np.ndarray
+    ok: np.ndarray
+    cov_beta: np.ndarray
+    cov_beta_grad: np.ndarray
+    hessian: np.ndarray
+    free: np.ndarray
+
+
+def _fit_block(obj, data, qk, method, tol, max_iter, reml, n, p) -> BlockFit:
+    """Score one voxel block, settle the optimum (boundary snap, Newton polish), then package it."""
+    scored = _score(obj, data, qk, method, tol, max_iter, reml, n, p)
+    point = _settle(obj, data, scored.D, qk, reml, n, p)
+    return _package(obj, data, point, scored, qk, reml, n, p)
+
+
+def _score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
+    """Scoring iterations for one voxel block, with monotone steps and an honest stopping rule."""
     v = data.XtY.shape[0]
     D = [np.zeros((v, q, q)) for q in qk]
     ev = obj.evaluate(D, data, grad=True)
@@ -243,6 +293,8 @@ def _fit_block(obj, data, qk, method, tol, max_iter, reml, n, p) -> dict:
     sigma2 = ev.sigma2.copy()
     converged = np.zeros(v, bool)
     n_iter = np.zeros(v, np.int64)
+    stop = np.where(ok, ITERATION_LIMIT, NOT_FINITE).astype(np.int64)
+    prev_change = np.full(v, np.inf)
     active = np.flatnonzero(ok)
     ev_act = _subset_eval(ev, active)
     N = n - p if reml else n
@@ -251,32 +303,39 @@ def _fit_block(obj, data, qk, method, tol, max_iter, reml, n, p) -> dict:
             break
         D_act = [Dk[active] for Dk in D]
         # the first step (from D = 0) is taken in D itself; later ones in Cholesky coordinates
-        make_trial = _direction(method, ev_act, D_act, sigma2[active], N, qk, cholesky=it > 1)
+        make_trial, gain = _direction(method, ev_act, D_act, sigma2[active], N, qk, cholesky=it > 1)
+        if it > 1:
+            # converged: the last step moved llh by < tol and one more step is predicted to gain < tol
+            settled = (prev_change[active] < tol) & (gain < tol)
+            converged[active[settled]] = True
+            stop[active[settled]] = CONVERGED
+        else:
+            settled = np.zeros(active.size, bool)
+        stepping = np.flatnonzero(~settled)  # rows of the active set that take a step now
         old = llh[active]
         new_llh = old.copy()
         new_D = [Dk.copy() for Dk in D_act]
         new_s2 = sigma2[active].copy()
         new_ev = ev_act
-        accepted = np.zeros(active.size, bool)
-        pending = np.arange(active.size)
+        pending = stepping.copy()
         adata = _take(data, active, v)
         for attempt in range(40):  # shorter (or damped) steps until the log-likelihood does not decrease
+            if pending.size == 0:
+                break
             trial, s2_trial = make_trial(pending, attempt)
-            ev_t = obj.evaluate(trial, _take(adata, pending, active.size), sigma2=s2_trial, grad=True)
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # bad trials are rejected
+                ev_t = obj.evaluate(trial, _take(adata, pending, active.size), sigma2=s2_trial, grad=True)
             moved = np.zeros(pending.size, bool)
             for Dt, Dk in zip(trial, D_act):
                 moved |= np.any(np.abs(Dt - Dk[pending]) > 0, axis=(1, 2))
             # a step that lands back on the same point (e.g. projected to D = 0) is no step
             good = ev_t.ok & ((ev_t.llh > old[pending]) | ((ev_t.llh == old[pending]) & moved))
             new_ev = _accept(pending, good, ev_t, trial, new_llh, new_D, new_s2, new_ev)
-            accepted[pending[good]] = True
             pending = pending[~good]
-            if pending.size == 0:
-                break
         # before giving up or converging, check the KKT condition on singular D_k: leave the
         # boundary along a direction that improves, if there is one
         change = np.abs(new_llh - old)
-        check = np.union1d(pending, np.flatnonzero(change < tol))
+        check = np.intersect1d(np.union1d(pending, np.flatnonzero(change < tol)), stepping)
         if check.size:
             base = [Dk[check] for Dk in new_D]
             ev_c = _subset_eval(new_ev, check)
@@ -285,10 +344,12 @@ def _fit_block(obj, data, qk, method, tol, max_iter, reml, n, p) -> dict:
                 if rows.size == 0:
                     break
                 sub = check[rows]
-                ev_t = obj.evaluate(cand, _take(adata, sub, active.size),
-                                    sigma2=new_s2[sub] if method in ("FS", "pFS") else None, grad=True)
+                with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                    ev_t = obj.evaluate(cand, _take(adata, sub, active.size),
+                                        sigma2=new_s2[sub] if method in ("FS", "pFS") else None, grad=True)
                 good = ev_t.ok & (ev_t.llh > new_llh[sub] + 1e-12 * np.abs(new_llh[sub]))
                 new_ev = _accept(sub, good, ev_t, cand, new_llh, new_D, new_s2, new_ev)
+                pending = np.setdiff1d(pending, sub[good])
                 rows = rows[~good]
                 start_pts = [b[rows] for b in base]
                 cand = [b + 0.5 * (c[~good] - b) for b, c in zip(start_pts, cand)]  # halve the move
@@ -297,14 +358,19 @@ def _fit_block(obj, data, qk, method, tol, max_iter, reml, n, p) -> dict:
         sigma2[active] = new_s2
         change = np.abs(new_llh - old)
         llh[active] = new_llh
-        n_iter[active] = it
-        done = (change < tol) & (it > 1)  # the moment step from D = 0 alone never settles a voxel
-        converged[active[done]] = True
-        keep = ~done
+        n_iter[active[stepping]] = it
+        prev_change[active] = change
+        # a voxel that found no better point stops: converged if nothing was left to gain
+        stuck = np.zeros(active.size, bool)
+        stuck[pending] = it > 1
+        stuck_converged = stuck & (gain < tol)
+        converged[active[stuck_converged]] = True
+        stop[active[stuck_converged]] = CONVERGED
+        stop[active[stuck & ~stuck_converged]] = STEP_FAILED
+        keep = ~settled & ~stuck
         active = active[keep]
         ev_act = _subset_eval(new_ev, np.flatnonzero(keep))
-    # final evaluation at the optimum: profiled σ², GLS β̂, lme4's log-likelihood
-    return _package(obj, data, D, converged, n_iter, ok, qk, reml, n, p)
+    return ScoringResult(D=D, converged=converged, n_iter=n_iter, stop=stop, ok=ok)
 
 
 def _accept(rows, good, ev_t: Evaluation, trial, new_llh, new_D, new_s2, new_ev: Evaluation) -> Evaluation:
@@ -341,8 +407,8 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
         grad = g
     off = 1 if carry else 0
     if cholesky:
-        Lam = [np.linalg.cholesky(Dk + (1e-10 * (np.trace(Dk, axis1=1, axis2=2) / q) + 1e-14)[:, None, None]
-                                  * np.eye(q)) for Dk, q in zip(D, qk)]
+        Lam = [la.safe_cholesky(Dk + (1e-10 * (np.trace(Dk, axis1=1, axis2=2) / q) + 1e-14)[:, None, None]
+                                * np.eye(q))[0] for Dk, q in zip(D, qk)]
         J = _cholesky_jacobian(Lam, qk, carry)  # (v, dim vec, dim θ)
     else:
         Lam = None
@@ -377,7 +443,11 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
             start += m
         return parts, (x[:, 0] if carry else None)
 
-    full_step = unpack(_solve_ridge(A, b))
+    x = _solve_ridge(A, b)
+    full_step = unpack(x)
+    # predicted llh gain of the full step (the quadratic model of the deviance, halved)
+    gain = np.where(np.all(np.isfinite(x), axis=1), 0.25 * np.einsum("vi,vi->v", np.nan_to_num(b), np.nan_to_num(x)),
+                    np.inf)
 
     def trial(rows, attempt):
         """Attempt 0 is the scoring step; later attempts halve it (D) or damp it (Λ, Levenberg)."""
@@ -402,7 +472,7 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
             s2 = np.maximum(sigma2[rows] + lam * step_s2, 1e-3 * sigma2[rows])
         return Ds, s2
 
-    return trial
+    return trial, gain
 
 
 def _theta_curvature(G_list, qk, off: int) -> np.ndarray:
@@ -489,17 +559,8 @@ def _prepend_identity(P: np.ndarray) -> np.ndarray:
 
 
 
-def _duplication(q: int) -> np.ndarray:
-    """Dup with vec(A) = Dup vech(A), vec in row-major (a*q + b) order."""
-    r, c = la.vech_index(q)
-    Dup = np.zeros((q * q, r.size))
-    Dup[r * q + c, np.arange(r.size)] = 1.0
-    Dup[c * q + r, np.arange(r.size)] = 1.0
-    return Dup
-
-
 def _block_duplication(qk) -> np.ndarray:
-    blocks = [_duplication(q) for q in qk]
+    blocks = [la.duplication(q) for q in qk]
     out = np.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)))
     i = j = 0
     for b in blocks:
@@ -514,7 +575,7 @@ def _solve_ridge(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     s = A.shape[-1]
     scale = np.trace(A, axis1=1, axis2=2) / s
     A = A + (1e-10 * np.maximum(scale, 1e-300))[:, None, None] * np.eye(s)
-    return np.linalg.solve(A, b[..., None])[..., 0]
+    return la.safe_solve(A, b)[0]  # a singular voxel gets a NaN step, which no trial accepts
 
 
 def _subset_eval(ev: Evaluation, idx) -> Evaluation:
@@ -545,55 +606,110 @@ def _merge_eval(base: Evaluation, new: Evaluation, where, good) -> Evaluation:
     return out
 
 
-def _package(obj, data, D, converged, n_iter, ok, qk, reml, n, p) -> dict:
-    v = data.XtY.shape[0]
-    D = _snap_to_boundary(obj, data, D)
-    ev = obj.evaluate(D, data, grad=True)
-    ok = ok & ev.ok
+def _vech_grad(ev: Evaluation, qk) -> np.ndarray:
+    """Deviance gradient in vech D (off-diagonal entries count for both triangles)."""
+    return np.concatenate([ev.grad[f][:, r, c] * np.where(r != c, 2.0, 1.0)
+                           for f, (r, c) in enumerate(la.vech_index(q) for q in qk)], axis=1)
+
+
+def _free_parameters(D, qk) -> np.ndarray:
+    """(v, k) bool: φ = (σ², vech D_1, …) entries whose factor is not singular."""
+    v = D[0].shape[0]
+    cols = [np.ones((v, 1), bool)]
+    for Dk, q in zip(D, qk):
+        w = np.linalg.eigvalsh(la.sym(Dk))
+        on_boundary = w[:, 0] <= RANK_TOL * np.maximum(w[:, -1], 1e-300)
+        cols.append(np.repeat(~on_boundary[:, None], q * (q + 1) // 2, axis=1))
+    return np.concatenate(cols, axis=1)
+
+
+def _variance_hessian(obj, data, D, ev: Evaluation, qk, reml, n, p):
+    """Observed deviance Hessian H in φ = (σ², vech D_1, …) and dCov(β̂)/dφ, at D exactly.
+
+    Analytic where the objective provides it (one factor); otherwise central differences
+    of the analytic gradient with σ² held fixed, as lmerTest differentiates its deviance.
+    """
+    v = D[0].shape[0]
     s2 = ev.sigma2
     N = n - p if reml else n
-    vech_pos = [la.vech_index(q) for q in qk]
-    k = 1 + sum(r.size for r, _ in vech_pos)
+    k = 1 + sum(q * (q + 1) // 2 for q in qk)
     H = np.zeros((v, k, k))
     dC = np.zeros((v, k, p, p))
     H[:, 0, 0] = -N / s2**2 + 2.0 * ev.Q / s2**3
     dC[:, 0] = ev.C
-    free = np.ones((v, k), bool)
     col = 1
-    targets = []
     for f, q in enumerate(qk):
-        r, c = vech_pos[f]
-        w = np.linalg.eigvalsh(la.sym(D[f]))
-        on_boundary = w[:, 0] <= RANK_TOL * np.maximum(w[:, -1], 1e-300)
-        for i in range(r.size):
-            targets.append((f, r[i], c[i], col))
-            free[:, col] = ~on_boundary
-            uu = ev.uu_sum[f]
-            H[:, 0, col] = H[:, col, 0] = uu[:, r[i], c[i]] * (2.0 if r[i] != c[i] else 1.0) / s2**2
+        r, c = la.vech_index(q)
+        H[:, 0, col:col + r.size] = ev.uu_sum[f][:, r, c] * np.where(r != c, 2.0, 1.0) / s2[:, None] ** 2
+        col += r.size
+    H[:, 1:, 0] = H[:, 0, 1:]
+    if hasattr(obj, "deviance_hessian"):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            H_DD, dC_D, _ = obj.deviance_hessian(D, data, s2)
+        H[:, 1:, 1:] = H_DD
+        dC[:, 1:] = s2[:, None, None, None] * dC_D
+        return H, dC
+    col = 1
+    for f, q in enumerate(qk):
+        r, c = la.vech_index(q)
+        for a, b in zip(r, c):
+            scale = np.sqrt(np.abs(D[f][:, a, a] * D[f][:, b, b]))
+            h = 1e-5 * np.maximum(scale, 1e-3)
+            E = np.zeros((q, q))
+            E[a, b] = E[b, a] = 1.0
+            plus = [Dk.copy() for Dk in D]
+            minus = [Dk.copy() for Dk in D]
+            plus[f] = plus[f] + h[:, None, None] * E
+            minus[f] = minus[f] - h[:, None, None] * E
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ep = obj.evaluate(plus, data, sigma2=s2, grad=True)
+                em = obj.evaluate(minus, data, sigma2=s2, grad=True)
+            H[:, col, 1:] = (_vech_grad(ep, qk) - _vech_grad(em, qk)) / (2.0 * h[:, None])
+            dC[:, col] = s2[:, None, None] * (ep.C - em.C) / (2.0 * h[:, None, None])
             col += 1
-
-    def vech_grad(e):
-        return np.concatenate(
-            [e.grad[f][:, r, c] * np.where(r != c, 2.0, 1.0) for f, (r, c) in enumerate(vech_pos)], axis=1)
-
-    for f, a, b, col in targets:  # central differences of the analytic gradient, σ² held fixed
-        scale = np.sqrt(np.abs(D[f][:, a, a] * D[f][:, b, b]))
-        h = 1e-5 * np.maximum(scale, 1e-3)
-        E = np.zeros((qk[f], qk[f]))
-        E[a, b] = E[b, a] = 1.0
-        plus = [Dk.copy() for Dk in D]
-        minus = [Dk.copy() for Dk in D]
-        plus[f] = plus[f] + h[:, None, None] * E
-        minus[f] = minus[f] - h[:, None, None] * E
-        ep = obj.evaluate(plus, data, sigma2=s2, grad=True)
-        em = obj.evaluate(minus, data, sigma2=s2, grad=True)
-        H[:, col, 1:] = (vech_grad(ep) - vech_grad(em)) / (2.0 * h[:, None])
-        dC[:, col] = s2[:, None, None] * (ep.C - em.C) / (2.0 * h[:, None, None])
     H[:, 1:, 1:] = la.sym(H[:, 1:, 1:])
+    return H, dC
+
+
+@dataclass
+class SettledPoint:
+    """The reported optimum of a block, with the Hessian computed on the way (before the polish)."""
+
+    D: list
+    ev: Evaluation
+    H: np.ndarray  # (v, k, k) at the point before the polish
+    dC: np.ndarray
+    moved: np.ndarray  # (v,) bool: the polish moved D, so H and dC are stale there
+
+
+def _settle(obj, data, D, qk, reml, n, p) -> SettledPoint:
+    """Move the scored D to the reported optimum: exact zeros on the boundary, one Newton polish."""
+    D = _snap_to_boundary(obj, data, D)
+    ev = obj.evaluate(D, data, grad=True)
+    H, dC = _variance_hessian(obj, data, D, ev, qk, reml, n, p)
+    D_new, moved = _newton_polish(obj, data, D, ev, H, _free_parameters(D, qk), qk)
+    if np.any(moved):
+        rows = np.flatnonzero(moved)
+        ev_new = obj.evaluate([Dk[rows] for Dk in D_new], _take(data, rows, D[0].shape[0]), grad=True)
+        ev = _merge_eval(ev, ev_new, rows, np.ones(rows.size, bool))
+    return SettledPoint(D_new, ev, H, dC, moved)
+
+
+def _package(obj, data, point: SettledPoint, scored: ScoringResult, qk, reml, n, p) -> BlockFit:
+    """Inference quantities at exactly the reported point: Cov(β̂), its derivatives and the Hessian."""
+    D, ev, H, dC = point.D, point.ev, point.H, point.dC
+    if np.any(point.moved):  # the polish moved these voxels: their Hessian is recomputed there
+        rows = np.flatnonzero(point.moved)
+        H_r, dC_r = _variance_hessian(obj, _take(data, rows, D[0].shape[0]), [Dk[rows] for Dk in D],
+                                      _subset_eval(ev, rows), qk, reml, n, p)
+        H, dC = H.copy(), dC.copy()
+        H[rows], dC[rows] = H_r, dC_r
+    free = _free_parameters(D, qk)
     H_phi, dC_phi, _ = _boundary_coordinates(H, dC, ev.grad, D, qk, free)
-    D, ev = _newton_polish(obj, data, D, ev, H, free, vech_grad, vech_pos, qk)
-    return dict(
-        beta=ev.beta, sigma2=ev.sigma2, D=D, llh=ev.llh, converged=converged, n_iter=n_iter, ok=ok & ev.ok,
+    finite = ev.ok & np.isfinite(ev.llh) & np.isfinite(ev.sigma2)
+    return BlockFit(
+        beta=ev.beta, sigma2=ev.sigma2, D=D, llh=ev.llh, converged=scored.converged & finite,
+        n_iter=scored.n_iter, stop=np.where(finite, scored.stop, NOT_FINITE), ok=scored.ok & finite,
         cov_beta=ev.sigma2[:, None, None] * ev.C, cov_beta_grad=dC_phi, hessian=H_phi, free=free,
     )
 
@@ -701,43 +817,46 @@ def _boundary_coordinates(H, dC, G_list, D, qk, free):
     return Ht, dCt, live
 
 
-def _newton_polish(obj, data, D, ev, H, free, vech_grad, vech_pos, qk):
+def _newton_polish(obj, data, D, ev, H, free, qk):
     """One Newton step on the profiled deviance with the observed Hessian already at hand.
 
     Scoring converges linearly; this squares the remaining error of interior parameters so
     that they, not just the log-likelihood, match an exact optimiser.  Singular factors are
     held; the step is kept only where it does not lower the log-likelihood and D stays PSD.
+    Returns (D, moved rows mask).
     """
+    v = D[0].shape[0]
+    moved = np.zeros(v, bool)
     fd = free[:, 1:]
-    use = np.any(fd, axis=1) & ev.ok
+    use = np.any(fd, axis=1) & ev.ok & np.all(np.isfinite(H.reshape(v, -1)), axis=1)
     if not np.any(use):
-        return D, ev
+        return D, moved
     Hs, fd = H[use], fd[use]
     Hp = Hs[:, 1:, 1:] - Hs[:, 1:, :1] * Hs[:, :1, 1:] / Hs[:, :1, :1]  # σ² profiled out
     both = fd[:, :, None] & fd[:, None, :]
     Hp = np.where(both, Hp, 0.0) + np.where(fd, 0.0, 1.0)[:, :, None] * np.eye(Hp.shape[-1])
-    g = np.where(fd, vech_grad(_subset_eval(ev, np.flatnonzero(use))), 0.0)
-    try:
-        step = -np.linalg.solve(Hp, g[..., None])[..., 0]
-    except np.linalg.LinAlgError:
-        return D, ev
+    g = np.where(fd, _vech_grad(_subset_eval(ev, np.flatnonzero(use)), qk), 0.0)
+    x, solved = la.safe_solve(Hp, g)
+    step = -np.nan_to_num(x)
     rows = np.flatnonzero(use)
     trial, start = [], 0
-    for f, (r, c) in enumerate(vech_pos):
-        dv = np.zeros((rows.size, qk[f], qk[f]))
+    for f, q in enumerate(qk):
+        r, c = la.vech_index(q)
+        dv = np.zeros((rows.size, q, q))
         dv[:, r, c] = step[:, start:start + r.size]
         dv[:, c, r] = step[:, start:start + r.size]
         trial.append(D[f][rows] + dv)
         start += r.size
-    psd = np.ones(rows.size, bool)
+    psd = solved.copy()
     for Dt in trial:
         psd &= np.min(np.linalg.eigvalsh(Dt), axis=1) >= 0
     with np.errstate(invalid="ignore", divide="ignore"):  # non-PSD trials are rejected below
-        ev_t = obj.evaluate(trial, _take(data, rows, D[0].shape[0]), grad=False)
-    good = ev_t.ok & psd & np.isfinite(step).all(axis=1) & (ev_t.llh >= ev.llh[rows])
+        ev_t = obj.evaluate(trial, _take(data, rows, v), grad=False)
+    good = ev_t.ok & psd & (ev_t.llh >= ev.llh[rows])
     if not np.any(good):
-        return D, ev
+        return D, moved
     D = [Dk.copy() for Dk in D]
     for f in range(len(qk)):
         D[f][rows[good]] = trial[f][good]
-    return D, obj.evaluate(D, data, grad=False)
+    moved[rows[good]] = True
+    return D, moved

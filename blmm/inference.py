@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special, stats
 
+from blmm import linalg as la
 from blmm.design import Contrast
 from blmm.fit import FitResult
 
@@ -101,12 +102,8 @@ def f_contrast(fit: FitResult, L: np.ndarray, name: str = "", eig_tol: float = 1
 
 def satterthwaite_df(var: np.ndarray, g: np.ndarray, H: np.ndarray) -> np.ndarray:
     """ν = 2 var² / (g' A g) with A = 2 H⁻¹ (H: deviance Hessian in the variance parameters)."""
-    v, k = g.shape
-    ok = np.all(np.isfinite(H.reshape(v, -1)), axis=1) & np.all(np.isfinite(g), axis=1)
-    quad = np.full(v, np.nan)
-    if np.any(ok):
-        x = np.linalg.solve(H[ok], g[ok][..., None])[..., 0]
-        quad[ok] = np.einsum("vk,vk->v", g[ok], x)
+    x, ok = la.safe_solve(H, g)  # a singular H gives NaN df for its voxel only
+    quad = np.where(ok, np.einsum("vk,vk->v", np.nan_to_num(g), np.nan_to_num(x)), np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
         nu = var**2 / quad
     return np.where(nu > 0, nu, np.nan)

@@ -78,3 +78,57 @@ def unpack_sym(a: np.ndarray, p: int) -> np.ndarray:
     out[..., r, s] = a
     out[..., s, r] = a
     return out
+
+
+def safe_solve(A: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Solve stacked systems A x = b (b: (..., k)); singular or non-finite systems give NaN rows.
+
+    Returns (x, ok).  One bad voxel must not raise for its whole block, so a failed
+    batched solve falls back to voxel-by-voxel (rare, and only for that block).
+    """
+    k = A.shape[-1]
+    flatA = A.reshape(-1, k, k)
+    flatb = b.reshape(-1, k)
+    ok = np.all(np.isfinite(flatA.reshape(flatA.shape[0], -1)), axis=1) & np.all(np.isfinite(flatb), axis=1)
+    x = np.full(flatb.shape, np.nan)
+    if np.any(ok):
+        try:
+            x[ok] = np.linalg.solve(flatA[ok], flatb[ok][..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            for i in np.flatnonzero(ok):
+                try:
+                    x[i] = np.linalg.solve(flatA[i], flatb[i])
+                except np.linalg.LinAlgError:
+                    ok[i] = False
+    ok &= np.all(np.isfinite(x), axis=1)
+    x[~ok] = np.nan
+    return x.reshape(b.shape), ok.reshape(b.shape[:-1])
+
+
+def safe_cholesky(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lower Cholesky factors of stacked matrices; non-PD or non-finite ones give NaN and ok False."""
+    k = A.shape[-1]
+    flat = A.reshape(-1, k, k)
+    ok = np.all(np.isfinite(flat.reshape(flat.shape[0], -1)), axis=1)
+    L = np.full_like(flat, np.nan)
+    if np.any(ok):
+        try:
+            L[ok] = np.linalg.cholesky(flat[ok])
+        except np.linalg.LinAlgError:
+            for i in np.flatnonzero(ok):
+                try:
+                    L[i] = np.linalg.cholesky(flat[i])
+                except np.linalg.LinAlgError:
+                    ok[i] = False
+    return L.reshape(A.shape), ok.reshape(A.shape[:-2])
+
+
+@lru_cache(maxsize=None)
+def duplication(q: int) -> np.ndarray:
+    """Dup with vec(A) = Dup vech(A) for symmetric A, vec in row-major (a*q + b) order (cached, read-only)."""
+    r, c = vech_index(q)
+    Dup = np.zeros((q * q, r.size))
+    Dup[r * q + c, np.arange(r.size)] = 1.0
+    Dup[c * q + r, np.arange(r.size)] = 1.0
+    Dup.setflags(write=False)
+    return Dup

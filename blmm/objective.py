@@ -83,9 +83,10 @@ def _likelihood(Q, logdetV, logdetXVX, n, p, reml, sigma2=None):
 def _profiled(XtVX, XtVY, YtVY, logdetV, n, p, reml, sigma2) -> Evaluation:
     """β̂ (GLS), C, Q and the (RE)ML log-likelihood from the V⁻¹ products."""
     v = XtVX.shape[0]
-    beta, C, logdetXVX, ok = _gls(XtVX, XtVY)
-    Q = YtVY - np.einsum("vp,vp->v", beta, XtVY)
-    llh, s2 = _likelihood(Q, logdetV, logdetXVX, n, p, reml, sigma2)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # bad voxels are flagged by ok
+        beta, C, logdetXVX, ok = _gls(XtVX, XtVY)
+        Q = YtVY - np.einsum("vp,vp->v", beta, XtVY)
+        llh, s2 = _likelihood(Q, logdetV, logdetXVX, n, p, reml, sigma2)
     ok &= np.isfinite(llh) & (Q > 0)
     return Evaluation(llh=llh, beta=beta, sigma2=np.broadcast_to(s2, (v,)).copy(), C=C, Q=Q, ok=ok)
 
@@ -145,6 +146,12 @@ class LevelObjective:
             self.Kpair_big.append(Kbig)
             Kf.append(np.ascontiguousarray(np.concatenate([Kbig[:, r, s], Kl[:, r, s]])))  # (C, p(p+1)/2)
         self.Kf = Kf
+        # ordered K_c[e,f] = Σ_members X_j[e]' X_j[f] of big classes (the analytic Hessian needs them unsymmetrised)
+        self.Ko = np.zeros((self.Cb, q, q, p, p))
+        for i, mem in enumerate(self.big_members):
+            for e in range(q):
+                for f in range(q):
+                    self.Ko[i, e, f] = Xl[mem, e].T @ Xl[mem, f]
         self.Xs = [np.ascontiguousarray(Xl[self.small_levels, a]) for a in range(q)]  # (Ls, p)
         self.Xl = Xl
 
@@ -157,14 +164,19 @@ class LevelObjective:
         npair = len(self.pairs)
         KXY = np.zeros((v, self.Cb, npair, p))
         KYY = np.zeros((v, self.Cb, npair))
+        KXYo = np.zeros((v, self.Cb, q, q, p))  # Σ_j y_j[f] X_j[e], ordered (e, f)
         for i, mem in enumerate(self.big_members):  # few big classes: one GEMM each
             Xm, ym = self.Xl[mem], yl[:, mem]
+            for e in range(q):
+                for f in range(q):
+                    KXYo[:, i, e, f] = ym[:, :, f] @ Xm[:, e, :]
             for k, (a, b) in enumerate(self.pairs):
                 KXY[:, i, k] = ym[:, :, b] @ Xm[:, a, :]
                 KYY[:, i, k] = np.einsum("vm,vm->v", ym[:, :, a], ym[:, :, b])
                 if a != b:
                     KXY[:, i, k] += ym[:, :, a] @ Xm[:, b, :]
-        return LevelData(XtY=np.ascontiguousarray(XtY), YtY=np.asarray(YtY, dtype=np.float64), ys=ys, KXY=KXY, KYY=KYY)
+        return LevelData(XtY=np.ascontiguousarray(XtY), YtY=np.asarray(YtY, dtype=np.float64), ys=ys, KXY=KXY,
+                         KYY=KYY, KXYo=KXYo)
 
     def products(self, D: np.ndarray, data: "LevelData"):
         """X'V⁻¹X, X'V⁻¹Y, Y'V⁻¹Y and log|V| at D (v, q, q), plus the per-unit weights."""
@@ -201,26 +213,21 @@ class LevelObjective:
                 YtVY -= np.einsum("vj,vj->v", wy, data.ys[a])
         return XtVX, XtVY, YtVY, logdetV, R
 
-    def gradient_parts(self, R, data: "LevelData", gamma: np.ndarray, Omega: np.ndarray | None):
-        """Σ_j T_j, Σ_j u_j u_j' with u_j = R_j(y_j - X_j γ), Σ_j R_j X_j Ω X_j' R_j', and the information.
-
-        With γ = β̂ and Ω = C (REML) these give the deviance gradient; a caller that augments
-        X with other factors' columns passes its own γ and Ω (SchurObjective).
-        """
-        v = gamma.shape[0]
-        q, Cb = self.q, self.Cb
+    def _unit_T(self, R) -> dict:
+        """T_c = R_c G_c per unit (symmetric), as entries {(a, b): (v, units)} for a <= b."""
+        q = self.q
         T = {}
-        for a, b in self.pairs:  # T_c = R_c G_c (symmetric)
+        for a, b in self.pairs:
             t = sum(R[a][e] * self.g[e][b] for e in range(q))
             if a != b:
                 t = 0.5 * (t + sum(R[b][e] * self.g[e][a] for e in range(q)))
             T[a, b] = t
+        return T
 
-        def Tf(a, b):
-            return T[min(a, b), max(a, b)]
-
-        T_sum = _entries_to_matrix({ab: T[ab] @ self.mu for ab in self.pairs}, q, v)
-        uu = np.zeros((v, q, q))
+    def _unit_uu(self, R, data: "LevelData", gamma: np.ndarray):
+        """Σ_{j in class} u_j u_j' per big class (v, Cb, q, q) and u_j per small level [(v, Ls)] * q."""
+        q, Cb = self.q, self.Cb
+        U_big, u_small = None, None
         if Cb:
             Rb = np.stack([np.stack([R[a][b][:, :Cb] for b in range(q)], -1) for a in range(q)], -2)
             bKb = np.stack([np.einsum("vr,crs,vs->vc", gamma, K, gamma) for K in self.Kpair_big], -1)
@@ -228,26 +235,53 @@ class LevelObjective:
             diag = np.array([a == b for a, b in self.pairs])
             Spair = data.KYY - np.where(diag, 2.0, 1.0) * bKy + np.where(diag, 1.0, 0.5) * bKb
             S = _pairs_to_matrix(Spair, self.pairs, q)
-            uu += np.einsum("vcab,vcbd,vced->vae", Rb, S, Rb, optimize=True)
+            U_big = np.einsum("vcab,vcbd,vced->vcae", Rb, S, Rb, optimize=True)
         if self.Ls:
             r = [data.ys[b] - gamma @ self.Xs[b].T for b in range(q)]
-            u = [sum(R[a][b][:, Cb:] * r[b] for b in range(q)) for a in range(q)]
+            u_small = [sum(R[a][b][:, Cb:] * r[b] for b in range(q)) for a in range(q)]
+        return U_big, u_small
+
+    def _unit_P(self, R, Omega: np.ndarray) -> list:
+        """P_c = Σ_{j in c} R_c X_j Ω X_j' R_c' per unit, as entries [a][b] (v, units)."""
+        q = self.q
+        cvec = la.pack_sym(Omega, double_offdiag=True)
+        H = {}
+        for k, (a, b) in enumerate(self.pairs):  # H_c[a,b] = <K_c^{ab}, Ω>
+            H[a, b] = (cvec @ self.Kf[k].T) * (1.0 if a == b else 0.5)
+
+        def Hf(a, b):
+            return H[min(a, b), max(a, b)]
+        RH = [[sum(R[a][e] * Hf(e, f) for e in range(q)) for f in range(q)] for a in range(q)]
+        return [[sum(RH[a][f] * R[b][f] for f in range(q)) for b in range(q)] for a in range(q)]
+
+    def gradient_parts(self, R, data: "LevelData", gamma: np.ndarray, Omega: np.ndarray | None):
+        """Σ_j T_j, Σ_j u_j u_j' with u_j = R_j(y_j - X_j γ), Σ_j R_j X_j Ω X_j' R_j', and the information.
+
+        With γ = β̂ and Ω = C (REML) these give the deviance gradient; a caller that augments
+        X with other factors' columns passes its own γ and Ω (SchurObjective).
+        """
+        v = gamma.shape[0]
+        q = self.q
+        T = self._unit_T(R)
+
+        def Tf(a, b):
+            return T[min(a, b), max(a, b)]
+
+        T_sum = _entries_to_matrix({ab: T[ab] @ self.mu for ab in self.pairs}, q, v)
+        uu = np.zeros((v, q, q))
+        U_big, u_small = self._unit_uu(R, data, gamma)
+        if U_big is not None:
+            uu += U_big.sum(axis=1)
+        if u_small is not None:
             for a, b in self.pairs:
-                uu[:, a, b] += np.einsum("vj,vj->v", u[a], u[b])
+                uu[:, a, b] += np.einsum("vj,vj->v", u_small[a], u_small[b])
                 if a != b:
                     uu[:, b, a] = uu[:, a, b]
         corr = np.zeros((v, q, q))
         if Omega is not None:
-            cvec = la.pack_sym(Omega, double_offdiag=True)
-            H = {}
-            for k, (a, b) in enumerate(self.pairs):  # H_c[a,b] = <K_c^{ab}, Ω>
-                H[a, b] = (cvec @ self.Kf[k].T) * (1.0 if a == b else 0.5)
-
-            def Hf(a, b):
-                return H[min(a, b), max(a, b)]
-            RH = [[sum(R[a][e] * Hf(e, f) for e in range(q)) for f in range(q)] for a in range(q)]
+            P = self._unit_P(R, Omega)
             for a, b in self.pairs:  # Σ_c R_c H_c R_c'
-                val = sum(np.einsum("vc,vc->v", RH[a][f], R[b][f]) for f in range(q))
+                val = np.sum(P[a][b], axis=1)
                 corr[:, a, b] = val
                 corr[:, b, a] = val
         info = np.empty((v, q, q, q, q))
@@ -257,6 +291,78 @@ class LevelObjective:
                     for e in range(q):
                         info[:, a, b, c, e] = (Tf(b, c) * Tf(a, e)) @ self.mu
         return T_sum, uu, corr, info.reshape(v, q * q, q * q)
+
+    def deviance_hessian(self, D_list, data: "LevelData", sigma2: np.ndarray):
+        """Observed Hessian of the deviance in vech D at fixed σ² (β profiled), analytically.
+
+        Returns (H (v, k, k), dC (v, k, p, p) = d(X'V⁻¹X)⁻¹/d vech D, the evaluation).
+        With directions E, F (symmetric) and S_j = R_j X_j, u_j = R_j(y_j - X_j β̂),
+        P_j = S_j C S_j', B_E = Σ S_j'E S_j, a_E = Σ S_j'E u_j (docs/model.md):
+        H(E,F) = -Σ tr(T_j F T_j E) + Σ tr(E T_j F (2u_ju_j'/σ² + 2[REML] P_j))
+                 - 2 a_E'C a_F / σ² - [REML] tr(C B_F C B_E).
+        """
+        D = D_list[0]
+        v = D.shape[0]
+        q, p, Cb = self.q, self.p, self.Cb
+        XtVX, XtVY, YtVY, logdetV, R = self.products(D, data)
+        ev = _profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+        beta, C = ev.beta, ev.C
+        s2 = sigma2[:, None, None]
+        T = self._unit_T(R)
+
+        def Tf(a, b):
+            return T[min(a, b), max(a, b)]
+        _, _, _, info = self.gradient_parts(R, data, beta, None)
+        # W_unit = 2 U/σ² + 2 P (REML): the u and P terms share T_j's index pattern
+        U_big, u_small = self._unit_uu(R, data, beta)
+        P = self._unit_P(R, C) if self.reml else None
+        M = np.zeros((v, q, q, q, q))
+        for d in range(q):
+            for a in range(q):
+                w = np.zeros((v, self.C))
+                if U_big is not None:
+                    w[:, :Cb] += U_big[:, :, d, a]
+                if u_small is not None:
+                    w[:, Cb:] += u_small[d] * u_small[a]
+                w = w * (2.0 / sigma2[:, None])
+                if P is not None:
+                    w = w + 2.0 * P[d][a]
+                for b in range(q):
+                    for c in range(q):  # M[(a,b),(c,d)] = Σ_units T[b,c] W[d,a]
+                        M[:, a, b, c, d] = np.einsum("vc,vc->v", Tf(b, c), w)
+        Dup = la.duplication(q)
+        Hvec = M.reshape(v, q * q, q * q) - info
+        H = Dup.T @ Hvec @ Dup
+        # a_E: A_xy = Σ_j S_j[x]' u_j[y] (v, q, q, p)
+        A = np.zeros((v, q, q, p))
+        if Cb:
+            Rb = np.stack([np.stack([R[a][b][:, :Cb] for b in range(q)], -1) for a in range(q)], -2)
+            Xr = data.KXYo - np.einsum("cefpr,vr->vcefp", self.Ko, beta)  # Σ_j X_j[e]' r_j[f]
+            A += np.einsum("vcxe,vcyf,vcefp->vxyp", Rb, Rb, Xr, optimize=True)
+        if u_small is not None:
+            for x in range(q):
+                for e in range(q):
+                    Re = R[x][e][:, Cb:]
+                    for y in range(q):
+                        A[:, x, y] += (Re * u_small[y]) @ self.Xs[e]
+        a_vech = np.einsum("vip,it->vtp", A.reshape(v, q * q, p), Dup)
+        H -= 2.0 * np.einsum("vtp,vpr,vsr->vts", a_vech, C, a_vech) / s2
+        # B_t = Σ_j S_j' E_t S_j, one GEMM over units per (t, pair)
+        r_idx, c_idx = la.vech_index(q)
+        k = r_idx.size
+        dC = np.empty((v, k, p, p))
+        Bs = np.empty((v, k, p, p))
+        for t, (a, b) in enumerate(zip(r_idx, c_idx)):
+            scale = 0.5 if a == b else 1.0
+            Bup = np.zeros((v, p * (p + 1) // 2))
+            for m, (e, f) in enumerate(self.pairs):
+                coef = scale * (R[a][e] * R[b][f] + R[b][e] * R[a][f])
+                Bup += coef @ self.Kf[m]
+            Bs[:, t] = la.unpack_sym(Bup, p)
+            dC[:, t] = C @ Bs[:, t] @ C
+        if self.reml:  # -tr(C B_s C B_t) = -<dC_s, B_t>
+            H -= np.einsum("vspq,vtpq->vts", dC, Bs)
+        return la.sym(H), dC, ev
 
     def evaluate(self, D_list, data: "LevelData", sigma2=None, grad=False) -> Evaluation:
         XtVX, XtVY, YtVY, logdetV, R = self.products(D_list[0], data)
@@ -319,9 +425,11 @@ class LevelData:
     ys: list  # per effect a: (v, small levels)
     KXY: np.ndarray
     KYY: np.ndarray
+    KXYo: np.ndarray
 
     def take(self, idx) -> "LevelData":
-        return LevelData(self.XtY[idx], self.YtY[idx], [y[idx] for y in self.ys], self.KXY[idx], self.KYY[idx])
+        return LevelData(self.XtY[idx], self.YtY[idx], [y[idx] for y in self.ys], self.KXY[idx], self.KYY[idx],
+                         self.KXYo[idx])
 
 
 def _level_block_sum(A: np.ndarray, offset: int, n_levels: int, q: int) -> np.ndarray:
@@ -401,10 +509,8 @@ class DenseObjective:
         Lam = self._blockdiag([la.psd_root(D) for D in D_list])  # Λ Λ' = D
         LtZtZ = np.swapaxes(Lam, 1, 2) @ self.ZtZ  # Λ'Z'Z
         Mt = np.eye(self.qtot) + LtZtZ @ Lam
-        try:
-            Lm = np.linalg.cholesky(Mt)
-        except np.linalg.LinAlgError:
-            Lm = np.linalg.cholesky(Mt + 1e-12 * np.eye(self.qtot))
+        Lm, chol_ok = la.safe_cholesky(Mt)
+        Lm[~chol_ok] = np.eye(self.qtot)  # a non-finite voxel is flagged below, its block goes on
         logdetV = 2.0 * np.sum(np.log(np.diagonal(Lm, axis1=1, axis2=2)), axis=1)
         Bx = np.linalg.solve(Lm, np.swapaxes(Lam, 1, 2) @ self.ZtX)  # L^-1 Λ'Z'X
         by = np.linalg.solve(Lm, np.einsum("vba,vb->va", Lam, data.ZtY)[..., None])[..., 0]
@@ -412,6 +518,7 @@ class DenseObjective:
         XtVY = data.XtY - np.einsum("vqp,vq->vp", Bx, by)
         YtVY = data.YtY - np.einsum("vq,vq->v", by, by)
         ev = _profiled(la.sym(XtVX), XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+        ev.ok &= chol_ok
         beta, C = ev.beta, ev.C
         if not grad:
             return ev
@@ -505,7 +612,8 @@ class SchurObjective:
         a_XY, a_RY = UVY[:, :p], UVY[:, p:]
         Lam = self._small_blockdiag(D_list)  # Λ Λ' = D_R
         Mt = np.eye(qR) + np.swapaxes(Lam, 1, 2) @ A_RR @ Lam
-        Lm = np.linalg.cholesky(la.sym(Mt))
+        Lm, chol_ok = la.safe_cholesky(la.sym(Mt))
+        Lm[~chol_ok] = np.eye(qR)  # a non-finite voxel is flagged below, its block goes on
         logdetV = logdetV1 + 2.0 * np.sum(np.log(np.diagonal(Lm, axis1=1, axis2=2)), axis=1)
         LiLt = np.linalg.solve(Lm, np.swapaxes(Lam, 1, 2))  # L⁻¹Λ'
         Bx = LiLt @ np.swapaxes(A_XR, 1, 2)
@@ -514,6 +622,7 @@ class SchurObjective:
         XtVY = a_XY - np.einsum("vqp,vq->vp", Bx, by)
         YtVY = YVY1 - np.einsum("vq,vq->v", by, by)
         ev = _profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+        ev.ok &= chol_ok
         beta, C = ev.beta, ev.C
         if not grad:
             return ev

@@ -177,3 +177,75 @@ def test_balanced_design_matches_dense_likelihood(q):
     assert np.allclose(grouped.llh, dense.llh, rtol=0, atol=1e-8)
     assert np.allclose(grouped.sigma2, dense.sigma2, rtol=1e-6)
     assert np.isclose(grouped.llh[0], brute_force_llh(Y[:, 0], X, f, grouped.D[0][0], True), rtol=0, atol=1e-8)
+
+
+def test_one_bad_voxel_stays_one_bad_voxel():
+    """A non-finite or constant voxel is marked failed; the rest of its block is fitted as alone."""
+    X, f, Y = simulate(q=2, v=4, seed=5)
+    bad = Y.copy()
+    bad[:, 1] = 3.0  # constant response: σ² = 0
+    bad[0, 2] = np.inf
+    fit = fit_lmm(bad, X, [f], tol=1e-10)
+    alone = fit_lmm(Y[:, [0, 3]], X, [f], tol=1e-10)
+    from blmm.fit import FAILED, NOT_FINITE, STOP_NAMES
+    assert list(fit.status) == [0, FAILED, FAILED, 0]
+    assert list(fit.stop[[1, 2]]) == [NOT_FINITE, NOT_FINITE] and STOP_NAMES[NOT_FINITE]
+    assert not fit.converged[[1, 2]].any()
+    assert np.allclose(fit.llh[[0, 3]], alone.llh, rtol=0, atol=1e-9)
+    res = infer(fit, [Contrast.from_vector("t", [0, 1, 0])])
+    assert np.isnan(res.t[0].df[[1, 2]]).all() and np.isfinite(res.t[0].df[[0, 3]]).all()
+
+
+def test_iteration_limit_is_not_converged():
+    from blmm.fit import ITERATION_LIMIT
+    X, f, Y = simulate(q=2, v=3, seed=6)
+    fit = fit_lmm(Y, X, [f], max_iter=2)
+    assert not fit.converged.any()
+    assert (fit.stop == ITERATION_LIMIT).all()
+
+
+def test_satterthwaite_df_singular_hessian_is_local():
+    from blmm.inference import satterthwaite_df
+    H = np.stack([np.eye(2), np.zeros((2, 2)), 2 * np.eye(2)])
+    g = np.ones((3, 2))
+    df = satterthwaite_df(np.ones(3), g, H)
+    assert np.isnan(df[1])
+    assert np.allclose(df[[0, 2]], [0.5, 1.0])
+
+
+@pytest.mark.parametrize("q", [1, 2, 3])
+@pytest.mark.parametrize("reml", [True, False])
+def test_analytic_hessian_matches_differences(q, reml):
+    """The one-factor objective's analytic deviance Hessian and dCov against central differences."""
+    from blmm import linalg as la
+    from blmm.objective import LevelObjective
+    rng = np.random.default_rng(10 + q)
+    ns = 50
+    vis = rng.integers(1, 4, ns)
+    sub = np.repeat(np.arange(ns), vis)
+    n = sub.size
+    t = np.concatenate([np.arange(k) for k in vis]).astype(float)
+    t[:25] += rng.uniform(0, 1, 25)  # irregular levels beside big balanced classes
+    X = np.column_stack([np.ones(n), t, rng.normal(size=n)])
+    Zd = np.column_stack([np.ones(n), t, t**2 / 3])[:, :q]
+    Y = rng.normal(size=(n, 3)) + (Zd * rng.normal(size=(ns, q))[sub]).sum(1)[:, None]
+    st = sufficient_stats(Y, X, [RandomFactor("s", sub, Zd)])
+    obj = LevelObjective(st.XtX[0], st.ZtX[0], st.ZtZ[0], int(st.n_obs[0]), q, reml, big_class_min=3)
+    assert obj.Cb > 0 and (q == 1 or obj.Ls > 0)
+    data = obj.data(st.XtY, st.ZtY, st.YtY)
+    A = rng.normal(size=(3, q, q))
+    D = A @ np.swapaxes(A, 1, 2) / q + 0.1 * np.eye(q)
+    s2 = np.full(3, 1.3)
+    H, dC, _ = obj.deviance_hessian([D], data, s2)
+    r, c = la.vech_index(q)
+    H_fd, dC_fd = np.zeros_like(H), np.zeros_like(dC)
+    for i, (a, b) in enumerate(zip(r, c)):
+        E = np.zeros((q, q))
+        E[a, b] = E[b, a] = 1.0
+        ep = obj.evaluate([D + 1e-5 * E], data, sigma2=s2, grad=True)
+        em = obj.evaluate([D - 1e-5 * E], data, sigma2=s2, grad=True)
+        gp, gm = (e.grad[0][:, r, c] * np.where(r != c, 2.0, 1.0) for e in (ep, em))
+        H_fd[:, i] = (gp - gm) / 2e-5
+        dC_fd[:, i] = (ep.C - em.C) / 2e-5
+    assert np.abs(H - H_fd).max() <= 1e-7 * np.abs(H_fd).max()
+    assert np.abs(dC - dC_fd).max() <= 1e-7 * np.abs(dC_fd).max()
