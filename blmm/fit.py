@@ -583,6 +583,7 @@ def _subset_eval(ev: Evaluation, idx) -> Evaluation:
         llh=ev.llh[idx], beta=ev.beta[idx], sigma2=ev.sigma2[idx], C=ev.C[idx], Q=ev.Q[idx], ok=ev.ok[idx],
         grad=[g[idx] for g in ev.grad], info=None if ev.info is None else ev.info[idx],
         T_sum=[t[idx] for t in ev.T_sum], uu_sum=[u[idx] for u in ev.uu_sum],
+        cache=None if ev.cache is None else {k: a[idx] for k, a in ev.cache.items()},
     )
 
 
@@ -603,6 +604,15 @@ def _merge_eval(base: Evaluation, new: Evaluation, where, good) -> Evaluation:
     info = out.info.copy()
     info[where] = new.info[good]
     out.info = info
+    if out.cache is not None and new.cache is not None and out.cache.keys() == new.cache.keys():
+        cache = {}
+        for key, arr in out.cache.items():
+            arr = arr.copy()
+            arr[where] = new.cache[key][good]
+            cache[key] = arr
+        out.cache = cache
+    else:
+        out.cache = None
     return out
 
 
@@ -645,7 +655,7 @@ def _variance_hessian(obj, data, D, ev: Evaluation, qk, reml, n, p):
     H[:, 1:, 0] = H[:, 0, 1:]
     if hasattr(obj, "deviance_hessian"):
         with np.errstate(invalid="ignore", divide="ignore"):
-            H_DD, dC_D, _ = obj.deviance_hessian(D, data, s2)
+            H_DD, dC_D, _ = obj.deviance_hessian(D, data, s2, ev)
         H[:, 1:, 1:] = H_DD
         dC[:, 1:] = s2[:, None, None, None] * dC_D
         return H, dC

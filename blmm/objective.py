@@ -43,6 +43,7 @@ class Evaluation:
     info: np.ndarray | None = None  # (v, s, s) expected information, s = Σ q_k², vec order
     T_sum: list = field(default_factory=list)  # per factor Σ_j T_j (v, q_k, q_k)
     uu_sum: list = field(default_factory=list)  # per factor Σ_j u_j u_j' (v, q_k, q_k)
+    cache: dict | None = None  # objective-specific per-voxel arrays (leading axis v) the Hessian reuses
 
 
 def _gls(XtVX: np.ndarray, XtVY: np.ndarray):
@@ -254,7 +255,7 @@ class LevelObjective:
         RH = [[sum(R[a][e] * Hf(e, f) for e in range(q)) for f in range(q)] for a in range(q)]
         return [[sum(RH[a][f] * R[b][f] for f in range(q)) for b in range(q)] for a in range(q)]
 
-    def gradient_parts(self, R, data: "LevelData", gamma: np.ndarray, Omega: np.ndarray | None):
+    def gradient_parts(self, R, data: "LevelData", gamma: np.ndarray, Omega: np.ndarray | None, P=None):
         """Σ_j T_j, Σ_j u_j u_j' with u_j = R_j(y_j - X_j γ), Σ_j R_j X_j Ω X_j' R_j', and the information.
 
         With γ = β̂ and Ω = C (REML) these give the deviance gradient; a caller that augments
@@ -280,6 +281,7 @@ class LevelObjective:
         corr = np.zeros((v, q, q))
         if Omega is not None:
             P = self._unit_P(R, Omega)
+        if P is not None:
             for a, b in self.pairs:  # Σ_c R_c H_c R_c'
                 val = np.sum(P[a][b], axis=1)
                 corr[:, a, b] = val
@@ -292,7 +294,7 @@ class LevelObjective:
                         info[:, a, b, c, e] = (Tf(b, c) * Tf(a, e)) @ self.mu
         return T_sum, uu, corr, info.reshape(v, q * q, q * q)
 
-    def deviance_hessian(self, D_list, data: "LevelData", sigma2: np.ndarray):
+    def deviance_hessian(self, D_list, data: "LevelData", sigma2: np.ndarray, ev: Evaluation | None = None):
         """Observed Hessian of the deviance in vech D at fixed σ² (β profiled), analytically.
 
         Returns (H (v, k, k), dC (v, k, p, p) = d(X'V⁻¹X)⁻¹/d vech D, the evaluation).
@@ -304,8 +306,13 @@ class LevelObjective:
         D = D_list[0]
         v = D.shape[0]
         q, p, Cb = self.q, self.p, self.Cb
-        XtVX, XtVY, YtVY, logdetV, R = self.products(D, data)
-        ev = _profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+        if ev is not None and ev.cache is not None:  # the evaluation at D already holds R_c and P_c
+            R = _unstack_entries(ev.cache["R"])
+            P = _unstack_entries(ev.cache["P"]) if self.reml else None
+        else:
+            XtVX, XtVY, YtVY, logdetV, R = self.products(D, data)
+            ev = _profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+            P = self._unit_P(R, ev.C) if self.reml else None
         beta, C = ev.beta, ev.C
         s2 = sigma2[:, None, None]
         T = self._unit_T(R)
@@ -315,7 +322,6 @@ class LevelObjective:
         _, _, _, info = self.gradient_parts(R, data, beta, None)
         # W_unit = 2 U/σ² + 2 P (REML): the u and P terms share T_j's index pattern
         U_big, u_small = self._unit_uu(R, data, beta)
-        P = self._unit_P(R, C) if self.reml else None
         M = np.zeros((v, q, q, q, q))
         for d in range(q):
             for a in range(q):
@@ -370,12 +376,26 @@ class LevelObjective:
         beta, C = ev.beta, ev.C
         if not grad:
             return ev
-        T_sum, uu, corr, info = self.gradient_parts(R, data, beta, C if self.reml else None)
+        P = self._unit_P(R, C) if self.reml else None
+        T_sum, uu, corr, info = self.gradient_parts(R, data, beta, None, P=P)
         ev.grad = [la.sym(T_sum - corr - uu / ev.sigma2[:, None, None])]
         ev.info = info
         ev.T_sum = [T_sum]
         ev.uu_sum = [uu]
+        ev.cache = {"R": _stack_entries(R)}
+        if P is not None:
+            ev.cache["P"] = _stack_entries(P)
         return ev
+
+
+def _stack_entries(E) -> np.ndarray:
+    """q x q entries [a][b] of (v, units) arrays as one (v, q, q, units) array."""
+    return np.stack([np.stack(row, 1) for row in E], 1)
+
+
+def _unstack_entries(A: np.ndarray) -> list:
+    q = A.shape[1]
+    return [[A[:, a, b] for b in range(q)] for a in range(q)]
 
 
 def _inv_entries(A):
