@@ -130,7 +130,7 @@ def _unknown(kind: str, name: str, valid: list[str]) -> str:
 
     valid = list(dict.fromkeys(valid))
     close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
     return f"unknown {kind} {name!r}{hint} Valid names: {', '.join(valid)}"
 
 
