@@ -189,13 +189,41 @@ def _level_name(value) -> str:
 # table handling
 # ------------------------------------------------------------------------------------------
 
-def _required(expr: str, where: str) -> set[str]:
-    from formulaic import Formula
+def _required(expr: str, where: str, columns: set[str] | None = None) -> set[str]:
+    """Table columns an expression reads (formulaic's required_variables misses those inside
+    transforms such as poly(age, 2), so Python factors are read with ast)."""
+    import ast
+    import builtins
 
+    from formulaic import Formula
+    from formulaic.transforms import TRANSFORMS
+
+    columns = columns or set()
     try:
-        return set(Formula(expr).required_variables)
+        terms = list(Formula(expr))
     except Exception as exc:  # formulaic syntax errors
         raise FormulaError(f"cannot parse {where} {expr!r}: {exc}") from exc
+    out: set[str] = set()
+    for term in terms:
+        for factor in term.factors:
+            method = getattr(factor.eval_method, "value", str(factor.eval_method))
+            if method == "literal":
+                continue
+            if method == "lookup":
+                out.add(str(factor.expr).strip("`"))
+                continue
+            try:
+                tree = ast.parse(str(factor.expr), mode="eval")
+            except SyntaxError as exc:
+                raise FormulaError(f"cannot parse {where} {expr!r}: {exc}") from exc
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Name):
+                    if node.id in columns or not (node.id in TRANSFORMS or hasattr(builtins, node.id)):
+                        out.add(node.id)
+                elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Q"
+                      and node.args and isinstance(node.args[0], ast.Constant)):
+                    out.add(str(node.args[0].value))
+    return out
 
 
 def _fixed_terms(fixed: str) -> list[str]:
@@ -210,12 +238,12 @@ def _check_columns(parsed: ParsedFormula, table: pd.DataFrame) -> list[str]:
     used: list[str] = []
     problems = []
     for term in _fixed_terms(parsed.fixed) if parsed.fixed.strip() else []:
-        for var in sorted(_required(term, "fixed term")):
+        for var in sorted(_required(term, "fixed term", columns)):
             if var not in columns:
                 problems.append(f"fixed term {term!r} uses {var!r}")
             used.append(var)
     for rt in parsed.random:
-        for var in sorted(_required(rt.expr, f"random term {rt.source}")):
+        for var in sorted(_required(rt.expr, f"random term {rt.source}", columns)):
             if var not in columns:
                 problems.append(f"random term {rt.source} uses {var!r}")
             used.append(var)
