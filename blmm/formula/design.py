@@ -426,7 +426,7 @@ def build_design(formula: str, table: pd.DataFrame, images: str | None = None,
     # fixed effects
     fx = _materialise(parsed.fixed, data, "fixed effects")
     columns = list(map(str, fx.columns))
-    X = np.asarray(fx.to_numpy(dtype=np.float64))
+    X = np.ascontiguousarray(fx.to_numpy(dtype=np.float64))
     terms: dict[str, list[int]] = {}
     col_term = [""] * len(columns)
     for term, sl in fx.model_spec.term_slices.items():
@@ -456,7 +456,7 @@ def build_design(formula: str, table: pd.DataFrame, images: str | None = None,
         cols = list(map(str, mm.columns))
         built.append({
             "rt": rt, "group": rt.group_name, "source": rt.source, "codes": codes, "levels": levels,
-            "design": np.asarray(mm.to_numpy(dtype=np.float64)), "columns": cols,
+            "design": np.ascontiguousarray(mm.to_numpy(dtype=np.float64)), "columns": cols,
             "r_columns": [_r_name(c, rt.expr) for c in cols],
         })
     _check_slopes(built)
