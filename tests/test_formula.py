@@ -132,3 +132,161 @@ def test_fit_formula_matches_hand_built_fit_lmm(table):
     assert [c.name for c in out.t] == ["age", "time", "sex", "mix"] and [c.name for c in out.f] == ["F"]
     np.testing.assert_allclose(out.t[3].t, direct.t[0].t, rtol=1e-12)
     np.testing.assert_allclose(out.t[3].df, direct.t[0].df, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# bad formulas and tables
+# ------------------------------------------------------------------------------------------
+
+def _bad(table, formula, message, **kw):
+    with pytest.raises(FormulaError, match=message) as info:
+        build_design(formula, table, **kw)
+    assert isinstance(info.value, ValueError)
+    return str(info.value)
+
+
+def test_error_unknown_column(table):
+    msg = _bad(table, "~ age + sexx + (1 | subject)", "unknown column")
+    assert "fixed term 'sexx'" in msg and "did you mean 'sex'" in msg
+    msg = _bad(table, "~ poly(agee, 2) + (1 | subject)", "unknown column")
+    assert "'agee'" in msg and "poly(agee, 2)" in msg
+    assert "random term (1 + tme | subject)" in _bad(table, "~ age + (1 + tme | subject)", "unknown column")
+    assert "groups by 'subj'" in _bad(table, "~ age + (1 | subj)", "unknown column")
+
+
+def test_error_grouping_with_one_level(table):
+    t = table.assign(scanner="X")
+    msg = _bad(t, "~ age + (1 | subject) + (1 | scanner)", "has 1 level")
+    assert "(1 | scanner)" in msg
+
+
+def test_error_grouping_as_many_levels_as_rows(table):
+    _bad(table, "~ age + (1 | image)", "as many levels")
+
+
+def test_error_slope_constant_within_groups(table):
+    msg = _bad(table, "~ age + (1 + sex | subject)", "constant within every level")
+    assert "(1 + sex | subject)" in msg and "'sexM'" in msg
+    # also when || splits it from the intercept
+    _bad(table, "~ age + (1 + sex || subject)", "constant within every level")
+    # varies within some site: fine
+    build_design("~ age + (1 + sex | site)", table)
+
+
+def test_error_rank_deficient_X(table):
+    t = table.assign(age_months=table.age * 12)
+    msg = _bad(t, "~ age + age_months + (1 | subject)", "rank deficient")
+    assert "'age_months'" in msg and "'age'" in msg
+    t = table.assign(zero=0.0)
+    _bad(t, "~ zero + (1 | subject)", "zero in every used row")
+
+
+def test_error_duplicate_images(table):
+    t = table.copy()
+    t.loc[4, "image"] = t.loc[0, "image"]
+    msg = _bad(t, "image ~ age + (1 | subject)", "more than one row")
+    assert "sub-01/ses-0.nii.gz" in msg
+    build_design("~ age + (1 | subject)", t)  # without an images column, no check
+
+
+def test_lhs_must_be_the_images_column(table):
+    assert build_design("image ~ age + (1 | subject)", table).images == "image"
+    _bad(table, "image ~ age + (1 | subject)", "must be the images column", images="path")
+    _bad(table, "~ age + (1 | subject)", "unknown images column", images="path")
+
+
+def test_na_omit_and_error(table):
+    d = build_design("~ age + sex + nih_score + (1 | subject)", table)
+    assert [(r.row, r.reason) for r in d.dropped] == [
+        (5, "NA in nih_score"), (17, "NA in sex"), (30, "NA in nih_score")]
+    assert d.n == len(table) - 3 and d.n_table == len(table)
+    msg = _bad(table, "~ age + sex + nih_score + (1 | subject)", "3 row", na_action="error")
+    assert "nih_score (2)" in msg and "sex (1)" in msg
+    # only the columns the model uses count
+    assert build_design("~ age + (1 | subject)", table, na_action="error").n == len(table)
+    with pytest.raises(FormulaError, match="na_action"):
+        build_design("~ age", table, na_action="drop")
+
+
+# ------------------------------------------------------------------------------------------
+# contrasts
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def design(table):
+    return build_design("~ age + sex * site + time * nih_score + (1 | subject)", table)
+
+
+def test_contrast_by_coefficient_name(design):
+    assert design.columns[:6] == ["Intercept", "age", "sex[T.M]", "site[T.b]", "site[T.c]", "time"]
+    for spec in ("sex[T.M]", "sexM", "`sex[T.M]`"):
+        c = design.contrast(spec)
+        assert c.is_t and c.matrix.shape == (1, design.p) and c.matrix[0, 2] == 1 and c.matrix.sum() == 1
+    assert design.contrast("(Intercept)").matrix[0, 0] == 1
+    j = design.columns.index("time:nih_score")
+    assert design.contrast("nih_score:time").matrix[0, j] == 1  # either factor order
+
+
+def test_contrast_by_term(design):
+    c = design.contrast("site")
+    assert not c.is_t and c.matrix.shape == (2, design.p)
+    np.testing.assert_array_equal(np.flatnonzero(c.matrix.sum(0)), design.terms["site"])
+    c = design.contrast("sex:site")
+    assert not c.is_t and c.n_rows == 2
+    assert design.contrast("age").is_t
+
+
+def test_contrast_linear_combination(design):
+    c = design.contrast("age - 2 * sex[T.M]", name="mix")
+    assert c.name == "mix" and c.is_t
+    expected = np.zeros(design.p)
+    expected[1], expected[2] = 1, -2
+    np.testing.assert_array_equal(c.matrix[0], expected)
+    np.testing.assert_array_equal(design.contrast("age - 2 * sexM").matrix, c.matrix)
+    c = design.contrast("site[T.b], site[T.c] - site[T.b]")
+    assert not c.is_t and c.n_rows == 2
+    c = design.contrast("(site[T.b] + site[T.c]) / 2 - time:nih_score")
+    assert c.matrix[0, 3] == 0.5 and c.matrix[0, design.columns.index("time:nih_score")] == -1
+    with pytest.raises(FormulaError, match="L beta = 0"):
+        design.contrast("age = 1")
+
+
+def test_contrast_unknown_names(design):
+    with pytest.raises(FormulaError, match=r"unknown coefficient or term 'agee'; did you mean 'age'"):
+        design.contrast("agee")
+    with pytest.raises(FormulaError, match=r"'sex\[T\.F\]'.*did you mean 'sex\[T\.M\]'.*Valid names: Intercept"):
+        design.contrast("sex[T.F]")
+    with pytest.raises(FormulaError, match="unknown coefficient or term 'foo'"):
+        design.contrast("2 * foo + age")
+
+
+def test_contrasts_mapping_and_list(design):
+    cs = design.contrasts({"age": "age", "site": "site"})
+    assert [(c.name, c.is_t) for c in cs] == [("age", True), ("site", False)]
+    cs = design.contrasts(["age", [0] * (design.p - 1) + [1]])
+    assert cs[0].name == "age" and cs[1].is_t
+    with pytest.raises(FormulaError, match="entries"):
+        design.contrasts([[1, 0]])
+
+
+# ------------------------------------------------------------------------------------------
+# table + images column -> design and image paths
+# ------------------------------------------------------------------------------------------
+
+def test_design_from_table(tmp_path, table):
+    path = tmp_path / "participants.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    d, images = design_from_table(path, "image ~ age + sex + (1 | subject)")
+    assert d.images == "image" and len(images) == d.n == len(table) - 1
+    assert images[0] == tmp_path / "sub-01/ses-0.nii.gz"
+    d2, images2 = design_from_table(table, "~ age + (1 | subject)", images="image", table_dir="/data")
+    assert str(images2[0]) == "/data/sub-01/ses-0.nii.gz" and d2.n == len(table)
+    with pytest.raises(FormulaError, match="no images column"):
+        design_from_table(table, "~ age + (1 | subject)")
+    with pytest.raises(FormulaError, match="not found"):
+        design_from_table(tmp_path / "missing.csv", "image ~ age")
+
+
+def test_fit_formula_row_checks(table):
+    with pytest.raises(FormulaError, match="Y has 5 rows"):
+        fit_formula("~ age + (1 | subject)", table, np.zeros((5, 2)))
