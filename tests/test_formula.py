@@ -290,3 +290,13 @@ def test_design_from_table(tmp_path, table):
 def test_fit_formula_row_checks(table):
     with pytest.raises(FormulaError, match="Y has 5 rows"):
         fit_formula("~ age + (1 | subject)", table, np.zeros((5, 2)))
+
+
+def test_formulaic_transforms_and_bool(table):
+    t = table.assign(patient=table.subject.isin(["s01", "s02", "s03"]))
+    d = build_design('~ C(site, contr.treatment("b")) + center(age) + patient + (1 | subject)', t)
+    assert d.columns[1:3] == ['C(site, contr.treatment("b"))[T.a]', 'C(site, contr.treatment("b"))[T.c]'] or \
+        d.columns[1:3] == ["C(site, contr.treatment('b'))[T.a]", "C(site, contr.treatment('b'))[T.c]"]
+    assert abs(d.X[:, 3].mean()) < 1e-12
+    assert d.columns[4] == "patient[T.True]" and d.r_columns[4] == "patientTRUE"
+    assert d.contrast("patientTRUE").matrix[0, 4] == 1
