@@ -47,10 +47,10 @@ def _term_columns(design, spec: str) -> list[int] | None:
     return None
 
 
-def _substitute(spec: str, names: dict[str, int]) -> tuple[str, list[str]]:
+def _substitute(spec: str, names: dict[str, int]) -> str:
     """Replace every known name (longest first, backticks allowed) by a placeholder."""
     ordered = sorted(names, key=len, reverse=True)
-    out, i, placeholders = [], 0, []
+    out, i = [], 0
     while i < len(spec):
         if spec[i] == "`":
             j = spec.find("`", i + 1)
@@ -73,7 +73,7 @@ def _substitute(spec: str, names: dict[str, int]) -> tuple[str, list[str]]:
             continue
         out.append(spec[i])
         i += 1
-    return "".join(out), placeholders
+    return "".join(out)
 
 
 def _linear(design, spec: str) -> np.ndarray:
@@ -82,7 +82,7 @@ def _linear(design, spec: str) -> np.ndarray:
     from blmm.formula.design import _unknown
 
     names = _names(design)
-    text, _ = _substitute(spec, names)
+    text = _substitute(spec, names)
     leftover = [m.group(0) for m in _IDENT.finditer(text) if not re.fullmatch(r"__c\d+__", m.group(0))]
     valid = list(design.columns) + [r for r in design.r_columns if r not in design.columns] + list(design.terms)
     if leftover:
@@ -145,7 +145,7 @@ def make_contrast(design, spec, name: str | None = None) -> Contrast:
         L = np.zeros((len(cols), design.p))
         L[np.arange(len(cols)), cols] = 1.0
         return Contrast(name, L, len(cols) == 1)
-    if not re.search(r"[\s+\-*/,=]", text) or (not re.search(r"[+\-*/,=]", text.replace("(", "").replace(")", ""))):
+    if not re.search(r"[+\-*/,=]", text):  # a lone name that is neither coefficient nor term
         valid = list(design.columns) + [r for r in design.r_columns if r not in design.columns] + \
             [t for t in design.terms if t not in design.columns]
         raise FormulaError(f"contrast {name!r}: " + _unknown("coefficient or term", key, valid))

@@ -18,7 +18,7 @@ import pandas as pd
 
 from blmm.design import Contrast, RandomFactor
 from blmm.formula.errors import FormulaError
-from blmm.formula.parse import ParsedFormula, RandomTerm, parse_formula, split_top
+from blmm.formula.parse import ParsedFormula, parse_formula, split_top
 
 NA_ACTIONS = ("omit", "error")
 
