@@ -1,0 +1,53 @@
+"""Fit an lme4 formula over a participants table: ``fit_formula``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from blmm.fit import FitResult, fit_lmm
+from blmm.formula.design import ModelDesign, build_design
+from blmm.formula.errors import FormulaError
+
+
+@dataclass
+class FormulaFit:
+    """A fit together with the design names that give its coefficients and factors meaning."""
+
+    fit: FitResult
+    design: ModelDesign
+
+    @property
+    def columns(self) -> list[str]:
+        return self.design.columns
+
+    def beta(self, name: str) -> np.ndarray:
+        """One coefficient's estimate per voxel, by formulaic or R name."""
+        return self.fit.beta[:, self.design.column_index(name)]
+
+    def infer(self, contrasts, two_sided: bool = False):
+        """blmm.inference.infer with named contrasts (see blmm.formula.contrasts)."""
+        from blmm.inference import infer
+
+        return infer(self.fit, self.design.contrasts(contrasts), two_sided=two_sided)
+
+
+def fit_formula(formula: str, table: pd.DataFrame, Y, reml: bool = True, images: str | None = None,
+                na_action: str = "omit", **fit_options) -> FormulaFit:
+    """Fit ``formula`` (lme4 syntax) at every voxel (column) of Y.
+
+    Y has one row per table row (rows the formula drops for missing values are dropped from
+    Y too) or one row per kept row.  Other options go to :func:`blmm.fit.fit_lmm`.
+    """
+    design = build_design(formula, table, images=images, na_action=na_action)
+    Y = np.asarray(Y, dtype=np.float64)
+    if Y.ndim == 1:
+        Y = Y[:, None]
+    if Y.shape[0] == design.n_table:
+        Y = Y[design.rows]
+    elif Y.shape[0] != design.n:
+        raise FormulaError(f"Y has {Y.shape[0]} rows; expected one per table row ({design.n_table}) "
+                           f"or per row the model uses ({design.n})")
+    fit = fit_lmm(Y, design.X, design.factors, reml=reml, **fit_options)
+    return FormulaFit(fit, design)
