@@ -35,16 +35,21 @@ import numpy as np
 from scipy import special, stats
 
 from blmm import __version__
-from blmm.config import Config, load_config
 from blmm.design import RandomFactor
-from blmm.errors import InputError
-from blmm.io.images import SUPPORTED_SUFFIXES, ImageSpace, image_space, map_path, mismatch_reason, read_map, write_map
+from blmm.errors import CompareError, InputError
+from blmm.io.images import map_path, mismatch_reason, write_map
+from blmm.io.outdir import (
+    COMPARE_FILE,
+    INPUTS_FILE,
+    RUN_FILE,
+    Analysis,
+    holds_maps,
+    load_analysis,
+    map_name,
+    remove_stale_maps,
+)
 
-COMPARE_FILE = "blmm_compare.json"
-RUN_FILE = "blmm_run.json"
-LLH64_FILE = "llh_float64.npy"
-INPUTS_FILE = "inputs.yml"
-OUTPUT_MAPS = ("blmm_vox_mask", "blmm_vox_Chi2", "blmm_vox_Chi2lp")
+OUTPUT_STATS = ("mask", "Chi2", "Chi2lp")
 
 LN10 = math.log(10.0)
 # Below this log p, scipy's chi2.logsf loses accuracy and then returns -inf (near x ≈ 1500 for
@@ -52,10 +57,6 @@ LN10 = math.log(10.0)
 _SCIPY_LOG_SF_FLOOR = -600.0
 # Relative tolerance of "column lies in the span of these columns" (residual / column norm).
 _SPAN_RTOL = 1e-8
-
-
-class CompareError(InputError):
-    """The two analyses cannot be compared (the message says which condition failed)."""
 
 
 # ---------------------------------------------------------------------------
@@ -148,110 +149,6 @@ def chi2_null(df: int, reason: str, exact: bool = True) -> NullDistribution:
 def mixture_null(df_low: int, df_high: int, reason: str) -> NullDistribution:
     """½χ²_low + ½χ²_high."""
     return NullDistribution(((0.5, int(df_low)), (0.5, int(df_high))), "mixture", reason, True)
-
-
-# ---------------------------------------------------------------------------
-# One analysis folder
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class Analysis:
-    """A finished blmm output folder: its reloaded inputs, run record and map locations."""
-
-    outdir: Path
-    label: str  # how messages name it, e.g. "model 1 (/data/out1)"
-    config: Config
-    run: dict
-    mask_path: Path
-    space: ImageSpace
-
-    @property
-    def reml(self) -> bool:
-        return bool(self.config.reml)
-
-    @property
-    def p(self) -> int:
-        return self.config.p
-
-    @property
-    def factors(self) -> list[RandomFactor]:
-        return list(self.config.factors)
-
-    @property
-    def n_params(self) -> int:
-        """Fixed effects + unique entries of every D_k + σ²."""
-        return self.p + sum(f.q * (f.q + 1) // 2 for f in self.factors) + 1
-
-    def describe(self) -> str:
-        factors = ", ".join(f"{f.name}: q={f.q}" for f in self.factors)
-        return f"p={self.p}, {factors}"
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "outdir": str(self.outdir),
-            "p": self.p,
-            "x_columns": list(self.config.x_names),
-            "factors": [{"name": f.name, "q": f.q, "levels": f.n_levels} for f in self.factors],
-            "n_params": self.n_params,
-        }
-
-    def read_vector(self, name: str, dtype: Any) -> np.ndarray:
-        """The first volume of map ``name`` as an (n_voxels,) array."""
-        path = map_path(self.outdir, name, self.space)
-        if not path.is_file():
-            raise CompareError(f"{self.label} has no {path.name}: the analysis is incomplete or was not made by blmm")
-        return read_map(path, n_voxels=self.space.n_voxels, dtype=dtype)[:, 0]
-
-    def llh(self) -> np.ndarray:
-        path = self.outdir / LLH64_FILE
-        if not path.is_file():
-            raise CompareError(
-                f"{self.label} has no {LLH64_FILE} (the float64 log-likelihood map); rerun the analysis "
-                "with this version of blmm")
-        values = np.load(path, allow_pickle=False)
-        if values.shape != (self.space.n_voxels,):
-            raise CompareError(
-                f"{self.label}: {LLH64_FILE} holds {values.shape} values, expected ({self.space.n_voxels},)")
-        return values.astype(np.float64, copy=False)
-
-
-def _find_mask(outdir: Path, label: str) -> Path:
-    found = [outdir / f"blmm_vox_mask{suffix}" for suffix in SUPPORTED_SUFFIXES
-             if (outdir / f"blmm_vox_mask{suffix}").is_file()]
-    if not found:
-        raise CompareError(f"{label} has no blmm_vox_mask map: not a finished blmm output folder")
-    if len(found) > 1:
-        raise CompareError(f"{label} has several blmm_vox_mask maps ({', '.join(p.name for p in found)}); "
-                           "remove the stale one")
-    return found[0]
-
-
-def load_analysis(outdir: str | os.PathLike, label: str = "model") -> Analysis:
-    """Read a finished blmm output folder (inputs.yml, blmm_run.json, blmm_vox_mask)."""
-    folder = Path(os.path.abspath(os.path.expanduser(str(outdir))))
-    label = f"{label} ({folder})"
-    if not folder.is_dir():
-        raise CompareError(f"{label}: no such folder")
-    for required in (INPUTS_FILE, RUN_FILE):
-        if not (folder / required).is_file():
-            raise CompareError(
-                f"{label} has no {required}: not a finished blmm output folder (a run writes it at the end)")
-    try:
-        run = json.loads((folder / RUN_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise CompareError(f"{label}: {RUN_FILE} cannot be read ({err})") from None
-    try:
-        config = load_config(folder / INPUTS_FILE)
-    except InputError as err:
-        raise CompareError(
-            f"{label}: its {INPUTS_FILE} no longer loads (the inputs must still be in place to check that "
-            f"the models can be compared): {err}") from None
-    recorded = (run.get("settings") or {}).get("REML")
-    if recorded is not None and bool(recorded) != bool(config.reml):
-        raise CompareError(f"{label}: {RUN_FILE} says REML={recorded} but {INPUTS_FILE} says REML={config.reml}")
-    mask_path = _find_mask(folder, label)
-    return Analysis(folder, label, config, run, mask_path, image_space(mask_path))
 
 
 # ---------------------------------------------------------------------------
@@ -471,7 +368,7 @@ def _check_outdir(outdir: Path, models: tuple[Analysis, Analysis], force: bool) 
             held = " and ".join(previous) if previous else "other models"
             raise CompareError(f"outdir {outdir} already holds a comparison of {held}; use --force to "
                                "overwrite it or choose another folder")
-    elif not force and any(outdir.glob("blmm_vox_Chi2*")):
+    elif not force and holds_maps(outdir, "Chi2"):
         raise CompareError(f"outdir {outdir} already holds comparison maps (blmm_vox_Chi2*) of unknown origin; "
                            "use --force to overwrite them or choose another folder")
 
@@ -486,11 +383,7 @@ def _publish(staging: Path, outdir: Path, names: list[str]) -> None:
             raise
     record = outdir / COMPARE_FILE
     record.unlink(missing_ok=True)  # no record claims the folder while maps are replaced
-    for name in OUTPUT_MAPS:  # maps of an earlier comparison in another format
-        for suffix in SUPPORTED_SUFFIXES:
-            stale = outdir / f"{name}{suffix}"
-            if stale.name not in names:
-                stale.unlink(missing_ok=True)
+    remove_stale_maps(outdir, OUTPUT_STATS, keep=names)  # maps of an earlier comparison in another format
     for name in names:
         if name != COMPARE_FILE:
             os.replace(staging / name, outdir / name)
@@ -546,13 +439,13 @@ def compare(outdir1: str | os.PathLike, outdir2: str | os.PathLike, outdir: str 
                              - np.linalg.slogdet(small.config.X.T @ small.config.X)[1])
         if abs(x_correction) < 1e-10:
             x_correction = 0.0
-    mask_a = first.read_vector("blmm_vox_mask", np.int32) != 0
-    mask_b = second.read_vector("blmm_vox_mask", np.int32) != 0
+    mask_a = first.read_vector("mask", np.int32) != 0
+    mask_b = second.read_vector("mask", np.int32) != 0
     mask = mask_a & mask_b
     llh_small, llh_big = small.llh(), big.llh()
-    converged_small = small.read_vector("blmm_vox_converged", np.int32) != 0
-    converged_big = big.read_vector("blmm_vox_converged", np.int32) != 0
-    same_n = small.read_vector("blmm_vox_n", np.int32) == big.read_vector("blmm_vox_n", np.int32)
+    converged_small = small.read_vector("converged", np.int32) != 0
+    converged_big = big.read_vector("converged", np.int32) != 0
+    same_n = small.read_vector("n", np.int32) == big.read_vector("n", np.int32)
     fitted = np.isfinite(llh_small) & np.isfinite(llh_big)
     tested = mask & fitted & converged_small & converged_big & same_n
     difference = np.full(mask.shape, np.nan)
@@ -588,17 +481,17 @@ def compare(outdir1: str | os.PathLike, outdir2: str | os.PathLike, outdir: str 
 
     space = first.space
     maps = {
-        "blmm_vox_mask": (mask.astype(np.int32), "int32"),
-        "blmm_vox_Chi2": (np.where(mask, chi2, np.nan), "float32"),
-        "blmm_vox_Chi2lp": (np.where(mask, minus_log10_p, np.nan), "float32"),
+        "mask": (mask.astype(np.int32), "int32"),
+        "Chi2": (np.where(mask, chi2, np.nan), "float32"),
+        "Chi2lp": (np.where(mask, minus_log10_p, np.nan), "float32"),
     }
-    record["maps"] = {name: map_path(target, name, space).name for name in maps}
+    record["maps"] = {map_name(stat): map_path(target, map_name(stat), space).name for stat in maps}
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
     try:
-        names = [write_map(staging, name, data, space, dtype=dtype, volume_names=[name.removeprefix("blmm_vox_")]).name
-                 for name, (data, dtype) in maps.items()]
+        names = [write_map(staging, map_name(stat), data, space, dtype=dtype, volume_names=[stat]).name
+                 for stat, (data, dtype) in maps.items()]
         (staging / COMPARE_FILE).write_text(json.dumps(record, indent=1) + "\n")
         names.append(COMPARE_FILE)
         _publish(staging, target, names)

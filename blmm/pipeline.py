@@ -24,30 +24,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from blmm import __version__
 from blmm.config import Config
 from blmm.errors import InputError
-from blmm.fit import DROPPED_FEW, DROPPED_RANK, FAILED, fit_stats
+from blmm.fit import FITTED, STATUS_NAMES, fit_stats
 from blmm.inference import infer
 from blmm.io.images import read_image, read_mask, write_map
+from blmm.io.outdir import (
+    LLH64_FILE,
+    MANIFEST_FILE,
+    RUN_FILE,
+    WORK_DIR,
+    holds_maps,
+    map_name,
+    recorded_hash,
+    save_array_atomically,
+    save_arrays_atomically,
+    write_inputs,
+    write_run_record,
+    write_text_atomically,
+)
+from blmm.io import outdir as _outdir
 from blmm.linalg import vech_index
 from blmm.stats import FactorLayout, presence_patterns, random_effects_matrix, stats_from_sums
 
-WORK_DIR = ".blmm_work"
-RUN_FILE = "blmm_run.json"
-LLH64_FILE = "llh_float64.npy"
-
-# why a voxel of the analysis mask has no fit (blmm_run.json "dropped")
-DROP_REASONS = {
-    1: "below MinPercent",
-    2: "below MinN",
-    3: "safeMode: n <= number of random effects",
-    4: "n <= p + 1",
-    5: "rank-deficient X at this voxel",
-    6: "numerical failure",
+# why a voxel of the analysis mask has no fit (blmm_run.json "dropped"): screened out
+# before the fit (these codes), or the fit's own status (blmm.fit.STATUS_NAMES)
+BELOW_MIN_PERCENT, BELOW_MIN_N, SAFE_MODE, TOO_FEW_FOR_P = 101, 102, 103, 104
+SCREEN_REASONS = {
+    BELOW_MIN_PERCENT: "below MinPercent",
+    BELOW_MIN_N: "below MinN",
+    SAFE_MODE: "safeMode: n <= number of random effects",
+    TOO_FEW_FOR_P: "n <= p + 1",
 }
+
+
+def drop_reasons() -> dict[int, str]:
+    """Every code a voxel's ``reason`` can hold other than FITTED, with its text."""
+    return {**SCREEN_REASONS, **{code: name for code, name in STATUS_NAMES.items() if code != FITTED}}
 
 
 @dataclass(frozen=True)
@@ -126,12 +141,12 @@ def _prepare_outdir(plan: RunPlan, force: bool) -> None:
     out = Path(plan.config.outdir)
     out.mkdir(parents=True, exist_ok=True)
     run_file = out / RUN_FILE
-    manifest = plan.workdir / "manifest.json"
+    manifest = plan.workdir / MANIFEST_FILE
     if force:
         shutil.rmtree(plan.workdir, ignore_errors=True)
     else:
         if run_file.exists():
-            previous = json.loads(run_file.read_text()).get("input_hash")
+            previous = recorded_hash(run_file)
             if previous == plan.input_hash:
                 raise OutdirConflict(
                     f"outdir {out} already holds this finished analysis (inputs hash {previous}); "
@@ -140,7 +155,7 @@ def _prepare_outdir(plan: RunPlan, force: bool) -> None:
                 f"outdir {out} holds a different analysis (inputs hash {previous}, now {plan.input_hash}); "
                 "choose another outdir or use --force to overwrite it")
         if manifest.exists():
-            previous = json.loads(manifest.read_text()).get("input_hash")
+            previous = recorded_hash(manifest)
             if previous != plan.input_hash:
                 raise OutdirConflict(
                     f"outdir {out} holds an unfinished run of different inputs (hash {previous}, now "
@@ -148,27 +163,15 @@ def _prepare_outdir(plan: RunPlan, force: bool) -> None:
                     "Use --force to discard them")
             if json.loads(manifest.read_text()).get("layout") != _layout_key(plan):
                 shutil.rmtree(plan.workdir, ignore_errors=True)  # same inputs, other MAXMEM: start over
-        elif any(out.glob("blmm_vox_*")):
+        elif holds_maps(out):
             raise OutdirConflict(f"outdir {out} already holds blmm maps from another run; use --force to overwrite them")
     plan.workdir.mkdir(parents=True, exist_ok=True)
-    _atomic_text(manifest, json.dumps({"input_hash": plan.input_hash, "layout": _layout_key(plan),
+    write_text_atomically(manifest, json.dumps({"input_hash": plan.input_hash, "layout": _layout_key(plan),
                                        "version": __version__}, indent=1))
 
 
 def _layout_key(plan: RunPlan) -> list:
     return [list(map(list, plan.batches)), list(map(list, plan.blocks))]
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
 
 
 class _RowFile:
@@ -200,11 +203,11 @@ class _RowFile:
 
 
 def batch_files(plan: RunPlan, b: int) -> tuple[Path, Path]:
-    return plan.workdir / f"batch{b:05d}.stats.npy", plan.workdir / f"batch{b:05d}.present.npy"
+    return _outdir.batch_files(plan.workdir, b)
 
 
 def block_file(plan: RunPlan, k: int) -> Path:
-    return plan.workdir / f"block{k:05d}.npz"
+    return _outdir.block_file(plan.workdir, k)
 
 
 def read_batch(plan: RunPlan, b: int) -> str:
@@ -253,7 +256,7 @@ def read_batch(plan: RunPlan, b: int) -> str:
     out.close()
     os.replace(tmp_stats, stats_path)
     bits = np.concatenate(packed, axis=0).T.copy()  # (voxels, bytes)
-    _atomic_save(present_path, bits)  # written last: marks the batch finished
+    save_array_atomically(present_path, bits)  # written last: marks the batch finished
     return str(present_path)
 
 
@@ -290,15 +293,15 @@ def fit_block(plan: RunPlan, k: int) -> str:
     sums, present = _block_inputs(plan, k)
     n, p = cfg.n, cfg.p
     n_obs = present.sum(axis=0)
-    reason = np.zeros(n_obs.size, np.int64)
+    reason = np.full(n_obs.size, FITTED, np.int64)
     if cfg.min_percent is not None:
-        reason[(reason == 0) & (n_obs < cfg.min_percent * n)] = 1
+        reason[(reason == FITTED) & (n_obs < cfg.min_percent * n)] = BELOW_MIN_PERCENT
     if cfg.min_n is not None:
-        reason[(reason == 0) & (n_obs < cfg.min_n)] = 2
+        reason[(reason == FITTED) & (n_obs < cfg.min_n)] = BELOW_MIN_N
     if cfg.safe_mode:
-        reason[(reason == 0) & (n_obs <= cfg.q)] = 3
-    reason[(reason == 0) & (n_obs <= p + 1)] = 4
-    keep = np.flatnonzero(reason == 0)
+        reason[(reason == FITTED) & (n_obs <= cfg.q)] = SAFE_MODE
+    reason[(reason == FITTED) & (n_obs <= p + 1)] = TOO_FEW_FOR_P
+    keep = np.flatnonzero(reason == FITTED)
     results: dict[str, np.ndarray] = {"n_obs": n_obs, "reason": reason}
     if keep.size:
         layout = FactorLayout.from_factors(cfg.factors)
@@ -312,14 +315,10 @@ def fit_block(plan: RunPlan, k: int) -> str:
         fit = fit_stats(stats, reml=cfg.reml, method=cfg.method, tol=cfg.tol, max_iter=cfg.maxnit,
                         max_block_bytes=max(cfg.maxmem // 4, 2**24), threads=1)  # the engine parallelises
         inf = infer(fit, cfg.contrasts, two_sided=cfg.two_sided)
-        status = fit.status
-        reason[keep[status == DROPPED_RANK]] = 5
-        reason[keep[(status == FAILED) | (status == DROPPED_FEW)]] = 6
+        reason[keep] = fit.status
         results.update(_block_results(fit, inf, keep, n_obs.size, cfg))
         results["reason"] = reason
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, **results)
-    os.replace(tmp, path)
+    save_arrays_atomically(path, results)
     return str(path)
 
 
@@ -359,25 +358,25 @@ def _map_specs(cfg: Config) -> list[tuple[str, list[str], str, list[str] | None]
     f_names = [c.name for c in cfg.contrasts if not c.is_t]
     d_names = [f"{f.name}[{i + 1},{j + 1}]" for f in cfg.factors for i, j in zip(*vech_index(f.q))]
     specs = [
-        ("blmm_vox_beta", ["beta"], "float32", list(cfg.x_names)),
-        ("blmm_vox_sigma2", ["sigma2"], "float32", None),
-        ("blmm_vox_D", ["D"], "float32", d_names),
-        ("blmm_vox_llh", ["llh"], "float32", None),
-        ("blmm_vox_converged", ["converged"], "int32", None),
-        ("blmm_vox_nit", ["nit"], "int32", None),
+        (map_name("beta"), ["beta"], "float32", list(cfg.x_names)),
+        (map_name("sigma2"), ["sigma2"], "float32", None),
+        (map_name("D"), ["D"], "float32", d_names),
+        (map_name("llh"), ["llh"], "float32", None),
+        (map_name("converged"), ["converged"], "int32", None),
+        (map_name("nit"), ["nit"], "int32", None),
     ]
     if cfg.output_covb:
-        specs.append(("blmm_vox_cov", ["cov"], "float32",
+        specs.append((map_name("cov"), ["cov"], "float32",
                       [f"cov({a},{b})" for a in cfg.x_names for b in cfg.x_names]))
     if cfg.resms:
-        specs.append(("blmm_vox_resms", ["resms"], "float32", None))
+        specs.append((map_name("resms"), ["resms"], "float32", None))
     if n_t:
         for out, key in (("con", "estimate"), ("conSE", "se"), ("conT", "t"), ("conTlp", "mlog10p"),
                          ("conT_swedf", "df")):
-            specs.append((f"blmm_vox_{out}", [f"T{i}_{key}" for i in range(n_t)], "float32", t_names))
+            specs.append((map_name(out), [f"T{i}_{key}" for i in range(n_t)], "float32", t_names))
     if n_f:
         for out, key in (("conF", "F"), ("conFlp", "mlog10p"), ("conF_swedf", "df"), ("conR2", "r2")):
-            specs.append((f"blmm_vox_{out}", [f"F{i}_{key}" for i in range(n_f)], "float32", f_names))
+            specs.append((map_name(out), [f"F{i}_{key}" for i in range(n_f)], "float32", f_names))
     return specs
 
 
@@ -403,10 +402,10 @@ def write_outputs(plan: RunPlan) -> dict:
 
     n_obs = gather("n_obs", 0, np.int64)
     reason = gather("reason", -1, np.int64)
-    fitted = reason == 0
-    write_map(out, "blmm_vox_n", n_obs.astype(np.int32), space, dtype="int32")
-    write_map(out, "blmm_vox_mask", fitted.astype(np.int32), space, dtype="int32")
-    write_map(out, "blmm_vox_edf", np.where(fitted, n_obs - cfg.p, 0).astype(np.int32), space, dtype="int32")
+    fitted = reason == FITTED
+    write_map(out, map_name("n"), n_obs.astype(np.int32), space, dtype="int32")
+    write_map(out, map_name("mask"), fitted.astype(np.int32), space, dtype="int32")
+    write_map(out, map_name("edf"), np.where(fitted, n_obs - cfg.p, 0).astype(np.int32), space, dtype="int32")
     for name, keys, dtype, names in _map_specs(cfg):
         cols = []
         for key in keys:
@@ -418,7 +417,7 @@ def write_outputs(plan: RunPlan) -> dict:
         write_map(out, name, data, space, dtype=dtype, volume_names=names)
     llh = gather("llh", np.nan, np.float64)
     llh[~fitted] = np.nan
-    _atomic_save(out / LLH64_FILE, llh)
+    save_array_atomically(out / LLH64_FILE, llh)
     converged = gather("converged", 0, np.int64).astype(bool) & fitted
     boundary = gather("boundary", 0, np.int64).astype(bool) & fitted
     in_mask = np.zeros(V, bool)
@@ -429,7 +428,7 @@ def write_outputs(plan: RunPlan) -> dict:
         "converged": int(converged.sum()),
         "not_converged": int((fitted & ~converged).sum()),
         "boundary": int(boundary.sum()),
-        "dropped": {DROP_REASONS[r]: int((reason == r).sum()) for r in DROP_REASONS if np.any(reason == r)},
+        "dropped": {why: int((reason == r).sum()) for r, why in drop_reasons().items() if np.any(reason == r)},
     }
     return counts
 
@@ -465,7 +464,7 @@ def run(config: Config, engine=None, force: bool = False, log=print) -> RunSumma
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     out = Path(config.outdir)
-    _atomic_text(out / "inputs.yml", yaml.safe_dump(config.to_yaml_dict(), sort_keys=False))
+    write_inputs(out, config.to_yaml_dict())
     record = {
         "version": __version__,
         "input_hash": plan.input_hash,
@@ -477,7 +476,7 @@ def run(config: Config, engine=None, force: bool = False, log=print) -> RunSumma
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "counts": counts,
     }
-    _atomic_text(out / RUN_FILE, json.dumps(record, indent=1, default=str))
+    write_run_record(out, record)
     shutil.rmtree(plan.workdir, ignore_errors=True)  # the maps are complete: partial sums go
     _write_report(out, log)
     log(summary_text(counts, timings["total"]))

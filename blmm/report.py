@@ -37,26 +37,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from blmm import __version__
-from blmm.errors import InputError
-from blmm.io.images import image_space
-from blmm.viewer import (
-    FSAVERAGE5_N_VERTICES,
+from blmm.errors import InputError, ViewerError
+from blmm.io.images import image_space, to_canonical
+from blmm.io.outdir import (
+    COMPARE_FILE,
     MAP_PREFIX,
-    Mesh,
-    ViewerError,
+    REPORT_FILE,
+    RUN_FILE,
+    ContrastEntry,
     find_map,
-    fsaverage5_mesh,
     load_map,
+    read_compare_record,
+    read_run_record,
+    read_settings,
+    contrast_entries,
+    settings_entries,
     write_text_atomically,
 )
+from blmm.io.surfaces import FSAVERAGE5_N_VERTICES, Mesh, cifti_cortices, fsaverage5_mesh, hemisphere_from_names
 
-REPORT_FILE = "report.html"
-RUN_FILE = "blmm_run.json"
-INPUTS_FILE = "inputs.yml"
-COMPARE_FILE = "blmm_compare.json"
 DEFAULT_REPORT_THRESHOLD = 3.0
 HISTOGRAM_BINS = 60
 # Volumes are shown as three maximum-intensity projections ("glass brain"): ~0.2 MB per
@@ -71,8 +72,6 @@ OUTLINE_COLOURS = [[0.0, "rgb(255, 255, 255)"], [1.0, "rgb(222, 222, 226)"]]
 # two-hemisphere figure holds two.
 MAX_LIVE_WEBGL_FIGURES = 6
 VIEWER_EXTRA_HINT = "pip install 'blmm[viewer]'"
-HEMISPHERE_WORDS = {"lh": "left", "left": "left", "rh": "right", "right": "right"}
-CIFTI_CORTICES = (("CIFTI_STRUCTURE_CORTEX_LEFT", "left"), ("CIFTI_STRUCTURE_CORTEX_RIGHT", "right"))
 
 
 # ------------------------------------------------------------------ what the run says
@@ -88,15 +87,7 @@ class FactorSummary:
     design_names: list[str]
 
 
-@dataclass(frozen=True)
-class ContrastSummary:
-    """One contrast of inputs.yml; ``index`` is its volume in the conT or conF maps."""
-
-    label: str
-    name: str
-    kind: str  # "T" or "F"
-    index: int
-    vector: list
+ContrastSummary = ContrastEntry  # one contrast of the run's settings
 
 
 @dataclass
@@ -120,22 +111,6 @@ class RunSummary:
         return sum(f.q * f.levels for f in self.factors)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        loaded = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
-
-
-def _read_inputs(outdir: Path) -> dict:
-    try:
-        loaded = yaml.safe_load((outdir / INPUTS_FILE).read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
-
-
 def _table_header(path: Any) -> list[str] | None:
     """Column names of a CSV/TSV table (its header row), or None when unreadable/absent."""
     from blmm.io.tables import read_matrix
@@ -148,29 +123,6 @@ def _table_header(path: Any) -> list[str] | None:
         return None
 
 
-def _entries(value: Any) -> list[tuple[str, dict]]:
-    """[(key, body)] from upstream's list of one-key dicts (- c1: {...})."""
-    found = []
-    for position, entry in enumerate(value if isinstance(value, list) else [], start=1):
-        if isinstance(entry, dict) and len(entry) == 1 and isinstance(next(iter(entry.values())), dict):
-            key, body = next(iter(entry.items()))
-            found.append((str(key), body))
-        elif isinstance(entry, dict):
-            found.append((f"#{position}", entry))
-    return found
-
-
-def _parse_vector(vector: Any) -> list | None:
-    if isinstance(vector, str):
-        try:
-            vector = yaml.safe_load(vector)
-        except yaml.YAMLError:
-            return None
-    if isinstance(vector, (int, float)):
-        return [vector]
-    return vector if isinstance(vector, list) and vector else None
-
-
 def summarise_run(outdir: str | Path) -> RunSummary:
     """The model, settings and counts of a finished run, from its files only.
 
@@ -179,8 +131,8 @@ def summarise_run(outdir: str | Path) -> RunSummary:
     reads the images, so a report can be rewritten after the inputs have moved.
     """
     folder = Path(outdir)
-    record = _read_json(folder / RUN_FILE)
-    settings = record.get("settings") or _read_inputs(folder)
+    record = read_run_record(folder)
+    settings = read_settings(folder, record)
     notes = []
     if not record:
         notes.append(f"{RUN_FILE} is missing or unreadable: counts and timings are not shown.")
@@ -192,7 +144,7 @@ def summarise_run(outdir: str | Path) -> RunSummary:
             notes.append("X has no header row (or could not be read): columns are called x1, x2, ….")
     recorded_factors = record.get("factors") or []
     factors = []
-    for position, (key, body) in enumerate(_entries(settings.get("Z"))):
+    for position, (key, body) in enumerate(settings_entries(settings.get("Z"))):
         recorded = recorded_factors[position] if position < len(recorded_factors) else {}
         q = int(recorded.get("q", 0))
         design_names = _table_header(body.get("design"))
@@ -200,15 +152,7 @@ def summarise_run(outdir: str | Path) -> RunSummary:
             design_names = [f"z{j + 1}" for j in range(q)]
         factors.append(FactorSummary(str(body.get("name") or recorded.get("name") or key), q,
                                      int(recorded.get("levels", 0)), design_names))
-    contrasts = []
-    counters = {"T": 0, "F": 0}
-    for key, body in _entries(settings.get("contrasts")):
-        vector = _parse_vector(body.get("vector"))
-        if vector is None:
-            continue
-        kind = "F" if any(isinstance(row, list) for row in vector) else "T"
-        contrasts.append(ContrastSummary(key, str(body.get("name", key)), kind, counters[kind], vector))
-        counters[kind] += 1
+    contrasts = contrast_entries(settings)
     threshold = settings.get("report_threshold", DEFAULT_REPORT_THRESHOLD)
     try:
         threshold = float(threshold)
@@ -281,17 +225,6 @@ class MapGeometry:
         return "surface" if self.panels else "volume" if self.volume_shape else "none"
 
 
-def _guess_hemisphere(*names: str) -> str | None:
-    """'left' / 'right' from folder or file names such as ``design1_rh`` or ``lh/Y.txt``."""
-    for name in names:
-        for part in Path(str(name)).parts[::-1]:
-            lowered = part.lower()
-            for token in lowered.replace(".", "_").replace("-", "_").split("_"):
-                if token in HEMISPHERE_WORDS:
-                    return HEMISPHERE_WORDS[token]
-    return None
-
-
 def _fsaverage5_panels(hemis: list[str]) -> tuple[SurfacePanel, ...]:
     """Consecutive blocks of map rows on the fsaverage5 hemispheres, in order."""
     panels, start = [], 0
@@ -329,7 +262,7 @@ def map_geometry(mask_path: Path, hemi_hints: tuple[str, ...] = ()) -> MapGeomet
             return MapGeometry(n_voxels, fmt, "fsaverage5, left and right hemispheres "
                                f"({n_voxels} vertices, left first)", _fsaverage5_panels(["left", "right"]))
         if n_voxels == FSAVERAGE5_N_VERTICES:
-            hemi = _guess_hemisphere(*hemi_hints)
+            hemi = hemisphere_from_names(*hemi_hints)
             note = None if hemi else ("the folder and file names do not say which hemisphere this is: "
                                       "drawn on the left fsaverage5 hemisphere")
             return MapGeometry(n_voxels, fmt, f"fsaverage5, {hemi or 'left'} hemisphere ({n_voxels} vertices)",
@@ -343,17 +276,11 @@ def map_geometry(mask_path: Path, hemi_hints: tuple[str, ...] = ()) -> MapGeomet
 
 
 def _cifti_geometry(path: Path, space: Any, no_mesh: str) -> MapGeometry:
-    axis = space.brain_models
     panels, sizes = [], []
-    for structure, hemi in CIFTI_CORTICES:
-        for name, rows, model in axis.iter_structures():
-            if name != structure:
-                continue
-            n_mesh = int(axis.nvertices[structure])
-            sizes.append(f"{hemi} {n_mesh}")
-            if n_mesh == FSAVERAGE5_N_VERTICES:
-                indices = np.arange(space.n_voxels)[rows]
-                panels.append(SurfacePanel(hemi, _fsaverage5(hemi), indices, np.asarray(model.vertex)))
+    for hemi, rows, vertices, n_mesh in cifti_cortices(space):
+        sizes.append(f"{hemi} {n_mesh}")
+        if n_mesh == FSAVERAGE5_N_VERTICES:
+            panels.append(SurfacePanel(hemi, _fsaverage5(hemi), rows, vertices))
     described = f"CIFTI, {space.n_voxels} grayordinates"
     if panels and len(panels) == len(sizes):
         hemis = " and ".join(panel.hemi for panel in panels)
@@ -720,16 +647,14 @@ def plot_projections(values: np.ndarray, affine: np.ndarray, outline: np.ndarray
     NaN voxels are transparent; ``outline`` (the fitted voxels) is drawn as a light
     silhouette beneath. Axes are in mm, oriented RAS whatever the file's orientation.
     """
-    import nibabel as nib
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     from blmm import viewer
 
-    stacked = np.stack([values, outline], axis=-1).astype(np.float32)
-    canonical = nib.as_closest_canonical(nib.Nifti1Image(stacked, np.asarray(affine, dtype=float)))
-    data = np.asarray(canonical.dataobj, dtype=np.float32)
-    values, outline, ras = data[..., 0], data[..., 1] > 0, canonical.affine
+    data, ras = to_canonical(np.stack([values, outline], axis=-1), affine)
+    data = np.asarray(data, dtype=np.float32)
+    values, outline = data[..., 0], data[..., 1] > 0
     mm = [ras[axis, axis] * np.arange(values.shape[axis]) + ras[axis, 3] for axis in range(3)]
     colours = viewer.colour_range(_finite(values), colorscale=colorscale)
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.07,
@@ -985,7 +910,7 @@ def _model_rows(model: dict) -> list[tuple[str, str]]:
 def build_compare_report(outdir: str | Path, with_figures: bool | None = None) -> str:
     """The report page of a ``blmm_compare`` folder as HTML text."""
     folder = Path(outdir)
-    record = _read_json(folder / COMPARE_FILE)
+    record = read_compare_record(folder)
     figures = plotly_available() if with_figures is None else with_figures
     page = ReportPage(f"blmm_compare report: {folder.name}", figures)
     if not record:
@@ -993,7 +918,7 @@ def build_compare_report(outdir: str | Path, with_figures: bool | None = None) -
     if not figures:
         page.note(f"Figures need the viewer extra (plotly and nilearn): {VIEWER_EXTRA_HINT}.")
     big, small = record.get("big") or {}, record.get("small") or {}
-    big_run = _read_json(Path(str(big.get("outdir", ""))) / RUN_FILE) if big.get("outdir") else {}
+    big_run = read_run_record(str(big["outdir"])) if big.get("outdir") else {}
     threshold = (big_run.get("settings") or {}).get("report_threshold", DEFAULT_REPORT_THRESHOLD)
     try:
         threshold = float(threshold)
