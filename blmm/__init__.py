@@ -3,7 +3,7 @@
 The library follows the data flow: config -> design -> io -> stats -> fit ->
 inference -> compare, with engine (dask) and viewer beside it.
 """
-from blmm.design import RandomFactor, Contrast
+from blmm.core.design import RandomFactor, Contrast
 
 __version__ = "0.1.0"
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from blmm.design import Contrast, RandomFactor
+from blmm.core.design import Contrast, RandomFactor
 from blmm.errors import ConfigError, ImageError, InputError
 from blmm.io.images import SUPPORTED_SUFFIXES, ImageSpace, image_space, mismatch_reason, read_image
 from blmm.io.tables import read_labels, read_matrix, read_path_list, resolve_path

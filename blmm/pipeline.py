@@ -29,7 +29,7 @@ from blmm import __version__
 from blmm.config import Config
 from blmm.errors import InputError
 from blmm.fit import FITTED, STATUS_NAMES, fit_stats
-from blmm.inference import infer
+from blmm.core.inference import infer
 from blmm.io.images import read_image, read_mask, write_map
 from blmm.io.outdir import (
     LLH64_FILE,
@@ -47,7 +47,14 @@ from blmm.io.outdir import (
 )
 from blmm.io import outdir as _outdir
 from blmm.linalg import vech_index
-from blmm.stats import FactorLayout, presence_patterns, random_effects_matrix, stats_from_sums
+from blmm.core.sufficient import (
+    FactorLayout,
+    accumulate_data_sums,
+    presence_patterns,
+    random_effects_matrix,
+    split_data_sums,
+    stats_from_sums,
+)
 
 # why a voxel of the analysis mask has no fit (blmm_run.json "dropped"): screened out
 # before the fit (these codes), or the fit's own status (blmm.fit.STATUS_NAMES)
@@ -247,10 +254,7 @@ def read_batch(plan: RunPlan, b: int) -> str:
         for a in range(0, voxels.size, vox_chunk):  # bounded memory for large q
             Yc = Y[:, a:a + vox_chunk]
             rows = out.read(a, a + Yc.shape[1]) if c0 > start else np.zeros((Yc.shape[1], p + q + 1))
-            rows[:, :p] += (X.T @ Yc).T
-            rows[:, p:p + q] += np.asarray(Z.T @ Yc).T
-            rows[:, p + q] += np.einsum("nv,nv->v", Yc, Yc)
-            out.write(a, rows)
+            out.write(a, accumulate_data_sums(rows, X, Z, Yc))
         packed.append(np.packbits(present, axis=0))
         del Y, present
     out.close()
@@ -308,10 +312,8 @@ def fit_block(plan: RunPlan, k: int) -> str:
         Z = random_effects_matrix(cfg.factors, layout)
         patterns, pattern_of_voxel = presence_patterns(present[:, keep])
         q = layout.n_columns
-        stats = stats_from_sums(cfg.X, Z, layout, patterns, pattern_of_voxel,
-                                XtY=np.ascontiguousarray(sums[keep, :p]),
-                                ZtY=np.ascontiguousarray(sums[keep, p:p + q]),
-                                YtY=np.ascontiguousarray(sums[keep, p + q]))
+        XtY, ZtY, YtY = split_data_sums(sums[keep], p, q)
+        stats = stats_from_sums(cfg.X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
         fit = fit_stats(stats, reml=cfg.reml, method=cfg.method, tol=cfg.tol, max_iter=cfg.maxnit,
                         max_block_bytes=max(cfg.maxmem // 4, 2**24), threads=1)  # the engine parallelises
         inf = infer(fit, cfg.contrasts, two_sided=cfg.two_sided)

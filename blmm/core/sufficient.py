@@ -1,8 +1,9 @@
 """Sufficient statistics: X'X, X'Y, Z'X, Z'Y, Z'Z and Y'Y, summed over batches of images.
 
-The fit never sees raw images, only these sums.  A batch of rows yields one
-`SufficientStats`; `a + b` combines two batches of *different* rows, so statistics
-can be accumulated image batch by image batch.
+The fit never sees raw images, only these sums.  The data sums (X'Y, Z'Y, Y'Y) of a
+set of rows are packed as one (v, p + q + 1) matrix (`data_sums`); the pipeline
+accumulates them image batch by image batch (`accumulate_data_sums`) and the design sums
+are completed per presence pattern once all rows are known (`stats_from_sums`).
 
 Missing data makes the design differ between voxels.  Voxels are grouped by their
 presence pattern (which rows are observed); each pattern carries its own design sums
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from blmm.design import RandomFactor
+from blmm.core.design import RandomFactor
 
 
 @dataclass(frozen=True)
@@ -98,28 +99,6 @@ class SufficientStats:
     def voxel_n_obs(self) -> np.ndarray:
         return self.n_obs[self.pattern_of_voxel]
 
-    def __add__(self, other: "SufficientStats") -> "SufficientStats":
-        """Combine sums over two disjoint sets of rows (rows of `other` come after)."""
-        if self.layout.n_columns != other.layout.n_columns or self.p != other.p:
-            raise ValueError("cannot add statistics built with different designs")
-        if self.n_voxels != other.n_voxels:
-            raise ValueError(f"voxel counts differ: {self.n_voxels} vs {other.n_voxels}")
-        pair = np.stack([self.pattern_of_voxel, other.pattern_of_voxel], axis=1)
-        pairs, pattern_of_voxel = np.unique(pair, axis=0, return_inverse=True)
-        a, b = pairs[:, 0], pairs[:, 1]
-        return SufficientStats(
-            layout=self.layout,
-            patterns=np.concatenate([self.patterns[a], other.patterns[b]], axis=1),
-            pattern_of_voxel=pattern_of_voxel.reshape(-1).astype(np.int64),
-            XtX=self.XtX[a] + other.XtX[b],
-            ZtX=self.ZtX[a] + other.ZtX[b],
-            ZtZ=[(self.ZtZ[i] + other.ZtZ[j]).tocsr() for i, j in zip(a, b)],
-            n_obs=self.n_obs[a] + other.n_obs[b],
-            XtY=self.XtY + other.XtY,
-            ZtY=self.ZtY + other.ZtY,
-            YtY=self.YtY + other.YtY,
-        )
-
 
 def presence_patterns(observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct columns of an (n, v) boolean array: (patterns (u, n), pattern index per voxel)."""
@@ -160,14 +139,30 @@ def sufficient_stats(
     Z = random_effects_matrix(factors, layout)
     patterns, pattern_of_voxel = presence_patterns(present)
     p, q = X.shape[1], layout.n_columns
-    XtY, ZtY, YtY = np.empty((v, p)), np.empty((v, q)), np.empty(v)
+    sums = np.empty((v, p + q + 1))
     chunk = max(1, 2**27 // (8 * n))  # float64 copies of Y stay ~128 MB whatever its size
     for a in range(0, v, chunk):
         Yz = np.where(present[:, a:a + chunk], Y[:, a:a + chunk], 0.0).astype(np.float64, copy=False)
-        XtY[a:a + chunk] = (X.T @ Yz).T
-        ZtY[a:a + chunk] = np.asarray(Z.T @ Yz).T
-        YtY[a:a + chunk] = np.einsum("nv,nv->v", Yz, Yz)
+        sums[a:a + chunk] = data_sums(X, Z, Yz)
+    XtY, ZtY, YtY = split_data_sums(sums, p, q)
     return stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
+
+
+def data_sums(X: np.ndarray, Z: sp.csr_matrix, Y: np.ndarray) -> np.ndarray:
+    """[X'Y | Z'Y | Y'Y] of some rows, one row per voxel: (v, p + q + 1); Y has zeros where missing."""
+    return np.concatenate([(X.T @ Y).T, np.asarray(Z.T @ Y).T, np.einsum("nv,nv->v", Y, Y)[:, None]], axis=1)
+
+
+def accumulate_data_sums(sums: np.ndarray, X: np.ndarray, Z: sp.csr_matrix, Y: np.ndarray) -> np.ndarray:
+    """Add the data sums of more rows (X, Z, Y) to ``sums`` in place; returns ``sums``."""
+    sums += data_sums(X, Z, Y)
+    return sums
+
+
+def split_data_sums(sums: np.ndarray, p: int, q: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(X'Y (v, p), Z'Y (v, q), Y'Y (v,)) from packed data sums, each contiguous."""
+    return (np.ascontiguousarray(sums[:, :p]), np.ascontiguousarray(sums[:, p:p + q]),
+            np.ascontiguousarray(sums[:, p + q]))
 
 
 def stats_from_sums(

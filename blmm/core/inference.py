@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special, stats
 
-from blmm.design import Contrast
+from blmm.core.design import Contrast
 from blmm.fit import FitResult
 
 LN10 = float(np.log(10.0))
