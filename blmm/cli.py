@@ -8,7 +8,7 @@ import traceback
 from blmm import __version__
 from blmm.errors import BlmmError
 
-KINDS = ("local", "inline", "slurm", "sge", "pbs", "lsf", "htcondor", "oar", "moab")
+from blmm.engine.spec import KINDS
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -21,14 +21,14 @@ import numpy as np
 import yaml
 
 from blmm.core.design import Contrast, RandomFactor
+from blmm.engine.spec import CLUSTER_FIELDS, CLUSTER_TYPES, KINDS
 from blmm.errors import ConfigError, ImageError, InputError
+from blmm.fit import METHODS
 from blmm.io.images import SUPPORTED_SUFFIXES, ImageSpace, image_space, mismatch_reason, read_image
 from blmm.io.tables import read_labels, read_matrix, read_path_list, resolve_path
 
 log = logging.getLogger(__name__)
 
-METHODS = ("pSFS", "SFS", "pFS", "FS")
-CLUSTER_TYPES = ("local", "htcondor", "lsf", "moab", "oar", "pbs", "sge", "slurm")
 DEFAULT_MAXMEM = 2**32  # upstream default, bytes (upstream docs wrongly say bits)
 DEFAULT_MINLOG = -323.3062153431158  # upstream default (log10 of the smallest double)
 
@@ -50,9 +50,6 @@ KNOWN_KEYS = _REQUIRED_KEYS + _OPTIONAL_KEYS + tuple(_IGNORED_KEYS)
 _FACTOR_FIELDS = ("name", "factor", "design")
 _CONTRAST_FIELDS = ("name", "vector", "statType")  # statType: in upstream's template, never read
 _MISSINGNESS_FIELDS = {"minpercent": "MinPercent", "minn": "MinN"}
-_CLUSTER_FIELDS = ("kind", "workers", "cores", "processes", "memory", "walltime", "queue", "account",
-                   "job_extra_directives", "job_script_prologue", "job_name", "log_directory",
-                   "local_directory", "python", "interface", "retries", "start_timeout")
 _MAX_LISTED = 5  # files named per problem before summarising the rest
 
 
@@ -962,8 +959,8 @@ class _Checker:
         resources: dict[str, Any] = {}
         for key, entry in value.items():
             label = f"cluster {key}"
-            if key not in _CLUSTER_FIELDS:
-                self.problem(f"cluster: unknown field {str(key)!r}{_suggest(key, _CLUSTER_FIELDS)}")
+            if key not in CLUSTER_FIELDS:
+                self.problem(f"cluster: unknown field {str(key)!r}{_suggest(key, CLUSTER_FIELDS)}")
                 continue
             if entry is None:
                 continue
@@ -972,10 +969,9 @@ class _Checker:
             elif key == "start_timeout":
                 parsed = self.number(label, entry, minimum=0)
             elif key == "kind":
-                kinds = ("local", "inline", "slurm", "sge", "pbs", "lsf", "htcondor", "oar", "moab")
-                parsed = str(entry).lower() if str(entry).lower() in kinds else None
+                parsed = str(entry).lower() if str(entry).lower() in KINDS else None
                 if parsed is None:
-                    self.problem(f"{label}: expected one of {', '.join(kinds)}, found {_shorten(entry)}")
+                    self.problem(f"{label}: expected one of {', '.join(KINDS)}, found {_shorten(entry)}")
             elif key == "retries":
                 parsed = self.number(label, entry, integer=True, minimum=0)
             elif key in ("memory", "walltime"):
