@@ -1,6 +1,4 @@
-"""`blmm inputs.yml`: images in, one map per statistic out.
-
-Stages, each a function whose output the next one takes:
+"""The pipeline's stages after planning: read the images, fit the blocks, write the maps.
 
 1. `plan_run(config)` -> RunPlan: the analysis mask, image batches and voxel blocks sized
    from MAXMEM, the work folder and the hash of the inputs (for resuming).
@@ -15,38 +13,13 @@ finished batch and block files, which the manifest ties to the inputs' hash.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from blmm import __version__
 from blmm.config import Config
-from blmm.errors import InputError
-from blmm.fit import FITTED, STATUS_NAMES, fit_stats
 from blmm.core.inference import infer
-from blmm.io.images import read_image, read_mask, write_map
-from blmm.io.outdir import (
-    LLH64_FILE,
-    MANIFEST_FILE,
-    RUN_FILE,
-    WORK_DIR,
-    holds_maps,
-    map_name,
-    recorded_hash,
-    save_array_atomically,
-    save_arrays_atomically,
-    write_inputs,
-    write_run_record,
-    write_text_atomically,
-)
-from blmm.io import outdir as _outdir
-from blmm.linalg import vech_index
 from blmm.core.sufficient import (
     FactorLayout,
     accumulate_data_sums,
@@ -55,6 +28,12 @@ from blmm.core.sufficient import (
     split_data_sums,
     stats_from_sums,
 )
+from blmm.fit import FITTED, STATUS_NAMES, fit_stats
+from blmm.io import outdir as _outdir
+from blmm.io.images import read_image, read_mask, write_map
+from blmm.io.outdir import LLH64_FILE, map_name, save_array_atomically, save_arrays_atomically
+from blmm.linalg import vech_index
+from blmm.pipeline.plan import RunPlan
 
 # why a voxel of the analysis mask has no fit (blmm_run.json "dropped"): screened out
 # before the fit (these codes), or the fit's own status (blmm.fit.STATUS_NAMES)
@@ -70,115 +49,6 @@ SCREEN_REASONS = {
 def drop_reasons() -> dict[int, str]:
     """Every code a voxel's ``reason`` can hold other than FITTED, with its text."""
     return {**SCREEN_REASONS, **{code: name for code, name in STATUS_NAMES.items() if code != FITTED}}
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """Everything the stages need; small enough to ship to every worker."""
-
-    config: Config
-    workdir: Path
-    voxels: np.ndarray  # flat indices of the analysis-mask voxels
-    batches: tuple  # (start, stop) image rows
-    blocks: tuple  # (start, stop) positions in `voxels`
-    input_hash: str
-    timings: dict = field(default_factory=dict, compare=False)
-
-    @property
-    def n_stat_columns(self) -> int:
-        return self.config.p + self.config.q + 1
-
-
-def input_hash(config: Config) -> str:
-    """Hash of the resolved inputs and the size/mtime of every input file."""
-    h = hashlib.sha256()
-    h.update(__version__.encode())
-    h.update(json.dumps(config.to_yaml_dict(), sort_keys=True, default=str).encode())
-    files = list(config.y_files) + list(config.data_mask_files or [])
-    if config.analysis_mask is not None:
-        files.append(config.analysis_mask)
-    for f in files:
-        st = os.stat(f)
-        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(config.X.tobytes())
-    for fac in config.factors:
-        h.update(np.asarray(fac.labels).astype(str).tobytes())
-        h.update(fac.design.tobytes())
-    return h.hexdigest()[:16]
-
-
-def plan_run(config: Config, force: bool = False) -> RunPlan:
-    """Size the batches and blocks, and prepare (or resume) the work folder."""
-    space = config.space
-    if config.analysis_mask is not None:
-        in_mask = read_mask(config.analysis_mask, space)
-    else:
-        in_mask = np.ones(space.n_voxels, bool)
-    voxels = np.flatnonzero(in_mask)
-    if voxels.size == 0:
-        raise InputError(f"analysis_mask {config.analysis_mask}: no voxel is inside the mask")
-    n, V = config.n, voxels.size
-    budget = max(int(config.maxmem), 1)
-    # image batches run in parallel and each accumulates one partial file of V x (p+q+1)
-    # sums, so their number follows the workers (and disk), not memory: a batch reads its
-    # images in memory-sized chunks (image_chunk)
-    # (the layout depends only on the inputs and MAXMEM, so a run resumes on any engine)
-    partial_bytes = 8 * V * (config.p + config.q + 1)
-    n_batches = int(max(1, min(4, n // 32, 2 * budget // max(partial_bytes, 1))))
-    bounds = np.linspace(0, n, n_batches + 1).round().astype(int)
-    batches = tuple((int(a), int(b)) for a, b in zip(bounds, bounds[1:]) if b > a)
-    # voxel blocks: the summed statistics of a block plus the fit's working memory
-    row_bytes = 8 * (config.p + config.q + 1) * 3 + n // 4
-    per_block = max(1, min(V, budget // 2 // row_bytes, 20000))
-    n_blocks = max(-(-V // per_block), min(config.maxnvb, max(1, V // 2000)))  # blocks run in parallel
-    if config.voxel_batching:
-        n_blocks = max(n_blocks, min(config.maxnvb, V))
-    bounds = np.linspace(0, V, n_blocks + 1).round().astype(int)
-    blocks = tuple((int(a), int(b)) for a, b in zip(bounds, bounds[1:]) if b > a)
-    plan = RunPlan(config, Path(config.outdir) / WORK_DIR, voxels, batches, blocks, input_hash(config))
-    _prepare_outdir(plan, force)
-    return plan
-
-
-class OutdirConflict(InputError):
-    """outdir holds another analysis, or results that --force would overwrite."""
-
-
-def _prepare_outdir(plan: RunPlan, force: bool) -> None:
-    out = Path(plan.config.outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    run_file = out / RUN_FILE
-    manifest = plan.workdir / MANIFEST_FILE
-    if force:
-        shutil.rmtree(plan.workdir, ignore_errors=True)
-    else:
-        if run_file.exists():
-            previous = recorded_hash(run_file)
-            if previous == plan.input_hash:
-                raise OutdirConflict(
-                    f"outdir {out} already holds this finished analysis (inputs hash {previous}); "
-                    "use --force to run it again")
-            raise OutdirConflict(
-                f"outdir {out} holds a different analysis (inputs hash {previous}, now {plan.input_hash}); "
-                "choose another outdir or use --force to overwrite it")
-        if manifest.exists():
-            previous = recorded_hash(manifest)
-            if previous != plan.input_hash:
-                raise OutdirConflict(
-                    f"outdir {out} holds an unfinished run of different inputs (hash {previous}, now "
-                    f"{plan.input_hash}); its partial results cannot be mixed with these. "
-                    "Use --force to discard them")
-            if json.loads(manifest.read_text()).get("layout") != _layout_key(plan):
-                shutil.rmtree(plan.workdir, ignore_errors=True)  # same inputs, other MAXMEM: start over
-        elif holds_maps(out):
-            raise OutdirConflict(f"outdir {out} already holds blmm maps from another run; use --force to overwrite them")
-    plan.workdir.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(manifest, json.dumps({"input_hash": plan.input_hash, "layout": _layout_key(plan),
-                                       "version": __version__}, indent=1))
-
-
-def _layout_key(plan: RunPlan) -> list:
-    return [list(map(list, plan.batches)), list(map(list, plan.blocks))]
 
 
 class _RowFile:
@@ -433,92 +303,3 @@ def write_outputs(plan: RunPlan) -> dict:
         "dropped": {why: int((reason == r).sum()) for r, why in drop_reasons().items() if np.any(reason == r)},
     }
     return counts
-
-
-@dataclass
-class RunSummary:
-    outdir: Path
-    counts: dict
-    timings: dict
-
-
-def run(config: Config, engine=None, force: bool = False, log=print) -> RunSummary:
-    """Run the whole analysis on an engine (inline if None)."""
-    from blmm.engine import EngineSpec, open_engine
-
-    t0 = time.perf_counter()
-    if engine is None:
-        with open_engine(EngineSpec(kind="inline")) as eng:
-            return run(config, eng, force, log)
-    timings: dict[str, float] = {}
-    plan = plan_run(config, force=force)
-    timings["plan"] = time.perf_counter() - t0
-    log(f"blmm: {config.n} images, {plan.voxels.size} voxels in the analysis mask, p = {config.p}, "
-        f"{len(plan.batches)} image batch(es), {len(plan.blocks)} voxel block(s)")
-    t = time.perf_counter()
-    engine.map(_read_batch_task, [(plan, b) for b in range(len(plan.batches))], stage="read images")
-    timings["read"] = time.perf_counter() - t
-    t = time.perf_counter()
-    engine.map(_fit_block_task, [(plan, k) for k in range(len(plan.blocks))], stage="fit and test")
-    timings["fit"] = time.perf_counter() - t
-    t = time.perf_counter()
-    counts = write_outputs(plan)
-    timings["write"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
-    out = Path(config.outdir)
-    write_inputs(out, config.to_yaml_dict())
-    record = {
-        "version": __version__,
-        "input_hash": plan.input_hash,
-        "settings": config.to_yaml_dict(),
-        "n": config.n, "p": config.p,
-        "factors": [{"name": f.name, "q": f.q, "levels": f.n_levels} for f in config.factors],
-        "engine": getattr(engine, "kind", "inline"),
-        "batches": len(plan.batches), "blocks": len(plan.blocks),
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "counts": counts,
-    }
-    write_run_record(out, record)
-    shutil.rmtree(plan.workdir, ignore_errors=True)  # the maps are complete: partial sums go
-    _write_report(out, log)
-    log(summary_text(counts, timings["total"]))
-    if counts["fitted"] == 0:
-        raise NothingFitted(f"no voxel could be fitted: {summary_text(counts, timings['total'])}; "
-                            "the maps in outdir show n (blmm_vox_n) per voxel")
-    return RunSummary(out, counts, timings)
-
-
-class NothingFitted(InputError):
-    """Every voxel was dropped (thresholds, safeMode, rank): a failed analysis, exit non-zero."""
-
-
-def _write_report(outdir: Path, log) -> None:
-    """outdir/report.html; a failure here must not fail an analysis whose maps are written."""
-    try:
-        from blmm.report import write_report
-    except ImportError:
-        return
-    try:
-        write_report(outdir)
-    except Exception as exc:  # the report is a convenience; the maps are the results
-        log(f"blmm: warning: could not write report.html: {type(exc).__name__}: {exc}")
-
-
-def summary_text(counts: dict, seconds: float) -> str:
-    lines = [f"blmm: done in {seconds:.1f} s: {counts['fitted']} of {counts['analysis_mask']} voxels fitted, "
-             f"{counts['converged']} converged"]
-    if counts["not_converged"]:
-        lines.append(f"  {counts['not_converged']} voxels hit maxnit without converging (blmm_vox_converged = 0)")
-    if counts["boundary"]:
-        lines.append(f"  {counts['boundary']} voxels have a singular random-effects covariance (boundary fit)")
-    for why, k in counts["dropped"].items():
-        lines.append(f"  {k} voxels dropped: {why}")
-    return "\n".join(lines)
-
-
-def _read_batch_task(args) -> str:
-    return read_batch(*args)
-
-
-def _fit_block_task(args) -> str:
-    return fit_block(*args)
