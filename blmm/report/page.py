@@ -23,7 +23,6 @@ so surfaces far out of view are released).
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime
 import functools
@@ -31,9 +30,9 @@ import html
 import importlib
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from importlib import resources
 from typing import Any
 
 import numpy as np
@@ -60,6 +59,13 @@ from blmm.io.surfaces import FSAVERAGE5_N_VERTICES, Mesh, cifti_cortices, fsaver
 
 DEFAULT_REPORT_THRESHOLD = 3.0
 HISTOGRAM_BINS = 60
+
+
+def _asset(name: str) -> str:
+    """A file of blmm/report/assets (package data: CSS and JavaScript of the page)."""
+    return resources.files("blmm.report").joinpath("assets", name).read_text(encoding="utf-8")
+
+
 # Volumes are shown as three maximum-intensity projections ("glass brain"): ~0.2 MB per
 # 2 mm map, where slices with sliders would cost ~3 MB (16 slices) to ~16 MB (64).
 PROJECTION_VIEWS = (  # name, axis projected over, (horizontal axis, vertical axis)
@@ -91,7 +97,7 @@ ContrastSummary = ContrastEntry  # one contrast of the run's settings
 
 
 @dataclass
-class RunSummary:
+class RunDescription:
     """Everything the report says about a run, gathered from its output folder."""
 
     outdir: Path
@@ -123,7 +129,7 @@ def _table_header(path: Any) -> list[str] | None:
         return None
 
 
-def summarise_run(outdir: str | Path) -> RunSummary:
+def summarise_run(outdir: str | Path) -> RunDescription:
     """The model, settings and counts of a finished run, from its files only.
 
     Settings come from ``blmm_run.json`` (the resolved inputs, as ``inputs.yml``); the names
@@ -158,7 +164,7 @@ def summarise_run(outdir: str | Path) -> RunSummary:
         threshold = float(threshold)
     except (TypeError, ValueError):
         threshold = DEFAULT_REPORT_THRESHOLD
-    return RunSummary(folder, record.get("n"), p, x_names, factors, contrasts, settings, record,
+    return RunDescription(folder, record.get("n"), p, x_names, factors, contrasts, settings, record,
                       threshold, notes)
 
 
@@ -188,7 +194,7 @@ def contrast_text(vector: list, x_names: list[str]) -> str:
     return text + "".join(f" {sign} {term}" for sign, term in terms[1:])
 
 
-def model_formula(summary: RunSummary) -> str:
+def model_formula(summary: RunDescription) -> str:
     """lme4-like: ``Y ~ intercept + age + … + (intercept + time | subject)``."""
     fixed = " + ".join(summary.x_names) or "?"
     random = "".join(f" + ({' + '.join(f.design_names) or '1'} | {f.name})" for f in summary.factors)
@@ -488,100 +494,11 @@ class ReportPage:
         return "\n".join(parts)
 
 
-PAGE_STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0;
-       color: #1d1d1f; background: #fff; }
-main { max-width: 1150px; margin: 0 auto; padding: 1em 1.5em 3em; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; }
-h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
-h3 { margin-top: 1.6em; }
-table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
-th { background: #f4f4f6; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-code, .formula { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.92em; }
-.formula { background: #f6f8fa; padding: 0.6em 0.8em; border-radius: 4px; overflow-wrap: anywhere; }
-.note { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.5em 0.8em; }
-.blmm-figure { width: 100%; margin: 0.5em 0 1em; }
-nav ol { columns: 2; font-size: 0.95em; }
-footer { margin-top: 3em; color: #777; font-size: 0.85em; }
-"""
+PAGE_STYLE = "\n" + _asset("report.css")
 
 # Figures are built from the JSON payload when they scroll into view; WebGL figures far from
 # view are purged so the page never holds more contexts than browsers allow.
-PAGE_SCRIPT = """
-(function () {
-  "use strict";
-  var DATA = JSON.parse(document.getElementById("blmm-report-data").textContent);
-  var CONFIG = {displaylogo: false, responsive: true};
-  var TYPES = {f4: Float32Array, f8: Float64Array, i4: Int32Array, u4: Uint32Array,
-               i2: Int16Array, u2: Uint16Array, i1: Int8Array, u1: Uint8Array};
-  var meshes = {}, rendered = {}, visible = {}, live = [];
-  function decode(spec) {
-    var text = atob(spec.bdata), bytes = new Uint8Array(text.length);
-    for (var n = 0; n < text.length; n++) { bytes[n] = text.charCodeAt(n); }
-    return new TYPES[spec.dtype](bytes.buffer);
-  }
-  function mesh(key) {
-    if (!meshes[key]) {
-      var stored = DATA.geometry[key], arrays = {};
-      Object.keys(stored).forEach(function (axis) { arrays[axis] = decode(stored[axis]); });
-      meshes[key] = arrays;
-    }
-    return meshes[key];
-  }
-  function purge(index) {
-    if (!rendered[index]) { return; }
-    Plotly.purge(document.getElementById(DATA.figures[index].id));
-    delete rendered[index];
-    live = live.filter(function (i) { return i !== index; });
-  }
-  function release() {
-    while (live.length > DATA.max_live_webgl) {
-      var hidden = live.filter(function (i) { return !visible[i]; });
-      if (!hidden.length) { return; }
-      purge(hidden[0]);
-    }
-  }
-  function render(index) {
-    if (rendered[index]) { return rendered[index]; }
-    var spec = DATA.figures[index];
-    // plotly keeps (and may change) what it is given: draw from a copy of the spec.
-    var figure = JSON.parse(JSON.stringify(spec.figure));
-    figure.data.forEach(function (trace, t) {
-      var key = spec.meshes[t];
-      if (key) {
-        var g = mesh(key);
-        ["x", "y", "z", "i", "j", "k"].forEach(function (axis) { trace[axis] = g[axis]; });
-      }
-    });
-    if (spec.template !== null) { figure.layout.template = DATA.templates[spec.template]; }
-    rendered[index] = Plotly.newPlot(document.getElementById(spec.id), figure.data,
-                                     figure.layout, CONFIG);
-    if (spec.webgl) { live.push(index); release(); }
-    return rendered[index];
-  }
-  window.blmmReport = {count: DATA.figures.length, figures: DATA.figures, render: render,
-                       purge: purge};
-  if (!("IntersectionObserver" in window)) {
-    DATA.figures.forEach(function (spec, i) { render(i); });
-    return;
-  }
-  var observer = new IntersectionObserver(function (entries) {
-    entries.forEach(function (entry) {
-      var index = Number(entry.target.getAttribute("data-figure"));
-      visible[index] = entry.isIntersecting;
-      if (entry.isIntersecting) { render(index); }
-    });
-    release();
-  }, {rootMargin: "300px 0px"});
-  DATA.figures.forEach(function (spec, i) {
-    var div = document.getElementById(spec.id);
-    div.setAttribute("data-figure", String(i));
-    observer.observe(div);
-  });
-})();
-"""
+PAGE_SCRIPT = "\n" + _asset("report.js")
 
 
 # ------------------------------------------------------------------ figures
@@ -730,7 +647,7 @@ def _counts_rows(counts: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _model_section(page: ReportPage, summary: RunSummary) -> None:
+def _model_section(page: ReportPage, summary: RunDescription) -> None:
     settings, record = summary.settings, summary.record
     page.heading("Model", "model")
     page.text(f'<p class="formula">{html.escape(model_formula(summary))}</p>'
@@ -772,7 +689,7 @@ def _model_section(page: ReportPage, summary: RunSummary) -> None:
                    header=("key", "name", "type", "map volume", "tests"))
 
 
-def _convergence_section(page: ReportPage, summary: RunSummary, geometry: MapGeometry | None) -> None:
+def _convergence_section(page: ReportPage, summary: RunDescription, geometry: MapGeometry | None) -> None:
     counts = summary.record.get("counts") or {}
     page.heading("Convergence", "convergence")
     if counts:
@@ -797,7 +714,7 @@ def _convergence_section(page: ReportPage, summary: RunSummary, geometry: MapGeo
     add_histograms(page, [("iterations (blmm_vox_nit)", iterations, selected, "not converged")])
 
 
-def _contrast_section(page: ReportPage, summary: RunSummary, geometry: MapGeometry | None,
+def _contrast_section(page: ReportPage, summary: RunDescription, geometry: MapGeometry | None,
                       contrast: ContrastSummary, maps: dict[str, np.ndarray | None], anchor: str) -> None:
     stat_name = "conT" if contrast.kind == "T" else "conF"
     page.heading(f"{contrast.kind} contrast {contrast.label}: {contrast.name}", anchor, level=3)
@@ -987,22 +904,3 @@ def write_compare_report(outdir: Path) -> Path:
     """Write ``outdir/report.html`` for a ``blmm_compare`` folder (atomically); returns its path."""
     folder = Path(outdir)
     return write_text_atomically(folder / REPORT_FILE, build_compare_report(folder))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m blmm.report OUTDIR``: (re)write the report of a run or comparison folder."""
-    parser = argparse.ArgumentParser(prog="python -m blmm.report",
-                                     description="Write OUTDIR/report.html for a blmm or blmm_compare folder.")
-    parser.add_argument("outdir")
-    args = parser.parse_args(argv)
-    folder = Path(args.outdir)
-    if not folder.is_dir():
-        print(f"blmm.report: error: {folder}: not a folder", file=sys.stderr)
-        return 1
-    written = write_compare_report(folder) if (folder / COMPARE_FILE).is_file() else write_report(folder)
-    print(f"blmm.report: wrote {written}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
