@@ -99,6 +99,33 @@ class SufficientStats:
     def voxel_n_obs(self) -> np.ndarray:
         return self.n_obs[self.pattern_of_voxel]
 
+    def __add__(self, other: "SufficientStats") -> "SufficientStats":
+        """Combine sums over two disjoint sets of rows (rows of `other` come after).
+
+        For library users holding statistics of separate row batches; the pipeline does not
+        use it (it accumulates packed data sums, ``accumulate_data_sums``, and completes the
+        design sums once, per presence pattern).
+        """
+        if self.layout.n_columns != other.layout.n_columns or self.p != other.p:
+            raise ValueError("cannot add statistics built with different designs")
+        if self.n_voxels != other.n_voxels:
+            raise ValueError(f"voxel counts differ: {self.n_voxels} vs {other.n_voxels}")
+        pair = np.stack([self.pattern_of_voxel, other.pattern_of_voxel], axis=1)
+        pairs, pattern_of_voxel = np.unique(pair, axis=0, return_inverse=True)
+        a, b = pairs[:, 0], pairs[:, 1]
+        return SufficientStats(
+            layout=self.layout,
+            patterns=np.concatenate([self.patterns[a], other.patterns[b]], axis=1),
+            pattern_of_voxel=pattern_of_voxel.reshape(-1).astype(np.int64),
+            XtX=self.XtX[a] + other.XtX[b],
+            ZtX=self.ZtX[a] + other.ZtX[b],
+            ZtZ=[(self.ZtZ[i] + other.ZtZ[j]).tocsr() for i, j in zip(a, b)],
+            n_obs=self.n_obs[a] + other.n_obs[b],
+            XtY=self.XtY + other.XtY,
+            ZtY=self.ZtY + other.ZtY,
+            YtY=self.YtY + other.YtY,
+        )
+
 
 def presence_patterns(observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct columns of an (n, v) boolean array: (patterns (u, n), pattern index per voxel)."""

@@ -1,6 +1,6 @@
 """The engine against REAL batch schedulers: a single-node SLURM and Grid Engine.
 
-    .venv/bin/pytest -m "slurm or sge" tests/test_engine_cluster.py
+    .venv/bin/pytest -m "slurm or sge" tests/engine/test_engine_cluster.py
 
 Session fixtures start the schedulers with scripts/cluster/start_{slurm,sge}.sh (as
 root; the scripts install the Debian packages on first use) and stop them at the end
@@ -19,7 +19,7 @@ import pytest
 from blmm.engine import EngineError, EngineSpec, open_engine
 from tests.conftest import Scheduler
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 SCRIPTS = TESTS.parent / "scripts" / "cluster"
 # the batch workers unpickle this module's task functions by name ("tests.test_engine_cluster"
 # or "test_engine_cluster", depending on how pytest imported it)
