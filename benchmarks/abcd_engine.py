@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from blmm.design import Contrast, RandomFactor
+from blmm.core.design import Contrast, RandomFactor
 from blmm.fit import fit_stats
-from blmm.inference import infer
+from blmm.core.inference import infer
 from blmm.stats import sufficient_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for examples/

@@ -196,10 +196,10 @@ def write_data(outdir: Path, n_vertices: int, n_subjects: int | None) -> dict:
 
 
 def run_blmm(outdir: Path, designs: list[int]) -> dict:
-    from blmm.design import Contrast, RandomFactor
+    from blmm.core.design import Contrast, RandomFactor
     from blmm.fit import fit_stats
-    from blmm.inference import infer
-    from blmm.stats import sufficient_stats
+    from blmm.core.inference import infer
+    from blmm.core.sufficient import sufficient_stats
 
     result = {}
     for d in designs:

@@ -1,16 +1,16 @@
 """blmm: Big Linear Mixed Models for brain images.
 
-The library follows the data flow: config -> design -> io -> stats -> fit ->
-inference -> compare, with engine (dask) and viewer beside it.
+Public API: ``fit_lmm``, ``infer``, ``RandomFactor``, ``Contrast``.  The layout, and who
+may import whom, is described in docs/architecture.md.
 """
-from blmm.design import RandomFactor, Contrast
-
 __version__ = "0.1.0"
 
-__all__ = ["RandomFactor", "Contrast", "__version__"]
+from blmm.core.design import Contrast, RandomFactor  # noqa: E402
+from blmm.core.inference import infer  # noqa: E402
+from blmm.fit import fit_lmm  # noqa: E402
 
 # Models as lme4 formulas (docs/formula.md); imported on first use, as they need pandas.
-__all__ += ["fit_formula", "build_design"]
+__all__ = ["Contrast", "RandomFactor", "fit_lmm", "infer", "fit_formula", "build_design", "__version__"]
 
 
 def __getattr__(name):

@@ -8,20 +8,14 @@ rules) with the same REML setting, and one model must be nested in the other (do
   the same grouping of images, whose design spans the smaller factor's design.
 
 The statistic is Chi2 = max(2 (llh_big - llh_small), 0) from each folder's float64
-``llh_float64.npy``; its null distribution is chosen from how the models differ:
-
-* one variance component added on the boundary (a new one-effect factor): ½χ²₀ + ½χ²₁;
-* one random effect added to a factor with q (Stram & Lee 1994): ½χ²_q + ½χ²_{q+1};
-* fixed effects only (ML fits): χ² with df = the difference in p;
-* anything else: χ² with df = the difference in parameter counts, which is conservative.
-
-p-values are −log10 p computed in log space (never 1 − cdf), finite however far in the tail.
+``llh_float64.npy``; its null distribution is chosen from how the models differ
+(``blmm.core.lrt``).  This module only orchestrates: it reads the two folders through
+``blmm.io.outdir``, checks them, and writes the maps and ``blmm_compare.json``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -32,230 +26,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import special, stats
 
 from blmm import __version__
-from blmm.config import Config, load_config
-from blmm.design import RandomFactor
-from blmm.errors import InputError
-from blmm.io.images import SUPPORTED_SUFFIXES, ImageSpace, image_space, map_path, mismatch_reason, read_map, write_map
+from blmm.core.lrt import (
+    Nesting,
+    NullDistribution,
+    chi2_log_sf,
+    chi2_null,
+    choose_null,
+    mixture_null,
+    nesting_of,
+    same_grouping,
+)
+from blmm.errors import CompareError, InputError
+from blmm.io.images import map_path, mismatch_reason, write_map
+from blmm.io.outdir import (
+    COMPARE_FILE,
+    INPUTS_FILE,
+    RUN_FILE,
+    Analysis,
+    holds_maps,
+    load_analysis,
+    map_name,
+    remove_stale_maps,
+)
 
-COMPARE_FILE = "blmm_compare.json"
-RUN_FILE = "blmm_run.json"
-LLH64_FILE = "llh_float64.npy"
-INPUTS_FILE = "inputs.yml"
-OUTPUT_MAPS = ("blmm_vox_mask", "blmm_vox_Chi2", "blmm_vox_Chi2lp")
-
-LN10 = math.log(10.0)
-# Below this log p, scipy's chi2.logsf loses accuracy and then returns -inf (near x ≈ 1500 for
-# df = 1); the closed-form series takes over there.
-_SCIPY_LOG_SF_FLOOR = -600.0
-# Relative tolerance of "column lies in the span of these columns" (residual / column norm).
-_SPAN_RTOL = 1e-8
-
-
-class CompareError(InputError):
-    """The two analyses cannot be compared (the message says which condition failed)."""
-
-
-# ---------------------------------------------------------------------------
-# Null distributions
-# ---------------------------------------------------------------------------
-
-
-def _chi2_log_sf_series(x: np.ndarray, df: int) -> np.ndarray:
-    """log P(χ²_df ≥ x) for integer df ≥ 1 and x > 0 from the closed form of the upper gamma tail.
-
-    With z = x/2: even df = 2m, Q = e^{-z} Σ_{j<m} z^j / j!; odd df = 2m+1,
-    Q = erfc(√z) + e^{-z} Σ_{j<m} z^{j+½} / Γ(j+3/2).  Sums of positive terms in log space
-    do not cancel or underflow, so this stays accurate for any x.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    half = 0.5 * x
-    log_half = np.log(half)
-    m = df // 2
-    if df % 2 == 0:
-        j = np.arange(m, dtype=np.float64)
-        terms = j * log_half[..., None] - special.gammaln(j + 1.0)
-        return -half + special.logsumexp(terms, axis=-1)
-    log_erfc = math.log(2.0) + special.log_ndtr(-np.sqrt(x))  # erfc(√z) = 2Φ(-√x)
-    if m == 0:
-        return log_erfc
-    j = np.arange(m, dtype=np.float64)
-    terms = (j + 0.5) * log_half[..., None] - special.gammaln(j + 1.5)
-    return np.logaddexp(log_erfc, -half + special.logsumexp(terms, axis=-1))
-
-
-def chi2_log_sf(x: np.ndarray, df: int) -> np.ndarray:
-    """Natural log of P(χ²_df ≥ x), finite for every finite x; df = 0 is a point mass at 0."""
-    x = np.asarray(x, dtype=np.float64)
-    if df != int(df) or df < 0:
-        raise ValueError(f"chi-square df must be a non-negative integer, got {df}")
-    df = int(df)
-    if df == 0:
-        return np.where(x <= 0, 0.0, -np.inf)
-    out = np.asarray(stats.chi2.logsf(x, df), dtype=np.float64).copy()
-    far = np.isfinite(x) & (x > 0) & ~(out > _SCIPY_LOG_SF_FLOOR)
-    if np.any(far):
-        out[far] = _chi2_log_sf_series(x[far], df)
-    return out
-
-
-@dataclass(frozen=True)
-class NullDistribution:
-    """A weighted mixture of χ² distributions (a single χ² has one component of weight 1)."""
-
-    components: tuple[tuple[float, int], ...]  # (weight, df); df = 0 is a point mass at 0
-    kind: str  # "chi2" or "mixture"
-    reason: str  # why this distribution applies
-    exact: bool = True  # False: an approximation (stated in blmm_compare.json)
-
-    @property
-    def label(self) -> str:
-        """e.g. '0.5 chi2(1) + 0.5 chi2(2)' or 'chi2(2)'."""
-        if len(self.components) == 1:
-            return f"chi2({self.components[0][1]})"
-        return " + ".join(f"{w:g} chi2({df})" for w, df in self.components)
-
-    def log_sf(self, chi2: np.ndarray) -> np.ndarray:
-        """Natural log of the p-value P(T ≥ chi2); the mixture is summed with logsumexp."""
-        chi2 = np.asarray(chi2, dtype=np.float64)
-        logs = np.stack([math.log(w) + chi2_log_sf(chi2, df) for w, df in self.components])
-        return special.logsumexp(logs, axis=0)
-
-    def minus_log10_p(self, chi2: np.ndarray) -> np.ndarray:
-        """−log10 p: ≥ 0, finite for every finite statistic, NaN where chi2 is NaN."""
-        chi2 = np.asarray(chi2, dtype=np.float64)
-        out = np.full(chi2.shape, np.nan)
-        ok = np.isfinite(chi2)
-        out[ok] = np.maximum(-self.log_sf(chi2[ok]) / LN10, 0.0)  # max also turns -0.0 into 0.0
-        return out
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "kind": self.kind,
-            "components": [{"weight": w, "df": df} for w, df in self.components],
-            "exact": self.exact,
-            "reason": self.reason,
-        }
-
-
-def chi2_null(df: int, reason: str, exact: bool = True) -> NullDistribution:
-    return NullDistribution(((1.0, int(df)),), "chi2", reason, exact)
-
-
-def mixture_null(df_low: int, df_high: int, reason: str) -> NullDistribution:
-    """½χ²_low + ½χ²_high."""
-    return NullDistribution(((0.5, int(df_low)), (0.5, int(df_high))), "mixture", reason, True)
-
+OUTPUT_STATS = ("mask", "Chi2", "Chi2lp")
 
 # ---------------------------------------------------------------------------
-# One analysis folder
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class Analysis:
-    """A finished blmm output folder: its reloaded inputs, run record and map locations."""
-
-    outdir: Path
-    label: str  # how messages name it, e.g. "model 1 (/data/out1)"
-    config: Config
-    run: dict
-    mask_path: Path
-    space: ImageSpace
-
-    @property
-    def reml(self) -> bool:
-        return bool(self.config.reml)
-
-    @property
-    def p(self) -> int:
-        return self.config.p
-
-    @property
-    def factors(self) -> list[RandomFactor]:
-        return list(self.config.factors)
-
-    @property
-    def n_params(self) -> int:
-        """Fixed effects + unique entries of every D_k + σ²."""
-        return self.p + sum(f.q * (f.q + 1) // 2 for f in self.factors) + 1
-
-    def describe(self) -> str:
-        factors = ", ".join(f"{f.name}: q={f.q}" for f in self.factors)
-        return f"p={self.p}, {factors}"
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "outdir": str(self.outdir),
-            "p": self.p,
-            "x_columns": list(self.config.x_names),
-            "factors": [{"name": f.name, "q": f.q, "levels": f.n_levels} for f in self.factors],
-            "n_params": self.n_params,
-        }
-
-    def read_vector(self, name: str, dtype: Any) -> np.ndarray:
-        """The first volume of map ``name`` as an (n_voxels,) array."""
-        path = map_path(self.outdir, name, self.space)
-        if not path.is_file():
-            raise CompareError(f"{self.label} has no {path.name}: the analysis is incomplete or was not made by blmm")
-        return read_map(path, n_voxels=self.space.n_voxels, dtype=dtype)[:, 0]
-
-    def llh(self) -> np.ndarray:
-        path = self.outdir / LLH64_FILE
-        if not path.is_file():
-            raise CompareError(
-                f"{self.label} has no {LLH64_FILE} (the float64 log-likelihood map); rerun the analysis "
-                "with this version of blmm")
-        values = np.load(path, allow_pickle=False)
-        if values.shape != (self.space.n_voxels,):
-            raise CompareError(
-                f"{self.label}: {LLH64_FILE} holds {values.shape} values, expected ({self.space.n_voxels},)")
-        return values.astype(np.float64, copy=False)
-
-
-def _find_mask(outdir: Path, label: str) -> Path:
-    found = [outdir / f"blmm_vox_mask{suffix}" for suffix in SUPPORTED_SUFFIXES
-             if (outdir / f"blmm_vox_mask{suffix}").is_file()]
-    if not found:
-        raise CompareError(f"{label} has no blmm_vox_mask map: not a finished blmm output folder")
-    if len(found) > 1:
-        raise CompareError(f"{label} has several blmm_vox_mask maps ({', '.join(p.name for p in found)}); "
-                           "remove the stale one")
-    return found[0]
-
-
-def load_analysis(outdir: str | os.PathLike, label: str = "model") -> Analysis:
-    """Read a finished blmm output folder (inputs.yml, blmm_run.json, blmm_vox_mask)."""
-    folder = Path(os.path.abspath(os.path.expanduser(str(outdir))))
-    label = f"{label} ({folder})"
-    if not folder.is_dir():
-        raise CompareError(f"{label}: no such folder")
-    for required in (INPUTS_FILE, RUN_FILE):
-        if not (folder / required).is_file():
-            raise CompareError(
-                f"{label} has no {required}: not a finished blmm output folder (a run writes it at the end)")
-    try:
-        run = json.loads((folder / RUN_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise CompareError(f"{label}: {RUN_FILE} cannot be read ({err})") from None
-    try:
-        config = load_config(folder / INPUTS_FILE)
-    except InputError as err:
-        raise CompareError(
-            f"{label}: its {INPUTS_FILE} no longer loads (the inputs must still be in place to check that "
-            f"the models can be compared): {err}") from None
-    recorded = (run.get("settings") or {}).get("REML")
-    if recorded is not None and bool(recorded) != bool(config.reml):
-        raise CompareError(f"{label}: {RUN_FILE} says REML={recorded} but {INPUTS_FILE} says REML={config.reml}")
-    mask_path = _find_mask(folder, label)
-    return Analysis(folder, label, config, run, mask_path, image_space(mask_path))
-
-
-# ---------------------------------------------------------------------------
-# Comparability and nesting
+# Comparability
 # ---------------------------------------------------------------------------
 
 
@@ -298,112 +97,6 @@ def check_comparable(a: Analysis, b: Analysis) -> None:
     reason = mismatch_reason(b.space, a.space)
     if reason is not None:
         raise CompareError(f"the maps of {b.label} do not match those of {a.label}: {reason}")
-
-
-def _outside_span(columns: np.ndarray, basis: np.ndarray) -> np.ndarray:
-    """Indices of ``columns`` not in the column span of ``basis`` (relative residual > tolerance)."""
-    u, singular_values, _ = np.linalg.svd(basis, full_matrices=False)
-    # an orthonormal basis of the span, robust to dependent columns (a design may have them)
-    q = u[:, singular_values > singular_values.max(initial=0.0) * max(basis.shape) * np.finfo(float).eps]
-    residual = columns - q @ (q.T @ columns)
-    norms = np.linalg.norm(columns, axis=0)
-    return np.flatnonzero(np.linalg.norm(residual, axis=0) > _SPAN_RTOL * np.maximum(norms, 1e-300))
-
-
-def same_grouping(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two label vectors group the images identically (labels may be renamed)."""
-    _, ca = np.unique(a, return_inverse=True)
-    _, cb = np.unique(b, return_inverse=True)
-    pairs = np.unique(ca.astype(np.int64) * (int(cb.max()) + 1) + cb)
-    return pairs.size == np.unique(ca).size == np.unique(cb).size
-
-
-def _factor_contains(big: RandomFactor, small: RandomFactor) -> bool:
-    return same_grouping(big.labels, small.labels) and _outside_span(small.design, big.design).size == 0
-
-
-def _match_factors(small: list[RandomFactor], big: list[RandomFactor]) -> list[int] | None:
-    """A distinct big factor containing each small factor (augmenting paths), or None."""
-    allowed = [[j for j, fb in enumerate(big) if _factor_contains(fb, fs)] for fs in small]
-    owner: dict[int, int] = {}
-
-    def assign(i: int, seen: set[int]) -> bool:
-        for j in allowed[i]:
-            if j in seen:
-                continue
-            seen.add(j)
-            if j not in owner or assign(owner[j], seen):
-                owner[j] = i
-                return True
-        return False
-
-    for i in range(len(small)):  # a handful of factors: recursion depth is tiny
-        if not assign(i, set()):
-            return None
-    match = [0] * len(small)
-    for j, i in owner.items():
-        match[i] = j
-    return match
-
-
-@dataclass
-class Nesting:
-    """How the big model extends the small one."""
-
-    fixed_added: int  # p_big - p_small (0: the same fixed-effects space)
-    factor_match: list[int]  # big factor index of each small factor
-    added_factors: list[int]  # big factors with no small counterpart
-    grown: list[tuple[int, int]]  # (small index, big index) of matched factors with more effects
-
-    @property
-    def same_random(self) -> bool:
-        return not self.added_factors and not self.grown
-
-
-def nesting_of(small: Analysis, big: Analysis) -> tuple[Nesting | None, str]:
-    """The nesting of ``small`` in ``big``, or None and the first reason it is not nested."""
-    outside = _outside_span(small.config.X, big.config.X)
-    if outside.size:
-        names = ", ".join(repr(small.config.x_names[j]) for j in outside[:3])
-        return None, (f"X column {names} of {small.label} is not in the span of the X of {big.label}")
-    match = _match_factors(small.factors, big.factors)
-    if match is None:
-        unmatched = [f.name for f in small.factors
-                     if not any(_factor_contains(fb, f) for fb in big.factors)]
-        which = repr(unmatched[0]) if unmatched else "factors"
-        return None, (f"random factor {which} of {small.label} has no counterpart in {big.label} (a factor "
-                      "grouping the images the same way, whose design spans it)")
-    added = [j for j in range(len(big.factors)) if j not in match]
-    grown = [(i, j) for i, j in enumerate(match) if big.factors[j].q > small.factors[i].q]
-    return Nesting(big.p - small.p, match, added, grown), ""
-
-
-def choose_null(small: Analysis, big: Analysis, nest: Nesting) -> NullDistribution:
-    """The null distribution of Chi2 for this nesting (refuses fixed-effects tests under REML)."""
-    df_total = big.n_params - small.n_params
-    if nest.fixed_added and big.reml:
-        raise CompareError(
-            f"the fixed effects differ ({small.label}: X with {small.p} columns; {big.label}: X with {big.p}), "
-            "but both models were fitted with REML, and REML log-likelihoods of models with different fixed "
-            "effects cannot be compared. Refit both with 'REML: false' in their inputs YAMLs (ML) and "
-            "compare those fits")
-    if nest.fixed_added and nest.same_random:
-        return chi2_null(nest.fixed_added, f"{nest.fixed_added} fixed effect(s) added (ML fits)")
-    if not nest.fixed_added:
-        if len(nest.added_factors) == 1 and not nest.grown and big.factors[nest.added_factors[0]].q == 1:
-            name = big.factors[nest.added_factors[0]].name
-            return mixture_null(0, 1, f"one variance component added on the boundary (new factor {name!r} "
-                                      "with one random effect)")
-        if not nest.added_factors and len(nest.grown) == 1:
-            i, j = nest.grown[0]
-            q_small, q_big = small.factors[i].q, big.factors[j].q
-            if q_big == q_small + 1:
-                return mixture_null(q_small, q_small + 1,
-                                    f"one correlated random effect added to factor {big.factors[j].name!r} "
-                                    f"with {q_small} (Stram & Lee 1994)")
-    return chi2_null(df_total, (
-        f"several parameters change at once ({df_total} in all); chi2 with the difference in parameter "
-        "counts is a conservative approximation (the exact null is a chi-bar-square mixture)"), exact=False)
 
 
 # ---------------------------------------------------------------------------
@@ -471,7 +164,7 @@ def _check_outdir(outdir: Path, models: tuple[Analysis, Analysis], force: bool) 
             held = " and ".join(previous) if previous else "other models"
             raise CompareError(f"outdir {outdir} already holds a comparison of {held}; use --force to "
                                "overwrite it or choose another folder")
-    elif not force and any(outdir.glob("blmm_vox_Chi2*")):
+    elif not force and holds_maps(outdir, "Chi2"):
         raise CompareError(f"outdir {outdir} already holds comparison maps (blmm_vox_Chi2*) of unknown origin; "
                            "use --force to overwrite them or choose another folder")
 
@@ -486,11 +179,7 @@ def _publish(staging: Path, outdir: Path, names: list[str]) -> None:
             raise
     record = outdir / COMPARE_FILE
     record.unlink(missing_ok=True)  # no record claims the folder while maps are replaced
-    for name in OUTPUT_MAPS:  # maps of an earlier comparison in another format
-        for suffix in SUPPORTED_SUFFIXES:
-            stale = outdir / f"{name}{suffix}"
-            if stale.name not in names:
-                stale.unlink(missing_ok=True)
+    remove_stale_maps(outdir, OUTPUT_STATS, keep=names)  # maps of an earlier comparison in another format
     for name in names:
         if name != COMPARE_FILE:
             os.replace(staging / name, outdir / name)
@@ -546,13 +235,13 @@ def compare(outdir1: str | os.PathLike, outdir2: str | os.PathLike, outdir: str 
                              - np.linalg.slogdet(small.config.X.T @ small.config.X)[1])
         if abs(x_correction) < 1e-10:
             x_correction = 0.0
-    mask_a = first.read_vector("blmm_vox_mask", np.int32) != 0
-    mask_b = second.read_vector("blmm_vox_mask", np.int32) != 0
+    mask_a = first.read_vector("mask", np.int32) != 0
+    mask_b = second.read_vector("mask", np.int32) != 0
     mask = mask_a & mask_b
     llh_small, llh_big = small.llh(), big.llh()
-    converged_small = small.read_vector("blmm_vox_converged", np.int32) != 0
-    converged_big = big.read_vector("blmm_vox_converged", np.int32) != 0
-    same_n = small.read_vector("blmm_vox_n", np.int32) == big.read_vector("blmm_vox_n", np.int32)
+    converged_small = small.read_vector("converged", np.int32) != 0
+    converged_big = big.read_vector("converged", np.int32) != 0
+    same_n = small.read_vector("n", np.int32) == big.read_vector("n", np.int32)
     fitted = np.isfinite(llh_small) & np.isfinite(llh_big)
     tested = mask & fitted & converged_small & converged_big & same_n
     difference = np.full(mask.shape, np.nan)
@@ -588,17 +277,17 @@ def compare(outdir1: str | os.PathLike, outdir2: str | os.PathLike, outdir: str 
 
     space = first.space
     maps = {
-        "blmm_vox_mask": (mask.astype(np.int32), "int32"),
-        "blmm_vox_Chi2": (np.where(mask, chi2, np.nan), "float32"),
-        "blmm_vox_Chi2lp": (np.where(mask, minus_log10_p, np.nan), "float32"),
+        "mask": (mask.astype(np.int32), "int32"),
+        "Chi2": (np.where(mask, chi2, np.nan), "float32"),
+        "Chi2lp": (np.where(mask, minus_log10_p, np.nan), "float32"),
     }
-    record["maps"] = {name: map_path(target, name, space).name for name in maps}
+    record["maps"] = {map_name(stat): map_path(target, map_name(stat), space).name for stat in maps}
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
     try:
-        names = [write_map(staging, name, data, space, dtype=dtype, volume_names=[name.removeprefix("blmm_vox_")]).name
-                 for name, (data, dtype) in maps.items()]
+        names = [write_map(staging, map_name(stat), data, space, dtype=dtype, volume_names=[stat]).name
+                 for stat, (data, dtype) in maps.items()]
         (staging / COMPARE_FILE).write_text(json.dumps(record, indent=1) + "\n")
         names.append(COMPARE_FILE)
         _publish(staging, target, names)

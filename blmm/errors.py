@@ -36,3 +36,11 @@ class ConfigError(InputError):
 
     def __str__(self) -> str:
         return self._render()
+
+
+class CompareError(InputError):
+    """Two analyses cannot be compared (the message says which condition failed)."""
+
+
+class ViewerError(InputError):
+    """A map, mesh or option cannot be shown (mismatch, missing file, bad index)."""

@@ -2,7 +2,7 @@
 # Set up blmm in .venv and run the whole test suite, marked tests included:
 #   slow, browser (headless Chromium), slurm and sge (real single-node schedulers).
 # As root, the Debian packages those need are installed on first use (chromium here, the
-# schedulers by tests/test_engine_cluster.py through scripts/cluster/). Without them the
+# schedulers by tests/engine/test_engine_cluster.py through scripts/cluster/). Without them the
 # marked tests are skipped and the reason is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

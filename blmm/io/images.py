@@ -450,3 +450,10 @@ def read_map(path: str | os.PathLike, n_voxels: int | None = None, dtype: Any = 
     if n_voxels is not None and values.shape[0] != n_voxels:
         raise ImageError(f"{path}: holds {values.shape[0]} voxels per map, expected {n_voxels}")
     return values if dtype is None else values.astype(dtype)
+
+
+def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A volume (X, Y, Z[, k]) reoriented to RAS+ (closest canonical), as float32, and its affine."""
+    image = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(array, dtype=np.float32),
+                                                     np.asarray(affine, dtype=float)))
+    return np.asanyarray(image.dataobj), image.affine

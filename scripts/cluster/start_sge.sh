@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start a single-node Son of Grid Engine 8.1.9 (Debian "gridengine-*" packages):
 # sge_qmaster + sge_execd, without systemd, so that blmm's SGE engine can be tested
-# for real (tests/test_engine_cluster.py).  Idempotent: if the cluster already
+# for real (tests/engine/test_engine_cluster.py).  Idempotent: if the cluster already
 # answers, it only prints the queue name.  Must run as root.  Installs the Debian
 # packages (gridengine-master gridengine-exec gridengine-client) when missing.
 #

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start a single-node SLURM (munged + slurmctld + slurmd) on this machine, without
-# systemd, so that blmm's SLURM engine can be tested for real (tests/test_engine_cluster.py).
+# systemd, so that blmm's SLURM engine can be tested for real (tests/engine/test_engine_cluster.py).
 # Idempotent: if the cluster already answers, it only prints the partition name.
 # Must run as root.  Installs the Debian packages (slurmctld slurmd slurm-client munge)
 # when missing.  Not meant for a production cluster: one node, no accounting, no cgroups.

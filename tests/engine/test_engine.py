@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from blmm.engine import (
@@ -20,7 +18,6 @@ from blmm.engine import (
     _exit_on_signal,
     jobqueue_kwargs,
     open_engine,
-    pairwise_fold,
 )
 from blmm.errors import BlmmError, InputError
 
@@ -31,21 +28,6 @@ LOCAL = dict(dashboard_address="127.0.0.1:0", progress="off", start_timeout=60)
 
 def square(x: int) -> int:
     return x * x
-
-
-def partial_sum(seed: int) -> np.ndarray:
-    """A 'sufficient statistic' whose float sum depends on the addition order."""
-    time.sleep(random.random() * 0.02)  # shuffles the completion order between runs
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal(64) * 10.0 ** rng.integers(-8, 9, size=64)
-
-
-def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return a + b
-
-
-def brackets(a: str, b: str) -> str:
-    return f"({a}+{b})"
 
 
 def fail_on_three(x: int) -> int:
@@ -93,23 +75,6 @@ def inline() -> Engine:
     return open_engine(EngineSpec("inline", retries=1, progress="off"))
 
 
-# ---- reduction tree --------------------------------------------------------------------
-
-def test_pairwise_fold_shape_depends_on_count_only():
-    assert pairwise_fold(1, str, brackets) == "0"
-    assert pairwise_fold(4, str, brackets) == "((0+1)+(2+3))"
-    assert pairwise_fold(7, str, brackets) == "(((0+1)+(2+3))+((4+5)+6))"
-    with pytest.raises(ValueError):
-        pairwise_fold(0, str, brackets)
-
-
-@pytest.mark.parametrize("n", [1, 2, 5, 16, 23])
-def test_pairwise_fold_uses_every_leaf_once_in_order(n):
-    tree = pairwise_fold(n, str, brackets)
-    assert [int(t) for t in tree.replace("(", " ").replace(")", " ").replace("+", " ").split()] \
-        == list(range(n))
-
-
 # ---- inline ------------------------------------------------------------------------------
 
 def test_inline_map_keeps_order(inline):
@@ -141,28 +106,12 @@ def test_local_map_keeps_order(local2):
     assert local2.n_workers == 2
 
 
-def test_tree_reduce_is_bit_identical_across_engines_and_worker_counts(inline, local2):
-    seeds = list(range(37))
-    expected = inline.tree_reduce(partial_sum, seeds, add, "sum")
-    # the test data are order-sensitive: a left-to-right sum differs in the last bits
-    left_to_right = sum((partial_sum(s) for s in seeds[1:]), partial_sum(seeds[0]))
-    assert not np.array_equal(left_to_right, expected)
-
-    for _ in range(2):
-        assert np.array_equal(local2.tree_reduce(partial_sum, seeds, add, "sum"), expected)
-    with open_engine(EngineSpec("local", workers=1, **LOCAL)) as one_worker:
-        assert np.array_equal(one_worker.tree_reduce(partial_sum, seeds, add, "sum"), expected)
-    assert local2.tree_reduce(str, range(7), brackets, "tree") == pairwise_fold(7, str, brackets)
-
-
 def test_local_error_names_stage_and_item(local2):
     with pytest.raises(EngineError, match=r"stage validate: item 3 \(3\) failed after 2 attempt"
                        r".*ValueError: item three is bad") as err:
         local2.map(fail_on_three, range(8), "validate")
     assert err.value.item_index == 3
     assert "item three is bad" in err.value.remote_traceback
-    with pytest.raises(EngineError, match="stage reduce-check: item 3"):
-        local2.tree_reduce(fail_on_three, range(8), lambda a, b: a + b, "reduce-check")
     assert local2.map(square, range(3), "after-failure") == [0, 1, 4]  # engine still usable
 
 

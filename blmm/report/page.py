@@ -23,7 +23,6 @@ so surfaces far out of view are released).
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime
 import functools
@@ -31,34 +30,42 @@ import html
 import importlib
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from importlib import resources
 from typing import Any
 
 import numpy as np
-import yaml
 
 from blmm import __version__
-from blmm.errors import InputError
-from blmm.io.images import image_space
-from blmm.viewer import (
-    FSAVERAGE5_N_VERTICES,
+from blmm.errors import InputError, ViewerError
+from blmm.io.images import image_space, to_canonical
+from blmm.io.outdir import (
+    COMPARE_FILE,
     MAP_PREFIX,
-    Mesh,
-    ViewerError,
+    REPORT_FILE,
+    RUN_FILE,
+    ContrastEntry,
     find_map,
-    fsaverage5_mesh,
     load_map,
+    read_compare_record,
+    read_run_record,
+    read_settings,
+    contrast_entries,
+    settings_entries,
     write_text_atomically,
 )
+from blmm.io.surfaces import FSAVERAGE5_N_VERTICES, Mesh, cifti_cortices, fsaverage5_mesh, hemisphere_from_names
 
-REPORT_FILE = "report.html"
-RUN_FILE = "blmm_run.json"
-INPUTS_FILE = "inputs.yml"
-COMPARE_FILE = "blmm_compare.json"
 DEFAULT_REPORT_THRESHOLD = 3.0
 HISTOGRAM_BINS = 60
+
+
+def _asset(name: str) -> str:
+    """A file of blmm/report/assets (package data: CSS and JavaScript of the page)."""
+    return resources.files("blmm.report").joinpath("assets", name).read_text(encoding="utf-8")
+
+
 # Volumes are shown as three maximum-intensity projections ("glass brain"): ~0.2 MB per
 # 2 mm map, where slices with sliders would cost ~3 MB (16 slices) to ~16 MB (64).
 PROJECTION_VIEWS = (  # name, axis projected over, (horizontal axis, vertical axis)
@@ -71,8 +78,6 @@ OUTLINE_COLOURS = [[0.0, "rgb(255, 255, 255)"], [1.0, "rgb(222, 222, 226)"]]
 # two-hemisphere figure holds two.
 MAX_LIVE_WEBGL_FIGURES = 6
 VIEWER_EXTRA_HINT = "pip install 'blmm[viewer]'"
-HEMISPHERE_WORDS = {"lh": "left", "left": "left", "rh": "right", "right": "right"}
-CIFTI_CORTICES = (("CIFTI_STRUCTURE_CORTEX_LEFT", "left"), ("CIFTI_STRUCTURE_CORTEX_RIGHT", "right"))
 
 
 # ------------------------------------------------------------------ what the run says
@@ -88,19 +93,11 @@ class FactorSummary:
     design_names: list[str]
 
 
-@dataclass(frozen=True)
-class ContrastSummary:
-    """One contrast of inputs.yml; ``index`` is its volume in the conT or conF maps."""
-
-    label: str
-    name: str
-    kind: str  # "T" or "F"
-    index: int
-    vector: list
+ContrastSummary = ContrastEntry  # one contrast of the run's settings
 
 
 @dataclass
-class RunSummary:
+class RunDescription:
     """Everything the report says about a run, gathered from its output folder."""
 
     outdir: Path
@@ -120,22 +117,6 @@ class RunSummary:
         return sum(f.q * f.levels for f in self.factors)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        loaded = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
-
-
-def _read_inputs(outdir: Path) -> dict:
-    try:
-        loaded = yaml.safe_load((outdir / INPUTS_FILE).read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
-
-
 def _table_header(path: Any) -> list[str] | None:
     """Column names of a CSV/TSV table (its header row), or None when unreadable/absent."""
     from blmm.io.tables import read_matrix
@@ -148,30 +129,7 @@ def _table_header(path: Any) -> list[str] | None:
         return None
 
 
-def _entries(value: Any) -> list[tuple[str, dict]]:
-    """[(key, body)] from upstream's list of one-key dicts (- c1: {...})."""
-    found = []
-    for position, entry in enumerate(value if isinstance(value, list) else [], start=1):
-        if isinstance(entry, dict) and len(entry) == 1 and isinstance(next(iter(entry.values())), dict):
-            key, body = next(iter(entry.items()))
-            found.append((str(key), body))
-        elif isinstance(entry, dict):
-            found.append((f"#{position}", entry))
-    return found
-
-
-def _parse_vector(vector: Any) -> list | None:
-    if isinstance(vector, str):
-        try:
-            vector = yaml.safe_load(vector)
-        except yaml.YAMLError:
-            return None
-    if isinstance(vector, (int, float)):
-        return [vector]
-    return vector if isinstance(vector, list) and vector else None
-
-
-def summarise_run(outdir: str | Path) -> RunSummary:
+def summarise_run(outdir: str | Path) -> RunDescription:
     """The model, settings and counts of a finished run, from its files only.
 
     Settings come from ``blmm_run.json`` (the resolved inputs, as ``inputs.yml``); the names
@@ -179,8 +137,8 @@ def summarise_run(outdir: str | Path) -> RunSummary:
     reads the images, so a report can be rewritten after the inputs have moved.
     """
     folder = Path(outdir)
-    record = _read_json(folder / RUN_FILE)
-    settings = record.get("settings") or _read_inputs(folder)
+    record = read_run_record(folder)
+    settings = read_settings(folder, record)
     notes = []
     if not record:
         notes.append(f"{RUN_FILE} is missing or unreadable: counts and timings are not shown.")
@@ -192,7 +150,7 @@ def summarise_run(outdir: str | Path) -> RunSummary:
             notes.append("X has no header row (or could not be read): columns are called x1, x2, ….")
     recorded_factors = record.get("factors") or []
     factors = []
-    for position, (key, body) in enumerate(_entries(settings.get("Z"))):
+    for position, (key, body) in enumerate(settings_entries(settings.get("Z"))):
         recorded = recorded_factors[position] if position < len(recorded_factors) else {}
         q = int(recorded.get("q", 0))
         design_names = _table_header(body.get("design"))
@@ -200,21 +158,13 @@ def summarise_run(outdir: str | Path) -> RunSummary:
             design_names = [f"z{j + 1}" for j in range(q)]
         factors.append(FactorSummary(str(body.get("name") or recorded.get("name") or key), q,
                                      int(recorded.get("levels", 0)), design_names))
-    contrasts = []
-    counters = {"T": 0, "F": 0}
-    for key, body in _entries(settings.get("contrasts")):
-        vector = _parse_vector(body.get("vector"))
-        if vector is None:
-            continue
-        kind = "F" if any(isinstance(row, list) for row in vector) else "T"
-        contrasts.append(ContrastSummary(key, str(body.get("name", key)), kind, counters[kind], vector))
-        counters[kind] += 1
+    contrasts = contrast_entries(settings)
     threshold = settings.get("report_threshold", DEFAULT_REPORT_THRESHOLD)
     try:
         threshold = float(threshold)
     except (TypeError, ValueError):
         threshold = DEFAULT_REPORT_THRESHOLD
-    return RunSummary(folder, record.get("n"), p, x_names, factors, contrasts, settings, record,
+    return RunDescription(folder, record.get("n"), p, x_names, factors, contrasts, settings, record,
                       threshold, notes)
 
 
@@ -244,7 +194,7 @@ def contrast_text(vector: list, x_names: list[str]) -> str:
     return text + "".join(f" {sign} {term}" for sign, term in terms[1:])
 
 
-def model_formula(summary: RunSummary) -> str:
+def model_formula(summary: RunDescription) -> str:
     """lme4-like: ``Y ~ intercept + age + … + (intercept + time | subject)``."""
     fixed = " + ".join(summary.x_names) or "?"
     random = "".join(f" + ({' + '.join(f.design_names) or '1'} | {f.name})" for f in summary.factors)
@@ -279,17 +229,6 @@ class MapGeometry:
     @property
     def kind(self) -> str:
         return "surface" if self.panels else "volume" if self.volume_shape else "none"
-
-
-def _guess_hemisphere(*names: str) -> str | None:
-    """'left' / 'right' from folder or file names such as ``design1_rh`` or ``lh/Y.txt``."""
-    for name in names:
-        for part in Path(str(name)).parts[::-1]:
-            lowered = part.lower()
-            for token in lowered.replace(".", "_").replace("-", "_").split("_"):
-                if token in HEMISPHERE_WORDS:
-                    return HEMISPHERE_WORDS[token]
-    return None
 
 
 def _fsaverage5_panels(hemis: list[str]) -> tuple[SurfacePanel, ...]:
@@ -329,7 +268,7 @@ def map_geometry(mask_path: Path, hemi_hints: tuple[str, ...] = ()) -> MapGeomet
             return MapGeometry(n_voxels, fmt, "fsaverage5, left and right hemispheres "
                                f"({n_voxels} vertices, left first)", _fsaverage5_panels(["left", "right"]))
         if n_voxels == FSAVERAGE5_N_VERTICES:
-            hemi = _guess_hemisphere(*hemi_hints)
+            hemi = hemisphere_from_names(*hemi_hints)
             note = None if hemi else ("the folder and file names do not say which hemisphere this is: "
                                       "drawn on the left fsaverage5 hemisphere")
             return MapGeometry(n_voxels, fmt, f"fsaverage5, {hemi or 'left'} hemisphere ({n_voxels} vertices)",
@@ -343,17 +282,11 @@ def map_geometry(mask_path: Path, hemi_hints: tuple[str, ...] = ()) -> MapGeomet
 
 
 def _cifti_geometry(path: Path, space: Any, no_mesh: str) -> MapGeometry:
-    axis = space.brain_models
     panels, sizes = [], []
-    for structure, hemi in CIFTI_CORTICES:
-        for name, rows, model in axis.iter_structures():
-            if name != structure:
-                continue
-            n_mesh = int(axis.nvertices[structure])
-            sizes.append(f"{hemi} {n_mesh}")
-            if n_mesh == FSAVERAGE5_N_VERTICES:
-                indices = np.arange(space.n_voxels)[rows]
-                panels.append(SurfacePanel(hemi, _fsaverage5(hemi), indices, np.asarray(model.vertex)))
+    for hemi, rows, vertices, n_mesh in cifti_cortices(space):
+        sizes.append(f"{hemi} {n_mesh}")
+        if n_mesh == FSAVERAGE5_N_VERTICES:
+            panels.append(SurfacePanel(hemi, _fsaverage5(hemi), rows, vertices))
     described = f"CIFTI, {space.n_voxels} grayordinates"
     if panels and len(panels) == len(sizes):
         hemis = " and ".join(panel.hemi for panel in panels)
@@ -561,100 +494,11 @@ class ReportPage:
         return "\n".join(parts)
 
 
-PAGE_STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0;
-       color: #1d1d1f; background: #fff; }
-main { max-width: 1150px; margin: 0 auto; padding: 1em 1.5em 3em; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; }
-h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
-h3 { margin-top: 1.6em; }
-table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
-th { background: #f4f4f6; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-code, .formula { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.92em; }
-.formula { background: #f6f8fa; padding: 0.6em 0.8em; border-radius: 4px; overflow-wrap: anywhere; }
-.note { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.5em 0.8em; }
-.blmm-figure { width: 100%; margin: 0.5em 0 1em; }
-nav ol { columns: 2; font-size: 0.95em; }
-footer { margin-top: 3em; color: #777; font-size: 0.85em; }
-"""
+PAGE_STYLE = "\n" + _asset("report.css")
 
 # Figures are built from the JSON payload when they scroll into view; WebGL figures far from
 # view are purged so the page never holds more contexts than browsers allow.
-PAGE_SCRIPT = """
-(function () {
-  "use strict";
-  var DATA = JSON.parse(document.getElementById("blmm-report-data").textContent);
-  var CONFIG = {displaylogo: false, responsive: true};
-  var TYPES = {f4: Float32Array, f8: Float64Array, i4: Int32Array, u4: Uint32Array,
-               i2: Int16Array, u2: Uint16Array, i1: Int8Array, u1: Uint8Array};
-  var meshes = {}, rendered = {}, visible = {}, live = [];
-  function decode(spec) {
-    var text = atob(spec.bdata), bytes = new Uint8Array(text.length);
-    for (var n = 0; n < text.length; n++) { bytes[n] = text.charCodeAt(n); }
-    return new TYPES[spec.dtype](bytes.buffer);
-  }
-  function mesh(key) {
-    if (!meshes[key]) {
-      var stored = DATA.geometry[key], arrays = {};
-      Object.keys(stored).forEach(function (axis) { arrays[axis] = decode(stored[axis]); });
-      meshes[key] = arrays;
-    }
-    return meshes[key];
-  }
-  function purge(index) {
-    if (!rendered[index]) { return; }
-    Plotly.purge(document.getElementById(DATA.figures[index].id));
-    delete rendered[index];
-    live = live.filter(function (i) { return i !== index; });
-  }
-  function release() {
-    while (live.length > DATA.max_live_webgl) {
-      var hidden = live.filter(function (i) { return !visible[i]; });
-      if (!hidden.length) { return; }
-      purge(hidden[0]);
-    }
-  }
-  function render(index) {
-    if (rendered[index]) { return rendered[index]; }
-    var spec = DATA.figures[index];
-    // plotly keeps (and may change) what it is given: draw from a copy of the spec.
-    var figure = JSON.parse(JSON.stringify(spec.figure));
-    figure.data.forEach(function (trace, t) {
-      var key = spec.meshes[t];
-      if (key) {
-        var g = mesh(key);
-        ["x", "y", "z", "i", "j", "k"].forEach(function (axis) { trace[axis] = g[axis]; });
-      }
-    });
-    if (spec.template !== null) { figure.layout.template = DATA.templates[spec.template]; }
-    rendered[index] = Plotly.newPlot(document.getElementById(spec.id), figure.data,
-                                     figure.layout, CONFIG);
-    if (spec.webgl) { live.push(index); release(); }
-    return rendered[index];
-  }
-  window.blmmReport = {count: DATA.figures.length, figures: DATA.figures, render: render,
-                       purge: purge};
-  if (!("IntersectionObserver" in window)) {
-    DATA.figures.forEach(function (spec, i) { render(i); });
-    return;
-  }
-  var observer = new IntersectionObserver(function (entries) {
-    entries.forEach(function (entry) {
-      var index = Number(entry.target.getAttribute("data-figure"));
-      visible[index] = entry.isIntersecting;
-      if (entry.isIntersecting) { render(index); }
-    });
-    release();
-  }, {rootMargin: "300px 0px"});
-  DATA.figures.forEach(function (spec, i) {
-    var div = document.getElementById(spec.id);
-    div.setAttribute("data-figure", String(i));
-    observer.observe(div);
-  });
-})();
-"""
+PAGE_SCRIPT = "\n" + _asset("report.js")
 
 
 # ------------------------------------------------------------------ figures
@@ -720,16 +564,14 @@ def plot_projections(values: np.ndarray, affine: np.ndarray, outline: np.ndarray
     NaN voxels are transparent; ``outline`` (the fitted voxels) is drawn as a light
     silhouette beneath. Axes are in mm, oriented RAS whatever the file's orientation.
     """
-    import nibabel as nib
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     from blmm import viewer
 
-    stacked = np.stack([values, outline], axis=-1).astype(np.float32)
-    canonical = nib.as_closest_canonical(nib.Nifti1Image(stacked, np.asarray(affine, dtype=float)))
-    data = np.asarray(canonical.dataobj, dtype=np.float32)
-    values, outline, ras = data[..., 0], data[..., 1] > 0, canonical.affine
+    data, ras = to_canonical(np.stack([values, outline], axis=-1), affine)
+    data = np.asarray(data, dtype=np.float32)
+    values, outline = data[..., 0], data[..., 1] > 0
     mm = [ras[axis, axis] * np.arange(values.shape[axis]) + ras[axis, 3] for axis in range(3)]
     colours = viewer.colour_range(_finite(values), colorscale=colorscale)
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.07,
@@ -805,7 +647,7 @@ def _counts_rows(counts: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _model_section(page: ReportPage, summary: RunSummary) -> None:
+def _model_section(page: ReportPage, summary: RunDescription) -> None:
     settings, record = summary.settings, summary.record
     page.heading("Model", "model")
     page.text(f'<p class="formula">{html.escape(model_formula(summary))}</p>'
@@ -847,7 +689,7 @@ def _model_section(page: ReportPage, summary: RunSummary) -> None:
                    header=("key", "name", "type", "map volume", "tests"))
 
 
-def _convergence_section(page: ReportPage, summary: RunSummary, geometry: MapGeometry | None) -> None:
+def _convergence_section(page: ReportPage, summary: RunDescription, geometry: MapGeometry | None) -> None:
     counts = summary.record.get("counts") or {}
     page.heading("Convergence", "convergence")
     if counts:
@@ -872,7 +714,7 @@ def _convergence_section(page: ReportPage, summary: RunSummary, geometry: MapGeo
     add_histograms(page, [("iterations (blmm_vox_nit)", iterations, selected, "not converged")])
 
 
-def _contrast_section(page: ReportPage, summary: RunSummary, geometry: MapGeometry | None,
+def _contrast_section(page: ReportPage, summary: RunDescription, geometry: MapGeometry | None,
                       contrast: ContrastSummary, maps: dict[str, np.ndarray | None], anchor: str) -> None:
     stat_name = "conT" if contrast.kind == "T" else "conF"
     page.heading(f"{contrast.kind} contrast {contrast.label}: {contrast.name}", anchor, level=3)
@@ -985,7 +827,7 @@ def _model_rows(model: dict) -> list[tuple[str, str]]:
 def build_compare_report(outdir: str | Path, with_figures: bool | None = None) -> str:
     """The report page of a ``blmm_compare`` folder as HTML text."""
     folder = Path(outdir)
-    record = _read_json(folder / COMPARE_FILE)
+    record = read_compare_record(folder)
     figures = plotly_available() if with_figures is None else with_figures
     page = ReportPage(f"blmm_compare report: {folder.name}", figures)
     if not record:
@@ -993,7 +835,7 @@ def build_compare_report(outdir: str | Path, with_figures: bool | None = None) -
     if not figures:
         page.note(f"Figures need the viewer extra (plotly and nilearn): {VIEWER_EXTRA_HINT}.")
     big, small = record.get("big") or {}, record.get("small") or {}
-    big_run = _read_json(Path(str(big.get("outdir", ""))) / RUN_FILE) if big.get("outdir") else {}
+    big_run = read_run_record(str(big["outdir"])) if big.get("outdir") else {}
     threshold = (big_run.get("settings") or {}).get("report_threshold", DEFAULT_REPORT_THRESHOLD)
     try:
         threshold = float(threshold)
@@ -1062,22 +904,3 @@ def write_compare_report(outdir: Path) -> Path:
     """Write ``outdir/report.html`` for a ``blmm_compare`` folder (atomically); returns its path."""
     folder = Path(outdir)
     return write_text_atomically(folder / REPORT_FILE, build_compare_report(folder))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m blmm.report OUTDIR``: (re)write the report of a run or comparison folder."""
-    parser = argparse.ArgumentParser(prog="python -m blmm.report",
-                                     description="Write OUTDIR/report.html for a blmm or blmm_compare folder.")
-    parser.add_argument("outdir")
-    args = parser.parse_args(argv)
-    folder = Path(args.outdir)
-    if not folder.is_dir():
-        print(f"blmm.report: error: {folder}: not a folder", file=sys.stderr)
-        return 1
-    written = write_compare_report(folder) if (folder / COMPARE_FILE).is_file() else write_report(folder)
-    print(f"blmm.report: wrote {written}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

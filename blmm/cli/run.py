@@ -1,4 +1,4 @@
-"""Command-line entry points: `blmm` and `blmm_compare`."""
+"""The `blmm` command: fit a linear mixed model at every voxel (``blmm inputs.yml``)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import traceback
 from blmm import __version__
 from blmm.errors import BlmmError
 
-KINDS = ("local", "inline", "slurm", "sge", "pbs", "lsf", "htcondor", "oar", "moab")
+from blmm.engine.spec import KINDS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,12 +77,3 @@ def _run(args) -> int:
     with open_engine(spec) as engine:
         run(config, engine, force=args.force)
     return 0
-
-
-def compare_main(argv: list[str] | None = None) -> int:
-    try:
-        from blmm.compare import compare_main as _compare_main
-    except ImportError:
-        print("blmm_compare: not available in this build", file=sys.stderr)
-        return 2
-    return _compare_main(argv)

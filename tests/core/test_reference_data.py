@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-_LOAD = Path(__file__).resolve().parent / "reference" / "load.py"
+_LOAD = Path(__file__).resolve().parents[1] / "reference" / "load.py"
 _spec = importlib.util.spec_from_file_location("blmm_reference_load", _LOAD)
 ref = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = ref

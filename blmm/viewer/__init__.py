@@ -17,12 +17,9 @@ Volume indices are 0-based everywhere (API and CLI).
 from __future__ import annotations
 
 import argparse
-import gzip
-import importlib.util
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,20 +27,34 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from blmm.errors import InputError
-from blmm.io.images import image_space, read_map
+from blmm.errors import InputError, ViewerError
+from blmm.io.images import image_space, read_map, to_canonical
+from blmm.io.outdir import (
+    MAP_PREFIX,
+    available_maps,
+    contrast_entries,
+    find_map,
+    load_map,
+    map_stat_name,
+    read_settings,
+    strip_prefix,
+    write_text_atomically,
+)
+from blmm.io.surfaces import (
+    FSAVERAGE5_KINDS,
+    FSAVERAGE5_N_VERTICES,
+    HEMISPHERES,
+    Mesh,
+    cifti_cortices,
+    fsaverage5_mesh,
+    guess_hemi,
+    load_surface,
+    mni152_template,
+)
 
 if TYPE_CHECKING:  # plotly is optional: only imported when a figure is built
     import plotly.graph_objects as go
 
-MAP_PREFIX = "blmm_vox_"
-# Longest first, so "x.dscalar.nii" is not taken for a plain NIfTI.
-MAP_EXTENSIONS = (
-    ".dscalar.nii", ".func.gii", ".shape.gii", ".nii.gz", ".nii", ".gii", ".mgh", ".mgz", ".dat",
-)
-# Raw .dat maps of counts are int32 (upstream's n, mask, edf; blmm's converged, nit);
-# all others float32.
-INT32_DAT_MAPS = frozenset({"n", "mask", "edf", "converged", "nit"})
 
 T_CONTRAST_MAPS = frozenset({"conT", "con", "conSE", "conTlp", "conT_swedf"})
 F_CONTRAST_MAPS = frozenset({"conF", "conFlp", "conF_swedf", "conR2"})
@@ -70,14 +81,6 @@ MAP_DESCRIPTIONS = {
     "resms": "residual mean square",
 }
 
-HEMISPHERES = ("left", "right")
-FSAVERAGE5_N_VERTICES = 10242
-# Our names for fsaverage5 surfaces -> the part of nilearn's shipped file names.
-FSAVERAGE5_KINDS = {
-    "pial": "pial", "white": "white", "inflated": "infl", "infl": "infl",
-    "sphere": "sphere", "flat": "flat",
-}
-MNI152_TEMPLATE_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 # Sub-threshold vertices and missing values are painted in this grey.
 NEUTRAL_COLOUR = "rgb(200, 200, 200)"
@@ -91,280 +94,25 @@ NEGATIVE_COLORSCALE = [
 MIN_BAND_FRACTION = 0.02
 
 
-class ViewerError(InputError):
-    """A map, mesh or option cannot be shown (mismatch, missing file, bad index)."""
 
 
 # --------------------------------------------------------------------------- maps
 
 
-def _map_stat_and_extension(file_name: str) -> tuple[str, str] | None:
-    """("conT", ".nii.gz") for "blmm_vox_conT.nii.gz"; None for anything else."""
-    if not file_name.startswith(MAP_PREFIX):
-        return None
-    for extension in MAP_EXTENSIONS:
-        if file_name.endswith(extension):
-            stat = file_name[len(MAP_PREFIX):-len(extension)]
-            return (stat, extension) if stat and "." not in stat else None
-    return None
-
-
-def available_maps(outdir: str | os.PathLike) -> dict[str, list[Path]]:
-    """Every ``blmm_vox_*`` map in ``outdir``, by statistic name (sorted)."""
-    folder = Path(outdir)
-    if not folder.is_dir():
-        raise ViewerError(f"{folder}: not a folder (expected a blmm output folder)")
-    maps: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
-        parsed = _map_stat_and_extension(path.name)
-        if parsed and path.is_file():
-            maps.setdefault(parsed[0], []).append(path)
-    return dict(sorted(maps.items()))
-
-
-def _strip_prefix(name: str) -> str:
-    name = name[len(MAP_PREFIX):] if name.startswith(MAP_PREFIX) else name
-    parsed = _map_stat_and_extension(MAP_PREFIX + name)
-    # Accept a file name too ("blmm_vox_beta.nii"), keeping only the statistic.
-    return parsed[0] if parsed else name
-
-
-def find_map(outdir: str | os.PathLike, name: str) -> Path:
-    """The file of map ``name`` (``beta`` or ``blmm_vox_beta``) in ``outdir``."""
-    stat = _strip_prefix(name)
-    maps = available_maps(outdir)
-    candidates = maps.get(stat)
-    if candidates is None:
-        # Statistic names are case-sensitive, but an unambiguous case slip is forgiven.
-        folded = [key for key in maps if key.lower() == stat.lower()]
-        candidates = maps[folded[0]] if len(folded) == 1 else None
-    listing = ", ".join(maps) if maps else "none"
-    if not candidates:
-        raise ViewerError(
-            f"no map {MAP_PREFIX}{stat}.* in {outdir}; available maps: {listing}")
-    if len(candidates) > 1:
-        names = ", ".join(path.name for path in candidates)
-        raise ViewerError(
-            f"map {MAP_PREFIX}{stat} is ambiguous in {outdir}: {names}; "
-            "pass the file path instead")
-    return candidates[0]
-
-
-def map_stat_name(path: str | os.PathLike) -> str | None:
-    """The statistic a map file holds ("conT"), or None when the name is not blmm's."""
-    parsed = _map_stat_and_extension(Path(path).name)
-    return parsed[0] if parsed else None
-
-
-def load_map(
-    path_or_outdir: str | os.PathLike,
-    name: str | None = None,
-    n_vertices: int | None = None,
-) -> np.ndarray:
-    """Map values as (n_voxels_or_vertices, n_volumes).
-
-    ``path_or_outdir`` is a map file, or an output folder with ``name`` given.
-    Raw ``.dat`` maps have no header, so they need ``n_vertices``.
-    """
-    path = Path(path_or_outdir)
-    if path.is_dir():
-        if name is None:
-            raise ViewerError(f"{path} is a folder: say which map to load (e.g. name='beta')")
-        path = find_map(path, name)
-    elif not path.exists():
-        raise ViewerError(f"{path}: file not found")
-    if path.name.endswith(".dat") and n_vertices is None:
-        raise ViewerError(
-            f"{path}: a .dat map has no header; pass n_vertices "
-            f"({FSAVERAGE5_N_VERTICES} for one fsaverage5 hemisphere)")
-    dtype = np.int32 if path.name.endswith(".dat") and map_stat_name(path) in INT32_DAT_MAPS \
-        else None
-    values = np.asarray(read_map(path, n_voxels=n_vertices, dtype=dtype))
-    if values.ndim == 1:
-        values = values[:, None]
-    if n_vertices is not None and values.shape[0] != n_vertices:
-        raise ViewerError(
-            f"{path}: map has {values.shape[0]} vertices but {n_vertices} were expected")
-    return values
-
-
 # ------------------------------------------------------------------------- meshes
-
-
-@dataclass(frozen=True, eq=False)
-class Mesh:
-    """A triangle surface: vertex coordinates (N, 3) in mm and faces (M, 3) indices."""
-
-    coords: np.ndarray
-    faces: np.ndarray
-    hemi: str | None = None
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        coords = np.asarray(self.coords, dtype=np.float32)
-        faces = np.asarray(self.faces)
-        if coords.ndim != 2 or coords.shape[1] != 3:
-            raise ViewerError(f"mesh coords must have shape (N, 3), got {coords.shape}")
-        if faces.ndim != 2 or faces.shape[1] != 3:
-            raise ViewerError(f"mesh faces must have shape (M, 3), got {faces.shape}")
-        if faces.size and (faces.min() < 0 or faces.max() >= len(coords)):
-            raise ViewerError(
-                f"mesh faces refer to vertex {int(faces.max())}, "
-                f"but the mesh has {len(coords)} vertices")
-        object.__setattr__(self, "coords", coords)
-        object.__setattr__(self, "faces", faces.astype(np.int32))
-
-    @property
-    def n_vertices(self) -> int:
-        return int(self.coords.shape[0])
-
-    @property
-    def n_faces(self) -> int:
-        return int(self.faces.shape[0])
-
-
-def _nilearn_data_dir() -> Path:
-    """nilearn's shipped data folder, found without importing nilearn."""
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise ViewerError(
-            "the fsaverage5 meshes and MNI152 template come with nilearn: "
-            "install the viewer extra (pip install 'blmm[viewer]')")
-    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
-
-
-def _normalise_hemi(hemi: str) -> str:
-    aliases = {"left": "left", "lh": "left", "l": "left", "right": "right", "rh": "right",
-               "r": "right"}
-    try:
-        return aliases[hemi.lower()]
-    except (KeyError, AttributeError):
-        raise ViewerError(f"hemisphere must be 'left' or 'right', got {hemi!r}") from None
-
-
-def _gifti_from_file(path: Path) -> Any:
-    import nibabel as nib
-
-    if path.name.endswith(".gz"):
-        # nibabel does not open gzipped GIfTI by itself.
-        with gzip.open(path, "rb") as stream:
-            return nib.gifti.GiftiImage.from_bytes(stream.read())
-    return nib.load(path)
-
-
-def _mesh_from_gifti(image: Any, path: Path, hemi: str | None) -> Mesh:
-    import nibabel as nib
-
-    pointset = nib.nifti1.intent_codes.code["NIFTI_INTENT_POINTSET"]
-    triangle = nib.nifti1.intent_codes.code["NIFTI_INTENT_TRIANGLE"]
-    coords = [array.data for array in image.darrays if array.intent == pointset]
-    faces = [array.data for array in image.darrays if array.intent == triangle]
-    if not coords or not faces:
-        raise ViewerError(f"{path}: GIfTI file has no surface (needs a pointset and a "
-                          "triangle array); is it a data file rather than a mesh?")
-    return Mesh(coords[0], faces[0], hemi=hemi, name=path.name)
-
-
-def _guess_hemi(file_name: str) -> str | None:
-    lowered = file_name.lower()
-    if lowered.startswith("lh.") or "left" in lowered or ".l." in lowered or "_lh" in lowered:
-        return "left"
-    if lowered.startswith("rh.") or "right" in lowered or ".r." in lowered or "_rh" in lowered:
-        return "right"
-    return None
-
-
-def load_surface(path: str | os.PathLike, hemi: str | None = None) -> Mesh:
-    """A surface mesh from a FreeSurfer geometry file (lh.pial) or a GIfTI (.gii[.gz])."""
-    surface_path = Path(path)
-    if not surface_path.is_file():
-        raise ViewerError(f"{surface_path}: surface file not found")
-    hemi = _normalise_hemi(hemi) if hemi else _guess_hemi(surface_path.name)
-    if surface_path.name.endswith((".gii", ".gii.gz")):
-        try:
-            image = _gifti_from_file(surface_path)
-        except Exception as err:  # nibabel raises several types for corrupt XML
-            raise ViewerError(f"{surface_path}: cannot read GIfTI surface ({err})") from None
-        return _mesh_from_gifti(image, surface_path, hemi)
-    import nibabel.freesurfer as freesurfer
-
-    try:
-        coords, faces = freesurfer.read_geometry(str(surface_path))
-    except Exception as err:  # a non-surface file fails deep inside nibabel
-        raise ViewerError(
-            f"{surface_path}: not a FreeSurfer surface or GIfTI mesh ({err})") from None
-    return Mesh(coords, faces, hemi=hemi, name=surface_path.name)
-
-
-def fsaverage5_mesh(hemi: str = "left", kind: str = "pial") -> Mesh:
-    """The fsaverage5 surface (10242 vertices) shipped with nilearn; read offline."""
-    side = _normalise_hemi(hemi)
-    part = FSAVERAGE5_KINDS.get(kind)
-    if part is None:
-        raise ViewerError(
-            f"unknown fsaverage5 surface {kind!r}; choose one of {', '.join(FSAVERAGE5_KINDS)}")
-    path = _nilearn_data_dir() / "fsaverage5" / f"{part}_{side}.gii.gz"
-    if not path.is_file():
-        raise ViewerError(f"{path}: fsaverage5 mesh missing from the nilearn package")
-    mesh = _mesh_from_gifti(_gifti_from_file(path), path, side)
-    return Mesh(mesh.coords, mesh.faces, hemi=side, name=f"fsaverage5 {kind} ({side})")
-
-
-def mni152_template() -> Any:
-    """nilearn's shipped MNI152 (2009a sym) T1 template as a nibabel image; read offline."""
-    import nibabel as nib
-
-    path = _nilearn_data_dir() / MNI152_TEMPLATE_FILE
-    if not path.is_file():
-        raise ViewerError(f"{path}: MNI152 template missing from the nilearn package")
-    return nib.load(path)
 
 
 # ---------------------------------------------------------------- contrast names
 
 
-def _parse_vector(vector: Any) -> Any:
-    if isinstance(vector, str):
-        import yaml
-
-        try:
-            return yaml.safe_load(vector)
-        except yaml.YAMLError:
-            return None
-    return vector
-
-
 def contrast_names(outdir: str | os.PathLike) -> dict[str, list[tuple[str, str]]]:
-    """T and F contrasts of ``outdir/inputs.yml`` in order: {"T": [(label, name)], "F": ...}.
+    """T and F contrasts of the run in ``outdir`` in order: {"T": [(label, name)], "F": ...}.
 
-    A contrast with a flat vector is a T contrast; a matrix (list of rows) is an F contrast.
-    Missing or unreadable inputs.yml gives empty lists (titles just lack names).
+    A missing or unreadable record gives empty lists (titles just lack names).
     """
-    import yaml
-
     found: dict[str, list[tuple[str, str]]] = {"T": [], "F": []}
-    path = Path(outdir) / "inputs.yml"
-    try:
-        inputs = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return found
-    contrasts = inputs.get("contrasts") if isinstance(inputs, dict) else None
-    if not isinstance(contrasts, list):
-        return found
-    for position, entry in enumerate(contrasts, start=1):
-        if isinstance(entry, dict) and len(entry) == 1:
-            label, body = next(iter(entry.items()))
-        else:
-            label, body = f"c{position}", entry
-        if not isinstance(body, dict):
-            continue
-        vector = _parse_vector(body.get("vector"))
-        if isinstance(vector, (int, float)):
-            vector = [vector]
-        if not isinstance(vector, list) or not vector:
-            continue
-        kind = "F" if any(isinstance(item, list) for item in vector) else "T"
-        found[kind].append((str(label), str(body.get("name", label))))
+    for entry in contrast_entries(read_settings(outdir)):
+        found[entry.kind].append((entry.label, entry.name))
     return found
 
 
@@ -372,7 +120,7 @@ def describe_volume(
     name: str, volume: int, n_volumes: int, outdir: str | os.PathLike | None = None,
 ) -> str:
     """Title text: map, what it is, volume, and the contrast name when known."""
-    stat = _strip_prefix(name)
+    stat = strip_prefix(name)
     parts = [f"{MAP_PREFIX}{stat}"]
     if stat in MAP_DESCRIPTIONS:
         parts[0] += f" ({MAP_DESCRIPTIONS[stat]})"
@@ -661,8 +409,6 @@ def plot_surface(
 
 def _canonical_volume(data: Any, affine: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, Any]:
     """(data (X, Y, Z, k) RAS-oriented, its affine, header-or-None) from a path or array."""
-    import nibabel as nib
-
     header = None
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
@@ -677,9 +423,8 @@ def _canonical_volume(data: Any, affine: np.ndarray | None) -> tuple[np.ndarray,
         if array.ndim not in (3, 4):
             raise ViewerError(f"volume data must be 3-D or 4-D, got shape {array.shape}")
         affine = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
-    image = nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine)
-    image = nib.as_closest_canonical(image)
-    return np.asanyarray(image.dataobj), image.affine, header
+    canonical, affine = to_canonical(array, affine)
+    return canonical, affine, header
 
 
 def _is_mni(affine: np.ndarray, shape: Sequence[int], header: Any, template: Any) -> bool:
@@ -856,26 +601,6 @@ def write_html(fig: go.Figure, path: str | os.PathLike) -> Path:
     return write_text_atomically(path, html)
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
-                                         dir=target.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        # mkstemp makes the file private; a page should get the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return target
-
-
 # ------------------------------------------------------------------------ CLI
 
 
@@ -890,16 +615,11 @@ def _is_volumetric(path: Path) -> bool:
 def _cifti_hemispheres(path: Path) -> dict[str, tuple[np.ndarray, int]]:
     """Per-hemisphere (values scattered onto all mesh vertices, n vertices) of a dscalar."""
     values = np.asarray(read_map(path))
-    axis = image_space(path).brain_models
     found = {}
-    for structure, hemi in (("CIFTI_STRUCTURE_CORTEX_LEFT", "left"),
-                            ("CIFTI_STRUCTURE_CORTEX_RIGHT", "right")):
-        for name, rows, model in axis.iter_structures():
-            if name == structure:
-                n_vertices = int(axis.nvertices[structure])
-                full = np.full((n_vertices, values.shape[1]), np.nan, dtype=np.float32)
-                full[model.vertex] = values[rows]
-                found[hemi] = (full, n_vertices)
+    for hemi, rows, vertices, n_vertices in cifti_cortices(image_space(path)):
+        full = np.full((n_vertices, values.shape[1]), np.nan, dtype=np.float32)
+        full[vertices] = values[rows]
+        found[hemi] = (full, n_vertices)
     if not found:
         raise ViewerError(f"{path}: CIFTI file has no cortical surface (CORTEX_LEFT/RIGHT)")
     return found
@@ -913,7 +633,7 @@ def _surface_for(spec: str, hemi: str) -> Mesh:
     path = Path(spec)
     if not path.exists() and spec in FSAVERAGE5_KINDS:
         return fsaverage5_mesh(hemi, spec)
-    guessed = _guess_hemi(path.name)
+    guessed = guess_hemi(path.name)
     if guessed and guessed != hemi:
         swaps = (("lh.", "rh."), ("left", "right"), ("_lh", "_rh"), (".L.", ".R."))
         for a, b in swaps:
@@ -942,7 +662,7 @@ def _surface_figure(args: argparse.Namespace, outdir: Path | None, stat: str,
                     path: Path | None, title_outdir: Path) -> go.Figure:
     """Figure for a surface map; ``outdir`` is set when per-hemisphere folders may hold it."""
     hemis = {"both": list(HEMISPHERES), "left": ["left"], "right": ["right"]}
-    surface_hint = _guess_hemi(Path(args.surface).name) if Path(args.surface).exists() else None
+    surface_hint = guess_hemi(Path(args.surface).name) if Path(args.surface).exists() else None
     per_hemi_files = _hemisphere_folders(outdir, stat) if outdir is not None and path is None \
         else {}
     if per_hemi_files:
@@ -1046,7 +766,7 @@ def view_main(argv: list[str] | None = None) -> int:
             if not args.map:
                 maps = ", ".join(available_maps(given)) or "none"
                 raise ViewerError(f"say which map to show; available maps: {maps}")
-            path, outdir, stat = None, given, _strip_prefix(args.map)
+            path, outdir, stat = None, given, strip_prefix(args.map)
             from_folder = given
             if not _hemisphere_folders(given, stat):
                 path = find_map(given, stat)

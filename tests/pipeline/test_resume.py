@@ -13,7 +13,7 @@ import pytest
 
 from blmm.config import load_config
 from blmm.pipeline import LLH64_FILE, WORK_DIR, OutdirConflict, block_file, fit_block, plan_run, read_batch, run
-from tests.test_pipeline import make_analysis
+from tests.pipeline.test_pipeline import make_analysis
 
 QUIET = dict(log=lambda *a: None)
 

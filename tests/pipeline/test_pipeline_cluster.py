@@ -14,7 +14,7 @@ import pytest
 from blmm.config import load_config
 from blmm.engine import open_engine
 from blmm.pipeline import LLH64_FILE, WORK_DIR, run
-from tests.test_pipeline import make_analysis
+from tests.pipeline.test_pipeline import make_analysis
 
 
 def maps(outdir):

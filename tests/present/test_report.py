@@ -303,7 +303,7 @@ def test_compare_report(surface_run: Path, tmp_path: Path) -> None:
 # ------------------------------------------------------------------ in a browser
 
 
-from tests.test_viewer_browser import CAPTURE_ERRORS  # noqa: E402  (one error probe for both pages)
+from tests.present.test_viewer_browser import CAPTURE_ERRORS  # noqa: E402  (one error probe for both pages)
 
 REPORT_PROBE = """<script>
 window.__probe = {errors: [], figures: []};
@@ -335,7 +335,7 @@ window.__probe = {errors: [], figures: []};
 @pytest.mark.browser
 def test_report_in_chromium_draws_every_figure(surface_run: Path, tmp_path: Path) -> None:
     pytest.importorskip("plotly", reason="the viewer extra (plotly) is not installed")
-    from tests.test_viewer_browser import CHROMIUM, painted_share, probe_page, screenshot
+    from tests.present.test_viewer_browser import CHROMIUM, painted_share, probe_page, screenshot
 
     if CHROMIUM is None:
         pytest.skip("headless Chromium not found (Debian: apt-get install -y chromium)")

@@ -436,7 +436,7 @@ def test_outdir_parent_not_writable_reported(study, monkeypatch):
     # Same branch as above without relying on file modes (the test may run as root).
     import blmm.config
 
-    monkeypatch.setattr(blmm.config, "_writable", lambda folder: folder != study)
+    monkeypatch.setattr(blmm.config.sections, "_writable", lambda folder: folder != study)
     problem = _one_problem(_edit(study, outdir="new/out"), "outdir")
     assert f"{study / 'new' / 'out'} cannot be created because {study} is not writable" in problem
 

@@ -43,7 +43,7 @@ from blmm.config import load_config
 from blmm.design import RandomFactor
 from blmm.io.images import read_map
 
-REFERENCE = Path(__file__).resolve().parent / "reference" / "data"
+REFERENCE = Path(__file__).resolve().parents[1] / "reference" / "data"
 CASES = ("slope", "crossed", "fixed")
 
 

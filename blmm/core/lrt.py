@@ -1,0 +1,237 @@
+"""Likelihood-ratio tests of nested models: null distributions and nesting checks.
+
+Arrays only: a model here is anything with ``X``, ``x_names``, ``p``, ``factors``
+(RandomFactor), ``n_params``, ``reml`` and a ``label`` for messages, such as
+``blmm.io.outdir.Analysis``.  ``blmm.compare`` orchestrates a comparison of two output
+folders with these pieces (docs/compare.md).
+
+* one variance component added on the boundary (a new one-effect factor): ½χ²₀ + ½χ²₁;
+* one random effect added to a factor with q (Stram & Lee 1994): ½χ²_q + ½χ²_{q+1};
+* fixed effects only (ML fits): χ² with df = the difference in p;
+* anything else: χ² with df = the difference in parameter counts, which is conservative.
+
+p-values are −log10 p computed in log space (never 1 − cdf), finite however far in the tail.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import special, stats
+
+from blmm.core.design import RandomFactor
+from blmm.errors import CompareError
+
+Model = Any  # X, x_names, p, factors, n_params, reml, label (e.g. blmm.io.outdir.Analysis)
+
+LN10 = math.log(10.0)
+# Below this log p, scipy's chi2.logsf loses accuracy and then returns -inf (near x ≈ 1500 for
+# df = 1); the closed-form series takes over there.
+_SCIPY_LOG_SF_FLOOR = -600.0
+# Relative tolerance of "column lies in the span of these columns" (residual / column norm).
+_SPAN_RTOL = 1e-8
+
+
+# ---------------------------------------------------------------------------
+# Null distributions
+# ---------------------------------------------------------------------------
+
+
+def _chi2_log_sf_series(x: np.ndarray, df: int) -> np.ndarray:
+    """log P(χ²_df ≥ x) for integer df ≥ 1 and x > 0 from the closed form of the upper gamma tail.
+
+    With z = x/2: even df = 2m, Q = e^{-z} Σ_{j<m} z^j / j!; odd df = 2m+1,
+    Q = erfc(√z) + e^{-z} Σ_{j<m} z^{j+½} / Γ(j+3/2).  Sums of positive terms in log space
+    do not cancel or underflow, so this stays accurate for any x.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    half = 0.5 * x
+    log_half = np.log(half)
+    m = df // 2
+    if df % 2 == 0:
+        j = np.arange(m, dtype=np.float64)
+        terms = j * log_half[..., None] - special.gammaln(j + 1.0)
+        return -half + special.logsumexp(terms, axis=-1)
+    log_erfc = math.log(2.0) + special.log_ndtr(-np.sqrt(x))  # erfc(√z) = 2Φ(-√x)
+    if m == 0:
+        return log_erfc
+    j = np.arange(m, dtype=np.float64)
+    terms = (j + 0.5) * log_half[..., None] - special.gammaln(j + 1.5)
+    return np.logaddexp(log_erfc, -half + special.logsumexp(terms, axis=-1))
+
+
+def chi2_log_sf(x: np.ndarray, df: int) -> np.ndarray:
+    """Natural log of P(χ²_df ≥ x), finite for every finite x; df = 0 is a point mass at 0."""
+    x = np.asarray(x, dtype=np.float64)
+    if df != int(df) or df < 0:
+        raise ValueError(f"chi-square df must be a non-negative integer, got {df}")
+    df = int(df)
+    if df == 0:
+        return np.where(x <= 0, 0.0, -np.inf)
+    out = np.asarray(stats.chi2.logsf(x, df), dtype=np.float64).copy()
+    far = np.isfinite(x) & (x > 0) & ~(out > _SCIPY_LOG_SF_FLOOR)
+    if np.any(far):
+        out[far] = _chi2_log_sf_series(x[far], df)
+    return out
+
+
+@dataclass(frozen=True)
+class NullDistribution:
+    """A weighted mixture of χ² distributions (a single χ² has one component of weight 1)."""
+
+    components: tuple[tuple[float, int], ...]  # (weight, df); df = 0 is a point mass at 0
+    kind: str  # "chi2" or "mixture"
+    reason: str  # why this distribution applies
+    exact: bool = True  # False: an approximation (stated in blmm_compare.json)
+
+    @property
+    def label(self) -> str:
+        """e.g. '0.5 chi2(1) + 0.5 chi2(2)' or 'chi2(2)'."""
+        if len(self.components) == 1:
+            return f"chi2({self.components[0][1]})"
+        return " + ".join(f"{w:g} chi2({df})" for w, df in self.components)
+
+    def log_sf(self, chi2: np.ndarray) -> np.ndarray:
+        """Natural log of the p-value P(T ≥ chi2); the mixture is summed with logsumexp."""
+        chi2 = np.asarray(chi2, dtype=np.float64)
+        logs = np.stack([math.log(w) + chi2_log_sf(chi2, df) for w, df in self.components])
+        return special.logsumexp(logs, axis=0)
+
+    def minus_log10_p(self, chi2: np.ndarray) -> np.ndarray:
+        """−log10 p: ≥ 0, finite for every finite statistic, NaN where chi2 is NaN."""
+        chi2 = np.asarray(chi2, dtype=np.float64)
+        out = np.full(chi2.shape, np.nan)
+        ok = np.isfinite(chi2)
+        out[ok] = np.maximum(-self.log_sf(chi2[ok]) / LN10, 0.0)  # max also turns -0.0 into 0.0
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "kind": self.kind,
+            "components": [{"weight": w, "df": df} for w, df in self.components],
+            "exact": self.exact,
+            "reason": self.reason,
+        }
+
+
+def chi2_null(df: int, reason: str, exact: bool = True) -> NullDistribution:
+    return NullDistribution(((1.0, int(df)),), "chi2", reason, exact)
+
+
+def mixture_null(df_low: int, df_high: int, reason: str) -> NullDistribution:
+    """½χ²_low + ½χ²_high."""
+    return NullDistribution(((0.5, int(df_low)), (0.5, int(df_high))), "mixture", reason, True)
+
+
+# ---------------------------------------------------------------------------
+# Nesting
+# ---------------------------------------------------------------------------
+
+
+def _outside_span(columns: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """Indices of ``columns`` not in the column span of ``basis`` (relative residual > tolerance)."""
+    u, singular_values, _ = np.linalg.svd(basis, full_matrices=False)
+    # an orthonormal basis of the span, robust to dependent columns (a design may have them)
+    q = u[:, singular_values > singular_values.max(initial=0.0) * max(basis.shape) * np.finfo(float).eps]
+    residual = columns - q @ (q.T @ columns)
+    norms = np.linalg.norm(columns, axis=0)
+    return np.flatnonzero(np.linalg.norm(residual, axis=0) > _SPAN_RTOL * np.maximum(norms, 1e-300))
+
+
+def same_grouping(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label vectors group the images identically (labels may be renamed)."""
+    _, ca = np.unique(a, return_inverse=True)
+    _, cb = np.unique(b, return_inverse=True)
+    pairs = np.unique(ca.astype(np.int64) * (int(cb.max()) + 1) + cb)
+    return pairs.size == np.unique(ca).size == np.unique(cb).size
+
+
+def _factor_contains(big: RandomFactor, small: RandomFactor) -> bool:
+    return same_grouping(big.labels, small.labels) and _outside_span(small.design, big.design).size == 0
+
+
+def _match_factors(small: list[RandomFactor], big: list[RandomFactor]) -> list[int] | None:
+    """A distinct big factor containing each small factor (augmenting paths), or None."""
+    allowed = [[j for j, fb in enumerate(big) if _factor_contains(fb, fs)] for fs in small]
+    owner: dict[int, int] = {}
+
+    def assign(i: int, seen: set[int]) -> bool:
+        for j in allowed[i]:
+            if j in seen:
+                continue
+            seen.add(j)
+            if j not in owner or assign(owner[j], seen):
+                owner[j] = i
+                return True
+        return False
+
+    for i in range(len(small)):  # a handful of factors: recursion depth is tiny
+        if not assign(i, set()):
+            return None
+    match = [0] * len(small)
+    for j, i in owner.items():
+        match[i] = j
+    return match
+
+
+@dataclass
+class Nesting:
+    """How the big model extends the small one."""
+
+    fixed_added: int  # p_big - p_small (0: the same fixed-effects space)
+    factor_match: list[int]  # big factor index of each small factor
+    added_factors: list[int]  # big factors with no small counterpart
+    grown: list[tuple[int, int]]  # (small index, big index) of matched factors with more effects
+
+    @property
+    def same_random(self) -> bool:
+        return not self.added_factors and not self.grown
+
+
+def nesting_of(small: Model, big: Model) -> tuple[Nesting | None, str]:
+    """The nesting of ``small`` in ``big``, or None and the first reason it is not nested."""
+    outside = _outside_span(small.X, big.X)
+    if outside.size:
+        names = ", ".join(repr(small.x_names[j]) for j in outside[:3])
+        return None, (f"X column {names} of {small.label} is not in the span of the X of {big.label}")
+    match = _match_factors(small.factors, big.factors)
+    if match is None:
+        unmatched = [f.name for f in small.factors
+                     if not any(_factor_contains(fb, f) for fb in big.factors)]
+        which = repr(unmatched[0]) if unmatched else "factors"
+        return None, (f"random factor {which} of {small.label} has no counterpart in {big.label} (a factor "
+                      "grouping the images the same way, whose design spans it)")
+    added = [j for j in range(len(big.factors)) if j not in match]
+    grown = [(i, j) for i, j in enumerate(match) if big.factors[j].q > small.factors[i].q]
+    return Nesting(big.p - small.p, match, added, grown), ""
+
+
+def choose_null(small: Model, big: Model, nest: Nesting) -> NullDistribution:
+    """The null distribution of Chi2 for this nesting (refuses fixed-effects tests under REML)."""
+    df_total = big.n_params - small.n_params
+    if nest.fixed_added and big.reml:
+        raise CompareError(
+            f"the fixed effects differ ({small.label}: X with {small.p} columns; {big.label}: X with {big.p}), "
+            "but both models were fitted with REML, and REML log-likelihoods of models with different fixed "
+            "effects cannot be compared. Refit both with 'REML: false' in their inputs YAMLs (ML) and "
+            "compare those fits")
+    if nest.fixed_added and nest.same_random:
+        return chi2_null(nest.fixed_added, f"{nest.fixed_added} fixed effect(s) added (ML fits)")
+    if not nest.fixed_added:
+        if len(nest.added_factors) == 1 and not nest.grown and big.factors[nest.added_factors[0]].q == 1:
+            name = big.factors[nest.added_factors[0]].name
+            return mixture_null(0, 1, f"one variance component added on the boundary (new factor {name!r} "
+                                      "with one random effect)")
+        if not nest.added_factors and len(nest.grown) == 1:
+            i, j = nest.grown[0]
+            q_small, q_big = small.factors[i].q, big.factors[j].q
+            if q_big == q_small + 1:
+                return mixture_null(q_small, q_small + 1,
+                                    f"one correlated random effect added to factor {big.factors[j].name!r} "
+                                    f"with {q_small} (Stram & Lee 1994)")
+    return chi2_null(df_total, (
+        f"several parameters change at once ({df_total} in all); chi2 with the difference in parameter "
+        "counts is a conservative approximation (the exact null is a chi-bar-square mixture)"), exact=False)

@@ -1,0 +1,219 @@
+"""Sufficient statistics: X'X, X'Y, Z'X, Z'Y, Z'Z and Y'Y, summed over batches of images.
+
+The fit never sees raw images, only these sums.  The data sums (X'Y, Z'Y, Y'Y) of a
+set of rows are packed as one (v, p + q + 1) matrix (`data_sums`); the pipeline
+accumulates them image batch by image batch (`accumulate_data_sums`) and the design sums
+are completed per presence pattern once all rows are known (`stats_from_sums`).
+
+Missing data makes the design differ between voxels.  Voxels are grouped by their
+presence pattern (which rows are observed); each pattern carries its own design sums
+(X'X, Z'X, Z'Z over its observed rows) while the data sums (X'Y, Z'Y, Y'Y) are per
+voxel, with missing entries contributing zero.  Z'Z is kept sparse, never dense.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from blmm.core.design import RandomFactor
+
+
+@dataclass(frozen=True)
+class FactorLayout:
+    """How Z's columns are laid out: per factor, its levels and q_k (level-major)."""
+
+    names: tuple[str, ...]
+    levels: tuple[np.ndarray, ...]  # ascending level labels per factor
+    q: tuple[int, ...]  # q_k
+
+    @property
+    def n_levels(self) -> tuple[int, ...]:
+        return tuple(int(lv.size) for lv in self.levels)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """First Z column of each factor, plus the total as the last entry."""
+        widths = [l * q for l, q in zip(self.n_levels, self.q)]
+        return np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+
+    @property
+    def n_columns(self) -> int:
+        return int(self.offsets[-1])
+
+    @classmethod
+    def from_factors(cls, factors: list[RandomFactor]) -> "FactorLayout":
+        return cls(
+            tuple(f.name for f in factors),
+            tuple(np.unique(f.labels) for f in factors),
+            tuple(f.q for f in factors),
+        )
+
+
+def random_effects_matrix(factors: list[RandomFactor], layout: FactorLayout) -> sp.csr_matrix:
+    """Z (n x q) as a sparse matrix, columns level-major within each factor."""
+    n = factors[0].n
+    blocks = []
+    for f, levels, q in zip(factors, layout.levels, layout.q):
+        codes = np.searchsorted(levels, f.labels)
+        if np.any(codes >= levels.size) or np.any(levels[np.minimum(codes, levels.size - 1)] != f.labels):
+            raise ValueError(f"factor {f.name!r} has labels outside the layout's levels")
+        rows = np.repeat(np.arange(n), q)
+        cols = (codes[:, None] * q + np.arange(q)[None, :]).ravel()
+        blocks.append(sp.csr_matrix((f.design.ravel(), (rows, cols)), shape=(n, levels.size * q)))
+    return sp.hstack(blocks, format="csr")
+
+
+@dataclass
+class SufficientStats:
+    """Sums over a set of rows, for v voxels grouped into u presence patterns.
+
+    Design sums are per pattern, data sums per voxel.  Shapes: p fixed effects,
+    q Z columns, n_rows rows (images) in this set.
+    """
+
+    layout: FactorLayout
+    patterns: np.ndarray  # (u, n_rows) bool: rows observed in each pattern
+    pattern_of_voxel: np.ndarray  # (v,) int index into patterns
+    XtX: np.ndarray  # (u, p, p)
+    ZtX: np.ndarray  # (u, q, p)
+    ZtZ: list  # u sparse (q, q) matrices
+    n_obs: np.ndarray  # (u,) observed rows per pattern
+    XtY: np.ndarray  # (v, p)
+    ZtY: np.ndarray  # (v, q)
+    YtY: np.ndarray  # (v,)
+
+    @property
+    def n_voxels(self) -> int:
+        return int(self.pattern_of_voxel.size)
+
+    @property
+    def p(self) -> int:
+        return int(self.XtX.shape[-1])
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.patterns.shape[1])
+
+    def voxel_n_obs(self) -> np.ndarray:
+        return self.n_obs[self.pattern_of_voxel]
+
+    def __add__(self, other: "SufficientStats") -> "SufficientStats":
+        """Combine sums over two disjoint sets of rows (rows of `other` come after).
+
+        For library users holding statistics of separate row batches; the pipeline does not
+        use it (it accumulates packed data sums, ``accumulate_data_sums``, and completes the
+        design sums once, per presence pattern).
+        """
+        if self.layout.n_columns != other.layout.n_columns or self.p != other.p:
+            raise ValueError("cannot add statistics built with different designs")
+        if self.n_voxels != other.n_voxels:
+            raise ValueError(f"voxel counts differ: {self.n_voxels} vs {other.n_voxels}")
+        pair = np.stack([self.pattern_of_voxel, other.pattern_of_voxel], axis=1)
+        pairs, pattern_of_voxel = np.unique(pair, axis=0, return_inverse=True)
+        a, b = pairs[:, 0], pairs[:, 1]
+        return SufficientStats(
+            layout=self.layout,
+            patterns=np.concatenate([self.patterns[a], other.patterns[b]], axis=1),
+            pattern_of_voxel=pattern_of_voxel.reshape(-1).astype(np.int64),
+            XtX=self.XtX[a] + other.XtX[b],
+            ZtX=self.ZtX[a] + other.ZtX[b],
+            ZtZ=[(self.ZtZ[i] + other.ZtZ[j]).tocsr() for i, j in zip(a, b)],
+            n_obs=self.n_obs[a] + other.n_obs[b],
+            XtY=self.XtY + other.XtY,
+            ZtY=self.ZtY + other.ZtY,
+            YtY=self.YtY + other.YtY,
+        )
+
+
+def presence_patterns(observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct columns of an (n, v) boolean array: (patterns (u, n), pattern index per voxel)."""
+    n, v = observed.shape
+    if v == 0:
+        return np.ones((1, n), dtype=bool), np.zeros(0, dtype=np.int64)
+    packed = np.packbits(observed, axis=0)  # (ceil(n/8), v) bytes: one key per voxel
+    keys = np.ascontiguousarray(packed.T).view(np.dtype((np.void, packed.shape[0])))[:, 0]
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    return observed[:, first].T.copy(), inverse.reshape(-1).astype(np.int64)
+
+
+def sufficient_stats(
+    Y: np.ndarray,
+    X: np.ndarray,
+    factors: list[RandomFactor],
+    layout: FactorLayout | None = None,
+    observed: np.ndarray | None = None,
+) -> SufficientStats:
+    """Sufficient statistics of one batch of rows.
+
+    Y is (n, v) with NaN for missing values; `observed` (n, v) may mark further
+    entries as missing.  `layout` must be the same for every batch that will be
+    added together (build it once from the full factors).
+    """
+    Y = np.asarray(Y)
+    if Y.ndim == 1:
+        Y = Y[:, None]
+    X = np.asarray(X, dtype=np.float64)
+    n, v = Y.shape
+    if X.shape[0] != n:
+        raise ValueError(f"X has {X.shape[0]} rows but Y has {n}")
+    if layout is None:
+        layout = FactorLayout.from_factors(factors)
+    present = ~np.isnan(Y)
+    if observed is not None:
+        present &= np.asarray(observed, dtype=bool)
+    Z = random_effects_matrix(factors, layout)
+    patterns, pattern_of_voxel = presence_patterns(present)
+    p, q = X.shape[1], layout.n_columns
+    sums = np.empty((v, p + q + 1))
+    chunk = max(1, 2**27 // (8 * n))  # float64 copies of Y stay ~128 MB whatever its size
+    for a in range(0, v, chunk):
+        Yz = np.where(present[:, a:a + chunk], Y[:, a:a + chunk], 0.0).astype(np.float64, copy=False)
+        sums[a:a + chunk] = data_sums(X, Z, Yz)
+    XtY, ZtY, YtY = split_data_sums(sums, p, q)
+    return stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
+
+
+def data_sums(X: np.ndarray, Z: sp.csr_matrix, Y: np.ndarray) -> np.ndarray:
+    """[X'Y | Z'Y | Y'Y] of some rows, one row per voxel: (v, p + q + 1); Y has zeros where missing."""
+    return np.concatenate([(X.T @ Y).T, np.asarray(Z.T @ Y).T, np.einsum("nv,nv->v", Y, Y)[:, None]], axis=1)
+
+
+def accumulate_data_sums(sums: np.ndarray, X: np.ndarray, Z: sp.csr_matrix, Y: np.ndarray) -> np.ndarray:
+    """Add the data sums of more rows (X, Z, Y) to ``sums`` in place; returns ``sums``."""
+    sums += data_sums(X, Z, Y)
+    return sums
+
+
+def split_data_sums(sums: np.ndarray, p: int, q: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(X'Y (v, p), Z'Y (v, q), Y'Y (v,)) from packed data sums, each contiguous."""
+    return (np.ascontiguousarray(sums[:, :p]), np.ascontiguousarray(sums[:, p:p + q]),
+            np.ascontiguousarray(sums[:, p + q]))
+
+
+def stats_from_sums(
+    X: np.ndarray,
+    Z: sp.csr_matrix,
+    layout: FactorLayout,
+    patterns: np.ndarray,
+    pattern_of_voxel: np.ndarray,
+    XtY: np.ndarray,
+    ZtY: np.ndarray,
+    YtY: np.ndarray,
+) -> SufficientStats:
+    """Complete the per-voxel data sums with the design sums of each presence pattern."""
+    u = patterns.shape[0]
+    p, q = X.shape[1], layout.n_columns
+    XtX = np.empty((u, p, p))
+    ZtX = np.empty((u, q, p))
+    ZtZ = []
+    for i, rows in enumerate(patterns):  # one pass per pattern, not per voxel
+        Xr, Zr = X[rows], Z[rows]
+        XtX[i] = Xr.T @ Xr
+        ZtX[i] = np.asarray(Zr.T @ Xr)
+        ZtZ.append((Zr.T @ Zr).tocsr())
+    return SufficientStats(
+        layout=layout, patterns=patterns, pattern_of_voxel=pattern_of_voxel, XtX=XtX, ZtX=ZtX, ZtZ=ZtZ,
+        n_obs=patterns.sum(axis=1).astype(np.int64), XtY=XtY, ZtY=ZtY, YtY=YtY,
+    )

@@ -1,0 +1,25 @@
+"""Engine: runs blmm's per-batch work on a dask cluster (local or a batch scheduler).
+
+* ``spec``: EngineSpec, the engine kinds and the cluster settings, checked once;
+* ``clusters``: starting and stopping a LocalCluster or a dask-jobqueue cluster;
+* ``runner``: Engine (map with retries, signals, shutdown) and open_engine;
+* ``progress``: the progress bar or lines of a stage.
+"""
+from blmm.engine.clusters import jobqueue_kwargs
+from blmm.engine.progress import _Progress
+from blmm.engine.runner import Engine, _exit_on_signal, open_engine
+from blmm.engine.spec import (
+    BATCH_KINDS,
+    CLUSTER_FIELDS,
+    KINDS,
+    PROGRESS_MODES,
+    EngineError,
+    EngineSpec,
+    EngineSpecError,
+    local_worker_count,
+)
+
+__all__ = [
+    "BATCH_KINDS", "CLUSTER_FIELDS", "KINDS", "PROGRESS_MODES", "Engine", "EngineError", "EngineSpec",
+    "EngineSpecError", "jobqueue_kwargs", "local_worker_count", "open_engine", "_Progress", "_exit_on_signal",
+]

@@ -1,0 +1,405 @@
+"""The output folder: the only module that knows its layout.
+
+Every file name a run or a comparison writes is defined here, and so is every way of
+reading them back: the run record (``blmm_run.json``), the resolved inputs
+(``inputs.yml``), the map files (``blmm_vox_<stat>.<ext>``), the float64 log-likelihood
+and the work folder of an unfinished run.  The pipeline writes through these helpers;
+compare, report and viewer read through them.  Writes are atomic (a temporary file and a
+rename), so a reader never sees a half-written file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from blmm.errors import CompareError, InputError, ViewerError
+from blmm.io.images import SUPPORTED_SUFFIXES, ImageSpace, image_space, map_path, read_map
+
+# ------------------------------------------------------------------ file names
+
+WORK_DIR = ".blmm_work"  # partial sums and block results of an unfinished run
+MANIFEST_FILE = "manifest.json"  # in WORK_DIR: the inputs hash and batch/block layout
+RUN_FILE = "blmm_run.json"  # the run record: written last, marks a finished analysis
+INPUTS_FILE = "inputs.yml"  # the resolved inputs, loadable by load_config
+LLH64_FILE = "llh_float64.npy"  # the log-likelihood in float64 (for blmm_compare)
+COMPARE_FILE = "blmm_compare.json"  # the record of a comparison
+REPORT_FILE = "report.html"
+MAP_PREFIX = "blmm_vox_"
+# Longest first, so "x.dscalar.nii" is not taken for a plain NIfTI.
+MAP_EXTENSIONS = (
+    ".dscalar.nii", ".func.gii", ".shape.gii", ".nii.gz", ".nii", ".gii", ".mgh", ".mgz", ".dat",
+)
+# Raw .dat maps of counts are int32 (upstream's n, mask, edf; blmm's converged, nit);
+# all others float32.
+INT32_DAT_MAPS = frozenset({"n", "mask", "edf", "converged", "nit"})
+
+
+def map_name(stat: str) -> str:
+    """``blmm_vox_<stat>``: the file name of a map, without its extension."""
+    return f"{MAP_PREFIX}{stat}"
+
+
+def batch_files(workdir: Path, b: int) -> tuple[Path, Path]:
+    """Partial sums and presence bits of image batch b."""
+    return workdir / f"batch{b:05d}.stats.npy", workdir / f"batch{b:05d}.present.npy"
+
+
+def block_file(workdir: Path, k: int) -> Path:
+    """Results of voxel block k."""
+    return workdir / f"block{k:05d}.npz"
+
+
+# ------------------------------------------------------------------ atomic writes
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        # mkstemp makes the file private; an output should get the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def save_array_atomically(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def save_arrays_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ the run record
+
+
+def write_inputs(outdir: Path, settings: dict) -> None:
+    """``inputs.yml``: the resolved inputs, in upstream's format."""
+    write_text_atomically(Path(outdir) / INPUTS_FILE, yaml.safe_dump(settings, sort_keys=False))
+
+
+def write_run_record(outdir: Path, record: dict) -> None:
+    """``blmm_run.json``; written last, it marks the analysis finished."""
+    write_text_atomically(Path(outdir) / RUN_FILE, json.dumps(record, indent=1, default=str))
+
+
+def recorded_hash(path: Path) -> str | None:
+    """The ``input_hash`` of a run record or work-folder manifest."""
+    return json.loads(Path(path).read_text()).get("input_hash")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def read_run_record(outdir: str | os.PathLike) -> dict:
+    """``blmm_run.json`` of a finished run; {} when missing or unreadable."""
+    return _read_json(Path(outdir) / RUN_FILE)
+
+
+def read_compare_record(outdir: str | os.PathLike) -> dict:
+    """``blmm_compare.json`` of a comparison; {} when missing or unreadable."""
+    return _read_json(Path(outdir) / COMPARE_FILE)
+
+
+def read_settings(outdir: str | os.PathLike, record: dict | None = None) -> dict:
+    """The resolved inputs of a run: the record's ``settings``, else ``inputs.yml``; {} if neither."""
+    if record is None:
+        record = read_run_record(outdir)
+    if record.get("settings"):
+        return record["settings"]
+    try:
+        loaded = yaml.safe_load((Path(outdir) / INPUTS_FILE).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def settings_entries(value: Any) -> list[tuple[str, dict]]:
+    """[(key, body)] from upstream's list of one-key mappings (``- c1: {...}``) in the settings."""
+    found = []
+    for position, entry in enumerate(value if isinstance(value, list) else [], start=1):
+        if isinstance(entry, dict) and len(entry) == 1 and isinstance(next(iter(entry.values())), dict):
+            key, body = next(iter(entry.items()))
+            found.append((str(key), body))
+        elif isinstance(entry, dict):
+            found.append((f"c{position}", entry))
+    return found
+
+
+def _vector(vector: Any) -> list | None:
+    if isinstance(vector, str):
+        try:
+            vector = yaml.safe_load(vector)
+        except yaml.YAMLError:
+            return None
+    if isinstance(vector, (int, float)):
+        return [vector]
+    return vector if isinstance(vector, list) and vector else None
+
+
+@dataclass(frozen=True)
+class ContrastEntry:
+    """One contrast of the settings; ``index`` is its volume in the conT or conF maps."""
+
+    label: str
+    name: str
+    kind: str  # "T" or "F"
+    index: int
+    vector: list
+
+
+def contrast_entries(settings: dict) -> list[ContrastEntry]:
+    """The contrasts of a run's settings, in order (a flat vector is T, a matrix F)."""
+    found = []
+    counters = {"T": 0, "F": 0}
+    for key, body in settings_entries(settings.get("contrasts")):
+        vector = _vector(body.get("vector"))
+        if vector is None:
+            continue
+        kind = "F" if any(isinstance(row, list) for row in vector) else "T"
+        found.append(ContrastEntry(key, str(body.get("name", key)), kind, counters[kind], vector))
+        counters[kind] += 1
+    return found
+
+
+# ------------------------------------------------------------------ maps
+
+
+def map_stat_and_extension(file_name: str) -> tuple[str, str] | None:
+    """("conT", ".nii.gz") for "blmm_vox_conT.nii.gz"; None for anything else."""
+    if not file_name.startswith(MAP_PREFIX):
+        return None
+    for extension in MAP_EXTENSIONS:
+        if file_name.endswith(extension):
+            stat = file_name[len(MAP_PREFIX):-len(extension)]
+            return (stat, extension) if stat and "." not in stat else None
+    return None
+
+
+def map_stat_name(path: str | os.PathLike) -> str | None:
+    """The statistic a map file holds ("conT"), or None when the name is not blmm's."""
+    parsed = map_stat_and_extension(Path(path).name)
+    return parsed[0] if parsed else None
+
+
+def strip_prefix(name: str) -> str:
+    """The statistic of a map name or file name ("beta" for "blmm_vox_beta.nii")."""
+    name = name[len(MAP_PREFIX):] if name.startswith(MAP_PREFIX) else name
+    parsed = map_stat_and_extension(MAP_PREFIX + name)
+    return parsed[0] if parsed else name
+
+
+def available_maps(outdir: str | os.PathLike) -> dict[str, list[Path]]:
+    """Every ``blmm_vox_*`` map in ``outdir``, by statistic name (sorted)."""
+    folder = Path(outdir)
+    if not folder.is_dir():
+        raise ViewerError(f"{folder}: not a folder (expected a blmm output folder)")
+    maps: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        parsed = map_stat_and_extension(path.name)
+        if parsed and path.is_file():
+            maps.setdefault(parsed[0], []).append(path)
+    return dict(sorted(maps.items()))
+
+
+def find_map(outdir: str | os.PathLike, name: str) -> Path:
+    """The file of map ``name`` (``beta`` or ``blmm_vox_beta``) in ``outdir``."""
+    stat = strip_prefix(name)
+    maps = available_maps(outdir)
+    candidates = maps.get(stat)
+    if candidates is None:
+        # Statistic names are case-sensitive, but an unambiguous case slip is forgiven.
+        folded = [key for key in maps if key.lower() == stat.lower()]
+        candidates = maps[folded[0]] if len(folded) == 1 else None
+    listing = ", ".join(maps) if maps else "none"
+    if not candidates:
+        raise ViewerError(f"no map {MAP_PREFIX}{stat}.* in {outdir}; available maps: {listing}")
+    if len(candidates) > 1:
+        names = ", ".join(path.name for path in candidates)
+        raise ViewerError(f"map {MAP_PREFIX}{stat} is ambiguous in {outdir}: {names}; pass the file path instead")
+    return candidates[0]
+
+
+def holds_maps(outdir: Path, stat_prefix: str = "") -> bool:
+    """Whether ``outdir`` holds any ``blmm_vox_<stat_prefix>*`` file."""
+    return any(Path(outdir).glob(f"{MAP_PREFIX}{stat_prefix}*"))
+
+
+def remove_stale_maps(outdir: Path, stats: tuple[str, ...], keep: list[str]) -> None:
+    """Delete maps of ``stats`` in any format except the file names in ``keep``."""
+    for stat in stats:
+        for suffix in SUPPORTED_SUFFIXES:
+            stale = Path(outdir) / f"{map_name(stat)}{suffix}"
+            if stale.name not in keep:
+                stale.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ a finished analysis
+
+
+@dataclass(frozen=True, eq=False)
+class Analysis:
+    """A finished blmm output folder: its reloaded inputs, run record and map locations."""
+
+    outdir: Path
+    label: str  # how messages name it, e.g. "model 1 (/data/out1)"
+    config: Any  # blmm.config.Config
+    run: dict
+    mask_path: Path
+    space: ImageSpace
+
+    @property
+    def reml(self) -> bool:
+        return bool(self.config.reml)
+
+    @property
+    def p(self) -> int:
+        return self.config.p
+
+    @property
+    def X(self) -> np.ndarray:
+        return self.config.X
+
+    @property
+    def x_names(self) -> list[str]:
+        return list(self.config.x_names)
+
+    @property
+    def factors(self) -> list:
+        return list(self.config.factors)
+
+    @property
+    def n_params(self) -> int:
+        """Fixed effects + unique entries of every D_k + σ²."""
+        return self.p + sum(f.q * (f.q + 1) // 2 for f in self.factors) + 1
+
+    def describe(self) -> str:
+        factors = ", ".join(f"{f.name}: q={f.q}" for f in self.factors)
+        return f"p={self.p}, {factors}"
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "outdir": str(self.outdir),
+            "p": self.p,
+            "x_columns": list(self.config.x_names),
+            "factors": [{"name": f.name, "q": f.q, "levels": f.n_levels} for f in self.factors],
+            "n_params": self.n_params,
+        }
+
+    def read_vector(self, stat: str, dtype: Any) -> np.ndarray:
+        """The first volume of map ``stat`` (``mask`` or ``blmm_vox_mask``) as an (n_voxels,) array."""
+        path = map_path(self.outdir, map_name(strip_prefix(stat)), self.space)
+        if not path.is_file():
+            raise CompareError(f"{self.label} has no {path.name}: the analysis is incomplete or was not made by blmm")
+        return read_map(path, n_voxels=self.space.n_voxels, dtype=dtype)[:, 0]
+
+    def llh(self) -> np.ndarray:
+        path = self.outdir / LLH64_FILE
+        if not path.is_file():
+            raise CompareError(
+                f"{self.label} has no {LLH64_FILE} (the float64 log-likelihood map); rerun the analysis "
+                "with this version of blmm")
+        values = np.load(path, allow_pickle=False)
+        if values.shape != (self.space.n_voxels,):
+            raise CompareError(
+                f"{self.label}: {LLH64_FILE} holds {values.shape} values, expected ({self.space.n_voxels},)")
+        return values.astype(np.float64, copy=False)
+
+
+def _find_mask(outdir: Path, label: str) -> Path:
+    mask = map_name("mask")
+    found = [outdir / f"{mask}{suffix}" for suffix in SUPPORTED_SUFFIXES if (outdir / f"{mask}{suffix}").is_file()]
+    if not found:
+        raise CompareError(f"{label} has no {mask} map: not a finished blmm output folder")
+    if len(found) > 1:
+        raise CompareError(f"{label} has several {mask} maps ({', '.join(p.name for p in found)}); "
+                           "remove the stale one")
+    return found[0]
+
+
+def load_analysis(outdir: str | os.PathLike, label: str = "model") -> Analysis:
+    """Read a finished blmm output folder (inputs.yml, blmm_run.json, blmm_vox_mask)."""
+    from blmm.config import load_config  # config reads images through io: import when used
+
+    folder = Path(os.path.abspath(os.path.expanduser(str(outdir))))
+    label = f"{label} ({folder})"
+    if not folder.is_dir():
+        raise CompareError(f"{label}: no such folder")
+    for required in (INPUTS_FILE, RUN_FILE):
+        if not (folder / required).is_file():
+            raise CompareError(
+                f"{label} has no {required}: not a finished blmm output folder (a run writes it at the end)")
+    try:
+        run = json.loads((folder / RUN_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise CompareError(f"{label}: {RUN_FILE} cannot be read ({err})") from None
+    try:
+        config = load_config(folder / INPUTS_FILE)
+    except InputError as err:
+        raise CompareError(
+            f"{label}: its {INPUTS_FILE} no longer loads (the inputs must still be in place to check that "
+            f"the models can be compared): {err}") from None
+    recorded = (run.get("settings") or {}).get("REML")
+    if recorded is not None and bool(recorded) != bool(config.reml):
+        raise CompareError(f"{label}: {RUN_FILE} says REML={recorded} but {INPUTS_FILE} says REML={config.reml}")
+    mask_path = _find_mask(folder, label)
+    return Analysis(folder, label, config, run, mask_path, image_space(mask_path))
+
+
+def load_map(
+    path_or_outdir: str | os.PathLike,
+    name: str | None = None,
+    n_vertices: int | None = None,
+) -> np.ndarray:
+    """Map values as (n_voxels_or_vertices, n_volumes).
+
+    ``path_or_outdir`` is a map file, or an output folder with ``name`` given.
+    Raw ``.dat`` maps have no header, so they need ``n_vertices``.
+    """
+    path = Path(path_or_outdir)
+    if path.is_dir():
+        if name is None:
+            raise ViewerError(f"{path} is a folder: say which map to load (e.g. name='beta')")
+        path = find_map(path, name)
+    elif not path.exists():
+        raise ViewerError(f"{path}: file not found")
+    if path.name.endswith(".dat") and n_vertices is None:
+        raise ViewerError(
+            f"{path}: a .dat map has no header; pass n_vertices "
+            f"({10242} for one fsaverage5 hemisphere)")
+    dtype = np.int32 if path.name.endswith(".dat") and map_stat_name(path) in INT32_DAT_MAPS \
+        else None
+    values = np.asarray(read_map(path, n_voxels=n_vertices, dtype=dtype))
+    if values.ndim == 1:
+        values = values[:, None]
+    if n_vertices is not None and values.shape[0] != n_vertices:
+        raise ViewerError(
+            f"{path}: map has {values.shape[0]} vertices but {n_vertices} were expected")
+    return values

@@ -1,0 +1,34 @@
+"""`blmm inputs.yml`: images in, one map per statistic out.
+
+Stages, each a function whose output the next one takes (``run`` only composes them):
+
+1. ``plan_run(config)`` -> RunPlan (``plan``): the analysis mask, image batches and voxel
+   blocks sized from MAXMEM, the work folder and the hash of the inputs (for resuming).
+2. ``read_batch(plan, b)`` (``stages``): reads the images of batch b once and writes their
+   partial sums X'Y, Z'Y, Y'Y (``blmm.core.sufficient``) and presence bits (atomically).
+3. ``fit_block(plan, k)``: sums block k's rows of every partial in a fixed (batch) order,
+   groups voxels by presence pattern, fits, infers, and writes the block's results.
+4. ``write_outputs(plan)``: assembles the maps in the input's format; returns the counts.
+5. ``record_run(plan, ...)`` (``run``): inputs.yml and blmm_run.json, written last.
+
+Batches and blocks run on an engine (``blmm.engine``); a killed run restarts from the
+finished batch and block files, which the manifest ties to the inputs' hash.
+"""
+from blmm.io.outdir import LLH64_FILE, RUN_FILE, WORK_DIR
+from blmm.pipeline.plan import OutdirConflict, RunPlan, input_hash, plan_run
+from blmm.pipeline.run import NothingFitted, RunSummary, fit_blocks, read_images, record_run, run, summary_text
+from blmm.pipeline.stages import (
+    SCREEN_REASONS,
+    batch_files,
+    block_file,
+    drop_reasons,
+    fit_block,
+    read_batch,
+    write_outputs,
+)
+
+__all__ = [
+    "LLH64_FILE", "RUN_FILE", "SCREEN_REASONS", "WORK_DIR", "NothingFitted", "OutdirConflict", "RunPlan",
+    "RunSummary", "batch_files", "block_file", "drop_reasons", "fit_block", "fit_blocks", "input_hash",
+    "plan_run", "read_batch", "read_images", "record_run", "run", "summary_text", "write_outputs",
+]

@@ -1,0 +1,124 @@
+"""`blmm inputs.yml`: the stages composed, on an engine."""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from blmm import __version__
+from blmm.config import Config
+from blmm.errors import InputError
+from blmm.io.outdir import write_inputs, write_run_record
+from blmm.pipeline.plan import RunPlan, plan_run
+from blmm.pipeline.stages import fit_block, read_batch, write_outputs
+
+
+@dataclass
+class RunSummary:
+    outdir: Path
+    counts: dict
+    timings: dict
+
+
+def run(config: Config, engine=None, force: bool = False, log=print) -> RunSummary:
+    """Run the whole analysis on an engine (inline if None)."""
+    from blmm.engine import EngineSpec, open_engine
+
+    t0 = time.perf_counter()
+    if engine is None:
+        with open_engine(EngineSpec(kind="inline")) as eng:
+            return run(config, eng, force, log)
+    timings: dict[str, float] = {}
+    plan = plan_run(config, force=force)
+    timings["plan"] = time.perf_counter() - t0
+    log(f"blmm: {config.n} images, {plan.voxels.size} voxels in the analysis mask, p = {config.p}, "
+        f"{len(plan.batches)} image batch(es), {len(plan.blocks)} voxel block(s)")
+    timed(timings, "read", read_images, plan, engine)
+    timed(timings, "fit", fit_blocks, plan, engine)
+    counts = timed(timings, "write", write_outputs, plan)
+    timings["total"] = time.perf_counter() - t0
+    out = record_run(plan, engine, counts, timings)
+    _write_report(out, log)
+    log(summary_text(counts, timings["total"]))
+    if counts["fitted"] == 0:
+        raise NothingFitted(f"no voxel could be fitted: {summary_text(counts, timings['total'])}; "
+                            "the maps in outdir show n (blmm_vox_n) per voxel")
+    return RunSummary(out, counts, timings)
+
+
+def timed(timings: dict, name: str, stage, *args):
+    """Run one stage and note its wall time under ``name``."""
+    t = time.perf_counter()
+    result = stage(*args)
+    timings[name] = time.perf_counter() - t
+    return result
+
+
+def read_images(plan: RunPlan, engine) -> RunPlan:
+    """Stage 2 on the engine: every image batch's partial sums."""
+    engine.map(_read_batch_task, [(plan, b) for b in range(len(plan.batches))], stage="read images")
+    return plan
+
+
+def fit_blocks(plan: RunPlan, engine) -> RunPlan:
+    """Stage 3 on the engine: every voxel block fitted and tested."""
+    engine.map(_fit_block_task, [(plan, k) for k in range(len(plan.blocks))], stage="fit and test")
+    return plan
+
+
+def record_run(plan: RunPlan, engine, counts: dict, timings: dict) -> Path:
+    """Stage 5: inputs.yml and blmm_run.json (last: it marks the run finished); the work folder goes."""
+    config = plan.config
+    out = Path(config.outdir)
+    write_inputs(out, config.to_yaml_dict())
+    record = {
+        "version": __version__,
+        "input_hash": plan.input_hash,
+        "settings": config.to_yaml_dict(),
+        "n": config.n, "p": config.p,
+        "factors": [{"name": f.name, "q": f.q, "levels": f.n_levels} for f in config.factors],
+        "engine": getattr(engine, "kind", "inline"),
+        "batches": len(plan.batches), "blocks": len(plan.blocks),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "counts": counts,
+    }
+    write_run_record(out, record)
+    shutil.rmtree(plan.workdir, ignore_errors=True)  # the maps are complete: partial sums go
+    return out
+
+
+class NothingFitted(InputError):
+    """Every voxel was dropped (thresholds, safeMode, rank): a failed analysis, exit non-zero."""
+
+
+def _write_report(outdir: Path, log) -> None:
+    """outdir/report.html; a failure here must not fail an analysis whose maps are written."""
+    try:
+        from blmm.report import write_report
+    except ImportError:
+        return
+    try:
+        write_report(outdir)
+    except Exception as exc:  # the report is a convenience; the maps are the results
+        log(f"blmm: warning: could not write report.html: {type(exc).__name__}: {exc}")
+
+
+def summary_text(counts: dict, seconds: float) -> str:
+    lines = [f"blmm: done in {seconds:.1f} s: {counts['fitted']} of {counts['analysis_mask']} voxels fitted, "
+             f"{counts['converged']} converged"]
+    if counts["not_converged"]:
+        lines.append(f"  {counts['not_converged']} voxels hit maxnit without converging (blmm_vox_converged = 0)")
+    if counts["boundary"]:
+        lines.append(f"  {counts['boundary']} voxels have a singular random-effects covariance (boundary fit)")
+    for why, k in counts["dropped"].items():
+        lines.append(f"  {k} voxels dropped: {why}")
+    return "\n".join(lines)
+
+
+def _read_batch_task(args) -> str:
+    return read_batch(*args)
+
+
+def _fit_block_task(args) -> str:
+    return fit_block(*args)

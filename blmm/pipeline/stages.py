@@ -1,0 +1,305 @@
+"""The pipeline's stages after planning: read the images, fit the blocks, write the maps.
+
+1. `plan_run(config)` -> RunPlan: the analysis mask, image batches and voxel blocks sized
+   from MAXMEM, the work folder and the hash of the inputs (for resuming).
+2. `read_batch(plan, b)`: reads the images of batch b once and writes their partial
+   sums X'Y, Z'Y, Y'Y and presence bits for every analysis voxel (atomically).
+3. `fit_block(plan, k)`: sums block k's rows of every partial in a fixed order, groups
+   voxels by presence pattern, fits, infers, and writes the block's results (atomically).
+4. `write_outputs(plan, ...)`: assembles the maps in the input's format.
+
+Batches and blocks run on an engine (`blmm.engine`); a killed run restarts from the
+finished batch and block files, which the manifest ties to the inputs' hash.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from blmm.config import Config
+from blmm.core.inference import infer
+from blmm.core.sufficient import (
+    FactorLayout,
+    accumulate_data_sums,
+    presence_patterns,
+    random_effects_matrix,
+    split_data_sums,
+    stats_from_sums,
+)
+from blmm.fit import FITTED, STATUS_NAMES, fit_stats
+from blmm.io import outdir as _outdir
+from blmm.io.images import read_image, read_mask, write_map
+from blmm.io.outdir import LLH64_FILE, map_name, save_array_atomically, save_arrays_atomically
+from blmm.linalg import vech_index
+from blmm.pipeline.plan import RunPlan
+
+# why a voxel of the analysis mask has no fit (blmm_run.json "dropped"): screened out
+# before the fit (these codes), or the fit's own status (blmm.fit.STATUS_NAMES)
+BELOW_MIN_PERCENT, BELOW_MIN_N, SAFE_MODE, TOO_FEW_FOR_P = 101, 102, 103, 104
+SCREEN_REASONS = {
+    BELOW_MIN_PERCENT: "below MinPercent",
+    BELOW_MIN_N: "below MinN",
+    SAFE_MODE: "safeMode: n <= number of random effects",
+    TOO_FEW_FOR_P: "n <= p + 1",
+}
+
+
+def drop_reasons() -> dict[int, str]:
+    """Every code a voxel's ``reason`` can hold other than FITTED, with its text."""
+    return {**SCREEN_REASONS, **{code: name for code, name in STATUS_NAMES.items() if code != FITTED}}
+
+
+class _RowFile:
+    """A float64 .npy matrix on disk, read and written by row ranges with plain file I/O.
+
+    Not a memmap: mapped pages count in the worker's memory, and a partial can be larger
+    than MAXMEM (voxels x (p + q + 1) values).
+    """
+
+    def __init__(self, path: Path, n_rows: int, n_cols: int) -> None:
+        header = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=(n_rows, n_cols))
+        self.offset = header.offset
+        del header
+        self.n_cols = n_cols
+        self.fh = open(path, "r+b")
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        self.fh.seek(self.offset + 8 * a * self.n_cols)
+        return np.fromfile(self.fh, np.float64, (b - a) * self.n_cols).reshape(b - a, self.n_cols)
+
+    def write(self, a: int, rows: np.ndarray) -> None:
+        self.fh.seek(self.offset + 8 * a * self.n_cols)
+        np.ascontiguousarray(rows, dtype=np.float64).tofile(self.fh)
+
+    def close(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+
+
+def batch_files(plan: RunPlan, b: int) -> tuple[Path, Path]:
+    return _outdir.batch_files(plan.workdir, b)
+
+
+def block_file(plan: RunPlan, k: int) -> Path:
+    return _outdir.block_file(plan.workdir, k)
+
+
+def read_batch(plan: RunPlan, b: int) -> str:
+    """Read batch b's images once; write its partial sums for every analysis voxel."""
+    stats_path, present_path = batch_files(plan, b)
+    if present_path.exists():  # finished before an interruption
+        return str(present_path)
+    cfg = plan.config
+    start, stop = plan.batches[b]
+    voxels = plan.voxels
+    layout = FactorLayout.from_factors(cfg.factors)
+    p, q = cfg.p, layout.n_columns
+    tmp_stats = stats_path.with_name(f".{stats_path.name}.tmp{os.getpid()}.npy")
+    out = _RowFile(tmp_stats, voxels.size, p + q + 1)
+    packed = []
+    # images per chunk: Y in float64 plus its presence mask (~10 bytes a value) in a quarter
+    # of MAXMEM, a multiple of 8 so the presence bits pack chunk by chunk
+    chunk = max(8, int(cfg.maxmem // 4 // (10 * voxels.size)) // 8 * 8)
+    vox_chunk = max(1, int(cfg.maxmem // 4 // (8 * (p + q + 1) + 8 * chunk)))
+    for c0 in range(start, stop, chunk):
+        c1 = min(c0 + chunk, stop)
+        Y = np.empty((c1 - c0, voxels.size))
+        present = np.empty(Y.shape, bool)
+        for i, row in enumerate(range(c0, c1)):  # each image is read once
+            y = read_image(cfg.y_files[row], cfg.space)[voxels]
+            ok = np.isfinite(y)
+            if cfg.data_mask_files is not None:
+                ok &= read_mask(cfg.data_mask_files[row], cfg.space)[voxels]
+            if cfg.data_mask_thresh is not None:
+                ok &= y >= cfg.data_mask_thresh
+            if cfg.zero_is_missing:
+                ok &= y != 0
+            Y[i] = np.where(ok, y, 0.0)
+            present[i] = ok
+        X = cfg.X[c0:c1]
+        Z = random_effects_matrix([f.subset(slice(c0, c1)) for f in cfg.factors], layout)
+        for a in range(0, voxels.size, vox_chunk):  # bounded memory for large q
+            Yc = Y[:, a:a + vox_chunk]
+            rows = out.read(a, a + Yc.shape[1]) if c0 > start else np.zeros((Yc.shape[1], p + q + 1))
+            out.write(a, accumulate_data_sums(rows, X, Z, Yc))
+        packed.append(np.packbits(present, axis=0))
+        del Y, present
+    out.close()
+    os.replace(tmp_stats, stats_path)
+    bits = np.concatenate(packed, axis=0).T.copy()  # (voxels, bytes)
+    save_array_atomically(present_path, bits)  # written last: marks the batch finished
+    return str(present_path)
+
+
+def _block_inputs(plan: RunPlan, k: int):
+    """Block k's summed statistics and presence matrix (n, voxels), summed in batch order."""
+    lo, hi = plan.blocks[k]
+    sums = None
+    present = []
+    for b, (start, stop) in enumerate(plan.batches):
+        stats_path, present_path = batch_files(plan, b)
+        part = _read_rows(stats_path, lo, hi)
+        sums = part if sums is None else sums + part
+        bits = np.load(present_path, mmap_mode="r")[lo:hi]
+        present.append(np.unpackbits(bits, axis=1, count=stop - start).T.astype(bool))
+    return sums, np.concatenate(present, axis=0)
+
+
+def _read_rows(path: Path, a: int, b: int) -> np.ndarray:
+    """Rows [a, b) of a 2-D .npy file, read without mapping the whole file."""
+    with open(path, "rb") as fh:
+        major, _ = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(fh)
+        fh.seek(fh.tell() + a * shape[1] * dtype.itemsize)
+        return np.fromfile(fh, dtype, (b - a) * shape[1]).reshape(b - a, shape[1])
+
+
+def fit_block(plan: RunPlan, k: int) -> str:
+    """Fit and test every voxel of block k; write the block's results."""
+    path = block_file(plan, k)
+    if path.exists():
+        return str(path)
+    cfg = plan.config
+    sums, present = _block_inputs(plan, k)
+    n, p = cfg.n, cfg.p
+    n_obs = present.sum(axis=0)
+    reason = np.full(n_obs.size, FITTED, np.int64)
+    if cfg.min_percent is not None:
+        reason[(reason == FITTED) & (n_obs < cfg.min_percent * n)] = BELOW_MIN_PERCENT
+    if cfg.min_n is not None:
+        reason[(reason == FITTED) & (n_obs < cfg.min_n)] = BELOW_MIN_N
+    if cfg.safe_mode:
+        reason[(reason == FITTED) & (n_obs <= cfg.q)] = SAFE_MODE
+    reason[(reason == FITTED) & (n_obs <= p + 1)] = TOO_FEW_FOR_P
+    keep = np.flatnonzero(reason == FITTED)
+    results: dict[str, np.ndarray] = {"n_obs": n_obs, "reason": reason}
+    if keep.size:
+        layout = FactorLayout.from_factors(cfg.factors)
+        Z = random_effects_matrix(cfg.factors, layout)
+        patterns, pattern_of_voxel = presence_patterns(present[:, keep])
+        q = layout.n_columns
+        XtY, ZtY, YtY = split_data_sums(sums[keep], p, q)
+        stats = stats_from_sums(cfg.X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
+        fit = fit_stats(stats, reml=cfg.reml, method=cfg.method, tol=cfg.tol, max_iter=cfg.maxnit,
+                        max_block_bytes=max(cfg.maxmem // 4, 2**24), threads=1)  # the engine parallelises
+        inf = infer(fit, cfg.contrasts, two_sided=cfg.two_sided)
+        reason[keep] = fit.status
+        results.update(_block_results(fit, inf, keep, n_obs.size, cfg))
+        results["reason"] = reason
+    save_arrays_atomically(path, results)
+    return str(path)
+
+
+def _block_results(fit, inf, keep, size, cfg: Config) -> dict:
+    """Per-voxel result arrays of a block (NaN where not fitted)."""
+    def full(values, fill=np.nan, dtype=np.float64):
+        values = np.asarray(values)
+        out = np.full((size,) + values.shape[1:], fill, dtype=dtype)
+        out[keep] = values
+        return out
+
+    p = cfg.p
+    res = {
+        "beta": full(fit.beta), "sigma2": full(fit.sigma2), "D": full(fit.vech_D()), "llh": full(fit.llh),
+        "converged": full(fit.converged.astype(np.int32), 0, np.int32),
+        "nit": full(fit.n_iter.astype(np.int32), 0, np.int32),
+        "boundary": full(fit.boundary.astype(np.int32), 0, np.int32),
+    }
+    if cfg.output_covb:
+        res["cov"] = full(fit.cov_beta.reshape(-1, p * p))
+    if cfg.resms:
+        res["resms"] = full(fit.resms)
+    for i, t in enumerate(inf.t):
+        for name in ("estimate", "se", "t", "df", "mlog10p"):
+            res[f"T{i}_{name}"] = full(getattr(t, name))
+    for i, f in enumerate(inf.f):
+        for name in ("F", "df", "mlog10p", "r2"):
+            res[f"F{i}_{name}"] = full(getattr(f, name))
+    return res
+
+
+# map name -> (block key or keys, dtype); order and content follow upstream's outputs
+def _map_specs(cfg: Config) -> list[tuple[str, list[str], str, list[str] | None]]:
+    n_t = sum(c.is_t for c in cfg.contrasts)
+    n_f = len(cfg.contrasts) - n_t
+    t_names = [c.name for c in cfg.contrasts if c.is_t]
+    f_names = [c.name for c in cfg.contrasts if not c.is_t]
+    d_names = [f"{f.name}[{i + 1},{j + 1}]" for f in cfg.factors for i, j in zip(*vech_index(f.q))]
+    specs = [
+        (map_name("beta"), ["beta"], "float32", list(cfg.x_names)),
+        (map_name("sigma2"), ["sigma2"], "float32", None),
+        (map_name("D"), ["D"], "float32", d_names),
+        (map_name("llh"), ["llh"], "float32", None),
+        (map_name("converged"), ["converged"], "int32", None),
+        (map_name("nit"), ["nit"], "int32", None),
+    ]
+    if cfg.output_covb:
+        specs.append((map_name("cov"), ["cov"], "float32",
+                      [f"cov({a},{b})" for a in cfg.x_names for b in cfg.x_names]))
+    if cfg.resms:
+        specs.append((map_name("resms"), ["resms"], "float32", None))
+    if n_t:
+        for out, key in (("con", "estimate"), ("conSE", "se"), ("conT", "t"), ("conTlp", "mlog10p"),
+                         ("conT_swedf", "df")):
+            specs.append((map_name(out), [f"T{i}_{key}" for i in range(n_t)], "float32", t_names))
+    if n_f:
+        for out, key in (("conF", "F"), ("conFlp", "mlog10p"), ("conF_swedf", "df"), ("conR2", "r2")):
+            specs.append((map_name(out), [f"F{i}_{key}" for i in range(n_f)], "float32", f_names))
+    return specs
+
+
+def write_outputs(plan: RunPlan) -> dict:
+    """Assemble the block results into maps; returns the counts for the summary."""
+    cfg = plan.config
+    space = cfg.space
+    out = Path(cfg.outdir)
+    blocks = [np.load(block_file(plan, k)) for k in range(len(plan.blocks))]
+    V = space.n_voxels
+    vox = plan.voxels
+
+    widths = {"beta": (cfg.p,), "D": (sum(f.q * (f.q + 1) // 2 for f in cfg.factors),), "cov": (cfg.p ** 2,)}
+
+    def gather(key, fill, dtype):
+        parts = [np.asarray(b[key]) if key in b.files else None for b in blocks]
+        width = next((pt.shape[1:] for pt in parts if pt is not None), widths.get(key, ()))
+        arr = np.full((V,) + width, fill, dtype=dtype)
+        for (lo, hi), pt in zip(plan.blocks, parts):
+            if pt is not None:
+                arr[vox[lo:hi]] = pt
+        return arr
+
+    n_obs = gather("n_obs", 0, np.int64)
+    reason = gather("reason", -1, np.int64)
+    fitted = reason == FITTED
+    write_map(out, map_name("n"), n_obs.astype(np.int32), space, dtype="int32")
+    write_map(out, map_name("mask"), fitted.astype(np.int32), space, dtype="int32")
+    write_map(out, map_name("edf"), np.where(fitted, n_obs - cfg.p, 0).astype(np.int32), space, dtype="int32")
+    for name, keys, dtype, names in _map_specs(cfg):
+        cols = []
+        for key in keys:
+            a = gather(key, 0 if dtype == "int32" else np.nan, np.int64 if dtype == "int32" else np.float64)
+            cols.append(a.reshape(V, -1))
+        data = np.concatenate(cols, axis=1)
+        if dtype == "float32":
+            data[~fitted] = np.nan
+        write_map(out, name, data, space, dtype=dtype, volume_names=names)
+    llh = gather("llh", np.nan, np.float64)
+    llh[~fitted] = np.nan
+    save_array_atomically(out / LLH64_FILE, llh)
+    converged = gather("converged", 0, np.int64).astype(bool) & fitted
+    boundary = gather("boundary", 0, np.int64).astype(bool) & fitted
+    in_mask = np.zeros(V, bool)
+    in_mask[vox] = True
+    counts = {
+        "analysis_mask": int(in_mask.sum()),
+        "fitted": int(fitted.sum()),
+        "converged": int(converged.sum()),
+        "not_converged": int((fitted & ~converged).sum()),
+        "boundary": int(boundary.sum()),
+        "dropped": {why: int((reason == r).sum()) for r, why in drop_reasons().items() if np.any(reason == r)},
+    }
+    return counts
