@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from blmm.core.design import Contrast, RandomFactor
-from blmm.fit import fit_stats
+from blmm.core.fit import fit_stats
 from blmm.core.inference import infer
-from blmm.stats import sufficient_stats
+from blmm.core.sufficient import sufficient_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for examples/
 from examples.abcd_like.simulate import (  # noqa: E402

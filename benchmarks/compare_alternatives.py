@@ -197,7 +197,7 @@ def write_data(outdir: Path, n_vertices: int, n_subjects: int | None) -> dict:
 
 def run_blmm(outdir: Path, designs: list[int]) -> dict:
     from blmm.core.design import Contrast, RandomFactor
-    from blmm.fit import fit_stats
+    from blmm.core.fit import fit_stats
     from blmm.core.inference import infer
     from blmm.core.sufficient import sufficient_stats
 

@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 from blmm.core.design import Contrast, RandomFactor  # noqa: E402
 from blmm.core.inference import infer  # noqa: E402
-from blmm.fit import fit_lmm  # noqa: E402
+from blmm.core.fit import fit_lmm  # noqa: E402
 
 # Models as lme4 formulas (docs/formula.md); imported on first use, as they need pandas.
 __all__ = ["Contrast", "RandomFactor", "fit_lmm", "infer", "fit_formula", "build_design", "__version__"]

@@ -10,7 +10,7 @@ from typing import Any
 from blmm.core.design import RandomFactor
 from blmm.engine.spec import CLUSTER_TYPES
 from blmm.errors import ConfigError
-from blmm.fit import METHODS
+from blmm.core.fit import METHODS
 
 from blmm.config.readers import _read_yaml
 from blmm.config.schema import DEFAULT_MAXMEM, DEFAULT_MINLOG, Config

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special, stats
 
-from blmm import linalg as la
+from blmm.core import linalg as la
 from blmm.core.design import Contrast
-from blmm.fit import FitResult
+from blmm.core.fit import FitResult
 
 LN10 = float(np.log(10.0))
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from blmm.design import Contrast
+from blmm.core.design import Contrast
 from blmm.formula.errors import FormulaError
 
 _NAME_CHAR = re.compile(r"[A-Za-z0-9_.]")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from blmm.design import Contrast, RandomFactor
+from blmm.core.design import Contrast, RandomFactor
 from blmm.formula.errors import FormulaError
 from blmm.formula.parse import ParsedFormula, parse_formula, split_top
 

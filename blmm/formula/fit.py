@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from blmm.fit import FitResult, fit_lmm
+from blmm.core.fit import FitResult, fit_lmm
 from blmm.formula.design import ModelDesign, build_design
 from blmm.formula.errors import FormulaError
 
@@ -28,7 +28,7 @@ class FormulaFit:
 
     def infer(self, contrasts, two_sided: bool = False):
         """blmm.inference.infer with named contrasts (see blmm.formula.contrasts)."""
-        from blmm.inference import infer
+        from blmm.core.inference import infer
 
         return infer(self.fit, self.design.contrasts(contrasts), two_sided=two_sided)
 

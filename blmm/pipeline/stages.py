@@ -28,11 +28,11 @@ from blmm.core.sufficient import (
     split_data_sums,
     stats_from_sums,
 )
-from blmm.fit import FITTED, STATUS_NAMES, fit_stats
+from blmm.core.fit import FITTED, STATUS_NAMES, fit_stats
 from blmm.io import outdir as _outdir
 from blmm.io.images import read_image, read_mask, write_map
 from blmm.io.outdir import LLH64_FILE, map_name, save_array_atomically, save_arrays_atomically
-from blmm.linalg import vech_index
+from blmm.core.linalg import vech_index
 from blmm.pipeline.plan import RunPlan
 
 # why a voxel of the analysis mask has no fit (blmm_run.json "dropped"): screened out

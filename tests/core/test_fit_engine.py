@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from blmm.design import Contrast, RandomFactor
-from blmm.fit import DROPPED_FEW, DROPPED_RANK, fit_lmm, fit_stats
-from blmm.inference import f_mlog10p, infer, pool_f_df, t_mlog10p
-from blmm.stats import FactorLayout, sufficient_stats
+from blmm.core.design import Contrast, RandomFactor
+from blmm.core.fit import DROPPED_FEW, DROPPED_RANK, fit_lmm, fit_stats
+from blmm.core.inference import f_mlog10p, infer, pool_f_df, t_mlog10p
+from blmm.core.sufficient import FactorLayout, sufficient_stats
 
 
 def simulate(n_sub=40, q=1, v=6, seed=0, missing=0.0):
@@ -187,7 +187,7 @@ def test_one_bad_voxel_stays_one_bad_voxel():
     bad[0, 2] = np.inf
     fit = fit_lmm(bad, X, [f], tol=1e-10)
     alone = fit_lmm(Y[:, [0, 3]], X, [f], tol=1e-10)
-    from blmm.fit import FAILED, NOT_FINITE, STOP_NAMES
+    from blmm.core.fit import FAILED, NOT_FINITE, STOP_NAMES
     assert list(fit.status) == [0, FAILED, FAILED, 0]
     assert list(fit.stop[[1, 2]]) == [NOT_FINITE, NOT_FINITE] and STOP_NAMES[NOT_FINITE]
     assert not fit.converged[[1, 2]].any()
@@ -197,7 +197,7 @@ def test_one_bad_voxel_stays_one_bad_voxel():
 
 
 def test_iteration_limit_is_not_converged():
-    from blmm.fit import ITERATION_LIMIT
+    from blmm.core.fit import ITERATION_LIMIT
     X, f, Y = simulate(q=2, v=3, seed=6)
     fit = fit_lmm(Y, X, [f], max_iter=2)
     assert not fit.converged.any()
@@ -205,7 +205,7 @@ def test_iteration_limit_is_not_converged():
 
 
 def test_satterthwaite_df_singular_hessian_is_local():
-    from blmm.inference import satterthwaite_df
+    from blmm.core.inference import satterthwaite_df
     H = np.stack([np.eye(2), np.zeros((2, 2)), 2 * np.eye(2)])
     g = np.ones((3, 2))
     df = satterthwaite_df(np.ones(3), g, H)
@@ -217,8 +217,8 @@ def test_satterthwaite_df_singular_hessian_is_local():
 @pytest.mark.parametrize("reml", [True, False])
 def test_analytic_hessian_matches_differences(q, reml):
     """The one-factor objective's analytic deviance Hessian and dCov against central differences."""
-    from blmm import linalg as la
-    from blmm.objective import LevelObjective
+    from blmm.core import linalg as la
+    from blmm.core.objective import LevelObjective
     rng = np.random.default_rng(10 + q)
     ns = 50
     vis = rng.integers(1, 4, ns)

@@ -13,9 +13,9 @@ import warnings
 import numpy as np
 import pytest
 
-from blmm.design import Contrast, RandomFactor
-from blmm.fit import METHODS, fit_lmm
-from blmm.inference import infer
+from blmm.core.design import Contrast, RandomFactor
+from blmm.core.fit import METHODS, fit_lmm
+from blmm.core.inference import infer
 from tests.reference.load import CASES, load_case
 
 FITS: dict = {}
@@ -97,7 +97,7 @@ def test_lme4_constants_and_satterthwaite_tails():
     """p-values of T agree with lmerTest's (which are two-sided) once converted."""
     case, _, fit, inf = fitted("intercept", True)
     ref = case.reml["T"][0]
-    from blmm.inference import t_mlog10p
+    from blmm.core.inference import t_mlog10p
 
     two = t_mlog10p(inf.t[0].t, inf.t[0].df, two_sided=True)
     assert np.allclose(two, -np.log10(ref["p"]), rtol=1e-4)

@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from blmm.design import Contrast, RandomFactor
-from blmm.fit import fit_lmm
+from blmm.core.design import Contrast, RandomFactor
+from blmm.core.fit import fit_lmm
 from blmm.formula import (FormulaError, build_design, design_from_table, fit_formula,
                           parse_formula)
 
-REF = Path(__file__).parent / "reference" / "data" / "formula"
+REF = Path(__file__).parents[1] / "reference" / "data" / "formula"
 CASES = pd.read_csv(REF / "cases.csv")
 
 
@@ -125,7 +125,7 @@ def test_fit_formula_matches_hand_built_fit_lmm(table):
 
     out = res.infer({"age": "age", "time": "time", "sex": "sex[T.M]", "mix": "age - 2 * time:nih_score",
                      "F": "age, time"})
-    from blmm.inference import infer
+    from blmm.core.inference import infer
     L = np.zeros((1, 6))
     L[0, 1], L[0, 5] = 1, -2
     direct = infer(ref, [Contrast("mix", L, True)])

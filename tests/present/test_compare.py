@@ -40,7 +40,7 @@ from blmm.compare import (
     same_grouping,
 )
 from blmm.config import load_config
-from blmm.design import RandomFactor
+from blmm.core.design import RandomFactor
 from blmm.io.images import read_map
 
 REFERENCE = Path(__file__).resolve().parents[1] / "reference" / "data"

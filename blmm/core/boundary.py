@@ -1,0 +1,192 @@
+"""From the scored D to the reported optimum: boundary snap, Newton polish, and lme4's θ on the boundary."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from blmm.core import linalg as la
+from blmm.core.hessian import variance_hessian, vech_grad
+from blmm.core.objective.base import Evaluation, merge_eval, subset_eval, take_rows
+
+RANK_TOL = 1e-12  # eigenvalues of D_k at or below this (times the largest) count as zero
+
+
+def free_parameters(D, qk) -> np.ndarray:
+    """(v, k) bool: φ = (σ², vech D_1, …) entries whose factor is not singular."""
+    v = D[0].shape[0]
+    cols = [np.ones((v, 1), bool)]
+    for Dk, q in zip(D, qk):
+        w = np.linalg.eigvalsh(la.sym(Dk))
+        on_boundary = w[:, 0] <= RANK_TOL * np.maximum(w[:, -1], 1e-300)
+        cols.append(np.repeat(~on_boundary[:, None], q * (q + 1) // 2, axis=1))
+    return np.concatenate(cols, axis=1)
+
+
+@dataclass
+class SettledPoint:
+    """The reported optimum of a block, with the Hessian computed on the way (before the polish)."""
+
+    D: list
+    ev: Evaluation
+    H: np.ndarray  # (v, k, k) at the point before the polish
+    dC: np.ndarray
+    moved: np.ndarray  # (v,) bool: the polish moved D, so H and dC are stale there
+
+
+def settle(obj, data, D, qk, reml, n, p) -> SettledPoint:
+    """Move the scored D to the reported optimum: exact zeros on the boundary, one Newton polish."""
+    D = snap_to_boundary(obj, data, D)
+    ev = obj.evaluate(D, data, grad=True)
+    H, dC = variance_hessian(obj, data, D, ev, qk, reml, n, p)
+    D_new, moved = newton_polish(obj, data, D, ev, H, free_parameters(D, qk), qk)
+    if np.any(moved):
+        rows = np.flatnonzero(moved)
+        ev_new = obj.evaluate([Dk[rows] for Dk in D_new], take_rows(data, rows, D[0].shape[0]), grad=True)
+        ev = merge_eval(ev, ev_new, rows, np.ones(rows.size, bool))
+    return SettledPoint(D_new, ev, H, dC, moved)
+
+
+def snap_to_boundary(obj, data, D):
+    """Set negligible eigenvalues of each D_k to exactly 0 where that costs no likelihood.
+
+    Cholesky iterations only approach a singular optimum asymptotically; lme4 lands on it
+    exactly, and inference needs to know which voxels are singular.
+    """
+    ev = obj.evaluate(D, data, grad=False)
+    out = [Dk.copy() for Dk in D]
+    for f, Dk in enumerate(D):
+        w, U = np.linalg.eigh(la.sym(Dk))
+        small = (w < 1e-5) | (w < 1e-6 * w[:, -1:])  # variance below 1e-5 σ² or 1e-6 of the largest
+        small &= w > RANK_TOL * np.maximum(w[:, -1:], 1e-300)
+        rows = np.flatnonzero(np.any(small, axis=1))
+        if rows.size == 0:
+            continue
+        ws = np.where(small[rows], 0.0, np.maximum(w[rows], 0.0))
+        trial = [Dj[rows].copy() for Dj in out]
+        trial[f] = (U[rows] * ws[:, None, :]) @ np.swapaxes(U[rows], 1, 2)
+        ev_t = obj.evaluate(trial, take_rows(data, rows, Dk.shape[0]), grad=False)
+        good = ev_t.ok & (ev_t.llh >= ev.llh[rows] - 1e-10)
+        out[f][rows[good]] = trial[f][good]
+    return out
+
+
+def _lower_cholesky(D: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor of PSD (v, q, q) matrices, zero columns where a pivot vanishes."""
+    v, q, _ = D.shape
+    L = np.zeros_like(D)
+    scale = np.maximum(np.max(np.abs(np.diagonal(D, axis1=1, axis2=2)), axis=1), 1e-300)
+    for j in range(q):  # q is tiny; vectorised over voxels
+        piv = D[:, j, j] - np.sum(L[:, j, :j] ** 2, axis=1)
+        pos = piv > RANK_TOL * scale
+        L[:, j, j] = np.where(pos, np.sqrt(np.where(pos, piv, 1.0)), 0.0)
+        for i in range(j + 1, q):
+            val = D[:, i, j] - np.sum(L[:, i, :j] * L[:, j, :j], axis=1)
+            L[:, i, j] = np.where(pos, val / np.where(pos, L[:, j, j], 1.0), 0.0)
+    return L
+
+
+def _theta_coordinates(D: np.ndarray, G: np.ndarray):
+    """lme4's θ (D = ΛΛ', Λ lower) as coordinates of a singular factor.
+
+    Returns J = d vech(D)/dθ (v, q_u, q_u), the curvature term of the deviance Hessian
+    Σ_m (∂dev/∂D_m) ∂²D_m/∂θ∂θ' (v, q_u, q_u), and which θ are live (their column of Λ is
+    non-zero; the others have zero first derivatives and drop out, as in lmerTest).
+    """
+    v, q, _ = D.shape
+    L = _lower_cholesky(D)
+    r_idx, c_idx = la.vech_index(q)  # θ uses the same lower-triangle order
+    qu = r_idx.size
+    J = np.zeros((v, qu, qu))
+    curv = np.zeros((v, qu, qu))
+    for t, (i, j) in enumerate(zip(r_idx, c_idx)):
+        dD = np.zeros((v, q, q))
+        dD[:, i, :] += L[:, :, j]
+        dD[:, :, i] += L[:, :, j]
+        J[:, :, t] = dD[:, r_idx, c_idx]
+        for t2, (k, l) in enumerate(zip(r_idx, c_idx)):
+            if j == l:  # ∂²D/∂θ_ij∂θ_kl = e_i e_k' + e_k e_i' when j == l
+                curv[:, t, t2] = 2.0 * G[:, i, k]
+    colnorm = np.sqrt(np.sum(L**2, axis=1))  # (v, q)
+    live = colnorm[:, c_idx] > 0
+    return J, curv, live
+
+
+def boundary_coordinates(H, dC, G_list, D, qk, free):
+    """Re-express H and dCov in lme4's θ for singular factors (interior ones keep vech D).
+
+    At an interior optimum the Satterthwaite df does not depend on the parametrisation;
+    on the boundary it does, and lmerTest's is θ.
+    """
+    v, k, _ = H.shape
+    T = np.broadcast_to(np.eye(k), (v, k, k)).copy()
+    curv = np.zeros((v, k, k))
+    live = np.ones((v, k), bool)
+    col = 1
+    singular_any = np.zeros(v, bool)
+    for f, q in enumerate(qk):
+        qu = q * (q + 1) // 2
+        singular = ~free[:, col]  # _package's rank test of D_k
+        if np.any(singular):
+            J, cf, lv = _theta_coordinates(D[f][singular], G_list[f][singular])
+            sl = slice(col, col + qu)
+            rows = np.flatnonzero(singular)
+            T[rows[:, None], np.arange(col, col + qu)[None, :]] = 0.0
+            T[rows, sl, sl] = J
+            curv[rows, sl, sl] = cf
+            live[rows, sl] = lv
+            singular_any |= singular
+        col += qu
+    if not np.any(singular_any):
+        return H, dC, live
+    Ht = np.swapaxes(T, 1, 2) @ H @ T + curv
+    dCt = np.einsum("vij,vipq->vjpq", T, dC)
+    dead = ~live
+    Ht = np.where(dead[:, :, None] | dead[:, None, :], 0.0, Ht) + dead[:, :, None] * np.eye(k)
+    dCt[dead] = 0.0
+    return Ht, dCt, live
+
+
+def newton_polish(obj, data, D, ev, H, free, qk):
+    """One Newton step on the profiled deviance with the observed Hessian already at hand.
+
+    Scoring converges linearly; this squares the remaining error of interior parameters so
+    that they, not just the log-likelihood, match an exact optimiser.  Singular factors are
+    held; the step is kept only where it does not lower the log-likelihood and D stays PSD.
+    Returns (D, moved rows mask).
+    """
+    v = D[0].shape[0]
+    moved = np.zeros(v, bool)
+    fd = free[:, 1:]
+    use = np.any(fd, axis=1) & ev.ok & np.all(np.isfinite(H.reshape(v, -1)), axis=1)
+    if not np.any(use):
+        return D, moved
+    Hs, fd = H[use], fd[use]
+    Hp = Hs[:, 1:, 1:] - Hs[:, 1:, :1] * Hs[:, :1, 1:] / Hs[:, :1, :1]  # σ² profiled out
+    both = fd[:, :, None] & fd[:, None, :]
+    Hp = np.where(both, Hp, 0.0) + np.where(fd, 0.0, 1.0)[:, :, None] * np.eye(Hp.shape[-1])
+    g = np.where(fd, vech_grad(subset_eval(ev, np.flatnonzero(use)), qk), 0.0)
+    x, solved = la.safe_solve(Hp, g)
+    step = -np.nan_to_num(x)
+    rows = np.flatnonzero(use)
+    trial, start = [], 0
+    for f, q in enumerate(qk):
+        r, c = la.vech_index(q)
+        dv = np.zeros((rows.size, q, q))
+        dv[:, r, c] = step[:, start:start + r.size]
+        dv[:, c, r] = step[:, start:start + r.size]
+        trial.append(D[f][rows] + dv)
+        start += r.size
+    psd = solved.copy()
+    for Dt in trial:
+        psd &= np.min(np.linalg.eigvalsh(Dt), axis=1) >= 0
+    with np.errstate(invalid="ignore", divide="ignore"):  # non-PSD trials are rejected below
+        ev_t = obj.evaluate(trial, take_rows(data, rows, v), grad=False)
+    good = ev_t.ok & psd & (ev_t.llh >= ev.llh[rows])
+    if not np.any(good):
+        return D, moved
+    D = [Dk.copy() for Dk in D]
+    for f in range(len(qk)):
+        D[f][rows[good]] = trial[f][good]
+    moved[rows[good]] = True
+    return D, moved

@@ -1,0 +1,261 @@
+"""Fit every voxel: choose a structure per presence pattern, then score, settle and package blocks.
+
+The stages compose as lme4's modular chain does: sufficient statistics -> an objective
+per pattern (core/objective) -> scoring (core/scoring) -> the reported optimum
+(core/boundary) -> what inference needs at that point (core/hessian) -> `FitResult`.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from blmm.core import linalg as la
+from blmm.core.boundary import SettledPoint, boundary_coordinates, free_parameters, settle
+from blmm.core.design import RandomFactor
+from blmm.core.hessian import variance_hessian
+from blmm.core.objective import DenseObjective, LevelObjective, SchurObjective
+from blmm.core.objective.base import subset_eval, take_rows
+from blmm.core.scoring import METHODS, ScoringResult, check_method, score
+from blmm.core.status import (  # noqa: F401  (re-exported: the codes' one home is core/status.py)
+    CONVERGED, DROPPED_FEW, DROPPED_RANK, FAILED, FITTED, ITERATION_LIMIT, NOT_FINITE, NOT_FITTED,
+    STATUS_NAMES, STEP_FAILED, STOP_NAMES,
+)
+from blmm.core.sufficient import SufficientStats, sufficient_stats
+
+@dataclass
+class FitResult:
+    """Per-voxel estimates and everything inference needs."""
+
+    beta: np.ndarray  # (v, p)
+    sigma2: np.ndarray  # (v,)
+    D: list  # per factor (v, q_k, q_k), relative to σ²
+    llh: np.ndarray  # (v,) float64, lme4's logLik
+    converged: np.ndarray  # (v,) bool
+    n_iter: np.ndarray  # (v,) int
+    n_obs: np.ndarray  # (v,) int, images present
+    status: np.ndarray  # (v,) int, FITTED or a reason for dropping
+    stop: np.ndarray  # (v,) int, why scoring stopped (STOP_NAMES)
+    cov_beta: np.ndarray  # (v, p, p)
+    cov_beta_grad: np.ndarray  # (v, k, p, p), derivative in φ (docs/model.md)
+    hessian: np.ndarray  # (v, k, k), deviance Hessian in φ (identity rows for dropped θ)
+    free: np.ndarray  # (v, k) bool: φ entries of factors not on the boundary
+    resms: np.ndarray  # (v,) e'e/(n - p) at the GLS β̂
+    factor_names: list = field(default_factory=list)
+    q: list = field(default_factory=list)
+    reml: bool = True
+    method: str = "pSFS"
+
+    @property
+    def n_voxels(self) -> int:
+        return int(self.beta.shape[0])
+
+    @property
+    def p(self) -> int:
+        return int(self.beta.shape[1])
+
+    @property
+    def fitted(self) -> np.ndarray:
+        return self.status == FITTED
+
+    @property
+    def boundary(self) -> np.ndarray:
+        """Voxels where some D_k is singular."""
+        return self.fitted & ~np.all(self.free, axis=1)
+
+    def vech_D(self) -> np.ndarray:
+        """[vech(D_1), …, vech(D_r)] per voxel (upstream's blmm_vox_D order)."""
+        return np.concatenate([la.vech(D) for D in self.D], axis=1)
+
+
+def fit_lmm(
+    Y: np.ndarray,
+    X: np.ndarray,
+    factors: list[RandomFactor],
+    reml: bool = True,
+    method: str = "pSFS",
+    tol: float = 1e-6,
+    max_iter: int = 10000,
+    **options,
+) -> FitResult:
+    """Fit Y = Xβ + Zb + ε at every voxel (column of Y; NaN = missing)."""
+    return fit_stats(sufficient_stats(Y, X, factors), reml=reml, method=method, tol=tol,
+                     max_iter=max_iter, **options)
+
+
+def fit_stats(
+    stats: SufficientStats,
+    reml: bool = True,
+    method: str = "pSFS",
+    tol: float = 1e-6,
+    max_iter: int = 10000,
+    structure: str = "auto",
+    max_block_bytes: int = 512 * 2**20,
+    threads: int | None = None,
+) -> FitResult:
+    """Fit every voxel from its sufficient statistics.
+
+    structure: "levels" (one factor, grouped levels), "schur" (several factors: the one with
+    most levels eliminated level by level, the rest dense), "dense" (any factors: a dense
+    q x q system per voxel) or "auto" (levels for one factor, else schur unless the other
+    factors have more than 2,000 columns).
+    max_block_bytes bounds the working memory of all voxel blocks in flight; `threads`
+    (default: the CPU count) fit blocks concurrently.
+    """
+    method = check_method(method)
+    if not (tol > 0):
+        raise ValueError(f"tol must be positive, got {tol}")
+    if int(max_iter) < 1:
+        raise ValueError(f"max_iter must be at least 1, got {max_iter}")
+    layout = stats.layout
+    n_factors = len(layout.q)
+    if structure == "auto":
+        small_columns = layout.n_columns - max(l * q for l, q in zip(layout.n_levels, layout.q))
+        structure = "levels" if n_factors == 1 else ("schur" if small_columns <= 2000 else "dense")
+    if structure not in ("levels", "schur", "dense"):
+        raise ValueError(f"unknown structure {structure!r}; expected auto, levels, schur or dense")
+    if structure == "levels" and n_factors != 1:
+        raise ValueError("the 'levels' structure needs exactly one random factor")
+    if structure == "schur" and n_factors < 2:
+        raise ValueError("the 'schur' structure needs two or more random factors")
+    v, p = stats.n_voxels, stats.p
+    qk = list(layout.q)
+    k = 1 + sum(q * (q + 1) // 2 for q in qk)
+    res = _empty_result(v, p, qk, k, list(layout.names), reml, method)
+    res.n_obs[:] = stats.voxel_n_obs()
+    threads = (os.cpu_count() or 1) if threads is None else max(1, int(threads))
+    jobs = []
+    for u in range(stats.patterns.shape[0]):  # loop over missingness patterns, not voxels
+        vox = np.flatnonzero(stats.pattern_of_voxel == u)
+        if vox.size == 0:
+            continue
+        n = int(stats.n_obs[u])
+        XtX = stats.XtX[u]
+        if n <= p:
+            res.status[vox] = DROPPED_FEW
+            continue
+        if _rank(XtX) < p:
+            res.status[vox] = DROPPED_RANK
+            continue
+        if structure == "levels":
+            obj = LevelObjective(XtX, stats.ZtX[u], stats.ZtZ[u], n, qk[0], reml)
+            per_voxel = 8 * (12 * obj.C * qk[0] ** 2 + obj.Cb * len(obj.pairs) * (p + 1) + (k + 6) * p * p)
+        elif structure == "schur":
+            obj = SchurObjective(XtX, stats.ZtX[u], stats.ZtZ[u], n, layout, reml)
+            lv, pu = obj.level, p + obj.qR
+            per_voxel = 8 * (12 * lv.C * lv.q ** 2 + lv.Cb * len(lv.pairs) * (pu + 1) + 12 * pu * pu
+                             + 8 * obj.qR ** 2 + (k + 6) * p * p)
+        else:
+            obj = DenseObjective(XtX, stats.ZtX[u], stats.ZtZ[u], n, layout, reml)
+            per_voxel = 8 * (10 * obj.qtot ** 2 + (k + 6) * p * p)
+        # voxel blocks bound the memory; threads share the blocks (numpy releases the GIL)
+        block = max(1, int(max_block_bytes // max(per_voxel, 1) // max(threads, 1)))
+        if threads > 1:
+            block = min(block, max(64, -(-vox.size // (2 * threads))))  # enough blocks to share
+        jobs.extend((obj, n, XtX, vox[start:start + block]) for start in range(0, vox.size, block))
+
+    def run(job) -> None:
+        obj, n, XtX, idx = job
+        data = obj.data(stats.XtY[idx], stats.ZtY[idx], stats.YtY[idx])
+        out = _fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)
+        _store(res, idx, out)  # blocks write disjoint rows
+        eTe = (stats.YtY[idx] - 2 * np.einsum("vp,vp->v", out.beta, stats.XtY[idx])
+               + np.einsum("vp,pq,vq->v", out.beta, XtX, out.beta))
+        res.resms[idx] = eTe / (n - p)
+
+    if threads > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(run, jobs))
+    else:
+        for job in jobs:
+            run(job)
+    _blank_unfitted(res)
+    return res
+
+
+def _rank(A: np.ndarray) -> int:
+    w = np.linalg.eigvalsh(A)
+    return int(np.sum(w > max(w.max(), 0.0) * A.shape[0] * 1e-12))
+
+
+def _empty_result(v, p, qk, k, names, reml, method) -> FitResult:
+    return FitResult(
+        beta=np.full((v, p), np.nan), sigma2=np.full(v, np.nan),
+        D=[np.full((v, q, q), np.nan) for q in qk], llh=np.full(v, np.nan),
+        converged=np.zeros(v, bool), n_iter=np.zeros(v, np.int64), n_obs=np.zeros(v, np.int64),
+        status=np.full(v, FITTED, np.int64), stop=np.full(v, NOT_FITTED, np.int64), cov_beta=np.full((v, p, p), np.nan),
+        cov_beta_grad=np.full((v, k, p, p), np.nan), hessian=np.full((v, k, k), np.nan),
+        free=np.zeros((v, k), bool), resms=np.full(v, np.nan), factor_names=names, q=qk,
+        reml=reml, method=method,
+    )
+
+
+def _store(res: FitResult, idx, out: "BlockFit") -> None:
+    res.beta[idx] = out.beta
+    res.sigma2[idx] = out.sigma2
+    for f, D in enumerate(out.D):
+        res.D[f][idx] = D
+    res.llh[idx] = out.llh
+    res.converged[idx] = out.converged
+    res.n_iter[idx] = out.n_iter
+    res.stop[idx] = out.stop
+    res.cov_beta[idx] = out.cov_beta
+    res.cov_beta_grad[idx] = out.cov_beta_grad
+    res.hessian[idx] = out.hessian
+    res.free[idx] = out.free
+    res.status[idx] = np.where(out.ok, FITTED, FAILED)
+
+
+def _blank_unfitted(res: FitResult) -> None:
+    bad = res.status != FITTED
+    for arr in (res.beta, res.sigma2, res.llh, res.cov_beta, res.cov_beta_grad, res.hessian, res.resms, *res.D):
+        arr[bad] = np.nan
+    res.converged[bad] = False
+    res.stop[res.status == FAILED] = NOT_FINITE
+    res.stop[(res.status == DROPPED_RANK) | (res.status == DROPPED_FEW)] = NOT_FITTED
+
+
+@dataclass
+class BlockFit:
+    """One voxel block's reported optimum and what inference needs at exactly that point."""
+
+    beta: np.ndarray
+    sigma2: np.ndarray
+    D: list
+    llh: np.ndarray
+    converged: np.ndarray
+    n_iter: np.ndarray
+    stop: np.ndarray
+    ok: np.ndarray
+    cov_beta: np.ndarray
+    cov_beta_grad: np.ndarray
+    hessian: np.ndarray
+    free: np.ndarray
+
+
+def _fit_block(obj, data, qk, method, tol, max_iter, reml, n, p) -> BlockFit:
+    """Score one voxel block, settle the optimum (boundary snap, Newton polish), then package it."""
+    scored = score(obj, data, qk, method, tol, max_iter, reml, n, p)
+    point = settle(obj, data, scored.D, qk, reml, n, p)
+    return _package(obj, data, point, scored, qk, reml, n, p)
+
+
+def _package(obj, data, point: SettledPoint, scored: ScoringResult, qk, reml, n, p) -> BlockFit:
+    """Inference quantities at exactly the reported point: Cov(β̂), its derivatives and the Hessian."""
+    D, ev, H, dC = point.D, point.ev, point.H, point.dC
+    if np.any(point.moved):  # the polish moved these voxels: their Hessian is recomputed there
+        rows = np.flatnonzero(point.moved)
+        H_r, dC_r = variance_hessian(obj, take_rows(data, rows, D[0].shape[0]), [Dk[rows] for Dk in D],
+                                      subset_eval(ev, rows), qk, reml, n, p)
+        H, dC = H.copy(), dC.copy()
+        H[rows], dC[rows] = H_r, dC_r
+    free = free_parameters(D, qk)
+    H_phi, dC_phi, _ = boundary_coordinates(H, dC, ev.grad, D, qk, free)
+    finite = ev.ok & np.isfinite(ev.llh) & np.isfinite(ev.sigma2)
+    return BlockFit(
+        beta=ev.beta, sigma2=ev.sigma2, D=D, llh=ev.llh, converged=scored.converged & finite,
+        n_iter=scored.n_iter, stop=np.where(finite, scored.stop, NOT_FINITE), ok=scored.ok & finite,
+        cov_beta=ev.sigma2[:, None, None] * ev.C, cov_beta_grad=dC_phi, hessian=H_phi, free=free,
+    )

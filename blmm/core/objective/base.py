@@ -1,0 +1,174 @@
+"""The objective's declared interface, its evaluation record, and GLS profiling.
+
+For a given relative covariance D (per voxel), β̂ and σ̂² are profiled out in closed
+form and the log-likelihood, its gradient in D and a Fisher information for D are
+returned for all voxels at once.  Every structure (levels.py, dense.py, schur.py,
+nested.py) implements `Objective`; the scoring loop knows nothing else about them.
+
+Notation (docs/model.md): V = I + Z D Z', M = D(I + Z'Z D)^-1, R_j = (I + G_j D)^-1,
+X_j = Z_j'X, y_j = Z_j'Y, S_j = Z_j'V^-1 X = R_j X_j, u_j = Z_j'V^-1 r, T_j = R_j G_j,
+C = (X'V^-1 X)^-1.  The deviance is -2ℓ; its derivative in D_k is tr(G_k dD_k) with
+G_k = Σ T_j - [REML] Σ S_j C S_j' - Σ u_j u_j' / σ².
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import scipy.sparse as sp
+
+LOG2PI = float(np.log(2.0 * np.pi))
+
+
+@dataclass
+class Evaluation:
+    """Objective and derived quantities for a set of voxels at one D."""
+
+    llh: np.ndarray  # (v,) log-likelihood (profiled in σ² unless σ² was given)
+    beta: np.ndarray  # (v, p)
+    sigma2: np.ndarray  # (v,)
+    C: np.ndarray  # (v, p, p) (X'V^-1X)^-1
+    Q: np.ndarray  # (v,) r'V^-1 r at the GLS β
+    ok: np.ndarray  # (v,) bool, X'V^-1X positive definite and finite llh
+    grad: list = field(default_factory=list)  # per factor (v, q_k, q_k) deviance gradient G_k
+    info: np.ndarray | None = None  # (v, s, s) expected information, s = Σ q_k², vec order
+    T_sum: list = field(default_factory=list)  # per factor Σ_j T_j (v, q_k, q_k)
+    uu_sum: list = field(default_factory=list)  # per factor Σ_j u_j u_j' (v, q_k, q_k)
+    cache: dict | None = None  # objective-specific per-voxel arrays (leading axis v) the Hessian reuses
+
+
+class Objective(Protocol):
+    """What every structure provides to the scoring loop (one pattern of observed rows)."""
+
+    n: int
+    p: int
+    reml: bool
+
+    def data(self, XtY: np.ndarray, ZtY: np.ndarray, YtY: np.ndarray) -> Any:
+        """Per-voxel data sums arranged for this objective; the result has `.take(idx)` and `.XtY`."""
+
+    def evaluate(self, D_list: list, data: Any, sigma2: np.ndarray | None = None,
+                 grad: bool = False) -> Evaluation:
+        """Profiled log-likelihood at D (per factor (v, q_k, q_k)), with gradient and information if asked."""
+
+
+def _gls(XtVX: np.ndarray, XtVY: np.ndarray):
+    """β̂, C = (X'V^-1X)^-1, log|X'V^-1X| and a PD flag, by one Cholesky per voxel."""
+    v, p, _ = XtVX.shape
+    ok = np.all(np.isfinite(XtVX.reshape(v, -1)), axis=1)
+    L = np.full_like(XtVX, np.nan)
+    try:
+        L[ok] = np.linalg.cholesky(XtVX[ok])
+    except np.linalg.LinAlgError:
+        for i in np.flatnonzero(ok):  # rare: find the voxels that are not PD
+            try:
+                L[i] = np.linalg.cholesky(XtVX[i])
+            except np.linalg.LinAlgError:
+                ok[i] = False
+    eye = np.broadcast_to(np.eye(p), XtVX.shape)
+    Linv = np.full_like(XtVX, np.nan)
+    Linv[ok] = np.linalg.solve(L[ok], eye[ok])  # triangular: cheap and exact enough
+    C = np.swapaxes(Linv, 1, 2) @ Linv
+    beta = np.einsum("vij,vj->vi", C, XtVY)
+    logdet = 2.0 * np.sum(np.log(np.abs(np.diagonal(L, axis1=1, axis2=2))), axis=1)
+    return beta, C, logdet, ok
+
+
+def _likelihood(Q, logdetV, logdetXVX, n, p, reml, sigma2=None):
+    """Profiled (or at given σ²) log-likelihood with lme4's constants."""
+    N = n - p if reml else n
+    if sigma2 is None:
+        sigma2 = Q / N
+        llh = -0.5 * (N * (LOG2PI + np.log(sigma2)) + logdetV + N)
+    else:
+        llh = -0.5 * (N * (LOG2PI + np.log(sigma2)) + logdetV + Q / sigma2)
+    if reml:
+        llh = llh - 0.5 * logdetXVX
+    return llh, sigma2
+
+
+def profiled(XtVX, XtVY, YtVY, logdetV, n, p, reml, sigma2) -> Evaluation:
+    """β̂ (GLS), C, Q and the (RE)ML log-likelihood from the V⁻¹ products."""
+    v = XtVX.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # bad voxels are flagged by ok
+        beta, C, logdetXVX, ok = _gls(XtVX, XtVY)
+        Q = YtVY - np.einsum("vp,vp->v", beta, XtVY)
+        llh, s2 = _likelihood(Q, logdetV, logdetXVX, n, p, reml, sigma2)
+    ok &= np.isfinite(llh) & (Q > 0)
+    return Evaluation(llh=llh, beta=beta, sigma2=np.broadcast_to(s2, (v,)).copy(), C=C, Q=Q, ok=ok)
+
+
+def take_rows(data, idx, full_size):
+    return data if idx.size == full_size else data.take(idx)
+
+
+def subset_eval(ev: Evaluation, idx) -> Evaluation:
+    return Evaluation(
+        llh=ev.llh[idx], beta=ev.beta[idx], sigma2=ev.sigma2[idx], C=ev.C[idx], Q=ev.Q[idx], ok=ev.ok[idx],
+        grad=[g[idx] for g in ev.grad], info=None if ev.info is None else ev.info[idx],
+        T_sum=[t[idx] for t in ev.T_sum], uu_sum=[u[idx] for u in ev.uu_sum],
+        cache=None if ev.cache is None else {k: a[idx] for k, a in ev.cache.items()},
+    )
+
+
+def merge_eval(base: Evaluation, new: Evaluation, where, good) -> Evaluation:
+    """Copy of base with the rows `where` replaced by new's rows `good`."""
+    out = subset_eval(base, slice(None))
+    for name in ("llh", "beta", "sigma2", "C", "Q", "ok"):
+        arr = getattr(out, name).copy()
+        arr[where] = getattr(new, name)[good]
+        setattr(out, name, arr)
+    for name in ("grad", "T_sum", "uu_sum"):
+        lst = []
+        for a, b in zip(getattr(out, name), getattr(new, name)):
+            a = a.copy()
+            a[where] = b[good]
+            lst.append(a)
+        setattr(out, name, lst)
+    info = out.info.copy()
+    info[where] = new.info[good]
+    out.info = info
+    if out.cache is not None and new.cache is not None and out.cache.keys() == new.cache.keys():
+        cache = {}
+        for key, arr in out.cache.items():
+            arr = arr.copy()
+            arr[where] = new.cache[key][good]
+            cache[key] = arr
+        out.cache = cache
+    else:
+        out.cache = None
+    return out
+
+
+def level_block_sum(A: np.ndarray, offset: int, n_levels: int, q: int) -> np.ndarray:
+    """Σ over a factor's levels of the diagonal q x q blocks of (v, Q, Q) matrices."""
+    v = A.shape[0]
+    blk = A[:, offset:offset + n_levels * q, offset:offset + n_levels * q].reshape(v, n_levels, q, n_levels, q)
+    return np.einsum("vjajb->vab", blk)
+
+
+def factor_pair_information(T: np.ndarray, offsets, n_levels, qs) -> np.ndarray:
+    """Expected information blocks between factors from T = Z'V⁻¹Z (v, Q, Q), vec order.
+
+    F[(k,a,b),(k',c,d)] = Σ_{i in k, j in k'} T[(i,b),(j,c)] T[(i,a),(j,d)].
+    """
+    v = T.shape[0]
+    sizes = [q * q for q in qs]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    info = np.zeros((v, starts[-1], starts[-1]))
+    for k, (o1, l1, q1) in enumerate(zip(offsets, n_levels, qs)):
+        for k2, (o2, l2, q2) in enumerate(zip(offsets, n_levels, qs)):
+            T4 = T[:, o1:o1 + l1 * q1, o2:o2 + l2 * q2].reshape(v, l1, q1, l2, q2)
+            blk = np.einsum("vibjc,viajd->vabcd", T4, T4).reshape(v, q1 * q1, q2 * q2)
+            info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = blk
+    return info
+
+
+def diag_blocks(ZtZ: sp.csr_matrix, L: int, q: int) -> np.ndarray:
+    """The L diagonal q x q blocks of a block-diagonal sparse matrix."""
+    coo = ZtZ.tocoo()
+    keep = (coo.row // q) == (coo.col // q)
+    G = np.zeros((L, q, q))
+    np.add.at(G, (coo.row[keep] // q, coo.row[keep] % q, coo.col[keep] % q), coo.data[keep])
+    return G

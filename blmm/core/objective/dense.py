@@ -1,0 +1,84 @@
+"""Any number of crossed or nested factors: a dense q x q system per voxel (q = all Z columns)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from blmm.core import linalg as la
+from blmm.core.objective.base import Evaluation, factor_pair_information, level_block_sum, profiled
+
+@dataclass
+class DenseData:
+    XtY: np.ndarray
+    ZtY: np.ndarray
+    YtY: np.ndarray
+
+    def take(self, idx) -> "DenseData":
+        return DenseData(self.XtY[idx], self.ZtY[idx], self.YtY[idx])
+
+
+class DenseObjective:
+    """Any number of factors: a dense q x q system per voxel (q = all Z columns)."""
+
+    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml):
+        self.XtX = XtX
+        self.ZtX = ZtX
+        self.ZtZ = np.asarray(sp.csr_matrix(ZtZ).todense())
+        self.n, self.p, self.reml = int(n), XtX.shape[0], bool(reml)
+        self.offsets = layout.offsets
+        self.n_levels = layout.n_levels
+        self.qk = layout.q
+        self.qtot = layout.n_columns
+
+    def data(self, XtY, ZtY, YtY) -> DenseData:
+        return DenseData(np.ascontiguousarray(XtY), np.ascontiguousarray(ZtY), np.asarray(YtY))
+
+    def _blockdiag(self, blocks):
+        """Block-diagonal (v, q, q) from per-factor (v, q_k, q_k), repeated over levels."""
+        v = blocks[0].shape[0]
+        out = np.zeros((v, self.qtot, self.qtot))
+        for k, B in enumerate(blocks):
+            o, l, qk = self.offsets[k], self.n_levels[k], self.qk[k]
+            view = out[:, o:o + l * qk, o:o + l * qk].reshape(v, l, qk, l, qk)
+            idx = np.arange(l)
+            view[:, idx, :, idx, :] = B[None]  # advanced indexing puts levels first
+        return out
+
+    def _factor_sum(self, A, k):
+        return level_block_sum(A, self.offsets[k], self.n_levels[k], self.qk[k])
+
+    def evaluate(self, D_list, data: DenseData, sigma2=None, grad=False) -> Evaluation:
+        Lam = self._blockdiag([la.psd_root(D) for D in D_list])  # Λ Λ' = D
+        LtZtZ = np.swapaxes(Lam, 1, 2) @ self.ZtZ  # Λ'Z'Z
+        Mt = np.eye(self.qtot) + LtZtZ @ Lam
+        Lm, chol_ok = la.safe_cholesky(Mt)
+        Lm[~chol_ok] = np.eye(self.qtot)  # a non-finite voxel is flagged below, its block goes on
+        logdetV = 2.0 * np.sum(np.log(np.diagonal(Lm, axis1=1, axis2=2)), axis=1)
+        Bx = np.linalg.solve(Lm, np.swapaxes(Lam, 1, 2) @ self.ZtX)  # L^-1 Λ'Z'X
+        by = np.linalg.solve(Lm, np.einsum("vba,vb->va", Lam, data.ZtY)[..., None])[..., 0]
+        XtVX = self.XtX[None] - np.swapaxes(Bx, 1, 2) @ Bx
+        XtVY = data.XtY - np.einsum("vqp,vq->vp", Bx, by)
+        YtVY = data.YtY - np.einsum("vq,vq->v", by, by)
+        ev = profiled(la.sym(XtVX), XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+        ev.ok &= chol_ok
+        beta, C = ev.beta, ev.C
+        if not grad:
+            return ev
+        Bz = np.linalg.solve(Lm, LtZtZ)  # L^-1 Λ'Z'Z
+        T = la.sym(self.ZtZ[None] - np.swapaxes(Bz, 1, 2) @ Bz)  # Z'V^-1Z
+        S = self.ZtX[None] - np.swapaxes(Bz, 1, 2) @ Bx  # Z'V^-1X
+        r_z = data.ZtY - np.einsum("qp,vp->vq", self.ZtX, beta)
+        r_b = by - np.einsum("vqp,vp->vq", Bx, beta)
+        u = r_z - np.einsum("vaq,va->vq", Bz, r_b)  # Z'V^-1 r
+        s2v = ev.sigma2
+        Gfull = T - u[:, :, None] * u[:, None, :] / s2v[:, None, None]
+        if self.reml:
+            Gfull = Gfull - S @ C @ np.swapaxes(S, 1, 2)
+        ev.grad = [la.sym(self._factor_sum(Gfull, k)) for k in range(len(D_list))]
+        ev.T_sum = [self._factor_sum(T, k) for k in range(len(D_list))]
+        uu = u[:, :, None] * u[:, None, :]
+        ev.uu_sum = [self._factor_sum(uu, k) for k in range(len(D_list))]
+        ev.info = factor_pair_information(T, self.offsets[:-1], self.n_levels, self.qk)
+        return ev

@@ -1,0 +1,376 @@
+"""One random factor: levels grouped into classes of identical Z_j'Z_j (docs/model.md).
+
+Z'Z is block diagonal with blocks G_j, and levels with identical G_j form a class that
+shares every voxel-dependent weight.  Sums over levels become one dense matrix product
+over classes; large classes use pre-aggregated data sums, so a random intercept costs
+O(v p^3) per evaluation whatever the number of subjects.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from blmm.core import linalg as la
+from blmm.core.objective.base import Evaluation, diag_blocks, profiled
+
+class LevelObjective:
+    """One random factor with q effects per level.
+
+    Levels with identical Z_j'Z_j form a class sharing every voxel-dependent weight.
+    Classes with many members ("big") use aggregated data sums; the others are kept
+    level by level ("units" = big classes + remaining levels).  Per-unit q x q
+    quantities are stored entry by entry as contiguous (v, units) arrays, because
+    numpy is slow on stacks of tiny matrices.
+    """
+
+    def __init__(self, XtX, ZtX, ZtZ, n, q, reml, big_class_min=None):
+        p = XtX.shape[0]
+        L_all = ZtX.shape[0] // q
+        G_all = diag_blocks(sp.csr_matrix(ZtZ), L_all, q)
+        Xl_all = ZtX.reshape(L_all, q, p)
+        present = np.any(G_all.reshape(L_all, -1) != 0, axis=1)  # levels with no rows drop out
+        self.level_index = np.flatnonzero(present)
+        G, Xl = G_all[present], Xl_all[present]
+        Lp = G.shape[0]
+        keys = np.ascontiguousarray(G.reshape(Lp, q * q))
+        _, cls, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+        cls = cls.reshape(-1)
+        threshold = q * p if big_class_min is None else big_class_min
+        big_classes = np.flatnonzero(counts >= threshold)
+        in_big = np.isin(cls, big_classes)
+        self.small_levels = np.flatnonzero(~in_big)
+        self.big_members = [np.flatnonzero(cls == c) for c in big_classes]
+        self.Cb, self.Ls = big_classes.size, self.small_levels.size
+        self.C = self.Cb + self.Ls
+        self.n, self.p, self.q, self.reml = int(n), p, q, bool(reml)
+        self.XtX = XtX
+        self.XtX_up = la.pack_sym(XtX)
+        # per unit: G, member count, and K^{ab} = Σ_members X_j[a]' X_j[b] as symmetric pairs
+        Gu = np.concatenate([np.stack([G[mem[0]] for mem in self.big_members]).reshape(-1, q, q),
+                             G[self.small_levels]]) if self.Cb else G[self.small_levels]
+        self.mu = np.concatenate([counts[big_classes], np.ones(self.Ls)]).astype(np.float64)
+        self.g = [[np.ascontiguousarray(Gu[:, a, b]) for b in range(q)] for a in range(q)]
+        self.pairs = list(zip(*np.triu_indices(q)))
+        self.pair_mult = np.array([1.0 if a == b else 2.0 for a, b in self.pairs])
+        r, s = la.upper_pairs(p)
+        self.Kpair_big = []
+        Kf = []
+        Xsm = Xl[self.small_levels]
+        for a, b in self.pairs:
+            # a big class's sum is one small GEMM; only the remaining levels need their own terms
+            Kbig = np.zeros((self.Cb, p, p))
+            for i, mem in enumerate(self.big_members):
+                Kbig[i] = Xl[mem, a].T @ Xl[mem, b]
+            Kl = np.einsum("jr,js->jrs", Xsm[:, a], Xsm[:, b])
+            if a != b:
+                Kbig = Kbig + np.swapaxes(Kbig, 1, 2)
+                Kl = Kl + np.swapaxes(Kl, 1, 2)
+            self.Kpair_big.append(Kbig)
+            Kf.append(np.ascontiguousarray(np.concatenate([Kbig[:, r, s], Kl[:, r, s]])))  # (C, p(p+1)/2)
+        self.Kf = Kf
+        # ordered K_c[e,f] = Σ_members X_j[e]' X_j[f] of big classes (the analytic Hessian needs them unsymmetrised)
+        self.Ko = np.zeros((self.Cb, q, q, p, p))
+        for i, mem in enumerate(self.big_members):
+            for e in range(q):
+                for f in range(q):
+                    self.Ko[i, e, f] = Xl[mem, e].T @ Xl[mem, f]
+        self.Xs = [np.ascontiguousarray(Xl[self.small_levels, a]) for a in range(q)]  # (Ls, p)
+        self.Xl = Xl
+
+    def data(self, XtY, ZtY, YtY) -> "LevelData":
+        """Per-voxel data sums arranged for this objective (ZtY is (v, L*q))."""
+        v = XtY.shape[0]
+        q, p = self.q, self.p
+        yl = ZtY.reshape(v, -1, q)[:, self.level_index]  # (v, Lp, q)
+        ys = [np.ascontiguousarray(yl[:, self.small_levels, a]) for a in range(q)]
+        npair = len(self.pairs)
+        KXY = np.zeros((v, self.Cb, npair, p))
+        KYY = np.zeros((v, self.Cb, npair))
+        KXYo = np.zeros((v, self.Cb, q, q, p))  # Σ_j y_j[f] X_j[e], ordered (e, f)
+        for i, mem in enumerate(self.big_members):  # few big classes: one GEMM each
+            Xm, ym = self.Xl[mem], yl[:, mem]
+            for e in range(q):
+                for f in range(q):
+                    KXYo[:, i, e, f] = ym[:, :, f] @ Xm[:, e, :]
+            for k, (a, b) in enumerate(self.pairs):
+                KXY[:, i, k] = ym[:, :, b] @ Xm[:, a, :]
+                KYY[:, i, k] = np.einsum("vm,vm->v", ym[:, :, a], ym[:, :, b])
+                if a != b:
+                    KXY[:, i, k] += ym[:, :, a] @ Xm[:, b, :]
+        return LevelData(XtY=np.ascontiguousarray(XtY), YtY=np.asarray(YtY, dtype=np.float64), ys=ys, KXY=KXY,
+                         KYY=KYY, KXYo=KXYo)
+
+    def products(self, D: np.ndarray, data: "LevelData"):
+        """X'V⁻¹X, X'V⁻¹Y, Y'V⁻¹Y and log|V| at D (v, q, q), plus the per-unit weights."""
+        v = D.shape[0]
+        p, q, Cb = self.p, self.q, self.Cb
+        d = [[D[:, a, b][:, None] for b in range(q)] for a in range(q)]
+        A = [[sum(self.g[a][e] * d[e][b] for e in range(q)) + (1.0 if a == b else 0.0)
+              for b in range(q)] for a in range(q)]  # I + G_c D
+        R = _inv_entries(A)
+        W = {}
+        for a, b in self.pairs:  # D R is symmetric; average both products for accuracy
+            w = sum(d[a][e] * R[e][b] for e in range(q))
+            if a != b:
+                w = 0.5 * (w + sum(d[b][e] * R[e][a] for e in range(q)))
+            W[a, b] = w
+        logdetV = _logdet_entries(A) @ self.mu
+        XtVX_up = np.broadcast_to(self.XtX_up, (v, self.XtX_up.size)).copy()
+        for k, ab in enumerate(self.pairs):
+            XtVX_up -= W[ab] @ self.Kf[k]
+        XtVX = la.unpack_sym(XtVX_up, p)
+        XtVY = data.XtY.copy()
+        YtVY = data.YtY.copy()
+        if Cb:
+            Wb = np.stack([W[ab][:, :Cb] for ab in self.pairs], axis=-1)  # (v, Cb, npair)
+            XtVY -= np.einsum("vck,vckp->vp", Wb, data.KXY)
+            # KYY holds Σ y_a y_b once per pair; y'Wy needs both (a, b) and (b, a) off the diagonal
+            YtVY -= np.einsum("vck,vck,k->v", Wb, data.KYY, self.pair_mult)
+        if self.Ls:
+            def Ws(a, b):
+                return W[min(a, b), max(a, b)][:, Cb:]
+            for a in range(q):
+                wy = sum(Ws(a, b) * data.ys[b] for b in range(q))
+                XtVY -= wy @ self.Xs[a]
+                YtVY -= np.einsum("vj,vj->v", wy, data.ys[a])
+        return XtVX, XtVY, YtVY, logdetV, R
+
+    def _unit_T(self, R) -> dict:
+        """T_c = R_c G_c per unit (symmetric), as entries {(a, b): (v, units)} for a <= b."""
+        q = self.q
+        T = {}
+        for a, b in self.pairs:
+            t = sum(R[a][e] * self.g[e][b] for e in range(q))
+            if a != b:
+                t = 0.5 * (t + sum(R[b][e] * self.g[e][a] for e in range(q)))
+            T[a, b] = t
+        return T
+
+    def _unit_uu(self, R, data: "LevelData", gamma: np.ndarray):
+        """Σ_{j in class} u_j u_j' per big class (v, Cb, q, q) and u_j per small level [(v, Ls)] * q."""
+        q, Cb = self.q, self.Cb
+        U_big, u_small = None, None
+        if Cb:
+            Rb = np.stack([np.stack([R[a][b][:, :Cb] for b in range(q)], -1) for a in range(q)], -2)
+            bKb = np.stack([np.einsum("vr,crs,vs->vc", gamma, K, gamma) for K in self.Kpair_big], -1)
+            bKy = np.einsum("vp,vckp->vck", gamma, data.KXY)
+            diag = np.array([a == b for a, b in self.pairs])
+            Spair = data.KYY - np.where(diag, 2.0, 1.0) * bKy + np.where(diag, 1.0, 0.5) * bKb
+            S = _pairs_to_matrix(Spair, self.pairs, q)
+            U_big = np.einsum("vcab,vcbd,vced->vcae", Rb, S, Rb, optimize=True)
+        if self.Ls:
+            r = [data.ys[b] - gamma @ self.Xs[b].T for b in range(q)]
+            u_small = [sum(R[a][b][:, Cb:] * r[b] for b in range(q)) for a in range(q)]
+        return U_big, u_small
+
+    def _unit_P(self, R, Omega: np.ndarray) -> list:
+        """P_c = Σ_{j in c} R_c X_j Ω X_j' R_c' per unit, as entries [a][b] (v, units)."""
+        q = self.q
+        cvec = la.pack_sym(Omega, double_offdiag=True)
+        H = {}
+        for k, (a, b) in enumerate(self.pairs):  # H_c[a,b] = <K_c^{ab}, Ω>
+            H[a, b] = (cvec @ self.Kf[k].T) * (1.0 if a == b else 0.5)
+
+        def Hf(a, b):
+            return H[min(a, b), max(a, b)]
+        RH = [[sum(R[a][e] * Hf(e, f) for e in range(q)) for f in range(q)] for a in range(q)]
+        return [[sum(RH[a][f] * R[b][f] for f in range(q)) for b in range(q)] for a in range(q)]
+
+    def gradient_parts(self, R, data: "LevelData", gamma: np.ndarray, Omega: np.ndarray | None, P=None):
+        """Σ_j T_j, Σ_j u_j u_j' with u_j = R_j(y_j - X_j γ), Σ_j R_j X_j Ω X_j' R_j', and the information.
+
+        With γ = β̂ and Ω = C (REML) these give the deviance gradient; a caller that augments
+        X with other factors' columns passes its own γ and Ω (SchurObjective).
+        """
+        v = gamma.shape[0]
+        q = self.q
+        T = self._unit_T(R)
+
+        def Tf(a, b):
+            return T[min(a, b), max(a, b)]
+
+        T_sum = _entries_to_matrix({ab: T[ab] @ self.mu for ab in self.pairs}, q, v)
+        uu = np.zeros((v, q, q))
+        U_big, u_small = self._unit_uu(R, data, gamma)
+        if U_big is not None:
+            uu += U_big.sum(axis=1)
+        if u_small is not None:
+            for a, b in self.pairs:
+                uu[:, a, b] += np.einsum("vj,vj->v", u_small[a], u_small[b])
+                if a != b:
+                    uu[:, b, a] = uu[:, a, b]
+        corr = np.zeros((v, q, q))
+        if Omega is not None:
+            P = self._unit_P(R, Omega)
+        if P is not None:
+            for a, b in self.pairs:  # Σ_c R_c H_c R_c'
+                val = np.sum(P[a][b], axis=1)
+                corr[:, a, b] = val
+                corr[:, b, a] = val
+        info = np.empty((v, q, q, q, q))
+        for a in range(q):  # F[(a,b),(c,d)] = Σ_c m_c T[b,c] T[a,d]
+            for b in range(q):
+                for c in range(q):
+                    for e in range(q):
+                        info[:, a, b, c, e] = (Tf(b, c) * Tf(a, e)) @ self.mu
+        return T_sum, uu, corr, info.reshape(v, q * q, q * q)
+
+    def deviance_hessian(self, D_list, data: "LevelData", sigma2: np.ndarray, ev: Evaluation | None = None):
+        """Observed Hessian of the deviance in vech D at fixed σ² (β profiled), analytically.
+
+        Returns (H (v, k, k), dC (v, k, p, p) = d(X'V⁻¹X)⁻¹/d vech D, the evaluation).
+        With directions E, F (symmetric) and S_j = R_j X_j, u_j = R_j(y_j - X_j β̂),
+        P_j = S_j C S_j', B_E = Σ S_j'E S_j, a_E = Σ S_j'E u_j (docs/model.md):
+        H(E,F) = -Σ tr(T_j F T_j E) + Σ tr(E T_j F (2u_ju_j'/σ² + 2[REML] P_j))
+                 - 2 a_E'C a_F / σ² - [REML] tr(C B_F C B_E).
+        """
+        D = D_list[0]
+        v = D.shape[0]
+        q, p, Cb = self.q, self.p, self.Cb
+        if ev is not None and ev.cache is not None:  # the evaluation at D already holds R_c and P_c
+            R = _unstack_entries(ev.cache["R"])
+            P = _unstack_entries(ev.cache["P"]) if self.reml else None
+        else:
+            XtVX, XtVY, YtVY, logdetV, R = self.products(D, data)
+            ev = profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+            P = self._unit_P(R, ev.C) if self.reml else None
+        beta, C = ev.beta, ev.C
+        s2 = sigma2[:, None, None]
+        T = self._unit_T(R)
+
+        def Tf(a, b):
+            return T[min(a, b), max(a, b)]
+        _, _, _, info = self.gradient_parts(R, data, beta, None)
+        # W_unit = 2 U/σ² + 2 P (REML): the u and P terms share T_j's index pattern
+        U_big, u_small = self._unit_uu(R, data, beta)
+        M = np.zeros((v, q, q, q, q))
+        for d in range(q):
+            for a in range(q):
+                w = np.zeros((v, self.C))
+                if U_big is not None:
+                    w[:, :Cb] += U_big[:, :, d, a]
+                if u_small is not None:
+                    w[:, Cb:] += u_small[d] * u_small[a]
+                w = w * (2.0 / sigma2[:, None])
+                if P is not None:
+                    w = w + 2.0 * P[d][a]
+                for b in range(q):
+                    for c in range(q):  # M[(a,b),(c,d)] = Σ_units T[b,c] W[d,a]
+                        M[:, a, b, c, d] = np.einsum("vc,vc->v", Tf(b, c), w)
+        Dup = la.duplication(q)
+        Hvec = M.reshape(v, q * q, q * q) - info
+        H = Dup.T @ Hvec @ Dup
+        # a_E: A_xy = Σ_j S_j[x]' u_j[y] (v, q, q, p)
+        A = np.zeros((v, q, q, p))
+        if Cb:
+            Rb = np.stack([np.stack([R[a][b][:, :Cb] for b in range(q)], -1) for a in range(q)], -2)
+            Xr = data.KXYo - np.einsum("cefpr,vr->vcefp", self.Ko, beta)  # Σ_j X_j[e]' r_j[f]
+            A += np.einsum("vcxe,vcyf,vcefp->vxyp", Rb, Rb, Xr, optimize=True)
+        if u_small is not None:
+            for x in range(q):
+                for e in range(q):
+                    Re = R[x][e][:, Cb:]
+                    for y in range(q):
+                        A[:, x, y] += (Re * u_small[y]) @ self.Xs[e]
+        a_vech = np.einsum("vip,it->vtp", A.reshape(v, q * q, p), Dup)
+        H -= 2.0 * np.einsum("vtp,vpr,vsr->vts", a_vech, C, a_vech) / s2
+        # B_t = Σ_j S_j' E_t S_j, one GEMM over units per (t, pair)
+        r_idx, c_idx = la.vech_index(q)
+        k = r_idx.size
+        dC = np.empty((v, k, p, p))
+        Bs = np.empty((v, k, p, p))
+        for t, (a, b) in enumerate(zip(r_idx, c_idx)):
+            scale = 0.5 if a == b else 1.0
+            Bup = np.zeros((v, p * (p + 1) // 2))
+            for m, (e, f) in enumerate(self.pairs):
+                coef = scale * (R[a][e] * R[b][f] + R[b][e] * R[a][f])
+                Bup += coef @ self.Kf[m]
+            Bs[:, t] = la.unpack_sym(Bup, p)
+            dC[:, t] = C @ Bs[:, t] @ C
+        if self.reml:  # -tr(C B_s C B_t) = -<dC_s, B_t>
+            H -= np.einsum("vspq,vtpq->vts", dC, Bs)
+        return la.sym(H), dC, ev
+
+    def evaluate(self, D_list, data: "LevelData", sigma2=None, grad=False) -> Evaluation:
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite voxels are flagged by profiled()
+            XtVX, XtVY, YtVY, logdetV, R = self.products(D_list[0], data)
+        ev = profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+        beta, C = ev.beta, ev.C
+        if not grad:
+            return ev
+        P = self._unit_P(R, C) if self.reml else None
+        T_sum, uu, corr, info = self.gradient_parts(R, data, beta, None, P=P)
+        ev.grad = [la.sym(T_sum - corr - uu / ev.sigma2[:, None, None])]
+        ev.info = info
+        ev.T_sum = [T_sum]
+        ev.uu_sum = [uu]
+        ev.cache = {"R": _stack_entries(R)}
+        if P is not None:
+            ev.cache["P"] = _stack_entries(P)
+        return ev
+
+
+def _stack_entries(E) -> np.ndarray:
+    """q x q entries [a][b] of (v, units) arrays as one (v, q, q, units) array."""
+    return np.stack([np.stack(row, 1) for row in E], 1)
+
+
+def _unstack_entries(A: np.ndarray) -> list:
+    q = A.shape[1]
+    return [[A[:, a, b] for b in range(q)] for a in range(q)]
+
+
+def _inv_entries(A):
+    """Inverse of q x q matrices given entry-wise (lists of arrays)."""
+    q = len(A)
+    if q == 1:
+        return [[1.0 / A[0][0]]]
+    if q == 2:
+        det = A[0][0] * A[1][1] - A[0][1] * A[1][0]
+        return [[A[1][1] / det, -A[0][1] / det], [-A[1][0] / det, A[0][0] / det]]
+    M = np.stack([np.stack(row, -1) for row in A], -2)
+    Mi = np.linalg.inv(M)
+    return [[Mi[..., a, b] for b in range(q)] for a in range(q)]
+
+
+def _logdet_entries(A):
+    q = len(A)
+    if q == 1:
+        return np.log(A[0][0])
+    if q == 2:
+        return np.log(A[0][0] * A[1][1] - A[0][1] * A[1][0])
+    M = np.stack([np.stack(row, -1) for row in A], -2)
+    sign, logdet = np.linalg.slogdet(M)
+    return np.where(sign > 0, logdet, np.nan)
+
+
+def _entries_to_matrix(entries, q, v):
+    out = np.empty((v, q, q))
+    for (a, b), val in entries.items():
+        out[:, a, b] = val
+        out[:, b, a] = val
+    return out
+
+
+def _pairs_to_matrix(Spair, pairs, q):
+    out = np.zeros(Spair.shape[:-1] + (q, q))
+    for k, (a, b) in enumerate(pairs):
+        out[..., a, b] = Spair[..., k]
+        out[..., b, a] = Spair[..., k]
+    return out
+
+
+@dataclass
+class LevelData:
+    XtY: np.ndarray
+    YtY: np.ndarray
+    ys: list  # per effect a: (v, small levels)
+    KXY: np.ndarray
+    KYY: np.ndarray
+    KXYo: np.ndarray
+
+    def take(self, idx) -> "LevelData":
+        return LevelData(self.XtY[idx], self.YtY[idx], [y[idx] for y in self.ys], self.KXY[idx], self.KYY[idx],
+                         self.KXYo[idx])

@@ -1,0 +1,141 @@
+"""Several factors, one with many levels eliminated level by level, the rest dense (docs/model.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from blmm.core import linalg as la
+from blmm.core.objective.base import Evaluation, factor_pair_information, level_block_sum, profiled
+from blmm.core.objective.levels import LevelData, LevelObjective
+
+@dataclass
+class SchurData:
+    level: LevelData  # the big factor's data, with X augmented by the small factors' Z columns
+    ZRtY: np.ndarray  # (v, q_R)
+    XtY: np.ndarray  # (v, p), for resms and the voxel count
+
+    def take(self, idx) -> "SchurData":
+        return SchurData(self.level.take(idx), self.ZRtY[idx], self.XtY[idx])
+
+
+class SchurObjective:
+    """Several factors, one of them with many levels (e.g. subjects) and the rest small (e.g. sites).
+
+    The big factor k1 is eliminated level by level: with V₁ = I + Z₁D₁Z₁', every product
+    U'V₁⁻¹U of the augmented design U = [X, Z_R] comes from the level/class machinery of
+    `LevelObjective` (the small factors' columns Z_R ride along with X).  A second Woodbury
+    step over the q_R small-factor columns gives V⁻¹, so the dense part is q_R x q_R per
+    voxel instead of q x q.  The big factor's gradient is LevelObjective's with β replaced
+    by γ = [β; b̃] and C by Ω = E_R S E_R' + B C B' (docs/model.md).
+    """
+
+    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, big: int | None = None):
+        ZtZ = sp.csr_matrix(ZtZ)
+        self.n, self.p, self.reml = int(n), XtX.shape[0], bool(reml)
+        self.qk = layout.q
+        nlev = layout.n_levels
+        self.big = int(np.argmax(nlev)) if big is None else big
+        off = layout.offsets
+        big_cols = np.arange(off[self.big], off[self.big + 1])
+        small_cols = np.concatenate([np.arange(off[k], off[k + 1]) for k in range(len(self.qk)) if k != self.big])
+        self.small = [k for k in range(len(self.qk)) if k != self.big]
+        self.big_cols, self.small_cols = big_cols, small_cols
+        self.qR = small_cols.size
+        p, qR = self.p, self.qR
+        ZRtX = ZtX[small_cols]
+        ZRtZR = np.asarray(ZtZ[small_cols][:, small_cols].todense())
+        UtU = np.block([[XtX, ZRtX.T], [ZRtX, ZRtZR]])
+        Z1tU = np.hstack([ZtX[big_cols], np.asarray(ZtZ[big_cols][:, small_cols].todense())])
+        self.level = LevelObjective(UtU, Z1tU, ZtZ[big_cols][:, big_cols], n, self.qk[self.big], reml)
+        # offsets of the small factors inside the q_R block (level-major per factor, as Z)
+        self.small_offsets = np.concatenate([[0], np.cumsum([nlev[k] * self.qk[k] for k in self.small])])
+        self.small_levels = [nlev[k] for k in self.small]
+        self.small_q = [self.qk[k] for k in self.small]
+        self.eye_p = np.eye(p)
+        del qR
+
+    def data(self, XtY, ZtY, YtY) -> SchurData:
+        UtY = np.hstack([XtY, ZtY[:, self.small_cols]])
+        return SchurData(self.level.data(UtY, ZtY[:, self.big_cols], YtY),
+                         np.ascontiguousarray(ZtY[:, self.small_cols]), np.ascontiguousarray(XtY))
+
+    def _small_blockdiag(self, D_list):
+        v = D_list[0].shape[0]
+        out = np.zeros((v, self.qR, self.qR))
+        for i, k in enumerate(self.small):
+            o, lk, qk = self.small_offsets[i], self.small_levels[i], self.small_q[i]
+            root = la.psd_root(D_list[k])
+            for j in range(lk):  # few levels (small factors): a handful of block copies
+                out[:, o + j * qk:o + (j + 1) * qk, o + j * qk:o + (j + 1) * qk] = root
+        return out
+
+    def _small_factor_sum(self, A, i):
+        return level_block_sum(A, self.small_offsets[i], self.small_levels[i], self.small_q[i])
+
+    def evaluate(self, D_list, data: SchurData, sigma2=None, grad=False) -> Evaluation:
+        v = D_list[0].shape[0]
+        p, qR = self.p, self.qR
+        UVU, UVY, YVY1, logdetV1, R = self.level.products(D_list[self.big], data.level)
+        A_XX, A_XR, A_RR = UVU[:, :p, :p], UVU[:, :p, p:], la.sym(UVU[:, p:, p:])
+        a_XY, a_RY = UVY[:, :p], UVY[:, p:]
+        Lam = self._small_blockdiag(D_list)  # Λ Λ' = D_R
+        Mt = np.eye(qR) + np.swapaxes(Lam, 1, 2) @ A_RR @ Lam
+        Lm, chol_ok = la.safe_cholesky(la.sym(Mt))
+        Lm[~chol_ok] = np.eye(qR)  # a non-finite voxel is flagged below, its block goes on
+        logdetV = logdetV1 + 2.0 * np.sum(np.log(np.diagonal(Lm, axis1=1, axis2=2)), axis=1)
+        LiLt = np.linalg.solve(Lm, np.swapaxes(Lam, 1, 2))  # L⁻¹Λ'
+        Bx = LiLt @ np.swapaxes(A_XR, 1, 2)
+        by = np.einsum("vab,vb->va", LiLt, a_RY)
+        XtVX = la.sym(A_XX - np.swapaxes(Bx, 1, 2) @ Bx)
+        XtVY = a_XY - np.einsum("vqp,vq->vp", Bx, by)
+        YtVY = YVY1 - np.einsum("vq,vq->v", by, by)
+        ev = profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+        ev.ok &= chol_ok
+        beta, C = ev.beta, ev.C
+        if not grad:
+            return ev
+        S = np.swapaxes(LiLt, 1, 2) @ LiLt  # Λ M⁻¹ Λ'
+        rR = a_RY - np.einsum("vpq,vp->vq", A_XR, beta)  # Z_R'V₁⁻¹ r
+        b_tilde = np.einsum("vab,vb->va", S, rR)
+        gamma = np.concatenate([beta, b_tilde], axis=1)
+        SA = S @ np.swapaxes(A_XR, 1, 2)  # S Z_R'V₁⁻¹X
+        Omega = np.zeros((v, p + qR, p + qR))
+        Omega[:, p:, p:] = S
+        if self.reml:
+            B = np.concatenate([np.broadcast_to(self.eye_p, (v, p, p)), -SA], axis=1)
+            Omega += B @ C @ np.swapaxes(B, 1, 2)
+        T1, uu1, corr1, info1 = self.level.gradient_parts(R, data.level, gamma, la.sym(Omega))
+        s2v = ev.sigma2
+        G1 = la.sym(T1 - corr1 - uu1 / s2v[:, None, None])
+        IAS = np.eye(qR) - A_RR @ S  # Z_R'V⁻¹ = (I - A S) Z_R'V₁⁻¹
+        TR = la.sym(IAS @ A_RR)  # Z_R'V⁻¹Z_R
+        uR = np.einsum("vab,vb->va", IAS, rR)
+        PR = TR.copy()
+        if self.reml:
+            ZVX = IAS @ np.swapaxes(A_XR, 1, 2)
+            PR = PR - ZVX @ C @ np.swapaxes(ZVX, 1, 2)
+        GR = PR - uR[:, :, None] * uR[:, None, :] / s2v[:, None, None]
+        grads, T_sums, uus = [None] * len(self.qk), [None] * len(self.qk), [None] * len(self.qk)
+        grads[self.big], T_sums[self.big], uus[self.big] = G1, T1, uu1
+        uuR = uR[:, :, None] * uR[:, None, :]
+        for i, k in enumerate(self.small):
+            grads[k] = la.sym(self._small_factor_sum(GR, i))
+            T_sums[k] = self._small_factor_sum(TR, i)
+            uus[k] = self._small_factor_sum(uuR, i)
+        ev.grad, ev.T_sum, ev.uu_sum = grads, T_sums, uus
+        # expected information: the big factor's from V₁, the small factors' from V (no cross terms)
+        sizes = [q * q for q in self.qk]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        info = np.zeros((v, starts[-1], starts[-1]))
+        b0 = starts[self.big]
+        info[:, b0:b0 + sizes[self.big], b0:b0 + sizes[self.big]] = info1
+        small_info = factor_pair_information(TR, self.small_offsets[:-1], self.small_levels, self.small_q)
+        small_starts = np.concatenate([[0], np.cumsum([q * q for q in self.small_q])]).astype(int)
+        for i, k in enumerate(self.small):
+            for i2, k2 in enumerate(self.small):
+                info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = \
+                    small_info[:, small_starts[i]:small_starts[i + 1], small_starts[i2]:small_starts[i2 + 1]]
+        ev.info = info
+        return ev

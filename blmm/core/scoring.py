@@ -1,0 +1,329 @@
+"""Fisher scoring for every voxel of a block at once: FS, pFS, SFS and pSFS.
+
+All four methods maximise the same (RE)ML log-likelihood over D (β and σ² are profiled
+out, except that FS/pFS carry σ² as a scored parameter) and take monotone steps; they
+differ only in the scoring direction.  A voxel stops by the rule in docs/model.md
+("Convergence"): converged, iteration limit, or a failed step search.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from blmm.core import linalg as la
+from blmm.core.objective.base import Evaluation, merge_eval, subset_eval, take_rows
+from blmm.core.status import CONVERGED, ITERATION_LIMIT, NOT_FINITE, STEP_FAILED
+
+METHODS = ("pSFS", "SFS", "pFS", "FS")
+
+
+def check_method(method: str) -> str:
+    for m in METHODS:
+        if method.lower() == m.lower():
+            return m
+    raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+@dataclass
+class ScoringResult:
+    """Where the scoring iterations of one voxel block stopped."""
+
+    D: list  # per factor (v, q_k, q_k)
+    converged: np.ndarray  # (v,) bool
+    n_iter: np.ndarray  # (v,) int
+    stop: np.ndarray  # (v,) int, STOP_NAMES
+    ok: np.ndarray  # (v,) bool, finite throughout
+
+
+def score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
+    """Scoring iterations for one voxel block, with monotone steps and an honest stopping rule."""
+    v = data.XtY.shape[0]
+    D = [np.zeros((v, q, q)) for q in qk]
+    ev = obj.evaluate(D, data, grad=True)
+    ok = ev.ok.copy()
+    llh = ev.llh.copy()
+    sigma2 = ev.sigma2.copy()
+    converged = np.zeros(v, bool)
+    n_iter = np.zeros(v, np.int64)
+    stop = np.where(ok, ITERATION_LIMIT, NOT_FINITE).astype(np.int64)
+    prev_change = np.full(v, np.inf)
+    active = np.flatnonzero(ok)
+    ev_act = subset_eval(ev, active)
+    N = n - p if reml else n
+    for it in range(1, max_iter + 1):
+        if active.size == 0:
+            break
+        D_act = [Dk[active] for Dk in D]
+        # the first step (from D = 0) is taken in D itself; later ones in Cholesky coordinates
+        make_trial, gain = _direction(method, ev_act, D_act, sigma2[active], N, qk, cholesky=it > 1)
+        if it > 1:
+            # converged: the last step moved llh by < tol and one more step is predicted to gain < tol
+            settled = (prev_change[active] < tol) & (gain < tol)
+            converged[active[settled]] = True
+            stop[active[settled]] = CONVERGED
+        else:
+            settled = np.zeros(active.size, bool)
+        stepping = np.flatnonzero(~settled)  # rows of the active set that take a step now
+        old = llh[active]
+        new_llh = old.copy()
+        new_D = [Dk.copy() for Dk in D_act]
+        new_s2 = sigma2[active].copy()
+        new_ev = ev_act
+        pending = stepping.copy()
+        adata = take_rows(data, active, v)
+        for attempt in range(40):  # shorter (or damped) steps until the log-likelihood does not decrease
+            if pending.size == 0:
+                break
+            trial, s2_trial = make_trial(pending, attempt)
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # bad trials are rejected
+                ev_t = obj.evaluate(trial, take_rows(adata, pending, active.size), sigma2=s2_trial, grad=True)
+            moved = np.zeros(pending.size, bool)
+            for Dt, Dk in zip(trial, D_act):
+                moved |= np.any(np.abs(Dt - Dk[pending]) > 0, axis=(1, 2))
+            # a step that lands back on the same point (e.g. projected to D = 0) is no step
+            good = ev_t.ok & ((ev_t.llh > old[pending]) | ((ev_t.llh == old[pending]) & moved))
+            new_ev = _accept(pending, good, ev_t, trial, new_llh, new_D, new_s2, new_ev)
+            pending = pending[~good]
+        # before giving up or converging, check the KKT condition on singular D_k: leave the
+        # boundary along a direction that improves, if there is one
+        change = np.abs(new_llh - old)
+        check = np.intersect1d(np.union1d(pending, np.flatnonzero(change < tol)), stepping)
+        if check.size:
+            base = [Dk[check] for Dk in new_D]
+            ev_c = subset_eval(new_ev, check)
+            rows, cand = _escape_step(ev_c, base, qk)
+            for _ in range(30):
+                if rows.size == 0:
+                    break
+                sub = check[rows]
+                with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                    ev_t = obj.evaluate(cand, take_rows(adata, sub, active.size),
+                                        sigma2=new_s2[sub] if method in ("FS", "pFS") else None, grad=True)
+                good = ev_t.ok & (ev_t.llh > new_llh[sub] + 1e-12 * np.abs(new_llh[sub]))
+                new_ev = _accept(sub, good, ev_t, cand, new_llh, new_D, new_s2, new_ev)
+                pending = np.setdiff1d(pending, sub[good])
+                rows = rows[~good]
+                start_pts = [b[rows] for b in base]
+                cand = [b + 0.5 * (c[~good] - b) for b, c in zip(start_pts, cand)]  # halve the move
+        for f in range(len(qk)):
+            D[f][active] = new_D[f]
+        sigma2[active] = new_s2
+        change = np.abs(new_llh - old)
+        llh[active] = new_llh
+        n_iter[active[stepping]] = it
+        prev_change[active] = change
+        # a voxel that found no better point stops: converged if nothing was left to gain
+        stuck = np.zeros(active.size, bool)
+        stuck[pending] = it > 1
+        stuck_converged = stuck & (gain < tol)
+        converged[active[stuck_converged]] = True
+        stop[active[stuck_converged]] = CONVERGED
+        stop[active[stuck & ~stuck_converged]] = STEP_FAILED
+        keep = ~settled & ~stuck
+        active = active[keep]
+        ev_act = subset_eval(new_ev, np.flatnonzero(keep))
+    return ScoringResult(D=D, converged=converged, n_iter=n_iter, stop=stop, ok=ok)
+
+
+def _accept(rows, good, ev_t: Evaluation, trial, new_llh, new_D, new_s2, new_ev: Evaluation) -> Evaluation:
+    """Take the trial points that were good: update the running state in place, return the merged evaluation."""
+    gi = rows[good]
+    new_llh[gi] = ev_t.llh[good]
+    for f in range(len(new_D)):
+        new_D[f][gi] = trial[f][good]
+    new_s2[gi] = ev_t.sigma2[good]
+    return merge_eval(new_ev, ev_t, gi, good)
+
+
+def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
+    """Scoring step; returns trial(rows, lam) -> (D list, σ² or None) along it.
+
+    The system is set up in vec(D) coordinates (plus σ² for FS/pFS).  With `cholesky`,
+    it is pulled back to D_k = Λ_k Λ_k' (lower-triangular Λ_k, as lme4's θ), so every
+    step is an ascent direction and D stays PSD even on the boundary of the cone.
+    """
+    v = ev.llh.shape[0]
+    g = np.concatenate([G.reshape(v, -1) for G in ev.grad], axis=1)  # vec, row-major
+    F = ev.info
+    tvec = np.concatenate([Tk.reshape(v, -1) for Tk in ev.T_sum], axis=1)
+    carry = method in ("FS", "pFS")
+    if carry:  # joint over (σ², D) with the σ²-D coupling of the expected information
+        s = g.shape[1]
+        Info = np.empty((v, 1 + s, 1 + s))
+        Info[:, 0, 0] = N / sigma2**2
+        Info[:, 0, 1:] = Info[:, 1:, 0] = tvec / sigma2[:, None]
+        Info[:, 1:, 1:] = F
+        grad = np.concatenate([(N / sigma2 - ev.Q / sigma2**2)[:, None], g], axis=1)
+    else:  # σ² is profiled: its information is the Schur complement
+        Info = F - tvec[:, :, None] * tvec[:, None, :] / N
+        grad = g
+    off = 1 if carry else 0
+    if cholesky:
+        Lam = [la.safe_cholesky(Dk + (1e-10 * (np.trace(Dk, axis1=1, axis2=2) / q) + 1e-14)[:, None, None]
+                                * np.eye(q))[0] for Dk, q in zip(D, qk)]
+        J = _cholesky_jacobian(Lam, qk, carry)  # (v, dim vec, dim θ)
+    else:
+        Lam = None
+        vech_coords = method in ("FS", "SFS")
+        P = _block_duplication(qk) if vech_coords else np.eye(sum(q * q for q in qk))
+        if carry:
+            P = _prepend_identity(P)
+        J = np.broadcast_to(P, (v,) + P.shape)
+    A = np.swapaxes(J, 1, 2) @ Info @ J
+    b = -np.einsum("vi,vij->vj", grad, J)
+    if cholesky:
+        # Newton's curvature of D(θ) along the deviance gradient: without it the information
+        # 4θ²F vanishes as a variance goes to 0 and steps toward the boundary crawl
+        A = A + _psd_part(_theta_curvature(ev.grad, qk, off))
+    scale = np.trace(A, axis1=1, axis2=2) / A.shape[-1]
+    eye = np.eye(A.shape[-1])
+
+    def unpack(x):
+        parts, start = [], off
+        for q in qk:
+            m = q * (q + 1) // 2 if (cholesky or method in ("FS", "SFS")) else q * q
+            xk = x[:, start:start + m]
+            if cholesky:
+                r, c = la.vech_index(q)
+                dL = np.zeros((x.shape[0], q, q))
+                dL[:, r, c] = xk
+                parts.append(dL)
+            elif m == q * q:
+                parts.append(la.sym(xk.reshape(-1, q, q)))
+            else:
+                parts.append(la.unvech(xk, q))
+            start += m
+        return parts, (x[:, 0] if carry else None)
+
+    x = _solve_ridge(A, b)
+    full_step = unpack(x)
+    # predicted llh gain of the full step (the quadratic model of the deviance, halved)
+    gain = np.where(np.all(np.isfinite(x), axis=1), 0.25 * np.einsum("vi,vi->v", np.nan_to_num(b), np.nan_to_num(x)),
+                    np.inf)
+
+    def trial(rows, attempt):
+        """Attempt 0 is the scoring step; later attempts halve it (D) or damp it (Λ, Levenberg)."""
+        if cholesky and attempt > 0:
+            mu = (1e-4 * 10.0 ** (attempt - 1)) * scale[rows]
+            parts, step_s2 = unpack(_solve_ridge(A[rows] + mu[:, None, None] * eye, b[rows]))
+            lam = np.ones(rows.size)
+        else:
+            parts, step_s2 = full_step
+            parts = [P[rows] for P in parts]
+            step_s2 = None if step_s2 is None else step_s2[rows]
+            lam = np.full(rows.size, 0.5 ** attempt)
+        if cholesky:
+            Ds = []
+            for Lk, dLk in zip(Lam, parts):
+                Lt = Lk[rows] + lam[:, None, None] * dLk
+                Ds.append(Lt @ np.swapaxes(Lt, 1, 2))
+        else:
+            Ds = [la.project_psd(Dk[rows] + lam[:, None, None] * sD) for Dk, sD in zip(D, parts)]
+        s2 = None
+        if carry:
+            s2 = np.maximum(sigma2[rows] + lam * step_s2, 1e-3 * sigma2[rows])
+        return Ds, s2
+
+    return trial, gain
+
+
+def _theta_curvature(G_list, qk, off: int) -> np.ndarray:
+    """Σ_m (∂dev/∂D_m) ∂²D_m/∂θ∂θ' for D_k = Λ_kΛ_k', block diagonal over factors (v, dim, dim)."""
+    v = G_list[0].shape[0]
+    dim = off + sum(q * (q + 1) // 2 for q in qk)
+    out = np.zeros((v, dim, dim))
+    start = off
+    for G, q in zip(G_list, qk):
+        ri, ci = la.vech_index(q)
+        for t, (i, j) in enumerate(zip(ri, ci)):
+            for t2, (k, l) in enumerate(zip(ri, ci)):
+                if j == l:  # ∂²(ΛΛ')/∂θ_ij∂θ_kl = e_i e_k' + e_k e_i' when both sit in column j
+                    out[:, start + t, start + t2] = 2.0 * G[:, i, k]
+        start += ri.size
+    return out
+
+
+def _psd_part(A: np.ndarray) -> np.ndarray:
+    """The positive semi-definite part of symmetric matrices (keeps scoring steps ascent steps)."""
+    w, U = np.linalg.eigh(la.sym(A))
+    return (U * np.maximum(w, 0.0)[:, None, :]) @ np.swapaxes(U, 1, 2)
+
+
+def _escape_step(ev: Evaluation, D, qk):
+    """Trial points leaving a singular D_k along u, where u'G_k u < 0 on the null space of D_k.
+
+    D_k singular is optimal only if G_k (the deviance gradient) is PSD on D_k's null space;
+    otherwise D_k + t uu' with t = -u'G u / (vec(uu')' F vec(uu')) from the scoring model
+    improves.  Returns (rows that have such a direction, their trial D list).
+    """
+    v = ev.llh.shape[0]
+    cand = [Dk.copy() for Dk in D]
+    moved = np.zeros(v, bool)
+    start = 0
+    for f, (Dk, q) in enumerate(zip(D, qk)):
+        w, U = np.linalg.eigh(la.sym(Dk))
+        null = w <= 1e-6 * np.maximum(w[:, -1:], 1.0)  # numerically singular: variance < 1e-6 σ²
+        G = ev.grad[f]
+        Gn = np.where(null[:, :, None] & null[:, None, :], np.swapaxes(U, 1, 2) @ G @ U, 0.0)
+        Gn = Gn + np.where(null, 0.0, 1e300)[:, :, None] * np.eye(q)  # only null-space directions
+        gw, gv = np.linalg.eigh(Gn)
+        u = np.einsum("vab,vb->va", U, gv[:, :, 0])
+        uu = u[:, :, None] * u[:, None, :]
+        Fk = ev.info[:, start:start + q * q, start:start + q * q]
+        curv = np.einsum("vi,vij,vj->v", uu.reshape(v, -1), Fk, uu.reshape(v, -1))
+        ok = (gw[:, 0] < 0) & (curv > 0)
+        t = np.where(ok, -gw[:, 0] / np.where(curv > 0, curv, 1.0), 0.0)
+        cand[f] = Dk + t[:, None, None] * uu
+        moved |= ok
+        start += q * q
+    rows = np.flatnonzero(moved)
+    return rows, [c[rows] for c in cand]
+
+
+def _cholesky_jacobian(Lam, qk, carry: bool) -> np.ndarray:
+    """d vec(D_k) / d θ_k for D_k = Λ_k Λ_k', θ_k the lower triangle of Λ_k; block diagonal."""
+    v = Lam[0].shape[0]
+    rows = sum(q * q for q in qk) + (1 if carry else 0)
+    cols = sum(q * (q + 1) // 2 for q in qk) + (1 if carry else 0)
+    J = np.zeros((v, rows, cols))
+    r0 = c0 = 0
+    if carry:
+        J[:, 0, 0] = 1.0
+        r0 = c0 = 1
+    for L, q in zip(Lam, qk):
+        ri, ci = la.vech_index(q)
+        for t, (i, j) in enumerate(zip(ri, ci)):
+            dD = np.zeros((v, q, q))
+            dD[:, i, :] += L[:, :, j]  # E_ij Λ'
+            dD[:, :, i] += L[:, :, j]  # Λ E_ji
+            J[:, r0:r0 + q * q, c0 + t] = dD.reshape(v, q * q)
+        r0 += q * q
+        c0 += ri.size
+    return J
+
+
+def _prepend_identity(P: np.ndarray) -> np.ndarray:
+    out = np.zeros((P.shape[0] + 1, P.shape[1] + 1))
+    out[0, 0] = 1.0
+    out[1:, 1:] = P
+    return out
+
+
+def _block_duplication(qk) -> np.ndarray:
+    blocks = [la.duplication(q) for q in qk]
+    out = np.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)))
+    i = j = 0
+    for b in blocks:
+        out[i:i + b.shape[0], j:j + b.shape[1]] = b
+        i += b.shape[0]
+        j += b.shape[1]
+    return out
+
+
+def _solve_ridge(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve SPD systems; a tiny ridge keeps unidentifiable directions (e.g. slopes of singletons) finite."""
+    s = A.shape[-1]
+    scale = np.trace(A, axis1=1, axis2=2) / s
+    A = A + (1e-10 * np.maximum(scale, 1e-300))[:, None, None] * np.eye(s)
+    return la.safe_solve(A, b)[0]  # a singular voxel gets a NaN step, which no trial accepts

@@ -1,0 +1,29 @@
+"""Per-voxel outcome codes of a fit: why a voxel was not fitted, and why its scoring stopped."""
+from __future__ import annotations
+
+# status codes of FitResult.status
+FITTED = 0
+
+DROPPED_RANK = 1  # X restricted to the observed rows is rank deficient
+
+DROPPED_FEW = 2  # not more observations than fixed effects
+
+FAILED = 3  # numerical failure: non-finite log-likelihood or σ², or a singular system
+
+STATUS_NAMES = {FITTED: "fitted", DROPPED_RANK: "rank-deficient X", DROPPED_FEW: "too few observations",
+                FAILED: "numerical failure"}
+
+# why the scoring of a voxel stopped (FitResult.stop)
+CONVERGED = 0  # Δllh < tol and the predicted gain of one more step < tol (KKT on the boundary)
+
+ITERATION_LIMIT = 1
+
+STEP_FAILED = 2  # no step improved the log-likelihood although the model predicts a gain
+
+NOT_FINITE = 3  # the log-likelihood or σ² became non-finite (status FAILED)
+
+NOT_FITTED = 4  # dropped before fitting
+
+STOP_NAMES = {CONVERGED: "converged", ITERATION_LIMIT: "iteration limit reached",
+              STEP_FAILED: "step search failed", NOT_FINITE: "non-finite log-likelihood or σ²",
+              NOT_FITTED: "not fitted"}
