@@ -107,8 +107,8 @@ def _write_report(outdir: Path, log) -> None:
 def summary_text(counts: dict, seconds: float) -> str:
     lines = [f"blmm: done in {seconds:.1f} s: {counts['fitted']} of {counts['analysis_mask']} voxels fitted, "
              f"{counts['converged']} converged"]
-    if counts["not_converged"]:
-        lines.append(f"  {counts['not_converged']} voxels hit maxnit without converging (blmm_vox_converged = 0)")
+    for why, k in counts.get("not_converged_reasons", {}).items():
+        lines.append(f"  {k} voxels fitted but not converged: {why} (blmm_vox_converged = 0)")
     if counts["boundary"]:
         lines.append(f"  {counts['boundary']} voxels have a singular random-effects covariance (boundary fit)")
     for why, k in counts["dropped"].items():

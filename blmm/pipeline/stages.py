@@ -28,7 +28,7 @@ from blmm.core.sufficient import (
     split_data_sums,
     stats_from_sums,
 )
-from blmm.core.fit import FITTED, STATUS_NAMES, fit_stats
+from blmm.core.fit import FAILED, FITTED, NOT_FITTED, STATUS_NAMES, STOP_NAMES, fit_stats
 from blmm.io import outdir as _outdir
 from blmm.io.images import read_image, read_mask, write_map
 from blmm.io.outdir import LLH64_FILE, map_name, save_array_atomically, save_arrays_atomically
@@ -208,6 +208,7 @@ def _block_results(fit, inf, keep, size, cfg: Config) -> dict:
         "converged": full(fit.converged.astype(np.int32), 0, np.int32),
         "nit": full(fit.n_iter.astype(np.int32), 0, np.int32),
         "boundary": full(fit.boundary.astype(np.int32), 0, np.int32),
+        "stop": full(fit.stop.astype(np.int32), NOT_FITTED, np.int32),
     }
     if cfg.output_covb:
         res["cov"] = full(fit.cov_beta.reshape(-1, p * p))
@@ -294,11 +295,16 @@ def write_outputs(plan: RunPlan) -> dict:
     boundary = gather("boundary", 0, np.int64).astype(bool) & fitted
     in_mask = np.zeros(V, bool)
     in_mask[vox] = True
+    stop = gather("stop", NOT_FITTED, np.int64)
+    not_converged = fitted & ~converged
     counts = {
         "analysis_mask": int(in_mask.sum()),
         "fitted": int(fitted.sum()),
         "converged": int(converged.sum()),
-        "not_converged": int((fitted & ~converged).sum()),
+        "not_converged": int(not_converged.sum()),
+        "not_converged_reasons": {why: int((not_converged & (stop == r)).sum())
+                                  for r, why in STOP_NAMES.items() if np.any(not_converged & (stop == r))},
+        "failed": int((reason == FAILED).sum()),
         "boundary": int(boundary.sum()),
         "dropped": {why: int((reason == r).sum()) for r, why in drop_reasons().items() if np.any(reason == r)},
     }

@@ -636,10 +636,12 @@ def add_histograms(page: ReportPage, panels: list[tuple[str, np.ndarray, np.ndar
 
 def _counts_rows(counts: dict) -> list[tuple[str, str]]:
     labels = (("analysis_mask", "voxels in the analysis mask"), ("fitted", "fitted"),
-              ("converged", "converged (log-likelihood change < tol)"),
-              ("not_converged", "not converged (hit maxnit; kept in the maps)"),
+              ("converged", "converged (llh change and predicted gain < tol)"),
+              ("not_converged", "not converged (kept in the maps)"),
               ("boundary", "boundary fits (singular random-effects covariance)"))
     rows = [(label, _fmt(counts[key])) for key, label in labels if key in counts]
+    for reason, count in (counts.get("not_converged_reasons") or {}).items():
+        rows.append((f"not converged: {reason}", _fmt(count)))
     for reason, count in (counts.get("dropped") or {}).items():
         rows.append((f"dropped: {reason}", _fmt(count)))
     if not counts.get("dropped") and counts:

@@ -224,3 +224,21 @@ def test_every_voxel_dropped_is_an_error_with_the_reasons(tmp_path):
     n = np.fromfile(tmp_path / "out" / "blmm_vox_n.dat", np.int32)
     assert n.size == 14 and n.max() == 0  # the maps that explain why are still written
     assert not np.fromfile(tmp_path / "out" / "blmm_vox_mask.dat", np.int32).any()
+
+
+def test_summary_counts_not_converged_and_failed_per_reason(tmp_path, capsys):
+    """maxnit too small: every fitted voxel is counted as not converged, by reason; a constant voxel failed."""
+    case = load_case("intercept")
+    Y = case.Y.copy()
+    Y[:, 0] = 5.0  # constant response: σ² = 0, a numerical failure
+    yml = make_analysis(tmp_path, case_name="intercept", Y=Y, extra="maxnit: 1\n")
+    run(load_config(yml), log=print)
+    counts = json.loads((tmp_path / "out" / "blmm_run.json").read_text())["counts"]
+    V = case.n_voxels
+    assert counts["failed"] == 1 and counts["fitted"] == V - 1
+    assert counts["converged"] == 0 and counts["not_converged"] == V - 1
+    assert counts["not_converged_reasons"] == {"iteration limit reached": V - 1}
+    out = capsys.readouterr().out
+    assert f"{V - 1} voxels fitted but not converged: iteration limit reached" in out
+    conv = voxel_values(tmp_path / "out", "blmm_vox_converged", "nifti", V)[:, 0]
+    assert not conv.any()
