@@ -144,8 +144,8 @@ def test_pipeline_writes_a_self_contained_report(surface_run: Path) -> None:
     text = html.unescape(re.sub(r"<[^>]+>", " ", page.split('<script type="text/javascript">')[0]))
     counts = record["counts"]
     for label, key in (("voxels in the analysis mask", "analysis_mask"), ("fitted", "fitted"),
-                       ("converged (log-likelihood change < tol)", "converged"),
-                       ("not converged (hit maxnit; kept in the maps)", "not_converged"),
+                       ("converged (llh change and predicted gain < tol)", "converged"),
+                       ("not converged (kept in the maps)", "not_converged"),
                        ("boundary fits (singular random-effects covariance)", "boundary")):
         assert re.search(rf"{re.escape(label)}\s+{counts[key]:,}\b", text), label
     assert "Y ~ intercept + age + group + (intercept | subject)" in text
