@@ -5,6 +5,11 @@ Pass criteria, at every voxel of every case, REML and ML:
 * β, σ², σ²D and Cov(β̂) within 1e-5 relative where R's fit is not singular
   (matrices relative to their own diagonal scale sqrt(a_ii a_jj));
 * T within 1e-5; Satterthwaite df of T and F within 1e-3 relative (not singular).
+
+Most cases meet these at the default convergence tolerance; the ones in ``TOL`` are fitted
+with a tighter one (the criteria stay the same): their likelihood is flat enough that the
+default stopping rule leaves D, and with it the df, short of the stated accuracy (nested3 ML
+v3 stops 2.4e-7 below lme4's llh, family_slope ML v8 1.2e-4 below; df up to 1.5e-2 off).
 """
 from __future__ import annotations
 
@@ -20,6 +25,9 @@ from tests.reference.load import CASES, load_case
 
 FITS: dict = {}
 
+# cases fitted with a tighter convergence tolerance than fit_lmm's default (see the docstring)
+TOL = {"nested3": 1e-8, "family_intercept": 1e-8, "family_slope": 1e-8}
+
 
 def fitted(case_name: str, reml: bool, method: str = "pSFS", structure: str = "auto"):
     key = (case_name, reml, method, structure)
@@ -27,7 +35,9 @@ def fitted(case_name: str, reml: bool, method: str = "pSFS", structure: str = "a
         case = load_case(case_name)
         factors = [RandomFactor(*f) for f in case.factors]
         contrasts = [Contrast.from_vector(n, v) for n, v in case.contrasts]
-        fit = fit_lmm(case.Y, case.X, factors, reml=reml, method=method, structure=structure)
+        options = {"tol": TOL[case_name]} if case_name in TOL else {}
+        fit = fit_lmm(case.Y, case.X, factors, reml=reml, method=method, structure=structure,
+                      **options)
         FITS[key] = (case, factors, fit, infer(fit, contrasts))
     return FITS[key]
 
@@ -55,7 +65,7 @@ def test_against_lme4(case_name, reml):
     if gain.max() > 1e-8:  # we found a better optimum than lme4: say so
         warnings.warn(f"{case_name}: blmm's llh exceeds lme4's by up to {gain.max():.2e}")
     ok = ~ref["singular"]
-    assert ok.sum() >= 8
+    assert ok.sum() >= min(8, case.n_voxels - 3)  # enough regular voxels to compare
     assert rel_error(fit.beta, ref["beta"])[ok].max() < 1e-5 or \
         (np.abs(fit.beta - ref["beta"]) / np.sqrt(np.diagonal(ref["vcov"], axis1=1, axis2=2)))[ok].max() < 1e-5
     assert rel_error(fit.sigma2, ref["sigma2"])[ok].max() < 1e-5
@@ -104,7 +114,9 @@ def test_lme4_constants_and_satterthwaite_tails():
 
 
 @pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
-@pytest.mark.parametrize("case_name", ["slope", "nested", "boundary", "missing"])
+@pytest.mark.parametrize("case_name", ["slope", "nested", "boundary", "missing", "balanced_q2",
+                                       "balanced_q3", "nested3", "crossed_slope",
+                                       "family_intercept", "family_slope"])
 def test_singular_fits_match_lmertest_too(case_name, reml):
     """On the boundary the df depend on the parametrisation; we use lme4's θ as lmerTest does."""
     case, _, fit, inf = fitted(case_name, reml)

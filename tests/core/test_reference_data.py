@@ -63,12 +63,12 @@ def _gls(case, res, v):
 def test_shapes(case):
     n, p, V = case.n, case.p, case.n_voxels
     assert p == 3
-    assert case.Y.shape == (n, V) and 10 <= V <= 16
+    assert case.Y.shape == (n, V) and 8 <= V <= 16
     assert np.all(case.X[:, 0] == 1.0)
-    assert len(case.factors) in (1, 2)
+    assert len(case.factors) in (1, 2, 3)
     for name, labels, design in case.factors:
         assert labels.shape == (n,) and design.shape[0] == n
-        assert design.shape[1] in (1, 2)
+        assert design.shape[1] in (1, 2, 3)
     assert [c[0] for c in case.contrasts] == ["X2", "X3", "X2-X3", "F_X2_X3"]
     assert case.contrasts[3][1].shape == (2, p)
     for res in (case.reml, case.ml):
@@ -167,3 +167,61 @@ def test_case_features():
     # subject ids are nested in sites: every subject sits in exactly one site
     for s_id in np.unique(subj):
         assert np.unique(site[subj == s_id]).size == 1
+
+
+def _nested_in(inner: np.ndarray, outer: np.ndarray) -> bool:
+    """Every level of inner sits in exactly one level of outer."""
+    return all(np.unique(outer[inner == i]).size == 1 for i in np.unique(inner))
+
+
+def _times_by_subject(case, column: int = 1) -> dict:
+    subj = case.factors[0][1]
+    return {s: tuple(case.X[subj == s, column]) for s in np.unique(subj)}
+
+
+def test_new_case_features():
+    """Issue 9's cases carry the feature they are there for."""
+    b = ref.load_case("balanced_q2")
+    times = _times_by_subject(b)
+    assert len(times) == 18 and set(times.values()) == {tuple(range(10))}
+    assert np.array_equal(b.factors[0][2][:, 1], b.X[:, 1])  # (1 + day | subject)
+    v = ref.load_case("balanced_visits")
+    times = list(_times_by_subject(v).values())
+    assert set(times) == {(0.0, 1.0), (0.0, 1.0, 2.0)}
+    assert times.count((0.0, 1.0, 2.0)) > len(times) / 2
+    q3 = ref.load_case("balanced_q3")
+    Z = q3.factors[0][2]
+    assert Z.shape[1] == 3
+    subj = q3.factors[0][1]
+    rows = [Z[subj == s] for s in np.unique(subj)]
+    assert all(np.array_equal(r, rows[0]) for r in rows)  # identical design for every subject
+    n3 = ref.load_case("nested3")
+    site, fam, subj = (f[1] for f in n3.factors)
+    assert _nested_in(fam, site) and _nested_in(subj, fam)
+    assert np.unique(site).size < np.unique(fam).size < np.unique(subj).size
+    cs = ref.load_case("crossed_slope")
+    subj, scanner = cs.factors[0][1], cs.factors[1][1]
+    assert cs.factors[0][2].shape[1] == 2 and cs.factors[1][2].shape[1] == 1
+    assert not _nested_in(subj, scanner)  # crossed: subjects visit several scanners
+    tm = ref.load_case("two_factor_missing")
+    n_missing = np.isnan(tm.Y).sum(axis=0)
+    assert (n_missing == 0).sum() >= 2 and n_missing.max() > 0
+    for res in (tm.reml, tm.ml):
+        # a voxel that loses a whole subject, one that loses a whole site
+        assert res["n_levels"]["f1"].min() < np.unique(tm.factors[0][1]).size
+        assert res["n_levels"]["f2"].min() < np.unique(tm.factors[1][1]).size
+    for name in ("family_intercept", "family_slope"):
+        c = ref.load_case(name)
+        fam, subj = c.factors[0][1], c.factors[1][1]
+        assert _nested_in(subj, fam)
+        sizes = np.array([np.unique(subj[fam == f]).size for f in np.unique(fam)])
+        assert sizes.max() <= 3 and 0.5 < np.mean(sizes == 1) < 0.9  # mostly singletons
+        _, visits = np.unique(subj, return_counts=True)
+        assert visits.min() == 1 and visits.max() == 3
+    assert ref.load_case("family_slope").factors[1][2].shape[1] == 2
+    # every new case has a voxel at (R: singular) or near the boundary (true variance 0)
+    for name in ("balanced_q2", "balanced_q3", "nested3", "crossed_slope", "family_intercept",
+                 "family_slope"):
+        c = ref.load_case(name)
+        assert c.reml["singular"].any() and c.ml["singular"].any(), name
+        assert (~c.reml["singular"]).sum() >= 5, name

@@ -30,7 +30,9 @@ data_dir <- file.path(here, "data")
 
 cases <- commandArgs(trailingOnly = TRUE)
 if (!length(cases)) {
-  cases <- c("intercept", "slope", "crossed", "nested", "singletons", "boundary", "missing")
+  cases <- c("intercept", "slope", "crossed", "nested", "singletons", "boundary", "missing",
+             "balanced_q2", "balanced_visits", "balanced_q3", "nested3", "crossed_slope",
+             "two_factor_missing", "family_intercept", "family_slope")
 }
 
 # ------------------------------------------------------------------------------------------

@@ -34,7 +34,13 @@ from pathlib import Path
 import numpy as np
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-CASES = ("intercept", "slope", "crossed", "nested", "singletons", "boundary", "missing")
+CASES = (
+    "intercept", "slope", "crossed", "nested", "singletons", "boundary", "missing",
+    # issue 9: balanced designs, q = 3, three nested factors, crossed with a slope,
+    # two factors with missing rows, ABCD-like families
+    "balanced_q2", "balanced_visits", "balanced_q3", "nested3", "crossed_slope",
+    "two_factor_missing", "family_intercept", "family_slope",
+)
 
 
 @dataclass

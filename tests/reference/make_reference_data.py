@@ -4,6 +4,7 @@ Run from the repository root:
 
     python tests/reference/make_reference_data.py && Rscript tests/reference/fit_lme4.R
 
+(``make_reference_data.py nested3 family_slope`` writes only the cases named.)
 Every case is written to ``tests/reference/data/<case>/``:
 
 * ``X.csv``          n x p fixed-effects design (header X1..Xp; X1 is the intercept column)
@@ -313,6 +314,241 @@ def case_missing():
     write_case("missing", X, [subj], [Z], Y, truth)
 
 
+# --------------------------------------------------------------------------------------
+# issue 9: balanced designs, q = 3, three nested factors, crossed factors with a slope,
+# two factors with missing rows, ABCD-like families.  Eight voxels each; every case has at
+# least one voxel simulated with a zero variance (a boundary).
+# --------------------------------------------------------------------------------------
+def _corr_D(rng, V: int, diag: list[tuple[float, float]]) -> np.ndarray:
+    """V relative q x q covariances: variances log-spaced in the given ranges, moderate
+    random correlations (|r| mostly < 0.6)."""
+    q = len(diag)
+    sd = np.sqrt(np.column_stack([_ratios(rng, V, lo, hi) for lo, hi in diag]))
+    D = np.empty((V, q, q))
+    for v in range(V):
+        W = rng.normal(0, 1, (q, q))
+        C = W @ W.T + 2.0 * q * np.eye(q)
+        C /= np.sqrt(np.outer(np.diag(C), np.diag(C)))
+        D[v] = C * np.outer(sd[v], sd[v])
+    return D
+
+
+def _zero_effect(D: np.ndarray, v: int, j: int) -> None:
+    """Voxel v's random effect j has zero variance (row and column j of D set to 0)."""
+    D[v, j, :] = 0.0
+    D[v, :, j] = 0.0
+
+
+def _families(rng, n_fam: int, p_sizes) -> tuple[np.ndarray, np.ndarray]:
+    """Family label of each subject and subject labels 1..n_sub (family sizes 1..len(p))."""
+    sizes = rng.choice(np.arange(1, len(p_sizes) + 1), size=n_fam, p=p_sizes)
+    fam = np.repeat(np.arange(1, n_fam + 1), sizes)
+    return fam, np.arange(1, fam.size + 1)
+
+
+def case_balanced_q2():
+    """18 subjects x 10 days (day 0..9 for all), (1 + day | subject) correlated."""
+    rng = np.random.default_rng(1101)
+    V = 8
+    n_subj, n_day = 18, 10
+    subj = np.repeat(np.arange(1, n_subj + 1), n_day)
+    day = np.tile(np.arange(n_day, dtype=float), n_subj)
+    n = subj.size
+    group = (np.arange(n_subj) % 2).astype(float)[subj - 1]
+    X = _rounded(np.column_stack([np.ones(n), day, group]))
+    Z = np.column_stack([np.ones(n), day])
+    betas = _betas(rng, V)
+    betas[:, 1] *= 0.2  # per day
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D = _corr_D(rng, V, [(0.3, 6.0), (0.005, 0.1)])
+    _zero_effect(D, 5, 1)  # v6: no random slope
+    Y = _simulate(rng, X, [subj], [Z], betas, sigma2, [D])
+    write_case("balanced_q2", X, [subj], [Z], Y, _truth(betas, sigma2, [D]))
+
+
+def case_balanced_visits():
+    """Time = visit index 0/1/2 for everyone (40 subjects with 3 visits, 10 with 2),
+    (1 + visit | subject) correlated."""
+    rng = np.random.default_rng(1102)
+    V = 8
+    n_subj = 50
+    counts = np.full(n_subj, 3)
+    counts[rng.choice(n_subj, size=10, replace=False)] = 2
+    subj = np.repeat(np.arange(1, n_subj + 1), counts)
+    visit = np.concatenate([np.arange(c, dtype=float) for c in counts])
+    n = subj.size
+    group = rng.integers(0, 2, n_subj).astype(float)[subj - 1]
+    X = _rounded(np.column_stack([np.ones(n), visit, group]))
+    Z = np.column_stack([np.ones(n), visit])
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D = _corr_D(rng, V, [(0.5, 6.0), (0.2, 2.0)])
+    _zero_effect(D, 5, 1)  # v6: no random slope
+    Y = _simulate(rng, X, [subj], [Z], betas, sigma2, [D])
+    write_case("balanced_visits", X, [subj], [Z], Y, _truth(betas, sigma2, [D]))
+
+
+def case_balanced_q3():
+    """24 subjects x 8 times t = -3.5..3.5 (centred), random (1, t, t^2/10 | subject),
+    unstructured 3 x 3."""
+    rng = np.random.default_rng(1103)
+    V = 8
+    n_subj, n_t = 24, 8
+    subj = np.repeat(np.arange(1, n_subj + 1), n_t)
+    t = np.tile(np.arange(n_t, dtype=float) - (n_t - 1) / 2, n_subj)
+    n = subj.size
+    X = _rounded(np.column_stack([np.ones(n), t, t**2 / 10]))
+    Z = X.copy()
+    betas = _betas(rng, V)
+    betas[:, 1:] *= 0.3
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D = _corr_D(rng, V, [(0.5, 5.0), (0.05, 0.5), (0.2, 1.5)])
+    _zero_effect(D, 4, 2)  # v5: no random quadratic term (rank-2 D)
+    Y = _simulate(rng, X, [subj], [Z], betas, sigma2, [D])
+    write_case("balanced_q3", X, [subj], [Z], Y, _truth(betas, sigma2, [D]))
+
+
+def case_nested3():
+    """5 sites / 5-8 families per site / 1-3 subjects per family / 1-3 visits per subject:
+    (1 | site) + (1 | family) + (1 | subject); family = site*100 + f, subject = family*100 + j."""
+    rng = np.random.default_rng(1104)
+    V = 8
+    site_l, fam_l, subj_l = [], [], []
+    for s in range(1, 6):
+        for f in range(1, rng.integers(5, 9) + 1):
+            for j in range(1, rng.integers(1, 4) + 1):
+                m = rng.integers(1, 4)
+                site_l += [s] * m
+                fam_l += [s * 100 + f] * m
+                subj_l += [(s * 100 + f) * 100 + j] * m
+    site, fam, subj = np.array(site_l), np.array(fam_l), np.array(subj_l)
+    n = site.size
+    x = rng.normal(0, 1, n)
+    _, sc = np.unique(subj, return_inverse=True)
+    cov = rng.normal(0, 1, sc.max() + 1)[sc]  # a subject-level covariate
+    X = _rounded(np.column_stack([np.ones(n), x, cov]))
+    ones = np.ones((n, 1))
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D1 = _ratios(rng, V, 0.5, 5.0)[:, None, None]
+    D2 = _ratios(rng, V, 0.3, 4.0)[:, None, None]
+    D3 = _ratios(rng, V, 0.3, 4.0)[:, None, None]
+    D2[3] = 0.0  # v4: no family effect
+    D3[6] = 0.0  # v7: no subject effect (beyond family)
+    labels = [site, fam, subj]
+    Y = _simulate(rng, X, labels, [ones, ones, ones], betas, sigma2, [D1, D2, D3])
+    write_case("nested3", X, labels, [ones, ones, ones], Y, _truth(betas, sigma2, [D1, D2, D3]))
+
+
+def case_crossed_slope():
+    """40 subjects (2-5 visits, irregular times), each visit on one of 5 scanners (a home
+    scanner 70% of the time): (1 + time | subject) + (1 | scanner), crossed."""
+    rng = np.random.default_rng(1105)
+    V = 8
+    n_subj = 40
+    subj = _visits(rng, n_subj, 2, 5)
+    n = subj.size
+    time = _irregular_times(rng, subj)
+    home = rng.integers(1, 6, n_subj)[subj - 1]
+    scanner = np.where(rng.uniform(size=n) < 0.7, home, rng.integers(1, 6, n))
+    group = rng.integers(0, 2, n_subj).astype(float)[subj - 1]
+    X = _rounded(np.column_stack([np.ones(n), time, group]))
+    Z1 = np.column_stack([np.ones(n), X[:, 1]])
+    Z2 = np.ones((n, 1))
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D1 = _slope_D(rng, V)
+    D2 = _ratios(rng, V, 0.3, 3.0)[:, None, None]
+    D2[1] = 0.0  # v2: no scanner effect
+    Y = _simulate(rng, X, [subj, scanner], [Z1, Z2], betas, sigma2, [D1, D2])
+    write_case("crossed_slope", X, [subj, scanner], [Z1, Z2], Y, _truth(betas, sigma2, [D1, D2]))
+
+
+def case_two_factor_missing():
+    """(1 | subject) + (1 | site), 50 subjects (2-5 visits), 6 sites (a home site 80% of the
+    time), with missing rows: v1-v2 complete, v3-v8 lose 2-20%; v6 loses a whole subject,
+    v7 every image of the smallest site."""
+    rng = np.random.default_rng(1106)
+    V = 8
+    n_subj = 50
+    subj = _visits(rng, n_subj, 2, 5)
+    n = subj.size
+    home = rng.integers(1, 7, n_subj)[subj - 1]
+    site = np.where(rng.uniform(size=n) < 0.8, home, rng.integers(1, 7, n))
+    x = rng.normal(0, 1, n)
+    group = rng.integers(0, 2, n_subj).astype(float)[subj - 1]
+    X = _rounded(np.column_stack([np.ones(n), x, group]))
+    ones = np.ones((n, 1))
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D1 = _ratios(rng, V, 0.2, 6.0)[:, None, None]
+    D2 = _ratios(rng, V, 0.2, 3.0)[:, None, None]
+    D2[[3, 7]] = 0.0  # v4, v8: no site effect
+    Y = _simulate(rng, X, [subj, site], [ones, ones], betas, sigma2, [D1, D2])
+    frac = np.concatenate([[0.0, 0.0], np.linspace(0.02, 0.20, V - 2)])
+    for v in range(V):
+        k = int(round(frac[v] * n))
+        if k:
+            Y[rng.choice(n, size=k, replace=False), v] = np.nan
+    Y[subj == rng.integers(1, n_subj + 1), 5] = np.nan  # v6: a whole subject
+    sites, counts = np.unique(site, return_counts=True)
+    Y[site == sites[np.argmin(counts)], 6] = np.nan  # v7: a whole site
+    truth = _truth(betas, sigma2, [D1, D2])
+    truth["missing_fraction"] = frac.tolist()
+    write_case("two_factor_missing", X, [subj, site], [ones, ones], Y, truth)
+
+
+def _family_design(rng, n_fam):
+    """ABCD-like: families of 1-3 subjects (mostly 1), 1-3 visits per subject."""
+    fam_of_subj, _ = _families(rng, n_fam, [0.7, 0.2, 0.1])
+    n_sub = fam_of_subj.size
+    subj = _visits(rng, n_sub, 1, 3)
+    return fam_of_subj[subj - 1], subj, n_sub
+
+
+def case_family_intercept():
+    """(1 | family) + (1 | subject), families of 1-3 subjects (70% singletons), 1-3 visits."""
+    rng = np.random.default_rng(1107)
+    V = 8
+    fam, subj, n_sub = _family_design(rng, 45)
+    n = subj.size
+    visit = np.concatenate([np.arange((subj == s).sum()) for s in np.unique(subj)])
+    age = rng.uniform(-1.0, 1.0, n_sub)[subj - 1] + 0.2 * visit  # (age - mean) / 10 years
+    sex = rng.integers(0, 2, n_sub).astype(float)[subj - 1]
+    X = _rounded(np.column_stack([np.ones(n), age, sex]))
+    ones = np.ones((n, 1))
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D1 = _ratios(rng, V, 0.3, 4.0)[:, None, None]
+    D2 = _ratios(rng, V, 0.3, 6.0)[:, None, None]
+    D1[2] = 0.0  # v3: no family effect
+    D2[5] = 0.0  # v6: no subject effect (beyond family)
+    Y = _simulate(rng, X, [fam, subj], [ones, ones], betas, sigma2, [D1, D2])
+    write_case("family_intercept", X, [fam, subj], [ones, ones], Y,
+               _truth(betas, sigma2, [D1, D2]))
+
+
+def case_family_slope():
+    """(1 | family) + (1 + time | subject), families of 1-3 subjects, 1-3 visits at
+    continuous times (years)."""
+    rng = np.random.default_rng(1108)
+    V = 8
+    fam, subj, n_sub = _family_design(rng, 40)
+    n = subj.size
+    time = _irregular_times(rng, subj)
+    cov = rng.normal(0, 1, n_sub)[subj - 1]
+    X = _rounded(np.column_stack([np.ones(n), time, cov]))
+    Z1 = np.ones((n, 1))
+    Z2 = np.column_stack([np.ones(n), X[:, 1]])
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.3, 1.5, V)
+    D1 = _ratios(rng, V, 0.3, 4.0)[:, None, None]
+    D2 = _corr_D(rng, V, [(0.5, 6.0), (0.1, 1.0)])
+    D1[6] = 0.0  # v7: no family effect
+    Y = _simulate(rng, X, [fam, subj], [Z1, Z2], betas, sigma2, [D1, D2])
+    write_case("family_slope", X, [fam, subj], [Z1, Z2], Y, _truth(betas, sigma2, [D1, D2]))
+
+
 CASES = {
     "intercept": case_intercept,
     "slope": case_slope,
@@ -321,14 +557,24 @@ CASES = {
     "singletons": case_singletons,
     "boundary": case_boundary,
     "missing": case_missing,
+    "balanced_q2": case_balanced_q2,
+    "balanced_visits": case_balanced_visits,
+    "balanced_q3": case_balanced_q3,
+    "nested3": case_nested3,
+    "crossed_slope": case_crossed_slope,
+    "two_factor_missing": case_two_factor_missing,
+    "family_intercept": case_family_intercept,
+    "family_slope": case_family_slope,
 }
 
 
-def main() -> None:
-    for name, make in CASES.items():
-        make()
+def main(names: list[str]) -> None:
+    for name in names or CASES:
+        CASES[name]()
         print(f"wrote {DATA / name}")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])
