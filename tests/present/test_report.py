@@ -199,7 +199,7 @@ def test_without_plotly_the_report_has_the_numbers(tmp_path: Path,
     assert "<script" not in page
     text = html.unescape(re.sub(r"<[^>]+>", " ", page))
     assert "pip install 'blmm[viewer]'" in text
-    assert re.search(rf"converged \(log-likelihood change < tol\)\s+{record['counts']['converged']:,}\b", text)
+    assert re.search(rf"converged \(llh change and predicted gain < tol\)\s+{record['counts']['converged']:,}\b", text)
     assert re.search(r"voxels with −log10 p > 2 \(one-sided, H1: Lβ > 0\)\s+\d", text)
     assert "Satterthwaite df (min, quartiles, max)" in text
     # The page needs only the output folder: rewritten with the inputs gone, it still has
