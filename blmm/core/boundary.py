@@ -39,11 +39,7 @@ def settle(obj, data, D, qk, reml, n, p) -> SettledPoint:
     D = snap_to_boundary(obj, data, D)
     ev = obj.evaluate(D, data, grad=True)
     H, dC = variance_hessian(obj, data, D, ev, qk, reml, n, p)
-    D_new, moved = newton_polish(obj, data, D, ev, H, free_parameters(D, qk), qk)
-    if np.any(moved):
-        rows = np.flatnonzero(moved)
-        ev_new = obj.evaluate([Dk[rows] for Dk in D_new], take_rows(data, rows, D[0].shape[0]), grad=True)
-        ev = merge_eval(ev, ev_new, rows, np.ones(rows.size, bool))
+    D_new, ev, moved = newton_polish(obj, data, D, ev, H, free_parameters(D, qk), qk)
     return SettledPoint(D_new, ev, H, dC, moved)
 
 
@@ -53,20 +49,28 @@ def snap_to_boundary(obj, data, D):
     Cholesky iterations only approach a singular optimum asymptotically; lme4 lands on it
     exactly, and inference needs to know which voxels are singular.
     """
-    ev = obj.evaluate(D, data, grad=False)
+    v = D[0].shape[0]
     out = [Dk.copy() for Dk in D]
-    for f, Dk in enumerate(D):
+    parts = []
+    for Dk in D:
         w, U = np.linalg.eigh(la.sym(Dk))
         small = (w < 1e-5) | (w < 1e-6 * w[:, -1:])  # variance below 1e-5 σ² or 1e-6 of the largest
         small &= w > RANK_TOL * np.maximum(w[:, -1:], 1e-300)
+        parts.append((w, U, small))
+    touched = np.flatnonzero(np.any([np.any(sm, axis=1) for _, _, sm in parts], axis=0))
+    if touched.size == 0:  # nothing to snap: no evaluation at all (the common interior case)
+        return out
+    base = np.full(v, np.nan)
+    base[touched] = obj.evaluate([Dk[touched] for Dk in D], take_rows(data, touched, v), grad=False).llh
+    for f, (w, U, small) in enumerate(parts):
         rows = np.flatnonzero(np.any(small, axis=1))
         if rows.size == 0:
             continue
         ws = np.where(small[rows], 0.0, np.maximum(w[rows], 0.0))
         trial = [Dj[rows].copy() for Dj in out]
         trial[f] = (U[rows] * ws[:, None, :]) @ np.swapaxes(U[rows], 1, 2)
-        ev_t = obj.evaluate(trial, take_rows(data, rows, Dk.shape[0]), grad=False)
-        good = ev_t.ok & (ev_t.llh >= ev.llh[rows] - 1e-10)
+        ev_t = obj.evaluate(trial, take_rows(data, rows, v), grad=False)
+        good = ev_t.ok & (ev_t.llh >= base[rows] - 1e-10)
         out[f][rows[good]] = trial[f][good]
     return out
 
@@ -153,14 +157,14 @@ def newton_polish(obj, data, D, ev, H, free, qk):
     Scoring converges linearly; this squares the remaining error of interior parameters so
     that they, not just the log-likelihood, match an exact optimiser.  Singular factors are
     held; the step is kept only where it does not lower the log-likelihood and D stays PSD.
-    Returns (D, moved rows mask).
+    Returns (D, its evaluation with gradient, moved rows mask).
     """
     v = D[0].shape[0]
     moved = np.zeros(v, bool)
     fd = free[:, 1:]
     use = np.any(fd, axis=1) & ev.ok & np.all(np.isfinite(H.reshape(v, -1)), axis=1)
     if not np.any(use):
-        return D, moved
+        return D, ev, moved
     Hs, fd = H[use], fd[use]
     Hp = Hs[:, 1:, 1:] - Hs[:, 1:, :1] * Hs[:, :1, 1:] / Hs[:, :1, :1]  # σ² profiled out
     both = fd[:, :, None] & fd[:, None, :]
@@ -181,12 +185,12 @@ def newton_polish(obj, data, D, ev, H, free, qk):
     for Dt in trial:
         psd &= np.min(np.linalg.eigvalsh(Dt), axis=1) >= 0
     with np.errstate(invalid="ignore", divide="ignore"):  # non-PSD trials are rejected below
-        ev_t = obj.evaluate(trial, take_rows(data, rows, v), grad=False)
+        ev_t = obj.evaluate(trial, take_rows(data, rows, v), grad=True)
     good = ev_t.ok & psd & (ev_t.llh >= ev.llh[rows])
     if not np.any(good):
-        return D, moved
+        return D, ev, moved
     D = [Dk.copy() for Dk in D]
     for f in range(len(qk)):
         D[f][rows[good]] = trial[f][good]
     moved[rows[good]] = True
-    return D, moved
+    return D, merge_eval(ev, ev_t, rows[good], good), moved

@@ -35,6 +35,7 @@ class Evaluation:
     info: np.ndarray | None = None  # (v, s, s) expected information, s = Σ q_k², vec order
     T_sum: list = field(default_factory=list)  # per factor Σ_j T_j (v, q_k, q_k)
     uu_sum: list = field(default_factory=list)  # per factor Σ_j u_j u_j' (v, q_k, q_k)
+    observed: np.ndarray | None = None  # (v, s, s) observed information in vec D (σ² fixed), where cheap
     cache: dict | None = None  # objective-specific per-voxel arrays (leading axis v) the Hessian reuses
 
 
@@ -108,6 +109,7 @@ def subset_eval(ev: Evaluation, idx) -> Evaluation:
         llh=ev.llh[idx], beta=ev.beta[idx], sigma2=ev.sigma2[idx], C=ev.C[idx], Q=ev.Q[idx], ok=ev.ok[idx],
         grad=[g[idx] for g in ev.grad], info=None if ev.info is None else ev.info[idx],
         T_sum=[t[idx] for t in ev.T_sum], uu_sum=[u[idx] for u in ev.uu_sum],
+        observed=None if ev.observed is None else ev.observed[idx],
         cache=None if ev.cache is None else {k: a[idx] for k, a in ev.cache.items()},
     )
 
@@ -129,6 +131,12 @@ def merge_eval(base: Evaluation, new: Evaluation, where, good) -> Evaluation:
     info = out.info.copy()
     info[where] = new.info[good]
     out.info = info
+    if out.observed is not None and new.observed is not None:
+        observed = out.observed.copy()
+        observed[where] = new.observed[good]
+        out.observed = observed
+    else:
+        out.observed = None
     if out.cache is not None and new.cache is not None and out.cache.keys() == new.cache.keys():
         cache = {}
         for key, arr in out.cache.items():

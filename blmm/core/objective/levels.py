@@ -217,32 +217,20 @@ class LevelObjective:
                         info[:, a, b, c, e] = (Tf(b, c) * Tf(a, e)) @ self.mu
         return T_sum, uu, corr, info.reshape(v, q * q, q * q)
 
-    def deviance_hessian(self, D_list, data: "LevelData", sigma2: np.ndarray, ev: Evaluation | None = None):
-        """Observed Hessian of the deviance in vech D at fixed σ² (β profiled), analytically.
+    def _observed_information(self, R, P, data: "LevelData", ev: Evaluation, sigma2: np.ndarray) -> np.ndarray:
+        """The deviance Hessian in vec D at fixed σ² without its REML term -tr(C B_F C B_E).
 
-        Returns (H (v, k, k), dC (v, k, p, p) = d(X'V⁻¹X)⁻¹/d vech D, the evaluation).
-        With directions E, F (symmetric) and S_j = R_j X_j, u_j = R_j(y_j - X_j β̂),
-        P_j = S_j C S_j', B_E = Σ S_j'E S_j, a_E = Σ S_j'E u_j (docs/model.md):
-        H(E,F) = -Σ tr(T_j F T_j E) + Σ tr(E T_j F (2u_ju_j'/σ² + 2[REML] P_j))
-                 - 2 a_E'C a_F / σ² - [REML] tr(C B_F C B_E).
+        Costs no product over levels beyond what the gradient computed; the term left out is
+        O(p / levels) of the rest, so scoring with it is nearly Newton (docs/model.md).
         """
-        D = D_list[0]
-        v = D.shape[0]
+        v = R[0][0].shape[0]
         q, p, Cb = self.q, self.p, self.Cb
-        if ev is not None and ev.cache is not None:  # the evaluation at D already holds R_c and P_c
-            R = _unstack_entries(ev.cache["R"])
-            P = _unstack_entries(ev.cache["P"]) if self.reml else None
-        else:
-            XtVX, XtVY, YtVY, logdetV, R = self.products(D, data)
-            ev = profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
-            P = self._unit_P(R, ev.C) if self.reml else None
         beta, C = ev.beta, ev.C
-        s2 = sigma2[:, None, None]
         T = self._unit_T(R)
 
         def Tf(a, b):
             return T[min(a, b), max(a, b)]
-        _, _, _, info = self.gradient_parts(R, data, beta, None)
+        info = ev.info if ev.info is not None else self.gradient_parts(R, data, beta, None)[3]
         # W_unit = 2 U/σ² + 2 P (REML): the u and P terms share T_j's index pattern
         U_big, u_small = self._unit_uu(R, data, beta)
         M = np.zeros((v, q, q, q, q))
@@ -259,9 +247,6 @@ class LevelObjective:
                 for b in range(q):
                     for c in range(q):  # M[(a,b),(c,d)] = Σ_units T[b,c] W[d,a]
                         M[:, a, b, c, d] = np.einsum("vc,vc->v", Tf(b, c), w)
-        Dup = la.duplication(q)
-        Hvec = M.reshape(v, q * q, q * q) - info
-        H = Dup.T @ Hvec @ Dup
         # a_E: A_xy = Σ_j S_j[x]' u_j[y] (v, q, q, p)
         A = np.zeros((v, q, q, p))
         if Cb:
@@ -274,8 +259,34 @@ class LevelObjective:
                     Re = R[x][e][:, Cb:]
                     for y in range(q):
                         A[:, x, y] += (Re * u_small[y]) @ self.Xs[e]
-        a_vech = np.einsum("vip,it->vtp", A.reshape(v, q * q, p), Dup)
-        H -= 2.0 * np.einsum("vtp,vpr,vsr->vts", a_vech, C, a_vech) / s2
+        A = A.reshape(v, q * q, p)
+        Hvec = M.reshape(v, q * q, q * q) - info
+        Hvec -= 2.0 * np.einsum("vip,vpr,vjr->vij", A, C, A) / sigma2[:, None, None]
+        return la.sym(Hvec)
+
+    def deviance_hessian(self, D_list, data: "LevelData", sigma2: np.ndarray, ev: Evaluation | None = None):
+        """Observed Hessian of the deviance in vech D at fixed σ² (β profiled), analytically.
+
+        Returns (H (v, k, k), dC (v, k, p, p) = d(X'V⁻¹X)⁻¹/d vech D, the evaluation).
+        With directions E, F (symmetric) and S_j = R_j X_j, u_j = R_j(y_j - X_j β̂),
+        P_j = S_j C S_j', B_E = Σ S_j'E S_j, a_E = Σ S_j'E u_j (docs/model.md):
+        H(E,F) = -Σ tr(T_j F T_j E) + Σ tr(E T_j F (2u_ju_j'/σ² + 2[REML] P_j))
+                 - 2 a_E'C a_F / σ² - [REML] tr(C B_F C B_E).
+        """
+        D = D_list[0]
+        v = D.shape[0]
+        q, p = self.q, self.p
+        if ev is not None and ev.cache is not None:  # the evaluation at D already holds R_c and P_c
+            R = _unstack_entries(ev.cache["R"])
+            P = _unstack_entries(ev.cache["P"]) if self.reml else None
+        else:
+            XtVX, XtVY, YtVY, logdetV, R = self.products(D, data)
+            ev = profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+            P = self._unit_P(R, ev.C) if self.reml else None
+        C = ev.C
+        Hvec = ev.observed if ev.observed is not None else self._observed_information(R, P, data, ev, sigma2)
+        Dup = la.duplication(q)
+        H = Dup.T @ Hvec @ Dup
         # B_t = Σ_j S_j' E_t S_j, one GEMM over units per (t, pair)
         r_idx, c_idx = la.vech_index(q)
         k = r_idx.size
@@ -309,6 +320,7 @@ class LevelObjective:
         ev.cache = {"R": _stack_entries(R)}
         if P is not None:
             ev.cache["P"] = _stack_entries(P)
+        ev.observed = self._observed_information(R, P, data, ev, ev.sigma2)
         return ev
 
 
