@@ -70,6 +70,8 @@ class LevelObjective:
             self.Kpair_big.append(Kbig)
             Kf.append(np.ascontiguousarray(np.concatenate([Kbig[:, r, s], Kl[:, r, s]])))  # (C, p(p+1)/2)
         self.Kf = Kf
+        # K'(p(p+1)/2, units): OpenBLAS runs K' @ W' about 3x faster than W @ K for these shapes
+        self.KfT = [np.ascontiguousarray(K.T) for K in Kf]
         # ordered K_c[e,f] = Σ_members X_j[e]' X_j[f] of big classes (the analytic Hessian needs them unsymmetrised)
         self.Ko = np.zeros((self.Cb, q, q, p, p))
         for i, mem in enumerate(self.big_members):
@@ -117,10 +119,10 @@ class LevelObjective:
                 w = 0.5 * (w + sum(d[b][e] * R[e][a] for e in range(q)))
             W[a, b] = w
         logdetV = _logdet_entries(A) @ self.mu
-        XtVX_up = np.broadcast_to(self.XtX_up, (v, self.XtX_up.size)).copy()
+        XtVX_upT = np.repeat(self.XtX_up[:, None], v, axis=1)
         for k, ab in enumerate(self.pairs):
-            XtVX_up -= W[ab] @ self.Kf[k]
-        XtVX = la.unpack_sym(XtVX_up, p)
+            XtVX_upT -= self.KfT[k] @ W[ab].T
+        XtVX = la.unpack_sym(XtVX_upT.T, p)
         XtVY = data.XtY.copy()
         YtVY = data.YtY.copy()
         if Cb:
@@ -178,7 +180,8 @@ class LevelObjective:
         RH = [[sum(R[a][e] * Hf(e, f) for e in range(q)) for f in range(q)] for a in range(q)]
         return [[sum(RH[a][f] * R[b][f] for f in range(q)) for b in range(q)] for a in range(q)]
 
-    def gradient_parts(self, R, data: "LevelData", gamma: np.ndarray, Omega: np.ndarray | None, P=None):
+    def gradient_parts(self, R, data: "LevelData", gamma: np.ndarray, Omega: np.ndarray | None, P=None,
+                       uu_parts=None):
         """Σ_j T_j, Σ_j u_j u_j' with u_j = R_j(y_j - X_j γ), Σ_j R_j X_j Ω X_j' R_j', and the information.
 
         With γ = β̂ and Ω = C (REML) these give the deviance gradient; a caller that augments
@@ -193,7 +196,7 @@ class LevelObjective:
 
         T_sum = _entries_to_matrix({ab: T[ab] @ self.mu for ab in self.pairs}, q, v)
         uu = np.zeros((v, q, q))
-        U_big, u_small = self._unit_uu(R, data, gamma)
+        U_big, u_small = self._unit_uu(R, data, gamma) if uu_parts is None else uu_parts
         if U_big is not None:
             uu += U_big.sum(axis=1)
         if u_small is not None:
@@ -217,7 +220,8 @@ class LevelObjective:
                         info[:, a, b, c, e] = (Tf(b, c) * Tf(a, e)) @ self.mu
         return T_sum, uu, corr, info.reshape(v, q * q, q * q)
 
-    def _observed_information(self, R, P, data: "LevelData", ev: Evaluation, sigma2: np.ndarray) -> np.ndarray:
+    def _observed_information(self, R, P, data: "LevelData", ev: Evaluation, sigma2: np.ndarray,
+                              uu_parts=None) -> np.ndarray:
         """The deviance Hessian in vec D at fixed σ² without its REML term -tr(C B_F C B_E).
 
         Costs no product over levels beyond what the gradient computed; the term left out is
@@ -232,7 +236,7 @@ class LevelObjective:
             return T[min(a, b), max(a, b)]
         info = ev.info if ev.info is not None else self.gradient_parts(R, data, beta, None)[3]
         # W_unit = 2 U/σ² + 2 P (REML): the u and P terms share T_j's index pattern
-        U_big, u_small = self._unit_uu(R, data, beta)
+        U_big, u_small = self._unit_uu(R, data, beta) if uu_parts is None else uu_parts
         M = np.zeros((v, q, q, q, q))
         for d in range(q):
             for a in range(q):
@@ -294,11 +298,11 @@ class LevelObjective:
         Bs = np.empty((v, k, p, p))
         for t, (a, b) in enumerate(zip(r_idx, c_idx)):
             scale = 0.5 if a == b else 1.0
-            Bup = np.zeros((v, p * (p + 1) // 2))
+            BupT = np.zeros((p * (p + 1) // 2, v))
             for m, (e, f) in enumerate(self.pairs):
                 coef = scale * (R[a][e] * R[b][f] + R[b][e] * R[a][f])
-                Bup += coef @ self.Kf[m]
-            Bs[:, t] = la.unpack_sym(Bup, p)
+                BupT += self.KfT[m] @ coef.T
+            Bs[:, t] = la.unpack_sym(BupT.T, p)
             dC[:, t] = C @ Bs[:, t] @ C
         if self.reml:  # -tr(C B_s C B_t) = -<dC_s, B_t>
             H -= np.einsum("vspq,vtpq->vts", dC, Bs)
@@ -312,7 +316,8 @@ class LevelObjective:
         if not grad:
             return ev
         P = self._unit_P(R, C) if self.reml else None
-        T_sum, uu, corr, info = self.gradient_parts(R, data, beta, None, P=P)
+        uu_parts = self._unit_uu(R, data, beta)
+        T_sum, uu, corr, info = self.gradient_parts(R, data, beta, None, P=P, uu_parts=uu_parts)
         ev.grad = [la.sym(T_sum - corr - uu / ev.sigma2[:, None, None])]
         ev.info = info
         ev.T_sum = [T_sum]
@@ -320,7 +325,7 @@ class LevelObjective:
         ev.cache = {"R": _stack_entries(R)}
         if P is not None:
             ev.cache["P"] = _stack_entries(P)
-        ev.observed = self._observed_information(R, P, data, ev, ev.sigma2)
+        ev.observed = self._observed_information(R, P, data, ev, ev.sigma2, uu_parts)
         return ev
 
 
