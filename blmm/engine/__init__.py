@@ -11,6 +11,7 @@ from blmm.engine.runner import Engine, _exit_on_signal, open_engine
 from blmm.engine.spec import (
     BATCH_KINDS,
     CLUSTER_FIELDS,
+    CLUSTER_RULES,
     KINDS,
     PROGRESS_MODES,
     EngineError,
@@ -20,6 +21,6 @@ from blmm.engine.spec import (
 )
 
 __all__ = [
-    "BATCH_KINDS", "CLUSTER_FIELDS", "KINDS", "PROGRESS_MODES", "Engine", "EngineError", "EngineSpec",
+    "BATCH_KINDS", "CLUSTER_FIELDS", "CLUSTER_RULES", "KINDS", "PROGRESS_MODES", "Engine", "EngineError", "EngineSpec",
     "EngineSpecError", "jobqueue_kwargs", "local_worker_count", "open_engine", "_Progress", "_exit_on_signal",
 ]
