@@ -14,12 +14,9 @@ The statistic is Chi2 = max(2 (llh_big - llh_small), 0) from each folder's float
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
-import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +35,7 @@ from blmm.core.lrt import (
     nesting_of,
     same_grouping,
 )
-from blmm.errors import CompareError, InputError
+from blmm.errors import CompareError
 from blmm.io.images import map_path, mismatch_reason, write_map
 from blmm.io.outdir import (
     COMPARE_FILE,
@@ -323,47 +320,11 @@ def summary_text(result: ComparisonResult) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="blmm_compare",
-        description="Likelihood-ratio test, per voxel, of two nested blmm analyses of the same images.")
-    parser.add_argument("out1", help="output folder of one analysis")
-    parser.add_argument("out2", help="output folder of the other analysis (the order does not matter)")
-    parser.add_argument("outdir", help="folder for blmm_vox_Chi2, blmm_vox_Chi2lp, blmm_vox_mask and "
-                                       "blmm_compare.json")
-    parser.add_argument("--force", action="store_true", help="overwrite an outdir holding another comparison")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser
-
-
 def compare_main(argv: list[str] | None = None) -> int:
-    """``blmm_compare out1 out2 outdir``: exit 0 on success, 1 on a user error, 2 on bad usage, 3 on a bug."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as stop:  # argparse has printed the usage and the problem
-        return int(stop.code or 0)
-    try:
-        result = compare(args.out1, args.out2, args.outdir, force=args.force)
-    except InputError as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"blmm_compare: error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"blmm_compare: error: {err}", file=sys.stderr)
-        return 1
-    except Exception as err:  # a bug: one line unless --debug
-        if args.debug:
-            raise
-        print(f"blmm_compare: internal error: {type(err).__name__}: {err} (rerun with --debug for the "
-              "traceback)", file=sys.stderr)
-        return 3
-    for note in result.notes:
-        print(f"blmm_compare: note: {note}")
-    print(summary_text(result))
-    return 0
+    """The ``blmm_compare`` command (kept here for old scripts; see ``blmm.cli.compare``)."""
+    from blmm.cli.compare import compare_main as _compare_main
+
+    return _compare_main(argv)
 
 
 __all__ = [

@@ -1,9 +1,45 @@
 """``blmm_compare out1 out2 outdir``: a likelihood-ratio test of two nested analyses per voxel."""
 from __future__ import annotations
 
+import argparse
+import sys
+
+from blmm.cli.common import parse_or_status, report_errors
+from blmm.errors import InputError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blmm_compare",
+        description="Likelihood-ratio test, per voxel, of two nested blmm analyses of the same images.")
+    parser.add_argument("out1", help="output folder of one analysis")
+    parser.add_argument("out2", help="output folder of the other analysis (the order does not matter)")
+    parser.add_argument("outdir", help="folder for blmm_vox_Chi2, blmm_vox_Chi2lp, blmm_vox_mask and "
+                                       "blmm_compare.json")
+    parser.add_argument("--force", action="store_true", help="overwrite an outdir holding another comparison")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
 
 def compare_main(argv: list[str] | None = None) -> int:
-    """Parse the arguments, compare, print the summary (see ``blmm.compare.compare_main``)."""
-    from blmm.compare import compare_main as _compare_main
+    """``blmm_compare out1 out2 outdir``: exit 0 on success, 1 on a user error, 2 on bad usage, 3 on a bug."""
+    args = parse_or_status(_parser(), argv)
+    if isinstance(args, int):
+        return args
 
-    return _compare_main(argv)
+    def run() -> int:
+        from blmm.compare import compare, summary_text
+
+        result = compare(args.out1, args.out2, args.outdir, force=args.force)
+        for note in result.notes:
+            print(f"blmm_compare: note: {note}")
+        print(summary_text(result))
+        return 0
+
+    return report_errors("blmm_compare", run, user_errors=(InputError, OSError), user_status=1,
+                         debug=args.debug,
+                         bug=("internal error", 3, "rerun with --debug for the traceback"))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(compare_main())

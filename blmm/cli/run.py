@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 
 from blmm import __version__
+from blmm.cli.common import report_errors
 from blmm.errors import BlmmError
 
 from blmm.engine.spec import KINDS
@@ -40,21 +40,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _run(args)
+        return report_errors("blmm", lambda: _run(args), user_errors=(BlmmError,), user_status=2,
+                             debug=args.debug,
+                             bug=("unexpected error", 1, "rerun with --debug for a traceback"))
     except KeyboardInterrupt:
         print("blmm: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except BlmmError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"blmm: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # unexpected: one line unless --debug
-        if args.debug:
-            raise
-        print(f"blmm: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)",
-              file=sys.stderr)
-        return 1
 
 
 def _run(args) -> int:

@@ -1,4 +1,9 @@
-"""``load_config``: read the inputs YAML, check every section, build a ``Config``."""
+"""``load_config``: read the inputs YAML, check every section, build a ``Config``.
+
+``load_config`` only composes the stages: read the YAML (``readers._read_yaml``), apply the
+overrides, run every section's check (``sections._check_*``, each collecting its problems in
+one ``_Found``), raise one ``ConfigError`` listing them all, build the ``Config``.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,17 +11,27 @@ import os
 from pathlib import Path
 from typing import Any
 
-
-from blmm.core.design import RandomFactor
-from blmm.engine.spec import CLUSTER_TYPES
 from blmm.errors import ConfigError
-from blmm.core.fit import METHODS
 
-from blmm.config.readers import _read_yaml
-from blmm.config.schema import DEFAULT_MAXMEM, DEFAULT_MINLOG, Config
-from blmm.config.sections import _Checker
+from blmm.config.readers import _Found, _read_yaml
+from blmm.config.schema import Config
+from blmm.config.sections import (
+    _check_cluster,
+    _check_contrasts,
+    _check_data_masks,
+    _check_design,
+    _check_design_rows,
+    _check_factors,
+    _check_inputs,
+    _check_keys,
+    _check_mask,
+    _check_missingness,
+    _check_options,
+    _check_outdir,
+)
 
 log = logging.getLogger("blmm.config")
+
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:
     """Read and validate the inputs YAML; raise ConfigError listing every problem found.
@@ -26,99 +41,93 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     against the YAML's folder.
     """
     yaml_path = Path(os.path.abspath(os.path.expanduser(str(path))))
-    raw = dict(_read_yaml(yaml_path))
-    override_keys: set[str] = set()
-    for key, value in (overrides or {}).items():
-        override_keys.add(key)
+    raw, override_keys = _apply_overrides(_read_yaml(yaml_path), overrides or {})
+    found = _Found(raw, yaml_path.parent, override_keys)
+    checked = _check_sections(found)
+    if found.problems:
+        raise ConfigError(found.problems, source=str(yaml_path))
+    for warning in found.warnings:
+        log.warning("%s: %s", yaml_path.name, warning)
+    return _build_config(yaml_path, checked, tuple(found.warnings))
+
+
+def _apply_overrides(raw: dict, overrides: dict[str, Any]) -> tuple[dict, set[str]]:
+    """Top-level keys replaced (None: removed) by ``overrides``; the keys they name."""
+    raw = dict(raw)
+    for key, value in overrides.items():
         if value is None:
             raw.pop(key, None)
         else:
             raw[key] = value
+    return raw, set(overrides)
 
-    check = _Checker(raw, yaml_path.parent, override_keys)
-    check.unknown_keys()
 
-    maxmem = check.option_number("MAXMEM", DEFAULT_MAXMEM, integer=True, minimum=1)
-    tol = check.option_number("tol", 1e-6, minimum=0, strict_minimum=True)
-    maxnit = check.option_number("maxnit", 10000, integer=True, minimum=1)
-    maxnvb = check.option_number("maxnvb", 60, integer=True, minimum=1)
-    num_nodes = check.option_number("numNodes", 1, integer=True, minimum=1)
-    minlog = check.option_number("minlog", DEFAULT_MINLOG)
-    report_threshold = check.option_number("report_threshold", 3.0, minimum=0)
-    data_mask_thresh = check.option_number("data_mask_thresh", None)
-    method = check.choice("method", METHODS, "pSFS")
-    cluster_type = check.choice("clusterType", CLUSTER_TYPES, "local")
-    flags = {key: check.flag(key, default) for key, default in (
-        ("OutputCovB", True), ("resms", False), ("voxelBatching", False), ("safeMode", True),
-        ("REML", True), ("two_sided", False), ("zero_is_missing", True),
-    )}
-    cluster = check.cluster()
-
-    outdir = check.outdir() if check.present("outdir") else None
-    y_files = y_list_path = space = None
-    if check.present("Y_files"):
-        y_files, y_list_path, space = check.y_files()
-    X = x_names = x_path = None
-    if check.present("X"):
-        X, x_names, x_path = check.design_matrix()
-        if X is not None and y_files is not None and X.shape[0] != len(y_files):
-            check.problem(f"X: {x_path} has {X.shape[0]} rows but Y_files lists {len(y_files)} images (one row per image)")
+def _check_sections(found: _Found) -> dict[str, Any]:
+    """Every check, in the order its problems are reported; what each read, by name."""
+    _check_keys(found)
+    checked: dict[str, Any] = {"options": _check_options(found), "cluster": _check_cluster(found),
+                               "outdir": _check_outdir(found)}
+    y_files, y_list_path, space = _check_inputs(found)
+    X, x_names, x_path = _check_design(found)
+    _check_design_rows(found, X, x_path, y_files)
     if X is not None:
         n, n_source = int(X.shape[0]), f"the rows of X, {x_path.name}"
     elif y_files is not None:
         n, n_source = len(y_files), "the number of images in Y_files"
     else:
         n, n_source = None, ""
-    factors: list[RandomFactor] = []
-    factor_paths: list[tuple[Path, Path]] = []
-    if check.present("Z"):
-        factors, factor_paths = check.random_factors(n, n_source)
-    contrasts = check.contrasts(None if X is None else int(X.shape[1])) if check.present("contrasts") else []
-    analysis_mask = check.analysis_mask(space)
-    data_mask_files, data_mask_list_path = check.data_masks(
-        None if y_files is None else len(y_files), space)
-    min_percent, min_n = check.missingness(n)
+    factors, factor_paths = _check_factors(found, n, n_source)
+    checked.update(
+        y_files=y_files, y_list_path=y_list_path, space=space, X=X, x_names=x_names, x_path=x_path,
+        factors=factors, factor_paths=factor_paths,
+        contrasts=_check_contrasts(found, None if X is None else int(X.shape[1])),
+        analysis_mask=_check_mask(found, space),
+    )
+    checked["data_mask_files"], checked["data_mask_list_path"] = _check_data_masks(
+        found, None if y_files is None else len(y_files), space)
+    checked["min_percent"], checked["min_n"] = _check_missingness(found, n)
+    return checked
 
-    if check.problems:
-        raise ConfigError(check.problems, source=str(yaml_path))
-    for warning in check.warnings:
-        log.warning("%s: %s", yaml_path.name, warning)
-    assert outdir is not None and y_files is not None and space is not None and X is not None
+
+def _build_config(yaml_path: Path, checked: dict[str, Any], warnings: tuple[str, ...]) -> Config:
+    """The typed ``Config`` of a YAML whose checks found no problem."""
+    options, X = checked["options"], checked["X"]
+    assert checked["outdir"] is not None and checked["y_files"] is not None
+    assert checked["space"] is not None and X is not None
     return Config(
         yaml_path=yaml_path,
-        outdir=outdir,
-        y_files=y_files,
-        space=space,
+        outdir=checked["outdir"],
+        y_files=checked["y_files"],
+        space=checked["space"],
         X=X,
-        x_names=x_names or [f"x{j + 1}" for j in range(X.shape[1])],
-        factors=factors,
-        contrasts=contrasts,
-        analysis_mask=analysis_mask,
-        data_mask_files=data_mask_files,
-        data_mask_thresh=data_mask_thresh,
-        min_percent=min_percent,
-        min_n=min_n,
-        maxmem=int(maxmem),
-        output_covb=flags["OutputCovB"],
-        resms=flags["resms"],
-        minlog=float(minlog),
-        method=method,
-        tol=float(tol),
-        maxnit=int(maxnit),
-        voxel_batching=flags["voxelBatching"],
-        maxnvb=int(maxnvb),
-        safe_mode=flags["safeMode"],
-        cluster_type=cluster_type,
-        num_nodes=int(num_nodes),
-        reml=flags["REML"],
-        two_sided=flags["two_sided"],
-        zero_is_missing=flags["zero_is_missing"],
-        cluster=cluster,
-        report_threshold=float(report_threshold),
-        x_path=x_path,
-        y_list_path=y_list_path,
-        data_mask_list_path=data_mask_list_path,
-        factor_paths=tuple(factor_paths),
-        warnings=tuple(check.warnings),
+        x_names=checked["x_names"] or [f"x{j + 1}" for j in range(X.shape[1])],
+        factors=checked["factors"],
+        contrasts=checked["contrasts"],
+        analysis_mask=checked["analysis_mask"],
+        data_mask_files=checked["data_mask_files"],
+        data_mask_thresh=options["data_mask_thresh"],
+        min_percent=checked["min_percent"],
+        min_n=checked["min_n"],
+        maxmem=int(options["MAXMEM"]),
+        output_covb=options["OutputCovB"],
+        resms=options["resms"],
+        minlog=float(options["minlog"]),
+        method=options["method"],
+        tol=float(options["tol"]),
+        maxnit=int(options["maxnit"]),
+        voxel_batching=options["voxelBatching"],
+        maxnvb=int(options["maxnvb"]),
+        safe_mode=options["safeMode"],
+        cluster_type=options["clusterType"],
+        num_nodes=int(options["numNodes"]),
+        reml=options["REML"],
+        two_sided=options["two_sided"],
+        zero_is_missing=options["zero_is_missing"],
+        cluster=checked["cluster"],
+        report_threshold=float(options["report_threshold"]),
+        x_path=checked["x_path"],
+        y_list_path=checked["y_list_path"],
+        data_mask_list_path=checked["data_mask_list_path"],
+        factor_paths=tuple(checked["factor_paths"]),
+        warnings=warnings,
     )
-

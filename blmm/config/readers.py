@@ -1,16 +1,22 @@
-"""Value readers: YAML with duplicate-key detection, numbers and vectors without eval, message helpers."""
+"""Value readers: YAML with duplicate-key detection, numbers and vectors without eval, message
+helpers, and the typed readers of one value (number, flag, choice, path, file list, entries) that
+every section check uses; each reader collects its problem in a ``_Found`` instead of raising."""
 from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from blmm.config.schema import _MAX_LISTED
-from blmm.errors import ConfigError
+from blmm.errors import ConfigError, InputError
+from blmm.io.images import SUPPORTED_SUFFIXES
+from blmm.io.tables import read_path_list, resolve_path
 
 # ---------------------------------------------------------------------------
 # Safe scalar parsing (upstream used eval; we accept the same spellings without it)
@@ -294,3 +300,200 @@ def _listing(items: list[str]) -> str:
     return shown + (f"; and {more} more" if more > 0 else "")
 
 
+
+
+# ---------------------------------------------------------------------------
+# Typed readers of one value; each problem is collected, not raised
+# ---------------------------------------------------------------------------
+
+
+class _Found:
+    """The raw YAML mapping being checked, and every problem and warning found in it so far."""
+
+    def __init__(self, raw: dict, yaml_dir: Path, override_keys: set[str]) -> None:
+        self.raw = raw
+        self.yaml_dir = yaml_dir
+        self.override_keys = override_keys
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def problem(self, text: str) -> None:
+        self.problems.append(text)
+
+    def present(self, key: str) -> bool:
+        return self.raw.get(key) is not None
+
+    def base_dir(self, key: str) -> Path:
+        # Paths given as overrides (e.g. on the command line) are relative to the cwd.
+        return Path.cwd() if key in self.override_keys else self.yaml_dir
+
+
+def read_number(found: _Found, label: str, value: Any, *, integer: bool = False,
+                minimum: float | None = None, maximum: float | None = None,
+                strict_minimum: bool = False) -> int | float | None:
+    kind = "an integer" if integer else "a number"
+    if minimum is not None:
+        kind += f" {'>' if strict_minimum else '>='} {minimum:g}"
+    if maximum is not None:
+        kind += f" and <= {maximum:g}" if minimum is not None else f" <= {maximum:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        found.problem(f"{label}: expected {kind}, found {_shorten(value)}")
+        return None
+    if isinstance(value, str):
+        try:
+            parsed: int | float = parse_number(value)
+        except ValueError as err:
+            found.problem(f"{label}: expected {kind}, found {value!r} ({err})")
+            return None
+    else:
+        parsed = value
+    if isinstance(parsed, float) and not math.isfinite(parsed):
+        found.problem(f"{label}: expected {kind}, found {_shorten(value)}")
+        return None
+    if integer:
+        if isinstance(parsed, float):
+            if not parsed.is_integer():
+                found.problem(f"{label}: expected {kind}, found {_shorten(value)}")
+                return None
+            parsed = int(parsed)
+    else:
+        parsed = float(parsed)
+    too_small = minimum is not None and (parsed <= minimum if strict_minimum else parsed < minimum)
+    if too_small or (maximum is not None and parsed > maximum):
+        found.problem(f"{label}: expected {kind}, found {_shorten(value)}")
+        return None
+    return parsed
+
+
+def read_option_number(found: _Found, key: str, default: Any, **limits: Any) -> Any:
+    if not found.present(key):
+        return default
+    parsed = read_number(found, key, found.raw[key], **limits)
+    return default if parsed is None else parsed
+
+
+def read_flag(found: _Found, key: str, default: bool) -> bool:
+    if not found.present(key):
+        return default
+    value = found.raw[key]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        folded = value.strip().lower()
+        if folded in ("true", "yes", "on", "1"):
+            return True
+        if folded in ("false", "no", "off", "0"):
+            return False
+    found.problem(f"{key}: expected true/false (or 1/0), found {_shorten(value)}")
+    return default
+
+
+def read_choice(found: _Found, key: str, choices: tuple[str, ...], default: str) -> str:
+    if not found.present(key):
+        return default
+    value = found.raw[key]
+    if isinstance(value, str):
+        for candidate in choices:
+            if candidate.lower() == value.strip().lower():
+                return candidate
+    found.problem(f"{key}: expected one of {', '.join(choices)}; found {_shorten(value)}")
+    return default
+
+
+def read_path(found: _Found, key: str, value: Any, label: str | None = None, base: Path | None = None,
+              must_exist: bool = True) -> Path | None:
+    label = label or key
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        found.problem(f"{label}: expected a file path, found {_shorten(value)}")
+        return None
+    resolved = resolve_path(str(value).strip(), base or found.base_dir(key))
+    if must_exist and not resolved.exists():
+        found.problem(f"{label}: file not found: {resolved}")
+        return None
+    if must_exist and resolved.is_dir():
+        found.problem(f"{label}: {resolved} is a folder, expected a file")
+        return None
+    return resolved
+
+
+def read_file_list(found: _Found, key: str) -> tuple[list[Path] | None, Path | None]:
+    """A list of files given as a text file (upstream) or a YAML list."""
+    value = found.raw[key]
+    if isinstance(value, list):
+        if not value:
+            found.problem(f"{key}: the list of files is empty")
+            return None, None
+        files = [read_path(found, key, entry, label=f"{key} entry {i + 1}", must_exist=False)
+                 for i, entry in enumerate(value)]
+        return (None, None) if any(f is None for f in files) else (files, None)
+    list_path = read_path(found, key, value)
+    if list_path is None:
+        return None, None
+    if list_path.name.lower().endswith(SUPPORTED_SUFFIXES):
+        found.problem(
+            f"{key}: {list_path} is an image; {key} must be a text file listing "
+            "one image path per line"
+        )
+        return None, None
+    try:
+        return read_path_list(list_path), list_path
+    except InputError as err:
+        found.problem(f"{key}: {err}")
+        return None, None
+
+
+def missing_files(found: _Found, key: str, files: list[Path]) -> bool:
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        found.problem(f"{key}: {len(missing)} of {len(files)} listed files not found: {_listing(missing)}")
+    return bool(missing)
+
+
+def read_entry_fields(found: _Found, label: str, body: Any, fields: tuple[str, ...], expected: str) -> bool:
+    """A Z or contrasts entry must be a mapping of known fields; report what is not."""
+    if not isinstance(body, dict):
+        found.problem(f"{label}: expected a mapping with {expected}, found {_shorten(body)}")
+        return False
+    for field_name in body:
+        if field_name not in fields:
+            found.problem(f"{label}: unknown field {str(field_name)!r}{_suggest(field_name, fields)}")
+    return True
+
+
+def read_entries(value: Any, prefix: str) -> list[tuple[str, Any]] | None:
+    """Upstream's list of one-key dicts (- f1: {...}), or a mapping {f1: {...}}."""
+    if isinstance(value, dict):
+        def order(item: tuple[Any, Any]) -> tuple[int, str]:
+            match = re.fullmatch(rf"{prefix}(\d+)", str(item[0]))
+            return (int(match.group(1)) if match else 1 << 30, str(item[0]))
+        return [(str(k), v) for k, v in sorted(value.items(), key=order)]
+    if isinstance(value, list):
+        entries = []
+        for index, item in enumerate(value):
+            keyed = isinstance(item, dict) and len(item) == 1 and (
+                isinstance(next(iter(item.values())), dict)
+                or re.fullmatch(rf"{prefix}\d+", str(next(iter(item)))) is not None)
+            if keyed:
+                key, body = next(iter(item.items()))
+                entries.append((str(key), body))
+            else:
+                entries.append((f"{prefix}{index + 1}", item))  # a bare {name, ...} entry
+        return entries
+    return None
+
+
+def finite_table(found: _Found, label: str, path: Path, table: np.ndarray, names: list[str] | None) -> bool:
+    bad_rows, bad_columns = np.nonzero(~np.isfinite(table))
+    if bad_rows.size == 0:
+        return True
+    cells = [
+        f"data row {r + 1}, column {c + 1}" + (f" ({names[c]})" if names else "")
+        for r, c in zip(bad_rows.tolist(), bad_columns.tolist())
+    ]
+    found.problem(
+        f"{label}: {path} has {len(cells)} empty, NaN or infinite cells (expected finite "
+        f"numbers): {_listing(cells)}"
+    )
+    return False

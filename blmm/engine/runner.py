@@ -20,26 +20,21 @@ from __future__ import annotations
 import logging
 import queue as queue_mod
 import re
-import reprlib
-import signal
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 
 from blmm.engine.clusters import _build_cluster, _cancel_batch_jobs, _job_script, _scale_and_submit
+from blmm.engine.inline import _describe_item, inline_map
 from blmm.engine.progress import _Progress
+from blmm.engine.signals import install_exit_on_signals, restore_signal_handlers
 from blmm.engine.spec import EngineError, EngineSpec, _as_int, local_worker_count
 
 logger = logging.getLogger("blmm.engine")
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-_item_repr = reprlib.Repr()
-_item_repr.maxstring = 60
-_item_repr.maxother = 60
 
 _DEFAULT_START_TIMEOUT_LOCAL = 120.0
 _DEFAULT_START_TIMEOUT_BATCH = 3600.0  # a busy HPC queue can hold jobs for a long time
@@ -127,7 +122,7 @@ class Engine:
         if not items:
             return []
         if self.client is None:
-            return self._inline_map(fn, items, stage, retries)
+            return inline_map(fn, items, stage, retries, self.spec.progress)
 
         prefix = _key_prefix(stage)
         nodes: dict[str, _Node] = {}
@@ -139,22 +134,6 @@ class Engine:
             futures.append(future)
         self._drive(stage, nodes, items, retries)
         return _collect(stage, lambda: self.client.gather(futures))
-
-    # ---- inline runner -----------------------------------------------------------------
-    def _inline_map(self, fn: Callable, items: list, stage: str, retries: int) -> list:
-        progress = _Progress(stage, len(items), self.spec.progress, "inline (this process)")
-        progress.start()
-        ok = False
-        try:
-            results = []
-            for index, item in enumerate(items):
-                results.append(_call_with_retries(lambda: fn(item), retries, stage,
-                                                  _describe_item(index, item), index))
-                progress.advance()
-            ok = True
-            return results
-        finally:
-            progress.finish(ok)
 
     # ---- the wait loop for dask stages -------------------------------------------------
     def _drive(self, stage: str, nodes: dict[str, _Node], items: list, retries: int) -> None:
@@ -290,31 +269,9 @@ class Engine:
         finally:
             if not clean and self.cluster is not None:
                 _cancel_batch_jobs(self.cluster)
-            self._restore_signal_handlers()
+            restore_signal_handlers(self._previous_signal_handlers)
         if interrupted is not None:
             raise interrupted
-
-    def _install_signal_handlers(self) -> None:
-        # SIGTERM (scheduler/kill) or SIGHUP (closed ssh session) would end the driver
-        # without closing the cluster; turn them into SystemExit so 'with' cleans up.
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-            if signum is None or signal.getsignal(signum) is not signal.SIG_DFL:
-                continue
-            self._previous_signal_handlers[signum] = signal.SIG_DFL
-            signal.signal(signum, _exit_on_signal)
-
-    def _restore_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum, handler in self._previous_signal_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_signal_handlers.clear()
-
-
-def _exit_on_signal(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
 
 
 def _collect(stage: str, fetch: Callable[[], R]) -> R:
@@ -324,24 +281,6 @@ def _collect(stage: str, fetch: Callable[[], R]) -> R:
     except Exception as exc:
         raise EngineError(f"stage {stage}: fetching the results failed: "
                           f"{type(exc).__name__}: {exc}", stage=stage) from exc
-
-
-def _call_with_retries(call: Callable[[], R], retries: int, stage: str, what: str,
-                       index: int | None) -> R:
-    for attempt in range(retries + 1):
-        try:
-            return call()
-        except Exception as exc:
-            if attempt == retries:
-                raise EngineError(f"stage {stage}: {what} failed after {retries + 1} attempt(s): "
-                                  f"{type(exc).__name__}: {exc}", stage=stage,
-                                  item_index=index) from exc
-            logger.info("stage %s: %s failed (%s), retrying", stage, what, exc)
-    raise AssertionError("unreachable")
-
-
-def _describe_item(index: int, item: Any) -> str:
-    return f"item {index} ({_item_repr.repr(item)})"
 
 
 def _format_traceback(exc: BaseException, tb: Any) -> list[str]:
@@ -375,7 +314,7 @@ def open_engine(spec: EngineSpec) -> Engine:
     from distributed import Client
 
     engine = Engine(spec)
-    engine._install_signal_handlers()
+    engine._previous_signal_handlers = install_exit_on_signals()
     try:
         engine.cluster = _build_cluster(spec)
         engine.client = Client(engine.cluster)

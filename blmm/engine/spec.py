@@ -2,7 +2,8 @@
 ``clusterType``/``numNodes`` and command-line overrides, and checked once, here.
 
 The engine kinds (``KINDS``, ``BATCH_KINDS``) and the settings a ``cluster:`` section may
-hold (``CLUSTER_FIELDS``) are defined here and nowhere else.
+hold, with the rule each follows (``CLUSTER_RULES``, ``CLUSTER_FIELDS``), are defined here
+and nowhere else.
 """
 from __future__ import annotations
 
@@ -52,6 +53,50 @@ class EngineError(BlmmError, RuntimeError):
 
 class EngineSpecError(InputError, ValueError):
     """An engine setting (YAML ``cluster:`` section or command line) is unusable."""
+
+
+
+@dataclass(frozen=True)
+class SettingRule:
+    """What one setting of a YAML ``cluster:`` section must be.
+
+    kind: "choice" (one of ``KINDS``), "integer" / "number" (>= ``minimum``, or > it when
+    ``strict``), "size" (a non-empty string or a positive number; ``example`` shows one),
+    "text" (a non-empty string) or "strings" (a list of strings).
+    """
+
+    kind: str
+    minimum: float | None = None
+    strict: bool = False
+    example: str | None = None
+
+
+_TEXT = SettingRule("text")
+_STRINGS = SettingRule("strings")
+
+#: the EngineSpec fields a YAML ``cluster:`` section may set, and the rule each one follows:
+#: the one definition of these rules (``config`` reports against them, ``EngineSpec`` enforces them)
+CLUSTER_RULES: dict[str, SettingRule] = {
+    "kind": SettingRule("choice"),
+    "workers": SettingRule("integer", minimum=1),
+    "cores": SettingRule("integer", minimum=1),
+    "processes": SettingRule("integer", minimum=1),
+    # dask-jobqueue spellings: "16GB", "01:30:00"; a bare number is bytes / minutes.
+    "memory": SettingRule("size", example="'16GB'"),
+    "walltime": SettingRule("size", example="'02:00:00'"),
+    "queue": _TEXT,
+    "account": _TEXT,
+    "job_extra_directives": _STRINGS,
+    "job_script_prologue": _STRINGS,
+    "job_name": _TEXT,
+    "log_directory": _TEXT,
+    "local_directory": _TEXT,
+    "python": _TEXT,
+    "interface": _TEXT,
+    "retries": SettingRule("integer", minimum=0),
+    "start_timeout": SettingRule("number", minimum=0, strict=True),
+}
+CLUSTER_FIELDS = tuple(CLUSTER_RULES)
 
 
 # --------------------------------------------------------------------------------------
@@ -111,13 +156,13 @@ class EngineSpec:
         for name in ("workers", "cores", "processes"):
             value = getattr(self, name)
             if value is not None:
-                setattr(self, name, _as_int(value, name, minimum=1))
-        self.retries = _as_int(self.retries, "retries", minimum=0)
+                setattr(self, name, _as_int(value, name, minimum=int(CLUSTER_RULES[name].minimum)))
+        self.retries = _as_int(self.retries, "retries", minimum=int(CLUSTER_RULES["retries"].minimum))
         if isinstance(self.walltime, (int, float)) and not isinstance(self.walltime, bool):
             self.walltime = _minutes_to_walltime(self.walltime)
         if self.start_timeout is not None:
             self.start_timeout = float(self.start_timeout)
-            if not self.start_timeout > 0:
+            if not self.start_timeout > CLUSTER_RULES["start_timeout"].minimum:
                 raise EngineSpecError(f"start_timeout must be > 0 seconds, "
                                       f"got {self.start_timeout}")
         for name in ("job_extra_directives", "job_script_prologue"):
@@ -209,10 +254,6 @@ def local_worker_count() -> int:
     return max(1, int(CPU_COUNT))
 
 
-#: the EngineSpec fields a YAML ``cluster:`` section may set
-CLUSTER_FIELDS = ("kind", "workers", "cores", "processes", "memory", "walltime", "queue", "account",
-                  "job_extra_directives", "job_script_prologue", "job_name", "log_directory",
-                  "local_directory", "python", "interface", "retries", "start_timeout")
-assert set(CLUSTER_FIELDS) <= {f.name for f in fields(EngineSpec)}
 #: upstream's clusterType values: a local dask cluster or a batch scheduler
 CLUSTER_TYPES = ("local",) + tuple(sorted(BATCH_KINDS))
+assert set(CLUSTER_FIELDS) <= {f.name for f in fields(EngineSpec)}

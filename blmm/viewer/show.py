@@ -1,0 +1,182 @@
+"""From an output folder (or one map file) to the figure ``blmm_view`` writes.
+
+``MapView`` holds what the command line asks for; ``map_figure(view)`` finds the map (a
+NIfTI volume, a surface file, a CIFTI dscalar or per-hemisphere subfolders), picks the
+meshes and returns the plotly figure.  Argument parsing is ``blmm.cli.view``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from blmm.errors import ViewerError
+from blmm.io.images import image_space, read_map
+from blmm.io.outdir import MAP_PREFIX, available_maps, find_map, load_map, map_stat_name, strip_prefix
+from blmm.io.surfaces import FSAVERAGE5_KINDS, HEMISPHERES, Mesh, cifti_cortices, fsaverage5_mesh, guess_hemi, load_surface
+from blmm.viewer.figures import describe_volume, plot_surfaces, plot_volume
+
+if TYPE_CHECKING:  # plotly is optional: only imported when a figure is built
+    import plotly.graph_objects as go
+
+
+@dataclass
+class MapView:
+    """What to show: ``outdir`` (an output folder or a map file), ``map`` (its name when
+    ``outdir`` is a folder), the 0-based ``volume``, the ``surface`` and ``hemi`` (left, right,
+    both or auto) for surface maps, and the colouring and title of the figure."""
+
+    outdir: str
+    map: str | None = None
+    volume: int = 0
+    surface: str = "fsaverage5"
+    hemi: str = "auto"
+    threshold: float | None = None
+    symmetric: bool | None = None
+    vmin: float | None = None
+    vmax: float | None = None
+    colorscale: Any = None
+    title: str | None = None
+
+
+def map_figure(view: MapView) -> go.Figure:
+    """The figure of the map ``view`` names; raises ``ViewerError`` (an ``InputError``)."""
+    given = Path(view.outdir)
+    if given.is_file():
+        path, outdir = given, given.parent
+        stat = map_stat_name(given) or given.name
+        from_folder = None
+    else:
+        if not view.map:
+            maps = ", ".join(available_maps(given)) or "none"
+            raise ViewerError(f"say which map to show; available maps: {maps}")
+        path, outdir, stat = None, given, strip_prefix(view.map)
+        from_folder = given
+        if not _hemisphere_folders(given, stat):
+            path = find_map(given, stat)
+    if path is not None and _is_volumetric(path):
+        n_volumes = image_space(path).n_volumes
+        title = view.title or describe_volume(stat, view.volume, n_volumes, outdir)
+        return plot_volume(path, view.volume, colorscale=view.colorscale,
+                           symmetric=view.symmetric, vmin=view.vmin, vmax=view.vmax,
+                           threshold=view.threshold, title=title)
+    return _surface_figure(view, from_folder, stat, path, outdir)
+
+
+def _is_volumetric(path: Path) -> bool:
+    """A NIfTI/MGH map on a 3-D grid (not a (V, 1, 1) surface vector)."""
+    if path.name.endswith(".dat"):
+        return False
+    space = image_space(path)
+    return space.format in ("nifti", "mgh") and sum(1 for n in space.shape if n > 1) > 1
+
+
+def _cifti_hemispheres(path: Path) -> dict[str, tuple[np.ndarray, int]]:
+    """Per-hemisphere (values scattered onto all mesh vertices, n vertices) of a dscalar."""
+    values = np.asarray(read_map(path))
+    found = {}
+    for hemi, rows, vertices, n_vertices in cifti_cortices(image_space(path)):
+        full = np.full((n_vertices, values.shape[1]), np.nan, dtype=np.float32)
+        full[vertices] = values[rows]
+        found[hemi] = (full, n_vertices)
+    if not found:
+        raise ViewerError(f"{path}: CIFTI file has no cortical surface (CORTEX_LEFT/RIGHT)")
+    return found
+
+
+def _surface_for(spec: str, hemi: str) -> Mesh:
+    """Mesh named by --surface: fsaverage5[:kind], a kind, or a file (lh.* <-> rh.*)."""
+    if spec.startswith("fsaverage5"):
+        kind = spec.partition(":")[2] or spec.partition("_")[2] or "pial"
+        return fsaverage5_mesh(hemi, kind)
+    path = Path(spec)
+    if not path.exists() and spec in FSAVERAGE5_KINDS:
+        return fsaverage5_mesh(hemi, spec)
+    guessed = guess_hemi(path.name)
+    if guessed and guessed != hemi:
+        swaps = (("lh.", "rh."), ("left", "right"), ("_lh", "_rh"), (".L.", ".R."))
+        for a, b in swaps:
+            old, new = (a, b) if guessed == "left" else (b, a)
+            if old in path.name:
+                path = path.with_name(path.name.replace(old, new, 1))
+                break
+    return load_surface(path, hemi)
+
+
+def _hemisphere_folders(outdir: Path, stat: str) -> dict[str, Path]:
+    """Maps in per-hemisphere subfolders (lh/rh or left/right) of an output folder."""
+    found = {}
+    for hemi, names in (("left", ("lh", "left")), ("right", ("rh", "right"))):
+        for folder in names:
+            if (outdir / folder).is_dir():
+                try:
+                    found[hemi] = find_map(outdir / folder, stat)
+                except ViewerError:
+                    continue
+                break
+    return found
+
+
+def _surface_figure(view: MapView, outdir: Path | None, stat: str,
+                    path: Path | None, title_outdir: Path) -> go.Figure:
+    """Figure for a surface map; ``outdir`` is set when per-hemisphere folders may hold it."""
+    hemis = {"both": list(HEMISPHERES), "left": ["left"], "right": ["right"]}
+    surface_hint = guess_hemi(Path(view.surface).name) if Path(view.surface).exists() else None
+    per_hemi_files = _hemisphere_folders(outdir, stat) if outdir is not None and path is None \
+        else {}
+    if per_hemi_files:
+        wanted = hemis.get(view.hemi) or list(per_hemi_files)
+        missing = [h for h in wanted if h not in per_hemi_files]
+        if missing:
+            raise ViewerError(f"no {MAP_PREFIX}{stat} map for the {missing[0]} hemisphere "
+                              f"under {outdir}")
+        panels = {}
+        for hemi in wanted:
+            mesh = _surface_for(view.surface, hemi)
+            panels[hemi] = (load_map(per_hemi_files[hemi], n_vertices=mesh.n_vertices), mesh)
+    elif path.name.endswith(".dscalar.nii"):
+        found = _cifti_hemispheres(path)
+        wanted = hemis.get(view.hemi) or list(found)
+        panels = {}
+        for hemi in wanted:
+            if hemi not in found:
+                raise ViewerError(f"{path}: no {hemi} hemisphere in this CIFTI file")
+            panels[hemi] = (found[hemi][0], _surface_for(view.surface, hemi))
+    else:
+        if view.hemi in hemis:
+            wanted = hemis[view.hemi]
+        else:
+            wanted = [surface_hint or "left"]
+        meshes = {hemi: _surface_for(view.surface, hemi) for hemi in wanted}
+        total = sum(mesh.n_vertices for mesh in meshes.values())
+        is_dat = path.name.endswith(".dat")
+        values = load_map(path, n_vertices=total if is_dat else None)
+        if len(wanted) == 1 and not is_dat and values.shape[0] > total:
+            # Maybe one file holding both hemispheres, left first (the fsaverage layout).
+            other = "right" if wanted[0] == "left" else "left"
+            meshes[other] = _surface_for(view.surface, other)
+            n_left = meshes["left"].n_vertices
+            if values.shape[0] == n_left + meshes["right"].n_vertices:
+                if view.hemi == "auto":
+                    wanted = list(HEMISPHERES)
+                else:
+                    values = values[:n_left] if wanted[0] == "left" else values[n_left:]
+                total = sum(meshes[hemi].n_vertices for hemi in wanted)
+        if values.shape[0] != total:
+            counts = " + ".join(f"{meshes[h].n_vertices} ({h})" for h in wanted)
+            raise ViewerError(
+                f"{path.name}: map has {values.shape[0]} vertices but the surface has "
+                f"{counts}; choose the matching --surface/--hemi")
+        panels, start = {}, 0
+        for hemi in wanted:
+            stop = start + meshes[hemi].n_vertices
+            panels[hemi] = (values[start:stop], meshes[hemi])
+            start = stop
+    first_values = np.asarray(next(iter(panels.values()))[0])
+    n_volumes = 1 if first_values.ndim == 1 else first_values.shape[1]
+    title = view.title or describe_volume(stat, view.volume, n_volumes, title_outdir)
+    return plot_surfaces(panels, view.volume, colorscale=view.colorscale,
+                         symmetric=view.symmetric, vmin=view.vmin, vmax=view.vmax,
+                         threshold=view.threshold, title=title)
