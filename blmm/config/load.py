@@ -13,6 +13,7 @@ from blmm.errors import ConfigError
 from blmm.core.fit import METHODS
 
 from blmm.config.readers import _read_yaml
+from blmm.config.formula import check_formula, check_model_keys
 from blmm.config.schema import DEFAULT_MAXMEM, DEFAULT_MINLOG, Config
 from blmm.config.sections import _Checker
 
@@ -37,6 +38,7 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
 
     check = _Checker(raw, yaml_path.parent, override_keys)
     check.unknown_keys()
+    formula_run = check_model_keys(check)
 
     maxmem = check.option_number("MAXMEM", DEFAULT_MAXMEM, integer=True, minimum=1)
     tol = check.option_number("tol", 1e-6, minimum=0, strict_minimum=True)
@@ -73,7 +75,13 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     factor_paths: list[tuple[Path, Path]] = []
     if check.present("Z"):
         factors, factor_paths = check.random_factors(n, n_source)
-    contrasts = check.contrasts(None if X is None else int(X.shape[1])) if check.present("contrasts") else []
+    contrasts = check.contrasts(None if X is None else int(X.shape[1])) \
+        if check.present("contrasts") and not formula_run else []
+    formula = check_formula(check) if formula_run else None
+    if formula is not None:
+        y_files, space, X, x_names, factors, contrasts = (
+            formula.y_files, formula.space, formula.X, formula.x_names, formula.factors, formula.contrasts)
+        n = X.shape[0]
     analysis_mask = check.analysis_mask(space)
     data_mask_files, data_mask_list_path = check.data_masks(
         None if y_files is None else len(y_files), space)
@@ -120,5 +128,6 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         data_mask_list_path=data_mask_list_path,
         factor_paths=tuple(factor_paths),
         warnings=tuple(check.warnings),
+        formula=None if formula is None else formula.inputs,
     )
 
