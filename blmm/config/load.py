@@ -19,15 +19,19 @@ from blmm.config.sections import _Checker
 
 log = logging.getLogger("blmm.config")
 
-def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:
+def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> Config:
     """Read and validate the inputs YAML; raise ConfigError listing every problem found.
 
     ``overrides`` replaces top-level keys (a value of None removes the key); relative
     paths in overrides resolve against the current directory, those in the YAML
-    against the YAML's folder.
+    against the YAML's folder.  With ``path`` None the overrides are the whole input
+    (``blmm --data ... --formula ...`` without a YAML).
     """
-    yaml_path = Path(os.path.abspath(os.path.expanduser(str(path))))
-    raw = dict(_read_yaml(yaml_path))
+    if path is None:
+        yaml_path, raw = None, {}
+    else:
+        yaml_path = Path(os.path.abspath(os.path.expanduser(str(path))))
+        raw = dict(_read_yaml(yaml_path))
     override_keys: set[str] = set()
     for key, value in (overrides or {}).items():
         override_keys.add(key)
@@ -36,7 +40,7 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         else:
             raw[key] = value
 
-    check = _Checker(raw, yaml_path.parent, override_keys)
+    check = _Checker(raw, Path.cwd() if yaml_path is None else yaml_path.parent, override_keys)
     check.unknown_keys()
     formula_run = check_model_keys(check)
 
@@ -88,9 +92,9 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     min_percent, min_n = check.missingness(n)
 
     if check.problems:
-        raise ConfigError(check.problems, source=str(yaml_path))
+        raise ConfigError(check.problems, source="the command-line arguments" if yaml_path is None else str(yaml_path))
     for warning in check.warnings:
-        log.warning("%s: %s", yaml_path.name, warning)
+        log.warning("%s: %s", "command line" if yaml_path is None else yaml_path.name, warning)
     assert outdir is not None and y_files is not None and space is not None and X is not None
     return Config(
         yaml_path=yaml_path,
