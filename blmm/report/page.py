@@ -143,8 +143,8 @@ def summarise_run(outdir: str | Path) -> RunDescription:
     if not record:
         notes.append(f"{RUN_FILE} is missing or unreadable: counts and timings are not shown.")
     p = record.get("p")
-    recorded_names = record.get("x_names")  # coefficient names, e.g. a formula run's
-    x_names = recorded_names if isinstance(recorded_names, list) and recorded_names else \
+    recorded_names = record.get("x_names")  # a formula run's coefficient names (no X table)
+    x_names = recorded_names if settings.get("formula") and isinstance(recorded_names, list) else \
         _table_header(settings.get("X"))
     if x_names is None or (p is not None and len(x_names) != p):
         x_names = [f"x{j + 1}" for j in range(int(p or 0))]
