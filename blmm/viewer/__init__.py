@@ -37,7 +37,9 @@ from blmm.io.outdir import (
     load_map,
     map_stat_name,
     read_settings,
+    recorded_volume_names,
     strip_prefix,
+    volume_aliases,
     write_text_atomically,
 )
 from blmm.io.surfaces import (
@@ -127,12 +129,53 @@ def describe_volume(
     parts.append(f"volume {volume} (of 0\u2013{n_volumes - 1})" if n_volumes > 1
                  else f"volume {volume}")
     kind = "T" if stat in T_CONTRAST_MAPS else "F" if stat in F_CONTRAST_MAPS else None
+    names = recorded_volume_names(outdir, stat) if outdir is not None and not kind else None
+    if names and volume < len(names):
+        parts.append(names[volume])
     if kind and outdir is not None:
         contrasts = contrast_names(outdir)[kind]
         if volume < len(contrasts):
             label, contrast = contrasts[volume]
             parts.append(f"{kind} contrast {label}: {contrast}")
     return " \u00b7 ".join(parts)
+
+
+def volume_by_name(outdir: str | os.PathLike, stat: str, name: str) -> int:
+    """The 0-based volume of map ``stat`` named ``name`` (a coefficient, contrast or D entry)."""
+    import difflib
+
+    stat = strip_prefix(stat)
+    names = recorded_volume_names(outdir, stat)
+    if names is None:
+        kind = "T" if stat in T_CONTRAST_MAPS else "F" if stat in F_CONTRAST_MAPS else None
+        names = [contrast for _, contrast in contrast_names(outdir)[kind]] if kind else None
+    if not names:
+        raise ViewerError(f"the volumes of {MAP_PREFIX}{stat} in {outdir} have no recorded names; "
+                          "pick one by number with --volume N")
+    for candidates in (names, volume_aliases(outdir, stat)):
+        if name in candidates:
+            return candidates.index(name)
+    close = difflib.get_close_matches(name, names, n=2, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ViewerError(f"{MAP_PREFIX}{stat} has no volume named {name!r}{hint} Volumes: "
+                      + ", ".join(f"{i} {n}" for i, n in enumerate(names)))
+
+
+def _map_and_volume(outdir: Path, map_arg: str | None, volume: str) -> tuple[str | None, str]:
+    """``beta:age`` -> ("beta", "age"); a plain map name keeps ``--volume``."""
+    if map_arg and ":" in map_arg:
+        stat, name = map_arg.split(":", 1)
+        return stat, name
+    return map_arg, volume
+
+
+def _volume_number(outdir: Path, stat: str, volume: str) -> int:
+    text = str(volume).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    hemispheres = [outdir / sub for sub in ("lh", "left", "rh", "right") if (outdir / sub).is_dir()]
+    recorded = [f for f in [outdir, *hemispheres] if recorded_volume_names(f, strip_prefix(stat)) is not None]
+    return volume_by_name(recorded[0] if recorded else outdir, stat, text)
 
 
 # ------------------------------------------------------------------- colouring
@@ -728,10 +771,12 @@ def _view_parser() -> argparse.ArgumentParser:
                     "(surface maps on fsaverage5 or your own surface; NIfTI volumes as "
                     "slices over the MNI152 template).")
     parser.add_argument("outdir", help="blmm output folder, or a map file")
-    parser.add_argument("map", nargs="?", help="map name, e.g. conT, beta or blmm_vox_beta")
+    parser.add_argument("map", nargs="?", help="map name, e.g. conT, beta or blmm_vox_beta; MAP:VOLUME "
+                        "picks a volume by name, e.g. beta:age or conT:older_vs_female")
     parser.add_argument("-o", "--output", required=True, help="HTML page to write")
-    parser.add_argument("--volume", type=int, default=0,
-                        help="0-based volume (contrast or parameter) to show (default 0)")
+    parser.add_argument("--volume", default="0",
+                        help="volume (contrast or parameter) to show: 0-based number, or its name "
+                             "(default 0)")
     parser.add_argument("--surface", default="fsaverage5",
                         help="fsaverage5 (default), fsaverage5:inflated|white|sphere, or a "
                              "surface file (lh.pial, *.surf.gii); the other hemisphere's "
@@ -758,6 +803,7 @@ def view_main(argv: list[str] | None = None) -> int:
         return int(stop.code or 0)
     try:
         given = Path(args.outdir)
+        args.map, args.volume = _map_and_volume(given, args.map, args.volume)
         if given.is_file():
             path, outdir = given, given.parent
             stat = map_stat_name(given) or given.name
@@ -770,6 +816,7 @@ def view_main(argv: list[str] | None = None) -> int:
             from_folder = given
             if not _hemisphere_folders(given, stat):
                 path = find_map(given, stat)
+        args.volume = _volume_number(outdir, stat, args.volume)
         if path is not None and _is_volumetric(path):
             n_volumes = image_space(path).n_volumes
             title = args.title or describe_volume(stat, args.volume, n_volumes, outdir)
