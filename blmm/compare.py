@@ -119,8 +119,55 @@ class ComparisonResult:
     written: list[Path] = field(default_factory=list)
 
 
+def _canonical_term(term: str) -> str:
+    from blmm.formula.parse import split_top
+
+    return ":".join(sorted(part.strip() for part in split_top(term, ":")))
+
+
+def terms_not_nested(small: Analysis, big: Analysis) -> str | None:
+    """Why the formula of ``small`` is not nested in that of ``big`` by its terms; None if it is.
+
+    Nested: every fixed term of ``small`` is a fixed term of ``big``, and every random term of
+    ``small`` has one in ``big`` with the same grouping and at least its effects.
+    """
+    ds, db = small.config.formula.design, big.config.formula.design
+    big_fixed = {_canonical_term(t) for t in db.terms}
+    reasons = []
+    extra_fixed = [t for t in ds.terms if _canonical_term(t) not in big_fixed]
+    if extra_fixed:
+        reasons.append(f"fixed term(s) {', '.join(map(repr, extra_fixed))} of {small.label} are not in "
+                       f"{big.label} ({big.config.formula.formula})")
+    for term in ds.random_terms:
+        group = _canonical_term(term.group)
+        if not any(_canonical_term(t.group) == group and set(term.columns) <= set(t.columns)
+                   for t in db.random_terms):
+            reasons.append(f"random term {term.source} of {small.label} has no counterpart grouped by "
+                           f"{term.group!r} with its effects ({', '.join(term.r_columns)}) in {big.label}")
+    return "; ".join(reasons) or None
+
+
+def _order_formula_models(a: Analysis, b: Analysis) -> tuple[Analysis, Analysis, Nesting, bool]:
+    """Two formula runs: which is nested in which, from their terms, then the designs' nesting."""
+    why_not_a_in_b, why_not_b_in_a = terms_not_nested(a, b), terms_not_nested(b, a)
+    if why_not_a_in_b is None and why_not_b_in_a is None:
+        raise CompareError(f"{a.label} and {b.label} have the same terms ({a.config.formula.formula}): "
+                           "there is nothing to test")
+    if why_not_a_in_b is not None and why_not_b_in_a is not None:
+        raise CompareError("the formulas are not nested, so a likelihood-ratio test does not apply: "
+                           f"{why_not_a_in_b}; and {why_not_b_in_a}")
+    small, big, swapped = (a, b, False) if why_not_a_in_b is None else (b, a, True)
+    nest, why = nesting_of(small, big)
+    if nest is None:
+        raise CompareError(f"the terms of {small.label} are among those of {big.label}, but the designs "
+                           f"are not nested: {why}")
+    return small, big, nest, swapped
+
+
 def _order_models(a: Analysis, b: Analysis) -> tuple[Analysis, Analysis, Nesting, bool]:
     """(small, big, nesting, swapped); refuses identical or non-nested models."""
+    if getattr(a.config, "formula", None) is not None and getattr(b.config, "formula", None) is not None:
+        return _order_formula_models(a, b)
     a_in_b, why_not_a_in_b = nesting_of(a, b)
     b_in_a, why_not_b_in_a = nesting_of(b, a)
     if a_in_b is not None and b_in_a is not None:

@@ -91,3 +91,19 @@ def test_2plus_subset_is_consistent(dataset: Path) -> None:
     listed_2plus = (dataset / "lh" / "Y_files_2plus.txt").read_text().split()
     assert listed_2plus == [listed[i] for i in np.flatnonzero(rows)]
     assert np.linalg.matrix_rank(X_2plus) == 23
+
+
+@pytest.mark.parametrize("stem, csv_stem", [
+    ("formula1_lh", "design1_lh"), ("formula2_lh", "design2_lh"), ("formula1_2plus_lh", "design1_2plus_lh")])
+def test_formula_yamls_give_the_csv_designs(dataset: Path, stem: str, csv_stem: str) -> None:
+    """The participants table and formula describe the same model as X.csv, Z and the vectors."""
+    formula, tables = load_config(dataset / f"{stem}.yml"), load_config(dataset / f"{csv_stem}.yml")
+    np.testing.assert_array_equal(formula.X, tables.X)
+    assert formula.x_names[:5] == ["Intercept", "sex[T.M]", "age_baseline", "time", "nih_score"]
+    assert formula.y_files == tables.y_files
+    assert [f.q for f in formula.factors] == [f.q for f in tables.factors]
+    np.testing.assert_array_equal(formula.factors[0].design, tables.factors[0].design)
+    assert formula.factors[0].n_levels == tables.factors[0].n_levels
+    for a, b in zip(formula.contrasts, tables.contrasts, strict=True):
+        assert a.name == b.name
+        np.testing.assert_array_equal(a.matrix, b.matrix)

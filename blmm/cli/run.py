@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from blmm import __version__
 from blmm.cli.common import report_errors
-from blmm.errors import BlmmError
+from blmm.errors import BlmmError, ConfigError
 
 from blmm.engine.spec import KINDS
 
@@ -17,11 +18,24 @@ def _parser() -> argparse.ArgumentParser:
         description="Fit a linear mixed model at every voxel or vertex (upstream BLMM inputs YAML).",
         epilog="Docs: docs/tutorial.md, docs/inputs.md, docs/outputs.md, docs/cluster.md.",
     )
-    ap.add_argument("inputs", help="the inputs YAML (upstream BLMM format)")
+    ap.add_argument("inputs", nargs="?",
+                    help="the inputs YAML (upstream BLMM format, or the formula keys); optional when "
+                         "--data and --formula give the model")
     ap.add_argument("--force", action="store_true",
                     help="overwrite an outdir holding another analysis, or rerun a finished/interrupted one from scratch")
     ap.add_argument("--debug", action="store_true", help="show a Python traceback on errors")
     ap.add_argument("--version", action="version", version=f"blmm {__version__}")
+    model = ap.add_argument_group(
+        "model as a formula (without a YAML, or overriding its keys; docs/inputs.md)")
+    model.add_argument("--data", help="participants table, one row per image (.tsv or .csv)")
+    model.add_argument("--images", help="the table's column of image paths (relative to the table)")
+    model.add_argument("--formula", help='lme4 formula, e.g. "~ age + sex + (1 + time | subject)"')
+    model.add_argument("--contrast", action="append", dest="contrasts", metavar="[NAME=]SPEC",
+                       help="a contrast: coefficient, term or combination, e.g. age, site, "
+                            "'older=age - 2 * sex[T.F]' (repeatable)")
+    model.add_argument("--na-action", choices=("omit", "error"), dest="na_action",
+                       help="rows with missing values: drop them (omit, default) or refuse (error)")
+    model.add_argument("-o", "--outdir", help="output folder")
     eng = ap.add_argument_group("engine (overrides the YAML's clusterType/numNodes and cluster: section)")
     eng.add_argument("--cluster", choices=KINDS, help="where to run: a local dask cluster (default), "
                      "inline (no dask), or a batch scheduler through dask-jobqueue")
@@ -48,12 +62,36 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+_CONTRAST_NAME = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=(?!=)\s*(.+)$", re.S)
+
+
+def contrast_entry(text: str) -> dict[str, str]:
+    """``--contrast`` text as a YAML contrast entry: ``name=spec``, or the spec naming itself."""
+    match = _CONTRAST_NAME.match(text)
+    if match:
+        return {match.group(1): match.group(2).strip()}
+    return {text.strip(): text.strip()}
+
+
+def model_overrides(args) -> dict:
+    """The model flags as top-level YAML keys (only those given)."""
+    overrides = {key: getattr(args, key) for key in ("data", "images", "formula", "na_action", "outdir")
+                 if getattr(args, key) is not None}
+    if args.contrasts:
+        overrides["contrasts"] = [contrast_entry(text) for text in args.contrasts]
+    return overrides
+
+
 def _run(args) -> int:
     from blmm.config import load_config
     from blmm.engine import BATCH_KINDS, EngineSpec, open_engine
     from blmm.pipeline import run
 
-    config = load_config(args.inputs)
+    overrides = model_overrides(args)
+    if args.inputs is None and not overrides:
+        raise ConfigError(["give an inputs YAML, or the model as --data, --images, --formula, "
+                           "--contrast and -o (see blmm --help)"])
+    config = load_config(args.inputs, overrides or None)
     for warning in config.warnings:
         print(f"blmm: warning: {warning}", file=sys.stderr)
     overrides = {

@@ -15,10 +15,11 @@ def _parser() -> argparse.ArgumentParser:
                     "(surface maps on fsaverage5 or your own surface; NIfTI volumes as "
                     "slices over the MNI152 template).")
     parser.add_argument("outdir", help="blmm output folder, or a map file")
-    parser.add_argument("map", nargs="?", help="map name, e.g. conT, beta or blmm_vox_beta")
+    parser.add_argument("map", nargs="?", help="map name, e.g. conT, beta or blmm_vox_beta; MAP:VOLUME "
+                        "picks a volume by name, e.g. beta:age or conT:older_vs_female")
     parser.add_argument("-o", "--output", required=True, help="HTML page to write")
-    parser.add_argument("--volume", type=int, default=0,
-                        help="0-based volume (contrast or parameter) to show (default 0)")
+    parser.add_argument("--volume", default="0",
+                        help="volume (contrast or parameter) to show: 0-based number, or its name (default 0)")
     parser.add_argument("--surface", default="fsaverage5",
                         help="fsaverage5 (default), fsaverage5:inflated|white|sphere, or a "
                              "surface file (lh.pial, *.surf.gii); the other hemisphere's "

@@ -13,6 +13,7 @@ from typing import Any
 
 from blmm.errors import ConfigError
 
+from blmm.config.formula import check_formula, check_model_keys
 from blmm.config.readers import _Found, _read_yaml
 from blmm.config.schema import Config
 from blmm.config.sections import (
@@ -33,21 +34,23 @@ from blmm.config.sections import (
 log = logging.getLogger("blmm.config")
 
 
-def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:
+def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> Config:
     """Read and validate the inputs YAML; raise ConfigError listing every problem found.
 
     ``overrides`` replaces top-level keys (a value of None removes the key); relative
     paths in overrides resolve against the current directory, those in the YAML
-    against the YAML's folder.
+    against the YAML's folder.  With ``path`` None the overrides are the whole input
+    (``blmm --data ... --formula ...`` without a YAML).
     """
-    yaml_path = Path(os.path.abspath(os.path.expanduser(str(path))))
-    raw, override_keys = _apply_overrides(_read_yaml(yaml_path), overrides or {})
-    found = _Found(raw, yaml_path.parent, override_keys)
+    yaml_path = None if path is None else Path(os.path.abspath(os.path.expanduser(str(path))))
+    raw, override_keys = _apply_overrides({} if yaml_path is None else _read_yaml(yaml_path), overrides or {})
+    found = _Found(raw, Path.cwd() if yaml_path is None else yaml_path.parent, override_keys)
     checked = _check_sections(found)
     if found.problems:
-        raise ConfigError(found.problems, source=str(yaml_path))
+        raise ConfigError(found.problems,
+                          source="the command-line arguments" if yaml_path is None else str(yaml_path))
     for warning in found.warnings:
-        log.warning("%s: %s", yaml_path.name, warning)
+        log.warning("%s: %s", "command line" if yaml_path is None else yaml_path.name, warning)
     return _build_config(yaml_path, checked, tuple(found.warnings))
 
 
@@ -65,6 +68,7 @@ def _apply_overrides(raw: dict, overrides: dict[str, Any]) -> tuple[dict, set[st
 def _check_sections(found: _Found) -> dict[str, Any]:
     """Every check, in the order its problems are reported; what each read, by name."""
     _check_keys(found)
+    formula_run = check_model_keys(found)
     checked: dict[str, Any] = {"options": _check_options(found), "cluster": _check_cluster(found),
                                "outdir": _check_outdir(found)}
     y_files, y_list_path, space = _check_inputs(found)
@@ -77,11 +81,17 @@ def _check_sections(found: _Found) -> dict[str, Any]:
     else:
         n, n_source = None, ""
     factors, factor_paths = _check_factors(found, n, n_source)
+    contrasts = [] if formula_run else _check_contrasts(found, None if X is None else int(X.shape[1]))
+    formula = check_formula(found) if formula_run else None
+    if formula is not None:  # the table and formula give the images, X, the factors and contrasts
+        y_files, space, X, x_names, factors, contrasts = (
+            formula.y_files, formula.space, formula.X, formula.x_names, formula.factors, formula.contrasts)
+        n = int(X.shape[0])
     checked.update(
         y_files=y_files, y_list_path=y_list_path, space=space, X=X, x_names=x_names, x_path=x_path,
-        factors=factors, factor_paths=factor_paths,
-        contrasts=_check_contrasts(found, None if X is None else int(X.shape[1])),
+        factors=factors, factor_paths=factor_paths, contrasts=contrasts,
         analysis_mask=_check_mask(found, space),
+        formula=None if formula is None else formula.inputs,
     )
     checked["data_mask_files"], checked["data_mask_list_path"] = _check_data_masks(
         found, None if y_files is None else len(y_files), space)
@@ -89,7 +99,7 @@ def _check_sections(found: _Found) -> dict[str, Any]:
     return checked
 
 
-def _build_config(yaml_path: Path, checked: dict[str, Any], warnings: tuple[str, ...]) -> Config:
+def _build_config(yaml_path: Path | None, checked: dict[str, Any], warnings: tuple[str, ...]) -> Config:
     """The typed ``Config`` of a YAML whose checks found no problem."""
     options, X = checked["options"], checked["X"]
     assert checked["outdir"] is not None and checked["y_files"] is not None
@@ -130,4 +140,5 @@ def _build_config(yaml_path: Path, checked: dict[str, Any], warnings: tuple[str,
         data_mask_list_path=checked["data_mask_list_path"],
         factor_paths=tuple(checked["factor_paths"]),
         warnings=warnings,
+        formula=checked["formula"],
     )

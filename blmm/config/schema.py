@@ -13,7 +13,9 @@ from blmm.io.images import ImageSpace
 DEFAULT_MAXMEM = 2**32  # upstream default, bytes (upstream docs wrongly say bits)
 DEFAULT_MINLOG = -323.3062153431158  # upstream default (log10 of the smallest double)
 
-_REQUIRED_KEYS = ("Y_files", "X", "Z", "contrasts", "outdir")
+# Y_files, X and Z are required unless the model is a formula (config/formula.py checks which).
+_MODEL_KEYS = ("Y_files", "X", "Z", "data", "images", "formula", "na_action")
+_REQUIRED_KEYS = ("contrasts", "outdir")
 _OPTIONAL_KEYS = (
     "analysis_mask", "data_mask_files", "data_mask_thresh", "Missingness", "MAXMEM",
     "OutputCovB", "resms", "minlog", "method", "tol", "maxnit", "voxelBatching", "maxnvb",
@@ -26,7 +28,7 @@ _IGNORED_KEYS = {
     "diskMem": "upstream's unmaintained disk-memory backdoor",
     "q": "written into the YAML by upstream's setup stage; blmm computes q itself",
 }
-KNOWN_KEYS = _REQUIRED_KEYS + _OPTIONAL_KEYS + tuple(_IGNORED_KEYS)
+KNOWN_KEYS = _MODEL_KEYS + _REQUIRED_KEYS + _OPTIONAL_KEYS + tuple(_IGNORED_KEYS)
 
 _FACTOR_FIELDS = ("name", "factor", "design")
 _CONTRAST_FIELDS = ("name", "vector", "statType")  # statType: in upstream's template, never read
@@ -80,6 +82,8 @@ class Config:
     data_mask_list_path: Path | None = None
     factor_paths: tuple[tuple[Path, Path], ...] = ()
     warnings: tuple[str, ...] = ()
+    # A formula run: the table, formula and design (blmm.config.formula.FormulaInputs).
+    formula: Any = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
@@ -136,6 +140,9 @@ class Config:
             missingness["MinN"] = int(self.min_n)
         if missingness:
             inputs["Missingness"] = missingness
+        if self.formula is not None:  # the formula keys replace Y_files, X, Z and vectors
+            inputs = {**self.formula.yaml_keys(self.contrasts), "outdir": inputs["outdir"],
+                      **{k: v for k, v in inputs.items() if k not in ("Y_files", "X", "Z", "contrasts", "outdir")}}
         inputs.update({
             "MAXMEM": str(int(self.maxmem)),
             "OutputCovB": bool(self.output_covb),

@@ -123,6 +123,23 @@ def read_run_record(outdir: str | os.PathLike) -> dict:
     return _read_json(Path(outdir) / RUN_FILE)
 
 
+def recorded_volume_names(outdir: str | os.PathLike, stat: str) -> list[str] | None:
+    """Names of the volumes of map ``stat`` as ``blmm_run.json`` records them; None if unrecorded.
+
+    A formula run's coefficient names are also accepted in R's spelling (``sexM``); they are
+    returned as a second list under the record's ``formula`` entry, see ``volume_aliases``.
+    """
+    names = (read_run_record(outdir).get("volumes") or {}).get(stat)
+    return [str(name) for name in names] if isinstance(names, list) else None
+
+
+def volume_aliases(outdir: str | os.PathLike, stat: str) -> list[str]:
+    """R's spellings of the beta volumes of a formula run (``(Intercept)``, ``sexM``); [] otherwise."""
+    formula = read_run_record(outdir).get("formula") or {}
+    names = formula.get("r_coefficients") if stat == "beta" else None
+    return [str(name) for name in names] if isinstance(names, list) else []
+
+
 def read_compare_record(outdir: str | os.PathLike) -> dict:
     """``blmm_compare.json`` of a comparison; {} when missing or unreadable."""
     return _read_json(Path(outdir) / COMPARE_FILE)
@@ -311,6 +328,7 @@ class Analysis:
             "x_columns": list(self.config.x_names),
             "factors": [{"name": f.name, "q": f.q, "levels": f.n_levels} for f in self.factors],
             "n_params": self.n_params,
+            **({"formula": self.config.formula.formula} if getattr(self.config, "formula", None) else {}),
         }
 
     def read_vector(self, stat: str, dtype: Any) -> np.ndarray:

@@ -11,7 +11,7 @@ from blmm.config import Config
 from blmm.errors import InputError
 from blmm.io.outdir import write_inputs, write_run_record
 from blmm.pipeline.plan import RunPlan, plan_run
-from blmm.pipeline.stages import fit_block, read_batch, write_outputs
+from blmm.pipeline.stages import fit_block, read_batch, volume_names, write_outputs
 
 
 @dataclass
@@ -34,6 +34,8 @@ def run(config: Config, engine=None, force: bool = False, log=print) -> RunSumma
     timings["plan"] = time.perf_counter() - t0
     log(f"blmm: {config.n} images, {plan.voxels.size} voxels in the analysis mask, p = {config.p}, "
         f"{len(plan.batches)} image batch(es), {len(plan.blocks)} voxel block(s)")
+    if config.formula is not None:
+        log(config.formula.summary_line())
     timed(timings, "read", read_images, plan, engine)
     timed(timings, "fit", fit_blocks, plan, engine)
     counts = timed(timings, "write", write_outputs, plan)
@@ -78,11 +80,16 @@ def record_run(plan: RunPlan, engine, counts: dict, timings: dict) -> Path:
         "settings": config.to_yaml_dict(),
         "n": config.n, "p": config.p,
         "factors": [{"name": f.name, "q": f.q, "levels": f.n_levels} for f in config.factors],
+        "x_names": list(config.x_names),
+        "contrasts": [{"name": c.name, "kind": "T" if c.is_t else "F"} for c in config.contrasts],
+        "volumes": volume_names(config),
         "engine": getattr(engine, "kind", "inline"),
         "batches": len(plan.batches), "blocks": len(plan.blocks),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "counts": counts,
     }
+    if config.formula is not None:
+        record["formula"] = config.formula.record()
     write_run_record(out, record)
     shutil.rmtree(plan.workdir, ignore_errors=True)  # the maps are complete: partial sums go
     return out

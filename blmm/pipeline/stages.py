@@ -253,6 +253,11 @@ def _map_specs(cfg: Config) -> list[tuple[str, list[str], str, list[str] | None]
     return specs
 
 
+def volume_names(cfg: Config) -> dict[str, list[str]]:
+    """Map statistic -> the names of its volumes (coefficients, contrasts, D entries)."""
+    return {name[len(map_name("")):]: list(names) for name, _, _, names in _map_specs(cfg) if names}
+
+
 def write_outputs(plan: RunPlan) -> dict:
     """Assemble the block results into maps; returns the counts for the summary."""
     cfg = plan.config

@@ -92,7 +92,9 @@ def summarise_run(outdir: str | Path) -> RunDescription:
     if not record:
         notes.append(f"{RUN_FILE} is missing or unreadable: counts and timings are not shown.")
     p = record.get("p")
-    x_names = _table_header(settings.get("X"))
+    recorded_names = record.get("x_names")  # a formula run's coefficient names (no X table)
+    x_names = recorded_names if settings.get("formula") and isinstance(recorded_names, list) else \
+        _table_header(settings.get("X"))
     if x_names is None or (p is not None and len(x_names) != p):
         x_names = [f"x{j + 1}" for j in range(int(p or 0))]
         if p:
@@ -107,6 +109,15 @@ def summarise_run(outdir: str | Path) -> RunDescription:
             design_names = [f"z{j + 1}" for j in range(q)]
         factors.append(FactorSummary(str(body.get("name") or recorded.get("name") or key), q,
                                      int(recorded.get("levels", 0)), design_names))
+    formula = record.get("formula") or {}
+    for position, term in enumerate(formula.get("random_terms") or []):  # a formula run: no Z tables
+        recorded = recorded_factors[position] if position < len(recorded_factors) else {}
+        factors.append(FactorSummary(str(term.get("name")), int(recorded.get("q", len(term.get("columns", [])))),
+                                     int(recorded.get("levels", term.get("levels", 0))),
+                                     list(term.get("r_columns") or term.get("columns") or [])))
+    if formula.get("rows_dropped"):
+        notes.append(f"{formula['rows_dropped']} of {formula.get('rows_in_table')} table rows were left out "
+                     "for missing values (na_action: omit); blmm_run.json lists them.")
     contrasts = contrast_entries(settings)
     threshold = settings.get("report_threshold", DEFAULT_REPORT_THRESHOLD)
     try:
@@ -144,7 +155,11 @@ def contrast_text(vector: list, x_names: list[str]) -> str:
 
 
 def model_formula(summary: RunDescription) -> str:
-    """lme4-like: ``Y ~ intercept + age + … + (intercept + time | subject)``."""
+    """lme4-like: ``Y ~ intercept + age + … + (intercept + time | subject)``; a formula run's own formula."""
+    written = summary.settings.get("formula")
+    if isinstance(written, str) and written.strip():
+        written = written.strip()
+        return "Y " + written if written.startswith("~") else written
     fixed = " + ".join(summary.x_names) or "?"
     random = "".join(f" + ({' + '.join(f.design_names) or '1'} | {f.name})" for f in summary.factors)
     return f"Y ~ {fixed}{random}"

@@ -20,6 +20,7 @@ from blmm.io.outdir import (
     read_settings,
     strip_prefix,
     write_text_atomically,
+    recorded_volume_names,
 )
 from blmm.io.surfaces import HEMISPHERES, Mesh, mni152_template
 
@@ -92,6 +93,9 @@ def describe_volume(
     parts.append(f"volume {volume} (of 0\u2013{n_volumes - 1})" if n_volumes > 1
                  else f"volume {volume}")
     kind = "T" if stat in T_CONTRAST_MAPS else "F" if stat in F_CONTRAST_MAPS else None
+    names = recorded_volume_names(outdir, stat) if outdir is not None and not kind else None
+    if names and volume < len(names):
+        parts.append(names[volume])
     if kind and outdir is not None:
         contrasts = contrast_names(outdir)[kind]
         if volume < len(contrasts):

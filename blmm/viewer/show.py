@@ -6,7 +6,8 @@ meshes and returns the plotly figure.  Argument parsing is ``blmm.cli.view``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,9 +15,12 @@ import numpy as np
 
 from blmm.errors import ViewerError
 from blmm.io.images import image_space, read_map
-from blmm.io.outdir import MAP_PREFIX, available_maps, find_map, load_map, map_stat_name, strip_prefix
+from blmm.io.outdir import (
+    MAP_PREFIX, available_maps, find_map, load_map, map_stat_name, recorded_volume_names, strip_prefix,
+    volume_aliases,
+)
 from blmm.io.surfaces import FSAVERAGE5_KINDS, HEMISPHERES, Mesh, cifti_cortices, fsaverage5_mesh, guess_hemi, load_surface
-from blmm.viewer.figures import describe_volume, plot_surfaces, plot_volume
+from blmm.viewer.figures import F_CONTRAST_MAPS, T_CONTRAST_MAPS, contrast_names, describe_volume, plot_surfaces, plot_volume
 
 if TYPE_CHECKING:  # plotly is optional: only imported when a figure is built
     import plotly.graph_objects as go
@@ -25,12 +29,12 @@ if TYPE_CHECKING:  # plotly is optional: only imported when a figure is built
 @dataclass
 class MapView:
     """What to show: ``outdir`` (an output folder or a map file), ``map`` (its name when
-    ``outdir`` is a folder), the 0-based ``volume``, the ``surface`` and ``hemi`` (left, right,
+    ``outdir`` is a folder; ``MAP:NAME`` picks a volume by name), the ``volume`` (0-based number or name), the ``surface`` and ``hemi`` (left, right,
     both or auto) for surface maps, and the colouring and title of the figure."""
 
     outdir: str
     map: str | None = None
-    volume: int = 0
+    volume: int | str = 0
     surface: str = "fsaverage5"
     hemi: str = "auto"
     threshold: float | None = None
@@ -44,6 +48,9 @@ class MapView:
 def map_figure(view: MapView) -> go.Figure:
     """The figure of the map ``view`` names; raises ``ViewerError`` (an ``InputError``)."""
     given = Path(view.outdir)
+    if view.map and ":" in view.map:  # beta:age -> map beta, volume age
+        stat_name, volume_name = view.map.split(":", 1)
+        view = replace(view, map=stat_name, volume=volume_name)
     if given.is_file():
         path, outdir = given, given.parent
         stat = map_stat_name(given) or given.name
@@ -56,6 +63,7 @@ def map_figure(view: MapView) -> go.Figure:
         from_folder = given
         if not _hemisphere_folders(given, stat):
             path = find_map(given, stat)
+    view = replace(view, volume=_volume_number(outdir, stat, view.volume))
     if path is not None and _is_volumetric(path):
         n_volumes = image_space(path).n_volumes
         title = view.title or describe_volume(stat, view.volume, n_volumes, outdir)
@@ -63,6 +71,35 @@ def map_figure(view: MapView) -> go.Figure:
                            symmetric=view.symmetric, vmin=view.vmin, vmax=view.vmax,
                            threshold=view.threshold, title=title)
     return _surface_figure(view, from_folder, stat, path, outdir)
+
+
+def volume_by_name(outdir: str | Path, stat: str, name: str) -> int:
+    """The 0-based volume of map ``stat`` named ``name`` (a coefficient, contrast or D entry)."""
+    stat = strip_prefix(stat)
+    names = recorded_volume_names(outdir, stat)
+    if names is None:
+        kind = "T" if stat in T_CONTRAST_MAPS else "F" if stat in F_CONTRAST_MAPS else None
+        names = [contrast for _, contrast in contrast_names(outdir)[kind]] if kind else None
+    if not names:
+        raise ViewerError(f"the volumes of {MAP_PREFIX}{stat} in {outdir} have no recorded names; "
+                          "pick one by number with --volume N")
+    for candidates in (names, volume_aliases(outdir, stat)):
+        if name in candidates:
+            return candidates.index(name)
+    close = difflib.get_close_matches(name, names, n=2, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ViewerError(f"{MAP_PREFIX}{stat} has no volume named {name!r}{hint} Volumes: "
+                      + ", ".join(f"{i} {n}" for i, n in enumerate(names)))
+
+
+def _volume_number(outdir: Path, stat: str, volume: int | str) -> int:
+    """A volume given by number or by name (the name looked up in the run record)."""
+    text = str(volume).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    hemispheres = [outdir / sub for sub in ("lh", "left", "rh", "right") if (outdir / sub).is_dir()]
+    recorded = [f for f in [outdir, *hemispheres] if recorded_volume_names(f, strip_prefix(stat)) is not None]
+    return volume_by_name(recorded[0] if recorded else outdir, stat, text)
 
 
 def _is_volumetric(path: Path) -> bool:

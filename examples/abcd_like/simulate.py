@@ -351,6 +351,70 @@ def _write_yamls(outdir: Path, design: Design, hemisphere: str) -> None:
         (outdir / f"{stem}.yml").write_text(text)
 
 
+FORMULA_FIXED = ("~ sex + age_baseline + time + nih_score + site + motion_fd + euler_number"
+                 " + household_income + parental_education + handedness")
+FORMULA_CONTRASTS = [  # the same contrasts as contrast_vectors, by name
+    ("sex", "sex"), ("age_baseline", "age_baseline"), ("time", "time"), ("nih_score", "nih_score"),
+    ("time_minus_age_baseline", "time - age_baseline"), ("time_and_nih_score", "time, nih_score"),
+]
+
+
+def participants_table(design: Design, hemispheres: Sequence[str]) -> list[dict]:
+    """One row per image: its file per hemisphere and the variables behind X (X = the formula's X)."""
+    names = {name: j for j, name in enumerate(design.x_names)}
+    site = 1 + (design.X[:, names["site_02"]: names["site_02"] + N_SITES - 1]
+                @ np.arange(1, N_SITES)).astype(int)
+    width = max(5, len(str(design.n - 1)))
+    rows = []
+    for i in range(design.n):
+        row = {f"image_{h}": f"{h}/data/img_{i:0{width}d}.dat" for h in hemispheres}
+        row.update(subject=f"sub-{design.subject[i] + 1:05d}", sex="M" if design.X[i, names["sex"]] else "F",
+                   site=f"site{site[i]:02d}", visits=int(design.visits_per_subject[design.subject[i]]))
+        for column in ("age_baseline", "time", "nih_score", "motion_fd", "euler_number",
+                       "household_income", "parental_education", "handedness"):
+            row[column] = f"{design.X[i, names[column]]:.4f}"
+        rows.append(row)
+    return rows
+
+
+def _write_participants(outdir: Path, design: Design, hemispheres: Sequence[str]) -> None:
+    """participants.tsv (every image) and participants_2plus.tsv (subjects with 2+ visits)."""
+    rows = participants_table(design, hemispheres)
+    header = list(rows[0])
+    for name, keep in (("participants.tsv", np.ones(design.n, bool)), ("participants_2plus.tsv", design.rows_2plus)):
+        lines = ["\t".join(header)] + ["\t".join(str(row[c]) for c in header)
+                                       for row, k in zip(rows, keep) if k]
+        (outdir / name).write_text("\n".join(lines) + "\n")
+
+
+def _formula_yaml_text(title: str, hemisphere: str, table: str, random: str, outdir: str) -> str:
+    lines = [
+        f"# {title}",
+        "# Written by examples/abcd_like/simulate.py; relative paths resolve against this folder.",
+        f"data: {table}",
+        f"images: image_{hemisphere}",
+        f'formula: "{FORMULA_FIXED} + {random}"',
+        "contrasts:",
+    ] + [f'  - {name}: "{spec}"' for name, spec in FORMULA_CONTRASTS]
+    lines += [f"outdir: {outdir}", "REML: true", "clusterType: local", ""]
+    return "\n".join(lines)
+
+
+def _write_formula_yamls(outdir: Path, design: Design, hemisphere: str) -> None:
+    """formula1/2/1_2plus_<hemi>.yml: designs 1, 2 and 1-on-the-2+-sample as lme4 formulas."""
+    specs = [
+        (f"formula1_{hemisphere}", "Design 1 as a formula: random intercept per subject, all images.",
+         "participants.tsv", "(1 | subject)"),
+        (f"formula2_{hemisphere}", "Design 2 as a formula: correlated random intercept and slope on "
+         "time, subjects with 2+ visits.", "participants_2plus.tsv", "(1 + time | subject)"),
+        (f"formula1_2plus_{hemisphere}", "Design 1 on the design 2 sample: compare with formula2 "
+         "using blmm_compare.", "participants_2plus.tsv", "(1 | subject)"),
+    ]
+    for stem, title, table, random in specs:
+        (outdir / f"{stem}.yml").write_text(
+            _formula_yaml_text(f"{title} ({hemisphere})", hemisphere, table, random, f"results/{stem}"))
+
+
 def _write_images(outdir: Path, design: Design, truth: Truth, hemisphere: str,
                   seed: int) -> np.ndarray:
     """The .dat files and Y lists of one hemisphere; returns the stored random effects."""
@@ -392,6 +456,7 @@ def write_dataset(outdir: str | os.PathLike, n_subjects: int = ABCD_SUBJECTS,
         truth = simulate_truth(design, n_vertices, hemisphere, seed)
         stored = _write_images(outdir, design, truth, hemisphere, seed)
         _write_yamls(outdir, design, hemisphere)
+        _write_formula_yamls(outdir, design, hemisphere)
         truth_arrays.update({
             f"beta_{hemisphere}": truth.beta, f"D_{hemisphere}": truth.D,
             f"sigma2_{hemisphere}": truth.sigma2, f"sd_intercept_{hemisphere}": truth.sd_intercept,
@@ -404,6 +469,7 @@ def write_dataset(outdir: str | os.PathLike, n_subjects: int = ABCD_SUBJECTS,
             megabytes = design.n * n_vertices * 4 / 1e6
             print(f"{hemisphere}: {design.n} images x {n_vertices} vertices ({megabytes:.0f} MB) "
                   f"in {seconds[hemisphere]:.1f} s", flush=True)
+    _write_participants(outdir, design, hemispheres)
     np.savez(outdir / "truth.npz", **truth_arrays)
     if log:
         n_2plus = int(design.rows_2plus.sum())
