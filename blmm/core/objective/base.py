@@ -36,7 +36,7 @@ class Evaluation:
     T_sum: list = field(default_factory=list)  # per factor Σ_j T_j (v, q_k, q_k)
     uu_sum: list = field(default_factory=list)  # per factor Σ_j u_j u_j' (v, q_k, q_k)
     observed: np.ndarray | None = None  # (v, s, s) observed information in vec D (σ² fixed), where cheap
-    cache: dict | None = None  # objective-specific per-voxel arrays (leading axis v) the Hessian reuses
+    cache: dict | None = None  # objective-specific lists of per-voxel arrays (leading axis v) the Hessian reuses
 
 
 class Objective(Protocol):
@@ -110,7 +110,7 @@ def subset_eval(ev: Evaluation, idx) -> Evaluation:
         grad=[g[idx] for g in ev.grad], info=None if ev.info is None else ev.info[idx],
         T_sum=[t[idx] for t in ev.T_sum], uu_sum=[u[idx] for u in ev.uu_sum],
         observed=None if ev.observed is None else ev.observed[idx],
-        cache=None if ev.cache is None else {k: a[idx] for k, a in ev.cache.items()},
+        cache=None if ev.cache is None else {k: [a[idx] for a in arrays] for k, arrays in ev.cache.items()},
     )
 
 
@@ -142,10 +142,13 @@ def merge_eval(base: Evaluation, new: Evaluation, where, good) -> Evaluation:
         out.observed = None
     if out.cache is not None and new.cache is not None and out.cache.keys() == new.cache.keys():
         cache = {}
-        for key, arr in out.cache.items():
-            arr = arr.copy()
-            arr[where] = new.cache[key][good]
-            cache[key] = arr
+        for key, arrays in out.cache.items():
+            merged = []
+            for arr, new_arr in zip(arrays, new.cache[key]):
+                arr = arr.copy()
+                arr[where] = new_arr[good]
+                merged.append(arr)
+            cache[key] = merged
         out.cache = cache
     else:
         out.cache = None

@@ -281,8 +281,8 @@ class LevelObjective:
         v = D.shape[0]
         q, p = self.q, self.p
         if ev is not None and ev.cache is not None:  # the evaluation at D already holds R_c and P_c
-            R = _unstack_entries(ev.cache["R"])
-            P = _unstack_entries(ev.cache["P"]) if self.reml else None
+            R = _unflatten_entries(ev.cache["R"], q)
+            P = _unflatten_entries(ev.cache["P"], q) if self.reml else None
         else:
             XtVX, XtVY, YtVY, logdetV, R = self.products(D, data)
             ev = profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
@@ -322,21 +322,16 @@ class LevelObjective:
         ev.info = info
         ev.T_sum = [T_sum]
         ev.uu_sum = [uu]
-        ev.cache = {"R": _stack_entries(R)}
+        ev.cache = {"R": [x for row in R for x in row]}
         if P is not None:
-            ev.cache["P"] = _stack_entries(P)
+            ev.cache["P"] = [x for row in P for x in row]
         ev.observed = self._observed_information(R, P, data, ev, ev.sigma2, uu_parts)
         return ev
 
 
-def _stack_entries(E) -> np.ndarray:
-    """q x q entries [a][b] of (v, units) arrays as one (v, q, q, units) array."""
-    return np.stack([np.stack(row, 1) for row in E], 1)
-
-
-def _unstack_entries(A: np.ndarray) -> list:
-    q = A.shape[1]
-    return [[A[:, a, b] for b in range(q)] for a in range(q)]
+def _unflatten_entries(flat: list, q: int) -> list:
+    """q x q entries [a][b] from their row-major list."""
+    return [flat[a * q:(a + 1) * q] for a in range(q)]
 
 
 def _inv_entries(A):
