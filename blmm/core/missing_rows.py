@@ -3,8 +3,7 @@
 `MissingRowStats` holds the design sums of the common (complete) design once, the rows
 each presence pattern lacks (as a compressed list, never per-pattern design sums) and the
 per-voxel data sums.  `fit_missing_rows` fits every voxel with `MissingObjective`: voxels
-are grouped by their number of observed rows (the scoring loop takes one n per block) and
-each block's per-voxel units (touched levels, docs/model.md "Missing rows") are built from
+are sorted by their number of missing rows (to keep the padding small) and each block's per-voxel units (touched levels, docs/model.md "Missing rows") are built from
 the missing rows only, just before the block is fitted.  Every per-voxel structure counts in
 the block size, so `max_block_bytes` holds however many patterns there are.
 """
@@ -190,17 +189,24 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
     base_voxel = 8 * (12 * base.C * q ** 2 + base.Cb * len(base.pairs) * (p + 1) + (k + 6) * p * p)
     missing = stats.voxel_n_missing()
     jobs = []
+    # voxels sorted by their missing count, so the padding of a block's units stays small
     fit_vox = np.flatnonzero(n_obs > p)
-    for n_v in np.unique(n_obs[fit_vox]):  # one n per block: the scoring loop takes a scalar n
-        vox = fit_vox[n_obs[fit_vox] == n_v]
-        per_voxel = base_voxel + unit_bytes(int(missing[vox].max()), p, q)
-        block = max(1, int(budget // per_voxel // threads))
-        if threads > 1:
-            block = min(block, max(64, -(-vox.size // (2 * threads))))
-        jobs.extend((int(n_v), vox[s:s + block]) for s in range(0, vox.size, block))
+    fit_vox = fit_vox[np.argsort(missing[fit_vox], kind="stable")]
+    per_block = budget // threads
+    start = 0
+    while start < fit_vox.size:
+        stop = fit_vox.size
+        if threads > 1:  # enough blocks to share
+            stop = min(stop, start + max(64, -(-fit_vox.size // (2 * threads))))
+        while True:  # the block's last voxel has its largest missing count: it bounds the units' size
+            fits = max(1, int(per_block // (base_voxel + unit_bytes(int(missing[fit_vox[stop - 1]]), p, q))))
+            if stop - start <= fits:
+                break
+            stop = start + fits
+        jobs.append(fit_vox[start:stop])
+        start = stop
 
-    def run(job) -> None:
-        n_v, idx = job
+    def run(idx) -> None:
         u = block_units(stats, common, idx)
         XtX_v = stats.XtX + u["dXtX"]
         w = np.linalg.eigvalsh(XtX_v)
@@ -212,11 +218,11 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
             if idx.size == 0:
                 return
         data = obj.data(stats.XtY[idx], stats.ZtY[idx], stats.YtY[idx], **u)
-        out = F._fit_block(obj, data, qk, method, tol, int(max_iter), reml, n_v, p)
+        out = F._fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)  # data.n per voxel
         F._store(res, idx, out)
         eTe = (stats.YtY[idx] - 2 * np.einsum("vp,vp->v", out.beta, stats.XtY[idx])
                + np.einsum("vp,vpq,vq->v", out.beta, XtX_v, out.beta))
-        res.resms[idx] = eTe / (n_v - p)
+        res.resms[idx] = eTe / (n_obs[idx] - p)
 
     if threads > 1 and len(jobs) > 1:
         with ThreadPoolExecutor(max_workers=threads) as pool:
