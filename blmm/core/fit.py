@@ -81,6 +81,10 @@ def fit_lmm(
     **options,
 ) -> FitResult:
     """Fit Y = Xβ + Zb + ε at every voxel (column of Y; NaN = missing)."""
+    if len(factors) == 1 and options.get("structure", "auto") in ("auto", "levels") and np.isnan(np.asarray(Y, dtype=np.float64)).any():
+        from blmm.core.missing_rows import missing_row_stats_from_data  # voxel-specific rows (issue 11)
+        return fit_stats(missing_row_stats_from_data(Y, X, factors[0]), reml=reml, method=method, tol=tol,
+                         max_iter=max_iter, **options)
     return fit_stats(sufficient_stats(Y, X, factors), reml=reml, method=method, tol=tol,
                      max_iter=max_iter, **options)
 
@@ -109,6 +113,12 @@ def fit_stats(
         raise ValueError(f"tol must be positive, got {tol}")
     if int(max_iter) < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
+    from blmm.core.missing_rows import MissingRowStats, fit_missing_rows
+    if isinstance(stats, MissingRowStats):  # one factor, missing rows per voxel (issue 11)
+        if structure not in ("auto", "levels"):
+            raise ValueError(f"missing-row statistics fit with the 'levels' structure, not {structure!r}")
+        return fit_missing_rows(stats, reml=reml, method=method, tol=tol, max_iter=max_iter,
+                                max_block_bytes=max_block_bytes, threads=threads)
     layout = stats.layout
     n_factors = len(layout.q)
     if structure == "auto":

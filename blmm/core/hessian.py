@@ -20,6 +20,7 @@ def variance_hessian(obj, data, D, ev: Evaluation, qk, reml, n, p):
     """
     v = D[0].shape[0]
     s2 = ev.sigma2
+    n = getattr(data, "n", n)  # (v,) when the objective's voxels differ in their rows
     N = n - p if reml else n
     k = 1 + sum(q * (q + 1) // 2 for q in qk)
     H = np.zeros((v, k, k))

@@ -50,13 +50,15 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
     prev_change = np.full(v, np.inf)
     active = np.flatnonzero(ok)
     ev_act = subset_eval(ev, active)
+    n = getattr(data, "n", n)  # (v,) when the objective's voxels differ in their rows
     N = n - p if reml else n
     for it in range(1, max_iter + 1):
         if active.size == 0:
             break
         D_act = [Dk[active] for Dk in D]
         # the first step (from D = 0) is taken in D itself; later ones in Cholesky coordinates
-        make_trial, gain = _direction(method, ev_act, D_act, sigma2[active], N, qk, cholesky=it > 1)
+        N_act = N[active] if np.ndim(N) else N  # per-voxel n where the data carry it (missing rows)
+        make_trial, gain = _direction(method, ev_act, D_act, sigma2[active], N_act, qk, cholesky=it > 1)
         if it > 1:
             # converged: the last step moved llh by < tol and one more step is predicted to gain < tol
             settled = (prev_change[active] < tol) & (gain < tol)
@@ -156,7 +158,7 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
         Info[:, 1:, 1:] = F
         grad = np.concatenate([(N / sigma2 - ev.Q / sigma2**2)[:, None], g], axis=1)
     else:  # σ² is profiled: its information is the Schur complement
-        Info = F - tvec[:, :, None] * tvec[:, None, :] / N
+        Info = F - tvec[:, :, None] * tvec[:, None, :] / np.reshape(N, (-1, 1, 1))
         grad = g
     off = 1 if carry else 0
     if cholesky:

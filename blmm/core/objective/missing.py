@@ -1,0 +1,197 @@
+"""One random factor with voxel-specific missing rows, without per-pattern objectives.
+
+A voxel v whose images M_v are missing differs from the common (complete) design only at
+the levels that M_v touches (docs/model.md, "Missing rows").  Untouched levels keep their
+class and the class's shared weights: the common pattern is one `LevelObjective`, whose
+class sums run over *every* level with the voxel's own data sums (missing entries add
+zero).  Each touched level j then enters as two per-voxel units:
+
+* a removal unit (sign -1) with the common G_j, X_j = Z_j'X and the voxel's y_j(v), which
+  cancels exactly the term the class sums hold for j;
+* a replacement unit (sign +1) with G_j(v) = G_j - Z_{j,M}'Z_{j,M},
+  X_j(v) = X_j - Z_{j,M}'X_M and the same y_j(v) (absent when j lost every image).
+
+Every quantity the scoring loop needs (log|V|, X'V⁻¹X, X'V⁻¹Y, Y'V⁻¹Y, Σ T_j, Σ u_j u_j',
+Σ S_j C S_j', the expected and observed information) is a sum over levels, so each is the
+class sum minus the removal terms plus the replacement terms; X'X_v = X'X - X_M'X_M.
+Units are padded to the largest touched-level count of a voxel block (sign 0), so one
+block is vectorised whatever the number of distinct patterns; the cost per evaluation is
+O(v t (q^3 + q p^2)) on top of the complete-data cost, t the touched levels.
+
+The number of observed rows n_v is per voxel (`MissingData.n`); the fit groups voxels by
+n_v so that the scoring loop sees one n per block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from blmm.core import linalg as la
+from blmm.core.objective.base import Evaluation, profiled
+from blmm.core.objective.levels import LevelData, LevelObjective
+
+
+class MissingObjective:
+    """One factor (q effects per level): the common design's classes plus per-voxel units."""
+
+    def __init__(self, XtX, ZtX, ZtZ, n, q, reml):
+        self.base = LevelObjective(XtX, ZtX, ZtZ, n, q, reml)
+        self.n, self.p, self.q, self.reml = int(n), self.base.p, int(q), bool(reml)
+
+    def data(self, XtY, ZtY, YtY, n=None, dXtX=None, sign=None, G=None, X=None, y=None) -> "MissingData":
+        """Per-voxel data sums plus the voxels' missing-row units (none: the common design)."""
+        v = XtY.shape[0]
+        p, q = self.p, self.q
+        base = self.base.data(XtY, ZtY, YtY)
+        if sign is None:
+            sign, G, X, y = np.zeros((v, 0)), np.zeros((v, 0, q, q)), np.zeros((v, 0, q, p)), np.zeros((v, 0, q))
+        return MissingData(
+            base=base, XtY=base.XtY, n=np.full(v, float(self.n)) if n is None else np.asarray(n, float),
+            dXtX=np.zeros((v, p, p)) if dXtX is None else dXtX, sign=sign, G=G, X=X, y=y)
+
+    def _products(self, D, data: "MissingData"):
+        XtVX, XtVY, YtVY, logdetV, R = self.base.products(D, data.base)
+        XtVX = XtVX + data.dXtX
+        v, T = data.sign.shape
+        q, p = self.q, self.p
+        if T == 0:
+            return XtVX, XtVY, YtVY, logdetV, R, None
+        s = data.sign
+        A = np.eye(q) + data.G @ D[:, None]  # (v, T, q, q): I + G_t D
+        Ru = _inv(A)
+        W = D[:, None] @ Ru
+        W = 0.5 * (W + np.swapaxes(W, -1, -2))
+        logdetV = logdetV + np.einsum("vt,vt->v", s, _logdet(A))
+        sX = (s[:, :, None, None] * data.X).reshape(v, T * q, p)
+        WX = (W @ data.X).reshape(v, T * q, p)
+        XtVX = XtVX - np.swapaxes(sX, 1, 2) @ WX
+        Wy = np.einsum("vtab,vtb->vta", W, data.y).reshape(v, T * q)
+        XtVY = XtVY - np.einsum("vk,vkp->vp", Wy, sX)
+        YtVY = YtVY - np.einsum("vt,vta,vta->v", s, data.y, Wy.reshape(v, T, q))
+        return XtVX, XtVY, YtVY, logdetV, R, Ru
+
+    def evaluate(self, D_list, data: "MissingData", sigma2=None, grad=False) -> Evaluation:
+        D = D_list[0]
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            XtVX, XtVY, YtVY, logdetV, R, Ru = self._products(D, data)
+        ev = profiled(XtVX, XtVY, YtVY, logdetV, data.n, self.p, self.reml, sigma2)
+        if not grad:
+            return ev
+        base = self.base
+        beta, C = ev.beta, ev.C
+        v, q = D.shape[0], self.q
+        P = base._unit_P(R, C) if self.reml else None
+        uu_parts = base._unit_uu(R, data.base, beta)
+        T_sum, uu, corr, info = base.gradient_parts(R, data.base, beta, None, P=P, uu_parts=uu_parts)
+        # the observed information of the class sums, less its -2 A C A'/σ² (A is recombined below)
+        obs = base._observed_information(R, P, data.base, _with_info(ev, info), ev.sigma2, uu_parts)
+        A_base = self._base_A(R, data.base, beta, uu_parts).reshape(v, q * q, self.p)
+        A = A_base.reshape(v, q, q, self.p)
+        if Ru is not None:
+            s = data.sign
+            Tu = Ru @ data.G
+            Tu = 0.5 * (Tu + np.swapaxes(Tu, -1, -2))
+            T_sum = T_sum + np.einsum("vt,vtab->vab", s, Tu)
+            info_u = np.einsum("vt,vtbc,vtae->vabce", s, Tu, Tu).reshape(v, q * q, q * q)
+            info = info + info_u
+            r = data.y - np.einsum("vtap,vp->vta", data.X, beta)
+            u = np.einsum("vtab,vtb->vta", Ru, r)
+            uu = uu + np.einsum("vt,vta,vtb->vab", s, u, u)
+            S = Ru @ data.X  # (v, T, q, p): S_t = R_t X_t
+            Wu = 2.0 * u[..., :, None] * u[..., None, :] / ev.sigma2[:, None, None, None]
+            if self.reml:
+                SC = S @ C[:, None]
+                Pu = SC @ np.swapaxes(S, -1, -2)
+                corr = corr + np.einsum("vt,vtab->vab", s, Pu)
+                Wu = Wu + 2.0 * Pu
+            # M[(a,b),(c,d)] = Σ_units T[b,c] W[d,a]
+            Mu = np.einsum("vt,vtbc,vtda->vabcd", s, Tu, Wu).reshape(v, q * q, q * q)
+            obs = obs - info_u + Mu
+            A = A + np.einsum("vt,vtxp,vty->vxyp", s, S, u)
+        A = A.reshape(v, q * q, self.p)
+        sig = ev.sigma2[:, None, None]
+        obs = obs + 2.0 * np.einsum("vip,vpr,vjr->vij", A_base, C, A_base) / sig
+        obs = obs - 2.0 * np.einsum("vip,vpr,vjr->vij", A, C, A) / sig
+        ev.grad = [la.sym(T_sum - corr - uu / ev.sigma2[:, None, None])]
+        ev.info = info
+        ev.T_sum = [T_sum]
+        ev.uu_sum = [uu]
+        ev.observed = la.sym(obs)
+        return ev
+
+    def _base_A(self, R, data: LevelData, beta, uu_parts):
+        """A_xy = Σ_j S_j[x]' u_j[y] over the class sums (v, q, q, p), as LevelObjective forms it."""
+        base = self.base
+        v = beta.shape[0]
+        q, p, Cb = base.q, base.p, base.Cb
+        A = np.zeros((v, q, q, p))
+        if Cb:
+            Rb = np.stack([np.stack([R[a][b][:, :Cb] for b in range(q)], -1) for a in range(q)], -2)
+            Xr = data.KXYo - np.einsum("cefpr,vr->vcefp", base.Ko, beta)
+            A += np.einsum("vcxe,vcyf,vcefp->vxyp", Rb, Rb, Xr, optimize=True)
+        u_small = uu_parts[1]
+        if u_small is not None:
+            for x in range(q):
+                for e in range(q):
+                    Re = R[x][e][:, Cb:]
+                    for y in range(q):
+                        A[:, x, y] += (Re * u_small[y]) @ base.Xs[e]
+        return A
+
+
+def _with_info(ev: Evaluation, info) -> Evaluation:
+    out = Evaluation(llh=ev.llh, beta=ev.beta, sigma2=ev.sigma2, C=ev.C, Q=ev.Q, ok=ev.ok)
+    out.info = info
+    return out
+
+
+def _inv(A: np.ndarray) -> np.ndarray:
+    q = A.shape[-1]
+    if q == 1:
+        return 1.0 / A
+    if q == 2:
+        det = A[..., 0, 0] * A[..., 1, 1] - A[..., 0, 1] * A[..., 1, 0]
+        out = np.empty_like(A)
+        out[..., 0, 0] = A[..., 1, 1] / det
+        out[..., 1, 1] = A[..., 0, 0] / det
+        out[..., 0, 1] = -A[..., 0, 1] / det
+        out[..., 1, 0] = -A[..., 1, 0] / det
+        return out
+    return np.linalg.inv(A)
+
+
+def _logdet(A: np.ndarray) -> np.ndarray:
+    q = A.shape[-1]
+    if q == 1:
+        return np.log(A[..., 0, 0])
+    if q == 2:
+        return np.log(A[..., 0, 0] * A[..., 1, 1] - A[..., 0, 1] * A[..., 1, 0])
+    sign, logdet = np.linalg.slogdet(A)
+    return np.where(sign > 0, logdet, np.nan)
+
+
+@dataclass
+class MissingData:
+    """Data sums for the common design's classes plus each voxel's missing-row units.
+
+    sign (v, T): -1 removal, +1 replacement, 0 padding; G (v, T, q, q), X (v, T, q, p) and
+    y (v, T, q) per unit; n (v,) observed rows; dXtX (v, p, p) = -X_M'X_M.
+    """
+
+    base: LevelData
+    XtY: np.ndarray
+    n: np.ndarray
+    dXtX: np.ndarray
+    sign: np.ndarray
+    G: np.ndarray
+    X: np.ndarray
+    y: np.ndarray
+
+    def take(self, idx) -> "MissingData":
+        return MissingData(self.base.take(idx), self.XtY[idx], self.n[idx], self.dXtX[idx], self.sign[idx],
+                           self.G[idx], self.X[idx], self.y[idx])
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in (self.dXtX, self.sign, self.G, self.X, self.y)))
