@@ -11,9 +11,15 @@ from collections.abc import Iterable
 class BlmmError(Exception):
     """Base class of all blmm errors."""
 
+    #: whether running the same task again may succeed; the engine retries only such errors
+    #: (and tasks whose worker died), never a deterministic one such as a corrupt input
+    retryable = True
+
 
 class InputError(BlmmError):
     """A user-supplied file or value is unusable (missing, malformed, inconsistent)."""
+
+    retryable = False
 
 
 class ImageError(InputError):
@@ -44,3 +50,9 @@ class CompareError(InputError):
 
 class ViewerError(InputError):
     """A map, mesh or option cannot be shown (mismatch, missing file, bad index)."""
+
+
+class DiskFullError(BlmmError):
+    """The output folder's filesystem has no room for what a run writes (the message says how much)."""
+
+    retryable = False

@@ -28,6 +28,10 @@ _IGNORED_KEYS = {
     "diskMem": "upstream's unmaintained disk-memory backdoor",
     "q": "written into the YAML by upstream's setup stage; blmm computes q itself",
 }
+# Read and checked (a bad value is still an error), but nothing depends on them.
+_NO_EFFECT_KEYS = {
+    "minlog": "blmm computes -log10 p in log space, so it never needs upstream's stand-in for -log10(0)",
+}
 KNOWN_KEYS = _MODEL_KEYS + _REQUIRED_KEYS + _OPTIONAL_KEYS + tuple(_IGNORED_KEYS)
 
 _FACTOR_FIELDS = ("name", "factor", "design")
@@ -147,7 +151,6 @@ class Config:
             "MAXMEM": str(int(self.maxmem)),
             "OutputCovB": bool(self.output_covb),
             "resms": bool(self.resms),
-            "minlog": float(self.minlog),
             "method": self.method,
             "tol": repr(float(self.tol)),
             "maxnit": int(self.maxnit),

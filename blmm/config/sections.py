@@ -39,6 +39,7 @@ from blmm.config.schema import (
     _FACTOR_FIELDS,
     _IGNORED_KEYS,
     _MISSINGNESS_FIELDS,
+    _NO_EFFECT_KEYS,
     _REQUIRED_KEYS,
     DEFAULT_MAXMEM,
     DEFAULT_MINLOG,
@@ -59,6 +60,8 @@ def _check_keys(found: _Found) -> None:
             found.problem(f"unknown key {str(key)!r}{_suggest(key, KNOWN_KEYS)}")
         elif key in _IGNORED_KEYS and found.raw[key] is not None:
             found.warnings.append(f"{key}: ignored ({_IGNORED_KEYS[key]})")
+        elif key in _NO_EFFECT_KEYS and found.raw[key] is not None:
+            found.warnings.append(f"{key}: accepted but has no effect ({_NO_EFFECT_KEYS[key]})")
     for key in _REQUIRED_KEYS:
         if found.raw.get(key) is None:
             found.problem(f"{key}: required key is missing")

@@ -18,8 +18,10 @@ _item_repr.maxstring = 60
 _item_repr.maxother = 60
 
 
-def inline_map(fn: Callable, items: list, stage: str, retries: int, progress_mode: str) -> list:
-    """``[fn(item) for item in items]`` here, each item retried up to ``retries`` times."""
+def inline_map(fn: Callable, items: list, stage: str, retries: int, progress_mode: str,
+               labels: list[str] | None = None) -> list:
+    """``[fn(item) for item in items]`` here, each item retried up to ``retries`` times
+    (an error that is not ``retryable``, such as a corrupt input, is raised at once)."""
     progress = _Progress(stage, len(items), progress_mode, "inline (this process)")
     progress.start()
     ok = False
@@ -27,7 +29,7 @@ def inline_map(fn: Callable, items: list, stage: str, retries: int, progress_mod
         results = []
         for index, item in enumerate(items):
             results.append(_call_with_retries(lambda: fn(item), retries, stage,
-                                              _describe_item(index, item), index))
+                                              _describe_item(index, item, labels), index))
             progress.advance()
         ok = True
         return results
@@ -41,6 +43,8 @@ def _call_with_retries(call: Callable[[], R], retries: int, stage: str, what: st
         try:
             return call()
         except Exception as exc:
+            if not retryable(exc):
+                raise  # deterministic (a corrupt input, a full disk): its message says it all
             if attempt == retries:
                 raise EngineError(f"stage {stage}: {what} failed after {retries + 1} attempt(s): "
                                   f"{type(exc).__name__}: {exc}", stage=stage,
@@ -49,5 +53,13 @@ def _call_with_retries(call: Callable[[], R], retries: int, stage: str, what: st
     raise AssertionError("unreachable")
 
 
-def _describe_item(index: int, item: Any) -> str:
+def retryable(exc: BaseException) -> bool:
+    """Whether running the task again may help: not for errors marked ``retryable = False``
+    (``blmm.errors.InputError``, ``DiskFullError``)."""
+    return bool(getattr(exc, "retryable", True))
+
+
+def _describe_item(index: int, item: Any, labels: list[str] | None = None) -> str:
+    if labels is not None:
+        return f"item {index} ({labels[index]})"
     return f"item {index} ({_item_repr.repr(item)})"

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 
 from blmm.engine.clusters import _build_cluster, _cancel_batch_jobs, _job_script, _scale_and_submit
-from blmm.engine.inline import _describe_item, inline_map
+from blmm.engine.inline import _describe_item, inline_map, retryable
 from blmm.engine.progress import _Progress
 from blmm.engine.signals import install_exit_on_signals, restore_signal_handlers
 from blmm.engine.spec import EngineError, EngineSpec, _as_int, local_worker_count
+from blmm.errors import DiskFullError, InputError
 
 logger = logging.getLogger("blmm.engine")
 
@@ -53,6 +54,37 @@ class _Node:
     future: Any
     index: int
     done: bool = False
+    result: Any = None
+
+
+class _Refused:
+    """What a task returns instead of raising an error no retry can fix (``retryable`` False):
+    dask would otherwise retry it and log the worker's traceback each time."""
+
+    def __init__(self, exc: BaseException, traceback_text: str) -> None:
+        import pickle
+        try:
+            pickle.loads(pickle.dumps(exc))
+        except Exception:  # does not survive the trip to the driver: keep its kind and text
+            exc = (DiskFullError if isinstance(exc, DiskFullError) else InputError)(str(exc))
+        self.exc = exc
+        self.traceback_text = traceback_text
+
+
+class _Task:
+    """``fn(item)`` on a worker, with non-retryable errors returned as ``_Refused``."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __call__(self, item: Any) -> Any:
+        try:
+            return self.fn(item)
+        except Exception as exc:
+            if retryable(exc):
+                raise
+            import traceback
+            return _Refused(exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 
 class Engine:
@@ -108,35 +140,40 @@ class Engine:
 
     # ---- map ---------------------------------------------------------------------------
     def map(self, fn: Callable[[T], R], items: Iterable[T], stage: str,
-            retries: int | None = None) -> list[R]:
+            retries: int | None = None, labels: Iterable[str] | None = None) -> list[R]:
         """``[fn(item) for item in items]`` on the workers, results in item order.
 
         An item whose task raises is re-run up to ``retries`` times (default: the
         spec's); an item whose worker/job dies is re-run on another worker.  When an
         item still fails, the stage is cancelled and ``EngineError`` names the stage
-        and the item.
+        and the item (by its entry in ``labels``, when given).  An error marked
+        ``retryable = False`` (``blmm.errors.InputError``, ``DiskFullError``) is not
+        retried: the stage is cancelled and that error is raised as it is.
         """
         items = list(items)
+        labels = None if labels is None else [str(label) for label in labels]
+        if labels is not None and len(labels) != len(items):
+            raise ValueError(f"{len(labels)} labels for {len(items)} items")
         retries = self.spec.retries if retries is None else _as_int(retries, "retries", 0)
         stage = _check_stage(stage)
         if not items:
             return []
         if self.client is None:
-            return inline_map(fn, items, stage, retries, self.spec.progress)
+            return inline_map(fn, items, stage, retries, self.spec.progress, labels)
 
         prefix = _key_prefix(stage)
         nodes: dict[str, _Node] = {}
-        futures = []
+        task = _Task(fn)
         for index, item in enumerate(items):
             key = f"{prefix}-{index}"
-            future = self.client.submit(fn, item, key=key, retries=retries, pure=False)
+            future = self.client.submit(task, item, key=key, retries=retries, pure=False)
             nodes[key] = _Node(future, index)
-            futures.append(future)
-        self._drive(stage, nodes, items, retries)
-        return _collect(stage, lambda: self.client.gather(futures))
+        self._drive(stage, nodes, items, retries, labels)
+        return [node.result for node in nodes.values()]
 
     # ---- the wait loop for dask stages -------------------------------------------------
-    def _drive(self, stage: str, nodes: dict[str, _Node], items: list, retries: int) -> None:
+    def _drive(self, stage: str, nodes: dict[str, _Node], items: list, retries: int,
+               labels: list[str] | None = None) -> None:
         """Wait for every node, keep the cluster at its size, fail fast on errors."""
         finished: queue_mod.SimpleQueue[str] = queue_mod.SimpleQueue()
         for key, node in nodes.items():
@@ -168,7 +205,15 @@ class Engine:
                         continue
                     status = node.future.status if node.future is not None else "finished"
                     if status != "finished":
-                        self._fail(stage, nodes, key, items, retries)
+                        self._fail(stage, nodes, key, items, retries, labels)
+                    # fetched now: a refused task fails the stage at once, and a result is
+                    # not lost with its worker later (the future is released)
+                    node.result = _collect(stage, node.future.result)
+                    node.future = None
+                    if isinstance(node.result, _Refused):
+                        refused = node.result
+                        node.done = True
+                        raise refused.exc
                     node.done = True
                     remaining -= 1
                     progress.advance()
@@ -198,10 +243,10 @@ class Engine:
                 self._cancel(nodes)
 
     def _fail(self, stage: str, nodes: dict[str, _Node], key: str, items: list,
-              retries: int) -> None:
+              retries: int, labels: list[str] | None = None) -> None:
         node = nodes[key]
         future = node.future
-        what = _describe_item(node.index, items[node.index])
+        what = _describe_item(node.index, items[node.index], labels)
         index: int | None = node.index
         if future.status == "cancelled":
             raise EngineError(f"stage {stage}: {what} was cancelled (the dask scheduler lost it)",

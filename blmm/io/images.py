@@ -90,13 +90,43 @@ def _suffix_and_format(path: Path) -> tuple[str, str]:
     )
 
 
+_COMPRESSED_SUFFIXES = (".gz", ".mgz")
+
+
+def _truncation(path: Path, offset: int, shape: tuple[int, ...], dtype: Any) -> str | None:
+    """Why an uncompressed image file is shorter than its header says (None when it is not)."""
+    if path.name.lower().endswith(_COMPRESSED_SUFFIXES):
+        return None  # the size of the data is only known by decompressing it (read time)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    expected = int(offset) + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if size >= expected:
+        return None
+    return (f"{path}: truncated: the header says {'x'.join(str(d) for d in shape)} {np.dtype(dtype).name} "
+            f"values from byte {int(offset)} ({expected} bytes in all), but the file has {size} bytes")
+
+
+def _check_complete(path: Path, image: Any) -> None:
+    """ImageError when the loaded (lazy) image's file is shorter than its header says."""
+    proxy = getattr(image, "dataobj", None)
+    offset = getattr(proxy, "offset", None)
+    if offset is None or not hasattr(proxy, "shape") or not hasattr(proxy, "dtype"):
+        return
+    problem = _truncation(path, offset, tuple(proxy.shape), proxy.dtype)
+    if problem is not None:
+        raise ImageError(problem)
+
+
 def _nib_load(path: Path) -> Any:
     if not path.exists():
         raise ImageError(f"{path}: file not found")
     try:
         return nib.load(str(path))
     except Exception as err:  # nibabel raises many types for corrupt files
-        raise ImageError(f"{path}: cannot be read as an image ({type(err).__name__}: {err})") from None
+        raise ImageError(f"{path}: cannot be read as an image, the file may be truncated or corrupt "
+                         f"({type(err).__name__}: {err})") from None
 
 
 def _open(path: str | os.PathLike) -> tuple[ImageSpace, Any]:
@@ -115,6 +145,7 @@ def _open(path: str | os.PathLike) -> tuple[ImageSpace, Any]:
         return ImageSpace("dat", (size // 4,), ".dat", source=path), None
 
     image = _nib_load(path)
+    _check_complete(path, image)
     if isinstance(image, cifti2.Cifti2Image):
         return _cifti_space(path, image), image
     if isinstance(image, nib.Nifti1Image):  # also NIfTI-2 (a subclass)
@@ -216,6 +247,9 @@ def _nifti_space_from_header(path: Path, suffix: str) -> ImageSpace | None:
         return None
     if header["magic"].item() not in (b"n+1", b"n+2") or int(header["intent_code"]) in _CIFTI_INTENTS:
         return None
+    problem = _truncation(path, header.get_data_offset(), header.get_data_shape(), header.get_data_dtype())
+    if problem is not None:
+        raise ImageError(problem)
     # As nib.load leaves its header: scaling lives in the data proxy, offset set on save.
     header.set_slope_inter(None, None)
     header["vox_offset"] = 0
@@ -285,7 +319,11 @@ def _data_matrix(path: Path, space: ImageSpace, image: Any, dat_dtype: np.dtype 
     if space.format == "gifti":
         arrays = _gifti_arrays(path, image)
         return _native(arrays[0] if len(arrays) == 1 else np.column_stack(arrays))
-    data = np.asanyarray(image.dataobj)
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as err:  # truncated or corrupt data (zlib, EOF, short reads)
+        raise ImageError(f"{path}: its data cannot be read, the file is truncated or corrupt "
+                         f"({type(err).__name__}: {err})") from None
     if space.format == "cifti":
         return _native(np.ascontiguousarray(data.T))
     # NIfTI / MGH: C-order ravel of the spatial dims, volumes last.

@@ -9,9 +9,12 @@ rename), so a reader never sees a half-written file.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from blmm.errors import CompareError, InputError, ViewerError
+from blmm.errors import CompareError, DiskFullError, InputError, ViewerError
 from blmm.io.images import SUPPORTED_SUFFIXES, ImageSpace, image_space, map_path, read_map
 
 # ------------------------------------------------------------------ file names
@@ -51,6 +54,11 @@ def batch_files(workdir: Path, b: int) -> tuple[Path, Path]:
     return workdir / f"batch{b:05d}.stats.npy", workdir / f"batch{b:05d}.present.npy"
 
 
+def batch_counts_file(workdir: Path, b: int) -> Path:
+    """How many values of image batch b were treated as missing, by reason (JSON)."""
+    return workdir / f"batch{b:05d}.missing.json"
+
+
 def block_file(workdir: Path, k: int) -> Path:
     """Results of voxel block k."""
     return workdir / f"block{k:05d}.npz"
@@ -79,17 +87,73 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
 
 
 def save_array_atomically(path: Path, array: np.ndarray) -> None:
-    """``np.save`` through a temporary file and a rename."""
+    """``np.save`` through a temporary file and a rename (the temporary goes if it fails)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_arrays_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` through a temporary file and a rename."""
+    """``np.savez`` through a temporary file and a rename (the temporary goes if it fails)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------ disk space
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def human_bytes(size: float) -> str:
+    """1536 -> '1.5 kB' (powers of 1000, as df -H)."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if abs(size) < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Free space on the filesystem of ``folder`` (None when it cannot be asked)."""
+    try:
+        return int(shutil.disk_usage(folder).free)
+    except OSError:
+        return None
+
+
+def is_disk_full(err: BaseException | None) -> bool:
+    """Whether ``err`` (or an error it was raised from) is 'no space left' or 'quota exceeded'."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+@contextmanager
+def disk_full_as_error(outdir: str | os.PathLike, needed: int, writing: str):
+    """Turn a full disk while writing into outdir into one DiskFullError naming outdir and the space needed."""
+    try:
+        yield
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        free = free_bytes(outdir)
+        free_text = "" if free is None else f", {human_bytes(free)} free now"
+        raise DiskFullError(
+            f"outdir {outdir}: the disk is full (no space left while writing {writing}); this run needs about "
+            f"{human_bytes(needed)} there{free_text}. Free some space and rerun the same command: "
+            "it resumes from the finished work") from None
 
 
 # ------------------------------------------------------------------ the run record
@@ -267,6 +331,22 @@ def find_map(outdir: str | os.PathLike, name: str) -> Path:
 def holds_maps(outdir: Path, stat_prefix: str = "") -> bool:
     """Whether ``outdir`` holds any ``blmm_vox_<stat_prefix>*`` file."""
     return any(Path(outdir).glob(f"{MAP_PREFIX}{stat_prefix}*"))
+
+
+def remove_run_outputs(outdir: str | os.PathLike) -> list[Path]:
+    """Delete what a previous run left in ``outdir``: its maps, record, inputs copy, float64
+    log-likelihood and report, and temporaries of those; only files named here. Returns them."""
+    folder = Path(outdir)
+    owned = {RUN_FILE, INPUTS_FILE, LLH64_FILE, REPORT_FILE}
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        name = path.name
+        temporary = name.startswith(".") and ".tmp" in name and (
+            name[1:].startswith(MAP_PREFIX) or any(name[1:].startswith(f"{own}.") for own in owned))
+        if (name in owned or map_stat_and_extension(name) is not None or temporary) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def remove_stale_maps(outdir: Path, stats: tuple[str, ...], keep: list[str]) -> None:

@@ -18,17 +18,21 @@ from blmm.io.outdir import LLH64_FILE, RUN_FILE, WORK_DIR
 from blmm.pipeline.plan import OutdirConflict, RunPlan, input_hash, plan_run
 from blmm.pipeline.run import NothingFitted, RunSummary, fit_blocks, read_images, record_run, run, summary_text
 from blmm.pipeline.stages import (
+    MISSING_REASONS,
     SCREEN_REASONS,
     batch_files,
+    check_disk_space,
     block_file,
     drop_reasons,
     fit_block,
+    missing_value_counts,
     read_batch,
+    space_needed,
     write_outputs,
 )
 
 __all__ = [
-    "LLH64_FILE", "RUN_FILE", "SCREEN_REASONS", "WORK_DIR", "NothingFitted", "OutdirConflict", "RunPlan",
-    "RunSummary", "batch_files", "block_file", "drop_reasons", "fit_block", "fit_blocks", "input_hash",
+    "LLH64_FILE", "MISSING_REASONS", "RUN_FILE", "SCREEN_REASONS", "WORK_DIR", "NothingFitted", "OutdirConflict", "RunPlan",
+    "RunSummary", "batch_files", "block_file", "check_disk_space", "missing_value_counts", "space_needed", "drop_reasons", "fit_block", "fit_blocks", "input_hash",
     "plan_run", "read_batch", "read_images", "record_run", "run", "summary_text", "write_outputs",
 ]

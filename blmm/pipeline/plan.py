@@ -14,7 +14,18 @@ from blmm import __version__
 from blmm.config import Config
 from blmm.errors import InputError
 from blmm.io.images import read_mask
-from blmm.io.outdir import MANIFEST_FILE, RUN_FILE, WORK_DIR, holds_maps, recorded_hash, write_text_atomically
+from blmm.io.outdir import (
+    MANIFEST_FILE,
+    RUN_FILE,
+    WORK_DIR,
+    batch_counts_file,
+    batch_files,
+    block_file,
+    holds_maps,
+    recorded_hash,
+    remove_run_outputs,
+    write_text_atomically,
+)
 
 
 @dataclass(frozen=True)
@@ -33,18 +44,42 @@ class RunPlan:
     def n_stat_columns(self) -> int:
         return self.config.p + self.config.q + 1
 
+    def __repr__(self) -> str:  # short: dask prints task arguments, errors name items
+        return (f"RunPlan(outdir={str(self.config.outdir)!r}, {self.config.n} images, {self.voxels.size} voxels, "
+                f"{len(self.batches)} batches, {len(self.blocks)} blocks)")
+
 
 def input_hash(config: Config) -> str:
     """Hash of the resolved inputs and the size/mtime of every input file."""
     h = hashlib.sha256()
-    h.update(__version__.encode())
-    h.update(json.dumps(config.to_yaml_dict(), sort_keys=True, default=str).encode())
-    files = list(config.y_files) + list(config.data_mask_files or [])
-    if config.analysis_mask is not None:
-        files.append(config.analysis_mask)
+    h.update(model_hash(config).encode())
+    _hash_files(h, list(config.y_files) + list(config.data_mask_files or []))
+    return h.hexdigest()[:16]
+
+
+def _hash_files(h, files) -> None:
     for f in files:
         st = os.stat(f)
         h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+
+
+def batch_hashes(config: Config, batches) -> list[str]:
+    """Per image batch: a hash of the size/mtime of its images (and data masks)."""
+    hashes = []
+    for start, stop in batches:
+        h = hashlib.sha256()
+        _hash_files(h, list(config.y_files[start:stop]) + list((config.data_mask_files or [])[start:stop]))
+        hashes.append(h.hexdigest()[:16])
+    return hashes
+
+
+def model_hash(config: Config) -> str:
+    """Hash of everything but the images: settings, tables, analysis mask (a fixed image may be reread)."""
+    h = hashlib.sha256()
+    h.update(__version__.encode())
+    h.update(json.dumps(config.to_yaml_dict(), sort_keys=True, default=str).encode())
+    if config.analysis_mask is not None:
+        _hash_files(h, [config.analysis_mask])
     h.update(config.X.tobytes())
     for fac in config.factors:
         h.update(np.asarray(fac.labels).astype(str).tobytes())
@@ -94,8 +129,9 @@ def _prepare_outdir(plan: RunPlan, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     run_file = out / RUN_FILE
     manifest = plan.workdir / MANIFEST_FILE
-    if force:
+    if force:  # start clean: no partial result, map or record of an earlier run may survive
         shutil.rmtree(plan.workdir, ignore_errors=True)
+        remove_run_outputs(out)
     else:
         if run_file.exists():
             previous = recorded_hash(run_file)
@@ -108,6 +144,8 @@ def _prepare_outdir(plan: RunPlan, force: bool) -> None:
                 "choose another outdir or use --force to overwrite it")
         if manifest.exists():
             previous = recorded_hash(manifest)
+            if previous != plan.input_hash and _only_images_changed(plan, manifest):
+                previous = plan.input_hash  # the batches of the changed images were discarded
             if previous != plan.input_hash:
                 raise OutdirConflict(
                     f"outdir {out} holds an unfinished run of different inputs (hash {previous}, now "
@@ -118,8 +156,29 @@ def _prepare_outdir(plan: RunPlan, force: bool) -> None:
         elif holds_maps(out):
             raise OutdirConflict(f"outdir {out} already holds blmm maps from another run; use --force to overwrite them")
     plan.workdir.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(manifest, json.dumps({"input_hash": plan.input_hash, "layout": _layout_key(plan),
-                                       "version": __version__}, indent=1))
+    write_text_atomically(manifest, json.dumps({
+        "input_hash": plan.input_hash, "model_hash": model_hash(plan.config),
+        "batch_hashes": batch_hashes(plan.config, plan.batches), "layout": _layout_key(plan),
+        "version": __version__}, indent=1))
+
+
+def _only_images_changed(plan: RunPlan, manifest: Path) -> bool:
+    """When only some images changed since the manifest (say a corrupt one was replaced), with the
+    same model and layout: discard the partial sums of their batches and every block result, and
+    say True, so the rerun keeps the other batches."""
+    recorded = json.loads(manifest.read_text())
+    then = recorded.get("batch_hashes")
+    if (recorded.get("model_hash") != model_hash(plan.config) or recorded.get("layout") != _layout_key(plan)
+            or not isinstance(then, list) or len(then) != len(plan.batches)):
+        return False
+    now = batch_hashes(plan.config, plan.batches)
+    for b, (old, new) in enumerate(zip(then, now)):
+        if old != new:
+            for path in (*batch_files(plan.workdir, b), batch_counts_file(plan.workdir, b)):
+                path.unlink(missing_ok=True)
+    for k in range(len(plan.blocks)):
+        block_file(plan.workdir, k).unlink(missing_ok=True)
+    return True
 
 
 def _layout_key(plan: RunPlan) -> list:

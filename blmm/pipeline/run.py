@@ -9,9 +9,16 @@ from pathlib import Path
 from blmm import __version__
 from blmm.config import Config
 from blmm.errors import InputError
-from blmm.io.outdir import write_inputs, write_run_record
+from blmm.io.outdir import disk_full_as_error, write_inputs, write_run_record
 from blmm.pipeline.plan import RunPlan, plan_run
-from blmm.pipeline.stages import fit_block, read_batch, volume_names, write_outputs
+from blmm.pipeline.stages import (
+    check_disk_space,
+    fit_block,
+    read_batch,
+    space_needed,
+    volume_names,
+    write_outputs,
+)
 
 
 @dataclass
@@ -31,6 +38,7 @@ def run(config: Config, engine=None, force: bool = False, log=print) -> RunSumma
             return run(config, eng, force, log)
     timings: dict[str, float] = {}
     plan = plan_run(config, force=force)
+    check_disk_space(plan)
     timings["plan"] = time.perf_counter() - t0
     log(f"blmm: {config.n} images, {plan.voxels.size} voxels in the analysis mask, p = {config.p}, "
         f"{len(plan.batches)} image batch(es), {len(plan.blocks)} voxel block(s)")
@@ -59,13 +67,15 @@ def timed(timings: dict, name: str, stage, *args):
 
 def read_images(plan: RunPlan, engine) -> RunPlan:
     """Stage 2 on the engine: every image batch's partial sums."""
-    engine.map(_read_batch_task, [(plan, b) for b in range(len(plan.batches))], stage="read images")
+    engine.map(_read_batch_task, [(plan, b) for b in range(len(plan.batches))], stage="read images",
+               labels=[f"image batch {b}: images {a + 1}-{z} of {plan.config.n}" for b, (a, z) in enumerate(plan.batches)])
     return plan
 
 
 def fit_blocks(plan: RunPlan, engine) -> RunPlan:
     """Stage 3 on the engine: every voxel block fitted and tested."""
-    engine.map(_fit_block_task, [(plan, k) for k in range(len(plan.blocks))], stage="fit and test")
+    engine.map(_fit_block_task, [(plan, k) for k in range(len(plan.blocks))], stage="fit and test",
+               labels=[f"voxel block {k}: {z - a} voxels" for k, (a, z) in enumerate(plan.blocks)])
     return plan
 
 
@@ -73,7 +83,6 @@ def record_run(plan: RunPlan, engine, counts: dict, timings: dict) -> Path:
     """Stage 5: inputs.yml and blmm_run.json (last: it marks the run finished); the work folder goes."""
     config = plan.config
     out = Path(config.outdir)
-    write_inputs(out, config.to_yaml_dict())
     record = {
         "version": __version__,
         "input_hash": plan.input_hash,
@@ -90,7 +99,9 @@ def record_run(plan: RunPlan, engine, counts: dict, timings: dict) -> Path:
     }
     if config.formula is not None:
         record["formula"] = config.formula.record()
-    write_run_record(out, record)
+    with disk_full_as_error(out, space_needed(plan)["total"], "the run record"):
+        write_inputs(out, config.to_yaml_dict())
+        write_run_record(out, record)
     shutil.rmtree(plan.workdir, ignore_errors=True)  # the maps are complete: partial sums go
     return out
 
@@ -120,6 +131,8 @@ def summary_text(counts: dict, seconds: float) -> str:
         lines.append(f"  {counts['boundary']} voxels have a singular random-effects covariance (boundary fit)")
     for why, k in counts["dropped"].items():
         lines.append(f"  {k} voxels dropped: {why}")
+    for why, k in counts.get("missing_values", {}).items():
+        lines.append(f"  {k} image values treated as missing: {why}")
     return "\n".join(lines)
 
 

@@ -13,7 +13,9 @@ finished batch and block files, which the manifest ties to the inputs' hash.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,17 @@ from blmm.core.sufficient import (
 from blmm.core.fit import FAILED, FITTED, NOT_FITTED, STATUS_NAMES, STOP_NAMES, fit_stats
 from blmm.io import outdir as _outdir
 from blmm.io.images import read_image, read_mask, write_map
-from blmm.io.outdir import LLH64_FILE, map_name, save_array_atomically, save_arrays_atomically
+from blmm.errors import DiskFullError
+from blmm.io.outdir import (
+    LLH64_FILE,
+    disk_full_as_error,
+    free_bytes,
+    human_bytes,
+    map_name,
+    save_array_atomically,
+    save_arrays_atomically,
+    write_text_atomically,
+)
 from blmm.core.linalg import vech_index
 from blmm.pipeline.plan import RunPlan
 
@@ -42,7 +54,7 @@ SCREEN_REASONS = {
     BELOW_MIN_PERCENT: "below MinPercent",
     BELOW_MIN_N: "below MinN",
     SAFE_MODE: "safeMode: n <= number of random effects",
-    TOO_FEW_FOR_P: "n <= p + 1",
+    TOO_FEW_FOR_P: "too few observations (n <= p + 1)",
 }
 
 
@@ -87,51 +99,97 @@ def block_file(plan: RunPlan, k: int) -> Path:
     return _outdir.block_file(plan.workdir, k)
 
 
+# why an image value counts as missing (blmm_run.json "missing_values"), in the order they are checked
+MISSING_REASONS = {
+    "nonfinite": "not finite (NaN or infinite)",
+    "data_mask": "outside the image's data mask",
+    "data_mask_thresh": "below data_mask_thresh",
+    "zero": "zero (zero_is_missing)",
+}
+
+
 def read_batch(plan: RunPlan, b: int) -> str:
     """Read batch b's images once; write its partial sums for every analysis voxel."""
     stats_path, present_path = batch_files(plan, b)
     if present_path.exists():  # finished before an interruption
         return str(present_path)
+    with disk_full_as_error(plan.config.outdir, space_needed(plan)["total"], f"the partial sums of image batch {b}"):
+        tmp_stats = stats_path.with_name(f".{stats_path.name}.tmp{os.getpid()}.npy")
+        try:
+            missing = _read_batch(plan, b, tmp_stats)
+            os.replace(tmp_stats, stats_path)
+        finally:
+            tmp_stats.unlink(missing_ok=True)  # nothing half-written stays behind
+        bits = missing.pop("_bits")
+        write_text_atomically(_outdir.batch_counts_file(plan.workdir, b), json.dumps(missing))
+        save_array_atomically(present_path, bits)  # written last: marks the batch finished
+    return str(present_path)
+
+
+def _read_batch(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
+    """Batch b's partial sums into ``tmp_stats``; the missing-value counts and presence bits."""
     cfg = plan.config
     start, stop = plan.batches[b]
     voxels = plan.voxels
     layout = FactorLayout.from_factors(cfg.factors)
     p, q = cfg.p, layout.n_columns
-    tmp_stats = stats_path.with_name(f".{stats_path.name}.tmp{os.getpid()}.npy")
+    missing = dict.fromkeys(MISSING_REASONS, 0)
     out = _RowFile(tmp_stats, voxels.size, p + q + 1)
-    packed = []
-    # images per chunk: Y in float64 plus its presence mask (~10 bytes a value) in a quarter
-    # of MAXMEM, a multiple of 8 so the presence bits pack chunk by chunk
-    chunk = max(8, int(cfg.maxmem // 4 // (10 * voxels.size)) // 8 * 8)
-    vox_chunk = max(1, int(cfg.maxmem // 4 // (8 * (p + q + 1) + 8 * chunk)))
-    for c0 in range(start, stop, chunk):
-        c1 = min(c0 + chunk, stop)
-        Y = np.empty((c1 - c0, voxels.size))
-        present = np.empty(Y.shape, bool)
-        for i, row in enumerate(range(c0, c1)):  # each image is read once
-            y = read_image(cfg.y_files[row], cfg.space)[voxels]
-            ok = np.isfinite(y)
-            if cfg.data_mask_files is not None:
-                ok &= read_mask(cfg.data_mask_files[row], cfg.space)[voxels]
-            if cfg.data_mask_thresh is not None:
-                ok &= y >= cfg.data_mask_thresh
-            if cfg.zero_is_missing:
-                ok &= y != 0
-            Y[i] = np.where(ok, y, 0.0)
-            present[i] = ok
-        X = cfg.X[c0:c1]
-        Z = random_effects_matrix([f.subset(slice(c0, c1)) for f in cfg.factors], layout)
-        for a in range(0, voxels.size, vox_chunk):  # bounded memory for large q
-            Yc = Y[:, a:a + vox_chunk]
-            rows = out.read(a, a + Yc.shape[1]) if c0 > start else np.zeros((Yc.shape[1], p + q + 1))
-            out.write(a, accumulate_data_sums(rows, X, Z, Yc))
-        packed.append(np.packbits(present, axis=0))
-        del Y, present
+    try:
+        packed = []
+        # images per chunk: Y in float64 plus its presence mask (~10 bytes a value) in a quarter
+        # of MAXMEM, a multiple of 8 so the presence bits pack chunk by chunk
+        chunk = max(8, int(cfg.maxmem // 4 // (10 * voxels.size)) // 8 * 8)
+        vox_chunk = max(1, int(cfg.maxmem // 4 // (8 * (p + q + 1) + 8 * chunk)))
+        for c0 in range(start, stop, chunk):
+            c1 = min(c0 + chunk, stop)
+            Y = np.empty((c1 - c0, voxels.size))
+            present = np.empty(Y.shape, bool)
+            for i, row in enumerate(range(c0, c1)):  # each image is read once
+                y = read_image(cfg.y_files[row], cfg.space)[voxels]
+                ok = np.isfinite(y)
+                missing["nonfinite"] += int(ok.size - ok.sum())
+                if cfg.data_mask_files is not None:
+                    inside = read_mask(cfg.data_mask_files[row], cfg.space)[voxels]
+                    missing["data_mask"] += int((ok & ~inside).sum())
+                    ok &= inside
+                if cfg.data_mask_thresh is not None:
+                    above = y >= cfg.data_mask_thresh
+                    missing["data_mask_thresh"] += int((ok & ~above).sum())
+                    ok &= above
+                if cfg.zero_is_missing:
+                    nonzero = y != 0
+                    missing["zero"] += int((ok & ~nonzero).sum())
+                    ok &= nonzero
+                Y[i] = np.where(ok, y, 0.0)
+                present[i] = ok
+            X = cfg.X[c0:c1]
+            Z = random_effects_matrix([f.subset(slice(c0, c1)) for f in cfg.factors], layout)
+            for a in range(0, voxels.size, vox_chunk):  # bounded memory for large q
+                Yc = Y[:, a:a + vox_chunk]
+                rows = out.read(a, a + Yc.shape[1]) if c0 > start else np.zeros((Yc.shape[1], p + q + 1))
+                out.write(a, accumulate_data_sums(rows, X, Z, Yc))
+            packed.append(np.packbits(present, axis=0))
+            del Y, present
+    except BaseException:
+        out.fh.close()  # the caller removes the file
+        raise
     out.close()
-    os.replace(tmp_stats, stats_path)
-    bits = np.concatenate(packed, axis=0).T.copy()  # (voxels, bytes)
-    save_array_atomically(present_path, bits)  # written last: marks the batch finished
-    return str(present_path)
+    missing["_bits"] = np.concatenate(packed, axis=0).T.copy()  # (voxels, bytes)
+    return missing
+
+
+def missing_value_counts(plan: RunPlan) -> dict[str, int]:
+    """Image values treated as missing, summed over the finished batches, by reason (only those > 0)."""
+    totals = dict.fromkeys(MISSING_REASONS, 0)
+    for b in range(len(plan.batches)):
+        try:
+            counts = json.loads(_outdir.batch_counts_file(plan.workdir, b).read_text())
+        except (OSError, ValueError):
+            continue
+        for key in totals:
+            totals[key] += int(counts.get(key, 0))
+    return {MISSING_REASONS[key]: k for key, k in totals.items() if k}
 
 
 def _block_inputs(plan: RunPlan, k: int):
@@ -190,7 +248,8 @@ def fit_block(plan: RunPlan, k: int) -> str:
         reason[keep] = fit.status
         results.update(_block_results(fit, inf, keep, n_obs.size, cfg))
         results["reason"] = reason
-    save_arrays_atomically(path, results)
+    with disk_full_as_error(cfg.outdir, space_needed(plan)["total"], f"the results of voxel block {k}"):
+        save_arrays_atomically(path, results)
     return str(path)
 
 
@@ -258,8 +317,52 @@ def volume_names(cfg: Config) -> dict[str, list[str]]:
     return {name[len(map_name("")):]: list(names) for name, _, _, names in _map_specs(cfg) if names}
 
 
+def space_needed(plan: RunPlan) -> dict[str, int]:
+    """Bytes a run writes into outdir, about: partial sums and block results (the work folder,
+    deleted at the end) and the maps, which exist together before the work folder goes."""
+    cfg = plan.config
+    V = plan.voxels.size
+    specs = _map_specs(cfg)
+    volumes = 3 + sum(len(names) if names else len(keys) for _, keys, _, names in specs)  # + n, mask, edf
+    partial = sum(256 + 8 * V * plan.n_stat_columns + V * -(-(b - a) // 8) + 512 for a, b in plan.batches)
+    blocks = sum(4096 + 8 * (hi - lo) * (volumes + 8) for lo, hi in plan.blocks)
+    n_voxels = cfg.space.n_voxels
+    per_map = 4096 + (8 * n_voxels if cfg.space.format == "cifti" else 0)  # headers (CIFTI: its brain models)
+    maps = 4 * n_voxels * volumes + per_map * (len(specs) + 3) + 8 * n_voxels + 4096  # + llh_float64, records
+    return {"partial": partial + blocks, "maps": maps, "total": partial + blocks + maps}
+
+
+def check_disk_space(plan: RunPlan) -> None:
+    """DiskFullError, with the numbers, when outdir's filesystem has less room than the run needs."""
+    need = space_needed(plan)
+    free = free_bytes(plan.config.outdir)
+    if free is None:
+        return
+    written = sum(f.stat().st_size for f in plan.workdir.glob("*") if f.is_file())  # finished work of a resumed run
+    if free + written < need["total"]:
+        raise DiskFullError(
+            f"outdir {plan.config.outdir}: not enough free space: this run needs about {human_bytes(need['total'])} "
+            f"there ({human_bytes(need['partial'])} of partial sums and block results, {human_bytes(need['maps'])} "
+            f"of maps){f', {human_bytes(written)} of it already written' if written else ''}, and the filesystem "
+            f"has {human_bytes(free)} free. Free some space or choose another outdir")
+
+
 def write_outputs(plan: RunPlan) -> dict:
-    """Assemble the block results into maps; returns the counts for the summary."""
+    """Assemble the block results into maps; returns the counts for the summary.
+
+    All or nothing: when a map cannot be written (a full disk), the maps already written are
+    removed again, so outdir never holds half of a run's maps."""
+    written: list[Path] = []
+    try:
+        with disk_full_as_error(plan.config.outdir, space_needed(plan)["total"], "the maps"):
+            return _write_outputs(plan, written)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _write_outputs(plan: RunPlan, written: list[Path]) -> dict:
     cfg = plan.config
     space = cfg.space
     out = Path(cfg.outdir)
@@ -278,12 +381,15 @@ def write_outputs(plan: RunPlan) -> dict:
                 arr[vox[lo:hi]] = pt
         return arr
 
+    def write(name, data, dtype, names=None):
+        written.append(write_map(out, name, data, space, dtype=dtype, volume_names=names))
+
     n_obs = gather("n_obs", 0, np.int64)
     reason = gather("reason", -1, np.int64)
     fitted = reason == FITTED
-    write_map(out, map_name("n"), n_obs.astype(np.int32), space, dtype="int32")
-    write_map(out, map_name("mask"), fitted.astype(np.int32), space, dtype="int32")
-    write_map(out, map_name("edf"), np.where(fitted, n_obs - cfg.p, 0).astype(np.int32), space, dtype="int32")
+    write(map_name("n"), n_obs.astype(np.int32), "int32")
+    write(map_name("mask"), fitted.astype(np.int32), "int32")
+    write(map_name("edf"), np.where(fitted, n_obs - cfg.p, 0).astype(np.int32), "int32")
     for name, keys, dtype, names in _map_specs(cfg):
         cols = []
         for key in keys:
@@ -292,9 +398,10 @@ def write_outputs(plan: RunPlan) -> dict:
         data = np.concatenate(cols, axis=1)
         if dtype == "float32":
             data[~fitted] = np.nan
-        write_map(out, name, data, space, dtype=dtype, volume_names=names)
+        write(name, data, dtype, names)
     llh = gather("llh", np.nan, np.float64)
     llh[~fitted] = np.nan
+    written.append(out / LLH64_FILE)
     save_array_atomically(out / LLH64_FILE, llh)
     converged = gather("converged", 0, np.int64).astype(bool) & fitted
     boundary = gather("boundary", 0, np.int64).astype(bool) & fitted
@@ -312,5 +419,6 @@ def write_outputs(plan: RunPlan) -> dict:
         "failed": int((reason == FAILED).sum()),
         "boundary": int(boundary.sum()),
         "dropped": {why: int((reason == r).sum()) for r, why in drop_reasons().items() if np.any(reason == r)},
+        "missing_values": missing_value_counts(plan),
     }
     return counts

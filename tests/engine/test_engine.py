@@ -56,6 +56,16 @@ def kill_worker_first_time(args: tuple[int, str]) -> int:
     return x + 100
 
 
+def bad_input_counting_attempts(args: tuple[int, str]) -> int:
+    """A deterministic input error: a marker file per attempt counts how often it ran."""
+    x, marker_dir = args
+    if x == 1:
+        attempts = len(list(Path(marker_dir).glob("attempt-*")))
+        (Path(marker_dir) / f"attempt-{attempts}").touch()
+        raise InputError(f"/data/img{x}.nii: truncated")
+    return x
+
+
 def kill_worker_always(x: int) -> int:
     if x == 1:
         os._exit(1)
@@ -99,6 +109,13 @@ def test_inline_retries_a_transient_failure(inline, tmp_path):
         inline.map(fail_first_time, [(0, str(fresh))], "no-retry", retries=0)
 
 
+def test_inline_input_error_is_not_retried(inline, tmp_path):
+    with pytest.raises(InputError, match=r"^/data/img1.nii: truncated$"):
+        inline.map(bad_input_counting_attempts, [(i, str(tmp_path)) for i in range(3)], "read",
+                   labels=["a", "b", "c"])
+    assert len(list(tmp_path.glob("attempt-*"))) == 1
+
+
 # ---- local cluster ---------------------------------------------------------------------
 
 def test_local_map_keeps_order(local2):
@@ -122,6 +139,19 @@ def test_local_retries_a_transient_failure(local2, tmp_path):
     fresh.mkdir()
     with pytest.raises(EngineError, match="stage no-retry: item 0 .* 1 attempt"):
         local2.map(fail_first_time, [(0, str(fresh))], "no-retry", retries=0)
+
+
+def test_local_input_error_is_not_retried_and_raised_as_it_is(local2, tmp_path):
+    with pytest.raises(InputError, match=r"^/data/img1.nii: truncated$"):
+        local2.map(bad_input_counting_attempts, [(i, str(tmp_path)) for i in range(3)], "read")
+    assert len(list(tmp_path.glob("attempt-*"))) == 1
+    assert local2.map(square, range(3), "after-refusal") == [0, 1, 4]
+
+
+def test_labels_name_the_failing_item(local2):
+    with pytest.raises(EngineError, match=r"stage validate: item 3 \(batch three\) failed after 2 attempt"):
+        local2.map(fail_on_three, range(5), "validate", labels=[f"batch {w}" for w in
+                                                                 ("zero", "one", "two", "three", "four")])
 
 
 def test_local_task_whose_worker_dies_is_rerun(local2, tmp_path):
