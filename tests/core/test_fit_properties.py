@@ -29,10 +29,10 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from blmm.design import RandomFactor
-from blmm.fit import METHODS, fit_stats
-from blmm.objective import DenseObjective, LevelObjective, SchurObjective
-from blmm.stats import sufficient_stats
+from blmm.core.design import RandomFactor
+from blmm.core.fit import METHODS, fit_stats
+from blmm.core.objective import DenseObjective, LevelObjective, SchurObjective
+from blmm.core.sufficient import sufficient_stats
 
 try:  # small dense algebra: BLAS threads only contend (100x slower on a loaded 2-core machine)
     from threadpoolctl import threadpool_limits
