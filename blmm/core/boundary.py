@@ -116,13 +116,15 @@ def _theta_coordinates(D: np.ndarray, G: np.ndarray):
     return J, curv, live
 
 
-def boundary_coordinates(H, dC, G_list, D, qk, free):
-    """Re-express H and dCov in lme4's θ for singular factors (interior ones keep vech D).
+def _phi_transform(G_list, D, qk, free):
+    """φ (σ², then vech D_k, or lme4's θ_k where D_k is singular) against (σ², vech D_1, …).
 
-    At an interior optimum the Satterthwaite df does not depend on the parametrisation;
-    on the boundary it does, and lmerTest's is θ.
+    Returns T = d(σ², vech D)/dφ (v, k, k), the curvature term of the deviance Hessian in φ,
+    which φ entries are live (dead θ: a zero Cholesky column, dropped as in lmerTest), the
+    voxels with any singular factor, and per factor the Cholesky factors Λ_k of the singular ones.
     """
-    v, k, _ = H.shape
+    v = D[0].shape[0]
+    k = free.shape[1]
     T = np.broadcast_to(np.eye(k), (v, k, k)).copy()
     curv = np.zeros((v, k, k))
     live = np.ones((v, k), bool)
@@ -141,6 +143,17 @@ def boundary_coordinates(H, dC, G_list, D, qk, free):
             live[rows, sl] = lv
             singular_any |= singular
         col += qu
+    return T, curv, live, singular_any
+
+
+def boundary_coordinates(H, dC, G_list, D, qk, free):
+    """Re-express H and dCov in lme4's θ for singular factors (interior ones keep vech D).
+
+    At an interior optimum the Satterthwaite df does not depend on the parametrisation;
+    on the boundary it does, and lmerTest's is θ.
+    """
+    k = H.shape[1]
+    T, curv, live, singular_any = _phi_transform(G_list, D, qk, free)
     if not np.any(singular_any):
         return H, dC, live
     Ht = np.swapaxes(T, 1, 2) @ H @ T + curv
@@ -154,36 +167,52 @@ def boundary_coordinates(H, dC, G_list, D, qk, free):
 def newton_polish(obj, data, D, ev, H, free, qk):
     """One Newton step on the profiled deviance with the observed Hessian already at hand.
 
-    Scoring converges linearly; this squares the remaining error of interior parameters so
-    that they, not just the log-likelihood, match an exact optimiser.  Singular factors are
-    held; the step is kept only where it does not lower the log-likelihood and D stays PSD.
-    Returns (D, its evaluation with gradient, moved rows mask).
+    Scoring converges linearly; this squares the remaining error of the parameters so that
+    they, not just the log-likelihood, match an exact optimiser.  Interior factors step in
+    vech D; singular ones within their face, in lme4's θ (D_k = Λ_kΛ_k', dead θ held at 0),
+    so a boundary optimum is polished too and D stays PSD.  The step is kept only where it
+    does not lower the log-likelihood.  Returns (D, its evaluation with gradient, moved mask).
     """
     v = D[0].shape[0]
     moved = np.zeros(v, bool)
-    fd = free[:, 1:]
-    use = np.any(fd, axis=1) & ev.ok & np.all(np.isfinite(H.reshape(v, -1)), axis=1)
+    use = ev.ok & np.all(np.isfinite(H.reshape(v, -1)), axis=1)
     if not np.any(use):
         return D, ev, moved
-    Hs, fd = H[use], fd[use]
-    Hp = Hs[:, 1:, 1:] - Hs[:, 1:, :1] * Hs[:, :1, 1:] / Hs[:, :1, :1]  # σ² profiled out
-    both = fd[:, :, None] & fd[:, None, :]
-    Hp = np.where(both, Hp, 0.0) + np.where(fd, 0.0, 1.0)[:, :, None] * np.eye(Hp.shape[-1])
-    g = np.where(fd, vech_grad(subset_eval(ev, np.flatnonzero(use)), qk), 0.0)
-    x, solved = la.safe_solve(Hp, g)
-    step = -np.nan_to_num(x)
     rows = np.flatnonzero(use)
-    trial, start = [], 0
+    sub_ev = subset_eval(ev, rows)
+    Dr = [Dk[rows] for Dk in D]
+    T, curv, live, _ = _phi_transform(sub_ev.grad, Dr, qk, free[rows])
+    Ht = np.swapaxes(T, 1, 2) @ H[rows] @ T + curv
+    g_full = np.concatenate([np.zeros((rows.size, 1)), vech_grad(sub_ev, qk)], axis=1)  # σ̂² is profiled
+    g = np.einsum("vij,vi->vj", T, g_full)[:, 1:]
+    Hp = Ht[:, 1:, 1:] - Ht[:, 1:, :1] * Ht[:, :1, 1:] / Ht[:, :1, :1]  # σ² profiled out
+    lv = live[:, 1:]
+    Hp = np.where(lv[:, :, None] & lv[:, None, :], Hp, 0.0) + np.where(lv, 0.0, 1.0)[:, :, None] * np.eye(Hp.shape[-1])
+    x, solved = la.safe_solve(Hp, np.where(lv, g, 0.0))
+    step = np.where(lv, -np.nan_to_num(x), 0.0)
+    trial, start, col = [], 0, 1
     for f, q in enumerate(qk):
         r, c = la.vech_index(q)
+        part = step[:, start:start + r.size]
+        singular = ~free[rows, col]
         dv = np.zeros((rows.size, q, q))
-        dv[:, r, c] = step[:, start:start + r.size]
-        dv[:, c, r] = step[:, start:start + r.size]
-        trial.append(D[f][rows] + dv)
+        dv[:, r, c] = part
+        dv[:, c, r] = part
+        Dt = Dr[f] + dv
+        if np.any(singular):  # within the face: Λ + dΛ in θ, lower triangular
+            L = _lower_cholesky(Dr[f][singular])
+            dL = np.zeros_like(L)
+            dL[:, r, c] = part[singular]
+            Lt = L + dL
+            Dt[singular] = Lt @ np.swapaxes(Lt, 1, 2)
+        trial.append(Dt)
         start += r.size
+        col += r.size
     psd = solved.copy()
     for Dt in trial:
-        psd &= np.min(np.linalg.eigvalsh(Dt), axis=1) >= 0
+        psd &= np.min(np.linalg.eigvalsh(la.sym(Dt)), axis=1) >= -1e-14 * np.maximum(
+            np.max(np.abs(Dt), axis=(1, 2)), 1e-300)
+    trial = [la.project_psd(Dt) for Dt in trial]
     with np.errstate(invalid="ignore", divide="ignore"):  # non-PSD trials are rejected below
         ev_t = obj.evaluate(trial, take_rows(data, rows, v), grad=True)
     good = ev_t.ok & psd & (ev_t.llh >= ev.llh[rows])

@@ -25,6 +25,11 @@ def check_method(method: str) -> str:
     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
 
+# a voxel whose steps all fail is converged when one more step is predicted to gain less than
+# this fraction of |llh|: near a singular D the quadratic model's gain is not realised in float64
+STUCK_GAIN_RELATIVE = 1e-10
+
+
 @dataclass
 class ScoringResult:
     """Where the scoring iterations of one voxel block stopped."""
@@ -118,7 +123,8 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
         # a voxel that found no better point stops: converged if nothing was left to gain
         stuck = np.zeros(active.size, bool)
         stuck[pending] = it > 1
-        stuck_converged = stuck & (gain < tol)
+        # no step raised llh: converged unless the model predicts a gain float64 could resolve
+        stuck_converged = stuck & (gain < np.maximum(tol, STUCK_GAIN_RELATIVE * np.abs(new_llh)))
         converged[active[stuck_converged]] = True
         stop[active[stuck_converged]] = CONVERGED
         stop[active[stuck & ~stuck_converged]] = STEP_FAILED
