@@ -215,7 +215,8 @@ def newton_polish(obj, data, D, ev, H, free, qk):
     trial = [la.project_psd(Dt) for Dt in trial]
     with np.errstate(invalid="ignore", divide="ignore"):  # non-PSD trials are rejected below
         ev_t = obj.evaluate(trial, take_rows(data, rows, v), grad=True)
-    good = ev_t.ok & psd & (ev_t.llh >= ev.llh[rows])
+    # at an optimum the Newton point can differ from the current one by rounding alone
+    good = ev_t.ok & psd & (ev_t.llh >= ev.llh[rows] - 1e-13 * np.abs(ev.llh[rows]))
     if not np.any(good):
         return D, ev, moved
     D = [Dk.copy() for Dk in D]

@@ -27,7 +27,7 @@ def check_method(method: str) -> str:
 
 # a voxel whose steps all fail is converged when one more step is predicted to gain less than
 # this fraction of |llh|: near a singular D the quadratic model's gain is not realised in float64
-STUCK_GAIN_RELATIVE = 1e-10
+STUCK_GAIN_RELATIVE = 1e-9
 
 
 @dataclass
