@@ -21,6 +21,7 @@ import numpy as np
 from blmm import linalg as la
 from blmm.design import RandomFactor
 from blmm.objective import DenseObjective, Evaluation, LevelObjective, SchurObjective
+from blmm.objective_nested import NestedObjective, check_memory, nested_tree
 from blmm.stats import SufficientStats, sufficient_stats
 
 METHODS = ("pSFS", "SFS", "pFS", "FS")
@@ -119,11 +120,17 @@ def fit_stats(
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
     layout = stats.layout
     n_factors = len(layout.q)
+    tree = nested_tree(layout) if structure in ("auto", "nested") else None
+    if structure == "auto" and tree is not None and len(tree) == n_factors:
+        structure = "nested"  # every factor nests in one tree: eliminate by its outer level
     if structure == "auto":
         small_columns = layout.n_columns - max(l * q for l, q in zip(layout.n_levels, layout.q))
         structure = "levels" if n_factors == 1 else ("schur" if small_columns <= 2000 else "dense")
-    if structure not in ("levels", "schur", "dense"):
-        raise ValueError(f"unknown structure {structure!r}; expected auto, levels, schur or dense")
+    if structure not in ("levels", "schur", "dense", "nested"):
+        raise ValueError(f"unknown structure {structure!r}; expected auto, levels, schur, dense or nested")
+    if structure == "nested" and (tree is None or len(tree) != n_factors):
+        raise ValueError("the 'nested' structure needs every random factor nested in one tree "
+                         "(e.g. subjects within families)")
     if structure == "levels" and n_factors != 1:
         raise ValueError("the 'levels' structure needs exactly one random factor")
     if structure == "schur" and n_factors < 2:
@@ -131,6 +138,7 @@ def fit_stats(
     v, p = stats.n_voxels, stats.p
     qk = list(layout.q)
     k = 1 + sum(q * (q + 1) // 2 for q in qk)
+    check_memory(structure, layout, p, max_block_bytes)  # refuse before any work, with numbers
     res = _empty_result(v, p, qk, k, list(layout.names), reml, method)
     res.n_obs[:] = stats.voxel_n_obs()
     threads = (os.cpu_count() or 1) if threads is None else max(1, int(threads))
@@ -155,6 +163,9 @@ def fit_stats(
             lv, pu = obj.level, p + obj.qR
             per_voxel = 8 * (12 * lv.C * lv.q ** 2 + lv.Cb * len(lv.pairs) * (pu + 1) + 12 * pu * pu
                              + 8 * obj.qR ** 2 + (k + 6) * p * p)
+        elif structure == "nested":
+            obj = NestedObjective(XtX, stats.ZtX[u], stats.ZtZ[u], n, layout, reml, tree)
+            per_voxel = obj.per_voxel_bytes() + 8 * (k + 6) * p * p
         else:
             obj = DenseObjective(XtX, stats.ZtX[u], stats.ZtZ[u], n, layout, reml)
             per_voxel = 8 * (10 * obj.qtot ** 2 + (k + 6) * p * p)

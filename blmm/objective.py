@@ -201,7 +201,8 @@ class LevelObjective:
                 YtVY -= np.einsum("vj,vj->v", wy, data.ys[a])
         return XtVX, XtVY, YtVY, logdetV, R
 
-    def gradient_parts(self, R, data: "LevelData", gamma: np.ndarray, Omega: np.ndarray | None):
+    def gradient_parts(self, R, data: "LevelData", gamma: np.ndarray, Omega: np.ndarray | None,
+                       with_info: bool = True):
         """Σ_j T_j, Σ_j u_j u_j' with u_j = R_j(y_j - X_j γ), Σ_j R_j X_j Ω X_j' R_j', and the information.
 
         With γ = β̂ and Ω = C (REML) these give the deviance gradient; a caller that augments
@@ -250,6 +251,8 @@ class LevelObjective:
                 val = sum(np.einsum("vc,vc->v", RH[a][f], R[b][f]) for f in range(q))
                 corr[:, a, b] = val
                 corr[:, b, a] = val
+        if not with_info:  # NestedObjective reduces the information itself
+            return T_sum, uu, corr, None
         info = np.empty((v, q, q, q, q))
         for a in range(q):  # F[(a,b),(c,d)] = Σ_c m_c T[b,c] T[a,d]
             for b in range(q):

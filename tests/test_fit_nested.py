@@ -1,0 +1,163 @@
+"""Nested random factors (subjects within families): the nested structure against the dense one."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from blmm.design import RandomFactor
+from blmm.fit import METHODS, fit_stats
+from blmm.objective_nested import NestedObjective, nested_tree
+from blmm.stats import FactorLayout, sufficient_stats
+
+
+def family_design(seed, n_families=14, max_subjects=3, max_visits=3, slope=False, balanced=False):
+    """Families of 1..max_subjects subjects with 1..max_visits visits; returns X, factors, truth."""
+    rng = np.random.default_rng(seed)
+    fam, subj, time = [], [], []
+    s = 0
+    for f in range(n_families):
+        m = max_subjects if balanced else rng.integers(1, max_subjects + 1)
+        for _ in range(m):
+            k = max_visits if balanced else rng.integers(1, max_visits + 1)
+            t = np.sort(rng.uniform(0, 3, k)) if slope else np.arange(k, dtype=float)
+            fam += [f] * k
+            subj += [s] * k
+            time += list(t)
+            s += 1
+    fam, subj, time = np.array(fam), np.array(subj), np.array(time)
+    n = fam.size
+    X = np.column_stack([np.ones(n), rng.standard_normal(n), time])
+    Zs = np.column_stack([np.ones(n), time]) if slope else np.ones((n, 1))
+    factors = [RandomFactor("family", fam * 7 + 3, np.ones((n, 1))), RandomFactor("subject", subj, Zs)]
+    return X, factors, fam, subj, Zs, rng
+
+
+def simulate(X, fam, subj, Zs, rng, v=6):
+    n = X.shape[0]
+    Y = X @ rng.standard_normal((X.shape[1], v))
+    Y += rng.standard_normal((fam.max() + 1, v))[fam] * rng.uniform(0.3, 1.5, v)
+    bs = rng.standard_normal((subj.max() + 1, Zs.shape[1], v)) * rng.uniform(0.2, 1.2, (1, Zs.shape[1], v))
+    Y += np.einsum("nq,nqv->nv", Zs, bs[subj])
+    Y += rng.standard_normal((n, v)) * rng.uniform(0.5, 1.5, v)
+    return Y
+
+
+def test_layout_detects_nesting():
+    X, factors, *_ = family_design(0)
+    layout = FactorLayout.from_factors(factors)
+    assert layout.parent[0] is None
+    assert layout.parent[1][0] == 0
+    assert nested_tree(layout) == [0, 1]
+    crossed = [factors[1], RandomFactor("site", np.arange(X.shape[0]) % 3, np.ones((X.shape[0], 1)))]
+    assert nested_tree(FactorLayout.from_factors(crossed)) is None
+
+
+def _compare(stats, reml, method, llh_tol=1e-8, par_tol=1e-6):
+    a = fit_stats(stats, reml=reml, method=method, structure="nested", tol=1e-10)
+    b = fit_stats(stats, reml=reml, method=method, structure="dense", tol=1e-10)
+    assert np.all(a.fitted == b.fitted)
+    assert np.all(np.abs(a.llh - b.llh) <= llh_tol * np.maximum(1, np.abs(b.llh)))
+    assert np.all(np.abs(a.beta - b.beta) <= par_tol * np.maximum(1, np.abs(b.beta)))
+    np.testing.assert_allclose(a.sigma2, b.sigma2, rtol=par_tol, atol=0)
+    for Da, Db in zip(a.D, b.D):
+        assert np.all(np.abs(Da - Db) <= par_tol * np.maximum(1, np.abs(Db)))
+
+
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("slope", [False, True])
+def test_evaluation_matches_dense(reml, slope):
+    """llh, gradient, Σ T and information at arbitrary D, including a missing-rows pattern."""
+    X, factors, fam, subj, Zs, rng = family_design(1, slope=slope)
+    Y = simulate(X, fam, subj, Zs, rng, v=4)
+    Y[[0, 5], 1] = np.nan
+    stats = sufficient_stats(Y, X, factors)
+    from blmm.objective import DenseObjective
+    for u in range(stats.patterns.shape[0]):
+        vox = np.flatnonzero(stats.pattern_of_voxel == u)
+        args = (stats.XtX[u], stats.ZtX[u], stats.ZtZ[u], int(stats.n_obs[u]), stats.layout, reml)
+        nest, dense = NestedObjective(*args), DenseObjective(*args)
+        D = [np.broadcast_to(np.array([[0.7]]), (vox.size, 1, 1)).copy(),
+             np.broadcast_to(np.array([[0.5, 0.1], [0.1, 0.3]]) if slope else np.array([[0.4]]),
+                             (vox.size, Zs.shape[1], Zs.shape[1])).copy()]
+        ea = nest.evaluate(D, nest.data(stats.XtY[vox], stats.ZtY[vox], stats.YtY[vox]), grad=True)
+        eb = dense.evaluate(D, dense.data(stats.XtY[vox], stats.ZtY[vox], stats.YtY[vox]), grad=True)
+        np.testing.assert_allclose(ea.llh, eb.llh, rtol=1e-10)
+        np.testing.assert_allclose(ea.beta, eb.beta, rtol=1e-8, atol=1e-10)
+        for k in range(2):
+            np.testing.assert_allclose(ea.grad[k], eb.grad[k], rtol=1e-8, atol=1e-8)
+            np.testing.assert_allclose(ea.T_sum[k], eb.T_sum[k], rtol=1e-8, atol=1e-8)
+            np.testing.assert_allclose(ea.uu_sum[k], eb.uu_sum[k], rtol=1e-8, atol=1e-8)
+        np.testing.assert_allclose(ea.info, eb.info, rtol=1e-8, atol=1e-8)
+
+
+def test_classes_share_canonical_blocks():
+    """Families whose subjects have visit counts (1, 3) and (3, 1) fall in one class."""
+    labels_f = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    labels_s = np.array([0, 1, 1, 1, 2, 2, 2, 3])
+    n = labels_f.size
+    factors = [RandomFactor("family", labels_f, np.ones((n, 1))), RandomFactor("subject", labels_s, np.ones((n, 1)))]
+    X = np.ones((n, 1))
+    stats = sufficient_stats(np.random.default_rng(0).standard_normal((n, 2)), X, factors)
+    obj = NestedObjective(stats.XtX[0], stats.ZtX[0], stats.ZtZ[0], n, stats.layout, True)
+    assert len(obj.levels) == 1
+    lv = obj.levels[0]
+    assert lv.q == 3 and lv.C == 1 if lv.Cb else lv.Ls == 2
+    keys = {tuple(lv.g[a][b][i] for a in range(3) for b in range(3)) for i in range(lv.C)}
+    assert len(keys) == 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("reml", [True, False])
+def test_fit_matches_dense_intercepts(method, reml):
+    X, factors, fam, subj, Zs, rng = family_design(2, n_families=16)
+    Y = simulate(X, fam, subj, Zs, rng)
+    Y[[1, 4, 9], 2] = np.nan  # a missing-rows pattern
+    Y[[0], 3] = np.nan
+    _compare(sufficient_stats(Y, X, factors), reml, method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("reml", [True, False])
+def test_fit_matches_dense_slopes(method, reml):
+    X, factors, fam, subj, Zs, rng = family_design(3, n_families=14, slope=True)
+    Y = simulate(X, fam, subj, Zs, rng, v=4)
+    Y[[2, 7], 1] = np.nan
+    _compare(sufficient_stats(Y, X, factors), reml, method)
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_fit_matches_dense_balanced(reml):
+    X, factors, fam, subj, Zs, rng = family_design(4, n_families=8, max_subjects=2, max_visits=2,
+                                                   balanced=True)
+    Y = simulate(X, fam, subj, Zs, rng, v=5)
+    _compare(sufficient_stats(Y, X, factors), reml, "pSFS")
+
+
+def test_auto_picks_nested():
+    X, factors, fam, subj, Zs, rng = family_design(5)
+    Y = simulate(X, fam, subj, Zs, rng, v=3)
+    stats = sufficient_stats(Y, X, factors)
+    a = fit_stats(stats)
+    b = fit_stats(stats, structure="nested")
+    np.testing.assert_array_equal(a.llh, b.llh)
+
+
+def test_nested_structure_needs_nesting():
+    n = 40
+    rng = np.random.default_rng(0)
+    factors = [RandomFactor("a", np.arange(n) % 4, np.ones((n, 1))), RandomFactor("b", np.arange(n) % 5, np.ones((n, 1)))]
+    stats = sufficient_stats(rng.standard_normal((n, 2)), np.ones((n, 1)), factors)
+    with pytest.raises(ValueError, match="nested"):
+        fit_stats(stats, structure="nested")
+
+
+def test_refuses_crossed_structure_too_big_for_memory():
+    """Two crossed factors with thousands of levels: refused up front, with the numbers."""
+    n = 6000
+    rng = np.random.default_rng(0)
+    factors = [RandomFactor("subject", np.arange(n) % 3000, np.ones((n, 1))),
+               RandomFactor("scanner_session", (np.arange(n) * 7) % 2500, np.ones((n, 1)))]
+    stats = sufficient_stats(rng.standard_normal((n, 2)), np.ones((n, 1)), factors)
+    for structure in ("auto", "dense", "schur"):
+        with pytest.raises(ValueError, match=r"MiB per voxel.*subject: 3000 levels x q=1.*scanner_session: 2500"):
+            fit_stats(stats, structure=structure, max_block_bytes=2**28)
