@@ -182,7 +182,8 @@ class NestedObjective:
                         P[(o + a) * b + o + cc, x] = 1.0
                         terms[x].append((o + a, o + cc))
                 o += qk[k]
-            lv = LevelObjective(XtX, ZtX[perm], ZtZ[perm][:, perm], n, b, reml)
+            # a class of a few families already pays for aggregated data sums (block sizes are small)
+            lv = LevelObjective(XtX, ZtX[perm], ZtZ[perm][:, perm], n, b, reml, big_class_min=max(2, b))
             self.levels.append(lv)
             self.perm.append(perm)
             self.P.append(P)
