@@ -161,3 +161,62 @@ def test_refuses_crossed_structure_too_big_for_memory():
     for structure in ("auto", "dense", "schur"):
         with pytest.raises(ValueError, match=r"MiB per voxel.*subject: 3000 levels x q=1.*scanner_session: 2500"):
             fit_stats(stats, structure=structure, max_block_bytes=2**28)
+
+
+# ---- against lme4 / lmerTest (tests/reference/make_family_reference.py, fit_lme4.R) ----------
+
+def _check_against_lme4(fit, inf, ref, names, min_ok=1):
+    gain = fit.llh - ref["llh"]
+    assert gain.min() >= -1e-6, f"llh below lme4's by {-gain.min():.2e}"
+    ok = ~ref["singular"]
+    assert ok.sum() >= min_ok
+    scale = np.sqrt(np.diagonal(ref["vcov"], axis1=1, axis2=2))
+    assert (np.abs(fit.beta - ref["beta"]) / scale)[ok].max() < 1e-5
+    assert (np.abs(fit.sigma2 - ref["sigma2"]) / ref["sigma2"])[ok].max() < 1e-5
+    for k, name in enumerate(names):
+        s2D, rD = fit.D[k] * fit.sigma2[:, None, None], ref["sigma2D"][name]
+        d = np.sqrt(np.abs(np.diagonal(rD, axis1=1, axis2=2)))
+        assert (np.abs(s2D - rD) / (d[:, :, None] * d[:, None, :]))[ok].max() < 1e-5
+    for ours, theirs in zip(inf.t, ref["T"]):
+        assert np.abs(ours.t - theirs["t"])[ok].max() < 1e-5 * max(1.0, np.abs(theirs["t"][ok]).max())
+        assert (np.abs(ours.df - theirs["df"]) / theirs["df"])[ok].max() < 1e-3
+    for ours, theirs in zip(inf.f, ref["F"]):
+        assert (np.abs(ours.F - theirs["F"]) / theirs["F"])[ok].max() < 1e-5
+        assert (np.abs(ours.df - theirs["DenDF"]) / theirs["DenDF"])[ok].max() < 1e-3
+
+
+@pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
+@pytest.mark.parametrize("case_name", ["family_abcd_small", "family_slope_small"])
+def test_small_family_design_against_lme4(case_name, reml):
+    from blmm.design import Contrast
+    from blmm.fit import fit_lmm
+    from blmm.inference import infer
+    from tests.reference.load import load_case
+    case = load_case(case_name)
+    factors = [RandomFactor(*f) for f in case.factors]
+    fit = fit_lmm(case.Y, case.X, factors, reml=reml)
+    assert fit.converged.all()
+    inf = infer(fit, [Contrast.from_vector(n, v) for n, v in case.contrasts])
+    _check_against_lme4(fit, inf, case.reml if reml else case.ml, [f.name for f in factors])
+
+
+@pytest.mark.slow
+def test_full_size_family_design_against_lme4():
+    """benchmarks/abcd_family.py's design (4,317 families, 9,835 images, p = 23) at 8 vertices."""
+    import json
+    from pathlib import Path
+
+    from blmm.design import Contrast
+    from blmm.inference import infer
+    from tests.reference.load import _parse_results
+    from tests.reference.make_family_reference import full_case
+    d = Path(__file__).resolve().parent / "reference" / "data" / "family_abcd_full"
+    X, fam, subj, Zs, Y = full_case()
+    factors = [RandomFactor("f1", fam, Zs[0]), RandomFactor("f2", subj, Zs[1])]
+    contrasts = [Contrast.from_vector(c["name"], c["vector"]) for c in json.loads((d / "contrasts.json").read_text())]
+    for reml in (True, False):
+        stats = sufficient_stats(Y, X, factors)
+        fit = fit_stats(stats, reml=reml)
+        assert fit.converged.all()
+        ref = _parse_results(d / f"lme4_{'REML' if reml else 'ML'}.json", ["f1", "f2"])
+        _check_against_lme4(fit, infer(fit, contrasts), ref, ["f1", "f2"], min_ok=4)
