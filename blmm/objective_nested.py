@@ -165,23 +165,14 @@ class NestedObjective:
         soff = np.concatenate([[0], np.cumsum([q * q for q in self.q])]).astype(int)
         self.s = int(soff[-1])
         self.soff = soff
+        self.spans = self._spanned(tree, parent_of, node_factor, present, parent_node, Gd, Gx, qk)
         self.levels, self.perm, self.P, self.Pterms, self.shapes = [], [], [], [], []
         for shape, members in groups.items():
-            b = sum(qk[k] for k in shape)
+            P, keep, terms = self._block_map(shape, members[0], parent_node, qk, tree, soff)
             perm = np.concatenate([np.concatenate([off[node_factor[x]] + node_level[x] * qk[node_factor[x]]
-                                                   + np.arange(qk[node_factor[x]]) for x in nodes])
+                                                   + np.arange(qk[node_factor[x]]) for x in nodes])[keep]
                                    for nodes in members]).astype(np.int64)
-            P = np.zeros((b * b, self.s))
-            terms = [[] for _ in range(self.s)]  # reduced index -> block entries (i, j)
-            o = 0
-            for k in shape:
-                ti = tree.index(k)
-                for a in range(qk[k]):
-                    for cc in range(qk[k]):
-                        x = soff[ti] + a * qk[k] + cc
-                        P[(o + a) * b + o + cc, x] = 1.0
-                        terms[x].append((o + a, o + cc))
-                o += qk[k]
+            b = int(keep.size)
             # a class of a few families already pays for aggregated data sums (block sizes are small)
             lv = LevelObjective(XtX, ZtX[perm], ZtZ[perm][:, perm], n, b, reml, big_class_min=max(2, b))
             self.levels.append(lv)
@@ -189,6 +180,72 @@ class NestedObjective:
             self.P.append(P)
             self.Pterms.append(terms)
             self.shapes.append(shape)
+
+    @staticmethod
+    def _spanned(tree, parent_of, node_factor, present, parent_node, Gd, Gx, qk) -> dict:
+        """Factors whose Z columns are their child factor's columns times a fixed matrix a_k
+        (e.g. a family intercept = the sum of its subjects' intercepts): {k: a_k (q_child, q_k)}.
+
+        Found from Z'Z alone: a_k by least squares pooled over all nodes, accepted when the
+        residual Σ ||Z_k - Σ_children Z_c a_k||² vanishes.  Such a factor's block columns are
+        then dropped: its D_k enters the children's block as a_k D_k a_k' (fewer columns)."""
+        out = {}
+        for k in tree:
+            kids = [c for c in tree if parent_of.get(c) == k]
+            if len(kids) != 1:
+                continue
+            c = kids[0]
+            ch = np.flatnonzero(present & (node_factor == c))
+            par = np.flatnonzero(present & (node_factor == k))
+            qc, qp = qk[c], qk[k]
+            Gcc = Gd[ch, :qc, :qc].sum(axis=0)
+            Gck = Gx[ch, :qc, :qp].sum(axis=0)
+            try:
+                a = np.linalg.solve(Gcc, Gck)
+            except np.linalg.LinAlgError:
+                continue
+            total = np.trace(Gd[par, :qp, :qp].sum(axis=0))
+            resid = total - 2 * np.trace(a.T @ Gck) + np.trace(a.T @ Gcc @ a)
+            if total > 0 and abs(resid) <= 1e-10 * total:
+                out[k] = np.round(a, 12)
+        return out
+
+    def _block_map(self, shape, nodes, parent_node, qk, tree, soff):
+        """P (b_kept², s) with vec D̃ = P vec[D_k], the kept block positions, and P's terms.
+
+        D_block = blockdiag over the block's nodes of D_k; the columns of a spanned factor
+        are Z_block = Z_kept E', so D̃ = E' D_block E and P = (E' ⊗ E') P_block."""
+        b = sum(qk[k] for k in shape)
+        start = np.concatenate([[0], np.cumsum([qk[k] for k in shape])]).astype(int)
+        local = {x: i for i, x in enumerate(nodes)}
+        Pb = np.zeros((b * b, self.s))
+        for i, k in enumerate(shape):
+            ti, o = tree.index(k), start[i]
+            for a in range(qk[k]):
+                for cc in range(qk[k]):
+                    Pb[(o + a) * b + o + cc, soff[ti] + a * qk[k] + cc] = 1.0
+        dropped = np.zeros(b, bool)
+        for i, k in enumerate(shape):
+            if k in self.spans:
+                dropped[start[i]:start[i + 1]] = True
+        keep = np.flatnonzero(~dropped)
+        E = np.zeros((b, b))
+        E[keep, keep] = 1.0
+        for i in reversed(range(len(shape))):  # children come after their parent in the order
+            k = shape[i]
+            if k not in self.spans:
+                continue
+            a = self.spans[k]
+            for x in nodes[i + 1:]:
+                if parent_node[x] == nodes[i]:
+                    j = local[x]
+                    E[start[i]:start[i + 1]] += a.T @ E[start[j]:start[j + 1]]
+        E = E[:, keep]
+        bk = keep.size
+        P = np.kron(E.T, E.T) @ Pb
+        P[np.abs(P) < 1e-14] = 0.0
+        terms = [[(r // bk, r % bk, P[r, x]) for r in np.flatnonzero(P[:, x])] for x in range(self.s)]
+        return P, keep, terms
 
     @staticmethod
     def _depth(parent_of, k):
@@ -275,9 +332,9 @@ class NestedObjective:
                 if not terms[x] or not terms[y]:
                     continue
                 acc = 0.0
-                for i, j in terms[x]:
-                    for i2, j2 in terms[y]:
-                        acc = acc + T(j, i2) * T(i, j2)
+                for i, j, w in terms[x]:
+                    for i2, j2, w2 in terms[y]:
+                        acc = acc + (w * w2) * T(j, i2) * T(i, j2)
                 val = acc @ lv.mu
                 out[:, x, y] = val
                 out[:, y, x] = val
