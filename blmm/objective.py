@@ -283,6 +283,9 @@ def _inv_entries(A):
     if q == 2:
         det = A[0][0] * A[1][1] - A[0][1] * A[1][0]
         return [[A[1][1] / det, -A[0][1] / det], [-A[1][0] / det, A[0][0] / det]]
+    fast = _gauss_jordan_entries(A)
+    if fast is not None:
+        return fast[0]
     M = np.stack([np.stack(row, -1) for row in A], -2)
     Mi = np.linalg.inv(M)
     return [[Mi[..., a, b] for b in range(q)] for a in range(q)]
@@ -294,9 +297,38 @@ def _logdet_entries(A):
         return np.log(A[0][0])
     if q == 2:
         return np.log(A[0][0] * A[1][1] - A[0][1] * A[1][0])
+    fast = _gauss_jordan_entries(A)
+    if fast is not None:
+        return fast[1]
     M = np.stack([np.stack(row, -1) for row in A], -2)
     sign, logdet = np.linalg.slogdet(M)
     return np.where(sign > 0, logdet, np.nan)
+
+
+def _gauss_jordan_entries(A):
+    """(inverse entries, log det) of small q x q matrices given entry-wise, by Gauss-Jordan
+    elimination vectorised over the entry arrays (batched LAPACK on tiny matrices is ~50x
+    slower); None if a pivot is small, and the caller falls back to LAPACK."""
+    q = len(A)
+    shape = np.broadcast_shapes(*[np.shape(a) for row in A for a in row])
+    M = [[np.broadcast_to(np.asarray(A[i][j], dtype=np.float64), shape) for j in range(q)]
+         + [np.full(shape, 1.0 if i == k else 0.0) for k in range(q)] for i in range(q)]
+    logdet = np.zeros(shape)
+    sign = np.ones(shape)
+    for k in range(q):
+        piv = M[k][k]
+        scale = np.maximum(np.max(np.abs(np.stack(M[k][:q])), axis=0), 1e-300)
+        if np.any(np.abs(piv) < 1e-8 * scale):
+            return None
+        logdet = logdet + np.log(np.abs(piv))
+        sign = sign * np.sign(piv)
+        rowk = [m / piv for m in M[k]]
+        M[k] = rowk
+        for i in range(q):
+            if i != k:
+                f = M[i][k]
+                M[i] = [mi - f * mk for mi, mk in zip(M[i], rowk)]
+    return [row[q:] for row in M], np.where(sign > 0, logdet, np.nan)
 
 
 def _entries_to_matrix(entries, q, v):

