@@ -175,7 +175,7 @@ def test_refuses_crossed_structure_too_big_for_memory():
 
 # ---- against lme4 / lmerTest (tests/reference/make_family_reference.py, fit_lme4.R) ----------
 
-def _check_against_lme4(fit, inf, ref, names, min_ok=1):
+def _check_against_lme4(fit, inf, ref, names, min_ok=1, d_tol=1e-5):
     gain = fit.llh - ref["llh"]
     assert gain.min() >= -1e-6, f"llh below lme4's by {-gain.min():.2e}"
     ok = ~ref["singular"]
@@ -186,7 +186,7 @@ def _check_against_lme4(fit, inf, ref, names, min_ok=1):
     for k, name in enumerate(names):
         s2D, rD = fit.D[k] * fit.sigma2[:, None, None], ref["sigma2D"][name]
         d = np.sqrt(np.abs(np.diagonal(rD, axis1=1, axis2=2)))
-        assert (np.abs(s2D - rD) / (d[:, :, None] * d[:, None, :]))[ok].max() < 1e-5
+        assert (np.abs(s2D - rD) / (d[:, :, None] * d[:, None, :]))[ok].max() < d_tol
     for ours, theirs in zip(inf.t, ref["T"]):
         assert np.abs(ours.t - theirs["t"])[ok].max() < 1e-5 * max(1.0, np.abs(theirs["t"][ok]).max())
         assert (np.abs(ours.df - theirs["df"]) / theirs["df"])[ok].max() < 1e-3
@@ -229,4 +229,6 @@ def test_full_size_family_design_against_lme4():
         fit = fit_stats(stats, reml=reml)
         assert fit.converged.all()
         ref = _parse_results(d / f"lme4_{'REML' if reml else 'ML'}.json", ["f1", "f2"])
-        _check_against_lme4(fit, infer(fit, contrasts), ref, ["f1", "f2"], min_ok=4)
+        # the log-likelihoods agree to ~1e-9 (1e-12 relative, the accuracy of n = 9,835 sums);
+        # at that precision the family variance (82% singleton families) is pinned to ~2e-5
+        _check_against_lme4(fit, infer(fit, contrasts), ref, ["f1", "f2"], min_ok=4, d_tol=5e-5)
