@@ -21,7 +21,7 @@ import numpy as np
 from blmm import linalg as la
 from blmm.design import RandomFactor
 from blmm.objective import DenseObjective, Evaluation, LevelObjective, SchurObjective
-from blmm.objective_nested import NestedObjective, check_memory, nested_tree
+from blmm.objective_nested import NestedObjective, NestedSchurObjective, check_memory, nested_tree
 from blmm.stats import SufficientStats, sufficient_stats
 
 METHODS = ("pSFS", "SFS", "pFS", "FS")
@@ -120,11 +120,13 @@ def fit_stats(
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
     layout = stats.layout
     n_factors = len(layout.q)
-    tree = nested_tree(layout) if structure in ("auto", "nested") else None
+    tree = nested_tree(layout) if structure in ("auto", "nested", "schur") else None
     if structure == "auto" and tree is not None and len(tree) == n_factors:
         structure = "nested"  # every factor nests in one tree: eliminate by its outer level
     if structure == "auto":
         small_columns = layout.n_columns - max(l * q for l, q in zip(layout.n_levels, layout.q))
+        if tree is not None:  # the nesting tree is eliminated; the other factors stay dense
+            small_columns = layout.n_columns - sum(layout.n_levels[f] * layout.q[f] for f in tree)
         structure = "levels" if n_factors == 1 else ("schur" if small_columns <= 2000 else "dense")
     if structure not in ("levels", "schur", "dense", "nested"):
         raise ValueError(f"unknown structure {structure!r}; expected auto, levels, schur, dense or nested")
@@ -138,7 +140,7 @@ def fit_stats(
     v, p = stats.n_voxels, stats.p
     qk = list(layout.q)
     k = 1 + sum(q * (q + 1) // 2 for q in qk)
-    check_memory(structure, layout, p, max_block_bytes)  # refuse before any work, with numbers
+    check_memory(structure, layout, p, max_block_bytes, tree)  # refuse before any work, with numbers
     res = _empty_result(v, p, qk, k, list(layout.names), reml, method)
     res.n_obs[:] = stats.voxel_n_obs()
     threads = (os.cpu_count() or 1) if threads is None else max(1, int(threads))
@@ -158,6 +160,9 @@ def fit_stats(
         if structure == "levels":
             obj = LevelObjective(XtX, stats.ZtX[u], stats.ZtZ[u], n, qk[0], reml)
             per_voxel = 8 * (12 * obj.C * qk[0] ** 2 + obj.Cb * len(obj.pairs) * (p + 1) + (k + 6) * p * p)
+        elif structure == "schur" and tree is not None and len(tree) < n_factors:  # nesting tree + dense rest
+            obj = NestedSchurObjective(XtX, stats.ZtX[u], stats.ZtZ[u], n, layout, reml, tree)
+            per_voxel = obj.per_voxel_bytes() + 8 * (k + 6) * p * p
         elif structure == "schur":
             obj = SchurObjective(XtX, stats.ZtX[u], stats.ZtZ[u], n, layout, reml)
             lv, pu = obj.level, p + obj.qR

@@ -26,7 +26,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from blmm import linalg as la
-from blmm.objective import Evaluation, LevelObjective, _profiled
+from blmm.objective import (Evaluation, LevelObjective, SchurData, SchurObjective, _factor_pair_information,
+                             _profiled)
 
 MAX_NESTED_BLOCK = 16  # largest block (columns per outer level) the nested route takes on its own
 
@@ -358,7 +359,7 @@ def _factor_sizes(layout) -> str:
     return ", ".join(f"{name}: {l} levels x q={q}" for name, l, q in zip(layout.names, layout.n_levels, layout.q))
 
 
-def check_memory(structure: str, layout, p: int, max_block_bytes: int) -> None:
+def check_memory(structure: str, layout, p: int, max_block_bytes: int, tree: list | None = None) -> None:
     """Refuse, before any work, a structure whose per-voxel dense part does not fit in the budget.
 
     The dense structure solves a q x q system per voxel, Schur a q_R x q_R one (q_R: the
@@ -371,9 +372,14 @@ def check_memory(structure: str, layout, p: int, max_block_bytes: int) -> None:
         what = f"a dense {qd} x {qd} system per voxel"
     elif structure == "schur":
         widths = [l * q for l, q in zip(layout.n_levels, layout.q)]
-        qd = layout.n_columns - max(widths)
+        if tree is not None and len(tree) < len(widths):
+            qd = layout.n_columns - sum(widths[k] for k in tree)
+            names = "the nested factors " + ", ".join(layout.names[k] for k in tree)
+        else:
+            qd = layout.n_columns - max(widths)
+            names = "the factor with most levels"
         need = 8 * (12 * (p + qd) ** 2 + 8 * qd ** 2)
-        what = f"a dense {qd} x {qd} remainder per voxel after eliminating the factor with most levels"
+        what = f"a dense {qd} x {qd} remainder per voxel after eliminating {names}"
     else:
         return
     if need > max_block_bytes:
@@ -383,3 +389,106 @@ def check_memory(structure: str, layout, p: int, max_block_bytes: int) -> None:
             f"{max_block_bytes / 2**20:,.0f} MiB (MAXMEM); refusing before fitting. Factors that "
             f"cross with thousands of levels each cannot be fitted exactly within this budget: "
             f"raise MAXMEM, or drop or nest one of the factors")
+
+
+class NestedSchurObjective(SchurObjective):
+    """A nesting tree eliminated by its outer blocks, plus crossed factors with few columns kept dense.
+
+    E.g. (1|site) + (1|family) + (1|subject): families and subjects go through
+    `NestedObjective` with the sites' columns riding along with X (U = [X, Z_R]); a second
+    Woodbury step over the q_R site columns gives V⁻¹, as in `SchurObjective`.
+    """
+
+    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, tree: list[int]):
+        ZtZ = sp.csr_matrix(ZtZ)
+        self.n, self.p, self.reml = int(n), XtX.shape[0], bool(reml)
+        self.qk = layout.q
+        nlev, off = layout.n_levels, layout.offsets
+        self.tree = list(tree)
+        self.small = [k for k in range(len(self.qk)) if k not in self.tree]
+        if not self.small:
+            raise ValueError("no crossed factor left: use NestedObjective")
+        small_cols = np.concatenate([np.arange(off[k], off[k + 1]) for k in self.small])
+        self.small_cols = small_cols
+        self.qR = small_cols.size
+        ZRtX = ZtX[small_cols]
+        ZRtZR = np.asarray(ZtZ[small_cols][:, small_cols].todense())
+        UtU = np.block([[XtX, ZRtX.T], [ZRtX, ZRtZR]])
+        ZtU = np.hstack([ZtX, np.asarray(ZtZ[:, small_cols].todense())])  # all Z columns; the tree picks its own
+        self.level = NestedObjective(UtU, ZtU, ZtZ, n, layout, reml, self.tree)
+        self.small_offsets = np.concatenate([[0], np.cumsum([nlev[k] * self.qk[k] for k in self.small])])
+        self.small_levels = [nlev[k] for k in self.small]
+        self.small_q = [self.qk[k] for k in self.small]
+        self.eye_p = np.eye(self.p)
+
+    def per_voxel_bytes(self) -> int:
+        pu = self.p + self.qR
+        return self.level.per_voxel_bytes() + 8 * (12 * pu * pu + 8 * self.qR ** 2)
+
+    def data(self, XtY, ZtY, YtY) -> SchurData:
+        UtY = np.hstack([XtY, ZtY[:, self.small_cols]])
+        return SchurData(self.level.data(UtY, ZtY, YtY), np.ascontiguousarray(ZtY[:, self.small_cols]),
+                         np.ascontiguousarray(XtY))
+
+    def evaluate(self, D_list, data: SchurData, sigma2=None, grad=False) -> Evaluation:
+        v = D_list[0].shape[0]
+        p, qR = self.p, self.qR
+        UVU, UVY, YVY1, logdetV1, R = self.level.products(D_list, data.level)
+        A_XX, A_XR, A_RR = UVU[:, :p, :p], UVU[:, :p, p:], la.sym(UVU[:, p:, p:])
+        a_XY, a_RY = UVY[:, :p], UVY[:, p:]
+        Lam = self._small_blockdiag(D_list)  # Λ Λ' = D_R
+        Lm = np.linalg.cholesky(la.sym(np.eye(qR) + np.swapaxes(Lam, 1, 2) @ A_RR @ Lam))
+        logdetV = logdetV1 + 2.0 * np.sum(np.log(np.diagonal(Lm, axis1=1, axis2=2)), axis=1)
+        LiLt = np.linalg.solve(Lm, np.swapaxes(Lam, 1, 2))  # L⁻¹Λ'
+        Bx = LiLt @ np.swapaxes(A_XR, 1, 2)
+        by = np.einsum("vab,vb->va", LiLt, a_RY)
+        XtVX = la.sym(A_XX - np.swapaxes(Bx, 1, 2) @ Bx)
+        XtVY = a_XY - np.einsum("vqp,vq->vp", Bx, by)
+        YtVY = YVY1 - np.einsum("vq,vq->v", by, by)
+        ev = _profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+        beta, C = ev.beta, ev.C
+        if not grad:
+            return ev
+        S = np.swapaxes(LiLt, 1, 2) @ LiLt  # Λ M⁻¹ Λ'
+        rR = a_RY - np.einsum("vpq,vp->vq", A_XR, beta)
+        gamma = np.concatenate([beta, np.einsum("vab,vb->va", S, rR)], axis=1)
+        Omega = np.zeros((v, p + qR, p + qR))
+        Omega[:, p:, p:] = S
+        if self.reml:
+            B = np.concatenate([np.broadcast_to(self.eye_p, (v, p, p)), -(S @ np.swapaxes(A_XR, 1, 2))], axis=1)
+            Omega += B @ C @ np.swapaxes(B, 1, 2)
+        T1, uu1, corr1, info1 = self.level.gradient_parts(R, data.level, gamma, la.sym(Omega))
+        s2 = ev.sigma2[:, None, None]
+        IAS = np.eye(qR) - A_RR @ S
+        TR = la.sym(IAS @ A_RR)
+        uR = np.einsum("vab,vb->va", IAS, rR)
+        PR = TR.copy()
+        if self.reml:
+            ZVX = IAS @ np.swapaxes(A_XR, 1, 2)
+            PR = PR - ZVX @ C @ np.swapaxes(ZVX, 1, 2)
+        GR = PR - uR[:, :, None] * uR[:, None, :] / s2
+        nf = len(self.qk)
+        grads, T_sums, uus = [None] * nf, [None] * nf, [None] * nf
+        for i, k in enumerate(self.tree):
+            grads[k] = la.sym(T1[i] - corr1[i] - uu1[i] / s2)
+            T_sums[k], uus[k] = T1[i], uu1[i]
+        uuR = uR[:, :, None] * uR[:, None, :]
+        for i, k in enumerate(self.small):
+            grads[k] = la.sym(self._small_factor_sum(GR, i))
+            T_sums[k] = self._small_factor_sum(TR, i)
+            uus[k] = self._small_factor_sum(uuR, i)
+        ev.grad, ev.T_sum, ev.uu_sum = grads, T_sums, uus
+        # expected information: the tree's (with its cross terms) from V₁, the crossed factors' from V
+        starts = np.concatenate([[0], np.cumsum([q * q for q in self.qk])]).astype(int)
+        info = np.zeros((v, starts[-1], starts[-1]))
+        ts = self.level.soff
+        for i, k in enumerate(self.tree):
+            for i2, k2 in enumerate(self.tree):
+                info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = info1[:, ts[i]:ts[i + 1], ts[i2]:ts[i2 + 1]]
+        small_info = _factor_pair_information(TR, self.small_offsets[:-1], self.small_levels, self.small_q)
+        ss = np.concatenate([[0], np.cumsum([q * q for q in self.small_q])]).astype(int)
+        for i, k in enumerate(self.small):
+            for i2, k2 in enumerate(self.small):
+                info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = small_info[:, ss[i]:ss[i + 1], ss[i2]:ss[i2 + 1]]
+        ev.info = info
+        return ev

@@ -55,8 +55,8 @@ def test_layout_detects_nesting():
     assert nested_tree(FactorLayout.from_factors(crossed)) is None
 
 
-def _compare(stats, reml, method, llh_tol=1e-8, par_tol=1e-6):
-    a = fit_stats(stats, reml=reml, method=method, structure="nested", tol=1e-10)
+def _compare(stats, reml, method, llh_tol=1e-8, par_tol=1e-6, structure="nested"):
+    a = fit_stats(stats, reml=reml, method=method, structure=structure, tol=1e-10)
     b = fit_stats(stats, reml=reml, method=method, structure="dense", tol=1e-10)
     assert np.all(a.fitted == b.fitted)
     assert np.all(np.abs(a.llh - b.llh) <= llh_tol * np.maximum(1, np.abs(b.llh)))
@@ -232,3 +232,50 @@ def test_full_size_family_design_against_lme4():
         # the log-likelihoods agree to ~1e-9 (1e-12 relative, the accuracy of n = 9,835 sums);
         # at that precision the family variance (82% singleton families) is pinned to ~2e-5
         _check_against_lme4(fit, infer(fit, contrasts), ref, ["f1", "f2"], min_ok=4, d_tol=5e-5)
+
+
+def site_family_design(seed):
+    """(1|site) + (1|family) + (1|subject), families crossing 3 sites (a subject stays in one site)."""
+    X, factors, fam, subj, Zs, rng = family_design(seed, n_families=16)
+    n = X.shape[0]
+    site_of_subject = rng.integers(0, 3, subj.max() + 1)
+    site = site_of_subject[subj]
+    Y = simulate(X, fam, subj, Zs, rng, v=4)
+    Y += rng.standard_normal((3, 4))[site] * 0.8
+    factors = [RandomFactor("site", site, np.ones((n, 1)))] + factors
+    return X, factors, Y
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_site_family_subject_nested_schur_matches_dense(reml):
+    from blmm.objective import DenseObjective
+    from blmm.objective_nested import NestedSchurObjective
+    X, factors, Y = site_family_design(6)
+    Y[[3, 8], 2] = np.nan
+    stats = sufficient_stats(Y, X, factors)
+    assert nested_tree(stats.layout) == [1, 2]  # families cross sites: site stays dense
+    u = 0
+    vox = np.flatnonzero(stats.pattern_of_voxel == u)
+    args = (stats.XtX[u], stats.ZtX[u], stats.ZtZ[u], int(stats.n_obs[u]), stats.layout, reml)
+    ns, dense = NestedSchurObjective(*args, tree=[1, 2]), DenseObjective(*args)
+    D = [np.full((vox.size, 1, 1), 0.6), np.full((vox.size, 1, 1), 0.3), np.full((vox.size, 1, 1), 0.9)]
+    ea = ns.evaluate(D, ns.data(stats.XtY[vox], stats.ZtY[vox], stats.YtY[vox]), grad=True)
+    eb = dense.evaluate(D, dense.data(stats.XtY[vox], stats.ZtY[vox], stats.YtY[vox]), grad=True)
+    np.testing.assert_allclose(ea.llh, eb.llh, rtol=1e-10)
+    for k in range(3):  # (Σ T and the information of eliminated factors come from V₁, as in SchurObjective)
+        np.testing.assert_allclose(ea.grad[k], eb.grad[k], rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(ea.T_sum[0], eb.T_sum[0], rtol=1e-8, atol=1e-8)
+    _compare(stats, reml, "pSFS", structure="auto")
+
+
+def test_crossed_with_nested_tree_too_big_is_refused():
+    """A crossed factor with thousands of columns next to a nesting tree: refused with numbers."""
+    X, factors, Y = site_family_design(7)
+    n = X.shape[0]
+    labels = np.random.default_rng(0).permutation(np.arange(n) % (n // 2))  # crosses families
+    factors[0] = RandomFactor("scanner_day", labels, np.ones((n, 1)))
+    stats = sufficient_stats(Y, X, factors)
+    assert nested_tree(stats.layout) == [1, 2]
+    for structure in ("auto", "schur"):
+        with pytest.raises(ValueError, match=r"nested factors family, subject.*scanner_day: \d+ levels"):
+            fit_stats(stats, structure=structure, max_block_bytes=2**16)
