@@ -12,6 +12,7 @@ each with 5 T contrasts and 1 F contrast.  Peak memory is the process's max RSS.
 
     python benchmarks/abcd_family.py --model intercept [--json benchmarks/results/family_DATE.jsonl]
     python benchmarks/abcd_family.py --model slope
+    python benchmarks/abcd_family.py --pipeline /tmp/abcd_family   # `blmm family_lh.yml` from .dat files
 
 ``simulate_family`` is shared with tests/test_fit_nested.py's lme4 comparison.
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for examples/
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # abcd_pipeline
 from examples.abcd_like.simulate import (  # noqa: E402
     contrast_vectors, random_effects_design, simulate_design, simulate_truth, simulate_Y,
 )
@@ -66,7 +68,11 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=1e-6)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="append the result as one JSON line to this file")
+    ap.add_argument("--pipeline", metavar="DIR", help="instead: write .dat images, tables and a YAML into DIR "
+                    "and time `blmm family_lh.yml` end to end (intercept model)")
     args = ap.parse_args()
+    if args.pipeline:
+        return pipeline(Path(args.pipeline), args.json)
 
     from blmm.design import Contrast, RandomFactor
     from blmm.fit import fit_stats
@@ -100,6 +106,42 @@ def main() -> None:
     print(json.dumps(result))
     if args.json:
         with open(args.json, "a") as fh:
+            fh.write(json.dumps(result) + "\n")
+
+
+def pipeline(data: Path, json_path: str | None) -> None:
+    """Write the family dataset (one hemisphere) unless present, then run `blmm family_lh.yml`."""
+    import os
+    import shutil
+
+    from abcd_pipeline import run_measured
+    from examples.abcd_like.simulate import _write_tables, _yaml_text
+    yml = data / "family_lh.yml"
+    if not yml.exists():
+        design, family, Y = simulate_family(10242)
+        data.mkdir(parents=True, exist_ok=True)
+        _write_tables(data, design)
+        np.savetxt(data / "family.csv", family[:, None], fmt="%d", header="family", comments="")
+        (data / "lh" / "data").mkdir(parents=True, exist_ok=True)
+        names = [f"data/img_{i:05d}.dat" for i in range(design.n)]
+        for row, name in enumerate(names):
+            Y[row].tofile(data / "lh" / name)
+        (data / "lh" / "Y_files.txt").write_text("\n".join(names) + "\n")
+        text = _yaml_text("(1|family) + (1|subject), ABCD-like families", "lh", "", "Z_intercept",
+                          "results/family_lh", design.x_names)
+        text = text.replace("Z:\n", "Z:\n  - f1:\n      name: family\n      factor: family.csv\n"
+                            "      design: Z_intercept.csv\n").replace("  - f1:\n      name: subject", "  - f2:\n      name: subject")
+        yml.write_text(text)
+    shutil.rmtree(data / "results" / "family_lh", ignore_errors=True)
+    blmm = str(Path(sys.executable).with_name("blmm"))
+    seconds, peak, rc = run_measured([blmm, str(yml), "--force"])
+    info = json.loads((data / "results" / "family_lh" / "blmm_run.json").read_text()) if rc == 0 else {}
+    result = {"what": "blmm family_lh.yml", "seconds": round(seconds, 1), "peak_rss_gb": round(peak, 2),
+              "returncode": rc, "n": info.get("n"), "stage_seconds": info.get("timings_s"),
+              "counts": info.get("counts"), "machine": f"{platform.node()}, {os.cpu_count()} cores"}
+    print(json.dumps(result))
+    if json_path:
+        with open(json_path, "a") as fh:
             fh.write(json.dumps(result) + "\n")
 
 
