@@ -19,6 +19,7 @@ G_k = Σ T_j - [REML] Σ S_j C S_j' - Σ u_j u_j' / σ².
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -305,30 +306,41 @@ def _logdet_entries(A):
     return np.where(sign > 0, logdet, np.nan)
 
 
+_GJ_LAST = threading.local()  # products() asks for the inverse and the log det of the same A
+
+
 def _gauss_jordan_entries(A):
-    """(inverse entries, log det) of small q x q matrices given entry-wise, by Gauss-Jordan
-    elimination vectorised over the entry arrays (batched LAPACK on tiny matrices is ~50x
-    slower); None if a pivot is small, and the caller falls back to LAPACK."""
+    """(inverse entries, log det) of small q x q matrices given entry-wise, by in-place
+    Gauss-Jordan elimination vectorised over the entry arrays (batched LAPACK on tiny
+    matrices is ~50x slower); None if a pivot is small, and the caller falls back to LAPACK."""
+    last = getattr(_GJ_LAST, "value", None)
+    if last is not None and last[0] is A:
+        return last[1]
     q = len(A)
     shape = np.broadcast_shapes(*[np.shape(a) for row in A for a in row])
-    M = [[np.broadcast_to(np.asarray(A[i][j], dtype=np.float64), shape) for j in range(q)]
-         + [np.full(shape, 1.0 if i == k else 0.0) for k in range(q)] for i in range(q)]
+    M = [[np.broadcast_to(np.asarray(A[i][j], dtype=np.float64), shape) for j in range(q)] for i in range(q)]
     logdet = np.zeros(shape)
     sign = np.ones(shape)
+    out = None
     for k in range(q):
         piv = M[k][k]
-        scale = np.maximum(np.max(np.abs(np.stack(M[k][:q])), axis=0), 1e-300)
+        scale = np.maximum(np.max(np.abs(np.stack(M[k])), axis=0), 1e-300)
         if np.any(np.abs(piv) < 1e-8 * scale):
-            return None
+            break
         logdet = logdet + np.log(np.abs(piv))
         sign = sign * np.sign(piv)
-        rowk = [m / piv for m in M[k]]
-        M[k] = rowk
+        inv_piv = 1.0 / piv
+        rowk = [m * inv_piv for m in M[k]]
+        rowk[k] = inv_piv
         for i in range(q):
             if i != k:
                 f = M[i][k]
-                M[i] = [mi - f * mk for mi, mk in zip(M[i], rowk)]
-    return [row[q:] for row in M], np.where(sign > 0, logdet, np.nan)
+                M[i] = [(-f * inv_piv) if j == k else M[i][j] - f * rowk[j] for j in range(q)]
+        M[k] = rowk
+    else:
+        out = (M, np.where(sign > 0, logdet, np.nan))
+    _GJ_LAST.value = (A, out)
+    return out
 
 
 def _entries_to_matrix(entries, q, v):
