@@ -108,8 +108,11 @@ def fit_stats(
 
     structure: "levels" (one factor, grouped levels), "schur" (several factors: the one with
     most levels eliminated level by level, the rest dense), "dense" (any factors: a dense
-    q x q system per voxel) or "auto" (levels for one factor, else schur unless the other
-    factors have more than 2,000 columns).
+    q x q system per voxel), "nested" (factors nested in one tree, e.g. subjects in families:
+    eliminated by the outer level's blocks, docs/model.md) or "auto" (levels for one factor,
+    nested for one nesting tree, else schur — with a nesting tree eliminated as a whole —
+    unless the remaining factors have more than 2,000 columns).  A structure whose dense part
+    does not fit one voxel in max_block_bytes is refused (ValueError) before any fitting.
     max_block_bytes bounds the working memory of all voxel blocks in flight; `threads`
     (default: the CPU count) fit blocks concurrently.
     """

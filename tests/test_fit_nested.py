@@ -279,3 +279,20 @@ def test_crossed_with_nested_tree_too_big_is_refused():
     for structure in ("auto", "schur"):
         with pytest.raises(ValueError, match=r"nested factors family, subject.*scanner_day: \d+ levels"):
             fit_stats(stats, structure=structure, max_block_bytes=2**16)
+
+
+@pytest.mark.parametrize("groups_of", [2, 8])
+def test_three_level_chain_matches_dense(groups_of):
+    """household ⊃ family ⊃ subject.  Households of 2 families: one tree with 3-level blocks;
+    households of 8 families (blocks over 16 columns): the household factor stays dense (Schur)."""
+    X, factors, fam, subj, Zs, rng = family_design(8, n_families=16)
+    n = X.shape[0]
+    house = fam // groups_of
+    Y = simulate(X, fam, subj, Zs, rng, v=3) + rng.standard_normal((house.max() + 1, 3))[house]
+    factors = [RandomFactor("household", house, np.ones((n, 1)))] + factors
+    stats = sufficient_stats(Y, X, factors)
+    layout = stats.layout
+    assert layout.parent[1][0] == 0 and layout.parent[2][0] == 1
+    tree = nested_tree(layout)
+    assert tree == ([0, 1, 2] if groups_of == 2 else [1, 2])
+    _compare(stats, True, "pSFS", structure="auto")
