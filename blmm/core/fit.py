@@ -17,6 +17,7 @@ from blmm.core.boundary import SettledPoint, boundary_coordinates, free_paramete
 from blmm.core.design import RandomFactor
 from blmm.core.hessian import variance_hessian
 from blmm.core.objective import DenseObjective, LevelObjective, SchurObjective
+from blmm.core.objective.nested import NestedObjective, NestedSchurObjective, check_memory, nested_tree
 from blmm.core.objective.base import subset_eval, take_rows
 from blmm.core.scoring import METHODS, ScoringResult, check_method, score
 from blmm.core.status import (  # noqa: F401  (re-exported: the codes' one home is core/status.py)
@@ -102,9 +103,12 @@ def fit_stats(
     """Fit every voxel from its sufficient statistics.
 
     structure: "levels" (one factor, grouped levels), "schur" (several factors: the one with
-    most levels eliminated level by level, the rest dense), "dense" (any factors: a dense
-    q x q system per voxel) or "auto" (levels for one factor, else schur unless the other
-    factors have more than 2,000 columns).
+    most levels, or a nesting tree, eliminated level by level, the rest dense), "dense" (any
+    factors: a dense q x q system per voxel), "nested" (factors nested in one tree, e.g.
+    subjects in families: eliminated by the outer level's blocks, docs/model.md) or "auto"
+    (levels for one factor, nested for one nesting tree, else schur unless the remaining
+    factors have more than 2,000 columns).  A structure whose dense part does not fit one
+    voxel in max_block_bytes is refused (ValueError) before any fitting.
     max_block_bytes bounds the working memory of all voxel blocks in flight; `threads`
     (default: the CPU count) fit blocks concurrently.
     """
@@ -120,19 +124,11 @@ def fit_stats(
         return fit_missing_rows(stats, reml=reml, method=method, tol=tol, max_iter=max_iter,
                                 max_block_bytes=max_block_bytes, threads=threads)
     layout = stats.layout
-    n_factors = len(layout.q)
-    if structure == "auto":
-        small_columns = layout.n_columns - max(l * q for l, q in zip(layout.n_levels, layout.q))
-        structure = "levels" if n_factors == 1 else ("schur" if small_columns <= 2000 else "dense")
-    if structure not in ("levels", "schur", "dense"):
-        raise ValueError(f"unknown structure {structure!r}; expected auto, levels, schur or dense")
-    if structure == "levels" and n_factors != 1:
-        raise ValueError("the 'levels' structure needs exactly one random factor")
-    if structure == "schur" and n_factors < 2:
-        raise ValueError("the 'schur' structure needs two or more random factors")
+    structure, tree = choose_structure(layout, structure)
     v, p = stats.n_voxels, stats.p
     qk = list(layout.q)
     k = 1 + sum(q * (q + 1) // 2 for q in qk)
+    check_memory(structure, layout, p, max_block_bytes, tree)  # refuse before any work, with numbers
     res = _empty_result(v, p, qk, k, list(layout.names), reml, method)
     res.n_obs[:] = stats.voxel_n_obs()
     threads = (os.cpu_count() or 1) if threads is None else max(1, int(threads))
@@ -149,17 +145,8 @@ def fit_stats(
         if _rank(XtX) < p:
             res.status[vox] = DROPPED_RANK
             continue
-        if structure == "levels":
-            obj = LevelObjective(XtX, stats.ZtX[u], stats.ZtZ[u], n, qk[0], reml)
-            per_voxel = 8 * (12 * obj.C * qk[0] ** 2 + obj.Cb * len(obj.pairs) * (p + 1) + (k + 6) * p * p)
-        elif structure == "schur":
-            obj = SchurObjective(XtX, stats.ZtX[u], stats.ZtZ[u], n, layout, reml)
-            lv, pu = obj.level, p + obj.qR
-            per_voxel = 8 * (12 * lv.C * lv.q ** 2 + lv.Cb * len(lv.pairs) * (pu + 1) + 12 * pu * pu
-                             + 8 * obj.qR ** 2 + (k + 6) * p * p)
-        else:
-            obj = DenseObjective(XtX, stats.ZtX[u], stats.ZtZ[u], n, layout, reml)
-            per_voxel = 8 * (10 * obj.qtot ** 2 + (k + 6) * p * p)
+        obj, per_voxel = _pattern_objective(structure, tree, stats, u, n, reml)
+        per_voxel += 8 * (k + 6) * p * p  # the packaged inference quantities
         # voxel blocks bound the memory; threads share the blocks (numpy releases the GIL)
         block = max(1, int(max_block_bytes // max(per_voxel, 1) // max(threads, 1)))
         if threads > 1:
@@ -183,6 +170,53 @@ def fit_stats(
             run(job)
     _blank_unfitted(res)
     return res
+
+
+STRUCTURES = ("auto", "levels", "nested", "schur", "dense")
+
+
+def choose_structure(layout, structure: str = "auto") -> tuple[str, tuple | None]:
+    """The structure to fit with, and the nesting tree it eliminates (None if none)."""
+    n_factors = len(layout.q)
+    if structure not in STRUCTURES:
+        raise ValueError(f"unknown structure {structure!r}; expected {', '.join(STRUCTURES)}")
+    tree = nested_tree(layout) if structure in ("auto", "nested", "schur") else None
+    if structure == "auto" and tree is not None and len(tree) == n_factors:
+        structure = "nested"  # every factor nests in one tree: eliminate by its outer level
+    if structure == "auto":
+        small_columns = layout.n_columns - max(l * q for l, q in zip(layout.n_levels, layout.q))
+        if tree is not None:  # the nesting tree is eliminated; the other factors stay dense
+            small_columns = layout.n_columns - sum(layout.n_levels[f] * layout.q[f] for f in tree)
+        structure = "levels" if n_factors == 1 else ("schur" if small_columns <= 2000 else "dense")
+    if structure == "nested" and (tree is None or len(tree) != n_factors):
+        raise ValueError("the 'nested' structure needs every random factor nested in one tree "
+                         "(e.g. subjects within families)")
+    if structure == "levels" and n_factors != 1:
+        raise ValueError("the 'levels' structure needs exactly one random factor")
+    if structure == "schur" and n_factors < 2:
+        raise ValueError("the 'schur' structure needs two or more random factors")
+    return structure, tree
+
+
+def _pattern_objective(structure: str, tree, stats: SufficientStats, u: int, n: int, reml: bool):
+    """The objective of presence pattern u, and its working bytes per voxel."""
+    layout, p = stats.layout, stats.p
+    XtX, ZtX, ZtZ = stats.XtX[u], stats.ZtX[u], stats.ZtZ[u]
+    if structure == "levels":
+        obj = LevelObjective(XtX, ZtX, ZtZ, n, layout.q[0], reml)
+        return obj, 8 * (16 * obj.C * obj.q ** 2 + obj.Cb * len(obj.pairs) * (p + 1))
+    if structure == "nested":
+        obj = NestedObjective(XtX, ZtX, ZtZ, n, layout, reml, tree)
+        return obj, obj.per_voxel_bytes()
+    if structure == "schur" and tree is not None and len(tree) < len(layout.q):  # nesting tree + dense rest
+        obj = NestedSchurObjective(XtX, ZtX, ZtZ, n, layout, reml, tree)
+        return obj, obj.per_voxel_bytes()
+    if structure == "schur":
+        obj = SchurObjective(XtX, ZtX, ZtZ, n, layout, reml)
+        lv, pu = obj.level, p + obj.qR
+        return obj, 8 * (12 * lv.C * lv.q ** 2 + lv.Cb * len(lv.pairs) * (pu + 1) + 12 * pu * pu + 8 * obj.qR ** 2)
+    obj = DenseObjective(XtX, ZtX, ZtZ, n, layout, reml)
+    return obj, 8 * 10 * obj.qtot ** 2
 
 
 def _rank(A: np.ndarray) -> int:

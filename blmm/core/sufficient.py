@@ -27,6 +27,9 @@ class FactorLayout:
     names: tuple[str, ...]
     levels: tuple[np.ndarray, ...]  # ascending level labels per factor
     q: tuple[int, ...]  # q_k
+    # per factor: None, or (index of the factor it nests in, that factor's level code of each
+    # of its levels); computed from the labels of all images (docs/model.md, nested factors)
+    parent: tuple | None = None
 
     @property
     def n_levels(self) -> tuple[int, ...]:
@@ -44,11 +47,32 @@ class FactorLayout:
 
     @classmethod
     def from_factors(cls, factors: list[RandomFactor]) -> "FactorLayout":
+        levels = tuple(np.unique(f.labels) for f in factors)
         return cls(
             tuple(f.name for f in factors),
-            tuple(np.unique(f.labels) for f in factors),
+            levels,
             tuple(f.q for f in factors),
+            nesting(factors, levels),
         )
+
+
+def nesting(factors: list[RandomFactor], levels) -> tuple:
+    """Per factor k: (k2, parent level code of each level of k) when every level of k lies in
+    a single level of a factor k2 with fewer levels (the one with most levels if several), else None."""
+    codes = [np.searchsorted(lv, f.labels) for f, lv in zip(factors, levels)]
+    out = []
+    for k, lk in enumerate(levels):
+        best = None
+        for k2, lk2 in enumerate(levels):
+            if k2 == k or lk2.size >= lk.size or (best is not None and lk2.size <= levels[best[0]].size):
+                continue
+            pairs = np.unique(np.stack([codes[k], codes[k2]], axis=1), axis=0)
+            if pairs.shape[0] == lk.size:  # each level of k meets exactly one level of k2
+                parent_code = np.empty(lk.size, np.int64)
+                parent_code[pairs[:, 0]] = pairs[:, 1]
+                best = (k2, parent_code)
+        out.append(best)
+    return tuple(out)
 
 
 def random_effects_matrix(factors: list[RandomFactor], layout: FactorLayout) -> sp.csr_matrix:

@@ -1,0 +1,495 @@
+"""Nested random factors, eliminated by the outer level (docs/model.md, "Nested factors").
+
+When every level of a factor lies within one level of another (subjects in families),
+Z'Z is block diagonal by the outer level: family j's block holds the family's q_f effects
+and the q_s effects of each of its subjects, q_f + m_j q_s columns in all.  Each such block
+is one "level" of a `LevelObjective` with q = block size and D_j = blockdiag(D_f, D_s, …, D_s),
+so families with identical blocks form classes exactly as subjects do for one factor, and
+the cost does not grow with the number of families.
+
+Families are grouped by the shape of their block (which factor each member belongs to, in
+a canonical order: members sorted by their own Z'Z blocks, so that visit counts (1, 3) and
+(3, 1) give the same block); every group is one `LevelObjective`.  The per-factor D enter
+through a 0/1 linear map P, vec D_block = P vec[D_f, D_s]; the block gradient, Σ T, Σ uu'
+and the expected information map back as P' g and P' F P, summed over groups.  X'V⁻¹X and
+the other products combine as X'X − Σ_groups (X'X − X'V_g⁻¹X).
+
+Chains of any length (site ⊃ family ⊃ subject) are handled the same way, with the block of
+the outermost factor whose blocks stay small (`MAX_NESTED_BLOCK`); a factor above it (few
+levels, big blocks) is better left dense (`NestedSchurObjective`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from blmm.core import linalg as la
+from blmm.core.objective.base import Evaluation, factor_pair_information, profiled
+from blmm.core.objective.levels import LevelObjective
+from blmm.core.objective.schur import SchurData, SchurObjective
+
+MAX_NESTED_BLOCK = 16  # largest block (columns per outer level) the nested route takes on its own
+
+
+def _descendants(parent_of: dict, root: int) -> list[int]:
+    out = [root]
+    changed = True
+    while changed:
+        changed = False
+        for k, par in parent_of.items():
+            if par in out and k not in out:
+                out.append(k)
+                changed = True
+    return out
+
+
+def nested_tree(layout, max_block: int = MAX_NESTED_BLOCK) -> list[int] | None:
+    """Factors (ascending index) of the largest nesting tree whose outer blocks have at most
+    `max_block` columns; its root is the first member with no parent inside it.  None if no
+    factor nests in another (or the layout carries no nesting information)."""
+    parents = getattr(layout, "parent", None)
+    if not parents or all(p is None for p in parents):
+        return None
+    parent_of = {k: p[0] for k, p in enumerate(parents) if p is not None}
+
+    def block_size(root: int) -> int:
+        """Largest number of columns under one level of `root`."""
+        cols = np.full(layout.n_levels[root], layout.q[root], dtype=np.int64)
+        for d in _descendants(parent_of, root)[1:]:
+            code = np.arange(layout.n_levels[d])
+            k = d
+            while k != root:  # walk each level of d up to its root level
+                code = parents[k][1][code]
+                k = parent_of[k]
+            cols += np.bincount(code, minlength=cols.size) * layout.q[d]
+        return int(cols.max())
+
+    best = None
+    for r in range(len(layout.q)):
+        members = _descendants(parent_of, r)
+        if len(members) < 2 or block_size(r) > max_block:
+            continue
+        if best is None or len(members) > len(best):
+            best = members
+    return None if best is None else sorted(best)
+
+
+@dataclass
+class NestedData:
+    XtY: np.ndarray
+    YtY: np.ndarray
+    groups: list  # LevelData per block shape
+
+    def take(self, idx) -> "NestedData":
+        return NestedData(self.XtY[idx], self.YtY[idx], [g.take(idx) for g in self.groups])
+
+
+class NestedObjective:
+    """A tree of nested factors, eliminated by the blocks of its outermost factor."""
+
+    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, tree: list[int] | None = None):
+        tree = nested_tree(layout) if tree is None else sorted(tree)
+        if tree is None:
+            raise ValueError("no random factor nests in another")
+        self.tree = tree
+        self.n, self.p, self.reml = int(n), XtX.shape[0], bool(reml)
+        self.XtX = XtX
+        ZtZ = sp.csr_matrix(ZtZ)
+        qk, nlev, off = layout.q, layout.n_levels, layout.offsets
+        parent_of = {k: layout.parent[k][0] for k in tree if layout.parent[k] is not None
+                     and layout.parent[k][0] in tree}
+        roots = [k for k in tree if k not in parent_of]
+        if len(roots) != 1:
+            raise ValueError(f"factors {tree} do not form one nesting tree")
+        root = roots[0]
+        self.root = root
+        # global node numbering: node_base[k] + level
+        node_base, nb = {}, 0
+        for k in tree:
+            node_base[k] = nb
+            nb += nlev[k]
+        node_factor = np.concatenate([np.full(nlev[k], k) for k in tree])
+        node_level = np.concatenate([np.arange(nlev[k]) for k in tree])
+        parent_node = np.full(nb, -1)
+        for k in tree:
+            if k in parent_of:
+                parent_node[node_base[k]:node_base[k] + nlev[k]] = node_base[parent_of[k]] + layout.parent[k][1]
+        # column -> node, effect
+        col_node = np.full(layout.n_columns, -1)
+        col_eff = np.zeros(layout.n_columns, np.int64)
+        for k in tree:
+            cols = np.arange(off[k], off[k + 1])
+            col_node[cols] = node_base[k] + (cols - off[k]) // qk[k]
+            col_eff[cols] = (cols - off[k]) % qk[k]
+        qmax = max(qk[k] for k in tree)
+        Gd = np.zeros((nb, qmax, qmax))  # each node's own block
+        Gx = np.zeros((nb, qmax, qmax))  # each node's block with its parent node
+        coo = ZtZ.tocoo()
+        nr, nc = col_node[coo.row], col_node[coo.col]
+        ok = (nr >= 0) & (nc >= 0)
+        r, c, val, nr, nc = coo.row[ok], coo.col[ok], coo.data[ok], nr[ok], nc[ok]
+        same = nr == nc
+        np.add.at(Gd, (nr[same], col_eff[r[same]], col_eff[c[same]]), val[same])
+        up = ~same & (parent_node[nr] == nc)
+        np.add.at(Gx, (nr[up], col_eff[r[up]], col_eff[c[up]]), val[up])
+        present = np.any(Gd.reshape(nb, -1) != 0, axis=1)
+        for k in sorted(tree, key=lambda k: -self._depth(parent_of, k)):  # children before parents
+            if k in parent_of:
+                nodes = np.arange(node_base[k], node_base[k] + nlev[k])
+                np.logical_or.at(present, parent_node[nodes[present[nodes]]], True)
+        children = [[] for _ in range(nb)]
+        for node in np.flatnonzero(present & (parent_node >= 0)):
+            children[parent_node[node]].append(int(node))
+
+        def signature(node):
+            k = int(node_factor[node])
+            kids = sorted((signature(ch) for ch in children[node]), key=lambda s: s[0])
+            key = (k, tuple(np.round(Gd[node, :qk[k], :qk[k]], 12).ravel()),
+                   tuple(np.round(Gx[node, :qk[k], :qk[parent_of[k]]], 12).ravel()) if k in parent_of else (),
+                   tuple(s[0] for s in kids))
+            return key, node, kids
+
+        def order(sig, out):
+            out.append(sig[1])
+            for kid in sig[2]:
+                order(kid, out)
+            return out
+
+        groups: dict = {}
+        for lvl in np.flatnonzero(present[node_base[root]:node_base[root] + nlev[root]]):
+            nodes = order(signature(node_base[root] + lvl), [])
+            shape = tuple(int(node_factor[x]) for x in nodes)
+            groups.setdefault(shape, []).append(nodes)
+        # per-factor vec offsets in the reduced parameter [vec D_k for k in tree]
+        self.q = [qk[k] for k in tree]
+        soff = np.concatenate([[0], np.cumsum([q * q for q in self.q])]).astype(int)
+        self.s = int(soff[-1])
+        self.soff = soff
+        self.spans = self._spanned(tree, parent_of, node_factor, present, parent_node, Gd, Gx, qk)
+        self.levels, self.perm, self.P, self.Pterms, self.shapes = [], [], [], [], []
+        for shape, members in groups.items():
+            P, keep, terms = self._block_map(shape, members[0], parent_node, qk, tree, soff)
+            perm = np.concatenate([np.concatenate([off[node_factor[x]] + node_level[x] * qk[node_factor[x]]
+                                                   + np.arange(qk[node_factor[x]]) for x in nodes])[keep]
+                                   for nodes in members]).astype(np.int64)
+            b = int(keep.size)
+            # a class of a few families already pays for aggregated data sums (block sizes are small)
+            lv = LevelObjective(XtX, ZtX[perm], ZtZ[perm][:, perm], n, b, reml, big_class_min=max(2, b))
+            self.levels.append(lv)
+            self.perm.append(perm)
+            self.P.append(P)
+            self.Pterms.append(terms)
+            self.shapes.append(shape)
+
+    @staticmethod
+    def _spanned(tree, parent_of, node_factor, present, parent_node, Gd, Gx, qk) -> dict:
+        """Factors whose Z columns are their child factor's columns times a fixed matrix a_k
+        (e.g. a family intercept = the sum of its subjects' intercepts): {k: a_k (q_child, q_k)}.
+
+        Found from Z'Z alone: a_k by least squares pooled over all nodes, accepted when the
+        residual Σ ||Z_k - Σ_children Z_c a_k||² vanishes.  Such a factor's block columns are
+        then dropped: its D_k enters the children's block as a_k D_k a_k' (fewer columns)."""
+        out = {}
+        for k in tree:
+            kids = [c for c in tree if parent_of.get(c) == k]
+            if len(kids) != 1:
+                continue
+            c = kids[0]
+            ch = np.flatnonzero(present & (node_factor == c))
+            par = np.flatnonzero(present & (node_factor == k))
+            qc, qp = qk[c], qk[k]
+            Gcc = Gd[ch, :qc, :qc].sum(axis=0)
+            Gck = Gx[ch, :qc, :qp].sum(axis=0)
+            try:
+                a = np.linalg.solve(Gcc, Gck)
+            except np.linalg.LinAlgError:
+                continue
+            total = np.trace(Gd[par, :qp, :qp].sum(axis=0))
+            resid = total - 2 * np.trace(a.T @ Gck) + np.trace(a.T @ Gcc @ a)
+            if total > 0 and abs(resid) <= 1e-10 * total:
+                out[k] = np.round(a, 12)
+        return out
+
+    def _block_map(self, shape, nodes, parent_node, qk, tree, soff):
+        """P (b_kept², s) with vec D̃ = P vec[D_k], the kept block positions, and P's terms.
+
+        D_block = blockdiag over the block's nodes of D_k; the columns of a spanned factor
+        are Z_block = Z_kept E', so D̃ = E' D_block E and P = (E' ⊗ E') P_block."""
+        b = sum(qk[k] for k in shape)
+        start = np.concatenate([[0], np.cumsum([qk[k] for k in shape])]).astype(int)
+        local = {x: i for i, x in enumerate(nodes)}
+        Pb = np.zeros((b * b, self.s))
+        for i, k in enumerate(shape):
+            ti, o = tree.index(k), start[i]
+            for a in range(qk[k]):
+                for cc in range(qk[k]):
+                    Pb[(o + a) * b + o + cc, soff[ti] + a * qk[k] + cc] = 1.0
+        dropped = np.zeros(b, bool)
+        for i, k in enumerate(shape):
+            if k in self.spans:
+                dropped[start[i]:start[i + 1]] = True
+        keep = np.flatnonzero(~dropped)
+        E = np.zeros((b, b))
+        E[keep, keep] = 1.0
+        for i in reversed(range(len(shape))):  # children come after their parent in the order
+            k = shape[i]
+            if k not in self.spans:
+                continue
+            a = self.spans[k]
+            for x in nodes[i + 1:]:
+                if parent_node[x] == nodes[i]:
+                    j = local[x]
+                    E[start[i]:start[i + 1]] += a.T @ E[start[j]:start[j + 1]]
+        E = E[:, keep]
+        bk = keep.size
+        P = np.kron(E.T, E.T) @ Pb
+        P[np.abs(P) < 1e-14] = 0.0
+        terms = [[(r // bk, r % bk, P[r, x]) for r in np.flatnonzero(P[:, x])] for x in range(self.s)]
+        return P, keep, terms
+
+    @staticmethod
+    def _depth(parent_of, k):
+        d = 0
+        while k in parent_of:
+            k = parent_of[k]
+            d += 1
+        return d
+
+    def per_voxel_bytes(self) -> int:
+        """Working memory per voxel of one evaluation with its gradient (for block sizing)."""
+        total = 0
+        for lv in self.levels:
+            total += 12 * lv.C * lv.q ** 2 + lv.Cb * len(lv.pairs) * (lv.p + 1) + 4 * lv.C
+        return 8 * (total + 4 * self.s ** 2 + 8 * self.p ** 2)
+
+    def data(self, XtY, ZtY, YtY) -> NestedData:
+        XtY = np.ascontiguousarray(XtY)
+        YtY = np.asarray(YtY, dtype=np.float64)
+        return NestedData(XtY, YtY, [lv.data(XtY, ZtY[:, perm], YtY) for lv, perm in zip(self.levels, self.perm)])
+
+    def _block_D(self, D_list, g):
+        v = D_list[self.tree[0]].shape[0]
+        Dvec = np.concatenate([D_list[k].reshape(v, -1) for k in self.tree], axis=1)
+        b = self.levels[g].q
+        return (Dvec @ self.P[g].T).reshape(v, b, b)
+
+    def products(self, D_list, data: NestedData):
+        """X'V⁻¹X, X'V⁻¹Y, Y'V⁻¹Y and log|V| over the tree's factors (D_list: every factor, by index)."""
+        XtVX = XtVY = YtVY = None
+        logdetV = 0.0
+        Rs = []
+        for g, lv in enumerate(self.levels):
+            A, B, C, ld, R = lv.products(self._block_D(D_list, g), data.groups[g])
+            if XtVX is None:
+                XtVX, XtVY, YtVY = A, B, C
+            else:
+                XtVX += A - self.XtX
+                XtVY += B - data.XtY
+                YtVY += C - data.YtY
+            logdetV = logdetV + ld
+            Rs.append(R)
+        return XtVX, XtVY, YtVY, logdetV, Rs
+
+    def gradient_parts(self, Rs, data: NestedData, gamma, Omega):
+        """Per tree factor Σ T, Σ uu', Σ S Ω S' (lists of (v, q_k, q_k)) and the information (v, s, s)."""
+        v = gamma.shape[0]
+        T_vec = np.zeros((v, self.s))
+        uu_vec = np.zeros((v, self.s))
+        corr_vec = np.zeros((v, self.s))
+        info = np.zeros((v, self.s, self.s))
+        for g, lv in enumerate(self.levels):
+            T, uu, corr, _ = lv.gradient_parts(Rs[g], data.groups[g], gamma, Omega, with_info=False)
+            P = self.P[g]
+            T_vec += T.reshape(v, -1) @ P
+            uu_vec += uu.reshape(v, -1) @ P
+            corr_vec += corr.reshape(v, -1) @ P
+            info += self._information(lv, Rs[g], self.Pterms[g])
+        split = [slice(self.soff[i], self.soff[i + 1]) for i in range(len(self.tree))]
+
+        def per_factor(vec):
+            return [vec[:, sl].reshape(v, q, q) for sl, q in zip(split, self.q)]
+        return per_factor(T_vec), per_factor(uu_vec), per_factor(corr_vec), info
+
+    @staticmethod
+    def _information(lv, R, terms):
+        """P' F P with F[(a,b),(c,d)] = Σ_units m T[b,c] T[a,d], T = R G (symmetric), summed directly."""
+        b = lv.q
+        Tu = {}
+
+        def T(i, j):
+            i, j = min(i, j), max(i, j)
+            if (i, j) not in Tu:
+                t = sum(R[i][e] * lv.g[e][j] for e in range(b))
+                if i != j:
+                    t = 0.5 * (t + sum(R[j][e] * lv.g[e][i] for e in range(b)))
+                Tu[i, j] = t
+            return Tu[i, j]
+        s = len(terms)
+        v = R[0][0].shape[0] if np.ndim(R[0][0]) == 2 else 1
+        out = np.zeros((v, s, s))
+        for x in range(s):
+            for y in range(x, s):
+                if not terms[x] or not terms[y]:
+                    continue
+                acc = 0.0
+                for i, j, w in terms[x]:
+                    for i2, j2, w2 in terms[y]:
+                        acc = acc + (w * w2) * T(j, i2) * T(i, j2)
+                val = acc @ lv.mu
+                out[:, x, y] = val
+                out[:, y, x] = val
+        return out
+
+    def evaluate(self, D_list, data: NestedData, sigma2=None, grad=False) -> Evaluation:
+        XtVX, XtVY, YtVY, logdetV, Rs = self.products(D_list, data)
+        ev = profiled(la.sym(XtVX), XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+        if not grad:
+            return ev
+        T_sum, uu, corr, info = self.gradient_parts(Rs, data, ev.beta, ev.C if self.reml else None)
+        s2 = ev.sigma2[:, None, None]
+        ev.grad = [la.sym(t - c - u / s2) for t, c, u in zip(T_sum, corr, uu)]
+        ev.T_sum = T_sum
+        ev.uu_sum = uu
+        ev.info = info
+        return ev
+
+
+def _factor_sizes(layout) -> str:
+    return ", ".join(f"{name}: {l} levels x q={q}" for name, l, q in zip(layout.names, layout.n_levels, layout.q))
+
+
+def check_memory(structure: str, layout, p: int, max_block_bytes: int, tree: list | None = None) -> None:
+    """Refuse, before any work, a structure whose per-voxel dense part does not fit in the budget.
+
+    The dense structure solves a q x q system per voxel, Schur a q_R x q_R one (q_R: the
+    columns of all factors but the one with most levels); one voxel must fit in
+    `max_block_bytes` (MAXMEM's share), or the fit would be killed for memory midway.
+    """
+    if structure == "dense":
+        qd = layout.n_columns
+        need = 8 * (10 * qd ** 2 + 8 * p * p)
+        what = f"a dense {qd} x {qd} system per voxel"
+    elif structure == "schur":
+        widths = [l * q for l, q in zip(layout.n_levels, layout.q)]
+        if tree is not None and len(tree) < len(widths):
+            qd = layout.n_columns - sum(widths[k] for k in tree)
+            names = "the nested factors " + ", ".join(layout.names[k] for k in tree)
+        else:
+            qd = layout.n_columns - max(widths)
+            names = "the factor with most levels"
+        need = 8 * (12 * (p + qd) ** 2 + 8 * qd ** 2)
+        what = f"a dense {qd} x {qd} remainder per voxel after eliminating {names}"
+    else:
+        return
+    if need > max_block_bytes:
+        raise ValueError(
+            f"this random-effects structure needs about {need / 2**20:,.0f} MiB per voxel ({what}; "
+            f"factors: {_factor_sizes(layout)}), more than the memory budget of "
+            f"{max_block_bytes / 2**20:,.0f} MiB (MAXMEM); refusing before fitting. Factors that "
+            f"cross with thousands of levels each cannot be fitted exactly within this budget: "
+            f"raise MAXMEM, or drop or nest one of the factors")
+
+
+class NestedSchurObjective(SchurObjective):
+    """A nesting tree eliminated by its outer blocks, plus crossed factors with few columns kept dense.
+
+    E.g. (1|site) + (1|family) + (1|subject): families and subjects go through
+    `NestedObjective` with the sites' columns riding along with X (U = [X, Z_R]); a second
+    Woodbury step over the q_R site columns gives V⁻¹, as in `SchurObjective`.
+    """
+
+    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, tree: list[int]):
+        ZtZ = sp.csr_matrix(ZtZ)
+        self.n, self.p, self.reml = int(n), XtX.shape[0], bool(reml)
+        self.qk = layout.q
+        nlev, off = layout.n_levels, layout.offsets
+        self.tree = list(tree)
+        self.small = [k for k in range(len(self.qk)) if k not in self.tree]
+        if not self.small:
+            raise ValueError("no crossed factor left: use NestedObjective")
+        small_cols = np.concatenate([np.arange(off[k], off[k + 1]) for k in self.small])
+        self.small_cols = small_cols
+        self.qR = small_cols.size
+        ZRtX = ZtX[small_cols]
+        ZRtZR = np.asarray(ZtZ[small_cols][:, small_cols].todense())
+        UtU = np.block([[XtX, ZRtX.T], [ZRtX, ZRtZR]])
+        ZtU = np.hstack([ZtX, np.asarray(ZtZ[:, small_cols].todense())])  # all Z columns; the tree picks its own
+        self.level = NestedObjective(UtU, ZtU, ZtZ, n, layout, reml, self.tree)
+        self.small_offsets = np.concatenate([[0], np.cumsum([nlev[k] * self.qk[k] for k in self.small])])
+        self.small_levels = [nlev[k] for k in self.small]
+        self.small_q = [self.qk[k] for k in self.small]
+        self.eye_p = np.eye(self.p)
+
+    def per_voxel_bytes(self) -> int:
+        pu = self.p + self.qR
+        return self.level.per_voxel_bytes() + 8 * (12 * pu * pu + 8 * self.qR ** 2)
+
+    def data(self, XtY, ZtY, YtY) -> SchurData:
+        UtY = np.hstack([XtY, ZtY[:, self.small_cols]])
+        return SchurData(self.level.data(UtY, ZtY, YtY), np.ascontiguousarray(ZtY[:, self.small_cols]),
+                         np.ascontiguousarray(XtY))
+
+    def evaluate(self, D_list, data: SchurData, sigma2=None, grad=False) -> Evaluation:
+        v = D_list[0].shape[0]
+        p, qR = self.p, self.qR
+        UVU, UVY, YVY1, logdetV1, R = self.level.products(D_list, data.level)
+        A_XX, A_XR, A_RR = UVU[:, :p, :p], UVU[:, :p, p:], la.sym(UVU[:, p:, p:])
+        a_XY, a_RY = UVY[:, :p], UVY[:, p:]
+        Lam = self._small_blockdiag(D_list)  # Λ Λ' = D_R
+        Lm = np.linalg.cholesky(la.sym(np.eye(qR) + np.swapaxes(Lam, 1, 2) @ A_RR @ Lam))
+        logdetV = logdetV1 + 2.0 * np.sum(np.log(np.diagonal(Lm, axis1=1, axis2=2)), axis=1)
+        LiLt = np.linalg.solve(Lm, np.swapaxes(Lam, 1, 2))  # L⁻¹Λ'
+        Bx = LiLt @ np.swapaxes(A_XR, 1, 2)
+        by = np.einsum("vab,vb->va", LiLt, a_RY)
+        XtVX = la.sym(A_XX - np.swapaxes(Bx, 1, 2) @ Bx)
+        XtVY = a_XY - np.einsum("vqp,vq->vp", Bx, by)
+        YtVY = YVY1 - np.einsum("vq,vq->v", by, by)
+        ev = profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+        beta, C = ev.beta, ev.C
+        if not grad:
+            return ev
+        S = np.swapaxes(LiLt, 1, 2) @ LiLt  # Λ M⁻¹ Λ'
+        rR = a_RY - np.einsum("vpq,vp->vq", A_XR, beta)
+        gamma = np.concatenate([beta, np.einsum("vab,vb->va", S, rR)], axis=1)
+        Omega = np.zeros((v, p + qR, p + qR))
+        Omega[:, p:, p:] = S
+        if self.reml:
+            B = np.concatenate([np.broadcast_to(self.eye_p, (v, p, p)), -(S @ np.swapaxes(A_XR, 1, 2))], axis=1)
+            Omega += B @ C @ np.swapaxes(B, 1, 2)
+        T1, uu1, corr1, info1 = self.level.gradient_parts(R, data.level, gamma, la.sym(Omega))
+        s2 = ev.sigma2[:, None, None]
+        IAS = np.eye(qR) - A_RR @ S
+        TR = la.sym(IAS @ A_RR)
+        uR = np.einsum("vab,vb->va", IAS, rR)
+        PR = TR.copy()
+        if self.reml:
+            ZVX = IAS @ np.swapaxes(A_XR, 1, 2)
+            PR = PR - ZVX @ C @ np.swapaxes(ZVX, 1, 2)
+        GR = PR - uR[:, :, None] * uR[:, None, :] / s2
+        nf = len(self.qk)
+        grads, T_sums, uus = [None] * nf, [None] * nf, [None] * nf
+        for i, k in enumerate(self.tree):
+            grads[k] = la.sym(T1[i] - corr1[i] - uu1[i] / s2)
+            T_sums[k], uus[k] = T1[i], uu1[i]
+        uuR = uR[:, :, None] * uR[:, None, :]
+        for i, k in enumerate(self.small):
+            grads[k] = la.sym(self._small_factor_sum(GR, i))
+            T_sums[k] = self._small_factor_sum(TR, i)
+            uus[k] = self._small_factor_sum(uuR, i)
+        ev.grad, ev.T_sum, ev.uu_sum = grads, T_sums, uus
+        # expected information: the tree's (with its cross terms) from V₁, the crossed factors' from V
+        starts = np.concatenate([[0], np.cumsum([q * q for q in self.qk])]).astype(int)
+        info = np.zeros((v, starts[-1], starts[-1]))
+        ts = self.level.soff
+        for i, k in enumerate(self.tree):
+            for i2, k2 in enumerate(self.tree):
+                info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = info1[:, ts[i]:ts[i + 1], ts[i2]:ts[i2 + 1]]
+        small_info = factor_pair_information(TR, self.small_offsets[:-1], self.small_levels, self.small_q)
+        ss = np.concatenate([[0], np.cumsum([q * q for q in self.small_q])]).astype(int)
+        for i, k in enumerate(self.small):
+            for i2, k2 in enumerate(self.small):
+                info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = small_info[:, ss[i]:ss[i + 1], ss[i2]:ss[i2 + 1]]
+        ev.info = info
+        return ev
