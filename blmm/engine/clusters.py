@@ -43,6 +43,9 @@ def _build_local_cluster(spec: EngineSpec) -> Any:
         "n_workers": spec.workers or local_worker_count(),
         "threads_per_worker": spec.cores or 1,  # numpy work: one thread per process
         "processes": True,
+        # the engine reports task errors itself, one line each; worker logs would add dask's
+        # tracebacks (e.g. a heartbeat lost while the cluster shuts down under load)
+        "silence_logs": logging.CRITICAL,
     }
     optional = {"memory_limit": spec.memory, "dashboard_address": spec.dashboard_address,
                 "interface": spec.interface, "local_directory": spec.local_directory}
