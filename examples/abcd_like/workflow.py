@@ -7,8 +7,9 @@
 1. Simulate the ABCD-like dataset (``simulate.py``) into ``OUTDIR/data``.
 2. Fit, per hemisphere, design 1 (random intercept, all images), design 2 (correlated
    random intercept and slope on time, subjects with 2+ visits) and design 1 on design 2's
-   images (``design1_2plus``), with ``blmm.pipeline.run``. Maps go to
-   ``OUTDIR/data/results/<design>_<hemi>``, each with its ``report.html``.
+   images (``design1_2plus``), each given as an lme4 formula over ``participants.tsv``
+   (``formula1``, ``formula2``, ``formula1_2plus``), with ``blmm.pipeline.run``. Maps go to
+   ``OUTDIR/data/results/<formula>_<hemi>``, each with its ``report.html``.
 3. Compare design1_2plus with design 2 (``blmm.compare``): a likelihood-ratio test of the
    random slope at every vertex, in ``OUTDIR/data/results/compare_<hemi>``.
 4. Plot on fsaverage5 (both hemispheres side by side) into ``OUTDIR/plots``: the NIH-score
@@ -32,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from examples.abcd_like import simulate  # noqa: E402
 
 DESIGNS = ("design1", "design2", "design1_2plus")
+# each design's inputs: the lme4-formula YAML over participants.tsv (simulate.py also writes the
+# equivalent upstream-style CSV YAMLs, design1_<hemi>.yml, ..., which give the same model)
+DESIGN_YAML = {"design1": "formula1", "design2": "formula2", "design1_2plus": "formula1_2plus"}
 # The model comparison: design 1 on the 2+-visit images is nested in design 2.
 COMPARED = ("design1_2plus", "design2")
 HEMISPHERE_NAMES = {"lh": "left", "rh": "right"}
@@ -60,14 +64,14 @@ def simulate_data(data_dir: Path, subjects: int, vertices: int, hemispheres: Seq
 
 def fit_designs(data_dir: Path, hemispheres: Sequence[str], engine: object,
                 log: Callable[[str], None] = print) -> dict[tuple[str, str], Path]:
-    """Step 2: ``blmm`` on every design YAML (``--force``: reruns replace old results)."""
+    """Step 2: ``blmm`` on every design's formula YAML (``--force``: reruns replace old results)."""
     from blmm.config import load_config
     from blmm.pipeline import run
 
     fits = {}
     for hemi in hemispheres:
         for design in DESIGNS:
-            config = load_config(data_dir / f"{design}_{hemi}.yml")
+            config = load_config(data_dir / f"{DESIGN_YAML[design]}_{hemi}.yml")
             log(f"workflow: fitting {design} ({hemi}): n = {config.n}, p = {config.p}, "
                 f"q_k = {[f.q for f in config.factors]}")
             fits[design, hemi] = run(config, engine, force=True, log=log).outdir
