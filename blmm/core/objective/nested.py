@@ -431,65 +431,13 @@ class NestedSchurObjective(SchurObjective):
         return SchurData(self.level.data(UtY, ZtY, YtY), np.ascontiguousarray(ZtY[:, self.small_cols]),
                          np.ascontiguousarray(XtY))
 
-    def evaluate(self, D_list, data: SchurData, sigma2=None, grad=False) -> Evaluation:
-        v = D_list[0].shape[0]
-        p, qR = self.p, self.qR
-        UVU, UVY, YVY1, logdetV1, R = self.level.products(D_list, data.level)
-        A_XX, A_XR, A_RR = UVU[:, :p, :p], UVU[:, :p, p:], la.sym(UVU[:, p:, p:])
-        a_XY, a_RY = UVY[:, :p], UVY[:, p:]
-        Lam = self._small_blockdiag(D_list)  # Λ Λ' = D_R
-        Lm = np.linalg.cholesky(la.sym(np.eye(qR) + np.swapaxes(Lam, 1, 2) @ A_RR @ Lam))
-        logdetV = logdetV1 + 2.0 * np.sum(np.log(np.diagonal(Lm, axis1=1, axis2=2)), axis=1)
-        LiLt = np.linalg.solve(Lm, np.swapaxes(Lam, 1, 2))  # L⁻¹Λ'
-        Bx = LiLt @ np.swapaxes(A_XR, 1, 2)
-        by = np.einsum("vab,vb->va", LiLt, a_RY)
-        XtVX = la.sym(A_XX - np.swapaxes(Bx, 1, 2) @ Bx)
-        XtVY = a_XY - np.einsum("vqp,vq->vp", Bx, by)
-        YtVY = YVY1 - np.einsum("vq,vq->v", by, by)
-        ev = profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
-        beta, C = ev.beta, ev.C
-        if not grad:
-            return ev
-        S = np.swapaxes(LiLt, 1, 2) @ LiLt  # Λ M⁻¹ Λ'
-        rR = a_RY - np.einsum("vpq,vp->vq", A_XR, beta)
-        gamma = np.concatenate([beta, np.einsum("vab,vb->va", S, rR)], axis=1)
-        Omega = np.zeros((v, p + qR, p + qR))
-        Omega[:, p:, p:] = S
-        if self.reml:
-            B = np.concatenate([np.broadcast_to(self.eye_p, (v, p, p)), -(S @ np.swapaxes(A_XR, 1, 2))], axis=1)
-            Omega += B @ C @ np.swapaxes(B, 1, 2)
-        T1, uu1, corr1, info1 = self.level.gradient_parts(R, data.level, gamma, la.sym(Omega))
-        s2 = ev.sigma2[:, None, None]
-        IAS = np.eye(qR) - A_RR @ S
-        TR = la.sym(IAS @ A_RR)
-        uR = np.einsum("vab,vb->va", IAS, rR)
-        PR = TR.copy()
-        if self.reml:
-            ZVX = IAS @ np.swapaxes(A_XR, 1, 2)
-            PR = PR - ZVX @ C @ np.swapaxes(ZVX, 1, 2)
-        GR = PR - uR[:, :, None] * uR[:, None, :] / s2
-        nf = len(self.qk)
-        grads, T_sums, uus = [None] * nf, [None] * nf, [None] * nf
-        for i, k in enumerate(self.tree):
-            grads[k] = la.sym(T1[i] - corr1[i] - uu1[i] / s2)
-            T_sums[k], uus[k] = T1[i], uu1[i]
-        uuR = uR[:, :, None] * uR[:, None, :]
-        for i, k in enumerate(self.small):
-            grads[k] = la.sym(self._small_factor_sum(GR, i))
-            T_sums[k] = self._small_factor_sum(TR, i)
-            uus[k] = self._small_factor_sum(uuR, i)
-        ev.grad, ev.T_sum, ev.uu_sum = grads, T_sums, uus
-        # expected information: the tree's (with its cross terms) from V₁, the crossed factors' from V
-        starts = np.concatenate([[0], np.cumsum([q * q for q in self.qk])]).astype(int)
-        info = np.zeros((v, starts[-1], starts[-1]))
-        ts = self.level.soff
+    def _eliminated_products(self, D_list, data: SchurData):
+        return self.level.products(D_list, data.level)
+
+    def _eliminated_parts(self, R, data: SchurData, gamma, Omega, s2, info, starts):
+        T1, uu1, corr1, info1 = self.level.gradient_parts(R, data.level, gamma, Omega)
+        ts = self.level.soff  # the tree's information keeps its cross terms
         for i, k in enumerate(self.tree):
             for i2, k2 in enumerate(self.tree):
                 info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = info1[:, ts[i]:ts[i + 1], ts[i2]:ts[i2 + 1]]
-        small_info = factor_pair_information(TR, self.small_offsets[:-1], self.small_levels, self.small_q)
-        ss = np.concatenate([[0], np.cumsum([q * q for q in self.small_q])]).astype(int)
-        for i, k in enumerate(self.small):
-            for i2, k2 in enumerate(self.small):
-                info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = small_info[:, ss[i]:ss[i + 1], ss[i2]:ss[i2 + 1]]
-        ev.info = info
-        return ev
+        return {k: (la.sym(T1[i] - corr1[i] - uu1[i] / s2), T1[i], uu1[i]) for i, k in enumerate(self.tree)}

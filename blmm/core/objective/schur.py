@@ -74,10 +74,21 @@ class SchurObjective:
     def _small_factor_sum(self, A, i):
         return level_block_sum(A, self.small_offsets[i], self.small_levels[i], self.small_q[i])
 
+    def _eliminated_products(self, D_list, data: SchurData):
+        """U'V₁⁻¹U, U'V₁⁻¹Y, Y'V₁⁻¹Y, log|V₁| and the per-unit weights of the eliminated part."""
+        return self.level.products(D_list[self.big], data.level)
+
+    def _eliminated_parts(self, R, data: SchurData, gamma, Omega, s2, info, starts):
+        """Per eliminated factor k: (gradient, Σ T, Σ uu'); writes its information blocks into info."""
+        T1, uu1, corr1, info1 = self.level.gradient_parts(R, data.level, gamma, Omega)
+        b0, size = starts[self.big], starts[self.big + 1] - starts[self.big]
+        info[:, b0:b0 + size, b0:b0 + size] = info1
+        return {self.big: (la.sym(T1 - corr1 - uu1 / s2), T1, uu1)}
+
     def evaluate(self, D_list, data: SchurData, sigma2=None, grad=False) -> Evaluation:
         v = D_list[0].shape[0]
         p, qR = self.p, self.qR
-        UVU, UVY, YVY1, logdetV1, R = self.level.products(D_list[self.big], data.level)
+        UVU, UVY, YVY1, logdetV1, R = self._eliminated_products(D_list, data)
         A_XX, A_XR, A_RR = UVU[:, :p, :p], UVU[:, :p, p:], la.sym(UVU[:, p:, p:])
         a_XY, a_RY = UVY[:, :p], UVY[:, p:]
         Lam = self._small_blockdiag(D_list)  # Λ Λ' = D_R
@@ -106,9 +117,11 @@ class SchurObjective:
         if self.reml:
             B = np.concatenate([np.broadcast_to(self.eye_p, (v, p, p)), -SA], axis=1)
             Omega += B @ C @ np.swapaxes(B, 1, 2)
-        T1, uu1, corr1, info1 = self.level.gradient_parts(R, data.level, gamma, la.sym(Omega))
-        s2v = ev.sigma2
-        G1 = la.sym(T1 - corr1 - uu1 / s2v[:, None, None])
+        s2 = ev.sigma2[:, None, None]
+        # expected information: the eliminated factors' from V₁, the small factors' from V (no cross terms)
+        starts = np.concatenate([[0], np.cumsum([q * q for q in self.qk])]).astype(int)
+        info = np.zeros((v, starts[-1], starts[-1]))
+        eliminated = self._eliminated_parts(R, data, gamma, la.sym(Omega), s2, info, starts)
         IAS = np.eye(qR) - A_RR @ S  # Z_R'V⁻¹ = (I - A S) Z_R'V₁⁻¹
         TR = la.sym(IAS @ A_RR)  # Z_R'V⁻¹Z_R
         uR = np.einsum("vab,vb->va", IAS, rR)
@@ -116,26 +129,21 @@ class SchurObjective:
         if self.reml:
             ZVX = IAS @ np.swapaxes(A_XR, 1, 2)
             PR = PR - ZVX @ C @ np.swapaxes(ZVX, 1, 2)
-        GR = PR - uR[:, :, None] * uR[:, None, :] / s2v[:, None, None]
-        grads, T_sums, uus = [None] * len(self.qk), [None] * len(self.qk), [None] * len(self.qk)
-        grads[self.big], T_sums[self.big], uus[self.big] = G1, T1, uu1
+        GR = PR - uR[:, :, None] * uR[:, None, :] / s2
+        nf = len(self.qk)
+        grads, T_sums, uus = [None] * nf, [None] * nf, [None] * nf
+        for k, (G, T, uu) in eliminated.items():
+            grads[k], T_sums[k], uus[k] = G, T, uu
         uuR = uR[:, :, None] * uR[:, None, :]
         for i, k in enumerate(self.small):
             grads[k] = la.sym(self._small_factor_sum(GR, i))
             T_sums[k] = self._small_factor_sum(TR, i)
             uus[k] = self._small_factor_sum(uuR, i)
         ev.grad, ev.T_sum, ev.uu_sum = grads, T_sums, uus
-        # expected information: the big factor's from V₁, the small factors' from V (no cross terms)
-        sizes = [q * q for q in self.qk]
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        info = np.zeros((v, starts[-1], starts[-1]))
-        b0 = starts[self.big]
-        info[:, b0:b0 + sizes[self.big], b0:b0 + sizes[self.big]] = info1
         small_info = factor_pair_information(TR, self.small_offsets[:-1], self.small_levels, self.small_q)
-        small_starts = np.concatenate([[0], np.cumsum([q * q for q in self.small_q])]).astype(int)
+        ss = np.concatenate([[0], np.cumsum([q * q for q in self.small_q])]).astype(int)
         for i, k in enumerate(self.small):
             for i2, k2 in enumerate(self.small):
-                info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = \
-                    small_info[:, small_starts[i]:small_starts[i + 1], small_starts[i2]:small_starts[i2 + 1]]
+                info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = small_info[:, ss[i]:ss[i + 1], ss[i2]:ss[i2 + 1]]
         ev.info = info
         return ev
