@@ -251,6 +251,16 @@ def _contrast_entries(value: Any) -> list[tuple[str, Any]] | None:
     return found
 
 
+def _parse_vector(check, label: str, spec: Any) -> list | None:
+    """A contrast vector from the YAML (flat: T, nested: F); None after reporting a problem."""
+    try:
+        return _vector_from_yaml(spec)
+    except (ValueError, TypeError) as err:
+        check.problem(f"{label}: a vector must be a list of numbers (T) or of rows (F), found "
+                      f"{_shorten(spec)} ({err})")
+        return None
+
+
 def _contrasts(check, design) -> tuple[list[Contrast], list[tuple[str, Any]]]:
     from blmm.formula import FormulaError
 
@@ -278,19 +288,13 @@ def _contrasts(check, design) -> tuple[list[Contrast], list[tuple[str, Any]]]:
                     check.problem(f"contrasts {key} ({name}): give spec (a coefficient, term or combination) "
                                   "or vector")
                     continue
-                try:
-                    spec = _vector_from_yaml(spec)
-                except (ValueError, TypeError) as err:
-                    check.problem(f"contrasts {key} ({name}): vector must be a list of numbers (T) or of rows "
-                                  f"(F), found {_shorten(spec)} ({err})")
+                spec = _parse_vector(check, f"contrasts {key} ({name})", spec)
+                if spec is None:
                     continue
         label = f"contrasts {name}"
         if isinstance(spec, list):
-            try:
-                spec = _vector_from_yaml(spec)
-            except (ValueError, TypeError) as err:
-                check.problem(f"{label}: a vector must be a list of numbers (T) or of rows (F), found "
-                              f"{_shorten(spec)} ({err})")
+            spec = _parse_vector(check, label, spec)
+            if spec is None:
                 continue
         if not isinstance(spec, (str, list)):
             check.problem(f"{label}: expected a coefficient, term or linear combination of coefficient names, "
