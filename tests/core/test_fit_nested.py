@@ -220,7 +220,7 @@ def test_full_size_family_design_against_lme4():
     from blmm.core.inference import infer
     from tests.reference.load import _parse_results
     from tests.reference.make_family_reference import full_case
-    d = Path(__file__).resolve().parent / "reference" / "data" / "family_abcd_full"
+    d = Path(__file__).resolve().parents[1] / "reference" / "data" / "family_abcd_full"
     X, fam, subj, Zs, Y = full_case()
     factors = [RandomFactor("f1", fam, Zs[0]), RandomFactor("f2", subj, Zs[1])]
     contrasts = [Contrast.from_vector(c["name"], c["vector"]) for c in json.loads((d / "contrasts.json").read_text())]
