@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from blmm.core import linalg as la
 from blmm.core.boundary import SettledPoint, boundary_coordinates, free_parameters, settle
@@ -162,14 +163,20 @@ def fit_stats(
                + np.einsum("vp,pq,vq->v", out.beta, XtX, out.beta))
         res.resms[idx] = eTe / (n - p)
 
+    run_blocks(run, jobs, threads)
+    _blank_unfitted(res)
+    return res
+
+
+def run_blocks(run, jobs: list, threads: int) -> None:
+    """``run(job)`` for every voxel block, on ``threads`` threads (numpy releases the GIL)."""
     if threads > 1 and len(jobs) > 1:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
+        # our threads share the cores: a multi-threaded BLAS under each would oversubscribe them
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(run, jobs))
     else:
         for job in jobs:
             run(job)
-    _blank_unfitted(res)
-    return res
 
 
 STRUCTURES = ("auto", "levels", "nested", "schur", "dense")

@@ -10,7 +10,6 @@ the block size, so `max_block_bytes` holds however many patterns there are.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,11 +223,6 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
                + np.einsum("vp,vpq,vq->v", out.beta, XtX_v, out.beta))
         res.resms[idx] = eTe / (n_obs[idx] - p)
 
-    if threads > 1 and len(jobs) > 1:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(run, jobs))
-    else:
-        for job in jobs:
-            run(job)
+    F.run_blocks(run, jobs, threads)
     F._blank_unfitted(res)
     return res
