@@ -72,14 +72,22 @@ class _Refused:
 
 
 class _Task:
-    """``fn(item)`` on a worker, with non-retryable errors returned as ``_Refused``."""
+    """``fn(item)`` on a worker, with non-retryable errors returned as ``_Refused``.
 
-    def __init__(self, fn: Callable) -> None:
+    BLAS runs with as many threads as the worker has (``blas_threads``): workers already
+    share the cores, and a BLAS pool per worker on top would oversubscribe them.
+    """
+
+    def __init__(self, fn: Callable, blas_threads: int = 1) -> None:
         self.fn = fn
+        self.blas_threads = blas_threads
 
     def __call__(self, item: Any) -> Any:
+        from threadpoolctl import threadpool_limits
+
         try:
-            return self.fn(item)
+            with threadpool_limits(limits=self.blas_threads, user_api="blas"):
+                return self.fn(item)
         except Exception as exc:
             if retryable(exc):
                 raise
@@ -163,7 +171,7 @@ class Engine:
 
         prefix = _key_prefix(stage)
         nodes: dict[str, _Node] = {}
-        task = _Task(fn)
+        task = _Task(fn, blas_threads=max(1, (self.spec.cores or 1) // (self.spec.processes or 1)))
         for index, item in enumerate(items):
             key = f"{prefix}-{index}"
             future = self.client.submit(task, item, key=key, retries=retries, pure=False)
