@@ -110,7 +110,8 @@ def plan_run(config: Config, force: bool = False) -> RunPlan:
     # voxel blocks: the summed statistics of a block plus the fit's working memory
     row_bytes = 8 * (config.p + config.q + 1) * 3 + n // 4
     per_block = max(1, min(V, budget // 2 // row_bytes, 20000))
-    n_blocks = max(-(-V // per_block), min(config.maxnvb, max(1, V // 2000)))  # blocks run in parallel
+    # blocks run in parallel; ~1,000 voxels each keeps the last round of a few workers short
+    n_blocks = max(-(-V // per_block), min(config.maxnvb, max(1, V // 1000)))
     if config.voxel_batching:
         n_blocks = max(n_blocks, min(config.maxnvb, V))
     bounds = np.linspace(0, V, n_blocks + 1).round().astype(int)
