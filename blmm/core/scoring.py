@@ -183,9 +183,10 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
     if cholesky:
         # Newton's curvature of D(θ) along the deviance gradient: without it the information
         # 4θ²F vanishes as a variance goes to 0 and steps toward the boundary crawl
-        A = A + _psd_part(_theta_curvature(ev.grad, qk, off))
+        curvature = _theta_curvature(ev.grad, qk, off)
+        A = A + _psd_part(curvature)
         if method == "pSFS" and ev.observed is not None:
-            A = _observed_where_positive(A, ev, J, qk, sigma2, N)
+            A = _observed_where_positive(A, ev, J, curvature, sigma2, N)
     scale = np.trace(A, axis1=1, axis2=2) / A.shape[-1]
     eye = np.eye(A.shape[-1])
 
@@ -238,7 +239,7 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
     return trial, gain
 
 
-def _observed_where_positive(A, ev: Evaluation, J, qk, sigma2, N) -> np.ndarray:
+def _observed_where_positive(A, ev: Evaluation, J, curvature, sigma2, N) -> np.ndarray:
     """pSFS: the observed information (σ² profiled) instead of the expected one where it is PD.
 
     Near the optimum that is (nearly) Newton's method: quadratic instead of linear
@@ -248,7 +249,7 @@ def _observed_where_positive(A, ev: Evaluation, J, qk, sigma2, N) -> np.ndarray:
     uu = np.concatenate([U.reshape(v, -1) for U in ev.uu_sum], axis=1)
     # profile σ² out: H_DD - H_Dσ H_σσ⁻¹ H_σD with H_σσ = N/σ⁴ and H_σD = uu/σ⁴ at σ̂²
     Obs = ev.observed - uu[:, :, None] * uu[:, None, :] / (N * sigma2**2)[:, None, None]
-    A_obs = np.swapaxes(J, 1, 2) @ Obs @ J + _theta_curvature(ev.grad, qk, 0)
+    A_obs = np.swapaxes(J, 1, 2) @ Obs @ J + curvature  # pSFS profiles σ²: no σ² row to offset
     _, pd = la.safe_cholesky(la.sym(A_obs))
     return np.where(pd[:, None, None], la.sym(A_obs), A)
 

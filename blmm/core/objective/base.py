@@ -116,9 +116,8 @@ def subset_eval(ev: Evaluation, idx) -> Evaluation:
 
 def merge_eval(base: Evaluation, new: Evaluation, where, good) -> Evaluation:
     """Copy of base with the rows `where` replaced by new's rows `good`."""
-    if np.asarray(where).size == base.llh.shape[0] and np.all(good):
-        if np.array_equal(where, np.arange(base.llh.shape[0])):  # every row replaced: no copies
-            return subset_eval(new, np.flatnonzero(good)) if not np.all(good) else new
+    if np.all(good) and np.array_equal(where, np.arange(base.llh.shape[0])):
+        return new  # every row replaced: no copies
     out = subset_eval(base, slice(None))
     for name in ("llh", "beta", "sigma2", "C", "Q", "ok"):
         arr = getattr(out, name).copy()

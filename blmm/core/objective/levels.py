@@ -230,15 +230,25 @@ class LevelObjective:
         O(p / levels) of the rest, so scoring with it is nearly Newton (docs/model.md).
         """
         v = R[0][0].shape[0]
-        q, p, Cb = self.q, self.p, self.Cb
-        beta, C = ev.beta, ev.C
+        q = self.q
+        uu_parts = self._unit_uu(R, data, ev.beta) if uu_parts is None else uu_parts
+        A = self.cross_sums(R, data, ev.beta, uu_parts[1]).reshape(v, q * q, self.p)
+        Hvec = self.observed_unit_terms(R, P, data, ev, sigma2, uu_parts)
+        Hvec -= 2.0 * np.einsum("vip,vpr,vjr->vij", A, ev.C, A) / sigma2[:, None, None]
+        return la.sym(Hvec)
+
+    def observed_unit_terms(self, R, P, data: "LevelData", ev: Evaluation, sigma2: np.ndarray,
+                            uu_parts) -> np.ndarray:
+        """The observed information's sums over units, Σ T⊗(2uu'/σ² + 2P) - Σ T⊗T, in vec D (v, q², q²)."""
+        v = R[0][0].shape[0]
+        q, Cb = self.q, self.Cb
         T = self._unit_T(R)
 
         def Tf(a, b):
             return T[min(a, b), max(a, b)]
-        info = ev.info if ev.info is not None else self.gradient_parts(R, data, beta, None)[3]
+        info = ev.info if ev.info is not None else self.gradient_parts(R, data, ev.beta, None)[3]
         # W_unit = 2 U/σ² + 2 P (REML): the u and P terms share T_j's index pattern
-        U_big, u_small = self._unit_uu(R, data, beta) if uu_parts is None else uu_parts
+        U_big, u_small = uu_parts
         M = np.zeros((v, q, q, q, q))
         for d in range(q):
             for a in range(q):
@@ -253,7 +263,12 @@ class LevelObjective:
                 for b in range(q):
                     for c in range(q):  # M[(a,b),(c,d)] = Σ_units T[b,c] W[d,a]
                         M[:, a, b, c, d] = np.einsum("vc,vc->v", Tf(b, c), w)
-        # a_E: A_xy = Σ_j S_j[x]' u_j[y] (v, q, q, p)
+        return M.reshape(v, q * q, q * q) - info
+
+    def cross_sums(self, R, data: "LevelData", beta: np.ndarray, u_small) -> np.ndarray:
+        """A_xy = Σ_j S_j[x]' u_j[y] (v, q, q, p): the β-coupling of the observed information."""
+        v = beta.shape[0]
+        q, p, Cb = self.q, self.p, self.Cb
         A = np.zeros((v, q, q, p))
         if Cb:
             Rb = np.stack([np.stack([R[a][b][:, :Cb] for b in range(q)], -1) for a in range(q)], -2)
@@ -265,10 +280,7 @@ class LevelObjective:
                     Re = R[x][e][:, Cb:]
                     for y in range(q):
                         A[:, x, y] += (Re * u_small[y]) @ self.Xs[e]
-        A = A.reshape(v, q * q, p)
-        Hvec = M.reshape(v, q * q, q * q) - info
-        Hvec -= 2.0 * np.einsum("vip,vpr,vjr->vij", A, C, A) / sigma2[:, None, None]
-        return la.sym(Hvec)
+        return A
 
     def deviance_hessian(self, D_list, data: "LevelData", sigma2: np.ndarray, ev: Evaluation | None = None):
         """Observed Hessian of the deviance in vech D at fixed σ² (β profiled), analytically.

@@ -84,10 +84,10 @@ class MissingObjective:
         P = base._unit_P(R, C) if self.reml else None
         uu_parts = base._unit_uu(R, data.base, beta)
         T_sum, uu, corr, info = base.gradient_parts(R, data.base, beta, None, P=P, uu_parts=uu_parts)
-        # the observed information of the class sums, less its -2 A C A'/σ² (A is recombined below)
-        obs = base._observed_information(R, P, data.base, _with_info(ev, info), ev.sigma2, uu_parts)
-        A_base = self._base_A(R, data.base, beta, uu_parts).reshape(v, q * q, self.p)
-        A = A_base.reshape(v, q, q, self.p)
+        # the observed information's unit sums over the classes; its -2 A C A'/σ² is formed below
+        # from A recombined with the touched levels' units
+        obs = base.observed_unit_terms(R, P, data.base, _with_info(ev, info), ev.sigma2, uu_parts)
+        A = base.cross_sums(R, data.base, beta, uu_parts[1])
         if Ru is not None:
             s = data.sign
             Tu = Ru @ data.G
@@ -110,34 +110,13 @@ class MissingObjective:
             obs = obs - info_u + Mu
             A = A + np.einsum("vt,vtxp,vty->vxyp", s, S, u)
         A = A.reshape(v, q * q, self.p)
-        sig = ev.sigma2[:, None, None]
-        obs = obs + 2.0 * np.einsum("vip,vpr,vjr->vij", A_base, C, A_base) / sig
-        obs = obs - 2.0 * np.einsum("vip,vpr,vjr->vij", A, C, A) / sig
+        obs = obs - 2.0 * np.einsum("vip,vpr,vjr->vij", A, C, A) / ev.sigma2[:, None, None]
         ev.grad = [la.sym(T_sum - corr - uu / ev.sigma2[:, None, None])]
         ev.info = info
         ev.T_sum = [T_sum]
         ev.uu_sum = [uu]
         ev.observed = la.sym(obs)
         return ev
-
-    def _base_A(self, R, data: LevelData, beta, uu_parts):
-        """A_xy = Σ_j S_j[x]' u_j[y] over the class sums (v, q, q, p), as LevelObjective forms it."""
-        base = self.base
-        v = beta.shape[0]
-        q, p, Cb = base.q, base.p, base.Cb
-        A = np.zeros((v, q, q, p))
-        if Cb:
-            Rb = np.stack([np.stack([R[a][b][:, :Cb] for b in range(q)], -1) for a in range(q)], -2)
-            Xr = data.KXYo - np.einsum("cefpr,vr->vcefp", base.Ko, beta)
-            A += np.einsum("vcxe,vcyf,vcefp->vxyp", Rb, Rb, Xr, optimize=True)
-        u_small = uu_parts[1]
-        if u_small is not None:
-            for x in range(q):
-                for e in range(q):
-                    Re = R[x][e][:, Cb:]
-                    for y in range(q):
-                        A[:, x, y] += (Re * u_small[y]) @ base.Xs[e]
-        return A
 
 
 def _with_info(ev: Evaluation, info) -> Evaluation:
