@@ -8,14 +8,18 @@ folders with these pieces (docs/compare.md).
 * one variance component added on the boundary (a new one-effect factor): ½χ²₀ + ½χ²₁;
 * one random effect added to a factor with q (Stram & Lee 1994): ½χ²_q + ½χ²_{q+1};
 * fixed effects only (ML fits): χ² with df = the difference in p;
+* only correlations added between effects the small model keeps uncorrelated (lme4's
+  ``(1 + t || s)`` inside ``(1 + t | s)``): χ² with df = the added covariances (exact: zero
+  correlation is inside the parameter space);
 * anything else: χ² with df = the difference in parameter counts, which is conservative.
 
 p-values are −log10 p computed in log space (never 1 − cdf), finite however far in the tail.
 """
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -154,7 +158,10 @@ def _factor_contains(big: RandomFactor, small: RandomFactor) -> bool:
 
 
 def _match_factors(small: list[RandomFactor], big: list[RandomFactor]) -> list[int] | None:
-    """A distinct big factor containing each small factor (augmenting paths), or None."""
+    """A big factor containing each small factor, or None: distinct factors when possible
+    (augmenting paths), else several small factors that group the images the same way may
+    share one big factor whose design spans theirs together (lme4's ``(1 + t || s)`` inside
+    ``(1 + t | s)``)."""
     allowed = [[j for j, fb in enumerate(big) if _factor_contains(fb, fs)] for fs in small]
     owner: dict[int, int] = {}
 
@@ -168,13 +175,25 @@ def _match_factors(small: list[RandomFactor], big: list[RandomFactor]) -> list[i
                 return True
         return False
 
-    for i in range(len(small)):  # a handful of factors: recursion depth is tiny
-        if not assign(i, set()):
-            return None
-    match = [0] * len(small)
-    for j, i in owner.items():
-        match[i] = j
-    return match
+    if all(assign(i, set()) for i in range(len(small))):  # a handful of factors: recursion depth is tiny
+        match = [0] * len(small)
+        for j, i in owner.items():
+            match[i] = j
+        return match
+    for match in itertools.product(*allowed):  # shared big factors: a handful of candidates each
+        if all(_holds_together(big[j], [small[i] for i in range(len(small)) if match[i] == j])
+               for j in set(match)):
+            return list(match)
+    return None
+
+
+def _holds_together(big: RandomFactor, smalls: list[RandomFactor]) -> bool:
+    """Whether the small factors' effects, side by side, are distinct effects within ``big``'s."""
+    if len(smalls) < 2:
+        return True
+    design = np.hstack([f.design for f in smalls])
+    independent = np.linalg.matrix_rank(design) == design.shape[1]
+    return independent and design.shape[1] <= big.q and _outside_span(design, big.design).size == 0
 
 
 @dataclass
@@ -185,10 +204,12 @@ class Nesting:
     factor_match: list[int]  # big factor index of each small factor
     added_factors: list[int]  # big factors with no small counterpart
     grown: list[tuple[int, int]]  # (small index, big index) of matched factors with more effects
+    # (small indices, big index): small factors one big factor holds together, e.g. lme4's `||` split
+    merged: list[tuple[tuple[int, ...], int]] = field(default_factory=list)
 
     @property
     def same_random(self) -> bool:
-        return not self.added_factors and not self.grown
+        return not self.added_factors and not self.grown and not self.merged
 
 
 def nesting_of(small: Model, big: Model) -> tuple[Nesting | None, str]:
@@ -205,8 +226,10 @@ def nesting_of(small: Model, big: Model) -> tuple[Nesting | None, str]:
         return None, (f"random factor {which} of {small.label} has no counterpart in {big.label} (a factor "
                       "grouping the images the same way, whose design spans it)")
     added = [j for j in range(len(big.factors)) if j not in match]
-    grown = [(i, j) for i, j in enumerate(match) if big.factors[j].q > small.factors[i].q]
-    return Nesting(big.p - small.p, match, added, grown), ""
+    shared = {j: tuple(i for i, m in enumerate(match) if m == j) for j in set(match)}
+    merged = [(held, j) for j, held in sorted(shared.items()) if len(held) > 1]
+    grown = [(i, j) for i, j in enumerate(match) if len(shared[j]) == 1 and big.factors[j].q > small.factors[i].q]
+    return Nesting(big.p - small.p, match, added, grown, merged), ""
 
 
 def choose_null(small: Model, big: Model, nest: Nesting) -> NullDistribution:
@@ -221,6 +244,11 @@ def choose_null(small: Model, big: Model, nest: Nesting) -> NullDistribution:
     if nest.fixed_added and nest.same_random:
         return chi2_null(nest.fixed_added, f"{nest.fixed_added} fixed effect(s) added (ML fits)")
     if not nest.fixed_added:
+        if (nest.merged and not nest.added_factors and not nest.grown
+                and all(sum(small.factors[i].q for i in held) == big.factors[j].q for held, j in nest.merged)):
+            names = ", ".join(repr(big.factors[j].name) for _, j in nest.merged)
+            return chi2_null(df_total, f"only correlations between existing random effects added (factor {names}): "
+                                       "zero correlation is inside the parameter space, so chi2 is exact")
         if len(nest.added_factors) == 1 and not nest.grown and big.factors[nest.added_factors[0]].q == 1:
             name = big.factors[nest.added_factors[0]].name
             return mixture_null(0, 1, f"one variance component added on the boundary (new factor {name!r} "

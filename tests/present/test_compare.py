@@ -44,7 +44,7 @@ from blmm.core.design import RandomFactor
 from blmm.io.images import read_map
 
 REFERENCE = Path(__file__).resolve().parents[1] / "reference" / "data"
-CASES = ("slope", "crossed", "fixed")
+CASES = ("slope", "crossed", "fixed", "uncorrelated")
 
 
 # ---------------------------------------------------------------------------
@@ -516,9 +516,33 @@ def test_fixed_effects_must_be_spanned():
     assert nest is None and "'x2'" in why
 
 
+def test_uncorrelated_split_is_nested_in_the_correlated_factor():
+    # lme4's (1 + time || subject) is two factors grouped alike; (1 + time | subject) holds both
+    split = [RandomFactor("subject", SUBJECT, ONES), RandomFactor("subject.1", SUBJECT, TIME[:, None])]
+    small = _fake("small", X2, split)
+    big = _fake("big", X2, [RandomFactor("subject", SUBJECT, np.column_stack([ONES, TIME]))])
+    nest, why = nesting_of(small, big)
+    assert nest is not None, why
+    assert nest.factor_match == [0, 0] and nest.merged == [((0, 1), 0)] and not nest.grown
+    assert not nest.same_random and nesting_of(big, small)[0] is None
+    null = choose_null(small, big, nest)
+    assert null.components == ((1.0, 1),) and null.exact and "correlations" in null.reason
+    # a third effect as well: variances and covariances change at once, the conservative chi2
+    bigger = _fake("bigger", X2, [RandomFactor("subject", SUBJECT, np.column_stack([ONES, TIME, AGE]))])
+    null = choose_null(small, bigger, nesting_of(small, bigger)[0])
+    assert null.components == ((1.0, 4),) and not null.exact  # 6 - 2
+    # two copies of one effect are not two effects of the big factor
+    twice = _fake("twice", X2, [RandomFactor("subject", SUBJECT, ONES), RandomFactor("again", SUBJECT, 2 * ONES)])
+    assert nesting_of(twice, big)[0] is None
+    # grouped differently: not held by one factor
+    other = _fake("other", X2, [RandomFactor("subject", SUBJECT, ONES), RandomFactor("site", SITE, TIME[:, None])])
+    assert nesting_of(other, big)[0] is None
+
+
 def test_nesting_dataclass_flags():
     assert Nesting(0, [0], [], []).same_random
     assert not Nesting(0, [0], [1], []).same_random
+    assert not Nesting(0, [0, 0], [], [], [((0, 1), 0)]).same_random
 
 
 def test_log_sf_rejects_bad_df():

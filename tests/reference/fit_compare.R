@@ -24,7 +24,7 @@ here <- if (length(file_arg)) dirname(normalizePath(file_arg)) else "tests/refer
 data_dir <- file.path(here, "data")
 
 cases <- commandArgs(trailingOnly = TRUE)
-if (!length(cases)) cases <- c("slope", "crossed", "fixed")
+if (!length(cases)) cases <- c("slope", "crossed", "fixed", "uncorrelated")
 
 json_num <- function(x) {
   if (is.na(x) || !is.finite(x)) return("null")

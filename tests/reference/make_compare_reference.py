@@ -206,7 +206,43 @@ def case_fixed() -> None:
                Y, models, truth)
 
 
-CASES = {"slope": case_slope, "crossed": case_crossed, "fixed": case_fixed}
+def case_uncorrelated() -> None:
+    """REML: uncorrelated intercept + slope (lme4's ||, two factors) vs the correlated factor (chi2_1, exact)."""
+    rng = np.random.default_rng(2004)
+    subject = _subjects(rng, 70, 2, 6)
+    n = subject.size
+    time = _irregular_times(rng, subject)
+    covariate = _rounded(rng.normal(0, 1, 70)[subject - 1])
+    X = np.column_stack([np.ones(n), time, covariate])
+    correlation = np.array([0.0, 0.0, 0.1, -0.3, 0.5, -0.6, 0.8, 0.3])
+    slope_ratio = rng.uniform(0.1, 0.6, N_VOXELS)
+    intercept_ratio = rng.uniform(0.5, 3.0, N_VOXELS)
+    sigma2 = rng.uniform(0.5, 2.0, N_VOXELS)
+    beta = np.column_stack([rng.normal(10, 2, N_VOXELS), rng.normal(0, 0.5, N_VOXELS),
+                            rng.normal(0, 0.5, N_VOXELS)])
+    design = np.column_stack([np.ones(n), time])
+    Y = np.empty((n, N_VOXELS))
+    for v in range(N_VOXELS):
+        off = correlation[v] * np.sqrt(intercept_ratio[v] * slope_ratio[v])
+        cov = sigma2[v] * np.array([[intercept_ratio[v], off], [off, slope_ratio[v]]])
+        Y[:, v] = X @ beta[v] + _level_effects(rng, subject, design, cov) + np.sqrt(sigma2[v]) * rng.standard_normal(n)
+    _knock_out(rng, Y, [7], 0.05)
+    models = {
+        "REML": True,
+        "small": {"formula": "y ~ 1 + time + cov + (1 + time || subject)", "X": ["one", "time", "cov"],
+                  "Z": [{"name": "subject", "group": "subject", "design": ["one"]},
+                        {"name": "subject.1", "group": "subject", "design": ["time"]}]},
+        "big": {"formula": "y ~ 1 + time + cov + (1 + time | subject)", "X": ["one", "time", "cov"],
+                "Z": [{"name": "subject", "group": "subject", "design": ["one", "time"]}]},
+        "null": {"components": [[1.0, 1]]},
+    }
+    truth = {"sigma2": sigma2.tolist(), "beta": beta.tolist(), "intercept_ratio": intercept_ratio.tolist(),
+             "slope_ratio": slope_ratio.tolist(), "correlation": correlation.tolist()}
+    write_case("uncorrelated", {"one": np.ones(n), "time": time, "cov": covariate, "subject": subject},
+               Y, models, truth)
+
+
+CASES = {"slope": case_slope, "crossed": case_crossed, "fixed": case_fixed, "uncorrelated": case_uncorrelated}
 
 
 def main() -> None:
