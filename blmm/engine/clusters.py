@@ -24,6 +24,14 @@ logger = logging.getLogger("blmm.engine")
 # Starting clusters
 # --------------------------------------------------------------------------------------
 
+# dask sets MALLOC_TRIM_THRESHOLD_ in its workers, which turns off glibc's adaptive mmap
+# threshold: every large numpy temporary is then mapped and faulted in anew, and the fit ran
+# 1.7x slower in a worker than in this process.  Local workers inherit this process's dask
+# config (below); batch jobs read theirs on the node, so their job script exports it.  (A
+# DASK_..._MALLOC_TRIM_THRESHOLD_=None variable would not do: dask lower-cases its key.)
+KEEP_MALLOC_ADAPTIVE = "export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=\"{'MALLOC_TRIM_THRESHOLD_': None}\""
+
+
 def _build_cluster(spec: EngineSpec) -> Any:
     import dask
     import distributed  # noqa: F401  (its config defaults must exist before config.set)
@@ -31,10 +39,7 @@ def _build_cluster(spec: EngineSpec) -> Any:
     # a task whose worker dies more than `retries` times fails (KilledWorker); the
     # scheduler reads this when the cluster creates it, below
     settings = {"distributed.scheduler.allowed-failures": spec.retries,
-                # dask sets MALLOC_TRIM_THRESHOLD_ in its workers, which turns off glibc's adaptive
-                # mmap threshold: every large numpy temporary is then mapped and faulted in anew,
-                # and the fit ran 1.7x slower in a worker than in this process
-                "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+                "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}  # see KEEP_MALLOC_ADAPTIVE
     with dask.config.set(settings):
         if spec.kind == "local":
             return _build_local_cluster(spec)
@@ -81,6 +86,10 @@ def jobqueue_kwargs(spec: EngineSpec) -> dict[str, Any]:
         value = getattr(spec, name)
         if value is not None:
             kwargs[name] = value
+    prologue = spec.job_script_prologue
+    if prologue is None:  # passing ours replaces the config's: start from the config's
+        prologue = dask.config.get(f"jobqueue.{spec.kind}.job-script-prologue", None) or []
+    kwargs["job_script_prologue"] = [KEEP_MALLOC_ADAPTIVE, *prologue]
     if spec.account is not None:
         kwargs[_ACCOUNT_KWARG[spec.kind]] = spec.account
     if spec.dashboard_address is not None:

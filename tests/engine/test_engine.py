@@ -19,6 +19,7 @@ from blmm.engine import (
     jobqueue_kwargs,
     open_engine,
 )
+from blmm.engine.clusters import KEEP_MALLOC_ADAPTIVE
 from blmm.errors import BlmmError, InputError
 
 LOCAL = dict(dashboard_address="127.0.0.1:0", progress="off", start_timeout=60)
@@ -254,10 +255,11 @@ def test_only_set_resources_are_passed_so_dask_config_fills_the_rest():
     from dask_jobqueue import SLURMCluster
 
     spec = EngineSpec("sge", cores=2, account="neuro", job_extra_directives="-S /bin/bash")
-    assert jobqueue_kwargs(spec) == {"cores": 2, "project": "neuro",
-                                     "job_extra_directives": ["-S /bin/bash"]}
+    assert jobqueue_kwargs(spec) == {"cores": 2, "project": "neuro", "job_extra_directives": ["-S /bin/bash"],
+                                     "job_script_prologue": [KEEP_MALLOC_ADAPTIVE]}
     slurm = EngineSpec("slurm", cores=2, memory="2GB", interface="lo", account="neuro")
-    with dask.config.set({"jobqueue.slurm.walltime": "01:23:45", "jobqueue.slurm.queue": "gpu"}):
+    with dask.config.set({"jobqueue.slurm.walltime": "01:23:45", "jobqueue.slurm.queue": "gpu",
+                          "jobqueue.slurm.job-script-prologue": ["module load python"]}):
         cluster = SLURMCluster(**jobqueue_kwargs(slurm),
                                scheduler_options={"dashboard_address": "127.0.0.1:0"})
         try:
@@ -266,5 +268,7 @@ def test_only_set_resources_are_passed_so_dask_config_fills_the_rest():
             cluster.close()
     assert "#SBATCH -t 01:23:45" in script and "#SBATCH -p gpu" in script  # from dask config
     assert "--cpus-per-task=2" in script and "#SBATCH -A neuro" in script   # from the spec
+    # glibc's adaptive mmap threshold kept in the workers, after which the config's prologue still runs
+    assert script.index(KEEP_MALLOC_ADAPTIVE) < script.index("module load python")
     with pytest.raises(EngineSpecError, match="queue is not supported for htcondor"):
         jobqueue_kwargs(EngineSpec("htcondor", queue="short"))

@@ -32,6 +32,10 @@ def current_job() -> str:
     return os.environ.get("SLURM_JOB_ID") or os.environ.get("JOB_ID") or "outside-a-job"
 
 
+def malloc_trim_setting(_) -> str | None:
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
 def square_in_job(x: int) -> tuple[int, str]:
     return x * x, current_job()
 
@@ -77,6 +81,8 @@ def test_map_matches_inline(scheduler, tmp_path, job_name):
     with open_engine(scheduler.spec(tmp_path, job_name)) as engine:
         assert engine.dashboard_link.startswith("http://127.0.0.1:")
         squares = engine.map(square_in_job, range(10), "squares")
+        # dask would set it in the job's worker; the job script keeps glibc's adaptive threshold
+        assert engine.map(malloc_trim_setting, range(2), "environment") == [None, None]
 
     assert [v for v, _ in squares] == [v for v, _ in expected_squares]
     assert all(job != "outside-a-job" for _, job in squares), "tasks must run inside batch jobs"
