@@ -87,6 +87,13 @@ def fit_lmm(
         from blmm.core.missing_rows import missing_row_stats_from_data  # voxel-specific rows (issue 11)
         return fit_stats(missing_row_stats_from_data(Y, X, factors[0]), reml=reml, method=method, tol=tol,
                          max_iter=max_iter, **options)
+    if len(factors) > 1 and options.get("structure", "auto") in ("auto", "nested") and np.isnan(np.asarray(Y, dtype=np.float64)).any():
+        from blmm.core.sufficient import FactorLayout
+        layout = FactorLayout.from_factors(factors)
+        if choose_structure(layout, options.get("structure", "auto"))[0] == "nested":  # one nesting tree (issue 11)
+            from blmm.core.nested_missing_rows import nested_missing_row_stats_from_data
+            return fit_stats(nested_missing_row_stats_from_data(Y, X, factors, layout=layout), reml=reml,
+                             method=method, tol=tol, max_iter=max_iter, **options)
     return fit_stats(sufficient_stats(Y, X, factors), reml=reml, method=method, tol=tol,
                      max_iter=max_iter, **options)
 
@@ -124,6 +131,13 @@ def fit_stats(
             raise ValueError(f"missing-row statistics fit with the 'levels' structure, not {structure!r}")
         return fit_missing_rows(stats, reml=reml, method=method, tol=tol, max_iter=max_iter,
                                 max_block_bytes=max_block_bytes, threads=threads)
+    from blmm.core.nested_missing_rows import NestedMissingRowStats, fit_nested_missing_rows
+    if isinstance(stats, NestedMissingRowStats):  # a nesting tree, missing rows per voxel (issue 11)
+        structure, tree = choose_structure(stats.layout, structure)
+        if structure != "nested":
+            raise ValueError(f"nested missing-row statistics fit with the 'nested' structure, not {structure!r}")
+        return fit_nested_missing_rows(stats, reml=reml, method=method, tol=tol, max_iter=max_iter,
+                                       max_block_bytes=max_block_bytes, threads=threads, tree=tree)
     layout = stats.layout
     structure, tree = choose_structure(layout, structure)
     v, p = stats.n_voxels, stats.p
