@@ -117,6 +117,8 @@ def fit_stats(
     (levels for one factor, nested for one nesting tree, else schur unless the remaining
     factors have more than 2,000 columns).  A structure whose dense part does not fit one
     voxel in max_block_bytes is refused (ValueError) before any fitting.
+    `MissingRowStats` (one factor) and `NestedMissingRowStats` (one nesting tree) are fitted
+    with voxel-specific missing rows, without per-pattern objectives (docs/model.md).
     max_block_bytes bounds the working memory of all voxel blocks in flight; `threads`
     (default: the CPU count) fit blocks concurrently.
     """

@@ -3,7 +3,7 @@
 `NestedMissingRowStats` holds the design sums of the common (complete) design once, the rows
 each presence pattern lacks (a compressed list, never per-pattern design sums) and the
 per-voxel data sums.  `fit_nested_missing_rows` fits every voxel with
-`NestedMissingObjective` (docs/model.md, "Missing rows ... nested factors"): voxels are
+`NestedMissingObjective` (docs/model.md, "Missing rows per voxel, nested factors"): voxels are
 sorted by their number of missing rows (to keep the padding small) and each block's units
 (the families its missing rows touch, per block-shape group) are built from the missing
 rows only, just before the block is fitted.  Every per-voxel structure counts in the block

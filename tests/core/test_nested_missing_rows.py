@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from blmm.core.design import RandomFactor
 from blmm.core.fit import DROPPED_FEW, FITTED, METHODS, fit_lmm, fit_stats
 from blmm.core.nested_missing_rows import (
     FamilyBlocks, NestedMissingRowStats, block_units, fit_nested_missing_rows, nested_missing_row_stats_from_data,
@@ -69,6 +70,33 @@ def test_objective_equals_per_pattern(slope, reml):
             for ours, theirs in ((ev.grad[k], ref.grad[k]), (ev.T_sum[k], ref.T_sum[k]),
                                  (ev.uu_sum[k], ref.uu_sum[k])):
                 np.testing.assert_allclose(ours[vox], theirs[0], atol=1e-10, rtol=1e-10)
+
+
+def test_three_level_chain_objective_and_fit():
+    """household ⊃ family ⊃ subject (households of 2 families): the units are households' blocks."""
+    Y, X, factors = missing_design(8, n_families=12)
+    n = X.shape[0]
+    house = factors[0].labels // 14  # family labels are 7 f + 3: two families per household
+    Y += np.random.default_rng(0).standard_normal((house.max() + 1, Y.shape[1]))[house]
+    factors = [RandomFactor("household", house, np.ones((n, 1)))] + factors
+    ms = nested_missing_row_stats_from_data(Y, X, factors)
+    ss = sufficient_stats(Y, X, factors)
+    obj = NestedMissingObjective(ms.XtX, ms.ZtX, ms.ZtZ, ms.n_rows, ms.layout, True)
+    assert obj.tree == [0, 1, 2]
+    idx = np.arange(Y.shape[1])
+    data = obj.data(ms.XtY, ms.ZtY, ms.YtY, **block_units(ms, FamilyBlocks(ms, obj.base), idx))
+    D = [np.full((idx.size, 1, 1), d) for d in (0.5, 0.7, 0.4)]
+    ev = obj.evaluate(D, data, grad=True)
+    for vox in idx:
+        u = ss.pattern_of_voxel[vox]
+        ref_obj = NestedObjective(ss.XtX[u], ss.ZtX[u], ss.ZtZ[u], int(ss.n_obs[u]), ss.layout, True)
+        ref = ref_obj.evaluate([d[[vox]] for d in D], ref_obj.data(ss.XtY[[vox]], ss.ZtY[[vox]], ss.YtY[[vox]]),
+                               grad=True)
+        assert abs(ev.llh[vox] - ref.llh[0]) < 1e-10
+        np.testing.assert_allclose(ev.info[vox], ref.info[0], atol=1e-10, rtol=1e-10)
+        for k in range(3):
+            np.testing.assert_allclose(ev.grad[k][vox], ref.grad[k][0], atol=1e-10, rtol=1e-10)
+    compare_fits(fit_stats(ms, tol=1e-10, threads=1), fit_stats(ss, tol=1e-10, threads=1, structure="nested"))
 
 
 def compare_fits(ours, ref, llh_tol=1e-8, par_tol=1e-6):
