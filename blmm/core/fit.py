@@ -87,10 +87,11 @@ def fit_lmm(
         from blmm.core.missing_rows import missing_row_stats_from_data  # voxel-specific rows (issue 11)
         return fit_stats(missing_row_stats_from_data(Y, X, factors[0]), reml=reml, method=method, tol=tol,
                          max_iter=max_iter, **options)
-    if len(factors) > 1 and options.get("structure", "auto") in ("auto", "nested") and np.isnan(np.asarray(Y, dtype=np.float64)).any():
+    structure = options.get("structure", "auto")
+    if len(factors) > 1 and structure in ("auto", "nested") and np.isnan(np.asarray(Y, dtype=np.float64)).any():
         from blmm.core.sufficient import FactorLayout
         layout = FactorLayout.from_factors(factors)
-        if choose_structure(layout, options.get("structure", "auto"))[0] == "nested":  # one nesting tree (issue 11)
+        if choose_structure(layout, structure)[0] == "nested":  # one nesting tree, rows per voxel (issue 11)
             from blmm.core.nested_missing_rows import nested_missing_row_stats_from_data
             return fit_stats(nested_missing_row_stats_from_data(Y, X, factors, layout=layout), reml=reml,
                              method=method, tol=tol, max_iter=max_iter, **options)

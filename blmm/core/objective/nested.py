@@ -269,7 +269,8 @@ class NestedObjective:
         YtY = np.asarray(YtY, dtype=np.float64)
         return NestedData(XtY, YtY, [lv.data(XtY, ZtY[:, perm], YtY) for lv, perm in zip(self.levels, self.perm)])
 
-    def _block_D(self, D_list, g):
+    def block_D(self, D_list, g):
+        """Group g's block covariance D̃ = P_g vec[D_k] per voxel (v, b, b)."""
         v = D_list[self.tree[0]].shape[0]
         Dvec = np.concatenate([D_list[k].reshape(v, -1) for k in self.tree], axis=1)
         b = self.levels[g].q
@@ -281,7 +282,7 @@ class NestedObjective:
         logdetV = 0.0
         Rs = []
         for g, lv in enumerate(self.levels):
-            A, B, C, ld, R = lv.products(self._block_D(D_list, g), data.groups[g])
+            A, B, C, ld, R = lv.products(self.block_D(D_list, g), data.groups[g])
             if XtVX is None:
                 XtVX, XtVY, YtVY = A, B, C
             else:

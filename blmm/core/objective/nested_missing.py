@@ -94,7 +94,7 @@ class NestedMissingObjective:
             if u.sign.shape[1] == 0:
                 Ru.append(None)
                 continue
-            dXtVX, dXtVY, dYtVY, dlogdetV, R = unit_products(self.base._block_D(D_list, g), u.sign, u.G, u.X, u.y)
+            dXtVX, dXtVY, dYtVY, dlogdetV, R = unit_products(self.base.block_D(D_list, g), u.sign, u.G, u.X, u.y)
             XtVX, XtVY, YtVY, logdetV = XtVX + dXtVX, XtVY + dXtVY, YtVY + dYtVY, logdetV + dlogdetV
             Ru.append(R)
         return XtVX, XtVY, YtVY, logdetV, Rs, Ru
