@@ -87,6 +87,14 @@ def fit_lmm(
         from blmm.core.missing_rows import missing_row_stats_from_data  # voxel-specific rows (issue 11)
         return fit_stats(missing_row_stats_from_data(Y, X, factors[0]), reml=reml, method=method, tol=tol,
                          max_iter=max_iter, **options)
+    structure = options.get("structure", "auto")
+    if len(factors) > 1 and structure in ("auto", "nested") and np.isnan(np.asarray(Y, dtype=np.float64)).any():
+        from blmm.core.sufficient import FactorLayout
+        layout = FactorLayout.from_factors(factors)
+        if choose_structure(layout, structure)[0] == "nested":  # one nesting tree, rows per voxel (issue 11)
+            from blmm.core.nested_missing_rows import nested_missing_row_stats_from_data
+            return fit_stats(nested_missing_row_stats_from_data(Y, X, factors, layout=layout), reml=reml,
+                             method=method, tol=tol, max_iter=max_iter, **options)
     return fit_stats(sufficient_stats(Y, X, factors), reml=reml, method=method, tol=tol,
                      max_iter=max_iter, **options)
 
@@ -110,6 +118,8 @@ def fit_stats(
     (levels for one factor, nested for one nesting tree, else schur unless the remaining
     factors have more than 2,000 columns).  A structure whose dense part does not fit one
     voxel in max_block_bytes is refused (ValueError) before any fitting.
+    `MissingRowStats` (one factor) and `NestedMissingRowStats` (one nesting tree) are fitted
+    with voxel-specific missing rows, without per-pattern objectives (docs/model.md).
     max_block_bytes bounds the working memory of all voxel blocks in flight; `threads`
     (default: the CPU count) fit blocks concurrently.
     """
@@ -124,6 +134,13 @@ def fit_stats(
             raise ValueError(f"missing-row statistics fit with the 'levels' structure, not {structure!r}")
         return fit_missing_rows(stats, reml=reml, method=method, tol=tol, max_iter=max_iter,
                                 max_block_bytes=max_block_bytes, threads=threads)
+    from blmm.core.nested_missing_rows import NestedMissingRowStats, fit_nested_missing_rows
+    if isinstance(stats, NestedMissingRowStats):  # a nesting tree, missing rows per voxel (issue 11)
+        structure, tree = choose_structure(stats.layout, structure)
+        if structure != "nested":
+            raise ValueError(f"nested missing-row statistics fit with the 'nested' structure, not {structure!r}")
+        return fit_nested_missing_rows(stats, reml=reml, method=method, tol=tol, max_iter=max_iter,
+                                       max_block_bytes=max_block_bytes, threads=threads, tree=tree)
     layout = stats.layout
     structure, tree = choose_structure(layout, structure)
     v, p = stats.n_voxels, stats.p

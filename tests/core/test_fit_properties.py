@@ -30,8 +30,9 @@ import pytest
 from scipy import optimize
 
 from blmm.core.design import RandomFactor
-from blmm.core.fit import METHODS, fit_stats
+from blmm.core.fit import METHODS, choose_structure, fit_lmm, fit_stats
 from blmm.core.objective import DenseObjective, LevelObjective, SchurObjective
+from blmm.core.objective.nested import NestedObjective
 from blmm.core.sufficient import sufficient_stats
 
 try:  # small dense algebra: BLAS threads only contend (100x slower on a loaded 2-core machine)
@@ -103,7 +104,8 @@ def make_design(kind, q, seed, n_sub=24, v=3, missing=0, second=None, zero=False
     """Random longitudinal design and data: X = [1, t, group], subject effects Z = [1, t, (t-1)²][:q].
 
     kind: visit pattern (see _visits).  second: None, "crossed" (a 4-level rater per image,
-    crossed with subjects) or "nested" (subjects within 3 sites); both random intercepts.
+    crossed with subjects), "nested" (subjects within 3 sites) or "family" (subjects within
+    families of 1-3); all random intercepts.
     zero: every true variance but the subject intercept's is 0, and with a single q = 1
     factor that one too (boundary optima).  missing: rows set to NaN per voxel, different
     rows in every voxel but the first (so each voxel is its own presence pattern).
@@ -121,6 +123,9 @@ def make_design(kind, q, seed, n_sub=24, v=3, missing=0, second=None, zero=False
         factors.append(RandomFactor("rater", rng.integers(0, 4, n), np.ones((n, 1))))
     elif second == "nested":
         factors.append(RandomFactor("site", sub % 3, np.ones((n, 1))))
+    elif second == "family":  # families of 1-3 subjects: one nesting tree, eliminated by families
+        fam_of_sub = np.repeat(np.arange(n_sub), rng.integers(1, 4, n_sub))[:n_sub]
+        factors.append(RandomFactor("family", fam_of_sub[sub], np.ones((n, 1))))
     elif second is not None:
         raise ValueError(second)
     all_zero = zero and q == 1 and second is None
@@ -164,6 +169,8 @@ DESIGNS = {
     "nested-q2": _spec("balanced", 2, 81, second="nested"),
     "nested-q1-missing": _spec("classes", 1, 82, second="nested", missing=2),
     "nested-q2-boundary": _spec("mixed", 2, 83, second="nested", zero=True),
+    "family-q1-missing": _spec("classes", 1, 91, second="family", missing=3),
+    "family-q2-missing": _spec("mixed", 2, 92, second="family", missing=3),
 }
 # small designs for the brute-force maximum (a dense n x n formula under scipy.optimize)
 BRUTE = [("balanced-q2", True), ("balanced-q2", False), ("balanced-q3", True), ("classes-q2", True),
@@ -181,10 +188,16 @@ def structures_for(factors):
 
 
 def fit_all(X, factors, Y, reml):
-    """Every structure x method on one design: {(structure, method): FitResult}."""
+    """Every structure x method on one design: {(structure, method): FitResult}; with missing rows
+    also fit_lmm's vectorised missing-row path ("missing-rows") where it applies (one factor, one nesting tree)."""
     stats = sufficient_stats(Y, X, factors)
-    return {(s, m): fit_stats(stats, reml=reml, method=m, tol=TOL, max_iter=MAX_ITER, structure=s, threads=1)
-            for s in structures_for(factors) for m in METHODS}
+    out = {(s, m): fit_stats(stats, reml=reml, method=m, tol=TOL, max_iter=MAX_ITER, structure=s, threads=1)
+           for s in structures_for(factors) for m in METHODS}
+    if np.isnan(Y).any() and (len(factors) == 1 or choose_structure(stats.layout)[0] == "nested"):
+        for m in METHODS:
+            out["missing-rows", m] = fit_lmm(Y, X, factors, reml=reml, method=m, tol=TOL, max_iter=MAX_ITER,
+                                             threads=1)
+    return out
 
 
 @lru_cache(maxsize=None)
@@ -275,6 +288,10 @@ def test_designs_exercise_the_class_paths():
         X, factors, Y = design(name)
         stats = sufficient_stats(Y, X, factors)
         for u in range(stats.patterns.shape[0]):
+            if spec["second"] == "family":  # eliminated by family blocks: classes of identical blocks
+                nested = NestedObjective(stats.XtX[u], stats.ZtX[u], stats.ZtZ[u], stats.n_obs[u], stats.layout, True)
+                assert any(lv.Cb >= 1 for lv in nested.levels), f"{name} pattern {u}"
+                continue
             if len(factors) == 1:
                 obj = level_objective(stats, u, spec["q"], True)
             else:

@@ -116,7 +116,7 @@ def test_lme4_constants_and_satterthwaite_tails():
 @pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
 @pytest.mark.parametrize("case_name", ["slope", "nested", "boundary", "missing", "balanced_q2",
                                        "balanced_q3", "nested3", "crossed_slope",
-                                       "family_intercept", "family_slope"])
+                                       "family_intercept", "family_slope", "family_missing"])
 def test_singular_fits_match_lmertest_too(case_name, reml):
     """On the boundary the df depend on the parametrisation; we use lme4's θ as lmerTest does."""
     case, _, fit, inf = fitted(case_name, reml)
@@ -139,3 +139,29 @@ def test_missing_rows_give_each_voxel_its_own_design():
     full = np.flatnonzero(observed.all(axis=0))
     alone = fit_lmm(case.Y[:, full], case.X, factors)
     assert np.allclose(alone.llh, fit.llh[full], atol=1e-9)
+
+
+# cases with missing rows and the vectorised path that fits them (fit_lmm routes voxels with NaNs
+# there: one factor -> fit_missing_rows, one nesting tree -> fit_nested_missing_rows)
+VECTORISED = {"missing": "fit_missing_rows", "intercept_missing": "fit_missing_rows",
+              "family_missing": "fit_nested_missing_rows", "family_slope_missing": "fit_nested_missing_rows",
+              "family_abcd_small": "fit_nested_missing_rows", "family_slope_small": "fit_nested_missing_rows"}
+
+
+@pytest.mark.parametrize("case_name", ["missing", "intercept_missing", "family_missing", "family_slope_missing"])
+def test_missing_rows_are_fitted_by_the_vectorised_paths(case_name, monkeypatch):
+    """The fits test_against_lme4 checks come from the vectorised missing-row paths, not per pattern."""
+    import blmm.core.missing_rows as one_factor
+    import blmm.core.nested_missing_rows as nested
+    case, factors, fit, _ = fitted(case_name, True)
+    seen = []
+    for module, name in ((one_factor, "fit_missing_rows"), (nested, "fit_nested_missing_rows")):
+        def spy(stats, *args, _fit=getattr(module, name), _name=name, **kwargs):
+            seen.append(_name)
+            return _fit(stats, *args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    assert np.isnan(case.Y).any(axis=0).sum() >= 5
+    options = {"tol": TOL[case_name]} if case_name in TOL else {}
+    again = fit_lmm(case.Y, case.X, factors, reml=True, **options)
+    assert seen == [VECTORISED[case_name]]
+    np.testing.assert_allclose(again.llh, fit.llh, atol=1e-12, rtol=0)

@@ -40,6 +40,8 @@ CASES = (
     # two factors with missing rows, ABCD-like families
     "balanced_q2", "balanced_visits", "balanced_q3", "nested3", "crossed_slope",
     "two_factor_missing", "family_intercept", "family_slope",
+    # issue 11: missing rows at most voxels (one factor q = 1; subjects nested in families)
+    "intercept_missing", "family_missing", "family_slope_missing",
 )
 
 

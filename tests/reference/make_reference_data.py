@@ -549,6 +549,107 @@ def case_family_slope():
     write_case("family_slope", X, [fam, subj], [Z1, Z2], Y, _truth(betas, sigma2, [D1, D2]))
 
 
+# --------------------------------------------------------------------------------------
+# issue 11: missing rows at most voxels, fitted by the vectorised missing-row paths
+# (one factor with q = 1; subjects nested in families, intercepts and a slope).
+# --------------------------------------------------------------------------------------
+def _lose(rng, Y, v, frac):
+    n = Y.shape[0]
+    k = int(round(frac * n))
+    if k:
+        Y[rng.choice(n, size=k, replace=False), v] = np.nan
+
+
+def case_intercept_missing():
+    """(1 | subject), 70 subjects with 1-5 visits; v1 complete, v2-v8 lose 1-20% of their rows;
+    v5 also loses a whole subject, v7 every single-visit subject."""
+    rng = np.random.default_rng(1201)
+    V = 8
+    subj = _visits(rng, 70, 1, 5)
+    n = subj.size
+    visit = np.concatenate([np.arange((subj == s).sum()) for s in np.unique(subj)])
+    age = rng.uniform(-1.0, 1.0, 70)[subj - 1] + 0.2 * visit
+    group = rng.integers(0, 2, 70)[subj - 1].astype(float)
+    X = _rounded(np.column_stack([np.ones(n), age, group]))
+    Z = np.ones((n, 1))
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D = _ratios(rng, V, 0.2, 5.0)[:, None, None]
+    Y = _simulate(rng, X, [subj], [Z], betas, sigma2, [D])
+    frac = np.concatenate([[0.0], np.linspace(0.01, 0.20, V - 1)])
+    for v in range(V):
+        _lose(rng, Y, v, frac[v])
+    Y[subj == 9, 4] = np.nan
+    counts = np.bincount(subj)
+    Y[counts[subj] == 1, 6] = np.nan
+    truth = _truth(betas, sigma2, [D])
+    truth["missing_fraction"] = frac.tolist()
+    write_case("intercept_missing", X, [subj], [Z], Y, truth)
+
+
+def _family_missing_design(rng, n_fam, visits=(1, 3), shares=(0.5, 0.3, 0.2)):
+    """Families of 1-3 subjects (shares: of 1, 2, 3), visits[0]-visits[1] visits per subject."""
+    fam_of_subj, _ = _families(rng, n_fam, list(shares))
+    n_sub = fam_of_subj.size
+    subj = _visits(rng, n_sub, *visits)
+    return fam_of_subj[subj - 1], subj, n_sub
+
+
+def _family_missing_rows(rng, Y, fam, subj):
+    """v1 complete; v2 3 rows; v3 a whole subject of a multi-subject family; v4 a whole family of
+    3 subjects; v5 10%; v6 every singleton family; v7 15% and a whole family; v8 5%."""
+    sizes = np.bincount(np.unique(np.column_stack([fam, subj]), axis=0)[:, 0])
+    _lose(rng, Y, 1, 3 / Y.shape[0])
+    Y[subj == subj[np.flatnonzero(sizes[fam] >= 2)[0]], 2] = np.nan
+    Y[fam == np.flatnonzero(sizes == 3)[0], 3] = np.nan
+    _lose(rng, Y, 4, 0.10)
+    Y[sizes[fam] == 1, 5] = np.nan
+    _lose(rng, Y, 6, 0.15)
+    Y[fam == np.flatnonzero(sizes == 2)[-1], 6] = np.nan
+    _lose(rng, Y, 7, 0.05)
+
+
+def case_family_missing():
+    """(1 | family) + (1 | subject), 40 families; missing rows at v2-v8 (_family_missing_rows)."""
+    rng = np.random.default_rng(1202)
+    V = 8
+    fam, subj, n_sub = _family_missing_design(rng, 40)
+    n = subj.size
+    visit = np.concatenate([np.arange((subj == s).sum()) for s in np.unique(subj)])
+    age = rng.uniform(-1.0, 1.0, n_sub)[subj - 1] + 0.2 * visit
+    sex = rng.integers(0, 2, n_sub).astype(float)[subj - 1]
+    X = _rounded(np.column_stack([np.ones(n), age, sex]))
+    ones = np.ones((n, 1))
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D1 = _ratios(rng, V, 0.3, 4.0)[:, None, None]
+    D2 = _ratios(rng, V, 0.3, 6.0)[:, None, None]
+    Y = _simulate(rng, X, [fam, subj], [ones, ones], betas, sigma2, [D1, D2])
+    _family_missing_rows(rng, Y, fam, subj)
+    write_case("family_missing", X, [fam, subj], [ones, ones], Y, _truth(betas, sigma2, [D1, D2]))
+
+
+def case_family_slope_missing():
+    """(1 | family) + (1 + time | subject), 50 families (30% singletons), 2-4 visits at continuous times (lme4 needs
+    more images than subject effects at every voxel); missing rows as family_missing."""
+    rng = np.random.default_rng(1203)
+    V = 8
+    fam, subj, n_sub = _family_missing_design(rng, 50, visits=(2, 4), shares=(0.3, 0.4, 0.3))
+    n = subj.size
+    time = _irregular_times(rng, subj)
+    cov = rng.normal(0, 1, n_sub)[subj - 1]
+    X = _rounded(np.column_stack([np.ones(n), time, cov]))
+    Z1 = np.ones((n, 1))
+    Z2 = np.column_stack([np.ones(n), X[:, 1]])
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.3, 1.5, V)
+    D1 = _ratios(rng, V, 0.5, 4.0)[:, None, None]
+    D2 = _corr_D(rng, V, [(1.0, 6.0), (0.3, 1.5)])  # fewer boundary fits than family_slope
+    Y = _simulate(rng, X, [fam, subj], [Z1, Z2], betas, sigma2, [D1, D2])
+    _family_missing_rows(rng, Y, fam, subj)
+    write_case("family_slope_missing", X, [fam, subj], [Z1, Z2], Y, _truth(betas, sigma2, [D1, D2]))
+
+
 CASES = {
     "intercept": case_intercept,
     "slope": case_slope,
@@ -565,6 +666,9 @@ CASES = {
     "two_factor_missing": case_two_factor_missing,
     "family_intercept": case_family_intercept,
     "family_slope": case_family_slope,
+    "intercept_missing": case_intercept_missing,
+    "family_missing": case_family_missing,
+    "family_slope_missing": case_family_slope_missing,
 }
 
 

@@ -53,23 +53,10 @@ class MissingObjective:
     def _products(self, D, data: "MissingData"):
         XtVX, XtVY, YtVY, logdetV, R = self.base.products(D, data.base)
         XtVX = XtVX + data.dXtX
-        v, T = data.sign.shape
-        q, p = self.q, self.p
-        if T == 0:
+        if data.sign.shape[1] == 0:
             return XtVX, XtVY, YtVY, logdetV, R, None
-        s = data.sign
-        A = np.eye(q) + data.G @ D[:, None]  # (v, T, q, q): I + G_t D
-        Ru = _inv(A)
-        W = D[:, None] @ Ru
-        W = 0.5 * (W + np.swapaxes(W, -1, -2))
-        logdetV = logdetV + np.einsum("vt,vt->v", s, _logdet(A))
-        sX = (s[:, :, None, None] * data.X).reshape(v, T * q, p)
-        WX = (W @ data.X).reshape(v, T * q, p)
-        XtVX = XtVX - np.swapaxes(sX, 1, 2) @ WX
-        Wy = np.einsum("vtab,vtb->vta", W, data.y).reshape(v, T * q)
-        XtVY = XtVY - np.einsum("vk,vkp->vp", Wy, sX)
-        YtVY = YtVY - np.einsum("vt,vta,vta->v", s, data.y, Wy.reshape(v, T, q))
-        return XtVX, XtVY, YtVY, logdetV, R, Ru
+        dXtVX, dXtVY, dYtVY, dlogdetV, Ru = unit_products(D, data.sign, data.G, data.X, data.y)
+        return XtVX + dXtVX, XtVY + dXtVY, YtVY + dYtVY, logdetV + dlogdetV, R, Ru
 
     def evaluate(self, D_list, data: "MissingData", sigma2=None, grad=False) -> Evaluation:
         D = D_list[0]
@@ -90,25 +77,19 @@ class MissingObjective:
         A = base.cross_sums(R, data.base, beta, uu_parts[1])
         if Ru is not None:
             s = data.sign
-            Tu = Ru @ data.G
-            Tu = 0.5 * (Tu + np.swapaxes(Tu, -1, -2))
-            T_sum = T_sum + np.einsum("vt,vtab->vab", s, Tu)
-            info_u = np.einsum("vt,vtbc,vtae->vabce", s, Tu, Tu).reshape(v, q * q, q * q)
+            units = unit_gradient_parts(Ru, s, data.G, data.X, data.y, beta, C if self.reml else None)
+            T_sum = T_sum + units.T_sum
+            info_u = np.einsum("vt,vtbc,vtae->vabce", s, units.T, units.T).reshape(v, q * q, q * q)
             info = info + info_u
-            r = data.y - np.einsum("vtap,vp->vta", data.X, beta)
-            u = np.einsum("vtab,vtb->vta", Ru, r)
-            uu = uu + np.einsum("vt,vta,vtb->vab", s, u, u)
-            S = Ru @ data.X  # (v, T, q, p): S_t = R_t X_t
-            Wu = 2.0 * u[..., :, None] * u[..., None, :] / ev.sigma2[:, None, None, None]
+            uu = uu + units.uu
+            Wu = 2.0 * units.u[..., :, None] * units.u[..., None, :] / ev.sigma2[:, None, None, None]
             if self.reml:
-                SC = S @ C[:, None]
-                Pu = SC @ np.swapaxes(S, -1, -2)
-                corr = corr + np.einsum("vt,vtab->vab", s, Pu)
-                Wu = Wu + 2.0 * Pu
+                corr = corr + units.corr
+                Wu = Wu + 2.0 * units.P
             # M[(a,b),(c,d)] = Σ_units T[b,c] W[d,a]
-            Mu = np.einsum("vt,vtbc,vtda->vabcd", s, Tu, Wu).reshape(v, q * q, q * q)
+            Mu = np.einsum("vt,vtbc,vtda->vabcd", s, units.T, Wu).reshape(v, q * q, q * q)
             obs = obs - info_u + Mu
-            A = A + np.einsum("vt,vtxp,vty->vxyp", s, S, u)
+            A = A + np.einsum("vt,vtxp,vty->vxyp", s, units.S, units.u)
         A = A.reshape(v, q * q, self.p)
         obs = obs - 2.0 * np.einsum("vip,vpr,vjr->vij", A, C, A) / ev.sigma2[:, None, None]
         ev.grad = [la.sym(T_sum - corr - uu / ev.sigma2[:, None, None])]
@@ -117,6 +98,55 @@ class MissingObjective:
         ev.uu_sum = [uu]
         ev.observed = la.sym(obs)
         return ev
+
+
+def unit_products(D: np.ndarray, sign: np.ndarray, G: np.ndarray, X: np.ndarray, y: np.ndarray):
+    """The units' signed terms of X'V⁻¹X, X'V⁻¹Y, Y'V⁻¹Y and log|V| (to add to the class sums),
+    and R_t = (I + G_t D)⁻¹ per unit.  D (v, q, q); sign (v, T); G (v, T, q, q); X (v, T, q, p); y (v, T, q)."""
+    v, T = sign.shape
+    q, p = G.shape[-1], X.shape[-1]
+    A = np.eye(q) + G @ D[:, None]  # (v, T, q, q): I + G_t D
+    Ru = _inv(A)
+    W = D[:, None] @ Ru
+    W = 0.5 * (W + np.swapaxes(W, -1, -2))
+    dlogdetV = np.einsum("vt,vt->v", sign, _logdet(A))
+    sX = (sign[:, :, None, None] * X).reshape(v, T * q, p)
+    WX = (W @ X).reshape(v, T * q, p)
+    dXtVX = -(np.swapaxes(sX, 1, 2) @ WX)
+    Wy = np.einsum("vtab,vtb->vta", W, y).reshape(v, T * q)
+    dXtVY = -np.einsum("vk,vkp->vp", Wy, sX)
+    dYtVY = -np.einsum("vt,vta,vta->v", sign, y, Wy.reshape(v, T, q))
+    return dXtVX, dXtVY, dYtVY, dlogdetV, Ru
+
+
+@dataclass
+class UnitParts:
+    """Per unit T_t = R_t G_t, u_t = R_t(y_t - X_t β), S_t = R_t X_t, P_t = S_t C S_t' (REML),
+    and the signed sums Σ s T_t, Σ s u_t u_t', Σ s P_t (zero for ML)."""
+
+    T: np.ndarray  # (v, T, q, q)
+    u: np.ndarray  # (v, T, q)
+    S: np.ndarray  # (v, T, q, p)
+    P: np.ndarray | None  # (v, T, q, q)
+    T_sum: np.ndarray  # (v, q, q)
+    uu: np.ndarray
+    corr: np.ndarray
+
+
+def unit_gradient_parts(Ru, sign, G, X, y, beta, C=None) -> UnitParts:
+    """The units' pieces of the deviance gradient (C = (X'V⁻¹X)⁻¹ for REML, None for ML)."""
+    Tu = Ru @ G
+    Tu = 0.5 * (Tu + np.swapaxes(Tu, -1, -2))
+    r = y - np.einsum("vtap,vp->vta", X, beta)
+    u = np.einsum("vtab,vtb->vta", Ru, r)
+    S = Ru @ X  # (v, T, q, p): S_t = R_t X_t
+    P = None
+    corr = np.zeros(Tu.shape[:1] + Tu.shape[2:])
+    if C is not None:
+        P = (S @ C[:, None]) @ np.swapaxes(S, -1, -2)
+        corr = np.einsum("vt,vtab->vab", sign, P)
+    return UnitParts(T=Tu, u=u, S=S, P=P, T_sum=np.einsum("vt,vtab->vab", sign, Tu),
+                     uu=np.einsum("vt,vta,vtb->vab", sign, u, u), corr=corr)
 
 
 def _with_info(ev: Evaluation, info) -> Evaluation:

@@ -269,7 +269,8 @@ class NestedObjective:
         YtY = np.asarray(YtY, dtype=np.float64)
         return NestedData(XtY, YtY, [lv.data(XtY, ZtY[:, perm], YtY) for lv, perm in zip(self.levels, self.perm)])
 
-    def _block_D(self, D_list, g):
+    def block_D(self, D_list, g):
+        """Group g's block covariance D̃ = P_g vec[D_k] per voxel (v, b, b)."""
         v = D_list[self.tree[0]].shape[0]
         Dvec = np.concatenate([D_list[k].reshape(v, -1) for k in self.tree], axis=1)
         b = self.levels[g].q
@@ -281,7 +282,7 @@ class NestedObjective:
         logdetV = 0.0
         Rs = []
         for g, lv in enumerate(self.levels):
-            A, B, C, ld, R = lv.products(self._block_D(D_list, g), data.groups[g])
+            A, B, C, ld, R = lv.products(self.block_D(D_list, g), data.groups[g])
             if XtVX is None:
                 XtVX, XtVY, YtVY = A, B, C
             else:
@@ -294,6 +295,11 @@ class NestedObjective:
 
     def gradient_parts(self, Rs, data: NestedData, gamma, Omega):
         """Per tree factor Σ T, Σ uu', Σ S Ω S' (lists of (v, q_k, q_k)) and the information (v, s, s)."""
+        T_vec, uu_vec, corr_vec, info = self.gradient_vectors(Rs, data, gamma, Omega)
+        return self.per_factor(T_vec), self.per_factor(uu_vec), self.per_factor(corr_vec), info
+
+    def gradient_vectors(self, Rs, data: NestedData, gamma, Omega):
+        """Σ T, Σ uu', Σ S Ω S' in the reduced coordinates [vec D_k for k in tree] (v, s), and the information."""
         v = gamma.shape[0]
         T_vec = np.zeros((v, self.s))
         uu_vec = np.zeros((v, self.s))
@@ -306,11 +312,12 @@ class NestedObjective:
             uu_vec += uu.reshape(v, -1) @ P
             corr_vec += corr.reshape(v, -1) @ P
             info += self._information(lv, Rs[g], self.Pterms[g])
-        split = [slice(self.soff[i], self.soff[i + 1]) for i in range(len(self.tree))]
+        return T_vec, uu_vec, corr_vec, info
 
-        def per_factor(vec):
-            return [vec[:, sl].reshape(v, q, q) for sl, q in zip(split, self.q)]
-        return per_factor(T_vec), per_factor(uu_vec), per_factor(corr_vec), info
+    def per_factor(self, vec: np.ndarray) -> list:
+        """(v, s) in the reduced coordinates -> per tree factor (v, q_k, q_k)."""
+        v = vec.shape[0]
+        return [vec[:, self.soff[i]:self.soff[i + 1]].reshape(v, q, q) for i, q in enumerate(self.q)]
 
     @staticmethod
     def _information(lv, R, terms):
@@ -348,12 +355,17 @@ class NestedObjective:
         if not grad:
             return ev
         T_sum, uu, corr, info = self.gradient_parts(Rs, data, ev.beta, ev.C if self.reml else None)
-        s2 = ev.sigma2[:, None, None]
-        ev.grad = [la.sym(t - c - u / s2) for t, c, u in zip(T_sum, corr, uu)]
-        ev.T_sum = T_sum
-        ev.uu_sum = uu
-        ev.info = info
-        return ev
+        return with_gradient(ev, T_sum, uu, corr, info)
+
+
+def with_gradient(ev: Evaluation, T_sum: list, uu: list, corr: list, info: np.ndarray) -> Evaluation:
+    """ev with the deviance gradient G_k = Σ T - Σ S C S' - Σ uu'/σ² per factor and the information."""
+    s2 = ev.sigma2[:, None, None]
+    ev.grad = [la.sym(t - c - u / s2) for t, c, u in zip(T_sum, corr, uu)]
+    ev.T_sum = T_sum
+    ev.uu_sum = uu
+    ev.info = info
+    return ev
 
 
 def _factor_sizes(layout) -> str:

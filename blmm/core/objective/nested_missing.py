@@ -1,0 +1,130 @@
+"""Nested factors with voxel-specific missing rows, without per-pattern objectives.
+
+The nested elimination (nested.py) treats each outer level (family) as one "level" of a
+`LevelObjective` with q = its block size, so missing rows work one level up exactly as
+for one factor (missing.py, docs/model.md "Missing rows"): the complete design's
+`NestedObjective` is shared, its class sums run over every family with the voxel's own
+data sums (missing entries add zero), and each family that a voxel's missing rows touch
+enters as two per-voxel units of its block-shape group g:
+
+* a removal unit (sign -1) with the common block G_j, X_j = Z_j'X and y_j(v), which
+  cancels exactly the term the class sums hold for j;
+* a replacement unit (sign +1) with G_j(v) = G_j - Z_{j,M}'Z_{j,M}, X_j(v) = X_j - Z_{j,M}'X_M
+  and y_j(v) (absent when the family lost every image).
+
+The replacement keeps the family's block shape and its map P_g: a subject that lost every
+image leaves zero rows and columns in G_j(v) (its effect then adds nothing to log|V| or any
+product), and a dropped family intercept stays dropped, because Z_f = Σ_s Z_s a holds row
+by row and so for any subset of rows.  Every quantity is a sum over families, so each is
+the class sum minus the removal terms plus the replacement terms, mapped through P_g as
+the class sums are.  Units are padded per group to the block's largest count (sign 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from blmm.core import linalg as la
+from blmm.core.objective.base import Evaluation, profiled
+from blmm.core.objective.missing import unit_gradient_parts, unit_products
+from blmm.core.objective.nested import NestedData, NestedObjective, with_gradient
+
+
+@dataclass
+class GroupUnits:
+    """One block-shape group's units: sign (v, T) (-1 removal, +1 replacement, 0 padding),
+    G (v, T, b, b), X (v, T, b, p), y (v, T, b)."""
+
+    sign: np.ndarray
+    G: np.ndarray
+    X: np.ndarray
+    y: np.ndarray
+
+    def take(self, idx) -> "GroupUnits":
+        return GroupUnits(self.sign[idx], self.G[idx], self.X[idx], self.y[idx])
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in (self.sign, self.G, self.X, self.y)))
+
+
+@dataclass
+class NestedMissingData:
+    """Data sums for the common design's classes plus each voxel's units per group.
+
+    n (v,) observed rows; dXtX (v, p, p) = -X_M'X_M; units: one GroupUnits per group of the
+    `NestedObjective` (in its order)."""
+
+    base: NestedData
+    XtY: np.ndarray
+    n: np.ndarray
+    dXtX: np.ndarray
+    units: list
+
+    def take(self, idx) -> "NestedMissingData":
+        return NestedMissingData(self.base.take(idx), self.XtY[idx], self.n[idx], self.dXtX[idx],
+                                 [u.take(idx) for u in self.units])
+
+
+class NestedMissingObjective:
+    """A nesting tree (the complete design's `NestedObjective`) plus per-voxel units of touched families."""
+
+    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, tree: list[int] | None = None):
+        self.base = NestedObjective(XtX, ZtX, ZtZ, n, layout, reml, tree)
+        self.n, self.p, self.reml = int(n), self.base.p, bool(reml)
+        self.tree = self.base.tree
+
+    def data(self, XtY, ZtY, YtY, n=None, dXtX=None, units: list | None = None) -> NestedMissingData:
+        """Per-voxel data sums plus the voxels' units per group (none: the common design)."""
+        v, p = XtY.shape
+        base = self.base.data(XtY, ZtY, YtY)
+        if units is None:
+            units = [GroupUnits(np.zeros((v, 0)), np.zeros((v, 0, lv.q, lv.q)), np.zeros((v, 0, lv.q, p)),
+                                np.zeros((v, 0, lv.q))) for lv in self.base.levels]
+        return NestedMissingData(base=base, XtY=base.XtY, n=np.full(v, float(self.n)) if n is None else
+                                 np.asarray(n, float), dXtX=np.zeros((v, p, p)) if dXtX is None else dXtX,
+                                 units=units)
+
+    def _products(self, D_list, data: NestedMissingData):
+        XtVX, XtVY, YtVY, logdetV, Rs = self.base.products(D_list, data.base)
+        XtVX = XtVX + data.dXtX
+        Ru = []
+        for g, u in enumerate(data.units):
+            if u.sign.shape[1] == 0:
+                Ru.append(None)
+                continue
+            dXtVX, dXtVY, dYtVY, dlogdetV, R = unit_products(self.base.block_D(D_list, g), u.sign, u.G, u.X, u.y)
+            XtVX, XtVY, YtVY, logdetV = XtVX + dXtVX, XtVY + dXtVY, YtVY + dYtVY, logdetV + dlogdetV
+            Ru.append(R)
+        return XtVX, XtVY, YtVY, logdetV, Rs, Ru
+
+    def evaluate(self, D_list, data: NestedMissingData, sigma2=None, grad=False) -> Evaluation:
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # bad voxels are flagged by profiled()
+            XtVX, XtVY, YtVY, logdetV, Rs, Ru = self._products(D_list, data)
+        ev = profiled(la.sym(XtVX), XtVY, YtVY, logdetV, data.n, self.p, self.reml, sigma2)
+        if not grad:
+            return ev
+        base = self.base
+        C = ev.C if self.reml else None
+        T_vec, uu_vec, corr_vec, info = base.gradient_vectors(Rs, data.base, ev.beta, C)
+        v = ev.beta.shape[0]
+        for g, (u, R) in enumerate(zip(data.units, Ru)):
+            if R is None:
+                continue
+            parts = unit_gradient_parts(R, u.sign, u.G, u.X, u.y, ev.beta, C)
+            P = base.P[g]
+            T_vec = T_vec + parts.T_sum.reshape(v, -1) @ P
+            uu_vec = uu_vec + parts.uu.reshape(v, -1) @ P
+            corr_vec = corr_vec + parts.corr.reshape(v, -1) @ P
+            info = info + unit_information(parts.T, u.sign, P)
+        return with_gradient(ev, base.per_factor(T_vec), base.per_factor(uu_vec), base.per_factor(corr_vec), info)
+
+
+def unit_information(T: np.ndarray, sign: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """P'F P of the units, F[(a,b),(c,d)] = Σ_t s_t T_t[b,c] T_t[a,d]: entry (x, y) is
+    Σ_t s_t tr(T_t M_x T_t M_y) with M_x = P[:, x] as a b x b matrix (v, s, s)."""
+    b = T.shape[-1]
+    M = P.T.reshape(-1, b, b)
+    N = np.einsum("vtab,xbc->vtxac", T, M)
+    return np.einsum("vt,vtxab,vtyba->vxy", sign, N, N, optimize=True)
