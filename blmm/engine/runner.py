@@ -167,7 +167,8 @@ class Engine:
         if not items:
             return []
         if self.client is None:
-            return inline_map(fn, items, stage, retries, self.spec.progress, labels)
+            return inline_map(fn, items, stage, retries, self.spec.progress, labels,
+                              threads=self.spec.workers or 1)
 
         prefix = _key_prefix(stage)
         nodes: dict[str, _Node] = {}
