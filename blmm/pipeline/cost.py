@@ -8,11 +8,15 @@ benchmarks, each stage timed on one core).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from blmm.config import Config
 from blmm.core.design import RandomFactor
-from blmm.pipeline.plan import RunPlan
+
+if TYPE_CHECKING:  # plan.py sizes its voxel blocks with blocks_for_work
+    from blmm.pipeline.plan import RunPlan
 
 #: reading one image file: opening it and parsing its header
 READ_SECONDS_PER_IMAGE = 1.0e-3
@@ -23,6 +27,13 @@ READ_SECONDS_PER_VALUE = 1.2e-7
 FIT_SECONDS_PER_VOXEL = 7e-5
 FIT_SECONDS_PER_VOXEL_P2 = 1.2e-6
 FIT_SECONDS_PER_VOXEL_UNIT_Q2 = 1.6e-6
+
+#: voxel blocks: about this many estimated seconds of fit work each (a task costs ~0.05 s more:
+#: dask, reading the block's sums, building Z), at least MIN_BLOCKS of 500+ voxels (workers
+#: share a cheap fit), and at most MAX_BLOCK_VOXELS voxels (larger blocks fit no faster per voxel)
+FIT_BLOCK_SECONDS = 1.0
+MIN_BLOCKS = 8
+MAX_BLOCK_VOXELS = 4000
 
 
 @dataclass(frozen=True)
@@ -43,12 +54,22 @@ class WorkEstimate:
 def estimate_work(plan: RunPlan) -> WorkEstimate:
     """The read stage: images × analysis voxels; the fit stage: voxels × the model's cost."""
     config = plan.config
-    n, v, p = config.n, plan.voxels.size, config.p
+    n, v = config.n, plan.voxels.size
     read = n * (READ_SECONDS_PER_IMAGE + v * READ_SECONDS_PER_VALUE)
+    return WorkEstimate(read, v * fit_seconds_per_voxel(config))
+
+
+def fit_seconds_per_voxel(config: Config) -> float:
+    """Estimated seconds to fit and test one voxel on one core."""
     unit_cost = sum(level_units(f) * f.q ** 2 for f in config.factors)
-    fit = v * (FIT_SECONDS_PER_VOXEL + FIT_SECONDS_PER_VOXEL_P2 * p ** 2
-               + FIT_SECONDS_PER_VOXEL_UNIT_Q2 * unit_cost)
-    return WorkEstimate(read, fit)
+    return (FIT_SECONDS_PER_VOXEL + FIT_SECONDS_PER_VOXEL_P2 * config.p ** 2
+            + FIT_SECONDS_PER_VOXEL_UNIT_Q2 * unit_cost)
+
+
+def blocks_for_work(config: Config, n_voxels: int) -> int:
+    """How many voxel blocks share the fit stage well (plan.py bounds it by maxnvb and memory)."""
+    by_work = int(np.ceil(n_voxels * fit_seconds_per_voxel(config) / FIT_BLOCK_SECONDS))
+    return max(1, min(MIN_BLOCKS, n_voxels // 500), by_work, -(-n_voxels // MAX_BLOCK_VOXELS))
 
 
 def level_units(factor: RandomFactor) -> int:
