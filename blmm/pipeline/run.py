@@ -33,7 +33,8 @@ def run(config: Config, engine=None, force: bool = False, log=print) -> RunSumma
     """Run the whole analysis on an engine: an open ``Engine``, or an ``EngineSpec`` opened here
     once the run is planned (kind ``auto``: inline or a local dask cluster, chosen from the
     plan's estimated work), or None (inline)."""
-    from blmm.engine import EngineSpec
+    from blmm.engine import EngineSpec, open_engine
+    from blmm.engine.choice import EngineChoice, choose_engine
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -46,10 +47,9 @@ def run(config: Config, engine=None, force: bool = False, log=print) -> RunSumma
         log(config.formula.summary_line())
     if engine is None:
         engine = EngineSpec(kind="inline")
-    if not isinstance(engine, EngineSpec):
-        return _run_stages(plan, engine, None, timings, t0, log)
-    from blmm.engine import open_engine
-    from blmm.engine.choice import choose_engine
+    if not isinstance(engine, EngineSpec):  # opened by the caller
+        log(EngineChoice(engine.spec, "opened by the caller").line)
+        return _run_stages(plan, engine, {"reason": "opened by the caller"}, timings, t0, log)
 
     work = estimate_work(plan)
     choice = choose_engine(engine, work.total_seconds)
@@ -61,7 +61,7 @@ def run(config: Config, engine=None, force: bool = False, log=print) -> RunSumma
                            timings, t0, log)
 
 
-def _run_stages(plan: RunPlan, engine, engine_choice: dict | None, timings: dict, t0: float,
+def _run_stages(plan: RunPlan, engine, engine_choice: dict, timings: dict, t0: float,
                 log) -> RunSummary:
     """Stages 2-5 on an open engine."""
     timed(timings, "read", read_images, plan, engine)
