@@ -15,8 +15,9 @@ from blmm.engine.spec import BATCH_KINDS, EngineSpec, local_worker_count
 #: seconds to start a LocalCluster of 2 workers, connect to it and close it, on the reference
 #: machine (docs/performance.md, benchmarks/engine_start.py)
 LOCAL_CLUSTER_START_SECONDS = 4.5
-#: what a second thread adds over one, as a fraction of what a second process adds: the
-#: stages hold the GIL part of the time (nibabel headers, per-task Python); measured ~0.5
+#: what a second thread adds over one, as a fraction of what a second process adds (the stages
+#: hold the GIL part of the time): an estimate; on the loaded reference machine (about one core
+#: free) 2 threads ran the NIfTI benchmark 1.2x faster than 1 (docs/performance.md): remeasure
 THREAD_EFFICIENCY = 0.5
 
 
