@@ -7,7 +7,11 @@ mask into --data unless present, runs `blmm` on the default engine (local dask),
 reports wall time and peak memory: per process (MAXMEM bounds each task, as upstream's
 per-job budget) and summed over the driver and its workers.
 
-    python benchmarks/mni_volume.py [--data /tmp/mni_bench] [--subjects 1000] [--json out.jsonl]
+    python benchmarks/mni_volume.py [--data /tmp/mni_bench] [--subjects 1000] [--masks common|subject]
+                                    [--timeout SECONDS] [--json out.jsonl]
+
+--masks subject adds one data mask per image (data_mask_files) to the same images: each the
+brain mask eroded or shifted by 1-3 voxels, a third with an orbitofrontal-like dropout.
 """
 from __future__ import annotations
 
@@ -73,21 +77,51 @@ def make_data(root: Path, n_subjects: int, seed: int = 0) -> None:
         "analysis_mask: mask.nii\noutdir: results\nMAXMEM: 2**31\n")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="/tmp/mni_bench")
-    ap.add_argument("--subjects", type=int, default=1000)
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    root = Path(args.data)
-    if not (root / "mni.yml").exists():
-        t = time.perf_counter()
-        make_data(root, args.subjects)
-        print(f"wrote {2 * args.subjects} images in {time.perf_counter() - t:.0f} s")
-    shutil.rmtree(root / "results", ignore_errors=True)
-    blmm = str(Path(sys.executable).with_name("blmm"))
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([blmm, str(root / "mni.yml")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+MASK_VARIANTS = ("common", "subject")
+
+
+def erode(mask: np.ndarray, k: int) -> np.ndarray:
+    """The mask eroded by k voxels (6-connected)."""
+    from scipy.ndimage import binary_erosion
+    return binary_erosion(mask, iterations=k)
+
+
+def dropout_blob(rng: np.random.Generator) -> np.ndarray:
+    """An orbitofrontal-like signal dropout: a flat ellipsoid above the orbits, about (0, 45, -20) mm,
+    its size and place varying by image."""
+    i, j, k = np.indices(SHAPE, dtype=np.float64)
+    x, y, z = 90 - 2 * i, 2 * j - 126, 2 * k - 72  # voxel -> mm (AFFINE)
+    centre = np.array([0.0, 45.0, -20.0]) + rng.normal(0, 3, 3)
+    radii = np.array([35.0, 20.0, 14.0]) * rng.uniform(0.7, 1.3)
+    return ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((z - centre[2]) / radii[2]) ** 2 <= 1
+
+
+def make_subject_masks(root: Path, n_images: int, seed: int = 1) -> None:
+    """One data mask per image: the brain mask eroded or shifted by 1-3 voxels (half each), and
+    an orbitofrontal-like dropout in a third of the images; the YAML mni_subject_masks.yml."""
+    rng = np.random.default_rng(seed)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    brain = brain_mask()
+    eroded = {k: erode(brain, k) for k in (1, 2, 3)}
+    names = []
+    for i in range(n_images):
+        k = int(rng.integers(1, 4))
+        if rng.random() < 0.5:
+            mask = eroded[k]
+        else:  # registration off by k voxels along one axis
+            mask = np.roll(brain, int(rng.choice([-k, k])), axis=int(rng.integers(0, 3)))
+        if rng.random() < 1 / 3:
+            mask = mask & ~dropout_blob(rng)
+        name = f"masks/mask{i:05d}.nii"
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), AFFINE), str(root / name))
+        names.append(name)
+    (root / "mask_files.txt").write_text("\n".join(names) + "\n")
+    common = (root / "mni.yml").read_text().replace("outdir: results\n", "outdir: results_subject_masks\n")
+    (root / "mni_subject_masks.yml").write_text(common + "data_mask_files: mask_files.txt\n")
+
+
+def sample_peaks(proc: subprocess.Popen, every: float = 0.2) -> tuple[threading.Thread, dict, list]:
+    """Sample the RSS of proc and its children until it ends: (thread, peak per pid, [peak of the sum])."""
     top = psutil.Process(proc.pid)
     peaks: dict[int, int] = {}
     total = [0]
@@ -103,19 +137,71 @@ def main() -> None:
                 peaks[p.pid] = max(peaks.get(p.pid, 0), rss)
                 s += rss
             total[0] = max(total[0], s)
-            time.sleep(0.2)
+            time.sleep(every)
 
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    out, _ = proc.communicate()
-    th.join()
-    print(out)
-    seconds = time.perf_counter() - t0
-    info = json.loads((root / "results" / "blmm_run.json").read_text()) if proc.returncode == 0 else {}
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    return thread, peaks, total
+
+
+def run_blmm(args: list[str], timeout: float | None = None) -> dict:
+    """`blmm ARGS` as a user runs it (this Python's console script): wall seconds, peak memory
+    per process and summed over the process tree, return code and output (printed as it comes)."""
+    blmm = str(Path(sys.executable).with_name("blmm"))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([blmm, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    thread, peaks, total = sample_peaks(proc)
+    lines = []
+    timer = threading.Timer(timeout, proc.terminate) if timeout else None
+    if timer:
+        timer.start()
+    for line in proc.stdout:  # live: a long run shows its progress
+        sys.stdout.write(line)
+        lines.append(line)
+    proc.wait()
+    if timer:
+        timer.cancel()
+    thread.join()
+    return {"seconds": round(time.perf_counter() - t0, 1), "returncode": proc.returncode,
+            "peak_process_gb": round(max(peaks.values(), default=0) / 2**30, 2),
+            "peak_total_gb": round(total[0] / 2**30, 2), "output": "".join(lines)}
+
+
+def engine_line(output: str) -> str | None:
+    """The line in which blmm says which engine it runs on and why."""
+    return next((line.strip() for line in output.splitlines() if line.startswith("blmm: engine")), None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="/tmp/mni_bench")
+    ap.add_argument("--subjects", type=int, default=1000)
+    ap.add_argument("--masks", choices=MASK_VARIANTS, default="common",
+                    help="common: the analysis mask only; subject: also one data mask per image "
+                         "(eroded or shifted by 1-3 voxels, a third with an orbitofrontal dropout)")
+    ap.add_argument("--timeout", type=float, help="stop blmm after this many seconds (SIGTERM)")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    root = Path(args.data)
+    if not (root / "mni.yml").exists():
+        t = time.perf_counter()
+        make_data(root, args.subjects)
+        print(f"wrote {2 * args.subjects} images in {time.perf_counter() - t:.0f} s")
+    yml, outdir = root / "mni.yml", root / "results"
+    if args.masks == "subject":
+        yml, outdir = root / "mni_subject_masks.yml", root / "results_subject_masks"
+        if not yml.exists():
+            t = time.perf_counter()
+            make_subject_masks(root, 2 * args.subjects)
+            print(f"wrote {2 * args.subjects} data masks in {time.perf_counter() - t:.0f} s")
+    shutil.rmtree(outdir, ignore_errors=True)
+    measured = run_blmm([str(yml)], timeout=args.timeout)
+    info = json.loads((outdir / "blmm_run.json").read_text()) if measured["returncode"] == 0 else {}
     result = {
-        "what": "2 mm MNI volume, 2,000 images, MAXMEM 2**31", "returncode": proc.returncode,
-        "seconds": round(seconds, 1), "peak_process_gb": round(max(peaks.values()) / 2**30, 2),
-        "peak_total_gb": round(total[0] / 2**30, 2), "voxels": info.get("counts", {}).get("analysis_mask"),
+        "what": f"2 mm MNI volume, {2 * args.subjects} images, MAXMEM 2**31, {args.masks} masks",
+        **{k: v for k, v in measured.items() if k != "output"},
+        "engine": info.get("engine"), "engine_line": engine_line(measured["output"]),
+        "voxels": info.get("counts", {}).get("analysis_mask"),
         "stage_seconds": info.get("timings_s"), "batches": info.get("batches"), "blocks": info.get("blocks"),
         "machine": f"{platform.node()}, {os.cpu_count()} cores",
     }

@@ -37,9 +37,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="rows with missing values: drop them (omit, default) or refuse (error)")
     model.add_argument("-o", "--outdir", help="output folder")
     eng = ap.add_argument_group("engine (overrides the YAML's clusterType/numNodes and cluster: section)")
-    eng.add_argument("--cluster", choices=KINDS, help="where to run: a local dask cluster (default), "
-                     "inline (no dask), or a batch scheduler through dask-jobqueue")
-    eng.add_argument("--workers", type=int, help="number of dask workers (jobs on a scheduler)")
+    eng.add_argument("--cluster", choices=KINDS, help="where to run: auto (default when the YAML names no "
+                     "engine: inline for a run too short to pay for starting dask, else a local dask "
+                     "cluster), local (a local dask cluster), inline (no dask), or a batch scheduler "
+                     "through dask-jobqueue")
+    eng.add_argument("--workers", type=int, help="number of dask workers (jobs on a scheduler; "
+                     "threads with --cluster inline)")
     eng.add_argument("--cores", type=int, help="cores per job (threads per worker locally)")
     eng.add_argument("--memory", help="memory per job, e.g. 16GB")
     eng.add_argument("--walltime", help="walltime per job, e.g. 02:00:00")
@@ -84,7 +87,7 @@ def model_overrides(args) -> dict:
 
 def _run(args) -> int:
     from blmm.config import load_config
-    from blmm.engine import BATCH_KINDS, EngineSpec, open_engine
+    from blmm.engine import BATCH_KINDS, EngineSpec
     from blmm.pipeline import run
 
     overrides = model_overrides(args)
@@ -103,6 +106,5 @@ def _run(args) -> int:
     num_nodes = config.num_nodes if kind in BATCH_KINDS else None  # locally: sized to the machine
     spec = EngineSpec.from_config(config.cluster_type, num_nodes, config.cluster,
                                   {k: v for k, v in overrides.items() if v is not None})
-    with open_engine(spec) as engine:
-        run(config, engine, force=args.force)
+    run(config, spec, force=args.force)  # opens the engine once the run is planned
     return 0

@@ -390,7 +390,7 @@ def read_flag(found: _Found, key: str, default: bool) -> bool:
     return default
 
 
-def read_choice(found: _Found, key: str, choices: tuple[str, ...], default: str) -> str:
+def read_choice(found: _Found, key: str, choices: tuple[str, ...], default: str | None) -> str | None:
     if not found.present(key):
         return default
     value = found.raw[key]

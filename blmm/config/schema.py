@@ -73,7 +73,7 @@ class Config:
     voxel_batching: bool = False
     maxnvb: int = 60
     safe_mode: bool = True
-    cluster_type: str = "local"
+    cluster_type: str | None = None  # upstream clusterType; None: not given (engine kind auto)
     num_nodes: int = 1
     reml: bool = True
     two_sided: bool = False
@@ -157,13 +157,14 @@ class Config:
             "voxelBatching": bool(self.voxel_batching),
             "maxnvb": int(self.maxnvb),
             "safeMode": bool(self.safe_mode),
-            "clusterType": self.cluster_type,
             "numNodes": int(self.num_nodes),
             "REML": bool(self.reml),
             "two_sided": bool(self.two_sided),
             "zero_is_missing": bool(self.zero_is_missing),
             "report_threshold": float(self.report_threshold),
         })
+        if self.cluster_type is not None:
+            inputs["clusterType"] = self.cluster_type
         if self.cluster:
             inputs["cluster"] = _plain(self.cluster)
         return inputs

@@ -79,7 +79,7 @@ def _check_options(found: _Found) -> dict[str, Any]:
         "report_threshold": read_option_number(found, "report_threshold", 3.0, minimum=0),
         "data_mask_thresh": read_option_number(found, "data_mask_thresh", None),
         "method": read_choice(found, "method", METHODS, "pSFS"),
-        "clusterType": read_choice(found, "clusterType", CLUSTER_TYPES, "local"),
+        "clusterType": read_choice(found, "clusterType", CLUSTER_TYPES, None),  # None: blmm chooses
     }
     options.update((key, read_flag(found, key, default)) for key, default in _FLAGS)
     return options

@@ -1,5 +1,5 @@
-"""The ``inline`` runner: a stage's items one after the other in this process, with the same
-retries, progress and errors as on a dask cluster (no dask imported)."""
+"""The ``inline`` runner: a stage's items in this process, one after the other or on a few
+threads, with the same retries, progress and errors as on a dask cluster (no dask imported)."""
 from __future__ import annotations
 
 import logging
@@ -19,22 +19,56 @@ _item_repr.maxother = 60
 
 
 def inline_map(fn: Callable, items: list, stage: str, retries: int, progress_mode: str,
-               labels: list[str] | None = None) -> list:
+               labels: list[str] | None = None, threads: int = 1) -> list:
     """``[fn(item) for item in items]`` here, each item retried up to ``retries`` times
-    (an error that is not ``retryable``, such as a corrupt input, is raised at once)."""
-    progress = _Progress(stage, len(items), progress_mode, "inline (this process)")
+    (an error that is not ``retryable``, such as a corrupt input, is raised at once).
+
+    With ``threads`` > 1, that many items run at once, each with one BLAS thread (the threads
+    already share the cores); the first error stops the items not yet started."""
+    threads = max(1, min(int(threads), len(items)))
+    where = "inline (this process" + (f", {threads} threads)" if threads > 1 else ")")
+    progress = _Progress(stage, len(items), progress_mode, where)
     progress.start()
     ok = False
+
+    def call(index: int) -> Any:
+        return _call_with_retries(lambda: fn(items[index]), retries, stage,
+                                  _describe_item(index, items[index], labels), index)
     try:
-        results = []
-        for index, item in enumerate(items):
-            results.append(_call_with_retries(lambda: fn(item), retries, stage,
-                                              _describe_item(index, item, labels), index))
-            progress.advance()
+        if threads == 1:
+            results = []
+            for index in range(len(items)):
+                results.append(call(index))
+                progress.advance()
+        else:
+            results = _threaded(call, len(items), threads, progress)
         ok = True
         return results
     finally:
         progress.finish(ok)
+
+
+def _threaded(call: Callable[[int], Any], count: int, threads: int, progress: _Progress) -> list:
+    """``[call(i) for i in range(count)]`` on a pool of threads, in order; the first error is
+    raised once the items already running have ended (threads cannot be stopped)."""
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(call, index) for index in range(count)]
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    future.result()  # raises the item's error
+                    progress.advance()
+        except BaseException:  # an error or Ctrl-C: start nothing more
+            for future in pending:
+                future.cancel()
+            raise
+    return [future.result() for future in futures]
 
 
 def _call_with_retries(call: Callable[[], R], retries: int, stage: str, what: str,

@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 
+from blmm.engine.choice import choose_engine
 from blmm.engine.clusters import _build_cluster, _cancel_batch_jobs, _job_script, _scale_and_submit
 from blmm.engine.inline import _describe_item, inline_map, retryable
 from blmm.engine.progress import _Progress
@@ -167,7 +168,8 @@ class Engine:
         if not items:
             return []
         if self.client is None:
-            return inline_map(fn, items, stage, retries, self.spec.progress, labels)
+            return inline_map(fn, items, stage, retries, self.spec.progress, labels,
+                              threads=self.spec.workers or 1)
 
         prefix = _key_prefix(stage)
         nodes: dict[str, _Node] = {}
@@ -361,6 +363,8 @@ def open_engine(spec: EngineSpec) -> Engine:
     (``spec.start_timeout``) and prints the dashboard address.  If any of that fails,
     what was started is closed and ``EngineError`` says why.
     """
+    if spec.kind == "auto":  # no estimate of the work here: the former default
+        spec = choose_engine(spec).spec
     if spec.kind == "inline":
         return Engine(spec)
 

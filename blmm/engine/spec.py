@@ -12,9 +12,12 @@ from typing import Any
 
 from blmm.errors import BlmmError, InputError
 
-#: Engine kinds: no dask, a dask LocalCluster, and the dask-jobqueue batch schedulers.
+#: Engine kinds: this machine, inline or a local dask cluster, whichever is estimated to finish
+#: sooner (``auto``, engine.choice); no dask; a dask LocalCluster; the dask-jobqueue batch schedulers.
 BATCH_KINDS = ("slurm", "sge", "pbs", "lsf", "htcondor", "oar", "moab")
-KINDS = ("inline", "local") + BATCH_KINDS
+KINDS = ("auto", "inline", "local") + BATCH_KINDS
+#: settings that say nothing about where to run: given alone, the engine is still chosen (``auto``)
+ENGINE_NEUTRAL_FIELDS = ("retries", "progress")
 
 _JOBQUEUE_CLASS_NAMES = {
     "slurm": "SLURMCluster",
@@ -107,8 +110,10 @@ CLUSTER_FIELDS = tuple(CLUSTER_RULES)
 class EngineSpec:
     """What to run on.  ``None`` means "not set": dask's own config then decides.
 
-    kind: one of ``KINDS``.
-    workers: dask workers to scale to (upstream ``numNodes``: ``cluster.scale(workers)``;
+    kind: one of ``KINDS``; ``auto`` is resolved from the run's estimated work
+        (``engine.choice.choose_engine``) before an engine is opened.
+    workers: for ``inline``, threads running a stage's items at once (default 1); else
+        dask workers to scale to (upstream ``numNodes``: ``cluster.scale(workers)``;
         a batch job holds ``processes`` workers).  ``local`` default: one worker per
         usable CPU; batch default: 1.
     cores, processes, memory, walltime, queue, account, job_extra_directives,
@@ -201,6 +206,8 @@ class EngineSpec:
             merged["workers"] = num_nodes
         merged.update(_normalise_keys(cluster_section or {}, "the YAML 'cluster:' section"))
         merged.update(_normalise_keys(cli_overrides or {}, "the command-line options"))
+        if set(merged) <= set(ENGINE_NEUTRAL_FIELDS):  # nobody asked for an engine
+            merged["kind"] = "auto"
         return cls(**merged)
 
 

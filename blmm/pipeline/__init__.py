@@ -11,10 +11,13 @@ Stages, each a function whose output the next one takes (``run`` only composes t
 4. ``write_outputs(plan)``: assembles the maps in the input's format; returns the counts.
 5. ``record_run(plan, ...)`` (``run``): inputs.yml and blmm_run.json, written last.
 
-Batches and blocks run on an engine (``blmm.engine``); a killed run restarts from the
+Batches and blocks run on an engine (``blmm.engine``), which ``run`` may open itself once the run
+is planned: kind ``auto`` weighs ``estimate_work(plan)`` (``cost``) against a dask cluster's
+start-up. A killed run restarts from the
 finished batch and block files, which the manifest ties to the inputs' hash.
 """
 from blmm.io.outdir import LLH64_FILE, RUN_FILE, WORK_DIR
+from blmm.pipeline.cost import WorkEstimate, estimate_work
 from blmm.pipeline.plan import OutdirConflict, RunPlan, input_hash, plan_run
 from blmm.pipeline.run import NothingFitted, RunSummary, fit_blocks, read_images, record_run, run, summary_text
 from blmm.pipeline.stages import (
@@ -33,6 +36,6 @@ from blmm.pipeline.stages import (
 
 __all__ = [
     "LLH64_FILE", "MISSING_REASONS", "RUN_FILE", "SCREEN_REASONS", "WORK_DIR", "NothingFitted", "OutdirConflict", "RunPlan",
-    "RunSummary", "batch_files", "block_file", "check_disk_space", "missing_value_counts", "space_needed", "drop_reasons", "fit_block", "fit_blocks", "input_hash",
+    "RunSummary", "WorkEstimate", "batch_files", "block_file", "check_disk_space", "missing_value_counts", "space_needed", "drop_reasons", "estimate_work", "fit_block", "fit_blocks", "input_hash",
     "plan_run", "read_batch", "read_images", "record_run", "run", "summary_text", "write_outputs",
 ]

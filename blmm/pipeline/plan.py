@@ -26,6 +26,7 @@ from blmm.io.outdir import (
     remove_run_outputs,
     write_text_atomically,
 )
+from blmm.pipeline.cost import blocks_for_work
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,8 @@ def plan_run(config: Config, force: bool = False) -> RunPlan:
     # voxel blocks: the summed statistics of a block plus the fit's working memory
     row_bytes = 8 * (config.p + config.q + 1) * 3 + n // 4
     per_block = max(1, min(V, budget // 2 // row_bytes, 20000))
-    # blocks run in parallel; ~1,000 voxels each keeps the last round of a few workers short
-    n_blocks = max(-(-V // per_block), min(config.maxnvb, max(1, V // 1000)))
+    # blocks run in parallel: about a second of estimated work each, enough to share (cost.py)
+    n_blocks = max(-(-V // per_block), min(config.maxnvb, blocks_for_work(config, V)))
     if config.voxel_batching:
         n_blocks = max(n_blocks, min(config.maxnvb, V))
     bounds = np.linspace(0, V, n_blocks + 1).round().astype(int)

@@ -10,6 +10,7 @@ from blmm import __version__
 from blmm.config import Config
 from blmm.errors import InputError
 from blmm.io.outdir import disk_full_as_error, write_inputs, write_run_record
+from blmm.pipeline.cost import estimate_work
 from blmm.pipeline.plan import RunPlan, plan_run
 from blmm.pipeline.stages import (
     check_disk_space,
@@ -29,13 +30,13 @@ class RunSummary:
 
 
 def run(config: Config, engine=None, force: bool = False, log=print) -> RunSummary:
-    """Run the whole analysis on an engine (inline if None)."""
+    """Run the whole analysis on an engine: an open ``Engine``, or an ``EngineSpec`` opened here
+    once the run is planned (kind ``auto``: inline or a local dask cluster, chosen from the
+    plan's estimated work), or None (inline)."""
     from blmm.engine import EngineSpec, open_engine
+    from blmm.engine.choice import EngineChoice, choose_engine
 
     t0 = time.perf_counter()
-    if engine is None:
-        with open_engine(EngineSpec(kind="inline")) as eng:
-            return run(config, eng, force, log)
     timings: dict[str, float] = {}
     plan = plan_run(config, force=force)
     check_disk_space(plan)
@@ -44,11 +45,30 @@ def run(config: Config, engine=None, force: bool = False, log=print) -> RunSumma
         f"{len(plan.batches)} image batch(es), {len(plan.blocks)} voxel block(s)")
     if config.formula is not None:
         log(config.formula.summary_line())
+    if engine is None:
+        engine = EngineSpec(kind="inline")
+    if not isinstance(engine, EngineSpec):  # opened by the caller
+        log(EngineChoice(engine.spec, "opened by the caller").line)
+        return _run_stages(plan, engine, {"reason": "opened by the caller"}, timings, t0, log)
+
+    work = estimate_work(plan)
+    choice = choose_engine(engine, work.total_seconds)
+    log(choice.line)
+    t = time.perf_counter()
+    with open_engine(choice.spec) as opened:
+        timings["engine_start"] = time.perf_counter() - t
+        return _run_stages(plan, opened, {"reason": choice.reason, "estimated_work_s": work.record()},
+                           timings, t0, log)
+
+
+def _run_stages(plan: RunPlan, engine, engine_choice: dict, timings: dict, t0: float,
+                log) -> RunSummary:
+    """Stages 2-5 on an open engine."""
     timed(timings, "read", read_images, plan, engine)
     timed(timings, "fit", fit_blocks, plan, engine)
     counts = timed(timings, "write", write_outputs, plan)
     timings["total"] = time.perf_counter() - t0
-    out = record_run(plan, engine, counts, timings)
+    out = record_run(plan, engine, counts, timings, engine_choice)
     _write_report(out, log)
     log(summary_text(counts, timings["total"]))
     if counts["fitted"] == 0:
@@ -79,7 +99,7 @@ def fit_blocks(plan: RunPlan, engine) -> RunPlan:
     return plan
 
 
-def record_run(plan: RunPlan, engine, counts: dict, timings: dict) -> Path:
+def record_run(plan: RunPlan, engine, counts: dict, timings: dict, engine_choice: dict | None = None) -> Path:
     """Stage 5: inputs.yml and blmm_run.json (last: it marks the run finished); the work folder goes."""
     config = plan.config
     out = Path(config.outdir)
@@ -93,10 +113,13 @@ def record_run(plan: RunPlan, engine, counts: dict, timings: dict) -> Path:
         "contrasts": [{"name": c.name, "kind": "T" if c.is_t else "F"} for c in config.contrasts],
         "volumes": volume_names(config),
         "engine": getattr(engine, "kind", "inline"),
+        "engine_workers": getattr(getattr(engine, "spec", None), "workers", None),
         "batches": len(plan.batches), "blocks": len(plan.blocks),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "counts": counts,
     }
+    if engine_choice is not None:  # why this engine: asked for, or chosen from the estimated work
+        record["engine_choice"] = engine_choice
     if config.formula is not None:
         record["formula"] = config.formula.record()
     with disk_full_as_error(out, space_needed(plan)["total"], "the run record"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -115,6 +116,40 @@ def test_inline_input_error_is_not_retried(inline, tmp_path):
         inline.map(bad_input_counting_attempts, [(i, str(tmp_path)) for i in range(3)], "read",
                    labels=["a", "b", "c"])
     assert len(list(tmp_path.glob("attempt-*"))) == 1
+
+
+_pair = threading.Barrier(2, timeout=10)
+
+
+def meet_another_thread(x: int) -> int:
+    """Returns only when two items run at the same time (else the barrier times out)."""
+    _pair.wait()
+    return x + 1
+
+
+def test_inline_threads_run_items_at_once_in_order_with_the_same_errors(tmp_path):
+    with open_engine(EngineSpec("inline", workers=2, retries=1, progress="off")) as threaded:
+        assert threaded.map(meet_another_thread, range(6), "pairs") == [1, 2, 3, 4, 5, 6]
+        items = [(i, str(tmp_path)) for i in range(5)]
+        assert threaded.map(fail_first_time, items, "flaky") == [0, 10, 20, 30, 40]  # each retried once
+        with pytest.raises(EngineError, match=r"stage check: item 3 \(3\) failed after 2 attempt") as err:
+            threaded.map(fail_on_three, range(8), "check")
+        assert err.value.item_index == 3 and isinstance(err.value.__cause__, ValueError)
+        with pytest.raises(InputError, match=r"^/data/img1.nii: truncated$"):
+            threaded.map(bad_input_counting_attempts, [(i, str(tmp_path)) for i in range(3)], "read")
+    assert len(list(tmp_path.glob("attempt-*"))) == 1  # not retried
+
+
+def test_inline_progress_says_how_many_threads(monkeypatch):
+    import blmm.engine.inline as inline_module
+    stream = io.StringIO()
+    monkeypatch.setattr(inline_module, "_Progress", lambda *a: _Progress(*a, stream=stream))
+    assert inline_module.inline_map(square, list(range(4)), "squares", 0, "lines", threads=2) == [0, 1, 4, 9]
+    assert inline_module.inline_map(square, [3], "one", 0, "lines", threads=2) == [9]
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "blmm: stage squares: 4 tasks started inline (this process, 2 threads)"
+    assert lines[1].startswith("blmm: stage squares: done, 4/4 tasks in ")
+    assert lines[2] == "blmm: stage one: 1 tasks started inline (this process)"  # one item: no pool
 
 
 # ---- local cluster ---------------------------------------------------------------------
@@ -235,7 +270,11 @@ def test_from_config_precedence_cli_over_yaml_over_upstream_keys():
     section = EngineSpec.from_config("slurm", 1, {"workers": 6, "walltime": 90}, {})
     assert section.workers == 6                  # the cluster: section beats numNodes
     assert section.walltime == "01:30:00"        # a number is minutes (SGE would read seconds)
-    assert EngineSpec.from_config().kind == "local"
+    # nothing says where to run: blmm chooses (auto); a dask setting alone means a local cluster
+    assert EngineSpec.from_config().kind == "auto"
+    assert EngineSpec.from_config(None, None, {}, {"retries": 3, "progress": "off"}).kind == "auto"
+    assert EngineSpec.from_config(None, None, {"workers": 2}, {}).kind == "local"
+    assert EngineSpec.from_config("local", None, {}, {}).kind == "local"
 
 
 def test_from_config_rejects_bad_settings():

@@ -1,0 +1,58 @@
+"""The estimated work of a run (engine choice) and the voxel blocks sized from it."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from blmm.core.design import RandomFactor
+from blmm.pipeline.cost import (
+    FIT_SECONDS_PER_VOXEL,
+    FIT_SECONDS_PER_VOXEL_P2,
+    FIT_SECONDS_PER_VOXEL_UNIT_Q2,
+    MAX_BLOCK_VOXELS,
+    MIN_BLOCKS,
+    blocks_for_work,
+    fit_seconds_per_voxel,
+    level_units,
+)
+
+VISITS = np.array([1, 2, 3, 2, 1, 3, 3, 2])  # 8 subjects, 17 images
+
+
+def intercept() -> RandomFactor:
+    subject = np.repeat(np.arange(VISITS.size), VISITS)
+    return RandomFactor("subject", subject, np.ones((subject.size, 1)))
+
+
+def slope_on_continuous_time() -> RandomFactor:
+    subject = np.repeat(np.arange(VISITS.size), VISITS)
+    time = np.random.default_rng(0).uniform(0, 3, subject.size)
+    return RandomFactor("subject", subject, np.column_stack([np.ones(subject.size), time]))
+
+
+def test_a_random_intercept_has_one_unit_per_number_of_visits():
+    assert level_units(intercept()) == 3
+
+
+def test_a_slope_on_continuous_time_makes_each_subject_its_own_unit():
+    assert level_units(slope_on_continuous_time()) == VISITS.size
+
+
+def test_fit_cost_per_voxel_grows_with_p_squared_and_units_times_q_squared():
+    config = SimpleNamespace(p=5, factors=[slope_on_continuous_time()])
+    assert fit_seconds_per_voxel(config) == pytest.approx(
+        FIT_SECONDS_PER_VOXEL + 25 * FIT_SECONDS_PER_VOXEL_P2 + VISITS.size * 4 * FIT_SECONDS_PER_VOXEL_UNIT_Q2)
+
+
+def test_cheap_fits_share_min_blocks_expensive_ones_get_a_block_per_second_of_work():
+    cheap = SimpleNamespace(p=5, factors=[intercept()])  # ~0.1 ms a voxel
+    assert blocks_for_work(cheap, 15_192) == MIN_BLOCKS
+    assert blocks_for_work(cheap, 227_887) == -(-227_887 // MAX_BLOCK_VOXELS)  # 57 blocks of <= 4,000
+    assert blocks_for_work(cheap, 1_600) == 3  # blocks of 500+ voxels
+    assert blocks_for_work(cheap, 100) == 1
+    costly = SimpleNamespace(p=23, factors=[RandomFactor("s", np.arange(2745).repeat(2),
+                                                         np.random.default_rng(1).uniform(0, 1, (5490, 2)))])
+    seconds = 10_242 * fit_seconds_per_voxel(costly)
+    assert blocks_for_work(costly, 10_242) == int(np.ceil(seconds)) > 60  # plan.py caps it at maxnvb
