@@ -359,9 +359,9 @@ def read_image(path: str | os.PathLike, space: ImageSpace | None = None) -> np.n
 # An uncompressed NIfTI-1 file with no extension holds its header in its first 352 bytes and
 # its data right after. nib.load spends ~1.5 ms a file parsing and checking that header, in
 # Python (one thread at a time); a file whose 352 bytes equal those of a file nibabel already
-# read holds its data in the same way, and is read directly here (~0.1 ms).
+# parsed holds its data in the same way, so nibabel's ArrayProxy reads it with that parse (~0.1 ms).
 _NIFTI1_DATA_OFFSET = 352
-_KNOWN_NIFTI_LAYOUTS: dict[bytes, tuple[ImageSpace, np.dtype, tuple[int, ...]]] = {}
+_KNOWN_NIFTI_LAYOUTS: dict[bytes, tuple[ImageSpace, tuple]] = {}
 _MAX_KNOWN_LAYOUTS = 16
 
 
@@ -383,8 +383,9 @@ def _remember_nifti_layout(path: Path, own: ImageSpace, image: Any) -> None:
             head = fh.read(_NIFTI1_DATA_OFFSET)
     except OSError:
         return
-    if len(head) == _NIFTI1_DATA_OFFSET:
-        _KNOWN_NIFTI_LAYOUTS[head] = (own, np.dtype(proxy.dtype), tuple(int(d) for d in proxy.shape))
+    if len(head) == _NIFTI1_DATA_OFFSET:  # ArrayProxy's spec: (shape, dtype, offset, slope, inter)
+        spec = (tuple(int(d) for d in proxy.shape), np.dtype(proxy.dtype), _NIFTI1_DATA_OFFSET, 1.0, 0.0)
+        _KNOWN_NIFTI_LAYOUTS[head] = (own, spec)
 
 
 def _read_known_nifti(path: Path) -> tuple[ImageSpace, np.ndarray] | None:
@@ -394,17 +395,17 @@ def _read_known_nifti(path: Path) -> tuple[ImageSpace, np.ndarray] | None:
     try:
         with open(path, "rb") as fh:
             layout = _KNOWN_NIFTI_LAYOUTS.get(fh.read(_NIFTI1_DATA_OFFSET))
-            if layout is None:
-                return None
-            own, dtype, shape = layout
-            count = int(np.prod(shape, dtype=np.int64))
-            raw = np.fromfile(fh, dtype, count)
     except OSError:
         return None  # nibabel says what is wrong
-    if raw.size < count:
-        raise ImageError(_truncation(path, _NIFTI1_DATA_OFFSET, shape, dtype))
-    values = np.empty(shape)  # float64, C order: the C-order ravel _data_matrix makes
-    values[...] = raw.reshape(shape, order="F")
+    if layout is None:
+        return None
+    own, spec = layout
+    problem = _truncation(path, _NIFTI1_DATA_OFFSET, spec[0], spec[1])
+    if problem:
+        raise ImageError(problem)
+    data = np.asarray(nib.arrayproxy.ArrayProxy(path, spec, mmap=False))
+    values = np.empty(data.shape)  # float64, C order: the C-order ravel _data_matrix makes
+    values[...] = data
     return own, values.reshape(-1)
 
 
