@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,7 +230,8 @@ def _nifti_space_from_header(path: Path, suffix: str) -> ImageSpace | None:
     tens of thousands of inputs.  CIFTI files and anything unusual go the slow way.
     """
     try:
-        with nib.openers.ImageOpener(str(path)) as handle:
+        # nibabel's opener decompresses; a plain file opens ~10x faster without it
+        with (open(path, "rb") if suffix == ".nii" else nib.openers.ImageOpener(str(path))) as handle:
             start = handle.read(4)
             handle.seek(0)
             if len(start) < 4:
@@ -242,7 +244,18 @@ def _nifti_space_from_header(path: Path, suffix: str) -> ImageSpace | None:
                 header_class = nib.Nifti1Header
             else:
                 return None
+            raw = handle.read(header_class.sizeof_hdr + 4)  # the header and its extension flag
+            known = _SPACE_BY_HEADER_BYTES.get((suffix, raw))
+            if known is not None:  # the same bytes as an image already parsed: the same space
+                space, offset, shape, dtype = known
+                problem = _truncation(path, offset, shape, dtype)
+                if problem is not None:
+                    raise ImageError(problem)
+                return dataclasses.replace(space, source=path)
+            handle.seek(0)
             header = header_class.from_fileobj(handle, check=False)
+    except ImageError:
+        raise
     except Exception:
         return None
     if header["magic"].item() not in (b"n+1", b"n+2") or int(header["intent_code"]) in _CIFTI_INTENTS:
@@ -250,15 +263,24 @@ def _nifti_space_from_header(path: Path, suffix: str) -> ImageSpace | None:
     problem = _truncation(path, header.get_data_offset(), header.get_data_shape(), header.get_data_dtype())
     if problem is not None:
         raise ImageError(problem)
+    offset, data_dtype = header.get_data_offset(), header.get_data_dtype()
     # As nib.load leaves its header: scaling lives in the data proxy, offset set on save.
     header.set_slope_inter(None, None)
     header["vox_offset"] = 0
     full_shape = tuple(int(d) for d in header.get_data_shape())
-    return ImageSpace(
+    space = ImageSpace(
         "nifti", full_shape[:3], suffix, affine=np.array(header.get_best_affine(), dtype=np.float64),
         header=header, nifti_version=2 if header_class is nib.Nifti2Header else 1,
         n_volumes=int(np.prod(full_shape[3:], dtype=np.int64)), source=path,
     )
+    if len(_SPACE_BY_HEADER_BYTES) < 16:
+        _SPACE_BY_HEADER_BYTES[suffix, raw] = (space, offset, full_shape, data_dtype)
+    return space
+
+
+# (extension, header bytes) -> (space, data offset, shape, dtype) of a NIfTI file already parsed: checking
+# 10,000 inputs that share one header then parses it once (~0.3 ms a file otherwise)
+_SPACE_BY_HEADER_BYTES: dict[bytes, tuple] = {}
 
 
 def image_space(path: str | os.PathLike) -> ImageSpace:
