@@ -49,7 +49,7 @@ def test_objective_equals_per_pattern(q, reml):
     ss = sufficient_stats(Y, X, [f])
     obj = MissingObjective(ms.XtX, ms.ZtX, ms.ZtZ, ms.n_rows, q, reml)
     idx = np.arange(Y.shape[1])
-    data = obj.data(ms.XtY, ms.ZtY, ms.YtY, **block_units(ms, _Units(ms), idx))
+    data = obj.data(ms.sums, **block_units(ms, _Units(ms), idx))
     A = np.random.default_rng(0).normal(size=(q, q))
     D = np.broadcast_to(A @ A.T + 0.3 * np.eye(q), (idx.size, q, q)).copy()
     ev = obj.evaluate([D], data, grad=True)

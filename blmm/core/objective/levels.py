@@ -13,6 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from blmm.core import linalg as la
+from blmm.core.level_classes import LevelClasses, class_aggregates, symmetric_cross
 from blmm.core.objective.base import Evaluation, diag_blocks, profiled
 
 class LevelObjective:
@@ -29,20 +30,12 @@ class LevelObjective:
         p = XtX.shape[0]
         L_all = ZtX.shape[0] // q
         G_all = diag_blocks(sp.csr_matrix(ZtZ), L_all, q)
-        Xl_all = ZtX.reshape(L_all, q, p)
-        present = np.any(G_all.reshape(L_all, -1) != 0, axis=1)  # levels with no rows drop out
-        self.level_index = np.flatnonzero(present)
-        G, Xl = G_all[present], Xl_all[present]
-        Lp = G.shape[0]
-        keys = np.ascontiguousarray(G.reshape(Lp, q * q))
-        _, cls, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
-        cls = cls.reshape(-1)
-        threshold = q * p if big_class_min is None else big_class_min
-        big_classes = np.flatnonzero(counts >= threshold)
-        in_big = np.isin(cls, big_classes)
-        self.small_levels = np.flatnonzero(~in_big)
-        self.big_members = [np.flatnonzero(cls == c) for c in big_classes]
-        self.Cb, self.Ls = big_classes.size, self.small_levels.size
+        self.classes = LevelClasses.from_blocks(G_all, p, big_class_min)
+        self.level_index = self.classes.level_index  # levels with no rows drop out
+        G, Xl = G_all[self.level_index], ZtX.reshape(L_all, q, p)[self.level_index]
+        self.small_levels = self.classes.small_levels
+        self.big_members = list(self.classes.big_members)
+        self.Cb, self.Ls = self.classes.n_big, self.small_levels.size
         self.C = self.Cb + self.Ls
         self.n, self.p, self.q, self.reml = int(n), p, q, bool(reml)
         self.XtX = XtX
@@ -50,7 +43,7 @@ class LevelObjective:
         # per unit: G, member count, and K^{ab} = Σ_members X_j[a]' X_j[b] as symmetric pairs
         Gu = np.concatenate([np.stack([G[mem[0]] for mem in self.big_members]).reshape(-1, q, q),
                              G[self.small_levels]]) if self.Cb else G[self.small_levels]
-        self.mu = np.concatenate([counts[big_classes], np.ones(self.Ls)]).astype(np.float64)
+        self.mu = np.concatenate([self.classes.big_counts, np.ones(self.Ls)]).astype(np.float64)
         self.g = [[np.ascontiguousarray(Gu[:, a, b]) for b in range(q)] for a in range(q)]
         self.pairs = list(zip(*np.triu_indices(q)))
         self.pair_mult = np.array([1.0 if a == b else 2.0 for a, b in self.pairs])
@@ -84,25 +77,15 @@ class LevelObjective:
     def data(self, XtY, ZtY, YtY) -> "LevelData":
         """Per-voxel data sums arranged for this objective (ZtY is (v, L*q))."""
         v = XtY.shape[0]
-        q, p = self.q, self.p
-        yl = ZtY.reshape(v, -1, q)[:, self.level_index]  # (v, Lp, q)
-        ys = [np.ascontiguousarray(yl[:, self.small_levels, a]) for a in range(q)]
-        npair = len(self.pairs)
-        KXY = np.zeros((v, self.Cb, npair, p))
-        KYY = np.zeros((v, self.Cb, npair))
-        KXYo = np.zeros((v, self.Cb, q, q, p))  # Σ_j y_j[f] X_j[e], ordered (e, f)
-        for i, mem in enumerate(self.big_members):  # few big classes: one GEMM each
-            Xm, ym = self.Xl[mem], yl[:, mem]
-            for e in range(q):
-                for f in range(q):
-                    KXYo[:, i, e, f] = ym[:, :, f] @ Xm[:, e, :]
-            for k, (a, b) in enumerate(self.pairs):
-                KXY[:, i, k] = ym[:, :, b] @ Xm[:, a, :]
-                KYY[:, i, k] = np.einsum("vm,vm->v", ym[:, :, a], ym[:, :, b])
-                if a != b:
-                    KXY[:, i, k] += ym[:, :, a] @ Xm[:, b, :]
-        return LevelData(XtY=np.ascontiguousarray(XtY), YtY=np.asarray(YtY, dtype=np.float64), ys=ys, KXY=KXY,
-                         KYY=KYY, KXYo=KXYo)
+        yl = ZtY.reshape(v, -1, self.q)[:, self.level_index]  # (v, Lp, q)
+        KXYo, KYY = class_aggregates(self.classes, self.Xl, yl)
+        return self.data_from_sums(XtY, YtY, KXYo, KYY, yl[:, self.small_levels])
+
+    def data_from_sums(self, XtY, YtY, KXYo, KYY, y_small) -> "LevelData":
+        """LevelData from the class aggregates (`class_aggregates`) and the small levels' y_j (v, Ls, q)."""
+        ys = [np.ascontiguousarray(y_small[:, :, a]) for a in range(self.q)]
+        return LevelData(XtY=np.ascontiguousarray(XtY), YtY=np.asarray(YtY, dtype=np.float64), ys=ys,
+                         KXY=symmetric_cross(KXYo), KYY=KYY, KXYo=KXYo)
 
     def products(self, D: np.ndarray, data: "LevelData"):
         """X'V⁻¹X, X'V⁻¹Y, Y'V⁻¹Y and log|V| at D (v, q, q), plus the per-unit weights."""

@@ -39,11 +39,12 @@ class MissingObjective:
         self.base = LevelObjective(XtX, ZtX, ZtZ, n, q, reml)
         self.n, self.p, self.q, self.reml = int(n), self.base.p, int(q), bool(reml)
 
-    def data(self, XtY, ZtY, YtY, n=None, dXtX=None, sign=None, G=None, X=None, y=None) -> "MissingData":
-        """Per-voxel data sums plus the voxels' missing-row units (none: the common design)."""
-        v = XtY.shape[0]
+    def data(self, sums, n=None, dXtX=None, sign=None, G=None, X=None, y=None) -> "MissingData":
+        """Per-voxel data sums (`LevelSums`, by the common design's classes) plus the voxels'
+        missing-row units (none: the common design)."""
+        v = sums.XtY.shape[0]
         p, q = self.p, self.q
-        base = self.base.data(XtY, ZtY, YtY)
+        base = self.base.data_from_sums(sums.XtY, sums.YtY, sums.KXYo, sums.KYY, sums.y_small)
         if sign is None:
             sign, G, X, y = np.zeros((v, 0)), np.zeros((v, 0, q, q)), np.zeros((v, 0, q, p)), np.zeros((v, 0, q))
         return MissingData(
