@@ -284,15 +284,16 @@ class LevelObjective:
             XtVX, XtVY, YtVY, logdetV, R = self.products(D, data)
             ev = profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
             P = self._unit_P(R, ev.C) if self.reml else None
-        C = ev.C
         Hvec = ev.observed if ev.observed is not None else self._observed_information(R, P, data, ev, sigma2)
-        Dup = la.duplication(q)
-        H = Dup.T @ Hvec @ Dup
-        # B_t = Σ_j S_j' E_t S_j, one GEMM over units per (t, pair)
+        H, dC = hessian_from_parts(Hvec, self.direction_sums(R), ev.C, q, self.reml)
+        return H, dC, ev
+
+    def direction_sums(self, R) -> np.ndarray:
+        """B_t = Σ_j S_j' E_t S_j (v, q(q+1)/2, p, p) per vech direction E_t: one GEMM over units per (t, pair)."""
+        v = R[0][0].shape[0]
+        q, p = self.q, self.p
         r_idx, c_idx = la.vech_index(q)
-        k = r_idx.size
-        dC = np.empty((v, k, p, p))
-        Bs = np.empty((v, k, p, p))
+        Bs = np.empty((v, r_idx.size, p, p))
         for t, (a, b) in enumerate(zip(r_idx, c_idx)):
             scale = 0.5 if a == b else 1.0
             BupT = np.zeros((p * (p + 1) // 2, v))
@@ -300,10 +301,7 @@ class LevelObjective:
                 coef = scale * (R[a][e] * R[b][f] + R[b][e] * R[a][f])
                 BupT += self.KfT[m] @ coef.T
             Bs[:, t] = la.unpack_sym(BupT.T, p)
-            dC[:, t] = C @ Bs[:, t] @ C
-        if self.reml:  # -tr(C B_s C B_t) = -<dC_s, B_t>
-            H -= np.einsum("vspq,vtpq->vts", dC, Bs)
-        return la.sym(H), dC, ev
+        return Bs
 
     def evaluate(self, D_list, data: "LevelData", sigma2=None, grad=False) -> Evaluation:
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite voxels are flagged by profiled()
@@ -324,6 +322,18 @@ class LevelObjective:
             ev.cache["P"] = [x for row in P for x in row]
         ev.observed = self._observed_information(R, P, data, ev, ev.sigma2, uu_parts)
         return ev
+
+
+def hessian_from_parts(Hvec: np.ndarray, Bs: np.ndarray, C: np.ndarray, q: int, reml: bool):
+    """The deviance Hessian in vech D and dC = d(X'V⁻¹X)⁻¹/d vech D from the observed information
+    in vec D (without its REML term) and the direction sums B_t: dC_t = C B_t C, and REML adds
+    -tr(C B_s C B_t) = -<dC_s, B_t>."""
+    Dup = la.duplication(q)
+    H = Dup.T @ Hvec @ Dup
+    dC = C[:, None] @ Bs @ C[:, None]
+    if reml:
+        H -= np.einsum("vspq,vtpq->vts", dC, Bs)
+    return la.sym(H), dC
 
 
 def _unflatten_entries(flat: list, q: int) -> list:

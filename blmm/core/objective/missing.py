@@ -29,7 +29,7 @@ import numpy as np
 
 from blmm.core import linalg as la
 from blmm.core.objective.base import Evaluation, profiled
-from blmm.core.objective.levels import LevelData, LevelObjective
+from blmm.core.objective.levels import LevelData, LevelObjective, hessian_from_parts
 
 
 class MissingObjective:
@@ -118,6 +118,25 @@ class MissingObjective:
         ev.uu_sum = [uu]
         ev.observed = la.sym(obs)
         return ev
+
+
+    def deviance_hessian(self, D_list, data: "MissingData", sigma2: np.ndarray, ev: Evaluation | None = None):
+        """Observed Hessian of the deviance in vech D at fixed σ² (β profiled), analytically:
+        LevelObjective's formula with every sum over levels taken as classes - removal + replacement units."""
+        D = D_list[0]
+        if ev is None or ev.observed is None:
+            ev = self.evaluate([D], data, sigma2=sigma2, grad=True)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            *_, R, Ru = self._products(D, data)
+        Bs = self.base.direction_sums(R)
+        if Ru is not None:  # + Σ_units sign S_t' E S_t, S_t = R_t X_t
+            S = Ru @ data.X
+            r_idx, c_idx = la.vech_index(self.q)
+            for t, (a, b) in enumerate(zip(r_idx, c_idx)):
+                B = np.einsum("vt,vtp,vtr->vpr", data.sign, S[:, :, a], S[:, :, b])
+                Bs[:, t] += B if a == b else B + np.swapaxes(B, 1, 2)
+        H, dC = hessian_from_parts(ev.observed, Bs, ev.C, self.q, self.reml)
+        return H, dC, ev
 
 
 def _with_info(ev: Evaluation, info) -> Evaluation:
