@@ -1,11 +1,14 @@
 """Voxel-specific missing rows for one random factor: sums and fit without per-pattern objectives.
 
-`MissingRowStats` holds the design sums of the common (complete) design once, the rows
-each presence pattern lacks (as a compressed list, never per-pattern design sums) and the
-per-voxel data sums.  `fit_missing_rows` fits every voxel with `MissingObjective`: voxels
-are sorted by their number of missing rows (to keep the padding small) and each block's per-voxel units (touched levels, docs/model.md "Missing rows") are built from
-the missing rows only, just before the block is fitted.  Every per-voxel structure counts in
-the block size, so `max_block_bytes` holds however many patterns there are.
+`MissingRowStats` holds the design sums of the common (complete) design once, its classes
+of levels, the rows each presence pattern lacks (as a compressed list, never per-pattern
+design sums) and the per-voxel data sums as `LevelSums`: class aggregates, the y_j of levels
+outside big classes, and the y_j of big-class levels that a voxel's missing rows touch.
+`fit_missing_rows` fits every voxel with `MissingObjective`: each voxel's units (touched
+levels, docs/model.md "Missing rows") are padded to its own bucket and blocks hold one
+bucket, so a voxel's arithmetic does not depend on its block; the units are built from the
+missing rows only, just before a block is fitted.  Every per-voxel structure counts in the
+block size, so `max_block_bytes` holds however many patterns there are.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from blmm.config import Config
 from blmm.core.inference import infer
-from blmm.core.level_classes import class_aggregates, upper_pairs
+from blmm.core.level_classes import class_aggregates
 from blmm.core.missing_rows import LevelSums, MissingRowStats, missing_design
 from blmm.core.sufficient import (
     FactorLayout,

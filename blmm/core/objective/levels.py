@@ -275,8 +275,7 @@ class LevelObjective:
                  - 2 a_E'C a_F / σ² - [REML] tr(C B_F C B_E).
         """
         D = D_list[0]
-        v = D.shape[0]
-        q, p = self.q, self.p
+        q = self.q
         if ev is not None and ev.cache is not None:  # the evaluation at D already holds R_c and P_c
             R = _unflatten_entries(ev.cache["R"], q)
             P = _unflatten_entries(ev.cache["P"], q) if self.reml else None

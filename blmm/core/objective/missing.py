@@ -14,8 +14,8 @@ zero).  Each touched level j then enters as two per-voxel units:
 Every quantity the scoring loop needs (log|V|, X'V⁻¹X, X'V⁻¹Y, Y'V⁻¹Y, Σ T_j, Σ u_j u_j',
 Σ S_j C S_j', the expected and observed information) is a sum over levels, so each is the
 class sum minus the removal terms plus the replacement terms; X'X_v = X'X - X_M'X_M.
-Units are padded to the largest touched-level count of a voxel block (sign 0), so one
-block is vectorised whatever the number of distinct patterns; the cost per evaluation is
+Units are padded (sign 0) to a per-voxel bucket of touched-level counts, so one block is
+vectorised whatever the number of distinct patterns; the cost per evaluation is
 O(v t (q^3 + q p^2)) on top of the complete-data cost, t the touched levels.
 
 The number of observed rows n_v is per voxel (`MissingData.n`); the fit groups voxels by
