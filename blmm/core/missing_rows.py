@@ -280,9 +280,10 @@ def block_units(stats: MissingRowStats, common: _Units, idx: np.ndarray, sums: L
 
 
 def unit_bytes(n_missing: int, p: int, q: int, n_touched: int | None = None) -> int:
-    """Working bytes per voxel of a block's units: n_touched levels (default n_missing) padded, n_missing rows."""
+    """Working bytes per voxel of a block's units: n_touched levels (default n_missing) padded, n_missing rows
+    (padded X_M, and per row its Z'Z and Z'X terms and indices before they are summed by level)."""
     T = 2 * max(int(n_missing if n_touched is None else n_touched), 0)
-    return 8 * (12 * T * (q * q + q * p + q + 1) + n_missing * p + 4 * p * p)
+    return 8 * (12 * T * (q * q + q * p + q + 1) + n_missing * (p + q * q + q * p + 6) + 4 * p * p)
 
 
 def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6, max_iter=10000,
@@ -306,7 +307,8 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
     base = obj.base
     shared = sum(a.nbytes for a in (*base.Kf, *base.KfT, base.Ko, *base.Xs, base.Xl, common.G, common.Xl))
     budget = max(max_block_bytes - shared, max_block_bytes // 8)
-    base_voxel = 8 * (12 * base.C * q ** 2 + base.Cb * len(base.pairs) * (p + 1) + (k + 6) * p * p)
+    # per voxel: the class weights and data sums (LevelSums, LevelData: KXY, KYY, KXYo), inference
+    base_voxel = 8 * (12 * base.C * q ** 2 + base.Cb * (len(base.pairs) * (p + 1) + q * q * p) + (k + 6) * p * p)
     # each voxel's units are padded to its own bucket (touched levels, missing rows), and blocks
     # hold one bucket: a voxel's arithmetic does not depend on the block it lands in
     slots, rows = bucket(voxel_touched(stats)), bucket(stats.voxel_n_missing())

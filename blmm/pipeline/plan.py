@@ -143,8 +143,10 @@ def plan_run(config: Config, force: bool = False) -> RunPlan:
     n_batches = int(max(1, min(4, n // 32, 2 * budget // max(partial_bytes, 1))))
     batches = cut_at_levels(cut, n_batches)
     # voxel blocks: the summed statistics of a block (three copies), its presence bits, patterns and
-    # missing rows (at most n each); the missing-row units count inside the fit (fit_missing_rows)
-    row_bytes = 8 * columns * 3 + 11 * n
+    # missing rows (at most n each), and for one factor the touched levels' y_j (at most one per
+    # level); the missing-row units count inside the fit (fit_missing_rows)
+    touched = 8 * (2 + config.factors[0].q) * min(n, config.factors[0].n_levels) if len(config.factors) == 1 else 0
+    row_bytes = 8 * columns * 3 + 11 * n + touched
     per_block = max(1, min(V, budget // 2 // row_bytes, 20000))
     # blocks run in parallel; ~1,000 voxels each keeps the last round of a few workers short
     n_blocks = max(-(-V // per_block), min(config.maxnvb, max(1, V // 1000)))
