@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from blmm.core import linalg as la
-
 
 def big_class_min(q: int, p: int) -> int:
     """Members a class needs to be aggregated: below q p, the level-by-level terms are cheaper."""
@@ -82,7 +80,7 @@ def class_aggregates(classes: LevelClasses, Xl: np.ndarray, yl: np.ndarray, firs
         Xm, ym = Xl[mem], yl[:, mem - first]
         for e in range(q):
             for f in range(q):
-                KXYo[:, i, e, f] = la.voxel_rows(ym[:, :, f], Xm[:, e, :])  # independent of the voxel chunk
+                KXYo[:, i, e, f] = ym[:, :, f] @ Xm[:, e, :]
         for k, (a, b) in enumerate(pairs):
             KYY[:, i, k] = np.einsum("vm,vm->v", ym[:, :, a], ym[:, :, b])
     return KXYo, KYY

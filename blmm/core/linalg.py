@@ -132,31 +132,3 @@ def duplication(q: int) -> np.ndarray:
     Dup[c * q + r, np.arange(r.size)] = 1.0
     Dup.setflags(write=False)
     return Dup
-
-
-# Products over voxels run in calls of exactly this many voxels (zero padded): BLAS kernels
-# round differently with the shape of a call, and a voxel's result must not depend on how many
-# voxels share its block (MAXMEM, batches) or on their values
-VOXEL_CHUNK = 32
-
-
-def _padded_chunks(A: np.ndarray) -> tuple[np.ndarray, int]:
-    v = A.shape[0]
-    pad = -v % VOXEL_CHUNK
-    return (np.concatenate([A, np.zeros((pad,) + A.shape[1:], A.dtype)]) if pad else A), v
-
-
-def voxel_rows(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """A @ B for A (v, k) with voxels as rows; each row's rounding is independent of v and the other rows."""
-    if A.shape[0] == 0:
-        return A @ B
-    Ap, v = _padded_chunks(A)
-    return np.concatenate([Ap[i:i + VOXEL_CHUNK] @ B for i in range(0, Ap.shape[0], VOXEL_CHUNK)])[:v]
-
-
-def voxel_cols(B: np.ndarray, A: np.ndarray) -> np.ndarray:
-    """B @ A.T for A (v, k) with voxels as rows (result (m, v)); each column independent of v and the others."""
-    if A.shape[0] == 0:
-        return B @ A.T
-    Ap, v = _padded_chunks(A)
-    return np.concatenate([B @ Ap[i:i + VOXEL_CHUNK].T for i in range(0, Ap.shape[0], VOXEL_CHUNK)], axis=1)[:, :v]

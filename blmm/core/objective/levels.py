@@ -63,8 +63,7 @@ class LevelObjective:
             self.Kpair_big.append(Kbig)
             Kf.append(np.ascontiguousarray(np.concatenate([Kbig[:, r, s], Kl[:, r, s]])))  # (C, p(p+1)/2)
         self.Kf = Kf
-        # K'(p(p+1)/2, units): OpenBLAS runs K' @ W' about 3x faster than W @ K for these shapes;
-        # products over voxels go through la.voxel_rows / voxel_cols (rounding independent of the block)
+        # K'(p(p+1)/2, units): OpenBLAS runs K' @ W' about 3x faster than W @ K for these shapes
         self.KfT = [np.ascontiguousarray(K.T) for K in Kf]
         # ordered K_c[e,f] = Σ_members X_j[e]' X_j[f] of big classes (the analytic Hessian needs them unsymmetrised)
         self.Ko = np.zeros((self.Cb, q, q, p, p))
@@ -102,10 +101,10 @@ class LevelObjective:
             if a != b:
                 w = 0.5 * (w + sum(d[b][e] * R[e][a] for e in range(q)))
             W[a, b] = w
-        logdetV = la.voxel_rows(logdetA, self.mu)
+        logdetV = logdetA @ self.mu
         XtVX_upT = np.repeat(self.XtX_up[:, None], v, axis=1)
         for k, ab in enumerate(self.pairs):
-            XtVX_upT -= la.voxel_cols(self.KfT[k], W[ab])
+            XtVX_upT -= self.KfT[k] @ W[ab].T
         XtVX = la.unpack_sym(XtVX_upT.T, p)
         XtVY = data.XtY.copy()
         YtVY = data.YtY.copy()
@@ -119,7 +118,7 @@ class LevelObjective:
                 return W[min(a, b), max(a, b)][:, Cb:]
             for a in range(q):
                 wy = sum(Ws(a, b) * data.ys[b] for b in range(q))
-                XtVY -= la.voxel_rows(wy, self.Xs[a])
+                XtVY -= wy @ self.Xs[a]
                 YtVY -= np.einsum("vj,vj->v", wy, data.ys[a])
         return XtVX, XtVY, YtVY, logdetV, R
 
@@ -147,7 +146,7 @@ class LevelObjective:
             S = _pairs_to_matrix(Spair, self.pairs, q)
             U_big = np.einsum("vcab,vcbd,vced->vcae", Rb, S, Rb, optimize=True)
         if self.Ls:
-            r = [data.ys[b] - la.voxel_rows(gamma, self.Xs[b].T) for b in range(q)]
+            r = [data.ys[b] - gamma @ self.Xs[b].T for b in range(q)]
             u_small = [sum(R[a][b][:, Cb:] * r[b] for b in range(q)) for a in range(q)]
         return U_big, u_small
 
@@ -157,7 +156,7 @@ class LevelObjective:
         cvec = la.pack_sym(Omega, double_offdiag=True)
         H = {}
         for k, (a, b) in enumerate(self.pairs):  # H_c[a,b] = <K_c^{ab}, Ω>
-            H[a, b] = la.voxel_rows(cvec, self.Kf[k].T) * (1.0 if a == b else 0.5)
+            H[a, b] = (cvec @ self.Kf[k].T) * (1.0 if a == b else 0.5)
 
         def Hf(a, b):
             return H[min(a, b), max(a, b)]
@@ -178,7 +177,7 @@ class LevelObjective:
         def Tf(a, b):
             return T[min(a, b), max(a, b)]
 
-        T_sum = _entries_to_matrix({ab: la.voxel_rows(T[ab], self.mu) for ab in self.pairs}, q, v)
+        T_sum = _entries_to_matrix({ab: T[ab] @ self.mu for ab in self.pairs}, q, v)
         uu = np.zeros((v, q, q))
         U_big, u_small = self._unit_uu(R, data, gamma) if uu_parts is None else uu_parts
         if U_big is not None:
@@ -203,7 +202,7 @@ class LevelObjective:
             for b in range(q):
                 for c in range(q):
                     for e in range(q):
-                        info[:, a, b, c, e] = la.voxel_rows(Tf(b, c) * Tf(a, e), self.mu)
+                        info[:, a, b, c, e] = (Tf(b, c) * Tf(a, e)) @ self.mu
         return T_sum, uu, corr, info.reshape(v, q * q, q * q)
 
     def _observed_information(self, R, P, data: "LevelData", ev: Evaluation, sigma2: np.ndarray,
@@ -263,7 +262,7 @@ class LevelObjective:
                 for e in range(q):
                     Re = R[x][e][:, Cb:]
                     for y in range(q):
-                        A[:, x, y] += la.voxel_rows(Re * u_small[y], self.Xs[e])
+                        A[:, x, y] += (Re * u_small[y]) @ self.Xs[e]
         return A
 
     def deviance_hessian(self, D_list, data: "LevelData", sigma2: np.ndarray, ev: Evaluation | None = None):
@@ -299,7 +298,7 @@ class LevelObjective:
             BupT = np.zeros((p * (p + 1) // 2, v))
             for m, (e, f) in enumerate(self.pairs):
                 coef = scale * (R[a][e] * R[b][f] + R[b][e] * R[a][f])
-                BupT += la.voxel_cols(self.KfT[m], coef)
+                BupT += self.KfT[m] @ coef.T
             Bs[:, t] = la.unpack_sym(BupT.T, p)
         return Bs
 
