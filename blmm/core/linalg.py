@@ -17,9 +17,9 @@ def project_psd(D: np.ndarray) -> np.ndarray:
     if q == 1:
         return np.maximum(D, 0.0)
     w, U = np.linalg.eigh(sym(D))
-    if np.all(w >= 0):
-        return sym(D)
-    return (U * np.maximum(w, 0.0)[..., None, :]) @ np.swapaxes(U, -1, -2)
+    clipped = (U * np.maximum(w, 0.0)[..., None, :]) @ np.swapaxes(U, -1, -2)
+    # per matrix, not per stack: a PSD matrix is returned as is whatever its neighbours are
+    return np.where(np.all(w >= 0, axis=-1)[..., None, None], sym(D), clipped)
 
 
 def psd_root(D: np.ndarray) -> np.ndarray:

@@ -1,11 +1,14 @@
 """Voxel-specific missing rows for one random factor: sums and fit without per-pattern objectives.
 
-`MissingRowStats` holds the design sums of the common (complete) design once, the rows
-each presence pattern lacks (as a compressed list, never per-pattern design sums) and the
-per-voxel data sums.  `fit_missing_rows` fits every voxel with `MissingObjective`: voxels
-are sorted by their number of missing rows (to keep the padding small) and each block's per-voxel units (touched levels, docs/model.md "Missing rows") are built from
-the missing rows only, just before the block is fitted.  Every per-voxel structure counts in
-the block size, so `max_block_bytes` holds however many patterns there are.
+`MissingRowStats` holds the design sums of the common (complete) design once, its classes
+of levels, the rows each presence pattern lacks (as a compressed list, never per-pattern
+design sums) and the per-voxel data sums as `LevelSums`: class aggregates, the y_j of levels
+outside big classes, and the y_j of big-class levels that a voxel's missing rows touch.
+`fit_missing_rows` fits every voxel with `MissingObjective`: each voxel's units (touched
+levels, docs/model.md "Missing rows") are padded to its own bucket and blocks hold one
+bucket, so a voxel's arithmetic does not depend on its block; the units are built from the
+missing rows only, just before a block is fitted.  Every per-voxel structure counts in the
+block size, so `max_block_bytes` holds however many patterns there are.
 """
 from __future__ import annotations
 
@@ -16,9 +19,53 @@ import numpy as np
 import scipy.sparse as sp
 
 from blmm.core.design import RandomFactor
+from blmm.core.level_classes import LevelClasses, class_aggregates
 from blmm.core.objective.base import diag_blocks
 from blmm.core.objective.missing import MissingObjective
 from blmm.core.sufficient import FactorLayout, presence_patterns, random_effects_matrix
+
+
+@dataclass
+class LevelSums:
+    """Per-voxel data sums of one factor, arranged by the complete design's classes.
+
+    No y_j = Z_j'Y of levels in big classes except where a voxel's missing rows touch the
+    level (`touched_*`, sorted by voxel, then level), so the size grows with the missing
+    entries only.  Missing entries count as zero everywhere.
+    """
+
+    XtY: np.ndarray  # (v, p)
+    YtY: np.ndarray  # (v,)
+    KXYo: np.ndarray  # (v, Cb, q, q, p) Σ_j X_j[e]' y_j[f] per big class (`class_aggregates`)
+    KYY: np.ndarray  # (v, Cb, q(q+1)/2) Σ_j y_j y_j' per big class, upper pairs
+    y_small: np.ndarray  # (v, Ls, q) y_j of the levels outside big classes
+    touched_ptr: np.ndarray  # (v + 1,) offsets into touched_level / touched_y per voxel
+    touched_level: np.ndarray  # (t,) level (into all levels) of a big class that a missing row touches
+    touched_y: np.ndarray  # (t, q) that level's y_j at that voxel
+
+    @property
+    def n_voxels(self) -> int:
+        return int(self.XtY.shape[0])
+
+    def take(self, idx) -> "LevelSums":
+        idx = np.asarray(idx)
+        counts = np.diff(self.touched_ptr)[idx]
+        ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        flat = np.repeat(self.touched_ptr[idx] - ptr[:-1], counts) + np.arange(int(ptr[-1]))
+        return LevelSums(self.XtY[idx], self.YtY[idx], self.KXYo[idx], self.KYY[idx], self.y_small[idx], ptr,
+                         self.touched_level[flat], self.touched_y[flat])
+
+
+def level_sums(classes: LevelClasses, Xl: np.ndarray, XtY, ZtY, YtY, touched_ptr, touched_level) -> LevelSums:
+    """LevelSums from dense per-level sums ZtY (v, L q) and each voxel's touched big-class levels."""
+    v = XtY.shape[0]
+    q = Xl.shape[1]
+    yl = ZtY.reshape(v, -1, q)
+    KXYo, KYY = class_aggregates(classes, Xl, yl[:, classes.level_index])
+    vox = np.repeat(np.arange(v), np.diff(touched_ptr))
+    return LevelSums(XtY=np.ascontiguousarray(XtY), YtY=np.asarray(YtY, dtype=np.float64), KXYo=KXYo, KYY=KYY,
+                     y_small=yl[:, classes.level_index[classes.small_levels]], touched_ptr=touched_ptr,
+                     touched_level=touched_level, touched_y=yl[vox, touched_level])
 
 
 @dataclass
@@ -32,12 +79,11 @@ class MissingRowStats:
     XtX: np.ndarray  # (p, p) over all rows
     ZtX: np.ndarray  # (L q, p)
     ZtZ: sp.csr_matrix  # (L q, L q)
+    classes: LevelClasses  # of the complete design (the one rule, core/level_classes.py)
     pattern_ptr: np.ndarray  # (u + 1,) CSR offsets into missing_rows per pattern
     missing_rows: np.ndarray  # rows each pattern lacks, concatenated
     pattern_of_voxel: np.ndarray  # (v,)
-    XtY: np.ndarray  # (v, p)
-    ZtY: np.ndarray  # (v, L q)
-    YtY: np.ndarray  # (v,)
+    sums: LevelSums  # per-voxel data sums
 
     @property
     def n_voxels(self) -> int:
@@ -51,28 +97,69 @@ class MissingRowStats:
     def n_rows(self) -> int:
         return int(self.X.shape[0])
 
+    @property
+    def XtY(self) -> np.ndarray:
+        return self.sums.XtY
+
+    @property
+    def YtY(self) -> np.ndarray:
+        return self.sums.YtY
+
     def voxel_n_missing(self) -> np.ndarray:
         return np.diff(self.pattern_ptr)[self.pattern_of_voxel]
 
     def voxel_n_obs(self) -> np.ndarray:
         return self.n_rows - self.voxel_n_missing()
 
+    def pattern_levels(self) -> tuple[np.ndarray, np.ndarray]:
+        """(pattern, level) of every level a pattern's missing rows touch, sorted by pattern then level."""
+        pat = np.repeat(np.arange(self.pattern_ptr.size - 1), np.diff(self.pattern_ptr))
+        L = self.layout.n_levels[0]
+        key = np.unique(pat * L + self.codes[self.missing_rows])
+        return key // L, key % L
 
-def missing_row_stats(X, factor: RandomFactor, layout: FactorLayout, patterns: np.ndarray,
-                      pattern_of_voxel: np.ndarray, XtY, ZtY, YtY, Z: sp.csr_matrix | None = None
-                      ) -> MissingRowStats:
-    """Complete per-voxel data sums (missing entries zero) with the common design sums and missing rows."""
+
+def missing_design(X, factor: RandomFactor, layout: FactorLayout, patterns: np.ndarray,
+                   pattern_of_voxel: np.ndarray, sums: LevelSums | None = None,
+                   Z: sp.csr_matrix | None = None) -> MissingRowStats:
+    """The common design sums, its classes and each pattern's missing rows (sums: the voxels' data sums)."""
     X = np.asarray(X, dtype=np.float64)
     if Z is None:
         Z = random_effects_matrix([factor], layout)
     codes = np.searchsorted(layout.levels[0], factor.labels).astype(np.int64)
     pat, rows = np.nonzero(~np.asarray(patterns, dtype=bool))  # row-major: grouped by pattern
     ptr = np.concatenate([[0], np.cumsum(np.bincount(pat, minlength=patterns.shape[0]))]).astype(np.int64)
+    ZtZ = (Z.T @ Z).tocsr()
+    L, q, p = layout.n_levels[0], layout.q[0], X.shape[1]
     return MissingRowStats(
         layout=layout, X=X, codes=codes, zrow=np.asarray(factor.design, dtype=np.float64).reshape(X.shape[0], -1),
-        XtX=X.T @ X, ZtX=np.asarray(Z.T @ X), ZtZ=(Z.T @ Z).tocsr(), pattern_ptr=ptr,
-        missing_rows=rows.astype(np.int64), pattern_of_voxel=np.asarray(pattern_of_voxel, dtype=np.int64),
-        XtY=XtY, ZtY=ZtY, YtY=YtY)
+        XtX=X.T @ X, ZtX=np.asarray(Z.T @ X), ZtZ=ZtZ, classes=LevelClasses.from_blocks(diag_blocks(ZtZ, L, q), p),
+        pattern_ptr=ptr, missing_rows=rows.astype(np.int64),
+        pattern_of_voxel=np.asarray(pattern_of_voxel, dtype=np.int64), sums=sums)
+
+
+def touched_big_levels(stats: MissingRowStats) -> tuple[np.ndarray, np.ndarray]:
+    """Per voxel, the big-class levels its missing rows touch: (ptr (v + 1,), levels), sorted by voxel then level."""
+    pat, lev = stats.pattern_levels()
+    big = stats.classes.big_level_mask(stats.layout.n_levels[0])[lev]
+    pat, lev = pat[big], lev[big]
+    per_pattern = np.bincount(pat, minlength=stats.pattern_ptr.size - 1)
+    pptr = np.concatenate([[0], np.cumsum(per_pattern)])
+    counts = per_pattern[stats.pattern_of_voxel]
+    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    flat = np.repeat(pptr[stats.pattern_of_voxel] - ptr[:-1], counts) + np.arange(int(ptr[-1]))
+    return ptr, lev[flat].astype(np.int64)
+
+
+def missing_row_stats(X, factor: RandomFactor, layout: FactorLayout, patterns: np.ndarray,
+                      pattern_of_voxel: np.ndarray, XtY, ZtY, YtY, Z: sp.csr_matrix | None = None
+                      ) -> MissingRowStats:
+    """Complete per-voxel data sums (missing entries zero) with the common design sums and missing rows."""
+    stats = missing_design(X, factor, layout, patterns, pattern_of_voxel, Z=Z)
+    ptr, lev = touched_big_levels(stats)
+    stats.sums = level_sums(stats.classes, stats.ZtX.reshape(-1, layout.q[0], stats.p)[stats.classes.level_index],
+                            XtY, ZtY, YtY, ptr, lev)
+    return stats
 
 
 def missing_row_stats_from_data(Y, X, factor: RandomFactor, observed=None) -> MissingRowStats:
@@ -109,44 +196,78 @@ class _Units:
         self.G = diag_blocks(stats.ZtZ, L, q)
         self.Xl = stats.ZtX.reshape(L, q, stats.p)
         self.count = np.bincount(stats.codes, minlength=L)
+        classes = stats.classes
+        self.small_pos = np.full(L, -1, np.int64)  # position of a level among y_small, -1 in a big class
+        self.small_pos[classes.level_index[classes.small_levels]] = np.arange(classes.small_levels.size)
 
 
-def block_units(stats: MissingRowStats, common: _Units, idx: np.ndarray) -> dict:
-    """Per-voxel units of the levels touched by each voxel's missing rows (padded), for voxels idx."""
+def bucket(k: np.ndarray) -> np.ndarray:
+    """0, or the next power of two >= k: a voxel's padded size, whatever block it is fitted in."""
+    k = np.asarray(k, dtype=np.int64)
+    return np.where(k > 0, 2 ** np.ceil(np.log2(np.maximum(k, 1))).astype(np.int64), 0)
+
+
+def voxel_touched(stats: MissingRowStats) -> np.ndarray:
+    """(v,) levels each voxel's missing rows touch."""
+    pat, _ = stats.pattern_levels()
+    return np.bincount(pat, minlength=stats.pattern_ptr.size - 1)[stats.pattern_of_voxel]
+
+
+def block_units(stats: MissingRowStats, common: _Units, idx: np.ndarray, sums: LevelSums | None = None,
+                slots: int | None = None, rows: int | None = None) -> dict:
+    """Per-voxel units of the levels touched by each voxel's missing rows, for voxels idx.
+
+    Units are padded (sign 0) to `slots` touched levels and the missing rows to `rows`
+    (default: the block's largest counts); a fit passes each voxel's bucket, so a voxel's
+    arithmetic does not depend on the block it is fitted in.  sums: stats.sums.take(idx).
+    """
     b, p, q, L = idx.size, stats.p, common.q, common.L
+    sums = stats.sums.take(idx) if sums is None else sums
     pats = stats.pattern_of_voxel[idx]
     counts = np.diff(stats.pattern_ptr)[pats]
     total = int(counts.sum())
     ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     out = {"n": (stats.n_rows - counts).astype(np.float64), "dXtX": np.zeros((b, p, p))}
+    T = int(slots) if slots is not None else 0
     if total == 0:
-        out.update(sign=np.zeros((b, 0)), G=np.zeros((b, 0, q, q)), X=np.zeros((b, 0, q, p)), y=np.zeros((b, 0, q)))
+        out.update(sign=np.zeros((b, 2 * T)), G=np.zeros((b, 2 * T, q, q)), X=np.zeros((b, 2 * T, q, p)),
+                   y=np.zeros((b, 2 * T, q)))
         return out
     vloc = np.repeat(np.arange(b), counts)
     flat = np.repeat(stats.pattern_ptr[pats] - ptr[:-1], counts) + np.arange(total)
-    rows = stats.missing_rows[flat]
+    mrows = stats.missing_rows[flat]
     pos = np.arange(total) - ptr[vloc]
-    Xpad = np.zeros((b, int(counts.max()), p))
-    Xpad[vloc, pos] = stats.X[rows]
+    Xpad = np.zeros((b, int(counts.max()) if rows is None else int(rows), p))
+    Xpad[vloc, pos] = stats.X[mrows]
     out["dXtX"] = -(np.swapaxes(Xpad, 1, 2) @ Xpad)
     del Xpad
-    key = vloc * L + stats.codes[rows]
+    key = vloc * L + stats.codes[mrows]
     order = np.argsort(key, kind="stable")
     ks = key[order]
     first = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]]))
     pv, pl = ks[first] // L, ks[first] % L
-    z, x = stats.zrow[rows[order]], stats.X[rows[order]]
+    z, x = stats.zrow[mrows[order]], stats.X[mrows[order]]
     GM = np.add.reduceat(z[:, :, None] * z[:, None, :], first, axis=0)  # Z_{j,M}'Z_{j,M}
     XM = np.add.reduceat(z[:, :, None] * x[:, None, :], first, axis=0)  # Z_{j,M}'X_M
     nM = np.diff(np.concatenate([first, [total]]))
     tv = np.bincount(pv, minlength=b)
-    T = int(tv.max())
+    T = int(tv.max()) if slots is None else T
     slot = np.arange(pv.size) - (np.cumsum(tv) - tv)[pv]
     sign = np.zeros((b, 2 * T))
     G = np.zeros((b, 2 * T, q, q))
     Xu = np.zeros((b, 2 * T, q, p))
     y = np.zeros((b, 2 * T, q))
-    yl = stats.ZtY[idx].reshape(b, L, q)[pv, pl]
+    # y_j(v): a small level's from y_small, a big class's from the voxel's touched list
+    yl = np.empty((pv.size, q))
+    pos_small = common.small_pos[pl]
+    small = pos_small >= 0
+    yl[small] = sums.y_small[pv[small], pos_small[small]]
+    tkey = np.repeat(np.arange(b), np.diff(sums.touched_ptr)) * L + sums.touched_level
+    want = pv[~small] * L + pl[~small]
+    at = np.minimum(np.searchsorted(tkey, want), max(tkey.size - 1, 0))
+    if want.size and (tkey.size == 0 or np.any(tkey[at] != want)):
+        raise ValueError("the data sums lack the y_j of a level that a voxel's missing rows touch")
+    yl[~small] = sums.touched_y[at]
     sign[pv, slot] = -1.0  # removal: the term the class sums hold for the level
     G[pv, slot], Xu[pv, slot], y[pv, slot] = common.G[pl], common.Xl[pl], yl
     keep = nM < common.count[pl]  # a level that lost every image contributes nothing
@@ -158,10 +279,11 @@ def block_units(stats: MissingRowStats, common: _Units, idx: np.ndarray) -> dict
     return out
 
 
-def unit_bytes(n_missing: int, p: int, q: int) -> int:
-    """Working bytes per voxel of a block's units with up to n_missing missing rows (padded, temporaries)."""
-    T = 2 * max(int(n_missing), 0)
-    return 8 * (12 * T * (q * q + q * p + q + 1) + n_missing * p + 4 * p * p)
+def unit_bytes(n_missing: int, p: int, q: int, n_touched: int | None = None) -> int:
+    """Working bytes per voxel of a block's units: n_touched levels (default n_missing) padded, n_missing rows
+    (padded X_M, and per row its Z'Z and Z'X terms and indices before they are summed by level)."""
+    T = 2 * max(int(n_missing if n_touched is None else n_touched), 0)
+    return 8 * (12 * T * (q * q + q * p + q + 1) + n_missing * (p + q * q + q * p + 6) + 4 * p * p)
 
 
 def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6, max_iter=10000,
@@ -185,41 +307,41 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
     base = obj.base
     shared = sum(a.nbytes for a in (*base.Kf, *base.KfT, base.Ko, *base.Xs, base.Xl, common.G, common.Xl))
     budget = max(max_block_bytes - shared, max_block_bytes // 8)
-    base_voxel = 8 * (12 * base.C * q ** 2 + base.Cb * len(base.pairs) * (p + 1) + (k + 6) * p * p)
-    missing = stats.voxel_n_missing()
-    jobs = []
-    # voxels sorted by their missing count, so the padding of a block's units stays small
+    # per voxel: the class weights and data sums (LevelSums, LevelData: KXY, KYY, KXYo), inference
+    base_voxel = 8 * (12 * base.C * q ** 2 + base.Cb * (len(base.pairs) * (p + 1) + q * q * p) + (k + 6) * p * p)
+    # each voxel's units are padded to its own bucket (touched levels, missing rows), and blocks
+    # hold one bucket: a voxel's arithmetic does not depend on the block it lands in
+    slots, rows = bucket(voxel_touched(stats)), bucket(stats.voxel_n_missing())
     fit_vox = np.flatnonzero(n_obs > p)
-    fit_vox = fit_vox[np.argsort(missing[fit_vox], kind="stable")]
+    fit_vox = fit_vox[np.lexsort((rows[fit_vox], slots[fit_vox]))]
     per_block = budget // threads
-    start = 0
-    while start < fit_vox.size:
-        stop = fit_vox.size
+    jobs = []
+    for group in np.split(fit_vox, np.flatnonzero(np.diff(slots[fit_vox]) | np.diff(rows[fit_vox])) + 1):
+        if group.size == 0:
+            continue
+        t, m = int(slots[group[0]]), int(rows[group[0]])
+        size = max(1, int(per_block // (base_voxel + unit_bytes(m, p, q, t))))
         if threads > 1:  # enough blocks to share
-            stop = min(stop, start + max(64, -(-fit_vox.size // (2 * threads))))
-        while True:  # the block's last voxel has its largest missing count: it bounds the units' size
-            fits = max(1, int(per_block // (base_voxel + unit_bytes(int(missing[fit_vox[stop - 1]]), p, q))))
-            if stop - start <= fits:
-                break
-            stop = start + fits
-        jobs.append(fit_vox[start:stop])
-        start = stop
+            size = min(size, max(64, -(-fit_vox.size // (2 * threads))))
+        jobs.extend((group[a:a + size], t, m) for a in range(0, group.size, size))
 
-    def run(idx) -> None:
-        u = block_units(stats, common, idx)
+    def run(job) -> None:
+        idx, t, m = job
+        sums = stats.sums.take(idx)
+        u = block_units(stats, common, idx, sums, slots=t, rows=m)
         XtX_v = stats.XtX + u["dXtX"]
         w = np.linalg.eigvalsh(XtX_v)
         full = np.sum(w > np.maximum(w[:, -1:], 0.0) * p * 1e-12, axis=1) == p
         if not np.all(full):
             res.status[idx[~full]] = F.DROPPED_RANK
-            idx, XtX_v = idx[full], XtX_v[full]
+            idx, XtX_v, sums = idx[full], XtX_v[full], sums.take(np.flatnonzero(full))
             u = {key: a[full] for key, a in u.items()}
             if idx.size == 0:
                 return
-        data = obj.data(stats.XtY[idx], stats.ZtY[idx], stats.YtY[idx], **u)
+        data = obj.data(sums, **u)
         out = F._fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)  # data.n per voxel
         F._store(res, idx, out)
-        eTe = (stats.YtY[idx] - 2 * np.einsum("vp,vp->v", out.beta, stats.XtY[idx])
+        eTe = (sums.YtY - 2 * np.einsum("vp,vp->v", out.beta, sums.XtY)
                + np.einsum("vp,vpq,vq->v", out.beta, XtX_v, out.beta))
         res.resms[idx] = eTe / (n_obs[idx] - p)
 

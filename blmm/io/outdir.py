@@ -54,6 +54,11 @@ def batch_files(workdir: Path, b: int) -> tuple[Path, Path]:
     return workdir / f"batch{b:05d}.stats.npy", workdir / f"batch{b:05d}.present.npy"
 
 
+def batch_touched_files(workdir: Path, b: int) -> tuple[Path, Path]:
+    """Image batch b's y_j of the (voxel, level) pairs its missing values touch, and their offsets per voxel."""
+    return workdir / f"batch{b:05d}.touched.npy", workdir / f"batch{b:05d}.touched_ptr.npy"
+
+
 def batch_counts_file(workdir: Path, b: int) -> Path:
     """How many values of image batch b were treated as missing, by reason (JSON)."""
     return workdir / f"batch{b:05d}.missing.json"

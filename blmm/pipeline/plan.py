@@ -12,6 +12,8 @@ import numpy as np
 
 from blmm import __version__
 from blmm.config import Config
+from blmm.core.objective.nested import nested_tree
+from blmm.core.sufficient import FactorLayout
 from blmm.errors import InputError
 from blmm.io.images import read_mask
 from blmm.io.outdir import (
@@ -20,6 +22,7 @@ from blmm.io.outdir import (
     WORK_DIR,
     batch_counts_file,
     batch_files,
+    batch_touched_files,
     block_file,
     holds_maps,
     recorded_hash,
@@ -36,14 +39,12 @@ class RunPlan:
     config: Config
     workdir: Path
     voxels: np.ndarray  # flat indices of the analysis-mask voxels
-    batches: tuple  # (start, stop) image rows
+    batches: tuple  # (start, stop) positions in `order`, cut at level boundaries
     blocks: tuple  # (start, stop) positions in `voxels`
     input_hash: str
+    order: np.ndarray = None  # image rows in level order (`level_order`); every stage reads rows this way
+    n_stat_columns: int = 0  # partial sums per voxel of one batch (`blmm.pipeline.stages.sum_columns`)
     timings: dict = field(default_factory=dict, compare=False)
-
-    @property
-    def n_stat_columns(self) -> int:
-        return self.config.p + self.config.q + 1
 
     def __repr__(self) -> str:  # short: dask prints task arguments, errors name items
         return (f"RunPlan(outdir={str(self.config.outdir)!r}, {self.config.n} images, {self.voxels.size} voxels, "
@@ -64,12 +65,14 @@ def _hash_files(h, files) -> None:
         h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
 
 
-def batch_hashes(config: Config, batches) -> list[str]:
-    """Per image batch: a hash of the size/mtime of its images (and data masks)."""
+def batch_hashes(config: Config, batches, order: np.ndarray) -> list[str]:
+    """Per image batch: a hash of the size/mtime of its images (and data masks), rows in `order`."""
     hashes = []
+    masks = config.data_mask_files or []
     for start, stop in batches:
         h = hashlib.sha256()
-        _hash_files(h, list(config.y_files[start:stop]) + list((config.data_mask_files or [])[start:stop]))
+        rows = order[start:stop]
+        _hash_files(h, [config.y_files[i] for i in rows] + [masks[i] for i in rows if masks])
         hashes.append(h.hexdigest()[:16])
     return hashes
 
@@ -88,6 +91,36 @@ def model_hash(config: Config) -> str:
     return h.hexdigest()[:16]
 
 
+def level_order(config: Config) -> tuple[np.ndarray, np.ndarray]:
+    """Image rows with each level's images together, and the level of each sorted row at which
+    batches may be cut.
+
+    Rows are sorted stably by level code of the factor with most levels; for a nesting tree
+    (subjects in families) by the outer level, then the inner ones, and cut only between
+    outer levels.  A batch then holds whole levels, so per-class sums add across batches.
+    """
+    layout = FactorLayout.from_factors(config.factors)
+    codes = [np.searchsorted(lv, f.labels) for f, lv in zip(config.factors, layout.levels)]
+    tree = nested_tree(layout)
+    if tree:
+        keys = sorted(tree, key=lambda k: layout.n_levels[k])  # outer (fewer levels) first
+    else:
+        keys = [int(np.argmax(layout.n_levels))]
+    order = np.lexsort([codes[k] for k in reversed(keys)])  # stable; the last key sorts first
+    return order.astype(np.int64), codes[keys[0]][order]
+
+
+def cut_at_levels(cut: np.ndarray, n_batches: int) -> tuple:
+    """About n_batches (start, stop) ranges of equal size, each boundary moved to the nearest change of `cut`."""
+    n = cut.size
+    edges = np.concatenate([[0], np.flatnonzero(np.diff(cut)) + 1, [n]])
+    targets = np.linspace(0, n, n_batches + 1)
+    at = np.clip(np.searchsorted(edges, targets), 1, edges.size - 1)
+    nearest = np.where(targets - edges[at - 1] <= edges[at] - targets, edges[at - 1], edges[at])
+    bounds = np.unique(np.concatenate([[0], nearest, [n]]))
+    return tuple((int(a), int(b)) for a, b in zip(bounds, bounds[1:]) if b > a)
+
+
 def plan_run(config: Config, force: bool = False) -> RunPlan:
     """Size the batches and blocks, and prepare (or resume) the work folder."""
     space = config.space
@@ -100,16 +133,21 @@ def plan_run(config: Config, force: bool = False) -> RunPlan:
         raise InputError(f"analysis_mask {config.analysis_mask}: no voxel is inside the mask")
     n, V = config.n, voxels.size
     budget = max(int(config.maxmem), 1)
-    # image batches run in parallel and each accumulates one partial file of V x (p+q+1)
+    # image batches run in parallel and each accumulates one partial file of V x columns
     # sums, so their number follows the workers (and disk), not memory: a batch reads its
     # images in memory-sized chunks (image_chunk)
     # (the layout depends only on the inputs and MAXMEM, so a run resumes on any engine)
-    partial_bytes = 8 * V * (config.p + config.q + 1)
+    from blmm.pipeline.stages import sum_columns
+    order, cut = level_order(config)
+    columns = sum_columns(config, order)
+    partial_bytes = 8 * V * columns
     n_batches = int(max(1, min(4, n // 32, 2 * budget // max(partial_bytes, 1))))
-    bounds = np.linspace(0, n, n_batches + 1).round().astype(int)
-    batches = tuple((int(a), int(b)) for a, b in zip(bounds, bounds[1:]) if b > a)
-    # voxel blocks: the summed statistics of a block plus the fit's working memory
-    row_bytes = 8 * (config.p + config.q + 1) * 3 + n // 4
+    batches = cut_at_levels(cut, n_batches)
+    # voxel blocks: the summed statistics of a block (three copies), its presence bits, patterns and
+    # missing rows (at most n each), and for one factor the touched levels' y_j (at most one per
+    # level); the missing-row units count inside the fit (fit_missing_rows)
+    touched = 8 * (2 + config.factors[0].q) * min(n, config.factors[0].n_levels) if len(config.factors) == 1 else 0
+    row_bytes = 8 * columns * 3 + 11 * n + touched
     per_block = max(1, min(V, budget // 2 // row_bytes, 20000))
     # blocks run in parallel: about a second of estimated work each, enough to share (cost.py)
     n_blocks = max(-(-V // per_block), min(config.maxnvb, blocks_for_work(config, V)))
@@ -117,7 +155,8 @@ def plan_run(config: Config, force: bool = False) -> RunPlan:
         n_blocks = max(n_blocks, min(config.maxnvb, V))
     bounds = np.linspace(0, V, n_blocks + 1).round().astype(int)
     blocks = tuple((int(a), int(b)) for a, b in zip(bounds, bounds[1:]) if b > a)
-    plan = RunPlan(config, Path(config.outdir) / WORK_DIR, voxels, batches, blocks, input_hash(config))
+    plan = RunPlan(config, Path(config.outdir) / WORK_DIR, voxels, batches, blocks, input_hash(config),
+                   order=order, n_stat_columns=columns)
     _prepare_outdir(plan, force)
     return plan
 
@@ -160,7 +199,7 @@ def _prepare_outdir(plan: RunPlan, force: bool) -> None:
     plan.workdir.mkdir(parents=True, exist_ok=True)
     write_text_atomically(manifest, json.dumps({
         "input_hash": plan.input_hash, "model_hash": model_hash(plan.config),
-        "batch_hashes": batch_hashes(plan.config, plan.batches), "layout": _layout_key(plan),
+        "batch_hashes": batch_hashes(plan.config, plan.batches, plan.order), "layout": _layout_key(plan),
         "version": __version__}, indent=1))
 
 
@@ -173,10 +212,11 @@ def _only_images_changed(plan: RunPlan, manifest: Path) -> bool:
     if (recorded.get("model_hash") != model_hash(plan.config) or recorded.get("layout") != _layout_key(plan)
             or not isinstance(then, list) or len(then) != len(plan.batches)):
         return False
-    now = batch_hashes(plan.config, plan.batches)
+    now = batch_hashes(plan.config, plan.batches, plan.order)
     for b, (old, new) in enumerate(zip(then, now)):
         if old != new:
-            for path in (*batch_files(plan.workdir, b), batch_counts_file(plan.workdir, b)):
+            for path in (*batch_files(plan.workdir, b), *batch_touched_files(plan.workdir, b),
+                         batch_counts_file(plan.workdir, b)):
                 path.unlink(missing_ok=True)
     for k in range(len(plan.blocks)):
         block_file(plan.workdir, k).unlink(missing_ok=True)

@@ -2,10 +2,14 @@
 
 1. `plan_run(config)` -> RunPlan: the analysis mask, image batches and voxel blocks sized
    from MAXMEM, the work folder and the hash of the inputs (for resuming).
-2. `read_batch(plan, b)`: reads the images of batch b once and writes their partial
-   sums X'Y, Z'Y, Y'Y and presence bits for every analysis voxel (atomically).
-3. `fit_block(plan, k)`: sums block k's rows of every partial in a fixed order, groups
-   voxels by presence pattern, fits, infers, and writes the block's results (atomically).
+2. `read_batch(plan, b)`: reads the images of batch b once (rows in level order, whole
+   levels per batch) and writes their partial sums and presence bits for every analysis
+   voxel (atomically).  One factor: X'Y, Y'Y, the big classes' aggregates and the other
+   levels' y_j, plus y_j where a missing value touches a big-class level (`sum_columns`);
+   several factors: X'Y, Z'Y, Y'Y.
+3. `fit_block(plan, k)`: sums block k's rows of every partial in a fixed order and fits:
+   one factor, every voxel against the complete design (`fit_missing_rows`); several
+   factors, per presence pattern.  Then infers and writes the block's results (atomically).
 4. `write_outputs(plan, ...)`: assembles the maps in the input's format.
 
 Batches and blocks run on an engine (`blmm.engine`); a killed run restarts from the
@@ -22,6 +26,8 @@ import numpy as np
 
 from blmm.config import Config
 from blmm.core.inference import infer
+from blmm.core.level_classes import class_aggregates
+from blmm.core.missing_rows import LevelSums, MissingRowStats, missing_design
 from blmm.core.sufficient import (
     FactorLayout,
     accumulate_data_sums,
@@ -36,6 +42,7 @@ from blmm.io.images import read_image, read_mask, write_map
 from blmm.errors import DiskFullError
 from blmm.io.outdir import (
     LLH64_FILE,
+    batch_touched_files,
     disk_full_as_error,
     free_bytes,
     human_bytes,
@@ -121,31 +128,112 @@ def read_batch(plan: RunPlan, b: int) -> str:
         finally:
             tmp_stats.unlink(missing_ok=True)  # nothing half-written stays behind
         bits = missing.pop("_bits")
+        touched = missing.pop("_touched", None)
+        if touched is not None:
+            values_path, ptr_path = batch_touched_files(plan.workdir, b)
+            save_array_atomically(values_path, touched[0])
+            save_array_atomically(ptr_path, touched[1])
         write_text_atomically(_outdir.batch_counts_file(plan.workdir, b), json.dumps(missing))
         save_array_atomically(present_path, bits)  # written last: marks the batch finished
     return str(present_path)
 
 
+def one_factor(config: Config) -> bool:
+    """Runs whose partial sums are aggregated by classes of levels (one random factor)."""
+    return len(config.factors) == 1
+
+
+def ordered_design(plan: RunPlan) -> tuple[np.ndarray, list]:
+    """X and the random factors with rows in the plan's level order."""
+    cfg = plan.config
+    return cfg.X[plan.order], [f.subset(plan.order) for f in cfg.factors]
+
+
+def complete_design(config: Config, order: np.ndarray) -> MissingRowStats:
+    """The complete design of a one-factor run (rows in `order`): its sums and classes of levels."""
+    factor = config.factors[0].subset(order)
+    n = order.size
+    return missing_design(config.X[order], factor, FactorLayout.from_factors([factor]), np.ones((1, n), bool),
+                          np.zeros(0, np.int64))
+
+
+def sum_columns(config: Config, order: np.ndarray | None = None) -> int:
+    """Partial sums per voxel of one image batch: X'Y, Y'Y, per big class its q q p cross sums and
+    q(q+1)/2 y_j y_j' sums, and q per other level (one factor); p + q + 1 (several factors)."""
+    p = config.p
+    if not one_factor(config):
+        return p + config.q + 1
+    classes = complete_design(config, np.arange(config.n) if order is None else order).classes
+    q = config.factors[0].q
+    return p + 1 + classes.n_big * (q * q * p + q * (q + 1) // 2) + classes.small_levels.size * q
+
+
+def pack_level_sums(XtY, YtY, KXYo, KYY, y_small) -> np.ndarray:
+    """One row per voxel: [X'Y | Y'Y | KXYo | KYY | y_small] (`sum_columns`)."""
+    v = XtY.shape[0]
+    return np.concatenate([XtY, YtY[:, None], KXYo.reshape(v, -1), KYY.reshape(v, -1), y_small.reshape(v, -1)],
+                          axis=1)
+
+
+def unpack_level_sums(rows: np.ndarray, p: int, q: int, n_big: int, n_small: int) -> tuple:
+    """(X'Y, Y'Y, KXYo, KYY, y_small) from packed rows."""
+    v = rows.shape[0]
+    edges = np.cumsum([p, 1, n_big * q * q * p, n_big * q * (q + 1) // 2, n_small * q])
+    XtY, YtY, KXYo, KYY, y_small, _ = np.split(rows, edges, axis=1)
+    return (np.ascontiguousarray(XtY), np.ascontiguousarray(YtY[:, 0]), KXYo.reshape(v, n_big, q, q, p),
+            KYY.reshape(v, n_big, q * (q + 1) // 2), y_small.reshape(v, n_small, q))
+
+
+def _chunks(cut: np.ndarray, start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges of about `size` rows within [start, stop), ending where `cut` changes
+    (a chunk grows to hold a level whole)."""
+    out = []
+    a = start
+    while a < stop:
+        b = min(a + size, stop)
+        while b < stop and cut[b] == cut[b - 1]:
+            b += 1
+        out.append((a, b))
+        a = b
+    return out
+
+
 def _read_batch(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
-    """Batch b's partial sums into ``tmp_stats``; the missing-value counts and presence bits."""
+    """Batch b's partial sums into ``tmp_stats``; the missing-value counts and presence bits
+    (and for one factor, the touched levels' y_j)."""
     cfg = plan.config
     start, stop = plan.batches[b]
     voxels = plan.voxels
-    layout = FactorLayout.from_factors(cfg.factors)
+    X, factors = ordered_design(plan)
+    layout = FactorLayout.from_factors(factors)
     p, q = cfg.p, layout.n_columns
     missing = dict.fromkeys(MISSING_REASONS, 0)
-    out = _RowFile(tmp_stats, voxels.size, p + q + 1)
+    columns = plan.n_stat_columns
+    aggregated = one_factor(cfg)
+    if aggregated:  # the classes of the complete design, the one rule (core/level_classes.py)
+        design = complete_design(cfg, plan.order)
+        classes, qk = design.classes, layout.q[0]
+        Xl = design.ZtX.reshape(-1, qk, p)  # every level has rows in the complete design
+        big = classes.big_level_mask(layout.n_levels[0])
+        small_col = np.full(layout.n_levels[0], -1, np.int64)  # a small level's position among y_small
+        small_col[classes.small_levels] = np.arange(classes.small_levels.size)
+        codes = np.searchsorted(layout.levels[0], factors[0].labels)
+        touched = []
+    out = _RowFile(tmp_stats, voxels.size, columns)
     try:
         packed = []
         # images per chunk: Y in float64 plus its presence mask (~10 bytes a value) in a quarter
-        # of MAXMEM, a multiple of 8 so the presence bits pack chunk by chunk
+        # of MAXMEM, a multiple of 8 so the presence bits pack chunk by chunk; for one factor a
+        # chunk ends at a level boundary, so each level's y_j is complete within one chunk
         chunk = max(8, int(cfg.maxmem // 4 // (10 * voxels.size)) // 8 * 8)
-        vox_chunk = max(1, int(cfg.maxmem // 4 // (8 * (p + q + 1) + 8 * chunk)))
-        for c0 in range(start, stop, chunk):
-            c1 = min(c0 + chunk, stop)
+        vox_chunk = max(1, int(cfg.maxmem // 4 // (8 * columns + 8 * chunk + 8 * q)))
+        ranges = _chunks(codes, start, stop, chunk) if aggregated else [
+            (c0, min(c0 + chunk, stop)) for c0 in range(start, stop, chunk)]
+        bits_rows = []
+        for c0, c1 in ranges:
             Y = np.empty((c1 - c0, voxels.size))
             present = np.empty(Y.shape, bool)
-            for i, row in enumerate(range(c0, c1)):  # each image is read once
+            for i, row in enumerate(plan.order[c0:c1]):  # each image is read once
                 y = read_image(cfg.y_files[row], cfg.space)[voxels]
                 ok = np.isfinite(y)
                 missing["nonfinite"] += int(ok.size - ok.sum())
@@ -163,19 +251,48 @@ def _read_batch(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
                     ok &= nonzero
                 Y[i] = np.where(ok, y, 0.0)
                 present[i] = ok
-            X = cfg.X[c0:c1]
-            Z = random_effects_matrix([f.subset(slice(c0, c1)) for f in cfg.factors], layout)
+            Xc = X[c0:c1]
+            if aggregated:
+                l0, l1 = int(codes[c0]), int(codes[c1 - 1]) + 1  # the chunk's levels
+                Z = random_effects_matrix([factors[0].subset(slice(c0, c1))], layout)[:, l0 * qk:l1 * qk]
+                small = np.flatnonzero(small_col[l0:l1] >= 0)
+                # (voxel, level) pairs of big classes that a missing value touches, with their y_j
+                vm, rm = np.nonzero(~present.T)
+                keys = np.unique(vm * layout.n_levels[0] + codes[c0 + rm])
+                keys = keys[big[keys % layout.n_levels[0]]]
+            else:
+                Z = random_effects_matrix([f.subset(slice(c0, c1)) for f in factors], layout)
             for a in range(0, voxels.size, vox_chunk):  # bounded memory for large q
                 Yc = Y[:, a:a + vox_chunk]
-                rows = out.read(a, a + Yc.shape[1]) if c0 > start else np.zeros((Yc.shape[1], p + q + 1))
-                out.write(a, accumulate_data_sums(rows, X, Z, Yc))
-            packed.append(np.packbits(present, axis=0))
+                v = Yc.shape[1]
+                rows = out.read(a, a + v) if c0 > start else np.zeros((v, columns))
+                if aggregated:
+                    yl = np.asarray(Z.T @ Yc).T.reshape(v, l1 - l0, qk)  # y_j of the chunk's levels
+                    KXYo, KYY = class_aggregates(classes, Xl, yl, first=l0)
+                    y_small = np.zeros((v, classes.small_levels.size, qk))
+                    y_small[:, small_col[l0 + small]] = yl[:, small]
+                    rows += pack_level_sums((Xc.T @ Yc).T, np.einsum("nv,nv->v", Yc, Yc), KXYo, KYY, y_small)
+                    here = keys[(keys // layout.n_levels[0] >= a) & (keys // layout.n_levels[0] < a + v)]
+                    vt, lt = here // layout.n_levels[0], here % layout.n_levels[0]
+                    touched.append(np.column_stack([vt, lt, yl[vt - a, lt - l0]]))
+                    out.write(a, rows)
+                else:
+                    out.write(a, accumulate_data_sums(rows, Xc, Z, Yc))
+            bits_rows.append(present)
+            if sum(r.shape[0] for r in bits_rows) % 8 == 0 or c1 == stop:  # pack whole bytes only
+                packed.append(np.packbits(np.concatenate(bits_rows, axis=0), axis=0))
+                bits_rows = []
             del Y, present
     except BaseException:
         out.fh.close()  # the caller removes the file
         raise
     out.close()
     missing["_bits"] = np.concatenate(packed, axis=0).T.copy()  # (voxels, bytes)
+    if aggregated:  # sorted by voxel, then level; offsets per voxel
+        t = np.concatenate(touched, axis=0) if touched else np.zeros((0, 2 + qk))
+        t = t[np.lexsort((t[:, 1], t[:, 0]))]
+        ptr = np.concatenate([[0], np.cumsum(np.bincount(t[:, 0].astype(np.int64), minlength=voxels.size))])
+        missing["_touched"] = (np.ascontiguousarray(t[:, 1:]), ptr.astype(np.int64))
     return missing
 
 
@@ -193,17 +310,52 @@ def missing_value_counts(plan: RunPlan) -> dict[str, int]:
 
 
 def _block_inputs(plan: RunPlan, k: int):
-    """Block k's summed statistics and presence matrix (n, voxels), summed in batch order."""
+    """Block k's summed statistics and presence matrix (n, voxels), summed in batch order (rows in
+    the plan's level order); for one factor also the touched levels' (voxel, level, y_j), sorted."""
     lo, hi = plan.blocks[k]
     sums = None
     present = []
+    touched = []
     for b, (start, stop) in enumerate(plan.batches):
         stats_path, present_path = batch_files(plan, b)
         part = _read_rows(stats_path, lo, hi)
         sums = part if sums is None else sums + part
         bits = np.load(present_path, mmap_mode="r")[lo:hi]
         present.append(np.unpackbits(bits, axis=1, count=stop - start).T.astype(bool))
-    return sums, np.concatenate(present, axis=0)
+        values_path, ptr_path = batch_touched_files(plan.workdir, b)
+        if values_path.exists():
+            ptr = np.load(ptr_path, mmap_mode="r")
+            values = np.array(np.load(values_path, mmap_mode="r")[ptr[lo]:ptr[hi]])
+            vox = np.repeat(np.arange(hi - lo), np.diff(np.asarray(ptr[lo:hi + 1])))
+            touched.append(np.column_stack([vox, values]))
+    if touched:  # each level lies in one batch: no pair twice
+        touched = np.concatenate(touched, axis=0)
+        touched = touched[np.lexsort((touched[:, 1], touched[:, 0]))]
+    else:
+        touched = None
+    return sums, np.concatenate(present, axis=0), touched
+
+
+def _missing_row_stats(plan: RunPlan, sums: np.ndarray, touched, keep: np.ndarray, patterns: np.ndarray,
+                       pattern_of_voxel: np.ndarray) -> MissingRowStats:
+    """A one-factor block's statistics: the complete design, each pattern's missing rows and the
+    voxels' class-aggregated sums (rows `keep` of the block)."""
+    X, factors = ordered_design(plan)
+    layout = FactorLayout.from_factors(factors)
+    stats = missing_design(X, factors[0], layout, patterns, pattern_of_voxel)
+    q, p = layout.q[0], plan.config.p
+    XtY, YtY, KXYo, KYY, y_small = unpack_level_sums(sums[keep], p, q, stats.classes.n_big,
+                                                     stats.classes.small_levels.size)
+    if touched is None:
+        touched = np.zeros((0, 2 + q))
+    where = np.full(sums.shape[0], -1, np.int64)
+    where[keep] = np.arange(keep.size)
+    touched = touched[where[touched[:, 0].astype(np.int64)] >= 0]  # voxels screened out drop
+    vox = where[touched[:, 0].astype(np.int64)]
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(vox, minlength=keep.size))]).astype(np.int64)
+    stats.sums = LevelSums(XtY=XtY, YtY=YtY, KXYo=KXYo, KYY=KYY, y_small=y_small, touched_ptr=ptr,
+                           touched_level=touched[:, 1].astype(np.int64), touched_y=np.ascontiguousarray(touched[:, 2:]))
+    return stats
 
 
 def _read_rows(path: Path, a: int, b: int) -> np.ndarray:
@@ -222,7 +374,7 @@ def fit_block(plan: RunPlan, k: int) -> str:
     if path.exists():
         return str(path)
     cfg = plan.config
-    sums, present = _block_inputs(plan, k)
+    sums, present, touched = _block_inputs(plan, k)
     n, p = cfg.n, cfg.p
     n_obs = present.sum(axis=0)
     reason = np.full(n_obs.size, FITTED, np.int64)
@@ -236,12 +388,15 @@ def fit_block(plan: RunPlan, k: int) -> str:
     keep = np.flatnonzero(reason == FITTED)
     results: dict[str, np.ndarray] = {"n_obs": n_obs, "reason": reason}
     if keep.size:
-        layout = FactorLayout.from_factors(cfg.factors)
-        Z = random_effects_matrix(cfg.factors, layout)
         patterns, pattern_of_voxel = presence_patterns(present[:, keep])
-        q = layout.n_columns
-        XtY, ZtY, YtY = split_data_sums(sums[keep], p, q)
-        stats = stats_from_sums(cfg.X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
+        if one_factor(cfg):  # every voxel against the complete design (docs/model.md, "Missing rows")
+            stats = _missing_row_stats(plan, sums, touched, keep, patterns, pattern_of_voxel)
+        else:
+            X, factors = ordered_design(plan)
+            layout = FactorLayout.from_factors(factors)
+            Z = random_effects_matrix(factors, layout)
+            XtY, ZtY, YtY = split_data_sums(sums[keep], p, layout.n_columns)
+            stats = stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
         fit = fit_stats(stats, reml=cfg.reml, method=cfg.method, tol=cfg.tol, max_iter=cfg.maxnit,
                         max_block_bytes=max(cfg.maxmem // 4, 2**24), threads=1)  # the engine parallelises
         inf = infer(fit, cfg.contrasts, two_sided=cfg.two_sided)

@@ -13,6 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from blmm.core import linalg as la
+from blmm.core.level_classes import LevelClasses, class_aggregates, symmetric_cross
 from blmm.core.objective.base import Evaluation, diag_blocks, profiled
 
 class LevelObjective:
@@ -29,20 +30,12 @@ class LevelObjective:
         p = XtX.shape[0]
         L_all = ZtX.shape[0] // q
         G_all = diag_blocks(sp.csr_matrix(ZtZ), L_all, q)
-        Xl_all = ZtX.reshape(L_all, q, p)
-        present = np.any(G_all.reshape(L_all, -1) != 0, axis=1)  # levels with no rows drop out
-        self.level_index = np.flatnonzero(present)
-        G, Xl = G_all[present], Xl_all[present]
-        Lp = G.shape[0]
-        keys = np.ascontiguousarray(G.reshape(Lp, q * q))
-        _, cls, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
-        cls = cls.reshape(-1)
-        threshold = q * p if big_class_min is None else big_class_min
-        big_classes = np.flatnonzero(counts >= threshold)
-        in_big = np.isin(cls, big_classes)
-        self.small_levels = np.flatnonzero(~in_big)
-        self.big_members = [np.flatnonzero(cls == c) for c in big_classes]
-        self.Cb, self.Ls = big_classes.size, self.small_levels.size
+        self.classes = LevelClasses.from_blocks(G_all, p, big_class_min)
+        self.level_index = self.classes.level_index  # levels with no rows drop out
+        G, Xl = G_all[self.level_index], ZtX.reshape(L_all, q, p)[self.level_index]
+        self.small_levels = self.classes.small_levels
+        self.big_members = list(self.classes.big_members)
+        self.Cb, self.Ls = self.classes.n_big, self.small_levels.size
         self.C = self.Cb + self.Ls
         self.n, self.p, self.q, self.reml = int(n), p, q, bool(reml)
         self.XtX = XtX
@@ -50,7 +43,7 @@ class LevelObjective:
         # per unit: G, member count, and K^{ab} = Σ_members X_j[a]' X_j[b] as symmetric pairs
         Gu = np.concatenate([np.stack([G[mem[0]] for mem in self.big_members]).reshape(-1, q, q),
                              G[self.small_levels]]) if self.Cb else G[self.small_levels]
-        self.mu = np.concatenate([counts[big_classes], np.ones(self.Ls)]).astype(np.float64)
+        self.mu = np.concatenate([self.classes.big_counts, np.ones(self.Ls)]).astype(np.float64)
         self.g = [[np.ascontiguousarray(Gu[:, a, b]) for b in range(q)] for a in range(q)]
         self.pairs = list(zip(*np.triu_indices(q)))
         self.pair_mult = np.array([1.0 if a == b else 2.0 for a, b in self.pairs])
@@ -84,25 +77,15 @@ class LevelObjective:
     def data(self, XtY, ZtY, YtY) -> "LevelData":
         """Per-voxel data sums arranged for this objective (ZtY is (v, L*q))."""
         v = XtY.shape[0]
-        q, p = self.q, self.p
-        yl = ZtY.reshape(v, -1, q)[:, self.level_index]  # (v, Lp, q)
-        ys = [np.ascontiguousarray(yl[:, self.small_levels, a]) for a in range(q)]
-        npair = len(self.pairs)
-        KXY = np.zeros((v, self.Cb, npair, p))
-        KYY = np.zeros((v, self.Cb, npair))
-        KXYo = np.zeros((v, self.Cb, q, q, p))  # Σ_j y_j[f] X_j[e], ordered (e, f)
-        for i, mem in enumerate(self.big_members):  # few big classes: one GEMM each
-            Xm, ym = self.Xl[mem], yl[:, mem]
-            for e in range(q):
-                for f in range(q):
-                    KXYo[:, i, e, f] = ym[:, :, f] @ Xm[:, e, :]
-            for k, (a, b) in enumerate(self.pairs):
-                KXY[:, i, k] = ym[:, :, b] @ Xm[:, a, :]
-                KYY[:, i, k] = np.einsum("vm,vm->v", ym[:, :, a], ym[:, :, b])
-                if a != b:
-                    KXY[:, i, k] += ym[:, :, a] @ Xm[:, b, :]
-        return LevelData(XtY=np.ascontiguousarray(XtY), YtY=np.asarray(YtY, dtype=np.float64), ys=ys, KXY=KXY,
-                         KYY=KYY, KXYo=KXYo)
+        yl = ZtY.reshape(v, -1, self.q)[:, self.level_index]  # (v, Lp, q)
+        KXYo, KYY = class_aggregates(self.classes, self.Xl, yl)
+        return self.data_from_sums(XtY, YtY, KXYo, KYY, yl[:, self.small_levels])
+
+    def data_from_sums(self, XtY, YtY, KXYo, KYY, y_small) -> "LevelData":
+        """LevelData from the class aggregates (`class_aggregates`) and the small levels' y_j (v, Ls, q)."""
+        ys = [np.ascontiguousarray(y_small[:, :, a]) for a in range(self.q)]
+        return LevelData(XtY=np.ascontiguousarray(XtY), YtY=np.asarray(YtY, dtype=np.float64), ys=ys,
+                         KXY=symmetric_cross(KXYo), KYY=KYY, KXYo=KXYo)
 
     def products(self, D: np.ndarray, data: "LevelData"):
         """X'V⁻¹X, X'V⁻¹Y, Y'V⁻¹Y and log|V| at D (v, q, q), plus the per-unit weights."""
@@ -292,8 +275,7 @@ class LevelObjective:
                  - 2 a_E'C a_F / σ² - [REML] tr(C B_F C B_E).
         """
         D = D_list[0]
-        v = D.shape[0]
-        q, p = self.q, self.p
+        q = self.q
         if ev is not None and ev.cache is not None:  # the evaluation at D already holds R_c and P_c
             R = _unflatten_entries(ev.cache["R"], q)
             P = _unflatten_entries(ev.cache["P"], q) if self.reml else None
@@ -301,15 +283,16 @@ class LevelObjective:
             XtVX, XtVY, YtVY, logdetV, R = self.products(D, data)
             ev = profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
             P = self._unit_P(R, ev.C) if self.reml else None
-        C = ev.C
         Hvec = ev.observed if ev.observed is not None else self._observed_information(R, P, data, ev, sigma2)
-        Dup = la.duplication(q)
-        H = Dup.T @ Hvec @ Dup
-        # B_t = Σ_j S_j' E_t S_j, one GEMM over units per (t, pair)
+        H, dC = hessian_from_parts(Hvec, self.direction_sums(R), ev.C, q, self.reml)
+        return H, dC, ev
+
+    def direction_sums(self, R) -> np.ndarray:
+        """B_t = Σ_j S_j' E_t S_j (v, q(q+1)/2, p, p) per vech direction E_t: one GEMM over units per (t, pair)."""
+        v = R[0][0].shape[0]
+        q, p = self.q, self.p
         r_idx, c_idx = la.vech_index(q)
-        k = r_idx.size
-        dC = np.empty((v, k, p, p))
-        Bs = np.empty((v, k, p, p))
+        Bs = np.empty((v, r_idx.size, p, p))
         for t, (a, b) in enumerate(zip(r_idx, c_idx)):
             scale = 0.5 if a == b else 1.0
             BupT = np.zeros((p * (p + 1) // 2, v))
@@ -317,10 +300,7 @@ class LevelObjective:
                 coef = scale * (R[a][e] * R[b][f] + R[b][e] * R[a][f])
                 BupT += self.KfT[m] @ coef.T
             Bs[:, t] = la.unpack_sym(BupT.T, p)
-            dC[:, t] = C @ Bs[:, t] @ C
-        if self.reml:  # -tr(C B_s C B_t) = -<dC_s, B_t>
-            H -= np.einsum("vspq,vtpq->vts", dC, Bs)
-        return la.sym(H), dC, ev
+        return Bs
 
     def evaluate(self, D_list, data: "LevelData", sigma2=None, grad=False) -> Evaluation:
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite voxels are flagged by profiled()
@@ -341,6 +321,18 @@ class LevelObjective:
             ev.cache["P"] = [x for row in P for x in row]
         ev.observed = self._observed_information(R, P, data, ev, ev.sigma2, uu_parts)
         return ev
+
+
+def hessian_from_parts(Hvec: np.ndarray, Bs: np.ndarray, C: np.ndarray, q: int, reml: bool):
+    """The deviance Hessian in vech D and dC = d(X'V⁻¹X)⁻¹/d vech D from the observed information
+    in vec D (without its REML term) and the direction sums B_t: dC_t = C B_t C, and REML adds
+    -tr(C B_s C B_t) = -<dC_s, B_t>."""
+    Dup = la.duplication(q)
+    H = Dup.T @ Hvec @ Dup
+    dC = C[:, None] @ Bs @ C[:, None]
+    if reml:
+        H -= np.einsum("vspq,vtpq->vts", dC, Bs)
+    return la.sym(H), dC
 
 
 def _unflatten_entries(flat: list, q: int) -> list:

@@ -14,8 +14,8 @@ zero).  Each touched level j then enters as two per-voxel units:
 Every quantity the scoring loop needs (log|V|, X'V⁻¹X, X'V⁻¹Y, Y'V⁻¹Y, Σ T_j, Σ u_j u_j',
 Σ S_j C S_j', the expected and observed information) is a sum over levels, so each is the
 class sum minus the removal terms plus the replacement terms; X'X_v = X'X - X_M'X_M.
-Units are padded to the largest touched-level count of a voxel block (sign 0), so one
-block is vectorised whatever the number of distinct patterns; the cost per evaluation is
+Units are padded (sign 0) to a per-voxel bucket of touched-level counts, so one block is
+vectorised whatever the number of distinct patterns; the cost per evaluation is
 O(v t (q^3 + q p^2)) on top of the complete-data cost, t the touched levels.
 
 The number of observed rows n_v is per voxel (`MissingData.n`); the fit groups voxels by
@@ -29,7 +29,7 @@ import numpy as np
 
 from blmm.core import linalg as la
 from blmm.core.objective.base import Evaluation, profiled
-from blmm.core.objective.levels import LevelData, LevelObjective
+from blmm.core.objective.levels import LevelData, LevelObjective, hessian_from_parts
 
 
 class MissingObjective:
@@ -39,11 +39,12 @@ class MissingObjective:
         self.base = LevelObjective(XtX, ZtX, ZtZ, n, q, reml)
         self.n, self.p, self.q, self.reml = int(n), self.base.p, int(q), bool(reml)
 
-    def data(self, XtY, ZtY, YtY, n=None, dXtX=None, sign=None, G=None, X=None, y=None) -> "MissingData":
-        """Per-voxel data sums plus the voxels' missing-row units (none: the common design)."""
-        v = XtY.shape[0]
+    def data(self, sums, n=None, dXtX=None, sign=None, G=None, X=None, y=None) -> "MissingData":
+        """Per-voxel data sums (`LevelSums`, by the common design's classes) plus the voxels'
+        missing-row units (none: the common design)."""
+        v = sums.XtY.shape[0]
         p, q = self.p, self.q
-        base = self.base.data(XtY, ZtY, YtY)
+        base = self.base.data_from_sums(sums.XtY, sums.YtY, sums.KXYo, sums.KYY, sums.y_small)
         if sign is None:
             sign, G, X, y = np.zeros((v, 0)), np.zeros((v, 0, q, q)), np.zeros((v, 0, q, p)), np.zeros((v, 0, q))
         return MissingData(
@@ -98,6 +99,24 @@ class MissingObjective:
         ev.uu_sum = [uu]
         ev.observed = la.sym(obs)
         return ev
+
+    def deviance_hessian(self, D_list, data: "MissingData", sigma2: np.ndarray, ev: Evaluation | None = None):
+        """Observed Hessian of the deviance in vech D at fixed σ² (β profiled), analytically:
+        LevelObjective's formula with every sum over levels taken as classes - removal + replacement units."""
+        D = D_list[0]
+        if ev is None or ev.observed is None:
+            ev = self.evaluate([D], data, sigma2=sigma2, grad=True)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            *_, R, Ru = self._products(D, data)
+        Bs = self.base.direction_sums(R)
+        if Ru is not None:  # + Σ_units sign S_t' E S_t, S_t = R_t X_t
+            S = Ru @ data.X
+            r_idx, c_idx = la.vech_index(self.q)
+            for t, (a, b) in enumerate(zip(r_idx, c_idx)):
+                B = np.einsum("vt,vtp,vtr->vpr", data.sign, S[:, :, a], S[:, :, b])
+                Bs[:, t] += B if a == b else B + np.swapaxes(B, 1, 2)
+        H, dC = hessian_from_parts(ev.observed, Bs, ev.C, self.q, self.reml)
+        return H, dC, ev
 
 
 def unit_products(D: np.ndarray, sign: np.ndarray, G: np.ndarray, X: np.ndarray, y: np.ndarray):

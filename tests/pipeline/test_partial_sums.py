@@ -1,0 +1,114 @@
+"""Partial sums of one random factor: aggregated by classes of levels, batches holding whole levels.
+
+- batches are cut at level boundaries of the plan's level order;
+- the class aggregates summed over batches equal those computed at once from every level's
+  y_j (1e-12), and the touched levels' y_j equal Z_j'Y exactly where a missing value falls;
+- the stored bytes are what `space_needed` estimates;
+- the pipeline with a missing pattern per voxel equals the pattern-by-pattern fit (1e-8).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from blmm.config import load_config
+from blmm.core.design import RandomFactor
+from blmm.core.fit import fit_stats
+from blmm.core.level_classes import class_aggregates
+from blmm.core.sufficient import FactorLayout, random_effects_matrix, sufficient_stats
+from blmm.io.outdir import batch_touched_files
+from blmm.pipeline import LLH64_FILE, batch_files, plan_run, read_batch, run
+from blmm.pipeline.stages import complete_design, space_needed, sum_columns, unpack_level_sums
+from tests.pipeline.test_pipeline import make_analysis
+from tests.reference.load import load_case
+
+
+def case_with_holes(seed: int = 0):
+    """The random-intercept reference case (5 big classes of visit counts) with its own missing
+    values per voxel: a few entries, a whole subject, a third of the images."""
+    case = load_case("intercept")
+    Y = case.Y.copy()
+    rng = np.random.default_rng(seed)
+    n, V = Y.shape
+    Y[rng.random((n, V)) < 0.03] = np.nan
+    labels = case.factors[0][1]
+    Y[labels == labels[0], 1] = np.nan  # every image of one subject
+    Y[: n // 3, 2] = np.nan  # a region missing in a third of the images
+    return case, Y
+
+
+def small_batches(yml, maxmem: str = "2**16"):
+    yml.write_text(yml.read_text().replace("MAXMEM: 2**32", f"MAXMEM: {maxmem}"))
+    return load_config(yml)
+
+
+def test_aggregated_sums_equal_the_per_level_computation(tmp_path):
+    case, Y = case_with_holes()
+    cfg = small_batches(make_analysis(tmp_path, case_name="intercept", fmt="dat", Y=Y))
+    plan = plan_run(cfg)
+    assert len(plan.batches) > 1
+    codes = np.searchsorted(np.unique(case.factors[0][1]), case.factors[0][1])[plan.order]
+    for a, b in plan.batches:  # whole levels per batch
+        assert a == 0 or codes[a] != codes[a - 1]
+    for b in range(len(plan.batches)):
+        read_batch(plan, b)
+    sums = sum(np.load(batch_files(plan, b)[0]) for b in range(len(plan.batches)))
+    assert sums.shape[1] == plan.n_stat_columns == sum_columns(cfg, plan.order)
+    # the reference: every level's y_j at once, from the images in plan order (missing = 0)
+    design = complete_design(cfg, plan.order)
+    classes = design.classes
+    assert classes.n_big == 5 and classes.small_levels.size == 0
+    Yz = np.nan_to_num(np.where(np.isnan(Y), 0.0, Y.astype(np.float32).astype(np.float64)))[plan.order]
+    factor = cfg.factors[0].subset(plan.order)
+    Z = random_effects_matrix([factor], FactorLayout.from_factors([factor]))
+    yl = np.asarray(Z.T @ Yz).T[:, :, None]
+    KXYo, KYY = class_aggregates(classes, design.ZtX.reshape(-1, 1, cfg.p), yl)
+    XtY, YtY, KXYo_p, KYY_p, _ = unpack_level_sums(sums, cfg.p, 1, classes.n_big, 0)
+    np.testing.assert_allclose(XtY, (cfg.X[plan.order].T @ Yz).T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(YtY, (Yz ** 2).sum(0), rtol=1e-12)
+    np.testing.assert_allclose(KXYo_p, KXYo, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(KYY_p, KYY, rtol=1e-12)
+    # touched: exactly the (voxel, level) pairs that a missing value falls in, with their y_j
+    missing = np.isnan(Y[plan.order])
+    want = {(v, codes[i]) for i, v in zip(*np.nonzero(missing))}
+    got = {}
+    for b in range(len(plan.batches)):
+        values_path, ptr_path = batch_touched_files(plan.workdir, b)
+        values, ptr = np.load(values_path), np.load(ptr_path)
+        for v in range(Y.shape[1]):
+            for level, y in values[ptr[v]:ptr[v + 1]]:
+                got[v, int(level)] = y
+    assert set(got) == want
+    for (v, level), y in got.items():
+        assert y == yl[v, level, 0] or abs(y - yl[v, level, 0]) <= 1e-12 * abs(y)
+    # the stored sums are what the plan estimates: 8 bytes per voxel and column, plus a header
+    for b in range(len(plan.batches)):
+        size = batch_files(plan, b)[0].stat().st_size
+        assert 0 < size - 8 * plan.voxels.size * plan.n_stat_columns <= 256
+
+
+def test_disk_estimate_of_aggregated_sums(tmp_path):
+    """p + 1 + classes x (q q p + q(q+1)/2) + q per remaining level, per voxel and batch."""
+    cfg = load_config(make_analysis(tmp_path, case_name="intercept", fmt="dat"))
+    plan = plan_run(cfg)
+    assert plan.n_stat_columns == 3 + 1 + 5 * (3 + 1)  # 5 big classes, no small level
+    per_level = dataclasses.replace(plan, n_stat_columns=cfg.p + cfg.q + 1)  # main's X'Y, Z'Y, Y'Y: 84
+    assert per_level.n_stat_columns == 84
+    saved = space_needed(per_level)["partial"] - space_needed(plan)["partial"]
+    assert saved == 8 * plan.voxels.size * (84 - 24) * len(plan.batches)
+    slope = load_config(make_analysis(tmp_path / "slope", fmt="dat"))  # continuous slope: every level its own class
+    assert sum_columns(slope) == 3 + 1 + 60 * 2
+
+
+def test_pipeline_with_a_pattern_per_voxel_equals_the_pattern_by_pattern_fit(tmp_path):
+    case, Y = case_with_holes(seed=1)
+    run(small_batches(make_analysis(tmp_path, case_name="intercept", fmt="dat", Y=Y), "2**17"), log=lambda *a: None)
+    llh = np.load(tmp_path / "out" / LLH64_FILE)[:Y.shape[1]]
+    labels, design = case.factors[0][1], case.factors[0][2]
+    Yf = np.where(np.isnan(Y), np.nan, Y.astype(np.float32).astype(np.float64))  # the .dat images are float32
+    ref = fit_stats(sufficient_stats(Yf, case.X, [RandomFactor("f1", labels, design)]), tol=1e-6, threads=1)
+    assert np.unique(np.isnan(Yf), axis=1).shape[1] == Y.shape[1]  # every voxel its own pattern
+    np.testing.assert_allclose(llh, ref.llh, rtol=0, atol=1e-8)
+    beta = np.fromfile(tmp_path / "out" / "blmm_vox_beta.dat", np.float32).reshape(-1, case.p)[:Y.shape[1]]
+    np.testing.assert_allclose(beta, ref.beta, rtol=1e-5, atol=1e-6)  # float32 maps
