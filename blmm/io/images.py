@@ -352,14 +352,16 @@ def _data_matrix(path: Path, space: ImageSpace, image: Any, dat_dtype: np.dtype 
     return _native(data.reshape(space.shape + (space.n_volumes,)).reshape(space.n_voxels, space.n_volumes))
 
 
-def read_image(path: str | os.PathLike, space: ImageSpace | None = None) -> np.ndarray:
-    """One image as a flat float64 vector of length n_voxels (C-order ravel of spatial dims).
+def read_image(path: str | os.PathLike, space: ImageSpace | None = None,
+               voxels: np.ndarray | None = None) -> np.ndarray:
+    """One image as a flat float64 vector of length n_voxels (C-order ravel of spatial dims),
+    or only its values at ``voxels`` (indices into that vector).
 
     A file must hold a single image (a singleton 4th NIfTI dim is fine).  With ``space``,
     the image must match it (shape / vertex count), otherwise ImageError.
     """
     path = Path(path)
-    known = _read_known_nifti(path)
+    known = _read_known_nifti(path, voxels)
     if known is not None:
         own, values = known
         if space is not None:
@@ -375,7 +377,7 @@ def read_image(path: str | os.PathLike, space: ImageSpace | None = None) -> np.n
         )
     values = _data_matrix(path, own, image)[:, 0].astype(np.float64, copy=False)
     _remember_nifti_layout(path, own, image)
-    return values
+    return values if voxels is None else values[voxels]
 
 
 # An uncompressed NIfTI-1 file with no extension holds its header in its first 352 bytes and
@@ -410,8 +412,9 @@ def _remember_nifti_layout(path: Path, own: ImageSpace, image: Any) -> None:
         _KNOWN_NIFTI_LAYOUTS[head] = (own, spec)
 
 
-def _read_known_nifti(path: Path) -> tuple[ImageSpace, np.ndarray] | None:
-    """(space, float64 values) of a NIfTI file laid out as one nibabel already read; else None."""
+def _read_known_nifti(path: Path, voxels: np.ndarray | None = None) -> tuple[ImageSpace, np.ndarray] | None:
+    """(space, float64 values, all or at ``voxels``) of a NIfTI file laid out as one nibabel
+    already read; else None."""
     if not _KNOWN_NIFTI_LAYOUTS or path.suffix != ".nii" or path.name.endswith(".dscalar.nii"):
         return None
     try:
@@ -426,14 +429,29 @@ def _read_known_nifti(path: Path) -> tuple[ImageSpace, np.ndarray] | None:
     if problem:
         raise ImageError(problem)
     data = np.asarray(nib.arrayproxy.ArrayProxy(path, spec, mmap=False))
+    if voxels is not None:  # gather from the file's own (Fortran) order: no copy of the whole volume
+        return own, data.reshape(-1, order="F")[_fortran_index(voxels, data.shape)].astype(np.float64)
     values = np.empty(data.shape)  # float64, C order: the C-order ravel _data_matrix makes
     values[...] = data
     return own, values.reshape(-1)
 
 
-def read_mask(path: str | os.PathLike, space: ImageSpace) -> np.ndarray:
-    """Boolean (n_voxels,) mask: finite non-zero values are in the mask."""
-    values = read_image(path, space)
+_FORTRAN_INDEX: tuple = (None, None, None)  # (voxels, shape, their Fortran-order indices): one run's voxels
+
+
+def _fortran_index(voxels: np.ndarray, shape: tuple) -> np.ndarray:
+    """Fortran-order flat indices of C-order flat ``voxels`` in ``shape`` (remembered for the same array)."""
+    global _FORTRAN_INDEX
+    held, held_shape, index = _FORTRAN_INDEX
+    if held is not voxels or held_shape != shape:
+        index = np.ravel_multi_index(np.unravel_index(voxels, shape), shape, order="F")
+        _FORTRAN_INDEX = (voxels, shape, index)  # one tuple: threads see the old or the new, whole
+    return index
+
+
+def read_mask(path: str | os.PathLike, space: ImageSpace, voxels: np.ndarray | None = None) -> np.ndarray:
+    """Boolean (n_voxels,) mask, or its values at ``voxels``: finite non-zero values are in the mask."""
+    values = read_image(path, space, voxels)
     return np.isfinite(values) & (values != 0)
 
 

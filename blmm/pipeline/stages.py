@@ -222,11 +222,11 @@ def _read_batch(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
     out = _RowFile(tmp_stats, voxels.size, columns)
     try:
         packed = []
-        # images per chunk: Y in float64 plus its presence mask (~10 bytes a value) in a quarter
-        # of MAXMEM, a multiple of 8 so the presence bits pack chunk by chunk; for one factor a
-        # chunk ends at a level boundary, so each level's y_j is complete within one chunk
-        chunk = max(8, int(cfg.maxmem // 4 // (10 * voxels.size)) // 8 * 8)
-        vox_chunk = max(1, int(cfg.maxmem // 4 // (8 * columns + 8 * chunk + 8 * q)))
+        # images per chunk: Y in float64 plus the presence mask and the missing-value rules'
+        # boolean temporaries (~14 bytes a value) in a quarter of MAXMEM, a multiple of 8 so the
+        # presence bits pack chunk by chunk; for one factor a chunk ends at a level boundary, so
+        # each level's y_j is complete within one chunk
+        chunk = max(8, int(cfg.maxmem // 4 // (14 * voxels.size)) // 8 * 8)
         ranges = _chunks(codes, start, stop, chunk) if aggregated else [
             (c0, min(c0 + chunk, stop)) for c0 in range(start, stop, chunk)]
         bits_rows = []
@@ -234,35 +234,43 @@ def _read_batch(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
             Y = np.empty((c1 - c0, voxels.size))
             present = np.empty(Y.shape, bool)
             for i, row in enumerate(plan.order[c0:c1]):  # each image is read once
-                y = read_image(cfg.y_files[row], cfg.space)[voxels]
-                ok = np.isfinite(y)
-                missing["nonfinite"] += int(ok.size - ok.sum())
+                Y[i] = read_image(cfg.y_files[row], cfg.space, voxels)
                 if cfg.data_mask_files is not None:
-                    inside = read_mask(cfg.data_mask_files[row], cfg.space)[voxels]
-                    missing["data_mask"] += int((ok & ~inside).sum())
-                    ok &= inside
+                    present[i] = read_mask(cfg.data_mask_files[row], cfg.space, voxels)
+            # the missing-value rules on the whole chunk at once, counted in the order of MISSING_REASONS
+            ok = np.isfinite(Y)
+            missing["nonfinite"] += int(ok.size - np.count_nonzero(ok))
+            if cfg.data_mask_files is not None:
+                missing["data_mask"] += int(np.count_nonzero(ok & ~present))
+                ok &= present
+            with np.errstate(invalid="ignore"):  # NaN compares False, and is already missing
                 if cfg.data_mask_thresh is not None:
-                    above = y >= cfg.data_mask_thresh
-                    missing["data_mask_thresh"] += int((ok & ~above).sum())
+                    above = Y >= cfg.data_mask_thresh
+                    missing["data_mask_thresh"] += int(np.count_nonzero(ok & ~above))
                     ok &= above
                 if cfg.zero_is_missing:
-                    nonzero = y != 0
-                    missing["zero"] += int((ok & ~nonzero).sum())
+                    nonzero = Y != 0
+                    missing["zero"] += int(np.count_nonzero(ok & ~nonzero))
                     ok &= nonzero
-                Y[i] = np.where(ok, y, 0.0)
-                present[i] = ok
+            present = ok
+            if not present.all():
+                Y[~present] = 0.0
             Xc = X[c0:c1]
             if aggregated:
                 l0, l1 = int(codes[c0]), int(codes[c1 - 1]) + 1  # the chunk's levels
                 Z = random_effects_matrix([factors[0].subset(slice(c0, c1))], layout)[:, l0 * qk:l1 * qk]
                 small = np.flatnonzero(small_col[l0:l1] >= 0)
                 # (voxel, level) pairs of big classes that a missing value touches, with their y_j
-                vm, rm = np.nonzero(~present.T)
-                keys = np.unique(vm * layout.n_levels[0] + codes[c0 + rm])
-                keys = keys[big[keys % layout.n_levels[0]]]
+                keys = np.zeros(0, np.int64)
+                if not present.all():  # complete data (most chunks) touch nothing
+                    vm, rm = np.nonzero(~present.T)
+                    keys = np.unique(vm * layout.n_levels[0] + codes[c0 + rm])
+                    keys = keys[big[keys % layout.n_levels[0]]]
             else:
                 Z = random_effects_matrix([f.subset(slice(c0, c1)) for f in factors], layout)
-            for a in range(0, voxels.size, vox_chunk):  # bounded memory for large q
+            # voxels per product: bounded memory for large q; all of them (contiguous Y, no copies) when they fit
+            vox_chunk = max(1, int(cfg.maxmem // 4 // (8 * columns + 8 * (c1 - c0) + 8 * q)))
+            for a in range(0, voxels.size, vox_chunk):
                 Yc = Y[:, a:a + vox_chunk]
                 v = Yc.shape[1]
                 rows = out.read(a, a + v) if c0 > start else np.zeros((v, columns))

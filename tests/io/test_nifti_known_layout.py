@@ -63,3 +63,17 @@ def test_scaled_compressed_and_other_dtype_files_go_through_nibabel(tmp_path):
     other = save(tmp_path / "ints2.nii", np.arange(60) * 2, dtype=np.int16)
     assert images._read_known_nifti(other) is not None
     np.testing.assert_array_equal(read_image(other), np.arange(60.0).reshape(SHAPE).reshape(-1) * 2)
+
+
+def test_values_at_voxels_equal_the_whole_image_indexed_on_both_paths(tmp_path):
+    rng = np.random.default_rng(1)
+    first, second = (save(tmp_path / f"img{i}.nii", rng.normal(size=60)) for i in range(2))
+    space = image_space(first)
+    voxels = np.array([0, 7, 19, 23, 41, 59])
+    whole_first = np.asarray(nib.load(str(first)).dataobj, np.float64).reshape(-1)
+    np.testing.assert_array_equal(read_image(first, space, voxels), whole_first[voxels])  # through nibabel
+    whole_second = np.asarray(nib.load(str(second)).dataobj, np.float64).reshape(-1)
+    np.testing.assert_array_equal(read_image(second, space, voxels), whole_second[voxels])  # known layout
+    assert images._read_known_nifti(second, voxels) is not None
+    mask = save(tmp_path / "mask.nii", (np.arange(60) % 3 == 0).astype(np.float32))
+    assert images.read_mask(mask, space, voxels).tolist() == [v % 3 == 0 for v in voxels.tolist()]
