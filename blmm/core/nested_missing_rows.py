@@ -82,6 +82,16 @@ def nested_missing_row_stats_from_data(Y, X, factors: list[RandomFactor], observ
         Yz = np.where(present[:, a:a + chunk], Y[:, a:a + chunk], 0.0).astype(np.float64, copy=False)
         sums[a:a + chunk] = data_sums(X, Z, Yz)
     XtY, ZtY, YtY = split_data_sums(sums, p, q)
+    return nested_missing_row_stats(X, factors, layout, patterns, pattern_of_voxel, XtY, ZtY, YtY, Z=Z)
+
+
+def nested_missing_row_stats(X: np.ndarray, factors: list[RandomFactor], layout: FactorLayout,
+                             patterns: np.ndarray, pattern_of_voxel: np.ndarray, XtY: np.ndarray,
+                             ZtY: np.ndarray, YtY: np.ndarray, Z: sp.csr_matrix | None = None
+                             ) -> NestedMissingRowStats:
+    """`NestedMissingRowStats` from per-voxel data sums (missing entries added zero) and the
+    voxels' presence patterns (u, n): the complete design's sums and each pattern's missing rows."""
+    Z = random_effects_matrix(factors, layout) if Z is None else Z
     pat, rows = np.nonzero(~patterns)  # row-major: grouped by pattern
     ptr = np.concatenate([[0], np.cumsum(np.bincount(pat, minlength=patterns.shape[0]))]).astype(np.int64)
     codes = np.stack([np.searchsorted(lv, f.labels) for f, lv in zip(factors, layout.levels)], axis=1)

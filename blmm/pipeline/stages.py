@@ -36,7 +36,8 @@ from blmm.core.sufficient import (
     split_data_sums,
     stats_from_sums,
 )
-from blmm.core.fit import FAILED, FITTED, NOT_FITTED, STATUS_NAMES, STOP_NAMES, fit_stats
+from blmm.core.fit import FAILED, FITTED, NOT_FITTED, STATUS_NAMES, STOP_NAMES, choose_structure, fit_stats
+from blmm.core.nested_missing_rows import nested_missing_row_stats
 from blmm.io import outdir as _outdir
 from blmm.io.images import read_image, read_mask, write_map
 from blmm.errors import DiskFullError
@@ -402,9 +403,12 @@ def fit_block(plan: RunPlan, k: int) -> str:
         else:
             X, factors = ordered_design(plan)
             layout = FactorLayout.from_factors(factors)
-            Z = random_effects_matrix(factors, layout)
             XtY, ZtY, YtY = split_data_sums(sums[keep], p, layout.n_columns)
-            stats = stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
+            if choose_structure(layout)[0] == "nested":  # one nesting tree: touched families as units
+                stats = nested_missing_row_stats(X, factors, layout, patterns, pattern_of_voxel, XtY, ZtY, YtY)
+            else:  # crossed factors: one objective per presence pattern
+                Z = random_effects_matrix(factors, layout)
+                stats = stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
         fit = fit_stats(stats, reml=cfg.reml, method=cfg.method, tol=cfg.tol, max_iter=cfg.maxnit,
                         max_block_bytes=max(cfg.maxmem // 4, 2**24), threads=1)  # the engine parallelises
         inf = infer(fit, cfg.contrasts, two_sided=cfg.two_sided)
