@@ -264,8 +264,9 @@ def _read_batch(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
                 # (voxel, level) pairs of big classes that a missing value touches, with their y_j
                 keys = np.zeros(0, np.int64)
                 if not present.all():  # complete data (most chunks) touch nothing
-                    vm, rm = np.nonzero(~present.T)
-                    keys = np.unique(vm * layout.n_levels[0] + codes[c0 + rm])
+                    vm, rm = np.nonzero(~present.T)  # by voxel, then row: rows are in level order
+                    keys = vm * layout.n_levels[0] + codes[c0 + rm]  # so already sorted: drop repeats
+                    keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
                     keys = keys[big[keys % layout.n_levels[0]]]
             else:
                 Z = random_effects_matrix([f.subset(slice(c0, c1)) for f in factors], layout)
@@ -299,7 +300,8 @@ def _read_batch(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
     missing["_bits"] = np.concatenate(packed, axis=0).T.copy()  # (voxels, bytes)
     if aggregated:  # sorted by voxel, then level; offsets per voxel
         t = np.concatenate(touched, axis=0) if touched else np.zeros((0, 2 + qk))
-        t = t[np.lexsort((t[:, 1], t[:, 0]))]
+        # each piece is sorted by voxel then level, and pieces come in level order: a stable sort by voxel
+        t = t[np.argsort(t[:, 0].astype(np.int64), kind="stable")]
         ptr = np.concatenate([[0], np.cumsum(np.bincount(t[:, 0].astype(np.int64), minlength=voxels.size))])
         missing["_touched"] = (np.ascontiguousarray(t[:, 1:]), ptr.astype(np.int64))
     return missing
