@@ -279,6 +279,103 @@ def block_units(stats: MissingRowStats, common: _Units, idx: np.ndarray, sums: L
     return out
 
 
+def compress_units(u: dict, p: int, q: int, budget: int = 64 * 2**20) -> list[tuple[np.ndarray, dict]]:
+    """The block's units with each voxel's units of one G_t merged, where that makes fewer units.
+
+    Every unit term is either a weight times a function of G_t alone (log|I + G_t D|, T_t) or a
+    weight times a bilinear form in z_t = [vec X_t, y_t] (X_t'W_t X_t, u_t u_t', S_t C S_t', ...).
+    A voxel's units with one G_t (say the subjects that lost one of two visits) therefore enter
+    only through their weight sum m and Gram matrix Σ s_t z_t z_t' (d = q(p + 1) square): its
+    eigenpairs (λ_k, e_k) are d units with weights λ_k, and one more unit with z = 0 and weight
+    m - Σ λ_k restores the G-only terms.  A voxel missing a third of its images then has a few
+    groups of d + 1 units instead of hundreds of units.  Returns (positions in the block, units)
+    per padded size; each voxel is padded to the power of two of its own count (bucket), so its
+    arithmetic does not depend on the other voxels of the block.
+    """
+    sign, G, X, y = u["sign"], u["G"], u["X"], u["y"]
+    b, T = sign.shape
+    d = q * (p + 1)
+    vox, slot = np.nonzero(sign != 0)
+    if vox.size == 0:
+        return [(np.arange(b), u)]
+    # groups: a voxel's units with identical G_t (bit for bit: they come from the same arithmetic)
+    Gk = G[vox, slot].reshape(-1, q * q)
+    order = np.lexsort([Gk[:, j] for j in range(q * q - 1, -1, -1)] + [vox])
+    vox, slot, Gk = vox[order], slot[order], Gk[order]
+    new = np.concatenate([[True], (vox[1:] != vox[:-1]) | np.any(Gk[1:] != Gk[:-1], axis=1)])
+    gid = np.cumsum(new) - 1
+    gvox = vox[new]
+    groups = np.bincount(gvox, minlength=b)
+    units = np.bincount(vox, minlength=b)
+    merged = groups * (d + 1) < units
+    if not merged.any():
+        return [(np.arange(b), u)]
+    # Gram matrices of the merged voxels' groups, in chunks of units that fit the budget
+    mine = merged[vox]
+    vox_m, slot_m, gid_m = vox[mine], slot[mine], gid[mine]
+    first_group = np.flatnonzero(merged[gvox])
+    remap = np.full(gvox.size, -1, np.int64)
+    remap[first_group] = np.arange(first_group.size)
+    g = remap[gid_m]
+    n_groups = first_group.size
+    z = np.concatenate([X[vox_m, slot_m].reshape(-1, q * p), y[vox_m, slot_m]], axis=1)  # (units, d)
+    w = sign[vox_m, slot_m]
+    gstart = np.flatnonzero(np.concatenate([[True], g[1:] != g[:-1]]))  # units are sorted by group
+    gsize = np.diff(np.concatenate([gstart, [g.size]]))
+    scale = np.add.reduceat(np.abs(w)[:, None] * z * z, gstart, axis=0)  # per coordinate: Σ |s| z²
+    scale = np.where(scale > 0, 1.0 / np.sqrt(np.where(scale > 0, scale, 1.0)), 1.0)  # balances eigh
+    zs = z * scale[g]
+    within = np.arange(g.size) - gstart[g]
+    gram = np.empty((n_groups, d, d))
+    longest = int(gsize.max())
+    step = max(1, budget // (16 * d * longest))
+    for a in range(0, n_groups, step):  # groups padded to the longest: one batched product per chunk
+        b_ = min(a + step, n_groups)
+        rows = slice(gstart[a], gstart[b_] if b_ < n_groups else g.size)
+        pad = np.zeros((b_ - a, longest, d))
+        pad[g[rows] - a, within[rows]] = zs[rows]
+        weighted = np.zeros_like(pad)
+        weighted[g[rows] - a, within[rows]] = w[rows, None] * zs[rows]
+        gram[a:b_] = np.swapaxes(weighted, 1, 2) @ pad
+    lam, vec = np.linalg.eigh(gram)  # Gram = Σ λ_k e_k e_k' (scaled coordinates)
+    pseudo = np.swapaxes(vec, 1, 2) / scale[:, None, :]  # (groups, d, d): unit k's z, unscaled
+    m = np.zeros(n_groups)
+    np.add.at(m, g, w)
+    gG = G[gvox[first_group], slot[new][first_group]]  # the group's G
+    # per merged voxel: its groups' d + 1 units
+    mv = gvox[first_group]
+    count = np.bincount(mv, minlength=b) * (d + 1)
+    sizes = np.where(merged, bucket(count), T)
+    out = []
+    for size in np.unique(sizes):
+        pos = np.flatnonzero(sizes == size)
+        if not merged[pos[0]]:
+            out.append((pos, {key: a[pos] for key, a in u.items()}))
+            continue
+        size = int(size)
+        local = np.full(b, -1, np.int64)
+        local[pos] = np.arange(pos.size)
+        sel = np.flatnonzero(np.isin(mv, pos))
+        rank = np.arange(sel.size) - np.searchsorted(mv[sel], mv[sel])  # group index within its voxel
+        row = local[mv[sel]]
+        su = np.zeros((pos.size, size))
+        Gu = np.zeros((pos.size, size, q, q))
+        Xu = np.zeros((pos.size, size, q, p))
+        yu = np.zeros((pos.size, size, q))
+        base = rank * (d + 1)
+        for k in range(d):  # d pseudo-units per group, then its G-only unit
+            su[row, base + k] = lam[sel, k]
+            Gu[row, base + k] = gG[sel]
+            Xu[row, base + k] = pseudo[sel, k, :q * p].reshape(-1, q, p)
+            yu[row, base + k] = pseudo[sel, k, q * p:]
+        su[row, base + d] = m[sel] - lam[sel].sum(axis=1)
+        Gu[row, base + d] = gG[sel]
+        part = {key: a[pos] for key, a in u.items() if key not in ("sign", "G", "X", "y")}
+        part.update(sign=su, G=Gu, X=Xu, y=yu)
+        out.append((pos, part))
+    return out
+
+
 def unit_bytes(n_missing: int, p: int, q: int, n_touched: int | None = None) -> int:
     """Working bytes per voxel of a block's units: n_touched levels (default n_missing) padded, n_missing rows
     (padded X_M, and per row its Z'Z and Z'X terms and indices before they are summed by level)."""
@@ -338,12 +435,14 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
             u = {key: a[full] for key, a in u.items()}
             if idx.size == 0:
                 return
-        data = obj.data(sums, **u)
-        out = F._fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)  # data.n per voxel
-        F._store(res, idx, out)
-        eTe = (sums.YtY - 2 * np.einsum("vp,vp->v", out.beta, sums.XtY)
-               + np.einsum("vp,vpq,vq->v", out.beta, XtX_v, out.beta))
-        res.resms[idx] = eTe / (n_obs[idx] - p)
+        for pos, units in compress_units(u, p, q):
+            part = sums.take(pos)
+            data = obj.data(part, **units)
+            out = F._fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)  # data.n per voxel
+            F._store(res, idx[pos], out)
+            eTe = (part.YtY - 2 * np.einsum("vp,vp->v", out.beta, part.XtY)
+                   + np.einsum("vp,vpq,vq->v", out.beta, XtX_v[pos], out.beta))
+            res.resms[idx[pos]] = eTe / (n_obs[idx[pos]] - p)
 
     F.run_blocks(run, jobs, threads)
     F._blank_unfitted(res)

@@ -101,3 +101,62 @@ def test_small_blocks_and_dropped_voxels():
     assert a.status[6] == DROPPED_FEW and np.isnan(a.llh[6])
     ok = a.status == FITTED
     np.testing.assert_allclose(a.llh[ok], b.llh[ok], atol=1e-10, rtol=0)
+
+
+def balanced_design(q: int, seed: int, n_sub: int = 60, v: int = 6):
+    """Every subject seen at the same 3 times; voxels missing a third or half of the images, so
+    their units are many but of few distinct G_t (merged by compress_units).  (Not every last
+    visit: with q = 2 and two visits left per subject, σ² and D are barely identified and the
+    likelihood is flat to 1e-6 over a wide range of D.)"""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(n_sub), 3)
+    n = labels.size
+    t = np.tile([0.0, 1.0, 2.0], n_sub)
+    X = np.column_stack([np.ones(n), rng.normal(size=n_sub)[labels], t])
+    Zd = np.ones((n, 1)) if q == 1 else np.column_stack([np.ones(n), t])
+    b = rng.normal(size=(n_sub, q)) @ np.diag([1.0, 0.4][:q])
+    Y = 50 + X @ rng.normal(size=(3, v)) + (Zd * b[labels]).sum(1)[:, None] + rng.normal(size=(n, v))
+    Y[: n // 3, 0] = np.nan  # a third of the images: whole subjects
+    Y[(t == 2.0) & (labels % 2 == 0), 1] = np.nan  # the last visit of every other subject
+    Y[rng.random(n) < 0.5, 2] = np.nan  # half, at random
+    Y[rng.random(n) < 0.4, 3] = np.nan
+    Y[rng.integers(0, n, 2), 4] = np.nan  # a few rows: left as they are
+    return Y, X, RandomFactor("subject", labels, Zd)
+
+
+@pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
+@pytest.mark.parametrize("q", [1, 2])
+def test_merged_units_give_the_same_objective(q, reml):
+    from blmm.core.missing_rows import compress_units
+    Y, X, f = balanced_design(q, seed=20 + q)
+    ms = missing_row_stats_from_data(Y, X, f)
+    obj = MissingObjective(ms.XtX, ms.ZtX, ms.ZtZ, ms.n_rows, q, reml)
+    idx = np.arange(Y.shape[1])
+    units = block_units(ms, _Units(ms), idx)
+    parts = compress_units(units, X.shape[1], q)
+    merged = np.concatenate([pos for pos, part in parts if part["sign"].shape[1] < units["sign"].shape[1]])
+    assert set(merged.tolist()) >= {0, 1, 2, 3}  # the heavy voxels are merged, to fewer units
+    A = np.random.default_rng(1).normal(size=(q, q))
+    D = np.broadcast_to(A @ A.T + 0.3 * np.eye(q), (idx.size, q, q)).copy()
+    full = obj.data(ms.sums, **units)
+    ev = obj.evaluate([D], full, grad=True)
+    H, dC, _ = obj.deviance_hessian([D], full, ev.sigma2, ev)
+    for pos, part in parts:
+        data = obj.data(ms.sums.take(pos), **part)
+        got = obj.evaluate([D[pos]], data, grad=True)
+        H_got, dC_got, _ = obj.deviance_hessian([D[pos]], data, got.sigma2, got)
+        np.testing.assert_allclose(got.llh, ev.llh[pos], rtol=0, atol=1e-9)  # as the per-pattern comparison above
+        for ours, theirs in ((got.beta, ev.beta), (got.grad[0], ev.grad[0]), (got.info, ev.info),
+                             (got.observed, ev.observed), (got.uu_sum[0], ev.uu_sum[0]),
+                             (got.T_sum[0], ev.T_sum[0]), (H_got, H), (dC_got, dC)):
+            np.testing.assert_allclose(ours, theirs[pos], rtol=1e-8, atol=1e-10 * np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("q", [1, 2])
+def test_fit_with_merged_units_equals_pattern_by_pattern(q):
+    Y, X, f = balanced_design(q, seed=30 + q)
+    ours = fit_stats(missing_row_stats_from_data(Y, X, f), tol=1e-10, threads=1)
+    ref = fit_stats(sufficient_stats(Y, X, [f]), tol=1e-10, threads=1)
+    np.testing.assert_allclose(ours.llh, ref.llh, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(ours.beta, ref.beta, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ours.D[0], ref.D[0], rtol=1e-6, atol=1e-6)
