@@ -422,28 +422,52 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
             size = min(size, max(64, -(-fit_vox.size // (2 * threads))))
         jobs.extend((group[a:a + size], t, m) for a in range(0, group.size, size))
 
-    def run(job) -> None:
+    prepared: list = []  # per (voxel set, unit count): the voxels, their units and X'X
+
+    def prepare(job) -> None:
+        """Units of a bucket's voxels, merged where fewer (the arithmetic is each voxel's own)."""
         idx, t, m = job
-        sums = stats.sums.take(idx)
-        u = block_units(stats, common, idx, sums, slots=t, rows=m)
+        u = block_units(stats, common, idx, stats.sums.take(idx), slots=t, rows=m)
         XtX_v = stats.XtX + u["dXtX"]
         w = np.linalg.eigvalsh(XtX_v)
         full = np.sum(w > np.maximum(w[:, -1:], 0.0) * p * 1e-12, axis=1) == p
         if not np.all(full):
             res.status[idx[~full]] = F.DROPPED_RANK
-            idx, XtX_v, sums = idx[full], XtX_v[full], sums.take(np.flatnonzero(full))
+            idx, XtX_v = idx[full], XtX_v[full]
             u = {key: a[full] for key, a in u.items()}
             if idx.size == 0:
                 return
         for pos, units in compress_units(u, p, q):
-            part = sums.take(pos)
-            data = obj.data(part, **units)
-            out = F._fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)  # data.n per voxel
-            F._store(res, idx[pos], out)
-            eTe = (part.YtY - 2 * np.einsum("vp,vp->v", out.beta, part.XtY)
-                   + np.einsum("vp,vpq,vq->v", out.beta, XtX_v[pos], out.beta))
-            res.resms[idx[pos]] = eTe / (n_obs[idx[pos]] - p)
+            units["XtX"] = XtX_v[pos]
+            prepared.append((idx[pos], units))  # list.append is atomic: threads may share it
 
-    F.run_blocks(run, jobs, threads)
+    def run(job) -> None:
+        idx, units = job
+        part = stats.sums.take(idx)
+        XtX_v = units.pop("XtX")
+        data = obj.data(part, **units)
+        out = F._fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)  # data.n per voxel
+        F._store(res, idx, out)
+        eTe = (part.YtY - 2 * np.einsum("vp,vp->v", out.beta, part.XtY)
+               + np.einsum("vp,vpq,vq->v", out.beta, XtX_v, out.beta))
+        res.resms[idx] = eTe / (n_obs[idx] - p)
+
+    F.run_blocks(prepare, jobs, threads)
+    # voxels with the same unit count are fitted together, whatever bucket they were prepared in:
+    # merged units leave few distinct counts, so few (and large) fit blocks
+    by_count: dict[int, list] = {}
+    for idx, units in prepared:
+        by_count.setdefault(units["sign"].shape[1], []).append((idx, units))
+    fit_jobs = []
+    for T, parts in sorted(by_count.items()):
+        idx = np.concatenate([i for i, _ in parts])
+        units = {key: np.concatenate([u[key] for _, u in parts]) for key in parts[0][1]}
+        size = max(1, int(per_block // (base_voxel + unit_bytes(0, p, q, (T + 1) // 2))))
+        if threads > 1:  # enough blocks to share
+            size = min(size, max(64, -(-fit_vox.size // (2 * threads))))
+        fit_jobs.extend((idx[a:a + size], {key: arr[a:a + size] for key, arr in units.items()})
+                        for a in range(0, idx.size, size))
+    prepared.clear()
+    F.run_blocks(run, fit_jobs, threads)
     F._blank_unfitted(res)
     return res
