@@ -345,13 +345,13 @@ def compress_units(u: dict, p: int, q: int, budget: int = 64 * 2**20) -> list[tu
     # per merged voxel: its groups' d + 1 units
     mv = gvox[first_group]
     count = np.bincount(mv, minlength=b) * (d + 1)
-    sizes = np.where(merged, bucket(count), T)
     out = []
-    for size in np.unique(sizes):
-        pos = np.flatnonzero(sizes == size)
-        if not merged[pos[0]]:
-            out.append((pos, {key: a[pos] for key, a in u.items()}))
-            continue
+    kept = np.flatnonzero(~merged)
+    if kept.size:  # voxels whose units stay as they are
+        out.append((kept, {key: a[kept] for key, a in u.items()}))
+    sizes = bucket(count)
+    for size in np.unique(sizes[merged]):
+        pos = np.flatnonzero(merged & (sizes == size))
         size = int(size)
         local = np.full(b, -1, np.int64)
         local[pos] = np.arange(pos.size)

@@ -160,3 +160,26 @@ def test_fit_with_merged_units_equals_pattern_by_pattern(q):
     np.testing.assert_allclose(ours.llh, ref.llh, rtol=0, atol=1e-8)
     np.testing.assert_allclose(ours.beta, ref.beta, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(ours.D[0], ref.D[0], rtol=1e-6, atol=1e-6)
+
+
+def test_merged_and_kept_voxels_of_one_padded_size_keep_their_own_units():
+    # a merged voxel (2 groups of d + 1 = 5 units, padded to 16) next to a kept one (2 units
+    # padded to 16): a size shared by both must not turn one into the other (a bug found at ABCD size)
+    from blmm.core.missing_rows import compress_units
+    Y, X, f = balanced_design(1, seed=40)
+    Y = np.where(np.isnan(Y[:, :2]), 1.0, Y[:, :2])
+    labels = f.labels
+    Y[np.isin(labels, [0, 1, 2, 3, 4]), 0] = np.nan  # five subjects lose every visit
+    Y[np.flatnonzero(np.isin(labels, [5, 6, 7]))[::3], 0] = np.nan  # three lose their first
+    Y[10, 1] = np.nan  # one image
+    ms = missing_row_stats_from_data(Y, X, f)
+    obj = MissingObjective(ms.XtX, ms.ZtX, ms.ZtZ, ms.n_rows, 1, True)
+    units = block_units(ms, _Units(ms), np.arange(2), slots=8)
+    parts = compress_units(units, X.shape[1], 1)
+    assert sorted((pos.tolist(), part["sign"].shape[1]) for pos, part in parts) == [([0], 16), ([1], 16)]
+    D = np.full((2, 1, 1), 0.7)
+    ev = obj.evaluate([D], obj.data(ms.sums, **units), grad=True)
+    for pos, part in parts:
+        got = obj.evaluate([D[pos]], obj.data(ms.sums.take(pos), **part), grad=True)
+        np.testing.assert_allclose(got.llh, ev.llh[pos], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(got.grad[0], ev.grad[0][pos], rtol=1e-8)
