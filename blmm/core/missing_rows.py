@@ -288,7 +288,8 @@ def compress_units(u: dict, p: int, q: int, budget: int = 64 * 2**20) -> list[tu
     only through their weight sum m and Gram matrix Σ s_t z_t z_t' (d = q(p + 1) square): its
     eigenpairs (λ_k, e_k) are d units with weights λ_k, and one more unit with z = 0 and weight
     m - Σ λ_k restores the G-only terms.  A voxel missing a third of its images then has a few
-    groups of d + 1 units instead of hundreds of units.  Returns (positions in the block, units)
+    groups of d + 1 units instead of hundreds of units; voxels are merged where that at least
+    halves their units.  Returns (positions in the block, units)
     per padded size; each voxel is padded to the power of two of its own count (bucket), so its
     arithmetic does not depend on the other voxels of the block.
     """
@@ -307,7 +308,7 @@ def compress_units(u: dict, p: int, q: int, budget: int = 64 * 2**20) -> list[tu
     gvox = vox[new]
     groups = np.bincount(gvox, minlength=b)
     units = np.bincount(vox, minlength=b)
-    merged = groups * (d + 1) < units
+    merged = 2 * groups * (d + 1) <= units  # merging costs an eigenproblem: only where it halves the units
     if not merged.any():
         return [(np.arange(b), u)]
     # Gram matrices of the merged voxels' groups, in chunks of units that fit the budget

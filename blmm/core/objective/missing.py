@@ -110,10 +110,10 @@ class MissingObjective:
             *_, R, Ru = self._products(D, data)
         Bs = self.base.direction_sums(R)
         if Ru is not None:  # + Σ_units sign S_t' E S_t, S_t = R_t X_t
-            S = Ru @ data.X
+            S = _small_product(Ru, data.X)
             r_idx, c_idx = la.vech_index(self.q)
             for t, (a, b) in enumerate(zip(r_idx, c_idx)):
-                B = np.einsum("vt,vtp,vtr->vpr", data.sign, S[:, :, a], S[:, :, b])
+                B = np.swapaxes(data.sign[:, :, None] * S[:, :, a], 1, 2) @ S[:, :, b]  # a GEMM per voxel
                 Bs[:, t] += B if a == b else B + np.swapaxes(B, 1, 2)
         H, dC = hessian_from_parts(ev.observed, Bs, ev.C, self.q, self.reml)
         return H, dC, ev
@@ -124,13 +124,13 @@ def unit_products(D: np.ndarray, sign: np.ndarray, G: np.ndarray, X: np.ndarray,
     and R_t = (I + G_t D)⁻¹ per unit.  D (v, q, q); sign (v, T); G (v, T, q, q); X (v, T, q, p); y (v, T, q)."""
     v, T = sign.shape
     q, p = G.shape[-1], X.shape[-1]
-    A = np.eye(q) + G @ D[:, None]  # (v, T, q, q): I + G_t D
+    A = np.eye(q) + _small_product(G, D[:, None])  # (v, T, q, q): I + G_t D
     Ru = _inv(A)
-    W = D[:, None] @ Ru
+    W = _small_product(D[:, None], Ru)
     W = 0.5 * (W + np.swapaxes(W, -1, -2))
     dlogdetV = np.einsum("vt,vt->v", sign, _logdet(A))
     sX = (sign[:, :, None, None] * X).reshape(v, T * q, p)
-    WX = (W @ X).reshape(v, T * q, p)
+    WX = _small_product(W, X).reshape(v, T * q, p)
     dXtVX = -(np.swapaxes(sX, 1, 2) @ WX)
     Wy = np.einsum("vtab,vtb->vta", W, y).reshape(v, T * q)
     dXtVY = -np.einsum("vk,vkp->vp", Wy, sX)
@@ -154,18 +154,29 @@ class UnitParts:
 
 def unit_gradient_parts(Ru, sign, G, X, y, beta, C=None) -> UnitParts:
     """The units' pieces of the deviance gradient (C = (X'V⁻¹X)⁻¹ for REML, None for ML)."""
-    Tu = Ru @ G
+    Tu = _small_product(Ru, G)
     Tu = 0.5 * (Tu + np.swapaxes(Tu, -1, -2))
-    r = y - np.einsum("vtap,vp->vta", X, beta)
+    v, T, q, p = X.shape
+    r = y - (X.reshape(v, T * q, p) @ beta[:, :, None]).reshape(v, T, q)
     u = np.einsum("vtab,vtb->vta", Ru, r)
-    S = Ru @ X  # (v, T, q, p): S_t = R_t X_t
+    S = _small_product(Ru, X)  # (v, T, q, p): S_t = R_t X_t
     P = None
     corr = np.zeros(Tu.shape[:1] + Tu.shape[2:])
-    if C is not None:
-        P = (S @ C[:, None]) @ np.swapaxes(S, -1, -2)
+    if C is not None:  # one GEMM per voxel, not one tiny product per unit
+        SC = (S.reshape(v, T * q, p) @ C).reshape(v, T, q, p)
+        P = np.einsum("vtap,vtbp->vtab", SC, S)
         corr = np.einsum("vt,vtab->vab", sign, P)
     return UnitParts(T=Tu, u=u, S=S, P=P, T_sum=np.einsum("vt,vtab->vab", sign, Tu),
                      uu=np.einsum("vt,vta,vtb->vab", sign, u, u), corr=corr)
+
+
+def _small_product(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """A @ B for stacks of q x q (q a handful) times q x k matrices, as q broadcast products:
+    numpy's matmul costs far more per tiny matrix than the arithmetic."""
+    out = A[..., :, 0, None] * B[..., 0, None, :]
+    for e in range(1, A.shape[-1]):
+        out = out + A[..., :, e, None] * B[..., e, None, :]
+    return out
 
 
 def _with_info(ev: Evaluation, info) -> Evaluation:
