@@ -22,7 +22,7 @@ from blmm.core.design import RandomFactor
 from blmm.core.level_classes import LevelClasses, class_aggregates
 from blmm.core.objective.base import diag_blocks
 from blmm.core.objective.missing import MissingObjective
-from blmm.core.sufficient import FactorLayout, presence_patterns, random_effects_matrix
+from blmm.core.sufficient import FactorLayout, observed_data_sums, presence_patterns, random_effects_matrix
 
 
 @dataclass
@@ -164,25 +164,14 @@ def missing_row_stats(X, factor: RandomFactor, layout: FactorLayout, patterns: n
 
 def missing_row_stats_from_data(Y, X, factor: RandomFactor, observed=None) -> MissingRowStats:
     """`missing_row_stats` from an (n, v) response with NaN for missing entries."""
-    from blmm.core.sufficient import data_sums, split_data_sums
     Y = np.asarray(Y)
     if Y.ndim == 1:
         Y = Y[:, None]
     X = np.asarray(X, dtype=np.float64)
     layout = FactorLayout.from_factors([factor])
     Z = random_effects_matrix([factor], layout)
-    present = ~np.isnan(Y)
-    if observed is not None:
-        present &= np.asarray(observed, dtype=bool)
+    present, XtY, ZtY, YtY = observed_data_sums(Y, X, Z, observed)
     patterns, pattern_of_voxel = presence_patterns(present)
-    n, v = Y.shape
-    p, q = X.shape[1], layout.n_columns
-    sums = np.empty((v, p + q + 1))
-    chunk = max(1, 2**27 // (8 * n))
-    for a in range(0, v, chunk):
-        Yz = np.where(present[:, a:a + chunk], Y[:, a:a + chunk], 0.0).astype(np.float64, copy=False)
-        sums[a:a + chunk] = data_sums(X, Z, Yz)
-    XtY, ZtY, YtY = split_data_sums(sums, p, q)
     return missing_row_stats(X, factor, layout, patterns, pattern_of_voxel, XtY, ZtY, YtY, Z=Z)
 
 

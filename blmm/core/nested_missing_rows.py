@@ -21,7 +21,7 @@ from blmm.core.design import RandomFactor
 from blmm.core.objective.base import diag_blocks
 from blmm.core.objective.nested import NestedObjective
 from blmm.core.objective.nested_missing import GroupUnits, NestedMissingObjective
-from blmm.core.sufficient import FactorLayout, data_sums, presence_patterns, random_effects_matrix, split_data_sums
+from blmm.core.sufficient import FactorLayout, observed_data_sums, presence_patterns, random_effects_matrix
 
 
 @dataclass
@@ -70,18 +70,8 @@ def nested_missing_row_stats_from_data(Y, X, factors: list[RandomFactor], observ
     X = np.asarray(X, dtype=np.float64)
     layout = FactorLayout.from_factors(factors) if layout is None else layout
     Z = random_effects_matrix(factors, layout)
-    present = ~np.isnan(Y)
-    if observed is not None:
-        present &= np.asarray(observed, dtype=bool)
+    present, XtY, ZtY, YtY = observed_data_sums(Y, X, Z, observed)
     patterns, pattern_of_voxel = presence_patterns(present)
-    n, v = Y.shape
-    p, q = X.shape[1], layout.n_columns
-    sums = np.empty((v, p + q + 1))
-    chunk = max(1, 2**27 // (8 * n))
-    for a in range(0, v, chunk):
-        Yz = np.where(present[:, a:a + chunk], Y[:, a:a + chunk], 0.0).astype(np.float64, copy=False)
-        sums[a:a + chunk] = data_sums(X, Z, Yz)
-    XtY, ZtY, YtY = split_data_sums(sums, p, q)
     return nested_missing_row_stats(X, factors, layout, patterns, pattern_of_voxel, XtY, ZtY, YtY, Z=Z)
 
 

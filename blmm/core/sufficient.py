@@ -184,19 +184,28 @@ def sufficient_stats(
         raise ValueError(f"X has {X.shape[0]} rows but Y has {n}")
     if layout is None:
         layout = FactorLayout.from_factors(factors)
+    Z = random_effects_matrix(factors, layout)
+    present, XtY, ZtY, YtY = observed_data_sums(Y, X, Z, observed)
+    patterns, pattern_of_voxel = presence_patterns(present)
+    return stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
+
+
+def observed_data_sums(Y: np.ndarray, X: np.ndarray, Z: sp.csr_matrix, observed: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(present (n, v), X'Y, Z'Y, Y'Y) of an (n, v) Y whose NaN (and ``observed`` False) entries
+    are missing and add zero."""
+    Y = np.asarray(Y)
+    n, v = Y.shape
     present = ~np.isnan(Y)
     if observed is not None:
         present &= np.asarray(observed, dtype=bool)
-    Z = random_effects_matrix(factors, layout)
-    patterns, pattern_of_voxel = presence_patterns(present)
-    p, q = X.shape[1], layout.n_columns
+    p, q = X.shape[1], Z.shape[1]
     sums = np.empty((v, p + q + 1))
     chunk = max(1, 2**27 // (8 * n))  # float64 copies of Y stay ~128 MB whatever its size
     for a in range(0, v, chunk):
         Yz = np.where(present[:, a:a + chunk], Y[:, a:a + chunk], 0.0).astype(np.float64, copy=False)
         sums[a:a + chunk] = data_sums(X, Z, Yz)
-    XtY, ZtY, YtY = split_data_sums(sums, p, q)
-    return stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
+    return (present, *split_data_sums(sums, p, q))
 
 
 def data_sums(X: np.ndarray, Z: sp.csr_matrix, Y: np.ndarray) -> np.ndarray:
