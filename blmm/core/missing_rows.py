@@ -292,15 +292,15 @@ def compress_units(u: dict, p: int, q: int, budget: int = 64 * 2**20) -> list[tu
     Gk = G[vox, slot].reshape(-1, q * q)
     order = np.lexsort([Gk[:, j] for j in range(q * q - 1, -1, -1)] + [vox])
     vox, slot, Gk = vox[order], slot[order], Gk[order]
-    new = np.concatenate([[True], (vox[1:] != vox[:-1]) | np.any(Gk[1:] != Gk[:-1], axis=1)])
-    gid = np.cumsum(new) - 1
-    gvox = vox[new]
+    opens = np.concatenate([[True], (vox[1:] != vox[:-1]) | np.any(Gk[1:] != Gk[:-1], axis=1)])  # a group's first unit
+    gid = np.cumsum(opens) - 1
+    gvox = vox[opens]
     groups = np.bincount(gvox, minlength=b)
     units = np.bincount(vox, minlength=b)
     merged = 2 * groups * (d + 1) <= units  # merging costs an eigenproblem: only where it halves the units
     if not merged.any():
         return [(np.arange(b), u)]
-    # Gram matrices of the merged voxels' groups, in chunks of units that fit the budget
+    # Gram matrices of the merged voxels' groups
     mine = merged[vox]
     vox_m, slot_m, gid_m = vox[mine], slot[mine], gid[mine]
     first_group = np.flatnonzero(merged[gvox])
@@ -329,9 +329,8 @@ def compress_units(u: dict, p: int, q: int, budget: int = 64 * 2**20) -> list[tu
         gram[a:b_] = np.swapaxes(weighted, 1, 2) @ pad
     lam, vec = np.linalg.eigh(gram)  # Gram = Σ λ_k e_k e_k' (scaled coordinates)
     pseudo = np.swapaxes(vec, 1, 2) / scale[:, None, :]  # (groups, d, d): unit k's z, unscaled
-    m = np.zeros(n_groups)
-    np.add.at(m, g, w)
-    gG = G[gvox[first_group], slot[new][first_group]]  # the group's G
+    m = np.add.reduceat(w, gstart)  # each group's weight sum
+    gG = G[gvox[first_group], slot[opens][first_group]]  # the group's G
     # per merged voxel: its groups' d + 1 units
     mv = gvox[first_group]
     count = np.bincount(mv, minlength=b) * (d + 1)
