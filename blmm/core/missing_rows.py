@@ -68,8 +68,50 @@ def level_sums(classes: LevelClasses, Xl: np.ndarray, XtY, ZtY, YtY, touched_ptr
                      touched_level=touched_level, touched_y=yl[vox, touched_level])
 
 
+class MissingRowCounts:
+    """Sizes derived from the fields every missing-row statistics object has (X, XtX,
+    pattern_ptr, pattern_of_voxel): one factor here, a nesting tree in nested_missing_rows."""
+
+    @property
+    def n_voxels(self) -> int:
+        return int(self.pattern_of_voxel.size)
+
+    @property
+    def p(self) -> int:
+        return int(self.XtX.shape[0])
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.X.shape[0])
+
+    def voxel_n_missing(self) -> np.ndarray:
+        return np.diff(self.pattern_ptr)[self.pattern_of_voxel]
+
+    def voxel_n_obs(self) -> np.ndarray:
+        return self.n_rows - self.voxel_n_missing()
+
+
+def compressed_missing_rows(patterns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ptr (u + 1,), rows): the rows each presence pattern (u, n) lacks, concatenated by pattern."""
+    pat, rows = np.nonzero(~np.asarray(patterns, dtype=bool))  # row-major: grouped by pattern
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(pat, minlength=patterns.shape[0]))]).astype(np.int64)
+    return ptr, rows.astype(np.int64)
+
+
+def full_rank(XtX_v: np.ndarray, p: int) -> np.ndarray:
+    """(v,) whether each voxel's own X'X (v, p, p) has full rank p."""
+    w = np.linalg.eigvalsh(XtX_v)
+    return np.sum(w > np.maximum(w[:, -1:], 0.0) * p * 1e-12, axis=1) == p
+
+
+def residual_mean_square(beta, XtX_v, XtY, YtY, n_obs, p: int) -> np.ndarray:
+    """e'e / (n_v - p) at β̂ per voxel, from the sums (each voxel's own X'X)."""
+    eTe = YtY - 2 * np.einsum("vp,vp->v", beta, XtY) + np.einsum("vp,vpq,vq->v", beta, XtX_v, beta)
+    return eTe / (n_obs - p)
+
+
 @dataclass
-class MissingRowStats:
+class MissingRowStats(MissingRowCounts):
     """Sums for v voxels of one random factor: common design sums plus each pattern's missing rows."""
 
     layout: FactorLayout
@@ -86,30 +128,12 @@ class MissingRowStats:
     sums: LevelSums  # per-voxel data sums
 
     @property
-    def n_voxels(self) -> int:
-        return int(self.pattern_of_voxel.size)
-
-    @property
-    def p(self) -> int:
-        return int(self.XtX.shape[0])
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.X.shape[0])
-
-    @property
     def XtY(self) -> np.ndarray:
         return self.sums.XtY
 
     @property
     def YtY(self) -> np.ndarray:
         return self.sums.YtY
-
-    def voxel_n_missing(self) -> np.ndarray:
-        return np.diff(self.pattern_ptr)[self.pattern_of_voxel]
-
-    def voxel_n_obs(self) -> np.ndarray:
-        return self.n_rows - self.voxel_n_missing()
 
     def pattern_levels(self) -> tuple[np.ndarray, np.ndarray]:
         """(pattern, level) of every level a pattern's missing rows touch, sorted by pattern then level."""
@@ -127,14 +151,13 @@ def missing_design(X, factor: RandomFactor, layout: FactorLayout, patterns: np.n
     if Z is None:
         Z = random_effects_matrix([factor], layout)
     codes = np.searchsorted(layout.levels[0], factor.labels).astype(np.int64)
-    pat, rows = np.nonzero(~np.asarray(patterns, dtype=bool))  # row-major: grouped by pattern
-    ptr = np.concatenate([[0], np.cumsum(np.bincount(pat, minlength=patterns.shape[0]))]).astype(np.int64)
+    ptr, rows = compressed_missing_rows(patterns)
     ZtZ = (Z.T @ Z).tocsr()
     L, q, p = layout.n_levels[0], layout.q[0], X.shape[1]
     return MissingRowStats(
         layout=layout, X=X, codes=codes, zrow=np.asarray(factor.design, dtype=np.float64).reshape(X.shape[0], -1),
         XtX=X.T @ X, ZtX=np.asarray(Z.T @ X), ZtZ=ZtZ, classes=LevelClasses.from_blocks(diag_blocks(ZtZ, L, q), p),
-        pattern_ptr=ptr, missing_rows=rows.astype(np.int64),
+        pattern_ptr=ptr, missing_rows=rows,
         pattern_of_voxel=np.asarray(pattern_of_voxel, dtype=np.int64), sums=sums)
 
 
@@ -418,8 +441,7 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
         idx, t, m = job
         u = block_units(stats, common, idx, stats.sums.take(idx), slots=t, rows=m)
         XtX_v = stats.XtX + u["dXtX"]
-        w = np.linalg.eigvalsh(XtX_v)
-        full = np.sum(w > np.maximum(w[:, -1:], 0.0) * p * 1e-12, axis=1) == p
+        full = full_rank(XtX_v, p)
         if not np.all(full):
             res.status[idx[~full]] = F.DROPPED_RANK
             idx, XtX_v = idx[full], XtX_v[full]
@@ -437,9 +459,7 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
         data = obj.data(part, **units)
         out = F._fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)  # data.n per voxel
         F._store(res, idx, out)
-        eTe = (part.YtY - 2 * np.einsum("vp,vp->v", out.beta, part.XtY)
-               + np.einsum("vp,vpq,vq->v", out.beta, XtX_v, out.beta))
-        res.resms[idx] = eTe / (n_obs[idx] - p)
+        res.resms[idx] = residual_mean_square(out.beta, XtX_v, part.XtY, part.YtY, n_obs[idx], p)
 
     F.run_blocks(prepare, jobs, threads)
     # voxels with the same unit count are fitted together, whatever bucket they were prepared in:

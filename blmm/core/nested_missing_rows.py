@@ -18,6 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from blmm.core.design import RandomFactor
+from blmm.core.missing_rows import MissingRowCounts, compressed_missing_rows, full_rank, residual_mean_square
 from blmm.core.objective.base import diag_blocks
 from blmm.core.objective.nested import NestedObjective
 from blmm.core.objective.nested_missing import GroupUnits, NestedMissingObjective
@@ -25,7 +26,7 @@ from blmm.core.sufficient import FactorLayout, observed_data_sums, presence_patt
 
 
 @dataclass
-class NestedMissingRowStats:
+class NestedMissingRowStats(MissingRowCounts):
     """Sums for v voxels of factors nested in one tree: common design sums plus each pattern's missing rows."""
 
     layout: FactorLayout
@@ -41,24 +42,6 @@ class NestedMissingRowStats:
     XtY: np.ndarray  # (v, p), missing entries add zero
     ZtY: np.ndarray  # (v, Σ L_k q_k)
     YtY: np.ndarray  # (v,)
-
-    @property
-    def n_voxels(self) -> int:
-        return int(self.pattern_of_voxel.size)
-
-    @property
-    def p(self) -> int:
-        return int(self.XtX.shape[0])
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.X.shape[0])
-
-    def voxel_n_missing(self) -> np.ndarray:
-        return np.diff(self.pattern_ptr)[self.pattern_of_voxel]
-
-    def voxel_n_obs(self) -> np.ndarray:
-        return self.n_rows - self.voxel_n_missing()
 
 
 def nested_missing_row_stats_from_data(Y, X, factors: list[RandomFactor], observed=None,
@@ -82,12 +65,11 @@ def nested_missing_row_stats(X: np.ndarray, factors: list[RandomFactor], layout:
     """`NestedMissingRowStats` from per-voxel data sums (missing entries added zero) and the
     voxels' presence patterns (u, n): the complete design's sums and each pattern's missing rows."""
     Z = random_effects_matrix(factors, layout) if Z is None else Z
-    pat, rows = np.nonzero(~patterns)  # row-major: grouped by pattern
-    ptr = np.concatenate([[0], np.cumsum(np.bincount(pat, minlength=patterns.shape[0]))]).astype(np.int64)
+    ptr, rows = compressed_missing_rows(patterns)
     codes = np.stack([np.searchsorted(lv, f.labels) for f, lv in zip(factors, layout.levels)], axis=1)
     return NestedMissingRowStats(
         layout=layout, X=X, Z=Z, codes=codes.astype(np.int64), XtX=X.T @ X, ZtX=np.asarray(Z.T @ X),
-        ZtZ=(Z.T @ Z).tocsr(), pattern_ptr=ptr, missing_rows=rows.astype(np.int64),
+        ZtZ=(Z.T @ Z).tocsr(), pattern_ptr=ptr, missing_rows=rows,
         pattern_of_voxel=np.asarray(pattern_of_voxel, dtype=np.int64), XtY=XtY, ZtY=ZtY, YtY=YtY)
 
 
@@ -224,8 +206,7 @@ def fit_nested_missing_rows(stats: NestedMissingRowStats, reml=True, method="pSF
     def run(idx) -> None:
         u = block_units(stats, fam, idx)
         XtX_v = stats.XtX + u["dXtX"]
-        w = np.linalg.eigvalsh(XtX_v)
-        full = np.sum(w > np.maximum(w[:, -1:], 0.0) * p * 1e-12, axis=1) == p
+        full = full_rank(XtX_v, p)
         if not np.all(full):
             res.status[idx[~full]] = F.DROPPED_RANK
             idx, XtX_v = idx[full], XtX_v[full]
@@ -235,9 +216,7 @@ def fit_nested_missing_rows(stats: NestedMissingRowStats, reml=True, method="pSF
         data = obj.data(stats.XtY[idx], stats.ZtY[idx], stats.YtY[idx], **u)
         out = F._fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)  # data.n per voxel
         F._store(res, idx, out)
-        eTe = (stats.YtY[idx] - 2 * np.einsum("vp,vp->v", out.beta, stats.XtY[idx])
-               + np.einsum("vp,vpq,vq->v", out.beta, XtX_v, out.beta))
-        res.resms[idx] = eTe / (n_obs[idx] - p)
+        res.resms[idx] = residual_mean_square(out.beta, XtX_v, stats.XtY[idx], stats.YtY[idx], n_obs[idx], p)
 
     F.run_blocks(run, jobs, threads)
     F._blank_unfitted(res)
