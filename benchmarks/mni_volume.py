@@ -42,6 +42,26 @@ def brain_mask() -> np.ndarray:
     return r <= 1.0
 
 
+def write_intercept_images(root: Path, X: np.ndarray, subject: np.ndarray, vox: np.ndarray, shape: tuple,
+                           rng: np.random.Generator) -> None:
+    """Z.csv (a random intercept), one float32 NIfTI image per row of X in root/img (p = 5: intercept,
+    age, time, sex, score; score acts in the first tenth of the voxels) and Y_files.txt."""
+    n = X.shape[0]
+    np.savetxt(root / "Z.csv", np.ones(n), fmt="%d", header="intercept", comments="")
+    effect = np.zeros(vox.size, np.float32)
+    effect[: vox.size // 10] = 0.3
+    b = rng.standard_normal(int(subject.max()) + 1, dtype=np.float32)
+    names = []
+    for i in range(n):  # one image at a time: memory stays small
+        vol = np.zeros(int(np.prod(shape)), np.float32)
+        vol[vox] = (1000 + 5 * X[i, 1] + effect * X[i, 4] + 2.0 * b[subject[i]]
+                    + rng.standard_normal(vox.size, dtype=np.float32) * 3.0)
+        name = f"img/img{i:05d}.nii"
+        nib.save(nib.Nifti1Image(vol.reshape(shape), AFFINE), str(root / name))
+        names.append(name)
+    (root / "Y_files.txt").write_text("\n".join(names) + "\n")
+
+
 def make_data(root: Path, n_subjects: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     (root / "img").mkdir(parents=True, exist_ok=True)
@@ -57,19 +77,7 @@ def make_data(root: Path, n_subjects: int, seed: int = 0) -> None:
     X = np.column_stack([np.ones(n), age, time_y, sex, score])
     np.savetxt(root / "X.csv", X, delimiter=",", header="intercept,age,time,sex,score", comments="")
     np.savetxt(root / "subject.csv", subject, fmt="%d", header="subject", comments="")
-    np.savetxt(root / "Z.csv", np.ones(n), fmt="%d", header="intercept", comments="")
-    effect = np.zeros(vox.size, np.float32)
-    effect[: vox.size // 10] = 0.3
-    b = rng.standard_normal((n_subjects, 1), dtype=np.float32)
-    names = []
-    for i in range(n):  # one image at a time: memory stays small
-        vol = np.zeros(int(np.prod(SHAPE)), np.float32)
-        vol[vox] = (1000 + 5 * X[i, 1] + effect * X[i, 4] + 2.0 * b[subject[i]]
-                    + rng.standard_normal(vox.size, dtype=np.float32) * 3.0)
-        name = f"img/img{i:05d}.nii"
-        nib.save(nib.Nifti1Image(vol.reshape(SHAPE), AFFINE), str(root / name))
-        names.append(name)
-    (root / "Y_files.txt").write_text("\n".join(names) + "\n")
+    write_intercept_images(root, X, subject, vox, SHAPE, rng)
     (root / "mni.yml").write_text(
         "Y_files: Y_files.txt\nX: X.csv\nZ:\n  - f1:\n      name: subject\n      factor: subject.csv\n"
         "      design: Z.csv\ncontrasts:\n  - c1:\n      name: score\n      vector: [0, 0, 0, 0, 1]\n"

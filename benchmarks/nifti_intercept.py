@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mni_volume import AFFINE, engine_line, run_blmm  # noqa: E402
+from mni_volume import AFFINE, engine_line, run_blmm, write_intercept_images  # noqa: E402
 
 SHAPE = (40, 48, 40)
 N_MASK_VOXELS = 15_192
@@ -59,19 +59,7 @@ def make_data(root: Path, seed: int = 0) -> None:
     X = np.column_stack([np.ones(n), age, time_y, sex, score])
     np.savetxt(root / "X.csv", X, delimiter=",", header="intercept,age,time,sex,score", comments="")
     np.savetxt(root / "subject.csv", subject, fmt="%d", header="subject", comments="")
-    np.savetxt(root / "Z.csv", np.ones(n), fmt="%d", header="intercept", comments="")
-    effect = np.zeros(vox.size, np.float32)
-    effect[: vox.size // 10] = 0.3
-    b = rng.standard_normal(visits.size, dtype=np.float32)
-    names = []
-    for i in range(n):
-        vol = np.zeros(int(np.prod(SHAPE)), np.float32)
-        vol[vox] = (1000 + 5 * X[i, 1] + effect * X[i, 4] + 2.0 * b[subject[i]]
-                    + rng.standard_normal(vox.size, dtype=np.float32) * 3.0)
-        name = f"img/img{i:05d}.nii"
-        nib.save(nib.Nifti1Image(vol.reshape(SHAPE), AFFINE), str(root / name))
-        names.append(name)
-    (root / "Y_files.txt").write_text("\n".join(names) + "\n")
+    write_intercept_images(root, X, subject, vox, SHAPE, rng)
     (root / "nifti.yml").write_text(
         "Y_files: Y_files.txt\nX: X.csv\nZ:\n  - f1:\n      name: subject\n      factor: subject.csv\n"
         "      design: Z.csv\ncontrasts:\n  - c1:\n      name: score\n      vector: [0, 0, 0, 0, 1]\n"
