@@ -22,6 +22,19 @@ def project_psd(D: np.ndarray) -> np.ndarray:
     return np.where(np.all(w >= 0, axis=-1)[..., None, None], sym(D), clipped)
 
 
+def lower_triangular_inverse(L: np.ndarray) -> np.ndarray:
+    """L⁻¹ for a stack of lower-triangular (v, p, p) matrices, by forward substitution row by row
+    across the whole stack (numpy's batched solve/inv costs ~20 µs per small matrix)."""
+    p = L.shape[-1]
+    Li = np.zeros_like(L)
+    d = 1.0 / np.diagonal(L, axis1=-2, axis2=-1)
+    for i in range(p):
+        row = -(L[:, i, None, :i] @ Li[:, :i, :])[:, 0, :]
+        row[:, i] += 1.0
+        Li[:, i, :] = row * d[:, i, None]
+    return Li
+
+
 def psd_root(D: np.ndarray) -> np.ndarray:
     """Lambda with Lambda Lambda' = D for PSD D (works when D is singular)."""
     q = D.shape[-1]

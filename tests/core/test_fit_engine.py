@@ -249,3 +249,15 @@ def test_analytic_hessian_matches_differences(q, reml):
         dC_fd[:, i] = (ep.C - em.C) / 2e-5
     assert np.abs(H - H_fd).max() <= 1e-7 * np.abs(H_fd).max()
     assert np.abs(dC - dC_fd).max() <= 1e-7 * np.abs(dC_fd).max()
+
+
+def test_lower_triangular_inverse_matches_lapack():
+    """The stacked forward substitution that gives C = (X'V⁻¹X)⁻¹ against LAPACK's inverse."""
+    from blmm.core.linalg import lower_triangular_inverse
+    rng = np.random.default_rng(4)
+    A = rng.normal(size=(7, 23, 23))
+    L = np.linalg.cholesky(A @ np.swapaxes(A, 1, 2) + 1e-3 * np.eye(23))  # some ill-conditioned
+    Li = lower_triangular_inverse(L)
+    np.testing.assert_array_equal(np.triu(Li, 1), 0.0)
+    np.testing.assert_allclose(Li, np.linalg.inv(L), rtol=1e-9, atol=1e-9 * np.abs(Li).max())
+    np.testing.assert_allclose(L @ Li, np.broadcast_to(np.eye(23), L.shape), atol=1e-10)
