@@ -292,100 +292,102 @@ def block_units(stats: MissingRowStats, common: _Units, idx: np.ndarray, sums: L
 
 
 def compress_units(u: dict, p: int, q: int, budget: int = 64 * 2**20) -> list[tuple[np.ndarray, dict]]:
-    """The block's units with each voxel's units of one G_t merged, where that makes fewer units.
+    """The block's units with each voxel's large sets of units of one G_t replaced by unit groups.
 
     Every unit term is either a weight times a function of G_t alone (log|I + G_t D|, T_t) or a
-    weight times a bilinear form in z_t = [vec X_t, y_t] (X_t'W_t X_t, u_t u_t', S_t C S_t', ...).
+    weight times a bilinear form in z_t = [X_t | y_t] (X_t'W_t X_t, u_t u_t', S_t C S_t', ...).
     A voxel's units with one G_t (say the subjects that lost one of two visits) therefore enter
-    only through their weight sum m and Gram matrix Σ s_t z_t z_t' (d = q(p + 1) square): its
-    eigenpairs (λ_k, e_k) are d units with weights λ_k, and one more unit with z = 0 and weight
-    m - Σ λ_k restores the G-only terms.  A voxel missing a third of its images then has a few
-    groups of d + 1 units instead of hundreds of units; voxels are merged where that at least
-    halves their units.  Returns (positions in the block, units)
-    per padded size; each voxel is padded to the power of two of its own count (bucket), so its
+    only through their weight sum Σ s_t and Gram matrix K = Σ s_t z_t ⊗ z_t, q²(p + 1)² numbers
+    whatever their count: `group_products` and `group_gradient_parts` evaluate a group at the
+    cost of about q units.  Sets of at least `min_group_size` units become groups; the rest stay
+    units.  Returns (positions in the block, units and groups) per padded size; each voxel's
+    units and groups are padded to the powers of two of its own counts (bucket), so its
     arithmetic does not depend on the other voxels of the block.
     """
     sign, G, X, y = u["sign"], u["G"], u["X"], u["y"]
     b, T = sign.shape
-    d = q * (p + 1)
     vox, slot = np.nonzero(sign != 0)
     if vox.size == 0:
         return [(np.arange(b), u)]
-    # groups: a voxel's units with identical G_t (bit for bit: they come from the same arithmetic)
+    # sets: a voxel's units with identical G_t (bit for bit: they come from the same arithmetic)
     Gk = G[vox, slot].reshape(-1, q * q)
     order = np.lexsort([Gk[:, j] for j in range(q * q - 1, -1, -1)] + [vox])
     vox, slot, Gk = vox[order], slot[order], Gk[order]
-    opens = np.concatenate([[True], (vox[1:] != vox[:-1]) | np.any(Gk[1:] != Gk[:-1], axis=1)])  # a group's first unit
-    gid = np.cumsum(opens) - 1
-    gvox = vox[opens]
-    groups = np.bincount(gvox, minlength=b)
-    units = np.bincount(vox, minlength=b)
-    merged = 2 * groups * (d + 1) <= units  # merging costs an eigenproblem: only where it halves the units
-    if not merged.any():
+    opens = np.concatenate([[True], (vox[1:] != vox[:-1]) | np.any(Gk[1:] != Gk[:-1], axis=1)])  # a set's first unit
+    sid = np.cumsum(opens) - 1
+    size = np.bincount(sid)
+    grouped = (size >= min_group_size(p, q))[sid]  # per unit: its set becomes a group
+    if not grouped.any():
         return [(np.arange(b), u)]
-    # Gram matrices of the merged voxels' groups
-    mine = merged[vox]
-    vox_m, slot_m, gid_m = vox[mine], slot[mine], gid[mine]
-    first_group = np.flatnonzero(merged[gvox])
-    remap = np.full(gvox.size, -1, np.int64)
-    remap[first_group] = np.arange(first_group.size)
-    g = remap[gid_m]
-    n_groups = first_group.size
-    z = np.concatenate([X[vox_m, slot_m].reshape(-1, q * p), y[vox_m, slot_m]], axis=1)  # (units, d)
-    w = sign[vox_m, slot_m]
-    gstart = np.flatnonzero(np.concatenate([[True], g[1:] != g[:-1]]))  # units are sorted by group
+    gvox = vox[opens][size >= min_group_size(p, q)]
+    n_groups = np.bincount(gvox, minlength=b)
+    n_units = np.bincount(vox[~grouped], minlength=b)
+    changed = n_groups > 0
+    # Gram matrices of the groups, from their units (sorted by group)
+    g = np.cumsum(opens[grouped]) - 1
+    vg, sg = vox[grouped], slot[grouped]
+    z = np.concatenate([X[vg, sg], y[vg, sg][..., None]], axis=-1).reshape(-1, q * (p + 1))
+    w = sign[vg, sg]
+    gstart = np.flatnonzero(np.concatenate([[True], g[1:] != g[:-1]]))
     gsize = np.diff(np.concatenate([gstart, [g.size]]))
-    scale = np.add.reduceat(np.abs(w)[:, None] * z * z, gstart, axis=0)  # per coordinate: Σ |s| z²
-    scale = np.where(scale > 0, 1.0 / np.sqrt(np.where(scale > 0, scale, 1.0)), 1.0)  # balances eigh
-    zs = z * scale[g]
     within = np.arange(g.size) - gstart[g]
-    gram = np.empty((n_groups, d, d))
+    d = q * (p + 1)
+    K = np.empty((gstart.size, d, d))
     longest = int(gsize.max())
     step = max(1, budget // (16 * d * longest))
-    for a in range(0, n_groups, step):  # groups padded to the longest: one batched product per chunk
-        b_ = min(a + step, n_groups)
-        rows = slice(gstart[a], gstart[b_] if b_ < n_groups else g.size)
-        pad = np.zeros((b_ - a, longest, d))
-        pad[g[rows] - a, within[rows]] = zs[rows]
+    for a in range(0, gstart.size, step):  # groups padded to the longest: one batched product per chunk
+        e = min(a + step, gstart.size)
+        rows = slice(gstart[a], gstart[e] if e < gstart.size else g.size)
+        pad = np.zeros((e - a, longest, d))
+        pad[g[rows] - a, within[rows]] = z[rows]
         weighted = np.zeros_like(pad)
-        weighted[g[rows] - a, within[rows]] = w[rows, None] * zs[rows]
-        gram[a:b_] = np.swapaxes(weighted, 1, 2) @ pad
-    lam, vec = np.linalg.eigh(gram)  # Gram = Σ λ_k e_k e_k' (scaled coordinates)
-    pseudo = np.swapaxes(vec, 1, 2) / scale[:, None, :]  # (groups, d, d): unit k's z, unscaled
-    m = np.add.reduceat(w, gstart)  # each group's weight sum
-    gG = G[gvox[first_group], slot[opens][first_group]]  # the group's G
-    # per merged voxel: its groups' d + 1 units
-    mv = gvox[first_group]
-    count = np.bincount(mv, minlength=b) * (d + 1)
+        weighted[g[rows] - a, within[rows]] = w[rows, None] * z[rows]
+        K[a:e] = np.swapaxes(weighted, 1, 2) @ pad
+    K = K.reshape(-1, q, p + 1, q, p + 1).transpose(0, 1, 3, 2, 4)  # [a, b, i, j]
+    gw = np.add.reduceat(w, gstart)
+    gG = G[vg[gstart], sg[gstart]]
     out = []
-    kept = np.flatnonzero(~merged)
+    kept = np.flatnonzero(~changed)
     if kept.size:  # voxels whose units stay as they are
         out.append((kept, {key: a[kept] for key, a in u.items()}))
-    sizes = bucket(count)
-    for size in np.unique(sizes[merged]):
-        pos = np.flatnonzero(merged & (sizes == size))
-        size = int(size)
+    uv, us = vox[~grouped & changed[vox]], slot[~grouped & changed[vox]]  # units left beside groups
+    uorder = np.lexsort((us, uv))
+    uv, us = uv[uorder], us[uorder]
+    urank = np.arange(uv.size) - np.searchsorted(uv, uv)
+    grank = np.arange(gvox.size) - np.searchsorted(gvox, gvox)
+    unit_size, group_size = bucket(n_units), bucket(n_groups)
+    shapes = unit_size * (int(group_size.max()) + 1) + group_size
+    for shape in np.unique(shapes[changed]):
+        pos = np.flatnonzero(changed & (shapes == shape))
+        Tn, Hn = int(unit_size[pos[0]]), int(group_size[pos[0]])
         local = np.full(b, -1, np.int64)
         local[pos] = np.arange(pos.size)
-        sel = np.flatnonzero(np.isin(mv, pos))
-        rank = np.arange(sel.size) - np.searchsorted(mv[sel], mv[sel])  # group index within its voxel
-        row = local[mv[sel]]
-        su = np.zeros((pos.size, size))
-        Gu = np.zeros((pos.size, size, q, q))
-        Xu = np.zeros((pos.size, size, q, p))
-        yu = np.zeros((pos.size, size, q))
-        base = rank * (d + 1)
-        for k in range(d):  # d pseudo-units per group, then its G-only unit
-            su[row, base + k] = lam[sel, k]
-            Gu[row, base + k] = gG[sel]
-            Xu[row, base + k] = pseudo[sel, k, :q * p].reshape(-1, q, p)
-            yu[row, base + k] = pseudo[sel, k, q * p:]
-        su[row, base + d] = m[sel] - lam[sel].sum(axis=1)
-        Gu[row, base + d] = gG[sel]
         part = {key: a[pos] for key, a in u.items() if key not in ("sign", "G", "X", "y")}
-        part.update(sign=su, G=Gu, X=Xu, y=yu)
+        su, Gu = np.zeros((pos.size, Tn)), np.zeros((pos.size, Tn, q, q))
+        Xu, yu = np.zeros((pos.size, Tn, q, p)), np.zeros((pos.size, Tn, q))
+        mine = local[uv] >= 0
+        row, col, src_v, src_s = local[uv[mine]], urank[mine], uv[mine], us[mine]
+        su[row, col], Gu[row, col], Xu[row, col], yu[row, col] = (sign[src_v, src_s], G[src_v, src_s],
+                                                                  X[src_v, src_s], y[src_v, src_s])
+        gwu, gGu = np.zeros((pos.size, Hn)), np.zeros((pos.size, Hn, q, q))
+        gKu = np.zeros((pos.size, Hn, q, q, p + 1, p + 1))
+        mine = np.flatnonzero(local[gvox] >= 0)
+        row, col = local[gvox[mine]], grank[mine]
+        gwu[row, col], gGu[row, col], gKu[row, col] = gw[mine], gG[mine], K[mine]
+        part.update(sign=su, G=Gu, X=Xu, y=yu, group_weight=gwu, group_G=gGu, group_K=gKu)
         out.append((pos, part))
     return out
+
+
+def min_group_size(p: int, q: int) -> int:
+    """Units of one G from which a group is cheaper: a group costs about q units' arithmetic
+    per evaluation but q(p + 1) units' memory."""
+    return max(2, (q * (p + 1)) // 4)
+
+
+def group_bytes(n_groups: int, p: int, q: int) -> int:
+    """Working bytes per voxel of n_groups unit groups (their Gram matrices and what is formed from them)."""
+    return 8 * 2 * int(n_groups) * (q * q * (p + 1) ** 2 + q * q + 1)
 
 
 def unit_bytes(n_missing: int, p: int, q: int, n_touched: int | None = None) -> int:
@@ -437,7 +439,7 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
     prepared: list = []  # per (voxel set, unit count): the voxels, their units and X'X
 
     def prepare(job) -> None:
-        """Units of a bucket's voxels, merged where fewer (the arithmetic is each voxel's own)."""
+        """Units of a bucket's voxels, large sets of one G grouped (the arithmetic is each voxel's own)."""
         idx, t, m = job
         u = block_units(stats, common, idx, stats.sums.take(idx), slots=t, rows=m)
         XtX_v = stats.XtX + u["dXtX"]
@@ -462,16 +464,17 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
         res.resms[idx] = residual_mean_square(out.beta, XtX_v, part.XtY, part.YtY, n_obs[idx], p)
 
     F.run_blocks(prepare, jobs, threads)
-    # voxels with the same unit count are fitted together, whatever bucket they were prepared in:
-    # merged units leave few distinct counts, so few (and large) fit blocks
-    by_count: dict[int, list] = {}
+    # voxels with the same unit and group counts are fitted together, whatever bucket they were
+    # prepared in: groups leave few distinct counts, so few (and large) fit blocks
+    by_count: dict[tuple, list] = {}
     for idx, units in prepared:
-        by_count.setdefault(units["sign"].shape[1], []).append((idx, units))
+        H = units["group_weight"].shape[1] if "group_weight" in units else 0
+        by_count.setdefault((units["sign"].shape[1], H), []).append((idx, units))
     fit_jobs = []
-    for T, parts in sorted(by_count.items()):
+    for (T, H), parts in sorted(by_count.items()):
         idx = np.concatenate([i for i, _ in parts])
         units = {key: np.concatenate([u[key] for _, u in parts]) for key in parts[0][1]}
-        size = max(1, int(per_block // (base_voxel + unit_bytes(0, p, q, (T + 1) // 2))))
+        size = max(1, int(per_block // (base_voxel + unit_bytes(0, p, q, (T + 1) // 2) + group_bytes(H, p, q))))
         if threads > 1:  # enough blocks to share
             size = min(size, max(64, -(-fit_vox.size // (2 * threads))))
         fit_jobs.extend((idx[a:a + size], {key: arr[a:a + size] for key, arr in units.items()})

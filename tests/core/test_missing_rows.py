@@ -105,7 +105,7 @@ def test_small_blocks_and_dropped_voxels():
 
 def balanced_design(q: int, seed: int, n_sub: int = 60, v: int = 6):
     """Every subject seen at the same 3 times; voxels missing a third or half of the images, so
-    their units are many but of few distinct G_t (merged by compress_units).  (Not every last
+    their units are many but of few distinct G_t (grouped by compress_units).  (Not every last
     visit: with q = 2 and two visits left per subject, σ² and D are barely identified and the
     likelihood is flat to 1e-6 over a wide range of D.)"""
     rng = np.random.default_rng(seed)
@@ -126,7 +126,7 @@ def balanced_design(q: int, seed: int, n_sub: int = 60, v: int = 6):
 
 @pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
 @pytest.mark.parametrize("q", [1, 2])
-def test_merged_units_give_the_same_objective(q, reml):
+def test_unit_groups_give_the_same_objective(q, reml):
     from blmm.core.missing_rows import compress_units
     Y, X, f = balanced_design(q, seed=20 + q)
     ms = missing_row_stats_from_data(Y, X, f)
@@ -134,8 +134,8 @@ def test_merged_units_give_the_same_objective(q, reml):
     idx = np.arange(Y.shape[1])
     units = block_units(ms, _Units(ms), idx)
     parts = compress_units(units, X.shape[1], q)
-    merged = np.concatenate([pos for pos, part in parts if part["sign"].shape[1] < units["sign"].shape[1]])
-    assert set(merged.tolist()) >= {0, 1}  # voxels missing whole subjects or visits: merged, to fewer units
+    grouped = np.concatenate([pos for pos, part in parts if "group_weight" in part])
+    assert set(grouped.tolist()) >= {0, 1}  # voxels missing whole subjects or visits: their units grouped
     A = np.random.default_rng(1).normal(size=(q, q))
     D = np.broadcast_to(A @ A.T + 0.3 * np.eye(q), (idx.size, q, q)).copy()
     full = obj.data(ms.sums, **units)
@@ -153,7 +153,7 @@ def test_merged_units_give_the_same_objective(q, reml):
 
 
 @pytest.mark.parametrize("q", [1, 2])
-def test_fit_with_merged_units_equals_pattern_by_pattern(q):
+def test_fit_with_unit_groups_equals_pattern_by_pattern(q):
     Y, X, f = balanced_design(q, seed=30 + q)
     ours = fit_stats(missing_row_stats_from_data(Y, X, f), tol=1e-10, threads=1)
     ref = fit_stats(sufficient_stats(Y, X, [f]), tol=1e-10, threads=1)
@@ -162,10 +162,10 @@ def test_fit_with_merged_units_equals_pattern_by_pattern(q):
     np.testing.assert_allclose(ours.D[0], ref.D[0], rtol=1e-6, atol=1e-6)
 
 
-def test_merged_and_kept_voxels_of_one_block_keep_their_own_units():
-    # a merged voxel (2 groups of d + 1 = 5 units) next to a kept one (2 units), padded alike: each
-    # part must hold its own voxels' units (an earlier version gave kept voxels that shared a padded
-    # size with merged ones no units at all: wrong fits, found at ABCD size)
+def test_grouped_and_kept_voxels_of_one_block_keep_their_own_units():
+    # a grouped voxel (15 removal units of G = 3, 10 replacements of G = 2: 2 groups) next to a kept
+    # one (2 units), padded alike: each part must hold its own voxels' units (an earlier version gave
+    # kept voxels that shared a padded size with merged ones no units at all: wrong fits, found at ABCD size)
     from blmm.core.missing_rows import compress_units
     Y, X, f = balanced_design(1, seed=40)
     Y = np.where(np.isnan(Y[:, :2]), 1.0, Y[:, :2])
@@ -177,7 +177,11 @@ def test_merged_and_kept_voxels_of_one_block_keep_their_own_units():
     obj = MissingObjective(ms.XtX, ms.ZtX, ms.ZtZ, ms.n_rows, 1, True)
     units = block_units(ms, _Units(ms), np.arange(2), slots=16)
     parts = compress_units(units, X.shape[1], 1)
-    assert sorted((pos.tolist(), part["sign"].shape[1]) for pos, part in parts) == [([0], 16), ([1], 32)]
+    shapes = sorted((pos.tolist(), part["sign"].shape[1], part.get("group_weight", np.zeros((1, 0))).shape[1])
+                    for pos, part in parts)
+    assert shapes == [([0], 0, 2), ([1], 32, 0)]
+    grouped = next(part for pos, part in parts if pos.tolist() == [0])
+    np.testing.assert_array_equal(grouped["group_weight"], [[10.0, -15.0]])  # Σ s by G: 10 replacements, 15 removals
     D = np.full((2, 1, 1), 0.7)
     ev = obj.evaluate([D], obj.data(ms.sums, **units), grad=True)
     for pos, part in parts:

@@ -39,30 +39,39 @@ class MissingObjective:
         self.base = LevelObjective(XtX, ZtX, ZtZ, n, q, reml)
         self.n, self.p, self.q, self.reml = int(n), self.base.p, int(q), bool(reml)
 
-    def data(self, sums, n=None, dXtX=None, sign=None, G=None, X=None, y=None) -> "MissingData":
+    def data(self, sums, n=None, dXtX=None, sign=None, G=None, X=None, y=None,
+             group_weight=None, group_G=None, group_K=None) -> "MissingData":
         """Per-voxel data sums (`LevelSums`, by the common design's classes) plus the voxels'
-        missing-row units (none: the common design)."""
+        missing-row units and unit groups (none: the common design)."""
         v = sums.XtY.shape[0]
         p, q = self.p, self.q
         base = self.base.data_from_sums(sums.XtY, sums.YtY, sums.KXYo, sums.KYY, sums.y_small)
         if sign is None:
             sign, G, X, y = np.zeros((v, 0)), np.zeros((v, 0, q, q)), np.zeros((v, 0, q, p)), np.zeros((v, 0, q))
+        if group_weight is None:
+            group_weight, group_G = np.zeros((v, 0)), np.zeros((v, 0, q, q))
+            group_K = np.zeros((v, 0, q, q, p + 1, p + 1))
         return MissingData(
             base=base, XtY=base.XtY, n=np.full(v, float(self.n)) if n is None else np.asarray(n, float),
-            dXtX=np.zeros((v, p, p)) if dXtX is None else dXtX, sign=sign, G=G, X=X, y=y)
+            dXtX=np.zeros((v, p, p)) if dXtX is None else dXtX, sign=sign, G=G, X=X, y=y,
+            group_weight=group_weight, group_G=group_G, group_K=group_K)
 
     def _products(self, D, data: "MissingData"):
         XtVX, XtVY, YtVY, logdetV, R = self.base.products(D, data.base)
         XtVX = XtVX + data.dXtX
-        if data.sign.shape[1] == 0:
-            return XtVX, XtVY, YtVY, logdetV, R, None
-        dXtVX, dXtVY, dYtVY, dlogdetV, Ru = unit_products(D, data.sign, data.G, data.X, data.y)
-        return XtVX + dXtVX, XtVY + dXtVY, YtVY + dYtVY, logdetV + dlogdetV, R, Ru
+        Ru = Rg = None
+        if data.sign.shape[1]:
+            dXtVX, dXtVY, dYtVY, dlogdetV, Ru = unit_products(D, data.sign, data.G, data.X, data.y)
+            XtVX, XtVY, YtVY, logdetV = XtVX + dXtVX, XtVY + dXtVY, YtVY + dYtVY, logdetV + dlogdetV
+        if data.group_weight.shape[1]:
+            dXtVX, dXtVY, dYtVY, dlogdetV, Rg = group_products(D, data.group_weight, data.group_G, data.group_K)
+            XtVX, XtVY, YtVY, logdetV = XtVX + dXtVX, XtVY + dXtVY, YtVY + dYtVY, logdetV + dlogdetV
+        return XtVX, XtVY, YtVY, logdetV, R, Ru, Rg
 
     def evaluate(self, D_list, data: "MissingData", sigma2=None, grad=False) -> Evaluation:
         D = D_list[0]
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            XtVX, XtVY, YtVY, logdetV, R, Ru = self._products(D, data)
+            XtVX, XtVY, YtVY, logdetV, R, Ru, Rg = self._products(D, data)
         ev = profiled(XtVX, XtVY, YtVY, logdetV, data.n, self.p, self.reml, sigma2)
         if not grad:
             return ev
@@ -91,6 +100,20 @@ class MissingObjective:
             Mu = np.einsum("vt,vtbc,vtda->vabcd", s, units.T, Wu).reshape(v, q * q, q * q)
             obs = obs - info_u + Mu
             A = A + np.einsum("vt,vtxp,vty->vxyp", s, units.S, units.u)
+        if Rg is not None:
+            w = data.group_weight
+            groups = group_gradient_parts(Rg, data.group_G, data.group_K, beta, C if self.reml else None)
+            T_sum = T_sum + np.einsum("vh,vhab->vab", w, groups.T)
+            info_g = np.einsum("vh,vhbc,vhae->vabce", w, groups.T, groups.T).reshape(v, q * q, q * q)
+            info = info + info_g
+            uu = uu + groups.uu.sum(axis=1)
+            Wg = 2.0 * groups.uu / ev.sigma2[:, None, None, None]
+            if self.reml:
+                corr = corr + groups.P.sum(axis=1)
+                Wg = Wg + 2.0 * groups.P
+            Mg = np.einsum("vhbc,vhda->vabcd", groups.T, Wg).reshape(v, q * q, q * q)
+            obs = obs - info_g + Mg
+            A = A + groups.A
         A = A.reshape(v, q * q, self.p)
         obs = obs - 2.0 * np.einsum("vip,vpr,vjr->vij", A, C, A) / ev.sigma2[:, None, None]
         ev.grad = [la.sym(T_sum - corr - uu / ev.sigma2[:, None, None])]
@@ -107,13 +130,21 @@ class MissingObjective:
         if ev is None or ev.observed is None:
             ev = self.evaluate([D], data, sigma2=sigma2, grad=True)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            *_, R, Ru = self._products(D, data)
+            *_, R, Ru, Rg = self._products(D, data)
         Bs = self.base.direction_sums(R)
         if Ru is not None:  # + Σ_units sign S_t' E S_t, S_t = R_t X_t
             S = _small_product(Ru, data.X)
             r_idx, c_idx = la.vech_index(self.q)
             for t, (a, b) in enumerate(zip(r_idx, c_idx)):
                 B = np.swapaxes(data.sign[:, :, None] * S[:, :, a], 1, 2) @ S[:, :, b]  # a GEMM per voxel
+                Bs[:, t] += B if a == b else B + np.swapaxes(B, 1, 2)
+        if Rg is not None:  # + Σ_groups R[a,c] R[b,d] K[c,d] (X block)
+            v, H_, p = Rg.shape[0], Rg.shape[1], self.p
+            K = data.group_K.reshape(v, H_ * self.q * self.q, (p + 1) ** 2)
+            r_idx, c_idx = la.vech_index(self.q)
+            for t, (a, b) in enumerate(zip(r_idx, c_idx)):
+                RR = (Rg[:, :, a, :, None] * Rg[:, :, b, None, :]).reshape(v, 1, -1)
+                B = (RR @ K).reshape(v, p + 1, p + 1)[:, :p, :p]
                 Bs[:, t] += B if a == b else B + np.swapaxes(B, 1, 2)
         H, dC = hessian_from_parts(ev.observed, Bs, ev.C, self.q, self.reml)
         return H, dC, ev
@@ -170,6 +201,55 @@ def unit_gradient_parts(Ru, sign, G, X, y, beta, C=None) -> UnitParts:
                      uu=np.einsum("vt,vta,vtb->vab", sign, u, u), corr=corr)
 
 
+def group_products(D: np.ndarray, weight: np.ndarray, G: np.ndarray, K: np.ndarray):
+    """`unit_products` for unit groups: a voxel's units with one G_h enter through their weight
+    sum and Gram matrix K_h[a, b, i, j] = Σ s_t [X_t | y_t][a, i] [X_t | y_t][b, j] (p + 1 columns).
+    D (v, q, q); weight (v, H); G (v, H, q, q); K (v, H, q, q, p + 1, p + 1)."""
+    v, H, q = G.shape[:3]
+    p = K.shape[-1] - 1
+    A = np.eye(q) + _small_product(G, D[:, None])
+    Rg = _inv(A)
+    W = _small_product(D[:, None], Rg)
+    W = 0.5 * (W + np.swapaxes(W, -1, -2))
+    dlogdetV = np.einsum("vh,vh->v", weight, _logdet(A))
+    M = -(W.reshape(v, 1, H * q * q) @ K.reshape(v, H * q * q, (p + 1) ** 2)).reshape(v, p + 1, p + 1)
+    return M[:, :p, :p], M[:, :p, p], M[:, p, p], dlogdetV, Rg
+
+
+@dataclass
+class GroupParts:
+    """Per unit group T_h = R_h G_h and the group's sums Σ s u_t u_t' = R_h N_h R_h',
+    Σ s P_t = R_h (Σ s X_t C X_t') R_h' (REML) and A_h[x, y, i] = Σ s S_t[x, i] u_t[y]."""
+
+    T: np.ndarray  # (v, H, q, q)
+    uu: np.ndarray  # (v, H, q, q)
+    P: np.ndarray | None  # (v, H, q, q)
+    A: np.ndarray  # (v, q, q, p) summed over groups
+
+
+def group_gradient_parts(Rg, G, K, beta, C=None) -> GroupParts:
+    """The groups' pieces of the deviance gradient (C for REML, None for ML)."""
+    v, H, q = G.shape[:3]
+    p = beta.shape[1]
+    Tg = _small_product(Rg, G)
+    Tg = 0.5 * (Tg + np.swapaxes(Tg, -1, -2))
+    e = np.concatenate([-beta, np.ones((v, 1))], axis=1)  # [X | y] e = y - X β
+    Ke = (K.reshape(v, H * q * q * (p + 1), p + 1) @ e[:, :, None]).reshape(v, H, q, q, p + 1)
+    N = (Ke.reshape(v, H * q * q, p + 1) @ e[:, :, None]).reshape(v, H, q, q)
+
+    def sandwich(M):  # R M R' per group
+        return _small_product(_small_product(Rg, M), np.swapaxes(Rg, -1, -2))
+
+    P = None
+    if C is not None:
+        Cpad = np.zeros((v, p + 1, p + 1))
+        Cpad[:, :p, :p] = C
+        XCX = (K.reshape(v, H * q * q, (p + 1) ** 2) @ Cpad.reshape(v, -1, 1)).reshape(v, H, q, q)
+        P = sandwich(XCX)
+    A = np.einsum("vhxa,vhyb,vhabi->vxyi", Rg, Rg, Ke[..., :p])
+    return GroupParts(T=Tg, uu=sandwich(N), P=P, A=A)
+
+
 def _small_product(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """A @ B for stacks of q x q (q a handful) times q x k matrices, as q broadcast products:
     numpy's matmul costs far more per tiny matrix than the arithmetic."""
@@ -215,7 +295,9 @@ class MissingData:
     """Data sums for the common design's classes plus each voxel's missing-row units.
 
     sign (v, T): -1 removal, +1 replacement, 0 padding; G (v, T, q, q), X (v, T, q, p) and
-    y (v, T, q) per unit; n (v,) observed rows; dXtX (v, p, p) = -X_M'X_M.
+    y (v, T, q) per unit; n (v,) observed rows; dXtX (v, p, p) = -X_M'X_M.  Unit groups (a
+    voxel's units of one G, `compress_units`): group_weight (v, H) Σ s_t (0 padding), group_G
+    (v, H, q, q), group_K (v, H, q, q, p + 1, p + 1) Σ s_t [X_t | y_t][a, i] [X_t | y_t][b, j].
     """
 
     base: LevelData
@@ -226,11 +308,16 @@ class MissingData:
     G: np.ndarray
     X: np.ndarray
     y: np.ndarray
+    group_weight: np.ndarray
+    group_G: np.ndarray
+    group_K: np.ndarray
 
     def take(self, idx) -> "MissingData":
         return MissingData(self.base.take(idx), self.XtY[idx], self.n[idx], self.dXtX[idx], self.sign[idx],
-                           self.G[idx], self.X[idx], self.y[idx])
+                           self.G[idx], self.X[idx], self.y[idx], self.group_weight[idx], self.group_G[idx],
+                           self.group_K[idx])
 
     @property
     def nbytes(self) -> int:
-        return int(sum(a.nbytes for a in (self.dXtX, self.sign, self.G, self.X, self.y)))
+        return int(sum(a.nbytes for a in (self.dXtX, self.sign, self.G, self.X, self.y, self.group_weight,
+                                          self.group_G, self.group_K)))
