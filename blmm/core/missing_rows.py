@@ -139,7 +139,11 @@ class MissingRowStats(MissingRowCounts):
         """(pattern, level) of every level a pattern's missing rows touch, sorted by pattern then level."""
         pat = np.repeat(np.arange(self.pattern_ptr.size - 1), np.diff(self.pattern_ptr))
         L = self.layout.n_levels[0]
-        key = np.unique(pat * L + self.codes[self.missing_rows])
+        key = pat * L + self.codes[self.missing_rows]
+        if np.all(key[1:] >= key[:-1]):  # rows in level order (the pipeline's): sorted already
+            key = key[np.concatenate([[True], key[1:] != key[:-1]])[:key.size]]
+        else:
+            key = np.unique(key)
         return key // L, key % L
 
 
@@ -211,6 +215,11 @@ class _Units:
         classes = stats.classes
         self.small_pos = np.full(L, -1, np.int64)  # position of a level among y_small, -1 in a big class
         self.small_pos[classes.level_index[classes.small_levels]] = np.arange(classes.small_levels.size)
+        n, p = stats.X.shape
+        # per row: x x' (for X_M'X_M) and z z', z x' (for Z_{j,M}'Z_{j,M}, Z_{j,M}'X_M), summed by sparse products
+        self.row_xx = (stats.X[:, :, None] * stats.X[:, None, :]).reshape(n, p * p)
+        self.row_zz_zx = np.concatenate([(stats.zrow[:, :, None] * stats.zrow[:, None, :]).reshape(n, q * q),
+                                         (stats.zrow[:, :, None] * stats.X[:, None, :]).reshape(n, q * p)], axis=1)
 
 
 def bucket(k: np.ndarray) -> np.ndarray:
@@ -225,13 +234,28 @@ def voxel_touched(stats: MissingRowStats) -> np.ndarray:
     return np.bincount(pat, minlength=stats.pattern_ptr.size - 1)[stats.pattern_of_voxel]
 
 
-def block_units(stats: MissingRowStats, common: _Units, idx: np.ndarray, sums: LevelSums | None = None,
-                slots: int | None = None, rows: int | None = None) -> dict:
-    """Per-voxel units of the levels touched by each voxel's missing rows, for voxels idx.
+def row_sums(values: np.ndarray, rows: np.ndarray, ptr: np.ndarray) -> np.ndarray:
+    """Σ values[rows[ptr[k]:ptr[k + 1]]] for every k: one sparse product over the rows of values
+    (n, m), without gathering them (np.add.reduceat over gathered rows is several times slower)."""
+    S = sp.csr_matrix((np.ones(rows.size), rows, ptr), shape=(ptr.size - 1, values.shape[0]))
+    return np.asarray(S @ values)
 
-    Units are padded (sign 0) to `slots` touched levels and the missing rows to `rows`
-    (default: the block's largest counts); a fit passes each voxel's bucket, so a voxel's
-    arithmetic does not depend on the block it is fitted in.  sums: stats.sums.take(idx).
+
+def grouped_grams(values: np.ndarray, weights: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """Σ_t w_t v_t v_t' per group (n_groups, k, k) for rows v_t of values (N, k): one sparse
+    product with the weighted rows placed in their group's k columns, no (N, k, k) outer products."""
+    N, k = values.shape
+    W = sp.csr_matrix(((weights[:, None] * values).ravel(), (group[:, None] * k + np.arange(k)).ravel(),
+                       np.arange(0, N * k + 1, k)), shape=(N, n_groups * k))
+    return np.asarray(W.T @ values).reshape(n_groups, k, k)
+
+
+def touched_units(stats: MissingRowStats, common: _Units, idx: np.ndarray, sums: LevelSums | None = None) -> dict:
+    """The units of the levels touched by each voxel's missing rows, for voxels idx, unpadded.
+
+    Returns n (b,) observed rows, dXtX (b, p, p) = -X_M'X_M and, per unit (in no particular
+    order), voxel (position in idx), sign (-1 removal, +1 replacement), G (q, q) and
+    XY (q, p + 1) = [X_t | y_t].  sums: stats.sums.take(idx).
     """
     b, p, q, L = idx.size, stats.p, common.q, common.L
     sums = stats.sums.take(idx) if sums is None else sums
@@ -239,36 +263,23 @@ def block_units(stats: MissingRowStats, common: _Units, idx: np.ndarray, sums: L
     counts = np.diff(stats.pattern_ptr)[pats]
     total = int(counts.sum())
     ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    out = {"n": (stats.n_rows - counts).astype(np.float64), "dXtX": np.zeros((b, p, p))}
-    T = int(slots) if slots is not None else 0
+    out = {"n": (stats.n_rows - counts).astype(np.float64), "dXtX": np.zeros((b, p, p)),
+           "voxel": np.zeros(0, np.int64), "sign": np.zeros(0), "G": np.zeros((0, q, q)), "XY": np.zeros((0, q, p + 1))}
     if total == 0:
-        out.update(sign=np.zeros((b, 2 * T)), G=np.zeros((b, 2 * T, q, q)), X=np.zeros((b, 2 * T, q, p)),
-                   y=np.zeros((b, 2 * T, q)))
         return out
     vloc = np.repeat(np.arange(b), counts)
     flat = np.repeat(stats.pattern_ptr[pats] - ptr[:-1], counts) + np.arange(total)
     mrows = stats.missing_rows[flat]
-    pos = np.arange(total) - ptr[vloc]
-    Xpad = np.zeros((b, int(counts.max()) if rows is None else int(rows), p))
-    Xpad[vloc, pos] = stats.X[mrows]
-    out["dXtX"] = -(np.swapaxes(Xpad, 1, 2) @ Xpad)
-    del Xpad
+    out["dXtX"] = -row_sums(common.row_xx, mrows, ptr).reshape(b, p, p)
     key = vloc * L + stats.codes[mrows]
     order = np.argsort(key, kind="stable")
     ks = key[order]
     first = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]]))
     pv, pl = ks[first] // L, ks[first] % L
-    z, x = stats.zrow[mrows[order]], stats.X[mrows[order]]
-    GM = np.add.reduceat(z[:, :, None] * z[:, None, :], first, axis=0)  # Z_{j,M}'Z_{j,M}
-    XM = np.add.reduceat(z[:, :, None] * x[:, None, :], first, axis=0)  # Z_{j,M}'X_M
+    sums_M = row_sums(common.row_zz_zx, mrows[order], np.append(first, total))
+    GM = sums_M[:, :q * q].reshape(-1, q, q)  # Z_{j,M}'Z_{j,M}
+    XM = sums_M[:, q * q:].reshape(-1, q, p)  # Z_{j,M}'X_M
     nM = np.diff(np.concatenate([first, [total]]))
-    tv = np.bincount(pv, minlength=b)
-    T = int(tv.max()) if slots is None else T
-    slot = np.arange(pv.size) - (np.cumsum(tv) - tv)[pv]
-    sign = np.zeros((b, 2 * T))
-    G = np.zeros((b, 2 * T, q, q))
-    Xu = np.zeros((b, 2 * T, q, p))
-    y = np.zeros((b, 2 * T, q))
     # y_j(v): a small level's from y_small, a big class's from the voxel's touched list
     yl = np.empty((pv.size, q))
     pos_small = common.small_pos[pl]
@@ -280,19 +291,54 @@ def block_units(stats: MissingRowStats, common: _Units, idx: np.ndarray, sums: L
     if want.size and (tkey.size == 0 or np.any(tkey[at] != want)):
         raise ValueError("the data sums lack the y_j of a level that a voxel's missing rows touch")
     yl[~small] = sums.touched_y[at]
-    sign[pv, slot] = -1.0  # removal: the term the class sums hold for the level
-    G[pv, slot], Xu[pv, slot], y[pv, slot] = common.G[pl], common.Xl[pl], yl
-    keep = nM < common.count[pl]  # a level that lost every image contributes nothing
-    sign[pv, T + slot] = np.where(keep, 1.0, 0.0)
-    G[pv, T + slot] = np.where(keep[:, None, None], common.G[pl] - GM, 0.0)
-    Xu[pv, T + slot] = np.where(keep[:, None, None], common.Xl[pl] - XM, 0.0)
-    y[pv, T + slot] = np.where(keep[:, None], yl, 0.0)
-    out.update(sign=sign, G=G, X=Xu, y=y)
+    keep = np.flatnonzero(nM < common.count[pl])  # a level that lost every image contributes nothing
+    # per touched level a removal unit (the term the class sums hold for it), and its replacement
+    r, k = pv.size, keep.size
+    XY = np.empty((r + k, q, p + 1))
+    XY[:r, :, :p], XY[:r, :, p] = common.Xl[pl], yl
+    XY[r:, :, :p], XY[r:, :, p] = common.Xl[pl[keep]] - XM[keep], yl[keep]
+    G = np.empty((r + k, q, q))
+    G[:r], G[r:] = common.G[pl], common.G[pl[keep]] - GM[keep]
+    sign = np.ones(r + k)
+    sign[:r] = -1.0
+    out.update(voxel=np.concatenate([pv, pv[keep]]), sign=sign, G=G, XY=XY)
     return out
 
 
-def compress_units(u: dict, p: int, q: int, budget: int = 64 * 2**20) -> list[tuple[np.ndarray, dict]]:
-    """The block's units with each voxel's large sets of units of one G_t replaced by unit groups.
+def _rank_within(voxel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, rank): the items sorted by voxel (stable) and each sorted item's place within its voxel."""
+    order = np.argsort(voxel, kind="stable")
+    sv = voxel[order]
+    return order, np.arange(sv.size) - np.searchsorted(sv, sv)
+
+
+def padded_units(units: dict, slots: int | None = None) -> dict:
+    """`touched_units` with each voxel's units in slots 0.. of (b, slots) arrays (sign 0 pads;
+    default: the block's largest count), the layout `MissingObjective.data` takes."""
+    b = units["n"].size
+    vox = units["voxel"]
+    T = int(np.bincount(vox, minlength=b).max(initial=0)) if slots is None else int(slots)
+    q, p1 = units["XY"].shape[1:]
+    out = {key: a for key, a in units.items() if key not in UNIT_KEYS}
+    order, slot = _rank_within(vox)
+    row = vox[order]
+    out.update(sign=np.zeros((b, T)), G=np.zeros((b, T, q, q)), X=np.zeros((b, T, q, p1 - 1)), y=np.zeros((b, T, q)))
+    out["sign"][row, slot], out["G"][row, slot] = units["sign"][order], units["G"][order]
+    out["X"][row, slot], out["y"][row, slot] = units["XY"][order, :, :-1], units["XY"][order, :, -1]
+    return out
+
+
+UNIT_KEYS = ("voxel", "sign", "G", "XY")  # the per-unit arrays of `touched_units`
+
+
+def block_units(stats: MissingRowStats, common: _Units, idx: np.ndarray, sums: LevelSums | None = None,
+                slots: int | None = None) -> dict:
+    """Every touched level's units for voxels idx, padded to `slots` (`touched_units`, `padded_units`)."""
+    return padded_units(touched_units(stats, common, idx, sums), slots)
+
+
+def compress_units(units: dict, p: int, q: int) -> list[tuple[np.ndarray, dict]]:
+    """A block's units (`touched_units`) with each voxel's large sets of units of one G_t as unit groups.
 
     Every unit term is either a weight times a function of G_t alone (log|I + G_t D|, T_t) or a
     weight times a bilinear form in z_t = [X_t | y_t] (X_t'W_t X_t, u_t u_t', S_t C S_t', ...).
@@ -300,81 +346,64 @@ def compress_units(u: dict, p: int, q: int, budget: int = 64 * 2**20) -> list[tu
     only through their weight sum Σ s_t and Gram matrix K = Σ s_t z_t ⊗ z_t, q²(p + 1)² numbers
     whatever their count: `group_products` and `group_gradient_parts` evaluate a group at the
     cost of about q units.  Sets of at least `min_group_size` units become groups; the rest stay
-    units.  Returns (positions in the block, units and groups) per padded size; each voxel's
-    units and groups are padded to the powers of two of its own counts (bucket), so its
+    units.  Returns (positions in the block, padded units and groups) per padded size; each
+    voxel's units and groups are padded to the powers of two of its own counts (bucket), so its
     arithmetic does not depend on the other voxels of the block.
     """
-    sign, G, X, y = u["sign"], u["G"], u["X"], u["y"]
-    b, T = sign.shape
-    vox, slot = np.nonzero(sign != 0)
+    b = units["n"].size
+    vox, sign, G, XY = (units[key] for key in UNIT_KEYS)
+    rest = {key: a for key, a in units.items() if key not in UNIT_KEYS}
     if vox.size == 0:
-        return [(np.arange(b), u)]
+        return [(np.arange(b), padded_units(units, 0))]
     # sets: a voxel's units with identical G_t (bit for bit: they come from the same arithmetic)
-    Gk = G[vox, slot].reshape(-1, q * q)
+    Gk = G.reshape(-1, q * q)
     order = np.lexsort([Gk[:, j] for j in range(q * q - 1, -1, -1)] + [vox])
-    vox, slot, Gk = vox[order], slot[order], Gk[order]
-    opens = np.concatenate([[True], (vox[1:] != vox[:-1]) | np.any(Gk[1:] != Gk[:-1], axis=1)])  # a set's first unit
+    svox, Gk = vox[order], Gk[order]
+    opens = np.concatenate([[True], (svox[1:] != svox[:-1]) | np.any(Gk[1:] != Gk[:-1], axis=1)])  # a set's first unit
     sid = np.cumsum(opens) - 1
-    size = np.bincount(sid)
-    grouped = (size >= min_group_size(p, q))[sid]  # per unit: its set becomes a group
-    if not grouped.any():
-        return [(np.arange(b), u)]
-    gvox = vox[opens][size >= min_group_size(p, q)]
-    n_groups = np.bincount(gvox, minlength=b)
-    n_units = np.bincount(vox[~grouped], minlength=b)
-    changed = n_groups > 0
-    # Gram matrices of the groups, from their units (sorted by group)
-    g = np.cumsum(opens[grouped]) - 1
-    vg, sg = vox[grouped], slot[grouped]
-    z = np.concatenate([X[vg, sg], y[vg, sg][..., None]], axis=-1).reshape(-1, q * (p + 1))
-    w = sign[vg, sg]
-    gstart = np.flatnonzero(np.concatenate([[True], g[1:] != g[:-1]]))
-    gsize = np.diff(np.concatenate([gstart, [g.size]]))
-    within = np.arange(g.size) - gstart[g]
+    big = np.bincount(sid) >= min_group_size(p, q)
+    grouped = big[sid]
+    # Gram matrices of the groups
+    ug = order[grouped]
+    gid = np.cumsum(opens[grouped]) - 1
+    n_big = int(big.sum())
     d = q * (p + 1)
-    K = np.empty((gstart.size, d, d))
-    longest = int(gsize.max())
-    step = max(1, budget // (16 * d * longest))
-    for a in range(0, gstart.size, step):  # groups padded to the longest: one batched product per chunk
-        e = min(a + step, gstart.size)
-        rows = slice(gstart[a], gstart[e] if e < gstart.size else g.size)
-        pad = np.zeros((e - a, longest, d))
-        pad[g[rows] - a, within[rows]] = z[rows]
-        weighted = np.zeros_like(pad)
-        weighted[g[rows] - a, within[rows]] = w[rows, None] * z[rows]
-        K[a:e] = np.swapaxes(weighted, 1, 2) @ pad
+    K = grouped_grams(XY[ug].reshape(-1, d), sign[ug], gid, n_big)
     K = K.reshape(-1, q, p + 1, q, p + 1).transpose(0, 1, 3, 2, 4)  # [a, b, i, j]
-    gw = np.add.reduceat(w, gstart)
-    gG = G[vg[gstart], sg[gstart]]
-    out = []
-    kept = np.flatnonzero(~changed)
-    if kept.size:  # voxels whose units stay as they are
-        out.append((kept, {key: a[kept] for key, a in u.items()}))
-    uv, us = vox[~grouped & changed[vox]], slot[~grouped & changed[vox]]  # units left beside groups
-    uorder = np.lexsort((us, uv))
-    uv, us = uv[uorder], us[uorder]
-    urank = np.arange(uv.size) - np.searchsorted(uv, uv)
-    grank = np.arange(gvox.size) - np.searchsorted(gvox, gvox)
+    gstart = np.flatnonzero(opens[grouped])
+    gw = np.bincount(gid, weights=sign[ug], minlength=n_big)
+    gG = G[ug[gstart]]
+    gvox = svox[opens][big]
+    # the units left beside groups
+    left = order[~grouped]
+    lorder, urank = _rank_within(vox[left])
+    left = left[lorder]
+    lvox = vox[left]
+    n_units = np.bincount(lvox, minlength=b)
+    n_groups = np.bincount(gvox, minlength=b)
     unit_size, group_size = bucket(n_units), bucket(n_groups)
-    shapes = unit_size * (int(group_size.max()) + 1) + group_size
-    for shape in np.unique(shapes[changed]):
-        pos = np.flatnonzero(changed & (shapes == shape))
+    shapes = unit_size * (int(group_size.max(initial=0)) + 1) + group_size
+    grank = np.arange(gvox.size) - np.searchsorted(gvox, gvox)
+    out = []
+    for shape in np.unique(shapes):
+        pos = np.flatnonzero(shapes == shape)
         Tn, Hn = int(unit_size[pos[0]]), int(group_size[pos[0]])
         local = np.full(b, -1, np.int64)
         local[pos] = np.arange(pos.size)
-        part = {key: a[pos] for key, a in u.items() if key not in ("sign", "G", "X", "y")}
-        su, Gu = np.zeros((pos.size, Tn)), np.zeros((pos.size, Tn, q, q))
-        Xu, yu = np.zeros((pos.size, Tn, q, p)), np.zeros((pos.size, Tn, q))
-        mine = local[uv] >= 0
-        row, col, src_v, src_s = local[uv[mine]], urank[mine], uv[mine], us[mine]
-        su[row, col], Gu[row, col], Xu[row, col], yu[row, col] = (sign[src_v, src_s], G[src_v, src_s],
-                                                                  X[src_v, src_s], y[src_v, src_s])
-        gwu, gGu = np.zeros((pos.size, Hn)), np.zeros((pos.size, Hn, q, q))
-        gKu = np.zeros((pos.size, Hn, q, q, p + 1, p + 1))
-        mine = np.flatnonzero(local[gvox] >= 0)
-        row, col = local[gvox[mine]], grank[mine]
-        gwu[row, col], gGu[row, col], gKu[row, col] = gw[mine], gG[mine], K[mine]
-        part.update(sign=su, G=Gu, X=Xu, y=yu, group_weight=gwu, group_G=gGu, group_K=gKu)
+        part = {key: a[pos] for key, a in rest.items()}
+        part.update(sign=np.zeros((pos.size, Tn)), G=np.zeros((pos.size, Tn, q, q)),
+                    X=np.zeros((pos.size, Tn, q, p)), y=np.zeros((pos.size, Tn, q)))
+        mine = local[lvox] >= 0
+        row, col, src = local[lvox[mine]], urank[mine], left[mine]
+        part["sign"][row, col], part["G"][row, col] = sign[src], G[src]
+        part["X"][row, col], part["y"][row, col] = XY[src, :, :p], XY[src, :, p]
+        if Hn:
+            part.update(group_weight=np.zeros((pos.size, Hn)), group_G=np.zeros((pos.size, Hn, q, q)),
+                        group_K=np.zeros((pos.size, Hn, q, q, p + 1, p + 1)))
+            mine = np.flatnonzero(local[gvox] >= 0)
+            row, col = local[gvox[mine]], grank[mine]
+            part["group_weight"][row, col], part["group_G"][row, col] = gw[mine], gG[mine]
+            part["group_K"][row, col] = K[mine]
         out.append((pos, part))
     return out
 
@@ -440,14 +469,16 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
 
     def prepare(job) -> None:
         """Units of a bucket's voxels, large sets of one G grouped (the arithmetic is each voxel's own)."""
-        idx, t, m = job
-        u = block_units(stats, common, idx, stats.sums.take(idx), slots=t, rows=m)
+        idx = job[0]
+        u = touched_units(stats, common, idx, stats.sums.take(idx))
         XtX_v = stats.XtX + u["dXtX"]
         full = full_rank(XtX_v, p)
         if not np.all(full):
             res.status[idx[~full]] = F.DROPPED_RANK
             idx, XtX_v = idx[full], XtX_v[full]
-            u = {key: a[full] for key, a in u.items()}
+            mine = full[u["voxel"]]
+            u = {key: a[mine] if key in UNIT_KEYS else a[full] for key, a in u.items()}
+            u["voxel"] = (np.cumsum(full) - 1)[u["voxel"]]
             if idx.size == 0:
                 return
         for pos, units in compress_units(u, p, q):
