@@ -264,9 +264,11 @@ def _read_batch(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
                 # (voxel, level) pairs of big classes that a missing value touches, with their y_j
                 keys = np.zeros(0, np.int64)
                 if not present.all():  # complete data (most chunks) touch nothing
-                    vm, rm = np.nonzero(~present.T)  # by voxel, then row: rows are in level order
-                    keys = vm * layout.n_levels[0] + codes[c0 + rm]  # so already sorted: drop repeats
-                    keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
+                    # a level's rows are adjacent: reduce them to one row first, then list by voxel
+                    starts = np.flatnonzero(np.concatenate([[True], codes[c0 + 1:c1] != codes[c0:c1 - 1]]))
+                    touches = np.logical_or.reduceat(~present, starts, axis=0)  # (levels, voxels)
+                    vm, lm = np.nonzero(np.ascontiguousarray(touches.T))  # by voxel, then level
+                    keys = vm * layout.n_levels[0] + codes[c0 + starts[lm]]
                     keys = keys[big[keys % layout.n_levels[0]]]
             else:
                 Z = random_effects_matrix([f.subset(slice(c0, c1)) for f in factors], layout)
@@ -284,7 +286,7 @@ def _read_batch(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
                     rows += pack_level_sums((Xc.T @ Yc).T, np.einsum("nv,nv->v", Yc, Yc), KXYo, KYY, y_small)
                     here = keys[(keys // layout.n_levels[0] >= a) & (keys // layout.n_levels[0] < a + v)]
                     vt, lt = here // layout.n_levels[0], here % layout.n_levels[0]
-                    touched.append(np.column_stack([vt, lt, yl[vt - a, lt - l0]]))
+                    touched.append((vt, np.column_stack([lt, yl[vt - a, lt - l0]])))
                     out.write(a, rows)
                 else:
                     out.write(a, accumulate_data_sums(rows, Xc, Z, Yc))
@@ -299,11 +301,7 @@ def _read_batch(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
     out.close()
     missing["_bits"] = np.concatenate(packed, axis=0).T.copy()  # (voxels, bytes)
     if aggregated:  # sorted by voxel, then level; offsets per voxel
-        t = np.concatenate(touched, axis=0) if touched else np.zeros((0, 2 + qk))
-        # each piece is sorted by voxel then level, and pieces come in level order: a stable sort by voxel
-        t = t[np.argsort(t[:, 0].astype(np.int64), kind="stable")]
-        ptr = np.concatenate([[0], np.cumsum(np.bincount(t[:, 0].astype(np.int64), minlength=voxels.size))])
-        missing["_touched"] = (np.ascontiguousarray(t[:, 1:]), ptr.astype(np.int64))
+        missing["_touched"] = _merge_by_voxel(touched, voxels.size, 1 + qk)
     return missing
 
 
@@ -337,14 +335,29 @@ def _block_inputs(plan: RunPlan, k: int):
         if values_path.exists():
             ptr = np.load(ptr_path, mmap_mode="r")
             values = np.array(np.load(values_path, mmap_mode="r")[ptr[lo]:ptr[hi]])
-            vox = np.repeat(np.arange(hi - lo), np.diff(np.asarray(ptr[lo:hi + 1])))
-            touched.append(np.column_stack([vox, values]))
-    if touched:  # each level lies in one batch: no pair twice
-        touched = np.concatenate(touched, axis=0)
-        touched = touched[np.lexsort((touched[:, 1], touched[:, 0]))]
+            touched.append((np.repeat(np.arange(hi - lo), np.diff(np.asarray(ptr[lo:hi + 1]))), values))
+    if touched:  # each level lies in one batch, and batches come in level order: by voxel, then level
+        values, ptr = _merge_by_voxel(touched, hi - lo, touched[0][1].shape[1])
+        touched = np.column_stack([np.repeat(np.arange(hi - lo), np.diff(ptr)), values])
     else:
         touched = None
     return sums, np.concatenate(present, axis=0), touched
+
+
+def _merge_by_voxel(pieces: list, n_voxels: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values sorted by voxel, then piece, then order within piece; offsets per voxel) from
+    pieces (voxel ids sorted, values (k, width)): each piece is sorted by voxel then level and
+    pieces come in level order, so every value's place follows from counts, with no sort."""
+    counts = np.zeros(n_voxels, np.int64)
+    for vox, _ in pieces:
+        counts += np.bincount(vox, minlength=n_voxels)
+    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    out = np.empty((int(ptr[-1]), width))
+    fill = ptr[:-1].copy()
+    for vox, values in pieces:
+        out[fill[vox] + np.arange(vox.size) - np.searchsorted(vox, vox)] = values
+        fill += np.bincount(vox, minlength=n_voxels)
+    return out, ptr
 
 
 def _missing_row_stats(plan: RunPlan, sums: np.ndarray, touched, keep: np.ndarray, patterns: np.ndarray,
