@@ -305,11 +305,18 @@ def touched_units(stats: MissingRowStats, common: _Units, idx: np.ndarray, sums:
     return out
 
 
+def rank_in_runs(keys: np.ndarray) -> np.ndarray:
+    """Each item's place within its run of equal sorted keys (0, 1, ... per run), in linear time."""
+    n = keys.size
+    starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]])[:n])
+    return np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n)))
+
+
 def _rank_within(voxel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(order, rank): the items sorted by voxel (stable) and each sorted item's place within its voxel."""
     order = np.argsort(voxel, kind="stable")
     sv = voxel[order]
-    return order, np.arange(sv.size) - np.searchsorted(sv, sv)
+    return order, rank_in_runs(sv)
 
 
 def padded_units(units: dict, slots: int | None = None) -> dict:
@@ -383,7 +390,7 @@ def compress_units(units: dict, p: int, q: int) -> list[tuple[np.ndarray, dict]]
     n_groups = np.bincount(gvox, minlength=b)
     unit_size, group_size = bucket(n_units), bucket(n_groups)
     shapes = unit_size * (int(group_size.max(initial=0)) + 1) + group_size
-    grank = np.arange(gvox.size) - np.searchsorted(gvox, gvox)
+    grank = rank_in_runs(gvox)
     out = []
     for shape in np.unique(shapes):
         pos = np.flatnonzero(shapes == shape)

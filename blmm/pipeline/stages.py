@@ -27,7 +27,7 @@ import numpy as np
 from blmm.config import Config
 from blmm.core.inference import infer
 from blmm.core.level_classes import class_aggregates
-from blmm.core.missing_rows import LevelSums, MissingRowStats, missing_design
+from blmm.core.missing_rows import LevelSums, MissingRowStats, missing_design, rank_in_runs
 from blmm.core.sufficient import (
     FactorLayout,
     accumulate_data_sums,
@@ -355,7 +355,7 @@ def _merge_by_voxel(pieces: list, n_voxels: int, width: int) -> tuple[np.ndarray
     out = np.empty((int(ptr[-1]), width))
     fill = ptr[:-1].copy()
     for vox, values in pieces:
-        out[fill[vox] + np.arange(vox.size) - np.searchsorted(vox, vox)] = values
+        out[fill[vox] + rank_in_runs(vox)] = values
         fill += np.bincount(vox, minlength=n_voxels)
     return out, ptr
 

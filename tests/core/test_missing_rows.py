@@ -211,3 +211,9 @@ def test_touched_levels_of_level_ordered_rows_equal_the_general_path():
     assert got[0].size > 3
     np.testing.assert_array_equal(got[0], key // ms.layout.n_levels[0])
     np.testing.assert_array_equal(got[1], key % ms.layout.n_levels[0])
+
+
+def test_rank_in_runs():
+    from blmm.core.missing_rows import rank_in_runs
+    np.testing.assert_array_equal(rank_in_runs(np.array([0, 0, 0, 2, 5, 5, 7])), [0, 1, 2, 0, 0, 1, 0])
+    assert rank_in_runs(np.zeros(0, np.int64)).size == 0
