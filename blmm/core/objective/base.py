@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from blmm.core.linalg import lower_triangular_inverse
 
 LOG2PI = float(np.log(2.0 * np.pi))
+LOOP_INVERSE_MIN_VOXELS = 1024  # from here on C's forward substitution beats LAPACK's per-matrix cost
 
 
 @dataclass
@@ -70,7 +71,10 @@ def _gls(XtVX: np.ndarray, XtVY: np.ndarray):
             except np.linalg.LinAlgError:
                 ok[i] = False
     Linv = np.full_like(XtVX, np.nan)
-    Linv[ok] = lower_triangular_inverse(L[ok])
+    if ok.sum() >= LOOP_INVERSE_MIN_VOXELS:
+        Linv[ok] = lower_triangular_inverse(L[ok])
+    else:  # a row loop over few voxels is GIL-bound: stalls the other threads' fits more than it saves
+        Linv[ok] = np.linalg.solve(L[ok], np.broadcast_to(np.eye(L.shape[-1]), L[ok].shape))
     C = np.swapaxes(Linv, 1, 2) @ Linv
     beta = np.einsum("vij,vj->vi", C, XtVY)
     logdet = 2.0 * np.sum(np.log(np.abs(np.diagonal(L, axis1=1, axis2=2))), axis=1)
