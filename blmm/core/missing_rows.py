@@ -237,16 +237,25 @@ def voxel_touched(stats: MissingRowStats) -> np.ndarray:
 def row_sums(values: np.ndarray, rows: np.ndarray, ptr: np.ndarray) -> np.ndarray:
     """Σ values[rows[ptr[k]:ptr[k + 1]]] for every k: one sparse product over the rows of values
     (n, m), without gathering them (np.add.reduceat over gathered rows is several times slower)."""
-    S = sp.csr_matrix((np.ones(rows.size), rows, ptr), shape=(ptr.size - 1, values.shape[0]))
+    index = _sparse_index_dtype(rows.size, values.shape[0])
+    S = sp.csr_matrix((np.ones(rows.size), rows.astype(index), ptr.astype(index)),
+                      shape=(ptr.size - 1, values.shape[0]))
     return np.asarray(S @ values)
+
+
+def _sparse_index_dtype(*sizes: int) -> type:
+    """int32 where every index fits: scipy copies int64 index arrays down to int32 anyway."""
+    return np.int32 if max(sizes) < 2**31 - 1 else np.int64
 
 
 def grouped_grams(values: np.ndarray, weights: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
     """Σ_t w_t v_t v_t' per group (n_groups, k, k) for rows v_t of values (N, k): one sparse
     product with the weighted rows placed in their group's k columns, no (N, k, k) outer products."""
     N, k = values.shape
-    W = sp.csr_matrix(((weights[:, None] * values).ravel(), (group[:, None] * k + np.arange(k)).ravel(),
-                       np.arange(0, N * k + 1, k)), shape=(N, n_groups * k))
+    index = _sparse_index_dtype(N * k, n_groups * k)
+    columns = (group[:, None].astype(index) * k + np.arange(k, dtype=index)).ravel()
+    W = sp.csr_matrix(((weights[:, None] * values).ravel(), columns, np.arange(0, N * k + 1, k, dtype=index)),
+                      shape=(N, n_groups * k))
     return np.asarray(W.T @ values).reshape(n_groups, k, k)
 
 
