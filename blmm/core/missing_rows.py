@@ -470,13 +470,16 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
     slots, rows = bucket(voxel_touched(stats)), bucket(stats.voxel_n_missing())
     fit_vox = np.flatnonzero(n_obs > p)
     fit_vox = fit_vox[np.lexsort((rows[fit_vox], slots[fit_vox]))]
-    per_block = budget // threads
+    # half the budget holds a round's prepared units, the other half the fit blocks' working memory
+    round_budget = budget // 2
+    per_block = (budget - round_budget) // threads
     jobs = []
     for group in np.split(fit_vox, np.flatnonzero(np.diff(slots[fit_vox]) | np.diff(rows[fit_vox])) + 1):
         if group.size == 0:
             continue
         t, m = int(slots[group[0]]), int(rows[group[0]])
-        size = max(1, int(per_block // (base_voxel + unit_bytes(m, p, q, t))))
+        size = max(1, min(int(per_block // (base_voxel + unit_bytes(m, p, q, t))),
+                          int(round_budget // prepared_bytes(t, p, q))))
         if threads > 1:  # enough blocks to share
             size = min(size, max(64, -(-fit_vox.size // (2 * threads))))
         jobs.extend((group[a:a + size], t, m) for a in range(0, group.size, size))
@@ -510,23 +513,48 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
         F._store(res, idx, out)
         res.resms[idx] = residual_mean_square(out.beta, XtX_v, part.XtY, part.YtY, n_obs[idx], p)
 
-    F.run_blocks(prepare, jobs, threads)
-    # voxels with the same unit and group counts are fitted together, whatever bucket they were
-    # prepared in: groups leave few distinct counts, so few (and large) fit blocks
-    by_count: dict[tuple, list] = {}
-    for idx, units in prepared:
-        H = units["group_weight"].shape[1] if "group_weight" in units else 0
-        by_count.setdefault((units["sign"].shape[1], H), []).append((idx, units))
-    fit_jobs = []
-    for (T, H), parts in sorted(by_count.items()):
-        idx = np.concatenate([i for i, _ in parts])
-        units = {key: np.concatenate([u[key] for _, u in parts]) for key in parts[0][1]}
-        size = max(1, int(per_block // (base_voxel + unit_bytes(0, p, q, (T + 1) // 2) + group_bytes(H, p, q))))
-        if threads > 1:  # enough blocks to share
-            size = min(size, max(64, -(-fit_vox.size // (2 * threads))))
-        fit_jobs.extend((idx[a:a + size], {key: arr[a:a + size] for key, arr in units.items()})
-                        for a in range(0, idx.size, size))
-    prepared.clear()
-    F.run_blocks(run, fit_jobs, threads)
+    for round_jobs in _rounds(jobs, lambda job: job[0].size * prepared_bytes(job[1], p, q), round_budget):
+        F.run_blocks(prepare, round_jobs, threads)
+        # voxels with the same unit and group counts are fitted together, whatever bucket they were
+        # prepared in: groups leave few distinct counts, so few (and large) fit blocks
+        by_count: dict[tuple, list] = {}
+        for idx, units in prepared:
+            H = units["group_weight"].shape[1] if "group_weight" in units else 0
+            by_count.setdefault((units["sign"].shape[1], H), []).append((idx, units))
+        prepared.clear()
+        n_round = sum(job[0].size for job in round_jobs)
+        fit_jobs = []
+        for T, H in sorted(by_count):
+            parts = by_count.pop((T, H))  # the parts go as soon as they are concatenated
+            idx = np.concatenate([i for i, _ in parts])
+            units = {key: np.concatenate([u[key] for _, u in parts]) for key in parts[0][1]}
+            del parts
+            size = max(1, int(per_block // (base_voxel + unit_bytes(0, p, q, (T + 1) // 2) + group_bytes(H, p, q))))
+            if threads > 1:  # enough blocks to share
+                size = min(size, max(64, -(-n_round // (2 * threads))))
+            fit_jobs.extend((idx[a:a + size], {key: arr[a:a + size] for key, arr in units.items()})
+                            for a in range(0, idx.size, size))
+        F.run_blocks(run, fit_jobs, threads)
     F._blank_unfitted(res)
     return res
+
+
+def prepared_bytes(n_touched: int, p: int, q: int) -> int:
+    """Bytes per voxel that its prepared units and groups hold until fitted: 2 n_touched units
+    padded to a power of two, groups at most 4x their units' bytes (sets of >= q(p + 1)/4), and X'X_v."""
+    return 8 * (4 * 2 * 2 * max(int(n_touched), 0) * (q * q + q * (p + 1) + 1) + p * p + p + 4)
+
+
+def _rounds(jobs: list, cost, budget: int) -> list[list]:
+    """Consecutive runs of jobs whose summed cost stays within budget (a costlier job on its own)."""
+    out, current, used = [], [], 0
+    for job in jobs:
+        c = cost(job)
+        if current and used + c > budget:
+            out.append(current)
+            current, used = [], 0
+        current.append(job)
+        used += c
+    if current:
+        out.append(current)
+    return out

@@ -217,3 +217,21 @@ def test_rank_in_runs():
     from blmm.core.missing_rows import rank_in_runs
     np.testing.assert_array_equal(rank_in_runs(np.array([0, 0, 0, 2, 5, 5, 7])), [0, 1, 2, 0, 0, 1, 0])
     assert rank_in_runs(np.zeros(0, np.int64)).size == 0
+
+
+def test_prepared_units_are_held_a_round_at_a_time(monkeypatch):
+    """max_block_bytes bounds the units prepared before fitting: a small budget prepares and fits
+    the voxels in several rounds, with the same result as one round."""
+    from blmm.core import fit as F
+    from blmm.core import missing_rows as mr
+    Y, X, f = balanced_design(1, seed=50, v=6)
+    ms = missing_row_stats_from_data(Y, X, f)
+    one = fit_missing_rows(ms, tol=1e-10, threads=1)
+    stages = []
+    real = F.run_blocks
+    monkeypatch.setattr(F, "run_blocks", lambda run, jobs, n: stages.append(run.__name__) or real(run, jobs, n))
+    voxel = mr.prepared_bytes(int(mr.voxel_touched(ms).max()), X.shape[1], 1)
+    several = fit_missing_rows(ms, tol=1e-10, threads=1, max_block_bytes=4 * voxel)  # rounds of ~2 voxels
+    assert len(stages) > 2 and stages == ["prepare", "run"] * (len(stages) // 2)
+    np.testing.assert_allclose(several.llh, one.llh, rtol=0, atol=1e-10)
+    np.testing.assert_array_equal(several.status, one.status)
