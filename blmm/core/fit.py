@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from blmm.core import linalg as la
@@ -120,8 +121,9 @@ def fit_stats(
     voxel in max_block_bytes is refused (ValueError) before any fitting.
     `MissingRowStats` (one factor) and `NestedMissingRowStats` (one nesting tree) are fitted
     with voxel-specific missing rows, without per-pattern objectives (docs/model.md).
-    max_block_bytes bounds the working memory of all voxel blocks in flight; `threads`
-    (default: the CPU count) fit blocks concurrently.
+    max_block_bytes bounds the working memory of all voxel blocks in flight and the presence
+    patterns' objectives held meanwhile (patterns are fitted in rounds); `threads` (default: the
+    CPU count) fit blocks concurrently.
     """
     method = check_method(method)
     if not (tol > 0):
@@ -150,7 +152,22 @@ def fit_stats(
     res = _empty_result(v, p, qk, k, list(layout.names), reml, method)
     res.n_obs[:] = stats.voxel_n_obs()
     threads = (os.cpu_count() or 1) if threads is None else max(1, int(threads))
-    jobs = []
+
+    def run(job) -> None:
+        obj, n, XtX, idx = job
+        data = obj.data(stats.XtY[idx], stats.ZtY[idx], stats.YtY[idx])
+        out = _fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)
+        _store(res, idx, out)  # blocks write disjoint rows
+        eTe = (stats.YtY[idx] - 2 * np.einsum("vp,vp->v", out.beta, stats.XtY[idx])
+               + np.einsum("vp,pq,vq->v", out.beta, XtX, out.beta))
+        res.resms[idx] = eTe / (n - p)
+
+    # patterns are fitted in rounds: a round's objectives hold at most half of max_block_bytes and
+    # its voxel blocks' working memory the other half (many patterns: many rounds, never all at once)
+    round_budget = max_block_bytes // 2
+    block_budget = max_block_bytes - round_budget
+    jobs: list = []
+    held = 0
     for u in range(stats.patterns.shape[0]):  # loop over missingness patterns, not voxels
         vox = np.flatnonzero(stats.pattern_of_voxel == u)
         if vox.size == 0:
@@ -164,25 +181,39 @@ def fit_stats(
             res.status[vox] = DROPPED_RANK
             continue
         obj, per_voxel = _pattern_objective(structure, tree, stats, u, n, reml)
+        size = held_bytes(obj)
+        if jobs and held + size > round_budget:
+            run_blocks(run, jobs, threads)
+            jobs, held = [], 0
+        held += size
         per_voxel += 8 * (k + 6) * p * p  # the packaged inference quantities
         # voxel blocks bound the memory; threads share the blocks (numpy releases the GIL)
-        block = max(1, int(max_block_bytes // max(per_voxel, 1) // max(threads, 1)))
+        block = max(1, int(block_budget // max(per_voxel, 1) // max(threads, 1)))
         if threads > 1:
             block = min(block, max(64, -(-vox.size // (2 * threads))))  # enough blocks to share
         jobs.extend((obj, n, XtX, vox[start:start + block]) for start in range(0, vox.size, block))
-
-    def run(job) -> None:
-        obj, n, XtX, idx = job
-        data = obj.data(stats.XtY[idx], stats.ZtY[idx], stats.YtY[idx])
-        out = _fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)
-        _store(res, idx, out)  # blocks write disjoint rows
-        eTe = (stats.YtY[idx] - 2 * np.einsum("vp,vp->v", out.beta, stats.XtY[idx])
-               + np.einsum("vp,pq,vq->v", out.beta, XtX, out.beta))
-        res.resms[idx] = eTe / (n - p)
-
+        del obj
     run_blocks(run, jobs, threads)
     _blank_unfitted(res)
     return res
+
+
+def held_bytes(obj, depth: int = 3) -> int:
+    """Bytes of the arrays an object holds (its attributes, lists and sub-objects, a few levels deep)."""
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if sp.issparse(obj):
+        return int(sum(getattr(obj, name).nbytes for name in ("data", "indices", "indptr", "row", "col")
+                       if hasattr(obj, name)))
+    if depth == 0:
+        return 0
+    if isinstance(obj, (list, tuple)):
+        return sum(held_bytes(item, depth - 1) for item in obj)
+    if isinstance(obj, dict):
+        return sum(held_bytes(item, depth - 1) for item in obj.values())
+    if hasattr(obj, "__dict__"):
+        return sum(held_bytes(item, depth - 1) for item in vars(obj).values())
+    return 0
 
 
 def run_blocks(run, jobs: list, threads: int) -> None:

@@ -261,3 +261,27 @@ def test_lower_triangular_inverse_matches_lapack():
     np.testing.assert_array_equal(np.triu(Li, 1), 0.0)
     np.testing.assert_allclose(Li, np.linalg.inv(L), rtol=1e-9, atol=1e-9 * np.abs(Li).max())
     np.testing.assert_allclose(L @ Li, np.broadcast_to(np.eye(23), L.shape), atol=1e-10)
+
+
+def test_patterns_are_fitted_in_rounds_within_max_block_bytes(monkeypatch):
+    """Many presence patterns (crossed factors, fitted pattern by pattern): their objectives are built
+    and fitted a round at a time, never all at once, with the same fit as one round."""
+    from blmm.core import fit as F
+    rng = np.random.default_rng(7)
+    n = 60
+    subject, site = np.repeat(np.arange(20), 3), np.tile(np.arange(4), 15)
+    X = np.column_stack([np.ones(n), rng.normal(size=n)])
+    Y = rng.normal(size=(n, 12)) + rng.normal(size=20)[subject, None] + rng.normal(size=4)[site, None]
+    for j in range(12):  # twelve patterns
+        Y[rng.choice(n, 3, replace=False), j] = np.nan
+    factors = [RandomFactor("subject", subject, np.ones((n, 1))), RandomFactor("site", site, np.ones((n, 1)))]
+    st = sufficient_stats(Y, X, factors)
+    assert st.patterns.shape[0] == 12
+    one = F.fit_stats(st, tol=1e-10, threads=1)
+    calls = []
+    real = F.run_blocks
+    monkeypatch.setattr(F, "run_blocks", lambda run, jobs, threads: calls.append(len(jobs)) or real(run, jobs, threads))
+    budget = 2 * F.held_bytes(F._pattern_objective("schur", None, st, 0, int(st.n_obs[0]), True)[0]) * 3
+    several = F.fit_stats(st, tol=1e-10, threads=1, max_block_bytes=budget)
+    assert len(calls) > 2 and sum(calls) >= 12
+    np.testing.assert_allclose(several.llh, one.llh, rtol=0, atol=1e-10)
