@@ -164,7 +164,8 @@ def fit_stats(
 
     # patterns are fitted in rounds: a round's objectives hold at most half of max_block_bytes and
     # its voxel blocks' working memory the other half (many patterns: many rounds, never all at once)
-    round_budget = max_block_bytes // 2
+    several = np.unique(stats.pattern_of_voxel).size > 1
+    round_budget = max_block_bytes // 2 if several else 0  # one pattern: one objective, as before
     block_budget = max_block_bytes - round_budget
     jobs: list = []
     held = 0
