@@ -113,8 +113,8 @@ def balanced_design(q: int, seed: int, n_sub: int = 60, v: int = 6):
     n = labels.size
     t = np.tile([0.0, 1.0, 2.0], n_sub)
     X = np.column_stack([np.ones(n), rng.normal(size=n_sub)[labels], t])
-    Zd = np.ones((n, 1)) if q == 1 else np.column_stack([np.ones(n), t])
-    b = rng.normal(size=(n_sub, q)) @ np.diag([1.0, 0.4][:q])
+    Zd = np.column_stack([np.ones(n), t, t**2 / 3])[:, :q]
+    b = rng.normal(size=(n_sub, q)) @ np.diag([1.0, 0.4, 0.2][:q])
     Y = 50 + X @ rng.normal(size=(3, v)) + (Zd * b[labels]).sum(1)[:, None] + rng.normal(size=(n, v))
     Y[: n // 3, 0] = np.nan  # a third of the images: whole subjects
     Y[(t == 2.0) & (labels % 2 == 0), 1] = np.nan  # the last visit of every other subject
@@ -125,7 +125,7 @@ def balanced_design(q: int, seed: int, n_sub: int = 60, v: int = 6):
 
 
 @pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
-@pytest.mark.parametrize("q", [1, 2])
+@pytest.mark.parametrize("q", [1, 2, 3])
 def test_unit_groups_give_the_same_objective(q, reml):
     from blmm.core.missing_rows import compress_units
     Y, X, f = balanced_design(q, seed=20 + q)
