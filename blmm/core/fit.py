@@ -151,7 +151,7 @@ def fit_stats(
     check_memory(structure, layout, p, max_block_bytes, tree)  # refuse before any work, with numbers
     res = _empty_result(v, p, qk, k, list(layout.names), reml, method)
     res.n_obs[:] = stats.voxel_n_obs()
-    threads = (os.cpu_count() or 1) if threads is None else max(1, int(threads))
+    threads = thread_count(threads)
 
     def run(job) -> None:
         obj, n, XtX, idx = job
@@ -197,6 +197,11 @@ def fit_stats(
     run_blocks(run, jobs, threads)
     _blank_unfitted(res)
     return res
+
+
+def thread_count(threads: int | None) -> int:
+    """Threads that fit voxel blocks: the CPU count unless given."""
+    return (os.cpu_count() or 1) if threads is None else max(1, int(threads))
 
 
 def held_bytes(obj, depth: int = 3) -> int:

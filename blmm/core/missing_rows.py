@@ -12,7 +12,6 @@ block size, so `max_block_bytes` holds however many patterns there are.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,7 +68,7 @@ def level_sums(classes: LevelClasses, Xl: np.ndarray, XtY, ZtY, YtY, touched_ptr
 
 
 class MissingRowCounts:
-    """Sizes derived from the fields every missing-row statistics object has (X, XtX,
+    """Sizes derived from the fields every missing-row statistics object has (layout, X, XtX,
     pattern_ptr, pattern_of_voxel): one factor here, a nesting tree in nested_missing_rows."""
 
     @property
@@ -89,6 +88,16 @@ class MissingRowCounts:
 
     def voxel_n_obs(self) -> np.ndarray:
         return self.n_rows - self.voxel_n_missing()
+
+    def empty_result(self, reml: bool, method: str):
+        """The FitResult to fill: no voxel fitted yet, n_obs set, voxels with n_obs <= p dropped."""
+        from blmm.core import fit as F  # the result type and status codes live with the fit
+        qk = list(self.layout.q)
+        res = F._empty_result(self.n_voxels, self.p, qk, 1 + sum(q * (q + 1) // 2 for q in qk),
+                              list(self.layout.names), reml, method)
+        res.n_obs[:] = self.voxel_n_obs()
+        res.status[res.n_obs <= self.p] = F.DROPPED_FEW
+        return res
 
 
 def compressed_missing_rows(patterns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -437,7 +446,7 @@ def group_bytes(n_groups: int, p: int, q: int) -> int:
 
 def unit_bytes(n_missing: int, p: int, q: int, n_touched: int | None = None) -> int:
     """Working bytes per voxel of a block's units: n_touched levels (default n_missing) padded, n_missing rows
-    (padded X_M, and per row its Z'Z and Z'X terms and indices before they are summed by level)."""
+    (per row its indices and sort keys, and the level sums of Z'Z and Z'X they give)."""
     T = 2 * max(int(n_missing if n_touched is None else n_touched), 0)
     return 8 * (12 * T * (q * q + q * p + q + 1) + n_missing * (p + q * q + q * p + 6) + 4 * p * p)
 
@@ -447,17 +456,13 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
     """Fit every voxel of one random factor with voxel-specific missing rows (see the module docstring)."""
     from blmm.core import fit as F  # the shared block fit, storage and status codes
 
-    layout = stats.layout
-    v, p = stats.n_voxels, stats.p
-    qk = list(layout.q)
+    p, qk = stats.p, list(stats.layout.q)
     q = qk[0]
     k = 1 + q * (q + 1) // 2
-    res = F._empty_result(v, p, qk, k, list(layout.names), reml, method)
-    n_obs = stats.voxel_n_obs()
-    res.n_obs[:] = n_obs
-    threads = (os.cpu_count() or 1) if threads is None else max(1, int(threads))
+    res = stats.empty_result(reml, method)
+    n_obs = res.n_obs
+    threads = F.thread_count(threads)
     n = stats.n_rows
-    res.status[n_obs <= p] = F.DROPPED_FEW
     obj = MissingObjective(stats.XtX, stats.ZtX, stats.ZtZ, n, q, reml)
     common = _Units(stats)
     base = obj.base
@@ -465,8 +470,8 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
     budget = max(max_block_bytes - shared, max_block_bytes // 8)
     # per voxel: the class weights and data sums (LevelSums, LevelData: KXY, KYY, KXYo), inference
     base_voxel = 8 * (12 * base.C * q ** 2 + base.Cb * (len(base.pairs) * (p + 1) + q * q * p) + (k + 6) * p * p)
-    # each voxel's units are padded to its own bucket (touched levels, missing rows), and blocks
-    # hold one bucket: a voxel's arithmetic does not depend on the block it lands in
+    # voxels of one size class (powers of two of touched levels and missing rows) share a job,
+    # sized for the class's largest: its units' working memory bounds the job's
     slots, rows = bucket(voxel_touched(stats)), bucket(stats.voxel_n_missing())
     fit_vox = np.flatnonzero(n_obs > p)
     fit_vox = fit_vox[np.lexsort((rows[fit_vox], slots[fit_vox]))]

@@ -11,7 +11,6 @@ size, so `max_block_bytes` holds however many patterns there are.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,17 +168,13 @@ def fit_nested_missing_rows(stats: NestedMissingRowStats, reml=True, method="pSF
     """Fit every voxel of a nesting tree with voxel-specific missing rows (see the module docstring)."""
     from blmm.core import fit as F  # the shared block fit, storage and status codes
 
-    layout = stats.layout
-    v, p = stats.n_voxels, stats.p
-    qk = list(layout.q)
+    p, qk = stats.p, list(stats.layout.q)
     k = 1 + sum(q * (q + 1) // 2 for q in qk)
-    res = F._empty_result(v, p, qk, k, list(layout.names), reml, method)
-    n_obs = stats.voxel_n_obs()
-    res.n_obs[:] = n_obs
-    threads = (os.cpu_count() or 1) if threads is None else max(1, int(threads))
+    res = stats.empty_result(reml, method)
+    n_obs = res.n_obs
+    threads = F.thread_count(threads)
     n = stats.n_rows
-    res.status[n_obs <= p] = F.DROPPED_FEW
-    obj = NestedMissingObjective(stats.XtX, stats.ZtX, stats.ZtZ, n, layout, reml, tree)
+    obj = NestedMissingObjective(stats.XtX, stats.ZtX, stats.ZtZ, n, stats.layout, reml, tree)
     fam = FamilyBlocks(stats, obj.base)
     shared = sum(a.nbytes for a in (*fam.G, *fam.Xl, fam.zrow))
     budget = max(max_block_bytes - shared, max_block_bytes // 8)
