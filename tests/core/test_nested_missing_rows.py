@@ -48,15 +48,23 @@ def missing_design(seed, slope=False, balanced=False, n_families=14, v=7):
 @pytest.mark.parametrize("slope", [False, True, "time_only"], ids=["intercepts", "slope", "time_only"])
 def test_objective_equals_per_pattern(slope, reml):
     Y, X, factors = missing_design(1, slope)
+    q = factors[1].q
+    v = Y.shape[1]
+    D = [np.full((v, 1, 1), 0.7),
+         np.broadcast_to(np.array([[0.5, 0.1], [0.1, 0.3]])[:q, :q] if q == 2 else np.array([[0.4]]), (v, q, q)).copy()]
+    assert_objective_equals_per_pattern(Y, X, factors, D, reml)
+
+
+def assert_objective_equals_per_pattern(Y, X, factors, D, reml, tree=None):
+    """At D, the vectorised objective equals each voxel's per-pattern NestedObjective to 1e-10
+    (llh, β, information, and per factor the gradient, Σ T and Σ uu')."""
     ms = nested_missing_row_stats_from_data(Y, X, factors)
     ss = sufficient_stats(Y, X, factors)
     obj = NestedMissingObjective(ms.XtX, ms.ZtX, ms.ZtZ, ms.n_rows, ms.layout, reml)
+    if tree is not None:
+        assert obj.tree == tree
     idx = np.arange(Y.shape[1])
     data = obj.data(ms.XtY, ms.ZtY, ms.YtY, **block_units(ms, FamilyBlocks(ms, obj.base), idx))
-    q = factors[1].q
-    D = [np.full((idx.size, 1, 1), 0.7),
-         np.broadcast_to(np.array([[0.5, 0.1], [0.1, 0.3]])[:q, :q] if q == 2 else np.array([[0.4]]),
-                         (idx.size, q, q)).copy()]
     ev = obj.evaluate(D, data, grad=True)
     for vox in idx:
         u = ss.pattern_of_voxel[vox]
@@ -66,10 +74,11 @@ def test_objective_equals_per_pattern(slope, reml):
         assert abs(ev.llh[vox] - ref.llh[0]) < 1e-10
         np.testing.assert_allclose(ev.beta[vox], ref.beta[0], atol=1e-10)
         np.testing.assert_allclose(ev.info[vox], ref.info[0], atol=1e-10, rtol=1e-10)
-        for k in range(2):
+        for k in range(len(D)):
             for ours, theirs in ((ev.grad[k], ref.grad[k]), (ev.T_sum[k], ref.T_sum[k]),
                                  (ev.uu_sum[k], ref.uu_sum[k])):
                 np.testing.assert_allclose(ours[vox], theirs[0], atol=1e-10, rtol=1e-10)
+    return ms, ss
 
 
 def test_three_level_chain_objective_and_fit():
@@ -79,23 +88,8 @@ def test_three_level_chain_objective_and_fit():
     house = factors[0].labels // 14  # family labels are 7 f + 3: two families per household
     Y += np.random.default_rng(0).standard_normal((house.max() + 1, Y.shape[1]))[house]
     factors = [RandomFactor("household", house, np.ones((n, 1)))] + factors
-    ms = nested_missing_row_stats_from_data(Y, X, factors)
-    ss = sufficient_stats(Y, X, factors)
-    obj = NestedMissingObjective(ms.XtX, ms.ZtX, ms.ZtZ, ms.n_rows, ms.layout, True)
-    assert obj.tree == [0, 1, 2]
-    idx = np.arange(Y.shape[1])
-    data = obj.data(ms.XtY, ms.ZtY, ms.YtY, **block_units(ms, FamilyBlocks(ms, obj.base), idx))
-    D = [np.full((idx.size, 1, 1), d) for d in (0.5, 0.7, 0.4)]
-    ev = obj.evaluate(D, data, grad=True)
-    for vox in idx:
-        u = ss.pattern_of_voxel[vox]
-        ref_obj = NestedObjective(ss.XtX[u], ss.ZtX[u], ss.ZtZ[u], int(ss.n_obs[u]), ss.layout, True)
-        ref = ref_obj.evaluate([d[[vox]] for d in D], ref_obj.data(ss.XtY[[vox]], ss.ZtY[[vox]], ss.YtY[[vox]]),
-                               grad=True)
-        assert abs(ev.llh[vox] - ref.llh[0]) < 1e-10
-        np.testing.assert_allclose(ev.info[vox], ref.info[0], atol=1e-10, rtol=1e-10)
-        for k in range(3):
-            np.testing.assert_allclose(ev.grad[k][vox], ref.grad[k][0], atol=1e-10, rtol=1e-10)
+    D = [np.full((Y.shape[1], 1, 1), d) for d in (0.5, 0.7, 0.4)]
+    ms, ss = assert_objective_equals_per_pattern(Y, X, factors, D, True, tree=[0, 1, 2])
     compare_fits(fit_stats(ms, tol=1e-10, threads=1), fit_stats(ss, tol=1e-10, threads=1, structure="nested"))
 
 
