@@ -498,12 +498,42 @@ def case_two_factor_missing():
     write_case("two_factor_missing", X, [subj, site], [ones, ones], Y, truth)
 
 
-def _family_design(rng, n_fam):
-    """ABCD-like: families of 1-3 subjects (mostly 1), 1-3 visits per subject."""
-    fam_of_subj, _ = _families(rng, n_fam, [0.7, 0.2, 0.1])
+def _family_design(rng, n_fam, visits=(1, 3), shares=(0.7, 0.2, 0.1)):
+    """ABCD-like: families of 1-3 subjects (shares: of 1, 2, 3; mostly 1), visits[0]-visits[1] visits per subject."""
+    fam_of_subj, _ = _families(rng, n_fam, list(shares))
     n_sub = fam_of_subj.size
-    subj = _visits(rng, n_sub, 1, 3)
+    subj = _visits(rng, n_sub, *visits)
     return fam_of_subj[subj - 1], subj, n_sub
+
+
+def _family_intercept_model(rng, fam, subj, n_sub, V):
+    """X (intercept, age, sex), the unit designs, and true β, σ² and D of (1 | family) + (1 | subject)."""
+    n = subj.size
+    visit = np.concatenate([np.arange((subj == s).sum()) for s in np.unique(subj)])
+    age = rng.uniform(-1.0, 1.0, n_sub)[subj - 1] + 0.2 * visit  # (age - mean) / 10 years
+    sex = rng.integers(0, 2, n_sub).astype(float)[subj - 1]
+    X = _rounded(np.column_stack([np.ones(n), age, sex]))
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D1 = _ratios(rng, V, 0.3, 4.0)[:, None, None]
+    D2 = _ratios(rng, V, 0.3, 6.0)[:, None, None]
+    return X, np.ones((n, 1)), betas, sigma2, D1, D2
+
+
+def _family_slope_model(rng, fam, subj, n_sub, V, family_ratio, subject_D):
+    """X (intercept, time, covariate), Z of (1 | family) + (1 + time | subject), and true β, σ² and D
+    (family_ratio: range of D_family; subject_D: ranges of the subject block's variances)."""
+    n = subj.size
+    time = _irregular_times(rng, subj)
+    cov = rng.normal(0, 1, n_sub)[subj - 1]
+    X = _rounded(np.column_stack([np.ones(n), time, cov]))
+    Z1 = np.ones((n, 1))
+    Z2 = np.column_stack([np.ones(n), X[:, 1]])
+    betas = _betas(rng, V)
+    sigma2 = rng.uniform(0.3, 1.5, V)
+    D1 = _ratios(rng, V, *family_ratio)[:, None, None]
+    D2 = _corr_D(rng, V, subject_D)
+    return X, Z1, Z2, betas, sigma2, D1, D2
 
 
 def case_family_intercept():
@@ -511,16 +541,7 @@ def case_family_intercept():
     rng = np.random.default_rng(1107)
     V = 8
     fam, subj, n_sub = _family_design(rng, 45)
-    n = subj.size
-    visit = np.concatenate([np.arange((subj == s).sum()) for s in np.unique(subj)])
-    age = rng.uniform(-1.0, 1.0, n_sub)[subj - 1] + 0.2 * visit  # (age - mean) / 10 years
-    sex = rng.integers(0, 2, n_sub).astype(float)[subj - 1]
-    X = _rounded(np.column_stack([np.ones(n), age, sex]))
-    ones = np.ones((n, 1))
-    betas = _betas(rng, V)
-    sigma2 = rng.uniform(0.5, 3.0, V)
-    D1 = _ratios(rng, V, 0.3, 4.0)[:, None, None]
-    D2 = _ratios(rng, V, 0.3, 6.0)[:, None, None]
+    X, ones, betas, sigma2, D1, D2 = _family_intercept_model(rng, fam, subj, n_sub, V)
     D1[2] = 0.0  # v3: no family effect
     D2[5] = 0.0  # v6: no subject effect (beyond family)
     Y = _simulate(rng, X, [fam, subj], [ones, ones], betas, sigma2, [D1, D2])
@@ -534,16 +555,8 @@ def case_family_slope():
     rng = np.random.default_rng(1108)
     V = 8
     fam, subj, n_sub = _family_design(rng, 40)
-    n = subj.size
-    time = _irregular_times(rng, subj)
-    cov = rng.normal(0, 1, n_sub)[subj - 1]
-    X = _rounded(np.column_stack([np.ones(n), time, cov]))
-    Z1 = np.ones((n, 1))
-    Z2 = np.column_stack([np.ones(n), X[:, 1]])
-    betas = _betas(rng, V)
-    sigma2 = rng.uniform(0.3, 1.5, V)
-    D1 = _ratios(rng, V, 0.3, 4.0)[:, None, None]
-    D2 = _corr_D(rng, V, [(0.5, 6.0), (0.1, 1.0)])
+    X, Z1, Z2, betas, sigma2, D1, D2 = _family_slope_model(rng, fam, subj, n_sub, V, (0.3, 4.0),
+                                                           [(0.5, 6.0), (0.1, 1.0)])
     D1[6] = 0.0  # v7: no family effect
     Y = _simulate(rng, X, [fam, subj], [Z1, Z2], betas, sigma2, [D1, D2])
     write_case("family_slope", X, [fam, subj], [Z1, Z2], Y, _truth(betas, sigma2, [D1, D2]))
@@ -587,14 +600,6 @@ def case_intercept_missing():
     write_case("intercept_missing", X, [subj], [Z], Y, truth)
 
 
-def _family_missing_design(rng, n_fam, visits=(1, 3), shares=(0.5, 0.3, 0.2)):
-    """Families of 1-3 subjects (shares: of 1, 2, 3), visits[0]-visits[1] visits per subject."""
-    fam_of_subj, _ = _families(rng, n_fam, list(shares))
-    n_sub = fam_of_subj.size
-    subj = _visits(rng, n_sub, *visits)
-    return fam_of_subj[subj - 1], subj, n_sub
-
-
 def _family_missing_rows(rng, Y, fam, subj):
     """v1 complete; v2 3 rows; v3 a whole subject of a multi-subject family; v4 a whole family of
     3 subjects; v5 10%; v6 every singleton family; v7 15% and a whole family; v8 5%."""
@@ -613,17 +618,8 @@ def case_family_missing():
     """(1 | family) + (1 | subject), 40 families; missing rows at v2-v8 (_family_missing_rows)."""
     rng = np.random.default_rng(1202)
     V = 8
-    fam, subj, n_sub = _family_missing_design(rng, 40)
-    n = subj.size
-    visit = np.concatenate([np.arange((subj == s).sum()) for s in np.unique(subj)])
-    age = rng.uniform(-1.0, 1.0, n_sub)[subj - 1] + 0.2 * visit
-    sex = rng.integers(0, 2, n_sub).astype(float)[subj - 1]
-    X = _rounded(np.column_stack([np.ones(n), age, sex]))
-    ones = np.ones((n, 1))
-    betas = _betas(rng, V)
-    sigma2 = rng.uniform(0.5, 3.0, V)
-    D1 = _ratios(rng, V, 0.3, 4.0)[:, None, None]
-    D2 = _ratios(rng, V, 0.3, 6.0)[:, None, None]
+    fam, subj, n_sub = _family_design(rng, 40, shares=(0.5, 0.3, 0.2))
+    X, ones, betas, sigma2, D1, D2 = _family_intercept_model(rng, fam, subj, n_sub, V)
     Y = _simulate(rng, X, [fam, subj], [ones, ones], betas, sigma2, [D1, D2])
     _family_missing_rows(rng, Y, fam, subj)
     write_case("family_missing", X, [fam, subj], [ones, ones], Y, _truth(betas, sigma2, [D1, D2]))
@@ -634,17 +630,10 @@ def case_family_slope_missing():
     more images than subject effects at every voxel); missing rows as family_missing."""
     rng = np.random.default_rng(1203)
     V = 8
-    fam, subj, n_sub = _family_missing_design(rng, 50, visits=(2, 4), shares=(0.3, 0.4, 0.3))
-    n = subj.size
-    time = _irregular_times(rng, subj)
-    cov = rng.normal(0, 1, n_sub)[subj - 1]
-    X = _rounded(np.column_stack([np.ones(n), time, cov]))
-    Z1 = np.ones((n, 1))
-    Z2 = np.column_stack([np.ones(n), X[:, 1]])
-    betas = _betas(rng, V)
-    sigma2 = rng.uniform(0.3, 1.5, V)
-    D1 = _ratios(rng, V, 0.5, 4.0)[:, None, None]
-    D2 = _corr_D(rng, V, [(1.0, 6.0), (0.3, 1.5)])  # fewer boundary fits than family_slope
+    fam, subj, n_sub = _family_design(rng, 50, visits=(2, 4), shares=(0.3, 0.4, 0.3))
+    # larger variances than family_slope: fewer boundary fits
+    X, Z1, Z2, betas, sigma2, D1, D2 = _family_slope_model(rng, fam, subj, n_sub, V, (0.5, 4.0),
+                                                           [(1.0, 6.0), (0.3, 1.5)])
     Y = _simulate(rng, X, [fam, subj], [Z1, Z2], betas, sigma2, [D1, D2])
     _family_missing_rows(rng, Y, fam, subj)
     write_case("family_slope_missing", X, [fam, subj], [Z1, Z2], Y, _truth(betas, sigma2, [D1, D2]))
