@@ -84,6 +84,29 @@ def _knock_out(rng, Y: np.ndarray, voxels: list[int], fraction: float) -> None:
         Y[rng.choice(Y.shape[0], size=int(round(fraction * Y.shape[0])), replace=False), v] = np.nan
 
 
+def _slope_study(rng):
+    """70 subjects seen 2-6 times at irregular times, a subject-level covariate: (subject, time, covariate, X)."""
+    subject = _subjects(rng, 70, 2, 6)
+    time = _irregular_times(rng, subject)
+    covariate = _rounded(rng.normal(0, 1, 70)[subject - 1])
+    return subject, time, covariate, np.column_stack([np.ones(subject.size), time, covariate])
+
+
+def _slope_responses(rng, X, subject, time, beta, sigma2, intercept_ratio, slope_ratio, correlation) -> np.ndarray:
+    """Y with a correlated random intercept and time slope per subject (the intercept alone where the
+    slope's ratio is 0), relative to σ² per voxel."""
+    n = subject.size
+    design = np.column_stack([np.ones(n), time])
+    Y = np.empty((n, N_VOXELS))
+    for v in range(N_VOXELS):
+        off = correlation[v] * np.sqrt(intercept_ratio[v] * slope_ratio[v])
+        cov = sigma2[v] * np.array([[intercept_ratio[v], off], [off, slope_ratio[v]]])
+        q = 1 if slope_ratio[v] == 0.0 else 2
+        effect = _level_effects(rng, subject, design[:, :q], cov[:q, :q])
+        Y[:, v] = X @ beta[v] + effect + np.sqrt(sigma2[v]) * rng.standard_normal(n)
+    return Y
+
+
 def write_case(name: str, columns: dict[str, np.ndarray], Y: np.ndarray, models: dict, truth: dict) -> None:
     out = DATA / f"compare_{name}"
     out.mkdir(parents=True, exist_ok=True)
@@ -102,27 +125,15 @@ def write_case(name: str, columns: dict[str, np.ndarray], Y: np.ndarray, models:
 def case_slope() -> None:
     """REML: random intercept vs correlated random intercept + slope on time (1/2 chi2_1 + 1/2 chi2_2)."""
     rng = np.random.default_rng(2001)
-    subject = _subjects(rng, 70, 2, 6)
+    subject, time, covariate, X = _slope_study(rng)
     n = subject.size
-    time = _irregular_times(rng, subject)
-    covariate = _rounded(rng.normal(0, 1, 70)[subject - 1])
-    X = np.column_stack([np.ones(n), time, covariate])
     slope_ratio = np.array([0.0, 0.0, 0.02, 0.05, 0.1, 0.3, 0.6, 1.0])
     intercept_ratio = np.array([1.0, 3.0, 0.5, 2.0, 1.0, 4.0, 0.3, 1.5])
     correlation = np.array([0.0, 0.0, 0.3, -0.4, 0.2, 0.5, -0.2, 0.0])
     sigma2 = rng.uniform(0.5, 2.0, N_VOXELS)
     beta = np.column_stack([rng.normal(10, 2, N_VOXELS), rng.normal(0, 0.5, N_VOXELS),
                             rng.normal(0, 0.5, N_VOXELS)])
-    design = np.column_stack([np.ones(n), time])
-    Y = np.empty((n, N_VOXELS))
-    for v in range(N_VOXELS):
-        off = correlation[v] * np.sqrt(intercept_ratio[v] * slope_ratio[v])
-        cov = sigma2[v] * np.array([[intercept_ratio[v], off], [off, slope_ratio[v]]])
-        if slope_ratio[v] == 0.0:
-            effect = _level_effects(rng, subject, design[:, :1], cov[:1, :1])
-        else:
-            effect = _level_effects(rng, subject, design, cov)
-        Y[:, v] = X @ beta[v] + effect + np.sqrt(sigma2[v]) * rng.standard_normal(n)
+    Y = _slope_responses(rng, X, subject, time, beta, sigma2, intercept_ratio, slope_ratio, correlation)
     _knock_out(rng, Y, [6, 7], 0.05)
     models = {
         "REML": True,
@@ -209,23 +220,15 @@ def case_fixed() -> None:
 def case_uncorrelated() -> None:
     """REML: uncorrelated intercept + slope (lme4's ||, two factors) vs the correlated factor (chi2_1, exact)."""
     rng = np.random.default_rng(2004)
-    subject = _subjects(rng, 70, 2, 6)
+    subject, time, covariate, X = _slope_study(rng)
     n = subject.size
-    time = _irregular_times(rng, subject)
-    covariate = _rounded(rng.normal(0, 1, 70)[subject - 1])
-    X = np.column_stack([np.ones(n), time, covariate])
     correlation = np.array([0.0, 0.0, 0.1, -0.3, 0.5, -0.6, 0.8, 0.3])
     slope_ratio = rng.uniform(0.1, 0.6, N_VOXELS)
     intercept_ratio = rng.uniform(0.5, 3.0, N_VOXELS)
     sigma2 = rng.uniform(0.5, 2.0, N_VOXELS)
     beta = np.column_stack([rng.normal(10, 2, N_VOXELS), rng.normal(0, 0.5, N_VOXELS),
                             rng.normal(0, 0.5, N_VOXELS)])
-    design = np.column_stack([np.ones(n), time])
-    Y = np.empty((n, N_VOXELS))
-    for v in range(N_VOXELS):
-        off = correlation[v] * np.sqrt(intercept_ratio[v] * slope_ratio[v])
-        cov = sigma2[v] * np.array([[intercept_ratio[v], off], [off, slope_ratio[v]]])
-        Y[:, v] = X @ beta[v] + _level_effects(rng, subject, design, cov) + np.sqrt(sigma2[v]) * rng.standard_normal(n)
+    Y = _slope_responses(rng, X, subject, time, beta, sigma2, intercept_ratio, slope_ratio, correlation)
     _knock_out(rng, Y, [7], 0.05)
     models = {
         "REML": True,
