@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -320,7 +319,8 @@ def missing_value_counts(plan: RunPlan) -> dict[str, int]:
 
 def _block_inputs(plan: RunPlan, k: int):
     """Block k's summed statistics and presence matrix (n, voxels), summed in batch order (rows in
-    the plan's level order); for one factor also the touched levels' (voxel, level, y_j), sorted."""
+    the plan's level order); for one factor also the touched levels' (level, y_j) rows by voxel and
+    their offsets per voxel."""
     lo, hi = plan.blocks[k]
     sums = None
     present = []
@@ -336,11 +336,8 @@ def _block_inputs(plan: RunPlan, k: int):
             ptr = np.load(ptr_path, mmap_mode="r")
             values = np.array(np.load(values_path, mmap_mode="r")[ptr[lo]:ptr[hi]])
             touched.append((np.repeat(np.arange(hi - lo), np.diff(np.asarray(ptr[lo:hi + 1]))), values))
-    if touched:  # each level lies in one batch, and batches come in level order: by voxel, then level
-        values, ptr = _merge_by_voxel(touched, hi - lo, touched[0][1].shape[1])
-        touched = np.column_stack([np.repeat(np.arange(hi - lo), np.diff(ptr)), values])
-    else:
-        touched = None
+    # each level lies in one batch, and batches come in level order: by voxel, then level
+    touched = _merge_by_voxel(touched, hi - lo, touched[0][1].shape[1]) if touched else None
     return sums, np.concatenate(present, axis=0), touched
 
 
@@ -348,15 +345,13 @@ def _merge_by_voxel(pieces: list, n_voxels: int, width: int) -> tuple[np.ndarray
     """(values sorted by voxel, then piece, then order within piece; offsets per voxel) from
     pieces (voxel ids sorted, values (k, width)): each piece is sorted by voxel then level and
     pieces come in level order, so every value's place follows from counts, with no sort."""
-    counts = np.zeros(n_voxels, np.int64)
-    for vox, _ in pieces:
-        counts += np.bincount(vox, minlength=n_voxels)
-    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    counts = [np.bincount(vox, minlength=n_voxels) for vox, _ in pieces]
+    ptr = np.concatenate([[0], np.cumsum(np.sum(counts, axis=0))]).astype(np.int64)
     out = np.empty((int(ptr[-1]), width))
     fill = ptr[:-1].copy()
-    for vox, values in pieces:
+    for (vox, values), count in zip(pieces, counts):
         out[fill[vox] + rank_in_runs(vox)] = values
-        fill += np.bincount(vox, minlength=n_voxels)
+        fill += count
     return out, ptr
 
 
@@ -370,15 +365,14 @@ def _missing_row_stats(plan: RunPlan, sums: np.ndarray, touched, keep: np.ndarra
     q, p = layout.q[0], plan.config.p
     XtY, YtY, KXYo, KYY, y_small = unpack_level_sums(sums[keep], p, q, stats.classes.n_big,
                                                      stats.classes.small_levels.size)
-    if touched is None:
-        touched = np.zeros((0, 2 + q))
+    values, ptr = (np.zeros((0, 1 + q)), np.zeros(sums.shape[0] + 1, np.int64)) if touched is None else touched
     where = np.full(sums.shape[0], -1, np.int64)
     where[keep] = np.arange(keep.size)
-    touched = touched[where[touched[:, 0].astype(np.int64)] >= 0]  # voxels screened out drop
-    vox = where[touched[:, 0].astype(np.int64)]
-    ptr = np.concatenate([[0], np.cumsum(np.bincount(vox, minlength=keep.size))]).astype(np.int64)
+    vox = where[np.repeat(np.arange(sums.shape[0]), np.diff(ptr))]
+    values = values[vox >= 0]  # voxels screened out drop
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(vox[vox >= 0], minlength=keep.size))]).astype(np.int64)
     stats.sums = LevelSums(XtY=XtY, YtY=YtY, KXYo=KXYo, KYY=KYY, y_small=y_small, touched_ptr=ptr,
-                           touched_level=touched[:, 1].astype(np.int64), touched_y=np.ascontiguousarray(touched[:, 2:]))
+                           touched_level=values[:, 0].astype(np.int64), touched_y=np.ascontiguousarray(values[:, 1:]))
     return stats
 
 
