@@ -155,11 +155,7 @@ def unit_products(D: np.ndarray, sign: np.ndarray, G: np.ndarray, X: np.ndarray,
     and R_t = (I + G_t D)⁻¹ per unit.  D (v, q, q); sign (v, T); G (v, T, q, q); X (v, T, q, p); y (v, T, q)."""
     v, T = sign.shape
     q, p = G.shape[-1], X.shape[-1]
-    A = np.eye(q) + _small_product(G, D[:, None])  # (v, T, q, q): I + G_t D
-    Ru = _inv(A)
-    W = _small_product(D[:, None], Ru)
-    W = 0.5 * (W + np.swapaxes(W, -1, -2))
-    dlogdetV = np.einsum("vt,vt->v", sign, _logdet(A))
+    Ru, W, dlogdetV = _resolvents(D, sign, G)
     sX = (sign[:, :, None, None] * X).reshape(v, T * q, p)
     WX = _small_product(W, X).reshape(v, T * q, p)
     dXtVX = -(np.swapaxes(sX, 1, 2) @ WX)
@@ -185,8 +181,7 @@ class UnitParts:
 
 def unit_gradient_parts(Ru, sign, G, X, y, beta, C=None) -> UnitParts:
     """The units' pieces of the deviance gradient (C = (X'V⁻¹X)⁻¹ for REML, None for ML)."""
-    Tu = _small_product(Ru, G)
-    Tu = 0.5 * (Tu + np.swapaxes(Tu, -1, -2))
+    Tu = la.sym(_small_product(Ru, G))
     v, T, q, p = X.shape
     r = y - (X.reshape(v, T * q, p) @ beta[:, :, None]).reshape(v, T, q)
     u = np.einsum("vtab,vtb->vta", Ru, r)
@@ -207,11 +202,7 @@ def group_products(D: np.ndarray, weight: np.ndarray, G: np.ndarray, K: np.ndarr
     D (v, q, q); weight (v, H); G (v, H, q, q); K (v, H, q, q, p + 1, p + 1)."""
     v, H, q = G.shape[:3]
     p = K.shape[-1] - 1
-    A = np.eye(q) + _small_product(G, D[:, None])
-    Rg = _inv(A)
-    W = _small_product(D[:, None], Rg)
-    W = 0.5 * (W + np.swapaxes(W, -1, -2))
-    dlogdetV = np.einsum("vh,vh->v", weight, _logdet(A))
+    Rg, W, dlogdetV = _resolvents(D, weight, G)
     M = -(W.reshape(v, 1, H * q * q) @ K.reshape(v, H * q * q, (p + 1) ** 2)).reshape(v, p + 1, p + 1)
     return M[:, :p, :p], M[:, :p, p], M[:, p, p], dlogdetV, Rg
 
@@ -231,8 +222,7 @@ def group_gradient_parts(Rg, G, K, beta, C=None) -> GroupParts:
     """The groups' pieces of the deviance gradient (C for REML, None for ML)."""
     v, H, q = G.shape[:3]
     p = beta.shape[1]
-    Tg = _small_product(Rg, G)
-    Tg = 0.5 * (Tg + np.swapaxes(Tg, -1, -2))
+    Tg = la.sym(_small_product(Rg, G))
     e = np.concatenate([-beta, np.ones((v, 1))], axis=1)  # [X | y] e = y - X β
     Ke = (K.reshape(v, H * q * q * (p + 1), p + 1) @ e[:, :, None]).reshape(v, H, q, q, p + 1)
     N = (Ke.reshape(v, H * q * q, p + 1) @ e[:, :, None]).reshape(v, H, q, q)
@@ -248,6 +238,13 @@ def group_gradient_parts(Rg, G, K, beta, C=None) -> GroupParts:
         P = sandwich(XCX)
     A = np.einsum("vhxa,vhyb,vhabi->vxyi", Rg, Rg, Ke[..., :p])
     return GroupParts(T=Tg, uu=sandwich(N), P=P, A=A)
+
+
+def _resolvents(D: np.ndarray, weight: np.ndarray, G: np.ndarray):
+    """Per unit or group (v, T, q, q): R = (I + G D)⁻¹, W = D R (symmetrised) and Σ weight log|I + G D|."""
+    A = np.eye(G.shape[-1]) + _small_product(G, D[:, None])
+    R = _inv(A)
+    return R, la.sym(_small_product(D[:, None], R)), np.einsum("vt,vt->v", weight, _logdet(A))
 
 
 def _small_product(A: np.ndarray, B: np.ndarray) -> np.ndarray:
