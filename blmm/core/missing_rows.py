@@ -399,10 +399,8 @@ def compress_units(units: dict, p: int, q: int) -> list[tuple[np.ndarray, dict]]
     gw = np.bincount(gid, weights=sign[ug], minlength=n_big)
     gG = G[ug[gstart]]
     gvox = svox[opens][big]
-    # the units left beside groups
+    # the units left beside groups (by voxel, then G)
     left = order[~grouped]
-    lorder, urank = _rank_within(vox[left])
-    left = left[lorder]
     lvox = vox[left]
     n_units = np.bincount(lvox, minlength=b)
     n_groups = np.bincount(gvox, minlength=b)
@@ -415,13 +413,9 @@ def compress_units(units: dict, p: int, q: int) -> list[tuple[np.ndarray, dict]]
         Tn, Hn = int(unit_size[pos[0]]), int(group_size[pos[0]])
         local = np.full(b, -1, np.int64)
         local[pos] = np.arange(pos.size)
-        part = {key: a[pos] for key, a in rest.items()}
-        part.update(sign=np.zeros((pos.size, Tn)), G=np.zeros((pos.size, Tn, q, q)),
-                    X=np.zeros((pos.size, Tn, q, p)), y=np.zeros((pos.size, Tn, q)))
-        mine = local[lvox] >= 0
-        row, col, src = local[lvox[mine]], urank[mine], left[mine]
-        part["sign"][row, col], part["G"][row, col] = sign[src], G[src]
-        part["X"][row, col], part["y"][row, col] = XY[src, :, :p], XY[src, :, p]
+        src = left[local[lvox] >= 0]
+        part = padded_units({**{key: a[pos] for key, a in rest.items()}, "voxel": local[vox[src]],
+                             "sign": sign[src], "G": G[src], "XY": XY[src]}, Tn)
         if Hn:
             part.update(group_weight=np.zeros((pos.size, Hn)), group_G=np.zeros((pos.size, Hn, q, q)),
                         group_K=np.zeros((pos.size, Hn, q, q, p + 1, p + 1)))
