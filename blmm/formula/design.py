@@ -1,7 +1,7 @@
 """Build X and the random factors of an lme4 formula over a participants table.
 
 ``build_design(formula, table)`` returns a :class:`ModelDesign`: the fixed-effects matrix X
-with its coefficient names and term map, and one :class:`blmm.design.RandomFactor` per
+with its coefficient names and term map, and one :class:`blmm.core.design.RandomFactor` per
 expanded random term, in lme4's ``reTrms`` order.  The fixed part and every random term's
 ``expr`` are materialised by formulaic (R's defaults: treatment coding with the first level
 as reference, ``C()``, ``center()``, ``scale()``, ``poly()``, interactions); the random-term

@@ -10,7 +10,7 @@ Shapes (n images, p fixed effects, V voxels, q_k effects per level of factor k):
 * ``X``          (n, p) float; column 0 is the intercept
 * ``Y``          (n, V) float; NaN where a voxel's value is missing
 * ``factors``    list of (name, labels (n,) int, design (n, q_k) float), in file order f1, f2, ...
-                 (``blmm.design.RandomFactor(*factor)`` builds the package's object)
+                 (``blmm.core.design.RandomFactor(*factor)`` builds the package's object)
 * ``contrasts``  list of (name, vector): vector (p,) for a T contrast, (m, p) for an F contrast
 * ``reml`` / ``ml`` dicts:
     ``beta`` (V, p), ``sigma2`` (V,), ``D`` / ``sigma2D`` {factor name: (V, q_k, q_k)}
