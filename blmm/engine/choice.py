@@ -61,11 +61,14 @@ def choose_engine(spec: EngineSpec, serial_seconds: float | None = None,
     if serial_seconds is None:
         return EngineChoice(replace(spec, kind="local"), "chosen by default: no estimate of the work")
     cores = local_worker_count() if cores is None else max(1, int(cores))
+    if spec.workers is not None:  # at most the workers asked for (e.g. upstream's numNodes)
+        cores = min(cores, spec.workers)
     seconds = finish_seconds(serial_seconds, cores)
-    estimate = (f"~{serial_seconds:.0f} s of work on one core: about {seconds['inline']:.0f} s inline, "
+    origin = f"{spec.kind_from}; " if spec.kind_from else ""
+    estimate = (f"{origin}~{serial_seconds:.0f} s of work on one core: about {seconds['inline']:.0f} s inline, "
                 f"{seconds['local']:.0f} s on a local dask cluster including its "
                 f"~{LOCAL_CLUSTER_START_SECONDS:.0f} s start-up")
     if seconds["inline"] <= seconds["local"]:
         return EngineChoice(replace(spec, kind="inline", workers=cores),
                             f"chosen: {estimate}; --cluster local to use one anyway")
-    return EngineChoice(replace(spec, kind="local"), f"chosen: {estimate}")
+    return EngineChoice(replace(spec, kind="local", workers=spec.workers), f"chosen: {estimate}")

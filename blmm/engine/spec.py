@@ -152,6 +152,7 @@ class EngineSpec:
     start_timeout: float | None = None
     progress: str = "auto"
     cluster_kwargs: dict[str, Any] = field(default_factory=dict)
+    kind_from: str = ""  # where kind auto came from, when not from nothing (said in the choice's line)
 
     def __post_init__(self) -> None:
         self.kind = str(self.kind).strip().lower()
@@ -204,10 +205,18 @@ class EngineSpec:
             merged["kind"] = cluster_type
         if num_nodes is not None:
             merged["workers"] = num_nodes
-        merged.update(_normalise_keys(cluster_section or {}, "the YAML 'cluster:' section"))
-        merged.update(_normalise_keys(cli_overrides or {}, "the command-line options"))
+        section = _normalise_keys(cluster_section or {}, "the YAML 'cluster:' section")
+        cli = _normalise_keys(cli_overrides or {}, "the command-line options")
+        merged.update(section)
+        merged.update(cli)
         if set(merged) <= set(ENGINE_NEUTRAL_FIELDS):  # nobody asked for an engine
             merged["kind"] = "auto"
+        elif (str(cluster_type).strip().lower() == "local" and "kind" not in section and "kind" not in cli
+              and set(merged) - {"kind", "workers"} <= set(ENGINE_NEUTRAL_FIELDS)):
+            # upstream's clusterType: local meant "this machine": inline threads or a local
+            # cluster, whichever finishes sooner (--cluster local still forces a cluster)
+            merged["kind"] = "auto"
+            merged["kind_from"] = "the inputs file's clusterType: local, read as 'this machine'"
         return cls(**merged)
 
 

@@ -274,7 +274,13 @@ def test_from_config_precedence_cli_over_yaml_over_upstream_keys():
     assert EngineSpec.from_config().kind == "auto"
     assert EngineSpec.from_config(None, None, {}, {"retries": 3, "progress": "off"}).kind == "auto"
     assert EngineSpec.from_config(None, None, {"workers": 2}, {}).kind == "local"
-    assert EngineSpec.from_config("local", None, {}, {}).kind == "local"
+    # upstream's clusterType: local means "this machine": blmm chooses inline or a local cluster
+    upstream_local = EngineSpec.from_config("local", None, {}, {})
+    assert upstream_local.kind == "auto" and "clusterType: local" in upstream_local.kind_from
+    assert EngineSpec.from_config("local", 2, {}, {}).workers == 2
+    assert EngineSpec.from_config("local", None, {}, {"cluster": "local"}).kind == "local"  # --cluster local
+    assert EngineSpec.from_config("local", None, {"kind": "local"}, {}).kind == "local"
+    assert EngineSpec.from_config("local", None, {"memory": "4GB"}, {}).kind == "local"  # a dask setting
 
 
 def test_from_config_rejects_bad_settings():

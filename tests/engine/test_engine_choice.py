@@ -56,3 +56,17 @@ def test_an_engine_asked_for_is_kept(kind):
 def test_without_an_estimate_auto_is_a_local_cluster():
     choice = choose_engine(EngineSpec("auto"))
     assert choice.spec.kind == "local" and "no estimate" in choice.reason
+
+
+def test_upstream_clustertype_local_is_chosen_like_blmms_own_inputs_and_says_so():
+    spec = EngineSpec.from_config("local", None, {}, {})
+    short = choose_engine(spec, serial_seconds=6.0, cores=2)
+    assert short.spec.kind == "inline" and short.spec.workers == 2
+    assert short.line.startswith("blmm: engine: inline, 2 threads (chosen: the inputs file's clusterType: local, "
+                                 "read as 'this machine'; ~6 s of work on one core")
+    assert choose_engine(spec, serial_seconds=3600.0, cores=2).spec.kind == "local"
+
+
+def test_auto_with_workers_uses_at_most_that_many():
+    choice = choose_engine(EngineSpec("auto", workers=1), serial_seconds=3600.0, cores=2)
+    assert choice.spec.kind == "inline" and choice.spec.workers == 1  # one core: never a cluster
