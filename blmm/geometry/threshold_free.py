@@ -7,9 +7,11 @@ negative result carries its sign (as nilearn and PALM do).
 
 - `tfce` is EXACT: between consecutive map values the components do not change, so the
   integral is a sum of closed-form pieces e^E (b^{H+1} - a^{H+1}) / (H + 1).  The components'
-  merges are found on a maximum spanning forest (scipy, in C) and replayed in one pass over
-  its edges (a loop over the forest's edges: at most one per positive element), then every
-  element's sum is gathered by vectorised pointer jumping.
+  merges are those of a maximum spanning forest (scipy, in C); only the merges of two
+  components (saddles) are replayed one by one in Python, everything else is vectorised
+  (see `_replay_merges`), and every element's sum is gathered by pointer jumping.  An
+  element's value is a difference of component integrals: rounding is within ~1e-14 of the
+  map's largest value, not of each element's own.
 - `tfce_stepped` is the Riemann sum at thresholds dh, 2dh, ... (each level's score times dh):
   the convention of MNE; nilearn and fslmaths omit the factor dh (divide by dh to compare).
 """
@@ -119,8 +121,8 @@ def _exact_positive(x: np.ndarray, first: np.ndarray, second: np.ndarray,
     higher = np.where(row_lower, cols, rows)
     lower = np.where(row_lower, rows, cols)
     power = H + 1.0
-    parent, delta, acc = _replay_merges(
-        higher, lower, level[lower] ** power, level ** power, extents[positive], E)
+    parent, delta, acc = _replay_merges(higher, lower, level ** power, rank,
+                                        extents[positive].astype(np.float64), E)
     # Each element's TFCE: the deltas on its path to its root plus the root's total, by
     # pointer jumping: `total` sums the deltas from an element up to (not including) `jump`.
     total = delta
@@ -135,48 +137,123 @@ def _exact_positive(x: np.ndarray, first: np.ndarray, second: np.ndarray,
     return out
 
 
-def _replay_merges(higher: np.ndarray, lower: np.ndarray, merge_at: np.ndarray,
-                   top: np.ndarray, extents: np.ndarray, E: float):
-    """Kruskal's merges of the forest's edges, highest level first, with the integral so far.
+def _fixed_point(pointer: np.ndarray) -> np.ndarray:
+    """Where following ``pointer`` ends (pointer[r] == r there), by pointer jumping."""
+    while True:
+        hop = pointer[pointer]
+        if np.array_equal(hop, pointer):
+            return pointer
+        pointer = hop
 
-    A root r's component has had extent ``area[r]`` since level ``top[r]`` (stored as
-    level^(H+1)); ``acc[r]`` is (H+1) times its integral above that level.  When w's root is
-    hung under u's, ``delta[w] = acc[w] - acc[u]``, so an element's TFCE is the sum of the
-    deltas on its path to its root plus the root's final ``acc`` (divided by H + 1).  The
-    common case, an element joining a component at its own value, skips one root search:
-    a lone element's integral so far is 0.
+
+def _group_cumsum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Cumulative sums restarting at each True of ``starts`` (contiguous groups).
+
+    A doubling scan (Hillis-Steele) within groups rather than one global cumsum: rounding
+    stays relative to each group's own sums, not to the running total of all groups.
+    """
+    out = np.array(values, dtype=np.float64)
+    group = np.cumsum(starts)
+    shift = 1
+    while shift < out.size:
+        same = group[shift:] == group[:-shift]
+        if not same.any():
+            break
+        out[shift:] += np.where(same, out[:-shift], 0.0)
+        shift *= 2
+    return out
+
+
+def _replay_merges(higher: np.ndarray, lower: np.ndarray, top: np.ndarray, rank: np.ndarray,
+                   extents: np.ndarray, E: float):
+    """The forest's merges, highest level first, as a tree with each element's integral.
+
+    Edges come sorted by their lower end's level (highest first); ``top`` is level^(H+1).
+    Each component is named by its highest element, its peak (the elder rule): an element's
+    first edge joins it to the component of its higher end (a "join"); its further edges merge
+    two components (a "saddle"), the younger peak hanging under the elder.  Only the saddles
+    are replayed one by one (a union-find over peaks); the joins' components are then found by
+    binary lifting along the peaks' merge chains, and each component's extent and integral
+    over its events (birth, joins, absorbed components, its own absorption) by grouped
+    cumulative sums.  Returned: ``parent`` (an element's component at its join, a peak's elder
+    at its absorption, itself for a final root), ``delta`` (its integral minus its parent's at
+    that moment, times H + 1) and ``acc`` ((H + 1) times a final root's whole integral).
     """
     n = extents.size
-    parent = list(range(n))
-    size = [1] * n
-    area = extents.astype(np.float64).tolist()
-    top = top.tolist()
-    acc = [0.0] * n
-    delta = [0.0] * n
-    joined = -1  # the lower end of the previous edge, and `root` the root it joined
-    root = -1
-    for u, v, h in zip(higher.tolist(), lower.tolist(), merge_at.tolist()):
-        while parent[u] != u:
-            u = parent[u]
-        acc_u = acc[u] + area[u] ** E * (top[u] - h)
-        if v != joined:  # v joins alone: hang it under u's root
-            joined = v
-            parent[v] = u
-            delta[v] = -acc_u
-        else:  # v's component (rooted at `root`) merges with u's: hang the smaller tree
-            v = root
-            acc_v = acc[v] + area[v] ** E * (top[v] - h)
-            if size[u] < size[v]:
-                u, v, acc_u, acc_v = v, u, acc_v, acc_u
-            parent[v] = u
-            delta[v] = acc_v - acc_u
-        acc[u] = acc_u
-        area[u] += area[v]
-        size[u] += size[v]
-        top[u] = h
-        root = u
-    acc_array = np.asarray(acc) + np.asarray(area) ** E * np.asarray(top)
-    return np.asarray(parent, dtype=np.int64), np.asarray(delta), acc_array
+    join = np.ones(higher.size, dtype=bool)
+    join[1:] = lower[1:] != lower[:-1]
+    joins, saddles = np.flatnonzero(join), np.flatnonzero(~join)
+    up = np.arange(n)
+    up[lower[joins]] = higher[joins]
+    peak = _fixed_point(up)  # the peak an element's chain of first edges climbs to
+    # Saddles in order: a union-find over peaks; the younger root hangs under the elder.
+    roots = list(range(n))
+    rank_list = rank.tolist()
+    elder_of, young_of = [], []
+    for a, b in zip(peak[higher[saddles]].tolist(), peak[lower[saddles]].tolist()):
+        while roots[a] != a:
+            roots[a] = roots[roots[a]]
+            a = roots[a]
+        while roots[b] != b:
+            roots[b] = roots[roots[b]]
+            b = roots[b]
+        if rank_list[a] > rank_list[b]:
+            a, b = b, a
+        roots[b] = a
+        elder_of.append(a)
+        young_of.append(b)
+    elder = np.asarray(elder_of, dtype=np.int64)
+    young = np.asarray(young_of, dtype=np.int64)
+    # Binary lifting along merge chains: (where 2^k merges lead, when the last of them happens).
+    hop = np.arange(n)
+    hop[young] = elder
+    when = np.full(n, np.inf)
+    when[young] = saddles
+    lifts = [(hop, when)]
+    while not np.array_equal(hop[hop], hop):
+        hop, when = hop[hop], when[hop]
+        lifts.append((hop, when))
+    component = peak[higher[joins]]
+    for hop, when in reversed(lifts):
+        component = np.where(when[component] < joins, hop[component], component)
+    # Each component's extent when absorbed: its own elements, then absorbed ones, in order.
+    extent = np.bincount(component, weights=extents[lower[joins]], minlength=n) + extents
+    extent_list = extent.tolist()
+    for a, b in zip(elder_of, young_of):
+        extent_list[a] += extent_list[b]
+    absorbed = np.asarray(extent_list)[young] if young.size else np.zeros(0)
+    # Events of every component: birth, joins, absorbing a younger one, being absorbed.
+    peaks = np.flatnonzero(up == np.arange(n))
+    owner = np.concatenate([peaks, component, elder, young])
+    at = np.concatenate([np.full(peaks.size, -1), joins, saddles, saddles])
+    level = np.concatenate([top[peaks], top[lower[joins]], top[lower[saddles]],
+                            top[lower[saddles]]])
+    grows = np.concatenate([extents[peaks], extents[lower[joins]], absorbed,
+                            np.zeros(young.size)])
+    order = np.lexsort((at, owner))
+    owner, level, grows = owner[order], level[order], grows[order]
+    starts = np.ones(owner.size, dtype=bool)
+    starts[1:] = owner[1:] != owner[:-1]
+    after = _group_cumsum(grows, starts)
+    before = after - grows
+    previous = np.where(starts, level, np.roll(level, 1))
+    integral = _group_cumsum(before ** E * (previous - level), starts)
+    event = np.empty(owner.size, dtype=np.int64)
+    event[order] = np.arange(owner.size)
+    n_peaks, n_joins, n_saddles = peaks.size, joins.size, saddles.size
+    at_join = event[n_peaks:n_peaks + n_joins]
+    at_absorbing = event[n_peaks + n_joins:n_peaks + n_joins + n_saddles]
+    at_absorbed = event[n_peaks + n_joins + n_saddles:]
+    parent = np.arange(n)
+    delta = np.zeros(n)
+    parent[lower[joins]] = component
+    delta[lower[joins]] = -integral[at_join]
+    parent[young] = elder
+    delta[young] = integral[at_absorbed] - integral[at_absorbing]
+    last = np.flatnonzero(np.r_[starts[1:], True])  # each component's last event
+    acc = np.zeros(n)
+    acc[owner[last]] = integral[last] + after[last] ** E * level[last]
+    return parent, delta, acc
 
 
 def _stepped_positive(x: np.ndarray, first: np.ndarray, second: np.ndarray,

@@ -111,6 +111,20 @@ def test_exact_equals_a_brute_force_integral(connectivity, H, E):
     _close(tfce(volume[mask], layout, H=H, E=E), expected)
 
 
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_exact_on_rough_maps_with_many_saddles_and_ties(decimals):
+    # unsmoothed noise: many local maxima, so most merges join two components (saddles);
+    # rounding makes many equal values (zero-width pieces, elements joining at one level)
+    volume = np.random.default_rng(12).standard_normal((8, 7, 6)) + 0.3
+    if decimals is not None:
+        volume = np.round(volume, decimals)
+    mask = np.ones(volume.shape, bool)
+    structure = volume_structure(18)
+    expected = (_brute_force_exact(volume, mask, structure, 2.0, 0.5)
+                - _brute_force_exact(-volume, mask, structure, 2.0, 0.5)).ravel()
+    _close(tfce(volume.ravel(), volume_layout(mask, 18)), expected)
+
+
 def test_exact_is_the_limit_of_the_stepped_sum():
     volume = _smooth_volume((10, 10, 8), 4)
     layout = volume_layout(np.ones(volume.shape, bool), 6)
