@@ -255,8 +255,9 @@ def read_layout(space: Any, in_mask: np.ndarray, connectivity: int = 6,
     if space.format == "cifti":
         meshes = surface if isinstance(surface, dict) else {}
         return _cifti_layout(space, meshes, connectivity).restricted(in_mask)
+    # an MGH/NIfTI of shape (N, 1, 1) holds surface data (FreeSurfer's overlays)
     one_dimensional = sum(size > 1 for size in space.shape) <= 1
-    if space.format in ("gifti", "dat") or (surface is not None and one_dimensional):
+    if space.format in ("gifti", "dat") or one_dimensional:
         if surface is None or isinstance(surface, dict):
             raise GeometryError(
                 f"surface: {space.describe()} data need a mesh: name a GIfTI or FreeSurfer "

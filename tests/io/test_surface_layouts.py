@@ -46,6 +46,8 @@ def test_a_mesh_of_another_size_names_both_counts(tmp_path):
         read_layout(space, np.ones(6, bool), surface=gii)
     with pytest.raises(GeometryError, match="need a mesh"):
         read_layout(ImageSpace("dat", (6,), ".dat"), np.ones(6, bool))
+    with pytest.raises(GeometryError, match="need a mesh"):  # a FreeSurfer overlay, not a volume
+        read_layout(ImageSpace("mgh", (6, 1, 1), ".mgz", affine=AFFINE), np.ones(6, bool))
 
 
 def test_fsaverage5_by_name_is_its_white_surface():
