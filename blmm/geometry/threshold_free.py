@@ -57,6 +57,8 @@ def _each_part(values: np.ndarray, layout: SpatialLayout, H: float | None, E: fl
     for positions, first, second, extents, (H_default, E_default) in _part_pieces(layout):
         height = H_default if H is None else float(H)
         exponent = E_default if E is None else float(E)
+        if not (height >= 0 and exponent >= 0):
+            raise GeometryError(f"TFCE: found H = {height}, E = {exponent}; expected both >= 0")
         part = values[positions]
         result = positive_part(part, first, second, extents, height, exponent)
         if two_sided:

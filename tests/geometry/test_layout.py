@@ -1,6 +1,8 @@
 """Adjacency, vertex areas and layouts against brute-force and hand-computed references."""
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,12 @@ def test_combined_layouts_do_not_touch():
     both = combined_layout([a, b])
     assert both.n_elements == 6
     assert _pairs(both.adjacency) == {(0, 1), (1, 0)} | {(i + 2, j + 2) for i, j in _pairs(b.adjacency)}
+
+
+def test_a_layout_travels_to_workers_with_its_cached_edges():
+    layout = volume_layout(np.ones((3, 2, 2), bool), 18)
+    first, second = layout.edges
+    copy = pickle.loads(pickle.dumps(layout))
+    np.testing.assert_array_equal(copy.edges[0], first)
+    np.testing.assert_array_equal(copy.edges[1], second)
+    assert (copy.adjacency != layout.adjacency).nnz == 0

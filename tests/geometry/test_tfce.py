@@ -177,6 +177,8 @@ def test_bad_maps_are_refused():
         tfce(np.full(8, np.nan), layout)
     with pytest.raises(GeometryError, match="found 0, expected a positive number"):
         tfce_stepped(np.zeros(8), layout, 0)
+    with pytest.raises(GeometryError, match=r"found H = -1.0, E = 0.5; expected both >= 0"):
+        tfce(np.zeros(8), layout, H=-1)
 
 
 def test_a_lone_element_and_a_flat_map():
