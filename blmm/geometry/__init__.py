@@ -13,12 +13,12 @@ from blmm.geometry.layout import (
     mesh_adjacency, surface_layout, vertex_areas, volume_adjacency, volume_layout,
     volume_structure, voxel_layout,
 )
-from blmm.geometry.threshold_free import TFCE_DEFAULTS, tfce, tfce_batch, tfce_stepped
+from blmm.geometry.threshold_free import TFCE_DEFAULTS, tfce, tfce_batch, tfce_maxima, tfce_stepped
 
 __all__ = [
     "DEFAULT_CLUSTER_THRESHOLD", "ClusterTable", "cluster_maxima", "find_clusters",
     "row_components", "SURFACE", "VOLUME", "VOLUME_CONNECTIVITIES", "LayoutPart",
     "SpatialLayout", "SurfacePiece", "combined_layout", "grayordinate_layout", "mesh_adjacency", "surface_layout", "vertex_areas",
     "volume_adjacency", "volume_layout", "volume_structure", "voxel_layout", "TFCE_DEFAULTS",
-    "tfce", "tfce_batch", "tfce_stepped",
+    "tfce", "tfce_batch", "tfce_maxima", "tfce_stepped",
 ]

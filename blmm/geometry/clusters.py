@@ -151,23 +151,33 @@ def _element_parts(layout: SpatialLayout) -> tuple[np.ndarray, np.ndarray]:
 
 def cluster_maxima(values: np.ndarray, layout: SpatialLayout,
                    threshold: float = DEFAULT_CLUSTER_THRESHOLD,
-                   statistic: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   statistic: np.ndarray | None = None,
+                   two_sided: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per map of a (maps x elements) batch: the largest cluster extent and cluster mass.
 
-    Clusters are ``values >= threshold``; mass sums ``statistic`` (default ``values``).  A map
-    without clusters gives 0 for both.  For the negative tail pass ``-values``.
+    Clusters are ``values >= threshold`` (two-sided: also ``values <= -threshold``, their mass
+    taken as minus the summed statistic); mass sums ``statistic`` (default ``values``).  NaN
+    (an element not fitted) is in no cluster.  A map without clusters gives 0 for both.
+    This is the resampling engine's transform: all maps are labelled in a few scipy calls.
     """
     values = np.atleast_2d(_checked_map(values, layout, "cluster-forming maps"))
     statistic = values if statistic is None else np.atleast_2d(
         _checked_map(statistic, layout, "statistic maps"))
-    n_maps, n = values.shape
-    max_extent = np.zeros(n_maps)
-    max_mass = np.zeros(n_maps)
-    above = values >= threshold
+    max_extent = np.zeros(values.shape[0])
+    max_mass = np.zeros(values.shape[0])
+    for sign in ((1.0, -1.0) if two_sided else (1.0,)):
+        with np.errstate(invalid="ignore"):
+            above = sign * values >= threshold  # NaN compares False: not in a cluster
+        _tail_maxima(above, sign * statistic, layout, max_extent, max_mass)
+    return max_extent, max_mass
+
+
+def _tail_maxima(above: np.ndarray, statistic: np.ndarray, layout: SpatialLayout,
+                 max_extent: np.ndarray, max_mass: np.ndarray) -> None:
     first, second = layout.edges
     per_map = np.maximum(above.sum(axis=1), 1)
     start = 0
-    while start < n_maps:
+    while start < above.shape[0]:
         # as many maps as fit NODES_PER_CALL above-threshold pairs (at least one map)
         stop = start + max(1, int(np.searchsorted(np.cumsum(per_map[start:]), NODES_PER_CALL)))
         found = row_components(above[start:stop], first, second)
@@ -180,4 +190,3 @@ def cluster_maxima(values: np.ndarray, layout: SpatialLayout,
         np.maximum.at(max_extent, owner, extent)
         np.maximum.at(max_mass, owner, mass)
         start = stop
-    return max_extent, max_mass

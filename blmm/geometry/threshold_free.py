@@ -94,6 +94,19 @@ def tfce_batch(values: np.ndarray, layout: SpatialLayout, H: float | None = None
     return np.stack([tfce(row, layout, H, E, two_sided) for row in values])
 
 
+def tfce_maxima(values: np.ndarray, layout: SpatialLayout, H: float | None = None,
+                E: float | None = None, two_sided: bool = True) -> np.ndarray:
+    """The largest exact TFCE (in absolute value if two-sided) of each map of a batch.
+
+    NaN (an element not fitted) counts as 0: in no cluster.  This is the resampling engine's
+    transform, e.g. ``functools.partial(tfce_maxima, layout=layout)``.
+    """
+    values = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    values = np.where(np.isnan(values), 0.0, values)
+    return np.array([np.abs(tfce(row, layout, H, E, two_sided)).max(initial=0.0)
+                     for row in values])
+
+
 def _exact_positive(x: np.ndarray, first: np.ndarray, second: np.ndarray,
                     extents: np.ndarray, H: float, E: float) -> np.ndarray:
     """Exact TFCE of the positive part of ``x``; elements at or below 0 get 0."""

@@ -87,3 +87,16 @@ def test_batch_maxima_equal_each_maps_table(monkeypatch):
         table = find_clusters(values, layout, threshold=0.7)
         assert extent[row] == (table.extent.max() if table.n_clusters else 0.0)
         assert mass[row] == pytest.approx(table.mass.max() if table.n_clusters else 0.0, rel=1e-12)
+
+
+def test_two_sided_batch_maxima_take_both_tails_and_skip_unfitted():
+    volume = _smooth_volume((9, 8, 7), 13)
+    layout = volume_layout(np.ones(volume.shape, bool), 6)
+    maps = np.stack([volume.ravel(), 3 * volume.ravel()])
+    maps[:, ::5] = np.nan  # not fitted: in no cluster
+    extent, mass = cluster_maxima(maps, layout, threshold=0.8, two_sided=True)
+    for row, values in enumerate(maps):
+        filled = np.nan_to_num(values, nan=0.0)  # 0 is below the threshold in both tails
+        table = find_clusters(filled, layout, threshold=0.8, two_sided=True)
+        assert extent[row] == table.extent.max()
+        assert mass[row] == pytest.approx(np.abs(table.mass).max(), rel=1e-12)  # summation order

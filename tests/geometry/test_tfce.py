@@ -19,7 +19,7 @@ from scipy.sparse.csgraph import connected_components
 
 from blmm.errors import GeometryError
 from blmm.geometry import (
-    SpatialLayout, combined_layout, surface_layout, tfce, tfce_batch, tfce_stepped,
+    SpatialLayout, combined_layout, surface_layout, tfce, tfce_batch, tfce_maxima, tfce_stepped,
     volume_layout, volume_structure,
 )
 from blmm.io.surfaces import fsaverage5_mesh
@@ -190,3 +190,16 @@ def test_a_lone_element_and_a_flat_map():
                                [np.sqrt(2) * 8 / 3] * 2 + [0.0], rtol=1e-14)
     components = connected_components(layout.adjacency)[0]
     assert components == 1
+
+
+def test_maxima_of_a_batch_treat_unfitted_elements_as_outside():
+    volume = _smooth_volume((6, 5, 5), 8)
+    layout = volume_layout(np.ones(volume.shape, bool), 6)
+    batch = np.stack([volume.ravel(), -2 * volume.ravel(), np.zeros(volume.size)])
+    with_nan = batch.copy()
+    with_nan[:, ::7] = np.nan
+    expected = [np.abs(tfce(np.nan_to_num(row), layout)).max() for row in with_nan]
+    np.testing.assert_array_equal(tfce_maxima(with_nan, layout), expected)
+    assert tfce_maxima(batch, layout)[2] == 0.0
+    one_sided = tfce_maxima(batch[:1], layout, two_sided=False)
+    assert one_sided[0] == tfce(volume.ravel(), layout, two_sided=False).max()
