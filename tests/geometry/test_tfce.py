@@ -137,6 +137,37 @@ def test_exact_is_the_limit_of_the_stepped_sum():
     assert errors[1] < 0.01 * np.abs(exact).max()
 
 
+def _grid_mesh(side: int, seed: int):
+    """A jittered triangulated grid: vertex areas all differ."""
+    rng = np.random.default_rng(seed)
+    i, j = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    coords = np.column_stack([i.ravel(), j.ravel(), np.zeros(side * side)])
+    coords[:, :2] += rng.uniform(-0.3, 0.3, (side * side, 2))
+    corner = (i[:-1, :-1] * side + j[:-1, :-1]).ravel()
+    faces = np.concatenate([np.column_stack([corner, corner + side, corner + 1]),
+                            np.column_stack([corner + 1, corner + side, corner + side + 1])])
+    return coords, faces
+
+
+@pytest.mark.parametrize("E", [1.0, 0.5])
+def test_exact_area_weighted_equals_a_brute_force_integral_on_a_mesh(E):
+    coords, faces = _grid_mesh(9, int(E * 10))
+    layout = surface_layout(coords, faces, len(coords))
+    values = np.random.default_rng(5).standard_normal(len(coords))
+    expected = np.zeros(len(coords))
+    for sign in (1.0, -1.0):
+        x = sign * values
+        lower = 0.0
+        for level in np.unique(x[x > 0]):  # one csgraph labelling per distinct value
+            inside = x >= level
+            sub = layout.adjacency[inside][:, inside]
+            _, labels = connected_components(sub, directed=False)
+            area = np.bincount(labels, weights=layout.extents[inside])
+            expected[inside] += sign * area[labels] ** E * (level ** 3 - lower ** 3) / 3
+            lower = level
+    _close(tfce(values, layout, H=2, E=E), expected)
+
+
 def test_area_weighting_on_a_hand_computed_mesh():
     # unit square as triangles (0, 1, 2) and (0, 2, 3): areas 1/3, 1/6, 1/3, 1/6
     coords = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=float)
