@@ -201,74 +201,97 @@ def _replay_merges(higher: np.ndarray, lower: np.ndarray, top: np.ndarray, rank:
     up = np.arange(n)
     up[lower[joins]] = higher[joins]
     peak = _fixed_point(up)  # the peak an element's chain of first edges climbs to
-    # Saddles in order: a union-find over peaks; the younger root hangs under the elder.
-    roots = list(range(n))
-    rank_list = rank.tolist()
-    elder_of, young_of = [], []
-    for a, b in zip(peak[higher[saddles]].tolist(), peak[lower[saddles]].tolist()):
-        while roots[a] != a:
-            roots[a] = roots[roots[a]]
-            a = roots[a]
-        while roots[b] != b:
-            roots[b] = roots[roots[b]]
-            b = roots[b]
-        if rank_list[a] > rank_list[b]:
-            a, b = b, a
-        roots[b] = a
-        elder_of.append(a)
-        young_of.append(b)
-    elder = np.asarray(elder_of, dtype=np.int64)
-    young = np.asarray(young_of, dtype=np.int64)
-    # Binary lifting along merge chains: (where 2^k merges lead, when the last of them happens).
-    hop = np.arange(n)
-    hop[young] = elder
-    when = np.full(n, np.inf)
-    when[young] = saddles
-    lifts = [(hop, when)]
-    while not np.array_equal(hop[hop], hop):
-        hop, when = hop[hop], when[hop]
-        lifts.append((hop, when))
-    component = peak[higher[joins]]
-    for hop, when in reversed(lifts):
-        component = np.where(when[component] < joins, hop[component], component)
+    elder, young = _saddle_merges(peak[higher[saddles]], peak[lower[saddles]], rank)
+    component = _components_at(peak[higher[joins]], joins, elder, young, saddles, n)
     # Each component's extent when absorbed: its own elements, then absorbed ones, in order.
-    extent = np.bincount(component, weights=extents[lower[joins]], minlength=n) + extents
-    extent_list = extent.tolist()
-    for a, b in zip(elder_of, young_of):
-        extent_list[a] += extent_list[b]
-    absorbed = np.asarray(extent_list)[young] if young.size else np.zeros(0)
+    extent = (np.bincount(component, weights=extents[lower[joins]], minlength=n) + extents).tolist()
+    for a, b in zip(elder.tolist(), young.tolist()):
+        extent[a] += extent[b]
+    absorbed = np.asarray(extent)[young]
     # Events of every component: birth, joins, absorbing a younger one, being absorbed.
     peaks = np.flatnonzero(up == np.arange(n))
-    owner = np.concatenate([peaks, component, elder, young])
-    at = np.concatenate([np.full(peaks.size, -1), joins, saddles, saddles])
-    level = np.concatenate([top[peaks], top[lower[joins]], top[lower[saddles]],
-                            top[lower[saddles]]])
-    grows = np.concatenate([extents[peaks], extents[lower[joins]], absorbed,
-                            np.zeros(young.size)])
-    order = np.lexsort((at, owner))
-    owner, level, grows = owner[order], level[order], grows[order]
-    starts = np.ones(owner.size, dtype=bool)
-    starts[1:] = owner[1:] != owner[:-1]
-    after = _group_cumsum(grows, starts)
-    before = after - grows
-    previous = np.where(starts, level, np.roll(level, 1))
-    integral = _group_cumsum(before ** E * (previous - level), starts)
-    event = np.empty(owner.size, dtype=np.int64)
-    event[order] = np.arange(owner.size)
-    n_peaks, n_joins, n_saddles = peaks.size, joins.size, saddles.size
-    at_join = event[n_peaks:n_peaks + n_joins]
-    at_absorbing = event[n_peaks + n_joins:n_peaks + n_joins + n_saddles]
-    at_absorbed = event[n_peaks + n_joins + n_saddles:]
+    kinds = [(peaks, np.full(peaks.size, -1), top[peaks], extents[peaks]),
+             (component, joins, top[lower[joins]], extents[lower[joins]]),
+             (elder, saddles, top[lower[saddles]], absorbed),
+             (young, saddles, top[lower[saddles]], np.zeros(young.size))]
+    owner, integral, after, level, event = _event_integrals(kinds, E)
+    bounds = np.cumsum([0] + [len(kind[0]) for kind in kinds])
+    at_join, at_absorbing, at_absorbed = (event[bounds[k]:bounds[k + 1]] for k in (1, 2, 3))
     parent = np.arange(n)
     delta = np.zeros(n)
     parent[lower[joins]] = component
     delta[lower[joins]] = -integral[at_join]
     parent[young] = elder
     delta[young] = integral[at_absorbed] - integral[at_absorbing]
-    last = np.flatnonzero(np.r_[starts[1:], True])  # each component's last event
+    last = np.flatnonzero(np.r_[owner[1:] != owner[:-1], True])  # each component's last event
     acc = np.zeros(n)
     acc[owner[last]] = integral[last] + after[last] ** E * level[last]
     return parent, delta, acc
+
+
+def _saddle_merges(first_peak: np.ndarray, second_peak: np.ndarray,
+                   rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each saddle in order, the elder and the younger root of the two components it joins."""
+    roots = list(range(rank.size))
+    rank_list = rank.tolist()
+    elder, young = [], []
+    for a, b in zip(first_peak.tolist(), second_peak.tolist()):
+        while roots[a] != a:
+            roots[a] = roots[roots[a]]
+            a = roots[a]
+        while roots[b] != b:
+            roots[b] = roots[roots[b]]
+            b = roots[b]
+        if rank_list[a] > rank_list[b]:  # rank 0 is the highest element
+            a, b = b, a
+        roots[b] = a
+        elder.append(a)
+        young.append(b)
+    return np.asarray(elder, dtype=np.int64), np.asarray(young, dtype=np.int64)
+
+
+def _components_at(peaks: np.ndarray, times: np.ndarray, elder: np.ndarray, young: np.ndarray,
+                   merged_at: np.ndarray, n: int) -> np.ndarray:
+    """The root at ``times`` of each of ``peaks`` (of ``n`` elements): up its merge chain while merged earlier.
+
+    Merge times grow along a chain, so binary lifting works: tables of where 2^k merges lead
+    and when the last of them happens.
+    """
+    hop = np.arange(n)
+    when = np.full(hop.size, np.inf)
+    hop[young] = elder
+    when[young] = merged_at
+    lifts = [(hop, when)]
+    while not np.array_equal(hop[hop], hop):
+        hop, when = hop[hop], when[hop]
+        lifts.append((hop, when))
+    component = peaks
+    for hop, when in reversed(lifts):
+        component = np.where(when[component] < times, hop[component], component)
+    return component
+
+
+def _event_integrals(kinds: list[tuple[np.ndarray, ...]], E: float):
+    """Each component's extent and (H+1)-scaled integral at each of its events, in time order.
+
+    ``kinds`` lists (component, time, level^(H+1), extent added) per kind of event.  Returned:
+    the events' components, integrals and extents after them, levels (all in component then
+    time order), and where each input event went in that order.
+    """
+    owner = np.concatenate([kind[0] for kind in kinds])
+    at = np.concatenate([kind[1] for kind in kinds])
+    level = np.concatenate([kind[2] for kind in kinds])
+    grows = np.concatenate([kind[3] for kind in kinds])
+    order = np.lexsort((at, owner))
+    owner, level, grows = owner[order], level[order], grows[order]
+    starts = np.ones(owner.size, dtype=bool)
+    starts[1:] = owner[1:] != owner[:-1]
+    after = _group_cumsum(grows, starts)
+    previous = np.where(starts, level, np.roll(level, 1))
+    integral = _group_cumsum((after - grows) ** E * (previous - level), starts)
+    event = np.empty(owner.size, dtype=np.int64)
+    event[order] = np.arange(owner.size)
+    return owner, integral, after, level, event
 
 
 def _stepped_positive(x: np.ndarray, first: np.ndarray, second: np.ndarray,
@@ -281,7 +304,7 @@ def _stepped_positive(x: np.ndarray, first: np.ndarray, second: np.ndarray,
     ratio = top / dh
     steps = int(np.floor(ratio)) + (1 if ratio - np.floor(ratio) > 1 - 1e-9 else 0)
     levels = np.minimum(dh * np.arange(1, steps + 1), top)
-    count_above = (x[None, :] >= levels[:, None]).sum(axis=1)
+    count_above = x.size - np.searchsorted(np.sort(x), levels, side="left")
     start = 0
     while start < steps:
         stop = start + max(1, int(np.searchsorted(np.cumsum(count_above[start:]), NODES_PER_CALL)))
