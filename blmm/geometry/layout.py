@@ -28,7 +28,7 @@ VOLUME = "volume"
 
 @dataclass(frozen=True, eq=False)
 class LayoutPart:
-    """One connected piece kind of a layout: a surface (one mesh) or a volume.
+    """One piece of a layout: a surface (one mesh) or a volume.
 
     ``positions`` are the layout elements it holds; no adjacency crosses two parts.
     """
@@ -104,7 +104,7 @@ class SpatialLayout:
         new_position = np.full(self.n_elements, -1, dtype=np.int64)
         new_position[positions] = np.arange(positions.size)
         if positions.size and (np.count_nonzero(new_position >= 0) != positions.size):
-            raise GeometryError("an element is taken twice")
+            raise GeometryError("positions: found an element twice, expected distinct positions")
         parts = []
         for part in self.parts:
             inside = new_position[part.positions]
