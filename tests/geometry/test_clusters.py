@@ -100,3 +100,17 @@ def test_two_sided_batch_maxima_take_both_tails_and_skip_unfitted():
         table = find_clusters(filled, layout, threshold=0.8, two_sided=True)
         assert extent[row] == table.extent.max()
         assert mass[row] == pytest.approx(np.abs(table.mass).max(), rel=1e-12)  # summation order
+
+
+def test_cifti_clusters_report_their_part_and_unit():
+    from blmm.geometry import combined_layout
+
+    coords = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=float)
+    square = surface_layout(coords, np.array([[0, 1, 2], [0, 2, 3]]), 4, name="left")
+    line = volume_layout(np.ones((3, 1, 1), bool))
+    both = combined_layout([square, line])
+    table = find_clusters(np.array([5.0, 5.0, 0.0, 0.0, 4.0, 4.0, 4.0]), both, threshold=3.0)
+    # the volume cluster has 3 voxels; the surface one 1/3 + 1/6 mm² (extent order: 3 > 0.5)
+    assert list(table.part) == ["volume", "left"]
+    assert list(table.extent_unit) == ["voxels", "mm2"]
+    np.testing.assert_allclose(table.extent, [3.0, 0.5], rtol=1e-15)  # float64 rounding
