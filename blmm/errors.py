@@ -52,6 +52,10 @@ class ViewerError(InputError):
     """A map, mesh or option cannot be shown (mismatch, missing file, bad index)."""
 
 
+class GeometryError(InputError):
+    """A mesh, mask or connectivity cannot give the analysis' adjacency (the message names both sides)."""
+
+
 class DiskFullError(BlmmError):
     """The output folder's filesystem has no room for what a run writes (the message says how much)."""
 

@@ -2,7 +2,8 @@
 
 The meshes and the template ship inside the nilearn package and are read offline (nilearn
 itself is never imported).  CIFTI cortex structures are mapped to their mesh vertices here
-too, so the viewer and the report place grayordinates the same way.
+too, so the viewer and the report place grayordinates the same way.  `read_mesh` and
+`read_layout` turn the mesh or mask an analysis names into its `blmm.geometry.SpatialLayout`.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from blmm.errors import ViewerError
+from blmm.errors import GeometryError, ViewerError
+from blmm.geometry import SpatialLayout, SurfacePiece, grayordinate_layout, surface_layout, volume_layout
 
 HEMISPHERES = ("left", "right")
 FSAVERAGE5_N_VERTICES = 10242
@@ -177,3 +179,116 @@ def cifti_cortices(space: Any) -> Iterator[tuple[str, np.ndarray, np.ndarray, in
             if name == structure:
                 rows = np.arange(space.n_voxels)[rows]
                 yield hemi, rows, np.asarray(model.vertex), int(axis.nvertices[structure])
+
+
+# Template meshes by name and their vertex count per hemisphere.
+TEMPLATE_MESHES = {"fsaverage": 163842, "fsaverage6": 40962, "fsaverage5": 10242}
+# The surface a template name gives for adjacency and vertex areas.
+TEMPLATE_AREA_SURFACE = "white"
+
+
+def _freesurfer_subject_folders(name: str) -> list[Path]:
+    """Where a FreeSurfer installation keeps template subject ``name`` ($SUBJECTS_DIR first)."""
+    folders = []
+    if os.environ.get("SUBJECTS_DIR"):
+        folders.append(Path(os.environ["SUBJECTS_DIR"]) / name)
+    if os.environ.get("FREESURFER_HOME"):
+        folders.append(Path(os.environ["FREESURFER_HOME"]) / "subjects" / name)
+    return folders
+
+
+def template_mesh(name: str, hemi: str, kind: str = TEMPLATE_AREA_SURFACE) -> Mesh:
+    """fsaverage, fsaverage5 or fsaverage6 read offline: fsaverage5 from nilearn's package,
+    any of them from a FreeSurfer subjects folder ($SUBJECTS_DIR or $FREESURFER_HOME/subjects)."""
+    side = normalise_hemi(hemi)
+    if name not in TEMPLATE_MESHES:
+        raise GeometryError(
+            f"surface: unknown mesh name {name!r}; expected a GIfTI or FreeSurfer file, or one "
+            f"of {', '.join(TEMPLATE_MESHES)}")
+    prefix = "lh" if side == "left" else "rh"
+    folders = _freesurfer_subject_folders(name)
+    for folder in folders:
+        path = folder / "surf" / f"{prefix}.{kind}"
+        if path.is_file():
+            mesh = load_surface(path, side)
+            return Mesh(mesh.coords, mesh.faces, hemi=side, name=f"{name} {kind} ({side}, {path})")
+    if name == "fsaverage5":
+        return fsaverage5_mesh(side, kind)
+    looked = ", ".join(str(folder / "surf" / f"{prefix}.{kind}") for folder in folders)
+    raise GeometryError(
+        f"surface: {name} is not available offline (nilearn ships only fsaverage5; "
+        f"{'no file at ' + looked if looked else 'neither SUBJECTS_DIR nor FREESURFER_HOME is set'}); "
+        f"name the mesh file instead (a GIfTI, or FreeSurfer's {prefix}.white), or use fsaverage5")
+
+
+def read_mesh(spec: str | os.PathLike, hemi: str | None = None) -> Mesh:
+    """The mesh an analysis names: a template name (its white surface) or a GIfTI/FreeSurfer file."""
+    if str(spec) in TEMPLATE_MESHES:
+        if hemi is None:
+            raise GeometryError(f"surface: {spec} needs a hemisphere (left or right)")
+        return template_mesh(str(spec), hemi)
+    path = Path(spec)
+    if not path.is_file():
+        raise GeometryError(
+            f"surface: {path} not found; expected a GIfTI or FreeSurfer mesh file, or one of "
+            f"{', '.join(TEMPLATE_MESHES)}")
+    try:
+        return load_surface(path, hemi)
+    except ViewerError as err:
+        raise GeometryError(str(err)) from None
+
+
+def read_layout(space: Any, in_mask: np.ndarray, connectivity: int = 6,
+                surface: str | os.PathLike | dict[str, str | os.PathLike] | None = None,
+                hemi: str | None = None) -> SpatialLayout:
+    """The analysis' layout over its masked elements (``in_mask``: a boolean per voxel of ``space``).
+
+    Element i of the layout is the i-th element of ``np.flatnonzero(in_mask)``.  CIFTI: each
+    cortex on the mesh ``surface[hemisphere]`` names, its volume part with ``connectivity``
+    neighbours.  GIfTI, .dat, or MGH/NIfTI with one spatial dimension: surface data on the mesh
+    ``surface`` names.  Other NIfTI/MGH: a volume with ``connectivity`` neighbours.
+    """
+    in_mask = np.asarray(in_mask, dtype=bool)
+    if in_mask.shape != (space.n_voxels,):
+        raise GeometryError(
+            f"analysis mask has {in_mask.size} values, the images have {space.n_voxels}")
+    if space.format == "cifti":
+        meshes = surface if isinstance(surface, dict) else {}
+        return _cifti_layout(space, meshes, connectivity).restricted(in_mask)
+    # an MGH/NIfTI of shape (N, 1, 1) holds surface data (FreeSurfer's overlays)
+    one_dimensional = sum(size > 1 for size in space.shape) <= 1
+    if space.format in ("gifti", "dat") or one_dimensional:
+        if surface is None or isinstance(surface, dict):
+            raise GeometryError(
+                f"surface: {space.describe()} data need a mesh: name a GIfTI or FreeSurfer "
+                f"file, or one of {', '.join(TEMPLATE_MESHES)}")
+        side = hemi or hemisphere_from_names(str(surface), str(space.source or ""))
+        mesh = read_mesh(surface, side)
+        return surface_layout(mesh.coords, mesh.faces, space.n_voxels, in_mask,
+                              name=mesh.hemi or "surface", mesh_name=f"mesh {mesh.name}",
+                              data_name=f"the data ({space.describe()})")
+    return volume_layout(in_mask.reshape(space.shape), connectivity, space.affine)
+
+
+def _cifti_layout(space: Any, meshes: dict[str, str | os.PathLike],
+                  connectivity: int) -> SpatialLayout:
+    axis = space.brain_models
+    pieces = []
+    for structure, rows, model in axis.iter_structures():
+        if model.volume_mask.any():
+            continue
+        hemi = dict(CIFTI_CORTICES).get(structure)
+        n_vertices = int(axis.nvertices[structure])
+        spec = meshes.get(hemi) if hemi else None
+        if spec is None:
+            raise GeometryError(
+                f"surface: the CIFTI's {structure} has {n_vertices} vertices; name its mesh "
+                f"(surface: {{left: ..., right: ...}}, a file or one of {', '.join(TEMPLATE_MESHES)})")
+        mesh = read_mesh(spec, hemi)
+        pieces.append(SurfacePiece(hemi, np.arange(space.n_voxels)[rows],
+                                   np.asarray(model.vertex), n_vertices, mesh.coords,
+                                   mesh.faces, mesh_name=f"mesh {mesh.name}"))
+    volume = np.asarray(axis.volume_mask)
+    affine = axis.affine if volume.any() else None
+    return grayordinate_layout(space.n_voxels, pieces, np.flatnonzero(volume),
+                               np.asarray(axis.voxel)[volume], affine, connectivity)
