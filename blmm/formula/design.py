@@ -444,14 +444,7 @@ def build_design(formula: str, table: pd.DataFrame, images: str | None = None,
     # random terms
     built = []
     for rt in parsed.random:
-        codes, levels = _group_codes(data, rt.group)
-        if len(levels) < 2:
-            raise FormulaError(f"random term {rt.source}: grouping factor {rt.group_name!r} has "
-                               f"{len(levels)} level in the {len(rows)} rows used; it needs at least 2")
-        if len(levels) >= len(rows):
-            raise FormulaError(f"random term {rt.source}: grouping factor {rt.group_name!r} has as "
-                               f"many levels ({len(levels)}) as rows used; its random effects would "
-                               "be confounded with the residual")
+        codes, levels = _group_codes(data, rt.group)  # lme4's level checks: core.design, in safe mode
         mm = _materialise(rt.expr, data, f"random term {rt.source}")
         cols = list(map(str, mm.columns))
         built.append({

@@ -154,14 +154,34 @@ def test_error_unknown_column(table):
     assert "groups by 'subj'" in _bad(table, "~ age + (1 | subj)", "unknown column")
 
 
+def _refused(table, formula, message):
+    """fit_formula's safe mode (lme4's checks) refuses the design, naming the term, before fitting."""
+    Y = np.zeros((len(table), 1))
+    with pytest.raises(FormulaError, match=message) as info:
+        fit_formula(formula, table, Y)
+    return str(info.value)
+
+
 def test_error_grouping_with_one_level(table):
     t = table.assign(scanner="X")
-    msg = _bad(t, "~ age + (1 | subject) + (1 | scanner)", "has 1 level")
-    assert "(1 | scanner)" in msg
+    msg = _refused(t, "~ age + (1 | subject) + (1 | scanner)", "has 1 level")
+    assert "term (1 | scanner)" in msg and "check.nlev.gtr.1" in msg and "safe_mode=False" in msg
+    build_design("~ age + (1 | subject) + (1 | scanner)", t)  # the design itself is built
 
 
 def test_error_grouping_as_many_levels_as_rows(table):
-    _bad(table, "~ age + (1 | image)", "as many levels")
+    msg = _refused(table, "~ age + (1 | image)", "as many levels")
+    n = int(table[["age", "image"]].notna().all(axis=1).sum())
+    assert f"({n})" in msg and "term (1 | image)" in msg and "check.nobs.vs.nlev" in msg
+
+
+def test_error_more_random_effects_than_observations(table):
+    t = table.dropna(subset=["age", "time"]).drop_duplicates("subject")
+    t = pd.concat([t, t.iloc[:1].assign(image="extra.nii", time=t.time.iloc[0] + 1)])  # one subject seen twice
+    msg = _refused(t, "~ age + (1 + time | subject)", "random effects")
+    levels = t.subject.nunique()
+    assert (f"term (1 + time | subject): {len(t)} observations against {2 * levels} random effects "
+            f"({levels} levels x 2)") in msg and "check.nobs.vs.nRE" in msg
 
 
 def test_error_slope_constant_within_groups(table):
