@@ -94,3 +94,26 @@ def test_help_groups_the_settings(capsys):
                  "--tol"):
         assert flag in estimation
     assert "Exit status: 0 done, 2 bad input, 1 a failure during the run" in text.replace("\n", " ").replace("  ", " ")
+
+
+def test_r_spellings_through_the_command_line(tmp_path, capsys):
+    table = make_table_study(tmp_path)
+    table["site_code"] = table.site.map({"a": 1, "b": 2, "c": 3})
+    table.to_csv(tmp_path / "participants.tsv", sep="\t", index=False)
+    code, _, err = _blmm(capsys, tmp_path, "~ age + as.factor(site) + time + (1 | subject)")
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "blmm_run.json").read_text())
+    assert record["x_names"] == ["Intercept", "age", "factor(site)[T.b]", "factor(site)[T.c]", "time"]
+    code, _, err = _blmm(capsys, tmp_path, "~ age + site_code + time + (1 | subject)", "--force")
+    assert code == 0, err
+    assert "blmm: warning: formula: 'site_code' is numeric with 3 distinct values" in err
+    assert "write factor(site_code)" in err
+    code, _, err = _blmm(capsys, tmp_path, "~ age + time^ + (1 | subject)", "--force")
+    assert code == 2 and "cannot read term 'time^'" in err and "unexpected error" not in err
+
+
+def test_a_contrast_on_the_reference_level_says_so(tmp_path, capsys):
+    make_table_study(tmp_path)  # sex F is the reference (first level)
+    code, _, err = _blmm(capsys, tmp_path, "~ age + sex + time + (1 | subject)", "--contrast", "sex[T.F]")
+    assert code == 2
+    assert "'F' is the reference level of sex" in err and "'sex[T.M]'" in err and "did you mean" not in err
