@@ -88,8 +88,12 @@ def _check_sections(found: _Found) -> dict[str, Any]:
         y_files, space, X, x_names, factors, contrasts = (
             formula.y_files, formula.space, formula.X, formula.x_names, formula.factors, formula.contrasts)
         n = int(X.shape[0])
-    terms = {t.name: t.source for t in formula.inputs.design.random_terms} if formula is not None else None
-    _check_identifiable(found, factors, checked["options"]["safeMode"], terms)
+    if formula is not None:
+        terms = {t.name: t.source for t in formula.inputs.design.random_terms}
+    else:
+        terms = {f.name: f"{f.name} ({labels.name})" for f, (labels, _) in zip(factors, factor_paths)}
+    _check_identifiable(found, "Z" if formula is None else "formula", factors, checked["options"]["safeMode"],
+                        terms)
     checked.update(
         y_files=y_files, y_list_path=y_list_path, space=space, X=X, x_names=x_names, x_path=x_path,
         factors=factors, factor_paths=factor_paths, contrasts=contrasts,

@@ -325,7 +325,7 @@ def _read_factor_design(found: _Found, label: str, design_path: Path | None) -> 
 
 def _check_factor_labels(found: _Found, label: str, labels: np.ndarray | None, factor_path: Path | None,
                          n: int | None, n_source: str) -> np.ndarray | None:
-    """A factor's labels: one per image, at least two levels."""
+    """A factor's labels: one per image (their levels: _check_identifiable, in safe mode)."""
     if labels is None:
         return None
     if n is not None and labels.shape[0] != n:
@@ -337,12 +337,6 @@ def _check_factor_labels(found: _Found, label: str, labels: np.ndarray | None, f
             f"{label} factor: first label {labels[0]!s} occurs only once; if it is a "
             f"header, {factor_path.name} is missing a row"
         )
-    if np.unique(labels).size < 2:
-        found.problem(
-            f"{label} factor: {factor_path} has a single level ({labels[:1].tolist()[0]!r}); a "
-            "random factor needs at least two levels"
-        )
-        return None
     return labels
 
 
@@ -460,17 +454,16 @@ _SAFE_MODE_FIX = ("fit it anyway with --no-safe-mode (safeMode: false in a YAML)
                   "e.g. (1 | subject) instead of (1 + time | subject)")
 
 
-def _check_identifiable(found: _Found, factors: list[RandomFactor], safe_mode: bool,
-                        terms: dict[str, str] | None = None) -> None:
+def _check_identifiable(found: _Found, key: str, factors: list[RandomFactor], safe_mode: bool,
+                        terms: dict[str, str]) -> None:
     """Safe mode: refuse, before any image is read, a design lme4 refuses (its default checks), or one
     whose every voxel upstream's safeMode would drop (n <= q, all factors' random effects together).
 
-    ``terms`` names each factor's term as written (formula runs), e.g. ``(1 + time | subject)``.
+    ``key`` is where the model was given (formula or Z); ``terms`` names each factor's term as
+    written, e.g. ``(1 + time | subject)``, or its factor file.
     """
     if not safe_mode or not factors:
         return
-    key = "Z" if terms is None else "formula"
-    terms = terms or {}
     problems = identifiability_problems(factors)
     for problem in problems:
         found.problem(f"{key}: {problem.message(terms.get(problem.factor))}; {_SAFE_MODE_FIX}")

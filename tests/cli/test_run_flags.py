@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
 from blmm.cli import main
+from blmm.core.status import DROPPED_UNIDENTIFIABLE, STATUS_NAMES
 from tests.pipeline.test_formula_pipeline import make_table_study
+from tests.pipeline.test_pipeline import write_image
 
 
 def _blmm(capsys, root: Path, formula: str, *flags: str) -> tuple[int, str, str]:
@@ -117,3 +121,28 @@ def test_a_contrast_on_the_reference_level_says_so(tmp_path, capsys):
     code, _, err = _blmm(capsys, tmp_path, "~ age + sex + time + (1 | subject)", "--contrast", "sex[T.F]")
     assert code == 2
     assert "'F' is the reference level of sex" in err and "'sex[T.M]'" in err and "did you mean" not in err
+
+
+def test_voxels_whose_images_present_fail_lme4s_checks_are_a_counted_reason(tmp_path, capsys):
+    # two sites; at voxel 0 every site-b image is 0 (missing): one level present, which lme4 refuses
+    rng = np.random.default_rng(5)
+    n, n_vox = 16, 6
+    site = np.array(["a", "b"] * (n // 2))
+    (tmp_path / "img").mkdir()
+    for i in range(n):
+        values = 10 + rng.normal(size=n_vox) + (site[i] == "b")
+        if site[i] == "b":
+            values[0] = 0.0
+        write_image(tmp_path / "img" / f"y{i:02d}.nii.gz", "nifti", values)
+    pd.DataFrame({"image_file": [f"img/y{i:02d}.nii.gz" for i in range(n)], "site": site,
+                  "age": rng.normal(30, 5, n).round(1), "time": np.arange(n) % 4 + 0.5 * rng.random(n)}
+                 ).to_csv(tmp_path / "participants.tsv", sep="\t", index=False)
+    code, out, err = _blmm(capsys, tmp_path, "~ age + time + (1 | site)")
+    assert code == 0, err
+    name = STATUS_NAMES[DROPPED_UNIDENTIFIABLE]
+    record = json.loads((tmp_path / "out" / "blmm_run.json").read_text())
+    assert record["counts"]["dropped"][name] == 1 and record["counts"]["fitted"] == n_vox - 1
+    assert f"1 voxels dropped: {name}" in out
+    code, out, err = _blmm(capsys, tmp_path, "~ age + time + (1 | site)", "--no-safe-mode", "--force")
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "blmm_run.json").read_text())["counts"]["fitted"] == n_vox
