@@ -146,9 +146,14 @@ def unidentifiable_patterns(patterns: np.ndarray, factors: list[RandomFactor]) -
     n_obs = patterns.sum(axis=1)
     for factor in factors:
         _, codes = factor.codes()
-        seen = np.zeros((patterns.shape[0], int(codes.max()) + 1 if codes.size else 0), dtype=bool)
-        rows = np.nonzero(patterns)
-        seen[rows[0], codes[rows[1]]] = True
-        levels = seen.sum(axis=1)
-        bad |= (levels < 2) | (levels >= n_obs) | (n_obs <= levels * factor.q)
+        n_levels = int(codes.max()) + 1 if codes.size else 0
+        step = max(1, 2**24 // max(n_levels, 1))  # patterns per round: a (round x levels) table of 16 MB
+        for start in range(0, patterns.shape[0], step):
+            chunk = patterns[start:start + step]
+            seen = np.zeros((chunk.shape[0], n_levels), dtype=bool)
+            rows = np.nonzero(chunk)
+            seen[rows[0], codes[rows[1]]] = True
+            levels = seen.sum(axis=1)
+            n = n_obs[start:start + step]
+            bad[start:start + step] |= (levels < 2) | (levels >= n) | (n <= levels * factor.q)
     return bad

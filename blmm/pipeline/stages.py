@@ -403,9 +403,10 @@ def fit_block(plan: RunPlan, k: int) -> str:
         reason[(reason == FITTED) & (n_obs < cfg.min_n)] = BELOW_MIN_N
     if cfg.safe_mode:
         reason[(reason == FITTED) & (n_obs <= cfg.q)] = SAFE_MODE
-        patterns, pattern_of_voxel = presence_patterns(present)  # lme4's checks on each voxel's rows
-        unidentifiable = unidentifiable_patterns(patterns, ordered_design(plan)[1])[pattern_of_voxel]
-        reason[(reason == FITTED) & unidentifiable] = DROPPED_UNIDENTIFIABLE
+        kept = np.flatnonzero(reason == FITTED)  # lme4's checks on the rows present at each voxel left
+        patterns, pattern_of_voxel = presence_patterns(present[:, kept])
+        reason[kept[unidentifiable_patterns(patterns, ordered_design(plan)[1])[pattern_of_voxel]]] = \
+            DROPPED_UNIDENTIFIABLE
     reason[(reason == FITTED) & (n_obs <= p + 1)] = TOO_FEW_FOR_P
     keep = np.flatnonzero(reason == FITTED)
     results: dict[str, np.ndarray] = {"n_obs": n_obs, "reason": reason}
