@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
                        "factor(x) and as.factor(x) work as C(x)")
     model.add_argument("--contrast", action="append", dest="contrasts", metavar="[NAME=]SPEC",
                        help="a contrast: coefficient, term or combination, e.g. age, site, "
-                            "'older=age - 2 * sex[T.F]' (repeatable)")
+                            "'older=age - 2 * sex[T.M]' (repeatable)")
     model.add_argument("--na-action", choices=("omit", "error"), dest="na_action",
                        help="rows with missing values: drop them (omit, default) or refuse (error)")
     fit = ap.add_argument_group("estimation and inference (settings that change the results)")

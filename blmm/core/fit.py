@@ -23,8 +23,8 @@ from blmm.core.objective.nested import NestedObjective, NestedSchurObjective, ch
 from blmm.core.objective.base import subset_eval, take_rows
 from blmm.core.scoring import METHODS, ScoringResult, check_method, score
 from blmm.core.status import (  # noqa: F401  (re-exported: the codes' one home is core/status.py)
-    CONVERGED, DROPPED_FEW, DROPPED_RANK, DROPPED_UNIDENTIFIABLE, FAILED, FITTED, ITERATION_LIMIT, NOT_FINITE, NOT_FITTED,
-    STATUS_NAMES, STEP_FAILED, STOP_NAMES,
+    CONVERGED, DROPPED_FEW, DROPPED_RANK, DROPPED_UNIDENTIFIABLE, FAILED, FITTED, ITERATION_LIMIT, NOT_FINITE,
+    NOT_FITTED, STATUS_NAMES, STEP_FAILED, STOP_NAMES,
 )
 from blmm.core.sufficient import SufficientStats, presence_patterns, sufficient_stats
 

@@ -36,7 +36,8 @@ from blmm.core.sufficient import (
     stats_from_sums,
 )
 from blmm.core.design import unidentifiable_patterns
-from blmm.core.fit import DROPPED_UNIDENTIFIABLE, FAILED, FITTED, NOT_FITTED, STATUS_NAMES, STOP_NAMES, choose_structure, fit_stats
+from blmm.core.fit import (DROPPED_UNIDENTIFIABLE, FAILED, FITTED, NOT_FITTED, STATUS_NAMES, STOP_NAMES,
+                           choose_structure, fit_stats)
 from blmm.core.nested_missing_rows import nested_missing_row_stats
 from blmm.io import outdir as _outdir
 from blmm.io.images import read_image, read_mask, write_map
