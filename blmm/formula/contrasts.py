@@ -21,6 +21,7 @@ import numpy as np
 from blmm.core.design import Contrast
 from blmm.errors import unknown_name
 from blmm.formula.errors import FormulaError
+from blmm.formula.parse import r_spellings
 
 _NAME_CHAR = re.compile(r"[A-Za-z0-9_.]")
 _IDENT = re.compile(r"`[^`]*`|[A-Za-z_.][^\s+\-*/,=()]*(?:\([^)]*\)[^\s+\-*/,=]*)?")
@@ -73,7 +74,12 @@ def _reference_level(design, name: str) -> str | None:
 
 
 def _unknown_name(design, name: str, valid: list[str]) -> str:
-    """An unknown coefficient or term: the reference level explained, else the closest few names."""
+    """An unknown coefficient or term: the reference level explained, the term that wraps a column
+    of that name (``site`` -> ``factor(site)``), else the closest few names."""
+    wrapping = [t for t in design.terms if re.search(rf"\(\s*{re.escape(name)}\s*[,)]", t)]
+    if wrapping:
+        return (f"unknown coefficient or term {name!r}; the formula uses it as "
+                f"{' or '.join(repr(t) for t in wrapping)}: name that term")
     return _reference_level(design, name) or unknown_name("coefficient or term", name, valid)
 
 
@@ -141,8 +147,8 @@ def make_contrast(design, spec, name: str | None = None) -> Contrast:
             raise FormulaError(f"contrast {name!r} has {arr.shape[-1]} entries; the design has "
                                f"{design.p} coefficients ({', '.join(design.columns)})")
         return Contrast.from_vector(name or "contrast", arr)
-    text = spec.strip()
-    name = name or text
+    text = r_spellings(spec.strip())
+    name = name or spec.strip()
     if not text:
         raise FormulaError(f"contrast {name!r} is empty")
     names = _names(design)

@@ -348,6 +348,9 @@ def test_factor_and_as_factor_are_C(table, spelling):
     assert not d.notes
     F = d.contrast("factor(site_code)")
     assert not F.is_t and F.matrix.shape == (2, d.p)
+    assert np.array_equal(d.contrast(spelling).matrix, F.matrix)  # the term by the formula's own spelling
+    with pytest.raises(FormulaError, match=r"'site_code'; the formula uses it as 'factor\(site_code\)'"):
+        d.contrast("site_code")
     grouped = build_design("~ age + (1 | factor(subject))", t)  # a grouping factor written as a factor
     assert grouped.factors[0].n_levels == t.subject.nunique()
 
