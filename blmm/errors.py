@@ -60,3 +60,37 @@ class DiskFullError(BlmmError):
     """The output folder's filesystem has no room for what a run writes (the message says how much)."""
 
     retryable = False
+
+
+def closest_names(name: str, valid: Iterable[str], count: int = 3, cutoff: float = 0.5) -> list[str]:
+    """The few valid names most like ``name`` (difflib; case folded when nothing matches as typed)."""
+    import difflib
+
+    valid = list(dict.fromkeys(str(v) for v in valid))
+    close = difflib.get_close_matches(str(name), valid, n=count, cutoff=cutoff)
+    if not close:
+        folded = {v.lower(): v for v in valid}
+        close = [folded[c] for c in difflib.get_close_matches(str(name).lower(), list(folded), n=count,
+                                                                cutoff=cutoff)]
+    return close
+
+
+def name_hint(name: str, valid: Iterable[str], shown: int = 8, labels: dict[str, str] | None = None) -> str:
+    """``; did you mean 'a' or 'b'?``: the closest few valid names, never all of them; with none close,
+    the first ``shown`` valid names and how many more there are.  ``labels`` adds to a name, e.g. its volume."""
+    valid = list(dict.fromkeys(str(v) for v in valid))
+    labels = labels or {}
+
+    def show(candidate: str) -> str:
+        return f"{candidate!r}" + (f" ({labels[candidate]})" if candidate in labels else "")
+
+    close = closest_names(name, valid)
+    if close:
+        return f"; did you mean {' or '.join(show(c) for c in close)}?"
+    listed = ", ".join(show(v) for v in valid[:shown]) + (f", ... ({len(valid) - shown} more)" if len(valid) > shown else "")
+    return f"; valid names: {listed or 'none'}"
+
+
+def unknown_name(kind: str, name: str, valid: Iterable[str], shown: int = 8) -> str:
+    """``unknown KIND 'name'; did you mean 'a' or 'b'?`` (name_hint)."""
+    return f"unknown {kind} {name!r}{name_hint(name, valid, shown)}"

@@ -1,11 +1,22 @@
 """What every console script does alike: parse without exiting, and turn errors into one line
-and an exit status."""
+and an exit status.
+
+One convention for ``blmm``, ``blmm_compare``, ``blmm_view`` and ``python -m blmm.report``:
+0 on success, 2 for bad input (argparse's usage errors and every ``InputError``), 1 for a failure
+during the run (a full disk, a failed engine, an unexpected error), 130 when interrupted.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 import traceback
 from typing import Callable
+
+from blmm.errors import BlmmError, InputError
+
+BAD_INPUT = 2  # the command line, a file or a value is unusable (as argparse's usage errors)
+RUN_FAILED = 1  # the inputs were accepted but the run failed
+INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 
 def parse_or_status(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
@@ -16,24 +27,29 @@ def parse_or_status(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
         return int(stop.code or 0)
 
 
-def report_errors(prog: str, action: Callable[[], int], *, user_errors: tuple[type[BaseException], ...],
-                  user_status: int, debug: bool = False, bug: tuple[str, int, str] | None = None) -> int:
-    """``action()``, or one line on stderr and a status when it fails.
+def report_errors(prog: str, action: Callable[[], int], *, debug: bool = False) -> int:
+    """``action()``, or one line on stderr and the convention's status when it fails.
 
-    ``user_errors`` print ``PROG: error: ...`` (with the traceback under ``debug``) and return
-    ``user_status``; any other exception, when ``bug = (label, status, hint)`` is given, prints
-    ``PROG: label: Type: message (hint)`` and returns ``status`` (under ``debug`` it propagates).
+    An ``InputError`` prints ``PROG: error: ...`` and returns BAD_INPUT; another ``BlmmError`` or an
+    ``OSError`` (a full disk, a failed engine) prints the same and returns RUN_FAILED; any other
+    exception prints ``PROG: unexpected error: Type: message (...)`` and returns RUN_FAILED.  Under
+    ``debug`` the traceback is printed too, and an unexpected error propagates.
     """
     try:
         return action()
-    except user_errors as err:
+    except InputError as err:
         if debug:
             traceback.print_exc()
         print(f"{prog}: error: {err}", file=sys.stderr)
-        return user_status
+        return BAD_INPUT
+    except (BlmmError, OSError) as err:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return RUN_FAILED
     except Exception as err:
-        if bug is None or debug:
+        if debug:
             raise
-        label, status, hint = bug
-        print(f"{prog}: {label}: {type(err).__name__}: {err} ({hint})", file=sys.stderr)
-        return status
+        print(f"{prog}: unexpected error: {type(err).__name__}: {err} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return RUN_FAILED

@@ -5,7 +5,6 @@ import argparse
 import sys
 
 from blmm.cli.common import parse_or_status, report_errors
-from blmm.errors import InputError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def compare_main(argv: list[str] | None = None) -> int:
-    """``blmm_compare out1 out2 outdir``: exit 0 on success, 1 on a user error, 2 on bad usage, 3 on a bug."""
+    """``blmm_compare out1 out2 outdir``: exit 0 on success, 2 for bad input, 1 for a failure during the run."""
     args = parse_or_status(_parser(), argv)
     if isinstance(args, int):
         return args
@@ -36,9 +35,7 @@ def compare_main(argv: list[str] | None = None) -> int:
         print(summary_text(result))
         return 0
 
-    return report_errors("blmm_compare", run, user_errors=(InputError, OSError), user_status=1,
-                         debug=args.debug,
-                         bug=("internal error", 3, "rerun with --debug for the traceback"))
+    return report_errors("blmm_compare", run, debug=args.debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

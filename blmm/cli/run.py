@@ -6,8 +6,8 @@ import re
 import sys
 
 from blmm import __version__
-from blmm.cli.common import report_errors
-from blmm.errors import BlmmError, ConfigError
+from blmm.cli.common import INTERRUPTED, parse_or_status, report_errors
+from blmm.errors import ConfigError
 
 from blmm.engine.spec import KINDS
 
@@ -15,27 +15,54 @@ from blmm.engine.spec import KINDS
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="blmm",
-        description="Fit a linear mixed model at every voxel or vertex (upstream BLMM inputs YAML).",
-        epilog="Docs: docs/tutorial.md, docs/inputs.md, docs/outputs.md, docs/cluster.md.",
+        description="Fit a linear mixed model at every voxel or vertex (upstream BLMM inputs YAML, or a "
+                    "formula over a participants table). Every flag below overrides the YAML key it names.",
+        epilog="Exit status: 0 done, 2 bad input, 1 a failure during the run. "
+               "Docs: docs/tutorial.md, docs/inputs.md, docs/outputs.md, docs/cluster.md.",
     )
     ap.add_argument("inputs", nargs="?",
                     help="the inputs YAML (upstream BLMM format, or the formula keys); optional when "
                          "--data and --formula give the model")
-    ap.add_argument("--force", action="store_true",
-                    help="overwrite an outdir holding another analysis, or rerun a finished/interrupted one from scratch")
     ap.add_argument("--debug", action="store_true", help="show a Python traceback on errors")
     ap.add_argument("--version", action="version", version=f"blmm {__version__}")
     model = ap.add_argument_group(
         "model as a formula (without a YAML, or overriding its keys; docs/inputs.md)")
     model.add_argument("--data", help="participants table, one row per image (.tsv or .csv)")
     model.add_argument("--images", help="the table's column of image paths (relative to the table)")
-    model.add_argument("--formula", help='lme4 formula, e.g. "~ age + sex + (1 + time | subject)"')
+    model.add_argument("--formula", help='lme4 formula, e.g. "~ age + sex + (1 + time | subject)"; '
+                       "factor(x) and as.factor(x) work as C(x)")
     model.add_argument("--contrast", action="append", dest="contrasts", metavar="[NAME=]SPEC",
                        help="a contrast: coefficient, term or combination, e.g. age, site, "
-                            "'older=age - 2 * sex[T.F]' (repeatable)")
+                            "'older=age - 2 * sex[T.M]' (repeatable)")
     model.add_argument("--na-action", choices=("omit", "error"), dest="na_action",
                        help="rows with missing values: drop them (omit, default) or refuse (error)")
-    model.add_argument("-o", "--outdir", help="output folder")
+    fit = ap.add_argument_group("estimation and inference (settings that change the results)")
+    sides = fit.add_mutually_exclusive_group()
+    sides.add_argument("--two-sided", dest="two_sided", action="store_const", const=True,
+                       help="two-sided p for T contrasts, as lmerTest (default for formula runs; YAML key "
+                            "two_sided)")
+    sides.add_argument("--one-sided", dest="two_sided", action="store_const", const=False,
+                       help="one-sided p for T contrasts, H1: Lβ > 0 (default for upstream's X/Z YAMLs)")
+    fits = fit.add_mutually_exclusive_group()
+    fits.add_argument("--reml", dest="REML", action="store_const", const=True,
+                      help="restricted maximum likelihood (default; YAML key REML)")
+    fits.add_argument("--ml", dest="REML", action="store_const", const=False,
+                      help="maximum likelihood (needed to compare fixed effects with blmm_compare)")
+    safe = fit.add_mutually_exclusive_group()
+    safe.add_argument("--safe-mode", dest="safeMode", action="store_const", const=True,
+                      help="refuse designs lme4 refuses, before reading images, and drop voxels whose "
+                           "images present make them unidentifiable (default; YAML key safeMode)")
+    safe.add_argument("--no-safe-mode", dest="safeMode", action="store_const", const=False,
+                      help="fit such designs anyway (blmm's fit needs only n > p + 1 and a full-rank X)")
+    fit.add_argument("--method", metavar="{pSFS,SFS,pFS,FS}",
+                     help="Fisher scoring variant (default pSFS; YAML key method)")
+    fit.add_argument("--tol", help="convergence tolerance on the log-likelihood change (default 1e-6; "
+                                   "YAML key tol)")
+    out = ap.add_argument_group("output")
+    out.add_argument("-o", "--outdir", help="output folder (YAML key outdir)")
+    out.add_argument("--force", action="store_true",
+                     help="overwrite an outdir holding another analysis, or rerun a finished/interrupted "
+                          "one from scratch")
     eng = ap.add_argument_group("engine (overrides the YAML's clusterType/numNodes and cluster: section)")
     eng.add_argument("--cluster", choices=KINDS, help="where to run: auto (default when the YAML names no "
                      "engine: inline for a run too short to pay for starting dask, else a local dask "
@@ -55,14 +82,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """``blmm``: exit 0 on success, 2 for bad input, 1 for a failure during the run (blmm.cli.common)."""
+    args = parse_or_status(_parser(), argv)
+    if isinstance(args, int):
+        return args
     try:
-        return report_errors("blmm", lambda: _run(args), user_errors=(BlmmError,), user_status=2,
-                             debug=args.debug,
-                             bug=("unexpected error", 1, "rerun with --debug for a traceback"))
+        return report_errors("blmm", lambda: _run(args), debug=args.debug)
     except KeyboardInterrupt:
         print("blmm: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
 _CONTRAST_NAME = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=(?!=)\s*(.+)$", re.S)
@@ -76,10 +104,14 @@ def contrast_entry(text: str) -> dict[str, str]:
     return {text.strip(): text.strip()}
 
 
+#: flags whose value is the YAML key of the same name (argparse dest = key)
+MODEL_FLAG_KEYS = ("data", "images", "formula", "na_action", "outdir", "two_sided", "REML", "safeMode",
+                   "method", "tol")
+
+
 def model_overrides(args) -> dict:
-    """The model flags as top-level YAML keys (only those given)."""
-    overrides = {key: getattr(args, key) for key in ("data", "images", "formula", "na_action", "outdir")
-                 if getattr(args, key) is not None}
+    """The model and estimation flags as top-level YAML keys (only those given)."""
+    overrides = {key: getattr(args, key) for key in MODEL_FLAG_KEYS if getattr(args, key) is not None}
     if args.contrasts:
         overrides["contrasts"] = [contrast_entry(text) for text in args.contrasts]
     return overrides

@@ -5,7 +5,6 @@ import argparse
 import sys
 
 from blmm.cli.common import parse_or_status, report_errors
-from blmm.errors import InputError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,11 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--vmax", type=float, default=None)
     parser.add_argument("--colorscale", default=None, help="plotly colorscale name")
     parser.add_argument("--title", default=None, help="page title (default: describes the map)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
 def view_main(argv: list[str] | None = None) -> int:
-    """``blmm_view OUTDIR MAP -o page.html``: exit 0 on success, 1 on a user error."""
+    """``blmm_view OUTDIR MAP -o page.html``: exit 0 on success, 2 for bad input, 1 for a failure during the run."""
     args = parse_or_status(_parser(), argv)
     if isinstance(args, int):
         return args
@@ -49,11 +49,12 @@ def view_main(argv: list[str] | None = None) -> int:
 
         options = dict(vars(args))
         output = options.pop("output")
+        options.pop("debug")
         written = write_html(map_figure(MapView(**options)), output)
         print(f"blmm_view: wrote {written}")
         return 0
 
-    return report_errors("blmm_view", write, user_errors=(InputError, OSError), user_status=1)
+    return report_errors("blmm_view", write, debug=args.debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

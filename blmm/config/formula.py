@@ -176,6 +176,7 @@ def check_formula(check) -> FormulaModel | None:
         where = f" ({data_path.name})" if key != "data" else ""
         check.problem(f"{key}: {text}{where}")
         return None
+    check.warnings.extend(f"formula: {note}" for note in design.notes)
     column = design.images
     label = f"images (column {column!r} of {data_path.name})"
     ok = _check_image_paths(check, label, design, paths)

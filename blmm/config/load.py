@@ -23,6 +23,7 @@ from blmm.config.sections import (
     _check_design,
     _check_design_rows,
     _check_factors,
+    _check_identifiable,
     _check_inputs,
     _check_keys,
     _check_mask,
@@ -69,7 +70,7 @@ def _check_sections(found: _Found) -> dict[str, Any]:
     """Every check, in the order its problems are reported; what each read, by name."""
     _check_keys(found)
     formula_run = check_model_keys(found)
-    checked: dict[str, Any] = {"options": _check_options(found), "cluster": _check_cluster(found),
+    checked: dict[str, Any] = {"options": _check_options(found, formula_run), "cluster": _check_cluster(found),
                                "outdir": _check_outdir(found)}
     y_files, y_list_path, space = _check_inputs(found)
     X, x_names, x_path = _check_design(found)
@@ -87,6 +88,12 @@ def _check_sections(found: _Found) -> dict[str, Any]:
         y_files, space, X, x_names, factors, contrasts = (
             formula.y_files, formula.space, formula.X, formula.x_names, formula.factors, formula.contrasts)
         n = int(X.shape[0])
+    if formula is not None:
+        terms = {t.name: t.source for t in formula.inputs.design.random_terms}
+    else:
+        terms = {f.name: f"{f.name} ({labels.name})" for f, (labels, _) in zip(factors, factor_paths)}
+    _check_identifiable(found, "Z" if formula is None else "formula", factors, checked["options"]["safeMode"],
+                        terms)
     checked.update(
         y_files=y_files, y_list_path=y_list_path, space=space, X=X, x_names=x_names, x_path=x_path,
         factors=factors, factor_paths=factor_paths, contrasts=contrasts,

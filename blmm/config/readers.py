@@ -3,7 +3,6 @@ helpers, and the typed readers of one value (number, flag, choice, path, file li
 every section check uses; each reader collects its problem in a ``_Found`` instead of raising."""
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -14,7 +13,7 @@ import numpy as np
 import yaml
 
 from blmm.config.schema import _MAX_LISTED
-from blmm.errors import ConfigError, InputError
+from blmm.errors import ConfigError, InputError, closest_names
 from blmm.io.images import SUPPORTED_SUFFIXES
 from blmm.io.tables import read_path_list, resolve_path
 
@@ -281,10 +280,7 @@ def _suggest(key: Any, choices: tuple[str, ...] | list[str]) -> str:
     folded = {choice.lower(): choice for choice in choices}
     match = folded.get(text.lower().replace("-", "_"))
     if match is None:
-        close = difflib.get_close_matches(text, list(choices), n=1, cutoff=0.6)
-        if not close:
-            close = difflib.get_close_matches(text.lower(), list(folded), n=1, cutoff=0.6)
-            close = [folded[c] for c in close]
+        close = closest_names(text, choices, count=1, cutoff=0.6)
         match = close[0] if close else None
     return f" (did you mean {match!r}?)" if match else ""
 

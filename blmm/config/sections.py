@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from blmm.core.design import Contrast, RandomFactor
+from blmm.core.design import Contrast, RandomFactor, identifiability_problems
 from blmm.core.fit import METHODS
 from blmm.engine.spec import CLUSTER_RULES, CLUSTER_TYPES, KINDS
 from blmm.errors import ImageError, InputError
@@ -46,7 +46,7 @@ from blmm.config.schema import (
     KNOWN_KEYS,
 )
 
-#: the true/false keys and their defaults
+#: the true/false keys and their defaults (two_sided: see _check_options)
 _FLAGS = (
     ("OutputCovB", True), ("resms", False), ("voxelBatching", False), ("safeMode", True),
     ("REML", True), ("two_sided", False), ("zero_is_missing", True),
@@ -67,8 +67,12 @@ def _check_keys(found: _Found) -> None:
             found.problem(f"{key}: required key is missing")
 
 
-def _check_options(found: _Found) -> dict[str, Any]:
-    """The scalar options: numbers, method, clusterType and the true/false flags."""
+def _check_options(found: _Found, formula_run: bool = False) -> dict[str, Any]:
+    """The scalar options: numbers, method, clusterType and the true/false flags.
+
+    two_sided defaults to true for a formula run (lmerTest's p, what lme4 users expect) and to
+    false for upstream's X/Z YAMLs (upstream's one-sided default, kept for compatibility).
+    """
     options: dict[str, Any] = {
         "MAXMEM": read_option_number(found, "MAXMEM", DEFAULT_MAXMEM, integer=True, minimum=1),
         "tol": read_option_number(found, "tol", 1e-6, minimum=0, strict_minimum=True),
@@ -81,7 +85,8 @@ def _check_options(found: _Found) -> dict[str, Any]:
         "method": read_choice(found, "method", METHODS, "pSFS"),
         "clusterType": read_choice(found, "clusterType", CLUSTER_TYPES, None),  # None: blmm chooses
     }
-    options.update((key, read_flag(found, key, default)) for key, default in _FLAGS)
+    options.update((key, read_flag(found, key, formula_run if key == "two_sided" else default))
+                   for key, default in _FLAGS)
     return options
 
 
@@ -320,7 +325,7 @@ def _read_factor_design(found: _Found, label: str, design_path: Path | None) -> 
 
 def _check_factor_labels(found: _Found, label: str, labels: np.ndarray | None, factor_path: Path | None,
                          n: int | None, n_source: str) -> np.ndarray | None:
-    """A factor's labels: one per image, at least two levels."""
+    """A factor's labels: one per image (their levels: _check_identifiable, in safe mode)."""
     if labels is None:
         return None
     if n is not None and labels.shape[0] != n:
@@ -332,12 +337,6 @@ def _check_factor_labels(found: _Found, label: str, labels: np.ndarray | None, f
             f"{label} factor: first label {labels[0]!s} occurs only once; if it is a "
             f"header, {factor_path.name} is missing a row"
         )
-    if np.unique(labels).size < 2:
-        found.problem(
-            f"{label} factor: {factor_path} has a single level ({labels[:1].tolist()[0]!r}); a "
-            "random factor needs at least two levels"
-        )
-        return None
     return labels
 
 
@@ -449,6 +448,31 @@ def _check_data_masks(found: _Found, y_count: int | None,
     if mismatched:
         found.problem(f"data_mask_files: {len(mismatched)} masks do not match the images: {_listing(mismatched)}")
     return files, list_path
+
+
+_SAFE_MODE_FIX = ("fit it anyway with --no-safe-mode (safeMode: false in a YAML), or use a simpler term, "
+                  "e.g. (1 | subject) instead of (1 + time | subject)")
+
+
+def _check_identifiable(found: _Found, key: str, factors: list[RandomFactor], safe_mode: bool,
+                        terms: dict[str, str]) -> None:
+    """Safe mode: refuse, before any image is read, a design lme4 refuses (its default checks), or one
+    whose every voxel upstream's safeMode would drop (n <= q, all factors' random effects together).
+
+    ``key`` is where the model was given (formula or Z); ``terms`` names each factor's term as
+    written, e.g. ``(1 + time | subject)``, or its factor file.
+    """
+    if not safe_mode or not factors:
+        return
+    problems = identifiability_problems(factors)
+    for problem in problems:
+        found.problem(f"{key}: {problem.message(terms.get(problem.factor))}; {_SAFE_MODE_FIX}")
+    n, q = factors[0].n, sum(factor.q * factor.n_levels for factor in factors)
+    if not problems and n <= q:
+        parts = " + ".join(f"{factor.name} {factor.n_levels:,} x {factor.q}" for factor in factors)
+        found.problem(f"{key}: the random effects of all terms together: {n:,} observations against {q:,} random effects "
+                      f"({parts}); safe mode (upstream BLMM's safeMode) drops every voxel with no more "
+                      f"observations than random effects, so none would be fitted; {_SAFE_MODE_FIX}")
 
 
 def _check_missingness(found: _Found, n: int | None) -> tuple[float | None, int | None]:

@@ -81,3 +81,79 @@ class Contrast:
     @property
     def n_rows(self) -> int:
         return int(self.matrix.shape[0])
+
+
+# lme4's lmerControl checks that stop a fit by default, by their lme4 names
+ONE_LEVEL = "check.nlev.gtr.1"
+LEVEL_PER_OBSERVATION = "check.nobs.vs.nlev"
+TOO_MANY_RANDOM_EFFECTS = "check.nobs.vs.nRE"
+
+
+@dataclass(frozen=True)
+class Unidentifiable:
+    """One random factor lme4 would refuse to fit, with the numbers that say why."""
+
+    factor: str  # the factor's name (lme4's grouping factor)
+    check: str  # ONE_LEVEL, LEVEL_PER_OBSERVATION or TOO_MANY_RANDOM_EFFECTS
+    n: int  # observations
+    levels: int  # levels of the factor among them
+    q: int  # random effects per level
+
+    def message(self, term: str | None = None) -> str:
+        """What is wrong, naming the term (default: the factor) and the counts."""
+        where = f"term {term}" if term else f"random factor {self.factor!r}"
+        if self.check == ONE_LEVEL:
+            return (f"{where}: grouping factor {self.factor!r} has {self.levels:,} level in the "
+                    f"{self.n:,} observations; a random effect needs at least 2 levels "
+                    f"(lme4's {self.check})")
+        if self.check == LEVEL_PER_OBSERVATION:
+            return (f"{where}: grouping factor {self.factor!r} has as many levels ({self.levels:,}) as "
+                    f"there are observations ({self.n:,}), so its random effects are confounded with the "
+                    f"residual (lme4's {self.check})")
+        return (f"{where}: {self.n:,} observations against {self.levels * self.q:,} random effects "
+                f"({self.levels:,} levels x {self.q}), so the random-effects variances and the residual "
+                f"variance are not identifiable (lme4's {self.check})")
+
+
+def identifiability_problems(factors: list[RandomFactor]) -> list[Unidentifiable]:
+    """lme4's default identifiability checks of the whole design, one entry per failing factor.
+
+    As lme4's lmer (lmerControl's defaults, which stop): a factor needs at least 2 levels,
+    fewer levels than observations, and more observations than its levels x q_k random effects.
+    """
+    found = []
+    for factor in factors:
+        levels = factor.n_levels
+        if levels < 2:
+            check = ONE_LEVEL
+        elif levels >= factor.n:
+            check = LEVEL_PER_OBSERVATION
+        elif factor.n <= levels * factor.q:
+            check = TOO_MANY_RANDOM_EFFECTS
+        else:
+            continue
+        found.append(Unidentifiable(factor.name, check, factor.n, levels, factor.q))
+    return found
+
+
+def unidentifiable_patterns(patterns: np.ndarray, factors: list[RandomFactor]) -> np.ndarray:
+    """Which presence patterns (u, n) leave a design lme4 would refuse, by its checks on the rows present.
+
+    Levels are counted among the rows present, as lme4 counts them in the data it is given.
+    """
+    patterns = np.asarray(patterns, dtype=bool)
+    bad = np.zeros(patterns.shape[0], dtype=bool)
+    n_obs = patterns.sum(axis=1)
+    for factor in factors:
+        _, codes = factor.codes()
+        n_levels = int(codes.max()) + 1 if codes.size else 0
+        step = max(1, 2**24 // max(n_levels, 1))  # patterns per round: a (round x levels) table of 16 MB
+        for start in range(0, patterns.shape[0], step):
+            chunk = patterns[start:start + step]
+            seen = np.zeros((chunk.shape[0], n_levels), dtype=bool)
+            rows = np.nonzero(chunk)
+            seen[rows[0], codes[rows[1]]] = True
+            levels = seen.sum(axis=1)
+            n = n_obs[start:start + step]
+            bad[start:start + step] |= (levels < 2) | (levels >= n) | (n <= levels * factor.q)
+    return bad

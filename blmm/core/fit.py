@@ -16,17 +16,17 @@ from threadpoolctl import threadpool_limits
 
 from blmm.core import linalg as la
 from blmm.core.boundary import SettledPoint, boundary_coordinates, free_parameters, settle
-from blmm.core.design import RandomFactor
+from blmm.core.design import RandomFactor, identifiability_problems, unidentifiable_patterns
 from blmm.core.hessian import variance_hessian
 from blmm.core.objective import DenseObjective, LevelObjective, SchurObjective
 from blmm.core.objective.nested import NestedObjective, NestedSchurObjective, check_memory, nested_tree
 from blmm.core.objective.base import subset_eval, take_rows
 from blmm.core.scoring import METHODS, ScoringResult, check_method, score
 from blmm.core.status import (  # noqa: F401  (re-exported: the codes' one home is core/status.py)
-    CONVERGED, DROPPED_FEW, DROPPED_RANK, FAILED, FITTED, ITERATION_LIMIT, NOT_FINITE, NOT_FITTED,
-    STATUS_NAMES, STEP_FAILED, STOP_NAMES,
+    CONVERGED, DROPPED_FEW, DROPPED_RANK, DROPPED_UNIDENTIFIABLE, FAILED, FITTED, ITERATION_LIMIT, NOT_FINITE,
+    NOT_FITTED, STATUS_NAMES, STEP_FAILED, STOP_NAMES,
 )
-from blmm.core.sufficient import SufficientStats, sufficient_stats
+from blmm.core.sufficient import SufficientStats, presence_patterns, sufficient_stats
 
 @dataclass
 class FitResult:
@@ -81,9 +81,32 @@ def fit_lmm(
     method: str = "pSFS",
     tol: float = 1e-6,
     max_iter: int = 10000,
+    safe_mode: bool = False,
     **options,
 ) -> FitResult:
-    """Fit Y = Xβ + Zb + ε at every voxel (column of Y; NaN = missing)."""
+    """Fit Y = Xβ + Zb + ε at every voxel (column of Y; NaN = missing).
+
+    safe_mode: refuse a design lme4 refuses by default (ValueError naming the factor and the
+    counts: core.design.identifiability_problems), and drop the voxels whose rows present fail
+    the same checks (status DROPPED_UNIDENTIFIABLE).  Off by default: blmm fits such designs.
+    """
+    if safe_mode:
+        problems = identifiability_problems(factors)
+        if problems:
+            raise ValueError("; ".join(problem.message() for problem in problems)
+                             + "; pass safe_mode=False to fit it anyway, or use a simpler term")
+    res = _fit_lmm(Y, X, factors, reml, method, tol, max_iter, **options)
+    observed = ~np.isnan(np.asarray(Y, dtype=np.float64).reshape(len(X), -1)) if safe_mode else None
+    if observed is not None and not observed.all():
+        patterns, pattern_of_voxel = presence_patterns(observed)
+        drop = unidentifiable_patterns(patterns, factors)[pattern_of_voxel] & (res.status == FITTED)
+        res.status[drop] = DROPPED_UNIDENTIFIABLE
+        _blank_unfitted(res)
+        res.stop[drop] = NOT_FITTED
+    return res
+
+
+def _fit_lmm(Y, X, factors, reml, method, tol, max_iter, **options) -> FitResult:
     if len(factors) == 1 and options.get("structure", "auto") in ("auto", "levels") and np.isnan(np.asarray(Y, dtype=np.float64)).any():
         from blmm.core.missing_rows import missing_row_stats_from_data  # voxel-specific rows (issue 11)
         return fit_stats(missing_row_stats_from_data(Y, X, factors[0]), reml=reml, method=method, tol=tol,

@@ -51,6 +51,11 @@ class InferenceResult:
     two_sided: bool
 
 
+def sidedness(two_sided: bool) -> str:
+    """How a T contrast's p-value was computed, as the summary line and the report state it beside p."""
+    return "two-sided" if two_sided else "one-sided, H1: Lβ > 0"
+
+
 def infer(fit: FitResult, contrasts: list[Contrast], two_sided: bool = False) -> InferenceResult:
     """All contrasts of a fit."""
     t_res, f_res = [], []

@@ -13,6 +13,9 @@ FAILED = 3  # numerical failure: non-finite log-likelihood or σ², or a singula
 STATUS_NAMES = {FITTED: "fitted", DROPPED_RANK: "rank-deficient X", DROPPED_FEW: "too few observations",
                 FAILED: "numerical failure"}
 
+DROPPED_UNIDENTIFIABLE = 5  # safe mode: the rows present fail lme4's checks (core.design.unidentifiable_patterns)
+STATUS_NAMES[DROPPED_UNIDENTIFIABLE] = "unidentifiable random effects (safe mode: lme4's checks on the rows present)"
+
 # why the scoring of a voxel stopped (FitResult.stop)
 CONVERGED = 0  # Δllh < tol and the predicted gain of one more step < tol (KKT on the boundary)
 

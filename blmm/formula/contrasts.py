@@ -19,7 +19,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from blmm.core.design import Contrast
+from blmm.errors import unknown_name
 from blmm.formula.errors import FormulaError
+from blmm.formula.parse import r_spellings
 
 _NAME_CHAR = re.compile(r"[A-Za-z0-9_.]")
 _IDENT = re.compile(r"`[^`]*`|[A-Za-z_.][^\s+\-*/,=()]*(?:\([^)]*\)[^\s+\-*/,=]*)?")
@@ -45,6 +47,40 @@ def _term_columns(design, spec: str) -> list[int] | None:
     if spec in design.r_terms:
         return design.terms[design.r_terms[spec]]
     return None
+
+
+def _reference_level(design, name: str) -> str | None:
+    """When ``name`` is a coefficient of a categorical factor's reference level (``sex[T.F]``, R's
+    ``sexF``, where F is the reference), what it is and which columns code the factor; else None."""
+    bracket = re.match(r"^(.*)\[(?:T\.)?(.*)\]$", name, re.S)
+    for factor, levels in design.levels.items():
+        if bracket:
+            if bracket.group(1) != factor:
+                continue
+            level = bracket.group(2)
+        elif name.startswith(factor) and name[len(factor):] in levels:
+            level = name[len(factor):]
+        else:
+            continue
+        if level != levels[0]:
+            continue
+        coded = [c for c in design.columns if c.startswith(factor + "[") and ":" not in c]
+        shown = ", ".join(repr(c) for c in coded[:3]) + (", ..." if len(coded) > 3 else "")
+        first = re.sub(r"^.*\[(?:T\.)?(.*)\]$", r"\1", coded[0])  # the first coded column's level
+        return (f"{level!r} is the reference level of {factor} (treatment coding puts it in the intercept); "
+                f"{factor} is coded by {shown}, each a level minus {level!r} (e.g. '-1 * {coded[0]}' is "
+                f"{level!r} minus {first!r}), or test the whole term as {factor!r}")
+    return None
+
+
+def _unknown_name(design, name: str, valid: list[str]) -> str:
+    """An unknown coefficient or term: the reference level explained, the term that wraps a column
+    of that name (``site`` -> ``factor(site)``), else the closest few names."""
+    wrapping = [t for t in design.terms if re.search(rf"\(\s*{re.escape(name)}\s*[,)]", t)]
+    if wrapping:
+        return (f"unknown coefficient or term {name!r}; the formula uses it as "
+                f"{' or '.join(repr(t) for t in wrapping)}: name that term")
+    return _reference_level(design, name) or unknown_name("coefficient or term", name, valid)
 
 
 def _substitute(spec: str, names: dict[str, int]) -> str:
@@ -79,20 +115,18 @@ def _substitute(spec: str, names: dict[str, int]) -> str:
 def _linear(design, spec: str) -> np.ndarray:
     from formulaic.utils.constraints import LinearConstraints
 
-    from blmm.formula.design import _unknown
-
     names = _names(design)
     text = _substitute(spec, names)
     leftover = [m.group(0) for m in _IDENT.finditer(text) if not re.fullmatch(r"__c\d+__", m.group(0))]
     valid = list(design.columns) + [r for r in design.r_columns if r not in design.columns] + list(design.terms)
     if leftover:
-        raise FormulaError(f"contrast {spec!r}: " + _unknown("coefficient or term", leftover[0].strip("`"), valid))
+        raise FormulaError(f"contrast {spec!r}: " + _unknown_name(design, leftover[0].strip("`"), valid))
     placeholders = [f"__c{i}__" for i in range(design.p)]
     try:
         lc = LinearConstraints.from_spec(text, variable_names=placeholders)
     except Exception as exc:
         raise FormulaError(f"contrast {spec!r} is not a linear combination of coefficient names: "
-                           f"{exc}. Valid names: {', '.join(valid)}") from exc
+                           f"{exc}") from exc
     values = np.asarray(lc.constraint_values, dtype=float)
     if np.any(values != 0):
         raise FormulaError(f"contrast {spec!r}: only hypotheses of the form L beta = 0 are tested; "
@@ -105,8 +139,6 @@ def _linear(design, spec: str) -> np.ndarray:
 
 def make_contrast(design, spec, name: str | None = None) -> Contrast:
     """One blmm Contrast from a spec (see the module doc)."""
-    from blmm.formula.design import _unknown
-
     if isinstance(spec, Contrast):
         return spec if name is None else Contrast(name, spec.matrix, spec.is_t)
     if not isinstance(spec, str):
@@ -115,8 +147,8 @@ def make_contrast(design, spec, name: str | None = None) -> Contrast:
             raise FormulaError(f"contrast {name!r} has {arr.shape[-1]} entries; the design has "
                                f"{design.p} coefficients ({', '.join(design.columns)})")
         return Contrast.from_vector(name or "contrast", arr)
-    text = spec.strip()
-    name = name or text
+    text = r_spellings(spec.strip())
+    name = name or spec.strip()
     if not text:
         raise FormulaError(f"contrast {name!r} is empty")
     names = _names(design)
@@ -148,7 +180,7 @@ def make_contrast(design, spec, name: str | None = None) -> Contrast:
     if not re.search(r"[+\-*/,=]", text):  # a lone name that is neither coefficient nor term
         valid = list(design.columns) + [r for r in design.r_columns if r not in design.columns] + \
             [t for t in design.terms if t not in design.columns]
-        raise FormulaError(f"contrast {name!r}: " + _unknown("coefficient or term", key, valid))
+        raise FormulaError(f"contrast {name!r}: " + _unknown_name(design, key, valid))
     L = _linear(design, text)
     return Contrast(name, L, L.shape[0] == 1)
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from blmm.core.design import Contrast, RandomFactor
+from blmm.errors import closest_names, unknown_name
 from blmm.formula.errors import FormulaError
 from blmm.formula.parse import ParsedFormula, parse_formula, split_top
 
@@ -68,6 +69,8 @@ class ModelDesign:
     dropped: list[DroppedRow] = field(default_factory=list)
     images: str | None = None  # the images column
     n_table: int = 0
+    levels: dict[str, list[str]] = field(default_factory=dict)  # categorical factor -> its levels, reference first
+    notes: list[str] = field(default_factory=list)  # one line each, for the run log
 
     @property
     def n(self) -> int:
@@ -97,7 +100,7 @@ class ModelDesign:
         for names in (self.columns, self.r_columns):
             if name in names:
                 return names.index(name)
-        raise FormulaError(_unknown("coefficient", name, self.columns + self.r_columns))
+        raise FormulaError(unknown_name("coefficient", name, self.columns + self.r_columns))
 
     def contrast(self, spec, name: str | None = None) -> Contrast:
         """A blmm Contrast from a coefficient name, term name or linear combination."""
@@ -124,15 +127,6 @@ class ModelDesign:
 # ------------------------------------------------------------------------------------------
 # names
 # ------------------------------------------------------------------------------------------
-
-def _unknown(kind: str, name: str, valid: list[str]) -> str:
-    import difflib
-
-    valid = list(dict.fromkeys(valid))
-    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
-    return f"unknown {kind} {name!r}{hint} Valid names: {', '.join(valid)}"
-
 
 _BRACKET = re.compile(r"^(.*)\[(?:T\.)?(.*)\]$", re.S)
 
@@ -202,7 +196,7 @@ def _required(expr: str, where: str, columns: set[str] | None = None) -> set[str
     try:
         terms = list(Formula(expr))
     except Exception as exc:  # formulaic syntax errors
-        raise FormulaError(f"cannot parse {where} {expr!r}: {exc}") from exc
+        raise unreadable_term(where, expr, exc) from exc
     out: set[str] = set()
     for term in terms:
         for factor in term.factors:
@@ -218,7 +212,8 @@ def _required(expr: str, where: str, columns: set[str] | None = None) -> set[str
                 raise FormulaError(f"cannot parse {where} {expr!r}: {exc}") from exc
             for node in ast.walk(tree):
                 if isinstance(node, ast.Name):
-                    if node.id in columns or not (node.id in TRANSFORMS or hasattr(builtins, node.id)):
+                    if node.id in columns or not (node.id in TRANSFORMS or node.id in formula_context()
+                                                  or hasattr(builtins, node.id)):
                         out.add(node.id)
                 elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Q"
                       and node.args and isinstance(node.args[0], ast.Constant)):
@@ -226,10 +221,50 @@ def _required(expr: str, where: str, columns: set[str] | None = None) -> set[str
     return out
 
 
+# R functions of a formula that blmm cannot offer, and what to write instead
+_R_FUNCTION_HINTS = {
+    "offset": "; offset() is not supported: subtract the offset from the images instead",
+    "as": "; write factor(x) or C(x) for a categorical column",
+}
+
+
+def formula_context() -> dict:
+    """Names a formula may call besides formulaic's transforms: R's factor(x), the same as C(x)."""
+    from formulaic.transforms import TRANSFORMS
+
+    return {"factor": TRANSFORMS["C"]}
+
+
+def _syntax_reason(exc: Exception) -> str:
+    """formulaic's message without its colour codes and its picture of the formula: one line."""
+    text = re.sub(r"\x1b\[[0-9;]*m|[⧛⧚]", "", str(exc)).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def unreadable_term(where: str, expr: str, exc: Exception) -> FormulaError:
+    """The error for an expression formulaic cannot read, naming the first term that fails alone."""
+    from formulaic import Formula
+
+    term = expr
+    for part in split_top(expr, "+"):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            Formula(part)
+        except Exception:
+            term = part
+            break
+    return FormulaError(f"{where}: cannot read term {term.strip()!r}: {_syntax_reason(exc)}")
+
+
 def _fixed_terms(fixed: str) -> list[str]:
     from formulaic import Formula
 
-    return [str(t) for t in Formula(fixed)]
+    try:
+        return [str(t) for t in Formula(fixed)]
+    except Exception as exc:  # formulaic's syntax and parsing errors
+        raise unreadable_term("fixed effects", fixed, exc) from exc
 
 
 def _check_columns(parsed: ParsedFormula, table: pd.DataFrame) -> list[str]:
@@ -252,14 +287,15 @@ def _check_columns(parsed: ParsedFormula, table: pd.DataFrame) -> list[str]:
                 problems.append(f"random term {rt.source} groups by {var!r}")
             used.append(var)
     if problems:
-        import difflib
-
         hints = []
         for p in problems:
             var = p.rsplit(" ", 1)[1].strip("'")
-            close = difflib.get_close_matches(var, sorted(columns), n=1, cutoff=0.6)
-            hints.append(p + " (not a column of the table" + (f"; did you mean {close[0]!r}?)" if close else ")"))
-        raise FormulaError("unknown column: " + "; ".join(hints) + ". Columns: " + ", ".join(sorted(columns)))
+            close = closest_names(var, sorted(columns), count=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            hints.append(p + f" (not a column of the table{hint}){_R_FUNCTION_HINTS.get(var, '')}")
+        listed = sorted(columns)
+        more = f", ... ({len(listed) - 12} more)" if len(listed) > 12 else ""
+        raise FormulaError("unknown column: " + "; ".join(hints) + ". Columns: " + ", ".join(listed[:12]) + more)
     return list(dict.fromkeys(used))
 
 
@@ -302,11 +338,46 @@ def _group_codes(df: pd.DataFrame, group: tuple[str, ...]) -> tuple[np.ndarray, 
 def _materialise(expr: str, df: pd.DataFrame, where: str):
     from formulaic import model_matrix
 
+    def build(text: str):
+        mm = model_matrix(text, df, na_action="raise", ensure_full_rank=True, context=formula_context())
+        mm.to_numpy(dtype=np.float64)  # a term that evaluates to text (e.g. sex[1]) fails here, not later
+        return mm
+
     try:
-        mm = model_matrix(expr, df, na_action="raise", ensure_full_rank=True)
+        return build(expr)
     except Exception as exc:
-        raise FormulaError(f"{where}: formulaic could not build {expr!r}: {exc}") from exc
-    return mm
+        term = expr
+        for part in (p.strip() for p in split_top(expr, "+")):
+            try:
+                build(part)
+            except Exception:
+                term = part
+                break
+        raise FormulaError(f"{where}: could not build term {term!r}: {_syntax_reason(exc)}") from exc
+
+
+_FEW_CODES = 20  # a numeric column with at most this many distinct integers may code categories
+
+
+def _codes_note(column: str, values: pd.Series) -> str | None:
+    """A one-line note when a numeric column used as a slope looks like category codes (site 1..14)."""
+    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return None
+    distinct = np.unique(values.to_numpy(dtype=np.float64))
+    if not (3 <= distinct.size <= _FEW_CODES and np.all(distinct == np.round(distinct))):
+        return None
+    return (f"{column!r} is numeric with {distinct.size} distinct values ({_level_name(distinct[0])} to "
+            f"{_level_name(distinct[-1])}) and is fitted as one slope; if it codes categories, write "
+            f"factor({column})")
+
+
+def _categorical_levels(model_spec) -> dict[str, list[str]]:
+    """Each categorical factor of a model matrix and its levels, the reference (first) level first."""
+    found = {}
+    for factor, (kind, state) in model_spec.encoder_state.items():
+        if getattr(kind, "value", kind) == "categorical" and "categories" in state:
+            found[str(factor)] = [_level_name(c) for c in state["categories"]]
+    return found
 
 
 # ------------------------------------------------------------------------------------------
@@ -368,7 +439,7 @@ def _check_slopes(terms: list[dict]) -> None:
 
 def _check_images(table: pd.DataFrame, images: str) -> None:
     if images not in table.columns:
-        raise FormulaError(_unknown("images column", images, list(map(str, table.columns))))
+        raise FormulaError(unknown_name("images column", images, list(map(str, table.columns))))
     values = table[images]
     dup = values[values.notna() & values.duplicated(keep=False)]
     if len(dup):
@@ -440,20 +511,17 @@ def build_design(formula: str, table: pd.DataFrame, images: str | None = None,
     r_columns = [_r_name(c, rhs_text) for c in columns]
     r_terms = {_r_term(t, rhs_text): t for t in terms if _r_term(t, rhs_text) != t}
     _check_rank(X, columns, col_term)
+    notes = [note for term in terms if term in data.columns
+             for note in [_codes_note(term, data[term])] if note]
 
     # random terms
     built = []
     for rt in parsed.random:
-        codes, levels = _group_codes(data, rt.group)
-        if len(levels) < 2:
-            raise FormulaError(f"random term {rt.source}: grouping factor {rt.group_name!r} has "
-                               f"{len(levels)} level in the {len(rows)} rows used; it needs at least 2")
-        if len(levels) >= len(rows):
-            raise FormulaError(f"random term {rt.source}: grouping factor {rt.group_name!r} has as "
-                               f"many levels ({len(levels)}) as rows used; its random effects would "
-                               "be confounded with the residual")
+        codes, levels = _group_codes(data, rt.group)  # lme4's level checks: core.design, in safe mode
         mm = _materialise(rt.expr, data, f"random term {rt.source}")
         cols = list(map(str, mm.columns))
+        if not cols:
+            raise FormulaError(f"random term {rt.source} has no random effects (write 1 for a random intercept)")
         built.append({
             "rt": rt, "group": rt.group_name, "source": rt.source, "codes": codes, "levels": levels,
             "design": np.ascontiguousarray(mm.to_numpy(dtype=np.float64)), "columns": cols,
@@ -477,7 +545,8 @@ def build_design(formula: str, table: pd.DataFrame, images: str | None = None,
                                              tuple(b["levels"])))
     return ModelDesign(formula=formula, fixed=parsed.fixed, X=X, columns=columns, r_columns=r_columns,
                        terms=terms, r_terms=r_terms, factors=factors, random_terms=random_terms,
-                       rows=rows, dropped=dropped, images=images, n_table=len(df))
+                       rows=rows, dropped=dropped, images=images, n_table=len(df),
+                       levels=_categorical_levels(fx.model_spec), notes=notes)
 
 
 def read_table(path) -> pd.DataFrame:

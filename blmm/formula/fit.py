@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from blmm.core.design import identifiability_problems
 from blmm.core.fit import FitResult, fit_lmm
 from blmm.formula.design import ModelDesign, build_design
 from blmm.formula.errors import FormulaError
@@ -34,11 +35,12 @@ class FormulaFit:
 
 
 def fit_formula(formula: str, table: pd.DataFrame, Y, reml: bool = True, images: str | None = None,
-                na_action: str = "omit", **fit_options) -> FormulaFit:
+                na_action: str = "omit", safe_mode: bool = True, **fit_options) -> FormulaFit:
     """Fit ``formula`` (lme4 syntax) at every voxel (column) of Y.
 
     Y has one row per table row (rows the formula drops for missing values are dropped from
-    Y too) or one row per kept row.  Other options go to :func:`blmm.fit.fit_lmm`.
+    Y too) or one row per kept row.  safe_mode (default on, as lme4): a design lme4 refuses is a
+    ValueError naming the term.  Other options go to :func:`blmm.core.fit.fit_lmm`.
     """
     design = build_design(formula, table, images=images, na_action=na_action)
     Y = np.asarray(Y, dtype=np.float64)
@@ -49,5 +51,11 @@ def fit_formula(formula: str, table: pd.DataFrame, Y, reml: bool = True, images:
     elif Y.shape[0] != design.n:
         raise FormulaError(f"Y has {Y.shape[0]} rows; expected one per table row ({design.n_table}) "
                            f"or per row the model uses ({design.n})")
-    fit = fit_lmm(Y, design.X, design.factors, reml=reml, **fit_options)
+    if safe_mode:  # the same check as fit_lmm's, naming the term as written
+        problems = identifiability_problems(design.factors)
+        terms = {t.name: t.source for t in design.random_terms}
+        if problems:
+            raise FormulaError("; ".join(problem.message(terms.get(problem.factor)) for problem in problems)
+                               + "; pass safe_mode=False to fit it anyway, or use a simpler term")
+    fit = fit_lmm(Y, design.X, design.factors, reml=reml, safe_mode=safe_mode, **fit_options)
     return FormulaFit(fit, design)

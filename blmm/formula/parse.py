@@ -18,6 +18,13 @@ from dataclasses import dataclass
 from blmm.formula.errors import FormulaError
 
 _NAME = re.compile(r"^(?:[A-Za-z_.][A-Za-z0-9_.]*|`[^`]+`)$")
+_AS_FACTOR = re.compile(r"(?<![\w.`])as\.factor\(")  # R's as.factor( is not Python: read as factor(
+_FACTOR_OF = re.compile(r"^\s*factor\(\s*([^()]*?)\s*\)\s*$")  # a grouping written factor(g) is g
+
+
+def r_spellings(text: str) -> str:
+    """R's ``as.factor(x)`` as ``factor(x)``, which formulas read as ``C(x)`` (formula_context)."""
+    return _AS_FACTOR.sub("factor(", text)
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,9 @@ def split_top(text: str, sep: str) -> list[str]:
 
 def _strip_name(name: str, term: str) -> str:
     name = name.strip()
+    wrapped = _FACTOR_OF.match(name)
+    if wrapped:  # a grouping factor is a factor already
+        name = wrapped.group(1)
     if not _NAME.match(name):
         raise FormulaError(
             f"random term {term}: grouping {name!r} is not a column name; a grouping factor is "
@@ -130,6 +140,7 @@ def parse_formula(formula: str) -> ParsedFormula:
     """Split ``[lhs] ~ fixed + (expr | g) + ...`` into its parts (see the module doc)."""
     if not isinstance(formula, str) or not formula.strip():
         raise FormulaError("the model formula must be a non-empty string such as '~ age + (1 | subject)'")
+    formula = r_spellings(formula)
     tilde = [i for i, ch, depth in _scan(formula) if ch == "~" and depth == 0]
     if len(tilde) > 1:
         raise FormulaError(f"formula {formula!r} has more than one '~'")

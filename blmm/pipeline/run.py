@@ -8,6 +8,7 @@ from pathlib import Path
 
 from blmm import __version__
 from blmm.config import Config
+from blmm.core.inference import sidedness
 from blmm.errors import InputError
 from blmm.io.outdir import disk_full_as_error, write_inputs, write_run_record
 from blmm.pipeline.cost import estimate_work
@@ -70,7 +71,8 @@ def _run_stages(plan: RunPlan, engine, engine_choice: dict, timings: dict, t0: f
     timings["total"] = time.perf_counter() - t0
     out = record_run(plan, engine, counts, timings, engine_choice)
     _write_report(out, log)
-    log(summary_text(counts, timings["total"]))
+    config = plan.config
+    log(summary_text(counts, timings["total"], config.two_sided if any(c.is_t for c in config.contrasts) else None))
     if counts["fitted"] == 0:
         raise NothingFitted(f"no voxel could be fitted: {summary_text(counts, timings['total'])}; "
                             "the maps in outdir show n (blmm_vox_n) per voxel")
@@ -145,9 +147,12 @@ def _write_report(outdir: Path, log) -> None:
         log(f"blmm: warning: could not write report.html: {type(exc).__name__}: {exc}")
 
 
-def summary_text(counts: dict, seconds: float) -> str:
+def summary_text(counts: dict, seconds: float, two_sided: bool | None = None) -> str:
+    """The run's last lines; ``two_sided`` (None: no T contrast) states how the T maps' p were computed."""
     lines = [f"blmm: done in {seconds:.1f} s: {counts['fitted']} of {counts['analysis_mask']} voxels fitted, "
              f"{counts['converged']} converged"]
+    if two_sided is not None:
+        lines.append(f"  T contrasts: -log10 p {sidedness(two_sided)} (blmm_vox_conTlp); F contrasts: upper tail")
     for why, k in counts.get("not_converged_reasons", {}).items():
         lines.append(f"  {k} voxels fitted but not converged: {why} (blmm_vox_converged = 0)")
     if counts["boundary"]:

@@ -35,7 +35,9 @@ from blmm.core.sufficient import (
     split_data_sums,
     stats_from_sums,
 )
-from blmm.core.fit import FAILED, FITTED, NOT_FITTED, STATUS_NAMES, STOP_NAMES, choose_structure, fit_stats
+from blmm.core.design import unidentifiable_patterns
+from blmm.core.fit import (DROPPED_UNIDENTIFIABLE, FAILED, FITTED, NOT_FITTED, STATUS_NAMES, STOP_NAMES,
+                           choose_structure, fit_stats)
 from blmm.core.nested_missing_rows import nested_missing_row_stats
 from blmm.io import outdir as _outdir
 from blmm.io.images import read_image, read_mask, write_map
@@ -402,6 +404,10 @@ def fit_block(plan: RunPlan, k: int) -> str:
         reason[(reason == FITTED) & (n_obs < cfg.min_n)] = BELOW_MIN_N
     if cfg.safe_mode:
         reason[(reason == FITTED) & (n_obs <= cfg.q)] = SAFE_MODE
+        kept = np.flatnonzero(reason == FITTED)  # lme4's checks on the rows present at each voxel left
+        patterns, pattern_of_voxel = presence_patterns(present[:, kept])
+        reason[kept[unidentifiable_patterns(patterns, ordered_design(plan)[1])[pattern_of_voxel]]] = \
+            DROPPED_UNIDENTIFIABLE
     reason[(reason == FITTED) & (n_obs <= p + 1)] = TOO_FEW_FOR_P
     keep = np.flatnonzero(reason == FITTED)
     results: dict[str, np.ndarray] = {"n_obs": n_obs, "reason": reason}

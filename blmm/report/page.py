@@ -393,7 +393,7 @@ def _model_section(page: ReportPage, summary: RunDescription) -> None:
         ("method", str(settings.get("method", "pSFS"))),
         ("tol (log-likelihood change)", str(settings.get("tol", "–"))),
         ("maxnit", str(settings.get("maxnit", "–"))),
-        ("T p-values", "two-sided" if settings.get("two_sided") else "one-sided (H1: Lβ > 0)"),
+        ("T p-values", summary.t_sidedness),
         ("report threshold", f"−log10 p > {summary.threshold:g}"),
     ]
     if record.get("engine"):
@@ -459,14 +459,13 @@ def _contrast_section(page: ReportPage, summary: RunDescription, geometry: MapGe
     lp_column = None if lp is None or lp.shape[1] <= contrast.index else lp[:, contrast.index]
     df_column = None if df is None or df.shape[1] <= contrast.index else df[:, contrast.index]
     numbers = contrast_numbers(column, lp_column, df_column, summary.threshold)
-    side = "" if contrast.kind == "F" else (" (two-sided)" if summary.settings.get("two_sided")
-                                           else " (one-sided, H1: Lβ > 0)")
+    side = "" if contrast.kind == "F" else f" ({summary.t_sidedness})"
     rows = [("tests", contrast_text(contrast.vector, summary.x_names)),
             ("maps", f"{MAP_PREFIX}{stat_name}, {stat_name}lp, {stat_name}_swedf volume {contrast.index}"),
             ("voxels tested", _fmt(numbers["tested"])),
             (f"voxels with −log10 p > {summary.threshold:g}{side}", _fmt(numbers.get("above"))),
             (f"{contrast.kind} range", f"{_fmt(numbers.get('stat_min'))} to {_fmt(numbers.get('stat_max'))}"),
-            ("max −log10 p", _fmt(numbers.get("lp_max")))]
+            (f"max −log10 p{side}", _fmt(numbers.get("lp_max")))]
     if "df_quartiles" in numbers:
         q = numbers["df_quartiles"]
         rows.append(("Satterthwaite df (min, quartiles, max)", ", ".join(_fmt(v) for v in q)))

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from blmm.core.inference import sidedness
 from blmm.errors import InputError, ViewerError
 from blmm.io.images import image_space
 from blmm.io.outdir import (
@@ -64,6 +65,11 @@ class RunDescription:
     def q(self) -> int:
         """Columns of Z: Σ_k q_k × levels_k."""
         return sum(f.q * f.levels for f in self.factors)
+
+    @property
+    def t_sidedness(self) -> str:
+        """How the T contrasts' p-values were computed (the run's two_sided setting)."""
+        return sidedness(bool(self.settings.get("two_sided")))
 
 
 def _table_header(path: Any) -> list[str] | None:

@@ -6,14 +6,13 @@ meshes and returns the plotly figure.  Argument parsing is ``blmm.cli.view``.
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from blmm.errors import ViewerError
+from blmm.errors import ViewerError, name_hint
 from blmm.io.images import image_space, read_map
 from blmm.io.outdir import (
     MAP_PREFIX, available_maps, find_map, load_map, map_stat_name, recorded_volume_names, strip_prefix,
@@ -86,10 +85,12 @@ def volume_by_name(outdir: str | Path, stat: str, name: str) -> int:
     for candidates in (names, volume_aliases(outdir, stat)):
         if name in candidates:
             return candidates.index(name)
-    close = difflib.get_close_matches(name, names, n=2, cutoff=0.5)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise ViewerError(f"{MAP_PREFIX}{stat} has no volume named {name!r}{hint} Volumes: "
-                      + ", ".join(f"{i} {n}" for i, n in enumerate(names)))
+    for kind, maps, other in (("F", T_CONTRAST_MAPS, "conFlp"), ("T", F_CONTRAST_MAPS, "conTlp")):
+        if stat in maps and name in [contrast for _, contrast in contrast_names(outdir)[kind]]:
+            raise ViewerError(f"{MAP_PREFIX}{stat} has no volume named {name!r}: {name!r} is an {kind} contrast, "
+                              f"shown by {MAP_PREFIX}{other} (e.g. blmm_view {outdir} {other}:{name})")
+    numbers = {n: f"volume {i}" for i, n in enumerate(names)}
+    raise ViewerError(f"{MAP_PREFIX}{stat} has no volume named {name!r}{name_hint(name, names, labels=numbers)}")
 
 
 def _volume_number(outdir: Path, stat: str, volume: int | str) -> int:

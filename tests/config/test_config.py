@@ -408,8 +408,8 @@ def test_malformed_yaml_reports_line_and_column(study):
 
 def test_factor_with_one_level(study):
     (study / "fac.csv").write_text("7\n" * N)
-    problem = _one_problem(study / "inputs.yml", "Z f1 (subject) factor")
-    assert "fac.csv has a single level (7)" in problem and "at least two levels" in problem
+    problem = _one_problem(study / "inputs.yml", "Z: term subject (fac.csv)")
+    assert "has 1 level in the 12 observations" in problem and "at least 2 levels" in problem
 
 
 def test_unwritable_outdir(study):
@@ -471,7 +471,7 @@ def test_all_problems_reported_at_once(study):
     message = str(info.value)
     assert message.startswith(f"{len(problems)} problems found in {path}:")
     for fragment in ("X: file not found", "tol: expected a number > 0", "unknown key 'methd' (did you mean 'method'?)",
-                     "single level", "2 rows but rank 1"):
+                     "has 1 level", "2 rows but rank 1"):
         assert fragment in message, fragment
 
 
@@ -496,3 +496,34 @@ def test_string_factor_labels_and_config_pickles(study):
     (study / "fac.csv").write_text("family\n" + "".join(f"fam{i % 3}\n" for i in range(N - 1)))
     config = load_config(study / "inputs.yml")
     assert any("first label family occurs only once" in w for w in config.warnings)
+
+
+# ---------------------------------------------------------------------------
+# Safe mode: lme4's identifiability checks, and upstream's safeMode, before any image is read
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("labels,fragment", [
+    (["1"] * N, "term subject (fac.csv): grouping factor 'subject' has 1 level in the 12 observations"),
+    ([str(i) for i in range(N)], "as many levels (12) as there are observations (12)"),
+])
+def test_safe_mode_refuses_what_lme4_refuses_in_an_upstream_yaml(study, labels, fragment):
+    (study / "fac.csv").write_text("subject\n" + "".join(f"{label}\n" for label in labels))
+    problem = _one_problem(study / "inputs.yml", "Z: ", fragment)
+    assert "--no-safe-mode" in problem and "safeMode: false" in problem
+    assert load_config(_edit(study, safeMode=False)).safe_mode is False  # the way out works
+
+
+def test_safe_mode_refuses_a_design_whose_every_voxel_it_would_drop(study):
+    # 12 images against 6 x 1 + 4 x 2 = 14 random effects: no single term fails lme4's checks, but
+    # upstream's safeMode drops every voxel with n <= q, so the run would fit nothing
+    (study / "site.csv").write_text("site\n" + "".join(f"{i % 6}\n" for i in range(N)))
+    _write_csv(study / "Z2.csv", np.column_stack([np.ones(N), np.arange(N) % 3]))
+    inputs = yaml.safe_load((study / "inputs.yml").read_text())
+    inputs["Z"] = [{"f1": {"name": "site", "factor": "site.csv", "design": "Z1.csv"}},
+                   {"f2": {"name": "subject", "factor": "fac.csv", "design": "Z2.csv"}}]
+    (study / "inputs.yml").write_text(yaml.safe_dump(inputs, sort_keys=False))
+    problem = _one_problem(study / "inputs.yml", "Z: the random effects of all terms together")
+    assert "12 observations against 14 random effects (site 6 x 1 + subject 4 x 2)" in problem
+    assert "--no-safe-mode" in problem
+    assert load_config(_edit(study, safeMode=False)).q == 14

@@ -125,7 +125,7 @@ def test_full_disk_is_one_clean_error_leaves_nothing_half_written_and_a_rerun_re
         real = run_module.fit_blocks
         monkeypatch.setattr(run_module, "fit_blocks",
                             lambda plan, engine: (real(plan, engine), filler.append(fill(small_disk, 24_000)))[0])
-    assert main([str(yml), "--cluster", "inline"]) == 2
+    assert main([str(yml), "--cluster", "inline"]) == 1  # a failure during the run (blmm.cli.common)
     err = capsys.readouterr().err
     [line] = error_lines(err)
     assert f"outdir {out}: the disk is full" in line and "needs about" in line and "kB" in line
@@ -145,7 +145,7 @@ def test_full_disk_is_one_clean_error_leaves_nothing_half_written_and_a_rerun_re
 def test_too_little_space_is_refused_up_front_with_the_numbers(tmp_path, small_disk, capsys):
     yml = make_analysis(tmp_path, outdir="disk/out")
     fill(small_disk, 8_000)
-    assert main([str(yml), "--cluster", "inline"]) == 2
+    assert main([str(yml), "--cluster", "inline"]) == 1  # a failure during the run (blmm.cli.common)
     [line] = error_lines(capsys.readouterr().err)
     assert f"outdir {small_disk / 'out'}: not enough free space" in line
     assert "of partial sums" in line and "of maps" in line and "free" in line
@@ -156,7 +156,7 @@ def test_space_check_uses_the_filesystem_free_space(tmp_path, monkeypatch, capsy
     """The same refusal without root: the filesystem reports almost no free space."""
     yml = make_analysis(tmp_path)
     monkeypatch.setattr(stages, "free_bytes", lambda folder: 1000)
-    assert main([str(yml), "--cluster", "inline"]) == 2
+    assert main([str(yml), "--cluster", "inline"]) == 1  # a failure during the run (blmm.cli.common)
     [line] = error_lines(capsys.readouterr().err)
     assert "not enough free space" in line and "has 1.0 kB free" in line
 

@@ -68,7 +68,7 @@ def csv_yaml(root: Path, config, outdir: str = "out_csv") -> Path:
                  for i, c in enumerate(config.contrasts)]
     path = root / "csv.yml"
     path.write_text(yaml.safe_dump({"Y_files": "Y.txt", "X": "X.csv", "Z": z, "contrasts": contrasts,
-                                    "outdir": outdir}, sort_keys=False))
+                                    "outdir": outdir, "two_sided": config.two_sided}, sort_keys=False))
     return path
 
 

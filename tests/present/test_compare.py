@@ -338,7 +338,7 @@ def test_rerunning_the_same_comparison_overwrites(analyses, tmp_path, capsys):
 
 def _refused(capsys, *argv) -> str:
     code, out, err = _run_cli(capsys, *argv)
-    assert code == 1, out + err
+    assert code == 2, out + err  # bad input (blmm.cli.common's convention)
     assert err.startswith("blmm_compare: error: ") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     return err
@@ -416,7 +416,7 @@ def test_refuses_a_folder_that_is_not_an_analysis(analyses, tmp_path, capsys):
 def test_debug_shows_the_traceback(analyses, tmp_path, capsys):
     small = analyses.get("slope", "small")
     code, _, err = _run_cli(capsys, small, small, tmp_path / "cmp", "--debug")
-    assert code == 1 and "Traceback" in err and "CompareError" in err
+    assert code == 2 and "Traceback" in err and "CompareError" in err
 
 
 def test_usage_errors(capsys):

@@ -43,9 +43,13 @@ def test_view_by_name(study, tmp_path, capsys):
     text = page.read_text()
     assert "volume 4" in text and "site[T.c]" in text
     assert view_main([str(out), "conF", "--volume", "site", "-o", str(page)]) == 0
-    assert view_main([str(out), "beta:agee", "-o", str(page)]) == 1
+    assert view_main([str(out), "beta:agee", "-o", str(page)]) == 2  # bad input
     err = capsys.readouterr().err
-    assert "no volume named 'agee'; did you mean 'age'?" in err and "1 age" in err
+    assert "no volume named 'agee'; did you mean 'age' (volume 1)?" in err
+    # issue 18: 'conTlp:site' suggested 'sexM'; site is an F contrast, in conFlp
+    assert view_main([str(out), "conTlp:site", "-o", str(page)]) == 2
+    err = capsys.readouterr().err
+    assert "'site' is an F contrast, shown by blmm_vox_conFlp" in err and "conFlp:site" in err and "sexM" not in err
 
 
 def test_compare_nesting_from_terms(study, tmp_path, capsys):

@@ -324,13 +324,13 @@ def test_cli_writes_a_page_with_a_descriptive_title(outdir: Path, tmp_path: Path
 def test_cli_errors_are_messages_not_tracebacks(outdir: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture) -> None:
     page = tmp_path / "x.html"
-    assert viewer.view_main([str(outdir), "conF", "-o", str(page)]) == 1
+    assert viewer.view_main([str(outdir), "conF", "-o", str(page)]) == 2
     error = capsys.readouterr().err
     assert "available maps: beta, conT, n" in error and "Traceback" not in error
-    assert viewer.view_main([str(outdir), "beta", "--volume", "9", "-o", str(page)]) == 1
+    assert viewer.view_main([str(outdir), "beta", "--volume", "9", "-o", str(page)]) == 2
     assert "valid: 0 to 2" in capsys.readouterr().err
     assert viewer.view_main([str(outdir), "beta", "--surface", "nowhere/lh.pial",
-                             "-o", str(page)]) == 1
+                             "-o", str(page)]) == 2
     assert "not found" in capsys.readouterr().err
     assert not page.exists()
 
