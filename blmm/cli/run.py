@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_errors("blmm", lambda: _run(args), user_errors=(BlmmError,), user_status=2,
                              debug=args.debug,
                              bug=("unexpected error", 1, "rerun with --debug for a traceback"))
-    except KeyboardInterrupt:
-        print("blmm: interrupted; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as stop:  # the pipeline's RunInterrupted says whether a rerun resumes
+        print(f"blmm: interrupted{'; ' + str(stop) if str(stop) else ''}", file=sys.stderr)
         return 130
 
 

@@ -471,7 +471,7 @@ def build_design(formula: str, table: pd.DataFrame, images: str | None = None,
         k = seen.get(b["group"], 0)
         seen[b["group"]] = k + 1
         name = b["group"] if k == 0 else f"{b['group']}.{k}"
-        factors.append(RandomFactor(name, b["codes"], b["design"]))
+        factors.append(RandomFactor(name, b["codes"], b["design"], tuple(b["r_columns"])))
         random_terms.append(RandomTermDesign(name, b["group"], b["rt"].expr, b["source"],
                                              tuple(b["columns"]), tuple(b["r_columns"]),
                                              tuple(b["levels"])))

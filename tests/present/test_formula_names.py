@@ -37,7 +37,8 @@ def test_view_by_name(study, tmp_path, capsys):
     assert volume_by_name(out, "beta", "age") == 1
     assert volume_by_name(out, "beta", "sexM") == 2  # R's spelling too
     assert volume_by_name(out, "conT", "older_vs_male") == 1
-    assert volume_by_name(out, "D", "subject[2,2]") == 2
+    assert volume_by_name(out, "D", "subject: time") == 2  # D volumes named by their terms (issue 18)
+    assert volume_by_name(out, "D", "subject: (Intercept) x time") == 1
     page = tmp_path / "page.html"
     assert view_main([str(out), "beta:site[T.c]", "-o", str(page)]) == 0
     text = page.read_text()
