@@ -83,7 +83,26 @@ def fit_lmm(
     max_iter: int = 10000,
     **options,
 ) -> FitResult:
-    """Fit Y = Xβ + Zb + ε at every voxel (column of Y; NaN = missing)."""
+    """Fit the linear mixed model Y = Xβ + Zb + ε, b ~ N(0, σ²D), ε ~ N(0, σ²I) at every voxel.
+
+    ``Y`` is (n images, v voxels), NaN where an image is missing at a voxel (each voxel is fitted
+    on its own images); ``X`` is (n, p); ``factors`` are the random factors making up Z, one
+    ``RandomFactor`` each (lme4's ``(1 + time | subject)`` is one factor with two columns).
+    ``reml`` (default) or ML; ``method`` is the Fisher-scoring variant (FS, pFS, SFS, pSFS);
+    ``tol`` the log-likelihood change that stops it.  Returns a ``FitResult``: ``beta`` (v, p),
+    ``sigma2`` (v,), ``D`` (per factor (v, q_k, q_k), relative to σ²), ``llh`` (lme4's logLik),
+    ``converged`` and what ``infer`` needs.  Images from files: ``blmm.load_images``; a model
+    as a formula over a table: ``blmm.fit_formula``.
+
+    Example, a random intercept and slope of time per subject::
+
+        import numpy as np, blmm
+        X = np.column_stack([np.ones(n), age, time])
+        subject = blmm.RandomFactor("subject", subject_ids, np.column_stack([np.ones(n), time]),
+                                    columns=("(Intercept)", "time"))
+        fit = blmm.fit_lmm(Y, X, [subject])
+        fit.beta[:, 2], fit.sigma2 * fit.D[0][:, 1, 1]   # time's effect, its random-slope variance
+    """
     if len(factors) == 1 and options.get("structure", "auto") in ("auto", "levels") and np.isnan(np.asarray(Y, dtype=np.float64)).any():
         from blmm.core.missing_rows import missing_row_stats_from_data  # voxel-specific rows (issue 11)
         return fit_stats(missing_row_stats_from_data(Y, X, factors[0]), reml=reml, method=method, tol=tol,

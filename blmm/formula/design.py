@@ -391,6 +391,12 @@ def build_design(formula: str, table: pd.DataFrame, images: str | None = None,
     this column (and sets it when ``images`` is None).  Its rows must be unique.
     na_action: "omit" drops (and records) rows with a missing value in any column the model
     uses, as R's na.omit; "error" refuses them.
+
+    Example::
+
+        design = blmm.build_design("~ age + sex + (1 + time | subject)", table)
+        design.r_columns          # ['(Intercept)', 'age', 'sexM']
+        fit = blmm.fit_lmm(Y[design.rows], design.X, design.factors)
     """
     if na_action not in NA_ACTIONS:
         raise FormulaError(f"na_action must be one of {', '.join(NA_ACTIONS)}, got {na_action!r}")
