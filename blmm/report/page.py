@@ -260,13 +260,8 @@ def add_map_figure(page: ReportPage, geometry: MapGeometry, column: np.ndarray, 
         values[~shown] = np.nan
     if geometry.kind == "surface":
         panels = {panel.hemi: (_panel_values(values, panel), panel.mesh) for panel in geometry.panels}
-        if threshold is None:
-            # The viewer paints missing values grey only inside a threshold band; a band
-            # just below the smallest shown |value| greys exactly the hidden vertices.
-            finite = np.abs(_finite(values))
-            threshold = float(finite.min()) * (1 - 1e-6) if finite.size else 1.0
         fig = viewer.plot_surfaces(panels, 0, colorscale=colorscale, threshold=threshold or None,
-                                   title=title)
+                                   title=title, grey_missing=True)  # hidden vertices grey
         page.figure(fig, [page.add_mesh(_mesh_key(panel), panel.mesh) for panel in geometry.panels])
         return True
     if geometry.kind == "volume":
