@@ -130,10 +130,14 @@ def nothing_fitted_text(counts: dict) -> str:
 
 
 def largest_variance(config: Config) -> tuple[VarianceTerm, Spread] | None:
-    """The largest variance component of the maps just written (median over fitted voxels)."""
+    """The largest variance component of the maps just written (median over fitted voxels);
+    None when they cannot be read back (the run itself is finished: only the line goes)."""
     n = config.space.n_voxels
-    D = load_map(config.outdir, "D", n_vertices=n)
-    sigma2 = load_map(config.outdir, "sigma2", n_vertices=n)[:, 0]
+    try:
+        D = load_map(config.outdir, "D", n_vertices=n)
+        sigma2 = load_map(config.outdir, "sigma2", n_vertices=n)[:, 0]
+    except (InputError, OSError, ValueError):
+        return None
     variances, _ = variance_components(D, sigma2, [(f.name, list(f.column_names)) for f in config.factors])
     return largest_component(variances)
 
