@@ -44,6 +44,8 @@ def test_view_by_name(study, tmp_path, capsys):
     text = page.read_text()
     assert "volume 4" in text and "site[T.c]" in text
     assert view_main([str(out), "conF", "--volume", "site", "-o", str(page)]) == 0
+    assert view_main([str(out), "D:subject: time", "-o", str(page)]) == 0  # a D volume by its term
+    assert "subject: time" in page.read_text()  # the title names the term
     assert view_main([str(out), "beta:agee", "-o", str(page)]) == 1
     err = capsys.readouterr().err
     assert "no volume named 'agee'; did you mean 'age'?" in err and "1 age" in err
