@@ -203,6 +203,30 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch, from /proc); None where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _holder_gone(holder: LockHolder) -> bool:
+    """The lock's process has ended, or its pid now belongs to a process started after the lock."""
+    if holder.pid is None or not _process_alive(holder.pid):
+        return holder.pid is not None
+    started = _process_start(holder.pid)
+    try:
+        locked = datetime.datetime.strptime(holder.started, "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=datetime.timezone.utc).timestamp()
+    except ValueError:
+        return False
+    return started is not None and started > locked + 2  # a reused pid (2 s: the lock's whole-second time)
+
+
 def _try_create_lock(path: Path, holder: LockHolder) -> bool:
     """Create the lock atomically; False when it already exists.  The lock is a symbolic link
     whose target names the holder: created in one step, and it needs no free data block
@@ -228,7 +252,7 @@ def outdir_lock(outdir: str | os.PathLike, log=print):
         if not path.is_symlink():  # released between our try and our look: try again
             continue
         holder = _lock_holder(path)
-        stale = holder.host == me.host and holder.pid is not None and not _process_alive(holder.pid)
+        stale = holder.host == me.host and _holder_gone(holder)
         if not stale:
             raise OutdirLocked(
                 f"outdir {folder} is in use by another blmm run ({holder.describe()}); wait for it to finish "

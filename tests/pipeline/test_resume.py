@@ -121,6 +121,17 @@ def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over(tmp_path, caps
     assert not (out / LOCK_FILE).is_symlink() and (out / "blmm_run.json").exists()
 
 
+def test_a_lock_whose_pid_now_belongs_to_a_younger_process_is_taken_over(tmp_path, capsys):
+    """A pid reused after a kill -9 (containers restart with the same pids): the process holding it
+    started after the lock was taken, so the lock is stale."""
+    yml = make_analysis(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(f"pid={os.getpid()} host={socket.gethostname()} started=2020-01-01T00:00:00Z", out / LOCK_FILE)
+    assert main([str(yml), "--cluster", "inline"]) == 0
+    assert "taking over the lock" in capsys.readouterr().out
+
+
 def test_a_lock_held_on_another_host_is_never_taken_over(tmp_path, capsys):
     yml = make_analysis(tmp_path)
     out = tmp_path / "out"
