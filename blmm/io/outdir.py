@@ -242,14 +242,14 @@ def _try_create_lock(path: Path, holder: LockHolder) -> bool:
 def outdir_lock(outdir: str | os.PathLike, log=print):
     """Hold ``outdir``'s lock while a run writes there: a second run into the same outdir is
     refused (``OutdirLocked``, naming the holder); a lock left by a dead process on this host
-    is taken over, with a note through ``log``.  The lock file goes when the block ends."""
+    is taken over, with a note through ``log``.  The lock goes when the block ends."""
     folder = Path(outdir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     me = LockHolder(os.getpid(), socket.gethostname(),
                     datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     while not _try_create_lock(path, me):
-        if not path.is_symlink():  # released between our try and our look: try again
+        if not os.path.lexists(path):  # released between our try and our look: try again
             continue
         holder = _lock_holder(path)
         stale = holder.host == me.host and _holder_gone(holder)

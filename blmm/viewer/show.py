@@ -241,7 +241,6 @@ def _surface_figure(view: MapView, outdir: Path | None, stat: str, path: Path | 
     first_values = np.asarray(next(iter(panels.values()))[0])
     n_volumes = 1 if first_values.ndim == 1 else first_values.shape[1]
     title = view.title or describe_volume(stat, view.volume, n_volumes, title_outdir)
-    threshold = view.threshold
     if condition is not None:
         where_path = None if path is None else find_map(path.parent, condition.stat)
         where_panels = _surface_panels(view, outdir, condition.stat, where_path)
@@ -262,7 +261,7 @@ def _surface_figure(view: MapView, outdir: Path | None, stat: str, path: Path | 
         title = view.title or f"{title} · {condition.describe(_volume_name(title_outdir, condition.stat, k))}"
     return plot_surfaces(panels, view.volume, colorscale=view.colorscale,
                          symmetric=view.symmetric, vmin=view.vmin, vmax=view.vmax,
-                         threshold=threshold, title=title, grey_missing=condition is not None)
+                         threshold=view.threshold, title=title, grey_missing=condition is not None)
 
 
 def _surface_panels(view: MapView, outdir: Path | None, stat: str,
