@@ -204,6 +204,9 @@ def _check_outdir(outdir: Path, models: tuple[Analysis, Analysis], force: bool) 
             previous = sorted(json.loads(record_path.read_text())["models"])
         except (OSError, ValueError, KeyError, TypeError):
             previous = None
+        if previous == wanted and not force:  # as blmm: never overwrite without --force
+            raise CompareError(f"outdir {outdir} already holds this comparison; use --force to run it again "
+                               "or choose another folder")
         if previous != wanted and not force:
             held = " and ".join(previous) if previous else "other models"
             raise CompareError(f"outdir {outdir} already holds a comparison of {held}; use --force to "

@@ -13,9 +13,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Likelihood-ratio test, per voxel, of two nested blmm analyses of the same images.")
     parser.add_argument("out1", help="output folder of one analysis")
     parser.add_argument("out2", help="output folder of the other analysis (the order does not matter)")
-    parser.add_argument("outdir", help="folder for blmm_vox_Chi2, blmm_vox_Chi2lp, blmm_vox_mask and "
-                                       "blmm_compare.json")
-    parser.add_argument("--force", action="store_true", help="overwrite an outdir holding another comparison")
+    parser.add_argument("outdir", help="folder for blmm_vox_Chi2, blmm_vox_Chi2lp, blmm_vox_mask, "
+                                       "blmm_compare.json and report.html")
+    parser.add_argument("--force", action="store_true", help="overwrite an outdir that already holds a comparison (this one or another)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 

@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return args
     try:
         return report_errors("blmm", lambda: _run(args), debug=args.debug)
-    except KeyboardInterrupt:
-        print("blmm: interrupted; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as stop:  # the pipeline's RunInterrupted says whether a rerun resumes
+        print(f"blmm: interrupted{'; ' + str(stop) if str(stop) else ''}", file=sys.stderr)
         return INTERRUPTED
 
 

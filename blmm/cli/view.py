@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="hemisphere(s) to show (default: from the map's vertex count)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="leave |value| below this uncoloured")
+    parser.add_argument("--where", default=None, metavar="MAP[:VOLUME]>VALUE",
+                        help="colour only where another map passes a threshold, e.g. --where 'conTlp>3' "
+                             "(beta where -log10 p > 3); also >=, <, <=; VOLUME defaults to the one "
+                             "matching the map shown")
     parser.add_argument("--symmetric", action="store_true", default=None,
                         help="colour range symmetric about 0 (default: when signs differ)")
     parser.add_argument("--vmin", type=float, default=None)

@@ -286,7 +286,7 @@ def _check_factors(found: _Found, n: int | None, n_source: str) -> tuple[list[Ra
         factor_path = read_path(found, "Z", body["factor"], label=f"{label} factor")
         design_path = read_path(found, "Z", body["design"], label=f"{label} design")
         labels = _read_factor_labels(found, label, factor_path, n)
-        design = _read_factor_design(found, label, design_path)
+        design, design_names = _read_factor_design(found, label, design_path)
         labels = _check_factor_labels(found, label, labels, factor_path, n, n_source)
         design = _check_factor_rows(found, label, design, design_path, n, n_source)
         if labels is not None and design is not None:
@@ -296,7 +296,8 @@ def _check_factors(found: _Found, n: int | None, n_source: str) -> tuple[list[Ra
                     f"{design.shape[0]}"
                 )
                 continue
-            factors.append(RandomFactor(name, labels, design))
+            columns = tuple(design_names) if design_names and len(design_names) == design.shape[1] else ()
+            factors.append(RandomFactor(name, labels, design, columns))
             paths.append((factor_path, design_path))
     return factors, paths
 
@@ -312,15 +313,19 @@ def _read_factor_labels(found: _Found, label: str, factor_path: Path | None,
         return None
 
 
-def _read_factor_design(found: _Found, label: str, design_path: Path | None) -> np.ndarray | None:
+def _read_factor_design(found: _Found, label: str,
+                        design_path: Path | None) -> tuple[np.ndarray | None, list[str] | None]:
+    """A factor's design and its header's column names (None without a header)."""
     if design_path is None:
-        return None
+        return None, None
     try:
         design, design_names = read_matrix(design_path)
     except InputError as err:
         found.problem(f"{label} design: {err}")
-        return None
-    return design if finite_table(found, f"{label} design", design_path, design, design_names) else None
+        return None, None
+    if not finite_table(found, f"{label} design", design_path, design, design_names):
+        return None, None
+    return design, design_names
 
 
 def _check_factor_labels(found: _Found, label: str, labels: np.ndarray | None, factor_path: Path | None,

@@ -10,14 +10,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from blmm.core.linalg import vech_index
+
 
 @dataclass(frozen=True)
 class RandomFactor:
-    """One random factor k: a level label per image and its n x q_k design."""
+    """One random factor k: a level label per image and its n x q_k design.
+
+    ``columns`` names the design's columns (lme4's ``(Intercept)``, ``time``, or a Z design
+    file's header); without them the columns are ``z1``, ``z2``, ….  They name the entries of
+    D_k in the outputs (``subject: time``, ``subject: (Intercept) x time``).
+
+    Example: a random intercept and slope of time per subject::
+
+        RandomFactor("subject", subject_ids, np.column_stack([np.ones(n), time]),
+                     columns=("(Intercept)", "time"))
+    """
 
     name: str
     labels: np.ndarray  # (n,) level label of each image (any sortable values)
     design: np.ndarray  # (n, q_k) random-effects design rows
+    columns: tuple[str, ...] = ()  # names of the design's columns; () for z1, z2, ...
 
     def __post_init__(self) -> None:
         labels = np.asarray(self.labels)
@@ -30,8 +43,18 @@ class RandomFactor:
             raise ValueError(
                 f"factor {self.name!r}: {labels.shape[0]} labels but design has {design.shape[0]} rows"
             )
+        columns = tuple(str(c) for c in self.columns)
+        if columns and len(columns) != design.shape[1]:
+            raise ValueError(
+                f"factor {self.name!r}: {len(columns)} column names for a design of {design.shape[1]} columns")
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "design", design)
+        object.__setattr__(self, "columns", columns)
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        """The design's column names: ``columns``, or ``z1``, ``z2``, … when none were given."""
+        return self.columns or tuple(f"z{j + 1}" for j in range(self.q))
 
     @property
     def n(self) -> int:
@@ -53,12 +76,26 @@ class RandomFactor:
 
     def subset(self, rows: np.ndarray) -> "RandomFactor":
         """The factor restricted to some images (boolean mask or indices)."""
-        return RandomFactor(self.name, self.labels[rows], self.design[rows])
+        return RandomFactor(self.name, self.labels[rows], self.design[rows], self.columns)
+
+
+def covariance_names(factor: str, columns: tuple[str, ...] | list[str]) -> list[str]:
+    """Names of the entries of D_k in vech order (the lower triangle, column by column):
+    ``subject: (Intercept)`` on the diagonal, ``subject: (Intercept) x time`` off it."""
+    rows, cols = vech_index(len(columns))
+    return [f"{factor}: {columns[i]}" if i == j else f"{factor}: {columns[j]} x {columns[i]}"
+            for i, j in zip(rows, cols)]
 
 
 @dataclass(frozen=True)
 class Contrast:
-    """A T contrast (one row) or an F contrast (several rows) on beta."""
+    """A T contrast (one row) or an F contrast (several rows) on beta.
+
+    Example: the difference of two coefficients, and an F test of both::
+
+        Contrast("older_vs_female", [[0, 1, -1]])            # T (one row)
+        Contrast.from_vector("age_or_sex", [[0, 1, 0], [0, 0, 1]])  # F (two rows)
+    """
 
     name: str
     matrix: np.ndarray  # (m, p); m == 1 and is_t for a T contrast

@@ -84,9 +84,28 @@ def fit_lmm(
     safe_mode: bool = False,
     **options,
 ) -> FitResult:
-    """Fit Y = Xβ + Zb + ε at every voxel (column of Y; NaN = missing).
+    """Fit the linear mixed model Y = Xβ + Zb + ε, b ~ N(0, σ²D), ε ~ N(0, σ²I) at every voxel.
 
-    safe_mode: refuse a design lme4 refuses by default (ValueError naming the factor and the
+    ``Y`` is (n images, v voxels), NaN where an image is missing at a voxel (each voxel is fitted
+    on its own images); ``X`` is (n, p); ``factors`` are the random factors making up Z, one
+    ``RandomFactor`` each (lme4's ``(1 + time | subject)`` is one factor with two columns).
+    ``reml`` (default) or ML; ``method`` is the Fisher-scoring variant (FS, pFS, SFS, pSFS);
+    ``tol`` the log-likelihood change that stops it.  Returns a ``FitResult``: ``beta`` (v, p),
+    ``sigma2`` (v,), ``D`` (per factor (v, q_k, q_k), relative to σ²), ``llh`` (lme4's logLik),
+    ``converged`` and what ``infer`` needs.  Images from files: ``blmm.load_images``; a model
+    as a formula over a table: ``blmm.fit_formula``.
+
+    Example, a random intercept and slope of time per subject::
+
+        import numpy as np, blmm
+        X = np.column_stack([np.ones(n), age, time])
+        subject = blmm.RandomFactor("subject", subject_ids, np.column_stack([np.ones(n), time]),
+                                    columns=("(Intercept)", "time"))
+        fit = blmm.fit_lmm(Y, X, [subject])
+        fit.beta[:, 2], fit.sigma2 * fit.D[0][:, 1, 1]   # time's effect, its random-slope variance
+    
+
+    ``safe_mode``: refuse a design lme4 refuses by default (ValueError naming the factor and the
     counts: core.design.identifiability_problems), and drop the voxels whose rows present fail
     the same checks (status DROPPED_UNIDENTIFIABLE).  Off by default: blmm fits such designs.
     """

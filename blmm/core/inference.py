@@ -26,6 +26,9 @@ LN10 = float(np.log(10.0))
 
 @dataclass
 class TContrastResult:
+    """One T contrast per voxel.  ``stat`` is the T statistic (also ``t``), as ``stat`` is F for
+    an F contrast, so code can treat both alike."""
+
     name: str
     estimate: np.ndarray  # (v,) Lβ̂
     se: np.ndarray  # (v,)
@@ -33,9 +36,18 @@ class TContrastResult:
     df: np.ndarray  # (v,) Satterthwaite
     mlog10p: np.ndarray  # (v,) −log10 p (upper tail, or two-sided)
 
+    kind = "T"
+
+    @property
+    def stat(self) -> np.ndarray:
+        """The T statistic per voxel (the same array as ``t``)."""
+        return self.t
+
 
 @dataclass
 class FContrastResult:
+    """One F contrast per voxel.  ``stat`` is the F statistic (also ``F``)."""
+
     name: str
     F: np.ndarray  # (v,)
     ndf: int  # rank of L
@@ -43,12 +55,34 @@ class FContrastResult:
     mlog10p: np.ndarray  # (v,)
     r2: np.ndarray  # (v,) partial R² = m F / (m F + ν)
 
+    kind = "F"
+
+    @property
+    def stat(self) -> np.ndarray:
+        """The F statistic per voxel (the same array as ``F``)."""
+        return self.F
+
 
 @dataclass
 class InferenceResult:
+    """Every contrast of a fit: ``t`` and ``f`` in the order given, or all of them in that
+    order through ``contrasts`` and by name through ``result["age"]``."""
+
     t: list  # TContrastResult per T contrast, in order
     f: list  # FContrastResult per F contrast, in order
     two_sided: bool
+    given: list = None  # T and F results in the order the contrasts were given
+
+    @property
+    def contrasts(self) -> list:
+        """T and F results in the order the contrasts were given."""
+        return list(self.given) if self.given is not None else [*self.t, *self.f]
+
+    def __getitem__(self, name: str):
+        for result in [*self.t, *self.f]:
+            if result.name == name:
+                return result
+        raise KeyError(f"no contrast named {name!r}; contrasts: {', '.join(r.name for r in self.contrasts)}")
 
 
 def sidedness(two_sided: bool) -> str:
@@ -57,8 +91,18 @@ def sidedness(two_sided: bool) -> str:
 
 
 def infer(fit: FitResult, contrasts: list[Contrast], two_sided: bool = False) -> InferenceResult:
-    """All contrasts of a fit."""
-    t_res, f_res = [], []
+    """T and F tests of every contrast at every voxel of a fit, with Satterthwaite df (lmerTest's).
+
+    T p-values are upper-tail (H1: Lβ > 0) unless ``two_sided``; results carry ``stat`` (T or
+    F), ``df`` and ``mlog10p`` (−log10 p).
+
+    Example::
+
+        fit = blmm.fit_lmm(Y, X, [subject])
+        result = blmm.infer(fit, [blmm.Contrast("age", [[0, 1, 0]])], two_sided=True)
+        result["age"].stat, result["age"].mlog10p   # T and −log10 p per voxel
+    """
+    t_res, f_res, given = [], [], []
     for c in contrasts:
         if c.matrix.shape[1] != fit.p:
             raise ValueError(f"contrast {c.name!r} has {c.matrix.shape[1]} entries but the model has p = {fit.p}")
@@ -66,7 +110,8 @@ def infer(fit: FitResult, contrasts: list[Contrast], two_sided: bool = False) ->
             t_res.append(t_contrast(fit, c.matrix[0], c.name, two_sided))
         else:
             f_res.append(f_contrast(fit, c.matrix, c.name))
-    return InferenceResult(t_res, f_res, two_sided)
+        given.append((t_res if c.is_t else f_res)[-1])
+    return InferenceResult(t_res, f_res, two_sided, given)
 
 
 def t_contrast(fit: FitResult, L: np.ndarray, name: str = "", two_sided: bool = False) -> TContrastResult:

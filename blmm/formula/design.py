@@ -462,6 +462,12 @@ def build_design(formula: str, table: pd.DataFrame, images: str | None = None,
     this column (and sets it when ``images`` is None).  Its rows must be unique.
     na_action: "omit" drops (and records) rows with a missing value in any column the model
     uses, as R's na.omit; "error" refuses them.
+
+    Example::
+
+        design = blmm.build_design("~ age + sex + (1 + time | subject)", table)
+        design.r_columns          # ['(Intercept)', 'age', 'sexM']
+        fit = blmm.fit_lmm(Y[design.rows], design.X, design.factors)
     """
     if na_action not in NA_ACTIONS:
         raise FormulaError(f"na_action must be one of {', '.join(NA_ACTIONS)}, got {na_action!r}")
@@ -539,7 +545,7 @@ def build_design(formula: str, table: pd.DataFrame, images: str | None = None,
         k = seen.get(b["group"], 0)
         seen[b["group"]] = k + 1
         name = b["group"] if k == 0 else f"{b['group']}.{k}"
-        factors.append(RandomFactor(name, b["codes"], b["design"]))
+        factors.append(RandomFactor(name, b["codes"], b["design"], tuple(b["r_columns"])))
         random_terms.append(RandomTermDesign(name, b["group"], b["rt"].expr, b["source"],
                                              tuple(b["columns"]), tuple(b["r_columns"]),
                                              tuple(b["levels"])))

@@ -40,7 +40,15 @@ def fit_formula(formula: str, table: pd.DataFrame, Y, reml: bool = True, images:
 
     Y has one row per table row (rows the formula drops for missing values are dropped from
     Y too) or one row per kept row.  safe_mode (default on, as lme4): a design lme4 refuses is a
-    ValueError naming the term.  Other options go to :func:`blmm.core.fit.fit_lmm`.
+    ValueError naming the term.  Other options go to :func:`blmm.fit_lmm`.
+
+    Example::
+
+        table = pandas.read_csv("participants.tsv", sep="\t")
+        images = blmm.load_images(table["image"], mask="mask.nii.gz")
+        model = blmm.fit_formula("~ age + sex + (1 | subject)", table, images.Y)
+        result = model.infer({"age": "age"}, two_sided=True)
+        images.save_map("out", "age_mlog10p", result["age"].mlog10p)
     """
     design = build_design(formula, table, images=images, na_action=na_action)
     Y = np.asarray(Y, dtype=np.float64)

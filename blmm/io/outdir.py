@@ -9,10 +9,12 @@ rename), so a reader never sees a half-written file.
 """
 from __future__ import annotations
 
+import datetime
 import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ INPUTS_FILE = "inputs.yml"  # the resolved inputs, loadable by load_config
 LLH64_FILE = "llh_float64.npy"  # the log-likelihood in float64 (for blmm_compare)
 COMPARE_FILE = "blmm_compare.json"  # the record of a comparison
 REPORT_FILE = "report.html"
+LOCK_FILE = ".blmm_lock"  # held by the one run writing into outdir: pid, host, start time
 MAP_PREFIX = "blmm_vox_"
 # Longest first, so "x.dscalar.nii" is not taken for a plain NIfTI.
 MAP_EXTENSIONS = (
@@ -159,6 +162,119 @@ def disk_full_as_error(outdir: str | os.PathLike, needed: int, writing: str):
             f"outdir {outdir}: the disk is full (no space left while writing {writing}); this run needs about "
             f"{human_bytes(needed)} there{free_text}. Free some space and rerun the same command: "
             "it resumes from the finished work") from None
+
+
+# ------------------------------------------------------------------ one run per outdir
+
+
+class OutdirLocked(InputError):
+    """Another run (alive, or on another host) is writing into the same outdir."""
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds an outdir's lock, as its lock file says."""
+
+    pid: int | None
+    host: str
+    started: str  # UTC, ISO 8601 (2026-12-06T10:47:12Z)
+
+    def describe(self) -> str:
+        return f"pid {self.pid if self.pid is not None else '?'} on host {self.host or '?'}, started {self.started or '?'}"
+
+
+def _lock_holder(path: Path) -> LockHolder:
+    """The holder a lock names; empty fields when it cannot be read."""
+    try:
+        fields = dict(item.split("=", 1) for item in os.readlink(path).split() if "=" in item)
+    except OSError:
+        fields = {}
+    pid = fields.get("pid", "")
+    return LockHolder(int(pid) if pid.isdigit() else None, fields.get("host", ""), fields.get("started", ""))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: asks only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch, from /proc); None where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _holder_gone(holder: LockHolder) -> bool:
+    """The lock's process has ended, or its pid now belongs to a process started after the lock."""
+    if holder.pid is None or not _process_alive(holder.pid):
+        return holder.pid is not None
+    started = _process_start(holder.pid)
+    try:
+        locked = datetime.datetime.strptime(holder.started, "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=datetime.timezone.utc).timestamp()
+    except ValueError:
+        return False
+    return started is not None and started > locked + 2  # a reused pid (2 s: the lock's whole-second time)
+
+
+def _try_create_lock(path: Path, holder: LockHolder) -> bool:
+    """Create the lock atomically; False when it already exists.  The lock is a symbolic link
+    whose target names the holder: created in one step, and it needs no free data block
+    (the disk-space check that follows must be able to report a full disk)."""
+    try:
+        os.symlink(f"pid={holder.pid} host={holder.host} started={holder.started}", path)
+    except FileExistsError:
+        return False
+    return True
+
+
+@contextmanager
+def outdir_lock(outdir: str | os.PathLike, log=print):
+    """Hold ``outdir``'s lock while a run writes there: a second run into the same outdir is
+    refused (``OutdirLocked``, naming the holder); a lock left by a dead process on this host
+    is taken over, with a note through ``log``.  The lock goes when the block ends."""
+    folder = Path(outdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    me = LockHolder(os.getpid(), socket.gethostname(),
+                    datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    while not _try_create_lock(path, me):
+        if not os.path.lexists(path):  # released between our try and our look: try again
+            continue
+        holder = _lock_holder(path)
+        stale = holder.host == me.host and _holder_gone(holder)
+        if not stale:
+            raise OutdirLocked(
+                f"outdir {folder} is in use by another blmm run ({holder.describe()}); wait for it to finish "
+                f"or choose another outdir. If that run is gone, delete {path}")
+        log(f"blmm: note: taking over the lock of outdir {folder} from a run that no longer exists "
+            f"({holder.describe()})")
+        path.unlink(missing_ok=True)
+    try:
+        yield path
+    finally:
+        if _lock_holder(path).pid == me.pid:  # never remove a lock someone else took over
+            path.unlink(missing_ok=True)
+
+
+def unfinished_work(outdir: str | os.PathLike) -> tuple[int, int]:
+    """(finished image batches, finished voxel blocks) that a rerun of an unfinished run resumes from."""
+    work = Path(outdir) / WORK_DIR
+    if not work.is_dir():
+        return 0, 0
+    batches = sum(1 for _ in work.glob("batch*.present.npy"))
+    blocks = sum(1 for _ in work.glob("block*.npz"))
+    return batches, blocks
 
 
 # ------------------------------------------------------------------ the run record

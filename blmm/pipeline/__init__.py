@@ -19,7 +19,7 @@ finished batch and block files, which the manifest ties to the inputs' hash.
 from blmm.io.outdir import LLH64_FILE, RUN_FILE, WORK_DIR
 from blmm.pipeline.cost import WorkEstimate, estimate_work
 from blmm.pipeline.plan import OutdirConflict, RunPlan, input_hash, plan_run
-from blmm.pipeline.run import NothingFitted, RunSummary, fit_blocks, read_images, record_run, run, summary_text
+from blmm.pipeline.run import NothingFitted, RunInterrupted, RunSummary, fit_blocks, read_images, record_run, run, summary_text
 from blmm.pipeline.stages import (
     MISSING_REASONS,
     SCREEN_REASONS,
@@ -35,7 +35,7 @@ from blmm.pipeline.stages import (
 )
 
 __all__ = [
-    "LLH64_FILE", "MISSING_REASONS", "RUN_FILE", "SCREEN_REASONS", "WORK_DIR", "NothingFitted", "OutdirConflict", "RunPlan",
+    "LLH64_FILE", "MISSING_REASONS", "RUN_FILE", "SCREEN_REASONS", "WORK_DIR", "NothingFitted", "OutdirConflict", "RunInterrupted", "RunPlan",
     "RunSummary", "WorkEstimate", "batch_files", "block_file", "check_disk_space", "missing_value_counts", "space_needed", "drop_reasons", "estimate_work", "fit_block", "fit_blocks", "input_hash",
     "plan_run", "read_batch", "read_images", "record_run", "run", "summary_text", "write_outputs",
 ]

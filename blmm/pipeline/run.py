@@ -9,8 +9,17 @@ from pathlib import Path
 from blmm import __version__
 from blmm.config import Config
 from blmm.core.inference import sidedness
+from blmm.core.varcorr import Spread, VarianceTerm, largest_component, variance_components
 from blmm.errors import InputError
-from blmm.io.outdir import disk_full_as_error, write_inputs, write_run_record
+from blmm.io.outdir import (
+    disk_full_as_error,
+    load_map,
+    outdir_lock,
+    remove_run_outputs,
+    unfinished_work,
+    write_inputs,
+    write_run_record,
+)
 from blmm.pipeline.cost import estimate_work
 from blmm.pipeline.plan import RunPlan, plan_run
 from blmm.pipeline.stages import (
@@ -30,10 +39,44 @@ class RunSummary:
     timings: dict
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; its message says whether a rerun resumes, and from what."""
+
+
 def run(config: Config, engine=None, force: bool = False, log=print) -> RunSummary:
     """Run the whole analysis on an engine: an open ``Engine``, or an ``EngineSpec`` opened here
     once the run is planned (kind ``auto``: inline or a local dask cluster, chosen from the
-    plan's estimated work), or None (inline)."""
+    plan's estimated work), or None (inline).
+
+    One run per outdir: its lock refuses a second run into the same outdir (``OutdirLocked``).
+    A run that fits no voxel removes what it wrote (an outdir it created goes too) and raises
+    ``NothingFitted``."""
+    out = Path(config.outdir)
+    created = not out.exists()
+    try:
+        with outdir_lock(out, log):
+            try:
+                return _run_locked(config, engine, force, log)
+            except KeyboardInterrupt:
+                raise RunInterrupted(interrupted_text(out)) from None
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that wrote nothing leaves no empty outdir behind
+        raise
+
+
+def interrupted_text(outdir: Path) -> str:
+    """What an interrupted run leaves: finished work a rerun resumes from, or nothing."""
+    batches, blocks = unfinished_work(outdir)
+    if not batches and not blocks:
+        return "no image batch or voxel block had finished, so a rerun starts from the beginning"
+    done = [f"{count} finished {what}" for count, what in
+            ((batches, "image batch(es)"), (blocks, "voxel block(s)")) if count]
+    return f"rerun the same command to resume from the {' and '.join(done)}"
+
+
+def _run_locked(config: Config, engine, force: bool, log) -> RunSummary:
+    """``run`` with outdir's lock held."""
     from blmm.engine import EngineSpec, open_engine
     from blmm.engine.choice import EngineChoice, choose_engine
 
@@ -69,14 +112,37 @@ def _run_stages(plan: RunPlan, engine, engine_choice: dict, timings: dict, t0: f
     timed(timings, "fit", fit_blocks, plan, engine)
     counts = timed(timings, "write", write_outputs, plan)
     timings["total"] = time.perf_counter() - t0
+    if counts["fitted"] == 0:  # a failed analysis: no maps, record or report stay behind
+        shutil.rmtree(plan.workdir, ignore_errors=True)
+        remove_run_outputs(plan.config.outdir)
+        raise NothingFitted(nothing_fitted_text(counts))
     out = record_run(plan, engine, counts, timings, engine_choice)
     _write_report(out, log)
     config = plan.config
-    log(summary_text(counts, timings["total"], config.two_sided if any(c.is_t for c in config.contrasts) else None))
-    if counts["fitted"] == 0:
-        raise NothingFitted(f"no voxel could be fitted: {summary_text(counts, timings['total'])}; "
-                            "the maps in outdir show n (blmm_vox_n) per voxel")
+    log(summary_text(counts, timings["total"], config.two_sided if any(c.is_t for c in config.contrasts) else None,
+                     largest_variance(config)))
     return RunSummary(out, counts, timings)
+
+
+def nothing_fitted_text(counts: dict) -> str:
+    """Why no voxel of the analysis mask was fitted, reason by reason."""
+    reasons = [f"{k} dropped: {why}" for why, k in counts["dropped"].items()]
+    reasons += [f"{k} image values treated as missing: {why}" for why, k in counts.get("missing_values", {}).items()]
+    return (f"no voxel could be fitted (of {counts['analysis_mask']} in the analysis mask): "
+            + "; ".join(reasons) + "; nothing was written to outdir")
+
+
+def largest_variance(config: Config) -> tuple[VarianceTerm, Spread] | None:
+    """The largest variance component of the maps just written (median over fitted voxels);
+    None when they cannot be read back (the run itself is finished: only the line goes)."""
+    n = config.space.n_voxels
+    try:
+        D = load_map(config.outdir, "D", n_vertices=n)
+        sigma2 = load_map(config.outdir, "sigma2", n_vertices=n)[:, 0]
+    except (InputError, OSError, ValueError):
+        return None
+    variances, _ = variance_components(D, sigma2, [(f.name, list(f.column_names)) for f in config.factors])
+    return largest_component(variances)
 
 
 def timed(timings: dict, name: str, stage, *args):
@@ -110,7 +176,8 @@ def record_run(plan: RunPlan, engine, counts: dict, timings: dict, engine_choice
         "input_hash": plan.input_hash,
         "settings": config.to_yaml_dict(),
         "n": config.n, "p": config.p,
-        "factors": [{"name": f.name, "q": f.q, "levels": f.n_levels} for f in config.factors],
+        "factors": [{"name": f.name, "q": f.q, "levels": f.n_levels, "columns": list(f.column_names)}
+                    for f in config.factors],
         "x_names": list(config.x_names),
         "contrasts": [{"name": c.name, "kind": "T" if c.is_t else "F"} for c in config.contrasts],
         "volumes": volume_names(config),
@@ -147,12 +214,18 @@ def _write_report(outdir: Path, log) -> None:
         log(f"blmm: warning: could not write report.html: {type(exc).__name__}: {exc}")
 
 
-def summary_text(counts: dict, seconds: float, two_sided: bool | None = None) -> str:
-    """The run's last lines; ``two_sided`` (None: no T contrast) states how the T maps' p were computed."""
+def summary_text(counts: dict, seconds: float, two_sided: bool | None = None,
+                 largest: tuple[VarianceTerm, Spread] | None = None) -> str:
+    """The lines printed at the end of a run (docs/outputs.md); ``two_sided`` (None: no T contrast)
+    states how the T maps' p were computed."""
     lines = [f"blmm: done in {seconds:.1f} s: {counts['fitted']} of {counts['analysis_mask']} voxels fitted, "
              f"{counts['converged']} converged"]
     if two_sided is not None:
         lines.append(f"  T contrasts: -log10 p {sidedness(two_sided)} (blmm_vox_conTlp); F contrasts: upper tail")
+    if largest is not None:
+        term, where = largest
+        lines.append(f"  largest variance component: {term.label} (median variance {where.median:.4g} over "
+                     f"{where.voxels} voxels, range {where.low:.4g} to {where.high:.4g}; report.html lists all)")
     for why, k in counts.get("not_converged_reasons", {}).items():
         lines.append(f"  {k} voxels fitted but not converged: {why} (blmm_vox_converged = 0)")
     if counts["boundary"]:

@@ -53,7 +53,7 @@ from blmm.io.outdir import (
     save_arrays_atomically,
     write_text_atomically,
 )
-from blmm.core.linalg import vech_index
+from blmm.core.design import covariance_names
 from blmm.pipeline.plan import RunPlan
 
 # why a voxel of the analysis mask has no fit (blmm_run.json "dropped"): screened out
@@ -470,7 +470,7 @@ def _map_specs(cfg: Config) -> list[tuple[str, list[str], str, list[str] | None]
     n_f = len(cfg.contrasts) - n_t
     t_names = [c.name for c in cfg.contrasts if c.is_t]
     f_names = [c.name for c in cfg.contrasts if not c.is_t]
-    d_names = [f"{f.name}[{i + 1},{j + 1}]" for f in cfg.factors for i, j in zip(*vech_index(f.q))]
+    d_names = [name for f in cfg.factors for name in covariance_names(f.name, f.column_names)]
     specs = [
         (map_name("beta"), ["beta"], "float32", list(cfg.x_names)),
         (map_name("sigma2"), ["sigma2"], "float32", None),

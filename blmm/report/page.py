@@ -60,9 +60,11 @@ from blmm.report.summary import (
     histogram,
     map_geometry,
     model_formula,
+    random_effects,
     read_report_map,
     summarise_run,
 )
+from blmm.core.varcorr import spread
 
 
 def _asset(name: str) -> str:
@@ -258,13 +260,8 @@ def add_map_figure(page: ReportPage, geometry: MapGeometry, column: np.ndarray, 
         values[~shown] = np.nan
     if geometry.kind == "surface":
         panels = {panel.hemi: (_panel_values(values, panel), panel.mesh) for panel in geometry.panels}
-        if threshold is None:
-            # The viewer paints missing values grey only inside a threshold band; a band
-            # just below the smallest shown |value| greys exactly the hidden vertices.
-            finite = np.abs(_finite(values))
-            threshold = float(finite.min()) * (1 - 1e-6) if finite.size else 1.0
         fig = viewer.plot_surfaces(panels, 0, colorscale=colorscale, threshold=threshold or None,
-                                   title=title)
+                                   title=title, grey_missing=True)  # hidden vertices grey
         page.figure(fig, [page.add_mesh(_mesh_key(panel), panel.mesh) for panel in geometry.panels])
         return True
     if geometry.kind == "volume":
@@ -420,6 +417,39 @@ def _model_section(page: ReportPage, summary: RunDescription) -> None:
                    header=("key", "name", "type", "map volume", "tests"))
 
 
+def _spread_cells(values: np.ndarray) -> tuple[str, str]:
+    """(median, 'min to max') over the voxels where the value is finite."""
+    found = spread(values)
+    if found is None:
+        return "–", "–"
+    return _fmt(found.median), f"{_fmt(found.low)} to {_fmt(found.high)}"
+
+
+def _random_effects_section(page: ReportPage, summary: RunDescription, geometry: MapGeometry | None) -> None:
+    """lme4's VarCorr, summarised over the fitted voxels: each term's variance, SD and correlations."""
+    if not summary.factors or geometry is None:
+        return
+    found = random_effects(summary, geometry)
+    page.heading("Random effects", "random-effects")
+    if found is None:
+        page.note("blmm_vox_D or blmm_vox_sigma2 is missing or does not match the factors: no random-effects table.")
+        return
+    variances, correlations = found
+    page.text("<p>As lme4's <code>VarCorr</code>, per fitted voxel, then the median and range over voxels. "
+              "Variances are σ² D (blmm_vox_D holds D relative to σ²); the D volumes are named as the "
+              "terms here.</p>")
+    rows = []
+    for position, term in enumerate(variances):
+        first = position == 0 or variances[position - 1].group != term.group  # the group named once, as lme4
+        rows.append((term.group if first else "", term.name, *_spread_cells(term.variance),
+                     *_spread_cells(term.sd)))
+    page.table(rows, header=("group", "name", "variance (median)", "variance (range)",
+                             "std. dev. (median)", "std. dev. (range)"))
+    if correlations:
+        page.table([(term.group, f"{term.first} x {term.second}", *_spread_cells(term.correlation))
+                    for term in correlations], header=("group", "correlation of", "corr (median)", "corr (range)"))
+
+
 def _convergence_section(page: ReportPage, summary: RunDescription, geometry: MapGeometry | None) -> None:
     counts = summary.record.get("counts") or {}
     page.heading("Convergence", "convergence")
@@ -519,6 +549,7 @@ def build_report(outdir: str | Path, with_figures: bool | None = None) -> str:
         if figures and geometry.note:
             page.note(geometry.note)
     _model_section(page, summary)
+    _random_effects_section(page, summary, geometry)
     _convergence_section(page, summary, geometry)
     if summary.contrasts:
         page.heading("Contrasts", "results")

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from blmm.core.inference import sidedness
+from blmm.core.varcorr import CorrelationTerm, VarianceTerm, variance_components
 from blmm.errors import InputError, ViewerError
 from blmm.io.images import image_space
 from blmm.io.outdir import (
@@ -110,7 +111,7 @@ def summarise_run(outdir: str | Path) -> RunDescription:
     for position, (key, body) in enumerate(settings_entries(settings.get("Z"))):
         recorded = recorded_factors[position] if position < len(recorded_factors) else {}
         q = int(recorded.get("q", 0))
-        design_names = _table_header(body.get("design"))
+        design_names = recorded.get("columns") or _table_header(body.get("design"))  # the run's own names first
         if design_names is None or (q and len(design_names) != q):
             design_names = [f"z{j + 1}" for j in range(q)]
         factors.append(FactorSummary(str(body.get("name") or recorded.get("name") or key), q,
@@ -325,3 +326,14 @@ def contrast_numbers(stat: np.ndarray, mlog10p: np.ndarray | None, df: np.ndarra
         if dfs.size:
             numbers["df_quartiles"] = [float(v) for v in np.percentile(dfs, [0, 25, 50, 75, 100])]
     return numbers
+
+
+def random_effects(summary: RunDescription, geometry: MapGeometry) -> tuple[list[VarianceTerm], list[CorrelationTerm]] | None:
+    """lme4's VarCorr per fitted voxel, from ``blmm_vox_D`` and ``blmm_vox_sigma2``: every factor's
+    variances (σ² D_k[i, i]) and correlations, and the residual variance; None without the maps."""
+    D = read_report_map(summary.outdir, "D", geometry)
+    sigma2 = read_report_map(summary.outdir, "sigma2", geometry)
+    factors = [(f.name, list(f.design_names)) for f in summary.factors]
+    if D is None or sigma2 is None or D.shape[1] != sum(len(c) * (len(c) + 1) // 2 for _, c in factors):
+        return None
+    return variance_components(D, sigma2[:, 0], factors)

@@ -189,11 +189,13 @@ def colour_range(
     vmin: float | None = None,
     vmax: float | None = None,
     threshold: float | None = None,
+    grey_missing: bool = False,
 ) -> ColourRange:
     """Colour limits and scale for ``values``; ``|v| < threshold`` falls in a grey band.
 
     Defaults: symmetric (±max|v|) when values have both signs, otherwise from 0 to the
-    extreme, as usual for statistic maps.
+    extreme, as usual for statistic maps.  ``grey_missing`` without a threshold adds a grey
+    band just below the colour range, for missing values only (hidden vertices).
     """
     finite = values[np.isfinite(values)]
     low = float(finite.min()) if finite.size else 0.0
@@ -215,6 +217,13 @@ def colour_range(
         cmin, cmax = (cmin - 1.0, cmax + 1.0) if cmin == cmax else (cmax, cmin)
     signed = symmetric or cmin < 0.0 < cmax
     scale = _base_colorscale(colorscale, signed, negative_only=cmax <= 0.0)
+    if not threshold and grey_missing:
+        width = MIN_BAND_FRACTION * (cmax - cmin)
+        start = width / (cmax - cmin + width)  # the band's share of the extended range
+        # grey up to 3/4 of the band, then the scale's first colour: values at cmin are never grey
+        banded = [[0.0, NEUTRAL_COLOUR], [0.75 * start, NEUTRAL_COLOUR], [0.75 * start, scale[0][1]]] + \
+            [[start + t * (1 - start), colour] for t, colour in scale]
+        return ColourRange(cmin - width, cmax, cmin - width, cmin - 0.25 * width, banded)
     if not threshold:
         return ColourRange(cmin, cmax, None, None, scale)
     band_low, band_high = max(cmin, -threshold), min(cmax, threshold)
@@ -276,9 +285,12 @@ def plot_surfaces(
     vmax: float | None = None,
     threshold: float | None = None,
     title: str | None = None,
+    grey_missing: bool = False,
 ) -> go.Figure:
     """Several surfaces side by side (e.g. {"left": (data_l, mesh_l), "right": (...)})
-    sharing one colour bar. ``data`` is (V,) or (V, k) values, or a map file path."""
+    sharing one colour bar. ``data`` is (V,) or (V, k) values, or a map file path.
+    ``grey_missing``: missing (NaN) vertices are grey even without a threshold, e.g. those a
+    ``--where`` condition hides."""
     go = _plotly()
     from plotly.subplots import make_subplots
 
@@ -295,7 +307,7 @@ def plot_surfaces(
         panels.append((key, mesh, _hemisphere_values(data, mesh, volume, key)))
     colours = colour_range(
         np.concatenate([values for _, _, values in panels]), colorscale=colorscale,
-        symmetric=symmetric, vmin=vmin, vmax=vmax, threshold=threshold)
+        symmetric=symmetric, vmin=vmin, vmax=vmax, threshold=threshold, grey_missing=grey_missing)
 
     figure = make_subplots(
         rows=1, cols=len(panels), specs=[[{"type": "scene"}] * len(panels)],
@@ -365,8 +377,10 @@ def plot_surface(data: Any, mesh: Mesh, volume: int = 0, **options: Any) -> go.F
 # -------------------------------------------------------------------- volumes
 
 
-def _canonical_volume(data: Any, affine: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, Any]:
-    """(data (X, Y, Z, k) RAS-oriented, its affine, header-or-None) from a path or array."""
+def _canonical_volume(data: Any, affine: np.ndarray | None,
+                      shown: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
+    """(data (X, Y, Z, k) RAS-oriented, its affine, header-or-None) from a path or array;
+    ``shown`` (the grid's voxels in file order, flat or 3-D): NaN where False."""
     header = None
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
@@ -381,6 +395,13 @@ def _canonical_volume(data: Any, affine: np.ndarray | None) -> tuple[np.ndarray,
         if array.ndim not in (3, 4):
             raise ViewerError(f"volume data must be 3-D or 4-D, got shape {array.shape}")
         affine = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
+    if shown is not None:
+        grid = array.shape[:3]
+        shown = np.asarray(shown, bool)
+        if shown.size != int(np.prod(grid)):
+            raise ViewerError(f"the voxels to show cover {shown.size} voxels, the map {int(np.prod(grid))}")
+        keep = shown.reshape(grid + (1,) * (array.ndim - 3))
+        array = np.where(keep, np.asarray(array, dtype=np.float32), np.nan)
     canonical, affine = to_canonical(array, affine)
     return canonical, affine, header
 
@@ -451,10 +472,13 @@ def plot_volume(
     title: str | None = None,
     underlay: str | None = "auto",
     max_slices: int = 64,
+    shown: np.ndarray | None = None,
 ) -> go.Figure:
     """A NIfTI map as sagittal, coronal and axial slices, each with its own slider.
 
     ``data`` is a NIfTI path or a 3-D/4-D array (then ``affine`` maps voxels to mm).
+    ``shown``: voxels to colour (the grid in file order, flat or 3-D); the others are
+    transparent, e.g. β where another map's −log10 p > 3 (``blmm_view --where``).
     ``underlay``: "auto" draws nilearn's MNI152 template below maps in MNI space,
     "mni152" always, None never. Sub-threshold and missing voxels are transparent.
     Each slider offers at most ``max_slices`` evenly spaced slices (page size).
@@ -462,7 +486,7 @@ def plot_volume(
     go = _plotly()
     from plotly.subplots import make_subplots
 
-    array, ras_affine, header = _canonical_volume(data, affine)
+    array, ras_affine, header = _canonical_volume(data, affine, shown)
     if array.ndim == 3:
         array = array[..., None]
     array = array.reshape(array.shape[:3] + (-1,))

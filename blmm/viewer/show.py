@@ -6,6 +6,8 @@ meshes and returns the plotly figure.  Argument parsing is ``blmm.cli.view``.
 """
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +21,9 @@ from blmm.io.outdir import (
     volume_aliases,
 )
 from blmm.io.surfaces import FSAVERAGE5_KINDS, HEMISPHERES, Mesh, cifti_cortices, fsaverage5_mesh, guess_hemi, load_surface
-from blmm.viewer.figures import F_CONTRAST_MAPS, T_CONTRAST_MAPS, contrast_names, describe_volume, plot_surfaces, plot_volume
+from blmm.viewer.figures import (
+    F_CONTRAST_MAPS, T_CONTRAST_MAPS, contrast_names, describe_volume, plot_surfaces, plot_volume,
+)
 
 if TYPE_CHECKING:  # plotly is optional: only imported when a figure is built
     import plotly.graph_objects as go
@@ -42,10 +46,65 @@ class MapView:
     vmax: float | None = None
     colorscale: Any = None
     title: str | None = None
+    where: str | None = None  # show only where another map passes, e.g. "conTlp>3" (Condition)
+
+
+_WHERE = re.compile(r"^\s*(?P<map>[^<>=]+?)\s*(?P<op>>=|<=|>|<)\s*(?P<value>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """``--where MAP[:VOLUME]>VALUE``: the voxels where another map passes a threshold."""
+
+    stat: str
+    volume: str | None  # None: the volume matching the map shown (see ``where_volume``)
+    op: str  # ">", ">=", "<" or "<="
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> "Condition":
+        found = _WHERE.match(text)
+        if not found:
+            raise ViewerError(f"--where {text!r}: expected MAP[:VOLUME]>VALUE (or >=, <, <=), "
+                              "e.g. conTlp>3 or 'conTlp:age>3'")
+        stat, _, volume = found.group("map").partition(":")
+        return cls(strip_prefix(stat.strip()), volume.strip() or None, found.group("op"), float(found.group("value")))
+
+    def holds(self, values: np.ndarray) -> np.ndarray:
+        """Where the values pass (NaN never does)."""
+        values = np.asarray(values, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            passed = {">": values > self.value, ">=": values >= self.value,
+                      "<": values < self.value, "<=": values <= self.value}[self.op]
+        return passed & np.isfinite(values)
+
+    def describe(self, volume_name: str) -> str:
+        return f"where {MAP_PREFIX}{self.stat}{f' ({volume_name})' if volume_name else ''} {self.op} {self.value:g}"
+
+
+def where_volume(outdir: Path, condition: Condition, n_volumes: int, stat: str, volume: int) -> int:
+    """The volume of the --where map: the one named, its only one, the one named as the volume
+    shown (beta:age where conTlp:age), or the same contrast of a T or F map (conT where conTlp)."""
+    if condition.volume is not None:
+        return _volume_number(outdir, condition.stat, condition.volume)
+    if n_volumes == 1:
+        return 0
+    for family in (T_CONTRAST_MAPS, F_CONTRAST_MAPS):
+        if stat in family and condition.stat in family:
+            return volume
+    shown_names = recorded_volume_names(outdir, stat) or []
+    names = recorded_volume_names(outdir, condition.stat) or []
+    if volume < len(shown_names) and shown_names[volume] in names:
+        return names.index(shown_names[volume])
+    listing = ", ".join(f"{i} {n}" for i, n in enumerate(names)) or f"0 to {n_volumes - 1}"
+    raise ViewerError(f"--where: {MAP_PREFIX}{condition.stat} has {n_volumes} volumes; say which, e.g. "
+                      f"--where '{condition.stat}:0{condition.op}{condition.value:g}' (volumes: {listing})")
 
 
 def map_figure(view: MapView) -> go.Figure:
-    """The figure of the map ``view`` names; raises ``ViewerError`` (an ``InputError``)."""
+    """The figure of the map ``view`` names; raises ``ViewerError`` (an ``InputError``).
+
+    With ``view.where`` (``conTlp>3``) only the voxels where that map passes are coloured."""
     given = Path(view.outdir)
     if view.map and ":" in view.map:  # beta:age -> map beta, volume age
         stat_name, volume_name = view.map.split(":", 1)
@@ -63,13 +122,32 @@ def map_figure(view: MapView) -> go.Figure:
         if not _hemisphere_folders(given, stat):
             path = find_map(given, stat)
     view = replace(view, volume=_volume_number(outdir, stat, view.volume))
+    condition = Condition.parse(view.where) if view.where else None
     if path is not None and _is_volumetric(path):
         n_volumes = image_space(path).n_volumes
         title = view.title or describe_volume(stat, view.volume, n_volumes, outdir)
+        shown = None
+        if condition is not None:
+            where_path = find_map(outdir, condition.stat)
+            values = np.asarray(read_map(where_path))
+            values = values[:, None] if values.ndim == 1 else values
+            if values.shape[0] != image_space(path).n_voxels:
+                raise ViewerError(f"--where: {where_path.name} has {values.shape[0]} voxels, the map shown "
+                                  f"{image_space(path).n_voxels}")
+            k = where_volume(outdir, condition, values.shape[1], stat, view.volume)
+            shown = condition.holds(values[:, k])
+            title = view.title or f"{title} · {condition.describe(_volume_name(outdir, condition.stat, k))}"
         return plot_volume(path, view.volume, colorscale=view.colorscale,
                            symmetric=view.symmetric, vmin=view.vmin, vmax=view.vmax,
-                           threshold=view.threshold, title=title)
-    return _surface_figure(view, from_folder, stat, path, outdir)
+                           threshold=view.threshold, title=title, shown=shown)
+    return _surface_figure(view, from_folder, stat, path, outdir, condition)
+
+
+def _volume_name(outdir: Path, stat: str, volume: int) -> str:
+    names = recorded_volume_names(outdir, stat)
+    if names is None and (stat in T_CONTRAST_MAPS or stat in F_CONTRAST_MAPS):
+        names = [name for _, name in contrast_names(outdir)["T" if stat in T_CONTRAST_MAPS else "F"]]
+    return names[volume] if names and volume < len(names) else f"volume {volume}"
 
 
 def volume_by_name(outdir: str | Path, stat: str, name: str) -> int:
@@ -157,9 +235,40 @@ def _hemisphere_folders(outdir: Path, stat: str) -> dict[str, Path]:
     return found
 
 
-def _surface_figure(view: MapView, outdir: Path | None, stat: str,
-                    path: Path | None, title_outdir: Path) -> go.Figure:
-    """Figure for a surface map; ``outdir`` is set when per-hemisphere folders may hold it."""
+def _surface_figure(view: MapView, outdir: Path | None, stat: str, path: Path | None, title_outdir: Path,
+                    condition: Condition | None = None) -> go.Figure:
+    """Figure for a surface map; ``outdir`` is set when per-hemisphere folders may hold it;
+    with ``condition`` only the vertices where that map passes are coloured."""
+    panels = _surface_panels(view, outdir, stat, path)
+    first_values = np.asarray(next(iter(panels.values()))[0])
+    n_volumes = 1 if first_values.ndim == 1 else first_values.shape[1]
+    title = view.title or describe_volume(stat, view.volume, n_volumes, title_outdir)
+    if condition is not None:
+        where_path = None if path is None else find_map(path.parent, condition.stat)
+        where_panels = _surface_panels(view, outdir, condition.stat, where_path)
+        if set(where_panels) != set(panels):
+            raise ViewerError(f"--where: {MAP_PREFIX}{condition.stat} covers {', '.join(where_panels)}, "
+                              f"the map shown {', '.join(panels)}")
+        sample = np.asarray(next(iter(where_panels.values()))[0])
+        k = where_volume(title_outdir, condition, 1 if sample.ndim == 1 else sample.shape[1], stat, view.volume)
+        masked = {}
+        for hemi, (values, mesh) in panels.items():
+            where_values = np.asarray(where_panels[hemi][0])
+            where_values = where_values if where_values.ndim == 1 else where_values[:, k]
+            column = np.array(values if np.ndim(values) == 1 else np.asarray(values)[:, view.volume], dtype=np.float64)
+            column[~condition.holds(where_values)] = np.nan
+            masked[hemi] = (column, mesh)
+        panels = masked
+        view = replace(view, volume=0)
+        title = view.title or f"{title} · {condition.describe(_volume_name(title_outdir, condition.stat, k))}"
+    return plot_surfaces(panels, view.volume, colorscale=view.colorscale,
+                         symmetric=view.symmetric, vmin=view.vmin, vmax=view.vmax,
+                         threshold=view.threshold, title=title, grey_missing=condition is not None)
+
+
+def _surface_panels(view: MapView, outdir: Path | None, stat: str,
+                    path: Path | None) -> dict[str, tuple[np.ndarray, Mesh]]:
+    """The values of a surface map per hemisphere, on their meshes."""
     hemis = {"both": list(HEMISPHERES), "left": ["left"], "right": ["right"]}
     surface_hint = guess_hemi(Path(view.surface).name) if Path(view.surface).exists() else None
     per_hemi_files = _hemisphere_folders(outdir, stat) if outdir is not None and path is None \
@@ -212,9 +321,4 @@ def _surface_figure(view: MapView, outdir: Path | None, stat: str,
             stop = start + meshes[hemi].n_vertices
             panels[hemi] = (values[start:stop], meshes[hemi])
             start = stop
-    first_values = np.asarray(next(iter(panels.values()))[0])
-    n_volumes = 1 if first_values.ndim == 1 else first_values.shape[1]
-    title = view.title or describe_volume(stat, view.volume, n_volumes, title_outdir)
-    return plot_surfaces(panels, view.volume, colorscale=view.colorscale,
-                         symmetric=view.symmetric, vmin=view.vmin, vmax=view.vmax,
-                         threshold=view.threshold, title=title)
+    return panels

@@ -35,6 +35,7 @@ import numpy as np
 # Subjects with 1, 2 and 3 visits in the ABCD release the notebook used.
 ABCD_VISIT_COUNTS = (2434, 834, 1911)
 ABCD_SUBJECTS = sum(ABCD_VISIT_COUNTS)  # 5,179 subjects, 9,835 images
+SUBJECTS_OVERRIDE = "ABCD_LIKE_SUBJECTS"  # environment variable: replaces --subjects (tests/test_docs.py)
 FSAVERAGE5_VERTICES = 10242  # vertices per fsaverage5 hemisphere
 HEMISPHERES = ("lh", "rh")
 N_SITES = 14  # site 1 is the reference level: 13 dummy columns
@@ -490,8 +491,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hemispheres", nargs="+", choices=HEMISPHERES, default=list(HEMISPHERES))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    # The doc test runs the README's and tutorial's commands as written, on a small cohort.
+    subjects = int(os.environ.get(SUBJECTS_OVERRIDE, args.subjects))
     try:
-        write_dataset(args.outdir, args.subjects, args.vertices, args.hemispheres, args.seed, log=True)
+        write_dataset(args.outdir, subjects, args.vertices, args.hemispheres, args.seed, log=True)
     except ValueError as error:
         print(f"simulate.py: {error}", file=sys.stderr)
         return 2

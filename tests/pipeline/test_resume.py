@@ -1,8 +1,10 @@
 """A killed run restarts with the same command and gives the same maps as a clean run."""
 from __future__ import annotations
 
+import importlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,11 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from blmm.cli import main
 from blmm.config import load_config
+from blmm.io.outdir import LOCK_FILE, outdir_lock
 from blmm.pipeline import LLH64_FILE, WORK_DIR, OutdirConflict, block_file, fit_block, plan_run, read_batch, run
 from tests.pipeline.test_pipeline import make_analysis
+from tests.reference.load import load_case
 
 QUIET = dict(log=lambda *a: None)
+run_module = importlib.import_module("blmm.pipeline.run")
 
 
 def small_maxmem(yml: Path, outdir: str) -> Path:
@@ -83,3 +89,89 @@ def test_driver_killed_mid_run_then_rerun_matches_clean_run(tmp_path, clean_maps
     assert done.returncode == 0, done.stderr
     assert read_maps(tmp_path / "out") == clean_maps
     assert killed or "already holds" in done.stderr
+
+
+# ---- one run per outdir (issue 18) -----------------------------------------------------------
+
+def test_a_second_concurrent_run_is_refused_naming_the_holder(tmp_path, capsys):
+    """Two runs into one outdir: the second stops at once (exit 2) naming pid, host and start time."""
+    yml = make_analysis(tmp_path)
+    out = tmp_path / "out"
+    with outdir_lock(out, log=lambda *a: None) as lock:  # the first run, still going
+        assert main([str(yml), "--cluster", "inline"]) == 2
+        err = capsys.readouterr().err
+        assert f"blmm: error: outdir {out} is in use by another blmm run (pid {os.getpid()} on host " \
+               f"{socket.gethostname()}, started " in err
+        assert "Traceback" not in err and not list(out.glob("blmm_vox_*")) and not (out / WORK_DIR).exists()
+        assert lock.is_symlink()  # the holder keeps its lock
+    assert not lock.is_symlink()  # released when the holder ends
+    assert main([str(yml), "--cluster", "inline"]) == 0
+
+
+def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over(tmp_path, capsys):
+    yml = make_analysis(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    os.symlink(f"pid={dead} host={socket.gethostname()} started=2026-01-01T00:00:00Z", out / LOCK_FILE)
+    assert main([str(yml), "--cluster", "inline"]) == 0
+    assert f"taking over the lock of outdir {out} from a run that no longer exists (pid {dead}" \
+           in capsys.readouterr().out
+    assert not (out / LOCK_FILE).is_symlink() and (out / "blmm_run.json").exists()
+
+
+def test_a_lock_whose_pid_now_belongs_to_a_younger_process_is_taken_over(tmp_path, capsys):
+    """A pid reused after a kill -9 (containers restart with the same pids): the process holding it
+    started after the lock was taken, so the lock is stale."""
+    yml = make_analysis(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(f"pid={os.getpid()} host={socket.gethostname()} started=2020-01-01T00:00:00Z", out / LOCK_FILE)
+    assert main([str(yml), "--cluster", "inline"]) == 0
+    assert "taking over the lock" in capsys.readouterr().out
+
+
+def test_a_lock_held_on_another_host_is_never_taken_over(tmp_path, capsys):
+    yml = make_analysis(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink("pid=1 host=some-other-node started=2026-01-01T00:00:00Z", out / LOCK_FILE)
+    assert main([str(yml), "--cluster", "inline"]) == 2
+    assert "(pid 1 on host some-other-node, started 2026-01-01T00:00:00Z)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("finished", [0, 2])
+def test_an_interrupted_run_says_resume_only_when_there_is_something_to_resume(
+        tmp_path, monkeypatch, capsys, finished):
+    """Ctrl-C in the read stage: 'rerun to resume' only with finished batches to resume from."""
+    yml = small_maxmem(make_analysis(tmp_path, fmt="dat"), "out")
+    real = run_module.read_batch
+
+    def interrupted(plan, b):
+        if b == finished:
+            raise KeyboardInterrupt
+        return real(plan, b)
+
+    monkeypatch.setattr(run_module, "read_batch", interrupted)
+    assert main([str(yml), "--cluster", "inline"]) == 130
+    err = capsys.readouterr().err
+    work = tmp_path / "out" / WORK_DIR
+    assert len(list(work.glob("batch*.present.npy"))) == finished
+    if finished:
+        assert f"blmm: interrupted; rerun the same command to resume from the {finished} finished image batch" in err
+    else:
+        assert "blmm: interrupted; no image batch or voxel block had finished, so a rerun starts from the " \
+               "beginning" in err
+    assert not (tmp_path / "out" / LOCK_FILE).is_symlink()
+
+
+def test_a_run_that_fits_nothing_leaves_nothing_but_its_message(tmp_path, capsys):
+    Y = np.full(load_case("missing").Y.shape, np.nan)
+    Y[:3] = 1.0  # three images per voxel: too few for p = 3 fixed effects everywhere
+    yml = make_analysis(tmp_path, Y=Y)
+    assert main([str(yml), "--cluster", "inline"]) == 2
+    err = capsys.readouterr().err
+    assert "blmm: error: no voxel could be fitted (of 14 in the analysis mask): 14 dropped: too few" in err
+    assert "nothing was written to outdir" in err
+    assert not (tmp_path / "out").exists()

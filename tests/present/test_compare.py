@@ -323,11 +323,16 @@ def test_dat_inputs_give_dat_outputs(analyses, tmp_path):
     assert np.allclose(result.chi2, np.maximum(2 * (llh[1] - llh[0]), 0), rtol=1e-12, atol=1e-12)
 
 
-def test_rerunning_the_same_comparison_overwrites(analyses, tmp_path, capsys):
+def test_rerunning_the_same_comparison_needs_force(analyses, tmp_path, capsys):
+    """Issue 18: blmm_compare never overwrites an outdir silently; --force reruns, as blmm's."""
     small, big = analyses.get("slope", "small"), analyses.get("slope", "big")
     out = tmp_path / "cmp"
     assert _run_cli(capsys, small, big, out)[0] == 0
-    assert _run_cli(capsys, big, small, out)[0] == 0  # the same pair in the other order
+    record = (out / COMPARE_FILE).read_bytes()
+    code, _, err = _run_cli(capsys, big, small, out)  # the same pair in the other order
+    assert code != 0 and "already holds this comparison; use --force" in err
+    assert (out / COMPARE_FILE).read_bytes() == record  # untouched
+    assert _run_cli(capsys, big, small, out, "--force")[0] == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 

@@ -37,12 +37,15 @@ def test_view_by_name(study, tmp_path, capsys):
     assert volume_by_name(out, "beta", "age") == 1
     assert volume_by_name(out, "beta", "sexM") == 2  # R's spelling too
     assert volume_by_name(out, "conT", "older_vs_male") == 1
-    assert volume_by_name(out, "D", "subject[2,2]") == 2
+    assert volume_by_name(out, "D", "subject: time") == 2  # D volumes named by their terms (issue 18)
+    assert volume_by_name(out, "D", "subject: (Intercept) x time") == 1
     page = tmp_path / "page.html"
     assert view_main([str(out), "beta:site[T.c]", "-o", str(page)]) == 0
     text = page.read_text()
     assert "volume 4" in text and "site[T.c]" in text
     assert view_main([str(out), "conF", "--volume", "site", "-o", str(page)]) == 0
+    assert view_main([str(out), "D:subject: time", "-o", str(page)]) == 0  # a D volume by its term
+    assert "subject: time" in page.read_text()  # the title names the term
     assert view_main([str(out), "beta:agee", "-o", str(page)]) == 2  # bad input
     err = capsys.readouterr().err
     assert "no volume named 'agee'; did you mean 'age' (volume 1)?" in err

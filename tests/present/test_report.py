@@ -182,6 +182,53 @@ def test_summary_reads_the_model_from_the_output_folder(surface_run: Path) -> No
     assert contrast_text([[0, 1, 0], [0, 0, 1]], summary.x_names) == "age; group"
 
 
+def _table_rows(page: str, anchor: str) -> list[list[str]]:
+    """The body rows (cells as text) of the tables under the heading ``anchor``, up to the next h2."""
+    section = page[page.index(f'id="{anchor}"'):]
+    section = section[:section.find("<h2", 1) if "<h2" in section[1:] else len(section)]
+    rows = re.findall(r"<tr>(.*?)</tr>", section, re.S)
+    return [[html.unescape(c).strip() for c in re.findall(r"<td>(.*?)</td>", row, re.S)] for row in rows
+            if "<td>" in row]
+
+
+def _median_and_range(values: np.ndarray) -> tuple[float, float, float]:
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)), float(finite.min()), float(finite.max())
+
+
+def test_random_effects_table_is_lme4_varcorr_of_the_fitted_d(tmp_path: Path) -> None:
+    """Issue 18: the report's random-effects table holds, per term, the median and range over the
+    fitted voxels of σ² D_ii, its square root and D_ij / √(D_ii D_jj), from the maps read directly."""
+    yml = simulate_analysis(tmp_path, n_voxels=300, slope=True)
+    lines: list[str] = []
+    run(load_config(yml), log=lines.append)
+    out = tmp_path / "out"
+    D = np.fromfile(out / "blmm_vox_D.dat", np.float32).reshape(300, 3).astype(np.float64)
+    sigma2 = np.fromfile(out / "blmm_vox_sigma2.dat", np.float32).astype(np.float64)
+    record = json.loads((out / "blmm_run.json").read_text())
+    assert record["volumes"]["D"] == ["subject: intercept", "subject: intercept x age", "subject: age"]
+    expected = {  # vech order: D11, D21, D22
+        "intercept": sigma2 * D[:, 0], "age": sigma2 * D[:, 2], "": sigma2}
+    page = write_report(out).read_text()
+    rows = {(group, name): rest for group, name, *rest in _table_rows(page, "random-effects")}
+    assert list(rows) == [("subject", "intercept"), ("", "age"), ("Residual", ""), ("subject", "intercept x age")]
+    for key, variance in zip(list(rows)[:3], expected.values()):
+        var_median, var_range, sd_median, sd_range = rows[key]
+        shown = [var_median, *var_range.split(" to "), sd_median, *sd_range.split(" to ")]
+        # 4 significant digits on the page; the float32 maps are far more precise than that
+        np.testing.assert_allclose([float(v) for v in shown],
+                                   [*_median_and_range(variance), *_median_and_range(np.sqrt(variance))], rtol=5e-4)
+    correlation = D[:, 1] / np.sqrt(D[:, 0] * D[:, 2])
+    corr_median, corr_range = rows[("subject", "intercept x age")]
+    np.testing.assert_allclose([float(corr_median), *map(float, corr_range.split(" to "))],
+                               _median_and_range(correlation), rtol=5e-4, atol=5e-4)  # 4 digits shown
+    medians = {"subject: intercept": np.median(expected["intercept"]), "subject: age": np.median(expected["age"]),
+               "Residual": np.median(sigma2)}
+    largest = max(medians, key=medians.get)
+    summary = "\n".join(lines)
+    assert f"largest variance component: {largest} (median variance {medians[largest]:.4g} over 300 voxels" in summary
+
+
 def block_plotly(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make ``import plotly`` fail, as in an install without the viewer extra."""
     for name in [name for name in sys.modules if name == "plotly" or name.startswith("plotly.")]:
@@ -361,3 +408,16 @@ def test_report_in_chromium_draws_every_figure(surface_run: Path, tmp_path: Path
     painted, coloured = painted_share(plot_area)
     assert painted > 0.1, f"only {painted:.1%} of the plot area is painted"
     assert coloured > 0.01, f"only {coloured:.1%} of the plot area shows map colours"
+
+
+def test_d_volumes_of_a_yaml_run_without_a_design_header_get_positional_names(tmp_path: Path) -> None:
+    """Issue 18: a Z design file without a header names its columns z1, z2, … in the D volumes."""
+    yml = simulate_analysis(tmp_path, n_voxels=50, slope=True)
+    design = tmp_path / "Z_slope.csv"
+    design.write_text("\n".join(design.read_text().splitlines()[1:]) + "\n")  # drop the header row
+    run(load_config(yml), log=lambda _: None)
+    record = json.loads((tmp_path / "out" / "blmm_run.json").read_text())
+    assert record["volumes"]["D"] == ["subject: z1", "subject: z1 x z2", "subject: z2"]
+    assert record["factors"][0]["columns"] == ["z1", "z2"]
+    rows = _table_rows((tmp_path / "out" / REPORT_FILE).read_text(), "random-effects")
+    assert [row[:2] for row in rows] == [["subject", "z1"], ["", "z2"], ["Residual", ""], ["subject", "z1 x z2"]]

@@ -404,3 +404,51 @@ def test_importing_blmm_viewer_does_not_import_plotly() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+# ----------------------------------------------------------- thresholds by another map (issue 18)
+
+
+def test_where_another_map_passes_colours_exactly_those_vertices(outdir: Path) -> None:
+    """β where −log10 p > 3: the figure keeps β exactly where conTlp passes, NaN (grey) elsewhere."""
+    lp = np.random.default_rng(3).uniform(0, 6, (N_FS5, 2)).astype(np.float32)
+    lp[:50, 0] = np.nan  # not fitted: never shown
+    lp.tofile(outdir / "blmm_vox_conTlp.dat")
+    beta = smooth_map(viewer.fsaverage5_mesh("left"), 3).astype(np.float32)[:, 1]
+    figure = viewer.map_figure(viewer.MapView(str(outdir), "beta", volume=1, where="conTlp:0>3"))
+    shown = np.asarray(figure.data[0].customdata, dtype=np.float64)
+    passes = np.nan_to_num(lp[:, 0], nan=-1) > 3
+    assert 0 < passes.sum() < N_FS5
+    np.testing.assert_array_equal(np.isnan(shown), ~passes)
+    np.testing.assert_array_equal(shown[passes], beta[passes])
+    neutral = (np.array(painted_colours(figure, figure.data[0])) == NEUTRAL).all(axis=1)
+    np.testing.assert_array_equal(neutral, ~passes)  # hidden vertices grey, every shown one coloured
+    assert "where blmm_vox_conTlp (age effect) > 3" in figure.layout.title.text
+    # conT where conTlp passes: the same T contrast (volume 1 of both) without naming it
+    figure = viewer.map_figure(viewer.MapView(str(outdir), "conT", volume=1, where="conTlp >= 3"))
+    shown = np.asarray(figure.data[0].customdata, dtype=np.float64)
+    np.testing.assert_array_equal(np.isnan(shown), ~(np.nan_to_num(lp[:, 1], nan=-1) >= 3))
+
+
+def test_where_needs_a_volume_when_the_maps_do_not_match(outdir: Path, tmp_path: Path, capsys) -> None:
+    np.zeros((N_FS5, 2), np.float32).tofile(outdir / "blmm_vox_conTlp.dat")
+    with pytest.raises(ViewerError, match=r"--where: blmm_vox_conTlp has 2 volumes; say which, e\.g\. "
+                                          r"--where 'conTlp:0>3'"):
+        viewer.map_figure(viewer.MapView(str(outdir), "beta", where="conTlp>3"))
+    with pytest.raises(ViewerError, match=r"expected MAP\[:VOLUME\]>VALUE"):
+        viewer.map_figure(viewer.MapView(str(outdir), "beta", where="conTlp=3"))
+    assert viewer.view_main([str(outdir), "beta", "--where", "conTlp:1>3", "-o", str(tmp_path / "p.html")]) == 0
+
+
+def test_where_on_a_volume_hides_exactly_the_failing_voxels(tmp_path: Path) -> None:
+    path = mni_volume(tmp_path)
+    image = nib.load(path)
+    lp = np.abs(np.asarray(image.dataobj, dtype=np.float32))  # the blobs' |T| as a stand-in for −log10 p
+    nib.save(nib.Nifti1Image(lp, image.affine, image.header), tmp_path / "blmm_vox_conTlp.nii.gz")
+    figure = viewer.map_figure(viewer.MapView(str(tmp_path), "conT", volume=0, where="conTlp>3"))
+    expected = np.asarray(image.dataobj, dtype=np.float32)[..., 0].copy()
+    expected[~(lp[..., 0] > 3)] = np.nan
+    reference = viewer.plot_volume(expected, affine=image.affine)
+    for ours, theirs in zip(figure.data, reference.data):
+        np.testing.assert_array_equal(np.asarray(ours.z, dtype=float), np.asarray(theirs.z, dtype=float))
+    assert figure.layout.sliders == reference.layout.sliders  # every slice the same
