@@ -56,3 +56,7 @@ class DiskFullError(BlmmError):
     """The output folder's filesystem has no room for what a run writes (the message says how much)."""
 
     retryable = False
+
+
+class DesignError(InputError):
+    """The fixed- or random-effects design cannot be fitted as given (the message names the columns)."""

@@ -7,6 +7,7 @@ per pattern (core/objective) -> scoring (core/scoring) -> the reported optimum
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from threadpoolctl import threadpool_limits
 from blmm.core import linalg as la
 from blmm.core.boundary import SettledPoint, boundary_coordinates, free_parameters, settle
 from blmm.core.design import RandomFactor
+from blmm.core.design_basis import DesignNote, fitting_basis, full_column_rank
 from blmm.core.hessian import variance_hessian
 from blmm.core.objective import DenseObjective, LevelObjective, SchurObjective
 from blmm.core.objective.nested import NestedObjective, NestedSchurObjective, check_memory, nested_tree
@@ -81,9 +83,25 @@ def fit_lmm(
     method: str = "pSFS",
     tol: float = 1e-6,
     max_iter: int = 10000,
+    column_names: list[str] | None = None,
     **options,
 ) -> FitResult:
-    """Fit Y = Xβ + Zb + ε at every voxel (column of Y; NaN = missing)."""
+    """Fit Y = Xβ + Zb + ε at every voxel (column of Y; NaN = missing).
+
+    The fit runs in the fitting basis (core/design_basis.py), decided once before any fitting:
+    a rank-deficient X or random-effects design is refused (DesignError naming the columns, by
+    `column_names` where given), very different column scales give a DesignNote warning, and the
+    result is restored to the units of X and the factors' designs as given.
+    """
+    basis = fitting_basis(X, factors, column_names)
+    for note in basis.notes:
+        warnings.warn(note, DesignNote, stacklevel=2)
+    return basis.restore(_fit_in_basis(Y, basis.fitting_X(X), basis.fitting_factors(factors), reml, method, tol,
+                                       max_iter, **options))
+
+
+def _fit_in_basis(Y, X, factors, reml, method, tol, max_iter, **options) -> FitResult:
+    """fit_lmm's dispatch to the statistics of each path, on designs already in the fitting basis."""
     if len(factors) == 1 and options.get("structure", "auto") in ("auto", "levels") and np.isnan(np.asarray(Y, dtype=np.float64)).any():
         from blmm.core.missing_rows import missing_row_stats_from_data  # voxel-specific rows (issue 11)
         return fit_stats(missing_row_stats_from_data(Y, X, factors[0]), reml=reml, method=method, tol=tol,
@@ -178,7 +196,7 @@ def fit_stats(
         if n <= p:
             res.status[vox] = DROPPED_FEW
             continue
-        if _rank(XtX) < p:
+        if not full_column_rank(XtX[None])[0]:
             res.status[vox] = DROPPED_RANK
             continue
         obj, per_voxel = _pattern_objective(structure, tree, stats, u, n, reml)
@@ -278,11 +296,6 @@ def _pattern_objective(structure: str, tree, stats: SufficientStats, u: int, n: 
         return obj, 8 * (12 * lv.C * lv.q ** 2 + lv.Cb * len(lv.pairs) * (pu + 1) + 12 * pu * pu + 8 * obj.qR ** 2)
     obj = DenseObjective(XtX, ZtX, ZtZ, n, layout, reml)
     return obj, 8 * 10 * obj.qtot ** 2
-
-
-def _rank(A: np.ndarray) -> int:
-    w = np.linalg.eigvalsh(A)
-    return int(np.sum(w > max(w.max(), 0.0) * A.shape[0] * 1e-12))
 
 
 def _empty_result(v, p, qk, k, names, reml, method) -> FitResult:

@@ -49,5 +49,5 @@ def fit_formula(formula: str, table: pd.DataFrame, Y, reml: bool = True, images:
     elif Y.shape[0] != design.n:
         raise FormulaError(f"Y has {Y.shape[0]} rows; expected one per table row ({design.n_table}) "
                            f"or per row the model uses ({design.n})")
-    fit = fit_lmm(Y, design.X, design.factors, reml=reml, **fit_options)
+    fit = fit_lmm(Y, design.X, design.factors, reml=reml, column_names=list(design.columns), **fit_options)
     return FormulaFit(fit, design)
