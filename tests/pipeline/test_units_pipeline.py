@@ -7,6 +7,7 @@ import json
 import nibabel as nib
 import numpy as np
 
+from blmm.cli import main
 from blmm.config import load_config
 from blmm.io.images import read_map
 from blmm.pipeline import LLH64_FILE, run
@@ -14,28 +15,35 @@ from tests.core.test_units_reference import CASE, DF_REL, LLH_ATOL, REL, load
 from tests.pipeline.test_pipeline import GRID, write_image
 
 
+def write_analysis(root, Yc, X, factor, design=None):
+    """The units_icv case as float64 NIfTI images, tables and an inputs YAML (design: Z's columns)."""
+    (root / "images").mkdir()
+    names = []
+    for i, row in enumerate(Yc):
+        write_image(root / "images" / f"img{i:04d}.nii.gz", "nifti", row, np.float64)
+        names.append(f"images/img{i:04d}.nii.gz")
+    mask = np.zeros(int(np.prod(GRID)), np.int16)
+    mask[:Yc.shape[1]] = 1
+    nib.save(nib.Nifti1Image(mask.reshape(GRID), np.diag([2.0, 2.0, 2.0, 1.0])), str(root / "mask.nii.gz"))
+    (root / "Y_files.txt").write_text("\n".join(names) + "\n")
+    np.savetxt(root / "X.csv", X, delimiter=",", header="intercept,age,sex,time,icv", comments="", fmt="%.17g")
+    design = factor.design if design is None else design
+    np.savetxt(root / "subject.csv", factor.labels, fmt="%d", header="subject", comments="")
+    np.savetxt(root / "Z.csv", design, delimiter=",", header=",".join(f"z{j}" for j in range(design.shape[1])),
+               comments="", fmt="%.17g")
+    cons = "".join(f"  - c{i + 1}:\n      name: {c['name']}\n      vector: {json.dumps(c['vector'])}\n"
+                   for i, c in enumerate(json.loads((CASE / "contrasts.json").read_text())))
+    (root / "inputs.yml").write_text(
+        "Y_files: Y_files.txt\nX: X.csv\nZ:\n  - f1:\n      name: subject\n      factor: subject.csv\n"
+        "      design: Z.csv\ncontrasts:\n" + cons + "outdir: out\nanalysis_mask: mask.nii.gz\nMAXMEM: 2**32\n"
+        "safeMode: 0\n")
+    return root / "inputs.yml"
+
+
 def test_icv_in_mm3_through_the_pipeline_matches_lme4(tmp_path):
     X, Y, factors, contrasts, refs = load()
     Yc = Y - Y.mean(axis=0)  # raw intensities need branch centre's Y centring (test_units_reference.py)
-    (tmp_path / "images").mkdir()
-    names = []
-    for i, row in enumerate(Yc):
-        write_image(tmp_path / "images" / f"img{i:04d}.nii.gz", "nifti", row, np.float64)
-        names.append(f"images/img{i:04d}.nii.gz")
-    mask = np.zeros(int(np.prod(GRID)), np.int16)
-    mask[:Y.shape[1]] = 1
-    nib.save(nib.Nifti1Image(mask.reshape(GRID), np.diag([2.0, 2.0, 2.0, 1.0])), str(tmp_path / "mask.nii.gz"))
-    (tmp_path / "Y_files.txt").write_text("\n".join(names) + "\n")
-    np.savetxt(tmp_path / "X.csv", X, delimiter=",", header="intercept,age,sex,time,icv", comments="",
-               fmt="%.17g")
-    f = factors[0]
-    np.savetxt(tmp_path / "subject.csv", f.labels, fmt="%d", header="subject", comments="")
-    np.savetxt(tmp_path / "Z.csv", f.design, delimiter=",", header="one,time", comments="", fmt="%.17g")
-    cons = "".join(f"  - c{i + 1}:\n      name: {c['name']}\n      vector: {json.dumps(c['vector'])}\n"
-                   for i, c in enumerate(json.loads((CASE / "contrasts.json").read_text())))
-    (tmp_path / "inputs.yml").write_text(
-        "Y_files: Y_files.txt\nX: X.csv\nZ:\n  - f1:\n      name: subject\n      factor: subject.csv\n"
-        "      design: Z.csv\ncontrasts:\n" + cons + "outdir: out\nanalysis_mask: mask.nii.gz\nMAXMEM: 2**32\nsafeMode: 0\n")
+    write_analysis(tmp_path, Yc, X, factors[0])
     lines = []
     run(load_config(tmp_path / "inputs.yml"), log=lines.append)
     assert any(line.startswith("blmm: note: predictor variables are on very different scales") and "'icv'" in line
@@ -59,3 +67,14 @@ def test_icv_in_mm3_through_the_pipeline_matches_lme4(tmp_path):
     assert np.max(np.abs(fdf / np.array([v["F"]["DenDF"] for v in ref]) - 1)) < DF_REL
     info = json.loads((out / "blmm_run.json").read_text())
     assert info["counts"]["fitted"] == V and info["counts"]["converged"] == V
+
+
+def test_rank_deficient_random_effects_design_is_refused_before_reading(tmp_path, capsys):
+    X, Y, factors, _, _ = load()
+    time = factors[0].design[:, 1]
+    yml = write_analysis(tmp_path, Y - Y.mean(axis=0), X, factors[0],
+                         design=np.column_stack([np.ones_like(time), time, 365.25 * time]))  # time in days too
+    assert main([str(yml), "--cluster", "inline"]) == 2
+    err = capsys.readouterr().err
+    assert "factor 'subject'" in err and "design column 3" in err and "Traceback" not in err
+    assert not list((tmp_path / "out").glob("blmm_vox_*"))
