@@ -11,8 +11,9 @@ from blmm.core.design import Contrast, RandomFactor
 from blmm.core.design_basis import (
     RANK_TOL, DesignNote, dependent_columns, fitting_basis, full_column_rank,
 )
-from blmm.core.fit import DROPPED_RANK, FITTED, fit_lmm
+from blmm.core.fit import DROPPED_RANK, FITTED, fit_lmm, fit_stats
 from blmm.core.inference import infer
+from blmm.core.sufficient import sufficient_stats
 from blmm.errors import DesignError
 
 # the notes on scales are asserted where they matter (test_scale_note_...), silenced elsewhere
@@ -151,3 +152,26 @@ def test_reml_llh_is_lme4s_for_x_as_given():
         if reml:
             llh -= 0.5 * np.linalg.slogdet(XVX)[1]
         np.testing.assert_allclose(raw.llh[0], llh, rtol=1e-9)  # XVX has cond ~1e30: its slogdet, not the fit, limits this
+
+
+@pytest.mark.parametrize("slope_sd", [0.4, 0.0], ids=["interior", "boundary"])
+def test_restored_hessian_and_cov_derivatives_are_in_the_users_phi(slope_sd):
+    """fit_lmm (fitting basis, restored) against fit_stats on the user's design directly (mildly
+    scaled, so that fit is accurate too): the Hessian and dCov(β̂)/dφ in the same φ, interior and
+    on the boundary (θ coordinates, rows that dropped out the identity)."""
+    rng = np.random.default_rng(8)
+    sub = np.repeat(np.arange(40), 4)
+    n = sub.size
+    time = np.tile(np.arange(4.0), 40) + rng.uniform(0, 0.2, n)
+    X = np.column_stack([np.ones(n), 10.0 * time, rng.normal(size=n) * 100.0])
+    b = rng.normal(size=(40, 2)) * [1.0, slope_sd]
+    Y = (X @ [1.0, 0.05, 0.003])[:, None] + (b[sub, 0] + b[sub, 1] * time)[:, None] + rng.normal(size=(n, 2))
+    factors = [RandomFactor("subject", sub, np.column_stack([np.ones(n), 10.0 * time]))]
+    via_basis = fit_lmm(Y, X, factors, tol=1e-10)
+    direct = fit_stats(sufficient_stats(Y, X, factors), tol=1e-10)
+    assert np.array_equal(via_basis.free, direct.free) and (slope_sd > 0) == bool(direct.free.all())
+    H_scale = np.max(np.abs(direct.hessian), axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(via_basis.hessian / H_scale, direct.hessian / H_scale, atol=1e-6)  # fits to tol 1e-10
+    dC_scale = np.max(np.abs(direct.cov_beta_grad), axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(via_basis.cov_beta_grad / dC_scale, direct.cov_beta_grad / dC_scale, atol=1e-6)
+    np.testing.assert_allclose(via_basis.llh, direct.llh, rtol=1e-10)  # REML llh: log|det T| restored
