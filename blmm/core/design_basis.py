@@ -1,9 +1,8 @@
 """The fitting basis: the user's designs turned, once per run, into well-conditioned ones.
 
 Every fit runs on X̃ = X T (T from a QR of the column-equilibrated X, so X̃'X̃ is diagonal with
-entries within a factor 2 of n) and on random-effects designs whose columns are divided by
-s_k, their root mean squares, so that
-b̃ = s∘b and D̃_k = diag(s_k) D_k diag(s_k).  `FittingBasis.restore` maps the fitted result
+entries within a factor 2 of n) and on random-effects designs whose columns are divided by s_k,
+their root mean squares, so that b̃ = s∘b and D̃_k = diag(s_k) D_k diag(s_k).  `FittingBasis.restore` maps the fitted result
 back to the user's units exactly (docs/model.md, "The fitting basis").  The rank of X and of
 each random-effects design is decided here, on equilibrated columns, with lme4's rule.
 """
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import solve_triangular
 
+from blmm.core import linalg as la
 from blmm.core.design import RandomFactor
 from blmm.errors import DesignError
 
@@ -116,10 +116,7 @@ class FittingBasis:
         cols = [np.ones((free.shape[0], 1))]
         start = 1
         for s in self.scales:
-            q = s.size
-            r, c = np.tril_indices(q)
-            order = np.lexsort((r, c))  # vech: column by column
-            r, c = r[order], c[order]
+            r, c = la.vech_index(s.size)
             interior = free[:, start:start + r.size]
             cols.append(np.where(interior, (s[r] * s[c])[None, :], s[r][None, :]))
             start += r.size
