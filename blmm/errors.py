@@ -94,3 +94,7 @@ def name_hint(name: str, valid: Iterable[str], shown: int = 8, labels: dict[str,
 def unknown_name(kind: str, name: str, valid: Iterable[str], shown: int = 8) -> str:
     """``unknown KIND 'name'; did you mean 'a' or 'b'?`` (name_hint)."""
     return f"unknown {kind} {name!r}{name_hint(name, valid, shown)}"
+
+
+class DesignError(InputError):
+    """The fixed- or random-effects design cannot be fitted as given (the message names the columns)."""

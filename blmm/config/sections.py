@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from blmm.core.design import Contrast, RandomFactor, identifiability_problems
+from blmm.core.design_basis import dependent_columns
 from blmm.core.fit import METHODS
 from blmm.engine.spec import CLUSTER_RULES, CLUSTER_TYPES, KINDS
 from blmm.errors import ImageError, InputError
@@ -225,17 +226,13 @@ def _check_design(found: _Found) -> tuple[np.ndarray | None, list[str] | None, P
     n, p = X.shape
     if n <= p:
         found.problem(f"X: {x_path} has {n} rows and {p} columns; need more images than columns")
-    singular_values, right_vectors = np.linalg.svd(X, full_matrices=False)[1:]
-    threshold = singular_values.max(initial=0.0) * max(n, p) * np.finfo(np.float64).eps
-    rank = int(np.sum(singular_values > threshold))
-    if rank < p:
+    dependent = dependent_columns(X)  # lme4's rule on equilibrated columns (core/design_basis.py)
+    if dependent:
         column_names = names or [f"column {j + 1}" for j in range(p)]
-        null_vector = right_vectors[-1]
-        weights = np.abs(null_vector)
-        involved = [column_names[j] for j in np.flatnonzero(weights > 1e-8 * weights.max())]
+        involved = sorted({j for j, deps in dependent} | {i for _, deps in dependent for i in deps})
         found.problem(
-            f"X: {x_path} is rank deficient (rank {rank}, {p} columns); fixed effects are not "
-            f"estimable. Linearly dependent columns include: {', '.join(involved)}"
+            f"X: {x_path} is rank deficient (rank {p - len(dependent)}, {p} columns); fixed effects are not "
+            f"estimable. Linearly dependent columns include: {', '.join(column_names[j] for j in involved)}"
         )
     return X, names, x_path
 

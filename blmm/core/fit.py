@@ -7,6 +7,7 @@ per pattern (core/objective) -> scoring (core/scoring) -> the reported optimum
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from threadpoolctl import threadpool_limits
 from blmm.core import linalg as la
 from blmm.core.boundary import SettledPoint, boundary_coordinates, free_parameters, settle
 from blmm.core.design import RandomFactor, identifiability_problems, unidentifiable_patterns
+from blmm.core.design_basis import DesignNote, fitting_basis, full_column_rank
 from blmm.core.hessian import variance_hessian
 from blmm.core.objective import DenseObjective, LevelObjective, SchurObjective
 from blmm.core.objective.nested import NestedObjective, NestedSchurObjective, check_memory, nested_tree
@@ -82,6 +84,7 @@ def fit_lmm(
     tol: float = 1e-6,
     max_iter: int = 10000,
     safe_mode: bool = False,
+    column_names: list[str] | None = None,
     **options,
 ) -> FitResult:
     """Fit the linear mixed model Y = Xβ + Zb + ε, b ~ N(0, σ²D), ε ~ N(0, σ²I) at every voxel.
@@ -105,6 +108,11 @@ def fit_lmm(
         fit.beta[:, 2], fit.sigma2 * fit.D[0][:, 1, 1]   # time's effect, its random-slope variance
     
 
+    The fit runs in the fitting basis (core/design_basis.py), decided once before any fitting:
+    a rank-deficient X or random-effects design is refused (DesignError naming the columns, by
+    ``column_names`` where given), very different column scales give a DesignNote warning, and the
+    result is restored to the units of X and the factors' designs as given.
+
     ``safe_mode``: refuse a design lme4 refuses by default (ValueError naming the factor and the
     counts: core.design.identifiability_problems), and drop the voxels whose rows present fail
     the same checks (status DROPPED_UNIDENTIFIABLE).  Off by default: blmm fits such designs.
@@ -114,7 +122,11 @@ def fit_lmm(
         if problems:
             raise ValueError("; ".join(problem.message() for problem in problems)
                              + "; pass safe_mode=False to fit it anyway, or use a simpler term")
-    res = _fit_lmm(Y, X, factors, reml, method, tol, max_iter, **options)
+    basis = fitting_basis(X, factors, column_names)
+    for note in basis.notes:
+        warnings.warn(note, DesignNote, stacklevel=2)
+    res = basis.restore(_fit_in_basis(Y, basis.fitting_X(X), basis.fitting_factors(factors), reml, method, tol,
+                                      max_iter, **options))
     observed = ~np.isnan(np.asarray(Y, dtype=np.float64).reshape(len(X), -1)) if safe_mode else None
     if observed is not None and not observed.all():
         patterns, pattern_of_voxel = presence_patterns(observed)
@@ -125,7 +137,8 @@ def fit_lmm(
     return res
 
 
-def _fit_lmm(Y, X, factors, reml, method, tol, max_iter, **options) -> FitResult:
+def _fit_in_basis(Y, X, factors, reml, method, tol, max_iter, **options) -> FitResult:
+    """fit_lmm's dispatch to the statistics of each path, on designs already in the fitting basis."""
     if len(factors) == 1 and options.get("structure", "auto") in ("auto", "levels") and np.isnan(np.asarray(Y, dtype=np.float64)).any():
         from blmm.core.missing_rows import missing_row_stats_from_data  # voxel-specific rows (issue 11)
         return fit_stats(missing_row_stats_from_data(Y, X, factors[0]), reml=reml, method=method, tol=tol,
@@ -220,7 +233,7 @@ def fit_stats(
         if n <= p:
             res.status[vox] = DROPPED_FEW
             continue
-        if _rank(XtX) < p:
+        if not full_column_rank(XtX[None])[0]:
             res.status[vox] = DROPPED_RANK
             continue
         obj, per_voxel = _pattern_objective(structure, tree, stats, u, n, reml)
@@ -320,11 +333,6 @@ def _pattern_objective(structure: str, tree, stats: SufficientStats, u: int, n: 
         return obj, 8 * (12 * lv.C * lv.q ** 2 + lv.Cb * len(lv.pairs) * (pu + 1) + 12 * pu * pu + 8 * obj.qR ** 2)
     obj = DenseObjective(XtX, ZtX, ZtZ, n, layout, reml)
     return obj, 8 * 10 * obj.qtot ** 2
-
-
-def _rank(A: np.ndarray) -> int:
-    w = np.linalg.eigvalsh(A)
-    return int(np.sum(w > max(w.max(), 0.0) * A.shape[0] * 1e-12))
 
 
 def _empty_result(v, p, qk, k, names, reml, method) -> FitResult:

@@ -18,6 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from blmm.core.design import RandomFactor
+from blmm.core.design_basis import full_column_rank
 from blmm.core.level_classes import LevelClasses, class_aggregates
 from blmm.core.objective.base import diag_blocks
 from blmm.core.objective.missing import MissingObjective
@@ -105,12 +106,6 @@ def compressed_missing_rows(patterns: np.ndarray) -> tuple[np.ndarray, np.ndarra
     pat, rows = np.nonzero(~np.asarray(patterns, dtype=bool))  # row-major: grouped by pattern
     ptr = np.concatenate([[0], np.cumsum(np.bincount(pat, minlength=patterns.shape[0]))]).astype(np.int64)
     return ptr, rows.astype(np.int64)
-
-
-def full_rank(XtX_v: np.ndarray, p: int) -> np.ndarray:
-    """(v,) whether each voxel's own X'X (v, p, p) has full rank p."""
-    w = np.linalg.eigvalsh(XtX_v)
-    return np.sum(w > np.maximum(w[:, -1:], 0.0) * p * 1e-12, axis=1) == p
 
 
 def residual_mean_square(beta, XtX_v, XtY, YtY, n_obs, p: int) -> np.ndarray:
@@ -490,7 +485,7 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
         idx = job[0]
         u = touched_units(stats, common, idx, stats.sums.take(idx))
         XtX_v = stats.XtX + u["dXtX"]
-        full = full_rank(XtX_v, p)
+        full = full_column_rank(XtX_v)  # the rank rule of core/design_basis.py, unit-free
         if not np.all(full):
             res.status[idx[~full]] = F.DROPPED_RANK
             idx, XtX_v = idx[full], XtX_v[full]

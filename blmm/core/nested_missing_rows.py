@@ -17,7 +17,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from blmm.core.design import RandomFactor
-from blmm.core.missing_rows import MissingRowCounts, compressed_missing_rows, full_rank, residual_mean_square
+from blmm.core.design_basis import full_column_rank
+from blmm.core.missing_rows import MissingRowCounts, compressed_missing_rows, residual_mean_square
 from blmm.core.objective.base import diag_blocks
 from blmm.core.objective.nested import NestedObjective
 from blmm.core.objective.nested_missing import GroupUnits, NestedMissingObjective
@@ -201,7 +202,7 @@ def fit_nested_missing_rows(stats: NestedMissingRowStats, reml=True, method="pSF
     def run(idx) -> None:
         u = block_units(stats, fam, idx)
         XtX_v = stats.XtX + u["dXtX"]
-        full = full_rank(XtX_v, p)
+        full = full_column_rank(XtX_v)  # the rank rule of core/design_basis.py, unit-free
         if not np.all(full):
             res.status[idx[~full]] = F.DROPPED_RANK
             idx, XtX_v = idx[full], XtX_v[full]

@@ -18,6 +18,7 @@ import pandas as pd
 
 from blmm.core.design import Contrast, RandomFactor
 from blmm.errors import closest_names, unknown_name
+from blmm.core.design_basis import dependent_columns
 from blmm.formula.errors import FormulaError
 from blmm.formula.parse import ParsedFormula, parse_formula, split_top
 
@@ -388,23 +389,14 @@ def _check_rank(X: np.ndarray, columns: list[str], col_term: list[str]) -> None:
     n, p = X.shape
     if p > n:
         raise FormulaError(f"the fixed effects have {p} columns but only {n} rows are used")
-    kept: list[int] = []
-    scale = np.linalg.norm(X, axis=0)
-    for j in range(p):
-        if scale[j] == 0:
+    for j, deps in dependent_columns(X):  # lme4's rule on equilibrated columns (core/design_basis.py)
+        if not deps:
             raise FormulaError(f"the fixed-effects design is rank deficient: column {columns[j]!r} "
                                f"(term {col_term[j]!r}) is zero in every used row")
-        if kept:
-            A = X[:, kept]
-            coef, *_ = np.linalg.lstsq(A, X[:, j], rcond=None)
-            resid = np.linalg.norm(X[:, j] - A @ coef)
-            if resid <= 1e-9 * scale[j]:
-                deps = [columns[kept[i]] for i in np.flatnonzero(np.abs(coef) > 1e-9 * scale[j])]
-                raise FormulaError(
-                    f"the fixed-effects design is rank deficient: column {columns[j]!r} (term "
-                    f"{col_term[j]!r}) is a linear combination of {', '.join(map(repr, deps))}"
-                )
-        kept.append(j)
+        raise FormulaError(
+            f"the fixed-effects design is rank deficient: column {columns[j]!r} (term "
+            f"{col_term[j]!r}) is a linear combination of {', '.join(repr(columns[i]) for i in deps)}"
+        )
 
 
 def _check_slopes(terms: list[dict]) -> None:

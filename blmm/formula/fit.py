@@ -65,5 +65,6 @@ def fit_formula(formula: str, table: pd.DataFrame, Y, reml: bool = True, images:
         if problems:
             raise FormulaError("; ".join(problem.message(terms.get(problem.factor)) for problem in problems)
                                + "; pass safe_mode=False to fit it anyway, or use a simpler term")
-    fit = fit_lmm(Y, design.X, design.factors, reml=reml, safe_mode=safe_mode, **fit_options)
+    fit = fit_lmm(Y, design.X, design.factors, reml=reml, safe_mode=safe_mode,
+                  column_names=list(design.columns), **fit_options)
     return FormulaFit(fit, design)

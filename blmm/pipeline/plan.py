@@ -12,6 +12,7 @@ import numpy as np
 
 from blmm import __version__
 from blmm.config import Config
+from blmm.core.design_basis import FittingBasis, fitting_basis
 from blmm.core.objective.nested import nested_tree
 from blmm.core.sufficient import FactorLayout
 from blmm.errors import InputError
@@ -44,6 +45,7 @@ class RunPlan:
     input_hash: str
     order: np.ndarray = None  # image rows in level order (`level_order`); every stage reads rows this way
     n_stat_columns: int = 0  # partial sums per voxel of one batch (`blmm.pipeline.stages.sum_columns`)
+    basis: FittingBasis = None  # the run's fitting basis (`design_basis`): every stage's X and Z are in it
     timings: dict = field(default_factory=dict, compare=False)
 
     def __repr__(self) -> str:  # short: dask prints task arguments, errors name items
@@ -139,7 +141,8 @@ def plan_run(config: Config, force: bool = False) -> RunPlan:
     # (the layout depends only on the inputs and MAXMEM, so a run resumes on any engine)
     from blmm.pipeline.stages import sum_columns
     order, cut = level_order(config)
-    columns = sum_columns(config, order)
+    basis = design_basis(config)  # once per run, before any image is read
+    columns = sum_columns(config, order, basis)
     partial_bytes = 8 * V * columns
     n_batches = int(max(1, min(4, n // 32, 2 * budget // max(partial_bytes, 1))))
     batches = cut_at_levels(cut, n_batches)
@@ -156,9 +159,16 @@ def plan_run(config: Config, force: bool = False) -> RunPlan:
     bounds = np.linspace(0, V, n_blocks + 1).round().astype(int)
     blocks = tuple((int(a), int(b)) for a, b in zip(bounds, bounds[1:]) if b > a)
     plan = RunPlan(config, Path(config.outdir) / WORK_DIR, voxels, batches, blocks, input_hash(config),
-                   order=order, n_stat_columns=columns)
+                   order=order, n_stat_columns=columns, basis=basis)
     _prepare_outdir(plan, force)
     return plan
+
+
+def design_basis(config: Config) -> FittingBasis:
+    """The run's fitting basis, decided once before any image is read (refuses a deficient design)."""
+    names = config.x_names if config.x_names and len(config.x_names) == config.p else None
+    source = f"X: {config.x_path}" if config.x_path is not None else "formula"
+    return fitting_basis(config.X, config.factors, names, source=source)
 
 
 class OutdirConflict(InputError):

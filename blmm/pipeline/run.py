@@ -89,6 +89,8 @@ def _run_locked(config: Config, engine, force: bool, log) -> RunSummary:
         f"{len(plan.batches)} image batch(es), {len(plan.blocks)} voxel block(s)")
     if config.formula is not None:
         log(config.formula.summary_line())
+    for note in plan.basis.notes:  # lme4's "very different scales": the fit is exact regardless
+        log(f"blmm: note: {note}")
     if engine is None:
         engine = EngineSpec(kind="inline")
     if not isinstance(engine, EngineSpec):  # opened by the caller

@@ -25,6 +25,8 @@ import numpy as np
 
 from blmm.config import Config
 from blmm.core.inference import infer
+from blmm.core.design import RandomFactor
+from blmm.core.design_basis import FittingBasis
 from blmm.core.level_classes import class_aggregates
 from blmm.core.missing_rows import LevelSums, MissingRowStats, missing_design, rank_in_runs
 from blmm.core.sufficient import (
@@ -54,7 +56,7 @@ from blmm.io.outdir import (
     write_text_atomically,
 )
 from blmm.core.design import covariance_names
-from blmm.pipeline.plan import RunPlan
+from blmm.pipeline.plan import RunPlan, design_basis
 
 # why a voxel of the analysis mask has no fit (blmm_run.json "dropped"): screened out
 # before the fit (these codes), or the fit's own status (blmm.fit.STATUS_NAMES)
@@ -146,26 +148,31 @@ def one_factor(config: Config) -> bool:
 
 
 def ordered_design(plan: RunPlan) -> tuple[np.ndarray, list]:
-    """X and the random factors with rows in the plan's level order."""
-    cfg = plan.config
-    return cfg.X[plan.order], [f.subset(plan.order) for f in cfg.factors]
+    """X and the random factors in the run's fitting basis, with rows in the plan's level order."""
+    cfg, basis = plan.config, plan.basis
+    return (basis.fitting_X(cfg.X[plan.order]),
+            [f.subset(plan.order) for f in basis.fitting_factors(cfg.factors)])
 
 
-def complete_design(config: Config, order: np.ndarray) -> MissingRowStats:
-    """The complete design of a one-factor run (rows in `order`): its sums and classes of levels."""
-    factor = config.factors[0].subset(order)
-    n = order.size
-    return missing_design(config.X[order], factor, FactorLayout.from_factors([factor]), np.ones((1, n), bool),
+def complete_design(X: np.ndarray, factor: RandomFactor) -> MissingRowStats:
+    """The complete design of a one-factor run (X and the factor with rows in level order): its sums
+    and classes of levels."""
+    n = X.shape[0]
+    return missing_design(X, factor, FactorLayout.from_factors([factor]), np.ones((1, n), bool),
                           np.zeros(0, np.int64))
 
 
-def sum_columns(config: Config, order: np.ndarray | None = None) -> int:
+def sum_columns(config: Config, order: np.ndarray | None = None, basis: FittingBasis | None = None) -> int:
     """Partial sums per voxel of one image batch: X'Y, Y'Y, per big class its q q p cross sums and
-    q(q+1)/2 y_j y_j' sums, and q per other level (one factor); p + q + 1 (several factors)."""
+    q(q+1)/2 y_j y_j' sums, and q per other level (one factor); p + q + 1 (several factors).
+    The classes are those of the run's fitting basis (`basis`, the plan's; by default the config's)."""
     p = config.p
     if not one_factor(config):
         return p + config.q + 1
-    classes = complete_design(config, np.arange(config.n) if order is None else order).classes
+    order = np.arange(config.n) if order is None else order
+    basis = design_basis(config) if basis is None else basis
+    factor = basis.fitting_factors(config.factors)[0].subset(order)
+    classes = complete_design(basis.fitting_X(config.X[order]), factor).classes
     q = config.factors[0].q
     return p + 1 + classes.n_big * (q * q * p + q * (q + 1) // 2) + classes.small_levels.size * q
 
@@ -213,7 +220,7 @@ def _read_batch(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
     columns = plan.n_stat_columns
     aggregated = one_factor(cfg)
     if aggregated:  # the classes of the complete design, the one rule (core/level_classes.py)
-        design = complete_design(cfg, plan.order)
+        design = complete_design(X, factors[0])
         classes, qk = design.classes, layout.q[0]
         Xl = design.ZtX.reshape(-1, qk, p)  # every level has rows in the complete design
         big = classes.big_level_mask(layout.n_levels[0])
@@ -426,6 +433,7 @@ def fit_block(plan: RunPlan, k: int) -> str:
                 stats = stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
         fit = fit_stats(stats, reml=cfg.reml, method=cfg.method, tol=cfg.tol, max_iter=cfg.maxnit,
                         max_block_bytes=max(cfg.maxmem // 4, 2**24), threads=1)  # the engine parallelises
+        fit = plan.basis.restore(fit)  # the user's units before inference: contrasts are in them
         inf = infer(fit, cfg.contrasts, two_sided=cfg.two_sided)
         reason[keep] = fit.status
         results.update(_block_results(fit, inf, keep, n_obs.size, cfg))

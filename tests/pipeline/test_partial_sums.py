@@ -19,7 +19,7 @@ from blmm.core.level_classes import class_aggregates
 from blmm.core.sufficient import FactorLayout, random_effects_matrix, sufficient_stats
 from blmm.io.outdir import batch_touched_files
 from blmm.pipeline import LLH64_FILE, batch_files, plan_run, read_batch, run
-from blmm.pipeline.stages import complete_design, space_needed, sum_columns, unpack_level_sums
+from blmm.pipeline.stages import complete_design, ordered_design, space_needed, sum_columns, unpack_level_sums
 from tests.pipeline.test_pipeline import make_analysis
 from tests.reference.load import load_case
 
@@ -54,18 +54,19 @@ def test_aggregated_sums_equal_the_per_level_computation(tmp_path):
     for b in range(len(plan.batches)):
         read_batch(plan, b)
     sums = sum(np.load(batch_files(plan, b)[0]) for b in range(len(plan.batches)))
-    assert sums.shape[1] == plan.n_stat_columns == sum_columns(cfg, plan.order)
+    assert sums.shape[1] == plan.n_stat_columns == sum_columns(cfg, plan.order, plan.basis)
     # the reference: every level's y_j at once, from the images in plan order (missing = 0)
-    design = complete_design(cfg, plan.order)
+    X, factors = ordered_design(plan)  # the sums are formed in the run's fitting basis
+    design = complete_design(X, factors[0])
     classes = design.classes
     assert classes.n_big == 5 and classes.small_levels.size == 0
     Yz = np.nan_to_num(np.where(np.isnan(Y), 0.0, Y.astype(np.float32).astype(np.float64)))[plan.order]
-    factor = cfg.factors[0].subset(plan.order)
+    factor = factors[0]
     Z = random_effects_matrix([factor], FactorLayout.from_factors([factor]))
     yl = np.asarray(Z.T @ Yz).T[:, :, None]
     KXYo, KYY = class_aggregates(classes, design.ZtX.reshape(-1, 1, cfg.p), yl)
     XtY, YtY, KXYo_p, KYY_p, _ = unpack_level_sums(sums, cfg.p, 1, classes.n_big, 0)
-    np.testing.assert_allclose(XtY, (cfg.X[plan.order].T @ Yz).T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(XtY, (X.T @ Yz).T, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(YtY, (Yz ** 2).sum(0), rtol=1e-12)
     np.testing.assert_allclose(KXYo_p, KXYo, rtol=1e-12, atol=1e-10)
     np.testing.assert_allclose(KYY_p, KYY, rtol=1e-12)
