@@ -218,12 +218,14 @@ def test_cli_runs_and_prints_a_summary(tmp_path, capsys):
     assert again.n == 277 and again.p == 3
 
 
-def test_every_voxel_dropped_is_an_error_with_the_reasons(tmp_path):
+def test_every_voxel_dropped_is_an_error_with_the_reasons(tmp_path, capsys):
     yml = make_analysis(tmp_path, fmt="dat", extra="data_mask_thresh: 1e9\n")  # every value missing
     assert main([str(yml), "--cluster", "inline"]) == 2
-    n = np.fromfile(tmp_path / "out" / "blmm_vox_n.dat", np.int32)
-    assert n.size == 14 and n.max() == 0  # the maps that explain why are still written
-    assert not np.fromfile(tmp_path / "out" / "blmm_vox_mask.dat", np.int32).any()
+    err = capsys.readouterr().err
+    assert "no voxel could be fitted (of 14 in the analysis mask): 14 dropped: too few observations" in err
+    assert "image values treated as missing: below data_mask_thresh" in err
+    # a run that fits nothing leaves nothing behind but its message (issue 18)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_summary_counts_not_converged_and_failed_per_reason(tmp_path, capsys):
