@@ -24,6 +24,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
 from blmm.core.design import Contrast, RandomFactor
+from blmm.core.linalg import sym as la_sym
 from blmm.core.fdr import fdr_mlog10q
 from blmm.core.fit import FITTED, FitResult
 from blmm.core.inference import f_mlog10p, infer, t_mlog10p
@@ -31,6 +32,7 @@ from blmm.core.tail import TailFit, tail_p
 
 STATISTICS = ("mlog10p", "t")  # what the maximum is taken over: −log10 p (Satterthwaite df) or T / F itself
 SIGMA2_MODES = ("refit", "fixed")  # σ² re-estimated per resample (exact GLS refit with D fixed) or held
+GEMM_BATCH = 32  # resamples per sign GEMM, aligned: the same seed gives bit-identical maxima in any chunking
 MapTransform = Callable[[np.ndarray], np.ndarray]  # (R, V) resampled statistic maps -> (R,) one value each
 
 
@@ -102,7 +104,7 @@ class ContrastResampling:
     name: str
     is_t: bool
     ndf: int  # numerator df (rank of L)
-    coef: np.ndarray  # (n_blocks, v, k): rotated per-block contributions a_c; k = ndf (fixed σ²) or p
+    columns: slice  # its k columns of ResamplingPrep.coef: k = ndf (σ² held) or p (σ² refitted)
     resid_ss: np.ndarray  # (v,) ẽ'V⁻¹ẽ of the restricted residuals
     df: np.ndarray  # (v,) Satterthwaite (denominator) df of the fit, for −log10 p
     pair_ss: np.ndarray | None = None  # (n_pairs, v) ẽ_c'V⁻¹_cc'ẽ_c' of blocks splitting a component
@@ -119,29 +121,12 @@ class ResamplingPrep:
     sigma2_mode: str
     two_sided: bool
     contrasts: list[ContrastResampling]
+    coef: np.ndarray  # (n_blocks, v, Σk) rotated per-block contributions a_c of every contrast
     block_pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))  # (n_pairs, 2)
 
     @property
     def n_voxels(self) -> int:
         return int(self.voxels.size)
-
-
-@dataclass(frozen=True)
-class ComponentGroups:
-    """The images of V's diagonal blocks (components), grouped by component size."""
-
-    rows: list  # per size n_b: (N, n_b) image indices of the N components of that size
-
-
-def component_groups(components: np.ndarray) -> ComponentGroups:
-    order = np.argsort(components, kind="stable")
-    sizes = np.bincount(components)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    rows = []
-    for nb in np.unique(sizes[sizes > 0]):
-        comps = np.flatnonzero(sizes == nb)
-        rows.append(order[starts[comps][:, None] + np.arange(nb)[None, :]])
-    return ComponentGroups(rows)
 
 
 def check_blocks(blocks: np.ndarray, components: np.ndarray) -> np.ndarray:
@@ -150,6 +135,67 @@ def check_blocks(blocks: np.ndarray, components: np.ndarray) -> np.ndarray:
     first_block = np.full(n_comp, -1)
     first_block[components] = blocks
     return np.unique(components[first_block[components] != blocks])
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """What depends on the design only: V's diagonal blocks (components) grouped by size, the
+    fixed matrices V and X'V⁻¹X are linear in, and the images in sign-block order."""
+
+    order: np.ndarray  # (n,) images in group order: group by group, each component's images together
+    groups: list  # per component size n_b: (N, n_b) positions in ``order`` (a contiguous range)
+    v_parts: list  # per group: (Σ_k q_k², N n_b²) with V = I + D entries @ v_parts
+    k_parts: list  # per group: (N n_b², p(p+1)/2) with vech-packed X'V⁻¹X = Σ V⁻¹ entries @ k_parts
+    to_blocks: np.ndarray  # (n,) group-order positions sorted by sign block
+    block_starts: np.ndarray  # (n_blocks,) first position of each block in that order
+    pairs: np.ndarray  # (n_pairs, 2) sign blocks splitting a component (empty unless allowed)
+    pair_sites: list  # per group: (component, a, b) of the image pairs across blocks
+    pair_sum: sp.csr_matrix  # (n_pairs, n_image_pairs)
+
+
+def block_layout(X: np.ndarray, factors: list[RandomFactor], components: np.ndarray, blocks: np.ndarray) -> BlockLayout:
+    p = X.shape[1]
+    sizes = np.bincount(components)
+    by_comp = np.argsort(components, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    codes = [f.codes()[1] for f in factors]
+    iu, ju = np.triu_indices(p)
+    order_parts, groups, v_parts, k_parts, pair_sites, cells = [], [], [], [], [], []
+    offset = 0
+    for nb in np.unique(sizes[sizes > 0]):
+        comps = np.flatnonzero(sizes == nb)
+        rows = by_comp[starts[comps][:, None] + np.arange(nb)[None, :]]  # (N, nb) image indices
+        N = rows.shape[0]
+        order_parts.append(rows.reshape(-1))
+        groups.append(offset + np.arange(N * nb).reshape(N, nb))
+        offset += N * nb
+        mats = []
+        for f, code in zip(factors, codes):
+            same = code[rows][:, :, None] == code[rows][:, None, :]
+            z = f.design[rows]
+            for a in range(f.q):
+                for b in range(f.q):
+                    mats.append((same * z[:, :, a, None] * z[:, None, :, b]).reshape(-1))
+        v_parts.append(np.stack(mats, axis=0))
+        Xg = X[rows]
+        k_parts.append((Xg[:, :, None, iu] * Xg[:, None, :, ju]).reshape(N * nb * nb, iu.size))
+        a_, b_ = np.triu_indices(nb, k=1)
+        ba, bb = blocks[rows[:, a_]], blocks[rows[:, b_]]
+        comp, k = np.nonzero(ba != bb)
+        pair_sites.append((comp, a_[k], b_[k]))
+        cells.append(np.stack([np.minimum(ba, bb)[comp, k], np.maximum(ba, bb)[comp, k]], axis=1))
+    order = np.concatenate(order_parts)
+    to_blocks = np.argsort(blocks[order], kind="stable")
+    block_starts = np.searchsorted(blocks[order][to_blocks], np.arange(int(blocks.max()) + 1))
+    cells = np.concatenate(cells)
+    if cells.size:
+        pairs, which = np.unique(cells, axis=0, return_inverse=True)
+        which = which.reshape(-1)
+        pair_sum = sp.csr_matrix((np.ones(which.size), (which, np.arange(which.size))), shape=(pairs.shape[0], which.size))
+    else:
+        pairs, pair_sum = np.zeros((0, 2), dtype=np.int64), sp.csr_matrix((0, 0))
+    return BlockLayout(order, groups, v_parts, k_parts, to_blocks, block_starts, pairs.astype(np.int64),
+                       pair_sites, pair_sum)
 
 
 def prepare(
@@ -194,128 +240,98 @@ def prepare(
     if split.size and not allow_split_blocks:
         raise ValueError(f"blocks split {split.size} independent component(s) of the random factors' levels "
                          "(e.g. subjects of one family in different blocks): flipping inside them is invalid")
-    n_blocks = int(blocks.max()) + 1
     if df is None:
         inf = infer(fit, contrasts, two_sided)
         by_name = {r.name: r.df for r in inf.t + inf.f}
         df = [by_name[c.name] for c in contrasts]
-    groups = component_groups(components)
-    block_pairs, pair_index = split_pairs(groups, blocks)
+    layout = block_layout(X, factors, components, blocks)
     dof = float(n - p) if fit.reml else float(n)
-    ind = sp.csr_matrix((np.ones(n), (blocks, np.arange(n))), shape=(n_blocks, n))
-
-    parts = []
-    for lo in range(0, voxels.size, voxel_chunk):
-        vox = voxels[lo:lo + voxel_chunk]
-        parts.append(_prepare_chunk(Y[:, vox], X, factors, [D[vox] for D in fit.D], contrasts,
-                                    [d[vox] for d in df], groups, ind, pair_index, dof, sigma2))
-    sig = np.concatenate([pt[0] for pt in parts]) if parts else np.zeros(0)
-    prepared = []
+    parts = [_prepare_chunk(Y[layout.order][:, vox], X[layout.order], [D[vox] for D in fit.D], contrasts,
+                            layout, dof, sigma2)
+             for vox in np.array_split(voxels, max(1, -(-voxels.size // voxel_chunk)))]
+    sig = np.concatenate([pt[0] for pt in parts])
+    coef = np.concatenate([pt[1] for pt in parts], axis=1)
+    prepared, col = [], 0
     for j, c in enumerate(contrasts):
-        chunks = [pt[1][j] for pt in parts]
+        ndf, k = parts[0][2][j]["ndf"], parts[0][2][j]["k"]
         prepared.append(ContrastResampling(
-            c.name, c.is_t, chunks[0]["ndf"] if chunks else c.n_rows,
-            np.concatenate([ch["coef"] for ch in chunks], axis=1),
-            np.concatenate([ch["resid_ss"] for ch in chunks]),
-            np.concatenate([ch["df"] for ch in chunks]),
-            np.concatenate([ch["pair_ss"] for ch in chunks], axis=1) if block_pairs.size else None))
-    return ResamplingPrep(voxels, n_blocks, dof, sig, sigma2, two_sided, prepared, block_pairs)
+            c.name, c.is_t, ndf, slice(col, col + k),
+            np.concatenate([pt[2][j]["resid_ss"] for pt in parts]),
+            np.asarray(df[j], dtype=np.float64)[voxels],
+            np.concatenate([pt[2][j]["pair_ss"] for pt in parts], axis=1) if layout.pairs.size else None))
+        col += k
+    return ResamplingPrep(voxels, int(blocks.max()) + 1, dof, sig, sigma2, two_sided, prepared, coef, layout.pairs)
 
 
-@dataclass(frozen=True)
-class PairIndex:
-    """Image pairs (i, j) in one component but different sign blocks, per component-size group."""
-
-    per_group: list  # per group: (comp, a, b) positions within the group's (N, n_b, n_b) arrays
-    to_block_pair: sp.csr_matrix  # (n_block_pairs, n_image_pairs): sums image pairs into block pairs
-
-
-def split_pairs(groups: ComponentGroups, blocks: np.ndarray) -> tuple[np.ndarray, PairIndex]:
-    per_group, cells = [], []
-    for rows in groups.rows:
-        nb = rows.shape[1]
-        a, b = np.triu_indices(nb, k=1)
-        ba, bb = blocks[rows[:, a]], blocks[rows[:, b]]
-        comp, k = np.nonzero(ba != bb)
-        per_group.append((comp, a[k], b[k]))
-        cells.append(np.stack([np.minimum(ba, bb)[comp, k], np.maximum(ba, bb)[comp, k]], axis=1))
-    cells = np.concatenate(cells) if cells else np.zeros((0, 2), dtype=np.int64)
-    if cells.size == 0:
-        return np.zeros((0, 2), dtype=np.int64), PairIndex(per_group, sp.csr_matrix((0, 0)))
-    pairs, which = np.unique(cells, axis=0, return_inverse=True)
-    which = which.reshape(-1)
-    to = sp.csr_matrix((np.ones(which.size), (which, np.arange(which.size))), shape=(pairs.shape[0], which.size))
-    return pairs.astype(np.int64), PairIndex(per_group, to)
-
-
-def _v_inverse_products(Y, X, factors, D, groups):
-    """(V⁻¹X (v, n, p), V⁻¹Y (v, n), V⁻¹ per group (v, N, n_b, n_b)) with V = I + Σ_k Z_k D_k Z_k'."""
+def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: str):
+    """σ̂², the (n_blocks, v, Σk) contributions and per contrast ẽ'V⁻¹ẽ at v voxels; Y and X in group order."""
     v = Y.shape[1]
     n, p = X.shape
-    codes = [f.codes()[1] for f in factors]
-    VinvX = np.empty((v, n, p))
-    Vinvy = np.empty((v, n))
-    inverses = []
-    for rows in groups.rows:
+    coefs = np.concatenate([Dk.reshape(v, -1) for Dk in D], axis=1)  # D entries in v_parts' order
+    inverses, K_packed = [], np.zeros((v, p * (p + 1) // 2))
+    for rows, v_part, k_part in zip(layout.groups, layout.v_parts, layout.k_parts):
         N, nb = rows.shape
-        # V = I + Σ_k Σ_ab D_k[ab] (S_k ∘ z_a z_b'): one product of the D entries with fixed matrices
-        mats, coefs = [], []
-        for f, code, Dk in zip(factors, codes, D):
-            same = code[rows][:, :, None] == code[rows][:, None, :]
-            z = f.design[rows]  # (N, nb, q)
-            for a in range(f.q):
-                for b in range(f.q):
-                    mats.append((same * z[:, :, a, None] * z[:, None, :, b]).reshape(-1))
-                    coefs.append(Dk[:, a, b])
-        V = (np.stack(coefs, axis=1) @ np.stack(mats, axis=0)).reshape(v, N, nb, nb)
+        V = (coefs @ v_part).reshape(v, N, nb, nb)
         V += np.eye(nb)
         Vinv = np.linalg.inv(V)
-        VinvX[:, rows] = Vinv @ X[rows]
-        Vinvy[:, rows] = (Vinv @ Y[rows].transpose(2, 0, 1)[..., None])[..., 0]
         inverses.append(Vinv)
-    return VinvX, Vinvy, inverses
+        K_packed += Vinv.reshape(v, -1) @ k_part  # X'V⁻¹X as one GEMM over the group's entries of V⁻¹
+    K = np.zeros((v, p, p))
+    iu, ju = np.triu_indices(p)
+    K[:, iu, ju] = K_packed
+    K[:, ju, iu] = K_packed
 
+    def v_inverse(E):  # (v, n) -> V⁻¹E blockwise, in group order
+        out = np.empty_like(E)
+        for rows, Vinv in zip(layout.groups, inverses):
+            N, nb = rows.shape
+            sl = slice(rows[0, 0], rows[0, 0] + N * nb)
+            out[:, sl] = np.einsum("vnij,vnj->vni", Vinv, E[:, sl].reshape(v, N, nb)).reshape(v, -1)
+        return out
 
-def _prepare_chunk(Y, X, factors, D, contrasts, df, groups, ind, pair_index, dof, sigma2):
-    v = Y.shape[1]
-    p = X.shape[1]
-    VinvX, Vinvy, inverses = _v_inverse_products(Y, X, factors, D, groups)
-    K = X.T @ VinvX  # (v, p, p) X'V⁻¹X
-    b = np.einsum("np,vn->vp", X, Vinvy)
-    yVy = np.einsum("nv,vn->v", Y, Vinvy)
-    R = np.linalg.cholesky(np.linalg.inv(K))  # C = RR'
-    beta = np.einsum("vpq,vq->vp", R @ np.swapaxes(R, 1, 2), b)
+    Yt = np.ascontiguousarray(Y.T)
+    Vy = v_inverse(Yt)
+    b = Vy @ X  # (v, p) X'V⁻¹y
+    yVy = np.einsum("vn,vn->v", Yt, Vy)
+    R = np.linalg.cholesky(np.linalg.inv(la_sym(K)))  # C = (X'V⁻¹X)⁻¹ = RR'
+    beta = (R @ (np.swapaxes(R, 1, 2) @ b[..., None]))[..., 0]
     sig = (yVy - np.einsum("vp,vp->v", b, beta)) / dof
     gamma = np.linalg.solve(R, beta[..., None])[..., 0]  # whitened β̂ = R⁻¹β̂
-    out = []
-    for c, dfc in zip(contrasts, df):
-        L = c.matrix
-        LR = L @ R  # (v, m, p)
-        U, S, Wt = np.linalg.svd(LR, full_matrices=True)
-        ranks = np.sum(S > 1e-8 * S[:, :1], axis=1)  # infer's eigen-tolerance on LCL' (S²) is looser
-        ndf = int(ranks.max())
+    Xt_blocks = np.ascontiguousarray(X[layout.to_blocks].T)  # (p, n) images in block order
+    VX = None
+    if layout.pairs.size:  # (v, p, n) (V⁻¹X)' in block order, only when blocks split components
+        VX = np.empty((v, n, p))
+        for rows, Vinv in zip(layout.groups, inverses):
+            N, nb = rows.shape
+            sl = slice(rows[0, 0], rows[0, 0] + N * nb)
+            VX[:, sl] = np.einsum("vnij,njp->vnip", Vinv, X[sl].reshape(N, nb, p)).reshape(v, N * nb, p)
+        VX = np.ascontiguousarray(VX[:, layout.to_blocks].transpose(0, 2, 1))
+    coef_parts, info = [], []
+    for c in contrasts:
+        U, S, Wt = np.linalg.svd(c.matrix @ R, full_matrices=True)  # L R = U S W'
+        ndf = int(np.max(np.sum(S > 1e-8 * S[:, :1], axis=1)))
         if c.is_t:
             Wt[:, 0] *= U[:, 0, 0, None]  # first coordinate with the sign of Lβ̂ (T = a₁ / σ̂)
         Wr = Wt[:, :ndf]  # (v, ndf, p) rows spanning the contrast in whitened coordinates
-        delta = np.einsum("vpq,vrq,vr->vp", R, Wr, np.einsum("vrq,vq->vr", Wr, gamma))
-        beta_null = beta - delta  # GLS under Lβ = 0, V fixed
-        e = Y.T - beta_null @ X.T  # (v, n) restricted residuals
-        Ve = Vinvy - np.einsum("vnp,vp->vn", VinvX, beta_null)
-        resid_ss = np.einsum("vn,vn->v", e, Ve)
+        delta = (R @ (np.swapaxes(Wr, 1, 2) @ (Wr @ gamma[..., None])))[..., 0]
+        e = Yt - (beta - delta) @ X.T  # (v, n) residuals of the GLS under Lβ = 0, V fixed
+        Ve = v_inverse(e)
         k = p if sigma2 == "refit" else ndf
-        rot = np.einsum("vkq,vpq->vkp", Wt[:, :k], R)  # a = rot · g = W' R' g
-        per_image = (VinvX @ np.swapaxes(rot, 1, 2)) * e[..., None]  # (v, n, k)
-        coef = (ind @ np.ascontiguousarray(per_image.transpose(1, 0, 2)).reshape(per_image.shape[1], -1))
+        rot = Wt[:, :k] @ np.swapaxes(R, 1, 2)  # (v, k, p): a_c = W'R' g_c
+        if VX is None:  # whole components per block: g_c = X_c'V_c⁻¹ẽ_c
+            per_image = (rot @ Xt_blocks) * Ve[:, layout.to_blocks][:, None, :]  # (v, k, n)
+        else:  # blocks inside components: g_c = Σ_{i ∈ c} (V⁻¹X)_i ẽ_i
+            per_image = (rot @ VX) * e[:, layout.to_blocks][:, None, :]
+        coef_parts.append(np.add.reduceat(per_image, layout.block_starts, axis=2).transpose(2, 0, 1))
         pair_ss = None
-        if pair_index.to_block_pair.shape[0]:
+        if layout.pairs.size:
             vals = []
-            for rows, Vinv, (comp, a, bb) in zip(groups.rows, inverses, pair_index.per_group):
+            for rows, Vinv, (comp, a, bb) in zip(layout.groups, inverses, layout.pair_sites):
                 eg = e[:, rows]  # (v, N, nb)
                 vals.append(eg[:, comp, a] * Vinv[:, comp, a, bb] * eg[:, comp, bb])
-            pair_ss = pair_index.to_block_pair @ np.concatenate(vals, axis=1).T
-        out.append({"ndf": ndf, "coef": np.asarray(coef).reshape(-1, v, k), "resid_ss": resid_ss,
-                    "df": np.asarray(dfc, dtype=np.float64), "pair_ss": pair_ss})
-    return sig, out
+            pair_ss = layout.pair_sum @ np.concatenate(vals, axis=1).T
+        info.append({"ndf": ndf, "k": k, "resid_ss": np.einsum("vn,vn->v", e, Ve), "pair_ss": pair_ss})
+    return sig, np.concatenate(coef_parts, axis=2), info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,14 +339,15 @@ def _prepare_chunk(Y, X, factors, D, contrasts, df, groups, ind, pair_index, dof
 
 def resampled_statistics(prep: ResamplingPrep, signs: np.ndarray) -> list[np.ndarray]:
     """Each contrast's resampled T or F, (R, v), for the sign rows ``signs`` (R, n_blocks)."""
-    signs = np.asarray(signs, dtype=np.float64)
+    signs = np.asarray(signs, dtype=prep.coef.dtype)
     R = signs.shape[0]
+    nblk, v, cols = prep.coef.shape
+    a_all = (signs @ prep.coef.reshape(nblk, v * cols)).reshape(R, v, cols)  # the one GEMM
     if prep.block_pairs.size:
         flips = signs[:, prep.block_pairs[:, 0]] * signs[:, prep.block_pairs[:, 1]] - 1.0  # (R, n_pairs)
     out = []
     for c in prep.contrasts:
-        nblk, v, k = c.coef.shape
-        a = (signs @ c.coef.reshape(nblk, v * k)).reshape(R, v, k)  # the one GEMM
+        a = a_all[..., c.columns]
         num = a[..., 0] if c.is_t else np.einsum("rvk,rvk->rv", a[..., :c.ndf], a[..., :c.ndf])
         if prep.sigma2_mode == "fixed":
             s2 = np.broadcast_to(prep.sigma2, (R, v))
@@ -364,9 +381,16 @@ def statistic_maps(prep: ResamplingPrep, stats: list[np.ndarray], statistic: str
 
 def resampled_maps(prep: ResamplingPrep, seed: int, start: int, stop: int, statistic: str = "mlog10p"
                    ) -> list[np.ndarray]:
-    """Resamples start … stop − 1 (0: the identity) of every contrast, (R, v) statistic maps."""
-    signs = resample_signs(seed, start, stop, prep.n_blocks)
-    return statistic_maps(prep, resampled_statistics(prep, signs), statistic)
+    """Resamples start … stop − 1 (0: the identity) of every contrast, (R, v) statistic maps.
+
+    The products run on whole batches of GEMM_BATCH resamples aligned to multiples of it, so
+    a resample's value never depends on the chunk it was asked in: a BLAS product's rounding
+    depends on the shape it is called with.  Chunks that are multiples of GEMM_BATCH waste nothing.
+    """
+    first, last = start // GEMM_BATCH * GEMM_BATCH, -(-stop // GEMM_BATCH) * GEMM_BATCH
+    parts = [statistic_maps(prep, resampled_statistics(prep, resample_signs(seed, b, b + GEMM_BATCH, prep.n_blocks)),
+                            statistic) for b in range(first, last, GEMM_BATCH)]
+    return [np.concatenate([pt[j] for pt in parts])[start - first:stop - first] for j in range(len(prep.contrasts))]
 
 
 def chunk_maxima(prep: ResamplingPrep, seed: int, start: int, stop: int, statistic: str = "mlog10p"
@@ -428,7 +452,7 @@ def corrected_inference(
     tail: bool = False,
     fdr: str | None = "bh",
     transforms: Mapping[str, MapTransform] | None = None,
-    resample_chunk: int = 100,
+    resample_chunk: int = 128,
     allow_split_blocks: bool = False,
 ) -> CorrectedInference:
     """FDR and max-statistic FWE of every contrast of a fit, with B resamples beyond the identity.
