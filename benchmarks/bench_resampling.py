@@ -51,7 +51,7 @@ def bench(args) -> dict:
     c1 = time.process_time()
     by_name = {r.name: r.df for r in inf.t + inf.f}
     prep = rs.prepare(Y, design.X, factors, fit, contrasts, df=[by_name[c.name] for c in contrasts],
-                      sigma2=args.sigma2)
+                      sigma2=args.sigma2, gemm_dtype=args.gemm_dtype)
     t2 = time.perf_counter()
     c2 = time.process_time()
     gemm_s = stat_s = 0.0
@@ -73,7 +73,7 @@ def bench(args) -> dict:
     scale = HEMISPHERE / args.vertices
     return {
         "n": n, "families": prep.n_blocks, "p": design.p, "vertices": args.vertices, "contrasts": len(contrasts),
-        "resamples": args.resamples, "sigma2": args.sigma2, "statistic": args.statistic, "chunk": args.chunk,
+        "resamples": args.resamples, "sigma2": args.sigma2, "statistic": args.statistic, "gemm_dtype": args.gemm_dtype, "chunk": args.chunk,
         "fit_s": round(t1 - t0, 2), "prepare_s": round(t2 - t1, 2), "resample_s": round(t3 - t2, 2),
         "prepare_cpu_s": round(c2 - c1, 2), "resample_cpu_s": round(c3 - c2, 2),
         "cpu_s_per_100_resamples": round((c3 - c2) * 100 / (args.resamples + 1), 3),
@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=128, help="resamples per GEMM")
     ap.add_argument("--sigma2", choices=("refit", "fixed"), default="refit")
     ap.add_argument("--statistic", choices=("mlog10p", "t"), default="mlog10p")
+    ap.add_argument("--gemm-dtype", choices=("float64", "float32"), default="float64")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--null", type=int, metavar="N", help="run the null simulation on N datasets instead")
     ap.add_argument("--json", help="append the result as one JSON line to this file")

@@ -211,6 +211,7 @@ def prepare(
     two_sided: bool = False,
     allow_split_blocks: bool = False,
     voxel_chunk: int = 64,
+    gemm_dtype: str = "float64",
 ) -> ResamplingPrep:
     """Prepare the restricted wild bootstrap of every contrast at ``voxels`` (default: the fitted ones).
 
@@ -218,6 +219,8 @@ def prepare(
     order, ``blocks`` the sign block of each image (default: ``independent_blocks(factors)``),
     ``df`` each contrast's Satterthwaite df over the fit's voxels (default: from ``infer``).
     ``allow_split_blocks`` permits blocks that split a component of V (the negative control only).
+    ``gemm_dtype="float32"`` stores the contributions in single precision: the sign GEMM runs ~2x
+    faster in half the memory, and T* and F* carry ~1e-7 relative error (the signs are exact).
     """
     if sigma2 not in SIGMA2_MODES:
         raise ValueError(f"sigma2 {sigma2!r}: expected one of {', '.join(SIGMA2_MODES)}")
@@ -250,7 +253,7 @@ def prepare(
     parts = [_prepare_chunk(Y[:, vox][layout.order], X_ordered, [D[vox] for D in fit.D], contrasts, layout, dof, sigma2)
              for vox in np.array_split(voxels, max(1, -(-voxels.size // voxel_chunk)))]
     sig = np.concatenate([pt[0] for pt in parts])
-    coef = np.concatenate([pt[1] for pt in parts], axis=1)
+    coef = np.concatenate([pt[1].astype(gemm_dtype, copy=False) for pt in parts], axis=1)
     prepared, col = [], 0
     for j, c in enumerate(contrasts):
         ndf, k = parts[0][2][j]["ndf"], parts[0][2][j]["k"]
@@ -355,7 +358,7 @@ def resampled_statistics(prep: ResamplingPrep, signs: np.ndarray) -> list[np.nda
     signs = np.asarray(signs, dtype=prep.coef.dtype)
     R = signs.shape[0]
     nblk, v, cols = prep.coef.shape
-    a_all = (signs @ prep.coef.reshape(nblk, v * cols)).reshape(R, v, cols)  # the one GEMM
+    a_all = (signs @ prep.coef.reshape(nblk, v * cols)).reshape(R, v, cols).astype(np.float64, copy=False)  # the one GEMM
     if prep.block_pairs.size:
         flips = signs[:, prep.block_pairs[:, 0]] * signs[:, prep.block_pairs[:, 1]] - 1.0  # (R, n_pairs)
     out = []
@@ -467,6 +470,7 @@ def corrected_inference(
     transforms: Mapping[str, MapTransform] | None = None,
     resample_chunk: int = 128,
     allow_split_blocks: bool = False,
+    gemm_dtype: str = "float64",
 ) -> CorrectedInference:
     """FDR and max-statistic FWE of every contrast of a fit, with B resamples beyond the identity.
 
@@ -478,7 +482,7 @@ def corrected_inference(
     by_name = {r.name: r for r in inf.t + inf.f}
     blocks = independent_blocks(factors) if blocks is None else first_appearance_codes(np.asarray(blocks))
     prep = prepare(Y, X, factors, fit, contrasts, blocks=blocks, df=[by_name[c.name].df for c in contrasts],
-                   sigma2=sigma2, two_sided=two_sided, allow_split_blocks=allow_split_blocks)
+                   sigma2=sigma2, two_sided=two_sided, allow_split_blocks=allow_split_blocks, gemm_dtype=gemm_dtype)
     named: dict[str, MapTransform] = {"max": max_over_voxels}
     named.update(transforms or {})
     V = fit.n_voxels

@@ -139,6 +139,17 @@ def test_null_maxima_identical_for_1_3_7_chunks_of_resamples_and_voxels(family_c
         np.testing.assert_array_equal(a.fwe_mlog10p, b.fwe_mlog10p)
 
 
+def test_float32_contributions_agree_to_single_precision(family_case):
+    design, Y, fit = family_case
+    p64 = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS)
+    p32 = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, gemm_dtype="float32")
+    assert p32.coef.dtype == np.float32
+    m64, m32 = rs.chunk_maxima(p64, 4, 0, 40), rs.chunk_maxima(p32, 4, 0, 40)
+    # float32 contributions (eps 6e-8) summed over 40 blocks: ~1e-6 relative on T*, F* and their −log10 p
+    np.testing.assert_allclose(m32, m64, rtol=1e-5)
+    np.testing.assert_array_equal(np.concatenate([rs.chunk_maxima(p32, 4, 0, 13), rs.chunk_maxima(p32, 4, 13, 40)]), m32)
+
+
 def test_fwe_p_counts_the_identity_and_transforms_plug_in(family_case):
     design, Y, fit = family_case
     B = 40
