@@ -41,7 +41,27 @@ MAP_EXTENSIONS = (
 )
 # Raw .dat maps of counts are int32 (upstream's n, mask, edf; blmm's converged, nit);
 # all others float32.
-INT32_DAT_MAPS = frozenset({"n", "mask", "edf", "converged", "nit"})
+INT32_DAT_MAPS = frozenset({"n", "mask", "edf", "converged", "nit", "conT_cluster", "conF_cluster"})
+
+
+CLUSTERS_FILE = "blmm_clusters.tsv"  # corrected inference: one row per cluster of every contrast
+NULL_MAXIMA_FILE = "blmm_null_maxima.npz"  # corrected inference: each statistic's null maxima per contrast
+# Corrected inference (docs/corrected.md): per contrast kind, suffix -> one-line meaning.  The map of a
+# T contrast is "conT" + suffix, of an F contrast "conF" + suffix, one volume per contrast of that kind.
+CORRECTED_MAPS = {
+    "lp_fdr": "−log10 q, Benjamini–Hochberg (or –Yekutieli) FDR over the fitted voxels",
+    "lp_fwe": "−log10 FWE p of the maximum statistic (wild bootstrap, −log10 p maps)",
+    "_tfce": "TFCE of the −log10 p map (H = 2, E = 0.5 volumes; E = 1 surfaces, area-weighted)",
+    "lp_tfce_fwe": "−log10 FWE p of TFCE (its maximum over the analysis)",
+    "_cluster": "cluster index at −log10 p ≥ cluster_threshold (row of blmm_clusters.tsv; 0 outside)",
+    "lp_cluster_fwe": "−log10 FWE p of the voxel's cluster extent (voxels or mm²; 0 outside clusters)",
+}
+CORRECTED_INT32_SUFFIXES = frozenset({"_cluster"})
+
+
+def corrected_map_stat(kind: str, suffix: str) -> str:
+    """``conTlp_fwe`` for ("T", "lp_fwe"): the statistic name of a corrected map."""
+    return f"con{kind}{suffix}"
 
 
 def map_name(stat: str) -> str:
@@ -67,6 +87,21 @@ def batch_counts_file(workdir: Path, b: int) -> Path:
 def block_file(workdir: Path, k: int) -> Path:
     """Results of voxel block k."""
     return workdir / f"block{k:05d}.npz"
+
+
+def correction_y_file(workdir: Path, b: int) -> Path:
+    """Image batch b's data (images x analysis voxels, float64, rows in the plan's order), for resampling."""
+    return workdir / f"batch{b:05d}.Y.npy"
+
+
+def correction_prep_file(workdir: Path, k: int) -> Path:
+    """Voxel block k's prepared wild-bootstrap contributions (``core.resampling.ResamplingPrep``, pickled)."""
+    return workdir / f"block{k:05d}.resampling.pkl"
+
+
+def correction_chunk_file(workdir: Path, c: int) -> Path:
+    """Resample chunk c's maxima of every statistic and contrast."""
+    return workdir / f"resamples{c:05d}.npz"
 
 
 # ------------------------------------------------------------------ atomic writes
@@ -342,7 +377,7 @@ def remove_run_outputs(outdir: str | os.PathLike) -> list[Path]:
     """Delete what a previous run left in ``outdir``: its maps, record, inputs copy, float64
     log-likelihood and report, and temporaries of those; only files named here. Returns them."""
     folder = Path(outdir)
-    owned = {RUN_FILE, INPUTS_FILE, LLH64_FILE, REPORT_FILE}
+    owned = {RUN_FILE, INPUTS_FILE, LLH64_FILE, REPORT_FILE, CLUSTERS_FILE, NULL_MAXIMA_FILE}
     removed = []
     for path in folder.iterdir() if folder.is_dir() else ():
         name = path.name

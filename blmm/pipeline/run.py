@@ -10,6 +10,7 @@ from blmm import __version__
 from blmm.config import Config
 from blmm.errors import InputError
 from blmm.io.outdir import disk_full_as_error, write_inputs, write_run_record
+from blmm.pipeline.corrections import CorrectionOutcome, run_corrections, write_corrections
 from blmm.pipeline.cost import estimate_work
 from blmm.pipeline.plan import RunPlan, plan_run
 from blmm.pipeline.stages import (
@@ -67,8 +68,10 @@ def _run_stages(plan: RunPlan, engine, engine_choice: dict, timings: dict, t0: f
     timed(timings, "read", read_images, plan, engine)
     timed(timings, "fit", fit_blocks, plan, engine)
     counts = timed(timings, "write", write_outputs, plan)
+    correction = timed(timings, "correct", run_corrections, plan, engine)
+    timed(timings, "write_corrections", write_corrections, plan, correction)
     timings["total"] = time.perf_counter() - t0
-    out = record_run(plan, engine, counts, timings, engine_choice)
+    out = record_run(plan, engine, counts, timings, engine_choice, correction)
     _write_report(out, log)
     log(summary_text(counts, timings["total"]))
     if counts["fitted"] == 0:
@@ -99,7 +102,8 @@ def fit_blocks(plan: RunPlan, engine) -> RunPlan:
     return plan
 
 
-def record_run(plan: RunPlan, engine, counts: dict, timings: dict, engine_choice: dict | None = None) -> Path:
+def record_run(plan: RunPlan, engine, counts: dict, timings: dict, engine_choice: dict | None = None,
+               correction: CorrectionOutcome | None = None) -> Path:
     """Stage 5: inputs.yml and blmm_run.json (last: it marks the run finished); the work folder goes."""
     config = plan.config
     out = Path(config.outdir)
@@ -122,6 +126,8 @@ def record_run(plan: RunPlan, engine, counts: dict, timings: dict, engine_choice
         record["engine_choice"] = engine_choice
     if config.formula is not None:
         record["formula"] = config.formula.record()
+    if correction is not None:  # corrected inference: seed, B, blocks, tail, null maxima (docs/corrected.md)
+        record["correction"] = correction.record()
     with disk_full_as_error(out, space_needed(plan)["total"], "the run record"):
         write_inputs(out, config.to_yaml_dict())
         write_run_record(out, record)
