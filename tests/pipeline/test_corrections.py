@@ -205,6 +205,11 @@ def test_written_maps_table_and_record(tmp_path):
         for suffix in ("lp_fdr", "lp_fwe", "_tfce", "lp_tfce_fwe", "_cluster", "lp_cluster_fwe"):
             data = read_map(next(out.glob(f"blmm_vox_con{kind}{suffix}.nii.gz")))
             assert data.reshape(int(np.prod(GRID)), -1).shape[1] == n
+    from blmm.viewer import MapView, map_figure
+    for kind, name in (("T", "age"), ("F", "both")):  # blmm_view opens every new map by name and contrast
+        for suffix in ("lp_fdr", "lp_fwe", "_tfce", "lp_tfce_fwe", "_cluster", "lp_cluster_fwe"):
+            figure = map_figure(MapView(str(out), f"con{kind}{suffix}:{name}"))
+            assert name in figure.layout.title.text and f"{kind} contrast" in figure.layout.title.text
     rows = (out / CLUSTERS_FILE).read_text().splitlines()
     assert rows[0].split("\t")[:3] == ["contrast", "cluster", "sign"]
     labels = read_map(out / "blmm_vox_conT_cluster.nii.gz").reshape(-1, 2)
