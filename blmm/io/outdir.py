@@ -541,3 +541,25 @@ def load_map(
         raise ViewerError(
             f"{path}: map has {values.shape[0]} vertices but {n_vertices} were expected")
     return values
+
+
+def read_null_maxima(outdir: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """Corrected inference's null maxima: contrast (or "over_contrasts") -> statistic -> (B + 1,); {} if none."""
+    path = Path(outdir) / NULL_MAXIMA_FILE
+    if not path.is_file():
+        return {}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path) as arrays:
+        for key in arrays.files:
+            owner, statistic = key.rsplit("/", 1)
+            out.setdefault(owner, {})[statistic] = np.asarray(arrays[key])
+    return out
+
+
+def read_cluster_table(outdir: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
+    """blmm_clusters.tsv as (header, rows of text cells); ([], []) if there is none."""
+    path = Path(outdir) / CLUSTERS_FILE
+    if not path.is_file():
+        return [], []
+    lines = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return (lines[0], lines[1:]) if lines else ([], [])

@@ -214,6 +214,11 @@ def test_written_maps_table_and_record(tmp_path):
     assert rows[0].split("\t")[:3] == ["contrast", "cluster", "sign"]
     labels = read_map(out / "blmm_vox_conT_cluster.nii.gz").reshape(-1, 2)
     assert sum(r.startswith("fam\t") for r in rows[1:]) == int(labels[:, 0].max())
+    from blmm.report import build_report
+    page = build_report(out, with_figures=True)
+    assert "Corrected inference" in page and "Null distributions of the maxima: fam" in page
+    assert "<th>extent_fwe_p</th>" in page
+    assert all(f"<tr><td>fam</td><td>{k}</td>" in page for k in range(1, int(labels[:, 0].max()) + 1))
 
 
 def test_written_maps_are_the_stage_maps_in_float32(tmp_path):
