@@ -51,6 +51,7 @@ MAP_DESCRIPTIONS = {
     "conR2": "partial R\u00b2",
     "Chi2": "likelihood-ratio \u03c7\u00b2",
     "Chi2lp": "likelihood-ratio -log10 p",
+    "Chi2lp_fdr": "likelihood-ratio -log10 q (FDR)",
     "llh": "log-likelihood",
     "mask": "analysis mask",
     "n": "number of observations",
