@@ -54,7 +54,8 @@ def independent_blocks(factors: list[RandomFactor], names: list[str] | None = No
     chosen = factors if names is None else [f for f in factors if f.name in names]
     if names is not None and len(chosen) != len(set(names)):
         known = ", ".join(f.name for f in factors)
-        raise ValueError(f"blocks: factors {sorted(set(names) - {f.name for f in chosen})} not among the random factors ({known})")
+        unknown = sorted(set(names) - {f.name for f in chosen})
+        raise ValueError(f"blocks: factors {unknown} not among the random factors ({known})")
     if not chosen:
         raise ValueError("blocks: at least one random factor is needed to define independent blocks")
     n = chosen[0].n
