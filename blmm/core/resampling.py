@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
+from threadpoolctl import threadpool_limits
 
 from blmm.core.design import Contrast, RandomFactor
-from blmm.core.linalg import sym as la_sym
 from blmm.core.fdr import fdr_mlog10q
-from blmm.core.fit import FITTED, FitResult
+from blmm.core.fit import FITTED, FitResult, run_blocks, thread_count
 from blmm.core.inference import f_mlog10p, infer, t_mlog10p
+from blmm.core.linalg import sym as la_sym
 from blmm.core.tail import TailFit, tail_p
 
 STATISTICS = ("mlog10p", "t")  # what the maximum is taken over: −log10 p (Satterthwaite df) or T / F itself
@@ -213,6 +214,7 @@ def prepare(
     allow_split_blocks: bool = False,
     voxel_chunk: int = 64,
     gemm_dtype: str = "float64",
+    threads: int | None = None,
 ) -> ResamplingPrep:
     """Prepare the restricted wild bootstrap of every contrast at ``voxels`` (default: the fitted ones).
 
@@ -222,6 +224,7 @@ def prepare(
     ``allow_split_blocks`` permits blocks that split a component of V (the negative control only).
     ``gemm_dtype="float32"`` stores the contributions in single precision: the sign GEMM runs ~2x
     faster in half the memory, and T* and F* carry ~1e-7 relative error (the signs are exact).
+    ``threads`` share the voxel chunks (default: the CPU count), each with a one-thread BLAS.
     """
     if sigma2 not in SIGMA2_MODES:
         raise ValueError(f"sigma2 {sigma2!r}: expected one of {', '.join(SIGMA2_MODES)}")
@@ -251,8 +254,17 @@ def prepare(
     layout = block_layout(X, factors, components, blocks)
     dof = float(n - p) if fit.reml else float(n)
     X_ordered = X[layout.order]
-    parts = [_prepare_chunk(Y[:, vox][layout.order], X_ordered, [D[vox] for D in fit.D], contrasts, layout, dof, sigma2)
-             for vox in np.array_split(voxels, max(1, -(-voxels.size // voxel_chunk)))]
+    chunks = np.array_split(voxels, max(1, -(-voxels.size // voxel_chunk)))
+    parts: list = [None] * len(chunks)
+
+    def run(j: int) -> None:
+        vox = chunks[j]
+        parts[j] = _prepare_chunk(Y[:, vox][layout.order], X_ordered, [D[vox] for D in fit.D], contrasts, layout,
+                                  dof, sigma2)
+
+    # many small products: one BLAS thread each (more only spin), voxel chunks shared by our threads
+    with threadpool_limits(limits=1, user_api="blas"):
+        run_blocks(run, list(range(len(chunks))), thread_count(threads))
     sig = np.concatenate([pt[0] for pt in parts])
     coef = np.concatenate([pt[1].astype(gemm_dtype, copy=False) for pt in parts], axis=1)
     prepared, col = [], 0
