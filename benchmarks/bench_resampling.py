@@ -2,12 +2,13 @@
 
 The design of benchmarks/abcd_family.py (9,835 images of 5,179 subjects in 4,317 families, p = 23,
 ``(1|family) + (1|subject)``, 5 T contrasts and 1 F), on the first ``--vertices`` vertices.  It
-times (wall clock, and CPU seconds of this process, which a busy machine inflates less) the fit, the preparation of the per-family contributions and ``--resamples`` resamples (the
+times (wall clock, and CPU seconds of this process, which a busy machine inflates less) the fit,
+the preparation of the per-family contributions and ``--resamples`` resamples (the
 sign GEMM, then the statistic the maxima are taken over), and extrapolates linearly in vertices
 (every step is per vertex) to one fsaverage5 hemisphere (10,242 vertices) and 5,000 resamples.
 
     python benchmarks/bench_resampling.py --vertices 512 --resamples 300 [--sigma2 fixed] [--statistic t]
-    python benchmarks/bench_resampling.py --null 1000        # the full-sized null simulation (FWER)
+    python benchmarks/bench_resampling.py --null 1000 [--sigma2 fixed]  # the full-sized null simulation (FWER)
 
 ``--null N`` instead runs tests/core/resampling_simulation.py's null simulation on N datasets and
 prints the FWER with family and with per-image signs and the 95% Monte-Carlo band.
@@ -62,8 +63,7 @@ def bench(args) -> dict:
         a = time.perf_counter()
         stats = rs.resampled_statistics(prep, signs)
         b = time.perf_counter()
-        maps = rs.statistic_maps(prep, stats, args.statistic)
-        maxima.append(np.stack([rs.max_over_voxels(m) for m in maps], axis=1))
+        maxima.append(rs.stats_maxima(prep, stats, args.statistic))
         gemm_s += b - a
         stat_s += time.perf_counter() - b
     t3 = time.perf_counter()
@@ -73,7 +73,8 @@ def bench(args) -> dict:
     scale = HEMISPHERE / args.vertices
     return {
         "n": n, "families": prep.n_blocks, "p": design.p, "vertices": args.vertices, "contrasts": len(contrasts),
-        "resamples": args.resamples, "sigma2": args.sigma2, "statistic": args.statistic, "gemm_dtype": args.gemm_dtype, "chunk": args.chunk,
+        "resamples": args.resamples, "sigma2": args.sigma2, "statistic": args.statistic,
+        "gemm_dtype": args.gemm_dtype, "chunk": args.chunk,
         "fit_s": round(t1 - t0, 2), "prepare_s": round(t2 - t1, 2), "resample_s": round(t3 - t2, 2),
         "prepare_cpu_s": round(c2 - c1, 2), "resample_cpu_s": round(c3 - c2, 2),
         "cpu_s_per_100_resamples": round((c3 - c2) * 100 / (args.resamples + 1), 3),
@@ -89,13 +90,13 @@ def bench(args) -> dict:
     }
 
 
-def null_simulation(n_datasets: int) -> dict:
+def null_simulation(n_datasets: int, sigma2: str) -> dict:
     from tests.core.resampling_simulation import monte_carlo_band, null_rejections
 
     t0 = time.perf_counter()
-    hits = null_rejections(n_datasets, seed=7)
+    hits = null_rejections(n_datasets, seed=7, sigma2=sigma2)
     low, high = monte_carlo_band(n_datasets)
-    return {"datasets": n_datasets, "fwer_family_signs": float(hits["family"].mean()),
+    return {"datasets": n_datasets, "sigma2": sigma2, "fwer_family_signs": float(hits["family"].mean()),
             "fwer_image_signs": float(hits["image"].mean()), "band": [round(low, 4), round(high, 4)],
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -112,7 +113,7 @@ def main() -> None:
     ap.add_argument("--null", type=int, metavar="N", help="run the null simulation on N datasets instead")
     ap.add_argument("--json", help="append the result as one JSON line to this file")
     args = ap.parse_args()
-    result = null_simulation(args.null) if args.null else bench(args)
+    result = null_simulation(args.null, args.sigma2) if args.null else bench(args)
     print(json.dumps(result))
     if args.json:
         with open(args.json, "a") as fh:

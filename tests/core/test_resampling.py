@@ -9,7 +9,7 @@ import pytest
 from blmm.core import resampling as rs
 from blmm.core.design import Contrast, RandomFactor
 from blmm.core.fit import fit_lmm
-from blmm.core.inference import infer
+from blmm.core.inference import infer, t_mlog10p
 from tests.core.resampling_simulation import family_design, simulate_Y
 
 CONTRASTS = [Contrast("family_covariate", np.array([[0.0, 1.0, 0.0, 0.0]]), True),
@@ -174,6 +174,18 @@ def test_fwe_p_counts_the_identity_and_transforms_plug_in(family_case):
     np.testing.assert_array_equal(res.over_contrasts, over)
     for cc, fwe_all in zip(res.contrasts, res.fwe_over_contrasts):
         assert np.all(fwe_all <= cc.fwe_mlog10p)  # maxima over contrasts are larger: p only grows
+
+
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_pruned_maximum_of_mlog10p_equals_the_full_maximum(two_sided):
+    rng = np.random.default_rng(7)
+    t = rng.standard_normal((200, 300)) * 1.5
+    t[3] = -np.abs(t[3])  # a resample with no positive T
+    t[5, 7] = 40.0  # p underflows float64: no bound, every voxel evaluated
+    t[9, :5] = np.nan
+    df = rng.uniform(8, 400, 300)
+    full = np.nanmax(t_mlog10p(t, np.broadcast_to(df, t.shape), two_sided), axis=1)
+    np.testing.assert_array_equal(rs.max_t_mlog10p(t, df, two_sided), full)
 
 
 def test_two_sided_takes_absolute_t(family_case):
