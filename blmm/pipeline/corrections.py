@@ -220,7 +220,7 @@ def prepare_block(plan: RunPlan, k: int) -> str:
     Y[plan.order] = ordered
     try:
         prep = prepare(Y, cfg.X, cfg.factors, fit, cfg.contrasts, voxels=voxels, blocks=sign_blocks(cfg), df=df,
-                       two_sided=cfg.two_sided)
+                       two_sided=cfg.two_sided, threads=1)  # the engine parallelises over blocks
     except ValueError as err:
         raise InputError(f"correction: voxel block {k}: {err}") from None
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
