@@ -607,13 +607,17 @@ def _check_correction_geometry(sub: _Found, space: ImageSpace,
     needs_mesh = space.format in ("gifti", "dat", "cifti") or one_dimensional
     if not needs_mesh:
         return
-    if surface is None:
-        if sub.present("surface"):
-            return  # already reported
+    if surface is None and sub.present("surface"):
+        return  # already reported
+    if surface is None and space.format != "cifti":  # a CIFTI of volume parts only needs none
         sub.problem(f"surface: {space.describe()} data need a mesh for clusters and TFCE: expected a "
                     f"GIfTI or FreeSurfer mesh file or one of {', '.join(TEMPLATE_MESHES)}, found none")
         return
-    if isinstance(surface, str) and surface in TEMPLATE_MESHES and space.format != "cifti":
+    if isinstance(surface, str) and space.format == "cifti":
+        sub.problem(f"surface: a CIFTI needs a mesh per hemisphere: expected {{left: ..., right: ...}}, "
+                    f"found {_shorten(surface)}")
+        return
+    if isinstance(surface, str) and surface in TEMPLATE_MESHES:
         if TEMPLATE_MESHES[surface] != space.n_voxels:  # no need to read the template to know
             sub.problem(f"surface: mesh {surface} has {TEMPLATE_MESHES[surface]} vertices but the data "
                         f"({space.describe()}) have {space.n_voxels}: name the mesh the data were sampled on")
@@ -621,4 +625,4 @@ def _check_correction_geometry(sub: _Found, space: ImageSpace,
     try:
         read_layout(space, np.ones(space.n_voxels, bool), surface=surface)
     except InputError as err:
-        sub.problem(str(err).removeprefix("surface: "))
+        sub.problem("surface: " + str(err).removeprefix("surface: "))

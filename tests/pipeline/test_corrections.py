@@ -361,8 +361,8 @@ def test_mismatched_mesh_names_both_vertex_counts(tmp_path):
                               mesh_shape=(5, 7))
     with pytest.raises(ConfigError) as err:
         load_config(yml)
-    problem = next(p for p in err.value.problems if p.startswith("correction"))
-    assert "35 vertices" in problem and "42" in problem
+    problem = next(p for p in err.value.problems if p.startswith("correction surface: "))
+    assert "35 vertices" in problem and "has 42" in problem, problem
 
 
 def test_template_mesh_of_another_size_names_both_counts(tmp_path):
