@@ -94,9 +94,10 @@ def correction_y_file(workdir: Path, b: int) -> Path:
     return workdir / f"batch{b:05d}.Y.npy"
 
 
-def correction_prep_file(workdir: Path, k: int) -> Path:
-    """Voxel block k's prepared wild-bootstrap contributions (``core.resampling.ResamplingPrep``, pickled)."""
-    return workdir / f"block{k:05d}.resampling.pkl"
+def correction_prep_file(workdir: Path, lo: int, hi: int) -> Path:
+    """Analysis voxels lo … hi − 1's prepared wild-bootstrap contributions (``core.resampling.ResamplingPrep``,
+    pickled); named by the range, so another MAXMEM's cut never reads them."""
+    return workdir / f"voxels{lo:08d}-{hi:08d}.resampling.pkl"
 
 
 def correction_chunk_file(workdir: Path, c: int) -> Path:

@@ -4,9 +4,10 @@
    unless ``fdr: false``).
 2. With ``resamples`` B > 0, the restricted wild bootstrap of ``core.resampling`` on the engine:
    ``store_data(plan, b)`` writes image batch b's data again (images x analysis voxels,
-   float64, a second read of the images) into the work folder; ``prepare_block(plan, k)``
-   prepares voxel block k's per-block contributions from those rows and the fit's D;
-   ``resample_chunk(plan, layout, (c, start, stop))`` runs resamples start … stop − 1 over every
+   float64, a second read of the images) into the work folder; ``prepare_block(plan, lo, hi, k)``
+   prepares the per-block contributions of voxels lo … hi − 1 (of fit block k; the
+   fit's blocks cut to a quarter of MAXMEM by ``correction_blocks``) from those rows and the fit's D;
+   ``resample_chunk(plan, layout, c, start, stop)`` runs resamples start … stop − 1 over every
    block, one block in memory at a time, and keeps each statistic's maximum (max −log10 p,
    TFCE, cluster extent and mass).  Chunks combine by concatenation of their maxima; every
    chunk's file is kept in the work folder, so a killed run redoes only unfinished chunks.
@@ -169,18 +170,30 @@ def store_data(plan: RunPlan, b: int) -> str:
     return str(path)
 
 
-def _block_fit(plan: RunPlan, k: int) -> tuple[FitResult, np.ndarray, list[np.ndarray]]:
-    """Voxel block k's fit as a FitResult (D and status; what ``prepare`` reads), the voxels to
-    resample (fitted with every image present) and each contrast's Satterthwaite df."""
+def correction_blocks(plan: RunPlan) -> list[tuple[int, int, int]]:
+    """(start, stop, fit block) of each voxel block of the bootstrap: the fit's blocks, cut so that a
+    block's prepared contributions (sign blocks x voxels x p per contrast, float64) and its data
+    take at most a quarter of MAXMEM."""
     cfg = plan.config
+    n_blocks = int(sign_blocks(cfg).max()) + 1
+    per_voxel = 8 * (n_blocks * cfg.p * len(cfg.contrasts) + cfg.n)
+    size = max(1, int(cfg.maxmem // 4 // per_voxel))
+    return [(a, min(a + size, hi), k) for k, (lo, hi) in enumerate(plan.blocks) for a in range(lo, hi, size)]
+
+
+def _block_fit(plan: RunPlan, lo: int, hi: int, k: int) -> tuple[FitResult, np.ndarray, list[np.ndarray]]:
+    """Voxels lo … hi − 1 of fit block k as a FitResult (D and status; what ``prepare`` reads), the
+    voxels to resample (fitted with every image present) and each contrast's Satterthwaite df."""
+    cfg = plan.config
+    rows = slice(lo - plan.blocks[k][0], hi - plan.blocks[k][0])
     with np.load(block_file(plan.workdir, k)) as block:
-        reason = np.asarray(block["reason"])
-        n_obs = np.asarray(block["n_obs"])
+        reason = np.asarray(block["reason"])[rows]
+        n_obs = np.asarray(block["n_obs"])[rows]
         v = reason.size
         if "D" in block.files:
-            vechD = np.asarray(block["D"], dtype=np.float64)
-            df = [np.asarray(block[f"{key}_df"], dtype=np.float64) for key in _contrast_keys(cfg)]
-            beta, sigma2 = np.asarray(block["beta"]), np.asarray(block["sigma2"])
+            vechD = np.asarray(block["D"], dtype=np.float64)[rows]
+            df = [np.asarray(block[f"{key}_df"], dtype=np.float64)[rows] for key in _contrast_keys(cfg)]
+            beta, sigma2 = np.asarray(block["beta"])[rows], np.asarray(block["sigma2"])[rows]
         else:  # nothing fitted in this block
             vechD = np.zeros((v, sum(f.q * (f.q + 1) // 2 for f in cfg.factors)))
             df = [np.full(v, np.nan) for _ in cfg.contrasts]
@@ -206,14 +219,14 @@ def sign_blocks(config: Config) -> np.ndarray:
     return independent_blocks(config.factors, names)
 
 
-def prepare_block(plan: RunPlan, k: int) -> str:
-    """Prepare voxel block k's resampling (images in config order: signs do not depend on the plan's order)."""
-    path = correction_prep_file(plan.workdir, k)
+def prepare_block(plan: RunPlan, lo: int, hi: int, k: int) -> str:
+    """Prepare analysis voxels lo … hi − 1 (of fit block k), images in config order: the signs do
+    not depend on the plan's order."""
+    path = correction_prep_file(plan.workdir, lo, hi)
     if path.exists():
         return str(path)
     cfg = plan.config
-    lo, hi = plan.blocks[k]
-    fit, voxels, df = _block_fit(plan, k)
+    fit, voxels, df = _block_fit(plan, lo, hi, k)
     ordered = np.concatenate([np.load(correction_y_file(plan.workdir, b), mmap_mode="r")[:, lo:hi]
                               for b in range(len(plan.batches))], axis=0)
     Y = np.empty_like(ordered)
@@ -222,7 +235,7 @@ def prepare_block(plan: RunPlan, k: int) -> str:
         prep = prepare(Y, cfg.X, cfg.factors, fit, cfg.contrasts, voxels=voxels, blocks=sign_blocks(cfg), df=df,
                        two_sided=cfg.two_sided, threads=1)  # the engine parallelises over blocks
     except ValueError as err:
-        raise InputError(f"correction: voxel block {k}: {err}") from None
+        raise InputError(f"correction: voxels {lo}-{hi - 1} of the analysis: {err}") from None
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         tmp.write_bytes(pickle.dumps(prep, protocol=pickle.HIGHEST_PROTOCOL))
@@ -267,12 +280,12 @@ def resample_chunk(plan: RunPlan, layout: SpatialLayout | None, c: int, start: i
     s = cfg.correction
     V, R = plan.voxels.size, stop - start
     maps = [np.full((R, V), np.nan) for _ in cfg.contrasts]
-    for k, (lo, hi) in enumerate(plan.blocks):
-        prep: ResamplingPrep = pickle.loads(correction_prep_file(plan.workdir, k).read_bytes())
+    for lo, hi, _ in correction_blocks(plan):
+        prep: ResamplingPrep = pickle.loads(correction_prep_file(plan.workdir, lo, hi).read_bytes())
         if prep.n_voxels == 0:
             continue
-        for j, m in enumerate(resampled_maps(prep, s.seed, start, stop)):
-            maps[j][:, lo + prep.voxels] = m
+        for c, m in enumerate(resampled_maps(prep, s.seed, start, stop)):
+            maps[c][:, lo + prep.voxels] = m
         del prep
     out = {"start": np.array(start), "stop": np.array(stop)}
     for j, m in enumerate(maps):
@@ -322,8 +335,9 @@ def run_corrections(plan: RunPlan, engine, chunk: int | None = None) -> Correcti
                          f"{cfg.n} images; the wild bootstrap needs at least 2 independent blocks")
     engine.map(_store_data_task, [(plan, b) for b in range(len(plan.batches))], stage="read images for resampling",
                labels=[f"image batch {b}" for b in range(len(plan.batches))])
-    engine.map(_prepare_block_task, [(plan, k) for k in range(len(plan.blocks))], stage="prepare resampling",
-               labels=[f"voxel block {k}" for k in range(len(plan.blocks))])
+    pieces = correction_blocks(plan)
+    engine.map(_prepare_block_task, [(plan, lo, hi, k) for lo, hi, k in pieces],
+               stage="prepare resampling", labels=[f"voxels {lo}-{hi - 1}" for lo, hi, _ in pieces])
     ranges = resample_ranges(plan, chunk)
     outcome.chunks = len(ranges)
     engine.map(_resample_chunk_task, [(plan, layout, c, a, z) for c, (a, z) in enumerate(ranges)],
