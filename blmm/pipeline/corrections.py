@@ -63,6 +63,7 @@ from blmm.io.surfaces import read_layout
 from blmm.pipeline.plan import RunPlan
 
 MAX, TFCE, EXTENT, MASS = "max", "tfce", "cluster_extent", "cluster_mass"  # statistics of the null maxima
+CHUNKS_TO_SHARE = 8  # resample chunks to aim for: work for several workers, and for a resume to keep
 
 
 @dataclass
@@ -249,13 +250,15 @@ def resample_ranges(plan: RunPlan, chunk: int | None = None) -> list[tuple[int, 
     """(start, stop) of each resample chunk over 0 … B (0: the identity), GEMM_BATCH-aligned.
 
     Default size: a chunk's maps, (resamples x analysis voxels) per contrast plus two working
-    copies, in a quarter of MAXMEM.
+    copies, in a quarter of MAXMEM, and at most an eighth of the resamples (tasks to share among
+    workers, and finished work a killed run keeps).
     """
     cfg = plan.config
     total = cfg.correction.resamples + 1
     if chunk is None:
         per_resample = 8 * plan.voxels.size * (len(cfg.contrasts) + 2)
-        chunk = max(GEMM_BATCH, int(cfg.maxmem // 4 // per_resample) // GEMM_BATCH * GEMM_BATCH)
+        by_memory = int(cfg.maxmem // 4 // per_resample)
+        chunk = max(GEMM_BATCH, min(by_memory, -(-total // CHUNKS_TO_SHARE)) // GEMM_BATCH * GEMM_BATCH)
     return [(a, min(a + chunk, total)) for a in range(0, total, chunk)]
 
 

@@ -237,7 +237,7 @@ def test_same_seed_same_maps_in_any_chunking(tmp_path):
     yml, _ = volume_analysis(tmp_path, FULL)
     plan = fitted_stages(yml)
     maps = []
-    for chunk in (None, 32, 64):  # one chunk of 96, three of 32, 64 + 32
+    for chunk in (96, 32, 64):  # one chunk of 96, three of 32, 64 + 32
         with _inline() as engine:
             maps.append(corrections.run_corrections(plan, engine, chunk=chunk).maps)
     for other in maps[1:]:
