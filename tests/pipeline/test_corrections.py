@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from nibabel import gifti
+from nibabel import cifti2, gifti
 
 import blmm.pipeline.corrections as corrections
 from blmm.cli import main
@@ -92,12 +92,19 @@ def save_mesh(path: Path, coords: np.ndarray, faces: np.ndarray) -> None:
         gifti.GiftiDataArray(faces.astype(np.int32), intent="NIFTI_INTENT_TRIANGLE")]), str(path))
 
 
-def surface_analysis(root: Path, correction: str, mesh_shape=(6, 7)) -> tuple[Path, np.ndarray]:
+def surface_analysis(root: Path, correction: str, mesh_shape=(6, 7), cifti: bool = False) -> tuple[Path, np.ndarray]:
+    """GIfTI data on a 6 x 7 grid mesh, or a CIFTI whose left cortex is that mesh."""
     n_vertices = 6 * 7
     design, Y = _data(n_vertices, seed=5)
     (root / "images").mkdir(parents=True, exist_ok=True)
     names = []
     for i, row in enumerate(Y):
+        if cifti:
+            models = cifti2.BrainModelAxis.from_mask(np.ones(n_vertices, bool), name="CortexLeft")
+            nib.save(cifti2.Cifti2Image(row[None, :].astype(np.float32), header=(cifti2.ScalarAxis(["y"]), models)),
+                     str(root / f"images/i{i:03d}.dscalar.nii"))
+            names.append(f"images/i{i:03d}.dscalar.nii")
+            continue
         nib.save(gifti.GiftiImage(darrays=[gifti.GiftiDataArray(row.astype(np.float32))]),
                  str(root / f"images/lh.i{i:03d}.func.gii"))
         names.append(f"images/lh.i{i:03d}.func.gii")
@@ -172,11 +179,14 @@ def _assert_maps_equal(got: dict, expected: dict) -> None:
         np.testing.assert_allclose(got[name], expected[name], rtol=TIGHT, atol=TIGHT, equal_nan=True, err_msg=name)
 
 
-@pytest.mark.parametrize("kind", ["volume", "surface"])
+@pytest.mark.parametrize("kind", ["volume", "surface", "cifti"])
 def test_stage_maps_equal_core_in_memory(tmp_path, kind):
-    make = volume_analysis if kind == "volume" else surface_analysis
-    correction = FULL + ("  surface: lh.mesh.surf.gii\n" if kind == "surface" else "")
-    yml, Y = make(tmp_path, correction)
+    if kind == "volume":
+        yml, Y = volume_analysis(tmp_path, FULL)
+    elif kind == "surface":
+        yml, Y = surface_analysis(tmp_path, FULL + "  surface: lh.mesh.surf.gii\n")
+    else:
+        yml, Y = surface_analysis(tmp_path, FULL + "  surface: {left: lh.mesh.surf.gii}\n", cifti=True)
     plan = fitted_stages(yml)
     with _inline() as engine:
         outcome = corrections.run_corrections(plan, engine, chunk=32)
@@ -363,6 +373,13 @@ def test_mismatched_mesh_names_both_vertex_counts(tmp_path):
         load_config(yml)
     problem = next(p for p in err.value.problems if p.startswith("correction surface: "))
     assert "35 vertices" in problem and "has 42" in problem, problem
+
+
+def test_cifti_needs_a_mesh_per_hemisphere(tmp_path):
+    yml, _ = surface_analysis(tmp_path, "correction:\n  tfce: true\n  surface: lh.mesh.surf.gii\n", cifti=True)
+    with pytest.raises(ConfigError) as err:
+        load_config(yml)
+    assert any(p.startswith("correction surface: a CIFTI needs a mesh per hemisphere") for p in err.value.problems)
 
 
 def test_template_mesh_of_another_size_names_both_counts(tmp_path):
