@@ -129,9 +129,10 @@ def fitted_stages(yml: Path):
     return plan
 
 
-def in_memory(plan, Y: np.ndarray) -> dict[str, np.ndarray]:
+def in_memory(plan, Y: np.ndarray, nulls: dict | None = None) -> dict[str, np.ndarray]:
     """The corrected maps from core.resampling and geometry in one piece, with the fit's D and df
-    (read from the fit's block files), images in the YAML's order."""
+    (read from the fit's block files), images in the YAML's order; ``nulls`` gets each contrast's
+    null maxima and observed map."""
     cfg = plan.config
     s = cfg.correction
     blocks = [np.load(block_file(plan.workdir, k)) for k in range(len(plan.blocks))]
@@ -156,6 +157,8 @@ def in_memory(plan, Y: np.ndarray) -> dict[str, np.ndarray]:
             null_max = np.nanmax(full, axis=1)
         null_tfce = tfce_maxima(full, layout, two_sided=False)
         null_extent, _ = cluster_maxima(full, layout, s.cluster_threshold)
+        if nulls is not None:
+            nulls[cfg.contrasts[j].name] = {"max": null_max, "observed": obs}
         t = tfce(np.nan_to_num(obs), layout, two_sided=False)
         table = find_clusters(np.nan_to_num(obs), layout, s.cluster_threshold)
         ext = np.concatenate([[0.0], fwe_mlog10p(table.extent, null_extent)])[table.labels]
@@ -196,6 +199,51 @@ def test_stage_maps_equal_core_in_memory(tmp_path, kind):
     assert outcome.n_blocks == 28  # one sign per family
     assert np.nanmax(outcome.maps["conTlp_fwe"][:, 0]) >= 1.0  # the planted effect is found at FWE p ≤ 0.1
     assert any(row["contrast"] == "fam" for row in outcome.clusters)
+
+
+def test_tail_and_corrcon_fwe(tmp_path):
+    """tail: the max-statistic FWE p from core.tail_p; corrcon: against the maxima over contrasts."""
+    from blmm.core.tail import tail_p
+    yml, Y = volume_analysis(tmp_path, FULL + "  tail: true\n")
+    plan = fitted_stages(yml)
+    with _inline() as engine:
+        tailed = corrections.run_corrections(plan, engine, chunk=32)
+    nulls: dict = {}
+    in_memory(plan, Y, nulls)
+    for j, name in enumerate(["fam", "age"]):
+        obs, null = nulls[name]["observed"], nulls[name]["max"]
+        p, _, fitted = tail_p(obs, null[1:], 10.0 ** -fwe_mlog10p(obs, null))
+        with np.errstate(divide="ignore"):
+            expected = np.where(np.isnan(obs), np.nan, -np.log10(p))
+        np.testing.assert_allclose(tailed.maps["conTlp_fwe"][:, j], expected, rtol=TIGHT, atol=TIGHT)
+        assert tailed.tail_accepted[name] == fitted.accepted
+    assert tailed.record()["tail"]["asked"] is True
+    s = plan.config.correction
+    over = plan.__class__(**{**plan.__dict__, "config": plan.config.__class__(**{
+        **plan.config.__dict__, "correction": s.__class__(**{**s.__dict__, "tail": False, "corrcon": True})})})
+    with _inline() as engine:
+        both = corrections.run_corrections(over, engine, chunk=32)
+    joint = np.max(np.stack([nulls[c]["max"] for c in ("fam", "age", "both")]), axis=0)
+    np.testing.assert_array_equal(both.over_contrasts["max"], joint)  # a maximum: exact
+    for j, name in enumerate(["fam", "age"]):
+        np.testing.assert_allclose(both.maps["conTlp_fwe"][:, j], fwe_mlog10p(nulls[name]["observed"], joint),
+                                   rtol=TIGHT, atol=TIGHT)
+
+
+def test_voxels_with_missing_images_are_left_out_of_the_bootstrap(tmp_path):
+    yml, Y = volume_analysis(tmp_path, FULL)
+    lost = tmp_path / "images/i005.nii.gz"
+    values = Y[5].copy()
+    values[4] = 0.0  # zero_is_missing: voxel 4 misses image 5
+    nib.save(nib.Nifti1Image(values.astype(np.float32).reshape(GRID), AFFINE), str(lost))
+    plan = fitted_stages(yml)
+    with _inline() as engine:
+        outcome = corrections.run_corrections(plan, engine, chunk=32)
+    assert outcome.excluded_voxels == 1
+    for name in ("conTlp_fwe", "conT_tfce", "conTlp_tfce_fwe", "conTlp_cluster_fwe"):
+        assert np.isnan(outcome.maps[name][4]).all() and np.isfinite(np.delete(outcome.maps[name], 4, axis=0)).all()
+    assert np.isfinite(outcome.maps["conTlp_fdr"][4]).all()  # fitted, so in the FDR
+    assert (outcome.maps["conT_cluster"][4] == 0).all()
 
 
 def test_written_maps_table_and_record(tmp_path):
