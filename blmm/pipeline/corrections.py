@@ -220,6 +220,14 @@ def sign_blocks(config: Config) -> np.ndarray:
     return independent_blocks(config.factors, names)
 
 
+def blocks_name(config: Config, blocks: np.ndarray) -> str:
+    """The factor whose levels' components are the default blocks (the outermost), else a description."""
+    for f in config.factors:
+        if np.array_equal(independent_blocks(config.factors, [f.name]), blocks):
+            return f.name
+    return "connected components of all random factors' levels"
+
+
 def prepare_block(plan: RunPlan, lo: int, hi: int, k: int) -> str:
     """Prepare analysis voxels lo … hi − 1 (of fit block k), images in config order: the signs do
     not depend on the plan's order."""
@@ -331,7 +339,7 @@ def run_corrections(plan: RunPlan, engine, chunk: int | None = None) -> Correcti
             outcome.maps.update(_observed_tfce(plan, layout))
         return outcome
     blocks = sign_blocks(cfg)
-    outcome.blocks_factor = s.blocks or "connected components of all random factors' levels"
+    outcome.blocks_factor = s.blocks or blocks_name(cfg, blocks)
     outcome.n_blocks = int(blocks.max()) + 1
     if outcome.n_blocks < 2:
         raise InputError(f"correction: the blocks ({outcome.blocks_factor}) form one block of all "

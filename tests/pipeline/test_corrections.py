@@ -255,7 +255,7 @@ def test_written_maps_table_and_record(tmp_path):
     assert (settings.resamples, settings.tfce, settings.seed, settings.cluster_threshold) == (B, True, SEED, 2.0)
     record = read_run_record(out)["correction"]
     assert record["resamples"] == B and record["seed"] == SEED
-    assert record["blocks"] == {"factor": "connected components of all random factors' levels", "count": 28}
+    assert record["blocks"] == {"factor": "family", "count": 28}  # the outermost factor, named
     assert record["tail"] == {"asked": False, "accepted": {}}
     nulls = np.load(out / NULL_MAXIMA_FILE)
     assert nulls["fam/max"].shape == (B + 1,) and nulls["fam/tfce"].shape == (B + 1,)
