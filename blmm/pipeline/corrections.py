@@ -48,7 +48,6 @@ from blmm.io.images import read_image, write_map
 from blmm.io.outdir import (
     CLUSTERS_FILE,
     CORRECTED_INT32_SUFFIXES,
-    CORRECTED_MAPS,
     NULL_MAXIMA_FILE,
     block_file,
     correction_chunk_file,
