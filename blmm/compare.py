@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from blmm import __version__
+from blmm.core.fdr import fdr_mlog10q
 from blmm.core.lrt import (
     Nesting,
     NullDistribution,
@@ -48,7 +49,7 @@ from blmm.io.outdir import (
     remove_stale_maps,
 )
 
-OUTPUT_STATS = ("mask", "Chi2", "Chi2lp")
+OUTPUT_STATS = ("mask", "Chi2", "Chi2lp", "Chi2lp_fdr")
 
 # ---------------------------------------------------------------------------
 # Comparability
@@ -254,8 +255,10 @@ def _counts(mask: np.ndarray, mask_a: np.ndarray, mask_b: np.ndarray, fitted: np
 
 
 def compare(outdir1: str | os.PathLike, outdir2: str | os.PathLike, outdir: str | os.PathLike,
-            force: bool = False) -> ComparisonResult:
+            force: bool = False, fdr: str | None = "bh") -> ComparisonResult:
     """Compare two finished blmm analyses voxel by voxel; write the maps and blmm_compare.json.
+
+    ``fdr`` ("bh", "by" or None): blmm_vox_Chi2lp_fdr, −log10 q over the tested voxels.
 
     Raises CompareError (an InputError) naming the failed condition when the analyses cannot
     be compared.  The maps are written in the format of ``outdir1``'s maps.
@@ -328,6 +331,9 @@ def compare(outdir1: str | os.PathLike, outdir2: str | os.PathLike, outdir: str 
         "Chi2": (np.where(mask, chi2, np.nan), "float32"),
         "Chi2lp": (np.where(mask, minus_log10_p, np.nan), "float32"),
     }
+    if fdr is not None:  # over the tested voxels only (NaN elsewhere): what the p-values are
+        maps["Chi2lp_fdr"] = (fdr_mlog10q(np.where(tested, minus_log10_p, np.nan), fdr), "float32")
+        record["fdr"] = fdr
     record["maps"] = {map_name(stat): map_path(target, map_name(stat), space).name for stat in maps}
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"

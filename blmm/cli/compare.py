@@ -16,6 +16,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("outdir", help="folder for blmm_vox_Chi2, blmm_vox_Chi2lp, blmm_vox_mask, "
                                        "blmm_compare.json and report.html")
     parser.add_argument("--force", action="store_true", help="overwrite an outdir that already holds a comparison (this one or another)")
+    parser.add_argument("--fdr", choices=("bh", "by", "false"), default="bh",
+                        help="blmm_vox_Chi2lp_fdr: -log10 q, Benjamini-Hochberg (default), -Yekutieli, or none")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -29,7 +31,8 @@ def compare_main(argv: list[str] | None = None) -> int:
     def run() -> int:
         from blmm.compare import compare, summary_text
 
-        result = compare(args.out1, args.out2, args.outdir, force=args.force)
+        result = compare(args.out1, args.out2, args.outdir, force=args.force,
+                         fdr=None if args.fdr == "false" else args.fdr)
         for note in result.notes:
             print(f"blmm_compare: note: {note}")
         print(summary_text(result))

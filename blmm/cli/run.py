@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -78,7 +79,39 @@ def _parser() -> argparse.ArgumentParser:
     eng.add_argument("--job-extra", action="append", dest="job_extra_directives",
                      help="extra scheduler directive for each job (repeatable)")
     eng.add_argument("--retries", type=int, help="times a failed task is retried (default 2)")
+    _correction_flags(ap)
     return ap
+
+
+def _correction_flags(ap: argparse.ArgumentParser) -> None:
+    """The ``correction:`` section's flags (each replaces that field of the YAML's section)."""
+    cor = ap.add_argument_group("corrected inference (the YAML's correction: section; docs/corrected.md)")
+    cor.add_argument("--fdr", choices=("bh", "by", "false"), help="FDR maps: Benjamini-Hochberg (default), "
+                     "Benjamini-Yekutieli, or none")
+    cor.add_argument("--resamples", type=int, metavar="B", help="wild-bootstrap resamples for FWE (0: FDR only)")
+    cor.add_argument("--tfce", action="store_true", default=None, help="TFCE maps (and their FWE with resamples)")
+    cor.add_argument("--cluster-threshold", type=float, dest="cluster_threshold", metavar="MLOG10P",
+                     help="cluster-forming threshold as -log10 p (default 3)")
+    cor.add_argument("--connectivity", type=int, choices=(6, 18, 26), help="volume neighbours (default 6)")
+    cor.add_argument("--surface", help="mesh of surface data: a GIfTI/FreeSurfer file or fsaverage5, "
+                     "fsaverage6, fsaverage")
+    cor.add_argument("--blocks", metavar="FACTOR", help="random factor whose levels are the sign blocks "
+                     "(default: connected components of all factors' levels, the outermost factor)")
+    cor.add_argument("--seed", type=int, help="seed of the resamples (default 0)")
+    cor.add_argument("--tail", action="store_true", default=None, help="generalised Pareto tail for FWE p < 1/B")
+    cor.add_argument("--corrcon", action="store_true", default=None, help="FWE also over contrasts")
+
+
+def correction_overrides(args) -> dict:
+    """The correction flags given, as fields of the ``correction:`` section (paths made absolute)."""
+    fields = {key: getattr(args, key) for key in ("fdr", "resamples", "tfce", "cluster_threshold", "connectivity",
+                                                   "surface", "blocks", "seed", "tail", "corrcon")
+              if getattr(args, key) is not None}
+    if fields.get("fdr") == "false":
+        fields["fdr"] = False
+    if "surface" in fields and os.path.exists(fields["surface"]):
+        fields["surface"] = os.path.abspath(fields["surface"])
+    return fields
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +147,9 @@ def model_overrides(args) -> dict:
     overrides = {key: getattr(args, key) for key in MODEL_FLAG_KEYS if getattr(args, key) is not None}
     if args.contrasts:
         overrides["contrasts"] = [contrast_entry(text) for text in args.contrasts]
+    correction = correction_overrides(args)
+    if correction:
+        overrides["correction"] = correction
     return overrides
 
 

@@ -19,6 +19,7 @@ from blmm.config.schema import Config
 from blmm.config.sections import (
     _check_cluster,
     _check_contrasts,
+    _check_correction,
     _check_data_masks,
     _check_design,
     _check_design_rows,
@@ -58,12 +59,16 @@ def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None
 def _apply_overrides(raw: dict, overrides: dict[str, Any]) -> tuple[dict, set[str]]:
     """Top-level keys replaced (None: removed) by ``overrides``; the keys they name."""
     raw = dict(raw)
+    keys = set(overrides)
     for key, value in overrides.items():
         if value is None:
             raw.pop(key, None)
+        elif key == "correction" and isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}  # flags replace single fields; their paths are absolute
+            keys.discard(key)
         else:
             raw[key] = value
-    return raw, set(overrides)
+    return raw, keys
 
 
 def _check_sections(found: _Found) -> dict[str, Any]:
@@ -103,6 +108,7 @@ def _check_sections(found: _Found) -> dict[str, Any]:
     checked["data_mask_files"], checked["data_mask_list_path"] = _check_data_masks(
         found, None if y_files is None else len(y_files), space)
     checked["min_percent"], checked["min_n"] = _check_missingness(found, n)
+    checked["correction"] = _check_correction(found, space, factors)
     return checked
 
 
@@ -142,6 +148,7 @@ def _build_config(yaml_path: Path | None, checked: dict[str, Any], warnings: tup
         zero_is_missing=options["zero_is_missing"],
         cluster=checked["cluster"],
         report_threshold=float(options["report_threshold"]),
+        correction=checked["correction"],
         x_path=checked["x_path"],
         y_list_path=checked["y_list_path"],
         data_mask_list_path=checked["data_mask_list_path"],

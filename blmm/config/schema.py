@@ -20,7 +20,7 @@ _OPTIONAL_KEYS = (
     "analysis_mask", "data_mask_files", "data_mask_thresh", "Missingness", "MAXMEM",
     "OutputCovB", "resms", "minlog", "method", "tol", "maxnit", "voxelBatching", "maxnvb",
     "safeMode", "clusterType", "numNodes",
-    "REML", "two_sided", "zero_is_missing", "cluster", "report_threshold",
+    "REML", "two_sided", "zero_is_missing", "cluster", "report_threshold", "correction",
 )
 # Accepted so upstream YAMLs still load, but they do nothing here.
 _IGNORED_KEYS = {
@@ -38,12 +38,43 @@ _FACTOR_FIELDS = ("name", "factor", "design")
 _CONTRAST_FIELDS = ("name", "vector", "statType")  # statType: in upstream's template, never read
 _MISSINGNESS_FIELDS = {"minpercent": "MinPercent", "minn": "MinN"}
 _MAX_LISTED = 5  # files named per problem before summarising the rest
+FDR_CHOICES = ("bh", "by")  # blmm.core.fdr.FDR_METHODS; false switches FDR off
+CONNECTIVITIES = (6, 18, 26)  # volume neighbours (blmm.geometry.layout)
 
 
 
 # ---------------------------------------------------------------------------
 # The typed result
 # ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class CorrectionSettings:
+    """The ``correction:`` section: corrected inference after the fit (docs/corrected.md)."""
+
+    fdr: str | None = "bh"  # "bh", "by", or None (no FDR maps)
+    resamples: int = 0  # B, wild-bootstrap resamples beyond the identity; 0: FDR only
+    tfce: bool = False
+    cluster_threshold: float = 3.0  # cluster-forming threshold on the −log10 p map
+    connectivity: int = 6  # volume neighbours: 6, 18 or 26
+    surface: str | dict[str, str] | None = None  # a mesh file (absolute) or template name; CIFTI: per hemisphere
+    blocks: str | None = None  # the factor whose levels' components are the sign blocks; None: all factors
+    seed: int = 0
+    tail: bool = False  # generalised Pareto tail for FWE p beyond 1/B
+    corrcon: bool = False  # FWE also over contrasts (PALM's -corrcon)
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The section as the YAML holds it (``fdr: false`` when off)."""
+        out: dict[str, Any] = {
+            "fdr": self.fdr if self.fdr is not None else False, "resamples": int(self.resamples),
+            "tfce": bool(self.tfce), "cluster_threshold": float(self.cluster_threshold),
+            "connectivity": int(self.connectivity), "seed": int(self.seed), "tail": bool(self.tail),
+            "corrcon": bool(self.corrcon)}
+        if self.surface is not None:
+            out["surface"] = dict(self.surface) if isinstance(self.surface, dict) else self.surface
+        if self.blocks is not None:
+            out["blocks"] = self.blocks
+        return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,6 +111,7 @@ class Config:
     zero_is_missing: bool = True
     cluster: dict[str, Any] = field(default_factory=dict)
     report_threshold: float = 3.0
+    correction: CorrectionSettings | None = None  # None: no ``correction:`` section, no corrected maps
     # Where the tables came from, so to_yaml_dict can point at them.
     x_path: Path | None = None
     y_list_path: Path | None = None
@@ -167,6 +199,8 @@ class Config:
             inputs["clusterType"] = self.cluster_type
         if self.cluster:
             inputs["cluster"] = _plain(self.cluster)
+        if self.correction is not None:
+            inputs["correction"] = self.correction.to_yaml_dict()
         return inputs
 
 

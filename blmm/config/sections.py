@@ -12,9 +12,11 @@ import numpy as np
 from blmm.core.design import Contrast, RandomFactor, identifiability_problems
 from blmm.core.design_basis import dependent_columns
 from blmm.core.fit import METHODS
+from blmm.core.resampling import check_blocks, independent_blocks
 from blmm.engine.spec import CLUSTER_RULES, CLUSTER_TYPES, KINDS
 from blmm.errors import ImageError, InputError
 from blmm.io.images import ImageSpace, image_space, mismatch_reason, read_image
+from blmm.io.surfaces import TEMPLATE_MESHES, read_layout
 from blmm.io.tables import read_labels, read_matrix
 
 from blmm.config.readers import (
@@ -42,7 +44,10 @@ from blmm.config.schema import (
     _MISSINGNESS_FIELDS,
     _NO_EFFECT_KEYS,
     _REQUIRED_KEYS,
+    CONNECTIVITIES,
     DEFAULT_MAXMEM,
+    FDR_CHOICES,
+    CorrectionSettings,
     DEFAULT_MINLOG,
     KNOWN_KEYS,
 )
@@ -530,3 +535,120 @@ def _writable(folder: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+#: the ``correction:`` fields, in the order they are checked
+CORRECTION_FIELDS = ("fdr", "resamples", "tfce", "cluster_threshold", "connectivity", "surface",
+                     "blocks", "seed", "tail", "corrcon")
+
+
+def _check_correction(found: _Found, space: ImageSpace | None,
+                      factors: list[RandomFactor]) -> CorrectionSettings | None:
+    """The ``correction:`` section (docs/corrected.md): every field's type and range, the blocks'
+    factor, and for surface data with resamples or TFCE a mesh of the data's vertex count."""
+    value = found.raw.get("correction")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        found.problem(f"correction: expected a mapping of {', '.join(CORRECTION_FIELDS)}, found {_shorten(value)}")
+        return None
+    for key in value:
+        if key not in CORRECTION_FIELDS:
+            found.problem(f"correction: unknown field {str(key)!r}{_suggest(key, CORRECTION_FIELDS)}")
+    sub = _Found(value, found.base_dir("correction"), set())
+    fdr = sub.raw.get("fdr", "bh")
+    if fdr is False or (isinstance(fdr, str) and fdr.strip().lower() in ("false", "no", "off", "none")):
+        fdr = None
+    elif not (isinstance(fdr, str) and fdr.strip().lower() in FDR_CHOICES):
+        sub.problem(f"fdr: expected one of {', '.join(FDR_CHOICES)} or false, found {_shorten(fdr)}")
+        fdr = "bh"
+    else:
+        fdr = fdr.strip().lower()
+    resamples = read_option_number(sub, "resamples", 0, integer=True, minimum=0)
+    threshold = read_option_number(sub, "cluster_threshold", 3.0, minimum=0, strict_minimum=True)
+    connectivity = read_option_number(sub, "connectivity", 6, integer=True)
+    if sub.present("connectivity") and connectivity not in CONNECTIVITIES:
+        sub.problem(f"connectivity: expected one of {', '.join(map(str, CONNECTIVITIES))}, "
+                    f"found {_shorten(sub.raw['connectivity'])}")
+        connectivity = 6
+    seed = read_option_number(sub, "seed", 0, integer=True, minimum=0)
+    flags = {key: read_flag(sub, key, False) for key in ("tfce", "tail", "corrcon")}
+    blocks = _correction_blocks(sub, factors)
+    surface = _correction_surface(sub)
+    if resamples == 0 and flags["tail"]:
+        sub.problem("tail: the tail approximation needs resamples > 0, found resamples 0")
+    if space is not None and (resamples > 0 or flags["tfce"]):
+        _check_correction_geometry(sub, space, surface)
+    found.problems.extend(f"correction {text}" for text in sub.problems)
+    return CorrectionSettings(fdr=fdr, resamples=int(resamples), tfce=flags["tfce"],
+                              cluster_threshold=float(threshold), connectivity=int(connectivity),
+                              surface=surface, blocks=blocks, seed=int(seed), tail=flags["tail"],
+                              corrcon=flags["corrcon"])
+
+
+def _correction_blocks(sub: _Found, factors: list[RandomFactor]) -> str | None:
+    """``blocks``: a random factor whose levels' connected components hold whole components of
+    every factor's levels (flipping signs inside a family is invalid)."""
+    if not sub.present("blocks"):
+        return None
+    name = sub.raw["blocks"]
+    names = [f.name for f in factors]
+    if not isinstance(name, str) or name not in names:
+        sub.problem(f"blocks: expected the name of a random factor ({', '.join(names) or 'none given'}), "
+                    f"found {_shorten(name)}")
+        return None
+    split = check_blocks(independent_blocks(factors, [name]), independent_blocks(factors))
+    if split.size:
+        sub.problem(f"blocks: {name} splits {split.size} group(s) of images linked by the other random "
+                    f"factors (e.g. one family's subjects); expected a factor that holds them whole, "
+                    f"such as the outermost one (leave blocks out for the connected components)")
+        return None
+    return name
+
+
+def _correction_surface(sub: _Found) -> str | dict[str, str] | None:
+    """``surface``: a template name, a mesh file (relative to the YAML), or {left:, right:} for CIFTI."""
+    if not sub.present("surface"):
+        return None
+    value = sub.raw["surface"]
+    entries = value if isinstance(value, dict) else {None: value}
+    out: dict[Any, str] = {}
+    for hemi, spec in entries.items():
+        label = "surface" if hemi is None else f"surface {hemi}"
+        if isinstance(spec, str) and spec.strip() in TEMPLATE_MESHES:
+            out[hemi] = spec.strip()
+            continue
+        path = read_path(sub, "surface", spec, label=label)
+        if path is not None:
+            out[hemi] = str(path)
+    if len(out) != len(entries):
+        return None
+    return out if isinstance(value, dict) else out[None]
+
+
+def _check_correction_geometry(sub: _Found, space: ImageSpace,
+                               surface: str | dict[str, str] | None) -> None:
+    """Clusters and TFCE need adjacency: surface data need a mesh with the data's vertex count."""
+    one_dimensional = sum(size > 1 for size in space.shape) <= 1
+    needs_mesh = space.format in ("gifti", "dat", "cifti") or one_dimensional
+    if not needs_mesh:
+        return
+    if surface is None and sub.present("surface"):
+        return  # already reported
+    if surface is None and space.format != "cifti":  # a CIFTI of volume parts only needs none
+        sub.problem(f"surface: {space.describe()} data need a mesh for clusters and TFCE: expected a "
+                    f"GIfTI or FreeSurfer mesh file or one of {', '.join(TEMPLATE_MESHES)}, found none")
+        return
+    if isinstance(surface, str) and space.format == "cifti":
+        sub.problem(f"surface: a CIFTI needs a mesh per hemisphere: expected {{left: ..., right: ...}}, "
+                    f"found {_shorten(surface)}")
+        return
+    if isinstance(surface, str) and surface in TEMPLATE_MESHES:
+        if TEMPLATE_MESHES[surface] != space.n_voxels:  # no need to read the template to know
+            sub.problem(f"surface: mesh {surface} has {TEMPLATE_MESHES[surface]} vertices but the data "
+                        f"({space.describe()}) have {space.n_voxels}: name the mesh the data were sampled on")
+        return
+    try:
+        read_layout(space, np.ones(space.n_voxels, bool), surface=surface)
+    except InputError as err:
+        sub.problem("surface: " + str(err).removeprefix("surface: "))

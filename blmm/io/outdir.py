@@ -44,7 +44,27 @@ MAP_EXTENSIONS = (
 )
 # Raw .dat maps of counts are int32 (upstream's n, mask, edf; blmm's converged, nit);
 # all others float32.
-INT32_DAT_MAPS = frozenset({"n", "mask", "edf", "converged", "nit"})
+INT32_DAT_MAPS = frozenset({"n", "mask", "edf", "converged", "nit", "conT_cluster", "conF_cluster"})
+
+
+CLUSTERS_FILE = "blmm_clusters.tsv"  # corrected inference: one row per cluster of every contrast
+NULL_MAXIMA_FILE = "blmm_null_maxima.npz"  # corrected inference: each statistic's null maxima per contrast
+# Corrected inference (docs/corrected.md): per contrast kind, suffix -> one-line meaning.  The map of a
+# T contrast is "conT" + suffix, of an F contrast "conF" + suffix, one volume per contrast of that kind.
+CORRECTED_MAPS = {
+    "lp_fdr": "−log10 q, Benjamini–Hochberg (or –Yekutieli) FDR over the fitted voxels",
+    "lp_fwe": "−log10 FWE p of the maximum statistic (wild bootstrap, −log10 p maps)",
+    "_tfce": "TFCE of the −log10 p map (H = 2, E = 0.5 volumes; E = 1 surfaces, area-weighted)",
+    "lp_tfce_fwe": "−log10 FWE p of TFCE (its maximum over the analysis)",
+    "_cluster": "cluster index at −log10 p ≥ cluster_threshold (row of blmm_clusters.tsv; 0 outside)",
+    "lp_cluster_fwe": "−log10 FWE p of the voxel's cluster extent (voxels or mm²; 0 outside clusters)",
+}
+CORRECTED_INT32_SUFFIXES = frozenset({"_cluster"})
+
+
+def corrected_map_stat(kind: str, suffix: str) -> str:
+    """``conTlp_fwe`` for ("T", "lp_fwe"): the statistic name of a corrected map."""
+    return f"con{kind}{suffix}"
 
 
 def map_name(stat: str) -> str:
@@ -70,6 +90,22 @@ def batch_counts_file(workdir: Path, b: int) -> Path:
 def block_file(workdir: Path, k: int) -> Path:
     """Results of voxel block k."""
     return workdir / f"block{k:05d}.npz"
+
+
+def correction_y_file(workdir: Path, b: int) -> Path:
+    """Image batch b's data (images x analysis voxels, float64, rows in the plan's order), for resampling."""
+    return workdir / f"batch{b:05d}.Y.npy"
+
+
+def correction_prep_file(workdir: Path, lo: int, hi: int) -> Path:
+    """Analysis voxels lo … hi − 1's prepared wild-bootstrap contributions (``core.resampling.ResamplingPrep``,
+    pickled); named by the range, so another MAXMEM's cut never reads them."""
+    return workdir / f"voxels{lo:08d}-{hi:08d}.resampling.pkl"
+
+
+def correction_chunk_file(workdir: Path, c: int) -> Path:
+    """Resample chunk c's maxima of every statistic and contrast."""
+    return workdir / f"resamples{c:05d}.npz"
 
 
 # ------------------------------------------------------------------ atomic writes
@@ -458,7 +494,7 @@ def remove_run_outputs(outdir: str | os.PathLike) -> list[Path]:
     """Delete what a previous run left in ``outdir``: its maps, record, inputs copy, float64
     log-likelihood and report, and temporaries of those; only files named here. Returns them."""
     folder = Path(outdir)
-    owned = {RUN_FILE, INPUTS_FILE, LLH64_FILE, REPORT_FILE}
+    owned = {RUN_FILE, INPUTS_FILE, LLH64_FILE, REPORT_FILE, CLUSTERS_FILE, NULL_MAXIMA_FILE}
     removed = []
     for path in folder.iterdir() if folder.is_dir() else ():
         name = path.name
@@ -622,3 +658,25 @@ def load_map(
         raise ViewerError(
             f"{path}: map has {values.shape[0]} vertices but {n_vertices} were expected")
     return values
+
+
+def read_null_maxima(outdir: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """Corrected inference's null maxima: contrast (or "over_contrasts") -> statistic -> (B + 1,); {} if none."""
+    path = Path(outdir) / NULL_MAXIMA_FILE
+    if not path.is_file():
+        return {}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path) as arrays:
+        for key in arrays.files:
+            owner, statistic = key.rsplit("/", 1)
+            out.setdefault(owner, {})[statistic] = np.asarray(arrays[key])
+    return out
+
+
+def read_cluster_table(outdir: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
+    """blmm_clusters.tsv as (header, rows of text cells); ([], []) if there is none."""
+    path = Path(outdir) / CLUSTERS_FILE
+    if not path.is_file():
+        return [], []
+    lines = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return (lines[0], lines[1:]) if lines else ([], [])

@@ -9,7 +9,9 @@ Stages, each a function whose output the next one takes (``run`` only composes t
 3. ``fit_block(plan, k)``: sums block k's rows of every partial in a fixed (batch) order,
    groups voxels by presence pattern, fits, infers, and writes the block's results.
 4. ``write_outputs(plan)``: assembles the maps in the input's format; returns the counts.
-5. ``record_run(plan, ...)`` (``run``): inputs.yml and blmm_run.json, written last.
+5. ``run_corrections(plan, engine)`` (``corrections``): with a ``correction:`` section, FDR and
+   the wild bootstrap's FWE, TFCE and cluster maps (docs/corrected.md); ``write_corrections``.
+6. ``record_run(plan, ...)`` (``run``): inputs.yml and blmm_run.json, written last.
 
 Batches and blocks run on an engine (``blmm.engine``), which ``run`` may open itself once the run
 is planned: kind ``auto`` weighs ``estimate_work(plan)`` (``cost``) against a dask cluster's

@@ -20,6 +20,7 @@ from blmm.io.outdir import (
     write_inputs,
     write_run_record,
 )
+from blmm.pipeline.corrections import CorrectionOutcome, run_corrections, write_corrections
 from blmm.pipeline.cost import estimate_work
 from blmm.pipeline.plan import RunPlan, plan_run
 from blmm.pipeline.stages import (
@@ -113,12 +114,14 @@ def _run_stages(plan: RunPlan, engine, engine_choice: dict, timings: dict, t0: f
     timed(timings, "read", read_images, plan, engine)
     timed(timings, "fit", fit_blocks, plan, engine)
     counts = timed(timings, "write", write_outputs, plan)
-    timings["total"] = time.perf_counter() - t0
     if counts["fitted"] == 0:  # a failed analysis: no maps, record or report stay behind
         shutil.rmtree(plan.workdir, ignore_errors=True)
         remove_run_outputs(plan.config.outdir)
         raise NothingFitted(nothing_fitted_text(counts))
-    out = record_run(plan, engine, counts, timings, engine_choice)
+    correction = timed(timings, "correct", run_corrections, plan, engine)
+    timed(timings, "write_corrections", write_corrections, plan, correction)
+    timings["total"] = time.perf_counter() - t0
+    out = record_run(plan, engine, counts, timings, engine_choice, correction)
     _write_report(out, log)
     config = plan.config
     log(summary_text(counts, timings["total"], config.two_sided if any(c.is_t for c in config.contrasts) else None,
@@ -169,7 +172,8 @@ def fit_blocks(plan: RunPlan, engine) -> RunPlan:
     return plan
 
 
-def record_run(plan: RunPlan, engine, counts: dict, timings: dict, engine_choice: dict | None = None) -> Path:
+def record_run(plan: RunPlan, engine, counts: dict, timings: dict, engine_choice: dict | None = None,
+               correction: CorrectionOutcome | None = None) -> Path:
     """Stage 5: inputs.yml and blmm_run.json (last: it marks the run finished); the work folder goes."""
     config = plan.config
     out = Path(config.outdir)
@@ -193,6 +197,8 @@ def record_run(plan: RunPlan, engine, counts: dict, timings: dict, engine_choice
         record["engine_choice"] = engine_choice
     if config.formula is not None:
         record["formula"] = config.formula.record()
+    if correction is not None:  # corrected inference: seed, B, blocks, tail, null maxima (docs/corrected.md)
+        record["correction"] = correction.record()
     with disk_full_as_error(out, space_needed(plan)["total"], "the run record"):
         write_inputs(out, config.to_yaml_dict())
         write_run_record(out, record)

@@ -39,11 +39,15 @@ from blmm import __version__
 from blmm.errors import InputError, ViewerError
 from blmm.io.images import to_canonical
 from blmm.io.outdir import (
+    CLUSTERS_FILE,
     COMPARE_FILE,
     MAP_PREFIX,
     REPORT_FILE,
+    corrected_map_stat,
     find_map,
+    read_cluster_table,
     read_compare_record,
+    read_null_maxima,
     read_run_record,
     write_text_atomically,
 )
@@ -561,11 +565,57 @@ def build_report(outdir: str | Path, with_figures: bool | None = None) -> str:
                     maps[name] = read_report_map(folder, name, geometry)
         for position, contrast in enumerate(summary.contrasts):
             _contrast_section(page, summary, geometry, contrast, maps, f"contrast-{position}")
+    _corrected_section(page, summary, geometry)
     page.heading("More", "more")
     page.text("<p>Every map: docs/outputs.md. Any map, interactively: "
               f"<code>blmm_view {html.escape(str(folder))} conTlp --volume 0 --threshold "
               f"{summary.threshold:g} -o page.html</code> (docs/viewer.md).</p>")
     return page.render()
+
+
+def _corrected_section(page: ReportPage, summary: RunDescription, geometry: MapGeometry | None) -> None:
+    """Corrected inference (docs/corrected.md): its settings, the null distributions of the
+    maxima, each contrast's FWE (or FDR) map, and the cluster table."""
+    record = summary.record.get("correction")
+    if not record:
+        return
+    folder = summary.outdir
+    page.heading("Corrected inference", "corrected")
+    rows = [("FDR", str(record.get("fdr") or "none")), ("resamples (B)", _fmt(record.get("resamples"))),
+            ("seed", _fmt(record.get("seed")))]
+    if record.get("resamples"):
+        blocks = record.get("blocks", {})
+        tail = record.get("tail", {})
+        rows += [("sign blocks", f"{blocks.get('count')} ({blocks.get('factor')})"),
+                 ("FWE over contrasts", "yes" if record.get("over_contrasts") else "no"),
+                 ("tail approximation", "asked; accepted for " + (", ".join(k for k, v in tail.get("accepted", {}).items() if v) or "none")
+                  if tail.get("asked") else "no"),
+                 ("voxels left out (own missing images)", _fmt(record.get("excluded_voxels")))]
+    page.table(rows)
+    header, clusters = read_cluster_table(folder)
+    nulls = read_null_maxima(folder)
+    if page.with_figures and nulls:
+        for owner, per in nulls.items():
+            add_histograms(page, [(f"null maximum of {statistic}", values, None, None)
+                                  for statistic, values in per.items()],
+                           title=f"Null distributions of the maxima: {html.escape(owner)}")
+    if page.with_figures and geometry is not None and geometry.kind != "none":
+        for kind in sorted({c.kind for c in summary.contrasts}, reverse=True):
+            stat = corrected_map_stat(kind, "lp_fwe" if record.get("resamples") else "lp_fdr")
+            values = read_report_map(folder, stat, geometry)
+            if values is None:
+                continue
+            for contrast in (c for c in summary.contrasts if c.kind == kind):
+                column = values[:, contrast.index]
+                shown = np.nan_to_num(column, nan=-np.inf) > -math.log10(0.05)
+                add_map_figure(page, geometry, column, f"{kind} · {html.escape(contrast.name)}: "
+                               f"{MAP_PREFIX}{stat} (p < 0.05 coloured)", shown=shown, threshold=None)
+    if header:
+        page.heading("Clusters", "clusters", level=3)
+        if clusters:
+            page.table([tuple(row) for row in clusters[:200]], header=tuple(header))
+        else:
+            page.note(f"no cluster above the cluster-forming threshold ({CLUSTERS_FILE} is empty)")
 
 
 def write_report(outdir: Path) -> Path:

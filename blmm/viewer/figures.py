@@ -14,7 +14,9 @@ import numpy as np
 from blmm.errors import ViewerError
 from blmm.io.images import image_space, read_map, to_canonical
 from blmm.io.outdir import (
+    CORRECTED_MAPS,
     MAP_PREFIX,
+    corrected_map_stat,
     contrast_entries,
     load_map,
     read_settings,
@@ -28,8 +30,11 @@ if TYPE_CHECKING:  # plotly is optional: only imported when a figure is built
     import plotly.graph_objects as go
 
 
-T_CONTRAST_MAPS = frozenset({"conT", "con", "conSE", "conTlp", "conT_swedf"})
-F_CONTRAST_MAPS = frozenset({"conF", "conFlp", "conF_swedf", "conR2"})
+# corrected inference's maps (io.outdir.CORRECTED_MAPS) have one volume per contrast of their kind too
+T_CONTRAST_MAPS = frozenset({"conT", "con", "conSE", "conTlp", "conT_swedf"}
+                            | {corrected_map_stat("T", suffix) for suffix in CORRECTED_MAPS})
+F_CONTRAST_MAPS = frozenset({"conF", "conFlp", "conF_swedf", "conR2"}
+                            | {corrected_map_stat("F", suffix) for suffix in CORRECTED_MAPS})
 
 MAP_DESCRIPTIONS = {
     "beta": "fixed-effects estimate",
@@ -46,11 +51,14 @@ MAP_DESCRIPTIONS = {
     "conR2": "partial R\u00b2",
     "Chi2": "likelihood-ratio \u03c7\u00b2",
     "Chi2lp": "likelihood-ratio -log10 p",
+    "Chi2lp_fdr": "likelihood-ratio -log10 q (FDR)",
     "llh": "log-likelihood",
     "mask": "analysis mask",
     "n": "number of observations",
     "edf": "effective degrees of freedom",
     "resms": "residual mean square",
+    **{corrected_map_stat(kind, suffix): f"{kind} contrast {meaning}"
+       for kind in "TF" for suffix, meaning in CORRECTED_MAPS.items()},
 }
 
 

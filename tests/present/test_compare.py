@@ -187,7 +187,8 @@ def test_chi2_matches_lme4_anova(analyses, name, tmp_path):
     assert np.all(read_map(small / "blmm_vox_n.nii")[:, 0] == case.n_obs)
     # the maps hold what the result says, in the input's format
     written = {p.name for p in (tmp_path / "cmp").iterdir()}
-    assert written == {"blmm_vox_mask.nii", "blmm_vox_Chi2.nii", "blmm_vox_Chi2lp.nii", COMPARE_FILE, "report.html"}
+    assert written == {"blmm_vox_mask.nii", "blmm_vox_Chi2.nii", "blmm_vox_Chi2lp.nii", "blmm_vox_Chi2lp_fdr.nii",
+                       COMPARE_FILE, "report.html"}
     chi2_map = read_map(tmp_path / "cmp" / "blmm_vox_Chi2.nii")[:, 0]
     assert chi2_map.dtype == np.float32
     assert np.array_equal(chi2_map, result.chi2.astype(np.float32))
@@ -315,7 +316,8 @@ def test_dat_inputs_give_dat_outputs(analyses, tmp_path):
     small, big = analyses.get("crossed", "small", fmt="dat"), analyses.get("crossed", "big", fmt="dat")
     result = compare(small, big, tmp_path / "cmp")
     names = {p.name for p in (tmp_path / "cmp").iterdir()}
-    assert names == {"blmm_vox_mask.dat", "blmm_vox_Chi2.dat", "blmm_vox_Chi2lp.dat", COMPARE_FILE, "report.html"}
+    assert names == {"blmm_vox_mask.dat", "blmm_vox_Chi2.dat", "blmm_vox_Chi2lp.dat", "blmm_vox_Chi2lp_fdr.dat",
+                     COMPARE_FILE, "report.html"}
     assert np.array_equal(read_map(tmp_path / "cmp" / "blmm_vox_mask.dat", dtype=np.int32)[:, 0], np.ones(8))
     assert np.array_equal(read_map(tmp_path / "cmp" / "blmm_vox_Chi2.dat")[:, 0], result.chi2.astype(np.float32))
     # float32 data: not R's numbers, but the statistic is still the llh difference
@@ -553,3 +555,19 @@ def test_nesting_dataclass_flags():
 def test_log_sf_rejects_bad_df():
     with pytest.raises(ValueError):
         chi2_log_sf(np.array([1.0]), 1.5)
+
+
+@pytest.mark.parametrize("method", ["bh", "by"])
+def test_lrt_fdr_map_equals_statsmodels(analyses, tmp_path, method):
+    """blmm_vox_Chi2lp_fdr: −log10 q over the tested voxels, as statsmodels' multipletests."""
+    from statsmodels.stats.multitest import multipletests
+    result = compare(analyses.get("fixed", "small"), analyses.get("fixed", "big"), tmp_path / "cmp", fdr=method)
+    written = read_map(next((tmp_path / "cmp").glob("blmm_vox_Chi2lp_fdr.*"))).reshape(-1)
+    p = 10.0 ** -result.minus_log10_p
+    q = multipletests(p, method=f"fdr_{method}")[1]
+    # float32 map of −log10 q: ~6e-8 relative; statsmodels works on p itself, which underflows to 0 at
+    # voxel 8 (−log10 p ≈ 420), where blmm's q stays finite (log space)
+    finite = q > 0
+    assert np.isfinite(written).all() and not finite.all()
+    np.testing.assert_allclose(written[finite], -np.log10(q[finite]), rtol=1e-6, atol=1e-6)
+    assert json.loads((tmp_path / "cmp" / COMPARE_FILE).read_text())["fdr"] == method

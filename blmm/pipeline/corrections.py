@@ -1,0 +1,488 @@
+"""Stage 4b, after the fit: corrected inference (docs/corrected.md, "Usage").
+
+1. ``fdr_maps``: −log10 q of every contrast's −log10 p over the fitted voxels (cheap, always
+   unless ``fdr: false``).
+2. With ``resamples`` B > 0, the restricted wild bootstrap of ``core.resampling`` on the engine:
+   ``store_data(plan, b)`` writes image batch b's data again (images x analysis voxels,
+   float64, a second read of the images) into the work folder; ``prepare_block(plan, lo, hi, k)``
+   prepares the per-block contributions of voxels lo … hi − 1 (of fit block k; the
+   fit's blocks cut to a quarter of MAXMEM by ``correction_blocks``) from those rows and the fit's D;
+   ``resample_chunk(plan, layout, c, start, stop)`` runs resamples start … stop − 1 over every
+   block, one block in memory at a time, and keeps each statistic's maximum (max −log10 p,
+   TFCE, cluster extent and mass).  Chunks combine by concatenation of their maxima; every
+   chunk's file is kept in the work folder, so a killed run redoes only unfinished chunks.
+3. ``write_corrections`` turns observed maps and null maxima into the maps, the cluster table
+   and the null maxima file; ``CorrectionOutcome.record()`` goes into blmm_run.json.
+
+Voxels with their own missing images (n_v < n) are fitted but left out of the bootstrap: their
+FWE, TFCE and cluster maps are NaN, and the record counts them (``excluded_voxels``).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from blmm.config import Config, CorrectionSettings
+from blmm.core.design import Contrast
+from blmm.core.fdr import fdr_mlog10q
+from blmm.core.fit import FITTED, FitResult
+from blmm.core.linalg import unvech
+from blmm.core.resampling import (
+    GEMM_BATCH,
+    ResamplingPrep,
+    fwe_mlog10p,
+    independent_blocks,
+    prepare,
+    resampled_maps,
+)
+from blmm.core.tail import tail_p
+from blmm.errors import InputError
+from blmm.geometry import SpatialLayout, cluster_maxima, find_clusters, tfce, tfce_maxima
+from blmm.io.images import read_image, write_map
+from blmm.io.outdir import (
+    CLUSTERS_FILE,
+    CORRECTED_INT32_SUFFIXES,
+    NULL_MAXIMA_FILE,
+    block_file,
+    correction_chunk_file,
+    correction_prep_file,
+    correction_y_file,
+    corrected_map_stat,
+    map_name,
+    save_arrays_atomically,
+    write_text_atomically,
+)
+from blmm.io.surfaces import read_layout
+from blmm.pipeline.plan import RunPlan
+
+MAX, TFCE, EXTENT, MASS = "max", "tfce", "cluster_extent", "cluster_mass"  # statistics of the null maxima
+CHUNKS_TO_SHARE = 8  # resample chunks to aim for: work for several workers, and for a resume to keep
+
+
+@dataclass
+class CorrectionOutcome:
+    """What the correction stage computed, over the analysis-mask voxels (``plan.voxels``)."""
+
+    settings: CorrectionSettings
+    contrasts: list[Contrast]
+    maps: dict[str, np.ndarray] = field(default_factory=dict)  # map stat -> (V_analysis, contrasts of its kind)
+    clusters: list[dict] = field(default_factory=list)  # rows of blmm_clusters.tsv
+    null_maxima: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # contrast -> statistic -> (B + 1,)
+    over_contrasts: dict[str, np.ndarray] = field(default_factory=dict)  # statistic -> (B + 1,), with corrcon
+    blocks_factor: str = ""
+    n_blocks: int = 0
+    excluded_voxels: int = 0  # fitted, but with their own missing images: not resampled
+    tail_accepted: dict[str, bool] = field(default_factory=dict)  # contrast -> GPD fit accepted
+    chunks: int = 0
+
+    def record(self) -> dict:
+        """The run record's ``correction`` entry."""
+        s = self.settings
+        out = {"settings": s.to_yaml_dict(), "fdr": s.fdr, "resamples": s.resamples, "seed": s.seed,
+               "maps": sorted(self.maps)}
+        if s.resamples:
+            out.update({
+                "blocks": {"factor": self.blocks_factor, "count": self.n_blocks},
+                "statistics": sorted({k for per in self.null_maxima.values() for k in per}),
+                "null_maxima_file": NULL_MAXIMA_FILE, "resample_chunks": self.chunks,
+                "excluded_voxels": self.excluded_voxels, "over_contrasts": bool(s.corrcon),
+                "tail": {"asked": bool(s.tail), "accepted": self.tail_accepted},
+                "null_maxima_summary": {c: {k: [float(np.quantile(v, 0.95)), float(np.max(v))]
+                                            for k, v in per.items()} for c, per in self.null_maxima.items()},
+            })
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers over the fit's block files
+
+def _kind(contrast: Contrast) -> str:
+    return "T" if contrast.is_t else "F"
+
+
+def _contrast_keys(config: Config) -> list[str]:
+    """Block-file prefix of each contrast, in config order: T{i} / F{i} counted per kind."""
+    counts = {"T": 0, "F": 0}
+    keys = []
+    for c in config.contrasts:
+        keys.append(f"{_kind(c)}{counts[_kind(c)]}")
+        counts[_kind(c)] += 1
+    return keys
+
+
+def _gather(plan: RunPlan, key: str) -> np.ndarray:
+    """A block-result array over the analysis voxels (NaN where a block has none)."""
+    parts = []
+    for k, (lo, hi) in enumerate(plan.blocks):
+        with np.load(block_file(plan.workdir, k)) as block:
+            parts.append(np.asarray(block[key], dtype=np.float64) if key in block.files else np.full(hi - lo, np.nan))
+    return np.concatenate(parts)
+
+
+def fdr_maps(plan: RunPlan, method: str) -> dict[str, np.ndarray]:
+    """−log10 q of every contrast over its fitted voxels: map stat -> (V_analysis, contrasts of its kind)."""
+    cfg = plan.config
+    by_kind: dict[str, list[np.ndarray]] = {"T": [], "F": []}
+    for c, key in zip(cfg.contrasts, _contrast_keys(cfg)):
+        by_kind[_kind(c)].append(fdr_mlog10q(_gather(plan, f"{key}_mlog10p"), method))
+    return {corrected_map_stat(kind, "lp_fdr"): np.stack(cols, axis=1) for kind, cols in by_kind.items() if cols}
+
+
+# ---------------------------------------------------------------------------------------------
+# The bootstrap's pieces on the engine
+
+def correction_layout(plan: RunPlan) -> SpatialLayout | None:
+    """Adjacency and extents over the analysis voxels, when clusters or TFCE are asked for."""
+    s = plan.config.correction
+    if s is None or not (s.resamples > 0 or s.tfce):
+        return None
+    in_mask = np.zeros(plan.config.space.n_voxels, bool)
+    in_mask[plan.voxels] = True
+    return read_layout(plan.config.space, in_mask, s.connectivity, s.surface)
+
+
+def store_data(plan: RunPlan, b: int) -> str:
+    """Image batch b's values at the analysis voxels, (images, voxels) float64, rows in plan order.
+
+    A second read of the images (the fit keeps only sums); written row by row, so memory holds one image.
+    """
+    path = correction_y_file(plan.workdir, b)
+    if path.exists():
+        return str(path)
+    cfg = plan.config
+    start, stop = plan.batches[b]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(stop - start, plan.voxels.size))
+        for i, row in enumerate(plan.order[start:stop]):
+            out[i] = read_image(cfg.y_files[row], cfg.space, plan.voxels)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return str(path)
+
+
+def correction_blocks(plan: RunPlan) -> list[tuple[int, int, int]]:
+    """(start, stop, fit block) of each voxel block of the bootstrap: the fit's blocks, cut so that a
+    block's prepared contributions (sign blocks x voxels x p per contrast, float64) and its data
+    take at most a quarter of MAXMEM."""
+    cfg = plan.config
+    n_blocks = int(sign_blocks(cfg).max()) + 1
+    per_voxel = 8 * (n_blocks * cfg.p * len(cfg.contrasts) + cfg.n)
+    size = max(1, int(cfg.maxmem // 4 // per_voxel))
+    return [(a, min(a + size, hi), k) for k, (lo, hi) in enumerate(plan.blocks) for a in range(lo, hi, size)]
+
+
+def _block_fit(plan: RunPlan, lo: int, hi: int, k: int) -> tuple[FitResult, np.ndarray, list[np.ndarray]]:
+    """Voxels lo … hi − 1 of fit block k as a FitResult (D and status; what ``prepare`` reads), the
+    voxels to resample (fitted with every image present) and each contrast's Satterthwaite df."""
+    cfg = plan.config
+    rows = slice(lo - plan.blocks[k][0], hi - plan.blocks[k][0])
+    with np.load(block_file(plan.workdir, k)) as block:
+        reason = np.asarray(block["reason"])[rows]
+        n_obs = np.asarray(block["n_obs"])[rows]
+        v = reason.size
+        if "D" in block.files:
+            vechD = np.asarray(block["D"], dtype=np.float64)[rows]
+            df = [np.asarray(block[f"{key}_df"], dtype=np.float64)[rows] for key in _contrast_keys(cfg)]
+            beta, sigma2 = np.asarray(block["beta"])[rows], np.asarray(block["sigma2"])[rows]
+        else:  # nothing fitted in this block
+            vechD = np.zeros((v, sum(f.q * (f.q + 1) // 2 for f in cfg.factors)))
+            df = [np.full(v, np.nan) for _ in cfg.contrasts]
+            beta, sigma2 = np.full((v, cfg.p), np.nan), np.full(v, np.nan)
+    D, col = [], 0
+    for f in cfg.factors:
+        width = f.q * (f.q + 1) // 2
+        D.append(unvech(np.nan_to_num(vechD[:, col:col + width]), f.q))
+        col += width
+    empty = np.zeros((v, 0))
+    fit = FitResult(beta=beta, sigma2=sigma2, D=D, llh=np.full(v, np.nan), converged=reason == FITTED,
+                    n_iter=np.zeros(v, int), n_obs=n_obs, status=reason, stop=np.zeros(v, int),
+                    cov_beta=np.zeros((v, 0, 0)), cov_beta_grad=np.zeros((v, 0, 0, 0)), hessian=np.zeros((v, 0, 0)),
+                    free=empty.astype(bool), resms=np.full(v, np.nan), factor_names=[f.name for f in cfg.factors],
+                    q=[f.q for f in cfg.factors], reml=cfg.reml, method=cfg.method)
+    voxels = np.flatnonzero((reason == FITTED) & (n_obs == cfg.n))
+    return fit, voxels, df
+
+
+def sign_blocks(config: Config) -> np.ndarray:
+    """The sign block of each image (config order): components of the chosen factor's levels, or of all factors'."""
+    names = None if config.correction.blocks is None else [config.correction.blocks]
+    return independent_blocks(config.factors, names)
+
+
+def blocks_name(config: Config, blocks: np.ndarray) -> str:
+    """The factor whose levels' components are the default blocks (the outermost), else a description."""
+    for f in config.factors:
+        if np.array_equal(independent_blocks(config.factors, [f.name]), blocks):
+            return f.name
+    return "connected components of all random factors' levels"
+
+
+def prepare_block(plan: RunPlan, lo: int, hi: int, k: int) -> str:
+    """Prepare analysis voxels lo … hi − 1 (of fit block k), images in config order: the signs do
+    not depend on the plan's order."""
+    path = correction_prep_file(plan.workdir, lo, hi)
+    if path.exists():
+        return str(path)
+    cfg = plan.config
+    fit, voxels, df = _block_fit(plan, lo, hi, k)
+    ordered = np.concatenate([np.load(correction_y_file(plan.workdir, b), mmap_mode="r")[:, lo:hi]
+                              for b in range(len(plan.batches))], axis=0)
+    Y = np.empty_like(ordered)
+    Y[plan.order] = ordered
+    try:
+        prep = prepare(Y, cfg.X, cfg.factors, fit, cfg.contrasts, voxels=voxels, blocks=sign_blocks(cfg), df=df,
+                       two_sided=cfg.two_sided, threads=1)  # the engine parallelises over blocks
+    except ValueError as err:
+        raise InputError(f"correction: voxels {lo}-{hi - 1} of the analysis: {err}") from None
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(pickle.dumps(prep, protocol=pickle.HIGHEST_PROTOCOL))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return str(path)
+
+
+def resample_ranges(plan: RunPlan, chunk: int | None = None) -> list[tuple[int, int]]:
+    """(start, stop) of each resample chunk over 0 … B (0: the identity), GEMM_BATCH-aligned.
+
+    Default size: a chunk's maps, (resamples x analysis voxels) per contrast plus two working
+    copies, in a quarter of MAXMEM, and at most an eighth of the resamples (tasks to share among
+    workers, and finished work a killed run keeps).
+    """
+    cfg = plan.config
+    total = cfg.correction.resamples + 1
+    if chunk is None:
+        per_resample = 8 * plan.voxels.size * (len(cfg.contrasts) + 2)
+        by_memory = int(cfg.maxmem // 4 // per_resample)
+        chunk = max(GEMM_BATCH, min(by_memory, -(-total // CHUNKS_TO_SHARE)) // GEMM_BATCH * GEMM_BATCH)
+    return [(a, min(a + chunk, total)) for a in range(0, total, chunk)]
+
+
+def _statistics(settings: CorrectionSettings, layout: SpatialLayout | None) -> list[str]:
+    stats = [MAX]
+    if settings.tfce and layout is not None:
+        stats.append(TFCE)
+    if layout is not None:
+        stats += [EXTENT, MASS]
+    return stats
+
+
+def resample_chunk(plan: RunPlan, layout: SpatialLayout | None, c: int, start: int, stop: int) -> str:
+    """Resamples start … stop − 1 of every contrast over all blocks: each statistic's maxima
+    (and for the chunk holding resample 0, the observed maps)."""
+    path = correction_chunk_file(plan.workdir, c)
+    if path.exists():
+        with np.load(path) as done:
+            if int(done["start"]) == start and int(done["stop"]) == stop:
+                return str(path)
+    cfg = plan.config
+    s = cfg.correction
+    V, R = plan.voxels.size, stop - start
+    maps = [np.full((R, V), np.nan) for _ in cfg.contrasts]
+    for lo, hi, _ in correction_blocks(plan):
+        prep: ResamplingPrep = pickle.loads(correction_prep_file(plan.workdir, lo, hi).read_bytes())
+        if prep.n_voxels == 0:
+            continue
+        for c, m in enumerate(resampled_maps(prep, s.seed, start, stop)):
+            maps[c][:, lo + prep.voxels] = m
+        del prep
+    out = {"start": np.array(start), "stop": np.array(stop)}
+    for j, m in enumerate(maps):
+        for name, values in _maxima(m, s, layout).items():
+            out[f"{j}/{name}"] = values
+        if start == 0:
+            out[f"{j}/observed"] = m[0]
+    save_arrays_atomically(path, out)
+    return str(path)
+
+
+def _maxima(maps: np.ndarray, settings: CorrectionSettings, layout: SpatialLayout | None) -> dict[str, np.ndarray]:
+    """Each statistic's maximum of every (R, V) map: −log10 p, TFCE, cluster extent and mass."""
+    with np.errstate(invalid="ignore"):
+        finite = np.where(np.isnan(maps), -np.inf, maps)
+    out = {MAX: np.max(finite, axis=1)}
+    stats = _statistics(settings, layout)
+    if TFCE in stats:
+        out[TFCE] = tfce_maxima(maps, layout, two_sided=False)
+    if EXTENT in stats:
+        out[EXTENT], out[MASS] = cluster_maxima(maps, layout, settings.cluster_threshold)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+def run_corrections(plan: RunPlan, engine, chunk: int | None = None) -> CorrectionOutcome | None:
+    """Stage 4b on the engine (None without a ``correction:`` section); ``chunk``: resamples per task."""
+    cfg = plan.config
+    s = cfg.correction
+    if s is None:
+        return None
+    outcome = CorrectionOutcome(s, list(cfg.contrasts))
+    if s.fdr is not None:
+        outcome.maps.update(fdr_maps(plan, s.fdr))
+    layout = correction_layout(plan)
+    if s.resamples == 0:
+        if s.tfce:
+            outcome.maps.update(_observed_tfce(plan, layout))
+        return outcome
+    blocks = sign_blocks(cfg)
+    outcome.blocks_factor = s.blocks or blocks_name(cfg, blocks)
+    outcome.n_blocks = int(blocks.max()) + 1
+    if outcome.n_blocks < 2:
+        raise InputError(f"correction: the blocks ({outcome.blocks_factor}) form one block of all "
+                         f"{cfg.n} images; the wild bootstrap needs at least 2 independent blocks")
+    engine.map(_store_data_task, [(plan, b) for b in range(len(plan.batches))], stage="read images for resampling",
+               labels=[f"image batch {b}" for b in range(len(plan.batches))])
+    pieces = correction_blocks(plan)
+    engine.map(_prepare_block_task, [(plan, lo, hi, k) for lo, hi, k in pieces],
+               stage="prepare resampling", labels=[f"voxels {lo}-{hi - 1}" for lo, hi, _ in pieces])
+    ranges = resample_ranges(plan, chunk)
+    outcome.chunks = len(ranges)
+    engine.map(_resample_chunk_task, [(plan, layout, c, a, z) for c, (a, z) in enumerate(ranges)],
+               stage="resample", labels=[f"resamples {a}-{z - 1}" for a, z in ranges])
+    _combine(plan, layout, ranges, outcome)
+    return outcome
+
+
+def _observed_tfce(plan: RunPlan, layout: SpatialLayout) -> dict[str, np.ndarray]:
+    """TFCE of each contrast's fitted −log10 p map (no resamples)."""
+    cfg = plan.config
+    by_kind: dict[str, list[np.ndarray]] = {"T": [], "F": []}
+    for c, key in zip(cfg.contrasts, _contrast_keys(cfg)):
+        observed = _gather(plan, f"{key}_mlog10p")
+        by_kind[_kind(c)].append(_tfce_map(observed, layout))
+    return {corrected_map_stat(kind, "_tfce"): np.stack(cols, axis=1) for kind, cols in by_kind.items() if cols}
+
+
+def _tfce_map(observed: np.ndarray, layout: SpatialLayout) -> np.ndarray:
+    values = tfce(np.nan_to_num(observed, nan=0.0), layout, two_sided=False)
+    return np.where(np.isnan(observed), np.nan, values)
+
+
+def _combine(plan: RunPlan, layout: SpatialLayout | None, ranges: list, outcome: CorrectionOutcome) -> None:
+    """Null maxima from the chunk files, then each contrast's FWE, TFCE and cluster maps and rows."""
+    cfg = plan.config
+    s = cfg.correction
+    stats = _statistics(s, layout)
+    chunks = [dict(np.load(correction_chunk_file(plan.workdir, c))) for c in range(len(ranges))]
+    observed = [chunks[0][f"{j}/observed"] for j in range(len(cfg.contrasts))]
+    for j, c in enumerate(cfg.contrasts):
+        outcome.null_maxima[c.name] = {k: np.concatenate([ch[f"{j}/{k}"] for ch in chunks]) for k in stats}
+    if s.corrcon:
+        outcome.over_contrasts = {k: np.max(np.stack([outcome.null_maxima[c.name][k] for c in cfg.contrasts]), axis=0)
+                                  for k in stats}
+    outcome.excluded_voxels = int(np.count_nonzero(np.isnan(observed[0]) & ~np.isnan(_gather(plan, "sigma2"))))
+    columns: dict[str, list[np.ndarray]] = {}
+    for j, c in enumerate(cfg.contrasts):
+        null = outcome.over_contrasts if s.corrcon else outcome.null_maxima[c.name]
+        obs = observed[j]
+        fwe = fwe_mlog10p(obs, null[MAX])
+        if s.tail:
+            p, _, fitted = tail_p(obs, null[MAX][1:], 10.0 ** -fwe)
+            outcome.tail_accepted[c.name] = bool(fitted.accepted)
+            with np.errstate(divide="ignore"):
+                fwe = np.where(np.isnan(obs), np.nan, -np.log10(p))
+        new = {"lp_fwe": fwe}
+        if TFCE in stats:
+            t = _tfce_map(obs, layout)
+            new["_tfce"] = t
+            new["lp_tfce_fwe"] = np.where(np.isnan(obs), np.nan, fwe_mlog10p(np.nan_to_num(t), null[TFCE]))
+        if EXTENT in stats:
+            labels, cluster_fwe = _clusters(plan, layout, c, obs, null, outcome.clusters)
+            new["_cluster"] = labels
+            new["lp_cluster_fwe"] = np.where(np.isnan(obs), np.nan, cluster_fwe)
+        for suffix, values in new.items():
+            columns.setdefault(corrected_map_stat(_kind(c), suffix), []).append(values)
+    outcome.maps.update({stat: np.stack(cols, axis=1) for stat, cols in columns.items()})
+
+
+def _clusters(plan: RunPlan, layout: SpatialLayout, contrast: Contrast, observed: np.ndarray,
+              null: dict[str, np.ndarray], rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster index and −log10 FWE p of each element's cluster extent; the clusters' table rows."""
+    s = plan.config.correction
+    table = find_clusters(np.nan_to_num(observed, nan=0.0), layout, s.cluster_threshold)
+    extent_mlp = fwe_mlog10p(table.extent, null[EXTENT])
+    mass_mlp = fwe_mlog10p(table.mass, null[MASS])
+    per_element = np.concatenate([[0.0], extent_mlp])[table.labels]
+    cols = table.columns()
+    for i in range(table.n_clusters):
+        rows.append({"contrast": contrast.name, **{k: v[i] for k, v in cols.items()},
+                     "peak_voxel": int(plan.voxels[table.peak_index[i]]),
+                     "extent_fwe_p": 10.0 ** -extent_mlp[i], "mass_fwe_p": 10.0 ** -mass_mlp[i]})
+    return table.labels.astype(np.float64), per_element
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+def write_corrections(plan: RunPlan, outcome: CorrectionOutcome | None) -> list[Path]:
+    """The corrected maps in the input's format, blmm_clusters.tsv and the null maxima file."""
+    if outcome is None:
+        return []
+    cfg = plan.config
+    out = Path(cfg.outdir)
+    names = {k: [c.name for c in cfg.contrasts if _kind(c) == k] for k in ("T", "F")}
+    written: list[Path] = []
+    try:
+        for stat, values in sorted(outcome.maps.items()):
+            integer = stat[len("conT"):] in CORRECTED_INT32_SUFFIXES
+            full = np.full((cfg.space.n_voxels, values.shape[1]), 0 if integer else np.nan)
+            full[plan.voxels] = np.nan_to_num(values, nan=0.0) if integer else values
+            written.append(write_map(out, map_name(stat), full.astype(np.int32) if integer else full, cfg.space,
+                                     dtype="int32" if integer else "float32", volume_names=names[stat[3]]))
+        if outcome.null_maxima:
+            path = out / NULL_MAXIMA_FILE
+            arrays = {f"{c}/{k}": v for c, per in outcome.null_maxima.items() for k, v in per.items()}
+            arrays.update({f"over_contrasts/{k}": v for k, v in outcome.over_contrasts.items()})
+            save_arrays_atomically(path, arrays)
+            written.append(path)
+            written.append(write_text_atomically(out / CLUSTERS_FILE, clusters_tsv(outcome.clusters)))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+CLUSTER_COLUMNS = ("contrast", "cluster", "sign", "part", "extent", "extent_unit", "mass", "peak_value",
+                   "peak_voxel", "peak_x", "peak_y", "peak_z", "extent_fwe_p", "mass_fwe_p")
+
+
+def clusters_tsv(rows: list[dict]) -> str:
+    """The cluster table as TSV (header even when no cluster was found)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
+    writer.writerow(CLUSTER_COLUMNS)
+    for row in rows:
+        writer.writerow([_cell(row[k]) for k in CLUSTER_COLUMNS])
+    return buffer.getvalue()
+
+
+def _cell(value) -> str:
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    return str(value.item() if isinstance(value, np.generic) else value)
+
+
+def _store_data_task(args) -> str:
+    return store_data(*args)
+
+
+def _prepare_block_task(args) -> str:
+    return prepare_block(*args)
+
+
+def _resample_chunk_task(args) -> str:
+    return resample_chunk(*args)

@@ -1,0 +1,226 @@
+"""The restricted wild bootstrap: its algebra against dense refits, blocks, seeds, counting, and nilearn."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from blmm.core import resampling as rs
+from blmm.core.design import Contrast, RandomFactor
+from blmm.core.fit import fit_lmm
+from blmm.core.inference import infer, t_mlog10p
+from tests.core.resampling_simulation import family_design, simulate_Y
+
+CONTRASTS = [Contrast("family_covariate", np.array([[0.0, 1.0, 0.0, 0.0]]), True),
+             Contrast("age", np.array([[0.0, 0.0, 1.0, 0.0]]), True),
+             Contrast("F", np.array([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0]]), False)]
+
+
+@pytest.fixture(scope="module")
+def family_case():
+    rng = np.random.default_rng(11)
+    design = family_design(rng, 40)
+    Y = simulate_Y(rng, design, 9)
+    fit = fit_lmm(Y, design.X, design.factors)
+    assert (fit.status == 0).all()
+    return design, Y, fit
+
+
+def _dense_refit(design, Y, fit, voxel, contrast, signs_per_image, sigma2):
+    """T or F of y* = Xβ̃ + s∘ẽ by a dense GLS with V = I + ZDZ' at the fit's D."""
+    X, fam, sub = design.X, design.family, design.subject
+    n, p = X.shape
+    V = (np.eye(n) + fit.D[0][voxel, 0, 0] * (fam[:, None] == fam[None])
+         + fit.D[1][voxel, 0, 0] * (sub[:, None] == sub[None]))
+    Vi = np.linalg.inv(V)
+    C = np.linalg.inv(X.T @ Vi @ X)
+    L = contrast.matrix
+    y = Y[:, voxel]
+    b = C @ X.T @ Vi @ y
+    b_null = b - C @ L.T @ np.linalg.pinv(L @ C @ L.T) @ L @ b
+    e = y - X @ b_null
+    ys = X @ b_null + signs_per_image * e
+    bs = C @ X.T @ Vi @ ys
+    r = ys - X @ bs
+    s2 = r @ Vi @ r / (n - p) if sigma2 == "refit" else fit.sigma2[voxel]
+    Lb = L @ bs
+    if contrast.is_t:
+        return Lb[0] / np.sqrt(s2 * (L @ C @ L.T)[0, 0])
+    return Lb @ np.linalg.pinv(L @ C @ L.T) @ Lb / (np.linalg.matrix_rank(L) * s2)
+
+
+def test_identity_resample_is_the_fit(family_case):
+    design, Y, fit = family_case
+    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS)
+    inf = infer(fit, CONTRASTS)
+    stats = rs.resampled_statistics(prep, rs.resample_signs(0, 0, 1, prep.n_blocks))
+    # the same GLS solved in another order: float64 rounding of p = 4 solves, ~1e-13 relative
+    np.testing.assert_allclose(prep.sigma2, fit.sigma2, rtol=1e-10)
+    np.testing.assert_allclose(stats[0][0], inf.t[0].t, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(stats[1][0], inf.t[1].t, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(stats[2][0], inf.f[0].F, rtol=1e-10)
+    assert prep.contrasts[2].ndf == inf.f[0].ndf == 2  # a rank-2 F of 3 rows
+
+
+@pytest.mark.parametrize("sigma2", ["refit", "fixed"])
+def test_resamples_equal_dense_refits_with_family_signs(family_case, sigma2):
+    design, Y, fit = family_case
+    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, sigma2=sigma2)
+    signs = rs.resample_signs(5, 1, 4, prep.n_blocks)
+    stats = rs.resampled_statistics(prep, signs)
+    blocks = rs.independent_blocks(design.factors)
+    for j, c in enumerate(CONTRASTS):
+        for r in range(signs.shape[0]):
+            for voxel in (0, 4, 8):
+                ref = _dense_refit(design, Y, fit, voxel, c, signs[r][blocks], sigma2)
+                # dense inverse of a 100-row V against the blockwise algebra: ~1e-12 relative
+                assert stats[j][r, voxel] == pytest.approx(ref, rel=1e-9, abs=1e-11)
+
+
+def test_per_image_signs_are_exact_too_but_refused_by_default(family_case):
+    """The negative control's flips: cross terms of V⁻¹ inside a family change sign."""
+    design, Y, fit = family_case
+    n = design.X.shape[0]
+    with pytest.raises(ValueError, match="split .* independent component"):
+        rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, blocks=np.arange(n))
+    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, blocks=np.arange(n), allow_split_blocks=True)
+    signs = rs.resample_signs(2, 1, 3, n)
+    stats = rs.resampled_statistics(prep, signs)
+    for j, c in enumerate(CONTRASTS):
+        for r in range(2):
+            ref = _dense_refit(design, Y, fit, 3, c, signs[r], "refit")
+            assert stats[j][r, 3] == pytest.approx(ref, rel=1e-9, abs=1e-11)  # as above
+
+
+def test_independent_blocks_are_connected_components():
+    n = 8
+    family = np.array([5, 5, 5, 2, 2, 9, 9, 1])
+    subject = np.array([0, 0, 1, 2, 3, 4, 4, 5])
+    nested = [RandomFactor("family", family, np.ones(n)), RandomFactor("subject", subject, np.ones(n))]
+    np.testing.assert_array_equal(rs.independent_blocks(nested), [0, 0, 0, 1, 1, 2, 2, 3])  # the families
+    np.testing.assert_array_equal(rs.independent_blocks(nested, ["subject"]), [0, 0, 1, 2, 3, 4, 4, 5])
+    # a crossed site joins the families it spans into one block
+    site = np.array(["a", "a", "a", "b", "a", "c", "c", "d"])
+    crossed = nested + [RandomFactor("site", site, np.ones(n))]
+    np.testing.assert_array_equal(rs.independent_blocks(crossed), [0, 0, 0, 0, 0, 1, 1, 2])
+    with pytest.raises(ValueError, match="not among the random factors"):
+        rs.independent_blocks(nested, ["sibship"])
+
+
+def test_signs_do_not_depend_on_chunks():
+    whole = rs.resample_signs(42, 0, 50, 13)
+    assert np.all(whole[0] == 1.0)  # resample 0 is the identity
+    assert set(np.unique(whole[1:])) == {-1.0, 1.0}
+    for size in (3, 7):
+        parts = np.concatenate([rs.resample_signs(42, s, min(s + size, 50), 13) for s in range(0, 50, size)])
+        np.testing.assert_array_equal(parts, whole)
+    assert not np.array_equal(rs.resample_signs(43, 1, 50, 13), whole[1:])
+
+
+def test_null_maxima_identical_for_1_3_7_chunks_of_resamples_and_voxels(family_case):
+    design, Y, fit = family_case
+    B = 60
+    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS)
+    whole = rs.chunk_maxima(prep, 9, 0, B + 1)
+    for k in (3, 7):
+        size = -(-(B + 1) // k)
+        by_resamples = np.concatenate([rs.chunk_maxima(prep, 9, s, min(s + size, B + 1)) for s in range(0, B + 1, size)])
+        np.testing.assert_array_equal(by_resamples, whole)
+        voxel_parts = np.array_split(np.arange(Y.shape[1]), k)
+        preps = [rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, voxels=v) for v in voxel_parts]
+        by_voxels = np.maximum.reduce([rs.chunk_maxima(pp, 9, 0, B + 1) for pp in preps])
+        # the same products per voxel column: equal up to BLAS blocking over voxels (~1e-15 relative)
+        np.testing.assert_allclose(by_voxels, whole, rtol=1e-12)
+    res1 = rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS, B, seed=9, resample_chunk=B + 1)
+    res7 = rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS, B, seed=9, resample_chunk=7)
+    for a, b in zip(res1.contrasts, res7.contrasts):
+        np.testing.assert_array_equal(a.null_maxima["max"], b.null_maxima["max"])
+        np.testing.assert_array_equal(a.fwe_mlog10p, b.fwe_mlog10p)
+
+
+def test_float32_contributions_agree_to_single_precision(family_case):
+    design, Y, fit = family_case
+    p64 = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS)
+    p32 = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, gemm_dtype="float32")
+    assert p32.coef.dtype == np.float32
+    m64, m32 = rs.chunk_maxima(p64, 4, 0, 40), rs.chunk_maxima(p32, 4, 0, 40)
+    # float32 contributions (eps 6e-8) summed over 40 blocks: ~1e-6 relative on T*, F* and their −log10 p
+    np.testing.assert_allclose(m32, m64, rtol=1e-5)
+    np.testing.assert_array_equal(np.concatenate([rs.chunk_maxima(p32, 4, 0, 13), rs.chunk_maxima(p32, 4, 13, 40)]), m32)
+
+
+def test_fwe_p_counts_the_identity_and_transforms_plug_in(family_case):
+    design, Y, fit = family_case
+    B = 40
+
+    def mass_above_2(maps):  # a stand-in for TFCE or cluster mass: any (R, V) -> (R,)
+        return np.nansum(np.where(maps > 2.0, maps, 0.0), axis=1)
+
+    res = rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS, B, seed=1,
+                                 transforms={"mass": mass_above_2}, over_contrasts=True)
+    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS)
+    maps = rs.resampled_maps(prep, 1, 0, B + 1)
+    inf = infer(fit, CONTRASTS)
+    for j, cc in enumerate(res.contrasts):
+        np.testing.assert_array_equal(cc.null_maxima["max"], np.nanmax(maps[j], axis=1))
+        np.testing.assert_array_equal(cc.null_maxima["mass"], mass_above_2(maps[j]))
+        assert cc.null_maxima["max"][0] == np.nanmax(cc.observed)  # the identity comes first
+        count = (1 + np.sum(cc.null_maxima["max"][1:, None] >= cc.observed[None, :], axis=0)) / (B + 1)
+        np.testing.assert_allclose(10 ** -cc.fwe_mlog10p, count, rtol=1e-14)  # float64 round trip of log10
+        # the statistic is −log10 p from the Satterthwaite df: equal to infer's at the identity
+        np.testing.assert_allclose(cc.observed, (inf.t + inf.f)[j].mlog10p, rtol=1e-9)  # as the identity test
+    over = np.max([cc.null_maxima["max"] for cc in res.contrasts], axis=0)
+    np.testing.assert_array_equal(res.over_contrasts, over)
+    for cc, fwe_all in zip(res.contrasts, res.fwe_over_contrasts):
+        assert np.all(fwe_all <= cc.fwe_mlog10p)  # maxima over contrasts are larger: p only grows
+
+
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_pruned_maximum_of_mlog10p_equals_the_full_maximum(two_sided):
+    rng = np.random.default_rng(7)
+    t = rng.standard_normal((200, 300)) * 1.5
+    t[3] = -np.abs(t[3])  # a resample with no positive T
+    t[5, 7] = 40.0  # p underflows float64: no bound, every voxel evaluated
+    t[9, :5] = np.nan
+    df = rng.uniform(8, 400, 300)
+    full = np.nanmax(t_mlog10p(t, np.broadcast_to(df, t.shape), two_sided), axis=1)
+    np.testing.assert_array_equal(rs.max_t_mlog10p(t, df, two_sided), full)
+
+
+def test_two_sided_takes_absolute_t(family_case):
+    design, Y, fit = family_case
+    one = rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS[:1], 30, seed=2, statistic="t")
+    two = rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS[:1], 30, seed=2, statistic="t",
+                                 two_sided=True)
+    np.testing.assert_allclose(two.contrasts[0].observed, np.abs(infer(fit, CONTRASTS[:1]).t[0].t), rtol=1e-10)
+    assert np.all(two.contrasts[0].null_maxima["max"] >= one.contrasts[0].null_maxima["max"])
+
+
+def test_max_t_fwe_agrees_with_nilearn_sign_flipping():
+    """OLS-like model: one image per level (D fits to 0, V = I), one sign per image, as nilearn's intercept test."""
+    from nilearn.mass_univariate import permuted_ols
+
+    rng = np.random.default_rng(0)
+    n, V = 40, 25
+    x = np.arange(V)
+    Y = 0.5 * rng.standard_normal((n, V)) @ np.exp(-0.5 * ((x[:, None] - x[None]) / 2.0) ** 2)
+    Y[:, :5] += 0.45
+    X = np.ones((n, 1))
+    factors = [RandomFactor("image", np.arange(n), np.ones(n))]
+    fit = fit_lmm(Y, X, factors)
+    B = 4999
+    res = rs.corrected_inference(Y, X, factors, fit, [Contrast("mean", np.ones((1, 1)), True)], B, seed=3,
+                                 two_sided=True, statistic="t")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = permuted_ols(np.ones((n, 1)), Y, model_intercept=False, n_perm=B, two_sided_test=True,
+                           random_state=0, output_type="dict")
+    # same T (an OLS t either way): float64 rounding
+    np.testing.assert_allclose(res.contrasts[0].observed, np.abs(ref["t"][0]), rtol=1e-10)
+    p, p_ref = 10 ** -res.contrasts[0].fwe_mlog10p, 10 ** -ref["logp_max_t"][0]
+    assert np.any(p < 0.05)
+    # two independent estimates of one p from B resamples each: difference SD sqrt(2 p (1 - p) / B);
+    # 4 SD over 25 voxels (plus one count) leaves a false alarm rate below 1e-3
+    pbar = (p + p_ref) / 2
+    assert np.all(np.abs(p - p_ref) <= 4 * np.sqrt(2 * pbar * (1 - pbar) / B) + 1 / (B + 1))
