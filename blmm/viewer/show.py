@@ -6,7 +6,6 @@ meshes and returns the plotly figure.  Argument parsing is ``blmm.cli.view``.
 """
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
