@@ -15,6 +15,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from blmm.core import linalg as la
+from blmm.core.centre import centre_of, centred_response, flat_voxels, removed_size, restore_beta
 from blmm.core.boundary import SettledPoint, boundary_coordinates, free_parameters, settle
 from blmm.core.design import RandomFactor
 from blmm.core.hessian import variance_hessian
@@ -23,7 +24,7 @@ from blmm.core.objective.nested import NestedObjective, NestedSchurObjective, ch
 from blmm.core.objective.base import subset_eval, take_rows
 from blmm.core.scoring import METHODS, ScoringResult, check_method, score
 from blmm.core.status import (  # noqa: F401  (re-exported: the codes' one home is core/status.py)
-    CONVERGED, DROPPED_FEW, DROPPED_RANK, FAILED, FITTED, ITERATION_LIMIT, NOT_FINITE, NOT_FITTED,
+    CONSTANT_RESPONSE, CONVERGED, DROPPED_FEW, DROPPED_RANK, FAILED, FITTED, ITERATION_LIMIT, NOT_FINITE, NOT_FITTED,
     STATUS_NAMES, STEP_FAILED, STOP_NAMES,
 )
 from blmm.core.sufficient import SufficientStats, sufficient_stats
@@ -83,24 +84,50 @@ def fit_lmm(
     max_iter: int = 10000,
     **options,
 ) -> FitResult:
-    """Fit Y = Xβ + Zb + ε at every voxel (column of Y; NaN = missing)."""
-    if len(factors) == 1 and options.get("structure", "auto") in ("auto", "levels") and np.isnan(np.asarray(Y, dtype=np.float64)).any():
+    """Fit Y = Xβ + Zb + ε at every voxel (column of Y; NaN = missing).
+
+    The sums are formed from Y with a per-voxel centre taken out, put back into β after the
+    fit (`blmm.core.centre`, docs/model.md "The centre")."""
+    centre = centre_of(Y, X)
+    Y = centred_response(Y, X, centre)
+    stats = _stats_from_data(Y, X, factors, options.get("structure", "auto"))
+    stats.centre = centre
+    return fit_stats(stats, reml=reml, method=method, tol=tol, max_iter=max_iter, **options)
+
+
+def _stats_from_data(Y: np.ndarray, X: np.ndarray, factors: list[RandomFactor], structure: str):
+    """The sufficient statistics `fit_lmm` fits: missing rows per voxel where its structure allows."""
+    if len(factors) == 1 and structure in ("auto", "levels") and np.isnan(Y).any():
         from blmm.core.missing_rows import missing_row_stats_from_data  # voxel-specific rows (issue 11)
-        return fit_stats(missing_row_stats_from_data(Y, X, factors[0]), reml=reml, method=method, tol=tol,
-                         max_iter=max_iter, **options)
-    structure = options.get("structure", "auto")
-    if len(factors) > 1 and structure in ("auto", "nested") and np.isnan(np.asarray(Y, dtype=np.float64)).any():
+        return missing_row_stats_from_data(Y, X, factors[0])
+    if len(factors) > 1 and structure in ("auto", "nested") and np.isnan(Y).any():
         from blmm.core.sufficient import FactorLayout
         layout = FactorLayout.from_factors(factors)
         if choose_structure(layout, structure)[0] == "nested":  # one nesting tree, rows per voxel (issue 11)
             from blmm.core.nested_missing_rows import nested_missing_row_stats_from_data
-            return fit_stats(nested_missing_row_stats_from_data(Y, X, factors, layout=layout), reml=reml,
-                             method=method, tol=tol, max_iter=max_iter, **options)
-    return fit_stats(sufficient_stats(Y, X, factors), reml=reml, method=method, tol=tol,
-                     max_iter=max_iter, **options)
+            return nested_missing_row_stats_from_data(Y, X, factors, layout=layout)
+    return sufficient_stats(Y, X, factors)
 
 
 def fit_stats(
+    stats: SufficientStats,
+    reml: bool = True,
+    method: str = "pSFS",
+    tol: float = 1e-6,
+    max_iter: int = 10000,
+    structure: str = "auto",
+    max_block_bytes: int = 512 * 2**20,
+    threads: int | None = None,
+) -> FitResult:
+    """Fit every voxel from its sufficient statistics (`fit_centred_stats`), then put the centre
+    the sums were formed without (``stats.centre``) back into β."""
+    res = fit_centred_stats(stats, reml=reml, method=method, tol=tol, max_iter=max_iter, structure=structure,
+                            max_block_bytes=max_block_bytes, threads=threads)
+    restore_beta(res.beta, getattr(stats, "centre", None))
+    return res
+
+
+def fit_centred_stats(
     stats: SufficientStats,
     reml: bool = True,
     method: str = "pSFS",
@@ -181,6 +208,9 @@ def fit_stats(
         if _rank(XtX) < p:
             res.status[vox] = DROPPED_RANK
             continue
+        vox = drop_flat_voxels(res, vox, XtX, stats.XtY[vox], stats.YtY[vox], n, removed_size(stats.centre, vox))
+        if vox.size == 0:
+            continue
         obj, per_voxel = _pattern_objective(structure, tree, stats, u, n, reml)
         size = held_bytes(obj)
         if jobs and held + size > round_budget:
@@ -197,6 +227,13 @@ def fit_stats(
     run_blocks(run, jobs, threads)
     _blank_unfitted(res)
     return res
+
+
+def drop_flat_voxels(res: FitResult, idx: np.ndarray, XtX, XtY, YtY, n_obs, removed) -> np.ndarray:
+    """Marks voxels idx with nothing to fit (`flat_voxels`) CONSTANT_RESPONSE; returns the rest."""
+    flat = flat_voxels(XtX, XtY, YtY, n_obs, removed)
+    res.status[idx[flat]] = CONSTANT_RESPONSE
+    return idx[~flat]
 
 
 def thread_count(threads: int | None) -> int:
@@ -319,7 +356,7 @@ def _blank_unfitted(res: FitResult) -> None:
         arr[bad] = np.nan
     res.converged[bad] = False
     res.stop[res.status == FAILED] = NOT_FINITE
-    res.stop[(res.status == DROPPED_RANK) | (res.status == DROPPED_FEW)] = NOT_FITTED
+    res.stop[bad & (res.status != FAILED)] = NOT_FITTED  # dropped before fitting
 
 
 @dataclass

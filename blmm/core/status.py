@@ -10,8 +10,13 @@ DROPPED_FEW = 2  # not more observations than fixed effects
 
 FAILED = 3  # numerical failure: non-finite log-likelihood or σ², or a singular system
 
+# constant or near-constant response, or an exact linear function of X: no residual variation
+# at the data's scale (blmm.core.centre.flat_voxels), so σ² would be 0
+CONSTANT_RESPONSE = 5
+
 STATUS_NAMES = {FITTED: "fitted", DROPPED_RANK: "rank-deficient X", DROPPED_FEW: "too few observations",
-                FAILED: "numerical failure"}
+                FAILED: "numerical failure",
+                CONSTANT_RESPONSE: "constant response (no variation beyond the fixed effects)"}
 
 # why the scoring of a voxel stopped (FitResult.stop)
 CONVERGED = 0  # Δllh < tol and the predicted gain of one more step < tol (KKT on the boundary)

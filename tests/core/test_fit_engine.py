@@ -180,20 +180,45 @@ def test_balanced_design_matches_dense_likelihood(q):
 
 
 def test_one_bad_voxel_stays_one_bad_voxel():
-    """A non-finite or constant voxel is marked failed; the rest of its block is fitted as alone."""
+    """A non-finite voxel is marked failed and a constant one constant (by a rule relative to the
+    data's scale, not by exact cancellation); the rest of its block is fitted as alone."""
     X, f, Y = simulate(q=2, v=4, seed=5)
     bad = Y.copy()
     bad[:, 1] = 3.0  # constant response: σ² = 0
     bad[0, 2] = np.inf
     fit = fit_lmm(bad, X, [f], tol=1e-10)
     alone = fit_lmm(Y[:, [0, 3]], X, [f], tol=1e-10)
-    from blmm.core.fit import FAILED, NOT_FINITE, STOP_NAMES
-    assert list(fit.status) == [0, FAILED, FAILED, 0]
-    assert list(fit.stop[[1, 2]]) == [NOT_FINITE, NOT_FINITE] and STOP_NAMES[NOT_FINITE]
+    from blmm.core.fit import CONSTANT_RESPONSE, FAILED, NOT_FINITE, NOT_FITTED, STOP_NAMES
+    assert list(fit.status) == [0, CONSTANT_RESPONSE, FAILED, 0]
+    assert list(fit.stop[[1, 2]]) == [NOT_FITTED, NOT_FINITE] and STOP_NAMES[NOT_FINITE]
     assert not fit.converged[[1, 2]].any()
+    # 1e-9: the same voxels' fits, their block arithmetic differing only in its voxel count
     assert np.allclose(fit.llh[[0, 3]], alone.llh, rtol=0, atol=1e-9)
     res = infer(fit, [Contrast.from_vector("t", [0, 1, 0])])
     assert np.isnan(res.t[0].df[[1, 2]]).all() and np.isfinite(res.t[0].df[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("missing", [0.0, 0.05])
+def test_a_small_variation_at_a_large_level_is_fitted_not_flat(missing):
+    """1024 + 2^-20 e varies by 1e-9 of its level: far above float64's rounding, so it is fitted, and
+    exactly as e is (σ² scaled by 2^-40; D, llh less n log 2^-20, T and df unchanged) to 1e-8 relative,
+    issue 17's bound for what a change of units may move."""
+    X, f, Y = simulate(q=2, v=3, seed=8, missing=missing)
+    Y = np.round(Y * 2**20) / 2**20  # on a grid: 1024 + 2^-20 Y is exact in float64
+    small = 1024.0 + Y * 2.0**-20
+    a = fit_lmm(Y, X, [f], tol=1e-10, threads=1)
+    b = fit_lmm(small, X, [f], tol=1e-10, threads=1)
+    assert np.all(a.status == 0) and np.all(b.status == 0) and np.array_equal(a.stop, b.stop)
+    np.testing.assert_allclose(b.sigma2 * 2.0**40, a.sigma2, rtol=1e-8)
+    np.testing.assert_allclose(b.vech_D(), a.vech_D(), rtol=1e-8, atol=1e-8 * np.max(np.abs(a.vech_D())))
+    np.testing.assert_allclose(b.llh - a.n_obs * 20 * np.log(2) * (1 - 3 / a.n_obs), a.llh, rtol=1e-8)  # REML: n - p
+    # the intercept holds 1024 + 2^-20 β₀: a float64 at 1024 carries 2^-20 β₀ to a few of its spacings
+    np.testing.assert_allclose((b.beta[:, 0] - 1024.0) * 2.0**20, a.beta[:, 0], rtol=0,
+                               atol=4 * np.spacing(1024.0) * 2.0**20)
+    np.testing.assert_allclose(b.beta[:, 1:] * 2.0**20, a.beta[:, 1:], rtol=1e-8)
+    ta, tb = (infer(r, [Contrast.from_vector("t", [0, 1, 0])]).t[0] for r in (a, b))
+    np.testing.assert_allclose(tb.t, ta.t, rtol=1e-8)
+    np.testing.assert_allclose(tb.df, ta.df, rtol=1e-8)
 
 
 def test_iteration_limit_is_not_converged():
