@@ -221,6 +221,42 @@ def test_a_small_variation_at_a_large_level_is_fitted_not_flat(missing):
     np.testing.assert_allclose(tb.df, ta.df, rtol=1e-8)
 
 
+def test_the_flat_rule_is_relative_to_the_data_not_exact_cancellation():
+    """flat_voxels on the sums: a constant at any level, centred or not (or centred far off, as a
+    voxel missing in the pipeline's centre sample is), and an exact linear function of X are flat; a
+    variation of 1e-9 of the level, centred within the data, is not."""
+    from blmm.core.centre import ResponseCentre, centred_response, flat_voxels
+    X, f, _ = simulate(v=1, seed=9)
+    n = X.shape[0]
+    rng = np.random.default_rng(9)
+    for level in (1e-3, 1.0, 5.0, 1e4, 1e8):
+        flat = np.column_stack([np.full(n, level), X @ np.array([level, 2.0, -1.0]),
+                                level * (1 + 1e-15 * rng.normal(size=n))])
+        varied = level * (1 + 1e-9 * rng.normal(size=(n, 1)))
+        for c in (0.0, level, level * 0.37 + 11.0):  # none, the level, far off
+            centre = ResponseCentre.for_design(np.full(3, c), X)
+            Yc = centred_response(flat, X, centre)
+            got = flat_voxels(X.T @ X, Yc.T @ X, np.sum(Yc * Yc, axis=0), n, centre.magnitude())
+            assert got.all(), (level, c, got)
+        centre = ResponseCentre.for_design(np.median(varied, axis=0), X)
+        Yc = centred_response(varied, X, centre)
+        assert not flat_voxels(X.T @ X, Yc.T @ X, np.sum(Yc * Yc, axis=0), n, centre.magnitude()).any(), level
+
+
+def test_without_an_intercept_the_centre_only_shifts_beta():
+    """X without an intercept in its span: c X w (X w the projection of 1) is taken out and c w put
+    back, so the fit equals the fit from uncentred sums (1e-8 in llh: both converged to tol 1e-10)."""
+    from blmm.core.centre import intercept_weights
+    X, f, Y = simulate(v=3, seed=10)
+    Xn = X[:, 1:]  # time and a covariate, no intercept
+    w = intercept_weights(Xn)
+    assert np.max(np.abs(Xn @ w - 1)) > 0.1 and np.any(w != 0)  # 1 is not in col(X): a projection
+    a = fit_lmm(Y + 100.0, Xn, [f], tol=1e-10, threads=1)
+    b = fit_stats(sufficient_stats(Y + 100.0, Xn, [f]), tol=1e-10, threads=1)
+    np.testing.assert_allclose(a.llh, b.llh, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(a.beta, b.beta, rtol=1e-6)  # PARAM_RTOL of test_fit_properties: the optimum's flatness
+
+
 def test_iteration_limit_is_not_converged():
     from blmm.core.fit import ITERATION_LIMIT
     X, f, Y = simulate(q=2, v=3, seed=6)
