@@ -107,7 +107,8 @@ def removed_size(centre: ResponseCentre | None, idx) -> np.ndarray | float:
     return 0.0 if centre is None else centre.magnitude()[idx]
 
 
-def flat_voxels(XtX: np.ndarray, XtY: np.ndarray, YtY: np.ndarray, n_obs, magnitude=None) -> np.ndarray:
+def flat_voxels(XtX: np.ndarray, XtY: np.ndarray, YtY: np.ndarray, n_obs: np.ndarray | float,
+                magnitude: np.ndarray | float | None = None) -> np.ndarray:
     """(v,) voxels with nothing to fit: a residual sum of squares from the fixed effects at most
     FLAT_RTOL of the centred Y'Y, or a residual at most FLAT_RTOL of the raw values' size.
 

@@ -137,7 +137,8 @@ def fit_centred_stats(
     max_block_bytes: int = 512 * 2**20,
     threads: int | None = None,
 ) -> FitResult:
-    """Fit every voxel from its sufficient statistics.
+    """Fit every voxel from its sufficient statistics; β is that of the response the sums were
+    formed from (`fit_stats` puts ``stats.centre`` back).
 
     structure: "levels" (one factor, grouped levels), "schur" (several factors: the one with
     most levels, or a nesting tree, eliminated level by level, the rest dense), "dense" (any
@@ -229,7 +230,8 @@ def fit_centred_stats(
     return res
 
 
-def drop_flat_voxels(res: FitResult, idx: np.ndarray, XtX, XtY, YtY, n_obs, removed) -> np.ndarray:
+def drop_flat_voxels(res: FitResult, idx: np.ndarray, XtX: np.ndarray, XtY: np.ndarray, YtY: np.ndarray,
+                     n_obs: int, removed: np.ndarray | float) -> np.ndarray:
     """Marks voxels idx with nothing to fit (`flat_voxels`) CONSTANT_RESPONSE; returns the rest."""
     flat = flat_voxels(XtX, XtY, YtY, n_obs, removed)
     res.status[idx[flat]] = CONSTANT_RESPONSE

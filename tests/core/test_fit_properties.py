@@ -18,6 +18,9 @@ check exactly that, on designs drawn to hit each code path:
    brute-force maximum found by scipy on that dense formula.
 3. At arbitrary D (not only at an optimum) the objectives agree with each other and with the
    dense formula: grouped levels with every big-class threshold, Schur and dense.
+4. Issue 17: an offset of 1e4 ... 1e8 added to Y changes nothing but the intercept (T, F, df, p,
+   llh, σ², D and every convergence label to 1e-8 relative), and constant, near-constant and
+   exactly linear voxels get their own status, in every structure, method and missing-row path.
 
 Nothing here uses blmm to build Z or to evaluate a likelihood for the independent checks.
 """
