@@ -16,6 +16,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from blmm.core import linalg as la
+from blmm.core.centre import centre_of, centred_response, flat_voxels, removed_size, restore_beta
 from blmm.core.boundary import SettledPoint, boundary_coordinates, free_parameters, settle
 from blmm.core.design import RandomFactor, identifiability_problems, unidentifiable_patterns
 from blmm.core.design_basis import DesignNote, fitting_basis, full_column_rank
@@ -25,8 +26,8 @@ from blmm.core.objective.nested import NestedObjective, NestedSchurObjective, ch
 from blmm.core.objective.base import subset_eval, take_rows
 from blmm.core.scoring import METHODS, ScoringResult, check_method, score
 from blmm.core.status import (  # noqa: F401  (re-exported: the codes' one home is core/status.py)
-    CONVERGED, DROPPED_FEW, DROPPED_RANK, DROPPED_UNIDENTIFIABLE, FAILED, FITTED, ITERATION_LIMIT, NOT_FINITE,
-    NOT_FITTED, STATUS_NAMES, STEP_FAILED, STOP_NAMES,
+    CONSTANT_RESPONSE, CONVERGED, DROPPED_FEW, DROPPED_RANK, DROPPED_UNIDENTIFIABLE, FAILED, FITTED, ITERATION_LIMIT,
+    NOT_FINITE, NOT_FITTED, STATUS_NAMES, STEP_FAILED, STOP_NAMES,
 )
 from blmm.core.sufficient import SufficientStats, presence_patterns, sufficient_stats
 
@@ -138,21 +139,28 @@ def fit_lmm(
 
 
 def _fit_in_basis(Y, X, factors, reml, method, tol, max_iter, **options) -> FitResult:
-    """fit_lmm's dispatch to the statistics of each path, on designs already in the fitting basis."""
-    if len(factors) == 1 and options.get("structure", "auto") in ("auto", "levels") and np.isnan(np.asarray(Y, dtype=np.float64)).any():
+    """fit_lmm's fit on designs already in the fitting basis: the sums are formed from Y with a
+    per-voxel centre taken out, put back into β after the fit (`blmm.core.centre`, docs/model.md
+    "The centre")."""
+    centre = centre_of(Y, X)
+    Y = centred_response(Y, X, centre)
+    stats = _stats_from_data(Y, X, factors, options.get("structure", "auto"))
+    stats.centre = centre
+    return fit_stats(stats, reml=reml, method=method, tol=tol, max_iter=max_iter, **options)
+
+
+def _stats_from_data(Y: np.ndarray, X: np.ndarray, factors: list[RandomFactor], structure: str):
+    """The sufficient statistics `fit_lmm` fits: missing rows per voxel where its structure allows."""
+    if len(factors) == 1 and structure in ("auto", "levels") and np.isnan(Y).any():
         from blmm.core.missing_rows import missing_row_stats_from_data  # voxel-specific rows (issue 11)
-        return fit_stats(missing_row_stats_from_data(Y, X, factors[0]), reml=reml, method=method, tol=tol,
-                         max_iter=max_iter, **options)
-    structure = options.get("structure", "auto")
-    if len(factors) > 1 and structure in ("auto", "nested") and np.isnan(np.asarray(Y, dtype=np.float64)).any():
+        return missing_row_stats_from_data(Y, X, factors[0])
+    if len(factors) > 1 and structure in ("auto", "nested") and np.isnan(Y).any():
         from blmm.core.sufficient import FactorLayout
         layout = FactorLayout.from_factors(factors)
         if choose_structure(layout, structure)[0] == "nested":  # one nesting tree, rows per voxel (issue 11)
             from blmm.core.nested_missing_rows import nested_missing_row_stats_from_data
-            return fit_stats(nested_missing_row_stats_from_data(Y, X, factors, layout=layout), reml=reml,
-                             method=method, tol=tol, max_iter=max_iter, **options)
-    return fit_stats(sufficient_stats(Y, X, factors), reml=reml, method=method, tol=tol,
-                     max_iter=max_iter, **options)
+            return nested_missing_row_stats_from_data(Y, X, factors, layout=layout)
+    return sufficient_stats(Y, X, factors)
 
 
 def fit_stats(
@@ -165,7 +173,26 @@ def fit_stats(
     max_block_bytes: int = 512 * 2**20,
     threads: int | None = None,
 ) -> FitResult:
-    """Fit every voxel from its sufficient statistics.
+    """Fit every voxel from its sufficient statistics (`fit_centred_stats`), then put the centre
+    the sums were formed without (``stats.centre``) back into β."""
+    res = fit_centred_stats(stats, reml=reml, method=method, tol=tol, max_iter=max_iter, structure=structure,
+                            max_block_bytes=max_block_bytes, threads=threads)
+    restore_beta(res.beta, getattr(stats, "centre", None))
+    return res
+
+
+def fit_centred_stats(
+    stats: SufficientStats,
+    reml: bool = True,
+    method: str = "pSFS",
+    tol: float = 1e-6,
+    max_iter: int = 10000,
+    structure: str = "auto",
+    max_block_bytes: int = 512 * 2**20,
+    threads: int | None = None,
+) -> FitResult:
+    """Fit every voxel from its sufficient statistics; β is that of the response the sums were
+    formed from (`fit_stats` puts ``stats.centre`` back).
 
     structure: "levels" (one factor, grouped levels), "schur" (several factors: the one with
     most levels, or a nesting tree, eliminated level by level, the rest dense), "dense" (any
@@ -236,6 +263,9 @@ def fit_stats(
         if not full_column_rank(XtX[None])[0]:
             res.status[vox] = DROPPED_RANK
             continue
+        vox = drop_flat_voxels(res, vox, XtX, stats.XtY[vox], stats.YtY[vox], n, removed_size(stats.centre, vox))
+        if vox.size == 0:
+            continue
         obj, per_voxel = _pattern_objective(structure, tree, stats, u, n, reml)
         size = held_bytes(obj)
         if jobs and held + size > round_budget:
@@ -252,6 +282,14 @@ def fit_stats(
     run_blocks(run, jobs, threads)
     _blank_unfitted(res)
     return res
+
+
+def drop_flat_voxels(res: FitResult, idx: np.ndarray, XtX: np.ndarray, XtY: np.ndarray, YtY: np.ndarray,
+                     n_obs: int, removed: np.ndarray | float) -> np.ndarray:
+    """Marks voxels idx with nothing to fit (`flat_voxels`) CONSTANT_RESPONSE; returns the rest."""
+    flat = flat_voxels(XtX, XtY, YtY, n_obs, removed)
+    res.status[idx[flat]] = CONSTANT_RESPONSE
+    return idx[~flat]
 
 
 def thread_count(threads: int | None) -> int:
@@ -369,7 +407,7 @@ def _blank_unfitted(res: FitResult) -> None:
         arr[bad] = np.nan
     res.converged[bad] = False
     res.stop[res.status == FAILED] = NOT_FINITE
-    res.stop[(res.status == DROPPED_RANK) | (res.status == DROPPED_FEW)] = NOT_FITTED
+    res.stop[bad & (res.status != FAILED)] = NOT_FITTED  # dropped before fitting
 
 
 @dataclass

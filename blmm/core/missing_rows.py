@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from blmm.core.centre import ResponseCentre, flat_voxels, removed_size
 from blmm.core.design import RandomFactor
 from blmm.core.design_basis import full_column_rank
 from blmm.core.level_classes import LevelClasses, class_aggregates
@@ -130,6 +131,7 @@ class MissingRowStats(MissingRowCounts):
     missing_rows: np.ndarray  # rows each pattern lacks, concatenated
     pattern_of_voxel: np.ndarray  # (v,)
     sums: LevelSums  # per-voxel data sums
+    centre: ResponseCentre | None = None  # taken out of Y before the data sums (None: none)
 
     @property
     def XtY(self) -> np.ndarray:
@@ -483,15 +485,21 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
     def prepare(job) -> None:
         """Units of a bucket's voxels, large sets of one G grouped (the arithmetic is each voxel's own)."""
         idx = job[0]
-        u = touched_units(stats, common, idx, stats.sums.take(idx))
+        u_sums = stats.sums.take(idx)
+        u = touched_units(stats, common, idx, u_sums)
         XtX_v = stats.XtX + u["dXtX"]
         full = full_column_rank(XtX_v)  # the rank rule of core/design_basis.py, unit-free
-        if not np.all(full):
-            res.status[idx[~full]] = F.DROPPED_RANK
-            idx, XtX_v = idx[full], XtX_v[full]
-            mine = full[u["voxel"]]
-            u = {key: a[mine] if key in UNIT_KEYS else a[full] for key, a in u.items()}
-            u["voxel"] = (np.cumsum(full) - 1)[u["voxel"]]
+        flat = np.zeros_like(full)  # nothing to fit: a constant or exactly linear response
+        flat[full] = flat_voxels(XtX_v[full], u_sums.XtY[full], u_sums.YtY[full], u["n"][full],
+                                 removed_size(stats.centre, idx[full]))
+        res.status[idx[~full]] = F.DROPPED_RANK
+        res.status[idx[flat]] = F.CONSTANT_RESPONSE
+        keep = full & ~flat
+        if not np.all(keep):
+            idx, XtX_v = idx[keep], XtX_v[keep]
+            mine = keep[u["voxel"]]
+            u = {key: a[mine] if key in UNIT_KEYS else a[keep] for key, a in u.items()}
+            u["voxel"] = (np.cumsum(keep) - 1)[u["voxel"]]
             if idx.size == 0:
                 return
         for pos, units in compress_units(u, p, q):

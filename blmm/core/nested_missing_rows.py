@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from blmm.core.centre import ResponseCentre, flat_voxels, removed_size
 from blmm.core.design import RandomFactor
 from blmm.core.design_basis import full_column_rank
 from blmm.core.missing_rows import MissingRowCounts, compressed_missing_rows, residual_mean_square
@@ -42,6 +43,7 @@ class NestedMissingRowStats(MissingRowCounts):
     XtY: np.ndarray  # (v, p), missing entries add zero
     ZtY: np.ndarray  # (v, Σ L_k q_k)
     YtY: np.ndarray  # (v,)
+    centre: ResponseCentre | None = None  # taken out of Y before the data sums (None: none)
 
 
 def nested_missing_row_stats_from_data(Y, X, factors: list[RandomFactor], observed=None,
@@ -203,10 +205,15 @@ def fit_nested_missing_rows(stats: NestedMissingRowStats, reml=True, method="pSF
         u = block_units(stats, fam, idx)
         XtX_v = stats.XtX + u["dXtX"]
         full = full_column_rank(XtX_v)  # the rank rule of core/design_basis.py, unit-free
-        if not np.all(full):
-            res.status[idx[~full]] = F.DROPPED_RANK
-            idx, XtX_v = idx[full], XtX_v[full]
-            u = {"n": u["n"][full], "dXtX": u["dXtX"][full], "units": [g.take(full) for g in u["units"]]}
+        flat = np.zeros_like(full)  # nothing to fit: a constant or exactly linear response
+        flat[full] = flat_voxels(XtX_v[full], stats.XtY[idx[full]], stats.YtY[idx[full]], u["n"][full],
+                                 removed_size(stats.centre, idx[full]))
+        res.status[idx[~full]] = F.DROPPED_RANK
+        res.status[idx[flat]] = F.CONSTANT_RESPONSE
+        keep = full & ~flat
+        if not np.all(keep):
+            idx, XtX_v = idx[keep], XtX_v[keep]
+            u = {"n": u["n"][keep], "dXtX": u["dXtX"][keep], "units": [g.take(keep) for g in u["units"]]}
             if idx.size == 0:
                 return
         data = obj.data(stats.XtY[idx], stats.ZtY[idx], stats.YtY[idx], **u)

@@ -10,8 +10,13 @@ DROPPED_FEW = 2  # not more observations than fixed effects
 
 FAILED = 3  # numerical failure: non-finite log-likelihood or σ², or a singular system
 
+# constant or near-constant response, or an exact linear function of X: no residual variation
+# at the data's scale (blmm.core.centre.flat_voxels), so σ² would be 0
+CONSTANT_RESPONSE = 4
+
 STATUS_NAMES = {FITTED: "fitted", DROPPED_RANK: "rank-deficient X", DROPPED_FEW: "too few observations",
-                FAILED: "numerical failure"}
+                FAILED: "numerical failure",
+                CONSTANT_RESPONSE: "constant response (no variation beyond the fixed effects)"}
 
 DROPPED_UNIDENTIFIABLE = 5  # safe mode: the rows present fail lme4's checks (core.design.unidentifiable_patterns)
 STATUS_NAMES[DROPPED_UNIDENTIFIABLE] = "unidentifiable random effects (safe mode: lme4's checks on the rows present)"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from blmm.core.centre import ResponseCentre
 from blmm.core.design import RandomFactor
 
 
@@ -107,6 +108,7 @@ class SufficientStats:
     XtY: np.ndarray  # (v, p)
     ZtY: np.ndarray  # (v, q)
     YtY: np.ndarray  # (v,)
+    centre: ResponseCentre | None = None  # taken out of Y before the data sums (None: none)
 
     @property
     def n_voxels(self) -> int:
@@ -148,6 +150,7 @@ class SufficientStats:
             XtY=self.XtY + other.XtY,
             ZtY=self.ZtY + other.ZtY,
             YtY=self.YtY + other.YtY,
+            centre=self.centre,  # both sets of rows must have been centred alike
         )
 
 

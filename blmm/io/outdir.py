@@ -87,6 +87,11 @@ def batch_counts_file(workdir: Path, b: int) -> Path:
     return workdir / f"batch{b:05d}.missing.json"
 
 
+def centre_file(workdir: Path) -> Path:
+    """The per-voxel centre taken out of Y before every batch's sums (value, weights; .npz)."""
+    return workdir / "centre.npz"
+
+
 def block_file(workdir: Path, k: int) -> Path:
     """Results of voxel block k."""
     return workdir / f"block{k:05d}.npz"

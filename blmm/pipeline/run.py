@@ -27,6 +27,7 @@ from blmm.pipeline.stages import (
     check_disk_space,
     fit_block,
     read_batch,
+    run_centre,
     space_needed,
     volume_names,
     write_outputs,
@@ -159,7 +160,8 @@ def timed(timings: dict, name: str, stage, *args):
 
 
 def read_images(plan: RunPlan, engine) -> RunPlan:
-    """Stage 2 on the engine: every image batch's partial sums."""
+    """Stage 2 on the engine: every image batch's partial sums (the per-voxel centre first, once)."""
+    run_centre(plan)
     engine.map(_read_batch_task, [(plan, b) for b in range(len(plan.batches))], stage="read images",
                labels=[f"image batch {b}: images {a + 1}-{z} of {plan.config.n}" for b, (a, z) in enumerate(plan.batches)])
     return plan

@@ -17,6 +17,7 @@ finished batch and block files, which the manifest ties to the inputs' hash.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from blmm.config import Config
+from blmm.core.centre import ResponseCentre, intercept_weights, response_centre
 from blmm.core.inference import infer
 from blmm.core.design import RandomFactor
 from blmm.core.design_basis import FittingBasis
@@ -47,6 +49,7 @@ from blmm.errors import DiskFullError
 from blmm.io.outdir import (
     LLH64_FILE,
     batch_touched_files,
+    centre_file,
     disk_full_as_error,
     free_bytes,
     human_bytes,
@@ -94,7 +97,8 @@ class _RowFile:
 
     def write(self, a: int, rows: np.ndarray) -> None:
         self.fh.seek(self.offset + 8 * a * self.n_cols)
-        np.ascontiguousarray(rows, dtype=np.float64).tofile(self.fh)
+        # file.write, not ndarray.tofile: a full disk then raises ENOSPC (tofile's short write has no errno)
+        self.fh.write(memoryview(np.ascontiguousarray(rows, dtype=np.float64)).cast("B"))
 
     def close(self) -> None:
         self.fh.flush()
@@ -122,9 +126,10 @@ MISSING_REASONS = {
 def read_batch(plan: RunPlan, b: int) -> str:
     """Read batch b's images once; write its partial sums for every analysis voxel."""
     stats_path, present_path = batch_files(plan, b)
-    if present_path.exists():  # finished before an interruption
-        return str(present_path)
     with disk_full_as_error(plan.config.outdir, space_needed(plan)["total"], f"the partial sums of image batch {b}"):
+        centre = run_centre(plan)
+        if present_path.exists() and batch_centre_hash(plan, b) == centre_hash(centre):
+            return str(present_path)  # finished before an interruption, with this centre taken out
         tmp_stats = stats_path.with_name(f".{stats_path.name}.tmp{os.getpid()}.npy")
         try:
             missing = _read_batch(plan, b, tmp_stats)
@@ -137,9 +142,71 @@ def read_batch(plan: RunPlan, b: int) -> str:
             values_path, ptr_path = batch_touched_files(plan.workdir, b)
             save_array_atomically(values_path, touched[0])
             save_array_atomically(ptr_path, touched[1])
+        missing["_centre"] = centre_hash(centre)  # the sums depend on it: a resumed batch must match
         write_text_atomically(_outdir.batch_counts_file(plan.workdir, b), json.dumps(missing))
         save_array_atomically(present_path, bits)  # written last: marks the batch finished
     return str(present_path)
+
+
+# images read at plan time for the per-voxel centre: a median of a few is near each voxel's level
+CENTRE_SAMPLE = 8
+
+
+def run_centre(plan: RunPlan) -> ResponseCentre:
+    """The run's per-voxel centre (docs/model.md, "The centre"): read from the work folder, or
+    computed once from CENTRE_SAMPLE images spread over the rows (their missing values ignored)
+    and saved there, so every batch, on any worker and after any restart, takes out the same one."""
+    path = centre_file(plan.workdir)
+    X = ordered_design(plan)[0]  # the fitting basis the batches' sums are formed in: X w = 1 there
+    if path.exists():
+        with np.load(path) as saved:
+            return ResponseCentre.for_design(saved["value"], X, saved["weights"])
+    cfg = plan.config
+    picks = np.unique(np.linspace(0, cfg.n - 1, min(CENTRE_SAMPLE, cfg.n)).round().astype(np.int64))
+    Y = np.empty((picks.size, plan.voxels.size))
+    for i, row in enumerate(plan.order[picks]):
+        Y[i] = read_image(cfg.y_files[row], cfg.space, plan.voxels)
+        mask = read_mask(cfg.data_mask_files[row], cfg.space, plan.voxels) if cfg.data_mask_files else None
+        Y[i, ~missing_value_rules(cfg, Y[i:i + 1], None if mask is None else mask[None])[0][0]] = np.nan
+    weights = intercept_weights(X)
+    with disk_full_as_error(cfg.outdir, space_needed(plan)["total"], "the per-voxel centre"):
+        save_arrays_atomically(path, {"value": response_centre(Y), "weights": weights})  # same inputs, same file
+    with np.load(path) as saved:
+        return ResponseCentre.for_design(saved["value"], X, saved["weights"])
+
+
+def centre_hash(centre: ResponseCentre) -> str:
+    """What a batch's sums were formed with: a hash of the centre and its weights."""
+    return hashlib.sha256(centre.value.tobytes() + centre.weights.tobytes()).hexdigest()[:16]
+
+
+def batch_centre_hash(plan: RunPlan, b: int) -> str | None:
+    """The centre hash recorded by image batch b (None if none)."""
+    try:
+        return json.loads(_outdir.batch_counts_file(plan.workdir, b).read_text()).get("_centre")
+    except (OSError, ValueError):
+        return None
+
+
+def missing_value_rules(cfg: Config, Y: np.ndarray, in_data_mask: np.ndarray | None) -> tuple[np.ndarray, dict]:
+    """(present, counts): which values of Y (images x voxels) count as present, and how many were
+    treated as missing for each reason, in the order of MISSING_REASONS."""
+    missing = dict.fromkeys(MISSING_REASONS, 0)
+    ok = np.isfinite(Y)
+    missing["nonfinite"] += int(ok.size - np.count_nonzero(ok))
+    if in_data_mask is not None:
+        missing["data_mask"] += int(np.count_nonzero(ok & ~in_data_mask))
+        ok &= in_data_mask
+    with np.errstate(invalid="ignore"):  # NaN compares False, and is already missing
+        if cfg.data_mask_thresh is not None:
+            above = Y >= cfg.data_mask_thresh
+            missing["data_mask_thresh"] += int(np.count_nonzero(ok & ~above))
+            ok &= above
+        if cfg.zero_is_missing:
+            nonzero = Y != 0
+            missing["zero"] += int(np.count_nonzero(ok & ~nonzero))
+            ok &= nonzero
+    return ok, missing
 
 
 def one_factor(config: Config) -> bool:
@@ -213,6 +280,7 @@ def _read_batch(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
     cfg = plan.config
     start, stop = plan.batches[b]
     voxels = plan.voxels
+    centre = run_centre(plan)  # taken out of Y before the sums (docs/model.md, "The centre")
     X, factors = ordered_design(plan)
     layout = FactorLayout.from_factors(factors)
     p, q = cfg.p, layout.n_columns
@@ -247,21 +315,11 @@ def _read_batch(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
                 if cfg.data_mask_files is not None:
                     present[i] = read_mask(cfg.data_mask_files[row], cfg.space, voxels)
             # the missing-value rules on the whole chunk at once, counted in the order of MISSING_REASONS
-            ok = np.isfinite(Y)
-            missing["nonfinite"] += int(ok.size - np.count_nonzero(ok))
-            if cfg.data_mask_files is not None:
-                missing["data_mask"] += int(np.count_nonzero(ok & ~present))
-                ok &= present
-            with np.errstate(invalid="ignore"):  # NaN compares False, and is already missing
-                if cfg.data_mask_thresh is not None:
-                    above = Y >= cfg.data_mask_thresh
-                    missing["data_mask_thresh"] += int(np.count_nonzero(ok & ~above))
-                    ok &= above
-                if cfg.zero_is_missing:
-                    nonzero = Y != 0
-                    missing["zero"] += int(np.count_nonzero(ok & ~nonzero))
-                    ok &= nonzero
-            present = ok
+            present, counts = missing_value_rules(cfg, Y, present if cfg.data_mask_files is not None else None)
+            for key, k in counts.items():
+                missing[key] += k
+            for i, xw in enumerate(X[c0:c1] @ centre.weights):  # Y - c X w in place: the sums keep their precision
+                Y[i] -= xw * centre.value
             if not present.all():
                 Y[~present] = 0.0
             Xc = X[c0:c1]
@@ -402,6 +460,7 @@ def fit_block(plan: RunPlan, k: int) -> str:
         return str(path)
     cfg = plan.config
     sums, present, touched = _block_inputs(plan, k)
+    lo = plan.blocks[k][0]
     n, p = cfg.n, cfg.p
     n_obs = present.sum(axis=0)
     reason = np.full(n_obs.size, FITTED, np.int64)
@@ -431,6 +490,7 @@ def fit_block(plan: RunPlan, k: int) -> str:
             else:  # crossed factors: one objective per presence pattern
                 Z = random_effects_matrix(factors, layout)
                 stats = stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
+        stats.centre = run_centre(plan).take(lo + keep)  # the sums were formed without it: β gets it back
         fit = fit_stats(stats, reml=cfg.reml, method=cfg.method, tol=cfg.tol, max_iter=cfg.maxnit,
                         max_block_bytes=max(cfg.maxmem // 4, 2**24), threads=1)  # the engine parallelises
         fit = plan.basis.restore(fit)  # the user's units before inference: contrasts are in them

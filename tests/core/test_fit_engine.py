@@ -180,20 +180,81 @@ def test_balanced_design_matches_dense_likelihood(q):
 
 
 def test_one_bad_voxel_stays_one_bad_voxel():
-    """A non-finite or constant voxel is marked failed; the rest of its block is fitted as alone."""
+    """A non-finite voxel is marked failed and a constant one constant (by a rule relative to the
+    data's scale, not by exact cancellation); the rest of its block is fitted as alone."""
     X, f, Y = simulate(q=2, v=4, seed=5)
     bad = Y.copy()
     bad[:, 1] = 3.0  # constant response: σ² = 0
     bad[0, 2] = np.inf
     fit = fit_lmm(bad, X, [f], tol=1e-10)
     alone = fit_lmm(Y[:, [0, 3]], X, [f], tol=1e-10)
-    from blmm.core.fit import FAILED, NOT_FINITE, STOP_NAMES
-    assert list(fit.status) == [0, FAILED, FAILED, 0]
-    assert list(fit.stop[[1, 2]]) == [NOT_FINITE, NOT_FINITE] and STOP_NAMES[NOT_FINITE]
+    from blmm.core.fit import CONSTANT_RESPONSE, FAILED, NOT_FINITE, NOT_FITTED, STOP_NAMES
+    assert list(fit.status) == [0, CONSTANT_RESPONSE, FAILED, 0]
+    assert list(fit.stop[[1, 2]]) == [NOT_FITTED, NOT_FINITE] and STOP_NAMES[NOT_FINITE]
     assert not fit.converged[[1, 2]].any()
+    # 1e-9: the same voxels' fits, their block arithmetic differing only in its voxel count
     assert np.allclose(fit.llh[[0, 3]], alone.llh, rtol=0, atol=1e-9)
     res = infer(fit, [Contrast.from_vector("t", [0, 1, 0])])
     assert np.isnan(res.t[0].df[[1, 2]]).all() and np.isfinite(res.t[0].df[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("missing", [0.0, 0.05])
+def test_a_small_variation_at_a_large_level_is_fitted_not_flat(missing):
+    """1024 + 2^-20 e varies by 1e-9 of its level: far above float64's rounding, so it is fitted, and
+    exactly as e is (σ² scaled by 2^-40; D, llh less n log 2^-20, T and df unchanged) to 1e-8 relative,
+    issue 17's bound for what a change of units may move."""
+    X, f, Y = simulate(q=2, v=3, seed=8, missing=missing)
+    Y = np.round(Y * 2**20) / 2**20  # on a grid: 1024 + 2^-20 Y is exact in float64
+    small = 1024.0 + Y * 2.0**-20
+    a = fit_lmm(Y, X, [f], tol=1e-10, threads=1)
+    b = fit_lmm(small, X, [f], tol=1e-10, threads=1)
+    assert np.all(a.status == 0) and np.all(b.status == 0) and np.array_equal(a.stop, b.stop)
+    np.testing.assert_allclose(b.sigma2 * 2.0**40, a.sigma2, rtol=1e-8)
+    np.testing.assert_allclose(b.vech_D(), a.vech_D(), rtol=1e-8, atol=1e-8 * np.max(np.abs(a.vech_D())))
+    np.testing.assert_allclose(b.llh - a.n_obs * 20 * np.log(2) * (1 - 3 / a.n_obs), a.llh, rtol=1e-8)  # REML: n - p
+    # the intercept holds 1024 + 2^-20 β₀: a float64 at 1024 carries 2^-20 β₀ to a few of its spacings
+    np.testing.assert_allclose((b.beta[:, 0] - 1024.0) * 2.0**20, a.beta[:, 0], rtol=0,
+                               atol=4 * np.spacing(1024.0) * 2.0**20)
+    np.testing.assert_allclose(b.beta[:, 1:] * 2.0**20, a.beta[:, 1:], rtol=1e-8)
+    ta, tb = (infer(r, [Contrast.from_vector("t", [0, 1, 0])]).t[0] for r in (a, b))
+    np.testing.assert_allclose(tb.t, ta.t, rtol=1e-8)
+    np.testing.assert_allclose(tb.df, ta.df, rtol=1e-8)
+
+
+def test_the_flat_rule_is_relative_to_the_data_not_exact_cancellation():
+    """flat_voxels on the sums: a constant at any level, centred or not (or centred far off, as a
+    voxel missing in the pipeline's centre sample is), and an exact linear function of X are flat; a
+    variation of 1e-9 of the level, centred within the data, is not."""
+    from blmm.core.centre import ResponseCentre, centred_response, flat_voxels
+    X, f, _ = simulate(v=1, seed=9)
+    n = X.shape[0]
+    rng = np.random.default_rng(9)
+    for level in (1e-3, 1.0, 5.0, 1e4, 1e8):
+        flat = np.column_stack([np.full(n, level), X @ np.array([level, 2.0, -1.0]),
+                                level * (1 + 1e-15 * rng.normal(size=n))])
+        varied = level * (1 + 1e-9 * rng.normal(size=(n, 1)))
+        for c in (0.0, level, level * 0.37 + 11.0):  # none, the level, far off
+            centre = ResponseCentre.for_design(np.full(3, c), X)
+            Yc = centred_response(flat, X, centre)
+            got = flat_voxels(X.T @ X, Yc.T @ X, np.sum(Yc * Yc, axis=0), n, centre.magnitude())
+            assert got.all(), (level, c, got)
+        centre = ResponseCentre.for_design(np.median(varied, axis=0), X)
+        Yc = centred_response(varied, X, centre)
+        assert not flat_voxels(X.T @ X, Yc.T @ X, np.sum(Yc * Yc, axis=0), n, centre.magnitude()).any(), level
+
+
+def test_without_an_intercept_the_centre_only_shifts_beta():
+    """X without an intercept in its span: c X w (X w the projection of 1) is taken out and c w put
+    back, so the fit equals the fit from uncentred sums (1e-8 in llh: both converged to tol 1e-10)."""
+    from blmm.core.centre import intercept_weights
+    X, f, Y = simulate(v=3, seed=10)
+    Xn = X[:, 1:]  # time and a covariate, no intercept
+    w = intercept_weights(Xn)
+    assert np.max(np.abs(Xn @ w - 1)) > 0.1 and np.any(w != 0)  # 1 is not in col(X): a projection
+    a = fit_lmm(Y + 100.0, Xn, [f], tol=1e-10, threads=1)
+    b = fit_stats(sufficient_stats(Y + 100.0, Xn, [f]), tol=1e-10, threads=1)
+    np.testing.assert_allclose(a.llh, b.llh, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(a.beta, b.beta, rtol=1e-6)  # PARAM_RTOL of test_fit_properties: the optimum's flatness
 
 
 def test_iteration_limit_is_not_converged():

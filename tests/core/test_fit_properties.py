@@ -18,6 +18,9 @@ check exactly that, on designs drawn to hit each code path:
    brute-force maximum found by scipy on that dense formula.
 3. At arbitrary D (not only at an optimum) the objectives agree with each other and with the
    dense formula: grouped levels with every big-class threshold, Schur and dense.
+4. Issue 17: an offset of 1e4 ... 1e8 added to Y changes nothing but the intercept (T, F, df, p,
+   llh, σ², D and every convergence label to 1e-8 relative), and constant, near-constant and
+   exactly linear voxels get their own status, in every structure, method and missing-row path.
 
 Nothing here uses blmm to build Z or to evaluate a likelihood for the independent checks.
 """
@@ -30,10 +33,12 @@ import numpy as np
 import pytest
 from scipy import optimize
 
+from blmm.core.centre import centre_of, centred_response
 from blmm.core.design import Contrast, RandomFactor
 from blmm.core.design_basis import DesignNote
 from blmm.core.fit import METHODS, choose_structure, fit_lmm, fit_stats
 from blmm.core.inference import infer
+from blmm.core.status import CONSTANT_RESPONSE, FITTED, NOT_FITTED
 from blmm.core.objective import DenseObjective, LevelObjective, SchurObjective
 from blmm.core.objective.nested import NestedObjective
 from blmm.core.sufficient import sufficient_stats
@@ -180,6 +185,15 @@ BRUTE = [("balanced-q2", True), ("balanced-q2", False), ("balanced-q3", True), (
          ("boundary-q1", True), ("crossed-q1", False), ("nested-q1-missing", False)]
 
 
+# Y on multiples of 2^-20 (as float32 images hold it): every value up to 2^7 plus an offset up to
+# 1e8 < 2^27 is exact in float64 (spacing 2^-26 there), so Y + offset holds the same numbers
+GRID = 2.0 ** -20
+
+
+def quantised(Y):
+    return np.round(Y / GRID) * GRID
+
+
 @lru_cache(maxsize=None)
 def design(name):
     spec = dict(DESIGNS[name])
@@ -193,7 +207,9 @@ def structures_for(factors):
 def fit_all(X, factors, Y, reml):
     """Every structure x method on one design: {(structure, method): FitResult}; with missing rows
     also fit_lmm's vectorised missing-row path ("missing-rows") where it applies (one factor, one nesting tree)."""
-    stats = sufficient_stats(Y, X, factors)
+    centre = centre_of(Y, X)  # as fit_lmm: the sums of Y less its centre (docs/model.md, "The centre")
+    stats = sufficient_stats(centred_response(Y, X, centre), X, factors)
+    stats.centre = centre
     out = {(s, m): fit_stats(stats, reml=reml, method=m, tol=TOL, max_iter=MAX_ITER, structure=s, threads=1)
            for s in structures_for(factors) for m in METHODS}
     if np.isnan(Y).any() and (len(factors) == 1 or choose_structure(stats.layout)[0] == "nested"):
@@ -489,6 +505,110 @@ def test_objectives_agree_at_arbitrary_D(name, reml):
                     assert np.allclose(a, b, rtol=0, atol=1e-9 * scale), (where, field, k, np.max(np.abs(a - b)))
             if len(factors) == 1:  # Schur's information has no big-small cross terms, by design
                 assert np.allclose(ev.info, ev_dense.info, rtol=0, atol=1e-9 * np.max(np.abs(ev_dense.info))), where
+
+
+# ---- offsets of Y and flat responses (issue 17) ---------------------------------------------
+
+OFFSET_RTOL = 1e-8  # issue 17: an offset may move nothing beyond float64 rounding of the fit itself
+def offset_for(name):
+    """1e4 ... 1e8 over the designs (log-spaced): raw intensities, volumes in mm³, areas."""
+    names = sorted(DESIGNS)
+    return float(10.0 ** (4 + 4 * names.index(name) / (len(names) - 1)))
+
+
+def _contrasts():
+    """T on time, F on (time, group): the intercept's own T moves with the offset, as it should."""
+    return [Contrast.from_vector("time", [0, 1, 0]), Contrast.from_vector("time+group", [[0, 1, 0], [0, 0, 1]])]
+
+
+def offset_problems(ref, moved, offset):
+    """Where a fit of Y + offset differs from the fit of Y beyond OFFSET_RTOL (β: by exactly offset
+    in the intercept, up to the float64 spacing of offset)."""
+    problems = []
+    for key, a in ref.items():
+        b = moved[key]
+        for field in ("status", "stop", "converged", "n_iter"):
+            if not np.array_equal(getattr(a, field), getattr(b, field)):
+                problems.append(f"{key} {field}: {getattr(a, field)} vs {getattr(b, field)}")
+        ok = a.fitted
+        pairs = [("llh", a.llh, b.llh), ("sigma2", a.sigma2, b.sigma2), ("D", a.vech_D(), b.vech_D()),
+                 ("beta[1:]", a.beta[:, 1:], b.beta[:, 1:])]
+        ta, tb = infer(a, _contrasts()), infer(b, _contrasts())
+        for i in range(len(ta.t)):
+            pairs += [(f"T{i}.{x}", getattr(ta.t[i], x), getattr(tb.t[i], x)) for x in ("t", "df", "mlog10p")]
+        for i in range(len(ta.f)):
+            pairs += [(f"F{i}.{x}", getattr(ta.f[i], x), getattr(tb.f[i], x)) for x in ("F", "df", "mlog10p")]
+        for label, x, y in pairs:
+            x, y = np.asarray(x)[ok], np.asarray(y)[ok]
+            scale = np.maximum(np.abs(x), np.max(np.abs(x), initial=1.0) if label in ("D", "beta[1:]") else 0) + 1e-300
+            err = np.max(np.abs(x - y) / scale, initial=0.0)
+            if not err <= OFFSET_RTOL:
+                problems.append(f"{key} {label}: relative difference {err:.2e}")
+        shift = np.abs(b.beta[ok, 0] - offset - a.beta[ok, 0])
+        bound = 8 * np.spacing(offset + np.abs(a.beta[ok, 0]))  # a few roundings at the offset's scale
+        if np.any(shift > bound):
+            problems.append(f"{key} beta[0]: shifted by offset + {np.max(shift):.2e}")
+    return problems
+
+
+@pytest.mark.parametrize("name", sorted(DESIGNS))
+def test_an_offset_of_y_changes_only_the_intercept(name):
+    """Y + 1e4 ... 1e8 (issue 17): T, F, df, p, llh, σ², D and every convergence label as for Y,
+    β shifted by exactly the offset in the intercept; every structure, method and missing-row path."""
+    X, factors, Y = design(name)
+    Y = quantised(Y)
+    offset = offset_for(name)
+    reml = sorted(DESIGNS).index(name) % 2 == 0  # REML and ML alternate over the designs
+    assert np.array_equal((Y + offset) - offset, Y, equal_nan=True)  # the same numbers (GRID)
+    problems = offset_problems(fit_all(X, factors, Y, reml), fit_all(X, factors, Y + offset, reml), offset)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("missing", [0, 3])
+def test_the_offset_table_of_issue_17(missing):
+    """Issue 17's table: noise of sd 1 plus an offset of 1e4 ... 1e8 moved llh by up to 160 and D
+    by 100%, or stopped the step search.  Now llh, σ² and D equal the un-offset fit's to 1e-8
+    relative, every voxel converged, with and without missing rows; and the un-offset fit equals an
+    uncentred per-pattern fit (an independent route through the sums) to LLH_ATOL and PARAM_RTOL."""
+    X, factors, Y = make_design("classes", 1, 17, n_sub=40, v=4, missing=missing)
+    Yq = quantised(Y)
+    base = fit_lmm(Yq, X, factors, tol=TOL, max_iter=MAX_ITER, threads=1)
+    plain = fit_stats(sufficient_stats(Yq, X, factors), tol=TOL, max_iter=MAX_ITER, threads=1)  # no centre
+    assert np.max(np.abs(base.llh - plain.llh)) <= LLH_ATOL
+    assert np.max(np.abs(base.vech_D() - plain.vech_D())) <= PARAM_RTOL * np.max(np.abs(plain.vech_D()))
+    for offset in (1e4, 1e5, 1e6, 1e7, 1e8):
+        fit = fit_lmm(Yq + offset, X, factors, tol=TOL, max_iter=MAX_ITER, threads=1)
+        assert fit.converged.all() and np.array_equal(fit.stop, base.stop), offset
+        assert np.max(np.abs(fit.llh - base.llh) / np.abs(base.llh)) <= OFFSET_RTOL, offset
+        assert np.max(np.abs(fit.sigma2 - base.sigma2) / base.sigma2) <= OFFSET_RTOL, offset
+        assert np.max(np.abs(fit.vech_D() - base.vech_D())) <= OFFSET_RTOL * np.max(np.abs(base.vech_D())), offset
+
+
+def flat_columns(X, n, rng, missing):
+    """Voxels with nothing to fit: constant 5.0, near-constant (3 + 1e-15 noise), an exact linear
+    function of X at a raw-intensity level; with missing rows, each has one NaN."""
+    flat = np.column_stack([np.full(n, 5.0), 3.0 + 1e-15 * rng.normal(size=n), 1e4 + X @ np.array([0.0, 2.5, -1.25])])
+    if missing:
+        flat[rng.choice(n, 3), np.arange(3)] = np.nan
+    return flat
+
+
+@pytest.mark.parametrize("name", sorted(DESIGNS))
+def test_flat_voxels_get_their_own_reason(name):
+    """Constant, near-constant and exactly linear voxels are CONSTANT_RESPONSE in every structure,
+    method and missing-row path; the voxel beside them is fitted as alone."""
+    X, factors, Y = design(name)
+    rng = np.random.default_rng(sorted(DESIGNS).index(name))
+    missing = bool(np.isnan(Y).any())
+    Yf = np.column_stack([flat_columns(X, Y.shape[0], rng, missing), Y[:, -1]])
+    reml = sorted(DESIGNS).index(name) % 2 == 1  # ML and REML alternate over the designs
+    res = fit_all(X, factors, Yf, reml)
+    alone = fits(name, reml)
+    for key, fit in res.items():
+        assert list(fit.status) == [CONSTANT_RESPONSE] * 3 + [FITTED], (key, fit.status)
+        assert np.all(fit.stop[:3] == NOT_FITTED) and np.isnan(fit.llh[:3]).all(), key
+        # 1e-8: LLH_ATOL, the same voxel fitted in another block
+        assert abs(fit.llh[3] - alone[key].llh[-1]) <= LLH_ATOL, (key, fit.llh[3], alone[key].llh[-1])
 
 
 # ---- a larger sweep over random designs -----------------------------------------------------

@@ -100,9 +100,8 @@ def test_covariates_in_their_units_against_lme4(reml, method):
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason="needs branch centre's Y centring")
 def test_raw_intensities_against_lme4():
-    """The same with raw-intensity Y (mean ~7e3): the sums lose ~1e-5 of D without a centre."""
+    """The same with raw-intensity Y (mean ~7e3): without the per-voxel centre the sums lost ~1e-5 of D."""
     X, Y, factors, contrasts, refs = load()
     assert np.mean(Y) > 1e3
     problems = [problem for reml in (True, False) for method in METHODS

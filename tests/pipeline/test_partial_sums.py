@@ -2,7 +2,7 @@
 
 - batches are cut at level boundaries of the plan's level order;
 - the class aggregates summed over batches equal those computed at once from every level's
-  y_j (1e-12), and the touched levels' y_j equal Z_j'Y exactly where a missing value falls;
+  y_j of the centred Y (1e-12), and the touched levels' y_j equal Z_j'Y exactly where a missing value falls;
 - the stored bytes are what `space_needed` estimates;
 - the pipeline with a missing pattern per voxel equals the pattern-by-pattern fit (1e-8).
 """
@@ -19,7 +19,7 @@ from blmm.core.level_classes import class_aggregates
 from blmm.core.sufficient import FactorLayout, random_effects_matrix, sufficient_stats
 from blmm.io.outdir import batch_touched_files
 from blmm.pipeline import LLH64_FILE, batch_files, plan_run, read_batch, run
-from blmm.pipeline.stages import complete_design, ordered_design, space_needed, sum_columns, unpack_level_sums
+from blmm.pipeline.stages import complete_design, ordered_design, run_centre, space_needed, sum_columns, unpack_level_sums
 from tests.pipeline.test_pipeline import make_analysis
 from tests.reference.load import load_case
 
@@ -60,7 +60,10 @@ def test_aggregated_sums_equal_the_per_level_computation(tmp_path):
     design = complete_design(X, factors[0])
     classes = design.classes
     assert classes.n_big == 5 and classes.small_levels.size == 0
-    Yz = np.nan_to_num(np.where(np.isnan(Y), 0.0, Y.astype(np.float32).astype(np.float64)))[plan.order]
+    # the batches' Y has the run's centre taken out (docs/model.md, "The centre"), in the fitting basis
+    centre = run_centre(plan)
+    Yf = Y.astype(np.float32).astype(np.float64)[plan.order]
+    Yz = np.where(np.isnan(Yf), 0.0, Yf - np.outer(X @ centre.weights, centre.value))
     factor = factors[0]
     Z = random_effects_matrix([factor], FactorLayout.from_factors([factor]))
     yl = np.asarray(Z.T @ Yz).T[:, :, None]

@@ -15,6 +15,7 @@ from nibabel import cifti2, gifti
 
 from blmm.cli import main
 from blmm.config import load_config
+from blmm.core.status import CONSTANT_RESPONSE, STATUS_NAMES
 from blmm.io.images import read_map
 from blmm.pipeline import LLH64_FILE, OutdirConflict, run
 from tests.reference.load import load_case
@@ -229,18 +230,64 @@ def test_every_voxel_dropped_is_an_error_with_the_reasons(tmp_path, capsys):
 
 
 def test_summary_counts_not_converged_and_failed_per_reason(tmp_path, capsys):
-    """maxnit too small: every fitted voxel is counted as not converged, by reason; a constant voxel failed."""
+    """maxnit too small: every fitted voxel is counted as not converged, by reason; a constant voxel
+    is dropped as a constant response before fitting."""
     case = load_case("intercept")
     Y = case.Y.copy()
-    Y[:, 0] = 5.0  # constant response: σ² = 0, a numerical failure
+    Y[:, 0] = 5.0  # constant response: σ² = 0
     yml = make_analysis(tmp_path, case_name="intercept", Y=Y, extra="maxnit: 1\n")
     run(load_config(yml), log=print)
     counts = json.loads((tmp_path / "out" / "blmm_run.json").read_text())["counts"]
     V = case.n_voxels
-    assert counts["failed"] == 1 and counts["fitted"] == V - 1
+    assert counts["failed"] == 0 and counts["fitted"] == V - 1
+    assert counts["dropped"] == {STATUS_NAMES[CONSTANT_RESPONSE]: 1}
     assert counts["converged"] == 0 and counts["not_converged"] == V - 1
     assert counts["not_converged_reasons"] == {"iteration limit reached": V - 1}
     out = capsys.readouterr().out
     assert f"{V - 1} voxels fitted but not converged: iteration limit reached" in out
     conv = voxel_values(tmp_path / "out", "blmm_vox_converged", "nifti", V)[:, 0]
     assert not conv.any()
+
+
+OFFSET_GRID = 2.0 ** -20  # Y on this grid: Y + 1e6 is exact in float64 (spacing 2^-33 there)
+
+
+def _offset_run(root: Path, Y: np.ndarray) -> tuple[dict, np.ndarray, dict]:
+    """The counts, float64 llh and float32 maps of a float64 NIfTI run of the intercept case on Y (the CLI)."""
+    assert main([str(make_analysis(root, case_name="intercept", Y=Y, dtype=np.float64)), "--cluster", "inline"]) == 0
+    out = root / "out"
+    V = Y.shape[1]
+    counts = json.loads((out / "blmm_run.json").read_text())["counts"]
+    maps = {name: voxel_values(out, f"blmm_vox_{name}", "nifti", V)
+            for name in ("beta", "sigma2", "D", "conT", "conTlp", "conT_swedf", "conF", "conF_swedf", "converged")}
+    return counts, np.load(out / LLH64_FILE)[:V], maps
+
+
+def test_an_offset_and_constant_voxels_through_the_pipeline(tmp_path):
+    """Issue 17 through the pipeline (NIfTI, missing-row path): Y + 1e6 gives the fit of Y (llh to
+    1e-8 relative; the float32 maps to float32 rounding), β shifted by the offset; a voxel 5.0 in every
+    image beside a non-finite value elsewhere, and a near-constant one with a missing row, are
+    dropped as constant responses and counted so."""
+    case = load_case("intercept")
+    Y = np.round(case.Y / OFFSET_GRID) * OFFSET_GRID
+    Y[:, 0] = 5.0  # constant in every image
+    Y[7, 1] = np.nan  # a non-finite value elsewhere: the missing-row path
+    Y[:, 2] = 3.0 + 1e-15 * np.random.default_rng(3).normal(size=Y.shape[0])  # near-constant
+    Y[11, 2] = np.nan  # with one missing row
+    offset = 1e6
+    counts, llh, maps = _offset_run(tmp_path / "plain", Y)
+    counts_o, llh_o, maps_o = _offset_run(tmp_path / "offset", Y + offset)
+    reason = STATUS_NAMES[CONSTANT_RESPONSE]
+    assert counts["dropped"] == counts_o["dropped"] == {reason: 2}
+    assert counts["fitted"] == counts_o["fitted"] == Y.shape[1] - 2 and counts["converged"] == counts_o["converged"]
+    ok = np.arange(Y.shape[1]) != 0
+    ok[2] = False
+    assert np.isnan(llh[~ok]).all() and np.isnan(llh_o[~ok]).all()
+    # 1e-8: issue 17's bound, far above the float64 rounding of the fit (1e-13 here)
+    np.testing.assert_allclose(llh_o[ok], llh[ok], rtol=1e-8)
+    for name, a in maps.items():  # float32 maps: equal to float32 rounding (2^-24 relative, a few roundings)
+        b = maps_o[name]
+        if name == "beta":
+            np.testing.assert_allclose(b[ok, 0], a[ok, 0] + offset, rtol=2 ** -22)
+            a, b = a[:, 1:], b[:, 1:]
+        np.testing.assert_allclose(b[ok], a[ok], rtol=1e-6, atol=1e-6 * np.max(np.abs(a[ok])))

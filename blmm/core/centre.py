@@ -1,0 +1,137 @@
+"""The per-voxel centre of the response, and voxels whose response has no variation to fit.
+
+The sufficient statistics are sums of squares, so a response Y = c + e with |c| much larger
+than e loses about (c/e)² of float64's precision in them (docs/model.md, "The centre").  They
+are therefore formed from Y - c_v X w, where X w = 1 (w by least squares on the design the
+core fits) and c_v is a robust value of voxel v's response.  Y - c_v X w = X(β - c_v w) + Zb + ε
+is the same model with β shifted, so σ², D, the log-likelihood and the df do not change and
+β is restored by adding c_v w after the fit.
+
+A voxel whose residual from the fixed effects is below what its sums can resolve (a constant
+or near-constant response, or one that is an exact linear function of X) is not fitted and
+gets its own status, `CONSTANT_RESPONSE` (`flat_voxels`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# sums of squares lose about ε relative to Y'Y to cancellation; a residual sum of squares below
+# 1e4 ε of the centred Y'Y would carry σ² to worse than 1e-4, and a residual below 1e4 ε of the
+# raw values' size is their own float64 rounding: either way nothing is left to fit
+FLAT_RTOL = 1e4 * np.finfo(np.float64).eps
+
+
+@dataclass(frozen=True)
+class ResponseCentre:
+    """What was taken out of Y before its sums were formed: c_v X w at voxel v."""
+
+    value: np.ndarray  # (v,) c_v
+    weights: np.ndarray  # (p,) w, X w = 1 where col(X) holds an intercept
+    reach: float = 1.0  # max_i |(X w)_i|
+
+    @classmethod
+    def for_design(cls, value: np.ndarray, X: np.ndarray, weights: np.ndarray | None = None) -> "ResponseCentre":
+        """The centre c (v,) taken out along X w (w: `intercept_weights(X)` unless given)."""
+        w = intercept_weights(X) if weights is None else np.asarray(weights, dtype=np.float64)
+        reach = float(np.max(np.abs(np.asarray(X, dtype=np.float64) @ w), initial=0.0))
+        return cls(np.asarray(value, dtype=np.float64), w, reach)
+
+    def take(self, idx) -> "ResponseCentre":
+        return ResponseCentre(self.value[idx], self.weights, self.reach)
+
+    def magnitude(self) -> np.ndarray:
+        """(v,) the largest |c_v (X w)_i| over the rows: the raw values' size the centre removed."""
+        return np.abs(self.value) * self.reach
+
+
+def intercept_weights(X: np.ndarray) -> np.ndarray:
+    """w with X w = 1: exactly e_j / x for a constant column j, else by least squares.
+
+    Without an intercept in col(X), X w is the projection of 1 on col(X): taking c_v X w out of
+    Y still only shifts β by c_v w (the model is unchanged), and removes the part of an offset
+    that col(X) can carry.  With 1 orthogonal to col(X), w = 0: no centring.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    p = X.shape[1]
+    for j in range(p):  # an intercept column: exact weights, so a constant response centres to exact zero
+        if X.shape[0] and X[0, j] != 0 and np.all(X[:, j] == X[0, j]):
+            w = np.zeros(p)
+            w[j] = 1.0 / X[0, j]
+            return w
+    scale = np.sqrt(np.sum(X * X, axis=0))
+    scale[scale == 0] = 1.0
+    w, *_ = np.linalg.lstsq(X / scale, np.ones(X.shape[0]), rcond=None)
+    return w / scale
+
+
+def response_centre(Y: np.ndarray) -> np.ndarray:
+    """(v,) a robust centre per voxel from rows of Y (n, v): the median of its finite values.
+
+    A voxel with no finite value takes the median of the other voxels' centres (0 if none):
+    near the data's scale, which is all the centre needs to be.
+    """
+    Y = np.asarray(Y, dtype=np.float64)
+    if Y.ndim == 1:
+        Y = Y[:, None]
+    finite = np.isfinite(Y)
+    some = finite.any(axis=0)
+    c = np.zeros(Y.shape[1])
+    if some.any():
+        c[some] = np.nanmedian(np.where(finite[:, some], Y[:, some], np.nan), axis=0)
+        c[~some] = np.median(c[some])
+    return c
+
+
+def centred_response(Y: np.ndarray, X: np.ndarray, centre: ResponseCentre) -> np.ndarray:
+    """Y - c_v X w (float64; NaN entries stay NaN)."""
+    Y = np.asarray(Y, dtype=np.float64)
+    return Y - np.outer(np.asarray(X, dtype=np.float64) @ centre.weights, centre.value)
+
+
+def centre_of(Y: np.ndarray, X: np.ndarray) -> ResponseCentre:
+    """The centre `fit_lmm` takes out of an in-memory Y (n, v): the median of each voxel's values."""
+    return ResponseCentre.for_design(response_centre(Y), X)
+
+
+def restore_beta(beta: np.ndarray, centre: ResponseCentre | None) -> np.ndarray:
+    """β of the uncentred response: β_centred + c_v w (in place; NaN rows stay NaN)."""
+    if centre is not None:
+        beta += centre.value[:, None] * centre.weights[None, :]
+    return beta
+
+
+def removed_size(centre: ResponseCentre | None, idx) -> np.ndarray | float:
+    """`ResponseCentre.magnitude` of voxels idx, 0 without a centre."""
+    return 0.0 if centre is None else centre.magnitude()[idx]
+
+
+def flat_voxels(XtX: np.ndarray, XtY: np.ndarray, YtY: np.ndarray, n_obs: np.ndarray | float,
+                magnitude: np.ndarray | float | None = None) -> np.ndarray:
+    """(v,) voxels with nothing to fit: a residual sum of squares from the fixed effects at most
+    FLAT_RTOL of the centred Y'Y, or a residual at most FLAT_RTOL of the raw values' size.
+
+    XtX (p, p) or (v, p, p), XtY (v, p), YtY (v,) of the centred response, n_obs its rows;
+    magnitude (v,) the size of what the centre removed (`ResponseCentre.magnitude`, 0 if none).
+    The rule is relative: it never needs a residue to cancel exactly.
+    """
+    XtY = np.asarray(XtY, dtype=np.float64)
+    YtY = np.asarray(YtY, dtype=np.float64)
+    v, p = XtY.shape
+    n_obs = np.broadcast_to(np.asarray(n_obs, dtype=np.float64), (v,))
+    A = np.asarray(XtX, dtype=np.float64)
+    d = np.sqrt(np.maximum(np.diagonal(A, axis1=-2, axis2=-1), 0.0))
+    d = np.where(d == 0, 1.0, d)
+    As = A / (d[..., :, None] * d[..., None, :])  # equilibrated: the solve is as good as X's condition allows
+    lam, U = np.linalg.eigh(As)  # one decomposition when the voxels share X'X
+    lam, U = np.broadcast_to(lam, (v, p)), np.broadcast_to(U, (v, p, p))
+    keep = lam > lam[:, -1:] * p * np.finfo(np.float64).eps
+    proj = np.einsum("vpk,vp->vk", U, XtY / np.broadcast_to(d, (v, p)))
+    fitted = np.sum(np.where(keep, proj ** 2 / np.where(keep, lam, 1.0), 0.0), axis=1)
+    rss = YtY - fitted
+    size = np.sqrt(np.maximum(YtY, 0.0) / np.maximum(n_obs, 1.0))
+    if magnitude is not None:
+        size = size + np.asarray(magnitude, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # non-finite sums are no flat voxel: they fail as non-finite
+        return (rss <= FLAT_RTOL * YtY) | (rss <= n_obs * (FLAT_RTOL * size) ** 2)
