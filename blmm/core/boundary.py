@@ -11,6 +11,10 @@ from blmm.core.objective.base import Evaluation, merge_eval, subset_eval, take_r
 
 RANK_TOL = 1e-12  # eigenvalues of D_k at or below this (times the largest) count as zero
 
+# lmerTest's as_lmerModLT: Hessian eigenvalues at or below this are dropped from its inverse (its σ is an
+# SD where φ has σ², but that direction's eigenvalue, ~4n/σ², is never near the threshold)
+LMERTEST_EIGEN_TOL = 1e-8
+
 # llh a snap or a polish may give up: float64's noise in a difference of two n ≈ 1e4-row llh
 # evaluations (an absolute difference, so units and llh's additive constant cannot change it)
 LLH_NOISE = 1e-10
@@ -154,7 +158,9 @@ def boundary_coordinates(H, dC, G_list, D, qk, free):
     """Re-express H and dCov in lme4's θ for singular factors (interior ones keep vech D).
 
     At an interior optimum the Satterthwaite df does not depend on the parametrisation;
-    on the boundary it does, and lmerTest's is θ.
+    on the boundary it does, and lmerTest's is θ.  There H is also inverted as lmerTest does, on its
+    eigenvalues above LMERTEST_EIGEN_TOL (a direction below it, e.g. two θ that move D alike, carries
+    no variance).
     """
     k = H.shape[1]
     T, curv, live, singular_any = _phi_transform(G_list, D, qk, free)
@@ -165,6 +171,14 @@ def boundary_coordinates(H, dC, G_list, D, qk, free):
     dead = ~live
     Ht = np.where(dead[:, :, None] | dead[:, None, :], 0.0, Ht) + dead[:, :, None] * np.eye(k)
     dCt[dead] = 0.0
+    # lmerTest inverts its Hessian on the eigenvalues above 1e-8 only (Moore-Penrose): with dCov projected
+    # onto those eigenvectors and 1 in place of the others, every solve with H acts as that pseudo-inverse
+    rows = np.flatnonzero(singular_any)
+    w, U = np.linalg.eigh(la.sym(Ht[rows]))
+    kept = w > LMERTEST_EIGEN_TOL
+    Ht[rows] = (U * np.where(kept, w, 1.0)[:, None, :]) @ np.swapaxes(U, 1, 2)
+    onto_kept = (U * kept[:, None, :]) @ np.swapaxes(U, 1, 2)
+    dCt[rows] = np.einsum("vij,vjpq->vipq", onto_kept, dCt[rows])
     return Ht, dCt, live
 
 
