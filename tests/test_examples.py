@@ -54,7 +54,7 @@ def test_first_image_is_mean_plus_random_effects_plus_noise(dataset: Path) -> No
     assert np.abs(intercept).mean() > 0.5 * np.sqrt(truth["sigma2_lh"]).mean()
     D = truth["D_lh"]
     assert D.shape == (VERTICES, 2, 2)
-    np.testing.assert_allclose(D[:, 0, 0], truth["sd_intercept_lh"] ** 2)
+    np.testing.assert_allclose(D[:, 0, 0], truth["sd_intercept_lh"] ** 2)  # the same numbers squared: float64
     assert truth["beta_lh"].shape == (23, VERTICES)
 
 

@@ -11,6 +11,14 @@ from blmm.core.objective.base import Evaluation, merge_eval, subset_eval, take_r
 
 RANK_TOL = 1e-12  # eigenvalues of D_k at or below this (times the largest) count as zero
 
+# lmerTest's as_lmerModLT: Hessian eigenvalues at or below this are dropped from its inverse (its σ is an
+# SD where φ has σ², but that direction's eigenvalue, ~4n/σ², is never near the threshold)
+LMERTEST_EIGEN_TOL = 1e-8
+
+# llh a snap or a polish may give up: float64's noise in a difference of two n ≈ 1e4-row llh
+# evaluations (an absolute difference, so units and llh's additive constant cannot change it)
+LLH_NOISE = 1e-10
+
 
 def free_parameters(D, qk) -> np.ndarray:
     """(v, k) bool: φ = (σ², vech D_1, …) entries whose factor is not singular."""
@@ -70,12 +78,12 @@ def snap_to_boundary(obj, data, D):
         trial = [Dj[rows].copy() for Dj in out]
         trial[f] = (U[rows] * ws[:, None, :]) @ np.swapaxes(U[rows], 1, 2)
         ev_t = obj.evaluate(trial, take_rows(data, rows, v), grad=False)
-        good = ev_t.ok & (ev_t.llh >= base[rows] - 1e-10)
+        good = ev_t.ok & (ev_t.llh >= base[rows] - LLH_NOISE)
         out[f][rows[good]] = trial[f][good]
     return out
 
 
-def _lower_cholesky(D: np.ndarray) -> np.ndarray:
+def lower_cholesky(D: np.ndarray) -> np.ndarray:
     """Lower Cholesky factor of PSD (v, q, q) matrices, zero columns where a pivot vanishes."""
     v, q, _ = D.shape
     L = np.zeros_like(D)
@@ -98,7 +106,7 @@ def _theta_coordinates(D: np.ndarray, G: np.ndarray):
     non-zero; the others have zero first derivatives and drop out, as in lmerTest).
     """
     v, q, _ = D.shape
-    L = _lower_cholesky(D)
+    L = lower_cholesky(D)
     r_idx, c_idx = la.vech_index(q)  # θ uses the same lower-triangle order
     qu = r_idx.size
     J = np.zeros((v, qu, qu))
@@ -150,7 +158,9 @@ def boundary_coordinates(H, dC, G_list, D, qk, free):
     """Re-express H and dCov in lme4's θ for singular factors (interior ones keep vech D).
 
     At an interior optimum the Satterthwaite df does not depend on the parametrisation;
-    on the boundary it does, and lmerTest's is θ.
+    on the boundary it does, and lmerTest's is θ.  There H is also inverted as lmerTest does, on its
+    eigenvalues above LMERTEST_EIGEN_TOL (a direction below it, e.g. two θ that move D alike, carries
+    no variance).
     """
     k = H.shape[1]
     T, curv, live, singular_any = _phi_transform(G_list, D, qk, free)
@@ -161,6 +171,14 @@ def boundary_coordinates(H, dC, G_list, D, qk, free):
     dead = ~live
     Ht = np.where(dead[:, :, None] | dead[:, None, :], 0.0, Ht) + dead[:, :, None] * np.eye(k)
     dCt[dead] = 0.0
+    # lmerTest inverts its Hessian on the eigenvalues above 1e-8 only (Moore-Penrose): with dCov projected
+    # onto those eigenvectors and 1 in place of the others, every solve with H acts as that pseudo-inverse
+    rows = np.flatnonzero(singular_any)
+    w, U = np.linalg.eigh(la.sym(Ht[rows]))
+    kept = w > LMERTEST_EIGEN_TOL
+    Ht[rows] = (U * np.where(kept, w, 1.0)[:, None, :]) @ np.swapaxes(U, 1, 2)
+    onto_kept = (U * kept[:, None, :]) @ np.swapaxes(U, 1, 2)
+    dCt[rows] = np.einsum("vij,vjpq->vipq", onto_kept, dCt[rows])
     return Ht, dCt, live
 
 
@@ -200,7 +218,7 @@ def newton_polish(obj, data, D, ev, H, free, qk):
         dv[:, c, r] = part
         Dt = Dr[f] + dv
         if np.any(singular):  # within the face: Λ + dΛ in θ, lower triangular
-            L = _lower_cholesky(Dr[f][singular])
+            L = lower_cholesky(Dr[f][singular])
             dL = np.zeros_like(L)
             dL[:, r, c] = part[singular]
             Lt = L + dL
@@ -216,7 +234,7 @@ def newton_polish(obj, data, D, ev, H, free, qk):
     with np.errstate(invalid="ignore", divide="ignore"):  # non-PSD trials are rejected below
         ev_t = obj.evaluate(trial, take_rows(data, rows, v), grad=True)
     # at an optimum the Newton point can differ from the current one by rounding alone
-    good = ev_t.ok & psd & (ev_t.llh >= ev.llh[rows] - 1e-13 * np.abs(ev.llh[rows]))
+    good = ev_t.ok & psd & (ev_t.llh >= ev.llh[rows] - LLH_NOISE)
     if not np.any(good):
         return D, ev, moved
     D = [Dk.copy() for Dk in D]

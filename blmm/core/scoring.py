@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from blmm.core import linalg as la
+from blmm.core.boundary import lower_cholesky
 from blmm.core.objective.base import Evaluation, merge_eval, subset_eval, take_rows
 from blmm.core.status import CONVERGED, ITERATION_LIMIT, NOT_FINITE, STEP_FAILED
 
@@ -25,9 +26,9 @@ def check_method(method: str) -> str:
     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
 
-# a voxel whose steps all fail is converged when one more step is predicted to gain less than
-# this fraction of |llh|: near a singular D the quadratic model's gain is not realised in float64
-STUCK_GAIN_RELATIVE = 1e-9
+# an escape from the boundary is kept when it realises this fraction of the gain its quadratic
+# model predicts (Armijo's sufficient increase): a difference of llh values, free of units
+ESCAPE_SUFFICIENT_GAIN = 1e-4
 
 
 @dataclass
@@ -53,6 +54,8 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
     n_iter = np.zeros(v, np.int64)
     stop = np.where(ok, ITERATION_LIMIT, NOT_FINITE).astype(np.int64)
     prev_change = np.full(v, np.inf)
+    # llh a boundary escape was predicted to gain at the current point but did not realise (KKT)
+    escape_left = np.zeros(v)
     active = np.flatnonzero(ok)
     ev_act = subset_eval(ev, active)
     n = getattr(data, "n", n)  # (v,) when the objective's voxels differ in their rows
@@ -65,8 +68,9 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
         N_act = N[active] if np.ndim(N) else N  # per-voxel n where the data carry it (missing rows)
         make_trial, gain = _direction(method, ev_act, D_act, sigma2[active], N_act, qk, cholesky=it > 1)
         if it > 1:
-            # converged: the last step moved llh by < tol and one more step is predicted to gain < tol
-            settled = (prev_change[active] < tol) & (gain < tol)
+            # converged: the last step moved llh by < tol and what one more step (or a boundary
+            # escape) is predicted to gain is < tol
+            settled = (prev_change[active] < tol) & (gain + escape_left[active] < tol)
             converged[active[settled]] = True
             stop[active[settled]] = CONVERGED
         else:
@@ -92,14 +96,32 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
             good = ev_t.ok & ((ev_t.llh > old[pending]) | ((ev_t.llh == old[pending]) & moved))
             new_ev = _accept(pending, good, ev_t, trial, new_llh, new_D, new_s2, new_ev)
             pending = pending[~good]
+        if it > 1:
+            # a voxel whose optimum is a singular D_k creeps towards it (the deviance is flat, quartic,
+            # across that face) and would stop short: before giving up or converging, try the face itself
+            # (every 8th iteration too: a creep's steps can each gain more than tol for a long time)
+            near = stepping if it % 8 == 0 else np.intersect1d(
+                np.union1d(pending, np.flatnonzero(np.abs(new_llh - old) < tol)), stepping)
+            rows, cand = _face_step([Dk[near] for Dk in new_D])
+            if rows.size:
+                sub = near[rows]
+                with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                    ev_t = obj.evaluate(cand, take_rows(adata, sub, active.size),
+                                        sigma2=new_s2[sub] if method in ("FS", "pFS") else None, grad=True)
+                good = ev_t.ok & (ev_t.llh > new_llh[sub])
+                new_ev = _accept(sub, good, ev_t, cand, new_llh, new_D, new_s2, new_ev)
+                pending = np.setdiff1d(pending, sub[good])
         # before giving up or converging, check the KKT condition on singular D_k: leave the
         # boundary along a direction that improves, if there is one
         change = np.abs(new_llh - old)
         check = np.intersect1d(np.union1d(pending, np.flatnonzero(change < tol)), stepping)
+        left = np.zeros(active.size)
         if check.size:
             base = [Dk[check] for Dk in new_D]
             ev_c = subset_eval(new_ev, check)
-            rows, cand = _escape_step(ev_c, base, qk)
+            rows, cand, predicted = _escape_step(ev_c, base, qk)
+            left[check[rows]] = predicted
+            frac = np.ones(rows.size)  # the fraction of the model's move t uu' tried
             for _ in range(30):
                 if rows.size == 0:
                     break
@@ -107,10 +129,13 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
                 with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
                     ev_t = obj.evaluate(cand, take_rows(adata, sub, active.size),
                                         sigma2=new_s2[sub] if method in ("FS", "pFS") else None, grad=True)
-                good = ev_t.ok & (ev_t.llh > new_llh[sub] + 1e-12 * np.abs(new_llh[sub]))
+                # the quadratic model's gain of the move s t uu' is g²/(2c) (s - s²/2) = predicted (2s - s²)
+                want = ESCAPE_SUFFICIENT_GAIN * predicted * (2.0 * frac - frac**2)
+                good = ev_t.ok & (ev_t.llh - new_llh[sub] > want)
                 new_ev = _accept(sub, good, ev_t, cand, new_llh, new_D, new_s2, new_ev)
                 pending = np.setdiff1d(pending, sub[good])
-                rows = rows[~good]
+                left[sub[good]] = 0.0  # escaped: the new point is checked after its next step
+                rows, predicted, frac = rows[~good], predicted[~good], 0.5 * frac[~good]
                 start_pts = [b[rows] for b in base]
                 cand = [b + 0.5 * (c[~good] - b) for b, c in zip(start_pts, cand)]  # halve the move
         for f in range(len(qk)):
@@ -120,11 +145,12 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
         llh[active] = new_llh
         n_iter[active[stepping]] = it
         prev_change[active] = change
-        # a voxel that found no better point stops: converged if nothing was left to gain
+        escape_left[active] = left
+        # a voxel that found no better point stops: converged only if the model predicts less than
+        # tol still to gain (a difference of llh, so no unit or additive constant can change the label)
         stuck = np.zeros(active.size, bool)
         stuck[pending] = it > 1
-        # no step raised llh: converged unless the model predicts a gain float64 could resolve
-        stuck_converged = stuck & (gain < np.maximum(tol, STUCK_GAIN_RELATIVE * np.abs(new_llh)))
+        stuck_converged = stuck & (gain + left < tol)
         converged[active[stuck_converged]] = True
         stop[active[stuck_converged]] = CONVERGED
         stop[active[stuck & ~stuck_converged]] = STEP_FAILED
@@ -178,15 +204,26 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
         if carry:
             P = _prepend_identity(P)
         J = np.broadcast_to(P, (v,) + P.shape)
-    A = np.swapaxes(J, 1, 2) @ Info @ J
-    b = -np.einsum("vi,vij->vj", grad, J)
+    curvature = _theta_curvature(ev.grad, qk, off) if cholesky else None
+
+    def model(J):
+        """The scoring model (A, b) of the deviance in the coordinates J maps from."""
+        A = np.swapaxes(J, 1, 2) @ Info @ J
+        b = -np.einsum("vi,vij->vj", grad, J)
+        if cholesky:
+            # Newton's curvature of D(θ) along the deviance gradient: without it the information
+            # 4θ²F vanishes as a variance goes to 0 and steps toward the boundary crawl
+            A = A + _psd_part(curvature)
+            if method == "pSFS" and ev.observed is not None:
+                A = _observed_where_positive(A, ev, J, curvature, sigma2, N)
+        return A, b
+
+    A, b = model(J)
+    gain_A, gain_b = A, b
     if cholesky:
-        # Newton's curvature of D(θ) along the deviance gradient: without it the information
-        # 4θ²F vanishes as a variance goes to 0 and steps toward the boundary crawl
-        curvature = _theta_curvature(ev.grad, qk, off)
-        A = A + _psd_part(curvature)
-        if method == "pSFS" and ev.observed is not None:
-            A = _observed_where_positive(A, ev, J, curvature, sigma2, N)
+        # the ridged Λ above lets steps leave a singular D, but its θ sit ~1e-5 off the boundary and
+        # would predict a gain that no step can realise: the stopping rule's gain uses D's own factor
+        gain_A, gain_b = model(_cholesky_jacobian([lower_cholesky(Dk) for Dk in D], qk, carry))
     scale = np.trace(A, axis1=1, axis2=2) / A.shape[-1]
     eye = np.eye(A.shape[-1])
 
@@ -209,9 +246,10 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
 
     x = _solve_ridge(A, b)
     full_step = unpack(x)
-    # predicted llh gain of the full step (the quadratic model of the deviance, halved)
-    gain = np.where(np.all(np.isfinite(x), axis=1), 0.25 * np.einsum("vi,vi->v", np.nan_to_num(b), np.nan_to_num(x)),
-                    np.inf)
+    # predicted llh gain of one more step (the quadratic model of the deviance, halved): what is left
+    xg = x if gain_A is A else _solve_ridge(gain_A, gain_b)
+    gain = np.where(np.all(np.isfinite(xg), axis=1),
+                    0.25 * np.einsum("vi,vi->v", np.nan_to_num(gain_b), np.nan_to_num(xg)), np.inf)
 
     def trial(rows, attempt):
         """Attempt 0 is the scoring step; later attempts halve it (D) or damp it (Λ, Levenberg)."""
@@ -276,16 +314,33 @@ def _psd_part(A: np.ndarray) -> np.ndarray:
     return (U * np.maximum(w, 0.0)[:, None, :]) @ np.swapaxes(U, 1, 2)
 
 
+def _face_step(D):
+    """Trial points with the smallest eigenvalue of each D_k set to 0 (rows where one is positive)."""
+    v = D[0].shape[0]
+    cand, moved = [], np.zeros(v, bool)
+    for Dk in D:
+        w, U = np.linalg.eigh(la.sym(Dk))
+        on_face = w[:, 0] > 0
+        w = w.copy()
+        w[:, 0] = 0.0
+        cand.append(np.where(on_face[:, None, None], (U * np.maximum(w, 0.0)[:, None, :]) @ np.swapaxes(U, 1, 2), Dk))
+        moved |= on_face
+    rows = np.flatnonzero(moved)
+    return rows, [c[rows] for c in cand]
+
+
 def _escape_step(ev: Evaluation, D, qk):
     """Trial points leaving a singular D_k along u, where u'G_k u < 0 on the null space of D_k.
 
     D_k singular is optimal only if G_k (the deviance gradient) is PSD on D_k's null space;
     otherwise D_k + t uu' with t = -u'G u / (vec(uu')' F vec(uu')) from the scoring model
-    improves.  Returns (rows that have such a direction, their trial D list).
+    improves by ¼ (u'G u)² / c in llh, c = vec(uu')' F vec(uu').  Returns (rows that have such a
+    direction, their trial D list, that predicted gain).
     """
     v = ev.llh.shape[0]
     cand = [Dk.copy() for Dk in D]
     moved = np.zeros(v, bool)
+    predicted = np.zeros(v)
     start = 0
     for f, (Dk, q) in enumerate(zip(D, qk)):
         w, U = np.linalg.eigh(la.sym(Dk))
@@ -302,9 +357,11 @@ def _escape_step(ev: Evaluation, D, qk):
         t = np.where(ok, -gw[:, 0] / np.where(curv > 0, curv, 1.0), 0.0)
         cand[f] = Dk + t[:, None, None] * uu
         moved |= ok
+        with np.errstate(over="ignore"):  # a vanishing curvature: an unbounded gain, tried as such
+            predicted += np.where(ok, 0.25 * gw[:, 0] ** 2 / np.where(curv > 0, curv, 1.0), 0.0)
         start += q * q
     rows = np.flatnonzero(moved)
-    return rows, [c[rows] for c in cand]
+    return rows, [c[rows] for c in cand], predicted[rows]
 
 
 def _cholesky_jacobian(Lam, qk, carry: bool) -> np.ndarray:

@@ -235,7 +235,7 @@ def test_parse_number_rejects(text):
     ("[[1, 0, 0]]", [1, 0, 0]),
 ])
 def test_parse_vector_text(text, expected):
-    assert np.allclose(parse_vector_text(text), expected)
+    assert np.allclose(parse_vector_text(text), expected)  # decimal text to float64
 
 
 def test_contrast_spellings_in_yaml(study):

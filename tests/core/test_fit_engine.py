@@ -55,13 +55,15 @@ def test_statistics_add_up_over_row_batches():
     parts = [sufficient_stats(Y[a:b], X[a:b], [f.subset(slice(a, b))], layout=layout) for a, b in zip(cut, cut[1:])]
     total = parts[0] + parts[1] + parts[2]
     for name in ("XtY", "ZtY", "YtY"):
+        # float64: the same ~200 products summed in another order (~1e-14 relative)
         assert np.allclose(getattr(total, name), getattr(whole, name), rtol=1e-13, atol=1e-12)
     # per voxel design sums agree too, whatever the pattern numbering
     for vox in range(Y.shape[1]):
         a, b = total.pattern_of_voxel[vox], whole.pattern_of_voxel[vox]
-        assert np.allclose(total.XtX[a], whole.XtX[b])
+        assert np.allclose(total.XtX[a], whole.XtX[b])  # float64 sums in another order: numpy's default 1e-5/1e-8 is loose
         assert np.allclose(total.ZtX[a], whole.ZtX[b])
-        assert abs(total.ZtZ[a] - whole.ZtZ[b]).max() < 1e-12
+        assert abs(total.ZtZ[a] - whole.ZtZ[b]).max() < 1e-12  # float64: small-integer counts and products of them
+    # the same sums to ~1e-14: the same path to the optimum, llh equal to float64 noise (~1e-12) x 100
     assert np.allclose(fit_stats(total).llh, fit_stats(whole).llh, atol=1e-10)
 
 
@@ -71,6 +73,7 @@ def test_llh_is_the_exact_likelihood(q, reml):
     X, f, Y = simulate(q=q, v=3, seed=q)
     fit = fit_lmm(Y, X, [f], reml=reml)
     for j in range(Y.shape[1]):
+        # the same D, two formulas: float64 (n x n solves of ~100 rows, ~1e-12) with a wide margin
         assert abs(fit.llh[j] - brute_force_llh(Y[:, j], X, f, fit.D[0][j], reml)) < 1e-8
 
 
@@ -79,7 +82,8 @@ def test_grouped_levels_agree_with_dense_structure(q):
     X, f, Y = simulate(q=q, v=4, seed=3, missing=0.05)
     a = fit_lmm(Y, X, [f], structure="levels", tol=1e-10)
     b = fit_lmm(Y, X, [f], structure="dense", tol=1e-10)
-    assert np.max(np.abs(a.llh - b.llh)) < 1e-8
+    assert np.max(np.abs(a.llh - b.llh)) < 1e-8  # two fits each within tol = 1e-10 of the optimum, plus float64 noise
+    # β and H at two points 1e-10 apart in llh: parameters ~sqrt(1e-10) = 1e-5 apart at worst, β moves less
     assert np.allclose(a.beta, b.beta, rtol=1e-6, atol=1e-9)
     assert np.allclose(a.hessian, b.hessian, rtol=1e-4, atol=1e-6)
 
@@ -88,6 +92,7 @@ def test_voxel_blocks_do_not_change_results():
     X, f, Y = simulate(q=2, v=7, seed=4)
     a = fit_lmm(Y, X, [f])
     b = fit_lmm(Y, X, [f], max_block_bytes=1)  # one voxel per block
+    # the same scoring path; BLAS rounding differs with block shape (~1e-15), a boundary decision may move llh ~1e-12
     assert np.max(np.abs(a.llh - b.llh)) < 1e-10
     assert np.allclose(a.cov_beta, b.cov_beta, rtol=1e-8, atol=1e-12)  # BLAS rounding differs with block shape
 
@@ -118,7 +123,7 @@ def test_D_stays_positive_semidefinite_and_boundary_df():
     X, f, _ = simulate(q=2, v=1)
     Y = (X @ [1.0, 0.2, 0.1])[:, None] + rng.normal(size=(X.shape[0], 5))  # no random effect at all
     fit = fit_lmm(Y, X, [f])
-    assert np.all(np.linalg.eigvalsh(fit.D[0]) >= -1e-12)
+    assert np.all(np.linalg.eigvalsh(fit.D[0]) >= -1e-12)  # PSD up to float64's eigenvalue rounding
     inf = infer(fit, [Contrast("x", [[0, 1, 0]], True)])
     assert np.all(inf.t[0].df > 0)
 
@@ -129,17 +134,17 @@ def test_p_values_stay_finite_far_in_the_tail():
     lp = t_mlog10p(t, df)
     assert np.all(np.isfinite(lp))
     ref = -sps.t.logsf(t[:4], df[:4]) / np.log(10)
-    assert np.allclose(lp[:4], ref, rtol=1e-12)
+    assert np.allclose(lp[:4], ref, rtol=1e-12)  # the same scipy special function: float64 rounding only
     # t(ν=1e6) is nearly normal: the heavier tail costs t⁴/(4ν) nats
     normal = -sps.norm.logsf(50.0) / np.log(10)
-    assert abs(lp[4] - (normal - 50.0**4 / (4e6 * np.log(10)))) < 0.02
-    assert lp[5] < 0.01  # one-sided: a large negative T has p near 1
+    assert abs(lp[4] - (normal - 50.0**4 / (4e6 * np.log(10)))) < 0.02  # the next term of the expansion, O(t⁶/ν²)
+    assert lp[5] < 0.01  # one-sided: a large negative T has p near 1 (p = 0.993, -log10 p = 0.003)
     assert np.isclose(t_mlog10p(np.array([-3.0]), np.array([10.0]), two_sided=True)[0],
                       -np.log10(2 * sps.t.sf(3.0, 10)))
     F = f_mlog10p(np.array([3.0, 1e8, 1e200]), 2, np.array([10.0, 10.0, 10.0]))
     assert np.all(np.isfinite(F))
     assert np.isclose(F[0], -np.log10(sps.f.sf(3.0, 2, 10)))
-    assert np.isclose(F[1], -sps.f.logsf(1e8, 2, 10) / np.log(10), rtol=1e-10)
+    assert np.isclose(F[1], -sps.f.logsf(1e8, 2, 10) / np.log(10), rtol=1e-10)  # continued fraction to float64, 1e-10 margin
 
 
 def test_f_df_pooling_rules():
@@ -155,6 +160,7 @@ def test_one_row_f_equals_t_squared():
     X, f, Y = simulate(v=4, seed=8)
     fit = fit_lmm(Y, X, [f])
     inf = infer(fit, [Contrast("t", [[0, 1, 0]], True), Contrast("f", [[0, 1, 0]], False)])
+    # one row: the same numbers through an eigen-decomposition of a 1 x 1 matrix (float64 only)
     assert np.allclose(inf.f[0].F, inf.t[0].t ** 2, rtol=1e-10)
     assert np.allclose(inf.f[0].df, inf.t[0].df, rtol=1e-10)
 
@@ -174,8 +180,9 @@ def test_balanced_design_matches_dense_likelihood(q):
     grouped = fit_stats(sufficient_stats(Y, X, [f]), structure="levels", tol=1e-10)
     dense = fit_stats(sufficient_stats(Y, X, [f]), structure="dense", tol=1e-10)
     assert grouped.converged.all()
-    assert np.allclose(grouped.llh, dense.llh, rtol=0, atol=1e-8)
-    assert np.allclose(grouped.sigma2, dense.sigma2, rtol=1e-6)
+    assert np.allclose(grouped.llh, dense.llh, rtol=0, atol=1e-8)  # two fits within tol = 1e-10, float64 margin
+    assert np.allclose(grouped.sigma2, dense.sigma2, rtol=1e-6)  # σ² at two points 1e-10 apart in llh
+    # the same D, two formulas: float64 (n x n solves) with a wide margin
     assert np.isclose(grouped.llh[0], brute_force_llh(Y[:, 0], X, f, grouped.D[0][0], True), rtol=0, atol=1e-8)
 
 
@@ -271,7 +278,7 @@ def test_satterthwaite_df_singular_hessian_is_local():
     g = np.ones((3, 2))
     df = satterthwaite_df(np.ones(3), g, H)
     assert np.isnan(df[1])
-    assert np.allclose(df[[0, 2]], [0.5, 1.0])
+    assert np.allclose(df[[0, 2]], [0.5, 1.0])  # exact small numbers: numpy's default is float64 with room
 
 
 @pytest.mark.parametrize("q", [1, 2, 3])
@@ -308,6 +315,7 @@ def test_analytic_hessian_matches_differences(q, reml):
         gp, gm = (e.grad[0][:, r, c] * np.where(r != c, 2.0, 1.0) for e in (ep, em))
         H_fd[:, i] = (gp - gm) / 2e-5
         dC_fd[:, i] = (ep.C - em.C) / 2e-5
+    # central differences with h = 1e-5: truncation O(h²) ~ 1e-10, rounding eps/h ~ 1e-11, relative to H
     assert np.abs(H - H_fd).max() <= 1e-7 * np.abs(H_fd).max()
     assert np.abs(dC - dC_fd).max() <= 1e-7 * np.abs(dC_fd).max()
 
@@ -320,6 +328,7 @@ def test_lower_triangular_inverse_matches_lapack():
     L = np.linalg.cholesky(A @ np.swapaxes(A, 1, 2) + 1e-3 * np.eye(23))  # some ill-conditioned
     Li = lower_triangular_inverse(L)
     np.testing.assert_array_equal(np.triu(Li, 1), 0.0)
+    # float64: triangular inverses of condition up to ~1e5 agree to cond x eps ~ 1e-11
     np.testing.assert_allclose(Li, np.linalg.inv(L), rtol=1e-9, atol=1e-9 * np.abs(Li).max())
     np.testing.assert_allclose(L @ Li, np.broadcast_to(np.eye(23), L.shape), atol=1e-10)
 
@@ -345,4 +354,4 @@ def test_patterns_are_fitted_in_rounds_within_max_block_bytes(monkeypatch):
     budget = 2 * F.held_bytes(F._pattern_objective("schur", None, st, 0, int(st.n_obs[0]), True)[0]) * 3
     several = F.fit_stats(st, tol=1e-10, threads=1, max_block_bytes=budget)
     assert len(calls) > 2 and sum(calls) >= 12
-    np.testing.assert_allclose(several.llh, one.llh, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(several.llh, one.llh, rtol=0, atol=1e-10)  # the same voxels' fits, another grouping: float64

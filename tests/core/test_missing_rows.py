@@ -60,6 +60,8 @@ def test_objective_equals_per_pattern(q, reml):
         ref_data = lo.data(ss.XtY[[vox]], ss.ZtY[[vox]], ss.YtY[[vox]])
         ref = lo.evaluate([D[[vox]]], ref_data, grad=True)
         H_ref, dC_ref, _ = lo.deviance_hessian([D[[vox]]], ref_data, ref.sigma2, ref)
+        # the same D, class sums minus removal plus replacement units against the pattern's own sums:
+        # float64 cancellation of sums over ~100 levels (~1e-12 relative), with a 1e3 margin
         np.testing.assert_allclose(H[vox], H_ref[0], atol=1e-9, rtol=1e-9)  # analytic, as LevelObjective
         np.testing.assert_allclose(dC[vox], dC_ref[0], atol=1e-12, rtol=1e-9)
         assert abs(ev.llh[vox] - ref.llh[0]) < 1e-9
@@ -77,18 +79,20 @@ def test_fit_equals_pattern_by_pattern(q, reml):
     assert isinstance(ms, MissingRowStats)
     ours = fit_stats(ms, reml=reml, tol=1e-10, threads=1)
     ref = fit_stats(sufficient_stats(Y, X, [f]), reml=reml, tol=1e-10, threads=1)
-    # (at tol = 1e-10 a few voxels of both fits stop on a failed step, at the same point)
-    assert np.all(ours.status == FITTED)
+    # every voxel converged at tol = 1e-10 (they used to stop on a failed step, passed by a 1e-9 |llh| rule)
+    assert np.all(ours.status == FITTED) and ours.converged.all() and ref.converged.all()
     np.testing.assert_array_equal(ours.n_obs, ref.n_obs)
-    assert np.abs(ours.llh - ref.llh).max() < 1e-8
+    assert np.abs(ours.llh - ref.llh).max() < 1e-8  # two fits within tol = 1e-10 of the optimum, float64 margin
+    # parameters at two points within 1e-10 of the optimum in llh: ~sqrt(1e-10) = 1e-5 apart at worst
+    # along a flat direction, 1e-6 on these well-determined designs
     np.testing.assert_allclose(ours.beta, ref.beta, atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(ours.sigma2, ref.sigma2, atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(ours.D[0], ref.D[0], atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(ours.cov_beta, ref.cov_beta, atol=1e-6, rtol=1e-6)
-    np.testing.assert_allclose(ours.resms, ref.resms, atol=1e-8, rtol=1e-8)
+    np.testing.assert_allclose(ours.resms, ref.resms, atol=1e-8, rtol=1e-8)  # e'e at β 1e-6 apart: second order
     # fit_lmm routes one factor with NaNs through the missing-row path: the same result
     via = fit_lmm(Y, X, [f], reml=reml, tol=1e-10, threads=1)
-    np.testing.assert_allclose(via.llh, ours.llh, atol=1e-12, rtol=0)
+    np.testing.assert_allclose(via.llh, ours.llh, atol=1e-12, rtol=0)  # the same code on the same sums: float64 only
 
 
 def test_small_blocks_and_dropped_voxels():
@@ -100,7 +104,7 @@ def test_small_blocks_and_dropped_voxels():
     b = fit_missing_rows(ms, tol=1e-10, threads=2, max_block_bytes=unit_bytes(int(ms.voxel_n_missing().max()), 3, 1))
     assert a.status[6] == DROPPED_FEW and np.isnan(a.llh[6])
     ok = a.status == FITTED
-    np.testing.assert_allclose(a.llh[ok], b.llh[ok], atol=1e-10, rtol=0)
+    np.testing.assert_allclose(a.llh[ok], b.llh[ok], atol=1e-10, rtol=0)  # the same voxels in other blocks: BLAS rounding
 
 
 def balanced_design(q: int, seed: int, n_sub: int = 60, v: int = 6):
@@ -149,6 +153,7 @@ def test_unit_groups_give_the_same_objective(q, reml):
         for ours, theirs in ((got.beta, ev.beta), (got.grad[0], ev.grad[0]), (got.info, ev.info),
                              (got.observed, ev.observed), (got.uu_sum[0], ev.uu_sum[0]),
                              (got.T_sum[0], ev.T_sum[0]), (H_got, H), (dC_got, dC)):
+            # grouped units against one unit each: the same sums regrouped, float64 cancellation margin
             np.testing.assert_allclose(ours, theirs[pos], rtol=1e-8, atol=1e-10 * np.abs(theirs).max())
 
 
@@ -157,8 +162,8 @@ def test_fit_with_unit_groups_equals_pattern_by_pattern(q):
     Y, X, f = balanced_design(q, seed=30 + q)
     ours = fit_stats(missing_row_stats_from_data(Y, X, f), tol=1e-10, threads=1)
     ref = fit_stats(sufficient_stats(Y, X, [f]), tol=1e-10, threads=1)
-    np.testing.assert_allclose(ours.llh, ref.llh, rtol=0, atol=1e-8)
-    np.testing.assert_allclose(ours.beta, ref.beta, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ours.llh, ref.llh, rtol=0, atol=1e-8)  # two fits within tol = 1e-10, float64 margin
+    np.testing.assert_allclose(ours.beta, ref.beta, rtol=1e-6, atol=1e-6)  # as test_fit_equals_pattern_by_pattern
     # voxel 3 (q = 2, 40% missing at random) is flat: 1e-11 of rounding in llh moves D by 1e-6, so
     # D is checked as an optimum of the brute-force likelihood rather than entry by entry
     np.testing.assert_allclose(ours.D[0], ref.D[0], rtol=1e-5, atol=1e-5)
@@ -167,7 +172,7 @@ def test_fit_with_unit_groups_equals_pattern_by_pattern(q):
         rows = ~np.isnan(Y[:, j])
         fj = RandomFactor("subject", f.labels[rows], f.design[rows])
         at_ours, at_ref = (brute_force_llh(Y[rows, j], X[rows], fj, D[j], True) for D in (ours.D[0], ref.D[0]))
-        assert abs(at_ours - at_ref) < 1e-9
+        assert abs(at_ours - at_ref) < 1e-9  # both within tol = 1e-10 of the maximum, plus float64 noise
 
 
 def test_grouped_and_kept_voxels_of_one_block_keep_their_own_units():
@@ -194,7 +199,7 @@ def test_grouped_and_kept_voxels_of_one_block_keep_their_own_units():
     ev = obj.evaluate([D], obj.data(ms.sums, **units), grad=True)
     for pos, part in parts:
         got = obj.evaluate([D[pos]], obj.data(ms.sums.take(pos), **part), grad=True)
-        np.testing.assert_allclose(got.llh, ev.llh[pos], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(got.llh, ev.llh[pos], rtol=0, atol=1e-9)  # as above: regrouped float64 sums
         np.testing.assert_allclose(got.grad[0], ev.grad[0][pos], rtol=1e-8)
 
 
@@ -233,5 +238,5 @@ def test_prepared_units_are_held_a_round_at_a_time(monkeypatch):
     voxel = mr.prepared_bytes(int(mr.voxel_touched(ms).max()), X.shape[1], 1)
     several = fit_missing_rows(ms, tol=1e-10, threads=1, max_block_bytes=4 * voxel)  # rounds of ~2 voxels
     assert len(stages) > 2 and stages == ["prepare", "run"] * (len(stages) // 2)
-    np.testing.assert_allclose(several.llh, one.llh, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(several.llh, one.llh, rtol=0, atol=1e-10)  # the same voxels in rounds: BLAS rounding
     np.testing.assert_array_equal(several.status, one.status)

@@ -40,7 +40,7 @@ def test_design_matches_lme4(table, name, formula):
     # X: R's column names, in R's order, same values
     X = pd.read_csv(ref / "X.csv")
     assert d.r_columns == list(X.columns)
-    np.testing.assert_allclose(d.X, X.to_numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(d.X, X.to_numpy(), rtol=1e-12, atol=1e-12)  # R's doubles in 15-17 digits: float64
     # random terms: lme4's order, group names, cnms and levels
     info = pd.read_csv(ref / "reTrms.csv", dtype={"level": str})
     Z = pd.read_csv(ref / "Z.csv").to_numpy()
@@ -52,7 +52,7 @@ def test_design_matches_lme4(table, name, formula):
         assert list(term.r_columns) == list(sub.cnm.iloc[:q])
         assert list(term.levels) == list(sub.level.iloc[::q])
     # Z: identical, column for column (levels in lme4's order, level-major)
-    np.testing.assert_allclose(d.Z(), Z, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(d.Z(), Z, rtol=1e-12, atol=1e-12)  # as X: float64
     # flist: the level of each row
     flist = pd.read_csv(ref / "flist.csv", dtype=str)
     for term, fac in zip(d.random_terms, d.factors):
@@ -116,10 +116,10 @@ def test_fit_formula_matches_hand_built_fit_lmm(table):
                RandomFactor("family", t.family.to_numpy(), np.ones((len(t), 1)))]
     ref = fit_lmm(Y[keep], X, factors, reml=True)
     np.testing.assert_array_equal(res.design.rows, np.flatnonzero(keep))
-    np.testing.assert_allclose(res.design.X, X, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(res.design.X, X, rtol=0, atol=1e-12)  # the same columns built twice: float64
     for a, b in [(res.fit.beta, ref.beta), (res.fit.sigma2, ref.sigma2), (res.fit.llh, ref.llh),
                  (res.fit.cov_beta, ref.cov_beta)] + list(zip(res.fit.D, ref.D)):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)  # the same fit of the same arrays: float64
     assert res.fit.factor_names == ["subject", "family"]
     np.testing.assert_allclose(res.beta("sexM"), ref.beta[:, 2], rtol=1e-12)
 
@@ -130,6 +130,7 @@ def test_fit_formula_matches_hand_built_fit_lmm(table):
     L[0, 1], L[0, 5] = 1, -2
     direct = infer(ref, [Contrast("mix", L, True)])
     assert [c.name for c in out.t] == ["age", "time", "sex", "mix"] and [c.name for c in out.f] == ["F"]
+    # the same contrast from a formula and from a matrix: float64
     np.testing.assert_allclose(out.t[3].t, direct.t[0].t, rtol=1e-12)
     np.testing.assert_allclose(out.t[3].df, direct.t[0].df, rtol=1e-12)
 
@@ -328,7 +329,7 @@ def test_formulaic_transforms_and_bool(table):
     d = build_design('~ C(site, contr.treatment("b")) + center(age) + patient + (1 | subject)', t)
     assert d.columns[1:3] == ['C(site, contr.treatment("b"))[T.a]', 'C(site, contr.treatment("b"))[T.c]'] or \
         d.columns[1:3] == ["C(site, contr.treatment('b'))[T.a]", "C(site, contr.treatment('b'))[T.c]"]
-    assert abs(d.X[:, 3].mean()) < 1e-12
+    assert abs(d.X[:, 3].mean()) < 1e-12  # centred in float64
     assert d.columns[4] == "patient[T.True]" and d.r_columns[4] == "patientTRUE"
     assert d.contrast("patientTRUE").matrix[0, 4] == 1
 

@@ -108,7 +108,7 @@ def test_nifti_int16_with_scaling_is_read_scaled(tmp_path):
     assert loaded.dataobj.slope != 1.0  # scaled on disk
     values = read_image(path)
     assert values.dtype == np.float64
-    np.testing.assert_allclose(values, data.ravel(), atol=1e-3)
+    np.testing.assert_allclose(values, data.ravel(), atol=1e-3)  # int16 on disk: slope 10/65535, rounding <= slope/2
 
 
 def test_nifti_singleton_fourth_dim_ok_real_4d_rejected(tmp_path):

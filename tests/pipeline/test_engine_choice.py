@@ -37,7 +37,7 @@ def test_a_short_run_goes_inline_on_threads_with_the_maps_of_a_serial_run(tmp_pa
     for name in ("blmm_vox_beta", "blmm_vox_sigma2", "blmm_vox_llh"):
         threaded = read_map(next((tmp_path / "out").glob(f"{name}.*")))
         one = read_map(next((tmp_path / "serial").glob(f"{name}.*")))
-        np.testing.assert_allclose(threaded, one, rtol=1e-10, atol=0, equal_nan=True)
+        np.testing.assert_allclose(threaded, one, rtol=1e-10, atol=0, equal_nan=True)  # other blocks: BLAS rounding only
 
 
 def test_cluster_local_keeps_the_local_dask_cluster(tmp_path, capsys):

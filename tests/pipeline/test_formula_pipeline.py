@@ -89,7 +89,7 @@ def test_same_model_same_maps(formula_and_csv):
     for stat in maps:
         a = read_map(root / "out" / maps[stat][0].name)
         b = read_map(root / "out_csv" / maps[stat][0].name)
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12, equal_nan=True, err_msg=stat)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12, equal_nan=True, err_msg=stat)  # identical inputs: float64
 
 
 def test_run_record_names_volumes_and_counts_dropped_rows(formula_and_csv):

@@ -69,6 +69,7 @@ def test_aggregated_sums_equal_the_per_level_computation(tmp_path):
     yl = np.asarray(Z.T @ Yz).T[:, :, None]
     KXYo, KYY = class_aggregates(classes, design.ZtX.reshape(-1, 1, cfg.p), yl)
     XtY, YtY, KXYo_p, KYY_p, _ = unpack_level_sums(sums, cfg.p, 1, classes.n_big, 0)
+    # float64: the same products summed batch by batch
     np.testing.assert_allclose(XtY, (X.T @ Yz).T, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(YtY, (Yz ** 2).sum(0), rtol=1e-12)
     np.testing.assert_allclose(KXYo_p, KXYo, rtol=1e-12, atol=1e-10)
@@ -85,7 +86,7 @@ def test_aggregated_sums_equal_the_per_level_computation(tmp_path):
                 got[v, int(level)] = y
     assert set(got) == want
     for (v, level), y in got.items():
-        assert y == yl[v, level, 0] or abs(y - yl[v, level, 0]) <= 1e-12 * abs(y)
+        assert y == yl[v, level, 0] or abs(y - yl[v, level, 0]) <= 1e-12 * abs(y)  # float64 sum of a level's rows
     # the stored sums are what the plan estimates: 8 bytes per voxel and column, plus a header
     for b in range(len(plan.batches)):
         size = batch_files(plan, b)[0].stat().st_size
@@ -113,6 +114,6 @@ def test_pipeline_with_a_pattern_per_voxel_equals_the_pattern_by_pattern_fit(tmp
     Yf = np.where(np.isnan(Y), np.nan, Y.astype(np.float32).astype(np.float64))  # the .dat images are float32
     ref = fit_stats(sufficient_stats(Yf, case.X, [RandomFactor("f1", labels, design)]), tol=1e-6, threads=1)
     assert np.unique(np.isnan(Yf), axis=1).shape[1] == Y.shape[1]  # every voxel its own pattern
-    np.testing.assert_allclose(llh, ref.llh, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(llh, ref.llh, rtol=0, atol=1e-8)  # the same fit from batched sums: float64 path
     beta = np.fromfile(tmp_path / "out" / "blmm_vox_beta.dat", np.float32).reshape(-1, case.p)[:Y.shape[1]]
     np.testing.assert_allclose(beta, ref.beta, rtol=1e-5, atol=1e-6)  # float32 maps

@@ -95,15 +95,15 @@ def test_nifti_float64_maps_match_lme4(tmp_path):
     ref = case.reml
     ok = ~ref["singular"]
     llh = np.load(out / LLH64_FILE)[:V]
-    assert np.all(llh >= ref["llh"] - 1e-6)
+    assert np.all(llh >= ref["llh"] - 1e-6)  # tol (1e-6): an honest 'converged' is that close to lme4's optimum
     beta = voxel_values(out, "blmm_vox_beta", "nifti", V)
     se = np.sqrt(np.diagonal(ref["vcov"], axis1=1, axis2=2))
     assert np.max(np.abs(beta - ref["beta"])[ok] / se[ok]) < 1e-4  # float32 map
     T = voxel_values(out, "blmm_vox_conT", "nifti", V)
     for i, t in enumerate(ref["T"]):
-        assert np.allclose(T[:, i], t["t"], rtol=1e-5, atol=1e-5)
+        assert np.allclose(T[:, i], t["t"], rtol=1e-5, atol=1e-5)  # lme4's reproducibility (~1e-5), float32 map
     tdf = voxel_values(out, "blmm_vox_conT_swedf", "nifti", V)
-    assert np.max(np.abs(tdf[:, 0] - ref["T"][0]["df"]) / ref["T"][0]["df"]) < 1e-3
+    assert np.max(np.abs(tdf[:, 0] - ref["T"][0]["df"]) / ref["T"][0]["df"]) < 1e-3  # lmerTest's df: ~1e-3 (numDeriv)
     fdf = voxel_values(out, "blmm_vox_conF_swedf", "nifti", V)[:, 0]
     assert np.max(np.abs(fdf - ref["F"][0]["DenDF"]) / ref["F"][0]["DenDF"]) < 1e-3
     n = voxel_values(out, "blmm_vox_n", "nifti", V)[:, 0]
@@ -117,7 +117,7 @@ def test_nifti_float64_maps_match_lme4(tmp_path):
     assert read_map(next(out.glob("blmm_vox_D.*"))).shape[1] == 3
     assert read_map(next(out.glob("blmm_vox_cov.*"))).shape[1] == case.p ** 2
     affine = nib.load(str(next(out.glob("blmm_vox_beta.*")))).affine
-    assert np.allclose(affine, np.diag([2.0, 2.0, 2.0, 1.0]))
+    assert np.allclose(affine, np.diag([2.0, 2.0, 2.0, 1.0]))  # float32 header values of small integers
     info = json.loads((out / "blmm_run.json").read_text())
     assert info["counts"]["fitted"] == V and info["counts"]["converged"] == V
     assert not (out / ".blmm_work").exists()
@@ -142,7 +142,7 @@ def test_every_format_gives_the_same_maps(maps_by_format, fmt):
     for name in ("blmm_vox_beta", "blmm_vox_conT", "blmm_vox_conF", "blmm_vox_conT_swedf", "blmm_vox_D"):
         a = voxel_values(ref, name, "nifti", V)
         b = voxel_values(out, name, fmt, V)
-        assert np.allclose(a, b, rtol=1e-10, atol=0), name
+        assert np.allclose(a, b, rtol=1e-10, atol=0), name  # the same fit, another file format: float64 path
     assert np.allclose(np.load(ref / LLH64_FILE)[:V], np.load(out / LLH64_FILE)[:V], rtol=1e-12)
 
 
@@ -169,7 +169,7 @@ def test_results_do_not_depend_on_maxmem_or_batches(tmp_path, maps_by_format):
     V = load_case("missing").n_voxels
     a = np.load(maps_by_format["dat"] / LLH64_FILE)
     b = np.load(tmp_path / "small" / LLH64_FILE)
-    assert np.allclose(a, b, rtol=1e-12)
+    assert np.allclose(a, b, rtol=1e-12)  # float64: the same sums in other batches (relative to llh's terms)
     for name in ("blmm_vox_beta", "blmm_vox_conT", "blmm_vox_conT_swedf"):
         assert np.allclose(voxel_values(maps_by_format["dat"], name, "dat", V),
                            voxel_values(tmp_path / "small", name, "dat", V), rtol=1e-10)

@@ -208,11 +208,11 @@ def test_p_values_follow_the_stated_null(analyses, name, tmp_path):
     assert math.isclose(sum(c["weight"] for c in components), 1.0)
     moderate = result.chi2 < 1000  # where plain scipy sf is still accurate
     expected = _independent_minus_log10_p(result.chi2[moderate], components)
-    assert np.allclose(result.minus_log10_p[moderate], expected, rtol=1e-10, atol=1e-14)
+    assert np.allclose(result.minus_log10_p[moderate], expected, rtol=1e-10, atol=1e-14)  # two float64 routes
     assert np.all(np.isfinite(result.minus_log10_p)) and np.all(result.minus_log10_p >= 0)
     if name == "fixed":  # no boundary here: the null is R's own chi2(Df); R's p agrees
         ok = case.p_chisq > 0
-        assert np.allclose(-np.log10(case.p_chisq[ok]), result.minus_log10_p[ok], rtol=1e-6)
+        assert np.allclose(-np.log10(case.p_chisq[ok]), result.minus_log10_p[ok], rtol=1e-6)  # as Chi2 below
 
 
 def test_far_tail_stays_finite_and_exact(analyses, tmp_path):
@@ -220,6 +220,7 @@ def test_far_tail_stays_finite_and_exact(analyses, tmp_path):
     case = analyses.case("fixed")
     result = compare(analyses.get("fixed", "small"), analyses.get("fixed", "big"), tmp_path / "cmp")
     far = result.chi2[7]
+    # Chi2 = 2 Δllh, each llh within tol (1e-6) of lme4's (reproducible to 4e-13): 1e-6 relative here
     assert far > 1500 and abs(far - case.chisq[7]) <= 1e-6 * case.chisq[7]
     assert stats.chi2.logsf(far, 2) == -np.inf  # what the naive computation would give
     # chi2(2): log P(T >= x) = -x/2 exactly
@@ -242,7 +243,7 @@ def test_chi2_log_sf_far_tail_against_closed_forms(df):
     }[df]
     ours = chi2_log_sf(x, df)
     assert np.all(np.isfinite(ours))
-    assert np.allclose(ours, expected, rtol=1e-12)
+    assert np.allclose(ours, expected, rtol=1e-12)  # the same closed form two ways: float64
 
 
 @pytest.mark.parametrize("df", [1, 2, 3, 5, 8, 30])
@@ -250,7 +251,7 @@ def test_chi2_log_sf_continuous_where_scipy_hands_over(df):
     x = np.linspace(1.0, 1300.0, 4001)
     scipy_values = stats.chi2.logsf(x, df)
     usable = scipy_values > -700
-    assert np.allclose(chi2_log_sf(x, df)[usable], scipy_values[usable], rtol=1e-9)
+    assert np.allclose(chi2_log_sf(x, df)[usable], scipy_values[usable], rtol=1e-9)  # series vs scipy, float64 margin
     assert np.all(np.diff(chi2_log_sf(np.linspace(1.0, 1e4, 20001), df)) < 0)  # decreasing, no jump
 
 
@@ -280,7 +281,7 @@ def test_models_given_the_wrong_way_round_are_swapped(analyses, tmp_path, capsys
     assert record["small"]["outdir"] == str(small) and record["big"]["outdir"] == str(big)
     chi2 = read_map(tmp_path / "cmp" / "blmm_vox_Chi2.nii")[:, 0]
     case = analyses.case("slope")
-    assert np.allclose(chi2, case.chisq, rtol=1e-6)
+    assert np.allclose(chi2, case.chisq, rtol=1e-6)  # 2 Δllh with each llh within tol of lme4's
     assert "0.5 chi2(1) + 0.5 chi2(2)" in out and "8 tested" in out
 
 
@@ -293,7 +294,7 @@ def test_reml_comparison_is_invariant_to_reparametrising_x(analyses, tmp_path):
     assert math.isclose(result.record["reml_x_correction"], 2 * math.log(6.0), rel_tol=1e-10)
     raw = 2 * (np.load(big / "llh_float64.npy") - np.load(analyses.get("slope", "small") / "llh_float64.npy"))
     assert np.all(np.abs(raw - case.chisq) > 1)  # uncorrected, the statistic would be off by 2 log 6
-    assert np.all(np.abs(result.chi2 - case.chisq) <= 1e-6 * case.chisq + 1e-8)
+    assert np.all(np.abs(result.chi2 - case.chisq) <= 1e-6 * case.chisq + 1e-8)  # as above, float64 floor
 
 
 def test_unconverged_voxels_are_nan_and_counted(analyses, tmp_path, capsys):
@@ -322,7 +323,7 @@ def test_dat_inputs_give_dat_outputs(analyses, tmp_path):
     assert np.array_equal(read_map(tmp_path / "cmp" / "blmm_vox_Chi2.dat")[:, 0], result.chi2.astype(np.float32))
     # float32 data: not R's numbers, but the statistic is still the llh difference
     llh = [np.load(folder / "llh_float64.npy") for folder in (small, big)]
-    assert np.allclose(result.chi2, np.maximum(2 * (llh[1] - llh[0]), 0), rtol=1e-12, atol=1e-12)
+    assert np.allclose(result.chi2, np.maximum(2 * (llh[1] - llh[0]), 0), rtol=1e-12, atol=1e-12)  # the same numbers
 
 
 def test_rerunning_the_same_comparison_needs_force(analyses, tmp_path, capsys):

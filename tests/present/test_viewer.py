@@ -106,7 +106,7 @@ def test_find_map_ambiguous_names_both_files(outdir: Path) -> None:
 def test_load_map_reads_dat_and_gifti(outdir: Path) -> None:
     con_t = viewer.load_map(outdir, "conT", n_vertices=N_FS5)
     assert con_t.shape == (N_FS5, 2)
-    np.testing.assert_allclose(con_t, smooth_map(viewer.fsaverage5_mesh("left"), 2), atol=1e-5)
+    np.testing.assert_allclose(con_t, smooth_map(viewer.fsaverage5_mesh("left"), 2), atol=1e-5)  # a float32 map of O(1)
     assert viewer.load_map(outdir / "blmm_vox_beta.gii").shape == (N_FS5, 3)
     counts = viewer.load_map(outdir / "blmm_vox_n.dat", n_vertices=N_FS5)
     assert counts.dtype == np.int32 and counts.shape == (N_FS5, 1) and (counts == 40).all()

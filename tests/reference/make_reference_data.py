@@ -78,7 +78,7 @@ def _rounded(a: np.ndarray) -> np.ndarray:
     return np.round(np.asarray(a, dtype=np.float64), DECIMALS)
 
 
-def write_case(name: str, X, labels, designs, Y, truth: dict) -> None:
+def write_case(name: str, X, labels, designs, Y, truth: dict, contrasts: list | None = None) -> None:
     out = DATA / name
     out.mkdir(parents=True, exist_ok=True)
     X = _rounded(X)
@@ -89,7 +89,7 @@ def write_case(name: str, X, labels, designs, Y, truth: dict) -> None:
         Zk = _rounded(Zk)
         _write_csv(out / f"Z_f{k + 1}.csv", [f"z{j + 1}" for j in range(Zk.shape[1])], Zk)
     _write_csv(out / "Y.csv", [f"v{j + 1}" for j in range(Y.shape[1])], Y)
-    (out / "contrasts.json").write_text(json.dumps(CONTRASTS, indent=1) + "\n")
+    (out / "contrasts.json").write_text(json.dumps(contrasts or CONTRASTS, indent=1) + "\n")
     (out / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
 
 
@@ -639,6 +639,62 @@ def case_family_slope_missing():
     write_case("family_slope_missing", X, [fam, subj], [Z1, Z2], Y, _truth(betas, sigma2, [D1, D2]))
 
 
+# p = 5: time, age, sex, a per-image covariate
+CONTRASTS_P5 = [
+    {"name": "X2", "vector": [0, 1, 0, 0, 0]},
+    {"name": "X5", "vector": [0, 0, 0, 0, 1]},
+    {"name": "X2-X3", "vector": [0, 1, -1, 0, 0]},
+    {"name": "F_X2_X5", "vector": [[0, 1, 0, 0, 0], [0, 0, 0, 0, 1]]},
+]
+
+
+def _slope_study(rng, n_subj: int):
+    """2-4 visits per subject at irregular times (years); X = [1, time, age, sex, covariate]."""
+    subj = _visits(rng, n_subj, 2, 4)
+    n = subj.size
+    time = _irregular_times(rng, subj)
+    age = rng.uniform(-1.0, 1.0, n_subj)[subj - 1]
+    sex = rng.integers(0, 2, n_subj)[subj - 1].astype(float)
+    X = _rounded(np.column_stack([np.ones(n), time, age, sex, rng.normal(0, 1, n)]))
+    return subj, X
+
+
+def case_slope_singular():
+    """(1 + time | subject), 300 subjects x 2-4 visits (915 images), p = 5 (issue 17): 100 voxels with
+    small intercept variances are simulated and 8 kept: v1 is singular in lme4's ML fit only (blmm's
+    scoring used to creep towards that boundary and stop 1.4e-5 below lme4's llh, with T df 4% off),
+    v2-v6 are regular and v7, v8 singular in both fits."""
+    rng = np.random.default_rng(6)
+    V = 100
+    subj, X = _slope_study(rng, 300)
+    Z = X[:, :2].copy()
+    betas = _betas(rng, V, p=5)
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D = _corr_D(rng, V, [(0.0005, 0.05), (0.05, 0.5)])
+    Y = _simulate(rng, X, [subj], [Z], betas, sigma2, [D])
+    keep = [0, 2, 3, 4, 5, 6, 1, 7]
+    write_case("slope_singular", X, [subj], [Z], Y[:, keep], _truth(betas[keep], sigma2[keep], [D[keep]]),
+               CONTRASTS_P5)
+
+
+def case_q3_singular():
+    """(1 + time + (time - 2)²/4 | subject), 286 subjects x 2-4 visits (869 images), p = 5 (issue 17):
+    lme4 puts 6 of the 8 voxels on the boundary."""
+    rng = np.random.default_rng(1702)
+    V = 8
+    subj, X = _slope_study(rng, 286)
+    Z = _rounded(np.column_stack([X[:, :2], (X[:, 1] - 2.0) ** 2 / 4]))
+    betas = _betas(rng, V, p=5)
+    sigma2 = rng.uniform(0.5, 3.0, V)
+    D = _corr_D(rng, V, [(0.3, 5.0), (0.05, 0.3), (0.05, 0.3)])
+    _zero_effect(D, 5, 2)  # v6: no random quadratic term
+    _zero_effect(D, 6, 1)  # v7: no random slope
+    D[7, 2, :] *= 0.1  # v8: a quadratic variance near 0
+    D[7, :, 2] *= 0.1
+    Y = _simulate(rng, X, [subj], [Z], betas, sigma2, [D])
+    write_case("q3_singular", X, [subj], [Z], Y, _truth(betas, sigma2, [D]), CONTRASTS_P5)
+
+
 CASES = {
     "intercept": case_intercept,
     "slope": case_slope,
@@ -658,6 +714,8 @@ CASES = {
     "intercept_missing": case_intercept_missing,
     "family_missing": case_family_missing,
     "family_slope_missing": case_family_slope_missing,
+    "slope_singular": case_slope_singular,
+    "q3_singular": case_q3_singular,
 }
 
 
