@@ -34,6 +34,7 @@ from blmm.core.tail import TailFit, tail_p
 
 STATISTICS = ("mlog10p", "t")  # what the maximum is taken over: −log10 p (Satterthwaite df) or T / F itself
 SIGMA2_MODES = ("refit", "fixed")  # σ² re-estimated per resample (exact GLS refit with D fixed) or held
+MAX_COMPONENT = 512  # images in one independent block: V_b⁻¹ is formed densely per voxel
 GEMM_BATCH = 32  # resamples per sign GEMM, aligned: the same seed gives bit-identical maxima in any chunking
 MapTransform = Callable[[np.ndarray], np.ndarray]  # (R, V) resampled statistic maps -> (R,) one value each
 
@@ -216,6 +217,7 @@ def prepare(
     voxel_chunk: int = 64,
     gemm_dtype: str = "float64",
     threads: int | None = None,
+    max_block_images: int = MAX_COMPONENT,
 ) -> ResamplingPrep:
     """Prepare the restricted wild bootstrap of every contrast at ``voxels`` (default: the fitted ones).
 
@@ -226,6 +228,7 @@ def prepare(
     ``gemm_dtype="float32"`` stores the contributions in single precision: the sign GEMM runs ~2x
     faster in half the memory, and T* and F* carry ~1e-7 relative error (the signs are exact).
     ``threads`` share the voxel chunks (default: the CPU count), each with a one-thread BLAS.
+    ``max_block_images`` bounds the images of one component of V (V_b⁻¹ is dense per voxel).
     """
     if sigma2 not in SIGMA2_MODES:
         raise ValueError(f"sigma2 {sigma2!r}: expected one of {', '.join(SIGMA2_MODES)}")
@@ -240,7 +243,15 @@ def prepare(
     if np.isnan(Y[:, voxels]).any():
         raise ValueError("resampling needs complete data at every prepared voxel (a NaN was found); "
                          "voxels with missing images are not supported yet")
+    names = [f.name for f in factors]
+    if fit.factor_names and list(fit.factor_names) != names:
+        raise ValueError(f"factors {names} are not the fit's ({list(fit.factor_names)}), in the same order")
     components = independent_blocks(factors)
+    largest = int(np.bincount(components).max())
+    if largest > max_block_images:
+        raise ValueError(f"the random factors ({', '.join(names)}) link {largest} images into one independent "
+                         f"block (at most {max_block_images} expected): a factor crossing the others (e.g. a site) "
+                         "leaves too few blocks to flip; resample without it")
     blocks = components if blocks is None else first_appearance_codes(np.asarray(blocks))
     if blocks.shape != (n,):
         raise ValueError(f"blocks: expected one block label per image ({n}), got shape {blocks.shape}")

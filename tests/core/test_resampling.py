@@ -1,6 +1,7 @@
 """The restricted wild bootstrap: its algebra against dense refits, blocks, seeds, counting, and nilearn."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -91,6 +92,17 @@ def test_per_image_signs_are_exact_too_but_refused_by_default(family_case):
         for r in range(2):
             ref = _dense_refit(design, Y, fit, 3, c, signs[r], "refit")
             assert stats[j][r, 3] == pytest.approx(ref, rel=1e-9, abs=1e-11)  # as above
+
+
+def test_prepare_refuses_factors_out_of_order_and_one_giant_block(family_case):
+    design, Y, fit = family_case
+    with pytest.raises(ValueError, match="not the fit's"):
+        rs.prepare(Y, design.X, design.factors[::-1], fit, CONTRASTS)
+    n = design.X.shape[0]
+    crossed = design.factors + [RandomFactor("site", np.arange(n) % 2, np.ones(n))]
+    unnamed = dataclasses.replace(fit, factor_names=[])  # the check of names aside
+    with pytest.raises(ValueError, match=f"link {n} images into one independent block"):  # two sites join all
+        rs.prepare(Y, design.X, crossed, unnamed, CONTRASTS, max_block_images=50)
 
 
 def test_independent_blocks_are_connected_components():
