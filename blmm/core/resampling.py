@@ -108,7 +108,7 @@ class ContrastResampling:
     name: str
     is_t: bool
     ndf: int  # numerator df (rank of L)
-    columns: slice  # its k columns of ResamplingPrep.coef: k = ndf (σ² held) or p (σ² refitted)
+    columns: slice  # its k columns of ResamplingPrep.contributions: k = ndf (σ² held) or p (σ² refitted)
     resid_ss: np.ndarray  # (v,) ẽ'V⁻¹ẽ of the restricted residuals
     df: np.ndarray  # (v,) Satterthwaite (denominator) df of the fit, for −log10 p
     pair_ss: np.ndarray | None = None  # (n_pairs, v) ẽ_c'V⁻¹_cc'ẽ_c' of blocks splitting a component
@@ -125,7 +125,7 @@ class ResamplingPrep:
     sigma2_mode: str
     two_sided: bool
     contrasts: list[ContrastResampling]
-    coef: np.ndarray  # (n_blocks, v, Σk) rotated per-block contributions a_c of every contrast
+    contributions: np.ndarray  # (n_blocks, v, Σk) rotated per-block contributions a_c of every contrast
     block_pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))  # (n_pairs, 2)
 
     @property
@@ -157,7 +157,9 @@ class BlockLayout:
     pair_sum: sp.csr_matrix  # (n_pairs, n_image_pairs)
 
 
-def block_layout(X: np.ndarray, factors: list[RandomFactor], components: np.ndarray, blocks: np.ndarray) -> BlockLayout:
+def block_layout(X: np.ndarray, factors: list[RandomFactor], components: np.ndarray, blocks: np.ndarray
+                 ) -> BlockLayout:
+    """The design's share of ``prepare``: computed once, used by every voxel chunk."""
     p = X.shape[1]
     sizes = np.bincount(components)
     by_comp = np.argsort(components, kind="stable")
@@ -195,7 +197,8 @@ def block_layout(X: np.ndarray, factors: list[RandomFactor], components: np.ndar
     if cells.size:
         pairs, which = np.unique(cells, axis=0, return_inverse=True)
         which = which.reshape(-1)
-        pair_sum = sp.csr_matrix((np.ones(which.size), (which, np.arange(which.size))), shape=(pairs.shape[0], which.size))
+        pair_sum = sp.csr_matrix((np.ones(which.size), (which, np.arange(which.size))),
+                                 shape=(pairs.shape[0], which.size))
     else:
         pairs, pair_sum = np.zeros((0, 2), dtype=np.int64), sp.csr_matrix((0, 0))
     return BlockLayout(order, groups, v_parts, k_parts, to_blocks, block_starts, pairs.astype(np.int64),
@@ -277,8 +280,8 @@ def prepare(
     # many small products: one BLAS thread each (more only spin), voxel chunks shared by our threads
     with threadpool_limits(limits=1, user_api="blas"):
         run_blocks(run, list(range(len(chunks))), thread_count(threads))
-    sig = np.concatenate([pt[0] for pt in parts])
-    coef = np.concatenate([pt[1].astype(gemm_dtype, copy=False) for pt in parts], axis=1)
+    sigma2_hat = np.concatenate([pt[0] for pt in parts])
+    contributions = np.concatenate([pt[1].astype(gemm_dtype, copy=False) for pt in parts], axis=1)
     prepared, col = [], 0
     for j, c in enumerate(contrasts):
         ndf, k = parts[0][2][j]["ndf"], parts[0][2][j]["k"]
@@ -288,7 +291,8 @@ def prepare(
             np.asarray(df[j], dtype=np.float64)[voxels],
             np.concatenate([pt[2][j]["pair_ss"] for pt in parts], axis=1) if layout.pairs.size else None))
         col += k
-    return ResamplingPrep(voxels, int(blocks.max()) + 1, dof, sig, sigma2, two_sided, prepared, coef, layout.pairs)
+    return ResamplingPrep(voxels, int(blocks.max()) + 1, dof, sigma2_hat, sigma2, two_sided, prepared, contributions,
+                          layout.pairs)
 
 
 def small_inverse(V: np.ndarray) -> np.ndarray:
@@ -308,11 +312,11 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
     """σ̂², the (n_blocks, v, Σk) contributions and per contrast ẽ'V⁻¹ẽ at v voxels; Y and X in group order."""
     v = Y.shape[1]
     n, p = X.shape
-    coefs = np.concatenate([Dk.reshape(v, -1) for Dk in D], axis=1)  # D entries in v_parts' order
+    d_entries = np.concatenate([Dk.reshape(v, -1) for Dk in D], axis=1)  # D entries in v_parts' order
     inverses, K_packed = [], np.zeros((v, p * (p + 1) // 2))
     for rows, v_part, k_part in zip(layout.groups, layout.v_parts, layout.k_parts):
         N, nb = rows.shape
-        V = (coefs @ v_part).reshape(v, N, nb, nb)
+        V = (d_entries @ v_part).reshape(v, N, nb, nb)
         V += np.eye(nb)
         Vinv = small_inverse(V)
         inverses.append(Vinv)
@@ -336,7 +340,7 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
     yVy = np.einsum("vn,vn->v", Yt, Vy)
     R = np.linalg.cholesky(np.linalg.inv(la_sym(K)))  # C = (X'V⁻¹X)⁻¹ = RR'
     beta = (R @ (np.swapaxes(R, 1, 2) @ b[..., None]))[..., 0]
-    sig = (yVy - np.einsum("vp,vp->v", b, beta)) / dof
+    sigma2_hat = (yVy - np.einsum("vp,vp->v", b, beta)) / dof
     gamma = np.linalg.solve(R, beta[..., None])[..., 0]  # whitened β̂ = R⁻¹β̂
     Xt_blocks = np.ascontiguousarray(X[layout.to_blocks].T)  # (p, n) images in block order
     VX = None
@@ -347,7 +351,7 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
             sl = slice(rows[0, 0], rows[0, 0] + N * nb)
             VX[:, sl] = np.einsum("vnij,njp->vnip", Vinv, X[sl].reshape(N, nb, p)).reshape(v, N * nb, p)
         VX = np.ascontiguousarray(VX[:, layout.to_blocks].transpose(0, 2, 1))
-    coef_parts, info = [], []
+    contribution_parts, info = [], []
     for c in contrasts:
         U, S, Wt = np.linalg.svd(c.matrix @ R, full_matrices=True)  # L R = U S W'
         ndf = int(np.max(np.sum(S > 1e-8 * S[:, :1], axis=1)))
@@ -363,7 +367,7 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
             per_image = (rot @ Xt_blocks) * Ve[:, layout.to_blocks][:, None, :]  # (v, k, n)
         else:  # blocks inside components: g_c = Σ_{i ∈ c} (V⁻¹X)_i ẽ_i
             per_image = (rot @ VX) * e[:, layout.to_blocks][:, None, :]
-        coef_parts.append(np.add.reduceat(per_image, layout.block_starts, axis=2).transpose(2, 0, 1))
+        contribution_parts.append(np.add.reduceat(per_image, layout.block_starts, axis=2).transpose(2, 0, 1))
         pair_ss = None
         if layout.pairs.size:
             vals = []
@@ -372,7 +376,7 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
                 vals.append(eg[:, comp, a] * Vinv[:, comp, a, bb] * eg[:, comp, bb])
             pair_ss = layout.pair_sum @ np.concatenate(vals, axis=1).T
         info.append({"ndf": ndf, "k": k, "resid_ss": np.einsum("vn,vn->v", e, Ve), "pair_ss": pair_ss})
-    return sig, np.concatenate(coef_parts, axis=2), info
+    return sigma2_hat, np.concatenate(contribution_parts, axis=2), info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,10 +384,11 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
 
 def resampled_statistics(prep: ResamplingPrep, signs: np.ndarray) -> list[np.ndarray]:
     """Each contrast's resampled T or F, (R, v), for the sign rows ``signs`` (R, n_blocks)."""
-    signs = np.asarray(signs, dtype=prep.coef.dtype)
+    signs = np.asarray(signs, dtype=prep.contributions.dtype)
     R = signs.shape[0]
-    nblk, v, cols = prep.coef.shape
-    a_all = (signs @ prep.coef.reshape(nblk, v * cols)).reshape(R, v, cols).astype(np.float64, copy=False)  # the one GEMM
+    nblk, v, cols = prep.contributions.shape
+    a_all = signs @ prep.contributions.reshape(nblk, v * cols)  # the one GEMM
+    a_all = a_all.reshape(R, v, cols).astype(np.float64, copy=False)
     if prep.block_pairs.size:
         flips = signs[:, prep.block_pairs[:, 0]] * signs[:, prep.block_pairs[:, 1]] - 1.0  # (R, n_pairs)
     out = []

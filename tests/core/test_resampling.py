@@ -51,8 +51,11 @@ def _dense_refit(design, Y, fit, voxel, contrast, signs_per_image, sigma2):
     return Lb @ np.linalg.pinv(L @ C @ L.T) @ Lb / (np.linalg.matrix_rank(L) * s2)
 
 
-def test_identity_resample_is_the_fit(family_case):
+@pytest.mark.parametrize("reml", [True, False])
+def test_identity_resample_is_the_fit(family_case, reml):
     design, Y, fit = family_case
+    if not reml:  # ML: σ̂² = r'V⁻¹r / n
+        fit = fit_lmm(Y, design.X, design.factors, reml=False)
     prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS)
     inf = infer(fit, CONTRASTS)
     stats = rs.resampled_statistics(prep, rs.resample_signs(0, 0, 1, prep.n_blocks))
@@ -155,7 +158,7 @@ def test_float32_contributions_agree_to_single_precision(family_case):
     design, Y, fit = family_case
     p64 = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS)
     p32 = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, gemm_dtype="float32")
-    assert p32.coef.dtype == np.float32
+    assert p32.contributions.dtype == np.float32
     m64, m32 = rs.chunk_maxima(p64, 4, 0, 40), rs.chunk_maxima(p32, 4, 0, 40)
     # float32 contributions (eps 6e-8) summed over 40 blocks: ~1e-6 relative on T*, F* and their −log10 p
     np.testing.assert_allclose(m32, m64, rtol=1e-5)
