@@ -553,6 +553,8 @@ def corrected_inference(
     prep = prepare(Y, X, factors, fit, contrasts, blocks=blocks, df=[by_name[c.name].df for c in contrasts],
                    sigma2=sigma2, two_sided=two_sided, allow_split_blocks=allow_split_blocks, gemm_dtype=gemm_dtype)
     named: dict[str, MapTransform] = dict(transforms or {})
+    if "max" in named:
+        raise ValueError('transforms: "max" is the maximum statistic itself; name the transform otherwise')
     V = fit.n_voxels
     nulls = [{k: [] for k in ["max", *named]} for _ in contrasts]
     observed = [np.full(V, np.nan) for _ in contrasts]
