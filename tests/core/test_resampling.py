@@ -203,6 +203,24 @@ def test_pruned_maximum_of_mlog10p_equals_the_full_maximum(two_sided):
     np.testing.assert_array_equal(rs.max_t_mlog10p(t, df, two_sided), full)
 
 
+def test_tail_option_reports_where_it_replaced_the_count():
+    rng = np.random.default_rng(4)
+    design = family_design(rng, 60)
+    effect = np.zeros(30)
+    effect[:3] = 1.5  # far beyond what 199 resamples can count
+    Y = simulate_Y(rng, design, 30, effect=effect)
+    fit = fit_lmm(Y, design.X, design.factors)
+    B = 199
+    counted = rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS[:1], B, seed=1, two_sided=True)
+    tailed = rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS[:1], B, seed=1, two_sided=True,
+                                    tail=True)
+    c, t = counted.contrasts[0], tailed.contrasts[0]
+    assert t.tail_fit.accepted and t.tail_used[:3].all()
+    assert np.all(t.fwe_mlog10p[:3] > -np.log10(1 / (B + 1)))  # beyond 1/(B + 1)
+    np.testing.assert_array_equal(t.fwe_mlog10p[~t.tail_used], c.fwe_mlog10p[~t.tail_used])
+    assert np.all(10 ** -c.fwe_mlog10p[t.tail_used] < 0.10)  # only small counted p are replaced
+
+
 def test_two_sided_takes_absolute_t(family_case):
     design, Y, fit = family_case
     one = rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS[:1], 30, seed=2, statistic="t")
