@@ -108,6 +108,15 @@ def test_prepare_refuses_factors_out_of_order_and_one_giant_block(family_case):
         rs.prepare(Y, design.X, crossed, unnamed, CONTRASTS, max_block_images=50)
 
 
+@pytest.mark.parametrize("nb", [1, 2, 3, 4])
+def test_small_inverse_equals_numpy(nb):
+    rng = np.random.default_rng(nb)
+    A = rng.standard_normal((50, 7, nb, nb))
+    V = A @ np.swapaxes(A, -1, -2) + np.eye(nb)  # as V = I + ZDZ': positive definite, condition < ~100
+    # closed form against LU: a few ulps times the condition number
+    np.testing.assert_allclose(rs.small_inverse(V), np.linalg.inv(V), rtol=1e-11, atol=1e-13)
+
+
 def test_independent_blocks_are_connected_components():
     n = 8
     family = np.array([5, 5, 5, 2, 2, 9, 9, 1])
