@@ -473,7 +473,7 @@ def max_t_mlog10p(t: np.ndarray, df: np.ndarray, two_sided: bool) -> np.ndarray:
     t_L = np.where(np.isfinite(t_L) & (tail > 0), t_L, -np.inf)  # no bound where p underflows: all voxels
     rows, cols = np.nonzero(filled >= t_L[:, None] - 1e-9 * np.abs(t_L[:, None]))  # margin for stdtrit's rounding
     out = np.where(np.isnan(L), -np.inf, L)
-    np.maximum.at(out, rows, t_mlog10p(stat[rows, cols], df[cols], two_sided))
+    np.fmax.at(out, rows, t_mlog10p(stat[rows, cols], df[cols], two_sided))  # NaN voxels ignored, as nanmax
     return np.where(np.isneginf(out), np.nan, out)
 
 

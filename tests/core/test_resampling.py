@@ -207,7 +207,9 @@ def test_pruned_maximum_of_mlog10p_equals_the_full_maximum(two_sided):
     t[3] = -np.abs(t[3])  # a resample with no positive T
     t[5, 7] = 40.0  # p underflows float64: no bound, every voxel evaluated
     t[9, :5] = np.nan
+    t[11, 3], t[11, 8] = 45.0, np.nan  # no bound and a NaN voxel
     df = rng.uniform(8, 400, 300)
+    df[20] = np.nan  # a voxel without Satterthwaite df
     full = np.nanmax(t_mlog10p(t, np.broadcast_to(df, t.shape), two_sided), axis=1)
     np.testing.assert_array_equal(rs.max_t_mlog10p(t, df, two_sided), full)
 
