@@ -68,7 +68,7 @@ def bench(args) -> dict:
         stat_s += time.perf_counter() - b
     t3 = time.perf_counter()
     c3 = time.process_time()
-    columns = prep.coef.shape[2]
+    columns = prep.contributions.shape[2]
     per100 = (t3 - t2) * 100 / (args.resamples + 1)
     scale = HEMISPHERE / args.vertices
     return {

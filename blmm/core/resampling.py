@@ -34,6 +34,7 @@ from blmm.core.tail import TailFit, tail_p
 
 STATISTICS = ("mlog10p", "t")  # what the maximum is taken over: −log10 p (Satterthwaite df) or T / F itself
 SIGMA2_MODES = ("refit", "fixed")  # σ² re-estimated per resample (exact GLS refit with D fixed) or held
+MAX_COMPONENT = 512  # images in one independent block: V_b⁻¹ is formed densely per voxel
 GEMM_BATCH = 32  # resamples per sign GEMM, aligned: the same seed gives bit-identical maxima in any chunking
 MapTransform = Callable[[np.ndarray], np.ndarray]  # (R, V) resampled statistic maps -> (R,) one value each
 
@@ -107,7 +108,7 @@ class ContrastResampling:
     name: str
     is_t: bool
     ndf: int  # numerator df (rank of L)
-    columns: slice  # its k columns of ResamplingPrep.coef: k = ndf (σ² held) or p (σ² refitted)
+    columns: slice  # its k columns of ResamplingPrep.contributions: k = ndf (σ² held) or p (σ² refitted)
     resid_ss: np.ndarray  # (v,) ẽ'V⁻¹ẽ of the restricted residuals
     df: np.ndarray  # (v,) Satterthwaite (denominator) df of the fit, for −log10 p
     pair_ss: np.ndarray | None = None  # (n_pairs, v) ẽ_c'V⁻¹_cc'ẽ_c' of blocks splitting a component
@@ -124,7 +125,7 @@ class ResamplingPrep:
     sigma2_mode: str
     two_sided: bool
     contrasts: list[ContrastResampling]
-    coef: np.ndarray  # (n_blocks, v, Σk) rotated per-block contributions a_c of every contrast
+    contributions: np.ndarray  # (n_blocks, v, Σk) rotated per-block contributions a_c of every contrast
     block_pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))  # (n_pairs, 2)
 
     @property
@@ -156,7 +157,9 @@ class BlockLayout:
     pair_sum: sp.csr_matrix  # (n_pairs, n_image_pairs)
 
 
-def block_layout(X: np.ndarray, factors: list[RandomFactor], components: np.ndarray, blocks: np.ndarray) -> BlockLayout:
+def block_layout(X: np.ndarray, factors: list[RandomFactor], components: np.ndarray, blocks: np.ndarray
+                 ) -> BlockLayout:
+    """The design's share of ``prepare``: computed once, used by every voxel chunk."""
     p = X.shape[1]
     sizes = np.bincount(components)
     by_comp = np.argsort(components, kind="stable")
@@ -194,7 +197,8 @@ def block_layout(X: np.ndarray, factors: list[RandomFactor], components: np.ndar
     if cells.size:
         pairs, which = np.unique(cells, axis=0, return_inverse=True)
         which = which.reshape(-1)
-        pair_sum = sp.csr_matrix((np.ones(which.size), (which, np.arange(which.size))), shape=(pairs.shape[0], which.size))
+        pair_sum = sp.csr_matrix((np.ones(which.size), (which, np.arange(which.size))),
+                                 shape=(pairs.shape[0], which.size))
     else:
         pairs, pair_sum = np.zeros((0, 2), dtype=np.int64), sp.csr_matrix((0, 0))
     return BlockLayout(order, groups, v_parts, k_parts, to_blocks, block_starts, pairs.astype(np.int64),
@@ -216,6 +220,7 @@ def prepare(
     voxel_chunk: int = 64,
     gemm_dtype: str = "float64",
     threads: int | None = None,
+    max_block_images: int = MAX_COMPONENT,
 ) -> ResamplingPrep:
     """Prepare the restricted wild bootstrap of every contrast at ``voxels`` (default: the fitted ones).
 
@@ -226,6 +231,7 @@ def prepare(
     ``gemm_dtype="float32"`` stores the contributions in single precision: the sign GEMM runs ~2x
     faster in half the memory, and T* and F* carry ~1e-7 relative error (the signs are exact).
     ``threads`` share the voxel chunks (default: the CPU count), each with a one-thread BLAS.
+    ``max_block_images`` bounds the images of one component of V (V_b⁻¹ is dense per voxel).
     """
     if sigma2 not in SIGMA2_MODES:
         raise ValueError(f"sigma2 {sigma2!r}: expected one of {', '.join(SIGMA2_MODES)}")
@@ -240,7 +246,15 @@ def prepare(
     if np.isnan(Y[:, voxels]).any():
         raise ValueError("resampling needs complete data at every prepared voxel (a NaN was found); "
                          "voxels with missing images are not supported yet")
+    names = [f.name for f in factors]
+    if fit.factor_names and list(fit.factor_names) != names:
+        raise ValueError(f"factors {names} are not the fit's ({list(fit.factor_names)}), in the same order")
     components = independent_blocks(factors)
+    largest = int(np.bincount(components).max())
+    if largest > max_block_images:
+        raise ValueError(f"the random factors ({', '.join(names)}) link {largest} images into one independent "
+                         f"block (at most {max_block_images} expected): a factor crossing the others (e.g. a site) "
+                         "leaves too few blocks to flip; resample without it")
     blocks = components if blocks is None else first_appearance_codes(np.asarray(blocks))
     if blocks.shape != (n,):
         raise ValueError(f"blocks: expected one block label per image ({n}), got shape {blocks.shape}")
@@ -266,8 +280,8 @@ def prepare(
     # many small products: one BLAS thread each (more only spin), voxel chunks shared by our threads
     with threadpool_limits(limits=1, user_api="blas"):
         run_blocks(run, list(range(len(chunks))), thread_count(threads))
-    sig = np.concatenate([pt[0] for pt in parts])
-    coef = np.concatenate([pt[1].astype(gemm_dtype, copy=False) for pt in parts], axis=1)
+    sigma2_hat = np.concatenate([pt[0] for pt in parts])
+    contributions = np.concatenate([pt[1].astype(gemm_dtype, copy=False) for pt in parts], axis=1)
     prepared, col = [], 0
     for j, c in enumerate(contrasts):
         ndf, k = parts[0][2][j]["ndf"], parts[0][2][j]["k"]
@@ -277,31 +291,41 @@ def prepare(
             np.asarray(df[j], dtype=np.float64)[voxels],
             np.concatenate([pt[2][j]["pair_ss"] for pt in parts], axis=1) if layout.pairs.size else None))
         col += k
-    return ResamplingPrep(voxels, int(blocks.max()) + 1, dof, sig, sigma2, two_sided, prepared, coef, layout.pairs)
+    return ResamplingPrep(voxels, int(blocks.max()) + 1, dof, sigma2_hat, sigma2, two_sided, prepared, contributions,
+                          layout.pairs)
 
 
 def small_inverse(V: np.ndarray) -> np.ndarray:
-    """Inverses of a stack of (…, n_b, n_b) matrices; closed form for n_b ≤ 2, where most components are
-    (numpy's stacked inverse costs ~0.3 µs per matrix, most of a prepare)."""
+    """Inverses of a stack of (…, n_b, n_b) positive definite matrices; closed form (the adjugate) for
+    n_b ≤ 3, where most components are (numpy's stacked inverse costs ~0.3 µs per matrix)."""
     nb = V.shape[-1]
     if nb == 1:
         return 1.0 / V
+    if nb > 3:
+        return np.linalg.inv(V)
+    adj = np.empty_like(V)
     if nb == 2:
-        a, b, c, d = V[..., 0, 0], V[..., 0, 1], V[..., 1, 0], V[..., 1, 1]
-        det = a * d - b * c
-        return np.stack([np.stack([d, -b], axis=-1), np.stack([-c, a], axis=-1)], axis=-2) / det[..., None, None]
-    return np.linalg.inv(V)
+        adj[..., 0, 0], adj[..., 1, 1] = V[..., 1, 1], V[..., 0, 0]
+        adj[..., 0, 1], adj[..., 1, 0] = -V[..., 0, 1], -V[..., 1, 0]
+    else:
+        for i in range(3):
+            for j in range(3):
+                r, c = [k for k in range(3) if k != j], [k for k in range(3) if k != i]
+                minor = V[..., r[0], c[0]] * V[..., r[1], c[1]] - V[..., r[0], c[1]] * V[..., r[1], c[0]]
+                adj[..., i, j] = minor if (i + j) % 2 == 0 else -minor
+    det = np.einsum("...j,...j->...", V[..., 0, :], adj[..., :, 0])
+    return adj / det[..., None, None]
 
 
 def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: str):
     """σ̂², the (n_blocks, v, Σk) contributions and per contrast ẽ'V⁻¹ẽ at v voxels; Y and X in group order."""
     v = Y.shape[1]
     n, p = X.shape
-    coefs = np.concatenate([Dk.reshape(v, -1) for Dk in D], axis=1)  # D entries in v_parts' order
+    d_entries = np.concatenate([Dk.reshape(v, -1) for Dk in D], axis=1)  # D entries in v_parts' order
     inverses, K_packed = [], np.zeros((v, p * (p + 1) // 2))
     for rows, v_part, k_part in zip(layout.groups, layout.v_parts, layout.k_parts):
         N, nb = rows.shape
-        V = (coefs @ v_part).reshape(v, N, nb, nb)
+        V = (d_entries @ v_part).reshape(v, N, nb, nb)
         V += np.eye(nb)
         Vinv = small_inverse(V)
         inverses.append(Vinv)
@@ -325,7 +349,7 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
     yVy = np.einsum("vn,vn->v", Yt, Vy)
     R = np.linalg.cholesky(np.linalg.inv(la_sym(K)))  # C = (X'V⁻¹X)⁻¹ = RR'
     beta = (R @ (np.swapaxes(R, 1, 2) @ b[..., None]))[..., 0]
-    sig = (yVy - np.einsum("vp,vp->v", b, beta)) / dof
+    sigma2_hat = (yVy - np.einsum("vp,vp->v", b, beta)) / dof
     gamma = np.linalg.solve(R, beta[..., None])[..., 0]  # whitened β̂ = R⁻¹β̂
     Xt_blocks = np.ascontiguousarray(X[layout.to_blocks].T)  # (p, n) images in block order
     VX = None
@@ -336,7 +360,7 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
             sl = slice(rows[0, 0], rows[0, 0] + N * nb)
             VX[:, sl] = np.einsum("vnij,njp->vnip", Vinv, X[sl].reshape(N, nb, p)).reshape(v, N * nb, p)
         VX = np.ascontiguousarray(VX[:, layout.to_blocks].transpose(0, 2, 1))
-    coef_parts, info = [], []
+    contribution_parts, info = [], []
     for c in contrasts:
         U, S, Wt = np.linalg.svd(c.matrix @ R, full_matrices=True)  # L R = U S W'
         ndf = int(np.max(np.sum(S > 1e-8 * S[:, :1], axis=1)))
@@ -352,7 +376,7 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
             per_image = (rot @ Xt_blocks) * Ve[:, layout.to_blocks][:, None, :]  # (v, k, n)
         else:  # blocks inside components: g_c = Σ_{i ∈ c} (V⁻¹X)_i ẽ_i
             per_image = (rot @ VX) * e[:, layout.to_blocks][:, None, :]
-        coef_parts.append(np.add.reduceat(per_image, layout.block_starts, axis=2).transpose(2, 0, 1))
+        contribution_parts.append(np.add.reduceat(per_image, layout.block_starts, axis=2).transpose(2, 0, 1))
         pair_ss = None
         if layout.pairs.size:
             vals = []
@@ -361,7 +385,7 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
                 vals.append(eg[:, comp, a] * Vinv[:, comp, a, bb] * eg[:, comp, bb])
             pair_ss = layout.pair_sum @ np.concatenate(vals, axis=1).T
         info.append({"ndf": ndf, "k": k, "resid_ss": np.einsum("vn,vn->v", e, Ve), "pair_ss": pair_ss})
-    return sig, np.concatenate(coef_parts, axis=2), info
+    return sigma2_hat, np.concatenate(contribution_parts, axis=2), info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,10 +393,11 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
 
 def resampled_statistics(prep: ResamplingPrep, signs: np.ndarray) -> list[np.ndarray]:
     """Each contrast's resampled T or F, (R, v), for the sign rows ``signs`` (R, n_blocks)."""
-    signs = np.asarray(signs, dtype=prep.coef.dtype)
+    signs = np.asarray(signs, dtype=prep.contributions.dtype)
     R = signs.shape[0]
-    nblk, v, cols = prep.coef.shape
-    a_all = (signs @ prep.coef.reshape(nblk, v * cols)).reshape(R, v, cols).astype(np.float64, copy=False)  # the one GEMM
+    nblk, v, cols = prep.contributions.shape
+    a_all = signs @ prep.contributions.reshape(nblk, v * cols)  # the one GEMM
+    a_all = a_all.reshape(R, v, cols).astype(np.float64, copy=False)
     if prep.block_pairs.size:
         flips = signs[:, prep.block_pairs[:, 0]] * signs[:, prep.block_pairs[:, 1]] - 1.0  # (R, n_pairs)
     out = []
@@ -448,7 +473,7 @@ def max_t_mlog10p(t: np.ndarray, df: np.ndarray, two_sided: bool) -> np.ndarray:
     t_L = np.where(np.isfinite(t_L) & (tail > 0), t_L, -np.inf)  # no bound where p underflows: all voxels
     rows, cols = np.nonzero(filled >= t_L[:, None] - 1e-9 * np.abs(t_L[:, None]))  # margin for stdtrit's rounding
     out = np.where(np.isnan(L), -np.inf, L)
-    np.maximum.at(out, rows, t_mlog10p(stat[rows, cols], df[cols], two_sided))
+    np.fmax.at(out, rows, t_mlog10p(stat[rows, cols], df[cols], two_sided))  # NaN voxels ignored, as nanmax
     return np.where(np.isneginf(out), np.nan, out)
 
 
@@ -537,6 +562,8 @@ def corrected_inference(
     prep = prepare(Y, X, factors, fit, contrasts, blocks=blocks, df=[by_name[c.name].df for c in contrasts],
                    sigma2=sigma2, two_sided=two_sided, allow_split_blocks=allow_split_blocks, gemm_dtype=gemm_dtype)
     named: dict[str, MapTransform] = dict(transforms or {})
+    if "max" in named:
+        raise ValueError('transforms: "max" is the maximum statistic itself; name the transform otherwise')
     V = fit.n_voxels
     nulls = [{k: [] for k in ["max", *named]} for _ in contrasts]
     observed = [np.full(V, np.nan) for _ in contrasts]

@@ -12,8 +12,8 @@ Knijnenburg et al. 2009):
   exceedances is below its 5% critical value (Choulakian & Stephens 2001, Table 2, both parameters
   estimated);
 * only p-values below ``p_threshold`` (0.10 by default) and observed values above u are replaced, by
-  (n_tail / B) · survival(x − u).  When no threshold passes, the empirical p-values stay and the
-  result says so.
+  (n_tail / B) · survival(x − u).  When no threshold passes, or x lies beyond the end point of a
+  bounded fit (shape k > 0, x − u > a / k), the empirical p-values stay and the result says so.
 """
 from __future__ import annotations
 
@@ -98,5 +98,7 @@ def tail_p(observed: np.ndarray, null: np.ndarray, p: np.ndarray, p_threshold: f
     used = np.zeros(observed.shape, dtype=bool)
     if fit.accepted:
         used = np.isfinite(observed) & (p < p_threshold) & (observed > fit.threshold)
-        p[used] = fit.survival(observed[used])
+        approx = fit.survival(observed[used])
+        used[used] = approx > 0  # beyond a bounded fit's end point the fit says nothing: keep the count
+        p[used] = approx[approx > 0]
     return p, used, fit

@@ -1,6 +1,7 @@
 """The restricted wild bootstrap: its algebra against dense refits, blocks, seeds, counting, and nilearn."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -50,8 +51,11 @@ def _dense_refit(design, Y, fit, voxel, contrast, signs_per_image, sigma2):
     return Lb @ np.linalg.pinv(L @ C @ L.T) @ Lb / (np.linalg.matrix_rank(L) * s2)
 
 
-def test_identity_resample_is_the_fit(family_case):
+@pytest.mark.parametrize("reml", [True, False])
+def test_identity_resample_is_the_fit(family_case, reml):
     design, Y, fit = family_case
+    if not reml:  # ML: σ̂² = r'V⁻¹r / n
+        fit = fit_lmm(Y, design.X, design.factors, reml=False)
     prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS)
     inf = infer(fit, CONTRASTS)
     stats = rs.resampled_statistics(prep, rs.resample_signs(0, 0, 1, prep.n_blocks))
@@ -91,6 +95,26 @@ def test_per_image_signs_are_exact_too_but_refused_by_default(family_case):
         for r in range(2):
             ref = _dense_refit(design, Y, fit, 3, c, signs[r], "refit")
             assert stats[j][r, 3] == pytest.approx(ref, rel=1e-9, abs=1e-11)  # as above
+
+
+def test_prepare_refuses_factors_out_of_order_and_one_giant_block(family_case):
+    design, Y, fit = family_case
+    with pytest.raises(ValueError, match="not the fit's"):
+        rs.prepare(Y, design.X, design.factors[::-1], fit, CONTRASTS)
+    n = design.X.shape[0]
+    crossed = design.factors + [RandomFactor("site", np.arange(n) % 2, np.ones(n))]
+    unnamed = dataclasses.replace(fit, factor_names=[])  # the check of names aside
+    with pytest.raises(ValueError, match=f"link {n} images into one independent block"):  # two sites join all
+        rs.prepare(Y, design.X, crossed, unnamed, CONTRASTS, max_block_images=50)
+
+
+@pytest.mark.parametrize("nb", [1, 2, 3, 4])
+def test_small_inverse_equals_numpy(nb):
+    rng = np.random.default_rng(nb)
+    A = rng.standard_normal((50, 7, nb, nb))
+    V = A @ np.swapaxes(A, -1, -2) + np.eye(nb)  # as V = I + ZDZ': positive definite, condition < ~100
+    # closed form against LU: a few ulps times the condition number
+    np.testing.assert_allclose(rs.small_inverse(V), np.linalg.inv(V), rtol=1e-11, atol=1e-13)
 
 
 def test_independent_blocks_are_connected_components():
@@ -143,11 +167,12 @@ def test_float32_contributions_agree_to_single_precision(family_case):
     design, Y, fit = family_case
     p64 = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS)
     p32 = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, gemm_dtype="float32")
-    assert p32.coef.dtype == np.float32
+    assert p32.contributions.dtype == np.float32
     m64, m32 = rs.chunk_maxima(p64, 4, 0, 40), rs.chunk_maxima(p32, 4, 0, 40)
     # float32 contributions (eps 6e-8) summed over 40 blocks: ~1e-6 relative on T*, F* and their −log10 p
     np.testing.assert_allclose(m32, m64, rtol=1e-5)
-    np.testing.assert_array_equal(np.concatenate([rs.chunk_maxima(p32, 4, 0, 13), rs.chunk_maxima(p32, 4, 13, 40)]), m32)
+    in_two_chunks = np.concatenate([rs.chunk_maxima(p32, 4, 0, 13), rs.chunk_maxima(p32, 4, 13, 40)])
+    np.testing.assert_array_equal(in_two_chunks, m32)
 
 
 def test_fwe_p_counts_the_identity_and_transforms_plug_in(family_case):
@@ -183,9 +208,29 @@ def test_pruned_maximum_of_mlog10p_equals_the_full_maximum(two_sided):
     t[3] = -np.abs(t[3])  # a resample with no positive T
     t[5, 7] = 40.0  # p underflows float64: no bound, every voxel evaluated
     t[9, :5] = np.nan
+    t[11, 3], t[11, 8] = 45.0, np.nan  # no bound and a NaN voxel
     df = rng.uniform(8, 400, 300)
+    df[20] = np.nan  # a voxel without Satterthwaite df
     full = np.nanmax(t_mlog10p(t, np.broadcast_to(df, t.shape), two_sided), axis=1)
     np.testing.assert_array_equal(rs.max_t_mlog10p(t, df, two_sided), full)
+
+
+def test_tail_option_reports_where_it_replaced_the_count():
+    rng = np.random.default_rng(4)
+    design = family_design(rng, 60)
+    effect = np.zeros(30)
+    effect[:3] = 1.5  # far beyond what 199 resamples can count
+    Y = simulate_Y(rng, design, 30, effect=effect)
+    fit = fit_lmm(Y, design.X, design.factors)
+    B = 199
+    counted = rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS[:1], B, seed=1, two_sided=True)
+    tailed = rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS[:1], B, seed=1, two_sided=True,
+                                    tail=True)
+    c, t = counted.contrasts[0], tailed.contrasts[0]
+    assert t.tail_fit.accepted and t.tail_used[:3].all()
+    assert np.all(t.fwe_mlog10p[:3] > -np.log10(1 / (B + 1)))  # beyond 1/(B + 1)
+    np.testing.assert_array_equal(t.fwe_mlog10p[~t.tail_used], c.fwe_mlog10p[~t.tail_used])
+    assert np.all(10 ** -c.fwe_mlog10p[t.tail_used] < 0.10)  # only small counted p are replaced
 
 
 def test_two_sided_takes_absolute_t(family_case):
@@ -193,7 +238,8 @@ def test_two_sided_takes_absolute_t(family_case):
     one = rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS[:1], 30, seed=2, statistic="t")
     two = rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS[:1], 30, seed=2, statistic="t",
                                  two_sided=True)
-    np.testing.assert_allclose(two.contrasts[0].observed, np.abs(infer(fit, CONTRASTS[:1]).t[0].t), rtol=1e-10)
+    t_fit = np.abs(infer(fit, CONTRASTS[:1]).t[0].t)
+    np.testing.assert_allclose(two.contrasts[0].observed, t_fit, rtol=1e-10)  # as the identity test
     assert np.all(two.contrasts[0].null_maxima["max"] >= one.contrasts[0].null_maxima["max"])
 
 
