@@ -39,7 +39,6 @@ from blmm.core.lrt import (
     unnested_terms,
 )
 from blmm.errors import CompareError, InputError
-from blmm.formula.parse import canonical_term
 from blmm.io.images import map_path, mismatch_reason, write_map
 from blmm.io.outdir import (
     COMPARE,
@@ -134,6 +133,8 @@ def terms_not_nested(small: Analysis, big: Analysis) -> str | None:
     Nested: every fixed term of ``small`` is a fixed term of ``big``, and every random term of
     ``small`` has one in ``big`` with the same grouping and at least its effects (`core.lrt.unnested_terms`).
     """
+    from blmm.formula.parse import canonical_term  # blmm.formula loads pandas: only formula runs get here
+
     ds, db = small.config.formula.design, big.config.formula.design
     small_terms = list(ds.terms)
     fixed, random = unnested_terms(
