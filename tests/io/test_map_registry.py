@@ -49,3 +49,10 @@ def test_registry_kinds():
                                       "conT_tfce", "conTlp_tfce_fwe", "conT_cluster", "conTlp_cluster_fwe"}
     assert len(per_contrast_maps("F")) == 4 + 6
     assert all(kind.written_by and kind.meaning and kind.dtype in ("float32", "int32") for kind in MAPS.values())
+
+
+def test_outputs_md_names_the_int32_maps():
+    line = next(line for line in (DOCS / "outputs.md").read_text(encoding="utf-8").splitlines()
+                if "or int32 for" in line)
+    named = set(re.findall(r"`(\w+)`", line.split("or int32 for", 1)[1].split(":", 1)[0]))
+    assert named == INT32_DAT_MAPS
