@@ -13,8 +13,7 @@ Public API (docs/tutorial.md, "From Python"), each with an example in its docstr
 
 The layout, and who may import whom, is described in docs/architecture.md.
 """
-__version__ = "0.1.0"
-
+from blmm.version import __version__
 from blmm.core.design import Contrast, RandomFactor  # noqa: E402
 from blmm.core.inference import infer  # noqa: E402
 from blmm.core.fit import fit_lmm  # noqa: E402

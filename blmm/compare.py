@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from blmm import __version__
+from blmm.version import __version__
+from blmm.config import load_config
 from blmm.core.fdr import fdr_mlog10q
 from blmm.core.lrt import (
     Nesting,
@@ -33,23 +32,31 @@ from blmm.core.lrt import (
     chi2_null,
     choose_null,
     mixture_null,
+    lr_statistic,
     nesting_of,
+    reml_x_correction,
     same_grouping,
+    unnested_terms,
 )
-from blmm.errors import CompareError
+from blmm.errors import CompareError, InputError
 from blmm.io.images import map_path, mismatch_reason, write_map
 from blmm.io.outdir import (
+    COMPARE,
     COMPARE_FILE,
     INPUTS_FILE,
+    MAPS,
     RUN_FILE,
     Analysis,
+    finished_analysis,
     holds_maps,
-    load_analysis,
+    read_finished_outdir,
     map_name,
-    remove_stale_maps,
+    maps_written_by,
+    publish_staged,
+    staging_folder,
 )
 
-OUTPUT_STATS = ("mask", "Chi2", "Chi2lp", "Chi2lp_fdr")
+OUTPUT_STATS = tuple(kind.stat for kind in maps_written_by(COMPARE))  # io.outdir.MAPS
 
 # ---------------------------------------------------------------------------
 # Comparability
@@ -120,31 +127,26 @@ class ComparisonResult:
     written: list[Path] = field(default_factory=list)
 
 
-def _canonical_term(term: str) -> str:
-    from blmm.formula.parse import split_top
-
-    return ":".join(sorted(part.strip() for part in split_top(term, ":")))
-
-
 def terms_not_nested(small: Analysis, big: Analysis) -> str | None:
     """Why the formula of ``small`` is not nested in that of ``big`` by its terms; None if it is.
 
     Nested: every fixed term of ``small`` is a fixed term of ``big``, and every random term of
-    ``small`` has one in ``big`` with the same grouping and at least its effects.
+    ``small`` has one in ``big`` with the same grouping and at least its effects (`core.lrt.unnested_terms`).
     """
+    from blmm.formula.parse import canonical_term  # blmm.formula loads pandas: only formula runs get here
+
     ds, db = small.config.formula.design, big.config.formula.design
-    big_fixed = {_canonical_term(t) for t in db.terms}
+    small_terms = list(ds.terms)
+    fixed, random = unnested_terms(
+        [canonical_term(t) for t in small_terms], [(canonical_term(t.group), frozenset(t.columns)) for t in ds.random_terms],
+        [canonical_term(t) for t in db.terms], [(canonical_term(t.group), frozenset(t.columns)) for t in db.random_terms])
     reasons = []
-    extra_fixed = [t for t in ds.terms if _canonical_term(t) not in big_fixed]
-    if extra_fixed:
-        reasons.append(f"fixed term(s) {', '.join(map(repr, extra_fixed))} of {small.label} are not in "
+    if fixed:
+        reasons.append(f"fixed term(s) {', '.join(repr(small_terms[i]) for i in fixed)} of {small.label} are not in "
                        f"{big.label} ({big.config.formula.formula})")
-    for term in ds.random_terms:
-        group = _canonical_term(term.group)
-        if not any(_canonical_term(t.group) == group and set(term.columns) <= set(t.columns)
-                   for t in db.random_terms):
-            reasons.append(f"random term {term.source} of {small.label} has no counterpart grouped by "
-                           f"{term.group!r} with its effects ({', '.join(term.r_columns)}) in {big.label}")
+    for term in (ds.random_terms[i] for i in random):
+        reasons.append(f"random term {term.source} of {small.label} has no counterpart grouped by "
+                       f"{term.group!r} with its effects ({', '.join(term.r_columns)}) in {big.label}")
     return "; ".join(reasons) or None
 
 
@@ -217,24 +219,6 @@ def _check_outdir(outdir: Path, models: tuple[Analysis, Analysis], force: bool) 
                            "use --force to overwrite them or choose another folder")
 
 
-def _publish(staging: Path, outdir: Path, names: list[str]) -> None:
-    """Move the finished files from ``staging`` into ``outdir`` (a rename when outdir is new)."""
-    try:
-        os.rename(staging, outdir)  # fails if outdir exists (even empty on some systems)
-        return
-    except OSError:
-        if not outdir.is_dir():
-            raise
-    record = outdir / COMPARE_FILE
-    record.unlink(missing_ok=True)  # no record claims the folder while maps are replaced
-    remove_stale_maps(outdir, OUTPUT_STATS, keep=names)  # maps of an earlier comparison in another format
-    for name in names:
-        if name != COMPARE_FILE:
-            os.replace(staging / name, outdir / name)
-    os.replace(staging / COMPARE_FILE, record)  # last: the record marks a complete comparison
-    staging.rmdir()
-
-
 def _counts(mask: np.ndarray, mask_a: np.ndarray, mask_b: np.ndarray, fitted: np.ndarray,
             converged_small: np.ndarray, converged_big: np.ndarray, same_n: np.ndarray,
             tested: np.ndarray, negative: np.ndarray) -> dict[str, int]:
@@ -252,6 +236,18 @@ def _counts(mask: np.ndarray, mask_a: np.ndarray, mask_b: np.ndarray, fitted: np
         "nan": count(mask & ~tested),
         "llh_big_below_small": count(negative),
     }
+
+
+def load_analysis(outdir: str | os.PathLike, label: str = "model") -> Analysis:
+    """Read a finished blmm output folder (inputs.yml, blmm_run.json, blmm_vox_mask)."""
+    folder, label, run = read_finished_outdir(outdir, label)
+    try:
+        config = load_config(folder / INPUTS_FILE)
+    except InputError as err:
+        raise CompareError(
+            f"{label}: its {INPUTS_FILE} no longer loads (the inputs must still be in place to check that "
+            f"the models can be compared): {err}") from None
+    return finished_analysis(folder, label, config, run)
 
 
 def compare(outdir1: str | os.PathLike, outdir2: str | os.PathLike, outdir: str | os.PathLike,
@@ -277,14 +273,7 @@ def compare(outdir1: str | os.PathLike, outdir2: str | os.PathLike, outdir: str 
     if not null.exact:
         notes.append(f"null distribution {null.label} is an approximation: {null.reason}")
 
-    # REML log-likelihoods (lme4's convention) move by -log|det T| when X is reparametrised as X T;
-    # adding ½ log|X'X| makes them invariant, so same-span designs compare exactly.
-    x_correction = 0.0
-    if big.reml and nest.fixed_added == 0:
-        x_correction = float(np.linalg.slogdet(big.config.X.T @ big.config.X)[1]
-                             - np.linalg.slogdet(small.config.X.T @ small.config.X)[1])
-        if abs(x_correction) < 1e-10:
-            x_correction = 0.0
+    x_correction = reml_x_correction(small, big, nest)
     mask_a = first.read_vector("mask", np.int32) != 0
     mask_b = second.read_vector("mask", np.int32) != 0
     mask = mask_a & mask_b
@@ -294,12 +283,7 @@ def compare(outdir1: str | os.PathLike, outdir2: str | os.PathLike, outdir: str 
     same_n = small.read_vector("n", np.int32) == big.read_vector("n", np.int32)
     fitted = np.isfinite(llh_small) & np.isfinite(llh_big)
     tested = mask & fitted & converged_small & converged_big & same_n
-    difference = np.full(mask.shape, np.nan)
-    difference[tested] = 2.0 * (llh_big[tested] - llh_small[tested]) + x_correction
-    # beyond round-off, a bigger model fitting worse means a fit stopped short of its optimum
-    scale = 1e-6 * np.maximum(1.0, np.abs(np.where(tested, llh_big, 0.0)))
-    negative = tested & (difference < -scale)
-    chi2 = np.where(tested, np.maximum(difference, 0.0), np.nan)
+    chi2, negative = lr_statistic(llh_small, llh_big, tested, x_correction)
     minus_log10_p = null.minus_log10_p(chi2)
     counts = _counts(mask, mask_a, mask_b, fitted, converged_small, converged_big, same_n, tested, negative)
     if counts["llh_big_below_small"]:
@@ -326,26 +310,18 @@ def compare(outdir1: str | os.PathLike, outdir2: str | os.PathLike, outdir: str 
     }
 
     space = first.space
-    maps = {
-        "mask": (mask.astype(np.int32), "int32"),
-        "Chi2": (np.where(mask, chi2, np.nan), "float32"),
-        "Chi2lp": (np.where(mask, minus_log10_p, np.nan), "float32"),
-    }
+    maps = {"mask": mask.astype(np.int32), "Chi2": np.where(mask, chi2, np.nan),
+            "Chi2lp": np.where(mask, minus_log10_p, np.nan)}
     if fdr is not None:  # over the tested voxels only (NaN elsewhere): what the p-values are
-        maps["Chi2lp_fdr"] = (fdr_mlog10q(np.where(tested, minus_log10_p, np.nan), fdr), "float32")
+        maps["Chi2lp_fdr"] = fdr_mlog10q(np.where(tested, minus_log10_p, np.nan), fdr)
         record["fdr"] = fdr
     record["maps"] = {map_name(stat): map_path(target, map_name(stat), space).name for stat in maps}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
-    try:
-        names = [write_map(staging, map_name(stat), data, space, dtype=dtype, volume_names=[stat]).name
-                 for stat, (data, dtype) in maps.items()]
+    with staging_folder(target) as staging:
+        names = [write_map(staging, map_name(stat), data, space, dtype=MAPS[stat].dtype, volume_names=[stat]).name
+                 for stat, data in maps.items()]
         (staging / COMPARE_FILE).write_text(json.dumps(record, indent=1) + "\n")
         names.append(COMPARE_FILE)
-        _publish(staging, target, names)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        publish_staged(staging, target, names, COMPARE_FILE, OUTPUT_STATS)
     try:  # the report is a convenience: the maps are the results
         from blmm.report import write_compare_report
         write_compare_report(target)
@@ -376,15 +352,9 @@ def summary_text(result: ComparisonResult) -> str:
     return "\n".join(lines)
 
 
-def compare_main(argv: list[str] | None = None) -> int:
-    """The ``blmm_compare`` command (kept here for old scripts; see ``blmm.cli.compare``)."""
-    from blmm.cli.compare import compare_main as _compare_main
-
-    return _compare_main(argv)
-
 
 __all__ = [
     "Analysis", "CompareError", "ComparisonResult", "Nesting", "NullDistribution", "check_comparable",
-    "chi2_log_sf", "chi2_null", "choose_null", "compare", "compare_main", "load_analysis", "mixture_null",
+    "chi2_log_sf", "chi2_null", "choose_null", "compare", "load_analysis", "mixture_null",
     "nesting_of", "same_grouping", "summary_text",
 ]

@@ -6,7 +6,7 @@ import os
 import re
 import sys
 
-from blmm import __version__
+from blmm.version import __version__
 from blmm.cli.common import INTERRUPTED, parse_or_status, report_errors
 from blmm.errors import ConfigError
 

@@ -264,3 +264,48 @@ def choose_null(small: Model, big: Model, nest: Nesting) -> NullDistribution:
     return chi2_null(df_total, (
         f"several parameters change at once ({df_total} in all); chi2 with the difference in parameter "
         "counts is a conservative approximation (the exact null is a chi-bar-square mixture)"), exact=False)
+
+
+# ---------------------------------------------------------------------------
+# The statistic
+# ---------------------------------------------------------------------------
+
+
+def reml_x_correction(small: Model, big: Model, nest: Nesting) -> float:
+    """What to add to 2 (llh_big − llh_small) so that REML fits of the same fixed-effects space compare.
+
+    REML log-likelihoods (lme4's convention) move by −log|det T| when X is reparametrised as X T; adding
+    ½ log|X'X| makes them invariant, so same-span designs compare exactly. 0 for ML or added fixed effects.
+    """
+    if not (big.reml and nest.fixed_added == 0):
+        return 0.0
+    correction = float(np.linalg.slogdet(big.X.T @ big.X)[1] - np.linalg.slogdet(small.X.T @ small.X)[1])
+    return 0.0 if abs(correction) < 1e-10 else correction  # same X: exactly 0, not round-off
+
+
+def lr_statistic(llh_small: np.ndarray, llh_big: np.ndarray, tested: np.ndarray,
+                 correction: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Chi2 = max(2 (llh_big − llh_small) + correction, 0) where ``tested`` (NaN elsewhere), and where
+    the bigger model fits worse beyond round-off (1e-6 relative): a fit stopped short of its optimum."""
+    difference = np.full(tested.shape, np.nan)
+    difference[tested] = 2.0 * (llh_big[tested] - llh_small[tested]) + correction
+    scale = 1e-6 * np.maximum(1.0, np.abs(np.where(tested, llh_big, 0.0)))
+    negative = tested & (difference < -scale)
+    return np.where(tested, np.maximum(difference, 0.0), np.nan), negative
+
+
+# ---------------------------------------------------------------------------
+# Nesting of formula terms (canonical names: a term's variables sorted, e.g. "a:b")
+# ---------------------------------------------------------------------------
+
+
+def unnested_terms(small_fixed: list[str], small_random: list[tuple[str, frozenset[str]]],
+                   big_fixed: list[str], big_random: list[tuple[str, frozenset[str]]]) -> tuple[list[int], list[int]]:
+    """What keeps the small formula from being nested in the big one by its terms: the indices of its fixed
+    terms not among the big fixed terms, and of its random terms (grouping, effects) with no big term of the
+    same grouping and at least their effects. Both empty: nested."""
+    big = set(big_fixed)
+    fixed = [i for i, term in enumerate(small_fixed) if term not in big]
+    random = [i for i, (group, columns) in enumerate(small_random)
+              if not any(group == other and columns <= effects for other, effects in big_random)]
+    return fixed, random

@@ -35,3 +35,22 @@ NOT_FITTED = 4  # dropped before fitting
 STOP_NAMES = {CONVERGED: "converged", ITERATION_LIMIT: "iteration limit reached",
               STEP_FAILED: "step search failed", NOT_FINITE: "non-finite log-likelihood or σ²",
               NOT_FITTED: "not fitted"}
+
+# why the pipeline screened a voxel out before the fit (blmm_run.json "dropped"); the pipeline's
+# "n <= p + 1" screen is DROPPED_FEW (a T needs one residual degree of freedom), not a code of its own
+BELOW_MIN_PERCENT = 101
+
+BELOW_MIN_N = 102
+
+SAFE_MODE = 103  # n <= the number of random effects
+
+SCREEN_REASONS = {
+    BELOW_MIN_PERCENT: "below MinPercent",
+    BELOW_MIN_N: "below MinN",
+    SAFE_MODE: "safeMode: n <= number of random effects",
+}
+
+
+def drop_reasons() -> dict[int, str]:
+    """Every code a voxel's reason (screen or fit status) can hold other than FITTED, with its text."""
+    return {**SCREEN_REASONS, **{code: name for code, name in STATUS_NAMES.items() if code != FITTED}}

@@ -21,7 +21,7 @@ import numpy as np
 from blmm.core.design import Contrast
 from blmm.errors import unknown_name
 from blmm.formula.errors import FormulaError
-from blmm.formula.parse import r_spellings
+from blmm.formula.parse import canonical_term, r_spellings
 
 _NAME_CHAR = re.compile(r"[A-Za-z0-9_.]")
 _IDENT = re.compile(r"`[^`]*`|[A-Za-z_.][^\s+\-*/,=()]*(?:\([^)]*\)[^\s+\-*/,=]*)?")
@@ -33,12 +33,6 @@ def _names(design) -> dict[str, int]:
         for i, n in enumerate(names):
             out.setdefault(n, i)
     return out
-
-
-def _canonical(name: str) -> tuple[str, ...]:
-    from blmm.formula.parse import split_top
-
-    return tuple(sorted(p.strip() for p in split_top(name, ":")))
 
 
 def _term_columns(design, spec: str) -> list[int] | None:
@@ -158,14 +152,14 @@ def make_contrast(design, spec, name: str | None = None) -> Contrast:
         L[0, names[key]] = 1.0
         return Contrast(name, L, True)
     if key not in names and ":" in key:  # an interaction written in another factor order
-        canon = _canonical(key)
+        canon = canonical_term(key)
         for n, i in names.items():
-            if _canonical(n) == canon:
+            if canonical_term(n) == canon:
                 key = n
                 break
         else:
             for t in design.terms:
-                if _canonical(t) == canon:
+                if canonical_term(t) == canon:
                     key = t
                     break
     if key in names:

@@ -19,6 +19,7 @@ import pandas as pd
 from blmm.core.design import Contrast, RandomFactor
 from blmm.errors import closest_names, unknown_name
 from blmm.core.design_basis import dependent_columns
+from blmm.formula.contrasts import make_contrast, make_contrasts
 from blmm.formula.errors import FormulaError
 from blmm.formula.parse import ParsedFormula, parse_formula, split_top
 
@@ -105,14 +106,10 @@ class ModelDesign:
 
     def contrast(self, spec, name: str | None = None) -> Contrast:
         """A blmm Contrast from a coefficient name, term name or linear combination."""
-        from blmm.formula.contrasts import make_contrast
-
         return make_contrast(self, spec, name)
 
     def contrasts(self, specs) -> list[Contrast]:
         """Several contrasts: a mapping name -> spec, or a list of specs (named by their text)."""
-        from blmm.formula.contrasts import make_contrasts
-
         return make_contrasts(self, specs)
 
     def summary(self) -> str:

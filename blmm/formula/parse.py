@@ -92,6 +92,11 @@ def split_top(text: str, sep: str) -> list[str]:
     return parts
 
 
+def canonical_term(term: str) -> str:
+    """A term's name with its variables sorted ("b:a" and "a:b" are one term): how terms are matched."""
+    return ":".join(sorted(part.strip() for part in split_top(term, ":")))
+
+
 def _strip_name(name: str, term: str) -> str:
     name = name.strip()
     wrapped = _FACTOR_OF.match(name)

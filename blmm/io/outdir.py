@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import tempfile
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +43,6 @@ MAP_PREFIX = "blmm_vox_"
 MAP_EXTENSIONS = (
     ".dscalar.nii", ".func.gii", ".shape.gii", ".nii.gz", ".nii", ".gii", ".mgh", ".mgz", ".dat",
 )
-# Raw .dat maps of counts are int32 (upstream's n, mask, edf; blmm's converged, nit);
-# all others float32.
-INT32_DAT_MAPS = frozenset({"n", "mask", "edf", "converged", "nit", "conT_cluster", "conF_cluster"})
 
 
 CLUSTERS_FILE = "blmm_clusters.tsv"  # corrected inference: one row per cluster of every contrast
@@ -60,6 +58,79 @@ CORRECTED_MAPS = {
     "lp_cluster_fwe": "−log10 FWE p of the voxel's cluster extent (voxels or mm²; 0 outside clusters)",
 }
 CORRECTED_INT32_SUFFIXES = frozenset({"_cluster"})
+
+# who writes a map: the run's write stage, its corrections stage, or blmm_compare
+FIT, CORRECTION, COMPARE = "fit", "correction", "compare"
+# volumes of a map with one per contrast of a kind
+PER_T_CONTRAST, PER_F_CONTRAST = "n_T", "n_F"
+
+
+@dataclass(frozen=True)
+class MapKind:
+    """One kind of output map, ``blmm_vox_<stat>``: every writer, reader and docs/outputs.md go by `MAPS`."""
+
+    stat: str
+    volumes: str  # how many: "1", "p" (X columns), "q_u" (D entries), "p²", "n_T" or "n_F" (contrasts)
+    dtype: str  # "float32" or "int32" (also how a raw .dat map is read back)
+    meaning: str  # one line: viewer titles, report captions
+    written_by: tuple[str, ...]  # FIT, CORRECTION and/or COMPARE
+
+
+def _registry(*kinds: MapKind) -> dict[str, MapKind]:
+    return {kind.stat: kind for kind in kinds}
+
+
+#: Every output map, in the order a run writes them (docs/outputs.md's map table, docs/compare.md's).
+MAPS: dict[str, MapKind] = _registry(
+    MapKind("n", "1", "int32", "number of observations", (FIT,)),
+    MapKind("mask", "1", "int32", "analysis mask", (FIT, COMPARE)),
+    MapKind("edf", "1", "int32", "effective degrees of freedom", (FIT,)),
+    MapKind("beta", "p", "float32", "fixed-effects estimate", (FIT,)),
+    MapKind("sigma2", "1", "float32", "residual variance", (FIT,)),
+    MapKind("D", "q_u", "float32", "random-effects covariance", (FIT,)),
+    MapKind("llh", "1", "float32", "log-likelihood", (FIT,)),
+    MapKind("converged", "1", "int32", "1 where the scoring converged", (FIT,)),
+    MapKind("nit", "1", "int32", "scoring iterations", (FIT,)),
+    MapKind("cov", "p²", "float32", "covariance of the fixed-effects estimate", (FIT,)),
+    MapKind("resms", "1", "float32", "residual mean square", (FIT,)),
+    MapKind("con", PER_T_CONTRAST, "float32", "T contrast estimate", (FIT,)),
+    MapKind("conSE", PER_T_CONTRAST, "float32", "T contrast standard error", (FIT,)),
+    MapKind("conT", PER_T_CONTRAST, "float32", "T statistic", (FIT,)),
+    MapKind("conTlp", PER_T_CONTRAST, "float32", "T contrast -log10 p", (FIT,)),
+    MapKind("conT_swedf", PER_T_CONTRAST, "float32", "T contrast Satterthwaite df", (FIT,)),
+    MapKind("conF", PER_F_CONTRAST, "float32", "F statistic", (FIT,)),
+    MapKind("conFlp", PER_F_CONTRAST, "float32", "F contrast -log10 p", (FIT,)),
+    MapKind("conF_swedf", PER_F_CONTRAST, "float32", "F contrast Satterthwaite df", (FIT,)),
+    MapKind("conR2", PER_F_CONTRAST, "float32", "partial R\u00b2", (FIT,)),
+    *(MapKind(f"con{kind}{suffix}", volumes, "int32" if suffix in CORRECTED_INT32_SUFFIXES else "float32",
+              f"{kind} contrast {meaning}", (CORRECTION,))
+      for kind, volumes in (("T", PER_T_CONTRAST), ("F", PER_F_CONTRAST)) for suffix, meaning in CORRECTED_MAPS.items()),
+    MapKind("Chi2", "1", "float32", "likelihood-ratio \u03c7\u00b2", (COMPARE,)),
+    MapKind("Chi2lp", "1", "float32", "likelihood-ratio -log10 p", (COMPARE,)),
+    MapKind("Chi2lp_fdr", "1", "float32", "likelihood-ratio -log10 q (FDR)", (COMPARE,)),
+)
+# Raw .dat maps of counts are int32 (upstream's n, mask, edf; blmm's converged, nit, cluster indices);
+# all others float32.
+INT32_DAT_MAPS = frozenset(stat for stat, kind in MAPS.items() if kind.dtype == "int32")
+
+
+def maps_written_by(writer: str) -> list[MapKind]:
+    """The maps a writer (FIT, CORRECTION or COMPARE) may write, in `MAPS` order."""
+    return [kind for kind in MAPS.values() if writer in kind.written_by]
+
+
+def contrast_test_maps(kind: str) -> tuple[str, str, str]:
+    """A contrast kind's ("T" or "F") statistic, −log10 p and Satterthwaite df maps: conT, conTlp, conT_swedf."""
+    stats = (f"con{kind}", f"con{kind}lp", f"con{kind}_swedf")
+    if kind not in ("T", "F") or any(stat not in MAPS for stat in stats):
+        raise ValueError(f"contrast kind {kind!r}: expected 'T' or 'F'")
+    return stats
+
+
+def per_contrast_maps(kind: str) -> frozenset[str]:
+    """The maps with one volume per contrast of ``kind`` ("T" or "F")."""
+    volumes = {"T": PER_T_CONTRAST, "F": PER_F_CONTRAST}[kind]
+    return frozenset(stat for stat, map_kind in MAPS.items() if map_kind.volumes == volumes)
 
 
 def corrected_map_stat(kind: str, suffix: str) -> str:
@@ -520,6 +591,38 @@ def remove_stale_maps(outdir: Path, stats: tuple[str, ...], keep: list[str]) -> 
                 stale.unlink(missing_ok=True)
 
 
+@contextmanager
+def staging_folder(target: Path):
+    """A fresh hidden folder beside ``target`` to write a result set into; removed afterwards in any case."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_staged(staging: Path, outdir: Path, names: list[str], record_name: str, stats: tuple[str, ...]) -> None:
+    """Move the finished files ``names`` from ``staging`` into ``outdir``: a rename when outdir is new; else
+    the old record goes first, maps of ``stats`` not in ``names`` (another format) are removed, and the
+    record ``record_name`` is moved last, so it only ever marks a complete set."""
+    try:
+        os.rename(staging, outdir)  # fails if outdir exists (even empty on some systems)
+        return
+    except OSError:
+        if not outdir.is_dir():
+            raise
+    record = outdir / record_name
+    record.unlink(missing_ok=True)
+    remove_stale_maps(outdir, stats, keep=names)
+    for name in names:
+        if name != record_name:
+            os.replace(staging / name, outdir / name)
+    os.replace(staging / record_name, record)
+    staging.rmdir()
+
+
 # ------------------------------------------------------------------ a finished analysis
 
 
@@ -604,10 +707,10 @@ def _find_mask(outdir: Path, label: str) -> Path:
     return found[0]
 
 
-def load_analysis(outdir: str | os.PathLike, label: str = "model") -> Analysis:
-    """Read a finished blmm output folder (inputs.yml, blmm_run.json, blmm_vox_mask)."""
-    from blmm.config import load_config  # config reads images through io: import when used
-
+def read_finished_outdir(outdir: str | os.PathLike, label: str = "model") -> tuple[Path, str, dict]:
+    """A finished blmm output folder (inputs.yml and blmm_run.json present): its absolute path, the label
+    messages name it by ("model 1 (/data/out1)") and its run record. Loading its inputs.yml is the caller's
+    (config/ sits above io/)."""
     folder = Path(os.path.abspath(os.path.expanduser(str(outdir))))
     label = f"{label} ({folder})"
     if not folder.is_dir():
@@ -620,12 +723,11 @@ def load_analysis(outdir: str | os.PathLike, label: str = "model") -> Analysis:
         run = json.loads((folder / RUN_FILE).read_text())
     except (OSError, ValueError) as err:
         raise CompareError(f"{label}: {RUN_FILE} cannot be read ({err})") from None
-    try:
-        config = load_config(folder / INPUTS_FILE)
-    except InputError as err:
-        raise CompareError(
-            f"{label}: its {INPUTS_FILE} no longer loads (the inputs must still be in place to check that "
-            f"the models can be compared): {err}") from None
+    return folder, label, run
+
+
+def finished_analysis(folder: Path, label: str, config: Any, run: dict) -> Analysis:
+    """An `Analysis` of a folder read by `read_finished_outdir`, given its reloaded inputs."""
     recorded = (run.get("settings") or {}).get("REML")
     if recorded is not None and bool(recorded) != bool(config.reml):
         raise CompareError(f"{label}: {RUN_FILE} says REML={recorded} but {INPUTS_FILE} says REML={config.reml}")

@@ -18,17 +18,16 @@ is planned: kind ``auto`` weighs ``estimate_work(plan)`` (``cost``) against a da
 start-up. A killed run restarts from the
 finished batch and block files, which the manifest ties to the inputs' hash.
 """
+from blmm.core.status import SCREEN_REASONS, drop_reasons
 from blmm.io.outdir import LLH64_FILE, RUN_FILE, WORK_DIR
 from blmm.pipeline.cost import WorkEstimate, estimate_work
 from blmm.pipeline.plan import OutdirConflict, RunPlan, input_hash, plan_run
 from blmm.pipeline.run import NothingFitted, RunInterrupted, RunSummary, fit_blocks, read_images, record_run, run, summary_text
 from blmm.pipeline.stages import (
     MISSING_REASONS,
-    SCREEN_REASONS,
     batch_files,
     check_disk_space,
     block_file,
-    drop_reasons,
     fit_block,
     missing_value_counts,
     read_batch,

@@ -47,12 +47,12 @@ from blmm.geometry import SpatialLayout, cluster_maxima, find_clusters, tfce, tf
 from blmm.io.images import read_image, write_map
 from blmm.io.outdir import (
     CLUSTERS_FILE,
-    CORRECTED_INT32_SUFFIXES,
     NULL_MAXIMA_FILE,
     block_file,
     correction_chunk_file,
     correction_prep_file,
     correction_y_file,
+    MAPS,
     corrected_map_stat,
     map_name,
     save_arrays_atomically,
@@ -437,7 +437,7 @@ def write_corrections(plan: RunPlan, outcome: CorrectionOutcome | None) -> list[
     written: list[Path] = []
     try:
         for stat, values in sorted(outcome.maps.items()):
-            integer = stat[len("conT"):] in CORRECTED_INT32_SUFFIXES
+            integer = MAPS[stat].dtype == "int32"
             full = np.full((cfg.space.n_voxels, values.shape[1]), 0 if integer else np.nan)
             full[plan.voxels] = np.nan_to_num(values, nan=0.0) if integer else values
             written.append(write_map(out, map_name(stat), full.astype(np.int32) if integer else full, cfg.space,

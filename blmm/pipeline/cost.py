@@ -8,15 +8,12 @@ benchmarks, each stage timed on one core).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from blmm.config import Config
 from blmm.core.design import RandomFactor
-
-if TYPE_CHECKING:  # plan.py sizes its voxel blocks with blocks_for_work
-    from blmm.pipeline.plan import RunPlan
 
 #: reading one image file: opening it and parsing its header
 READ_SECONDS_PER_IMAGE = 1.0e-3
@@ -36,6 +33,13 @@ MIN_BLOCKS = 8
 MAX_BLOCK_VOXELS = 4000
 
 
+class PlannedRun(Protocol):
+    """What the estimate reads of a `pipeline.plan.RunPlan` (plan.py imports this module to size its blocks)."""
+
+    config: Config
+    voxels: np.ndarray
+
+
 @dataclass(frozen=True)
 class WorkEstimate:
     """Estimated seconds on one core of the read and fit stages."""
@@ -51,7 +55,7 @@ class WorkEstimate:
         return {"read": round(self.read_seconds, 1), "fit": round(self.fit_seconds, 1)}
 
 
-def estimate_work(plan: RunPlan) -> WorkEstimate:
+def estimate_work(plan: PlannedRun) -> WorkEstimate:
     """The read stage: images × analysis voxels; the fit stage: voxels × the model's cost."""
     config = plan.config
     n, v = config.n, plan.voxels.size

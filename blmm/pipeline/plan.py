@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from blmm import __version__
+from blmm.version import __version__
 from blmm.config import Config
+from blmm.core.design import RandomFactor
 from blmm.core.design_basis import FittingBasis, fitting_basis
+from blmm.core.missing_rows import MissingRowStats, missing_design
 from blmm.core.objective.nested import nested_tree
 from blmm.core.sufficient import FactorLayout
 from blmm.errors import InputError
@@ -44,7 +46,7 @@ class RunPlan:
     blocks: tuple  # (start, stop) positions in `voxels`
     input_hash: str
     order: np.ndarray = None  # image rows in level order (`level_order`); every stage reads rows this way
-    n_stat_columns: int = 0  # partial sums per voxel of one batch (`blmm.pipeline.stages.sum_columns`)
+    n_stat_columns: int = 0  # partial sums per voxel of one batch (`sum_columns`)
     basis: FittingBasis = None  # the run's fitting basis (`design_basis`): every stage's X and Z are in it
     timings: dict = field(default_factory=dict, compare=False)
 
@@ -139,7 +141,6 @@ def plan_run(config: Config, force: bool = False) -> RunPlan:
     # sums, so their number follows the workers (and disk), not memory: a batch reads its
     # images in memory-sized chunks (image_chunk)
     # (the layout depends only on the inputs and MAXMEM, so a run resumes on any engine)
-    from blmm.pipeline.stages import sum_columns
     order, cut = level_order(config)
     basis = design_basis(config)  # once per run, before any image is read
     columns = sum_columns(config, order, basis)
@@ -169,6 +170,34 @@ def design_basis(config: Config) -> FittingBasis:
     names = config.x_names if config.x_names and len(config.x_names) == config.p else None
     source = f"X: {config.x_path}" if config.x_path is not None else "formula"
     return fitting_basis(config.X, config.factors, names, source=source)
+
+
+def one_factor(config: Config) -> bool:
+    """Runs whose partial sums are aggregated by classes of levels (one random factor)."""
+    return len(config.factors) == 1
+
+
+def complete_design(X: np.ndarray, factor: RandomFactor) -> MissingRowStats:
+    """The complete design of a one-factor run (X and the factor with rows in level order): its sums
+    and classes of levels."""
+    n = X.shape[0]
+    return missing_design(X, factor, FactorLayout.from_factors([factor]), np.ones((1, n), bool),
+                          np.zeros(0, np.int64))
+
+
+def sum_columns(config: Config, order: np.ndarray | None = None, basis: FittingBasis | None = None) -> int:
+    """Partial sums per voxel of one image batch: X'Y, Y'Y, per big class its q q p cross sums and
+    q(q+1)/2 y_j y_j' sums, and q per other level (one factor); p + q + 1 (several factors).
+    The classes are those of the run's fitting basis (`basis`, the plan's; by default the config's)."""
+    p = config.p
+    if not one_factor(config):
+        return p + config.q + 1
+    order = np.arange(config.n) if order is None else order
+    basis = design_basis(config) if basis is None else basis
+    factor = basis.fitting_factors(config.factors)[0].subset(order)
+    classes = complete_design(basis.fitting_X(config.X[order]), factor).classes
+    q = config.factors[0].q
+    return p + 1 + classes.n_big * (q * q * p + q * (q + 1) // 2) + classes.small_levels.size * q
 
 
 class OutdirConflict(InputError):

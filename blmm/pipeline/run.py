@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from blmm import __version__
+from blmm.version import __version__
 from blmm.config import Config
 from blmm.core.inference import sidedness
 from blmm.core.varcorr import Spread, VarianceTerm, largest_component, variance_components

@@ -27,8 +27,6 @@ import numpy as np
 from blmm.config import Config
 from blmm.core.centre import ResponseCentre, intercept_weights, response_centre
 from blmm.core.inference import infer
-from blmm.core.design import RandomFactor
-from blmm.core.design_basis import FittingBasis
 from blmm.core.level_classes import class_aggregates
 from blmm.core.missing_rows import LevelSums, MissingRowStats, missing_design, rank_in_runs
 from blmm.core.sufficient import (
@@ -40,41 +38,31 @@ from blmm.core.sufficient import (
     stats_from_sums,
 )
 from blmm.core.design import unidentifiable_patterns
-from blmm.core.fit import (DROPPED_UNIDENTIFIABLE, FAILED, FITTED, NOT_FITTED, STATUS_NAMES, STOP_NAMES,
-                           choose_structure, fit_stats)
+from blmm.core.fit import choose_structure, fit_stats
+from blmm.core.status import (BELOW_MIN_N, BELOW_MIN_PERCENT, DROPPED_FEW, DROPPED_UNIDENTIFIABLE, FAILED, FITTED,
+                              NOT_FITTED, SAFE_MODE, STOP_NAMES, drop_reasons)
 from blmm.core.nested_missing_rows import nested_missing_row_stats
 from blmm.io import outdir as _outdir
 from blmm.io.images import read_image, read_mask, write_map
 from blmm.errors import DiskFullError
 from blmm.io.outdir import (
+    FIT,
     LLH64_FILE,
+    PER_F_CONTRAST,
+    PER_T_CONTRAST,
     batch_touched_files,
     centre_file,
     disk_full_as_error,
     free_bytes,
     human_bytes,
     map_name,
+    maps_written_by,
     save_array_atomically,
     save_arrays_atomically,
     write_text_atomically,
 )
 from blmm.core.design import covariance_names
-from blmm.pipeline.plan import RunPlan, design_basis
-
-# why a voxel of the analysis mask has no fit (blmm_run.json "dropped"): screened out
-# before the fit (these codes), or the fit's own status (blmm.fit.STATUS_NAMES)
-BELOW_MIN_PERCENT, BELOW_MIN_N, SAFE_MODE, TOO_FEW_FOR_P = 101, 102, 103, 104
-SCREEN_REASONS = {
-    BELOW_MIN_PERCENT: "below MinPercent",
-    BELOW_MIN_N: "below MinN",
-    SAFE_MODE: "safeMode: n <= number of random effects",
-    TOO_FEW_FOR_P: "too few observations (n <= p + 1)",
-}
-
-
-def drop_reasons() -> dict[int, str]:
-    """Every code a voxel's ``reason`` can hold other than FITTED, with its text."""
-    return {**SCREEN_REASONS, **{code: name for code, name in STATUS_NAMES.items() if code != FITTED}}
+from blmm.pipeline.plan import RunPlan, complete_design, one_factor
 
 
 class _RowFile:
@@ -209,39 +197,11 @@ def missing_value_rules(cfg: Config, Y: np.ndarray, in_data_mask: np.ndarray | N
     return ok, missing
 
 
-def one_factor(config: Config) -> bool:
-    """Runs whose partial sums are aggregated by classes of levels (one random factor)."""
-    return len(config.factors) == 1
-
-
 def ordered_design(plan: RunPlan) -> tuple[np.ndarray, list]:
     """X and the random factors in the run's fitting basis, with rows in the plan's level order."""
     cfg, basis = plan.config, plan.basis
     return (basis.fitting_X(cfg.X[plan.order]),
             [f.subset(plan.order) for f in basis.fitting_factors(cfg.factors)])
-
-
-def complete_design(X: np.ndarray, factor: RandomFactor) -> MissingRowStats:
-    """The complete design of a one-factor run (X and the factor with rows in level order): its sums
-    and classes of levels."""
-    n = X.shape[0]
-    return missing_design(X, factor, FactorLayout.from_factors([factor]), np.ones((1, n), bool),
-                          np.zeros(0, np.int64))
-
-
-def sum_columns(config: Config, order: np.ndarray | None = None, basis: FittingBasis | None = None) -> int:
-    """Partial sums per voxel of one image batch: X'Y, Y'Y, per big class its q q p cross sums and
-    q(q+1)/2 y_j y_j' sums, and q per other level (one factor); p + q + 1 (several factors).
-    The classes are those of the run's fitting basis (`basis`, the plan's; by default the config's)."""
-    p = config.p
-    if not one_factor(config):
-        return p + config.q + 1
-    order = np.arange(config.n) if order is None else order
-    basis = design_basis(config) if basis is None else basis
-    factor = basis.fitting_factors(config.factors)[0].subset(order)
-    classes = complete_design(basis.fitting_X(config.X[order]), factor).classes
-    q = config.factors[0].q
-    return p + 1 + classes.n_big * (q * q * p + q * (q + 1) // 2) + classes.small_levels.size * q
 
 
 def pack_level_sums(XtY, YtY, KXYo, KYY, y_small) -> np.ndarray:
@@ -474,7 +434,7 @@ def fit_block(plan: RunPlan, k: int) -> str:
         patterns, pattern_of_voxel = presence_patterns(present[:, kept])
         reason[kept[unidentifiable_patterns(patterns, ordered_design(plan)[1])[pattern_of_voxel]]] = \
             DROPPED_UNIDENTIFIABLE
-    reason[(reason == FITTED) & (n_obs <= p + 1)] = TOO_FEW_FOR_P
+    reason[(reason == FITTED) & (n_obs <= p + 1)] = DROPPED_FEW  # a T needs a residual df
     keep = np.flatnonzero(reason == FITTED)
     results: dict[str, np.ndarray] = {"n_obs": n_obs, "reason": reason}
     if keep.size:
@@ -532,33 +492,30 @@ def _block_results(fit, inf, keep, size, cfg: Config) -> dict:
     return res
 
 
-# map name -> (block key or keys, dtype); order and content follow upstream's outputs
+# the block results behind each map of io.outdir.MAPS the write stage gathers (a contrast map: one key per
+# contrast, "T0_t", "T1_t", ...); n, mask and edf come from the screen instead
+RESULT_KEYS = {"beta": "beta", "sigma2": "sigma2", "D": "D", "llh": "llh", "converged": "converged", "nit": "nit",
+               "cov": "cov", "resms": "resms", "con": "estimate", "conSE": "se", "conT": "t", "conTlp": "mlog10p",
+               "conT_swedf": "df", "conF": "F", "conFlp": "mlog10p", "conF_swedf": "df", "conR2": "r2"}
+
+
 def _map_specs(cfg: Config) -> list[tuple[str, list[str], str, list[str] | None]]:
-    n_t = sum(c.is_t for c in cfg.contrasts)
-    n_f = len(cfg.contrasts) - n_t
+    """(file name, block result keys, dtype, volume names) of every map the write stage gathers."""
     t_names = [c.name for c in cfg.contrasts if c.is_t]
     f_names = [c.name for c in cfg.contrasts if not c.is_t]
-    d_names = [name for f in cfg.factors for name in covariance_names(f.name, f.column_names)]
-    specs = [
-        (map_name("beta"), ["beta"], "float32", list(cfg.x_names)),
-        (map_name("sigma2"), ["sigma2"], "float32", None),
-        (map_name("D"), ["D"], "float32", d_names),
-        (map_name("llh"), ["llh"], "float32", None),
-        (map_name("converged"), ["converged"], "int32", None),
-        (map_name("nit"), ["nit"], "int32", None),
-    ]
-    if cfg.output_covb:
-        specs.append((map_name("cov"), ["cov"], "float32",
-                      [f"cov({a},{b})" for a in cfg.x_names for b in cfg.x_names]))
-    if cfg.resms:
-        specs.append((map_name("resms"), ["resms"], "float32", None))
-    if n_t:
-        for out, key in (("con", "estimate"), ("conSE", "se"), ("conT", "t"), ("conTlp", "mlog10p"),
-                         ("conT_swedf", "df")):
-            specs.append((map_name(out), [f"T{i}_{key}" for i in range(n_t)], "float32", t_names))
-    if n_f:
-        for out, key in (("conF", "F"), ("conFlp", "mlog10p"), ("conF_swedf", "df"), ("conR2", "r2")):
-            specs.append((map_name(out), [f"F{i}_{key}" for i in range(n_f)], "float32", f_names))
+    names = {"1": None, "p": list(cfg.x_names),
+             "q_u": [name for f in cfg.factors for name in covariance_names(f.name, f.column_names)],
+             "p²": [f"cov({a},{b})" for a in cfg.x_names for b in cfg.x_names],
+             PER_T_CONTRAST: t_names, PER_F_CONTRAST: f_names}
+    wanted = {"cov": cfg.output_covb, "resms": bool(cfg.resms)}
+    specs = []
+    for kind in maps_written_by(FIT):
+        if kind.stat not in RESULT_KEYS or not wanted.get(kind.stat, True) or names[kind.volumes] == []:
+            continue
+        key = RESULT_KEYS[kind.stat]
+        prefix = {PER_T_CONTRAST: "T", PER_F_CONTRAST: "F"}.get(kind.volumes)
+        keys = [f"{prefix}{i}_{key}" for i in range(len(names[kind.volumes]))] if prefix else [key]
+        specs.append((map_name(kind.stat), keys, kind.dtype, names[kind.volumes]))
     return specs
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from blmm import __version__
+from blmm.version import __version__
 from blmm.errors import InputError, ViewerError
 from blmm.io.images import to_canonical
 from blmm.io.outdir import (
@@ -43,6 +43,7 @@ from blmm.io.outdir import (
     COMPARE_FILE,
     MAP_PREFIX,
     REPORT_FILE,
+    contrast_test_maps,
     corrected_map_stat,
     find_map,
     read_cluster_table,
@@ -481,11 +482,11 @@ def _convergence_section(page: ReportPage, summary: RunDescription, geometry: Ma
 
 def _contrast_section(page: ReportPage, summary: RunDescription, geometry: MapGeometry | None,
                       contrast: ContrastSummary, maps: dict[str, np.ndarray | None], anchor: str) -> None:
-    stat_name = "conT" if contrast.kind == "T" else "conF"
+    stat_name, lp_name, df_name = contrast_test_maps(contrast.kind)
     page.heading(f"{contrast.kind} contrast {contrast.label}: {contrast.name}", anchor, level=3)
     stat = maps.get(stat_name)
-    lp = maps.get(f"{stat_name}lp")
-    df = maps.get(f"{stat_name}_swedf")
+    lp = maps.get(lp_name)
+    df = maps.get(df_name)
     if stat is None or stat.shape[1] <= contrast.index:
         page.note(f"{MAP_PREFIX}{stat_name} volume {contrast.index} is missing.")
         return
@@ -495,7 +496,7 @@ def _contrast_section(page: ReportPage, summary: RunDescription, geometry: MapGe
     numbers = contrast_numbers(column, lp_column, df_column, summary.threshold)
     side = "" if contrast.kind == "F" else f" ({summary.t_sidedness})"
     rows = [("tests", contrast_text(contrast.vector, summary.x_names)),
-            ("maps", f"{MAP_PREFIX}{stat_name}, {stat_name}lp, {stat_name}_swedf volume {contrast.index}"),
+            ("maps", f"{MAP_PREFIX}{stat_name}, {lp_name}, {df_name} volume {contrast.index}"),
             ("voxels tested", _fmt(numbers["tested"])),
             (f"voxels with −log10 p > {summary.threshold:g}{side}", _fmt(numbers.get("above"))),
             (f"{contrast.kind} range", f"{_fmt(numbers.get('stat_min'))} to {_fmt(numbers.get('stat_max'))}"),
@@ -560,8 +561,7 @@ def build_report(outdir: str | Path, with_figures: bool | None = None) -> str:
         maps: dict[str, np.ndarray | None] = {}
         if geometry is not None:
             for kind in {c.kind for c in summary.contrasts}:
-                stat = "conT" if kind == "T" else "conF"
-                for name in (stat, f"{stat}lp", f"{stat}_swedf"):
+                for name in contrast_test_maps(kind):
                     maps[name] = read_report_map(folder, name, geometry)
         for position, contrast in enumerate(summary.contrasts):
             _contrast_section(page, summary, geometry, contrast, maps, f"contrast-{position}")

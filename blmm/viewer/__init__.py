@@ -52,12 +52,6 @@ from blmm.viewer.figures import (
 from blmm.viewer.show import MapView, map_figure, volume_by_name
 
 
-def view_main(argv: list[str] | None = None) -> int:
-    """The ``blmm_view`` command (kept here for notebooks and old scripts; see ``blmm.cli.view``)."""
-    from blmm.cli.view import view_main as _view_main
-
-    return _view_main(argv)
-
 
 __all__ = [
     "FSAVERAGE5_KINDS", "FSAVERAGE5_N_VERTICES", "F_CONTRAST_MAPS", "HEMISPHERES", "MAP_DESCRIPTIONS",
@@ -65,5 +59,5 @@ __all__ = [
     "SIGNED_COLORSCALE", "T_CONTRAST_MAPS", "ColourRange", "MapView", "Mesh", "ViewerError",
     "available_maps", "colour_range", "contrast_names", "describe_volume", "find_map", "fsaverage5_mesh",
     "guess_hemi", "load_map", "load_surface", "map_figure", "map_stat_name", "mni152_template",
-    "plot_surface", "plot_surfaces", "plot_volume", "strip_prefix", "view_main", "volume_by_name", "write_html",
+    "plot_surface", "plot_surfaces", "plot_volume", "strip_prefix", "volume_by_name", "write_html",
 ]

@@ -14,15 +14,15 @@ import numpy as np
 from blmm.errors import ViewerError
 from blmm.io.images import image_space, read_map, to_canonical
 from blmm.io.outdir import (
-    CORRECTED_MAPS,
     MAP_PREFIX,
-    corrected_map_stat,
+    MAPS,
     contrast_entries,
     load_map,
     read_settings,
     strip_prefix,
-    write_text_atomically,
+    per_contrast_maps,
     recorded_volume_names,
+    write_text_atomically,
 )
 from blmm.io.surfaces import HEMISPHERES, Mesh, mni152_template
 
@@ -30,36 +30,10 @@ if TYPE_CHECKING:  # plotly is optional: only imported when a figure is built
     import plotly.graph_objects as go
 
 
-# corrected inference's maps (io.outdir.CORRECTED_MAPS) have one volume per contrast of their kind too
-T_CONTRAST_MAPS = frozenset({"conT", "con", "conSE", "conTlp", "conT_swedf"}
-                            | {corrected_map_stat("T", suffix) for suffix in CORRECTED_MAPS})
-F_CONTRAST_MAPS = frozenset({"conF", "conFlp", "conF_swedf", "conR2"}
-                            | {corrected_map_stat("F", suffix) for suffix in CORRECTED_MAPS})
-
-MAP_DESCRIPTIONS = {
-    "beta": "fixed-effects estimate",
-    "sigma2": "residual variance",
-    "D": "random-effects covariance",
-    "con": "T contrast estimate",
-    "conSE": "T contrast standard error",
-    "conT": "T statistic",
-    "conTlp": "T contrast -log10 p",
-    "conT_swedf": "T contrast Satterthwaite df",
-    "conF": "F statistic",
-    "conFlp": "F contrast -log10 p",
-    "conF_swedf": "F contrast Satterthwaite df",
-    "conR2": "partial R\u00b2",
-    "Chi2": "likelihood-ratio \u03c7\u00b2",
-    "Chi2lp": "likelihood-ratio -log10 p",
-    "Chi2lp_fdr": "likelihood-ratio -log10 q (FDR)",
-    "llh": "log-likelihood",
-    "mask": "analysis mask",
-    "n": "number of observations",
-    "edf": "effective degrees of freedom",
-    "resms": "residual mean square",
-    **{corrected_map_stat(kind, suffix): f"{kind} contrast {meaning}"
-       for kind in "TF" for suffix, meaning in CORRECTED_MAPS.items()},
-}
+# the maps with one volume per contrast of a kind, and each map's one-line meaning: from io.outdir.MAPS
+T_CONTRAST_MAPS = per_contrast_maps("T")
+F_CONTRAST_MAPS = per_contrast_maps("F")
+MAP_DESCRIPTIONS = {stat: kind.meaning for stat, kind in MAPS.items()}
 
 
 # Sub-threshold vertices and missing values are painted in this grey.

@@ -19,7 +19,8 @@ from blmm.core.level_classes import class_aggregates
 from blmm.core.sufficient import FactorLayout, random_effects_matrix, sufficient_stats
 from blmm.io.outdir import batch_touched_files
 from blmm.pipeline import LLH64_FILE, batch_files, plan_run, read_batch, run
-from blmm.pipeline.stages import complete_design, ordered_design, run_centre, space_needed, sum_columns, unpack_level_sums
+from blmm.pipeline.plan import complete_design, sum_columns
+from blmm.pipeline.stages import ordered_design, run_centre, space_needed, unpack_level_sums
 from tests.pipeline.test_pipeline import make_analysis
 from tests.reference.load import load_case
 

@@ -34,11 +34,11 @@ from blmm.compare import (
     chi2_log_sf,
     choose_null,
     compare,
-    compare_main,
     mixture_null,
     nesting_of,
     same_grouping,
 )
+from blmm.cli.compare import compare_main
 from blmm.config import load_config
 from blmm.core.design import RandomFactor
 from blmm.io.images import read_map

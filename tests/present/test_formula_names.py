@@ -6,11 +6,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from blmm.compare import compare, compare_main
+from blmm.cli.compare import compare_main
+from blmm.compare import compare
 from blmm.config import load_config
 from blmm.errors import CompareError
 from blmm.pipeline import run
-from blmm.viewer import view_main, volume_by_name
+from blmm.cli.view import view_main
+from blmm.viewer import volume_by_name
 from tests.pipeline.test_formula_pipeline import make_table_study
 
 

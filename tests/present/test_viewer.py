@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("plotly", reason="the viewer extra (plotly) is not installed")
 
 from blmm import viewer  # noqa: E402
+from blmm.cli.view import view_main  # noqa: E402
 from blmm.viewer import Mesh, ViewerError  # noqa: E402
 
 N_FS5 = viewer.FSAVERAGE5_N_VERTICES
@@ -314,7 +315,7 @@ def test_html_is_self_contained(tmp_path: Path) -> None:
 def test_cli_writes_a_page_with_a_descriptive_title(outdir: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     page = tmp_path / "conT.html"
-    assert viewer.view_main([str(outdir), "conT", "--volume", "1", "--threshold", "2",
+    assert view_main([str(outdir), "conT", "--volume", "1", "--threshold", "2",
                              "-o", str(page)]) == 0
     html = page.read_text()
     assert "sex effect" in html and "blmm_vox_conT" in html
@@ -324,12 +325,12 @@ def test_cli_writes_a_page_with_a_descriptive_title(outdir: Path, tmp_path: Path
 def test_cli_errors_are_messages_not_tracebacks(outdir: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture) -> None:
     page = tmp_path / "x.html"
-    assert viewer.view_main([str(outdir), "conF", "-o", str(page)]) == 2
+    assert view_main([str(outdir), "conF", "-o", str(page)]) == 2
     error = capsys.readouterr().err
     assert "available maps: beta, conT, n" in error and "Traceback" not in error
-    assert viewer.view_main([str(outdir), "beta", "--volume", "9", "-o", str(page)]) == 2
+    assert view_main([str(outdir), "beta", "--volume", "9", "-o", str(page)]) == 2
     assert "valid: 0 to 2" in capsys.readouterr().err
-    assert viewer.view_main([str(outdir), "beta", "--surface", "nowhere/lh.pial",
+    assert view_main([str(outdir), "beta", "--surface", "nowhere/lh.pial",
                              "-o", str(page)]) == 2
     assert "not found" in capsys.readouterr().err
     assert not page.exists()
@@ -342,8 +343,8 @@ def test_cli_both_hemispheres_from_one_map_and_from_subfolders(tmp_path: Path) -
     single.mkdir()
     nib.save(nib.gifti.GiftiImage(darrays=[nib.gifti.GiftiDataArray(c) for c in both.T]),
              single / "blmm_vox_conT.gii")
-    assert viewer.view_main([str(single), "conT", "-o", str(tmp_path / "a.html")]) == 0
-    assert viewer.view_main([str(single), "conT", "--hemi", "right",
+    assert view_main([str(single), "conT", "-o", str(tmp_path / "a.html")]) == 0
+    assert view_main([str(single), "conT", "--hemi", "right",
                              "-o", str(tmp_path / "r.html")]) == 0
     right_page = (tmp_path / "r.html").read_text()
     assert right_page.count('"intensitymode":"vertex"') == 1 and '"name":"right"' in right_page
@@ -351,7 +352,7 @@ def test_cli_both_hemispheres_from_one_map_and_from_subfolders(tmp_path: Path) -
     for hemi, values in (("lh", both[:N_FS5]), ("rh", both[N_FS5:])):
         (split / hemi).mkdir(parents=True)
         values.tofile(split / hemi / "blmm_vox_conT.dat")
-    assert viewer.view_main([str(split), "conT", "--hemi", "both",
+    assert view_main([str(split), "conT", "--hemi", "both",
                              "-o", str(tmp_path / "b.html")]) == 0
     for page in ("a.html", "b.html"):
         assert (tmp_path / page).read_text().count('"intensitymode":"vertex"') == 2
@@ -367,14 +368,14 @@ def test_cli_cifti_dscalar_is_scattered_onto_both_meshes(tmp_path: Path) -> None
     header = cifti2.Cifti2Header.from_axes((scalars, models))
     nib.save(cifti2.Cifti2Image(values, header), tmp_path / "blmm_vox_conT.dscalar.nii")
     page = tmp_path / "c.html"
-    assert viewer.view_main([str(tmp_path), "conT", "-o", str(page)]) == 0
+    assert view_main([str(tmp_path), "conT", "-o", str(page)]) == 0
     assert page.read_text().count('"intensitymode":"vertex"') == 2
 
 
 def test_cli_volume_map(tmp_path: Path) -> None:
     mni_volume(tmp_path)
     page = tmp_path / "v.html"
-    assert viewer.view_main([str(tmp_path), "conT", "--threshold", "1", "-o", str(page)]) == 0
+    assert view_main([str(tmp_path), "conT", "--threshold", "1", "-o", str(page)]) == 0
     html = page.read_text()
     assert all(f'"name":"{view}"' in html for view in ("sagittal", "coronal", "axial"))
     assert '"name":"MNI152"' in html
@@ -437,7 +438,7 @@ def test_where_needs_a_volume_when_the_maps_do_not_match(outdir: Path, tmp_path:
         viewer.map_figure(viewer.MapView(str(outdir), "beta", where="conTlp>3"))
     with pytest.raises(ViewerError, match=r"expected MAP\[:VOLUME\]>VALUE"):
         viewer.map_figure(viewer.MapView(str(outdir), "beta", where="conTlp=3"))
-    assert viewer.view_main([str(outdir), "beta", "--where", "conTlp:1>3", "-o", str(tmp_path / "p.html")]) == 0
+    assert view_main([str(outdir), "beta", "--where", "conTlp:1>3", "-o", str(tmp_path / "p.html")]) == 0
 
 
 def test_where_on_a_volume_hides_exactly_the_failing_voxels(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import pytest
 pytest.importorskip("plotly", reason="the viewer extra (plotly) is not installed")
 
 from blmm import viewer  # noqa: E402
+from blmm.cli.view import view_main  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -197,7 +198,7 @@ needs_chromium = pytest.mark.skipif(
 def test_surface_page_runs_without_errors_and_paints_the_brain(
         surface_outdir: Path, tmp_path: Path) -> None:
     page = tmp_path / "conT.html"
-    assert viewer.view_main([str(surface_outdir), "conT", "--hemi", "both",
+    assert view_main([str(surface_outdir), "conT", "--hemi", "both",
                              "--threshold", "2", "-o", str(page)]) == 0
 
     report = probe_page(page, tmp_path)
@@ -231,7 +232,7 @@ def test_volume_page_runs_without_errors_and_slices_paint(tmp_path: Path) -> Non
     image.header.set_sform(affine, code=4)
     nib.save(image, tmp_path / "blmm_vox_conT.nii.gz")
     page = tmp_path / "volume.html"
-    assert viewer.view_main([str(tmp_path), "conT", "--threshold", "1", "-o", str(page)]) == 0
+    assert view_main([str(tmp_path), "conT", "--threshold", "1", "-o", str(page)]) == 0
 
     report = probe_page(page, tmp_path)
     assert report["errors"] == []
