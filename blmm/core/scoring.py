@@ -206,24 +206,30 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
         J = np.broadcast_to(P, (v,) + P.shape)
     curvature = _theta_curvature(ev.grad, qk, off) if cholesky else None
 
-    def model(J):
-        """The scoring model (A, b) of the deviance in the coordinates J maps from."""
-        A = np.swapaxes(J, 1, 2) @ Info @ J
-        b = -np.einsum("vi,vij->vj", grad, J)
+    def model(J, rows=None):
+        """The scoring model (A, b) of the deviance in the coordinates J maps from (of `rows`, or all)."""
+        pick = (lambda a: a) if rows is None else (lambda a: a[rows])
+        A = np.swapaxes(J, 1, 2) @ pick(Info) @ J
+        b = -np.einsum("vi,vij->vj", pick(grad), J)
         if cholesky:
             # Newton's curvature of D(θ) along the deviance gradient: without it the information
             # 4θ²F vanishes as a variance goes to 0 and steps toward the boundary crawl
-            A = A + _psd_part(curvature)
+            A = A + _psd_part(pick(curvature))
             if method == "pSFS" and ev.observed is not None:
-                A = _observed_where_positive(A, ev, J, curvature, sigma2, N)
+                A = _observed_where_positive(A, ev if rows is None else subset_eval(ev, rows), J, pick(curvature),
+                                             pick(sigma2), N if np.ndim(N) == 0 else pick(N))
         return A, b
 
     A, b = model(J)
-    gain_A, gain_b = A, b
+    on_face = np.zeros(v, bool)
     if cholesky:
         # the ridged Λ above lets steps leave a singular D, but its θ sit ~1e-5 off the boundary and
-        # would predict a gain that no step can realise: the stopping rule's gain uses D's own factor
-        gain_A, gain_b = model(_cholesky_jacobian([lower_cholesky(Dk) for Dk in D], qk, carry))
+        # would predict a gain that no step can realise: where the ridge moves a pivot of D_k's own factor
+        # by more than 0.1% (a singular or nearly singular D_k), the stopping rule's gain uses that factor
+        exact = [lower_cholesky(Dk) for Dk in D]
+        on_face = np.any([np.any(np.abs(np.diagonal(L, axis1=1, axis2=2) - np.diagonal(Lr, axis1=1, axis2=2))
+                                 > 1e-3 * np.diagonal(Lr, axis1=1, axis2=2), axis=1)
+                          for L, Lr in zip(exact, Lam)], axis=0)
     scale = np.trace(A, axis1=1, axis2=2) / A.shape[-1]
     eye = np.eye(A.shape[-1])
 
@@ -247,9 +253,13 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
     x = _solve_ridge(A, b)
     full_step = unpack(x)
     # predicted llh gain of one more step (the quadratic model of the deviance, halved): what is left
-    xg = x if gain_A is A else _solve_ridge(gain_A, gain_b)
+    xg, bg = x.copy(), b.copy()
+    if np.any(on_face):
+        rows = np.flatnonzero(on_face)
+        A_f, bg[rows] = model(_cholesky_jacobian([L[rows] for L in exact], qk, carry), rows)
+        xg[rows] = _solve_ridge(A_f, bg[rows])
     gain = np.where(np.all(np.isfinite(xg), axis=1),
-                    0.25 * np.einsum("vi,vi->v", np.nan_to_num(gain_b), np.nan_to_num(xg)), np.inf)
+                    0.25 * np.einsum("vi,vi->v", np.nan_to_num(bg), np.nan_to_num(xg)), np.inf)
 
     def trial(rows, attempt):
         """Attempt 0 is the scoring step; later attempts halve it (D) or damp it (Λ, Levenberg)."""
