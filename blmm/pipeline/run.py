@@ -22,7 +22,7 @@ from blmm.io.outdir import (
 )
 from blmm.pipeline.corrections import CorrectionOutcome, run_corrections, write_corrections
 from blmm.pipeline.cost import estimate_work
-from blmm.pipeline.plan import RunPlan, plan_run
+from blmm.pipeline.plan import PickledPlan, RunPlan, loaded_plan, plan_run
 from blmm.pipeline.stages import (
     check_disk_space,
     fit_block,
@@ -162,16 +162,23 @@ def timed(timings: dict, name: str, stage, *args):
 def read_images(plan: RunPlan, engine) -> RunPlan:
     """Stage 2 on the engine: every image batch's partial sums (the per-voxel centre first, once)."""
     run_centre(plan)
-    engine.map(_read_batch_task, [(plan, b) for b in range(len(plan.batches))], stage="read images",
+    shipped = shipped_plan(plan, engine)
+    engine.map(_read_batch_task, [(shipped, b) for b in range(len(plan.batches))], stage="read images",
                labels=[f"image batch {b}: images {a + 1}-{z} of {plan.config.n}" for b, (a, z) in enumerate(plan.batches)])
     return plan
 
 
 def fit_blocks(plan: RunPlan, engine) -> RunPlan:
     """Stage 3 on the engine: every voxel block fitted and tested."""
-    engine.map(_fit_block_task, [(plan, k) for k in range(len(plan.blocks))], stage="fit and test",
+    shipped = shipped_plan(plan, engine)
+    engine.map(_fit_block_task, [(shipped, k) for k in range(len(plan.blocks))], stage="fit and test",
                labels=[f"voxel block {k}: {z - a} voxels" for k, (a, z) in enumerate(plan.blocks)])
     return plan
+
+
+def shipped_plan(plan: RunPlan, engine) -> RunPlan | PickledPlan:
+    """What a stage's tasks are given: the plan itself inline, pickled once for a dask engine."""
+    return plan if getattr(engine, "client", None) is None else PickledPlan(plan)
 
 
 def record_run(plan: RunPlan, engine, counts: dict, timings: dict, engine_choice: dict | None = None,
@@ -248,8 +255,10 @@ def summary_text(counts: dict, seconds: float, two_sided: bool | None = None,
 
 
 def _read_batch_task(args) -> str:
-    return read_batch(*args)
+    plan, b = args
+    return read_batch(loaded_plan(plan), b)
 
 
 def _fit_block_task(args) -> str:
-    return fit_block(*args)
+    plan, k = args
+    return fit_block(loaded_plan(plan), k)

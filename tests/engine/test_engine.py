@@ -20,7 +20,7 @@ from blmm.engine import (
     jobqueue_kwargs,
     open_engine,
 )
-from blmm.engine.clusters import KEEP_MALLOC_ADAPTIVE
+from blmm.engine.clusters import KEEP_MALLOC_ADAPTIVE, WORKER_PROFILE_OFF
 from blmm.errors import BlmmError, InputError
 
 LOCAL = dict(dashboard_address="127.0.0.1:0", progress="off", start_timeout=60)
@@ -66,6 +66,13 @@ def bad_input_counting_attempts(args: tuple[int, str]) -> int:
         (Path(marker_dir) / f"attempt-{attempts}").touch()
         raise InputError(f"/data/img{x}.nii: truncated")
     return x
+
+
+def worker_settings(_) -> tuple[bool, str | None]:
+    """What a worker runs with: dask's stack-sampling profiler on?, and glibc's trim threshold."""
+    import dask
+
+    return dask.config.get("distributed.worker.profile.enabled"), os.environ.get("MALLOC_TRIM_THRESHOLD_")
 
 
 def kill_worker_always(x: int) -> int:
@@ -157,6 +164,11 @@ def test_inline_progress_says_how_many_threads(monkeypatch):
 def test_local_map_keeps_order(local2):
     assert local2.map(square, range(25), "squares") == [i * i for i in range(25)]
     assert local2.n_workers == 2
+
+
+def test_local_workers_run_without_the_profiler_and_with_glibcs_adaptive_threshold(local2):
+    # the profiler cost 5-7% of a worker's CPU in design 2's fit; dask's trim threshold 1.7x (docs/performance.md)
+    assert local2.map(worker_settings, range(4), "settings") == [(False, None)] * 4
 
 
 def test_local_error_names_stage_and_item(local2):
@@ -301,7 +313,7 @@ def test_only_set_resources_are_passed_so_dask_config_fills_the_rest():
 
     spec = EngineSpec("sge", cores=2, account="neuro", job_extra_directives="-S /bin/bash")
     assert jobqueue_kwargs(spec) == {"cores": 2, "project": "neuro", "job_extra_directives": ["-S /bin/bash"],
-                                     "job_script_prologue": [KEEP_MALLOC_ADAPTIVE]}
+                                     "job_script_prologue": [KEEP_MALLOC_ADAPTIVE, WORKER_PROFILE_OFF]}
     slurm = EngineSpec("slurm", cores=2, memory="2GB", interface="lo", account="neuro")
     with dask.config.set({"jobqueue.slurm.walltime": "01:23:45", "jobqueue.slurm.queue": "gpu",
                           "jobqueue.slurm.job-script-prologue": ["module load python"]}):
@@ -315,5 +327,6 @@ def test_only_set_resources_are_passed_so_dask_config_fills_the_rest():
     assert "--cpus-per-task=2" in script and "#SBATCH -A neuro" in script   # from the spec
     # glibc's adaptive mmap threshold kept in the workers, after which the config's prologue still runs
     assert script.index(KEEP_MALLOC_ADAPTIVE) < script.index("module load python")
+    assert script.index(WORKER_PROFILE_OFF) < script.index("module load python")  # no stack sampling in workers
     with pytest.raises(EngineSpecError, match="queue is not supported for htcondor"):
         jobqueue_kwargs(EngineSpec("htcondor", queue="short"))

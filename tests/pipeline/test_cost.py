@@ -13,7 +13,11 @@ from blmm.pipeline.cost import (
     FIT_SECONDS_PER_VOXEL_UNIT_Q2,
     MAX_BLOCK_VOXELS,
     MIN_BLOCKS,
+    READ_SECONDS_PER_IMAGE,
+    READ_SECONDS_PER_SUM,
+    READ_SECONDS_PER_VALUE,
     blocks_for_work,
+    estimate_work,
     fit_seconds_per_voxel,
     level_units,
 )
@@ -56,3 +60,16 @@ def test_cheap_fits_share_min_blocks_expensive_ones_get_a_block_per_second_of_wo
                                                          np.random.default_rng(1).uniform(0, 1, (5490, 2)))])
     seconds = 10_242 * fit_seconds_per_voxel(costly)
     assert blocks_for_work(costly, 10_242) == int(np.ceil(seconds)) > 60  # plan.py caps it at maxnvb
+
+
+def test_the_read_estimate_counts_images_values_and_the_partial_sums_written():
+    def plan(columns: int) -> SimpleNamespace:  # ABCD design 1's size: 9,835 images, 10,242 vertices, 4 batches
+        return SimpleNamespace(config=SimpleNamespace(n=9_835, p=23, factors=[intercept()]),
+                               voxels=np.arange(10_242), batches=((0, 1),) * 4, n_stat_columns=columns)
+
+    narrow, wide = estimate_work(plan(96)), estimate_work(plan(9_520))  # one factor's sums; Z'Y of every level
+    # approx's default 1e-6 relative: the same float64 terms summed in another order
+    assert narrow.read_seconds == pytest.approx(
+        9_835 * (READ_SECONDS_PER_IMAGE + 10_242 * READ_SECONDS_PER_VALUE) + 4 * 10_242 * 96 * READ_SECONDS_PER_SUM)
+    assert wide.read_seconds - narrow.read_seconds == pytest.approx(4 * 10_242 * (9_520 - 96) * READ_SECONDS_PER_SUM)
+    assert wide.fit_seconds == narrow.fit_seconds
