@@ -148,9 +148,11 @@ def correction_layout(plan: RunPlan) -> SpatialLayout | None:
 
 
 def store_data(plan: RunPlan, b: int) -> str:
-    """Image batch b's values at the analysis voxels, (images, voxels) float64, rows in plan order.
+    """Image batch b's values at the analysis voxels, (images, voxels), rows in plan order.
 
-    A second read of the images (the fit keeps only sums); written row by row, so memory holds one image.
+    A second read of the images (the fit keeps only sums); written row by row, so memory holds one
+    image.  float32 when every value is one (images stored as float32, the usual case: half the disk
+    and half the reads of the float64 copy, losslessly), float64 otherwise.
     """
     path = correction_y_file(plan.workdir, b)
     if path.exists():
@@ -159,12 +161,19 @@ def store_data(plan: RunPlan, b: int) -> str:
     start, stop = plan.batches[b]
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(stop - start, plan.voxels.size))
-        for i, row in enumerate(plan.order[start:stop]):
-            out[i] = read_image(cfg.y_files[row], cfg.space, plan.voxels)
-        out.flush()
-        del out
-        os.replace(tmp, path)
+        for dtype in (np.float32, np.float64):
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(stop - start, plan.voxels.size))
+            for i, row in enumerate(plan.order[start:stop]):
+                values = read_image(cfg.y_files[row], cfg.space, plan.voxels)
+                out[i] = values
+                if dtype is np.float32 and not np.array_equal(out[i], values, equal_nan=True):
+                    break  # a value float32 cannot hold: this batch is stored as float64
+            else:
+                out.flush()
+                del out
+                os.replace(tmp, path)
+                break
+            del out
     finally:
         tmp.unlink(missing_ok=True)
     return str(path)
@@ -179,6 +188,23 @@ def correction_blocks(plan: RunPlan) -> list[tuple[int, int, int]]:
     per_voxel = 8 * (n_blocks * cfg.p * len(cfg.contrasts) + cfg.n)
     size = max(1, int(cfg.maxmem // 4 // per_voxel))
     return [(a, min(a + size, hi), k) for k, (lo, hi) in enumerate(plan.blocks) for a in range(lo, hi, size)]
+
+
+def correction_space_needed(plan: RunPlan) -> int:
+    """Bytes the stage writes, about (an upper bound): the data again (float64), the prepared
+    contributions (sign blocks x voxels x columns per contrast, float64), the chunk files and the
+    corrected maps (float32)."""
+    s = plan.config.correction
+    if s is None:
+        return 0
+    cfg, V = plan.config, plan.voxels.size
+    maps = 4 * cfg.space.n_voxels * len(cfg.contrasts) * 6 + 4096 * 12
+    if s.resamples == 0:
+        return maps
+    n_blocks = int(sign_blocks(cfg).max()) + 1
+    prepared = 8 * V * (n_blocks * cfg.p * len(cfg.contrasts) + 2 * len(cfg.contrasts) + 1)
+    chunks = 8 * len(cfg.contrasts) * (4 * (s.resamples + 1) + V) + 4096 * CHUNKS_TO_SHARE
+    return 8 * cfg.n * V + prepared + chunks + maps
 
 
 def _block_fit(plan: RunPlan, lo: int, hi: int, k: int) -> tuple[FitResult, np.ndarray, list[np.ndarray]]:
@@ -253,6 +279,36 @@ def prepare_block(plan: RunPlan, lo: int, hi: int, k: int) -> str:
     return str(path)
 
 
+class PreparedCache:
+    """Prepared voxel blocks kept in this process between resample chunks, within a byte budget.
+
+    Each chunk needs every block's contributions; at ABCD size re-reading them from disk for every
+    chunk cost more than the chunk's products.  Blocks are kept while they fit the budget (a
+    quarter of MAXMEM: the chunk's maps take another); beyond it they are read per chunk as before.
+    A file is known by its path and modification time, so a resumed run's new file is read again.
+    """
+
+    def __init__(self) -> None:
+        self.preps: dict[tuple[str, int], ResamplingPrep] = {}
+
+    def load(self, path: Path, budget: int) -> ResamplingPrep:
+        key = (str(path), path.stat().st_mtime_ns)
+        if key in self.preps:
+            return self.preps[key]
+        for stale in [k for k in self.preps if k[0] == key[0]]:  # the file was rewritten
+            del self.preps[stale]
+        prep: ResamplingPrep = pickle.loads(path.read_bytes())
+        if sum(p.coef.nbytes for p in self.preps.values()) + prep.coef.nbytes <= budget:
+            self.preps[key] = prep
+        return prep
+
+    def clear(self) -> None:
+        self.preps.clear()
+
+
+PREPARED = PreparedCache()  # per process: an engine worker keeps its blocks across the chunks it runs
+
+
 def resample_ranges(plan: RunPlan, chunk: int | None = None) -> list[tuple[int, int]]:
     """(start, stop) of each resample chunk over 0 … B (0: the identity), GEMM_BATCH-aligned.
 
@@ -291,7 +347,7 @@ def resample_chunk(plan: RunPlan, layout: SpatialLayout | None, c: int, start: i
     V, R = plan.voxels.size, stop - start
     maps = [np.full((R, V), np.nan) for _ in cfg.contrasts]
     for lo, hi, _ in correction_blocks(plan):
-        prep: ResamplingPrep = pickle.loads(correction_prep_file(plan.workdir, lo, hi).read_bytes())
+        prep = PREPARED.load(correction_prep_file(plan.workdir, lo, hi), cfg.maxmem // 4)
         if prep.n_voxels == 0:
             continue
         for c, m in enumerate(resampled_maps(prep, s.seed, start, stop)):
@@ -350,8 +406,11 @@ def run_corrections(plan: RunPlan, engine, chunk: int | None = None) -> Correcti
                stage="prepare resampling", labels=[f"voxels {lo}-{hi - 1}" for lo, hi, _ in pieces])
     ranges = resample_ranges(plan, chunk)
     outcome.chunks = len(ranges)
-    engine.map(_resample_chunk_task, [(plan, layout, c, a, z) for c, (a, z) in enumerate(ranges)],
-               stage="resample", labels=[f"resamples {a}-{z - 1}" for a, z in ranges])
+    try:
+        engine.map(_resample_chunk_task, [(plan, layout, c, a, z) for c, (a, z) in enumerate(ranges)],
+                   stage="resample", labels=[f"resamples {a}-{z - 1}" for a, z in ranges])
+    finally:
+        PREPARED.clear()  # an inline run's blocks; a worker process's go with it
     _combine(plan, layout, ranges, outcome)
     return outcome
 
