@@ -459,3 +459,36 @@ def test_small_maxmem_cuts_bootstrap_blocks_without_changing_maps(tmp_path):
     with _inline() as engine:
         outcome = corrections.run_corrections(small_plan, engine, chunk=32)
     _assert_maps_equal(outcome.maps, in_memory(plan, Y))
+
+
+def test_prepared_blocks_are_read_once_across_chunks(tmp_path, monkeypatch):
+    yml, _ = volume_analysis(tmp_path, FULL)
+    plan = fitted_stages(yml)
+    real_loads, reads = corrections.pickle.loads, []
+
+    def counting(data, *args, **kwargs):
+        reads.append(len(data))
+        return real_loads(data, *args, **kwargs)
+
+    monkeypatch.setattr(corrections.pickle, "loads", counting)
+    with _inline() as engine:
+        corrections.run_corrections(plan, engine, chunk=32)  # three chunks
+    assert len(reads) == len(corrections.correction_blocks(plan))  # once per block, not once per block and chunk
+    assert not corrections.PREPARED.preps  # released after the stage
+
+
+def test_data_copy_is_float32_when_lossless_else_float64(tmp_path):
+    yml, Y = volume_analysis(tmp_path, FULL)
+    plan = fitted_stages(yml)
+    path = Path(corrections.store_data(plan, 0))
+    stored = np.load(path)
+    assert stored.dtype == np.float32  # the images are float32
+    rows = plan.order[plan.batches[0][0]:plan.batches[0][1]]
+    np.testing.assert_array_equal(stored, Y[rows][:, plan.voxels])
+    path.unlink()
+    first = plan.config.y_files[rows[0]]
+    precise = Y[rows[0]] + 1e-9  # not a float32 value
+    nib.save(nib.Nifti1Image(precise.reshape(GRID), AFFINE, dtype=np.float64), first)
+    stored = np.load(corrections.store_data(plan, 0))
+    assert stored.dtype == np.float64
+    np.testing.assert_array_equal(stored[0], precise[plan.voxels])
