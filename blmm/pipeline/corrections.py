@@ -181,13 +181,21 @@ def store_data(plan: RunPlan, b: int) -> str:
 
 def correction_blocks(plan: RunPlan) -> list[tuple[int, int, int]]:
     """(start, stop, fit block) of each voxel block of the bootstrap: the fit's blocks, cut so that a
-    block's prepared contributions (sign blocks x voxels x p per contrast, float64) and its data
-    take at most a quarter of MAXMEM."""
+    block's prepared contributions (sign blocks x voxels x columns per contrast, float64) and its
+    data take at most a quarter of MAXMEM."""
     cfg = plan.config
     n_blocks = int(sign_blocks(cfg).max()) + 1
-    per_voxel = 8 * (n_blocks * cfg.p * len(cfg.contrasts) + cfg.n)
+    per_voxel = 8 * (n_blocks * prepared_columns(cfg) + cfg.n)
     size = max(1, int(cfg.maxmem // 4 // per_voxel))
     return [(a, min(a + size, hi), k) for k, (lo, hi) in enumerate(plan.blocks) for a in range(lo, hi, size)]
+
+
+def prepared_columns(config: Config) -> int:
+    """Columns of prepared contributions per voxel (Σk): p per contrast with σ² refitted, else each
+    contrast's rank (its numerator df)."""
+    if config.correction.sigma2 == "refit":
+        return config.p * len(config.contrasts)
+    return sum(int(np.linalg.matrix_rank(c.matrix)) for c in config.contrasts)
 
 
 def correction_space_needed(plan: RunPlan) -> int:
@@ -202,7 +210,7 @@ def correction_space_needed(plan: RunPlan) -> int:
     if s.resamples == 0:
         return maps
     n_blocks = int(sign_blocks(cfg).max()) + 1
-    prepared = 8 * V * (n_blocks * cfg.p * len(cfg.contrasts) + 2 * len(cfg.contrasts) + 1)
+    prepared = 8 * V * (n_blocks * prepared_columns(cfg) + 2 * len(cfg.contrasts) + 1)
     chunks = 8 * len(cfg.contrasts) * (4 * (s.resamples + 1) + V) + 4096 * CHUNKS_TO_SHARE
     return 8 * cfg.n * V + prepared + chunks + maps
 
@@ -267,7 +275,7 @@ def prepare_block(plan: RunPlan, lo: int, hi: int, k: int) -> str:
     Y[plan.order] = ordered
     try:
         prep = prepare(Y, cfg.X, cfg.factors, fit, cfg.contrasts, voxels=voxels, blocks=sign_blocks(cfg), df=df,
-                       two_sided=cfg.two_sided, threads=1)  # the engine parallelises over blocks
+                       two_sided=cfg.two_sided, sigma2=cfg.correction.sigma2, threads=1)  # the engine parallelises over blocks
     except ValueError as err:
         raise InputError(f"correction: voxels {lo}-{hi - 1} of the analysis: {err}") from None
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
