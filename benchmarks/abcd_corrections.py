@@ -7,6 +7,7 @@ vertices), 5 T contrasts and 1 F (the dataset of benchmarks/abcd_family.py --pip
     python benchmarks/abcd_corrections.py DIR --resamples 4999                 # max-statistic FWE (+ clusters)
     python benchmarks/abcd_corrections.py DIR --resamples 999 --tfce           # TFCE (+ clusters)
     python benchmarks/abcd_corrections.py DIR --subjects 150 --resamples 511 --tfce   # a stated fraction
+    python benchmarks/abcd_corrections.py DIR ... --sigma2 fixed                        # σ² held
 
 ``--subjects`` simulates fewer subjects (the families and visits of the full design, scaled) on the
 whole hemisphere: a fraction to extrapolate from, labelled as such in the JSON line.  The line holds
@@ -63,6 +64,7 @@ def main() -> None:
     ap.add_argument("--subjects", type=int, help="fewer subjects than ABCD's 5,179: a stated fraction")
     ap.add_argument("--resamples", type=int, default=4999)
     ap.add_argument("--tfce", action="store_true")
+    ap.add_argument("--sigma2", choices=("refit", "fixed"), default="refit")
     ap.add_argument("--json", help="append the result as one JSON line to this file")
     args = ap.parse_args()
     data = Path(args.data)
@@ -70,7 +72,7 @@ def main() -> None:
     corrected = data / "family_lh_corrected.yml"
     text = yml.read_text().replace("results/family_lh", "results/family_lh_corrected")
     corrected.write_text(text + f"correction:\n  resamples: {args.resamples}\n  tfce: {str(args.tfce).lower()}\n"
-                         "  surface: fsaverage5\n  seed: 0\n")
+                         f"  surface: fsaverage5\n  seed: 0\n  sigma2: {args.sigma2}\n")
     out = data / "results" / "family_lh_corrected"
     shutil.rmtree(out, ignore_errors=True)
     load_before = os.getloadavg()
@@ -78,7 +80,7 @@ def main() -> None:
     seconds, peak, rc = run_measured([blmm, str(corrected), "--force"])
     child = resource.getrusage(resource.RUSAGE_CHILDREN)
     info = json.loads((out / "blmm_run.json").read_text()) if rc == 0 else {}
-    result = {"what": f"blmm {corrected.name}", "resamples": args.resamples, "tfce": args.tfce,
+    result = {"what": f"blmm {corrected.name}", "resamples": args.resamples, "tfce": args.tfce, "sigma2": args.sigma2,
               "subjects": args.subjects or "all (5,179)", "n": info.get("n"),
               "blocks": info.get("correction", {}).get("blocks"), "seconds": round(seconds, 1),
               "cpu_s": round(child.ru_utime + child.ru_stime, 1), "peak_rss_gb": round(peak, 2), "returncode": rc,
