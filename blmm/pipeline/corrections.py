@@ -157,26 +157,32 @@ def store_data(plan: RunPlan, b: int) -> str:
     path = correction_y_file(plan.workdir, b)
     if path.exists():
         return str(path)
-    cfg = plan.config
     start, stop = plan.batches[b]
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
     try:
-        for dtype in (np.float32, np.float64):
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(stop - start, plan.voxels.size))
-            for i, row in enumerate(plan.order[start:stop]):
-                values = read_image(cfg.y_files[row], cfg.space, plan.voxels)
-                out[i] = values
-                if dtype is np.float32 and not np.array_equal(out[i], values, equal_nan=True):
-                    break  # a value float32 cannot hold: this batch is stored as float64
-            else:
-                out.flush()
-                del out
-                os.replace(tmp, path)
-                break
-            del out
+        if not _write_rows(plan, start, stop, tmp, np.float32):  # a value float32 cannot hold
+            _write_rows(plan, start, stop, tmp, np.float64)
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return str(path)
+
+
+def _write_rows(plan: RunPlan, start: int, stop: int, tmp: Path, dtype) -> bool:
+    """Images start … stop − 1 (plan order) at the analysis voxels into ``tmp`` as ``dtype``; False
+    (file incomplete) as soon as a value does not survive the conversion."""
+    cfg = plan.config
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(stop - start, plan.voxels.size))
+    try:
+        for i, row in enumerate(plan.order[start:stop]):
+            values = read_image(cfg.y_files[row], cfg.space, plan.voxels)
+            out[i] = values
+            if not np.array_equal(out[i], values, equal_nan=True):
+                return False
+        out.flush()
+        return True
+    finally:
+        del out
 
 
 def correction_blocks(plan: RunPlan) -> list[tuple[int, int, int]]:
