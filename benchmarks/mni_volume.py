@@ -10,6 +10,11 @@ per-job budget) and summed over the driver and its workers.
     python benchmarks/mni_volume.py [--data /tmp/mni_bench] [--subjects 1000] [--masks common|subject]
                                     [--timeout SECONDS] [--json out.jsonl]
 
+--resamples B [--tfce] [--sigma2 fixed] adds a `correction:` section (issue 20: TFCE with 1,000
+resamples on this volume), run as `mni_corrected.yml` into results_corrected/:
+
+    python benchmarks/mni_volume.py --resamples 999 --tfce [--sigma2 fixed]
+
 --masks subject adds one data mask per image (data_mask_files) to the same images: each the
 brain mask eroded or shifted by 1-3 voxels, a third with an orbitofrontal-like dropout.
 """
@@ -188,6 +193,9 @@ def main() -> None:
                     help="common: the analysis mask only; subject: also one data mask per image "
                          "(eroded or shifted by 1-3 voxels, a third with an orbitofrontal dropout)")
     ap.add_argument("--timeout", type=float, help="stop blmm after this many seconds (SIGTERM)")
+    ap.add_argument("--resamples", type=int, default=0, help="with > 0: a correction: section (issue 20)")
+    ap.add_argument("--tfce", action="store_true")
+    ap.add_argument("--sigma2", choices=("refit", "fixed"), default="refit")
     ap.add_argument("--json")
     args = ap.parse_args()
     root = Path(args.data)
@@ -202,7 +210,15 @@ def main() -> None:
             t = time.perf_counter()
             make_subject_masks(root, 2 * args.subjects)
             print(f"wrote {2 * args.subjects} data masks in {time.perf_counter() - t:.0f} s")
+    if args.resamples:
+        corrected = yml.with_name(yml.stem + "_corrected.yml")
+        plain, outdir = outdir, outdir.with_name(outdir.name + "_corrected")
+        corrected.write_text(yml.read_text().replace(f"outdir: {plain.name}\n", f"outdir: {outdir.name}\n")
+                             + f"correction:\n  resamples: {args.resamples}\n  tfce: {str(args.tfce).lower()}\n"
+                             f"  sigma2: {args.sigma2}\n  seed: 0\n")
+        yml = corrected
     shutil.rmtree(outdir, ignore_errors=True)
+    load_before = os.getloadavg()[0]
     measured = run_blmm([str(yml)], timeout=args.timeout)
     info = json.loads((outdir / "blmm_run.json").read_text()) if measured["returncode"] == 0 else {}
     result = {
@@ -212,7 +228,11 @@ def main() -> None:
         "voxels": info.get("counts", {}).get("analysis_mask"),
         "stage_seconds": info.get("timings_s"), "batches": info.get("batches"), "blocks": info.get("blocks"),
         "machine": f"{platform.node()}, {os.cpu_count()} cores",
+        "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
+    if args.resamples:
+        result.update({"resamples": args.resamples, "tfce": args.tfce, "sigma2": args.sigma2,
+                       "correction_blocks": info.get("correction", {}).get("blocks")})
     print(json.dumps(result))
     if args.json:
         with open(args.json, "a") as fh:

@@ -62,6 +62,7 @@ class CorrectionSettings:
     seed: int = 0
     tail: bool = False  # generalised Pareto tail for FWE p beyond 1/B
     corrcon: bool = False  # FWE also over contrasts (PALM's -corrcon)
+    sigma2: str = "refit"  # σ² per resample: "refit" (k = p columns per contrast) or "fixed" (k = rank: large runs)
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The section as the YAML holds it (``fdr: false`` when off)."""
@@ -69,7 +70,7 @@ class CorrectionSettings:
             "fdr": self.fdr if self.fdr is not None else False, "resamples": int(self.resamples),
             "tfce": bool(self.tfce), "cluster_threshold": float(self.cluster_threshold),
             "connectivity": int(self.connectivity), "seed": int(self.seed), "tail": bool(self.tail),
-            "corrcon": bool(self.corrcon)}
+            "corrcon": bool(self.corrcon), "sigma2": self.sigma2}
         if self.surface is not None:
             out["surface"] = dict(self.surface) if isinstance(self.surface, dict) else self.surface
         if self.blocks is not None:

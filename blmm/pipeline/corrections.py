@@ -148,37 +148,77 @@ def correction_layout(plan: RunPlan) -> SpatialLayout | None:
 
 
 def store_data(plan: RunPlan, b: int) -> str:
-    """Image batch b's values at the analysis voxels, (images, voxels) float64, rows in plan order.
+    """Image batch b's values at the analysis voxels, (images, voxels), rows in plan order.
 
-    A second read of the images (the fit keeps only sums); written row by row, so memory holds one image.
+    A second read of the images (the fit keeps only sums); written row by row, so memory holds one
+    image.  float32 when every value is one (images stored as float32, the usual case: half the disk
+    and half the reads of the float64 copy, losslessly), float64 otherwise.
     """
     path = correction_y_file(plan.workdir, b)
     if path.exists():
         return str(path)
-    cfg = plan.config
     start, stop = plan.batches[b]
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(stop - start, plan.voxels.size))
-        for i, row in enumerate(plan.order[start:stop]):
-            out[i] = read_image(cfg.y_files[row], cfg.space, plan.voxels)
-        out.flush()
-        del out
+        if not _write_rows(plan, start, stop, tmp, np.float32):  # a value float32 cannot hold
+            _write_rows(plan, start, stop, tmp, np.float64)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return str(path)
 
 
+def _write_rows(plan: RunPlan, start: int, stop: int, tmp: Path, dtype) -> bool:
+    """Images start … stop − 1 (plan order) at the analysis voxels into ``tmp`` as ``dtype``; False
+    (file incomplete) as soon as a value does not survive the conversion."""
+    cfg = plan.config
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(stop - start, plan.voxels.size))
+    try:
+        for i, row in enumerate(plan.order[start:stop]):
+            values = read_image(cfg.y_files[row], cfg.space, plan.voxels)
+            out[i] = values
+            if not np.array_equal(out[i], values, equal_nan=True):
+                return False
+        out.flush()
+        return True
+    finally:
+        del out
+
+
 def correction_blocks(plan: RunPlan) -> list[tuple[int, int, int]]:
     """(start, stop, fit block) of each voxel block of the bootstrap: the fit's blocks, cut so that a
-    block's prepared contributions (sign blocks x voxels x p per contrast, float64) and its data
-    take at most a quarter of MAXMEM."""
+    block's prepared contributions (sign blocks x voxels x columns per contrast, float64) and its
+    data take at most a quarter of MAXMEM."""
     cfg = plan.config
     n_blocks = int(sign_blocks(cfg).max()) + 1
-    per_voxel = 8 * (n_blocks * cfg.p * len(cfg.contrasts) + cfg.n)
+    per_voxel = 8 * (n_blocks * prepared_columns(cfg) + cfg.n)
     size = max(1, int(cfg.maxmem // 4 // per_voxel))
     return [(a, min(a + size, hi), k) for k, (lo, hi) in enumerate(plan.blocks) for a in range(lo, hi, size)]
+
+
+def prepared_columns(config: Config) -> int:
+    """Columns of prepared contributions per voxel (Σk): p per contrast with σ² refitted, else each
+    contrast's rank (its numerator df)."""
+    if config.correction.sigma2 == "refit":
+        return config.p * len(config.contrasts)
+    return sum(int(np.linalg.matrix_rank(c.matrix)) for c in config.contrasts)
+
+
+def correction_space_needed(plan: RunPlan) -> int:
+    """Bytes the stage writes, about (an upper bound): the data again (float64), the prepared
+    contributions (sign blocks x voxels x columns per contrast, float64), the chunk files and the
+    corrected maps (float32)."""
+    s = plan.config.correction
+    if s is None:
+        return 0
+    cfg, V = plan.config, plan.voxels.size
+    maps = 4 * cfg.space.n_voxels * len(cfg.contrasts) * 6 + 4096 * 12
+    if s.resamples == 0:
+        return maps
+    n_blocks = int(sign_blocks(cfg).max()) + 1
+    prepared = 8 * V * (n_blocks * prepared_columns(cfg) + 2 * len(cfg.contrasts) + 1)
+    chunks = 8 * len(cfg.contrasts) * (4 * (s.resamples + 1) + V) + 4096 * CHUNKS_TO_SHARE
+    return 8 * cfg.n * V + prepared + chunks + maps
 
 
 def _block_fit(plan: RunPlan, lo: int, hi: int, k: int) -> tuple[FitResult, np.ndarray, list[np.ndarray]]:
@@ -241,7 +281,7 @@ def prepare_block(plan: RunPlan, lo: int, hi: int, k: int) -> str:
     Y[plan.order] = ordered
     try:
         prep = prepare(Y, cfg.X, cfg.factors, fit, cfg.contrasts, voxels=voxels, blocks=sign_blocks(cfg), df=df,
-                       two_sided=cfg.two_sided, threads=1)  # the engine parallelises over blocks
+                       two_sided=cfg.two_sided, sigma2=cfg.correction.sigma2, threads=1)  # the engine parallelises over blocks
     except ValueError as err:
         raise InputError(f"correction: voxels {lo}-{hi - 1} of the analysis: {err}") from None
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -251,6 +291,36 @@ def prepare_block(plan: RunPlan, lo: int, hi: int, k: int) -> str:
     finally:
         tmp.unlink(missing_ok=True)
     return str(path)
+
+
+class PreparedCache:
+    """Prepared voxel blocks kept in this process between resample chunks, within a byte budget.
+
+    Each chunk needs every block's contributions; at ABCD size re-reading them from disk for every
+    chunk cost more than the chunk's products.  Blocks are kept while they fit the budget (a
+    quarter of MAXMEM: the chunk's maps take another); beyond it they are read per chunk as before.
+    A file is known by its path and modification time, so a resumed run's new file is read again.
+    """
+
+    def __init__(self) -> None:
+        self.preps: dict[tuple[str, int], ResamplingPrep] = {}
+
+    def load(self, path: Path, budget: int) -> ResamplingPrep:
+        key = (str(path), path.stat().st_mtime_ns)
+        if key in self.preps:
+            return self.preps[key]
+        for stale in [k for k in self.preps if k[0] == key[0]]:  # the file was rewritten
+            del self.preps[stale]
+        prep: ResamplingPrep = pickle.loads(path.read_bytes())
+        if sum(p.coef.nbytes for p in self.preps.values()) + prep.coef.nbytes <= budget:
+            self.preps[key] = prep
+        return prep
+
+    def clear(self) -> None:
+        self.preps.clear()
+
+
+PREPARED = PreparedCache()  # per process: an engine worker keeps its blocks across the chunks it runs
 
 
 def resample_ranges(plan: RunPlan, chunk: int | None = None) -> list[tuple[int, int]]:
@@ -291,7 +361,7 @@ def resample_chunk(plan: RunPlan, layout: SpatialLayout | None, c: int, start: i
     V, R = plan.voxels.size, stop - start
     maps = [np.full((R, V), np.nan) for _ in cfg.contrasts]
     for lo, hi, _ in correction_blocks(plan):
-        prep: ResamplingPrep = pickle.loads(correction_prep_file(plan.workdir, lo, hi).read_bytes())
+        prep = PREPARED.load(correction_prep_file(plan.workdir, lo, hi), cfg.maxmem // 4)
         if prep.n_voxels == 0:
             continue
         for c, m in enumerate(resampled_maps(prep, s.seed, start, stop)):
@@ -350,8 +420,11 @@ def run_corrections(plan: RunPlan, engine, chunk: int | None = None) -> Correcti
                stage="prepare resampling", labels=[f"voxels {lo}-{hi - 1}" for lo, hi, _ in pieces])
     ranges = resample_ranges(plan, chunk)
     outcome.chunks = len(ranges)
-    engine.map(_resample_chunk_task, [(plan, layout, c, a, z) for c, (a, z) in enumerate(ranges)],
-               stage="resample", labels=[f"resamples {a}-{z - 1}" for a, z in ranges])
+    try:
+        engine.map(_resample_chunk_task, [(plan, layout, c, a, z) for c, (a, z) in enumerate(ranges)],
+                   stage="resample", labels=[f"resamples {a}-{z - 1}" for a, z in ranges])
+    finally:
+        PREPARED.clear()  # an inline run's blocks; a worker process's go with it
     _combine(plan, layout, ranges, outcome)
     return outcome
 

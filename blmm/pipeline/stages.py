@@ -62,6 +62,7 @@ from blmm.io.outdir import (
     write_text_atomically,
 )
 from blmm.core.design import covariance_names
+from blmm.pipeline.corrections import correction_space_needed
 from blmm.pipeline.plan import RunPlan, complete_design, one_factor
 
 
@@ -536,7 +537,9 @@ def space_needed(plan: RunPlan) -> dict[str, int]:
     n_voxels = cfg.space.n_voxels
     per_map = 4096 + (8 * n_voxels if cfg.space.format == "cifti" else 0)  # headers (CIFTI: its brain models)
     maps = 4 * n_voxels * volumes + per_map * (len(specs) + 3) + 8 * n_voxels + 4096  # + llh_float64, records
-    return {"partial": partial + blocks, "maps": maps, "total": partial + blocks + maps}
+    corrections = correction_space_needed(plan)
+    return {"partial": partial + blocks, "maps": maps, "corrections": corrections,
+            "total": partial + blocks + maps + corrections}
 
 
 def check_disk_space(plan: RunPlan) -> None:
@@ -550,7 +553,7 @@ def check_disk_space(plan: RunPlan) -> None:
         raise DiskFullError(
             f"outdir {plan.config.outdir}: not enough free space: this run needs about {human_bytes(need['total'])} "
             f"there ({human_bytes(need['partial'])} of partial sums and block results, {human_bytes(need['maps'])} "
-            f"of maps){f', {human_bytes(written)} of it already written' if written else ''}, and the filesystem "
+            f"of maps, {human_bytes(need['corrections'])} of the corrections stage's work files and maps){f', {human_bytes(written)} of it already written' if written else ''}, and the filesystem "
             f"has {human_bytes(free)} free. Free some space or choose another outdir")
 
 

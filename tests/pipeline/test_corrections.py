@@ -128,7 +128,7 @@ def fitted_stages(yml: Path):
     return plan
 
 
-def in_memory(plan, Y: np.ndarray, nulls: dict | None = None) -> dict[str, np.ndarray]:
+def in_memory(plan, Y: np.ndarray, nulls: dict | None = None, sigma2: str = "refit") -> dict[str, np.ndarray]:
     """The corrected maps from core.resampling and geometry in one piece, with the fit's D and df
     (read from the fit's block files), images in the YAML's order; ``nulls`` gets each contrast's
     null maxima and observed map."""
@@ -145,7 +145,7 @@ def in_memory(plan, Y: np.ndarray, nulls: dict | None = None) -> dict[str, np.nd
     keys = ["T0", "T1", "F0"]
     df = [cat[f"{k}_df"] for k in keys]
     prep = prepare(Y[:, plan.voxels], cfg.X, cfg.factors, fit, cfg.contrasts, df=df,
-                   blocks=independent_blocks(cfg.factors))
+                   blocks=independent_blocks(cfg.factors), sigma2=sigma2)
     layout = corrections.correction_layout(plan)
     out: dict[str, list] = {}
     for j, (key, kind) in enumerate(zip(keys, "TTF")):
@@ -389,6 +389,7 @@ def test_local_dask_cluster_gives_the_inline_maps(tmp_path):
     ("tail", "2", "correction tail: expected true/false (or 1/0), found 2"),
     ("corrcon", "x", "correction corrcon: expected true/false (or 1/0), found 'x'"),
     ("shuffles", "5", "correction: unknown field 'shuffles'"),
+    ("sigma2", "held", "correction sigma2: expected one of refit, fixed, found 'held'"),
 ])
 def test_each_bad_key_is_reported(tmp_path, field, value, expected):
     extra = "  resamples: 9\n" if field == "tail" else ""
@@ -459,3 +460,47 @@ def test_small_maxmem_cuts_bootstrap_blocks_without_changing_maps(tmp_path):
     with _inline() as engine:
         outcome = corrections.run_corrections(small_plan, engine, chunk=32)
     _assert_maps_equal(outcome.maps, in_memory(plan, Y))
+
+
+def test_prepared_blocks_are_read_once_across_chunks(tmp_path, monkeypatch):
+    yml, _ = volume_analysis(tmp_path, FULL)
+    plan = fitted_stages(yml)
+    real_loads, reads = corrections.pickle.loads, []
+
+    def counting(data, *args, **kwargs):
+        reads.append(len(data))
+        return real_loads(data, *args, **kwargs)
+
+    monkeypatch.setattr(corrections.pickle, "loads", counting)
+    with _inline() as engine:
+        corrections.run_corrections(plan, engine, chunk=32)  # three chunks
+    assert len(reads) == len(corrections.correction_blocks(plan))  # once per block, not once per block and chunk
+    assert not corrections.PREPARED.preps  # released after the stage
+
+
+def test_data_copy_is_float32_when_lossless_else_float64(tmp_path):
+    yml, Y = volume_analysis(tmp_path, FULL)
+    plan = fitted_stages(yml)
+    path = Path(corrections.store_data(plan, 0))
+    stored = np.load(path)
+    assert stored.dtype == np.float32  # the images are float32
+    rows = plan.order[plan.batches[0][0]:plan.batches[0][1]]
+    np.testing.assert_array_equal(stored, Y[rows][:, plan.voxels])
+    path.unlink()
+    first = plan.config.y_files[rows[0]]
+    precise = Y[rows[0]] + 1e-9  # not a float32 value
+    nib.save(nib.Nifti1Image(precise.reshape(GRID), AFFINE, dtype=np.float64), first)
+    stored = np.load(corrections.store_data(plan, 0))
+    assert stored.dtype == np.float64
+    np.testing.assert_array_equal(stored[0], precise[plan.voxels])
+
+
+def test_sigma2_fixed_equals_core_in_memory_with_fewer_columns(tmp_path):
+    yml, Y = volume_analysis(tmp_path, FULL + "  sigma2: fixed\n")
+    plan = fitted_stages(yml)
+    assert corrections.prepared_columns(plan.config) == 1 + 1 + 2  # each contrast's rank, not p = 4 each
+    with _inline() as engine:
+        outcome = corrections.run_corrections(plan, engine, chunk=32)
+    _assert_maps_equal(outcome.maps, in_memory(plan, Y, sigma2="fixed"))
+    refit = in_memory(plan, Y)
+    assert not np.allclose(outcome.maps["conTlp_fwe"], refit["conTlp_fwe"], equal_nan=True)  # the mode took effect
