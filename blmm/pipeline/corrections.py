@@ -312,7 +312,7 @@ class PreparedCache:
         for stale in [k for k in self.preps if k[0] == key[0]]:  # the file was rewritten
             del self.preps[stale]
         prep: ResamplingPrep = pickle.loads(path.read_bytes())
-        if sum(p.coef.nbytes for p in self.preps.values()) + prep.coef.nbytes <= budget:
+        if sum(p.contributions.nbytes for p in self.preps.values()) + prep.contributions.nbytes <= budget:
             self.preps[key] = prep
         return prep
 
