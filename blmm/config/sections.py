@@ -549,12 +549,8 @@ def _check_correction(found: _Found, space: ImageSpace | None,
     value = found.raw.get("correction")
     if value is None:
         return None
-    if not isinstance(value, dict):
-        found.problem(f"correction: expected a mapping of {', '.join(CORRECTION_FIELDS)}, found {_shorten(value)}")
+    if not read_entry_fields(found, "correction", value, CORRECTION_FIELDS, ", ".join(CORRECTION_FIELDS)):
         return None
-    for key in value:
-        if key not in CORRECTION_FIELDS:
-            found.problem(f"correction: unknown field {str(key)!r}{_suggest(key, CORRECTION_FIELDS)}")
     sub = _Found(value, found.base_dir("correction"), set())
     fdr = sub.raw.get("fdr", "bh")
     if fdr is False or (isinstance(fdr, str) and fdr.strip().lower() in ("false", "no", "off", "none")):
