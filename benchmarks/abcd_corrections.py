@@ -25,37 +25,10 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for examples/
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # abcd_family, abcd_pipeline
-from abcd_family import simulate_family  # noqa: E402
+from abcd_family import write_family_dataset  # noqa: E402
 from abcd_pipeline import run_measured  # noqa: E402
-from examples.abcd_like.simulate import _write_tables, _yaml_text  # noqa: E402
-
-HEMISPHERE = 10242
-
-
-def write_dataset(data: Path, n_subjects: int | None) -> Path:
-    """The family dataset as .dat images, tables and family_lh.yml (as abcd_family.py --pipeline)."""
-    yml = data / "family_lh.yml"
-    if yml.exists():
-        return yml
-    design, family, Y = simulate_family(HEMISPHERE, n_subjects=n_subjects)
-    data.mkdir(parents=True, exist_ok=True)
-    _write_tables(data, design)
-    np.savetxt(data / "family.csv", family[:, None], fmt="%d", header="family", comments="")
-    (data / "lh" / "data").mkdir(parents=True, exist_ok=True)
-    names = [f"data/img_{i:05d}.dat" for i in range(design.n)]
-    for row, name in enumerate(names):
-        Y[row].tofile(data / "lh" / name)
-    (data / "lh" / "Y_files.txt").write_text("\n".join(names) + "\n")
-    text = _yaml_text("(1|family) + (1|subject), ABCD-like families", "lh", "", "Z_intercept",
-                      "results/family_lh", design.x_names)
-    text = text.replace("Z:\n", "Z:\n  - f1:\n      name: family\n      factor: family.csv\n"
-                        "      design: Z_intercept.csv\n").replace("  - f1:\n      name: subject", "  - f2:\n      name: subject")
-    yml.write_text(text)
-    return yml
 
 
 def main() -> None:
@@ -68,7 +41,7 @@ def main() -> None:
     ap.add_argument("--json", help="append the result as one JSON line to this file")
     args = ap.parse_args()
     data = Path(args.data)
-    yml = write_dataset(data, args.subjects)
+    yml = write_family_dataset(data, args.subjects)
     corrected = data / "family_lh_corrected.yml"
     text = yml.read_text().replace("results/family_lh", "results/family_lh_corrected")
     corrected.write_text(text + f"correction:\n  resamples: {args.resamples}\n  tfce: {str(args.tfce).lower()}\n"

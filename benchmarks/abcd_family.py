@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for examples/
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # abcd_pipeline
 from examples.abcd_like.simulate import (  # noqa: E402
-    contrast_vectors, random_effects_design, simulate_design, simulate_truth, simulate_Y,
+    _write_tables, _yaml_text, contrast_vectors, random_effects_design, simulate_design, simulate_truth, simulate_Y,
 )
 
 FAMILY_SHARES = (0.82, 0.16, 0.02)  # families of 1, 2 and 3 subjects
@@ -62,6 +62,28 @@ def simulate_family(n_vertices: int, seed: int = 0, n_subjects: int | None = Non
     sd = (FAMILY_SD * (1 + 0.5 * np.sin(np.arange(n_vertices) / 700.0))).astype(np.float32)
     Y += (rng.standard_normal((fam_of_subject.max() + 1, n_vertices), dtype=np.float32) * sd)[family]
     return design, family, Y
+
+
+def write_family_dataset(data: Path, n_subjects: int | None = None) -> Path:
+    """The family dataset (one hemisphere) as .dat images, tables and family_lh.yml, unless present."""
+    yml = data / "family_lh.yml"
+    if yml.exists():
+        return yml
+    design, family, Y = simulate_family(10242, n_subjects=n_subjects)
+    data.mkdir(parents=True, exist_ok=True)
+    _write_tables(data, design)
+    np.savetxt(data / "family.csv", family[:, None], fmt="%d", header="family", comments="")
+    (data / "lh" / "data").mkdir(parents=True, exist_ok=True)
+    names = [f"data/img_{i:05d}.dat" for i in range(design.n)]
+    for row, name in enumerate(names):
+        Y[row].tofile(data / "lh" / name)
+    (data / "lh" / "Y_files.txt").write_text("\n".join(names) + "\n")
+    text = _yaml_text("(1|family) + (1|subject), ABCD-like families", "lh", "", "Z_intercept",
+                      "results/family_lh", design.x_names)
+    text = text.replace("Z:\n", "Z:\n  - f1:\n      name: family\n      factor: family.csv\n"
+                        "      design: Z_intercept.csv\n").replace("  - f1:\n      name: subject", "  - f2:\n      name: subject")
+    yml.write_text(text)
+    return yml
 
 
 def main() -> None:
@@ -150,23 +172,7 @@ def pipeline(data: Path, json_path: str | None, model: str = "intercept") -> Non
     import shutil
 
     from abcd_pipeline import run_measured
-    from examples.abcd_like.simulate import _write_tables, _yaml_text
-    yml = data / "family_lh.yml"
-    if not yml.exists():
-        design, family, Y = simulate_family(10242)
-        data.mkdir(parents=True, exist_ok=True)
-        _write_tables(data, design)
-        np.savetxt(data / "family.csv", family[:, None], fmt="%d", header="family", comments="")
-        (data / "lh" / "data").mkdir(parents=True, exist_ok=True)
-        names = [f"data/img_{i:05d}.dat" for i in range(design.n)]
-        for row, name in enumerate(names):
-            Y[row].tofile(data / "lh" / name)
-        (data / "lh" / "Y_files.txt").write_text("\n".join(names) + "\n")
-        text = _yaml_text("(1|family) + (1|subject), ABCD-like families", "lh", "", "Z_intercept",
-                          "results/family_lh", design.x_names)
-        text = text.replace("Z:\n", "Z:\n  - f1:\n      name: family\n      factor: family.csv\n"
-                            "      design: Z_intercept.csv\n").replace("  - f1:\n      name: subject", "  - f2:\n      name: subject")
-        yml.write_text(text)
+    yml = write_family_dataset(data)
     if model == "slope":  # the same images, with a random slope on time per subject
         slope_yml = data / "family_slope_lh.yml"
         text = yml.read_text().replace("results/family_lh", "results/family_slope_lh")
