@@ -292,6 +292,18 @@ def drop_flat_voxels(res: FitResult, idx: np.ndarray, XtX: np.ndarray, XtY: np.n
     return idx[~flat]
 
 
+def screen_voxels(res: FitResult, idx: np.ndarray, XtX: np.ndarray, XtY: np.ndarray, YtY: np.ndarray,
+                  n_obs: np.ndarray, centre) -> np.ndarray:
+    """Voxels idx with their own rows (XtX per voxel): marks those whose X is rank deficient there
+    DROPPED_RANK and those with nothing to fit (`flat_voxels`) CONSTANT_RESPONSE; the rest's mask."""
+    full = full_column_rank(XtX)  # the rank rule of core/design_basis.py, unit-free
+    flat = np.zeros_like(full)  # nothing to fit: a constant or exactly linear response
+    flat[full] = flat_voxels(XtX[full], XtY[full], YtY[full], n_obs[full], removed_size(centre, idx[full]))
+    res.status[idx[~full]] = DROPPED_RANK
+    res.status[idx[flat]] = CONSTANT_RESPONSE
+    return full & ~flat
+
+
 def thread_count(threads: int | None) -> int:
     """Threads that fit voxel blocks: the CPU count unless given."""
     return (os.cpu_count() or 1) if threads is None else max(1, int(threads))

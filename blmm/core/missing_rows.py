@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from blmm.core.centre import ResponseCentre, flat_voxels, removed_size
+from blmm.core.centre import ResponseCentre
 from blmm.core.design import RandomFactor
-from blmm.core.design_basis import full_column_rank
 from blmm.core.level_classes import LevelClasses, class_aggregates
 from blmm.core.objective.base import diag_blocks
 from blmm.core.objective.missing import MissingObjective
@@ -488,13 +487,7 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
         u_sums = stats.sums.take(idx)
         u = touched_units(stats, common, idx, u_sums)
         XtX_v = stats.XtX + u["dXtX"]
-        full = full_column_rank(XtX_v)  # the rank rule of core/design_basis.py, unit-free
-        flat = np.zeros_like(full)  # nothing to fit: a constant or exactly linear response
-        flat[full] = flat_voxels(XtX_v[full], u_sums.XtY[full], u_sums.YtY[full], u["n"][full],
-                                 removed_size(stats.centre, idx[full]))
-        res.status[idx[~full]] = F.DROPPED_RANK
-        res.status[idx[flat]] = F.CONSTANT_RESPONSE
-        keep = full & ~flat
+        keep = F.screen_voxels(res, idx, XtX_v, u_sums.XtY, u_sums.YtY, u["n"], stats.centre)
         if not np.all(keep):
             idx, XtX_v = idx[keep], XtX_v[keep]
             mine = keep[u["voxel"]]

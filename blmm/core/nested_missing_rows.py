@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from blmm.core.centre import ResponseCentre, flat_voxels, removed_size
+from blmm.core.centre import ResponseCentre
 from blmm.core.design import RandomFactor
-from blmm.core.design_basis import full_column_rank
 from blmm.core.missing_rows import MissingRowCounts, compressed_missing_rows, residual_mean_square
 from blmm.core.objective.base import diag_blocks
 from blmm.core.objective.nested import NestedObjective
@@ -204,13 +203,7 @@ def fit_nested_missing_rows(stats: NestedMissingRowStats, reml=True, method="pSF
     def run(idx) -> None:
         u = block_units(stats, fam, idx)
         XtX_v = stats.XtX + u["dXtX"]
-        full = full_column_rank(XtX_v)  # the rank rule of core/design_basis.py, unit-free
-        flat = np.zeros_like(full)  # nothing to fit: a constant or exactly linear response
-        flat[full] = flat_voxels(XtX_v[full], stats.XtY[idx[full]], stats.YtY[idx[full]], u["n"][full],
-                                 removed_size(stats.centre, idx[full]))
-        res.status[idx[~full]] = F.DROPPED_RANK
-        res.status[idx[flat]] = F.CONSTANT_RESPONSE
-        keep = full & ~flat
+        keep = F.screen_voxels(res, idx, XtX_v, stats.XtY[idx], stats.YtY[idx], u["n"], stats.centre)
         if not np.all(keep):
             idx, XtX_v = idx[keep], XtX_v[keep]
             u = {"n": u["n"][keep], "dXtX": u["dXtX"][keep], "units": [g.take(keep) for g in u["units"]]}
