@@ -81,4 +81,51 @@ class DenseObjective:
         uu = u[:, :, None] * u[:, None, :]
         ev.uu_sum = [self._factor_sum(uu, k) for k in range(len(D_list))]
         ev.info = factor_pair_information(T, self.offsets[:-1], self.n_levels, self.qk)
+        ev.cache = {"T": [T], "S": [S], "u": [u]}  # the analytic Hessian's inputs (deviance_hessian)
         return ev
+
+    def vech_directions(self) -> list:
+        """Per vech D_k direction E_t = Σ_levels e_a e_b' + e_b e_a' (or e_a e_a'): its (rows, cols) in Z."""
+        out = []
+        for k, q in enumerate(self.qk):
+            base = self.offsets[k] + q * np.arange(self.n_levels[k])
+            for a, b in zip(*la.vech_index(q)):
+                ia, ib = base + a, base + b
+                out.append((ia, ia) if a == b else (np.concatenate([ia, ib]), np.concatenate([ib, ia])))
+        return out
+
+    def deviance_hessian(self, D_list, data: DenseData, sigma2: np.ndarray, ev: Evaluation | None = None):
+        """Observed Hessian of the deviance in (vech D_1, …) at fixed σ² (β profiled), analytically.
+
+        Returns (H (v, k, k), dC (v, k, p, p) = d(X'V⁻¹X)⁻¹/d vech D, the evaluation). With the full
+        T = Z'V⁻¹Z, S = Z'V⁻¹X, u = Z'V⁻¹r, P = S C S', B_E = S'ES and directions E, F (docs/model.md):
+        H(E,F) = -tr(TFTE) + 2u'E(T - P)Fu/σ² + [REML] (2 tr(EPFT) - tr(C B_F C B_E)), dC/dE = C B_E C.
+        """
+        if ev is None or ev.cache is None or "T" not in ev.cache:
+            ev = self.evaluate(D_list, data, sigma2=sigma2, grad=True)
+        T, S, u = ev.cache["T"][0], ev.cache["S"][0], ev.cache["u"][0]
+        C = ev.C
+        dirs = self.vech_directions()
+        k = len(dirs)
+        v = T.shape[0]
+        Eu = np.zeros((k, v, self.qtot))
+        for t, (rows, cols) in enumerate(dirs):
+            Eu[t][:, rows] = u[:, cols]  # E u (each row of E holds one 1)
+        SCSEu = np.einsum("vqp,vpr,tvr->tvq", S, C, np.einsum("vqp,tvq->tvp", S, Eu))
+        MEu = np.einsum("vab,tvb->tva", T, Eu) - SCSEu  # (T - P) E u
+        B = np.stack([np.einsum("vmi,vmj->vij", S[:, rows], S[:, cols]) for rows, cols in dirs], axis=1)
+        dC = C[:, None] @ B @ C[:, None]
+        H = 2.0 * np.einsum("sva,tva->vst", Eu, MEu) / sigma2[:, None, None]
+        SC = S @ C
+        for s, (rs, cs) in enumerate(dirs):
+            for t, (rt, ct) in enumerate(dirs[:s + 1]):
+                T_st = T[:, cs[:, None], rt[None, :]]  # T[c_m, r_n]
+                T_ts = T[:, ct[:, None], rs[None, :]]  # T[c_n, r_m]
+                val = -np.einsum("vmn,vnm->v", T_st, T_ts)
+                if self.reml:
+                    P_st = np.einsum("vmp,vnp->vmn", SC[:, cs], S[:, rt])
+                    val = val + 2.0 * np.einsum("vmn,vnm->v", P_st, T_ts) - np.einsum("vpq,vpq->v", dC[:, s], B[:, t])
+                H[:, s, t] += val
+                if t != s:
+                    H[:, t, s] += val
+        return la.sym(H), dC, ev
