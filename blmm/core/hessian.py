@@ -6,6 +6,13 @@ import numpy as np
 from blmm.core import linalg as la
 from blmm.core.objective.base import Evaluation
 
+# Differenced Hessian (objectives without `deviance_hessian`): Richardson's combination of central
+# differences at h and 2h along D_k, h = 1e-3 of the scale on which the deviance bends there
+# (`difference_steps`): O(h⁴) truncation ~1e-12 and the gradient's rounding over h ~1e-10 of H,
+# where plain central differences at 1e-5 of D's entries gave 1e-8 and units moved df by that much
+DIFFERENCE_STEP = 1e-3
+
+
 def vech_grad(ev: Evaluation, qk) -> np.ndarray:
     """Deviance gradient in vech D (off-diagonal entries count for both triangles)."""
     return np.concatenate([ev.grad[f][:, r, c] * np.where(r != c, 2.0, 1.0)
@@ -15,8 +22,9 @@ def vech_grad(ev: Evaluation, qk) -> np.ndarray:
 def variance_hessian(obj, data, D, ev: Evaluation, qk, reml, n, p):
     """Observed deviance Hessian H in φ = (σ², vech D_1, …) and dCov(β̂)/dφ, at D exactly.
 
-    Analytic where the objective provides it (one factor); otherwise central differences
-    of the analytic gradient with σ² held fixed, as lmerTest differentiates its deviance.
+    Analytic where the objective provides it (levels, missing, dense); otherwise Richardson-
+    extrapolated central differences of the analytic gradient with σ² held fixed, as lmerTest
+    differentiates its deviance.
     """
     v = D[0].shape[0]
     s2 = ev.sigma2
@@ -40,22 +48,50 @@ def variance_hessian(obj, data, D, ev: Evaluation, qk, reml, n, p):
         dC[:, 1:] = s2[:, None, None, None] * dC_D
         return H, dC
     col = 1
-    for f, q in enumerate(qk):
+    for f, (q, h) in enumerate(zip(qk, difference_steps(ev, qk))):
         r, c = la.vech_index(q)
         for a, b in zip(r, c):
-            scale = np.sqrt(np.abs(D[f][:, a, a] * D[f][:, b, b]))
-            h = 1e-5 * np.maximum(scale, 1e-3)
             E = np.zeros((q, q))
             E[a, b] = E[b, a] = 1.0
-            plus = [Dk.copy() for Dk in D]
-            minus = [Dk.copy() for Dk in D]
-            plus[f] = plus[f] + h[:, None, None] * E
-            minus[f] = minus[f] - h[:, None, None] * E
-            with np.errstate(invalid="ignore", divide="ignore"):
-                ep = obj.evaluate(plus, data, sigma2=s2, grad=True)
-                em = obj.evaluate(minus, data, sigma2=s2, grad=True)
-            H[:, col, 1:] = (vech_grad(ep, qk) - vech_grad(em, qk)) / (2.0 * h[:, None])
-            dC[:, col] = s2[:, None, None] * (ep.C - em.C) / (2.0 * h[:, None, None])
+            g1, C1 = central_difference(obj, data, D, s2, qk, f, E, h)
+            g2, C2 = central_difference(obj, data, D, s2, qk, f, E, 2.0 * h)
+            H[:, col, 1:] = (4.0 * g1 - g2) / 3.0  # Richardson: the O(h²) truncation cancels
+            dC[:, col] = s2[:, None, None] * (4.0 * C1 - C2) / 3.0
             col += 1
     H[:, 1:, 1:] = la.sym(H[:, 1:, 1:])
     return H, dC
+
+
+def difference_steps(ev: Evaluation, qk) -> list:
+    """Per factor the differencing step (v,): DIFFERENCE_STEP times the smallest eigenvalue of
+    K_k = T̄_k⁻¹ ≈ D_k + G_j⁻¹, T̄_k the mean per-level Z_j'V⁻¹Z_j = T_sum/m, m = ||T_sum||²/Σ_j ||T_j||².
+
+    The deviance bends on the scale of K_k: where D_k has an eigenvalue near 0 (or far below
+    the others) it is G_j⁻¹ or that eigenvalue, not D's entries, so a step relative to
+    √(D_aa D_bb) can be 1e3 times too long there. Σ_j ||T_j||² is the trace of the expected
+    information's diagonal block, so every objective's evaluation holds what this needs.
+    """
+    steps = []
+    start = 0
+    for f, q in enumerate(qk):
+        T = la.sym(ev.T_sum[f])
+        block = ev.info[:, start:start + q * q, start:start + q * q]
+        start += q * q
+        sum_sq = np.trace(block, axis1=1, axis2=2)  # Σ_j ||T_j||²
+        with np.errstate(invalid="ignore", divide="ignore"):
+            largest = np.linalg.eigvalsh(T)[:, -1] * sum_sq / np.sum(T * T, axis=(1, 2))  # λ_max(T̄)
+            h = DIFFERENCE_STEP / largest
+        steps.append(np.where(np.isfinite(h) & (h > 0), h, DIFFERENCE_STEP))
+    return steps
+
+
+def central_difference(obj, data, D, s2, qk, f, E, h):
+    """Central differences of the vech gradient and of C along E in D_f, step h (v,), σ² fixed."""
+    plus = [Dk.copy() for Dk in D]
+    minus = [Dk.copy() for Dk in D]
+    plus[f] = plus[f] + h[:, None, None] * E
+    minus[f] = minus[f] - h[:, None, None] * E
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ep = obj.evaluate(plus, data, sigma2=s2, grad=True)
+        em = obj.evaluate(minus, data, sigma2=s2, grad=True)
+    return (vech_grad(ep, qk) - vech_grad(em, qk)) / (2.0 * h[:, None]), (ep.C - em.C) / (2.0 * h[:, None, None])
