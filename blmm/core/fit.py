@@ -84,7 +84,7 @@ def fit_lmm(
     method: str = "pSFS",
     tol: float = 1e-6,
     max_iter: int = 10000,
-    safe_mode: bool = False,
+    safe_mode: bool = True,
     column_names: list[str] | None = None,
     **options,
 ) -> FitResult:
@@ -116,7 +116,8 @@ def fit_lmm(
 
     ``safe_mode``: refuse a design lme4 refuses by default (ValueError naming the factor and the
     counts: core.design.identifiability_problems), and drop the voxels whose rows present fail
-    the same checks (status DROPPED_UNIDENTIFIABLE).  Off by default: blmm fits such designs.
+    the same checks (status DROPPED_UNIDENTIFIABLE).  On by default, as lme4 and the command line;
+    ``safe_mode=False`` fits such designs (the fit is well defined while n > p + 1 and X has full rank).
     """
     if safe_mode:
         problems = identifiability_problems(factors)

@@ -211,7 +211,8 @@ def structures_for(factors):
 
 def fit_all(X, factors, Y, reml):
     """Every structure x method on one design: {(structure, method): FitResult}; with missing rows
-    also fit_lmm's vectorised missing-row path ("missing-rows") where it applies (one factor, one nesting tree)."""
+    also fit_lmm's vectorised missing-row path ("missing-rows") where it applies (one factor, one nesting tree).
+    fit_lmm runs without lme4's refusals: some random designs have no more rows than random effects."""
     centre = centre_of(Y, X)  # as fit_lmm: the sums of Y less its centre (docs/model.md, "The centre")
     stats = sufficient_stats(centred_response(Y, X, centre), X, factors)
     stats.centre = centre
@@ -220,7 +221,7 @@ def fit_all(X, factors, Y, reml):
     if np.isnan(Y).any() and (len(factors) == 1 or choose_structure(stats.layout)[0] == "nested"):
         for m in METHODS:
             out["missing-rows", m] = fit_lmm(Y, X, factors, reml=reml, method=m, tol=TOL, max_iter=MAX_ITER,
-                                             threads=1)
+                                             threads=1, safe_mode=False)
     return out
 
 
@@ -703,7 +704,7 @@ def unit_problems(name, reml):
 
     for s in structures_for(factors):
         for m in METHODS:
-            opts = dict(reml=reml, method=m, tol=TOL, max_iter=MAX_ITER, structure=s, threads=1)
+            opts = dict(reml=reml, method=m, tol=TOL, max_iter=MAX_ITER, structure=s, threads=1, safe_mode=False)
             std = fit_lmm(Y, X_std, factors, **opts)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

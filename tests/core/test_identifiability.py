@@ -34,8 +34,8 @@ def test_fit_lmm_in_safe_mode_refuses_the_design_naming_the_term():
     X = np.column_stack([np.ones(n), rng.normal(size=n)])
     factor = _slopes(np.repeat(np.arange(6), 2))
     with pytest.raises(ValueError, match=r"random factor 'subject': 12 observations against 12 random effects"):
-        fit_lmm(rng.normal(size=(n, 2)), X, [factor], safe_mode=True)
-    fit_lmm(rng.normal(size=(n, 2)), X, [factor])  # blmm fits it when asked to (safe_mode off, the default)
+        fit_lmm(rng.normal(size=(n, 2)), X, [factor])  # safe mode is the default, as in lme4
+    fit_lmm(rng.normal(size=(n, 2)), X, [factor], safe_mode=False)  # blmm fits it when asked to
 
 
 def test_voxels_whose_rows_present_fail_the_checks_get_their_own_status():
@@ -54,6 +54,6 @@ def test_voxels_whose_rows_present_fail_the_checks_get_their_own_status():
     assert fit.stop[1] == NOT_FITTED and np.isnan(fit.beta[1]).all() and np.isnan(fit.llh[1])
     assert "lme4" in STATUS_NAMES[DROPPED_UNIDENTIFIABLE]
     # the voxels kept are fitted exactly as without the check (float64: the same arithmetic)
-    plain = fit_lmm(Y, X, [factor])
+    plain = fit_lmm(Y, X, [factor], safe_mode=False)
     np.testing.assert_array_equal(fit.beta[[0, 2]], plain.beta[[0, 2]])
     assert plain.status[1] == FITTED  # without safe mode the one-level voxel is fitted, as before
