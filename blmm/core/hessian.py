@@ -78,9 +78,11 @@ def difference_steps(ev: Evaluation, qk) -> list:
         block = ev.info[:, start:start + q * q, start:start + q * q]
         start += q * q
         sum_sq = np.trace(block, axis1=1, axis2=2)  # Σ_j ||T_j||²
+        finite = np.all(np.isfinite(T.reshape(T.shape[0], -1)), axis=1)  # some LAPACKs raise on NaN
+        largest = np.full(T.shape[0], np.nan)
+        largest[finite] = np.linalg.eigvalsh(T[finite])[:, -1]
         with np.errstate(invalid="ignore", divide="ignore"):
-            largest = np.linalg.eigvalsh(T)[:, -1] * sum_sq / np.sum(T * T, axis=(1, 2))  # λ_max(T̄)
-            h = DIFFERENCE_STEP / largest
+            h = DIFFERENCE_STEP * np.sum(T * T, axis=(1, 2)) / (largest * sum_sq)  # 1e-3 / λ_max(T̄)
         steps.append(np.where(np.isfinite(h) & (h > 0), h, DIFFERENCE_STEP))
     return steps
 
