@@ -7,6 +7,10 @@ eliminates it; each outer level (family) is one "level" of its group, with the b
 columns.  In both, a voxel's data enter the fit only through `LevelSums` per group: class
 aggregates, the y_j of levels outside big classes, and the y_j of big-class levels that its
 missing rows touch.  So an image batch holding whole outer levels writes these, never Z'Y.
+
+What is stored follows the storage rule (a class is aggregated when that is smaller: b p
+members or more, `big_class_min`); the nested objective aggregates smaller classes too
+(`fit_classes`), and `LevelGroup.fit_sums` forms their aggregates from the stored y_j.
 """
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from blmm.core.level_classes import LevelClasses, class_aggregates
+from blmm.core.level_classes import LevelClasses, big_class_min, class_aggregates
 from blmm.core.missing_rows import LevelSums
+from blmm.core.objective.base import diag_blocks
 from blmm.core.objective.nested import NestedObjective
 
 
@@ -24,10 +29,11 @@ from blmm.core.objective.nested import NestedObjective
 class LevelGroup:
     """One group: its classes, each level's X_j = Z_j'X, Z columns and outer level."""
 
-    classes: LevelClasses
+    classes: LevelClasses  # as stored: big classes are those worth aggregating on disk
     Xl: np.ndarray  # (L, b, p) over the group's levels
     columns: np.ndarray  # (L, b) each level's columns of Z
     outer: np.ndarray  # (L,) each level's level of the outermost factor, ascending
+    fit_classes: LevelClasses  # the same classes, big as the objective takes them (a superset)
 
     @property
     def q(self) -> int:
@@ -41,6 +47,31 @@ class LevelGroup:
 
     def packed_width(self) -> int:
         return LevelSums.packed_width(self.Xl.shape[2], self.q, self.classes.n_big, self.classes.small_levels.size)
+
+    def fit_sums(self, stored: LevelSums) -> LevelSums:
+        """The sums in the objective's classes (`fit_classes`), without touched levels: a class the
+        objective aggregates but storage keeps level by level is aggregated here from its y_j."""
+        if self.fit_classes is self.classes:
+            return stored
+        v, p, b = stored.n_voxels, self.Xl.shape[2], self.q
+        pos = self.small_position()
+        index = self.classes.level_index
+        stored_big = {tuple(m): i for i, m in enumerate(self.classes.big_members)}
+        KXYo = np.empty((v, self.fit_classes.n_big, b, b, p))
+        KYY = np.empty((v, self.fit_classes.n_big, b * (b + 1) // 2))
+        for i, members in enumerate(self.fit_classes.big_members):
+            j = stored_big.get(tuple(members))
+            if j is not None:
+                KXYo[:, i], KYY[:, i] = stored.KXYo[:, j], stored.KYY[:, j]
+                continue
+            if np.any(pos[index[members]] < 0):
+                raise ValueError("stored and fitted classes of a group of levels disagree")
+            one = LevelClasses(np.arange(members.size), (np.arange(members.size),),
+                               np.array([members.size]), np.zeros(0, np.int64))
+            K = class_aggregates(one, self.Xl[index[members]], stored.y_small[:, pos[index[members]]])
+            KXYo[:, i], KYY[:, i] = K[0][:, 0], K[1][:, 0]
+        y_small = stored.y_small[:, pos[index[self.fit_classes.small_levels]]]
+        return LevelSums.untouched(stored.XtY, stored.YtY, KXYo, KYY, y_small)
 
     def sums(self, XtY: np.ndarray, yl: np.ndarray, YtY: np.ndarray, first: int = 0) -> LevelSums:
         """This group's LevelSums (no touched levels) from the y_j (v, m, b) of its levels first, ...,
@@ -57,20 +88,25 @@ class LevelGroup:
 def factor_groups(classes: LevelClasses, ZtX: np.ndarray) -> list[LevelGroup]:
     """The one group of one random factor: its levels (all with rows, as in a complete design)."""
     L, q, p = classes.level_index.size, ZtX.shape[0] // classes.level_index.size, ZtX.shape[1]
-    return [LevelGroup(classes, ZtX.reshape(L, q, p), np.arange(L * q).reshape(L, q), np.arange(L))]
+    return [LevelGroup(classes, ZtX.reshape(L, q, p), np.arange(L * q).reshape(L, q), np.arange(L), classes)]
 
 
-def tree_groups(obj: NestedObjective, Z: sp.spmatrix, outer_codes: np.ndarray) -> list[LevelGroup]:
+def tree_groups(obj: NestedObjective, Z: sp.spmatrix, ZtZ: sp.spmatrix, outer_codes: np.ndarray
+                ) -> list[LevelGroup]:
     """The groups of a nesting tree's complete design: `obj`'s block shapes, each family one level
-    (outer_codes: each row's level of the outermost factor)."""
+    (Z, ZtZ: the complete design's, as `obj` was given; outer_codes: each row's outermost level)."""
     Zc = sp.csc_matrix(Z)
+    ZtZ = sp.csr_matrix(ZtZ)
     groups = []
     for lv, perm in zip(obj.levels, obj.perm):
         columns = perm.reshape(-1, lv.q)
         outer = outer_codes[Zc.indices[Zc.indptr[columns[:, 0]]]]  # a block's rows lie in its family
         if lv.level_index.size != columns.shape[0] or np.any(np.diff(outer) <= 0):
             raise ValueError("a nesting tree's blocks must each hold one family's rows, in family order")
-        groups.append(LevelGroup(lv.classes, lv.Xl, columns, outer))
+        G = diag_blocks(sp.csr_matrix(ZtZ[perm][:, perm]), columns.shape[0], lv.q)  # as the objective forms its classes
+        fit_min = min(int(c) for c in lv.classes.big_counts) if lv.classes.n_big else G.shape[0] + 1
+        stored = LevelClasses.from_blocks(G, lv.p, max(big_class_min(lv.q, lv.p), fit_min))  # within the fit's
+        groups.append(LevelGroup(stored, lv.Xl, columns, outer, lv.classes))
     return groups
 
 

@@ -103,13 +103,13 @@ def touched_families(stats: NestedMissingRowStats, groups: list[LevelGroup], out
     return out
 
 
-def tree_level_sums(stats: NestedMissingRowStats, obj: NestedObjective) -> tuple[list[LevelSums], list]:
-    """Each group's `LevelSums` (stats.sums, or else from stats.ZtY) and `LevelGroup.small_position`."""
+def tree_level_sums(stats: NestedMissingRowStats, obj: NestedObjective) -> tuple[list[LevelGroup], list[LevelSums]]:
+    """The tree's groups of families and each group's stored `LevelSums` (stats.sums, or else from stats.ZtY)."""
     outer = stats.codes[:, obj.root]
-    groups = tree_groups(obj, stats.Z, outer)
+    groups = tree_groups(obj, stats.Z, stats.ZtZ, outer)
     sums = stats.sums if stats.sums is not None else group_sums(groups, stats.XtY, stats.ZtY, stats.YtY,
                                                                 touched_families(stats, groups, outer))
-    return sums, [g.small_position() for g in groups]
+    return groups, sums
 
 
 class FamilyBlocks:
@@ -219,7 +219,8 @@ def fit_nested_missing_rows(stats: NestedMissingRowStats, reml=True, method="pSF
     n = stats.n_rows
     obj = NestedMissingObjective(stats.XtX, stats.ZtX, stats.ZtZ, n, stats.layout, reml, tree)
     fam = FamilyBlocks(stats, obj.base)
-    sums, small_position = tree_level_sums(stats, obj.base)
+    groups, sums = tree_level_sums(stats, obj.base)
+    small_position = [g.small_position() for g in groups]
     shared = sum(a.nbytes for a in (*fam.G, *fam.Xl, fam.zrow))
     budget = max(max_block_bytes - shared, max_block_bytes // 8)
     base_voxel = obj.base.per_voxel_bytes() + 8 * (k + 6) * p * p
@@ -253,7 +254,7 @@ def fit_nested_missing_rows(stats: NestedMissingRowStats, reml=True, method="pSF
             local = [s.take(np.flatnonzero(keep)) for s in local]
             if idx.size == 0:
                 return
-        data = obj.data_from_sums(local, **u)
+        data = obj.data_from_sums([g.fit_sums(s) for g, s in zip(groups, local)], **u)
         out = F._fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)  # data.n per voxel
         F._store(res, idx, out)
         res.resms[idx] = residual_mean_square(out.beta, XtX_v, stats.XtY[idx], stats.YtY[idx], n_obs[idx], p)

@@ -244,7 +244,7 @@ def level_groups(X: np.ndarray, factors: list[RandomFactor]) -> list[LevelGroup]
     Z = random_effects_matrix(factors, layout)
     XtX, ZtX, ZtZ = X.T @ X, np.asarray(Z.T @ X), (Z.T @ Z).tocsr()
     obj = NestedObjective(XtX, ZtX, ZtZ, X.shape[0], layout, True, tree)  # the groups do not depend on REML
-    return tree_groups(obj, Z, outer_codes(factors))
+    return tree_groups(obj, Z, ZtZ, outer_codes(factors))
 
 
 def outer_codes(factors: list[RandomFactor]) -> np.ndarray:

@@ -65,8 +65,9 @@ def assert_objective_equals_per_pattern(Y, X, factors, D, reml, tree=None):
     if tree is not None:
         assert obj.tree == tree
     idx = np.arange(Y.shape[1])
-    sums, small_position = tree_level_sums(ms, obj.base)  # class-aggregated, as the fit and the pipeline use
-    data = obj.data_from_sums(sums, **block_units(ms, FamilyBlocks(ms, obj.base), idx, sums, small_position))
+    groups, sums = tree_level_sums(ms, obj.base)  # class-aggregated, as the fit and the pipeline use
+    units = block_units(ms, FamilyBlocks(ms, obj.base), idx, sums, [g.small_position() for g in groups])
+    data = obj.data_from_sums([g.fit_sums(s) for g, s in zip(groups, sums)], **units)
     ev = obj.evaluate(D, data, grad=True)
     for vox in idx:
         u = ss.pattern_of_voxel[vox]
