@@ -323,14 +323,7 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
             f0, f1 = int(outer[c0]), int(outer[c1 - 1]) + 1  # the chunk's outer levels
             spans = [tuple(np.searchsorted(g.outer, (f0, f1))) for g in groups]  # each group's levels here
             Zg = [Zc[:, g.columns[m0:m1].ravel()] for g, (m0, m1) in zip(groups, spans)]
-            keys = np.zeros(0, np.int64)  # (voxel, outer level) pairs a missing value touches, big class only
-            if not present.all():  # complete data (most chunks) touch nothing
-                # an outer level's rows are adjacent: reduce them to one row first, then list by voxel
-                firsts = np.flatnonzero(np.concatenate([[True], outer[c0 + 1:c1] != outer[c0:c1 - 1]]))
-                touches = np.logical_or.reduceat(~present, firsts, axis=0)  # (outer levels, voxels)
-                vm, fm = np.nonzero(np.ascontiguousarray(touches.T))  # by voxel, then outer level
-                keys = vm * n_outer + outer[c0 + firsts[fm]]
-                keys = keys[where[2][keys % n_outer]]
+            keys = _touched_keys(outer[c0:c1], present, n_outer, where[2])
             step = _voxel_step(plan, c1 - c0, sum(z.shape[1] for z in Zg))
             for a in range(0, plan.voxels.size, step):
                 Yc = Y[:, a:a + step]
@@ -342,13 +335,8 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
                                         for g, y, (m0, _) in zip(groups, yl, spans)], axis=1)
                 out.write(a, rows)
                 here = keys[(keys // n_outer >= a) & (keys // n_outer < a + v)]
-                vt, ft = here // n_outer, here % n_outer
-                values = np.zeros((here.size, width))
-                values[:, 0], values[:, 1] = where[0][ft], where[1][ft]
-                for gi, (g, y, (m0, _)) in enumerate(zip(groups, yl, spans)):
-                    sel = where[0][ft] == gi
-                    values[sel, 2:2 + g.q] = y[vt[sel] - a, where[1][ft[sel]] - m0]
-                touched.append((vt, values))
+                touched.append(_touched_rows(here // n_outer, here % n_outer, where, yl, [m0 for m0, _ in spans],
+                                             a, width))
     except BaseException:
         out.fh.close()  # the caller removes the file
         raise
@@ -356,6 +344,32 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
     missing["_bits"] = np.concatenate(bits, axis=0).T.copy()  # (voxels, bytes)
     missing["_touched"] = _merge_by_voxel(touched, plan.voxels.size, width)  # by voxel, then outer level
     return missing
+
+
+def _touched_keys(outer: np.ndarray, present: np.ndarray, n_outer: int, big: np.ndarray) -> np.ndarray:
+    """voxel * n_outer + outer level of every (voxel, big-class outer level) pair a missing value of
+    the chunk touches (outer: the chunk's rows' outer levels, adjacent), sorted by voxel then level."""
+    if present.all():  # complete data (most chunks) touch nothing
+        return np.zeros(0, np.int64)
+    # an outer level's rows are adjacent: reduce them to one row first, then list by voxel
+    firsts = np.flatnonzero(np.concatenate([[True], outer[1:] != outer[:-1]]))
+    touches = np.logical_or.reduceat(~present, firsts, axis=0)  # (outer levels, voxels)
+    vm, fm = np.nonzero(np.ascontiguousarray(touches.T))
+    keys = vm * n_outer + outer[firsts[fm]]
+    return keys[big[keys % n_outer]]
+
+
+def _touched_rows(voxel: np.ndarray, outer: np.ndarray, where: tuple, yl: list, first: list, a: int,
+                  width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(voxel, rows [group, level in group, y_j padded to width]) of touched pairs, from each group's
+    y_j (v, m, b) of the voxels from a and its levels from first[g] (where: `outer_level_places`)."""
+    group, level = where[0][outer], where[1][outer]
+    values = np.zeros((voxel.size, width))
+    values[:, 0], values[:, 1] = group, level
+    for g, (y, m0) in enumerate(zip(yl, first)):
+        sel = group == g
+        values[sel, 2:2 + y.shape[2]] = y[voxel[sel] - a, level[sel] - m0]
+    return voxel, values
 
 
 def missing_value_counts(plan: RunPlan) -> dict[str, int]:
