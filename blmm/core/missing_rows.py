@@ -47,6 +47,56 @@ class LevelSums:
     def n_voxels(self) -> int:
         return int(self.XtY.shape[0])
 
+    @classmethod
+    def untouched(cls, XtY, YtY, KXYo, KYY, y_small) -> "LevelSums":
+        """LevelSums in which no voxel's missing rows touch a big-class level."""
+        v, q = XtY.shape[0], y_small.shape[2]
+        return cls(XtY=np.ascontiguousarray(XtY), YtY=np.asarray(YtY, dtype=np.float64), KXYo=KXYo, KYY=KYY,
+                   y_small=y_small, touched_ptr=np.zeros(v + 1, np.int64), touched_level=np.zeros(0, np.int64),
+                   touched_y=np.zeros((0, q)))
+
+    def with_touched(self, ptr: np.ndarray, level: np.ndarray, y: np.ndarray) -> "LevelSums":
+        """The same sums with these touched big-class levels (sorted by voxel, then level)."""
+        return LevelSums(self.XtY, self.YtY, self.KXYo, self.KYY, self.y_small, np.asarray(ptr, np.int64),
+                         np.asarray(level, np.int64), np.ascontiguousarray(y, dtype=np.float64))
+
+    def pack(self) -> np.ndarray:
+        """One row per voxel: [X'Y | Y'Y | KXYo | KYY | y_small]; the touched levels travel apart
+        (their number varies by voxel)."""
+        v = self.n_voxels
+        return np.concatenate([self.XtY, self.YtY[:, None], self.KXYo.reshape(v, -1), self.KYY.reshape(v, -1),
+                               self.y_small.reshape(v, -1)], axis=1)
+
+    @staticmethod
+    def packed_width(p: int, q: int, n_big: int, n_small: int) -> int:
+        """Values per voxel of `pack`'s rows."""
+        return p + 1 + n_big * (q * q * p + q * (q + 1) // 2) + n_small * q
+
+    @classmethod
+    def unpack(cls, rows: np.ndarray, p: int, q: int, n_big: int, n_small: int) -> "LevelSums":
+        """LevelSums from `pack`'s rows, without touched levels (`with_touched` adds them)."""
+        v = rows.shape[0]
+        edges = np.cumsum([p, 1, n_big * q * q * p, n_big * q * (q + 1) // 2, n_small * q])
+        XtY, YtY, KXYo, KYY, y_small, _ = np.split(rows, edges, axis=1)
+        return cls.untouched(XtY, np.ascontiguousarray(YtY[:, 0]), KXYo.reshape(v, n_big, q, q, p),
+                             KYY.reshape(v, n_big, q * (q + 1) // 2), y_small.reshape(v, n_small, q))
+
+    def level_y(self, small_position: np.ndarray, voxel: np.ndarray, level: np.ndarray) -> np.ndarray:
+        """y_j (k, q) of levels at voxels (k pairs): a small level's from y_small (small_position: each
+        level's place there, -1 if big), a big-class level's from the voxel's touched list."""
+        out = np.empty((voxel.size, self.y_small.shape[2]))
+        pos = small_position[level]
+        small = pos >= 0
+        out[small] = self.y_small[voxel[small], pos[small]]
+        L = small_position.size
+        tkey = np.repeat(np.arange(self.n_voxels), np.diff(self.touched_ptr)) * L + self.touched_level
+        want = voxel[~small] * L + level[~small]
+        at = np.minimum(np.searchsorted(tkey, want), max(tkey.size - 1, 0))
+        if want.size and (tkey.size == 0 or np.any(tkey[at] != want)):
+            raise ValueError("the data sums lack the y_j of a level that a voxel's missing rows touch")
+        out[~small] = self.touched_y[at]
+        return out
+
     def take(self, idx) -> "LevelSums":
         idx = np.asarray(idx)
         counts = np.diff(self.touched_ptr)[idx]

@@ -18,7 +18,8 @@ import scipy.sparse as sp
 
 from blmm.core.centre import ResponseCentre
 from blmm.core.design import RandomFactor
-from blmm.core.missing_rows import MissingRowCounts, compressed_missing_rows, residual_mean_square
+from blmm.core.level_groups import LevelGroup, group_sums, outer_level_places, tree_groups
+from blmm.core.missing_rows import LevelSums, MissingRowCounts, compressed_missing_rows, residual_mean_square
 from blmm.core.objective.base import diag_blocks
 from blmm.core.objective.nested import NestedObjective
 from blmm.core.objective.nested_missing import GroupUnits, NestedMissingObjective
@@ -40,9 +41,10 @@ class NestedMissingRowStats(MissingRowCounts):
     missing_rows: np.ndarray  # rows each pattern lacks, concatenated
     pattern_of_voxel: np.ndarray  # (v,)
     XtY: np.ndarray  # (v, p), missing entries add zero
-    ZtY: np.ndarray  # (v, Σ L_k q_k)
+    ZtY: np.ndarray | None  # (v, Σ L_k q_k), or None where `sums` come aggregated (the pipeline's)
     YtY: np.ndarray  # (v,)
     centre: ResponseCentre | None = None  # taken out of Y before the data sums (None: none)
+    sums: list | None = None  # per group of the tree (core/level_groups.py) its `LevelSums`; None: from ZtY
 
 
 def nested_missing_row_stats_from_data(Y, X, factors: list[RandomFactor], observed=None,
@@ -60,18 +62,54 @@ def nested_missing_row_stats_from_data(Y, X, factors: list[RandomFactor], observ
 
 
 def nested_missing_row_stats(X: np.ndarray, factors: list[RandomFactor], layout: FactorLayout,
-                             patterns: np.ndarray, pattern_of_voxel: np.ndarray, XtY: np.ndarray,
-                             ZtY: np.ndarray, YtY: np.ndarray, Z: sp.csr_matrix | None = None
+                             patterns: np.ndarray, pattern_of_voxel: np.ndarray, XtY: np.ndarray | None = None,
+                             ZtY: np.ndarray | None = None, YtY: np.ndarray | None = None,
+                             Z: sp.csr_matrix | None = None, sums: list[LevelSums] | None = None
                              ) -> NestedMissingRowStats:
-    """`NestedMissingRowStats` from per-voxel data sums (missing entries added zero) and the
-    voxels' presence patterns (u, n): the complete design's sums and each pattern's missing rows."""
+    """`NestedMissingRowStats` from per-voxel data sums (missing entries added zero): XtY, ZtY and YtY,
+    or each group's class-aggregated `sums` (the pipeline's); and the voxels' presence patterns
+    (u, n): the complete design's sums and each pattern's missing rows."""
+    if sums is not None:
+        XtY, YtY = sums[0].XtY, sums[0].YtY
     Z = random_effects_matrix(factors, layout) if Z is None else Z
     ptr, rows = compressed_missing_rows(patterns)
     codes = np.stack([np.searchsorted(lv, f.labels) for f, lv in zip(factors, layout.levels)], axis=1)
     return NestedMissingRowStats(
         layout=layout, X=X, Z=Z, codes=codes.astype(np.int64), XtX=X.T @ X, ZtX=np.asarray(Z.T @ X),
         ZtZ=(Z.T @ Z).tocsr(), pattern_ptr=ptr, missing_rows=rows,
-        pattern_of_voxel=np.asarray(pattern_of_voxel, dtype=np.int64), XtY=XtY, ZtY=ZtY, YtY=YtY)
+        pattern_of_voxel=np.asarray(pattern_of_voxel, dtype=np.int64), XtY=XtY, ZtY=ZtY, YtY=YtY, sums=sums)
+
+
+def touched_families(stats: NestedMissingRowStats, groups: list[LevelGroup], outer: np.ndarray
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per group: each voxel's big-class families (levels of the group) that its missing rows touch,
+    as (ptr (v + 1,), levels), sorted by voxel then level (outer: each row's family)."""
+    n_outer = int(outer.max()) + 1
+    group, level, big = outer_level_places(groups, n_outer)
+    u = stats.pattern_ptr.size - 1
+    pat = np.repeat(np.arange(u), np.diff(stats.pattern_ptr))
+    family = outer[stats.missing_rows]
+    key = np.unique(pat[big[family]] * n_outer + family[big[family]])  # by pattern, then family
+    kp, kf = key // n_outer, key % n_outer
+    out = []
+    for i in range(len(groups)):
+        mine = group[kf] == i
+        per_pattern = np.bincount(kp[mine], minlength=u)
+        pptr = np.concatenate([[0], np.cumsum(per_pattern)])
+        counts = per_pattern[stats.pattern_of_voxel]
+        ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        flat = np.repeat(pptr[stats.pattern_of_voxel] - ptr[:-1], counts) + np.arange(int(ptr[-1]))
+        out.append((ptr, level[kf[mine]][flat]))
+    return out
+
+
+def tree_level_sums(stats: NestedMissingRowStats, obj: NestedObjective) -> tuple[list[LevelGroup], list[LevelSums]]:
+    """The tree's groups of families and each group's stored `LevelSums` (stats.sums, or else from stats.ZtY)."""
+    outer = stats.codes[:, obj.root]
+    groups = tree_groups(obj, stats.Z, stats.ZtZ, outer)
+    sums = stats.sums if stats.sums is not None else group_sums(groups, stats.XtY, stats.ZtY, stats.YtY,
+                                                                touched_families(stats, groups, outer))
+    return groups, sums
 
 
 class FamilyBlocks:
@@ -100,8 +138,11 @@ class FamilyBlocks:
             self.cols.append(perm.reshape(Lg, b))
 
 
-def block_units(stats: NestedMissingRowStats, fam: FamilyBlocks, idx: np.ndarray) -> dict:
-    """Per-voxel units (per group) of the families touched by each voxel's missing rows, for voxels idx."""
+def block_units(stats: NestedMissingRowStats, fam: FamilyBlocks, idx: np.ndarray, sums: list[LevelSums],
+                small_position: list[np.ndarray]) -> dict:
+    """Per-voxel units (per group) of the families touched by each voxel's missing rows, for voxels
+    idx; a touched family's y_j comes from its group's `sums` at those voxels (small_position:
+    `LevelGroup.small_position`)."""
     B, p, L = idx.size, stats.p, fam.L
     pats = stats.pattern_of_voxel[idx]
     counts = np.diff(stats.pattern_ptr)[pats]
@@ -146,7 +187,7 @@ def block_units(stats: NestedMissingRowStats, fam: FamilyBlocks, idx: np.ndarray
         G = np.zeros((B, 2 * T, b, b))
         Xu = np.zeros((B, 2 * T, b, p))
         y = np.zeros((B, 2 * T, b))
-        yj = stats.ZtY[idx[v_g][:, None], fam.cols[g][j]]
+        yj = sums[g].level_y(small_position[g], v_g, j)
         sign[v_g, slot] = -1.0  # removal: the term the class sums hold for the family
         G[v_g, slot], Xu[v_g, slot], y[v_g, slot] = fam.G[g][j], fam.Xl[g][j], yj
         keep = nM < fam.rows_per_family[f_g]  # a family that lost every image contributes nothing
@@ -178,6 +219,8 @@ def fit_nested_missing_rows(stats: NestedMissingRowStats, reml=True, method="pSF
     n = stats.n_rows
     obj = NestedMissingObjective(stats.XtX, stats.ZtX, stats.ZtZ, n, stats.layout, reml, tree)
     fam = FamilyBlocks(stats, obj.base)
+    groups, sums = tree_level_sums(stats, obj.base)
+    small_position = [g.small_position() for g in groups]
     shared = sum(a.nbytes for a in (*fam.G, *fam.Xl, fam.zrow))
     budget = max(max_block_bytes - shared, max_block_bytes // 8)
     base_voxel = obj.base.per_voxel_bytes() + 8 * (k + 6) * p * p
@@ -201,15 +244,17 @@ def fit_nested_missing_rows(stats: NestedMissingRowStats, reml=True, method="pSF
         start = stop
 
     def run(idx) -> None:
-        u = block_units(stats, fam, idx)
+        local = [s.take(idx) for s in sums]
+        u = block_units(stats, fam, idx, local, small_position)
         XtX_v = stats.XtX + u["dXtX"]
         keep = F.screen_voxels(res, idx, XtX_v, stats.XtY[idx], stats.YtY[idx], u["n"], stats.centre)
         if not np.all(keep):
             idx, XtX_v = idx[keep], XtX_v[keep]
             u = {"n": u["n"][keep], "dXtX": u["dXtX"][keep], "units": [g.take(keep) for g in u["units"]]}
+            local = [s.take(np.flatnonzero(keep)) for s in local]
             if idx.size == 0:
                 return
-        data = obj.data(stats.XtY[idx], stats.ZtY[idx], stats.YtY[idx], **u)
+        data = obj.data_from_sums([g.fit_sums(s) for g, s in zip(groups, local)], **u)
         out = F._fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)  # data.n per voxel
         F._store(res, idx, out)
         res.resms[idx] = residual_mean_square(out.beta, XtX_v, stats.XtY[idx], stats.YtY[idx], n_obs[idx], p)

@@ -16,9 +16,10 @@ from blmm.version import __version__
 from blmm.config import Config
 from blmm.core.design import RandomFactor
 from blmm.core.design_basis import FittingBasis, fitting_basis
+from blmm.core.level_groups import LevelGroup, factor_groups, tree_groups
 from blmm.core.missing_rows import MissingRowStats, missing_design
-from blmm.core.objective.nested import nested_tree
-from blmm.core.sufficient import FactorLayout
+from blmm.core.objective.nested import NestedObjective, nested_tree
+from blmm.core.sufficient import FactorLayout, random_effects_matrix
 from blmm.errors import InputError
 from blmm.io.images import read_mask
 from blmm.io.outdir import (
@@ -170,14 +171,15 @@ def plan_run(config: Config, force: bool = False) -> RunPlan:
     # (the layout depends only on the inputs and MAXMEM, so a run resumes on any engine)
     order, cut = level_order(config)
     basis = design_basis(config)  # once per run, before any image is read
-    columns = sum_columns(config, order, basis)
+    groups = level_groups(basis.fitting_X(config.X[order]), [f.subset(order) for f in basis.fitting_factors(config.factors)])
+    columns = sum_columns(config, order, basis, groups)
     partial_bytes = 8 * V * columns
     n_batches = int(max(1, min(4, n // 32, 2 * budget // max(partial_bytes, 1))))
     batches = cut_at_levels(cut, n_batches)
     # voxel blocks: the summed statistics of a block (three copies), its presence bits, patterns and
-    # missing rows (at most n each), and for one factor the touched levels' y_j (at most one per
-    # level); the missing-row units count inside the fit (fit_missing_rows)
-    touched = 8 * (2 + config.factors[0].q) * min(n, config.factors[0].n_levels) if len(config.factors) == 1 else 0
+    # missing rows (at most n each), and where the sums are class-aggregated the touched levels'
+    # [group, level, y_j] (at most one per outer level); the missing-row units count inside the fit
+    touched = 0 if groups is None else 8 * (2 + max(g.q for g in groups)) * min(n, sum(g.outer.size for g in groups))
     row_bytes = 8 * columns * 3 + 11 * n + touched
     per_block = max(1, min(V, budget // 2 // row_bytes, 20000))
     # blocks run in parallel: about a second of estimated work each, enough to share (cost.py)
@@ -212,19 +214,45 @@ def complete_design(X: np.ndarray, factor: RandomFactor) -> MissingRowStats:
                           np.zeros(0, np.int64))
 
 
-def sum_columns(config: Config, order: np.ndarray | None = None, basis: FittingBasis | None = None) -> int:
-    """Partial sums per voxel of one image batch: X'Y, Y'Y, per big class its q q p cross sums and
-    q(q+1)/2 y_j y_j' sums, and q per other level (one factor); p + q + 1 (several factors).
-    The classes are those of the run's fitting basis (`basis`, the plan's; by default the config's)."""
-    p = config.p
-    if not one_factor(config):
-        return p + config.q + 1
-    order = np.arange(config.n) if order is None else order
-    basis = design_basis(config) if basis is None else basis
-    factor = basis.fitting_factors(config.factors)[0].subset(order)
-    classes = complete_design(basis.fitting_X(config.X[order]), factor).classes
-    q = config.factors[0].q
-    return p + 1 + classes.n_big * (q * q * p + q * (q + 1) // 2) + classes.small_levels.size * q
+def sum_columns(config: Config, order: np.ndarray | None = None, basis: FittingBasis | None = None,
+                groups: list[LevelGroup] | None = None) -> int:
+    """Partial sums per voxel of one image batch: per group of levels (`level_groups`) X'Y, Y'Y,
+    per big class its q q p cross sums and q(q+1)/2 y_j y_j' sums, and q per other level (one
+    factor, a nesting tree); p + q + 1 (crossed factors).  The groups are those of the run's
+    fitting basis (`basis`, the plan's; by default the config's), unless given (`groups`)."""
+    if groups is None:
+        order = np.arange(config.n) if order is None else order
+        basis = design_basis(config) if basis is None else basis
+        groups = level_groups(basis.fitting_X(config.X[order]),
+                              [f.subset(order) for f in basis.fitting_factors(config.factors)])
+    if groups is None:
+        return config.p + config.q + 1
+    return sum(g.packed_width() for g in groups)
+
+
+def level_groups(X: np.ndarray, factors: list[RandomFactor]) -> list[LevelGroup] | None:
+    """The groups of levels whose sums reading aggregates by class (core/level_groups.py), for X and
+    factors with rows in level order: one factor's levels, or a nesting tree's families by block
+    shape; None for crossed factors (their per-pattern fits need Z'Y for every level)."""
+    layout = FactorLayout.from_factors(factors)
+    if len(factors) == 1:
+        design = complete_design(X, factors[0])
+        return factor_groups(design.classes, design.ZtX)
+    tree = nested_tree(layout)
+    if tree is None or len(tree) != len(factors):
+        return None
+    Z = random_effects_matrix(factors, layout)
+    XtX, ZtX, ZtZ = X.T @ X, np.asarray(Z.T @ X), (Z.T @ Z).tocsr()
+    obj = NestedObjective(XtX, ZtX, ZtZ, X.shape[0], layout, True, tree)  # the groups do not depend on REML
+    return tree_groups(obj, Z, ZtZ, outer_codes(factors))
+
+
+def outer_codes(factors: list[RandomFactor]) -> np.ndarray:
+    """Each row's level of the outermost factor (the one batches are cut at, `level_order`)."""
+    layout = FactorLayout.from_factors(factors)
+    tree = nested_tree(layout) if len(factors) > 1 else None
+    k = min(tree, key=lambda k: layout.n_levels[k]) if tree else int(np.argmax(layout.n_levels))
+    return np.searchsorted(layout.levels[k], factors[k].labels).astype(np.int64)
 
 
 class OutdirConflict(InputError):

@@ -3,13 +3,13 @@
 1. `plan_run(config)` -> RunPlan: the analysis mask, image batches and voxel blocks sized
    from MAXMEM, the work folder and the hash of the inputs (for resuming).
 2. `read_batch(plan, b)`: reads the images of batch b once (rows in level order, whole
-   levels per batch) and writes their partial sums and presence bits for every analysis
-   voxel (atomically).  One factor: X'Y, Y'Y, the big classes' aggregates and the other
-   levels' y_j, plus y_j where a missing value touches a big-class level (`sum_columns`);
-   several factors: X'Y, Z'Y, Y'Y.
+   outer levels per batch) and writes their partial sums and presence bits for every analysis
+   voxel (atomically).  One factor or a nesting tree: X'Y, Y'Y and per group of levels
+   (core/level_groups.py) its class aggregates and the other levels' y_j, plus apart the y_j
+   where a missing value touches a big-class level (`sum_columns`); crossed factors: X'Y, Z'Y, Y'Y.
 3. `fit_block(plan, k)`: sums block k's rows of every partial in a fixed order and fits:
-   one factor, every voxel against the complete design (`fit_missing_rows`); several
-   factors, per presence pattern.  Then infers and writes the block's results (atomically).
+   one factor or a nesting tree, every voxel against the complete design (`fit_missing_rows`,
+   `fit_nested_missing_rows`); crossed factors, per presence pattern.  Then infers and writes the block's results (atomically).
 4. `write_outputs(plan, ...)`: assembles the maps in the input's format.
 
 Batches and blocks run on an engine (`blmm.engine`); a killed run restarts from the
@@ -27,7 +27,7 @@ import numpy as np
 from blmm.config import Config
 from blmm.core.centre import ResponseCentre, intercept_weights, response_centre
 from blmm.core.inference import infer
-from blmm.core.level_classes import class_aggregates
+from blmm.core.level_groups import LevelGroup, outer_level_places
 from blmm.core.missing_rows import LevelSums, MissingRowStats, missing_design, rank_in_runs
 from blmm.core.sufficient import (
     FactorLayout,
@@ -63,7 +63,7 @@ from blmm.io.outdir import (
 )
 from blmm.core.design import covariance_names
 from blmm.pipeline.corrections import correction_space_needed
-from blmm.pipeline.plan import RunPlan, complete_design, one_factor
+from blmm.pipeline.plan import RunPlan, level_groups, one_factor, outer_codes
 
 
 class _RowFile:
@@ -205,20 +205,14 @@ def ordered_design(plan: RunPlan) -> tuple[np.ndarray, list]:
             [f.subset(plan.order) for f in basis.fitting_factors(cfg.factors)])
 
 
-def pack_level_sums(XtY, YtY, KXYo, KYY, y_small) -> np.ndarray:
-    """One row per voxel: [X'Y | Y'Y | KXYo | KYY | y_small] (`sum_columns`)."""
-    v = XtY.shape[0]
-    return np.concatenate([XtY, YtY[:, None], KXYo.reshape(v, -1), KYY.reshape(v, -1), y_small.reshape(v, -1)],
-                          axis=1)
+_GROUPS: list = [None, None]  # [input hash, groups] of the last run this process served
 
 
-def unpack_level_sums(rows: np.ndarray, p: int, q: int, n_big: int, n_small: int) -> tuple:
-    """(X'Y, Y'Y, KXYo, KYY, y_small) from packed rows."""
-    v = rows.shape[0]
-    edges = np.cumsum([p, 1, n_big * q * q * p, n_big * q * (q + 1) // 2, n_small * q])
-    XtY, YtY, KXYo, KYY, y_small, _ = np.split(rows, edges, axis=1)
-    return (np.ascontiguousarray(XtY), np.ascontiguousarray(YtY[:, 0]), KXYo.reshape(v, n_big, q, q, p),
-            KYY.reshape(v, n_big, q * (q + 1) // 2), y_small.reshape(v, n_small, q))
+def sum_groups(plan: RunPlan) -> list[LevelGroup] | None:
+    """The run's groups of levels (`plan.level_groups`), built once per process and run."""
+    if _GROUPS[0] != plan.input_hash:
+        _GROUPS[:] = [plan.input_hash, level_groups(*ordered_design(plan))]
+    return _GROUPS[1]
 
 
 def _chunks(cut: np.ndarray, start: int, stop: int, size: int) -> list[tuple[int, int]]:
@@ -237,99 +231,145 @@ def _chunks(cut: np.ndarray, start: int, stop: int, size: int) -> list[tuple[int
 
 def _read_batch(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
     """Batch b's partial sums into ``tmp_stats``; the missing-value counts and presence bits
-    (and for one factor, the touched levels' y_j)."""
-    cfg = plan.config
-    start, stop = plan.batches[b]
-    voxels = plan.voxels
+    (and where the sums are class-aggregated, the touched levels' y_j)."""
+    groups = sum_groups(plan)
+    if groups is None:  # crossed factors: each presence pattern's objective needs every level's Z'Y
+        return _read_batch_by_column(plan, b, tmp_stats)
+    return _read_batch_by_class(plan, b, tmp_stats, groups)
+
+
+def _image_chunks(plan: RunPlan, ranges: list, missing: dict, bits: list):
+    """Per row range: (c0, c1, Y (images x voxels) with the centre taken out and missing values 0,
+    presence).  Each image is read once; missing-value counts add into `missing`, and the presence
+    bits are packed into `bits` by whole bytes."""
+    cfg, voxels = plan.config, plan.voxels
     centre = run_centre(plan)  # taken out of Y before the sums (docs/model.md, "The centre")
+    X = ordered_design(plan)[0]
+    rows = []
+    for c0, c1 in ranges:
+        Y = np.empty((c1 - c0, voxels.size))
+        present = np.empty(Y.shape, bool)
+        for i, row in enumerate(plan.order[c0:c1]):
+            Y[i] = read_image(cfg.y_files[row], cfg.space, voxels)
+            if cfg.data_mask_files is not None:
+                present[i] = read_mask(cfg.data_mask_files[row], cfg.space, voxels)
+        # the missing-value rules on the whole chunk at once, counted in the order of MISSING_REASONS
+        present, counts = missing_value_rules(cfg, Y, present if cfg.data_mask_files is not None else None)
+        for key, k in counts.items():
+            missing[key] += k
+        for i, xw in enumerate(X[c0:c1] @ centre.weights):  # Y - c X w in place: the sums keep their precision
+            Y[i] -= xw * centre.value
+        if not present.all():
+            Y[~present] = 0.0
+        yield c0, c1, Y, present
+        rows.append(present)
+        if sum(r.shape[0] for r in rows) % 8 == 0 or c1 == ranges[-1][1]:  # pack whole bytes only
+            bits.append(np.packbits(np.concatenate(rows, axis=0), axis=0))
+            rows = []
+
+
+def _chunk_rows(plan: RunPlan) -> int:
+    """Images per chunk: Y in float64 plus the presence mask and the missing-value rules' boolean
+    temporaries (~14 bytes a value) in a quarter of MAXMEM, a multiple of 8 so the presence bits
+    pack chunk by chunk."""
+    return max(8, int(plan.config.maxmem // 4 // (14 * plan.voxels.size)) // 8 * 8)
+
+
+def _voxel_step(plan: RunPlan, n_rows: int, n_products: int) -> int:
+    """Voxels per product: bounded memory for large q; all of them (contiguous Y, no copies) when they fit."""
+    return max(1, int(plan.config.maxmem // 4 // (8 * plan.n_stat_columns + 8 * n_rows + 8 * n_products)))
+
+
+def _read_batch_by_column(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
+    """Several crossed factors: X'Y, Z'Y and Y'Y per voxel."""
+    start, stop = plan.batches[b]
     X, factors = ordered_design(plan)
     layout = FactorLayout.from_factors(factors)
-    p, q = cfg.p, layout.n_columns
-    missing = dict.fromkeys(MISSING_REASONS, 0)
-    columns = plan.n_stat_columns
-    aggregated = one_factor(cfg)
-    if aggregated:  # the classes of the complete design, the one rule (core/level_classes.py)
-        design = complete_design(X, factors[0])
-        classes, qk = design.classes, layout.q[0]
-        Xl = design.ZtX.reshape(-1, qk, p)  # every level has rows in the complete design
-        big = classes.big_level_mask(layout.n_levels[0])
-        small_col = np.full(layout.n_levels[0], -1, np.int64)  # a small level's position among y_small
-        small_col[classes.small_levels] = np.arange(classes.small_levels.size)
-        codes = np.searchsorted(layout.levels[0], factors[0].labels)
-        touched = []
-    out = _RowFile(tmp_stats, voxels.size, columns)
+    missing, bits = dict.fromkeys(MISSING_REASONS, 0), []
+    ranges = [(c0, min(c0 + _chunk_rows(plan), stop)) for c0 in range(start, stop, _chunk_rows(plan))]
+    out = _RowFile(tmp_stats, plan.voxels.size, plan.n_stat_columns)
     try:
-        packed = []
-        # images per chunk: Y in float64 plus the presence mask and the missing-value rules'
-        # boolean temporaries (~14 bytes a value) in a quarter of MAXMEM, a multiple of 8 so the
-        # presence bits pack chunk by chunk; for one factor a chunk ends at a level boundary, so
-        # each level's y_j is complete within one chunk
-        chunk = max(8, int(cfg.maxmem // 4 // (14 * voxels.size)) // 8 * 8)
-        ranges = _chunks(codes, start, stop, chunk) if aggregated else [
-            (c0, min(c0 + chunk, stop)) for c0 in range(start, stop, chunk)]
-        bits_rows = []
-        for c0, c1 in ranges:
-            Y = np.empty((c1 - c0, voxels.size))
-            present = np.empty(Y.shape, bool)
-            for i, row in enumerate(plan.order[c0:c1]):  # each image is read once
-                Y[i] = read_image(cfg.y_files[row], cfg.space, voxels)
-                if cfg.data_mask_files is not None:
-                    present[i] = read_mask(cfg.data_mask_files[row], cfg.space, voxels)
-            # the missing-value rules on the whole chunk at once, counted in the order of MISSING_REASONS
-            present, counts = missing_value_rules(cfg, Y, present if cfg.data_mask_files is not None else None)
-            for key, k in counts.items():
-                missing[key] += k
-            for i, xw in enumerate(X[c0:c1] @ centre.weights):  # Y - c X w in place: the sums keep their precision
-                Y[i] -= xw * centre.value
-            if not present.all():
-                Y[~present] = 0.0
-            Xc = X[c0:c1]
-            if aggregated:
-                l0, l1 = int(codes[c0]), int(codes[c1 - 1]) + 1  # the chunk's levels
-                Z = random_effects_matrix([factors[0].subset(slice(c0, c1))], layout)[:, l0 * qk:l1 * qk]
-                small = np.flatnonzero(small_col[l0:l1] >= 0)
-                # (voxel, level) pairs of big classes that a missing value touches, with their y_j
-                keys = np.zeros(0, np.int64)
-                if not present.all():  # complete data (most chunks) touch nothing
-                    # a level's rows are adjacent: reduce them to one row first, then list by voxel
-                    starts = np.flatnonzero(np.concatenate([[True], codes[c0 + 1:c1] != codes[c0:c1 - 1]]))
-                    touches = np.logical_or.reduceat(~present, starts, axis=0)  # (levels, voxels)
-                    vm, lm = np.nonzero(np.ascontiguousarray(touches.T))  # by voxel, then level
-                    keys = vm * layout.n_levels[0] + codes[c0 + starts[lm]]
-                    keys = keys[big[keys % layout.n_levels[0]]]
-            else:
-                Z = random_effects_matrix([f.subset(slice(c0, c1)) for f in factors], layout)
-            # voxels per product: bounded memory for large q; all of them (contiguous Y, no copies) when they fit
-            vox_chunk = max(1, int(cfg.maxmem // 4 // (8 * columns + 8 * (c1 - c0) + 8 * q)))
-            for a in range(0, voxels.size, vox_chunk):
-                Yc = Y[:, a:a + vox_chunk]
-                v = Yc.shape[1]
-                rows = out.read(a, a + v) if c0 > start else np.zeros((v, columns))
-                if aggregated:
-                    yl = np.asarray(Z.T @ Yc).T.reshape(v, l1 - l0, qk)  # y_j of the chunk's levels
-                    KXYo, KYY = class_aggregates(classes, Xl, yl, first=l0)
-                    y_small = np.zeros((v, classes.small_levels.size, qk))
-                    y_small[:, small_col[l0 + small]] = yl[:, small]
-                    rows += pack_level_sums((Xc.T @ Yc).T, np.einsum("nv,nv->v", Yc, Yc), KXYo, KYY, y_small)
-                    here = keys[(keys // layout.n_levels[0] >= a) & (keys // layout.n_levels[0] < a + v)]
-                    vt, lt = here // layout.n_levels[0], here % layout.n_levels[0]
-                    touched.append((vt, np.column_stack([lt, yl[vt - a, lt - l0]])))
-                    out.write(a, rows)
-                else:
-                    out.write(a, accumulate_data_sums(rows, Xc, Z, Yc))
-            bits_rows.append(present)
-            if sum(r.shape[0] for r in bits_rows) % 8 == 0 or c1 == stop:  # pack whole bytes only
-                packed.append(np.packbits(np.concatenate(bits_rows, axis=0), axis=0))
-                bits_rows = []
-            del Y, present
+        for c0, c1, Y, _ in _image_chunks(plan, ranges, missing, bits):
+            Z = random_effects_matrix([f.subset(slice(c0, c1)) for f in factors], layout)
+            step = _voxel_step(plan, c1 - c0, layout.n_columns)
+            for a in range(0, plan.voxels.size, step):
+                Yc = Y[:, a:a + step]
+                rows = out.read(a, a + Yc.shape[1]) if c0 > start else np.zeros((Yc.shape[1], plan.n_stat_columns))
+                out.write(a, accumulate_data_sums(rows, X[c0:c1], Z, Yc))
     except BaseException:
         out.fh.close()  # the caller removes the file
         raise
     out.close()
-    missing["_bits"] = np.concatenate(packed, axis=0).T.copy()  # (voxels, bytes)
-    if aggregated:  # sorted by voxel, then level; offsets per voxel
-        missing["_touched"] = _merge_by_voxel(touched, voxels.size, 1 + qk)
+    missing["_bits"] = np.concatenate(bits, axis=0).T.copy()  # (voxels, bytes)
     return missing
+
+
+def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[LevelGroup]) -> dict:
+    """One factor or a nesting tree: per voxel X'Y, Y'Y and each group's class-aggregated sums
+    (`LevelSums`, core/level_groups.py), and apart the y_j of big-class levels a missing value touches.
+    Chunks hold whole outer levels (families), so each level's y_j is complete within one chunk."""
+    start, stop = plan.batches[b]
+    X, factors = ordered_design(plan)
+    layout = FactorLayout.from_factors(factors)
+    outer = outer_codes(factors)
+    n_outer = int(outer.max()) + 1 if outer.size else 0
+    where = outer_level_places(groups, n_outer)  # (group, level in group, big) of each outer level
+    missing, bits, touched = dict.fromkeys(MISSING_REASONS, 0), [], []
+    width = 2 + max(g.q for g in groups)  # a touched row: [group, level, y_j padded]
+    out = _RowFile(tmp_stats, plan.voxels.size, plan.n_stat_columns)
+    try:
+        for c0, c1, Y, present in _image_chunks(plan, _chunks(outer, start, stop, _chunk_rows(plan)), missing, bits):
+            Zc = random_effects_matrix([f.subset(slice(c0, c1)) for f in factors], layout).tocsc()
+            f0, f1 = int(outer[c0]), int(outer[c1 - 1]) + 1  # the chunk's outer levels
+            spans = [tuple(np.searchsorted(g.outer, (f0, f1))) for g in groups]  # each group's levels here
+            Zg = [Zc[:, g.columns[m0:m1].ravel()] for g, (m0, m1) in zip(groups, spans)]
+            keys = _touched_keys(outer[c0:c1], present, n_outer, where[2])
+            step = _voxel_step(plan, c1 - c0, sum(z.shape[1] for z in Zg))
+            for a in range(0, plan.voxels.size, step):
+                Yc = Y[:, a:a + step]
+                v = Yc.shape[1]
+                rows = out.read(a, a + v) if c0 > start else np.zeros((v, plan.n_stat_columns))
+                XtY, YtY = (X[c0:c1].T @ Yc).T, np.einsum("nv,nv->v", Yc, Yc)
+                yl = [np.asarray(z.T @ Yc).T.reshape(v, m1 - m0, g.q) for z, g, (m0, m1) in zip(Zg, groups, spans)]
+                rows += np.concatenate([g.sums(XtY, y, YtY, first=m0).pack()
+                                        for g, y, (m0, _) in zip(groups, yl, spans)], axis=1)
+                out.write(a, rows)
+                here = keys[(keys // n_outer >= a) & (keys // n_outer < a + v)]
+                touched.append(_touched_rows(here // n_outer, here % n_outer, where, yl, [m0 for m0, _ in spans],
+                                             a, width))
+    except BaseException:
+        out.fh.close()  # the caller removes the file
+        raise
+    out.close()
+    missing["_bits"] = np.concatenate(bits, axis=0).T.copy()  # (voxels, bytes)
+    missing["_touched"] = _merge_by_voxel(touched, plan.voxels.size, width)  # by voxel, then outer level
+    return missing
+
+
+def _touched_keys(outer: np.ndarray, present: np.ndarray, n_outer: int, big: np.ndarray) -> np.ndarray:
+    """voxel * n_outer + outer level of every (voxel, big-class outer level) pair a missing value of
+    the chunk touches (outer: the chunk's rows' outer levels, adjacent), sorted by voxel then level."""
+    if present.all():  # complete data (most chunks) touch nothing
+        return np.zeros(0, np.int64)
+    # an outer level's rows are adjacent: reduce them to one row first, then list by voxel
+    firsts = np.flatnonzero(np.concatenate([[True], outer[1:] != outer[:-1]]))
+    touches = np.logical_or.reduceat(~present, firsts, axis=0)  # (outer levels, voxels)
+    vm, fm = np.nonzero(np.ascontiguousarray(touches.T))
+    keys = vm * n_outer + outer[firsts[fm]]
+    return keys[big[keys % n_outer]]
+
+
+def _touched_rows(voxel: np.ndarray, outer: np.ndarray, where: tuple, yl: list, first: list, a: int,
+                  width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(voxel, rows [group, level in group, y_j padded to width]) of touched pairs, from each group's
+    y_j (v, m, b) of the voxels from a and its levels from first[g] (where: `outer_level_places`)."""
+    group, level = where[0][outer], where[1][outer]
+    values = np.zeros((voxel.size, width))
+    values[:, 0], values[:, 1] = group, level
+    for g, (y, m0) in enumerate(zip(yl, first)):
+        sel = group == g
+        values[sel, 2:2 + y.shape[2]] = y[voxel[sel] - a, level[sel] - m0]
+    return voxel, values
 
 
 def missing_value_counts(plan: RunPlan) -> dict[str, int]:
@@ -388,20 +428,31 @@ def _missing_row_stats(plan: RunPlan, sums: np.ndarray, touched, keep: np.ndarra
     """A one-factor block's statistics: the complete design, each pattern's missing rows and the
     voxels' class-aggregated sums (rows `keep` of the block)."""
     X, factors = ordered_design(plan)
-    layout = FactorLayout.from_factors(factors)
-    stats = missing_design(X, factors[0], layout, patterns, pattern_of_voxel)
-    q, p = layout.q[0], plan.config.p
-    XtY, YtY, KXYo, KYY, y_small = unpack_level_sums(sums[keep], p, q, stats.classes.n_big,
-                                                     stats.classes.small_levels.size)
-    values, ptr = (np.zeros((0, 1 + q)), np.zeros(sums.shape[0] + 1, np.int64)) if touched is None else touched
+    stats = missing_design(X, factors[0], FactorLayout.from_factors(factors), patterns, pattern_of_voxel)
+    stats.sums = group_level_sums(plan, sums, touched, keep)[0]
+    return stats
+
+
+def group_level_sums(plan: RunPlan, sums: np.ndarray, touched, keep: np.ndarray) -> list[LevelSums]:
+    """Each group's `LevelSums` at rows `keep` of a block, from its summed partial rows and its
+    touched rows ([group, level, y_j padded] by voxel, offsets per voxel)."""
+    groups = sum_groups(plan)
+    width = max(g.q for g in groups)
+    values, ptr = (np.zeros((0, 2 + width)), np.zeros(sums.shape[0] + 1, np.int64)) if touched is None else touched
     where = np.full(sums.shape[0], -1, np.int64)
     where[keep] = np.arange(keep.size)
     vox = where[np.repeat(np.arange(sums.shape[0]), np.diff(ptr))]
-    values = values[vox >= 0]  # voxels screened out drop
-    ptr = np.concatenate([[0], np.cumsum(np.bincount(vox[vox >= 0], minlength=keep.size))]).astype(np.int64)
-    stats.sums = LevelSums(XtY=XtY, YtY=YtY, KXYo=KXYo, KYY=KYY, y_small=y_small, touched_ptr=ptr,
-                           touched_level=values[:, 0].astype(np.int64), touched_y=np.ascontiguousarray(values[:, 1:]))
-    return stats
+    out, col = [], 0
+    for i, g in enumerate(groups):
+        n_cols = g.packed_width()
+        part = LevelSums.unpack(sums[keep, col:col + n_cols], plan.config.p, g.q, g.classes.n_big,
+                                g.classes.small_levels.size)
+        col += n_cols
+        mine = (vox >= 0) & (values[:, 0] == i)  # voxels screened out drop
+        counts = np.bincount(vox[mine], minlength=keep.size)
+        out.append(part.with_touched(np.concatenate([[0], np.cumsum(counts)]), values[mine, 1].astype(np.int64),
+                                     values[mine, 2:2 + g.q]))
+    return out
 
 
 def _read_rows(path: Path, a: int, b: int) -> np.ndarray:
@@ -445,10 +496,11 @@ def fit_block(plan: RunPlan, k: int) -> str:
         else:
             X, factors = ordered_design(plan)
             layout = FactorLayout.from_factors(factors)
-            XtY, ZtY, YtY = split_data_sums(sums[keep], p, layout.n_columns)
             if choose_structure(layout)[0] == "nested":  # one nesting tree: touched families as units
-                stats = nested_missing_row_stats(X, factors, layout, patterns, pattern_of_voxel, XtY, ZtY, YtY)
+                stats = nested_missing_row_stats(X, factors, layout, patterns, pattern_of_voxel,
+                                                 sums=group_level_sums(plan, sums, touched, keep))
             else:  # crossed factors: one objective per presence pattern
+                XtY, ZtY, YtY = split_data_sums(sums[keep], p, layout.n_columns)
                 Z = random_effects_matrix(factors, layout)
                 stats = stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
         stats.centre = run_centre(plan).take(lo + keep)  # the sums were formed without it: β gets it back

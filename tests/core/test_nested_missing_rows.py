@@ -17,6 +17,7 @@ from blmm.core.design import RandomFactor
 from blmm.core.fit import DROPPED_FEW, FITTED, METHODS, fit_lmm, fit_stats
 from blmm.core.nested_missing_rows import (
     FamilyBlocks, NestedMissingRowStats, block_units, fit_nested_missing_rows, nested_missing_row_stats_from_data,
+    tree_level_sums,
 )
 from blmm.core.objective.nested import NestedObjective
 from blmm.core.objective.nested_missing import NestedMissingObjective
@@ -64,7 +65,9 @@ def assert_objective_equals_per_pattern(Y, X, factors, D, reml, tree=None):
     if tree is not None:
         assert obj.tree == tree
     idx = np.arange(Y.shape[1])
-    data = obj.data(ms.XtY, ms.ZtY, ms.YtY, **block_units(ms, FamilyBlocks(ms, obj.base), idx))
+    groups, sums = tree_level_sums(ms, obj.base)  # class-aggregated, as the fit and the pipeline use
+    units = block_units(ms, FamilyBlocks(ms, obj.base), idx, sums, [g.small_position() for g in groups])
+    data = obj.data_from_sums([g.fit_sums(s) for g, s in zip(groups, sums)], **units)
     ev = obj.evaluate(D, data, grad=True)
     for vox in idx:
         u = ss.pattern_of_voxel[vox]

@@ -20,7 +20,8 @@ from blmm.core.sufficient import FactorLayout, random_effects_matrix, sufficient
 from blmm.io.outdir import batch_touched_files
 from blmm.pipeline import LLH64_FILE, batch_files, plan_run, read_batch, run
 from blmm.pipeline.plan import complete_design, sum_columns
-from blmm.pipeline.stages import ordered_design, run_centre, space_needed, unpack_level_sums
+from blmm.core.missing_rows import LevelSums
+from blmm.pipeline.stages import ordered_design, run_centre, space_needed
 from tests.pipeline.test_pipeline import make_analysis
 from tests.reference.load import load_case
 
@@ -69,7 +70,8 @@ def test_aggregated_sums_equal_the_per_level_computation(tmp_path):
     Z = random_effects_matrix([factor], FactorLayout.from_factors([factor]))
     yl = np.asarray(Z.T @ Yz).T[:, :, None]
     KXYo, KYY = class_aggregates(classes, design.ZtX.reshape(-1, 1, cfg.p), yl)
-    XtY, YtY, KXYo_p, KYY_p, _ = unpack_level_sums(sums, cfg.p, 1, classes.n_big, 0)
+    packed = LevelSums.unpack(sums, cfg.p, 1, classes.n_big, 0)
+    XtY, YtY, KXYo_p, KYY_p = packed.XtY, packed.YtY, packed.KXYo, packed.KYY
     # float64: the same products summed batch by batch
     np.testing.assert_allclose(XtY, (X.T @ Yz).T, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(YtY, (Yz ** 2).sum(0), rtol=1e-12)
@@ -83,7 +85,7 @@ def test_aggregated_sums_equal_the_per_level_computation(tmp_path):
         values_path, ptr_path = batch_touched_files(plan.workdir, b)
         values, ptr = np.load(values_path), np.load(ptr_path)
         for v in range(Y.shape[1]):
-            for level, y in values[ptr[v]:ptr[v + 1]]:
+            for group, level, y in values[ptr[v]:ptr[v + 1]]:  # one factor: one group
                 got[v, int(level)] = y
     assert set(got) == want
     for (v, level), y in got.items():

@@ -269,6 +269,12 @@ class NestedObjective:
         YtY = np.asarray(YtY, dtype=np.float64)
         return NestedData(XtY, YtY, [lv.data(XtY, ZtY[:, perm], YtY) for lv, perm in zip(self.levels, self.perm)])
 
+    def data_from_sums(self, sums: list) -> NestedData:
+        """NestedData from each group's class-aggregated sums (`LevelSums`, core/level_groups.py)."""
+        XtY, YtY = np.ascontiguousarray(sums[0].XtY), np.asarray(sums[0].YtY, dtype=np.float64)
+        return NestedData(XtY, YtY, [lv.data_from_sums(XtY, YtY, s.KXYo, s.KYY, s.y_small)
+                                     for lv, s in zip(self.levels, sums)])
+
     def block_D(self, D_list, g):
         """Group g's block covariance D̃ = P_g vec[D_k] per voxel (v, b, b)."""
         v = D_list[self.tree[0]].shape[0]

@@ -77,8 +77,15 @@ class NestedMissingObjective:
 
     def data(self, XtY, ZtY, YtY, n=None, dXtX=None, units: list | None = None) -> NestedMissingData:
         """Per-voxel data sums plus the voxels' units per group (none: the common design)."""
-        v, p = XtY.shape
-        base = self.base.data(XtY, ZtY, YtY)
+        return self.data_from_base(self.base.data(XtY, ZtY, YtY), n, dXtX, units)
+
+    def data_from_sums(self, sums: list, n=None, dXtX=None, units: list | None = None) -> NestedMissingData:
+        """`data` from each group's class-aggregated sums (`LevelSums`) instead of Z'Y."""
+        return self.data_from_base(self.base.data_from_sums(sums), n, dXtX, units)
+
+    def data_from_base(self, base: NestedData, n=None, dXtX=None, units: list | None = None) -> NestedMissingData:
+        """The common design's data plus the voxels' units per group."""
+        v, p = base.XtY.shape
         if units is None:
             units = [GroupUnits(np.zeros((v, 0)), np.zeros((v, 0, lv.q, lv.q)), np.zeros((v, 0, lv.q, p)),
                                 np.zeros((v, 0, lv.q))) for lv in self.base.levels]
