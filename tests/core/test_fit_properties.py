@@ -36,7 +36,8 @@ from scipy import optimize
 from blmm.core.centre import centre_of, centred_response
 from blmm.core.design import Contrast, RandomFactor
 from blmm.core.design_basis import DesignNote
-from blmm.core.fit import METHODS, choose_structure, fit_lmm, fit_stats
+from blmm.core.fit import METHODS, fit_lmm, fit_stats
+from blmm.core.structure import plan_fit
 from blmm.core.inference import infer
 from blmm.core.status import CONSTANT_RESPONSE, FITTED, NOT_FITTED
 from blmm.core.objective import DenseObjective, LevelObjective, SchurObjective
@@ -217,7 +218,7 @@ def fit_all(X, factors, Y, reml):
     stats.centre = centre
     out = {(s, m): fit_stats(stats, reml=reml, method=m, tol=TOL, max_iter=MAX_ITER, structure=s, threads=1)
            for s in structures_for(factors) for m in METHODS}
-    if np.isnan(Y).any() and (len(factors) == 1 or choose_structure(stats.layout)[0] == "nested"):
+    if np.isnan(Y).any() and (len(factors) == 1 or plan_fit(stats.layout).structure == "nested"):
         for m in METHODS:
             out["missing-rows", m] = fit_lmm(Y, X, factors, reml=reml, method=m, tol=TOL, max_iter=MAX_ITER,
                                              threads=1)

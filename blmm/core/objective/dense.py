@@ -32,6 +32,10 @@ class DenseObjective:
         self.qk = layout.q
         self.qtot = layout.n_columns
 
+    def per_voxel_bytes(self) -> int:
+        """Working memory per voxel of one evaluation with its gradient (for block sizing)."""
+        return 8 * 10 * self.qtot ** 2
+
     def data(self, XtY, ZtY, YtY) -> DenseData:
         return DenseData(np.ascontiguousarray(XtY), np.ascontiguousarray(ZtY), np.asarray(YtY))
 

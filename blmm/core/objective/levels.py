@@ -74,6 +74,10 @@ class LevelObjective:
         self.Xs = [np.ascontiguousarray(Xl[self.small_levels, a]) for a in range(q)]  # (Ls, p)
         self.Xl = Xl
 
+    def per_voxel_bytes(self) -> int:
+        """Working memory per voxel of one evaluation with its gradient (for block sizing)."""
+        return 8 * (16 * self.C * self.q ** 2 + self.Cb * len(self.pairs) * (self.p + 1))
+
     def data(self, XtY, ZtY, YtY) -> "LevelData":
         """Per-voxel data sums arranged for this objective (ZtY is (v, L*q))."""
         v = XtY.shape[0]

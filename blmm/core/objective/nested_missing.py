@@ -75,16 +75,23 @@ class NestedMissingObjective:
         self.n, self.p, self.reml = int(n), self.base.p, bool(reml)
         self.tree = self.base.tree
 
-    def data(self, XtY, ZtY, YtY, n=None, dXtX=None, units: list | None = None) -> NestedMissingData:
-        """Per-voxel data sums plus the voxels' units per group (none: the common design)."""
+    def data(self, XtY, ZtY, YtY, units: dict | None = None) -> NestedMissingData:
+        """Per-voxel data sums plus the voxels' units per group (none: the common design); units:
+        n (v,), dXtX (v, p, p) and "units", one `GroupUnits` per group (`FamilyBlocks.block_units`)."""
         v, p = XtY.shape
         base = self.base.data(XtY, ZtY, YtY)
-        if units is None:
-            units = [GroupUnits(np.zeros((v, 0)), np.zeros((v, 0, lv.q, lv.q)), np.zeros((v, 0, lv.q, p)),
-                                np.zeros((v, 0, lv.q))) for lv in self.base.levels]
+        units = {} if units is None else units
+        n, dXtX, groups = units.get("n"), units.get("dXtX"), units.get("units")
+        if groups is None:
+            groups = [GroupUnits(np.zeros((v, 0)), np.zeros((v, 0, lv.q, lv.q)), np.zeros((v, 0, lv.q, p)),
+                                 np.zeros((v, 0, lv.q))) for lv in self.base.levels]
         return NestedMissingData(base=base, XtY=base.XtY, n=np.full(v, float(self.n)) if n is None else
                                  np.asarray(n, float), dXtX=np.zeros((v, p, p)) if dXtX is None else dXtX,
-                                 units=units)
+                                 units=groups)
+
+    def per_voxel_bytes(self) -> int:
+        """Working memory per voxel beside its units (the complete design's), for block sizing."""
+        return self.base.per_voxel_bytes()
 
     def _products(self, D_list, data: NestedMissingData):
         XtVX, XtVY, YtVY, logdetV, Rs = self.base.products(D_list, data.base)

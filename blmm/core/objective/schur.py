@@ -56,6 +56,11 @@ class SchurObjective:
         self.eye_p = np.eye(p)
         del qR
 
+    def per_voxel_bytes(self) -> int:
+        """Working memory per voxel of one evaluation with its gradient (for block sizing)."""
+        lv, pu = self.level, self.p + self.qR
+        return 8 * (12 * lv.C * lv.q ** 2 + lv.Cb * len(lv.pairs) * (pu + 1) + 12 * pu * pu + 8 * self.qR ** 2)
+
     def data(self, XtY, ZtY, YtY) -> SchurData:
         UtY = np.hstack([XtY, ZtY[:, self.small_cols]])
         return SchurData(self.level.data(UtY, ZtY[:, self.big_cols], YtY),
