@@ -9,7 +9,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import scipy.sparse as sp
 
 from blmm.core.blocks import Scheduler, inference_bytes
 from blmm.core.centre import centre_of, centred_response, removed_size, restore_beta
@@ -192,7 +191,7 @@ def _fit_patterns(stats: SufficientStats, plan: FitPlan, scheduler: Scheduler) -
         if vox.size == 0:
             continue
         obj = plan.objective(XtX, stats.ZtX[u], stats.ZtZ[u], n, reml)
-        size = held_bytes(obj)
+        size = obj.held_bytes()
         if jobs and held + size > round_budget:
             scheduler.run(run, jobs)
             jobs, held = [], 0
@@ -203,21 +202,3 @@ def _fit_patterns(stats: SufficientStats, plan: FitPlan, scheduler: Scheduler) -
         jobs.extend((obj, n, XtX, vox[start:start + block]) for start in range(0, vox.size, block))
         del obj
     scheduler.run(run, jobs)
-
-
-def held_bytes(obj, depth: int = 3) -> int:
-    """Bytes of the arrays an object holds (its attributes, lists and sub-objects, a few levels deep)."""
-    if isinstance(obj, np.ndarray):
-        return int(obj.nbytes)
-    if sp.issparse(obj):
-        return int(sum(getattr(obj, name).nbytes for name in ("data", "indices", "indptr", "row", "col")
-                       if hasattr(obj, name)))
-    if depth == 0:
-        return 0
-    if isinstance(obj, (list, tuple)):
-        return sum(held_bytes(item, depth - 1) for item in obj)
-    if isinstance(obj, dict):
-        return sum(held_bytes(item, depth - 1) for item in obj.values())
-    if hasattr(obj, "__dict__"):
-        return sum(held_bytes(item, depth - 1) for item in vars(obj).values())
-    return 0

@@ -172,7 +172,8 @@ def fit_nested_missing_rows(stats: NestedMissingRowStats, scheduler: Scheduler, 
     obj = NestedMissingObjective(stats.XtX, stats.ZtX, stats.ZtZ, n, stats.layout, reml,
                                  None if plan is None else plan.tree)
     fam = FamilyBlocks(stats, obj.base)
-    budget = max(scheduler.max_block_bytes - fam.nbytes, scheduler.max_block_bytes // 8)
+    shared = obj.held_bytes() + fam.nbytes  # held through the fit, beside the blocks
+    budget = max(scheduler.max_block_bytes - shared, scheduler.max_block_bytes // 8)
     base_voxel = obj.per_voxel_bytes() + inference_bytes(p, scheduler.k)
     sizes = [lv.q for lv in obj.base.levels]
     missing = stats.voxel_n_missing()

@@ -19,7 +19,9 @@ from blmm.core.nested_missing_rows import (
 )
 from blmm.core.objective import DenseObjective, LevelObjective, SchurObjective
 from blmm.core.objective.base import Objective
+from blmm.core.objective.missing import MissingObjective
 from blmm.core.objective.nested import NestedObjective, NestedSchurObjective, nested_tree
+from blmm.core.objective.nested_missing import NestedMissingObjective
 from blmm.core.sufficient import FactorLayout
 
 AUTO_DENSE_COLUMNS = 2000  # "auto" keeps factors dense beside the eliminated ones up to this many columns
@@ -27,10 +29,11 @@ AUTO_DENSE_COLUMNS = 2000  # "auto" keeps factors dense beside the eliminated on
 
 @dataclass(frozen=True)
 class MissingRowsPath:
-    """Voxels fitted against the complete design with their own missing rows: the statistics
-    type, how they are formed from an (n, v) response with NaNs, and how their voxels are
-    scheduled (`fit(stats, scheduler, plan)`)."""
+    """Voxels fitted against the complete design with their own missing rows: the objective
+    (`missing_rows` True), the statistics type, how they are formed from an (n, v) response with
+    NaNs, and how their voxels are scheduled (`fit(stats, scheduler, plan)`)."""
 
+    objective: type
     stats_type: type
     from_data: Callable
     fit: Callable
@@ -92,9 +95,10 @@ def _nested_missing_rows(Y, X, factors, layout) -> NestedMissingRowStats:
 
 STRUCTURES: dict[str, Structure] = {s.name: s for s in (
     Structure("levels", _levels, _no_dense_part,
-              MissingRowsPath(MissingRowStats, _level_missing_rows, fit_missing_rows)),
+              MissingRowsPath(MissingObjective, MissingRowStats, _level_missing_rows, fit_missing_rows)),
     Structure("nested", NestedObjective, _no_dense_part,
-              MissingRowsPath(NestedMissingRowStats, _nested_missing_rows, fit_nested_missing_rows)),
+              MissingRowsPath(NestedMissingObjective, NestedMissingRowStats, _nested_missing_rows,
+                              fit_nested_missing_rows)),
     Structure("schur", _schur, _schur_dense_part),
     Structure("dense", _dense, _dense_part),
 )}

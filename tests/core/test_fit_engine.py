@@ -354,7 +354,7 @@ def test_patterns_are_fitted_in_rounds_within_max_block_bytes(monkeypatch):
     real = blocks.run_blocks
     monkeypatch.setattr(blocks, "run_blocks", lambda run, jobs, threads: calls.append(len(jobs)) or real(run, jobs, threads))
     objective = plan_fit(st.layout, "schur").objective(st.XtX[0], st.ZtX[0], st.ZtZ[0], int(st.n_obs[0]), True)
-    budget = 2 * F.held_bytes(objective) * 3
+    budget = 2 * objective.held_bytes() * 3
     several = F.fit_stats(st, tol=1e-10, threads=1, max_block_bytes=budget)
     assert len(calls) > 2 and sum(calls) >= 12
     np.testing.assert_allclose(several.llh, one.llh, rtol=0, atol=1e-10)  # the same voxels' fits, another grouping: float64

@@ -35,6 +35,9 @@ from blmm.core.objective.levels import LevelData, LevelObjective, hessian_from_p
 class MissingObjective:
     """One factor (q effects per level): the common design's classes plus per-voxel units."""
 
+    missing_rows = True
+    has_deviance_hessian = True
+
     def __init__(self, XtX, ZtX, ZtZ, n, q, reml):
         self.base = LevelObjective(XtX, ZtX, ZtZ, n, q, reml)
         self.n, self.p, self.q, self.reml = int(n), self.base.p, int(q), bool(reml)
@@ -68,6 +71,9 @@ class MissingObjective:
         LevelData: KXY, KYY, KXYo), for block sizing."""
         base, q = self.base, self.q
         return 8 * (12 * base.C * q ** 2 + base.Cb * (len(base.pairs) * (self.p + 1) + q * q * self.p))
+
+    def held_bytes(self) -> int:
+        return self.base.held_bytes()
 
     def _products(self, D, data: "MissingData"):
         XtVX, XtVY, YtVY, logdetV, R = self.base.products(D, data.base)

@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from blmm.core import linalg as la
-from blmm.core.objective.base import Evaluation, factor_pair_information, profiled
+from blmm.core.objective.base import Evaluation, array_bytes, factor_pair_information, no_units, profiled
 from blmm.core.objective.levels import LevelObjective
 from blmm.core.objective.schur import SchurData, SchurObjective
 
@@ -88,6 +88,9 @@ class NestedData:
 
 class NestedObjective:
     """A tree of nested factors, eliminated by the blocks of its outermost factor."""
+
+    missing_rows = False
+    has_deviance_hessian = False
 
     def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, tree: list[int] | None = None):
         tree = nested_tree(layout) if tree is None else sorted(tree)
@@ -264,7 +267,12 @@ class NestedObjective:
             total += 12 * lv.C * lv.q ** 2 + lv.Cb * len(lv.pairs) * (lv.p + 1) + 4 * lv.C
         return 8 * (total + 4 * self.s ** 2 + 8 * self.p ** 2)
 
-    def data(self, XtY, ZtY, YtY) -> NestedData:
+    def held_bytes(self) -> int:
+        # X'X is the levels' own (one array): counted there
+        return sum(lv.held_bytes() for lv in self.levels) + array_bytes(self.perm, self.P, self.soff, self.spans)
+
+    def data(self, XtY, ZtY, YtY, units=None) -> NestedData:
+        no_units(self, units)
         XtY = np.ascontiguousarray(XtY)
         YtY = np.asarray(YtY, dtype=np.float64)
         return NestedData(XtY, YtY, [lv.data(XtY, ZtY[:, perm], YtY) for lv, perm in zip(self.levels, self.perm)])
@@ -438,7 +446,11 @@ class NestedSchurObjective(SchurObjective):
         pu = self.p + self.qR
         return self.level.per_voxel_bytes() + 8 * (12 * pu * pu + 8 * self.qR ** 2)
 
-    def data(self, XtY, ZtY, YtY) -> SchurData:
+    def held_bytes(self) -> int:
+        return self.level.held_bytes() + array_bytes(self.small_cols, self.small_offsets, self.eye_p)
+
+    def data(self, XtY, ZtY, YtY, units=None) -> SchurData:
+        no_units(self, units)
         UtY = np.hstack([XtY, ZtY[:, self.small_cols]])
         return SchurData(self.level.data(UtY, ZtY, YtY), np.ascontiguousarray(ZtY[:, self.small_cols]),
                          np.ascontiguousarray(XtY))

@@ -70,6 +70,9 @@ class NestedMissingData:
 class NestedMissingObjective:
     """A nesting tree (the complete design's `NestedObjective`) plus per-voxel units of touched families."""
 
+    missing_rows = True
+    has_deviance_hessian = False
+
     def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, tree: list[int] | None = None):
         self.base = NestedObjective(XtX, ZtX, ZtZ, n, layout, reml, tree)
         self.n, self.p, self.reml = int(n), self.base.p, bool(reml)
@@ -92,6 +95,9 @@ class NestedMissingObjective:
     def per_voxel_bytes(self) -> int:
         """Working memory per voxel beside its units (the complete design's), for block sizing."""
         return self.base.per_voxel_bytes()
+
+    def held_bytes(self) -> int:
+        return self.base.held_bytes()
 
     def _products(self, D_list, data: NestedMissingData):
         XtVX, XtVY, YtVY, logdetV, Rs = self.base.products(D_list, data.base)
