@@ -139,7 +139,8 @@ def fit_stats(
     plan = plan_fit(stats.layout, structure, missing_rows) if plan is None else plan
     path = plan.missing_rows_path
     if missing_rows and (path is None or not isinstance(stats, path.stats_type)):
-        takes = [s.name for s in STRUCTURES.values() if s.missing_rows and isinstance(stats, s.missing_rows.stats_type)]
+        takes = [entry.name for entry in STRUCTURES.values()
+                 if entry.missing_rows and isinstance(stats, entry.missing_rows.stats_type)]
         raise ValueError(f"{type(stats).__name__} (missing rows per voxel) fit with the "
                          f"{' or '.join(map(repr, takes))} structure, not {plan.structure!r}")
     if not missing_rows and path is not None:

@@ -420,42 +420,6 @@ def with_gradient(ev: Evaluation, T_sum: list, uu: list, corr: list, info: np.nd
     return ev
 
 
-def _factor_sizes(layout) -> str:
-    return ", ".join(f"{name}: {l} levels x q={q}" for name, l, q in zip(layout.names, layout.n_levels, layout.q))
-
-
-def check_memory(structure: str, layout, p: int, max_block_bytes: int, tree: list | None = None) -> None:
-    """Refuse, before any work, a structure whose per-voxel dense part does not fit in the budget.
-
-    The dense structure solves a q x q system per voxel, Schur a q_R x q_R one (q_R: the
-    columns of all factors but the one with most levels); one voxel must fit in
-    `max_block_bytes` (MAXMEM's share), or the fit would be killed for memory midway.
-    """
-    if structure == "dense":
-        qd = layout.n_columns
-        need = 8 * (10 * qd ** 2 + 8 * p * p)
-        what = f"a dense {qd} x {qd} system per voxel"
-    elif structure == "schur":
-        widths = [l * q for l, q in zip(layout.n_levels, layout.q)]
-        if tree is not None and len(tree) < len(widths):
-            qd = layout.n_columns - sum(widths[k] for k in tree)
-            names = "the nested factors " + ", ".join(layout.names[k] for k in tree)
-        else:
-            qd = layout.n_columns - max(widths)
-            names = "the factor with most levels"
-        need = 8 * (12 * (p + qd) ** 2 + 8 * qd ** 2)
-        what = f"a dense {qd} x {qd} remainder per voxel after eliminating {names}"
-    else:
-        return
-    if need > max_block_bytes:
-        raise ValueError(
-            f"this random-effects structure needs about {need / 2**20:,.0f} MiB per voxel ({what}; "
-            f"factors: {_factor_sizes(layout)}), more than the memory budget of "
-            f"{max_block_bytes / 2**20:,.0f} MiB (MAXMEM); refusing before fitting. Factors that "
-            f"cross with thousands of levels each cannot be fitted exactly within this budget: "
-            f"raise MAXMEM, or drop or nest one of the factors")
-
-
 class NestedSchurObjective(SchurObjective):
     """A nesting tree eliminated by its outer blocks, plus crossed factors with few columns kept dense.
 
