@@ -41,7 +41,7 @@ def variance_hessian(obj, data, D, ev: Evaluation, qk, reml, n, p):
         H[:, 0, col:col + r.size] = ev.uu_sum[f][:, r, c] * np.where(r != c, 2.0, 1.0) / s2[:, None] ** 2
         col += r.size
     H[:, 1:, 0] = H[:, 0, 1:]
-    if hasattr(obj, "deviance_hessian"):
+    if obj.has_deviance_hessian:
         with np.errstate(invalid="ignore", divide="ignore"):
             H_DD, dC_D, _ = obj.deviance_hessian(D, data, s2, ev)
         H[:, 1:, 1:] = H_DD

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from blmm.core.blocks import Scheduler, inference_bytes, rounds
 from blmm.core.centre import ResponseCentre
 from blmm.core.design import RandomFactor
 from blmm.core.level_classes import LevelClasses, class_aggregates
 from blmm.core.objective.base import diag_blocks
 from blmm.core.objective.missing import MissingObjective
+from blmm.core.status import FITTED
 from blmm.core.sufficient import FactorLayout, observed_data_sums, presence_patterns, random_effects_matrix
 
 
@@ -140,28 +142,12 @@ class MissingRowCounts:
     def voxel_n_obs(self) -> np.ndarray:
         return self.n_rows - self.voxel_n_missing()
 
-    def empty_result(self, reml: bool, method: str):
-        """The FitResult to fill: no voxel fitted yet, n_obs set, voxels with n_obs <= p dropped."""
-        from blmm.core import fit as F  # the result type and status codes live with the fit
-        qk = list(self.layout.q)
-        res = F._empty_result(self.n_voxels, self.p, qk, 1 + sum(q * (q + 1) // 2 for q in qk),
-                              list(self.layout.names), reml, method)
-        res.n_obs[:] = self.voxel_n_obs()
-        res.status[res.n_obs <= self.p] = F.DROPPED_FEW
-        return res
-
 
 def compressed_missing_rows(patterns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ptr (u + 1,), rows): the rows each presence pattern (u, n) lacks, concatenated by pattern."""
     pat, rows = np.nonzero(~np.asarray(patterns, dtype=bool))  # row-major: grouped by pattern
     ptr = np.concatenate([[0], np.cumsum(np.bincount(pat, minlength=patterns.shape[0]))]).astype(np.int64)
     return ptr, rows.astype(np.int64)
-
-
-def residual_mean_square(beta, XtX_v, XtY, YtY, n_obs, p: int) -> np.ndarray:
-    """e'e / (n_v - p) at β̂ per voxel, from the sums (each voxel's own X'X)."""
-    eTe = YtY - 2 * np.einsum("vp,vp->v", beta, XtY) + np.einsum("vp,vpq,vq->v", beta, XtX_v, beta)
-    return eTe / (n_obs - p)
 
 
 @dataclass
@@ -257,7 +243,7 @@ def missing_row_stats_from_data(Y, X, factor: RandomFactor, observed=None) -> Mi
     return missing_row_stats(X, factor, layout, patterns, pattern_of_voxel, XtY, ZtY, YtY, Z=Z)
 
 
-class _Units:
+class LevelUnits:
     """Design quantities of the common design that every block's units draw on."""
 
     def __init__(self, stats: MissingRowStats):
@@ -275,6 +261,16 @@ class _Units:
         self.row_xx = (stats.X[:, :, None] * stats.X[:, None, :]).reshape(n, p * p)
         self.row_zz_zx = np.concatenate([(stats.zrow[:, :, None] * stats.zrow[:, None, :]).reshape(n, q * q),
                                          (stats.zrow[:, :, None] * stats.X[:, None, :]).reshape(n, q * p)], axis=1)
+
+    def block_units(self, stats: "MissingRowStats", idx: np.ndarray, sums: "LevelSums | None" = None,
+                    slots: int | None = None) -> dict:
+        """Every touched level's units for voxels idx, padded to `slots` (`touched_units`, `padded_units`)."""
+        return padded_units(touched_units(stats, self, idx, sums), slots)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the common design quantities the units draw on (held through the fit)."""
+        return int(self.G.nbytes + self.Xl.nbytes)
 
 
 def bucket(k: np.ndarray) -> np.ndarray:
@@ -314,7 +310,7 @@ def grouped_grams(values: np.ndarray, weights: np.ndarray, group: np.ndarray, n_
     return np.asarray(W.T @ values).reshape(n_groups, k, k)
 
 
-def touched_units(stats: MissingRowStats, common: _Units, idx: np.ndarray, sums: LevelSums | None = None) -> dict:
+def touched_units(stats: MissingRowStats, common: LevelUnits, idx: np.ndarray, sums: LevelSums | None = None) -> dict:
     """The units of the levels touched by each voxel's missing rows, for voxels idx, unpadded.
 
     Returns n (b,) observed rows, dXtX (b, p, p) = -X_M'X_M and, per unit (in no particular
@@ -402,12 +398,6 @@ def padded_units(units: dict, slots: int | None = None) -> dict:
 UNIT_KEYS = ("voxel", "sign", "G", "XY")  # the per-unit arrays of `touched_units`
 
 
-def block_units(stats: MissingRowStats, common: _Units, idx: np.ndarray, sums: LevelSums | None = None,
-                slots: int | None = None) -> dict:
-    """Every touched level's units for voxels idx, padded to `slots` (`touched_units`, `padded_units`)."""
-    return padded_units(touched_units(stats, common, idx, sums), slots)
-
-
 def compress_units(units: dict, p: int, q: int) -> list[tuple[np.ndarray, dict]]:
     """A block's units (`touched_units`) with each voxel's large sets of units of one G_t as unit groups.
 
@@ -484,49 +474,48 @@ def group_bytes(n_groups: int, p: int, q: int) -> int:
     return 8 * 2 * int(n_groups) * (q * q * (p + 1) ** 2 + q * q + 1)
 
 
-def unit_bytes(n_missing: int, p: int, q: int, n_touched: int | None = None) -> int:
-    """Working bytes per voxel of a block's units: n_touched levels (default n_missing) padded, n_missing rows
-    (per row its indices and sort keys, and the level sums of Z'Z and Z'X they give)."""
+def unit_bytes(n_missing: int, p: int, block_sizes: list[int], n_touched: int | None = None,
+               row_terms: int = 0) -> int:
+    """Working bytes per voxel of a block's units: n_touched levels or families (default n_missing)
+    with blocks of block_sizes columns, padded, and n_missing rows holding p + row_terms numbers each."""
     T = 2 * max(int(n_missing if n_touched is None else n_touched), 0)
-    return 8 * (12 * T * (q * q + q * p + q + 1) + n_missing * (p + q * q + q * p + 6) + 4 * p * p)
+    per_unit = sum(b * b + b * p + b + 1 for b in block_sizes)
+    return 8 * (12 * T * per_unit + n_missing * (p + row_terms) + 4 * p * p)
 
 
-def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6, max_iter=10000,
-                     max_block_bytes: int = 512 * 2**20, threads: int | None = None):
-    """Fit every voxel of one random factor with voxel-specific missing rows (see the module docstring)."""
-    from blmm.core import fit as F  # the shared block fit, storage and status codes
+def level_row_terms(p: int, q: int) -> int:
+    """Numbers per missing row of one factor beside its p: its indices and sort keys, and the
+    level sums of Z'Z and Z'X it gives."""
+    return q * q + q * p + 6
 
-    p, qk = stats.p, list(stats.layout.q)
-    q = qk[0]
-    k = 1 + q * (q + 1) // 2
-    res = stats.empty_result(reml, method)
-    n_obs = res.n_obs
-    threads = F.thread_count(threads)
+
+def fit_missing_rows(stats: MissingRowStats, scheduler: Scheduler, plan=None) -> None:
+    """Fit every voxel of one random factor with voxel-specific missing rows (see the module
+    docstring) into scheduler's result; voxels with too few rows are already dropped there."""
+    res, p, reml = scheduler.res, scheduler.p, scheduler.reml
+    q = stats.layout.q[0]
     n = stats.n_rows
     obj = MissingObjective(stats.XtX, stats.ZtX, stats.ZtZ, n, q, reml)
-    common = _Units(stats)
-    base = obj.base
-    shared = sum(a.nbytes for a in (*base.Kf, *base.KfT, base.Ko, *base.Xs, base.Xl, common.G, common.Xl))
-    budget = max(max_block_bytes - shared, max_block_bytes // 8)
-    # per voxel: the class weights and data sums (LevelSums, LevelData: KXY, KYY, KXYo), inference
-    base_voxel = 8 * (12 * base.C * q ** 2 + base.Cb * (len(base.pairs) * (p + 1) + q * q * p) + (k + 6) * p * p)
+    common = LevelUnits(stats)
+    shared = obj.held_bytes() + common.nbytes  # held through the fit, beside the blocks
+    budget = max(scheduler.max_block_bytes - shared, scheduler.max_block_bytes // 8)
+    base_voxel = obj.per_voxel_bytes() + inference_bytes(p, scheduler.k)
+    row_terms = level_row_terms(p, q)
     # voxels of one size class (powers of two of touched levels and missing rows) share a job,
     # sized for the class's largest: its units' working memory bounds the job's
     slots, rows = bucket(voxel_touched(stats)), bucket(stats.voxel_n_missing())
-    fit_vox = np.flatnonzero(n_obs > p)
+    fit_vox = np.flatnonzero(res.status == FITTED)
     fit_vox = fit_vox[np.lexsort((rows[fit_vox], slots[fit_vox]))]
     # half the budget holds a round's prepared units, the other half the fit blocks' working memory
     round_budget = budget // 2
-    per_block = (budget - round_budget) // threads
+    block_budget = budget - round_budget
     jobs = []
     for group in np.split(fit_vox, np.flatnonzero(np.diff(slots[fit_vox]) | np.diff(rows[fit_vox])) + 1):
         if group.size == 0:
             continue
         t, m = int(slots[group[0]]), int(rows[group[0]])
-        size = max(1, min(int(per_block // (base_voxel + unit_bytes(m, p, q, t))),
-                          int(round_budget // prepared_bytes(t, p, q))))
-        if threads > 1:  # enough blocks to share
-            size = min(size, max(64, -(-fit_vox.size // (2 * threads))))
+        size = scheduler.block_voxels(base_voxel + unit_bytes(m, p, [q], t, row_terms), block_budget, fit_vox.size,
+                                      limit=round_budget // prepared_bytes(t, p, q))
         jobs.extend((group[a:a + size], t, m) for a in range(0, group.size, size))
 
     prepared: list = []  # per (voxel set, unit count): the voxels, their units and X'X
@@ -537,7 +526,7 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
         u_sums = stats.sums.take(idx)
         u = touched_units(stats, common, idx, u_sums)
         XtX_v = stats.XtX + u["dXtX"]
-        keep = F.screen_voxels(res, idx, XtX_v, u_sums.XtY, u_sums.YtY, u["n"], stats.centre)
+        keep = res.screen_voxels(idx, XtX_v, u_sums.XtY, u_sums.YtY, u["n"], stats.centre)
         if not np.all(keep):
             idx, XtX_v = idx[keep], XtX_v[keep]
             mine = keep[u["voxel"]]
@@ -553,13 +542,11 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
         idx, units = job
         part = stats.sums.take(idx)
         XtX_v = units.pop("XtX")
-        data = obj.data(part, **units)
-        out = F._fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)  # data.n per voxel
-        F._store(res, idx, out)
-        res.resms[idx] = residual_mean_square(out.beta, XtX_v, part.XtY, part.YtY, n_obs[idx], p)
+        data = obj.data(part.XtY, part, part.YtY, units)
+        scheduler.fit(obj, data, idx, n, XtX_v, part.XtY, part.YtY)  # data.n per voxel
 
-    for round_jobs in _rounds(jobs, lambda job: job[0].size * prepared_bytes(job[1], p, q), round_budget):
-        F.run_blocks(prepare, round_jobs, threads)
+    for round_jobs in rounds(jobs, lambda job: job[0].size * prepared_bytes(job[1], p, q), round_budget):
+        scheduler.run(prepare, round_jobs)
         # voxels with the same unit and group counts are fitted together, whatever bucket they were
         # prepared in: groups leave few distinct counts, so few (and large) fit blocks
         by_count: dict[tuple, list] = {}
@@ -574,32 +561,14 @@ def fit_missing_rows(stats: MissingRowStats, reml=True, method="pSFS", tol=1e-6,
             idx = np.concatenate([i for i, _ in parts])
             units = {key: np.concatenate([u[key] for _, u in parts]) for key in parts[0][1]}
             del parts
-            size = max(1, int(per_block // (base_voxel + unit_bytes(0, p, q, (T + 1) // 2) + group_bytes(H, p, q))))
-            if threads > 1:  # enough blocks to share
-                size = min(size, max(64, -(-n_round // (2 * threads))))
+            size = scheduler.block_voxels(base_voxel + unit_bytes(0, p, [q], (T + 1) // 2, row_terms)
+                                          + group_bytes(H, p, q), block_budget, n_round)
             fit_jobs.extend((idx[a:a + size], {key: arr[a:a + size] for key, arr in units.items()})
                             for a in range(0, idx.size, size))
-        F.run_blocks(run, fit_jobs, threads)
-    F._blank_unfitted(res)
-    return res
+        scheduler.run(run, fit_jobs)
 
 
 def prepared_bytes(n_touched: int, p: int, q: int) -> int:
     """Bytes per voxel that its prepared units and groups hold until fitted: 2 n_touched units
     padded to a power of two, groups at most 4x their units' bytes (sets of >= q(p + 1)/4), and X'X_v."""
     return 8 * (4 * 2 * 2 * max(int(n_touched), 0) * (q * q + q * (p + 1) + 1) + p * p + p + 4)
-
-
-def _rounds(jobs: list, cost, budget: int) -> list[list]:
-    """Consecutive runs of jobs whose summed cost stays within budget (a costlier job on its own)."""
-    out, current, used = [], [], 0
-    for job in jobs:
-        c = cost(job)
-        if current and used + c > budget:
-            out.append(current)
-            current, used = [], 0
-        current.append(job)
-        used += c
-    if current:
-        out.append(current)
-    return out

@@ -16,13 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from blmm.core.blocks import Scheduler, inference_bytes
 from blmm.core.centre import ResponseCentre
 from blmm.core.design import RandomFactor
 from blmm.core.level_groups import LevelGroup, group_sums, outer_level_places, tree_groups
-from blmm.core.missing_rows import LevelSums, MissingRowCounts, compressed_missing_rows, residual_mean_square
+from blmm.core.missing_rows import LevelSums, MissingRowCounts, compressed_missing_rows, unit_bytes
 from blmm.core.objective.base import diag_blocks
 from blmm.core.objective.nested import NestedObjective
 from blmm.core.objective.nested_missing import GroupUnits, NestedMissingObjective
+from blmm.core.status import FITTED
 from blmm.core.sufficient import FactorLayout, observed_data_sums, presence_patterns, random_effects_matrix
 
 
@@ -137,106 +139,96 @@ class FamilyBlocks:
             self.Xl.append(stats.ZtX[perm].reshape(Lg, b, stats.p))
             self.cols.append(perm.reshape(Lg, b))
 
-
-def block_units(stats: NestedMissingRowStats, fam: FamilyBlocks, idx: np.ndarray, sums: list[LevelSums],
-                small_position: list[np.ndarray]) -> dict:
-    """Per-voxel units (per group) of the families touched by each voxel's missing rows, for voxels
-    idx; a touched family's y_j comes from its group's `sums` at those voxels (small_position:
-    `LevelGroup.small_position`)."""
-    B, p, L = idx.size, stats.p, fam.L
-    pats = stats.pattern_of_voxel[idx]
-    counts = np.diff(stats.pattern_ptr)[pats]
-    total = int(counts.sum())
-    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    out = {"n": (stats.n_rows - counts).astype(np.float64), "dXtX": np.zeros((B, p, p))}
-    units = [GroupUnits(np.zeros((B, 0)), np.zeros((B, 0, G.shape[1], G.shape[1])),
-                        np.zeros((B, 0, G.shape[1], p)), np.zeros((B, 0, G.shape[1]))) for G in fam.G]
-    out["units"] = units
-    if total == 0:
+    def block_units(self, stats: NestedMissingRowStats, idx: np.ndarray, sums: list[LevelSums],
+                    small_position: list[np.ndarray]) -> dict:
+        """Per-voxel units (per group) of the families touched by each voxel's missing rows, for voxels
+        idx; a touched family's y_j comes from its group's `sums` at those voxels (small_position:
+        `LevelGroup.small_position`)."""
+        B, p, L = idx.size, stats.p, self.L
+        pats = stats.pattern_of_voxel[idx]
+        counts = np.diff(stats.pattern_ptr)[pats]
+        total = int(counts.sum())
+        ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        out = {"n": (stats.n_rows - counts).astype(np.float64), "dXtX": np.zeros((B, p, p))}
+        units = [GroupUnits(np.zeros((B, 0)), np.zeros((B, 0, G.shape[1], G.shape[1])),
+                            np.zeros((B, 0, G.shape[1], p)), np.zeros((B, 0, G.shape[1]))) for G in self.G]
+        out["units"] = units
+        if total == 0:
+            return out
+        vloc = np.repeat(np.arange(B), counts)
+        rows = stats.missing_rows[np.repeat(stats.pattern_ptr[pats] - ptr[:-1], counts) + np.arange(total)]
+        Xpad = np.zeros((B, int(counts.max()), p))
+        Xpad[vloc, np.arange(total) - ptr[vloc]] = stats.X[rows]
+        out["dXtX"] = -(np.swapaxes(Xpad, 1, 2) @ Xpad)
+        del Xpad
+        family = self.family_of_row[rows]
+        group = self.group[family]
+        ok = group >= 0  # rows without Z entries change only X'X and n
+        rows, vloc, family, group = rows[ok], vloc[ok], family[ok], group[ok]
+        key = (group * B + vloc) * L + family  # sorted: by group, then voxel, then family
+        order = np.argsort(key, kind="stable")
+        ks, rows = key[order], rows[order]
+        first = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]]))
+        ends = np.concatenate([first[1:], [ks.size]])
+        ug, pv, pf = ks[first] // (B * L), (ks[first] // L) % B, ks[first] % L
+        for g in np.unique(ug):
+            sel = np.flatnonzero(ug == g)  # one contiguous run of touched (voxel, family) pairs
+            lo, hi = first[sel[0]], ends[sel[-1]]
+            b = self.G[g].shape[1]
+            z, x = self.zrow[rows[lo:hi], :b], stats.X[rows[lo:hi]]
+            GM = np.add.reduceat(z[:, :, None] * z[:, None, :], first[sel] - lo, axis=0)  # Z_{j,M}'Z_{j,M}
+            XM = np.add.reduceat(z[:, :, None] * x[:, None, :], first[sel] - lo, axis=0)  # Z_{j,M}'X_M
+            nM = ends[sel] - first[sel]
+            v_g, f_g = pv[sel], pf[sel]
+            j = self.index[f_g]
+            tv = np.bincount(v_g, minlength=B)
+            T = int(tv.max())
+            slot = np.arange(sel.size) - (np.cumsum(tv) - tv)[v_g]
+            sign = np.zeros((B, 2 * T))
+            G = np.zeros((B, 2 * T, b, b))
+            Xu = np.zeros((B, 2 * T, b, p))
+            y = np.zeros((B, 2 * T, b))
+            yj = sums[g].level_y(small_position[g], v_g, j)
+            sign[v_g, slot] = -1.0  # removal: the term the class sums hold for the family
+            G[v_g, slot], Xu[v_g, slot], y[v_g, slot] = self.G[g][j], self.Xl[g][j], yj
+            keep = nM < self.rows_per_family[f_g]  # a family that lost every image contributes nothing
+            sign[v_g, T + slot] = np.where(keep, 1.0, 0.0)
+            G[v_g, T + slot] = np.where(keep[:, None, None], self.G[g][j] - GM, 0.0)
+            Xu[v_g, T + slot] = np.where(keep[:, None, None], self.Xl[g][j] - XM, 0.0)
+            y[v_g, T + slot] = np.where(keep[:, None], yj, 0.0)
+            units[g] = GroupUnits(sign, G, Xu, y)
         return out
-    vloc = np.repeat(np.arange(B), counts)
-    rows = stats.missing_rows[np.repeat(stats.pattern_ptr[pats] - ptr[:-1], counts) + np.arange(total)]
-    Xpad = np.zeros((B, int(counts.max()), p))
-    Xpad[vloc, np.arange(total) - ptr[vloc]] = stats.X[rows]
-    out["dXtX"] = -(np.swapaxes(Xpad, 1, 2) @ Xpad)
-    del Xpad
-    family = fam.family_of_row[rows]
-    group = fam.group[family]
-    ok = group >= 0  # rows without Z entries change only X'X and n
-    rows, vloc, family, group = rows[ok], vloc[ok], family[ok], group[ok]
-    key = (group * B + vloc) * L + family  # sorted: by group, then voxel, then family
-    order = np.argsort(key, kind="stable")
-    ks, rows = key[order], rows[order]
-    first = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]]))
-    ends = np.concatenate([first[1:], [ks.size]])
-    ug, pv, pf = ks[first] // (B * L), (ks[first] // L) % B, ks[first] % L
-    for g in np.unique(ug):
-        sel = np.flatnonzero(ug == g)  # one contiguous run of touched (voxel, family) pairs
-        lo, hi = first[sel[0]], ends[sel[-1]]
-        b = fam.G[g].shape[1]
-        z, x = fam.zrow[rows[lo:hi], :b], stats.X[rows[lo:hi]]
-        GM = np.add.reduceat(z[:, :, None] * z[:, None, :], first[sel] - lo, axis=0)  # Z_{j,M}'Z_{j,M}
-        XM = np.add.reduceat(z[:, :, None] * x[:, None, :], first[sel] - lo, axis=0)  # Z_{j,M}'X_M
-        nM = ends[sel] - first[sel]
-        v_g, f_g = pv[sel], pf[sel]
-        j = fam.index[f_g]
-        tv = np.bincount(v_g, minlength=B)
-        T = int(tv.max())
-        slot = np.arange(sel.size) - (np.cumsum(tv) - tv)[v_g]
-        sign = np.zeros((B, 2 * T))
-        G = np.zeros((B, 2 * T, b, b))
-        Xu = np.zeros((B, 2 * T, b, p))
-        y = np.zeros((B, 2 * T, b))
-        yj = sums[g].level_y(small_position[g], v_g, j)
-        sign[v_g, slot] = -1.0  # removal: the term the class sums hold for the family
-        G[v_g, slot], Xu[v_g, slot], y[v_g, slot] = fam.G[g][j], fam.Xl[g][j], yj
-        keep = nM < fam.rows_per_family[f_g]  # a family that lost every image contributes nothing
-        sign[v_g, T + slot] = np.where(keep, 1.0, 0.0)
-        G[v_g, T + slot] = np.where(keep[:, None, None], fam.G[g][j] - GM, 0.0)
-        Xu[v_g, T + slot] = np.where(keep[:, None, None], fam.Xl[g][j] - XM, 0.0)
-        y[v_g, T + slot] = np.where(keep[:, None], yj, 0.0)
-        units[g] = GroupUnits(sign, G, Xu, y)
-    return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the family blocks the units draw on (held through the fit)."""
+        return int(sum(a.nbytes for a in (*self.G, *self.Xl, self.zrow)))
 
 
-def unit_bytes(n_missing: int, p: int, block_sizes: list[int]) -> int:
-    """Working bytes per voxel of a block's units with up to n_missing missing rows (padded, temporaries)."""
-    T = 2 * max(int(n_missing), 0)
-    per_unit = sum(b * b + b * p + b + 1 for b in block_sizes)
-    return 8 * (12 * T * per_unit + n_missing * p + 4 * p * p)
-
-
-def fit_nested_missing_rows(stats: NestedMissingRowStats, reml=True, method="pSFS", tol=1e-6, max_iter=10000,
-                            max_block_bytes: int = 512 * 2**20, threads: int | None = None, tree=None):
-    """Fit every voxel of a nesting tree with voxel-specific missing rows (see the module docstring)."""
-    from blmm.core import fit as F  # the shared block fit, storage and status codes
-
-    p, qk = stats.p, list(stats.layout.q)
-    k = 1 + sum(q * (q + 1) // 2 for q in qk)
-    res = stats.empty_result(reml, method)
-    n_obs = res.n_obs
-    threads = F.thread_count(threads)
+def fit_nested_missing_rows(stats: NestedMissingRowStats, scheduler: Scheduler, plan=None) -> None:
+    """Fit every voxel of a nesting tree with voxel-specific missing rows (see the module docstring)
+    into scheduler's result; voxels with too few rows are already dropped there."""
+    res, p, reml = scheduler.res, scheduler.p, scheduler.reml
     n = stats.n_rows
-    obj = NestedMissingObjective(stats.XtX, stats.ZtX, stats.ZtZ, n, stats.layout, reml, tree)
+    obj = NestedMissingObjective(stats.XtX, stats.ZtX, stats.ZtZ, n, stats.layout, reml,
+                                 None if plan is None else plan.tree)
     fam = FamilyBlocks(stats, obj.base)
     groups, sums = tree_level_sums(stats, obj.base)
     small_position = [g.small_position() for g in groups]
-    shared = sum(a.nbytes for a in (*fam.G, *fam.Xl, fam.zrow))
-    budget = max(max_block_bytes - shared, max_block_bytes // 8)
-    base_voxel = obj.base.per_voxel_bytes() + 8 * (k + 6) * p * p
+    shared = obj.held_bytes() + fam.nbytes  # held through the fit, beside the blocks
+    budget = max(scheduler.max_block_bytes - shared, scheduler.max_block_bytes // 8)
+    base_voxel = obj.per_voxel_bytes() + inference_bytes(p, scheduler.k)
     sizes = [lv.q for lv in obj.base.levels]
     missing = stats.voxel_n_missing()
-    fit_vox = np.flatnonzero(n_obs > p)
+    fit_vox = np.flatnonzero(res.status == FITTED)
     fit_vox = fit_vox[np.argsort(missing[fit_vox], kind="stable")]  # sorted: a block's padding stays small
-    per_block = budget // threads
     jobs = []
     start = 0
     while start < fit_vox.size:
-        stop = fit_vox.size
-        if threads > 1:  # enough blocks to share
-            stop = min(stop, start + max(64, -(-fit_vox.size // (2 * threads))))
+        stop = min(fit_vox.size, start + scheduler.share_cap(fit_vox.size))
         while True:  # the block's last voxel has its largest missing count: it bounds the units' size
-            fits = max(1, int(per_block // (base_voxel + unit_bytes(int(missing[fit_vox[stop - 1]]), p, sizes))))
+            fits = scheduler.block_voxels(base_voxel + unit_bytes(int(missing[fit_vox[stop - 1]]), p, sizes),
+                                          budget, fit_vox.size)
             if stop - start <= fits:
                 break
             stop = start + fits
@@ -245,20 +237,16 @@ def fit_nested_missing_rows(stats: NestedMissingRowStats, reml=True, method="pSF
 
     def run(idx) -> None:
         local = [s.take(idx) for s in sums]
-        u = block_units(stats, fam, idx, local, small_position)
+        u = fam.block_units(stats, idx, local, small_position)
         XtX_v = stats.XtX + u["dXtX"]
-        keep = F.screen_voxels(res, idx, XtX_v, stats.XtY[idx], stats.YtY[idx], u["n"], stats.centre)
+        keep = res.screen_voxels(idx, XtX_v, stats.XtY[idx], stats.YtY[idx], u["n"], stats.centre)
         if not np.all(keep):
             idx, XtX_v = idx[keep], XtX_v[keep]
             u = {"n": u["n"][keep], "dXtX": u["dXtX"][keep], "units": [g.take(keep) for g in u["units"]]}
             local = [s.take(np.flatnonzero(keep)) for s in local]
             if idx.size == 0:
                 return
-        data = obj.data_from_sums([g.fit_sums(s) for g, s in zip(groups, local)], **u)
-        out = F._fit_block(obj, data, qk, method, tol, int(max_iter), reml, n, p)  # data.n per voxel
-        F._store(res, idx, out)
-        res.resms[idx] = residual_mean_square(out.beta, XtX_v, stats.XtY[idx], stats.YtY[idx], n_obs[idx], p)
+        data = obj.data_from_sums([g.fit_sums(s) for g, s in zip(groups, local)], u)
+        scheduler.fit(obj, data, idx, n, XtX_v, stats.XtY[idx], stats.YtY[idx])  # data.n per voxel
 
-    F.run_blocks(run, jobs, threads)
-    F._blank_unfitted(res)
-    return res
+    scheduler.run(run, jobs)

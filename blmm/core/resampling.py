@@ -27,7 +27,9 @@ from threadpoolctl import threadpool_limits
 
 from blmm.core.design import Contrast, RandomFactor
 from blmm.core.fdr import fdr_mlog10q
-from blmm.core.fit import FITTED, FitResult, run_blocks, thread_count
+from blmm.core.blocks import run_blocks, thread_count
+from blmm.core.result import FitResult
+from blmm.core.status import FITTED
 from blmm.core.inference import f_mlog10p, infer, t_mlog10p
 from blmm.core.linalg import sym as la_sym
 from blmm.core.tail import TailFit, tail_p

@@ -38,10 +38,11 @@ from blmm.core.sufficient import (
     stats_from_sums,
 )
 from blmm.core.design import unidentifiable_patterns
-from blmm.core.fit import choose_structure, fit_stats
+from blmm.core.fit import fit_stats
 from blmm.core.status import (BELOW_MIN_N, BELOW_MIN_PERCENT, DROPPED_FEW, DROPPED_UNIDENTIFIABLE, FAILED, FITTED,
                               NOT_FITTED, SAFE_MODE, STOP_NAMES, drop_reasons)
 from blmm.core.nested_missing_rows import nested_missing_row_stats
+from blmm.core.structure import plan_fit
 from blmm.io import outdir as _outdir
 from blmm.io.images import read_image, read_mask, write_map
 from blmm.errors import DiskFullError
@@ -491,12 +492,14 @@ def fit_block(plan: RunPlan, k: int) -> str:
     results: dict[str, np.ndarray] = {"n_obs": n_obs, "reason": reason}
     if keep.size:
         patterns, pattern_of_voxel = presence_patterns(present[:, keep])
-        if one_factor(cfg):  # every voxel against the complete design (docs/model.md, "Missing rows")
+        X, factors = ordered_design(plan)
+        layout = FactorLayout.from_factors(factors)
+        # every voxel against the complete design where the structure can (docs/model.md, "Missing rows")
+        fit_plan = plan_fit(layout, missing_rows=True)
+        if one_factor(cfg):  # the sums come class-aggregated (LevelSums)
             stats = _missing_row_stats(plan, sums, touched, keep, patterns, pattern_of_voxel)
         else:
-            X, factors = ordered_design(plan)
-            layout = FactorLayout.from_factors(factors)
-            if choose_structure(layout)[0] == "nested":  # one nesting tree: touched families as units
+            if fit_plan.missing_rows:  # one nesting tree: touched families as units
                 stats = nested_missing_row_stats(X, factors, layout, patterns, pattern_of_voxel,
                                                  sums=group_level_sums(plan, sums, touched, keep))
             else:  # crossed factors: one objective per presence pattern
@@ -504,7 +507,7 @@ def fit_block(plan: RunPlan, k: int) -> str:
                 Z = random_effects_matrix(factors, layout)
                 stats = stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
         stats.centre = run_centre(plan).take(lo + keep)  # the sums were formed without it: β gets it back
-        fit = fit_stats(stats, reml=cfg.reml, method=cfg.method, tol=cfg.tol, max_iter=cfg.maxnit,
+        fit = fit_stats(stats, reml=cfg.reml, method=cfg.method, tol=cfg.tol, max_iter=cfg.maxnit, plan=fit_plan,
                         max_block_bytes=max(cfg.maxmem // 4, 2**24), threads=1)  # the engine parallelises
         fit = plan.basis.restore(fit)  # the user's units before inference: contrasts are in them
         inf = infer(fit, cfg.contrasts, two_sided=cfg.two_sided)

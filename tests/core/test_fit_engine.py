@@ -336,7 +336,9 @@ def test_lower_triangular_inverse_matches_lapack():
 def test_patterns_are_fitted_in_rounds_within_max_block_bytes(monkeypatch):
     """Many presence patterns (crossed factors, fitted pattern by pattern): their objectives are built
     and fitted a round at a time, never all at once, with the same fit as one round."""
+    from blmm.core import blocks
     from blmm.core import fit as F
+    from blmm.core.structure import plan_fit
     rng = np.random.default_rng(7)
     n = 60
     subject, site = np.repeat(np.arange(20), 3), np.tile(np.arange(4), 15)
@@ -349,9 +351,10 @@ def test_patterns_are_fitted_in_rounds_within_max_block_bytes(monkeypatch):
     assert st.patterns.shape[0] == 12
     one = F.fit_stats(st, tol=1e-10, threads=1)
     calls = []
-    real = F.run_blocks
-    monkeypatch.setattr(F, "run_blocks", lambda run, jobs, threads: calls.append(len(jobs)) or real(run, jobs, threads))
-    budget = 2 * F.held_bytes(F._pattern_objective("schur", None, st, 0, int(st.n_obs[0]), True)[0]) * 3
+    real = blocks.run_blocks
+    monkeypatch.setattr(blocks, "run_blocks", lambda run, jobs, threads: calls.append(len(jobs)) or real(run, jobs, threads))
+    objective = plan_fit(st.layout, "schur").objective(st.XtX[0], st.ZtX[0], st.ZtZ[0], int(st.n_obs[0]), True)
+    budget = 2 * objective.held_bytes() * 3
     several = F.fit_stats(st, tol=1e-10, threads=1, max_block_bytes=budget)
     assert len(calls) > 2 and sum(calls) >= 12
     np.testing.assert_allclose(several.llh, one.llh, rtol=0, atol=1e-10)  # the same voxels' fits, another grouping: float64

@@ -36,7 +36,8 @@ from scipy import optimize
 from blmm.core.centre import centre_of, centred_response
 from blmm.core.design import Contrast, RandomFactor
 from blmm.core.design_basis import DesignNote
-from blmm.core.fit import METHODS, choose_structure, fit_lmm, fit_stats
+from blmm.core.fit import METHODS, fit_lmm, fit_stats
+from blmm.core.structure import plan_fit
 from blmm.core.inference import infer
 from blmm.core.status import CONSTANT_RESPONSE, FITTED, NOT_FITTED
 from blmm.core.objective import DenseObjective, LevelObjective, SchurObjective
@@ -218,7 +219,7 @@ def fit_all(X, factors, Y, reml):
     stats.centre = centre
     out = {(s, m): fit_stats(stats, reml=reml, method=m, tol=TOL, max_iter=MAX_ITER, structure=s, threads=1)
            for s in structures_for(factors) for m in METHODS}
-    if np.isnan(Y).any() and (len(factors) == 1 or choose_structure(stats.layout)[0] == "nested"):
+    if np.isnan(Y).any() and (len(factors) == 1 or plan_fit(stats.layout).structure == "nested"):
         for m in METHODS:
             out["missing-rows", m] = fit_lmm(Y, X, factors, reml=reml, method=m, tol=TOL, max_iter=MAX_ITER,
                                              threads=1, safe_mode=False)
@@ -709,11 +710,11 @@ def unit_problems(name, reml):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 raw = fit_lmm(Y, X_raw, factors_raw, **opts)
+            key = f"{name} {s} {m}"
             notes = [w for w in caught if issubclass(w.category, DesignNote)]
             sd = np.std(X_raw[:, 1:], axis=0, ddof=1)  # lme4's check.scaleX: sds more than 1e3 apart
             if len(notes) != (1 if sd.max() > 1e3 * sd.min() else 0):
                 problems.append(f"{key}: {len(notes)} scale notes for column sds {sd}")
-            key = f"{name} {s} {m}"
             for label in ("status", "stop", "converged"):
                 if not np.array_equal(getattr(std, label), getattr(raw, label)):
                     problems.append(f"{key}: {label} {getattr(raw, label)} vs {getattr(std, label)}")

@@ -183,15 +183,18 @@ VECTORISED = {"missing": "fit_missing_rows", "intercept_missing": "fit_missing_r
 @pytest.mark.parametrize("case_name", ["missing", "intercept_missing", "family_missing", "family_slope_missing"])
 def test_missing_rows_are_fitted_by_the_vectorised_paths(case_name, monkeypatch):
     """The fits test_against_lme4 checks come from the vectorised missing-row paths, not per pattern."""
-    import blmm.core.missing_rows as one_factor
-    import blmm.core.nested_missing_rows as nested
+    from dataclasses import replace
+
+    from blmm.core.structure import STRUCTURES
     case, factors, fit, _ = fitted(case_name, True)
     seen = []
-    for module, name in ((one_factor, "fit_missing_rows"), (nested, "fit_nested_missing_rows")):
-        def spy(stats, *args, _fit=getattr(module, name), _name=name, **kwargs):
+    for structure, name in (("levels", "fit_missing_rows"), ("nested", "fit_nested_missing_rows")):
+        path = STRUCTURES[structure].missing_rows
+
+        def spy(*args, _fit=path.fit, _name=name, **kwargs):
             seen.append(_name)
-            return _fit(stats, *args, **kwargs)
-        monkeypatch.setattr(module, name, spy)
+            return _fit(*args, **kwargs)
+        monkeypatch.setitem(STRUCTURES, structure, replace(STRUCTURES[structure], missing_rows=replace(path, fit=spy)))
     assert np.isnan(case.Y).any(axis=0).sum() >= 5
     options = {"tol": TOL[case_name]} if case_name in TOL else {}
     again = fit_lmm(case.Y, case.X, factors, reml=True, **options)

@@ -14,7 +14,7 @@ import pytest
 from blmm.core.design import RandomFactor
 from blmm.core.fit import FITTED, DROPPED_FEW, fit_lmm, fit_stats
 from blmm.core.missing_rows import (
-    MissingRowStats, _Units, block_units, fit_missing_rows, missing_row_stats_from_data, touched_units, unit_bytes,
+    LevelUnits, MissingRowStats, level_row_terms, missing_row_stats_from_data, touched_units, unit_bytes,
 )
 from blmm.core.objective.levels import LevelObjective
 from blmm.core.objective.missing import MissingObjective
@@ -49,7 +49,7 @@ def test_objective_equals_per_pattern(q, reml):
     ss = sufficient_stats(Y, X, [f])
     obj = MissingObjective(ms.XtX, ms.ZtX, ms.ZtZ, ms.n_rows, q, reml)
     idx = np.arange(Y.shape[1])
-    data = obj.data(ms.sums, **block_units(ms, _Units(ms), idx))
+    data = obj.data(ms.sums.XtY, ms.sums, ms.sums.YtY, LevelUnits(ms).block_units(ms, idx))
     A = np.random.default_rng(0).normal(size=(q, q))
     D = np.broadcast_to(A @ A.T + 0.3 * np.eye(q), (idx.size, q, q)).copy()
     ev = obj.evaluate([D], data, grad=True)
@@ -100,8 +100,9 @@ def test_small_blocks_and_dropped_voxels():
     Y, X, f = design(1, seed=3)
     Y[: Y.shape[0] - 3, 6] = np.nan  # 3 rows left, p = 3
     ms = missing_row_stats_from_data(Y, X, f)
-    a = fit_missing_rows(ms, tol=1e-10, threads=1)
-    b = fit_missing_rows(ms, tol=1e-10, threads=2, max_block_bytes=unit_bytes(int(ms.voxel_n_missing().max()), 3, 1))
+    a = fit_stats(ms, tol=1e-10, threads=1)
+    b = fit_stats(ms, tol=1e-10, threads=2, max_block_bytes=unit_bytes(int(ms.voxel_n_missing().max()), 3, [1],
+                                                                          row_terms=level_row_terms(3, 1)))
     assert a.status[6] == DROPPED_FEW and np.isnan(a.llh[6])
     ok = a.status == FITTED
     np.testing.assert_allclose(a.llh[ok], b.llh[ok], atol=1e-10, rtol=0)  # the same voxels in other blocks: BLAS rounding
@@ -136,17 +137,17 @@ def test_unit_groups_give_the_same_objective(q, reml):
     ms = missing_row_stats_from_data(Y, X, f)
     obj = MissingObjective(ms.XtX, ms.ZtX, ms.ZtZ, ms.n_rows, q, reml)
     idx = np.arange(Y.shape[1])
-    units = block_units(ms, _Units(ms), idx)
-    parts = compress_units(touched_units(ms, _Units(ms), idx), X.shape[1], q)
+    units = LevelUnits(ms).block_units(ms, idx)
+    parts = compress_units(touched_units(ms, LevelUnits(ms), idx), X.shape[1], q)
     grouped = np.concatenate([pos for pos, part in parts if "group_weight" in part])
     assert set(grouped.tolist()) >= {0, 1}  # voxels missing whole subjects or visits: their units grouped
     A = np.random.default_rng(1).normal(size=(q, q))
     D = np.broadcast_to(A @ A.T + 0.3 * np.eye(q), (idx.size, q, q)).copy()
-    full = obj.data(ms.sums, **units)
+    full = obj.data(ms.sums.XtY, ms.sums, ms.sums.YtY, units)
     ev = obj.evaluate([D], full, grad=True)
     H, dC, _ = obj.deviance_hessian([D], full, ev.sigma2, ev)
     for pos, part in parts:
-        data = obj.data(ms.sums.take(pos), **part)
+        data = obj.data(ms.sums.take(pos).XtY, ms.sums.take(pos), ms.sums.take(pos).YtY, part)
         got = obj.evaluate([D[pos]], data, grad=True)
         H_got, dC_got, _ = obj.deviance_hessian([D[pos]], data, got.sigma2, got)
         np.testing.assert_allclose(got.llh, ev.llh[pos], rtol=0, atol=1e-9)  # as the per-pattern comparison above
@@ -188,17 +189,17 @@ def test_grouped_and_kept_voxels_of_one_block_keep_their_own_units():
     Y[10, 1] = np.nan  # one image
     ms = missing_row_stats_from_data(Y, X, f)
     obj = MissingObjective(ms.XtX, ms.ZtX, ms.ZtZ, ms.n_rows, 1, True)
-    units = block_units(ms, _Units(ms), np.arange(2))
-    parts = compress_units(touched_units(ms, _Units(ms), np.arange(2)), X.shape[1], 1)
+    units = LevelUnits(ms).block_units(ms, np.arange(2))
+    parts = compress_units(touched_units(ms, LevelUnits(ms), np.arange(2)), X.shape[1], 1)
     shapes = sorted((pos.tolist(), part["sign"].shape[1], part.get("group_weight", np.zeros((1, 0))).shape[1])
                     for pos, part in parts)
     assert shapes == [([0], 0, 2), ([1], 2, 0)]
     grouped = next(part for pos, part in parts if pos.tolist() == [0])
     np.testing.assert_array_equal(grouped["group_weight"], [[10.0, -15.0]])  # Σ s by G: 10 replacements, 15 removals
     D = np.full((2, 1, 1), 0.7)
-    ev = obj.evaluate([D], obj.data(ms.sums, **units), grad=True)
+    ev = obj.evaluate([D], obj.data(ms.sums.XtY, ms.sums, ms.sums.YtY, units), grad=True)
     for pos, part in parts:
-        got = obj.evaluate([D[pos]], obj.data(ms.sums.take(pos), **part), grad=True)
+        got = obj.evaluate([D[pos]], obj.data(ms.sums.take(pos).XtY, ms.sums.take(pos), ms.sums.take(pos).YtY, part), grad=True)
         np.testing.assert_allclose(got.llh, ev.llh[pos], rtol=0, atol=1e-9)  # as above: regrouped float64 sums
         np.testing.assert_allclose(got.grad[0], ev.grad[0][pos], rtol=1e-8)
 
@@ -227,16 +228,16 @@ def test_rank_in_runs():
 def test_prepared_units_are_held_a_round_at_a_time(monkeypatch):
     """max_block_bytes bounds the units prepared before fitting: a small budget prepares and fits
     the voxels in several rounds, with the same result as one round."""
-    from blmm.core import fit as F
+    from blmm.core import blocks
     from blmm.core import missing_rows as mr
     Y, X, f = balanced_design(1, seed=50, v=6)
     ms = missing_row_stats_from_data(Y, X, f)
-    one = fit_missing_rows(ms, tol=1e-10, threads=1)
+    one = fit_stats(ms, tol=1e-10, threads=1)
     stages = []
-    real = F.run_blocks
-    monkeypatch.setattr(F, "run_blocks", lambda run, jobs, n: stages.append(run.__name__) or real(run, jobs, n))
+    real = blocks.run_blocks
+    monkeypatch.setattr(blocks, "run_blocks", lambda run, jobs, n: stages.append(run.__name__) or real(run, jobs, n))
     voxel = mr.prepared_bytes(int(mr.voxel_touched(ms).max()), X.shape[1], 1)
-    several = fit_missing_rows(ms, tol=1e-10, threads=1, max_block_bytes=4 * voxel)  # rounds of ~2 voxels
+    several = fit_stats(ms, tol=1e-10, threads=1, max_block_bytes=4 * voxel)  # rounds of ~2 voxels
     assert len(stages) > 2 and stages == ["prepare", "run"] * (len(stages) // 2)
     np.testing.assert_allclose(several.llh, one.llh, rtol=0, atol=1e-10)  # the same voxels in rounds: BLAS rounding
     np.testing.assert_array_equal(several.status, one.status)

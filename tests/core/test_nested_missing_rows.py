@@ -16,7 +16,7 @@ import pytest
 from blmm.core.design import RandomFactor
 from blmm.core.fit import DROPPED_FEW, FITTED, METHODS, fit_lmm, fit_stats
 from blmm.core.nested_missing_rows import (
-    FamilyBlocks, NestedMissingRowStats, block_units, fit_nested_missing_rows, nested_missing_row_stats_from_data,
+    FamilyBlocks, NestedMissingRowStats, nested_missing_row_stats_from_data,
     tree_level_sums,
 )
 from blmm.core.objective.nested import NestedObjective
@@ -66,8 +66,8 @@ def assert_objective_equals_per_pattern(Y, X, factors, D, reml, tree=None):
         assert obj.tree == tree
     idx = np.arange(Y.shape[1])
     groups, sums = tree_level_sums(ms, obj.base)  # class-aggregated, as the fit and the pipeline use
-    units = block_units(ms, FamilyBlocks(ms, obj.base), idx, sums, [g.small_position() for g in groups])
-    data = obj.data_from_sums([g.fit_sums(s) for g, s in zip(groups, sums)], **units)
+    units = FamilyBlocks(ms, obj.base).block_units(ms, idx, sums, [g.small_position() for g in groups])
+    data = obj.data_from_sums([g.fit_sums(s) for g, s in zip(groups, sums)], units)
     ev = obj.evaluate(D, data, grad=True)
     for vox in idx:
         u = ss.pattern_of_voxel[vox]
@@ -153,8 +153,8 @@ def test_small_blocks_and_dropped_voxels():
     Y, X, factors = missing_design(3)
     Y[: Y.shape[0] - 3, 0] = np.nan  # 3 rows left, p = 3
     ms = nested_missing_row_stats_from_data(Y, X, factors)
-    a = fit_nested_missing_rows(ms, tol=1e-10, threads=1)
-    b = fit_nested_missing_rows(ms, tol=1e-10, threads=2, max_block_bytes=2**16)
+    a = fit_stats(ms, tol=1e-10, threads=1)
+    b = fit_stats(ms, tol=1e-10, threads=2, max_block_bytes=2**16)
     assert a.status[0] == DROPPED_FEW and np.isnan(a.llh[0])
     ok = a.status == FITTED
     assert ok[1:].all()

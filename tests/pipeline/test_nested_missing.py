@@ -15,10 +15,13 @@ from tests.reference.load import load_case
 
 @pytest.mark.parametrize("case_name", ["family_missing", "family_slope_missing"])
 def test_nested_factors_with_missing_values_match_lme4_through_the_pipeline(tmp_path, case_name, monkeypatch):
-    import blmm.core.nested_missing_rows as nested
+    from dataclasses import replace
+
+    from blmm.core.structure import STRUCTURES
     seen = []
-    monkeypatch.setattr(nested, "fit_nested_missing_rows",
-                        lambda *a, _fit=nested.fit_nested_missing_rows, **k: seen.append(1) or _fit(*a, **k))
+    path = STRUCTURES["nested"].missing_rows
+    spy = replace(path, fit=lambda *a, _fit=path.fit, **k: seen.append(1) or _fit(*a, **k))
+    monkeypatch.setitem(STRUCTURES, "nested", replace(STRUCTURES["nested"], missing_rows=spy))
     case = load_case(case_name)
     yml = make_analysis(tmp_path, case_name=case_name, fmt="nifti", dtype=np.float64)  # lme4's values, bit for bit
     yml.write_text(yml.read_text().replace("MAXMEM: 2**32", "MAXMEM: 2**20"))  # several blocks and batches

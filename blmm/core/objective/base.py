@@ -3,7 +3,8 @@
 For a given relative covariance D (per voxel), β̂ and σ̂² are profiled out in closed
 form and the log-likelihood, its gradient in D and a Fisher information for D are
 returned for all voxels at once.  Every structure (levels.py, dense.py, schur.py,
-nested.py) implements `Objective`; the scoring loop knows nothing else about them.
+nested.py, and the missing-row ones missing.py, nested_missing.py) implements `Objective`;
+the scoring loop knows nothing else about them.
 
 Notation (docs/model.md): V = I + Z D Z', M = D(I + Z'Z D)^-1, R_j = (I + G_j D)^-1,
 X_j = Z_j'X, y_j = Z_j'Y, S_j = Z_j'V^-1 X = R_j X_j, u_j = Z_j'V^-1 r, T_j = R_j G_j,
@@ -43,18 +44,51 @@ class Evaluation:
 
 
 class Objective(Protocol):
-    """What every structure provides to the scoring loop (one pattern of observed rows)."""
+    """What every structure provides to the scoring loop (one pattern of observed rows, or the
+    complete design with each voxel's missing rows as units: `missing_rows`).
+
+    `tests/core/test_objective_protocol.py` checks every objective of core/structure.py's
+    registry against this, signatures included.
+    """
 
     n: int
     p: int
     reml: bool
+    missing_rows: bool  # data() takes each voxel's missing-row units (n and X'X then differ per voxel)
+    has_deviance_hessian: bool  # deviance_hessian() exists: the analytic Hessian (else core/hessian.py differences)
 
-    def data(self, XtY: np.ndarray, ZtY: np.ndarray, YtY: np.ndarray) -> Any:
-        """Per-voxel data sums arranged for this objective; the result has `.take(idx)` and `.XtY`."""
+    def data(self, XtY: np.ndarray, ZtY: Any, YtY: np.ndarray, units: dict | None = None) -> Any:
+        """Per-voxel data sums arranged for this objective; the result has `.take(idx)` and `.XtY`.
+        units: the voxels' missing-row units, only where `missing_rows` (refused elsewhere)."""
 
     def evaluate(self, D_list: list, data: Any, sigma2: np.ndarray | None = None,
                  grad: bool = False) -> Evaluation:
         """Profiled log-likelihood at D (per factor (v, q_k, q_k)), with gradient and information if asked."""
+
+    def per_voxel_bytes(self) -> int:
+        """Working bytes per voxel of one evaluation with its gradient (block sizing)."""
+
+    def held_bytes(self) -> int:
+        """Bytes of the arrays the objective holds while its voxels are fitted (round sizing)."""
+
+
+def array_bytes(*arrays) -> int:
+    """Bytes of the arrays given (each an array, or a list, tuple or dict of them, nested)."""
+    total = 0
+    for a in arrays:
+        if isinstance(a, np.ndarray):
+            total += a.nbytes
+        elif isinstance(a, dict):
+            total += array_bytes(*a.values())
+        elif isinstance(a, (list, tuple)):
+            total += array_bytes(*a)
+    return int(total)
+
+
+def no_units(objective: Objective, units: dict | None) -> None:
+    """Refuses missing-row units for an objective of one presence pattern."""
+    if units is not None:
+        raise ValueError(f"{type(objective).__name__} fits one presence pattern: it takes no missing-row units")
 
 
 def _gls(XtVX: np.ndarray, XtVY: np.ndarray):

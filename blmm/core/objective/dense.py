@@ -7,7 +7,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from blmm.core import linalg as la
-from blmm.core.objective.base import Evaluation, factor_pair_information, level_block_sum, profiled
+from blmm.core.objective.base import (
+    Evaluation, array_bytes, factor_pair_information, level_block_sum, no_units, profiled,
+)
 
 @dataclass
 class DenseData:
@@ -32,7 +34,18 @@ class DenseObjective:
         self.qk = layout.q
         self.qtot = layout.n_columns
 
-    def data(self, XtY, ZtY, YtY) -> DenseData:
+    missing_rows = False
+    has_deviance_hessian = True  # analytic, from the full Z'V⁻¹Z it forms (core/hessian.py)
+
+    def per_voxel_bytes(self) -> int:
+        """Working memory per voxel of one evaluation with its gradient (for block sizing)."""
+        return 8 * 10 * self.qtot ** 2
+
+    def held_bytes(self) -> int:
+        return array_bytes(self.XtX, self.ZtX, self.ZtZ, self.offsets)
+
+    def data(self, XtY, ZtY, YtY, units=None) -> DenseData:
+        no_units(self, units)
         return DenseData(np.ascontiguousarray(XtY), np.ascontiguousarray(ZtY), np.asarray(YtY))
 
     def _blockdiag(self, blocks):

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from blmm.core import linalg as la
 from blmm.core.level_classes import LevelClasses, class_aggregates, symmetric_cross
-from blmm.core.objective.base import Evaluation, diag_blocks, profiled
+from blmm.core.objective.base import Evaluation, array_bytes, diag_blocks, no_units, profiled
 
 class LevelObjective:
     """One random factor with q effects per level.
@@ -74,8 +74,20 @@ class LevelObjective:
         self.Xs = [np.ascontiguousarray(Xl[self.small_levels, a]) for a in range(q)]  # (Ls, p)
         self.Xl = Xl
 
-    def data(self, XtY, ZtY, YtY) -> "LevelData":
+    missing_rows = False
+    has_deviance_hessian = True
+
+    def per_voxel_bytes(self) -> int:
+        """Working memory per voxel of one evaluation with its gradient (for block sizing)."""
+        return 8 * (16 * self.C * self.q ** 2 + self.Cb * len(self.pairs) * (self.p + 1))
+
+    def held_bytes(self) -> int:
+        return array_bytes(self.XtX, self.XtX_up, self.level_index, self.small_levels, self.big_members, self.mu,
+                           self.g, self.pair_mult, self.Kpair_big, self.Kf, self.KfT, self.Ko, self.Xs, self.Xl)
+
+    def data(self, XtY, ZtY, YtY, units=None) -> "LevelData":
         """Per-voxel data sums arranged for this objective (ZtY is (v, L*q))."""
+        no_units(self, units)
         v = XtY.shape[0]
         yl = ZtY.reshape(v, -1, self.q)[:, self.level_index]  # (v, Lp, q)
         KXYo, KYY = class_aggregates(self.classes, self.Xl, yl)

@@ -35,17 +35,27 @@ from blmm.core.objective.levels import LevelData, LevelObjective, hessian_from_p
 class MissingObjective:
     """One factor (q effects per level): the common design's classes plus per-voxel units."""
 
+    missing_rows = True
+    has_deviance_hessian = True
+
     def __init__(self, XtX, ZtX, ZtZ, n, q, reml):
         self.base = LevelObjective(XtX, ZtX, ZtZ, n, q, reml)
         self.n, self.p, self.q, self.reml = int(n), self.base.p, int(q), bool(reml)
 
-    def data(self, sums, n=None, dXtX=None, sign=None, G=None, X=None, y=None,
-             group_weight=None, group_G=None, group_K=None) -> "MissingData":
-        """Per-voxel data sums (`LevelSums`, by the common design's classes) plus the voxels'
-        missing-row units and unit groups (none: the common design)."""
-        v = sums.XtY.shape[0]
+    def data(self, XtY, ZtY, YtY, units: dict | None = None) -> "MissingData":
+        """Per-voxel data sums plus the voxels' missing-row units and unit groups (none: the common
+        design).  ZtY: (v, L q), or the class-arranged `LevelSums` (missing_rows.py); units:
+        n (v,), dXtX and the padded units and groups (`padded_units`, `compress_units`)."""
+        v = XtY.shape[0]
         p, q = self.p, self.q
-        base = self.base.data_from_sums(sums.XtY, sums.YtY, sums.KXYo, sums.KYY, sums.y_small)
+        if isinstance(ZtY, np.ndarray):
+            base = self.base.data(XtY, ZtY, YtY)
+        else:
+            base = self.base.data_from_sums(XtY, YtY, ZtY.KXYo, ZtY.KYY, ZtY.y_small)
+        units = {} if units is None else units
+        n, dXtX = units.get("n"), units.get("dXtX")
+        sign, G, X, y = (units.get(key) for key in ("sign", "G", "X", "y"))
+        group_weight, group_G, group_K = (units.get(key) for key in ("group_weight", "group_G", "group_K"))
         if sign is None:
             sign, G, X, y = np.zeros((v, 0)), np.zeros((v, 0, q, q)), np.zeros((v, 0, q, p)), np.zeros((v, 0, q))
         if group_weight is None:
@@ -55,6 +65,15 @@ class MissingObjective:
             base=base, XtY=base.XtY, n=np.full(v, float(self.n)) if n is None else np.asarray(n, float),
             dXtX=np.zeros((v, p, p)) if dXtX is None else dXtX, sign=sign, G=G, X=X, y=y,
             group_weight=group_weight, group_G=group_G, group_K=group_K)
+
+    def per_voxel_bytes(self) -> int:
+        """Working memory per voxel beside its units: the class weights and data sums (LevelSums,
+        LevelData: KXY, KYY, KXYo), for block sizing."""
+        base, q = self.base, self.q
+        return 8 * (12 * base.C * q ** 2 + base.Cb * (len(base.pairs) * (self.p + 1) + q * q * self.p))
+
+    def held_bytes(self) -> int:
+        return self.base.held_bytes()
 
     def _products(self, D, data: "MissingData"):
         XtVX, XtVY, YtVY, logdetV, R = self.base.products(D, data.base)

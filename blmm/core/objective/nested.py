@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from blmm.core import linalg as la
-from blmm.core.objective.base import Evaluation, factor_pair_information, profiled
+from blmm.core.objective.base import Evaluation, array_bytes, factor_pair_information, no_units, profiled
 from blmm.core.objective.levels import LevelObjective
 from blmm.core.objective.schur import SchurData, SchurObjective
 
@@ -86,62 +86,90 @@ class NestedData:
         return NestedData(self.XtY[idx], self.YtY[idx], [g.take(idx) for g in self.groups])
 
 
-class NestedObjective:
-    """A tree of nested factors, eliminated by the blocks of its outermost factor."""
+class NestedTree:
+    """The layout of a nesting tree in Z'Z, before any evaluation: its nodes (every level of every
+    factor in the tree), their blocks G (own, and with the parent node), which nodes have rows, the
+    outer levels grouped by block shape, and the factors spanned by their child (`spanned`)."""
 
-    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, tree: list[int] | None = None):
+    def __init__(self, layout, ZtZ: sp.csr_matrix, tree: list[int] | None = None):
         tree = nested_tree(layout) if tree is None else sorted(tree)
         if tree is None:
             raise ValueError("no random factor nests in another")
-        self.tree = tree
-        self.n, self.p, self.reml = int(n), XtX.shape[0], bool(reml)
-        self.XtX = XtX
-        ZtZ = sp.csr_matrix(ZtZ)
-        qk, nlev, off = layout.q, layout.n_levels, layout.offsets
-        parent_of = {k: layout.parent[k][0] for k in tree if layout.parent[k] is not None
-                     and layout.parent[k][0] in tree}
-        roots = [k for k in tree if k not in parent_of]
+        self.tree, self.layout = tree, layout
+        qk = layout.q
+        self.parent_of = {k: layout.parent[k][0] for k in tree if layout.parent[k] is not None
+                          and layout.parent[k][0] in tree}
+        roots = [k for k in tree if k not in self.parent_of]
         if len(roots) != 1:
             raise ValueError(f"factors {tree} do not form one nesting tree")
-        root = roots[0]
-        self.root = root
-        # global node numbering: node_base[k] + level
-        node_base, nb = {}, 0
+        self.root = roots[0]
+        self._number_nodes()
+        self._node_blocks(ZtZ)
+        self._mark_present()
+        # per-factor vec offsets in the reduced parameter [vec D_k for k in tree]
+        self.q = [qk[k] for k in tree]
+        self.soff = np.concatenate([[0], np.cumsum([q * q for q in self.q])]).astype(int)
+        self.s = int(self.soff[-1])
+        self.spans = self._spanned()
+        self.groups = self._group_outer_levels()
+
+    def _number_nodes(self) -> None:
+        """Global node numbering (node_base[k] + level), each node's factor, level and parent node."""
+        layout, tree, parent_of = self.layout, self.tree, self.parent_of
+        nlev = layout.n_levels
+        self.node_base, nb = {}, 0
         for k in tree:
-            node_base[k] = nb
+            self.node_base[k] = nb
             nb += nlev[k]
-        node_factor = np.concatenate([np.full(nlev[k], k) for k in tree])
-        node_level = np.concatenate([np.arange(nlev[k]) for k in tree])
-        parent_node = np.full(nb, -1)
+        self.n_nodes = nb
+        self.node_factor = np.concatenate([np.full(nlev[k], k) for k in tree])
+        self.node_level = np.concatenate([np.arange(nlev[k]) for k in tree])
+        self.parent_node = np.full(nb, -1)
         for k in tree:
             if k in parent_of:
-                parent_node[node_base[k]:node_base[k] + nlev[k]] = node_base[parent_of[k]] + layout.parent[k][1]
+                self.parent_node[self.node_base[k]:self.node_base[k] + nlev[k]] = \
+                    self.node_base[parent_of[k]] + layout.parent[k][1]
+
+    def _node_blocks(self, ZtZ: sp.csr_matrix) -> None:
+        """Gd: each node's own block of Z'Z; Gx: each node's block with its parent node."""
+        layout, tree = self.layout, self.tree
+        qk, off, nb = layout.q, layout.offsets, self.n_nodes
         # column -> node, effect
         col_node = np.full(layout.n_columns, -1)
         col_eff = np.zeros(layout.n_columns, np.int64)
         for k in tree:
             cols = np.arange(off[k], off[k + 1])
-            col_node[cols] = node_base[k] + (cols - off[k]) // qk[k]
+            col_node[cols] = self.node_base[k] + (cols - off[k]) // qk[k]
             col_eff[cols] = (cols - off[k]) % qk[k]
         qmax = max(qk[k] for k in tree)
-        Gd = np.zeros((nb, qmax, qmax))  # each node's own block
-        Gx = np.zeros((nb, qmax, qmax))  # each node's block with its parent node
+        self.Gd = np.zeros((nb, qmax, qmax))
+        self.Gx = np.zeros((nb, qmax, qmax))
         coo = ZtZ.tocoo()
         nr, nc = col_node[coo.row], col_node[coo.col]
         ok = (nr >= 0) & (nc >= 0)
         r, c, val, nr, nc = coo.row[ok], coo.col[ok], coo.data[ok], nr[ok], nc[ok]
         same = nr == nc
-        np.add.at(Gd, (nr[same], col_eff[r[same]], col_eff[c[same]]), val[same])
-        up = ~same & (parent_node[nr] == nc)
-        np.add.at(Gx, (nr[up], col_eff[r[up]], col_eff[c[up]]), val[up])
-        present = np.any(Gd.reshape(nb, -1) != 0, axis=1)
-        for k in sorted(tree, key=lambda k: -self._depth(parent_of, k)):  # children before parents
+        np.add.at(self.Gd, (nr[same], col_eff[r[same]], col_eff[c[same]]), val[same])
+        up = ~same & (self.parent_node[nr] == nc)
+        np.add.at(self.Gx, (nr[up], col_eff[r[up]], col_eff[c[up]]), val[up])
+
+    def _mark_present(self) -> None:
+        """Nodes with rows (a parent of a node with rows has rows), and each node's children."""
+        nlev, parent_of, parent_node = self.layout.n_levels, self.parent_of, self.parent_node
+        self.present = np.any(self.Gd.reshape(self.n_nodes, -1) != 0, axis=1)
+        for k in sorted(self.tree, key=lambda k: -self._depth(parent_of, k)):  # children before parents
             if k in parent_of:
-                nodes = np.arange(node_base[k], node_base[k] + nlev[k])
-                np.logical_or.at(present, parent_node[nodes[present[nodes]]], True)
-        children = [[] for _ in range(nb)]
-        for node in np.flatnonzero(present & (parent_node >= 0)):
-            children[parent_node[node]].append(int(node))
+                nodes = np.arange(self.node_base[k], self.node_base[k] + nlev[k])
+                np.logical_or.at(self.present, parent_node[nodes[self.present[nodes]]], True)
+        self.children = [[] for _ in range(self.n_nodes)]
+        for node in np.flatnonzero(self.present & (parent_node >= 0)):
+            self.children[parent_node[node]].append(int(node))
+
+    def _group_outer_levels(self) -> dict:
+        """The outer levels with rows, grouped by block shape: {shape (factor per node): [nodes per level]},
+        each level's nodes in a canonical order (children sorted by their blocks' signature)."""
+        qk, parent_of, node_factor, children = self.layout.q, self.parent_of, self.node_factor, self.children
+        Gd, Gx = self.Gd, self.Gx
 
         def signature(node):
             k = int(node_factor[node])
@@ -158,39 +186,29 @@ class NestedObjective:
             return out
 
         groups: dict = {}
-        for lvl in np.flatnonzero(present[node_base[root]:node_base[root] + nlev[root]]):
-            nodes = order(signature(node_base[root] + lvl), [])
+        base, root = self.node_base[self.root], self.root
+        for lvl in np.flatnonzero(self.present[base:base + self.layout.n_levels[root]]):
+            nodes = order(signature(base + lvl), [])
             shape = tuple(int(node_factor[x]) for x in nodes)
             groups.setdefault(shape, []).append(nodes)
-        # per-factor vec offsets in the reduced parameter [vec D_k for k in tree]
-        self.q = [qk[k] for k in tree]
-        soff = np.concatenate([[0], np.cumsum([q * q for q in self.q])]).astype(int)
-        self.s = int(soff[-1])
-        self.soff = soff
-        self.spans = self._spanned(tree, parent_of, node_factor, present, parent_node, Gd, Gx, qk)
-        self.levels, self.perm, self.P, self.Pterms, self.shapes = [], [], [], [], []
-        for shape, members in groups.items():
-            P, keep, terms = self._block_map(shape, members[0], parent_node, qk, tree, soff)
-            perm = np.concatenate([np.concatenate([off[node_factor[x]] + node_level[x] * qk[node_factor[x]]
-                                                   + np.arange(qk[node_factor[x]]) for x in nodes])[keep]
-                                   for nodes in members]).astype(np.int64)
-            b = int(keep.size)
-            # a class of a few families already pays for aggregated data sums (block sizes are small)
-            lv = LevelObjective(XtX, ZtX[perm], ZtZ[perm][:, perm], n, b, reml, big_class_min=max(2, b))
-            self.levels.append(lv)
-            self.perm.append(perm)
-            self.P.append(P)
-            self.Pterms.append(terms)
-            self.shapes.append(shape)
+        return groups
 
-    @staticmethod
-    def _spanned(tree, parent_of, node_factor, present, parent_node, Gd, Gx, qk) -> dict:
+    def block_columns(self, members: list, keep: np.ndarray) -> np.ndarray:
+        """The Z columns of a group's blocks (its members' nodes in order, kept positions only)."""
+        qk, off, node_factor, node_level = self.layout.q, self.layout.offsets, self.node_factor, self.node_level
+        return np.concatenate([np.concatenate([off[node_factor[x]] + node_level[x] * qk[node_factor[x]]
+                                               + np.arange(qk[node_factor[x]]) for x in nodes])[keep]
+                               for nodes in members]).astype(np.int64)
+
+    def _spanned(self) -> dict:
         """Factors whose Z columns are their child factor's columns times a fixed matrix a_k
         (e.g. a family intercept = the sum of its subjects' intercepts): {k: a_k (q_child, q_k)}.
 
         Found from Z'Z alone: a_k by least squares pooled over all nodes, accepted when the
         residual Σ ||Z_k - Σ_children Z_c a_k||² vanishes.  Such a factor's block columns are
         then dropped: its D_k enters the children's block as a_k D_k a_k' (fewer columns)."""
+        tree, parent_of, node_factor, present = self.tree, self.parent_of, self.node_factor, self.present
+        Gd, Gx, qk = self.Gd, self.Gx, self.layout.q
         out = {}
         for k in tree:
             kids = [c for c in tree if parent_of.get(c) == k]
@@ -212,11 +230,12 @@ class NestedObjective:
                 out[k] = np.round(a, 12)
         return out
 
-    def _block_map(self, shape, nodes, parent_node, qk, tree, soff):
+    def block_map(self, shape, nodes):
         """P (b_kept², s) with vec D̃ = P vec[D_k], the kept block positions, and P's terms.
 
         D_block = blockdiag over the block's nodes of D_k; the columns of a spanned factor
         are Z_block = Z_kept E', so D̃ = E' D_block E and P = (E' ⊗ E') P_block."""
+        qk, tree, soff, parent_node = self.layout.q, self.tree, self.soff, self.parent_node
         b = sum(qk[k] for k in shape)
         start = np.concatenate([[0], np.cumsum([qk[k] for k in shape])]).astype(int)
         local = {x: i for i, x in enumerate(nodes)}
@@ -257,6 +276,34 @@ class NestedObjective:
             d += 1
         return d
 
+
+class NestedObjective:
+    """A tree of nested factors, eliminated by the blocks of its outermost factor: each group of
+    outer levels with one block shape (`NestedTree`) is a `LevelObjective` with q = the block size."""
+
+    missing_rows = False
+    has_deviance_hessian = False
+
+    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, tree: list[int] | None = None):
+        ZtZ = sp.csr_matrix(ZtZ)
+        layout_tree = NestedTree(layout, ZtZ, tree)  # not kept: only what evaluation needs is
+        self.tree, self.root = layout_tree.tree, layout_tree.root
+        self.n, self.p, self.reml = int(n), XtX.shape[0], bool(reml)
+        self.XtX = XtX
+        self.q, self.s, self.soff, self.spans = layout_tree.q, layout_tree.s, layout_tree.soff, layout_tree.spans
+        self.levels, self.perm, self.P, self.Pterms, self.shapes = [], [], [], [], []
+        for shape, members in layout_tree.groups.items():
+            P, keep, terms = layout_tree.block_map(shape, members[0])
+            perm = layout_tree.block_columns(members, keep)
+            b = int(keep.size)
+            # a class of a few families already pays for aggregated data sums (block sizes are small)
+            lv = LevelObjective(XtX, ZtX[perm], ZtZ[perm][:, perm], n, b, reml, big_class_min=max(2, b))
+            self.levels.append(lv)
+            self.perm.append(perm)
+            self.P.append(P)
+            self.Pterms.append(terms)
+            self.shapes.append(shape)
+
     def per_voxel_bytes(self) -> int:
         """Working memory per voxel of one evaluation with its gradient (for block sizing)."""
         total = 0
@@ -264,7 +311,12 @@ class NestedObjective:
             total += 12 * lv.C * lv.q ** 2 + lv.Cb * len(lv.pairs) * (lv.p + 1) + 4 * lv.C
         return 8 * (total + 4 * self.s ** 2 + 8 * self.p ** 2)
 
-    def data(self, XtY, ZtY, YtY) -> NestedData:
+    def held_bytes(self) -> int:
+        # X'X is the levels' own (one array): counted there
+        return sum(lv.held_bytes() for lv in self.levels) + array_bytes(self.perm, self.P, self.soff, self.spans)
+
+    def data(self, XtY, ZtY, YtY, units=None) -> NestedData:
+        no_units(self, units)
         XtY = np.ascontiguousarray(XtY)
         YtY = np.asarray(YtY, dtype=np.float64)
         return NestedData(XtY, YtY, [lv.data(XtY, ZtY[:, perm], YtY) for lv, perm in zip(self.levels, self.perm)])
@@ -374,42 +426,6 @@ def with_gradient(ev: Evaluation, T_sum: list, uu: list, corr: list, info: np.nd
     return ev
 
 
-def _factor_sizes(layout) -> str:
-    return ", ".join(f"{name}: {l} levels x q={q}" for name, l, q in zip(layout.names, layout.n_levels, layout.q))
-
-
-def check_memory(structure: str, layout, p: int, max_block_bytes: int, tree: list | None = None) -> None:
-    """Refuse, before any work, a structure whose per-voxel dense part does not fit in the budget.
-
-    The dense structure solves a q x q system per voxel, Schur a q_R x q_R one (q_R: the
-    columns of all factors but the one with most levels); one voxel must fit in
-    `max_block_bytes` (MAXMEM's share), or the fit would be killed for memory midway.
-    """
-    if structure == "dense":
-        qd = layout.n_columns
-        need = 8 * (10 * qd ** 2 + 8 * p * p)
-        what = f"a dense {qd} x {qd} system per voxel"
-    elif structure == "schur":
-        widths = [l * q for l, q in zip(layout.n_levels, layout.q)]
-        if tree is not None and len(tree) < len(widths):
-            qd = layout.n_columns - sum(widths[k] for k in tree)
-            names = "the nested factors " + ", ".join(layout.names[k] for k in tree)
-        else:
-            qd = layout.n_columns - max(widths)
-            names = "the factor with most levels"
-        need = 8 * (12 * (p + qd) ** 2 + 8 * qd ** 2)
-        what = f"a dense {qd} x {qd} remainder per voxel after eliminating {names}"
-    else:
-        return
-    if need > max_block_bytes:
-        raise ValueError(
-            f"this random-effects structure needs about {need / 2**20:,.0f} MiB per voxel ({what}; "
-            f"factors: {_factor_sizes(layout)}), more than the memory budget of "
-            f"{max_block_bytes / 2**20:,.0f} MiB (MAXMEM); refusing before fitting. Factors that "
-            f"cross with thousands of levels each cannot be fitted exactly within this budget: "
-            f"raise MAXMEM, or drop or nest one of the factors")
-
-
 class NestedSchurObjective(SchurObjective):
     """A nesting tree eliminated by its outer blocks, plus crossed factors with few columns kept dense.
 
@@ -444,7 +460,11 @@ class NestedSchurObjective(SchurObjective):
         pu = self.p + self.qR
         return self.level.per_voxel_bytes() + 8 * (12 * pu * pu + 8 * self.qR ** 2)
 
-    def data(self, XtY, ZtY, YtY) -> SchurData:
+    def held_bytes(self) -> int:
+        return self.level.held_bytes() + array_bytes(self.small_cols, self.small_offsets, self.eye_p)
+
+    def data(self, XtY, ZtY, YtY, units=None) -> SchurData:
+        no_units(self, units)
         UtY = np.hstack([XtY, ZtY[:, self.small_cols]])
         return SchurData(self.level.data(UtY, ZtY, YtY), np.ascontiguousarray(ZtY[:, self.small_cols]),
                          np.ascontiguousarray(XtY))

@@ -70,28 +70,41 @@ class NestedMissingData:
 class NestedMissingObjective:
     """A nesting tree (the complete design's `NestedObjective`) plus per-voxel units of touched families."""
 
+    missing_rows = True
+    has_deviance_hessian = False
+
     def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, tree: list[int] | None = None):
         self.base = NestedObjective(XtX, ZtX, ZtZ, n, layout, reml, tree)
         self.n, self.p, self.reml = int(n), self.base.p, bool(reml)
         self.tree = self.base.tree
 
-    def data(self, XtY, ZtY, YtY, n=None, dXtX=None, units: list | None = None) -> NestedMissingData:
-        """Per-voxel data sums plus the voxels' units per group (none: the common design)."""
-        return self.data_from_base(self.base.data(XtY, ZtY, YtY), n, dXtX, units)
+    def data(self, XtY, ZtY, YtY, units: dict | None = None) -> NestedMissingData:
+        """Per-voxel data sums plus the voxels' units per group (none: the common design); units:
+        n (v,), dXtX (v, p, p) and "units", one `GroupUnits` per group (`FamilyBlocks.block_units`)."""
+        return self.data_from_base(self.base.data(XtY, ZtY, YtY), units)
 
-    def data_from_sums(self, sums: list, n=None, dXtX=None, units: list | None = None) -> NestedMissingData:
+    def data_from_sums(self, sums: list, units: dict | None = None) -> NestedMissingData:
         """`data` from each group's class-aggregated sums (`LevelSums`) instead of Z'Y."""
-        return self.data_from_base(self.base.data_from_sums(sums), n, dXtX, units)
+        return self.data_from_base(self.base.data_from_sums(sums), units)
 
-    def data_from_base(self, base: NestedData, n=None, dXtX=None, units: list | None = None) -> NestedMissingData:
+    def data_from_base(self, base: NestedData, units: dict | None = None) -> NestedMissingData:
         """The common design's data plus the voxels' units per group."""
         v, p = base.XtY.shape
-        if units is None:
-            units = [GroupUnits(np.zeros((v, 0)), np.zeros((v, 0, lv.q, lv.q)), np.zeros((v, 0, lv.q, p)),
-                                np.zeros((v, 0, lv.q))) for lv in self.base.levels]
+        units = {} if units is None else units
+        n, dXtX, groups = units.get("n"), units.get("dXtX"), units.get("units")
+        if groups is None:
+            groups = [GroupUnits(np.zeros((v, 0)), np.zeros((v, 0, lv.q, lv.q)), np.zeros((v, 0, lv.q, p)),
+                                 np.zeros((v, 0, lv.q))) for lv in self.base.levels]
         return NestedMissingData(base=base, XtY=base.XtY, n=np.full(v, float(self.n)) if n is None else
                                  np.asarray(n, float), dXtX=np.zeros((v, p, p)) if dXtX is None else dXtX,
-                                 units=units)
+                                 units=groups)
+
+    def per_voxel_bytes(self) -> int:
+        """Working memory per voxel beside its units (the complete design's), for block sizing."""
+        return self.base.per_voxel_bytes()
+
+    def held_bytes(self) -> int:
+        return self.base.held_bytes()
 
     def _products(self, D_list, data: NestedMissingData):
         XtVX, XtVY, YtVY, logdetV, Rs = self.base.products(D_list, data.base)

@@ -7,7 +7,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from blmm.core import linalg as la
-from blmm.core.objective.base import Evaluation, factor_pair_information, level_block_sum, profiled
+from blmm.core.objective.base import (
+    Evaluation, array_bytes, factor_pair_information, level_block_sum, no_units, profiled,
+)
 from blmm.core.objective.levels import LevelData, LevelObjective
 
 @dataclass
@@ -56,7 +58,19 @@ class SchurObjective:
         self.eye_p = np.eye(p)
         del qR
 
-    def data(self, XtY, ZtY, YtY) -> SchurData:
+    missing_rows = False
+    has_deviance_hessian = False
+
+    def per_voxel_bytes(self) -> int:
+        """Working memory per voxel of one evaluation with its gradient (for block sizing)."""
+        lv, pu = self.level, self.p + self.qR
+        return 8 * (12 * lv.C * lv.q ** 2 + lv.Cb * len(lv.pairs) * (pu + 1) + 12 * pu * pu + 8 * self.qR ** 2)
+
+    def held_bytes(self) -> int:
+        return self.level.held_bytes() + array_bytes(self.big_cols, self.small_cols, self.small_offsets, self.eye_p)
+
+    def data(self, XtY, ZtY, YtY, units=None) -> SchurData:
+        no_units(self, units)
         UtY = np.hstack([XtY, ZtY[:, self.small_cols]])
         return SchurData(self.level.data(UtY, ZtY[:, self.big_cols], YtY),
                          np.ascontiguousarray(ZtY[:, self.small_cols]), np.ascontiguousarray(XtY))

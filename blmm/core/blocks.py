@@ -1,0 +1,127 @@
+"""The one block scheduler: every path (complete data, missing rows per voxel) fits its voxels here.
+
+A `Scheduler` owns what every path shares: the memory budget per block and per round, the
+threads, the "enough blocks to share" rule, fitting one block (score, settle, package) and
+storing its rows in the `FitResult`.  A path only says which voxels go together and how a
+block's data is formed (core/fit.py for per-pattern objectives, core/missing_rows.py and
+core/nested_missing_rows.py for voxels against the complete design).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from blmm.core.boundary import SettledPoint, boundary_coordinates, free_parameters, settle
+from blmm.core.hessian import variance_hessian
+from blmm.core.objective.base import Objective, subset_eval, take_rows
+from blmm.core.result import BlockFit, FitResult, residual_mean_square
+from blmm.core.scoring import ScoringResult, score
+from blmm.core.status import NOT_FINITE
+
+MIN_SHARED_BLOCK = 64  # voxels: below this a block's fixed costs outweigh sharing it among threads
+
+
+def thread_count(threads: int | None) -> int:
+    """Threads that fit voxel blocks: the CPU count unless given."""
+    return (os.cpu_count() or 1) if threads is None else max(1, int(threads))
+
+
+def run_blocks(run: Callable[[Any], None], jobs: list, threads: int) -> None:
+    """``run(job)`` for every voxel block, on ``threads`` threads (numpy releases the GIL)."""
+    if threads > 1 and len(jobs) > 1:
+        # our threads share the cores: a multi-threaded BLAS under each would oversubscribe them
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(run, jobs))
+    else:
+        for job in jobs:
+            run(job)
+
+
+def rounds(jobs: list, cost: Callable[[Any], int], budget: int) -> list[list]:
+    """Consecutive runs of jobs whose summed cost stays within budget (a costlier job on its own)."""
+    out, current, used = [], [], 0
+    for job in jobs:
+        c = cost(job)
+        if current and used + c > budget:
+            out.append(current)
+            current, used = [], 0
+        current.append(job)
+        used += c
+    if current:
+        out.append(current)
+    return out
+
+
+def inference_bytes(p: int, k: int) -> int:
+    """Bytes per voxel of the packaged inference quantities (Cov(β̂), its k derivatives, the Hessian)."""
+    return 8 * (k + 6) * p * p
+
+
+class Scheduler:
+    """Blocks of voxels for one `FitResult`: their sizes, threads, fit and storage."""
+
+    def __init__(self, res: FitResult, method: str, tol: float, max_iter: int, threads: int | None,
+                 max_block_bytes: int):
+        self.res = res
+        self.max_block_bytes = int(max_block_bytes)  # all blocks in flight and what a round holds
+        self.method, self.tol, self.max_iter = method, tol, int(max_iter)
+        self.threads = thread_count(threads)
+        self.qk, self.p, self.reml = list(res.q), res.p, res.reml
+        self.k = 1 + sum(q * (q + 1) // 2 for q in self.qk)
+
+    def share_cap(self, n_voxels: int) -> int:
+        """Voxels per block at most, so that n_voxels make enough blocks to share among the threads."""
+        if self.threads > 1:
+            return max(MIN_SHARED_BLOCK, -(-int(n_voxels) // (2 * self.threads)))
+        return max(int(n_voxels), 1)
+
+    def block_voxels(self, per_voxel: int, budget: int, n_voxels: int, limit: int | None = None) -> int:
+        """Voxels per block: each thread's share of budget over per_voxel bytes (at most limit),
+        at least one, and small enough that n_voxels make blocks for every thread (`share_cap`)."""
+        size = int((budget // self.threads) // max(per_voxel, 1))
+        if limit is not None:
+            size = min(size, int(limit))
+        return min(max(1, size), self.share_cap(n_voxels))
+
+    def run(self, job: Callable[[Any], None], jobs: list) -> None:
+        run_blocks(job, jobs, self.threads)
+
+    def fit(self, obj: Objective, data, idx: np.ndarray, n: int, XtX: np.ndarray, XtY: np.ndarray,
+            YtY: np.ndarray) -> None:
+        """Fit the voxels idx (their data arranged for obj) and store them, with their e'e/(n - p)
+        from X'X (shared or per voxel); n is the objective's row count (data.n where per voxel)."""
+        out = fit_block(obj, data, self.qk, self.method, self.tol, self.max_iter, self.reml, n, self.p)
+        self.res.store(idx, out)
+        self.res.resms[idx] = residual_mean_square(out.beta, XtX, XtY, YtY, self.res.n_obs[idx], self.p)
+
+
+def fit_block(obj: Objective, data, qk: list, method: str, tol: float, max_iter: int, reml: bool, n: int,
+              p: int) -> BlockFit:
+    """Score one voxel block, settle the optimum (boundary snap, Newton polish), then package it."""
+    scored = score(obj, data, qk, method, tol, max_iter, reml, n, p)
+    point = settle(obj, data, scored.D, qk, reml, n, p)
+    return package(obj, data, point, scored, qk, reml, n, p)
+
+
+def package(obj: Objective, data, point: SettledPoint, scored: ScoringResult, qk: list, reml: bool, n: int,
+            p: int) -> BlockFit:
+    """Inference quantities at exactly the reported point: Cov(β̂), its derivatives and the Hessian."""
+    D, ev, H, dC = point.D, point.ev, point.H, point.dC
+    if np.any(point.moved):  # the polish moved these voxels: their Hessian is recomputed there
+        rows = np.flatnonzero(point.moved)
+        H_r, dC_r = variance_hessian(obj, take_rows(data, rows, D[0].shape[0]), [Dk[rows] for Dk in D],
+                                     subset_eval(ev, rows), qk, reml, n, p)
+        H, dC = H.copy(), dC.copy()
+        H[rows], dC[rows] = H_r, dC_r
+    free = free_parameters(D, qk)
+    H_phi, dC_phi, _ = boundary_coordinates(H, dC, ev.grad, D, qk, free)
+    finite = ev.ok & np.isfinite(ev.llh) & np.isfinite(ev.sigma2)
+    return BlockFit(
+        beta=ev.beta, sigma2=ev.sigma2, D=D, llh=ev.llh, converged=scored.converged & finite,
+        n_iter=scored.n_iter, stop=np.where(finite, scored.stop, NOT_FINITE), ok=scored.ok & finite,
+        cov_beta=ev.sigma2[:, None, None] * ev.C, cov_beta_grad=dC_phi, hessian=H_phi, free=free,
+    )
