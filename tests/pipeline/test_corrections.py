@@ -442,11 +442,21 @@ def test_template_mesh_of_another_size_names_both_counts(tmp_path):
 def test_flags_replace_fields_of_the_yaml_section(tmp_path):
     from blmm.cli.run import _parser, model_overrides
     yml, _ = volume_analysis(tmp_path, "correction:\n  resamples: 9\n  seed: 4\n")
-    args = _parser().parse_args([str(yml), "--seed", "11", "--fdr", "false", "--corrcon"])
+    args = _parser().parse_args([str(yml), "--seed", "11", "--fdr", "false", "--corrcon", "--sigma2", "fixed"])
     config = load_config(yml, model_overrides(args))
     s = config.correction
-    assert (s.resamples, s.seed, s.fdr, s.corrcon) == (9, 11, None, True)
+    assert (s.resamples, s.seed, s.fdr, s.corrcon, s.sigma2) == (9, 11, None, True, "fixed")
     assert config.to_yaml_dict()["correction"]["fdr"] is False
+    assert config.to_yaml_dict()["correction"]["sigma2"] == "fixed"
+
+
+def test_sigma2_flag_is_checked_with_the_other_config_problems(tmp_path):
+    from blmm.cli.run import _parser, model_overrides
+    yml, _ = volume_analysis(tmp_path, "correction:\n  resamples: 9\n")
+    args = _parser().parse_args([str(yml), "--sigma2", "held", "--connectivity", "6"])
+    with pytest.raises(ConfigError) as err:
+        load_config(yml, model_overrides(args))
+    assert "correction sigma2: expected one of refit, fixed, found 'held'" in err.value.problems
 
 
 def test_small_maxmem_cuts_bootstrap_blocks_without_changing_maps(tmp_path):
