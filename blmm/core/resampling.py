@@ -417,10 +417,12 @@ def resampled_statistics(prep: ResamplingPrep, signs: np.ndarray) -> list[np.nda
 
 
 def statistic_maps(prep: ResamplingPrep, stats: list[np.ndarray], statistic: str = "mlog10p",
-                   contrasts: list[ContrastResampling] | None = None) -> list[np.ndarray]:
+                   contrasts: list[ContrastResampling] | None = None, signed: bool = False) -> list[np.ndarray]:
     """The maps the maxima are taken over: −log10 p (with each voxel's Satterthwaite df) or T / F.
 
-    T is one-sided (upper tail) unless the prep is two-sided, then |T| or its two-sided −log10 p.
+    T is one-sided (upper tail) unless the prep is two-sided, then |T| or its two-sided −log10 p;
+    ``signed`` gives those two-sided maps T's sign, so that clusters and TFCE can be formed on each
+    sign apart (their maximum statistic is then over the absolute value).
     ``contrasts``: the prep's contrasts that ``stats`` belong to (default: all, in order).
     """
     if statistic not in STATISTICS:
@@ -428,11 +430,12 @@ def statistic_maps(prep: ResamplingPrep, stats: list[np.ndarray], statistic: str
     out = []
     for c, s in zip(prep.contrasts if contrasts is None else contrasts, stats):
         if statistic == "t":
-            out.append(np.abs(s) if (c.is_t and prep.two_sided) else s)
+            m = np.abs(s) if (c.is_t and prep.two_sided) else s
         elif c.is_t:
-            out.append(t_mlog10p(s, np.broadcast_to(c.df, s.shape), prep.two_sided))
+            m = t_mlog10p(s, np.broadcast_to(c.df, s.shape), prep.two_sided)
         else:
-            out.append(f_mlog10p(s, c.ndf, np.broadcast_to(c.df, s.shape)))
+            m = f_mlog10p(s, c.ndf, np.broadcast_to(c.df, s.shape))
+        out.append(np.copysign(m, s) if (signed and c.is_t and prep.two_sided) else m)
     return out
 
 
@@ -449,10 +452,11 @@ def resampled_stats(prep: ResamplingPrep, seed: int, start: int, stop: int) -> l
     return [np.concatenate([pt[j] for pt in parts])[start - first:stop - first] for j in range(len(prep.contrasts))]
 
 
-def resampled_maps(prep: ResamplingPrep, seed: int, start: int, stop: int, statistic: str = "mlog10p"
-                   ) -> list[np.ndarray]:
-    """Resamples start … stop − 1 of every contrast as (R, v) maps of the statistic of the maxima."""
-    return statistic_maps(prep, resampled_stats(prep, seed, start, stop), statistic)
+def resampled_maps(prep: ResamplingPrep, seed: int, start: int, stop: int, statistic: str = "mlog10p",
+                   signed: bool = False) -> list[np.ndarray]:
+    """Resamples start … stop − 1 of every contrast as (R, v) maps of the statistic of the maxima
+    (two-sided T maps with T's sign if ``signed``)."""
+    return statistic_maps(prep, resampled_stats(prep, seed, start, stop), statistic, signed=signed)
 
 
 def max_t_mlog10p(t: np.ndarray, df: np.ndarray, two_sided: bool) -> np.ndarray:

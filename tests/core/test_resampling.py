@@ -243,6 +243,20 @@ def test_two_sided_takes_absolute_t(family_case):
     assert np.all(two.contrasts[0].null_maxima["max"] >= one.contrasts[0].null_maxima["max"])
 
 
+def test_signed_two_sided_maps_carry_the_sign_of_t(family_case):
+    design, Y, fit = family_case
+    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, two_sided=True)
+    inf = infer(fit, CONTRASTS, two_sided=True)
+    signed = rs.resampled_maps(prep, 3, 0, 40, signed=True)
+    unsigned = rs.resampled_maps(prep, 3, 0, 40)
+    stats = rs.resampled_stats(prep, 3, 0, 40)
+    for j in (0, 1):  # T: sign(T)·(two-sided −log10 p); the identity's is the fit's (rounding as above)
+        np.testing.assert_allclose(signed[j][0], np.copysign(inf.t[j].mlog10p, inf.t[j].t), rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(signed[j], np.copysign(unsigned[j], stats[j]))
+        assert (signed[j] < 0).any() and (signed[j] > 0).any()
+    np.testing.assert_array_equal(signed[2], unsigned[2])  # F has no sign
+
+
 def test_max_t_fwe_agrees_with_nilearn_sign_flipping():
     """OLS-like model: one image per level (D fits to 0, V = I), one sign per image, as nilearn's intercept test."""
     from nilearn.mass_univariate import permuted_ols
