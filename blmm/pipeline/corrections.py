@@ -197,10 +197,10 @@ def correction_blocks(plan: RunPlan) -> list[tuple[int, int, int]]:
 
 
 def prepared_columns(config: Config) -> int:
-    """Columns of prepared contributions per voxel (Σk): p per contrast with σ² refitted, else each
-    contrast's rank (its numerator df)."""
+    """Columns of prepared contributions per voxel (Σk): p per contrast with σ² refitted (and one for
+    each block's ẽ_c'V_c⁻¹ẽ_c, which normal weights rescale), else each contrast's rank (its numerator df)."""
     if config.correction.sigma2 == "refit":
-        return config.p * len(config.contrasts)
+        return (config.p + 1) * len(config.contrasts)
     return sum(int(np.linalg.matrix_rank(c.matrix)) for c in config.contrasts)
 
 

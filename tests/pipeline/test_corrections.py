@@ -495,7 +495,7 @@ def test_small_maxmem_cuts_bootstrap_blocks_without_changing_maps(tmp_path):
     """MAXMEM sizes the bootstrap's voxel blocks (prepared contributions in a quarter of it)."""
     yml, Y = volume_analysis(tmp_path, FULL)
     plan = fitted_stages(yml)
-    small = plan.config.__class__(**{**plan.config.__dict__, "maxmem": 4 * 8 * (28 * 4 * 3 + plan.config.n) * 7})
+    small = plan.config.__class__(**{**plan.config.__dict__, "maxmem": 4 * 8 * (28 * (4 + 1) * 3 + plan.config.n) * 7})
     small_plan = plan.__class__(**{**plan.__dict__, "config": small})
     pieces = corrections.correction_blocks(small_plan)
     assert [hi - lo for lo, hi, _ in pieces][:3] == [7, 7, 7] and pieces[-1][1] == plan.voxels.size
