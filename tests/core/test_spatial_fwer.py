@@ -10,6 +10,9 @@ heteroscedastic smooth errors; two-sided −log10 p maps, cluster-forming thresh
   band's top over 10 datasets (measured 0.65-0.95 over 20: at 0.6, 10 datasets have no rejection,
   i.e. ≤ 9.3%, with probability 0.4^10 ~ 1e-4).
 - Power: an effect planted in a ball of 3 mm is detected in most of 10 datasets (rates printed).
+
+Every statistic is taken on the two-sided −log10 p map with T's sign (clusters and TFCE of each sign
+apart), as the pipeline's stage does.
 """
 from __future__ import annotations
 
@@ -47,5 +50,7 @@ def test_fwer_inflated_with_image_flips(kind):
 def test_planted_effect_is_detected(kind):
     rates = spatial_power(LAYOUTS[kind](), 10)
     print(f"{kind}: power {rates}")
-    assert rates["max"] >= 0.7 and rates["tfce"] >= 0.7  # measured 0.9-1.0
-    assert rates["cluster_extent"] >= 0.3 and rates["cluster_mass"] >= 0.3  # measured 0.6-0.9: extent alone is the weakest
+    assert rates["max"] >= 0.7 and rates["tfce"] >= 0.7  # measured 0.8-0.9 (normal weights, signed maps)
+    # measured: extent 0.3 (mesh) / 0.8 (volume), mass 0.8: extent alone is the weakest (0.6-0.9 with
+    # Rademacher signs and unsigned clusters, whose null maxima were lower)
+    assert rates["cluster_extent"] >= 0.3 and rates["cluster_mass"] >= 0.3
