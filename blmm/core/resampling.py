@@ -2,11 +2,12 @@
 
 Notation and formulas: docs/corrected.md.  In short, at every voxel V = I + ZDZ' is fixed at the
 fitted D, V is block diagonal by the connected components of the random factors' levels, and a
-resample y* = Xβ̃ + s∘ẽ (β̃ the GLS estimate under the contrast's null, ẽ = y − Xβ̃, one Rademacher
-sign per independent block) gives
+resample y* = Xβ̃ + s∘ẽ (β̃ the GLS estimate under the contrast's null, ẽ = y − Xβ̃, one weight s_c
+per independent block: standard normal by default, or Rademacher or Webb signs) gives
 
     β̂* − β̃ = C Σ_c s_c g_c,   g_c = Σ_{i ∈ c} (V⁻¹X)_i ẽ_i,   C = (X'V⁻¹X)⁻¹,
-    r*'V⁻¹r* = ẽ'V⁻¹ẽ − h'Ch,  h = Σ_c s_c g_c   (whole components per block: ẽ'V⁻¹ẽ is sign-free).
+    r*'V⁻¹r* = Σ_c s_c² ẽ_c'V_c⁻¹ẽ_c − h'Ch,  h = Σ_c s_c g_c
+    (whole components per block; the first term is ẽ'V⁻¹ẽ when every s_c² = 1).
 
 With C = RR' and a rotation of R'h whose first ``ndf`` coordinates carry the contrast, every
 resampled T and F is a function of a = Σ_c s_c a_c: one matrix product (signs × blocks) @
@@ -124,7 +125,7 @@ class ContrastResampling:
     resid_ss: np.ndarray  # (v,) ẽ'V⁻¹ẽ of the restricted residuals
     df: np.ndarray  # (v,) Satterthwaite (denominator) df of the fit, for −log10 p
     pair_ss: np.ndarray | None = None  # (n_pairs, v) ẽ_c'V⁻¹_cc'ẽ_c' of blocks splitting a component
-    block_ss: np.ndarray | None = None  # (n_blocks, v) ẽ_c'V_c⁻¹ẽ_c: σ² refitted with weights whose square is not 1
+    block_ss: np.ndarray | None = None  # (n_blocks, v) ẽ_c'V_c⁻¹ẽ_c: σ² refitted, weights with s_c² ≠ 1
 
 
 @dataclass
