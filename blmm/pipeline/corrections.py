@@ -34,6 +34,7 @@ from blmm.core.fdr import fdr_mlog10q
 from blmm.core.fit import FITTED, FitResult
 from blmm.core.linalg import unvech
 from blmm.core.resampling import (
+    DEFAULT_WEIGHTS,
     GEMM_BATCH,
     ResamplingPrep,
     fwe_mlog10p,
@@ -89,6 +90,7 @@ class CorrectionOutcome:
         if s.resamples:
             out.update({
                 "blocks": {"factor": self.blocks_factor, "count": self.n_blocks},
+                "weights": DEFAULT_WEIGHTS,  # each block's weight in a resample (prepare's default)
                 "statistics": sorted({k for per in self.null_maxima.values() for k in per}),
                 "null_maxima_file": NULL_MAXIMA_FILE, "resample_chunks": self.chunks,
                 "excluded_voxels": self.excluded_voxels, "over_contrasts": bool(s.corrcon),

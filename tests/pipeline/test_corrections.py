@@ -287,6 +287,7 @@ def test_written_maps_table_and_record(tmp_path):
     record = read_run_record(out)["correction"]
     assert record["resamples"] == B and record["seed"] == SEED
     assert record["blocks"] == {"factor": "family", "count": 28}  # the outermost factor, named
+    assert record["weights"] == "normal"  # standard normal weight per block (docs/corrected.md, "Weights")
     assert record["tail"] == {"asked": False, "accepted": {}}
     nulls = np.load(out / NULL_MAXIMA_FILE)
     assert nulls["fam/max"].shape == (B + 1,) and nulls["fam/tfce"].shape == (B + 1,)
