@@ -232,6 +232,22 @@ def test_two_sided_clusters_and_tfce_are_formed_on_each_sign_apart(tmp_path):
     assert np.all(tfce_map * fit["T0_t"] >= 0) and np.any(tfce_map < 0)  # negative where T is
 
 
+def test_two_sided_tfce_without_resamples_is_signed(tmp_path):
+    """TFCE alone (no resamples) of a two-sided T: the fitted −log10 p with T's sign, each sign apart."""
+    yml, _ = volume_analysis(tmp_path, "two_sided: true\ncorrection:\n  tfce: true\n", negative=True)
+    plan = fitted_stages(yml)
+    with _inline() as engine:
+        outcome = corrections.run_corrections(plan, engine)
+    fit = {key: np.concatenate([np.load(block_file(plan.workdir, k))[key] for k in range(len(plan.blocks))])
+           for key in ("T0_t", "T0_mlog10p")}
+    signed = np.copysign(fit["T0_mlog10p"], fit["T0_t"])
+    layout = corrections.correction_layout(plan)
+    expected = (tfce(np.clip(signed, 0, None), layout, two_sided=False)
+                - tfce(np.clip(-signed, 0, None), layout, two_sided=False))
+    np.testing.assert_allclose(outcome.maps["conT_tfce"][:, 0], expected, rtol=TIGHT, atol=TIGHT)
+    assert np.any(expected < 0) and np.any(expected > 0)
+
+
 def test_tail_and_corrcon_fwe(tmp_path):
     """tail: the max-statistic FWE p from core.tail_p; corrcon: against the maxima over contrasts."""
     from blmm.core.tail import tail_p
