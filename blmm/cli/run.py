@@ -100,12 +100,16 @@ def _correction_flags(ap: argparse.ArgumentParser) -> None:
     cor.add_argument("--seed", type=int, help="seed of the resamples (default 0)")
     cor.add_argument("--tail", action="store_true", default=None, help="generalised Pareto tail for FWE p < 1/B")
     cor.add_argument("--corrcon", action="store_true", default=None, help="FWE also over contrasts")
+    # no argparse choices: the value is checked with the other config problems (one message, exit 2)
+    cor.add_argument("--sigma2", metavar="{refit,fixed}", help="residual variance of each resample: refit "
+                     "(default: re-estimated per resample) or fixed (held at the fit's; rank(L) instead of p "
+                     "columns per contrast, for large runs)")
 
 
 def correction_overrides(args) -> dict:
     """The correction flags given, as fields of the ``correction:`` section (paths made absolute)."""
     fields = {key: getattr(args, key) for key in ("fdr", "resamples", "tfce", "cluster_threshold", "connectivity",
-                                                   "surface", "blocks", "seed", "tail", "corrcon")
+                                                   "surface", "blocks", "seed", "tail", "corrcon", "sigma2")
               if getattr(args, key) is not None}
     if fields.get("fdr") == "false":
         fields["fdr"] = False

@@ -2,11 +2,12 @@
 
 Notation and formulas: docs/corrected.md.  In short, at every voxel V = I + ZDZ' is fixed at the
 fitted D, V is block diagonal by the connected components of the random factors' levels, and a
-resample y* = Xβ̃ + s∘ẽ (β̃ the GLS estimate under the contrast's null, ẽ = y − Xβ̃, one Rademacher
-sign per independent block) gives
+resample y* = Xβ̃ + s∘ẽ (β̃ the GLS estimate under the contrast's null, ẽ = y − Xβ̃, one weight s_c
+per independent block: standard normal by default, or Rademacher or Webb signs) gives
 
     β̂* − β̃ = C Σ_c s_c g_c,   g_c = Σ_{i ∈ c} (V⁻¹X)_i ẽ_i,   C = (X'V⁻¹X)⁻¹,
-    r*'V⁻¹r* = ẽ'V⁻¹ẽ − h'Ch,  h = Σ_c s_c g_c   (whole components per block: ẽ'V⁻¹ẽ is sign-free).
+    r*'V⁻¹r* = Σ_c s_c² ẽ_c'V_c⁻¹ẽ_c − h'Ch,  h = Σ_c s_c g_c
+    (whole components per block; the first term is ẽ'V⁻¹ẽ when every s_c² = 1).
 
 With C = RR' and a rotation of R'h whose first ``ndf`` coordinates carry the contrast, every
 resampled T and F is a function of a = Σ_c s_c a_c: one matrix product (signs × blocks) @
@@ -36,6 +37,9 @@ from blmm.core.tail import TailFit, tail_p
 
 STATISTICS = ("mlog10p", "t")  # what the maximum is taken over: −log10 p (Satterthwaite df) or T / F itself
 SIGMA2_MODES = ("refit", "fixed")  # σ² re-estimated per resample (exact GLS refit with D fixed) or held
+WEIGHTS = ("rademacher", "webb", "normal")  # the wild bootstrap's weight per block (docs/corrected.md)
+DEFAULT_WEIGHTS = "normal"  # Rademacher's light tails made the maximum liberal (docs/corrected.md, "Validation")
+WEBB_POINTS = np.array([-np.sqrt(1.5), -1.0, -np.sqrt(0.5), np.sqrt(0.5), 1.0, np.sqrt(1.5)])  # mean 0, variance 1
 MAX_COMPONENT = 512  # images in one independent block: V_b⁻¹ is formed densely per voxel
 GEMM_BATCH = 32  # resamples per sign GEMM, aligned: the same seed gives bit-identical maxima in any chunking
 MapTransform = Callable[[np.ndarray], np.ndarray]  # (R, V) resampled statistic maps -> (R,) one value each
@@ -84,19 +88,28 @@ def first_appearance_codes(labels: np.ndarray) -> np.ndarray:
     return rank[codes.reshape(-1)]
 
 
-def resample_signs(seed: int, start: int, stop: int, n_blocks: int) -> np.ndarray:
-    """Rademacher signs of resamples start … stop − 1, (stop − start, n_blocks), float64.
+def resample_signs(seed: int, start: int, stop: int, n_blocks: int, weights: str = DEFAULT_WEIGHTS) -> np.ndarray:
+    """Weights (signs, for Rademacher) of resamples start … stop − 1, (stop − start, n_blocks), float64.
 
-    Resample 0 is the identity (all +1).  Resample r's signs come from their own stream, keyed by
-    (seed, r), so any split of the resamples into chunks or workers gives the same signs.
+    ``weights``: Rademacher (±1), Webb's six points (±√½, ±1, ±√(3/2)) or standard normal, each of
+    mean 0 and variance 1.  Resample 0 is the identity (all +1).  Resample r's weights come from
+    their own stream, keyed by (seed, r), so any split of the resamples into chunks or workers
+    gives the same weights.
     """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
     out = np.empty((stop - start, n_blocks))
     for i, r in enumerate(range(start, stop)):
         if r == 0:
             out[i] = 1.0
-        else:
-            rng = np.random.Generator(np.random.Philox(np.random.SeedSequence(seed, spawn_key=(r,))))
+            continue
+        rng = np.random.Generator(np.random.Philox(np.random.SeedSequence(seed, spawn_key=(r,))))
+        if weights == "rademacher":
             out[i] = 2.0 * rng.integers(0, 2, size=n_blocks) - 1.0
+        elif weights == "webb":
+            out[i] = WEBB_POINTS[rng.integers(0, 6, size=n_blocks)]
+        else:
+            out[i] = rng.standard_normal(n_blocks)
     return out
 
 
@@ -114,6 +127,7 @@ class ContrastResampling:
     resid_ss: np.ndarray  # (v,) ẽ'V⁻¹ẽ of the restricted residuals
     df: np.ndarray  # (v,) Satterthwaite (denominator) df of the fit, for −log10 p
     pair_ss: np.ndarray | None = None  # (n_pairs, v) ẽ_c'V⁻¹_cc'ẽ_c' of blocks splitting a component
+    block_ss: np.ndarray | None = None  # (n_blocks, v) ẽ_c'V_c⁻¹ẽ_c: σ² refitted, weights with s_c² ≠ 1
 
 
 @dataclass
@@ -129,6 +143,7 @@ class ResamplingPrep:
     contrasts: list[ContrastResampling]
     contributions: np.ndarray  # (n_blocks, v, Σk) rotated per-block contributions a_c of every contrast
     block_pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))  # (n_pairs, 2)
+    weights: str = DEFAULT_WEIGHTS  # WEIGHTS: the weight per block of every resample
 
     @property
     def n_voxels(self) -> int:
@@ -223,6 +238,7 @@ def prepare(
     gemm_dtype: str = "float64",
     threads: int | None = None,
     max_block_images: int = MAX_COMPONENT,
+    weights: str = DEFAULT_WEIGHTS,
 ) -> ResamplingPrep:
     """Prepare the restricted wild bootstrap of every contrast at ``voxels`` (default: the fitted ones).
 
@@ -234,9 +250,12 @@ def prepare(
     faster in half the memory, and T* and F* carry ~1e-7 relative error (the signs are exact).
     ``threads`` share the voxel chunks (default: the CPU count), each with a one-thread BLAS.
     ``max_block_images`` bounds the images of one component of V (V_b⁻¹ is dense per voxel).
+    ``weights``: each block's weight in a resample (``WEIGHTS``; docs/corrected.md says which and why).
     """
     if sigma2 not in SIGMA2_MODES:
         raise ValueError(f"sigma2 {sigma2!r}: expected one of {', '.join(SIGMA2_MODES)}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
     Y = np.asarray(Y, dtype=np.float64)
     X = np.asarray(X, dtype=np.float64)
     n, p = X.shape
@@ -277,7 +296,7 @@ def prepare(
     def run(j: int) -> None:
         vox = chunks[j]
         parts[j] = _prepare_chunk(Y[:, vox][layout.order], X_ordered, [D[vox] for D in fit.D], contrasts, layout,
-                                  dof, sigma2)
+                                  dof, sigma2, sigma2 == "refit" and weights != "rademacher")
 
     # many small products: one BLAS thread each (more only spin), voxel chunks shared by our threads
     with threadpool_limits(limits=1, user_api="blas"):
@@ -291,10 +310,12 @@ def prepare(
             c.name, c.is_t, ndf, slice(col, col + k),
             np.concatenate([pt[2][j]["resid_ss"] for pt in parts]),
             np.asarray(df[j], dtype=np.float64)[voxels],
-            np.concatenate([pt[2][j]["pair_ss"] for pt in parts], axis=1) if layout.pairs.size else None))
+            np.concatenate([pt[2][j]["pair_ss"] for pt in parts], axis=1) if layout.pairs.size else None,
+            np.concatenate([pt[2][j]["block_ss"] for pt in parts], axis=1) if parts[0][2][j]["block_ss"] is not None
+            else None))
         col += k
     return ResamplingPrep(voxels, int(blocks.max()) + 1, dof, sigma2_hat, sigma2, two_sided, prepared, contributions,
-                          layout.pairs)
+                          layout.pairs, weights)
 
 
 def small_inverse(V: np.ndarray) -> np.ndarray:
@@ -319,8 +340,9 @@ def small_inverse(V: np.ndarray) -> np.ndarray:
     return adj / det[..., None, None]
 
 
-def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: str):
-    """σ̂², the (n_blocks, v, Σk) contributions and per contrast ẽ'V⁻¹ẽ at v voxels; Y and X in group order."""
+def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: str, per_block_ss: bool):
+    """σ̂², the (n_blocks, v, Σk) contributions and per contrast ẽ'V⁻¹ẽ at v voxels (and per block if
+    ``per_block_ss``); Y and X in group order."""
     v = Y.shape[1]
     n, p = X.shape
     d_entries = np.concatenate([Dk.reshape(v, -1) for Dk in D], axis=1)  # D entries in v_parts' order
@@ -386,7 +408,14 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
                 eg = e[:, rows]  # (v, N, nb)
                 vals.append(eg[:, comp, a] * Vinv[:, comp, a, bb] * eg[:, comp, bb])
             pair_ss = layout.pair_sum @ np.concatenate(vals, axis=1).T
-        info.append({"ndf": ndf, "k": k, "resid_ss": np.einsum("vn,vn->v", e, Ve), "pair_ss": pair_ss})
+        block_ss = None
+        if per_block_ss:
+            block_ss = np.add.reduceat((e * Ve)[:, layout.to_blocks], layout.block_starts, axis=1).T
+            if pair_ss is not None:  # those sums hold the cross terms with the component's other blocks
+                np.subtract.at(block_ss, layout.pairs[:, 0], pair_ss)
+                np.subtract.at(block_ss, layout.pairs[:, 1], pair_ss)
+        info.append({"ndf": ndf, "k": k, "resid_ss": np.einsum("vn,vn->v", e, Ve), "pair_ss": pair_ss,
+                     "block_ss": block_ss})
     return sigma2_hat, np.concatenate(contribution_parts, axis=2), info
 
 
@@ -401,17 +430,18 @@ def resampled_statistics(prep: ResamplingPrep, signs: np.ndarray) -> list[np.nda
     a_all = signs @ prep.contributions.reshape(nblk, v * cols)  # the one GEMM
     a_all = a_all.reshape(R, v, cols).astype(np.float64, copy=False)
     if prep.block_pairs.size:
-        flips = signs[:, prep.block_pairs[:, 0]] * signs[:, prep.block_pairs[:, 1]] - 1.0  # (R, n_pairs)
+        cross = np.asarray(signs[:, prep.block_pairs[:, 0]] * signs[:, prep.block_pairs[:, 1]], dtype=np.float64)
     out = []
     for c in prep.contrasts:
         a = a_all[..., c.columns]
         num = a[..., 0] if c.is_t else np.einsum("rvk,rvk->rv", a[..., :c.ndf], a[..., :c.ndf])
         if prep.sigma2_mode == "fixed":
             s2 = np.broadcast_to(prep.sigma2, (R, v))
-        else:
-            ss = c.resid_ss[None, :] - np.einsum("rvk,rvk->rv", a, a)
-            if c.pair_ss is not None:
-                ss = ss + 2.0 * (flips @ c.pair_ss)
+        else:  # (w∘ẽ)'V⁻¹(w∘ẽ) = Σ_c w_c² ẽ_c'V_c⁻¹ẽ_c: ẽ'V⁻¹ẽ itself when every w_c² = 1 (Rademacher)
+            kept = c.resid_ss[None, :] if c.block_ss is None else np.square(signs, dtype=np.float64) @ c.block_ss
+            ss = kept - np.einsum("rvk,rvk->rv", a, a)
+            if c.pair_ss is not None:  # added to ẽ'V⁻¹ẽ: (w_c w_c' − 1); to the per-block sums: w_c w_c'
+                ss = ss + 2.0 * ((cross - 1.0 if c.block_ss is None else cross) @ c.pair_ss)
             s2 = ss / prep.dof
         with np.errstate(invalid="ignore", divide="ignore"):
             out.append(num / np.sqrt(s2) if c.is_t else num / (c.ndf * s2))
@@ -419,10 +449,12 @@ def resampled_statistics(prep: ResamplingPrep, signs: np.ndarray) -> list[np.nda
 
 
 def statistic_maps(prep: ResamplingPrep, stats: list[np.ndarray], statistic: str = "mlog10p",
-                   contrasts: list[ContrastResampling] | None = None) -> list[np.ndarray]:
+                   contrasts: list[ContrastResampling] | None = None, signed: bool = False) -> list[np.ndarray]:
     """The maps the maxima are taken over: −log10 p (with each voxel's Satterthwaite df) or T / F.
 
-    T is one-sided (upper tail) unless the prep is two-sided, then |T| or its two-sided −log10 p.
+    T is one-sided (upper tail) unless the prep is two-sided, then |T| or its two-sided −log10 p;
+    ``signed`` gives those two-sided maps T's sign, so that clusters and TFCE can be formed on each
+    sign apart (their maximum statistic is then over the absolute value).
     ``contrasts``: the prep's contrasts that ``stats`` belong to (default: all, in order).
     """
     if statistic not in STATISTICS:
@@ -430,11 +462,12 @@ def statistic_maps(prep: ResamplingPrep, stats: list[np.ndarray], statistic: str
     out = []
     for c, s in zip(prep.contrasts if contrasts is None else contrasts, stats):
         if statistic == "t":
-            out.append(np.abs(s) if (c.is_t and prep.two_sided) else s)
+            m = np.abs(s) if (c.is_t and prep.two_sided) else s
         elif c.is_t:
-            out.append(t_mlog10p(s, np.broadcast_to(c.df, s.shape), prep.two_sided))
+            m = t_mlog10p(s, np.broadcast_to(c.df, s.shape), prep.two_sided)
         else:
-            out.append(f_mlog10p(s, c.ndf, np.broadcast_to(c.df, s.shape)))
+            m = f_mlog10p(s, c.ndf, np.broadcast_to(c.df, s.shape))
+        out.append(np.copysign(m, s) if (signed and c.is_t and prep.two_sided) else m)
     return out
 
 
@@ -446,15 +479,16 @@ def resampled_stats(prep: ResamplingPrep, seed: int, start: int, stop: int) -> l
     depends on the shape it is called with.  Chunks that are multiples of GEMM_BATCH waste nothing.
     """
     first, last = start // GEMM_BATCH * GEMM_BATCH, -(-stop // GEMM_BATCH) * GEMM_BATCH
-    parts = [resampled_statistics(prep, resample_signs(seed, b, b + GEMM_BATCH, prep.n_blocks))
+    parts = [resampled_statistics(prep, resample_signs(seed, b, b + GEMM_BATCH, prep.n_blocks, prep.weights))
              for b in range(first, last, GEMM_BATCH)]
     return [np.concatenate([pt[j] for pt in parts])[start - first:stop - first] for j in range(len(prep.contrasts))]
 
 
-def resampled_maps(prep: ResamplingPrep, seed: int, start: int, stop: int, statistic: str = "mlog10p"
-                   ) -> list[np.ndarray]:
-    """Resamples start … stop − 1 of every contrast as (R, v) maps of the statistic of the maxima."""
-    return statistic_maps(prep, resampled_stats(prep, seed, start, stop), statistic)
+def resampled_maps(prep: ResamplingPrep, seed: int, start: int, stop: int, statistic: str = "mlog10p",
+                   signed: bool = False) -> list[np.ndarray]:
+    """Resamples start … stop − 1 of every contrast as (R, v) maps of the statistic of the maxima
+    (two-sided T maps with T's sign if ``signed``)."""
+    return statistic_maps(prep, resampled_stats(prep, seed, start, stop), statistic, signed=signed)
 
 
 def max_t_mlog10p(t: np.ndarray, df: np.ndarray, two_sided: bool) -> np.ndarray:
@@ -551,6 +585,7 @@ def corrected_inference(
     resample_chunk: int = 128,
     allow_split_blocks: bool = False,
     gemm_dtype: str = "float64",
+    weights: str = DEFAULT_WEIGHTS,
 ) -> CorrectedInference:
     """FDR and max-statistic FWE of every contrast of a fit, with B resamples beyond the identity.
 
@@ -562,7 +597,8 @@ def corrected_inference(
     by_name = {r.name: r for r in inf.t + inf.f}
     blocks = independent_blocks(factors) if blocks is None else first_appearance_codes(np.asarray(blocks))
     prep = prepare(Y, X, factors, fit, contrasts, blocks=blocks, df=[by_name[c.name].df for c in contrasts],
-                   sigma2=sigma2, two_sided=two_sided, allow_split_blocks=allow_split_blocks, gemm_dtype=gemm_dtype)
+                   sigma2=sigma2, two_sided=two_sided, allow_split_blocks=allow_split_blocks, gemm_dtype=gemm_dtype,
+                   weights=weights)
     named: dict[str, MapTransform] = dict(transforms or {})
     if "max" in named:
         raise ValueError('transforms: "max" is the maximum statistic itself; name the transform otherwise')

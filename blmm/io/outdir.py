@@ -54,7 +54,7 @@ CORRECTED_MAPS = {
     "lp_fwe": "−log10 FWE p of the maximum statistic (wild bootstrap, −log10 p maps)",
     "_tfce": "TFCE of the −log10 p map (H = 2, E = 0.5 volumes; E = 1 surfaces, area-weighted)",
     "lp_tfce_fwe": "−log10 FWE p of TFCE (its maximum over the analysis)",
-    "_cluster": "cluster index at −log10 p ≥ cluster_threshold (row of blmm_clusters.tsv; 0 outside)",
+    "_cluster": "cluster index at −log10 p ≥ cluster_threshold (row of blmm_clusters.tsv; 0 outside; negative: T < 0)",
     "lp_cluster_fwe": "−log10 FWE p of the voxel's cluster extent (voxels or mm²; 0 outside clusters)",
 }
 CORRECTED_INT32_SUFFIXES = frozenset({"_cluster"})

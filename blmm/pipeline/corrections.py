@@ -34,6 +34,7 @@ from blmm.core.fdr import fdr_mlog10q
 from blmm.core.fit import FITTED, FitResult
 from blmm.core.linalg import unvech
 from blmm.core.resampling import (
+    DEFAULT_WEIGHTS,
     GEMM_BATCH,
     ResamplingPrep,
     fwe_mlog10p,
@@ -89,6 +90,7 @@ class CorrectionOutcome:
         if s.resamples:
             out.update({
                 "blocks": {"factor": self.blocks_factor, "count": self.n_blocks},
+                "weights": DEFAULT_WEIGHTS,  # each block's weight in a resample (prepare's default)
                 "statistics": sorted({k for per in self.null_maxima.values() for k in per}),
                 "null_maxima_file": NULL_MAXIMA_FILE, "resample_chunks": self.chunks,
                 "excluded_voxels": self.excluded_voxels, "over_contrasts": bool(s.corrcon),
@@ -197,10 +199,10 @@ def correction_blocks(plan: RunPlan) -> list[tuple[int, int, int]]:
 
 
 def prepared_columns(config: Config) -> int:
-    """Columns of prepared contributions per voxel (Σk): p per contrast with σ² refitted, else each
-    contrast's rank (its numerator df)."""
+    """Columns of prepared contributions per voxel (Σk): p per contrast with σ² refitted (and one for
+    each block's ẽ_c'V_c⁻¹ẽ_c, which normal weights rescale), else each contrast's rank (its numerator df)."""
     if config.correction.sigma2 == "refit":
-        return config.p * len(config.contrasts)
+        return (config.p + 1) * len(config.contrasts)
     return sum(int(np.linalg.matrix_rank(c.matrix)) for c in config.contrasts)
 
 
@@ -364,12 +366,12 @@ def resample_chunk(plan: RunPlan, layout: SpatialLayout | None, c: int, start: i
         prep = PREPARED.load(correction_prep_file(plan.workdir, lo, hi), cfg.maxmem // 4)
         if prep.n_voxels == 0:
             continue
-        for c, m in enumerate(resampled_maps(prep, s.seed, start, stop)):
+        for c, m in enumerate(resampled_maps(prep, s.seed, start, stop, signed=True)):
             maps[c][:, lo + prep.voxels] = m
         del prep
     out = {"start": np.array(start), "stop": np.array(stop)}
     for j, m in enumerate(maps):
-        for name, values in _maxima(m, s, layout).items():
+        for name, values in _maxima(m, s, layout, _signed(cfg, cfg.contrasts[j])).items():
             out[f"{j}/{name}"] = values
         if start == 0:
             out[f"{j}/observed"] = m[0]
@@ -377,16 +379,23 @@ def resample_chunk(plan: RunPlan, layout: SpatialLayout | None, c: int, start: i
     return str(path)
 
 
-def _maxima(maps: np.ndarray, settings: CorrectionSettings, layout: SpatialLayout | None) -> dict[str, np.ndarray]:
-    """Each statistic's maximum of every (R, V) map: −log10 p, TFCE, cluster extent and mass."""
+def _signed(config: Config, contrast: Contrast) -> bool:
+    """Two-sided T maps carry T's sign: clusters and TFCE are formed on each sign apart."""
+    return config.two_sided and _kind(contrast) == "T"
+
+
+def _maxima(maps: np.ndarray, settings: CorrectionSettings, layout: SpatialLayout | None,
+            signed: bool) -> dict[str, np.ndarray]:
+    """Each statistic's maximum of every (R, V) map: |−log10 p|, TFCE, cluster extent and mass
+    (on a signed map, positive and negative clusters apart; the maximum over both)."""
     with np.errstate(invalid="ignore"):
-        finite = np.where(np.isnan(maps), -np.inf, maps)
+        finite = np.where(np.isnan(maps), -np.inf, np.abs(maps))
     out = {MAX: np.max(finite, axis=1)}
     stats = _statistics(settings, layout)
     if TFCE in stats:
-        out[TFCE] = tfce_maxima(maps, layout, two_sided=False)
+        out[TFCE] = tfce_maxima(maps, layout, two_sided=signed)
     if EXTENT in stats:
-        out[EXTENT], out[MASS] = cluster_maxima(maps, layout, settings.cluster_threshold)
+        out[EXTENT], out[MASS] = cluster_maxima(maps, layout, settings.cluster_threshold, two_sided=signed)
     return out
 
 
@@ -435,12 +444,15 @@ def _observed_tfce(plan: RunPlan, layout: SpatialLayout) -> dict[str, np.ndarray
     by_kind: dict[str, list[np.ndarray]] = {"T": [], "F": []}
     for c, key in zip(cfg.contrasts, _contrast_keys(cfg)):
         observed = _gather(plan, f"{key}_mlog10p")
-        by_kind[_kind(c)].append(_tfce_map(observed, layout))
+        signed = _signed(cfg, c)
+        if signed:
+            observed = np.copysign(observed, _gather(plan, f"{key}_t"))
+        by_kind[_kind(c)].append(_tfce_map(observed, layout, signed))
     return {corrected_map_stat(kind, "_tfce"): np.stack(cols, axis=1) for kind, cols in by_kind.items() if cols}
 
 
-def _tfce_map(observed: np.ndarray, layout: SpatialLayout) -> np.ndarray:
-    values = tfce(np.nan_to_num(observed, nan=0.0), layout, two_sided=False)
+def _tfce_map(observed: np.ndarray, layout: SpatialLayout, signed: bool) -> np.ndarray:
+    values = tfce(np.nan_to_num(observed, nan=0.0), layout, two_sided=signed)
     return np.where(np.isnan(observed), np.nan, values)
 
 
@@ -460,20 +472,21 @@ def _combine(plan: RunPlan, layout: SpatialLayout | None, ranges: list, outcome:
     columns: dict[str, list[np.ndarray]] = {}
     for j, c in enumerate(cfg.contrasts):
         null = outcome.over_contrasts if s.corrcon else outcome.null_maxima[c.name]
-        obs = observed[j]
-        fwe = fwe_mlog10p(obs, null[MAX])
+        obs = observed[j]  # signed on two-sided T contrasts
+        signed = _signed(cfg, c)
+        fwe = fwe_mlog10p(np.abs(obs), null[MAX])
         if s.tail:
-            p, _, fitted = tail_p(obs, null[MAX][1:], 10.0 ** -fwe)
+            p, _, fitted = tail_p(np.abs(obs), null[MAX][1:], 10.0 ** -fwe)
             outcome.tail_accepted[c.name] = bool(fitted.accepted)
             with np.errstate(divide="ignore"):
                 fwe = np.where(np.isnan(obs), np.nan, -np.log10(p))
         new = {"lp_fwe": fwe}
         if TFCE in stats:
-            t = _tfce_map(obs, layout)
+            t = _tfce_map(obs, layout, signed)
             new["_tfce"] = t
-            new["lp_tfce_fwe"] = np.where(np.isnan(obs), np.nan, fwe_mlog10p(np.nan_to_num(t), null[TFCE]))
+            new["lp_tfce_fwe"] = np.where(np.isnan(obs), np.nan, fwe_mlog10p(np.abs(np.nan_to_num(t)), null[TFCE]))
         if EXTENT in stats:
-            labels, cluster_fwe = _clusters(plan, layout, c, obs, null, outcome.clusters)
+            labels, cluster_fwe = _clusters(plan, layout, c, obs, null, outcome.clusters, signed)
             new["_cluster"] = labels
             new["lp_cluster_fwe"] = np.where(np.isnan(obs), np.nan, cluster_fwe)
         for suffix, values in new.items():
@@ -482,19 +495,21 @@ def _combine(plan: RunPlan, layout: SpatialLayout | None, ranges: list, outcome:
 
 
 def _clusters(plan: RunPlan, layout: SpatialLayout, contrast: Contrast, observed: np.ndarray,
-              null: dict[str, np.ndarray], rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster index and −log10 FWE p of each element's cluster extent; the clusters' table rows."""
+              null: dict[str, np.ndarray], rows: list[dict], signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Signed cluster index (negative for clusters of negative T) and −log10 FWE p of each element's
+    cluster extent; the clusters' table rows."""
     s = plan.config.correction
-    table = find_clusters(np.nan_to_num(observed, nan=0.0), layout, s.cluster_threshold)
+    table = find_clusters(np.nan_to_num(observed, nan=0.0), layout, s.cluster_threshold, two_sided=signed)
     extent_mlp = fwe_mlog10p(table.extent, null[EXTENT])
-    mass_mlp = fwe_mlog10p(table.mass, null[MASS])
+    mass_mlp = fwe_mlog10p(np.abs(table.mass), null[MASS])
     per_element = np.concatenate([[0.0], extent_mlp])[table.labels]
+    index = np.arange(1, table.n_clusters + 1) * table.sign.astype(np.int64)  # the sign in the index too
     cols = table.columns()
     for i in range(table.n_clusters):
-        rows.append({"contrast": contrast.name, **{k: v[i] for k, v in cols.items()},
+        rows.append({"contrast": contrast.name, **{k: v[i] for k, v in cols.items()}, "cluster": int(index[i]),
                      "peak_voxel": int(plan.voxels[table.peak_index[i]]),
                      "extent_fwe_p": 10.0 ** -extent_mlp[i], "mass_fwe_p": 10.0 ** -mass_mlp[i]})
-    return table.labels.astype(np.float64), per_element
+    return np.concatenate([[0], index])[table.labels].astype(np.float64), per_element
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,3 +110,14 @@ def monte_carlo_band(n: int, alpha: float = 0.05) -> tuple[float, float]:
     """The 95% band of a rejection rate alpha estimated from n independent datasets."""
     half = 1.96 * np.sqrt(alpha * (1 - alpha) / n)
     return alpha - half, alpha + half
+
+
+def binomial_band(n: int, alpha: float = 0.05, level: float = 0.95) -> tuple[int, int]:
+    """The central ``level`` band of the rejection count of n independent datasets each rejecting with
+    probability alpha, Binomial(n, alpha) exactly: a count outside it has probability at most
+    1 − level (each tail at most (1 − level) / 2) when the FWER is exactly alpha."""
+    from scipy.stats import binom  # tests only: the package avoids scipy.stats' import time
+    tail = (1.0 - level) / 2.0
+    low = int(binom.ppf(tail, n, alpha))  # P(count < low) <= tail
+    high = int(binom.isf(tail, n, alpha))  # P(count > high) <= tail
+    return low, high

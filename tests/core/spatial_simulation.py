@@ -61,13 +61,14 @@ def simulate_spatial_Y(rng: np.random.Generator, design: FamilyDesign, kernel: n
 
 def null_maxima(Y: np.ndarray, design: FamilyDesign, fit: FitResult, layout: SpatialLayout, n_resamples: int,
                 seed: int, cluster_threshold: float, blocks: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Each statistic's (B + 1,) maxima (the observed first) of the two-sided −log10 p maps, as the stage."""
+    """Each statistic's (B + 1,) maxima (the observed first) of the two-sided −log10 p maps with T's sign,
+    as the stage: clusters and TFCE of each sign apart, maxima over both."""
     prep = prepare(Y, design.X, design.factors, fit, [FAMILY_COVARIATE], blocks=blocks, two_sided=True,
                    allow_split_blocks=blocks is not None, threads=1)
     maps = np.full((n_resamples + 1, Y.shape[1]), np.nan)
-    maps[:, prep.voxels] = resampled_maps(prep, seed, 0, n_resamples + 1)[0]
-    extent, mass = cluster_maxima(maps, layout, cluster_threshold)
-    return {"max": np.nanmax(maps, axis=1), "tfce": tfce_maxima(maps, layout, two_sided=False),
+    maps[:, prep.voxels] = resampled_maps(prep, seed, 0, n_resamples + 1, signed=True)[0]
+    extent, mass = cluster_maxima(maps, layout, cluster_threshold, two_sided=True)
+    return {"max": np.nanmax(np.abs(maps), axis=1), "tfce": tfce_maxima(maps, layout, two_sided=True),
             "cluster_extent": extent, "cluster_mass": mass}
 
 

@@ -68,10 +68,12 @@ def test_identity_resample_is_the_fit(family_case, reml):
 
 
 @pytest.mark.parametrize("sigma2", ["refit", "fixed"])
-def test_resamples_equal_dense_refits_with_family_signs(family_case, sigma2):
+@pytest.mark.parametrize("weights", rs.WEIGHTS)
+def test_resamples_equal_dense_refits_with_family_signs(family_case, sigma2, weights):
     design, Y, fit = family_case
-    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, sigma2=sigma2)
-    signs = rs.resample_signs(5, 1, 4, prep.n_blocks)
+    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, sigma2=sigma2, weights=weights)
+    signs = rs.resample_signs(5, 1, 4, prep.n_blocks, weights)
+    assert np.allclose(signs**2, 1.0) == (weights == "rademacher")  # Webb's and normal weights rescale
     stats = rs.resampled_statistics(prep, signs)
     blocks = rs.independent_blocks(design.factors)
     for j, c in enumerate(CONTRASTS):
@@ -82,14 +84,16 @@ def test_resamples_equal_dense_refits_with_family_signs(family_case, sigma2):
                 assert stats[j][r, voxel] == pytest.approx(ref, rel=1e-9, abs=1e-11)
 
 
-def test_per_image_signs_are_exact_too_but_refused_by_default(family_case):
+@pytest.mark.parametrize("weights", rs.WEIGHTS)
+def test_per_image_signs_are_exact_too_but_refused_by_default(family_case, weights):
     """The negative control's flips: cross terms of V⁻¹ inside a family change sign."""
     design, Y, fit = family_case
     n = design.X.shape[0]
     with pytest.raises(ValueError, match="split .* independent component"):
         rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, blocks=np.arange(n))
-    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, blocks=np.arange(n), allow_split_blocks=True)
-    signs = rs.resample_signs(2, 1, 3, n)
+    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, blocks=np.arange(n), allow_split_blocks=True,
+                      weights=weights)
+    signs = rs.resample_signs(2, 1, 3, n, weights)
     stats = rs.resampled_statistics(prep, signs)
     for j, c in enumerate(CONTRASTS):
         for r in range(2):
@@ -133,13 +137,20 @@ def test_independent_blocks_are_connected_components():
 
 
 def test_signs_do_not_depend_on_chunks():
-    whole = rs.resample_signs(42, 0, 50, 13)
-    assert np.all(whole[0] == 1.0)  # resample 0 is the identity
-    assert set(np.unique(whole[1:])) == {-1.0, 1.0}
-    for size in (3, 7):
-        parts = np.concatenate([rs.resample_signs(42, s, min(s + size, 50), 13) for s in range(0, 50, size)])
-        np.testing.assert_array_equal(parts, whole)
-    assert not np.array_equal(rs.resample_signs(43, 1, 50, 13), whole[1:])
+    for weights in rs.WEIGHTS:
+        whole = rs.resample_signs(42, 0, 50, 13, weights)
+        assert np.all(whole[0] == 1.0)  # resample 0 is the identity
+        for size in (3, 7):
+            parts = np.concatenate([rs.resample_signs(42, s, min(s + size, 50), 13, weights)
+                                    for s in range(0, 50, size)])
+            np.testing.assert_array_equal(parts, whole)
+        assert not np.array_equal(rs.resample_signs(43, 1, 50, 13, weights), whole[1:])
+    assert set(np.unique(rs.resample_signs(42, 1, 50, 13, "rademacher"))) == {-1.0, 1.0}
+    assert set(np.unique(rs.resample_signs(42, 1, 50, 13, "webb"))) == set(rs.WEBB_POINTS)
+    assert np.mean(rs.WEBB_POINTS) == 0 and np.mean(rs.WEBB_POINTS**2) == pytest.approx(1.0, rel=1e-15)
+    normal = rs.resample_signs(42, 1, 2001, 50, "normal")
+    # 100,000 standard normal draws: mean SE 0.003, variance SE 0.0045; 5 SE bounds
+    assert abs(normal.mean()) < 0.016 and abs(normal.var() - 1.0) < 0.023
 
 
 def test_null_maxima_identical_for_1_3_7_chunks_of_resamples_and_voxels(family_case):
@@ -243,6 +254,20 @@ def test_two_sided_takes_absolute_t(family_case):
     assert np.all(two.contrasts[0].null_maxima["max"] >= one.contrasts[0].null_maxima["max"])
 
 
+def test_signed_two_sided_maps_carry_the_sign_of_t(family_case):
+    design, Y, fit = family_case
+    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, two_sided=True)
+    inf = infer(fit, CONTRASTS, two_sided=True)
+    signed = rs.resampled_maps(prep, 3, 0, 40, signed=True)
+    unsigned = rs.resampled_maps(prep, 3, 0, 40)
+    stats = rs.resampled_stats(prep, 3, 0, 40)
+    for j in (0, 1):  # T: sign(T)·(two-sided −log10 p); the identity's is the fit's (rounding as above)
+        np.testing.assert_allclose(signed[j][0], np.copysign(inf.t[j].mlog10p, inf.t[j].t), rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(signed[j], np.copysign(unsigned[j], stats[j]))
+        assert (signed[j] < 0).any() and (signed[j] > 0).any()
+    np.testing.assert_array_equal(signed[2], unsigned[2])  # F has no sign
+
+
 def test_max_t_fwe_agrees_with_nilearn_sign_flipping():
     """OLS-like model: one image per level (D fits to 0, V = I), one sign per image, as nilearn's intercept test."""
     from nilearn.mass_univariate import permuted_ols
@@ -257,7 +282,7 @@ def test_max_t_fwe_agrees_with_nilearn_sign_flipping():
     fit = fit_lmm(Y, X, factors, safe_mode=False)  # a level per image, which lme4 refuses: fitted on purpose
     B = 4999
     res = rs.corrected_inference(Y, X, factors, fit, [Contrast("mean", np.ones((1, 1)), True)], B, seed=3,
-                                 two_sided=True, statistic="t")
+                                 two_sided=True, statistic="t", weights="rademacher")  # nilearn flips signs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = permuted_ols(np.ones((n, 1)), Y, model_intercept=False, n_perm=B, two_sided_test=True,

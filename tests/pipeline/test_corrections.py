@@ -37,11 +37,13 @@ SEED = 7
 TIGHT = 1e-12  # float64 rounding of the same formulas summed in another order (blocks, chunks, row order)
 
 
-def _data(n_voxels: int, seed: int = 3):
+def _data(n_voxels: int, seed: int = 3, negative: bool = False):
     rng = np.random.default_rng(seed)
     design = family_design(rng, 28)
     effect = np.zeros(n_voxels)
     effect[: n_voxels // 3] = 1.2  # a planted effect on the family covariate: clusters exist
+    if negative:  # and one of the other sign: two-sided clusters of both signs
+        effect[-(n_voxels // 3):] = -1.2
     Y = simulate_Y(rng, design, n_voxels, effect=effect) + 10.0  # no exact zeros (zero_is_missing)
     return design, Y.astype(np.float32).astype(np.float64)  # what the images hold
 
@@ -60,9 +62,9 @@ def _tables(root: Path, design) -> str:
             "outdir: out\nMAXMEM: 2**32\n")
 
 
-def volume_analysis(root: Path, correction: str) -> tuple[Path, np.ndarray]:
+def volume_analysis(root: Path, correction: str, negative: bool = False) -> tuple[Path, np.ndarray]:
     n_voxels = int(np.prod(GRID))
-    design, Y = _data(n_voxels)
+    design, Y = _data(n_voxels, negative=negative)
     (root / "images").mkdir(parents=True, exist_ok=True)
     names = []
     for i, row in enumerate(Y):
@@ -145,28 +147,30 @@ def in_memory(plan, Y: np.ndarray, nulls: dict | None = None, sigma2: str = "ref
     keys = ["T0", "T1", "F0"]
     df = [cat[f"{k}_df"] for k in keys]
     prep = prepare(Y[:, plan.voxels], cfg.X, cfg.factors, fit, cfg.contrasts, df=df,
-                   blocks=independent_blocks(cfg.factors), sigma2=sigma2)
+                   blocks=independent_blocks(cfg.factors), sigma2=sigma2, two_sided=cfg.two_sided)
     layout = corrections.correction_layout(plan)
     out: dict[str, list] = {}
     for j, (key, kind) in enumerate(zip(keys, "TTF")):
+        signed = cfg.two_sided and kind == "T"  # two-sided T: clusters and TFCE of each sign apart
         full = np.full((B + 1, v), np.nan)
-        full[:, prep.voxels] = resampled_maps(prep, SEED, 0, B + 1)[j]
+        full[:, prep.voxels] = resampled_maps(prep, SEED, 0, B + 1, signed=True)[j]
         obs = full[0]
         with np.errstate(invalid="ignore"):
-            null_max = np.nanmax(full, axis=1)
-        null_tfce = tfce_maxima(full, layout, two_sided=False)
-        null_extent, _ = cluster_maxima(full, layout, s.cluster_threshold)
+            null_max = np.nanmax(np.abs(full), axis=1)
+        null_tfce = tfce_maxima(full, layout, two_sided=signed)
+        null_extent, _ = cluster_maxima(full, layout, s.cluster_threshold, two_sided=signed)
         if nulls is not None:
             nulls[cfg.contrasts[j].name] = {"max": null_max, "observed": obs}
-        t = tfce(np.nan_to_num(obs), layout, two_sided=False)
-        table = find_clusters(np.nan_to_num(obs), layout, s.cluster_threshold)
+        t = tfce(np.nan_to_num(obs), layout, two_sided=signed)
+        table = find_clusters(np.nan_to_num(obs), layout, s.cluster_threshold, two_sided=signed)
         ext = np.concatenate([[0.0], fwe_mlog10p(table.extent, null_extent)])[table.labels]
+        index = np.concatenate([[0], np.arange(1, table.n_clusters + 1) * table.sign])[table.labels]
         nan = np.isnan(obs)
         for suffix, values in (("lp_fdr", fdr_mlog10q(cat[f"{key}_mlog10p"])),
-                               ("lp_fwe", fwe_mlog10p(obs, null_max)),
+                               ("lp_fwe", fwe_mlog10p(np.abs(obs), null_max)),
                                ("_tfce", np.where(nan, np.nan, t)),
-                               ("lp_tfce_fwe", np.where(nan, np.nan, fwe_mlog10p(t, null_tfce))),
-                               ("_cluster", table.labels.astype(float)),
+                               ("lp_tfce_fwe", np.where(nan, np.nan, fwe_mlog10p(np.abs(t), null_tfce))),
+                               ("_cluster", index.astype(float)),
                                ("lp_cluster_fwe", np.where(nan, np.nan, ext))):
             out.setdefault(f"con{kind}{suffix}", []).append(values)
     return {k: np.stack(v, axis=1) for k, v in out.items()}
@@ -198,6 +202,50 @@ def test_stage_maps_equal_core_in_memory(tmp_path, kind):
     assert outcome.n_blocks == 28  # one sign per family
     assert np.nanmax(outcome.maps["conTlp_fwe"][:, 0]) >= 1.0  # the planted effect is found at FWE p ≤ 0.1
     assert any(row["contrast"] == "fam" for row in outcome.clusters)
+
+
+def test_two_sided_clusters_and_tfce_are_formed_on_each_sign_apart(tmp_path):
+    """A positive and a negative effect: the two-sided T map carries T's sign, clusters are those of
+    scipy's ndimage.label on {−log10 p ≥ 2, T > 0} and {−log10 p ≥ 2, T < 0} apart (6-connectivity),
+    negative clusters have a negative index and sign −1, and TFCE is negative on negative T."""
+    from scipy import ndimage
+    yml, Y = volume_analysis(tmp_path, "two_sided: true\n" + FULL, negative=True)
+    plan = fitted_stages(yml)
+    with _inline() as engine:
+        outcome = corrections.run_corrections(plan, engine, chunk=32)
+    _assert_maps_equal(outcome.maps, in_memory(plan, Y))
+    fit = {key: np.concatenate([np.load(block_file(plan.workdir, k))[key] for k in range(len(plan.blocks))])
+           for key in ("T0_t", "T0_mlog10p")}
+    assert plan.voxels.size == np.prod(GRID)  # every voxel in the mask: the map is the whole grid
+    labels = outcome.maps["conT_cluster"][:, 0]
+    for sign in (1, -1):
+        reference, count = ndimage.label(((fit["T0_mlog10p"] >= 2) & (sign * fit["T0_t"] > 0)).reshape(GRID))
+        ours = np.where(sign * labels > 0, labels, 0).reshape(GRID)
+        assert count >= 1 and np.unique(ours[ours != 0]).size == count  # the planted effect of each sign
+        pairs = np.unique(np.column_stack([reference.ravel(), ours.ravel()]), axis=0)
+        assert np.array_equal(pairs[:, 0], np.arange(count + 1))  # one of our labels per scipy cluster
+        assert np.unique(pairs[:, 1]).size == count + 1  # and the other way round
+    rows = [r for r in outcome.clusters if r["contrast"] == "fam"]
+    assert {r["sign"] for r in rows} == {1, -1}
+    assert all(np.sign(r["cluster"]) == r["sign"] and np.sign(r["mass"]) == r["sign"] for r in rows)
+    tfce_map = outcome.maps["conT_tfce"][:, 0]
+    assert np.all(tfce_map * fit["T0_t"] >= 0) and np.any(tfce_map < 0)  # negative where T is
+
+
+def test_two_sided_tfce_without_resamples_is_signed(tmp_path):
+    """TFCE alone (no resamples) of a two-sided T: the fitted −log10 p with T's sign, each sign apart."""
+    yml, _ = volume_analysis(tmp_path, "two_sided: true\ncorrection:\n  tfce: true\n", negative=True)
+    plan = fitted_stages(yml)
+    with _inline() as engine:
+        outcome = corrections.run_corrections(plan, engine)
+    fit = {key: np.concatenate([np.load(block_file(plan.workdir, k))[key] for k in range(len(plan.blocks))])
+           for key in ("T0_t", "T0_mlog10p")}
+    signed = np.copysign(fit["T0_mlog10p"], fit["T0_t"])
+    layout = corrections.correction_layout(plan)
+    expected = (tfce(np.clip(signed, 0, None), layout, two_sided=False)
+                - tfce(np.clip(-signed, 0, None), layout, two_sided=False))
+    np.testing.assert_allclose(outcome.maps["conT_tfce"][:, 0], expected, rtol=TIGHT, atol=TIGHT)
+    assert np.any(expected < 0) and np.any(expected > 0)
 
 
 def test_tail_and_corrcon_fwe(tmp_path):
@@ -255,6 +303,7 @@ def test_written_maps_table_and_record(tmp_path):
     record = read_run_record(out)["correction"]
     assert record["resamples"] == B and record["seed"] == SEED
     assert record["blocks"] == {"factor": "family", "count": 28}  # the outermost factor, named
+    assert record["weights"] == "normal"  # standard normal weight per block (docs/corrected.md, "Weights")
     assert record["tail"] == {"asked": False, "accepted": {}}
     nulls = np.load(out / NULL_MAXIMA_FILE)
     assert nulls["fam/max"].shape == (B + 1,) and nulls["fam/tfce"].shape == (B + 1,)
@@ -442,18 +491,28 @@ def test_template_mesh_of_another_size_names_both_counts(tmp_path):
 def test_flags_replace_fields_of_the_yaml_section(tmp_path):
     from blmm.cli.run import _parser, model_overrides
     yml, _ = volume_analysis(tmp_path, "correction:\n  resamples: 9\n  seed: 4\n")
-    args = _parser().parse_args([str(yml), "--seed", "11", "--fdr", "false", "--corrcon"])
+    args = _parser().parse_args([str(yml), "--seed", "11", "--fdr", "false", "--corrcon", "--sigma2", "fixed"])
     config = load_config(yml, model_overrides(args))
     s = config.correction
-    assert (s.resamples, s.seed, s.fdr, s.corrcon) == (9, 11, None, True)
+    assert (s.resamples, s.seed, s.fdr, s.corrcon, s.sigma2) == (9, 11, None, True, "fixed")
     assert config.to_yaml_dict()["correction"]["fdr"] is False
+    assert config.to_yaml_dict()["correction"]["sigma2"] == "fixed"
+
+
+def test_sigma2_flag_is_checked_with_the_other_config_problems(tmp_path):
+    from blmm.cli.run import _parser, model_overrides
+    yml, _ = volume_analysis(tmp_path, "correction:\n  resamples: 9\n")
+    args = _parser().parse_args([str(yml), "--sigma2", "held", "--connectivity", "6"])
+    with pytest.raises(ConfigError) as err:
+        load_config(yml, model_overrides(args))
+    assert "correction sigma2: expected one of refit, fixed, found 'held'" in err.value.problems
 
 
 def test_small_maxmem_cuts_bootstrap_blocks_without_changing_maps(tmp_path):
     """MAXMEM sizes the bootstrap's voxel blocks (prepared contributions in a quarter of it)."""
     yml, Y = volume_analysis(tmp_path, FULL)
     plan = fitted_stages(yml)
-    small = plan.config.__class__(**{**plan.config.__dict__, "maxmem": 4 * 8 * (28 * 4 * 3 + plan.config.n) * 7})
+    small = plan.config.__class__(**{**plan.config.__dict__, "maxmem": 4 * 8 * (28 * (4 + 1) * 3 + plan.config.n) * 7})
     small_plan = plan.__class__(**{**plan.__dict__, "config": small})
     pieces = corrections.correction_blocks(small_plan)
     assert [hi - lo for lo, hi, _ in pieces][:3] == [7, 7, 7] and pieces[-1][1] == plan.voxels.size
