@@ -24,6 +24,8 @@ import numpy as np
 def namespace(*arrays: Any) -> ModuleType:
     """The array API namespace of the inputs: numpy itself for numpy arrays (numpy >= 2 is a standard
     namespace; array_api_compat's wrapper would add a Python call per operation), else the standard's."""
+    if all(type(a) is np.ndarray for a in arrays):  # the hot case, without array_namespace's ~6 µs
+        return np
     return array_api_compat.array_namespace(*arrays, use_compat=False)
 
 
