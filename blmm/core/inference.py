@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import array_api_compat
 import numpy as np
 from scipy import special  # not scipy.stats: importing it costs ~1.2 s per process
 
@@ -183,7 +182,7 @@ def pool_f_df(nu: np.ndarray, tol: float = 1e-8) -> np.ndarray:
 def t_mlog10p(t: np.ndarray, df: np.ndarray, two_sided: bool = False) -> np.ndarray:
     """−log10 p for T: upper tail (neuroimaging convention) or two-sided (scipy's special functions,
     on the host: arrays of another namespace go there and back)."""
-    xp = _namespace_of_arrays(t, df)
+    xp = la.namespace_or_numpy(t, df)
     if xp is not np:
         return la.from_host(xp, t_mlog10p(la.to_host(t), la.to_host(df), two_sided))
     t = np.asarray(t, dtype=np.float64)
@@ -195,7 +194,7 @@ def t_mlog10p(t: np.ndarray, df: np.ndarray, two_sided: bool = False) -> np.ndar
 
 def f_mlog10p(F: np.ndarray, ndf, df: np.ndarray) -> np.ndarray:
     """−log10 p for F with ndf and df degrees of freedom (scipy's special functions, on the host)."""
-    xp = _namespace_of_arrays(F, df)
+    xp = la.namespace_or_numpy(F, df)
     if xp is not np:
         return la.from_host(xp, f_mlog10p(la.to_host(F), ndf, la.to_host(df)))
     F = np.asarray(F, dtype=np.float64)
@@ -207,12 +206,6 @@ def f_mlog10p(F: np.ndarray, ndf, df: np.ndarray) -> np.ndarray:
         x = df[bad] / (df[bad] + np.broadcast_to(np.asarray(ndf, float), F.shape)[bad] * F[bad])
         out[bad] = log_betainc(a, b, x)
     return np.where(np.isnan(F) | np.isnan(df), np.nan, -out / LN10)
-
-
-def _namespace_of_arrays(*values):
-    """The namespace of the array arguments (numpy for lists and scalars, as np.asarray takes them)."""
-    arrays = [x for x in values if array_api_compat.is_array_api_obj(x)]
-    return la.namespace(*arrays) if arrays else np
 
 
 def _t_logsf(t: np.ndarray, df: np.ndarray) -> np.ndarray:

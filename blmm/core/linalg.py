@@ -6,8 +6,9 @@ The seam (docs/architecture.md): the numerical core takes its array namespace fr
 itself and any standard namespace (array_api_strict in the tests, cupy or torch) runs the same
 code.  What the standard lacks sits here, each with its fallback in standard operations:
 `einsum` (numpy's; else broadcast products and sums), `safe_cholesky` / `safe_solve` (numpy's
-LinAlgError per voxel; else non-finite factors flag the voxel), `to_host` / `from_host` (scipy's
-special functions and scipy.sparse run on the host).
+LinAlgError per voxel; else non-finite factors flag the voxel), `select_rows` / `put_rows` (integer
+gather and scatter), `nan_to_num`, `running_max_from_end`, `to_host` / `from_host` (scipy's special
+functions and scipy.sparse run on the host).
 """
 from __future__ import annotations
 
@@ -27,6 +28,22 @@ def namespace(*arrays: Any) -> ModuleType:
     if all(type(a) is np.ndarray for a in arrays):  # the hot case, without array_namespace's ~6 µs
         return np
     return array_api_compat.array_namespace(*arrays, use_compat=False)
+
+
+def namespace_or_numpy(*values: Any) -> ModuleType:
+    """The namespace of the array arguments; numpy where there are none (lists and scalars, which the
+    public functions take as np.asarray does)."""
+    arrays = [x for x in values if array_api_compat.is_array_api_obj(x)]
+    return namespace(*arrays) if arrays else np
+
+
+def running_max_from_end(x):
+    """max(x[i:]) for every i of a 1-D array: numpy's ufunc accumulate; the standard has no cumulative
+    maximum, so other namespaces compute it on the host."""
+    xp = namespace(x)
+    if xp is np:
+        return np.maximum.accumulate(x[::-1])[::-1]
+    return from_host(xp, running_max_from_end(to_host(x)))
 
 
 def to_host(x: Any) -> np.ndarray:
