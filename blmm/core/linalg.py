@@ -21,6 +21,8 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+Array = Any  # an array of any array API namespace (numpy's, array_api_strict's, cupy's, torch's)
+
 
 def namespace(*arrays: Any) -> ModuleType:
     """The array API namespace of the inputs: numpy itself for numpy arrays (numpy >= 2 is a standard
@@ -38,7 +40,7 @@ def namespace_or_numpy(*values: Any) -> ModuleType:
     return namespace(*arrays) if arrays else np
 
 
-def running_max_from_end(x):
+def running_max_from_end(x: Array) -> Array:
     """max(x[i:]) for every i of a 1-D array: numpy's ufunc accumulate; the standard has no cumulative
     maximum, so other namespaces compute it on the host."""
     xp = namespace(x)
@@ -47,17 +49,17 @@ def running_max_from_end(x):
     return from_host(xp, running_max_from_end(to_host(x)))
 
 
-def to_host(x: Any) -> np.ndarray:
+def to_host(x: Array) -> np.ndarray:
     """A numpy array of x's values (a no-op for numpy arrays), by DLPack, for host-only functions."""
     return x if isinstance(x, np.ndarray) else np.from_dlpack(x)
 
 
-def from_host(xp: ModuleType, a: Any) -> Any:
+def from_host(xp: ModuleType, a: Any) -> Array:
     """A host (numpy) array or constant in namespace xp (a no-op for numpy)."""
     return a if xp is np else xp.asarray(a)
 
 
-def einsum(xp: ModuleType, subscripts: str, *operands: Any, optimize: bool = False) -> Any:
+def einsum(xp: ModuleType, subscripts: str, *operands: Array, optimize: bool = False) -> Array:
     """numpy's einsum where xp is numpy; elsewhere (no einsum in the standard) the same sum of
     products by broadcasting: repeated subscripts of one operand as its diagonal, then one product
     over every subscript and a sum over those not in the output (memory of the full product)."""
@@ -87,12 +89,12 @@ def einsum(xp: ModuleType, subscripts: str, *operands: Any, optimize: bool = Fal
     return xp.permute_dims(product, tuple(kept.index(c) for c in output))
 
 
-def sym(A):
+def sym(A: Array) -> Array:
     xp = namespace(A)
     return 0.5 * (A + xp.matrix_transpose(A))
 
 
-def project_psd(D):
+def project_psd(D: Array) -> Array:
     """Nearest positive semi-definite matrix (eigenvalues clipped at 0)."""
     xp = namespace(D)
     q = D.shape[-1]
@@ -104,7 +106,7 @@ def project_psd(D):
     return xp.where(xp.all(w >= 0, axis=-1)[..., None, None], sym(D), clipped)
 
 
-def lower_triangular_inverse(L):
+def lower_triangular_inverse(L: Array) -> Array:
     """L⁻¹ for a stack of lower-triangular (v, p, p) matrices, by forward substitution row by row
     across the whole stack (numpy's batched solve/inv costs ~20 µs per small matrix)."""
     xp = namespace(L)
@@ -118,7 +120,7 @@ def lower_triangular_inverse(L):
     return Li
 
 
-def psd_root(D):
+def psd_root(D: Array) -> Array:
     """Lambda with Lambda Lambda' = D for PSD D (works when D is singular)."""
     xp = namespace(D)
     q = D.shape[-1]
@@ -152,7 +154,7 @@ def _gather_index(q: int, vech_order: bool) -> tuple[np.ndarray, np.ndarray]:
     return packed, where
 
 
-def _pack(A, vech_order: bool):
+def _pack(A: Array, vech_order: bool) -> Array:
     xp = namespace(A)
     q = A.shape[-1]
     if xp is np:  # numpy's fancy index gives a transposed layout, which later GEMMs round by: keep it
@@ -162,17 +164,17 @@ def _pack(A, vech_order: bool):
     return xp.take(xp.reshape(A, A.shape[:-2] + (q * q,)), from_host(xp, packed), axis=-1)
 
 
-def _unpack(a, q: int, vech_order: bool):
+def _unpack(a: Array, q: int, vech_order: bool) -> Array:
     xp = namespace(a)
     _, where = _gather_index(q, vech_order)
     return xp.reshape(xp.take(a, from_host(xp, where), axis=-1), a.shape[:-1] + (q, q))
 
 
-def vech(A):
+def vech(A: Array) -> Array:
     return _pack(A, vech_order=True)
 
 
-def unvech(v, q: int):
+def unvech(v: Array, q: int) -> Array:
     return _unpack(v, q, vech_order=True)
 
 
@@ -185,7 +187,7 @@ def upper_pairs(p: int) -> tuple[np.ndarray, np.ndarray]:
     return r, s
 
 
-def pack_sym(A, double_offdiag: bool = False):
+def pack_sym(A: Array, double_offdiag: bool = False) -> Array:
     """Upper-triangle entries of symmetric (..., p, p); off-diagonals doubled if asked."""
     xp = namespace(A)
     out = _pack(A, vech_order=False)
@@ -195,7 +197,7 @@ def pack_sym(A, double_offdiag: bool = False):
     return out
 
 
-def unpack_sym(a, p: int):
+def unpack_sym(a: Array, p: int) -> Array:
     return _unpack(a, p, vech_order=False)
 
 
@@ -209,7 +211,7 @@ def _failed_one_by_one(factor, ok, out) -> None:
             ok[int(i)] = False
 
 
-def safe_solve(A, b):
+def safe_solve(A: Array, b: Array) -> tuple[Array, Array]:
     """Solve stacked systems A x = b (b: (..., k)); singular or non-finite systems give NaN rows.
 
     Returns (x, ok).  One bad voxel must not raise for its whole block, so a failed
@@ -233,7 +235,7 @@ def safe_solve(A, b):
     return xp.reshape(x, b.shape), xp.reshape(ok, b.shape[:-1])
 
 
-def safe_cholesky(A):
+def safe_cholesky(A: Array) -> tuple[Array, Array]:
     """Lower Cholesky factors of stacked matrices; non-PD or non-finite ones give NaN and ok False."""
     xp = namespace(A)
     k = A.shape[-1]
@@ -261,7 +263,7 @@ def duplication(q: int) -> np.ndarray:
     return Dup
 
 
-def select_rows(x, idx):
+def select_rows(x: Array, idx: Any) -> Array:
     """x[idx] along the first axis; idx: a slice, or integer or boolean indices on the host or in x's
     namespace (the standard gathers integer indices only by `take`)."""
     xp = namespace(x)
@@ -271,7 +273,7 @@ def select_rows(x, idx):
     return x[idx] if idx.dtype == xp.bool else xp.take(x, idx, axis=0)  # a mask is the standard's sole index
 
 
-def put_rows(x, idx, values) -> None:
+def put_rows(x: Array, idx: Any, values: Array) -> None:
     """x[idx] = values along the first axis, in place; idx: sorted unique integer indices on the host, or a
     boolean mask (the standard has no integer scatter: a host mask of the same rows, in the same order)."""
     xp = namespace(x)
@@ -286,12 +288,12 @@ def put_rows(x, idx, values) -> None:
     x[from_host(xp, idx)] = values  # a mask is the standard's sole index
 
 
-def copied(x):
+def copied(x: Array) -> Array:
     """A copy of array x in its own namespace (the standard's arrays have no .copy())."""
     return namespace(x).asarray(x, copy=True)
 
 
-def nan_to_num(x):
+def nan_to_num(x: Array) -> Array:
     """numpy's nan_to_num (NaN to 0, ±inf to the largest finite value), in standard operations elsewhere."""
     xp = namespace(x)
     if xp is np:
@@ -300,7 +302,7 @@ def nan_to_num(x):
     return xp.where(xp.isnan(x), 0.0, xp.where(x == xp.inf, big, xp.where(x == -xp.inf, -big, x)))
 
 
-def unvech_lower(v, q: int):
+def unvech_lower(v: Array, q: int) -> Array:
     """The lower-triangular (..., q, q) matrices whose vech is v (zeros above the diagonal), by `take`."""
     xp = namespace(v)
     _, where = _gather_index(q, vech_order=True)
