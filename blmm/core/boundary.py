@@ -85,16 +85,17 @@ def snap_to_boundary(obj, data, D):
 
 def lower_cholesky(D: np.ndarray) -> np.ndarray:
     """Lower Cholesky factor of PSD (v, q, q) matrices, zero columns where a pivot vanishes."""
+    xp = la.namespace(D)
     v, q, _ = D.shape
-    L = np.zeros_like(D)
-    scale = np.maximum(np.max(np.abs(np.diagonal(D, axis1=1, axis2=2)), axis=1), 1e-300)
+    L = xp.zeros_like(D)
+    scale = xp.maximum(xp.max(xp.abs(xp.linalg.diagonal(D)), axis=1), 1e-300)
     for j in range(q):  # q is tiny; vectorised over voxels
-        piv = D[:, j, j] - np.sum(L[:, j, :j] ** 2, axis=1)
+        piv = D[:, j, j] - xp.sum(L[:, j, :j] ** 2, axis=1)
         pos = piv > RANK_TOL * scale
-        L[:, j, j] = np.where(pos, np.sqrt(np.where(pos, piv, 1.0)), 0.0)
+        L[:, j, j] = xp.where(pos, xp.sqrt(xp.where(pos, piv, 1.0)), 0.0)
         for i in range(j + 1, q):
-            val = D[:, i, j] - np.sum(L[:, i, :j] * L[:, j, :j], axis=1)
-            L[:, i, j] = np.where(pos, val / np.where(pos, L[:, j, j], 1.0), 0.0)
+            val = D[:, i, j] - xp.sum(L[:, i, :j] * L[:, j, :j], axis=1)
+            L[:, i, j] = xp.where(pos, val / xp.where(pos, L[:, j, j], 1.0), 0.0)
     return L
 
 

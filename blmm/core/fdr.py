@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from blmm.core import linalg as la
+
 FDR_METHODS = ("bh", "by")
 
 
@@ -19,20 +21,21 @@ def fdr_mlog10q(mlog10p: np.ndarray, method: str = "bh") -> np.ndarray:
     """
     if method not in FDR_METHODS:
         raise ValueError(f"FDR method {method!r}: expected one of {', '.join(FDR_METHODS)}")
-    mlp = np.asarray(mlog10p, dtype=np.float64)
-    out = np.full(mlp.shape, np.nan)
-    finite = np.isfinite(mlp) | (mlp == np.inf)  # p = 0 (−log10 p = inf) still counts as a test
-    m = int(np.count_nonzero(finite))
+    xp = la.namespace_or_numpy(mlog10p)
+    mlp = xp.asarray(mlog10p, dtype=xp.float64)
+    out = xp.full(mlp.shape, xp.nan, dtype=xp.float64)
+    finite = xp.isfinite(mlp) | (mlp == xp.inf)  # p = 0 (−log10 p = inf) still counts as a test
+    m = int(xp.count_nonzero(finite))
     if m == 0:
         return out
     values = mlp[finite]
-    order = np.argsort(-values, kind="stable")  # ascending p
-    rank = np.arange(1, m + 1, dtype=np.float64)
-    log10_c = np.log10(np.sum(1.0 / rank)) if method == "by" else 0.0
+    order = xp.argsort(-values, stable=True)  # ascending p
+    rank = xp.arange(1, m + 1, dtype=xp.float64)
+    log10_c = xp.log10(xp.sum(1.0 / rank)) if method == "by" else 0.0
     # −log10(c m p / j) for the sorted p, then the running minimum of q from the largest p down
-    scaled = values[order] - np.log10(m) + np.log10(rank) - log10_c
-    mlq_sorted = np.maximum.accumulate(scaled[::-1])[::-1]  # min over j ≥ i of q is max of −log10 q
-    mlq = np.empty(m)
-    mlq[order] = np.maximum(mlq_sorted, 0.0)  # q capped at 1
+    scaled = xp.take(values, order) - float(np.log10(m)) + xp.log10(rank) - log10_c
+    mlq_sorted = la.running_max_from_end(scaled)  # min over j ≥ i of q is max of −log10 q
+    # q capped at 1, back in the voxels' order (the standard has no scatter: the inverse permutation gathers)
+    mlq = xp.take(xp.maximum(mlq_sorted, 0.0), xp.argsort(order))
     out[finite] = mlq
     return out

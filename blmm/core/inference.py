@@ -115,66 +115,76 @@ def infer(fit: FitResult, contrasts: list[Contrast], two_sided: bool = False) ->
 
 
 def t_contrast(fit: FitResult, L: np.ndarray, name: str = "", two_sided: bool = False) -> TContrastResult:
-    L = np.asarray(L, dtype=np.float64).reshape(-1)
+    xp = la.namespace(fit.beta, fit.cov_beta, fit.cov_beta_grad, fit.hessian)
+    L = la.from_host(xp, np.asarray(L, dtype=np.float64).reshape(-1))
     est = fit.beta @ L
-    var = np.einsum("p,vpq,q->v", L, fit.cov_beta, L)
-    g = np.einsum("p,vkpq,q->vk", L, fit.cov_beta_grad, L)
+    var = la.einsum(xp, "p,vpq,q->v", L, fit.cov_beta, L)
+    g = la.einsum(xp, "p,vkpq,q->vk", L, fit.cov_beta_grad, L)
     df = satterthwaite_df(var, g, fit.hessian)
-    se = np.sqrt(var)
+    se = xp.sqrt(var)
     t = est / se
     return TContrastResult(name, est, se, t, df, t_mlog10p(t, df, two_sided))
 
 
 def f_contrast(fit: FitResult, L: np.ndarray, name: str = "", eig_tol: float = 1e-8) -> FContrastResult:
-    L = np.atleast_2d(np.asarray(L, dtype=np.float64))
+    xp = la.namespace(fit.beta, fit.cov_beta, fit.cov_beta_grad, fit.hessian)
+    L = la.from_host(xp, np.atleast_2d(np.asarray(L, dtype=np.float64)))
     m = L.shape[0]
     v = fit.n_voxels
-    LCL = np.einsum("ap,vpq,bq->vab", L, fit.cov_beta, L)
-    finite = np.all(np.isfinite(LCL.reshape(v, -1)), axis=1)
-    LCL[~finite] = np.eye(m)
-    d, P = np.linalg.eigh(LCL)
-    d, P = d[:, ::-1], P[:, :, ::-1]  # descending, as lmerTest
-    rank = np.sum(d > eig_tol * d[:, :1], axis=1)
-    ndf = int(np.max(rank[finite])) if np.any(finite) else m
-    W = np.einsum("vam,ap->vmp", P, L)  # rows of P'L: independent directions
-    Lb = np.einsum("vmp,vp->vm", W, fit.beta)
-    nu = np.empty((v, m))
+    LCL = la.einsum(xp, "ap,vpq,bq->vab", L, fit.cov_beta, L)
+    finite = xp.all(xp.isfinite(xp.reshape(LCL, (v, -1))), axis=1)
+    LCL[~finite] = xp.eye(m, dtype=LCL.dtype)
+    d, P = xp.linalg.eigh(LCL)
+    d, P = xp.flip(d, axis=-1), xp.flip(P, axis=-1)  # descending, as lmerTest
+    rank = xp.count_nonzero(d > eig_tol * d[:, :1], axis=1)
+    ndf = int(xp.max(rank[finite])) if xp.any(finite) else m
+    W = la.einsum(xp, "vam,ap->vmp", P, L)  # rows of P'L: independent directions
+    Lb = la.einsum(xp, "vmp,vp->vm", W, fit.beta)
+    nu = xp.empty((v, m), dtype=d.dtype)
     for j in range(m):  # m is the (small) number of contrast rows
-        g = np.einsum("vp,vkpq,vq->vk", W[:, j], fit.cov_beta_grad, W[:, j])
+        g = la.einsum(xp, "vp,vkpq,vq->vk", W[:, j, :], fit.cov_beta_grad, W[:, j, :])
         nu[:, j] = satterthwaite_df(d[:, j], g, fit.hessian)
-    use = np.arange(m)[None, :] < ndf
-    F = np.sum(np.where(use, Lb**2 / np.where(use, d, 1.0), 0.0), axis=1) / ndf
+    use = xp.arange(m)[None, :] < ndf
+    F = xp.sum(xp.where(use, Lb**2 / xp.where(use, d, 1.0), 0.0), axis=1) / ndf
     df = pool_f_df(nu[:, :ndf])
-    F[~finite] = np.nan
-    df[~finite] = np.nan
+    F[~finite] = xp.nan
+    df[~finite] = xp.nan
     return FContrastResult(name, F, ndf, df, f_mlog10p(F, ndf, df), ndf * F / (ndf * F + df))
 
 
 def satterthwaite_df(var: np.ndarray, g: np.ndarray, H: np.ndarray) -> np.ndarray:
     """ν = 2 var² / (g' A g) with A = 2 H⁻¹ (H: deviance Hessian in the variance parameters)."""
+    xp = la.namespace(var, g, H)
     x, ok = la.safe_solve(H, g)  # a singular H gives NaN df for its voxel only
-    quad = np.where(ok, np.einsum("vk,vk->v", np.nan_to_num(g), np.nan_to_num(x)), np.nan)
+    # where ok, g and x are finite (safe_solve's rule): the others' zeros only keep the sum quiet
+    quad = xp.where(ok, la.einsum(xp, "vk,vk->v", xp.where(ok[:, None], g, 0.0), xp.where(ok[:, None], x, 0.0)),
+                    xp.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
         nu = var**2 / quad
-    return np.where(nu > 0, nu, np.nan)
+    return xp.where(nu > 0, nu, xp.nan)
 
 
 def pool_f_df(nu: np.ndarray, tol: float = 1e-8) -> np.ndarray:
     """lmerTest's pooling of per-direction df into one F denominator df."""
+    xp = la.namespace(nu)
     q = nu.shape[1]
     if q == 1:
-        return nu[:, 0].copy()
-    equal = np.all(np.abs(nu - nu[:, :1]) < tol, axis=1)
-    small = np.any(nu <= 2, axis=1)
+        return xp.asarray(nu[:, 0], copy=True)
+    equal = xp.all(xp.abs(nu - nu[:, :1]) < tol, axis=1)
+    small = xp.any(nu <= 2, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        E = np.sum(nu / (nu - 2.0), axis=1)
+        E = xp.sum(nu / (nu - 2.0), axis=1)
         pooled = 2.0 * E / (E - q)
-    out = np.where(small, 2.0, pooled)
-    return np.where(equal, nu.mean(axis=1), out)
+    out = xp.where(small, 2.0, pooled)
+    return xp.where(equal, xp.mean(nu, axis=1), out)
 
 
 def t_mlog10p(t: np.ndarray, df: np.ndarray, two_sided: bool = False) -> np.ndarray:
-    """−log10 p for T: upper tail (neuroimaging convention) or two-sided."""
+    """−log10 p for T: upper tail (neuroimaging convention) or two-sided (scipy's special functions,
+    on the host: arrays of another namespace go there and back)."""
+    xp = la.namespace_or_numpy(t, df)
+    if xp is not np:
+        return la.from_host(xp, t_mlog10p(la.to_host(t), la.to_host(df), two_sided))
     t = np.asarray(t, dtype=np.float64)
     df = np.asarray(df, dtype=np.float64)
     if two_sided:
@@ -183,6 +193,10 @@ def t_mlog10p(t: np.ndarray, df: np.ndarray, two_sided: bool = False) -> np.ndar
 
 
 def f_mlog10p(F: np.ndarray, ndf, df: np.ndarray) -> np.ndarray:
+    """−log10 p for F with ndf and df degrees of freedom (scipy's special functions, on the host)."""
+    xp = la.namespace_or_numpy(F, df)
+    if xp is not np:
+        return la.from_host(xp, f_mlog10p(la.to_host(F), ndf, la.to_host(df)))
     F = np.asarray(F, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.array(np.log(special.fdtrc(ndf, df, F)), dtype=np.float64)  # scipy.stats.f.logsf, without importing scipy.stats

@@ -1,10 +1,12 @@
 """FDR q-values against statsmodels' multipletests (an independent implementation)."""
 from __future__ import annotations
 
+import array_api_strict as xps
 import numpy as np
 import pytest
 from statsmodels.stats.multitest import multipletests
 
+from blmm.core import linalg as la
 from blmm.core.fdr import fdr_mlog10q
 
 
@@ -35,3 +37,17 @@ def test_fdr_stays_finite_beyond_the_smallest_float():
 def test_fdr_rejects_an_unknown_method():
     with pytest.raises(ValueError, match="fdr_xx|expected one of bh, by"):
         fdr_mlog10q(np.ones(3), "xx")
+
+
+@pytest.mark.parametrize("method", ["bh", "by"])
+def test_fdr_on_strict_arrays_equals_numpy(method):
+    """The array seam (issue 19): array_api_strict arrays in, the same −log10 q out, as strict arrays."""
+    rng = np.random.default_rng(1)
+    mlp = -np.log10(rng.uniform(size=300) ** 3)
+    mlp[:10] = mlp[10:20]  # ties keep their order (a stable sort)
+    mlp[[5, 60]] = np.nan
+    mlp[7] = np.inf
+    got = fdr_mlog10q(xps.asarray(mlp), method)
+    assert not isinstance(got, np.ndarray)
+    # the same operations in the same order on the same float64 values: equal to the bit
+    np.testing.assert_array_equal(la.to_host(got), fdr_mlog10q(mlp, method))

@@ -21,6 +21,8 @@ check exactly that, on designs drawn to hit each code path:
 4. Issue 17: an offset of 1e4 ... 1e8 added to Y changes nothing but the intercept (T, F, df, p,
    llh, σ², D and every convergence label to 1e-8 relative), and constant, near-constant and
    exactly linear voxels get their own status, in every structure, method and missing-row path.
+5. Issue 19: the array seam.  levels and dense evaluate, every scoring method and T/F inference give
+   numpy's numbers from array_api_strict arrays (the array API standard and nothing else).
 
 Nothing here uses blmm to build Z or to evaluate a likelihood for the independent checks.
 """
@@ -29,16 +31,19 @@ from __future__ import annotations
 import warnings
 from functools import lru_cache
 
+import array_api_strict as xps
 import numpy as np
 import pytest
 from scipy import optimize
 
+from blmm.core import linalg as la
 from blmm.core.centre import centre_of, centred_response
 from blmm.core.design import Contrast, RandomFactor
 from blmm.core.design_basis import DesignNote
 from blmm.core.fit import METHODS, fit_lmm, fit_stats
 from blmm.core.structure import plan_fit
 from blmm.core.inference import infer
+from blmm.core.scoring import score
 from blmm.core.status import CONSTANT_RESPONSE, FITTED, NOT_FITTED
 from blmm.core.objective import DenseObjective, LevelObjective, SchurObjective
 from blmm.core.objective.nested import NestedObjective
@@ -749,4 +754,101 @@ def unit_problems(name, reml):
 def test_covariates_in_their_own_units(name, reml):
     """T, F, df, p, llh and every label equal the standardised fit's; β, Cov, D rescale exactly."""
     problems = unit_problems(name, reml)
+    assert not problems, "\n".join(problems)
+
+
+# ---- 5. the array seam: the same numbers from any array API namespace (issue 19) -------------
+
+# evaluations at one D from strict arrays against numpy: the einsum fallback sums products in another
+# order (1e-13 relative seen); float64 rounding with a wide margin, relative to each quantity's largest entry
+SEAM_RTOL = 1e-10
+# strict arrays' fits (each operation checked, ~10x numpy's cost): big and small classes, and a zero variance
+# on the boundary (face and escape steps) by default; q = 3 (Gauss-Jordan entries) and two crossed factors slow
+SEAM_DESIGNS = ["classes-q2", "boundary-q2", pytest.param("balanced-q3", marks=pytest.mark.slow),
+                pytest.param("crossed-q1", marks=pytest.mark.slow)]
+
+
+def _seam_problems(where, ref, other):
+    """Every array field of two records (Evaluation, ScoringResult, contrast results) that differs beyond
+    SEAM_RTOL of the reference's largest entry; `other` holds array_api_strict arrays."""
+    problems = []
+    for field, a in vars(ref).items():
+        b = getattr(other, field)
+        pairs = list(zip(a, b)) if isinstance(a, list) else [(a, b)]
+        for x, y in pairs:
+            if not isinstance(x, np.ndarray):
+                continue
+            assert not isinstance(y, np.ndarray), f"{where} {field}: a numpy array from strict inputs"
+            x, y = x.astype(np.float64), la.to_host(y).astype(np.float64)
+            scale = max(1.0, float(np.nanmax(np.abs(x), initial=0.0)))
+            if not (np.array_equal(np.isnan(x), np.isnan(y)) and np.nanmax(np.abs(x - y), initial=0.0)
+                    <= SEAM_RTOL * scale):
+                problems.append(f"{where} {field}: {np.nanmax(np.abs(x - y), initial=0.0):.3g} (scale {scale:.3g})")
+    return problems
+
+
+def _seam_objectives(stats, u, factors, reml):
+    args = (stats.XtX[u], stats.ZtX[u], stats.ZtZ[u], stats.n_obs[u])
+    objs = {"dense": DenseObjective(*args, stats.layout, reml)}
+    if len(factors) == 1:
+        objs["levels"] = level_objective(stats, u, factors[0].q, reml)
+    return objs
+
+
+@pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
+@pytest.mark.parametrize("name", list(DESIGNS))
+def test_objectives_on_strict_arrays_equal_numpy(name, reml):
+    """levels and dense evaluate (llh, β, σ², C, gradient, information, observed information) from
+    array_api_strict arrays as from numpy: the seam uses nothing outside the standard."""
+    X, factors, Y = design(name)
+    stats = sufficient_stats(Y, X, factors)
+    rng = np.random.default_rng(2)
+    problems = []
+    for u in range(stats.patterns.shape[0]):
+        idx = np.repeat(np.flatnonzero(stats.pattern_of_voxel == u)[:1], 4)
+        D_list = [_random_D(rng, f.q, 4) for f in factors]
+        for label, obj in _seam_objectives(stats, u, factors, reml).items():
+            data = obj.data(stats.XtY[idx], stats.ZtY[idx], stats.YtY[idx])
+            ev = obj.evaluate(D_list, data, grad=True)
+            ev_strict = la.move(xps, obj).evaluate(la.move(xps, D_list), la.move(xps, data), grad=True)
+            problems += _seam_problems(f"{name} pattern {u} {label}", ev, ev_strict)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
+@pytest.mark.parametrize("name", SEAM_DESIGNS)
+def test_scoring_and_inference_on_strict_arrays_equal_numpy(name, reml):
+    """Every method's scoring from array_api_strict arrays stops where numpy's does, with the same labels;
+    T and F contrasts (Satterthwaite df, −log10 p) of a fit in strict arrays equal numpy's."""
+    X, factors, Y = design(name)
+    stats = sufficient_stats(Y, X, factors)
+    qk = [f.q for f in factors]
+    problems = []
+    for u in range(stats.patterns.shape[0]):
+        idx = np.flatnonzero(stats.pattern_of_voxel == u)
+        n = int(stats.n_obs[u])
+        for label, obj in _seam_objectives(stats, u, factors, reml).items():
+            data = obj.data(stats.XtY[idx], stats.ZtY[idx], stats.YtY[idx])
+            obj_strict, data_strict = la.move(xps, obj), la.move(xps, data)
+            for method in METHODS:
+                where = f"{name} pattern {u} {label} {method}"
+                ref = score(obj, data, qk, method, TOL, MAX_ITER, reml, n, X.shape[1])
+                got = score(obj_strict, data_strict, qk, method, TOL, MAX_ITER, reml, n, X.shape[1])
+                if not (np.array_equal(ref.converged, la.to_host(got.converged)) and ref.converged.all()):
+                    problems.append(f"{where}: converged {ref.converged.tolist()} vs {la.to_host(got.converged)}")
+                # two runs of one path, rounded differently: within the fit's own tolerance (section 1)
+                for Dr, Dg in zip(ref.D, got.D):
+                    scale = max(1.0, float(np.max(np.abs(Dr))))
+                    if np.max(np.abs(Dr - la.to_host(Dg))) > PARAM_RTOL * scale:
+                        problems.append(f"{where}: D differs by {np.max(np.abs(Dr - la.to_host(Dg))):.3g}")
+                llh_ref = obj.evaluate(ref.D, data).llh
+                llh_got = la.to_host(obj_strict.evaluate(got.D, data_strict).llh)
+                if np.max(np.abs(llh_ref - llh_got)) > LLH_ATOL:
+                    problems.append(f"{where}: llh differs by {np.max(np.abs(llh_ref - llh_got)):.3g}")
+    # inference on one fit (fit_stats is numpy's driver): the fit's arrays as strict arrays
+    for key, fit in fits(name, reml).items():
+        ref = infer(fit, _contrasts(), two_sided=True)
+        got = infer(la.move(xps, fit), _contrasts(), two_sided=True)
+        for r, g in zip(ref.contrasts, got.contrasts):
+            problems += _seam_problems(f"{name} {key} contrast {r.name}", r, g)
     assert not problems, "\n".join(problems)

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import scipy.sparse as sp
 
-from blmm.core.linalg import lower_triangular_inverse
+from blmm.core import linalg as la
 
 LOG2PI = float(np.log(2.0 * np.pi))
 LOOP_INVERSE_MIN_VOXELS = 1024  # from here on C's forward substitution beats LAPACK's per-matrix cost
@@ -91,38 +91,30 @@ def no_units(objective: Objective, units: dict | None) -> None:
         raise ValueError(f"{type(objective).__name__} fits one presence pattern: it takes no missing-row units")
 
 
-def _gls(XtVX: np.ndarray, XtVY: np.ndarray):
+def _gls(XtVX, XtVY):
     """β̂, C = (X'V^-1X)^-1, log|X'V^-1X| and a PD flag, by one Cholesky per voxel."""
-    v = XtVX.shape[0]
-    ok = np.all(np.isfinite(XtVX.reshape(v, -1)), axis=1)
-    L = np.full_like(XtVX, np.nan)
-    try:
-        L[ok] = np.linalg.cholesky(XtVX[ok])
-    except np.linalg.LinAlgError:
-        for i in np.flatnonzero(ok):  # rare: find the voxels that are not PD
-            try:
-                L[i] = np.linalg.cholesky(XtVX[i])
-            except np.linalg.LinAlgError:
-                ok[i] = False
-    Linv = np.full_like(XtVX, np.nan)
-    if ok.sum() >= LOOP_INVERSE_MIN_VOXELS:
-        Linv[ok] = lower_triangular_inverse(L[ok])
+    xp = la.namespace(XtVX, XtVY)
+    L, ok = la.safe_cholesky(XtVX)  # the voxels that are not PD or not finite: NaN and ok False
+    Linv = xp.full_like(XtVX, xp.nan)
+    if int(xp.count_nonzero(ok)) >= LOOP_INVERSE_MIN_VOXELS:
+        Linv[ok] = la.lower_triangular_inverse(L[ok])
     else:  # a row loop over few voxels is GIL-bound: stalls the other threads' fits more than it saves
-        Linv[ok] = np.linalg.solve(L[ok], np.broadcast_to(np.eye(L.shape[-1]), L[ok].shape))
-    C = np.swapaxes(Linv, 1, 2) @ Linv
-    beta = np.einsum("vij,vj->vi", C, XtVY)
-    logdet = 2.0 * np.sum(np.log(np.abs(np.diagonal(L, axis1=1, axis2=2))), axis=1)
+        Linv[ok] = xp.linalg.solve(L[ok], xp.broadcast_to(xp.eye(L.shape[-1], dtype=L.dtype), L[ok].shape))
+    C = xp.matrix_transpose(Linv) @ Linv
+    beta = la.einsum(xp, "vij,vj->vi", C, XtVY)
+    logdet = 2.0 * xp.sum(xp.log(xp.abs(xp.linalg.diagonal(L))), axis=1)
     return beta, C, logdet, ok
 
 
 def _likelihood(Q, logdetV, logdetXVX, n, p, reml, sigma2=None):
     """Profiled (or at given σ²) log-likelihood with lme4's constants."""
+    xp = la.namespace(Q)
     N = n - p if reml else n
     if sigma2 is None:
         sigma2 = Q / N
-        llh = -0.5 * (N * (LOG2PI + np.log(sigma2)) + logdetV + N)
+        llh = -0.5 * (N * (LOG2PI + xp.log(sigma2)) + logdetV + N)
     else:
-        llh = -0.5 * (N * (LOG2PI + np.log(sigma2)) + logdetV + Q / sigma2)
+        llh = -0.5 * (N * (LOG2PI + xp.log(sigma2)) + logdetV + Q / sigma2)
     if reml:
         llh = llh - 0.5 * logdetXVX
     return llh, sigma2
@@ -130,13 +122,14 @@ def _likelihood(Q, logdetV, logdetXVX, n, p, reml, sigma2=None):
 
 def profiled(XtVX, XtVY, YtVY, logdetV, n, p, reml, sigma2) -> Evaluation:
     """β̂ (GLS), C, Q and the (RE)ML log-likelihood from the V⁻¹ products."""
+    xp = la.namespace(XtVX, XtVY, YtVY)
     v = XtVX.shape[0]
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # bad voxels are flagged by ok
         beta, C, logdetXVX, ok = _gls(XtVX, XtVY)
-        Q = YtVY - np.einsum("vp,vp->v", beta, XtVY)
+        Q = YtVY - la.einsum(xp, "vp,vp->v", beta, XtVY)
         llh, s2 = _likelihood(Q, logdetV, logdetXVX, n, p, reml, sigma2)
-    ok &= np.isfinite(llh) & (Q > 0)
-    return Evaluation(llh=llh, beta=beta, sigma2=np.broadcast_to(s2, (v,)).copy(), C=C, Q=Q, ok=ok)
+    ok &= xp.isfinite(llh) & (Q > 0)
+    return Evaluation(llh=llh, beta=beta, sigma2=xp.asarray(xp.broadcast_to(s2, (v,)), copy=True), C=C, Q=Q, ok=ok)
 
 
 def take_rows(data, idx, full_size):
@@ -144,37 +137,39 @@ def take_rows(data, idx, full_size):
 
 
 def subset_eval(ev: Evaluation, idx) -> Evaluation:
+    rows = la.select_rows
     return Evaluation(
-        llh=ev.llh[idx], beta=ev.beta[idx], sigma2=ev.sigma2[idx], C=ev.C[idx], Q=ev.Q[idx], ok=ev.ok[idx],
-        grad=[g[idx] for g in ev.grad], info=None if ev.info is None else ev.info[idx],
-        T_sum=[t[idx] for t in ev.T_sum], uu_sum=[u[idx] for u in ev.uu_sum],
-        observed=None if ev.observed is None else ev.observed[idx],
-        cache=None if ev.cache is None else {k: [a[idx] for a in arrays] for k, arrays in ev.cache.items()},
+        llh=rows(ev.llh, idx), beta=rows(ev.beta, idx), sigma2=rows(ev.sigma2, idx), C=rows(ev.C, idx),
+        Q=rows(ev.Q, idx), ok=rows(ev.ok, idx),
+        grad=[rows(g, idx) for g in ev.grad], info=None if ev.info is None else rows(ev.info, idx),
+        T_sum=[rows(t, idx) for t in ev.T_sum], uu_sum=[rows(u, idx) for u in ev.uu_sum],
+        observed=None if ev.observed is None else rows(ev.observed, idx),
+        cache=None if ev.cache is None else {k: [rows(a, idx) for a in arrays] for k, arrays in ev.cache.items()},
     )
 
 
 def merge_eval(base: Evaluation, new: Evaluation, where, good) -> Evaluation:
-    """Copy of base with the rows `where` replaced by new's rows `good`."""
+    """Copy of base with the rows `where` (sorted host indices) replaced by new's rows `good` (a host mask)."""
     if np.all(good) and np.array_equal(where, np.arange(base.llh.shape[0])):
         return new  # every row replaced: no copies
     out = subset_eval(base, slice(None))
     for name in ("llh", "beta", "sigma2", "C", "Q", "ok"):
-        arr = getattr(out, name).copy()
-        arr[where] = getattr(new, name)[good]
+        arr = la.copied(getattr(out, name))
+        la.put_rows(arr, where, la.select_rows(getattr(new, name), good))
         setattr(out, name, arr)
     for name in ("grad", "T_sum", "uu_sum"):
         lst = []
         for a, b in zip(getattr(out, name), getattr(new, name)):
-            a = a.copy()
-            a[where] = b[good]
+            a = la.copied(a)
+            la.put_rows(a, where, la.select_rows(b, good))
             lst.append(a)
         setattr(out, name, lst)
-    info = out.info.copy()
-    info[where] = new.info[good]
+    info = la.copied(out.info)
+    la.put_rows(info, where, la.select_rows(new.info, good))
     out.info = info
     if out.observed is not None and new.observed is not None:
-        observed = out.observed.copy()
-        observed[where] = new.observed[good]
+        observed = la.copied(out.observed)
+        la.put_rows(observed, where, la.select_rows(new.observed, good))
         out.observed = observed
     else:
         out.observed = None
@@ -183,8 +178,8 @@ def merge_eval(base: Evaluation, new: Evaluation, where, good) -> Evaluation:
         for key, arrays in out.cache.items():
             merged = []
             for arr, new_arr in zip(arrays, new.cache[key]):
-                arr = arr.copy()
-                arr[where] = new_arr[good]
+                arr = la.copied(arr)
+                la.put_rows(arr, where, la.select_rows(new_arr, good))
                 merged.append(arr)
             cache[key] = merged
         out.cache = cache
@@ -195,9 +190,10 @@ def merge_eval(base: Evaluation, new: Evaluation, where, good) -> Evaluation:
 
 def level_block_sum(A: np.ndarray, offset: int, n_levels: int, q: int) -> np.ndarray:
     """Σ over a factor's levels of the diagonal q x q blocks of (v, Q, Q) matrices."""
+    xp = la.namespace(A)
     v = A.shape[0]
-    blk = A[:, offset:offset + n_levels * q, offset:offset + n_levels * q].reshape(v, n_levels, q, n_levels, q)
-    return np.einsum("vjajb->vab", blk)
+    blk = xp.reshape(A[:, offset:offset + n_levels * q, offset:offset + n_levels * q], (v, n_levels, q, n_levels, q))
+    return la.einsum(xp, "vjajb->vab", blk)
 
 
 def factor_pair_information(T: np.ndarray, offsets, n_levels, qs) -> np.ndarray:
@@ -205,14 +201,15 @@ def factor_pair_information(T: np.ndarray, offsets, n_levels, qs) -> np.ndarray:
 
     F[(k,a,b),(k',c,d)] = Σ_{i in k, j in k'} T[(i,b),(j,c)] T[(i,a),(j,d)].
     """
+    xp = la.namespace(T)
     v = T.shape[0]
     sizes = [q * q for q in qs]
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-    info = np.zeros((v, starts[-1], starts[-1]))
+    info = xp.zeros((v, int(starts[-1]), int(starts[-1])), dtype=T.dtype)
     for k, (o1, l1, q1) in enumerate(zip(offsets, n_levels, qs)):
         for k2, (o2, l2, q2) in enumerate(zip(offsets, n_levels, qs)):
-            T4 = T[:, o1:o1 + l1 * q1, o2:o2 + l2 * q2].reshape(v, l1, q1, l2, q2)
-            blk = np.einsum("vibjc,viajd->vabcd", T4, T4).reshape(v, q1 * q1, q2 * q2)
+            T4 = xp.reshape(T[:, o1:o1 + l1 * q1, o2:o2 + l2 * q2], (v, l1, q1, l2, q2))
+            blk = xp.reshape(la.einsum(xp, "vibjc,viajd->vabcd", T4, T4), (v, q1 * q1, q2 * q2))
             info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = blk
     return info
 

@@ -18,7 +18,7 @@ class DenseData:
     YtY: np.ndarray
 
     def take(self, idx) -> "DenseData":
-        return DenseData(self.XtY[idx], self.ZtY[idx], self.YtY[idx])
+        return DenseData(la.select_rows(self.XtY, idx), la.select_rows(self.ZtY, idx), la.select_rows(self.YtY, idx))
 
 
 class DenseObjective:
@@ -50,45 +50,47 @@ class DenseObjective:
 
     def _blockdiag(self, blocks):
         """Block-diagonal (v, q, q) from per-factor (v, q_k, q_k), repeated over levels."""
+        xp = la.namespace(*blocks)
         v = blocks[0].shape[0]
-        out = np.zeros((v, self.qtot, self.qtot))
+        out = xp.zeros((v, self.qtot, self.qtot), dtype=blocks[0].dtype)
         for k, B in enumerate(blocks):
             o, l, qk = self.offsets[k], self.n_levels[k], self.qk[k]
-            view = out[:, o:o + l * qk, o:o + l * qk].reshape(v, l, qk, l, qk)
-            idx = np.arange(l)
-            view[:, idx, :, idx, :] = B[None]  # advanced indexing puts levels first
+            same_level = xp.eye(l, dtype=xp.bool)[None, :, None, :, None]  # a selection, not a product: exact
+            out[:, o:o + l * qk, o:o + l * qk] = xp.reshape(xp.where(same_level, B[:, None, :, None, :], 0.0),
+                                                            (v, l * qk, l * qk))
         return out
 
     def _factor_sum(self, A, k):
         return level_block_sum(A, self.offsets[k], self.n_levels[k], self.qk[k])
 
     def evaluate(self, D_list, data: DenseData, sigma2=None, grad=False) -> Evaluation:
+        xp = la.namespace(data.XtY, data.ZtY, data.YtY)
         Lam = self._blockdiag([la.psd_root(D) for D in D_list])  # Λ Λ' = D
-        LtZtZ = np.swapaxes(Lam, 1, 2) @ self.ZtZ  # Λ'Z'Z
-        Mt = np.eye(self.qtot) + LtZtZ @ Lam
+        LtZtZ = xp.matrix_transpose(Lam) @ self.ZtZ  # Λ'Z'Z
+        Mt = xp.eye(self.qtot, dtype=Lam.dtype) + LtZtZ @ Lam
         Lm, chol_ok = la.safe_cholesky(Mt)
-        Lm[~chol_ok] = np.eye(self.qtot)  # a non-finite voxel is flagged below, its block goes on
-        logdetV = 2.0 * np.sum(np.log(np.diagonal(Lm, axis1=1, axis2=2)), axis=1)
-        Bx = np.linalg.solve(Lm, np.swapaxes(Lam, 1, 2) @ self.ZtX)  # L^-1 Λ'Z'X
-        by = np.linalg.solve(Lm, np.einsum("vba,vb->va", Lam, data.ZtY)[..., None])[..., 0]
-        XtVX = self.XtX[None] - np.swapaxes(Bx, 1, 2) @ Bx
-        XtVY = data.XtY - np.einsum("vqp,vq->vp", Bx, by)
-        YtVY = data.YtY - np.einsum("vq,vq->v", by, by)
+        Lm[~chol_ok] = xp.eye(self.qtot, dtype=Lm.dtype)  # a non-finite voxel is flagged below, its block goes on
+        logdetV = 2.0 * xp.sum(xp.log(xp.linalg.diagonal(Lm)), axis=1)
+        Bx = xp.linalg.solve(Lm, xp.matrix_transpose(Lam) @ self.ZtX)  # L^-1 Λ'Z'X
+        by = xp.linalg.solve(Lm, la.einsum(xp, "vba,vb->va", Lam, data.ZtY)[..., None])[..., 0]
+        XtVX = self.XtX[None, ...] - xp.matrix_transpose(Bx) @ Bx
+        XtVY = data.XtY - la.einsum(xp, "vqp,vq->vp", Bx, by)
+        YtVY = data.YtY - la.einsum(xp, "vq,vq->v", by, by)
         ev = profiled(la.sym(XtVX), XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
         ev.ok &= chol_ok
         beta, C = ev.beta, ev.C
         if not grad:
             return ev
-        Bz = np.linalg.solve(Lm, LtZtZ)  # L^-1 Λ'Z'Z
-        T = la.sym(self.ZtZ[None] - np.swapaxes(Bz, 1, 2) @ Bz)  # Z'V^-1Z
-        S = self.ZtX[None] - np.swapaxes(Bz, 1, 2) @ Bx  # Z'V^-1X
-        r_z = data.ZtY - np.einsum("qp,vp->vq", self.ZtX, beta)
-        r_b = by - np.einsum("vqp,vp->vq", Bx, beta)
-        u = r_z - np.einsum("vaq,va->vq", Bz, r_b)  # Z'V^-1 r
+        Bz = xp.linalg.solve(Lm, LtZtZ)  # L^-1 Λ'Z'Z
+        T = la.sym(self.ZtZ[None, ...] - xp.matrix_transpose(Bz) @ Bz)  # Z'V^-1Z
+        S = self.ZtX[None, ...] - xp.matrix_transpose(Bz) @ Bx  # Z'V^-1X
+        r_z = data.ZtY - la.einsum(xp, "qp,vp->vq", self.ZtX, beta)
+        r_b = by - la.einsum(xp, "vqp,vp->vq", Bx, beta)
+        u = r_z - la.einsum(xp, "vaq,va->vq", Bz, r_b)  # Z'V^-1 r
         s2v = ev.sigma2
         Gfull = T - u[:, :, None] * u[:, None, :] / s2v[:, None, None]
         if self.reml:
-            Gfull = Gfull - S @ C @ np.swapaxes(S, 1, 2)
+            Gfull = Gfull - S @ C @ xp.matrix_transpose(S)
         ev.grad = [la.sym(self._factor_sum(Gfull, k)) for k in range(len(D_list))]
         ev.T_sum = [self._factor_sum(T, k) for k in range(len(D_list))]
         uu = u[:, :, None] * u[:, None, :]

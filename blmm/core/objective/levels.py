@@ -101,6 +101,7 @@ class LevelObjective:
 
     def products(self, D: np.ndarray, data: "LevelData"):
         """X'V⁻¹X, X'V⁻¹Y, Y'V⁻¹Y and log|V| at D (v, q, q), plus the per-unit weights."""
+        xp = la.namespace(D, data.XtY)
         v = D.shape[0]
         p, q, Cb = self.p, self.q, self.Cb
         d = [[D[:, a, b][:, None] for b in range(q)] for a in range(q)]
@@ -114,24 +115,24 @@ class LevelObjective:
                 w = 0.5 * (w + sum(d[b][e] * R[e][a] for e in range(q)))
             W[a, b] = w
         logdetV = logdetA @ self.mu
-        XtVX_upT = np.repeat(self.XtX_up[:, None], v, axis=1)
+        XtVX_upT = xp.repeat(self.XtX_up[:, None], v, axis=1)
         for k, ab in enumerate(self.pairs):
             XtVX_upT -= self.KfT[k] @ W[ab].T
         XtVX = la.unpack_sym(XtVX_upT.T, p)
-        XtVY = data.XtY.copy()
-        YtVY = data.YtY.copy()
+        XtVY = xp.asarray(data.XtY, copy=True)
+        YtVY = xp.asarray(data.YtY, copy=True)
         if Cb:
-            Wb = np.stack([W[ab][:, :Cb] for ab in self.pairs], axis=-1)  # (v, Cb, npair)
-            XtVY -= np.einsum("vck,vckp->vp", Wb, data.KXY)
+            Wb = xp.stack([W[ab][:, :Cb] for ab in self.pairs], axis=-1)  # (v, Cb, npair)
+            XtVY -= la.einsum(xp, "vck,vckp->vp", Wb, data.KXY)
             # KYY holds Σ y_a y_b once per pair; y'Wy needs both (a, b) and (b, a) off the diagonal
-            YtVY -= np.einsum("vck,vck,k->v", Wb, data.KYY, self.pair_mult)
+            YtVY -= la.einsum(xp, "vck,vck,k->v", Wb, data.KYY, self.pair_mult)
         if self.Ls:
             def Ws(a, b):
                 return W[min(a, b), max(a, b)][:, Cb:]
             for a in range(q):
                 wy = sum(Ws(a, b) * data.ys[b] for b in range(q))
                 XtVY -= wy @ self.Xs[a]
-                YtVY -= np.einsum("vj,vj->v", wy, data.ys[a])
+                YtVY -= la.einsum(xp, "vj,vj->v", wy, data.ys[a])
         return XtVX, XtVY, YtVY, logdetV, R
 
     def _unit_T(self, R) -> dict:
@@ -147,16 +148,18 @@ class LevelObjective:
 
     def _unit_uu(self, R, data: "LevelData", gamma: np.ndarray):
         """Σ_{j in class} u_j u_j' per big class (v, Cb, q, q) and u_j per small level [(v, Ls)] * q."""
+        xp = la.namespace(gamma)
         q, Cb = self.q, self.Cb
         U_big, u_small = None, None
         if Cb:
-            Rb = np.stack([np.stack([R[a][b][:, :Cb] for b in range(q)], -1) for a in range(q)], -2)
-            bKb = np.stack([np.einsum("vr,crs,vs->vc", gamma, K, gamma) for K in self.Kpair_big], -1)
-            bKy = np.einsum("vp,vckp->vck", gamma, data.KXY)
+            Rb = xp.stack([xp.stack([R[a][b][:, :Cb] for b in range(q)], axis=-1) for a in range(q)], axis=-2)
+            bKb = xp.stack([la.einsum(xp, "vr,crs,vs->vc", gamma, K, gamma) for K in self.Kpair_big], axis=-1)
+            bKy = la.einsum(xp, "vp,vckp->vck", gamma, data.KXY)
             diag = np.array([a == b for a, b in self.pairs])
-            Spair = data.KYY - np.where(diag, 2.0, 1.0) * bKy + np.where(diag, 1.0, 0.5) * bKb
+            Spair = (data.KYY - la.from_host(xp, np.where(diag, 2.0, 1.0)) * bKy
+                     + la.from_host(xp, np.where(diag, 1.0, 0.5)) * bKb)
             S = _pairs_to_matrix(Spair, self.pairs, q)
-            U_big = np.einsum("vcab,vcbd,vced->vcae", Rb, S, Rb, optimize=True)
+            U_big = la.einsum(xp, "vcab,vcbd,vced->vcae", Rb, S, Rb, optimize=True)
         if self.Ls:
             r = [data.ys[b] - gamma @ self.Xs[b].T for b in range(q)]
             u_small = [sum(R[a][b][:, Cb:] * r[b] for b in range(q)) for a in range(q)]
@@ -182,6 +185,7 @@ class LevelObjective:
         With γ = β̂ and Ω = C (REML) these give the deviance gradient; a caller that augments
         X with other factors' columns passes its own γ and Ω (SchurObjective).
         """
+        xp = la.namespace(gamma)
         v = gamma.shape[0]
         q = self.q
         T = self._unit_T(R)
@@ -190,32 +194,32 @@ class LevelObjective:
             return T[min(a, b), max(a, b)]
 
         T_sum = _entries_to_matrix({ab: T[ab] @ self.mu for ab in self.pairs}, q, v)
-        uu = np.zeros((v, q, q))
+        uu = xp.zeros((v, q, q), dtype=gamma.dtype)
         U_big, u_small = self._unit_uu(R, data, gamma) if uu_parts is None else uu_parts
         if U_big is not None:
-            uu += U_big.sum(axis=1)
+            uu += xp.sum(U_big, axis=1)
         if u_small is not None:
             for a, b in self.pairs:
-                uu[:, a, b] += np.einsum("vj,vj->v", u_small[a], u_small[b])
+                uu[:, a, b] += la.einsum(xp, "vj,vj->v", u_small[a], u_small[b])
                 if a != b:
                     uu[:, b, a] = uu[:, a, b]
-        corr = np.zeros((v, q, q))
+        corr = xp.zeros((v, q, q), dtype=gamma.dtype)
         if Omega is not None:
             P = self._unit_P(R, Omega)
         if P is not None:
             for a, b in self.pairs:  # Σ_c R_c H_c R_c'
-                val = np.sum(P[a][b], axis=1)
+                val = xp.sum(P[a][b], axis=1)
                 corr[:, a, b] = val
                 corr[:, b, a] = val
         if not with_info:  # NestedObjective reduces the information itself
             return T_sum, uu, corr, None
-        info = np.empty((v, q, q, q, q))
+        info = xp.empty((v, q, q, q, q), dtype=gamma.dtype)
         for a in range(q):  # F[(a,b),(c,d)] = Σ_c m_c T[b,c] T[a,d]
             for b in range(q):
                 for c in range(q):
                     for e in range(q):
                         info[:, a, b, c, e] = (Tf(b, c) * Tf(a, e)) @ self.mu
-        return T_sum, uu, corr, info.reshape(v, q * q, q * q)
+        return T_sum, uu, corr, xp.reshape(info, (v, q * q, q * q))
 
     def _observed_information(self, R, P, data: "LevelData", ev: Evaluation, sigma2: np.ndarray,
                               uu_parts=None) -> np.ndarray:
@@ -224,17 +228,19 @@ class LevelObjective:
         Costs no product over levels beyond what the gradient computed; the term left out is
         O(p / levels) of the rest, so scoring with it is nearly Newton (docs/model.md).
         """
+        xp = la.namespace(ev.beta)
         v = R[0][0].shape[0]
         q = self.q
         uu_parts = self._unit_uu(R, data, ev.beta) if uu_parts is None else uu_parts
-        A = self.cross_sums(R, data, ev.beta, uu_parts[1]).reshape(v, q * q, self.p)
+        A = xp.reshape(self.cross_sums(R, data, ev.beta, uu_parts[1]), (v, q * q, self.p))
         Hvec = self.observed_unit_terms(R, P, data, ev, sigma2, uu_parts)
-        Hvec -= 2.0 * np.einsum("vip,vpr,vjr->vij", A, ev.C, A) / sigma2[:, None, None]
+        Hvec -= 2.0 * la.einsum(xp, "vip,vpr,vjr->vij", A, ev.C, A) / sigma2[:, None, None]
         return la.sym(Hvec)
 
     def observed_unit_terms(self, R, P, data: "LevelData", ev: Evaluation, sigma2: np.ndarray,
                             uu_parts) -> np.ndarray:
         """The observed information's sums over units, Σ T⊗(2uu'/σ² + 2P) - Σ T⊗T, in vec D (v, q², q²)."""
+        xp = la.namespace(ev.beta)
         v = R[0][0].shape[0]
         q, Cb = self.q, self.Cb
         T = self._unit_T(R)
@@ -244,10 +250,10 @@ class LevelObjective:
         info = ev.info if ev.info is not None else self.gradient_parts(R, data, ev.beta, None)[3]
         # W_unit = 2 U/σ² + 2 P (REML): the u and P terms share T_j's index pattern
         U_big, u_small = uu_parts
-        M = np.zeros((v, q, q, q, q))
+        M = xp.zeros((v, q, q, q, q), dtype=ev.beta.dtype)
         for d in range(q):
             for a in range(q):
-                w = np.zeros((v, self.C))
+                w = xp.zeros((v, self.C), dtype=ev.beta.dtype)
                 if U_big is not None:
                     w[:, :Cb] += U_big[:, :, d, a]
                 if u_small is not None:
@@ -257,24 +263,25 @@ class LevelObjective:
                     w = w + 2.0 * P[d][a]
                 for b in range(q):
                     for c in range(q):  # M[(a,b),(c,d)] = Σ_units T[b,c] W[d,a]
-                        M[:, a, b, c, d] = np.einsum("vc,vc->v", Tf(b, c), w)
-        return M.reshape(v, q * q, q * q) - info
+                        M[:, a, b, c, d] = la.einsum(xp, "vc,vc->v", Tf(b, c), w)
+        return xp.reshape(M, (v, q * q, q * q)) - info
 
     def cross_sums(self, R, data: "LevelData", beta: np.ndarray, u_small) -> np.ndarray:
         """A_xy = Σ_j S_j[x]' u_j[y] (v, q, q, p): the β-coupling of the observed information."""
+        xp = la.namespace(beta)
         v = beta.shape[0]
         q, p, Cb = self.q, self.p, self.Cb
-        A = np.zeros((v, q, q, p))
+        A = xp.zeros((v, q, q, p), dtype=beta.dtype)
         if Cb:
-            Rb = np.stack([np.stack([R[a][b][:, :Cb] for b in range(q)], -1) for a in range(q)], -2)
-            Xr = data.KXYo - np.einsum("cefpr,vr->vcefp", self.Ko, beta)  # Σ_j X_j[e]' r_j[f]
-            A += np.einsum("vcxe,vcyf,vcefp->vxyp", Rb, Rb, Xr, optimize=True)
+            Rb = xp.stack([xp.stack([R[a][b][:, :Cb] for b in range(q)], axis=-1) for a in range(q)], axis=-2)
+            Xr = data.KXYo - la.einsum(xp, "cefpr,vr->vcefp", self.Ko, beta)  # Σ_j X_j[e]' r_j[f]
+            A += la.einsum(xp, "vcxe,vcyf,vcefp->vxyp", Rb, Rb, Xr, optimize=True)
         if u_small is not None:
             for x in range(q):
                 for e in range(q):
                     Re = R[x][e][:, Cb:]
                     for y in range(q):
-                        A[:, x, y] += (Re * u_small[y]) @ self.Xs[e]
+                        A[:, x, y, :] += (Re * u_small[y]) @ self.Xs[e]
         return A
 
     def deviance_hessian(self, D_list, data: "LevelData", sigma2: np.ndarray, ev: Evaluation | None = None):
@@ -301,17 +308,18 @@ class LevelObjective:
 
     def direction_sums(self, R) -> np.ndarray:
         """B_t = Σ_j S_j' E_t S_j (v, q(q+1)/2, p, p) per vech direction E_t: one GEMM over units per (t, pair)."""
+        xp = la.namespace(R[0][0])
         v = R[0][0].shape[0]
         q, p = self.q, self.p
         r_idx, c_idx = la.vech_index(q)
-        Bs = np.empty((v, r_idx.size, p, p))
+        Bs = xp.empty((v, r_idx.size, p, p), dtype=R[0][0].dtype)
         for t, (a, b) in enumerate(zip(r_idx, c_idx)):
             scale = 0.5 if a == b else 1.0
-            BupT = np.zeros((p * (p + 1) // 2, v))
+            BupT = xp.zeros((p * (p + 1) // 2, v), dtype=R[0][0].dtype)
             for m, (e, f) in enumerate(self.pairs):
                 coef = scale * (R[a][e] * R[b][f] + R[b][e] * R[a][f])
                 BupT += self.KfT[m] @ coef.T
-            Bs[:, t] = la.unpack_sym(BupT.T, p)
+            Bs[:, t, :, :] = la.unpack_sym(BupT.T, p)
         return Bs
 
     def evaluate(self, D_list, data: "LevelData", sigma2=None, grad=False) -> Evaluation:
@@ -339,11 +347,12 @@ def hessian_from_parts(Hvec: np.ndarray, Bs: np.ndarray, C: np.ndarray, q: int, 
     """The deviance Hessian in vech D and dC = d(X'V⁻¹X)⁻¹/d vech D from the observed information
     in vec D (without its REML term) and the direction sums B_t: dC_t = C B_t C, and REML adds
     -tr(C B_s C B_t) = -<dC_s, B_t>."""
-    Dup = la.duplication(q)
+    xp = la.namespace(Hvec, Bs, C)
+    Dup = la.from_host(xp, la.duplication(q))
     H = Dup.T @ Hvec @ Dup
-    dC = C[:, None] @ Bs @ C[:, None]
+    dC = C[:, None, ...] @ Bs @ C[:, None, ...]
     if reml:
-        H -= np.einsum("vspq,vtpq->vts", dC, Bs)
+        H -= la.einsum(xp, "vspq,vtpq->vts", dC, Bs)
     return la.sym(H), dC
 
 
@@ -354,19 +363,20 @@ def _unflatten_entries(flat: list, q: int) -> list:
 
 def _inverse_and_logdet_entries(A):
     """Inverse and log det of q x q matrices given entry-wise (lists of (v, units) arrays)."""
+    xp = la.namespace(*[a for row in A for a in row])
     q = len(A)
     if q == 1:
-        return [[1.0 / A[0][0]]], np.log(A[0][0])
+        return [[1.0 / A[0][0]]], xp.log(A[0][0])
     if q == 2:
         det = A[0][0] * A[1][1] - A[0][1] * A[1][0]
-        return [[A[1][1] / det, -A[0][1] / det], [-A[1][0] / det, A[0][0] / det]], np.log(det)
+        return [[A[1][1] / det, -A[0][1] / det], [-A[1][0] / det, A[0][0] / det]], xp.log(det)
     fast = _gauss_jordan_entries(A)
     if fast is not None:
         return fast
-    M = np.stack([np.stack(row, -1) for row in A], -2)
-    sign, logdet = np.linalg.slogdet(M)
-    Mi = np.linalg.inv(M)
-    return [[Mi[..., a, b] for b in range(q)] for a in range(q)], np.where(sign > 0, logdet, np.nan)
+    M = xp.stack([xp.stack(xp.broadcast_arrays(*row), axis=-1) for row in A], axis=-2)
+    sign, logdet = xp.linalg.slogdet(M)
+    Mi = xp.linalg.inv(M)
+    return [[Mi[..., a, b] for b in range(q)] for a in range(q)], xp.where(sign > 0, logdet, xp.nan)
 
 
 def _gauss_jordan_entries(A):
@@ -375,18 +385,20 @@ def _gauss_jordan_entries(A):
     Batched LAPACK on tiny matrices is ~50x slower (nested family blocks have q up to 16);
     None if a pivot is small, and the caller falls back to LAPACK.
     """
+    xp = la.namespace(*[a for row in A for a in row])
     q = len(A)
-    shape = np.broadcast_shapes(*[np.shape(a) for row in A for a in row])
-    M = [[np.broadcast_to(np.asarray(A[i][j], dtype=np.float64), shape) for j in range(q)] for i in range(q)]
-    logdet = np.zeros(shape)
-    sign = np.ones(shape)
+    flat = xp.broadcast_arrays(*[xp.asarray(a, dtype=xp.float64) for row in A for a in row])
+    shape = flat[0].shape
+    M = [flat[i * q:(i + 1) * q] for i in range(q)]
+    logdet = xp.zeros(shape, dtype=xp.float64)
+    sign = xp.ones(shape, dtype=xp.float64)
     for k in range(q):
         piv = M[k][k]
-        scale = np.maximum(np.max(np.abs(np.stack(M[k])), axis=0), 1e-300)
-        if np.any(np.abs(piv) < 1e-8 * scale):
+        scale = xp.maximum(xp.max(xp.abs(xp.stack(M[k])), axis=0), 1e-300)
+        if xp.any(xp.abs(piv) < 1e-8 * scale):
             return None
-        logdet = logdet + np.log(np.abs(piv))
-        sign = sign * np.sign(piv)
+        logdet = logdet + xp.log(xp.abs(piv))
+        sign = sign * xp.sign(piv)
         inv_piv = 1.0 / piv
         rowk = [m * inv_piv for m in M[k]]
         rowk[k] = inv_piv
@@ -395,11 +407,13 @@ def _gauss_jordan_entries(A):
                 f = M[i][k]
                 M[i] = [(-f * inv_piv) if j == k else M[i][j] - f * rowk[j] for j in range(q)]
         M[k] = rowk
-    return M, np.where(sign > 0, logdet, np.nan)
+    return M, xp.where(sign > 0, logdet, xp.nan)
 
 
 def _entries_to_matrix(entries, q, v):
-    out = np.empty((v, q, q))
+    first = next(iter(entries.values()))
+    xp = la.namespace(first)
+    out = xp.empty((v, q, q), dtype=first.dtype)
     for (a, b), val in entries.items():
         out[:, a, b] = val
         out[:, b, a] = val
@@ -407,7 +421,8 @@ def _entries_to_matrix(entries, q, v):
 
 
 def _pairs_to_matrix(Spair, pairs, q):
-    out = np.zeros(Spair.shape[:-1] + (q, q))
+    xp = la.namespace(Spair)
+    out = xp.zeros(Spair.shape[:-1] + (q, q), dtype=Spair.dtype)
     for k, (a, b) in enumerate(pairs):
         out[..., a, b] = Spair[..., k]
         out[..., b, a] = Spair[..., k]
@@ -424,5 +439,6 @@ class LevelData:
     KXYo: np.ndarray
 
     def take(self, idx) -> "LevelData":
-        return LevelData(self.XtY[idx], self.YtY[idx], [y[idx] for y in self.ys], self.KXY[idx], self.KYY[idx],
-                         self.KXYo[idx])
+        return LevelData(la.select_rows(self.XtY, idx), la.select_rows(self.YtY, idx),
+                         [la.select_rows(y, idx) for y in self.ys], la.select_rows(self.KXY, idx),
+                         la.select_rows(self.KYY, idx), la.select_rows(self.KXYo, idx))
