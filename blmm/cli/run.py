@@ -104,12 +104,15 @@ def _correction_flags(ap: argparse.ArgumentParser) -> None:
     cor.add_argument("--sigma2", metavar="{refit,fixed}", help="residual variance of each resample: refit "
                      "(default: re-estimated per resample) or fixed (held at the fit's; rank(L) instead of p "
                      "columns per contrast, for large runs)")
+    cor.add_argument("--weights", metavar="{normal,rademacher,webb}", help="each independent block's weight in "
+                     "a resample: normal (default: standard normal), rademacher (signs +-1) or webb (six points)")
 
 
 def correction_overrides(args) -> dict:
     """The correction flags given, as fields of the ``correction:`` section (paths made absolute)."""
     fields = {key: getattr(args, key) for key in ("fdr", "resamples", "tfce", "cluster_threshold", "connectivity",
-                                                   "surface", "blocks", "seed", "tail", "corrcon", "sigma2")
+                                                   "surface", "blocks", "seed", "tail", "corrcon", "sigma2",
+                                                   "weights")
               if getattr(args, key) is not None}
     if fields.get("fdr") == "false":
         fields["fdr"] = False

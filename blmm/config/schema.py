@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from blmm.core.design import Contrast, RandomFactor
+from blmm.core.resampling import DEFAULT_WEIGHTS
 from blmm.io.images import ImageSpace
 
 DEFAULT_MAXMEM = 2**32  # upstream default, bytes (upstream docs wrongly say bits)
@@ -63,6 +64,7 @@ class CorrectionSettings:
     tail: bool = False  # generalised Pareto tail for FWE p beyond 1/B
     corrcon: bool = False  # FWE also over contrasts (PALM's -corrcon)
     sigma2: str = "refit"  # σ² per resample: "refit" (k = p columns per contrast) or "fixed" (k = rank: large runs)
+    weights: str = DEFAULT_WEIGHTS  # each block's weight per resample: "normal", "rademacher" or "webb"
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The section as the YAML holds it (``fdr: false`` when off)."""
@@ -70,7 +72,8 @@ class CorrectionSettings:
             "fdr": self.fdr if self.fdr is not None else False, "resamples": int(self.resamples),
             "tfce": bool(self.tfce), "cluster_threshold": float(self.cluster_threshold),
             "connectivity": int(self.connectivity), "seed": int(self.seed), "tail": bool(self.tail),
-            "corrcon": bool(self.corrcon), "sigma2": self.sigma2}
+            "corrcon": bool(self.corrcon), "sigma2": self.sigma2,
+            "weights": self.weights}
         if self.surface is not None:
             out["surface"] = dict(self.surface) if isinstance(self.surface, dict) else self.surface
         if self.blocks is not None:

@@ -340,17 +340,7 @@ def touched_units(stats: MissingRowStats, common: LevelUnits, idx: np.ndarray, s
     GM = sums_M[:, :q * q].reshape(-1, q, q)  # Z_{j,M}'Z_{j,M}
     XM = sums_M[:, q * q:].reshape(-1, q, p)  # Z_{j,M}'X_M
     nM = np.diff(np.concatenate([first, [total]]))
-    # y_j(v): a small level's from y_small, a big class's from the voxel's touched list
-    yl = np.empty((pv.size, q))
-    pos_small = common.small_pos[pl]
-    small = pos_small >= 0
-    yl[small] = sums.y_small[pv[small], pos_small[small]]
-    tkey = np.repeat(np.arange(b), np.diff(sums.touched_ptr)) * L + sums.touched_level
-    want = pv[~small] * L + pl[~small]
-    at = np.minimum(np.searchsorted(tkey, want), max(tkey.size - 1, 0))
-    if want.size and (tkey.size == 0 or np.any(tkey[at] != want)):
-        raise ValueError("the data sums lack the y_j of a level that a voxel's missing rows touch")
-    yl[~small] = sums.touched_y[at]
+    yl = sums.level_y(common.small_pos, pv, pl)
     keep = np.flatnonzero(nM < common.count[pl])  # a level that lost every image contributes nothing
     # per touched level a removal unit (the term the class sums hold for it), and its replacement
     r, k = pv.size, keep.size

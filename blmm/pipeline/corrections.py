@@ -34,7 +34,6 @@ from blmm.core.fdr import fdr_mlog10q
 from blmm.core.fit import FITTED, FitResult
 from blmm.core.linalg import unvech
 from blmm.core.resampling import (
-    DEFAULT_WEIGHTS,
     GEMM_BATCH,
     ResamplingPrep,
     fwe_mlog10p,
@@ -90,7 +89,7 @@ class CorrectionOutcome:
         if s.resamples:
             out.update({
                 "blocks": {"factor": self.blocks_factor, "count": self.n_blocks},
-                "weights": DEFAULT_WEIGHTS,  # each block's weight in a resample (prepare's default)
+                "weights": s.weights,  # each block's weight in a resample
                 "statistics": sorted({k for per in self.null_maxima.values() for k in per}),
                 "null_maxima_file": NULL_MAXIMA_FILE, "resample_chunks": self.chunks,
                 "excluded_voxels": self.excluded_voxels, "over_contrasts": bool(s.corrcon),
@@ -200,9 +199,11 @@ def correction_blocks(plan: RunPlan) -> list[tuple[int, int, int]]:
 
 def prepared_columns(config: Config) -> int:
     """Columns of prepared contributions per voxel (Σk): p per contrast with σ² refitted (and one for
-    each block's ẽ_c'V_c⁻¹ẽ_c, which normal weights rescale), else each contrast's rank (its numerator df)."""
-    if config.correction.sigma2 == "refit":
-        return (config.p + 1) * len(config.contrasts)
+    each block's ẽ_c'V_c⁻¹ẽ_c, which weights of s_c² ≠ 1 rescale: all but Rademacher's), else each
+    contrast's rank (its numerator df)."""
+    s = config.correction
+    if s.sigma2 == "refit":
+        return (config.p + int(s.weights != "rademacher")) * len(config.contrasts)
     return sum(int(np.linalg.matrix_rank(c.matrix)) for c in config.contrasts)
 
 
@@ -283,7 +284,8 @@ def prepare_block(plan: RunPlan, lo: int, hi: int, k: int) -> str:
     Y[plan.order] = ordered
     try:
         prep = prepare(Y, cfg.X, cfg.factors, fit, cfg.contrasts, voxels=voxels, blocks=sign_blocks(cfg), df=df,
-                       two_sided=cfg.two_sided, sigma2=cfg.correction.sigma2, threads=1)  # the engine parallelises over blocks
+                       two_sided=cfg.two_sided, sigma2=cfg.correction.sigma2,
+                       weights=cfg.correction.weights, threads=1)  # the engine parallelises over blocks
     except ValueError as err:
         raise InputError(f"correction: voxels {lo}-{hi - 1} of the analysis: {err}") from None
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -130,7 +130,8 @@ def fitted_stages(yml: Path):
     return plan
 
 
-def in_memory(plan, Y: np.ndarray, nulls: dict | None = None, sigma2: str = "refit") -> dict[str, np.ndarray]:
+def in_memory(plan, Y: np.ndarray, nulls: dict | None = None, sigma2: str = "refit",
+              weights: str = "normal") -> dict[str, np.ndarray]:
     """The corrected maps from core.resampling and geometry in one piece, with the fit's D and df
     (read from the fit's block files), images in the YAML's order; ``nulls`` gets each contrast's
     null maxima and observed map."""
@@ -147,7 +148,7 @@ def in_memory(plan, Y: np.ndarray, nulls: dict | None = None, sigma2: str = "ref
     keys = ["T0", "T1", "F0"]
     df = [cat[f"{k}_df"] for k in keys]
     prep = prepare(Y[:, plan.voxels], cfg.X, cfg.factors, fit, cfg.contrasts, df=df,
-                   blocks=independent_blocks(cfg.factors), sigma2=sigma2, two_sided=cfg.two_sided)
+                   blocks=independent_blocks(cfg.factors), sigma2=sigma2, two_sided=cfg.two_sided, weights=weights)
     layout = corrections.correction_layout(plan)
     out: dict[str, list] = {}
     for j, (key, kind) in enumerate(zip(keys, "TTF")):
@@ -439,6 +440,7 @@ def test_local_dask_cluster_gives_the_inline_maps(tmp_path):
     ("corrcon", "x", "correction corrcon: expected true/false (or 1/0), found 'x'"),
     ("shuffles", "5", "correction: unknown field 'shuffles'"),
     ("sigma2", "held", "correction sigma2: expected one of refit, fixed, found 'held'"),
+    ("weights", "gauss", "correction weights: expected one of rademacher, webb, normal, found 'gauss'"),
 ])
 def test_each_bad_key_is_reported(tmp_path, field, value, expected):
     extra = "  resamples: 9\n" if field == "tail" else ""
@@ -491,12 +493,14 @@ def test_template_mesh_of_another_size_names_both_counts(tmp_path):
 def test_flags_replace_fields_of_the_yaml_section(tmp_path):
     from blmm.cli.run import _parser, model_overrides
     yml, _ = volume_analysis(tmp_path, "correction:\n  resamples: 9\n  seed: 4\n")
-    args = _parser().parse_args([str(yml), "--seed", "11", "--fdr", "false", "--corrcon", "--sigma2", "fixed"])
+    args = _parser().parse_args([str(yml), "--seed", "11", "--fdr", "false", "--corrcon", "--sigma2", "fixed",
+                                   "--weights", "webb"])
     config = load_config(yml, model_overrides(args))
     s = config.correction
-    assert (s.resamples, s.seed, s.fdr, s.corrcon, s.sigma2) == (9, 11, None, True, "fixed")
+    assert (s.resamples, s.seed, s.fdr, s.corrcon, s.sigma2, s.weights) == (9, 11, None, True, "fixed", "webb")
     assert config.to_yaml_dict()["correction"]["fdr"] is False
     assert config.to_yaml_dict()["correction"]["sigma2"] == "fixed"
+    assert config.to_yaml_dict()["correction"]["weights"] == "webb"
 
 
 def test_sigma2_flag_is_checked_with_the_other_config_problems(tmp_path):
@@ -563,3 +567,40 @@ def test_sigma2_fixed_equals_core_in_memory_with_fewer_columns(tmp_path):
     _assert_maps_equal(outcome.maps, in_memory(plan, Y, sigma2="fixed"))
     refit = in_memory(plan, Y)
     assert not np.allclose(outcome.maps["conTlp_fwe"], refit["conTlp_fwe"], equal_nan=True)  # the mode took effect
+
+
+def test_weights_flag_is_checked_with_the_other_config_problems(tmp_path, capsys):
+    yml, _ = volume_analysis(tmp_path, "correction:\n  resamples: 9\n")
+    assert main([str(yml), "--weights", "gaussian", "--cluster", "inline"]) == 2  # bad input
+    err = capsys.readouterr().err
+    assert "correction weights: expected one of rademacher, webb, normal, found 'gaussian'" in err
+    assert "Traceback" not in err
+
+
+def test_rademacher_weights_change_fwe_but_not_the_identity_resample(tmp_path):
+    """``weights: rademacher`` reaches the core (the stage equals core.resampling in memory with those
+    weights), changes the null maxima and so the FWE maps, while resample 0, the identity, gives the
+    same observed statistics, and so the same TFCE, cluster and FDR maps, as the default normal weights."""
+    yml, Y = volume_analysis(tmp_path, FULL + "  weights: rademacher\n")
+    plan = fitted_stages(yml)
+    assert plan.config.correction.weights == "rademacher"
+    assert corrections.prepared_columns(plan.config) == 4 * 3  # p per contrast: no block ẽ'V⁻¹ẽ for s² = 1
+    with _inline() as engine:
+        outcome = corrections.run_corrections(plan, engine, chunk=32)
+    assert outcome.record()["weights"] == "rademacher"
+    rademacher_nulls: dict = {}
+    _assert_maps_equal(outcome.maps, in_memory(plan, Y, rademacher_nulls, weights="rademacher"))
+    normal_nulls: dict = {}
+    normal = in_memory(plan, Y, normal_nulls)
+    chunk0 = np.load(correction_chunk_file(plan.workdir, 0))
+    for j, name in enumerate(("fam", "age", "both")):
+        observed = chunk0[f"{j}/observed"]
+        # the identity resample is the same product whatever the weights: equal to float64 rounding of one formula
+        np.testing.assert_allclose(observed, normal_nulls[name]["observed"], rtol=TIGHT, atol=TIGHT, equal_nan=True)
+        assert outcome.null_maxima[name]["max"][0] == pytest.approx(normal_nulls[name]["max"][0], rel=TIGHT)
+        assert not np.allclose(rademacher_nulls[name]["max"][1:], normal_nulls[name]["max"][1:])  # other nulls
+    for stat in ("conT_tfce", "conT_cluster", "conF_cluster", "conTlp_fdr", "conFlp_fdr"):
+        np.testing.assert_allclose(outcome.maps[stat], normal[stat], rtol=TIGHT, atol=TIGHT, equal_nan=True,
+                                   err_msg=stat)
+    for stat in ("conTlp_fwe", "conFlp_fwe", "conTlp_tfce_fwe"):
+        assert not np.allclose(outcome.maps[stat], normal[stat], equal_nan=True), stat  # the weights took effect
