@@ -8,6 +8,7 @@ vertices), 5 T contrasts and 1 F (the dataset of benchmarks/abcd_family.py --pip
     python benchmarks/abcd_corrections.py DIR --resamples 999 --tfce           # TFCE (+ clusters)
     python benchmarks/abcd_corrections.py DIR --subjects 150 --resamples 511 --tfce   # a stated fraction
     python benchmarks/abcd_corrections.py DIR ... --sigma2 fixed                        # σ² held
+    python benchmarks/abcd_corrections.py DIR ... --maxmem 2**34                        # all prepared blocks cached
 
 ``--subjects`` simulates fewer subjects (the families and visits of the full design, scaled) on the
 whole hemisphere: a fraction to extrapolate from, labelled as such in the JSON line.  The line holds
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import sys
@@ -38,12 +40,15 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=4999)
     ap.add_argument("--tfce", action="store_true")
     ap.add_argument("--sigma2", choices=("refit", "fixed"), default="refit")
+    ap.add_argument("--maxmem", help="replace the YAML's MAXMEM (e.g. 2**34): a quarter of it keeps prepared blocks cached")
     ap.add_argument("--json", help="append the result as one JSON line to this file")
     args = ap.parse_args()
     data = Path(args.data)
     yml = write_family_dataset(data, args.subjects)
     corrected = data / "family_lh_corrected.yml"
     text = yml.read_text().replace("results/family_lh", "results/family_lh_corrected")
+    if args.maxmem:
+        text = re.sub(r"(?m)^MAXMEM: .*$", f"MAXMEM: {args.maxmem}", text)
     corrected.write_text(text + f"correction:\n  resamples: {args.resamples}\n  tfce: {str(args.tfce).lower()}\n"
                          f"  surface: fsaverage5\n  seed: 0\n  sigma2: {args.sigma2}\n")
     out = data / "results" / "family_lh_corrected"
@@ -54,6 +59,7 @@ def main() -> None:
     child = resource.getrusage(resource.RUSAGE_CHILDREN)
     info = json.loads((out / "blmm_run.json").read_text()) if rc == 0 else {}
     result = {"what": f"blmm {corrected.name}", "resamples": args.resamples, "tfce": args.tfce, "sigma2": args.sigma2,
+              "maxmem": args.maxmem or "the YAML's (2**32)",
               "subjects": args.subjects or "all (5,179)", "n": info.get("n"),
               "blocks": info.get("correction", {}).get("blocks"), "seconds": round(seconds, 1),
               "cpu_s": round(child.ru_utime + child.ru_stime, 1), "peak_rss_gb": round(peak, 2), "returncode": rc,

@@ -38,8 +38,11 @@ from blmm.core.resampling import (
     ResamplingPrep,
     fwe_mlog10p,
     independent_blocks,
+    mlog10p_at_least,
     prepare,
-    resampled_maps,
+    resampled_stats,
+    statistic_maps,
+    stats_maxima,
 )
 from blmm.core.tail import tail_p
 from blmm.errors import InputError
@@ -364,16 +367,32 @@ def resample_chunk(plan: RunPlan, layout: SpatialLayout | None, c: int, start: i
     s = cfg.correction
     V, R = plan.voxels.size, stop - start
     maps = [np.full((R, V), np.nan) for _ in cfg.contrasts]
+    # Without TFCE only the maxima and the clusters' voxels need −log10 p (per-voxel stdtr is the
+    # cost of whole maps): the maps hold it at or above the cluster threshold, NaN elsewhere.
+    whole = TFCE in _statistics(s, layout)
+    largest = np.full((R, len(cfg.contrasts)), np.nan)  # max −log10 p per resample, over voxel blocks
     for lo, hi, _ in correction_blocks(plan):
         prep = PREPARED.load(correction_prep_file(plan.workdir, lo, hi), cfg.maxmem // 4)
         if prep.n_voxels == 0:
             continue
-        for c, m in enumerate(resampled_maps(prep, s.seed, start, stop, signed=True)):
+        stats = resampled_stats(prep, s.seed, start, stop)
+        if whole:
+            block = statistic_maps(prep, stats, signed=True)
+        else:
+            block = mlog10p_at_least(prep, stats, s.cluster_threshold, signed=True)
+            largest = np.fmax(largest, stats_maxima(prep, stats))
+            if start == 0:  # the observed maps are kept whole
+                for m, row in zip(block, statistic_maps(prep, [t[:1] for t in stats], signed=True)):
+                    m[0] = row[0]
+        for c, m in enumerate(block):
             maps[c][:, lo + prep.voxels] = m
         del prep
     out = {"start": np.array(start), "stop": np.array(stop)}
     for j, m in enumerate(maps):
-        for name, values in _maxima(m, s, layout, _signed(cfg, cfg.contrasts[j])).items():
+        maxima = _maxima(m, s, layout, _signed(cfg, cfg.contrasts[j]))
+        if not whole:
+            maxima[MAX] = np.where(np.isnan(largest[:, j]), -np.inf, largest[:, j])
+        for name, values in maxima.items():
             out[f"{j}/{name}"] = values
         if start == 0:
             out[f"{j}/observed"] = m[0]

@@ -226,6 +226,27 @@ def test_pruned_maximum_of_mlog10p_equals_the_full_maximum(two_sided):
     np.testing.assert_array_equal(rs.max_t_mlog10p(t, df, two_sided), full)
 
 
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_mlog10p_at_least_a_threshold_equals_the_whole_map_there(two_sided):
+    rng = np.random.default_rng(9)
+    v = 400
+    df = rng.uniform(8, 400, v)
+    df[17] = np.nan  # a voxel without Satterthwaite df
+    contrasts = [rs.ContrastResampling("t", True, 1, slice(0, 1), np.ones(v), df),
+                 rs.ContrastResampling("f", False, 2, slice(1, 3), np.ones(v), df)]
+    prep = rs.ResamplingPrep(np.arange(v), 4, 50.0, np.ones(v), "fixed", two_sided, contrasts,
+                             np.zeros((4, v, 3)))
+    t = rng.standard_normal((60, v)) * 2.0
+    t[4, 9] = np.nan
+    stats = [t, np.abs(rng.standard_normal((60, v))) * 4.0]
+    for threshold in (1.3, 3.0):
+        for whole, part in zip(rs.statistic_maps(prep, stats), rs.mlog10p_at_least(prep, stats, threshold)):
+            with np.errstate(invalid="ignore"):
+                expected = np.where(whole >= threshold, whole, np.nan)
+            assert np.isfinite(expected).sum() > 50  # the test has voxels above the threshold
+            np.testing.assert_array_equal(part, expected)
+
+
 def test_tail_option_reports_where_it_replaced_the_count():
     rng = np.random.default_rng(4)
     design = family_design(rng, 60)

@@ -234,3 +234,27 @@ def test_maxima_of_a_batch_treat_unfitted_elements_as_outside():
     assert tfce_maxima(batch, layout)[2] == 0.0
     one_sided = tfce_maxima(batch[:1], layout, two_sided=False)
     assert one_sided[0] == tfce(volume.ravel(), layout, two_sided=False).max()
+
+
+@pytest.mark.parametrize("per_pass", [1, 10_000_000])
+def test_maps_sharing_a_pass_equal_each_map_alone_bit_for_bit(monkeypatch, per_pass):
+    import blmm.geometry.threshold_free as threshold_free
+
+    # rough rounded maps: many saddles and ties, where merge order could change rounding
+    rng = np.random.default_rng(21)
+    layout = volume_layout(np.ones((7, 6, 5), bool), 18)
+    maps = np.round(rng.standard_normal((5, layout.n_elements)) + 0.2, 1)
+    maps[3] = 0.0  # a map with nothing above 0
+    alone = np.stack([tfce(row, layout) for row in maps])
+    monkeypatch.setattr(threshold_free, "ELEMENTS_PER_CALL", per_pass)
+    np.testing.assert_array_equal(tfce_batch(maps, layout), alone)
+    # the maxima are taken at the components' peaks only: the same numbers as over every element
+    np.testing.assert_array_equal(tfce_maxima(maps, layout), np.abs(alone).max(axis=1))
+    one_sided = np.stack([tfce(row, layout, two_sided=False) for row in maps]).max(axis=1)
+    np.testing.assert_array_equal(tfce_maxima(maps, layout, two_sided=False), np.maximum(one_sided, 0))
+
+
+def test_a_batch_of_the_wrong_width_is_refused():
+    layout = volume_layout(np.ones((2, 2, 2), bool))
+    with pytest.raises(GeometryError, match=r"found shape \(3, 7\), expected \(maps, 8,\)"):
+        tfce_batch(np.zeros((3, 7)), layout)

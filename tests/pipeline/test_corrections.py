@@ -32,7 +32,7 @@ from tests.core.resampling_simulation import family_design, simulate_Y
 
 GRID = (5, 4, 3)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
-B = 95  # resamples beyond the identity: 96 in all, three chunks of GEMM_BATCH = 32
+B = 95  # resamples beyond the identity: 96 in all, three chunks of 32 (within one GEMM_BATCH)
 SEED = 7
 TIGHT = 1e-12  # float64 rounding of the same formulas summed in another order (blocks, chunks, row order)
 
