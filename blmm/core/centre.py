@@ -66,6 +66,13 @@ def intercept_weights(X: np.ndarray) -> np.ndarray:
     return w / scale
 
 
+def _median_of_smallest(values: np.ndarray, k: int) -> np.ndarray:
+    """(v,) the median of the k smallest values of each column of values (n, v), as np.median forms it."""
+    low, high = (k - 1) // 2, k // 2
+    part = np.partition(values, (low, high), axis=0)
+    return part[high] if low == high else np.mean(part[[low, high]], axis=0)
+
+
 def response_centre(Y: np.ndarray) -> np.ndarray:
     """(v,) a robust centre per voxel from rows of Y (n, v): the median of its finite values.
 
@@ -76,10 +83,18 @@ def response_centre(Y: np.ndarray) -> np.ndarray:
     if Y.ndim == 1:
         Y = Y[:, None]
     finite = np.isfinite(Y)
-    some = finite.any(axis=0)
+    count = finite.sum(axis=0)
+    some = count > 0
     c = np.zeros(Y.shape[1])
+    # a voxel's k finite values are its k smallest once non-finite ones are +inf: its median is the
+    # same partition for all voxels sharing k, done at once (np.nanmedian loops over voxels)
+    for k in np.unique(count[some]):
+        cols = count == k
+        values = Y if cols.all() else Y[:, cols]
+        if k < Y.shape[0]:
+            values = np.where(finite[:, cols], values, np.inf)
+        c[cols] = np.median(values, axis=0) if k == Y.shape[0] else _median_of_smallest(values, int(k))
     if some.any():
-        c[some] = np.nanmedian(np.where(finite[:, some], Y[:, some], np.nan), axis=0)
         c[~some] = np.median(c[some])
     return c
 
