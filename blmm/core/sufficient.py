@@ -157,8 +157,8 @@ class SufficientStats:
 def presence_patterns(observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct columns of an (n, v) boolean array: (patterns (u, n), pattern index per voxel)."""
     n, v = observed.shape
-    if v == 0:
-        return np.ones((1, n), dtype=bool), np.zeros(0, dtype=np.int64)
+    if v == 0 or observed.all():  # one pattern, without keying every voxel
+        return np.ones((1, n), dtype=bool), np.zeros(v, dtype=np.int64)
     packed = np.packbits(observed, axis=0)  # (ceil(n/8), v) bytes: one key per voxel
     keys = np.ascontiguousarray(packed.T).view(np.dtype((np.void, packed.shape[0])))[:, 0]
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
@@ -203,17 +203,35 @@ def observed_data_sums(Y: np.ndarray, X: np.ndarray, Z: sp.csr_matrix, observed:
     if observed is not None:
         present &= np.asarray(observed, dtype=bool)
     p, q = X.shape[1], Z.shape[1]
-    sums = np.empty((v, p + q + 1))
-    chunk = max(1, 2**27 // (8 * n))  # float64 copies of Y stay ~128 MB whatever its size
+    XtY, ZtY, YtY = np.empty((v, p)), np.empty((v, q)), np.empty(v)
+    # a complete float64 Y is used as it is, in one product; otherwise float64 copies of Y stay ~128 MB
+    as_is = Y.dtype == np.float64 and bool(present.all())
+    chunk = v if as_is else max(1, 2**27 // (8 * n))
+    Zt = Z.T.tocsr()
     for a in range(0, v, chunk):
-        Yz = np.where(present[:, a:a + chunk], Y[:, a:a + chunk], 0.0).astype(np.float64, copy=False)
-        sums[a:a + chunk] = data_sums(X, Z, Yz)
-    return (present, *split_data_sums(sums, p, q))
+        Yz = Y if as_is else np.where(present[:, a:a + chunk], Y[:, a:a + chunk], 0.0).astype(np.float64, copy=False)
+        XtY[a:a + chunk] = Yz.T @ X  # (v, n) @ (n, p): the orientation BLAS runs fastest here
+        transpose_into(ZtY[a:a + chunk], Zt @ Yz)
+        YtY[a:a + chunk] = np.einsum("nv,nv->v", Yz, Yz)
+    return present, XtY, ZtY, YtY
+
+
+def transpose_into(out: np.ndarray, a: np.ndarray, tile: int = 128) -> np.ndarray:
+    """out[:] = a.T tile by tile: a whole large transpose strides through memory ~2x slower."""
+    for i in range(0, a.shape[0], tile):
+        for j in range(0, a.shape[1], tile):
+            out[j:j + tile, i:i + tile] = a[i:i + tile, j:j + tile].T
+    return out
 
 
 def data_sums(X: np.ndarray, Z: sp.csr_matrix, Y: np.ndarray) -> np.ndarray:
     """[X'Y | Z'Y | Y'Y] of some rows, one row per voxel: (v, p + q + 1); Y has zeros where missing."""
-    return np.concatenate([(X.T @ Y).T, np.asarray(Z.T @ Y).T, np.einsum("nv,nv->v", Y, Y)[:, None]], axis=1)
+    p, q = X.shape[1], Z.shape[1]
+    out = np.empty((Y.shape[1], p + q + 1))
+    out[:, :p] = Y.T @ X  # (v, n) @ (n, p): the orientation BLAS runs fastest here
+    transpose_into(out[:, p:p + q], np.asarray(Z.T @ Y))
+    out[:, p + q] = np.einsum("nv,nv->v", Y, Y)
+    return out
 
 
 def accumulate_data_sums(sums: np.ndarray, X: np.ndarray, Z: sp.csr_matrix, Y: np.ndarray) -> np.ndarray:
@@ -245,7 +263,7 @@ def stats_from_sums(
     ZtX = np.empty((u, q, p))
     ZtZ = []
     for i, rows in enumerate(patterns):  # one pass per pattern, not per voxel
-        Xr, Zr = X[rows], Z[rows]
+        Xr, Zr = (X, Z) if rows.all() else (X[rows], Z[rows])
         XtX[i] = Xr.T @ Xr
         ZtX[i] = np.asarray(Zr.T @ Xr)
         ZtZ.append((Zr.T @ Zr).tocsr())
