@@ -7,10 +7,13 @@ timed in one run, each the minimum of --repeats runs:
 * fit_lmm's sums: the centre (`centre_of`), the centred Y (`centred_response`) and
   `sufficient_stats` (X'Y, Z'Y, Y'Y, the design sums), as `fit_lmm` forms them in memory;
 * the pipeline's sums: what one image batch of a one-factor run forms (`_read_batch_by_class`),
-  here over all images as one chunk: X'Y, Y'Y, Z'Y and the group's `LevelSums` (class aggregates);
+  here over all images as one chunk (`chunk_sums`: X'Y, Y'Y, Z'Y and the group's `LevelSums`);
 * the data sums alone (`observed_data_sums`: X'Y, Z'Y, Y'Y of an (n, v) float64 Y);
-* a plain float64 GEMM (k x n) @ (n x v) with 2 n v k equal to the data sums' FLOP count
-  (X'Y: 2 n p v, Z'Y: 2 nnz(Z) v, Y'Y: 2 n v), i.e. k = p + nnz(Z)/n + 1.
+* a plain float64 GEMM of Y with a (n x k) matrix, 2 n v k equal to the data sums' FLOP count
+  (X'Y: 2 n p v, Z'Y: 2 nnz(Z) v, Y'Y: 2 n v), i.e. k = p + nnz(Z)/n + 1; the faster of
+  (k x n) @ (n x v) and (v x n) @ (n x k), which differ ~3x in OpenBLAS's rate here.
+
+Run it with any blmm on PYTHONPATH to compare versions.
 
 Prints one JSON line with the times (s), the FLOP count, the GEMM rate and the ratios to the GEMM.
 
@@ -33,7 +36,16 @@ from blmm.core.design import RandomFactor
 from blmm.core.sufficient import FactorLayout, observed_data_sums, random_effects_matrix, sufficient_stats
 from blmm.pipeline.plan import level_groups
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for examples/
+try:
+    from blmm.core.level_groups import chunk_sums
+except ImportError:  # a blmm from before chunk_sums: its read stage's own expression
+    def chunk_sums(groups, X, Y, Zg, first):
+        v = Y.shape[1]
+        XtY, YtY = (X.T @ Y).T, np.einsum("nv,nv->v", Y, Y)
+        yl = [np.asarray(z.T @ Y).T.reshape(v, -1, g.q) for z, g in zip(Zg, groups)]
+        return np.concatenate([g.sums(XtY, y, YtY, first=m0).pack() for g, y, m0 in zip(groups, yl, first)], 1), yl
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: the blmm measured is the one on it
 from examples.abcd_like.simulate import (  # noqa: E402
     random_effects_design, simulate_design, simulate_truth, simulate_Y,
 )
@@ -73,15 +85,14 @@ def main() -> None:
     Zc = Z.tocsc()
 
     def pipeline_sums():
-        XtY, YtY = (X.T @ Yc).T, np.einsum("nv,nv->v", Yc, Yc)
-        yl = [np.asarray(Zc[:, g.columns.ravel()].T @ Yc).T.reshape(v, -1, g.q) for g in groups]
-        return np.concatenate([g.sums(XtY, y, YtY).pack() for g, y in zip(groups, yl)], axis=1)
+        return chunk_sums(groups, X, Yc, [Zc[:, g.columns.ravel()] for g in groups], [0] * len(groups))
 
     flops = 2.0 * v * (n * p + Z.nnz + n)
     k = int(round(flops / (2.0 * n * v)))
     A = np.ascontiguousarray(np.random.default_rng(0).random((k, n)))
+    B = np.ascontiguousarray(A.T)
     A @ Yc[:, :64]  # BLAS warmed up
-    t_gemm = best_of(args.repeats, lambda: A @ Yc)
+    t_gemm = min(best_of(args.repeats, lambda: A @ Yc), best_of(args.repeats, lambda: Yc.T @ B))
     t_data = best_of(args.repeats, lambda: observed_data_sums(Yc, X, Z))
     t_pipe = best_of(args.repeats, pipeline_sums)
     t_fit = best_of(args.repeats, fit_lmm_sums)
