@@ -101,8 +101,15 @@ def response_centre(Y: np.ndarray) -> np.ndarray:
 
 def centred_response(Y: np.ndarray, X: np.ndarray, centre: ResponseCentre) -> np.ndarray:
     """Y - c_v X w (float64; NaN entries stay NaN)."""
-    Y = np.asarray(Y, dtype=np.float64)
-    return Y - np.outer(np.asarray(X, dtype=np.float64) @ centre.weights, centre.value)
+    Y = np.asarray(Y)
+    xw = np.asarray(X, dtype=np.float64) @ centre.weights
+    if Y.ndim != 2:
+        return np.asarray(Y, dtype=np.float64) - np.outer(xw, centre.value)
+    out = np.empty(Y.shape)
+    rows = max(1, 2**22 // max(1, Y.shape[1]))  # row blocks: no (n, v) temporary for the outer product
+    for a in range(0, Y.shape[0], rows):
+        np.subtract(Y[a:a + rows], np.outer(xw[a:a + rows], centre.value), out=out[a:a + rows])
+    return out
 
 
 def centre_of(Y: np.ndarray, X: np.ndarray) -> ResponseCentre:
