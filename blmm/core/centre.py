@@ -69,8 +69,9 @@ def intercept_weights(X: np.ndarray) -> np.ndarray:
 def _median_of_smallest(values: np.ndarray, k: int) -> np.ndarray:
     """(v,) the median of the k smallest values of each column of values (n, v), as np.median forms it."""
     low, high = (k - 1) // 2, k // 2
-    part = np.partition(values, (low, high), axis=0)
-    return part[high] if low == high else np.mean(part[[low, high]], axis=0)
+    part = np.partition(values, (low, high), axis=0)  # in values' own dtype: float64 keeps its order
+    middle = part[[low, high]].astype(np.float64)
+    return middle[1] if low == high else np.mean(middle, axis=0)
 
 
 def response_centre(Y: np.ndarray) -> np.ndarray:
@@ -79,7 +80,9 @@ def response_centre(Y: np.ndarray) -> np.ndarray:
     A voxel with no finite value takes the median of the other voxels' centres (0 if none):
     near the data's scale, which is all the centre needs to be.
     """
-    Y = np.asarray(Y, dtype=np.float64)
+    Y = np.asarray(Y)
+    if not np.issubdtype(Y.dtype, np.floating):
+        Y = Y.astype(np.float64)
     if Y.ndim == 1:
         Y = Y[:, None]
     finite = np.isfinite(Y)
@@ -93,7 +96,7 @@ def response_centre(Y: np.ndarray) -> np.ndarray:
         values = Y if cols.all() else Y[:, cols]
         if k < Y.shape[0]:
             values = np.where(finite[:, cols], values, np.inf)
-        c[cols] = np.median(values, axis=0) if k == Y.shape[0] else _median_of_smallest(values, int(k))
+        c[cols] = _median_of_smallest(values, int(k))
     if some.any():
         c[~some] = np.median(c[some])
     return c

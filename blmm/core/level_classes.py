@@ -73,21 +73,16 @@ def class_aggregates(classes: LevelClasses, Xl: np.ndarray, yl: np.ndarray, firs
     pairs = upper_pairs(q)
     KXYo = np.zeros((v, classes.n_big, q, q, p))
     KYY = np.zeros((v, classes.n_big, len(pairs)))
-    # gather a class's y_j along the axis laid out contiguously: levels when yl is a transposed
-    # level-major product Z'Y (the read path), voxels otherwise; the products are (v, m) @ (m, p) either way
-    level_major = yl.strides[1] > yl.strides[0]
-    yt = np.moveaxis(yl, 0, -1)  # (m, q, v) view
     for i, mem in enumerate(classes.big_members):  # few big classes: one GEMM each
         mem = mem[(mem >= first) & (mem < first + m)]
         if mem.size == 0:
             continue
-        Xm = Xl[mem]
-        ym = yt[mem - first] if level_major else np.moveaxis(yl[:, mem - first], 0, -1)  # (m, q, v)
+        Xm, ym = Xl[mem], yl[:, mem - first]
         for e in range(q):
             for f in range(q):
-                KXYo[:, i, e, f] = ym[:, f, :].T @ Xm[:, e, :]
+                KXYo[:, i, e, f] = ym[:, :, f] @ Xm[:, e, :]
         for k, (a, b) in enumerate(pairs):
-            KYY[:, i, k] = np.einsum("mv,mv->v", ym[:, a, :], ym[:, b, :])
+            KYY[:, i, k] = np.einsum("vm,vm->v", ym[:, :, a], ym[:, :, b])
     return KXYo, KYY
 
 

@@ -129,7 +129,7 @@ def chunk_sums(groups: list[LevelGroup], X: np.ndarray, Y: np.ndarray, Zg: list,
     group's y_j (v, m, b)), from its rows X (n, p), Y (n, v; zero where missing), per group Zg its
     columns of those levels (n, m b, sparse) and first its first level here."""
     v = Y.shape[1]
-    XtY, YtY = Y.T @ X, np.einsum("nv,nv->v", Y, Y)  # (v, n) @ (n, p): the orientation BLAS runs fastest
+    XtY, YtY = (X.T @ Y).T, np.einsum("nv,nv->v", Y, Y)
     yl = [np.asarray(z.T @ Y).T.reshape(v, -1, g.q) for z, g in zip(Zg, groups)]  # level-major in memory
     packed = np.concatenate([g.sums(XtY, y, YtY, first=m0).pack() for g, y, m0 in zip(groups, yl, first)], axis=1)
     return packed, yl

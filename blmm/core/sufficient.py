@@ -210,7 +210,7 @@ def observed_data_sums(Y: np.ndarray, X: np.ndarray, Z: sp.csr_matrix, observed:
     Zt = Z.T.tocsr()
     for a in range(0, v, chunk):
         Yz = Y if as_is else np.where(present[:, a:a + chunk], Y[:, a:a + chunk], 0.0).astype(np.float64, copy=False)
-        XtY[a:a + chunk] = Yz.T @ X  # (v, n) @ (n, p): the orientation BLAS runs fastest here
+        XtY[a:a + chunk] = (X.T @ Yz).T
         transpose_into(ZtY[a:a + chunk], Zt @ Yz)
         YtY[a:a + chunk] = np.einsum("nv,nv->v", Yz, Yz)
     return present, XtY, ZtY, YtY
@@ -228,7 +228,7 @@ def data_sums(X: np.ndarray, Z: sp.csr_matrix, Y: np.ndarray) -> np.ndarray:
     """[X'Y | Z'Y | Y'Y] of some rows, one row per voxel: (v, p + q + 1); Y has zeros where missing."""
     p, q = X.shape[1], Z.shape[1]
     out = np.empty((Y.shape[1], p + q + 1))
-    out[:, :p] = Y.T @ X  # (v, n) @ (n, p): the orientation BLAS runs fastest here
+    out[:, :p] = (X.T @ Y).T
     transpose_into(out[:, p:p + q], np.asarray(Z.T @ Y))
     out[:, p + q] = np.einsum("nv,nv->v", Y, Y)
     return out
