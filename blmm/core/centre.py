@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from blmm.core.transpose import transpose_into
+
 # sums of squares lose about ε relative to Y'Y to cancellation; a residual sum of squares below
 # 1e4 ε of the centred Y'Y would carry σ² to worse than 1e-4, and a residual below 1e4 ε of the
 # raw values' size is their own float64 rounding: either way nothing is left to fit
@@ -67,11 +69,11 @@ def intercept_weights(X: np.ndarray) -> np.ndarray:
 
 
 def _median_of_smallest(values: np.ndarray, k: int) -> np.ndarray:
-    """(v,) the median of the k smallest values of each column of values (n, v), as np.median forms it."""
+    """(v,) the median of the k smallest values of each row of values (v, n), as np.median forms it."""
     low, high = (k - 1) // 2, k // 2
-    part = np.partition(values, (low, high), axis=0)  # in values' own dtype: float64 keeps its order
-    middle = part[[low, high]].astype(np.float64)
-    return middle[1] if low == high else np.mean(middle, axis=0)
+    part = np.partition(values, (low, high) if low != high else high, axis=1)  # own dtype: the order is float64's
+    middle = part[:, [low, high]].astype(np.float64)
+    return middle[:, 1] if low == high else np.mean(middle, axis=1)
 
 
 def response_centre(Y: np.ndarray) -> np.ndarray:
@@ -92,10 +94,12 @@ def response_centre(Y: np.ndarray) -> np.ndarray:
     # a voxel's k finite values are its k smallest once non-finite ones are +inf: its median is the
     # same partition for all voxels sharing k, done at once (np.nanmedian loops over voxels)
     for k in np.unique(count[some]):
-        cols = count == k
-        values = Y if cols.all() else Y[:, cols]
+        cols = np.flatnonzero(count == k)
+        # voxel-major (a tiled transpose): partitioning along contiguous rows is ~2x faster here
+        part = Y if cols.size == Y.shape[1] else Y[:, cols]
+        values = transpose_into(np.empty((cols.size, Y.shape[0]), Y.dtype), part)
         if k < Y.shape[0]:
-            values = np.where(finite[:, cols], values, np.inf)
+            values[~finite[:, cols].T] = np.inf
         c[cols] = _median_of_smallest(values, int(k))
     if some.any():
         c[~some] = np.median(c[some])
