@@ -206,11 +206,17 @@ def observed_data_sums(Y: np.ndarray, X: np.ndarray, Z: sp.csr_matrix, observed:
     p, q = X.shape[1], Z.shape[1]
     XtY, ZtY, YtY = np.empty((v, p)), np.empty((v, q)), np.empty(v)
     # a complete float64 Y is used as it is, in one product; otherwise float64 copies of Y stay ~128 MB
-    as_is = Y.dtype == np.float64 and bool(present.all())
+    complete = bool(present.all())
+    as_is = Y.dtype == np.float64 and complete
     chunk = v if as_is else max(1, 2**27 // (8 * n))
     Zt = Z.T.tocsr()
     for a in range(0, v, chunk):
-        Yz = Y if as_is else np.where(present[:, a:a + chunk], Y[:, a:a + chunk], 0.0).astype(np.float64, copy=False)
+        if as_is:
+            Yz = Y
+        elif complete:  # only a conversion to float64
+            Yz = Y[:, a:a + chunk].astype(np.float64)
+        else:
+            Yz = np.where(present[:, a:a + chunk], Y[:, a:a + chunk], 0.0).astype(np.float64, copy=False)
         XtY[a:a + chunk] = (X.T @ Yz).T
         transpose_into(ZtY[a:a + chunk], Zt @ Yz)
         YtY[a:a + chunk] = np.einsum("nv,nv->v", Yz, Yz)
