@@ -123,6 +123,18 @@ def group_sums(groups: list[LevelGroup], XtY: np.ndarray, ZtY: np.ndarray, YtY: 
     return out
 
 
+def chunk_sums(groups: list[LevelGroup], X: np.ndarray, Y: np.ndarray, Zg: list, first: list[int]
+               ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """What a chunk of whole outer levels adds: (packed `LevelSums` of every group (v, Σ widths), each
+    group's y_j (v, m, b)), from its rows X (n, p), Y (n, v; zero where missing), per group Zg its
+    columns of those levels (n, m b, sparse) and first its first level here."""
+    v = Y.shape[1]
+    XtY, YtY = (X.T @ Y).T, np.einsum("nv,nv->v", Y, Y)
+    yl = [np.asarray(z.T @ Y).T.reshape(v, -1, g.q) for z, g in zip(Zg, groups)]  # level-major in memory
+    packed = np.concatenate([g.sums(XtY, y, YtY, first=m0).pack() for g, y, m0 in zip(groups, yl, first)], axis=1)
+    return packed, yl
+
+
 def outer_level_places(groups: list[LevelGroup], n_outer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per outer level (family): its group (-1: none), its level in that group, and whether it is in
     a big class (then its y_j is kept only where a missing value touches it)."""

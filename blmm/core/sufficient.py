@@ -19,6 +19,7 @@ import scipy.sparse as sp
 
 from blmm.core.centre import ResponseCentre
 from blmm.core.design import RandomFactor
+from blmm.core.transpose import transpose_into
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,8 @@ class SufficientStats:
 def presence_patterns(observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct columns of an (n, v) boolean array: (patterns (u, n), pattern index per voxel)."""
     n, v = observed.shape
-    if v == 0:
-        return np.ones((1, n), dtype=bool), np.zeros(0, dtype=np.int64)
+    if v == 0 or observed.all():  # one pattern, without keying every voxel
+        return np.ones((1, n), dtype=bool), np.zeros(v, dtype=np.int64)
     packed = np.packbits(observed, axis=0)  # (ceil(n/8), v) bytes: one key per voxel
     keys = np.ascontiguousarray(packed.T).view(np.dtype((np.void, packed.shape[0])))[:, 0]
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
@@ -203,17 +204,33 @@ def observed_data_sums(Y: np.ndarray, X: np.ndarray, Z: sp.csr_matrix, observed:
     if observed is not None:
         present &= np.asarray(observed, dtype=bool)
     p, q = X.shape[1], Z.shape[1]
-    sums = np.empty((v, p + q + 1))
-    chunk = max(1, 2**27 // (8 * n))  # float64 copies of Y stay ~128 MB whatever its size
+    XtY, ZtY, YtY = np.empty((v, p)), np.empty((v, q)), np.empty(v)
+    # a complete float64 Y is used as it is, in one product; otherwise float64 copies of Y stay ~128 MB
+    complete = bool(present.all())
+    as_is = Y.dtype == np.float64 and complete
+    chunk = v if as_is else max(1, 2**27 // (8 * n))
+    Zt = Z.T.tocsr()
     for a in range(0, v, chunk):
-        Yz = np.where(present[:, a:a + chunk], Y[:, a:a + chunk], 0.0).astype(np.float64, copy=False)
-        sums[a:a + chunk] = data_sums(X, Z, Yz)
-    return (present, *split_data_sums(sums, p, q))
+        if as_is:
+            Yz = Y
+        elif complete:  # only a conversion to float64
+            Yz = Y[:, a:a + chunk].astype(np.float64)
+        else:
+            Yz = np.where(present[:, a:a + chunk], Y[:, a:a + chunk], 0.0).astype(np.float64, copy=False)
+        XtY[a:a + chunk] = (X.T @ Yz).T
+        transpose_into(ZtY[a:a + chunk], Zt @ Yz)
+        YtY[a:a + chunk] = np.einsum("nv,nv->v", Yz, Yz)
+    return present, XtY, ZtY, YtY
 
 
 def data_sums(X: np.ndarray, Z: sp.csr_matrix, Y: np.ndarray) -> np.ndarray:
     """[X'Y | Z'Y | Y'Y] of some rows, one row per voxel: (v, p + q + 1); Y has zeros where missing."""
-    return np.concatenate([(X.T @ Y).T, np.asarray(Z.T @ Y).T, np.einsum("nv,nv->v", Y, Y)[:, None]], axis=1)
+    p, q = X.shape[1], Z.shape[1]
+    out = np.empty((Y.shape[1], p + q + 1))
+    out[:, :p] = (X.T @ Y).T
+    transpose_into(out[:, p:p + q], np.asarray(Z.T @ Y))
+    out[:, p + q] = np.einsum("nv,nv->v", Y, Y)
+    return out
 
 
 def accumulate_data_sums(sums: np.ndarray, X: np.ndarray, Z: sp.csr_matrix, Y: np.ndarray) -> np.ndarray:
@@ -245,7 +262,7 @@ def stats_from_sums(
     ZtX = np.empty((u, q, p))
     ZtZ = []
     for i, rows in enumerate(patterns):  # one pass per pattern, not per voxel
-        Xr, Zr = X[rows], Z[rows]
+        Xr, Zr = (X, Z) if rows.all() else (X[rows], Z[rows])
         XtX[i] = Xr.T @ Xr
         ZtX[i] = np.asarray(Zr.T @ Xr)
         ZtZ.append((Zr.T @ Zr).tocsr())

@@ -27,7 +27,7 @@ import numpy as np
 from blmm.config import Config
 from blmm.core.centre import ResponseCentre, intercept_weights, response_centre
 from blmm.core.inference import infer
-from blmm.core.level_groups import LevelGroup, outer_level_places
+from blmm.core.level_groups import LevelGroup, chunk_sums, outer_level_places
 from blmm.core.missing_rows import LevelSums, MissingRowStats, missing_design, rank_in_runs
 from blmm.core.sufficient import (
     FactorLayout,
@@ -330,10 +330,8 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
                 Yc = Y[:, a:a + step]
                 v = Yc.shape[1]
                 rows = out.read(a, a + v) if c0 > start else np.zeros((v, plan.n_stat_columns))
-                XtY, YtY = (X[c0:c1].T @ Yc).T, np.einsum("nv,nv->v", Yc, Yc)
-                yl = [np.asarray(z.T @ Yc).T.reshape(v, m1 - m0, g.q) for z, g, (m0, m1) in zip(Zg, groups, spans)]
-                rows += np.concatenate([g.sums(XtY, y, YtY, first=m0).pack()
-                                        for g, y, (m0, _) in zip(groups, yl, spans)], axis=1)
+                packed, yl = chunk_sums(groups, X[c0:c1], Yc, Zg, [m0 for m0, _ in spans])
+                rows += packed
                 out.write(a, rows)
                 here = keys[(keys // n_outer >= a) & (keys // n_outer < a + v)]
                 touched.append(_touched_rows(here // n_outer, here % n_outer, where, yl, [m0 for m0, _ in spans],
