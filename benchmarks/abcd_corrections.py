@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # abcd_family, abcd_pipeline
 from abcd_family import write_family_dataset  # noqa: E402
 from abcd_pipeline import run_measured  # noqa: E402
+from result_line import emit  # noqa: E402
 
 
 def main() -> None:
@@ -66,10 +67,7 @@ def main() -> None:
               "stage_seconds": info.get("timings_s"), "load_average_before_after": [round(load_before[0], 2),
                                                                                    round(os.getloadavg()[0], 2)],
               "machine": f"{platform.node()}, {os.cpu_count()} cores"}
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

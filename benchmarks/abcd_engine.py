@@ -16,7 +16,6 @@ each with 5 T contrasts and 1 F contrast.  Peak memory is the process's max RSS.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import sys
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from examples.abcd_like.simulate import (  # noqa: E402
     contrast_vectors, random_effects_design, simulate_design, simulate_truth, simulate_Y,
 )
+from result_line import emit  # noqa: E402
 
 
 def main() -> None:
@@ -70,10 +70,7 @@ def main() -> None:
         "max_iterations": int(fit.n_iter.max()), "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
         "median_T_df": float(np.nanmedian(inf.t[0].df)),
     }
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

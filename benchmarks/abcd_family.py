@@ -37,6 +37,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))  # abcd_pipeline
 from examples.abcd_like.simulate import (  # noqa: E402
     _write_tables, _yaml_text, contrast_vectors, random_effects_design, simulate_design, simulate_truth, simulate_Y,
 )
+from result_line import emit  # noqa: E402
 
 FAMILY_SHARES = (0.82, 0.16, 0.02)  # families of 1, 2 and 3 subjects
 FAMILY_SD = 0.08  # SD of the family effect (mm), against the subject intercept's ~0.15
@@ -160,10 +161,7 @@ def main() -> None:
             "D_max_abs": float(max(np.max(np.abs(a - b)) for a, b in zip(fit.D, ref.D))),
             "T_df_max_rel": float(max(np.max(np.abs(a.df - b.df) / b.df) for a, b in zip(inf.t, ref_inf.t))),
         }
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit(result, args.json)
 
 
 def pipeline(data: Path, json_path: str | None, model: str = "intercept") -> None:
@@ -190,10 +188,7 @@ def pipeline(data: Path, json_path: str | None, model: str = "intercept") -> Non
     result = {"what": f"blmm {yml.name}", "seconds": round(seconds, 1), "peak_rss_gb": round(peak, 2),
               "returncode": rc, "n": info.get("n"), "stage_seconds": info.get("timings_s"),
               "counts": info.get("counts"), "machine": f"{platform.node()}, {os.cpu_count()} cores"}
-    print(json.dumps(result))
-    if json_path:
-        with open(json_path, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit(result, json_path)
 
 
 if __name__ == "__main__":

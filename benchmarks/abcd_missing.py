@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from examples.abcd_like.simulate import (  # noqa: E402
     contrast_vectors, random_effects_design, simulate_design, simulate_truth, simulate_Y,
 )
+from result_line import emit  # noqa: E402
 
 
 def main() -> None:
@@ -94,10 +95,7 @@ def main() -> None:
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
         "median_T_df": float(np.nanmedian(inf.t[0].df)),
     }
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit(result, args.json)
 
 
 def pipeline(args, X, Y, factor: RandomFactor, contrasts) -> None:
@@ -136,10 +134,7 @@ def pipeline(args, X, Y, factor: RandomFactor, contrasts) -> None:
     }
     if done.returncode:
         result["stderr"] = done.stderr[-2000:]
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

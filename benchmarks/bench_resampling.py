@@ -16,7 +16,6 @@ prints the FWER with family and with per-image signs and the 95% Monte-Carlo ban
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # abcd_family
 from abcd_family import simulate_family  # noqa: E402
 from examples.abcd_like.simulate import contrast_vectors  # noqa: E402
+from result_line import emit  # noqa: E402
 
 HEMISPHERE = 10242
 
@@ -114,10 +114,7 @@ def main() -> None:
     ap.add_argument("--json", help="append the result as one JSON line to this file")
     args = ap.parse_args()
     result = null_simulation(args.null, args.sigma2) if args.null else bench(args)
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ and power on a planted effect.  The full-sized version of tests/core/test_spatia
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -19,6 +18,7 @@ from tests.core.resampling_simulation import monte_carlo_band  # noqa: E402
 from tests.core.spatial_simulation import (  # noqa: E402
     STATISTICS, cube_volume, grid_mesh, spatial_null_rejections, spatial_power,
 )
+from result_line import emit  # noqa: E402
 
 
 def main() -> None:
@@ -48,10 +48,7 @@ def main() -> None:
         result["power"] = spatial_power(layout, args.power, n_families=args.families, n_resamples=args.resamples)
     result.update({"wall_s": round(time.perf_counter() - w0, 1), "cpu_s": round(time.process_time() - c0, 1),
                    "load_average": round(os.getloadavg()[0], 2)})
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ Each time is the least of two passes (CPU time of this process), with the load a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -26,6 +25,7 @@ from mni_volume import SHAPE, brain_mask  # noqa: E402
 
 from blmm.geometry import cluster_maxima, surface_layout, tfce, tfce_maxima, volume_layout  # noqa: E402
 from blmm.io.surfaces import fsaverage5_mesh  # noqa: E402
+from result_line import emit  # noqa: E402
 
 
 def mlog10p(z: np.ndarray) -> np.ndarray:
@@ -79,10 +79,7 @@ def main() -> None:
             "load_average": round(os.getloadavg()[0], 2), "machine": f"{platform.node()}, {os.cpu_count()} cores",
         }
         result = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()}
-        print(json.dumps(result))
-        if args.json:
-            with open(args.json, "a") as fh:
-                fh.write(json.dumps(result) + "\n")
+        emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ method, tolerance and contrasts.  `uptime` is recorded before each part: the mac
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from abcd_pipeline import run_measured  # noqa: E402
+from result_line import emit  # noqa: E402
 
 
 def load_average() -> str:
@@ -71,10 +71,7 @@ def main() -> None:
     result.update({"blmm_s": round(seconds, 2), "blmm_peak_rss_gb": round(peak, 2), "returncode": rc,
                    "in_memory_plus_read_s": round(memory_s, 2), "ratio": round(seconds / memory_s, 2),
                    "load_after": load_average()})
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from result_line import emit  # noqa: E402
 
 
 def noop(x: int) -> int:
@@ -70,10 +71,7 @@ def main() -> None:
               "min": {k: round(min(r[k] for r in runs), 3) for k in runs[0]},
               "median": {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]},
               "load_1min": round(os.getloadavg()[0], 2), "machine": f"{platform.node()}, {os.cpu_count()} cores"}
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

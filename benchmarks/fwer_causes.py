@@ -37,6 +37,7 @@ from blmm.core.inference import infer, t_mlog10p  # noqa: E402
 from blmm.geometry import tfce_maxima  # noqa: E402
 from tests.core.resampling_simulation import FAMILY_COVARIATE, family_design, monte_carlo_band  # noqa: E402
 from tests.core.spatial_simulation import grid_mesh, simulate_spatial_Y, smoothing_kernel  # noqa: E402
+from result_line import emit  # noqa: E402
 
 VARIANTS = ("base", "fixed", "adjusted", "webb", "normal", "normal_fixed", "oracle", "cr", "cr_adjusted")
 WEBB = np.array([-np.sqrt(1.5), -1.0, -np.sqrt(0.5), np.sqrt(0.5), 1.0, np.sqrt(1.5)])
@@ -162,10 +163,7 @@ def main() -> None:
               "fwer": {v: {s: float(np.mean(h[s])) for s in h if h[s]} for v, h in hits.items()},
               "wall_s": round(time.perf_counter() - w0, 1), "cpu_s": round(time.process_time() - c0, 1),
               "load_average": round(os.getloadavg()[0], 2)}
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

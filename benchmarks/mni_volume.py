@@ -34,6 +34,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import psutil
+from result_line import emit  # noqa: E402
 
 SHAPE = (91, 109, 91)
 AFFINE = np.array([[-2.0, 0, 0, 90], [0, 2.0, 0, -126], [0, 0, 2.0, -72], [0, 0, 0, 1]])
@@ -233,10 +234,7 @@ def main() -> None:
     if args.resamples:
         result.update({"resamples": args.resamples, "tfce": args.tfce, "sigma2": args.sigma2,
                        "correction_blocks": info.get("correction", {}).get("blocks")})
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mni_volume import AFFINE, engine_line, run_blmm, write_intercept_images  # noqa: E402
+from result_line import emit  # noqa: E402
 
 SHAPE = (40, 48, 40)
 N_MASK_VOXELS = 15_192
@@ -89,10 +90,7 @@ def main() -> None:
         "voxels": info.get("counts", {}).get("analysis_mask"), "fitted": info.get("counts", {}).get("fitted"),
         "machine": f"{platform.node()}, {os.cpu_count()} cores",
     }
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ whole and of the pruned maps (checked equal); exact TFCE maxima.  Blocks are fsa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import sys
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import blmm.core.resampling as rs  # noqa: E402
 from blmm.geometry import cluster_maxima, surface_layout, tfce_maxima  # noqa: E402
 from blmm.io.surfaces import fsaverage5_mesh  # noqa: E402
+from result_line import emit  # noqa: E402
 
 
 def main() -> None:
@@ -73,10 +73,7 @@ def main() -> None:
                       f"{len(whole)} contrasts, {R} resamples",
               "cpu_s_per_1000_resamples": {k: round(v * 1000 / R, 1) for k, v in cpu.items()},
               "load_average": round(os.getloadavg()[0], 2)}
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

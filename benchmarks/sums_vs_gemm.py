@@ -24,7 +24,6 @@ aggregates, 2 v L p more), the others against the GEMM as timed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -51,6 +50,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: t
 from examples.abcd_like.simulate import (  # noqa: E402
     random_effects_design, simulate_design, simulate_truth, simulate_Y,
 )
+from result_line import emit  # noqa: E402
 
 
 def best_of(repeats: int, work) -> float:
@@ -112,10 +112,7 @@ def main() -> None:
         "fit_lmm_over_gemm": round(t_fit / t_gemm, 2), "repeats": args.repeats,
         "load": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(), "machine": platform.machine(),
     }
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":
