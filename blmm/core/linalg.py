@@ -306,8 +306,8 @@ def unvech_lower(v: Array, q: int) -> Array:
     """The lower-triangular (..., q, q) matrices whose vech is v (zeros above the diagonal), by `take`."""
     xp = namespace(v)
     _, where = _gather_index(q, vech_order=True)
-    r, c = vech_index(q)
-    lower = np.where(np.arange(q)[:, None] >= np.arange(q)[None, :], where.reshape(q, q), r.size).reshape(-1)
+    zero = q * (q + 1) // 2  # the padded zero's position, after the vech entries
+    lower = np.where(np.arange(q)[:, None] >= np.arange(q)[None, :], where.reshape(q, q), zero).reshape(-1)
     padded = xp.concat([v, xp.zeros(v.shape[:-1] + (1,), dtype=v.dtype)], axis=-1)
     return xp.reshape(xp.take(padded, from_host(xp, lower), axis=-1), v.shape[:-1] + (q, q))
 
