@@ -34,3 +34,27 @@ def test_contracts_name_every_room():
     rooms = {p.stem for p in (ROOT / "blmm").iterdir()
              if (p.is_dir() and (p / "__init__.py").is_file()) or (p.suffix == ".py" and not p.stem.startswith("__"))}
     assert rooms - named == set()
+
+
+def test_status_codes_live_only_in_core_status():
+    """Per-voxel codes have one home (core/status.py): no other module assigns one, or imports one
+    without using it (a re-export)."""
+    import ast
+
+    from blmm.core import status
+    codes = {name for name in vars(status) if name.isupper()} | {"drop_reasons"}
+    found = []
+    for path in sorted((ROOT / "blmm").rglob("*.py")):
+        if path == ROOT / "blmm" / "core" / "status.py":
+            continue
+        tree = ast.parse(path.read_text())
+        assigned = {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                    if isinstance(t, ast.Name)}
+        imported = {alias.asname or alias.name for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module == "blmm.core.status" for alias in node.names}
+        used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+        rel = path.relative_to(ROOT)
+        found += [f"{rel} defines {name}" for name in sorted(assigned & codes)]
+        found += [f"{rel} re-exports {name}" for name in sorted(imported - used)]
+    assert found == []

@@ -17,10 +17,7 @@ from blmm.core.design_basis import DesignNote, fitting_basis, full_column_rank
 from blmm.core.missing_rows import MissingRowCounts
 from blmm.core.result import FitResult
 from blmm.core.scoring import METHODS, check_method  # noqa: F401  (METHODS re-exported: blmm.fit)
-from blmm.core.status import (  # noqa: F401  (re-exported: the codes' one home is core/status.py)
-    CONSTANT_RESPONSE, CONVERGED, DROPPED_FEW, DROPPED_RANK, DROPPED_UNIDENTIFIABLE, FAILED, FITTED, ITERATION_LIMIT,
-    NOT_FINITE, NOT_FITTED, STATUS_NAMES, STEP_FAILED, STOP_NAMES,
-)
+from blmm.core.status import DROPPED_FEW, DROPPED_RANK, DROPPED_UNIDENTIFIABLE, FITTED, NOT_FITTED
 from blmm.core.structure import STRUCTURES, FitPlan, plan_fit
 from blmm.core.sufficient import FactorLayout, SufficientStats, presence_patterns, sufficient_stats
 

@@ -18,7 +18,6 @@ is planned: kind ``auto`` weighs ``estimate_work(plan)`` (``cost``) against a da
 start-up. A killed run restarts from the
 finished batch and block files, which the manifest ties to the inputs' hash.
 """
-from blmm.core.status import SCREEN_REASONS, drop_reasons
 from blmm.io.outdir import LLH64_FILE, RUN_FILE, WORK_DIR
 from blmm.pipeline.cost import WorkEstimate, estimate_work
 from blmm.pipeline.plan import OutdirConflict, RunPlan, input_hash, plan_run
@@ -36,7 +35,7 @@ from blmm.pipeline.stages import (
 )
 
 __all__ = [
-    "LLH64_FILE", "MISSING_REASONS", "RUN_FILE", "SCREEN_REASONS", "WORK_DIR", "NothingFitted", "OutdirConflict", "RunInterrupted", "RunPlan",
-    "RunSummary", "WorkEstimate", "batch_files", "block_file", "check_disk_space", "missing_value_counts", "space_needed", "drop_reasons", "estimate_work", "fit_block", "fit_blocks", "input_hash",
+    "LLH64_FILE", "MISSING_REASONS", "RUN_FILE", "WORK_DIR", "NothingFitted", "OutdirConflict", "RunInterrupted", "RunPlan",
+    "RunSummary", "WorkEstimate", "batch_files", "block_file", "check_disk_space", "missing_value_counts", "space_needed", "estimate_work", "fit_block", "fit_blocks", "input_hash",
     "plan_run", "read_batch", "read_images", "record_run", "run", "summary_text", "write_outputs",
 ]

@@ -31,7 +31,6 @@ import numpy as np
 from blmm.config import Config, CorrectionSettings
 from blmm.core.design import Contrast
 from blmm.core.fdr import fdr_mlog10q
-from blmm.core.fit import FITTED, FitResult
 from blmm.core.linalg import unvech
 from blmm.core.resampling import (
     GEMM_BATCH,
@@ -44,6 +43,8 @@ from blmm.core.resampling import (
     statistic_maps,
     stats_maxima,
 )
+from blmm.core.result import FitResult
+from blmm.core.status import FITTED
 from blmm.core.tail import tail_p
 from blmm.errors import InputError
 from blmm.geometry import SpatialLayout, cluster_maxima, find_clusters, tfce, tfce_maxima

@@ -11,7 +11,8 @@ from blmm.core.design import Contrast, RandomFactor
 from blmm.core.design_basis import (
     RANK_TOL, DesignNote, dependent_columns, fitting_basis, full_column_rank,
 )
-from blmm.core.fit import DROPPED_RANK, FITTED, fit_lmm, fit_stats
+from blmm.core.fit import fit_lmm, fit_stats
+from blmm.core.status import DROPPED_RANK, FITTED
 from blmm.core.inference import infer
 from blmm.core.sufficient import sufficient_stats
 from blmm.errors import DesignError

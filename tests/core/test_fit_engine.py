@@ -6,7 +6,8 @@ import pytest
 from scipy import stats as sps
 
 from blmm.core.design import Contrast, RandomFactor
-from blmm.core.fit import DROPPED_FEW, DROPPED_RANK, fit_lmm, fit_stats
+from blmm.core.fit import fit_lmm, fit_stats
+from blmm.core.status import DROPPED_FEW, DROPPED_RANK
 from blmm.core.inference import f_mlog10p, infer, pool_f_df, t_mlog10p
 from blmm.core.sufficient import FactorLayout, sufficient_stats
 
@@ -195,7 +196,7 @@ def test_one_bad_voxel_stays_one_bad_voxel():
     bad[0, 2] = np.inf
     fit = fit_lmm(bad, X, [f], tol=1e-10)
     alone = fit_lmm(Y[:, [0, 3]], X, [f], tol=1e-10)
-    from blmm.core.fit import CONSTANT_RESPONSE, FAILED, NOT_FINITE, NOT_FITTED, STOP_NAMES
+    from blmm.core.status import CONSTANT_RESPONSE, FAILED, NOT_FINITE, NOT_FITTED, STOP_NAMES
     assert list(fit.status) == [0, CONSTANT_RESPONSE, FAILED, 0]
     assert list(fit.stop[[1, 2]]) == [NOT_FITTED, NOT_FINITE] and STOP_NAMES[NOT_FINITE]
     assert not fit.converged[[1, 2]].any()
@@ -265,7 +266,7 @@ def test_without_an_intercept_the_centre_only_shifts_beta():
 
 
 def test_iteration_limit_is_not_converged():
-    from blmm.core.fit import ITERATION_LIMIT
+    from blmm.core.status import ITERATION_LIMIT
     X, f, Y = simulate(q=2, v=3, seed=6)
     fit = fit_lmm(Y, X, [f], max_iter=2)
     assert not fit.converged.any()

@@ -8,7 +8,8 @@ import pytest
 
 from blmm.core.design import (LEVEL_PER_OBSERVATION, ONE_LEVEL, TOO_MANY_RANDOM_EFFECTS, RandomFactor,
                               identifiability_problems, unidentifiable_patterns)
-from blmm.core.fit import DROPPED_UNIDENTIFIABLE, FITTED, NOT_FITTED, STATUS_NAMES, fit_lmm
+from blmm.core.fit import fit_lmm
+from blmm.core.status import DROPPED_UNIDENTIFIABLE, FITTED, NOT_FITTED, STATUS_NAMES
 
 
 def _slopes(labels: np.ndarray, name: str = "subject") -> RandomFactor:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from blmm.core.design import RandomFactor
-from blmm.core.fit import FITTED, DROPPED_FEW, fit_lmm, fit_stats
+from blmm.core.fit import fit_lmm, fit_stats
+from blmm.core.status import DROPPED_FEW, FITTED
 from blmm.core.missing_rows import (
     LevelUnits, MissingRowStats, level_row_terms, missing_row_stats_from_data, touched_units, unit_bytes,
 )

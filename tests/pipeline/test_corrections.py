@@ -19,7 +19,8 @@ import blmm.pipeline.corrections as corrections
 from blmm.cli import main
 from blmm.config import load_config
 from blmm.core.fdr import fdr_mlog10q
-from blmm.core.fit import FITTED, FitResult
+from blmm.core.fit import FitResult
+from blmm.core.status import FITTED
 from blmm.core.linalg import unvech
 from blmm.core.resampling import fwe_mlog10p, independent_blocks, prepare, resampled_maps
 from blmm.engine import EngineSpec, open_engine

@@ -16,8 +16,8 @@ import importlib
 import blmm.pipeline.stages as stages
 from blmm.cli import main
 from blmm.config import load_config
-from blmm.core.status import DROPPED_FEW, FAILED
-from blmm.pipeline import WORK_DIR, drop_reasons, summary_text
+from blmm.core.status import DROPPED_FEW, FAILED, drop_reasons
+from blmm.pipeline import WORK_DIR, summary_text
 from tests.pipeline.test_pipeline import make_analysis
 from tests.reference.load import load_case
 
