@@ -56,6 +56,12 @@ def rounds(jobs: list, cost: Callable[[Any], int], budget: int) -> list[list]:
     return out
 
 
+def size_class(k: np.ndarray) -> np.ndarray:
+    """0, or the next power of two >= k: the size a count is padded and grouped by, whatever block it is in."""
+    k = np.asarray(k, dtype=np.int64)
+    return np.where(k > 0, 2 ** np.ceil(np.log2(np.maximum(k, 1))).astype(np.int64), 0)
+
+
 def inference_bytes(p: int, k: int) -> int:
     """Bytes per voxel of the packaged inference quantities (Cov(β̂), its k derivatives, the Hessian)."""
     return 8 * (k + 6) * p * p
@@ -86,6 +92,35 @@ class Scheduler:
         if limit is not None:
             size = min(size, int(limit))
         return min(max(1, size), self.share_cap(n_voxels))
+
+    def voxel_bytes(self, obj: Objective) -> int:
+        """Working bytes per voxel of a block fitted with obj: the objective's and the packaged inference's."""
+        return obj.per_voxel_bytes() + inference_bytes(self.p, self.k)
+
+    def budget_beside(self, held: int) -> int:
+        """Bytes for voxel blocks beside `held` bytes kept through the fit (at least an eighth of the budget)."""
+        return max(self.max_block_bytes - int(held), self.max_block_bytes // 8)
+
+    def class_blocks(self, voxels: np.ndarray, sizes: np.ndarray, per_voxel: Callable[[tuple], int], budget: int,
+                     limit: Callable[[tuple], int] | None = None) -> list[tuple[np.ndarray, tuple]]:
+        """The one grouping rule for voxels fitted with their own missing rows: (block, class) pairs.
+
+        A voxel's class is the powers of two (`size_class`) of its sizes ((v, m) integers: what its
+        units' memory grows with, e.g. touched levels and missing rows); voxels are ordered by class
+        and each class is cut into blocks sized for its bound: per_voxel(class) bytes in budget, at
+        most limit(class) voxels, enough blocks to share (`block_voxels`).  Padding within a block
+        stays under 2x, and a block's size does not depend on the other classes.
+        """
+        classes = size_class(np.asarray(sizes).reshape(np.shape(sizes)[0], -1)[voxels])
+        order = np.lexsort(classes.T[::-1])  # by the first size's class, then the next's
+        voxels, classes = voxels[order], classes[order]
+        cuts = np.flatnonzero(np.any(classes[1:] != classes[:-1], axis=1)) + 1
+        out = []
+        for start, stop in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [voxels.size]])):
+            key = tuple(int(c) for c in classes[start])
+            size = self.block_voxels(per_voxel(key), budget, voxels.size, None if limit is None else limit(key))
+            out.extend((voxels[a:min(a + size, stop)], key) for a in range(start, stop, size))
+        return out
 
     def run(self, job: Callable[[Any], None], jobs: list) -> None:
         run_blocks(job, jobs, self.threads)

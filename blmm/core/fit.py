@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 
-from blmm.core.blocks import Scheduler, inference_bytes
+from blmm.core.blocks import Scheduler
 from blmm.core.centre import centre_of, centred_response, removed_size, restore_beta
 from blmm.core.design import RandomFactor, identifiability_problems, unidentifiable_patterns
 from blmm.core.design_basis import DesignNote, fitting_basis, full_column_rank
@@ -196,8 +196,7 @@ def _fit_patterns(stats: SufficientStats, plan: FitPlan, scheduler: Scheduler) -
             jobs, held = [], 0
         held += size
         # voxel blocks bound the memory; threads share the blocks (numpy releases the GIL)
-        block = scheduler.block_voxels(obj.per_voxel_bytes() + inference_bytes(p, scheduler.k), block_budget,
-                                       vox.size)
+        block = scheduler.block_voxels(scheduler.voxel_bytes(obj), block_budget, vox.size)
         jobs.extend((obj, n, XtX, vox[start:start + block]) for start in range(0, vox.size, block))
         del obj
     scheduler.run(run, jobs)

@@ -5,9 +5,10 @@ of levels, the rows each presence pattern lacks (as a compressed list, never per
 design sums) and the per-voxel data sums as `LevelSums`: class aggregates, the y_j of levels
 outside big classes, and the y_j of big-class levels that a voxel's missing rows touch.
 `fit_missing_rows` fits every voxel with `MissingObjective`: each voxel's units (touched
-levels, docs/model.md "Missing rows") are padded to its own bucket and blocks hold one
-bucket, so a voxel's arithmetic does not depend on its block; the units are built from the
-missing rows only, just before a block is fitted.  Every per-voxel structure counts in the
+levels, docs/model.md "Missing rows") are padded to its own size class and blocks hold one
+class (`Scheduler.class_blocks`, the rule both missing-row paths share), so a voxel's padding
+does not depend on its block; the units are built from the missing rows only, just before a
+block is fitted.  Every per-voxel structure counts in the
 block size, so `max_block_bytes` holds however many patterns there are.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from blmm.core.blocks import Scheduler, inference_bytes, rounds
+from blmm.core.blocks import Scheduler, rounds, size_class
 from blmm.core.centre import ResponseCentre
 from blmm.core.design import RandomFactor
 from blmm.core.level_classes import LevelClasses, class_aggregates
@@ -273,12 +274,6 @@ class LevelUnits:
         return int(self.G.nbytes + self.Xl.nbytes)
 
 
-def bucket(k: np.ndarray) -> np.ndarray:
-    """0, or the next power of two >= k: a voxel's padded size, whatever block it is fitted in."""
-    k = np.asarray(k, dtype=np.int64)
-    return np.where(k > 0, 2 ** np.ceil(np.log2(np.maximum(k, 1))).astype(np.int64), 0)
-
-
 def voxel_touched(stats: MissingRowStats) -> np.ndarray:
     """(v,) levels each voxel's missing rows touch."""
     pat, _ = stats.pattern_levels()
@@ -398,7 +393,7 @@ def compress_units(units: dict, p: int, q: int) -> list[tuple[np.ndarray, dict]]
     whatever their count: `group_products` and `group_gradient_parts` evaluate a group at the
     cost of about q units.  Sets of at least `min_group_size` units become groups; the rest stay
     units.  Returns (positions in the block, padded units and groups) per padded size; each
-    voxel's units and groups are padded to the powers of two of its own counts (bucket), so its
+    voxel's units and groups are padded to the powers of two of its own counts (size_class), so its
     arithmetic does not depend on the other voxels of the block.
     """
     b = units["n"].size
@@ -430,7 +425,7 @@ def compress_units(units: dict, p: int, q: int) -> list[tuple[np.ndarray, dict]]
     lvox = vox[left]
     n_units = np.bincount(lvox, minlength=b)
     n_groups = np.bincount(gvox, minlength=b)
-    unit_size, group_size = bucket(n_units), bucket(n_groups)
+    unit_size, group_size = size_class(n_units), size_class(n_groups)
     shapes = unit_size * (int(group_size.max(initial=0)) + 1) + group_size
     grank = rank_in_runs(gvox)
     out = []
@@ -488,25 +483,17 @@ def fit_missing_rows(stats: MissingRowStats, scheduler: Scheduler, plan=None) ->
     obj = MissingObjective(stats.XtX, stats.ZtX, stats.ZtZ, n, q, reml)
     common = LevelUnits(stats)
     shared = obj.held_bytes() + common.nbytes  # held through the fit, beside the blocks
-    budget = max(scheduler.max_block_bytes - shared, scheduler.max_block_bytes // 8)
-    base_voxel = obj.per_voxel_bytes() + inference_bytes(p, scheduler.k)
+    budget = scheduler.budget_beside(shared)
+    base_voxel = scheduler.voxel_bytes(obj)
     row_terms = level_row_terms(p, q)
-    # voxels of one size class (powers of two of touched levels and missing rows) share a job,
-    # sized for the class's largest: its units' working memory bounds the job's
-    slots, rows = bucket(voxel_touched(stats)), bucket(stats.voxel_n_missing())
-    fit_vox = np.flatnonzero(res.status == FITTED)
-    fit_vox = fit_vox[np.lexsort((rows[fit_vox], slots[fit_vox]))]
-    # half the budget holds a round's prepared units, the other half the fit blocks' working memory
+    # voxels of one size class (powers of two of touched levels and missing rows) share a job, sized for
+    # the class's bound; half the budget holds a round's prepared units, the other half the fit blocks'
     round_budget = budget // 2
     block_budget = budget - round_budget
-    jobs = []
-    for group in np.split(fit_vox, np.flatnonzero(np.diff(slots[fit_vox]) | np.diff(rows[fit_vox])) + 1):
-        if group.size == 0:
-            continue
-        t, m = int(slots[group[0]]), int(rows[group[0]])
-        size = scheduler.block_voxels(base_voxel + unit_bytes(m, p, [q], t, row_terms), block_budget, fit_vox.size,
-                                      limit=round_budget // prepared_bytes(t, p, q))
-        jobs.extend((group[a:a + size], t, m) for a in range(0, group.size, size))
+    jobs = scheduler.class_blocks(
+        np.flatnonzero(res.status == FITTED), np.column_stack([voxel_touched(stats), stats.voxel_n_missing()]),
+        lambda key: base_voxel + unit_bytes(key[1], p, [q], key[0], row_terms), block_budget,
+        limit=lambda key: round_budget // prepared_bytes(key[0], p, q))
 
     prepared: list = []  # per (voxel set, unit count): the voxels, their units and X'X
 
@@ -535,7 +522,7 @@ def fit_missing_rows(stats: MissingRowStats, scheduler: Scheduler, plan=None) ->
         data = obj.data(part.XtY, part, part.YtY, units)
         scheduler.fit(obj, data, idx, n, XtX_v, part.XtY, part.YtY)  # data.n per voxel
 
-    for round_jobs in rounds(jobs, lambda job: job[0].size * prepared_bytes(job[1], p, q), round_budget):
+    for round_jobs in rounds(jobs, lambda job: job[0].size * prepared_bytes(job[1][0], p, q), round_budget):
         scheduler.run(prepare, round_jobs)
         # voxels with the same unit and group counts are fitted together, whatever bucket they were
         # prepared in: groups leave few distinct counts, so few (and large) fit blocks

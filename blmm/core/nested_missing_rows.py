@@ -3,10 +3,10 @@
 `NestedMissingRowStats` holds the design sums of the common (complete) design once, the rows
 each presence pattern lacks (a compressed list, never per-pattern design sums) and the
 per-voxel data sums.  `fit_nested_missing_rows` fits every voxel with
-`NestedMissingObjective` (docs/model.md, "Missing rows per voxel, nested factors"): voxels are
-sorted by their number of missing rows (to keep the padding small) and each block's units
-(the families its missing rows touch, per block-shape group) are built from the missing
-rows only, just before the block is fitted.  Every per-voxel structure counts in the block
+`NestedMissingObjective` (docs/model.md, "Missing rows per voxel, nested factors"): blocks hold
+voxels of one size class of missing rows (`Scheduler.class_blocks`, the rule both missing-row
+paths share: the padding stays under 2x) and each block's units (the families its missing rows
+touch, per block-shape group) are built from the missing rows only, just before the block is fitted.  Every per-voxel structure counts in the block
 size, so `max_block_bytes` holds however many patterns there are.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from blmm.core.blocks import Scheduler, inference_bytes
+from blmm.core.blocks import Scheduler
 from blmm.core.centre import ResponseCentre
 from blmm.core.design import RandomFactor
 from blmm.core.level_groups import LevelGroup, group_sums, outer_level_places, tree_groups
@@ -216,24 +216,12 @@ def fit_nested_missing_rows(stats: NestedMissingRowStats, scheduler: Scheduler, 
     groups, sums = tree_level_sums(stats, obj.base)
     small_position = [g.small_position() for g in groups]
     shared = obj.held_bytes() + fam.nbytes  # held through the fit, beside the blocks
-    budget = max(scheduler.max_block_bytes - shared, scheduler.max_block_bytes // 8)
-    base_voxel = obj.per_voxel_bytes() + inference_bytes(p, scheduler.k)
+    budget = scheduler.budget_beside(shared)
+    base_voxel = scheduler.voxel_bytes(obj)
     sizes = [lv.q for lv in obj.base.levels]
-    missing = stats.voxel_n_missing()
-    fit_vox = np.flatnonzero(res.status == FITTED)
-    fit_vox = fit_vox[np.argsort(missing[fit_vox], kind="stable")]  # sorted: a block's padding stays small
-    jobs = []
-    start = 0
-    while start < fit_vox.size:
-        stop = min(fit_vox.size, start + scheduler.share_cap(fit_vox.size))
-        while True:  # the block's last voxel has its largest missing count: it bounds the units' size
-            fits = scheduler.block_voxels(base_voxel + unit_bytes(int(missing[fit_vox[stop - 1]]), p, sizes),
-                                          budget, fit_vox.size)
-            if stop - start <= fits:
-                break
-            stop = start + fits
-        jobs.append(fit_vox[start:stop])
-        start = stop
+    # voxels of one size class (the power of two of their missing rows) share a block, sized for the class's bound
+    jobs = [idx for idx, _ in scheduler.class_blocks(np.flatnonzero(res.status == FITTED), stats.voxel_n_missing(),
+                                                     lambda key: base_voxel + unit_bytes(key[0], p, sizes), budget)]
 
     def run(idx) -> None:
         local = [s.take(idx) for s in sums]
