@@ -115,7 +115,9 @@ class Scheduler:
         order = np.lexsort(classes.T[::-1])  # by the first size's class, then the next's
         voxels, classes = voxels[order], classes[order]
         cuts = np.flatnonzero(np.any(classes[1:] != classes[:-1], axis=1)) + 1
-        out = []
+        out: list = []
+        if voxels.size == 0:  # every voxel dropped before the fit
+            return out
         for start, stop in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [voxels.size]])):
             key = tuple(int(c) for c in classes[start])
             size = self.block_voxels(per_voxel(key), budget, voxels.size, None if limit is None else limit(key))

@@ -40,3 +40,4 @@ def test_blocks_by_several_sizes_limit_and_threads():
                             limit=lambda key: 2)
     assert [(b.tolist(), key) for b, key in blocks] == [
         ([0], (0, 0)), ([1], (1, 1)), ([2], (1, 2)), ([3, 4], (4, 4)), ([5], (4, 4)), ([6], (4, 8)), ([7], (16, 16))]
+    assert s.class_blocks(np.zeros(0, np.int64), np.column_stack([touched, rows]), lambda key: 1, 10**9) == []
