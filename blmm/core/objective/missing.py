@@ -42,6 +42,7 @@ class MissingObjective:
         self.base = LevelObjective(XtX, ZtX, ZtZ, n, q, reml)
         self.n, self.p, self.q, self.reml = int(n), self.base.p, int(q), bool(reml)
 
+    # host side (numpy): a block's sums arranged once, then moved (linalg.move); evaluation is on the seam
     def data(self, XtY, ZtY, YtY, units: dict | None = None) -> "MissingData":
         """Per-voxel data sums plus the voxels' missing-row units and unit groups (none: the common
         design).  ZtY: (v, L q), or the class-arranged `LevelSums` (missing_rows.py); units:

@@ -322,6 +322,7 @@ class NestedObjective:
         # X'X is the levels' own (one array): counted there
         return sum(lv.held_bytes() for lv in self.levels) + array_bytes(self.perm, self.P, self.soff, self.spans)
 
+    # host side (numpy): a block's sums arranged once, then moved (linalg.move); evaluation is on the seam
     def data(self, XtY, ZtY, YtY, units=None) -> NestedData:
         no_units(self, units)
         XtY = np.ascontiguousarray(XtY)
@@ -476,6 +477,7 @@ class NestedSchurObjective(SchurObjective):
     def held_bytes(self) -> int:
         return self.level.held_bytes() + array_bytes(self.small_cols, self.small_offsets, self.eye_p)
 
+    # host side (numpy): a block's sums arranged once, then moved (linalg.move); evaluation is on the seam
     def data(self, XtY, ZtY, YtY, units=None) -> SchurData:
         no_units(self, units)
         UtY = np.hstack([XtY, ZtY[:, self.small_cols]])

@@ -80,6 +80,7 @@ class NestedMissingObjective:
         self.n, self.p, self.reml = int(n), self.base.p, bool(reml)
         self.tree = self.base.tree
 
+    # host side (numpy): a block's sums arranged once, then moved (linalg.move); evaluation is on the seam
     def data(self, XtY, ZtY, YtY, units: dict | None = None) -> NestedMissingData:
         """Per-voxel data sums plus the voxels' units per group (none: the common design); units:
         n (v,), dXtX (v, p, p) and "units", one `GroupUnits` per group (`FamilyBlocks.block_units`)."""

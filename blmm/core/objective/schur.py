@@ -71,6 +71,7 @@ class SchurObjective:
     def held_bytes(self) -> int:
         return self.level.held_bytes() + array_bytes(self.big_cols, self.small_cols, self.small_offsets, self.eye_p)
 
+    # host side (numpy): a block's sums arranged once, then moved (linalg.move); evaluation is on the seam
     def data(self, XtY, ZtY, YtY, units=None) -> SchurData:
         no_units(self, units)
         UtY = np.hstack([XtY, ZtY[:, self.small_cols]])
