@@ -1,4 +1,6 @@
-"""The observed deviance Hessian in φ = (σ², vech D_1, …) and dCov(β̂)/dφ, as lmerTest differentiates."""
+"""The observed deviance Hessian in φ = (σ², vech D_1, …) and dCov(β̂)/dφ, as lmerTest differentiates.
+
+On the array seam: every per-voxel array stays in the namespace of the evaluation's (docs/architecture.md)."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,8 +17,14 @@ DIFFERENCE_STEP = 1e-3
 
 def vech_grad(ev: Evaluation, qk) -> np.ndarray:
     """Deviance gradient in vech D (off-diagonal entries count for both triangles)."""
-    return np.concatenate([ev.grad[f][:, r, c] * np.where(r != c, 2.0, 1.0)
-                           for f, (r, c) in enumerate(la.vech_index(q) for q in qk)], axis=1)
+    xp = la.namespace(*ev.grad)
+    return xp.concat([la.vech(ev.grad[f]) * _off_diagonal_twice(xp, q) for f, q in enumerate(qk)], axis=1)
+
+
+def _off_diagonal_twice(xp, q: int):
+    """Per vech entry of a q x q matrix: 2 off the diagonal (both triangles), 1 on it."""
+    r, c = la.vech_index(q)
+    return la.from_host(xp, np.where(r != c, 2.0, 1.0))
 
 
 def variance_hessian(obj, data, D, ev: Evaluation, qk, reml, n, p):
@@ -26,37 +34,39 @@ def variance_hessian(obj, data, D, ev: Evaluation, qk, reml, n, p):
     extrapolated central differences of the analytic gradient with σ² held fixed, as lmerTest
     differentiates its deviance.
     """
+    xp = la.namespace(ev.C, ev.sigma2)
     v = D[0].shape[0]
     s2 = ev.sigma2
     n = getattr(data, "n", n)  # (v,) when the objective's voxels differ in their rows
     N = n - p if reml else n
     k = 1 + sum(q * (q + 1) // 2 for q in qk)
-    H = np.zeros((v, k, k))
-    dC = np.zeros((v, k, p, p))
+    H = xp.zeros((v, k, k), dtype=ev.C.dtype)
+    dC = xp.zeros((v, k, p, p), dtype=ev.C.dtype)
     H[:, 0, 0] = -N / s2**2 + 2.0 * ev.Q / s2**3
-    dC[:, 0] = ev.C
+    dC[:, 0, ...] = ev.C
     col = 1
     for f, q in enumerate(qk):
-        r, c = la.vech_index(q)
-        H[:, 0, col:col + r.size] = ev.uu_sum[f][:, r, c] * np.where(r != c, 2.0, 1.0) / s2[:, None] ** 2
-        col += r.size
+        size = q * (q + 1) // 2
+        H[:, 0, col:col + size] = la.vech(ev.uu_sum[f]) * _off_diagonal_twice(xp, q) / s2[:, None] ** 2
+        col += size
     H[:, 1:, 0] = H[:, 0, 1:]
     if obj.has_deviance_hessian:
         with np.errstate(invalid="ignore", divide="ignore"):
             H_DD, dC_D, _ = obj.deviance_hessian(D, data, s2, ev)
         H[:, 1:, 1:] = H_DD
-        dC[:, 1:] = s2[:, None, None, None] * dC_D
+        dC[:, 1:, ...] = s2[:, None, None, None] * dC_D
         return H, dC
     col = 1
     for f, (q, h) in enumerate(zip(qk, difference_steps(ev, qk))):
         r, c = la.vech_index(q)
         for a, b in zip(r, c):
-            E = np.zeros((q, q))
+            E = np.zeros((q, q))  # the direction, built on the host
             E[a, b] = E[b, a] = 1.0
+            E = la.from_host(xp, E)
             g1, C1 = central_difference(obj, data, D, s2, qk, f, E, h)
             g2, C2 = central_difference(obj, data, D, s2, qk, f, E, 2.0 * h)
             H[:, col, 1:] = (4.0 * g1 - g2) / 3.0  # Richardson: the O(h²) truncation cancels
-            dC[:, col] = s2[:, None, None] * (4.0 * C1 - C2) / 3.0
+            dC[:, col, ...] = s2[:, None, None] * (4.0 * C1 - C2) / 3.0
             col += 1
     H[:, 1:, 1:] = la.sym(H[:, 1:, 1:])
     return H, dC
@@ -71,26 +81,27 @@ def difference_steps(ev: Evaluation, qk) -> list:
     √(D_aa D_bb) can be 1e3 times too long there. Σ_j ||T_j||² is the trace of the expected
     information's diagonal block, so every objective's evaluation holds what this needs.
     """
+    xp = la.namespace(ev.info)
     steps = []
     start = 0
     for f, q in enumerate(qk):
         T = la.sym(ev.T_sum[f])
         block = ev.info[:, start:start + q * q, start:start + q * q]
         start += q * q
-        sum_sq = np.trace(block, axis1=1, axis2=2)  # Σ_j ||T_j||²
-        finite = np.all(np.isfinite(T.reshape(T.shape[0], -1)), axis=1)  # some LAPACKs raise on NaN
-        largest = np.full(T.shape[0], np.nan)
-        largest[finite] = np.linalg.eigvalsh(T[finite])[:, -1]
+        sum_sq = xp.linalg.trace(block)  # Σ_j ||T_j||²
+        finite = xp.all(xp.isfinite(xp.reshape(T, (T.shape[0], -1))), axis=1)  # some LAPACKs raise on NaN
+        largest = xp.full(T.shape[0], xp.nan, dtype=T.dtype)
+        largest[finite] = xp.linalg.eigvalsh(T[finite])[:, -1]
         with np.errstate(invalid="ignore", divide="ignore"):
-            h = DIFFERENCE_STEP * np.sum(T * T, axis=(1, 2)) / (largest * sum_sq)  # 1e-3 / λ_max(T̄)
-        steps.append(np.where(np.isfinite(h) & (h > 0), h, DIFFERENCE_STEP))
+            h = DIFFERENCE_STEP * xp.sum(T * T, axis=(1, 2)) / (largest * sum_sq)  # 1e-3 / λ_max(T̄)
+        steps.append(xp.where(xp.isfinite(h) & (h > 0), h, DIFFERENCE_STEP))
     return steps
 
 
 def central_difference(obj, data, D, s2, qk, f, E, h):
     """Central differences of the vech gradient and of C along E in D_f, step h (v,), σ² fixed."""
-    plus = [Dk.copy() for Dk in D]
-    minus = [Dk.copy() for Dk in D]
+    plus = [la.copied(Dk) for Dk in D]
+    minus = [la.copied(Dk) for Dk in D]
     plus[f] = plus[f] + h[:, None, None] * E
     minus[f] = minus[f] - h[:, None, None] * E
     with np.errstate(invalid="ignore", divide="ignore"):

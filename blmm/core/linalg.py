@@ -333,3 +333,21 @@ def move(xp: ModuleType, thing: Any) -> Any:
             setattr(moved, name, move(xp, value))
         return moved
     return thing
+
+
+def take_along(x: Array, idx: np.ndarray, axis: int) -> Array:
+    """x's entries idx (host integers) along one axis: numpy's fancy index (and its result's memory
+    layout, which later sums round by); elsewhere the standard's `take`."""
+    xp = namespace(x)
+    if xp is np:
+        return x[(slice(None),) * (axis % x.ndim) + (idx, ...)]
+    return xp.take(x, from_host(xp, np.asarray(idx)), axis=axis)
+
+
+def take_block(x: Array, rows: np.ndarray, cols: np.ndarray) -> Array:
+    """x[..., rows, cols] over the last two axes for host integer indices (every row with every
+    column): numpy's fancy index; elsewhere two `take`s (the standard has no outer indexing)."""
+    xp = namespace(x)
+    if xp is np:
+        return x[(slice(None),) * (x.ndim - 2) + (rows[:, None], cols[None, :])]  # not `...`: another layout
+    return xp.take(xp.take(x, from_host(xp, np.asarray(rows)), axis=-2), from_host(xp, np.asarray(cols)), axis=-1)

@@ -67,7 +67,7 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
             break
         D_act = [la.select_rows(Dk, active) for Dk in D]
         # the first step (from D = 0) is taken in D itself; later ones in Cholesky coordinates
-        N_act = N[active] if np.ndim(N) else N  # per-voxel n where the data carry it (missing rows)
+        N_act = la.select_rows(N, active) if np.ndim(N) else N  # per-voxel n where the data carry it (missing rows)
         make_trial, gain = _direction(method, ev_act, D_act, la.select_rows(sigma2, active), N_act, qk,
                                       cholesky=it > 1)
         gain = la.to_host(gain)

@@ -22,7 +22,10 @@ check exactly that, on designs drawn to hit each code path:
    llh, σ², D and every convergence label to 1e-8 relative), and constant, near-constant and
    exactly linear voxels get their own status, in every structure, method and missing-row path.
 5. Issue 19: the array seam.  levels and dense evaluate, every scoring method and T/F inference give
-   numpy's numbers from array_api_strict arrays (the array API standard and nothing else).
+   numpy's numbers from array_api_strict arrays (the array API standard and nothing else); so does every
+   registered structure (missing-row units included): evaluate, scoring and the Hessian in φ.  numpy is
+   made unable to read strict arrays there (tests/core/conftest.py): a bare numpy call on a per-voxel
+   array raises instead of quietly computing on the host.
 
 Nothing here uses blmm to build Z or to evaluate a likelihood for the independent checks.
 """
@@ -37,10 +40,12 @@ import pytest
 from scipy import optimize
 
 from blmm.core import linalg as la
+from blmm.core.blocks import Scheduler
 from blmm.core.centre import centre_of, centred_response
 from blmm.core.design import Contrast, RandomFactor
 from blmm.core.design_basis import DesignNote
 from blmm.core.fit import METHODS, fit_lmm, fit_stats
+from blmm.core.hessian import DIFFERENCE_STEP, variance_hessian
 from blmm.core.structure import plan_fit
 from blmm.core.inference import infer
 from blmm.core.scoring import score
@@ -48,6 +53,7 @@ from blmm.core.status import CONSTANT_RESPONSE, FITTED, NOT_FITTED
 from blmm.core.objective import DenseObjective, LevelObjective, SchurObjective
 from blmm.core.objective.nested import NestedObjective
 from blmm.core.sufficient import sufficient_stats
+from tests.core.test_objective_protocol import OBJECTIVES
 
 try:  # small dense algebra: BLAS threads only contend (100x slower on a loaded 2-core machine)
     from threadpoolctl import threadpool_limits
@@ -797,7 +803,7 @@ def _seam_objectives(stats, u, factors, reml):
 
 @pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
 @pytest.mark.parametrize("name", list(DESIGNS))
-def test_objectives_on_strict_arrays_equal_numpy(name, reml):
+def test_objectives_on_strict_arrays_equal_numpy(name, reml, numpy_refuses_strict_arrays):
     """levels and dense evaluate (llh, β, σ², C, gradient, information, observed information) from
     array_api_strict arrays as from numpy: the seam uses nothing outside the standard."""
     X, factors, Y = design(name)
@@ -817,7 +823,7 @@ def test_objectives_on_strict_arrays_equal_numpy(name, reml):
 
 @pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
 @pytest.mark.parametrize("name", SEAM_DESIGNS)
-def test_scoring_and_inference_on_strict_arrays_equal_numpy(name, reml):
+def test_scoring_and_inference_on_strict_arrays_equal_numpy(name, reml, numpy_refuses_strict_arrays):
     """Every method's scoring from array_api_strict arrays stops where numpy's does, with the same labels;
     T and F contrasts (Satterthwaite df, −log10 p) of a fit in strict arrays equal numpy's."""
     X, factors, Y = design(name)
@@ -851,4 +857,143 @@ def test_scoring_and_inference_on_strict_arrays_equal_numpy(name, reml):
         got = infer(la.move(xps, fit), _contrasts(), two_sided=True)
         for r, g in zip(ref.contrasts, got.contrasts):
             problems += _seam_problems(f"{name} {key} contrast {r.name}", r, g)
+    assert not problems, "\n".join(problems)
+
+
+def test_numpy_refuses_strict_arrays(numpy_refuses_strict_arrays):
+    """The guard the seam tests run under: numpy functions, operators and LAPACK calls on a strict array
+    raise (without it numpy reads the array and returns a numpy array, and `ndarray + strict` is numpy's),
+    while the seam's DLPack crossing to the host still gives the values."""
+    x = xps.asarray(np.array([[2.0, 1.0], [1.0, 3.0]]))
+    bare_calls = {"einsum": lambda: np.einsum("ij->i", x), "swapaxes": lambda: np.swapaxes(x, 0, 1),
+                  "sum": lambda: np.sum(x), "ndarray + strict": lambda: np.ones((2, 2)) + x,
+                  "ndarray @ strict": lambda: np.eye(2) @ x, "linalg.inv": lambda: np.linalg.inv(x),
+                  "where": lambda: np.where(x > 1.0, x, 0.0), "asarray": lambda: np.asarray(x)}
+    for name, call in bare_calls.items():
+        with pytest.raises(TypeError):
+            call()
+            pytest.fail(f"numpy's {name} read an array_api_strict array")
+    assert np.array_equal(la.to_host(x), np.array([[2.0, 1.0], [1.0, 3.0]]))
+
+
+def _family_rater_design():
+    """Subjects within families beside a crossed 3-level rater: a nesting tree eliminated, the rater dense."""
+    X, factors, Y = make_design("classes", 1, 93, second="family", n_sub=12)
+    n = X.shape[0]
+    rng = np.random.default_rng(93)
+    Y = Y + 0.6 * rng.normal(size=(3, Y.shape[1]))[np.arange(n) % 3]
+    return X, factors + [RandomFactor("rater", np.arange(n) % 3, np.ones((n, 1)))], Y
+
+
+# every registered structure and its missing-rows path: (design, structure); a design with NaNs is fitted by
+# fit_lmm (the missing-rows path), a complete one by fit_stats with that structure.  Strict arrays check every
+# operation (~10x numpy's cost) and a nesting tree evaluates term by term: 12 subjects by default, q = 2 slow
+SEAM_STRUCTURE_CASES = {
+    "levels": (lambda: design("classes-q2"), "levels"),
+    "levels-missing-rows": (lambda: design("mixed-q2-missing"), "levels"),
+    "nested": (lambda: make_design("classes", 1, 91, second="family", n_sub=12), "nested"),
+    "nested-missing-rows": (lambda: make_design("classes", 1, 91, second="family", n_sub=12, missing=3), "nested"),
+    "nested-q2": (lambda: make_design("mixed", 2, 92, second="family"), "nested"),
+    "nested-missing-rows-q2": (lambda: design("family-q2-missing"), "nested"),
+    "schur": (lambda: design("crossed-q1"), "schur"),
+    "schur-tree": (_family_rater_design, "schur"),
+    "dense": (lambda: design("crossed-q1"), "dense"),
+}
+SEAM_SLOW_CASES = {"nested-q2", "nested-missing-rows-q2"}
+
+
+def _unit_count(data) -> int:
+    """A block's missing-row units and unit groups (0 for a one-pattern objective's data)."""
+    if hasattr(data, "sign"):
+        return data.sign.shape[1] + data.group_weight.shape[1]
+    return sum(u.sign.shape[1] for u in getattr(data, "units", []))
+
+
+@lru_cache(maxsize=None)
+def seam_layout_q(case):
+    """q per factor of a case's design."""
+    _, factors, _ = SEAM_STRUCTURE_CASES[case][0]()
+    return tuple(f.q for f in factors)
+
+
+@lru_cache(maxsize=None)
+def seam_block(case, reml):
+    """(objective, its data, n) of one voxel block of a numpy fit, as the scheduler received them: the
+    block with most missing-row units (then most voxels)."""
+    make, structure = SEAM_STRUCTURE_CASES[case]
+    X, factors, Y = make()
+    seen = []
+    fit = Scheduler.fit
+
+    def record(self, obj, data, idx, n, *rest):
+        seen.append((obj, data, n))
+        return fit(self, obj, data, idx, n, *rest)
+
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DesignNote)
+        mp.setattr(Scheduler, "fit", record)
+        if np.isnan(Y).any():
+            fit_lmm(Y, X, factors, reml=reml, tol=TOL, max_iter=MAX_ITER, threads=1, safe_mode=False)
+        else:
+            centre = centre_of(Y, X)
+            stats = sufficient_stats(centred_response(Y, X, centre), X, factors)
+            stats.centre = centre
+            fit_stats(stats, reml=reml, tol=TOL, max_iter=MAX_ITER, structure=structure, threads=1)
+    return max(seen, key=lambda block: (_unit_count(block[1]), block[1].XtY.shape[0]))
+
+
+def test_seam_covers_every_registered_objective():
+    """The cases below reach every objective class the structure registry builds (the protocol test's list)."""
+    covered = {type(seam_block(case, True)[0]).__name__ for case in SEAM_STRUCTURE_CASES}
+    assert covered == {type(obj).__name__ for _, obj, _ in OBJECTIVES}
+    missing = [case for case in SEAM_STRUCTURE_CASES if seam_block(case, True)[0].missing_rows]
+    assert missing and all(_unit_count(seam_block(case, True)[1]) > 0 for case in missing)
+
+
+# the differenced Hessian (objectives without an analytic one) divides the gradient's rounding by its step
+# (DIFFERENCE_STEP of the deviance's scale): SEAM_RTOL's einsum-order noise grows by up to 1 / step there
+SEAM_DIFFERENCED_RTOL = SEAM_RTOL / DIFFERENCE_STEP
+# the directions are scoring's own, structure-blind (all four on levels and dense above): the default method
+# by default, the others slow
+SEAM_METHODS = ["pSFS"] + [pytest.param(m, marks=pytest.mark.slow) for m in METHODS if m != "pSFS"]
+
+
+@pytest.mark.parametrize("method", SEAM_METHODS)
+@pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in SEAM_SLOW_CASES else case
+                                  for case in SEAM_STRUCTURE_CASES])
+def test_every_structure_on_strict_arrays_equals_numpy(case, reml, method, numpy_refuses_strict_arrays):
+    """Every registered objective (missing-row units included) evaluates, scores and gives its Hessian in φ
+    from array_api_strict arrays as from numpy, with numpy unable to read them: the seam holds end to end."""
+    obj, data, n = seam_block(case, reml)
+    obj_s, data_s = la.move(xps, obj), la.move(xps, data)
+    qk = list(seam_layout_q(case))
+    p = data.XtY.shape[1]
+    problems = []
+    rng = np.random.default_rng(3)
+    D_list = [_random_D(rng, q, data.XtY.shape[0]) + 0.05 * np.eye(q) for q in qk]
+    ev = obj.evaluate(D_list, data, grad=True)
+    problems += _seam_problems(f"{case} evaluate", ev, obj_s.evaluate(la.move(xps, D_list), data_s, grad=True))
+    ref = score(obj, data, qk, method, TOL, MAX_ITER, reml, n, p)
+    got = score(obj_s, data_s, qk, method, TOL, MAX_ITER, reml, la.move(xps, n), p)
+    if not np.array_equal(ref.converged, la.to_host(got.converged)):
+        problems.append(f"{case} {method}: converged {ref.converged.tolist()} vs {la.to_host(got.converged)}")
+    # two runs of one path, rounded differently: within the fit's own tolerance (section 1)
+    for Dr, Dg in zip(ref.D, got.D):
+        scale = max(1.0, float(np.max(np.abs(Dr))))
+        if np.max(np.abs(Dr - la.to_host(Dg))) > PARAM_RTOL * scale:
+            problems.append(f"{case} {method}: D differs by {np.max(np.abs(Dr - la.to_host(Dg))):.3g}")
+    # the Hessian in φ and dCov(β̂)/dφ at numpy's optimum, from an evaluation there in each namespace
+    at = obj.evaluate(ref.D, data, grad=True)
+    H, dC = variance_hessian(obj, data, ref.D, at, qk, reml, n, p)
+    D_s = la.move(xps, ref.D)
+    H_s, dC_s = variance_hessian(obj_s, data_s, D_s, obj_s.evaluate(D_s, data_s, grad=True), qk, reml,
+                                 la.move(xps, n), p)
+    rtol = SEAM_RTOL if obj.has_deviance_hessian else SEAM_DIFFERENCED_RTOL
+    for label, a, b in (("H", H, H_s), ("dC", dC, dC_s)):
+        assert not isinstance(b, np.ndarray), f"{case} {label}: a numpy array from strict inputs"
+        b = la.to_host(b)
+        scale = max(1.0, float(np.nanmax(np.abs(a))))
+        if not (np.array_equal(np.isnan(a), np.isnan(b)) and np.nanmax(np.abs(a - b)) <= rtol * scale):
+            problems.append(f"{case} {label}: {np.nanmax(np.abs(a - b)):.3g} (scale {scale:.3g}, limit {rtol:g})")
     assert not problems, "\n".join(problems)

@@ -103,7 +103,7 @@ class DenseObjective:
         """Per vech D_k direction E_t = Σ_levels e_a e_b' + e_b e_a' (or e_a e_a'): its (rows, cols) in Z."""
         out = []
         for k, q in enumerate(self.qk):
-            base = self.offsets[k] + q * np.arange(self.n_levels[k])
+            base = int(self.offsets[k]) + q * np.arange(self.n_levels[k])  # host indices, in any namespace
             for a, b in zip(*la.vech_index(q)):
                 ia, ib = base + a, base + b
                 out.append((ia, ia) if a == b else (np.concatenate([ia, ib]), np.concatenate([ib, ia])))
@@ -120,26 +120,32 @@ class DenseObjective:
             ev = self.evaluate(D_list, data, sigma2=sigma2, grad=True)
         T, S, u = ev.cache["T"][0], ev.cache["S"][0], ev.cache["u"][0]
         C = ev.C
+        xp = la.namespace(T, S, u)
         dirs = self.vech_directions()
-        k = len(dirs)
         v = T.shape[0]
-        Eu = np.zeros((k, v, self.qtot))
-        for t, (rows, cols) in enumerate(dirs):
-            Eu[t][:, rows] = u[:, cols]  # E u (each row of E holds one 1)
-        SCSEu = np.einsum("vqp,vpr,tvr->tvq", S, C, np.einsum("vqp,tvq->tvp", S, Eu))
-        MEu = np.einsum("vab,tvb->tva", T, Eu) - SCSEu  # (T - P) E u
-        B = np.stack([np.einsum("vmi,vmj->vij", S[:, rows], S[:, cols]) for rows, cols in dirs], axis=1)
-        dC = C[:, None] @ B @ C[:, None]
-        H = 2.0 * np.einsum("sva,tva->vst", Eu, MEu) / sigma2[:, None, None]
+        Eu = xp.zeros((len(dirs), v, self.qtot), dtype=u.dtype)  # C order: the sums below round by layout
+        for t, (rows, cols) in enumerate(dirs):  # E u: row m of E holds one 1 (column source[m]) if m is in rows
+            source = np.zeros(self.qtot, dtype=np.int64)
+            source[rows] = cols
+            hit = np.zeros(self.qtot, dtype=bool)
+            hit[rows] = True
+            Eu[t, ...] = xp.where(la.from_host(xp, hit), la.take_along(u, source, axis=1), 0.0)
+        SCSEu = la.einsum(xp, "vqp,vpr,tvr->tvq", S, C, la.einsum(xp, "vqp,tvq->tvp", S, Eu))
+        MEu = la.einsum(xp, "vab,tvb->tva", T, Eu) - SCSEu  # (T - P) E u
+        B = xp.stack([la.einsum(xp, "vmi,vmj->vij", la.take_along(S, rows, axis=1), la.take_along(S, cols, axis=1))
+                      for rows, cols in dirs], axis=1)
+        dC = C[:, None, ...] @ B @ C[:, None, ...]
+        H = 2.0 * la.einsum(xp, "sva,tva->vst", Eu, MEu) / sigma2[:, None, None]
         SC = S @ C
         for s, (rs, cs) in enumerate(dirs):
             for t, (rt, ct) in enumerate(dirs[:s + 1]):
-                T_st = T[:, cs[:, None], rt[None, :]]  # T[c_m, r_n]
-                T_ts = T[:, ct[:, None], rs[None, :]]  # T[c_n, r_m]
-                val = -np.einsum("vmn,vnm->v", T_st, T_ts)
+                T_st = la.take_block(T, cs, rt)  # T[c_m, r_n]
+                T_ts = la.take_block(T, ct, rs)  # T[c_n, r_m]
+                val = -la.einsum(xp, "vmn,vnm->v", T_st, T_ts)
                 if self.reml:
-                    P_st = np.einsum("vmp,vnp->vmn", SC[:, cs], S[:, rt])
-                    val = val + 2.0 * np.einsum("vmn,vnm->v", P_st, T_ts) - np.einsum("vpq,vpq->v", dC[:, s], B[:, t])
+                    P_st = la.einsum(xp, "vmp,vnp->vmn", la.take_along(SC, cs, axis=1), la.take_along(S, rt, axis=1))
+                    val = val + 2.0 * la.einsum(xp, "vmn,vnm->v", P_st, T_ts) - la.einsum(
+                        xp, "vpq,vpq->v", dC[:, s, ...], B[:, t, ...])
                 H[:, s, t] += val
                 if t != s:
                     H[:, t, s] += val

@@ -42,6 +42,7 @@ class MissingObjective:
         self.base = LevelObjective(XtX, ZtX, ZtZ, n, q, reml)
         self.n, self.p, self.q, self.reml = int(n), self.base.p, int(q), bool(reml)
 
+    # host side (numpy): a block's sums arranged once, then moved (linalg.move); evaluation is on the seam
     def data(self, XtY, ZtY, YtY, units: dict | None = None) -> "MissingData":
         """Per-voxel data sums plus the voxels' missing-row units and unit groups (none: the common
         design).  ZtY: (v, L q), or the class-arranged `LevelSums` (missing_rows.py); units:
@@ -94,6 +95,7 @@ class MissingObjective:
         ev = profiled(XtVX, XtVY, YtVY, logdetV, data.n, self.p, self.reml, sigma2)
         if not grad:
             return ev
+        xp = la.namespace(ev.beta)
         base = self.base
         beta, C = ev.beta, ev.C
         v, q = D.shape[0], self.q
@@ -108,7 +110,7 @@ class MissingObjective:
             s = data.sign
             units = unit_gradient_parts(Ru, s, data.G, data.X, data.y, beta, C if self.reml else None)
             T_sum = T_sum + units.T_sum
-            info_u = np.einsum("vt,vtbc,vtae->vabce", s, units.T, units.T).reshape(v, q * q, q * q)
+            info_u = xp.reshape(la.einsum(xp, "vt,vtbc,vtae->vabce", s, units.T, units.T), (v, q * q, q * q))
             info = info + info_u
             uu = uu + units.uu
             Wu = 2.0 * units.u[..., :, None] * units.u[..., None, :] / ev.sigma2[:, None, None, None]
@@ -116,25 +118,25 @@ class MissingObjective:
                 corr = corr + units.corr
                 Wu = Wu + 2.0 * units.P
             # M[(a,b),(c,d)] = Σ_units T[b,c] W[d,a]
-            Mu = np.einsum("vt,vtbc,vtda->vabcd", s, units.T, Wu).reshape(v, q * q, q * q)
+            Mu = xp.reshape(la.einsum(xp, "vt,vtbc,vtda->vabcd", s, units.T, Wu), (v, q * q, q * q))
             obs = obs - info_u + Mu
-            A = A + np.einsum("vt,vtxp,vty->vxyp", s, units.S, units.u)
+            A = A + la.einsum(xp, "vt,vtxp,vty->vxyp", s, units.S, units.u)
         if Rg is not None:
             w = data.group_weight
             groups = group_gradient_parts(Rg, data.group_G, data.group_K, beta, C if self.reml else None)
-            T_sum = T_sum + np.einsum("vh,vhab->vab", w, groups.T)
-            info_g = np.einsum("vh,vhbc,vhae->vabce", w, groups.T, groups.T).reshape(v, q * q, q * q)
+            T_sum = T_sum + la.einsum(xp, "vh,vhab->vab", w, groups.T)
+            info_g = xp.reshape(la.einsum(xp, "vh,vhbc,vhae->vabce", w, groups.T, groups.T), (v, q * q, q * q))
             info = info + info_g
-            uu = uu + groups.uu.sum(axis=1)
+            uu = uu + xp.sum(groups.uu, axis=1)
             Wg = 2.0 * groups.uu / ev.sigma2[:, None, None, None]
             if self.reml:
-                corr = corr + groups.P.sum(axis=1)
+                corr = corr + xp.sum(groups.P, axis=1)
                 Wg = Wg + 2.0 * groups.P
-            Mg = np.einsum("vhbc,vhda->vabcd", groups.T, Wg).reshape(v, q * q, q * q)
+            Mg = xp.reshape(la.einsum(xp, "vhbc,vhda->vabcd", groups.T, Wg), (v, q * q, q * q))
             obs = obs - info_g + Mg
             A = A + groups.A
-        A = A.reshape(v, q * q, self.p)
-        obs = obs - 2.0 * np.einsum("vip,vpr,vjr->vij", A, C, A) / ev.sigma2[:, None, None]
+        A = xp.reshape(A, (v, q * q, self.p))
+        obs = obs - 2.0 * la.einsum(xp, "vip,vpr,vjr->vij", A, C, A) / ev.sigma2[:, None, None]
         ev.grad = [la.sym(T_sum - corr - uu / ev.sigma2[:, None, None])]
         ev.info = info
         ev.T_sum = [T_sum]
@@ -150,21 +152,23 @@ class MissingObjective:
             ev = self.evaluate([D], data, sigma2=sigma2, grad=True)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             *_, R, Ru, Rg = self._products(D, data)
+        xp = la.namespace(ev.beta)
+        mT = xp.matrix_transpose
         Bs = self.base.direction_sums(R)
         if Ru is not None:  # + Σ_units sign S_t' E S_t, S_t = R_t X_t
             S = _small_product(Ru, data.X)
             r_idx, c_idx = la.vech_index(self.q)
             for t, (a, b) in enumerate(zip(r_idx, c_idx)):
-                B = np.swapaxes(data.sign[:, :, None] * S[:, :, a], 1, 2) @ S[:, :, b]  # a GEMM per voxel
-                Bs[:, t] += B if a == b else B + np.swapaxes(B, 1, 2)
+                B = mT(data.sign[:, :, None] * S[:, :, a, :]) @ S[:, :, b, :]  # a GEMM per voxel
+                Bs[:, t, ...] += B if a == b else B + mT(B)
         if Rg is not None:  # + Σ_groups R[a,c] R[b,d] K[c,d] (X block)
             v, H_, p = Rg.shape[0], Rg.shape[1], self.p
-            K = data.group_K.reshape(v, H_ * self.q * self.q, (p + 1) ** 2)
+            K = xp.reshape(data.group_K, (v, H_ * self.q * self.q, (p + 1) ** 2))
             r_idx, c_idx = la.vech_index(self.q)
             for t, (a, b) in enumerate(zip(r_idx, c_idx)):
-                RR = (Rg[:, :, a, :, None] * Rg[:, :, b, None, :]).reshape(v, 1, -1)
-                B = (RR @ K).reshape(v, p + 1, p + 1)[:, :p, :p]
-                Bs[:, t] += B if a == b else B + np.swapaxes(B, 1, 2)
+                RR = xp.reshape(Rg[:, :, a, :, None] * Rg[:, :, b, None, :], (v, 1, -1))
+                B = xp.reshape(RR @ K, (v, p + 1, p + 1))[:, :p, :p]
+                Bs[:, t, ...] += B if a == b else B + mT(B)
         H, dC = hessian_from_parts(ev.observed, Bs, ev.C, self.q, self.reml)
         return H, dC, ev
 
@@ -172,15 +176,16 @@ class MissingObjective:
 def unit_products(D: np.ndarray, sign: np.ndarray, G: np.ndarray, X: np.ndarray, y: np.ndarray):
     """The units' signed terms of X'V⁻¹X, X'V⁻¹Y, Y'V⁻¹Y and log|V| (to add to the class sums),
     and R_t = (I + G_t D)⁻¹ per unit.  D (v, q, q); sign (v, T); G (v, T, q, q); X (v, T, q, p); y (v, T, q)."""
+    xp = la.namespace(D, sign, G, X, y)
     v, T = sign.shape
     q, p = G.shape[-1], X.shape[-1]
     Ru, W, dlogdetV = _resolvents(D, sign, G)
-    sX = (sign[:, :, None, None] * X).reshape(v, T * q, p)
-    WX = _small_product(W, X).reshape(v, T * q, p)
-    dXtVX = -(np.swapaxes(sX, 1, 2) @ WX)
-    Wy = np.einsum("vtab,vtb->vta", W, y).reshape(v, T * q)
-    dXtVY = -np.einsum("vk,vkp->vp", Wy, sX)
-    dYtVY = -np.einsum("vt,vta,vta->v", sign, y, Wy.reshape(v, T, q))
+    sX = xp.reshape(sign[:, :, None, None] * X, (v, T * q, p))
+    WX = xp.reshape(_small_product(W, X), (v, T * q, p))
+    dXtVX = -(xp.matrix_transpose(sX) @ WX)
+    Wy = xp.reshape(la.einsum(xp, "vtab,vtb->vta", W, y), (v, T * q))
+    dXtVY = -la.einsum(xp, "vk,vkp->vp", Wy, sX)
+    dYtVY = -la.einsum(xp, "vt,vta,vta->v", sign, y, xp.reshape(Wy, (v, T, q)))
     return dXtVX, dXtVY, dYtVY, dlogdetV, Ru
 
 
@@ -200,29 +205,32 @@ class UnitParts:
 
 def unit_gradient_parts(Ru, sign, G, X, y, beta, C=None) -> UnitParts:
     """The units' pieces of the deviance gradient (C = (X'V⁻¹X)⁻¹ for REML, None for ML)."""
+    xp = la.namespace(Ru, beta)
     Tu = la.sym(_small_product(Ru, G))
     v, T, q, p = X.shape
-    r = y - (X.reshape(v, T * q, p) @ beta[:, :, None]).reshape(v, T, q)
-    u = np.einsum("vtab,vtb->vta", Ru, r)
+    r = y - xp.reshape(xp.reshape(X, (v, T * q, p)) @ beta[:, :, None], (v, T, q))
+    u = la.einsum(xp, "vtab,vtb->vta", Ru, r)
     S = _small_product(Ru, X)  # (v, T, q, p): S_t = R_t X_t
     P = None
-    corr = np.zeros(Tu.shape[:1] + Tu.shape[2:])
+    corr = xp.zeros(Tu.shape[:1] + Tu.shape[2:], dtype=Tu.dtype)
     if C is not None:  # one GEMM per voxel, not one tiny product per unit
-        SC = (S.reshape(v, T * q, p) @ C).reshape(v, T, q, p)
-        P = np.einsum("vtap,vtbp->vtab", SC, S)
-        corr = np.einsum("vt,vtab->vab", sign, P)
-    return UnitParts(T=Tu, u=u, S=S, P=P, T_sum=np.einsum("vt,vtab->vab", sign, Tu),
-                     uu=np.einsum("vt,vta,vtb->vab", sign, u, u), corr=corr)
+        SC = xp.reshape(xp.reshape(S, (v, T * q, p)) @ C, (v, T, q, p))
+        P = la.einsum(xp, "vtap,vtbp->vtab", SC, S)
+        corr = la.einsum(xp, "vt,vtab->vab", sign, P)
+    return UnitParts(T=Tu, u=u, S=S, P=P, T_sum=la.einsum(xp, "vt,vtab->vab", sign, Tu),
+                     uu=la.einsum(xp, "vt,vta,vtb->vab", sign, u, u), corr=corr)
 
 
 def group_products(D: np.ndarray, weight: np.ndarray, G: np.ndarray, K: np.ndarray):
     """`unit_products` for unit groups: a voxel's units with one G_h enter through their weight
     sum and Gram matrix K_h[a, b, i, j] = Σ s_t [X_t | y_t][a, i] [X_t | y_t][b, j] (p + 1 columns).
     D (v, q, q); weight (v, H); G (v, H, q, q); K (v, H, q, q, p + 1, p + 1)."""
+    xp = la.namespace(D, weight, G, K)
     v, H, q = G.shape[:3]
     p = K.shape[-1] - 1
     Rg, W, dlogdetV = _resolvents(D, weight, G)
-    M = -(W.reshape(v, 1, H * q * q) @ K.reshape(v, H * q * q, (p + 1) ** 2)).reshape(v, p + 1, p + 1)
+    M = -xp.reshape(xp.reshape(W, (v, 1, H * q * q)) @ xp.reshape(K, (v, H * q * q, (p + 1) ** 2)),
+                    (v, p + 1, p + 1))
     return M[:, :p, :p], M[:, :p, p], M[:, p, p], dlogdetV, Rg
 
 
@@ -239,31 +247,33 @@ class GroupParts:
 
 def group_gradient_parts(Rg, G, K, beta, C=None) -> GroupParts:
     """The groups' pieces of the deviance gradient (C for REML, None for ML)."""
+    xp = la.namespace(Rg, beta)
     v, H, q = G.shape[:3]
     p = beta.shape[1]
     Tg = la.sym(_small_product(Rg, G))
-    e = np.concatenate([-beta, np.ones((v, 1))], axis=1)  # [X | y] e = y - X β
-    Ke = (K.reshape(v, H * q * q * (p + 1), p + 1) @ e[:, :, None]).reshape(v, H, q, q, p + 1)
-    N = (Ke.reshape(v, H * q * q, p + 1) @ e[:, :, None]).reshape(v, H, q, q)
+    e = xp.concat([-beta, xp.ones((v, 1), dtype=beta.dtype)], axis=1)  # [X | y] e = y - X β
+    Ke = xp.reshape(xp.reshape(K, (v, H * q * q * (p + 1), p + 1)) @ e[:, :, None], (v, H, q, q, p + 1))
+    N = xp.reshape(xp.reshape(Ke, (v, H * q * q, p + 1)) @ e[:, :, None], (v, H, q, q))
 
     def sandwich(M):  # R M R' per group
-        return _small_product(_small_product(Rg, M), np.swapaxes(Rg, -1, -2))
+        return _small_product(_small_product(Rg, M), xp.matrix_transpose(Rg))
 
     P = None
     if C is not None:
-        Cpad = np.zeros((v, p + 1, p + 1))
+        Cpad = xp.zeros((v, p + 1, p + 1), dtype=C.dtype)
         Cpad[:, :p, :p] = C
-        XCX = (K.reshape(v, H * q * q, (p + 1) ** 2) @ Cpad.reshape(v, -1, 1)).reshape(v, H, q, q)
+        XCX = xp.reshape(xp.reshape(K, (v, H * q * q, (p + 1) ** 2)) @ xp.reshape(Cpad, (v, -1, 1)), (v, H, q, q))
         P = sandwich(XCX)
-    A = np.einsum("vhxa,vhyb,vhabi->vxyi", Rg, Rg, Ke[..., :p])
+    A = la.einsum(xp, "vhxa,vhyb,vhabi->vxyi", Rg, Rg, Ke[..., :p])
     return GroupParts(T=Tg, uu=sandwich(N), P=P, A=A)
 
 
 def _resolvents(D: np.ndarray, weight: np.ndarray, G: np.ndarray):
     """Per unit or group (v, T, q, q): R = (I + G D)⁻¹, W = D R (symmetrised) and Σ weight log|I + G D|."""
-    A = np.eye(G.shape[-1]) + _small_product(G, D[:, None])
+    xp = la.namespace(D, weight, G)
+    A = xp.eye(G.shape[-1], dtype=G.dtype) + _small_product(G, D[:, None, ...])
     R = _inv(A)
-    return R, la.sym(_small_product(D[:, None], R)), np.einsum("vt,vt->v", weight, _logdet(A))
+    return R, la.sym(_small_product(D[:, None, ...], R)), la.einsum(xp, "vt,vt->v", weight, _logdet(A))
 
 
 def _small_product(A: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -282,28 +292,30 @@ def _with_info(ev: Evaluation, info) -> Evaluation:
 
 
 def _inv(A: np.ndarray) -> np.ndarray:
+    xp = la.namespace(A)
     q = A.shape[-1]
     if q == 1:
         return 1.0 / A
     if q == 2:
         det = A[..., 0, 0] * A[..., 1, 1] - A[..., 0, 1] * A[..., 1, 0]
-        out = np.empty_like(A)
+        out = xp.empty_like(A)
         out[..., 0, 0] = A[..., 1, 1] / det
         out[..., 1, 1] = A[..., 0, 0] / det
         out[..., 0, 1] = -A[..., 0, 1] / det
         out[..., 1, 0] = -A[..., 1, 0] / det
         return out
-    return np.linalg.inv(A)
+    return xp.linalg.inv(A)
 
 
 def _logdet(A: np.ndarray) -> np.ndarray:
+    xp = la.namespace(A)
     q = A.shape[-1]
     if q == 1:
-        return np.log(A[..., 0, 0])
+        return xp.log(A[..., 0, 0])
     if q == 2:
-        return np.log(A[..., 0, 0] * A[..., 1, 1] - A[..., 0, 1] * A[..., 1, 0])
-    sign, logdet = np.linalg.slogdet(A)
-    return np.where(sign > 0, logdet, np.nan)
+        return xp.log(A[..., 0, 0] * A[..., 1, 1] - A[..., 0, 1] * A[..., 1, 0])
+    sign, logdet = xp.linalg.slogdet(A)
+    return xp.where(sign > 0, logdet, xp.nan)
 
 
 @dataclass
@@ -329,9 +341,10 @@ class MissingData:
     group_K: np.ndarray
 
     def take(self, idx) -> "MissingData":
-        return MissingData(self.base.take(idx), self.XtY[idx], self.n[idx], self.dXtX[idx], self.sign[idx],
-                           self.G[idx], self.X[idx], self.y[idx], self.group_weight[idx], self.group_G[idx],
-                           self.group_K[idx])
+        rows = la.select_rows
+        return MissingData(self.base.take(idx), rows(self.XtY, idx), rows(self.n, idx), rows(self.dXtX, idx),
+                           rows(self.sign, idx), rows(self.G, idx), rows(self.X, idx), rows(self.y, idx),
+                           rows(self.group_weight, idx), rows(self.group_G, idx), rows(self.group_K, idx))
 
     @property
     def nbytes(self) -> int:

@@ -83,13 +83,17 @@ class NestedData:
     groups: list  # LevelData per block shape
 
     def take(self, idx) -> "NestedData":
-        return NestedData(self.XtY[idx], self.YtY[idx], [g.take(idx) for g in self.groups])
+        return NestedData(la.select_rows(self.XtY, idx), la.select_rows(self.YtY, idx),
+                          [g.take(idx) for g in self.groups])
 
 
 class NestedTree:
     """The layout of a nesting tree in Z'Z, before any evaluation: its nodes (every level of every
     factor in the tree), their blocks G (own, and with the parent node), which nodes have rows, the
-    outer levels grouped by block shape, and the factors spanned by their child (`spanned`)."""
+    outer levels grouped by block shape, and the factors spanned by their child (`spanned`).
+
+    Host-only (numpy, off the array seam): it runs once per objective on Z'Z and small index arrays;
+    `NestedObjective` evaluates in the namespace of the voxels' arrays."""
 
     def __init__(self, layout, ZtZ: sp.csr_matrix, tree: list[int] | None = None):
         tree = nested_tree(layout) if tree is None else sorted(tree)
@@ -265,7 +269,9 @@ class NestedTree:
         bk = keep.size
         P = np.kron(E.T, E.T) @ Pb
         P[np.abs(P) < 1e-14] = 0.0
-        terms = [[(r // bk, r % bk, P[r, x]) for r in np.flatnonzero(P[:, x])] for x in range(self.s)]
+        # Python numbers: they weigh arrays of any namespace (a numpy scalar is not a standard scalar)
+        terms = [[(int(r // bk), int(r % bk), float(P[r, x])) for r in np.flatnonzero(P[:, x])]
+                 for x in range(self.s)]
         return P, keep, terms
 
     @staticmethod
@@ -290,7 +296,8 @@ class NestedObjective:
         self.tree, self.root = layout_tree.tree, layout_tree.root
         self.n, self.p, self.reml = int(n), XtX.shape[0], bool(reml)
         self.XtX = XtX
-        self.q, self.s, self.soff, self.spans = layout_tree.q, layout_tree.s, layout_tree.soff, layout_tree.spans
+        self.q, self.s, self.spans = layout_tree.q, layout_tree.s, layout_tree.spans
+        self.soff = tuple(int(o) for o in layout_tree.soff)  # slice bounds: host integers in any namespace
         self.levels, self.perm, self.P, self.Pterms, self.shapes = [], [], [], [], []
         for shape, members in layout_tree.groups.items():
             P, keep, terms = layout_tree.block_map(shape, members[0])
@@ -315,6 +322,7 @@ class NestedObjective:
         # X'X is the levels' own (one array): counted there
         return sum(lv.held_bytes() for lv in self.levels) + array_bytes(self.perm, self.P, self.soff, self.spans)
 
+    # host side (numpy): a block's sums arranged once, then moved (linalg.move); evaluation is on the seam
     def data(self, XtY, ZtY, YtY, units=None) -> NestedData:
         no_units(self, units)
         XtY = np.ascontiguousarray(XtY)
@@ -329,10 +337,11 @@ class NestedObjective:
 
     def block_D(self, D_list, g):
         """Group g's block covariance D̃ = P_g vec[D_k] per voxel (v, b, b)."""
+        xp = la.namespace(*[D_list[k] for k in self.tree])
         v = D_list[self.tree[0]].shape[0]
-        Dvec = np.concatenate([D_list[k].reshape(v, -1) for k in self.tree], axis=1)
+        Dvec = xp.concat([xp.reshape(D_list[k], (v, -1)) for k in self.tree], axis=1)
         b = self.levels[g].q
-        return (Dvec @ self.P[g].T).reshape(v, b, b)
+        return xp.reshape(Dvec @ self.P[g].T, (v, b, b))
 
     def products(self, D_list, data: NestedData):
         """X'V⁻¹X, X'V⁻¹Y, Y'V⁻¹Y and log|V| over the tree's factors (D_list: every factor, by index)."""
@@ -358,24 +367,26 @@ class NestedObjective:
 
     def gradient_vectors(self, Rs, data: NestedData, gamma, Omega):
         """Σ T, Σ uu', Σ S Ω S' in the reduced coordinates [vec D_k for k in tree] (v, s), and the information."""
+        xp = la.namespace(gamma)
         v = gamma.shape[0]
-        T_vec = np.zeros((v, self.s))
-        uu_vec = np.zeros((v, self.s))
-        corr_vec = np.zeros((v, self.s))
-        info = np.zeros((v, self.s, self.s))
+        T_vec = xp.zeros((v, self.s), dtype=gamma.dtype)
+        uu_vec = xp.zeros((v, self.s), dtype=gamma.dtype)
+        corr_vec = xp.zeros((v, self.s), dtype=gamma.dtype)
+        info = xp.zeros((v, self.s, self.s), dtype=gamma.dtype)
         for g, lv in enumerate(self.levels):
             T, uu, corr, _ = lv.gradient_parts(Rs[g], data.groups[g], gamma, Omega, with_info=False)
             P = self.P[g]
-            T_vec += T.reshape(v, -1) @ P
-            uu_vec += uu.reshape(v, -1) @ P
-            corr_vec += corr.reshape(v, -1) @ P
+            T_vec += xp.reshape(T, (v, -1)) @ P
+            uu_vec += xp.reshape(uu, (v, -1)) @ P
+            corr_vec += xp.reshape(corr, (v, -1)) @ P
             info += self._information(lv, Rs[g], self.Pterms[g])
         return T_vec, uu_vec, corr_vec, info
 
     def per_factor(self, vec: np.ndarray) -> list:
         """(v, s) in the reduced coordinates -> per tree factor (v, q_k, q_k)."""
+        xp = la.namespace(vec)
         v = vec.shape[0]
-        return [vec[:, self.soff[i]:self.soff[i + 1]].reshape(v, q, q) for i, q in enumerate(self.q)]
+        return [xp.reshape(vec[:, self.soff[i]:self.soff[i + 1]], (v, q, q)) for i, q in enumerate(self.q)]
 
     @staticmethod
     def _information(lv, R, terms):
@@ -392,8 +403,9 @@ class NestedObjective:
                 Tu[i, j] = t
             return Tu[i, j]
         s = len(terms)
-        v = R[0][0].shape[0] if np.ndim(R[0][0]) == 2 else 1
-        out = np.zeros((v, s, s))
+        xp = la.namespace(lv.mu)
+        v = R[0][0].shape[0] if R[0][0].ndim == 2 else 1
+        out = xp.zeros((v, s, s), dtype=lv.mu.dtype)
         for x in range(s):
             for y in range(x, s):
                 if not terms[x] or not terms[y]:
@@ -451,7 +463,9 @@ class NestedSchurObjective(SchurObjective):
         UtU = np.block([[XtX, ZRtX.T], [ZRtX, ZRtZR]])
         ZtU = np.hstack([ZtX, np.asarray(ZtZ[:, small_cols].todense())])  # all Z columns; the tree picks its own
         self.level = NestedObjective(UtU, ZtU, ZtZ, n, layout, reml, self.tree)
-        self.small_offsets = np.concatenate([[0], np.cumsum([nlev[k] * self.qk[k] for k in self.small])])
+        # slice bounds: host integers in any namespace
+        self.small_offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum([nlev[k] * self.qk[k]
+                                                                                    for k in self.small])]))
         self.small_levels = [nlev[k] for k in self.small]
         self.small_q = [self.qk[k] for k in self.small]
         self.eye_p = np.eye(self.p)
@@ -463,6 +477,7 @@ class NestedSchurObjective(SchurObjective):
     def held_bytes(self) -> int:
         return self.level.held_bytes() + array_bytes(self.small_cols, self.small_offsets, self.eye_p)
 
+    # host side (numpy): a block's sums arranged once, then moved (linalg.move); evaluation is on the seam
     def data(self, XtY, ZtY, YtY, units=None) -> SchurData:
         no_units(self, units)
         UtY = np.hstack([XtY, ZtY[:, self.small_cols]])

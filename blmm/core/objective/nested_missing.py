@@ -42,7 +42,8 @@ class GroupUnits:
     y: np.ndarray
 
     def take(self, idx) -> "GroupUnits":
-        return GroupUnits(self.sign[idx], self.G[idx], self.X[idx], self.y[idx])
+        rows = la.select_rows
+        return GroupUnits(rows(self.sign, idx), rows(self.G, idx), rows(self.X, idx), rows(self.y, idx))
 
     @property
     def nbytes(self) -> int:
@@ -63,7 +64,8 @@ class NestedMissingData:
     units: list
 
     def take(self, idx) -> "NestedMissingData":
-        return NestedMissingData(self.base.take(idx), self.XtY[idx], self.n[idx], self.dXtX[idx],
+        rows = la.select_rows
+        return NestedMissingData(self.base.take(idx), rows(self.XtY, idx), rows(self.n, idx), rows(self.dXtX, idx),
                                  [u.take(idx) for u in self.units])
 
 
@@ -78,6 +80,7 @@ class NestedMissingObjective:
         self.n, self.p, self.reml = int(n), self.base.p, bool(reml)
         self.tree = self.base.tree
 
+    # host side (numpy): a block's sums arranged once, then moved (linalg.move); evaluation is on the seam
     def data(self, XtY, ZtY, YtY, units: dict | None = None) -> NestedMissingData:
         """Per-voxel data sums plus the voxels' units per group (none: the common design); units:
         n (v,), dXtX (v, p, p) and "units", one `GroupUnits` per group (`FamilyBlocks.block_units`)."""
@@ -125,6 +128,7 @@ class NestedMissingObjective:
         ev = profiled(la.sym(XtVX), XtVY, YtVY, logdetV, data.n, self.p, self.reml, sigma2)
         if not grad:
             return ev
+        xp = la.namespace(ev.beta)
         base = self.base
         C = ev.C if self.reml else None
         T_vec, uu_vec, corr_vec, info = base.gradient_vectors(Rs, data.base, ev.beta, C)
@@ -134,9 +138,9 @@ class NestedMissingObjective:
                 continue
             parts = unit_gradient_parts(R, u.sign, u.G, u.X, u.y, ev.beta, C)
             P = base.P[g]
-            T_vec = T_vec + parts.T_sum.reshape(v, -1) @ P
-            uu_vec = uu_vec + parts.uu.reshape(v, -1) @ P
-            corr_vec = corr_vec + parts.corr.reshape(v, -1) @ P
+            T_vec = T_vec + xp.reshape(parts.T_sum, (v, -1)) @ P
+            uu_vec = uu_vec + xp.reshape(parts.uu, (v, -1)) @ P
+            corr_vec = corr_vec + xp.reshape(parts.corr, (v, -1)) @ P
             info = info + unit_information(parts.T, u.sign, P)
         return with_gradient(ev, base.per_factor(T_vec), base.per_factor(uu_vec), base.per_factor(corr_vec), info)
 
@@ -144,7 +148,8 @@ class NestedMissingObjective:
 def unit_information(T: np.ndarray, sign: np.ndarray, P: np.ndarray) -> np.ndarray:
     """P'F P of the units, F[(a,b),(c,d)] = Σ_t s_t T_t[b,c] T_t[a,d]: entry (x, y) is
     Σ_t s_t tr(T_t M_x T_t M_y) with M_x = P[:, x] as a b x b matrix (v, s, s)."""
+    xp = la.namespace(T, sign, P)
     b = T.shape[-1]
-    M = P.T.reshape(-1, b, b)
-    N = np.einsum("vtab,xbc->vtxac", T, M)
-    return np.einsum("vt,vtxab,vtyba->vxy", sign, N, N, optimize=True)
+    M = xp.reshape(P.T, (-1, b, b))
+    N = la.einsum(xp, "vtab,xbc->vtxac", T, M)
+    return la.einsum(xp, "vt,vtxab,vtyba->vxy", sign, N, N, optimize=True)

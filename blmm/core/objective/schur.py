@@ -19,7 +19,7 @@ class SchurData:
     XtY: np.ndarray  # (v, p), for resms and the voxel count
 
     def take(self, idx) -> "SchurData":
-        return SchurData(self.level.take(idx), self.ZRtY[idx], self.XtY[idx])
+        return SchurData(self.level.take(idx), la.select_rows(self.ZRtY, idx), la.select_rows(self.XtY, idx))
 
 
 class SchurObjective:
@@ -52,7 +52,9 @@ class SchurObjective:
         Z1tU = np.hstack([ZtX[big_cols], np.asarray(ZtZ[big_cols][:, small_cols].todense())])
         self.level = LevelObjective(UtU, Z1tU, ZtZ[big_cols][:, big_cols], n, self.qk[self.big], reml)
         # offsets of the small factors inside the q_R block (level-major per factor, as Z)
-        self.small_offsets = np.concatenate([[0], np.cumsum([nlev[k] * self.qk[k] for k in self.small])])
+        # slice bounds: host integers in any namespace
+        self.small_offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum([nlev[k] * self.qk[k]
+                                                                                    for k in self.small])]))
         self.small_levels = [nlev[k] for k in self.small]
         self.small_q = [self.qk[k] for k in self.small]
         self.eye_p = np.eye(p)
@@ -69,6 +71,7 @@ class SchurObjective:
     def held_bytes(self) -> int:
         return self.level.held_bytes() + array_bytes(self.big_cols, self.small_cols, self.small_offsets, self.eye_p)
 
+    # host side (numpy): a block's sums arranged once, then moved (linalg.move); evaluation is on the seam
     def data(self, XtY, ZtY, YtY, units=None) -> SchurData:
         no_units(self, units)
         UtY = np.hstack([XtY, ZtY[:, self.small_cols]])
@@ -76,8 +79,9 @@ class SchurObjective:
                          np.ascontiguousarray(ZtY[:, self.small_cols]), np.ascontiguousarray(XtY))
 
     def _small_blockdiag(self, D_list):
+        xp = la.namespace(*D_list)
         v = D_list[0].shape[0]
-        out = np.zeros((v, self.qR, self.qR))
+        out = xp.zeros((v, self.qR, self.qR), dtype=D_list[0].dtype)
         for i, k in enumerate(self.small):
             o, lk, qk = self.small_offsets[i], self.small_levels[i], self.small_q[i]
             root = la.psd_root(D_list[k])
@@ -100,49 +104,52 @@ class SchurObjective:
         return {self.big: (la.sym(T1 - corr1 - uu1 / s2), T1, uu1)}
 
     def evaluate(self, D_list, data: SchurData, sigma2=None, grad=False) -> Evaluation:
+        xp = la.namespace(data.XtY, data.ZRtY)
+        mT = xp.matrix_transpose
         v = D_list[0].shape[0]
         p, qR = self.p, self.qR
         UVU, UVY, YVY1, logdetV1, R = self._eliminated_products(D_list, data)
         A_XX, A_XR, A_RR = UVU[:, :p, :p], UVU[:, :p, p:], la.sym(UVU[:, p:, p:])
         a_XY, a_RY = UVY[:, :p], UVY[:, p:]
         Lam = self._small_blockdiag(D_list)  # Λ Λ' = D_R
-        Mt = np.eye(qR) + np.swapaxes(Lam, 1, 2) @ A_RR @ Lam
+        eye_R = xp.eye(qR, dtype=Lam.dtype)
+        Mt = eye_R + mT(Lam) @ A_RR @ Lam
         Lm, chol_ok = la.safe_cholesky(la.sym(Mt))
-        Lm[~chol_ok] = np.eye(qR)  # a non-finite voxel is flagged below, its block goes on
-        logdetV = logdetV1 + 2.0 * np.sum(np.log(np.diagonal(Lm, axis1=1, axis2=2)), axis=1)
-        LiLt = np.linalg.solve(Lm, np.swapaxes(Lam, 1, 2))  # L⁻¹Λ'
-        Bx = LiLt @ np.swapaxes(A_XR, 1, 2)
-        by = np.einsum("vab,vb->va", LiLt, a_RY)
-        XtVX = la.sym(A_XX - np.swapaxes(Bx, 1, 2) @ Bx)
-        XtVY = a_XY - np.einsum("vqp,vq->vp", Bx, by)
-        YtVY = YVY1 - np.einsum("vq,vq->v", by, by)
+        Lm[~chol_ok] = eye_R  # a non-finite voxel is flagged below, its block goes on
+        logdetV = logdetV1 + 2.0 * xp.sum(xp.log(xp.linalg.diagonal(Lm)), axis=1)
+        LiLt = xp.linalg.solve(Lm, mT(Lam))  # L⁻¹Λ'
+        Bx = LiLt @ mT(A_XR)
+        by = la.einsum(xp, "vab,vb->va", LiLt, a_RY)
+        XtVX = la.sym(A_XX - mT(Bx) @ Bx)
+        XtVY = a_XY - la.einsum(xp, "vqp,vq->vp", Bx, by)
+        YtVY = YVY1 - la.einsum(xp, "vq,vq->v", by, by)
         ev = profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
         ev.ok &= chol_ok
         beta, C = ev.beta, ev.C
         if not grad:
             return ev
-        S = np.swapaxes(LiLt, 1, 2) @ LiLt  # Λ M⁻¹ Λ'
-        rR = a_RY - np.einsum("vpq,vp->vq", A_XR, beta)  # Z_R'V₁⁻¹ r
-        b_tilde = np.einsum("vab,vb->va", S, rR)
-        gamma = np.concatenate([beta, b_tilde], axis=1)
-        SA = S @ np.swapaxes(A_XR, 1, 2)  # S Z_R'V₁⁻¹X
-        Omega = np.zeros((v, p + qR, p + qR))
+        S = mT(LiLt) @ LiLt  # Λ M⁻¹ Λ'
+        rR = a_RY - la.einsum(xp, "vpq,vp->vq", A_XR, beta)  # Z_R'V₁⁻¹ r
+        b_tilde = la.einsum(xp, "vab,vb->va", S, rR)
+        gamma = xp.concat([beta, b_tilde], axis=1)
+        SA = S @ mT(A_XR)  # S Z_R'V₁⁻¹X
+        Omega = xp.zeros((v, p + qR, p + qR), dtype=S.dtype)
         Omega[:, p:, p:] = S
         if self.reml:
-            B = np.concatenate([np.broadcast_to(self.eye_p, (v, p, p)), -SA], axis=1)
-            Omega += B @ C @ np.swapaxes(B, 1, 2)
+            B = xp.concat([xp.broadcast_to(self.eye_p, (v, p, p)), -SA], axis=1)
+            Omega += B @ C @ mT(B)
         s2 = ev.sigma2[:, None, None]
         # expected information: the eliminated factors' from V₁, the small factors' from V (no cross terms)
-        starts = np.concatenate([[0], np.cumsum([q * q for q in self.qk])]).astype(int)
-        info = np.zeros((v, starts[-1], starts[-1]))
+        starts = [int(x) for x in np.concatenate([[0], np.cumsum([q * q for q in self.qk])])]  # host slice bounds
+        info = xp.zeros((v, starts[-1], starts[-1]), dtype=S.dtype)
         eliminated = self._eliminated_parts(R, data, gamma, la.sym(Omega), s2, info, starts)
-        IAS = np.eye(qR) - A_RR @ S  # Z_R'V⁻¹ = (I - A S) Z_R'V₁⁻¹
+        IAS = eye_R - A_RR @ S  # Z_R'V⁻¹ = (I - A S) Z_R'V₁⁻¹
         TR = la.sym(IAS @ A_RR)  # Z_R'V⁻¹Z_R
-        uR = np.einsum("vab,vb->va", IAS, rR)
-        PR = TR.copy()
+        uR = la.einsum(xp, "vab,vb->va", IAS, rR)
+        PR = TR
         if self.reml:
-            ZVX = IAS @ np.swapaxes(A_XR, 1, 2)
-            PR = PR - ZVX @ C @ np.swapaxes(ZVX, 1, 2)
+            ZVX = IAS @ mT(A_XR)
+            PR = PR - ZVX @ C @ mT(ZVX)
         GR = PR - uR[:, :, None] * uR[:, None, :] / s2
         nf = len(self.qk)
         grads, T_sums, uus = [None] * nf, [None] * nf, [None] * nf
@@ -155,7 +162,7 @@ class SchurObjective:
             uus[k] = self._small_factor_sum(uuR, i)
         ev.grad, ev.T_sum, ev.uu_sum = grads, T_sums, uus
         small_info = factor_pair_information(TR, self.small_offsets[:-1], self.small_levels, self.small_q)
-        ss = np.concatenate([[0], np.cumsum([q * q for q in self.small_q])]).astype(int)
+        ss = [int(x) for x in np.concatenate([[0], np.cumsum([q * q for q in self.small_q])])]
         for i, k in enumerate(self.small):
             for i2, k2 in enumerate(self.small):
                 info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = small_info[:, ss[i]:ss[i + 1], ss[i2]:ss[i2 + 1]]
