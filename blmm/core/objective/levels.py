@@ -302,7 +302,9 @@ class LevelObjective:
         q = self.q
         if ev is not None and ev.cache is not None:  # the evaluation at D already holds R_c and P_c
             R = _unflatten_entries(ev.cache["R"], q)
-            P = _unflatten_entries(ev.cache["P"], q) if self.reml else None
+            P = None
+            if self.reml and ev.observed is None:  # P_j only enters through the observed information
+                P = _unflatten_entries(ev.cache["P"], q) if "P" in ev.cache else self._unit_P(R, ev.C)
         else:
             XtVX, XtVY, YtVY, logdetV, R = self.products(D, data)
             ev = profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
@@ -314,6 +316,8 @@ class LevelObjective:
     def direction_sums(self, R) -> np.ndarray:
         """B_t = Σ_j S_j' E_t S_j (v, q(q+1)/2, p, p) per vech direction E_t: one GEMM over units per (t, pair)."""
         xp = la.namespace(R[0][0])
+        if self.q2 is not None and xp is np:
+            return self.q2.direction_sums(R)
         v = R[0][0].shape[0]
         q, p = self.q, self.p
         r_idx, c_idx = la.vech_index(q)
@@ -358,16 +362,14 @@ class LevelObjective:
         if not grad:
             return ev
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            T_sum, uu, corr, info, unit_terms, A, R, P = kernel.gradient(D, data.ys, ev.beta,
-                                                                         ev.C if self.reml else None, ev.sigma2)
+            T_sum, uu, corr, info, unit_terms, A, R = kernel.gradient(D, data.ys, ev.beta,
+                                                                      ev.C if self.reml else None, ev.sigma2)
         s2 = ev.sigma2[:, None, None]
         ev.grad = [la.sym(T_sum - corr - uu / s2)]
         ev.info = info
         ev.T_sum = [T_sum]
         ev.uu_sum = [uu]
-        ev.cache = {"R": R}
-        if P is not None:
-            ev.cache["P"] = P
+        ev.cache = {"R": R}  # with ev.observed the Hessian needs no P_j
         ev.observed = la.sym(unit_terms - 2.0 * np.einsum("vip,vpr,vjr->vij", A, ev.C, A) / s2)
         return ev
 

@@ -22,6 +22,7 @@ from blmm.core import linalg as la
 # of levels, while the level products K'(p(p+1)/2 x levels) @ W' keep ~95% of their rate at 32 columns
 CHUNK_BYTES = 2 ** 20
 PAIRS = ((0, 0), (0, 1), (1, 1))  # T, W, P and uu' entries kept, in upper_pairs order
+VECH = ((0, 0), (1, 0), (1, 1))  # vech order of D's entries (linalg.vech_index)
 
 
 def _pair(a: int, b: int) -> int:
@@ -127,11 +128,10 @@ class LevelsQ2Kernel:
     def gradient(self, D: np.ndarray, ys: list, beta: np.ndarray, C_gls: np.ndarray | None, sigma2: np.ndarray):
         """T_sum, uu_sum, corr (Σ P_j, or zeros without C_gls), the expected information (v, 4, 4), the
         observed information's unit sums Σ T⊗(2uu'/σ² + 2P) - Σ T⊗T (v, 4, 4), A_xy = Σ_j S_j[x]'u_j[y]
-        (v, 4, p), and R (4, v, C), P (3, v, C) or None for the Hessian's cache."""
+        (v, 4, p), and R's entries (v, C) for the Hessian's direction sums."""
         v, p, C = D.shape[0], self.p, self.C
         reml = C_gls is not None
         R_all = np.empty((4, v, C))
-        P_all = np.empty((3, v, C)) if reml else None
         S_T = np.empty((v, 4))  # Σ_j [g00, g01, g11, γ]_j / det_j
         S_TT = np.empty((v, 10))
         S_TW = np.empty((v, 3, 4))  # per (d, a) pair: Σ_j [g, γ]_j (2uu'/σ² + 2P)_da / det_j
@@ -177,7 +177,7 @@ class LevelsQ2Kernel:
                 H = H_all[sl]  # pairs 00, 01, 11
                 H *= half
                 H0, H1, H2 = H[:, :C], H[:, C:2 * C], H[:, 2 * C:]
-                P = P_all[:, sl]
+                P = np.empty((3, vc, C))
                 RH = np.empty((2, vc, C))  # row a of R H, for a = 0 then 1: P_ab = Σ_f (RH)_af R_bf
                 for a in range(2):
                     ra0, ra1 = R[2 * a], R[2 * a + 1]
@@ -218,9 +218,24 @@ class LevelsQ2Kernel:
         T_sum = _pairs_matrix(T_pairs)
         uu_sum = _pairs_matrix(uu)
         corr_m = _pairs_matrix(corr)
-        R_list = [R_all[k] for k in range(4)]
-        P_list = None if P_all is None else [P_all[0], P_all[1], P_all[1], P_all[2]]
-        return T_sum, uu_sum, corr_m, info, M.reshape(v, 4, 4) - info, A, R_list, P_list
+        return T_sum, uu_sum, corr_m, info, M.reshape(v, 4, 4) - info, A, [R_all[k] for k in range(4)]
+
+    def direction_sums(self, R: list) -> np.ndarray:
+        """LevelObjective.direction_sums: B_t = Σ_j S_j' E_t S_j (v, 3, p, p) for vech directions E_t, from R's
+        entries [a][b]; the coefficient arrays in voxel chunks, then one product of K' with all of them."""
+        v, C, p = R[0][0].shape[0], self.C, self.p
+        coef = np.empty((3, v, 3, C))  # [t, voxel, pair (e, f)]: R_ae R_bf + R_be R_af (halved for a = b)
+        for sl in self.chunks(v):
+            tmp = np.empty((sl.stop - sl.start, C))
+            for t, (a, b) in enumerate(VECH):
+                for m, (e, f) in enumerate(PAIRS):
+                    out = coef[t, sl, m]
+                    np.multiply(R[a][e][sl], R[b][f][sl], out=out)
+                    if a == b:
+                        continue
+                    out += np.multiply(R[b][e][sl], R[a][f][sl], out=tmp)
+        BupT = self.KfT_all @ coef.reshape(3 * v, 3 * C).T  # (p(p+1)/2, 3v)
+        return la.unpack_sym(np.ascontiguousarray(BupT.T).reshape(3, v, -1), p).transpose(1, 0, 2, 3)
 
 
 def _pairs_matrix(x: np.ndarray) -> np.ndarray:
