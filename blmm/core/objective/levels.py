@@ -75,7 +75,7 @@ class LevelObjective:
         self.Xs = [np.ascontiguousarray(Xl[self.small_levels, a]) for a in range(q)]  # (Ls, p)
         self.Xl = Xl
         # q = 2 with every level its own unit (irregular slopes): closed forms, fused passes (numpy arrays)
-        self.q2 = (LevelsQ2Kernel(self.g[0][0], self.g[0][1], self.g[1][1], self.mu, self.KfT, self.Xs, self.XtX_up, p)
+        self.q2 = (LevelsQ2Kernel(self.g[0][0], self.g[0][1], self.g[1][1], self.KfT, self.Xs, self.XtX_up, p)
                    if q == 2 and self.Cb == 0 else None)
 
     missing_rows = False

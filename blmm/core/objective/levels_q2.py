@@ -64,12 +64,11 @@ def _r_column_coefficients(d00, d01, d11) -> np.ndarray:
 class LevelsQ2Kernel:
     """The closed forms and fused passes of one LevelObjective with q = 2 and no aggregated classes."""
 
-    def __init__(self, g00, g01, g11, mu, KfT, Xs, XtX_up, p: int):
+    def __init__(self, g00, g01, g11, KfT, Xs, XtX_up, p: int):
         C = g00.size
         gam = g00 * g11 - g01 * g01
         one = np.ones(C)
         self.C, self.p = C, p
-        self.mu = mu
         self.L_det = np.stack([one, g00, 2.0 * g01, g11, gam])  # (5, C) against (1, d00, d01, d11, Δ)
         self.L_lin = np.stack([one, g00, g01, g11])  # (4, C): rows of W's and R's numerators
         self.L_T = np.ascontiguousarray(np.stack([g00, g01, g11, gam], axis=1))  # (C, 4): T_x = (g_x + γ s_x)/det
@@ -106,7 +105,7 @@ class LevelsQ2Kernel:
             vc = d00.size
             det = np.stack([np.ones(vc), d00, d01, d11, delta], axis=1) @ self.L_det  # (vc, C)
             inv = np.divide(1.0, det)
-            logdetV[sl] = np.log(det, out=det) @ self.mu
+            logdetV[sl] = _sum_of_logs(det)
             coef_w = _w_coefficients(d00, d01, d11, delta)
             W = W_all[sl]
             for k in range(3):
@@ -139,7 +138,6 @@ class LevelsQ2Kernel:
         corr = np.zeros((v, 3))
         A = np.empty((v, 4, p))
         cvec = la.pack_sym(C_gls, double_offdiag=True) if reml else None
-        half = np.repeat(np.array([1.0, 0.5, 1.0]), C)  # H_01 = <K01 + K10, Ω>/2
         H_all = cvec @ self.KfT_all if reml else None  # (v, 3C): <K_j^{ab}, Ω>, one product over the block
         for sl in self.chunks(v):
             d00, d01, d11 = D[sl, 0, 0], D[sl, 0, 1], D[sl, 1, 1]
@@ -175,7 +173,7 @@ class LevelsQ2Kernel:
             Z *= (1.0 / sigma2[sl])[None, :, None]
             if reml:
                 H = H_all[sl]  # pairs 00, 01, 11
-                H *= half
+                H[:, C:2 * C] *= 0.5  # H_01 = <K01 + K10, Ω>/2
                 H0, H1, H2 = H[:, :C], H[:, C:2 * C], H[:, 2 * C:]
                 P = np.empty((3, vc, C))
                 RH = np.empty((2, vc, C))  # row a of R H, for a = 0 then 1: P_ab = Σ_f (RH)_af R_bf
@@ -236,6 +234,20 @@ class LevelsQ2Kernel:
                     out += np.multiply(R[b][e][sl], R[a][f][sl], out=tmp)
         BupT = self.KfT_all @ coef.reshape(3 * v, 3 * C).T  # (p(p+1)/2, 3v)
         return la.unpack_sym(np.ascontiguousarray(BupT.T).reshape(3, v, -1), p).transpose(1, 0, 2, 3)
+
+
+def _sum_of_logs(det: np.ndarray) -> np.ndarray:
+    """Σ_j log det_j per row (every level a unit of one member), det_j ≥ 1: logs of products of four levels
+    (a log costs ~4 products), or of each level where a product of four overflows."""
+    h = det.shape[1] // 2
+    q = h // 2
+    two = det[:, :h] * det[:, h:2 * h]
+    four = two[:, :q] * two[:, q:2 * q]
+    out = np.log(four).sum(axis=1) + np.log(two[:, 2 * q:]).sum(axis=1) + np.log(det[:, 2 * h:]).sum(axis=1)
+    bad = ~np.isfinite(out)
+    if np.any(bad):
+        out[bad] = np.log(det[bad]).sum(axis=1)
+    return out
 
 
 def _pairs_matrix(x: np.ndarray) -> np.ndarray:
