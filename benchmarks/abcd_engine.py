@@ -48,24 +48,27 @@ from examples.abcd_like.simulate import (  # noqa: E402
 from result_line import emit  # noqa: E402
 
 
-# level products per voxel of each method that runs them (REML adds the P_j products of the gradient)
-PRODUCTS = {(LevelsQ2Kernel, "products"): lambda reml: 3, (LevelsQ2Kernel, "gradient"): lambda reml: 3 * reml,
-            (LevelObjective, "products"): lambda reml: 3, (LevelObjective, "_unit_P"): lambda reml: 3,
-            (LevelObjective, "direction_sums"): lambda reml: 9}
+# level products per voxel of each method that runs them on design 2's path (LevelsQ2Kernel; the Hessian's
+# direction sums through LevelObjective): X'V⁻¹X's three, the REML gradient's three H_j = X_jCX_j' (its C_gls
+# argument is None for ML), the Hessian's nine
+PRODUCTS = {(LevelsQ2Kernel, "products"): lambda args: 3,
+            (LevelsQ2Kernel, "gradient"): lambda args: 0 if args[2] is None else 3,
+            (LevelObjective, "direction_sums"): lambda args: 9}
 
 
 class ProductCounter:
     """Counts voxel x level products as the fit runs them, and the largest block they ran on."""
 
-    def __init__(self, reml: bool):
+    def __init__(self):
         self.voxel_products = 0
         self.block = 0
         self.lock = threading.Lock()
         for (cls, name), per_voxel in PRODUCTS.items():
-            setattr(cls, name, self.counted(getattr(cls, name), per_voxel(reml)))
+            setattr(cls, name, self.counted(getattr(cls, name), per_voxel))
 
-    def counted(self, method, products: int):
+    def counted(self, method, per_voxel):
         def wrapper(obj, first, *args, **kwargs):
+            products = per_voxel(args)
             x = first
             while isinstance(x, list):  # R's entries [a][b]; else D or R: voxels first
                 x = x[0]
@@ -113,7 +116,9 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true", help="count the fit's level products and time as many GEMMs")
     ap.add_argument("--reml", type=int, choices=(0, 1), default=1)
     args = ap.parse_args()
-    counter = ProductCounter(bool(args.reml)) if args.floor else None
+    if args.floor and args.design != 2:
+        ap.error("--floor counts design 2's level products (q = 2, every subject its own class)")
+    counter = ProductCounter() if args.floor else None
 
     design = simulate_design()
     Y = simulate_Y(design, simulate_truth(design, args.vertices))
