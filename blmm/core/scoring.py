@@ -47,7 +47,7 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
     xp = la.namespace(data.XtY)
     v = data.XtY.shape[0]
     D = [xp.zeros((v, q, q), dtype=data.XtY.dtype) for q in qk]
-    ev = obj.evaluate(D, data, grad=True)
+    ev = _uncached(obj.evaluate(D, data, grad=True))
     # the bookkeeping (which voxels step, llh, labels) is on the host; D, σ² and evaluations in xp
     ok = np.array(la.to_host(ev.ok), copy=True)
     llh = np.array(la.to_host(ev.llh), copy=True)
@@ -92,7 +92,8 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
                 break
             trial, s2_trial = make_trial(pending, attempt)
             with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # bad trials are rejected
-                ev_t = obj.evaluate(trial, take_rows(adata, pending, active.size), sigma2=s2_trial, grad=True)
+                ev_t = _uncached(obj.evaluate(trial, take_rows(adata, pending, active.size), sigma2=s2_trial,
+                                                   grad=True))
             moved = np.zeros(pending.size, bool)
             for Dt, Dk in zip(trial, D_act):
                 moved |= la.to_host(xp.any(xp.abs(Dt - la.select_rows(Dk, pending)) > 0, axis=(1, 2)))
@@ -111,9 +112,9 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
             if rows.size:
                 sub = near[rows]
                 with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-                    ev_t = obj.evaluate(cand, take_rows(adata, sub, active.size),
-                                        sigma2=la.select_rows(new_s2, sub) if method in ("FS", "pFS") else None,
-                                        grad=True)
+                    ev_t = _uncached(obj.evaluate(cand, take_rows(adata, sub, active.size),
+                                                  sigma2=la.select_rows(new_s2, sub) if method in ("FS", "pFS") else None,
+                                                  grad=True))
                 good = la.to_host(ev_t.ok) & (la.to_host(ev_t.llh) > new_llh[sub])
                 new_ev = _accept(sub, good, ev_t, cand, new_llh, new_D, new_s2, new_ev)
                 pending = np.setdiff1d(pending, sub[good])
@@ -133,9 +134,9 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
                     break
                 sub = check[rows]
                 with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-                    ev_t = obj.evaluate(cand, take_rows(adata, sub, active.size),
-                                        sigma2=la.select_rows(new_s2, sub) if method in ("FS", "pFS") else None,
-                                        grad=True)
+                    ev_t = _uncached(obj.evaluate(cand, take_rows(adata, sub, active.size),
+                                                  sigma2=la.select_rows(new_s2, sub) if method in ("FS", "pFS") else None,
+                                                  grad=True))
                 # the quadratic model's gain of the move s t uu' is g²/(2c) (s - s²/2) = predicted (2s - s²)
                 want = ESCAPE_SUFFICIENT_GAIN * predicted * (2.0 * frac - frac**2)
                 good = la.to_host(ev_t.ok) & (la.to_host(ev_t.llh) - new_llh[sub] > want)
@@ -165,6 +166,13 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
         active = active[keep]
         ev_act = subset_eval(new_ev, np.flatnonzero(keep))
     return ScoringResult(D=D, converged=converged, n_iter=n_iter, stop=stop, ok=ok)
+
+
+def _uncached(ev: Evaluation) -> Evaluation:
+    """The evaluation without its cache: scoring never reads it (the settled point is evaluated anew), and
+    every merge of accepted rows would copy its (voxels x levels) arrays."""
+    ev.cache = None
+    return ev
 
 
 def _accept(rows, good, ev_t: Evaluation, trial, new_llh, new_D, new_s2, new_ev: Evaluation) -> Evaluation:

@@ -15,6 +15,7 @@ import scipy.sparse as sp
 from blmm.core import linalg as la
 from blmm.core.level_classes import LevelClasses, class_aggregates, symmetric_cross
 from blmm.core.objective.base import Evaluation, array_bytes, diag_blocks, no_units, profiled
+from blmm.core.objective.levels_q2 import LevelsQ2Kernel
 
 class LevelObjective:
     """One random factor with q effects per level.
@@ -73,6 +74,9 @@ class LevelObjective:
                     self.Ko[i, e, f] = Xl[mem, e].T @ Xl[mem, f]
         self.Xs = [np.ascontiguousarray(Xl[self.small_levels, a]) for a in range(q)]  # (Ls, p)
         self.Xl = Xl
+        # q = 2 with every level its own unit (irregular slopes): closed forms, fused passes (numpy arrays)
+        self.q2 = (LevelsQ2Kernel(self.g[0][0], self.g[0][1], self.g[1][1], self.KfT, self.Xs, self.XtX_up, p)
+                   if q == 2 and self.Cb == 0 else None)
 
     missing_rows = False
     has_deviance_hessian = True
@@ -83,7 +87,8 @@ class LevelObjective:
 
     def held_bytes(self) -> int:
         return array_bytes(self.XtX, self.XtX_up, self.level_index, self.small_levels, self.big_members, self.mu,
-                           self.g, self.pair_mult, self.Kpair_big, self.Kf, self.KfT, self.Ko, self.Xs, self.Xl)
+                           self.g, self.pair_mult, self.Kpair_big, self.Kf, self.KfT, self.Ko, self.Xs, self.Xl,
+                           [] if self.q2 is None else self.q2.held_arrays())
 
     def data(self, XtY, ZtY, YtY, units=None) -> "LevelData":
         """Per-voxel data sums arranged for this objective (ZtY is (v, L*q))."""
@@ -297,7 +302,9 @@ class LevelObjective:
         q = self.q
         if ev is not None and ev.cache is not None:  # the evaluation at D already holds R_c and P_c
             R = _unflatten_entries(ev.cache["R"], q)
-            P = _unflatten_entries(ev.cache["P"], q) if self.reml else None
+            P = None
+            if self.reml and ev.observed is None:  # P_j only enters through the observed information
+                P = _unflatten_entries(ev.cache["P"], q) if "P" in ev.cache else self._unit_P(R, ev.C)
         else:
             XtVX, XtVY, YtVY, logdetV, R = self.products(D, data)
             ev = profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
@@ -309,6 +316,8 @@ class LevelObjective:
     def direction_sums(self, R) -> np.ndarray:
         """B_t = Σ_j S_j' E_t S_j (v, q(q+1)/2, p, p) per vech direction E_t: one GEMM over units per (t, pair)."""
         xp = la.namespace(R[0][0])
+        if self.q2 is not None and xp is np:
+            return self.q2.direction_sums(R)
         v = R[0][0].shape[0]
         q, p = self.q, self.p
         r_idx, c_idx = la.vech_index(q)
@@ -323,6 +332,8 @@ class LevelObjective:
         return Bs
 
     def evaluate(self, D_list, data: "LevelData", sigma2=None, grad=False) -> Evaluation:
+        if self.q2 is not None and la.namespace(D_list[0], data.XtY) is np:
+            return self._evaluate_q2(D_list[0], data, sigma2, grad)
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite voxels are flagged by profiled()
             XtVX, XtVY, YtVY, logdetV, R = self.products(D_list[0], data)
         ev = profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
@@ -340,6 +351,26 @@ class LevelObjective:
         if P is not None:
             ev.cache["P"] = [x for row in P for x in row]
         ev.observed = self._observed_information(R, P, data, ev, ev.sigma2, uu_parts)
+        return ev
+
+    def _evaluate_q2(self, D, data: "LevelData", sigma2, grad: bool) -> Evaluation:
+        """evaluate() by LevelsQ2Kernel's closed forms: the same quantities, to rounding."""
+        kernel = self.q2
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # non-finite voxels are flagged by profiled()
+            XtVX, XtVY, YtVY, logdetV = kernel.products(D, data.XtY, data.YtY, data.ys)
+        ev = profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+        if not grad:
+            return ev
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            T_sum, uu, corr, info, unit_terms, A, R = kernel.gradient(D, data.ys, ev.beta,
+                                                                      ev.C if self.reml else None, ev.sigma2)
+        s2 = ev.sigma2[:, None, None]
+        ev.grad = [la.sym(T_sum - corr - uu / s2)]
+        ev.info = info
+        ev.T_sum = [T_sum]
+        ev.uu_sum = [uu]
+        ev.cache = {"R": R}  # with ev.observed the Hessian needs no P_j
+        ev.observed = la.sym(unit_terms - 2.0 * np.einsum("vip,vpr,vjr->vij", A, ev.C, A) / s2)
         return ev
 
 
