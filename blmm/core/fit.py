@@ -92,7 +92,7 @@ def _fit_in_basis(Y, X, factors, reml, method, tol, max_iter, structure="auto", 
     """fit_lmm's fit on designs already in the fitting basis: the sums are formed from Y with a
     per-voxel centre taken out, put back into β after the fit (`blmm.core.centre`, docs/model.md
     "The centre"); voxels differ in their rows where Y has NaNs (the plan's missing-rows path)."""
-    centre = centre_of(Y, X)
+    centre = centre_of(Y, X, options.get("threads"))
     layout = FactorLayout.from_factors(factors)
     plan = plan_fit(layout, structure, missing_rows=bool(np.isnan(np.asarray(Y)).any()))  # Y - c X w has Y's NaN
     path = plan.missing_rows_path

@@ -19,9 +19,9 @@ import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from blmm.core.blocks import run_blocks, thread_count
 from blmm.core.centre import ResponseCentre
 from blmm.core.design import RandomFactor
+from blmm.core.threads import run_blocks, thread_count
 from blmm.core.transpose import transpose_into
 
 
@@ -161,7 +161,8 @@ class SufficientStats:
 def presence_patterns(observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct columns of an (n, v) boolean array: (patterns (u, n), pattern index per voxel)."""
     n, v = observed.shape
-    if v == 0 or observed.all():  # one pattern, without keying every voxel
+    constant = observed.size > 0 and observed.strides == (0, 0)  # a broadcast value (observed_data_sums, complete): not read n v times
+    if v == 0 or (observed.flat[0] if constant else observed.all()):  # one pattern, without keying every voxel
         return np.ones((1, n), dtype=bool), np.zeros(v, dtype=np.int64)
     packed = np.packbits(observed, axis=0)  # (ceil(n/8), v) bytes: one key per voxel
     keys = np.ascontiguousarray(packed.T).view(np.dtype((np.void, packed.shape[0])))[:, 0]
@@ -229,6 +230,7 @@ def observed_data_sums(Y: np.ndarray, X: np.ndarray, Z: sp.csr_matrix, observed:
     XtY, ZtY, YtY = np.empty((v, p)), np.empty((v, q)), np.empty(v)
     present = None if observed is None else np.asarray(observed, dtype=bool) & ~np.isnan(Y)
     xw = None if centre is None else X @ centre.weights
+    ones = xw is not None and bool(np.all(xw == 1.0))  # an intercept: c_v X w is c_v on every row
     Xt, Zt = np.ascontiguousarray(X.T), Z.T.tocsr()
     step = data_block_voxels(n, q)
     buffers = threading.local()  # one block buffer per thread, reused
@@ -240,6 +242,8 @@ def observed_data_sums(Y: np.ndarray, X: np.ndarray, Z: sp.csr_matrix, observed:
         Yb = buffers.Y[:, :b - a]
         if xw is None:
             np.copyto(Yb, Y[:, a:b])
+        elif ones:  # one pass: 1.0 c_v is c_v exactly, so the values are centred_response's
+            np.subtract(Y[:, a:b], centre.value[a:b], out=Yb)
         else:  # Y - c_v X w: the same values as centred_response's
             np.multiply.outer(xw, centre.value[a:b], out=Yb)
             np.subtract(Y[:, a:b], Yb, out=Yb)
