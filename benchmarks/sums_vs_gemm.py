@@ -23,7 +23,7 @@ the ratios to the GEMM (wall to wall, CPU to CPU):
 the pipeline's against the GEMM time scaled to its own FLOP count (the data sums' plus its class
 aggregates, 2 v L p more), the others against the GEMM as timed.
 
-    PYTHONPATH=$PWD python benchmarks/sums_vs_gemm.py [--vertices 10242] [--repeats 3]
+    PYTHONPATH=$PWD python benchmarks/sums_vs_gemm.py [--vertices 10242] [--repeats 3] [--label L] [--json F]
 """
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--vertices", type=int, default=10242)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="append the result as one JSON line to this file")
+    ap.add_argument("--label", default="", help="recorded with the result (e.g. the commit measured)")
     args = ap.parse_args()
 
     design = simulate_design()
@@ -122,7 +123,7 @@ def main() -> None:
     t_fit, c_fit = best_of(args.repeats, fit_lmm_sums)
     scale = flops_pipeline / flops
     result = {
-        "benchmark": "sums_vs_gemm", "images": n, "vertices": v, "p": p, "levels": int(Z.shape[1]),
+        "benchmark": "sums_vs_gemm", "label": args.label, "images": n, "vertices": v, "p": p, "levels": int(Z.shape[1]),
         "GFLOP": round(flops / 1e9, 3), "gemm_k": k, "gemm_s": round(t_gemm, 3), "gemm_cpu_s": round(c_gemm, 3),
         "gemm_GFLOPs": round(2.0 * n * v * k / t_gemm / 1e9, 1),
         "data_sums_s": round(t_data, 3), "pipeline_sums_s": round(t_pipe, 3), "fit_lmm_sums_s": round(t_fit, 3),
