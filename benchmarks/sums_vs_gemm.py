@@ -2,10 +2,13 @@
 
 Design 1 of examples/abcd_like (9,835 images of 5,179 subjects with 1-3 visits, p = 23, a random
 intercept per subject) on --vertices vertices (default: one fsaverage5 hemisphere, 10,242),
-timed in one run, each the minimum of --repeats runs:
+timed in one run, each the minimum of --repeats runs, of its wall time and apart of its CPU time
+(user + system of the process, all threads: the machine is shared, and CPU time is what the load
+disturbs least):
 
-* fit_lmm's sums: the centre (`centre_of`), the centred Y (`centred_response`) and
-  `sufficient_stats` (X'Y, Z'Y, Y'Y, the design sums), as `fit_lmm` forms them in memory;
+* fit_lmm's sums: the centre (`centre_of`) and `sufficient_stats` of Y less the centre (X'Y, Z'Y,
+  Y'Y, the design sums), as `fit_lmm` forms them in memory for complete data (a blmm from before
+  `sufficient_stats(centre=)`: `centred_response` first, as its `fit_lmm` did);
 * the pipeline's sums: what one image batch of a one-factor run forms (`_read_batch_by_class`),
   here over all images as one chunk (`chunk_sums`: X'Y, Y'Y, Z'Y and the group's `LevelSums`);
 * the data sums alone (`observed_data_sums`: X'Y, Z'Y, Y'Y of an (n, v) float64 Y);
@@ -15,17 +18,20 @@ timed in one run, each the minimum of --repeats runs:
 
 Run it with any blmm on PYTHONPATH to compare versions.
 
-Prints one JSON line with the times (s), the FLOP count, the GEMM rate and the ratios to the GEMM:
+Prints one JSON line with the times (s; `_cpu_s` the CPU times), the FLOP count, the GEMM rate and
+the ratios to the GEMM (wall to wall, CPU to CPU):
 the pipeline's against the GEMM time scaled to its own FLOP count (the data sums' plus its class
 aggregates, 2 v L p more), the others against the GEMM as timed.
 
-    PYTHONPATH=$PWD python benchmarks/sums_vs_gemm.py [--vertices 10242] [--repeats 3]
+    PYTHONPATH=$PWD python benchmarks/sums_vs_gemm.py [--vertices 10242] [--repeats 3] [--label L] [--json F]
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -53,14 +59,22 @@ from examples.abcd_like.simulate import (  # noqa: E402
 from result_line import emit  # noqa: E402
 
 
-def best_of(repeats: int, work) -> float:
-    """The minimum wall time of `repeats` calls: the machine is shared, the minimum is the least disturbed."""
-    times = []
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def best_of(repeats: int, work) -> tuple[float, float]:
+    """The minimum wall time and the minimum CPU time of `repeats` calls: the machine is shared,
+    the minimum is the least disturbed."""
+    walls, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = cpu_seconds(), time.perf_counter()
         work()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(cpu_seconds() - c0)
+    return min(walls), min(cpus)
 
 
 def main() -> None:
@@ -68,6 +82,7 @@ def main() -> None:
     ap.add_argument("--vertices", type=int, default=10242)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="append the result as one JSON line to this file")
+    ap.add_argument("--label", default="", help="recorded with the result (e.g. the commit measured)")
     args = ap.parse_args()
 
     design = simulate_design()
@@ -78,8 +93,12 @@ def main() -> None:
     n, v, p = Y.shape[0], Y.shape[1], X.shape[1]
     Z = random_effects_matrix([factor], FactorLayout.from_factors([factor]))
 
+    centred_on_the_fly = "centre" in inspect.signature(sufficient_stats).parameters
+
     def fit_lmm_sums():
         centre = centre_of(Y, X)
+        if centred_on_the_fly:
+            return sufficient_stats(Y, X, [factor], centre=centre)
         return sufficient_stats(centred_response(Y, X, centre), X, [factor])
 
     Yc = centred_response(Y, X, centre_of(Y, X))  # float64, missing values 0: what a read chunk holds
@@ -97,19 +116,26 @@ def main() -> None:
     A = np.ascontiguousarray(np.random.default_rng(0).random((k, n)))
     B = np.ascontiguousarray(A.T)
     A @ Yc[:, :64]  # BLAS warmed up
-    t_gemm = min(best_of(args.repeats, lambda: A @ Yc), best_of(args.repeats, lambda: Yc.T @ B))
-    t_data = best_of(args.repeats, lambda: observed_data_sums(Yc, X, Z))
-    t_pipe = best_of(args.repeats, pipeline_sums)
-    t_fit = best_of(args.repeats, fit_lmm_sums)
+    gemm = [best_of(args.repeats, lambda: A @ Yc), best_of(args.repeats, lambda: Yc.T @ B)]
+    t_gemm, c_gemm = min(t for t, _ in gemm), min(c for _, c in gemm)
+    t_data, c_data = best_of(args.repeats, lambda: observed_data_sums(Yc, X, Z))
+    t_pipe, c_pipe = best_of(args.repeats, pipeline_sums)
+    t_fit, c_fit = best_of(args.repeats, fit_lmm_sums)
+    scale = flops_pipeline / flops
     result = {
-        "benchmark": "sums_vs_gemm", "images": n, "vertices": v, "p": p, "levels": int(Z.shape[1]),
-        "GFLOP": round(flops / 1e9, 3), "gemm_k": k, "gemm_s": round(t_gemm, 3),
+        "benchmark": "sums_vs_gemm", "label": args.label, "images": n, "vertices": v, "p": p, "levels": int(Z.shape[1]),
+        "GFLOP": round(flops / 1e9, 3), "gemm_k": k, "gemm_s": round(t_gemm, 3), "gemm_cpu_s": round(c_gemm, 3),
         "gemm_GFLOPs": round(2.0 * n * v * k / t_gemm / 1e9, 1),
         "data_sums_s": round(t_data, 3), "pipeline_sums_s": round(t_pipe, 3), "fit_lmm_sums_s": round(t_fit, 3),
+        "data_sums_cpu_s": round(c_data, 3), "pipeline_sums_cpu_s": round(c_pipe, 3),
+        "fit_lmm_sums_cpu_s": round(c_fit, 3),
         "pipeline_GFLOP": round(flops_pipeline / 1e9, 3),
         "data_sums_over_gemm": round(t_data / t_gemm, 2),
-        "pipeline_over_gemm": round(t_pipe / (t_gemm * flops_pipeline / flops), 2),
-        "fit_lmm_over_gemm": round(t_fit / t_gemm, 2), "repeats": args.repeats,
+        "pipeline_over_gemm": round(t_pipe / (t_gemm * scale), 2),
+        "fit_lmm_over_gemm": round(t_fit / t_gemm, 2),
+        "data_sums_over_gemm_cpu": round(c_data / c_gemm, 2),
+        "pipeline_over_gemm_cpu": round(c_pipe / (c_gemm * scale), 2),
+        "fit_lmm_over_gemm_cpu": round(c_fit / c_gemm, 2), "repeats": args.repeats,
         "load": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(), "machine": platform.machine(),
     }
     emit(result, args.json)

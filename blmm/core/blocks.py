@@ -8,12 +8,9 @@ core/nested_missing_rows.py for voxels against the complete design).
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from blmm.core.boundary import SettledPoint, boundary_coordinates, free_parameters, settle
 from blmm.core.hessian import variance_hessian
@@ -21,24 +18,9 @@ from blmm.core.objective.base import Objective, subset_eval, take_rows
 from blmm.core.result import BlockFit, FitResult, residual_mean_square
 from blmm.core.scoring import ScoringResult, score
 from blmm.core.status import NOT_FINITE
+from blmm.core.threads import run_blocks, thread_count
 
 MIN_SHARED_BLOCK = 64  # voxels: below this a block's fixed costs outweigh sharing it among threads
-
-
-def thread_count(threads: int | None) -> int:
-    """Threads that fit voxel blocks: the CPU count unless given."""
-    return (os.cpu_count() or 1) if threads is None else max(1, int(threads))
-
-
-def run_blocks(run: Callable[[Any], None], jobs: list, threads: int) -> None:
-    """``run(job)`` for every voxel block, on ``threads`` threads (numpy releases the GIL)."""
-    if threads > 1 and len(jobs) > 1:
-        # our threads share the cores: a multi-threaded BLAS under each would oversubscribe them
-        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(run, jobs))
-    else:
-        for job in jobs:
-            run(job)
 
 
 def rounds(jobs: list, cost: Callable[[Any], int], budget: int) -> list[list]:

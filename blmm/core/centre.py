@@ -13,10 +13,12 @@ gets its own status, `CONSTANT_RESPONSE` (`flat_voxels`).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
+from blmm.core.threads import run_blocks, thread_count
 from blmm.core.transpose import transpose_into
 
 # sums of squares lose about ε relative to Y'Y to cancellation; a residual sum of squares below
@@ -68,41 +70,72 @@ def intercept_weights(X: np.ndarray) -> np.ndarray:
     return w / scale
 
 
+def centre_block_voxels(n: int, itemsize: int) -> int:
+    """Voxels per block of the centre: a block's n values per voxel in ~4 MB, so that its
+    voxel-major copy stays in cache while it is partitioned."""
+    return max(8, 2**22 // (itemsize * max(n, 1)))
+
+
 def _median_of_smallest(values: np.ndarray, k: int) -> np.ndarray:
-    """(v,) the median of the k smallest values of each row of values (v, n), as np.median forms it."""
+    """(v,) the median of the k smallest values of each row of values (v, n), as np.median forms
+    it; values is partitioned in place (its own dtype: the order is float64's)."""
     low, high = (k - 1) // 2, k // 2
-    part = np.partition(values, (low, high) if low != high else high, axis=1)  # own dtype: the order is float64's
-    middle = part[:, [low, high]].astype(np.float64)
-    return middle[:, 1] if low == high else np.mean(middle, axis=1)
+    values.partition(high, axis=1)  # one order statistic: numpy's SIMD selection
+    upper = values[:, high].astype(np.float64)
+    if low == high:
+        return upper
+    # the next smaller order statistic: the largest of the values the partition put before it
+    lower = np.max(values[:, :high], axis=1).astype(np.float64)
+    return (lower + upper) / 2  # np.median's mean of the middle two
 
 
-def response_centre(Y: np.ndarray) -> np.ndarray:
+def response_centre(Y: np.ndarray, threads: int | None = None) -> np.ndarray:
     """(v,) a robust centre per voxel from rows of Y (n, v): the median of its finite values.
 
     A voxel with no finite value takes the median of the other voxels' centres (0 if none):
-    near the data's scale, which is all the centre needs to be.
+    near the data's scale, which is all the centre needs to be.  Block of voxels by block
+    (`centre_block_voxels`) on ``threads`` threads (default: the CPU count).
     """
     Y = np.asarray(Y)
     if not np.issubdtype(Y.dtype, np.floating):
         Y = Y.astype(np.float64)
     if Y.ndim == 1:
         Y = Y[:, None]
-    finite = np.isfinite(Y)
-    count = finite.sum(axis=0)
-    some = count > 0
-    c = np.zeros(Y.shape[1])
-    # a voxel's k finite values are its k smallest once non-finite ones are +inf: its median is the
-    # same partition for all voxels sharing k, done at once (np.nanmedian loops over voxels)
-    for k in np.unique(count[some]):
-        cols = np.flatnonzero(count == k)
+    n, v = Y.shape
+    c = np.zeros(v)
+    some = np.ones(v, bool)
+    step = centre_block_voxels(n, Y.dtype.itemsize)
+    buffers = threading.local()  # one voxel-major block per thread, reused
+
+    def block_centre(block: tuple[int, int]) -> None:
+        a, b = block
+        if not hasattr(buffers, "values"):
+            buffers.values = np.empty((min(step, v), n), Y.dtype)
         # voxel-major (a tiled transpose): partitioning along contiguous rows is ~2x faster here
-        part = Y if cols.size == Y.shape[1] else Y[:, cols]
-        values = transpose_into(np.empty((cols.size, Y.shape[0]), Y.dtype), part)
-        if k < Y.shape[0]:
-            values[~finite[:, cols].T] = np.inf
-        c[cols] = _median_of_smallest(values, int(k))
+        values = transpose_into(buffers.values[:b - a], Y[:, a:b])
+        with np.errstate(over="ignore", invalid="ignore"):
+            complete = np.isfinite(np.sum(values, axis=1)).all()
+        if complete:  # every value finite (a sum that overflows only sends its block the long way)
+            c[a:b] = _median_of_smallest(values, n)
+            return
+        finite = np.isfinite(values)
+        count = finite.sum(axis=1)
+        some[a:b] = count > 0
+        # a voxel's k finite values are its k smallest once non-finite ones are +inf: its median is
+        # the same partition for all voxels sharing k, done at once (np.nanmedian loops over voxels)
+        values[~finite] = np.inf
+        for k in np.unique(count[count > 0]):
+            rows = np.flatnonzero(count == k)
+            c[a + rows] = _median_of_smallest(values if rows.size == b - a else values[rows], int(k))
+
+    if n:
+        run_blocks(block_centre, [(a, min(a + step, v)) for a in range(0, v, step)], thread_count(threads))
+    else:
+        some[:] = False
     if some.any():
         c[~some] = np.median(c[some])
+    else:
+        c[:] = 0.0
     return c
 
 
@@ -119,9 +152,9 @@ def centred_response(Y: np.ndarray, X: np.ndarray, centre: ResponseCentre) -> np
     return out
 
 
-def centre_of(Y: np.ndarray, X: np.ndarray) -> ResponseCentre:
+def centre_of(Y: np.ndarray, X: np.ndarray, threads: int | None = None) -> ResponseCentre:
     """The centre `fit_lmm` takes out of an in-memory Y (n, v): the median of each voxel's values."""
-    return ResponseCentre.for_design(response_centre(Y), X)
+    return ResponseCentre.for_design(response_centre(Y, threads), X)
 
 
 def restore_beta(beta: np.ndarray, centre: ResponseCentre | None) -> np.ndarray:

@@ -75,7 +75,7 @@ def fit_lmm(
         warnings.warn(note, DesignNote, stacklevel=2)
     res = basis.restore(_fit_in_basis(Y, basis.fitting_X(X), basis.fitting_factors(factors), reml, method, tol,
                                       max_iter, **options))
-    observed = ~np.isnan(np.asarray(Y, dtype=np.float64).reshape(len(X), -1)) if safe_mode else None
+    observed = ~np.isnan(np.asarray(Y).reshape(len(X), -1)) if safe_mode else None  # no float64 copy of Y
     if observed is not None and not observed.all():
         patterns, pattern_of_voxel = presence_patterns(observed)
         drop = unidentifiable_patterns(patterns, factors)[pattern_of_voxel] & (res.status == FITTED)
@@ -89,13 +89,15 @@ def _fit_in_basis(Y, X, factors, reml, method, tol, max_iter, structure="auto", 
     """fit_lmm's fit on designs already in the fitting basis: the sums are formed from Y with a
     per-voxel centre taken out, put back into β after the fit (`blmm.core.centre`, docs/model.md
     "The centre"); voxels differ in their rows where Y has NaNs (the plan's missing-rows path)."""
-    centre = centre_of(Y, X)
-    Y = centred_response(Y, X, centre)
+    centre = centre_of(Y, X, options.get("threads"))
     layout = FactorLayout.from_factors(factors)
-    plan = plan_fit(layout, structure, missing_rows=bool(np.isnan(Y).any()))
+    plan = plan_fit(layout, structure, missing_rows=bool(np.isnan(np.asarray(Y)).any()))  # Y - c X w has Y's NaN
     path = plan.missing_rows_path
-    stats = sufficient_stats(Y, X, factors) if path is None else path.from_data(Y, X, factors, layout)
-    stats.centre = centre
+    if path is None:  # the sums of the centred Y without a centred copy of it
+        stats = sufficient_stats(Y, X, factors, layout, centre=centre, threads=options.get("threads"))
+    else:
+        stats = path.from_data(centred_response(Y, X, centre), X, factors, layout)
+        stats.centre = centre
     return fit_stats(stats, reml=reml, method=method, tol=tol, max_iter=max_iter, plan=plan, **options)
 
 

@@ -4,6 +4,7 @@ import warnings
 import numpy as np
 import pytest
 
+from blmm.core import centre
 from blmm.core.centre import response_centre
 
 
@@ -25,3 +26,25 @@ def test_response_centre_is_nanmedian(n, v, missing, dtype):
     # the same order statistics (float32 values are exact in float64) and the same mean of the
     # middle two, in float64: equal bit for bit
     np.testing.assert_array_equal(response_centre(Y), expected)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n", [300, 301])
+def test_response_centre_block_by_block_is_nanmedian(monkeypatch, threads, n):
+    """Blocks of 8 voxels on threads: complete blocks (an odd or even count: one or two middle
+    values), blocks with NaN, and a complete block whose float32 sums overflow (the long way)."""
+    monkeypatch.setattr(centre, "centre_block_voxels", lambda n, itemsize: 8)
+    rng = np.random.default_rng(n)
+    Y = (rng.standard_normal((n, 45)) * 3 + 5).astype(np.float32)
+    Y[rng.random(Y.shape) < 0.05] = np.nan
+    Y[:, :16] = rng.standard_normal((n, 16))  # two complete blocks
+    Y[:, 8:16] *= np.float32(3e37)  # finite values whose float32 sum overflows
+    Y[:, 40] = np.nan  # no finite value
+    some = np.isfinite(Y).any(axis=0)
+    expected = np.zeros(Y.shape[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected[some] = np.nanmedian(Y[:, some].astype(np.float64), axis=0)
+    expected[~some] = np.median(expected[some])
+    # the same order statistics and the same mean of the middle two, in float64: equal bit for bit
+    np.testing.assert_array_equal(response_centre(Y, threads=threads), expected)
