@@ -151,7 +151,7 @@ class LevelObjective:
             T[a, b] = t
         return T
 
-    def _unit_uu(self, R, data: "LevelData", gamma: np.ndarray):
+    def unit_uu(self, R, data: "LevelData", gamma: np.ndarray):
         """Σ_{j in class} u_j u_j' per big class (v, Cb, q, q) and u_j per small level [(v, Ls)] * q."""
         xp = la.namespace(gamma)
         q, Cb = self.q, self.Cb
@@ -170,7 +170,7 @@ class LevelObjective:
             u_small = [sum(R[a][b][:, Cb:] * r[b] for b in range(q)) for a in range(q)]
         return U_big, u_small
 
-    def _unit_P(self, R, Omega: np.ndarray) -> list:
+    def unit_P(self, R, Omega: np.ndarray) -> list:
         """P_c = Σ_{j in c} R_c X_j Ω X_j' R_c' per unit, as entries [a][b] (v, units)."""
         q = self.q
         cvec = la.pack_sym(Omega, double_offdiag=True)
@@ -200,7 +200,7 @@ class LevelObjective:
 
         T_sum = _entries_to_matrix({ab: T[ab] @ self.mu for ab in self.pairs}, q, v)
         uu = xp.zeros((v, q, q), dtype=gamma.dtype)
-        U_big, u_small = self._unit_uu(R, data, gamma) if uu_parts is None else uu_parts
+        U_big, u_small = self.unit_uu(R, data, gamma) if uu_parts is None else uu_parts
         if U_big is not None:
             uu += xp.sum(U_big, axis=1)
         if u_small is not None:
@@ -210,7 +210,7 @@ class LevelObjective:
                     uu[:, b, a] = uu[:, a, b]
         corr = xp.zeros((v, q, q), dtype=gamma.dtype)
         if Omega is not None:
-            P = self._unit_P(R, Omega)
+            P = self.unit_P(R, Omega)
         if P is not None:
             for a, b in self.pairs:  # Σ_c R_c H_c R_c'
                 val = xp.sum(P[a][b], axis=1)
@@ -236,7 +236,7 @@ class LevelObjective:
         xp = la.namespace(ev.beta)
         v = R[0][0].shape[0]
         q = self.q
-        uu_parts = self._unit_uu(R, data, ev.beta) if uu_parts is None else uu_parts
+        uu_parts = self.unit_uu(R, data, ev.beta) if uu_parts is None else uu_parts
         A = xp.reshape(self.cross_sums(R, data, ev.beta, uu_parts[1]), (v, q * q, self.p))
         Hvec = self.observed_unit_terms(R, P, data, ev, sigma2, uu_parts)
         Hvec -= 2.0 * la.einsum(xp, "vip,vpr,vjr->vij", A, ev.C, A) / sigma2[:, None, None]
@@ -304,11 +304,11 @@ class LevelObjective:
             R = _unflatten_entries(ev.cache["R"], q)
             P = None
             if self.reml and ev.observed is None:  # P_j only enters through the observed information
-                P = _unflatten_entries(ev.cache["P"], q) if "P" in ev.cache else self._unit_P(R, ev.C)
+                P = _unflatten_entries(ev.cache["P"], q) if "P" in ev.cache else self.unit_P(R, ev.C)
         else:
             XtVX, XtVY, YtVY, logdetV, R = self.products(D, data)
             ev = profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
-            P = self._unit_P(R, ev.C) if self.reml else None
+            P = self.unit_P(R, ev.C) if self.reml else None
         Hvec = ev.observed if ev.observed is not None else self._observed_information(R, P, data, ev, sigma2)
         H, dC = hessian_from_parts(Hvec, self.direction_sums(R), ev.C, q, self.reml)
         return H, dC, ev
@@ -340,8 +340,8 @@ class LevelObjective:
         beta, C = ev.beta, ev.C
         if not grad:
             return ev
-        P = self._unit_P(R, C) if self.reml else None
-        uu_parts = self._unit_uu(R, data, beta)
+        P = self.unit_P(R, C) if self.reml else None
+        uu_parts = self.unit_uu(R, data, beta)
         T_sum, uu, corr, info = self.gradient_parts(R, data, beta, None, P=P, uu_parts=uu_parts)
         ev.grad = [la.sym(T_sum - corr - uu / ev.sigma2[:, None, None])]
         ev.info = info

@@ -99,8 +99,8 @@ class MissingObjective:
         base = self.base
         beta, C = ev.beta, ev.C
         v, q = D.shape[0], self.q
-        P = base._unit_P(R, C) if self.reml else None
-        uu_parts = base._unit_uu(R, data.base, beta)
+        P = base.unit_P(R, C) if self.reml else None
+        uu_parts = base.unit_uu(R, data.base, beta)
         T_sum, uu, corr, info = base.gradient_parts(R, data.base, beta, None, P=P, uu_parts=uu_parts)
         # the observed information's unit sums over the classes; its -2 A C A'/σ² is formed below
         # from A recombined with the touched levels' units
