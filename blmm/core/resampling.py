@@ -32,7 +32,9 @@ from blmm.core.blocks import run_blocks, thread_count
 from blmm.core.result import FitResult
 from blmm.core.status import FITTED
 from blmm.core.inference import f_mlog10p, infer, t_mlog10p
+from blmm.core.level_classes import LevelClasses
 from blmm.core.linalg import sym as la_sym
+from blmm.core.objective.base import diag_blocks
 from blmm.core.tail import TailFit, tail_p
 
 STATISTICS = ("mlog10p", "t")  # what the maximum is taken over: −log10 p (Satterthwaite df) or T / F itself
@@ -40,7 +42,7 @@ SIGMA2_MODES = ("refit", "fixed")  # σ² re-estimated per resample (exact GLS r
 WEIGHTS = ("rademacher", "webb", "normal")  # the wild bootstrap's weight per block (docs/corrected.md)
 DEFAULT_WEIGHTS = "normal"  # Rademacher's light tails made the maximum liberal (docs/corrected.md, "Validation")
 WEBB_POINTS = np.array([-np.sqrt(1.5), -1.0, -np.sqrt(0.5), np.sqrt(0.5), 1.0, np.sqrt(1.5)])  # mean 0, variance 1
-MAX_COMPONENT = 512  # images in one independent block: V_b⁻¹ is formed densely per voxel
+MAX_COMPONENT = 512  # images in one independent block: its M (or, blocks split, V_b⁻¹) is dense per voxel
 # Resamples per sign GEMM, aligned: the same seed gives bit-identical maxima in any chunking.  128, not 32:
 # the contributions are streamed from memory once per GEMM; 4x the rows per pass doubled the FLOPs per CPU s.
 GEMM_BATCH = 128
@@ -224,6 +226,101 @@ def block_layout(X: np.ndarray, factors: list[RandomFactor], components: np.ndar
                        pair_sites, pair_sum)
 
 
+# ---------------------------------------------------------------------------------------------
+# Components in classes: V_b⁻¹ = I − Z_b M_b Z_b', one M per (voxel, class) of identical Z_b'Z_b
+
+@dataclass(frozen=True)
+class ComponentClass:
+    """Components of V with one level structure and one Z_b'Z_b: they share M = D_b (I + G D_b)⁻¹."""
+
+    group: int  # index into ComponentClasses.d_maps: components with this sequence of factors
+    columns: slice  # its members' Z columns in class order (members × q, member-major)
+    G: np.ndarray  # (q, q) Z_b'Z_b of every member
+    K: np.ndarray  # (q², p(p+1)/2) Σ_members Xl_b[i]' Xl_b[j], upper (p, r) entries, (i, j) row-major
+
+
+@dataclass(frozen=True)
+class ComponentClasses:
+    """What ``prepare`` needs of the design when sign blocks hold whole components of V: the
+    components (families) grouped into classes, Z and Z_b'X_b in class order, and the sums of an
+    image quantity over each sign block."""
+
+    Z: sp.csr_matrix  # (n, Q) Z with its columns in class order
+    Zt: sp.csr_matrix  # (Q, n) its transpose
+    Xl: np.ndarray  # (Q, p) Z'X in class order: Z_b'X_b of each component
+    XtX: np.ndarray  # (p, p)
+    d_maps: list  # per group: (Σ_k q_k², q²) 0/1, vec D_b = D entries @ d_map
+    classes: list  # ComponentClass, in class order
+    image_sum: sp.csr_matrix  # (n_blocks, n) 0/1: sums an image quantity over each sign block
+
+
+def component_classes(X: np.ndarray, factors: list[RandomFactor], components: np.ndarray, blocks: np.ndarray
+                      ) -> ComponentClasses:
+    """The classes of V's components (the design's share of ``prepare``, once for every voxel chunk).
+
+    A component's levels are put in a canonical order (by factor, then by their own Z_l'Z_l), so that
+    e.g. families of subjects with 1 and 3 visits match whichever subject comes first; components
+    with the same factor sequence form a group, and within it `LevelClasses` (the fit's rule of
+    identical Gram blocks) makes the classes.  Sign blocks must hold whole components.
+    """
+    n, p = X.shape
+    codes = [f.codes()[1] for f in factors]
+    Zparts, level_factor, level_col, level_key = [], [], [], []
+    col0 = 0
+    for k, (f, c) in enumerate(zip(factors, codes)):
+        L = int(c.max()) + 1
+        rows = np.repeat(np.arange(n), f.q)
+        Zparts.append(sp.csr_matrix((f.design.reshape(-1), (rows, (c[:, None] * f.q + np.arange(f.q)).reshape(-1))),
+                                    shape=(n, L * f.q)))
+        own = diag_blocks(sp.csr_matrix(Zparts[-1].T @ Zparts[-1]), L, f.q).reshape(L, -1)
+        level_key.append(np.unique(own, axis=0, return_inverse=True)[1].reshape(-1))
+        level_factor.append(np.full(L, k))
+        level_col.append(col0 + np.arange(L) * f.q)
+        col0 += L * f.q
+    Z = sp.csc_matrix(sp.hstack(Zparts))
+    first_row = Z.indices[Z.indptr[np.concatenate(level_col)]]  # a level's first image (any row of it)
+    level_comp = components[first_row]
+    level_factor, level_col, level_key = map(np.concatenate, (level_factor, level_col, level_key))
+    order = np.lexsort((level_key, level_factor, level_comp))  # component, then factor, then own block
+    comp_start = np.searchsorted(level_comp[order], np.arange(int(components.max()) + 1))
+    comp_stop = np.append(comp_start[1:], order.size)
+    by_shape: dict = {}
+    for b in range(comp_start.size):
+        lv = order[comp_start[b]:comp_stop[b]]
+        by_shape.setdefault(tuple(level_factor[lv]), []).append(lv)
+    qk = [f.q for f in factors]
+    d_off = np.concatenate([[0], np.cumsum([q * q for q in qk])])
+    iu, ju = np.triu_indices(p)
+    d_maps, classes, perm_parts = [], [], []
+    col = 0
+    for g, (shape, levels) in enumerate(by_shape.items()):
+        lv = np.stack(levels)  # (N, m) each component's levels in canonical order
+        starts = np.concatenate([[0], np.cumsum([qk[k] for k in shape])])
+        q = int(starts[-1])
+        cols = np.concatenate([level_col[lv[:, j]][:, None] + np.arange(qk[k]) for j, k in enumerate(shape)], axis=1)
+        Zg = Z[:, cols.reshape(-1)]
+        G = diag_blocks(sp.csr_matrix(Zg.T @ Zg), lv.shape[0], q)
+        Xl = np.asarray(Zg.T @ X).reshape(-1, q, p)
+        d_map = np.zeros((int(d_off[-1]), q * q))
+        for j, k in enumerate(shape):
+            for a in range(qk[k]):
+                for b in range(qk[k]):
+                    d_map[d_off[k] + a * qk[k] + b, (starts[j] + a) * q + starts[j] + b] = 1.0
+        d_maps.append(d_map)
+        found = LevelClasses.from_blocks(G, p, min_members=1)  # every class aggregated: all are "big"
+        for members in found.big_members:
+            Xm = Xl[members]
+            K = np.einsum("mir,mjs->ijrs", Xm, Xm)[:, :, iu, ju].reshape(q * q, iu.size)
+            classes.append(ComponentClass(g, slice(col, col + members.size * q), G[members[0]], K))
+            perm_parts.append(cols[members].reshape(-1))
+            col += members.size * q
+    perm = np.concatenate(perm_parts)
+    Zt = sp.csr_matrix(Z[:, perm].T)
+    Xl = np.asarray(Zt @ X)
+    image_sum = sp.csr_matrix((np.ones(n), (blocks, np.arange(n))), shape=(int(blocks.max()) + 1, n))
+    return ComponentClasses(sp.csr_matrix(Z[:, perm]), Zt, Xl, X.T @ X, d_maps, classes, image_sum)
+
+
 def prepare(
     Y: np.ndarray,
     X: np.ndarray,
@@ -289,16 +386,26 @@ def prepare(
         inf = infer(fit, contrasts, two_sided)
         by_name = {r.name: r.df for r in inf.t + inf.f}
         df = [by_name[c.name] for c in contrasts]
-    layout = block_layout(X, factors, components, blocks)
     dof = float(n - p) if fit.reml else float(n)
-    X_ordered = X[layout.order]
+    per_block_ss = sigma2 == "refit" and weights != "rademacher"
     chunks = np.array_split(voxels, max(1, -(-voxels.size // voxel_chunk)))
     parts: list = [None] * len(chunks)
+    if split.size:  # blocks inside components (the negative control): V_b⁻¹ formed densely per voxel
+        layout = block_layout(X, factors, components, blocks)
+        pairs, X_ordered = layout.pairs, X[layout.order]
 
-    def run(j: int) -> None:
-        vox = chunks[j]
-        parts[j] = _prepare_chunk(Y[:, vox][layout.order], X_ordered, [D[vox] for D in fit.D], contrasts, layout,
-                                  dof, sigma2, sigma2 == "refit" and weights != "rademacher")
+        def run(j: int) -> None:
+            vox = chunks[j]
+            parts[j] = _prepare_chunk(Y[:, vox][layout.order], X_ordered, [D[vox] for D in fit.D], contrasts,
+                                      layout, dof, sigma2, per_block_ss)
+    else:
+        by_class = component_classes(X, factors, components, blocks)
+        pairs = np.zeros((0, 2), dtype=np.int64)
+
+        def run(j: int) -> None:
+            vox = chunks[j]
+            parts[j] = _prepare_chunk_by_class(Y[:, vox], X, [D[vox] for D in fit.D], contrasts, by_class, dof,
+                                               sigma2, per_block_ss)
 
     # many small products: one BLAS thread each (more only spin), voxel chunks shared by our threads
     with threadpool_limits(limits=1, user_api="blas"):
@@ -312,12 +419,12 @@ def prepare(
             c.name, c.is_t, ndf, slice(col, col + k),
             np.concatenate([pt[2][j]["resid_ss"] for pt in parts]),
             np.asarray(df[j], dtype=np.float64)[voxels],
-            np.concatenate([pt[2][j]["pair_ss"] for pt in parts], axis=1) if layout.pairs.size else None,
+            np.concatenate([pt[2][j]["pair_ss"] for pt in parts], axis=1) if pairs.size else None,
             np.concatenate([pt[2][j]["block_ss"] for pt in parts], axis=1) if parts[0][2][j]["block_ss"] is not None
             else None))
         col += k
     return ResamplingPrep(voxels, int(blocks.max()) + 1, dof, sigma2_hat, sigma2, two_sided, prepared, contributions,
-                          layout.pairs, weights)
+                          pairs, weights)
 
 
 def small_inverse(V: np.ndarray) -> np.ndarray:
@@ -371,12 +478,7 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
 
     Yt = np.ascontiguousarray(Y.T)
     Vy = v_inverse(Yt)
-    b = Vy @ X  # (v, p) X'V⁻¹y
-    yVy = np.einsum("vn,vn->v", Yt, Vy)
-    R = np.linalg.cholesky(np.linalg.inv(la_sym(K)))  # C = (X'V⁻¹X)⁻¹ = RR'
-    beta = (R @ (np.swapaxes(R, 1, 2) @ b[..., None]))[..., 0]
-    sigma2_hat = (yVy - np.einsum("vp,vp->v", b, beta)) / dof
-    gamma = np.linalg.solve(R, beta[..., None])[..., 0]  # whitened β̂ = R⁻¹β̂
+    R, beta, gamma, sigma2_hat = gls_at_fixed_v(K, Vy @ X, np.einsum("vn,vn->v", Yt, Vy), dof)
     Xt_blocks = np.ascontiguousarray(X[layout.to_blocks].T)  # (p, n) images in block order
     VX = None
     if layout.pairs.size:  # (v, p, n) (V⁻¹X)' in block order, only when blocks split components
@@ -388,16 +490,9 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
         VX = np.ascontiguousarray(VX[:, layout.to_blocks].transpose(0, 2, 1))
     contribution_parts, info = [], []
     for c in contrasts:
-        U, S, Wt = np.linalg.svd(c.matrix @ R, full_matrices=True)  # L R = U S W'
-        ndf = int(np.max(np.sum(S > 1e-8 * S[:, :1], axis=1)))
-        if c.is_t:
-            Wt[:, 0] *= U[:, 0, 0, None]  # first coordinate with the sign of Lβ̂ (T = a₁ / σ̂)
-        Wr = Wt[:, :ndf]  # (v, ndf, p) rows spanning the contrast in whitened coordinates
-        delta = (R @ (np.swapaxes(Wr, 1, 2) @ (Wr @ gamma[..., None])))[..., 0]
-        e = Yt - (beta - delta) @ X.T  # (v, n) residuals of the GLS under Lβ = 0, V fixed
+        ndf, k, beta_null, rot = contrast_frame(c, R, beta, gamma, sigma2)
+        e = Yt - beta_null @ X.T  # (v, n) residuals of the GLS under Lβ = 0, V fixed
         Ve = v_inverse(e)
-        k = p if sigma2 == "refit" else ndf
-        rot = Wt[:, :k] @ np.swapaxes(R, 1, 2)  # (v, k, p): a_c = W'R' g_c
         if VX is None:  # whole components per block: g_c = X_c'V_c⁻¹ẽ_c
             per_image = (rot @ Xt_blocks) * Ve[:, layout.to_blocks][:, None, :]  # (v, k, n)
         else:  # blocks inside components: g_c = Σ_{i ∈ c} (V⁻¹X)_i ẽ_i
@@ -419,6 +514,93 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
         info.append({"ndf": ndf, "k": k, "resid_ss": np.einsum("vn,vn->v", e, Ve), "pair_ss": pair_ss,
                      "block_ss": block_ss})
     return sigma2_hat, np.concatenate(contribution_parts, axis=2), info
+
+
+def _prepare_chunk_by_class(Y, X, D, contrasts, cc: ComponentClasses, dof: float, sigma2: str,
+                            per_block_ss: bool):
+    """``_prepare_chunk``'s results when sign blocks hold whole components, by Woodbury per class:
+    V_b⁻¹ = I − Z_b M Z_b' with M = D_b (I + G D_b)⁻¹ once per (voxel, class), so
+    X'V⁻¹X = X'X − Σ_classes Σ_ij M_ij K_ij (one small GEMM) and V⁻¹ẽ = ẽ − Z M Z'ẽ (sparse
+    products)."""
+    v = Y.shape[1]
+    n, p = X.shape
+    iu, ju = np.triu_indices(p)
+    d_entries = np.concatenate([Dk.reshape(v, -1) for Dk in D], axis=1)
+    D_blocks = []
+    for d_map in cc.d_maps:
+        q = int(round(np.sqrt(d_map.shape[1])))
+        D_blocks.append((d_entries @ d_map).reshape(v, q, q))
+    K_packed = np.repeat(cc.XtX[iu, ju][None], v, axis=0)
+    Ms = []
+    for cl in cc.classes:
+        Db = D_blocks[cl.group]
+        q = cl.G.shape[0]
+        M = la_sym(np.linalg.solve(np.eye(q) + Db @ cl.G, Db))  # (I + D G)⁻¹ D = D (I + G D)⁻¹, symmetric
+        K_packed -= M.reshape(v, q * q) @ cl.K
+        Ms.append(M)
+    K = np.zeros((v, p, p))
+    K[:, iu, ju] = K_packed
+    K[:, ju, iu] = K_packed
+
+    def m_times(E):  # (Q, v) vectors on Z's columns -> M of each component applied to its own
+        out = np.empty_like(E)
+        for cl, M in zip(cc.classes, Ms):
+            q = M.shape[-1]
+            Ec = E[cl.columns].reshape(-1, q, v)
+            Oc = out[cl.columns].reshape(-1, q, v)
+            for a in range(q):
+                Oc[:, a] = sum(M[:, a, b] * Ec[:, b] for b in range(q))
+        return out
+
+    # Woodbury's y'y − y'Z M Z'y cancels y's mean: work on y − Xβ₀ (β₀ by OLS; any β₀ is exact)
+    beta0 = np.linalg.solve(cc.XtX, X.T @ Y)  # (p, v)
+    Y0 = Y - X @ beta0  # (n, v): images by voxels throughout, so that block sums are sparse products
+    yz = cc.Zt @ Y0  # (Q, v) Z'(y − Xβ₀)
+    u = m_times(yz)
+    XtVy = (X.T @ Y0 - cc.Xl.T @ u).T
+    yVy = np.einsum("nv,nv->v", Y0, Y0) - np.einsum("jv,jv->v", yz, u)
+    R, beta, _, sigma2_hat = gls_at_fixed_v(K, XtVy, yVy, dof)
+    beta = beta0.T + beta
+    gamma = np.linalg.solve(R, beta[..., None])[..., 0]
+    contribution_parts, info = [], []
+    for c in contrasts:
+        ndf, k, beta_null, rot = contrast_frame(c, R, beta, gamma, sigma2)
+        shift = (beta_null - beta0.T).T  # (p, v)
+        e = Y0 - X @ shift  # (n, v) residuals of the GLS under Lβ = 0, V fixed
+        Ve = e - cc.Z @ m_times(cc.Zt @ e)  # V⁻¹ẽ = ẽ − Z M Z'ẽ, component by component
+        # a_b = rot X_b'V_b⁻¹ẽ_b: (n_blocks, v, k), images summed per sign block by a sparse product
+        per_image = (X @ rot.reshape(v * k, p).T).reshape(n, v, k) * Ve[:, :, None]
+        contribution_parts.append((cc.image_sum @ per_image.reshape(n, v * k)).reshape(-1, v, k))
+        block_ss = cc.image_sum @ (e * Ve) if per_block_ss else None  # ẽ_b'V_b⁻¹ẽ_b
+        resid_ss = np.einsum("nv,nv->v", e, Ve)
+        info.append({"ndf": ndf, "k": k, "resid_ss": resid_ss, "pair_ss": None, "block_ss": block_ss})
+    return sigma2_hat, np.concatenate(contribution_parts, axis=2), info
+
+
+def gls_at_fixed_v(XtVX: np.ndarray, XtVy: np.ndarray, yVy: np.ndarray, dof: float):
+    """(R with C = (X'V⁻¹X)⁻¹ = RR', β̂, whitened β̂ = R⁻¹β̂, σ̂²) per voxel from the GLS products."""
+    R = np.linalg.cholesky(np.linalg.inv(la_sym(XtVX)))
+    beta = (R @ (np.swapaxes(R, 1, 2) @ XtVy[..., None]))[..., 0]
+    sigma2_hat = (yVy - np.einsum("vp,vp->v", XtVy, beta)) / dof
+    gamma = np.linalg.solve(R, beta[..., None])[..., 0]
+    return R, beta, gamma, sigma2_hat
+
+
+def contrast_frame(c: Contrast, R: np.ndarray, beta: np.ndarray, gamma: np.ndarray, sigma2: str):
+    """(ndf, k, β̃ the GLS estimate under Lβ = 0, rot (v, k, p) with a_c = rot g_c) of one contrast.
+
+    With L R = U S W', the first ndf rows of W' span the contrast in whitened coordinates; a T's
+    first coordinate takes the sign of Lβ̂ (T = a₁ / σ̂).  k = ndf with σ² held, p with σ² refitted.
+    """
+    p = R.shape[-1]
+    U, S, Wt = np.linalg.svd(c.matrix @ R, full_matrices=True)
+    ndf = int(np.max(np.sum(S > 1e-8 * S[:, :1], axis=1)))
+    if c.is_t:
+        Wt[:, 0] *= U[:, 0, 0, None]
+    Wr = Wt[:, :ndf]
+    delta = (R @ (np.swapaxes(Wr, 1, 2) @ (Wr @ gamma[..., None])))[..., 0]
+    k = p if sigma2 == "refit" else ndf
+    return ndf, k, beta - delta, Wt[:, :k] @ np.swapaxes(R, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,21 +30,27 @@ def family_case():
 
 def _dense_refit(design, Y, fit, voxel, contrast, signs_per_image, sigma2):
     """T or F of y* = Xβ̃ + s∘ẽ by a dense GLS with V = I + ZDZ' at the fit's D."""
-    X, fam, sub = design.X, design.family, design.subject
-    n, p = X.shape
+    fam, sub = design.family, design.subject
+    n = design.X.shape[0]
     V = (np.eye(n) + fit.D[0][voxel, 0, 0] * (fam[:, None] == fam[None])
          + fit.D[1][voxel, 0, 0] * (sub[:, None] == sub[None]))
+    return _dense_gls_resample(design.X, V, Y[:, voxel], contrast, signs_per_image,
+                               fit.sigma2[voxel] if sigma2 == "fixed" else None)
+
+
+def _dense_gls_resample(X, V, y, contrast, signs_per_image, sigma2_fixed):
+    """T or F of y* = Xβ̃ + s∘ẽ by a dense GLS with V given (σ² refitted unless ``sigma2_fixed``)."""
+    n, p = X.shape
     Vi = np.linalg.inv(V)
     C = np.linalg.inv(X.T @ Vi @ X)
     L = contrast.matrix
-    y = Y[:, voxel]
     b = C @ X.T @ Vi @ y
     b_null = b - C @ L.T @ np.linalg.pinv(L @ C @ L.T) @ L @ b
     e = y - X @ b_null
     ys = X @ b_null + signs_per_image * e
     bs = C @ X.T @ Vi @ ys
     r = ys - X @ bs
-    s2 = r @ Vi @ r / (n - p) if sigma2 == "refit" else fit.sigma2[voxel]
+    s2 = r @ Vi @ r / (n - p) if sigma2_fixed is None else sigma2_fixed
     Lb = L @ bs
     if contrast.is_t:
         return Lb[0] / np.sqrt(s2 * (L @ C @ L.T)[0, 0])
@@ -81,6 +87,35 @@ def test_resamples_equal_dense_refits_with_family_signs(family_case, sigma2, wei
             for voxel in (0, 4, 8):
                 ref = _dense_refit(design, Y, fit, voxel, c, signs[r][blocks], sigma2)
                 # dense inverse of a 100-row V against the blockwise algebra: ~1e-12 relative
+                assert stats[j][r, voxel] == pytest.approx(ref, rel=1e-9, abs=1e-11)
+
+
+def test_random_slopes_and_blocks_of_several_families_equal_dense_refits():
+    """Components in classes (Woodbury per class) with q = 2 per subject, many singleton classes, and
+    sign blocks that each join two families: resampled T and F against dense GLS refits."""
+    rng = np.random.default_rng(3)
+    design = family_design(rng, 30)
+    n = design.X.shape[0]
+    factors = [RandomFactor("family", design.family, np.ones(n)),
+               RandomFactor("subject", design.subject, np.column_stack([np.ones(n), design.X[:, 2]]))]
+    slopes = rng.normal(0, 0.5, design.subject.max() + 1)[design.subject]
+    Y = simulate_Y(rng, design, 4) + (design.X[:, 2] * slopes)[:, None]
+    fit = fit_lmm(Y, design.X, factors)
+    assert (fit.status == 0).all()
+    blocks = design.family // 2
+    prep = rs.prepare(Y, design.X, factors, fit, CONTRASTS, blocks=blocks, sigma2="refit", weights="normal")
+    signs = rs.resample_signs(8, 1, 4, prep.n_blocks, "normal")
+    stats = rs.resampled_statistics(prep, signs)
+    codes = rs.first_appearance_codes(blocks)
+    for voxel in range(4):
+        V = np.eye(n)
+        for f, Dk in zip(factors, fit.D):
+            same = f.codes()[1][:, None] == f.codes()[1][None, :]
+            V += same * (f.design @ Dk[voxel] @ f.design.T)
+        for j, c in enumerate(CONTRASTS):
+            for r in range(signs.shape[0]):
+                ref = _dense_gls_resample(design.X, V, Y[:, voxel], c, signs[r][codes], None)
+                # dense inverse of a ~100-row V against Woodbury per class: ~1e-12 relative
                 assert stats[j][r, voxel] == pytest.approx(ref, rel=1e-9, abs=1e-11)
 
 
