@@ -39,6 +39,7 @@ from blmm.core.tail import TailFit, tail_p
 
 STATISTICS = ("mlog10p", "t")  # what the maximum is taken over: −log10 p (Satterthwaite df) or T / F itself
 SIGMA2_MODES = ("refit", "fixed")  # σ² re-estimated per resample (exact GLS refit with D fixed) or held
+PRECISIONS = ("float64", "float32")  # of the prepared contributions and the sign GEMM (docs/corrected.md)
 WEIGHTS = ("rademacher", "webb", "normal")  # the wild bootstrap's weight per block (docs/corrected.md)
 DEFAULT_WEIGHTS = "normal"  # Rademacher's light tails made the maximum liberal (docs/corrected.md, "Validation")
 WEBB_POINTS = np.array([-np.sqrt(1.5), -1.0, -np.sqrt(0.5), np.sqrt(0.5), 1.0, np.sqrt(1.5)])  # mean 0, variance 1
@@ -355,6 +356,8 @@ def prepare(
         raise ValueError(f"sigma2 {sigma2!r}: expected one of {', '.join(SIGMA2_MODES)}")
     if weights not in WEIGHTS:
         raise ValueError(f"weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
+    if gemm_dtype not in PRECISIONS:
+        raise ValueError(f"gemm_dtype {gemm_dtype!r}: expected one of {', '.join(PRECISIONS)}")
     Y = np.asarray(Y, dtype=np.float64)
     X = np.asarray(X, dtype=np.float64)
     n, p = X.shape

@@ -221,6 +221,30 @@ def test_float32_contributions_agree_to_single_precision(family_case):
     np.testing.assert_array_equal(in_two_chunks, m32)
 
 
+def test_float32_moves_fwe_p_only_where_maxima_lie_within_single_precision(family_case):
+    """FWE p-values are counts of null maxima at or above the observed value: float32 contributions
+    move a maximum by ~1e-6 relative, so a count (and the order of two maxima) can change only where
+    two values lie that close; with B = 499 at these 9 voxels none does, and every p is the same."""
+    design, Y, fit = family_case
+    B = 499
+    res = {dtype: rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS, B, seed=5, gemm_dtype=dtype)
+           for dtype in rs.PRECISIONS}
+    delta = 1e-5  # float32's eps (6e-8) times the ~40 blocks summed and the T*/F* formulas' growth, with margin
+    for c64, c32 in zip(res["float64"].contrasts, res["float32"].contrasts):
+        m64, m32 = c64.null_maxima["max"], c32.null_maxima["max"]
+        assert np.all(np.abs(m32 - m64) <= delta * np.abs(m64))
+        close = np.abs(m64[:, None] - m64[None, :]) <= 2 * delta * np.abs(m64[:, None])
+        order64, order32 = np.argsort(np.argsort(m64)), np.argsort(np.argsort(m32))
+        swapped = (order64[:, None] < order64[None, :]) != (order32[:, None] < order32[None, :])
+        assert not np.any(swapped & ~close)  # only maxima within 2δ of each other change order
+        count64 = np.rint(10.0 ** -c64.fwe_mlog10p * (B + 1))
+        count32 = np.rint(10.0 ** -c32.fwe_mlog10p * (B + 1))
+        near = np.sum(np.abs(m64[None, :] - c64.observed[:, None]) <= 2 * delta * np.abs(c64.observed[:, None]),
+                      axis=1)
+        assert np.all(np.abs(count32 - count64) <= near)  # a count moves by at most the maxima that close
+        np.testing.assert_array_equal(count32, count64)  # here: no maximum that close, no p changes
+
+
 def test_fwe_p_counts_the_identity_and_transforms_plug_in(family_case):
     design, Y, fit = family_case
     B = 40
