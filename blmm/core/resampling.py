@@ -33,6 +33,7 @@ from blmm.core.result import FitResult
 from blmm.core.status import FITTED
 from blmm.core.inference import f_mlog10p, infer, t_mlog10p
 from blmm.core.level_classes import LevelClasses
+from blmm.core import linalg as la
 from blmm.core.linalg import sym as la_sym
 from blmm.core.objective.base import diag_blocks
 from blmm.core.tail import TailFit, tail_p
@@ -51,8 +52,13 @@ MapTransform = Callable[[np.ndarray], np.ndarray]  # (R, V) resampled statistic 
 
 
 def max_over_voxels(maps: np.ndarray) -> np.ndarray:
-    """The maximum statistic: (R, V) maps -> (R,), NaN voxels ignored."""
-    return np.nanmax(maps, axis=1)
+    """The maximum statistic: (R, V) maps -> (R,), NaN voxels ignored (NaN where all are), in the maps'
+    namespace (the standard has no nanmax: NaN as −inf, then back)."""
+    xp = la.namespace(maps)
+    if xp is np:
+        return np.nanmax(maps, axis=1)
+    top = xp.max(xp.where(xp.isnan(maps), -xp.inf, maps), axis=1)
+    return xp.where(xp.all(xp.isnan(maps), axis=1), xp.nan, top)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,28 +616,33 @@ def contrast_frame(c: Contrast, R: np.ndarray, beta: np.ndarray, gamma: np.ndarr
 # Resampling a chunk of signs
 
 def resampled_statistics(prep: ResamplingPrep, signs: np.ndarray) -> list[np.ndarray]:
-    """Each contrast's resampled T or F, (R, v), for the sign rows ``signs`` (R, n_blocks)."""
-    signs = np.asarray(signs, dtype=prep.contributions.dtype)
+    """Each contrast's resampled T or F, (R, v), for the sign rows ``signs`` (R, n_blocks), in the
+    namespace of the prepared contributions (``linalg.move`` a prep to a device once): the sign GEMM
+    and the elementwise T*, F*, σ̂*² (the signs, drawn on the host, move with each call)."""
+    xp = la.namespace(prep.contributions)
+    signs = xp.astype(la.from_host(xp, signs), prep.contributions.dtype)
     R = signs.shape[0]
     nblk, v, cols = prep.contributions.shape
-    a_all = signs @ prep.contributions.reshape(nblk, v * cols)  # the one GEMM
-    a_all = a_all.reshape(R, v, cols).astype(np.float64, copy=False)
+    a_all = signs @ xp.reshape(prep.contributions, (nblk, v * cols))  # the one GEMM
+    a_all = xp.astype(xp.reshape(a_all, (R, v, cols)), xp.float64)
+    signs64 = xp.astype(signs, xp.float64)
     if prep.block_pairs.size:
-        cross = np.asarray(signs[:, prep.block_pairs[:, 0]] * signs[:, prep.block_pairs[:, 1]], dtype=np.float64)
+        cross = (xp.take(signs64, la.from_host(xp, prep.block_pairs[:, 0]), axis=1)
+                 * xp.take(signs64, la.from_host(xp, prep.block_pairs[:, 1]), axis=1))
     out = []
     for c in prep.contrasts:
         a = a_all[..., c.columns]
-        num = a[..., 0] if c.is_t else np.einsum("rvk,rvk->rv", a[..., :c.ndf], a[..., :c.ndf])
+        num = a[..., 0] if c.is_t else xp.sum(a[..., :c.ndf] * a[..., :c.ndf], axis=-1)
         if prep.sigma2_mode == "fixed":
-            s2 = np.broadcast_to(prep.sigma2, (R, v))
+            s2 = xp.broadcast_to(prep.sigma2, (R, v))
         else:  # (w∘ẽ)'V⁻¹(w∘ẽ) = Σ_c w_c² ẽ_c'V_c⁻¹ẽ_c: ẽ'V⁻¹ẽ itself when every w_c² = 1 (Rademacher)
-            kept = c.resid_ss[None, :] if c.block_ss is None else np.square(signs, dtype=np.float64) @ c.block_ss
-            ss = kept - np.einsum("rvk,rvk->rv", a, a)
+            kept = c.resid_ss[None, :] if c.block_ss is None else (signs64 * signs64) @ c.block_ss
+            ss = kept - xp.sum(a * a, axis=-1)
             if c.pair_ss is not None:  # added to ẽ'V⁻¹ẽ: (w_c w_c' − 1); to the per-block sums: w_c w_c'
                 ss = ss + 2.0 * ((cross - 1.0 if c.block_ss is None else cross) @ c.pair_ss)
             s2 = ss / prep.dof
         with np.errstate(invalid="ignore", divide="ignore"):
-            out.append(num / np.sqrt(s2) if c.is_t else num / (c.ndf * s2))
+            out.append(num / xp.sqrt(s2) if c.is_t else num / (c.ndf * s2))
     return out
 
 
@@ -693,7 +704,9 @@ def resampled_stats(prep: ResamplingPrep, seed: int, start: int, stop: int) -> l
     first, last = start // GEMM_BATCH * GEMM_BATCH, -(-stop // GEMM_BATCH) * GEMM_BATCH
     parts = [resampled_statistics(prep, resample_signs(seed, b, b + GEMM_BATCH, prep.n_blocks, prep.weights))
              for b in range(first, last, GEMM_BATCH)]
-    return [np.concatenate([pt[j] for pt in parts])[start - first:stop - first] for j in range(len(prep.contrasts))]
+    xp = la.namespace(prep.contributions)
+    return [xp.concat([pt[j] for pt in parts])[start - first:stop - first, ...]
+            for j in range(len(prep.contrasts))]
 
 
 def resampled_maps(prep: ResamplingPrep, seed: int, start: int, stop: int, statistic: str = "mlog10p",
@@ -743,13 +756,16 @@ def chunk_maxima(prep: ResamplingPrep, seed: int, start: int, stop: int, statist
 
 
 def fwe_mlog10p(observed: np.ndarray, null_maxima: np.ndarray) -> np.ndarray:
-    """−log10 of p = #{maxima ≥ observed} / (B + 1); null_maxima holds the identity as entry 0."""
-    m = np.sort(np.asarray(null_maxima, dtype=np.float64))
-    obs = np.asarray(observed, dtype=np.float64)
-    count = m.size - np.searchsorted(m, obs, side="left")
+    """−log10 of p = #{maxima ≥ observed} / (B + 1); null_maxima holds the identity as entry 0.
+    In the inputs' namespace (numpy for lists)."""
+    xp = la.namespace_or_numpy(observed, null_maxima)
+    m = xp.sort(xp.asarray(null_maxima, dtype=xp.float64))
+    obs = xp.asarray(observed, dtype=xp.float64)
+    count = m.shape[0] - xp.searchsorted(m, obs, side="left")
     with np.errstate(divide="ignore"):
-        out = 0.0 - np.log10(np.maximum(count, 1) / m.size)  # the identity counts: observed ≤ its maximum
-    return np.where(np.isnan(obs), np.nan, out)
+        # the identity counts: observed ≤ its maximum
+        out = 0.0 - xp.log10(xp.astype(xp.maximum(count, 1), xp.float64) / m.shape[0])
+    return xp.where(xp.isnan(obs), xp.nan, out)
 
 
 # ---------------------------------------------------------------------------------------------

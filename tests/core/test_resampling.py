@@ -245,6 +245,39 @@ def test_float32_moves_fwe_p_only_where_maxima_lie_within_single_precision(famil
         np.testing.assert_array_equal(count32, count64)  # here: no maximum that close, no p changes
 
 
+@pytest.mark.parametrize("sigma2, weights, split", [("refit", "normal", False), ("fixed", "rademacher", False),
+                                                    ("refit", "webb", True)])
+def test_resampling_on_strict_arrays_equals_numpy(family_case, sigma2, weights, split):
+    """The array seam (issue 19): a prep moved to array_api_strict gives the same T*, F*, maxima and FWE p,
+    as strict arrays (the sign GEMM and T*/F* in the contributions' namespace); per-image blocks too."""
+    import array_api_strict as xps
+
+    from blmm.core import linalg as la
+
+    design, Y, fit = family_case
+    n = design.X.shape[0]
+    blocks = np.arange(n) if split else None
+    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, sigma2=sigma2, weights=weights, blocks=blocks,
+                      allow_split_blocks=split)
+    strict = la.move(xps, prep)
+    ref, got = rs.resampled_stats(prep, 3, 0, 150), rs.resampled_stats(strict, 3, 0, 150)
+    for r, g in zip(ref, got):
+        assert not isinstance(g, np.ndarray)
+        # the same products in another summation order (no einsum in the standard): float64, 1e-12 relative
+        np.testing.assert_allclose(la.to_host(g), r, rtol=1e-12, atol=1e-12 * np.abs(r).max())
+    maps = ref[0].copy()
+    maps[:, 2] = np.nan
+    maps[5] = np.nan  # a resample with no voxel: NaN, as numpy's nanmax
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's all-NaN slice
+        m = rs.max_over_voxels(maps)
+    m_s = rs.max_over_voxels(xps.asarray(maps))
+    np.testing.assert_array_equal(la.to_host(m_s), m)
+    fwe, fwe_s = rs.fwe_mlog10p(ref[0][0], m), rs.fwe_mlog10p(xps.asarray(ref[0][0]), m_s)
+    assert not isinstance(fwe_s, np.ndarray)
+    np.testing.assert_array_equal(la.to_host(fwe_s), fwe)  # a sort and a count: equal to the bit
+
+
 def test_fwe_p_counts_the_identity_and_transforms_plug_in(family_case):
     design, Y, fit = family_case
     B = 40
