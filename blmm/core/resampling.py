@@ -272,10 +272,11 @@ def component_classes(X: np.ndarray, factors: list[RandomFactor], components: np
     """
     n, p = X.shape
     codes = [f.codes()[1] for f in factors]
-    Zparts, level_factor, level_col, level_key = [], [], [], []
+    Zparts, level_factor, level_col, level_key, level_comp = [], [], [], [], []
     col0 = 0
     for k, (f, c) in enumerate(zip(factors, codes)):
         L = int(c.max()) + 1
+        level_comp.append(components[np.unique(c, return_index=True)[1]])  # the component of a level's first image
         rows = np.repeat(np.arange(n), f.q)
         Zparts.append(sp.csr_matrix((f.design.reshape(-1), (rows, (c[:, None] * f.q + np.arange(f.q)).reshape(-1))),
                                     shape=(n, L * f.q)))
@@ -285,9 +286,8 @@ def component_classes(X: np.ndarray, factors: list[RandomFactor], components: np
         level_col.append(col0 + np.arange(L) * f.q)
         col0 += L * f.q
     Z = sp.csc_matrix(sp.hstack(Zparts))
-    first_row = Z.indices[Z.indptr[np.concatenate(level_col)]]  # a level's first image (any row of it)
-    level_comp = components[first_row]
-    level_factor, level_col, level_key = map(np.concatenate, (level_factor, level_col, level_key))
+    level_factor, level_col, level_key, level_comp = map(np.concatenate, (level_factor, level_col, level_key,
+                                                                           level_comp))
     order = np.lexsort((level_key, level_factor, level_comp))  # component, then factor, then own block
     comp_start = np.searchsorted(level_comp[order], np.arange(int(components.max()) + 1))
     comp_stop = np.append(comp_start[1:], order.size)

@@ -90,14 +90,17 @@ def test_resamples_equal_dense_refits_with_family_signs(family_case, sigma2, wei
                 assert stats[j][r, voxel] == pytest.approx(ref, rel=1e-9, abs=1e-11)
 
 
-def test_random_slopes_and_blocks_of_several_families_equal_dense_refits():
+@pytest.mark.parametrize("subject_design", ["intercept and age", "visit only"])
+def test_random_slopes_and_blocks_of_several_families_equal_dense_refits(subject_design):
     """Components in classes (Woodbury per class) with q = 2 per subject, many singleton classes, and
-    sign blocks that each join two families: resampled T and F against dense GLS refits."""
+    sign blocks that each join two families: resampled T and F against dense GLS refits.  "visit only":
+    a slope on the visit number without an intercept, so a one-visit subject's Z column is all zero."""
     rng = np.random.default_rng(3)
     design = family_design(rng, 30)
     n = design.X.shape[0]
-    factors = [RandomFactor("family", design.family, np.ones(n)),
-               RandomFactor("subject", design.subject, np.column_stack([np.ones(n), design.X[:, 2]]))]
+    visit = np.concatenate([np.arange(k) for k in np.bincount(design.subject)]).astype(float)
+    z = np.column_stack([np.ones(n), design.X[:, 2]]) if subject_design == "intercept and age" else visit[:, None]
+    factors = [RandomFactor("family", design.family, np.ones(n)), RandomFactor("subject", design.subject, z)]
     slopes = rng.normal(0, 0.5, design.subject.max() + 1)[design.subject]
     Y = simulate_Y(rng, design, 4) + (design.X[:, 2] * slopes)[:, None]
     fit = fit_lmm(Y, design.X, factors)
