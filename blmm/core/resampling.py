@@ -48,6 +48,9 @@ MAX_COMPONENT = 512  # images in one independent block: its M (or, blocks split,
 # Resamples per sign GEMM, aligned: the same seed gives bit-identical maxima in any chunking.  128, not 32:
 # the contributions are streamed from memory once per GEMM; 4x the rows per pass doubled the FLOPs per CPU s.
 GEMM_BATCH = 128
+# Classes pay off when they are shared: with more than this many classes per component (random slopes on
+# a continuous covariate make every family its own class) the dense per-family path is the cheaper one.
+MAX_CLASSES_PER_COMPONENT = 0.25
 MapTransform = Callable[[np.ndarray], np.ndarray]  # (R, V) resampled statistic maps -> (R,) one value each
 
 
@@ -399,7 +402,10 @@ def prepare(
     per_block_ss = sigma2 == "refit" and weights != "rademacher"
     chunks = np.array_split(voxels, max(1, -(-voxels.size // voxel_chunk)))
     parts: list = [None] * len(chunks)
-    if split.size:  # blocks inside components (the negative control): V_b⁻¹ formed densely per voxel
+    by_class = None if split.size else component_classes(X, factors, components, blocks)
+    if by_class is not None and len(by_class.classes) > MAX_CLASSES_PER_COMPONENT * (int(components.max()) + 1):
+        by_class = None
+    if by_class is None:  # blocks inside components (the negative control), or classes of one or two families
         layout = block_layout(X, factors, components, blocks)
         pairs, X_ordered = layout.pairs, X[layout.order]
 
@@ -408,7 +414,6 @@ def prepare(
             parts[j] = _prepare_chunk(Y[:, vox][layout.order], X_ordered, [D[vox] for D in fit.D], contrasts,
                                       layout, dof, sigma2, per_block_ss)
     else:
-        by_class = component_classes(X, factors, components, blocks)
         pairs = np.zeros((0, 2), dtype=np.int64)
 
         def run(j: int) -> None:

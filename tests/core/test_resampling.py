@@ -90,22 +90,28 @@ def test_resamples_equal_dense_refits_with_family_signs(family_case, sigma2, wei
                 assert stats[j][r, voxel] == pytest.approx(ref, rel=1e-9, abs=1e-11)
 
 
-@pytest.mark.parametrize("subject_design", ["intercept and age", "visit only"])
+@pytest.mark.parametrize("subject_design", ["intercept and visit", "visit only", "intercept and age"])
 def test_random_slopes_and_blocks_of_several_families_equal_dense_refits(subject_design):
-    """Components in classes (Woodbury per class) with q = 2 per subject, many singleton classes, and
-    sign blocks that each join two families: resampled T and F against dense GLS refits.  "visit only":
-    a slope on the visit number without an intercept, so a one-visit subject's Z column is all zero."""
+    """Random slopes (q = 2 per subject) with sign blocks that each join two families: resampled T and F
+    against dense GLS refits.  On the visit number, families share classes (Woodbury per class); "visit
+    only" has no intercept, so a one-visit subject's Z column is all zero; on a continuous age every
+    family is its own class and prepare takes the dense per-family path."""
     rng = np.random.default_rng(3)
-    design = family_design(rng, 30)
+    design = family_design(rng, 60)
     n = design.X.shape[0]
     visit = np.concatenate([np.arange(k) for k in np.bincount(design.subject)]).astype(float)
-    z = np.column_stack([np.ones(n), design.X[:, 2]]) if subject_design == "intercept and age" else visit[:, None]
+    z = {"intercept and visit": np.column_stack([np.ones(n), visit]), "visit only": visit[:, None],
+         "intercept and age": np.column_stack([np.ones(n), design.X[:, 2]])}[subject_design]
     factors = [RandomFactor("family", design.family, np.ones(n)), RandomFactor("subject", design.subject, z)]
     slopes = rng.normal(0, 0.5, design.subject.max() + 1)[design.subject]
     Y = simulate_Y(rng, design, 4) + (design.X[:, 2] * slopes)[:, None]
-    fit = fit_lmm(Y, design.X, factors)
+    fit = fit_lmm(Y, design.X, factors, safe_mode=False)  # lme4 counts 2 effects per one-visit subject too
     assert (fit.status == 0).all()
     blocks = design.family // 2
+    components = rs.independent_blocks(factors)
+    shared = len(rs.component_classes(design.X, factors, components, components).classes)
+    by_class = shared <= rs.MAX_CLASSES_PER_COMPONENT * (components.max() + 1)
+    assert by_class == (subject_design != "intercept and age")  # the path this case exercises
     prep = rs.prepare(Y, design.X, factors, fit, CONTRASTS, blocks=blocks, sigma2="refit", weights="normal")
     signs = rs.resample_signs(8, 1, 4, prep.n_blocks, "normal")
     stats = rs.resampled_statistics(prep, signs)
