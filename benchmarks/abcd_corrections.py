@@ -9,6 +9,7 @@ vertices), 5 T contrasts and 1 F (the dataset of benchmarks/abcd_family.py --pip
     python benchmarks/abcd_corrections.py DIR --subjects 150 --resamples 511 --tfce   # a stated fraction
     python benchmarks/abcd_corrections.py DIR ... --sigma2 fixed                        # σ² held
     python benchmarks/abcd_corrections.py DIR ... --maxmem 2**34                        # all prepared blocks cached
+    python benchmarks/abcd_corrections.py DIR ... --precision float32                   # float32 sign GEMM
 
 ``--subjects`` simulates fewer subjects (the families and visits of the full design, scaled) on the
 whole hemisphere: a fraction to extrapolate from, labelled as such in the JSON line.  The line holds
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=4999)
     ap.add_argument("--tfce", action="store_true")
     ap.add_argument("--sigma2", choices=("refit", "fixed"), default="refit")
+    ap.add_argument("--precision", choices=("float64", "float32"), default="float64",
+                    help="of the prepared contributions and the sign GEMM")
     ap.add_argument("--maxmem", help="replace the YAML's MAXMEM (e.g. 2**34): a quarter of it keeps prepared blocks cached")
     ap.add_argument("--json", help="append the result as one JSON line to this file")
     args = ap.parse_args()
@@ -51,7 +54,8 @@ def main() -> None:
     if args.maxmem:
         text = re.sub(r"(?m)^MAXMEM: .*$", f"MAXMEM: {args.maxmem}", text)
     corrected.write_text(text + f"correction:\n  resamples: {args.resamples}\n  tfce: {str(args.tfce).lower()}\n"
-                         f"  surface: fsaverage5\n  seed: 0\n  sigma2: {args.sigma2}\n")
+                         f"  surface: fsaverage5\n  seed: 0\n  sigma2: {args.sigma2}\n"
+                         + (f"  precision: {args.precision}\n" if args.precision != "float64" else ""))
     out = data / "results" / "family_lh_corrected"
     shutil.rmtree(out, ignore_errors=True)
     load_before = os.getloadavg()
@@ -60,7 +64,7 @@ def main() -> None:
     child = resource.getrusage(resource.RUSAGE_CHILDREN)
     info = json.loads((out / "blmm_run.json").read_text()) if rc == 0 else {}
     result = {"what": f"blmm {corrected.name}", "resamples": args.resamples, "tfce": args.tfce, "sigma2": args.sigma2,
-              "maxmem": args.maxmem or "the YAML's (2**32)",
+              "precision": args.precision, "code": os.environ.get("PYTHONPATH", ""), "maxmem": args.maxmem or "the YAML's (2**32)",
               "subjects": args.subjects or "all (5,179)", "n": info.get("n"),
               "blocks": info.get("correction", {}).get("blocks"), "seconds": round(seconds, 1),
               "cpu_s": round(child.ru_utime + child.ru_stime, 1), "peak_rss_gb": round(peak, 2), "returncode": rc,

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -230,6 +231,9 @@ def main() -> None:
         "stage_seconds": info.get("timings_s"), "batches": info.get("batches"), "blocks": info.get("blocks"),
         "machine": f"{platform.node()}, {os.cpu_count()} cores",
         "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "cpu_s": round(sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), f) for f in ("ru_utime", "ru_stime")),
+                       1),  # blmm and its reaped workers
+        "code": os.environ.get("PYTHONPATH", ""),
     }
     if args.resamples:
         result.update({"resamples": args.resamples, "tfce": args.tfce, "sigma2": args.sigma2,

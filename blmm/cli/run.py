@@ -106,13 +106,16 @@ def _correction_flags(ap: argparse.ArgumentParser) -> None:
                      "columns per contrast, for large runs)")
     cor.add_argument("--weights", metavar="{normal,rademacher,webb}", help="each independent block's weight in "
                      "a resample: normal (default: standard normal), rademacher (signs +-1) or webb (six points)")
+    cor.add_argument("--precision", metavar="{float64,float32}", help="of the prepared contributions and the "
+                     "sign GEMM: float64 (default) or float32 (half the memory, faster resamples; T* and F* "
+                     "to ~1e-6 relative)")
 
 
 def correction_overrides(args) -> dict:
     """The correction flags given, as fields of the ``correction:`` section (paths made absolute)."""
     fields = {key: getattr(args, key) for key in ("fdr", "resamples", "tfce", "cluster_threshold", "connectivity",
                                                    "surface", "blocks", "seed", "tail", "corrcon", "sigma2",
-                                                   "weights")
+                                                   "weights", "precision")
               if getattr(args, key) is not None}
     if fields.get("fdr") == "false":
         fields["fdr"] = False

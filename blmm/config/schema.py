@@ -65,6 +65,7 @@ class CorrectionSettings:
     corrcon: bool = False  # FWE also over contrasts (PALM's -corrcon)
     sigma2: str = "refit"  # σ² per resample: "refit" (k = p columns per contrast) or "fixed" (k = rank: large runs)
     weights: str = DEFAULT_WEIGHTS  # each block's weight per resample: "normal", "rademacher" or "webb"
+    precision: str = "float64"  # of the prepared contributions and the sign GEMM: "float64" or "float32"
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The section as the YAML holds it (``fdr: false`` when off)."""
@@ -73,7 +74,7 @@ class CorrectionSettings:
             "tfce": bool(self.tfce), "cluster_threshold": float(self.cluster_threshold),
             "connectivity": int(self.connectivity), "seed": int(self.seed), "tail": bool(self.tail),
             "corrcon": bool(self.corrcon), "sigma2": self.sigma2,
-            "weights": self.weights}
+            "weights": self.weights, "precision": self.precision}
         if self.surface is not None:
             out["surface"] = dict(self.surface) if isinstance(self.surface, dict) else self.surface
         if self.blocks is not None:

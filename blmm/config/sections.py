@@ -12,7 +12,8 @@ import numpy as np
 from blmm.core.design import Contrast, RandomFactor, identifiability_problems
 from blmm.core.design_basis import dependent_columns
 from blmm.core.fit import METHODS
-from blmm.core.resampling import DEFAULT_WEIGHTS, SIGMA2_MODES, WEIGHTS, check_blocks, independent_blocks
+from blmm.core.resampling import (DEFAULT_WEIGHTS, PRECISIONS, SIGMA2_MODES, WEIGHTS, check_blocks,
+                                    independent_blocks)
 from blmm.engine.spec import CLUSTER_RULES, CLUSTER_TYPES, KINDS
 from blmm.errors import ImageError, InputError
 from blmm.io.images import ImageSpace, image_space, mismatch_reason, read_image
@@ -539,7 +540,7 @@ def _writable(folder: Path) -> bool:
 
 #: the ``correction:`` fields, in the order they are checked
 CORRECTION_FIELDS = ("fdr", "resamples", "tfce", "cluster_threshold", "connectivity", "surface",
-                     "blocks", "seed", "tail", "corrcon", "sigma2", "weights")
+                     "blocks", "seed", "tail", "corrcon", "sigma2", "weights", "precision")
 
 
 def _check_correction(found: _Found, space: ImageSpace | None,
@@ -577,6 +578,10 @@ def _check_correction(found: _Found, space: ImageSpace | None,
     if weights not in WEIGHTS:
         sub.problem(f"weights: expected one of {', '.join(WEIGHTS)}, found {_shorten(weights)}")
         weights = DEFAULT_WEIGHTS
+    precision = sub.raw.get("precision", "float64")
+    if precision not in PRECISIONS:
+        sub.problem(f"precision: expected one of {', '.join(PRECISIONS)}, found {_shorten(precision)}")
+        precision = "float64"
     blocks = _correction_blocks(sub, factors)
     surface = _correction_surface(sub)
     if resamples == 0 and flags["tail"]:
@@ -587,7 +592,7 @@ def _check_correction(found: _Found, space: ImageSpace | None,
     return CorrectionSettings(fdr=fdr, resamples=int(resamples), tfce=flags["tfce"],
                               cluster_threshold=float(threshold), connectivity=int(connectivity),
                               surface=surface, blocks=blocks, seed=int(seed), tail=flags["tail"],
-                              corrcon=flags["corrcon"], sigma2=sigma2, weights=weights)
+                              corrcon=flags["corrcon"], sigma2=sigma2, weights=weights, precision=precision)
 
 
 def _correction_blocks(sub: _Found, factors: list[RandomFactor]) -> str | None:

@@ -28,28 +28,40 @@ from threadpoolctl import threadpool_limits
 
 from blmm.core.design import Contrast, RandomFactor
 from blmm.core.fdr import fdr_mlog10q
-from blmm.core.blocks import run_blocks, thread_count
+from blmm.core.threads import run_blocks, thread_count
 from blmm.core.result import FitResult
 from blmm.core.status import FITTED
 from blmm.core.inference import f_mlog10p, infer, t_mlog10p
+from blmm.core.level_classes import LevelClasses
+from blmm.core import linalg as la
 from blmm.core.linalg import sym as la_sym
+from blmm.core.objective.base import diag_blocks
 from blmm.core.tail import TailFit, tail_p
 
 STATISTICS = ("mlog10p", "t")  # what the maximum is taken over: −log10 p (Satterthwaite df) or T / F itself
 SIGMA2_MODES = ("refit", "fixed")  # σ² re-estimated per resample (exact GLS refit with D fixed) or held
+PRECISIONS = ("float64", "float32")  # of the prepared contributions and the sign GEMM (docs/corrected.md)
 WEIGHTS = ("rademacher", "webb", "normal")  # the wild bootstrap's weight per block (docs/corrected.md)
 DEFAULT_WEIGHTS = "normal"  # Rademacher's light tails made the maximum liberal (docs/corrected.md, "Validation")
 WEBB_POINTS = np.array([-np.sqrt(1.5), -1.0, -np.sqrt(0.5), np.sqrt(0.5), 1.0, np.sqrt(1.5)])  # mean 0, variance 1
-MAX_COMPONENT = 512  # images in one independent block: V_b⁻¹ is formed densely per voxel
+MAX_COMPONENT = 512  # images in one independent block: its M (or, blocks split, V_b⁻¹) is dense per voxel
 # Resamples per sign GEMM, aligned: the same seed gives bit-identical maxima in any chunking.  128, not 32:
 # the contributions are streamed from memory once per GEMM; 4x the rows per pass doubled the FLOPs per CPU s.
 GEMM_BATCH = 128
+# Classes pay off when they are shared: with more than this many classes per component (random slopes on
+# a continuous covariate make every family its own class) the dense per-family path is the cheaper one.
+MAX_CLASSES_PER_COMPONENT = 0.25
 MapTransform = Callable[[np.ndarray], np.ndarray]  # (R, V) resampled statistic maps -> (R,) one value each
 
 
 def max_over_voxels(maps: np.ndarray) -> np.ndarray:
-    """The maximum statistic: (R, V) maps -> (R,), NaN voxels ignored."""
-    return np.nanmax(maps, axis=1)
+    """The maximum statistic: (R, V) maps -> (R,), NaN voxels ignored (NaN where all are), in the maps'
+    namespace (the standard has no nanmax: NaN as −inf, then back)."""
+    xp = la.namespace(maps)
+    if xp is np:
+        return np.nanmax(maps, axis=1)
+    top = xp.max(xp.where(xp.isnan(maps), -xp.inf, maps), axis=1)
+    return xp.where(xp.all(xp.isnan(maps), axis=1), xp.nan, top)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +236,101 @@ def block_layout(X: np.ndarray, factors: list[RandomFactor], components: np.ndar
                        pair_sites, pair_sum)
 
 
+# ---------------------------------------------------------------------------------------------
+# Components in classes: V_b⁻¹ = I − Z_b M_b Z_b', one M per (voxel, class) of identical Z_b'Z_b
+
+@dataclass(frozen=True)
+class ComponentClass:
+    """Components of V with one level structure and one Z_b'Z_b: they share M = D_b (I + G D_b)⁻¹."""
+
+    group: int  # index into ComponentClasses.d_maps: components with this sequence of factors
+    columns: slice  # its members' Z columns in class order (members × q, member-major)
+    G: np.ndarray  # (q, q) Z_b'Z_b of every member
+    K: np.ndarray  # (q², p(p+1)/2) Σ_members Xl_b[i]' Xl_b[j], upper (p, r) entries, (i, j) row-major
+
+
+@dataclass(frozen=True)
+class ComponentClasses:
+    """What ``prepare`` needs of the design when sign blocks hold whole components of V: the
+    components (families) grouped into classes, Z and Z_b'X_b in class order, and the sums of an
+    image quantity over each sign block."""
+
+    Z: sp.csr_matrix  # (n, Q) Z with its columns in class order
+    Zt: sp.csr_matrix  # (Q, n) its transpose
+    Xl: np.ndarray  # (Q, p) Z'X in class order: Z_b'X_b of each component
+    XtX: np.ndarray  # (p, p)
+    d_maps: list  # per group: (Σ_k q_k², q²) 0/1, vec D_b = D entries @ d_map
+    classes: list  # ComponentClass, in class order
+    image_sum: sp.csr_matrix  # (n_blocks, n) 0/1: sums an image quantity over each sign block
+
+
+def component_classes(X: np.ndarray, factors: list[RandomFactor], components: np.ndarray, blocks: np.ndarray
+                      ) -> ComponentClasses:
+    """The classes of V's components (the design's share of ``prepare``, once for every voxel chunk).
+
+    A component's levels are put in a canonical order (by factor, then by their own Z_l'Z_l), so that
+    e.g. families of subjects with 1 and 3 visits match whichever subject comes first; components
+    with the same factor sequence form a group, and within it `LevelClasses` (the fit's rule of
+    identical Gram blocks) makes the classes.  Sign blocks must hold whole components.
+    """
+    n, p = X.shape
+    codes = [f.codes()[1] for f in factors]
+    Zparts, level_factor, level_col, level_key, level_comp = [], [], [], [], []
+    col0 = 0
+    for k, (f, c) in enumerate(zip(factors, codes)):
+        L = int(c.max()) + 1
+        level_comp.append(components[np.unique(c, return_index=True)[1]])  # the component of a level's first image
+        rows = np.repeat(np.arange(n), f.q)
+        Zparts.append(sp.csr_matrix((f.design.reshape(-1), (rows, (c[:, None] * f.q + np.arange(f.q)).reshape(-1))),
+                                    shape=(n, L * f.q)))
+        own = diag_blocks(sp.csr_matrix(Zparts[-1].T @ Zparts[-1]), L, f.q).reshape(L, -1)
+        level_key.append(np.unique(own, axis=0, return_inverse=True)[1].reshape(-1))
+        level_factor.append(np.full(L, k))
+        level_col.append(col0 + np.arange(L) * f.q)
+        col0 += L * f.q
+    Z = sp.csc_matrix(sp.hstack(Zparts))
+    level_factor, level_col, level_key, level_comp = map(np.concatenate, (level_factor, level_col, level_key,
+                                                                           level_comp))
+    order = np.lexsort((level_key, level_factor, level_comp))  # component, then factor, then own block
+    comp_start = np.searchsorted(level_comp[order], np.arange(int(components.max()) + 1))
+    comp_stop = np.append(comp_start[1:], order.size)
+    by_shape: dict = {}
+    for b in range(comp_start.size):
+        lv = order[comp_start[b]:comp_stop[b]]
+        by_shape.setdefault(tuple(level_factor[lv]), []).append(lv)
+    qk = [f.q for f in factors]
+    d_off = np.concatenate([[0], np.cumsum([q * q for q in qk])])
+    iu, ju = np.triu_indices(p)
+    d_maps, classes, perm_parts = [], [], []
+    col = 0
+    for g, (shape, levels) in enumerate(by_shape.items()):
+        lv = np.stack(levels)  # (N, m) each component's levels in canonical order
+        starts = np.concatenate([[0], np.cumsum([qk[k] for k in shape])])
+        q = int(starts[-1])
+        cols = np.concatenate([level_col[lv[:, j]][:, None] + np.arange(qk[k]) for j, k in enumerate(shape)], axis=1)
+        Zg = Z[:, cols.reshape(-1)]
+        G = diag_blocks(sp.csr_matrix(Zg.T @ Zg), lv.shape[0], q)
+        Xl = np.asarray(Zg.T @ X).reshape(-1, q, p)
+        d_map = np.zeros((int(d_off[-1]), q * q))
+        for j, k in enumerate(shape):
+            for a in range(qk[k]):
+                for b in range(qk[k]):
+                    d_map[d_off[k] + a * qk[k] + b, (starts[j] + a) * q + starts[j] + b] = 1.0
+        d_maps.append(d_map)
+        found = LevelClasses.from_blocks(G, p, min_members=1)  # every class aggregated: all are "big"
+        for members in found.big_members:
+            Xm = Xl[members]
+            K = np.einsum("mir,mjs->ijrs", Xm, Xm)[:, :, iu, ju].reshape(q * q, iu.size)
+            classes.append(ComponentClass(g, slice(col, col + members.size * q), G[members[0]], K))
+            perm_parts.append(cols[members].reshape(-1))
+            col += members.size * q
+    perm = np.concatenate(perm_parts)
+    Zt = sp.csr_matrix(Z[:, perm].T)
+    Xl = np.asarray(Zt @ X)
+    image_sum = sp.csr_matrix((np.ones(n), (blocks, np.arange(n))), shape=(int(blocks.max()) + 1, n))
+    return ComponentClasses(sp.csr_matrix(Z[:, perm]), Zt, Xl, X.T @ X, d_maps, classes, image_sum)
+
+
 def prepare(
     Y: np.ndarray,
     X: np.ndarray,
@@ -258,6 +365,8 @@ def prepare(
         raise ValueError(f"sigma2 {sigma2!r}: expected one of {', '.join(SIGMA2_MODES)}")
     if weights not in WEIGHTS:
         raise ValueError(f"weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
+    if gemm_dtype not in PRECISIONS:
+        raise ValueError(f"gemm_dtype {gemm_dtype!r}: expected one of {', '.join(PRECISIONS)}")
     Y = np.asarray(Y, dtype=np.float64)
     X = np.asarray(X, dtype=np.float64)
     n, p = X.shape
@@ -289,16 +398,28 @@ def prepare(
         inf = infer(fit, contrasts, two_sided)
         by_name = {r.name: r.df for r in inf.t + inf.f}
         df = [by_name[c.name] for c in contrasts]
-    layout = block_layout(X, factors, components, blocks)
     dof = float(n - p) if fit.reml else float(n)
-    X_ordered = X[layout.order]
+    per_block_ss = sigma2 == "refit" and weights != "rademacher"
     chunks = np.array_split(voxels, max(1, -(-voxels.size // voxel_chunk)))
     parts: list = [None] * len(chunks)
+    by_class = None if split.size else component_classes(X, factors, components, blocks)
+    if by_class is not None and len(by_class.classes) > MAX_CLASSES_PER_COMPONENT * (int(components.max()) + 1):
+        by_class = None
+    if by_class is None:  # blocks inside components (the negative control), or classes of one or two families
+        layout = block_layout(X, factors, components, blocks)
+        pairs, X_ordered = layout.pairs, X[layout.order]
 
-    def run(j: int) -> None:
-        vox = chunks[j]
-        parts[j] = _prepare_chunk(Y[:, vox][layout.order], X_ordered, [D[vox] for D in fit.D], contrasts, layout,
-                                  dof, sigma2, sigma2 == "refit" and weights != "rademacher")
+        def run(j: int) -> None:
+            vox = chunks[j]
+            parts[j] = _prepare_chunk(Y[:, vox][layout.order], X_ordered, [D[vox] for D in fit.D], contrasts,
+                                      layout, dof, sigma2, per_block_ss)
+    else:
+        pairs = np.zeros((0, 2), dtype=np.int64)
+
+        def run(j: int) -> None:
+            vox = chunks[j]
+            parts[j] = _prepare_chunk_by_class(Y[:, vox], X, [D[vox] for D in fit.D], contrasts, by_class, dof,
+                                               sigma2, per_block_ss)
 
     # many small products: one BLAS thread each (more only spin), voxel chunks shared by our threads
     with threadpool_limits(limits=1, user_api="blas"):
@@ -312,12 +433,12 @@ def prepare(
             c.name, c.is_t, ndf, slice(col, col + k),
             np.concatenate([pt[2][j]["resid_ss"] for pt in parts]),
             np.asarray(df[j], dtype=np.float64)[voxels],
-            np.concatenate([pt[2][j]["pair_ss"] for pt in parts], axis=1) if layout.pairs.size else None,
+            np.concatenate([pt[2][j]["pair_ss"] for pt in parts], axis=1) if pairs.size else None,
             np.concatenate([pt[2][j]["block_ss"] for pt in parts], axis=1) if parts[0][2][j]["block_ss"] is not None
             else None))
         col += k
     return ResamplingPrep(voxels, int(blocks.max()) + 1, dof, sigma2_hat, sigma2, two_sided, prepared, contributions,
-                          layout.pairs, weights)
+                          pairs, weights)
 
 
 def small_inverse(V: np.ndarray) -> np.ndarray:
@@ -371,12 +492,7 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
 
     Yt = np.ascontiguousarray(Y.T)
     Vy = v_inverse(Yt)
-    b = Vy @ X  # (v, p) X'V⁻¹y
-    yVy = np.einsum("vn,vn->v", Yt, Vy)
-    R = np.linalg.cholesky(np.linalg.inv(la_sym(K)))  # C = (X'V⁻¹X)⁻¹ = RR'
-    beta = (R @ (np.swapaxes(R, 1, 2) @ b[..., None]))[..., 0]
-    sigma2_hat = (yVy - np.einsum("vp,vp->v", b, beta)) / dof
-    gamma = np.linalg.solve(R, beta[..., None])[..., 0]  # whitened β̂ = R⁻¹β̂
+    R, beta, gamma, sigma2_hat = gls_at_fixed_v(K, Vy @ X, np.einsum("vn,vn->v", Yt, Vy), dof)
     Xt_blocks = np.ascontiguousarray(X[layout.to_blocks].T)  # (p, n) images in block order
     VX = None
     if layout.pairs.size:  # (v, p, n) (V⁻¹X)' in block order, only when blocks split components
@@ -388,16 +504,9 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
         VX = np.ascontiguousarray(VX[:, layout.to_blocks].transpose(0, 2, 1))
     contribution_parts, info = [], []
     for c in contrasts:
-        U, S, Wt = np.linalg.svd(c.matrix @ R, full_matrices=True)  # L R = U S W'
-        ndf = int(np.max(np.sum(S > 1e-8 * S[:, :1], axis=1)))
-        if c.is_t:
-            Wt[:, 0] *= U[:, 0, 0, None]  # first coordinate with the sign of Lβ̂ (T = a₁ / σ̂)
-        Wr = Wt[:, :ndf]  # (v, ndf, p) rows spanning the contrast in whitened coordinates
-        delta = (R @ (np.swapaxes(Wr, 1, 2) @ (Wr @ gamma[..., None])))[..., 0]
-        e = Yt - (beta - delta) @ X.T  # (v, n) residuals of the GLS under Lβ = 0, V fixed
+        ndf, k, beta_null, rot = contrast_frame(c, R, beta, gamma, sigma2)
+        e = Yt - beta_null @ X.T  # (v, n) residuals of the GLS under Lβ = 0, V fixed
         Ve = v_inverse(e)
-        k = p if sigma2 == "refit" else ndf
-        rot = Wt[:, :k] @ np.swapaxes(R, 1, 2)  # (v, k, p): a_c = W'R' g_c
         if VX is None:  # whole components per block: g_c = X_c'V_c⁻¹ẽ_c
             per_image = (rot @ Xt_blocks) * Ve[:, layout.to_blocks][:, None, :]  # (v, k, n)
         else:  # blocks inside components: g_c = Σ_{i ∈ c} (V⁻¹X)_i ẽ_i
@@ -421,32 +530,124 @@ def _prepare_chunk(Y, X, D, contrasts, layout: BlockLayout, dof: float, sigma2: 
     return sigma2_hat, np.concatenate(contribution_parts, axis=2), info
 
 
+def _prepare_chunk_by_class(Y, X, D, contrasts, cc: ComponentClasses, dof: float, sigma2: str,
+                            per_block_ss: bool):
+    """``_prepare_chunk``'s results when sign blocks hold whole components, by Woodbury per class:
+    V_b⁻¹ = I − Z_b M Z_b' with M = D_b (I + G D_b)⁻¹ once per (voxel, class), so
+    X'V⁻¹X = X'X − Σ_classes Σ_ij M_ij K_ij (one small GEMM) and V⁻¹ẽ = ẽ − Z M Z'ẽ (sparse
+    products)."""
+    v = Y.shape[1]
+    n, p = X.shape
+    iu, ju = np.triu_indices(p)
+    d_entries = np.concatenate([Dk.reshape(v, -1) for Dk in D], axis=1)
+    D_blocks = []
+    for d_map in cc.d_maps:
+        q = int(round(np.sqrt(d_map.shape[1])))
+        D_blocks.append((d_entries @ d_map).reshape(v, q, q))
+    K_packed = np.repeat(cc.XtX[iu, ju][None], v, axis=0)
+    Ms = []
+    for cl in cc.classes:
+        Db = D_blocks[cl.group]
+        q = cl.G.shape[0]
+        M = la_sym(np.linalg.solve(np.eye(q) + Db @ cl.G, Db))  # (I + D G)⁻¹ D = D (I + G D)⁻¹, symmetric
+        K_packed -= M.reshape(v, q * q) @ cl.K
+        Ms.append(M)
+    K = np.zeros((v, p, p))
+    K[:, iu, ju] = K_packed
+    K[:, ju, iu] = K_packed
+
+    def m_times(E):  # (Q, v) vectors on Z's columns -> M of each component applied to its own
+        out = np.empty_like(E)
+        for cl, M in zip(cc.classes, Ms):
+            q = M.shape[-1]
+            Ec = E[cl.columns].reshape(-1, q, v)
+            Oc = out[cl.columns].reshape(-1, q, v)
+            for a in range(q):
+                Oc[:, a] = sum(M[:, a, b] * Ec[:, b] for b in range(q))
+        return out
+
+    # Woodbury's y'y − y'Z M Z'y cancels y's mean: work on y − Xβ₀ (β₀ by OLS; any β₀ is exact)
+    beta0 = np.linalg.solve(cc.XtX, X.T @ Y)  # (p, v)
+    Y0 = Y - X @ beta0  # (n, v): images by voxels throughout, so that block sums are sparse products
+    yz = cc.Zt @ Y0  # (Q, v) Z'(y − Xβ₀)
+    u = m_times(yz)
+    XtVy = (X.T @ Y0 - cc.Xl.T @ u).T
+    yVy = np.einsum("nv,nv->v", Y0, Y0) - np.einsum("jv,jv->v", yz, u)
+    R, beta, _, sigma2_hat = gls_at_fixed_v(K, XtVy, yVy, dof)
+    beta = beta0.T + beta
+    gamma = np.linalg.solve(R, beta[..., None])[..., 0]
+    contribution_parts, info = [], []
+    for c in contrasts:
+        ndf, k, beta_null, rot = contrast_frame(c, R, beta, gamma, sigma2)
+        shift = (beta_null - beta0.T).T  # (p, v)
+        e = Y0 - X @ shift  # (n, v) residuals of the GLS under Lβ = 0, V fixed
+        Ve = e - cc.Z @ m_times(cc.Zt @ e)  # V⁻¹ẽ = ẽ − Z M Z'ẽ, component by component
+        # a_b = rot X_b'V_b⁻¹ẽ_b: (n_blocks, v, k), images summed per sign block by a sparse product
+        per_image = (X @ rot.reshape(v * k, p).T).reshape(n, v, k) * Ve[:, :, None]
+        contribution_parts.append((cc.image_sum @ per_image.reshape(n, v * k)).reshape(-1, v, k))
+        block_ss = cc.image_sum @ (e * Ve) if per_block_ss else None  # ẽ_b'V_b⁻¹ẽ_b
+        resid_ss = np.einsum("nv,nv->v", e, Ve)
+        info.append({"ndf": ndf, "k": k, "resid_ss": resid_ss, "pair_ss": None, "block_ss": block_ss})
+    return sigma2_hat, np.concatenate(contribution_parts, axis=2), info
+
+
+def gls_at_fixed_v(XtVX: np.ndarray, XtVy: np.ndarray, yVy: np.ndarray, dof: float):
+    """(R with C = (X'V⁻¹X)⁻¹ = RR', β̂, whitened β̂ = R⁻¹β̂, σ̂²) per voxel from the GLS products."""
+    R = np.linalg.cholesky(np.linalg.inv(la_sym(XtVX)))
+    beta = (R @ (np.swapaxes(R, 1, 2) @ XtVy[..., None]))[..., 0]
+    sigma2_hat = (yVy - np.einsum("vp,vp->v", XtVy, beta)) / dof
+    gamma = np.linalg.solve(R, beta[..., None])[..., 0]
+    return R, beta, gamma, sigma2_hat
+
+
+def contrast_frame(c: Contrast, R: np.ndarray, beta: np.ndarray, gamma: np.ndarray, sigma2: str):
+    """(ndf, k, β̃ the GLS estimate under Lβ = 0, rot (v, k, p) with a_c = rot g_c) of one contrast.
+
+    With L R = U S W', the first ndf rows of W' span the contrast in whitened coordinates; a T's
+    first coordinate takes the sign of Lβ̂ (T = a₁ / σ̂).  k = ndf with σ² held, p with σ² refitted.
+    """
+    p = R.shape[-1]
+    U, S, Wt = np.linalg.svd(c.matrix @ R, full_matrices=True)
+    ndf = int(np.max(np.sum(S > 1e-8 * S[:, :1], axis=1)))
+    if c.is_t:
+        Wt[:, 0] *= U[:, 0, 0, None]
+    Wr = Wt[:, :ndf]
+    delta = (R @ (np.swapaxes(Wr, 1, 2) @ (Wr @ gamma[..., None])))[..., 0]
+    k = p if sigma2 == "refit" else ndf
+    return ndf, k, beta - delta, Wt[:, :k] @ np.swapaxes(R, 1, 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Resampling a chunk of signs
 
 def resampled_statistics(prep: ResamplingPrep, signs: np.ndarray) -> list[np.ndarray]:
-    """Each contrast's resampled T or F, (R, v), for the sign rows ``signs`` (R, n_blocks)."""
-    signs = np.asarray(signs, dtype=prep.contributions.dtype)
+    """Each contrast's resampled T or F, (R, v), for the sign rows ``signs`` (R, n_blocks), in the
+    namespace of the prepared contributions (``linalg.move`` a prep to a device once): the sign GEMM
+    and the elementwise T*, F*, σ̂*² (the signs, drawn on the host, move with each call)."""
+    xp = la.namespace(prep.contributions)
+    signs = xp.astype(la.from_host(xp, signs), prep.contributions.dtype)
     R = signs.shape[0]
     nblk, v, cols = prep.contributions.shape
-    a_all = signs @ prep.contributions.reshape(nblk, v * cols)  # the one GEMM
-    a_all = a_all.reshape(R, v, cols).astype(np.float64, copy=False)
+    a_all = signs @ xp.reshape(prep.contributions, (nblk, v * cols))  # the one GEMM
+    a_all = xp.astype(xp.reshape(a_all, (R, v, cols)), xp.float64)
+    signs64 = xp.astype(signs, xp.float64)
     if prep.block_pairs.size:
-        cross = np.asarray(signs[:, prep.block_pairs[:, 0]] * signs[:, prep.block_pairs[:, 1]], dtype=np.float64)
+        cross = (xp.take(signs64, la.from_host(xp, prep.block_pairs[:, 0]), axis=1)
+                 * xp.take(signs64, la.from_host(xp, prep.block_pairs[:, 1]), axis=1))
     out = []
     for c in prep.contrasts:
         a = a_all[..., c.columns]
-        num = a[..., 0] if c.is_t else np.einsum("rvk,rvk->rv", a[..., :c.ndf], a[..., :c.ndf])
+        num = a[..., 0] if c.is_t else xp.sum(a[..., :c.ndf] * a[..., :c.ndf], axis=-1)
         if prep.sigma2_mode == "fixed":
-            s2 = np.broadcast_to(prep.sigma2, (R, v))
+            s2 = xp.broadcast_to(prep.sigma2, (R, v))
         else:  # (w∘ẽ)'V⁻¹(w∘ẽ) = Σ_c w_c² ẽ_c'V_c⁻¹ẽ_c: ẽ'V⁻¹ẽ itself when every w_c² = 1 (Rademacher)
-            kept = c.resid_ss[None, :] if c.block_ss is None else np.square(signs, dtype=np.float64) @ c.block_ss
-            ss = kept - np.einsum("rvk,rvk->rv", a, a)
+            kept = c.resid_ss[None, :] if c.block_ss is None else (signs64 * signs64) @ c.block_ss
+            ss = kept - xp.sum(a * a, axis=-1)
             if c.pair_ss is not None:  # added to ẽ'V⁻¹ẽ: (w_c w_c' − 1); to the per-block sums: w_c w_c'
                 ss = ss + 2.0 * ((cross - 1.0 if c.block_ss is None else cross) @ c.pair_ss)
             s2 = ss / prep.dof
         with np.errstate(invalid="ignore", divide="ignore"):
-            out.append(num / np.sqrt(s2) if c.is_t else num / (c.ndf * s2))
+            out.append(num / xp.sqrt(s2) if c.is_t else num / (c.ndf * s2))
     return out
 
 
@@ -508,7 +709,9 @@ def resampled_stats(prep: ResamplingPrep, seed: int, start: int, stop: int) -> l
     first, last = start // GEMM_BATCH * GEMM_BATCH, -(-stop // GEMM_BATCH) * GEMM_BATCH
     parts = [resampled_statistics(prep, resample_signs(seed, b, b + GEMM_BATCH, prep.n_blocks, prep.weights))
              for b in range(first, last, GEMM_BATCH)]
-    return [np.concatenate([pt[j] for pt in parts])[start - first:stop - first] for j in range(len(prep.contrasts))]
+    xp = la.namespace(prep.contributions)
+    return [xp.concat([pt[j] for pt in parts])[start - first:stop - first, ...]
+            for j in range(len(prep.contrasts))]
 
 
 def resampled_maps(prep: ResamplingPrep, seed: int, start: int, stop: int, statistic: str = "mlog10p",
@@ -558,13 +761,16 @@ def chunk_maxima(prep: ResamplingPrep, seed: int, start: int, stop: int, statist
 
 
 def fwe_mlog10p(observed: np.ndarray, null_maxima: np.ndarray) -> np.ndarray:
-    """−log10 of p = #{maxima ≥ observed} / (B + 1); null_maxima holds the identity as entry 0."""
-    m = np.sort(np.asarray(null_maxima, dtype=np.float64))
-    obs = np.asarray(observed, dtype=np.float64)
-    count = m.size - np.searchsorted(m, obs, side="left")
+    """−log10 of p = #{maxima ≥ observed} / (B + 1); null_maxima holds the identity as entry 0.
+    In the inputs' namespace (numpy for lists)."""
+    xp = la.namespace_or_numpy(observed, null_maxima)
+    m = xp.sort(xp.asarray(null_maxima, dtype=xp.float64))
+    obs = xp.asarray(observed, dtype=xp.float64)
+    count = m.shape[0] - xp.searchsorted(m, obs, side="left")
     with np.errstate(divide="ignore"):
-        out = 0.0 - np.log10(np.maximum(count, 1) / m.size)  # the identity counts: observed ≤ its maximum
-    return np.where(np.isnan(obs), np.nan, out)
+        # the identity counts: observed ≤ its maximum
+        out = 0.0 - xp.log10(xp.astype(xp.maximum(count, 1), xp.float64) / m.shape[0])
+    return xp.where(xp.isnan(obs), xp.nan, out)
 
 
 # ---------------------------------------------------------------------------------------------

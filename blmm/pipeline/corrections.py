@@ -94,6 +94,7 @@ class CorrectionOutcome:
             out.update({
                 "blocks": {"factor": self.blocks_factor, "count": self.n_blocks},
                 "weights": s.weights,  # each block's weight in a resample
+                "precision": s.precision,  # of the prepared contributions and the sign GEMM
                 "statistics": sorted({k for per in self.null_maxima.values() for k in per}),
                 "null_maxima_file": NULL_MAXIMA_FILE, "resample_chunks": self.chunks,
                 "excluded_voxels": self.excluded_voxels, "over_contrasts": bool(s.corrcon),
@@ -192,13 +193,18 @@ def _write_rows(plan: RunPlan, start: int, stop: int, tmp: Path, dtype) -> bool:
 
 def correction_blocks(plan: RunPlan) -> list[tuple[int, int, int]]:
     """(start, stop, fit block) of each voxel block of the bootstrap: the fit's blocks, cut so that a
-    block's prepared contributions (sign blocks x voxels x columns per contrast, float64) and its
-    data take at most a quarter of MAXMEM."""
+    block's prepared contributions (sign blocks x voxels x columns per contrast, in the correction's
+    precision) and its data take at most a quarter of MAXMEM."""
     cfg = plan.config
     n_blocks = int(sign_blocks(cfg).max()) + 1
-    per_voxel = 8 * (n_blocks * prepared_columns(cfg) + cfg.n)
+    per_voxel = prepared_itemsize(cfg) * n_blocks * prepared_columns(cfg) + 8 * cfg.n
     size = max(1, int(cfg.maxmem // 4 // per_voxel))
     return [(a, min(a + size, hi), k) for k, (lo, hi) in enumerate(plan.blocks) for a in range(lo, hi, size)]
+
+
+def prepared_itemsize(config: Config) -> int:
+    """Bytes per prepared contribution: 4 with ``precision: float32``, else 8."""
+    return int(np.dtype(config.correction.precision).itemsize)
 
 
 def prepared_columns(config: Config) -> int:
@@ -213,7 +219,7 @@ def prepared_columns(config: Config) -> int:
 
 def correction_space_needed(plan: RunPlan) -> int:
     """Bytes the stage writes, about (an upper bound): the data again (float64), the prepared
-    contributions (sign blocks x voxels x columns per contrast, float64), the chunk files and the
+    contributions (sign blocks x voxels x columns per contrast, in the precision), the chunk files and the
     corrected maps (float32)."""
     s = plan.config.correction
     if s is None:
@@ -223,7 +229,7 @@ def correction_space_needed(plan: RunPlan) -> int:
     if s.resamples == 0:
         return maps
     n_blocks = int(sign_blocks(cfg).max()) + 1
-    prepared = 8 * V * (n_blocks * prepared_columns(cfg) + 2 * len(cfg.contrasts) + 1)
+    prepared = V * (prepared_itemsize(cfg) * n_blocks * prepared_columns(cfg) + 8 * (2 * len(cfg.contrasts) + 1))
     chunks = 8 * len(cfg.contrasts) * (4 * (s.resamples + 1) + V) + 4096 * CHUNKS_TO_SHARE
     return 8 * cfg.n * V + prepared + chunks + maps
 
@@ -289,7 +295,8 @@ def prepare_block(plan: RunPlan, lo: int, hi: int, k: int) -> str:
     try:
         prep = prepare(Y, cfg.X, cfg.factors, fit, cfg.contrasts, voxels=voxels, blocks=sign_blocks(cfg), df=df,
                        two_sided=cfg.two_sided, sigma2=cfg.correction.sigma2,
-                       weights=cfg.correction.weights, threads=1)  # the engine parallelises over blocks
+                       weights=cfg.correction.weights, gemm_dtype=cfg.correction.precision,
+                       threads=1)  # the engine parallelises over blocks
     except ValueError as err:
         raise InputError(f"correction: voxels {lo}-{hi - 1} of the analysis: {err}") from None
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

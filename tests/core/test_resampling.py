@@ -30,21 +30,27 @@ def family_case():
 
 def _dense_refit(design, Y, fit, voxel, contrast, signs_per_image, sigma2):
     """T or F of y* = Xβ̃ + s∘ẽ by a dense GLS with V = I + ZDZ' at the fit's D."""
-    X, fam, sub = design.X, design.family, design.subject
-    n, p = X.shape
+    fam, sub = design.family, design.subject
+    n = design.X.shape[0]
     V = (np.eye(n) + fit.D[0][voxel, 0, 0] * (fam[:, None] == fam[None])
          + fit.D[1][voxel, 0, 0] * (sub[:, None] == sub[None]))
+    return _dense_gls_resample(design.X, V, Y[:, voxel], contrast, signs_per_image,
+                               fit.sigma2[voxel] if sigma2 == "fixed" else None)
+
+
+def _dense_gls_resample(X, V, y, contrast, signs_per_image, sigma2_fixed):
+    """T or F of y* = Xβ̃ + s∘ẽ by a dense GLS with V given (σ² refitted unless ``sigma2_fixed``)."""
+    n, p = X.shape
     Vi = np.linalg.inv(V)
     C = np.linalg.inv(X.T @ Vi @ X)
     L = contrast.matrix
-    y = Y[:, voxel]
     b = C @ X.T @ Vi @ y
     b_null = b - C @ L.T @ np.linalg.pinv(L @ C @ L.T) @ L @ b
     e = y - X @ b_null
     ys = X @ b_null + signs_per_image * e
     bs = C @ X.T @ Vi @ ys
     r = ys - X @ bs
-    s2 = r @ Vi @ r / (n - p) if sigma2 == "refit" else fit.sigma2[voxel]
+    s2 = r @ Vi @ r / (n - p) if sigma2_fixed is None else sigma2_fixed
     Lb = L @ bs
     if contrast.is_t:
         return Lb[0] / np.sqrt(s2 * (L @ C @ L.T)[0, 0])
@@ -81,6 +87,44 @@ def test_resamples_equal_dense_refits_with_family_signs(family_case, sigma2, wei
             for voxel in (0, 4, 8):
                 ref = _dense_refit(design, Y, fit, voxel, c, signs[r][blocks], sigma2)
                 # dense inverse of a 100-row V against the blockwise algebra: ~1e-12 relative
+                assert stats[j][r, voxel] == pytest.approx(ref, rel=1e-9, abs=1e-11)
+
+
+@pytest.mark.parametrize("subject_design", ["intercept and visit", "visit only", "intercept and age"])
+def test_random_slopes_and_blocks_of_several_families_equal_dense_refits(subject_design):
+    """Random slopes (q = 2 per subject) with sign blocks that each join two families: resampled T and F
+    against dense GLS refits.  On the visit number, families share classes (Woodbury per class); "visit
+    only" has no intercept, so a one-visit subject's Z column is all zero; on a continuous age every
+    family is its own class and prepare takes the dense per-family path."""
+    rng = np.random.default_rng(3)
+    design = family_design(rng, 60)
+    n = design.X.shape[0]
+    visit = np.concatenate([np.arange(k) for k in np.bincount(design.subject)]).astype(float)
+    z = {"intercept and visit": np.column_stack([np.ones(n), visit]), "visit only": visit[:, None],
+         "intercept and age": np.column_stack([np.ones(n), design.X[:, 2]])}[subject_design]
+    factors = [RandomFactor("family", design.family, np.ones(n)), RandomFactor("subject", design.subject, z)]
+    slopes = rng.normal(0, 0.5, design.subject.max() + 1)[design.subject]
+    Y = simulate_Y(rng, design, 4) + (design.X[:, 2] * slopes)[:, None]
+    fit = fit_lmm(Y, design.X, factors, safe_mode=False)  # lme4 counts 2 effects per one-visit subject too
+    assert (fit.status == 0).all()
+    blocks = design.family // 2
+    components = rs.independent_blocks(factors)
+    shared = len(rs.component_classes(design.X, factors, components, components).classes)
+    by_class = shared <= rs.MAX_CLASSES_PER_COMPONENT * (components.max() + 1)
+    assert by_class == (subject_design != "intercept and age")  # the path this case exercises
+    prep = rs.prepare(Y, design.X, factors, fit, CONTRASTS, blocks=blocks, sigma2="refit", weights="normal")
+    signs = rs.resample_signs(8, 1, 4, prep.n_blocks, "normal")
+    stats = rs.resampled_statistics(prep, signs)
+    codes = rs.first_appearance_codes(blocks)
+    for voxel in range(4):
+        V = np.eye(n)
+        for f, Dk in zip(factors, fit.D):
+            same = f.codes()[1][:, None] == f.codes()[1][None, :]
+            V += same * (f.design @ Dk[voxel] @ f.design.T)
+        for j, c in enumerate(CONTRASTS):
+            for r in range(signs.shape[0]):
+                ref = _dense_gls_resample(design.X, V, Y[:, voxel], c, signs[r][codes], None)
+                # dense inverse of a ~100-row V against Woodbury per class: ~1e-12 relative
                 assert stats[j][r, voxel] == pytest.approx(ref, rel=1e-9, abs=1e-11)
 
 
@@ -184,6 +228,63 @@ def test_float32_contributions_agree_to_single_precision(family_case):
     np.testing.assert_allclose(m32, m64, rtol=1e-5)
     in_two_chunks = np.concatenate([rs.chunk_maxima(p32, 4, 0, 13), rs.chunk_maxima(p32, 4, 13, 40)])
     np.testing.assert_array_equal(in_two_chunks, m32)
+
+
+def test_float32_moves_fwe_p_only_where_maxima_lie_within_single_precision(family_case):
+    """FWE p-values are counts of null maxima at or above the observed value: float32 contributions
+    move a maximum by ~1e-6 relative, so a count (and the order of two maxima) can change only where
+    two values lie that close; with B = 499 at these 9 voxels none does, and every p is the same."""
+    design, Y, fit = family_case
+    B = 499
+    res = {dtype: rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS, B, seed=5, gemm_dtype=dtype)
+           for dtype in rs.PRECISIONS}
+    delta = 1e-5  # float32's eps (6e-8) times the ~40 blocks summed and the T*/F* formulas' growth, with margin
+    for c64, c32 in zip(res["float64"].contrasts, res["float32"].contrasts):
+        m64, m32 = c64.null_maxima["max"], c32.null_maxima["max"]
+        assert np.all(np.abs(m32 - m64) <= delta * np.abs(m64))
+        close = np.abs(m64[:, None] - m64[None, :]) <= 2 * delta * np.abs(m64[:, None])
+        order64, order32 = np.argsort(np.argsort(m64)), np.argsort(np.argsort(m32))
+        swapped = (order64[:, None] < order64[None, :]) != (order32[:, None] < order32[None, :])
+        assert not np.any(swapped & ~close)  # only maxima within 2δ of each other change order
+        count64 = np.rint(10.0 ** -c64.fwe_mlog10p * (B + 1))
+        count32 = np.rint(10.0 ** -c32.fwe_mlog10p * (B + 1))
+        near = np.sum(np.abs(m64[None, :] - c64.observed[:, None]) <= 2 * delta * np.abs(c64.observed[:, None]),
+                      axis=1)
+        assert np.all(np.abs(count32 - count64) <= near)  # a count moves by at most the maxima that close
+        np.testing.assert_array_equal(count32, count64)  # here: no maximum that close, no p changes
+
+
+@pytest.mark.parametrize("sigma2, weights, split", [("refit", "normal", False), ("fixed", "rademacher", False),
+                                                    ("refit", "webb", True)])
+def test_resampling_on_strict_arrays_equals_numpy(family_case, sigma2, weights, split):
+    """The array seam (issue 19): a prep moved to array_api_strict gives the same T*, F*, maxima and FWE p,
+    as strict arrays (the sign GEMM and T*/F* in the contributions' namespace); per-image blocks too."""
+    import array_api_strict as xps
+
+    from blmm.core import linalg as la
+
+    design, Y, fit = family_case
+    n = design.X.shape[0]
+    blocks = np.arange(n) if split else None
+    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, sigma2=sigma2, weights=weights, blocks=blocks,
+                      allow_split_blocks=split)
+    strict = la.move(xps, prep)
+    ref, got = rs.resampled_stats(prep, 3, 0, 150), rs.resampled_stats(strict, 3, 0, 150)
+    for r, g in zip(ref, got):
+        assert not isinstance(g, np.ndarray)
+        # the same products in another summation order (no einsum in the standard): float64, 1e-12 relative
+        np.testing.assert_allclose(la.to_host(g), r, rtol=1e-12, atol=1e-12 * np.abs(r).max())
+    maps = ref[0].copy()
+    maps[:, 2] = np.nan
+    maps[5] = np.nan  # a resample with no voxel: NaN, as numpy's nanmax
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's all-NaN slice
+        m = rs.max_over_voxels(maps)
+    m_s = rs.max_over_voxels(xps.asarray(maps))
+    np.testing.assert_array_equal(la.to_host(m_s), m)
+    fwe, fwe_s = rs.fwe_mlog10p(ref[0][0], m), rs.fwe_mlog10p(xps.asarray(ref[0][0]), m_s)
+    assert not isinstance(fwe_s, np.ndarray)
+    np.testing.assert_array_equal(la.to_host(fwe_s), fwe)  # a sort and a count: equal to the bit
 
 
 def test_fwe_p_counts_the_identity_and_transforms_plug_in(family_case):

@@ -55,3 +55,26 @@ def test_only_small_p_above_the_threshold_are_replaced():
 
 def test_no_fit_on_too_few_values():
     assert not fit_tail(np.arange(30.0)).accepted
+
+
+def test_tail_on_strict_arrays_equals_numpy():
+    """The array seam (issue 19): array_api_strict arrays in, the same fit and p out, as strict arrays."""
+    import array_api_strict as xps
+
+    from blmm.core import linalg as la
+
+    rng = np.random.default_rng(4)
+    null = rng.exponential(size=B)
+    observed = np.array([np.nan, 0.5, 6.0, 8.0, 50.0])
+    p_emp = (1 + np.sum(null[None, :] >= np.nan_to_num(observed)[:, None], axis=1)) / (B + 1)
+    p, used, fit = tail_p(observed, null, p_emp)
+    p_s, used_s, fit_s = tail_p(xps.asarray(observed), xps.asarray(null), xps.asarray(p_emp))
+    assert fit.accepted and not isinstance(p_s, np.ndarray) and not isinstance(used_s, np.ndarray)
+    # the same formulas on the same float64 values; the moments' sums may round in another order: 1e-12
+    for a, b in zip((fit.threshold, fit.scale, fit.shape, fit.tail_fraction), (fit_s.threshold, fit_s.scale,
+                                                                             fit_s.shape, fit_s.tail_fraction)):
+        assert b == pytest.approx(a, rel=1e-12)
+    np.testing.assert_array_equal(la.to_host(used_s), used)
+    np.testing.assert_allclose(la.to_host(p_s), p, rtol=1e-12)
+    # p < 0.1 beyond the threshold only, NaN never, and not beyond the bounded fit's end point (shape > 0)
+    assert used.tolist() == [False, False, True, True, False] and fit.shape > 0

@@ -132,7 +132,7 @@ def fitted_stages(yml: Path):
 
 
 def in_memory(plan, Y: np.ndarray, nulls: dict | None = None, sigma2: str = "refit",
-              weights: str = "normal") -> dict[str, np.ndarray]:
+              weights: str = "normal", precision: str = "float64") -> dict[str, np.ndarray]:
     """The corrected maps from core.resampling and geometry in one piece, with the fit's D and df
     (read from the fit's block files), images in the YAML's order; ``nulls`` gets each contrast's
     null maxima and observed map."""
@@ -149,7 +149,8 @@ def in_memory(plan, Y: np.ndarray, nulls: dict | None = None, sigma2: str = "ref
     keys = ["T0", "T1", "F0"]
     df = [cat[f"{k}_df"] for k in keys]
     prep = prepare(Y[:, plan.voxels], cfg.X, cfg.factors, fit, cfg.contrasts, df=df,
-                   blocks=independent_blocks(cfg.factors), sigma2=sigma2, two_sided=cfg.two_sided, weights=weights)
+                   blocks=independent_blocks(cfg.factors), sigma2=sigma2, two_sided=cfg.two_sided, weights=weights,
+                   gemm_dtype=precision)
     layout = corrections.correction_layout(plan)
     out: dict[str, list] = {}
     for j, (key, kind) in enumerate(zip(keys, "TTF")):
@@ -306,6 +307,7 @@ def test_written_maps_table_and_record(tmp_path):
     assert record["resamples"] == B and record["seed"] == SEED
     assert record["blocks"] == {"factor": "family", "count": 28}  # the outermost factor, named
     assert record["weights"] == "normal"  # standard normal weight per block (docs/corrected.md, "Weights")
+    assert record["precision"] == "float64"  # the default: float64 contributions and sign GEMM
     assert record["tail"] == {"asked": False, "accepted": {}}
     nulls = np.load(out / NULL_MAXIMA_FILE)
     assert nulls["fam/max"].shape == (B + 1,) and nulls["fam/tfce"].shape == (B + 1,)
@@ -442,6 +444,7 @@ def test_local_dask_cluster_gives_the_inline_maps(tmp_path):
     ("shuffles", "5", "correction: unknown field 'shuffles'"),
     ("sigma2", "held", "correction sigma2: expected one of refit, fixed, found 'held'"),
     ("weights", "gauss", "correction weights: expected one of rademacher, webb, normal, found 'gauss'"),
+    ("precision", "half", "correction precision: expected one of float64, float32, found 'half'"),
 ])
 def test_each_bad_key_is_reported(tmp_path, field, value, expected):
     extra = "  resamples: 9\n" if field == "tail" else ""
@@ -495,10 +498,11 @@ def test_flags_replace_fields_of_the_yaml_section(tmp_path):
     from blmm.cli.run import _parser, model_overrides
     yml, _ = volume_analysis(tmp_path, "correction:\n  resamples: 9\n  seed: 4\n")
     args = _parser().parse_args([str(yml), "--seed", "11", "--fdr", "false", "--corrcon", "--sigma2", "fixed",
-                                   "--weights", "webb"])
+                                   "--weights", "webb", "--precision", "float32"])
     config = load_config(yml, model_overrides(args))
     s = config.correction
     assert (s.resamples, s.seed, s.fdr, s.corrcon, s.sigma2, s.weights) == (9, 11, None, True, "fixed", "webb")
+    assert s.precision == "float32" and config.to_yaml_dict()["correction"]["precision"] == "float32"
     assert config.to_yaml_dict()["correction"]["fdr"] is False
     assert config.to_yaml_dict()["correction"]["sigma2"] == "fixed"
     assert config.to_yaml_dict()["correction"]["weights"] == "webb"
@@ -568,6 +572,18 @@ def test_sigma2_fixed_equals_core_in_memory_with_fewer_columns(tmp_path):
     _assert_maps_equal(outcome.maps, in_memory(plan, Y, sigma2="fixed"))
     refit = in_memory(plan, Y)
     assert not np.allclose(outcome.maps["conTlp_fwe"], refit["conTlp_fwe"], equal_nan=True)  # the mode took effect
+
+
+def test_precision_float32_equals_core_in_memory_float32(tmp_path):
+    yml, Y = volume_analysis(tmp_path, FULL + "  precision: float32\n")
+    plan = fitted_stages(yml)
+    with _inline() as engine:
+        outcome = corrections.run_corrections(plan, engine, chunk=32)
+    assert corrections.prepared_itemsize(plan.config) == 4  # the blocks are sized for float32 contributions
+    _assert_maps_equal(outcome.maps, in_memory(plan, Y, precision="float32"))
+    in_float64 = in_memory(plan, Y)
+    # float32 moves the observed T and TFCE by ~1e-7 relative (beyond TIGHT): the setting took effect
+    assert not np.allclose(outcome.maps["conT_tfce"], in_float64["conT_tfce"], rtol=TIGHT, atol=0, equal_nan=True)
 
 
 def test_weights_flag_is_checked_with_the_other_config_problems(tmp_path, capsys):
