@@ -80,7 +80,8 @@ def parse_variant(name: str) -> tuple[str, set]:
     kind = words.pop(0) if words and words[0] in WEIGHT_KINDS else "rademacher"
     unknown = set(words) - set(MODIFIERS)
     if unknown:
-        raise SystemExit(f"variant {name!r}: unknown words {sorted(unknown)} (weights {WEIGHT_KINDS}, then {MODIFIERS})")
+        raise SystemExit(f"variant {name!r}: unknown words {sorted(unknown)} "
+                         f"(weights {WEIGHT_KINDS}, then {MODIFIERS})")
     return kind, set(words)
 
 
@@ -153,7 +154,8 @@ def variant_maps(design, Xw, yw, df, sigma2_fit, signs, adjusted: bool, studenti
 
 
 def simulate(rng: np.random.Generator, design, layout: str, kernel, gaussian: bool):
-    """(Y, true variance ratios) of one dataset: the mesh's (spatial_simulation) or the ring's (resampling_simulation)."""
+    """(Y, true variance ratios) of one dataset: the mesh's (spatial_simulation) or the ring's
+    (resampling_simulation)."""
     resid_var = float(np.mean(np.exp(0.6 * design.X[:, 2])))  # both layouts: unit-variance skewed noise terms
     if layout == "ring":  # exactly null_rejections' draws: the same seed gives the test's datasets
         return simulate_Y(rng, design, RING_VOXELS), (1.44 / resid_var, 0.49 / resid_var)
