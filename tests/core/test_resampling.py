@@ -73,7 +73,7 @@ def test_resamples_equal_dense_refits_with_family_signs(family_case, sigma2, wei
     design, Y, fit = family_case
     prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, sigma2=sigma2, weights=weights)
     signs = rs.resample_signs(5, 1, 4, prep.n_blocks, weights)
-    assert np.allclose(signs**2, 1.0) == (weights == "rademacher")  # Webb's and normal weights rescale
+    assert np.allclose(signs**2, 1.0) == (weights == "rademacher")  # Webb's, normal and uniform weights rescale
     stats = rs.resampled_statistics(prep, signs)
     blocks = rs.independent_blocks(design.factors)
     for j, c in enumerate(CONTRASTS):
