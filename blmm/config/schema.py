@@ -64,7 +64,7 @@ class CorrectionSettings:
     tail: bool = False  # generalised Pareto tail for FWE p beyond 1/B
     corrcon: bool = False  # FWE also over contrasts (PALM's -corrcon)
     sigma2: str = "refit"  # σ² per resample: "refit" (k = p columns per contrast) or "fixed" (k = rank: large runs)
-    weights: str = DEFAULT_WEIGHTS  # each block's weight per resample: "normal", "rademacher" or "webb"
+    weights: str = DEFAULT_WEIGHTS  # each block's weight per resample: "normal", "uniform", "rademacher" or "webb"
     precision: str = "float64"  # of the prepared contributions and the sign GEMM: "float64" or "float32"
 
     def to_yaml_dict(self) -> dict[str, Any]:

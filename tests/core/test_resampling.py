@@ -79,7 +79,7 @@ def test_resamples_equal_dense_refits_with_family_signs(family_case, sigma2, wei
     design, Y, fit = family_case
     prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, sigma2=sigma2, weights=weights)
     signs = rs.resample_signs(5, 1, 4, prep.n_blocks, weights)
-    assert np.allclose(signs**2, 1.0) == (weights == "rademacher")  # Webb's and normal weights rescale
+    assert np.allclose(signs**2, 1.0) == (weights == "rademacher")  # Webb's, normal and uniform weights rescale
     stats = rs.resampled_statistics(prep, signs)
     blocks = rs.independent_blocks(design.factors)
     for j, c in enumerate(CONTRASTS):
@@ -195,6 +195,12 @@ def test_signs_do_not_depend_on_chunks():
     normal = rs.resample_signs(42, 1, 2001, 50, "normal")
     # 100,000 standard normal draws: mean SE 0.003, variance SE 0.0045; 5 SE bounds
     assert abs(normal.mean()) < 0.016 and abs(normal.var() - 1.0) < 0.023
+    uniform = rs.resample_signs(42, 1, 2001, 50, "uniform")
+    assert np.all(np.abs(uniform) <= np.sqrt(3.0))
+    # 100,000 draws uniform on [−√3, √3]: mean SE 0.003, variance SE 0.0028 (Var w² = 0.8), E w⁴ = 1.8
+    # SE 0.0076 (Var w⁴ = E w⁸ − 1.8² = 9 − 3.24); 5 SE bounds
+    assert abs(uniform.mean()) < 0.016 and abs(uniform.var() - 1.0) < 0.015
+    assert abs(np.mean(uniform**4) - 1.8) < 0.038
 
 
 def test_null_maxima_identical_for_1_3_7_chunks_of_resamples_and_voxels(family_case):

@@ -22,7 +22,7 @@ from blmm.core.fdr import fdr_mlog10q
 from blmm.core.fit import FitResult
 from blmm.core.status import FITTED
 from blmm.core.linalg import unvech
-from blmm.core.resampling import fwe_mlog10p, independent_blocks, prepare, resampled_maps
+from blmm.core.resampling import DEFAULT_WEIGHTS, fwe_mlog10p, independent_blocks, prepare, resampled_maps
 from blmm.engine import EngineSpec, open_engine
 from blmm.errors import ConfigError
 from blmm.geometry import cluster_maxima, find_clusters, tfce, tfce_maxima
@@ -132,7 +132,7 @@ def fitted_stages(yml: Path):
 
 
 def in_memory(plan, Y: np.ndarray, nulls: dict | None = None, sigma2: str = "refit",
-              weights: str = "normal", precision: str = "float64") -> dict[str, np.ndarray]:
+              weights: str = DEFAULT_WEIGHTS, precision: str = "float64") -> dict[str, np.ndarray]:
     """The corrected maps from core.resampling and geometry in one piece, with the fit's D and df
     (read from the fit's block files), images in the YAML's order; ``nulls`` gets each contrast's
     null maxima and observed map."""
@@ -306,7 +306,7 @@ def test_written_maps_table_and_record(tmp_path):
     record = read_run_record(out)["correction"]
     assert record["resamples"] == B and record["seed"] == SEED
     assert record["blocks"] == {"factor": "family", "count": 28}  # the outermost factor, named
-    assert record["weights"] == "normal"  # standard normal weight per block (docs/corrected.md, "Weights")
+    assert record["weights"] == DEFAULT_WEIGHTS  # one weight per block, the default (docs/corrected.md, "Weights")
     assert record["precision"] == "float64"  # the default: float64 contributions and sign GEMM
     assert record["tail"] == {"asked": False, "accepted": {}}
     nulls = np.load(out / NULL_MAXIMA_FILE)
@@ -443,7 +443,7 @@ def test_local_dask_cluster_gives_the_inline_maps(tmp_path):
     ("corrcon", "x", "correction corrcon: expected true/false (or 1/0), found 'x'"),
     ("shuffles", "5", "correction: unknown field 'shuffles'"),
     ("sigma2", "held", "correction sigma2: expected one of refit, fixed, found 'held'"),
-    ("weights", "gauss", "correction weights: expected one of rademacher, webb, normal, found 'gauss'"),
+    ("weights", "gauss", "correction weights: expected one of rademacher, webb, normal, uniform, found 'gauss'"),
     ("precision", "half", "correction precision: expected one of float64, float32, found 'half'"),
 ])
 def test_each_bad_key_is_reported(tmp_path, field, value, expected):
@@ -590,14 +590,14 @@ def test_weights_flag_is_checked_with_the_other_config_problems(tmp_path, capsys
     yml, _ = volume_analysis(tmp_path, "correction:\n  resamples: 9\n")
     assert main([str(yml), "--weights", "gaussian", "--cluster", "inline"]) == 2  # bad input
     err = capsys.readouterr().err
-    assert "correction weights: expected one of rademacher, webb, normal, found 'gaussian'" in err
+    assert "correction weights: expected one of rademacher, webb, normal, uniform, found 'gaussian'" in err
     assert "Traceback" not in err
 
 
 def test_rademacher_weights_change_fwe_but_not_the_identity_resample(tmp_path):
     """``weights: rademacher`` reaches the core (the stage equals core.resampling in memory with those
     weights), changes the null maxima and so the FWE maps, while resample 0, the identity, gives the
-    same observed statistics, and so the same TFCE, cluster and FDR maps, as the default normal weights."""
+    same observed statistics, and so the same TFCE, cluster and FDR maps, as the default (normal) weights."""
     yml, Y = volume_analysis(tmp_path, FULL + "  weights: rademacher\n")
     plan = fitted_stages(yml)
     assert plan.config.correction.weights == "rademacher"
@@ -607,17 +607,17 @@ def test_rademacher_weights_change_fwe_but_not_the_identity_resample(tmp_path):
     assert outcome.record()["weights"] == "rademacher"
     rademacher_nulls: dict = {}
     _assert_maps_equal(outcome.maps, in_memory(plan, Y, rademacher_nulls, weights="rademacher"))
-    normal_nulls: dict = {}
-    normal = in_memory(plan, Y, normal_nulls)
+    default_nulls: dict = {}
+    default = in_memory(plan, Y, default_nulls)
     chunk0 = np.load(correction_chunk_file(plan.workdir, 0))
     for j, name in enumerate(("fam", "age", "both")):
         observed = chunk0[f"{j}/observed"]
         # the identity resample is the same product whatever the weights: equal to float64 rounding of one formula
-        np.testing.assert_allclose(observed, normal_nulls[name]["observed"], rtol=TIGHT, atol=TIGHT, equal_nan=True)
-        assert outcome.null_maxima[name]["max"][0] == pytest.approx(normal_nulls[name]["max"][0], rel=TIGHT)
-        assert not np.allclose(rademacher_nulls[name]["max"][1:], normal_nulls[name]["max"][1:])  # other nulls
+        np.testing.assert_allclose(observed, default_nulls[name]["observed"], rtol=TIGHT, atol=TIGHT, equal_nan=True)
+        assert outcome.null_maxima[name]["max"][0] == pytest.approx(default_nulls[name]["max"][0], rel=TIGHT)
+        assert not np.allclose(rademacher_nulls[name]["max"][1:], default_nulls[name]["max"][1:])  # other nulls
     for stat in ("conT_tfce", "conT_cluster", "conF_cluster", "conTlp_fdr", "conFlp_fdr"):
-        np.testing.assert_allclose(outcome.maps[stat], normal[stat], rtol=TIGHT, atol=TIGHT, equal_nan=True,
+        np.testing.assert_allclose(outcome.maps[stat], default[stat], rtol=TIGHT, atol=TIGHT, equal_nan=True,
                                    err_msg=stat)
     for stat in ("conTlp_fwe", "conFlp_fwe", "conTlp_tfce_fwe"):
-        assert not np.allclose(outcome.maps[stat], normal[stat], equal_nan=True), stat  # the weights took effect
+        assert not np.allclose(outcome.maps[stat], default[stat], equal_nan=True), stat  # the weights took effect
