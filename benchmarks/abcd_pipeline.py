@@ -41,10 +41,10 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS (GB) of the process tree, return code."""
+def run_measured(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> tuple[float, float, int]:
+    """Wall seconds, peak RSS (GB) of the process tree, return code (``env``, ``cwd``: Popen's)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     ps = psutil.Process(proc.pid)
     peak = [0]
 

@@ -10,7 +10,7 @@ shared, loaded machine disturbs far less than wall time:
 * ``engine``: opening and closing the engine the run would choose (inline: nothing);
 * ``report``: ``write_report`` on a finished outdir (``--outdir``, e.g. a run of the same YAML).
 
-    PYTHONPATH=$PWD python benchmarks/fixed_costs.py INPUTS.yml --outdir FINISHED_OUTDIR [--repeat 3]
+    PYTHONPATH=$PWD python benchmarks/fixed_costs.py INPUTS.yml --outdir FINISHED_OUTDIR [--repeat 3] [--json F --label L]
 """
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_line import emit  # noqa: E402
 
 
 def cpu() -> float:
@@ -70,6 +74,8 @@ def main() -> None:
     ap.add_argument("inputs")
     ap.add_argument("--outdir", required=True, help="a finished run's outdir (its report is rewritten)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", help="append the medians as one JSON line to this file")
+    ap.add_argument("--label", default="", help="a label for the JSON line (e.g. the commit)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -87,8 +93,9 @@ def main() -> None:
         runs.append(parts)
         print(json.dumps(parts))
     keys = [k for k, v in runs[0].items() if isinstance(v, float) and not k.endswith("_wall")]
-    print(json.dumps({"median_cpu_s": {k: statistics.median(r[k] for r in runs) for k in keys},
-                      "load": os.getloadavg()[0]}))
+    emit({"what": "fixed costs of a run, CPU s (median of --repeat fresh processes)", "inputs": args.inputs,
+          "label": args.label, "median_cpu_s": {k: round(statistics.median(r[k] for r in runs), 3) for k in keys},
+          "load": round(os.getloadavg()[0], 2)}, args.json)
 
 
 if __name__ == "__main__":

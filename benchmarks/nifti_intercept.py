@@ -67,18 +67,43 @@ def make_data(root: Path, seed: int = 0) -> None:
         "analysis_mask: mask.nii\noutdir: results\n")
 
 
+def write_upstream_inputs(root: Path) -> Path:
+    """The inputs file an upstream BLMM user has for this data, beside make_data's: absolute paths
+    (upstream's workers change directory), single-column tables without a header (upstream's reader
+    keeps such a header as a level), ``clusterType: local`` with ``numNodes: 2``, and
+    ``voxelBatching: 1`` (upstream's default 0 looks for ``XtY-2.npy`` and fails).  blmm reads it as is."""
+    root = root.resolve()
+    up = root / "upstream"
+    up.mkdir(exist_ok=True)
+    for name in ("subject.csv", "Z.csv"):
+        (up / name).write_text("".join((root / name).read_text().splitlines(keepends=True)[1:]))
+    (up / "Y_files.txt").write_text("".join(f"{root / line}\n" for line in (root / "Y_files.txt").read_text().split()))
+    yml = root / "upstream_inputs.yml"
+    yml.write_text(
+        f"Y_files: {up / 'Y_files.txt'}\nX: {root / 'X.csv'}\nZ:\n  - f1:\n      name: subject\n"
+        f"      factor: {up / 'subject.csv'}\n      design: {up / 'Z.csv'}\ncontrasts:\n  - c1:\n      name: score\n"
+        f"      vector: [0, 0, 0, 0, 1]\nanalysis_mask: {root / 'mask.nii'}\noutdir: {root / 'results_upstream_inputs'}\n"
+        "clusterType: local\nnumNodes: 2\nvoxelBatching: 1\n")
+    return yml
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="/tmp/nifti_bench")
     ap.add_argument("--blmm-args", nargs=argparse.REMAINDER, default=[],
                     help="further blmm arguments, e.g. --cluster local (last on the line)")
     ap.add_argument("--json", help="append the result as a JSON line to this file")
+    ap.add_argument("--upstream-inputs", action="store_true",
+                    help="only write the data (unless present) and upstream's inputs file for it, print its path")
     args = ap.parse_args()
     root = Path(args.data)
     if not (root / "nifti.yml").exists():
         t = time.perf_counter()
         make_data(root)
         print(f"wrote {sum(v * k for v, k in VISIT_COUNTS.items())} images in {time.perf_counter() - t:.0f} s")
+    if args.upstream_inputs:
+        print(write_upstream_inputs(root))
+        return
     shutil.rmtree(root / "results", ignore_errors=True)
     measured = run_blmm([str(root / "nifti.yml"), *args.blmm_args])
     info = json.loads((root / "results" / "blmm_run.json").read_text()) if measured["returncode"] == 0 else {}

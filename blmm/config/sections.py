@@ -170,6 +170,15 @@ def _check_outdir(found: _Found) -> Path | None:
     return outdir
 
 
+def _all_dat_of_size(files: list[Path], size: int) -> bool:
+    """Every file a ``.dat`` of ``size`` bytes: for 10,000 surface images ~0.03 s of os.stat instead of
+    ~0.15 s of an ImageSpace each (issue 21); any other case takes the loop that names each problem."""
+    try:
+        return all(os.fspath(f).lower().endswith(".dat") and os.stat(f).st_size == size for f in files)
+    except OSError:
+        return False
+
+
 def _check_inputs(found: _Found) -> tuple[list[Path] | None, Path | None, ImageSpace | None]:
     """``Y_files``: every listed image exists, is one image and matches the first one's grid."""
     if not found.present("Y_files"):
@@ -182,6 +191,8 @@ def _check_inputs(found: _Found) -> tuple[list[Path] | None, Path | None, ImageS
     except ImageError as err:
         found.problem(f"Y_files: {err}")
         return files, list_path, None
+    if space.format == "dat" and _all_dat_of_size(files[1:], 4 * space.n_voxels):
+        return files, list_path, space  # the same check as below, by name and size only
     mismatched, unreadable, multi_volume = [], [], []
     if space.n_volumes != 1:
         multi_volume.append(f"{files[0]} ({space.n_volumes} volumes)")

@@ -296,7 +296,6 @@ def plot_projections(values: np.ndarray, affine: np.ndarray, outline: np.ndarray
     silhouette beneath. Axes are in mm, oriented RAS whatever the file's orientation.
     """
     import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
     from blmm import viewer
 
@@ -305,60 +304,63 @@ def plot_projections(values: np.ndarray, affine: np.ndarray, outline: np.ndarray
     values, outline = data[..., 0], data[..., 1] > 0
     mm = [ras[axis, axis] * np.arange(values.shape[axis]) + ras[axis, 3] for axis in range(3)]
     colours = viewer.colour_range(_finite(values), colorscale=colorscale)
-    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.07,
-                        subplot_titles=[f"{name} (max over {'xyz'[axis]})" for name, axis, _ in PROJECTION_VIEWS])
+    traces, axes = [], []
     for column, (name, axis, (h_axis, v_axis)) in enumerate(PROJECTION_VIEWS, start=1):
         x, y = np.round(mm[h_axis], 2), np.round(mm[v_axis], 2)
-        fig.add_trace(go.Heatmap(z=outline.any(axis=axis).T.astype(np.uint8), x=x, y=y, zmin=0, zmax=1,
-                                 colorscale=OUTLINE_COLOURS, showscale=False, hoverinfo="skip",
-                                 name="fitted voxels"), row=1, col=column)
-        fig.add_trace(go.Heatmap(z=signed_projection(values, axis).T.astype(np.float32), x=x, y=y,
-                                 coloraxis="coloraxis", name=name,
-                                 hovertemplate="(%{x:.0f}, %{y:.0f}) mm<br>value %{z:.4g}<extra></extra>"),
-                      row=1, col=column)
         suffix = "" if column == 1 else str(column)
-        fig.layout[f"xaxis{suffix}"].update(showgrid=False, zeroline=False, constrain="domain",
-                                            title=dict(text=f"{'xyz'[h_axis]} (mm)", font=dict(size=11)))
-        fig.layout[f"yaxis{suffix}"].update(scaleanchor=f"x{suffix}", scaleratio=1, showgrid=False,
-                                            zeroline=False, constrain="domain",
-                                            title=dict(text=f"{'xyz'[v_axis]} (mm)", font=dict(size=11)))
-    fig.update_layout(title=dict(text=title, x=0.5, xanchor="center"), height=420,
-                      coloraxis=dict(colorscale=colours.colorscale, cmin=colours.cmin, cmax=colours.cmax,
-                                     colorbar=dict(thickness=15, len=0.8)),
-                      plot_bgcolor="white", paper_bgcolor="white", margin=dict(l=20, r=20, t=80, b=40))
-    return fig
+        place = dict(xaxis="x" + suffix, yaxis="y" + suffix)
+        traces.append(dict(type="heatmap", z=outline.any(axis=axis).T.astype(np.uint8), x=x, y=y, zmin=0, zmax=1,
+                           colorscale=OUTLINE_COLOURS, showscale=False, hoverinfo="skip",
+                           name="fitted voxels", **place))
+        traces.append(dict(type="heatmap", z=signed_projection(values, axis).T.astype(np.float32), x=x, y=y,
+                           coloraxis="coloraxis", name=name,
+                           hovertemplate="(%{x:.0f}, %{y:.0f}) mm<br>value %{z:.4g}<extra></extra>", **place))
+        axes.append({"xaxis": dict(showgrid=False, zeroline=False, constrain="domain",
+                                   title=dict(text=f"{'xyz'[h_axis]} (mm)", font=dict(size=11))),
+                     "yaxis": dict(scaleanchor=f"x{suffix}", scaleratio=1, showgrid=False, zeroline=False,
+                                   constrain="domain", title=dict(text=f"{'xyz'[v_axis]} (mm)", font=dict(size=11)))})
+    layout = viewer.subplot_row("xy", len(PROJECTION_VIEWS), 0.07,
+                                [f"{name} (max over {'xyz'[axis]})" for name, axis, _ in PROJECTION_VIEWS], axes)
+    layout.update(title=dict(text=title, x=0.5, xanchor="center"), height=420,
+                  coloraxis=dict(colorscale=colours.colorscale, cmin=colours.cmin, cmax=colours.cmax,
+                                 colorbar=dict(thickness=15, len=0.8)),
+                  plot_bgcolor="white", paper_bgcolor="white", margin=dict(l=20, r=20, t=80, b=40))
+    return go.Figure(dict(data=traces, layout=layout))
 
 
 def add_histograms(page: ReportPage, panels: list[tuple[str, np.ndarray, np.ndarray | None, str | None]],
                    title: str | None = None) -> bool:
     """Side-by-side histograms: (x-axis title, values, selected-or-None, selected label)."""
     import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+
+    from blmm import viewer
 
     drawn = [(axis, counts, label) for axis, values, selected, label in panels
              if (counts := histogram(values, selected=selected)) is not None]
     if not drawn:
         return False
-    fig = make_subplots(rows=1, cols=len(drawn), horizontal_spacing=0.1)
+    traces, axes = [], []
     shown_selected = False  # one legend entry for the highlighted voxels, not one per panel
     for column, (axis, counts, label) in enumerate(drawn, start=1):
         centres = _round(counts["centres"], 5)
-        fig.add_trace(go.Bar(x=centres, y=counts["counts"].tolist(), width=counts["width"],
-                             marker_color="rgb(140, 150, 170)", name="all", showlegend=column == 1,
-                             legendgroup="all", hovertemplate="%{x:.4g}: %{y}<extra></extra>"),
-                      row=1, col=column)
+        suffix = "" if column == 1 else str(column)
+        place = dict(xaxis="x" + suffix, yaxis="y" + suffix)
+        traces.append(dict(type="bar", x=centres, y=counts["counts"].tolist(), width=counts["width"],
+                           marker=dict(color="rgb(140, 150, 170)"), name="all", showlegend=column == 1,
+                           legendgroup="all", hovertemplate="%{x:.4g}: %{y}<extra></extra>", **place))
         if "selected" in counts and counts["selected"].any():
-            fig.add_trace(go.Bar(x=centres, y=counts["selected"].tolist(), width=counts["width"],
-                                 marker_color="rgb(215, 60, 20)", name=label, legendgroup="selected",
-                                 showlegend=not shown_selected, hovertemplate="%{x:.4g}: %{y}<extra></extra>"),
-                          row=1, col=column)
+            traces.append(dict(type="bar", x=centres, y=counts["selected"].tolist(), width=counts["width"],
+                               marker=dict(color="rgb(215, 60, 20)"), name=label, legendgroup="selected",
+                               showlegend=not shown_selected, hovertemplate="%{x:.4g}: %{y}<extra></extra>",
+                               **place))
             shown_selected = True
-        fig.update_xaxes(title_text=axis, row=1, col=column)
-        fig.update_yaxes(title_text="voxels" if column == 1 else None, row=1, col=column)
-    fig.update_layout(barmode="overlay", bargap=0, height=300, margin=dict(l=60, r=20, t=80 if title else 45, b=50),
-                      title=dict(text=title or "", x=0.5, xanchor="center"), paper_bgcolor="white",
-                      plot_bgcolor="white", legend=dict(orientation="h", x=0, xanchor="left", y=1.02, yanchor="bottom"))
-    page.figure(fig)
+        axes.append({"xaxis": dict(title=dict(text=axis)),
+                     "yaxis": dict(title=dict(text="voxels")) if column == 1 else {}})
+    layout = viewer.subplot_row("xy", len(drawn), 0.1, None, axes)
+    layout.update(barmode="overlay", bargap=0, height=300, margin=dict(l=60, r=20, t=80 if title else 45, b=50),
+                  title=dict(text=title or "", x=0.5, xanchor="center"), paper_bgcolor="white",
+                  plot_bgcolor="white", legend=dict(orientation="h", x=0, xanchor="left", y=1.02, yanchor="bottom"))
+    page.figure(go.Figure(dict(data=traces, layout=layout)))
     return True
 
 

@@ -99,9 +99,11 @@ def summarise_run(outdir: str | Path) -> RunDescription:
     if not record:
         notes.append(f"{RUN_FILE} is missing or unreadable: counts and timings are not shown.")
     p = record.get("p")
-    recorded_names = record.get("x_names")  # a formula run's coefficient names (no X table)
-    x_names = recorded_names if settings.get("formula") and isinstance(recorded_names, list) else \
-        _table_header(settings.get("X"))
+    recorded_names = record.get("x_names")  # the run's names: a formula's coefficients, or X's header
+    unnamed = [f"x{j + 1}" for j in range(int(p or 0))]  # what a run records for X without a header
+    # X's header is read again only when the run recorded no names of its own (reading all of X: ~0.1 s)
+    x_names = recorded_names if isinstance(recorded_names, list) and (settings.get("formula") or recorded_names != unnamed) \
+        else _table_header(settings.get("X"))
     if x_names is None or (p is not None and len(x_names) != p):
         x_names = [f"x{j + 1}" for j in range(int(p or 0))]
         if p:

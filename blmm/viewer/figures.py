@@ -274,7 +274,6 @@ def plot_surfaces(
     ``grey_missing``: missing (NaN) vertices are grey even without a threshold, e.g. those a
     ``--where`` condition hides."""
     go = _plotly()
-    from plotly.subplots import make_subplots
 
     if not hemispheres:
         raise ViewerError("nothing to plot: give at least one (data, mesh) pair")
@@ -291,35 +290,60 @@ def plot_surfaces(
         np.concatenate([values for _, _, values in panels]), colorscale=colorscale,
         symmetric=symmetric, vmin=vmin, vmax=vmax, threshold=threshold, grey_missing=grey_missing)
 
-    figure = make_subplots(
-        rows=1, cols=len(panels), specs=[[{"type": "scene"}] * len(panels)],
-        horizontal_spacing=0.0, subplot_titles=[key for key, _, _ in panels]
-        if len(panels) > 1 else None)
+    data, scenes = [], []
     for column, (key, mesh, values) in enumerate(panels, start=1):
-        figure.add_trace(go.Mesh3d(
-            x=mesh.coords[:, 0], y=mesh.coords[:, 1], z=mesh.coords[:, 2],
+        scene = "scene" if column == 1 else f"scene{column}"
+        data.append(dict(
+            type="mesh3d", x=mesh.coords[:, 0], y=mesh.coords[:, 1], z=mesh.coords[:, 2],
             i=mesh.faces[:, 0], j=mesh.faces[:, 1], k=mesh.faces[:, 2],
             intensity=_display_intensity(values, colours), intensitymode="vertex",
             coloraxis="coloraxis", customdata=values.astype(np.float32),
             hovertemplate="value %{customdata:.4g}<br>(%{x:.0f}, %{y:.0f}, %{z:.0f}) mm"
                           f"<extra>{key}</extra>",
             lighting=_SURFACE_LIGHTING, lightposition=dict(x=0, y=0, z=1e5),
-            flatshading=False, name=key, showscale=False,
-        ), row=1, col=column)
+            flatshading=False, name=key, showscale=False, scene=scene))
         eye = _LATERAL_EYE[_mesh_side(mesh, key)]
-        scene = "scene" if column == 1 else f"scene{column}"
         axis = dict(visible=False, showbackground=False)
-        figure.layout[scene].update(
-            xaxis=axis, yaxis=axis, zaxis=axis, aspectmode="data",
-            camera=dict(eye=dict(x=eye[0], y=eye[1], z=eye[2]), up=dict(x=0, y=0, z=1)))
-    figure.update_layout(
+        scenes.append(dict(xaxis=axis, yaxis=axis, zaxis=axis, aspectmode="data",
+                           camera=dict(eye=dict(x=eye[0], y=eye[1], z=eye[2]), up=dict(x=0, y=0, z=1))))
+    layout = subplot_row("scene", len(panels), 0.0, [key for key, _, _ in panels] if len(panels) > 1 else None,
+                         scenes)
+    layout.update(
         title=dict(text=title or "", x=0.5, xanchor="center"),
         coloraxis=dict(colorscale=colours.colorscale, cmin=colours.cmin, cmax=colours.cmax,
                        colorbar=dict(thickness=18, len=0.75)),
         paper_bgcolor="white", margin=dict(l=10, r=10, t=80 if title else 40, b=45),
         height=520, updatemenus=[_camera_menu(panels)],
     )
-    return figure
+    return go.Figure(dict(data=data, layout=layout))
+
+
+def subplot_row(kind: str, n: int, spacing: float, titles: Sequence[str] | None = None,
+                axes: Sequence[Mapping[str, Any]] | None = None) -> dict:
+    """A plotly layout of ``n`` subplots side by side (``kind`` "xy": x/y axes, "scene": 3-D), as
+    ``plotly.subplots.make_subplots(rows=1, cols=n, horizontal_spacing=spacing)`` lays them out
+    (titles above, in plotly's subplot-title style); ``axes``: each subplot's own settings (for
+    "xy", ``{"xaxis": ..., "yaxis": ...}``).  Built as one dict because make_subplots and per-axis
+    updates cost ~20-40 ms of validation a figure, most of a run's report (issue 21)."""
+    width = (1.0 - spacing * (n - 1)) / n
+    layout: dict[str, Any] = {}
+    centres = []
+    for column in range(n):
+        start = sum([width] * column) + column * spacing  # plotly's own sum: identical domains
+        domain = [start, start + width]
+        centres.append(sum(domain) / 2.0)
+        own = dict(axes[column]) if axes else {}
+        suffix = "" if column == 0 else str(column + 1)
+        if kind == "scene":
+            layout["scene" + suffix] = {"domain": {"x": domain, "y": [0.0, 1.0]}, **own}
+        else:
+            layout["xaxis" + suffix] = {"anchor": "y" + suffix, "domain": domain, **own.get("xaxis", {})}
+            layout["yaxis" + suffix] = {"anchor": "x" + suffix, "domain": [0.0, 1.0], **own.get("yaxis", {})}
+    annotations = [dict(text=text, x=x, y=1.0, xref="paper", yref="paper", xanchor="center", yanchor="bottom",
+                        showarrow=False, font=dict(size=16)) for text, x in zip(titles or [], centres) if text]
+    if annotations:
+        layout["annotations"] = annotations
+    return layout
 
 
 def _camera_menu(panels: Sequence[tuple[str, Mesh, np.ndarray]]) -> dict:

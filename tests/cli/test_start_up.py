@@ -29,6 +29,9 @@ def imported_packages(statement: str) -> set[str]:
     "import blmm.cli",
     "import blmm.pipeline, blmm.engine, blmm.config",
     "from blmm.engine import EngineSpec, open_engine; open_engine(EngineSpec(kind='inline')).close()",
+    # choosing inline counts this machine's CPUs without dask
+    "from blmm.engine import EngineSpec; from blmm.engine.choice import choose_engine; "
+    "assert choose_engine(EngineSpec(kind='auto'), 1.0).spec.kind == 'inline'",
 ])
 def test_start_up_imports_nothing_heavy_it_does_not_use(statement):
     assert imported_packages(statement).isdisjoint(ON_USE_ONLY)

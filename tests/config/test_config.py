@@ -352,6 +352,26 @@ def test_mixed_image_shapes(study):
     assert "y00.nii.gz" in problem  # the image the shape was taken from
 
 
+def _dat_study(study: Path, sizes: dict[int, int]) -> Path:
+    """The study with .dat surface images of 60 vertices (byte sizes of some images changed)."""
+    for i in range(N):
+        np.zeros(60, np.float32).tofile(study / "data" / f"y{i:02d}.dat")
+        if i in sizes:
+            (study / "data" / f"y{i:02d}.dat").write_bytes(b"\0" * sizes[i])
+    (study / "lists" / "Ydat.txt").write_text("".join(f"../data/y{i:02d}.dat\n" for i in range(N)))
+    return _edit(study, Y_files="lists/Ydat.txt", analysis_mask=None)
+
+
+def test_dat_images_of_one_size_load_and_others_are_named(study):
+    """The size-only check of .dat lists gives what the image-by-image check gave."""
+    assert load_config(_dat_study(study, {})).space.n_voxels == 60
+    problem = _one_problem(_dat_study(study, {3: 4 * 61}), "Y_files", "do not match")
+    assert "y03.dat: found .dat, 61 values, expected .dat, 60 values" in problem
+    assert "the first image" in problem and "y00.dat" in problem  # the image the size was taken from
+    problem = _one_problem(_dat_study(study, {5: 4 * 60 + 2}), "Y_files", "cannot be read")
+    assert "y05.dat" in problem and "found 242 bytes" in problem
+
+
 def test_multi_volume_y_image(study):
     four_d = nib.Nifti1Image(np.zeros(SHAPE + (2,), np.float32), np.eye(4))
     nib.save(four_d, str(study / "data" / "y07.nii.gz"))

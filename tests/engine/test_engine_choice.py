@@ -70,3 +70,10 @@ def test_upstream_clustertype_local_is_chosen_like_blmms_own_inputs_and_says_so(
 def test_auto_with_workers_uses_at_most_that_many():
     choice = choose_engine(EngineSpec("auto", workers=1), serial_seconds=3600.0, cores=2)
     assert choice.spec.kind == "inline" and choice.spec.workers == 1  # one core: never a cluster
+
+
+def test_local_worker_count_is_dasks_count_of_usable_cpus() -> None:
+    """Counted without importing dask, the CPUs are those dask counts (affinity, cgroup quota)."""
+    from dask.system import CPU_COUNT
+
+    assert local_worker_count() == CPU_COUNT

@@ -250,13 +250,18 @@ def test_without_plotly_the_report_has_the_numbers(tmp_path: Path,
     assert re.search(r"voxels with −log10 p > 2 \(one-sided, H1: Lβ > 0\)\s+\d", text)
     assert "Satterthwaite df (min, quartiles, max)" in text
     # The page needs only the output folder: rewritten with the inputs gone, it still has
-    # the numbers, and says why X's columns lost their names.
+    # the numbers and X's column names (blmm_run.json records them).
     for path in [*(tmp_path / "images").iterdir(), tmp_path / "X.csv"]:
         path.unlink()
     text = html.unescape(re.sub(r"<[^>]+>", " ", write_report(tmp_path / "out").read_text()))
+    assert "Y ~ intercept + age + group + (intercept | subject)" in text
+    assert re.search(rf"fitted\s+{record['counts']['fitted']:,}\b", text)
+    # A record without names (an older run's) falls back to X's header, here gone: positional names, and why.
+    record.pop("x_names")
+    (tmp_path / "out" / "blmm_run.json").write_text(json.dumps(record))
+    text = html.unescape(re.sub(r"<[^>]+>", " ", write_report(tmp_path / "out").read_text()))
     assert "Y ~ x1 + x2 + x3 + (intercept | subject)" in text
     assert "X has no header row (or could not be read)" in text
-    assert re.search(rf"fitted\s+{record['counts']['fitted']:,}\b", text)
 
 
 def test_unknown_vertex_count_gives_histograms_and_a_note(tmp_path: Path) -> None:

@@ -180,6 +180,20 @@ def test_both_hemispheres_side_by_side_share_one_colour_scale() -> None:
     assert figure.layout.scene.camera.eye.x < 0 < figure.layout.scene2.camera.eye.x
 
 
+@pytest.mark.parametrize("kind, n, spacing, titles", [
+    ("scene", 1, 0.0, None), ("scene", 2, 0.0, ["left", "right"]), ("xy", 1, 0.1, None),
+    ("xy", 2, 0.1, None), ("xy", 3, 0.07, ["sagittal", "", "axial"])])
+def test_subplot_row_is_make_subplots_layout(kind: str, n: int, spacing: float, titles: list | None) -> None:
+    """The row of subplots the figures build as one dict is plotly's own make_subplots layout,
+    exactly (domains are sums of floats, compared as stored)."""
+    from plotly.subplots import make_subplots
+
+    reference = make_subplots(rows=1, cols=n, horizontal_spacing=spacing, subplot_titles=titles,
+                              specs=[[{"type": kind}] * n]).to_plotly_json()["layout"]
+    reference.pop("template")
+    assert viewer.subplot_row(kind, n, spacing, titles) == reference
+
+
 def painted_colours(figure, trace) -> list[tuple[int, int, int]]:
     """The colour the colour axis gives each vertex's intensity (hard stops honoured)."""
     import plotly.colors
