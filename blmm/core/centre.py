@@ -132,10 +132,8 @@ def response_centre(Y: np.ndarray, threads: int | None = None) -> np.ndarray:
         run_blocks(block_centre, [(a, min(a + step, v)) for a in range(0, v, step)], thread_count(threads))
     else:
         some[:] = False
-    if some.any():
+    if some.any():  # otherwise no block set a value: c is still all 0
         c[~some] = np.median(c[some])
-    else:
-        c[:] = 0.0
     return c
 
 
