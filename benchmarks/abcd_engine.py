@@ -35,7 +35,7 @@ from threadpoolctl import threadpool_limits
 
 from blmm.core.design import Contrast, RandomFactor
 from blmm.core.fit import fit_stats
-from blmm.core.blocks import thread_count
+from blmm.core.threads import thread_count
 from blmm.core.inference import infer
 from blmm.core.objective.levels import LevelObjective
 from blmm.core.objective.levels_q2 import LevelsQ2Kernel

@@ -5,16 +5,17 @@ Here, not in core/blocks.py, so that the sums (core/sufficient.py) and the centr
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from threadpoolctl import threadpool_limits
 
+from blmm.host import usable_cpu_count
+
 
 def thread_count(threads: int | None) -> int:
-    """Threads that work on voxel blocks: the CPU count unless given."""
-    return (os.cpu_count() or 1) if threads is None else max(1, int(threads))
+    """Threads that work on voxel blocks: the CPUs this process may use (blmm.host) unless given."""
+    return usable_cpu_count() if threads is None else max(1, int(threads))
 
 
 def run_blocks(run: Callable[[Any], None], jobs: list, threads: int) -> None:

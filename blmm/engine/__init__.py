@@ -20,10 +20,9 @@ from blmm.engine.spec import (
     EngineError,
     EngineSpec,
     EngineSpecError,
-    local_worker_count,
 )
 
 __all__ = [
     "BATCH_KINDS", "CLUSTER_FIELDS", "CLUSTER_RULES", "KINDS", "PROGRESS_MODES", "Engine", "EngineError", "EngineSpec",
-    "EngineSpecError", "jobqueue_kwargs", "local_worker_count", "open_engine", "_Progress", "_exit_on_signal",
+    "EngineSpecError", "jobqueue_kwargs", "open_engine", "_Progress", "_exit_on_signal",
 ]

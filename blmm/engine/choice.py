@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from blmm.engine.spec import BATCH_KINDS, EngineSpec, local_worker_count
+from blmm.engine.spec import BATCH_KINDS, EngineSpec
+from blmm.host import usable_cpu_count
 
 #: seconds to start a LocalCluster of 2 workers, connect to it and close it, on the reference
 #: machine (docs/performance.md, benchmarks/engine_start.py)
@@ -40,7 +41,7 @@ def describe(spec: EngineSpec) -> str:
         return f"inline, {threads} thread{'s' if threads > 1 else ''}"
     if spec.kind in BATCH_KINDS:
         return f"{spec.kind} jobs through dask-jobqueue"
-    workers = spec.workers or local_worker_count()
+    workers = spec.workers or usable_cpu_count()
     return f"local dask cluster, {workers} worker{'s' if workers > 1 else ''}"
 
 
@@ -60,7 +61,7 @@ def choose_engine(spec: EngineSpec, serial_seconds: float | None = None,
         return EngineChoice(spec, "as asked")
     if serial_seconds is None:
         return EngineChoice(replace(spec, kind="local"), "chosen by default: no estimate of the work")
-    cores = local_worker_count() if cores is None else max(1, int(cores))
+    cores = usable_cpu_count() if cores is None else max(1, int(cores))
     if spec.workers is not None:  # at most the workers asked for (e.g. upstream's numNodes)
         cores = min(cores, spec.workers)
     seconds = finish_seconds(serial_seconds, cores)

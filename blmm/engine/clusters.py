@@ -15,8 +15,8 @@ from blmm.engine.spec import (
     EngineError,
     EngineSpec,
     EngineSpecError,
-    local_worker_count,
 )
+from blmm.host import usable_cpu_count
 
 logger = logging.getLogger("blmm.engine")
 
@@ -55,7 +55,7 @@ def _build_local_cluster(spec: EngineSpec) -> Any:
     from distributed import LocalCluster
 
     kwargs: dict[str, Any] = {
-        "n_workers": spec.workers or local_worker_count(),
+        "n_workers": spec.workers or usable_cpu_count(),
         "threads_per_worker": spec.cores or 1,  # numpy work: one thread per process
         "processes": True,
         # the engine reports task errors itself, one line each; worker logs would add dask's

@@ -30,7 +30,8 @@ from blmm.engine.clusters import _build_cluster, _cancel_batch_jobs, _job_script
 from blmm.engine.inline import _describe_item, inline_map, retryable
 from blmm.engine.progress import _Progress
 from blmm.engine.signals import install_exit_on_signals, restore_signal_handlers
-from blmm.engine.spec import EngineError, EngineSpec, _as_int, local_worker_count
+from blmm.engine.spec import EngineError, EngineSpec, _as_int
+from blmm.host import usable_cpu_count
 from blmm.errors import DiskFullError, InputError
 
 logger = logging.getLogger("blmm.engine")
@@ -375,7 +376,7 @@ def open_engine(spec: EngineSpec) -> Engine:
     try:
         engine.cluster = _build_cluster(spec)
         engine.client = Client(engine.cluster)
-        workers = spec.workers or (local_worker_count() if spec.kind == "local" else 1)
+        workers = spec.workers or (usable_cpu_count() if spec.kind == "local" else 1)
         engine._target_workers = workers
         if spec.is_batch:
             try:

@@ -7,8 +7,6 @@ and nowhere else.
 """
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -264,46 +262,6 @@ def _as_int(value: Any, name: str, minimum: int) -> int:
     if number < minimum:
         raise EngineSpecError(f"{name} must be >= {minimum}, got {number}")
     return number
-
-
-def local_worker_count() -> int:
-    """Usable CPUs of this machine: those this process may run on, capped by a cgroup CPU quota
-    (as dask counts them, read here: importing dask for it cost runs that stay inline ~0.1 s)."""
-    try:
-        count = len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity on this platform (macOS, Windows)
-        count = os.cpu_count() or 1
-    quota = cgroup_cpu_quota()
-    if quota is not None:
-        count = min(count, math.ceil(quota))
-    return max(1, count)
-
-
-def cgroup_cpu_quota() -> float | None:
-    """CPUs a cgroup quota allows this process (quota / period; cgroup v2 or v1), None without one."""
-    try:
-        with open("/proc/self/cgroup") as fh:
-            groups = fh.read().splitlines()
-    except OSError:
-        groups = []
-    for line in groups:
-        if line.startswith("0::"):  # cgroup v2: "quota period" or "max period" in the group's cpu.max
-            try:
-                with open(f"/sys/fs/cgroup{line[3:].rstrip('/')}/cpu.max") as fh:
-                    quota, period = fh.read().split()
-            except (OSError, ValueError):
-                break
-            return int(quota) / int(period) if quota != "max" and int(period) > 0 else None
-    for folder in ("cpuacct,cpu", "cpu,cpuacct", "cpu"):  # cgroup v1: -1 means no quota
-        try:
-            with open(f"/sys/fs/cgroup/{folder}/cpu.cfs_quota_us") as fh:
-                quota = int(fh.read())
-            with open(f"/sys/fs/cgroup/{folder}/cpu.cfs_period_us") as fh:
-                period = int(fh.read())
-        except (OSError, ValueError):
-            continue
-        return quota / period if quota > 0 and period > 0 else None
-    return None
 
 
 #: upstream's clusterType values: a local dask cluster or a batch scheduler

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from blmm.engine import EngineSpec, local_worker_count
+from blmm.engine import EngineSpec
 from blmm.engine.choice import (
     LOCAL_CLUSTER_START_SECONDS,
     THREAD_EFFICIENCY,
@@ -11,6 +11,7 @@ from blmm.engine.choice import (
     describe,
     finish_seconds,
 )
+from blmm.host import usable_cpu_count
 
 #: the work (seconds on one core) at which 2 threads and 2 worker processes finish together
 BREAK_EVEN_2_CORES = LOCAL_CLUSTER_START_SECONDS / (1 / (1 + THREAD_EFFICIENCY) - 1 / 2)
@@ -37,8 +38,8 @@ def test_the_choice_turns_at_the_break_even_work():
     above = choose_engine(EngineSpec("auto", retries=4), BREAK_EVEN_2_CORES * 1.05, cores=2)
     assert below.spec.kind == "inline"
     assert above.spec.kind == "local" and above.spec.retries == 4 and above.spec.workers is None
-    assert describe(above.spec) == f"local dask cluster, {local_worker_count()} worker" + (
-        "s" if local_worker_count() > 1 else "")
+    assert describe(above.spec) == f"local dask cluster, {usable_cpu_count()} worker" + (
+        "s" if usable_cpu_count() > 1 else "")
 
 
 def test_one_core_never_pays_for_a_cluster():
@@ -72,8 +73,8 @@ def test_auto_with_workers_uses_at_most_that_many():
     assert choice.spec.kind == "inline" and choice.spec.workers == 1  # one core: never a cluster
 
 
-def test_local_worker_count_is_dasks_count_of_usable_cpus() -> None:
+def test_usable_cpu_count_is_dasks_count_of_usable_cpus() -> None:
     """Counted without importing dask, the CPUs are those dask counts (affinity, cgroup quota)."""
     from dask.system import CPU_COUNT
 
-    assert local_worker_count() == CPU_COUNT
+    assert usable_cpu_count() == CPU_COUNT

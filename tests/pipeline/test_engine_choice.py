@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from blmm.cli import main
-from blmm.engine import local_worker_count
+from blmm.host import usable_cpu_count
 from blmm.io.images import read_map
 from tests.pipeline.test_pipeline import make_analysis
 
@@ -21,7 +21,7 @@ def test_a_short_run_goes_inline_on_threads_with_the_maps_of_a_serial_run(tmp_pa
     yml = make_analysis(tmp_path, extra="voxelBatching: 1\n")
     assert main([str(yml)]) == 0
     out = capsys.readouterr().out
-    cores = local_worker_count()
+    cores = usable_cpu_count()
     threads = f"{cores} thread{'s' if cores > 1 else ''}"
     lines = engine_lines(out)
     assert len(lines) == 1 and lines[0].startswith(f"blmm: engine: inline, {threads} (chosen: ~0 s of work")
@@ -44,6 +44,6 @@ def test_cluster_local_keeps_the_local_dask_cluster(tmp_path, capsys):
     yml = make_analysis(tmp_path)
     assert main([str(yml), "--cluster", "local"]) == 0
     assert [line.split(" (")[0] for line in engine_lines(capsys.readouterr().out)] == [
-        f"blmm: engine: local dask cluster, {local_worker_count()} worker{'s' if local_worker_count() > 1 else ''}"]
+        f"blmm: engine: local dask cluster, {usable_cpu_count()} worker{'s' if usable_cpu_count() > 1 else ''}"]
     record = json.loads((tmp_path / "out" / "blmm_run.json").read_text())
     assert record["engine"] == "local" and record["engine_choice"]["reason"] == "as asked"
