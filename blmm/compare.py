@@ -28,14 +28,10 @@ from blmm.core.fdr import fdr_mlog10q
 from blmm.core.lrt import (
     Nesting,
     NullDistribution,
-    chi2_log_sf,
-    chi2_null,
     choose_null,
-    mixture_null,
     lr_statistic,
     nesting_of,
     reml_x_correction,
-    same_grouping,
     unnested_terms,
 )
 from blmm.errors import CompareError, InputError
@@ -353,8 +349,4 @@ def summary_text(result: ComparisonResult) -> str:
 
 
 
-__all__ = [
-    "Analysis", "CompareError", "ComparisonResult", "Nesting", "NullDistribution", "check_comparable",
-    "chi2_log_sf", "chi2_null", "choose_null", "compare", "load_analysis", "mixture_null",
-    "nesting_of", "same_grouping", "summary_text",
-]
+__all__ = ["ComparisonResult", "check_comparable", "compare", "load_analysis", "summary_text", "terms_not_nested"]

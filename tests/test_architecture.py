@@ -58,3 +58,45 @@ def test_status_codes_live_only_in_core_status():
         found += [f"{rel} defines {name}" for name in sorted(assigned & codes)]
         found += [f"{rel} re-exports {name}" for name in sorted(imported - used)]
     assert found == []
+
+
+def _imports_from(tree, name: str) -> set[str]:
+    """The modules a file imports ``name`` from (``from M import name``)."""
+    import ast
+
+    return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            for alias in node.names if alias.name == name}
+
+
+def test_methods_live_only_in_core_scoring():
+    """The scoring methods have one home, core/scoring.py: no other module defines METHODS, and
+    every user (package and tests) imports it from there, not through a re-export."""
+    import ast
+
+    found = []
+    for path in sorted([*(ROOT / "blmm").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]):
+        tree = ast.parse(path.read_text())
+        rel = path.relative_to(ROOT)
+        assigned = {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                    for t in node.targets if isinstance(t, ast.Name)}
+        if "METHODS" in assigned and rel != Path("blmm/core/scoring.py"):
+            found.append(f"{rel} defines METHODS")
+        found += [f"{rel} imports METHODS from {module}" for module in sorted(_imports_from(tree, "METHODS") - {"blmm.core.scoring"})]
+    assert found == []
+
+
+def test_modules_re_export_nothing():
+    """A module imports a name of blmm to use it: one it does not use is a re-export, which gives a
+    concept a second home.  Packages' __init__.py files re-export their public names (docs/architecture.md)."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "blmm").rglob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+        found += [f"{path.relative_to(ROOT)} imports {alias.asname or alias.name} from {node.module} unused"
+                  for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("blmm")
+                  for alias in node.names if (alias.asname or alias.name) not in used]
+    assert found == []

@@ -8,7 +8,6 @@ written to; ``Config.to_yaml_dict()`` gives the resolved inputs for ``outdir/inp
 from blmm.config.load import load_config
 from blmm.config.readers import parse_number, parse_vector_text
 from blmm.config.schema import DEFAULT_MAXMEM, DEFAULT_MINLOG, KNOWN_KEYS, Config, CorrectionSettings
-from blmm.core.fit import METHODS  # noqa: F401  (where it lives: blmm.fit)
 
 __all__ = ["DEFAULT_MAXMEM", "DEFAULT_MINLOG", "KNOWN_KEYS", "Config", "CorrectionSettings", "load_config", "parse_number",
            "parse_vector_text"]

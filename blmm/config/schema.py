@@ -39,8 +39,6 @@ _FACTOR_FIELDS = ("name", "factor", "design")
 _CONTRAST_FIELDS = ("name", "vector", "statType")  # statType: in upstream's template, never read
 _MISSINGNESS_FIELDS = {"minpercent": "MinPercent", "minn": "MinN"}
 _MAX_LISTED = 5  # files named per problem before summarising the rest
-FDR_CHOICES = ("bh", "by")  # blmm.core.fdr.FDR_METHODS; false switches FDR off
-CONNECTIVITIES = (6, 18, 26)  # volume neighbours (blmm.geometry.layout)
 
 
 

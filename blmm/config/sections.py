@@ -11,9 +11,10 @@ import numpy as np
 
 from blmm.core.design import Contrast, RandomFactor, identifiability_problems
 from blmm.core.design_basis import dependent_columns
-from blmm.core.fit import METHODS
+from blmm.core.fdr import FDR_METHODS
 from blmm.core.resampling import (DEFAULT_WEIGHTS, PRECISIONS, SIGMA2_MODES, WEIGHTS, check_blocks,
                                     independent_blocks)
+from blmm.core.scoring import METHODS
 from blmm.engine.spec import CLUSTER_RULES, CLUSTER_TYPES, KINDS
 from blmm.errors import ImageError, InputError
 from blmm.io.images import ImageSpace, image_space, mismatch_reason, read_image
@@ -45,9 +46,7 @@ from blmm.config.schema import (
     _MISSINGNESS_FIELDS,
     _NO_EFFECT_KEYS,
     _REQUIRED_KEYS,
-    CONNECTIVITIES,
     DEFAULT_MAXMEM,
-    FDR_CHOICES,
     CorrectionSettings,
     DEFAULT_MINLOG,
     KNOWN_KEYS,
@@ -567,16 +566,16 @@ def _check_correction(found: _Found, space: ImageSpace | None,
     fdr = sub.raw.get("fdr", "bh")
     if fdr is False or (isinstance(fdr, str) and fdr.strip().lower() in ("false", "no", "off", "none")):
         fdr = None
-    elif not (isinstance(fdr, str) and fdr.strip().lower() in FDR_CHOICES):
-        sub.problem(f"fdr: expected one of {', '.join(FDR_CHOICES)} or false, found {_shorten(fdr)}")
+    elif not (isinstance(fdr, str) and fdr.strip().lower() in FDR_METHODS):
+        sub.problem(f"fdr: expected one of {', '.join(FDR_METHODS)} or false, found {_shorten(fdr)}")
         fdr = "bh"
     else:
         fdr = fdr.strip().lower()
     resamples = read_option_number(sub, "resamples", 0, integer=True, minimum=0)
     threshold = read_option_number(sub, "cluster_threshold", 3.0, minimum=0, strict_minimum=True)
     connectivity = read_option_number(sub, "connectivity", 6, integer=True)
-    if sub.present("connectivity") and connectivity not in CONNECTIVITIES:
-        sub.problem(f"connectivity: expected one of {', '.join(map(str, CONNECTIVITIES))}, "
+    if sub.present("connectivity") and connectivity not in VOLUME_CONNECTIVITIES:
+        sub.problem(f"connectivity: expected one of {', '.join(map(str, VOLUME_CONNECTIVITIES))}, "
                     f"found {_shorten(sub.raw['connectivity'])}")
         connectivity = 6
     seed = read_option_number(sub, "seed", 0, integer=True, minimum=0)

@@ -16,7 +16,7 @@ from blmm.core.design import RandomFactor, identifiability_problems, unidentifia
 from blmm.core.design_basis import DesignNote, fitting_basis, full_column_rank
 from blmm.core.missing_rows import MissingRowCounts
 from blmm.core.result import FitResult
-from blmm.core.scoring import METHODS, check_method  # noqa: F401  (METHODS re-exported: blmm.fit)
+from blmm.core.scoring import check_method
 from blmm.core.status import DROPPED_FEW, DROPPED_RANK, DROPPED_UNIDENTIFIABLE, FITTED, NOT_FITTED
 from blmm.core.structure import STRUCTURES, FitPlan, plan_fit
 from blmm.core.sufficient import FactorLayout, SufficientStats, presence_patterns, sufficient_stats

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from blmm.core.design import RandomFactor
-from blmm.core.fit import METHODS, fit_stats
+from blmm.core.fit import fit_stats
+from blmm.core.scoring import METHODS
 from blmm.core.objective.nested import NestedObjective, nested_tree
 from blmm.core.sufficient import FactorLayout, sufficient_stats
 

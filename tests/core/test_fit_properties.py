@@ -44,7 +44,8 @@ from blmm.core.blocks import Scheduler
 from blmm.core.centre import centre_of, centred_response
 from blmm.core.design import Contrast, RandomFactor
 from blmm.core.design_basis import DesignNote
-from blmm.core.fit import METHODS, fit_lmm, fit_stats
+from blmm.core.fit import fit_lmm, fit_stats
+from blmm.core.scoring import METHODS
 from blmm.core.hessian import DIFFERENCE_STEP, variance_hessian
 from blmm.core.structure import plan_fit
 from blmm.core.inference import infer

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from blmm.core.design import Contrast, RandomFactor
-from blmm.core.fit import METHODS, fit_lmm
+from blmm.core.fit import fit_lmm
+from blmm.core.scoring import METHODS
 from blmm.core.inference import infer, t_mlog10p
 from tests.reference.load import CASES, SINGULAR_CASES, load_case
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from blmm.core.design import RandomFactor
-from blmm.core.fit import METHODS, fit_lmm, fit_stats
+from blmm.core.fit import fit_lmm, fit_stats
+from blmm.core.scoring import METHODS
 from blmm.core.status import DROPPED_FEW, FITTED
 from blmm.core.nested_missing_rows import (
     FamilyBlocks, NestedMissingRowStats, nested_missing_row_stats_from_data,

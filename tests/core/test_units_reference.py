@@ -17,7 +17,8 @@ import pytest
 
 from blmm.core.design import Contrast, RandomFactor
 from blmm.core.design_basis import DesignNote
-from blmm.core.fit import METHODS, fit_lmm
+from blmm.core.fit import fit_lmm
+from blmm.core.scoring import METHODS
 from blmm.core.inference import infer
 
 CASE = Path(__file__).resolve().parents[1] / "reference" / "data" / "units_icv"

@@ -26,22 +26,14 @@ import yaml
 from scipy import stats
 
 from blmm import pipeline
-from blmm.compare import (
-    COMPARE_FILE,
-    Analysis,
-    CompareError,
-    Nesting,
-    chi2_log_sf,
-    choose_null,
-    compare,
-    mixture_null,
-    nesting_of,
-    same_grouping,
-)
+from blmm.compare import compare
 from blmm.cli.compare import compare_main
 from blmm.config import load_config
 from blmm.core.design import RandomFactor
+from blmm.core.lrt import Nesting, chi2_log_sf, choose_null, mixture_null, nesting_of, same_grouping
+from blmm.errors import CompareError
 from blmm.io.images import read_map
+from blmm.io.outdir import COMPARE_FILE, Analysis
 
 REFERENCE = Path(__file__).resolve().parents[1] / "reference" / "data"
 CASES = ("slope", "crossed", "fixed", "uncorrelated")

@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from blmm.core import linalg as la
-from blmm.core.objective.base import Evaluation, array_bytes, factor_pair_information, no_units, profiled
+from blmm.core.objective.base import Evaluation, array_bytes, no_units, profiled
 from blmm.core.objective.levels import LevelObjective
 from blmm.core.objective.schur import SchurData, SchurObjective
 
