@@ -23,14 +23,14 @@ def fdr_mlog10q(mlog10p: np.ndarray, method: str = "bh") -> np.ndarray:
         raise ValueError(f"FDR method {method!r}: expected one of {', '.join(FDR_METHODS)}")
     xp = la.namespace_or_numpy(mlog10p)
     mlp = xp.asarray(mlog10p, dtype=xp.float64)
-    out = xp.full(mlp.shape, xp.nan, dtype=xp.float64)
+    out = xp.full(mlp.shape, xp.nan, dtype=xp.float64, device=la.device_of(mlp))
     finite = xp.isfinite(mlp) | (mlp == xp.inf)  # p = 0 (−log10 p = inf) still counts as a test
     m = int(xp.count_nonzero(finite))
     if m == 0:
         return out
     values = mlp[finite]
     order = xp.argsort(-values, stable=True)  # ascending p
-    rank = xp.arange(1, m + 1, dtype=xp.float64)
+    rank = xp.arange(1, m + 1, dtype=xp.float64, device=la.device_of(mlp))
     log10_c = xp.log10(xp.sum(1.0 / rank)) if method == "by" else 0.0
     # −log10(c m p / j) for the sorted p, then the running minimum of q from the largest p down
     scaled = xp.take(values, order) - float(np.log10(m)) + xp.log10(rank) - log10_c

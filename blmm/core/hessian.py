@@ -18,13 +18,13 @@ DIFFERENCE_STEP = 1e-3
 def vech_grad(ev: Evaluation, qk) -> np.ndarray:
     """Deviance gradient in vech D (off-diagonal entries count for both triangles)."""
     xp = la.namespace(*ev.grad)
-    return xp.concat([la.vech(ev.grad[f]) * _off_diagonal_twice(xp, q) for f, q in enumerate(qk)], axis=1)
+    return xp.concat([la.vech(ev.grad[f]) * _off_diagonal_twice(xp, q, la.device_of(ev.grad[f])) for f, q in enumerate(qk)], axis=1)
 
 
-def _off_diagonal_twice(xp, q: int):
-    """Per vech entry of a q x q matrix: 2 off the diagonal (both triangles), 1 on it."""
+def _off_diagonal_twice(xp, q: int, device=None):
+    """Per vech entry of a q x q matrix: 2 off the diagonal (both triangles), 1 on it (on ``device``)."""
     r, c = la.vech_index(q)
-    return la.from_host(xp, np.where(r != c, 2.0, 1.0))
+    return la.from_host(xp, np.where(r != c, 2.0, 1.0), device)
 
 
 def variance_hessian(obj, data, D, ev: Evaluation, qk, reml, n, p):
@@ -40,14 +40,14 @@ def variance_hessian(obj, data, D, ev: Evaluation, qk, reml, n, p):
     n = getattr(data, "n", n)  # (v,) when the objective's voxels differ in their rows
     N = n - p if reml else n
     k = 1 + sum(q * (q + 1) // 2 for q in qk)
-    H = xp.zeros((v, k, k), dtype=ev.C.dtype)
-    dC = xp.zeros((v, k, p, p), dtype=ev.C.dtype)
+    H = xp.zeros((v, k, k), dtype=ev.C.dtype, device=la.device_of(ev.C))
+    dC = xp.zeros((v, k, p, p), dtype=ev.C.dtype, device=la.device_of(ev.C))
     H[:, 0, 0] = -N / s2**2 + 2.0 * ev.Q / s2**3
     dC[:, 0, ...] = ev.C
     col = 1
     for f, q in enumerate(qk):
         size = q * (q + 1) // 2
-        H[:, 0, col:col + size] = la.vech(ev.uu_sum[f]) * _off_diagonal_twice(xp, q) / s2[:, None] ** 2
+        H[:, 0, col:col + size] = la.vech(ev.uu_sum[f]) * _off_diagonal_twice(xp, q, la.device_of(ev.C)) / s2[:, None] ** 2
         col += size
     H[:, 1:, 0] = H[:, 0, 1:]
     if obj.has_deviance_hessian:
@@ -62,7 +62,7 @@ def variance_hessian(obj, data, D, ev: Evaluation, qk, reml, n, p):
         for a, b in zip(r, c):
             E = np.zeros((q, q))  # the direction, built on the host
             E[a, b] = E[b, a] = 1.0
-            E = la.from_host(xp, E)
+            E = la.from_host(xp, E, la.device_of(ev.C))
             g1, C1 = central_difference(obj, data, D, s2, qk, f, E, h)
             g2, C2 = central_difference(obj, data, D, s2, qk, f, E, 2.0 * h)
             H[:, col, 1:] = (4.0 * g1 - g2) / 3.0  # Richardson: the O(h²) truncation cancels
@@ -90,7 +90,7 @@ def difference_steps(ev: Evaluation, qk) -> list:
         start += q * q
         sum_sq = xp.linalg.trace(block)  # Σ_j ||T_j||²
         finite = xp.all(xp.isfinite(xp.reshape(T, (T.shape[0], -1))), axis=1)  # some LAPACKs raise on NaN
-        largest = xp.full(T.shape[0], xp.nan, dtype=T.dtype)
+        largest = xp.full(T.shape[0], xp.nan, dtype=T.dtype, device=la.device_of(T))
         largest[finite] = xp.linalg.eigvalsh(T[finite])[:, -1]
         with np.errstate(invalid="ignore", divide="ignore"):
             h = DIFFERENCE_STEP * xp.sum(T * T, axis=(1, 2)) / (largest * sum_sq)  # 1e-3 / λ_max(T̄)

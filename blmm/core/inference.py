@@ -116,7 +116,7 @@ def infer(fit: FitResult, contrasts: list[Contrast], two_sided: bool = False) ->
 
 def t_contrast(fit: FitResult, L: np.ndarray, name: str = "", two_sided: bool = False) -> TContrastResult:
     xp = la.namespace(fit.beta, fit.cov_beta, fit.cov_beta_grad, fit.hessian)
-    L = la.from_host(xp, np.asarray(L, dtype=np.float64).reshape(-1))
+    L = la.from_host(xp, np.asarray(L, dtype=np.float64).reshape(-1), la.device_of(fit.beta))
     est = fit.beta @ L
     var = la.einsum(xp, "p,vpq,q->v", L, fit.cov_beta, L)
     g = la.einsum(xp, "p,vkpq,q->vk", L, fit.cov_beta_grad, L)
@@ -128,23 +128,23 @@ def t_contrast(fit: FitResult, L: np.ndarray, name: str = "", two_sided: bool = 
 
 def f_contrast(fit: FitResult, L: np.ndarray, name: str = "", eig_tol: float = 1e-8) -> FContrastResult:
     xp = la.namespace(fit.beta, fit.cov_beta, fit.cov_beta_grad, fit.hessian)
-    L = la.from_host(xp, np.atleast_2d(np.asarray(L, dtype=np.float64)))
+    L = la.from_host(xp, np.atleast_2d(np.asarray(L, dtype=np.float64)), la.device_of(fit.beta))
     m = L.shape[0]
     v = fit.n_voxels
     LCL = la.einsum(xp, "ap,vpq,bq->vab", L, fit.cov_beta, L)
     finite = xp.all(xp.isfinite(xp.reshape(LCL, (v, -1))), axis=1)
-    LCL[~finite] = xp.eye(m, dtype=LCL.dtype)
+    LCL[~finite] = xp.eye(m, dtype=LCL.dtype, device=la.device_of(LCL))
     d, P = xp.linalg.eigh(LCL)
     d, P = xp.flip(d, axis=-1), xp.flip(P, axis=-1)  # descending, as lmerTest
     rank = xp.count_nonzero(d > eig_tol * d[:, :1], axis=1)
     ndf = int(xp.max(rank[finite])) if xp.any(finite) else m
     W = la.einsum(xp, "vam,ap->vmp", P, L)  # rows of P'L: independent directions
     Lb = la.einsum(xp, "vmp,vp->vm", W, fit.beta)
-    nu = xp.empty((v, m), dtype=d.dtype)
+    nu = xp.empty((v, m), dtype=d.dtype, device=la.device_of(d))
     for j in range(m):  # m is the (small) number of contrast rows
         g = la.einsum(xp, "vp,vkpq,vq->vk", W[:, j, :], fit.cov_beta_grad, W[:, j, :])
         nu[:, j] = satterthwaite_df(d[:, j], g, fit.hessian)
-    use = xp.arange(m)[None, :] < ndf
+    use = xp.arange(m, device=la.device_of(d))[None, :] < ndf
     F = xp.sum(xp.where(use, Lb**2 / xp.where(use, d, 1.0), 0.0), axis=1) / ndf
     df = pool_f_df(nu[:, :ndf])
     F[~finite] = xp.nan
@@ -184,7 +184,7 @@ def t_mlog10p(t: np.ndarray, df: np.ndarray, two_sided: bool = False) -> np.ndar
     on the host: arrays of another namespace go there and back)."""
     xp = la.namespace_or_numpy(t, df)
     if xp is not np:
-        return la.from_host(xp, t_mlog10p(la.to_host(t), la.to_host(df), two_sided))
+        return la.from_host(xp, t_mlog10p(la.to_host(t), la.to_host(df), two_sided), la.device_of(t))
     t = np.asarray(t, dtype=np.float64)
     df = np.asarray(df, dtype=np.float64)
     if two_sided:
@@ -196,7 +196,7 @@ def f_mlog10p(F: np.ndarray, ndf, df: np.ndarray) -> np.ndarray:
     """−log10 p for F with ndf and df degrees of freedom (scipy's special functions, on the host)."""
     xp = la.namespace_or_numpy(F, df)
     if xp is not np:
-        return la.from_host(xp, f_mlog10p(la.to_host(F), ndf, la.to_host(df)))
+        return la.from_host(xp, f_mlog10p(la.to_host(F), ndf, la.to_host(df)), la.device_of(F))
     F = np.asarray(F, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.array(np.log(special.fdtrc(ndf, df, F)), dtype=np.float64)  # scipy.stats.f.logsf, without importing scipy.stats

@@ -8,7 +8,8 @@ code.  What the standard lacks sits here, each with its fallback in standard ope
 `einsum` (numpy's; else broadcast products and sums), `safe_cholesky` / `safe_solve` (numpy's
 LinAlgError per voxel; else non-finite factors flag the voxel), `select_rows` / `put_rows` (integer
 gather and scatter), `nan_to_num`, `running_max_from_end`, `to_host` / `from_host` (scipy's special
-functions and scipy.sparse run on the host).
+functions and scipy.sparse run on the host).  Arrays made here beside the inputs go on the inputs'
+device (`device_of`), not the namespace's default one.
 """
 from __future__ import annotations
 
@@ -40,13 +41,18 @@ def namespace_or_numpy(*values: Any) -> ModuleType:
     return namespace(*arrays) if arrays else np
 
 
+def device_of(x: Array) -> Any:
+    """The device of array x, for the arrays made to meet it (None for numpy: one device, and no call)."""
+    return None if type(x) is np.ndarray else array_api_compat.device(x)
+
+
 def running_max_from_end(x: Array) -> Array:
     """max(x[i:]) for every i of a 1-D array: numpy's ufunc accumulate; the standard has no cumulative
     maximum, so other namespaces compute it on the host."""
     xp = namespace(x)
     if xp is np:
         return np.maximum.accumulate(x[::-1])[::-1]
-    return from_host(xp, running_max_from_end(to_host(x)))
+    return from_host(xp, running_max_from_end(to_host(x)), device_of(x))
 
 
 def to_host(x: Array) -> np.ndarray:
@@ -54,9 +60,10 @@ def to_host(x: Array) -> np.ndarray:
     return x if isinstance(x, np.ndarray) else np.from_dlpack(x)
 
 
-def from_host(xp: ModuleType, a: Any) -> Array:
-    """A host (numpy) array or constant in namespace xp (a no-op for numpy)."""
-    return a if xp is np else xp.asarray(a)
+def from_host(xp: ModuleType, a: Any, device: Any = None) -> Array:
+    """A host (numpy) array or constant in namespace xp, on ``device`` (`device_of` an input; None: the
+    namespace's default); a no-op for numpy."""
+    return a if xp is np else xp.asarray(a, device=device)
 
 
 def einsum(xp: ModuleType, subscripts: str, *operands: Array, optimize: bool = False) -> Array:
@@ -161,13 +168,13 @@ def _pack(A: Array, vech_order: bool) -> Array:
         r, c = vech_index(q) if vech_order else upper_pairs(q)
         return A[..., r, c]
     packed, _ = _gather_index(q, vech_order)
-    return xp.take(xp.reshape(A, A.shape[:-2] + (q * q,)), from_host(xp, packed), axis=-1)
+    return xp.take(xp.reshape(A, A.shape[:-2] + (q * q,)), from_host(xp, packed, device_of(A)), axis=-1)
 
 
 def _unpack(a: Array, q: int, vech_order: bool) -> Array:
     xp = namespace(a)
     _, where = _gather_index(q, vech_order)
-    return xp.reshape(xp.take(a, from_host(xp, where), axis=-1), a.shape[:-1] + (q, q))
+    return xp.reshape(xp.take(a, from_host(xp, where, device_of(a)), axis=-1), a.shape[:-1] + (q, q))
 
 
 def vech(A: Array) -> Array:
@@ -193,7 +200,7 @@ def pack_sym(A: Array, double_offdiag: bool = False) -> Array:
     out = _pack(A, vech_order=False)
     if double_offdiag:
         r, s = upper_pairs(A.shape[-1])
-        out = out * from_host(xp, np.where(r == s, 1.0, 2.0))
+        out = out * from_host(xp, np.where(r == s, 1.0, 2.0), device_of(A))
     return out
 
 
@@ -224,7 +231,7 @@ def safe_solve(A: Array, b: Array) -> tuple[Array, Array]:
     flatb = xp.reshape(b, (-1, k))
     ok = (xp.all(xp.isfinite(xp.reshape(flatA, (flatA.shape[0], -1))), axis=1)
           & xp.all(xp.isfinite(flatb), axis=1))
-    x = xp.full(flatb.shape, xp.nan, dtype=flatb.dtype)
+    x = xp.full(flatb.shape, xp.nan, dtype=flatb.dtype, device=device_of(b))
     if xp.any(ok):
         try:
             x[ok] = xp.linalg.solve(flatA[ok], flatb[ok][..., None])[..., 0]
@@ -269,7 +276,7 @@ def select_rows(x: Array, idx: Any) -> Array:
     xp = namespace(x)
     if xp is np or isinstance(idx, slice):
         return x[idx, ...]
-    idx = from_host(xp, to_host(idx) if isinstance(idx, np.ndarray) else idx)
+    idx = from_host(xp, to_host(idx) if isinstance(idx, np.ndarray) else idx, device_of(x))
     return x[idx] if idx.dtype == xp.bool else xp.take(x, idx, axis=0)  # a mask is the standard's sole index
 
 
@@ -285,7 +292,7 @@ def put_rows(x: Array, idx: Any, values: Array) -> None:
         mask = np.zeros(x.shape[0], dtype=bool)
         mask[idx] = True
         idx = mask
-    x[from_host(xp, idx)] = values  # a mask is the standard's sole index
+    x[from_host(xp, idx, device_of(x))] = values  # a mask is the standard's sole index
 
 
 def copied(x: Array) -> Array:
@@ -308,29 +315,30 @@ def unvech_lower(v: Array, q: int) -> Array:
     _, where = _gather_index(q, vech_order=True)
     zero = q * (q + 1) // 2  # the padded zero's position, after the vech entries
     lower = np.where(np.arange(q)[:, None] >= np.arange(q)[None, :], where.reshape(q, q), zero).reshape(-1)
-    padded = xp.concat([v, xp.zeros(v.shape[:-1] + (1,), dtype=v.dtype)], axis=-1)
-    return xp.reshape(xp.take(padded, from_host(xp, lower), axis=-1), v.shape[:-1] + (q, q))
+    padded = xp.concat([v, xp.zeros(v.shape[:-1] + (1,), dtype=v.dtype, device=device_of(v))], axis=-1)
+    return xp.reshape(xp.take(padded, from_host(xp, lower, device_of(v)), axis=-1), v.shape[:-1] + (q, q))
 
 
-def move(xp: ModuleType, thing: Any) -> Any:
+def move(xp: ModuleType, thing: Any, device: Any = None) -> Any:
     """`thing` with its numpy arrays (also inside lists, tuples, dicts, dataclasses and the attributes
-    of an objective) as arrays of namespace xp: an objective and its data are built on the host, from
-    scipy.sparse and numpy, and moved once to where the voxels' arrays live (a no-op for numpy)."""
+    of an objective) as arrays of namespace xp on ``device`` (None: the namespace's default): an
+    objective and its data are built on the host, from scipy.sparse and numpy, and moved once to where
+    the voxels' arrays live (a no-op for numpy)."""
     if xp is np:
         return thing
     if isinstance(thing, np.ndarray):
-        return xp.asarray(thing)
+        return xp.asarray(thing, device=device)
     if isinstance(thing, (list, tuple)):
-        return type(thing)(move(xp, t) for t in thing)
+        return type(thing)(move(xp, t, device) for t in thing)
     if isinstance(thing, dict):
-        return {k: move(xp, t) for k, t in thing.items()}
+        return {k: move(xp, t, device) for k, t in thing.items()}
     if dataclasses.is_dataclass(thing) and not isinstance(thing, type):
-        return dataclasses.replace(thing, **{f.name: move(xp, getattr(thing, f.name))
+        return dataclasses.replace(thing, **{f.name: move(xp, getattr(thing, f.name), device)
                                              for f in dataclasses.fields(thing) if f.init})
     if hasattr(thing, "__dict__") and not isinstance(thing, (type, ModuleType)):
         moved = copy.copy(thing)
         for name, value in vars(thing).items():
-            setattr(moved, name, move(xp, value))
+            setattr(moved, name, move(xp, value, device))
         return moved
     return thing
 
@@ -341,7 +349,7 @@ def take_along(x: Array, idx: np.ndarray, axis: int) -> Array:
     xp = namespace(x)
     if xp is np:
         return x[(slice(None),) * (axis % x.ndim) + (idx, ...)]
-    return xp.take(x, from_host(xp, np.asarray(idx)), axis=axis)
+    return xp.take(x, from_host(xp, np.asarray(idx), device_of(x)), axis=axis)
 
 
 def take_block(x: Array, rows: np.ndarray, cols: np.ndarray) -> Array:
@@ -350,4 +358,6 @@ def take_block(x: Array, rows: np.ndarray, cols: np.ndarray) -> Array:
     xp = namespace(x)
     if xp is np:
         return x[(slice(None),) * (x.ndim - 2) + (rows[:, None], cols[None, :])]  # not `...`: another layout
-    return xp.take(xp.take(x, from_host(xp, np.asarray(rows)), axis=-2), from_host(xp, np.asarray(cols)), axis=-1)
+    dev = device_of(x)
+    rows_taken = xp.take(x, from_host(xp, np.asarray(rows), dev), axis=-2)
+    return xp.take(rows_taken, from_host(xp, np.asarray(cols), dev), axis=-1)

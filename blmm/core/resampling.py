@@ -629,15 +629,15 @@ def resampled_statistics(prep: ResamplingPrep, signs: np.ndarray) -> list[np.nda
     namespace of the prepared contributions (``linalg.move`` a prep to a device once): the sign GEMM
     and the elementwise T*, F*, σ̂*² (the signs, drawn on the host, move with each call)."""
     xp = la.namespace(prep.contributions)
-    signs = xp.astype(la.from_host(xp, signs), prep.contributions.dtype)
+    signs = xp.astype(la.from_host(xp, signs, la.device_of(prep.contributions)), prep.contributions.dtype)
     R = signs.shape[0]
     nblk, v, cols = prep.contributions.shape
     a_all = signs @ xp.reshape(prep.contributions, (nblk, v * cols))  # the one GEMM
     a_all = xp.astype(xp.reshape(a_all, (R, v, cols)), xp.float64)
     signs64 = xp.astype(signs, xp.float64)
     if prep.block_pairs.size:
-        cross = (xp.take(signs64, la.from_host(xp, prep.block_pairs[:, 0]), axis=1)
-                 * xp.take(signs64, la.from_host(xp, prep.block_pairs[:, 1]), axis=1))
+        cross = (xp.take(signs64, la.from_host(xp, prep.block_pairs[:, 0], la.device_of(signs64)), axis=1)
+                 * xp.take(signs64, la.from_host(xp, prep.block_pairs[:, 1], la.device_of(signs64)), axis=1))
     out = []
     for c in prep.contrasts:
         a = a_all[..., c.columns]

@@ -46,7 +46,7 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
     """Scoring iterations for one voxel block, with monotone steps and an honest stopping rule."""
     xp = la.namespace(data.XtY)
     v = data.XtY.shape[0]
-    D = [xp.zeros((v, q, q), dtype=data.XtY.dtype) for q in qk]
+    D = [xp.zeros((v, q, q), dtype=data.XtY.dtype, device=la.device_of(data.XtY)) for q in qk]
     ev = _uncached(obj.evaluate(D, data, grad=True))
     # the bookkeeping (which voxels step, llh, labels) is on the host; D, σ² and evaluations in xp
     ok = np.array(la.to_host(ev.ok), copy=True)
@@ -195,14 +195,14 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
     xp = la.namespace(ev.llh, sigma2)
     v = ev.llh.shape[0]
     per_voxel_n = np.ndim(N) > 0  # missing rows: n per voxel, moved to where the voxels' arrays are
-    N = la.from_host(xp, N) if per_voxel_n else N
+    N = la.from_host(xp, N, la.device_of(ev.llh)) if per_voxel_n else N
     g = xp.concat([xp.reshape(G, (v, -1)) for G in ev.grad], axis=1)  # vec, row-major
     F = ev.info
     tvec = xp.concat([xp.reshape(Tk, (v, -1)) for Tk in ev.T_sum], axis=1)
     carry = method in ("FS", "pFS")
     if carry:  # joint over (σ², D) with the σ²-D coupling of the expected information
         s = g.shape[1]
-        Info = xp.empty((v, 1 + s, 1 + s), dtype=g.dtype)
+        Info = xp.empty((v, 1 + s, 1 + s), dtype=g.dtype, device=la.device_of(g))
         Info[:, 0, 0] = N / sigma2**2
         Info[:, 0, 1:] = Info[:, 1:, 0] = tvec / sigma2[:, None]
         Info[:, 1:, 1:] = F
@@ -213,7 +213,7 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
     off = 1 if carry else 0
     if cholesky:
         Lam = [la.safe_cholesky(Dk + (1e-10 * (xp.linalg.trace(Dk) / q) + 1e-14)[:, None, None]
-                                * xp.eye(q, dtype=Dk.dtype))[0] for Dk, q in zip(D, qk)]
+                                * xp.eye(q, dtype=Dk.dtype, device=la.device_of(Dk)))[0] for Dk, q in zip(D, qk)]
         J = _cholesky_jacobian(Lam, qk, carry)  # (v, dim vec, dim θ)
     else:
         Lam = None
@@ -221,7 +221,7 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
         P = _block_duplication(qk) if vech_coords else np.eye(sum(q * q for q in qk))
         if carry:
             P = _prepend_identity(P)
-        J = xp.broadcast_to(la.from_host(xp, P), (v,) + P.shape)
+        J = xp.broadcast_to(la.from_host(xp, P, la.device_of(ev.llh)), (v,) + P.shape)
     curvature = _theta_curvature(ev.grad, qk, off) if cholesky else None
 
     def model(J, rows=None):
@@ -249,7 +249,7 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
             xp.any(xp.abs(xp.linalg.diagonal(L) - xp.linalg.diagonal(Lr)) > 1e-3 * xp.linalg.diagonal(Lr), axis=1)
             for L, Lr in zip(exact, Lam)]), axis=0))
     scale = xp.linalg.trace(A) / A.shape[-1]
-    eye = xp.eye(A.shape[-1], dtype=A.dtype)
+    eye = xp.eye(A.shape[-1], dtype=A.dtype, device=la.device_of(A))
 
     def unpack(x):
         parts, start = [], off
@@ -283,12 +283,12 @@ def _direction(method, ev: Evaluation, D, sigma2, N, qk, cholesky: bool):
         if cholesky and attempt > 0:
             mu = (1e-4 * 10.0 ** (attempt - 1)) * pick(scale, rows)
             parts, step_s2 = unpack(_solve_ridge(pick(A, rows) + mu[:, None, None] * eye, pick(b, rows)))
-            lam = xp.ones(rows.size, dtype=A.dtype)
+            lam = xp.ones(rows.size, dtype=A.dtype, device=la.device_of(A))
         else:
             parts, step_s2 = full_step
             parts = [pick(P, rows) for P in parts]
             step_s2 = None if step_s2 is None else pick(step_s2, rows)
-            lam = xp.full(rows.size, 0.5 ** attempt, dtype=A.dtype)
+            lam = xp.full(rows.size, 0.5 ** attempt, dtype=A.dtype, device=la.device_of(A))
         if cholesky:
             Ds = []
             for Lk, dLk in zip(Lam, parts):
@@ -325,7 +325,7 @@ def _theta_curvature(G_list, qk, off: int) -> np.ndarray:
     xp = la.namespace(*G_list)
     v = G_list[0].shape[0]
     dim = off + sum(q * (q + 1) // 2 for q in qk)
-    out = xp.zeros((v, dim, dim), dtype=G_list[0].dtype)
+    out = xp.zeros((v, dim, dim), dtype=G_list[0].dtype, device=la.device_of(G_list[0]))
     start = off
     for G, q in zip(G_list, qk):
         ri, ci = la.vech_index(q)
@@ -373,15 +373,15 @@ def _escape_step(ev: Evaluation, D, qk):
     v = ev.llh.shape[0]
     cand = [la.copied(Dk) for Dk in D]
     moved = np.zeros(v, bool)
-    predicted = xp.zeros(v, dtype=ev.llh.dtype)
+    predicted = xp.zeros(v, dtype=ev.llh.dtype, device=la.device_of(ev.llh))
     start = 0
     for f, (Dk, q) in enumerate(zip(D, qk)):
         w, U = xp.linalg.eigh(la.sym(Dk))
         null = w <= 1e-6 * xp.maximum(w[:, -1:], 1.0)  # numerically singular: variance < 1e-6 σ²
         G = ev.grad[f]
         Gn = xp.where(null[:, :, None] & null[:, None, :], xp.matrix_transpose(U) @ G @ U, 0.0)
-        far = xp.full(null.shape, 1e300, dtype=Gn.dtype)
-        Gn = Gn + xp.where(null, 0.0, far)[:, :, None] * xp.eye(q, dtype=Gn.dtype)  # only null-space directions
+        far = xp.full(null.shape, 1e300, dtype=Gn.dtype, device=la.device_of(Gn))
+        Gn = Gn + xp.where(null, 0.0, far)[:, :, None] * xp.eye(q, dtype=Gn.dtype, device=la.device_of(Gn))  # only null-space directions
         gw, gv = xp.linalg.eigh(Gn)
         u = la.einsum(xp, "vab,vb->va", U, gv[:, :, 0])
         uu = u[:, :, None] * u[:, None, :]
@@ -404,7 +404,7 @@ def _cholesky_jacobian(Lam, qk, carry: bool) -> np.ndarray:
     v = Lam[0].shape[0]
     rows = sum(q * q for q in qk) + (1 if carry else 0)
     cols = sum(q * (q + 1) // 2 for q in qk) + (1 if carry else 0)
-    J = xp.zeros((v, rows, cols), dtype=Lam[0].dtype)
+    J = xp.zeros((v, rows, cols), dtype=Lam[0].dtype, device=la.device_of(Lam[0]))
     r0 = c0 = 0
     if carry:
         J[:, 0, 0] = 1.0
@@ -412,7 +412,7 @@ def _cholesky_jacobian(Lam, qk, carry: bool) -> np.ndarray:
     for L, q in zip(Lam, qk):
         ri, ci = la.vech_index(q)
         for t, (i, j) in enumerate(zip(ri, ci)):
-            dD = xp.zeros((v, q, q), dtype=L.dtype)
+            dD = xp.zeros((v, q, q), dtype=L.dtype, device=la.device_of(L))
             dD[:, i, :] += L[:, :, j]  # E_ij Λ'
             dD[:, :, i] += L[:, :, j]  # Λ E_ji
             J[:, r0:r0 + q * q, c0 + t] = xp.reshape(dD, (v, q * q))
@@ -444,5 +444,5 @@ def _solve_ridge(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     xp = la.namespace(A)
     s = A.shape[-1]
     scale = xp.linalg.trace(A) / s
-    A = A + (1e-10 * xp.maximum(scale, 1e-300))[:, None, None] * xp.eye(s, dtype=A.dtype)
+    A = A + (1e-10 * xp.maximum(scale, 1e-300))[:, None, None] * xp.eye(s, dtype=A.dtype, device=la.device_of(A))
     return la.safe_solve(A, b)[0]  # a singular voxel gets a NaN step, which no trial accepts

@@ -70,7 +70,7 @@ def anderson_darling_gpd(y: np.ndarray, scale: float, shape: float) -> float:
     fit = TailFit(True, 0.0, scale, shape, 1.0)
     cdf = xp.clip(xp.sort(1.0 - fit.survival(y)), 1e-300, 1.0 - 1e-16)
     n = cdf.shape[0]
-    i = xp.arange(1, n + 1, dtype=xp.float64)
+    i = xp.arange(1, n + 1, dtype=xp.float64, device=la.device_of(cdf))
     return float(-n - xp.mean((2 * i - 1) * (xp.log(cdf) + xp.log1p(-xp.flip(cdf)))))
 
 
@@ -107,7 +107,7 @@ def tail_p(observed: np.ndarray, null: np.ndarray, p: np.ndarray, p_threshold: f
     observed = xp.asarray(observed, dtype=xp.float64)
     p = xp.asarray(p, dtype=xp.float64, copy=True)
     fit = fit_tail(null)
-    used = xp.zeros(observed.shape, dtype=xp.bool)
+    used = xp.zeros(observed.shape, dtype=xp.bool, device=la.device_of(observed))
     if fit.accepted:
         with np.errstate(invalid="ignore"):
             approx = fit.survival(xp.where(xp.isfinite(observed), observed, fit.threshold))

@@ -20,3 +20,11 @@ def numpy_refuses_strict_arrays():
             if hasattr(strict_array, protocol):
                 mp.setattr(strict_array, protocol, refuse)
         yield
+
+
+@pytest.fixture
+def strict_device():
+    """array_api_strict's second device, where the seam tests put their inputs: an array the core makes on the
+    namespace's default device instead of its inputs' fails to combine with them (ValueError), as a host
+    array fails with a GPU's."""
+    return xps.Device("device1")

@@ -40,14 +40,15 @@ def test_fdr_rejects_an_unknown_method():
 
 
 @pytest.mark.parametrize("method", ["bh", "by"])
-def test_fdr_on_strict_arrays_equals_numpy(method, numpy_refuses_strict_arrays):
-    """The array seam (issue 19): array_api_strict arrays in, the same −log10 q out, as strict arrays."""
+def test_fdr_on_strict_arrays_equals_numpy(method, numpy_refuses_strict_arrays, strict_device):
+    """The array seam (issue 19): array_api_strict arrays in, the same −log10 q out, as strict arrays on the
+    inputs' device (not the default one)."""
     rng = np.random.default_rng(1)
     mlp = -np.log10(rng.uniform(size=300) ** 3)
     mlp[:10] = mlp[10:20]  # ties keep their order (a stable sort)
     mlp[[5, 60]] = np.nan
     mlp[7] = np.inf
-    got = fdr_mlog10q(xps.asarray(mlp), method)
-    assert not isinstance(got, np.ndarray)
+    got = fdr_mlog10q(xps.asarray(mlp, device=strict_device), method)
+    assert not isinstance(got, np.ndarray) and got.device == strict_device
     # the same operations in the same order on the same float64 values: equal to the bit
     np.testing.assert_array_equal(la.to_host(got), fdr_mlog10q(mlp, method))

@@ -775,9 +775,10 @@ SEAM_DESIGNS = ["classes-q2", "boundary-q2", pytest.param("balanced-q3", marks=p
                 pytest.param("crossed-q1", marks=pytest.mark.slow)]
 
 
-def _seam_problems(where, ref, other):
+def _seam_problems(where, ref, other, device):
     """Every array field of two records (Evaluation, ScoringResult, contrast results) that differs beyond
-    SEAM_RTOL of the reference's largest entry; `other` holds array_api_strict arrays."""
+    SEAM_RTOL of the reference's largest entry, or is not on the inputs' device; `other` holds
+    array_api_strict arrays."""
     problems = []
     for field, a in vars(ref).items():
         b = getattr(other, field)
@@ -786,6 +787,8 @@ def _seam_problems(where, ref, other):
             if not isinstance(x, np.ndarray):
                 continue
             assert not isinstance(y, np.ndarray), f"{where} {field}: a numpy array from strict inputs"
+            if y.device != device:
+                problems.append(f"{where} {field}: on {y.device}, the inputs on {device}")
             x, y = x.astype(np.float64), la.to_host(y).astype(np.float64)
             scale = max(1.0, float(np.nanmax(np.abs(x), initial=0.0)))
             if not (np.array_equal(np.isnan(x), np.isnan(y)) and np.nanmax(np.abs(x - y), initial=0.0)
@@ -804,9 +807,10 @@ def _seam_objectives(stats, u, factors, reml):
 
 @pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
 @pytest.mark.parametrize("name", list(DESIGNS))
-def test_objectives_on_strict_arrays_equal_numpy(name, reml, numpy_refuses_strict_arrays):
+def test_objectives_on_strict_arrays_equal_numpy(name, reml, numpy_refuses_strict_arrays, strict_device):
     """levels and dense evaluate (llh, β, σ², C, gradient, information, observed information) from
-    array_api_strict arrays as from numpy: the seam uses nothing outside the standard."""
+    array_api_strict arrays (on a device not the default) as from numpy: the seam uses nothing outside
+    the standard, and makes its arrays on the inputs' device."""
     X, factors, Y = design(name)
     stats = sufficient_stats(Y, X, factors)
     rng = np.random.default_rng(2)
@@ -817,16 +821,18 @@ def test_objectives_on_strict_arrays_equal_numpy(name, reml, numpy_refuses_stric
         for label, obj in _seam_objectives(stats, u, factors, reml).items():
             data = obj.data(stats.XtY[idx], stats.ZtY[idx], stats.YtY[idx])
             ev = obj.evaluate(D_list, data, grad=True)
-            ev_strict = la.move(xps, obj).evaluate(la.move(xps, D_list), la.move(xps, data), grad=True)
-            problems += _seam_problems(f"{name} pattern {u} {label}", ev, ev_strict)
+            ev_strict = la.move(xps, obj, strict_device).evaluate(la.move(xps, D_list, strict_device),
+                                                                  la.move(xps, data, strict_device), grad=True)
+            problems += _seam_problems(f"{name} pattern {u} {label}", ev, ev_strict, strict_device)
     assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
 @pytest.mark.parametrize("name", SEAM_DESIGNS)
-def test_scoring_and_inference_on_strict_arrays_equal_numpy(name, reml, numpy_refuses_strict_arrays):
-    """Every method's scoring from array_api_strict arrays stops where numpy's does, with the same labels;
-    T and F contrasts (Satterthwaite df, −log10 p) of a fit in strict arrays equal numpy's."""
+def test_scoring_and_inference_on_strict_arrays_equal_numpy(name, reml, numpy_refuses_strict_arrays, strict_device):
+    """Every method's scoring from array_api_strict arrays (on a device not the default) stops where numpy's
+    does, with the same labels; T and F contrasts (Satterthwaite df, −log10 p) of a fit in strict arrays
+    equal numpy's, on the inputs' device."""
     X, factors, Y = design(name)
     stats = sufficient_stats(Y, X, factors)
     qk = [f.q for f in factors]
@@ -836,11 +842,12 @@ def test_scoring_and_inference_on_strict_arrays_equal_numpy(name, reml, numpy_re
         n = int(stats.n_obs[u])
         for label, obj in _seam_objectives(stats, u, factors, reml).items():
             data = obj.data(stats.XtY[idx], stats.ZtY[idx], stats.YtY[idx])
-            obj_strict, data_strict = la.move(xps, obj), la.move(xps, data)
+            obj_strict, data_strict = la.move(xps, obj, strict_device), la.move(xps, data, strict_device)
             for method in METHODS:
                 where = f"{name} pattern {u} {label} {method}"
                 ref = score(obj, data, qk, method, TOL, MAX_ITER, reml, n, X.shape[1])
                 got = score(obj_strict, data_strict, qk, method, TOL, MAX_ITER, reml, n, X.shape[1])
+                problems += [f"{where} D: on {Dg.device}" for Dg in got.D if Dg.device != strict_device]
                 if not (np.array_equal(ref.converged, la.to_host(got.converged)) and ref.converged.all()):
                     problems.append(f"{where}: converged {ref.converged.tolist()} vs {la.to_host(got.converged)}")
                 # two runs of one path, rounded differently: within the fit's own tolerance (section 1)
@@ -855,9 +862,9 @@ def test_scoring_and_inference_on_strict_arrays_equal_numpy(name, reml, numpy_re
     # inference on one fit (fit_stats is numpy's driver): the fit's arrays as strict arrays
     for key, fit in fits(name, reml).items():
         ref = infer(fit, _contrasts(), two_sided=True)
-        got = infer(la.move(xps, fit), _contrasts(), two_sided=True)
+        got = infer(la.move(xps, fit, strict_device), _contrasts(), two_sided=True)
         for r, g in zip(ref.contrasts, got.contrasts):
-            problems += _seam_problems(f"{name} {key} contrast {r.name}", r, g)
+            problems += _seam_problems(f"{name} {key} contrast {r.name}", r, g, strict_device)
     assert not problems, "\n".join(problems)
 
 
@@ -963,20 +970,24 @@ SEAM_METHODS = ["pSFS"] + [pytest.param(m, marks=pytest.mark.slow) for m in METH
 @pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
 @pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in SEAM_SLOW_CASES else case
                                   for case in SEAM_STRUCTURE_CASES])
-def test_every_structure_on_strict_arrays_equals_numpy(case, reml, method, numpy_refuses_strict_arrays):
+def test_every_structure_on_strict_arrays_equals_numpy(case, reml, method, numpy_refuses_strict_arrays,
+                                                      strict_device):
     """Every registered objective (missing-row units included) evaluates, scores and gives its Hessian in φ
-    from array_api_strict arrays as from numpy, with numpy unable to read them: the seam holds end to end."""
+    from array_api_strict arrays as from numpy, with numpy unable to read them, and the inputs on a device
+    not the default, where every array the core makes must go: the seam holds end to end."""
     obj, data, n = seam_block(case, reml)
-    obj_s, data_s = la.move(xps, obj), la.move(xps, data)
+    obj_s, data_s = la.move(xps, obj, strict_device), la.move(xps, data, strict_device)
     qk = list(seam_layout_q(case))
     p = data.XtY.shape[1]
     problems = []
     rng = np.random.default_rng(3)
     D_list = [_random_D(rng, q, data.XtY.shape[0]) + 0.05 * np.eye(q) for q in qk]
     ev = obj.evaluate(D_list, data, grad=True)
-    problems += _seam_problems(f"{case} evaluate", ev, obj_s.evaluate(la.move(xps, D_list), data_s, grad=True))
+    problems += _seam_problems(f"{case} evaluate", ev,
+                               obj_s.evaluate(la.move(xps, D_list, strict_device), data_s, grad=True), strict_device)
     ref = score(obj, data, qk, method, TOL, MAX_ITER, reml, n, p)
-    got = score(obj_s, data_s, qk, method, TOL, MAX_ITER, reml, la.move(xps, n), p)
+    got = score(obj_s, data_s, qk, method, TOL, MAX_ITER, reml, la.move(xps, n, strict_device), p)
+    problems += [f"{case} {method} D: on {Dg.device}" for Dg in got.D if Dg.device != strict_device]
     if not np.array_equal(ref.converged, la.to_host(got.converged)):
         problems.append(f"{case} {method}: converged {ref.converged.tolist()} vs {la.to_host(got.converged)}")
     # two runs of one path, rounded differently: within the fit's own tolerance (section 1)
@@ -987,12 +998,14 @@ def test_every_structure_on_strict_arrays_equals_numpy(case, reml, method, numpy
     # the Hessian in φ and dCov(β̂)/dφ at numpy's optimum, from an evaluation there in each namespace
     at = obj.evaluate(ref.D, data, grad=True)
     H, dC = variance_hessian(obj, data, ref.D, at, qk, reml, n, p)
-    D_s = la.move(xps, ref.D)
+    D_s = la.move(xps, ref.D, strict_device)
     H_s, dC_s = variance_hessian(obj_s, data_s, D_s, obj_s.evaluate(D_s, data_s, grad=True), qk, reml,
-                                 la.move(xps, n), p)
+                                 la.move(xps, n, strict_device), p)
     rtol = SEAM_RTOL if obj.has_deviance_hessian else SEAM_DIFFERENCED_RTOL
     for label, a, b in (("H", H, H_s), ("dC", dC, dC_s)):
         assert not isinstance(b, np.ndarray), f"{case} {label}: a numpy array from strict inputs"
+        if b.device != strict_device:
+            problems.append(f"{case} {label}: on {b.device}, the inputs on {strict_device}")
         b = la.to_host(b)
         scale = max(1.0, float(np.nanmax(np.abs(a))))
         if not (np.array_equal(np.isnan(a), np.isnan(b)) and np.nanmax(np.abs(a - b)) <= rtol * scale):

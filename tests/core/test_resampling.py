@@ -262,9 +262,10 @@ def test_float32_moves_fwe_p_only_where_maxima_lie_within_single_precision(famil
 
 @pytest.mark.parametrize("sigma2, weights, split", [("refit", "normal", False), ("fixed", "rademacher", False),
                                                     ("refit", "webb", True)])
-def test_resampling_on_strict_arrays_equals_numpy(family_case, sigma2, weights, split):
+def test_resampling_on_strict_arrays_equals_numpy(family_case, sigma2, weights, split, strict_device):
     """The array seam (issue 19): a prep moved to array_api_strict gives the same T*, F*, maxima and FWE p,
-    as strict arrays (the sign GEMM and T*/F* in the contributions' namespace); per-image blocks too."""
+    as strict arrays (the sign GEMM and T*/F* in the contributions' namespace); per-image blocks too.  The
+    prep on a device not the default: what the core makes to meet it must go there too."""
     import array_api_strict as xps
 
     from blmm.core import linalg as la
@@ -274,10 +275,10 @@ def test_resampling_on_strict_arrays_equals_numpy(family_case, sigma2, weights, 
     blocks = np.arange(n) if split else None
     prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, sigma2=sigma2, weights=weights, blocks=blocks,
                       allow_split_blocks=split)
-    strict = la.move(xps, prep)
+    strict = la.move(xps, prep, strict_device)
     ref, got = rs.resampled_stats(prep, 3, 0, 150), rs.resampled_stats(strict, 3, 0, 150)
     for r, g in zip(ref, got):
-        assert not isinstance(g, np.ndarray)
+        assert not isinstance(g, np.ndarray) and g.device == strict_device
         # the same products in another summation order (no einsum in the standard): float64, 1e-12 relative
         np.testing.assert_allclose(la.to_host(g), r, rtol=1e-12, atol=1e-12 * np.abs(r).max())
     maps = ref[0].copy()
@@ -286,10 +287,10 @@ def test_resampling_on_strict_arrays_equals_numpy(family_case, sigma2, weights, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy's all-NaN slice
         m = rs.max_over_voxels(maps)
-    m_s = rs.max_over_voxels(xps.asarray(maps))
+    m_s = rs.max_over_voxels(xps.asarray(maps, device=strict_device))
     np.testing.assert_array_equal(la.to_host(m_s), m)
-    fwe, fwe_s = rs.fwe_mlog10p(ref[0][0], m), rs.fwe_mlog10p(xps.asarray(ref[0][0]), m_s)
-    assert not isinstance(fwe_s, np.ndarray)
+    fwe, fwe_s = rs.fwe_mlog10p(ref[0][0], m), rs.fwe_mlog10p(xps.asarray(ref[0][0], device=strict_device), m_s)
+    assert not isinstance(fwe_s, np.ndarray) and m_s.device == fwe_s.device == strict_device
     np.testing.assert_array_equal(la.to_host(fwe_s), fwe)  # a sort and a count: equal to the bit
 
 

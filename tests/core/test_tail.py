@@ -57,8 +57,9 @@ def test_no_fit_on_too_few_values():
     assert not fit_tail(np.arange(30.0)).accepted
 
 
-def test_tail_on_strict_arrays_equals_numpy():
-    """The array seam (issue 19): array_api_strict arrays in, the same fit and p out, as strict arrays."""
+def test_tail_on_strict_arrays_equals_numpy(strict_device):
+    """The array seam (issue 19): array_api_strict arrays in, the same fit and p out, as strict arrays on the
+    inputs' device (not the default one)."""
     import array_api_strict as xps
 
     from blmm.core import linalg as la
@@ -68,8 +69,9 @@ def test_tail_on_strict_arrays_equals_numpy():
     observed = np.array([np.nan, 0.5, 6.0, 8.0, 50.0])
     p_emp = (1 + np.sum(null[None, :] >= np.nan_to_num(observed)[:, None], axis=1)) / (B + 1)
     p, used, fit = tail_p(observed, null, p_emp)
-    p_s, used_s, fit_s = tail_p(xps.asarray(observed), xps.asarray(null), xps.asarray(p_emp))
+    p_s, used_s, fit_s = tail_p(*(xps.asarray(a, device=strict_device) for a in (observed, null, p_emp)))
     assert fit.accepted and not isinstance(p_s, np.ndarray) and not isinstance(used_s, np.ndarray)
+    assert p_s.device == used_s.device == strict_device
     # the same formulas on the same float64 values; the moments' sums may round in another order: 1e-12
     for a, b in zip((fit.threshold, fit.scale, fit.shape, fit.tail_fraction), (fit_s.threshold, fit_s.scale,
                                                                              fit_s.shape, fit_s.tail_fraction)):

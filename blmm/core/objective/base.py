@@ -99,7 +99,8 @@ def _gls(XtVX, XtVY):
     if int(xp.count_nonzero(ok)) >= LOOP_INVERSE_MIN_VOXELS:
         Linv[ok] = la.lower_triangular_inverse(L[ok])
     else:  # a row loop over few voxels is GIL-bound: stalls the other threads' fits more than it saves
-        Linv[ok] = xp.linalg.solve(L[ok], xp.broadcast_to(xp.eye(L.shape[-1], dtype=L.dtype), L[ok].shape))
+        eye = xp.eye(L.shape[-1], dtype=L.dtype, device=la.device_of(L))
+        Linv[ok] = xp.linalg.solve(L[ok], xp.broadcast_to(eye, L[ok].shape))
     C = xp.matrix_transpose(Linv) @ Linv
     beta = la.einsum(xp, "vij,vj->vi", C, XtVY)
     logdet = 2.0 * xp.sum(xp.log(xp.abs(xp.linalg.diagonal(L))), axis=1)
@@ -205,7 +206,7 @@ def factor_pair_information(T: np.ndarray, offsets, n_levels, qs) -> np.ndarray:
     v = T.shape[0]
     sizes = [q * q for q in qs]
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-    info = xp.zeros((v, int(starts[-1]), int(starts[-1])), dtype=T.dtype)
+    info = xp.zeros((v, int(starts[-1]), int(starts[-1])), dtype=T.dtype, device=la.device_of(T))
     for k, (o1, l1, q1) in enumerate(zip(offsets, n_levels, qs)):
         for k2, (o2, l2, q2) in enumerate(zip(offsets, n_levels, qs)):
             T4 = xp.reshape(T[:, o1:o1 + l1 * q1, o2:o2 + l2 * q2], (v, l1, q1, l2, q2))

@@ -52,10 +52,10 @@ class DenseObjective:
         """Block-diagonal (v, q, q) from per-factor (v, q_k, q_k), repeated over levels."""
         xp = la.namespace(*blocks)
         v = blocks[0].shape[0]
-        out = xp.zeros((v, self.qtot, self.qtot), dtype=blocks[0].dtype)
+        out = xp.zeros((v, self.qtot, self.qtot), dtype=blocks[0].dtype, device=la.device_of(blocks[0]))
         for k, B in enumerate(blocks):
             o, l, qk = self.offsets[k], self.n_levels[k], self.qk[k]
-            same_level = xp.eye(l, dtype=xp.bool)[None, :, None, :, None]  # a selection, not a product: exact
+            same_level = xp.eye(l, dtype=xp.bool, device=la.device_of(B))[None, :, None, :, None]  # a selection, not a product: exact
             out[:, o:o + l * qk, o:o + l * qk] = xp.reshape(xp.where(same_level, B[:, None, :, None, :], 0.0),
                                                             (v, l * qk, l * qk))
         return out
@@ -67,9 +67,10 @@ class DenseObjective:
         xp = la.namespace(data.XtY, data.ZtY, data.YtY)
         Lam = self._blockdiag([la.psd_root(D) for D in D_list])  # Λ Λ' = D
         LtZtZ = xp.matrix_transpose(Lam) @ self.ZtZ  # Λ'Z'Z
-        Mt = xp.eye(self.qtot, dtype=Lam.dtype) + LtZtZ @ Lam
+        Mt = xp.eye(self.qtot, dtype=Lam.dtype, device=la.device_of(Lam)) + LtZtZ @ Lam
         Lm, chol_ok = la.safe_cholesky(Mt)
-        Lm[~chol_ok] = xp.eye(self.qtot, dtype=Lm.dtype)  # a non-finite voxel is flagged below, its block goes on
+        # a non-finite voxel is flagged below, its block goes on
+        Lm[~chol_ok] = xp.eye(self.qtot, dtype=Lm.dtype, device=la.device_of(Lm))
         logdetV = 2.0 * xp.sum(xp.log(xp.linalg.diagonal(Lm)), axis=1)
         Bx = xp.linalg.solve(Lm, xp.matrix_transpose(Lam) @ self.ZtX)  # L^-1 Λ'Z'X
         by = xp.linalg.solve(Lm, la.einsum(xp, "vba,vb->va", Lam, data.ZtY)[..., None])[..., 0]
@@ -123,13 +124,13 @@ class DenseObjective:
         xp = la.namespace(T, S, u)
         dirs = self.vech_directions()
         v = T.shape[0]
-        Eu = xp.zeros((len(dirs), v, self.qtot), dtype=u.dtype)  # C order: the sums below round by layout
+        Eu = xp.zeros((len(dirs), v, self.qtot), dtype=u.dtype, device=la.device_of(u))  # C order: the sums below round by layout
         for t, (rows, cols) in enumerate(dirs):  # E u: row m of E holds one 1 (column source[m]) if m is in rows
             source = np.zeros(self.qtot, dtype=np.int64)
             source[rows] = cols
             hit = np.zeros(self.qtot, dtype=bool)
             hit[rows] = True
-            Eu[t, ...] = xp.where(la.from_host(xp, hit), la.take_along(u, source, axis=1), 0.0)
+            Eu[t, ...] = xp.where(la.from_host(xp, hit, la.device_of(u)), la.take_along(u, source, axis=1), 0.0)
         SCSEu = la.einsum(xp, "vqp,vpr,tvr->tvq", S, C, la.einsum(xp, "vqp,tvq->tvp", S, Eu))
         MEu = la.einsum(xp, "vab,tvb->tva", T, Eu) - SCSEu  # (T - P) E u
         B = xp.stack([la.einsum(xp, "vmi,vmj->vij", la.take_along(S, rows, axis=1), la.take_along(S, cols, axis=1))

@@ -161,8 +161,8 @@ class LevelObjective:
             bKb = xp.stack([la.einsum(xp, "vr,crs,vs->vc", gamma, K, gamma) for K in self.Kpair_big], axis=-1)
             bKy = la.einsum(xp, "vp,vckp->vck", gamma, data.KXY)
             diag = np.array([a == b for a, b in self.pairs])
-            Spair = (data.KYY - la.from_host(xp, np.where(diag, 2.0, 1.0)) * bKy
-                     + la.from_host(xp, np.where(diag, 1.0, 0.5)) * bKb)
+            Spair = (data.KYY - la.from_host(xp, np.where(diag, 2.0, 1.0), la.device_of(bKy)) * bKy
+                     + la.from_host(xp, np.where(diag, 1.0, 0.5), la.device_of(bKb)) * bKb)
             S = _pairs_to_matrix(Spair, self.pairs, q)
             U_big = la.einsum(xp, "vcab,vcbd,vced->vcae", Rb, S, Rb, optimize=True)
         if self.Ls:
@@ -199,7 +199,7 @@ class LevelObjective:
             return T[min(a, b), max(a, b)]
 
         T_sum = _entries_to_matrix({ab: T[ab] @ self.mu for ab in self.pairs}, q, v)
-        uu = xp.zeros((v, q, q), dtype=gamma.dtype)
+        uu = xp.zeros((v, q, q), dtype=gamma.dtype, device=la.device_of(gamma))
         U_big, u_small = self.unit_uu(R, data, gamma) if uu_parts is None else uu_parts
         if U_big is not None:
             uu += xp.sum(U_big, axis=1)
@@ -208,7 +208,7 @@ class LevelObjective:
                 uu[:, a, b] += la.einsum(xp, "vj,vj->v", u_small[a], u_small[b])
                 if a != b:
                     uu[:, b, a] = uu[:, a, b]
-        corr = xp.zeros((v, q, q), dtype=gamma.dtype)
+        corr = xp.zeros((v, q, q), dtype=gamma.dtype, device=la.device_of(gamma))
         if Omega is not None:
             P = self.unit_P(R, Omega)
         if P is not None:
@@ -218,7 +218,7 @@ class LevelObjective:
                 corr[:, b, a] = val
         if not with_info:  # NestedObjective reduces the information itself
             return T_sum, uu, corr, None
-        info = xp.empty((v, q, q, q, q), dtype=gamma.dtype)
+        info = xp.empty((v, q, q, q, q), dtype=gamma.dtype, device=la.device_of(gamma))
         for a in range(q):  # F[(a,b),(c,d)] = Σ_c m_c T[b,c] T[a,d]
             for b in range(q):
                 for c in range(q):
@@ -255,10 +255,10 @@ class LevelObjective:
         info = ev.info if ev.info is not None else self.gradient_parts(R, data, ev.beta, None)[3]
         # W_unit = 2 U/σ² + 2 P (REML): the u and P terms share T_j's index pattern
         U_big, u_small = uu_parts
-        M = xp.zeros((v, q, q, q, q), dtype=ev.beta.dtype)
+        M = xp.zeros((v, q, q, q, q), dtype=ev.beta.dtype, device=la.device_of(ev.beta))
         for d in range(q):
             for a in range(q):
-                w = xp.zeros((v, self.C), dtype=ev.beta.dtype)
+                w = xp.zeros((v, self.C), dtype=ev.beta.dtype, device=la.device_of(ev.beta))
                 if U_big is not None:
                     w[:, :Cb] += U_big[:, :, d, a]
                 if u_small is not None:
@@ -276,7 +276,7 @@ class LevelObjective:
         xp = la.namespace(beta)
         v = beta.shape[0]
         q, p, Cb = self.q, self.p, self.Cb
-        A = xp.zeros((v, q, q, p), dtype=beta.dtype)
+        A = xp.zeros((v, q, q, p), dtype=beta.dtype, device=la.device_of(beta))
         if Cb:
             Rb = xp.stack([xp.stack([R[a][b][:, :Cb] for b in range(q)], axis=-1) for a in range(q)], axis=-2)
             Xr = data.KXYo - la.einsum(xp, "cefpr,vr->vcefp", self.Ko, beta)  # Σ_j X_j[e]' r_j[f]
@@ -321,10 +321,10 @@ class LevelObjective:
         v = R[0][0].shape[0]
         q, p = self.q, self.p
         r_idx, c_idx = la.vech_index(q)
-        Bs = xp.empty((v, r_idx.size, p, p), dtype=R[0][0].dtype)
+        Bs = xp.empty((v, r_idx.size, p, p), dtype=R[0][0].dtype, device=la.device_of(R[0][0]))
         for t, (a, b) in enumerate(zip(r_idx, c_idx)):
             scale = 0.5 if a == b else 1.0
-            BupT = xp.zeros((p * (p + 1) // 2, v), dtype=R[0][0].dtype)
+            BupT = xp.zeros((p * (p + 1) // 2, v), dtype=R[0][0].dtype, device=la.device_of(R[0][0]))
             for m, (e, f) in enumerate(self.pairs):
                 coef = scale * (R[a][e] * R[b][f] + R[b][e] * R[a][f])
                 BupT += self.KfT[m] @ coef.T
@@ -379,7 +379,7 @@ def hessian_from_parts(Hvec: np.ndarray, Bs: np.ndarray, C: np.ndarray, q: int, 
     in vec D (without its REML term) and the direction sums B_t: dC_t = C B_t C, and REML adds
     -tr(C B_s C B_t) = -<dC_s, B_t>."""
     xp = la.namespace(Hvec, Bs, C)
-    Dup = la.from_host(xp, la.duplication(q))
+    Dup = la.from_host(xp, la.duplication(q), la.device_of(Hvec))
     H = Dup.T @ Hvec @ Dup
     dC = C[:, None, ...] @ Bs @ C[:, None, ...]
     if reml:
@@ -421,8 +421,8 @@ def _gauss_jordan_entries(A):
     flat = xp.broadcast_arrays(*[xp.asarray(a, dtype=xp.float64) for row in A for a in row])
     shape = flat[0].shape
     M = [flat[i * q:(i + 1) * q] for i in range(q)]
-    logdet = xp.zeros(shape, dtype=xp.float64)
-    sign = xp.ones(shape, dtype=xp.float64)
+    logdet = xp.zeros(shape, dtype=xp.float64, device=la.device_of(flat[0]))
+    sign = xp.ones(shape, dtype=xp.float64, device=la.device_of(flat[0]))
     for k in range(q):
         piv = M[k][k]
         scale = xp.maximum(xp.max(xp.abs(xp.stack(M[k])), axis=0), 1e-300)
@@ -444,7 +444,7 @@ def _gauss_jordan_entries(A):
 def _entries_to_matrix(entries, q, v):
     first = next(iter(entries.values()))
     xp = la.namespace(first)
-    out = xp.empty((v, q, q), dtype=first.dtype)
+    out = xp.empty((v, q, q), dtype=first.dtype, device=la.device_of(first))
     for (a, b), val in entries.items():
         out[:, a, b] = val
         out[:, b, a] = val
@@ -453,7 +453,7 @@ def _entries_to_matrix(entries, q, v):
 
 def _pairs_to_matrix(Spair, pairs, q):
     xp = la.namespace(Spair)
-    out = xp.zeros(Spair.shape[:-1] + (q, q), dtype=Spair.dtype)
+    out = xp.zeros(Spair.shape[:-1] + (q, q), dtype=Spair.dtype, device=la.device_of(Spair))
     for k, (a, b) in enumerate(pairs):
         out[..., a, b] = Spair[..., k]
         out[..., b, a] = Spair[..., k]

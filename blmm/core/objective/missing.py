@@ -212,7 +212,7 @@ def unit_gradient_parts(Ru, sign, G, X, y, beta, C=None) -> UnitParts:
     u = la.einsum(xp, "vtab,vtb->vta", Ru, r)
     S = _small_product(Ru, X)  # (v, T, q, p): S_t = R_t X_t
     P = None
-    corr = xp.zeros(Tu.shape[:1] + Tu.shape[2:], dtype=Tu.dtype)
+    corr = xp.zeros(Tu.shape[:1] + Tu.shape[2:], dtype=Tu.dtype, device=la.device_of(Tu))
     if C is not None:  # one GEMM per voxel, not one tiny product per unit
         SC = xp.reshape(xp.reshape(S, (v, T * q, p)) @ C, (v, T, q, p))
         P = la.einsum(xp, "vtap,vtbp->vtab", SC, S)
@@ -251,7 +251,7 @@ def group_gradient_parts(Rg, G, K, beta, C=None) -> GroupParts:
     v, H, q = G.shape[:3]
     p = beta.shape[1]
     Tg = la.sym(_small_product(Rg, G))
-    e = xp.concat([-beta, xp.ones((v, 1), dtype=beta.dtype)], axis=1)  # [X | y] e = y - X β
+    e = xp.concat([-beta, xp.ones((v, 1), dtype=beta.dtype, device=la.device_of(beta))], axis=1)  # [X | y] e = y - X β
     Ke = xp.reshape(xp.reshape(K, (v, H * q * q * (p + 1), p + 1)) @ e[:, :, None], (v, H, q, q, p + 1))
     N = xp.reshape(xp.reshape(Ke, (v, H * q * q, p + 1)) @ e[:, :, None], (v, H, q, q))
 
@@ -260,7 +260,7 @@ def group_gradient_parts(Rg, G, K, beta, C=None) -> GroupParts:
 
     P = None
     if C is not None:
-        Cpad = xp.zeros((v, p + 1, p + 1), dtype=C.dtype)
+        Cpad = xp.zeros((v, p + 1, p + 1), dtype=C.dtype, device=la.device_of(C))
         Cpad[:, :p, :p] = C
         XCX = xp.reshape(xp.reshape(K, (v, H * q * q, (p + 1) ** 2)) @ xp.reshape(Cpad, (v, -1, 1)), (v, H, q, q))
         P = sandwich(XCX)
@@ -271,7 +271,7 @@ def group_gradient_parts(Rg, G, K, beta, C=None) -> GroupParts:
 def _resolvents(D: np.ndarray, weight: np.ndarray, G: np.ndarray):
     """Per unit or group (v, T, q, q): R = (I + G D)⁻¹, W = D R (symmetrised) and Σ weight log|I + G D|."""
     xp = la.namespace(D, weight, G)
-    A = xp.eye(G.shape[-1], dtype=G.dtype) + _small_product(G, D[:, None, ...])
+    A = xp.eye(G.shape[-1], dtype=G.dtype, device=la.device_of(G)) + _small_product(G, D[:, None, ...])
     R = _inv(A)
     return R, la.sym(_small_product(D[:, None, ...], R)), la.einsum(xp, "vt,vt->v", weight, _logdet(A))
 

@@ -369,10 +369,10 @@ class NestedObjective:
         """Σ T, Σ uu', Σ S Ω S' in the reduced coordinates [vec D_k for k in tree] (v, s), and the information."""
         xp = la.namespace(gamma)
         v = gamma.shape[0]
-        T_vec = xp.zeros((v, self.s), dtype=gamma.dtype)
-        uu_vec = xp.zeros((v, self.s), dtype=gamma.dtype)
-        corr_vec = xp.zeros((v, self.s), dtype=gamma.dtype)
-        info = xp.zeros((v, self.s, self.s), dtype=gamma.dtype)
+        T_vec = xp.zeros((v, self.s), dtype=gamma.dtype, device=la.device_of(gamma))
+        uu_vec = xp.zeros((v, self.s), dtype=gamma.dtype, device=la.device_of(gamma))
+        corr_vec = xp.zeros((v, self.s), dtype=gamma.dtype, device=la.device_of(gamma))
+        info = xp.zeros((v, self.s, self.s), dtype=gamma.dtype, device=la.device_of(gamma))
         for g, lv in enumerate(self.levels):
             T, uu, corr, _ = lv.gradient_parts(Rs[g], data.groups[g], gamma, Omega, with_info=False)
             P = self.P[g]
@@ -405,7 +405,7 @@ class NestedObjective:
         s = len(terms)
         xp = la.namespace(lv.mu)
         v = R[0][0].shape[0] if R[0][0].ndim == 2 else 1
-        out = xp.zeros((v, s, s), dtype=lv.mu.dtype)
+        out = xp.zeros((v, s, s), dtype=lv.mu.dtype, device=la.device_of(lv.mu))
         for x in range(s):
             for y in range(x, s):
                 if not terms[x] or not terms[y]:

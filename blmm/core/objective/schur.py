@@ -81,7 +81,7 @@ class SchurObjective:
     def _small_blockdiag(self, D_list):
         xp = la.namespace(*D_list)
         v = D_list[0].shape[0]
-        out = xp.zeros((v, self.qR, self.qR), dtype=D_list[0].dtype)
+        out = xp.zeros((v, self.qR, self.qR), dtype=D_list[0].dtype, device=la.device_of(D_list[0]))
         for i, k in enumerate(self.small):
             o, lk, qk = self.small_offsets[i], self.small_levels[i], self.small_q[i]
             root = la.psd_root(D_list[k])
@@ -112,7 +112,7 @@ class SchurObjective:
         A_XX, A_XR, A_RR = UVU[:, :p, :p], UVU[:, :p, p:], la.sym(UVU[:, p:, p:])
         a_XY, a_RY = UVY[:, :p], UVY[:, p:]
         Lam = self._small_blockdiag(D_list)  # Λ Λ' = D_R
-        eye_R = xp.eye(qR, dtype=Lam.dtype)
+        eye_R = xp.eye(qR, dtype=Lam.dtype, device=la.device_of(Lam))
         Mt = eye_R + mT(Lam) @ A_RR @ Lam
         Lm, chol_ok = la.safe_cholesky(la.sym(Mt))
         Lm[~chol_ok] = eye_R  # a non-finite voxel is flagged below, its block goes on
@@ -133,7 +133,7 @@ class SchurObjective:
         b_tilde = la.einsum(xp, "vab,vb->va", S, rR)
         gamma = xp.concat([beta, b_tilde], axis=1)
         SA = S @ mT(A_XR)  # S Z_R'V₁⁻¹X
-        Omega = xp.zeros((v, p + qR, p + qR), dtype=S.dtype)
+        Omega = xp.zeros((v, p + qR, p + qR), dtype=S.dtype, device=la.device_of(S))
         Omega[:, p:, p:] = S
         if self.reml:
             B = xp.concat([xp.broadcast_to(self.eye_p, (v, p, p)), -SA], axis=1)
@@ -141,7 +141,7 @@ class SchurObjective:
         s2 = ev.sigma2[:, None, None]
         # expected information: the eliminated factors' from V₁, the small factors' from V (no cross terms)
         starts = [int(x) for x in np.concatenate([[0], np.cumsum([q * q for q in self.qk])])]  # host slice bounds
-        info = xp.zeros((v, starts[-1], starts[-1]), dtype=S.dtype)
+        info = xp.zeros((v, starts[-1], starts[-1]), dtype=S.dtype, device=la.device_of(S))
         eliminated = self._eliminated_parts(R, data, gamma, la.sym(Omega), s2, info, starts)
         IAS = eye_R - A_RR @ S  # Z_R'V⁻¹ = (I - A S) Z_R'V₁⁻¹
         TR = la.sym(IAS @ A_RR)  # Z_R'V⁻¹Z_R
