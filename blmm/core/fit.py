@@ -128,7 +128,7 @@ def fit_stats(
     plan's missing-rows path.
     max_block_bytes bounds the working memory of all voxel blocks in flight and the presence
     patterns' objectives held meanwhile (patterns are fitted in rounds); `threads` (default: the
-    CPU count) fit blocks concurrently (`blmm.core.blocks.Scheduler`).
+    CPUs this process may use, blmm.host) fit blocks concurrently (`blmm.core.blocks.Scheduler`).
     """
     method = check_method(method)
     if not (tol > 0):

@@ -361,7 +361,7 @@ def prepare(
     ``allow_split_blocks`` permits blocks that split a component of V (the negative control only).
     ``gemm_dtype="float32"`` stores the contributions in single precision: the sign GEMM runs ~2x
     faster in half the memory, and T* and F* carry ~1e-7 relative error (the signs are exact).
-    ``threads`` share the voxel chunks (default: the CPU count), each with a one-thread BLAS.
+    ``threads`` share the voxel chunks (default: the CPUs this process may use, blmm.host), each with a one-thread BLAS.
     ``max_block_images`` bounds the images of one component of V (V_b⁻¹ is dense per voxel).
     ``weights``: each block's weight in a resample (``WEIGHTS``; docs/corrected.md says which and why).
     """
