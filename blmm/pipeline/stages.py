@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from blmm.config import Config
-from blmm.core.centre import ResponseCentre, intercept_weights, response_centre
+from blmm.core.centre import ResponseCentre, centre_rows, intercept_weights, response_centre
 from blmm.core.inference import infer
 from blmm.core.level_groups import LevelGroup, chunk_sums, outer_level_places
 from blmm.core.missing_rows import LevelSums, MissingRowStats, missing_design, rank_in_runs
@@ -138,13 +138,9 @@ def read_batch(plan: RunPlan, b: int) -> str:
     return str(present_path)
 
 
-# images read at plan time for the per-voxel centre: a median of a few is near each voxel's level
-CENTRE_SAMPLE = 8
-
-
 def run_centre(plan: RunPlan) -> ResponseCentre:
     """The run's per-voxel centre (docs/model.md, "The centre"): read from the work folder, or
-    computed once from CENTRE_SAMPLE images spread over the rows (their missing values ignored)
+    computed once from the images `centre_rows` picks, spread over the rows (their missing values ignored)
     and saved there, so every batch, on any worker and after any restart, takes out the same one."""
     path = centre_file(plan.workdir)
     X = ordered_design(plan)[0]  # the fitting basis the batches' sums are formed in: X w = 1 there
@@ -152,7 +148,7 @@ def run_centre(plan: RunPlan) -> ResponseCentre:
         with np.load(path) as saved:
             return ResponseCentre.for_design(saved["value"], X, saved["weights"])
     cfg = plan.config
-    picks = np.unique(np.linspace(0, cfg.n - 1, min(CENTRE_SAMPLE, cfg.n)).round().astype(np.int64))
+    picks = centre_rows(cfg.n)
     Y = np.empty((picks.size, plan.voxels.size))
     for i, row in enumerate(plan.order[picks]):
         Y[i] = read_image(cfg.y_files[row], cfg.space, plan.voxels)
