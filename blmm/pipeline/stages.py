@@ -326,11 +326,11 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
                 Yc = Y[:, a:a + step]
                 v = Yc.shape[1]
                 rows = out.read(a, a + v) if c0 > start else np.zeros((v, plan.n_stat_columns))
-                packed, yl = chunk_sums(groups, X[c0:c1], Yc, Zg, [m0 for m0, _ in spans])
+                packed, held = chunk_sums(groups, X[c0:c1], Yc, Zg, [m0 for m0, _ in spans])
                 rows += packed
                 out.write(a, rows)
                 here = keys[(keys // n_outer >= a) & (keys // n_outer < a + v)]
-                touched.append(_touched_rows(here // n_outer, here % n_outer, where, yl, [m0 for m0, _ in spans],
+                touched.append(_touched_rows(here // n_outer, here % n_outer, where, held, [m0 for m0, _ in spans],
                                              a, width))
     except BaseException:
         out.fh.close()  # the caller removes the file
@@ -354,16 +354,17 @@ def _touched_keys(outer: np.ndarray, present: np.ndarray, n_outer: int, big: np.
     return keys[big[keys % n_outer]]
 
 
-def _touched_rows(voxel: np.ndarray, outer: np.ndarray, where: tuple, yl: list, first: list, a: int,
+def _touched_rows(voxel: np.ndarray, outer: np.ndarray, where: tuple, held: list, first: list, a: int,
                   width: int) -> tuple[np.ndarray, np.ndarray]:
     """(voxel, rows [group, level in group, y_j padded to width]) of touched pairs, from each group's
-    y_j (v, m, b) of the voxels from a and its levels from first[g] (where: `outer_level_places`)."""
+    y_j (v, m, b) of the voxels from a, its level first[g] + i at position at[i] (held: `chunk_sums`;
+    where: `outer_level_places`)."""
     group, level = where[0][outer], where[1][outer]
     values = np.zeros((voxel.size, width))
     values[:, 0], values[:, 1] = group, level
-    for g, (y, m0) in enumerate(zip(yl, first)):
+    for g, ((y, at), m0) in enumerate(zip(held, first)):
         sel = group == g
-        values[sel, 2:2 + y.shape[2]] = y[voxel[sel] - a, level[sel] - m0]
+        values[sel, 2:2 + y.shape[2]] = y[voxel[sel] - a, at[level[sel] - m0]]
     return voxel, values
 
 
