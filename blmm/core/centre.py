@@ -26,6 +26,9 @@ from blmm.core.transpose import transpose_into
 # raw values' size is their own float64 rounding: either way nothing is left to fit
 FLAT_RTOL = 1e4 * np.finfo(np.float64).eps
 
+# rows whose median is the centre: a median of a few lies within each voxel's range, all precision needs
+CENTRE_SAMPLE = 8
+
 
 @dataclass(frozen=True)
 class ResponseCentre:
@@ -68,6 +71,12 @@ def intercept_weights(X: np.ndarray) -> np.ndarray:
     scale[scale == 0] = 1.0
     w, *_ = np.linalg.lstsq(X / scale, np.ones(X.shape[0]), rcond=None)
     return w / scale
+
+
+def centre_rows(n: int) -> np.ndarray:
+    """The rows of n whose per-voxel median is the centre, in memory and in the pipeline alike:
+    CENTRE_SAMPLE of them spread evenly from the first to the last (all rows if fewer)."""
+    return np.unique(np.linspace(0, n - 1, min(CENTRE_SAMPLE, n)).round().astype(np.int64))
 
 
 def centre_block_voxels(n: int, itemsize: int) -> int:
@@ -151,8 +160,10 @@ def centred_response(Y: np.ndarray, X: np.ndarray, centre: ResponseCentre) -> np
 
 
 def centre_of(Y: np.ndarray, X: np.ndarray, threads: int | None = None) -> ResponseCentre:
-    """The centre `fit_lmm` takes out of an in-memory Y (n, v): the median of each voxel's values."""
-    return ResponseCentre.for_design(response_centre(Y, threads), X)
+    """The centre `fit_lmm` takes out of an in-memory Y (n, v): each voxel's median over the rows
+    `centre_rows` picks, as the pipeline's `run_centre` takes it from the images."""
+    Y = np.asarray(Y)
+    return ResponseCentre.for_design(response_centre(Y[centre_rows(Y.shape[0])], threads), X)
 
 
 def restore_beta(beta: np.ndarray, centre: ResponseCentre | None) -> np.ndarray:

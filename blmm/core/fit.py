@@ -75,8 +75,8 @@ def fit_lmm(
         warnings.warn(note, DesignNote, stacklevel=2)
     res = basis.restore(_fit_in_basis(Y, basis.fitting_X(X), basis.fitting_factors(factors), reml, method, tol,
                                       max_iter, **options))
-    observed = ~np.isnan(np.asarray(Y).reshape(len(X), -1)) if safe_mode else None  # no float64 copy of Y
-    if observed is not None and not observed.all():
+    if safe_mode and has_nan(Y):  # complete data (the common case) make no (n, v) boolean copy
+        observed = ~np.isnan(np.asarray(Y).reshape(len(X), -1))  # no float64 copy of Y
         patterns, pattern_of_voxel = presence_patterns(observed)
         drop = unidentifiable_patterns(patterns, factors)[pattern_of_voxel] & (res.status == FITTED)
         res.status[drop] = DROPPED_UNIDENTIFIABLE
@@ -85,13 +85,19 @@ def fit_lmm(
     return res
 
 
+def has_nan(Y: np.ndarray) -> bool:
+    """Whether Y holds a NaN, in one pass without an (n, v) boolean copy: np.min propagates NaN."""
+    Y = np.asarray(Y)
+    return Y.size > 0 and bool(np.isnan(np.min(Y)))
+
+
 def _fit_in_basis(Y, X, factors, reml, method, tol, max_iter, structure="auto", **options) -> FitResult:
     """fit_lmm's fit on designs already in the fitting basis: the sums are formed from Y with a
     per-voxel centre taken out, put back into β after the fit (`blmm.core.centre`, docs/model.md
     "The centre"); voxels differ in their rows where Y has NaNs (the plan's missing-rows path)."""
     centre = centre_of(Y, X, options.get("threads"))
     layout = FactorLayout.from_factors(factors)
-    plan = plan_fit(layout, structure, missing_rows=bool(np.isnan(np.asarray(Y)).any()))  # Y - c X w has Y's NaN
+    plan = plan_fit(layout, structure, missing_rows=has_nan(Y))  # Y - c X w has Y's NaN
     path = plan.missing_rows_path
     if path is None:  # the sums of the centred Y without a centred copy of it
         stats = sufficient_stats(Y, X, factors, layout, centre=centre, threads=options.get("threads"))

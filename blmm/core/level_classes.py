@@ -59,14 +59,35 @@ def upper_pairs(q: int) -> list:
     return list(zip(*np.triu_indices(q)))
 
 
-def class_aggregates(classes: LevelClasses, Xl: np.ndarray, yl: np.ndarray, first: int = 0
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def class_order(classes: LevelClasses, first: int, m: int) -> np.ndarray:
+    """(m,) the levels first, ..., first + m - 1 in class order: each big class's members adjacent
+    (ascending, classes in order), then the other levels; y_j held in this order gives
+    `class_aggregates` each class as one slice, without a gather."""
+    cls = np.full(m, classes.n_big, np.int64)
+    for i, mem in enumerate(classes.big_members):
+        mem = mem[(mem >= first) & (mem < first + m)]
+        cls[mem - first] = i
+    return first + np.argsort(cls, kind="stable")
+
+
+def held_at(mem: np.ndarray, at: np.ndarray | None, first: int) -> np.ndarray | slice:
+    """Where levels mem are held in y_j: ``at[mem - first]`` (mem - first without ``at``), as a
+    slice when they are adjacent and ascending (a view, not a copy)."""
+    pos = mem - first if at is None else at[mem - first]
+    if pos.size and pos[-1] - pos[0] == pos.size - 1 and np.all(np.diff(pos) == 1):
+        return slice(int(pos[0]), int(pos[-1]) + 1)
+    return pos
+
+
+def class_aggregates(classes: LevelClasses, Xl: np.ndarray, yl: np.ndarray, first: int = 0,
+                     at: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per big class: KXYo (v, Cb, q, q, p) = Σ_j X_j[e]' y_j[f] (ordered (e, f)) and
     KYY (v, Cb, q(q+1)/2) = Σ_j y_j[a] y_j[b] over upper pairs.
 
     Xl (Lp, q, p) holds X_j = Z_j'X of every level with rows; yl (v, m, q) the voxels' y_j of
     the m consecutive levels first, ..., first + m - 1 (indices into level_index), so a batch
     of images holding whole levels adds its part and the parts sum to the full aggregates.
+    yl holds level first + i at position i, or at ``at[i]`` where given (`class_order`).
     """
     v, m, q = yl.shape
     p = Xl.shape[2]
@@ -77,7 +98,7 @@ def class_aggregates(classes: LevelClasses, Xl: np.ndarray, yl: np.ndarray, firs
         mem = mem[(mem >= first) & (mem < first + m)]
         if mem.size == 0:
             continue
-        Xm, ym = Xl[mem], yl[:, mem - first]
+        Xm, ym = Xl[mem], yl[:, held_at(mem, at, first)]
         for e in range(q):
             for f in range(q):
                 KXYo[:, i, e, f] = ym[:, :, f] @ Xm[:, e, :]

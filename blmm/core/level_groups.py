@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from blmm.core.level_classes import LevelClasses, big_class_min, class_aggregates
+from blmm.core.level_classes import LevelClasses, big_class_min, class_aggregates, class_order, held_at
 from blmm.core.missing_rows import LevelSums
 from blmm.core.objective.base import diag_blocks
 from blmm.core.objective.nested import NestedObjective
@@ -73,15 +73,17 @@ class LevelGroup:
         y_small = stored.y_small[:, pos[index[self.fit_classes.small_levels]]]
         return LevelSums.untouched(stored.XtY, stored.YtY, KXYo, KYY, y_small)
 
-    def sums(self, XtY: np.ndarray, yl: np.ndarray, YtY: np.ndarray, first: int = 0) -> LevelSums:
+    def sums(self, XtY: np.ndarray, yl: np.ndarray, YtY: np.ndarray, first: int = 0,
+             at: np.ndarray | None = None) -> LevelSums:
         """This group's LevelSums (no touched levels) from the y_j (v, m, b) of its levels first, ...,
-        first + m - 1: a batch of whole outer levels adds its part, and the parts sum to the whole."""
-        KXYo, KYY = class_aggregates(self.classes, self.Xl, yl, first=first)
+        first + m - 1 (level first + i at position i, or at ``at[i]``): a batch of whole outer levels
+        adds its part, and the parts sum to the whole."""
+        KXYo, KYY = class_aggregates(self.classes, self.Xl, yl, first=first, at=at)
         m = yl.shape[1]
         small = self.classes.small_levels
         y_small = np.zeros((yl.shape[0], small.size, self.q))
         inside = (small >= first) & (small < first + m)
-        y_small[:, inside] = yl[:, small[inside] - first]
+        y_small[:, inside] = yl[:, held_at(small[inside], at, first)]
         return LevelSums.untouched(XtY, YtY, KXYo, KYY, y_small)
 
 
@@ -124,15 +126,23 @@ def group_sums(groups: list[LevelGroup], XtY: np.ndarray, ZtY: np.ndarray, YtY: 
 
 
 def chunk_sums(groups: list[LevelGroup], X: np.ndarray, Y: np.ndarray, Zg: list, first: list[int]
-               ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """What a chunk of whole outer levels adds: (packed `LevelSums` of every group (v, Σ widths), each
-    group's y_j (v, m, b)), from its rows X (n, p), Y (n, v; zero where missing), per group Zg its
-    columns of those levels (n, m b, sparse) and first its first level here."""
+               ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """What a chunk of whole outer levels adds: (packed `LevelSums` of every group (v, Σ widths), per
+    group its y_j (v, m, b) and where each level is held in them (level first + i at ``at[i]``)),
+    from its rows X (n, p), Y (n, v; zero where missing), per group Zg its columns of those levels
+    (n, m b, sparse) and first its first level here."""
     v = Y.shape[1]
     XtY, YtY = (X.T @ Y).T, np.einsum("nv,nv->v", Y, Y)
-    yl = [np.asarray(z.T @ Y).T.reshape(v, -1, g.q) for z, g in zip(Zg, groups)]  # level-major in memory
-    packed = np.concatenate([g.sums(XtY, y, YtY, first=m0).pack() for g, y, m0 in zip(groups, yl, first)], axis=1)
-    return packed, yl
+    packed, held = [], []
+    for z, g, m0 in zip(Zg, groups, first):
+        m = z.shape[1] // g.q
+        order = class_order(g.classes, m0, m) - m0  # each class's y_j adjacent: its GEMM reads a view
+        at = np.empty(m, np.int64)
+        at[order] = np.arange(m)
+        y = np.asarray(z[:, (order[:, None] * g.q + np.arange(g.q)).ravel()].T @ Y).T.reshape(v, m, g.q)
+        packed.append(g.sums(XtY, y, YtY, first=m0, at=at).pack())
+        held.append((y, at))
+    return np.concatenate(packed, axis=1), held
 
 
 def outer_level_places(groups: list[LevelGroup], n_outer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from blmm.config import Config
-from blmm.core.centre import ResponseCentre, intercept_weights, response_centre
+from blmm.core.centre import ResponseCentre, centre_rows, intercept_weights, response_centre
 from blmm.core.inference import infer
 from blmm.core.level_groups import LevelGroup, chunk_sums, outer_level_places
 from blmm.core.missing_rows import LevelSums, MissingRowStats, missing_design, rank_in_runs
@@ -138,13 +138,9 @@ def read_batch(plan: RunPlan, b: int) -> str:
     return str(present_path)
 
 
-# images read at plan time for the per-voxel centre: a median of a few is near each voxel's level
-CENTRE_SAMPLE = 8
-
-
 def run_centre(plan: RunPlan) -> ResponseCentre:
     """The run's per-voxel centre (docs/model.md, "The centre"): read from the work folder, or
-    computed once from CENTRE_SAMPLE images spread over the rows (their missing values ignored)
+    computed once from the images `centre_rows` picks, spread over the rows (their missing values ignored)
     and saved there, so every batch, on any worker and after any restart, takes out the same one."""
     path = centre_file(plan.workdir)
     X = ordered_design(plan)[0]  # the fitting basis the batches' sums are formed in: X w = 1 there
@@ -152,7 +148,7 @@ def run_centre(plan: RunPlan) -> ResponseCentre:
         with np.load(path) as saved:
             return ResponseCentre.for_design(saved["value"], X, saved["weights"])
     cfg = plan.config
-    picks = np.unique(np.linspace(0, cfg.n - 1, min(CENTRE_SAMPLE, cfg.n)).round().astype(np.int64))
+    picks = centre_rows(cfg.n)
     Y = np.empty((picks.size, plan.voxels.size))
     for i, row in enumerate(plan.order[picks]):
         Y[i] = read_image(cfg.y_files[row], cfg.space, plan.voxels)
@@ -330,11 +326,11 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
                 Yc = Y[:, a:a + step]
                 v = Yc.shape[1]
                 rows = out.read(a, a + v) if c0 > start else np.zeros((v, plan.n_stat_columns))
-                packed, yl = chunk_sums(groups, X[c0:c1], Yc, Zg, [m0 for m0, _ in spans])
+                packed, held = chunk_sums(groups, X[c0:c1], Yc, Zg, [m0 for m0, _ in spans])
                 rows += packed
                 out.write(a, rows)
                 here = keys[(keys // n_outer >= a) & (keys // n_outer < a + v)]
-                touched.append(_touched_rows(here // n_outer, here % n_outer, where, yl, [m0 for m0, _ in spans],
+                touched.append(_touched_rows(here // n_outer, here % n_outer, where, held, [m0 for m0, _ in spans],
                                              a, width))
     except BaseException:
         out.fh.close()  # the caller removes the file
@@ -358,16 +354,17 @@ def _touched_keys(outer: np.ndarray, present: np.ndarray, n_outer: int, big: np.
     return keys[big[keys % n_outer]]
 
 
-def _touched_rows(voxel: np.ndarray, outer: np.ndarray, where: tuple, yl: list, first: list, a: int,
+def _touched_rows(voxel: np.ndarray, outer: np.ndarray, where: tuple, held: list, first: list, a: int,
                   width: int) -> tuple[np.ndarray, np.ndarray]:
     """(voxel, rows [group, level in group, y_j padded to width]) of touched pairs, from each group's
-    y_j (v, m, b) of the voxels from a and its levels from first[g] (where: `outer_level_places`)."""
+    y_j (v, m, b) of the voxels from a, its level first[g] + i at position at[i] (held: `chunk_sums`;
+    where: `outer_level_places`)."""
     group, level = where[0][outer], where[1][outer]
     values = np.zeros((voxel.size, width))
     values[:, 0], values[:, 1] = group, level
-    for g, (y, m0) in enumerate(zip(yl, first)):
+    for g, ((y, at), m0) in enumerate(zip(held, first)):
         sel = group == g
-        values[sel, 2:2 + y.shape[2]] = y[voxel[sel] - a, level[sel] - m0]
+        values[sel, 2:2 + y.shape[2]] = y[voxel[sel] - a, at[level[sel] - m0]]
     return voxel, values
 
 

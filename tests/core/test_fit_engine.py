@@ -6,7 +6,7 @@ import pytest
 from scipy import stats as sps
 
 from blmm.core.design import Contrast, RandomFactor
-from blmm.core.fit import fit_lmm, fit_stats
+from blmm.core.fit import fit_lmm, fit_stats, has_nan
 from blmm.core.status import DROPPED_FEW, DROPPED_RANK
 from blmm.core.inference import f_mlog10p, infer, pool_f_df, t_mlog10p
 from blmm.core.sufficient import FactorLayout, sufficient_stats
@@ -359,3 +359,11 @@ def test_patterns_are_fitted_in_rounds_within_max_block_bytes(monkeypatch):
     several = F.fit_stats(st, tol=1e-10, threads=1, max_block_bytes=budget)
     assert len(calls) > 2 and sum(calls) >= 12
     np.testing.assert_allclose(several.llh, one.llh, rtol=0, atol=1e-10)  # the same voxels' fits, another grouping: float64
+
+
+@pytest.mark.parametrize("Y", [np.array([[1.0, np.nan], [2.0, 3.0]], np.float32), np.array([[np.inf, -np.inf]]),
+                               np.zeros((0, 4)), np.arange(6).reshape(2, 3), np.array([[np.nan]]),
+                               np.array([[1e308, -1e308, 0.0]])])
+def test_has_nan_is_isnan_any(Y):
+    # fit_lmm's one-pass check (np.min propagates NaN) routes to the missing-rows path as np.isnan(Y).any()
+    assert has_nan(Y) == bool(np.isnan(Y).any())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from blmm.core.level_groups import tree_groups
+from blmm.core.level_groups import chunk_sums, tree_groups
 from blmm.core.missing_rows import LevelSums
 from blmm.core.objective.nested import NestedObjective
 from blmm.core.sufficient import FactorLayout, random_effects_matrix
@@ -68,3 +68,22 @@ def test_fit_sums_equal_the_objectives_own_aggregates():
         np.testing.assert_allclose(ours.KXYo, ref.KXYo, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(ours.KYY, ref.KYY, rtol=1e-12, atol=1e-12)
         np.testing.assert_array_equal(np.stack(ref.ys, axis=-1), ours.y_small)
+
+
+def test_chunk_sums_in_class_order_equal_each_groups_sums_in_level_order():
+    """chunk_sums holds a chunk's y_j class by class (`class_order`): the same sums and y_j as in level order."""
+    X, Y, Z, obj, groups, outer = family_case()
+    Zc = Z.tocsc()
+    a, b = np.searchsorted(outer, [40, 95])  # a batch of whole families from the middle
+    spans = [tuple(np.searchsorted(g.outer, (outer[a], outer[b - 1] + 1))) for g in groups]
+    Zg = [Zc[a:b][:, g.columns[m0:m1].ravel()] for g, (m0, m1) in zip(groups, spans)]
+    packed, held = chunk_sums(groups, X[a:b], Y[a:b], Zg, [m0 for m0, _ in spans])
+    Yb = Y[a:b]
+    XtY, YtY = (X[a:b].T @ Yb).T, np.einsum("nv,nv->v", Yb, Yb)
+    expected = []
+    for g, z, (m0, m1), (y, at) in zip(groups, Zg, spans, held):
+        yl = np.asarray(z.T @ Yb).T.reshape(Y.shape[1], m1 - m0, g.q)
+        np.testing.assert_array_equal(y[:, at], yl)  # the same dot products, only held in another order
+        expected.append(g.sums(XtY, yl, YtY, first=m0).pack())
+    # the class GEMMs read a view instead of a gathered copy: float64 products of the same terms
+    np.testing.assert_allclose(packed, np.concatenate(expected, axis=1), rtol=1e-13, atol=1e-13)
