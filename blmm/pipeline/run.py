@@ -100,7 +100,7 @@ def _run_locked(config: Config, engine, force: bool, log) -> RunSummary:
         return _run_stages(plan, engine, {"reason": "opened by the caller"}, timings, t0, log)
 
     work = estimate_work(plan)
-    choice = choose_engine(engine, work.total_seconds)
+    choice = choose_engine(engine, work.total_seconds, tasks=len(plan.batches) + len(plan.blocks))
     log(choice.line)
     t = time.perf_counter()
     with open_engine(choice.spec) as opened:
