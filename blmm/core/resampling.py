@@ -1,9 +1,10 @@
-"""Family-wise error by a restricted wild bootstrap with the variance components held at their fit.
+"""Family-wise error by a restricted wild bootstrap with the variance components held at a fit.
 
-Notation and formulas: docs/corrected.md.  In short, at every voxel V = I + ZDZ' is fixed at the
-fitted D, V is block diagonal by the connected components of the random factors' levels, and a
-resample y* = Xβ̃ + s∘ẽ (β̃ the GLS estimate under the contrast's null, ẽ = y − Xβ̃, one weight s_c
-per independent block: standard normal by default, or Rademacher or Webb signs) gives
+Notation and formulas: docs/corrected.md.  In short, at every voxel V = I + ZDZ' is fixed, for each
+contrast at the D of its null model (refitted here; or at the fit's D), V is block diagonal by the
+connected components of the random factors' levels, and a resample y* = Xβ̃ + s∘ẽ (β̃ the GLS
+estimate under the contrast's null, ẽ = y − Xβ̃, one weight s_c per independent block: Rademacher
+signs by default, or normal, uniform or Webb weights) gives
 
     β̂* − β̃ = C Σ_c s_c g_c,   g_c = Σ_{i ∈ c} (V⁻¹X)_i ẽ_i,   C = (X'V⁻¹X)⁻¹,
     r*'V⁻¹r* = Σ_c s_c² ẽ_c'V_c⁻¹ẽ_c − h'Ch,  h = Σ_c s_c g_c
@@ -431,7 +432,7 @@ def prepare(
         groups = [([c], null_model_D(Y, X, factors, fit, c, voxels, threads)) for c in contrasts]
     sigma2_parts, contribution_parts, info = [], [], []
     for group, D_group in groups:
-        parts: list = [None] * len(positions)
+        parts = [None] * len(positions)
         if layout is not None:  # blocks inside components (the negative control), or classes of one or two families
             X_ordered = X[layout.order]
 
@@ -452,7 +453,6 @@ def prepare(
         sigma2_parts.append(np.concatenate([pt[0] for pt in parts]))
         contribution_parts.append(np.concatenate([pt[1].astype(gemm_dtype, copy=False) for pt in parts], axis=1))
         info.extend([[pt[2][j] for pt in parts] for j in range(len(group))])
-        del parts
     sigma2_hat = sigma2_parts[0] if variance == "fit" else np.asarray(fit.sigma2, dtype=np.float64)[voxels]
     contributions = np.concatenate(contribution_parts, axis=2)
     prepared, col = [], 0
