@@ -475,10 +475,11 @@ def null_model_D(Y: np.ndarray, X: np.ndarray, factors: list[RandomFactor], fit:
                  voxels: np.ndarray, threads: int | None = None) -> list[np.ndarray]:
     """Per factor (v, q, q): D of the model under the contrast's null (β = Nγ, N spanning L's null
     space) at ``voxels``, fitted as the fit was (REML or ML, its method); the fit's D where that fit
-    stopped short of FITTED, and everywhere when the null model has no fixed effect left (L of rank p)."""
+    stopped short of FITTED, and everywhere when the null model has no fixed effect left (L of rank p)
+    or there is no voxel to fit."""
     _, S, Wt = np.linalg.svd(np.atleast_2d(contrast.matrix))
     rank = int(np.sum(S > 1e-8 * S[0]))
-    if rank == X.shape[1]:
+    if rank == X.shape[1] or voxels.size == 0:
         return [D[voxels] for D in fit.D]
     with warnings.catch_warnings():  # the full design's notes on column scales were given with its fit
         warnings.simplefilter("ignore", DesignNote)
