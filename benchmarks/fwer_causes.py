@@ -20,7 +20,11 @@ so the variants are paired on the same data:
 A variant's name is its weights (``rademacher``, the default, ``webb``, ``normal``, ``mammen`` or
 ``uniform`` on [−√3, √3]) followed by modifiers joined by "_": ``fixed``, ``adjusted``, ``oracle``,
 ``cr`` as above; ``nulld``: resamples from the null model's D̂ (the model without the tested column;
-the observed statistic stays the fit's); ``t``: the maximum of |T| instead of −log10 p.  E.g.
+the observed statistic stays the fit's); ``null``: the observed statistic AND the resamples from the
+null model's D̂ (a statistic that does not depend on the tested column's fit); ``t``: the maximum of |T|
+instead of −log10 p; ``owndf``: each resample's T* to −log10 p with the df of its own reference (n − p
+with σ² refitted, normal with σ² held), the observed T with the fit's Satterthwaite df; ``vtxp``: every
+T (observed and resampled) to −log10 of its vertex's bootstrap p, #{|T*| ≥ |T|} / (B + 1) (min-p).  E.g.
 ``normal_adjusted``, ``rademacher_nulld``.  Every variant's FWE p per dataset is in the JSON line,
 with the rejection counts at ``--alphas``.
 
@@ -53,7 +57,7 @@ from result_line import emit  # noqa: E402
 RING_VOXELS = 20  # resampling_simulation.null_rejections' default
 VARIANTS = ("base", "fixed", "adjusted", "webb", "normal", "normal_fixed", "oracle", "cr", "cr_adjusted")
 WEIGHT_KINDS = ("rademacher", "webb", "normal", "mammen", "uniform")  # a variant's first word, else Rademacher
-MODIFIERS = ("fixed", "adjusted", "nulld", "oracle", "cr", "t")  # a variant's other words (see the docstring)
+MODIFIERS = ("fixed", "adjusted", "nulld", "null", "oracle", "cr", "t", "owndf", "vtxp")  # a variant's other words (see the docstring)
 WEBB = np.array([-np.sqrt(1.5), -1.0, -np.sqrt(0.5), np.sqrt(0.5), 1.0, np.sqrt(1.5)])
 MAMMEN = np.array([-(np.sqrt(5) - 1) / 2, (np.sqrt(5) + 1) / 2])  # P(first) = (√5 + 1) / (2√5): E w³ = 1
 
@@ -100,8 +104,24 @@ def whitened(design, Y: np.ndarray, d_family: np.ndarray, d_subject: np.ndarray)
     return Xw, yw
 
 
+def to_statistic(t: np.ndarray, df: np.ndarray, statistic: str, resample_df: float | None) -> np.ndarray:
+    """(R, v) T of every resample to the maximised statistic: |T|, −log10 p with the fit's df (or, with
+    ``resample_df``, rows 1: with that df), or −log10 of each vertex's bootstrap p ("vtxp")."""
+    if statistic == "t":
+        return np.abs(t)
+    if statistic == "vtxp":  # rank of |T| within its vertex's B + 1 values, the largest rank 1
+        a = np.abs(t)
+        order = np.sort(a, axis=0)
+        ge = a.shape[0] - np.stack([np.searchsorted(order[:, j], a[:, j], side="left") for j in range(a.shape[1])], axis=1)
+        return -np.log10(ge / a.shape[0])
+    out = t_mlog10p(t, np.broadcast_to(df, t.shape), True)
+    if resample_df is not None:
+        out[1:] = t_mlog10p(t[1:], np.full(t[1:].shape, resample_df), True)
+    return out
+
+
 def variant_maps(design, Xw, yw, df, sigma2_fit, signs, adjusted: bool, studentize: str, sigma2: str,
-                 statistic: str = "mlog10p"):
+                 statistic: str = "mlog10p", resample_df: float | None = None):
     """(R, v) two-sided −log10 p (or |T|) of every resample (row 0: the observed data itself)."""
     n, p = design.X.shape
     fam = design.family
@@ -136,7 +156,7 @@ def variant_maps(design, Xw, yw, df, sigma2_fit, signs, adjusted: bool, studenti
         else:
             s2 = np.broadcast_to(sigma2_fit[:, None], beta1.shape)
         t = beta1 / np.sqrt(s2 * A[:, 1, 1][:, None])
-        return np.abs(t.T) if statistic == "t" else t_mlog10p(t.T, np.broadcast_to(df, t.T.shape), True)
+        return to_statistic(t.T, df, statistic, resample_df)
     ystar = fitted0[:, None, :] + signs[None, :, fam] * e[:, None, :]  # (v, R, n)
     ystar[:, 0] = yw  # the identity is the observed data (raw residuals)
     beta = (ystar @ Xw) @ A  # (v, R, p)
@@ -148,24 +168,22 @@ def variant_maps(design, Xw, yw, df, sigma2_fit, signs, adjusted: bool, studenti
         scores = np.add.reduceat(resid[..., None] * Xw[:, None], starts, axis=2)  # (v, R, F, p)
         u = scores @ A[:, :, 1][:, None, :, None]
         t = beta[..., 1] / np.sqrt((u[..., 0] ** 2).sum(axis=2))
-    if statistic == "t":
-        return np.abs(t.T)
-    return t_mlog10p(t.T, np.broadcast_to(df, t.T.shape), True)
+    return to_statistic(t.T, df, statistic, resample_df)
 
 
-def simulate(rng: np.random.Generator, design, layout: str, kernel, gaussian: bool):
+def simulate(rng: np.random.Generator, design, layout: str, kernel, gaussian: bool, effect: np.ndarray | None = None):
     """(Y, true variance ratios) of one dataset: the mesh's (spatial_simulation) or the ring's
-    (resampling_simulation)."""
+    (resampling_simulation); ``effect`` (V,) on the family covariate (power)."""
     resid_var = float(np.mean(np.exp(0.6 * design.X[:, 2])))  # both layouts: unit-variance skewed noise terms
     if layout == "ring":  # exactly null_rejections' draws: the same seed gives the test's datasets
-        return simulate_Y(rng, design, RING_VOXELS), (1.44 / resid_var, 0.49 / resid_var)
+        return simulate_Y(rng, design, RING_VOXELS, effect=effect), (1.44 / resid_var, 0.49 / resid_var)
     if gaussian:
         n = design.X.shape[0]
         Y = (1.2 * (rng.standard_normal((design.family.max() + 1, kernel.shape[0])) @ kernel)[design.family]
              + 0.7 * (rng.standard_normal((design.subject.max() + 1, kernel.shape[0])) @ kernel)[design.subject]
              + rng.standard_normal((n, kernel.shape[0])) @ kernel)
         return Y, (1.44, 0.49)
-    Y = simulate_spatial_Y(rng, design, kernel)
+    Y = simulate_spatial_Y(rng, design, kernel, effect=effect)
     return Y, (1.44 / resid_var, 0.49 / resid_var)
 
 
@@ -180,6 +198,9 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--tfce", default="", help="comma-separated variants that also take the TFCE maximum")
     ap.add_argument("--gaussian", action="store_true", help="Gaussian homoscedastic errors (oracle V exact)")
+    ap.add_argument("--effect", type=float, default=0.0,
+                    help="power: this effect of the family covariate in a 3 mm ball at the mesh's centre "
+                         "(voxels 5-9 of the ring), as spatial_power / power")
     ap.add_argument("--alphas", default="0.05,0.1,0.2", help="levels whose rejection counts are reported")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -189,17 +210,23 @@ def main() -> None:
     mesh = grid_mesh() if args.layout == "mesh" else None
     kernel = smoothing_kernel(mesh.coords, 2.0) if mesh is not None else None
     rng = np.random.default_rng(args.seed)
+    effect = None
+    if args.effect:
+        if mesh is not None:
+            effect = np.where(np.linalg.norm(mesh.coords - mesh.coords.mean(axis=0), axis=1) <= 3.0, args.effect, 0.0)
+        else:
+            effect = np.where((np.arange(RING_VOXELS) >= 5) & (np.arange(RING_VOXELS) < 10), args.effect, 0.0)
     pvalues = {v: {"max": [], "tfce": []} for v in variants}
     w0, c0 = time.perf_counter(), time.process_time()
     for k in range(args.datasets):
         design = family_design(rng, args.families)
-        Y, true_ratio = simulate(rng, design, args.layout, kernel, args.gaussian)
+        Y, true_ratio = simulate(rng, design, args.layout, kernel, args.gaussian, effect)
         fit = fit_lmm(Y, design.X, design.factors)
         df = infer(fit, [FAMILY_COVARIATE], True).t[0].df
         V = Y.shape[1]
         fitted = whitened(design, Y, fit.D[0][:, 0, 0], fit.D[1][:, 0, 0])
         null_fitted = None
-        if any("nulld" in mods for _, mods in parsed.values()):  # D of the model without the tested column
+        if any(mods & {"nulld", "null"} for _, mods in parsed.values()):  # D of the model without the tested column
             null_fit = fit_lmm(Y, design.X[:, [0, 2, 3]], design.factors)
             null_fitted = whitened(design, Y, null_fit.D[0][:, 0, 0], null_fit.D[1][:, 0, 0])
         srng = np.random.default_rng([args.seed, k])
@@ -210,12 +237,15 @@ def main() -> None:
             Xw, yw = fitted
             if "oracle" in mods:
                 Xw, yw = whitened(design, Y, np.full(V, true_ratio[0]), np.full(V, true_ratio[1]))
-            elif "nulld" in mods:
+            elif mods & {"nulld", "null"}:
                 Xw, yw = null_fitted
             signs = rad if kind == "rademacher" else weights(np.random.default_rng([args.seed, k, 1]),
                                                                args.resamples + 1, F, kind)
             options = dict(adjusted="adjusted" in mods, studentize="cr" if "cr" in mods else "model",
-                           sigma2="fixed" if "fixed" in mods else "refit", statistic="t" if "t" in mods else "mlog10p")
+                           sigma2="fixed" if "fixed" in mods else "refit",
+                           statistic="t" if "t" in mods else "vtxp" if "vtxp" in mods else "mlog10p",
+                           resample_df=(1e12 if "fixed" in mods else design.X.shape[0] - design.X.shape[1])
+                           if "owndf" in mods else None)
             maps = variant_maps(design, Xw, yw, df, fit.sigma2, signs, **options)
             if "nulld" in mods:  # the observed statistic is the fit's own, with the full model's D
                 maps[0] = variant_maps(design, *fitted, df, fit.sigma2, signs[:1], **options)[0]
@@ -227,7 +257,7 @@ def main() -> None:
         if (k + 1) % 25 == 0:
             print(k + 1, json.dumps({v: {s: int(np.sum(np.array(h[s]) <= alphas[0])) for s in h if h[s]}
                                      for v, h in pvalues.items()}), flush=True)
-    result = {"layout": args.layout, "datasets": args.datasets, "families": args.families,
+    result = {"layout": args.layout, "effect": args.effect, "datasets": args.datasets, "families": args.families,
               "resamples": args.resamples, "seed": args.seed, "errors": "gaussian" if args.gaussian else "skewed",
               "band_count_at_0.05": list(binomial_band(args.datasets)),
               "rejections": {v: {s: {str(a): int(np.sum(np.array(h[s]) <= a)) for a in alphas} for s in h if h[s]}

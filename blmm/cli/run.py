@@ -105,7 +105,7 @@ def _correction_flags(ap: argparse.ArgumentParser) -> None:
                      "(default: re-estimated per resample) or fixed (held at the fit's; rank(L) instead of p "
                      "columns per contrast, for large runs)")
     cor.add_argument("--weights", metavar="{normal,uniform,rademacher,webb}", help="each independent block's weight "
-                     "in a resample: normal (default: standard normal), uniform (on +-sqrt(3)), rademacher (signs +-1) "
+                     "in a resample: rademacher (default: signs +-1), normal (standard normal), uniform (on +-sqrt(3)) "
                      "or webb (six points)")
     cor.add_argument("--precision", metavar="{float64,float32}", help="of the prepared contributions and the "
                      "sign GEMM: float64 (default) or float32 (half the memory, faster resamples; T* and F* "

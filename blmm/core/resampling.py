@@ -1,9 +1,10 @@
-"""Family-wise error by a restricted wild bootstrap with the variance components held at their fit.
+"""Family-wise error by a restricted wild bootstrap with the variance components held at a fit.
 
-Notation and formulas: docs/corrected.md.  In short, at every voxel V = I + ZDZ' is fixed at the
-fitted D, V is block diagonal by the connected components of the random factors' levels, and a
-resample y* = Xβ̃ + s∘ẽ (β̃ the GLS estimate under the contrast's null, ẽ = y − Xβ̃, one weight s_c
-per independent block: standard normal by default, or Rademacher or Webb signs) gives
+Notation and formulas: docs/corrected.md.  In short, at every voxel V = I + ZDZ' is fixed, for each
+contrast at the D of its null model (refitted here; or at the fit's D), V is block diagonal by the
+connected components of the random factors' levels, and a resample y* = Xβ̃ + s∘ẽ (β̃ the GLS
+estimate under the contrast's null, ẽ = y − Xβ̃, one weight s_c per independent block: Rademacher
+signs by default, or normal, uniform or Webb weights) gives
 
     β̂* − β̃ = C Σ_c s_c g_c,   g_c = Σ_{i ∈ c} (V⁻¹X)_i ẽ_i,   C = (X'V⁻¹X)⁻¹,
     r*'V⁻¹r* = Σ_c s_c² ẽ_c'V_c⁻¹ẽ_c − h'Ch,  h = Σ_c s_c g_c
@@ -17,6 +18,7 @@ maxima into FWE p-values (``fwe_mlog10p``); ``corrected_inference`` composes the
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -27,6 +29,8 @@ from scipy.sparse.csgraph import connected_components
 from threadpoolctl import threadpool_limits
 
 from blmm.core.design import Contrast, RandomFactor
+from blmm.core.design_basis import DesignNote
+from blmm.core.fit import fit_lmm
 from blmm.core.fdr import fdr_mlog10q
 from blmm.core.threads import run_blocks, thread_count
 from blmm.core.result import FitResult
@@ -42,8 +46,13 @@ STATISTICS = ("mlog10p", "t")  # what the maximum is taken over: −log10 p (Sat
 SIGMA2_MODES = ("refit", "fixed")  # σ² re-estimated per resample (exact GLS refit with D fixed) or held
 PRECISIONS = ("float64", "float32")  # of the prepared contributions and the sign GEMM (docs/corrected.md)
 WEIGHTS = ("rademacher", "webb", "normal", "uniform")  # the wild bootstrap's weight per block (docs/corrected.md)
-# Normal, not uniform: uniform reached 8% on the mesh (liberal), normal 3.4% on the ring (conservative, still control)
-DEFAULT_WEIGHTS = "normal"
+# Each contrast's V: its null model's fitted D (the statistic does not depend on the tested columns' fit) or the
+# full model's (docs/corrected.md "Which fit's variance components")
+VARIANCES = ("null", "fit")
+DEFAULT_VARIANCE = "null"
+# Rademacher: exact for sign-symmetric block contributions once V does not depend on the tested columns (the
+# null model's D); normal weights' heavier tail was conservative there (docs/corrected.md "Weights")
+DEFAULT_WEIGHTS = "rademacher"
 WEBB_POINTS = np.array([-np.sqrt(1.5), -1.0, -np.sqrt(0.5), np.sqrt(0.5), 1.0, np.sqrt(1.5)])  # mean 0, variance 1
 UNIFORM_HALF_WIDTH = np.sqrt(3.0)  # uniform on [−√3, √3]: mean 0, variance 1, E w⁴ = 9/5
 MAX_COMPONENT = 512  # images in one independent block: its M (or, blocks split, V_b⁻¹) is dense per voxel
@@ -146,6 +155,7 @@ class ContrastResampling:
     df: np.ndarray  # (v,) Satterthwaite (denominator) df of the fit, for −log10 p
     pair_ss: np.ndarray | None = None  # (n_pairs, v) ẽ_c'V⁻¹_cc'ẽ_c' of blocks splitting a component
     block_ss: np.ndarray | None = None  # (n_blocks, v) ẽ_c'V_c⁻¹ẽ_c: σ² refitted, weights with s_c² ≠ 1
+    sigma2: np.ndarray | None = None  # (v,) σ̂² of the full model at this contrast's V (σ² held); None: the prep's
 
 
 @dataclass
@@ -352,6 +362,7 @@ def prepare(
     threads: int | None = None,
     max_block_images: int = MAX_COMPONENT,
     weights: str = DEFAULT_WEIGHTS,
+    variance: str = DEFAULT_VARIANCE,
 ) -> ResamplingPrep:
     """Prepare the restricted wild bootstrap of every contrast at ``voxels`` (default: the fitted ones).
 
@@ -364,11 +375,15 @@ def prepare(
     ``threads`` share the voxel chunks (default: the CPUs this process may use, blmm.host), each with a one-thread BLAS.
     ``max_block_images`` bounds the images of one component of V (V_b⁻¹ is dense per voxel).
     ``weights``: each block's weight in a resample (``WEIGHTS``; docs/corrected.md says which and why).
+    ``variance``: V of each contrast's statistic, observed and resampled alike: "null" (default) the D of
+    the model under the contrast's null, fitted here as the fit was (``null_model_D``), "fit" the fit's D.
     """
     if sigma2 not in SIGMA2_MODES:
         raise ValueError(f"sigma2 {sigma2!r}: expected one of {', '.join(SIGMA2_MODES)}")
     if weights not in WEIGHTS:
         raise ValueError(f"weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
+    if variance not in VARIANCES:
+        raise ValueError(f"variance {variance!r}: expected one of {', '.join(VARIANCES)}")
     if gemm_dtype not in PRECISIONS:
         raise ValueError(f"gemm_dtype {gemm_dtype!r}: expected one of {', '.join(PRECISIONS)}")
     Y = np.asarray(Y, dtype=np.float64)
@@ -404,45 +419,75 @@ def prepare(
         df = [by_name[c.name] for c in contrasts]
     dof = float(n - p) if fit.reml else float(n)
     per_block_ss = sigma2 == "refit" and weights != "rademacher"
-    chunks = np.array_split(voxels, max(1, -(-voxels.size // voxel_chunk)))
-    parts: list = [None] * len(chunks)
+    positions = np.array_split(np.arange(voxels.size), max(1, -(-voxels.size // voxel_chunk)))
     by_class = None if split.size else component_classes(X, factors, components, blocks)
     if by_class is not None and len(by_class.classes) > MAX_CLASSES_PER_COMPONENT * (int(components.max()) + 1):
         by_class = None
-    if by_class is None:  # blocks inside components (the negative control), or classes of one or two families
-        layout = block_layout(X, factors, components, blocks)
-        pairs, X_ordered = layout.pairs, X[layout.order]
-
-        def run(j: int) -> None:
-            vox = chunks[j]
-            parts[j] = _prepare_chunk(Y[:, vox][layout.order], X_ordered, [D[vox] for D in fit.D], contrasts,
-                                      layout, dof, sigma2, per_block_ss)
+    layout = block_layout(X, factors, components, blocks) if by_class is None else None
+    pairs = np.zeros((0, 2), dtype=np.int64) if layout is None else layout.pairs
+    # contrasts sharing one V, prepared together: all at the fit's D, or each at its null model's
+    if variance == "fit":
+        groups = [(list(contrasts), [D[voxels] for D in fit.D])]
     else:
-        pairs = np.zeros((0, 2), dtype=np.int64)
+        groups = [([c], null_model_D(Y, X, factors, fit, c, voxels, threads)) for c in contrasts]
+    sigma2_parts, contribution_parts, info = [], [], []
+    for group, D_group in groups:
+        parts = [None] * len(positions)
+        if layout is not None:  # blocks inside components (the negative control), or classes of one or two families
+            X_ordered = X[layout.order]
 
-        def run(j: int) -> None:
-            vox = chunks[j]
-            parts[j] = _prepare_chunk_by_class(Y[:, vox], X, [D[vox] for D in fit.D], contrasts, by_class, dof,
-                                               sigma2, per_block_ss)
+            def run(j: int) -> None:
+                pos = positions[j]
+                parts[j] = _prepare_chunk(Y[:, voxels[pos]][layout.order], X_ordered, [D[pos] for D in D_group],
+                                          group, layout, dof, sigma2, per_block_ss)
+        else:
 
-    # many small products: one BLAS thread each (more only spin), voxel chunks shared by our threads
-    with threadpool_limits(limits=1, user_api="blas"):
-        run_blocks(run, list(range(len(chunks))), thread_count(threads))
-    sigma2_hat = np.concatenate([pt[0] for pt in parts])
-    contributions = np.concatenate([pt[1].astype(gemm_dtype, copy=False) for pt in parts], axis=1)
+            def run(j: int) -> None:
+                pos = positions[j]
+                parts[j] = _prepare_chunk_by_class(Y[:, voxels[pos]], X, [D[pos] for D in D_group], group,
+                                                   by_class, dof, sigma2, per_block_ss)
+
+        # many small products: one BLAS thread each (more only spin), voxel chunks shared by our threads
+        with threadpool_limits(limits=1, user_api="blas"):
+            run_blocks(run, list(range(len(positions))), thread_count(threads))
+        sigma2_parts.append(np.concatenate([pt[0] for pt in parts]))
+        contribution_parts.append(np.concatenate([pt[1].astype(gemm_dtype, copy=False) for pt in parts], axis=1))
+        info.extend([[pt[2][j] for pt in parts] for j in range(len(group))])
+    sigma2_hat = sigma2_parts[0] if variance == "fit" else np.asarray(fit.sigma2, dtype=np.float64)[voxels]
+    contributions = np.concatenate(contribution_parts, axis=2)
     prepared, col = [], 0
-    for j, c in enumerate(contrasts):
-        ndf, k = parts[0][2][j]["ndf"], parts[0][2][j]["k"]
+    for j, (c, chunks_info) in enumerate(zip(contrasts, info)):
+        ndf, k = chunks_info[0]["ndf"], chunks_info[0]["k"]
         prepared.append(ContrastResampling(
             c.name, c.is_t, ndf, slice(col, col + k),
-            np.concatenate([pt[2][j]["resid_ss"] for pt in parts]),
+            np.concatenate([ci["resid_ss"] for ci in chunks_info]),
             np.asarray(df[j], dtype=np.float64)[voxels],
-            np.concatenate([pt[2][j]["pair_ss"] for pt in parts], axis=1) if pairs.size else None,
-            np.concatenate([pt[2][j]["block_ss"] for pt in parts], axis=1) if parts[0][2][j]["block_ss"] is not None
-            else None))
+            np.concatenate([ci["pair_ss"] for ci in chunks_info], axis=1) if pairs.size else None,
+            np.concatenate([ci["block_ss"] for ci in chunks_info], axis=1) if chunks_info[0]["block_ss"] is not None
+            else None,
+            None if variance == "fit" else sigma2_parts[j]))
         col += k
     return ResamplingPrep(voxels, int(blocks.max()) + 1, dof, sigma2_hat, sigma2, two_sided, prepared, contributions,
                           pairs, weights)
+
+
+def null_model_D(Y: np.ndarray, X: np.ndarray, factors: list[RandomFactor], fit: FitResult, contrast: Contrast,
+                 voxels: np.ndarray, threads: int | None = None) -> list[np.ndarray]:
+    """Per factor (v, q, q): D of the model under the contrast's null (β = Nγ, N spanning L's null
+    space) at ``voxels``, fitted as the fit was (REML or ML, its method); the fit's D where that fit
+    stopped short of FITTED, and everywhere when the null model has no fixed effect left (L of rank p)
+    or there is no voxel to fit."""
+    _, S, Wt = np.linalg.svd(np.atleast_2d(contrast.matrix))
+    rank = int(np.sum(S > 1e-8 * S[0]))
+    if rank == X.shape[1] or voxels.size == 0:
+        return [D[voxels] for D in fit.D]
+    with warnings.catch_warnings():  # the full design's notes on column scales were given with its fit
+        warnings.simplefilter("ignore", DesignNote)
+        # safe_mode off: the random factors are the fit's, already accepted (or fitted on purpose)
+        null = fit_lmm(Y[:, voxels], X @ Wt[rank:].T, factors, reml=fit.reml, method=fit.method, safe_mode=False,
+                       threads=threads)
+    kept = null.status == FITTED
+    return [np.where(kept[:, None, None], D0, D[voxels]) for D0, D in zip(null.D, fit.D)]
 
 
 def small_inverse(V: np.ndarray) -> np.ndarray:
@@ -643,7 +688,7 @@ def resampled_statistics(prep: ResamplingPrep, signs: np.ndarray) -> list[np.nda
         a = a_all[..., c.columns]
         num = a[..., 0] if c.is_t else xp.sum(a[..., :c.ndf] * a[..., :c.ndf], axis=-1)
         if prep.sigma2_mode == "fixed":
-            s2 = xp.broadcast_to(prep.sigma2, (R, v))
+            s2 = xp.broadcast_to(prep.sigma2 if c.sigma2 is None else c.sigma2, (R, v))
         else:  # (w∘ẽ)'V⁻¹(w∘ẽ) = Σ_c w_c² ẽ_c'V_c⁻¹ẽ_c: ẽ'V⁻¹ẽ itself when every w_c² = 1 (Rademacher)
             kept = c.resid_ss[None, :] if c.block_ss is None else (signs64 * signs64) @ c.block_ss
             ss = kept - xp.sum(a * a, axis=-1)
@@ -823,6 +868,7 @@ def corrected_inference(
     allow_split_blocks: bool = False,
     gemm_dtype: str = "float64",
     weights: str = DEFAULT_WEIGHTS,
+    variance: str = DEFAULT_VARIANCE,
 ) -> CorrectedInference:
     """FDR and max-statistic FWE of every contrast of a fit, with B resamples beyond the identity.
 
@@ -835,7 +881,7 @@ def corrected_inference(
     blocks = independent_blocks(factors) if blocks is None else first_appearance_codes(np.asarray(blocks))
     prep = prepare(Y, X, factors, fit, contrasts, blocks=blocks, df=[by_name[c.name].df for c in contrasts],
                    sigma2=sigma2, two_sided=two_sided, allow_split_blocks=allow_split_blocks, gemm_dtype=gemm_dtype,
-                   weights=weights)
+                   weights=weights, variance=variance)
     named: dict[str, MapTransform] = dict(transforms or {})
     if "max" in named:
         raise ValueError('transforms: "max" is the maximum statistic itself; name the transform otherwise')

@@ -13,7 +13,7 @@ import numpy as np
 
 from blmm.core.design import Contrast, RandomFactor
 from blmm.core.fit import fit_lmm
-from blmm.core.resampling import DEFAULT_WEIGHTS, corrected_inference
+from blmm.core.resampling import DEFAULT_VARIANCE, DEFAULT_WEIGHTS, corrected_inference
 
 FAMILY_COVARIATE = Contrast("family_covariate", np.array([[0.0, 1.0, 0.0, 0.0]]), True)
 
@@ -74,7 +74,7 @@ def simulate_Y(rng: np.random.Generator, design: FamilyDesign, n_voxels: int, wi
 
 def null_rejections(n_datasets: int, n_families: int = 100, n_voxels: int = 20, n_resamples: int = 99,
                     seed: int = 0, alpha: float = 0.05, sigma2: str = "refit",
-                    weights: str = DEFAULT_WEIGHTS) -> dict:
+                    weights: str = DEFAULT_WEIGHTS, variance: str = DEFAULT_VARIANCE) -> dict:
     """Per dataset: is the smallest max-statistic FWE p ≤ alpha, flipping per family and per image?"""
     rng = np.random.default_rng(seed)
     family_hits, image_hits = [], []
@@ -85,7 +85,7 @@ def null_rejections(n_datasets: int, n_families: int = 100, n_voxels: int = 20, 
         for blocks, hits in ((None, family_hits), (np.arange(design.X.shape[0]), image_hits)):
             res = corrected_inference(Y, design.X, design.factors, fit, [FAMILY_COVARIATE], n_resamples,
                                       seed=k, blocks=blocks, two_sided=True, fdr=None, sigma2=sigma2,
-                                      allow_split_blocks=blocks is not None, weights=weights)
+                                      allow_split_blocks=blocks is not None, weights=weights, variance=variance)
             hits.append(np.nanmax(res.contrasts[0].fwe_mlog10p) >= -np.log10(alpha))
     return {"family": np.array(family_hits), "image": np.array(image_hits)}
 

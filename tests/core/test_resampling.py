@@ -62,7 +62,7 @@ def test_identity_resample_is_the_fit(family_case, reml):
     design, Y, fit = family_case
     if not reml:  # ML: σ̂² = r'V⁻¹r / n
         fit = fit_lmm(Y, design.X, design.factors, reml=False)
-    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS)
+    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, variance="fit")
     inf = infer(fit, CONTRASTS)
     stats = rs.resampled_statistics(prep, rs.resample_signs(0, 0, 1, prep.n_blocks))
     # the same GLS solved in another order: float64 rounding of p = 4 solves, ~1e-13 relative
@@ -77,7 +77,7 @@ def test_identity_resample_is_the_fit(family_case, reml):
 @pytest.mark.parametrize("weights", rs.WEIGHTS)
 def test_resamples_equal_dense_refits_with_family_signs(family_case, sigma2, weights):
     design, Y, fit = family_case
-    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, sigma2=sigma2, weights=weights)
+    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, sigma2=sigma2, weights=weights, variance="fit")
     signs = rs.resample_signs(5, 1, 4, prep.n_blocks, weights)
     assert np.allclose(signs**2, 1.0) == (weights == "rademacher")  # Webb's, normal and uniform weights rescale
     stats = rs.resampled_statistics(prep, signs)
@@ -88,6 +88,40 @@ def test_resamples_equal_dense_refits_with_family_signs(family_case, sigma2, wei
                 ref = _dense_refit(design, Y, fit, voxel, c, signs[r][blocks], sigma2)
                 # dense inverse of a 100-row V against the blockwise algebra: ~1e-12 relative
                 assert stats[j][r, voxel] == pytest.approx(ref, rel=1e-9, abs=1e-11)
+
+
+NULL_COLUMNS = [[0, 2, 3], [0, 1, 3], [0, 3]]  # X's columns spanning each of CONTRASTS' null models
+
+
+@pytest.mark.parametrize("sigma2", ["refit", "fixed"])
+@pytest.mark.parametrize("split", [False, True])
+def test_null_model_variance_equals_dense_gls_at_the_null_fit(family_case, sigma2, split):
+    """The default V: each contrast's statistic (observed, resample 0, and resampled) is the GLS T or F
+    at the D of its null model, fitted by fit_lmm on the columns spanning Lβ = 0; σ² held is the full
+    model's σ̂² at that V.  Family signs, and per-image signs (the negative control's path)."""
+    design, Y, fit = family_case
+    n = design.X.shape[0]
+    blocks = np.arange(n) if split else rs.independent_blocks(design.factors)
+    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, sigma2=sigma2, weights="rademacher",
+                      blocks=blocks if split else None, allow_split_blocks=split)
+    signs = rs.resample_signs(6, 0, 3, prep.n_blocks, "rademacher")
+    stats = rs.resampled_statistics(prep, signs)
+    fam, sub = design.family, design.subject
+    codes = rs.first_appearance_codes(blocks)
+    for j, (c, cols) in enumerate(zip(CONTRASTS, NULL_COLUMNS)):
+        null = fit_lmm(Y, design.X[:, cols], design.factors)
+        for voxel in (0, 4, 8):
+            V = (np.eye(n) + null.D[0][voxel, 0, 0] * (fam[:, None] == fam[None])
+                 + null.D[1][voxel, 0, 0] * (sub[:, None] == sub[None]))
+            Vi = np.linalg.inv(V)
+            y = Y[:, voxel]
+            b = np.linalg.solve(design.X.T @ Vi @ design.X, design.X.T @ Vi @ y)
+            r = y - design.X @ b
+            held = r @ Vi @ r / (n - design.X.shape[1]) if sigma2 == "fixed" else None
+            for row in range(signs.shape[0]):
+                ref = _dense_gls_resample(design.X, V, y, c, signs[row][codes], held)
+                # the same null fit (fit_lmm on the same span) and a dense GLS: ~1e-12 relative
+                assert stats[j][row, voxel] == pytest.approx(ref, rel=1e-9, abs=1e-11)
 
 
 @pytest.mark.parametrize("subject_design", ["intercept and visit", "visit only", "intercept and age"])
@@ -112,7 +146,8 @@ def test_random_slopes_and_blocks_of_several_families_equal_dense_refits(subject
     shared = len(rs.component_classes(design.X, factors, components, components).classes)
     by_class = shared <= rs.MAX_CLASSES_PER_COMPONENT * (components.max() + 1)
     assert by_class == (subject_design != "intercept and age")  # the path this case exercises
-    prep = rs.prepare(Y, design.X, factors, fit, CONTRASTS, blocks=blocks, sigma2="refit", weights="normal")
+    prep = rs.prepare(Y, design.X, factors, fit, CONTRASTS, blocks=blocks, sigma2="refit", weights="normal",
+                      variance="fit")
     signs = rs.resample_signs(8, 1, 4, prep.n_blocks, "normal")
     stats = rs.resampled_statistics(prep, signs)
     codes = rs.first_appearance_codes(blocks)
@@ -136,7 +171,7 @@ def test_per_image_signs_are_exact_too_but_refused_by_default(family_case, weigh
     with pytest.raises(ValueError, match="split .* independent component"):
         rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, blocks=np.arange(n))
     prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, blocks=np.arange(n), allow_split_blocks=True,
-                      weights=weights)
+                      weights=weights, variance="fit")
     signs = rs.resample_signs(2, 1, 3, n, weights)
     stats = rs.resampled_statistics(prep, signs)
     for j, c in enumerate(CONTRASTS):
@@ -206,14 +241,17 @@ def test_signs_do_not_depend_on_chunks():
 def test_null_maxima_identical_for_1_3_7_chunks_of_resamples_and_voxels(family_case):
     design, Y, fit = family_case
     B = 60
-    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS)
+    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, variance="fit")
     whole = rs.chunk_maxima(prep, 9, 0, B + 1)
     for k in (3, 7):
         size = -(-(B + 1) // k)
         by_resamples = np.concatenate([rs.chunk_maxima(prep, 9, s, min(s + size, B + 1)) for s in range(0, B + 1, size)])
         np.testing.assert_array_equal(by_resamples, whole)
         voxel_parts = np.array_split(np.arange(Y.shape[1]), k)
-        preps = [rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, voxels=v) for v in voxel_parts]
+        # at the fit's D: the null models' fits (the default) stop per set of voxels fitted together, so
+        # their D agree across voxel splits to the fit's tolerance, not to rounding
+        preps = [rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, voxels=v, variance="fit")
+                 for v in voxel_parts]
         by_voxels = np.maximum.reduce([rs.chunk_maxima(pp, 9, 0, B + 1) for pp in preps])
         # the same products per voxel column: equal up to BLAS blocking over voxels (~1e-15 relative)
         np.testing.assert_allclose(by_voxels, whole, rtol=1e-12)
@@ -302,8 +340,8 @@ def test_fwe_p_counts_the_identity_and_transforms_plug_in(family_case):
         return np.nansum(np.where(maps > 2.0, maps, 0.0), axis=1)
 
     res = rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS, B, seed=1,
-                                 transforms={"mass": mass_above_2}, over_contrasts=True)
-    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS)
+                                 transforms={"mass": mass_above_2}, over_contrasts=True, variance="fit")
+    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, variance="fit")
     maps = rs.resampled_maps(prep, 1, 0, B + 1)
     inf = infer(fit, CONTRASTS)
     for j, cc in enumerate(res.contrasts):
@@ -375,9 +413,10 @@ def test_tail_option_reports_where_it_replaced_the_count():
 
 def test_two_sided_takes_absolute_t(family_case):
     design, Y, fit = family_case
-    one = rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS[:1], 30, seed=2, statistic="t")
+    one = rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS[:1], 30, seed=2, statistic="t",
+                                 variance="fit")
     two = rs.corrected_inference(Y, design.X, design.factors, fit, CONTRASTS[:1], 30, seed=2, statistic="t",
-                                 two_sided=True)
+                                 two_sided=True, variance="fit")
     t_fit = np.abs(infer(fit, CONTRASTS[:1]).t[0].t)
     np.testing.assert_allclose(two.contrasts[0].observed, t_fit, rtol=1e-10)  # as the identity test
     assert np.all(two.contrasts[0].null_maxima["max"] >= one.contrasts[0].null_maxima["max"])
@@ -385,7 +424,7 @@ def test_two_sided_takes_absolute_t(family_case):
 
 def test_signed_two_sided_maps_carry_the_sign_of_t(family_case):
     design, Y, fit = family_case
-    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, two_sided=True)
+    prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, two_sided=True, variance="fit")
     inf = infer(fit, CONTRASTS, two_sided=True)
     signed = rs.resampled_maps(prep, 3, 0, 40, signed=True)
     unsigned = rs.resampled_maps(prep, 3, 0, 40)

@@ -2,7 +2,8 @@
 volume (6³ voxels), on tests/core/spatial_simulation.py's data: ABCD-like families, skewed and
 heteroscedastic smooth errors; two-sided −log10 p maps, cluster-forming threshold 2, B = 99.
 
-- Null, one normal weight per family (the default) (marked slow, ~3 CPU min per layout): each statistic's
+- Null, one Rademacher sign per family at each contrast's null-model D (the default) (marked slow, ~3 CPU
+  min per layout): each statistic's
   rejection count at α = 0.05 over 100 datasets lies in the central 95% band of Binomial(100, 0.05),
   [1, 10] (each tail ≤ 2.5%: ``binomial_band``).  100 datasets is what a test run affords; the
   band at 1,000 (benchmarks/bench_spatial_fwer.py) is [37, 64].
@@ -50,7 +51,7 @@ def test_fwer_inflated_with_image_flips(kind):
 def test_planted_effect_is_detected(kind):
     rates = spatial_power(LAYOUTS[kind](), 10)
     print(f"{kind}: power {rates}")
-    assert rates["max"] >= 0.7 and rates["tfce"] >= 0.7  # measured 0.8-0.9 (normal and uniform weights, signed maps)
+    assert rates["max"] >= 0.7 and rates["tfce"] >= 0.7  # measured 0.8-0.9 (every default so far, signed maps)
     # measured: extent 0.3 (mesh) / 0.8 (volume), mass 0.8: extent alone is the weakest (0.6-0.9 with
     # Rademacher signs and unsigned clusters, whose null maxima were lower)
     assert rates["cluster_extent"] >= 0.3 and rates["cluster_mass"] >= 0.3

@@ -133,8 +133,8 @@ def fitted_stages(yml: Path):
 
 def in_memory(plan, Y: np.ndarray, nulls: dict | None = None, sigma2: str = "refit",
               weights: str = DEFAULT_WEIGHTS, precision: str = "float64") -> dict[str, np.ndarray]:
-    """The corrected maps from core.resampling and geometry in one piece, with the fit's D and df
-    (read from the fit's block files), images in the YAML's order; ``nulls`` gets each contrast's
+    """The corrected maps from core.resampling and geometry in one piece, from the fit's D (each contrast's
+    statistic at its null model's D, refitted by prepare, as the stage) and df (read from the fit's block files), images in the YAML's order; ``nulls`` gets each contrast's
     null maxima and observed map."""
     cfg = plan.config
     s = cfg.correction
@@ -145,7 +145,7 @@ def in_memory(plan, Y: np.ndarray, nulls: dict | None = None, sigma2: str = "ref
     fit = FitResult(beta=cat["beta"], sigma2=cat["sigma2"], D=D, llh=cat["llh"], converged=cat["reason"] == FITTED,
                     n_iter=np.zeros(v, int), n_obs=cat["n_obs"], status=cat["reason"], stop=np.zeros(v, int),
                     cov_beta=np.zeros((v, 0, 0)), cov_beta_grad=np.zeros((v, 0, 0, 0)), hessian=np.zeros((v, 0, 0)),
-                    free=np.zeros((v, 0), bool), resms=np.zeros(v), reml=True)
+                    free=np.zeros((v, 0), bool), resms=np.zeros(v), reml=True, method=cfg.method)
     keys = ["T0", "T1", "F0"]
     df = [cat[f"{k}_df"] for k in keys]
     prep = prepare(Y[:, plan.voxels], cfg.X, cfg.factors, fit, cfg.contrasts, df=df,
@@ -217,12 +217,12 @@ def test_two_sided_clusters_and_tfce_are_formed_on_each_sign_apart(tmp_path):
     with _inline() as engine:
         outcome = corrections.run_corrections(plan, engine, chunk=32)
     _assert_maps_equal(outcome.maps, in_memory(plan, Y))
-    fit = {key: np.concatenate([np.load(block_file(plan.workdir, k))[key] for k in range(len(plan.blocks))])
-           for key in ("T0_t", "T0_mlog10p")}
+    # the map clusters are formed on: resample 0's signed −log10 p (the statistic at the null model's D)
+    observed = np.load(correction_chunk_file(plan.workdir, 0))["0/observed"]
     assert plan.voxels.size == np.prod(GRID)  # every voxel in the mask: the map is the whole grid
     labels = outcome.maps["conT_cluster"][:, 0]
     for sign in (1, -1):
-        reference, count = ndimage.label(((fit["T0_mlog10p"] >= 2) & (sign * fit["T0_t"] > 0)).reshape(GRID))
+        reference, count = ndimage.label(((np.abs(observed) >= 2) & (sign * observed > 0)).reshape(GRID))
         ours = np.where(sign * labels > 0, labels, 0).reshape(GRID)
         assert count >= 1 and np.unique(ours[ours != 0]).size == count  # the planted effect of each sign
         pairs = np.unique(np.column_stack([reference.ravel(), ours.ravel()]), axis=0)
@@ -232,7 +232,7 @@ def test_two_sided_clusters_and_tfce_are_formed_on_each_sign_apart(tmp_path):
     assert {r["sign"] for r in rows} == {1, -1}
     assert all(np.sign(r["cluster"]) == r["sign"] and np.sign(r["mass"]) == r["sign"] for r in rows)
     tfce_map = outcome.maps["conT_tfce"][:, 0]
-    assert np.all(tfce_map * fit["T0_t"] >= 0) and np.any(tfce_map < 0)  # negative where T is
+    assert np.all(tfce_map * observed >= 0) and np.any(tfce_map < 0)  # negative where T is
 
 
 def test_two_sided_tfce_without_resamples_is_signed(tmp_path):
@@ -521,7 +521,8 @@ def test_small_maxmem_cuts_bootstrap_blocks_without_changing_maps(tmp_path):
     """MAXMEM sizes the bootstrap's voxel blocks (prepared contributions in a quarter of it)."""
     yml, Y = volume_analysis(tmp_path, FULL)
     plan = fitted_stages(yml)
-    small = plan.config.__class__(**{**plan.config.__dict__, "maxmem": 4 * 8 * (28 * (4 + 1) * 3 + plan.config.n) * 7})
+    columns = corrections.prepared_columns(plan.config)  # per voxel and sign block, all contrasts
+    small = plan.config.__class__(**{**plan.config.__dict__, "maxmem": 4 * 8 * (28 * columns + plan.config.n) * 7})
     small_plan = plan.__class__(**{**plan.__dict__, "config": small})
     pieces = corrections.correction_blocks(small_plan)
     assert [hi - lo for lo, hi, _ in pieces][:3] == [7, 7, 7] and pieces[-1][1] == plan.voxels.size
@@ -594,19 +595,19 @@ def test_weights_flag_is_checked_with_the_other_config_problems(tmp_path, capsys
     assert "Traceback" not in err
 
 
-def test_rademacher_weights_change_fwe_but_not_the_identity_resample(tmp_path):
-    """``weights: rademacher`` reaches the core (the stage equals core.resampling in memory with those
+def test_normal_weights_change_fwe_but_not_the_identity_resample(tmp_path):
+    """``weights: normal`` reaches the core (the stage equals core.resampling in memory with those
     weights), changes the null maxima and so the FWE maps, while resample 0, the identity, gives the
-    same observed statistics, and so the same TFCE, cluster and FDR maps, as the default (normal) weights."""
-    yml, Y = volume_analysis(tmp_path, FULL + "  weights: rademacher\n")
+    same observed statistics, and so the same TFCE, cluster and FDR maps, as the default (Rademacher) signs."""
+    yml, Y = volume_analysis(tmp_path, FULL + "  weights: normal\n")
     plan = fitted_stages(yml)
-    assert plan.config.correction.weights == "rademacher"
-    assert corrections.prepared_columns(plan.config) == 4 * 3  # p per contrast: no block ẽ'V⁻¹ẽ for s² = 1
+    assert plan.config.correction.weights == "normal"
+    assert corrections.prepared_columns(plan.config) == (4 + 1) * 3  # p per contrast and each block's ẽ'V⁻¹ẽ
     with _inline() as engine:
         outcome = corrections.run_corrections(plan, engine, chunk=32)
-    assert outcome.record()["weights"] == "rademacher"
-    rademacher_nulls: dict = {}
-    _assert_maps_equal(outcome.maps, in_memory(plan, Y, rademacher_nulls, weights="rademacher"))
+    assert outcome.record()["weights"] == "normal"
+    normal_nulls: dict = {}
+    _assert_maps_equal(outcome.maps, in_memory(plan, Y, normal_nulls, weights="normal"))
     default_nulls: dict = {}
     default = in_memory(plan, Y, default_nulls)
     chunk0 = np.load(correction_chunk_file(plan.workdir, 0))
@@ -615,7 +616,7 @@ def test_rademacher_weights_change_fwe_but_not_the_identity_resample(tmp_path):
         # the identity resample is the same product whatever the weights: equal to float64 rounding of one formula
         np.testing.assert_allclose(observed, default_nulls[name]["observed"], rtol=TIGHT, atol=TIGHT, equal_nan=True)
         assert outcome.null_maxima[name]["max"][0] == pytest.approx(default_nulls[name]["max"][0], rel=TIGHT)
-        assert not np.allclose(rademacher_nulls[name]["max"][1:], default_nulls[name]["max"][1:])  # other nulls
+        assert not np.allclose(normal_nulls[name]["max"][1:], default_nulls[name]["max"][1:])  # other nulls
     for stat in ("conT_tfce", "conT_cluster", "conF_cluster", "conTlp_fdr", "conFlp_fdr"):
         np.testing.assert_allclose(outcome.maps[stat], default[stat], rtol=TIGHT, atol=TIGHT, equal_nan=True,
                                    err_msg=stat)
