@@ -17,6 +17,7 @@ from blmm.core.resampling import (DEFAULT_WEIGHTS, PRECISIONS, SIGMA2_MODES, WEI
 from blmm.core.scoring import METHODS
 from blmm.engine.spec import CLUSTER_RULES, CLUSTER_TYPES, KINDS
 from blmm.errors import ImageError, InputError
+from blmm.geometry.layout import VOLUME_CONNECTIVITIES
 from blmm.io.images import ImageSpace, image_space, mismatch_reason, read_image
 from blmm.io.surfaces import TEMPLATE_MESHES, read_layout
 from blmm.io.tables import read_labels, read_matrix
