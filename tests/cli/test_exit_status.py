@@ -2,7 +2,6 @@
 during the run (issue 18: blmm used 2, blmm_view and blmm_compare 1 for the same kind of problem)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
