@@ -521,7 +521,8 @@ def test_small_maxmem_cuts_bootstrap_blocks_without_changing_maps(tmp_path):
     """MAXMEM sizes the bootstrap's voxel blocks (prepared contributions in a quarter of it)."""
     yml, Y = volume_analysis(tmp_path, FULL)
     plan = fitted_stages(yml)
-    small = plan.config.__class__(**{**plan.config.__dict__, "maxmem": 4 * 8 * (28 * (4 + 1) * 3 + plan.config.n) * 7})
+    per_voxel = corrections.prepared_bytes_per_voxel(plan.config) + 8 * plan.config.n  # prepared arrays and data
+    small = plan.config.__class__(**{**plan.config.__dict__, "maxmem": 4 * per_voxel * 7})
     small_plan = plan.__class__(**{**plan.__dict__, "config": small})
     pieces = corrections.correction_blocks(small_plan)
     assert [hi - lo for lo, hi, _ in pieces][:3] == [7, 7, 7] and pieces[-1][1] == plan.voxels.size
@@ -533,13 +534,13 @@ def test_small_maxmem_cuts_bootstrap_blocks_without_changing_maps(tmp_path):
 def test_prepared_blocks_are_read_once_across_chunks(tmp_path, monkeypatch):
     yml, _ = volume_analysis(tmp_path, FULL)
     plan = fitted_stages(yml)
-    real_loads, reads = corrections.pickle.loads, []
+    real_unpickle, reads = corrections._unpickle, []
 
-    def counting(data, *args, **kwargs):
-        reads.append(len(data))
-        return real_loads(data, *args, **kwargs)
+    def counting(path):
+        reads.append(path)
+        return real_unpickle(path)
 
-    monkeypatch.setattr(corrections.pickle, "loads", counting)
+    monkeypatch.setattr(corrections, "_unpickle", counting)
     with _inline() as engine:
         corrections.run_corrections(plan, engine, chunk=32)  # three chunks
     assert len(reads) == len(corrections.correction_blocks(plan))  # once per block, not once per block and chunk
