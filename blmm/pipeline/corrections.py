@@ -325,7 +325,7 @@ def prepare_block(plan: RunPlan, lo: int, hi: int, k: int) -> str:
         return str(path)
     cfg = plan.config
     fit, voxels, df = _block_fit(plan, lo, hi, k)
-    ordered = np.concatenate([np.load(correction_y_file(plan.workdir, b), mmap_mode="r")[:, lo:hi]
+    ordered = np.concatenate([_read_columns(correction_y_file(plan.workdir, b), lo, hi)
                               for b in range(len(plan.batches))], axis=0)
     Y = np.empty_like(ordered)
     Y[plan.order] = ordered
@@ -338,6 +338,28 @@ def prepare_block(plan: RunPlan, lo: int, hi: int, k: int) -> str:
         raise InputError(f"correction: voxels {lo}-{hi - 1} of the analysis: {err}") from None
     _pickle_atomically(path, prep)
     return str(path)
+
+
+def _read_columns(path: Path, lo: int, hi: int) -> np.ndarray:
+    """Columns lo … hi − 1 of a C-order .npy matrix, read row by row (``os.pread``): a memory-mapped
+    slice left most of the 2 mm MNI volume's 1.8 GB of batch files resident in the process (1.2 GB
+    RSS for a 4,000-voxel block whose arrays take 0.3 GB)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{path}: expected a C-order matrix, found shape {shape}")
+        offset = f.tell()
+        out = np.empty((shape[0], hi - lo), dtype=dtype)
+        row_bytes, width = shape[1] * dtype.itemsize, (hi - lo) * dtype.itemsize
+        view = memoryview(out).cast("B")
+        fd = f.fileno()
+        for i in range(shape[0]):
+            got = os.preadv(fd, [view[i * width:(i + 1) * width]], offset + i * row_bytes + lo * dtype.itemsize)
+            if got != width:
+                raise OSError(f"{path}: row {i} ends early ({got} of {width} bytes)")
+    return out
 
 
 def _pickle_atomically(path: Path, obj) -> None:
