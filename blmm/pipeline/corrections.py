@@ -373,7 +373,7 @@ def _pickle_atomically(path: Path, obj) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _unpickle(path: Path):
+def unpickle_file(path: Path) -> object:
     """What ``_pickle_atomically`` wrote; read from the file, so that its arrays are allocated once."""
     with open(path, "rb") as f:
         return pickle.load(f)
@@ -397,7 +397,7 @@ class PreparedCache:
             return self.preps[key]
         for stale in [k for k in self.preps if k[0] == key[0]]:  # the file was rewritten
             del self.preps[stale]
-        prep: ResamplingPrep = _unpickle(path)
+        prep: ResamplingPrep = unpickle_file(path)
         if self.nbytes + prep.nbytes <= budget:
             self.preps[key] = prep
         return prep
@@ -526,7 +526,7 @@ def loaded_layout(layout: SpatialLayout | LayoutFile | None) -> SpatialLayout | 
     key = (layout.path, os.stat(layout.path).st_mtime_ns)
     if _LOADED_LAYOUT[0] != key:
         _LOADED_LAYOUT[:] = [None, None]  # the previous one goes before the next is read
-        _LOADED_LAYOUT[:] = [key, _unpickle(Path(layout.path))]
+        _LOADED_LAYOUT[:] = [key, unpickle_file(Path(layout.path))]
     return _LOADED_LAYOUT[1]
 
 

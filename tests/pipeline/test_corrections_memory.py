@@ -21,7 +21,7 @@ from blmm.core.resampling import GEMM_BATCH
 from blmm.errors import InputError
 from blmm.pipeline.plan import PickledPlan
 from tests.core.resampling_simulation import family_design, simulate_Y
-from tests.pipeline.test_corrections import AFFINE, _inline, _tables, fitted_stages
+from tests.pipeline.test_corrections import AFFINE, inline_engine, write_tables, fitted_stages
 
 GRID = (12, 10, 10)  # 1,200 voxels: the maps and blocks, not Python's objects, make the task's memory
 B = 255  # 256 resamples: two GEMM batches in one chunk
@@ -42,7 +42,7 @@ def medium_volume(root: Path, resamples: int = B) -> Path:
         names.append(f"images/i{i:03d}.nii")
     (root / "Y_files.txt").write_text("\n".join(names) + "\n")
     yml = root / "inputs.yml"
-    yml.write_text("Y_files: Y_files.txt\n" + _tables(root, design)
+    yml.write_text("Y_files: Y_files.txt\n" + write_tables(root, design)
                    + f"correction:\n  resamples: {resamples}\n  tfce: true\n  seed: 3\n  cluster_threshold: 2\n")
     return yml
 
@@ -75,7 +75,7 @@ def maxmem_steps(plan, layout) -> tuple[list[int], list[int]]:
 
 def test_resample_task_allocates_within_its_memory_plan(tmp_path):
     plan, layout = prepared_stage(tmp_path)
-    prepared = sum(corrections._unpickle(corrections.correction_prep_file(plan.workdir, lo, hi)).nbytes
+    prepared = sum(corrections.unpickle_file(corrections.correction_prep_file(plan.workdir, lo, hi)).nbytes
                    for lo, hi, _ in corrections.correction_blocks(plan))
     steps, _ = maxmem_steps(plan, layout)
     for maxmem in (steps[0], steps[-1]):  # every block kept; the smallest MAXMEM accepted (few kept, small chunks)
@@ -133,7 +133,7 @@ class PicklingEngine:
 
 def test_dask_tasks_carry_the_plan_pickled_once_and_no_layout(tmp_path):
     plan = fitted_stages(medium_volume(tmp_path, resamples=63))
-    with _inline() as engine:
+    with inline_engine() as engine:
         inline = corrections.run_corrections(plan, engine).maps
     for path in plan.workdir.glob("resamples*.npz"):
         path.unlink()
