@@ -75,7 +75,7 @@ from blmm.pipeline.plan import PickledPlan, RunPlan, loaded_plan, shipped_plan
 
 MAX, TFCE, EXTENT, MASS = "max", "tfce", "cluster_extent", "cluster_mass"  # statistics of the null maxima
 CHUNKS_TO_SHARE = 8  # resample chunks to aim for: work for several workers, and for a resume to keep
-# A worker process's own memory before any task (Python, numpy, scipy, dask, blmm): 0.16-0.28 GB measured
+# A worker process's own memory before any task (Python, numpy, scipy, dask, blmm): 0.2-0.45 GiB measured
 # between tasks on the 2 mm MNI run; a correction task plans its arrays within MAXMEM less this.
 PROCESS_BYTES = 2**29
 SMALL_BYTES = 2**25  # a task's Python objects, its plan and small arrays, beyond the arrays it plans
