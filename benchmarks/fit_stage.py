@@ -90,7 +90,7 @@ def engines(plan, tasks: int, profiler: bool) -> None:
     import distributed  # noqa: F401  (its config defaults must exist before config.set)
 
     from blmm.engine import EngineSpec, open_engine
-    from blmm.pipeline.run import shipped_plan
+    from blmm.pipeline.plan import shipped_plan
 
     plan = dataclasses.replace(plan, blocks=plan.blocks[:tasks])
     voxels = plan.blocks[-1][1]

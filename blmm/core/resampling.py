@@ -177,6 +177,12 @@ class ResamplingPrep:
     def n_voxels(self) -> int:
         return int(self.voxels.size)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its arrays (what a process keeping it holds)."""
+        per_contrast = [a for c in self.contrasts for a in (c.resid_ss, c.df, c.pair_ss, c.block_ss) if a is not None]
+        return int(sum(a.nbytes for a in [self.voxels, self.sigma2, self.contributions, self.block_pairs, *per_contrast]))
+
 
 def check_blocks(blocks: np.ndarray, components: np.ndarray) -> np.ndarray:
     """Components (of V) that a sign block splits: flipping inside them is invalid (docs/corrected.md)."""

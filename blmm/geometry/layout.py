@@ -72,6 +72,13 @@ class SpatialLayout:
         kinds = {part.kind for part in self.parts}
         return kinds.pop() if len(kinds) == 1 else "cifti"
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the layout holds once its edge lists are built (``edges``, ``part_edges``: 4 int64 an edge)."""
+        a = self.adjacency
+        return int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes + self.extents.nbytes + self.coords.nbytes
+                   + sum(part.positions.nbytes for part in self.parts) + 32 * (a.nnz // 2))
+
     @cached_property
     def edges(self) -> tuple[np.ndarray, np.ndarray]:
         """Each neighbouring pair once, as (i, j) with i < j (computed once per layout)."""

@@ -130,6 +130,19 @@ def tfce_maxima(values: np.ndarray, layout: SpatialLayout, H: float | None = Non
     return np.abs(enhanced).max(axis=1, initial=0.0)
 
 
+def tfce_maxima_bytes(layout: SpatialLayout, maps: int) -> int:
+    """An upper bound of what ``tfce_maxima`` allocates for a batch of ``maps`` maps (bytes).
+
+    Per map its float64 copies (NaN set to 0, the enhanced maps, their absolute value: 32 bytes an
+    element); per pass of ``_each_part`` (ELEMENTS_PER_CALL elements, at least one map) the exact
+    transform's arrays, about 160 bytes an element and 80 an edge when every element is above 0
+    (tracemalloc on volumes with 6 and 26 neighbours and on meshes: tests/geometry/test_tfce.py).
+    """
+    n = max(1, layout.n_elements)
+    per_call = min(max(1, maps), max(1, ELEMENTS_PER_CALL // n))
+    return int(32 * maps * n + per_call * (184 * n + 80 * layout.edges[0].size))
+
+
 def _exact_positive(x: np.ndarray, first: np.ndarray, second: np.ndarray,
                     extents: np.ndarray, H: float, E: float, peaks_only: bool = False) -> np.ndarray:
     """Exact TFCE of the positive part of each row of ``x`` (maps x elements); elements at or

@@ -179,6 +179,11 @@ def correction_prep_file(workdir: Path, lo: int, hi: int) -> Path:
     return workdir / f"voxels{lo:08d}-{hi:08d}.resampling.pkl"
 
 
+def correction_layout_file(workdir: Path) -> Path:
+    """The analysis' SpatialLayout (pickled) that a dask engine's resample tasks read, once per worker."""
+    return workdir / "layout.pkl"
+
+
 def correction_chunk_file(workdir: Path, c: int) -> Path:
     """Resample chunk c's maxima of every statistic and contrast."""
     return workdir / f"resamples{c:05d}.npz"

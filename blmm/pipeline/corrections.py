@@ -11,6 +11,11 @@
    block, one block in memory at a time, and keeps each statistic's maximum (max −log10 p,
    TFCE, cluster extent and mass).  Chunks combine by concatenation of their maxima; every
    chunk's file is kept in the work folder, so a killed run redoes only unfinished chunks.
+   ``resample_memory`` plans what a resample task holds (the chunk's maps, one prepared block and
+   its products, the maxima's working arrays, the layout, the cache of prepared blocks) within
+   MAXMEM less the worker's own memory; it sizes the chunks.  A dask engine's tasks get the plan
+   pickled once and the layout as a file in the work folder (``LayoutFile``), so that a task's
+   arguments stay small.
 3. ``write_corrections`` turns observed maps and null maxima into the maps, the cluster table
    and the null maxima file; ``CorrectionOutcome.record()`` goes into blmm_run.json.
 
@@ -47,13 +52,16 @@ from blmm.core.result import FitResult
 from blmm.core.status import FITTED
 from blmm.core.tail import tail_p
 from blmm.errors import InputError
-from blmm.geometry import SpatialLayout, cluster_maxima, find_clusters, tfce, tfce_maxima
+from blmm.geometry import (
+    SpatialLayout, cluster_maxima, cluster_maxima_bytes, find_clusters, tfce, tfce_maxima, tfce_maxima_bytes,
+)
 from blmm.io.images import read_image, write_map
 from blmm.io.outdir import (
     CLUSTERS_FILE,
     NULL_MAXIMA_FILE,
     block_file,
     correction_chunk_file,
+    correction_layout_file,
     correction_prep_file,
     correction_y_file,
     MAPS,
@@ -63,10 +71,17 @@ from blmm.io.outdir import (
     write_text_atomically,
 )
 from blmm.io.surfaces import read_layout
-from blmm.pipeline.plan import RunPlan
+from blmm.pipeline.plan import PickledPlan, RunPlan, loaded_plan, shipped_plan
 
 MAX, TFCE, EXTENT, MASS = "max", "tfce", "cluster_extent", "cluster_mass"  # statistics of the null maxima
 CHUNKS_TO_SHARE = 8  # resample chunks to aim for: work for several workers, and for a resume to keep
+# A worker process's own memory before any task (Python, numpy, scipy, dask, blmm): 0.2-0.45 GiB measured
+# between tasks on the 2 mm MNI run; a correction task plans its arrays within MAXMEM less this.
+PROCESS_BYTES = 2**29
+SMALL_BYTES = 2**25  # a task's Python objects, its plan and small arrays, beyond the arrays it plans
+# Float64 (resamples x block voxels) arrays per contrast while a block's statistics are made: the GEMM
+# batches' statistics and their concatenation, −log10 p's temporaries and result (tracemalloc, tests)
+STATISTIC_COPIES = 6
 
 
 @dataclass
@@ -193,13 +208,39 @@ def _write_rows(plan: RunPlan, start: int, stop: int, tmp: Path, dtype) -> bool:
 
 def correction_blocks(plan: RunPlan) -> list[tuple[int, int, int]]:
     """(start, stop, fit block) of each voxel block of the bootstrap: the fit's blocks, cut so that a
-    block's prepared contributions (sign blocks x voxels x columns per contrast, in the correction's
-    precision) and its data take at most a quarter of MAXMEM."""
+    block's prepared arrays (``prepared_bytes_per_voxel``) and its data take at most a quarter of MAXMEM."""
     cfg = plan.config
-    n_blocks = int(sign_blocks(cfg).max()) + 1
-    per_voxel = prepared_itemsize(cfg) * n_blocks * prepared_columns(cfg) + 8 * cfg.n
-    size = max(1, int(cfg.maxmem // 4 // per_voxel))
+    size = max(1, int(cfg.maxmem // 4 // (prepared_bytes_per_voxel(cfg) + 8 * cfg.n)))
     return [(a, min(a + size, hi), k) for k, (lo, hi) in enumerate(plan.blocks) for a in range(lo, hi, size)]
+
+
+def prepared_bytes_per_voxel(config: Config) -> int:
+    """Bytes of one prepared voxel (``ResamplingPrep.nbytes``): its contributions (sign blocks x columns
+    per contrast, in the precision), with σ² refitted under weights other than Rademacher's each
+    block's ẽ_c'V_c⁻¹ẽ_c per contrast (float64), and its vectors (ẽ'V⁻¹ẽ and df per contrast, σ̂², index)."""
+    n_blocks = int(sign_blocks(config).max()) + 1
+    n_contrasts = len(config.contrasts)
+    return (prepared_itemsize(config) * n_blocks * contribution_columns(config)
+            + 8 * n_blocks * n_contrasts * _per_block_ss(config) + 8 * (2 * n_contrasts + 2))
+
+
+def contribution_columns(config: Config) -> int:
+    """Σk: p per contrast with σ² refitted, else each contrast's rank (its numerator df)."""
+    if config.correction.sigma2 == "refit":
+        return config.p * len(config.contrasts)
+    return sum(int(np.linalg.matrix_rank(c.matrix)) for c in config.contrasts)
+
+
+def _per_block_ss(config: Config) -> bool:
+    """Whether each block's ẽ_c'V_c⁻¹ẽ_c is kept: σ² refitted under weights of s_c² ≠ 1 (all but Rademacher's)."""
+    s = config.correction
+    return s.sigma2 == "refit" and s.weights != "rademacher"
+
+
+def task_budget(config: Config) -> int:
+    """Bytes a correction task's arrays may take: MAXMEM less the worker's own memory
+    (``PROCESS_BYTES``), so that the process stays within MAXMEM; at least a quarter of MAXMEM."""
+    return int(max(config.maxmem - PROCESS_BYTES, config.maxmem // 4))
 
 
 def prepared_itemsize(config: Config) -> int:
@@ -211,10 +252,7 @@ def prepared_columns(config: Config) -> int:
     """Columns of prepared contributions per voxel (Σk): p per contrast with σ² refitted (and one for
     each block's ẽ_c'V_c⁻¹ẽ_c, which weights of s_c² ≠ 1 rescale: all but Rademacher's), else each
     contrast's rank (its numerator df)."""
-    s = config.correction
-    if s.sigma2 == "refit":
-        return (config.p + int(s.weights != "rademacher")) * len(config.contrasts)
-    return sum(int(np.linalg.matrix_rank(c.matrix)) for c in config.contrasts)
+    return contribution_columns(config) + len(config.contrasts) * _per_block_ss(config)
 
 
 def correction_space_needed(plan: RunPlan) -> int:
@@ -228,8 +266,7 @@ def correction_space_needed(plan: RunPlan) -> int:
     maps = 4 * cfg.space.n_voxels * len(cfg.contrasts) * 6 + 4096 * 12
     if s.resamples == 0:
         return maps
-    n_blocks = int(sign_blocks(cfg).max()) + 1
-    prepared = V * (prepared_itemsize(cfg) * n_blocks * prepared_columns(cfg) + 8 * (2 * len(cfg.contrasts) + 1))
+    prepared = V * prepared_bytes_per_voxel(cfg)
     chunks = 8 * len(cfg.contrasts) * (4 * (s.resamples + 1) + V) + 4096 * CHUNKS_TO_SHARE
     return 8 * cfg.n * V + prepared + chunks + maps
 
@@ -288,7 +325,7 @@ def prepare_block(plan: RunPlan, lo: int, hi: int, k: int) -> str:
         return str(path)
     cfg = plan.config
     fit, voxels, df = _block_fit(plan, lo, hi, k)
-    ordered = np.concatenate([np.load(correction_y_file(plan.workdir, b), mmap_mode="r")[:, lo:hi]
+    ordered = np.concatenate([_read_columns(correction_y_file(plan.workdir, b), lo, hi)
                               for b in range(len(plan.batches))], axis=0)
     Y = np.empty_like(ordered)
     Y[plan.order] = ordered
@@ -299,21 +336,55 @@ def prepare_block(plan: RunPlan, lo: int, hi: int, k: int) -> str:
                        threads=1)  # the engine parallelises over blocks
     except ValueError as err:
         raise InputError(f"correction: voxels {lo}-{hi - 1} of the analysis: {err}") from None
+    _pickle_atomically(path, prep)
+    return str(path)
+
+
+def _read_columns(path: Path, lo: int, hi: int) -> np.ndarray:
+    """Columns lo … hi − 1 of a C-order .npy matrix, read row by row (``os.pread``): a memory-mapped
+    slice left most of the 2 mm MNI volume's 1.8 GB of batch files resident in the process (1.2 GB
+    RSS for a 4,000-voxel block whose arrays take 0.3 GB)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{path}: expected a C-order matrix, found shape {shape}")
+        offset = f.tell()
+        out = np.empty((shape[0], hi - lo), dtype=dtype)
+        row_bytes, width = shape[1] * dtype.itemsize, (hi - lo) * dtype.itemsize
+        view = memoryview(out).cast("B")
+        fd = f.fileno()
+        for i in range(shape[0]):
+            got = os.preadv(fd, [view[i * width:(i + 1) * width]], offset + i * row_bytes + lo * dtype.itemsize)
+            if got != width:
+                raise OSError(f"{path}: row {i} ends early ({got} of {width} bytes)")
+    return out
+
+
+def _pickle_atomically(path: Path, obj) -> None:
+    """``obj`` pickled into ``path`` through a temporary file, streamed (no copy of its arrays as bytes)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_bytes(pickle.dumps(prep, protocol=pickle.HIGHEST_PROTOCOL))
+        with open(tmp, "wb") as out:
+            pickle.dump(obj, out, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return str(path)
+
+
+def unpickle_file(path: Path) -> object:
+    """What ``_pickle_atomically`` wrote; read from the file, so that its arrays are allocated once."""
+    with open(path, "rb") as f:
+        return pickle.load(f)
 
 
 class PreparedCache:
     """Prepared voxel blocks kept in this process between resample chunks, within a byte budget.
 
     Each chunk needs every block's contributions; at ABCD size re-reading them from disk for every
-    chunk cost more than the chunk's products.  Blocks are kept while they fit the budget (a
-    quarter of MAXMEM: the chunk's maps take another); beyond it they are read per chunk as before.
+    chunk cost more than the chunk's products.  Blocks are kept while they fit the budget (what
+    ``resample_memory`` leaves of the task's budget); beyond it they are read per chunk as before.
     A file is known by its path and modification time, so a resumed run's new file is read again.
     """
 
@@ -326,10 +397,14 @@ class PreparedCache:
             return self.preps[key]
         for stale in [k for k in self.preps if k[0] == key[0]]:  # the file was rewritten
             del self.preps[stale]
-        prep: ResamplingPrep = pickle.loads(path.read_bytes())
-        if sum(p.contributions.nbytes for p in self.preps.values()) + prep.contributions.nbytes <= budget:
+        prep: ResamplingPrep = unpickle_file(path)
+        if self.nbytes + prep.nbytes <= budget:
             self.preps[key] = prep
         return prep
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.preps.values())
 
     def clear(self) -> None:
         self.preps.clear()
@@ -338,20 +413,121 @@ class PreparedCache:
 PREPARED = PreparedCache()  # per process: an engine worker keeps its blocks across the chunks it runs
 
 
-def resample_ranges(plan: RunPlan, chunk: int | None = None) -> list[tuple[int, int]]:
+@dataclass(frozen=True)
+class ResampleMemory:
+    """What a resample task holds at once (bytes), planned within ``budget`` (``task_budget``)."""
+
+    resamples: int  # of the chunk
+    maps: int  # the chunk's statistic maps: float64, every contrast, every analysis voxel
+    block: int  # the largest prepared voxel block in use: its arrays, its GEMM batch, its statistics
+    rows_per_pass: int  # maps whose maxima (largest value, TFCE, clusters) are computed together
+    passes: int  # what one such pass allocates (geometry's bounds)
+    layout: int  # the layout with its edge lists
+    budget: int
+
+    @property
+    def chunk(self) -> int:
+        """Everything but the cache of prepared blocks."""
+        return self.maps + self.block + self.passes + self.layout + SMALL_BYTES
+
+    @property
+    def cache(self) -> int:
+        """Prepared blocks kept between chunks: the rest of the budget."""
+        return max(0, self.budget - self.chunk)
+
+    @property
+    def planned(self) -> int:
+        return self.chunk + self.cache
+
+
+def resample_memory(plan: RunPlan, layout: SpatialLayout | None, resamples: int, start: int = 0) -> ResampleMemory:
+    """The memory plan of a task of resamples start … start + ``resamples`` − 1 (``resample_chunk``)."""
+    cfg = plan.config
+    s = cfg.correction
+    V, n_contrasts = plan.voxels.size, len(cfg.contrasts)
+    budget = task_budget(cfg)
+    v = max(hi - lo for lo, hi, _ in correction_blocks(plan))
+    # the whole GEMM batches the chunk's resamples lie in (the products are made a batch at a time)
+    rows = (-(-(start + resamples) // GEMM_BATCH) - start // GEMM_BATCH) * GEMM_BATCH
+    block = (v * prepared_bytes_per_voxel(cfg) + GEMM_BATCH * v * contribution_columns(cfg) * (prepared_itemsize(cfg) + 16)
+             + 8 * v * rows * n_contrasts * STATISTIC_COPIES)
+    stats = _statistics(s, layout)
+
+    def pass_bytes(r: int) -> int:  # the largest value's copy, then TFCE, then clusters, one after the other
+        return max([32 * r * V] + ([tfce_maxima_bytes(layout, r)] if TFCE in stats else [])
+                   + ([cluster_maxima_bytes(layout, r)] if EXTENT in stats else []))
+
+    per_pass = 1
+    while per_pass < resamples and pass_bytes(2 * per_pass) <= budget // 16:  # a sixteenth: a few maps
+        per_pass *= 2
+    per_pass = min(per_pass, max(1, resamples))
+    return ResampleMemory(resamples, 8 * n_contrasts * resamples * V, block, per_pass, pass_bytes(per_pass),
+                          layout.nbytes if layout is not None else 0, budget)
+
+
+def resample_ranges(plan: RunPlan, chunk: int | None = None, layout: SpatialLayout | None = None
+                    ) -> list[tuple[int, int]]:
     """(start, stop) of each resample chunk over 0 … B (0: the identity), GEMM_BATCH-aligned.
 
-    Default size: a chunk's maps, (resamples x analysis voxels) per contrast plus two working
-    copies, in a quarter of MAXMEM, and at most an eighth of the resamples (tasks to share among
-    workers, and finished work a killed run keeps).
+    Default size: the largest multiple of GEMM_BATCH (else of its halves: 64, 32, … 1) whose task,
+    without its cache of prepared blocks, takes at most three quarters of the task's budget
+    (``resample_memory``), and at most an eighth of the resamples (tasks to share among workers, and
+    finished work a killed run keeps).  Smaller than GEMM_BATCH, a chunk's GEMM batch is computed
+    whole and cut: the same values, more products.
     """
     cfg = plan.config
     total = cfg.correction.resamples + 1
     if chunk is None:
-        per_resample = 8 * plan.voxels.size * (len(cfg.contrasts) + 2)
-        by_memory = int(cfg.maxmem // 4 // per_resample)
-        chunk = max(GEMM_BATCH, min(by_memory, -(-total // CHUNKS_TO_SHARE)) // GEMM_BATCH * GEMM_BATCH)
+        chunk = resample_chunk_size(plan, layout)
     return [(a, min(a + chunk, total)) for a in range(0, total, chunk)]
+
+
+def resample_chunk_size(plan: RunPlan, layout: SpatialLayout | None) -> int:
+    """Resamples per task (``resample_ranges``); an InputError when one resample does not fit MAXMEM."""
+    cfg = plan.config
+    total = cfg.correction.resamples + 1
+    most = max(GEMM_BATCH, -(-total // CHUNKS_TO_SHARE) // GEMM_BATCH * GEMM_BATCH)
+    sizes = list(range(most, 0, -GEMM_BATCH)) + [GEMM_BATCH >> k for k in range(1, GEMM_BATCH.bit_length())]
+    for size in sizes:
+        memory = resample_memory(plan, layout, size)
+        if memory.chunk <= memory.budget * 3 // 4:
+            return size
+    raise InputError(f"MAXMEM: {cfg.maxmem} bytes is too small for the correction's resamples: one resample of "
+                     f"{plan.voxels.size} voxels takes {memory.chunk} bytes (its maps, a prepared voxel block, "
+                     f"the layout and the maxima's working arrays), more than three quarters of "
+                     f"{memory.budget} (MAXMEM less {PROCESS_BYTES} for the worker itself); raise MAXMEM")
+
+
+class LayoutFile:
+    """The layout as a dask engine's resample task is given it: a file in the work folder, read once
+    per worker process (inside every task, the 2 mm MNI volume's 16 MiB layout made dask warn of a
+    large graph)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+
+_LOADED_LAYOUT: list = [None, None]  # [(path, mtime), SpatialLayout] of the last LayoutFile read here
+
+
+def shipped_layout(plan: RunPlan, layout: SpatialLayout | None, engine) -> SpatialLayout | LayoutFile | None:
+    """What resample tasks are given: the layout itself inline, its file in the work folder for dask."""
+    if layout is None or getattr(engine, "client", None) is None:
+        return layout
+    path = correction_layout_file(plan.workdir)
+    _pickle_atomically(path, layout)
+    return LayoutFile(path)
+
+
+def loaded_layout(layout: SpatialLayout | LayoutFile | None) -> SpatialLayout | None:
+    """The layout a task was given (read from its file on this process's first task)."""
+    if not isinstance(layout, LayoutFile):
+        return layout
+    key = (layout.path, os.stat(layout.path).st_mtime_ns)
+    if _LOADED_LAYOUT[0] != key:
+        _LOADED_LAYOUT[:] = [None, None]  # the previous one goes before the next is read
+        _LOADED_LAYOUT[:] = [key, unpickle_file(Path(layout.path))]
+    return _LOADED_LAYOUT[1]
 
 
 def _statistics(settings: CorrectionSettings, layout: SpatialLayout | None) -> list[str]:
@@ -363,24 +539,28 @@ def _statistics(settings: CorrectionSettings, layout: SpatialLayout | None) -> l
     return stats
 
 
-def resample_chunk(plan: RunPlan, layout: SpatialLayout | None, c: int, start: int, stop: int) -> str:
+def resample_chunk(plan: RunPlan | PickledPlan, layout: SpatialLayout | LayoutFile | None, c: int, start: int,
+                   stop: int) -> str:
     """Resamples start … stop − 1 of every contrast over all blocks: each statistic's maxima
-    (and for the chunk holding resample 0, the observed maps)."""
+    (and for the chunk holding resample 0, the observed maps), within ``resample_memory``'s plan."""
+    plan = loaded_plan(plan)
     path = correction_chunk_file(plan.workdir, c)
     if path.exists():
         with np.load(path) as done:
             if int(done["start"]) == start and int(done["stop"]) == stop:
                 return str(path)
+    layout = loaded_layout(layout)
     cfg = plan.config
     s = cfg.correction
     V, R = plan.voxels.size, stop - start
+    memory = resample_memory(plan, layout, R, start)
     maps = [np.full((R, V), np.nan) for _ in cfg.contrasts]
     # Without TFCE only the maxima and the clusters' voxels need −log10 p (per-voxel stdtr is the
     # cost of whole maps): the maps hold it at or above the cluster threshold, NaN elsewhere.
     whole = TFCE in _statistics(s, layout)
     largest = np.full((R, len(cfg.contrasts)), np.nan)  # max −log10 p per resample, over voxel blocks
     for lo, hi, _ in correction_blocks(plan):
-        prep = PREPARED.load(correction_prep_file(plan.workdir, lo, hi), cfg.maxmem // 4)
+        prep = PREPARED.load(correction_prep_file(plan.workdir, lo, hi), memory.cache)
         if prep.n_voxels == 0:
             continue
         stats = resampled_stats(prep, s.seed, start, stop)
@@ -396,14 +576,16 @@ def resample_chunk(plan: RunPlan, layout: SpatialLayout | None, c: int, start: i
             maps[c][:, lo + prep.voxels] = m
         del prep
     out = {"start": np.array(start), "stop": np.array(stop)}
-    for j, m in enumerate(maps):
-        maxima = _maxima(m, s, layout, _signed(cfg, cfg.contrasts[j]))
+    for j in range(len(maps)):
+        m, maps[j] = maps[j], None  # each contrast's maps go once its maxima are taken
+        maxima = _maxima(m, s, layout, _signed(cfg, cfg.contrasts[j]), memory.rows_per_pass)
         if not whole:
             maxima[MAX] = np.where(np.isnan(largest[:, j]), -np.inf, largest[:, j])
         for name, values in maxima.items():
             out[f"{j}/{name}"] = values
         if start == 0:
-            out[f"{j}/observed"] = m[0]
+            out[f"{j}/observed"] = m[0].copy()
+        del m
     save_arrays_atomically(path, out)
     return str(path)
 
@@ -414,17 +596,21 @@ def _signed(config: Config, contrast: Contrast) -> bool:
 
 
 def _maxima(maps: np.ndarray, settings: CorrectionSettings, layout: SpatialLayout | None,
-            signed: bool) -> dict[str, np.ndarray]:
+            signed: bool, rows_per_pass: int) -> dict[str, np.ndarray]:
     """Each statistic's maximum of every (R, V) map: |−log10 p|, TFCE, cluster extent and mass
-    (on a signed map, positive and negative clusters apart; the maximum over both)."""
-    with np.errstate(invalid="ignore"):
-        finite = np.where(np.isnan(maps), -np.inf, np.abs(maps))
-    out = {MAX: np.max(finite, axis=1)}
+    (on a signed map, positive and negative clusters apart; the maximum over both), for
+    ``rows_per_pass`` maps at a time (each map's maxima do not depend on the others')."""
     stats = _statistics(settings, layout)
-    if TFCE in stats:
-        out[TFCE] = tfce_maxima(maps, layout, two_sided=signed)
-    if EXTENT in stats:
-        out[EXTENT], out[MASS] = cluster_maxima(maps, layout, settings.cluster_threshold, two_sided=signed)
+    out = {k: np.empty(maps.shape[0]) for k in stats}
+    for a in range(0, maps.shape[0], rows_per_pass):
+        rows, part = slice(a, a + rows_per_pass), maps[a:a + rows_per_pass]
+        with np.errstate(invalid="ignore"):
+            out[MAX][rows] = np.max(np.where(np.isnan(part), -np.inf, np.abs(part)), axis=1)
+        if TFCE in stats:
+            out[TFCE][rows] = tfce_maxima(part, layout, two_sided=signed)
+        if EXTENT in stats:
+            out[EXTENT][rows], out[MASS][rows] = cluster_maxima(part, layout, settings.cluster_threshold,
+                                                                two_sided=signed)
     return out
 
 
@@ -451,15 +637,17 @@ def run_corrections(plan: RunPlan, engine, chunk: int | None = None) -> Correcti
     if outcome.n_blocks < 2:
         raise InputError(f"correction: the blocks ({outcome.blocks_factor}) form one block of all "
                          f"{cfg.n} images; the wild bootstrap needs at least 2 independent blocks")
-    engine.map(_store_data_task, [(plan, b) for b in range(len(plan.batches))], stage="read images for resampling",
+    shipped = shipped_plan(plan, engine)
+    engine.map(_store_data_task, [(shipped, b) for b in range(len(plan.batches))], stage="read images for resampling",
                labels=[f"image batch {b}" for b in range(len(plan.batches))])
     pieces = correction_blocks(plan)
-    engine.map(_prepare_block_task, [(plan, lo, hi, k) for lo, hi, k in pieces],
+    engine.map(_prepare_block_task, [(shipped, lo, hi, k) for lo, hi, k in pieces],
                stage="prepare resampling", labels=[f"voxels {lo}-{hi - 1}" for lo, hi, _ in pieces])
-    ranges = resample_ranges(plan, chunk)
+    ranges = resample_ranges(plan, chunk, layout)
     outcome.chunks = len(ranges)
+    task_layout = shipped_layout(plan, layout, engine)
     try:
-        engine.map(_resample_chunk_task, [(plan, layout, c, a, z) for c, (a, z) in enumerate(ranges)],
+        engine.map(_resample_chunk_task, [(shipped, task_layout, c, a, z) for c, (a, z) in enumerate(ranges)],
                    stage="resample", labels=[f"resamples {a}-{z - 1}" for a, z in ranges])
     finally:
         PREPARED.clear()  # an inline run's blocks; a worker process's go with it
@@ -594,11 +782,13 @@ def _cell(value) -> str:
 
 
 def _store_data_task(args) -> str:
-    return store_data(*args)
+    plan, b = args
+    return store_data(loaded_plan(plan), b)
 
 
 def _prepare_block_task(args) -> str:
-    return prepare_block(*args)
+    plan, *rest = args
+    return prepare_block(loaded_plan(plan), *rest)
 
 
 def _resample_chunk_task(args) -> str:

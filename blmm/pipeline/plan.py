@@ -83,6 +83,11 @@ def loaded_plan(plan: RunPlan | PickledPlan) -> RunPlan:
     return plan.load() if isinstance(plan, PickledPlan) else plan
 
 
+def shipped_plan(plan: RunPlan, engine) -> RunPlan | PickledPlan:
+    """What a stage's tasks are given: the plan itself inline, pickled once for a dask engine."""
+    return plan if getattr(engine, "client", None) is None else PickledPlan(plan)
+
+
 def input_hash(config: Config) -> str:
     """Hash of the resolved inputs and the size/mtime of every input file."""
     h = hashlib.sha256()

@@ -22,7 +22,7 @@ from blmm.io.outdir import (
 )
 from blmm.pipeline.corrections import CorrectionOutcome, run_corrections, write_corrections
 from blmm.pipeline.cost import estimate_work
-from blmm.pipeline.plan import PickledPlan, RunPlan, loaded_plan, plan_run
+from blmm.pipeline.plan import RunPlan, loaded_plan, plan_run, shipped_plan
 from blmm.pipeline.stages import (
     check_disk_space,
     fit_block,
@@ -174,11 +174,6 @@ def fit_blocks(plan: RunPlan, engine) -> RunPlan:
     engine.map(_fit_block_task, [(shipped, k) for k in range(len(plan.blocks))], stage="fit and test",
                labels=[f"voxel block {k}: {z - a} voxels" for k, (a, z) in enumerate(plan.blocks)])
     return plan
-
-
-def shipped_plan(plan: RunPlan, engine) -> RunPlan | PickledPlan:
-    """What a stage's tasks are given: the plan itself inline, pickled once for a dask engine."""
-    return plan if getattr(engine, "client", None) is None else PickledPlan(plan)
 
 
 def record_run(plan: RunPlan, engine, counts: dict, timings: dict, engine_choice: dict | None = None,

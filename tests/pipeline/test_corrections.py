@@ -49,7 +49,7 @@ def _data(n_voxels: int, seed: int = 3, negative: bool = False):
     return design, Y.astype(np.float32).astype(np.float64)  # what the images hold
 
 
-def _tables(root: Path, design) -> str:
+def write_tables(root: Path, design) -> str:
     n = design.X.shape[0]
     np.savetxt(root / "X.csv", design.X, delimiter=",", header="one,fam,age,bin", comments="")
     for name, labels in (("family", design.family), ("subject", design.subject)):
@@ -73,7 +73,7 @@ def volume_analysis(root: Path, correction: str, negative: bool = False) -> tupl
         names.append(f"images/i{i:03d}.nii.gz")
     (root / "Y_files.txt").write_text("\n".join(names) + "\n")
     yml = root / "inputs.yml"
-    yml.write_text("Y_files: Y_files.txt\n" + _tables(root, design) + correction)
+    yml.write_text("Y_files: Y_files.txt\n" + write_tables(root, design) + correction)
     return yml, Y
 
 
@@ -113,11 +113,11 @@ def surface_analysis(root: Path, correction: str, mesh_shape=(6, 7), cifti: bool
     save_mesh(root / "lh.mesh.surf.gii", *grid_mesh(*mesh_shape))
     (root / "Y_files.txt").write_text("\n".join(names) + "\n")
     yml = root / "inputs.yml"
-    yml.write_text("Y_files: Y_files.txt\n" + _tables(root, design) + correction)
+    yml.write_text("Y_files: Y_files.txt\n" + write_tables(root, design) + correction)
     return yml, Y
 
 
-def _inline():
+def inline_engine():
     return open_engine(EngineSpec(kind="inline"))
 
 
@@ -125,7 +125,7 @@ def fitted_stages(yml: Path):
     """Plan, read and fit (the stages before the correction), inline."""
     config = load_config(yml)
     plan = plan_run(config, force=True)
-    with _inline() as engine:
+    with inline_engine() as engine:
         read_images(plan, engine)
         fit_blocks(plan, engine)
     return plan
@@ -197,7 +197,7 @@ def test_stage_maps_equal_core_in_memory(tmp_path, kind):
     else:
         yml, Y = surface_analysis(tmp_path, FULL + "  surface: {left: lh.mesh.surf.gii}\n", cifti=True)
     plan = fitted_stages(yml)
-    with _inline() as engine:
+    with inline_engine() as engine:
         outcome = corrections.run_corrections(plan, engine, chunk=32)
     assert outcome.chunks == 3
     expected = in_memory(plan, Y)
@@ -214,7 +214,7 @@ def test_two_sided_clusters_and_tfce_are_formed_on_each_sign_apart(tmp_path):
     from scipy import ndimage
     yml, Y = volume_analysis(tmp_path, "two_sided: true\n" + FULL, negative=True)
     plan = fitted_stages(yml)
-    with _inline() as engine:
+    with inline_engine() as engine:
         outcome = corrections.run_corrections(plan, engine, chunk=32)
     _assert_maps_equal(outcome.maps, in_memory(plan, Y))
     # the map clusters are formed on: resample 0's signed −log10 p (the statistic at the null model's D)
@@ -239,7 +239,7 @@ def test_two_sided_tfce_without_resamples_is_signed(tmp_path):
     """TFCE alone (no resamples) of a two-sided T: the fitted −log10 p with T's sign, each sign apart."""
     yml, _ = volume_analysis(tmp_path, "two_sided: true\ncorrection:\n  tfce: true\n", negative=True)
     plan = fitted_stages(yml)
-    with _inline() as engine:
+    with inline_engine() as engine:
         outcome = corrections.run_corrections(plan, engine)
     fit = {key: np.concatenate([np.load(block_file(plan.workdir, k))[key] for k in range(len(plan.blocks))])
            for key in ("T0_t", "T0_mlog10p")}
@@ -256,7 +256,7 @@ def test_tail_and_corrcon_fwe(tmp_path):
     from blmm.core.tail import tail_p
     yml, Y = volume_analysis(tmp_path, FULL + "  tail: true\n")
     plan = fitted_stages(yml)
-    with _inline() as engine:
+    with inline_engine() as engine:
         tailed = corrections.run_corrections(plan, engine, chunk=32)
     nulls: dict = {}
     in_memory(plan, Y, nulls)
@@ -271,7 +271,7 @@ def test_tail_and_corrcon_fwe(tmp_path):
     s = plan.config.correction
     over = plan.__class__(**{**plan.__dict__, "config": plan.config.__class__(**{
         **plan.config.__dict__, "correction": s.__class__(**{**s.__dict__, "tail": False, "corrcon": True})})})
-    with _inline() as engine:
+    with inline_engine() as engine:
         both = corrections.run_corrections(over, engine, chunk=32)
     joint = np.max(np.stack([nulls[c]["max"] for c in ("fam", "age", "both")]), axis=0)
     np.testing.assert_array_equal(both.over_contrasts["max"], joint)  # a maximum: exact
@@ -287,7 +287,7 @@ def test_voxels_with_missing_images_are_left_out_of_the_bootstrap(tmp_path):
     values[4] = 0.0  # zero_is_missing: voxel 4 misses image 5
     nib.save(nib.Nifti1Image(values.astype(np.float32).reshape(GRID), AFFINE), str(lost))
     plan = fitted_stages(yml)
-    with _inline() as engine:
+    with inline_engine() as engine:
         outcome = corrections.run_corrections(plan, engine, chunk=32)
     assert outcome.excluded_voxels == 1
     for name in ("conTlp_fwe", "conT_tfce", "conTlp_tfce_fwe", "conTlp_cluster_fwe"):
@@ -334,7 +334,7 @@ def test_written_maps_table_and_record(tmp_path):
 def test_written_maps_are_the_stage_maps_in_float32(tmp_path):
     yml, _ = volume_analysis(tmp_path, FULL)
     plan = fitted_stages(yml)
-    with _inline() as engine:
+    with inline_engine() as engine:
         outcome = corrections.run_corrections(plan, engine)
     corrections.write_corrections(plan, outcome)
     for stat, values in outcome.maps.items():
@@ -348,7 +348,7 @@ def test_same_seed_same_maps_in_any_chunking(tmp_path):
     plan = fitted_stages(yml)
     maps = []
     for chunk in (96, 32, 64):  # one chunk of 96, three of 32, 64 + 32
-        with _inline() as engine:
+        with inline_engine() as engine:
             maps.append(corrections.run_corrections(plan, engine, chunk=chunk).maps)
     for other in maps[1:]:
         for name in maps[0]:
@@ -372,7 +372,7 @@ def test_killed_run_resumes_without_redoing_chunks(tmp_path, monkeypatch):
         return real(plan_, layout, c, start, stop)
 
     monkeypatch.setattr(corrections, "resample_chunk", dies_after_first)
-    with _inline() as engine, pytest.raises(_Killed):
+    with inline_engine() as engine, pytest.raises(_Killed):
         corrections.run_corrections(plan, engine, chunk=32)
     assert [correction_chunk_file(plan.workdir, c).exists() for c in range(3)] == [True, False, False]
     computed = []
@@ -384,13 +384,13 @@ def test_killed_run_resumes_without_redoing_chunks(tmp_path, monkeypatch):
         return real(plan_, layout, c, start, stop)
 
     monkeypatch.setattr(corrections, "resample_chunk", counting)
-    with _inline() as engine:
+    with inline_engine() as engine:
         resumed = corrections.run_corrections(plan, engine, chunk=32)
     assert computed == [1, 2]  # chunk 0 was kept
     monkeypatch.setattr(corrections, "resample_chunk", real)
     for c in range(3):
         correction_chunk_file(plan.workdir, c).unlink()
-    with _inline() as engine:
+    with inline_engine() as engine:
         fresh = corrections.run_corrections(plan, engine, chunk=32)
     for name in fresh.maps:
         np.testing.assert_array_equal(resumed.maps[name], fresh.maps[name], err_msg=name)
@@ -401,7 +401,7 @@ def test_fdr_only_needs_no_mesh_and_matches_statsmodels(tmp_path):
     from statsmodels.stats.multitest import multipletests
     yml, _ = surface_analysis(tmp_path, "correction:\n  fdr: by\n")
     plan = fitted_stages(yml)
-    with _inline() as engine:
+    with inline_engine() as engine:
         outcome = corrections.run_corrections(plan, engine)
     assert sorted(outcome.maps) == ["conFlp_fdr", "conTlp_fdr"]
     mlog10p = np.concatenate([np.load(block_file(plan.workdir, k))["T1_mlog10p"] for k in range(len(plan.blocks))])
@@ -415,7 +415,7 @@ def test_fdr_only_needs_no_mesh_and_matches_statsmodels(tmp_path):
 def test_local_dask_cluster_gives_the_inline_maps(tmp_path):
     yml, _ = volume_analysis(tmp_path, FULL)
     plan = fitted_stages(yml)
-    with _inline() as engine:
+    with inline_engine() as engine:
         inline = corrections.run_corrections(plan, engine, chunk=32).maps
     for c in range(3):
         correction_chunk_file(plan.workdir, c).unlink()
@@ -521,12 +521,12 @@ def test_small_maxmem_cuts_bootstrap_blocks_without_changing_maps(tmp_path):
     """MAXMEM sizes the bootstrap's voxel blocks (prepared contributions in a quarter of it)."""
     yml, Y = volume_analysis(tmp_path, FULL)
     plan = fitted_stages(yml)
-    columns = corrections.prepared_columns(plan.config)  # per voxel and sign block, all contrasts
-    small = plan.config.__class__(**{**plan.config.__dict__, "maxmem": 4 * 8 * (28 * columns + plan.config.n) * 7})
+    per_voxel = corrections.prepared_bytes_per_voxel(plan.config) + 8 * plan.config.n  # prepared arrays and data
+    small = plan.config.__class__(**{**plan.config.__dict__, "maxmem": 4 * per_voxel * 7})
     small_plan = plan.__class__(**{**plan.__dict__, "config": small})
     pieces = corrections.correction_blocks(small_plan)
     assert [hi - lo for lo, hi, _ in pieces][:3] == [7, 7, 7] and pieces[-1][1] == plan.voxels.size
-    with _inline() as engine:
+    with inline_engine() as engine:
         outcome = corrections.run_corrections(small_plan, engine, chunk=32)
     _assert_maps_equal(outcome.maps, in_memory(plan, Y))
 
@@ -534,14 +534,14 @@ def test_small_maxmem_cuts_bootstrap_blocks_without_changing_maps(tmp_path):
 def test_prepared_blocks_are_read_once_across_chunks(tmp_path, monkeypatch):
     yml, _ = volume_analysis(tmp_path, FULL)
     plan = fitted_stages(yml)
-    real_loads, reads = corrections.pickle.loads, []
+    real_unpickle, reads = corrections.unpickle_file, []
 
-    def counting(data, *args, **kwargs):
-        reads.append(len(data))
-        return real_loads(data, *args, **kwargs)
+    def counting(path):
+        reads.append(path)
+        return real_unpickle(path)
 
-    monkeypatch.setattr(corrections.pickle, "loads", counting)
-    with _inline() as engine:
+    monkeypatch.setattr(corrections, "unpickle_file", counting)
+    with inline_engine() as engine:
         corrections.run_corrections(plan, engine, chunk=32)  # three chunks
     assert len(reads) == len(corrections.correction_blocks(plan))  # once per block, not once per block and chunk
     assert not corrections.PREPARED.preps  # released after the stage
@@ -568,7 +568,7 @@ def test_sigma2_fixed_equals_core_in_memory_with_fewer_columns(tmp_path):
     yml, Y = volume_analysis(tmp_path, FULL + "  sigma2: fixed\n")
     plan = fitted_stages(yml)
     assert corrections.prepared_columns(plan.config) == 1 + 1 + 2  # each contrast's rank, not p = 4 each
-    with _inline() as engine:
+    with inline_engine() as engine:
         outcome = corrections.run_corrections(plan, engine, chunk=32)
     _assert_maps_equal(outcome.maps, in_memory(plan, Y, sigma2="fixed"))
     refit = in_memory(plan, Y)
@@ -578,7 +578,7 @@ def test_sigma2_fixed_equals_core_in_memory_with_fewer_columns(tmp_path):
 def test_precision_float32_equals_core_in_memory_float32(tmp_path):
     yml, Y = volume_analysis(tmp_path, FULL + "  precision: float32\n")
     plan = fitted_stages(yml)
-    with _inline() as engine:
+    with inline_engine() as engine:
         outcome = corrections.run_corrections(plan, engine, chunk=32)
     assert corrections.prepared_itemsize(plan.config) == 4  # the blocks are sized for float32 contributions
     _assert_maps_equal(outcome.maps, in_memory(plan, Y, precision="float32"))
@@ -603,7 +603,7 @@ def test_normal_weights_change_fwe_but_not_the_identity_resample(tmp_path):
     plan = fitted_stages(yml)
     assert plan.config.correction.weights == "normal"
     assert corrections.prepared_columns(plan.config) == (4 + 1) * 3  # p per contrast and each block's ẽ'V⁻¹ẽ
-    with _inline() as engine:
+    with inline_engine() as engine:
         outcome = corrections.run_corrections(plan, engine, chunk=32)
     assert outcome.record()["weights"] == "normal"
     normal_nulls: dict = {}
