@@ -279,10 +279,6 @@ class LevelUnits:
                                          (stats.zrow[:, :, None] * stats.X[:, None, :]).reshape(n, q * p)], axis=1)
         self.row_terms = level_row_terms(p, q)
 
-    def block_units(self, idx: np.ndarray, slots: int | None = None) -> dict:
-        """Every touched level's units for voxels idx, padded to `slots` (`touched_units`, `padded_units`)."""
-        return padded_units(touched_units(self.stats, self, idx), slots)
-
     @property
     def nbytes(self) -> int:
         """Bytes of the common design quantities the units draw on (held through the fit)."""

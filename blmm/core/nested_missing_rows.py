@@ -139,7 +139,7 @@ class FamilyUnits:
         self.group = np.full(L, -1, np.int64)  # -1: no Z entries at all, no block
         self.index = np.zeros(L, np.int64)
         self.zrow = np.zeros((stats.n_rows, max(lv.q for lv in obj.levels)))
-        self.G, self.Xl, self.cols = [], [], []
+        self.G, self.Xl = [], []
         for g, (lv, perm) in enumerate(zip(obj.levels, obj.perm)):
             b = lv.q
             Lg = perm.size // b
@@ -149,7 +149,6 @@ class FamilyUnits:
             self.index[family[coo.row]] = coo.col // b
             self.G.append(diag_blocks(stats.ZtZ[perm][:, perm], Lg, b))
             self.Xl.append(stats.ZtX[perm].reshape(Lg, b, stats.p))
-            self.cols.append(perm.reshape(Lg, b))
         self.groups, self.sums = tree_level_sums(stats, obj)
         self.small_position = [g.small_position() for g in self.groups]
         self.block_sizes = [lv.q for lv in obj.levels]

@@ -195,7 +195,8 @@ def test_missing_rows_are_fitted_by_the_vectorised_paths(case_name, monkeypatch)
             obj = _build(*args, **kwargs)
             seen.append(type(obj).__name__)
             return obj
-        monkeypatch.setitem(STRUCTURES, structure, replace(STRUCTURES[structure], missing_rows=replace(path, build=spy)))
+        monkeypatch.setitem(STRUCTURES, structure,
+                            replace(STRUCTURES[structure], missing_rows=replace(path, build=spy)))
     assert np.isnan(case.Y).any(axis=0).sum() >= 5
     options = {"tol": TOL[case_name]} if case_name in TOL else {}
     again = fit_lmm(case.Y, case.X, factors, reml=True, **options)
