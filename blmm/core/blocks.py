@@ -3,21 +3,23 @@
 A `Scheduler` owns what every path shares: the memory budget per block and per round, the
 threads, the "enough blocks to share" rule, fitting one block (score, settle, package) and
 storing its rows in the `FitResult`.  A path only says which voxels go together and how a
-block's data is formed (core/fit.py for per-pattern objectives, core/missing_rows.py and
-core/nested_missing_rows.py for voxels against the complete design).
+block's data is formed: core/fit.py for per-pattern objectives; for voxels fitted against the
+complete design with their own missing rows, the one driver `fit_missing_rows` here, which asks
+each structure's units (`MissingRowUnits`: core/missing_rows.py's `LevelUnits`,
+core/nested_missing_rows.py's `FamilyUnits`) only what differs between structures.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from blmm.core.boundary import SettledPoint, boundary_coordinates, free_parameters, settle
 from blmm.core.hessian import variance_hessian
-from blmm.core.objective.base import Objective, subset_eval, take_rows
+from blmm.core.objective.base import Objective, array_bytes, subset_eval, take_rows
 from blmm.core.result import BlockFit, FitResult, residual_mean_square
 from blmm.core.scoring import ScoringResult, score
-from blmm.core.status import NOT_FINITE
+from blmm.core.status import FITTED, NOT_FINITE
 from blmm.core.threads import run_blocks, thread_count
 
 MIN_SHARED_BLOCK = 64  # voxels: below this a block's fixed costs outweigh sharing it among threads
@@ -60,6 +62,7 @@ class Scheduler:
         self.threads = thread_count(threads)
         self.qk, self.p, self.reml = list(res.q), res.p, res.reml
         self.k = 1 + sum(q * (q + 1) // 2 for q in self.qk)
+        self.held_peak = 0  # most bytes a missing-row round held by the accounting (`fit_missing_rows`)
 
     def share_cap(self, n_voxels: int) -> int:
         """Voxels per block at most, so that n_voxels make enough blocks to share among the threads."""
@@ -116,6 +119,99 @@ class Scheduler:
         out = fit_block(obj, data, self.qk, self.method, self.tol, self.max_iter, self.reml, n, self.p)
         self.res.store(idx, out)
         self.res.resms[idx] = residual_mean_square(out.beta, XtX, XtY, YtY, self.res.n_obs[idx], self.p)
+
+
+class MissingRowUnits(Protocol):
+    """What `fit_missing_rows` asks of a structure whose objective has the `missing_rows` capability:
+    one implementation per structure (`LevelUnits`: one factor; `FamilyUnits`: a nesting tree),
+    built by its statistics' ``units(objective)``.
+
+    A voxel's class is the powers of two of its `unit_sizes` (`Scheduler.class_blocks`); a block
+    of voxels is prepared (its units formed, the voxels screened) into parts, each a dict of arrays
+    with the voxels on the leading axis (an ``"XtX"`` entry: X'X_v) and a shape (the parts' padded
+    unit counts); parts of one shape are fitted together whatever block they were prepared in.
+    """
+
+    objective: Objective  # the complete design's objective (`missing_rows` True)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the common design quantities the units draw on (held through the fit)."""
+
+    def unit_sizes(self) -> np.ndarray:
+        """(v, m) what each voxel's units grow with (touched levels, missing rows), for its class."""
+
+    def unit_bytes(self, key: tuple) -> int:
+        """Working bytes per voxel of preparing and fitting a block of class key, beside the objective's."""
+
+    def prepared_bytes(self, key: tuple) -> int:
+        """Bytes per voxel of class key that its prepared parts hold until fitted."""
+
+    def prepare(self, idx: np.ndarray, screen: Callable) -> list[tuple[np.ndarray, dict, tuple]]:
+        """(voxels, units, shape) parts of voxels idx, after ``screen(idx, XtX_v, XtY, YtY, n_obs, centre)``
+        (`FitResult.screen_voxels`: the mask of voxels to fit) has dropped the others."""
+
+    def fit_bytes(self, shape: tuple) -> int:
+        """Working bytes per voxel of fitting a part of this shape, beside the objective's."""
+
+    def block_data(self, idx: np.ndarray, units: dict) -> tuple[Any, np.ndarray, np.ndarray]:
+        """(the objective's data, X'Y, Y'Y) of voxels idx with their prepared units (without "XtX")."""
+
+
+def fit_missing_rows(units: MissingRowUnits, scheduler: Scheduler) -> None:
+    """Fit every voxel still FITTED in scheduler's result against the complete design with its own
+    missing rows (docs/model.md, "Missing rows"), the same way for every structure.
+
+    Voxels of one class share a block, sized for the class's bound (`Scheduler.class_blocks`),
+    so a voxel's padding stays under 2x and does not depend on the other classes.  Blocks are
+    prepared in rounds: half the budget beside the common quantities holds a round's prepared
+    parts, the other half the fit blocks' working memory; parts of one shape are then fitted
+    together, cut to the block size of their shape.  `Scheduler.held_peak` records the most
+    bytes held: the common quantities, a round's prepared parts and its fit blocks in flight.
+    """
+    res, obj = scheduler.res, units.objective
+    shared = obj.held_bytes() + units.nbytes  # held through the fit, beside the blocks
+    budget = scheduler.budget_beside(shared)
+    base_voxel = scheduler.voxel_bytes(obj)
+    round_budget = budget // 2
+    block_budget = budget - round_budget
+    jobs = scheduler.class_blocks(np.flatnonzero(res.status == FITTED), units.unit_sizes(),
+                                  lambda key: base_voxel + units.unit_bytes(key), block_budget,
+                                  limit=lambda key: round_budget // units.prepared_bytes(key))
+    prepared: list = []  # (voxels, units, shape) parts of a round
+
+    def prepare(job) -> None:
+        prepared.extend(units.prepare(job[0], res.screen_voxels))  # list.extend is atomic: threads may share it
+
+    def run(job) -> None:
+        idx, part = job
+        XtX_v = part.pop("XtX")
+        data, XtY, YtY = units.block_data(idx, part)
+        scheduler.fit(obj, data, idx, obj.n, XtX_v, XtY, YtY)  # data.n per voxel
+
+    for round_jobs in rounds(jobs, lambda job: job[0].size * units.prepared_bytes(job[1]), round_budget):
+        scheduler.run(prepare, round_jobs)
+        held = shared + sum(array_bytes(part) for _, part, _ in prepared)
+        # voxels with the same padded counts are fitted together, whatever block they were prepared
+        # in: few distinct shapes, so few (and large) fit blocks
+        by_shape: dict[tuple, list] = {}
+        for idx, part, shape in prepared:
+            by_shape.setdefault(shape, []).append((idx, part))
+        prepared.clear()
+        n_round = sum(job[0].size for job in round_jobs)
+        fit_jobs, in_flight = [], 0
+        for shape in sorted(by_shape):
+            parts = by_shape.pop(shape)  # the parts go as soon as they are concatenated
+            idx = np.concatenate([i for i, _ in parts])
+            part = {key: np.concatenate([u[key] for _, u in parts]) for key in parts[0][1]}
+            del parts
+            per_voxel = base_voxel + units.fit_bytes(shape)
+            size = scheduler.block_voxels(per_voxel, block_budget, n_round)
+            in_flight = max(in_flight, min(size, idx.size) * per_voxel)
+            fit_jobs.extend((idx[a:a + size], {key: arr[a:a + size] for key, arr in part.items()})
+                            for a in range(0, idx.size, size))
+        scheduler.held_peak = max(scheduler.held_peak, held + min(scheduler.threads, len(fit_jobs)) * in_flight)
+        scheduler.run(run, fit_jobs)
 
 
 def fit_block(obj: Objective, data, qk: list, method: str, tol: float, max_iter: int, reml: bool, n: int,

@@ -10,15 +10,15 @@ import warnings
 
 import numpy as np
 
-from blmm.core.blocks import Scheduler
-from blmm.core.centre import centre_of, centred_response, removed_size, restore_beta
+from blmm.core.blocks import Scheduler, fit_missing_rows
+from blmm.core.centre import centre_of, removed_size, restore_beta
 from blmm.core.design import RandomFactor, identifiability_problems, unidentifiable_patterns
 from blmm.core.design_basis import DesignNote, fitting_basis, full_column_rank
 from blmm.core.missing_rows import MissingRowCounts
 from blmm.core.result import FitResult
 from blmm.core.scoring import check_method
 from blmm.core.status import DROPPED_FEW, DROPPED_RANK, DROPPED_UNIDENTIFIABLE, FITTED, NOT_FITTED
-from blmm.core.structure import STRUCTURES, FitPlan, plan_fit
+from blmm.core.structure import FitPlan, plan_fit
 from blmm.core.sufficient import FactorLayout, SufficientStats, presence_patterns, sufficient_stats
 
 
@@ -98,12 +98,11 @@ def _fit_in_basis(Y, X, factors, reml, method, tol, max_iter, structure="auto", 
     centre = centre_of(Y, X, options.get("threads"))
     layout = FactorLayout.from_factors(factors)
     plan = plan_fit(layout, structure, missing_rows=has_nan(Y))  # Y - c X w has Y's NaN
-    path = plan.missing_rows_path
-    if path is None:  # the sums of the centred Y without a centred copy of it
+    path = plan.missing_rows_path  # either way the sums of the centred Y, without a centred copy of it
+    if path is None:
         stats = sufficient_stats(Y, X, factors, layout, centre=centre, threads=options.get("threads"))
     else:
-        stats = path.from_data(centred_response(Y, X, centre), X, factors, layout)
-        stats.centre = centre
+        stats = path.from_data(Y, X, factors, layout, centre, options.get("threads"))
     return fit_stats(stats, reml=reml, method=method, tol=tol, max_iter=max_iter, plan=plan, **options)
 
 
@@ -131,7 +130,7 @@ def fit_stats(
     voxel in max_block_bytes is refused (ValueError) before any fitting.
     `MissingRowStats` (one factor) and `NestedMissingRowStats` (one nesting tree) are fitted
     with voxel-specific missing rows, without per-pattern objectives (docs/model.md): the
-    plan's missing-rows path.
+    plan's missing-rows objective, by the one missing-row driver (`blocks.fit_missing_rows`).
     max_block_bytes bounds the working memory of all voxel blocks in flight and the presence
     patterns' objectives held meanwhile (patterns are fitted in rounds); `threads` (default: the
     CPUs this process may use, blmm.host) fit blocks concurrently (`blmm.core.blocks.Scheduler`).
@@ -141,15 +140,12 @@ def fit_stats(
         raise ValueError(f"tol must be positive, got {tol}")
     if int(max_iter) < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
-    missing_rows = isinstance(stats, MissingRowCounts)
-    plan = plan_fit(stats.layout, structure, missing_rows) if plan is None else plan
-    path = plan.missing_rows_path
-    if missing_rows and (path is None or not isinstance(stats, path.stats_type)):
-        takes = [entry.name for entry in STRUCTURES.values()
-                 if entry.missing_rows and isinstance(stats, entry.missing_rows.stats_type)]
+    own = stats.missing_row_structure  # the structure whose missing-rows objective fits these statistics
+    plan = plan_fit(stats.layout, structure, own is not None) if plan is None else plan
+    if own is not None and (not plan.missing_rows or plan.structure != own):
         raise ValueError(f"{type(stats).__name__} (missing rows per voxel) fit with the "
-                         f"{' or '.join(map(repr, takes))} structure, not {plan.structure!r}")
-    if not missing_rows and path is not None:
+                         f"{own!r} structure, not {plan.structure!r}")
+    if own is None and plan.missing_rows:
         raise ValueError(f"a plan with missing rows per voxel needs their statistics, not {type(stats).__name__}")
     layout = stats.layout
     p = stats.p
@@ -158,10 +154,10 @@ def fit_stats(
     res.n_obs[:] = stats.voxel_n_obs()
     res.status[res.n_obs <= p] = DROPPED_FEW
     scheduler = Scheduler(res, method, tol, max_iter, threads, max_block_bytes)
-    if path is None:
-        _fit_patterns(stats, plan, scheduler)
+    if plan.missing_rows:  # every voxel against the complete design: the structure's missing-rows objective
+        fit_missing_rows(stats.units(plan.objective(stats.XtX, stats.ZtX, stats.ZtZ, stats.n_rows, reml)), scheduler)
     else:
-        path.fit(stats, scheduler, plan)
+        _fit_patterns(stats, plan, scheduler)
     res.blank_unfitted()
     restore_beta(res.beta, getattr(stats, "centre", None))
     return res

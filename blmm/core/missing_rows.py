@@ -1,15 +1,14 @@
-"""Voxel-specific missing rows for one random factor: sums and fit without per-pattern objectives.
+"""Voxel-specific missing rows for one random factor: sums and units without per-pattern objectives.
 
 `MissingRowStats` holds the design sums of the common (complete) design once, its classes
 of levels, the rows each presence pattern lacks (as a compressed list, never per-pattern
 design sums) and the per-voxel data sums as `LevelSums`: class aggregates, the y_j of levels
 outside big classes, and the y_j of big-class levels that a voxel's missing rows touch.
-`fit_missing_rows` fits every voxel with `MissingObjective`: each voxel's units (touched
-levels, docs/model.md "Missing rows") are padded to its own size class and blocks hold one
-class (`Scheduler.class_blocks`, the rule both missing-row paths share), so a voxel's padding
-does not depend on its block; the units are built from the missing rows only, just before a
-block is fitted.  Every per-voxel structure counts in the
-block size, so `max_block_bytes` holds however many patterns there are.
+`LevelUnits` is this structure's `blocks.MissingRowUnits`: the one missing-row driver
+(`blocks.fit_missing_rows`) fits every voxel with `MissingObjective`, its units (touched
+levels, docs/model.md "Missing rows") built from the missing rows only, just before a block
+is fitted, each voxel's padded to its own size class.  Every per-voxel structure counts in
+the block size, so `max_block_bytes` holds however many patterns there are.
 """
 from __future__ import annotations
 
@@ -18,13 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from blmm.core.blocks import Scheduler, rounds, size_class
+from blmm.core.blocks import size_class
 from blmm.core.centre import ResponseCentre
 from blmm.core.design import RandomFactor
 from blmm.core.level_classes import LevelClasses, class_aggregates
 from blmm.core.objective.base import diag_blocks
 from blmm.core.objective.missing import MissingObjective
-from blmm.core.status import FITTED
 from blmm.core.sufficient import FactorLayout, observed_data_sums, presence_patterns, random_effects_matrix
 
 
@@ -122,8 +120,12 @@ def level_sums(classes: LevelClasses, Xl: np.ndarray, XtY, ZtY, YtY, touched_ptr
 
 
 class MissingRowCounts:
-    """Sizes derived from the fields every missing-row statistics object has (layout, X, XtX,
-    pattern_ptr, pattern_of_voxel): one factor here, a nesting tree in nested_missing_rows."""
+    """What every missing-row statistics object has beside its fields (layout, X, XtX, ZtX, ZtZ,
+    pattern_ptr, pattern_of_voxel, centre): one factor here, a nesting tree in nested_missing_rows.
+    `missing_row_structure` names the structure whose missing-rows objective fits them;
+    `units(objective)` gives that structure's `blocks.MissingRowUnits`."""
+
+    missing_row_structure: str
 
     @property
     def n_voxels(self) -> int:
@@ -168,6 +170,12 @@ class MissingRowStats(MissingRowCounts):
     pattern_of_voxel: np.ndarray  # (v,)
     sums: LevelSums  # per-voxel data sums
     centre: ResponseCentre | None = None  # taken out of Y before the data sums (None: none)
+
+    missing_row_structure = "levels"
+
+    def units(self, objective: MissingObjective) -> "LevelUnits":
+        """The units of these voxels against objective (the complete design's `MissingObjective`)."""
+        return LevelUnits(self, objective)
 
     @property
     def XtY(self) -> np.ndarray:
@@ -231,25 +239,32 @@ def missing_row_stats(X, factor: RandomFactor, layout: FactorLayout, patterns: n
     return stats
 
 
-def missing_row_stats_from_data(Y, X, factor: RandomFactor, observed=None) -> MissingRowStats:
-    """`missing_row_stats` from an (n, v) response with NaN for missing entries."""
+def missing_row_stats_from_data(Y, X, factor: RandomFactor, observed=None, centre: ResponseCentre | None = None,
+                                threads: int | None = None) -> MissingRowStats:
+    """`missing_row_stats` from an (n, v) response with NaN for missing entries; with ``centre``, the
+    sums of Y - c_v X w, formed block by block without a centred copy of Y (`observed_data_sums`)."""
     Y = np.asarray(Y)
     if Y.ndim == 1:
         Y = Y[:, None]
     X = np.asarray(X, dtype=np.float64)
     layout = FactorLayout.from_factors([factor])
     Z = random_effects_matrix([factor], layout)
-    present, XtY, ZtY, YtY = observed_data_sums(Y, X, Z, observed)
+    present, XtY, ZtY, YtY = observed_data_sums(Y, X, Z, observed, centre, threads)
     patterns, pattern_of_voxel = presence_patterns(present)
-    return missing_row_stats(X, factor, layout, patterns, pattern_of_voxel, XtY, ZtY, YtY, Z=Z)
+    stats = missing_row_stats(X, factor, layout, patterns, pattern_of_voxel, XtY, ZtY, YtY, Z=Z)
+    stats.centre = centre
+    return stats
 
 
 class LevelUnits:
-    """Design quantities of the common design that every block's units draw on."""
+    """One factor's `blocks.MissingRowUnits`: the common design's quantities that every block's
+    units draw on (G_j, X_j, each level's rows, each row's products), and how a block's units are
+    formed (`touched_units`), grouped (`compress_units`) and handed to the objective."""
 
-    def __init__(self, stats: MissingRowStats):
+    def __init__(self, stats: MissingRowStats, objective: MissingObjective):
         q = stats.layout.q[0]
         L = stats.layout.n_levels[0]
+        self.stats, self.objective = stats, objective
         self.L, self.q = L, q
         self.G = diag_blocks(stats.ZtZ, L, q)
         self.Xl = stats.ZtX.reshape(L, q, stats.p)
@@ -262,16 +277,53 @@ class LevelUnits:
         self.row_xx = (stats.X[:, :, None] * stats.X[:, None, :]).reshape(n, p * p)
         self.row_zz_zx = np.concatenate([(stats.zrow[:, :, None] * stats.zrow[:, None, :]).reshape(n, q * q),
                                          (stats.zrow[:, :, None] * stats.X[:, None, :]).reshape(n, q * p)], axis=1)
-
-    def block_units(self, stats: "MissingRowStats", idx: np.ndarray, sums: "LevelSums | None" = None,
-                    slots: int | None = None) -> dict:
-        """Every touched level's units for voxels idx, padded to `slots` (`touched_units`, `padded_units`)."""
-        return padded_units(touched_units(stats, self, idx, sums), slots)
+        self.row_terms = level_row_terms(p, q)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the common design quantities the units draw on (held through the fit)."""
         return int(self.G.nbytes + self.Xl.nbytes)
+
+    def unit_sizes(self) -> np.ndarray:
+        """(v, 2): the levels each voxel's missing rows touch, and its missing rows."""
+        return np.column_stack([voxel_touched(self.stats), self.stats.voxel_n_missing()])
+
+    def unit_bytes(self, key: tuple) -> int:
+        return unit_bytes(key[1], self.stats.p, [self.q], key[0], self.row_terms)
+
+    def prepared_bytes(self, key: tuple) -> int:
+        return prepared_bytes(key[0], self.stats.p, self.q)
+
+    def prepare(self, idx: np.ndarray, screen) -> list[tuple[np.ndarray, dict, tuple]]:
+        """Units of voxels idx, large sets of one G grouped (the arithmetic is each voxel's own);
+        the shape: (padded units, padded groups)."""
+        stats, p, q = self.stats, self.stats.p, self.q
+        u_sums = stats.sums.take(idx)
+        u = touched_units(stats, self, idx, u_sums)
+        XtX_v = stats.XtX + u["dXtX"]
+        keep = screen(idx, XtX_v, u_sums.XtY, u_sums.YtY, u["n"], stats.centre)
+        if not np.all(keep):
+            idx, XtX_v = idx[keep], XtX_v[keep]
+            mine = keep[u["voxel"]]
+            u = {key: a[mine] if key in UNIT_KEYS else a[keep] for key, a in u.items()}
+            u["voxel"] = (np.cumsum(keep) - 1)[u["voxel"]]
+            if idx.size == 0:
+                return []
+        out = []
+        for pos, units in compress_units(u, p, q):
+            units["XtX"] = XtX_v[pos]
+            H = units["group_weight"].shape[1] if "group_weight" in units else 0
+            out.append((idx[pos], units, (units["sign"].shape[1], H)))
+        return out
+
+    def fit_bytes(self, shape: tuple) -> int:
+        T, H = shape
+        p = self.stats.p
+        return unit_bytes(0, p, [self.q], (T + 1) // 2, self.row_terms) + group_bytes(H, p, self.q)
+
+    def block_data(self, idx: np.ndarray, units: dict):
+        part = self.stats.sums.take(idx)
+        return self.objective.data(part.XtY, part, part.YtY, units), part.XtY, part.YtY
 
 
 def voxel_touched(stats: MissingRowStats) -> np.ndarray:
@@ -472,77 +524,6 @@ def level_row_terms(p: int, q: int) -> int:
     """Numbers per missing row of one factor beside its p: its indices and sort keys, and the
     level sums of Z'Z and Z'X it gives."""
     return q * q + q * p + 6
-
-
-def fit_missing_rows(stats: MissingRowStats, scheduler: Scheduler, plan=None) -> None:
-    """Fit every voxel of one random factor with voxel-specific missing rows (see the module
-    docstring) into scheduler's result; voxels with too few rows are already dropped there."""
-    res, p, reml = scheduler.res, scheduler.p, scheduler.reml
-    q = stats.layout.q[0]
-    n = stats.n_rows
-    obj = MissingObjective(stats.XtX, stats.ZtX, stats.ZtZ, n, q, reml)
-    common = LevelUnits(stats)
-    shared = obj.held_bytes() + common.nbytes  # held through the fit, beside the blocks
-    budget = scheduler.budget_beside(shared)
-    base_voxel = scheduler.voxel_bytes(obj)
-    row_terms = level_row_terms(p, q)
-    # voxels of one size class (powers of two of touched levels and missing rows) share a job, sized for
-    # the class's bound; half the budget holds a round's prepared units, the other half the fit blocks'
-    round_budget = budget // 2
-    block_budget = budget - round_budget
-    jobs = scheduler.class_blocks(
-        np.flatnonzero(res.status == FITTED), np.column_stack([voxel_touched(stats), stats.voxel_n_missing()]),
-        lambda key: base_voxel + unit_bytes(key[1], p, [q], key[0], row_terms), block_budget,
-        limit=lambda key: round_budget // prepared_bytes(key[0], p, q))
-
-    prepared: list = []  # per (voxel set, unit count): the voxels, their units and X'X
-
-    def prepare(job) -> None:
-        """Units of a bucket's voxels, large sets of one G grouped (the arithmetic is each voxel's own)."""
-        idx = job[0]
-        u_sums = stats.sums.take(idx)
-        u = touched_units(stats, common, idx, u_sums)
-        XtX_v = stats.XtX + u["dXtX"]
-        keep = res.screen_voxels(idx, XtX_v, u_sums.XtY, u_sums.YtY, u["n"], stats.centre)
-        if not np.all(keep):
-            idx, XtX_v = idx[keep], XtX_v[keep]
-            mine = keep[u["voxel"]]
-            u = {key: a[mine] if key in UNIT_KEYS else a[keep] for key, a in u.items()}
-            u["voxel"] = (np.cumsum(keep) - 1)[u["voxel"]]
-            if idx.size == 0:
-                return
-        for pos, units in compress_units(u, p, q):
-            units["XtX"] = XtX_v[pos]
-            prepared.append((idx[pos], units))  # list.append is atomic: threads may share it
-
-    def run(job) -> None:
-        idx, units = job
-        part = stats.sums.take(idx)
-        XtX_v = units.pop("XtX")
-        data = obj.data(part.XtY, part, part.YtY, units)
-        scheduler.fit(obj, data, idx, n, XtX_v, part.XtY, part.YtY)  # data.n per voxel
-
-    for round_jobs in rounds(jobs, lambda job: job[0].size * prepared_bytes(job[1][0], p, q), round_budget):
-        scheduler.run(prepare, round_jobs)
-        # voxels with the same unit and group counts are fitted together, whatever bucket they were
-        # prepared in: groups leave few distinct counts, so few (and large) fit blocks
-        by_count: dict[tuple, list] = {}
-        for idx, units in prepared:
-            H = units["group_weight"].shape[1] if "group_weight" in units else 0
-            by_count.setdefault((units["sign"].shape[1], H), []).append((idx, units))
-        prepared.clear()
-        n_round = sum(job[0].size for job in round_jobs)
-        fit_jobs = []
-        for T, H in sorted(by_count):
-            parts = by_count.pop((T, H))  # the parts go as soon as they are concatenated
-            idx = np.concatenate([i for i, _ in parts])
-            units = {key: np.concatenate([u[key] for _, u in parts]) for key in parts[0][1]}
-            del parts
-            size = scheduler.block_voxels(base_voxel + unit_bytes(0, p, [q], (T + 1) // 2, row_terms)
-                                          + group_bytes(H, p, q), block_budget, n_round)
-            fit_jobs.extend((idx[a:a + size], {key: arr[a:a + size] for key, arr in units.items()})
-                            for a in range(0, idx.size, size))
-        scheduler.run(run, fit_jobs)
 
 
 def prepared_bytes(n_touched: int, p: int, q: int) -> int:

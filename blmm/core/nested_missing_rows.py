@@ -1,13 +1,13 @@
-"""Voxel-specific missing rows for factors nested in one tree: sums and fit without per-pattern objectives.
+"""Voxel-specific missing rows for factors nested in one tree: sums and units without per-pattern objectives.
 
 `NestedMissingRowStats` holds the design sums of the common (complete) design once, the rows
 each presence pattern lacks (a compressed list, never per-pattern design sums) and the
-per-voxel data sums.  `fit_nested_missing_rows` fits every voxel with
-`NestedMissingObjective` (docs/model.md, "Missing rows per voxel, nested factors"): blocks hold
-voxels of one size class of missing rows (`Scheduler.class_blocks`, the rule both missing-row
-paths share: the padding stays under 2x) and each block's units (the families its missing rows
-touch, per block-shape group) are built from the missing rows only, just before the block is fitted.  Every per-voxel structure counts in the block
-size, so `max_block_bytes` holds however many patterns there are.
+per-voxel data sums.  `FamilyUnits` is this structure's `blocks.MissingRowUnits`: the one
+missing-row driver (`blocks.fit_missing_rows`) fits every voxel with `NestedMissingObjective`
+(docs/model.md, "Missing rows per voxel, nested factors"), each block's units (the families its
+missing rows touch, per block-shape group) built from the missing rows only, just before the
+block is fitted.  Every per-voxel structure counts in the block size, so `max_block_bytes`
+holds however many patterns there are.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from blmm.core.blocks import Scheduler
 from blmm.core.centre import ResponseCentre
 from blmm.core.design import RandomFactor
 from blmm.core.level_groups import LevelGroup, group_sums, outer_level_places, tree_groups
@@ -24,7 +23,6 @@ from blmm.core.missing_rows import LevelSums, MissingRowCounts, compressed_missi
 from blmm.core.objective.base import diag_blocks
 from blmm.core.objective.nested import NestedObjective
 from blmm.core.objective.nested_missing import GroupUnits, NestedMissingObjective
-from blmm.core.status import FITTED
 from blmm.core.sufficient import FactorLayout, observed_data_sums, presence_patterns, random_effects_matrix
 
 
@@ -48,19 +46,29 @@ class NestedMissingRowStats(MissingRowCounts):
     centre: ResponseCentre | None = None  # taken out of Y before the data sums (None: none)
     sums: list | None = None  # per group of the tree (core/level_groups.py) its `LevelSums`; None: from ZtY
 
+    missing_row_structure = "nested"
+
+    def units(self, objective: NestedMissingObjective) -> "FamilyUnits":
+        """The units of these voxels against objective (the complete design's `NestedMissingObjective`)."""
+        return FamilyUnits(self, objective)
+
 
 def nested_missing_row_stats_from_data(Y, X, factors: list[RandomFactor], observed=None,
-                                       layout: FactorLayout | None = None) -> NestedMissingRowStats:
-    """`NestedMissingRowStats` from an (n, v) response with NaN for missing entries."""
+                                       layout: FactorLayout | None = None, centre: ResponseCentre | None = None,
+                                       threads: int | None = None) -> NestedMissingRowStats:
+    """`NestedMissingRowStats` from an (n, v) response with NaN for missing entries; with ``centre``,
+    the sums of Y - c_v X w, formed block by block without a centred copy of Y (`observed_data_sums`)."""
     Y = np.asarray(Y)
     if Y.ndim == 1:
         Y = Y[:, None]
     X = np.asarray(X, dtype=np.float64)
     layout = FactorLayout.from_factors(factors) if layout is None else layout
     Z = random_effects_matrix(factors, layout)
-    present, XtY, ZtY, YtY = observed_data_sums(Y, X, Z, observed)
+    present, XtY, ZtY, YtY = observed_data_sums(Y, X, Z, observed, centre, threads)
     patterns, pattern_of_voxel = presence_patterns(present)
-    return nested_missing_row_stats(X, factors, layout, patterns, pattern_of_voxel, XtY, ZtY, YtY, Z=Z)
+    stats = nested_missing_row_stats(X, factors, layout, patterns, pattern_of_voxel, XtY, ZtY, YtY, Z=Z)
+    stats.centre = centre
+    return stats
 
 
 def nested_missing_row_stats(X: np.ndarray, factors: list[RandomFactor], layout: FactorLayout,
@@ -114,11 +122,15 @@ def tree_level_sums(stats: NestedMissingRowStats, obj: NestedObjective) -> tuple
     return groups, sums
 
 
-class FamilyBlocks:
-    """Each outer level's (family's) block in the common `NestedObjective`: its group, its index
-    there, its G_j, X_j and Z columns, and every row's Z entries in its family's block coordinates."""
+class FamilyUnits:
+    """A nesting tree's `blocks.MissingRowUnits`: each outer level's (family's) block in the common
+    `NestedObjective` (its group, its index there, its G_j, X_j and Z columns, and every row's Z
+    entries in its family's block coordinates), the tree's groups with their stored sums, and how a
+    block's units are formed (`block_units`) and handed to the objective."""
 
-    def __init__(self, stats: NestedMissingRowStats, obj: NestedObjective):
+    def __init__(self, stats: NestedMissingRowStats, objective: NestedMissingObjective):
+        obj = objective.base
+        self.stats, self.objective = stats, objective
         family = stats.codes[:, obj.root]
         L = stats.layout.n_levels[obj.root]
         self.L = L
@@ -127,7 +139,7 @@ class FamilyBlocks:
         self.group = np.full(L, -1, np.int64)  # -1: no Z entries at all, no block
         self.index = np.zeros(L, np.int64)
         self.zrow = np.zeros((stats.n_rows, max(lv.q for lv in obj.levels)))
-        self.G, self.Xl, self.cols = [], [], []
+        self.G, self.Xl = [], []
         for g, (lv, perm) in enumerate(zip(obj.levels, obj.perm)):
             b = lv.q
             Lg = perm.size // b
@@ -137,13 +149,17 @@ class FamilyBlocks:
             self.index[family[coo.row]] = coo.col // b
             self.G.append(diag_blocks(stats.ZtZ[perm][:, perm], Lg, b))
             self.Xl.append(stats.ZtX[perm].reshape(Lg, b, stats.p))
-            self.cols.append(perm.reshape(Lg, b))
+        self.groups, self.sums = tree_level_sums(stats, obj)
+        self.small_position = [g.small_position() for g in self.groups]
+        self.block_sizes = [lv.q for lv in obj.levels]
 
-    def block_units(self, stats: NestedMissingRowStats, idx: np.ndarray, sums: list[LevelSums],
-                    small_position: list[np.ndarray]) -> dict:
+    def block_units(self, idx: np.ndarray, sums: list[LevelSums] | None = None) -> dict:
         """Per-voxel units (per group) of the families touched by each voxel's missing rows, for voxels
-        idx; a touched family's y_j comes from its group's `sums` at those voxels (small_position:
-        `LevelGroup.small_position`)."""
+        idx; a touched family's y_j comes from its group's sums at those voxels (default: the stored
+        sums' rows idx)."""
+        stats = self.stats
+        sums = [s.take(idx) for s in self.sums] if sums is None else sums
+        small_position = self.small_position
         B, p, L = idx.size, stats.p, self.L
         pats = stats.pattern_of_voxel[idx]
         counts = np.diff(stats.pattern_ptr)[pats]
@@ -204,37 +220,49 @@ class FamilyBlocks:
         """Bytes of the family blocks the units draw on (held through the fit)."""
         return int(sum(a.nbytes for a in (*self.G, *self.Xl, self.zrow)))
 
+    def unit_sizes(self) -> np.ndarray:
+        """(v,) each voxel's missing rows (its touched families are at most as many)."""
+        return self.stats.voxel_n_missing()
 
-def fit_nested_missing_rows(stats: NestedMissingRowStats, scheduler: Scheduler, plan=None) -> None:
-    """Fit every voxel of a nesting tree with voxel-specific missing rows (see the module docstring)
-    into scheduler's result; voxels with too few rows are already dropped there."""
-    res, p, reml = scheduler.res, scheduler.p, scheduler.reml
-    n = stats.n_rows
-    obj = NestedMissingObjective(stats.XtX, stats.ZtX, stats.ZtZ, n, stats.layout, reml,
-                                 None if plan is None else plan.tree)
-    fam = FamilyBlocks(stats, obj.base)
-    groups, sums = tree_level_sums(stats, obj.base)
-    small_position = [g.small_position() for g in groups]
-    shared = obj.held_bytes() + fam.nbytes  # held through the fit, beside the blocks
-    budget = scheduler.budget_beside(shared)
-    base_voxel = scheduler.voxel_bytes(obj)
-    sizes = [lv.q for lv in obj.base.levels]
-    # voxels of one size class (the power of two of their missing rows) share a block, sized for the class's bound
-    jobs = [idx for idx, _ in scheduler.class_blocks(np.flatnonzero(res.status == FITTED), stats.voxel_n_missing(),
-                                                     lambda key: base_voxel + unit_bytes(key[0], p, sizes), budget)]
+    def unit_bytes(self, key: tuple) -> int:
+        return unit_bytes(key[0], self.stats.p, self.block_sizes)
 
-    def run(idx) -> None:
-        local = [s.take(idx) for s in sums]
-        u = fam.block_units(stats, idx, local, small_position)
+    def prepared_bytes(self, key: tuple) -> int:
+        """Per voxel of class key: 2 key[0] units in every group (the most a block pads a group to),
+        n, X'X_v and -X_M'X_M."""
+        p = self.stats.p
+        return 8 * (2 * key[0] * sum(b * b + b * p + b + 1 for b in self.block_sizes) + 2 * p * p + 1)
+
+    def prepare(self, idx: np.ndarray, screen) -> list[tuple[np.ndarray, dict, tuple]]:
+        """Units of voxels idx as one part, a group's units under keys (field, group); the shape: each
+        group's padded unit count."""
+        stats = self.stats
+        u = self.block_units(idx)
         XtX_v = stats.XtX + u["dXtX"]
-        keep = res.screen_voxels(idx, XtX_v, stats.XtY[idx], stats.YtY[idx], u["n"], stats.centre)
+        keep = screen(idx, XtX_v, stats.XtY[idx], stats.YtY[idx], u["n"], stats.centre)
+        groups = u["units"]
         if not np.all(keep):
             idx, XtX_v = idx[keep], XtX_v[keep]
-            u = {"n": u["n"][keep], "dXtX": u["dXtX"][keep], "units": [g.take(keep) for g in u["units"]]}
-            local = [s.take(np.flatnonzero(keep)) for s in local]
+            u = {"n": u["n"][keep], "dXtX": u["dXtX"][keep]}
+            groups = [g.take(keep) for g in groups]
             if idx.size == 0:
-                return
-        data = obj.data_from_sums([g.fit_sums(s) for g, s in zip(groups, local)], u)
-        scheduler.fit(obj, data, idx, n, XtX_v, stats.XtY[idx], stats.YtY[idx])  # data.n per voxel
+                return []
+        part = {"n": u["n"], "dXtX": u["dXtX"]}
+        for g, units in enumerate(groups):
+            part.update({(field, g): getattr(units, field) for field in UNIT_FIELDS})
+        part["XtX"] = XtX_v
+        return [(idx, part, tuple(units.sign.shape[1] for units in groups))]
 
-    scheduler.run(run, jobs)
+    def fit_bytes(self, shape: tuple) -> int:
+        p = self.stats.p
+        return 8 * (12 * sum(T * (b * b + b * p + b + 1) for T, b in zip(shape, self.block_sizes)) + 4 * p * p)
+
+    def block_data(self, idx: np.ndarray, units: dict):
+        local = [s.take(idx) for s in self.sums]
+        groups = [GroupUnits(*(units[(field, g)] for field in UNIT_FIELDS)) for g in range(len(self.G))]
+        data = self.objective.data_from_sums([g.fit_sums(s) for g, s in zip(self.groups, local)],
+                                             {"n": units["n"], "dXtX": units["dXtX"], "units": groups})
+        return data, self.stats.XtY[idx], self.stats.YtY[idx]
+
+
+UNIT_FIELDS = ("sign", "G", "X", "y")  # a `GroupUnits`' arrays, in its order

@@ -4,7 +4,9 @@
 it eliminates) once; `fit_lmm`, `fit_stats` and the pipeline's `fit_block` all take the
 resulting `FitPlan`.  A structure is one objective file plus one line of `STRUCTURES`; a
 structure that can fit every voxel against the complete design with the voxel's own
-missing rows (docs/model.md, "Missing rows") names that path in its entry.
+missing rows (docs/model.md, "Missing rows") names, in its entry, that objective (its
+`missing_rows` capability) and how its statistics are formed; the one missing-row driver
+(`blocks.fit_missing_rows`) fits them.
 """
 from __future__ import annotations
 
@@ -13,10 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from blmm.core.missing_rows import MissingRowStats, fit_missing_rows, missing_row_stats_from_data
-from blmm.core.nested_missing_rows import (
-    NestedMissingRowStats, fit_nested_missing_rows, nested_missing_row_stats_from_data,
-)
+from blmm.core.centre import ResponseCentre
+from blmm.core.missing_rows import MissingRowStats, missing_row_stats_from_data
+from blmm.core.nested_missing_rows import NestedMissingRowStats, nested_missing_row_stats_from_data
 from blmm.core.objective import DenseObjective, LevelObjective, SchurObjective
 from blmm.core.objective.base import Objective
 from blmm.core.objective.missing import MissingObjective
@@ -29,14 +30,14 @@ AUTO_DENSE_COLUMNS = 2000  # "auto" keeps factors dense beside the eliminated on
 
 @dataclass(frozen=True)
 class MissingRowsPath:
-    """Voxels fitted against the complete design with their own missing rows: the objective
-    (`missing_rows` True), the statistics type, how they are formed from an (n, v) response with
-    NaNs, and how their voxels are scheduled (`fit(stats, scheduler, plan)`)."""
+    """Voxels fitted against the complete design with their own missing rows: the objective on the
+    complete design (``build(XtX, ZtX, ZtZ, n, layout, reml, tree)``, `missing_rows` True; its
+    statistics' ``units(objective)`` give the driver its `blocks.MissingRowUnits`), and how the
+    statistics are formed from an (n, v) response with NaNs (``from_data(Y, X, factors, layout,
+    centre, threads)``: the sums of Y less the centre, without a centred copy of Y)."""
 
-    objective: type
-    stats_type: type
+    build: Callable[..., Objective]
     from_data: Callable
-    fit: Callable
 
 
 @dataclass(frozen=True)
@@ -85,20 +86,23 @@ def _dense(XtX, ZtX, ZtZ, n, layout, reml, tree) -> Objective:
     return DenseObjective(XtX, ZtX, ZtZ, n, layout, reml)
 
 
-def _level_missing_rows(Y, X, factors, layout) -> MissingRowStats:
-    return missing_row_stats_from_data(Y, X, factors[0])
+def _levels_missing(XtX, ZtX, ZtZ, n, layout, reml, tree) -> Objective:
+    return MissingObjective(XtX, ZtX, ZtZ, n, layout.q[0], reml)
 
 
-def _nested_missing_rows(Y, X, factors, layout) -> NestedMissingRowStats:
-    return nested_missing_row_stats_from_data(Y, X, factors, layout=layout)
+def _level_missing_rows(Y, X, factors, layout, centre: ResponseCentre | None = None,
+                        threads: int | None = None) -> MissingRowStats:
+    return missing_row_stats_from_data(Y, X, factors[0], centre=centre, threads=threads)
+
+
+def _nested_missing_rows(Y, X, factors, layout, centre: ResponseCentre | None = None,
+                         threads: int | None = None) -> NestedMissingRowStats:
+    return nested_missing_row_stats_from_data(Y, X, factors, layout=layout, centre=centre, threads=threads)
 
 
 STRUCTURES: dict[str, Structure] = {s.name: s for s in (
-    Structure("levels", _levels, _no_dense_part,
-              MissingRowsPath(MissingObjective, MissingRowStats, _level_missing_rows, fit_missing_rows)),
-    Structure("nested", NestedObjective, _no_dense_part,
-              MissingRowsPath(NestedMissingObjective, NestedMissingRowStats, _nested_missing_rows,
-                              fit_nested_missing_rows)),
+    Structure("levels", _levels, _no_dense_part, MissingRowsPath(_levels_missing, _level_missing_rows)),
+    Structure("nested", NestedObjective, _no_dense_part, MissingRowsPath(NestedMissingObjective, _nested_missing_rows)),
     Structure("schur", _schur, _schur_dense_part),
     Structure("dense", _dense, _dense_part),
 )}
@@ -124,8 +128,10 @@ class FitPlan:
         return self.entry.missing_rows if self.missing_rows else None
 
     def objective(self, XtX: np.ndarray, ZtX: np.ndarray, ZtZ, n: int, reml: bool) -> Objective:
-        """The objective of one presence pattern (its design sums)."""
-        return self.entry.build(XtX, ZtX, ZtZ, n, self.layout, reml, self.tree)
+        """The objective of one presence pattern (its design sums); with missing rows per voxel, the
+        structure's missing-rows objective on the complete design's sums."""
+        build = self.entry.missing_rows.build if self.missing_rows else self.entry.build
+        return build(XtX, ZtX, ZtZ, n, self.layout, reml, self.tree)
 
     def check_memory(self, p: int, max_block_bytes: int) -> None:
         """Refuse, before any work, a structure whose per-voxel dense part does not fit in the budget.

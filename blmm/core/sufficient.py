@@ -114,6 +114,8 @@ class SufficientStats:
     YtY: np.ndarray  # (v,)
     centre: ResponseCentre | None = None  # taken out of Y before the data sums (None: none)
 
+    missing_row_structure = None  # one objective per presence pattern (missing-row statistics: core/missing_rows.py)
+
     @property
     def n_voxels(self) -> int:
         return int(self.pattern_of_voxel.size)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from blmm.core.blocks import Scheduler, size_class
 from blmm.core.result import FitResult
@@ -41,3 +42,56 @@ def test_blocks_by_several_sizes_limit_and_threads():
     assert [(b.tolist(), key) for b, key in blocks] == [
         ([0], (0, 0)), ([1], (1, 1)), ([2], (1, 2)), ([3, 4], (4, 4)), ([5], (4, 4)), ([6], (4, 8)), ([7], (16, 16))]
     assert s.class_blocks(np.zeros(0, np.int64), np.column_stack([touched, rows]), lambda key: 1, 10**9) == []
+
+
+def _missing_row_stats(structure: str):
+    """Statistics of 30 voxels with missing rows of their own: one factor (subjects) or a nesting tree
+    (families); the voxels beyond the designs' own cases lose 15% of their images at random."""
+    from blmm.core.missing_rows import missing_row_stats_from_data
+    from blmm.core.nested_missing_rows import nested_missing_row_stats_from_data
+    from tests.core.test_missing_rows import balanced_design
+    from tests.core.test_nested_missing_rows import missing_design
+    if structure == "levels":
+        Y, X, f = balanced_design(2, seed=50, v=30)
+    else:
+        Y, X, factors = missing_design(7, n_families=12, v=30)  # intercepts: a slope here scores one voxel 4,000 times
+    Y[:, 7:][np.random.default_rng(1).random(Y[:, 7:].shape) < 0.15] = np.nan
+    if structure == "levels":
+        return missing_row_stats_from_data(Y, X, f)
+    return nested_missing_row_stats_from_data(Y, X, factors)
+
+
+@pytest.mark.parametrize("structure", ["levels", "nested"])
+def test_missing_row_rounds_hold_within_a_tiny_budget(structure, monkeypatch):
+    """A budget of two voxels of the largest class beside the common design: the one driver prepares
+    and fits in several rounds, the same fit as in one, and the bytes it accounts held (the common
+    quantities, a round's prepared units as allocated, its fit blocks in flight) stay within it."""
+    from blmm.core import blocks, fit as fit_module
+    from blmm.core.fit import fit_stats
+    from blmm.core.structure import plan_fit
+    stats = _missing_row_stats(structure)
+    plan = plan_fit(stats.layout, structure, missing_rows=True)
+    units = stats.units(plan.objective(stats.XtX, stats.ZtX, stats.ZtZ, stats.n_rows, True))
+    one = fit_stats(stats, tol=1e-10, threads=1)
+    probe = Scheduler(one, "pSFS", 1e-10, 10, 1, 2**30)
+    classes = size_class(np.asarray(units.unit_sizes()).reshape(stats.n_voxels, -1))
+    voxel = max(units.prepared_bytes(key) + probe.voxel_bytes(units.objective) + units.unit_bytes(key)
+                for key in {tuple(int(k) for k in row) for row in classes})
+    shared = units.objective.held_bytes() + units.nbytes
+    budget = shared + 2 * voxel  # a round: one such voxel's prepared units; a fit block: one's working bytes
+    seen, stages = [], []
+
+    class Recorded(Scheduler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self)
+    monkeypatch.setattr(fit_module, "Scheduler", Recorded)
+    real = blocks.run_blocks
+    monkeypatch.setattr(blocks, "run_blocks", lambda run, jobs, n: stages.append(run.__name__) or real(run, jobs, n))
+    small = fit_stats(stats, tol=1e-10, threads=1, max_block_bytes=budget)
+    assert stages.count("prepare") >= 2 and stages == ["prepare", "run"] * (len(stages) // 2)
+    assert shared < seen[0].held_peak <= budget
+    np.testing.assert_array_equal(small.status, one.status)
+    # the same voxels in other blocks: BLAS rounding may stop scoring an iteration apart, each fit within
+    # tol = 1e-10 of the optimum plus float64 noise (as test_nested_missing_rows.compare_fits)
+    np.testing.assert_allclose(small.llh, one.llh, rtol=0, atol=1e-8)

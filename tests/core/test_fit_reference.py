@@ -174,28 +174,30 @@ def test_missing_rows_give_each_voxel_its_own_design():
     assert np.allclose(alone.llh, fit.llh[full], atol=1e-9)  # the same voxels, another block: BLAS rounding
 
 
-# cases with missing rows and the vectorised path that fits them (fit_lmm routes voxels with NaNs
-# there: one factor -> fit_missing_rows, one nesting tree -> fit_nested_missing_rows)
-VECTORISED = {"missing": "fit_missing_rows", "intercept_missing": "fit_missing_rows",
-              "family_missing": "fit_nested_missing_rows", "family_slope_missing": "fit_nested_missing_rows",
-              "family_abcd_small": "fit_nested_missing_rows", "family_slope_small": "fit_nested_missing_rows"}
+# cases with missing rows and the missing-rows objective that fits them (fit_lmm routes voxels with NaNs
+# to the one missing-row driver: one factor -> MissingObjective, one nesting tree -> NestedMissingObjective)
+VECTORISED = {"missing": "MissingObjective", "intercept_missing": "MissingObjective",
+              "family_missing": "NestedMissingObjective", "family_slope_missing": "NestedMissingObjective",
+              "family_abcd_small": "NestedMissingObjective", "family_slope_small": "NestedMissingObjective"}
 
 
 @pytest.mark.parametrize("case_name", ["missing", "intercept_missing", "family_missing", "family_slope_missing"])
 def test_missing_rows_are_fitted_by_the_vectorised_paths(case_name, monkeypatch):
-    """The fits test_against_lme4 checks come from the vectorised missing-row paths, not per pattern."""
+    """The fits test_against_lme4 checks come from the missing-rows objectives, not per pattern."""
     from dataclasses import replace
 
     from blmm.core.structure import STRUCTURES
     case, factors, fit, _ = fitted(case_name, True)
     seen = []
-    for structure, name in (("levels", "fit_missing_rows"), ("nested", "fit_nested_missing_rows")):
+    for structure in ("levels", "nested"):
         path = STRUCTURES[structure].missing_rows
 
-        def spy(*args, _fit=path.fit, _name=name, **kwargs):
-            seen.append(_name)
-            return _fit(*args, **kwargs)
-        monkeypatch.setitem(STRUCTURES, structure, replace(STRUCTURES[structure], missing_rows=replace(path, fit=spy)))
+        def spy(*args, _build=path.build, **kwargs):
+            obj = _build(*args, **kwargs)
+            seen.append(type(obj).__name__)
+            return obj
+        monkeypatch.setitem(STRUCTURES, structure,
+                            replace(STRUCTURES[structure], missing_rows=replace(path, build=spy)))
     assert np.isnan(case.Y).any(axis=0).sum() >= 5
     options = {"tol": TOL[case_name]} if case_name in TOL else {}
     again = fit_lmm(case.Y, case.X, factors, reml=True, **options)

@@ -15,7 +15,7 @@ from blmm.core.design import RandomFactor
 from blmm.core.fit import fit_lmm, fit_stats
 from blmm.core.status import DROPPED_FEW, FITTED
 from blmm.core.missing_rows import (
-    LevelUnits, MissingRowStats, level_row_terms, missing_row_stats_from_data, touched_units, unit_bytes,
+    MissingRowStats, level_row_terms, missing_row_stats_from_data, padded_units, touched_units, unit_bytes,
 )
 from blmm.core.objective.levels import LevelObjective
 from blmm.core.objective.missing import MissingObjective
@@ -50,7 +50,7 @@ def test_objective_equals_per_pattern(q, reml):
     ss = sufficient_stats(Y, X, [f])
     obj = MissingObjective(ms.XtX, ms.ZtX, ms.ZtZ, ms.n_rows, q, reml)
     idx = np.arange(Y.shape[1])
-    data = obj.data(ms.sums.XtY, ms.sums, ms.sums.YtY, LevelUnits(ms).block_units(ms, idx))
+    data = obj.data(ms.sums.XtY, ms.sums, ms.sums.YtY, padded_units(touched_units(ms, ms.units(obj), idx)))
     A = np.random.default_rng(0).normal(size=(q, q))
     D = np.broadcast_to(A @ A.T + 0.3 * np.eye(q), (idx.size, q, q)).copy()
     ev = obj.evaluate([D], data, grad=True)
@@ -138,8 +138,8 @@ def test_unit_groups_give_the_same_objective(q, reml):
     ms = missing_row_stats_from_data(Y, X, f)
     obj = MissingObjective(ms.XtX, ms.ZtX, ms.ZtZ, ms.n_rows, q, reml)
     idx = np.arange(Y.shape[1])
-    units = LevelUnits(ms).block_units(ms, idx)
-    parts = compress_units(touched_units(ms, LevelUnits(ms), idx), X.shape[1], q)
+    units = padded_units(touched_units(ms, ms.units(obj), idx))
+    parts = compress_units(touched_units(ms, ms.units(obj), idx), X.shape[1], q)
     grouped = np.concatenate([pos for pos, part in parts if "group_weight" in part])
     assert set(grouped.tolist()) >= {0, 1}  # voxels missing whole subjects or visits: their units grouped
     A = np.random.default_rng(1).normal(size=(q, q))
@@ -190,8 +190,8 @@ def test_grouped_and_kept_voxels_of_one_block_keep_their_own_units():
     Y[10, 1] = np.nan  # one image
     ms = missing_row_stats_from_data(Y, X, f)
     obj = MissingObjective(ms.XtX, ms.ZtX, ms.ZtZ, ms.n_rows, 1, True)
-    units = LevelUnits(ms).block_units(ms, np.arange(2))
-    parts = compress_units(touched_units(ms, LevelUnits(ms), np.arange(2)), X.shape[1], 1)
+    units = padded_units(touched_units(ms, ms.units(obj), np.arange(2)))
+    parts = compress_units(touched_units(ms, ms.units(obj), np.arange(2)), X.shape[1], 1)
     shapes = sorted((pos.tolist(), part["sign"].shape[1], part.get("group_weight", np.zeros((1, 0))).shape[1])
                     for pos, part in parts)
     assert shapes == [([0], 0, 2), ([1], 2, 0)]

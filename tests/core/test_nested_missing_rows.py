@@ -17,10 +17,7 @@ from blmm.core.design import RandomFactor
 from blmm.core.fit import fit_lmm, fit_stats
 from blmm.core.scoring import METHODS
 from blmm.core.status import DROPPED_FEW, FITTED
-from blmm.core.nested_missing_rows import (
-    FamilyBlocks, NestedMissingRowStats, nested_missing_row_stats_from_data,
-    tree_level_sums,
-)
+from blmm.core.nested_missing_rows import NestedMissingRowStats, nested_missing_row_stats_from_data
 from blmm.core.objective.nested import NestedObjective
 from blmm.core.objective.nested_missing import NestedMissingObjective
 from blmm.core.sufficient import sufficient_stats
@@ -67,9 +64,8 @@ def assert_objective_equals_per_pattern(Y, X, factors, D, reml, tree=None):
     if tree is not None:
         assert obj.tree == tree
     idx = np.arange(Y.shape[1])
-    groups, sums = tree_level_sums(ms, obj.base)  # class-aggregated, as the fit and the pipeline use
-    units = FamilyBlocks(ms, obj.base).block_units(ms, idx, sums, [g.small_position() for g in groups])
-    data = obj.data_from_sums([g.fit_sums(s) for g, s in zip(groups, sums)], units)
+    family = ms.units(obj)  # the sums class-aggregated, as the fit and the pipeline use
+    data = obj.data_from_sums([g.fit_sums(s) for g, s in zip(family.groups, family.sums)], family.block_units(idx))
     ev = obj.evaluate(D, data, grad=True)
     for vox in idx:
         u = ss.pattern_of_voxel[vox]

@@ -55,8 +55,8 @@ def registered_objectives():
         out.append((f"{structure}-{kind}:{type(obj).__name__}", obj, stats))
         path = STRUCTURES[structure].missing_rows
         if path is not None:
-            extra = (stats.layout.q[0],) if structure == "levels" else (stats.layout,)
-            missing = path.objective(stats.XtX[0], stats.ZtX[0], stats.ZtZ[0], int(stats.n_obs[0]), *extra, True)
+            missing = path.build(stats.XtX[0], stats.ZtX[0], stats.ZtZ[0], int(stats.n_obs[0]), stats.layout, True,
+                                 plan.tree)
             out.append((f"{structure}-{kind}:{type(missing).__name__}", missing, stats))
     return out
 

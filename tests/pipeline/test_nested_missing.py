@@ -20,7 +20,7 @@ def test_nested_factors_with_missing_values_match_lme4_through_the_pipeline(tmp_
     from blmm.core.structure import STRUCTURES
     seen = []
     path = STRUCTURES["nested"].missing_rows
-    spy = replace(path, fit=lambda *a, _fit=path.fit, **k: seen.append(1) or _fit(*a, **k))
+    spy = replace(path, build=lambda *a, _build=path.build, **k: seen.append(1) or _build(*a, **k))
     monkeypatch.setitem(STRUCTURES, "nested", replace(STRUCTURES["nested"], missing_rows=spy))
     case = load_case(case_name)
     yml = make_analysis(tmp_path, case_name=case_name, fmt="nifti", dtype=np.float64)  # lme4's values, bit for bit

@@ -83,7 +83,7 @@ class NestedMissingObjective:
     # host side (numpy): a block's sums arranged once, then moved (linalg.move); evaluation is on the seam
     def data(self, XtY, ZtY, YtY, units: dict | None = None) -> NestedMissingData:
         """Per-voxel data sums plus the voxels' units per group (none: the common design); units:
-        n (v,), dXtX (v, p, p) and "units", one `GroupUnits` per group (`FamilyBlocks.block_units`)."""
+        n (v,), dXtX (v, p, p) and "units", one `GroupUnits` per group (`FamilyUnits.block_units`)."""
         return self.data_from_base(self.base.data(XtY, ZtY, YtY), units)
 
     def data_from_sums(self, sums: list, units: dict | None = None) -> NestedMissingData:
