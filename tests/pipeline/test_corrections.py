@@ -63,15 +63,20 @@ def write_tables(root: Path, design) -> str:
             "outdir: out\nMAXMEM: 2**32\n")
 
 
-def volume_analysis(root: Path, correction: str, negative: bool = False) -> tuple[Path, np.ndarray]:
-    n_voxels = int(np.prod(GRID))
-    design, Y = _data(n_voxels, negative=negative)
+def write_volume_images(root: Path, Y: np.ndarray, grid: tuple, suffix: str) -> None:
+    """One NIfTI image per row of Y (float32, the grid's shape) under root/images, listed in Y_files.txt."""
     (root / "images").mkdir(parents=True, exist_ok=True)
     names = []
     for i, row in enumerate(Y):
-        nib.save(nib.Nifti1Image(row.astype(np.float32).reshape(GRID), AFFINE), str(root / f"images/i{i:03d}.nii.gz"))
-        names.append(f"images/i{i:03d}.nii.gz")
+        nib.save(nib.Nifti1Image(row.astype(np.float32).reshape(grid), AFFINE), str(root / f"images/i{i:03d}{suffix}"))
+        names.append(f"images/i{i:03d}{suffix}")
     (root / "Y_files.txt").write_text("\n".join(names) + "\n")
+
+
+def volume_analysis(root: Path, correction: str, negative: bool = False) -> tuple[Path, np.ndarray]:
+    n_voxels = int(np.prod(GRID))
+    design, Y = _data(n_voxels, negative=negative)
+    write_volume_images(root, Y, GRID, ".nii.gz")
     yml = root / "inputs.yml"
     yml.write_text("Y_files: Y_files.txt\n" + write_tables(root, design) + correction)
     return yml, Y

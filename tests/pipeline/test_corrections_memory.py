@@ -12,7 +12,6 @@ import pickle
 import tracemalloc
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 
@@ -21,7 +20,7 @@ from blmm.core.resampling import GEMM_BATCH
 from blmm.errors import InputError
 from blmm.pipeline.plan import PickledPlan
 from tests.core.resampling_simulation import family_design, simulate_Y
-from tests.pipeline.test_corrections import AFFINE, inline_engine, write_tables, fitted_stages
+from tests.pipeline.test_corrections import fitted_stages, inline_engine, write_tables, write_volume_images
 
 GRID = (12, 10, 10)  # 1,200 voxels: the maps and blocks, not Python's objects, make the task's memory
 B = 255  # 256 resamples: two GEMM batches in one chunk
@@ -35,12 +34,7 @@ def medium_volume(root: Path, resamples: int = B) -> Path:
     effect = np.zeros(n_voxels)
     effect[: n_voxels // 4] = 1.0
     Y = simulate_Y(rng, design, n_voxels, effect=effect) + 10.0
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    names = []
-    for i, row in enumerate(Y):
-        nib.save(nib.Nifti1Image(row.astype(np.float32).reshape(GRID), AFFINE), str(root / f"images/i{i:03d}.nii"))
-        names.append(f"images/i{i:03d}.nii")
-    (root / "Y_files.txt").write_text("\n".join(names) + "\n")
+    write_volume_images(root, Y, GRID, ".nii")
     yml = root / "inputs.yml"
     yml.write_text("Y_files: Y_files.txt\n" + write_tables(root, design)
                    + f"correction:\n  resamples: {resamples}\n  tfce: true\n  seed: 3\n  cluster_threshold: 2\n")
