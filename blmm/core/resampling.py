@@ -431,6 +431,7 @@ def prepare(
         by_class = None
     layout = block_layout(X, factors, components, blocks) if by_class is None else None
     pairs = np.zeros((0, 2), dtype=np.int64) if layout is None else layout.pairs
+    X_ordered = None if layout is None else X[layout.order]
     # contrasts sharing one V, prepared together: all at the fit's D, or each at its null model's
     if variance == "fit":
         groups = [(list(contrasts), [D[voxels] for D in fit.D])]
@@ -440,7 +441,6 @@ def prepare(
     for group, D_group in groups:
         parts = [None] * len(positions)
         if layout is not None:  # blocks inside components (the negative control), or classes of one or two families
-            X_ordered = X[layout.order]
 
             def run(j: int) -> None:
                 pos = positions[j]
