@@ -44,6 +44,9 @@ from blmm.core.tail import TailFit, tail_p
 
 STATISTICS = ("mlog10p", "t")  # what the maximum is taken over: −log10 p (Satterthwaite df) or T / F itself
 SIGMA2_MODES = ("refit", "fixed")  # σ² re-estimated per resample (exact GLS refit with D fixed) or held
+# σ̂*² of a resample: "fixed" holds the null model's residual sum and removes the contrast's share (r columns:
+# what ABCD-size runs fit in), "refit" re-estimates it from all p (docs/corrected.md "Which σ²")
+DEFAULT_SIGMA2 = "fixed"
 PRECISIONS = ("float64", "float32")  # of the prepared contributions and the sign GEMM (docs/corrected.md)
 WEIGHTS = ("rademacher", "webb", "normal", "uniform")  # the wild bootstrap's weight per block (docs/corrected.md)
 # Each contrast's V: its null model's fitted D (the statistic does not depend on the tested columns' fit) or the
@@ -359,7 +362,7 @@ def prepare(
     voxels: np.ndarray | None = None,
     blocks: np.ndarray | None = None,
     df: list[np.ndarray] | None = None,
-    sigma2: str = "refit",
+    sigma2: str = DEFAULT_SIGMA2,
     two_sided: bool = False,
     allow_split_blocks: bool = False,
     voxel_chunk: int = 64,
@@ -862,7 +865,7 @@ def corrected_inference(
     blocks: np.ndarray | None = None,
     two_sided: bool = False,
     statistic: str = "mlog10p",
-    sigma2: str = "refit",
+    sigma2: str = DEFAULT_SIGMA2,
     over_contrasts: bool = False,
     tail: bool = False,
     fdr: str | None = "bh",

@@ -108,6 +108,7 @@ class CorrectionOutcome:
         if s.resamples:
             out.update({
                 "blocks": {"factor": self.blocks_factor, "count": self.n_blocks},
+                "sigma2": s.sigma2,  # σ² of each resample: fixed (the contrast's share removed) or refit
                 "weights": s.weights,  # each block's weight in a resample
                 "precision": s.precision,  # of the prepared contributions and the sign GEMM
                 "statistics": sorted({k for per in self.null_maxima.values() for k in per}),
@@ -232,7 +233,7 @@ def contribution_columns(config: Config) -> int:
 
 
 def _per_block_ss(config: Config) -> bool:
-    """Whether each block's ẽ_c'V_c⁻¹ẽ_c is kept: under weights of s_c² ≠ 1 (all but Rademacher's), in either σ² mode."""
+    """Whether each block's ẽ_c'V_c⁻¹ẽ_c is kept: weights of s_c² ≠ 1 (all but Rademacher's), either σ² mode."""
     return config.correction.weights != "rademacher"
 
 
