@@ -195,20 +195,21 @@ def test_random_slopes_and_blocks_of_several_families_equal_dense_refits(subject
                 assert stats[j][r, voxel] == pytest.approx(ref, rel=1e-9, abs=1e-11)
 
 
+@pytest.mark.parametrize("sigma2", rs.SIGMA2_MODES)
 @pytest.mark.parametrize("weights", rs.WEIGHTS)
-def test_per_image_signs_are_exact_too_but_refused_by_default(family_case, weights):
+def test_per_image_signs_are_exact_too_but_refused_by_default(family_case, weights, sigma2):
     """The negative control's flips: cross terms of V⁻¹ inside a family change sign."""
     design, Y, fit = family_case
     n = design.X.shape[0]
     with pytest.raises(ValueError, match="split .* independent component"):
         rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, blocks=np.arange(n))
     prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, blocks=np.arange(n), allow_split_blocks=True,
-                      weights=weights, variance="fit")
+                      weights=weights, variance="fit", sigma2=sigma2)
     signs = rs.resample_signs(2, 1, 3, n, weights)
     stats = rs.resampled_statistics(prep, signs)
     for j, c in enumerate(CONTRASTS):
         for r in range(2):
-            ref = _dense_refit(design, Y, fit, 3, c, signs[r], "refit")
+            ref = _dense_refit(design, Y, fit, 3, c, signs[r], sigma2)
             assert stats[j][r, 3] == pytest.approx(ref, rel=1e-9, abs=1e-11)  # as above
 
 
