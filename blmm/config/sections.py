@@ -12,8 +12,8 @@ import numpy as np
 from blmm.core.design import Contrast, RandomFactor, identifiability_problems
 from blmm.core.design_basis import dependent_columns
 from blmm.core.fdr import FDR_METHODS
-from blmm.core.resampling import (DEFAULT_SIGMA2, DEFAULT_WEIGHTS, PRECISIONS, SIGMA2_MODES, WEIGHTS, check_blocks,
-                                    independent_blocks)
+from blmm.core.resampling import (DEFAULT_SIGMA2, DEFAULT_WEIGHTS, PRECISIONS, SIGMA2_MODES, WEIGHTS,
+                                    check_blocks, independent_blocks)
 from blmm.core.scoring import METHODS
 from blmm.engine.spec import CLUSTER_RULES, CLUSTER_TYPES, KINDS
 from blmm.errors import ImageError, InputError

@@ -43,7 +43,7 @@ from blmm.core.objective.base import diag_blocks
 from blmm.core.tail import TailFit, tail_p
 
 STATISTICS = ("mlog10p", "t")  # what the maximum is taken over: −log10 p (Satterthwaite df) or T / F itself
-SIGMA2_MODES = ("refit", "fixed")  # σ² re-estimated per resample (exact GLS refit with D fixed) or held
+SIGMA2_MODES = ("refit", "fixed")  # σ² re-estimated per resample (exact GLS refit with D fixed) or fixed
 # σ̂*² of a resample: "fixed" holds the null model's residual sum and removes the contrast's share (r columns:
 # what ABCD-size runs fit in), "refit" re-estimates it from all p (docs/corrected.md "Which σ²")
 DEFAULT_SIGMA2 = "fixed"
@@ -695,7 +695,7 @@ def resampled_statistics(prep: ResamplingPrep, signs: np.ndarray) -> list[np.nda
         a = a_all[..., c.columns]
         num = a[..., 0] if c.is_t else xp.sum(a[..., :c.ndf] * a[..., :c.ndf], axis=-1)
         # (w∘ẽ)'V⁻¹(w∘ẽ) = Σ_c w_c² ẽ_c'V_c⁻¹ẽ_c: ẽ'V⁻¹ẽ itself when every w_c² = 1 (Rademacher); less the share
-        # of the resample's fit: all p coordinates (σ² refitted) or the contrast's ndf (held: docs/corrected.md)
+        # of the resample's fit: all p coordinates (σ² refitted) or the contrast's ndf (fixed: docs/corrected.md)
         kept = c.resid_ss[None, :] if c.block_ss is None else (signs64 * signs64) @ c.block_ss
         ss = kept - xp.sum(a * a, axis=-1)
         if c.pair_ss is not None:  # added to ẽ'V⁻¹ẽ: (w_c w_c' − 1); to the per-block sums: w_c w_c'
