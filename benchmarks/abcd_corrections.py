@@ -7,7 +7,7 @@ vertices), 5 T contrasts and 1 F (the dataset of benchmarks/abcd_family.py --pip
     python benchmarks/abcd_corrections.py DIR --resamples 4999                 # max-statistic FWE (+ clusters)
     python benchmarks/abcd_corrections.py DIR --resamples 999 --tfce           # TFCE (+ clusters)
     python benchmarks/abcd_corrections.py DIR --subjects 150 --resamples 511 --tfce   # a stated fraction
-    python benchmarks/abcd_corrections.py DIR ... --sigma2 fixed                        # σ² held
+    python benchmarks/abcd_corrections.py DIR ... --sigma2 refit                        # σ² refitted (p columns)
     python benchmarks/abcd_corrections.py DIR ... --maxmem 2**34                        # all prepared blocks cached
     python benchmarks/abcd_corrections.py DIR ... --precision float32                   # float32 sign GEMM
 
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--subjects", type=int, help="fewer subjects than ABCD's 5,179: a stated fraction")
     ap.add_argument("--resamples", type=int, default=4999)
     ap.add_argument("--tfce", action="store_true")
-    ap.add_argument("--sigma2", choices=("refit", "fixed"), default="refit")
+    ap.add_argument("--sigma2", choices=("fixed", "refit"), default="fixed")
     ap.add_argument("--precision", choices=("float64", "float32"), default="float64",
                     help="of the prepared contributions and the sign GEMM")
     ap.add_argument("--maxmem", help="replace the YAML's MAXMEM (e.g. 2**34): a quarter of it keeps prepared blocks cached")

@@ -7,8 +7,8 @@ the preparation of the per-family contributions and ``--resamples`` resamples (t
 sign GEMM, then the statistic the maxima are taken over), and extrapolates linearly in vertices
 (every step is per vertex) to one fsaverage5 hemisphere (10,242 vertices) and 5,000 resamples.
 
-    python benchmarks/bench_resampling.py --vertices 512 --resamples 300 [--sigma2 fixed] [--statistic t]
-    python benchmarks/bench_resampling.py --null 1000 [--sigma2 fixed]  # the full-sized null simulation (FWER)
+    python benchmarks/bench_resampling.py --vertices 512 --resamples 300 [--sigma2 refit] [--statistic t]
+    python benchmarks/bench_resampling.py --null 1000 [--sigma2 refit]  # the full-sized null simulation (FWER)
 
 ``--null N`` instead runs tests/core/resampling_simulation.py's null simulation on N datasets and
 prints the FWER with family and with per-image signs and the 95% Monte-Carlo band.
@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--vertices", type=int, default=512)
     ap.add_argument("--resamples", type=int, default=300)
     ap.add_argument("--chunk", type=int, default=128, help="resamples per GEMM")
-    ap.add_argument("--sigma2", choices=("refit", "fixed"), default="refit")
+    ap.add_argument("--sigma2", choices=("fixed", "refit"), default="fixed")
     ap.add_argument("--statistic", choices=("mlog10p", "t"), default="mlog10p")
     ap.add_argument("--gemm-dtype", choices=("float64", "float32"), default="float64")
     ap.add_argument("--seed", type=int, default=0)

@@ -10,10 +10,10 @@ per-job budget) and summed over the driver and its workers.
     python benchmarks/mni_volume.py [--data /tmp/mni_bench] [--subjects 1000] [--masks common|subject]
                                     [--timeout SECONDS] [--json out.jsonl]
 
---resamples B [--tfce] [--sigma2 fixed] adds a `correction:` section (issue 20: TFCE with 1,000
+--resamples B [--tfce] [--sigma2 refit] adds a `correction:` section (issue 20: TFCE with 1,000
 resamples on this volume), run as `mni_corrected.yml` into results_corrected/:
 
-    python benchmarks/mni_volume.py --resamples 999 --tfce [--sigma2 fixed]
+    python benchmarks/mni_volume.py --resamples 999 --tfce [--sigma2 refit]
 
 --masks subject adds one data mask per image (data_mask_files) to the same images: each the
 brain mask eroded or shifted by 1-3 voxels, a third with an orbitofrontal-like dropout.
@@ -197,7 +197,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, help="stop blmm after this many seconds (SIGTERM)")
     ap.add_argument("--resamples", type=int, default=0, help="with > 0: a correction: section (issue 20)")
     ap.add_argument("--tfce", action="store_true")
-    ap.add_argument("--sigma2", choices=("refit", "fixed"), default="refit")
+    ap.add_argument("--sigma2", choices=("fixed", "refit"), default="fixed")
     ap.add_argument("--json")
     args = ap.parse_args()
     root = Path(args.data)

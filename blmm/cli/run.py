@@ -101,9 +101,9 @@ def _correction_flags(ap: argparse.ArgumentParser) -> None:
     cor.add_argument("--tail", action="store_true", default=None, help="generalised Pareto tail for FWE p < 1/B")
     cor.add_argument("--corrcon", action="store_true", default=None, help="FWE also over contrasts")
     # no argparse choices: the value is checked with the other config problems (one message, exit 2)
-    cor.add_argument("--sigma2", metavar="{refit,fixed}", help="residual variance of each resample: refit "
-                     "(default: re-estimated per resample) or fixed (held at the fit's; rank(L) instead of p "
-                     "columns per contrast, for large runs)")
+    cor.add_argument("--sigma2", metavar="{fixed,refit}", help="residual variance of each resample: fixed "
+                     "(default: the null model's residual sum held, less the resample's contrast share; rank(L) "
+                     "columns per contrast) or refit (re-estimated per resample; p columns per contrast)")
     cor.add_argument("--weights", metavar="{normal,uniform,rademacher,webb}", help="each independent block's weight "
                      "in a resample: rademacher (default: signs +-1), normal (standard normal), uniform (on +-sqrt(3)) "
                      "or webb (six points)")

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from blmm.core.design import Contrast, RandomFactor
-from blmm.core.resampling import DEFAULT_WEIGHTS
+from blmm.core.resampling import DEFAULT_SIGMA2, DEFAULT_WEIGHTS
 from blmm.io.images import ImageSpace
 
 DEFAULT_MAXMEM = 2**32  # upstream default, bytes (upstream docs wrongly say bits)
@@ -61,7 +61,7 @@ class CorrectionSettings:
     seed: int = 0
     tail: bool = False  # generalised Pareto tail for FWE p beyond 1/B
     corrcon: bool = False  # FWE also over contrasts (PALM's -corrcon)
-    sigma2: str = "refit"  # σ² per resample: "refit" (k = p columns per contrast) or "fixed" (k = rank: large runs)
+    sigma2: str = DEFAULT_SIGMA2  # σ² per resample: "fixed" (k = rank columns per contrast) or "refit" (k = p)
     weights: str = DEFAULT_WEIGHTS  # each block's weight per resample: "normal", "uniform", "rademacher" or "webb"
     precision: str = "float64"  # of the prepared contributions and the sign GEMM: "float64" or "float32"
 

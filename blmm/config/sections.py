@@ -12,8 +12,8 @@ import numpy as np
 from blmm.core.design import Contrast, RandomFactor, identifiability_problems
 from blmm.core.design_basis import dependent_columns
 from blmm.core.fdr import FDR_METHODS
-from blmm.core.resampling import (DEFAULT_WEIGHTS, PRECISIONS, SIGMA2_MODES, WEIGHTS, check_blocks,
-                                    independent_blocks)
+from blmm.core.resampling import (DEFAULT_SIGMA2, DEFAULT_WEIGHTS, PRECISIONS, SIGMA2_MODES, WEIGHTS,
+                                    check_blocks, independent_blocks)
 from blmm.core.scoring import METHODS
 from blmm.engine.spec import CLUSTER_RULES, CLUSTER_TYPES, KINDS
 from blmm.errors import ImageError, InputError
@@ -581,10 +581,10 @@ def _check_correction(found: _Found, space: ImageSpace | None,
         connectivity = 6
     seed = read_option_number(sub, "seed", 0, integer=True, minimum=0)
     flags = {key: read_flag(sub, key, False) for key in ("tfce", "tail", "corrcon")}
-    sigma2 = sub.raw.get("sigma2", "refit")
+    sigma2 = sub.raw.get("sigma2", DEFAULT_SIGMA2)
     if sigma2 not in SIGMA2_MODES:
         sub.problem(f"sigma2: expected one of {', '.join(SIGMA2_MODES)}, found {_shorten(sigma2)}")
-        sigma2 = "refit"
+        sigma2 = DEFAULT_SIGMA2
     weights = sub.raw.get("weights", DEFAULT_WEIGHTS)
     if weights not in WEIGHTS:
         sub.problem(f"weights: expected one of {', '.join(WEIGHTS)}, found {_shorten(weights)}")

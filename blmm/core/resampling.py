@@ -43,7 +43,10 @@ from blmm.core.objective.base import diag_blocks
 from blmm.core.tail import TailFit, tail_p
 
 STATISTICS = ("mlog10p", "t")  # what the maximum is taken over: −log10 p (Satterthwaite df) or T / F itself
-SIGMA2_MODES = ("refit", "fixed")  # σ² re-estimated per resample (exact GLS refit with D fixed) or held
+SIGMA2_MODES = ("refit", "fixed")  # σ² re-estimated per resample (exact GLS refit with D fixed) or fixed
+# σ̂*² of a resample: "fixed" holds the null model's residual sum and removes the contrast's share (r columns:
+# what ABCD-size runs fit in), "refit" re-estimates it from all p (docs/corrected.md "Which σ²")
+DEFAULT_SIGMA2 = "fixed"
 PRECISIONS = ("float64", "float32")  # of the prepared contributions and the sign GEMM (docs/corrected.md)
 WEIGHTS = ("rademacher", "webb", "normal", "uniform")  # the wild bootstrap's weight per block (docs/corrected.md)
 # Each contrast's V: its null model's fitted D (the statistic does not depend on the tested columns' fit) or the
@@ -150,12 +153,11 @@ class ContrastResampling:
     name: str
     is_t: bool
     ndf: int  # numerator df (rank of L)
-    columns: slice  # its k columns of ResamplingPrep.contributions: k = ndf (σ² held) or p (σ² refitted)
+    columns: slice  # its k columns of ResamplingPrep.contributions: k = ndf (σ² fixed) or p (σ² refitted)
     resid_ss: np.ndarray  # (v,) ẽ'V⁻¹ẽ of the restricted residuals
     df: np.ndarray  # (v,) Satterthwaite (denominator) df of the fit, for −log10 p
     pair_ss: np.ndarray | None = None  # (n_pairs, v) ẽ_c'V⁻¹_cc'ẽ_c' of blocks splitting a component
-    block_ss: np.ndarray | None = None  # (n_blocks, v) ẽ_c'V_c⁻¹ẽ_c: σ² refitted, weights with s_c² ≠ 1
-    sigma2: np.ndarray | None = None  # (v,) σ̂² of the full model at this contrast's V (σ² held); None: the prep's
+    block_ss: np.ndarray | None = None  # (n_blocks, v) ẽ_c'V_c⁻¹ẽ_c: weights with s_c² ≠ 1
 
 
 @dataclass
@@ -360,7 +362,7 @@ def prepare(
     voxels: np.ndarray | None = None,
     blocks: np.ndarray | None = None,
     df: list[np.ndarray] | None = None,
-    sigma2: str = "refit",
+    sigma2: str = DEFAULT_SIGMA2,
     two_sided: bool = False,
     allow_split_blocks: bool = False,
     voxel_chunk: int = 64,
@@ -424,7 +426,7 @@ def prepare(
         by_name = {r.name: r.df for r in inf.t + inf.f}
         df = [by_name[c.name] for c in contrasts]
     dof = float(n - p) if fit.reml else float(n)
-    per_block_ss = sigma2 == "refit" and weights != "rademacher"
+    per_block_ss = weights != "rademacher"
     positions = np.array_split(np.arange(voxels.size), max(1, -(-voxels.size // voxel_chunk)))
     by_class = None if split.size else component_classes(X, factors, components, blocks)
     if by_class is not None and len(by_class.classes) > MAX_CLASSES_PER_COMPONENT * (int(components.max()) + 1):
@@ -470,8 +472,7 @@ def prepare(
             np.asarray(df[j], dtype=np.float64)[voxels],
             np.concatenate([ci["pair_ss"] for ci in chunks_info], axis=1) if pairs.size else None,
             np.concatenate([ci["block_ss"] for ci in chunks_info], axis=1) if chunks_info[0]["block_ss"] is not None
-            else None,
-            None if variance == "fit" else sigma2_parts[j]))
+            else None))
         col += k
     return ResamplingPrep(voxels, int(blocks.max()) + 1, dof, sigma2_hat, sigma2, two_sided, prepared, contributions,
                           pairs, weights)
@@ -693,14 +694,13 @@ def resampled_statistics(prep: ResamplingPrep, signs: np.ndarray) -> list[np.nda
     for c in prep.contrasts:
         a = a_all[..., c.columns]
         num = a[..., 0] if c.is_t else xp.sum(a[..., :c.ndf] * a[..., :c.ndf], axis=-1)
-        if prep.sigma2_mode == "fixed":
-            s2 = xp.broadcast_to(prep.sigma2 if c.sigma2 is None else c.sigma2, (R, v))
-        else:  # (w∘ẽ)'V⁻¹(w∘ẽ) = Σ_c w_c² ẽ_c'V_c⁻¹ẽ_c: ẽ'V⁻¹ẽ itself when every w_c² = 1 (Rademacher)
-            kept = c.resid_ss[None, :] if c.block_ss is None else (signs64 * signs64) @ c.block_ss
-            ss = kept - xp.sum(a * a, axis=-1)
-            if c.pair_ss is not None:  # added to ẽ'V⁻¹ẽ: (w_c w_c' − 1); to the per-block sums: w_c w_c'
-                ss = ss + 2.0 * ((cross - 1.0 if c.block_ss is None else cross) @ c.pair_ss)
-            s2 = ss / prep.dof
+        # (w∘ẽ)'V⁻¹(w∘ẽ) = Σ_c w_c² ẽ_c'V_c⁻¹ẽ_c: ẽ'V⁻¹ẽ itself when every w_c² = 1 (Rademacher); less the share
+        # of the resample's fit: all p coordinates (σ² refitted) or the contrast's ndf (fixed: docs/corrected.md)
+        kept = c.resid_ss[None, :] if c.block_ss is None else (signs64 * signs64) @ c.block_ss
+        ss = kept - xp.sum(a * a, axis=-1)
+        if c.pair_ss is not None:  # added to ẽ'V⁻¹ẽ: (w_c w_c' − 1); to the per-block sums: w_c w_c'
+            ss = ss + 2.0 * ((cross - 1.0 if c.block_ss is None else cross) @ c.pair_ss)
+        s2 = ss / prep.dof
         with np.errstate(invalid="ignore", divide="ignore"):
             out.append(num / xp.sqrt(s2) if c.is_t else num / (c.ndf * s2))
     return out
@@ -865,7 +865,7 @@ def corrected_inference(
     blocks: np.ndarray | None = None,
     two_sided: bool = False,
     statistic: str = "mlog10p",
-    sigma2: str = "refit",
+    sigma2: str = DEFAULT_SIGMA2,
     over_contrasts: bool = False,
     tail: bool = False,
     fdr: str | None = "bh",

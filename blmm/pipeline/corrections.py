@@ -108,6 +108,7 @@ class CorrectionOutcome:
         if s.resamples:
             out.update({
                 "blocks": {"factor": self.blocks_factor, "count": self.n_blocks},
+                "sigma2": s.sigma2,  # σ² of each resample: fixed (the contrast's share removed) or refit
                 "weights": s.weights,  # each block's weight in a resample
                 "precision": s.precision,  # of the prepared contributions and the sign GEMM
                 "statistics": sorted({k for per in self.null_maxima.values() for k in per}),
@@ -216,8 +217,8 @@ def correction_blocks(plan: RunPlan) -> list[tuple[int, int, int]]:
 
 def prepared_bytes_per_voxel(config: Config) -> int:
     """Bytes of one prepared voxel (``ResamplingPrep.nbytes``): its contributions (sign blocks x columns
-    per contrast, in the precision), with σ² refitted under weights other than Rademacher's each
-    block's ẽ_c'V_c⁻¹ẽ_c per contrast (float64), and its vectors (ẽ'V⁻¹ẽ and df per contrast, σ̂², index)."""
+    per contrast, in the precision), under weights other than Rademacher's each block's
+    ẽ_c'V_c⁻¹ẽ_c per contrast (float64), and its vectors (ẽ'V⁻¹ẽ and df per contrast, σ̂², index)."""
     n_blocks = int(sign_blocks(config).max()) + 1
     n_contrasts = len(config.contrasts)
     return (prepared_itemsize(config) * n_blocks * contribution_columns(config)
@@ -232,9 +233,8 @@ def contribution_columns(config: Config) -> int:
 
 
 def _per_block_ss(config: Config) -> bool:
-    """Whether each block's ẽ_c'V_c⁻¹ẽ_c is kept: σ² refitted under weights of s_c² ≠ 1 (all but Rademacher's)."""
-    s = config.correction
-    return s.sigma2 == "refit" and s.weights != "rademacher"
+    """Whether each block's ẽ_c'V_c⁻¹ẽ_c is kept: weights of s_c² ≠ 1 (all but Rademacher's), either σ² mode."""
+    return config.correction.weights != "rademacher"
 
 
 def task_budget(config: Config) -> int:
@@ -249,9 +249,9 @@ def prepared_itemsize(config: Config) -> int:
 
 
 def prepared_columns(config: Config) -> int:
-    """Columns of prepared contributions per voxel (Σk): p per contrast with σ² refitted (and one for
-    each block's ẽ_c'V_c⁻¹ẽ_c, which weights of s_c² ≠ 1 rescale: all but Rademacher's), else each
-    contrast's rank (its numerator df)."""
+    """Columns of prepared contributions per voxel (Σk): p per contrast with σ² refitted, else each
+    contrast's rank (its numerator df); and one per contrast for each block's ẽ_c'V_c⁻¹ẽ_c, which
+    weights of s_c² ≠ 1 rescale (all but Rademacher's)."""
     return contribution_columns(config) + len(config.contrasts) * _per_block_ss(config)
 
 

@@ -589,6 +589,8 @@ def _corrected_section(page: ReportPage, summary: RunDescription, geometry: MapG
         blocks = record.get("blocks", {})
         tail = record.get("tail", {})
         rows += [("sign blocks", f"{blocks.get('count')} ({blocks.get('factor')})"),
+                 ("weights", str(record.get("weights", "–"))),
+                 ("σ² per resample", str(record.get("sigma2", "–"))),
                  ("FWE over contrasts", "yes" if record.get("over_contrasts") else "no"),
                  ("tail approximation", "asked; accepted for " + (", ".join(k for k, v in tail.get("accepted", {}).items() if v) or "none")
                   if tail.get("asked") else "no"),

@@ -13,7 +13,7 @@ import numpy as np
 
 from blmm.core.design import Contrast, RandomFactor
 from blmm.core.fit import fit_lmm
-from blmm.core.resampling import DEFAULT_VARIANCE, DEFAULT_WEIGHTS, corrected_inference
+from blmm.core.resampling import DEFAULT_SIGMA2, DEFAULT_VARIANCE, DEFAULT_WEIGHTS, corrected_inference
 
 FAMILY_COVARIATE = Contrast("family_covariate", np.array([[0.0, 1.0, 0.0, 0.0]]), True)
 
@@ -73,7 +73,7 @@ def simulate_Y(rng: np.random.Generator, design: FamilyDesign, n_voxels: int, wi
 
 
 def null_rejections(n_datasets: int, n_families: int = 100, n_voxels: int = 20, n_resamples: int = 99,
-                    seed: int = 0, alpha: float = 0.05, sigma2: str = "refit",
+                    seed: int = 0, alpha: float = 0.05, sigma2: str = DEFAULT_SIGMA2,
                     weights: str = DEFAULT_WEIGHTS, variance: str = DEFAULT_VARIANCE) -> dict:
     """Per dataset: is the smallest max-statistic FWE p ≤ alpha, flipping per family and per image?"""
     rng = np.random.default_rng(seed)

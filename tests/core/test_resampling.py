@@ -34,12 +34,13 @@ def _dense_refit(design, Y, fit, voxel, contrast, signs_per_image, sigma2):
     n = design.X.shape[0]
     V = (np.eye(n) + fit.D[0][voxel, 0, 0] * (fam[:, None] == fam[None])
          + fit.D[1][voxel, 0, 0] * (sub[:, None] == sub[None]))
-    return _dense_gls_resample(design.X, V, Y[:, voxel], contrast, signs_per_image,
-                               fit.sigma2[voxel] if sigma2 == "fixed" else None)
+    return _dense_gls_resample(design.X, V, Y[:, voxel], contrast, signs_per_image, sigma2)
 
 
-def _dense_gls_resample(X, V, y, contrast, signs_per_image, sigma2_fixed):
-    """T or F of y* = Xβ̃ + s∘ẽ by a dense GLS with V given (σ² refitted unless ``sigma2_fixed``)."""
+def _dense_gls_resample(X, V, y, contrast, signs_per_image, sigma2):
+    """T or F of y* = Xβ̃ + s∘ẽ by a dense GLS with V given.  σ̂*²: with ``sigma2="refit"`` y*'s residual
+    about its own fit; with "fixed" y*'s residual about the observed null fit Xβ̃, less the share its
+    tested effect explains, (s∘ẽ)'V⁻¹(s∘ẽ) − (Lβ̂*)'(LCL')⁺(Lβ̂*) (docs/corrected.md)."""
     n, p = X.shape
     Vi = np.linalg.inv(V)
     C = np.linalg.inv(X.T @ Vi @ X)
@@ -49,9 +50,13 @@ def _dense_gls_resample(X, V, y, contrast, signs_per_image, sigma2_fixed):
     e = y - X @ b_null
     ys = X @ b_null + signs_per_image * e
     bs = C @ X.T @ Vi @ ys
-    r = ys - X @ bs
-    s2 = r @ Vi @ r / (n - p) if sigma2_fixed is None else sigma2_fixed
     Lb = L @ bs
+    if sigma2 == "refit":
+        r = ys - X @ bs
+        s2 = r @ Vi @ r / (n - p)
+    else:
+        u = signs_per_image * e
+        s2 = (u @ Vi @ u - Lb @ np.linalg.pinv(L @ C @ L.T) @ Lb) / (n - p)
     if contrast.is_t:
         return Lb[0] / np.sqrt(s2 * (L @ C @ L.T)[0, 0])
     return Lb @ np.linalg.pinv(L @ C @ L.T) @ Lb / (np.linalg.matrix_rank(L) * s2)
@@ -97,8 +102,8 @@ NULL_COLUMNS = [[0, 2, 3], [0, 1, 3], [0, 3]]  # X's columns spanning each of CO
 @pytest.mark.parametrize("split", [False, True])
 def test_null_model_variance_equals_dense_gls_at_the_null_fit(family_case, sigma2, split):
     """The default V: each contrast's statistic (observed, resample 0, and resampled) is the GLS T or F
-    at the D of its null model, fitted by fit_lmm on the columns spanning Lβ = 0; σ² held is the full
-    model's σ̂² at that V.  Family signs, and per-image signs (the negative control's path)."""
+    at the D of its null model, fitted by fit_lmm on the columns spanning Lβ = 0, σ̂*² as in
+    ``_dense_gls_resample`` for each mode.  Family signs, and per-image signs (the negative control's path)."""
     design, Y, fit = family_case
     n = design.X.shape[0]
     blocks = np.arange(n) if split else rs.independent_blocks(design.factors)
@@ -115,13 +120,40 @@ def test_null_model_variance_equals_dense_gls_at_the_null_fit(family_case, sigma
                  + null.D[1][voxel, 0, 0] * (sub[:, None] == sub[None]))
             Vi = np.linalg.inv(V)
             y = Y[:, voxel]
-            b = np.linalg.solve(design.X.T @ Vi @ design.X, design.X.T @ Vi @ y)
-            r = y - design.X @ b
-            held = r @ Vi @ r / (n - design.X.shape[1]) if sigma2 == "fixed" else None
             for row in range(signs.shape[0]):
-                ref = _dense_gls_resample(design.X, V, y, c, signs[row][codes], held)
+                ref = _dense_gls_resample(design.X, V, y, c, signs[row][codes], sigma2)
                 # the same null fit (fit_lmm on the same span) and a dense GLS: ~1e-12 relative
                 assert stats[j][row, voxel] == pytest.approx(ref, rel=1e-9, abs=1e-11)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_resample_zero_is_the_gls_statistic_at_the_null_fit_with_sigma2_fixed(family_case, split):
+    """Observed == resample 0 with σ² fixed: at identity signs its σ̂² is the full model's at D̂₀,
+    r'V⁻¹r / (n − p), as with σ² refitted, and T = Lβ̂ / √(σ̂² LCL'), F likewise."""
+    design, Y, fit = family_case
+    n, p = design.X.shape
+    blocks = np.arange(n) if split else None
+    preps = {m: rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, sigma2=m, blocks=blocks,
+                           allow_split_blocks=split) for m in rs.SIGMA2_MODES}
+    zero = {m: rs.resampled_statistics(prep, rs.resample_signs(0, 0, 1, prep.n_blocks)) for m, prep in preps.items()}
+    fam, sub = design.family, design.subject
+    for j, (c, cols) in enumerate(zip(CONTRASTS, NULL_COLUMNS)):
+        null = fit_lmm(Y, design.X[:, cols], design.factors)
+        # the same GLS by blockwise algebra (with one sign column per contrast) or by p solves: ~1e-13 relative
+        np.testing.assert_allclose(zero["fixed"][j], zero["refit"][j], rtol=1e-10)
+        for voxel in (0, 4, 8):
+            V = (np.eye(n) + null.D[0][voxel, 0, 0] * (fam[:, None] == fam[None])
+                 + null.D[1][voxel, 0, 0] * (sub[:, None] == sub[None]))
+            Vi = np.linalg.inv(V)
+            y = Y[:, voxel]
+            C = np.linalg.inv(design.X.T @ Vi @ design.X)
+            b = C @ design.X.T @ Vi @ y
+            r = y - design.X @ b
+            s2 = r @ Vi @ r / (n - p)
+            Lb, LCL = c.matrix @ b, c.matrix @ C @ c.matrix.T
+            ref = Lb[0] / np.sqrt(s2 * LCL[0, 0]) if c.is_t else Lb @ np.linalg.pinv(LCL) @ Lb / (2 * s2)
+            # dense inverse of a 100-row V against the blockwise algebra: ~1e-12 relative
+            assert zero["fixed"][j][0, voxel] == pytest.approx(ref, rel=1e-9)
 
 
 @pytest.mark.parametrize("subject_design", ["intercept and visit", "visit only", "intercept and age"])
@@ -158,25 +190,26 @@ def test_random_slopes_and_blocks_of_several_families_equal_dense_refits(subject
             V += same * (f.design @ Dk[voxel] @ f.design.T)
         for j, c in enumerate(CONTRASTS):
             for r in range(signs.shape[0]):
-                ref = _dense_gls_resample(design.X, V, Y[:, voxel], c, signs[r][codes], None)
+                ref = _dense_gls_resample(design.X, V, Y[:, voxel], c, signs[r][codes], "refit")
                 # dense inverse of a ~100-row V against Woodbury per class: ~1e-12 relative
                 assert stats[j][r, voxel] == pytest.approx(ref, rel=1e-9, abs=1e-11)
 
 
+@pytest.mark.parametrize("sigma2", rs.SIGMA2_MODES)
 @pytest.mark.parametrize("weights", rs.WEIGHTS)
-def test_per_image_signs_are_exact_too_but_refused_by_default(family_case, weights):
+def test_per_image_signs_are_exact_too_but_refused_by_default(family_case, weights, sigma2):
     """The negative control's flips: cross terms of V⁻¹ inside a family change sign."""
     design, Y, fit = family_case
     n = design.X.shape[0]
     with pytest.raises(ValueError, match="split .* independent component"):
         rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, blocks=np.arange(n))
     prep = rs.prepare(Y, design.X, design.factors, fit, CONTRASTS, blocks=np.arange(n), allow_split_blocks=True,
-                      weights=weights, variance="fit")
+                      weights=weights, variance="fit", sigma2=sigma2)
     signs = rs.resample_signs(2, 1, 3, n, weights)
     stats = rs.resampled_statistics(prep, signs)
     for j, c in enumerate(CONTRASTS):
         for r in range(2):
-            ref = _dense_refit(design, Y, fit, 3, c, signs[r], "refit")
+            ref = _dense_refit(design, Y, fit, 3, c, signs[r], sigma2)
             assert stats[j][r, 3] == pytest.approx(ref, rel=1e-9, abs=1e-11)  # as above
 
 

@@ -2,8 +2,9 @@
 volume (6³ voxels), on tests/core/spatial_simulation.py's data: ABCD-like families, skewed and
 heteroscedastic smooth errors; two-sided −log10 p maps, cluster-forming threshold 2, B = 99.
 
-- Null, one Rademacher sign per family at each contrast's null-model D (the default) (marked slow, ~3 CPU
-  min per layout): each statistic's
+- Null, one Rademacher sign per family at each contrast's null-model D, σ² fixed (the default) (marked
+  slow, ~2 CPU min per layout; measured: mesh max 9, TFCE 10, extent 5, mass 8, volume 6, 6, 6, 6; σ²
+  refitted: 9, 9, 5, 6 and 6, 6, 6, 6): each statistic's
   rejection count at α = 0.05 over 100 datasets lies in the central 95% band of Binomial(100, 0.05),
   [1, 10] (each tail ≤ 2.5%: ``binomial_band``).  100 datasets is what a test run affords; the
   band at 1,000 (benchmarks/bench_spatial_fwer.py) is [37, 64].

@@ -22,7 +22,8 @@ from blmm.core.fdr import fdr_mlog10q
 from blmm.core.fit import FitResult
 from blmm.core.status import FITTED
 from blmm.core.linalg import unvech
-from blmm.core.resampling import DEFAULT_WEIGHTS, fwe_mlog10p, independent_blocks, prepare, resampled_maps
+from blmm.core.resampling import (DEFAULT_SIGMA2, DEFAULT_WEIGHTS, fwe_mlog10p, independent_blocks, prepare,
+                                  resampled_maps)
 from blmm.engine import EngineSpec, open_engine
 from blmm.errors import ConfigError
 from blmm.geometry import cluster_maxima, find_clusters, tfce, tfce_maxima
@@ -136,7 +137,7 @@ def fitted_stages(yml: Path):
     return plan
 
 
-def in_memory(plan, Y: np.ndarray, nulls: dict | None = None, sigma2: str = "refit",
+def in_memory(plan, Y: np.ndarray, nulls: dict | None = None, sigma2: str = DEFAULT_SIGMA2,
               weights: str = DEFAULT_WEIGHTS, precision: str = "float64") -> dict[str, np.ndarray]:
     """The corrected maps from core.resampling and geometry in one piece, from the fit's D (each contrast's
     statistic at its null model's D, refitted by prepare, as the stage) and df (read from the fit's block files), images in the YAML's order; ``nulls`` gets each contrast's
@@ -313,6 +314,7 @@ def test_written_maps_table_and_record(tmp_path):
     assert record["blocks"] == {"factor": "family", "count": 28}  # the outermost factor, named
     assert record["weights"] == DEFAULT_WEIGHTS  # one weight per block, the default (docs/corrected.md, "Weights")
     assert record["precision"] == "float64"  # the default: float64 contributions and sign GEMM
+    assert record["sigma2"] == DEFAULT_SIGMA2 and settings.sigma2 == DEFAULT_SIGMA2  # the σ² mode used, named
     assert record["tail"] == {"asked": False, "accepted": {}}
     nulls = np.load(out / NULL_MAXIMA_FILE)
     assert nulls["fam/max"].shape == (B + 1,) and nulls["fam/tfce"].shape == (B + 1,)
@@ -332,6 +334,7 @@ def test_written_maps_table_and_record(tmp_path):
     from blmm.report import build_report
     page = build_report(out, with_figures=True)
     assert "Corrected inference" in page and "Null distributions of the maxima: fam" in page
+    assert f"<td>σ² per resample</td><td>{DEFAULT_SIGMA2}</td>" in page
     assert "<th>extent_fwe_p</th>" in page
     assert all(f"<tr><td>fam</td><td>{k}</td>" in page for k in range(1, int(labels[:, 0].max()) + 1))
 
@@ -569,15 +572,18 @@ def test_data_copy_is_float32_when_lossless_else_float64(tmp_path):
     np.testing.assert_array_equal(stored[0], precise[plan.voxels])
 
 
-def test_sigma2_fixed_equals_core_in_memory_with_fewer_columns(tmp_path):
-    yml, Y = volume_analysis(tmp_path, FULL + "  sigma2: fixed\n")
+def test_sigma2_refit_equals_core_in_memory_with_p_columns(tmp_path):
+    """``sigma2: refit`` (not the default) reaches the core with p columns per contrast, and changes the FWE maps."""
+    yml, Y = volume_analysis(tmp_path, FULL + "  sigma2: refit\n")
     plan = fitted_stages(yml)
-    assert corrections.prepared_columns(plan.config) == 1 + 1 + 2  # each contrast's rank, not p = 4 each
+    assert corrections.prepared_columns(plan.config) == 4 * 3  # p = 4 per contrast
     with inline_engine() as engine:
         outcome = corrections.run_corrections(plan, engine, chunk=32)
-    _assert_maps_equal(outcome.maps, in_memory(plan, Y, sigma2="fixed"))
-    refit = in_memory(plan, Y)
-    assert not np.allclose(outcome.maps["conTlp_fwe"], refit["conTlp_fwe"], equal_nan=True)  # the mode took effect
+    assert outcome.record()["sigma2"] == "refit"
+    _assert_maps_equal(outcome.maps, in_memory(plan, Y, sigma2="refit"))
+    fixed = in_memory(plan, Y)
+    assert DEFAULT_SIGMA2 == "fixed"
+    assert not np.allclose(outcome.maps["conTlp_fwe"], fixed["conTlp_fwe"], equal_nan=True)  # the mode took effect
 
 
 def test_precision_float32_equals_core_in_memory_float32(tmp_path):
@@ -607,7 +613,7 @@ def test_normal_weights_change_fwe_but_not_the_identity_resample(tmp_path):
     yml, Y = volume_analysis(tmp_path, FULL + "  weights: normal\n")
     plan = fitted_stages(yml)
     assert plan.config.correction.weights == "normal"
-    assert corrections.prepared_columns(plan.config) == (4 + 1) * 3  # p per contrast and each block's ẽ'V⁻¹ẽ
+    assert corrections.prepared_columns(plan.config) == (1 + 1) + (1 + 1) + (2 + 1)  # rank and each block's ẽ'V⁻¹ẽ
     with inline_engine() as engine:
         outcome = corrections.run_corrections(plan, engine, chunk=32)
     assert outcome.record()["weights"] == "normal"
