@@ -7,8 +7,8 @@ missing-row driver (`blocks.fit_missing_rows`) fits every voxel that misses rows
 `NestedMissingObjective` (docs/model.md, "Missing rows per voxel, nested factors"), each block's
 units (the families its missing rows touch, per block-shape group) built from the missing rows
 only, just before the block is fitted; a voxel that misses none, with the complete design's
-`NestedObjective` (`FamilyUnits.complete_data`).  Every per-voxel structure counts in the block size, so `max_block_bytes`
-holds however many patterns there are.
+`NestedObjective` (`FamilyUnits.complete_data`).  Every per-voxel structure counts in the block
+size, so `max_block_bytes` holds however many patterns there are.
 """
 from __future__ import annotations
 
