@@ -6,7 +6,8 @@ storing its rows in the `FitResult`.  A path only says which voxels go together 
 block's data is formed: core/fit.py for per-pattern objectives; for voxels fitted against the
 complete design with their own missing rows, the one driver `fit_missing_rows` here, which asks
 each structure's units (`MissingRowUnits`: core/missing_rows.py's `LevelUnits`,
-core/nested_missing_rows.py's `FamilyUnits`) only what differs between structures.
+core/nested_missing_rows.py's `FamilyUnits`) only what differs between structures, and fits the
+voxels that miss no row with the complete design's own objective, as complete data are fitted.
 """
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from blmm.core.boundary import SettledPoint, boundary_coordinates, free_parameters, settle
+from blmm.core.centre import removed_size
+from blmm.core.design_basis import full_column_rank
 from blmm.core.hessian import variance_hessian
 from blmm.core.objective.base import Objective, array_bytes, subset_eval, take_rows
 from blmm.core.result import BlockFit, FitResult, residual_mean_square
 from blmm.core.scoring import ScoringResult, score
-from blmm.core.status import FITTED, NOT_FINITE
+from blmm.core.status import DROPPED_RANK, FITTED, NOT_FINITE
 from blmm.core.threads import run_blocks, thread_count
 
 MIN_SHARED_BLOCK = 64  # voxels: below this a block's fixed costs outweigh sharing it among threads
@@ -126,13 +129,17 @@ class MissingRowUnits(Protocol):
     one implementation per structure (`LevelUnits`: one factor; `FamilyUnits`: a nesting tree),
     built by its statistics' ``units(objective)``.
 
-    A voxel's class is the powers of two of its `unit_sizes` (`Scheduler.class_blocks`); a block
-    of voxels is prepared (its units formed, the voxels screened) into parts, each a dict of arrays
-    with the voxels on the leading axis (an ``"XtX"`` entry: X'X_v) and a shape (the parts' padded
-    unit counts); parts of one shape are fitted together whatever block they were prepared in.
+    A voxel that misses no row is fitted with ``objective.base`` (the complete design's objective of
+    one presence pattern) on `complete_data`, as complete data are.  Every other voxel's class is the
+    powers of two of its `unit_sizes` (`Scheduler.class_blocks`); a block of voxels is prepared (its
+    units formed, the voxels screened) into parts, each a dict of arrays with the voxels on the
+    leading axis (an ``"XtX"`` entry: X'X_v) and a shape (the parts' padded unit counts); parts of
+    one shape are fitted together whatever block they were prepared in.
     """
 
-    objective: Objective  # the complete design's objective (`missing_rows` True)
+    objective: Objective  # the complete design's objective (`missing_rows` True; its `base`: without units)
+    stats: Any  # the voxels' statistics (`missing_rows.MissingRowCounts`): the complete design's XtX and
+    # n_rows, each voxel's XtY, YtY and missing rows (voxel_n_missing), the centre taken out before the sums
 
     @property
     def nbytes(self) -> int:
@@ -157,25 +164,33 @@ class MissingRowUnits(Protocol):
     def block_data(self, idx: np.ndarray, units: dict) -> tuple[Any, np.ndarray, np.ndarray]:
         """(the objective's data, X'Y, Y'Y) of voxels idx with their prepared units (without "XtX")."""
 
+    def complete_data(self, idx: np.ndarray) -> Any:
+        """The data of ``objective.base`` (the complete design's objective) for voxels idx, which miss no row."""
+
 
 def fit_missing_rows(units: MissingRowUnits, scheduler: Scheduler) -> None:
     """Fit every voxel still FITTED in scheduler's result against the complete design with its own
     missing rows (docs/model.md, "Missing rows"), the same way for every structure.
 
-    Voxels of one class share a block, sized for the class's bound (`Scheduler.class_blocks`),
-    so a voxel's padding stays under 2x and does not depend on the other classes.  Blocks are
-    prepared in rounds: half the budget beside the common quantities holds a round's prepared
-    parts, the other half the fit blocks' working memory; parts of one shape are then fitted
-    together, cut to the block size of their shape.  `Scheduler.held_peak` records the most
-    bytes held: the common quantities, a round's prepared parts and its fit blocks in flight.
+    The voxels that miss no row are fitted first, by the complete design's objective
+    (`fit_complete_voxels`).  The others: voxels of one class share a block, sized for the class's
+    bound (`Scheduler.class_blocks`), so a voxel's padding stays under 2x and does not depend on
+    the other classes.  Blocks are prepared in rounds: half the budget beside the common
+    quantities holds a round's prepared parts, the other half the fit blocks' working memory;
+    parts of one shape are then fitted together, cut to the block size of their shape.
+    `Scheduler.held_peak` records the most bytes held: the common quantities, a round's prepared
+    parts and its fit blocks in flight.
     """
     res, obj = scheduler.res, units.objective
     shared = obj.held_bytes() + units.nbytes  # held through the fit, beside the blocks
     budget = scheduler.budget_beside(shared)
+    fitted = np.flatnonzero(res.status == FITTED)
+    complete = units.stats.voxel_n_missing()[fitted] == 0
+    fit_complete_voxels(units, fitted[complete], scheduler, shared)
     base_voxel = scheduler.voxel_bytes(obj)
     round_budget = budget // 2
     block_budget = budget - round_budget
-    jobs = scheduler.class_blocks(np.flatnonzero(res.status == FITTED), units.unit_sizes(),
+    jobs = scheduler.class_blocks(fitted[~complete], units.unit_sizes(),
                                   lambda key: base_voxel + units.unit_bytes(key), block_budget,
                                   limit=lambda key: round_budget // units.prepared_bytes(key))
     prepared: list = []  # (voxels, units, shape) parts of a round
@@ -212,6 +227,30 @@ def fit_missing_rows(units: MissingRowUnits, scheduler: Scheduler) -> None:
                             for a in range(0, idx.size, size))
         scheduler.held_peak = max(scheduler.held_peak, held + min(scheduler.threads, len(fit_jobs)) * in_flight)
         scheduler.run(run, fit_jobs)
+
+
+def fit_complete_voxels(units: MissingRowUnits, idx: np.ndarray, scheduler: Scheduler, shared: int) -> None:
+    """Voxels idx, which miss no row, fitted as complete data are (core/fit.py): the complete
+    design's objective (``units.objective.base``) on its own data, one X'X and row count for all,
+    in blocks of the whole budget beside the `shared` bytes held (nothing is prepared meanwhile)."""
+    if idx.size == 0:
+        return
+    res, stats, base = scheduler.res, units.stats, units.objective.base
+    XtX = stats.XtX
+    if not full_column_rank(XtX[None])[0]:
+        res.status[idx] = DROPPED_RANK
+        return
+    idx = res.drop_flat_voxels(idx, XtX, stats.XtY[idx], stats.YtY[idx], stats.n_rows, removed_size(stats.centre, idx))
+    per_voxel = scheduler.voxel_bytes(base)
+    size = scheduler.block_voxels(per_voxel, scheduler.budget_beside(shared), idx.size)
+    jobs = [idx[a:a + size] for a in range(0, idx.size, size)]
+    scheduler.held_peak = max(scheduler.held_peak, shared + min(scheduler.threads, len(jobs)) * min(size, idx.size)
+                              * per_voxel)
+
+    def fit_complete(block) -> None:
+        scheduler.fit(base, units.complete_data(block), block, base.n, XtX, stats.XtY[block], stats.YtY[block])
+
+    scheduler.run(fit_complete, jobs)
 
 
 def fit_block(obj: Objective, data, qk: list, method: str, tol: float, max_iter: int, reml: bool, n: int,

@@ -5,14 +5,16 @@ of levels, the rows each presence pattern lacks (as a compressed list, never per
 design sums) and the per-voxel data sums as `LevelSums`: class aggregates, the y_j of levels
 outside big classes, and the y_j of big-class levels that a voxel's missing rows touch.
 `LevelUnits` is this structure's `blocks.MissingRowUnits`: the one missing-row driver
-(`blocks.fit_missing_rows`) fits every voxel with `MissingObjective`, its units (touched
-levels, docs/model.md "Missing rows") built from the missing rows only, just before a block
-is fitted, each voxel's padded to its own size class.  Every per-voxel structure counts in
+(`blocks.fit_missing_rows`) fits every voxel that misses rows with `MissingObjective`, its units
+(touched levels, docs/model.md "Missing rows") built from the missing rows only, just before a
+block is fitted, each voxel's padded to its own size class; a voxel that misses none, with the
+complete design's `LevelObjective` (`LevelUnits.complete_data`).  Every per-voxel structure counts in
 the block size, so `max_block_bytes` holds however many patterns there are.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -272,12 +274,21 @@ class LevelUnits:
         classes = stats.classes
         self.small_pos = np.full(L, -1, np.int64)  # position of a level among y_small, -1 in a big class
         self.small_pos[classes.level_index[classes.small_levels]] = np.arange(classes.small_levels.size)
-        n, p = stats.X.shape
-        # per row: x x' (for X_M'X_M) and z z', z x' (for Z_{j,M}'Z_{j,M}, Z_{j,M}'X_M), summed by sparse products
-        self.row_xx = (stats.X[:, :, None] * stats.X[:, None, :]).reshape(n, p * p)
-        self.row_zz_zx = np.concatenate([(stats.zrow[:, :, None] * stats.zrow[:, None, :]).reshape(n, q * q),
-                                         (stats.zrow[:, :, None] * stats.X[:, None, :]).reshape(n, q * p)], axis=1)
-        self.row_terms = level_row_terms(p, q)
+        self.row_terms = level_row_terms(stats.p, q)
+
+    # per row: x x' (for X_M'X_M) and z z', z x' (for Z_{j,M}'Z_{j,M}, Z_{j,M}'X_M), summed by sparse products;
+    # formed when a voxel misses rows (n p² numbers: a block of complete voxels never needs them)
+    @cached_property
+    def row_xx(self) -> np.ndarray:
+        X = self.stats.X
+        return (X[:, :, None] * X[:, None, :]).reshape(X.shape[0], -1)
+
+    @cached_property
+    def row_zz_zx(self) -> np.ndarray:
+        X, z = self.stats.X, self.stats.zrow
+        n = X.shape[0]
+        return np.concatenate([(z[:, :, None] * z[:, None, :]).reshape(n, -1),
+                               (z[:, :, None] * X[:, None, :]).reshape(n, -1)], axis=1)
 
     @property
     def nbytes(self) -> int:
@@ -324,6 +335,10 @@ class LevelUnits:
     def block_data(self, idx: np.ndarray, units: dict):
         part = self.stats.sums.take(idx)
         return self.objective.data(part.XtY, part, part.YtY, units), part.XtY, part.YtY
+
+    def complete_data(self, idx: np.ndarray):
+        part = self.stats.sums.take(idx)
+        return self.objective.base.data_from_sums(part.XtY, part.YtY, part.KXYo, part.KYY, part.y_small)
 
 
 def voxel_touched(stats: MissingRowStats) -> np.ndarray:

@@ -3,11 +3,12 @@
 `NestedMissingRowStats` holds the design sums of the common (complete) design once, the rows
 each presence pattern lacks (a compressed list, never per-pattern design sums) and the
 per-voxel data sums.  `FamilyUnits` is this structure's `blocks.MissingRowUnits`: the one
-missing-row driver (`blocks.fit_missing_rows`) fits every voxel with `NestedMissingObjective`
-(docs/model.md, "Missing rows per voxel, nested factors"), each block's units (the families its
-missing rows touch, per block-shape group) built from the missing rows only, just before the
-block is fitted.  Every per-voxel structure counts in the block size, so `max_block_bytes`
-holds however many patterns there are.
+missing-row driver (`blocks.fit_missing_rows`) fits every voxel that misses rows with
+`NestedMissingObjective` (docs/model.md, "Missing rows per voxel, nested factors"), each block's
+units (the families its missing rows touch, per block-shape group) built from the missing rows
+only, just before the block is fitted; a voxel that misses none, with the complete design's
+`NestedObjective` (`FamilyUnits.complete_data`).  Every per-voxel structure counts in the block
+size, so `max_block_bytes` holds however many patterns there are.
 """
 from __future__ import annotations
 
@@ -258,11 +259,13 @@ class FamilyUnits:
         return 8 * (12 * sum(T * (b * b + b * p + b + 1) for T, b in zip(shape, self.block_sizes)) + 4 * p * p)
 
     def block_data(self, idx: np.ndarray, units: dict):
-        local = [s.take(idx) for s in self.sums]
         groups = [GroupUnits(*(units[(field, g)] for field in UNIT_FIELDS)) for g in range(len(self.G))]
-        data = self.objective.data_from_sums([g.fit_sums(s) for g, s in zip(self.groups, local)],
+        data = self.objective.data_from_base(self.complete_data(idx),
                                              {"n": units["n"], "dXtX": units["dXtX"], "units": groups})
         return data, self.stats.XtY[idx], self.stats.YtY[idx]
+
+    def complete_data(self, idx: np.ndarray):
+        return self.objective.base.data_from_sums([g.fit_sums(s.take(idx)) for g, s in zip(self.groups, self.sums)])
 
 
 UNIT_FIELDS = ("sign", "G", "X", "y")  # a `GroupUnits`' arrays, in its order

@@ -8,8 +8,8 @@
    (core/level_groups.py) its class aggregates and the other levels' y_j, plus apart the y_j
    where a missing value touches a big-class level (`sum_columns`); crossed factors: X'Y, Z'Y, Y'Y.
 3. `fit_block(plan, k)`: sums block k's rows of every partial in a fixed order and fits:
-   one factor or a nesting tree, every voxel against the complete design (`fit_missing_rows`,
-   `fit_nested_missing_rows`); crossed factors, per presence pattern.  Then infers and writes the block's results (atomically).
+   one factor or a nesting tree, every voxel against the complete design (`blocks.fit_missing_rows`:
+   a voxel that misses no row by the complete design's objective); crossed factors, per presence pattern.  Then infers and writes the block's results (atomically).
 4. `write_outputs(plan, ...)`: assembles the maps in the input's format.
 
 Batches and blocks run on an engine (`blmm.engine`); a killed run restarts from the
@@ -489,7 +489,8 @@ def fit_block(plan: RunPlan, k: int) -> str:
         patterns, pattern_of_voxel = presence_patterns(present[:, keep])
         X, factors = ordered_design(plan)
         layout = FactorLayout.from_factors(factors)
-        # every voxel against the complete design where the structure can (docs/model.md, "Missing rows")
+        # every voxel against the complete design where the structure can, those missing no row by its own
+        # objective (docs/model.md, "Missing rows")
         fit_plan = plan_fit(layout, missing_rows=True)
         if one_factor(cfg):  # the sums come class-aggregated (LevelSums)
             stats = _missing_row_stats(plan, sums, touched, keep, patterns, pattern_of_voxel)

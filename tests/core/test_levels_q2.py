@@ -8,7 +8,6 @@ import pytest
 from blmm.core.design import RandomFactor
 from blmm.core.hessian import variance_hessian
 from blmm.core.objective import LevelObjective
-from blmm.core.objective.missing import MissingObjective
 from blmm.core.sufficient import sufficient_stats
 
 # the kernel sums the same terms in another order (closed forms, one GEMM for three): float64 rounding times
@@ -90,23 +89,3 @@ def test_hessian_from_the_fused_evaluation_equals_entrywise(reml):
     assert close(H, H_ref) <= RTOL
     assert close(dC, dC_ref) <= RTOL
 
-
-@pytest.mark.parametrize("reml", [True, False], ids=["REML", "ML"])
-def test_missing_row_objective_on_complete_voxels_takes_the_kernel(reml):
-    """The pipeline fits every one-factor block with MissingObjective; a block without missing rows is
-    evaluated by its base's fused kernel, equal to the general missing-row path (the kernel switched off)."""
-    st = irregular_visits(5)
-    n = int(st.n_obs[0])
-    fused = MissingObjective(st.XtX[0], st.ZtX[0], st.ZtZ[0], n, 2, reml)
-    general = MissingObjective(st.XtX[0], st.ZtX[0], st.ZtZ[0], n, 2, reml)
-    general.base.q2 = None  # the reference: the missing-row path's own sums
-    D = points(np.random.default_rng(6), st.XtY.shape[0]) + 0.05 * np.eye(2)
-    data = fused.data(st.XtY, st.ZtY, st.YtY)
-    assert fused.is_complete(data) and not general.is_complete(data)
-    got = fused.evaluate([D], data, grad=True)
-    ref = general.evaluate([D], data, grad=True)
-    for name in ("llh", "beta", "sigma2", "C", "info", "observed"):
-        assert close(getattr(got, name), getattr(ref, name)) <= RTOL, name
-    H, dC, _ = fused.deviance_hessian([D], data, got.sigma2, got)
-    H_ref, dC_ref, _ = general.deviance_hessian([D], data, ref.sigma2, ref)
-    assert close(H, H_ref) <= RTOL and close(dC, dC_ref) <= RTOL

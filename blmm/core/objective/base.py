@@ -54,7 +54,8 @@ class Objective(Protocol):
     n: int
     p: int
     reml: bool
-    missing_rows: bool  # data() takes each voxel's missing-row units (n and X'X then differ per voxel)
+    missing_rows: bool  # data() takes each voxel's missing-row units (n and X'X then differ per voxel);
+    # such an objective's `base` is the complete design's objective, which fits the voxels that miss no row
     has_deviance_hessian: bool  # deviance_hessian() exists: the analytic Hessian (else core/hessian.py differences)
 
     def data(self, XtY: np.ndarray, ZtY: Any, YtY: np.ndarray, units: dict | None = None) -> Any:

@@ -88,15 +88,7 @@ class MissingObjective:
             XtVX, XtVY, YtVY, logdetV = XtVX + dXtVX, XtVY + dXtVY, YtVY + dYtVY, logdetV + dlogdetV
         return XtVX, XtVY, YtVY, logdetV, R, Ru, Rg
 
-    def is_complete(self, data: "MissingData") -> bool:
-        """No voxel of the block misses a row and the base has the fused q = 2 kernel: the base
-        evaluates it (the pipeline's complete blocks of design 2 at the in-memory fit's speed)."""
-        return (self.base.q2 is not None and la.namespace(data.XtY) is np and not data.sign.shape[1]
-                and not data.group_weight.shape[1] and bool(np.all(data.n == self.n)))
-
     def evaluate(self, D_list, data: "MissingData", sigma2=None, grad=False) -> Evaluation:
-        if self.is_complete(data):
-            return self.base.evaluate(D_list, data.base, sigma2=sigma2, grad=grad)
         D = D_list[0]
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             XtVX, XtVY, YtVY, logdetV, R, Ru, Rg = self._products(D, data)
@@ -155,8 +147,6 @@ class MissingObjective:
     def deviance_hessian(self, D_list, data: "MissingData", sigma2: np.ndarray, ev: Evaluation | None = None):
         """Observed Hessian of the deviance in vech D at fixed σ² (β profiled), analytically:
         LevelObjective's formula with every sum over levels taken as classes - removal + replacement units."""
-        if self.is_complete(data):
-            return self.base.deviance_hessian(D_list, data.base, sigma2, ev)
         D = D_list[0]
         if ev is None or ev.observed is None:
             ev = self.evaluate([D], data, sigma2=sigma2, grad=True)
