@@ -55,8 +55,9 @@ class Scheduler:
     """Blocks of voxels for one `FitResult`: their sizes, threads, fit and storage."""
 
     def __init__(self, res: FitResult, method: str, tol: float, max_iter: int, threads: int | None,
-                 max_block_bytes: int):
+                 max_block_bytes: int, start: list | None = None):
         self.res = res
+        self.start = start  # per factor (v, q_k, q_k) D each of res's voxels starts scoring from; None: D = 0
         self.max_block_bytes = int(max_block_bytes)  # all blocks in flight and what a round holds
         self.method, self.tol, self.max_iter = method, tol, int(max_iter)
         self.threads = thread_count(threads)
@@ -116,7 +117,8 @@ class Scheduler:
             YtY: np.ndarray) -> None:
         """Fit the voxels idx (their data arranged for obj) and store them, with their e'e/(n - p)
         from X'X (shared or per voxel); n is the objective's row count (data.n where per voxel)."""
-        out = fit_block(obj, data, self.qk, self.method, self.tol, self.max_iter, self.reml, n, self.p)
+        start = None if self.start is None else [Sk[idx] for Sk in self.start]
+        out = fit_block(obj, data, self.qk, self.method, self.tol, self.max_iter, self.reml, n, self.p, start)
         self.res.store(idx, out)
         self.res.resms[idx] = residual_mean_square(out.beta, XtX, XtY, YtY, self.res.n_obs[idx], self.p)
 
@@ -215,9 +217,10 @@ def fit_missing_rows(units: MissingRowUnits, scheduler: Scheduler) -> None:
 
 
 def fit_block(obj: Objective, data, qk: list, method: str, tol: float, max_iter: int, reml: bool, n: int,
-              p: int) -> BlockFit:
-    """Score one voxel block, settle the optimum (boundary snap, Newton polish), then package it."""
-    scored = score(obj, data, qk, method, tol, max_iter, reml, n, p)
+              p: int, start: list | None = None) -> BlockFit:
+    """Score one voxel block (from ``start``'s D, default 0), settle the optimum (boundary snap, Newton
+    polish), then package it."""
+    scored = score(obj, data, qk, method, tol, max_iter, reml, n, p, start)
     point = settle(obj, data, scored.D, qk, reml, n, p)
     return package(obj, data, point, scored, qk, reml, n, p)
 
