@@ -117,6 +117,7 @@ def fit_stats(
     threads: int | None = None,
     plan: FitPlan | None = None,
     start: list[np.ndarray] | None = None,
+    inference: bool = True,
 ) -> FitResult:
     """Fit every voxel from its sufficient statistics, then put the centre the sums were formed
     without (``stats.centre``) back into β.
@@ -138,6 +139,8 @@ def fit_stats(
     ``start``: per factor (v, q_k, q_k) finite PSD D, in the statistics' units, that scoring starts
     from at each voxel (e.g. a nearby model's optimum: `blmm.core.resampling.null_model_D`); default
     D = 0.  It changes the path only: the stopping rule and what is reported at the optimum are the same.
+    ``inference=False`` reports the optimum (β, σ², D, llh, labels) without what inference needs at it
+    (Cov(β̂), its derivatives, the Hessian stay NaN): a model fitted only for its D̂.
     """
     method = check_method(method)
     if not (tol > 0):
@@ -159,7 +162,7 @@ def fit_stats(
     res = FitResult.empty(stats.n_voxels, p, list(layout.q), list(layout.names), reml, method)
     res.n_obs[:] = stats.voxel_n_obs()
     res.status[res.n_obs <= p] = DROPPED_FEW
-    scheduler = Scheduler(res, method, tol, max_iter, threads, max_block_bytes, start)
+    scheduler = Scheduler(res, method, tol, max_iter, threads, max_block_bytes, start, inference)
     if plan.missing_rows:  # every voxel against the complete design: the structure's missing-rows objective
         fit_missing_rows(stats.units(plan.objective(stats.XtX, stats.ZtX, stats.ZtZ, stats.n_rows, reml)), scheduler)
     else:

@@ -518,7 +518,7 @@ def null_models_D(Y: np.ndarray, X: np.ndarray, factors: list[RandomFactor], fit
             stats = sufficient_stats(Yv, X_fit, factors_fit, FactorLayout.from_factors(factors_fit),
                                      centre=centre_of(Yv, X_fit, threads), threads=threads)
         null = fit_stats(stats.restricted(Wt[rank:].T), reml=fit.reml, method=fit.method, threads=threads,
-                         start=warm)
+                         start=warm, inference=False)  # only D̂₀ is used
         kept = null.status == FITTED
         D0 = [np.where(kept[:, None, None], D0k / np.outer(s, s)[None], Dk)
               for D0k, Dk, s in zip(null.D, fallback, basis.scales)]
