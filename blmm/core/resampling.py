@@ -497,8 +497,9 @@ def null_models_D(Y: np.ndarray, X: np.ndarray, factors: list[RandomFactor], fit
     X_fit, factors_fit = basis.fitting_X(X), basis.fitting_factors(factors)
     p = X.shape[1]
     stats = None
-    start = [la_sym(D * np.outer(s, s)[None]) for D, s in zip(fallback, basis.scales)]  # D̃ = diag(s) D diag(s)
-    warm = start if all(np.all(np.isfinite(Sk)) for Sk in start) else None
+    warm = None  # D̃ = diag(s) D diag(s), made PSD: a stored D may hold a rounding-level negative eigenvalue
+    if all(np.all(np.isfinite(D)) for D in fallback):
+        warm = [la_sym(la.project_psd(la_sym(D * np.outer(s, s)[None]))) for D, s in zip(fallback, basis.scales)]
     out: list[list[np.ndarray]] = []
     fitted: list[tuple[np.ndarray, list[np.ndarray]]] = []  # (projector on L's rows, its null model's D)
     for c in contrasts:
