@@ -137,7 +137,7 @@ def fit_stats(
     patterns' objectives held meanwhile (patterns are fitted in rounds); `threads` (default: the
     CPUs this process may use, blmm.host) fit blocks concurrently (`blmm.core.blocks.Scheduler`).
     ``start``: per factor (v, q_k, q_k) finite PSD D, in the statistics' units, that scoring starts
-    from at each voxel (e.g. a nearby model's optimum: `blmm.core.resampling.null_model_D`); default
+    from at each voxel (e.g. a nearby model's optimum: `blmm.core.resampling.null_models_D`); default
     D = 0.  It changes the path only: the stopping rule and what is reported at the optimum are the same.
     ``inference=False`` reports the optimum (β, σ², D, llh, labels) without what inference needs at it
     (Cov(β̂), its derivatives, the Hessian stay NaN): a model fitted only for its D̂.
