@@ -58,8 +58,10 @@ class Scheduler:
     """Blocks of voxels for one `FitResult`: their sizes, threads, fit and storage."""
 
     def __init__(self, res: FitResult, method: str, tol: float, max_iter: int, threads: int | None,
-                 max_block_bytes: int):
+                 max_block_bytes: int, start: list | None = None, inference: bool = True):
         self.res = res
+        self.inference = inference  # False: the optimum only, the inference arrays stay NaN (fit_stats)
+        self.start = start  # per factor (v, q_k, q_k) D each of res's voxels starts scoring from; None: D = 0
         self.max_block_bytes = int(max_block_bytes)  # all blocks in flight and what a round holds
         self.method, self.tol, self.max_iter = method, tol, int(max_iter)
         self.threads = thread_count(threads)
@@ -119,7 +121,9 @@ class Scheduler:
             YtY: np.ndarray) -> None:
         """Fit the voxels idx (their data arranged for obj) and store them, with their e'e/(n - p)
         from X'X (shared or per voxel); n is the objective's row count (data.n where per voxel)."""
-        out = fit_block(obj, data, self.qk, self.method, self.tol, self.max_iter, self.reml, n, self.p)
+        start = None if self.start is None else [Sk[idx] for Sk in self.start]
+        out = fit_block(obj, data, self.qk, self.method, self.tol, self.max_iter, self.reml, n, self.p, start,
+                        self.inference)
         self.res.store(idx, out)
         self.res.resms[idx] = residual_mean_square(out.beta, XtX, XtY, YtY, self.res.n_obs[idx], self.p)
 
@@ -254,11 +258,28 @@ def fit_complete_voxels(units: MissingRowUnits, idx: np.ndarray, scheduler: Sche
 
 
 def fit_block(obj: Objective, data, qk: list, method: str, tol: float, max_iter: int, reml: bool, n: int,
-              p: int) -> BlockFit:
-    """Score one voxel block, settle the optimum (boundary snap, Newton polish), then package it."""
-    scored = score(obj, data, qk, method, tol, max_iter, reml, n, p)
+              p: int, start: list | None = None, inference: bool = True) -> BlockFit:
+    """Score one voxel block (from ``start``'s D, default 0), settle the optimum (boundary snap, Newton
+    polish), then package it (without ``inference``: the optimum only, its inference arrays NaN)."""
+    scored = score(obj, data, qk, method, tol, max_iter, reml, n, p, start)
     point = settle(obj, data, scored.D, qk, reml, n, p)
+    if not inference:
+        return optimum_only(point, scored, qk, p)
     return package(obj, data, point, scored, qk, reml, n, p)
+
+
+def optimum_only(point: SettledPoint, scored: ScoringResult, qk: list, p: int) -> BlockFit:
+    """The settled optimum and its labels as `package` reports them, without the inference quantities
+    (NaN): no Hessian recomputed where the polish moved (a D-only fit, e.g. a null model's D̂₀)."""
+    ev, v = point.ev, point.D[0].shape[0]
+    k = 1 + sum(q * (q + 1) // 2 for q in qk)
+    finite = ev.ok & np.isfinite(ev.llh) & np.isfinite(ev.sigma2)
+    return BlockFit(
+        beta=ev.beta, sigma2=ev.sigma2, D=point.D, llh=ev.llh, converged=scored.converged & finite,
+        n_iter=scored.n_iter, stop=np.where(finite, scored.stop, NOT_FINITE), ok=scored.ok & finite,
+        cov_beta=np.full((v, p, p), np.nan), cov_beta_grad=np.full((v, k, p, p), np.nan),
+        hessian=np.full((v, k, k), np.nan), free=free_parameters(point.D, qk),
+    )
 
 
 def package(obj: Objective, data, point: SettledPoint, scored: ScoringResult, qk: list, reml: bool, n: int,

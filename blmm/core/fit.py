@@ -116,6 +116,8 @@ def fit_stats(
     max_block_bytes: int = 512 * 2**20,
     threads: int | None = None,
     plan: FitPlan | None = None,
+    start: list[np.ndarray] | None = None,
+    inference: bool = True,
 ) -> FitResult:
     """Fit every voxel from its sufficient statistics, then put the centre the sums were formed
     without (``stats.centre``) back into β.
@@ -134,6 +136,11 @@ def fit_stats(
     max_block_bytes bounds the working memory of all voxel blocks in flight and the presence
     patterns' objectives held meanwhile (patterns are fitted in rounds); `threads` (default: the
     CPUs this process may use, blmm.host) fit blocks concurrently (`blmm.core.blocks.Scheduler`).
+    ``start``: per factor (v, q_k, q_k) finite PSD D, in the statistics' units, that scoring starts
+    from at each voxel (e.g. a nearby model's optimum: `blmm.core.resampling.null_models_D`); default
+    D = 0.  It changes the path only: the stopping rule and what is reported at the optimum are the same.
+    ``inference=False`` reports the optimum (β, σ², D, llh, labels) without what inference needs at it
+    (Cov(β̂), its derivatives, the Hessian stay NaN): a model fitted only for its D̂.
     """
     method = check_method(method)
     if not (tol > 0):
@@ -149,11 +156,13 @@ def fit_stats(
         raise ValueError(f"a plan with missing rows per voxel needs their statistics, not {type(stats).__name__}")
     layout = stats.layout
     p = stats.p
+    if start is not None:
+        start = check_start(start, stats.n_voxels, layout.q)
     plan.check_memory(p, max_block_bytes)  # refuse before any work, with numbers
     res = FitResult.empty(stats.n_voxels, p, list(layout.q), list(layout.names), reml, method)
     res.n_obs[:] = stats.voxel_n_obs()
     res.status[res.n_obs <= p] = DROPPED_FEW
-    scheduler = Scheduler(res, method, tol, max_iter, threads, max_block_bytes)
+    scheduler = Scheduler(res, method, tol, max_iter, threads, max_block_bytes, start, inference)
     if plan.missing_rows:  # every voxel against the complete design: the structure's missing-rows objective
         fit_missing_rows(stats.units(plan.objective(stats.XtX, stats.ZtX, stats.ZtZ, stats.n_rows, reml)), scheduler)
     else:
@@ -161,6 +170,28 @@ def fit_stats(
     res.blank_unfitted()
     restore_beta(res.beta, getattr(stats, "centre", None))
     return res
+
+
+def check_start(start: list, n_voxels: int, q: tuple) -> list[np.ndarray]:
+    """fit_stats' start point as float64 arrays, refused (ValueError) unless one finite symmetric
+    (v, q_k, q_k) D per factor with non-negative eigenvalues (to rounding)."""
+    if len(start) != len(q):
+        raise ValueError(f"start: expected one D per random factor ({len(q)}), got {len(start)}")
+    out = []
+    for k, (Sk, qk) in enumerate(zip(start, q)):
+        Sk = np.asarray(Sk, dtype=np.float64)
+        if Sk.shape != (n_voxels, qk, qk):
+            raise ValueError(f"start: factor {k + 1}'s D has shape {Sk.shape}, expected {(n_voxels, qk, qk)}")
+        if not np.all(np.isfinite(Sk)):
+            raise ValueError(f"start: factor {k + 1}'s D has non-finite entries")
+        if not np.array_equal(Sk, np.swapaxes(Sk, 1, 2)):
+            raise ValueError(f"start: factor {k + 1}'s D is not symmetric")
+        w = np.linalg.eigvalsh(Sk) if Sk.size else np.zeros((0, qk))
+        # rounding of a PSD matrix formed in float64: eigenvalues down to −1e-12 of the largest
+        if np.any(w[:, 0] < -1e-12 * np.maximum(np.abs(w[:, -1]), 1e-300)):
+            raise ValueError(f"start: factor {k + 1}'s D is not positive semi-definite")
+        out.append(Sk)
+    return out
 
 
 def _fit_patterns(stats: SufficientStats, plan: FitPlan, scheduler: Scheduler) -> None:

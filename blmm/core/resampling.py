@@ -18,7 +18,6 @@ maxima into FWE p-values (``fwe_mlog10p``); ``corrected_inference`` composes the
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -29,8 +28,10 @@ from scipy.sparse.csgraph import connected_components
 from threadpoolctl import threadpool_limits
 
 from blmm.core.design import Contrast, RandomFactor
-from blmm.core.design_basis import DesignNote
-from blmm.core.fit import fit_lmm
+from blmm.core.centre import centre_of
+from blmm.core.design_basis import fitting_basis
+from blmm.core.fit import fit_stats
+from blmm.core.sufficient import FactorLayout, sufficient_stats
 from blmm.core.fdr import fdr_mlog10q
 from blmm.core.threads import run_blocks, thread_count
 from blmm.core.result import FitResult
@@ -384,7 +385,7 @@ def prepare(
     ``max_block_images`` bounds the images of one component of V (V_b⁻¹ is dense per voxel).
     ``weights``: each block's weight in a resample (``WEIGHTS``; docs/corrected.md says which and why).
     ``variance``: V of each contrast's statistic, observed and resampled alike: "null" (default) the D of
-    the model under the contrast's null, fitted here as the fit was (``null_model_D``), "fit" the fit's D.
+    the model under the contrast's null, fitted here as the fit was (``null_models_D``), "fit" the fit's D.
     """
     if sigma2 not in SIGMA2_MODES:
         raise ValueError(f"sigma2 {sigma2!r}: expected one of {', '.join(SIGMA2_MODES)}")
@@ -438,7 +439,7 @@ def prepare(
     if variance == "fit":
         groups = [(list(contrasts), [D[voxels] for D in fit.D])]
     else:
-        groups = [([c], null_model_D(Y, X, factors, fit, c, voxels, threads)) for c in contrasts]
+        groups = [([c], D0) for c, D0 in zip(contrasts, null_models_D(Y, X, factors, fit, contrasts, voxels, threads))]
     sigma2_parts, contribution_parts, info = [], [], []
     for group, D_group in groups:
         parts = [None] * len(positions)
@@ -478,23 +479,54 @@ def prepare(
                           pairs, weights)
 
 
-def null_model_D(Y: np.ndarray, X: np.ndarray, factors: list[RandomFactor], fit: FitResult, contrast: Contrast,
-                 voxels: np.ndarray, threads: int | None = None) -> list[np.ndarray]:
-    """Per factor (v, q, q): D of the model under the contrast's null (β = Nγ, N spanning L's null
-    space) at ``voxels``, fitted as the fit was (REML or ML, its method); the fit's D where that fit
-    stopped short of FITTED, and everywhere when the null model has no fixed effect left (L of rank p)
-    or there is no voxel to fit."""
-    _, S, Wt = np.linalg.svd(np.atleast_2d(contrast.matrix))
-    rank = int(np.sum(S > 1e-8 * S[0]))
-    if rank == X.shape[1] or voxels.size == 0:
-        return [D[voxels] for D in fit.D]
-    with warnings.catch_warnings():  # the full design's notes on column scales were given with its fit
-        warnings.simplefilter("ignore", DesignNote)
-        # safe_mode off: the random factors are the fit's, already accepted (or fitted on purpose)
-        null = fit_lmm(Y[:, voxels], X @ Wt[rank:].T, factors, reml=fit.reml, method=fit.method, safe_mode=False,
-                       threads=threads)
-    kept = null.status == FITTED
-    return [np.where(kept[:, None, None], D0, D[voxels]) for D0, D in zip(null.D, fit.D)]
+def null_models_D(Y: np.ndarray, X: np.ndarray, factors: list[RandomFactor], fit: FitResult,
+                  contrasts: list[Contrast], voxels: np.ndarray, threads: int | None = None) -> list[list[np.ndarray]]:
+    """Per contrast, per factor (v, q, q): D of the model under the contrast's null (β = Nγ, N spanning
+    L's null space) at ``voxels``, fitted as the fit was (REML or ML, its method, in its fitting basis);
+    the fit's D where that fit stopped short of FITTED, and everywhere when the null model has no fixed
+    effect left (L of rank p) or there is no voxel to fit.
+
+    The full model's sufficient statistics are formed once (the fit's centre rule) and each null model's
+    follow by the map N (`SufficientStats.restricted`); scoring starts at the fit's D̂ (near D̂₀: the
+    null drops a few columns of X), cold where the fit's D is not finite.  Contrasts whose L span the
+    same rows share one null model and its fit.
+    """
+    fallback = [D[voxels] for D in fit.D]
+    if voxels.size == 0:
+        return [fallback for _ in contrasts]
+    basis = fitting_basis(X, factors)  # the fit's: the same X and factors give the same basis
+    X_fit, factors_fit = basis.fitting_X(X), basis.fitting_factors(factors)
+    p = X.shape[1]
+    stats = None
+    warm = None  # D̃ = diag(s) D diag(s), made PSD: a stored D may hold a rounding-level negative eigenvalue
+    if all(np.all(np.isfinite(D)) for D in fallback):
+        warm = [la_sym(la.project_psd(la_sym(D * np.outer(s, s)[None]))) for D, s in zip(fallback, basis.scales)]
+    out: list[list[np.ndarray]] = []
+    fitted: list[tuple[np.ndarray, list[np.ndarray]]] = []  # (projector on L's rows, its null model's D)
+    for c in contrasts:
+        _, S, Wt = np.linalg.svd(np.atleast_2d(c.matrix) @ basis.T)  # L β = L T β̃ in the fitting basis
+        rank = int(np.sum(S > 1e-8 * S[0]))
+        if rank == p:
+            out.append(fallback)
+            continue
+        rows = Wt[:rank].T @ Wt[:rank]
+        # the same null space to float64's rounding of an orthonormal SVD basis
+        same = [D0 for P, D0 in fitted if np.max(np.abs(P - rows)) < 1e-10]
+        if same:
+            out.append(same[0])
+            continue
+        if stats is None:  # one pass over the data for every contrast
+            Yv = Y[:, voxels]
+            stats = sufficient_stats(Yv, X_fit, factors_fit, FactorLayout.from_factors(factors_fit),
+                                     centre=centre_of(Yv, X_fit, threads), threads=threads)
+        null = fit_stats(stats.restricted(Wt[rank:].T), reml=fit.reml, method=fit.method, threads=threads,
+                         start=warm, inference=False)  # only D̂₀ is used
+        kept = null.status == FITTED
+        D0 = [np.where(kept[:, None, None], D0k / np.outer(s, s)[None], Dk)
+              for D0k, Dk, s in zip(null.D, fallback, basis.scales)]
+        fitted.append((rows, D0))
+        out.append(D0)
+    return out
 
 
 def small_inverse(V: np.ndarray) -> np.ndarray:

@@ -42,11 +42,17 @@ class ScoringResult:
     ok: np.ndarray  # (v,) bool, finite throughout
 
 
-def score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
-    """Scoring iterations for one voxel block, with monotone steps and an honest stopping rule."""
+def score(obj, data, qk, method, tol, max_iter, reml, n, p, start: list | None = None) -> ScoringResult:
+    """Scoring iterations for one voxel block, with monotone steps and an honest stopping rule.
+
+    ``start``: per factor (v, q_k, q_k) PSD D to start from (e.g. a nearby model's optimum); default D = 0.
+    """
     xp = la.namespace(data.XtY)
     v = data.XtY.shape[0]
-    D = [xp.zeros((v, q, q), dtype=data.XtY.dtype, device=la.device_of(data.XtY)) for q in qk]
+    if start is None:
+        D = [xp.zeros((v, q, q), dtype=data.XtY.dtype, device=la.device_of(data.XtY)) for q in qk]
+    else:
+        D = [la.copied(xp.asarray(Sk, dtype=data.XtY.dtype, device=la.device_of(data.XtY))) for Sk in start]
     ev = _uncached(obj.evaluate(D, data, grad=True))
     # the bookkeeping (which voxels step, llh, labels) is on the host; D, σ² and evaluations in xp
     ok = np.array(la.to_host(ev.ok), copy=True)
@@ -66,10 +72,11 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p) -> ScoringResult:
         if active.size == 0:
             break
         D_act = [la.select_rows(Dk, active) for Dk in D]
-        # the first step (from D = 0) is taken in D itself; later ones in Cholesky coordinates
+        # the first step from D = 0 is taken in D itself (Λ = 0 has no Cholesky step); every other step,
+        # a given start's first included, in Cholesky coordinates (the ridged Λ handles a singular start)
         N_act = la.select_rows(N, active) if np.ndim(N) else N  # per-voxel n where the data carry it (missing rows)
         make_trial, gain = _direction(method, ev_act, D_act, la.select_rows(sigma2, active), N_act, qk,
-                                      cholesky=it > 1)
+                                      cholesky=it > 1 or start is not None)
         gain = la.to_host(gain)
         if it > 1:
             # converged: the last step moved llh by < tol and what one more step (or a boundary

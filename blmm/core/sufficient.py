@@ -131,6 +131,47 @@ class SufficientStats:
     def voxel_n_obs(self) -> np.ndarray:
         return self.n_obs[self.pattern_of_voxel]
 
+    def restricted(self, N: np.ndarray) -> "SufficientStats":
+        """The statistics of the model with fixed effects X N (e.g. X restricted to Lβ = 0, N spanning
+        L's null space), from these by the linear map N: X₀'X₀ = N'X'XN, Z'X₀ = Z'XN, X₀'Y = N'X'Y;
+        Z'Z, Z'Y and Y'Y are X's.  ``N`` (p, p₀) of full column rank; no pass over the data.
+
+        The centre (Y − c_v X w) moves to the null model's own: X₀w₀ the projection of X w on col(X₀),
+        w₀ = (X₀'X₀)⁻¹N'X'X w, which is the projection of 1 there, as `intercept_weights(X₀)` gives.
+        Where X w lies in col(X₀) (L w = 0: an intercept the contrast leaves alone) the data sums are
+        those of the same centred Y; otherwise (complete data only) they shift by c_v X d, d = w − N w₀,
+        exactly in the sums.  ``reach`` (the flat-voxel rule's size of what was removed) is kept.
+        """
+        N = np.asarray(N, dtype=np.float64)
+        if N.ndim != 2 or N.shape[0] != self.p or N.shape[1] > self.p:
+            raise ValueError(f"restricted: N must be (p, p0) with p = {self.p} and p0 <= p, got shape {N.shape}")
+        XtX0 = N.T @ self.XtX @ N  # (u, p0, p0)
+        ZtX0 = self.ZtX @ N
+        XtY, ZtY, YtY = self.XtY, self.ZtY, self.YtY
+        centre = self.centre
+        if centre is not None:
+            w = centre.weights
+            w0 = np.linalg.lstsq(N, w, rcond=None)[0]
+            d = w - N @ w0
+            # w in col(N) to float64's rounding of w (relative 1e-12): X w in col(X₀), the sums stay
+            if np.linalg.norm(d) > 1e-12 * np.linalg.norm(w):
+                if self.patterns.shape[0] != 1 or not self.patterns.all():
+                    raise ValueError("restricted: moving the centre to col(X N) needs X'X over every row (one "
+                                     f"complete presence pattern), found {self.patterns.shape[0]} pattern(s)")
+                XtX = self.XtX[0]
+                w0 = np.linalg.solve(XtX0[0], N.T @ (XtX @ w))
+                d = w - N @ w0
+                c = centre.value
+                XtY = XtY + c[:, None] * (XtX @ d)[None, :]  # the sums of Y − c X w + c X d = Y − c X₀w₀
+                ZtY = ZtY + c[:, None] * (self.ZtX[0] @ d)[None, :]
+                YtY = YtY + 2.0 * c * (self.XtY @ d) + c * c * (d @ XtX @ d)
+            centre = ResponseCentre(centre.value, w0, centre.reach)
+        XtY0 = XtY @ N
+        return SufficientStats(
+            layout=self.layout, patterns=self.patterns, pattern_of_voxel=self.pattern_of_voxel,
+            XtX=XtX0, ZtX=ZtX0, ZtZ=self.ZtZ, n_obs=self.n_obs, XtY=XtY0, ZtY=ZtY, YtY=YtY, centre=centre,
+        )
+
     def __add__(self, other: "SufficientStats") -> "SufficientStats":
         """Combine sums over two disjoint sets of rows (rows of `other` come after).
 

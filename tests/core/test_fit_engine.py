@@ -367,3 +367,57 @@ def test_patterns_are_fitted_in_rounds_within_max_block_bytes(monkeypatch):
 def test_has_nan_is_isnan_any(Y):
     # fit_lmm's one-pass check (np.min propagates NaN) routes to the missing-rows path as np.isnan(Y).any()
     assert has_nan(Y) == bool(np.isnan(Y).any())
+
+
+def _stats_of(X, f, Y):
+    from blmm.core.centre import centre_of
+    return sufficient_stats(Y, X, [f], FactorLayout.from_factors([f]), centre=centre_of(Y, X))
+
+
+@pytest.mark.parametrize("start_at", ["another model's optimum", "zero", "singular"])
+def test_a_start_reaches_the_optimum_of_a_cold_start(start_at):
+    """Scoring from a given D (a full model's D̂ for its null model, D = 0 itself, a rank-one D on the
+    boundary of the cone) stops at the optimum the default start (D = 0) finds: the same labels, llh
+    within the stop tolerance, D within the flatness that tolerance leaves."""
+    X, f, Y = simulate(q=2, v=8, seed=5)
+    full = fit_lmm(Y, X, [f])
+    null_stats = _stats_of(X, f, Y).restricted(np.eye(3)[:, [0, 2]])  # the null of the slope on t
+    cold = fit_stats(null_stats)
+    v = Y.shape[1]
+    if start_at == "zero":
+        start = [np.zeros((v, 2, 2))]
+    elif start_at == "singular":
+        u = np.array([1.0, 0.4])
+        start = [np.broadcast_to(np.outer(u, u), (v, 2, 2)).copy()]
+    else:
+        start = [full.D[0]]
+    warm = fit_stats(null_stats, start=start)
+    tol = 1e-6  # fit_stats' default stop rule: llh moved < tol and less than tol predicted to gain
+    assert np.array_equal(warm.status, cold.status) and np.array_equal(warm.converged, cold.converged)
+    assert cold.converged.all()
+    assert np.max(np.abs(warm.llh - cold.llh)) < tol
+    # a variance's information is ~m/2 per level count m (relative units): llh within tol leaves
+    # ΔD/D up to sqrt(4 tol / m), m = 40 subjects
+    scale = np.maximum(np.abs(cold.D[0]), 1e-3)
+    assert np.all(np.abs(warm.D[0] - cold.D[0]) <= np.sqrt(4.0 * tol / 40) * scale)
+
+
+def test_without_inference_the_optimum_is_the_same_and_inference_is_nan():
+    X, f, Y = simulate(q=2, v=5, seed=2)
+    stats = _stats_of(X, f, Y)
+    a, b = fit_stats(stats), fit_stats(stats, inference=False)
+    for name in ("beta", "sigma2", "llh", "converged", "n_iter", "stop", "status", "free"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name  # the same path, bit for bit
+    assert np.array_equal(a.D[0], b.D[0])
+    assert np.isnan(b.hessian).all() and np.isnan(b.cov_beta).all()
+
+
+def test_a_bad_start_is_refused_naming_it():
+    X, f, Y = simulate(q=2, v=3, seed=1)
+    stats = _stats_of(X, f, Y)
+    with pytest.raises(ValueError, match=r"start: factor 1's D has shape \(2, 2, 2\), expected \(3, 2, 2\)"):
+        fit_stats(stats, start=[np.zeros((2, 2, 2))])
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        fit_stats(stats, start=[np.broadcast_to(np.diag([1.0, -1.0]), (3, 2, 2))])
+    with pytest.raises(ValueError, match="non-finite"):
+        fit_stats(stats, start=[np.full((3, 2, 2), np.nan)])

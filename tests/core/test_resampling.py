@@ -113,16 +113,15 @@ def test_null_model_variance_equals_dense_gls_at_the_null_fit(family_case, sigma
     stats = rs.resampled_statistics(prep, signs)
     fam, sub = design.family, design.subject
     codes = rs.first_appearance_codes(blocks)
-    for j, (c, cols) in enumerate(zip(CONTRASTS, NULL_COLUMNS)):
-        null = fit_lmm(Y, design.X[:, cols], design.factors)
-        for voxel in (0, 4, 8):
-            V = (np.eye(n) + null.D[0][voxel, 0, 0] * (fam[:, None] == fam[None])
-                 + null.D[1][voxel, 0, 0] * (sub[:, None] == sub[None]))
-            Vi = np.linalg.inv(V)
+    null_D = rs.null_models_D(Y, design.X, design.factors, fit, CONTRASTS, np.arange(Y.shape[1]))
+    for j, c in enumerate(CONTRASTS):
+        for voxel in (0, 4, 8):  # the null models' D̂₀ (as fit_lmm fits them: test_null_models_D_are_...)
+            V = (np.eye(n) + null_D[j][0][voxel, 0, 0] * (fam[:, None] == fam[None])
+                 + null_D[j][1][voxel, 0, 0] * (sub[:, None] == sub[None]))
             y = Y[:, voxel]
             for row in range(signs.shape[0]):
                 ref = _dense_gls_resample(design.X, V, y, c, signs[row][codes], sigma2)
-                # the same null fit (fit_lmm on the same span) and a dense GLS: ~1e-12 relative
+                # the same D̂₀ and a dense GLS: ~1e-12 relative
                 assert stats[j][row, voxel] == pytest.approx(ref, rel=1e-9, abs=1e-11)
 
 
@@ -137,13 +136,13 @@ def test_resample_zero_is_the_gls_statistic_at_the_null_fit_with_sigma2_fixed(fa
                            allow_split_blocks=split) for m in rs.SIGMA2_MODES}
     zero = {m: rs.resampled_statistics(prep, rs.resample_signs(0, 0, 1, prep.n_blocks)) for m, prep in preps.items()}
     fam, sub = design.family, design.subject
-    for j, (c, cols) in enumerate(zip(CONTRASTS, NULL_COLUMNS)):
-        null = fit_lmm(Y, design.X[:, cols], design.factors)
+    null_D = rs.null_models_D(Y, design.X, design.factors, fit, CONTRASTS, np.arange(Y.shape[1]))
+    for j, c in enumerate(CONTRASTS):
         # the same GLS by blockwise algebra (with one sign column per contrast) or by p solves: ~1e-13 relative
         np.testing.assert_allclose(zero["fixed"][j], zero["refit"][j], rtol=1e-10)
         for voxel in (0, 4, 8):
-            V = (np.eye(n) + null.D[0][voxel, 0, 0] * (fam[:, None] == fam[None])
-                 + null.D[1][voxel, 0, 0] * (sub[:, None] == sub[None]))
+            V = (np.eye(n) + null_D[j][0][voxel, 0, 0] * (fam[:, None] == fam[None])
+                 + null_D[j][1][voxel, 0, 0] * (sub[:, None] == sub[None]))
             Vi = np.linalg.inv(V)
             y = Y[:, voxel]
             C = np.linalg.inv(design.X.T @ Vi @ design.X)
@@ -154,6 +153,28 @@ def test_resample_zero_is_the_gls_statistic_at_the_null_fit_with_sigma2_fixed(fa
             ref = Lb[0] / np.sqrt(s2 * LCL[0, 0]) if c.is_t else Lb @ np.linalg.pinv(LCL) @ Lb / (2 * s2)
             # dense inverse of a 100-row V against the blockwise algebra: ~1e-12 relative
             assert zero["fixed"][j][0, voxel] == pytest.approx(ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_null_models_D_are_fit_lmm_on_the_null_columns(family_case, reml):
+    """D̂₀ from the full model's sums mapped by N and scoring started at the fit's D̂ is the optimum
+    fit_lmm finds from Y, X's null columns and D = 0, within the flatness the stop tolerance leaves
+    (labels and llh: test_fit_engine's warm-start test); contrasts with one null space share one fit."""
+    design, Y, _ = family_case
+    fit = fit_lmm(Y, design.X, design.factors, reml=reml)
+    voxels = np.arange(Y.shape[1])
+    same_null = Contrast("family_covariate twice", 2.0 * CONTRASTS[0].matrix, True)
+    null_D = rs.null_models_D(Y, design.X, design.factors, fit, CONTRASTS + [same_null], voxels)
+    assert null_D[3] is null_D[0]  # L and 2L: one null model, fitted once
+    tol = 1e-6  # fit_lmm's default stop rule: llh moved < tol and less than tol predicted to gain
+    n_families = np.unique(design.family).size
+    for D0, cols in zip(null_D, NULL_COLUMNS):
+        cold = fit_lmm(Y, design.X[:, cols], design.factors, reml=reml)
+        assert (cold.status == 0).all() and cold.converged.all()
+        for Dk, Ck in zip(D0, cold.D):
+            # a variance's information is ~m/2 per level count m (relative units): llh within tol leaves
+            # ΔD/D up to sqrt(4 tol / m) (the fewest levels: the families)
+            assert np.all(np.abs(Dk - Ck) <= np.sqrt(4.0 * tol / n_families) * np.maximum(Ck, 1e-3))
 
 
 @pytest.mark.parametrize("subject_design", ["intercept and visit", "visit only", "intercept and age"])

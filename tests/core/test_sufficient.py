@@ -86,3 +86,26 @@ def test_block_size_does_not_change_the_sums(monkeypatch):
     for got, want in zip(blocks[1:], whole[1:]):
         # float64: a product's columns do not mix, but BLAS may order a sum by the block's shape
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-13 * np.max(np.abs(want)))
+
+
+@pytest.mark.parametrize("basis", [[[1.0, 0.0], [0.0, 0.3], [0.0, 1.0]], [[0.0, 0.0], [1.0, 0.0], [0.3, 1.0]]],
+                         ids=["intercept kept", "intercept tested"])
+def test_restricted_statistics_are_those_of_X_N(basis):
+    """The null model's statistics from the full model's by the map N equal those formed from Y and X N
+    with X N's own centre (the centre moves to col(X N) where the contrast tests the intercept)."""
+    X, factor, Y = design(seed=3)
+    N = np.linalg.qr(np.array(basis))[0]  # an orthonormal basis of a 2-column subspace
+    X0 = X @ N
+    full = sufficient_stats(Y, X, [factor], centre=centre_of(Y, X))
+    got = full.restricted(N)
+    ref = sufficient_stats(Y, X0, [factor], centre=centre_of(Y, X0))
+    moved = not np.allclose(N @ (N.T @ [1.0, 0.0, 0.0]), [1.0, 0.0, 0.0])
+    for name in ("XtX", "ZtX", "XtY", "ZtY", "YtY"):
+        a, b = getattr(got, name), getattr(ref, name)
+        # float64 rounding of sums of n ≈ 60 products: ~1e-15 of the sums, bounded at 1e-12; where the
+        # centre moves (c ≈ 1e4 along X d) the sums carry the rounding of c·n-sized terms: bounded at 1e-14 c n
+        bound = 1e-12 * np.max(np.abs(b)) + (1e-14 * 1e4 * X.shape[0] * (np.max(np.abs(Y)) if name == "YtY" else 1.0)
+                                            if moved else 0.0)
+        assert np.max(np.abs(a - b)) <= bound, name
+    assert np.allclose(X0 @ got.centre.weights, X0 @ ref.centre.weights, rtol=0, atol=1e-12)
+    assert np.array_equal(got.centre.value, ref.centre.value)
