@@ -65,8 +65,9 @@ class SchurObjective:
 
     def per_voxel_bytes(self) -> int:
         """Working memory per voxel of one evaluation with its gradient (for block sizing)."""
-        lv, pu = self.level, self.p + self.qR
-        return 8 * (12 * lv.C * lv.q ** 2 + lv.Cb * len(lv.pairs) * (pu + 1) + 12 * pu * pu + 8 * self.qR ** 2)
+        lv, pu, qq = self.level, self.p + self.qR, self.level.q * self.qR
+        coupling = 2 * lv.Ls * qq + (lv.Cb + 4) * qq * qq + lv.q ** 4  # _coupled_information's W, Φ and its products
+        return 8 * (12 * lv.C * lv.q ** 2 + lv.Cb * len(lv.pairs) * (pu + 1) + 12 * pu * pu + 8 * self.qR ** 2 + coupling)
 
     def held_bytes(self) -> int:
         return self.level.held_bytes() + array_bytes(self.big_cols, self.small_cols, self.small_offsets, self.eye_p)
@@ -122,10 +123,12 @@ class SchurObjective:
             RN = la.einsum(xp, "vcaf,cfgrs->vcagrs", Rb, N)
             Phi += la.einsum(xp, "vcagrs,vcbg->vabrs", RN, Rb)
         if lv.Ls:
-            Xs = [lv.Xs[f][:, p:] for f in range(q)]  # (Ls, q_R)
-            W = xp.stack([sum(R[a][f][:, Cb:][:, :, None] * Xs[f][None, :, :] for f in range(q))
-                          for a in range(q)], axis=2)  # (v, Ls, q, q_R)
-            Phi += la.einsum(xp, "vlar,vlbs->vabrs", W, W)
+            Xs = xp.stack([lv.Xs[f][:, p:] for f in range(q)], axis=1)  # (Ls, q, q_R): Z_l'Z_R
+            Rs = xp.stack([xp.stack([R[a][f][:, Cb:] for f in range(q)], axis=-1) for a in range(q)], axis=-2)
+            W = la.einsum(xp, "vlaf,lfr->vlar", Rs, Xs)  # (v, Ls, q, q_R)
+            Wf = xp.reshape(W, (v, lv.Ls, q * qR))
+            WW = xp.reshape(xp.matrix_transpose(Wf) @ Wf, (v, q, qR, q, qR))  # one batched GEMM over the levels
+            Phi += xp.permute_dims(WW, (0, 1, 3, 2, 4))
         # the eliminated block: Σ_jj' (T_j δ - W_j S W_j'')⊗(same), in LevelObjective's F[(a,b),(c,e)] order
         Omega_S = xp.zeros((v, p + qR, p + qR), dtype=S.dtype, device=dev)
         Omega_S[:, p:, p:] = S
