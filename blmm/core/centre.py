@@ -160,11 +160,10 @@ def centred_response(Y: np.ndarray, X: np.ndarray, centre: ResponseCentre) -> np
 
 
 def centre_of(Y: np.ndarray, X: np.ndarray, threads: int | None = None) -> ResponseCentre:
-    """The centre `fit_lmm` takes out of an in-memory Y (n, v): the median of each voxel's values.
-    Not the pipeline's 8-row median (`centre_rows`): with it, the schur structure on one random design
-    of tests/core/test_fit_properties.py (sweep seed 31) stops without confirmed convergence at the
-    optimum (a rounding-level step failure at tol 1e-10), so the in-memory rule stays the exact median."""
-    return ResponseCentre.for_design(response_centre(Y, threads), X)
+    """The centre `fit_lmm` takes out of an in-memory Y (n, v): each voxel's median over the rows
+    `centre_rows` picks, as the pipeline's `run_centre` takes it from the images."""
+    Y = np.asarray(Y)
+    return ResponseCentre.for_design(response_centre(Y[centre_rows(Y.shape[0])], threads), X)
 
 
 def restore_beta(beta: np.ndarray, centre: ResponseCentre | None) -> np.ndarray:

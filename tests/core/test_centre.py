@@ -57,12 +57,13 @@ def test_centre_rows_spread_from_first_to_last(n):
     assert np.all(np.diff(rows) > 0) and np.all(np.diff(rows) <= -(-(n - 1) // max(1, rows.size - 1)))
 
 
-
-def test_centre_of_is_each_voxels_median():
-    # fit_lmm's centre: the exact median of every voxel's finite values (the pipeline's is a sample's)
+def test_centre_of_is_the_median_of_the_pipelines_rows():
+    # fit_lmm's centre and the pipeline's run_centre share one rule: the median of centre_rows' rows
     rng = np.random.default_rng(3)
     n, v = 101, 20
     Y = (rng.standard_normal((n, v)) + 1e6).astype(np.float32)
     Y[rng.random((n, v)) < 0.2] = np.nan
     X = np.column_stack([np.ones(n), rng.standard_normal(n)])
-    np.testing.assert_array_equal(centre.centre_of(Y, X).value, response_centre(Y))
+    rows = centre.centre_rows(n)
+    np.testing.assert_array_equal(centre.centre_of(Y, X).value, response_centre(Y[rows]))
+    assert rows.tolist() == [0, 14, 29, 43, 57, 71, 86, 100]  # 8 rows, evenly from the first to the last

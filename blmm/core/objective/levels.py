@@ -140,7 +140,7 @@ class LevelObjective:
                 YtVY -= la.einsum(xp, "vj,vj->v", wy, data.ys[a])
         return XtVX, XtVY, YtVY, logdetV, R
 
-    def _unit_T(self, R) -> dict:
+    def unit_T(self, R) -> dict:
         """T_c = R_c G_c per unit (symmetric), as entries {(a, b): (v, units)} for a <= b."""
         q = self.q
         T = {}
@@ -193,7 +193,7 @@ class LevelObjective:
         xp = la.namespace(gamma)
         v = gamma.shape[0]
         q = self.q
-        T = self._unit_T(R)
+        T = self.unit_T(R)
 
         def Tf(a, b):
             return T[min(a, b), max(a, b)]
@@ -248,7 +248,7 @@ class LevelObjective:
         xp = la.namespace(ev.beta)
         v = R[0][0].shape[0]
         q, Cb = self.q, self.Cb
-        T = self._unit_T(R)
+        T = self.unit_T(R)
 
         def Tf(a, b):
             return T[min(a, b), max(a, b)]

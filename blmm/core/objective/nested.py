@@ -487,6 +487,11 @@ class NestedSchurObjective(SchurObjective):
     def _eliminated_products(self, D_list, data: SchurData):
         return self.level.products(D_list, data.level)
 
+    def _coupled_information(self, R, S, IAS, info, starts) -> None:
+        """The tree's information and Σ T stay V₁'s, without blocks with the crossed factors (a scoring
+        approximation: the gradient is exact; docs/model.md, "Crossed factors next to a tree")."""
+        return None
+
     def _eliminated_parts(self, R, data: SchurData, gamma, Omega, s2, info, starts):
         T1, uu1, corr1, info1 = self.level.gradient_parts(R, data.level, gamma, Omega)
         ts = self.level.soff  # the tree's information keeps its cross terms

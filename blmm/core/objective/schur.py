@@ -65,8 +65,9 @@ class SchurObjective:
 
     def per_voxel_bytes(self) -> int:
         """Working memory per voxel of one evaluation with its gradient (for block sizing)."""
-        lv, pu = self.level, self.p + self.qR
-        return 8 * (12 * lv.C * lv.q ** 2 + lv.Cb * len(lv.pairs) * (pu + 1) + 12 * pu * pu + 8 * self.qR ** 2)
+        lv, pu, qq = self.level, self.p + self.qR, self.level.q * self.qR
+        coupling = 2 * lv.Ls * qq + (lv.Cb + 4) * qq * qq + lv.q ** 4  # _coupled_information's W, Φ and its products
+        return 8 * (12 * lv.C * lv.q ** 2 + lv.Cb * len(lv.pairs) * (pu + 1) + 12 * pu * pu + 8 * self.qR ** 2 + coupling)
 
     def held_bytes(self) -> int:
         return self.level.held_bytes() + array_bytes(self.big_cols, self.small_cols, self.small_offsets, self.eye_p)
@@ -102,6 +103,59 @@ class SchurObjective:
         b0, size = starts[self.big], starts[self.big + 1] - starts[self.big]
         info[:, b0:b0 + size, b0:b0 + size] = info1
         return {self.big: (la.sym(T1 - corr1 - uu1 / s2), T1, uu1)}
+
+    def _coupled_information(self, R, S, IAS, info, starts):
+        """Turn the eliminated factor's information from V₁'s into V's and add its blocks with the small
+        factors, so that the scoring information is the dense structure's (docs/model.md, "Schur").
+
+        With W_j = Z_j'V₁⁻¹Z_R = R_j Z_j'Z_R and S = Λ M⁻¹ Λ', Z_j'V⁻¹Z_j' = T_j δ_jj' - W_j S W_j'' and
+        Z_j'V⁻¹Z_R = W_j E, E = I - S A_RR; every level sum goes through Φ_ab = Σ_j W_j[a]' W_j[b] (q_R x q_R).
+        Returns Σ_j W_j S W_j' (v, q, q): Σ_j Z_j'V₁⁻¹Z_j less it is Σ_j Z_j'V⁻¹Z_j.
+        """
+        lv = self.level
+        xp = la.namespace(S)
+        dev = la.device_of(S)
+        v, q, p, qR, Cb = S.shape[0], lv.q, self.p, self.qR, lv.Cb
+        Phi = xp.zeros((v, q, q, qR, qR), dtype=S.dtype, device=dev)  # Φ[a, b, r, s] = Σ_j W_j[a, r] W_j[b, s]
+        if Cb:  # a big class's Σ_members Z_j'Z_R ⊗ Z_j'Z_R is the constant Ko (its members share R_c)
+            Rb = xp.stack([xp.stack([R[a][f][:, :Cb] for f in range(q)], axis=-1) for a in range(q)], axis=-2)
+            N = lv.Ko[:, :, :, p:, p:]  # the objective's constants live where its arrays do (linalg.move)
+            RN = la.einsum(xp, "vcaf,cfgrs->vcagrs", Rb, N)
+            Phi += la.einsum(xp, "vcagrs,vcbg->vabrs", RN, Rb)
+        if lv.Ls:
+            Xs = xp.stack([lv.Xs[f][:, p:] for f in range(q)], axis=1)  # (Ls, q, q_R): Z_l'Z_R
+            Rs = xp.stack([xp.stack([R[a][f][:, Cb:] for f in range(q)], axis=-1) for a in range(q)], axis=-2)
+            W = la.einsum(xp, "vlaf,lfr->vlar", Rs, Xs)  # (v, Ls, q, q_R)
+            Wf = xp.reshape(W, (v, lv.Ls, q * qR))
+            WW = xp.reshape(xp.matrix_transpose(Wf) @ Wf, (v, q, qR, q, qR))  # one batched GEMM over the levels
+            Phi += xp.permute_dims(WW, (0, 1, 3, 2, 4))
+        # the eliminated block: Σ_jj' (T_j δ - W_j S W_j'')⊗(same), in LevelObjective's F[(a,b),(c,e)] order
+        Omega_S = xp.zeros((v, p + qR, p + qR), dtype=S.dtype, device=dev)
+        Omega_S[:, p:, p:] = S
+        M = lv.unit_P(R, Omega_S)  # per unit Σ_{j in c} W_j S W_j'
+        T = lv.unit_T(R)
+
+        def Tf(a, b):
+            return T[min(a, b), max(a, b)]
+        SPS = la.einsum(xp, "vrs,vcest,vtu->vceru", S, Phi, S, optimize=True)
+        big = la.einsum(xp, "vbaru,vceru->vabce", Phi, SPS, optimize=True)
+        for a in range(q):
+            for b in range(q):
+                for c in range(q):
+                    for e in range(q):
+                        big[:, a, b, c, e] -= xp.sum(Tf(b, c) * M[a][e] + M[b][c] * Tf(a, e), axis=1)
+        b0, b1 = starts[self.big], starts[self.big + 1]
+        info[:, b0:b1, b0:b1] += xp.reshape(big, (v, q * q, q * q))
+        # the eliminated factor with each small one: Σ_j Σ_l (W_j E)[b, (l, c)] (W_j E)[a, (l, d)]
+        E = xp.matrix_transpose(IAS)
+        EPE = la.einsum(xp, "vrc,vbars,vsd->vabcd", E, Phi, E, optimize=True)
+        for i, k in enumerate(self.small):
+            o, lk, qk = self.small_offsets[i], self.small_levels[i], self.small_q[i]
+            blk = xp.reshape(EPE[:, :, :, o:o + lk * qk, o:o + lk * qk], (v, q, q, lk, qk, lk, qk))
+            cross = xp.reshape(la.einsum(xp, "vabjcjd->vabcd", blk), (v, q * q, qk * qk))
+            info[:, b0:b1, starts[k]:starts[k + 1]] = cross
+            info[:, starts[k]:starts[k + 1], b0:b1] = xp.matrix_transpose(cross)
+        return xp.stack([xp.stack([xp.sum(M[a][b], axis=1) for b in range(q)], axis=-1) for a in range(q)], axis=-2)
 
     def evaluate(self, D_list, data: SchurData, sigma2=None, grad=False) -> Evaluation:
         xp = la.namespace(data.XtY, data.ZRtY)
@@ -139,11 +193,12 @@ class SchurObjective:
             B = xp.concat([xp.broadcast_to(self.eye_p, (v, p, p)), -SA], axis=1)
             Omega += B @ C @ mT(B)
         s2 = ev.sigma2[:, None, None]
-        # expected information: the eliminated factors' from V₁, the small factors' from V (no cross terms)
+        # expected information from V: the eliminated factors' from V₁ here, then made V's (_coupled_information)
         starts = [int(x) for x in np.concatenate([[0], np.cumsum([q * q for q in self.qk])])]  # host slice bounds
         info = xp.zeros((v, starts[-1], starts[-1]), dtype=S.dtype, device=la.device_of(S))
         eliminated = self._eliminated_parts(R, data, gamma, la.sym(Omega), s2, info, starts)
         IAS = eye_R - A_RR @ S  # Z_R'V⁻¹ = (I - A S) Z_R'V₁⁻¹
+        coupling = self._coupled_information(R, S, IAS, info, starts)
         TR = la.sym(IAS @ A_RR)  # Z_R'V⁻¹Z_R
         uR = la.einsum(xp, "vab,vb->va", IAS, rR)
         PR = TR
@@ -155,6 +210,8 @@ class SchurObjective:
         grads, T_sums, uus = [None] * nf, [None] * nf, [None] * nf
         for k, (G, T, uu) in eliminated.items():
             grads[k], T_sums[k], uus[k] = G, T, uu
+        if coupling is not None:  # Σ_j Z_j'V⁻¹Z_j = Σ_j (T_j - W_j S W_j'): V's, as the information
+            T_sums[self.big] = la.sym(T_sums[self.big] - coupling)
         uuR = uR[:, :, None] * uR[:, None, :]
         for i, k in enumerate(self.small):
             grads[k] = la.sym(self._small_factor_sum(GR, i))
