@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from blmm.core.boundary import SettledPoint, boundary_coordinates, free_parameters, settle
+from blmm.core.boundary import SettledPoint, boundary_coordinates, free_parameters, settle, snap_to_boundary
 from blmm.core.centre import removed_size
 from blmm.core.design_basis import full_column_rank
 from blmm.core.hessian import variance_hessian
@@ -260,25 +260,28 @@ def fit_complete_voxels(units: MissingRowUnits, idx: np.ndarray, scheduler: Sche
 def fit_block(obj: Objective, data, qk: list, method: str, tol: float, max_iter: int, reml: bool, n: int,
               p: int, start: list | None = None, inference: bool = True) -> BlockFit:
     """Score one voxel block (from ``start``'s D, default 0), settle the optimum (boundary snap, Newton
-    polish), then package it (without ``inference``: the optimum only, its inference arrays NaN)."""
+    polish), then package it (without ``inference``: the snapped scoring optimum only, no polish, its
+    inference arrays NaN)."""
     scored = score(obj, data, qk, method, tol, max_iter, reml, n, p, start)
-    point = settle(obj, data, scored.D, qk, reml, n, p)
     if not inference:
-        return optimum_only(point, scored, qk, p)
+        # the polish serves reported parameters and their Hessian; a D-only fit stops at the stop rule's D
+        D = snap_to_boundary(obj, data, scored.D)
+        return optimum_only(D, obj.evaluate(D, data, grad=False), scored, qk, p)
+    point = settle(obj, data, scored.D, qk, reml, n, p)
     return package(obj, data, point, scored, qk, reml, n, p)
 
 
-def optimum_only(point: SettledPoint, scored: ScoringResult, qk: list, p: int) -> BlockFit:
-    """The settled optimum and its labels as `package` reports them, without the inference quantities
-    (NaN): no Hessian recomputed where the polish moved (a D-only fit, e.g. a null model's D̂₀)."""
-    ev, v = point.ev, point.D[0].shape[0]
+def optimum_only(D: list, ev, scored: ScoringResult, qk: list, p: int) -> BlockFit:
+    """The scored, snapped optimum and its labels as `package` reports them, without the inference
+    quantities (NaN): a D-only fit, e.g. a null model's D̂₀."""
+    v = D[0].shape[0]
     k = 1 + sum(q * (q + 1) // 2 for q in qk)
     finite = ev.ok & np.isfinite(ev.llh) & np.isfinite(ev.sigma2)
     return BlockFit(
-        beta=ev.beta, sigma2=ev.sigma2, D=point.D, llh=ev.llh, converged=scored.converged & finite,
+        beta=ev.beta, sigma2=ev.sigma2, D=D, llh=ev.llh, converged=scored.converged & finite,
         n_iter=scored.n_iter, stop=np.where(finite, scored.stop, NOT_FINITE), ok=scored.ok & finite,
         cov_beta=np.full((v, p, p), np.nan), cov_beta_grad=np.full((v, k, p, p), np.nan),
-        hessian=np.full((v, k, k), np.nan), free=free_parameters(point.D, qk),
+        hessian=np.full((v, k, k), np.nan), free=free_parameters(D, qk),
     )
 
 

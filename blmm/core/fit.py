@@ -139,8 +139,9 @@ def fit_stats(
     ``start``: per factor (v, q_k, q_k) finite PSD D, in the statistics' units, that scoring starts
     from at each voxel (e.g. a nearby model's optimum: `blmm.core.resampling.null_models_D`); default
     D = 0.  It changes the path only: the stopping rule and what is reported at the optimum are the same.
-    ``inference=False`` reports the optimum (β, σ², D, llh, labels) without what inference needs at it
-    (Cov(β̂), its derivatives, the Hessian stay NaN): a model fitted only for its D̂.
+    ``inference=False`` reports the optimum (β, σ², D, llh, labels) where the stopping rule left it,
+    snapped to the boundary but not Newton-polished, without what inference needs at it (Cov(β̂), its
+    derivatives, the Hessian stay NaN): a model fitted only for its D̂, within the stop tolerance.
     """
     method = check_method(method)
     if not (tol > 0):

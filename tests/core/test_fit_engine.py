@@ -402,13 +402,20 @@ def test_a_start_reaches_the_optimum_of_a_cold_start(start_at):
     assert np.all(np.abs(warm.D[0] - cold.D[0]) <= np.sqrt(4.0 * tol / 40) * scale)
 
 
-def test_without_inference_the_optimum_is_the_same_and_inference_is_nan():
+def test_without_inference_the_optimum_is_the_scored_one_and_inference_is_nan():
+    """inference=False stops at the stop rule's (snapped) D, without the Newton polish: the same
+    scoring path and labels, llh within the stop tolerance of the polished optimum."""
     X, f, Y = simulate(q=2, v=5, seed=2)
     stats = _stats_of(X, f, Y)
     a, b = fit_stats(stats), fit_stats(stats, inference=False)
-    for name in ("beta", "sigma2", "llh", "converged", "n_iter", "stop", "status", "free"):
-        assert np.array_equal(getattr(a, name), getattr(b, name)), name  # the same path, bit for bit
-    assert np.array_equal(a.D[0], b.D[0])
+    for name in ("converged", "n_iter", "stop", "status"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name  # the same scoring path
+    tol = 1e-6  # fit_stats' default stop rule: less than tol predicted to gain where scoring stops
+    assert np.all(b.llh <= a.llh + 1e-9) and np.all(a.llh - b.llh < tol)  # 1e-9: the llh's rounding
+    # D itself moves within the flatness that tol leaves (a slope variance's information is below the
+    # intercept's m/2, so no per-entry bound is asserted here; test_resampling's null-model test bounds
+    # the families' variances)
+    assert not np.array_equal(a.D[0], b.D[0])  # the polish did move these voxels: it was skipped
     assert np.isnan(b.hessian).all() and np.isnan(b.cov_beta).all()
 
 
