@@ -15,7 +15,8 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from blmm.core.boundary import SettledPoint, boundary_coordinates, free_parameters, settle, snap_to_boundary
+from blmm.core.boundary import (LLH_NOISE, SettledPoint, boundary_coordinates, free_parameters, settle,
+                                snap_to_boundary)
 from blmm.core.centre import removed_size
 from blmm.core.design_basis import full_column_rank
 from blmm.core.hessian import variance_hessian
@@ -263,12 +264,47 @@ def fit_block(obj: Objective, data, qk: list, method: str, tol: float, max_iter:
     polish), then package it (without ``inference``: the snapped scoring optimum only, no polish, its
     inference arrays NaN)."""
     scored = score(obj, data, qk, method, tol, max_iter, reml, n, p, start)
+    scored = rescore_boundary(obj, data, qk, method, tol, max_iter, reml, n, p, scored)
     if not inference:
         # the polish serves reported parameters and their Hessian; a D-only fit stops at the stop rule's D
         D = snap_to_boundary(obj, data, scored.D)
         return optimum_only(D, obj.evaluate(D, data, grad=False), scored, qk, p)
     point = settle(obj, data, scored.D, qk, reml, n, p)
     return package(obj, data, point, scored, qk, reml, n, p)
+
+
+def rescore_boundary(obj: Objective, data, qk: list, method: str, tol: float, max_iter: int, reml: bool,
+                     n: int, p: int, scored: ScoringResult) -> ScoringResult:
+    """Score the voxels whose snapped optimum is on the boundary (some D_k singular) again from lme4's
+    start (every D_k = I, relative to σ²) and keep, per voxel, the higher llh (the first unless the
+    second is higher by more than the llh's rounding, LLH_NOISE), with the kept scoring's labels.
+
+    The likelihood can have a local maximum on the boundary besides an interior one; the D = 0 start
+    can fall into the boundary's basin where lme4's falls into the interior's.  Not a global search.
+    """
+    v = scored.D[0].shape[0]
+    snapped = snap_to_boundary(obj, data, scored.D)
+    rows = np.flatnonzero(~np.all(free_parameters(snapped, qk), axis=1))
+    if rows.size == 0:  # every voxel interior: nothing scored again (the common case)
+        return scored
+    sub = take_rows(data, rows, v)
+    first = obj.evaluate([Dk[rows] for Dk in snapped], sub, grad=False).llh
+    identity = [np.broadcast_to(np.eye(q, dtype=scored.D[0].dtype), (rows.size, q, q)) for q in qk]
+    again = score(obj, sub, qk, method, tol, max_iter, reml, n, p, identity)
+    second_snapped = snap_to_boundary(obj, sub, again.D)
+    ev2 = obj.evaluate(second_snapped, sub, grad=False)
+    better = np.asarray(ev2.ok) & np.isfinite(ev2.llh) & ~(ev2.llh <= first + LLH_NOISE)
+    if not np.any(better):
+        return scored
+    kept, take = rows[better], np.flatnonzero(better)
+    D = [Dk.copy() for Dk in scored.D]
+    for Dk, Ak in zip(D, again.D):
+        Dk[kept] = Ak[take]
+    out = ScoringResult(D=D, converged=scored.converged.copy(), n_iter=scored.n_iter.copy(),
+                        stop=scored.stop.copy(), ok=scored.ok.copy())
+    for name in ("converged", "n_iter", "stop", "ok"):
+        getattr(out, name)[kept] = getattr(again, name)[take]
+    return out
 
 
 def optimum_only(D: list, ev, scored: ScoringResult, qk: list, p: int) -> BlockFit:
