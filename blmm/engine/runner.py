@@ -137,6 +137,16 @@ class Engine:
             return 1
         return len(self.cluster.scheduler_info.get("workers", {}))
 
+    @property
+    def tasks_per_process(self) -> int:
+        """Tasks one process runs at once, sharing its memory: inline, its threads; a local
+        cluster's worker, its threads (``cores``); a batch job's worker, cores / processes."""
+        if self.spec.kind == "inline":
+            return max(1, self.spec.workers or 1)
+        if self.spec.kind == "local":
+            return max(1, self.spec.cores or 1)
+        return max(1, (self.spec.cores or 1) // (self.spec.processes or 1))
+
     def scale(self, workers: int) -> None:
         """Scale to this many workers (e.g. fewer for a serial stage).
 
@@ -170,7 +180,7 @@ class Engine:
             return []
         if self.client is None:
             return inline_map(fn, items, stage, retries, self.spec.progress, labels,
-                              threads=self.spec.workers or 1)
+                              threads=self.tasks_per_process)
 
         prefix = _key_prefix(stage)
         nodes: dict[str, _Node] = {}

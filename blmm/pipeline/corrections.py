@@ -28,6 +28,7 @@ import csv
 import io
 import os
 import pickle
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,8 +239,8 @@ def _per_block_ss(config: Config) -> bool:
 
 
 def task_budget(config: Config) -> int:
-    """Bytes a correction task's arrays may take: MAXMEM less the worker's own memory
-    (``PROCESS_BYTES``), so that the process stays within MAXMEM; at least a quarter of MAXMEM."""
+    """Bytes the correction tasks of one process may take together: MAXMEM less the process's own
+    memory (``PROCESS_BYTES``), so that the process stays within MAXMEM; at least a quarter of MAXMEM."""
     return int(max(config.maxmem - PROCESS_BYTES, config.maxmem // 4))
 
 
@@ -390,16 +391,19 @@ class PreparedCache:
 
     def __init__(self) -> None:
         self.preps: dict[tuple[str, int], ResamplingPrep] = {}
+        self.lock = threading.Lock()  # an inline engine's threads share the cache and its budget
 
     def load(self, path: Path, budget: int) -> ResamplingPrep:
         key = (str(path), path.stat().st_mtime_ns)
-        if key in self.preps:
-            return self.preps[key]
-        for stale in [k for k in self.preps if k[0] == key[0]]:  # the file was rewritten
-            del self.preps[stale]
+        with self.lock:
+            if key in self.preps:
+                return self.preps[key]
+            for stale in [k for k in self.preps if k[0] == key[0]]:  # the file was rewritten
+                del self.preps[stale]
         prep: ResamplingPrep = unpickle_file(path)
-        if self.nbytes + prep.nbytes <= budget:
-            self.preps[key] = prep
+        with self.lock:
+            if key not in self.preps and self.nbytes + prep.nbytes <= budget:
+                self.preps[key] = prep
         return prep
 
     @property
@@ -415,7 +419,9 @@ PREPARED = PreparedCache()  # per process: an engine worker keeps its blocks acr
 
 @dataclass(frozen=True)
 class ResampleMemory:
-    """What a resample task holds at once (bytes), planned within ``budget`` (``task_budget``)."""
+    """What the resample tasks of one process hold at once (bytes), planned within ``budget``
+    (``task_budget``): ``tasks`` chunks, each with its own maps, block and passes, and the process's
+    one layout and one cache of prepared blocks, which its tasks share."""
 
     resamples: int  # of the chunk
     maps: int  # the chunk's statistic maps: float64, every contrast, every analysis voxel
@@ -424,24 +430,32 @@ class ResampleMemory:
     passes: int  # what one such pass allocates (geometry's bounds)
     layout: int  # the layout with its edge lists
     budget: int
+    tasks: int = 1  # tasks one process runs at once (``Engine.tasks_per_process``)
 
     @property
-    def chunk(self) -> int:
-        """Everything but the cache of prepared blocks."""
-        return self.maps + self.block + self.passes + self.layout + SMALL_BYTES
+    def task(self) -> int:
+        """One task's own arrays: its maps, its block and its passes."""
+        return self.maps + self.block + self.passes + SMALL_BYTES
+
+    @property
+    def running(self) -> int:
+        """Everything but the cache: every running task's own arrays and the shared layout."""
+        return self.tasks * self.task + self.layout
 
     @property
     def cache(self) -> int:
-        """Prepared blocks kept between chunks: the rest of the budget."""
-        return max(0, self.budget - self.chunk)
+        """Prepared blocks kept between chunks, shared by the process's tasks: the rest of the budget."""
+        return max(0, self.budget - self.running)
 
     @property
     def planned(self) -> int:
-        return self.chunk + self.cache
+        return self.running + self.cache
 
 
-def resample_memory(plan: RunPlan, layout: SpatialLayout | None, resamples: int, start: int = 0) -> ResampleMemory:
-    """The memory plan of a task of resamples start … start + ``resamples`` − 1 (``resample_chunk``)."""
+def resample_memory(plan: RunPlan, layout: SpatialLayout | None, resamples: int, start: int = 0,
+                    tasks: int = 1) -> ResampleMemory:
+    """The memory plan of a process running ``tasks`` tasks at once, each of resamples start …
+    start + ``resamples`` − 1 (``resample_chunk``)."""
     cfg = plan.config
     s = cfg.correction
     V, n_contrasts = plan.voxels.size, len(cfg.contrasts)
@@ -458,44 +472,49 @@ def resample_memory(plan: RunPlan, layout: SpatialLayout | None, resamples: int,
                    + ([cluster_maxima_bytes(layout, r)] if EXTENT in stats else []))
 
     per_pass = 1
-    while per_pass < resamples and pass_bytes(2 * per_pass) <= budget // 16:  # a sixteenth: a few maps
+    while per_pass < resamples and pass_bytes(2 * per_pass) <= budget // (16 * max(1, int(tasks))):  # a few maps
         per_pass *= 2
     per_pass = min(per_pass, max(1, resamples))
     return ResampleMemory(resamples, 8 * n_contrasts * resamples * V, block, per_pass, pass_bytes(per_pass),
-                          layout.nbytes if layout is not None else 0, budget)
+                          layout.nbytes if layout is not None else 0, budget, max(1, int(tasks)))
 
 
-def resample_ranges(plan: RunPlan, chunk: int | None = None, layout: SpatialLayout | None = None
-                    ) -> list[tuple[int, int]]:
+def resample_ranges(plan: RunPlan, chunk: int | None = None, layout: SpatialLayout | None = None,
+                    tasks: int = 1) -> list[tuple[int, int]]:
     """(start, stop) of each resample chunk over 0 … B (0: the identity), GEMM_BATCH-aligned.
 
-    Default size: the largest multiple of GEMM_BATCH (else of its halves: 64, 32, … 1) whose task,
-    without its cache of prepared blocks, takes at most three quarters of the task's budget
-    (``resample_memory``), and at most an eighth of the resamples (tasks to share among workers, and
-    finished work a killed run keeps).  Smaller than GEMM_BATCH, a chunk's GEMM batch is computed
-    whole and cut: the same values, more products.
+    Default size: the largest multiple of GEMM_BATCH (else of its halves: 64, 32, … 1) whose
+    ``tasks`` tasks running at once in one process, without their shared cache of prepared blocks,
+    take at most three quarters of the process's budget (``resample_memory``), and at most an eighth
+    of the resamples (tasks to share among workers, and finished work a killed run keeps).  Smaller
+    than GEMM_BATCH, a chunk's GEMM batch is computed whole and cut: the same values, more products.
+    The chunks depend on the engine (its tasks per process), the p-values do not; a run resumed on
+    an engine with other chunks redoes the chunks whose ranges changed.
     """
     cfg = plan.config
     total = cfg.correction.resamples + 1
     if chunk is None:
-        chunk = resample_chunk_size(plan, layout)
+        chunk = resample_chunk_size(plan, layout, tasks)
     return [(a, min(a + chunk, total)) for a in range(0, total, chunk)]
 
 
-def resample_chunk_size(plan: RunPlan, layout: SpatialLayout | None) -> int:
-    """Resamples per task (``resample_ranges``); an InputError when one resample does not fit MAXMEM."""
+def resample_chunk_size(plan: RunPlan, layout: SpatialLayout | None, tasks: int = 1) -> int:
+    """Resamples per task (``resample_ranges``) with ``tasks`` tasks at once in one process; an
+    InputError when one resample per task does not fit MAXMEM."""
     cfg = plan.config
     total = cfg.correction.resamples + 1
     most = max(GEMM_BATCH, -(-total // CHUNKS_TO_SHARE) // GEMM_BATCH * GEMM_BATCH)
     sizes = list(range(most, 0, -GEMM_BATCH)) + [GEMM_BATCH >> k for k in range(1, GEMM_BATCH.bit_length())]
     for size in sizes:
-        memory = resample_memory(plan, layout, size)
-        if memory.chunk <= memory.budget * 3 // 4:
+        memory = resample_memory(plan, layout, size, tasks=tasks)
+        if memory.running <= memory.budget * 3 // 4:
             return size
+    at_once = f" in each of the {memory.tasks} tasks one process runs at once" if memory.tasks > 1 else ""
     raise InputError(f"MAXMEM: {cfg.maxmem} bytes is too small for the correction's resamples: one resample of "
-                     f"{plan.voxels.size} voxels takes {memory.chunk} bytes (its maps, a prepared voxel block, "
-                     f"the layout and the maxima's working arrays), more than three quarters of "
-                     f"{memory.budget} (MAXMEM less {PROCESS_BYTES} for the worker itself); raise MAXMEM")
+                     f"{plan.voxels.size} voxels{at_once} takes {memory.running} bytes (its maps, a prepared "
+                     f"voxel block, the layout and the maxima's working arrays), more than three quarters of "
+                     f"{memory.budget} (MAXMEM less {PROCESS_BYTES} for the process itself); raise MAXMEM"
+                     + (" or run fewer tasks per process (workers)" if memory.tasks > 1 else ""))
 
 
 class LayoutFile:
@@ -540,9 +559,10 @@ def _statistics(settings: CorrectionSettings, layout: SpatialLayout | None) -> l
 
 
 def resample_chunk(plan: RunPlan | PickledPlan, layout: SpatialLayout | LayoutFile | None, c: int, start: int,
-                   stop: int) -> str:
+                   stop: int, tasks: int = 1) -> str:
     """Resamples start … stop − 1 of every contrast over all blocks: each statistic's maxima
-    (and for the chunk holding resample 0, the observed maps), within ``resample_memory``'s plan."""
+    (and for the chunk holding resample 0, the observed maps), within ``resample_memory``'s plan
+    for ``tasks`` such tasks at once in this process."""
     plan = loaded_plan(plan)
     path = correction_chunk_file(plan.workdir, c)
     if path.exists():
@@ -553,7 +573,7 @@ def resample_chunk(plan: RunPlan | PickledPlan, layout: SpatialLayout | LayoutFi
     cfg = plan.config
     s = cfg.correction
     V, R = plan.voxels.size, stop - start
-    memory = resample_memory(plan, layout, R, start)
+    memory = resample_memory(plan, layout, R, start, tasks)
     maps = [np.full((R, V), np.nan) for _ in cfg.contrasts]
     # Without TFCE only the maxima and the clusters' voxels need −log10 p (per-voxel stdtr is the
     # cost of whole maps): the maps hold it at or above the cluster threshold, NaN elsewhere.
@@ -643,11 +663,12 @@ def run_corrections(plan: RunPlan, engine, chunk: int | None = None) -> Correcti
     pieces = correction_blocks(plan)
     engine.map(_prepare_block_task, [(shipped, lo, hi, k) for lo, hi, k in pieces],
                stage="prepare resampling", labels=[f"voxels {lo}-{hi - 1}" for lo, hi, _ in pieces])
-    ranges = resample_ranges(plan, chunk, layout)
+    tasks = engine.tasks_per_process
+    ranges = resample_ranges(plan, chunk, layout, tasks)
     outcome.chunks = len(ranges)
     task_layout = shipped_layout(plan, layout, engine)
     try:
-        engine.map(_resample_chunk_task, [(shipped, task_layout, c, a, z) for c, (a, z) in enumerate(ranges)],
+        engine.map(_resample_chunk_task, [(shipped, task_layout, c, a, z, tasks) for c, (a, z) in enumerate(ranges)],
                    stage="resample", labels=[f"resamples {a}-{z - 1}" for a, z in ranges])
     finally:
         PREPARED.clear()  # an inline run's blocks; a worker process's go with it

@@ -330,3 +330,14 @@ def test_only_set_resources_are_passed_so_dask_config_fills_the_rest():
     assert script.index(WORKER_PROFILE_OFF) < script.index("module load python")  # no stack sampling in workers
     with pytest.raises(EngineSpecError, match="queue is not supported for htcondor"):
         jobqueue_kwargs(EngineSpec("htcondor", queue="short"))
+
+
+@pytest.mark.parametrize("spec, tasks", [
+    (EngineSpec(kind="inline"), 1),
+    (EngineSpec(kind="inline", workers=2), 2),  # its threads share the process
+    (EngineSpec(kind="local", workers=4), 1),  # a worker per core, one thread each
+    (EngineSpec(kind="local", workers=2, cores=3), 3),
+    (EngineSpec(kind="slurm", cores=8, processes=2, memory="8GB"), 4),  # dask-jobqueue: cores / processes
+])
+def test_tasks_per_process_is_what_shares_a_process_memory(spec, tasks):
+    assert Engine(spec).tasks_per_process == tasks

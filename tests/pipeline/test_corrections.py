@@ -373,11 +373,11 @@ def test_killed_run_resumes_without_redoing_chunks(tmp_path, monkeypatch):
     real = corrections.resample_chunk
     calls = []
 
-    def dies_after_first(plan_, layout, c, start, stop):
+    def dies_after_first(plan_, layout, c, start, stop, tasks):
         if calls:
             raise _Killed("killed")
         calls.append(c)
-        return real(plan_, layout, c, start, stop)
+        return real(plan_, layout, c, start, stop, tasks)
 
     monkeypatch.setattr(corrections, "resample_chunk", dies_after_first)
     with inline_engine() as engine, pytest.raises(_Killed):
@@ -385,11 +385,11 @@ def test_killed_run_resumes_without_redoing_chunks(tmp_path, monkeypatch):
     assert [correction_chunk_file(plan.workdir, c).exists() for c in range(3)] == [True, False, False]
     computed = []
 
-    def counting(plan_, layout, c, start, stop):
+    def counting(plan_, layout, c, start, stop, tasks):
         path = correction_chunk_file(plan_.workdir, c)
         if not path.exists():
             computed.append(c)
-        return real(plan_, layout, c, start, stop)
+        return real(plan_, layout, c, start, stop, tasks)
 
     monkeypatch.setattr(corrections, "resample_chunk", counting)
     with inline_engine() as engine:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 
 import blmm.pipeline.corrections as corrections
 from blmm.core.resampling import GEMM_BATCH
+from blmm.engine import EngineSpec, open_engine
 from blmm.errors import InputError
 from blmm.pipeline.plan import PickledPlan
 from tests.core.resampling_simulation import family_design, simulate_Y
@@ -46,8 +48,10 @@ def with_maxmem(plan, maxmem: int):
     return plan.__class__(**{**plan.__dict__, "config": config})
 
 
-def prepared_stage(tmp_path):
-    plan = fitted_stages(medium_volume(tmp_path))
+@pytest.fixture(scope="module")
+def prepared_stage(tmp_path_factory):
+    """The fitted and prepared medium volume, once for this file (its tests remove their chunk files)."""
+    plan = fitted_stages(medium_volume(tmp_path_factory.mktemp("medium")))
     for b in range(len(plan.batches)):
         corrections.store_data(plan, b)
     for lo, hi, k in corrections.correction_blocks(plan):
@@ -55,20 +59,20 @@ def prepared_stage(tmp_path):
     return plan, corrections.correction_layout(plan)
 
 
-def maxmem_steps(plan, layout) -> tuple[list[int], list[int]]:
+def maxmem_steps(plan, layout, tasks: int = 1) -> tuple[list[int], list[int]]:
     """MAXMEM from 2**31 down by 1% at a time while the stage accepts it, and each one's chunk size."""
     steps, sizes, maxmem = [], [], 2**31
     while True:
         try:
-            sizes.append(corrections.resample_chunk_size(with_maxmem(plan, maxmem), layout))
+            sizes.append(corrections.resample_chunk_size(with_maxmem(plan, maxmem), layout, tasks))
         except InputError:
             return steps, sizes
         steps.append(maxmem)
         maxmem = maxmem * 99 // 100
 
 
-def test_resample_task_allocates_within_its_memory_plan(tmp_path):
-    plan, layout = prepared_stage(tmp_path)
+def test_resample_task_allocates_within_its_memory_plan(prepared_stage):
+    plan, layout = prepared_stage
     prepared = sum(corrections.unpickle_file(corrections.correction_prep_file(plan.workdir, lo, hi)).nbytes
                    for lo, hi, _ in corrections.correction_blocks(plan))
     steps, _ = maxmem_steps(plan, layout)
@@ -89,20 +93,20 @@ def test_resample_task_allocates_within_its_memory_plan(tmp_path):
         assert kept <= memory.cache and kept <= prepared
         planned = memory.maps + memory.block + memory.passes + memory.layout + min(memory.cache, prepared)
         assert memory.maps <= peak <= planned + PYTHON_OBJECTS, (maxmem, peak, memory)
-        assert memory.chunk <= memory.budget * 3 // 4  # the chunk size the stage chose fits its share
+        assert memory.running <= memory.budget * 3 // 4  # the chunk size the stage chose fits its share
 
 
-def test_small_maxmem_picks_smaller_chunks_and_too_small_is_refused(tmp_path):
-    plan, layout = prepared_stage(tmp_path)
+def test_small_maxmem_picks_smaller_chunks_and_too_small_is_refused(prepared_stage):
+    plan, layout = prepared_stage
     steps, sizes = maxmem_steps(plan, layout)
     assert sizes[0] == GEMM_BATCH  # 256 resamples, an eighth each at most, at least a GEMM batch
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] < GEMM_BATCH, sizes
     for maxmem, size in zip(steps, sizes):
         small = with_maxmem(plan, maxmem)
         memory = corrections.resample_memory(small, layout, size)
-        assert memory.chunk <= memory.budget * 3 // 4
+        assert memory.running <= memory.budget * 3 // 4
         if size < GEMM_BATCH:  # the next size up would not have fitted
-            assert corrections.resample_memory(small, layout, 2 * size).chunk > memory.budget * 3 // 4
+            assert corrections.resample_memory(small, layout, 2 * size).running > memory.budget * 3 // 4
     too_small = steps[-1] * 99 // 100
     with pytest.raises(InputError, match=f"MAXMEM: {too_small} bytes is too small for the correction's resamples"):
         corrections.resample_chunk_size(with_maxmem(plan, too_small), layout)
@@ -114,6 +118,7 @@ class PicklingEngine:
 
     client = object()
     kind = "recording"
+    tasks_per_process = 1
 
     def __init__(self) -> None:
         self.items: dict[str, list] = {}
@@ -143,3 +148,61 @@ def test_dask_tasks_carry_the_plan_pickled_once_and_no_layout(tmp_path):
     layout_bytes = len(pickle.dumps(corrections.correction_layout(plan)))
     assert layout_bytes > 64 * 1024  # what each resample task carried before
     assert isinstance(engine.items["resample"][0][1], corrections.LayoutFile)
+
+
+def test_two_tasks_in_one_process_share_its_budget(prepared_stage):
+    """An inline engine of two threads runs two resample tasks in one process (the 2 mm MNI run peaked
+    at 2.2 GiB under MAXMEM 2 GiB when each planned for the whole process): planned for two, both at
+    once allocate within the process's budget, with one shared cache of prepared blocks."""
+    plan, layout = prepared_stage
+    steps, sizes = maxmem_steps(plan, layout, tasks=2)
+    single_steps, single_sizes = maxmem_steps(plan, layout)
+    assert single_steps[-1] < steps[-1]  # two tasks need more MAXMEM than one
+    i = len(steps) // 2  # a MAXMEM where the chunks differ with the tasks per process
+    while sizes[i] == corrections.resample_chunk_size(with_maxmem(plan, steps[i]), layout):
+        i += 1
+    small, size = with_maxmem(plan, steps[i]), sizes[i]
+    memory = corrections.resample_memory(small, layout, size, tasks=2)
+    alone = corrections.resample_memory(small, layout, corrections.resample_chunk_size(small, layout))
+    assert memory.running <= memory.budget * 3 // 4
+    assert 2 * alone.task + alone.layout + alone.cache > alone.budget  # planned for one, two overrun it
+    corrections.PREPARED.clear()
+    tracemalloc.start()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda c: corrections.resample_chunk(small, layout, c, c * size, (c + 1) * size, 2),
+                          range(2)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        for c in range(2):
+            corrections.correction_chunk_file(plan.workdir, c).unlink(missing_ok=True)
+    kept = corrections.PREPARED.nbytes
+    corrections.PREPARED.clear()
+    assert kept <= memory.cache  # the cache is one, within its share, whichever thread filled it
+    # the planned parts that apply, as for one task above: each task's maps, block and passes
+    planned = 2 * (memory.maps + memory.block + memory.passes) + memory.layout + kept
+    assert memory.maps <= peak <= planned + 2 * PYTHON_OBJECTS, (peak, memory)
+
+
+def test_the_maps_do_not_depend_on_the_tasks_per_process(prepared_stage):
+    """Two inline threads plan smaller chunks than one at the same MAXMEM; the maps are the same."""
+    plan, layout = prepared_stage
+    steps, sizes = maxmem_steps(plan, layout, tasks=2)
+    maxmem = next(m for m, size in zip(steps, sizes)
+                  if size < corrections.resample_chunk_size(with_maxmem(plan, m), layout))
+    small = with_maxmem(plan, maxmem)
+    maps, chunks = [], []
+    for threads in (1, 2):
+        for path in plan.workdir.glob("resamples*.npz"):
+            path.unlink()
+        with open_engine(EngineSpec(kind="inline", workers=threads)) as engine:
+            assert engine.tasks_per_process == threads
+            outcome = corrections.run_corrections(small, engine)
+        maps.append(outcome.maps)
+        chunks.append(outcome.chunks)
+    for path in plan.workdir.glob("resamples*.npz"):
+        path.unlink()
+    assert chunks[1] > chunks[0]
+    for name in maps[0]:
+        np.testing.assert_array_equal(maps[1][name], maps[0][name], err_msg=name)
