@@ -260,33 +260,34 @@ def fit_complete_voxels(units: MissingRowUnits, idx: np.ndarray, scheduler: Sche
 
 def fit_block(obj: Objective, data, qk: list, method: str, tol: float, max_iter: int, reml: bool, n: int,
               p: int, start: list | None = None, inference: bool = True) -> BlockFit:
-    """Score one voxel block (from ``start``'s D, default 0), settle the optimum (boundary snap, Newton
-    polish), then package it (without ``inference``: the snapped scoring optimum only, no polish, its
-    inference arrays NaN)."""
+    """Score one voxel block (from ``start``'s D, default 0), snap it to the boundary once, score its
+    boundary optima again (`rescore_boundary`), settle the snapped optimum (Newton polish), then package
+    it (without ``inference``: the snapped scoring optimum only, no polish, its inference arrays NaN)."""
     scored = score(obj, data, qk, method, tol, max_iter, reml, n, p, start)
-    scored = rescore_boundary(obj, data, qk, method, tol, max_iter, reml, n, p, scored)
+    # each voxel's D is snapped once: the snap is not idempotent (docs/model.md, "Convergence")
+    scored, D = rescore_boundary(obj, data, qk, method, tol, max_iter, reml, n, p, scored,
+                                 snap_to_boundary(obj, data, scored.D))
     if not inference:
         # the polish serves reported parameters and their Hessian; a D-only fit stops at the stop rule's D
-        D = snap_to_boundary(obj, data, scored.D)
         return optimum_only(D, obj.evaluate(D, data, grad=False), scored, qk, p)
-    point = settle(obj, data, scored.D, qk, reml, n, p)
+    point = settle(obj, data, D, qk, reml, n, p)
     return package(obj, data, point, scored, qk, reml, n, p)
 
 
 def rescore_boundary(obj: Objective, data, qk: list, method: str, tol: float, max_iter: int, reml: bool,
-                     n: int, p: int, scored: ScoringResult) -> ScoringResult:
-    """Score the voxels whose snapped optimum is on the boundary (some D_k singular) again from lme4's
-    start (every D_k = I, relative to σ²) and keep, per voxel, the higher llh (the first unless the
-    second is higher by more than the llh's rounding, LLH_NOISE), with the kept scoring's labels.
+                     n: int, p: int, scored: ScoringResult, snapped: list) -> tuple[ScoringResult, list]:
+    """Score the voxels whose snapped optimum (``snapped``: scored.D after `snap_to_boundary`) is on the
+    boundary (some D_k singular) again from lme4's start (every D_k = I, relative to σ²) and keep, per
+    voxel, the higher llh (the first unless the second is higher by more than the llh's rounding,
+    LLH_NOISE), with the kept scoring's labels.  Returns the kept scoring and its snapped D.
 
     The likelihood can have a local maximum on the boundary besides an interior one; the D = 0 start
     can fall into the boundary's basin where lme4's falls into the interior's.  Not a global search.
     """
     v = scored.D[0].shape[0]
-    snapped = snap_to_boundary(obj, data, scored.D)
     rows = np.flatnonzero(~np.all(free_parameters(snapped, qk), axis=1))
     if rows.size == 0:  # every voxel interior: nothing scored again (the common case)
-        return scored
+        return scored, snapped
     sub = take_rows(data, rows, v)
     first = obj.evaluate([Dk[rows] for Dk in snapped], sub, grad=False).llh
     identity = [np.broadcast_to(np.eye(q, dtype=scored.D[0].dtype), (rows.size, q, q)) for q in qk]
@@ -295,16 +296,19 @@ def rescore_boundary(obj: Objective, data, qk: list, method: str, tol: float, ma
     ev2 = obj.evaluate(second_snapped, sub, grad=False)
     better = np.asarray(ev2.ok) & np.isfinite(ev2.llh) & ~(ev2.llh <= first + LLH_NOISE)
     if not np.any(better):
-        return scored
+        return scored, snapped
     kept, take = rows[better], np.flatnonzero(better)
     D = [Dk.copy() for Dk in scored.D]
     for Dk, Ak in zip(D, again.D):
         Dk[kept] = Ak[take]
+    snapped = [Sk.copy() for Sk in snapped]
+    for Sk, Ak in zip(snapped, second_snapped):
+        Sk[kept] = Ak[take]
     out = ScoringResult(D=D, converged=scored.converged.copy(), n_iter=scored.n_iter.copy(),
                         stop=scored.stop.copy(), ok=scored.ok.copy())
     for name in ("converged", "n_iter", "stop", "ok"):
         getattr(out, name)[kept] = getattr(again, name)[take]
-    return out
+    return out, snapped
 
 
 def optimum_only(D: list, ev, scored: ScoringResult, qk: list, p: int) -> BlockFit:
