@@ -17,13 +17,11 @@ import numpy as np
 
 from blmm.core.boundary import (LLH_NOISE, SettledPoint, boundary_coordinates, free_parameters, settle,
                                 snap_to_boundary)
-from blmm.core.centre import removed_size
-from blmm.core.design_basis import full_column_rank
 from blmm.core.hessian import variance_hessian
 from blmm.core.objective.base import Objective, array_bytes, subset_eval, take_rows
 from blmm.core.result import BlockFit, FitResult, residual_mean_square
 from blmm.core.scoring import ScoringResult, score
-from blmm.core.status import DROPPED_RANK, FITTED, NOT_FINITE
+from blmm.core.status import FITTED, NOT_FINITE
 from blmm.core.threads import run_blocks, thread_count
 
 MIN_SHARED_BLOCK = 64  # voxels: below this a block's fixed costs outweigh sharing it among threads
@@ -242,10 +240,9 @@ def fit_complete_voxels(units: MissingRowUnits, idx: np.ndarray, scheduler: Sche
         return
     res, stats, base = scheduler.res, units.stats, units.objective.base
     XtX = stats.XtX
-    if not full_column_rank(XtX[None])[0]:
-        res.status[idx] = DROPPED_RANK
+    idx = res.screen_pattern(idx, XtX, stats.XtY[idx], stats.YtY[idx], stats.n_rows, stats.centre)
+    if idx.size == 0:
         return
-    idx = res.drop_flat_voxels(idx, XtX, stats.XtY[idx], stats.YtY[idx], stats.n_rows, removed_size(stats.centre, idx))
     per_voxel = scheduler.voxel_bytes(base)
     size = scheduler.block_voxels(per_voxel, scheduler.budget_beside(shared), idx.size)
     jobs = [idx[a:a + size] for a in range(0, idx.size, size)]

@@ -78,6 +78,11 @@ def _random_D(rng, v: int, q: int, largest: float) -> np.ndarray:
     return (U * w[:, None, :]) @ np.swapaxes(U, 1, 2)
 
 
+def _snapped_twice(obj, data, D: list) -> tuple[list, list]:
+    once = B.snap_to_boundary(obj, data, D)
+    return once, B.snap_to_boundary(obj, data, once)
+
+
 @pytest.mark.parametrize("name", ["boundary-q1", "boundary-q2", "nested-q2-boundary", "crossed-q1", "random-36"])
 def test_a_second_snap_of_a_snapped_optimum_is_bit_for_bit_a_no_op(name):
     """On the scored optima of boundary designs (from D = 0 and from lme4's D = I), every structure, REML and
@@ -89,9 +94,9 @@ def test_a_second_snap_of_a_snapped_optimum_is_bit_for_bit_a_no_op(name):
         for reml in (True, False):
             obj, data, qk = _objective(name, structure, reml, v)
             for start in (None, [np.broadcast_to(np.eye(q), (v, q, q)) for q in qk]):
-                once = B.snap_to_boundary(obj, data, score(obj, data, qk, "pSFS", 1e-10, 1000, reml, obj.n, obj.p,
-                                                           start).D)
-                for O, T in zip(once, B.snap_to_boundary(obj, data, once)):
+                once, twice = _snapped_twice(obj, data, score(obj, data, qk, "pSFS", 1e-10, 1000, reml, obj.n,
+                                                              obj.p, start).D)
+                for O, T in zip(once, twice):
                     np.testing.assert_array_equal(T, O)
                 singular += int(np.sum(~np.all(B.free_parameters(once, qk), axis=1)))
     assert singular > 0  # the design has boundary optima (q = 1 ones snapped there; q > 1 ones scored onto it)
@@ -111,12 +116,10 @@ def test_snapping_random_draws_twice(name):
         obj, data, qk = _objective(name, structure, True, v)
         for _ in range(3):
             D = [_random_D(rng, v, q, largest=10.0 ** rng.uniform(-4, 0.5)) for q in qk]
-            once = B.snap_to_boundary(obj, data, D)
-            for O, T in zip(once, B.snap_to_boundary(obj, data, once)):
+            for O, T in zip(*_snapped_twice(obj, data, D)):
                 np.testing.assert_array_equal(T, O)
             tiny = [_random_D(rng, v, q, largest=1e-7) for q in qk]
-            once = B.snap_to_boundary(obj, data, tiny)
-            for Dk, O, T in zip(tiny, once, B.snap_to_boundary(obj, data, once)):
+            for Dk, O, T in zip(tiny, *_snapped_twice(obj, data, tiny)):
                 # what moves is the residue: q eigenvalues of at most RANK_TOL x D_k's largest (1e-7) each
                 assert np.max(np.abs(T - O)) <= Dk.shape[1] * B.RANK_TOL * 1e-7
                 residues += int(np.sum(np.any(T != O, axis=(1, 2))))
