@@ -17,13 +17,11 @@ import numpy as np
 
 from blmm.core.boundary import (LLH_NOISE, SettledPoint, boundary_coordinates, free_parameters, settle,
                                 snap_to_boundary)
-from blmm.core.centre import removed_size
-from blmm.core.design_basis import full_column_rank
 from blmm.core.hessian import variance_hessian
 from blmm.core.objective.base import Objective, array_bytes, subset_eval, take_rows
 from blmm.core.result import BlockFit, FitResult, residual_mean_square
 from blmm.core.scoring import ScoringResult, score
-from blmm.core.status import DROPPED_RANK, FITTED, NOT_FINITE
+from blmm.core.status import FITTED, NOT_FINITE
 from blmm.core.threads import run_blocks, thread_count
 
 MIN_SHARED_BLOCK = 64  # voxels: below this a block's fixed costs outweigh sharing it among threads
@@ -242,10 +240,9 @@ def fit_complete_voxels(units: MissingRowUnits, idx: np.ndarray, scheduler: Sche
         return
     res, stats, base = scheduler.res, units.stats, units.objective.base
     XtX = stats.XtX
-    if not full_column_rank(XtX[None])[0]:
-        res.status[idx] = DROPPED_RANK
+    idx = res.screen_pattern(idx, XtX, stats.XtY[idx], stats.YtY[idx], stats.n_rows, stats.centre)
+    if idx.size == 0:
         return
-    idx = res.drop_flat_voxels(idx, XtX, stats.XtY[idx], stats.YtY[idx], stats.n_rows, removed_size(stats.centre, idx))
     per_voxel = scheduler.voxel_bytes(base)
     size = scheduler.block_voxels(per_voxel, scheduler.budget_beside(shared), idx.size)
     jobs = [idx[a:a + size] for a in range(0, idx.size, size)]
@@ -260,33 +257,34 @@ def fit_complete_voxels(units: MissingRowUnits, idx: np.ndarray, scheduler: Sche
 
 def fit_block(obj: Objective, data, qk: list, method: str, tol: float, max_iter: int, reml: bool, n: int,
               p: int, start: list | None = None, inference: bool = True) -> BlockFit:
-    """Score one voxel block (from ``start``'s D, default 0), settle the optimum (boundary snap, Newton
-    polish), then package it (without ``inference``: the snapped scoring optimum only, no polish, its
-    inference arrays NaN)."""
+    """Score one voxel block (from ``start``'s D, default 0), snap it to the boundary once, score its
+    boundary optima again (`rescore_boundary`), settle the snapped optimum (Newton polish), then package
+    it (without ``inference``: the snapped scoring optimum only, no polish, its inference arrays NaN)."""
     scored = score(obj, data, qk, method, tol, max_iter, reml, n, p, start)
-    scored = rescore_boundary(obj, data, qk, method, tol, max_iter, reml, n, p, scored)
+    # each voxel's D is snapped once: the snap is not idempotent (docs/model.md, "Convergence")
+    scored, D = rescore_boundary(obj, data, qk, method, tol, max_iter, reml, n, p, scored,
+                                 snap_to_boundary(obj, data, scored.D))
     if not inference:
         # the polish serves reported parameters and their Hessian; a D-only fit stops at the stop rule's D
-        D = snap_to_boundary(obj, data, scored.D)
         return optimum_only(D, obj.evaluate(D, data, grad=False), scored, qk, p)
-    point = settle(obj, data, scored.D, qk, reml, n, p)
+    point = settle(obj, data, D, qk, reml, n, p)
     return package(obj, data, point, scored, qk, reml, n, p)
 
 
 def rescore_boundary(obj: Objective, data, qk: list, method: str, tol: float, max_iter: int, reml: bool,
-                     n: int, p: int, scored: ScoringResult) -> ScoringResult:
-    """Score the voxels whose snapped optimum is on the boundary (some D_k singular) again from lme4's
-    start (every D_k = I, relative to σ²) and keep, per voxel, the higher llh (the first unless the
-    second is higher by more than the llh's rounding, LLH_NOISE), with the kept scoring's labels.
+                     n: int, p: int, scored: ScoringResult, snapped: list) -> tuple[ScoringResult, list]:
+    """Score the voxels whose snapped optimum (``snapped``: scored.D after `snap_to_boundary`) is on the
+    boundary (some D_k singular) again from lme4's start (every D_k = I, relative to σ²) and keep, per
+    voxel, the higher llh (the first unless the second is higher by more than the llh's rounding,
+    LLH_NOISE), with the kept scoring's labels.  Returns the kept scoring and its snapped D.
 
     The likelihood can have a local maximum on the boundary besides an interior one; the D = 0 start
     can fall into the boundary's basin where lme4's falls into the interior's.  Not a global search.
     """
     v = scored.D[0].shape[0]
-    snapped = snap_to_boundary(obj, data, scored.D)
     rows = np.flatnonzero(~np.all(free_parameters(snapped, qk), axis=1))
     if rows.size == 0:  # every voxel interior: nothing scored again (the common case)
-        return scored
+        return scored, snapped
     sub = take_rows(data, rows, v)
     first = obj.evaluate([Dk[rows] for Dk in snapped], sub, grad=False).llh
     identity = [np.broadcast_to(np.eye(q, dtype=scored.D[0].dtype), (rows.size, q, q)) for q in qk]
@@ -295,16 +293,19 @@ def rescore_boundary(obj: Objective, data, qk: list, method: str, tol: float, ma
     ev2 = obj.evaluate(second_snapped, sub, grad=False)
     better = np.asarray(ev2.ok) & np.isfinite(ev2.llh) & ~(ev2.llh <= first + LLH_NOISE)
     if not np.any(better):
-        return scored
+        return scored, snapped
     kept, take = rows[better], np.flatnonzero(better)
     D = [Dk.copy() for Dk in scored.D]
     for Dk, Ak in zip(D, again.D):
         Dk[kept] = Ak[take]
+    snapped = [Sk.copy() for Sk in snapped]
+    for Sk, Ak in zip(snapped, second_snapped):
+        Sk[kept] = Ak[take]
     out = ScoringResult(D=D, converged=scored.converged.copy(), n_iter=scored.n_iter.copy(),
                         stop=scored.stop.copy(), ok=scored.ok.copy())
     for name in ("converged", "n_iter", "stop", "ok"):
         getattr(out, name)[kept] = getattr(again, name)[take]
-    return out
+    return out, snapped
 
 
 def optimum_only(D: list, ev, scored: ScoringResult, qk: list, p: int) -> BlockFit:

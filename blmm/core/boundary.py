@@ -43,8 +43,8 @@ class SettledPoint:
 
 
 def settle(obj, data, D, qk, reml, n, p) -> SettledPoint:
-    """Move the scored D to the reported optimum: exact zeros on the boundary, one Newton polish."""
-    D = snap_to_boundary(obj, data, D)
+    """Move the snapped scored D (`snap_to_boundary`: exact zeros on the boundary) to the reported
+    optimum: one Newton polish."""
     ev = obj.evaluate(D, data, grad=True)
     H, dC = variance_hessian(obj, data, D, ev, qk, reml, n, p)
     D_new, ev, moved = newton_polish(obj, data, D, ev, H, free_parameters(D, qk), qk)

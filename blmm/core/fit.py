@@ -11,13 +11,13 @@ import warnings
 import numpy as np
 
 from blmm.core.blocks import Scheduler, fit_missing_rows
-from blmm.core.centre import centre_of, removed_size, restore_beta
+from blmm.core.centre import centre_of, restore_beta
 from blmm.core.design import RandomFactor, identifiability_problems, unidentifiable_patterns
-from blmm.core.design_basis import DesignNote, fitting_basis, full_column_rank
+from blmm.core.design_basis import DesignNote, fitting_basis
 from blmm.core.missing_rows import MissingRowCounts
 from blmm.core.result import FitResult
 from blmm.core.scoring import check_method
-from blmm.core.status import DROPPED_FEW, DROPPED_RANK, DROPPED_UNIDENTIFIABLE, FITTED, NOT_FITTED
+from blmm.core.status import DROPPED_FEW, DROPPED_UNIDENTIFIABLE, FITTED, NOT_FITTED
 from blmm.core.structure import FitPlan, plan_fit
 from blmm.core.sufficient import FactorLayout, SufficientStats, presence_patterns, sufficient_stats
 
@@ -219,10 +219,7 @@ def _fit_patterns(stats: SufficientStats, plan: FitPlan, scheduler: Scheduler) -
         XtX = stats.XtX[u]
         if n <= p:  # dropped already (DROPPED_FEW)
             continue
-        if not full_column_rank(XtX[None])[0]:
-            res.status[vox] = DROPPED_RANK
-            continue
-        vox = res.drop_flat_voxels(vox, XtX, stats.XtY[vox], stats.YtY[vox], n, removed_size(stats.centre, vox))
+        vox = res.screen_pattern(vox, XtX, stats.XtY[vox], stats.YtY[vox], n, stats.centre)
         if vox.size == 0:
             continue
         obj = plan.objective(XtX, stats.ZtX[u], stats.ZtZ[u], n, reml)

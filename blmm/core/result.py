@@ -113,10 +113,14 @@ class FitResult:
         self.stop[self.status == FAILED] = NOT_FINITE
         self.stop[bad & (self.status != FAILED)] = NOT_FITTED
 
-    def drop_flat_voxels(self, idx: np.ndarray, XtX: np.ndarray, XtY: np.ndarray, YtY: np.ndarray,
-                         n_obs: int, removed: np.ndarray | float) -> np.ndarray:
-        """Marks voxels idx with nothing to fit (`flat_voxels`) CONSTANT_RESPONSE; returns the rest."""
-        flat = flat_voxels(XtX, XtY, YtY, n_obs, removed)
+    def screen_pattern(self, idx: np.ndarray, XtX: np.ndarray, XtY: np.ndarray, YtY: np.ndarray, n_obs: int,
+                       centre) -> np.ndarray:
+        """Voxels idx of one presence pattern (one X'X of n_obs rows): marks them all DROPPED_RANK where X is
+        rank deficient, else those with nothing to fit (`flat_voxels`) CONSTANT_RESPONSE; returns the rest."""
+        if not full_column_rank(XtX[None])[0]:  # the rank rule of core/design_basis.py, unit-free
+            self.status[idx] = DROPPED_RANK
+            return idx[:0]
+        flat = flat_voxels(XtX, XtY, YtY, n_obs, removed_size(centre, idx))
         self.status[idx[flat]] = CONSTANT_RESPONSE
         return idx[~flat]
 
