@@ -163,7 +163,8 @@ def read_images(plan: RunPlan, engine) -> RunPlan:
     """Stage 2 on the engine: every image batch's partial sums (the per-voxel centre first, once)."""
     run_centre(plan)
     shipped = shipped_plan(plan, engine)
-    engine.map(_read_batch_task, [(shipped, b) for b in range(len(plan.batches))], stage="read images",
+    engine.map(_read_batch_task, [(shipped, b, engine.tasks_per_process) for b in range(len(plan.batches))],
+               stage="read images",
                labels=[f"image batch {b}: images {a + 1}-{z} of {plan.config.n}" for b, (a, z) in enumerate(plan.batches)])
     return plan
 
@@ -250,8 +251,8 @@ def summary_text(counts: dict, seconds: float, two_sided: bool | None = None,
 
 
 def _read_batch_task(args) -> str:
-    plan, b = args
-    return read_batch(loaded_plan(plan), b)
+    plan, b, tasks = args
+    return read_batch(loaded_plan(plan), b, tasks)
 
 
 def _fit_block_task(args) -> str:

@@ -113,8 +113,9 @@ MISSING_REASONS = {
 }
 
 
-def read_batch(plan: RunPlan, b: int) -> str:
-    """Read batch b's images once; write its partial sums for every analysis voxel."""
+def read_batch(plan: RunPlan, b: int, tasks: int = 1) -> str:
+    """Read batch b's images once; write its partial sums for every analysis voxel.  ``tasks``: the
+    batches one process reads at once (``Engine.tasks_per_process``), which share its MAXMEM."""
     stats_path, present_path = batch_files(plan, b)
     with disk_full_as_error(plan.config.outdir, space_needed(plan)["total"], f"the partial sums of image batch {b}"):
         centre = run_centre(plan)
@@ -122,7 +123,7 @@ def read_batch(plan: RunPlan, b: int) -> str:
             return str(present_path)  # finished before an interruption, with this centre taken out
         tmp_stats = stats_path.with_name(f".{stats_path.name}.tmp{os.getpid()}.npy")
         try:
-            missing = _read_batch(plan, b, tmp_stats)
+            missing = _read_batch(plan, b, tmp_stats, tasks)
             os.replace(tmp_stats, stats_path)
         finally:
             tmp_stats.unlink(missing_ok=True)  # nothing half-written stays behind
@@ -226,13 +227,13 @@ def _chunks(cut: np.ndarray, start: int, stop: int, size: int) -> list[tuple[int
     return out
 
 
-def _read_batch(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
+def _read_batch(plan: RunPlan, b: int, tmp_stats: Path, tasks: int) -> dict:
     """Batch b's partial sums into ``tmp_stats``; the missing-value counts and presence bits
     (and where the sums are class-aggregated, the touched levels' y_j)."""
     groups = sum_groups(plan)
     if groups is None:  # crossed factors: each presence pattern's objective needs every level's Z'Y
-        return _read_batch_by_column(plan, b, tmp_stats)
-    return _read_batch_by_class(plan, b, tmp_stats, groups)
+        return _read_batch_by_column(plan, b, tmp_stats, tasks)
+    return _read_batch_by_class(plan, b, tmp_stats, groups, tasks)
 
 
 def _image_chunks(plan: RunPlan, ranges: list, missing: dict, bits: list):
@@ -265,30 +266,32 @@ def _image_chunks(plan: RunPlan, ranges: list, missing: dict, bits: list):
             rows = []
 
 
-def _chunk_rows(plan: RunPlan) -> int:
+def _chunk_rows(plan: RunPlan, tasks: int) -> int:
     """Images per chunk: Y in float64 plus the presence mask and the missing-value rules' boolean
-    temporaries (~14 bytes a value) in a quarter of MAXMEM, a multiple of 8 so the presence bits
-    pack chunk by chunk."""
-    return max(8, int(plan.config.maxmem // 4 // (14 * plan.voxels.size)) // 8 * 8)
+    temporaries (~14 bytes a value) in a quarter of MAXMEM shared by the process's ``tasks``, a
+    multiple of 8 so the presence bits pack chunk by chunk."""
+    return max(8, int(plan.config.maxmem // 4 // tasks // (14 * plan.voxels.size)) // 8 * 8)
 
 
-def _voxel_step(plan: RunPlan, n_rows: int, n_products: int) -> int:
-    """Voxels per product: bounded memory for large q; all of them (contiguous Y, no copies) when they fit."""
-    return max(1, int(plan.config.maxmem // 4 // (8 * plan.n_stat_columns + 8 * n_rows + 8 * n_products)))
+def _voxel_step(plan: RunPlan, n_rows: int, n_products: int, tasks: int) -> int:
+    """Voxels per product: bounded memory for large q (a quarter of MAXMEM shared by the process's
+    ``tasks``); all of them (contiguous Y, no copies) when they fit."""
+    per_voxel = 8 * plan.n_stat_columns + 8 * n_rows + 8 * n_products
+    return max(1, int(plan.config.maxmem // 4 // tasks // per_voxel))
 
 
-def _read_batch_by_column(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
+def _read_batch_by_column(plan: RunPlan, b: int, tmp_stats: Path, tasks: int) -> dict:
     """Several crossed factors: X'Y, Z'Y and Y'Y per voxel."""
     start, stop = plan.batches[b]
     X, factors = ordered_design(plan)
     layout = FactorLayout.from_factors(factors)
     missing, bits = dict.fromkeys(MISSING_REASONS, 0), []
-    ranges = [(c0, min(c0 + _chunk_rows(plan), stop)) for c0 in range(start, stop, _chunk_rows(plan))]
+    ranges = [(c0, min(c0 + _chunk_rows(plan, tasks), stop)) for c0 in range(start, stop, _chunk_rows(plan, tasks))]
     out = _RowFile(tmp_stats, plan.voxels.size, plan.n_stat_columns)
     try:
         for c0, c1, Y, _ in _image_chunks(plan, ranges, missing, bits):
             Z = random_effects_matrix([f.subset(slice(c0, c1)) for f in factors], layout)
-            step = _voxel_step(plan, c1 - c0, layout.n_columns)
+            step = _voxel_step(plan, c1 - c0, layout.n_columns, tasks)
             for a in range(0, plan.voxels.size, step):
                 Yc = Y[:, a:a + step]
                 rows = out.read(a, a + Yc.shape[1]) if c0 > start else np.zeros((Yc.shape[1], plan.n_stat_columns))
@@ -301,7 +304,7 @@ def _read_batch_by_column(plan: RunPlan, b: int, tmp_stats: Path) -> dict:
     return missing
 
 
-def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[LevelGroup]) -> dict:
+def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[LevelGroup], tasks: int) -> dict:
     """One factor or a nesting tree: per voxel X'Y, Y'Y and each group's class-aggregated sums
     (`LevelSums`, core/level_groups.py), and apart the y_j of big-class levels a missing value touches.
     Chunks hold whole outer levels (families), so each level's y_j is complete within one chunk."""
@@ -315,13 +318,13 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
     width = 2 + max(g.q for g in groups)  # a touched row: [group, level, y_j padded]
     out = _RowFile(tmp_stats, plan.voxels.size, plan.n_stat_columns)
     try:
-        for c0, c1, Y, present in _image_chunks(plan, _chunks(outer, start, stop, _chunk_rows(plan)), missing, bits):
+        for c0, c1, Y, present in _image_chunks(plan, _chunks(outer, start, stop, _chunk_rows(plan, tasks)), missing, bits):
             Zc = random_effects_matrix([f.subset(slice(c0, c1)) for f in factors], layout).tocsc()
             f0, f1 = int(outer[c0]), int(outer[c1 - 1]) + 1  # the chunk's outer levels
             spans = [tuple(np.searchsorted(g.outer, (f0, f1))) for g in groups]  # each group's levels here
             Zg = [Zc[:, g.columns[m0:m1].ravel()] for g, (m0, m1) in zip(groups, spans)]
             keys = _touched_keys(outer[c0:c1], present, n_outer, where[2])
-            step = _voxel_step(plan, c1 - c0, sum(z.shape[1] for z in Zg))
+            step = _voxel_step(plan, c1 - c0, sum(z.shape[1] for z in Zg), tasks)
             for a in range(0, plan.voxels.size, step):
                 Yc = Y[:, a:a + step]
                 v = Yc.shape[1]

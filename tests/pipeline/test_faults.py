@@ -77,7 +77,7 @@ def test_after_fixing_an_image_only_its_batch_is_read_again(tmp_path, monkeypatc
     assert len(list(work.glob("batch*.present.npy"))) == 3 and leftovers(tmp_path / "out") == []
     reread = []
     real = stages._read_batch
-    monkeypatch.setattr(stages, "_read_batch", lambda plan, b, tmp: reread.append(b) or real(plan, b, tmp))
+    monkeypatch.setattr(stages, "_read_batch", lambda plan, b, tmp, tasks: reread.append(b) or real(plan, b, tmp, tasks))
     bad.write_bytes(good)
     assert main([str(yml), "--cluster", "inline"]) == 0
     assert reread == [3]

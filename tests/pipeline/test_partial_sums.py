@@ -120,3 +120,21 @@ def test_pipeline_with_a_pattern_per_voxel_equals_the_pattern_by_pattern_fit(tmp
     np.testing.assert_allclose(llh, ref.llh, rtol=0, atol=1e-8)  # the same fit from batched sums: float64 path
     beta = np.fromfile(tmp_path / "out" / "blmm_vox_beta.dat", np.float32).reshape(-1, case.p)[:Y.shape[1]]
     np.testing.assert_allclose(beta, ref.beta, rtol=1e-5, atol=1e-6)  # float32 maps
+
+
+def test_batches_read_by_two_tasks_of_one_process_sum_the_same(tmp_path):
+    """Two read tasks of one process (an inline engine's two threads) share MAXMEM: each reads half
+    the images per chunk; the sums are the same to float64 rounding of a different summation order."""
+    case, Y = case_with_holes()
+    # 12 voxels, batches of 51-56 images: chunks of 48 images (24 with two tasks), products of 10 voxels (5)
+    cfg = small_batches(make_analysis(tmp_path, case_name="intercept", fmt="dat", Y=Y), maxmem="2**15")
+    plan = plan_run(cfg)
+    sums = []
+    for tasks in (1, 2):
+        for b in range(len(plan.batches)):
+            for path in batch_files(plan, b):
+                path.unlink(missing_ok=True)
+            read_batch(plan, b, tasks)
+        sums.append(sum(np.load(batch_files(plan, b)[0]) for b in range(len(plan.batches))))
+    scale = np.abs(sums[0]).max(axis=0)
+    np.testing.assert_allclose(sums[1], sums[0], rtol=0, atol=1e-13 * scale.max())

@@ -176,10 +176,10 @@ def test_an_interrupted_run_says_resume_only_when_there_is_something_to_resume(
     yml = small_maxmem(make_analysis(tmp_path, fmt="dat"), "out")
     real = run_module.read_batch
 
-    def interrupted(plan, b):
+    def interrupted(plan, b, tasks):
         if b == finished:
             raise KeyboardInterrupt
-        return real(plan, b)
+        return real(plan, b, tasks)
 
     monkeypatch.setattr(run_module, "read_batch", interrupted)
     assert main([str(yml), "--cluster", "inline"]) == 130
