@@ -30,7 +30,6 @@ another way, and times each part (CPU s summed over the blocks, the minimum of -
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import resource
@@ -41,15 +40,12 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from blmm.core.centre import centre_of
-from blmm.core.design import RandomFactor
 from blmm.core.sufficient import FactorLayout, data_block_voxels, random_effects_matrix
 from blmm.core.transpose import transpose_into
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: the blmm measured is the one on it
-from examples.abcd_like.simulate import (  # noqa: E402
-    random_effects_design, simulate_design, simulate_truth, simulate_Y,
-)
 from result_line import emit  # noqa: E402
+from sums_vs_gemm import design1, design1_arguments  # noqa: E402
 
 PARTS = ("convert", "centre", "XtY", "ZtY", "ZtY_write", "YtY")
 VARIANTS = ("now", "fused_convert", "XtY_as_YtX", "width_128", "width_256", "convert_4_blocks", "ZtY_reduceat",
@@ -131,18 +127,8 @@ def reference_gemm_cpu(Yc: np.ndarray, k: int, repeats: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vertices", type=int, default=10242)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", help="append the results as JSON lines to this file")
-    ap.add_argument("--label", default="", help="recorded with the results (e.g. the commit measured)")
-    args = ap.parse_args()
-
-    design = simulate_design()
-    order = np.argsort(design.subject, kind="stable")  # level-sorted rows, as sums_vs_gemm.py
-    X = np.ascontiguousarray(design.X[order])
-    Y = simulate_Y(design, simulate_truth(design, args.vertices))[order]
-    factor = RandomFactor("subject", design.subject[order], random_effects_design(design, slope=False)[order])
+    args = design1_arguments(__doc__)
+    X, Y, factor = design1(args.vertices)
     Z = random_effects_matrix([factor], FactorLayout.from_factors([factor]))
     n, v = Y.shape
     p, q = X.shape[1], Z.shape[1]

@@ -77,19 +77,29 @@ def best_of(repeats: int, work) -> tuple[float, float]:
     return min(walls), min(cpus)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def design1(vertices: int) -> tuple[np.ndarray, np.ndarray, RandomFactor]:
+    """ABCD design 1 in memory: X, a float32 Y (as fit_lmm is given it) and the subject factor, rows in
+    level order (as the pipeline reads them)."""
+    design = simulate_design()
+    order = np.argsort(design.subject, kind="stable")
+    X = np.ascontiguousarray(design.X[order])
+    Y = simulate_Y(design, simulate_truth(design, vertices))[order]
+    return X, Y, RandomFactor("subject", design.subject[order], random_effects_design(design, slope=False)[order])
+
+
+def design1_arguments(doc: str) -> argparse.Namespace:
+    """--vertices, --repeats, --json, --label: the command line of the sums benchmarks."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vertices", type=int, default=10242)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", help="append the result as one JSON line to this file")
-    ap.add_argument("--label", default="", help="recorded with the result (e.g. the commit measured)")
-    args = ap.parse_args()
+    ap.add_argument("--json", help="append the results as JSON lines to this file")
+    ap.add_argument("--label", default="", help="recorded with the results (e.g. the commit measured)")
+    return ap.parse_args()
 
-    design = simulate_design()
-    order = np.argsort(design.subject, kind="stable")  # the pipeline reads rows in level order
-    X = np.ascontiguousarray(design.X[order])
-    Y = simulate_Y(design, simulate_truth(design, args.vertices))[order]  # float32, as fit_lmm is given it
-    factor = RandomFactor("subject", design.subject[order], random_effects_design(design, slope=False)[order])
+
+def main() -> None:
+    args = design1_arguments(__doc__)
+    X, Y, factor = design1(args.vertices)
     n, v, p = Y.shape[0], Y.shape[1], X.shape[1]
     Z = random_effects_matrix([factor], FactorLayout.from_factors([factor]))
 
