@@ -456,6 +456,7 @@ def resample_memory(plan: RunPlan, layout: SpatialLayout | None, resamples: int,
                     tasks: int = 1) -> ResampleMemory:
     """The memory plan of a process running ``tasks`` tasks at once, each of resamples start …
     start + ``resamples`` − 1 (``resample_chunk``)."""
+    tasks = max(1, int(tasks))
     cfg = plan.config
     s = cfg.correction
     V, n_contrasts = plan.voxels.size, len(cfg.contrasts)
@@ -472,11 +473,11 @@ def resample_memory(plan: RunPlan, layout: SpatialLayout | None, resamples: int,
                    + ([cluster_maxima_bytes(layout, r)] if EXTENT in stats else []))
 
     per_pass = 1
-    while per_pass < resamples and pass_bytes(2 * per_pass) <= budget // (16 * max(1, int(tasks))):  # a few maps
+    while per_pass < resamples and pass_bytes(2 * per_pass) <= budget // (16 * tasks):  # a few maps
         per_pass *= 2
     per_pass = min(per_pass, max(1, resamples))
     return ResampleMemory(resamples, 8 * n_contrasts * resamples * V, block, per_pass, pass_bytes(per_pass),
-                          layout.nbytes if layout is not None else 0, budget, max(1, int(tasks)))
+                          layout.nbytes if layout is not None else 0, budget, tasks)
 
 
 def resample_ranges(plan: RunPlan, chunk: int | None = None, layout: SpatialLayout | None = None,

@@ -162,9 +162,8 @@ def timed(timings: dict, name: str, stage, *args):
 def read_images(plan: RunPlan, engine) -> RunPlan:
     """Stage 2 on the engine: every image batch's partial sums (the per-voxel centre first, once)."""
     run_centre(plan)
-    shipped = shipped_plan(plan, engine)
-    engine.map(_read_batch_task, [(shipped, b, engine.tasks_per_process) for b in range(len(plan.batches))],
-               stage="read images",
+    shipped, tasks = shipped_plan(plan, engine), engine.tasks_per_process
+    engine.map(_read_batch_task, [(shipped, b, tasks) for b in range(len(plan.batches))], stage="read images",
                labels=[f"image batch {b}: images {a + 1}-{z} of {plan.config.n}" for b, (a, z) in enumerate(plan.batches)])
     return plan
 

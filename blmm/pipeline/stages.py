@@ -286,7 +286,8 @@ def _read_batch_by_column(plan: RunPlan, b: int, tmp_stats: Path, tasks: int) ->
     X, factors = ordered_design(plan)
     layout = FactorLayout.from_factors(factors)
     missing, bits = dict.fromkeys(MISSING_REASONS, 0), []
-    ranges = [(c0, min(c0 + _chunk_rows(plan, tasks), stop)) for c0 in range(start, stop, _chunk_rows(plan, tasks))]
+    images = _chunk_rows(plan, tasks)
+    ranges = [(c0, min(c0 + images, stop)) for c0 in range(start, stop, images)]
     out = _RowFile(tmp_stats, plan.voxels.size, plan.n_stat_columns)
     try:
         for c0, c1, Y, _ in _image_chunks(plan, ranges, missing, bits):
