@@ -93,6 +93,7 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p, start: list | None =
         new_s2 = la.copied(la.select_rows(sigma2, active))
         new_ev = ev_act
         pending = stepping.copy()
+        flat_stop = np.zeros(0, np.int64)  # voxels that stopped trying: flat within tol
         adata = take_rows(data, active, v)
         for attempt in range(40):  # shorter (or damped) steps until the log-likelihood does not decrease
             if pending.size == 0:
@@ -108,7 +109,12 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p, start: list | None =
             llh_t = la.to_host(ev_t.llh)
             good = la.to_host(ev_t.ok) & ((llh_t > old[pending]) | ((llh_t == old[pending]) & moved))
             new_ev = _accept(pending, good, ev_t, trial, new_llh, new_D, new_s2, new_ev)
-            pending = pending[~good]
+            # a failed step that the model predicts to gain < tol and that moved llh by < tol is flat within tol:
+            # no shorter or damped step can gain tol, so the voxel stops trying (it is stuck, below)
+            flat = ~good & la.to_host(ev_t.ok) & (gain[pending] < tol) & (llh_t >= old[pending] - tol)
+            flat_stop = np.concatenate([flat_stop, pending[flat]])
+            pending = pending[~good & ~flat]
+        pending = np.sort(np.concatenate([pending, flat_stop]))
         if it > 1:
             # a voxel whose optimum is a singular D_k creeps towards it (the deviance is flat, quartic,
             # across that face) and would stop short: before giving up or converging, try the face itself

@@ -107,6 +107,19 @@ def test_every_step_failing_is_step_failed_not_converged(method):
     assert all(np.all(Dk == 0.0) for Dk in res.D)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_step_flat_within_tol_stops_trying_at_once(method):
+    """At the optimum every step fails by less than tol (here 1e-9 per evaluation, as rounding can): the
+    voxel stops after its one failed trial, converged where it is, instead of damping the step 39 more
+    times (2 evaluations: the start and the trial; 41 before the rule, for pSFS, pFS and FS)."""
+    obj, data, n, p = level_problem()
+    res = score(obj, data, [2], method, TOL, 200, True, n, p)
+    flat = Shifted(obj, drift=1e-9)
+    again = score(flat, data, [2], method, TOL, 50, True, n, p, start=res.D)
+    assert flat.calls <= 2
+    assert np.all(again.stop == CONVERGED)
+
+
 def test_iteration_limit_and_not_finite():
     obj, data, n, p = level_problem()
     res = score(NaNAt(obj, 1), data, [2], "pSFS", TOL, 2, True, n, p)

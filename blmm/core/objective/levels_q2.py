@@ -117,8 +117,9 @@ class LevelsQ2Kernel:
             np.multiply(W[:, 1], y0, out=WY[:, 1])
             WY[:, 1] += np.multiply(W[:, 2], y1, out=tmp)
             YtVY[sl] -= np.einsum("vj,vj->v", WY[:, 0], y0) + np.einsum("vj,vj->v", WY[:, 1], y1)
-        # one product over the whole block: the constant K' (18 MB at ABCD) is streamed once, not per chunk
-        XtVX_up = self.XtX_up - (self.KfT_all @ W_all.reshape(v, 3 * C).T).T
+        # one product over the whole block: the constant K' (18 MB at ABCD) is streamed once, not per chunk; voxels
+        # as the GEMM's rows (W K, not (K' W')') is as fast on whole blocks and ~1.6x faster on a few voxels
+        XtVX_up = self.XtX_up - W_all.reshape(v, 3 * C) @ self.KfT_all.T
         XtVY -= WY_all.reshape(v, 2 * C) @ self.Xs_stack
         return la.unpack_sym(XtVX_up, p), XtVY, YtVY, logdetV
 
@@ -230,8 +231,8 @@ class LevelsQ2Kernel:
                     if a == b:
                         continue
                     out += np.multiply(R[b][e][sl], R[a][f][sl], out=tmp)
-        BupT = self.KfT_all @ coef.reshape(3 * v, 3 * C).T  # (p(p+1)/2, 3v)
-        return la.unpack_sym(np.ascontiguousarray(BupT.T).reshape(3, v, -1), p).transpose(1, 0, 2, 3)
+        Bup = coef.reshape(3 * v, 3 * C) @ self.KfT_all.T  # (3v, p(p+1)/2)
+        return la.unpack_sym(Bup.reshape(3, v, -1), p).transpose(1, 0, 2, 3)
 
 
 def _sum_of_logs(det: np.ndarray) -> np.ndarray:
