@@ -106,12 +106,12 @@ def score(obj, data, qk, method, tol, max_iter, reml, n, p, start: list | None =
             for Dt, Dk in zip(trial, D_act):
                 moved |= la.to_host(xp.any(xp.abs(Dt - la.select_rows(Dk, pending)) > 0, axis=(1, 2)))
             # a step that lands back on the same point (e.g. projected to D = 0) is no step
-            llh_t = la.to_host(ev_t.llh)
-            good = la.to_host(ev_t.ok) & ((llh_t > old[pending]) | ((llh_t == old[pending]) & moved))
+            llh_t, ok_t = la.to_host(ev_t.llh), la.to_host(ev_t.ok)
+            good = ok_t & ((llh_t > old[pending]) | ((llh_t == old[pending]) & moved))
             new_ev = _accept(pending, good, ev_t, trial, new_llh, new_D, new_s2, new_ev)
             # a failed step that the model predicts to gain < tol and that moved llh by < tol is flat within tol:
             # no shorter or damped step can gain tol, so the voxel stops trying (it is stuck, below)
-            flat = ~good & la.to_host(ev_t.ok) & (gain[pending] < tol) & (llh_t >= old[pending] - tol)
+            flat = ~good & ok_t & (gain[pending] < tol) & (llh_t >= old[pending] - tol)
             flat_stop = np.concatenate([flat_stop, pending[flat]])
             pending = pending[~good & ~flat]
         pending = np.sort(np.concatenate([pending, flat_stop]))

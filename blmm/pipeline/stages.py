@@ -266,18 +266,24 @@ def _image_chunks(plan: RunPlan, ranges: list, missing: dict, bits: list):
             rows = []
 
 
+def _read_share(plan: RunPlan, tasks: int) -> int:
+    """Bytes of one read task's image chunk, and again of its products: a quarter of MAXMEM shared by the
+    ``tasks`` batches one process reads at once."""
+    return int(plan.config.maxmem // 4 // tasks)
+
+
 def _chunk_rows(plan: RunPlan, tasks: int) -> int:
     """Images per chunk: Y in float64 plus the presence mask and the missing-value rules' boolean
-    temporaries (~14 bytes a value) in a quarter of MAXMEM shared by the process's ``tasks``, a
-    multiple of 8 so the presence bits pack chunk by chunk."""
-    return max(8, int(plan.config.maxmem // 4 // tasks // (14 * plan.voxels.size)) // 8 * 8)
+    temporaries (~14 bytes a value) in the task's `_read_share`, a multiple of 8 so the presence bits
+    pack chunk by chunk."""
+    return max(8, _read_share(plan, tasks) // (14 * plan.voxels.size) // 8 * 8)
 
 
 def _voxel_step(plan: RunPlan, n_rows: int, n_products: int, tasks: int) -> int:
-    """Voxels per product: bounded memory for large q (a quarter of MAXMEM shared by the process's
-    ``tasks``); all of them (contiguous Y, no copies) when they fit."""
+    """Voxels per product: bounded memory for large q (the task's `_read_share`); all of them
+    (contiguous Y, no copies) when they fit."""
     per_voxel = 8 * plan.n_stat_columns + 8 * n_rows + 8 * n_products
-    return max(1, int(plan.config.maxmem // 4 // tasks // per_voxel))
+    return max(1, _read_share(plan, tasks) // per_voxel)
 
 
 def _read_batch_by_column(plan: RunPlan, b: int, tmp_stats: Path, tasks: int) -> dict:
