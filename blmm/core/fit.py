@@ -16,6 +16,7 @@ from blmm.core.design import RandomFactor, identifiability_problems, unidentifia
 from blmm.core.design_basis import DesignNote, fitting_basis
 from blmm.core.missing_rows import MissingRowCounts
 from blmm.core.result import FitResult
+from blmm.core.row_block_sums import complete_level_stats
 from blmm.core.scoring import check_method
 from blmm.core.status import DROPPED_FEW, DROPPED_UNIDENTIFIABLE, FITTED, NOT_FITTED
 from blmm.core.structure import FitPlan, plan_fit
@@ -99,6 +100,12 @@ def _fit_in_basis(Y, X, factors, reml, method, tol, max_iter, structure="auto", 
     layout = FactorLayout.from_factors(factors)
     plan = plan_fit(layout, structure, missing_rows=has_nan(Y))  # Y - c X w has Y's NaN
     path = plan.missing_rows_path  # either way the sums of the centred Y, without a centred copy of it
+    if plan.structure == "levels" and path is None:
+        # one factor, complete data: class-aggregated sums by row blocks, fitted as the pipeline fits them
+        stats = complete_level_stats(Y, X, factors[0], layout, centre, options.get("threads"))
+        if stats is not None:  # None: a NaN that has_nan missed (none do)
+            return fit_stats(stats, reml=reml, method=method, tol=tol, max_iter=max_iter,
+                             plan=plan_fit(layout, "levels", missing_rows=True), **options)
     if path is None:
         stats = sufficient_stats(Y, X, factors, layout, centre=centre, threads=options.get("threads"))
     else:
