@@ -188,9 +188,9 @@ def plan_run(config: Config, force: bool = False) -> RunPlan:
     row_bytes = 8 * columns * 3 + 11 * n + touched
     per_block = max(1, min(V, budget // 2 // row_bytes, 20000))
     # blocks run in parallel: about a second of estimated work each, enough to share (cost.py)
+    # (upstream's voxelBatching asks for memory-sized blocks run in parallel, which these always are: it
+    # adds none, as every upstream file sets it only because upstream crashed without it)
     n_blocks = max(-(-V // per_block), min(config.maxnvb, blocks_for_work(config, V)))
-    if config.voxel_batching:
-        n_blocks = max(n_blocks, min(config.maxnvb, V))
     bounds = np.linspace(0, V, n_blocks + 1).round().astype(int)
     blocks = tuple((int(a), int(b)) for a, b in zip(bounds, bounds[1:]) if b > a)
     plan = RunPlan(config, Path(config.outdir) / WORK_DIR, voxels, batches, blocks, input_hash(config),

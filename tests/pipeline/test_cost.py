@@ -6,7 +6,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from blmm.config import load_config
 from blmm.core.design import RandomFactor
+from blmm.pipeline import plan_run
 from blmm.pipeline.cost import (
     FIT_SECONDS_PER_VOXEL,
     FIT_SECONDS_PER_VOXEL_P2,
@@ -21,6 +23,7 @@ from blmm.pipeline.cost import (
     fit_seconds_per_voxel,
     level_units,
 )
+from tests.pipeline.test_pipeline import make_analysis
 
 VISITS = np.array([1, 2, 3, 2, 1, 3, 3, 2])  # 8 subjects, 17 images
 
@@ -73,3 +76,13 @@ def test_the_read_estimate_counts_images_values_and_the_partial_sums_written():
         9_835 * (READ_SECONDS_PER_IMAGE + 10_242 * READ_SECONDS_PER_VALUE) + 4 * 10_242 * 96 * READ_SECONDS_PER_SUM)
     assert wide.read_seconds - narrow.read_seconds == pytest.approx(4 * 10_242 * (9_520 - 96) * READ_SECONDS_PER_SUM)
     assert wide.fit_seconds == narrow.fit_seconds
+
+
+def test_upstreams_voxel_batching_gives_the_same_blocks(tmp_path):
+    """voxelBatching: 1 (set in every upstream file, since upstream crashed without it) asks for
+    memory-sized blocks in parallel, which blmm's always are: the same blocks as without it, not maxnvb."""
+    plain = make_analysis(tmp_path / "a", fmt="dat")
+    batching = make_analysis(tmp_path / "b", fmt="dat", extra="voxelBatching: 1\n")
+    plans = [plan_run(load_config(yml), force=True) for yml in (plain, batching)]
+    assert load_config(batching).voxel_batching and plans[0].blocks == plans[1].blocks
+    assert len(plans[1].blocks) < plans[1].voxels.size  # not min(maxnvb, voxels): a voxel per block

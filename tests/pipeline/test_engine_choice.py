@@ -9,6 +9,7 @@ import numpy as np
 from blmm.cli import main
 from blmm.host import usable_cpu_count
 from blmm.io.images import read_map
+from blmm.pipeline import cost
 from tests.pipeline.test_pipeline import make_analysis
 
 
@@ -16,9 +17,10 @@ def engine_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("blmm: engine: ")]
 
 
-def test_a_short_run_goes_inline_on_threads_with_the_maps_of_a_serial_run(tmp_path, capsys):
+def test_a_short_run_goes_inline_on_threads_with_the_maps_of_a_serial_run(tmp_path, capsys, monkeypatch):
     # one voxel per block: the threads have blocks to share
-    yml = make_analysis(tmp_path, extra="voxelBatching: 1\n")
+    monkeypatch.setattr(cost, "MAX_BLOCK_VOXELS", 1)
+    yml = make_analysis(tmp_path)
     assert main([str(yml)]) == 0
     out = capsys.readouterr().out
     cores = usable_cpu_count()
@@ -31,7 +33,7 @@ def test_a_short_run_goes_inline_on_threads_with_the_maps_of_a_serial_run(tmp_pa
     assert set(record["engine_choice"]["estimated_work_s"]) == {"read", "fit"}
     assert "clusterType" not in record["settings"]  # not given: the next run chooses again
 
-    serial = make_analysis(tmp_path, extra="voxelBatching: 1\n", outdir="serial")
+    serial = make_analysis(tmp_path, outdir="serial")
     assert main([str(serial), "--cluster", "inline"]) == 0
     assert engine_lines(capsys.readouterr().out) == ["blmm: engine: inline, 1 thread (as asked)"]
     for name in ("blmm_vox_beta", "blmm_vox_sigma2", "blmm_vox_llh"):
