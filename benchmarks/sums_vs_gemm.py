@@ -6,9 +6,11 @@ timed in one run, each the minimum of --repeats runs, of its wall time and apart
 (user + system of the process, all threads: the machine is shared, and CPU time is what the load
 disturbs least):
 
-* fit_lmm's sums: the centre (`centre_of`) and `sufficient_stats` of Y less the centre (X'Y, Z'Y,
-  Y'Y, the design sums), as `fit_lmm` forms them in memory for complete data (a blmm from before
-  `sufficient_stats(centre=)`: `centred_response` first, as its `fit_lmm` did);
+* fit_lmm's sums: the centre (`centre_of`) and the sums of Y less the centre as `fit_lmm` forms them in
+  memory for complete data with one factor: since round 9 `complete_level_stats` (X'Y, Y'Y and the
+  class aggregates by row blocks, core/row_block_sums.py, and the design sums), before it
+  `sufficient_stats` (X'Y, Z'Y, Y'Y, the design sums; a blmm from before `sufficient_stats(centre=)`:
+  `centred_response` first, as its `fit_lmm` did);
 * the pipeline's sums: what one image batch of a one-factor run forms (`_read_batch_by_class`),
   here over all images as one chunk (`chunk_sums`: X'Y, Y'Y, Z'Y and the group's `LevelSums`);
 * the data sums alone (`observed_data_sums`: X'Y, Z'Y, Y'Y of an (n, v) float64 Y);
@@ -20,8 +22,9 @@ Run it with any blmm on PYTHONPATH to compare versions.
 
 Prints one JSON line with the times (s; `_cpu_s` the CPU times), the FLOP count, the GEMM rate and
 the ratios to the GEMM (wall to wall, CPU to CPU):
-the pipeline's against the GEMM time scaled to its own FLOP count (the data sums' plus its class
-aggregates, 2 v L p more), the others against the GEMM as timed.
+the pipeline's, and fit_lmm's where it forms the class aggregates too, against the GEMM time scaled to
+their own FLOP count (the data sums' plus the class aggregates, 2 v L p more), the others against the
+GEMM as timed; `fit_lmm_over_gemm_data_flops` is fit_lmm's against the GEMM as timed, whatever it forms.
 
     PYTHONPATH=$PWD python benchmarks/sums_vs_gemm.py [--vertices 10242] [--repeats 3] [--label L] [--json F]
 """
@@ -43,6 +46,10 @@ from blmm.core.design import RandomFactor
 from blmm.core.sufficient import FactorLayout, observed_data_sums, random_effects_matrix, sufficient_stats
 from blmm.pipeline.plan import level_groups
 
+try:
+    from blmm.core.row_block_sums import complete_level_stats
+except ImportError:  # a blmm from before round 9: fit_lmm forms sufficient_stats (Z'Y, not class aggregates)
+    complete_level_stats = None
 try:
     from blmm.core.level_groups import chunk_sums
 except ImportError:  # a blmm from before chunk_sums: its read stage's own expression
@@ -105,8 +112,12 @@ def main() -> None:
 
     centred_on_the_fly = "centre" in inspect.signature(sufficient_stats).parameters
 
+    layout = FactorLayout.from_factors([factor])
+
     def fit_lmm_sums():
         centre = centre_of(Y, X)
+        if complete_level_stats is not None:
+            return complete_level_stats(Y, X, factor, layout, centre=centre)
         if centred_on_the_fly:
             return sufficient_stats(Y, X, [factor], centre=centre)
         return sufficient_stats(centred_response(Y, X, centre), X, [factor])
@@ -132,6 +143,7 @@ def main() -> None:
     t_pipe, c_pipe = best_of(args.repeats, pipeline_sums)
     t_fit, c_fit = best_of(args.repeats, fit_lmm_sums)
     scale = flops_pipeline / flops
+    scale_fit = scale if complete_level_stats is not None else 1.0  # fit_lmm forms the class aggregates too
     result = {
         "benchmark": "sums_vs_gemm", "label": args.label, "images": n, "vertices": v, "p": p, "levels": int(Z.shape[1]),
         "GFLOP": round(flops / 1e9, 3), "gemm_k": k, "gemm_s": round(t_gemm, 3), "gemm_cpu_s": round(c_gemm, 3),
@@ -142,10 +154,13 @@ def main() -> None:
         "pipeline_GFLOP": round(flops_pipeline / 1e9, 3),
         "data_sums_over_gemm": round(t_data / t_gemm, 2),
         "pipeline_over_gemm": round(t_pipe / (t_gemm * scale), 2),
-        "fit_lmm_over_gemm": round(t_fit / t_gemm, 2),
+        "fit_lmm_GFLOP": round(flops * scale_fit / 1e9, 3),
+        "fit_lmm_over_gemm": round(t_fit / (t_gemm * scale_fit), 2),
+        "fit_lmm_over_gemm_data_flops": round(t_fit / t_gemm, 2),
         "data_sums_over_gemm_cpu": round(c_data / c_gemm, 2),
         "pipeline_over_gemm_cpu": round(c_pipe / (c_gemm * scale), 2),
-        "fit_lmm_over_gemm_cpu": round(c_fit / c_gemm, 2), "repeats": args.repeats,
+        "fit_lmm_over_gemm_cpu": round(c_fit / (c_gemm * scale_fit), 2),
+        "fit_lmm_over_gemm_data_flops_cpu": round(c_fit / c_gemm, 2), "repeats": args.repeats,
         "load": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(), "machine": platform.machine(),
     }
     emit(result, args.json)
