@@ -48,6 +48,20 @@ class LevelGroup:
     def packed_width(self) -> int:
         return LevelSums.packed_width(self.Xl.shape[2], self.q, self.classes.n_big, self.classes.small_levels.size)
 
+    def small_range(self, lo: int, hi: int) -> tuple[int, int]:
+        """(s0, s1): the small levels (positions in `small_levels`) of outer levels lo, ..., hi - 1, a
+        contiguous run since levels are in outer order."""
+        s0, s1 = np.searchsorted(self.outer[self.classes.small_levels], (lo, hi))
+        return int(s0), int(s1)
+
+    def batch_columns(self, lo: int, hi: int) -> np.ndarray:
+        """The columns of this group's packed row (`LevelSums.pack`) that rows of outer levels lo, ...,
+        hi - 1 add to: X'Y, Y'Y and the class aggregates, and the y_j of their small levels
+        (`small_range`); other levels' y_j are zero in their sums."""
+        fixed = self.packed_width() - self.classes.small_levels.size * self.q
+        s0, s1 = self.small_range(lo, hi)
+        return np.concatenate([np.arange(fixed), fixed + np.arange(s0 * self.q, s1 * self.q)])
+
     def fit_sums(self, stored: LevelSums) -> LevelSums:
         """The sums in the objective's classes (`fit_classes`), without touched levels: a class the
         objective aggregates but storage keeps level by level is aggregated here from its y_j."""
@@ -74,13 +88,16 @@ class LevelGroup:
         return LevelSums.untouched(stored.XtY, stored.YtY, KXYo, KYY, y_small)
 
     def sums(self, XtY: np.ndarray, yl: np.ndarray, YtY: np.ndarray, first: int = 0,
-             at: np.ndarray | None = None) -> LevelSums:
+             at: np.ndarray | None = None, small_range: tuple[int, int] | None = None) -> LevelSums:
         """This group's LevelSums (no touched levels) from the y_j (v, m, b) of its levels first, ...,
         first + m - 1 (level first + i at position i, or at ``at[i]``): a batch of whole outer levels
-        adds its part, and the parts sum to the whole."""
+        adds its part, and the parts sum to the whole.  ``small_range`` (s0, s1): y_small holds only
+        those small levels (a batch's own, `small_range`: the others' y_j are zero in its sums)."""
         KXYo, KYY = class_aggregates(self.classes, self.Xl, yl, first=first, at=at)
         m = yl.shape[1]
         small = self.classes.small_levels
+        if small_range is not None:
+            small = small[small_range[0]:small_range[1]]
         y_small = np.zeros((yl.shape[0], small.size, self.q))
         inside = (small >= first) & (small < first + m)
         y_small[:, inside] = yl[:, held_at(small[inside], at, first)]
@@ -125,22 +142,24 @@ def group_sums(groups: list[LevelGroup], XtY: np.ndarray, ZtY: np.ndarray, YtY: 
     return out
 
 
-def chunk_sums(groups: list[LevelGroup], X: np.ndarray, Y: np.ndarray, Zg: list, first: list[int]
-               ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+def chunk_sums(groups: list[LevelGroup], X: np.ndarray, Y: np.ndarray, Zg: list, first: list[int],
+               small_ranges: list | None = None) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
     """What a chunk of whole outer levels adds: (packed `LevelSums` of every group (v, Σ widths), per
     group its y_j (v, m, b) and where each level is held in them (level first + i at ``at[i]``)),
     from its rows X (n, p), Y (n, v; zero where missing), per group Zg its columns of those levels
-    (n, m b, sparse) and first its first level here."""
+    (n, m b, sparse) and first its first level here; with ``small_ranges`` (per group, its batch's
+    `LevelGroup.small_range`) the packed rows hold only those small levels' y_j."""
     v = Y.shape[1]
     XtY, YtY = (X.T @ Y).T, np.einsum("nv,nv->v", Y, Y)
     packed, held = [], []
-    for z, g, m0 in zip(Zg, groups, first):
+    small_ranges = [None] * len(groups) if small_ranges is None else small_ranges
+    for z, g, m0, small_range in zip(Zg, groups, first, small_ranges):
         m = z.shape[1] // g.q
         order = class_order(g.classes, m0, m) - m0  # each class's y_j adjacent: its GEMM reads a view
         at = np.empty(m, np.int64)
         at[order] = np.arange(m)
         y = np.asarray(z[:, (order[:, None] * g.q + np.arange(g.q)).ravel()].T @ Y).T.reshape(v, m, g.q)
-        packed.append(g.sums(XtY, y, YtY, first=m0, at=at).pack())
+        packed.append(g.sums(XtY, y, YtY, first=m0, at=at, small_range=small_range).pack())
         held.append((y, at))
     return np.concatenate(packed, axis=1), held
 

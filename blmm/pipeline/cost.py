@@ -44,7 +44,7 @@ class PlannedRun(Protocol):
     config: Config
     voxels: np.ndarray
     batches: list
-    n_stat_columns: int
+    batch_columns: tuple  # per batch, the partial sums per voxel it stores
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def estimate_work(plan: PlannedRun) -> WorkEstimate:
     config = plan.config
     n, v = config.n, plan.voxels.size
     read = (n * (READ_SECONDS_PER_IMAGE + v * READ_SECONDS_PER_VALUE)
-            + len(plan.batches) * v * plan.n_stat_columns * READ_SECONDS_PER_SUM)
+            + v * sum(stored.size for stored in plan.batch_columns) * READ_SECONDS_PER_SUM)
     return WorkEstimate(read, v * fit_seconds_per_voxel(config))
 
 

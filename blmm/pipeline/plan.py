@@ -49,7 +49,8 @@ class RunPlan:
     blocks: tuple  # (start, stop) positions in `voxels`
     input_hash: str
     order: np.ndarray = None  # image rows in level order (`level_order`); every stage reads rows this way
-    n_stat_columns: int = 0  # partial sums per voxel of one batch (`sum_columns`)
+    n_stat_columns: int = 0  # partial sums per voxel, all batches summed (`sum_columns`)
+    batch_columns: tuple = ()  # per batch, which of them it stores (`stored_columns`)
     basis: FittingBasis = None  # the run's fitting basis (`design_basis`): every stage's X and Z are in it
     timings: dict = field(default_factory=dict, compare=False)
 
@@ -194,7 +195,8 @@ def plan_run(config: Config, force: bool = False) -> RunPlan:
     bounds = np.linspace(0, V, n_blocks + 1).round().astype(int)
     blocks = tuple((int(a), int(b)) for a, b in zip(bounds, bounds[1:]) if b > a)
     plan = RunPlan(config, Path(config.outdir) / WORK_DIR, voxels, batches, blocks, input_hash(config),
-                   order=order, n_stat_columns=columns, basis=basis)
+                   order=order, n_stat_columns=columns, batch_columns=stored_columns(groups, cut, batches, columns),
+                   basis=basis)
     _prepare_outdir(plan, force)
     return plan
 
@@ -233,6 +235,22 @@ def sum_columns(config: Config, order: np.ndarray | None = None, basis: FittingB
     if groups is None:
         return config.p + config.q + 1
     return sum(g.packed_width() for g in groups)
+
+
+def stored_columns(groups: list[LevelGroup] | None, cut: np.ndarray, batches: tuple, width: int) -> tuple:
+    """Per image batch, the columns of a voxel's partial sums (`sum_columns`, ``width``) that it stores:
+    per group X'Y, Y'Y, the class aggregates and the y_j of its own small levels, since the y_j of
+    another batch's levels are zero in its sums (`LevelGroup.batch_columns`; ``cut``: each row's outer
+    level); every column for crossed factors."""
+    out = []
+    for start, stop in batches:
+        if groups is None:
+            out.append(np.arange(width))
+            continue
+        lo, hi = int(cut[start]), int(cut[stop - 1]) + 1
+        offsets = np.cumsum([0] + [g.packed_width() for g in groups])
+        out.append(np.concatenate([offset + g.batch_columns(lo, hi) for g, offset in zip(groups, offsets)]))
+    return tuple(out)
 
 
 def level_groups(X: np.ndarray, factors: list[RandomFactor]) -> list[LevelGroup] | None:

@@ -45,7 +45,7 @@ from blmm.core.nested_missing_rows import nested_missing_row_stats
 from blmm.core.structure import plan_fit
 from blmm.io import outdir as _outdir
 from blmm.io.images import read_image, read_mask, write_map
-from blmm.errors import DiskFullError
+from blmm.errors import DiskFullError, InputError
 from blmm.io.outdir import (
     FIT,
     LLH64_FILE,
@@ -323,7 +323,9 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
     where = outer_level_places(groups, n_outer)  # (group, level in group, big) of each outer level
     missing, bits, touched = dict.fromkeys(MISSING_REASONS, 0), [], []
     width = 2 + max(g.q for g in groups)  # a touched row: [group, level, y_j padded]
-    out = _RowFile(tmp_stats, plan.voxels.size, plan.n_stat_columns)
+    stored = plan.batch_columns[b]  # not the other batches' levels' y_j: zero here
+    small_ranges = [g.small_range(int(outer[start]), int(outer[stop - 1]) + 1) for g in groups]
+    out = _RowFile(tmp_stats, plan.voxels.size, stored.size)
     try:
         for c0, c1, Y, present in _image_chunks(plan, _chunks(outer, start, stop, _chunk_rows(plan, tasks)), missing, bits):
             Zc = random_effects_matrix([f.subset(slice(c0, c1)) for f in factors], layout).tocsc()
@@ -335,9 +337,9 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
             for a in range(0, plan.voxels.size, step):
                 Yc = Y[:, a:a + step]
                 v = Yc.shape[1]
-                rows = out.read(a, a + v) if c0 > start else np.zeros((v, plan.n_stat_columns))
-                packed, held = chunk_sums(groups, X[c0:c1], Yc, Zg, [m0 for m0, _ in spans])
-                rows += packed
+                rows = out.read(a, a + v) if c0 > start else np.zeros((v, stored.size))
+                packed, held = chunk_sums(groups, X[c0:c1], Yc, Zg, [m0 for m0, _ in spans], small_ranges)
+                rows += packed  # the batch's columns (`plan.batch_columns[b]`) only
                 out.write(a, rows)
                 here = keys[(keys // n_outer >= a) & (keys // n_outer < a + v)]
                 touched.append(_touched_rows(here // n_outer, here % n_outer, where, held, [m0 for m0, _ in spans],
@@ -396,13 +398,20 @@ def _block_inputs(plan: RunPlan, k: int):
     the plan's level order); for one factor also the touched levels' (level, y_j) rows by voxel and
     their offsets per voxel."""
     lo, hi = plan.blocks[k]
-    sums = None
+    sums = np.zeros((hi - lo, plan.n_stat_columns))
     present = []
     touched = []
     for b, (start, stop) in enumerate(plan.batches):
         stats_path, present_path = batch_files(plan, b)
         part = _read_rows(stats_path, lo, hi)
-        sums = part if sums is None else sums + part
+        stored = plan.batch_columns[b]
+        if part.shape[1] != stored.size:  # another plan's file (e.g. another blmm's): never summed wrongly
+            raise InputError(f"{stats_path}: {part.shape[1]} partial sums per voxel, expected {stored.size}; "
+                             "run again with --force to read the images again")
+        if stored.size == sums.shape[1]:
+            sums += part
+        else:  # its own levels' y_j, and the sums every batch adds to
+            sums[:, stored] += part
         bits = np.load(present_path, mmap_mode="r")[lo:hi]
         present.append(np.unpackbits(bits, axis=1, count=stop - start).T.astype(bool))
         values_path, ptr_path = batch_touched_files(plan.workdir, b)
@@ -593,7 +602,8 @@ def space_needed(plan: RunPlan) -> dict[str, int]:
     V = plan.voxels.size
     specs = _map_specs(cfg)
     volumes = 3 + sum(len(names) if names else len(keys) for _, keys, _, names in specs)  # + n, mask, edf
-    partial = sum(256 + 8 * V * plan.n_stat_columns + V * -(-(b - a) // 8) + 512 for a, b in plan.batches)
+    partial = sum(256 + 8 * V * stored.size + V * -(-(b - a) // 8) + 512
+                  for (a, b), stored in zip(plan.batches, plan.batch_columns))
     blocks = sum(4096 + 8 * (hi - lo) * (volumes + 8) for lo, hi in plan.blocks)
     n_voxels = cfg.space.n_voxels
     per_map = 4096 + (8 * n_voxels if cfg.space.format == "cifti" else 0)  # headers (CIFTI: its brain models)

@@ -68,7 +68,8 @@ def test_cheap_fits_share_min_blocks_expensive_ones_get_a_block_per_second_of_wo
 def test_the_read_estimate_counts_images_values_and_the_partial_sums_written():
     def plan(columns: int) -> SimpleNamespace:  # ABCD design 1's size: 9,835 images, 10,242 vertices, 4 batches
         return SimpleNamespace(config=SimpleNamespace(n=9_835, p=23, factors=[intercept()]),
-                               voxels=np.arange(10_242), batches=((0, 1),) * 4, n_stat_columns=columns)
+                               voxels=np.arange(10_242), batches=((0, 1),) * 4,
+                               batch_columns=(np.arange(columns),) * 4)
 
     narrow, wide = estimate_work(plan(96)), estimate_work(plan(9_520))  # one factor's sums; Z'Y of every level
     # approx's default 1e-6 relative: the same float64 terms summed in another order

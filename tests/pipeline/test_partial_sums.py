@@ -93,6 +93,7 @@ def test_aggregated_sums_equal_the_per_level_computation(tmp_path):
     # the stored sums are what the plan estimates: 8 bytes per voxel and column, plus a header
     for b in range(len(plan.batches)):
         size = batch_files(plan, b)[0].stat().st_size
+        assert plan.batch_columns[b].size == plan.n_stat_columns  # no small levels: every batch stores all
         assert 0 < size - 8 * plan.voxels.size * plan.n_stat_columns <= 256
 
 
@@ -101,7 +102,8 @@ def test_disk_estimate_of_aggregated_sums(tmp_path):
     cfg = load_config(make_analysis(tmp_path, case_name="intercept", fmt="dat"))
     plan = plan_run(cfg)
     assert plan.n_stat_columns == 3 + 1 + 5 * (3 + 1)  # 5 big classes, no small level
-    per_level = dataclasses.replace(plan, n_stat_columns=cfg.p + cfg.q + 1)  # main's X'Y, Z'Y, Y'Y: 84
+    per_level = dataclasses.replace(plan, n_stat_columns=cfg.p + cfg.q + 1,  # main's X'Y, Z'Y, Y'Y: 84
+                                    batch_columns=tuple(np.arange(cfg.p + cfg.q + 1) for _ in plan.batches))
     assert per_level.n_stat_columns == 84
     saved = space_needed(per_level)["partial"] - space_needed(plan)["partial"]
     assert saved == 8 * plan.voxels.size * (84 - 24) * len(plan.batches)
@@ -138,3 +140,27 @@ def test_batches_read_by_two_tasks_of_one_process_sum_the_same(tmp_path):
         sums.append(sum(np.load(batch_files(plan, b)[0]) for b in range(len(plan.batches))))
     # float64 sums of ~55 rows in another order: ~55 x 2.2e-16 of the largest sum, with a margin
     np.testing.assert_allclose(sums[1], sums[0], rtol=0, atol=1e-13 * np.abs(sums[0]).max())
+
+
+def test_a_batch_stores_only_its_own_small_levels_and_the_batches_sum_to_one_batchs_sums(tmp_path):
+    """Every level its own class (a slope on continuous time): a batch's file holds X'Y, Y'Y and the y_j
+    of its own levels only, since the other levels' y_j are zero in its sums; placed and added, the
+    batches give one batch's sums."""
+    several = plan_run(load_config(make_analysis(tmp_path / "a", fmt="dat")))
+    one = plan_run(load_config(make_analysis(tmp_path / "b", fmt="dat")))
+    one = dataclasses.replace(one, batches=((0, one.config.n),), batch_columns=(np.arange(one.n_stat_columns),))
+    assert len(several.batches) > 2
+    fixed = 3 + 1  # X'Y and Y'Y: no big class
+    assert several.n_stat_columns == one.n_stat_columns == fixed + 60 * 2
+    y_columns = np.concatenate([stored[fixed:] for stored in several.batch_columns])
+    np.testing.assert_array_equal(np.sort(y_columns), np.arange(fixed, several.n_stat_columns))  # each once
+    for plan in (several, one):
+        for b in range(len(plan.batches)):
+            read_batch(plan, b)
+    whole = np.zeros((several.voxels.size, several.n_stat_columns))
+    for b, stored in enumerate(several.batch_columns):
+        part = np.load(batch_files(several, b)[0])
+        assert part.shape[1] == stored.size < several.n_stat_columns
+        whole[:, stored] += part
+    # float64 sums of the same products, batch by batch against chunk by chunk
+    np.testing.assert_allclose(whole, np.load(batch_files(one, 0)[0]), rtol=1e-12, atol=1e-12)
