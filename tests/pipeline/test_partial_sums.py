@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
 from blmm.config import load_config
 from blmm.core.design import RandomFactor
@@ -18,7 +19,8 @@ from blmm.core.fit import fit_stats
 from blmm.core.level_classes import class_aggregates
 from blmm.core.sufficient import FactorLayout, random_effects_matrix, sufficient_stats
 from blmm.io.outdir import batch_touched_files
-from blmm.pipeline import LLH64_FILE, batch_files, plan_run, read_batch, run
+from blmm.errors import InputError
+from blmm.pipeline import LLH64_FILE, batch_files, fit_block, plan_run, read_batch, run
 from blmm.pipeline.plan import complete_design, sum_columns
 from blmm.core.missing_rows import LevelSums
 from blmm.pipeline.stages import ordered_design, run_centre, space_needed
@@ -164,3 +166,14 @@ def test_a_batch_stores_only_its_own_small_levels_and_the_batches_sum_to_one_bat
         whole[:, stored] += part
     # float64 sums of the same products, batch by batch against chunk by chunk
     np.testing.assert_allclose(whole, np.load(batch_files(one, 0)[0]), rtol=1e-12, atol=1e-12)
+
+
+def test_a_partial_sums_file_of_another_width_is_refused_naming_it(tmp_path):
+    plan = plan_run(load_config(make_analysis(tmp_path, fmt="dat")))
+    for b in range(len(plan.batches)):
+        read_batch(plan, b)
+    path = batch_files(plan, 1)[0]
+    np.save(path, np.zeros((plan.voxels.size, plan.batch_columns[1].size + 2)))  # e.g. another blmm's layout
+    with pytest.raises(InputError) as err:
+        fit_block(plan, 0)
+    assert str(path) in str(err.value) and f"expected {plan.batch_columns[1].size}" in str(err.value)
