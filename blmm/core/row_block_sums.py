@@ -37,17 +37,20 @@ class RowBlocks:
 
     row_order: np.ndarray | None  # (n,) rows in class order; None: the rows are in that order already
     X: np.ndarray  # (n, p) X's rows in that order
-    Xl: np.ndarray  # (Lp, q, p) X_j of the levels with rows, in class order
+    Xl: np.ndarray  # (m, q, p) X_j of the levels these rows hold, in class order
     blocks: list  # per block: (first row, end row, first level, Z_j' of its levels (m q, rows) csr, segments)
     n_big: int
-    n_small: int
+    n_small: int  # small levels of the classes (all of them, not only these rows')
     q: int
 
     @classmethod
     def plan(cls, X: np.ndarray, Z: sp.spmatrix, codes: np.ndarray, classes: LevelClasses, Xl: np.ndarray,
              rows: int = BLOCK_ROWS) -> "RowBlocks":
         """Blocks of ~``rows`` rows from X (n, p), Z (n, L q; level j's columns j q, ..., j q + q - 1),
-        each row's level ``codes`` (n,), the complete design's classes and its X_j (Lp, q, p)."""
+        each row's level ``codes`` (n,), the complete design's classes and its X_j (Lp, q, p).  The rows
+        may hold some levels only (an image chunk of whole levels): a block's segments are runs of its
+        levels in one class, or of small levels adjacent among the small levels (segment: (class or
+        n_big for small levels, first level, end level, the first's place among the small levels))."""
         n, Lp = X.shape[0], classes.level_index.size
         q = Xl.shape[1]
         order = class_order(classes, 0, Lp)  # position -> level (into level_index)
@@ -55,31 +58,35 @@ class RowBlocks:
         position[classes.level_index[order]] = np.arange(Lp)
         row_position = position[codes]
         row_order = np.argsort(row_position, kind="stable")
-        ordered = row_position[row_order]
-        columns = (classes.level_index[order][:, None] * q + np.arange(q)).ravel()
+        held = np.unique(row_position[row_position < Lp])  # the positions of the levels these rows hold
+        rank = np.searchsorted(held, row_position[row_order])  # each ordered row's level among them
+        columns = (classes.level_index[order[held]][:, None] * q + np.arange(q)).ravel()
         ZT = sp.csr_matrix(sp.csr_matrix(Z)[row_order][:, columns].T)
-        unit = np.full(Lp + 1, -1, np.int64)  # a position's big class, or n_big for a small level
-        unit[:Lp] = classes.n_big
+        unit = np.full(Lp, classes.n_big, np.int64)  # a position's big class, or n_big for a small level
         at = np.empty(Lp, np.int64)
         at[order] = np.arange(Lp)
         for i, mem in enumerate(classes.big_members):
             unit[at[mem]] = i
-        blocks, a = [], 0
+        first_small = Lp - classes.small_levels.size  # small levels come last in class order
+        unit, place = unit[held], held - first_small
+        # a segment ends where the class changes or the small levels are not adjacent
+        cuts = np.flatnonzero((np.diff(unit) != 0) | (np.diff(held) != 1)) + 1
+        blocks, a, m = [], 0, held.size
         while a < n:
             b = min(a + rows, n)
-            while b < n and ordered[b] == ordered[b - 1]:  # whole levels only
+            while b < n and rank[b] == rank[b - 1]:  # whole levels only
                 b += 1
-            l0, l1 = int(ordered[a]), min(int(ordered[b - 1]) + 1, Lp)
+            l0, l1 = int(rank[a]), min(int(rank[b - 1]) + 1, m)
             segments = []
             if l1 > l0:
-                cut = np.flatnonzero(np.diff(unit[l0:l1])) + 1
-                for s0, s1 in zip(np.r_[0, cut], np.r_[cut, l1 - l0]):
-                    segments.append((int(unit[l0 + s0]), l0 + int(s0), l0 + int(s1)))
+                inside = cuts[(cuts > l0) & (cuts < l1)]
+                for u0, u1 in zip(np.r_[l0, inside], np.r_[inside, l1]):
+                    segments.append((int(unit[u0]), int(u0), int(u1), int(place[u0])))
             blocks.append((a, b, l0, sp.csr_matrix(ZT[l0 * q:l1 * q, a:b]) if l1 > l0 else None, segments))
             a = b
         identity = bool(np.all(row_order == np.arange(n)))
         return cls(row_order=None if identity else row_order, X=np.ascontiguousarray(X[row_order]),
-                   Xl=np.ascontiguousarray(Xl[order]), blocks=blocks, n_big=classes.n_big,
+                   Xl=np.ascontiguousarray(Xl[order[held]]), blocks=blocks, n_big=classes.n_big,
                    n_small=int(classes.small_levels.size), q=q)
 
 
@@ -90,19 +97,23 @@ def _add_product(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
 
 
 def row_block_level_sums(Y: np.ndarray, blocks: RowBlocks, centre: ResponseCentre | None = None,
-                         threads: int | None = None) -> LevelSums | None:
+                         threads: int | None = None, small_range: tuple[int, int] | None = None) -> LevelSums | None:
     """The `LevelSums` of Y (n, v; rows as X's) less c_v X w where ``centre`` is given, in
-    ``blocks``' classes (small levels in `LevelClasses.small_levels` order), untouched; None where
+    ``blocks``' classes (small levels in `LevelClasses.small_levels` order; with ``small_range``
+    (s0, s1) only those, which must hold every small level Y's rows touch), untouched; None where
     Y holds a NaN (its Y'Y is NaN then: the caller forms the sums with the missing rows instead)."""
     Y = np.asarray(Y)
     n, v = Y.shape
-    p, q, Cb, Ls = blocks.X.shape[1], blocks.q, blocks.n_big, blocks.n_small
+    p, q, Cb = blocks.X.shape[1], blocks.q, blocks.n_big
+    s0, s1 = (0, blocks.n_small) if small_range is None else small_range
+    Ls = s1 - s0
     pairs = upper_pairs(q)
     xw = None if centre is None else blocks.X @ centre.weights
     ones = xw is not None and bool(np.all(xw == 1.0))  # an intercept: c_v X w is c_v on every row
     XtY, YtY = np.empty((v, p)), np.empty(v)
-    KXYo, KYY, y_small = np.empty((v, Cb, q, q, p)), np.empty((v, Cb, len(pairs))), np.empty((v, Ls, q))
-    Lbig = blocks.Xl.shape[0] - Ls  # positions from here on are small levels, in small_levels order
+    KXYo, KYY = np.empty((v, Cb, q, q, p)), np.empty((v, Cb, len(pairs)))
+    y_small = np.zeros((v, Ls, q))  # a small level these rows do not hold stays 0 (an image chunk)
+    view = xw is None and Y.dtype == np.float64 and blocks.row_order is None  # the block is Y's rows as they are
     buffers = threading.local()  # one block buffer per thread, reused
 
     def tile(span: tuple[int, int]) -> None:
@@ -117,7 +128,9 @@ def row_block_level_sums(Y: np.ndarray, blocks: RowBlocks, centre: ResponseCentr
         for r0, r1, l0, ZbT, segments in blocks.blocks:
             Yb = buffers.Y[:(r1 - r0) * t].reshape(r1 - r0, t)
             src = Y[r0:r1, a:b] if blocks.row_order is None else Y[blocks.row_order[r0:r1], a:b]
-            if xw is None:
+            if view:
+                Yb = src
+            elif xw is None:
                 np.copyto(Yb, src)
             elif ones:  # float64(y) - c_v, centred_response's values: the conversion apart is ~7% faster
                 np.copyto(Yb, src)
@@ -130,14 +143,14 @@ def row_block_level_sums(Y: np.ndarray, blocks: RowBlocks, centre: ResponseCentr
             if ZbT is None:
                 continue
             yl = (ZbT @ Yb).reshape(-1, q, t)  # the block's levels' y_j, level-major
-            for unit, s0, s1 in segments:
-                ys = yl[s0 - l0:s1 - l0]
+            for unit, u0, u1, place in segments:
+                ys = yl[u0 - l0:u1 - l0]
                 if unit == Cb:  # small levels: their y_j written voxel-major, a run of m q values per voxel
-                    transpose_into(ys_out[:, (s0 - Lbig) * q:(s1 - Lbig) * q], ys.reshape(-1, t))
+                    transpose_into(ys_out[:, (place - s0) * q:(place - s0 + u1 - u0) * q], ys.reshape(-1, t))
                     continue
                 for e in range(q):
                     for f in range(q):
-                        _add_product(KT[unit, e, f], blocks.Xl[s0:s1, e], ys[:, f])
+                        _add_product(KT[unit, e, f], blocks.Xl[u0:u1, e], ys[:, f])
                 for k, (e, f) in enumerate(pairs):
                     KYYT[unit, k] += np.einsum("mv,mv->v", ys[:, e], ys[:, f])
         transpose_into(XtY[a:b], XtYT)

@@ -29,6 +29,7 @@ from blmm.core.centre import ResponseCentre, centre_rows, intercept_weights, res
 from blmm.core.inference import infer
 from blmm.core.level_groups import LevelGroup, chunk_sums, outer_level_places
 from blmm.core.missing_rows import LevelSums, MissingRowStats, missing_design, rank_in_runs
+from blmm.core.row_block_sums import RowBlocks, row_block_level_sums
 from blmm.core.sufficient import (
     FactorLayout,
     accumulate_data_sums,
@@ -325,6 +326,8 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
     width = 2 + max(g.q for g in groups)  # a touched row: [group, level, y_j padded]
     stored = plan.batch_columns[b]  # not the other batches' levels' y_j: zero here
     small_ranges = [g.small_range(int(outer[start]), int(outer[stop - 1]) + 1) for g in groups]
+    one = one_factor(plan.config)
+    codes = np.searchsorted(layout.levels[0], factors[0].labels) if one else None
     out = _RowFile(tmp_stats, plan.voxels.size, stored.size)
     try:
         for c0, c1, Y, present in _image_chunks(plan, _chunks(outer, start, stop, _chunk_rows(plan, tasks)), missing, bits):
@@ -333,11 +336,20 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
             spans = [tuple(np.searchsorted(g.outer, (f0, f1))) for g in groups]  # each group's levels here
             Zg = [Zc[:, g.columns[m0:m1].ravel()] for g, (m0, m1) in zip(groups, spans)]
             keys = _touched_keys(outer[c0:c1], present, n_outer, where[2])
+            # one factor, no big-class level touched by a missing value: X'Y, Y'Y and the class sums by
+            # blocks of rows in cache, as fit_lmm forms them (no level's y_j is needed beside them)
+            blocks = RowBlocks.plan(X[c0:c1], Zc, codes[c0:c1], groups[0].classes, groups[0].Xl) \
+                if one and keys.size == 0 else None
             step = _voxel_step(plan, c1 - c0, sum(z.shape[1] for z in Zg), tasks)
             for a in range(0, plan.voxels.size, step):
                 Yc = Y[:, a:a + step]
                 v = Yc.shape[1]
                 rows = out.read(a, a + v) if c0 > start else np.zeros((v, stored.size))
+                if blocks is not None:
+                    rows += row_block_level_sums(Yc, blocks, threads=1, small_range=small_ranges[0]).pack()
+                    out.write(a, rows)
+                    touched.append((np.zeros(0, np.int64), np.zeros((0, width))))  # none touched here
+                    continue
                 packed, held = chunk_sums(groups, X[c0:c1], Yc, Zg, [m0 for m0, _ in spans], small_ranges)
                 rows += packed  # the batch's columns (`plan.batch_columns[b]`) only
                 out.write(a, rows)

@@ -15,11 +15,15 @@ from blmm.core.structure import plan_fit
 from blmm.core.sufficient import FactorLayout, random_effects_matrix, sufficient_stats
 
 
-def slope_design(seed: int, intercept: bool = True):
+def slope_design(seed: int, intercept: bool = True, interleaved: bool = False):
     """Subjects with visits at times (0, 1, 2) or (0, 1) (two big classes of identical Z_j'Z_j), and
-    some at irregular times (small levels), rows shuffled; p = 3, q = 2; Y float32 far from 0."""
+    some at irregular times (small levels), rows shuffled; p = 3, q = 2; Y float32 far from 0.
+    ``interleaved``: the kinds alternate in label order (irregular, then (0, 1, 2) and (0, 1) in turn)."""
     rng = np.random.default_rng(seed)
-    times = [np.arange(3.0)] * 14 + [np.arange(2.0)] * 9 + [np.sort(rng.uniform(0, 3, rng.integers(1, 4))) for _ in range(5)]
+    irregular = [np.sort(rng.uniform(0, 3, rng.integers(1, 4))) for _ in range(5)]
+    times = [np.arange(3.0)] * 14 + [np.arange(2.0)] * 9 + irregular
+    if interleaved:
+        times = irregular[:2] + [np.arange(3.0 - j % 2) for j in range(23)] + irregular[2:]
     labels = np.concatenate([np.full(t.size, f"s{j:02d}") for j, t in enumerate(times)])
     t = np.concatenate(times)
     order = rng.permutation(t.size)
@@ -99,3 +103,35 @@ def test_fit_lmm_of_complete_data_equals_the_fit_from_sufficient_stats():
     np.testing.assert_allclose(got.beta, want.beta, rtol=0, atol=1e-8 * max(np.abs(want.beta).max(), 1.0))
     np.testing.assert_allclose(got.D[0], want.D[0], rtol=0, atol=1e-8 * max(np.abs(want.D[0]).max(), 1.0))
 
+
+
+def test_a_chunk_of_whole_levels_adds_its_part_and_leaves_other_small_levels_zero():
+    """An image chunk (the pipeline's read): rows of some levels only, in level order, with a small-level
+    range wider than its own; its sums plus the other chunk's equal the whole, y_j of levels it does not
+    hold are 0, and a block's levels are only those its rows hold (other classes' levels between them in
+    class order are skipped)."""
+    X, Y, factor = slope_design(6, interleaved=True)
+    layout = FactorLayout.from_factors([factor])
+    order = np.argsort(factor.labels, kind="stable")  # level order, as the pipeline reads
+    X, Y = X[order], Y[order].astype(np.float64) - 1000.0
+    factor = RandomFactor("subject", factor.labels[order], factor.design[order])
+    whole = complete_level_stats(Y, X, factor, layout)
+    Z = random_effects_matrix([factor], layout)
+    Xl = whole.ZtX.reshape(-1, 2, X.shape[1])[whole.classes.level_index]
+    # levels 0-12 and 13-27: each chunk holds small levels and members of both big classes, and in class
+    # order the other chunk's members lie between its own
+    assert whole.classes.n_big == 2 and whole.classes.small_levels.size == 5
+    cut = int(np.searchsorted(whole.codes, 13))
+    parts = [row_block_level_sums(Y[a:b], RowBlocks.plan(X[a:b], Z[a:b], whole.codes[a:b], whole.classes, Xl, 4))
+             for a, b in ((0, cut), (cut, Y.shape[0]))]
+    small_codes = whole.classes.level_index[whole.classes.small_levels]
+    for part, held in zip(parts, (small_codes < 13, small_codes >= 13)):
+        assert held.any() and np.all(part.y_small[:, ~held] == 0.0) and np.all(part.y_small[:, held] != 0.0)
+    for name in ("XtY", "YtY", "KXYo", "KYY", "y_small"):
+        total = getattr(parts[0], name) + getattr(parts[1], name)
+        want = getattr(whole.sums, name)
+        # float64 sums of the same products in another order
+        np.testing.assert_allclose(total, want, rtol=0, atol=1e-12 * max(np.abs(want).max(), 1.0), err_msg=name)
+    ranged = row_block_level_sums(Y[:cut], RowBlocks.plan(X[:cut], Z[:cut], whole.codes[:cut], whole.classes, Xl),
+                                  small_range=(0, 2))
+    np.testing.assert_array_equal(ranged.y_small, parts[0].y_small[:, :2])  # its own small levels, no wider
