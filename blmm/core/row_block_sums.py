@@ -117,6 +117,10 @@ def row_block_level_sums(Y: np.ndarray, blocks: RowBlocks, centre: ResponseCentr
     buffers = threading.local()  # one block buffer per thread, reused
 
     def tile(span: tuple[int, int]) -> None:
+        with np.errstate(invalid="ignore", over="ignore"):  # a non-finite voxel's sums: the fit marks it
+            tile_sums(span)
+
+    def tile_sums(span: tuple[int, int]) -> None:
         a, b = span
         t = b - a
         if not hasattr(buffers, "Y"):
