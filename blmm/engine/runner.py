@@ -225,6 +225,11 @@ class Engine:
                     if node.done:
                         continue
                     status = node.future.status if node.future is not None else "finished"
+                    if status in ("pending", "lost"):
+                        # it finished, then its result was lost with its worker before it was fetched:
+                        # dask computes it again, and this callback fires again when it is done
+                        node.future.add_done_callback(lambda fut, key=key: finished.put(key))
+                        continue
                     if status != "finished":
                         self._fail(stage, nodes, key, items, retries, labels)
                     # fetched now: a refused task fails the stage at once, and a result is
@@ -273,6 +278,9 @@ class Engine:
             raise EngineError(f"stage {stage}: {what} was cancelled (the dask scheduler lost it)",
                               stage=stage, item_index=index)
         exc = future.exception()
+        if exc is None:  # no error recorded (a state the scheduler left it in): say which
+            raise EngineError(f"stage {stage}: {what} ended as {future.status!r} without an error "
+                              f"(the dask scheduler lost it)", stage=stage, item_index=index)
         tb = future.traceback()
         remote_tb = "".join(_format_traceback(exc, tb))
         from distributed.scheduler import KilledWorker
