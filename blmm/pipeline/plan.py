@@ -242,15 +242,11 @@ def stored_columns(groups: list[LevelGroup] | None, cut: np.ndarray, batches: tu
     per group X'Y, Y'Y, the class aggregates and the y_j of its own small levels, since the y_j of
     another batch's levels are zero in its sums (`LevelGroup.batch_columns`; ``cut``: each row's outer
     level); every column for crossed factors."""
-    out = []
-    for start, stop in batches:
-        if groups is None:
-            out.append(np.arange(width))
-            continue
-        lo, hi = int(cut[start]), int(cut[stop - 1]) + 1
-        offsets = np.cumsum([0] + [g.packed_width() for g in groups])
-        out.append(np.concatenate([offset + g.batch_columns(lo, hi) for g, offset in zip(groups, offsets)]))
-    return tuple(out)
+    if groups is None:
+        return tuple(np.arange(width) for _ in batches)
+    offsets = np.cumsum([0] + [g.packed_width() for g in groups])  # each group's first column
+    return tuple(np.concatenate([offset + g.batch_columns(int(cut[start]), int(cut[stop - 1]) + 1)
+                                 for g, offset in zip(groups, offsets)]) for start, stop in batches)
 
 
 def level_groups(X: np.ndarray, factors: list[RandomFactor]) -> list[LevelGroup] | None:
