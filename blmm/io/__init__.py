@@ -8,8 +8,10 @@ from blmm.io.images import (
     map_path,
     mismatch_reason,
     read_image,
+    read_image_rows,
     read_map,
     read_mask,
+    rows_dtype,
     write_map,
 )
 from blmm.io.tables import read_labels, read_matrix, read_path_list, resolve_path
@@ -24,11 +26,13 @@ __all__ = [
     "map_path",
     "mismatch_reason",
     "read_image",
+    "read_image_rows",
     "read_labels",
     "read_map",
     "read_mask",
     "read_matrix",
     "read_path_list",
     "resolve_path",
+    "rows_dtype",
     "write_map",
 ]

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from blmm.errors import ImageError
-from blmm.io.images import ImageSpace, image_space, read_image, read_mask, write_map
+from blmm.io.images import ImageSpace, image_space, read_image_rows, read_mask, write_map
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,8 +82,7 @@ def load_images(paths: Sequence[str | os.PathLike], mask: str | os.PathLike | np
             raise ImageError(f"load_images: the mask has {inside.size} voxels, the images {space.n_voxels}")
         voxels = np.flatnonzero(inside)
     Y = np.empty((len(files), voxels.size))
-    for row, path in enumerate(files):
-        Y[row] = read_image(path, space, voxels)
+    read_image_rows(files, space, voxels, Y)
     Y[~np.isfinite(Y)] = np.nan
     if zero_is_missing:
         Y[Y == 0] = np.nan

@@ -45,7 +45,7 @@ from blmm.core.status import (BELOW_MIN_N, BELOW_MIN_PERCENT, DROPPED_FEW, DROPP
 from blmm.core.nested_missing_rows import nested_missing_row_stats
 from blmm.core.structure import plan_fit
 from blmm.io import outdir as _outdir
-from blmm.io.images import read_image, read_mask, write_map
+from blmm.io.images import read_image, read_image_rows, read_mask, rows_dtype, write_map
 from blmm.errors import DiskFullError, InputError
 from blmm.io.outdir import (
     FIT,
@@ -187,7 +187,7 @@ def missing_value_rules(cfg: Config, Y: np.ndarray, in_data_mask: np.ndarray | N
         ok &= in_data_mask
     with np.errstate(invalid="ignore"):  # NaN compares False, and is already missing
         if cfg.data_mask_thresh is not None:
-            above = Y >= cfg.data_mask_thresh
+            above = Y >= np.float64(cfg.data_mask_thresh)  # compared in float64 when Y is float32
             missing["data_mask_thresh"] += int(np.count_nonzero(ok & ~above))
             ok &= above
         if cfg.zero_is_missing:
@@ -238,33 +238,42 @@ def _read_batch(plan: RunPlan, b: int, tmp_stats: Path, tasks: int) -> dict:
 
 
 def _image_chunks(plan: RunPlan, ranges: list, missing: dict, bits: list):
-    """Per row range: (c0, c1, Y (images x voxels) with the centre taken out and missing values 0,
-    presence).  Each image is read once; missing-value counts add into `missing`, and the presence
-    bits are packed into `bits` by whole bytes."""
+    """Per row range: (c0, c1, Y (images x voxels, as read: float32 where every image is a ``.dat``,
+    `rows_dtype`), presence).  Each image is read once; missing-value counts add into `missing`, and
+    the presence bits are packed into `bits` by whole bytes.  `_centred` forms what the sums take."""
     cfg, voxels = plan.config, plan.voxels
-    centre = run_centre(plan)  # taken out of Y before the sums (docs/model.md, "The centre")
-    X = ordered_design(plan)[0]
+    dtype = rows_dtype(cfg.y_files, cfg.space)
     rows = []
     for c0, c1 in ranges:
-        Y = np.empty((c1 - c0, voxels.size))
-        present = np.empty(Y.shape, bool)
-        for i, row in enumerate(plan.order[c0:c1]):
-            Y[i] = read_image(cfg.y_files[row], cfg.space, voxels)
-            if cfg.data_mask_files is not None:
+        Y = np.empty((c1 - c0, voxels.size), dtype)
+        read_image_rows([cfg.y_files[row] for row in plan.order[c0:c1]], cfg.space, voxels, Y)
+        present = None
+        if cfg.data_mask_files is not None:
+            present = np.empty(Y.shape, bool)
+            for i, row in enumerate(plan.order[c0:c1]):
                 present[i] = read_mask(cfg.data_mask_files[row], cfg.space, voxels)
         # the missing-value rules on the whole chunk at once, counted in the order of MISSING_REASONS
-        present, counts = missing_value_rules(cfg, Y, present if cfg.data_mask_files is not None else None)
+        present, counts = missing_value_rules(cfg, Y, present)
         for key, k in counts.items():
             missing[key] += k
-        for i, xw in enumerate(X[c0:c1] @ centre.weights):  # Y - c X w in place: the sums keep their precision
-            Y[i] -= xw * centre.value
-        if not present.all():
-            Y[~present] = 0.0
         yield c0, c1, Y, present
         rows.append(present)
         if sum(r.shape[0] for r in rows) % 8 == 0 or c1 == ranges[-1][1]:  # pack whole bytes only
             bits.append(np.packbits(np.concatenate(rows, axis=0), axis=0))
             rows = []
+
+
+def _centred(plan: RunPlan, Y: np.ndarray, present: np.ndarray, c0: int) -> np.ndarray:
+    """Rows c0, ... of Y less the run's centre c X w (docs/model.md, "The centre"), float64, missing
+    values 0: what the sums take.  A float64 Y is centred in place."""
+    centre = run_centre(plan)
+    X = ordered_design(plan)[0]
+    out = Y if Y.dtype == np.float64 else np.empty(Y.shape)
+    for i, xw in enumerate(X[c0:c0 + Y.shape[0]] @ centre.weights):  # in float64: the sums keep their precision
+        np.subtract(Y[i], xw * centre.value, out=out[i])
+    if not present.all():
+        out[~present] = 0.0
+    return out
 
 
 def _read_share(plan: RunPlan, tasks: int) -> int:
@@ -297,7 +306,8 @@ def _read_batch_by_column(plan: RunPlan, b: int, tmp_stats: Path, tasks: int) ->
     ranges = [(c0, min(c0 + images, stop)) for c0 in range(start, stop, images)]
     out = _RowFile(tmp_stats, plan.voxels.size, plan.n_stat_columns)
     try:
-        for c0, c1, Y, _ in _image_chunks(plan, ranges, missing, bits):
+        for c0, c1, Y, present in _image_chunks(plan, ranges, missing, bits):
+            Y = _centred(plan, Y, present, c0)
             Z = random_effects_matrix([f.subset(slice(c0, c1)) for f in factors], layout)
             step = _voxel_step(plan, c1 - c0, layout.n_columns, tasks)
             for a in range(0, plan.voxels.size, step):
@@ -340,13 +350,17 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
             # blocks of rows in cache, as fit_lmm forms them (no level's y_j is needed beside them)
             blocks = RowBlocks.plan(X[c0:c1], Zc, codes[c0:c1], groups[0].classes, groups[0].Xl) \
                 if one and keys.size == 0 else None
+            # complete rows go to the row blocks as read, which convert and centre them in cache
+            centre = run_centre(plan) if blocks is not None and present.all() else None
+            if centre is None:
+                Y = _centred(plan, Y, present, c0)
             step = _voxel_step(plan, c1 - c0, sum(z.shape[1] for z in Zg), tasks)
             for a in range(0, plan.voxels.size, step):
                 Yc = Y[:, a:a + step]
                 v = Yc.shape[1]
                 rows = out.read(a, a + v) if c0 > start else np.zeros((v, stored.size))
                 if blocks is not None:
-                    rows += row_block_level_sums(Yc, blocks, threads=1, small_range=small_ranges[0]).pack()
+                    rows += row_block_level_sums(Yc, blocks, centre, threads=1, small_range=small_ranges[0]).pack()
                     out.write(a, rows)
                     touched.append((np.zeros(0, np.int64), np.zeros((0, width))))  # none touched here
                     continue

@@ -15,11 +15,13 @@ from blmm.io import (
     image_space,
     map_path,
     read_image,
+    read_image_rows,
     read_labels,
     read_map,
     read_mask,
     read_matrix,
     read_path_list,
+    rows_dtype,
     write_map,
 )
 
@@ -385,6 +387,51 @@ def test_dat_mismatch_and_bad_size(tmp_path):
         image_space(odd)
     with pytest.raises(ImageError, match="cannot be split"):
         read_map(good, n_voxels=3)
+
+
+def test_image_rows_equal_read_image_for_every_voxel_choice_and_dtype(tmp_path):
+    # read_image_rows reads .dat files straight into their rows; read_image is the reference, value for value
+    rng = np.random.default_rng(11)
+    data = rng.normal(size=(5, 13)).astype(np.float32)
+    data[1, 3], data[2, 4], data[3, 0] = np.nan, np.inf, 0.0  # read as they are: the rules come later
+    paths = []
+    for i, row in enumerate(data):
+        row.tofile(tmp_path / f"y{i}.dat")
+        paths.append(tmp_path / f"y{i}.dat")
+    space = image_space(paths[0])
+    assert rows_dtype(paths, space) == np.float32
+    for voxels in (None, np.arange(13), np.array([0, 4, 12]), np.array([3, 1])):
+        expected = np.stack([read_image(p, space, voxels) for p in paths])
+        for dtype in (np.float32, np.float64):
+            out = np.full((5, expected.shape[1]), -1.0, dtype)
+            read_image_rows(paths, space, voxels, out)
+            np.testing.assert_array_equal(out.astype(np.float64), expected)  # float32 holds .dat values exactly
+
+
+def test_image_rows_of_a_wrong_file_name_it_as_read_image_does(tmp_path):
+    good, short, long = tmp_path / "a.dat", tmp_path / "short.dat", tmp_path / "long.dat"
+    np.ones(10, np.float32).tofile(good)
+    np.ones(9, np.float32).tofile(short)
+    np.ones(12, np.float32).tofile(long)
+    space = image_space(good)
+    for bad, found in ((short, 9), (long, 12)):
+        out = np.empty((2, 10), np.float32)
+        with pytest.raises(ImageError, match=rf"{bad.name}.*{found} values.*10 values"):
+            read_image_rows([good, bad], space, None, out)
+    with pytest.raises(ImageError, match=r"gone\.dat: file not found"):
+        read_image_rows([good, tmp_path / "gone.dat"], space, None, np.empty((2, 10)))
+
+
+def test_rows_dtype_is_float64_unless_every_file_is_a_dat(tmp_path):
+    # a NIfTI of the same size may sit in a .dat space (upstream allowed it); its values need not be float32
+    np.ones(60, np.float32).tofile(tmp_path / "a.dat")
+    nifti = _save_nifti(tmp_path / "img.nii", _volume())
+    dat_space = image_space(tmp_path / "a.dat")
+    assert rows_dtype([tmp_path / "a.dat", nifti], dat_space) == np.float64
+    assert rows_dtype([nifti], image_space(nifti)) == np.float64
+    out = np.empty((2, 60))
+    read_image_rows([tmp_path / "a.dat", nifti], dat_space, None, out)
+    np.testing.assert_array_equal(out[1], read_image(nifti, dat_space))
 
 
 def test_dat_mask_for_a_nifti_space(tmp_path):
