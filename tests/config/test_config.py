@@ -372,6 +372,25 @@ def test_dat_images_of_one_size_load_and_others_are_named(study):
     assert "y05.dat" in problem and "found 242 bytes" in problem
 
 
+def test_dat_lists_missing_bad_first_folder_and_duplicates_are_named(study):
+    """What the one-stat-a-file check of .dat lists does not take is named as before."""
+    yml = _dat_study(study, {})
+    (study / "data" / "y04.dat").unlink()
+    problem = _one_problem(yml, "Y_files", "not found")
+    assert "1 of" in problem and "y04.dat" in problem
+    yml = _dat_study(study, {0: 7})  # the first image itself: not float32 values
+    assert "y00.dat" in _one_problem(yml, "Y_files", "7 bytes")
+    yml = _dat_study(study, {})
+    (study / "data" / "y06.dat").unlink()
+    (study / "data" / "y06.dat").mkdir()  # a folder of any size is not an image
+    assert "y06.dat" in _one_problem(yml, "Y_files")
+    (study / "data" / "y06.dat").rmdir()
+    yml = _dat_study(study, {})
+    listed = (study / "lists" / "Ydat.txt").read_text().splitlines()
+    (study / "lists" / "Ydat.txt").write_text("\n".join(listed[:-1] + [listed[0]]) + "\n")
+    assert "Y_files: 1 image paths are listed more than once" in load_config(yml).warnings
+
+
 def test_multi_volume_y_image(study):
     four_d = nib.Nifti1Image(np.zeros(SHAPE + (2,), np.float32), np.eye(4))
     nib.save(four_d, str(study / "data" / "y07.nii.gz"))

@@ -77,3 +77,23 @@ def test_values_at_voxels_equal_the_whole_image_indexed_on_both_paths(tmp_path):
     assert images._read_known_nifti(second, voxels) is not None
     mask = save(tmp_path / "mask.nii", (np.arange(60) % 3 == 0).astype(np.float32))
     assert images.read_mask(mask, space, voxels).tolist() == [v % 3 == 0 for v in voxels.tolist()]
+
+
+def test_a_big_endian_file_is_read_directly_with_its_byte_order(tmp_path):
+    # the direct read takes the layout's dtype as nibabel found it, byte order included
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(2):
+        header = nib.Nifti1Header(endianness=">")
+        header.set_data_dtype(np.float32)
+        image = nib.Nifti1Image(rng.normal(size=SHAPE).astype(np.float32), AFFINE, header)
+        nib.save(image, str(tmp_path / f"big{i}.nii"))
+        paths.append(tmp_path / f"big{i}.nii")
+    read_image(paths[0])
+    (_, spec), = images._KNOWN_NIFTI_LAYOUTS.values()
+    expected = np.asarray(nib.load(str(paths[1])).dataobj, np.float64).reshape(-1)
+    direct = images._read_known_nifti(paths[1])
+    assert direct is not None
+    np.testing.assert_array_equal(direct[1], expected)
+    np.testing.assert_array_equal(images._read_known_nifti(paths[1], np.array([0, 7, 59]))[1], expected[[0, 7, 59]])
+    assert spec[1] == np.dtype(">f4")  # big-endian on disk, as written
