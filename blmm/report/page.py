@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import html
 import importlib
 import json
@@ -131,6 +132,58 @@ def _typed(array: np.ndarray, dtype: str) -> dict:
     return {"dtype": dtype, "bdata": base64.b64encode(data.tobytes()).decode("ascii")}
 
 
+# plotly.js's typed arrays (what plotly.io.to_json writes for numpy arrays); int64 has none
+_TYPED_CODES = {np.dtype(np.float64): "f8", np.dtype(np.float32): "f4", np.dtype(np.int32): "i4",
+                np.dtype(np.uint32): "u4", np.dtype(np.int16): "i2", np.dtype(np.uint16): "u2",
+                np.dtype(np.int8): "i1", np.dtype(np.uint8): "u1"}
+
+
+def figure_json(value: Any) -> Any:
+    """A plotly figure given as a dict, as JSON values, as ``plotly.io.to_json`` writes a figure
+    without building plotly's figure objects (~0.1 s of validators the first time in a process):
+    numeric numpy arrays as base64 typed arrays (2-D with their shape; int64 as i4 where it fits;
+    booleans as a list, as plotly writes them), numpy scalars as numbers, non-finite floats as null, and keys set to None left out (unset)."""
+    if isinstance(value, dict):
+        return {key: figure_json(item) for key, item in value.items() if item is not None}
+    if isinstance(value, (list, tuple)):
+        return [figure_json(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _typed_array(value)
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def _typed_array(array: np.ndarray) -> Any:
+    if array.dtype == np.int64:
+        fits = array.size == 0 or (array.min() >= np.iinfo(np.int32).min and array.max() <= np.iinfo(np.int32).max)
+        array = array.astype(np.int32 if fits else np.float64)
+    code = _TYPED_CODES.get(array.dtype.newbyteorder("="))
+    if code is None or array.ndim > 2:
+        return figure_json(array.tolist())  # text, objects: plain lists
+    spec = {"dtype": code, "bdata": base64.b64encode(np.ascontiguousarray(array, array.dtype.newbyteorder("=")).tobytes()).decode("ascii")}
+    if array.ndim == 2:
+        spec["shape"] = f"{array.shape[0]}, {array.shape[1]}"
+    return spec
+
+
+@functools.cache
+def default_template_text() -> str:
+    """plotly's default template ("plotly", which plotly's figures take) as compact JSON: read from
+    plotly's package data (plotly.io's template object would build figure objects)."""
+    try:
+        raw = resources.files("plotly").joinpath("package_data/templates/plotly.json").read_text()
+    except (OSError, ModuleNotFoundError):
+        import plotly.io as pio
+
+        raw = pio.to_json(pio.templates["plotly"], validate=False)
+    return json.dumps(json.loads(raw), separators=(",", ":"))
+
+
 class ReportPage:
     """Sections of HTML and plotly figures, written as one self-contained page."""
 
@@ -163,19 +216,16 @@ class ReportPage:
         body = "".join("<tr>" + "".join(f"<td>{cell(str(c))}</td>" for c in row) + "</tr>" for row in rows)
         self.blocks.append(f'<table class="blmm-text">{head}{body}</table>')
 
-    def figure(self, fig: Any, meshes: list[str | None] | None = None) -> None:
-        """Add a plotly figure; traces with a key in ``meshes`` take that shared geometry."""
-        import plotly.io as pio
-
-        spec = json.loads(pio.to_json(fig, validate=False))
+    def figure(self, spec: dict, meshes: list[str | None] | None = None) -> None:
+        """Add a figure given as plotly's figure JSON (a dict of data and layout, numpy arrays in it;
+        `figure_json`); traces with a key in ``meshes`` take that shared geometry."""
+        spec = figure_json(spec)
         layout = spec.setdefault("layout", {})
         template = layout.pop("template", None)
-        template_index = None
-        if template is not None:  # the same few KB in every figure otherwise
-            text = json.dumps(template, separators=(",", ":"))
-            if text not in self.templates:
-                self.templates.append(text)
-            template_index = self.templates.index(text)
+        text = json.dumps(template, separators=(",", ":")) if template is not None else default_template_text()
+        if text not in self.templates:  # the same few KB in every figure otherwise
+            self.templates.append(text)
+        template_index = self.templates.index(text)
         keys = list(meshes or [])
         for trace, key in zip(spec["data"], keys):
             if key is not None:
@@ -265,9 +315,9 @@ def add_map_figure(page: ReportPage, geometry: MapGeometry, column: np.ndarray, 
         values[~shown] = np.nan
     if geometry.kind == "surface":
         panels = {panel.hemi: (_panel_values(values, panel), panel.mesh) for panel in geometry.panels}
-        fig = viewer.plot_surfaces(panels, 0, colorscale=colorscale, threshold=threshold or None,
-                                   title=title, grey_missing=True)  # hidden vertices grey
-        page.figure(fig, [page.add_mesh(_mesh_key(panel), panel.mesh) for panel in geometry.panels])
+        spec = viewer.surfaces_spec(panels, 0, colorscale=colorscale, threshold=threshold or None,
+                                    title=title, grey_missing=True)  # hidden vertices grey
+        page.figure(spec, [page.add_mesh(_mesh_key(panel), panel.mesh) for panel in geometry.panels])
         return True
     if geometry.kind == "volume":
         outline = np.isfinite(np.asarray(column, dtype=np.float64))
@@ -289,14 +339,13 @@ def signed_projection(values: np.ndarray, axis: int) -> np.ndarray:
 
 
 def plot_projections(values: np.ndarray, affine: np.ndarray, outline: np.ndarray, *,
-                     title: str = "", colorscale: Any = None) -> Any:
-    """A 3-D map as sagittal, coronal and axial maximum-intensity projections.
+                     title: str = "", colorscale: Any = None) -> dict:
+    """A 3-D map as sagittal, coronal and axial maximum-intensity projections: plotly's figure as a
+    dict (`ReportPage.figure` takes it; ``plotly.graph_objects.Figure(...)`` shows it elsewhere).
 
     NaN voxels are transparent; ``outline`` (the fitted voxels) is drawn as a light
     silhouette beneath. Axes are in mm, oriented RAS whatever the file's orientation.
     """
-    import plotly.graph_objects as go
-
     from blmm import viewer
 
     data, ras = to_canonical(np.stack([values, outline], axis=-1), affine)
@@ -325,14 +374,12 @@ def plot_projections(values: np.ndarray, affine: np.ndarray, outline: np.ndarray
                   coloraxis=dict(colorscale=colours.colorscale, cmin=colours.cmin, cmax=colours.cmax,
                                  colorbar=dict(thickness=15, len=0.8)),
                   plot_bgcolor="white", paper_bgcolor="white", margin=dict(l=20, r=20, t=80, b=40))
-    return go.Figure(dict(data=traces, layout=layout))
+    return dict(data=traces, layout=layout)
 
 
 def add_histograms(page: ReportPage, panels: list[tuple[str, np.ndarray, np.ndarray | None, str | None]],
                    title: str | None = None) -> bool:
     """Side-by-side histograms: (x-axis title, values, selected-or-None, selected label)."""
-    import plotly.graph_objects as go
-
     from blmm import viewer
 
     drawn = [(axis, counts, label) for axis, values, selected, label in panels
@@ -360,7 +407,7 @@ def add_histograms(page: ReportPage, panels: list[tuple[str, np.ndarray, np.ndar
     layout.update(barmode="overlay", bargap=0, height=300, margin=dict(l=60, r=20, t=80 if title else 45, b=50),
                   title=dict(text=title or "", x=0.5, xanchor="center"), paper_bgcolor="white",
                   plot_bgcolor="white", legend=dict(orientation="h", x=0, xanchor="left", y=1.02, yanchor="bottom"))
-    page.figure(go.Figure(dict(data=traces, layout=layout)))
+    page.figure(dict(data=traces, layout=layout))
     return True
 
 

@@ -48,6 +48,7 @@ from blmm.viewer.figures import (
     plot_surfaces,
     plot_volume,
     subplot_row,
+    surfaces_spec,
     write_html,
 )
 from blmm.viewer.show import MapView, map_figure, volume_by_name
@@ -60,5 +61,5 @@ __all__ = [
     "SIGNED_COLORSCALE", "T_CONTRAST_MAPS", "ColourRange", "MapView", "Mesh", "ViewerError",
     "available_maps", "colour_range", "contrast_names", "describe_volume", "find_map", "fsaverage5_mesh",
     "guess_hemi", "load_map", "load_surface", "map_figure", "map_stat_name", "mni152_template",
-    "plot_surface", "plot_surfaces", "plot_volume", "strip_prefix", "subplot_row", "volume_by_name", "write_html",
+    "plot_surface", "plot_surfaces", "plot_volume", "strip_prefix", "subplot_row", "surfaces_spec", "volume_by_name", "write_html",
 ]

@@ -24,6 +24,7 @@ from blmm.pipeline import run
 from blmm.report import (
     REPORT_FILE,
     contrast_text,
+    figure_json,
     histogram,
     map_geometry,
     signed_projection,
@@ -426,3 +427,34 @@ def test_d_volumes_of_a_yaml_run_without_a_design_header_get_positional_names(tm
     assert record["factors"][0]["columns"] == ["z1", "z2"]
     rows = _table_rows((tmp_path / "out" / REPORT_FILE).read_text(), "random-effects")
     assert [row[:2] for row in rows] == [["subject", "z1"], ["", "z2"], ["Residual", ""], ["subject", "z1 x z2"]]
+
+
+def test_figure_json_is_what_plotly_writes_for_the_same_figure() -> None:
+    """The report writes its figures' JSON itself (no plotly figure objects); plotly's own
+    to_json of the same figure is the reference, value for value once typed arrays are decoded."""
+    pio = pytest.importorskip("plotly.io", reason="the viewer extra (plotly) is not installed")
+    go = pytest.importorskip("plotly.graph_objects")
+    spec = dict(data=[dict(type="heatmap", z=np.arange(6, dtype=np.uint8).reshape(2, 3), x=np.array([1.5, 2.5, 3.5]),
+                           y=[0.0, 1.0], zmin=np.float32(0), name="outline"),
+                      dict(type="mesh3d", intensity=np.array([1.0, np.nan, 3.0], np.float32),
+                           i=np.array([0, 70_000], np.int64), customdata=np.array([True, False]), opacity=None),
+                      dict(type="bar", x=[0.5, float("nan")], y=np.array([3, 4]), width=np.float64(0.25))],
+                layout=dict(title=dict(text="a · b"), height=np.int64(300)))
+    theirs = json.loads(pio.to_json(go.Figure(spec), validate=False))
+    ours = json.loads(json.dumps(figure_json(spec), allow_nan=False))  # valid JSON: NaN written as null
+
+    def values(item):
+        if isinstance(item, dict) and "bdata" in item:
+            kinds = {"f8": "<f8", "f4": "<f4", "i4": "<i4", "i2": "<i2", "u2": "<u2", "i1": "i1", "u1": "u1"}
+            array = np.frombuffer(base64.b64decode(item["bdata"]), kinds[item["dtype"]]).astype(np.float64)
+            return array.reshape([int(d) for d in item["shape"].split(",")]).tolist() if "shape" in item else array.tolist()
+        if isinstance(item, dict):
+            return {key: values(value) for key, value in item.items()}
+        if isinstance(item, list):
+            return [values(value) for value in item]
+        return item
+
+    theirs["layout"].pop("template")
+    assert json.dumps(values(ours), sort_keys=True) == json.dumps(values(theirs), sort_keys=True)
+    assert ours["data"][1]["i"]["dtype"] == "i4"  # int64 has no typed array in plotly.js
+    assert ours["data"][0]["z"]["shape"] == "2, 3"
