@@ -19,7 +19,7 @@ from blmm.core.scoring import METHODS
 from blmm.engine.spec import CLUSTER_RULES, CLUSTER_TYPES, KINDS
 from blmm.errors import ImageError, InputError
 from blmm.geometry.layout import VOLUME_CONNECTIVITIES
-from blmm.io.images import ImageSpace, image_space, mismatch_reason, read_image
+from blmm.io.images import ImageSpace, all_laid_out_as, image_space, mismatch_reason, read_image
 from blmm.io.surfaces import TEMPLATE_MESHES, read_layout
 from blmm.io.tables import read_labels, read_matrix
 
@@ -192,14 +192,16 @@ def _check_inputs(found: _Found) -> tuple[list[Path] | None, Path | None, ImageS
     files, list_path = read_file_list(found, "Y_files")
     if files is None:
         return files, list_path, None
-    if files[0].suffix.lower() == ".dat" and files[0].is_file():  # one os.stat a file where all are alike
+    if files[0].is_file():  # one look at each file where all are laid out as the first
         try:
             space = image_space(files[0])
         except ImageError:
             space = None  # said below
-        if space is not None and _all_dat_of_size(files[1:], 4 * space.n_voxels):
+        alike = space is not None and (_all_dat_of_size(files[1:], 4 * space.n_voxels) if space.format == "dat"
+                                       else all_laid_out_as(files[1:], files[0]))
+        if alike:
             _warn_duplicates(found, files)
-            return files, list_path, space  # the checks below, by name and size only
+            return files, list_path, space  # the checks below, by name, size and header bytes only
     if missing_files(found, "Y_files", files):
         return files, list_path, None
     try:

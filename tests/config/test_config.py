@@ -391,6 +391,32 @@ def test_dat_lists_missing_bad_first_folder_and_duplicates_are_named(study):
     assert "Y_files: 1 image paths are listed more than once" in load_config(yml).warnings
 
 
+def _nii_study(study: Path) -> Path:
+    """The study with its images uncompressed (.nii): the list checked by header bytes and size."""
+    for i in range(N):
+        image = nib.load(str(study / "data" / f"y{i:02d}.nii.gz"))
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj), np.eye(4)), str(study / "data" / f"y{i:02d}.nii"))
+    (study / "lists" / "Ynii.txt").write_text("".join(f"../data/y{i:02d}.nii\n" for i in range(N)))
+    return _edit(study, Y_files="lists/Ynii.txt")
+
+
+def test_nii_lists_checked_by_header_bytes_name_what_differs(study):
+    """Uncompressed NIfTI lists alike file by file take one look each; what differs is named as before."""
+    yml = _nii_study(study)
+    assert load_config(yml).space.shape == SHAPE
+    path = study / "data" / "y04.nii"
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - 8)
+    assert "y04.nii" in _one_problem(yml, "Y_files", "truncated")
+    nib.save(nib.Nifti1Image(np.zeros((3, 4, 6), np.float32), np.eye(4)), str(path))
+    problem = _one_problem(yml, "Y_files", "do not match")
+    assert "y04.nii: found NIfTI-1 3x4x6, expected NIfTI-1 3x4x5" in problem
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE + (2,), np.float32), np.eye(4)), str(path))
+    assert "y04.nii (2 volumes)" in _one_problem(yml, "Y_files", "more than one image")
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), str(path))
+    assert load_config(yml).space.shape == SHAPE  # another affine only: other header bytes, the same grid
+
+
 def test_multi_volume_y_image(study):
     four_d = nib.Nifti1Image(np.zeros(SHAPE + (2,), np.float32), np.eye(4))
     nib.save(four_d, str(study / "data" / "y07.nii.gz"))

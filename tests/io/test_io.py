@@ -11,6 +11,7 @@ from nibabel import cifti2, gifti
 
 from blmm.errors import ImageError, InputError
 from blmm.io import images
+from blmm.io.images import all_laid_out_as
 from blmm.io import (
     image_space,
     map_path,
@@ -432,6 +433,27 @@ def test_rows_dtype_is_float64_unless_every_file_is_a_dat(tmp_path):
     out = np.empty((2, 60))
     read_image_rows([tmp_path / "a.dat", nifti], dat_space, None, out)
     np.testing.assert_array_equal(out[1], read_image(nifti, dat_space))
+
+
+def test_files_laid_out_as_the_first_by_header_bytes_and_size(tmp_path):
+    # the config check's one look a file: True only where image_space would find the first's space
+    data = _volume()
+    paths = [_save_nifti(tmp_path / f"y{i}.nii", data + i) for i in range(4)]
+    assert all_laid_out_as(paths[1:], paths[0])
+    assert all(image_space(p).shape == image_space(paths[0]).shape for p in paths)
+    moved = _save_nifti(tmp_path / "moved.nii", data, affine=AFFINE * 2 + np.eye(4) * -1)  # same shape, other affine
+    assert not all_laid_out_as([paths[1], moved], paths[0])
+    four_d = _save_nifti(tmp_path / "two.nii", np.stack([data, data], axis=-1))
+    assert not all_laid_out_as([four_d], paths[0]) and not all_laid_out_as([paths[1]], four_d)
+    short = _save_nifti(tmp_path / "short.nii", data)
+    with open(short, "r+b") as fh:
+        fh.truncate(short.stat().st_size - 4)  # the same header bytes, one value missing
+    assert not all_laid_out_as([short], paths[0])
+    with pytest.raises(ImageError, match=r"short\.nii: truncated"):
+        image_space(short)
+    assert not all_laid_out_as([tmp_path / "gone.nii"], paths[0])
+    assert not all_laid_out_as([_save_nifti(tmp_path / "y.nii.gz", data)], paths[0])
+    assert not all_laid_out_as(paths[1:], _save_nifti(tmp_path / "first.nii.gz", data))  # compressed: no bytes to compare
 
 
 def test_dat_mask_for_a_nifti_space(tmp_path):
