@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 from scipy import special  # not scipy.stats: importing it costs ~1.2 s per process
-from scipy.sparse.csgraph import connected_components
 from threadpoolctl import threadpool_limits
 
 from blmm.core.design import Contrast, RandomFactor
@@ -108,6 +107,8 @@ def independent_blocks(factors: list[RandomFactor], names: list[str] | None = No
         offset += levels.size
     r, c = np.concatenate(rows), np.concatenate(cols)
     graph = sp.coo_matrix((np.ones(r.size), (r, c)), shape=(offset, offset))
+    from scipy.sparse.csgraph import connected_components  # when used: scipy's csgraph costs every run ~15 ms (issue 21)
+
     _, labels = connected_components(graph, directed=False)
     return first_appearance_codes(labels[:n])
 

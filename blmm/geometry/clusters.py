@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.csgraph import connected_components
 
 from blmm.errors import GeometryError
 from blmm.geometry.layout import SURFACE, SpatialLayout
@@ -51,6 +50,8 @@ def row_components(above: np.ndarray, first: np.ndarray, second: np.ndarray) -> 
     target = node[row * n + second[edge]]
     graph = sp.csr_matrix((np.ones(len(source), dtype=np.int8), (source, target)),
                           shape=(n_nodes, n_nodes))
+    from scipy.sparse.csgraph import connected_components  # when used: scipy's csgraph costs every run ~15 ms (issue 21)
+
     n_components, labels = connected_components(graph, directed=False)
     rows, elements = np.nonzero(above)
     return RowComponents(rows, elements, labels, int(n_components))

@@ -15,7 +15,6 @@ from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
-from scipy import ndimage
 
 from blmm.errors import GeometryError
 
@@ -135,6 +134,8 @@ def volume_structure(connectivity: int) -> np.ndarray:
     if connectivity not in STRUCTURE_RANK:
         raise GeometryError(
             f"connectivity: found {connectivity!r}, expected one of 6, 18 or 26 neighbours")
+    from scipy import ndimage  # when used: scipy.ndimage costs every run ~30 ms (issue 21)
+
     return ndimage.generate_binary_structure(3, STRUCTURE_RANK[connectivity])
 
 
