@@ -257,25 +257,11 @@ def _hemisphere_values(data: Any, mesh: Mesh, volume: int, key: str) -> np.ndarr
     return _select_volume(array, volume)
 
 
-def plot_surfaces(
-    hemispheres: Mapping[str, tuple[Any, Mesh]],
-    volume: int = 0,
-    *,
-    colorscale: Any = None,
-    symmetric: bool | None = None,
-    vmin: float | None = None,
-    vmax: float | None = None,
-    threshold: float | None = None,
-    title: str | None = None,
-    grey_missing: bool = False,
-) -> go.Figure:
-    """Several surfaces side by side (e.g. {"left": (data_l, mesh_l), "right": (...)})
-    sharing one colour bar. ``data`` is (V,) or (V, k) values, or a map file path.
-    ``grey_missing``: missing (NaN) vertices are grey even without a threshold, e.g. those a
-    ``--where`` condition hides."""
+def plot_surfaces(hemispheres: Mapping[str, tuple[Any, Mesh]], volume: int = 0, **options: Any) -> go.Figure:
+    """Several surfaces side by side (e.g. {"left": (data_l, mesh_l), "right": (...)}) sharing one
+    colour bar, as a plotly figure; ``options`` are those of `surfaces_spec` (keyword-only)."""
     go = _plotly()
-    return go.Figure(surfaces_spec(hemispheres, volume, colorscale=colorscale, symmetric=symmetric, vmin=vmin,
-                                   vmax=vmax, threshold=threshold, title=title, grey_missing=grey_missing))
+    return go.Figure(surfaces_spec(hemispheres, volume, **options))
 
 
 def surfaces_spec(
@@ -290,9 +276,11 @@ def surfaces_spec(
     title: str | None = None,
     grey_missing: bool = False,
 ) -> dict:
-    """`plot_surfaces`' figure as a plain dict (plotly's figure JSON, numpy arrays in it), for pages that
-    write the JSON themselves: no plotly figure objects, whose first construction in a process costs
-    ~0.1 s of validators (the report, issue 21)."""
+    """Several surfaces side by side, sharing one colour bar, as plotly's figure JSON in a plain dict
+    (numpy arrays in it): `plot_surfaces` wraps it in a figure; the report writes it as it is, without
+    plotly's figure objects, whose first construction in a process costs ~0.1 s of validators (issue 21).
+    ``data`` is (V,) or (V, k) values, or a map file path.  ``grey_missing``: missing (NaN) vertices are
+    grey even without a threshold, e.g. those a ``--where`` condition hides."""
     if not hemispheres:
         raise ViewerError("nothing to plot: give at least one (data, mesh) pair")
     panels = []
@@ -390,7 +378,7 @@ def plot_surface(data: Any, mesh: Mesh, volume: int = 0, **options: Any) -> go.F
     """One map on one surface: a plotly Mesh3d with one intensity per vertex.
 
     ``data`` is (V,) or (V, k) values (or a map file path); ``volume`` picks the column.
-    ``options`` are those of ``plot_surfaces`` (keyword-only): colorscale, symmetric, vmin,
+    ``options`` are those of `surfaces_spec` (keyword-only): colorscale, symmetric, vmin,
     vmax, threshold, title.  Vertices with ``|value| < threshold`` (and missing values, when
     thresholded) are grey.
     """
