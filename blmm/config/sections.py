@@ -192,11 +192,12 @@ def _check_inputs(found: _Found) -> tuple[list[Path] | None, Path | None, ImageS
     files, list_path = read_file_list(found, "Y_files")
     if files is None:
         return files, list_path, None
+    space = None
     if files[0].is_file():  # one look at each file where all are laid out as the first
         try:
             space = image_space(files[0])
         except ImageError:
-            space = None  # said below
+            pass  # said below
         alike = space is not None and (_all_dat_of_size(files[1:], 4 * space.n_voxels) if space.format == "dat"
                                        else all_laid_out_as(files[1:], files[0]))
         if alike:
@@ -204,11 +205,12 @@ def _check_inputs(found: _Found) -> tuple[list[Path] | None, Path | None, ImageS
             return files, list_path, space  # the checks below, by name, size and header bytes only
     if missing_files(found, "Y_files", files):
         return files, list_path, None
-    try:
-        space = image_space(files[0])
-    except ImageError as err:
-        found.problem(f"Y_files: {err}")
-        return files, list_path, None
+    if space is None:
+        try:
+            space = image_space(files[0])
+        except ImageError as err:
+            found.problem(f"Y_files: {err}")
+            return files, list_path, None
     mismatched, unreadable, multi_volume = [], [], []
     if space.n_volumes != 1:
         multi_volume.append(f"{files[0]} ({space.n_volumes} volumes)")

@@ -8,7 +8,6 @@ format, so results open in the same tools as the inputs.
 """
 from __future__ import annotations
 
-import io
 import os
 import uuid
 from collections.abc import Sequence
@@ -297,35 +296,36 @@ def image_space(path: str | os.PathLike) -> ImageSpace:
 
 
 def all_laid_out_as(paths: Sequence[str | os.PathLike], first: str | os.PathLike) -> bool:
-    """Every path an uncompressed NIfTI-1 ``.nii`` of one image whose header bytes (and extension flag)
-    equal ``first``'s and whose file holds all its data: then each has ``first``'s space, as
-    `image_space` finds it, by ~10 us a file against ~50.  False where any is not (or ``first`` is
-    not such a file): the caller then checks image by image, naming each problem."""
-    first = Path(first)
-    name = first.name.lower()
-    if not name.endswith(".nii") or name.endswith(".dscalar.nii"):
+    """Every path an uncompressed NIfTI-1 ``.nii`` whose header bytes (and extension flag) equal
+    ``first``'s, a file of one image, and that holds all its data: then each has ``first``'s space, as
+    `image_space` finds it for the same bytes, by ~10 us a file against ~50.  False where any is not (or
+    ``first`` is not such a file): the caller then checks image by image, naming each problem."""
+    if not all(_plain_nii(p) for p in [first, *paths]):
         return False
     try:
-        space = image_space(first)
+        space = image_space(first)  # parses first's header and remembers its bytes
         with open(first, "rb") as fh:
             head = fh.read(_NIFTI1_DATA_OFFSET)
-        header = nib.Nifti1Header.from_fileobj(io.BytesIO(head), check=False)
-        end = int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) \
-            * header.get_data_dtype().itemsize
-    except Exception:  # nibabel raises many types for a header it cannot read: image_space then says why
+    except (ImageError, OSError):
         return False
-    if space.format != "nifti" or space.nifti_version != 1 or space.n_volumes != 1 or len(head) != _NIFTI1_DATA_OFFSET:
+    known = _SPACE_BY_HEADER_BYTES.get((".nii", head))  # NIfTI-2's 544 bytes never match
+    if known is None or space.format != "nifti" or space.n_volumes != 1:
         return False
+    _, offset, shape, dtype = known
+    end = int(offset) + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     try:
         for path in paths:
-            if not os.fspath(path).lower().endswith(".nii") or os.fspath(path).lower().endswith(".dscalar.nii"):
-                return False
             with open(path, "rb", buffering=0) as fh:
                 if fh.read(_NIFTI1_DATA_OFFSET) != head or os.fstat(fh.fileno()).st_size < end:
                     return False
     except OSError:
         return False
     return True
+
+
+def _plain_nii(path: str | os.PathLike) -> bool:
+    name = os.fspath(path).lower()
+    return name.endswith(".nii") and not name.endswith(".dscalar.nii")
 
 
 def mismatch_reason(found: ImageSpace, expected: ImageSpace) -> str | None:
@@ -433,12 +433,12 @@ def read_image_rows(paths: Sequence[str | os.PathLike], space: ImageSpace, voxel
     size = 4 * space.n_voxels
     whole = voxels is None or (voxels.size == space.n_voxels and bool(np.all(voxels == np.arange(voxels.size))))
     raw = space.format == "dat" and out.dtype in (np.float32, np.float64)
-    scratch = None if whole and out.dtype == np.float32 else np.empty(space.n_voxels, np.float32)
+    direct = raw and whole and out.dtype == np.float32  # the file's bytes are the row's
+    scratch = np.empty(space.n_voxels, np.float32) if raw and not direct else None
     for i, path in enumerate(paths):
         if raw and os.fspath(path).lower().endswith(".dat"):
-            target = out[i] if scratch is None else scratch
-            if _read_dat_into(path, target, size):
-                if scratch is not None:
+            if _read_dat_into(path, out[i] if direct else scratch, size):
+                if not direct:
                     out[i] = scratch if whole else scratch[voxels]
                 continue
         out[i] = read_image(path, space, None if whole else voxels)
