@@ -242,11 +242,11 @@ def _image_chunks(plan: RunPlan, ranges: list, missing: dict, bits: list):
     `rows_dtype`), presence).  Each image is read once; missing-value counts add into `missing`, and
     the presence bits are packed into `bits` by whole bytes.  `_centred` forms what the sums take."""
     cfg, voxels = plan.config, plan.voxels
-    dtype = rows_dtype(cfg.y_files, cfg.space)
     rows = []
     for c0, c1 in ranges:
-        Y = np.empty((c1 - c0, voxels.size), dtype)
-        read_image_rows([cfg.y_files[row] for row in plan.order[c0:c1]], cfg.space, voxels, Y)
+        files = [cfg.y_files[row] for row in plan.order[c0:c1]]
+        Y = np.empty((c1 - c0, voxels.size), rows_dtype(files, cfg.space))
+        read_image_rows(files, cfg.space, voxels, Y)
         present = None
         if cfg.data_mask_files is not None:
             present = np.empty(Y.shape, bool)
@@ -263,13 +263,11 @@ def _image_chunks(plan: RunPlan, ranges: list, missing: dict, bits: list):
             rows = []
 
 
-def _centred(plan: RunPlan, Y: np.ndarray, present: np.ndarray, c0: int) -> np.ndarray:
-    """Rows c0, ... of Y less the run's centre c X w (docs/model.md, "The centre"), float64, missing
-    values 0: what the sums take.  A float64 Y is centred in place."""
-    centre = run_centre(plan)
-    X = ordered_design(plan)[0]
+def _centred(Y: np.ndarray, present: np.ndarray, centre: ResponseCentre, X: np.ndarray) -> np.ndarray:
+    """Y less the run's centre c X w (X: Y's rows of the fitting design; docs/model.md, "The centre"),
+    float64, missing values 0: what the sums take.  A float64 Y is centred in place."""
     out = Y if Y.dtype == np.float64 else np.empty(Y.shape)
-    for i, xw in enumerate(X[c0:c0 + Y.shape[0]] @ centre.weights):  # in float64: the sums keep their precision
+    for i, xw in enumerate(X @ centre.weights):  # in float64: the sums keep their precision
         np.subtract(Y[i], xw * centre.value, out=out[i])
     if not present.all():
         out[~present] = 0.0
@@ -300,6 +298,7 @@ def _read_batch_by_column(plan: RunPlan, b: int, tmp_stats: Path, tasks: int) ->
     """Several crossed factors: X'Y, Z'Y and Y'Y per voxel."""
     start, stop = plan.batches[b]
     X, factors = ordered_design(plan)
+    centre = run_centre(plan)
     layout = FactorLayout.from_factors(factors)
     missing, bits = dict.fromkeys(MISSING_REASONS, 0), []
     images = _chunk_rows(plan, tasks)
@@ -307,7 +306,7 @@ def _read_batch_by_column(plan: RunPlan, b: int, tmp_stats: Path, tasks: int) ->
     out = _RowFile(tmp_stats, plan.voxels.size, plan.n_stat_columns)
     try:
         for c0, c1, Y, present in _image_chunks(plan, ranges, missing, bits):
-            Y = _centred(plan, Y, present, c0)
+            Y = _centred(Y, present, centre, X[c0:c1])
             Z = random_effects_matrix([f.subset(slice(c0, c1)) for f in factors], layout)
             step = _voxel_step(plan, c1 - c0, layout.n_columns, tasks)
             for a in range(0, plan.voxels.size, step):
@@ -328,6 +327,7 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
     Chunks hold whole outer levels (families), so each level's y_j is complete within one chunk."""
     start, stop = plan.batches[b]
     X, factors = ordered_design(plan)
+    centre = run_centre(plan)
     layout = FactorLayout.from_factors(factors)
     outer = outer_codes(factors)
     n_outer = int(outer.max()) + 1 if outer.size else 0
@@ -351,16 +351,17 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
             blocks = RowBlocks.plan(X[c0:c1], Zc, codes[c0:c1], groups[0].classes, groups[0].Xl) \
                 if one and keys.size == 0 else None
             # complete rows go to the row blocks as read, which convert and centre them in cache
-            centre = run_centre(plan) if blocks is not None and present.all() else None
-            if centre is None:
-                Y = _centred(plan, Y, present, c0)
+            in_blocks = blocks is not None and bool(present.all())
+            if not in_blocks:
+                Y = _centred(Y, present, centre, X[c0:c1])
             step = _voxel_step(plan, c1 - c0, sum(z.shape[1] for z in Zg), tasks)
             for a in range(0, plan.voxels.size, step):
                 Yc = Y[:, a:a + step]
                 v = Yc.shape[1]
                 rows = out.read(a, a + v) if c0 > start else np.zeros((v, stored.size))
                 if blocks is not None:
-                    rows += row_block_level_sums(Yc, blocks, centre, threads=1, small_range=small_ranges[0]).pack()
+                    rows += row_block_level_sums(Yc, blocks, centre if in_blocks else None, threads=1,
+                                                 small_range=small_ranges[0]).pack()
                     out.write(a, rows)
                     touched.append((np.zeros(0, np.int64), np.zeros((0, width))))  # none touched here
                     continue
