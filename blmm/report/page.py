@@ -125,24 +125,26 @@ def plotly_available() -> bool:
     return True
 
 
-def _typed(array: np.ndarray, dtype: str) -> dict:
-    """A base64 typed-array spec {dtype, bdata}, decoded by the page's script."""
-    kinds = {"f4": np.float32, "i4": np.int32}
-    data = np.ascontiguousarray(array, dtype=kinds[dtype])
-    return {"dtype": dtype, "bdata": base64.b64encode(data.tobytes()).decode("ascii")}
-
-
 # plotly.js's typed arrays (what plotly.io.to_json writes for numpy arrays); int64 has none
 _TYPED_CODES = {np.dtype(np.float64): "f8", np.dtype(np.float32): "f4", np.dtype(np.int32): "i4",
                 np.dtype(np.uint32): "u4", np.dtype(np.int16): "i2", np.dtype(np.uint16): "u2",
                 np.dtype(np.int8): "i1", np.dtype(np.uint8): "u1"}
+_TYPED_KINDS = {code: dtype for dtype, code in _TYPED_CODES.items()}
+
+
+def _typed(array: np.ndarray, dtype: str) -> dict:
+    """A base64 typed-array spec {dtype, bdata} (plotly.js's; the page's script decodes the shared
+    geometry's), ``dtype`` one of `_TYPED_CODES`' codes."""
+    data = np.ascontiguousarray(array, dtype=_TYPED_KINDS[dtype])
+    return {"dtype": dtype, "bdata": base64.b64encode(data.tobytes()).decode("ascii")}
 
 
 def figure_json(value: Any) -> Any:
     """A plotly figure given as a dict, as JSON values, as ``plotly.io.to_json`` writes a figure
     without building plotly's figure objects (~0.1 s of validators the first time in a process):
     numeric numpy arrays as base64 typed arrays (2-D with their shape; int64 as i4 where it fits;
-    booleans as a list, as plotly writes them), numpy scalars as numbers, non-finite floats as null, and keys set to None left out (unset)."""
+    booleans as a list, as plotly writes them), numpy scalars as numbers, non-finite floats as null,
+    and keys set to None left out (unset)."""
     if isinstance(value, dict):
         return {key: figure_json(item) for key, item in value.items() if item is not None}
     if isinstance(value, (list, tuple)):
@@ -165,7 +167,7 @@ def _typed_array(array: np.ndarray) -> Any:
     code = _TYPED_CODES.get(array.dtype.newbyteorder("="))
     if code is None or array.ndim > 2:
         return figure_json(array.tolist())  # text, objects: plain lists
-    spec = {"dtype": code, "bdata": base64.b64encode(np.ascontiguousarray(array, array.dtype.newbyteorder("=")).tobytes()).decode("ascii")}
+    spec = _typed(array, code)
     if array.ndim == 2:
         spec["shape"] = f"{array.shape[0]}, {array.shape[1]}"
     return spec
