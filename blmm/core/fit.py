@@ -207,9 +207,8 @@ def _fit_patterns(stats: SufficientStats, plan: FitPlan, scheduler: Scheduler) -
     res, p, reml = scheduler.res, scheduler.p, scheduler.reml
 
     def run(job) -> None:
-        obj, n, XtX, idx = job
-        data = obj.data(stats.XtY[idx], stats.ZtY[idx], stats.YtY[idx])
-        scheduler.fit(obj, data, idx, n, XtX, stats.XtY[idx], stats.YtY[idx])
+        obj, u, n, XtX, idx = job
+        scheduler.fit(obj, stats.pattern_data(obj, u, idx), idx, n, XtX, stats.XtY[idx], stats.YtY[idx])
 
     # patterns are fitted in rounds: a round's objectives hold at most half of max_block_bytes and
     # its voxel blocks' working memory the other half (many patterns: many rounds, never all at once)
@@ -229,7 +228,7 @@ def _fit_patterns(stats: SufficientStats, plan: FitPlan, scheduler: Scheduler) -
         vox = res.screen_pattern(vox, XtX, stats.XtY[vox], stats.YtY[vox], n, stats.centre)
         if vox.size == 0:
             continue
-        obj = plan.objective(XtX, stats.ZtX[u], stats.ZtZ[u], n, reml)
+        obj = stats.pattern_objective(plan, u, reml)
         size = obj.held_bytes()
         if jobs and held + size > round_budget:
             scheduler.run(run, jobs)
@@ -237,6 +236,6 @@ def _fit_patterns(stats: SufficientStats, plan: FitPlan, scheduler: Scheduler) -
         held += size
         # voxel blocks bound the memory; threads share the blocks (numpy releases the GIL)
         block = scheduler.block_voxels(scheduler.voxel_bytes(obj), block_budget, vox.size)
-        jobs.extend((obj, n, XtX, vox[start:start + block]) for start in range(0, vox.size, block))
+        jobs.extend((obj, u, n, XtX, vox[start:start + block]) for start in range(0, vox.size, block))
         del obj
     scheduler.run(run, jobs)

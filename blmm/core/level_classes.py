@@ -46,6 +46,26 @@ class LevelClasses:
         return cls(level_index=level_index, big_members=tuple(np.flatnonzero(cls_of == c) for c in big),
                    big_counts=counts[big].astype(np.int64), small_levels=np.flatnonzero(~np.isin(cls_of, big)))
 
+    def without_levels(self, touched: np.ndarray, level_index: np.ndarray) -> tuple["LevelClasses", np.ndarray]:
+        """The classes of a pattern of rows whose missing rows touch levels ``touched`` (into all levels),
+        and which of these big classes each of its big classes is: a big class keeps its untouched
+        members (their G_j is unchanged) and drops out when none is left; the touched levels that keep
+        rows (``level_index``: the pattern's levels with rows) join the small levels."""
+        touched = np.asarray(touched, np.int64)
+        big, kept = [], []
+        for c, mem in enumerate(self.big_members):
+            ids = self.level_index[mem]
+            ids = ids[~np.isin(ids, touched)]
+            if ids.size:
+                big.append(np.searchsorted(level_index, ids))
+                kept.append(c)
+        small_ids = np.union1d(self.level_index[self.small_levels], touched)
+        small_ids = small_ids[np.isin(small_ids, level_index)]
+        return (LevelClasses(level_index=np.asarray(level_index, np.int64), big_members=tuple(big),
+                             big_counts=np.array([m.size for m in big], np.int64),
+                             small_levels=np.searchsorted(level_index, small_ids)),
+                np.array(kept, np.int64))
+
     def big_level_mask(self, n_levels: int) -> np.ndarray:
         """(L,) True for levels (into all levels) that belong to a big class."""
         out = np.zeros(n_levels, bool)

@@ -131,6 +131,14 @@ class SufficientStats:
     def voxel_n_obs(self) -> np.ndarray:
         return self.n_obs[self.pattern_of_voxel]
 
+    def pattern_objective(self, plan, u: int, reml: bool):
+        """Presence pattern u's objective: the plan's structure on its design sums."""
+        return plan.objective(self.XtX[u], self.ZtX[u], self.ZtZ[u], int(self.n_obs[u]), reml)
+
+    def pattern_data(self, objective, u: int, idx: np.ndarray):
+        """Voxels idx (of pattern u) arranged for its objective."""
+        return objective.data(self.XtY[idx], self.ZtY[idx], self.YtY[idx])
+
     def restricted(self, N: np.ndarray) -> "SufficientStats":
         """The statistics of the model with fixed effects X N (e.g. X restricted to Lβ = 0, N spanning
         L's null space), from these by the linear map N: X₀'X₀ = N'X'XN, Z'X₀ = Z'XN, X₀'Y = N'X'Y;

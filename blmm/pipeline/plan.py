@@ -19,6 +19,9 @@ from blmm.core.design_basis import FittingBasis, fitting_basis
 from blmm.core.level_groups import LevelGroup, factor_groups, tree_groups
 from blmm.core.missing_rows import MissingRowStats, missing_design
 from blmm.core.objective.nested import NestedObjective, nested_tree
+from blmm.core.objective.schur import schur_design
+from blmm.core.schur_sums import schur_group
+from blmm.core.structure import plan_fit
 from blmm.core.sufficient import FactorLayout, random_effects_matrix
 from blmm.errors import InputError
 from blmm.io.images import read_mask
@@ -225,7 +228,7 @@ def sum_columns(config: Config, order: np.ndarray | None = None, basis: FittingB
                 groups: list[LevelGroup] | None = None) -> int:
     """Partial sums per voxel of one image batch: per group of levels (`level_groups`) X'Y, Y'Y,
     per big class its q q p cross sums and q(q+1)/2 y_j y_j' sums, and q per other level (one
-    factor, a nesting tree); p + q + 1 (crossed factors).  The groups are those of the run's
+    factor, a nesting tree, crossed factors with U'Y for X'Y); p + q + 1 (factors kept dense).  The groups are those of the run's
     fitting basis (`basis`, the plan's; by default the config's), unless given (`groups`)."""
     if groups is None:
         order = np.arange(config.n) if order is None else order
@@ -241,7 +244,7 @@ def stored_columns(groups: list[LevelGroup] | None, cut: np.ndarray, batches: tu
     """Per image batch, the columns of a voxel's partial sums (`sum_columns`, ``width``) that it stores:
     per group X'Y, Y'Y, the class aggregates and the y_j of its own small levels, since the y_j of
     another batch's levels are zero in its sums (`LevelGroup.batch_columns`; ``cut``: each row's outer
-    level); every column for crossed factors."""
+    level); every column for factors kept dense."""
     if groups is None:
         return tuple(np.arange(width) for _ in batches)
     offsets = np.cumsum([0] + [g.packed_width() for g in groups])  # each group's first column
@@ -251,12 +254,15 @@ def stored_columns(groups: list[LevelGroup] | None, cut: np.ndarray, batches: tu
 
 def level_groups(X: np.ndarray, factors: list[RandomFactor]) -> list[LevelGroup] | None:
     """The groups of levels whose sums reading aggregates by class (core/level_groups.py), for X and
-    factors with rows in level order: one factor's levels, or a nesting tree's families by block
-    shape; None for crossed factors (their per-pattern fits need Z'Y for every level)."""
+    factors with rows in level order: one factor's levels, a nesting tree's families by block shape,
+    or crossed factors' level with most levels on the augmented design (`schur_group`); None where
+    the fit keeps other factors dense beside a nesting tree, or every factor dense (Z'Y per level)."""
     layout = FactorLayout.from_factors(factors)
     if len(factors) == 1:
         design = complete_design(X, factors[0])
         return factor_groups(design.classes, design.ZtX)
+    if crossed_by_schur(layout):
+        return [schur_group(X, factors)]
     tree = nested_tree(layout)
     if tree is None or len(tree) != len(factors):
         return None
@@ -264,6 +270,21 @@ def level_groups(X: np.ndarray, factors: list[RandomFactor]) -> list[LevelGroup]
     XtX, ZtX, ZtZ = X.T @ X, np.asarray(Z.T @ X), (Z.T @ Z).tocsr()
     obj = NestedObjective(XtX, ZtX, ZtZ, X.shape[0], layout, True, tree)  # the groups do not depend on REML
     return tree_groups(obj, Z, ZtZ, outer_codes(factors))
+
+
+def crossed_by_schur(layout: FactorLayout) -> bool:
+    """Crossed factors that Schur fits by eliminating the one with most levels (no nesting tree)."""
+    plan = plan_fit(layout)
+    return len(layout.q) > 1 and plan.structure == "schur" and plan.tree is None
+
+
+def sums_design(X: np.ndarray, factors: list[RandomFactor]) -> np.ndarray:
+    """The design whose sums the run's groups take: X, or for crossed factors the augmented U = [X, Z_R]
+    (`schur_design`), rows as given."""
+    layout = FactorLayout.from_factors(factors)
+    if not crossed_by_schur(layout):
+        return X
+    return schur_design(X, random_effects_matrix(factors, layout), layout)
 
 
 def outer_codes(factors: list[RandomFactor]) -> np.ndarray:

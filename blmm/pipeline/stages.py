@@ -4,12 +4,14 @@
    from MAXMEM, the work folder and the hash of the inputs (for resuming).
 2. `read_batch(plan, b)`: reads the images of batch b once (rows in level order, whole
    outer levels per batch) and writes their partial sums and presence bits for every analysis
-   voxel (atomically).  One factor or a nesting tree: X'Y, Y'Y and per group of levels
-   (core/level_groups.py) its class aggregates and the other levels' y_j, plus apart the y_j
-   where a missing value touches a big-class level (`sum_columns`); crossed factors: X'Y, Z'Y, Y'Y.
+   voxel (atomically).  One factor, a nesting tree or crossed factors: X'Y (U'Y for crossed
+   factors, core/schur_sums.py), Y'Y and per group of levels (core/level_groups.py) its class
+   aggregates and the other levels' y_j, plus apart the y_j where a missing value touches a
+   big-class level (`sum_columns`); factors kept dense: X'Y, Z'Y, Y'Y.
 3. `fit_block(plan, k)`: sums block k's rows of every partial in a fixed order and fits:
    one factor or a nesting tree, every voxel against the complete design (`blocks.fit_missing_rows`:
-   a voxel that misses no row by the complete design's objective); crossed factors, per presence pattern.  Then infers and writes the block's results (atomically).
+   a voxel that misses no row by the complete design's objective); crossed factors, per presence
+   pattern (`schur_sum_stats`).  Then infers and writes the block's results (atomically).
 4. `write_outputs(plan, ...)`: assembles the maps in the input's format.
 
 Batches and blocks run on an engine (`blmm.engine`); a killed run restarts from the
@@ -43,6 +45,7 @@ from blmm.core.fit import fit_stats
 from blmm.core.status import (BELOW_MIN_N, BELOW_MIN_PERCENT, DROPPED_FEW, DROPPED_UNIDENTIFIABLE, FAILED, FITTED,
                               NOT_FITTED, SAFE_MODE, STOP_NAMES, drop_reasons)
 from blmm.core.nested_missing_rows import nested_missing_row_stats
+from blmm.core.schur_sums import schur_sum_stats
 from blmm.core.structure import plan_fit
 from blmm.io import outdir as _outdir
 from blmm.io.images import read_image, read_image_rows, read_mask, rows_dtype, write_map
@@ -65,7 +68,7 @@ from blmm.io.outdir import (
 )
 from blmm.core.design import covariance_names
 from blmm.pipeline.corrections import correction_space_needed
-from blmm.pipeline.plan import RunPlan, level_groups, one_factor, outer_codes
+from blmm.pipeline.plan import RunPlan, level_groups, one_factor, outer_codes, sums_design
 
 
 class _RowFile:
@@ -232,7 +235,7 @@ def _read_batch(plan: RunPlan, b: int, tmp_stats: Path, tasks: int) -> dict:
     """Batch b's partial sums into ``tmp_stats``; the missing-value counts and presence bits
     (and where the sums are class-aggregated, the touched levels' y_j)."""
     groups = sum_groups(plan)
-    if groups is None:  # crossed factors: each presence pattern's objective needs every level's Z'Y
+    if groups is None:  # factors kept dense (beside a nesting tree, or all): their objectives take every level's Z'Y
         return _read_batch_by_column(plan, b, tmp_stats, tasks)
     return _read_batch_by_class(plan, b, tmp_stats, groups, tasks)
 
@@ -295,7 +298,7 @@ def _voxel_step(plan: RunPlan, n_rows: int, n_products: int, tasks: int) -> int:
 
 
 def _read_batch_by_column(plan: RunPlan, b: int, tmp_stats: Path, tasks: int) -> dict:
-    """Several crossed factors: X'Y, Z'Y and Y'Y per voxel."""
+    """Factors fitted dense beside a nesting tree, or all dense: X'Y, Z'Y and Y'Y per voxel."""
     start, stop = plan.batches[b]
     X, factors = ordered_design(plan)
     centre = run_centre(plan)
@@ -322,11 +325,13 @@ def _read_batch_by_column(plan: RunPlan, b: int, tmp_stats: Path, tasks: int) ->
 
 
 def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[LevelGroup], tasks: int) -> dict:
-    """One factor or a nesting tree: per voxel X'Y, Y'Y and each group's class-aggregated sums
-    (`LevelSums`, core/level_groups.py), and apart the y_j of big-class levels a missing value touches.
-    Chunks hold whole outer levels (families), so each level's y_j is complete within one chunk."""
+    """One factor, a nesting tree or crossed factors: per voxel X'Y (U'Y of the augmented design for
+    crossed factors, `sums_design`), Y'Y and each group's class-aggregated sums (`LevelSums`,
+    core/level_groups.py), and apart the y_j of big-class levels a missing value touches.  Chunks
+    hold whole outer levels (families), so each level's y_j is complete within one chunk."""
     start, stop = plan.batches[b]
     X, factors = ordered_design(plan)
+    U = sums_design(X, factors)
     centre = run_centre(plan)
     layout = FactorLayout.from_factors(factors)
     outer = outer_codes(factors)
@@ -365,7 +370,7 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
                     out.write(a, rows)
                     touched.append((np.zeros(0, np.int64), np.zeros((0, width))))  # none touched here
                     continue
-                packed, held = chunk_sums(groups, X[c0:c1], Yc, Zg, [m0 for m0, _ in spans], small_ranges)
+                packed, held = chunk_sums(groups, U[c0:c1], Yc, Zg, [m0 for m0, _ in spans], small_ranges)
                 rows += packed  # the batch's columns (`plan.batch_columns[b]`) only
                 out.write(a, rows)
                 here = keys[(keys // n_outer >= a) & (keys // n_outer < a + v)]
@@ -487,8 +492,8 @@ def group_level_sums(plan: RunPlan, sums: np.ndarray, touched, keep: np.ndarray)
     out, col = [], 0
     for i, g in enumerate(groups):
         n_cols = g.packed_width()
-        part = LevelSums.unpack(sums[keep, col:col + n_cols], plan.config.p, g.q, g.classes.n_big,
-                                g.classes.small_levels.size)
+        part = LevelSums.unpack(sums[keep, col:col + n_cols], g.Xl.shape[2], g.q, g.classes.n_big,
+                                g.classes.small_levels.size)  # Xl's columns: X's, or U's for crossed factors
         col += n_cols
         mine = (vox >= 0) & (values[:, 0] == i)  # voxels screened out drop
         counts = np.bincount(vox[mine], minlength=keep.size)
@@ -544,7 +549,10 @@ def fit_block(plan: RunPlan, k: int) -> str:
             if fit_plan.missing_rows:  # one nesting tree: touched families as units
                 stats = nested_missing_row_stats(X, factors, layout, patterns, pattern_of_voxel,
                                                  sums=group_level_sums(plan, sums, touched, keep))
-            else:  # crossed factors: one objective per presence pattern
+            elif sum_groups(plan) is not None:  # crossed factors: per pattern, from the class-aggregated sums
+                stats = schur_sum_stats(X, factors, patterns, pattern_of_voxel,
+                                        group_level_sums(plan, sums, touched, keep)[0], sum_groups(plan)[0])
+            else:  # factors kept dense: one objective per presence pattern, from Z'Y
                 XtY, ZtY, YtY = split_data_sums(sums[keep], p, layout.n_columns)
                 Z = random_effects_matrix(factors, layout)
                 stats = stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)

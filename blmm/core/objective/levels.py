@@ -27,11 +27,12 @@ class LevelObjective:
     numpy is slow on stacks of tiny matrices.
     """
 
-    def __init__(self, XtX, ZtX, ZtZ, n, q, reml, big_class_min=None):
+    def __init__(self, XtX, ZtX, ZtZ, n, q, reml, big_class_min=None, classes: LevelClasses | None = None):
         p = XtX.shape[0]
         L_all = ZtX.shape[0] // q
         G_all = diag_blocks(sp.csr_matrix(ZtZ), L_all, q)
-        self.classes = LevelClasses.from_blocks(G_all, p, big_class_min)
+        # given classes: any partition into equal G_j is exact (a pattern's: `LevelClasses.without_levels`)
+        self.classes = LevelClasses.from_blocks(G_all, p, big_class_min) if classes is None else classes
         self.level_index = self.classes.level_index  # levels with no rows drop out
         G, Xl = G_all[self.level_index], ZtX.reshape(L_all, q, p)[self.level_index]
         self.small_levels = self.classes.small_levels

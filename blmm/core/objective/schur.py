@@ -10,6 +10,7 @@ from blmm.core import linalg as la
 from blmm.core.objective.base import (
     Evaluation, array_bytes, factor_pair_information, level_block_sum, no_units, profiled,
 )
+from blmm.core.level_classes import LevelClasses
 from blmm.core.objective.levels import LevelData, LevelObjective
 
 @dataclass
@@ -33,15 +34,12 @@ class SchurObjective:
     by γ = [β; b̃] and C by Ω = E_R S E_R' + B C B' (docs/model.md).
     """
 
-    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, big: int | None = None):
+    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, big: int | None = None, classes: LevelClasses | None = None):
         ZtZ = sp.csr_matrix(ZtZ)
         self.n, self.p, self.reml = int(n), XtX.shape[0], bool(reml)
         self.qk = layout.q
         nlev = layout.n_levels
-        self.big = int(np.argmax(nlev)) if big is None else big
-        off = layout.offsets
-        big_cols = np.arange(off[self.big], off[self.big + 1])
-        small_cols = np.concatenate([np.arange(off[k], off[k + 1]) for k in range(len(self.qk)) if k != self.big])
+        self.big, big_cols, small_cols = eliminated_columns(layout, big)
         self.small = [k for k in range(len(self.qk)) if k != self.big]
         self.big_cols, self.small_cols = big_cols, small_cols
         self.qR = small_cols.size
@@ -50,7 +48,7 @@ class SchurObjective:
         ZRtZR = np.asarray(ZtZ[small_cols][:, small_cols].todense())
         UtU = np.block([[XtX, ZRtX.T], [ZRtX, ZRtZR]])
         Z1tU = np.hstack([ZtX[big_cols], np.asarray(ZtZ[big_cols][:, small_cols].todense())])
-        self.level = LevelObjective(UtU, Z1tU, ZtZ[big_cols][:, big_cols], n, self.qk[self.big], reml)
+        self.level = LevelObjective(UtU, Z1tU, ZtZ[big_cols][:, big_cols], n, self.qk[self.big], reml, classes=classes)
         # offsets of the small factors inside the q_R block (level-major per factor, as Z)
         # slice bounds: host integers in any namespace
         self.small_offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum([nlev[k] * self.qk[k]
@@ -78,6 +76,13 @@ class SchurObjective:
         UtY = np.hstack([XtY, ZtY[:, self.small_cols]])
         return SchurData(self.level.data(UtY, ZtY[:, self.big_cols], YtY),
                          np.ascontiguousarray(ZtY[:, self.small_cols]), np.ascontiguousarray(XtY))
+
+    def data_from_sums(self, sums) -> SchurData:
+        """SchurData from the big factor's class-aggregated sums of the augmented design U = [X, Z_R]
+        (`LevelSums` in this objective's classes, its XtY holding U'Y: `schur_design`)."""
+        UtY = sums.XtY
+        return SchurData(self.level.data_from_sums(UtY, sums.YtY, sums.KXYo, sums.KYY, sums.y_small),
+                         np.ascontiguousarray(UtY[:, self.p:]), np.ascontiguousarray(UtY[:, :self.p]))
 
     def _small_blockdiag(self, D_list):
         xp = la.namespace(*D_list)
@@ -225,3 +230,18 @@ class SchurObjective:
                 info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = small_info[:, ss[i]:ss[i + 1], ss[i2]:ss[i2 + 1]]
         ev.info = info
         return ev
+
+
+def eliminated_columns(layout, big: int | None = None) -> tuple[int, np.ndarray, np.ndarray]:
+    """(big, its columns of Z, the other factors' columns Z_R in factor order): the factor Schur
+    eliminates level by level (by default the one with most levels) and the columns left dense."""
+    off, nf = layout.offsets, len(layout.q)
+    big = int(np.argmax(layout.n_levels)) if big is None else int(big)
+    small = [np.arange(off[k], off[k + 1]) for k in range(nf) if k != big]
+    return big, np.arange(off[big], off[big + 1]), np.concatenate(small) if small else np.zeros(0, np.int64)
+
+
+def schur_design(X: np.ndarray, Z, layout, big: int | None = None) -> np.ndarray:
+    """The augmented design U = [X, Z_R] (n, p + q_R) whose sums Schur's eliminated factor takes."""
+    _, _, small_cols = eliminated_columns(layout, big)
+    return np.hstack([X, sp.csc_matrix(Z)[:, small_cols].toarray()])

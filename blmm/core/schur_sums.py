@@ -1,0 +1,109 @@
+"""Crossed factors (the schur structure) fitted pattern by pattern from class-aggregated sums.
+
+Schur eliminates the factor with most levels (e.g. subjects) through `LevelObjective` on the
+augmented design U = [X, Z_R] (Z_R: the other factors' columns); its data enter only through
+that factor's class aggregates of U, the y_j of levels outside big classes and U'Y, Y'Y: one
+group's `LevelSums` whose XtY holds U'Y (`schur_group`).  A presence pattern changes G_j and
+Z_j'U only at the levels its missing rows touch, so its objective takes the complete design's
+classes less those levels (`LevelClasses.without_levels`); their y_j, stored apart where a
+missing value touches a big-class level, leave the class aggregates and join the small levels
+(docs/model.md, "Missing rows").  The read stage so writes what the fit reads, never Z'Y.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import scipy.sparse as sp
+
+from blmm.core.design import RandomFactor
+from blmm.core.level_classes import LevelClasses, class_aggregates
+from blmm.core.level_groups import LevelGroup
+from blmm.core.missing_rows import LevelSums
+from blmm.core.objective.schur import SchurData, SchurObjective, eliminated_columns
+from blmm.core.sufficient import FactorLayout, SufficientStats, random_effects_matrix, stats_from_sums
+
+
+def schur_group(X: np.ndarray, factors: list[RandomFactor]) -> LevelGroup:
+    """The one group of levels of crossed factors' complete design (rows in any order): the big
+    factor's levels, with X_j = Z_j'U of the augmented design U = [X, Z_R] and its classes."""
+    layout = FactorLayout.from_factors(factors)
+    Z = random_effects_matrix(factors, layout)
+    obj = complete_objective(X, Z, layout)
+    lv = obj.level
+    if lv.level_index.size != layout.n_levels[obj.big]:
+        raise ValueError("every level of the eliminated factor needs rows in the complete design")
+    L, q = lv.level_index.size, lv.q
+    return LevelGroup(lv.classes, lv.Xl, obj.big_cols.reshape(L, q), np.arange(L), lv.classes)
+
+
+def complete_objective(X: np.ndarray, Z, layout: FactorLayout) -> SchurObjective:
+    """The complete design's Schur objective (REML: the classes and X_j do not depend on it)."""
+    Z = sp.csr_matrix(Z)
+    return SchurObjective(X.T @ X, np.asarray(Z.T @ X), (Z.T @ Z).tocsr(), X.shape[0], layout, True)
+
+
+@dataclass
+class SchurSumStats(SufficientStats):
+    """Crossed factors' statistics with the data sums class-aggregated (`group`'s `LevelSums`, XtY
+    = U'Y; ZtY unused): each presence pattern is fitted by a Schur objective in the complete
+    design's classes less the levels its missing rows touch."""
+
+    sums: LevelSums | None = None  # per voxel, in group.classes, with the touched big-class levels' y_j
+    group: LevelGroup | None = None  # the big factor's levels (`schur_group`)
+    level_of_row: np.ndarray | None = None  # (n_rows,) each row's level of the big factor
+    big: int = 0  # the eliminated factor
+
+    def _pattern_classes(self, u: int) -> tuple[LevelClasses, np.ndarray, np.ndarray]:
+        """Pattern u's classes, the complete big classes they keep, and the levels its missing rows touch."""
+        touched = np.unique(self.level_of_row[~self.patterns[u]])
+        _, big_cols, _ = eliminated_columns(self.layout, self.big)
+        diag = self.ZtZ[u].diagonal()[big_cols].reshape(-1, self.group.q)
+        level_index = np.flatnonzero(np.any(diag != 0, axis=1))  # as `LevelClasses.from_blocks`: G_j ≠ 0
+        classes, kept = self.group.classes.without_levels(touched, level_index)
+        return classes, kept, touched
+
+    def pattern_objective(self, plan, u: int, reml: bool) -> SchurObjective:
+        classes, _, _ = self._pattern_classes(u)
+        return SchurObjective(self.XtX[u], self.ZtX[u], self.ZtZ[u], int(self.n_obs[u]), self.layout, reml,
+                              big=self.big, classes=classes)
+
+    def pattern_data(self, objective: SchurObjective, u: int, idx: np.ndarray) -> SchurData:
+        classes, kept, touched = self._pattern_classes(u)
+        return objective.data_from_sums(pattern_sums(self.sums.take(idx), self.group, classes, kept, touched))
+
+
+def pattern_sums(sums: LevelSums, group: LevelGroup, classes: LevelClasses, kept: np.ndarray,
+                 touched: np.ndarray) -> LevelSums:
+    """The voxels' sums in a pattern's classes (`LevelClasses.without_levels`: ``classes`` and the
+    complete big classes ``kept``; ``touched``: the levels its missing rows touch): each kept class
+    less its touched members' terms (formed with their complete X_j, as stored), y_j of the
+    pattern's small levels."""
+    v, q = sums.n_voxels, group.q
+    complete = group.classes
+    small_position = group.small_position()
+    in_big = small_position[touched] < 0
+    tb = touched[in_big]  # touched big-class levels: their y_j travel apart, per voxel
+    at = np.searchsorted(complete.level_index, tb)
+    y_t = sums.level_y(small_position, np.repeat(np.arange(v), tb.size), np.tile(tb, v)).reshape(v, tb.size, q)
+    members = tuple(np.flatnonzero(np.isin(at, complete.big_members[c])) for c in kept)
+    removal = LevelClasses(np.arange(tb.size), members, np.array([m.size for m in members], np.int64),
+                           np.zeros(0, np.int64))
+    dK, dYY = class_aggregates(removal, group.Xl[at], y_t)
+    ids = classes.level_index[classes.small_levels]
+    y_small = sums.level_y(small_position, np.repeat(np.arange(v), ids.size), np.tile(ids, v))
+    return LevelSums.untouched(sums.XtY, sums.YtY, sums.KXYo[:, kept] - dK, sums.KYY[:, kept] - dYY,
+                               y_small.reshape(v, ids.size, q))
+
+
+def schur_sum_stats(X: np.ndarray, factors: list[RandomFactor], patterns: np.ndarray, pattern_of_voxel: np.ndarray,
+                    sums: LevelSums, group: LevelGroup) -> SchurSumStats:
+    """Crossed factors' statistics from class-aggregated sums (`schur_group`'s, XtY = U'Y) and the
+    presence patterns' design sums (X, factors: the complete design, rows as in ``patterns``)."""
+    layout = FactorLayout.from_factors(factors)
+    big, _, _ = eliminated_columns(layout)
+    design = stats_from_sums(X, random_effects_matrix(factors, layout), layout, patterns, pattern_of_voxel,
+                             XtY=sums.XtY[:, :X.shape[1]], ZtY=None, YtY=sums.YtY)
+    level_of_row = np.searchsorted(layout.levels[big], factors[big].labels).astype(np.int64)
+    return SchurSumStats(**{f.name: getattr(design, f.name) for f in fields(design)}, sums=sums, group=group,
+                         level_of_row=level_of_row, big=big)

@@ -1,0 +1,99 @@
+"""Crossed factors from class-aggregated sums (core/schur_sums.py): each presence pattern's objective in
+the complete design's classes less its touched levels equals the pattern's own objective on Z'Y."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from blmm.core.design import RandomFactor
+from blmm.core.fit import fit_stats
+from blmm.core.level_groups import group_sums
+from blmm.core.objective.schur import schur_design
+from blmm.core.schur_sums import schur_group, schur_sum_stats
+from blmm.core.structure import plan_fit
+from blmm.core.sufficient import FactorLayout, presence_patterns, random_effects_matrix, stats_from_sums
+
+
+def crossed_case(seed: int, slope: bool, v: int = 12):
+    """Subjects with 1-3 visits at times 0, 1, 2 (so equal Z_j'Z_j form big classes), each visit at one of
+    four sites (crossed: a subject may change site), and NaNs: voxels 0-2 complete, 3-5 missing
+    scattered values, 6 a whole subject, 7 one value of a big-class subject only, the rest 10%."""
+    rng = np.random.default_rng(seed)
+    visits = rng.integers(1, 4, 70)
+    subj = np.repeat(np.arange(visits.size), visits)
+    t = np.concatenate([np.arange(k) for k in visits]).astype(float)
+    n = subj.size
+    site = rng.integers(0, 4, n)
+    X = np.column_stack([np.ones(n), rng.standard_normal(n), t])
+    Zs = np.column_stack([np.ones(n), t]) if slope else np.ones((n, 1))
+    factors = [RandomFactor("subject", subj, Zs), RandomFactor("site", site, np.ones((n, 1)))]
+    b = rng.standard_normal((visits.size, Zs.shape[1], v))
+    Y = X @ rng.standard_normal((3, v)) + np.einsum("nq,nqv->nv", Zs, b[subj]) \
+        + 0.7 * rng.standard_normal((4, v))[site] + rng.standard_normal((n, v))
+    Y[:, 3:6][rng.random((n, 3)) < 0.05] = np.nan
+    Y[subj == 5, 6] = np.nan
+    Y[np.flatnonzero(visits[subj] == 2)[0], 7] = np.nan
+    Y[:, 8:][rng.random((n, v - 8)) < 0.1] = np.nan
+    return X, factors, Y
+
+
+def both_stats(X, factors, Y):
+    """The same voxels' statistics by Z'Y (`stats_from_sums`) and by the class-aggregated sums."""
+    layout = FactorLayout.from_factors(factors)
+    Z = random_effects_matrix(factors, layout)
+    present = ~np.isnan(Y)
+    Y0 = np.where(present, Y, 0.0)
+    patterns, pattern_of_voxel = presence_patterns(present)
+    XtY, ZtY, YtY = (X.T @ Y0).T, np.asarray(Z.T @ Y0).T, (Y0 * Y0).sum(0)
+    by_column = stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
+    group = schur_group(X, factors)
+    U = schur_design(X, Z, layout)
+    big = group.classes.big_level_mask(group.columns.shape[0])
+    level = np.searchsorted(layout.levels[0], factors[0].labels)
+    touched = [np.unique(level[~present[:, i]]) for i in range(Y.shape[1])]
+    touched = [t[big[t]] for t in touched]  # big-class levels a missing value touches, as reading keeps them
+    ptr = np.concatenate([[0], np.cumsum([t.size for t in touched])])
+    sums = group_sums([group], (U.T @ Y0).T, ZtY, YtY, [(ptr, np.concatenate(touched))])[0]
+    return by_column, schur_sum_stats(X, factors, patterns, pattern_of_voxel, sums, group), group
+
+
+@pytest.mark.parametrize("slope", [False, True])
+def test_each_patterns_objective_equals_its_own_on_zty(slope):
+    X, factors, Y = crossed_case(4, slope)
+    by_column, by_class, group = both_stats(X, factors, Y)
+    assert group.classes.n_big >= 2  # the case exercises class aggregates, not only small levels
+    plan = plan_fit(by_column.layout)
+    assert plan.structure == "schur"
+    rng = np.random.default_rng(1)
+    checked_touched = 0
+    for u in range(by_column.patterns.shape[0]):
+        idx = np.flatnonzero(by_column.pattern_of_voxel == u)
+        D = []
+        for qk in by_column.layout.q:  # a random PSD D per factor and voxel
+            A = rng.standard_normal((idx.size, qk, qk))
+            D.append(A @ np.swapaxes(A, 1, 2) + 0.1 * np.eye(qk))
+        for reml in (True, False):
+            a = by_column.pattern_objective(plan, u, reml)
+            b = by_class.pattern_objective(plan, u, reml)
+            ea = a.evaluate(D, by_column.pattern_data(a, u, idx), grad=True)
+            eb = b.evaluate(D, by_class.pattern_data(b, u, idx), grad=True)
+            # the same sums added in another order: float64 rounding of |llh| ~ 1e3 and |β| ~ 1
+            np.testing.assert_allclose(eb.llh, ea.llh, rtol=1e-11, atol=0)
+            np.testing.assert_allclose(eb.beta, ea.beta, rtol=1e-9, atol=1e-11)
+            for ga, gb in zip(ea.grad, eb.grad):
+                np.testing.assert_allclose(gb, ga, rtol=1e-8, atol=1e-9 * np.abs(ga).max())
+            np.testing.assert_allclose(eb.info, ea.info, rtol=1e-8, atol=1e-9 * np.abs(ea.info).max())
+        touched = np.unique(by_class.level_of_row[~by_class.patterns[u]])
+        checked_touched += int(np.any(group.small_position()[touched] < 0))
+    assert checked_touched >= 3  # patterns that take big-class levels out of their class were compared
+
+
+def test_fit_from_class_sums_equals_the_fit_from_zty():
+    X, factors, Y = crossed_case(7, slope=True)
+    by_column, by_class, _ = both_stats(X, factors, Y)
+    fa = fit_stats(by_column, tol=1e-8, threads=1)
+    fb = fit_stats(by_class, tol=1e-8, threads=1)
+    assert fa.converged.all() and fb.converged.all()
+    # the same objective to rounding: both stop within tol (1e-8) of one optimum
+    np.testing.assert_allclose(fb.llh, fa.llh, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(fb.beta, fa.beta, rtol=1e-4, atol=1e-5)
