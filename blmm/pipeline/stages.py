@@ -349,17 +349,17 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
             Zc = random_effects_matrix([f.subset(slice(c0, c1)) for f in factors], layout).tocsc()
             f0, f1 = int(outer[c0]), int(outer[c1 - 1]) + 1  # the chunk's outer levels
             spans = [tuple(np.searchsorted(g.outer, (f0, f1))) for g in groups]  # each group's levels here
-            Zg = [Zc[:, g.columns[m0:m1].ravel()] for g, (m0, m1) in zip(groups, spans)]
             keys = _touched_keys(outer[c0:c1], present, n_outer, where[2])
             # one factor, no big-class level touched by a missing value: X'Y, Y'Y and the class sums by
             # blocks of rows in cache, as fit_lmm forms them (no level's y_j is needed beside them)
             blocks = RowBlocks.plan(X[c0:c1], Zc, codes[c0:c1], groups[0].classes, groups[0].Xl) \
                 if one and keys.size == 0 else None
+            Zg = [] if blocks is not None else [Zc[:, g.columns[m0:m1].ravel()] for g, (m0, m1) in zip(groups, spans)]
             # complete rows go to the row blocks as read, which convert and centre them in cache
             in_blocks = blocks is not None and bool(present.all())
             if not in_blocks:
                 Y = _centred(Y, present, centre, X[c0:c1])
-            step = _voxel_step(plan, c1 - c0, sum(z.shape[1] for z in Zg), tasks)
+            step = _voxel_step(plan, c1 - c0, sum((m1 - m0) * g.q for g, (m0, m1) in zip(groups, spans)), tasks)
             for a in range(0, plan.voxels.size, step):
                 Yc = Y[:, a:a + step]
                 v = Yc.shape[1]
