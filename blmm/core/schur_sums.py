@@ -7,7 +7,8 @@ group's `LevelSums` whose XtY holds U'Y (`schur_group`).  A presence pattern cha
 Z_j'U only at the levels its missing rows touch, so its objective takes the complete design's
 classes less those levels (`LevelClasses.without_levels`); their y_j, stored apart where a
 missing value touches a big-class level, leave the class aggregates and join the small levels
-(docs/model.md, "Missing rows").  The read stage so writes what the fit reads, never Z'Y.
+(docs/model.md, "Crossed factors from class sums").  The read stage so writes what the fit reads,
+never Z'Y per level.
 """
 from __future__ import annotations
 
@@ -24,15 +25,17 @@ from blmm.core.objective.schur import SchurData, SchurObjective, eliminated_colu
 from blmm.core.sufficient import FactorLayout, SufficientStats, random_effects_matrix, stats_from_sums
 
 
-def schur_group(X: np.ndarray, factors: list[RandomFactor]) -> LevelGroup:
+def schur_group(X: np.ndarray, factors: list[RandomFactor]) -> LevelGroup | None:
     """The one group of levels of crossed factors' complete design (rows in any order): the big
-    factor's levels, with X_j = Z_j'U of the augmented design U = [X, Z_R] and its classes."""
+    factor's levels, with X_j = Z_j'U of the augmented design U = [X, Z_R] and its classes; None
+    where a level's design is zero on all its rows (G_j = 0: the objective drops it, the group
+    holds every level)."""
     layout = FactorLayout.from_factors(factors)
     Z = random_effects_matrix(factors, layout)
     obj = complete_objective(X, Z, layout)
     lv = obj.level
     if lv.level_index.size != layout.n_levels[obj.big]:
-        raise ValueError("every level of the eliminated factor needs rows in the complete design")
+        return None
     L, q = lv.level_index.size, lv.q
     return LevelGroup(lv.classes, lv.Xl, obj.big_cols.reshape(L, q), np.arange(L), lv.classes)
 
@@ -64,6 +67,8 @@ class SchurSumStats(SufficientStats):
         return classes, kept, touched
 
     def pattern_objective(self, plan, u: int, reml: bool) -> SchurObjective:
+        if plan.structure != "schur" or plan.tree is not None:
+            raise ValueError(f"crossed factors' class sums are fitted by the schur structure, not {plan.structure!r}")
         classes, _, _ = self._pattern_classes(u)
         return SchurObjective(self.XtX[u], self.ZtX[u], self.ZtZ[u], int(self.n_obs[u]), self.layout, reml,
                               big=self.big, classes=classes)

@@ -228,8 +228,9 @@ def sum_columns(config: Config, order: np.ndarray | None = None, basis: FittingB
                 groups: list[LevelGroup] | None = None) -> int:
     """Partial sums per voxel of one image batch: per group of levels (`level_groups`) X'Y, Y'Y,
     per big class its q q p cross sums and q(q+1)/2 y_j y_j' sums, and q per other level (one
-    factor, a nesting tree, crossed factors with U'Y for X'Y); p + q + 1 (factors kept dense).  The groups are those of the run's
-    fitting basis (`basis`, the plan's; by default the config's), unless given (`groups`)."""
+    factor, a nesting tree, crossed factors with U'Y for X'Y); p + q + 1 (factors kept dense).
+    The groups are those of the run's fitting basis (`basis`, the plan's; by default the
+    config's), unless given (`groups`)."""
     if groups is None:
         order = np.arange(config.n) if order is None else order
         basis = design_basis(config) if basis is None else basis
@@ -255,14 +256,15 @@ def stored_columns(groups: list[LevelGroup] | None, cut: np.ndarray, batches: tu
 def level_groups(X: np.ndarray, factors: list[RandomFactor]) -> list[LevelGroup] | None:
     """The groups of levels whose sums reading aggregates by class (core/level_groups.py), for X and
     factors with rows in level order: one factor's levels, a nesting tree's families by block shape,
-    or crossed factors' level with most levels on the augmented design (`schur_group`); None where
+    or crossed factors' factor with most levels on the augmented design (`schur_group`); None where
     the fit keeps other factors dense beside a nesting tree, or every factor dense (Z'Y per level)."""
     layout = FactorLayout.from_factors(factors)
     if len(factors) == 1:
         design = complete_design(X, factors[0])
         return factor_groups(design.classes, design.ZtX)
     if crossed_by_schur(layout):
-        return [schur_group(X, factors)]
+        group = schur_group(X, factors)
+        return None if group is None else [group]
     tree = nested_tree(layout)
     if tree is None or len(tree) != len(factors):
         return None
@@ -279,8 +281,8 @@ def crossed_by_schur(layout: FactorLayout) -> bool:
 
 
 def sums_design(X: np.ndarray, factors: list[RandomFactor]) -> np.ndarray:
-    """The design whose sums the run's groups take: X, or for crossed factors the augmented U = [X, Z_R]
-    (`schur_design`), rows as given."""
+    """The design whose sums the run's groups (`level_groups`) take: X, or for crossed factors the
+    augmented U = [X, Z_R] (`schur_design`), rows as given."""
     layout = FactorLayout.from_factors(factors)
     if not crossed_by_schur(layout):
         return X

@@ -97,3 +97,22 @@ def test_fit_from_class_sums_equals_the_fit_from_zty():
     # the same objective to rounding: both stop within tol (1e-8) of one optimum
     np.testing.assert_allclose(fb.llh, fa.llh, rtol=0, atol=1e-7)
     np.testing.assert_allclose(fb.beta, fa.beta, rtol=1e-4, atol=1e-5)
+
+
+def test_a_level_whose_design_is_zero_on_its_rows_keeps_zty():
+    """A subject seen only at t = 0 with a slope-only design has G_j = 0: the objective drops it, so the
+    class sums (which hold every level) are not used, and the pipeline keeps Z'Y (`schur_group` None)."""
+    X, factors, _ = crossed_case(4, slope=False)
+    subj = factors[0].labels
+    t = X[:, 2]
+    assert np.any([np.all(t[subj == s] == 0) for s in np.unique(subj)])  # a subject with one visit at t = 0
+    slope_only = RandomFactor("subject", subj, t[:, None])
+    assert schur_group(X, [slope_only, factors[1]]) is None
+    assert schur_group(X, factors) is not None
+
+
+def test_class_sums_need_the_schur_structure():
+    X, factors, Y = crossed_case(4, slope=False)
+    _, by_class, _ = both_stats(X, factors, Y)
+    with pytest.raises(ValueError, match="schur structure, not 'dense'"):
+        fit_stats(by_class, structure="dense", threads=1)
