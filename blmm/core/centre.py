@@ -48,6 +48,11 @@ class ResponseCentre:
     def take(self, idx) -> "ResponseCentre":
         return ResponseCentre(self.value[idx], self.weights, self.reach)
 
+    def padded(self, columns: int) -> "ResponseCentre":
+        """The same centre on a design with ``columns`` more columns after X's (U = [X, Z_R]): w padded
+        with zeros, so U w = X w."""
+        return ResponseCentre(self.value, np.concatenate([self.weights, np.zeros(columns)]), self.reach)
+
     def magnitude(self) -> np.ndarray:
         """(v,) the largest |c_v (X w)_i| over the rows: the raw values' size the centre removed."""
         return np.abs(self.value) * self.reach

@@ -17,6 +17,7 @@ from blmm.core.design_basis import DesignNote, fitting_basis
 from blmm.core.missing_rows import MissingRowCounts
 from blmm.core.result import FitResult
 from blmm.core.row_block_sums import complete_level_stats
+from blmm.core.schur_sums import complete_schur_stats
 from blmm.core.scoring import check_method
 from blmm.core.status import DROPPED_FEW, DROPPED_UNIDENTIFIABLE, FITTED, NOT_FITTED
 from blmm.core.structure import FitPlan, plan_fit
@@ -98,7 +99,8 @@ def _fit_in_basis(Y, X, factors, reml, method, tol, max_iter, structure="auto", 
     "The centre"); voxels differ in their rows where Y has NaNs (the plan's missing-rows path)."""
     centre = centre_of(Y, X, options.get("threads"))
     layout = FactorLayout.from_factors(factors)
-    plan = plan_fit(layout, structure, missing_rows=has_nan(Y))  # Y - c X w has Y's NaN
+    missing = has_nan(Y)
+    plan = plan_fit(layout, structure, missing_rows=missing)  # Y - c X w has Y's NaN
     path = plan.missing_rows_path  # either way the sums of the centred Y, without a centred copy of it
     if plan.structure == "levels" and path is None:
         # one factor, complete data: class-aggregated sums by row blocks, fitted as the pipeline fits them
@@ -106,6 +108,11 @@ def _fit_in_basis(Y, X, factors, reml, method, tol, max_iter, structure="auto", 
         if stats is not None:  # None: a NaN that has_nan missed (none do)
             return fit_stats(stats, reml=reml, method=method, tol=tol, max_iter=max_iter,
                              plan=plan_fit(layout, "levels", missing_rows=True), **options)
+    if plan.structure == "schur" and plan.tree is None and not missing:
+        # crossed factors, complete data: the class sums Schur reads by row blocks of U = [X, Z_R], no Z'Y
+        stats = complete_schur_stats(Y, X, factors, centre, options.get("threads"))
+        if stats is not None:  # None: a level with G_j = 0 (the class sums hold every level)
+            return fit_stats(stats, reml=reml, method=method, tol=tol, max_iter=max_iter, plan=plan, **options)
     if path is None:
         stats = sufficient_stats(Y, X, factors, layout, centre=centre, threads=options.get("threads"))
     else:

@@ -17,11 +17,13 @@ from dataclasses import dataclass, fields
 import numpy as np
 import scipy.sparse as sp
 
+from blmm.core.centre import ResponseCentre
 from blmm.core.design import RandomFactor
 from blmm.core.level_classes import LevelClasses, class_aggregates
 from blmm.core.level_groups import LevelGroup
 from blmm.core.missing_rows import LevelSums
-from blmm.core.objective.schur import SchurData, SchurObjective, eliminated_columns
+from blmm.core.objective.schur import SchurData, SchurObjective, eliminated_columns, schur_design
+from blmm.core.row_block_sums import RowBlocks, row_block_level_sums
 from blmm.core.sufficient import FactorLayout, SufficientStats, random_effects_matrix, stats_from_sums
 
 
@@ -99,6 +101,28 @@ def pattern_sums(sums: LevelSums, group: LevelGroup, classes: LevelClasses, kept
     y_small = sums.level_y(small_position, np.repeat(np.arange(v), ids.size), np.tile(ids, v))
     return LevelSums.untouched(sums.XtY, sums.YtY, sums.KXYo[:, kept] - dK, sums.KYY[:, kept] - dYY,
                                y_small.reshape(v, ids.size, q))
+
+
+def complete_schur_stats(Y: np.ndarray, X: np.ndarray, factors: list[RandomFactor], centre: ResponseCentre | None = None,
+                         threads: int | None = None) -> SchurSumStats | None:
+    """Crossed factors' statistics of complete data (one presence pattern) as Schur reads them, the sums of
+    Y (n, v) less the centre formed by row blocks of U = [X, Z_R] (`row_block_level_sums`), without Z'Y;
+    None where `schur_group` is None or Y holds a NaN (the caller forms Z'Y instead)."""
+    group = schur_group(X, factors)
+    if group is None:
+        return None
+    layout = FactorLayout.from_factors(factors)
+    Z = random_effects_matrix(factors, layout)
+    big, big_cols, small_cols = eliminated_columns(layout)
+    codes = np.searchsorted(layout.levels[big], factors[big].labels)
+    blocks = RowBlocks.plan(schur_design(X, Z, layout), sp.csc_matrix(Z)[:, big_cols], codes, group.classes, group.Xl)
+    sums = row_block_level_sums(Y, blocks, None if centre is None else centre.padded(small_cols.size), threads)
+    if sums is None:
+        return None
+    n, v = np.shape(Y)
+    stats = schur_sum_stats(X, factors, np.ones((1, n), bool), np.zeros(v, np.int64), sums, group)
+    stats.centre = centre
+    return stats
 
 
 def schur_sum_stats(X: np.ndarray, factors: list[RandomFactor], patterns: np.ndarray, pattern_of_voxel: np.ndarray,

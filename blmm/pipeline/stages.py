@@ -68,7 +68,7 @@ from blmm.io.outdir import (
 )
 from blmm.core.design import covariance_names
 from blmm.pipeline.corrections import correction_space_needed
-from blmm.pipeline.plan import RunPlan, level_groups, one_factor, outer_codes, sums_design
+from blmm.pipeline.plan import RunPlan, crossed_by_schur, level_groups, one_factor, outer_codes, sums_design
 
 
 class _RowFile:
@@ -342,7 +342,8 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
     stored = plan.batch_columns[b]  # not the other batches' levels' y_j: zero here
     small_ranges = [g.small_range(int(outer[start]), int(outer[stop - 1]) + 1) for g in groups]
     one = one_factor(plan.config)
-    codes = np.searchsorted(layout.levels[0], factors[0].labels) if one else None
+    by_blocks = one or crossed_by_schur(layout)  # one group of single levels: the row blocks can form its sums
+    block_centre = centre.padded(U.shape[1] - X.shape[1])  # U w = X w: the same centre on U = [X, Z_R]
     out = _RowFile(tmp_stats, plan.voxels.size, stored.size)
     try:
         for c0, c1, Y, present in _image_chunks(plan, _chunks(outer, start, stop, _chunk_rows(plan, tasks)), missing, bits):
@@ -350,10 +351,10 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
             f0, f1 = int(outer[c0]), int(outer[c1 - 1]) + 1  # the chunk's outer levels
             spans = [tuple(np.searchsorted(g.outer, (f0, f1))) for g in groups]  # each group's levels here
             keys = _touched_keys(outer[c0:c1], present, n_outer, where[2])
-            # one factor, no big-class level touched by a missing value: X'Y, Y'Y and the class sums by
-            # blocks of rows in cache, as fit_lmm forms them (no level's y_j is needed beside them)
-            blocks = RowBlocks.plan(X[c0:c1], Zc, codes[c0:c1], groups[0].classes, groups[0].Xl) \
-                if one and keys.size == 0 else None
+            # one factor or crossed factors, no big-class level touched by a missing value: U'Y, Y'Y and the
+            # class sums by blocks of rows in cache, as fit_lmm forms them (no level's y_j is needed beside them)
+            blocks = RowBlocks.plan(U[c0:c1], Zc if one else Zc[:, groups[0].columns.ravel()], outer[c0:c1],
+                                    groups[0].classes, groups[0].Xl) if by_blocks and keys.size == 0 else None
             Zg = [] if blocks is not None else [Zc[:, g.columns[m0:m1].ravel()] for g, (m0, m1) in zip(groups, spans)]
             # complete rows go to the row blocks as read, which convert and centre them in cache
             in_blocks = blocks is not None and bool(present.all())
@@ -365,7 +366,7 @@ def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[Le
                 v = Yc.shape[1]
                 rows = out.read(a, a + v) if c0 > start else np.zeros((v, stored.size))
                 if blocks is not None:
-                    rows += row_block_level_sums(Yc, blocks, centre if in_blocks else None, threads=1,
+                    rows += row_block_level_sums(Yc, blocks, block_centre if in_blocks else None, threads=1,
                                                  small_range=small_ranges[0]).pack()
                     out.write(a, rows)
                     touched.append((np.zeros(0, np.int64), np.zeros((0, width))))  # none touched here

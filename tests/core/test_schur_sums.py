@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 
 from blmm.core.design import RandomFactor
-from blmm.core.fit import fit_stats
+from blmm.core.centre import centre_of
+from blmm.core import fit as fit_module
+from blmm.core.fit import fit_lmm, fit_stats
 from blmm.core.level_groups import group_sums
 from blmm.core.objective.schur import schur_design
-from blmm.core.schur_sums import schur_group, schur_sum_stats
+from blmm.core.schur_sums import complete_schur_stats, schur_group, schur_sum_stats
 from blmm.core.structure import plan_fit
-from blmm.core.sufficient import FactorLayout, presence_patterns, random_effects_matrix, stats_from_sums
+from blmm.core.sufficient import (FactorLayout, presence_patterns, random_effects_matrix, stats_from_sums,
+                                  sufficient_stats)
 
 
 def crossed_case(seed: int, slope: bool, v: int = 12):
@@ -57,14 +60,11 @@ def both_stats(X, factors, Y):
     return by_column, schur_sum_stats(X, factors, patterns, pattern_of_voxel, sums, group), group
 
 
-@pytest.mark.parametrize("slope", [False, True])
-def test_each_patterns_objective_equals_its_own_on_zty(slope):
-    X, factors, Y = crossed_case(4, slope)
-    by_column, by_class, group = both_stats(X, factors, Y)
-    assert group.classes.n_big >= 2  # the case exercises class aggregates, not only small levels
+def assert_same_objectives(by_column, by_class, rng) -> int:
+    """Every pattern's objective and data from the class sums evaluate as those from Z'Y at a random D (REML
+    and ML); returns how many patterns took big-class levels out of their class."""
     plan = plan_fit(by_column.layout)
     assert plan.structure == "schur"
-    rng = np.random.default_rng(1)
     checked_touched = 0
     for u in range(by_column.patterns.shape[0]):
         idx = np.flatnonzero(by_column.pattern_of_voxel == u)
@@ -84,8 +84,39 @@ def test_each_patterns_objective_equals_its_own_on_zty(slope):
                 np.testing.assert_allclose(gb, ga, rtol=1e-8, atol=1e-9 * np.abs(ga).max())
             np.testing.assert_allclose(eb.info, ea.info, rtol=1e-8, atol=1e-9 * np.abs(ea.info).max())
         touched = np.unique(by_class.level_of_row[~by_class.patterns[u]])
-        checked_touched += int(np.any(group.small_position()[touched] < 0))
-    assert checked_touched >= 3  # patterns that take big-class levels out of their class were compared
+        checked_touched += int(np.any(by_class.group.small_position()[touched] < 0))
+    return checked_touched
+
+
+@pytest.mark.parametrize("slope", [False, True])
+def test_each_patterns_objective_equals_its_own_on_zty(slope):
+    X, factors, Y = crossed_case(4, slope)
+    by_column, by_class, group = both_stats(X, factors, Y)
+    assert group.classes.n_big >= 2  # the case exercises class aggregates, not only small levels
+    # patterns that take big-class levels out of their class were compared
+    assert assert_same_objectives(by_column, by_class, np.random.default_rng(1)) >= 3
+
+
+@pytest.mark.parametrize("slope", [False, True])
+def test_complete_data_by_row_blocks_equals_the_zty_statistics(slope, monkeypatch):
+    """fit_lmm's crossed complete-data path: U'Y, Y'Y and the class sums by row blocks, centred in the blocks."""
+    X, factors, Y = crossed_case(5, slope)
+    Y = Y[:, :3] + 1e3  # the complete voxels, far from 0: the centre matters
+    layout = FactorLayout.from_factors(factors)
+    centre = centre_of(Y, X)
+    by_class = complete_schur_stats(Y, X, factors, centre, threads=1)
+    by_column = sufficient_stats(Y, X, factors, layout, centre=centre, threads=1)
+    assert by_class.centre is centre and by_class.patterns.shape[0] == 1
+    np.testing.assert_allclose(by_class.XtY, by_column.XtY, rtol=1e-12, atol=1e-9)  # sums of O(1e2) rows
+    assert assert_same_objectives(by_column, by_class, np.random.default_rng(2)) == 0
+    calls = []
+    monkeypatch.setattr(fit_module, "complete_schur_stats", lambda *a, **k: calls.append(1) or complete_schur_stats(*a, **k))
+    fit = fit_lmm(Y, X, factors, tol=1e-8, safe_mode=False)  # the slope case has fewer rows than effects
+    assert calls == [1]  # fit_lmm took the row-block path
+    ref = fit_stats(by_column, tol=1e-8, threads=1)
+    assert fit.converged.all() and ref.converged.all()
+    np.testing.assert_allclose(fit.llh, ref.llh, rtol=0, atol=1e-7)  # both within tol (1e-8) of one optimum
+    np.testing.assert_allclose(fit.beta, ref.beta, rtol=1e-5, atol=1e-6)
 
 
 def test_fit_from_class_sums_equals_the_fit_from_zty():
