@@ -108,7 +108,7 @@ def _fit_in_basis(Y, X, factors, reml, method, tol, max_iter, structure="auto", 
         if stats is not None:  # None: a NaN that has_nan missed (none do)
             return fit_stats(stats, reml=reml, method=method, tol=tol, max_iter=max_iter,
                              plan=plan_fit(layout, "levels", missing_rows=True), **options)
-    if plan.structure == "schur" and plan.tree is None and not missing:
+    if plan.eliminates_one_factor and not missing:
         # crossed factors, complete data: the class sums Schur reads by row blocks of U = [X, Z_R], no Z'Y
         stats = complete_schur_stats(Y, X, factors, centre, options.get("threads"))
         if stats is not None:  # None: a level with G_j = 0 (the class sums hold every level)

@@ -69,7 +69,7 @@ class SchurSumStats(SufficientStats):
         return classes, kept, touched
 
     def pattern_objective(self, plan, u: int, reml: bool) -> SchurObjective:
-        if plan.structure != "schur" or plan.tree is not None:
+        if not plan.eliminates_one_factor:
             raise ValueError(f"crossed factors' class sums are fitted by the schur structure, not {plan.structure!r}")
         classes, _, _ = self._pattern_classes(u)
         return SchurObjective(self.XtX[u], self.ZtX[u], self.ZtZ[u], int(self.n_obs[u]), self.layout, reml,

@@ -124,6 +124,12 @@ class FitPlan:
         return STRUCTURES[self.structure]
 
     @property
+    def eliminates_one_factor(self) -> bool:
+        """Schur eliminating one factor's levels, no nesting tree: its data are that factor's class sums
+        on U = [X, Z_R] (core/schur_sums.py)."""
+        return self.structure == "schur" and self.tree is None
+
+    @property
     def missing_rows_path(self) -> MissingRowsPath | None:
         return self.entry.missing_rows if self.missing_rows else None
 

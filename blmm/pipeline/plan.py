@@ -276,8 +276,7 @@ def level_groups(X: np.ndarray, factors: list[RandomFactor]) -> list[LevelGroup]
 
 def crossed_by_schur(layout: FactorLayout) -> bool:
     """Crossed factors that Schur fits by eliminating the one with most levels (no nesting tree)."""
-    plan = plan_fit(layout)
-    return len(layout.q) > 1 and plan.structure == "schur" and plan.tree is None
+    return plan_fit(layout).eliminates_one_factor
 
 
 def sums_design(X: np.ndarray, factors: list[RandomFactor]) -> np.ndarray:

@@ -550,9 +550,9 @@ def fit_block(plan: RunPlan, k: int) -> str:
             if fit_plan.missing_rows:  # one nesting tree: touched families as units
                 stats = nested_missing_row_stats(X, factors, layout, patterns, pattern_of_voxel,
                                                  sums=group_level_sums(plan, sums, touched, keep))
-            elif sum_groups(plan) is not None:  # crossed factors: per pattern, from the class-aggregated sums
+            elif (groups := sum_groups(plan)) is not None:  # crossed factors: per pattern, from the class sums
                 stats = schur_sum_stats(X, factors, patterns, pattern_of_voxel,
-                                        group_level_sums(plan, sums, touched, keep)[0], sum_groups(plan)[0])
+                                        group_level_sums(plan, sums, touched, keep)[0], groups[0])
             else:  # factors kept dense: one objective per presence pattern, from Z'Y
                 XtY, ZtY, YtY = split_data_sums(sums[keep], p, layout.n_columns)
                 Z = random_effects_matrix(factors, layout)
