@@ -49,7 +49,18 @@ def complete_objective(X: np.ndarray, Z, layout: FactorLayout) -> SchurObjective
 
 
 @dataclass
-class SchurSumStats(SufficientStats):
+class ClassSumStats(SufficientStats):
+    """Statistics whose data sums are class-aggregated on an augmented design (no Z'Y), fitted pattern by
+    pattern through `pattern_objective` / `pattern_data`."""
+
+    def restricted(self, N: np.ndarray) -> SufficientStats:
+        # a null model's X'Y is not a map of U'Y's class aggregates: its statistics come from the data
+        raise NotImplementedError(f"{type(self).__name__} holds class sums, not Z'Y: form a restricted model's "
+                                  "statistics with sufficient_stats")
+
+
+@dataclass
+class SchurSumStats(ClassSumStats):
     """Crossed factors' statistics with the data sums class-aggregated (`group`'s `LevelSums`, XtY
     = U'Y; ZtY unused): each presence pattern is fitted by a Schur objective in the complete
     design's classes less the levels its missing rows touch."""

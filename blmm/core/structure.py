@@ -130,6 +130,12 @@ class FitPlan:
         return self.structure == "schur" and self.tree is None
 
     @property
+    def dense_beside_tree(self) -> bool:
+        """Schur eliminating a nesting tree, other factors dense: its data are the tree groups' class sums
+        on U = [X, Z_R] (core/nested_schur_sums.py)."""
+        return self.structure == "schur" and self.tree is not None and len(self.tree) < len(self.layout.q)
+
+    @property
     def missing_rows_path(self) -> MissingRowsPath | None:
         return self.entry.missing_rows if self.missing_rows else None
 

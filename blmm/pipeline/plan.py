@@ -18,7 +18,8 @@ from blmm.core.design import RandomFactor
 from blmm.core.design_basis import FittingBasis, fitting_basis
 from blmm.core.level_groups import LevelGroup, factor_groups, tree_groups
 from blmm.core.missing_rows import MissingRowStats, missing_design
-from blmm.core.objective.nested import NestedObjective, nested_tree
+from blmm.core.nested_schur_sums import tree_schur_groups
+from blmm.core.objective.nested import NestedObjective, nested_tree, tree_schur_design
 from blmm.core.objective.schur import schur_design
 from blmm.core.schur_sums import schur_group
 from blmm.core.structure import plan_fit
@@ -256,8 +257,9 @@ def stored_columns(groups: list[LevelGroup] | None, cut: np.ndarray, batches: tu
 def level_groups(X: np.ndarray, factors: list[RandomFactor]) -> list[LevelGroup] | None:
     """The groups of levels whose sums reading aggregates by class (core/level_groups.py), for X and
     factors with rows in level order: one factor's levels, a nesting tree's families by block shape,
-    or crossed factors' factor with most levels on the augmented design (`schur_group`); None where
-    the fit keeps other factors dense beside a nesting tree, or every factor dense (Z'Y per level)."""
+    crossed factors' factor with most levels on the augmented design (`schur_group`), or a nesting tree's
+    families on the augmented design where other factors stay dense beside it (`tree_schur_groups`);
+    None where every factor stays dense (Z'Y per level)."""
     layout = FactorLayout.from_factors(factors)
     if len(factors) == 1:
         design = complete_design(X, factors[0])
@@ -265,6 +267,8 @@ def level_groups(X: np.ndarray, factors: list[RandomFactor]) -> list[LevelGroup]
     if crossed_by_schur(layout):
         group = schur_group(X, factors)
         return None if group is None else [group]
+    if (tree := tree_beside_dense(layout)) is not None:
+        return tree_schur_groups(X, factors, tree, outer_codes(factors))
     tree = nested_tree(layout)
     if tree is None or len(tree) != len(factors):
         return None
@@ -279,13 +283,22 @@ def crossed_by_schur(layout: FactorLayout) -> bool:
     return plan_fit(layout).eliminates_one_factor
 
 
+def tree_beside_dense(layout: FactorLayout) -> list | None:
+    """The nesting tree that Schur eliminates beside factors it keeps dense, or None."""
+    plan = plan_fit(layout)
+    return plan.tree if plan.dense_beside_tree else None
+
+
 def sums_design(X: np.ndarray, factors: list[RandomFactor]) -> np.ndarray:
-    """The design whose sums the run's groups (`level_groups`) take: X, or for crossed factors the
-    augmented U = [X, Z_R] (`schur_design`), rows as given."""
+    """The design whose sums the run's groups (`level_groups`) take: X, or the augmented U = [X, Z_R] for
+    crossed factors (`schur_design`) and for a nesting tree beside dense factors (`tree_schur_design`),
+    rows as given."""
     layout = FactorLayout.from_factors(factors)
-    if not crossed_by_schur(layout):
-        return X
-    return schur_design(X, random_effects_matrix(factors, layout), layout)
+    if crossed_by_schur(layout):
+        return schur_design(X, random_effects_matrix(factors, layout), layout)
+    if (tree := tree_beside_dense(layout)) is not None:
+        return tree_schur_design(X, random_effects_matrix(factors, layout), layout, tree)
+    return X
 
 
 def outer_codes(factors: list[RandomFactor]) -> np.ndarray:

@@ -4,14 +4,17 @@
    from MAXMEM, the work folder and the hash of the inputs (for resuming).
 2. `read_batch(plan, b)`: reads the images of batch b once (rows in level order, whole
    outer levels per batch) and writes their partial sums and presence bits for every analysis
-   voxel (atomically).  One factor, a nesting tree or crossed factors: X'Y (U'Y for crossed
-   factors, core/schur_sums.py), Y'Y and per group of levels (core/level_groups.py) its class
-   aggregates and the other levels' y_j, plus apart the y_j where a missing value touches a
-   big-class level (`sum_columns`); factors kept dense: X'Y, Z'Y, Y'Y.
+   voxel (atomically).  One factor, a nesting tree, crossed factors or a nesting tree beside
+   dense factors: X'Y (U'Y of the augmented design U = [X, Z_R] where factors stay dense,
+   core/schur_sums.py and core/nested_schur_sums.py), Y'Y and per group of levels
+   (core/level_groups.py) its class aggregates and the other levels' y_j, plus apart the y_j
+   where a missing value touches a big-class level (`sum_columns`); every factor kept dense:
+   X'Y, Z'Y, Y'Y.
 3. `fit_block(plan, k)`: sums block k's rows of every partial in a fixed order and fits:
    one factor or a nesting tree, every voxel against the complete design (`blocks.fit_missing_rows`:
-   a voxel that misses no row by the complete design's objective); crossed factors, per presence
-   pattern (`schur_sum_stats`).  Then infers and writes the block's results (atomically).
+   a voxel that misses no row by the complete design's objective); crossed factors or a tree
+   beside dense factors, per presence pattern (`schur_sum_stats`, `nested_schur_sum_stats`).
+   Then infers and writes the block's results (atomically).
 4. `write_outputs(plan, ...)`: assembles the maps in the input's format.
 
 Batches and blocks run on an engine (`blmm.engine`); a killed run restarts from the
@@ -45,6 +48,7 @@ from blmm.core.fit import fit_stats
 from blmm.core.status import (BELOW_MIN_N, BELOW_MIN_PERCENT, DROPPED_FEW, DROPPED_UNIDENTIFIABLE, FAILED, FITTED,
                               NOT_FITTED, SAFE_MODE, STOP_NAMES, drop_reasons)
 from blmm.core.nested_missing_rows import nested_missing_row_stats
+from blmm.core.nested_schur_sums import nested_schur_sum_stats
 from blmm.core.schur_sums import schur_sum_stats
 from blmm.core.structure import plan_fit
 from blmm.io import outdir as _outdir
@@ -325,9 +329,9 @@ def _read_batch_by_column(plan: RunPlan, b: int, tmp_stats: Path, tasks: int) ->
 
 
 def _read_batch_by_class(plan: RunPlan, b: int, tmp_stats: Path, groups: list[LevelGroup], tasks: int) -> dict:
-    """One factor, a nesting tree or crossed factors: per voxel X'Y (U'Y of the augmented design for
-    crossed factors, `sums_design`), Y'Y and each group's class-aggregated sums (`LevelSums`,
-    core/level_groups.py), and apart the y_j of big-class levels a missing value touches.  Chunks
+    """One factor, a nesting tree, crossed factors or a tree beside dense factors: per voxel X'Y (U'Y of
+    the augmented design where factors stay dense, `sums_design`), Y'Y and each group's class-aggregated
+    sums (`LevelSums`, core/level_groups.py), and apart the y_j of big-class levels a missing value touches.  Chunks
     hold whole outer levels (families), so each level's y_j is complete within one chunk."""
     start, stop = plan.batches[b]
     X, factors = ordered_design(plan)
@@ -494,7 +498,7 @@ def group_level_sums(plan: RunPlan, sums: np.ndarray, touched, keep: np.ndarray)
     for i, g in enumerate(groups):
         n_cols = g.packed_width()
         part = LevelSums.unpack(sums[keep, col:col + n_cols], g.Xl.shape[2], g.q, g.classes.n_big,
-                                g.classes.small_levels.size)  # Xl's columns: X's, or U's for crossed factors
+                                g.classes.small_levels.size)  # Xl's columns: X's, or U's where factors stay dense
         col += n_cols
         mine = (vox >= 0) & (values[:, 0] == i)  # voxels screened out drop
         counts = np.bincount(vox[mine], minlength=keep.size)
@@ -550,9 +554,13 @@ def fit_block(plan: RunPlan, k: int) -> str:
             if fit_plan.missing_rows:  # one nesting tree: touched families as units
                 stats = nested_missing_row_stats(X, factors, layout, patterns, pattern_of_voxel,
                                                  sums=group_level_sums(plan, sums, touched, keep))
-            elif (groups := sum_groups(plan)) is not None:  # crossed factors: per pattern, from the class sums
+            elif (groups := sum_groups(plan)) is not None and fit_plan.eliminates_one_factor:
+                # crossed factors: per pattern, from the class sums
                 stats = schur_sum_stats(X, factors, patterns, pattern_of_voxel,
                                         group_level_sums(plan, sums, touched, keep)[0], groups[0])
+            elif groups is not None:  # a nesting tree beside dense factors: per pattern, from its groups' class sums
+                stats = nested_schur_sum_stats(X, factors, fit_plan.tree, patterns, pattern_of_voxel,
+                                               group_level_sums(plan, sums, touched, keep), groups)
             else:  # factors kept dense: one objective per presence pattern, from Z'Y
                 XtY, ZtY, YtY = split_data_sums(sums[keep], p, layout.n_columns)
                 Z = random_effects_matrix(factors, layout)

@@ -33,7 +33,7 @@ if (!length(cases)) {
   cases <- c("intercept", "slope", "crossed", "nested", "singletons", "boundary", "missing",
              "balanced_q2", "balanced_visits", "balanced_q3", "nested3", "crossed_slope",
              "two_factor_missing", "family_intercept", "family_slope", "intercept_missing",
-             "family_missing", "family_slope_missing")
+             "family_missing", "family_slope_missing", "family_scanner_missing")
 }
 
 # ------------------------------------------------------------------------------------------

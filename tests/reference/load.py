@@ -42,6 +42,8 @@ CASES = (
     "two_factor_missing", "family_intercept", "family_slope",
     # issue 11: missing rows at most voxels (one factor q = 1; subjects nested in families)
     "intercept_missing", "family_missing", "family_slope_missing",
+    # issue 21: a nesting tree beside a dense (crossed) factor, with missing rows
+    "family_scanner_missing",
 )
 # issue 17: p = 5, most voxels singular in lme4 (q = 2, q = 3); test_fit_reference compares their df
 SINGULAR_CASES = ("slope_singular", "q3_singular")

@@ -639,6 +639,23 @@ def case_family_slope_missing():
     write_case("family_slope_missing", X, [fam, subj], [Z1, Z2], Y, _truth(betas, sigma2, [D1, D2]))
 
 
+def case_family_scanner_missing():
+    """(1 | family) + (1 | subject) + (1 | scanner), 60 families (60% singletons), 1-3 visits; each visit at
+    its subject's home scanner (one of 4) 80% of the time, else at a random one (scanners cross families);
+    missing rows at v2-v8 as family_missing (issue 21: the tree's class sums beside a dense factor)."""
+    rng = np.random.default_rng(1204)
+    V = 8
+    fam, subj, n_sub = _family_design(rng, 60, shares=(0.6, 0.25, 0.15))
+    X, ones, betas, sigma2, D1, D2 = _family_intercept_model(rng, fam, subj, n_sub, V)
+    home = rng.integers(1, 5, n_sub)[subj - 1]
+    scanner = np.where(rng.random(subj.size) < 0.8, home, rng.integers(1, 5, subj.size))
+    D3 = _ratios(rng, V, 0.2, 2.0)[:, None, None]
+    Y = _simulate(rng, X, [fam, subj, scanner], [ones, ones, ones], betas, sigma2, [D1, D2, D3])
+    _family_missing_rows(rng, Y, fam, subj)
+    write_case("family_scanner_missing", X, [fam, subj, scanner], [ones, ones, ones], Y,
+               _truth(betas, sigma2, [D1, D2, D3]))
+
+
 # p = 5: time, age, sex, a per-image covariate
 CONTRASTS_P5 = [
     {"name": "X2", "vector": [0, 1, 0, 0, 0]},
@@ -714,6 +731,7 @@ CASES = {
     "intercept_missing": case_intercept_missing,
     "family_missing": case_family_missing,
     "family_slope_missing": case_family_slope_missing,
+    "family_scanner_missing": case_family_scanner_missing,
     "slope_singular": case_slope_singular,
     "q3_singular": case_q3_singular,
 }

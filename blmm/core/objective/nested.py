@@ -26,6 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from blmm.core import linalg as la
+from blmm.core.level_classes import LevelClasses
 from blmm.core.objective.base import Evaluation, array_bytes, no_units, profiled
 from blmm.core.objective.levels import LevelObjective
 from blmm.core.objective.schur import SchurData, SchurObjective
@@ -95,7 +96,7 @@ class NestedTree:
     Host-only (numpy, off the array seam): it runs once per objective on Z'Z and small index arrays;
     `NestedObjective` evaluates in the namespace of the voxels' arrays."""
 
-    def __init__(self, layout, ZtZ: sp.csr_matrix, tree: list[int] | None = None):
+    def __init__(self, layout, ZtZ: sp.csr_matrix, tree: list[int] | None = None, spans: dict | None = None):
         tree = nested_tree(layout) if tree is None else sorted(tree)
         if tree is None:
             raise ValueError("no random factor nests in another")
@@ -114,7 +115,8 @@ class NestedTree:
         self.q = [qk[k] for k in tree]
         self.soff = np.concatenate([[0], np.cumsum([q * q for q in self.q])]).astype(int)
         self.s = int(self.soff[-1])
-        self.spans = self._spanned()
+        # given spans: a presence pattern keeps its complete design's (they hold row by row, so on any rows)
+        self.spans = self._spanned() if spans is None else spans
         self.groups = self._group_outer_levels()
 
     def _number_nodes(self) -> None:
@@ -193,9 +195,13 @@ class NestedTree:
         base, root = self.node_base[self.root], self.root
         for lvl in np.flatnonzero(self.present[base:base + self.layout.n_levels[root]]):
             nodes = order(signature(base + lvl), [])
-            shape = tuple(int(node_factor[x]) for x in nodes)
+            shape = self.shape_of(nodes)
             groups.setdefault(shape, []).append(nodes)
         return groups
+
+    def shape_of(self, nodes: list) -> tuple:
+        """A block's shape: the factor of each of its nodes, in their order."""
+        return tuple(int(self.node_factor[x]) for x in nodes)
 
     def block_columns(self, members: list, keep: np.ndarray) -> np.ndarray:
         """The Z columns of a group's blocks (its members' nodes in order, kept positions only)."""
@@ -283,28 +289,49 @@ class NestedTree:
         return d
 
 
+@dataclass(frozen=True)
+class TreeGroup:
+    """One group of outer levels given to `NestedObjective`: its block shape, its members' nodes
+    (`NestedTree` numbering, each member's in canonical order) and their classes (None: from the
+    blocks; given: any partition into equal blocks, levels numbered as the members)."""
+
+    shape: tuple
+    members: list
+    classes: LevelClasses | None = None
+
+
 class NestedObjective:
     """A tree of nested factors, eliminated by the blocks of its outermost factor: each group of
-    outer levels with one block shape (`NestedTree`) is a `LevelObjective` with q = the block size."""
+    outer levels with one block shape (`NestedTree`) is a `LevelObjective` with q = the block size.
+
+    ``groups`` (`TreeGroup`s over ``layout_tree``'s nodes) replace the tree's own grouping: a
+    presence pattern's families keep their complete design's groups and classes where its missing
+    rows leave them whole (core/nested_schur_sums.py)."""
 
     missing_rows = False
     has_deviance_hessian = False
 
-    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, tree: list[int] | None = None):
+    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, tree: list[int] | None = None,
+                 layout_tree: NestedTree | None = None, groups: list[TreeGroup] | None = None):
         ZtZ = sp.csr_matrix(ZtZ)
-        layout_tree = NestedTree(layout, ZtZ, tree)  # not kept: only what evaluation needs is
+        if layout_tree is None:  # not kept: only what evaluation needs is
+            layout_tree = NestedTree(layout, ZtZ, tree)
+        if groups is None:
+            groups = [TreeGroup(shape, members) for shape, members in layout_tree.groups.items()]
         self.tree, self.root = layout_tree.tree, layout_tree.root
         self.n, self.p, self.reml = int(n), XtX.shape[0], bool(reml)
         self.XtX = XtX
         self.q, self.s, self.spans = layout_tree.q, layout_tree.s, layout_tree.spans
         self.soff = tuple(int(o) for o in layout_tree.soff)  # slice bounds: host integers in any namespace
         self.levels, self.perm, self.P, self.Pterms, self.shapes = [], [], [], [], []
-        for shape, members in layout_tree.groups.items():
+        for group in groups:
+            shape, members = group.shape, group.members
             P, keep, terms = layout_tree.block_map(shape, members[0])
             perm = layout_tree.block_columns(members, keep)
             b = int(keep.size)
             # a class of a few families already pays for aggregated data sums (block sizes are small)
-            lv = LevelObjective(XtX, ZtX[perm], ZtZ[perm][:, perm], n, b, reml, big_class_min=max(2, b))
+            lv = LevelObjective(XtX, ZtX[perm], ZtZ[perm][:, perm], n, b, reml, big_class_min=max(2, b),
+                                classes=group.classes)
             self.levels.append(lv)
             self.perm.append(perm)
             self.P.append(P)
@@ -446,23 +473,24 @@ class NestedSchurObjective(SchurObjective):
     Woodbury step over the q_R site columns gives V⁻¹, as in `SchurObjective`.
     """
 
-    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, tree: list[int]):
+    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, tree: list[int], layout_tree: NestedTree | None = None,
+                 groups: list[TreeGroup] | None = None):
         ZtZ = sp.csr_matrix(ZtZ)
         self.n, self.p, self.reml = int(n), XtX.shape[0], bool(reml)
         self.qk = layout.q
-        nlev, off = layout.n_levels, layout.offsets
+        nlev = layout.n_levels
         self.tree = list(tree)
         self.small = [k for k in range(len(self.qk)) if k not in self.tree]
         if not self.small:
             raise ValueError("no crossed factor left: use NestedObjective")
-        small_cols = np.concatenate([np.arange(off[k], off[k + 1]) for k in self.small])
+        small_cols = dense_columns(layout, self.tree)
         self.small_cols = small_cols
         self.qR = small_cols.size
         ZRtX = ZtX[small_cols]
         ZRtZR = np.asarray(ZtZ[small_cols][:, small_cols].todense())
         UtU = np.block([[XtX, ZRtX.T], [ZRtX, ZRtZR]])
         ZtU = np.hstack([ZtX, np.asarray(ZtZ[:, small_cols].todense())])  # all Z columns; the tree picks its own
-        self.level = NestedObjective(UtU, ZtU, ZtZ, n, layout, reml, self.tree)
+        self.level = NestedObjective(UtU, ZtU, ZtZ, n, layout, reml, self.tree, layout_tree, groups)
         # slice bounds: host integers in any namespace
         self.small_offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum([nlev[k] * self.qk[k]
                                                                                     for k in self.small])]))
@@ -484,6 +512,13 @@ class NestedSchurObjective(SchurObjective):
         return SchurData(self.level.data(UtY, ZtY, YtY), np.ascontiguousarray(ZtY[:, self.small_cols]),
                          np.ascontiguousarray(XtY))
 
+    def data_from_sums(self, sums: list) -> SchurData:
+        """SchurData from each tree group's class-aggregated sums of U = [X, Z_R] (`LevelSums`, XtY = U'Y:
+        `tree_schur_design`), in this objective's groups."""
+        UtY = sums[0].XtY
+        return SchurData(self.level.data_from_sums(sums), np.ascontiguousarray(UtY[:, self.p:]),
+                         np.ascontiguousarray(UtY[:, :self.p]))
+
     def _eliminated_products(self, D_list, data: SchurData):
         return self.level.products(D_list, data.level)
 
@@ -499,3 +534,15 @@ class NestedSchurObjective(SchurObjective):
             for i2, k2 in enumerate(self.tree):
                 info[:, starts[k]:starts[k + 1], starts[k2]:starts[k2 + 1]] = info1[:, ts[i]:ts[i + 1], ts[i2]:ts[i2 + 1]]
         return {k: (la.sym(T1[i] - corr1[i] - uu1[i] / s2), T1[i], uu1[i]) for i, k in enumerate(self.tree)}
+
+
+def dense_columns(layout, tree: list[int]) -> np.ndarray:
+    """Z's columns of the factors outside a nesting tree (kept dense beside it), in factor order."""
+    off = layout.offsets
+    cols = [np.arange(off[k], off[k + 1]) for k in range(len(layout.q)) if k not in tree]
+    return np.concatenate(cols) if cols else np.zeros(0, np.int64)
+
+
+def tree_schur_design(X: np.ndarray, Z, layout, tree: list[int]) -> np.ndarray:
+    """The augmented design U = [X, Z_R] (n, p + q_R) whose sums a nesting tree beside dense factors takes."""
+    return np.hstack([X, sp.csc_matrix(Z)[:, dense_columns(layout, tree)].toarray()])
