@@ -1,5 +1,7 @@
 """Crossed factors from files: ABCD design 1's images with a scanner crossed with subjects,
 `(1 | subject) + (1 | scanner)`: what the read stage writes per batch, and the run's time and memory.
+With --families, the family dataset's images with the scanner crossed with the tree,
+`(1 | family) + (1 | subject) + (1 | scanner)` (the tree eliminated beside a dense scanner).
 
 Each image's scanner is its subject's home scanner (21 scanners) at 80% of visits, else another
 (seeded), so subjects cross scanners and the fit is Schur's (subjects eliminated, scanners dense).
@@ -7,11 +9,13 @@ Uses the images of examples/abcd_like (`simulate.py /tmp/speed_abcd --hemisphere
 any blmm on PYTHONPATH to compare versions:
 
     PYTHONPATH=$PWD python benchmarks/crossed_sums.py [--data /tmp/speed_abcd] [--work /tmp/crossed_sums]
+    PYTHONPATH=$PWD python benchmarks/crossed_sums.py --families --data /tmp/abcd_family --work /tmp/family_scanner
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import shutil
 import subprocess
@@ -24,8 +28,9 @@ import numpy as np
 N_SCANNERS = 21
 
 
-def write_inputs(data: Path, work: Path) -> Path:
-    """The crossed model's inputs next to design 1's: scanner.csv, Z_scanner.csv and crossed.yml."""
+def write_inputs(data: Path, work: Path, families: bool = False) -> Path:
+    """The crossed model's inputs next to design 1's (or the family dataset's, ``families``): scanner.csv,
+    Z_scanner.csv and crossed.yml, with the scanner as one more factor."""
     subject = np.loadtxt(data / "subject.csv", skiprows=1, dtype=np.int64)
     rng = np.random.default_rng(2112)
     home = rng.integers(1, N_SCANNERS + 1, subject.max() + 1)[subject]
@@ -33,14 +38,14 @@ def write_inputs(data: Path, work: Path) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     np.savetxt(work / "scanner.csv", scanner, fmt="%d", header="scanner", comments="")
     np.savetxt(work / "Z_scanner.csv", np.ones(subject.size), fmt="%d", header="intercept", comments="")
-    text = (data / "design1_lh.yml").read_text()
-    text = text.replace("Y_files: lh/Y_files.txt", f"Y_files: {data / 'lh' / 'Y_files.txt'}")
-    text = text.replace("X: X.csv", f"X: {data / 'X.csv'}")
-    text = text.replace("      factor: subject.csv\n      design: Z_intercept.csv\n",
-                        f"      factor: {data / 'subject.csv'}\n      design: {data / 'Z_intercept.csv'}\n"
-                        f"  - f2:\n      name: scanner\n      factor: {work / 'scanner.csv'}\n"
-                        f"      design: {work / 'Z_scanner.csv'}\n")
-    text = text.replace("outdir: results/design1_lh", f"outdir: {work / 'out'}")
+    text = (data / ("family_lh.yml" if families else "design1_lh.yml")).read_text()
+    # the tables and image list where they are: relative paths resolve against data
+    text = re.sub(r"^(\s*(?:Y_files|X|factor|design): )(\S+)$", lambda m: m.group(1) + str(data / m.group(2)), text,
+                  flags=re.M)
+    k = text.count("  - f") + 1
+    text = text.replace("contrasts:\n", f"  - f{k}:\n      name: scanner\n      factor: {work / 'scanner.csv'}\n"
+                                       f"      design: {work / 'Z_scanner.csv'}\ncontrasts:\n", 1)
+    text = re.sub(r"^outdir: .*$", f"outdir: {work / 'out'}", text, flags=re.M)
     yml = work / "crossed.yml"
     yml.write_text(text)
     return yml
@@ -51,6 +56,9 @@ def main() -> None:
     ap.add_argument("--data", default="/tmp/speed_abcd")
     ap.add_argument("--work", default="/tmp/crossed_sums")
     ap.add_argument("--json", help="append the result line to this file")
+    ap.add_argument("--families", action="store_true",
+                    help="--data holds the family dataset (benchmarks/abcd_family.py --pipeline DIR): "
+                         "(1|family) + (1|subject) + (1|scanner), the tree beside a dense scanner")
     args = ap.parse_args()
     from blmm.config import load_config
     from blmm.pipeline.plan import plan_run
@@ -58,7 +66,7 @@ def main() -> None:
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    yml = write_inputs(Path(args.data), work)
+    yml = write_inputs(Path(args.data), work, args.families)
     plan = plan_run(load_config(yml))
     need = space_needed(plan)
     stored = [int(c.size) for c in plan.batch_columns]
@@ -71,7 +79,8 @@ def main() -> None:
         raise SystemExit(proc.stderr)
     child = resource.getrusage(resource.RUSAGE_CHILDREN)
     stages = [line for line in proc.stdout.splitlines() if ": done," in line]
-    result = {"benchmark": "crossed_sums", "voxels": int(plan.voxels.size), "images": int(plan.config.n),
+    result = {"benchmark": "crossed_sums", "model": "families + scanner" if args.families else "subject + scanner",
+              "voxels": int(plan.voxels.size), "images": int(plan.config.n),
               "batches": len(plan.batches), "sums_per_voxel": int(plan.n_stat_columns),
               "stored_per_voxel_per_batch": stored,
               "batch_bytes": [8 * int(plan.voxels.size) * c for c in stored],
