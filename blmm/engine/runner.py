@@ -76,20 +76,21 @@ class _Refused:
 class _Task:
     """``fn(item)`` on a worker, with non-retryable errors returned as ``_Refused``.
 
-    BLAS runs with as many threads as the worker has (``blas_threads``): workers already
-    share the cores, and a BLAS pool per worker on top would oversubscribe them.
+    BLAS runs one thread per task: a worker process runs as many tasks at once as it has
+    cores (``Engine.tasks_per_process``), so a BLAS pool per task would oversubscribe them.
+    The limit is set, never restored: it is process-wide, and every task of the process wants
+    the same one (a restore at one task's end would lift it under a task still running).
     """
 
-    def __init__(self, fn: Callable, blas_threads: int = 1) -> None:
+    def __init__(self, fn: Callable) -> None:
         self.fn = fn
-        self.blas_threads = blas_threads
 
     def __call__(self, item: Any) -> Any:
         from threadpoolctl import threadpool_limits
 
         try:
-            with threadpool_limits(limits=self.blas_threads, user_api="blas"):
-                return self.fn(item)
+            threadpool_limits(limits=1, user_api="blas")
+            return self.fn(item)
         except Exception as exc:
             if retryable(exc):
                 raise
@@ -184,7 +185,7 @@ class Engine:
 
         prefix = _key_prefix(stage)
         nodes: dict[str, _Node] = {}
-        task = _Task(fn, blas_threads=max(1, (self.spec.cores or 1) // (self.spec.processes or 1)))
+        task = _Task(fn)
         for index, item in enumerate(items):
             key = f"{prefix}-{index}"
             future = self.client.submit(task, item, key=key, retries=retries, pure=False)

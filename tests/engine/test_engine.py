@@ -81,6 +81,13 @@ def kill_worker_always(x: int) -> int:
     return x
 
 
+def blas_threads_after_a_while(x):
+    """The BLAS threads this task sees once the other tasks of its process have started and ended."""
+    from threadpoolctl import threadpool_info
+    time.sleep(0.2 * (x % 3))
+    return sorted({pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"})
+
+
 # ---- fixtures ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -169,6 +176,14 @@ def test_local_map_keeps_order(local2):
 def test_local_workers_run_without_the_profiler_and_with_glibcs_adaptive_threshold(local2):
     # the profiler cost 5-7% of a worker's CPU in design 2's fit; dask's trim threshold 1.7x (docs/performance.md)
     assert local2.map(worker_settings, range(4), "settings") == [(False, None)] * 4
+
+
+def test_a_worker_with_two_threads_runs_each_task_with_one_blas_thread():
+    """Two tasks at once per process: each task one BLAS thread (two each would oversubscribe the cores), and
+    none sees the limit lifted when another task of its process ends (the limit is process-wide)."""
+    with open_engine(EngineSpec("local", workers=1, cores=2, retries=1, **LOCAL)) as engine:
+        assert engine.tasks_per_process == 2
+        assert engine.map(blas_threads_after_a_while, range(8), "blas") == [[1]] * 8
 
 
 def test_local_error_names_stage_and_item(local2):
