@@ -239,7 +239,7 @@ def _read_batch(plan: RunPlan, b: int, tmp_stats: Path, tasks: int) -> dict:
     """Batch b's partial sums into ``tmp_stats``; the missing-value counts and presence bits
     (and where the sums are class-aggregated, the touched levels' y_j)."""
     groups = sum_groups(plan)
-    if groups is None:  # factors kept dense (beside a nesting tree, or all): their objectives take every level's Z'Y
+    if groups is None:  # every factor kept dense: its objectives take every level's Z'Y
         return _read_batch_by_column(plan, b, tmp_stats, tasks)
     return _read_batch_by_class(plan, b, tmp_stats, groups, tasks)
 
@@ -302,7 +302,7 @@ def _voxel_step(plan: RunPlan, n_rows: int, n_products: int, tasks: int) -> int:
 
 
 def _read_batch_by_column(plan: RunPlan, b: int, tmp_stats: Path, tasks: int) -> dict:
-    """Factors fitted dense beside a nesting tree, or all dense: X'Y, Z'Y and Y'Y per voxel."""
+    """Every factor fitted dense: X'Y, Z'Y and Y'Y per voxel."""
     start, stop = plan.batches[b]
     X, factors = ordered_design(plan)
     centre = run_centre(plan)
