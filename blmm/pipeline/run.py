@@ -171,7 +171,8 @@ def read_images(plan: RunPlan, engine) -> RunPlan:
 def fit_blocks(plan: RunPlan, engine) -> RunPlan:
     """Stage 3 on the engine: every voxel block fitted and tested."""
     shipped = shipped_plan(plan, engine)
-    engine.map(_fit_block_task, [(shipped, k) for k in range(len(plan.blocks))], stage="fit and test",
+    tasks = engine.tasks_per_process
+    engine.map(_fit_block_task, [(shipped, k, tasks) for k in range(len(plan.blocks))], stage="fit and test",
                labels=[f"voxel block {k}: {z - a} voxels" for k, (a, z) in enumerate(plan.blocks)])
     return plan
 
@@ -255,5 +256,5 @@ def _read_batch_task(args) -> str:
 
 
 def _fit_block_task(args) -> str:
-    plan, k = args
-    return fit_block(loaded_plan(plan), k)
+    plan, k, tasks = args
+    return fit_block(loaded_plan(plan), k, tasks)

@@ -430,11 +430,10 @@ def missing_value_counts(plan: RunPlan) -> dict[str, int]:
     return {MISSING_REASONS[key]: k for key, k in totals.items() if k}
 
 
-def _block_inputs(plan: RunPlan, k: int):
-    """Block k's summed statistics and presence matrix (n, voxels), summed in batch order (rows in
-    the plan's level order); for one factor also the touched levels' (level, y_j) rows by voxel and
-    their offsets per voxel."""
-    lo, hi = plan.blocks[k]
+def _block_inputs(plan: RunPlan, lo: int, hi: int):
+    """Analysis voxels lo, ..., hi - 1: their summed statistics and presence matrix (n, voxels), summed in
+    batch order (rows in the plan's level order); where sums are class-aggregated also the touched levels'
+    (group, level, y_j) rows by voxel and their offsets per voxel."""
     sums = np.zeros((hi - lo, plan.n_stat_columns))
     present = []
     touched = []
@@ -517,14 +516,41 @@ def _read_rows(path: Path, a: int, b: int) -> np.ndarray:
         return np.fromfile(fh, dtype, (b - a) * shape[1]).reshape(b - a, shape[1])
 
 
-def fit_block(plan: RunPlan, k: int) -> str:
-    """Fit and test every voxel of block k; write the block's results."""
+def fit_block(plan: RunPlan, k: int, tasks: int = 1) -> str:
+    """Fit and test every voxel of block k; write the block's results.  ``tasks``: the blocks one process
+    fits at once (``Engine.tasks_per_process``), which share its MAXMEM: the block is read and fitted in
+    that many consecutive parts, each within its share."""
     path = block_file(plan, k)
     if path.exists():
         return str(path)
+    lo, hi = plan.blocks[k]
+    bounds = np.linspace(lo, hi, min(max(1, int(tasks)), hi - lo) + 1).round().astype(int)
+    parts = [_fit_voxels(plan, int(a), int(b), tasks) for a, b in zip(bounds, bounds[1:])]
+    results = {key: np.concatenate([part[key] if key in part else _unfitted(key, part["n_obs"].size, parts)
+                                    for part in parts])
+               for key in dict.fromkeys(key for part in parts for key in part)}
+    with disk_full_as_error(plan.config.outdir, space_needed(plan)["total"], f"the results of voxel block {k}"):
+        save_arrays_atomically(path, results)
+    return str(path)
+
+
+def result_fill(key: str, dtype) -> float | int:
+    """What a block's result array holds at a voxel not fitted: NaN, 0 for flags and counts, NOT_FITTED for stop."""
+    if key == "stop":
+        return NOT_FITTED
+    return 0 if np.issubdtype(dtype, np.integer) else np.nan
+
+
+def _unfitted(key: str, size: int, parts: list[dict]) -> np.ndarray:
+    """Result ``key`` of ``size`` voxels of which none was fitted, shaped as another part's."""
+    like = next(part[key] for part in parts if key in part)
+    return np.full((size,) + like.shape[1:], result_fill(key, like.dtype), like.dtype)
+
+
+def _fit_voxels(plan: RunPlan, lo: int, hi: int, tasks: int) -> dict:
+    """The results of analysis voxels lo, ..., hi - 1 (part of a block), fitted within MAXMEM / 4 / tasks."""
     cfg = plan.config
-    sums, present, touched = _block_inputs(plan, k)
-    lo = plan.blocks[k][0]
+    sums, present, touched = _block_inputs(plan, lo, hi)
     n, p = cfg.n, cfg.p
     n_obs = present.sum(axis=0)
     reason = np.full(n_obs.size, FITTED, np.int64)
@@ -567,43 +593,43 @@ def fit_block(plan: RunPlan, k: int) -> str:
                 stats = stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
         stats.centre = run_centre(plan).take(lo + keep)  # the sums were formed without it: β gets it back
         fit = fit_stats(stats, reml=cfg.reml, method=cfg.method, tol=cfg.tol, max_iter=cfg.maxnit, plan=fit_plan,
-                        max_block_bytes=max(cfg.maxmem // 4, 2**24), threads=1)  # the engine parallelises
+                        max_block_bytes=max(cfg.maxmem // 4 // max(1, int(tasks)), 2**24),
+                        threads=1)  # the engine parallelises
         fit = plan.basis.restore(fit)  # the user's units before inference: contrasts are in them
         inf = infer(fit, cfg.contrasts, two_sided=cfg.two_sided)
         reason[keep] = fit.status
         results.update(_block_results(fit, inf, keep, n_obs.size, cfg))
         results["reason"] = reason
-    with disk_full_as_error(cfg.outdir, space_needed(plan)["total"], f"the results of voxel block {k}"):
-        save_arrays_atomically(path, results)
-    return str(path)
+    return results
 
 
 def _block_results(fit, inf, keep, size, cfg: Config) -> dict:
-    """Per-voxel result arrays of a block (NaN where not fitted)."""
-    def full(values, fill=np.nan, dtype=np.float64):
+    """Per-voxel result arrays of a block (`result_fill` where not fitted)."""
+    def full(key, values, dtype=np.float64):
         values = np.asarray(values)
-        out = np.full((size,) + values.shape[1:], fill, dtype=dtype)
+        out = np.full((size,) + values.shape[1:], result_fill(key, dtype), dtype=dtype)
         out[keep] = values
         return out
 
     p = cfg.p
     res = {
-        "beta": full(fit.beta), "sigma2": full(fit.sigma2), "D": full(fit.vech_D()), "llh": full(fit.llh),
-        "converged": full(fit.converged.astype(np.int32), 0, np.int32),
-        "nit": full(fit.n_iter.astype(np.int32), 0, np.int32),
-        "boundary": full(fit.boundary.astype(np.int32), 0, np.int32),
-        "stop": full(fit.stop.astype(np.int32), NOT_FITTED, np.int32),
+        "beta": full("beta", fit.beta), "sigma2": full("sigma2", fit.sigma2), "D": full("D", fit.vech_D()),
+        "llh": full("llh", fit.llh),
+        "converged": full("converged", fit.converged.astype(np.int32), np.int32),
+        "nit": full("nit", fit.n_iter.astype(np.int32), np.int32),
+        "boundary": full("boundary", fit.boundary.astype(np.int32), np.int32),
+        "stop": full("stop", fit.stop.astype(np.int32), np.int32),
     }
     if cfg.output_covb:
-        res["cov"] = full(fit.cov_beta.reshape(-1, p * p))
+        res["cov"] = full("cov", fit.cov_beta.reshape(-1, p * p))
     if cfg.resms:
-        res["resms"] = full(fit.resms)
+        res["resms"] = full("resms", fit.resms)
     for i, t in enumerate(inf.t):
         for name in ("estimate", "se", "t", "df", "mlog10p"):
-            res[f"T{i}_{name}"] = full(getattr(t, name))
+            res[f"T{i}_{name}"] = full(f"T{i}_{name}", getattr(t, name))
     for i, f in enumerate(inf.f):
         for name in ("F", "df", "mlog10p", "r2"):
-            res[f"F{i}_{name}"] = full(getattr(f, name))
+            res[f"F{i}_{name}"] = full(f"F{i}_{name}", getattr(f, name))
     return res
 
 
