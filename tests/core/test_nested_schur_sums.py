@@ -14,6 +14,7 @@ from blmm.core.objective.nested import tree_schur_design
 from blmm.core.schur_sums import SchurSumStats
 from blmm.core.structure import plan_fit
 from blmm.core.sufficient import FactorLayout, presence_patterns, random_effects_matrix, stats_from_sums
+from tests.core.test_schur_sums import assert_same_pattern_objective
 
 
 def family_scanner_case(seed: int, slope: bool, v: int = 12):
@@ -80,26 +81,11 @@ def assert_same_objectives(by_column, by_class: NestedSchurSumStats, rng) -> tup
     plan = plan_fit(by_column.layout)
     took_big = reshaped = 0
     for u in range(by_column.patterns.shape[0]):
-        idx = np.flatnonzero(by_column.pattern_of_voxel == u)
-        D = []
-        for qk in by_column.layout.q:  # a random PSD D per factor and voxel
-            A = rng.standard_normal((idx.size, qk, qk))
-            D.append(A @ np.swapaxes(A, 1, 2) + 0.1 * np.eye(qk))
-        for reml in (True, False):
-            a = by_column.pattern_objective(plan, u, reml)
-            b = by_class.pattern_objective(plan, u, reml)
-            ea = a.evaluate(D, by_column.pattern_data(a, u, idx), grad=True)
-            eb = b.evaluate(D, by_class.pattern_data(b, u, idx), grad=True)
-            # the same sums added in another order: float64 rounding of |llh| ~ 1e3 and |β| ~ 1
-            np.testing.assert_allclose(eb.llh, ea.llh, rtol=1e-11, atol=0)
-            np.testing.assert_allclose(eb.beta, ea.beta, rtol=1e-9, atol=1e-11)
-            for ga, gb in zip(ea.grad, eb.grad):
-                np.testing.assert_allclose(gb, ga, rtol=1e-8, atol=1e-9 * np.abs(ga).max())
-            np.testing.assert_allclose(eb.info, ea.info, rtol=1e-8, atol=1e-9 * np.abs(ea.info).max())
+        assert_same_pattern_objective(by_column, by_class, plan, u, rng)
         sources = by_class.pattern_groups[u]
         took_big += int(any(pg.source >= 0 and np.any(by_class.groups[pg.source].small_position()[pg.touched] < 0)
                             for pg in sources))
-        reshaped += int(any(pg.source < 0 and np.any(by_class.groups[o].q != pg.columns.shape[1] for o in pg.origin)
+        reshaped += int(any(pg.source < 0 and any(by_class.groups[o].q != pg.columns.shape[1] for o in pg.origin)
                             for pg in sources))
     return took_big, reshaped
 

@@ -60,6 +60,26 @@ def both_stats(X, factors, Y):
     return by_column, schur_sum_stats(X, factors, patterns, pattern_of_voxel, sums, group), group
 
 
+def assert_same_pattern_objective(by_column, by_class, plan, u: int, rng) -> None:
+    """Pattern u's objective and data from the class sums evaluate as those from Z'Y at a random D (REML and ML)."""
+    idx = np.flatnonzero(by_column.pattern_of_voxel == u)
+    D = []
+    for qk in by_column.layout.q:  # a random PSD D per factor and voxel
+        A = rng.standard_normal((idx.size, qk, qk))
+        D.append(A @ np.swapaxes(A, 1, 2) + 0.1 * np.eye(qk))
+    for reml in (True, False):
+        a = by_column.pattern_objective(plan, u, reml)
+        b = by_class.pattern_objective(plan, u, reml)
+        ea = a.evaluate(D, by_column.pattern_data(a, u, idx), grad=True)
+        eb = b.evaluate(D, by_class.pattern_data(b, u, idx), grad=True)
+        # the same sums added in another order: float64 rounding of |llh| ~ 1e3 and |β| ~ 1
+        np.testing.assert_allclose(eb.llh, ea.llh, rtol=1e-11, atol=0)
+        np.testing.assert_allclose(eb.beta, ea.beta, rtol=1e-9, atol=1e-11)
+        for ga, gb in zip(ea.grad, eb.grad):
+            np.testing.assert_allclose(gb, ga, rtol=1e-8, atol=1e-9 * np.abs(ga).max())
+        np.testing.assert_allclose(eb.info, ea.info, rtol=1e-8, atol=1e-9 * np.abs(ea.info).max())
+
+
 def assert_same_objectives(by_column, by_class, rng) -> int:
     """Every pattern's objective and data from the class sums evaluate as those from Z'Y at a random D (REML
     and ML); returns how many patterns took big-class levels out of their class."""
@@ -67,22 +87,7 @@ def assert_same_objectives(by_column, by_class, rng) -> int:
     assert plan.structure == "schur"
     checked_touched = 0
     for u in range(by_column.patterns.shape[0]):
-        idx = np.flatnonzero(by_column.pattern_of_voxel == u)
-        D = []
-        for qk in by_column.layout.q:  # a random PSD D per factor and voxel
-            A = rng.standard_normal((idx.size, qk, qk))
-            D.append(A @ np.swapaxes(A, 1, 2) + 0.1 * np.eye(qk))
-        for reml in (True, False):
-            a = by_column.pattern_objective(plan, u, reml)
-            b = by_class.pattern_objective(plan, u, reml)
-            ea = a.evaluate(D, by_column.pattern_data(a, u, idx), grad=True)
-            eb = b.evaluate(D, by_class.pattern_data(b, u, idx), grad=True)
-            # the same sums added in another order: float64 rounding of |llh| ~ 1e3 and |β| ~ 1
-            np.testing.assert_allclose(eb.llh, ea.llh, rtol=1e-11, atol=0)
-            np.testing.assert_allclose(eb.beta, ea.beta, rtol=1e-9, atol=1e-11)
-            for ga, gb in zip(ea.grad, eb.grad):
-                np.testing.assert_allclose(gb, ga, rtol=1e-8, atol=1e-9 * np.abs(ga).max())
-            np.testing.assert_allclose(eb.info, ea.info, rtol=1e-8, atol=1e-9 * np.abs(ea.info).max())
+        assert_same_pattern_objective(by_column, by_class, plan, u, rng)
         touched = np.unique(by_class.level_of_row[~by_class.patterns[u]])
         checked_touched += int(np.any(by_class.group.small_position()[touched] < 0))
     return checked_touched

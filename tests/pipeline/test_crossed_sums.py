@@ -37,23 +37,34 @@ def test_crossed_maps_from_class_sums_are_lme4s_and_the_zty_paths(tmp_path, monk
         assert n_big >= 2 and plan.n_stat_columns < p + sum(lk * qk for lk, qk in zip(levels, q)) + 1
         assert plan.n_stat_columns == LevelSums.packed_width(p + qR, q[0], n_big, n_small)
     run(cfg, log=lambda *a: None)
-    llh = np.load(tmp_path / "sums" / "out" / LLH64_FILE)[:V]
-    ref = case.reml
-    ok = ~ref["singular"]
-    # tol 1e-6: a converged fit is that close to lme4's optimum, and never above it by more
-    assert np.all(llh >= ref["llh"] - 1e-6) and np.all(llh[ok] <= ref["llh"][ok] + 1e-6)
-    beta = voxel_values(tmp_path / "sums" / "out", "blmm_vox_beta", "nifti", V)
-    se = np.sqrt(np.diagonal(ref["vcov"], axis1=1, axis2=2))
-    assert np.max(np.abs(beta - ref["beta"])[ok] / se[ok]) < 1e-4  # float32 map, optimum within tol
+    assert_lme4s_maps(tmp_path / "sums" / "out", case)
     # the Z'Y path on the same inputs (the read stage before issue 21 for crossed factors)
     monkeypatch.setattr(plan_module, "crossed_by_schur", lambda layout: False)
     yml2 = make_analysis(tmp_path / "zty", name, fmt="nifti", dtype=np.float64)
     cfg2 = load_config(yml2)
     assert plan_run(cfg2).n_stat_columns == p + sum(lk * qk for lk, qk in zip(levels, q)) + 1
     run(cfg2, log=lambda *a: None)
-    llh2 = np.load(tmp_path / "zty" / "out" / LLH64_FILE)[:V]
+    assert_same_maps(tmp_path / "sums" / "out", tmp_path / "zty" / "out", V)
+
+
+def assert_lme4s_maps(out, case) -> None:
+    """A run's llh (float64) and β map (NIfTI) against lme4's REML fits of a reference case."""
+    V = case.n_voxels
+    llh = np.load(out / LLH64_FILE)[:V]
+    ref = case.reml
+    ok = ~ref["singular"]
+    # tol 1e-6: a converged fit is that close to lme4's optimum, and never above it by more
+    assert np.all(llh >= ref["llh"] - 1e-6) and np.all(llh[ok] <= ref["llh"][ok] + 1e-6)
+    beta = voxel_values(out, "blmm_vox_beta", "nifti", V)
+    se = np.sqrt(np.diagonal(ref["vcov"], axis1=1, axis2=2))
+    assert np.max(np.abs(beta - ref["beta"])[ok] / se[ok]) < 1e-4  # float32 map, optimum within tol
+
+
+def assert_same_maps(out, other, V: int) -> None:
+    """Two runs' llh and maps of the first V voxels agree to their stopping tolerance."""
+    llh, llh2 = np.load(out / LLH64_FILE)[:V], np.load(other / LLH64_FILE)[:V]
     np.testing.assert_allclose(llh, llh2, rtol=0, atol=1e-7)  # both stop within tol (1e-6) of one optimum
     for map_name in ("blmm_vox_beta", "blmm_vox_sigma2", "blmm_vox_D", "blmm_vox_conT"):
-        a = read_map(next((tmp_path / "sums" / "out").glob(f"{map_name}.*")), )[:V]
-        b = read_map(next((tmp_path / "zty" / "out").glob(f"{map_name}.*")), )[:V]
+        a = read_map(next(out.glob(f"{map_name}.*")))[:V]
+        b = read_map(next(other.glob(f"{map_name}.*")))[:V]
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.nanmax(np.abs(b)))  # float32 maps, within tol

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 
 from blmm.config import load_config
-from blmm.io.images import read_map
-from blmm.pipeline import LLH64_FILE, plan as plan_module, run
+from blmm.pipeline import plan as plan_module, run
 from blmm.pipeline.plan import plan_run
 from blmm.pipeline.stages import sum_groups
-from tests.pipeline.test_pipeline import make_analysis, voxel_values
+from tests.pipeline.test_crossed_sums import assert_lme4s_maps, assert_same_maps
+from tests.pipeline.test_pipeline import make_analysis
 from tests.reference.load import load_case
 
 CASE = "family_scanner_missing"
@@ -32,22 +32,10 @@ def test_tree_beside_a_dense_factor_from_class_sums_is_lme4s_and_the_zty_paths(t
     assert sum(g.classes.n_big for g in groups) >= 2
     assert plan.n_stat_columns == sum(g.packed_width() for g in groups) < zty_width
     run(cfg, log=lambda *a: None)
-    llh = np.load(tmp_path / "sums" / "out" / LLH64_FILE)[:V]
-    ref = case.reml
-    ok = ~ref["singular"]
-    # tol 1e-6: a converged fit is that close to lme4's optimum, and never above it by more
-    assert np.all(llh >= ref["llh"] - 1e-6) and np.all(llh[ok] <= ref["llh"][ok] + 1e-6)
-    beta = voxel_values(tmp_path / "sums" / "out", "blmm_vox_beta", "nifti", V)
-    se = np.sqrt(np.diagonal(ref["vcov"], axis1=1, axis2=2))
-    assert np.max(np.abs(beta - ref["beta"])[ok] / se[ok]) < 1e-4  # float32 map, optimum within tol
+    assert_lme4s_maps(tmp_path / "sums" / "out", case)
     # the Z'Y path on the same inputs (the read stage before issue 21 for a tree beside dense factors)
     monkeypatch.setattr(plan_module, "tree_beside_dense", lambda layout: None)
     cfg2 = load_config(make_analysis(tmp_path / "zty", CASE, fmt="nifti", dtype=np.float64))
     assert plan_run(cfg2).n_stat_columns == zty_width
     run(cfg2, log=lambda *a: None)
-    llh2 = np.load(tmp_path / "zty" / "out" / LLH64_FILE)[:V]
-    np.testing.assert_allclose(llh, llh2, rtol=0, atol=1e-7)  # both stop within tol (1e-6) of one optimum
-    for map_name in ("blmm_vox_beta", "blmm_vox_sigma2", "blmm_vox_D", "blmm_vox_conT"):
-        a = read_map(next((tmp_path / "sums" / "out").glob(f"{map_name}.*")))[:V]
-        b = read_map(next((tmp_path / "zty" / "out").glob(f"{map_name}.*")))[:V]
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.nanmax(np.abs(b)))  # float32 maps, within tol
+    assert_same_maps(tmp_path / "sums" / "out", tmp_path / "zty" / "out", V)
