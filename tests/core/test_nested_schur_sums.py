@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 
 from blmm.core.design import RandomFactor
-from blmm.core.fit import fit_stats
 from blmm.core.level_groups import group_sums
 from blmm.core.nested_schur_sums import NestedSchurSumStats, nested_schur_sum_stats, tree_schur_groups
 from blmm.core.objective.nested import tree_schur_design
 from blmm.core.schur_sums import SchurSumStats
 from blmm.core.structure import plan_fit
 from blmm.core.sufficient import FactorLayout, presence_patterns, random_effects_matrix, stats_from_sums
-from tests.core.test_schur_sums import assert_same_pattern_objective
+from tests.core.test_schur_sums import assert_same_fits, assert_same_pattern_objective
 
 
 def family_scanner_case(seed: int, slope: bool, v: int = 12):
@@ -102,12 +101,7 @@ def test_each_patterns_objective_equals_its_own_on_zty(slope):
 def test_fit_from_class_sums_equals_the_fit_from_zty():
     X, factors, Y = family_scanner_case(7, slope=False)
     by_column, by_class, _ = both_stats(X, factors, Y)
-    fa = fit_stats(by_column, tol=1e-8, threads=1)
-    fb = fit_stats(by_class, tol=1e-8, threads=1)
-    assert fa.converged.all() and fb.converged.all()
-    # the same objective to rounding: both stop within tol (1e-8) of one optimum
-    np.testing.assert_allclose(fb.llh, fa.llh, rtol=0, atol=1e-7)
-    np.testing.assert_allclose(fb.beta, fa.beta, rtol=1e-4, atol=1e-5)
+    assert_same_fits(by_column, by_class)
 
 
 def test_class_sum_statistics_refuse_a_restricted_model_and_another_structure():

@@ -127,6 +127,11 @@ def test_complete_data_by_row_blocks_equals_the_zty_statistics(slope, monkeypatc
 def test_fit_from_class_sums_equals_the_fit_from_zty():
     X, factors, Y = crossed_case(7, slope=True)
     by_column, by_class, _ = both_stats(X, factors, Y)
+    assert_same_fits(by_column, by_class)
+
+
+def assert_same_fits(by_column, by_class) -> None:
+    """The fits from Z'Y and from the class sums reach one optimum."""
     fa = fit_stats(by_column, tol=1e-8, threads=1)
     fb = fit_stats(by_class, tol=1e-8, threads=1)
     assert fa.converged.all() and fb.converged.all()
