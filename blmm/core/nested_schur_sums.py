@@ -16,18 +16,17 @@ columns of their new block.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
 
 from blmm.core.design import RandomFactor
 from blmm.core.level_classes import LevelClasses
 from blmm.core.level_groups import LevelGroup, outer_level_places, tree_groups
 from blmm.core.missing_rows import LevelSums
 from blmm.core.objective.nested import NestedSchurObjective, NestedTree, TreeGroup
-from blmm.core.schur_sums import ClassSumStats, pattern_sums
-from blmm.core.sufficient import FactorLayout, random_effects_matrix, stats_from_sums
+from blmm.core.schur_sums import ClassSumStats, class_sum_design, pattern_sums
+from blmm.core.sufficient import FactorLayout, random_effects_matrix
 
 
 def tree_schur_groups(X: np.ndarray, factors: list[RandomFactor], tree: list[int], outer_codes: np.ndarray
@@ -113,11 +112,11 @@ class NestedSchurSumStats(ClassSumStats):
         if not plan.dense_beside_tree:
             raise ValueError(f"a nesting tree's class sums beside dense factors are fitted by the schur structure "
                              f"with that tree, not {plan.structure!r}")
-        ZtZ = sp.csr_matrix(self.ZtZ[u])
+        ZtX, ZtZ = self.pattern_design(u)
         layout_tree = NestedTree(self.layout, ZtZ, self.tree, spans=self.spans)
         objective_groups, self.pattern_groups[u] = self._pattern_groups(u, layout_tree)
-        return NestedSchurObjective(self.XtX[u], self.ZtX[u], ZtZ, int(self.n_obs[u]), self.layout, reml,
-                                    self.tree, layout_tree, objective_groups)
+        return NestedSchurObjective(self.XtX[u], ZtX, ZtZ, int(self.n_obs[u]), self.layout, reml, self.tree,
+                                    layout_tree, objective_groups)
 
     def pattern_data(self, objective: NestedSchurObjective, u: int, idx: np.ndarray):
         sums = [s.take(idx) for s in self.sums]
@@ -167,12 +166,11 @@ def nested_schur_sum_stats(X: np.ndarray, factors: list[RandomFactor], tree: lis
     design, rows as in ``patterns``)."""
     layout = FactorLayout.from_factors(factors)
     Z = random_effects_matrix(factors, layout)
-    design = stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=sums[0].XtY[:, :X.shape[1]], ZtY=None,
-                             YtY=sums[0].YtY)
+    design = class_sum_design(X, Z, layout, patterns, pattern_of_voxel, sums[0])
     complete = NestedTree(layout, (Z.T @ Z).tocsr(), tree)  # its groups are `groups`, in their order
     members = list(complete.groups.values())
     if [len(m) for m in members] != [g.outer.size for g in groups]:
         raise ValueError("the stored groups of families are not the complete design's")
     family_of_row = np.searchsorted(layout.levels[complete.root], factors[complete.root].labels).astype(np.int64)
-    return NestedSchurSumStats(**{f.name: getattr(design, f.name) for f in fields(design)}, sums=sums, groups=groups,
-                               members=members, spans=complete.spans, tree=complete.tree, family_of_row=family_of_row)
+    return NestedSchurSumStats(**design, sums=sums, groups=groups, members=members, spans=complete.spans,
+                               tree=complete.tree, family_of_row=family_of_row)

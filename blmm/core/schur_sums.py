@@ -12,7 +12,7 @@ never Z'Y per level.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -24,7 +24,7 @@ from blmm.core.level_groups import LevelGroup
 from blmm.core.missing_rows import LevelSums
 from blmm.core.objective.schur import SchurData, SchurObjective, eliminated_columns, schur_design
 from blmm.core.row_block_sums import RowBlocks, row_block_level_sums
-from blmm.core.sufficient import FactorLayout, SufficientStats, random_effects_matrix, stats_from_sums
+from blmm.core.sufficient import FactorLayout, SufficientStats, random_effects_matrix
 
 
 def schur_group(X: np.ndarray, factors: list[RandomFactor]) -> LevelGroup | None:
@@ -51,7 +51,18 @@ def complete_objective(X: np.ndarray, Z, layout: FactorLayout) -> SchurObjective
 @dataclass
 class ClassSumStats(SufficientStats):
     """Statistics whose data sums are class-aggregated on an augmented design (no Z'Y), fitted pattern by
-    pattern through `pattern_objective` / `pattern_data`."""
+    pattern through `pattern_objective` / `pattern_data`.  Per pattern they hold X'X only: its Z'X and Z'Z
+    are formed when its objective is (`pattern_design`), so a block of many presence patterns (volumes
+    masked subject by subject) holds one pattern's, not u × (q p + nnz Z'Z) values."""
+
+    X: np.ndarray | None = None  # (n_rows, p) the complete design, rows as in patterns
+    Z: sp.csr_matrix | None = None  # (n_rows, q)
+
+    def pattern_design(self, u: int) -> tuple[np.ndarray, sp.csr_matrix]:
+        """Presence pattern u's Z'X (q, p) and Z'Z (sparse)."""
+        rows = self.patterns[u]
+        X, Z = (self.X, self.Z) if rows.all() else (self.X[rows], self.Z[rows])
+        return np.asarray(Z.T @ X), (Z.T @ Z).tocsr()
 
     def restricted(self, N: np.ndarray) -> SufficientStats:
         # a null model's X'Y is not a map of U'Y's class aggregates: its statistics come from the data
@@ -74,7 +85,8 @@ class SchurSumStats(ClassSumStats):
         """Pattern u's classes, the complete big classes they keep, and the levels its missing rows touch."""
         touched = np.unique(self.level_of_row[~self.patterns[u]])
         _, big_cols, _ = eliminated_columns(self.layout, self.big)
-        diag = self.ZtZ[u].diagonal()[big_cols].reshape(-1, self.group.q)
+        Zb = self.Z[self.patterns[u]][:, big_cols]
+        diag = np.asarray(Zb.multiply(Zb).sum(axis=0)).reshape(-1, self.group.q)  # the diagonals of G_j
         level_index = np.flatnonzero(np.any(diag != 0, axis=1))  # as `LevelClasses.from_blocks`: G_j ≠ 0
         classes, kept = self.group.classes.without_levels(touched, level_index)
         return classes, kept, touched
@@ -83,8 +95,9 @@ class SchurSumStats(ClassSumStats):
         if not plan.eliminates_one_factor:
             raise ValueError(f"crossed factors' class sums are fitted by the schur structure, not {plan.structure!r}")
         classes, _, _ = self._pattern_classes(u)
-        return SchurObjective(self.XtX[u], self.ZtX[u], self.ZtZ[u], int(self.n_obs[u]), self.layout, reml,
-                              big=self.big, classes=classes)
+        ZtX, ZtZ = self.pattern_design(u)
+        return SchurObjective(self.XtX[u], ZtX, ZtZ, int(self.n_obs[u]), self.layout, reml, big=self.big,
+                              classes=classes)
 
     def pattern_data(self, objective: SchurObjective, u: int, idx: np.ndarray) -> SchurData:
         classes, kept, touched = self._pattern_classes(u)
@@ -142,8 +155,20 @@ def schur_sum_stats(X: np.ndarray, factors: list[RandomFactor], patterns: np.nda
     presence patterns' design sums (X, factors: the complete design, rows as in ``patterns``)."""
     layout = FactorLayout.from_factors(factors)
     big, _, _ = eliminated_columns(layout)
-    design = stats_from_sums(X, random_effects_matrix(factors, layout), layout, patterns, pattern_of_voxel,
-                             XtY=sums.XtY[:, :X.shape[1]], ZtY=None, YtY=sums.YtY)
+    design = class_sum_design(X, random_effects_matrix(factors, layout), layout, patterns, pattern_of_voxel, sums)
     level_of_row = np.searchsorted(layout.levels[big], factors[big].labels).astype(np.int64)
-    return SchurSumStats(**{f.name: getattr(design, f.name) for f in fields(design)}, sums=sums, group=group,
-                         level_of_row=level_of_row, big=big)
+    return SchurSumStats(**design, sums=sums, group=group, level_of_row=level_of_row, big=big)
+
+
+def class_sum_design(X: np.ndarray, Z, layout: FactorLayout, patterns: np.ndarray, pattern_of_voxel: np.ndarray,
+                     sums: LevelSums) -> dict:
+    """`ClassSumStats`' common fields: the design (X, Z; rows as in ``patterns``), each presence pattern's
+    X'X and rows observed, and the voxels' X'Y (the first p columns of U'Y) and Y'Y."""
+    p = X.shape[1]
+    XtX = np.empty((patterns.shape[0], p, p))
+    for u, rows in enumerate(patterns):  # one pass per pattern, not per voxel
+        Xr = X if rows.all() else X[rows]
+        XtX[u] = Xr.T @ Xr
+    return dict(layout=layout, patterns=patterns, pattern_of_voxel=pattern_of_voxel, XtX=XtX, ZtX=None, ZtZ=None,
+                n_obs=patterns.sum(axis=1).astype(np.int64), XtY=np.ascontiguousarray(sums.XtY[:, :p]), ZtY=None,
+                YtY=sums.YtY, X=X, Z=sp.csr_matrix(Z))

@@ -61,7 +61,13 @@ def both_stats(X, factors, Y):
 
 
 def assert_same_pattern_objective(by_column, by_class, plan, u: int, rng) -> None:
-    """Pattern u's objective and data from the class sums evaluate as those from Z'Y at a random D (REML and ML)."""
+    """Pattern u's objective and data from the class sums evaluate as those from Z'Y at a random D (REML and ML);
+    its design sums, formed when asked (none held per pattern), are the Z'Y statistics' own."""
+    assert by_class.ZtX is None and by_class.ZtZ is None
+    ZtX, ZtZ = by_class.pattern_design(u)
+    np.testing.assert_array_equal(ZtX, by_column.ZtX[u])
+    assert (ZtZ != by_column.ZtZ[u]).nnz == 0
+    np.testing.assert_array_equal(by_class.XtX[u], by_column.XtX[u])
     idx = np.flatnonzero(by_column.pattern_of_voxel == u)
     D = []
     for qk in by_column.layout.q:  # a random PSD D per factor and voxel

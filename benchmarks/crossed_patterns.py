@@ -1,0 +1,87 @@
+"""Crossed factors with a presence pattern per voxel: the fit stage's memory and time on class sums.
+
+ABCD design 1's design (9,835 images, 5,179 subjects, p = 23) with the 21 crossed scanners of
+`crossed_sums.py`, `(1 | subject) + (1 | scanner)`, and V voxels that each lose M images at random
+(as volumes masked subject by subject do at their edges): every voxel its own presence pattern.
+Forms the crossed statistics from the class sums (`schur_sum_stats`, as the pipeline's `fit_block`
+does) and fits them (`fit_stats`, one thread); reports each part's wall time and the process's peak
+RSS.  Run it with any blmm on PYTHONPATH to compare versions (from outside the checkout):
+
+    cd /tmp && PYTHONPATH=/work/main python /work/main/benchmarks/crossed_patterns.py [--voxels 400] [--missing 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import numpy as np
+
+from blmm.core.design import RandomFactor
+from blmm.core.fit import fit_stats
+from blmm.core.level_groups import group_sums
+from blmm.core.objective.schur import schur_design
+from blmm.core.schur_sums import schur_group, schur_sum_stats
+from blmm.core.sufficient import FactorLayout, presence_patterns, random_effects_matrix
+
+N_SCANNERS = 21
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="/tmp/speed_abcd")
+    ap.add_argument("--voxels", type=int, default=400)
+    ap.add_argument("--missing", type=int, default=3, help="images each voxel loses")
+    ap.add_argument("--json", help="append the result line to this file")
+    args = ap.parse_args()
+    X = np.loadtxt(f"{args.data}/X.csv", delimiter=",", skiprows=1)
+    subject = np.loadtxt(f"{args.data}/subject.csv", skiprows=1, dtype=np.int64)
+    rng = np.random.default_rng(2112)  # the scanners of crossed_sums.py
+    home = rng.integers(1, N_SCANNERS + 1, subject.max() + 1)[subject]
+    scanner = np.where(rng.random(subject.size) < 0.8, home, rng.integers(1, N_SCANNERS + 1, subject.size))
+    n, v = X.shape[0], args.voxels
+    factors = [RandomFactor("subject", subject, np.ones((n, 1))), RandomFactor("scanner", scanner, np.ones((n, 1)))]
+    rng = np.random.default_rng(7)
+    Y = X @ rng.standard_normal((X.shape[1], v)) + rng.standard_normal((subject.max() + 1, v))[subject] \
+        + 0.5 * rng.standard_normal((N_SCANNERS + 1, v))[scanner] + rng.standard_normal((n, v))
+    for j in range(v):
+        Y[rng.choice(n, args.missing, replace=False), j] = np.nan
+    t0 = time.perf_counter()
+    layout = FactorLayout.from_factors(factors)
+    Z = random_effects_matrix(factors, layout)
+    present = ~np.isnan(Y)
+    Y0 = np.where(present, Y, 0.0)
+    patterns, pattern_of_voxel = presence_patterns(present)
+    group = schur_group(X, factors)
+    U = schur_design(X, Z, layout)
+    level = np.searchsorted(layout.levels[0], subject)
+    big = group.classes.big_level_mask(group.columns.shape[0])
+    touched = [np.unique(level[~present[:, i]]) for i in range(v)]
+    touched = [t[big[t]] for t in touched]
+    ptr = np.concatenate([[0], np.cumsum([t.size for t in touched])])
+    sums = group_sums([group], (U.T @ Y0).T, np.asarray(Z.T @ Y0).T, (Y0 * Y0).sum(0),
+                      [(ptr, np.concatenate(touched))])[0]
+    del Y0
+    t1 = time.perf_counter()
+    rss_sums = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    stats = schur_sum_stats(X, factors, patterns, pattern_of_voxel, sums, group)
+    t2 = time.perf_counter()
+    rss_stats = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    fit = fit_stats(stats, threads=1)
+    t3 = time.perf_counter()
+    result = {"benchmark": "crossed_patterns", "voxels": v, "patterns": int(patterns.shape[0]),
+              "missing_per_voxel": args.missing, "sums_s": round(t1 - t0, 2), "stats_s": round(t2 - t1, 2),
+              "fit_s": round(t3 - t2, 2), "converged": int(fit.converged.sum()),
+              "peak_rss_mb_after_sums": round(rss_sums, 1), "peak_rss_mb_after_stats": round(rss_stats, 1),
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+              "llh_sum": float(np.sum(fit.llh))}
+    line = json.dumps(result)
+    print(line)
+    if args.json:
+        with open(args.json, "a") as fh:
+            fh.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
