@@ -186,12 +186,8 @@ def plan_run(config: Config, force: bool = False) -> RunPlan:
     partial_bytes = 8 * V * columns
     n_batches = int(max(1, min(4, n // 32, 2 * budget // max(partial_bytes, 1))))
     batches = cut_at_levels(cut, n_batches)
-    # voxel blocks: the summed statistics of a block (three copies), its presence bits, patterns and
-    # missing rows (at most n each), and where the sums are class-aggregated the touched levels'
-    # [group, level, y_j] (at most one per outer level); the missing-row units count inside the fit
-    touched = 0 if groups is None else 8 * (2 + max(g.q for g in groups)) * min(n, sum(g.outer.size for g in groups))
-    row_bytes = 8 * columns * 3 + 11 * n + touched
-    per_block = max(1, min(V, budget // 2 // row_bytes, 20000))
+    # voxel blocks: their inputs within half of MAXMEM (`block_voxel_bytes`), the fit's working memory a quarter
+    per_block = max(1, min(V, budget // 2 // block_voxel_bytes(columns, n, groups), 20000))
     # blocks run in parallel: about a second of estimated work each, enough to share (cost.py)
     # (upstream's voxelBatching asks for memory-sized blocks run in parallel, which these always are: it
     # adds none, as every upstream file sets it only because upstream crashed without it)
@@ -203,6 +199,14 @@ def plan_run(config: Config, force: bool = False) -> RunPlan:
                    basis=basis)
     _prepare_outdir(plan, force)
     return plan
+
+
+def block_voxel_bytes(columns: int, n: int, groups: list[LevelGroup] | None) -> int:
+    """What a voxel block holds per voxel before its fit: the summed statistics (three copies), its presence
+    bits, patterns and missing rows (at most n each), and where the sums are class-aggregated the touched
+    levels' [group, level, y_j] (at most one per outer level); the missing-row units count inside the fit."""
+    touched = 0 if groups is None else 8 * (2 + max(g.q for g in groups)) * min(n, sum(g.outer.size for g in groups))
+    return 8 * columns * 3 + 11 * n + touched
 
 
 def design_basis(config: Config) -> FittingBasis:

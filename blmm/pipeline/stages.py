@@ -72,7 +72,8 @@ from blmm.io.outdir import (
 )
 from blmm.core.design import covariance_names
 from blmm.pipeline.corrections import correction_space_needed
-from blmm.pipeline.plan import RunPlan, crossed_by_schur, level_groups, one_factor, outer_codes, sums_design
+from blmm.pipeline.plan import (RunPlan, block_voxel_bytes, crossed_by_schur, level_groups, one_factor, outer_codes,
+                                sums_design)
 
 
 class _RowFile:
@@ -518,13 +519,18 @@ def _read_rows(path: Path, a: int, b: int) -> np.ndarray:
 
 def fit_block(plan: RunPlan, k: int, tasks: int = 1) -> str:
     """Fit and test every voxel of block k; write the block's results.  ``tasks``: the blocks one process
-    fits at once (``Engine.tasks_per_process``), which share its MAXMEM: the block is read and fitted in
-    that many consecutive parts, each within its share."""
+    fits at once (``Engine.tasks_per_process``), which share its MAXMEM: where the inputs of that many
+    blocks would exceed the half of it that one block's may take (`block_voxel_bytes`), the block is read
+    and fitted in consecutive parts within their share; the fit's working memory is a quarter of MAXMEM
+    shared by the tasks."""
     path = block_file(plan, k)
     if path.exists():
         return str(path)
     lo, hi = plan.blocks[k]
-    bounds = np.linspace(lo, hi, min(max(1, int(tasks)), hi - lo) + 1).round().astype(int)
+    tasks = max(1, int(tasks))
+    inputs = tasks * (hi - lo) * block_voxel_bytes(plan.n_stat_columns, plan.config.n, sum_groups(plan))
+    n_parts = min(-(-inputs // max(plan.config.maxmem // 2, 1)), hi - lo)
+    bounds = np.linspace(lo, hi, max(1, n_parts) + 1).round().astype(int)
     parts = [_fit_voxels(plan, int(a), int(b), tasks) for a, b in zip(bounds, bounds[1:])]
     results = {key: np.concatenate([part[key] if key in part else _unfitted(key, part["n_obs"].size, parts)
                                     for part in parts])

@@ -25,7 +25,8 @@ from blmm.pipeline import LLH64_FILE, batch_files, fit_block, plan_run, read_bat
 from blmm.pipeline.plan import complete_design, sum_columns
 from blmm.core.missing_rows import LevelSums
 from blmm.core.status import DROPPED_FEW, FITTED, NOT_FITTED
-from blmm.pipeline.stages import ordered_design, run_centre, space_needed
+from blmm.pipeline.plan import block_voxel_bytes
+from blmm.pipeline.stages import ordered_design, run_centre, space_needed, sum_groups
 from tests.pipeline.test_pipeline import make_analysis
 from tests.reference.load import load_case
 
@@ -183,16 +184,19 @@ def test_a_partial_sums_file_of_another_width_is_refused_naming_it(tmp_path):
 
 @pytest.mark.parametrize("case_name", ["missing", "family_scanner_missing"])
 def test_a_block_fitted_in_parts_gives_the_blocks_results(tmp_path, case_name):
-    """fit_block with tasks = 3 (three blocks at once in one process, each a third of MAXMEM's share) reads and
-    fits the block in three parts; the results are the whole block's, also where a part fits no voxel."""
+    """fit_block with tasks = 3 (three blocks at once in one process) where the inputs of three such blocks
+    are three times the half of MAXMEM one block's may take: it reads and fits the block in three parts; the
+    results are the whole block's, also where a part fits no voxel."""
     case = load_case(case_name)
     Y = case.Y.copy()
     Y[:, :3] = np.nan  # the first part of the block fits nothing: its maps come from the fill rule
     plan = plan_run(load_config(make_analysis(tmp_path, case_name, fmt="dat", Y=Y)))
-    plan = dataclasses.replace(plan, blocks=((0, plan.voxels.size),))
+    V = plan.voxels.size
+    inputs = V * block_voxel_bytes(plan.n_stat_columns, plan.config.n, sum_groups(plan))
+    plan = dataclasses.replace(plan, blocks=((0, V),), config=dataclasses.replace(plan.config, maxmem=2 * inputs))
     for b in range(len(plan.batches)):
         read_batch(plan, b)
-    path = fit_block(plan, 0)
+    path = fit_block(plan, 0, tasks=1)  # one block's inputs: half of MAXMEM, in one part
     whole = dict(np.load(path))
     os.unlink(path)
     parts = dict(np.load(fit_block(plan, 0, tasks=3)))
