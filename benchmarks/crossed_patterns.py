@@ -12,9 +12,10 @@ RSS.  Run it with any blmm on PYTHONPATH to compare versions (from outside the c
 from __future__ import annotations
 
 import argparse
-import json
 import resource
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -25,7 +26,9 @@ from blmm.core.objective.schur import schur_design
 from blmm.core.schur_sums import schur_group, schur_sum_stats
 from blmm.core.sufficient import FactorLayout, presence_patterns, random_effects_matrix
 
-N_SCANNERS = 21
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from crossed_sums import N_SCANNERS, crossed_scanners  # noqa: E402
+from result_line import emit  # noqa: E402
 
 
 def main() -> None:
@@ -37,9 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     X = np.loadtxt(f"{args.data}/X.csv", delimiter=",", skiprows=1)
     subject = np.loadtxt(f"{args.data}/subject.csv", skiprows=1, dtype=np.int64)
-    rng = np.random.default_rng(2112)  # the scanners of crossed_sums.py
-    home = rng.integers(1, N_SCANNERS + 1, subject.max() + 1)[subject]
-    scanner = np.where(rng.random(subject.size) < 0.8, home, rng.integers(1, N_SCANNERS + 1, subject.size))
+    scanner = crossed_scanners(subject)
     n, v = X.shape[0], args.voxels
     factors = [RandomFactor("subject", subject, np.ones((n, 1))), RandomFactor("scanner", scanner, np.ones((n, 1)))]
     rng = np.random.default_rng(7)
@@ -76,11 +77,7 @@ def main() -> None:
               "peak_rss_mb_after_sums": round(rss_sums, 1), "peak_rss_mb_after_stats": round(rss_stats, 1),
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "llh_sum": float(np.sum(fit.llh))}
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(line + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ any blmm on PYTHONPATH to compare versions:
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import resource
 import shutil
@@ -25,16 +24,24 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_line import emit  # noqa: E402
+
 N_SCANNERS = 21
+
+
+def crossed_scanners(subject: np.ndarray) -> np.ndarray:
+    """Each image's scanner: its subject's home scanner (of N_SCANNERS) at 80% of visits, else another (seeded)."""
+    rng = np.random.default_rng(2112)
+    home = rng.integers(1, N_SCANNERS + 1, subject.max() + 1)[subject]
+    return np.where(rng.random(subject.size) < 0.8, home, rng.integers(1, N_SCANNERS + 1, subject.size))
 
 
 def write_inputs(data: Path, work: Path, families: bool = False) -> Path:
     """The crossed model's inputs next to design 1's (or the family dataset's, ``families``): scanner.csv,
     Z_scanner.csv and crossed.yml, with the scanner as one more factor."""
     subject = np.loadtxt(data / "subject.csv", skiprows=1, dtype=np.int64)
-    rng = np.random.default_rng(2112)
-    home = rng.integers(1, N_SCANNERS + 1, subject.max() + 1)[subject]
-    scanner = np.where(rng.random(subject.size) < 0.8, home, rng.integers(1, N_SCANNERS + 1, subject.size))
+    scanner = crossed_scanners(subject)
     work.mkdir(parents=True, exist_ok=True)
     np.savetxt(work / "scanner.csv", scanner, fmt="%d", header="scanner", comments="")
     np.savetxt(work / "Z_scanner.csv", np.ones(subject.size), fmt="%d", header="intercept", comments="")
@@ -87,11 +94,7 @@ def main() -> None:
               "partial_sums_bytes": int(need.get("partial sums", need.get("partial", 0))), "space_needed": need,
               "wall_s": round(wall, 2), "cpu_s": round(child.ru_utime + child.ru_stime, 2),
               "peak_rss_mb": round(child.ru_maxrss / 1024, 1), "stages": stages}
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(line + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":
