@@ -12,8 +12,8 @@ from blmm.core.nested_schur_sums import NestedSchurSumStats, nested_schur_sum_st
 from blmm.core.objective.nested import tree_schur_design
 from blmm.core.schur_sums import SchurSumStats
 from blmm.core.structure import plan_fit
-from blmm.core.sufficient import FactorLayout, presence_patterns, random_effects_matrix, stats_from_sums
-from tests.core.test_schur_sums import assert_same_fits, assert_same_pattern_objective
+from blmm.core.sufficient import FactorLayout
+from tests.core.test_schur_sums import assert_same_fits, assert_same_pattern_objective, touched_big_levels, zty_stats
 
 
 def family_scanner_case(seed: int, slope: bool, v: int = 12):
@@ -55,21 +55,12 @@ def both_stats(X, factors, Y):
     layout = FactorLayout.from_factors(factors)
     plan = plan_fit(layout)
     assert plan.dense_beside_tree and plan.tree == [0, 1]
-    Z = random_effects_matrix(factors, layout)
-    present = ~np.isnan(Y)
-    Y0 = np.where(present, Y, 0.0)
-    patterns, pattern_of_voxel = presence_patterns(present)
-    XtY, ZtY, YtY = (X.T @ Y0).T, np.asarray(Z.T @ Y0).T, (Y0 * Y0).sum(0)
-    by_column = stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
+    by_column, Z, Y0, present = zty_stats(X, factors, Y)
     family = np.searchsorted(layout.levels[0], factors[0].labels)
     groups = tree_schur_groups(X, factors, plan.tree, family)
-    U = tree_schur_design(X, Z, layout, plan.tree)
-    touched = []
-    for g in groups:  # per group, each voxel's big-class families a missing value touches, as reading keeps them
-        big = g.small_position() < 0
-        per_voxel = [np.flatnonzero(np.isin(g.outer, family[~present[:, i]]) & big) for i in range(Y.shape[1])]
-        touched.append((np.concatenate([[0], np.cumsum([t.size for t in per_voxel])]), np.concatenate(per_voxel)))
-    sums = group_sums(groups, (U.T @ Y0).T, ZtY, YtY, touched)
+    sums = group_sums(groups, (tree_schur_design(X, Z, layout, plan.tree).T @ Y0).T, by_column.ZtY, by_column.YtY,
+                      touched_big_levels(groups, family, present))
+    patterns, pattern_of_voxel = by_column.patterns, by_column.pattern_of_voxel
     return by_column, nested_schur_sum_stats(X, factors, plan.tree, patterns, pattern_of_voxel, sums, groups), groups
 
 

@@ -42,22 +42,36 @@ def crossed_case(seed: int, slope: bool, v: int = 12):
 
 def both_stats(X, factors, Y):
     """The same voxels' statistics by Z'Y (`stats_from_sums`) and by the class-aggregated sums."""
+    by_column, Z, Y0, present = zty_stats(X, factors, Y)
+    layout = by_column.layout
+    group = schur_group(X, factors)
+    level = np.searchsorted(layout.levels[0], factors[0].labels)
+    sums = group_sums([group], (schur_design(X, Z, layout).T @ Y0).T, by_column.ZtY, by_column.YtY,
+                      touched_big_levels([group], level, present))[0]
+    return by_column, schur_sum_stats(X, factors, by_column.patterns, by_column.pattern_of_voxel, sums, group), group
+
+
+def zty_stats(X, factors, Y):
+    """The voxels' statistics by Z'Y (`stats_from_sums`; missing entries add zero), Z, Y with zeros for NaN
+    and where Y is present."""
     layout = FactorLayout.from_factors(factors)
     Z = random_effects_matrix(factors, layout)
     present = ~np.isnan(Y)
     Y0 = np.where(present, Y, 0.0)
     patterns, pattern_of_voxel = presence_patterns(present)
     XtY, ZtY, YtY = (X.T @ Y0).T, np.asarray(Z.T @ Y0).T, (Y0 * Y0).sum(0)
-    by_column = stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
-    group = schur_group(X, factors)
-    U = schur_design(X, Z, layout)
-    big = group.classes.big_level_mask(group.columns.shape[0])
-    level = np.searchsorted(layout.levels[0], factors[0].labels)
-    touched = [np.unique(level[~present[:, i]]) for i in range(Y.shape[1])]
-    touched = [t[big[t]] for t in touched]  # big-class levels a missing value touches, as reading keeps them
-    ptr = np.concatenate([[0], np.cumsum([t.size for t in touched])])
-    sums = group_sums([group], (U.T @ Y0).T, ZtY, YtY, [(ptr, np.concatenate(touched))])[0]
-    return by_column, schur_sum_stats(X, factors, patterns, pattern_of_voxel, sums, group), group
+    return stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY), Z, Y0, present
+
+
+def touched_big_levels(groups, outer, present) -> list:
+    """Per group, each voxel's big-class levels (of the group) that a missing value touches, as reading keeps
+    them: (ptr (v + 1,), levels) (outer: each row's level of the group's factor, or its family)."""
+    out = []
+    for g in groups:
+        big = g.small_position() < 0
+        per_voxel = [np.flatnonzero(np.isin(g.outer, outer[~present[:, i]]) & big) for i in range(present.shape[1])]
+        out.append((np.concatenate([[0], np.cumsum([t.size for t in per_voxel])]), np.concatenate(per_voxel)))
+    return out
 
 
 def assert_same_pattern_objective(by_column, by_class, plan, u: int, rng) -> None:

@@ -29,7 +29,7 @@ from blmm.core import linalg as la
 from blmm.core.level_classes import LevelClasses
 from blmm.core.objective.base import Evaluation, array_bytes, no_units, profiled
 from blmm.core.objective.levels import LevelObjective
-from blmm.core.objective.schur import SchurData, SchurObjective
+from blmm.core.objective.schur import SchurData, SchurObjective, augmented_design, factor_columns
 
 MAX_NESTED_BLOCK = 16  # largest block (columns per outer level) the nested route takes on its own
 
@@ -538,11 +538,9 @@ class NestedSchurObjective(SchurObjective):
 
 def dense_columns(layout, tree: list[int]) -> np.ndarray:
     """Z's columns of the factors outside a nesting tree (kept dense beside it), in factor order."""
-    off = layout.offsets
-    cols = [np.arange(off[k], off[k + 1]) for k in range(len(layout.q)) if k not in tree]
-    return np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    return factor_columns(layout, [k for k in range(len(layout.q)) if k not in tree])
 
 
 def tree_schur_design(X: np.ndarray, Z, layout, tree: list[int]) -> np.ndarray:
-    """The augmented design U = [X, Z_R] (n, p + q_R) whose sums a nesting tree beside dense factors takes."""
-    return np.hstack([X, sp.csc_matrix(Z)[:, dense_columns(layout, tree)].toarray()])
+    """The augmented design U = [X, Z_R] whose sums a nesting tree beside dense factors takes."""
+    return augmented_design(X, Z, dense_columns(layout, tree))

@@ -232,16 +232,25 @@ class SchurObjective:
         return ev
 
 
+def factor_columns(layout, factors) -> np.ndarray:
+    """Z's columns of these factors (indices), in factor order."""
+    off = layout.offsets
+    cols = [np.arange(off[k], off[k + 1]) for k in factors]
+    return np.concatenate(cols) if cols else np.zeros(0, np.int64)
+
+
 def eliminated_columns(layout, big: int | None = None) -> tuple[int, np.ndarray, np.ndarray]:
     """(big, its columns of Z, the other factors' columns Z_R in factor order): the factor Schur
     eliminates level by level (by default the one with most levels) and the columns left dense."""
-    off, nf = layout.offsets, len(layout.q)
     big = int(np.argmax(layout.n_levels)) if big is None else int(big)
-    small = [np.arange(off[k], off[k + 1]) for k in range(nf) if k != big]
-    return big, np.arange(off[big], off[big + 1]), np.concatenate(small) if small else np.zeros(0, np.int64)
+    return big, factor_columns(layout, [big]), factor_columns(layout, [k for k in range(len(layout.q)) if k != big])
+
+
+def augmented_design(X: np.ndarray, Z, dense_cols: np.ndarray) -> np.ndarray:
+    """U = [X, Z_R] (n, p + q_R): X with the columns of Z that an elimination keeps dense."""
+    return np.hstack([X, sp.csc_matrix(Z)[:, dense_cols].toarray()])
 
 
 def schur_design(X: np.ndarray, Z, layout, big: int | None = None) -> np.ndarray:
-    """The augmented design U = [X, Z_R] (n, p + q_R) whose sums Schur's eliminated factor takes."""
-    _, _, small_cols = eliminated_columns(layout, big)
-    return np.hstack([X, sp.csc_matrix(Z)[:, small_cols].toarray()])
+    """The augmented design U = [X, Z_R] whose sums Schur's eliminated factor takes."""
+    return augmented_design(X, Z, eliminated_columns(layout, big)[2])
