@@ -135,14 +135,26 @@ def _base_colorscale(colorscale: Any, signed: bool, negative_only: bool) -> list
             colorscale = NEGATIVE_COLORSCALE if negative_only else POSITIVE_COLORSCALE
     if isinstance(colorscale, str):
         reverse = colorscale.endswith("_r")
-        try:
-            scale = plotly.colors.get_colorscale(colorscale[:-2] if reverse else colorscale)
-        except Exception:
-            raise ViewerError(f"unknown plotly colorscale {colorscale!r}") from None
+        scale = plotly.colors.make_colorscale(_named_colours(colorscale[:-2] if reverse else colorscale))
         if reverse:
             scale = [[1.0 - float(t), colour] for t, colour in reversed(scale)]
         return [[float(t), colour] for t, colour in scale]
     return [[float(t), colour] for t, colour in colorscale]
+
+
+def _named_colours(name: str) -> list[str]:
+    """The colours of plotly's built-in continuous scale ``name`` (any case), from the modules that
+    plotly's ``get_colorscale`` searches; that function imports plotly's validators (narwhals, ~70 ms
+    of every report)."""
+    import plotly.colors
+
+    wanted = name.lower()
+    for module in (plotly.colors.sequential, plotly.colors.diverging, plotly.colors.cyclical):
+        for attr, colours in vars(module).items():
+            if attr.lower() == wanted and not attr.startswith("_") and not attr.endswith("_r") \
+                    and isinstance(colours, list):
+                return colours
+    raise ViewerError(f"unknown plotly colorscale {name!r}")
 
 
 def _colour_at(scale: list, t: float) -> str:

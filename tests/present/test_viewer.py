@@ -246,6 +246,24 @@ def test_positive_map_threshold_band_sits_at_the_bottom() -> None:
     assert not neutral[values > 1.35].any()
 
 
+@pytest.mark.parametrize("name", ["RdBu_r", "viridis", "Viridis_r", "balance", "IceFire", "Twilight_r"])
+def test_named_colorscale_is_plotlys(name: str) -> None:
+    """A plotly scale name (any case, ``_r`` reversed) colours as plotly's own get_colorscale says."""
+    import plotly.colors
+
+    reverse = name.endswith("_r")
+    expected = plotly.colors.get_colorscale(name[:-2] if reverse else name)
+    if reverse:
+        expected = [[1.0 - float(t), colour] for t, colour in reversed(expected)]
+    assert viewer.colour_range(np.array([-1.0, 2.0]), colorscale=name).colorscale == \
+        [[float(t), colour] for t, colour in expected]
+
+
+def test_unknown_colorscale_is_named() -> None:
+    with pytest.raises(ViewerError, match="unknown plotly colorscale 'RdBu_rr'"):
+        viewer.colour_range(np.array([-1.0, 2.0]), colorscale="RdBu_rr")
+
+
 def test_vertex_count_mismatch_names_both_counts() -> None:
     with pytest.raises(ViewerError) as caught:
         viewer.plot_surface(np.zeros(N_FS5 + 7), viewer.fsaverage5_mesh("left"))
