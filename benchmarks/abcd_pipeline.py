@@ -56,9 +56,10 @@ def run_measured(cmd: list[str], env: dict | None = None, cwd: str | None = None
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     out, _ = proc.communicate()
+    seconds = time.perf_counter() - t0  # before the join: the sampler may still sleep up to 0.2 s
     thread.join()
     sys.stdout.write(out)
-    return time.perf_counter() - t0, peak[0] / 2**30, proc.returncode
+    return seconds, peak[0] / 2**30, proc.returncode
 
 
 def main() -> None:
