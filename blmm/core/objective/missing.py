@@ -38,9 +38,15 @@ class MissingObjective:
     missing_rows = True
     has_deviance_hessian = True
 
-    def __init__(self, XtX, ZtX, ZtZ, n, q, reml):
-        self.base = LevelObjective(XtX, ZtX, ZtZ, n, q, reml)
+    def __init__(self, XtX, ZtX, ZtZ, n, q, reml, base: LevelObjective | None = None):
+        """``base``: the complete design's `LevelObjective` of these sums, where one is built already."""
+        self.base = LevelObjective(XtX, ZtX, ZtZ, n, q, reml) if base is None else base
         self.n, self.p, self.q, self.reml = int(n), self.base.p, int(q), bool(reml)
+
+    @classmethod
+    def of_level(cls, base: LevelObjective) -> "MissingObjective":
+        """The missing-rows objective around a complete design's `LevelObjective` (sharing its arrays)."""
+        return cls(None, None, None, base.n, base.q, base.reml, base=base)
 
     # host side (numpy): a block's sums arranged once, then moved (linalg.move); evaluation is on the seam
     def data(self, XtY, ZtY, YtY, units: dict | None = None) -> "MissingData":
@@ -76,7 +82,9 @@ class MissingObjective:
     def held_bytes(self) -> int:
         return self.base.held_bytes()
 
-    def _products(self, D, data: "MissingData"):
+    def products(self, D, data: "MissingData"):
+        """X'V⁻¹X, X'V⁻¹Y, Y'V⁻¹Y and log|V| of each voxel's own rows, with the resolvents of the
+        classes (R), of the units (Ru) and of the unit groups (Rg; None where a block has none)."""
         XtVX, XtVY, YtVY, logdetV, R = self.base.products(D, data.base)
         XtVX = XtVX + data.dXtX
         Ru = Rg = None
@@ -91,7 +99,7 @@ class MissingObjective:
     def evaluate(self, D_list, data: "MissingData", sigma2=None, grad=False) -> Evaluation:
         D = D_list[0]
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            XtVX, XtVY, YtVY, logdetV, R, Ru, Rg = self._products(D, data)
+            XtVX, XtVY, YtVY, logdetV, R, Ru, Rg = self.products(D, data)
         ev = profiled(XtVX, XtVY, YtVY, logdetV, data.n, self.p, self.reml, sigma2)
         if not grad:
             return ev
@@ -106,34 +114,23 @@ class MissingObjective:
         # from A recombined with the touched levels' units
         obs = base.observed_unit_terms(R, P, data.base, _with_info(ev, info), ev.sigma2, uu_parts)
         A = base.cross_sums(R, data.base, beta, uu_parts[1])
-        if Ru is not None:
-            s = data.sign
-            units = unit_gradient_parts(Ru, s, data.G, data.X, data.y, beta, C if self.reml else None)
-            T_sum = T_sum + units.T_sum
-            info_u = xp.reshape(la.einsum(xp, "vt,vtbc,vtae->vabce", s, units.T, units.T), (v, q * q, q * q))
-            info = info + info_u
-            uu = uu + units.uu
+        terms = unit_terms(Ru, Rg, data, beta, C if self.reml else None)
+        T_sum, uu, corr, info = T_sum + terms.T_sum, uu + terms.uu, corr + terms.corr, info + terms.info
+        obs = obs - terms.info  # the units' information, its observed counterpart added below
+        if terms.units is not None:
+            units, s = terms.units, data.sign
             Wu = 2.0 * units.u[..., :, None] * units.u[..., None, :] / ev.sigma2[:, None, None, None]
             if self.reml:
-                corr = corr + units.corr
                 Wu = Wu + 2.0 * units.P
             # M[(a,b),(c,d)] = Σ_units T[b,c] W[d,a]
-            Mu = xp.reshape(la.einsum(xp, "vt,vtbc,vtda->vabcd", s, units.T, Wu), (v, q * q, q * q))
-            obs = obs - info_u + Mu
+            obs = obs + xp.reshape(la.einsum(xp, "vt,vtbc,vtda->vabcd", s, units.T, Wu), (v, q * q, q * q))
             A = A + la.einsum(xp, "vt,vtxp,vty->vxyp", s, units.S, units.u)
-        if Rg is not None:
-            w = data.group_weight
-            groups = group_gradient_parts(Rg, data.group_G, data.group_K, beta, C if self.reml else None)
-            T_sum = T_sum + la.einsum(xp, "vh,vhab->vab", w, groups.T)
-            info_g = xp.reshape(la.einsum(xp, "vh,vhbc,vhae->vabce", w, groups.T, groups.T), (v, q * q, q * q))
-            info = info + info_g
-            uu = uu + xp.sum(groups.uu, axis=1)
+        if terms.groups is not None:
+            groups = terms.groups
             Wg = 2.0 * groups.uu / ev.sigma2[:, None, None, None]
             if self.reml:
-                corr = corr + xp.sum(groups.P, axis=1)
                 Wg = Wg + 2.0 * groups.P
-            Mg = xp.reshape(la.einsum(xp, "vhbc,vhda->vabcd", groups.T, Wg), (v, q * q, q * q))
-            obs = obs - info_g + Mg
+            obs = obs + xp.reshape(la.einsum(xp, "vhbc,vhda->vabcd", groups.T, Wg), (v, q * q, q * q))
             A = A + groups.A
         A = xp.reshape(A, (v, q * q, self.p))
         obs = obs - 2.0 * la.einsum(xp, "vip,vpr,vjr->vij", A, C, A) / ev.sigma2[:, None, None]
@@ -151,12 +148,12 @@ class MissingObjective:
         if ev is None or ev.observed is None:
             ev = self.evaluate([D], data, sigma2=sigma2, grad=True)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            *_, R, Ru, Rg = self._products(D, data)
+            *_, R, Ru, Rg = self.products(D, data)
         xp = la.namespace(ev.beta)
         mT = xp.matrix_transpose
         Bs = self.base.direction_sums(R)
         if Ru is not None:  # + Σ_units sign S_t' E S_t, S_t = R_t X_t
-            S = _small_product(Ru, data.X)
+            S = small_product(Ru, data.X)
             r_idx, c_idx = la.vech_index(self.q)
             for t, (a, b) in enumerate(zip(r_idx, c_idx)):
                 B = mT(data.sign[:, :, None] * S[:, :, a, :]) @ S[:, :, b, :]  # a GEMM per voxel
@@ -181,7 +178,7 @@ def unit_products(D: np.ndarray, sign: np.ndarray, G: np.ndarray, X: np.ndarray,
     q, p = G.shape[-1], X.shape[-1]
     Ru, W, dlogdetV = _resolvents(D, sign, G)
     sX = xp.reshape(sign[:, :, None, None] * X, (v, T * q, p))
-    WX = xp.reshape(_small_product(W, X), (v, T * q, p))
+    WX = xp.reshape(small_product(W, X), (v, T * q, p))
     dXtVX = -(xp.matrix_transpose(sX) @ WX)
     Wy = xp.reshape(la.einsum(xp, "vtab,vtb->vta", W, y), (v, T * q))
     dXtVY = -la.einsum(xp, "vk,vkp->vp", Wy, sX)
@@ -206,11 +203,11 @@ class UnitParts:
 def unit_gradient_parts(Ru, sign, G, X, y, beta, C=None) -> UnitParts:
     """The units' pieces of the deviance gradient (C = (X'V⁻¹X)⁻¹ for REML, None for ML)."""
     xp = la.namespace(Ru, beta)
-    Tu = la.sym(_small_product(Ru, G))
+    Tu = la.sym(small_product(Ru, G))
     v, T, q, p = X.shape
     r = y - xp.reshape(xp.reshape(X, (v, T * q, p)) @ beta[:, :, None], (v, T, q))
     u = la.einsum(xp, "vtab,vtb->vta", Ru, r)
-    S = _small_product(Ru, X)  # (v, T, q, p): S_t = R_t X_t
+    S = small_product(Ru, X)  # (v, T, q, p): S_t = R_t X_t
     P = None
     corr = xp.zeros(Tu.shape[:1] + Tu.shape[2:], dtype=Tu.dtype, device=la.device_of(Tu))
     if C is not None:  # one GEMM per voxel, not one tiny product per unit
@@ -219,6 +216,47 @@ def unit_gradient_parts(Ru, sign, G, X, y, beta, C=None) -> UnitParts:
         corr = la.einsum(xp, "vt,vtab->vab", sign, P)
     return UnitParts(T=Tu, u=u, S=S, P=P, T_sum=la.einsum(xp, "vt,vtab->vab", sign, Tu),
                      uu=la.einsum(xp, "vt,vta,vtb->vab", sign, u, u), corr=corr)
+
+
+@dataclass
+class UnitTerms:
+    """What a voxel's units and unit groups add to the class sums' Σ T, Σ u u', Σ P (zero without C)
+    and expected information F[(a,b),(c,e)] = Σ T[b,c] T[a,e], and their parts (None: none)."""
+
+    T_sum: np.ndarray  # (v, q, q)
+    uu: np.ndarray
+    corr: np.ndarray
+    info: np.ndarray  # (v, q², q²)
+    units: UnitParts | None
+    groups: "GroupParts | None"
+
+
+def unit_terms(Ru, Rg, data: "MissingData", beta, C=None) -> UnitTerms:
+    """The units' and groups' terms of the gradient and expected information at (β, C), from their
+    resolvents (`MissingObjective.products`); C: (X'V⁻¹X)⁻¹ for REML (or any p x p matrix the caller's
+    Σ P takes, e.g. Schur's Ω), None for ML."""
+    xp = la.namespace(beta)
+    v, q = beta.shape[0], data.G.shape[-1]
+    zero = xp.zeros((v, q, q), dtype=beta.dtype, device=la.device_of(beta))
+    out = UnitTerms(zero, zero, zero, xp.zeros((v, q * q, q * q), dtype=beta.dtype, device=la.device_of(beta)),
+                    None, None)
+    if Ru is not None:
+        s = data.sign
+        units = unit_gradient_parts(Ru, s, data.G, data.X, data.y, beta, C)
+        out.units = units
+        out.T_sum, out.uu, out.corr = out.T_sum + units.T_sum, out.uu + units.uu, out.corr + units.corr
+        out.info = out.info + xp.reshape(la.einsum(xp, "vt,vtbc,vtae->vabce", s, units.T, units.T), (v, q * q, q * q))
+    if Rg is not None:
+        w = data.group_weight
+        groups = group_gradient_parts(Rg, data.group_G, data.group_K, beta, C)
+        out.groups = groups
+        out.T_sum = out.T_sum + la.einsum(xp, "vh,vhab->vab", w, groups.T)
+        out.info = out.info + xp.reshape(la.einsum(xp, "vh,vhbc,vhae->vabce", w, groups.T, groups.T),
+                                         (v, q * q, q * q))
+        out.uu = out.uu + xp.sum(groups.uu, axis=1)
+        if groups.P is not None:
+            out.corr = out.corr + xp.sum(groups.P, axis=1)
+    return out
 
 
 def group_products(D: np.ndarray, weight: np.ndarray, G: np.ndarray, K: np.ndarray):
@@ -250,13 +288,13 @@ def group_gradient_parts(Rg, G, K, beta, C=None) -> GroupParts:
     xp = la.namespace(Rg, beta)
     v, H, q = G.shape[:3]
     p = beta.shape[1]
-    Tg = la.sym(_small_product(Rg, G))
+    Tg = la.sym(small_product(Rg, G))
     e = xp.concat([-beta, xp.ones((v, 1), dtype=beta.dtype, device=la.device_of(beta))], axis=1)  # [X | y] e = y - X β
     Ke = xp.reshape(xp.reshape(K, (v, H * q * q * (p + 1), p + 1)) @ e[:, :, None], (v, H, q, q, p + 1))
     N = xp.reshape(xp.reshape(Ke, (v, H * q * q, p + 1)) @ e[:, :, None], (v, H, q, q))
 
     def sandwich(M):  # R M R' per group
-        return _small_product(_small_product(Rg, M), xp.matrix_transpose(Rg))
+        return small_product(small_product(Rg, M), xp.matrix_transpose(Rg))
 
     P = None
     if C is not None:
@@ -271,12 +309,12 @@ def group_gradient_parts(Rg, G, K, beta, C=None) -> GroupParts:
 def _resolvents(D: np.ndarray, weight: np.ndarray, G: np.ndarray):
     """Per unit or group (v, T, q, q): R = (I + G D)⁻¹, W = D R (symmetrised) and Σ weight log|I + G D|."""
     xp = la.namespace(D, weight, G)
-    A = xp.eye(G.shape[-1], dtype=G.dtype, device=la.device_of(G)) + _small_product(G, D[:, None, ...])
+    A = xp.eye(G.shape[-1], dtype=G.dtype, device=la.device_of(G)) + small_product(G, D[:, None, ...])
     R = _inv(A)
-    return R, la.sym(_small_product(D[:, None, ...], R)), la.einsum(xp, "vt,vt->v", weight, _logdet(A))
+    return R, la.sym(small_product(D[:, None, ...], R)), la.einsum(xp, "vt,vt->v", weight, _logdet(A))
 
 
-def _small_product(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+def small_product(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """A @ B for stacks of q x q (q a handful) times q x k matrices, as q broadcast products:
     numpy's matmul costs far more per tiny matrix than the arithmetic."""
     out = A[..., :, 0, None] * B[..., 0, None, :]

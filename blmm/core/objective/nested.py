@@ -522,7 +522,7 @@ class NestedSchurObjective(SchurObjective):
     def _eliminated_products(self, D_list, data: SchurData):
         return self.level.products(D_list, data.level)
 
-    def _coupled_information(self, R, S, IAS, info, starts) -> None:
+    def _coupled_information(self, R, data: SchurData, S, IAS, info, starts) -> None:
         """The tree's information and Σ T stay V₁'s, without blocks with the crossed factors (a scoring
         approximation: the gradient is exact; docs/model.md, "Crossed factors next to a tree")."""
         return None

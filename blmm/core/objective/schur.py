@@ -34,7 +34,10 @@ class SchurObjective:
     by γ = [β; b̃] and C by Ω = E_R S E_R' + B C B' (docs/model.md).
     """
 
-    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, big: int | None = None, classes: LevelClasses | None = None):
+    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, big: int | None = None, classes: LevelClasses | None = None,
+                 level: LevelObjective | None = None):
+        """``level``: the eliminated factor's `LevelObjective` on U of these same sums, where one is
+        built already (another objective of this design shares it)."""
         ZtZ = sp.csr_matrix(ZtZ)
         self.n, self.p, self.reml = int(n), XtX.shape[0], bool(reml)
         self.qk = layout.q
@@ -44,11 +47,13 @@ class SchurObjective:
         self.big_cols, self.small_cols = big_cols, small_cols
         self.qR = small_cols.size
         p, qR = self.p, self.qR
-        ZRtX = ZtX[small_cols]
-        ZRtZR = np.asarray(ZtZ[small_cols][:, small_cols].todense())
-        UtU = np.block([[XtX, ZRtX.T], [ZRtX, ZRtZR]])
-        Z1tU = np.hstack([ZtX[big_cols], np.asarray(ZtZ[big_cols][:, small_cols].todense())])
-        self.level = LevelObjective(UtU, Z1tU, ZtZ[big_cols][:, big_cols], n, self.qk[self.big], reml, classes=classes)
+        if level is None:
+            ZRtX = ZtX[small_cols]
+            ZRtZR = np.asarray(ZtZ[small_cols][:, small_cols].todense())
+            UtU = np.block([[XtX, ZRtX.T], [ZRtX, ZRtZR]])
+            Z1tU = np.hstack([ZtX[big_cols], np.asarray(ZtZ[big_cols][:, small_cols].todense())])
+            level = LevelObjective(UtU, Z1tU, ZtZ[big_cols][:, big_cols], n, self.qk[self.big], reml, classes=classes)
+        self.level = level
         # offsets of the small factors inside the q_R block (level-major per factor, as Z)
         # slice bounds: host integers in any namespace
         self.small_offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum([nlev[k] * self.qk[k]
@@ -102,14 +107,22 @@ class SchurObjective:
         """U'V₁⁻¹U, U'V₁⁻¹Y, Y'V₁⁻¹Y, log|V₁| and the per-unit weights of the eliminated part."""
         return self.level.products(D_list[self.big], data.level)
 
+    def rows(self, data: SchurData):
+        """The observed rows: the objective's n, or per voxel where its data say (missing rows)."""
+        return self.n
+
+    def _eliminated_gradient(self, R, data: SchurData, gamma, Omega):
+        """The eliminated factor's Σ T, Σ uu', Σ P and expected information, all of V₁, at (γ, Ω)."""
+        return self.level.gradient_parts(R, data.level, gamma, Omega)
+
     def _eliminated_parts(self, R, data: SchurData, gamma, Omega, s2, info, starts):
         """Per eliminated factor k: (gradient, Σ T, Σ uu'); writes its information blocks into info."""
-        T1, uu1, corr1, info1 = self.level.gradient_parts(R, data.level, gamma, Omega)
+        T1, uu1, corr1, info1 = self._eliminated_gradient(R, data, gamma, Omega)
         b0, size = starts[self.big], starts[self.big + 1] - starts[self.big]
         info[:, b0:b0 + size, b0:b0 + size] = info1
         return {self.big: (la.sym(T1 - corr1 - uu1 / s2), T1, uu1)}
 
-    def _coupled_information(self, R, S, IAS, info, starts):
+    def _coupled_information(self, R, data: SchurData, S, IAS, info, starts):
         """Turn the eliminated factor's information from V₁'s into V's and add its blocks with the small
         factors, so that the scoring information is the dense structure's (docs/model.md, "Schur").
 
@@ -117,11 +130,33 @@ class SchurObjective:
         Z_j'V⁻¹Z_R = W_j E, E = I - S A_RR; every level sum goes through Φ_ab = Σ_j W_j[a]' W_j[b] (q_R x q_R).
         Returns Σ_j W_j S W_j' (v, q, q): Σ_j Z_j'V₁⁻¹Z_j less it is Σ_j Z_j'V⁻¹Z_j.
         """
+        xp = la.namespace(S)
+        v, q = S.shape[0], self.level.q
+        Phi, TM, WSW = self._level_coupling(R, data, S)
+        # the eliminated block: Σ_jj' (T_j δ - W_j S W_j'')⊗(same), in LevelObjective's F[(a,b),(c,e)] order
+        SPS = la.einsum(xp, "vrs,vcest,vtu->vceru", S, Phi, S, optimize=True)
+        big = la.einsum(xp, "vbaru,vceru->vabce", Phi, SPS, optimize=True) - TM
+        b0, b1 = starts[self.big], starts[self.big + 1]
+        info[:, b0:b1, b0:b1] += xp.reshape(big, (v, q * q, q * q))
+        # the eliminated factor with each small one: Σ_j Σ_l (W_j E)[b, (l, c)] (W_j E)[a, (l, d)]
+        E = xp.matrix_transpose(IAS)
+        EPE = la.einsum(xp, "vrc,vbars,vsd->vabcd", E, Phi, E, optimize=True)
+        for i, k in enumerate(self.small):
+            o, lk, qk = self.small_offsets[i], self.small_levels[i], self.small_q[i]
+            blk = xp.reshape(EPE[:, :, :, o:o + lk * qk, o:o + lk * qk], (v, q, q, lk, qk, lk, qk))
+            cross = xp.reshape(la.einsum(xp, "vabjcjd->vabcd", blk), (v, q * q, qk * qk))
+            info[:, b0:b1, starts[k]:starts[k + 1]] = cross
+            info[:, starts[k]:starts[k + 1], b0:b1] = xp.matrix_transpose(cross)
+        return WSW
+
+    def _level_coupling(self, R, data: SchurData, S):
+        """Sums over the eliminated factor's levels: Φ[a, b, r, s] = Σ_j W_j[a, r] W_j[b, s],
+        TM[a, b, c, e] = Σ_j T_j[b, c] M_j[a, e] + M_j[b, c] T_j[a, e] and Σ_j M_j, with M_j = W_j S W_j'."""
         lv = self.level
         xp = la.namespace(S)
         dev = la.device_of(S)
         v, q, p, qR, Cb = S.shape[0], lv.q, self.p, self.qR, lv.Cb
-        Phi = xp.zeros((v, q, q, qR, qR), dtype=S.dtype, device=dev)  # Φ[a, b, r, s] = Σ_j W_j[a, r] W_j[b, s]
+        Phi = xp.zeros((v, q, q, qR, qR), dtype=S.dtype, device=dev)
         if Cb:  # a big class's Σ_members Z_j'Z_R ⊗ Z_j'Z_R is the constant Ko (its members share R_c)
             Rb = xp.stack([xp.stack([R[a][f][:, :Cb] for f in range(q)], axis=-1) for a in range(q)], axis=-2)
             N = lv.Ko[:, :, :, p:, p:]  # the objective's constants live where its arrays do (linalg.move)
@@ -134,7 +169,6 @@ class SchurObjective:
             Wf = xp.reshape(W, (v, lv.Ls, q * qR))
             WW = xp.reshape(xp.matrix_transpose(Wf) @ Wf, (v, q, qR, q, qR))  # one batched GEMM over the levels
             Phi += xp.permute_dims(WW, (0, 1, 3, 2, 4))
-        # the eliminated block: Σ_jj' (T_j δ - W_j S W_j'')⊗(same), in LevelObjective's F[(a,b),(c,e)] order
         Omega_S = xp.zeros((v, p + qR, p + qR), dtype=S.dtype, device=dev)
         Omega_S[:, p:, p:] = S
         M = lv.unit_P(R, Omega_S)  # per unit Σ_{j in c} W_j S W_j'
@@ -142,25 +176,14 @@ class SchurObjective:
 
         def Tf(a, b):
             return T[min(a, b), max(a, b)]
-        SPS = la.einsum(xp, "vrs,vcest,vtu->vceru", S, Phi, S, optimize=True)
-        big = la.einsum(xp, "vbaru,vceru->vabce", Phi, SPS, optimize=True)
+        TM = xp.zeros((v, q, q, q, q), dtype=S.dtype, device=dev)
         for a in range(q):
             for b in range(q):
                 for c in range(q):
                     for e in range(q):
-                        big[:, a, b, c, e] -= xp.sum(Tf(b, c) * M[a][e] + M[b][c] * Tf(a, e), axis=1)
-        b0, b1 = starts[self.big], starts[self.big + 1]
-        info[:, b0:b1, b0:b1] += xp.reshape(big, (v, q * q, q * q))
-        # the eliminated factor with each small one: Σ_j Σ_l (W_j E)[b, (l, c)] (W_j E)[a, (l, d)]
-        E = xp.matrix_transpose(IAS)
-        EPE = la.einsum(xp, "vrc,vbars,vsd->vabcd", E, Phi, E, optimize=True)
-        for i, k in enumerate(self.small):
-            o, lk, qk = self.small_offsets[i], self.small_levels[i], self.small_q[i]
-            blk = xp.reshape(EPE[:, :, :, o:o + lk * qk, o:o + lk * qk], (v, q, q, lk, qk, lk, qk))
-            cross = xp.reshape(la.einsum(xp, "vabjcjd->vabcd", blk), (v, q * q, qk * qk))
-            info[:, b0:b1, starts[k]:starts[k + 1]] = cross
-            info[:, starts[k]:starts[k + 1], b0:b1] = xp.matrix_transpose(cross)
-        return xp.stack([xp.stack([xp.sum(M[a][b], axis=1) for b in range(q)], axis=-1) for a in range(q)], axis=-2)
+                        TM[:, a, b, c, e] = xp.sum(Tf(b, c) * M[a][e] + M[b][c] * Tf(a, e), axis=1)
+        WSW = xp.stack([xp.stack([xp.sum(M[a][b], axis=1) for b in range(q)], axis=-1) for a in range(q)], axis=-2)
+        return Phi, TM, WSW
 
     def evaluate(self, D_list, data: SchurData, sigma2=None, grad=False) -> Evaluation:
         xp = la.namespace(data.XtY, data.ZRtY)
@@ -182,7 +205,7 @@ class SchurObjective:
         XtVX = la.sym(A_XX - mT(Bx) @ Bx)
         XtVY = a_XY - la.einsum(xp, "vqp,vq->vp", Bx, by)
         YtVY = YVY1 - la.einsum(xp, "vq,vq->v", by, by)
-        ev = profiled(XtVX, XtVY, YtVY, logdetV, self.n, self.p, self.reml, sigma2)
+        ev = profiled(XtVX, XtVY, YtVY, logdetV, self.rows(data), self.p, self.reml, sigma2)
         ev.ok &= chol_ok
         beta, C = ev.beta, ev.C
         if not grad:
@@ -203,7 +226,7 @@ class SchurObjective:
         info = xp.zeros((v, starts[-1], starts[-1]), dtype=S.dtype, device=la.device_of(S))
         eliminated = self._eliminated_parts(R, data, gamma, la.sym(Omega), s2, info, starts)
         IAS = eye_R - A_RR @ S  # Z_R'V⁻¹ = (I - A S) Z_R'V₁⁻¹
-        coupling = self._coupled_information(R, S, IAS, info, starts)
+        coupling = self._coupled_information(R, data, S, IAS, info, starts)
         TR = la.sym(IAS @ A_RR)  # Z_R'V⁻¹Z_R
         uR = la.einsum(xp, "vab,vb->va", IAS, rR)
         PR = TR
