@@ -3,11 +3,15 @@
 ABCD design 1's design (9,835 images, 5,179 subjects, p = 23) with the 21 crossed scanners of
 `crossed_sums.py`, `(1 | subject) + (1 | scanner)`, and V voxels that each lose M images at random
 (as volumes masked subject by subject do at their edges): every voxel its own presence pattern.
-Forms the crossed statistics from the class sums (`schur_sum_stats`, as the pipeline's `fit_block`
-does) and fits them (`fit_stats`, one thread); reports each part's wall time and the process's peak
-RSS.  Run it with any blmm on PYTHONPATH to compare versions (from outside the checkout):
+Forms the crossed statistics from the class sums and fits them (`fit_stats`, one thread): with
+``--path units`` (default) as the pipeline's `fit_block` does since round 13, every voxel against the
+complete design with its touched levels as units (`schur_missing_row_stats`); with ``--path patterns``
+one Schur objective per presence pattern (`schur_sum_stats`, the pipeline's way before).  Reports each
+part's wall time and the process's peak RSS.  Run it with any blmm on PYTHONPATH to compare versions
+(from outside the checkout):
 
     cd /tmp && PYTHONPATH=/work/main python /work/main/benchmarks/crossed_patterns.py [--voxels 400] [--missing 3]
+        [--path units|patterns]
 """
 from __future__ import annotations
 
@@ -24,6 +28,10 @@ from blmm.core.fit import fit_stats
 from blmm.core.level_groups import group_sums
 from blmm.core.objective.schur import schur_design
 from blmm.core.schur_sums import schur_group, schur_sum_stats
+try:
+    from blmm.core.schur_missing_rows import schur_missing_row_stats
+except ImportError:  # a blmm before round 13: patterns only
+    schur_missing_row_stats = None
 from blmm.core.sufficient import FactorLayout, presence_patterns, random_effects_matrix
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,6 +44,8 @@ def main() -> None:
     ap.add_argument("--data", default="/tmp/speed_abcd")
     ap.add_argument("--voxels", type=int, default=400)
     ap.add_argument("--missing", type=int, default=3, help="images each voxel loses")
+    ap.add_argument("--path", choices=["units", "patterns"], default="units",
+                    help="units: every voxel against the complete design; patterns: one objective per pattern")
     ap.add_argument("--json", help="append the result line to this file")
     args = ap.parse_args()
     X = np.loadtxt(f"{args.data}/X.csv", delimiter=",", skiprows=1)
@@ -66,12 +76,15 @@ def main() -> None:
     del Y0
     t1 = time.perf_counter()
     rss_sums = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    stats = schur_sum_stats(X, factors, patterns, pattern_of_voxel, sums, group)
+    if args.path == "units":
+        stats = schur_missing_row_stats(X, factors, patterns, pattern_of_voxel, sums=sums)
+    else:
+        stats = schur_sum_stats(X, factors, patterns, pattern_of_voxel, sums, group)
     t2 = time.perf_counter()
     rss_stats = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     fit = fit_stats(stats, threads=1)
     t3 = time.perf_counter()
-    result = {"benchmark": "crossed_patterns", "voxels": v, "patterns": int(patterns.shape[0]),
+    result = {"benchmark": "crossed_patterns", "path": args.path, "voxels": v, "patterns": int(patterns.shape[0]),
               "missing_per_voxel": args.missing, "sums_s": round(t1 - t0, 2), "stats_s": round(t2 - t1, 2),
               "fit_s": round(t3 - t2, 2), "converged": int(fit.converged.sum()),
               "peak_rss_mb_after_sums": round(rss_sums, 1), "peak_rss_mb_after_stats": round(rss_stats, 1),

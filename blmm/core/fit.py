@@ -113,10 +113,10 @@ def _fit_in_basis(Y, X, factors, reml, method, tol, max_iter, structure="auto", 
         stats = complete_schur_stats(Y, X, factors, centre, options.get("threads"))
         if stats is not None:  # None: a level with G_j = 0 (the class sums hold every level)
             return fit_stats(stats, reml=reml, method=method, tol=tol, max_iter=max_iter, plan=plan, **options)
-    if path is None:
+    stats = None if path is None else path.from_data(Y, X, factors, layout, centre, options.get("threads"))
+    if stats is None:  # no missing rows, or a design the path cannot hold: one objective per presence pattern
+        plan = plan_fit(layout, structure)
         stats = sufficient_stats(Y, X, factors, layout, centre=centre, threads=options.get("threads"))
-    else:
-        stats = path.from_data(Y, X, factors, layout, centre, options.get("threads"))
     return fit_stats(stats, reml=reml, method=method, tol=tol, max_iter=max_iter, plan=plan, **options)
 
 

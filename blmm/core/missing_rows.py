@@ -258,6 +258,9 @@ def missing_row_stats_from_data(Y, X, factor: RandomFactor, observed=None, centr
     return stats
 
 
+ROW_TABLE_BYTES = 64 * 2**20  # LevelUnits' per-row x x' table up to this size; above it, gathered rows
+
+
 class LevelUnits:
     """One factor's `blocks.MissingRowUnits`: the common design's quantities that every block's
     units draw on (G_j, X_j, each level's rows, each row's products), and how a block's units are
@@ -283,6 +286,17 @@ class LevelUnits:
         X = self.stats.X
         return (X[:, :, None] * X[:, None, :]).reshape(X.shape[0], -1)
 
+    def missing_grams(self, rows: np.ndarray, ptr: np.ndarray) -> np.ndarray:
+        """X_M'X_M of each voxel's missing rows (rows[ptr[i]:ptr[i + 1]] for voxel i): sums of `row_xx`
+        where that table is small (`ROW_TABLE_BYTES`), else products of the gathered rows (a wide design,
+        e.g. U = [X, Z_R] of many crossed levels, would make it n p² numbers held through the fit)."""
+        X = self.stats.X
+        n, p = X.shape
+        b = ptr.size - 1
+        if 8 * n * p * p <= ROW_TABLE_BYTES:
+            return row_sums(self.row_xx, rows, ptr).reshape(b, p, p)
+        return grouped_grams(X[rows], np.ones(rows.size), np.repeat(np.arange(b), np.diff(ptr)), b)
+
     @cached_property
     def row_zz_zx(self) -> np.ndarray:
         X, z = self.stats.X, self.stats.zrow
@@ -292,8 +306,12 @@ class LevelUnits:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the common design quantities the units draw on (held through the fit)."""
-        return int(self.G.nbytes + self.Xl.nbytes)
+        """Bytes of the common design quantities the units draw on (held through the fit), the per-row
+        tables included (formed once a voxel misses rows)."""
+        n, p = self.stats.X.shape
+        table = 8 * n * p * p
+        rows = 8 * n * (self.q * self.q + self.q * p) + (table if table <= ROW_TABLE_BYTES else 0)
+        return int(self.G.nbytes + self.Xl.nbytes + rows)
 
     def unit_sizes(self) -> np.ndarray:
         """(v, 2): the levels each voxel's missing rows touch, and its missing rows."""
@@ -392,7 +410,7 @@ def touched_units(stats: MissingRowStats, common: LevelUnits, idx: np.ndarray, s
     vloc = np.repeat(np.arange(b), counts)
     flat = np.repeat(stats.pattern_ptr[pats] - ptr[:-1], counts) + np.arange(total)
     mrows = stats.missing_rows[flat]
-    out["dXtX"] = -row_sums(common.row_xx, mrows, ptr).reshape(b, p, p)
+    out["dXtX"] = -common.missing_grams(mrows, ptr)
     key = vloc * L + stats.codes[mrows]
     order = np.argsort(key, kind="stable")
     ks = key[order]

@@ -23,6 +23,8 @@ from blmm.core.objective.base import Objective
 from blmm.core.objective.missing import MissingObjective
 from blmm.core.objective.nested import NestedObjective, NestedSchurObjective, nested_tree
 from blmm.core.objective.nested_missing import NestedMissingObjective
+from blmm.core.objective.schur_missing import SchurMissingObjective
+from blmm.core.schur_missing_rows import SchurMissingRowStats, schur_missing_row_stats_from_data
 from blmm.core.sufficient import FactorLayout
 
 AUTO_DENSE_COLUMNS = 2000  # "auto" keeps factors dense beside the eliminated ones up to this many columns
@@ -34,7 +36,8 @@ class MissingRowsPath:
     complete design (``build(XtX, ZtX, ZtZ, n, layout, reml, tree)``, `missing_rows` True; its
     statistics' ``units(objective)`` give the driver its `blocks.MissingRowUnits`), and how the
     statistics are formed from an (n, v) response with NaNs (``from_data(Y, X, factors, layout,
-    centre, threads)``: the sums of Y less the centre, without a centred copy of Y)."""
+    centre, threads)``: the sums of Y less the centre, without a centred copy of Y; None where the
+    path cannot hold this design, whose presence patterns then get their own objectives)."""
 
     build: Callable[..., Objective]
     from_data: Callable
@@ -90,6 +93,15 @@ def _levels_missing(XtX, ZtX, ZtZ, n, layout, reml, tree) -> Objective:
     return MissingObjective(XtX, ZtX, ZtZ, n, layout.q[0], reml)
 
 
+def _schur_missing(XtX, ZtX, ZtZ, n, layout, reml, tree) -> Objective:
+    return SchurMissingObjective(XtX, ZtX, ZtZ, n, layout, reml)
+
+
+def _schur_missing_rows(Y, X, factors, layout, centre: ResponseCentre | None = None,
+                        threads: int | None = None) -> SchurMissingRowStats | None:
+    return schur_missing_row_stats_from_data(Y, X, factors, centre=centre, threads=threads)
+
+
 def _level_missing_rows(Y, X, factors, layout, centre: ResponseCentre | None = None,
                         threads: int | None = None) -> MissingRowStats:
     return missing_row_stats_from_data(Y, X, factors[0], centre=centre, threads=threads)
@@ -103,7 +115,7 @@ def _nested_missing_rows(Y, X, factors, layout, centre: ResponseCentre | None = 
 STRUCTURES: dict[str, Structure] = {s.name: s for s in (
     Structure("levels", _levels, _no_dense_part, MissingRowsPath(_levels_missing, _level_missing_rows)),
     Structure("nested", NestedObjective, _no_dense_part, MissingRowsPath(NestedMissingObjective, _nested_missing_rows)),
-    Structure("schur", _schur, _schur_dense_part),
+    Structure("schur", _schur, _schur_dense_part, MissingRowsPath(_schur_missing, _schur_missing_rows)),
     Structure("dense", _dense, _dense_part),
 )}
 STRUCTURE_NAMES = ("auto", *STRUCTURES)
@@ -189,4 +201,7 @@ def plan_fit(layout: FactorLayout, structure: str = "auto", missing_rows: bool =
         raise ValueError("the 'levels' structure needs exactly one random factor")
     if structure == "schur" and n_factors < 2:
         raise ValueError("the 'schur' structure needs two or more random factors")
-    return FitPlan(structure, tree, layout, bool(missing_rows) and STRUCTURES[structure].missing_rows is not None)
+    # Schur's missing-rows path eliminates one factor; a nesting tree beside dense factors is fitted per pattern
+    beside_tree = structure == "schur" and tree is not None and len(tree) < n_factors
+    return FitPlan(structure, tree, layout,
+                   bool(missing_rows) and STRUCTURES[structure].missing_rows is not None and not beside_tree)

@@ -11,9 +11,9 @@
    where a missing value touches a big-class level (`sum_columns`); every factor kept dense:
    X'Y, Z'Y, Y'Y.
 3. `fit_block(plan, k)`: sums block k's rows of every partial in a fixed order and fits:
-   one factor or a nesting tree, every voxel against the complete design (`blocks.fit_missing_rows`:
-   a voxel that misses no row by the complete design's objective); crossed factors or a tree
-   beside dense factors, per presence pattern (`schur_sum_stats`, `nested_schur_sum_stats`).
+   one factor, a nesting tree or crossed factors, every voxel against the complete design
+   (`blocks.fit_missing_rows`: a voxel that misses no row by the complete design's objective); a
+   tree beside dense factors, per presence pattern (`nested_schur_sum_stats`).
    Then infers and writes the block's results (atomically).
 4. `write_outputs(plan, ...)`: assembles the maps in the input's format.
 
@@ -49,7 +49,7 @@ from blmm.core.status import (BELOW_MIN_N, BELOW_MIN_PERCENT, DROPPED_FEW, DROPP
                               NOT_FITTED, SAFE_MODE, STOP_NAMES, drop_reasons)
 from blmm.core.nested_missing_rows import nested_missing_row_stats
 from blmm.core.nested_schur_sums import nested_schur_sum_stats
-from blmm.core.schur_sums import schur_sum_stats
+from blmm.core.schur_missing_rows import schur_missing_row_stats
 from blmm.core.structure import plan_fit
 from blmm.io import outdir as _outdir
 from blmm.io.images import read_image, read_image_rows, read_mask, rows_dtype, write_map
@@ -580,23 +580,24 @@ def _fit_voxels(plan: RunPlan, lo: int, hi: int, tasks: int) -> dict:
         # every voxel against the complete design where the structure can, those missing no row by its own
         # objective (docs/model.md, "Missing rows")
         fit_plan = plan_fit(layout, missing_rows=True)
+        groups = sum_groups(plan)
         if one_factor(cfg):  # the sums come class-aggregated (LevelSums)
             stats = _missing_row_stats(plan, sums, touched, keep, patterns, pattern_of_voxel)
-        else:
-            if fit_plan.missing_rows:  # one nesting tree: touched families as units
-                stats = nested_missing_row_stats(X, factors, layout, patterns, pattern_of_voxel,
-                                                 sums=group_level_sums(plan, sums, touched, keep))
-            elif (groups := sum_groups(plan)) is not None and fit_plan.eliminates_one_factor:
-                # crossed factors: per pattern, from the class sums
-                stats = schur_sum_stats(X, factors, patterns, pattern_of_voxel,
-                                        group_level_sums(plan, sums, touched, keep)[0], groups[0])
-            elif groups is not None:  # a nesting tree beside dense factors: per pattern, from its groups' class sums
-                stats = nested_schur_sum_stats(X, factors, fit_plan.tree, patterns, pattern_of_voxel,
-                                               group_level_sums(plan, sums, touched, keep), groups)
-            else:  # factors kept dense: one objective per presence pattern, from Z'Y
-                XtY, ZtY, YtY = split_data_sums(sums[keep], p, layout.n_columns)
-                Z = random_effects_matrix(factors, layout)
-                stats = stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
+        elif fit_plan.structure == "nested":  # one nesting tree: touched families as units
+            stats = nested_missing_row_stats(X, factors, layout, patterns, pattern_of_voxel,
+                                             sums=group_level_sums(plan, sums, touched, keep))
+        elif groups is not None and fit_plan.eliminates_one_factor:
+            # crossed factors: the eliminated factor's touched levels as units on U = [X, Z_R], from the class sums
+            stats = schur_missing_row_stats(X, factors, patterns, pattern_of_voxel,
+                                            sums=group_level_sums(plan, sums, touched, keep)[0])
+        elif groups is not None:  # a nesting tree beside dense factors: per pattern, from its groups' class sums
+            stats = nested_schur_sum_stats(X, factors, fit_plan.tree, patterns, pattern_of_voxel,
+                                           group_level_sums(plan, sums, touched, keep), groups)
+        else:  # factors kept dense: one objective per presence pattern, from Z'Y
+            fit_plan = plan_fit(layout)
+            XtY, ZtY, YtY = split_data_sums(sums[keep], p, layout.n_columns)
+            Z = random_effects_matrix(factors, layout)
+            stats = stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
         stats.centre = run_centre(plan).take(lo + keep)  # the sums were formed without it: β gets it back
         fit = fit_stats(stats, reml=cfg.reml, method=cfg.method, tol=cfg.tol, max_iter=cfg.maxnit, plan=fit_plan,
                         max_block_bytes=max(cfg.maxmem // 4 // max(1, int(tasks)), 2**24),

@@ -971,6 +971,7 @@ SEAM_STRUCTURE_CASES = {
     "nested-q2": (lambda: make_design("mixed", 2, 92, second="family"), "nested"),
     "nested-missing-rows-q2": (lambda: design("family-q2-missing"), "nested"),
     "schur": (lambda: design("crossed-q1"), "schur"),
+    "schur-missing-rows": (lambda: design("crossed-q2-missing"), "schur"),
     "schur-tree": (_family_rater_design, "schur"),
     "dense": (lambda: design("crossed-q1"), "dense"),
 }
@@ -979,6 +980,7 @@ SEAM_SLOW_CASES = {"nested-q2", "nested-missing-rows-q2"}
 
 def _unit_count(data) -> int:
     """A block's missing-row units and unit groups (0 for a one-pattern objective's data)."""
+    data = getattr(data, "level", data)  # Schur's eliminated factor carries them
     if hasattr(data, "sign"):
         return data.sign.shape[1] + data.group_weight.shape[1]
     return sum(u.sign.shape[1] for u in getattr(data, "units", []))
