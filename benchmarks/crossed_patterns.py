@@ -12,6 +12,11 @@ part's wall time and the process's peak RSS.  Run it with any blmm on PYTHONPATH
 
     cd /tmp && PYTHONPATH=/work/main python /work/main/benchmarks/crossed_patterns.py [--voxels 400] [--missing 3]
         [--path units|patterns]
+
+With ``--families --data /tmp/e2e_family`` (`abcd_family.write_family_dataset`), the family dataset's
+design with the scanners crossed with the tree, `(1 | family) + (1 | subject) + (1 | scanner)`: the tree's
+class sums on U (`tree_schur_groups`), fitted through `nested_schur_missing_row_stats` (units) or
+`nested_schur_sum_stats` (patterns).
 """
 from __future__ import annotations
 
@@ -27,11 +32,14 @@ from blmm.core.design import RandomFactor
 from blmm.core.fit import fit_stats
 from blmm.core.level_groups import group_sums
 from blmm.core.objective.schur import schur_design
+from blmm.core.nested_schur_sums import nested_schur_sum_stats, tree_schur_groups
+from blmm.core.objective.nested import tree_schur_design
 from blmm.core.schur_sums import schur_group, schur_sum_stats
+from blmm.core.structure import plan_fit
 try:
-    from blmm.core.schur_missing_rows import schur_missing_row_stats
+    from blmm.core.schur_missing_rows import nested_schur_missing_row_stats, schur_missing_row_stats
 except ImportError:  # a blmm before round 13: patterns only
-    schur_missing_row_stats = None
+    nested_schur_missing_row_stats = schur_missing_row_stats = None
 from blmm.core.sufficient import FactorLayout, presence_patterns, random_effects_matrix
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,6 +54,7 @@ def main() -> None:
     ap.add_argument("--missing", type=int, default=3, help="images each voxel loses")
     ap.add_argument("--path", choices=["units", "patterns"], default="units",
                     help="units: every voxel against the complete design; patterns: one objective per pattern")
+    ap.add_argument("--families", action="store_true", help="the family dataset, scanners crossed with the tree")
     ap.add_argument("--json", help="append the result line to this file")
     args = ap.parse_args()
     X = np.loadtxt(f"{args.data}/X.csv", delimiter=",", skiprows=1)
@@ -53,6 +62,9 @@ def main() -> None:
     scanner = crossed_scanners(subject)
     n, v = X.shape[0], args.voxels
     factors = [RandomFactor("subject", subject, np.ones((n, 1))), RandomFactor("scanner", scanner, np.ones((n, 1)))]
+    if args.families:
+        family = np.loadtxt(f"{args.data}/family.csv", skiprows=1, dtype=np.int64)
+        factors.insert(0, RandomFactor("family", family, np.ones((n, 1))))
     rng = np.random.default_rng(7)
     Y = X @ rng.standard_normal((X.shape[1], v)) + rng.standard_normal((subject.max() + 1, v))[subject] \
         + 0.5 * rng.standard_normal((N_SCANNERS + 1, v))[scanner] + rng.standard_normal((n, v))
@@ -64,27 +76,38 @@ def main() -> None:
     present = ~np.isnan(Y)
     Y0 = np.where(present, Y, 0.0)
     patterns, pattern_of_voxel = presence_patterns(present)
-    group = schur_group(X, factors)
-    U = schur_design(X, Z, layout)
-    level = np.searchsorted(layout.levels[0], subject)
-    big = group.classes.big_level_mask(group.columns.shape[0])
-    touched = [np.unique(level[~present[:, i]]) for i in range(v)]
-    touched = [t[big[t]] for t in touched]
-    ptr = np.concatenate([[0], np.cumsum([t.size for t in touched])])
-    sums = group_sums([group], (U.T @ Y0).T, np.asarray(Z.T @ Y0).T, (Y0 * Y0).sum(0),
-                      [(ptr, np.concatenate(touched))])[0]
+    if args.families:
+        tree = plan_fit(layout).tree
+        outer = np.searchsorted(layout.levels[0], factors[0].labels)
+        groups = tree_schur_groups(X, factors, tree, outer)
+        U = tree_schur_design(X, Z, layout, tree)
+    else:
+        groups = [schur_group(X, factors)]
+        U = schur_design(X, Z, layout)
+        outer = np.searchsorted(layout.levels[0], subject)
+    touched = []
+    for g in groups:  # per group, each voxel's big-class levels (families) a missing value touches, as reading keeps
+        big = g.small_position() < 0
+        per_voxel = [np.flatnonzero(np.isin(g.outer, outer[~present[:, i]]) & big) for i in range(v)]
+        touched.append((np.concatenate([[0], np.cumsum([t.size for t in per_voxel])]), np.concatenate(per_voxel)))
+    sums = group_sums(groups, (U.T @ Y0).T, np.asarray(Z.T @ Y0).T, (Y0 * Y0).sum(0), touched)
     del Y0
     t1 = time.perf_counter()
     rss_sums = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if args.path == "units":
-        stats = schur_missing_row_stats(X, factors, patterns, pattern_of_voxel, sums=sums)
+    if args.families and args.path == "units":
+        stats = nested_schur_missing_row_stats(X, factors, tree, patterns, pattern_of_voxel, sums=sums)
+    elif args.families:
+        stats = nested_schur_sum_stats(X, factors, tree, patterns, pattern_of_voxel, sums, groups)
+    elif args.path == "units":
+        stats = schur_missing_row_stats(X, factors, patterns, pattern_of_voxel, sums=sums[0])
     else:
-        stats = schur_sum_stats(X, factors, patterns, pattern_of_voxel, sums, group)
+        stats = schur_sum_stats(X, factors, patterns, pattern_of_voxel, sums[0], groups[0])
     t2 = time.perf_counter()
     rss_stats = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     fit = fit_stats(stats, threads=1)
     t3 = time.perf_counter()
-    result = {"benchmark": "crossed_patterns", "path": args.path, "voxels": v, "patterns": int(patterns.shape[0]),
+    result = {"benchmark": "crossed_patterns", "model": "families + scanner" if args.families else "subject + scanner",
+              "path": args.path, "voxels": v, "patterns": int(patterns.shape[0]),
               "missing_per_voxel": args.missing, "sums_s": round(t1 - t0, 2), "stats_s": round(t2 - t1, 2),
               "fit_s": round(t3 - t2, 2), "converged": int(fit.converged.sum()),
               "peak_rss_mb_after_sums": round(rss_sums, 1), "peak_rss_mb_after_stats": round(rss_stats, 1),

@@ -1,12 +1,15 @@
-"""Crossed factors with voxel-specific missing rows: the eliminated factor's units on U = [X, Z_R].
+"""Crossed factors, or a nesting tree beside dense factors, with voxel-specific missing rows: the
+eliminated part's units on U = [X, Z_R].
 
-Schur eliminates the factor with most levels through the one-factor objective on the augmented
-design U (objective/schur_missing.py), so a voxel's missing rows enter as that factor's removal
-and replacement units on U (docs/model.md, "Missing rows").  `SchurMissingRowStats` holds one
-factor's `MissingRowStats` with U in place of X (its class sums are the ones the read stage
-writes for crossed factors, `schur_sums.schur_group`) and presents X's own X'X, X'Y and rows.
-`SchurUnits` is this structure's `blocks.MissingRowUnits`: one factor's `LevelUnits` on U, with
-X'X_v and X'Y taken from U's first p columns where the driver screens voxels and forms e'e.
+Schur eliminates the factor with most levels, or a nesting tree, on the augmented design U
+(objective/schur_missing.py), so a voxel's missing rows enter as that part's removal and
+replacement units on U (docs/model.md, "Missing rows").  `SchurMissingRowStats` holds the
+eliminated part's missing-row statistics with U in place of X (one factor's `MissingRowStats`,
+or the tree's `NestedMissingRowStats`; their class sums are the ones the read stage writes,
+`schur_sums.schur_group`, `nested_schur_sums.tree_schur_groups`) and presents X's own X'X, X'Y
+and rows.  `SchurUnits` is this structure's `blocks.MissingRowUnits`: the eliminated part's units
+on U (`LevelUnits`, `FamilyUnits`), with X'X_v and X'Y taken from U's first p columns where the
+driver screens voxels and forms e'e, and Z_R'Y, X'Y from U'Y for the second Woodbury step.
 """
 from __future__ import annotations
 
@@ -18,10 +21,12 @@ import scipy.sparse as sp
 from blmm.core.centre import ResponseCentre
 from blmm.core.design import RandomFactor
 from blmm.core.missing_rows import (
-    LevelSums, LevelUnits, MissingRowCounts, MissingRowStats, missing_design, missing_row_stats,
+    LevelSums, MissingRowCounts, MissingRowStats, missing_design, missing_row_stats,
 )
+from blmm.core.nested_missing_rows import NestedMissingRowStats, nested_missing_row_stats
 from blmm.core.objective.base import diag_blocks
-from blmm.core.objective.schur import augmented_design, eliminated_columns
+from blmm.core.objective.nested import tree_schur_design
+from blmm.core.objective.schur import SchurData, augmented_design, eliminated_columns
 from blmm.core.objective.schur_missing import SchurMissingData, SchurMissingObjective
 from blmm.core.sufficient import FactorLayout, observed_data_sums, presence_patterns, random_effects_matrix
 
@@ -35,13 +40,14 @@ class SchurMissingRowStats(MissingRowCounts):
     XtX: np.ndarray  # (p, p) over all rows
     ZtX: np.ndarray  # (Σ L_k q_k, p)
     ZtZ: sp.csr_matrix
-    on_u: MissingRowStats
+    on_u: MissingRowStats | NestedMissingRowStats  # the eliminated part's, X'Y holding U'Y
     centre: ResponseCentre | None = None  # taken out of Y before the data sums (None: none)
 
     missing_row_structure = "schur"
 
     def units(self, objective: SchurMissingObjective) -> "SchurUnits":
-        """The units of these voxels against objective (the complete design's `SchurMissingObjective`)."""
+        """The units of these voxels against objective (the complete design's `SchurMissingObjective` or
+        `NestedSchurMissingObjective`)."""
         return SchurUnits(self, objective)
 
     @property
@@ -66,11 +72,11 @@ class SchurMissingRowStats(MissingRowCounts):
 
 
 class SchurUnits:
-    """Crossed factors' `blocks.MissingRowUnits`: the eliminated factor's `LevelUnits` on U."""
+    """The `blocks.MissingRowUnits` of Schur's structures: the eliminated part's units on U."""
 
     def __init__(self, stats: SchurMissingRowStats, objective: SchurMissingObjective):
         self.stats, self.objective = stats, objective
-        self.on_u = LevelUnits(stats.on_u, objective.eliminated)
+        self.on_u = stats.on_u.units(objective.eliminated)
 
     @property
     def nbytes(self) -> int:
@@ -89,7 +95,7 @@ class SchurUnits:
         return self.on_u.fit_bytes(shape)
 
     def prepare(self, idx: np.ndarray, screen) -> list[tuple[np.ndarray, dict, tuple]]:
-        """`LevelUnits.prepare` on U, screened and with X'X_v as X's (U'U_v's first p rows and columns)."""
+        """The units on U, screened and with X'X_v as X's (U'U_v's first p rows and columns)."""
         p, centre = self.stats.p, self.stats.centre
 
         def screen_x(idx, UtU_v, UtY, YtY, n, _):
@@ -101,11 +107,17 @@ class SchurUnits:
         return parts
 
     def block_data(self, idx: np.ndarray, units: dict) -> tuple[SchurMissingData, np.ndarray, np.ndarray]:
-        part = self.stats.on_u.sums.take(idx)
-        return self.objective.data_from_sums(part, units), part.XtY[:, :self.stats.p], part.YtY
+        level, UtY, YtY = self.on_u.block_data(idx, units)
+        ZRtY, XtY = self._split(UtY)
+        return SchurMissingData(level, ZRtY, XtY), XtY, YtY
 
-    def complete_data(self, idx: np.ndarray):
-        return self.objective.base.data_from_sums(self.stats.on_u.sums.take(idx))
+    def complete_data(self, idx: np.ndarray) -> SchurData:
+        return SchurData(self.on_u.complete_data(idx), *self._split(self.stats.on_u.XtY[idx]))
+
+    def _split(self, UtY: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(Z_R'Y, X'Y) from U'Y."""
+        p = self.stats.p
+        return np.ascontiguousarray(UtY[:, p:]), np.ascontiguousarray(UtY[:, :p])
 
 
 def schur_missing_row_stats(X: np.ndarray, factors: list[RandomFactor], patterns: np.ndarray,
@@ -152,4 +164,40 @@ def schur_missing_row_stats_from_data(Y, X, factors: list[RandomFactor], centre:
     stats = schur_missing_row_stats(X, factors, patterns, pattern_of_voxel, UtY=UtY, ZbtY=ZbtY, YtY=YtY)
     if stats is not None:
         stats.centre = centre
+    return stats
+
+
+def nested_schur_missing_row_stats(X: np.ndarray, factors: list[RandomFactor], tree: list[int], patterns: np.ndarray,
+                                   pattern_of_voxel: np.ndarray, sums: list[LevelSums] | None = None,
+                                   UtY: np.ndarray | None = None, ZtY: np.ndarray | None = None,
+                                   YtY: np.ndarray | None = None) -> SchurMissingRowStats:
+    """A nesting tree beside dense factors: missing-row statistics from the tree's groups' class sums on U
+    (`sums`, the pipeline's: `tree_schur_groups`' groups, with the touched families' y_j), or from U'Y,
+    Z'Y (every factor's columns) and Y'Y."""
+    X = np.asarray(X, dtype=np.float64)
+    layout = FactorLayout.from_factors(factors)
+    Z = random_effects_matrix(factors, layout)
+    U = tree_schur_design(X, Z, layout, tree)
+    on_u = nested_missing_row_stats(U, factors, layout, patterns, pattern_of_voxel, XtY=UtY, ZtY=ZtY, YtY=YtY,
+                                    Z=Z, sums=sums)
+    return SchurMissingRowStats(layout=layout, XtX=X.T @ X, ZtX=np.asarray(Z.T @ X), ZtZ=on_u.ZtZ, on_u=on_u)
+
+
+def nested_schur_missing_row_stats_from_data(Y, X, factors: list[RandomFactor], tree: list[int],
+                                             centre: ResponseCentre | None = None,
+                                             threads: int | None = None) -> SchurMissingRowStats:
+    """`nested_schur_missing_row_stats` from an (n, v) response with NaN for missing entries (less the
+    centre, as `schur_missing_row_stats_from_data`)."""
+    Y = np.asarray(Y)
+    if Y.ndim == 1:
+        Y = Y[:, None]
+    X = np.asarray(X, dtype=np.float64)
+    layout = FactorLayout.from_factors(factors)
+    Z = random_effects_matrix(factors, layout)
+    U = tree_schur_design(X, Z, layout, tree)
+    present, UtY, ZtY, YtY = observed_data_sums(Y, U, Z, None, None if centre is None else
+                                                centre.padded(U.shape[1] - X.shape[1]), threads)
+    patterns, pattern_of_voxel = presence_patterns(present)
+    stats = nested_schur_missing_row_stats(X, factors, tree, patterns, pattern_of_voxel, UtY=UtY, ZtY=ZtY, YtY=YtY)
+    stats.centre = centre
     return stats

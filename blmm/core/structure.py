@@ -23,8 +23,10 @@ from blmm.core.objective.base import Objective
 from blmm.core.objective.missing import MissingObjective
 from blmm.core.objective.nested import NestedObjective, NestedSchurObjective, nested_tree
 from blmm.core.objective.nested_missing import NestedMissingObjective
-from blmm.core.objective.schur_missing import SchurMissingObjective
-from blmm.core.schur_missing_rows import SchurMissingRowStats, schur_missing_row_stats_from_data
+from blmm.core.objective.schur_missing import NestedSchurMissingObjective, SchurMissingObjective
+from blmm.core.schur_missing_rows import (
+    SchurMissingRowStats, nested_schur_missing_row_stats_from_data, schur_missing_row_stats_from_data,
+)
 from blmm.core.sufficient import FactorLayout
 
 AUTO_DENSE_COLUMNS = 2000  # "auto" keeps factors dense beside the eliminated ones up to this many columns
@@ -94,11 +96,16 @@ def _levels_missing(XtX, ZtX, ZtZ, n, layout, reml, tree) -> Objective:
 
 
 def _schur_missing(XtX, ZtX, ZtZ, n, layout, reml, tree) -> Objective:
+    if tree is not None and len(tree) < len(layout.q):  # a nesting tree eliminated, the rest dense
+        return NestedSchurMissingObjective(XtX, ZtX, ZtZ, n, layout, reml, tree)
     return SchurMissingObjective(XtX, ZtX, ZtZ, n, layout, reml)
 
 
 def _schur_missing_rows(Y, X, factors, layout, centre: ResponseCentre | None = None,
                         threads: int | None = None) -> SchurMissingRowStats | None:
+    tree = nested_tree(layout)  # as plan_fit finds it for schur
+    if tree is not None and len(tree) < len(layout.q):
+        return nested_schur_missing_row_stats_from_data(Y, X, factors, tree, centre=centre, threads=threads)
     return schur_missing_row_stats_from_data(Y, X, factors, centre=centre, threads=threads)
 
 
@@ -201,7 +208,4 @@ def plan_fit(layout: FactorLayout, structure: str = "auto", missing_rows: bool =
         raise ValueError("the 'levels' structure needs exactly one random factor")
     if structure == "schur" and n_factors < 2:
         raise ValueError("the 'schur' structure needs two or more random factors")
-    # Schur's missing-rows path eliminates one factor; a nesting tree beside dense factors is fitted per pattern
-    beside_tree = structure == "schur" and tree is not None and len(tree) < n_factors
-    return FitPlan(structure, tree, layout,
-                   bool(missing_rows) and STRUCTURES[structure].missing_rows is not None and not beside_tree)
+    return FitPlan(structure, tree, layout, bool(missing_rows) and STRUCTURES[structure].missing_rows is not None)

@@ -11,9 +11,8 @@
    where a missing value touches a big-class level (`sum_columns`); every factor kept dense:
    X'Y, Z'Y, Y'Y.
 3. `fit_block(plan, k)`: sums block k's rows of every partial in a fixed order and fits:
-   one factor, a nesting tree or crossed factors, every voxel against the complete design
-   (`blocks.fit_missing_rows`: a voxel that misses no row by the complete design's objective); a
-   tree beside dense factors, per presence pattern (`nested_schur_sum_stats`).
+   every voxel against the complete design (`blocks.fit_missing_rows`: a voxel that misses no row
+   by the complete design's objective); every factor kept dense, per presence pattern.
    Then infers and writes the block's results (atomically).
 4. `write_outputs(plan, ...)`: assembles the maps in the input's format.
 
@@ -48,8 +47,7 @@ from blmm.core.fit import fit_stats
 from blmm.core.status import (BELOW_MIN_N, BELOW_MIN_PERCENT, DROPPED_FEW, DROPPED_UNIDENTIFIABLE, FAILED, FITTED,
                               NOT_FITTED, SAFE_MODE, STOP_NAMES, drop_reasons)
 from blmm.core.nested_missing_rows import nested_missing_row_stats
-from blmm.core.nested_schur_sums import nested_schur_sum_stats
-from blmm.core.schur_missing_rows import schur_missing_row_stats
+from blmm.core.schur_missing_rows import nested_schur_missing_row_stats, schur_missing_row_stats
 from blmm.core.structure import plan_fit
 from blmm.io import outdir as _outdir
 from blmm.io.images import read_image, read_image_rows, read_mask, rows_dtype, write_map
@@ -590,9 +588,9 @@ def _fit_voxels(plan: RunPlan, lo: int, hi: int, tasks: int) -> dict:
             # crossed factors: the eliminated factor's touched levels as units on U = [X, Z_R], from the class sums
             stats = schur_missing_row_stats(X, factors, patterns, pattern_of_voxel,
                                             sums=group_level_sums(plan, sums, touched, keep)[0])
-        elif groups is not None:  # a nesting tree beside dense factors: per pattern, from its groups' class sums
-            stats = nested_schur_sum_stats(X, factors, fit_plan.tree, patterns, pattern_of_voxel,
-                                           group_level_sums(plan, sums, touched, keep), groups)
+        elif groups is not None:  # a nesting tree beside dense factors: the touched families as units on U
+            stats = nested_schur_missing_row_stats(X, factors, fit_plan.tree, patterns, pattern_of_voxel,
+                                                   sums=group_level_sums(plan, sums, touched, keep))
         else:  # factors kept dense: one objective per presence pattern, from Z'Y
             fit_plan = plan_fit(layout)
             XtY, ZtY, YtY = split_data_sums(sums[keep], p, layout.n_columns)

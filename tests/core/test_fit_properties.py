@@ -951,9 +951,9 @@ def test_numpy_refuses_strict_arrays(numpy_refuses_strict_arrays):
     assert np.array_equal(la.to_host(x), np.array([[2.0, 1.0], [1.0, 3.0]]))
 
 
-def _family_rater_design():
+def _family_rater_design(missing: int = 0):
     """Subjects within families beside a crossed 3-level rater: a nesting tree eliminated, the rater dense."""
-    X, factors, Y = make_design("classes", 1, 93, second="family", n_sub=12)
+    X, factors, Y = make_design("classes", 1, 93, second="family", n_sub=12, missing=missing)
     n = X.shape[0]
     rng = np.random.default_rng(93)
     Y = Y + 0.6 * rng.normal(size=(3, Y.shape[1]))[np.arange(n) % 3]
@@ -973,6 +973,7 @@ SEAM_STRUCTURE_CASES = {
     "schur": (lambda: design("crossed-q1"), "schur"),
     "schur-missing-rows": (lambda: design("crossed-q2-missing"), "schur"),
     "schur-tree": (_family_rater_design, "schur"),
+    "schur-tree-missing-rows": (lambda: _family_rater_design(missing=3), "schur"),
     "dense": (lambda: design("crossed-q1"), "dense"),
 }
 SEAM_SLOW_CASES = {"nested-q2", "nested-missing-rows-q2"}

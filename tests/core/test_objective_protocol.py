@@ -70,7 +70,8 @@ def test_every_registered_objective_is_covered():
     classes = {type(obj).__name__ for _, obj, _ in OBJECTIVES}
     assert {s for s, _ in CASES} == set(STRUCTURES)
     assert classes == {"LevelObjective", "MissingObjective", "NestedObjective", "NestedMissingObjective",
-                       "SchurObjective", "SchurMissingObjective", "NestedSchurObjective", "DenseObjective"}
+                       "SchurObjective", "SchurMissingObjective", "NestedSchurObjective",
+                       "NestedSchurMissingObjective", "DenseObjective"}
 
 
 @pytest.mark.parametrize("name, obj, stats", OBJECTIVES, ids=IDS)

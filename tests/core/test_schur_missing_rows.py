@@ -1,6 +1,7 @@
-"""Crossed factors with voxel-specific missing rows (core/schur_missing_rows.py, objective/schur_missing.py):
-every voxel against the complete design, its touched levels as units on U = [X, Z_R], evaluates as its
-presence pattern's own Schur objective and reaches the same optimum."""
+"""Crossed factors, and a nesting tree beside dense factors, with voxel-specific missing rows
+(core/schur_missing_rows.py, objective/schur_missing.py): every voxel against the complete design, the
+eliminated part's touched levels or families as units on U = [X, Z_R], evaluates as its presence pattern's
+own Schur objective and reaches the same optimum."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,23 +11,40 @@ from blmm.core import fit as fit_module
 from blmm.core.centre import centre_of
 from blmm.core.design import RandomFactor
 from blmm.core.fit import fit_lmm, fit_stats
-from blmm.core.objective.schur import SchurObjective, schur_design
-from blmm.core.objective.schur_missing import SchurMissingObjective
-from blmm.core.schur_missing_rows import schur_missing_row_stats, schur_missing_row_stats_from_data
+from blmm.core.objective.nested import tree_schur_design
+from blmm.core.objective.schur import schur_design
+from blmm.core.objective.schur_missing import NestedSchurMissingObjective, SchurMissingObjective
+from blmm.core.schur_missing_rows import (
+    nested_schur_missing_row_stats, schur_missing_row_stats, schur_missing_row_stats_from_data,
+)
 from blmm.core.structure import plan_fit
 from blmm.core.sufficient import FactorLayout, sufficient_stats
+from tests.core.test_nested_schur_sums import family_scanner_case
 from tests.core.test_schur_sums import crossed_case, zty_stats
+
+CASES = {"crossed": crossed_case, "tree": family_scanner_case}  # (1|subject) + (1|site); family ⊃ subject + scanner
 
 
 def units_stats(X, factors, Y):
-    """The voxels' statistics by Z'Y (`stats_from_sums`) and as the crossed missing-row statistics on U."""
+    """The voxels' statistics by Z'Y (`stats_from_sums`) and as the missing-row statistics on U."""
     by_column, Z, Y0, _ = zty_stats(X, factors, Y)
     layout = by_column.layout
-    big_cols = np.arange(layout.offsets[0], layout.offsets[1])  # subjects: the factor with most levels
-    UtY = (schur_design(X, Z, layout).T @ Y0).T
-    stats = schur_missing_row_stats(X, factors, by_column.patterns, by_column.pattern_of_voxel,
-                                    UtY=UtY, ZbtY=by_column.ZtY[:, big_cols], YtY=by_column.YtY)
+    plan = plan_fit(layout)
+    if plan.dense_beside_tree:
+        UtY = (tree_schur_design(X, Z, layout, plan.tree).T @ Y0).T
+        stats = nested_schur_missing_row_stats(X, factors, plan.tree, by_column.patterns, by_column.pattern_of_voxel,
+                                               UtY=UtY, ZtY=by_column.ZtY, YtY=by_column.YtY)
+    else:
+        big_cols = np.arange(layout.offsets[0], layout.offsets[1])  # subjects: the factor with most levels
+        UtY = (schur_design(X, Z, layout).T @ Y0).T
+        stats = schur_missing_row_stats(X, factors, by_column.patterns, by_column.pattern_of_voxel,
+                                        UtY=UtY, ZbtY=by_column.ZtY[:, big_cols], YtY=by_column.YtY)
     return by_column, stats
+
+
+def missing_objective(stats, reml: bool):
+    """The plan's missing-rows objective on the complete design."""
+    return plan_fit(stats.layout, missing_rows=True).objective(stats.XtX, stats.ZtX, stats.ZtZ, stats.n_rows, reml)
 
 
 def random_D(layout, v: int, rng) -> list[np.ndarray]:
@@ -37,18 +55,23 @@ def random_D(layout, v: int, rng) -> list[np.ndarray]:
     return D
 
 
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("slope", [False, True])
 @pytest.mark.parametrize("reml", [True, False])
-def test_each_voxel_evaluates_as_its_patterns_own_objective(slope, reml):
-    X, factors, Y = crossed_case(3, slope)
+def test_each_voxel_evaluates_as_its_patterns_own_objective(case, slope, reml):
+    X, factors, Y = CASES[case](3, slope)
     by_column, stats = units_stats(X, factors, Y)
     layout = by_column.layout
-    obj = SchurMissingObjective(stats.XtX, stats.ZtX, stats.ZtZ, stats.n_rows, layout, reml)
+    obj = missing_objective(stats, reml)
+    assert isinstance(obj, {"crossed": SchurMissingObjective, "tree": NestedSchurMissingObjective}[case])
     units = stats.units(obj)
     parts = units.prepare(np.arange(Y.shape[1]), lambda idx, *_: np.ones(idx.size, bool))
     shapes = [shape for _, _, shape in parts]
-    assert any(T > 0 for T, _ in shapes) and any(H > 0 for _, H in shapes)  # units and unit groups both ran
+    assert any(any(k > 0 for k in shape) for shape in shapes)  # units ran
+    if case == "crossed":
+        assert any(T > 0 for T, _ in shapes) and any(H > 0 for _, H in shapes)  # units and unit groups both
     rng = np.random.default_rng(1)
+    plan = plan_fit(layout)
     checked = 0
     for vox, part, _ in parts:
         XtX_v = part.pop("XtX")
@@ -59,8 +82,7 @@ def test_each_voxel_evaluates_as_its_patterns_own_objective(slope, reml):
             u = by_column.pattern_of_voxel[v]
             np.testing.assert_allclose(XtX_v[i], by_column.XtX[u], rtol=1e-12, atol=1e-10)  # X'X less X_M'X_M
             np.testing.assert_allclose(XtY[i], by_column.XtY[v], rtol=1e-12, atol=1e-10)
-            own = SchurObjective(by_column.XtX[u], by_column.ZtX[u], by_column.ZtZ[u], int(by_column.n_obs[u]),
-                                 layout, reml)
+            own = plan.objective(by_column.XtX[u], by_column.ZtX[u], by_column.ZtZ[u], int(by_column.n_obs[u]), reml)
             ref = own.evaluate([Dk[[i]] for Dk in D], own.data(by_column.XtY[[v]], by_column.ZtY[[v]],
                                                               by_column.YtY[[v]]), grad=True)
             # the same sums, as class sums less removals plus replacements: float64 rounding
@@ -75,9 +97,10 @@ def test_each_voxel_evaluates_as_its_patterns_own_objective(slope, reml):
     assert checked == Y.shape[1]
 
 
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("slope", [False, True])
-def test_fit_lmm_fits_crossed_missing_rows_by_units_to_the_patterns_optimum(slope, monkeypatch):
-    X, factors, Y = crossed_case(7, slope)
+def test_fit_lmm_fits_missing_rows_by_units_to_the_patterns_optimum(case, slope, monkeypatch):
+    X, factors, Y = CASES[case](7, slope)
     Y = Y + 1e3  # far from 0: the centre matters
     layout = FactorLayout.from_factors(factors)
     assert plan_fit(layout, missing_rows=True).missing_rows
@@ -118,7 +141,7 @@ def test_the_objective_evaluates_on_strict_arrays_as_on_numpy(numpy_refuses_stri
 
     X, factors, Y = crossed_case(3, slope=True)
     _, stats = units_stats(X, factors, Y)
-    obj = SchurMissingObjective(stats.XtX, stats.ZtX, stats.ZtZ, stats.n_rows, stats.layout, True)
+    obj = missing_objective(stats, True)
     units = stats.units(obj)
     rng = np.random.default_rng(4)
     for vox, part, (T, H) in units.prepare(np.arange(Y.shape[1]), lambda idx, *_: np.ones(idx.size, bool)):
@@ -146,8 +169,7 @@ def test_missing_grams_by_gathered_rows_equal_the_row_table(monkeypatch):
 
     X, factors, Y = crossed_case(3, slope=True)
     _, stats = units_stats(X, factors, Y)
-    obj = SchurMissingObjective(stats.XtX, stats.ZtX, stats.ZtZ, stats.n_rows, stats.layout, True)
-    units = stats.units(obj).on_u
+    units = stats.units(missing_objective(stats, True)).on_u
     rows = stats.on_u.missing_rows
     ptr = stats.on_u.pattern_ptr
     table = units.missing_grams(rows, ptr)

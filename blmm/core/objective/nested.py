@@ -474,7 +474,8 @@ class NestedSchurObjective(SchurObjective):
     """
 
     def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, tree: list[int], layout_tree: NestedTree | None = None,
-                 groups: list[TreeGroup] | None = None):
+                 groups: list[TreeGroup] | None = None, level: NestedObjective | None = None):
+        """``level``: the tree's `NestedObjective` on U of these same sums, where one is built already."""
         ZtZ = sp.csr_matrix(ZtZ)
         self.n, self.p, self.reml = int(n), XtX.shape[0], bool(reml)
         self.qk = layout.q
@@ -486,11 +487,13 @@ class NestedSchurObjective(SchurObjective):
         small_cols = dense_columns(layout, self.tree)
         self.small_cols = small_cols
         self.qR = small_cols.size
-        ZRtX = ZtX[small_cols]
-        ZRtZR = np.asarray(ZtZ[small_cols][:, small_cols].todense())
-        UtU = np.block([[XtX, ZRtX.T], [ZRtX, ZRtZR]])
-        ZtU = np.hstack([ZtX, np.asarray(ZtZ[:, small_cols].todense())])  # all Z columns; the tree picks its own
-        self.level = NestedObjective(UtU, ZtU, ZtZ, n, layout, reml, self.tree, layout_tree, groups)
+        if level is None:
+            ZRtX = ZtX[small_cols]
+            ZRtZR = np.asarray(ZtZ[small_cols][:, small_cols].todense())
+            UtU = np.block([[XtX, ZRtX.T], [ZRtX, ZRtZR]])
+            ZtU = np.hstack([ZtX, np.asarray(ZtZ[:, small_cols].todense())])  # all Z columns; the tree picks its own
+            level = NestedObjective(UtU, ZtU, ZtZ, n, layout, reml, self.tree, layout_tree, groups)
+        self.level = level
         # slice bounds: host integers in any namespace
         self.small_offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum([nlev[k] * self.qk[k]
                                                                                     for k in self.small])]))
@@ -528,7 +531,7 @@ class NestedSchurObjective(SchurObjective):
         return None
 
     def _eliminated_parts(self, R, data: SchurData, gamma, Omega, s2, info, starts):
-        T1, uu1, corr1, info1 = self.level.gradient_parts(R, data.level, gamma, Omega)
+        T1, uu1, corr1, info1 = self._eliminated_gradient(R, data, gamma, Omega)
         ts = self.level.soff  # the tree's information keeps its cross terms
         for i, k in enumerate(self.tree):
             for i2, k2 in enumerate(self.tree):

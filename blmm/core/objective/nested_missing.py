@@ -75,10 +75,17 @@ class NestedMissingObjective:
     missing_rows = True
     has_deviance_hessian = False
 
-    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, tree: list[int] | None = None):
-        self.base = NestedObjective(XtX, ZtX, ZtZ, n, layout, reml, tree)
-        self.n, self.p, self.reml = int(n), self.base.p, bool(reml)
+    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, tree: list[int] | None = None,
+                 base: NestedObjective | None = None):
+        """``base``: the complete design's `NestedObjective` of these sums, where one is built already."""
+        self.base = NestedObjective(XtX, ZtX, ZtZ, n, layout, reml, tree) if base is None else base
+        self.n, self.p, self.reml = int(self.base.n), self.base.p, bool(self.base.reml)
         self.tree = self.base.tree
+
+    @classmethod
+    def of_nested(cls, base: NestedObjective) -> "NestedMissingObjective":
+        """The missing-rows objective around a complete design's `NestedObjective` (sharing its arrays)."""
+        return cls(None, None, None, base.n, None, base.reml, base=base)
 
     # host side (numpy): a block's sums arranged once, then moved (linalg.move); evaluation is on the seam
     def data(self, XtY, ZtY, YtY, units: dict | None = None) -> NestedMissingData:
@@ -109,7 +116,9 @@ class NestedMissingObjective:
     def held_bytes(self) -> int:
         return self.base.held_bytes()
 
-    def _products(self, D_list, data: NestedMissingData):
+    def products(self, D_list, data: NestedMissingData):
+        """X'V⁻¹X, X'V⁻¹Y, Y'V⁻¹Y and log|V| of each voxel's own rows, with the resolvents of the
+        groups' classes (Rs) and of each group's units (Ru; None where a group has none)."""
         XtVX, XtVY, YtVY, logdetV, Rs = self.base.products(D_list, data.base)
         XtVX = XtVX + data.dXtX
         Ru = []
@@ -124,25 +133,29 @@ class NestedMissingObjective:
 
     def evaluate(self, D_list, data: NestedMissingData, sigma2=None, grad=False) -> Evaluation:
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # bad voxels are flagged by profiled()
-            XtVX, XtVY, YtVY, logdetV, Rs, Ru = self._products(D_list, data)
+            XtVX, XtVY, YtVY, logdetV, Rs, Ru = self.products(D_list, data)
         ev = profiled(la.sym(XtVX), XtVY, YtVY, logdetV, data.n, self.p, self.reml, sigma2)
         if not grad:
             return ev
-        xp = la.namespace(ev.beta)
+        return with_gradient(ev, *self.gradient_parts(Rs, Ru, data, ev.beta, ev.C if self.reml else None))
+
+    def gradient_parts(self, Rs, Ru, data: NestedMissingData, beta, C=None):
+        """Per tree factor Σ T, Σ uu', Σ S C S' (C: (X'V⁻¹X)⁻¹ for REML, or any p x p matrix the caller's
+        sums take, e.g. Schur's Ω; None for ML) and the expected information: the classes' plus the units'."""
+        xp = la.namespace(beta)
         base = self.base
-        C = ev.C if self.reml else None
-        T_vec, uu_vec, corr_vec, info = base.gradient_vectors(Rs, data.base, ev.beta, C)
-        v = ev.beta.shape[0]
+        T_vec, uu_vec, corr_vec, info = base.gradient_vectors(Rs, data.base, beta, C)
+        v = beta.shape[0]
         for g, (u, R) in enumerate(zip(data.units, Ru)):
             if R is None:
                 continue
-            parts = unit_gradient_parts(R, u.sign, u.G, u.X, u.y, ev.beta, C)
+            parts = unit_gradient_parts(R, u.sign, u.G, u.X, u.y, beta, C)
             P = base.P[g]
             T_vec = T_vec + xp.reshape(parts.T_sum, (v, -1)) @ P
             uu_vec = uu_vec + xp.reshape(parts.uu, (v, -1)) @ P
             corr_vec = corr_vec + xp.reshape(parts.corr, (v, -1)) @ P
             info = info + unit_information(parts.T, u.sign, P)
-        return with_gradient(ev, base.per_factor(T_vec), base.per_factor(uu_vec), base.per_factor(corr_vec), info)
+        return base.per_factor(T_vec), base.per_factor(uu_vec), base.per_factor(corr_vec), info
 
 
 def unit_information(T: np.ndarray, sign: np.ndarray, P: np.ndarray) -> np.ndarray:

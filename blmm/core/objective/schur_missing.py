@@ -9,6 +9,10 @@ eliminated part taken from `MissingObjective` on U: the complete design's classe
 voxel's units and unit groups, and its own row count.  The scoring information couples the
 eliminated factor with the dense ones through sums over levels (Φ, T ⊗ M, Σ W S W'), and each
 of those is likewise the class sum, minus the removal units' terms, plus the replacements'.
+
+A nesting tree beside dense factors (`NestedSchurObjective`) is the same one level up: its tree's
+part from `NestedMissingObjective` on U, the touched families as units of their block-shape groups
+(`NestedSchurMissingObjective`); its scoring information has no coupling to add units to.
 """
 from __future__ import annotations
 
@@ -18,12 +22,15 @@ import numpy as np
 
 from blmm.core import linalg as la
 from blmm.core.objective.missing import MissingData, MissingObjective, small_product, unit_terms
+from blmm.core.objective.nested import NestedSchurObjective
+from blmm.core.objective.nested_missing import NestedMissingObjective
 from blmm.core.objective.schur import SchurData, SchurObjective
 
 
 @dataclass
 class SchurMissingData(SchurData):
-    """Schur's data with the eliminated factor's as `MissingData` on U: its units, and each voxel's rows."""
+    """Schur's data with the eliminated part's as missing-row data on U (`MissingData`, `NestedMissingData`):
+    its units, and each voxel's rows."""
 
     @property
     def n(self) -> np.ndarray:
@@ -52,13 +59,7 @@ class SchurMissingObjective(SchurObjective):
         """Per-voxel sums (Z'Y of every level) plus the voxels' units on U (`MissingObjective.data`)."""
         UtY = np.hstack([XtY, ZtY[:, self.small_cols]])
         return SchurMissingData(self.eliminated.data(UtY, ZtY[:, self.big_cols], YtY, units),
-                         np.ascontiguousarray(ZtY[:, self.small_cols]), np.ascontiguousarray(XtY))
-
-    def data_from_sums(self, sums, units=None) -> SchurMissingData:
-        """`data` from the eliminated factor's class-aggregated sums of U (`LevelSums`, XtY = U'Y)."""
-        UtY = sums.XtY
-        return SchurMissingData(self.eliminated.data(UtY, sums, sums.YtY, units), np.ascontiguousarray(UtY[:, self.p:]),
-                         np.ascontiguousarray(UtY[:, :self.p]))
+                                np.ascontiguousarray(ZtY[:, self.small_cols]), np.ascontiguousarray(XtY))
 
     def rows(self, data: SchurMissingData):
         return data.n
@@ -96,3 +97,36 @@ class SchurMissingObjective(SchurObjective):
             TM = TM + la.einsum(xp, "vhbc,vhae->vabce", T, M) + la.einsum(xp, "vhbc,vhae->vabce", M, T)
             WSW = WSW + xp.sum(M, axis=1)
         return Phi, TM, WSW
+
+
+class NestedSchurMissingObjective(NestedSchurObjective):
+    """A nesting tree beside dense factors (the complete design's `NestedSchurObjective`) plus per-voxel units
+    of the touched families, on U = [X, Z_R]."""
+
+    missing_rows = True
+
+    def __init__(self, XtX, ZtX, ZtZ, n, layout, reml, tree: list[int]):
+        self.base = NestedSchurObjective(XtX, ZtX, ZtZ, n, layout, reml, tree)
+        super().__init__(XtX, ZtX, ZtZ, n, layout, reml, tree, level=self.base.level)
+        self.eliminated = NestedMissingObjective.of_nested(self.level)  # the tree's units on U
+
+    def per_voxel_bytes(self) -> int:
+        return self.base.per_voxel_bytes()
+
+    # host side (numpy): a block's sums arranged once, then moved (linalg.move); evaluation is on the seam
+    def data(self, XtY, ZtY, YtY, units=None) -> SchurMissingData:
+        """Per-voxel sums (Z'Y of every level) plus the voxels' units on U (`NestedMissingObjective.data`)."""
+        UtY = np.hstack([XtY, ZtY[:, self.small_cols]])
+        return SchurMissingData(self.eliminated.data(UtY, ZtY, YtY, units),
+                                np.ascontiguousarray(ZtY[:, self.small_cols]), np.ascontiguousarray(XtY))
+
+    def rows(self, data: SchurMissingData):
+        return data.n
+
+    def _eliminated_products(self, D_list, data: SchurData):
+        UVU, UVY, YVY, logdetV, Rs, Ru = self.eliminated.products(D_list, data.level)
+        return UVU, UVY, YVY, logdetV, (Rs, Ru)
+
+    def _eliminated_gradient(self, R, data: SchurData, gamma, Omega):
+        Rs, Ru = R
+        return self.eliminated.gradient_parts(Rs, Ru, data.level, gamma, Omega)
