@@ -25,7 +25,7 @@ from blmm.core.missing_rows import (
 )
 from blmm.core.nested_missing_rows import NestedMissingRowStats, nested_missing_row_stats
 from blmm.core.objective.base import diag_blocks
-from blmm.core.objective.nested import tree_schur_design
+from blmm.core.objective.nested import dense_columns, tree_schur_design
 from blmm.core.objective.schur import SchurData, augmented_design, eliminated_columns
 from blmm.core.objective.schur_missing import SchurMissingData, SchurMissingObjective
 from blmm.core.sufficient import FactorLayout, observed_data_sums, presence_patterns, random_effects_matrix
@@ -149,22 +149,27 @@ def schur_missing_row_stats_from_data(Y, X, factors: list[RandomFactor], centre:
                                       threads: int | None = None) -> SchurMissingRowStats | None:
     """`schur_missing_row_stats` from an (n, v) response with NaN for missing entries; with ``centre``,
     the sums of Y - c_v X w, formed block by block without a centred copy of Y (`observed_data_sums`)."""
-    Y = np.asarray(Y)
-    if Y.ndim == 1:
-        Y = Y[:, None]
-    X = np.asarray(X, dtype=np.float64)
-    layout = FactorLayout.from_factors(factors)
-    Z = random_effects_matrix(factors, layout)
-    _, big_cols, small_cols = eliminated_columns(layout)
-    U = augmented_design(X, Z, small_cols)
-    Zb = sp.csr_matrix(Z)[:, big_cols]
-    present, UtY, ZbtY, YtY = observed_data_sums(Y, U, Zb, None, None if centre is None else
-                                                 centre.padded(small_cols.size), threads)
-    patterns, pattern_of_voxel = presence_patterns(present)
+    _, big_cols, small_cols = eliminated_columns(FactorLayout.from_factors(factors))
+    patterns, pattern_of_voxel, UtY, ZbtY, YtY = sums_on_u(Y, X, factors, small_cols, big_cols, centre, threads)
     stats = schur_missing_row_stats(X, factors, patterns, pattern_of_voxel, UtY=UtY, ZbtY=ZbtY, YtY=YtY)
     if stats is not None:
         stats.centre = centre
     return stats
+
+
+def sums_on_u(Y, X, factors: list[RandomFactor], dense_cols: np.ndarray, eliminated_cols: np.ndarray,
+              centre: ResponseCentre | None, threads: int | None) -> tuple:
+    """(patterns, pattern_of_voxel, U'Y, Z_e'Y, Y'Y) of an (n, v) response with NaNs, U = [X, Z[:, dense_cols]]
+    and Z_e = Z[:, eliminated_cols], less the centre (its w padded with zeros for Z_R)."""
+    Y = np.asarray(Y)
+    if Y.ndim == 1:
+        Y = Y[:, None]
+    X = np.asarray(X, dtype=np.float64)
+    Z = sp.csr_matrix(random_effects_matrix(factors, FactorLayout.from_factors(factors)))
+    U = augmented_design(X, Z, dense_cols)
+    present, UtY, ZtY, YtY = observed_data_sums(Y, U, Z[:, eliminated_cols], None, None if centre is None else
+                                                centre.padded(dense_cols.size), threads)
+    return (*presence_patterns(present), UtY, ZtY, YtY)
 
 
 def nested_schur_missing_row_stats(X: np.ndarray, factors: list[RandomFactor], tree: list[int], patterns: np.ndarray,
@@ -188,16 +193,9 @@ def nested_schur_missing_row_stats_from_data(Y, X, factors: list[RandomFactor], 
                                              threads: int | None = None) -> SchurMissingRowStats:
     """`nested_schur_missing_row_stats` from an (n, v) response with NaN for missing entries (less the
     centre, as `schur_missing_row_stats_from_data`)."""
-    Y = np.asarray(Y)
-    if Y.ndim == 1:
-        Y = Y[:, None]
-    X = np.asarray(X, dtype=np.float64)
     layout = FactorLayout.from_factors(factors)
-    Z = random_effects_matrix(factors, layout)
-    U = tree_schur_design(X, Z, layout, tree)
-    present, UtY, ZtY, YtY = observed_data_sums(Y, U, Z, None, None if centre is None else
-                                                centre.padded(U.shape[1] - X.shape[1]), threads)
-    patterns, pattern_of_voxel = presence_patterns(present)
+    patterns, pattern_of_voxel, UtY, ZtY, YtY = sums_on_u(Y, X, factors, dense_columns(layout, tree),
+                                                          np.arange(layout.n_columns), centre, threads)
     stats = nested_schur_missing_row_stats(X, factors, tree, patterns, pattern_of_voxel, UtY=UtY, ZtY=ZtY, YtY=YtY)
     stats.centre = centre
     return stats
