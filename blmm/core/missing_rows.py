@@ -291,11 +291,17 @@ class LevelUnits:
         where that table is small (`ROW_TABLE_BYTES`), else products of the gathered rows (a wide design,
         e.g. U = [X, Z_R] of many crossed levels, would make it n p² numbers held through the fit)."""
         X = self.stats.X
-        n, p = X.shape
+        p = X.shape[1]
         b = ptr.size - 1
-        if 8 * n * p * p <= ROW_TABLE_BYTES:
+        if self.row_table_bytes <= ROW_TABLE_BYTES:
             return row_sums(self.row_xx, rows, ptr).reshape(b, p, p)
         return grouped_grams(X[rows], np.ones(rows.size), np.repeat(np.arange(b), np.diff(ptr)), b)
+
+    @property
+    def row_table_bytes(self) -> int:
+        """Bytes `row_xx` would take: n p² numbers."""
+        n, p = self.stats.X.shape
+        return 8 * n * p * p
 
     @cached_property
     def row_zz_zx(self) -> np.ndarray:
@@ -309,9 +315,8 @@ class LevelUnits:
         """Bytes of the common design quantities the units draw on (held through the fit), the per-row
         tables included (formed once a voxel misses rows)."""
         n, p = self.stats.X.shape
-        table = 8 * n * p * p
-        rows = 8 * n * (self.q * self.q + self.q * p) + (table if table <= ROW_TABLE_BYTES else 0)
-        return int(self.G.nbytes + self.Xl.nbytes + rows)
+        table = self.row_table_bytes if self.row_table_bytes <= ROW_TABLE_BYTES else 0
+        return int(self.G.nbytes + self.Xl.nbytes + 8 * n * (self.q * self.q + self.q * p) + table)
 
     def unit_sizes(self) -> np.ndarray:
         """(v, 2): the levels each voxel's missing rows touch, and its missing rows."""

@@ -24,7 +24,6 @@ from blmm.core.missing_rows import (
     LevelSums, MissingRowCounts, MissingRowStats, missing_design, missing_row_stats,
 )
 from blmm.core.nested_missing_rows import NestedMissingRowStats, nested_missing_row_stats
-from blmm.core.objective.base import diag_blocks
 from blmm.core.objective.nested import dense_columns, tree_schur_design
 from blmm.core.objective.schur import SchurData, augmented_design, eliminated_columns
 from blmm.core.objective.schur_missing import SchurMissingData, SchurMissingObjective
@@ -132,16 +131,14 @@ def schur_missing_row_stats(X: np.ndarray, factors: list[RandomFactor], patterns
     Z = random_effects_matrix(factors, layout)
     big, big_cols, small_cols = eliminated_columns(layout)
     Zb = sp.csr_matrix(Z)[:, big_cols]
-    ZbtZb = (Zb.T @ Zb).tocsr()
-    G = diag_blocks(ZbtZb, layout.n_levels[big], layout.q[big])
-    if not np.all(np.any(G.reshape(G.shape[0], -1) != 0, axis=1)):
-        return None
     U = augmented_design(X, Z, small_cols)
     big_layout = FactorLayout.from_factors([factors[big]])
     if sums is None:
         on_u = missing_row_stats(U, factors[big], big_layout, patterns, pattern_of_voxel, UtY, ZbtY, YtY, Z=Zb)
     else:
         on_u = missing_design(U, factors[big], big_layout, patterns, pattern_of_voxel, sums=sums, Z=Zb)
+    if on_u.classes.level_index.size != layout.n_levels[big]:  # a level with G_j = 0, as `schur_group` finds it
+        return None
     return SchurMissingRowStats(layout=layout, XtX=X.T @ X, ZtX=np.asarray(Z.T @ X), ZtZ=(Z.T @ Z).tocsr(), on_u=on_u)
 
 

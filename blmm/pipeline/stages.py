@@ -578,24 +578,23 @@ def _fit_voxels(plan: RunPlan, lo: int, hi: int, tasks: int) -> dict:
         # every voxel against the complete design where the structure can, those missing no row by its own
         # objective (docs/model.md, "Missing rows")
         fit_plan = plan_fit(layout, missing_rows=True)
-        groups = sum_groups(plan)
         if one_factor(cfg):  # the sums come class-aggregated (LevelSums)
             stats = _missing_row_stats(plan, sums, touched, keep, patterns, pattern_of_voxel)
         elif fit_plan.structure == "nested":  # one nesting tree: touched families as units
             stats = nested_missing_row_stats(X, factors, layout, patterns, pattern_of_voxel,
                                              sums=group_level_sums(plan, sums, touched, keep))
-        elif groups is not None and fit_plan.eliminates_one_factor:
-            # crossed factors: the eliminated factor's touched levels as units on U = [X, Z_R], from the class sums
-            stats = schur_missing_row_stats(X, factors, patterns, pattern_of_voxel,
-                                            sums=group_level_sums(plan, sums, touched, keep)[0])
-        elif groups is not None:  # a nesting tree beside dense factors: the touched families as units on U
-            stats = nested_schur_missing_row_stats(X, factors, fit_plan.tree, patterns, pattern_of_voxel,
-                                                   sums=group_level_sums(plan, sums, touched, keep))
-        else:  # factors kept dense: one objective per presence pattern, from Z'Y
+        elif sum_groups(plan) is None:  # factors kept dense: one objective per presence pattern, from Z'Y
             fit_plan = plan_fit(layout)
             XtY, ZtY, YtY = split_data_sums(sums[keep], p, layout.n_columns)
             Z = random_effects_matrix(factors, layout)
             stats = stats_from_sums(X, Z, layout, patterns, pattern_of_voxel, XtY=XtY, ZtY=ZtY, YtY=YtY)
+        elif fit_plan.eliminates_one_factor:
+            # crossed factors: the eliminated factor's touched levels as units on U = [X, Z_R], from the class sums
+            stats = schur_missing_row_stats(X, factors, patterns, pattern_of_voxel,
+                                            sums=group_level_sums(plan, sums, touched, keep)[0])
+        else:  # a nesting tree beside dense factors: its touched families as units on U
+            stats = nested_schur_missing_row_stats(X, factors, fit_plan.tree, patterns, pattern_of_voxel,
+                                                   sums=group_level_sums(plan, sums, touched, keep))
         stats.centre = run_centre(plan).take(lo + keep)  # the sums were formed without it: β gets it back
         fit = fit_stats(stats, reml=cfg.reml, method=cfg.method, tol=cfg.tol, max_iter=cfg.maxnit, plan=fit_plan,
                         max_block_bytes=max(cfg.maxmem // 4 // max(1, int(tasks)), 2**24),
